@@ -1,0 +1,72 @@
+"""Job events → OpenAI chat completion bodies and stream chunks.
+
+Stream chunks sit on the per-token path, so they are rendered from a per-stream byte template
+with only the text JSON-encoded per chunk; the test suite validates them against the official
+`CreateChatCompletionStreamResponse` schema.
+"""
+
+import json
+
+from api.protocol import ChatCompletion, Choice, CompletionUsage, ResponseMessage
+from shared.jobs import CompletionJob, Done, Usage
+
+
+def completion_id(job: CompletionJob) -> str:
+    return f"chatcmpl-{job.id}"
+
+
+def usage_body(usage: Usage) -> CompletionUsage:
+    return CompletionUsage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        prompt_tokens_details={"cached_tokens": usage.cached_prompt_tokens},
+        cost_usd=usage.cost_usd,
+    )
+
+
+def completion_body(job: CompletionJob, text: str, done: Done) -> ChatCompletion:
+    return ChatCompletion(
+        id=completion_id(job),
+        created=job.created,
+        model=job.model,
+        choices=[
+            Choice(index=0, message=ResponseMessage(content=text), finish_reason=done.finish_reason.value)
+        ],
+        usage=usage_body(done.usage),
+    )
+
+
+class ChunkRenderer:
+    """Renders the chunks of one streamed completion as JSON strings."""
+
+    def __init__(self, job: CompletionJob, *, include_usage: bool) -> None:
+        head = json.dumps(
+            {
+                "id": completion_id(job),
+                "object": "chat.completion.chunk",
+                "created": job.created,
+                "model": job.model,
+                "system_fingerprint": None,
+            },
+            separators=(",", ":"),
+        )[:-1]
+        self._head = head
+        self._choice_head = head + ',"choices":[{"index":0,"delta":'
+        self.include_usage = include_usage
+        self._tail = ',"logprobs":null,"finish_reason":%s}]' + (',"usage":null}' if include_usage else "}")
+
+    def _choice(self, delta: str, finish_reason: str | None) -> str:
+        return self._choice_head + delta + self._tail % (json.dumps(finish_reason))
+
+    def role(self) -> str:
+        return self._choice('{"role":"assistant","content":""}', None)
+
+    def content(self, text: str) -> str:
+        return self._choice('{"content":' + json.dumps(text) + "}", None)
+
+    def finish(self, done: Done) -> str:
+        return self._choice("{}", done.finish_reason.value)
+
+    def usage(self, done: Done) -> str:
+        return self._head + ',"choices":[],"usage":' + usage_body(done.usage).model_dump_json() + "}"

@@ -1,0 +1,1 @@
+"""Thin route modules: parse, hand off, respond."""

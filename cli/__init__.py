@@ -1,0 +1,1 @@
+"""The `claude-gateway` command: `up` (everything on one machine), `api`, `worker`."""

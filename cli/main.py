@@ -1,0 +1,105 @@
+"""`claude-gateway up | api | worker`.
+
+`up` is the one-machine deployment: a private Redis when `REDIS_URL` is unset, one API process
+and `WORKERS` worker processes, all stopped together on Ctrl-C. `api` and `worker` run one role
+each against a shared `REDIS_URL`, for deployments across several machines.
+"""
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from shared.settings import Settings
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+    )
+    # arq logs each job's arguments at INFO, and ours carry the prompt: keep only its warnings.
+    logging.getLogger("arq").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _require_redis_url(settings: Settings, role: str) -> str:
+    if settings.redis_url is None:
+        sys.exit(f"claude-gateway {role}: set REDIS_URL (or use `claude-gateway up` for a private Redis)")
+    return settings.redis_url
+
+
+def run_api(settings: Settings) -> None:
+    import uvicorn
+
+    from api.app import create_app
+
+    app = create_app(settings, _require_redis_url(settings, "api"))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+
+
+def run_worker(settings: Settings) -> None:
+    from worker.main import run_worker as run
+
+    run(settings, _require_redis_url(settings, "worker"))
+
+
+def run_up(settings: Settings) -> None:
+    from cli.embedded_redis import EmbeddedRedis
+
+    embedded = None
+    redis_url = settings.redis_url
+    if redis_url is None:
+        embedded = EmbeddedRedis(settings.state_dir / "redis")
+        embedded.start()
+        redis_url = embedded.url
+        logging.info("started a private Redis on %s (data in %s)", redis_url, embedded.data_dir)
+    env = {**os.environ, "REDIS_URL": redis_url}
+    command = [sys.executable, "-m", "cli.main"]
+    children = [subprocess.Popen([*command, "worker"], env=env) for _ in range(settings.workers)]
+    children.append(subprocess.Popen([*command, "api"], env=env))
+    logging.info("gateway on http://%s:%d with %d workers", settings.host, settings.port, settings.workers)
+
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not stopping and all(child.poll() is None for child in children):
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=settings.job_timeout_s)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if embedded is not None:
+            embedded.stop()
+    failed = [child.args for child in children if child.returncode not in (0, -signal.SIGTERM)]
+    if failed and not stopping:
+        sys.exit("a gateway process exited unexpectedly; stopped the others")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="claude-gateway", description=__doc__.split("\n\n")[0])
+    roles = parser.add_subparsers(dest="role", required=True)
+    roles.add_parser("up", help="run Redis (if REDIS_URL is unset), the API and WORKERS workers")
+    roles.add_parser("api", help="run one API process against REDIS_URL")
+    roles.add_parser("worker", help="run one worker process against REDIS_URL")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    _configure_logging(settings)
+    {"up": run_up, "api": run_api, "worker": run_worker}[args.role](settings)
+
+
+if __name__ == "__main__":
+    main()

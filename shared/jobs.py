@@ -1,0 +1,95 @@
+"""The job contract between API and worker: what is enqueued, and the events a job emits.
+
+A job's events form a sequence numbered from 1: any number of `Delta`s, then exactly one
+terminal event, `Done` or `Failed`. The API renders them into the wire format the caller asked for.
+"""
+
+import time
+import uuid
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Turn(BaseModel):
+    """One earlier or current message of the conversation, reduced to what the backend needs."""
+
+    model_config = ConfigDict(frozen=True)
+    role: Literal["user", "assistant"]
+    text: str
+
+
+class CompletionJob(BaseModel):
+    """Everything a worker needs to run one completion; serialized to JSON on the queue."""
+
+    model_config = ConfigDict(frozen=True)
+    id: str = Field(default_factory=new_job_id)
+    request_id: str
+    model: str
+    system_prompt: str | None = None
+    turns: list[Turn]
+    max_tokens: int | None = None
+    created: int = Field(default_factory=lambda: int(time.time()))
+
+
+class Usage(BaseModel):
+    """Token counts and cost as the backend measured them (never estimated)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    cost_usd: float | None = None
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    TOOL_CALLS = "tool_calls"
+    CONTENT_FILTER = "content_filter"
+
+
+class FailureCode(StrEnum):
+    """Why a job failed; the API maps each to an HTTP status and an OpenAI error type."""
+
+    UPSTREAM_AUTH = "upstream_authentication_error"
+    UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
+    UPSTREAM_ERROR = "upstream_error"
+    BACKEND_UNAVAILABLE = "backend_unavailable"
+    QUEUE_TIMEOUT = "queue_timeout"
+    TIMEOUT = "timeout"
+    WORKER_SHUTDOWN = "worker_shutdown"
+    INTERNAL = "internal_error"
+
+
+class Delta(BaseModel):
+    type: Literal["delta"] = "delta"
+    text: str
+
+
+class Done(BaseModel):
+    type: Literal["done"] = "done"
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class Failed(BaseModel):
+    type: Literal["failed"] = "failed"
+    code: FailureCode
+    message: str
+
+
+JobEvent = Annotated[Delta | Done | Failed, Field(discriminator="type")]
+_EVENT = TypeAdapter[JobEvent](JobEvent)
+
+
+def encode_event(event: Delta | Done | Failed) -> bytes:
+    return event.__pydantic_serializer__.to_json(event)
+
+
+def decode_event(raw: bytes) -> Delta | Done | Failed:
+    return _EVENT.validate_json(raw)

@@ -1,0 +1,35 @@
+"""The seam between a job and what produces its text.
+
+A backend turns a `CompletionJob` into a stream of `Delta`s ended by one `Done`, or raises
+`BackendError`. `claude` drives the real Claude Code CLI; `scripted` is a deterministic fake for
+tests and benchmarks.
+"""
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from shared.jobs import CompletionJob, Delta, Done, FailureCode
+from shared.settings import Settings
+
+
+class BackendError(Exception):
+    """A failure the caller should see, already classified."""
+
+    def __init__(self, code: FailureCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Backend(Protocol):
+    def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done]: ...
+
+
+def create_backend(settings: Settings) -> Backend:
+    if settings.backend == "scripted":
+        from worker.backends.scripted import ScriptedBackend
+
+        return ScriptedBackend(settings)
+    from worker.backends.claude import ClaudeBackend
+
+    return ClaudeBackend(settings)

@@ -1,0 +1,63 @@
+"""A deterministic fake backend for tests and benchmarks.
+
+By default it replies with `Settings.scripted_text`. A last user message of the form
+`script:{json}` scripts one reply instead, e.g.
+`script:{"text": "a b c", "tokens": 1000, "delay_ms": 1, "fail_after": 5, "fail_code": "upstream_error"}`:
+`tokens` repeats the text's words up to that count, `delay_ms` paces them, `fail_after` raises
+`BackendError(fail_code)` after that many tokens.
+"""
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+from pydantic import BaseModel, Field, ValidationError
+
+from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Usage
+from shared.settings import Settings
+from worker.backends import BackendError
+
+_DIRECTIVE = "script:"
+_WORDS = re.compile(r"\S+\s*")
+
+
+class Script(BaseModel):
+    text: str
+    tokens: int | None = Field(default=None, ge=0)
+    delay_ms: float = Field(default=0.0, ge=0)
+    fail_after: int | None = Field(default=None, ge=0)
+    fail_code: FailureCode = FailureCode.UPSTREAM_ERROR
+
+
+class ScriptedBackend:
+    def __init__(self, settings: Settings) -> None:
+        self._default = Script(text=settings.scripted_text, delay_ms=settings.scripted_delay_ms)
+
+    def script_for(self, job: CompletionJob) -> Script:
+        prompt = job.turns[-1].text
+        if not prompt.startswith(_DIRECTIVE):
+            return self._default
+        try:
+            return Script.model_validate_json(prompt.removeprefix(_DIRECTIVE))
+        except ValidationError as exc:
+            raise BackendError(FailureCode.INTERNAL, f"invalid script: {exc.errors()[0]['msg']}") from exc
+
+    async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done]:
+        script = self.script_for(job)
+        words = _WORDS.findall(script.text) or [script.text]
+        count = len(words) if script.tokens is None else script.tokens
+        finish = FinishReason.STOP
+        if job.max_tokens is not None and count > job.max_tokens:
+            count, finish = job.max_tokens, FinishReason.LENGTH
+        delay = script.delay_ms / 1000
+        for i in range(count):
+            if script.fail_after is not None and i == script.fail_after:
+                raise BackendError(script.fail_code, "scripted failure")
+            # Always yield to the loop, as a real backend waiting on its upstream would.
+            await asyncio.sleep(delay)
+            yield Delta(text=words[i % len(words)])
+        if script.fail_after is not None and script.fail_after >= count:
+            raise BackendError(script.fail_code, "scripted failure")
+        prompt_tokens = sum(len(_WORDS.findall(turn.text)) for turn in job.turns)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=count, cost_usd=0.0)
+        yield Done(finish_reason=finish, usage=usage)
