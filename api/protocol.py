@@ -114,7 +114,6 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: CompletionUsage
-    system_fingerprint: str | None = None
 
 
 class Model(BaseModel):

@@ -47,7 +47,6 @@ class ChunkRenderer:
                 "object": "chat.completion.chunk",
                 "created": job.created,
                 "model": job.model,
-                "system_fingerprint": None,
             },
             separators=(",", ":"),
         )[:-1]

@@ -1,0 +1,168 @@
+"""Real parts for the suite: a Redis server, gateway processes on loopback, a fake Anthropic API.
+
+Integration tests run the gateway exactly as an operator would (`python -m cli.main api|worker`)
+against a `redis-server` this suite starts on a free port; each gateway gets its own database.
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+import redis
+
+from cli.embedded_redis import EmbeddedRedis, free_port
+from tests.fake_anthropic import FakeAnthropic
+
+ROOT = Path(__file__).resolve().parent.parent
+_SCHEMAS = json.loads((Path(__file__).parent / "schemas" / "openai.json").read_text())
+
+
+def assert_schema(instance: Any, name: str) -> None:
+    """Validates a response body or chunk against the official OpenAI schema `name`."""
+    jsonschema.validate(instance, {**_SCHEMAS, "$ref": f"#/$defs/{name}"})
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persistent=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+_databases = itertools.count(1)
+
+
+@dataclass
+class Gateway:
+    """An API process and its worker processes, sharing one Redis database."""
+
+    redis_url: str
+    env: dict[str, str]
+    logs: Path
+    port: int = field(default_factory=free_port)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, role: str) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{role}-{len(self.processes)}.log").open("wb")
+        env = {**os.environ, **self.env, "REDIS_URL": self.redis_url, "PORT": str(self.port)}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", role], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        self.processes.append(process)
+        return process
+
+    def start_api(self) -> None:
+        self._spawn("api")
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"API did not start; see {self.logs}")
+            time.sleep(0.05)
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        worker = self._spawn("worker")
+        self.workers.append(worker)
+        return worker
+
+    def redis(self) -> "redis.Redis[bytes]":
+        return redis.Redis.from_url(self.redis_url)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="session")
+def start_gateway(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A factory: `start_gateway(workers=2, **env)` starts an API and its workers on a fresh database."""
+    started: list[Gateway] = []
+
+    def start(*, workers: int = 2, **env: str) -> Gateway:
+        db = next(_databases)
+        logs = tmp_path_factory.mktemp(f"gateway-{db}")
+        base_env = {"LOG_LEVEL": "warning", "WORKSPACE_ROOT": str(logs / "workspaces")}
+        redis_url = f"redis://127.0.0.1:{redis_server.port}/{db}"
+        gateway = Gateway(redis_url=redis_url, env={**base_env, **env}, logs=logs)
+        started.append(gateway)
+        for _ in range(workers):
+            gateway.start_worker()
+        gateway.start_api()
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def scripted(start_gateway: Any) -> Gateway:
+    """The shared gateway on the scripted backend, with a small body limit to test against."""
+    gateway: Gateway = start_gateway(workers=2, BACKEND="scripted", MAX_REQUEST_BYTES="65536")
+    return gateway
+
+
+@pytest.fixture(scope="session")
+def fake_anthropic() -> Iterator[FakeAnthropic]:
+    fake = FakeAnthropic()
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def upstream(fake_anthropic: FakeAnthropic) -> FakeAnthropic:
+    """The fake upstream, with its script and recorded requests reset for this test."""
+    fake_anthropic.requests.clear()
+    fake_anthropic.script.clear()
+    fake_anthropic.default = type(fake_anthropic.default)()
+    return fake_anthropic
+
+
+@pytest.fixture(scope="session")
+def claude(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
+    """A gateway on the real Claude backend, pointed at the fake upstream."""
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="claude",
+        ANTHROPIC_BASE_URL=fake_anthropic.url,
+        ANTHROPIC_API_KEY="test-key-not-real",
+        CLAUDE_MAX_RETRIES="1",
+    )
+    return gateway
+
+
+def sse_data(response: httpx.Response) -> list[str]:
+    """The `data:` payloads of a complete SSE response, in order (comments and pings skipped)."""
+    return [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
+
+
+def chat(content: str, **extra: Any) -> dict[str, Any]:
+    """A chat completion request body with one user message."""
+    return {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": content}], **extra}

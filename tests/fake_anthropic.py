@@ -1,0 +1,130 @@
+"""A fake Anthropic Messages API on 127.0.0.1 for driving the real Claude Code CLI in tests.
+
+It records every request body it receives and answers from a script of `Reply`s (the default
+reply when the script is empty), streaming SSE exactly as the real API does.
+"""
+
+import asyncio
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+@dataclass
+class Reply:
+    tokens: list[str] = field(default_factory=lambda: ["Hello", " from", " the", " fake", " upstream."])
+    delay_s: float = 0.0
+    input_tokens: int = 42
+    output_tokens: int = 7
+    stop_reason: str = "end_turn"
+    status: int = 200
+    error_type: str = "api_error"
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _stream(reply: Reply, model: str) -> AsyncIterator[bytes]:
+    message = {
+        "id": f"msg_{time.monotonic_ns()}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": reply.input_tokens, "output_tokens": 1},
+    }
+    yield _sse("message_start", {"type": "message_start", "message": message})
+    block = {"type": "text", "text": ""}
+    yield _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+    for token in reply.tokens:
+        if reply.delay_s:
+            await asyncio.sleep(reply.delay_s)
+        delta = {"type": "text_delta", "text": token}
+        yield _sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+    yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+    yield _sse(
+        "message_delta",
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": reply.stop_reason, "stop_sequence": None},
+            "usage": {"output_tokens": reply.output_tokens},
+        },
+    )
+    yield _sse("message_stop", {"type": "message_stop"})
+
+
+class FakeAnthropic:
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.script: deque[Reply] = deque()
+        self.default = Reply()
+        self.port = 0
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _messages(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        reply = self.script.popleft() if self.script else self.default
+        if reply.status != 200:
+            error = {"type": "error", "error": {"type": reply.error_type, "message": "fake upstream error"}}
+            return JSONResponse(error, status_code=reply.status)
+        return StreamingResponse(_stream(reply, body.get("model", "")), media_type="text/event-stream")
+
+    async def _other(self, request: Request) -> Response:
+        return JSONResponse({"type": "error", "error": {"type": "not_found_error", "message": "no"}}, 404)
+
+    def start(self) -> None:
+        app = Starlette(
+            routes=[
+                Route("/v1/messages", self._messages, methods=["POST"]),
+                Route("/{path:path}", self._other, methods=["GET", "POST", "HEAD"]),
+            ]
+        )
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake upstream did not start")
+            time.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=5)
+
+
+def user_text(body: dict[str, Any]) -> str:
+    """The caller's prompt: the last text block of the last user message (after system reminders)."""
+    content = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+    if isinstance(content, str):
+        return content
+    return [block["text"] for block in content if block.get("type") == "text"][-1]
+
+
+def system_text(body: dict[str, Any]) -> str:
+    system = body.get("system", [])
+    if isinstance(system, str):
+        return system
+    return "\n".join(block.get("text", "") for block in system)

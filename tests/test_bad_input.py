@@ -1,0 +1,96 @@
+"""Every client mistake gets its OpenAI-format error and status, and nothing reaches the queue."""
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway, assert_schema, chat
+
+
+@pytest.fixture
+def nothing_enqueued(scripted: Gateway) -> Iterator[None]:
+    redis = scripted.redis()
+    before = set(redis.scan_iter("arq:job:*"))
+    yield
+    assert set(redis.scan_iter("arq:job:*")) == before
+    assert redis.zcard("gateway:queue") == 0
+    redis.close()
+
+
+def post(gateway: Gateway, content: bytes | None = None, **kwargs: Any) -> httpx.Response:
+    headers = {"content-type": "application/json"}
+    return httpx.post(
+        f"{gateway.url}/v1/chat/completions", content=content, headers=headers, timeout=30, **kwargs
+    )
+
+
+def assert_error(
+    response: httpx.Response, status: int, *, param: str | None = None, code: str | None = None
+) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert_schema(body, "ErrorResponse")
+    assert body["error"]["message"]
+    assert "Traceback" not in response.text
+    if param is not None:
+        assert body["error"]["param"] == param
+    if code is not None:
+        assert body["error"]["code"] == code
+    assert response.headers["x-request-id"]
+
+
+@pytest.mark.usefixtures("nothing_enqueued")
+class TestRejectedBeforeTheQueue:
+    def test_malformed_json(self, scripted: Gateway) -> None:
+        assert_error(
+            post(scripted, b'{"model": "claude-sonnet-4-5", "messages": ['), 400, code="invalid_json"
+        )
+
+    def test_body_not_an_object(self, scripted: Gateway) -> None:
+        assert_error(post(scripted, b"[1, 2]"), 400)
+
+    def test_missing_messages(self, scripted: Gateway) -> None:
+        response = post(scripted, json={"model": "claude-sonnet-4-5"})
+        assert_error(response, 400, param="messages")
+        assert "Missing required parameter" in response.json()["error"]["message"]
+
+    def test_wrong_types(self, scripted: Gateway) -> None:
+        assert_error(post(scripted, json=chat("hi", stream="yes please")), 400, param="stream")
+        assert_error(post(scripted, json=chat("hi", temperature=7)), 400, param="temperature")
+        bad_role = {"model": "claude-sonnet-4-5", "messages": [{"role": "wizard", "content": "x"}]}
+        assert_error(post(scripted, json=bad_role), 400, param="messages[0].role")
+
+    def test_empty_message_list(self, scripted: Gateway) -> None:
+        assert_error(
+            post(scripted, json={"model": "claude-sonnet-4-5", "messages": []}), 400, param="messages"
+        )
+
+    def test_last_message_must_be_from_the_user(self, scripted: Gateway) -> None:
+        body = {"model": "claude-sonnet-4-5", "messages": [{"role": "assistant", "content": "hi"}]}
+        assert_error(post(scripted, json=body), 400, code="invalid_messages")
+
+    def test_unknown_model(self, scripted: Gateway) -> None:
+        assert_error(post(scripted, json={**chat("hi"), "model": "gpt-9"}), 404, code="model_not_found")
+
+    def test_parameter_that_would_change_the_meaning(self, scripted: Gateway) -> None:
+        assert_error(post(scripted, json=chat("hi", n=3)), 400, param="n", code="unsupported_parameter")
+        assert_error(post(scripted, json=chat("hi", stop=["\n"])), 400, param="stop")
+
+    def test_body_over_the_limit(self, scripted: Gateway) -> None:
+        big = chat("x" * 70_000)
+        assert_error(post(scripted, json=big), 413, code="request_too_large")
+
+    def test_chunked_body_over_the_limit(self, scripted: Gateway) -> None:
+        def chunks() -> Iterator[bytes]:
+            yield b'{"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "'
+            for _ in range(100):
+                yield b"y" * 1024
+            yield b'"}]}'
+
+        assert_error(post(scripted, chunks()), 413, code="request_too_large")
+
+    def test_unknown_route_and_method(self, scripted: Gateway) -> None:
+        assert_error(httpx.post(f"{scripted.url}/v1/nothing-here", json={}), 404)
+        assert_error(httpx.get(f"{scripted.url}/v1/chat/completions"), 405)

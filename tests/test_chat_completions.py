@@ -1,0 +1,168 @@
+"""Chat completions end to end: official `openai` clients and raw HTTP against the API, real
+Redis and two real worker processes on the scripted backend."""
+
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Gateway, assert_schema, chat, sse_data
+
+
+def script(**spec: Any) -> str:
+    return "script:" + json.dumps(spec)
+
+
+@pytest.fixture
+def client(scripted: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{scripted.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+@pytest.fixture
+def async_client(scripted: Gateway) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{scripted.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def test_non_streaming_completion_matches_the_official_schema(scripted: Gateway) -> None:
+    response = httpx.post(f"{scripted.url}/v1/chat/completions", json=chat("hi there"), timeout=30)
+    assert response.status_code == 200
+    body = response.json()
+    assert_schema(body, "CreateChatCompletionResponse")
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "claude-sonnet-4-5"
+    assert body["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "Hello from the scripted backend.",
+        "refusal": None,
+    }
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["prompt_tokens"] == 2
+    assert body["usage"]["completion_tokens"] == 5
+    assert body["usage"]["total_tokens"] == 7
+    assert response.headers["x-request-id"].startswith("req_")
+
+
+def test_sync_client(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": script(text="a b c")},
+        ],
+    )
+    assert completion.choices[0].message.content == "a b c"
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 3
+
+
+async def test_async_streaming_client_with_usage(async_client: openai.AsyncOpenAI) -> None:
+    stream = await async_client.chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "user", "content": script(text="one two three four", delay_ms=5)}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "one two three four"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 4
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_stream_wire_format(scripted: Gateway) -> None:
+    body = chat(
+        script(text="alpha beta gamma", delay_ms=2), stream=True, stream_options={"include_usage": True}
+    )
+    response = httpx.post(
+        f"{scripted.url}/v1/chat/completions", json=body, headers={"x-request-id": "trace-42"}, timeout=30
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["x-request-id"] == "trace-42"
+    data = sse_data(response)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    for chunk in chunks:
+        assert_schema(chunk, "CreateChatCompletionStreamResponse")
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_stream_without_usage_option_has_no_usage_chunk(scripted: Gateway) -> None:
+    response = httpx.post(f"{scripted.url}/v1/chat/completions", json=chat("x", stream=True), timeout=30)
+    chunks = [json.loads(d) for d in sse_data(response)[:-1]]
+    assert all(chunk["choices"] for chunk in chunks)
+    assert all("usage" not in chunk for chunk in chunks)
+
+
+def test_long_stream_loses_and_repeats_nothing(client: openai.OpenAI) -> None:
+    words = [f"w{i} " for i in range(5000)]
+    stream = client.chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "user", "content": script(text="".join(words))}],
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == "".join(words)
+
+
+def test_max_tokens_ends_with_length(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "user", "content": script(text="a b c d e f")}],
+        max_completion_tokens=2,
+    )
+    assert completion.choices[0].message.content == "a b "
+    assert completion.choices[0].finish_reason == "length"
+
+
+def test_failure_before_output_is_an_http_error(client: openai.OpenAI, scripted: Gateway) -> None:
+    prompt = script(text="x", fail_after=0, fail_code="upstream_authentication_error")
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.chat.completions.create(
+            model="claude-sonnet-4-5", messages=[{"role": "user", "content": prompt}]
+        )
+    assert raised.value.status_code == 502
+    assert raised.value.code == "upstream_authentication_error"
+    # The same failure on a stream gets the same status, not a 200 carrying the error.
+    response = httpx.post(f"{scripted.url}/v1/chat/completions", json=chat(prompt, stream=True), timeout=30)
+    assert response.status_code == 502
+    assert_schema(response.json(), "ErrorResponse")
+
+
+def test_failure_after_output_ends_the_stream_with_an_error_event(
+    client: openai.OpenAI, scripted: Gateway
+) -> None:
+    prompt = script(text="a b c d", delay_ms=5, fail_after=2)
+    response = httpx.post(f"{scripted.url}/v1/chat/completions", json=chat(prompt, stream=True), timeout=30)
+    assert response.status_code == 200
+    data = sse_data(response)
+    assert data[-1] == "[DONE]"
+    error = json.loads(data[-2])
+    assert_schema(error, "ErrorResponse")
+    assert error["error"]["code"] == "upstream_error"
+    stream = client.chat.completions.create(
+        model="claude-sonnet-4-5", messages=[{"role": "user", "content": prompt}], stream=True
+    )
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+
+
+def test_models_and_health(client: openai.OpenAI, scripted: Gateway) -> None:
+    listing = httpx.get(f"{scripted.url}/v1/models").json()
+    assert_schema(listing, "ListModelsResponse")
+    assert "claude-sonnet-4-5" in [m.id for m in client.models.list()]
+    health = httpx.get(f"{scripted.url}/health")
+    assert health.json() == {"status": "ok"}
+    assert "x-request-id" in health.headers

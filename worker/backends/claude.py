@@ -1,0 +1,146 @@
+"""The real backend: one Claude Code CLI run per job through `claude-agent-sdk`.
+
+Deltas are the upstream's own token deltas (`include_partial_messages=True`); usage, cost and the
+stop reason come from the SDK's `ResultMessage`; failures from its error result or exceptions.
+"""
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+
+from claude_agent_sdk import (
+    ClaudeAgentOptions,
+    ClaudeSDKError,
+    CLINotFoundError,
+    ResultMessage,
+    query,
+)
+from claude_agent_sdk.types import StreamEvent, SystemPromptPreset
+
+from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Usage
+from shared.settings import Settings
+from worker.backends import BackendError
+from worker.workspace import Workspace, job_workspace
+
+log = logging.getLogger("gateway.worker.claude")
+
+_FINISH_REASONS = {
+    "end_turn": FinishReason.STOP,
+    "stop_sequence": FinishReason.STOP,
+    "max_tokens": FinishReason.LENGTH,
+    "refusal": FinishReason.CONTENT_FILTER,
+}
+
+
+def upstream_failure(status: int | None) -> BackendError:
+    """Classifies an error result by the upstream's HTTP status; its text is not passed on."""
+    if status in (401, 403):
+        return BackendError(
+            FailureCode.UPSTREAM_AUTH,
+            f"The model API rejected the gateway's credentials (HTTP {status}); "
+            "check the backend configuration.",
+        )
+    if status in (429, 529):
+        return BackendError(
+            FailureCode.UPSTREAM_RATE_LIMITED, f"The model API is busy (HTTP {status}); retry later."
+        )
+    detail = f" (HTTP {status})" if status else ""
+    return BackendError(FailureCode.UPSTREAM_ERROR, f"The model API request failed{detail}.")
+
+
+def prompt_for(job: CompletionJob) -> str:
+    """The prompt for this run: the last user turn, after any earlier turns as context.
+
+    Interim: earlier turns travel as a transcript in the prompt until they are restored as real
+    turns through the SDK's session store.
+    """
+    *earlier, last = job.turns
+    if not earlier:
+        return last.text
+    transcript = "\n\n".join(f"<{turn.role}>\n{turn.text}\n</{turn.role}>" for turn in earlier)
+    return f"<conversation_so_far>\n{transcript}\n</conversation_so_far>\n\n{last.text}"
+
+
+class ClaudeBackend:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def _options(self, job: CompletionJob, workspace: Workspace) -> ClaudeAgentOptions:
+        settings = self._settings
+        env = {
+            "HOME": str(workspace.home),
+            "CLAUDE_CONFIG_DIR": str(workspace.config),
+            "CLAUDE_CODE_TMPDIR": str(workspace.tmp),
+            "TMPDIR": str(workspace.tmp),
+            "XDG_RUNTIME_DIR": str(workspace.tmp),
+            "CLAUDE_CODE_MAX_RETRIES": str(settings.claude_max_retries),
+            "CLAUDE_CODE_DISABLE_LEGACY_MODEL_REMAP": "1",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+            "DISABLE_TELEMETRY": "1",
+            "DISABLE_AUTOUPDATER": "1",
+            "DISABLE_ERROR_REPORTING": "1",
+        }
+        if settings.anthropic_api_key is not None:
+            env["ANTHROPIC_API_KEY"] = settings.anthropic_api_key.get_secret_value()
+        if settings.anthropic_base_url:
+            env["ANTHROPIC_BASE_URL"] = settings.anthropic_base_url
+        if job.max_tokens is not None:
+            env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(job.max_tokens)
+        system: SystemPromptPreset = {"type": "preset", "preset": "claude_code"}
+        if job.system_prompt:
+            system["append"] = job.system_prompt
+        return ClaudeAgentOptions(
+            model=job.model,
+            system_prompt=system,
+            include_partial_messages=True,
+            tools=[],
+            setting_sources=[],
+            cwd=workspace.cwd,
+            env=env,
+            cli_path=settings.claude_cli_path,
+            stderr=lambda line: log.debug("cli: %s", line),
+        )
+
+    async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done]:
+        with job_workspace(self._settings.workspace_root, job.id) as workspace:
+            messages = query(prompt=prompt_for(job), options=self._options(job, workspace))
+            try:
+                async for message in messages:
+                    if isinstance(message, StreamEvent):
+                        event = message.event
+                        if event.get("type") == "content_block_delta":
+                            delta = event.get("delta", {})
+                            if delta.get("type") == "text_delta" and delta.get("text"):
+                                yield Delta(text=delta["text"])
+                    elif isinstance(message, ResultMessage):
+                        if message.is_error:
+                            raise upstream_failure(message.api_error_status)
+                        yield _done(message)
+                        return
+            except CLINotFoundError as exc:
+                raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code is not installed.") from exc
+            except ClaudeSDKError as exc:
+                log.warning("Claude Code run failed: %s", type(exc).__name__)
+                raise BackendError(
+                    FailureCode.BACKEND_UNAVAILABLE, "Claude Code exited unexpectedly."
+                ) from exc
+            finally:
+                if isinstance(messages, AsyncGenerator):  # stops the CLI at once on early exit
+                    await messages.aclose()
+        raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code ended without a result.")
+
+
+def _done(result: ResultMessage) -> Done:
+    usage = result.usage or {}
+    cache_read = int(usage.get("cache_read_input_tokens") or 0)
+    prompt_tokens = (
+        int(usage.get("input_tokens") or 0) + int(usage.get("cache_creation_input_tokens") or 0) + cache_read
+    )
+    return Done(
+        finish_reason=_FINISH_REASONS.get(result.stop_reason or "", FinishReason.STOP),
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=int(usage.get("output_tokens") or 0),
+            cached_prompt_tokens=cache_read,
+            cost_usd=result.total_cost_usd,
+        ),
+    )

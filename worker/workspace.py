@@ -1,0 +1,43 @@
+"""Per-job workspaces: a private working directory, home, config and temp dir for one CLI run.
+
+Nothing of one job is visible to another through the filesystem paths the gateway hands out,
+and everything is removed when the job ends (a killed CLI otherwise leaves `/tmp/claude-*`).
+"""
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def cwd(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "home" / ".claude"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+
+@contextmanager
+def job_workspace(parent: Path, job_id: str) -> Iterator[Workspace]:
+    workspace = Workspace(parent.resolve() / job_id)
+    for directory in (workspace.cwd, workspace.config, workspace.tmp):
+        directory.mkdir(parents=True, mode=0o700)
+    try:
+        yield workspace
+    finally:
+        shutil.rmtree(workspace.root, ignore_errors=True)
