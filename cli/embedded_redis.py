@@ -65,6 +65,7 @@ class EmbeddedRedis:
                 str(self.data_dir / "server.log"),
             ],
             stdout=subprocess.DEVNULL,
+            start_new_session=True,
         )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout_s

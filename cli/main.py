@@ -58,8 +58,13 @@ def run_up(settings: Settings) -> None:
         logging.info("started a private Redis on %s (data in %s)", redis_url, embedded.data_dir)
     env = {**os.environ, "REDIS_URL": redis_url}
     command = [sys.executable, "-m", "cli.main"]
-    children = [subprocess.Popen([*command, "worker"], env=env) for _ in range(settings.workers)]
-    children.append(subprocess.Popen([*command, "api"], env=env))
+    # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the API and the
+    # workers (they drain), and Redis only once they have exited.
+    children = [subprocess.Popen([*command, "api"], env=env, start_new_session=True)]
+    children += [
+        subprocess.Popen([*command, "worker"], env=env, start_new_session=True)
+        for _ in range(settings.workers)
+    ]
     logging.info("gateway on http://%s:%d with %d workers", settings.host, settings.port, settings.workers)
 
     stopping = False

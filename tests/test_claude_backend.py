@@ -1,0 +1,110 @@
+"""The `claude` backend end to end: API → worker → real claude-agent-sdk and its bundled CLI →
+the fake Anthropic API on loopback, asserting on what the upstream received and the client saw."""
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Gateway, assert_schema, chat, sse_data
+from tests.fake_anthropic import FakeAnthropic, Reply, system_text, user_text
+
+pytestmark = pytest.mark.claude
+
+# claude-sonnet-4-5 list prices (USD per token) that the CLI applies to the usage it was given.
+_INPUT_PRICE, _OUTPUT_PRICE = 3e-6, 15e-6
+
+
+@pytest.fixture
+def client(claude: Gateway) -> openai.OpenAI:
+    # "Within seconds, not minutes": the client gives up after 60 s.
+    return openai.OpenAI(base_url=f"{claude.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_streamed_reply_arrives_token_by_token(client: openai.OpenAI, upstream: FakeAnthropic) -> None:
+    tokens = ["The", " quick", " brown", " fox", " jumps", "."]
+    upstream.default = Reply(tokens=tokens, delay_s=0.05)
+    stream = client.chat.completions.create(
+        model="claude-sonnet-4-5", messages=[{"role": "user", "content": "tell me"}], stream=True
+    )
+    arrivals: list[tuple[float, str]] = []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append((time.monotonic(), chunk.choices[0].delta.content))
+    assert [text for _, text in arrivals] == tokens
+    # Paced 50 ms apart upstream, they were relayed as they came, not in one batch at the end.
+    assert arrivals[-1][0] - arrivals[0][0] > 0.1
+    assert user_text(upstream.requests[-1]) == "tell me"
+
+
+def test_system_prompt_usage_and_cost(claude: Gateway, upstream: FakeAnthropic) -> None:
+    upstream.default = Reply(tokens=["Ahoy", "!"], input_tokens=1200, output_tokens=34)
+    body = {
+        "model": "claude-sonnet-4-5",
+        "messages": [
+            {"role": "system", "content": "Answer like a pirate."},
+            {"role": "developer", "content": "Keep it short."},
+            {"role": "user", "content": "hello"},
+        ],
+    }
+    response = httpx.post(f"{claude.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    completion = response.json()
+    assert_schema(completion, "CreateChatCompletionResponse")
+    assert completion["choices"][0]["message"]["content"] == "Ahoy!"
+    assert completion["choices"][0]["finish_reason"] == "stop"
+    assert completion["model"] == "claude-sonnet-4-5"
+    usage = completion["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (1200, 34)
+    assert usage["cost_usd"] == pytest.approx(1200 * _INPUT_PRICE + 34 * _OUTPUT_PRICE)
+    sent = upstream.requests[-1]
+    assert "Answer like a pirate." in system_text(sent)
+    assert "Keep it short." in system_text(sent)
+    assert sent["model"] == "claude-sonnet-4-5"
+
+
+def test_streamed_usage_chunk(claude: Gateway, upstream: FakeAnthropic) -> None:
+    upstream.default = Reply(tokens=["a", "b"], input_tokens=10, output_tokens=2)
+    body = chat("x", stream=True, stream_options={"include_usage": True})
+    response = httpx.post(f"{claude.url}/v1/chat/completions", json=body, timeout=60)
+    data = sse_data(response)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    for chunk in chunks:
+        assert_schema(chunk, "CreateChatCompletionStreamResponse")
+    assert chunks[-1]["usage"]["prompt_tokens"] == 10
+    assert chunks[-1]["usage"]["completion_tokens"] == 2
+
+
+def test_max_tokens_reaches_upstream_and_ends_with_length(
+    client: openai.OpenAI, upstream: FakeAnthropic
+) -> None:
+    upstream.default = Reply(tokens=["cut", " off"], stop_reason="max_tokens")
+    completion = client.chat.completions.create(
+        model="claude-sonnet-4-5", messages=[{"role": "user", "content": "long story"}], max_tokens=64
+    )
+    assert completion.choices[0].finish_reason == "length"
+    assert upstream.requests[-1]["max_tokens"] == 64
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "code"),
+    [(401, "authentication_error", "upstream_authentication_error"), (500, "api_error", "upstream_error")],
+)
+def test_upstream_error_becomes_an_openai_error(
+    client: openai.OpenAI, claude: Gateway, upstream: FakeAnthropic, status: int, error_type: str, code: str
+) -> None:
+    upstream.default = Reply(status=status, error_type=error_type)
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.chat.completions.create(
+            model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert raised.value.status_code == 502
+    assert raised.value.code == code
+    assert "test-key-not-real" not in raised.value.response.text
+    # Streaming: an error status, never a 200 whose content is the error text.
+    response = httpx.post(f"{claude.url}/v1/chat/completions", json=chat("hi", stream=True), timeout=60)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == code

@@ -1,0 +1,53 @@
+"""`claude-gateway up` on a machine with no Redis configured, and where its server comes from."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cli import embedded_redis
+from cli.embedded_redis import free_port
+from tests.conftest import ROOT, chat
+
+
+def test_up_runs_everything_with_a_private_redis_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(PORT=str(port), WORKERS="1", BACKEND="scripted", STATE_DIR=str(tmp_path), LOG_LEVEL="warning")
+    up = subprocess.Popen([sys.executable, "-m", "cli.main", "up"], cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                response = httpx.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions", json=chat("hi"), timeout=10
+                )
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the gateway did not come up"
+                time.sleep(0.1)
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["message"]["content"] == "Hello from the scripted backend."
+        assert (tmp_path / "redis" / "appendonlydir").is_dir()  # its data lives under the state folder
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=30) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        log = (tmp_path / "redis" / "server.log").read_text()
+        assert "ready to exit" in log.lower() or "bye" in log.lower()
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def test_without_a_server_on_the_path_the_bundled_valkey_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embedded_redis.shutil, "which", lambda name: None)
+    binary = embedded_redis.server_binary()
+    assert binary.name == "valkey-server"
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    assert version.startswith("Valkey server")
