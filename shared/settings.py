@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     jobs_per_worker: int = Field(default=4, ge=1)
     backend: Literal["claude", "scripted"] = "claude"
     job_timeout_s: float = Field(default=600.0, gt=0)
+    drain_timeout_s: int = Field(
+        default=50,
+        ge=0,
+        description="On SIGTERM, how long running jobs may finish before they are cancelled.",
+    )
     event_ttl_s: int = Field(default=3600, ge=1, description="How long a job's events stay readable.")
     poll_fallback_s: float = Field(
         default=0.5, gt=0, description="Queue poll interval when a wake-up notification is missed."

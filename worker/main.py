@@ -90,6 +90,7 @@ def build_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> 
         keep_result=0,
         max_tries=1,
         retry_jobs=False,
+        job_completion_wait=settings.drain_timeout_s,
         burst=burst,
     )
 

@@ -6,6 +6,7 @@ stop reason come from the SDK's `ResultMessage`; failures from its error result 
 
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from claude_agent_sdk import (
     ClaudeAgentOptions,
@@ -79,8 +80,8 @@ class ClaudeBackend:
             "DISABLE_AUTOUPDATER": "1",
             "DISABLE_ERROR_REPORTING": "1",
         }
-        if settings.anthropic_api_key is not None:
-            env["ANTHROPIC_API_KEY"] = settings.anthropic_api_key.get_secret_value()
+        if settings.anthropic_api_key and (key := settings.anthropic_api_key.get_secret_value()):
+            env["ANTHROPIC_API_KEY"] = key
         if settings.anthropic_base_url:
             env["ANTHROPIC_BASE_URL"] = settings.anthropic_base_url
         if job.max_tokens is not None:
@@ -103,6 +104,7 @@ class ClaudeBackend:
     async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done]:
         with job_workspace(self._settings.workspace_root, job.id) as workspace:
             messages = query(prompt=prompt_for(job), options=self._options(job, workspace))
+            started: dict[str, Any] = {}  # usage from the current upstream message's start
             try:
                 async for message in messages:
                     if isinstance(message, StreamEvent):
@@ -111,6 +113,15 @@ class ClaudeBackend:
                             delta = event.get("delta", {})
                             if delta.get("type") == "text_delta" and delta.get("text"):
                                 yield Delta(text=delta["text"])
+                        elif event.get("type") == "message_start":
+                            started = event.get("message", {}).get("usage", {})
+                        elif _hit_token_limit(event):
+                            # The CLI would ask the model to continue past the caller's limit;
+                            # OpenAI semantics end here. No ResultMessage follows, so no cost.
+                            yield Done(
+                                finish_reason=FinishReason.LENGTH, usage=_usage({**started, **event["usage"]})
+                            )
+                            return
                     elif isinstance(message, ResultMessage):
                         if message.is_error:
                             raise upstream_failure(message.api_error_status)
@@ -129,18 +140,24 @@ class ClaudeBackend:
         raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code ended without a result.")
 
 
-def _done(result: ResultMessage) -> Done:
-    usage = result.usage or {}
+def _hit_token_limit(event: dict[str, Any]) -> bool:
+    return event.get("type") == "message_delta" and event.get("delta", {}).get("stop_reason") == "max_tokens"
+
+
+def _usage(usage: dict[str, Any], cost_usd: float | None = None) -> Usage:
+    """Anthropic usage → ours: prompt tokens include the cached ones, as OpenAI counts them."""
     cache_read = int(usage.get("cache_read_input_tokens") or 0)
-    prompt_tokens = (
-        int(usage.get("input_tokens") or 0) + int(usage.get("cache_creation_input_tokens") or 0) + cache_read
+    cache_write = int(usage.get("cache_creation_input_tokens") or 0)
+    return Usage(
+        prompt_tokens=int(usage.get("input_tokens") or 0) + cache_write + cache_read,
+        completion_tokens=int(usage.get("output_tokens") or 0),
+        cached_prompt_tokens=cache_read,
+        cost_usd=cost_usd,
     )
+
+
+def _done(result: ResultMessage) -> Done:
     return Done(
         finish_reason=_FINISH_REASONS.get(result.stop_reason or "", FinishReason.STOP),
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=int(usage.get("output_tokens") or 0),
-            cached_prompt_tokens=cache_read,
-            cost_usd=result.total_cost_usd,
-        ),
+        usage=_usage(result.usage or {}, result.total_cost_usd),
     )
