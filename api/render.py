@@ -7,7 +7,7 @@ with only the text JSON-encoded per chunk; the test suite validates them against
 
 import json
 
-from api.protocol import ChatCompletion, Choice, CompletionUsage, ResponseMessage
+from api.protocol import ChatCompletion, Choice, CompletionUsage, ErrorInfo, ErrorResponse, ResponseMessage
 from shared.jobs import CompletionJob, Done, Usage
 
 
@@ -35,6 +35,11 @@ def completion_body(job: CompletionJob, text: str, done: Done) -> ChatCompletion
         ],
         usage=usage_body(done.usage),
     )
+
+
+def error_chunk(error: ErrorInfo) -> str:
+    """The stream event that ends a stream which failed after its headers were sent."""
+    return ErrorResponse(error=error).model_dump_json()
 
 
 class ChunkRenderer:

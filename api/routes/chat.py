@@ -6,22 +6,25 @@
 """
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import GatewayDep
 from api.errors import OpenAIError
-from api.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
+from api.protocol import ChatCompletion, ChatCompletionRequest, ErrorInfo, ErrorResponse
 from api.relay import follow_job
-from api.render import ChunkRenderer, completion_body
+from api.render import ChunkRenderer, completion_body, error_chunk
 from api.translate import build_job
 from shared import queue
 from shared.events import JobEventValue
 from shared.jobs import CompletionJob, Delta, Done, Failed
 
+log = logging.getLogger("gateway.api")
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, object]] = {
@@ -66,7 +69,22 @@ async def _stream(
     renderer: ChunkRenderer, first: "asyncio.Future[JobEventValue]", events: AsyncIterator[JobEventValue]
 ) -> AsyncIterator[ServerSentEvent]:
     yield ServerSentEvent(renderer.role())
-    event = await first
+    try:
+        async for sse in _relay(renderer, await first, events):
+            yield sse
+    except RedisError:
+        # Headers are gone already: the failure can only be reported in the stream.
+        log.warning("lost Redis while relaying a stream")
+        error = ErrorInfo(
+            message="The gateway lost its queue mid-stream.", type="server_error", code="queue_unavailable"
+        )
+        yield ServerSentEvent(error_chunk(error))
+    yield ServerSentEvent("[DONE]")
+
+
+async def _relay(
+    renderer: ChunkRenderer, event: JobEventValue, events: AsyncIterator[JobEventValue]
+) -> AsyncIterator[ServerSentEvent]:
     while True:
         if isinstance(event, Delta):
             yield ServerSentEvent(renderer.content(event.text))
@@ -76,8 +94,6 @@ async def _stream(
                 yield ServerSentEvent(renderer.usage(event))
             break
         else:
-            error = OpenAIError.from_failure(event).info
-            yield ServerSentEvent('{"error":' + error.model_dump_json() + "}")
+            yield ServerSentEvent(error_chunk(OpenAIError.from_failure(event).info))
             break
         event = await anext(events)
-    yield ServerSentEvent("[DONE]")
