@@ -1,0 +1,586 @@
+"""Streaming latency and throughput: the gateway against its floor, side by side, on loopback.
+
+The FLOOR is the scripted backend iterated in this process: what a stream costs with no gateway
+at all. The GATEWAY is the whole path, HTTP → API → arq/Redis → worker → Redis stream → API → SSE,
+on a redis-server, one API process and two worker processes that this script starts and stops.
+
+    .venv/bin/python bench/stream_latency.py             # full run, about half a minute
+    .venv/bin/python bench/stream_latency.py --quick     # smoke run for CI, a few seconds
+    .venv/bin/python bench/stream_latency.py --json out.json --check
+
+Figures (docs/benchmarks.md explains each): time to first token (TTFT) for one stream at a time
+and for 50 concurrent streams, the TTFT the gateway adds to the floor, relayed tokens per second
+(one stream, and four at once), and the API's resident memory per open stream.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+from redis.asyncio import Redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cli.embedded_redis import EmbeddedRedis, free_port, server_binary  # noqa: E402
+from shared.jobs import CompletionJob, Delta, Turn  # noqa: E402
+from shared.keys import WAKEUP_CHANNEL  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+from worker.backends.scripted import ScriptedBackend  # noqa: E402
+
+HELLO = "Say hello."  # not a directive: the scripted backend's default five-word reply
+TARGET_ADDED_MEDIAN_S = 0.005
+TARGET_ADDED_P99_S = 0.015
+TARGET_TOKENS_PER_S = 20_000
+
+
+@dataclass(frozen=True)
+class Plan:
+    warmup: int  # sequential requests before anything is measured
+    sequential: int  # TTFT samples, one stream at a time
+    concurrency: int  # streams per concurrent round
+    rounds: int  # measured concurrent rounds (after one unmeasured round)
+    relay_tokens: int  # tokens per throughput stream
+    relay_streams: int  # streams in the aggregate throughput run
+    held_streams: int  # slowly paced streams held open for the memory figure
+    held_tokens: int  # their length at 50 ms a token: long enough to measure, short enough to end
+    budget_s: float  # the whole run, start-up included
+
+
+FULL = Plan(20, 200, 50, 10, 200_000, 4, 100, 120, 900.0)
+QUICK = Plan(5, 20, 50, 2, 20_000, 4, 20, 40, 120.0)
+HELD_DELAY_MS = 50.0
+WORKERS = 2
+JOBS_PER_WORKER = 64  # 128 slots: the held streams and a concurrent round fit without queueing
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Sample:
+    ttft_s: float  # request sent → first chunk with non-empty content
+    tokens: int
+    first_at: float  # perf_counter() of the first token
+    done_at: float  # perf_counter() of the end ([DONE], or Done in the floor)
+
+
+Stream = Callable[[str], Awaitable[Sample]]
+
+
+def count_tokens(text: str) -> int:
+    # The scripted backend emits whole words (`\S+\s*`); a chunk may carry several, never a part.
+    return len(text.split())
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def script(**directive: object) -> str:
+    return "script:" + json.dumps(directive)
+
+
+# --- the two ways to stream ---------------------------------------------------------------------
+
+
+async def floor_stream(backend: ScriptedBackend, model: str, prompt: str) -> Sample:
+    job = CompletionJob(request_id="bench", model=model, turns=[Turn(role="user", text=prompt)])
+    start = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    async for event in backend.stream(job):
+        if isinstance(event, Delta) and event.text:
+            if first is None:
+                first = time.perf_counter()
+            tokens += count_tokens(event.text)
+    if first is None:
+        raise BenchError("the scripted backend produced no token")
+    return Sample(first - start, tokens, first, time.perf_counter())
+
+
+async def gateway_stream(
+    client: httpx.AsyncClient, model: str, prompt: str, on_first: Callable[[], None] | None = None
+) -> Sample:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True})
+    headers = {"content-type": "application/json"}
+    start = time.perf_counter()
+    first: float | None = None
+    done: float | None = None
+    tokens = 0
+    async with client.stream("POST", "/v1/chat/completions", content=body, headers=headers) as response:
+        if response.status_code != 200:
+            raise BenchError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank separators and ": ping" comments
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = time.perf_counter()
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise BenchError(f"stream failed: {chunk['error']}")
+            for choice in chunk["choices"]:
+                text = choice["delta"].get("content")
+                if text:
+                    if first is None:
+                        first = time.perf_counter()
+                        if on_first is not None:
+                            on_first()
+                    tokens += count_tokens(text)
+    if first is None or done is None:
+        raise BenchError("the stream ended without a token or without [DONE]")
+    return Sample(first - start, tokens, first, done)
+
+
+# --- measurements, each for either stream ---------------------------------------------------------
+
+
+async def sequential_ttft(stream: Stream, plan: Plan) -> list[float]:
+    for _ in range(plan.warmup):
+        await stream(HELLO)
+    return [(await stream(HELLO)).ttft_s for _ in range(plan.sequential)]
+
+
+async def concurrent_ttft(stream: Stream, plan: Plan) -> list[float]:
+    ttfts: list[float] = []
+    for round_ in range(plan.rounds + 1):
+        batch = await asyncio.gather(*(stream(HELLO) for _ in range(plan.concurrency)))
+        if round_:  # round 0 warms up (connections, worker slots)
+            ttfts.extend(sample.ttft_s for sample in batch)
+    return ttfts
+
+
+async def relay_rate(stream: Stream, tokens: int, streams: int) -> float:
+    """Tokens per second from the first token of any stream to the end of the last one."""
+    prompt = script(text="tok ", tokens=tokens)
+    batch = await asyncio.gather(*(stream(prompt) for _ in range(streams)))
+    counted = sum(sample.tokens for sample in batch)
+    if counted != tokens * streams:
+        raise BenchError(f"expected {tokens * streams} tokens, counted {counted}")
+    return counted / (max(s.done_at for s in batch) - min(s.first_at for s in batch))
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+class CpuMeter:
+    """Each process's CPU use over a `with` block, in % of one core."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+        self.shares: dict[str, float] = {}
+
+    def __enter__(self) -> "CpuMeter":
+        self._wall = time.perf_counter()
+        self._self = time.process_time()
+        self._start = {name: cpu_s(pid) for name, pid in self._pids.items()}
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        wall = time.perf_counter() - self._wall
+        self.shares = {
+            name: (cpu_s(pid) - self._start[name]) / wall * 100 for name, pid in self._pids.items()
+        }
+        self.shares["bench client"] = (time.process_time() - self._self) / wall * 100
+
+
+class Gateway:
+    """A private redis-server, one API process and `WORKERS` workers; `stop` always ends them all."""
+
+    def __init__(self, workdir: Path) -> None:
+        self._workdir = workdir
+        self.redis = EmbeddedRedis(workdir / "redis", persistent=False)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, role: str, index: int) -> subprocess.Popen[bytes]:
+        env = {
+            **os.environ,
+            "REDIS_URL": self.redis.url,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "BACKEND": "scripted",
+            "LOG_LEVEL": "warning",
+            "JOBS_PER_WORKER": str(JOBS_PER_WORKER),
+            "STATE_DIR": str(self._workdir / "state"),
+        }
+        log = (self._workdir / f"{role}-{index}.log").open("wb")
+        with log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "cli.main", role], cwd=ROOT, env=env, stdout=log, stderr=log
+            )
+
+    async def start(self, client: httpx.AsyncClient, timeout_s: float = 60.0) -> None:
+        self.redis.start()
+        self.workers = [self._spawn("worker", i) for i in range(WORKERS)]
+        self.api = self._spawn("api", 0)
+        redis = Redis.from_url(self.redis.url)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:  # the API answers /health and every worker listens for wake-ups
+                if any(p.poll() is not None for p in [self.api, *self.workers]):
+                    raise BenchError("a gateway process exited during start-up (gateway log above)")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the gateway did not start within {timeout_s:g} s (gateway log above)")
+                try:
+                    healthy = (await client.get("/health", timeout=1.0)).status_code == 200
+                except httpx.TransportError:
+                    healthy = False
+                listeners = dict(await redis.pubsub_numsub(WAKEUP_CHANNEL)).get(WAKEUP_CHANNEL.encode(), 0)
+                if healthy and listeners >= WORKERS:
+                    return
+                await asyncio.sleep(0.05)
+        finally:
+            await redis.aclose()
+
+    async def pids(self) -> dict[str, int]:
+        assert self.api is not None
+        redis = Redis.from_url(self.redis.url)
+        try:
+            redis_pid = int((await redis.info("server"))["process_id"])
+        finally:
+            await redis.aclose()
+        workers = {f"worker {i + 1}": p.pid for i, p in enumerate(self.workers)}
+        return {"api": self.api.pid, **workers, "redis": redis_pid}
+
+    def log_tail(self, lines: int = 20) -> str:
+        tails = []
+        for log in sorted(self._workdir.glob("*.log")):
+            tails.append(
+                f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+            )
+        return "\n".join(tails)
+
+    def stop(self) -> None:
+        children = [p for p in [self.api, *self.workers] if p is not None]
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(timeout=5)
+        self.redis.stop()
+
+
+# --- memory per open stream ---------------------------------------------------------------------------
+
+
+@dataclass
+class Memory:
+    streams: int
+    before_kib: int
+    held_kib: int
+    after_kib: int
+    per_stream_kib: float
+    open_when_measured: int
+    redis_clients_before: int  # connections to Redis from all processes
+    redis_clients_held: int
+
+
+async def redis_clients(redis_url: str) -> int:
+    redis = Redis.from_url(redis_url)
+    try:
+        return int((await redis.info("clients"))["connected_clients"]) - 1  # not this one
+    finally:
+        await redis.aclose()
+
+
+async def memory_per_stream(
+    client: httpx.AsyncClient, model: str, api_pid: int, redis_url: str, plan: Plan
+) -> Memory:
+    """API RSS before, while holding `held_streams` slow streams open, and after they ended."""
+    prompt = script(text="x ", tokens=plan.held_tokens, delay_ms=HELD_DELAY_MS)
+    opened = 0
+
+    def on_first() -> None:
+        nonlocal opened
+        opened += 1
+
+    before = rss_kib(api_pid)
+    clients_before = await redis_clients(redis_url)
+    tasks = [
+        asyncio.create_task(gateway_stream(client, model, prompt, on_first)) for _ in range(plan.held_streams)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while opened < plan.held_streams:
+            if ended := [task for task in tasks if task.done()]:
+                ended[0].result()  # a failure surfaces here, with its own message
+                raise BenchError("a held stream ended before all were open: raise Plan.held_tokens")
+            if time.monotonic() > deadline:
+                raise BenchError(f"only {opened} of {plan.held_streams} held streams opened within 60 s")
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+        still_open = sum(not task.done() for task in tasks)
+        held = rss_kib(api_pid)
+        clients_held = await redis_clients(redis_url)
+        samples = await asyncio.gather(*tasks)  # let them finish: the workers are then free again
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if any(sample.tokens != plan.held_tokens for sample in samples):
+        raise BenchError("a held stream lost tokens")
+    after = rss_kib(api_pid)
+    per_stream = (held - before) / plan.held_streams
+    return Memory(
+        plan.held_streams, before, held, after, per_stream, still_open, clients_before, clients_held
+    )
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    ttft_1: list[float] = field(default_factory=list)
+    ttft_n: list[float] = field(default_factory=list)
+    rate_1: float = 0.0
+    rate_n: float = 0.0
+
+
+@dataclass
+class Report:
+    plan: Plan
+    machine: dict[str, str]
+    floor: Side
+    gateway: Side
+    memory: Memory
+    cpu_1: dict[str, float]
+    cpu_n: dict[str, float]
+    seconds: float
+
+
+def machine() -> dict[str, str]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    redis = subprocess.run(
+        [server_binary(), "--version"], capture_output=True, text=True, check=False
+    ).stdout.split()
+    return {
+        "cores": str(os.cpu_count()),
+        "cpu": cpu,
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "python": platform.python_version(),
+        "redis": next((w.removeprefix("v=") for w in redis if w.startswith("v=")), "?"),
+        "kernel": platform.release(),
+    }
+
+
+async def run(plan: Plan) -> Report:
+    started = time.perf_counter()
+    settings = Settings(backend="scripted")
+    model = settings.models[0]
+    floor: Stream = partial(floor_stream, ScriptedBackend(settings), model)
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    timeout = httpx.Timeout(120.0, connect=10.0)
+    info = machine()
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as workdir:
+        gateway = Gateway(Path(workdir))
+        try:
+            async with httpx.AsyncClient(
+                base_url=gateway.url, limits=limits, timeout=timeout, trust_env=False
+            ) as client:
+                await gateway.start(client)
+                pids = await gateway.pids()
+                remote: Stream = partial(gateway_stream, client, model)
+                for _ in range(plan.warmup):
+                    await remote(HELLO)
+                memory = await memory_per_stream(client, model, pids["api"], gateway.redis.url, plan)
+                f, g = Side(), Side()
+                # Floor and gateway alternate phase by phase, so both see the same machine noise.
+                f.ttft_1 = await sequential_ttft(floor, plan)
+                g.ttft_1 = await sequential_ttft(remote, plan)
+                f.ttft_n = await concurrent_ttft(floor, plan)
+                g.ttft_n = await concurrent_ttft(remote, plan)
+                f.rate_1 = await relay_rate(floor, plan.relay_tokens, 1)
+                with CpuMeter(pids) as cpu_1:
+                    g.rate_1 = await relay_rate(remote, plan.relay_tokens, 1)
+                f.rate_n = await relay_rate(floor, plan.relay_tokens, plan.relay_streams)
+                with CpuMeter(pids) as cpu_n:
+                    g.rate_n = await relay_rate(remote, plan.relay_tokens, plan.relay_streams)
+        except Exception:
+            print(gateway.log_tail(), file=sys.stderr)  # the gateway's side of the failure
+            raise
+        finally:
+            gateway.stop()
+    seconds = time.perf_counter() - started
+    return Report(plan, info, f, g, memory, cpu_1.shares, cpu_n.shares, seconds)
+
+
+# --- output ---------------------------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "**NO**"
+
+
+def figures(report: Report) -> dict[str, Any]:
+    f, g = report.floor, report.gateway
+    out: dict[str, Any] = {}
+    for name, fs, gs in (
+        ("ttft_1", f.ttft_1, g.ttft_1),
+        (f"ttft_{report.plan.concurrency}", f.ttft_n, g.ttft_n),
+    ):
+        for q_name, q in (("median", 0.5), ("p99", 0.99)):
+            fv, gv = percentile(fs, q), percentile(gs, q)
+            out[f"{name}_{q_name}_s"] = {"floor": fv, "gateway": gv, "added": gv - fv, "samples": len(gs)}
+    out["tokens_per_s_1"] = {"floor": f.rate_1, "gateway": g.rate_1}
+    out[f"tokens_per_s_{report.plan.relay_streams}"] = {"floor": f.rate_n, "gateway": g.rate_n}
+    return out
+
+
+def targets_met(report: Report) -> dict[str, bool]:
+    """Each target, keyed by the figure it applies to."""
+    fig = figures(report)
+    return {
+        "ttft_1_median_s": fig["ttft_1_median_s"]["added"] <= TARGET_ADDED_MEDIAN_S,
+        "ttft_1_p99_s": fig["ttft_1_p99_s"]["added"] <= TARGET_ADDED_P99_S,
+        "tokens_per_s_1": report.gateway.rate_1 >= TARGET_TOKENS_PER_S,
+    }
+
+
+def markdown(report: Report) -> str:
+    p, fig, met, m = report.plan, figures(report), targets_met(report), report.memory
+    n, k = p.concurrency, p.relay_streams
+    rows = ["| Figure | Floor | Gateway | Added | Target | Met |", "|---|---:|---:|---:|---|---|"]
+
+    def row(key: str, label: str, cells: Sequence[str], target: str = "") -> None:
+        ok = _met(met[key]) if key in met else ""
+        rows.append(f"| {label} | {' | '.join(cells)} | {target} | {ok} |")
+
+    for key, label, target in (
+        ("ttft_1_median_s", "TTFT, 1 stream, median (ms)", "added ≤ 5 ms"),
+        ("ttft_1_p99_s", "TTFT, 1 stream, p99 (ms)", "added ≤ 15 ms"),
+        (f"ttft_{n}_median_s", f"TTFT, {n} concurrent, median (ms)", ""),
+        (f"ttft_{n}_p99_s", f"TTFT, {n} concurrent, p99 (ms)", ""),
+    ):
+        v = fig[key]
+        row(key, label, [_ms(v["floor"]), _ms(v["gateway"]), _ms(v["added"])], target)
+    for key, label, target in (
+        ("tokens_per_s_1", "Relayed tokens/s, 1 stream", "≥ 20,000"),
+        (f"tokens_per_s_{k}", f"Relayed tokens/s, {k} streams (aggregate)", ""),
+    ):
+        row(key, label, [f"{fig[key]['floor']:,.0f}", f"{fig[key]['gateway']:,.0f}", ""], target)
+    row("rss", "API RSS per open stream (KiB)", ["", f"{m.per_stream_kib:,.1f}", ""])
+    cpu = [f"| Process | 1 stream (% of a core) | {k} streams (% of a core) |", "|---|---:|---:|"]
+    cpu += [
+        f"| {name} | {share:.0f} | {report.cpu_n.get(name, 0):.0f} |" for name, share in report.cpu_1.items()
+    ]
+    mc = report.machine
+    notes = [
+        f"Machine: {mc['cores']} cores ({mc['cpu']}), load average at start {mc['loadavg']}, "
+        f"Python {mc['python']}, Redis {mc['redis']}, Linux {mc['kernel']}.",
+        f"Samples: {len(report.gateway.ttft_1)} sequential TTFT after {p.warmup} warm-up; "
+        f"{len(report.gateway.ttft_n)} TTFT at {n} concurrent ({p.rounds} rounds after one warm-up round); "
+        f"{p.relay_tokens:,} tokens per throughput stream. Added = gateway - floor, per percentile.",
+        f"Memory: API RSS {m.before_kib:,} KiB before, {m.held_kib:,} KiB holding {m.streams} open streams "
+        f"({m.open_when_measured} still open when read), {m.after_kib:,} KiB after they ended; "
+        f"Redis connections (all processes) {m.redis_clients_before} before, {m.redis_clients_held} held.",
+        f"Run time {report.seconds:.1f} s.",
+    ]
+    return "\n".join(
+        [
+            "## Stream latency and throughput",
+            "",
+            *rows,
+            "",
+            "CPU during the gateway relay runs:",
+            "",
+            *cpu,
+            "",
+            *(f"- {note}" for note in notes),
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="far fewer samples: a smoke report for CI")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+
+    async def bounded() -> Report:
+        # SIGTERM (a CI timeout) and SIGINT cancel the run, so `run` stops the gateway on the way out.
+        task = asyncio.current_task()
+        assert task is not None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, task.cancel)
+        async with asyncio.timeout(plan.budget_s):
+            return await run(plan)
+
+    try:
+        report = asyncio.run(bounded())
+    except asyncio.CancelledError:
+        print("interrupted; the gateway processes were stopped", file=sys.stderr)
+        return 130
+    except TimeoutError:
+        print(f"the run exceeded its budget of {plan.budget_s:g} s; stopped", file=sys.stderr)
+        return 2
+    print(markdown(report))
+    met = targets_met(report)
+    if args.json is not None:
+        payload = {
+            "plan": asdict(plan),
+            "machine": report.machine,
+            "figures": figures(report),
+            "memory": asdict(report.memory),
+            "cpu_percent": {"1_stream": report.cpu_1, f"{plan.relay_streams}_streams": report.cpu_n},
+            "targets_met": met,
+            "seconds": report.seconds,
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 1 if args.check and not all(met.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
