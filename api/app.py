@@ -9,8 +9,9 @@ from fastapi import FastAPI
 from api import errors
 from api.deps import Gateway
 from api.middleware import BodyLimit, RequestId
-from api.routes import chat, health, models
+from api.routes import chat, chat_jobs, health, models
 from shared import queue
+from shared.jobstore import JobStore
 from shared.settings import Settings
 
 log = logging.getLogger("gateway.api")
@@ -20,7 +21,8 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = await queue.connect(redis_url, settings.queue_name)
-        app.state.gateway = Gateway(settings=settings, redis=redis)
+        store = JobStore(redis, queue_name=settings.queue_name, ttl_s=settings.event_ttl_s)
+        app.state.gateway = Gateway(settings=settings, redis=redis, store=store)
         log.info("API ready")
         try:
             yield
@@ -31,6 +33,6 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestId)  # outermost: even a refused body gets its request id
-    for module in (chat, models, health):
+    for module in (chat, chat_jobs, models, health):
         app.include_router(module.router)
     return app

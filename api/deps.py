@@ -6,6 +6,7 @@ from typing import Annotated
 from arq.connections import ArqRedis
 from fastapi import Depends, Request
 
+from shared.jobstore import JobStore
 from shared.settings import Settings
 
 ANONYMOUS = "anonymous"
@@ -16,6 +17,7 @@ ANONYMOUS = "anonymous"
 class Gateway:
     settings: Settings
     redis: ArqRedis
+    store: JobStore
 
 
 @dataclass(frozen=True)

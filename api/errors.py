@@ -29,17 +29,30 @@ FAILURE_STATUS: dict[FailureCode, tuple[int, str]] = {
     FailureCode.QUEUE_TIMEOUT: (503, "server_error"),
     FailureCode.WORKER_SHUTDOWN: (503, "server_error"),
     FailureCode.TIMEOUT: (504, "timeout_error"),
+    FailureCode.STALLED: (504, "timeout_error"),
+    FailureCode.WORKER_LOST: (502, "server_error"),
+    FailureCode.CANCELLED: (409, "invalid_request_error"),
     FailureCode.INTERNAL: (500, "server_error"),
 }
+# A cancelled job stays cancelled: tell clients that retry 409 (the openai SDKs do) not to.
+_FAILURE_HEADERS = {FailureCode.CANCELLED: {"x-should-retry": "false"}}
 
 
 class OpenAIError(Exception):
     def __init__(
-        self, status: int, message: str, *, type: str, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+        self.headers = dict(headers or {})
 
     @classmethod
     def invalid(cls, message: str, *, param: str | None = None, code: str | None = None) -> "OpenAIError":
@@ -48,11 +61,12 @@ class OpenAIError(Exception):
     @classmethod
     def from_failure(cls, failure: Failed) -> "OpenAIError":
         status, type_ = FAILURE_STATUS[failure.code]
-        return cls(status, failure.message, type=type_, code=failure.code.value)
+        headers = _FAILURE_HEADERS.get(failure.code)
+        return cls(status, failure.message, type=type_, code=failure.code.value, headers=headers)
 
     def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
         body = ErrorResponse(error=self.info).model_dump()
-        return JSONResponse(body, status_code=self.status, headers=dict(headers or {}))
+        return JSONResponse(body, status_code=self.status, headers={**self.headers, **(headers or {})})
 
 
 def _param(loc: Sequence[Any]) -> str | None:

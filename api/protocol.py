@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.jobs import JobStatus
+
 # --- Requests -------------------------------------------------------------------------------
 
 
@@ -61,6 +63,8 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
+    # Extension: answer at once with the queued job; poll or stream it by id.
+    background: bool = False
 
     def unsupported_parameter(self) -> str | None:
         """The first parameter whose meaning the gateway cannot honour, if any."""
@@ -113,7 +117,10 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     choices: list[Choice]
-    usage: CompletionUsage
+    usage: CompletionUsage | None
+    # Extensions for jobs retrieved by id or run in the background (OpenAI's background mode).
+    status: JobStatus = JobStatus.COMPLETED
+    error: "ErrorInfo | None" = None
 
 
 class Model(BaseModel):

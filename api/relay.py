@@ -1,44 +1,54 @@
-"""Following one job's events from Redis, with the waits a caller must not exceed.
+"""Following one job's events from Redis, so that a caller always gets a terminal event.
 
-A job that no worker starts within `queue_timeout_s` is withdrawn from the queue and fails with
-`queue_timeout`; one that started but then falls silent for longer than the worker's own job
-limit fails with `timeout`. Either way the caller gets a terminal event, never a hang.
+The job's own stream carries every outcome, including the ones the API or a sweeper writes
+(withdrawn after a queue timeout, cancelled before it started, its worker lost), so following a
+job is reading its stream; between events the follower checks on the job:
+- never started within `queue_timeout_s` (when asked to withdraw): it is withdrawn;
+- started, but its worker's lease ran out: recover it here (any worker would too), so a job is
+  settled even when no worker is left to sweep;
+- Redis unreachable: wait out `redis_outage_grace_s`, then resume exactly after the last event.
 """
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
-from arq.connections import ArqRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import queue
 from shared.events import JobEventValue, NoEventWithin, read_events
 from shared.jobs import Failed, FailureCode
+from shared.jobstore import JobStore
 from shared.settings import Settings
 
-# Beyond the worker's own job limit, so its timeout event normally arrives first.
-_SILENCE_GRACE_S = 30.0
 
-
-async def follow_job(redis: ArqRedis, settings: Settings, job_id: str) -> AsyncIterator[JobEventValue]:
-    after = 0
-    idle_limit = settings.queue_timeout_s
-    patient = False  # set once the job is known to be running: then wait out its full time limit
+async def follow_job(
+    store: JobStore, settings: Settings, job_id: str, *, after: int = 0, withdraw: bool
+) -> AsyncIterator[tuple[int, JobEventValue]]:
+    """Yields `(seq, event)` after `after` up to and including the job's terminal event."""
+    check_every = min(settings.lease_s, settings.queue_timeout_s)
+    waiting_since = time.monotonic()
+    outage_since: float | None = None
     while True:
         try:
-            async for seq, event in read_events(redis, job_id, after=after, idle_timeout_s=idle_limit):
-                after = seq
-                yield event
+            async for seq, event in read_events(store.redis, job_id, after=after, idle_timeout_s=check_every):
+                after, outage_since = seq, None
+                yield seq, event
             return
         except NoEventWithin:
-            if patient:
-                yield Failed(
-                    code=FailureCode.TIMEOUT, message="The worker running the job stopped responding."
-                )
+            record = await store.get(job_id)
+            if record is None:
+                yield after + 1, Failed(code=FailureCode.INTERNAL, message="The job no longer exists.")
                 return
-            if after == 0 and await queue.withdraw(redis, settings.queue_name, job_id):
-                yield Failed(
-                    code=FailureCode.QUEUE_TIMEOUT,
-                    message=f"No worker started the job within {settings.queue_timeout_s:g} s; retry later.",
-                )
-                return
-            patient = True
-            idle_limit = settings.job_timeout_s + _SILENCE_GRACE_S
+            if record.ended or record.started:
+                waiting_since = time.monotonic()
+                await store.recover_expired(settings.max_attempts)
+            elif withdraw and time.monotonic() - waiting_since >= settings.queue_timeout_s:
+                message = f"No worker started the job within {settings.queue_timeout_s:g} s; retry later."
+                failure = Failed(code=FailureCode.QUEUE_TIMEOUT, message=message)
+                await store.stop(job_id, withdraw_only=True, failure=failure)
+        except (RedisConnectionError, RedisTimeoutError):
+            outage_since = outage_since or time.monotonic()
+            if time.monotonic() - outage_since > settings.redis_outage_grace_s:
+                raise
+            await asyncio.sleep(0.5)

@@ -6,13 +6,27 @@ with only the text JSON-encoded per chunk; the test suite validates them against
 """
 
 import json
+from typing import Protocol
 
 from api.protocol import ChatCompletion, Choice, CompletionUsage, ErrorInfo, ErrorResponse, ResponseMessage
-from shared.jobs import CompletionJob, Done, Usage
+from shared.jobs import Done, Usage
+
+COMPLETION_ID_PREFIX = "chatcmpl-"
 
 
-def completion_id(job: CompletionJob) -> str:
-    return f"chatcmpl-{job.id}"
+class JobRef(Protocol):
+    """What rendering needs of a job: a `CompletionJob`, or the `JobRecord` of one."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def created(self) -> int: ...
+    @property
+    def model(self) -> str: ...
+
+
+def completion_id(job: JobRef) -> str:
+    return COMPLETION_ID_PREFIX + job.id
 
 
 def usage_body(usage: Usage) -> CompletionUsage:
@@ -25,7 +39,7 @@ def usage_body(usage: Usage) -> CompletionUsage:
     )
 
 
-def completion_body(job: CompletionJob, text: str, done: Done) -> ChatCompletion:
+def completion_body(job: JobRef, text: str, done: Done) -> ChatCompletion:
     return ChatCompletion(
         id=completion_id(job),
         created=job.created,
@@ -45,7 +59,7 @@ def error_chunk(error: ErrorInfo) -> str:
 class ChunkRenderer:
     """Renders the chunks of one streamed completion as JSON strings."""
 
-    def __init__(self, job: CompletionJob, *, include_usage: bool) -> None:
+    def __init__(self, job: JobRef, *, include_usage: bool) -> None:
         head = json.dumps(
             {
                 "id": completion_id(job),

@@ -10,29 +10,39 @@ import time
 from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.jobs import Delta, Done, Failed, decode_event, encode_event
+from shared.jobstore import JobStore
 from shared.keys import events_key
 
 JobEventValue = Delta | Done | Failed
 _FIELD = b"e"
 
 
+class Superseded(Exception):
+    """The job moved on without this attempt (retried, cancelled or failed elsewhere)."""
+
+
 class EventWriter:
-    """Appends a job's events without making the producer wait on Redis.
+    """Appends one attempt's events without making the producer wait on Redis.
 
     At most one write is in flight; deltas that arrive meanwhile are merged into one. A lone token
     goes out at once (latency). When tokens keep arriving during writes the stream is hot, and the
     writer lingers `LINGER_S` before the next write so each round trip carries a real batch
-    (throughput): a model streaming ~100 tokens/s never triggers the linger.
+    (throughput): a model streaming ~100 tokens/s never triggers the linger. A write that fails
+    because Redis is briefly unreachable is retried for `outage_grace_s` (writes are idempotent).
     """
 
     LINGER_S = 0.002
 
-    def __init__(self, redis: Redis, job_id: str, ttl_s: int) -> None:
-        self._redis = redis
-        self._key = events_key(job_id)
-        self._ttl_s = ttl_s
+    def __init__(self, store: JobStore, job_id: str, attempt: int, *, outage_grace_s: float = 30.0) -> None:
+        self._store = store
+        self._job_id = job_id
+        self._attempt = attempt
+        self._grace_s = outage_grace_s
         self._expire_due = 0.0  # refresh the TTL on the first write, the last, and now and then
         self._seq = 0
         self._pending: list[JobEventValue] = []
@@ -71,20 +81,39 @@ class EventWriter:
         while True:
             self._close_delta()
             batch, self._pending = self._pending, []
-            terminal = not isinstance(batch[-1], Delta)
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for event in batch:
-                    self._seq += 1
-                    pipe.xadd(self._key, {_FIELD: encode_event(event)}, id=f"0-{self._seq}")
-                now = time.monotonic()
-                if terminal or now >= self._expire_due:
-                    pipe.expire(self._key, self._ttl_s)
-                    self._expire_due = now + min(60.0, self._ttl_s / 2)
-                await pipe.execute()
+            await self._write(batch)
             if not (self._pending or self._texts):
                 return
             if not self._pending:  # only deltas arrived during the write: a hot stream
                 await asyncio.sleep(self.LINGER_S)
+
+    async def _write(self, batch: list[JobEventValue]) -> None:
+        last = batch[-1]
+        outcome = "completed" if isinstance(last, Done) else ""
+        if isinstance(last, Failed):
+            outcome = last.code.value
+        now = time.monotonic()
+        ttl = 0
+        if outcome or now >= self._expire_due:
+            ttl = self._store.ttl_s
+            self._expire_due = now + min(60.0, ttl / 2)
+        encoded = [encode_event(event) for event in batch]
+        give_up = now + self._grace_s
+        while True:
+            try:
+                await self._store.append(
+                    self._job_id, self._attempt, self._seq + 1, encoded, outcome=outcome, ttl_s=ttl
+                )
+                break
+            except ResponseError as exc:
+                if str(exc).startswith("SUPERSEDED"):
+                    raise Superseded(self._job_id) from exc
+                raise
+            except (RedisConnectionError, RedisTimeoutError):
+                if time.monotonic() > give_up:
+                    raise
+                await asyncio.sleep(0.5)
+        self._seq += len(batch)
 
 
 class NoEventWithin(Exception):
@@ -112,3 +141,12 @@ async def read_events(
             yield int(last.partition("-")[2]), event
             if not isinstance(event, Delta):
                 return
+
+
+async def events_so_far(redis: Redis, job_id: str) -> list[tuple[int, JobEventValue]]:
+    """Every event the job has written until now, without waiting for more."""
+    entries = await redis.xrange(events_key(job_id))
+    return [
+        (int(entry_id.decode().partition("-")[2]), decode_event(fields[_FIELD]))
+        for entry_id, fields in entries
+    ]

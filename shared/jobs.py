@@ -62,8 +62,21 @@ class FailureCode(StrEnum):
     BACKEND_UNAVAILABLE = "backend_unavailable"
     QUEUE_TIMEOUT = "queue_timeout"
     TIMEOUT = "timeout"
+    STALLED = "stalled"
     WORKER_SHUTDOWN = "worker_shutdown"
+    WORKER_LOST = "worker_lost"
+    CANCELLED = "cancelled"
     INTERNAL = "internal_error"
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life, as OpenAI's background mode names it."""
+
+    QUEUED = "queued"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class Delta(BaseModel):

@@ -1,22 +1,16 @@
-"""The job queue: arq with JSON on the wire, plus a wake-up so idle workers start jobs at once.
+"""The job queue's connection: arq with JSON on the wire.
 
-arq's default serializer is pickle (anyone who can write to Redis runs code on every worker), and
-its workers poll the queue every 0.5 s. JSON closes the first; `WAKEUP_CHANNEL` the second.
+arq's default serializer is pickle: anyone who can write to Redis would run code on every worker.
+Jobs are queued by `shared.jobstore.JobStore.create`, which also wakes idle workers.
 """
 
 import json
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import expires_extra_ms, job_key_prefix
-from arq.jobs import serialize_job
-from arq.utils import timestamp_ms
-
-from shared.jobs import CompletionJob
-from shared.keys import WAKEUP_CHANNEL
 
 RUN_COMPLETION = "run_completion"
-"""The worker function every completion job names."""
+"""The arq function every attempt at a job names; its arguments are `(job_id, attempt)`."""
 
 
 def serialize(data: dict[str, Any]) -> bytes:
@@ -44,26 +38,3 @@ async def connect(redis_url: str, queue_name: str) -> ArqRedis:
         job_deserializer=deserialize,
         default_queue_name=queue_name,
     )
-
-
-async def enqueue(pool: ArqRedis, job: CompletionJob) -> None:
-    """Queues the job and wakes the workers in one round trip.
-
-    The entry is exactly what arq's `enqueue_job` writes; arq's own call spends two more round
-    trips (WATCH/EXISTS) guarding against a reused job id, and job ids here are fresh UUIDs.
-    """
-    now = timestamp_ms()
-    entry = serialize_job(RUN_COMPLETION, (job.model_dump(mode="json"),), {}, None, now, serializer=serialize)
-    async with pool.pipeline(transaction=True) as pipe:
-        pipe.psetex(job_key_prefix + job.id, expires_extra_ms, entry)
-        pipe.zadd(pool.default_queue_name, {job.id: now})
-        pipe.publish(WAKEUP_CHANNEL, b"")
-        await pipe.execute()
-
-
-async def withdraw(pool: ArqRedis, queue_name: str, job_id: str) -> bool:
-    """Takes a job off the queue if no worker has started it yet; True if it was withdrawn."""
-    if await pool.zrem(queue_name, job_id):
-        await pool.delete(job_key_prefix + job_id)
-        return True
-    return False

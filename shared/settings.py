@@ -46,9 +46,31 @@ class Settings(BaseSettings):
         ge=0,
         description="On SIGTERM, how long running jobs may finish before they are cancelled.",
     )
-    event_ttl_s: int = Field(default=3600, ge=1, description="How long a job's events stay readable.")
+    event_ttl_s: int = Field(
+        default=3600, ge=60, description="How long a job's record and events stay readable after it ends."
+    )
     poll_fallback_s: float = Field(
         default=0.5, gt=0, description="Queue poll interval when a wake-up notification is missed."
+    )
+
+    # --- Durable jobs: leases, retries, limits, cancellation -------------------------------
+    stall_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A job that produces nothing (no token, no tool activity) this long fails.",
+    )
+    lease_s: float = Field(
+        default=10.0, gt=0, description="A job whose worker has not renewed its lease this long is recovered."
+    )
+    lease_renew_s: float = Field(default=2.0, gt=0, description="How often workers renew leases and sweep.")
+    max_attempts: int = Field(
+        default=3, ge=1, description="Attempts at a job whose workers were lost before it produced output."
+    )
+    redis_outage_grace_s: float = Field(
+        default=30.0, ge=0, description="How long a worker or a stream waits out a Redis outage."
+    )
+    cancel_on_disconnect: bool = Field(
+        default=False, description="Cancel a streamed job when its client disconnects."
     )
 
     # --- Models ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The job event stream on a real Redis: order, coalescing, late readers, expiry."""
+"""The job event stream on a real Redis: order, coalescing, late readers, expiry, fencing."""
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -7,8 +7,9 @@ import pytest
 from redis.asyncio import Redis
 
 from cli.embedded_redis import EmbeddedRedis
-from shared.events import EventWriter, NoEventWithin, read_events
-from shared.jobs import Delta, Done, FinishReason, Usage, new_job_id
+from shared.events import EventWriter, NoEventWithin, Superseded, read_events
+from shared.jobs import CompletionJob, Delta, Done, FinishReason, Turn, Usage, new_job_id
+from shared.jobstore import JobStore
 from shared.keys import events_key
 
 
@@ -19,12 +20,24 @@ async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+@pytest.fixture
+def store(redis: Redis) -> JobStore:
+    return JobStore(redis, queue_name="test:queue", ttl_s=60)
+
+
+async def _writer(store: JobStore) -> tuple[str, EventWriter]:
+    """A queued job's id and a writer for its first attempt (started, as a worker would)."""
+    job = CompletionJob(request_id="req_1", model="m", turns=[Turn(role="user", text="hi")])
+    assert await store.create(job, owner="test") is None
+    assert await store.start(job.id, 1, "worker-1", lease_s=10) is not None
+    return job.id, EventWriter(store, job.id, 1)
+
+
 DONE = Done(finish_reason=FinishReason.STOP, usage=Usage(prompt_tokens=1, completion_tokens=3))
 
 
-async def test_a_reader_arriving_after_the_whole_job_gets_every_event(redis: Redis) -> None:
-    job_id = new_job_id()
-    writer = EventWriter(redis, job_id, ttl_s=60)
+async def test_a_reader_arriving_after_the_whole_job_gets_every_event(redis: Redis, store: JobStore) -> None:
+    job_id, writer = await _writer(store)
     for text in ("a", "b", "c"):
         writer.emit(Delta(text=text))
         await writer.drain()  # one write each: no coalescing
@@ -35,9 +48,8 @@ async def test_a_reader_arriving_after_the_whole_job_gets_every_event(redis: Red
     assert 0 < await redis.ttl(events_key(job_id)) <= 60
 
 
-async def test_reading_after_a_sequence_number_resumes_exactly_there(redis: Redis) -> None:
-    job_id = new_job_id()
-    writer = EventWriter(redis, job_id, ttl_s=60)
+async def test_reading_after_a_sequence_number_resumes_exactly_there(redis: Redis, store: JobStore) -> None:
+    job_id, writer = await _writer(store)
     for text in ("a", "b", "c"):
         writer.emit(Delta(text=text))
         await writer.drain()
@@ -47,9 +59,8 @@ async def test_reading_after_a_sequence_number_resumes_exactly_there(redis: Redi
     assert events == [(3, Delta(text="c")), (4, DONE)]
 
 
-async def test_deltas_emitted_during_a_write_are_merged_in_order(redis: Redis) -> None:
-    job_id = new_job_id()
-    writer = EventWriter(redis, job_id, ttl_s=60)
+async def test_deltas_emitted_during_a_write_are_merged_in_order(redis: Redis, store: JobStore) -> None:
+    job_id, writer = await _writer(store)
     for i in range(1000):
         writer.emit(Delta(text=f"{i},"))
     writer.emit(DONE)
@@ -60,10 +71,9 @@ async def test_deltas_emitted_during_a_write_are_merged_in_order(redis: Redis) -
     assert events[-1] == DONE
 
 
-async def test_a_live_reader_follows_the_writer(redis: Redis) -> None:
-    job_id = new_job_id()
+async def test_a_live_reader_follows_the_writer(redis: Redis, store: JobStore) -> None:
+    job_id, writer = await _writer(store)
     reader = asyncio.create_task(_collect(redis, job_id))
-    writer = EventWriter(redis, job_id, ttl_s=60)
     for text in ("x", "y"):
         await asyncio.sleep(0.01)
         writer.emit(Delta(text=text))
@@ -78,15 +88,42 @@ async def test_silence_is_reported_not_waited_out(redis: Redis) -> None:
             pass
 
 
-async def test_redis_refuses_an_event_that_does_not_extend_the_sequence(redis: Redis) -> None:
-    job_id = new_job_id()
-    first = EventWriter(redis, job_id, ttl_s=60)
-    first.emit(Delta(text="a"))
-    await first.drain()
-    second = EventWriter(redis, job_id, ttl_s=60)  # e.g. a second attempt of the same job
+async def test_a_superseded_attempt_can_no_longer_write(redis: Redis, store: JobStore) -> None:
+    job_id, first = await _writer(store)
+    await store.expire_lease(job_id, 1)  # its worker is gone and produced nothing: retried
+    assert await store.recover_expired(max_attempts=3) == [(job_id, "retried")]
+    first.emit(Delta(text="late"))
+    with pytest.raises(Superseded):
+        await first.drain()
+    second = EventWriter(store, job_id, 2)
+    assert await store.start(job_id, 2, "worker-2", lease_s=10) is not None
     second.emit(Delta(text="b"))
-    with pytest.raises(Exception, match="equal or smaller"):
-        await second.drain()
+    second.emit(DONE)
+    await second.drain()
+    assert [e async for _, e in read_events(redis, job_id, idle_timeout_s=1)] == [Delta(text="b"), DONE]
+
+
+async def test_a_repeated_write_is_applied_once(redis: Redis, store: JobStore) -> None:
+    job_id, _ = await _writer(store)
+    batch = [b'{"type":"delta","text":"a"}', b'{"type":"delta","text":"b"}']
+    await store.append(job_id, 1, 1, batch, outcome="", ttl_s=60)
+    await store.append(job_id, 1, 1, batch, outcome="", ttl_s=60)  # its reply was lost: sent again
+    assert await redis.xlen(events_key(job_id)) == 2
+
+
+async def test_a_lost_worker_with_output_fails_the_job(redis: Redis, store: JobStore) -> None:
+    job_id, writer = await _writer(store)
+    writer.emit(Delta(text="partial"))
+    await writer.drain()
+    await store.expire_lease(job_id, 1)
+    assert await store.recover_expired(max_attempts=3) == [(job_id, "failed")]
+    events = [e async for _, e in read_events(redis, job_id, idle_timeout_s=1)]
+    assert events[0] == Delta(text="partial")
+    assert events[-1].type == "failed"
+    assert events[-1].code == "worker_lost"
+    record = await store.get(job_id)
+    assert record is not None
+    assert record.status == "failed"
 
 
 async def _collect(redis: Redis, job_id: str) -> list[object]:

@@ -7,7 +7,8 @@ import pytest
 
 from cli.embedded_redis import EmbeddedRedis
 from shared import queue
-from shared.jobs import CompletionJob, Turn
+from shared.jobs import CompletionJob, Failed, FailureCode, Turn
+from shared.jobstore import JobStore
 from tests.conftest import Gateway, chat
 
 
@@ -25,18 +26,27 @@ def test_a_job_no_worker_starts_fails_with_503_and_leaves_the_queue(workerless: 
     redis = workerless.redis()
     assert redis.zcard("gateway:queue") == 0
     assert list(redis.scan_iter("arq:job:*")) == []
+    assert redis.zcard("gateway:running") == 0
 
 
-async def test_jobs_travel_as_json_and_can_be_withdrawn(redis_server: EmbeddedRedis) -> None:
+async def test_jobs_travel_as_json_and_a_queued_job_can_be_withdrawn(redis_server: EmbeddedRedis) -> None:
     pool = await queue.connect(f"redis://127.0.0.1:{redis_server.port}/14", "test:queue")
+    store = JobStore(pool, queue_name="test:queue", ttl_s=60)
     job = CompletionJob(
         request_id="req_1", model="claude-sonnet-4-5", turns=[Turn(role="user", text="json please")]
     )
-    await queue.enqueue(pool, job)
-    entry = json.loads(await pool.get(f"arq:job:{job.id}"))
+    await store.create(job, owner="key-a")
+    entry = json.loads(await pool.get(f"arq:job:{job.id}.1"))
     assert entry["f"] == "run_completion"
-    assert CompletionJob.model_validate(entry["a"][0]) == job
-    assert await queue.withdraw(pool, "test:queue", job.id)
-    assert not await queue.withdraw(pool, "test:queue", job.id)
-    assert not await pool.exists(f"arq:job:{job.id}")
+    assert entry["a"] == [job.id, 1]
+    assert CompletionJob.model_validate_json(await pool.hget(f"gateway:job:{job.id}", "payload")) == job
+    failure = Failed(code=FailureCode.QUEUE_TIMEOUT, message="no worker")
+    assert await store.stop(job.id, withdraw_only=True, failure=failure) == "stopped"
+    assert await store.stop(job.id, withdraw_only=True, failure=failure) == "ended"
+    assert not await pool.exists(f"arq:job:{job.id}.1")
+    assert await pool.zcard("test:queue") == 0
+    record = await store.get(job.id)
+    assert record is not None
+    assert record.status == "failed"
+    assert record.owner == "key-a"
     await pool.aclose()

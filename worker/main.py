@@ -11,11 +11,14 @@ from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
 
 from shared import queue
-from shared.keys import WAKEUP_CHANNEL
+from shared.jobstore import JobStore
+from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL
 from shared.settings import Settings
 from worker.backends import create_backend
+from worker.leases import RunningJobs
 from worker.task import run_completion
 
 log = logging.getLogger("gateway.worker")
@@ -54,7 +57,7 @@ class GatewayWorker(Worker):
         return self.pool.register_script(_CLAIM)  # sent once, then run by its SHA
 
     async def main(self) -> None:
-        listener = asyncio.create_task(self._listen_for_wakeups())
+        listener = asyncio.create_task(self._listen())
         try:
             await super().main()
         finally:
@@ -64,7 +67,12 @@ class GatewayWorker(Worker):
 
     async def _poll_iteration(self) -> None:
         self._wake.clear()
-        await super()._poll_iteration()
+        try:
+            await super()._poll_iteration()
+        except RedisError as exc:
+            # arq's worker would die here; ride out the outage (running jobs keep their state).
+            log.warning("cannot reach Redis to poll the queue (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(1)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._fallback_s):
                 await self._wake.wait()
@@ -94,17 +102,22 @@ class GatewayWorker(Worker):
         super()._release_sem_dec_counter_on_complete()
         self._wake.set()  # a slot is free: look at the queue now
 
-    async def _listen_for_wakeups(self) -> None:
+    async def _listen(self) -> None:
+        """Wake-ups (a job was queued) and cancels (stop a job if it runs here)."""
         while True:
             redis = Redis.from_url(self._redis_url)
             try:
                 async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(WAKEUP_CHANNEL)
+                    await pubsub.subscribe(WAKEUP_CHANNEL, CANCEL_CHANNEL)
                     async for message in pubsub.listen():
-                        if message["type"] == "message":
+                        if message["type"] != "message":
+                            continue
+                        if message["channel"] == CANCEL_CHANNEL.encode():
+                            self.ctx["running"].cancel(message["data"].decode())
+                        else:
                             self._wake.set()
-            except (OSError, ConnectionError) as exc:
-                log.warning("wake-up listener lost Redis (%s); polling every %.1f s", exc, self._fallback_s)
+            except (OSError, RedisError) as exc:
+                log.warning("lost Redis notifications (%s); polling every %.1f s", exc, self._fallback_s)
                 await asyncio.sleep(1)
             finally:
                 await redis.aclose()
@@ -113,7 +126,19 @@ class GatewayWorker(Worker):
 async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["backend"] = create_backend(settings)
-    log.info("worker ready (backend %s)", settings.backend)
+    running = RunningJobs(
+        JobStore(ctx["redis"], queue_name=settings.queue_name, ttl_s=settings.event_ttl_s), settings
+    )
+    ctx["running"] = running
+    ctx["maintain"] = asyncio.create_task(running.maintain())
+    log.info("worker %s ready (backend %s)", running.worker_id, settings.backend)
+
+
+async def _shutdown(ctx: dict[str, Any]) -> None:
+    if (task := ctx.get("maintain")) is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def build_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> GatewayWorker:
@@ -126,11 +151,12 @@ def build_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> 
         job_serializer=queue.serialize,
         job_deserializer=queue.deserialize,
         on_startup=_startup,
+        on_shutdown=_shutdown,
         ctx={"settings": settings},
         max_jobs=settings.jobs_per_worker,
         # Our own timeout fires first and reports it; arq's is the backstop.
         job_timeout=settings.job_timeout_s + 30,
-        # The event stream is the result; a job runs at most once (crash recovery is a lease's job).
+        # The event stream is the result; each attempt runs at most once (leases retry jobs).
         keep_result=0,
         max_tries=1,
         retry_jobs=False,

@@ -1,58 +1,118 @@
-"""Runs one completion job: backend output in, the job's event stream out."""
+"""Runs one attempt at a job: backend output in, the job's event stream out.
+
+Every attempt ends the stream with one terminal event, unless the job moved on without it:
+- cancelled by the caller: `Failed(cancelled)`;
+- over its wall-clock or stall limit: `Failed(timeout | stalled)`;
+- the worker shutting down: a job that has produced nothing is handed back to the queue for
+  another worker, one that has output ends with `Failed(worker_shutdown)`;
+- superseded (its lease was lost and the job retried or failed elsewhere): nothing more is written.
+"""
 
 import asyncio
 import logging
 import time
 from typing import Any
 
-from redis.asyncio import Redis
-
-from shared.events import EventWriter
+from shared.events import EventWriter, Superseded
 from shared.jobs import CompletionJob, Done, Failed, FailureCode
 from shared.settings import Settings
-from worker.backends import Backend, BackendError
+from worker.backends import Backend, BackendError, Progress
+from worker.leases import RunningJobs, StopReason
 
 log = logging.getLogger("gateway.worker")
 
 
-async def run_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
-    """The arq function behind every completion job. Always ends the stream with one terminal event."""
+async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None:
+    """The arq function behind every attempt at a completion job."""
     settings: Settings = ctx["settings"]
-    backend: Backend = ctx["backend"]
-    redis: Redis = ctx["redis"]
-    job = CompletionJob.model_validate(payload)
-    writer = EventWriter(redis, job.id, settings.event_ttl_s)
-    started = time.perf_counter()
-    outcome = "completed"
+    running: RunningJobs = ctx["running"]
+    started = await running.store.start(job_id, attempt, running.worker_id, settings.lease_s)
+    if started is None:
+        log.info("job %s attempt %d was superseded before it started", job_id, attempt)
+        return
+    job = started.job
+    extra = {"job_id": job.id, "request_id": job.request_id}
+    writer = EventWriter(running.store, job.id, attempt, outage_grace_s=settings.redis_outage_grace_s)
+    control = running.add(job.id, attempt)
+    began = time.perf_counter()
     try:
-        async with asyncio.timeout(settings.job_timeout_s):
+        if started.cancel_requested:  # cancelled while its previous attempt's worker was lost
+            outcome = await _stopped(StopReason.CANCELLED, running, job.id, attempt, writer)
+        else:
+            outcome = await _produce(ctx["backend"], settings, job, writer)
+    except asyncio.CancelledError:
+        outcome = await _stopped(control.reason, running, job.id, attempt, writer)
+        if control.reason is StopReason.SHUTDOWN:
+            raise
+    except Superseded:
+        outcome = "superseded"
+    finally:
+        running.remove(job.id)
+    log.info(
+        "job %s attempt %d %s in %.0f ms (%d events)",
+        job.id,
+        attempt,
+        outcome,
+        (time.perf_counter() - began) * 1000,
+        writer.emitted,
+        extra=extra,
+    )
+
+
+async def _produce(backend: Backend, settings: Settings, job: CompletionJob, writer: EventWriter) -> str:
+    """Streams the backend into the writer within the job's time limits; returns the outcome."""
+    loop = asyncio.get_running_loop()
+    stall = asyncio.timeout(settings.stall_timeout_s)
+    try:
+        async with asyncio.timeout(settings.job_timeout_s), stall:
             async for event in backend.stream(job):
+                stall.reschedule(loop.time() + settings.stall_timeout_s)
+                if isinstance(event, Progress):
+                    continue
                 writer.emit(event)
                 if isinstance(event, Done):
                     break
             else:
                 raise BackendError(FailureCode.INTERNAL, "the backend ended without a result")
+        outcome = "completed"
     except BackendError as exc:
         outcome = exc.code.value
         writer.emit(Failed(code=exc.code, message=exc.message))
     except TimeoutError:
-        outcome = FailureCode.TIMEOUT.value
-        message = f"the job exceeded its time limit of {settings.job_timeout_s:g} s"
-        writer.emit(Failed(code=FailureCode.TIMEOUT, message=message))
-    except asyncio.CancelledError:
-        writer.emit(Failed(code=FailureCode.WORKER_SHUTDOWN, message="the worker stopped during the job"))
-        await asyncio.shield(writer.drain())
+        if stall.expired():
+            outcome = FailureCode.STALLED.value
+            message = f"the job produced nothing for {settings.stall_timeout_s:g} s"
+        else:
+            outcome = FailureCode.TIMEOUT.value
+            message = f"the job exceeded its time limit of {settings.job_timeout_s:g} s"
+        writer.emit(Failed(code=FailureCode(outcome), message=message))
+    except Superseded:
         raise
     except Exception:
         log.exception("job failed unexpectedly", extra={"job_id": job.id, "request_id": job.request_id})
         outcome = FailureCode.INTERNAL.value
         writer.emit(Failed(code=FailureCode.INTERNAL, message="the worker failed while running the job"))
     await writer.drain()
-    log.info(
-        "job %s %s in %.0f ms (%d events)",
-        job.id,
-        outcome,
-        (time.perf_counter() - started) * 1000,
-        writer.emitted,
-        extra={"job_id": job.id, "request_id": job.request_id},
+    return outcome
+
+
+async def _stopped(
+    reason: StopReason, running: RunningJobs, job_id: str, attempt: int, writer: EventWriter
+) -> str:
+    """Ends an attempt that was stopped from outside; returns the outcome."""
+    if reason is StopReason.SUPERSEDED:
+        return "superseded"
+    if reason is StopReason.SHUTDOWN and writer.emitted == 0:
+        await asyncio.shield(running.hand_back(job_id, attempt))
+        return "handed back"
+    failure = (
+        Failed(code=FailureCode.CANCELLED, message="The job was cancelled.")
+        if reason is StopReason.CANCELLED
+        else Failed(code=FailureCode.WORKER_SHUTDOWN, message="The worker stopped during the job.")
     )
+    writer.emit(failure)
+    try:
+        await asyncio.shield(writer.drain())
+    except Superseded:
+        return "superseded"
+    return failure.code.value

@@ -1,61 +1,100 @@
 """`POST /v1/chat/completions`: one request, followed from HTTP to the worker and back.
 
 1. validate and translate the request into a `CompletionJob`;
-2. enqueue it (arq, JSON) and wake a worker;
-3. follow the job's event stream in Redis and render it as one JSON body or as SSE chunks.
+2. queue it (`JobStore.create`: arq entry, job record, wake-up; one round trip);
+3. follow the job's event stream in Redis and render it as one JSON body or as SSE chunks,
+   or, with `background: true`, answer at once with the queued job (poll or stream it by id).
 """
 
-import asyncio
-import logging
+import hashlib
+import re
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
-from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
-from api.deps import GatewayDep
+from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import OpenAIError
-from api.protocol import ChatCompletion, ChatCompletionRequest, ErrorInfo, ErrorResponse
+from api.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
 from api.relay import follow_job
-from api.render import ChunkRenderer, completion_body, error_chunk
+from api.render import ChunkRenderer, JobRef, completion_body, completion_id
+from api.streaming import first_event, sse_response
 from api.translate import build_job
-from shared import queue
 from shared.events import JobEventValue
-from shared.jobs import CompletionJob, Delta, Done, Failed
+from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode, JobStatus
 
-log = logging.getLogger("gateway.api")
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 413, 500, 502, 503, 504)
 }
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, gateway: GatewayDep
+    body: ChatCompletionRequest,
+    request: Request,
+    gateway: GatewayDep,
+    caller: CallerDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JSONResponse | EventSourceResponse:
     job = build_job(body, request.state.request_id, gateway.settings)
-    await queue.enqueue(gateway.redis, job)
-    events = follow_job(gateway.redis, gateway.settings, job.id)
+    ref = await _submit(gateway, caller, job, body, idempotency_key)
+    if body.background:
+        queued = ChatCompletion(
+            id=completion_id(ref), created=ref.created, model=ref.model, choices=[], usage=None
+        )
+        queued.status = JobStatus.QUEUED
+        return JSONResponse(queued.model_dump())
+    events = follow_job(gateway.store, gateway.settings, ref.id, withdraw=True)
     if not body.stream:
-        return JSONResponse((await _collect(job, events)).model_dump())
+        return JSONResponse((await _collect(ref, events)).model_dump())
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    renderer = ChunkRenderer(job, include_usage=include_usage)
-    # Hold the response headers until the job's first event, so a failure before any output
-    # (bad upstream credentials, no worker) gets its real HTTP status instead of a 200 stream.
-    # A job silent for longer (a long tool run) gets its headers then, and keep-alive pings.
-    first = asyncio.ensure_future(anext(events))
-    await asyncio.wait({first}, timeout=gateway.settings.stream_commit_after_s)
-    if first.done() and isinstance(failure := first.result(), Failed):
-        raise OpenAIError.from_failure(failure)
-    return EventSourceResponse(_stream(renderer, first, events), ping=15)
+    first = await first_event(events, gateway.settings.stream_commit_after_s)
+
+    async def cancel() -> None:
+        failure = Failed(code=FailureCode.CANCELLED, message="The client disconnected.")
+        await gateway.store.stop(ref.id, withdraw_only=False, failure=failure)
+
+    on_abandon = cancel if gateway.settings.cancel_on_disconnect else None
+    renderer = ChunkRenderer(ref, include_usage=include_usage)
+    return sse_response(renderer, events, first=first, on_abandon=on_abandon)
 
 
-async def _collect(job: CompletionJob, events: AsyncIterator[JobEventValue]) -> ChatCompletion:
+async def _submit(
+    gateway: Gateway, caller: Caller, job: CompletionJob, body: ChatCompletionRequest, key: str | None
+) -> JobRef:
+    """Queues the job; with an `Idempotency-Key` seen before, returns that key's job instead."""
+    if key is None:
+        await gateway.store.create(job, owner=caller.key_id)
+        return job
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise OpenAIError.invalid(
+            "Idempotency-Key must be 1 to 255 printable ASCII characters.", param="Idempotency-Key"
+        )
+    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    existing = await gateway.store.create(job, owner=caller.key_id, idempotency=(key, fingerprint))
+    if existing is None:
+        return job
+    job_id, used_with = existing
+    if used_with != fingerprint:
+        raise OpenAIError.invalid(
+            "This Idempotency-Key was already used with a different request.",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
+    record = await gateway.store.get(job_id)
+    if record is None:  # its job expired a moment ago; the key goes with it
+        raise OpenAIError(409, "Retry: the earlier request's job just expired.", type="invalid_request_error")
+    return record
+
+
+async def _collect(job: JobRef, events: AsyncIterator[tuple[int, JobEventValue]]) -> ChatCompletion:
     parts: list[str] = []
-    async for event in events:
+    async for _, event in events:
         if isinstance(event, Delta):
             parts.append(event.text)
         elif isinstance(event, Done):
@@ -63,37 +102,3 @@ async def _collect(job: CompletionJob, events: AsyncIterator[JobEventValue]) -> 
         else:
             raise OpenAIError.from_failure(event)
     raise AssertionError("follow_job always ends with a terminal event")
-
-
-async def _stream(
-    renderer: ChunkRenderer, first: "asyncio.Future[JobEventValue]", events: AsyncIterator[JobEventValue]
-) -> AsyncIterator[ServerSentEvent]:
-    yield ServerSentEvent(renderer.role())
-    try:
-        async for sse in _relay(renderer, await first, events):
-            yield sse
-    except RedisError:
-        # Headers are gone already: the failure can only be reported in the stream.
-        log.warning("lost Redis while relaying a stream")
-        error = ErrorInfo(
-            message="The gateway lost its queue mid-stream.", type="server_error", code="queue_unavailable"
-        )
-        yield ServerSentEvent(error_chunk(error))
-    yield ServerSentEvent("[DONE]")
-
-
-async def _relay(
-    renderer: ChunkRenderer, event: JobEventValue, events: AsyncIterator[JobEventValue]
-) -> AsyncIterator[ServerSentEvent]:
-    while True:
-        if isinstance(event, Delta):
-            yield ServerSentEvent(renderer.content(event.text))
-        elif isinstance(event, Done):
-            yield ServerSentEvent(renderer.finish(event))
-            if renderer.include_usage:
-                yield ServerSentEvent(renderer.usage(event))
-            break
-        else:
-            yield ServerSentEvent(error_chunk(OpenAIError.from_failure(event).info))
-            break
-        event = await anext(events)

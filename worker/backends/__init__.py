@@ -1,7 +1,9 @@
 """The seam between a job and what produces its text.
 
 A backend turns a `CompletionJob` into a stream of `Delta`s ended by one `Done`, or raises
-`BackendError`. `claude` drives the real Claude Code CLI; `scripted` is a deterministic fake for
+`BackendError`. It may also yield `Progress` when it is busy without output (a tool running, the
+model writing a tool call), which keeps the job's stall limit from firing; nothing is published.
+`claude` drives the real Claude Code CLI; `scripted` is a deterministic fake for
 tests and benchmarks.
 """
 
@@ -21,8 +23,15 @@ class BackendError(Exception):
         self.message = message
 
 
+class Progress:
+    """The backend is busy without producing output."""
+
+
+PROGRESS = Progress()
+
+
 class Backend(Protocol):
-    def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done]: ...
+    def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]: ...
 
 
 def create_backend(settings: Settings) -> Backend:

@@ -19,7 +19,7 @@ from claude_agent_sdk.types import StreamEvent, SystemPromptPreset
 
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Usage
 from shared.settings import Settings
-from worker.backends import BackendError
+from worker.backends import PROGRESS, BackendError, Progress
 from worker.workspace import Workspace, job_workspace
 
 log = logging.getLogger("gateway.worker.claude")
@@ -101,7 +101,7 @@ class ClaudeBackend:
             stderr=lambda line: log.debug("cli: %s", line),
         )
 
-    async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done]:
+    async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
         with job_workspace(self._settings.workspace_root, job.id) as workspace:
             messages = query(prompt=prompt_for(job), options=self._options(job, workspace))
             started: dict[str, Any] = {}  # usage from the current upstream message's start
@@ -113,6 +113,8 @@ class ClaudeBackend:
                             delta = event.get("delta", {})
                             if delta.get("type") == "text_delta" and delta.get("text"):
                                 yield Delta(text=delta["text"])
+                            else:
+                                yield PROGRESS  # a tool call or thinking being written
                         elif event.get("type") == "message_start":
                             started = event.get("message", {}).get("usage", {})
                         elif _hit_token_limit(event):
@@ -127,6 +129,8 @@ class ClaudeBackend:
                             raise upstream_failure(message.api_error_status)
                         yield _done(message)
                         return
+                    else:
+                        yield PROGRESS
             except CLINotFoundError as exc:
                 raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code is not installed.") from exc
             except ClaudeSDKError as exc:

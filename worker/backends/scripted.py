@@ -3,7 +3,8 @@
 By default it replies with `Settings.scripted_text`. A last user message of the form
 `script:{json}` scripts one reply instead, e.g.
 `script:{"text": "a b c", "tokens": 1000, "delay_ms": 1, "fail_after": 5, "fail_code": "upstream_error"}`:
-`tokens` repeats the text's words up to that count, `delay_ms` paces them, `fail_after` raises
+`tokens` repeats the text's words up to that count, `wait_ms` is a silence before the first one
+(as a long tool run would be), `delay_ms` paces them, `fail_after` raises
 `BackendError(fail_code)` after that many tokens.
 """
 
@@ -15,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Usage
 from shared.settings import Settings
-from worker.backends import BackendError
+from worker.backends import BackendError, Progress
 
 _DIRECTIVE = "script:"
 _WORDS = re.compile(r"\S+\s*")
@@ -24,6 +25,7 @@ _WORDS = re.compile(r"\S+\s*")
 class Script(BaseModel):
     text: str
     tokens: int | None = Field(default=None, ge=0)
+    wait_ms: float = Field(default=0.0, ge=0)
     delay_ms: float = Field(default=0.0, ge=0)
     fail_after: int | None = Field(default=None, ge=0)
     fail_code: FailureCode = FailureCode.UPSTREAM_ERROR
@@ -42,7 +44,7 @@ class ScriptedBackend:
         except ValidationError as exc:
             raise BackendError(FailureCode.INTERNAL, f"invalid script: {exc.errors()[0]['msg']}") from exc
 
-    async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done]:
+    async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
         script = self.script_for(job)
         words = _WORDS.findall(script.text) or [script.text]
         count = len(words) if script.tokens is None else script.tokens
@@ -50,6 +52,7 @@ class ScriptedBackend:
         if job.max_tokens is not None and count > job.max_tokens:
             count, finish = job.max_tokens, FinishReason.LENGTH
         delay = script.delay_ms / 1000
+        await asyncio.sleep(script.wait_ms / 1000)
         for i in range(count):
             if script.fail_after is not None and i == script.fail_after:
                 raise BackendError(script.fail_code, "scripted failure")

@@ -1,0 +1,99 @@
+"""A job's events as an OpenAI chat completion stream (SSE), live or resumed.
+
+Every chunk made from a job event carries `id: <seq>`; a client that reconnects with
+`Last-Event-ID: <seq>` (or `?starting_after=<seq>`) gets exactly the chunks after it. When one
+event becomes several chunks (finish, then usage), only the last carries the id, so a resume
+from an earlier id replays all of them. The role chunk is the stream's start (`id: 0`).
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api.errors import OpenAIError
+from api.protocol import ErrorInfo
+from api.render import ChunkRenderer, error_chunk
+from shared.events import JobEventValue
+from shared.jobs import Delta, Done, Failed
+
+log = logging.getLogger("gateway.api")
+
+Events = AsyncIterator[tuple[int, JobEventValue]]
+_abandoned: set["asyncio.Task[None]"] = set()  # strong references until they finish
+
+
+async def first_event(events: Events, wait_s: float) -> "asyncio.Future[tuple[int, JobEventValue]]":
+    """Waits up to `wait_s` for the job's first event, and raises its failure if it is one.
+
+    Holding the response headers until then means a failure before any output (bad upstream
+    credentials, no worker) gets its real HTTP status instead of a 200 stream. A job silent for
+    longer (a long tool run) gets its headers then, and keep-alive pings.
+    """
+    first = asyncio.ensure_future(anext(events))
+    await asyncio.wait({first}, timeout=wait_s)
+    if first.done() and isinstance(failure := first.result()[1], Failed):
+        raise OpenAIError.from_failure(failure)
+    return first
+
+
+def sse_response(
+    renderer: ChunkRenderer,
+    events: Events,
+    *,
+    after: int = 0,
+    first: "asyncio.Future[tuple[int, JobEventValue]] | None" = None,
+    on_abandon: Callable[[], Coroutine[Any, Any, None]] | None = None,
+) -> EventSourceResponse:
+    """The SSE response for the job's events after `after`; `on_abandon` runs if the client leaves."""
+    return EventSourceResponse(_chunks(renderer, events, after, first, on_abandon), ping=15)
+
+
+async def _chunks(
+    renderer: ChunkRenderer,
+    events: Events,
+    after: int,
+    first: "asyncio.Future[tuple[int, JobEventValue]] | None",
+    on_abandon: Callable[[], Coroutine[Any, Any, None]] | None,
+) -> AsyncIterator[ServerSentEvent]:
+    finished = False
+    try:
+        if after == 0:
+            yield ServerSentEvent(renderer.role(), id="0")
+        pending = first if first is not None else asyncio.ensure_future(anext(events))
+        seq, event = await pending
+        while True:
+            if isinstance(event, Delta):
+                yield ServerSentEvent(renderer.content(event.text), id=str(seq))
+            elif isinstance(event, Done):
+                if renderer.include_usage:
+                    yield ServerSentEvent(renderer.finish(event))
+                    yield ServerSentEvent(renderer.usage(event), id=str(seq))
+                else:
+                    yield ServerSentEvent(renderer.finish(event), id=str(seq))
+                break
+            else:
+                yield ServerSentEvent(error_chunk(OpenAIError.from_failure(event).info), id=str(seq))
+                break
+            seq, event = await anext(events)
+        finished = True
+    except RedisError:
+        # Headers are gone already: the failure can only be reported in the stream.
+        log.warning("lost Redis while relaying a stream")
+        error = ErrorInfo(
+            message="The gateway lost its queue mid-stream; resume with Last-Event-ID.",
+            type="server_error",
+            code="queue_unavailable",
+        )
+        yield ServerSentEvent(error_chunk(error))
+        finished = True
+    finally:
+        if not finished and on_abandon is not None:
+            # The client went away mid-stream; this task is being cancelled, so run it apart.
+            task = asyncio.get_running_loop().create_task(on_abandon())
+            _abandoned.add(task)
+            task.add_done_callback(_abandoned.discard)
+    yield ServerSentEvent("[DONE]")

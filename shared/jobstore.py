@@ -1,0 +1,332 @@
+"""A job's record in Redis and every step of its life, each one atomic (a Lua script).
+
+The record (`record_key`) holds who owns the job, its payload, the current attempt and how it
+ended; the job's events live in its stream (`events_key`). Steps:
+
+    create   API      record + arq entry of attempt 1 + wake-up (+ idempotency key)
+    start    worker   the attempt is still current and not ended: take its lease
+    append   worker   events of the current attempt only; a terminal one ends the job
+    renew    worker   extend the lease; learn of a cancel or of being superseded
+    stop     API      cancel (or withdraw after a queue timeout): ends a job that has not
+                      started at once, else flags it and tells its worker
+    recover  any worker   a lease ran out: retry a job that produced nothing, else fail it
+
+Fencing by attempt is what keeps attempts from interleaving: once a job has moved on (retried,
+cancelled, failed), the old attempt's writes are refused.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.jobs import serialize_job
+from redis.asyncio import Redis
+
+from shared.jobs import CompletionJob, Failed, FailureCode, JobStatus, encode_event
+from shared.keys import (
+    CANCEL_CHANNEL,
+    RUNNING,
+    WAKEUP_CHANNEL,
+    attempt_id,
+    events_key,
+    idempotency_key,
+    record_key,
+)
+from shared.queue import RUN_COMPLETION, serialize
+
+# Names every script may use.
+_PRELUDE = f"""
+local ARQ_JOB, ARQ_IN_PROGRESS = '{job_key_prefix}', '{in_progress_key_prefix}'
+local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
+local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{WAKEUP_CHANNEL}', '{CANCEL_CHANNEL}'
+"""
+
+# Appends `event` after the stream's last entry and marks the job ended; used by `stop` and
+# `recover`, which end jobs no worker will write to any more.
+_END = """
+local function last_seq(stream)
+  local tail = redis.call('xrevrange', stream, '+', '-', 'COUNT', 1)
+  if tail[1] then return tonumber(string.match(tail[1][1], '%d+$')) end
+  return 0
+end
+local function finish(record, stream, job_id, event, outcome, ttl)
+  redis.call('xadd', stream, '0-' .. (last_seq(stream) + 1), 'e', event)
+  redis.call('hset', record, 'ended', outcome)
+  redis.call('expire', stream, ttl)
+  redis.call('expire', record, ttl)
+  redis.call('zrem', KEYS[3], job_id)
+end
+"""
+
+# KEYS: record, queue, arq entry of attempt 1, [idempotency key]
+# ARGV: owner, model, request_id, created, payload, arq entry, score, arq ttl ms, ttl, job id,
+#       idempotency value
+_CREATE = """
+if #KEYS == 4 then
+  local existing = redis.call('get', KEYS[4])
+  if existing then return existing end
+  redis.call('set', KEYS[4], ARGV[11], 'EX', ARGV[9])
+end
+redis.call('hset', KEYS[1], 'owner', ARGV[1], 'model', ARGV[2], 'request_id', ARGV[3],
+  'created', ARGV[4], 'payload', ARGV[5], 'attempt', '1')
+redis.call('expire', KEYS[1], ARGV[9])
+redis.call('psetex', KEYS[3], ARGV[8], ARGV[6])
+redis.call('zadd', KEYS[2], ARGV[7], ARGV[10] .. '.1')
+redis.call('publish', WAKEUP_CHANNEL, '')
+return false
+"""
+
+# KEYS: record, running   ARGV: attempt, worker id, lease deadline ms, job id, ttl
+_START = """
+local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel', 'payload')
+if rec[1] ~= ARGV[1] or rec[2] then return {'stale'} end
+redis.call('hset', KEYS[1], 'worker', ARGV[2])
+redis.call('expire', KEYS[1], ARGV[5])
+redis.call('zadd', KEYS[2], ARGV[3], ARGV[4])
+return {'ok', rec[4], rec[3] or ''}
+"""
+
+# KEYS: events, record, running   ARGV: attempt, first seq, ttl or 0, outcome or '', job id, events...
+# Idempotent: entries already in the stream (a retried write whose reply was lost) are skipped.
+_APPEND = """
+local tail = redis.call('xrevrange', KEYS[1], '+', '-', 'COUNT', 1)
+local last = 0
+if tail[1] then last = tonumber(string.match(tail[1][1], '%d+$')) end
+local seq = tonumber(ARGV[2])
+if seq + #ARGV - 6 <= last then return 0 end
+local rec = redis.call('hmget', KEYS[2], 'attempt', 'ended')
+if rec[1] ~= ARGV[1] or rec[2] then return redis.error_reply('SUPERSEDED the job moved on') end
+if seq > last + 1 then return redis.error_reply('GAP events are missing before ' .. seq) end
+for i = 6, #ARGV do
+  if seq > last then redis.call('xadd', KEYS[1], '0-' .. seq, 'e', ARGV[i]) end
+  seq = seq + 1
+end
+if ARGV[3] ~= '0' then redis.call('expire', KEYS[1], ARGV[3]) end
+if ARGV[4] ~= '' then
+  redis.call('hset', KEYS[2], 'ended', ARGV[4])
+  redis.call('expire', KEYS[2], ARGV[3])
+  redis.call('zrem', KEYS[3], ARGV[5])
+end
+return 1
+"""
+
+# KEYS: record, running   ARGV: attempt, lease deadline ms, job id
+_RENEW = """
+local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel')
+if rec[1] ~= ARGV[1] or rec[2] then return 'superseded' end
+redis.call('zadd', KEYS[2], ARGV[2], ARGV[3])
+if rec[3] then return 'cancel' end
+return 'ok'
+"""
+
+# KEYS: record, events, running, queue   ARGV: mode, job id, terminal event, outcome, ttl
+_STOP = (
+    _END
+    + """
+local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'worker')
+if not rec[1] then return 'missing' end
+if rec[2] then return 'ended' end
+if not rec[3] then
+  local attempt = ARGV[2] .. '.' .. rec[1]
+  redis.call('zrem', KEYS[4], attempt)
+  redis.call('del', ARQ_JOB .. attempt)
+  finish(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+  return 'stopped'
+end
+if ARGV[1] == 'withdraw' then return 'running' end
+redis.call('hset', KEYS[1], 'cancel', '1')
+redis.call('publish', CANCEL_CHANNEL, ARGV[2])
+return 'cancelling'
+"""
+)
+
+# KEYS: record, events, running, queue
+# ARGV: job id, now ms, max attempts, worker-lost event, cancelled event, ttl, arq ttl ms
+_RECOVER = (
+    _END
+    + """
+local score = redis.call('zscore', KEYS[3], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return 'alive' end
+redis.call('zrem', KEYS[3], ARGV[1])
+local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel')
+if not rec[1] or rec[2] then return 'ended' end
+local attempt = tonumber(rec[1])
+local old = ARGV[1] .. '.' .. attempt
+redis.call('zrem', KEYS[4], old)
+redis.call('del', ARQ_JOB .. old, ARQ_IN_PROGRESS .. old, ARQ_RETRY .. old)
+if rec[3] then
+  finish(KEYS[1], KEYS[2], ARGV[1], ARGV[5], 'cancelled', ARGV[6])
+  return 'cancelled'
+end
+if redis.call('xlen', KEYS[2]) == 0 and attempt < tonumber(ARGV[3]) then
+  local new = ARGV[1] .. '.' .. (attempt + 1)
+  redis.call('hset', KEYS[1], 'attempt', attempt + 1)
+  redis.call('hdel', KEYS[1], 'worker')
+  -- arq's entry for the attempt, as `serialize_job` writes it
+  redis.call('psetex', ARQ_JOB .. new, ARGV[7], '{"t":null,"f":"' .. RUN_COMPLETION .. '","a":["'
+    .. ARGV[1] .. '",' .. (attempt + 1) .. '],"k":{},"et":' .. ARGV[2] .. '}')
+  redis.call('zadd', KEYS[4], ARGV[2], new)
+  redis.call('publish', WAKEUP_CHANNEL, '')
+  return 'retried'
+end
+finish(KEYS[1], KEYS[2], ARGV[1], ARGV[4], 'worker_lost', ARGV[6])
+return 'failed'
+"""
+)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    owner: str
+    model: str
+    request_id: str
+    created: int
+    attempt: int
+    started: bool
+    ended: str | None
+    cancel_requested: bool
+
+    @property
+    def status(self) -> JobStatus:
+        if self.ended is None:
+            return JobStatus.IN_PROGRESS if self.started else JobStatus.QUEUED
+        if self.ended == "completed":
+            return JobStatus.COMPLETED
+        if self.ended == FailureCode.CANCELLED.value:
+            return JobStatus.CANCELLED
+        return JobStatus.FAILED
+
+
+@dataclass(frozen=True)
+class Started:
+    job: CompletionJob
+    cancel_requested: bool
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+class JobStore:
+    """The job records on one Redis connection pool, for both processes."""
+
+    def __init__(self, redis: Redis, *, queue_name: str, ttl_s: int) -> None:
+        self.redis = redis
+        self.queue_name = queue_name
+        self.ttl_s = ttl_s
+        self._create = redis.register_script(_PRELUDE + _CREATE)
+        self._start = redis.register_script(_PRELUDE + _START)
+        self._append = redis.register_script(_PRELUDE + _APPEND)
+        self._renew = redis.register_script(_PRELUDE + _RENEW)
+        self._stop = redis.register_script(_PRELUDE + _STOP)
+        self._recover = redis.register_script(_PRELUDE + _RECOVER)
+
+    # --- API ----------------------------------------------------------------------------
+    async def create(
+        self, job: CompletionJob, *, owner: str, idempotency: tuple[str, str] | None = None
+    ) -> tuple[str, str] | None:
+        """Queues a new job and wakes the workers, in one round trip.
+
+        With `idempotency=(key, fingerprint)`, a key this owner used before returns the earlier
+        `(job id, fingerprint)` instead and queues nothing.
+        """
+        now = _ms()
+        entry = serialize_job(RUN_COMPLETION, (job.id, 1), {}, None, now, serializer=serialize)
+        keys = [record_key(job.id), self.queue_name, job_key_prefix + attempt_id(job.id, 1)]
+        value = ""
+        if idempotency is not None:
+            keys.append(idempotency_key(owner, idempotency[0]))
+            value = f"{job.id} {idempotency[1]}"
+        args: list[str | bytes | int] = [owner, job.model, job.request_id, job.created]
+        args += [job.model_dump_json(), entry, now, expires_extra_ms, self.ttl_s, job.id, value]
+        existing = await self._create(keys=keys, args=args)
+        if existing is None:
+            return None
+        job_id, _, fingerprint = existing.decode().partition(" ")
+        return job_id, fingerprint
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        fields: dict[bytes, bytes] = await self.redis.hgetall(record_key(job_id))  # type: ignore[misc]
+        if not fields:
+            return None
+        get = {k.decode(): v.decode() for k, v in fields.items()}.get
+        return JobRecord(
+            id=job_id,
+            owner=get("owner", ""),
+            model=get("model", ""),
+            request_id=get("request_id", ""),
+            created=int(get("created", "0")),
+            attempt=int(get("attempt", "1")),
+            started=get("worker") is not None,
+            ended=get("ended"),
+            cancel_requested=get("cancel") is not None,
+        )
+
+    async def stop(
+        self, job_id: str, *, withdraw_only: bool, failure: Failed
+    ) -> Literal["missing", "ended", "stopped", "running", "cancelling"]:
+        """Cancels a job (`withdraw_only=False`) or withdraws it if it has not started yet.
+
+        A job no worker has started ends at once with `failure`; a running one is flagged and its
+        worker told (cancel only). Idempotent: an ended job is left as it is.
+        """
+        keys = [record_key(job_id), events_key(job_id), RUNNING, self.queue_name]
+        mode = "withdraw" if withdraw_only else "cancel"
+        args: list[str | bytes | int] = [mode, job_id, encode_event(failure), failure.code.value, self.ttl_s]
+        result: bytes = await self._stop(keys=keys, args=args)
+        return result.decode()  # type: ignore[return-value]
+
+    # --- worker -------------------------------------------------------------------------
+    async def start(self, job_id: str, attempt: int, worker_id: str, lease_s: float) -> Started | None:
+        """Takes the lease of this attempt; None when the job has moved on without it."""
+        keys = [record_key(job_id), RUNNING]
+        args: list[str | int] = [attempt, worker_id, _ms() + int(lease_s * 1000), job_id, self.ttl_s]
+        reply = await self._start(keys=keys, args=args)
+        if reply[0] != b"ok":
+            return None
+        return Started(job=CompletionJob.model_validate_json(reply[1]), cancel_requested=bool(reply[2]))
+
+    async def renew(self, job_id: str, attempt: int, lease_s: float) -> Literal["ok", "cancel", "superseded"]:
+        return await self._set_lease(job_id, attempt, _ms() + int(lease_s * 1000))
+
+    async def _set_lease(
+        self, job_id: str, attempt: int, deadline_ms: int
+    ) -> Literal["ok", "cancel", "superseded"]:
+        keys = [record_key(job_id), RUNNING]
+        result: bytes = await self._renew(keys=keys, args=[attempt, deadline_ms, job_id])
+        return result.decode()  # type: ignore[return-value]
+
+    async def expire_lease(self, job_id: str, attempt: int) -> None:
+        """Lets the next `recover_expired` take this attempt's job (used to hand a job back)."""
+        await self._set_lease(job_id, attempt, 0)
+
+    async def append(
+        self, job_id: str, attempt: int, first_seq: int, events: list[bytes], *, outcome: str, ttl_s: int
+    ) -> None:
+        """Writes events `first_seq...` of the current attempt; raises `ResponseError` if superseded."""
+        keys = [events_key(job_id), record_key(job_id), RUNNING]
+        await self._append(keys=keys, args=[attempt, first_seq, ttl_s, outcome, job_id, *events])
+
+    async def recover_expired(self, max_attempts: int, limit: int = 16) -> list[tuple[str, str]]:
+        """Handles jobs whose lease ran out: `(job id, "retried" | "failed" | "cancelled")`."""
+        now = _ms()
+        expired = await self.redis.zrangebyscore(RUNNING, "-inf", now, start=0, num=limit)
+        lost = encode_event(
+            Failed(
+                code=FailureCode.WORKER_LOST,
+                message="The worker running this job stopped after it had produced output.",
+            )
+        )
+        cancelled = encode_event(Failed(code=FailureCode.CANCELLED, message="The job was cancelled."))
+        outcomes = []
+        for raw in expired:
+            job_id = raw.decode()
+            keys = [record_key(job_id), events_key(job_id), RUNNING, self.queue_name]
+            args: list[str | bytes | int] = [job_id, now, max_attempts, lost, cancelled]
+            args += [self.ttl_s, expires_extra_ms]
+            outcome: bytes = await self._recover(keys=keys, args=args)
+            if outcome != b"alive":
+                outcomes.append((job_id, outcome.decode()))
+        return outcomes

@@ -1,0 +1,91 @@
+"""The jobs one worker runs: their leases, and stopping them from outside.
+
+A running job holds a lease in Redis (`keys.RUNNING`) that this worker renews every
+`lease_renew_s`. A worker that dies stops renewing; within `lease_s` any other worker's sweep
+finds the lease expired and retries the job (if it produced nothing) or fails it. Renewing is
+also how a worker learns that a job was cancelled (when the pub/sub notice was missed) or that
+the job moved on without this attempt.
+"""
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+
+from redis.exceptions import RedisError
+
+from shared.jobstore import JobStore
+from shared.settings import Settings
+
+log = logging.getLogger("gateway.worker")
+
+
+class StopReason(Enum):
+    SHUTDOWN = "shutdown"
+    CANCELLED = "cancelled"
+    SUPERSEDED = "superseded"
+
+
+@dataclass
+class RunningJob:
+    job_id: str
+    attempt: int
+    task: "asyncio.Task[object]"
+    reason: StopReason = StopReason.SHUTDOWN
+    """Why the task was cancelled; anything not stopped by us is the worker shutting down."""
+
+    def stop(self, reason: StopReason) -> None:
+        if not self.task.done():
+            self.reason = reason
+            self.task.cancel()
+
+
+@dataclass
+class RunningJobs:
+    store: JobStore
+    settings: Settings
+    worker_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    )
+    jobs: dict[str, RunningJob] = field(default_factory=dict)
+
+    def add(self, job_id: str, attempt: int) -> RunningJob:
+        task = asyncio.current_task()
+        assert task is not None
+        job = self.jobs[job_id] = RunningJob(job_id, attempt, task)
+        return job
+
+    def remove(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+
+    def cancel(self, job_id: str) -> None:
+        """A caller cancelled the job; stop it if it runs here."""
+        if (job := self.jobs.get(job_id)) is not None:
+            job.stop(StopReason.CANCELLED)
+
+    async def hand_back(self, job_id: str, attempt: int) -> None:
+        """Gives up an attempt that produced nothing, so another worker runs the job now."""
+        await self.store.expire_lease(job_id, attempt)
+        await self.store.recover_expired(self.settings.max_attempts)
+
+    async def maintain(self) -> None:
+        """Renews this worker's leases and recovers expired ones, every `lease_renew_s`."""
+        while True:
+            await asyncio.sleep(self.settings.lease_renew_s)
+            try:
+                await self._renew_all()
+                for job_id, outcome in await self.store.recover_expired(self.settings.max_attempts):
+                    log.warning("job %s lost its worker: %s", job_id, outcome, extra={"job_id": job_id})
+            except RedisError as exc:
+                log.warning("cannot reach Redis to renew leases (%s); retrying", type(exc).__name__)
+
+    async def _renew_all(self) -> None:
+        for job in list(self.jobs.values()):
+            state = await self.store.renew(job.job_id, job.attempt, self.settings.lease_s)
+            if state == "cancel":
+                job.stop(StopReason.CANCELLED)
+            elif state == "superseded":
+                job.stop(StopReason.SUPERSEDED)
