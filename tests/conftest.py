@@ -101,14 +101,15 @@ class Gateway:
 
 @pytest.fixture(scope="session")
 def start_gateway(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A factory: `start_gateway(workers=2, **env)` starts an API and its workers on a fresh database."""
+    """A factory: `start_gateway(workers=2, **env)` starts an API and its workers on a fresh database
+    of the suite's Redis (or on `redis_url`)."""
     started: list[Gateway] = []
 
-    def start(*, workers: int = 2, **env: str) -> Gateway:
+    def start(*, workers: int = 2, redis_url: str | None = None, **env: str) -> Gateway:
         db = next(_databases)
         logs = tmp_path_factory.mktemp(f"gateway-{db}")
         base_env = {"LOG_LEVEL": "warning", "WORKSPACE_ROOT": str(logs / "workspaces")}
-        redis_url = f"redis://127.0.0.1:{redis_server.port}/{db}"
+        redis_url = redis_url or f"redis://127.0.0.1:{redis_server.port}/{db}"
         gateway = Gateway(redis_url=redis_url, env={**base_env, **env}, logs=logs)
         started.append(gateway)
         for _ in range(workers):

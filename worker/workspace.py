@@ -2,9 +2,15 @@
 
 Nothing of one job is visible to another through the filesystem paths the gateway hands out,
 and everything is removed when the job ends (a killed CLI otherwise leaves `/tmp/claude-*`).
+Every process started for the job carries `MARKER=<workspace>` in its environment, inherited by
+whatever the agent spawns; when the job ends, any of them still running is killed, so a
+cancelled CLI never leaves a tool's process tree behind.
 """
 
+import contextlib
+import os
 import shutil
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +38,28 @@ class Workspace:
         return self.root / "tmp"
 
 
+MARKER = "GATEWAY_WORKSPACE"
+
+
+def processes_of(workspace: Workspace) -> list[int]:
+    """Pids of the live processes (readable by this user) started for `workspace`."""
+    needle = f"{MARKER}={workspace.root}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def kill_processes_of(workspace: Workspace) -> None:
+    for pid in processes_of(workspace):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @contextmanager
 def job_workspace(parent: Path, job_id: str) -> Iterator[Workspace]:
     workspace = Workspace(parent.resolve() / job_id)
@@ -40,4 +68,5 @@ def job_workspace(parent: Path, job_id: str) -> Iterator[Workspace]:
     try:
         yield workspace
     finally:
+        kill_processes_of(workspace)
         shutil.rmtree(workspace.root, ignore_errors=True)

@@ -20,7 +20,7 @@ from claude_agent_sdk.types import StreamEvent, SystemPromptPreset
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Usage
 from shared.settings import Settings
 from worker.backends import PROGRESS, BackendError, Progress
-from worker.workspace import Workspace, job_workspace
+from worker.workspace import MARKER, Workspace, job_workspace
 
 log = logging.getLogger("gateway.worker.claude")
 
@@ -68,6 +68,7 @@ class ClaudeBackend:
     def _options(self, job: CompletionJob, workspace: Workspace) -> ClaudeAgentOptions:
         settings = self._settings
         env = {
+            MARKER: str(workspace.root),
             "HOME": str(workspace.home),
             "CLAUDE_CONFIG_DIR": str(workspace.config),
             "CLAUDE_CODE_TMPDIR": str(workspace.tmp),

@@ -1,0 +1,359 @@
+"""Durable jobs under faults, with real processes and a real Redis: each test states the behaviour
+it expects and the time within which it must hold.
+
+Gateways here run short leases (`LEASE_S=2`, renewed every 0.5 s), so a lost worker is noticed
+within about 3 s.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from cli.embedded_redis import EmbeddedRedis
+from tests.conftest import Gateway, assert_schema, chat
+from tests.fake_anthropic import FakeAnthropic, Reply
+
+FAST_LEASES = {"LEASE_S": "2", "LEASE_RENEW_S": "0.5"}
+
+
+def script(**spec: Any) -> str:
+    return "script:" + json.dumps(spec)
+
+
+def words(n: int) -> str:
+    return "".join(f"w{i} " for i in range(n))
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str | None, str]]:
+    """(id, data) of each SSE event from a stream of lines."""
+    event_id: str | None = None
+    for line in lines:
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            yield event_id, line[6:]
+            event_id = None
+
+
+def content_of(data: str) -> str:
+    chunk = json.loads(data)
+    return "".join(choice["delta"].get("content") or "" for choice in chunk["choices"])
+
+
+def job_id_of(completion_id: str) -> str:
+    return completion_id.removeprefix("chatcmpl-")
+
+
+def wait_for(predicate: Any, within_s: float, what: str) -> Any:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {within_s} s: {what}")
+
+
+def worker_running(gateway: Gateway, job_id: str) -> subprocess.Popen[bytes]:
+    """The worker process running the job, from the job record (`host:pid:tag`)."""
+    client = gateway.redis()
+    worker = wait_for(lambda: client.hget(f"gateway:job:{job_id}", "worker"), 10, "the job starts")
+    pid = int(worker.decode().split(":")[1])
+    return next(p for p in gateway.workers if p.pid == pid)
+
+
+@pytest.fixture(scope="module")
+def durable(start_gateway: Any) -> Gateway:
+    gateway: Gateway = start_gateway(workers=2, BACKEND="scripted", **FAST_LEASES)
+    return gateway
+
+
+def start_background(gateway: Gateway, content: str, **extra: Any) -> str:
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions", json=chat(content, background=True, **extra), timeout=10
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "queued"
+    assert body["choices"] == []
+    return str(body["id"])
+
+
+def retrieve(gateway: Gateway, completion_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{gateway.url}/v1/chat/completions/{completion_id}", timeout=10)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_background_job_runs_to_completion_and_polls_through_its_statuses(durable: Gateway) -> None:
+    completion_id = start_background(durable, script(text="a b c", wait_ms=500))
+    seen = {retrieve(durable, completion_id)["status"]}
+    final = wait_for(
+        lambda: (body := retrieve(durable, completion_id))["status"] == "completed" and body, 10, "completion"
+    )
+    seen |= {"completed"}
+    assert seen <= {"queued", "in_progress", "completed"}
+    assert_schema(final, "CreateChatCompletionResponse")
+    assert final["choices"][0]["message"]["content"] == "a b c"
+    assert final["usage"]["completion_tokens"] == 3
+
+
+def test_resume_after_completion_replays_exactly_the_rest(durable: Gateway) -> None:
+    completion_id = start_background(durable, script(text="one two three four"))
+    wait_for(lambda: retrieve(durable, completion_id)["status"] == "completed", 10, "completion")
+    url = f"{durable.url}/v1/chat/completions/{completion_id}"
+    full = httpx.get(url, params={"stream": "true", "include_usage": "true"}, timeout=10)
+    events = list(sse_events(iter(full.text.splitlines())))
+    assert events[0][0] == "0"
+    assert events[-1] == (None, "[DONE]")
+    for _, data in events[:-1]:
+        assert_schema(json.loads(data), "CreateChatCompletionStreamResponse")
+    assert json.loads(events[-2][1])["usage"]["completion_tokens"] == 4
+    # Resume after the second content event: the rest, and nothing before it.
+    second_id = [eid for eid, data in events if eid not in (None, "0") and content_of(data)][1]
+    rest = httpx.get(url, params={"stream": "true", "starting_after": second_id}, timeout=10)
+    rest_events = list(sse_events(iter(rest.text.splitlines())))
+    text_before = "".join(
+        content_of(d) for eid, d in events if eid not in (None,) and int(eid) <= int(second_id)
+    )
+    assert text_before + "".join(content_of(d) for _, d in rest_events[:-1]) == "one two three four"
+    assert all(eid is None or int(eid) > int(second_id) for eid, _ in rest_events)
+
+
+def test_disconnect_mid_stream_then_resume_many_times_loses_and_repeats_nothing(durable: Gateway) -> None:
+    """Within 60 s: 30 disconnects, each resumed from Last-Event-ID; the text arrives exactly once."""
+    tokens = 600
+    body = chat(script(text=words(tokens), delay_ms=2), stream=True)
+    text, last_id, resumes = "", None, 0
+    with httpx.stream("POST", f"{durable.url}/v1/chat/completions", json=body, timeout=30) as response:
+        completion_id = None
+        for event_id, data in sse_events(response.iter_lines()):
+            completion_id = json.loads(data)["id"]
+            text += content_of(data)
+            last_id = event_id or last_id
+            if event_id not in (None, "0"):
+                break  # disconnect after the first content chunk
+    assert completion_id is not None
+    done = False
+    deadline = time.monotonic() + 60
+    while not done and time.monotonic() < deadline:
+        headers = {"Last-Event-ID": str(last_id)}
+        url = f"{durable.url}/v1/chat/completions/{completion_id}?stream=true"
+        with httpx.stream("GET", url, headers=headers, timeout=30) as response:
+            assert response.status_code == 200
+            for received, (event_id, data) in enumerate(sse_events(response.iter_lines()), start=1):
+                if data == "[DONE]":
+                    done = True
+                    break
+                text += content_of(data)
+                last_id = event_id or last_id
+                if resumes < 30 and received >= 3:
+                    break  # drop the connection again mid-stream
+        resumes += 1
+    assert done
+    assert resumes >= 30
+    assert text == words(tokens)
+
+
+def test_cancel_stops_a_running_job_and_is_harmless_to_repeat(durable: Gateway) -> None:
+    """Cancel answers within 5 s with status cancelled; the stream ends with a cancelled error."""
+    body = chat(script(text=words(1000), delay_ms=20), stream=True)
+    with httpx.stream("POST", f"{durable.url}/v1/chat/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        completion_id = None
+        for _, data in sse_events(lines):
+            completion_id = json.loads(data)["id"]
+            if content_of(data):
+                break
+        began = time.monotonic()
+        cancel = httpx.post(f"{durable.url}/v1/chat/completions/{completion_id}/cancel", timeout=10)
+        assert cancel.status_code == 200
+        assert cancel.json()["status"] == "cancelled"
+        assert time.monotonic() - began < 5
+        rest = [data for _, data in sse_events(lines)]
+    assert rest[-1] == "[DONE]"
+    assert json.loads(rest[-2])["error"]["code"] == "cancelled"
+    again = httpx.post(f"{durable.url}/v1/chat/completions/{completion_id}/cancel", timeout=10)
+    assert again.json()["status"] == "cancelled"
+    # A later job is unaffected.
+    after = httpx.post(f"{durable.url}/v1/chat/completions", json=chat(script(text="fine")), timeout=10)
+    assert after.json()["choices"][0]["message"]["content"] == "fine"
+
+
+def test_cancel_of_unknown_or_finished_jobs(durable: Gateway) -> None:
+    for bad in ("chatcmpl-" + "0" * 32, "nonsense", "chatcmpl-../../x"):
+        response = httpx.post(f"{durable.url}/v1/chat/completions/{bad}/cancel", timeout=10)
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "not_found"
+    finished = httpx.post(f"{durable.url}/v1/chat/completions", json=chat(script(text="done")), timeout=10)
+    completion_id = finished.json()["id"]
+    response = httpx.post(f"{durable.url}/v1/chat/completions/{completion_id}/cancel", timeout=10)
+    assert response.json()["status"] == "completed"
+    assert response.json()["choices"][0]["message"]["content"] == "done"
+
+
+def test_the_same_idempotency_key_attaches_to_the_same_job(durable: Gateway) -> None:
+    body = chat(script(text="only once", wait_ms=300))
+    headers = {"Idempotency-Key": "order-42"}
+    first = httpx.post(f"{durable.url}/v1/chat/completions", json=body, headers=headers, timeout=10)
+    second = httpx.post(f"{durable.url}/v1/chat/completions", json=body, headers=headers, timeout=10)
+    assert first.status_code == second.status_code == 200
+    assert first.json()["id"] == second.json()["id"]
+    assert second.json()["choices"][0]["message"]["content"] == "only once"
+    other = httpx.post(f"{durable.url}/v1/chat/completions", json=chat("other"), headers=headers, timeout=10)
+    assert other.status_code == 400
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+
+
+def test_job_over_its_time_or_stall_limit_fails_clearly(start_gateway: Any) -> None:
+    """Within the limit + 2 s: 504 with `timeout` or `stalled`."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", JOB_TIMEOUT_S="1.5", STALL_TIMEOUT_S="1")
+    url = f"{gateway.url}/v1/chat/completions"
+    began = time.monotonic()
+    slow = httpx.post(url, json=chat(script(text=words(100), delay_ms=100)), timeout=10)
+    assert slow.status_code == 504
+    assert slow.json()["error"]["code"] == "timeout"
+    assert time.monotonic() - began < 3.5
+    began = time.monotonic()
+    silent = httpx.post(url, json=chat(script(text="late", wait_ms=5000)), timeout=10)
+    assert silent.status_code == 504
+    assert silent.json()["error"]["code"] == "stalled"
+    assert time.monotonic() - began < 3
+
+
+def test_cancel_of_a_queued_job_needs_no_worker(start_gateway: Any) -> None:
+    gateway: Gateway = start_gateway(workers=0, BACKEND="scripted")
+    completion_id = start_background(gateway, "never runs")
+    response = httpx.post(f"{gateway.url}/v1/chat/completions/{completion_id}/cancel", timeout=10)
+    assert response.json()["status"] == "cancelled"
+    client = gateway.redis()
+    assert client.zcard("gateway:queue") == 0
+    assert list(client.scan_iter("arq:job:*")) == []
+
+
+def test_kill_9_before_output_retries_the_job_on_another_worker(start_gateway: Any) -> None:
+    """The job completes on the surviving worker within lease (2 s) + its own run (~1 s) + 5 s."""
+    gateway: Gateway = start_gateway(workers=2, BACKEND="scripted", **FAST_LEASES)
+    completion_id = start_background(gateway, script(text="survived the crash", wait_ms=1000))
+    victim = worker_running(gateway, job_id_of(completion_id))
+    victim.send_signal(signal.SIGKILL)
+    final = wait_for(
+        lambda: (b := retrieve(gateway, completion_id))["status"] in ("completed", "failed") and b, 8, "retry"
+    )
+    assert final["status"] == "completed"
+    assert final["choices"][0]["message"]["content"] == "survived the crash"
+    assert gateway.redis().hget(f"gateway:job:{job_id_of(completion_id)}", "attempt") == b"2"
+
+
+def test_kill_9_after_output_ends_the_stream_with_an_error_within_seconds(start_gateway: Any) -> None:
+    """The open stream gets a worker_lost error event within lease (2 s) + 3 s of the kill."""
+    gateway: Gateway = start_gateway(workers=2, BACKEND="scripted", **FAST_LEASES)
+    body = chat(script(text=words(1000), delay_ms=20), stream=True)
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        for _, data in sse_events(lines):
+            if content_of(data):
+                completion_id = json.loads(data)["id"]
+                break
+        worker_running(gateway, job_id_of(completion_id)).send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        rest = [data for _, data in sse_events(lines)]
+    assert time.monotonic() - killed < 5
+    assert rest[-1] == "[DONE]"
+    assert json.loads(rest[-2])["error"]["code"] == "worker_lost"
+
+
+def test_sigterm_drains_the_running_job_and_hands_back_the_silent_one(start_gateway: Any) -> None:
+    """SIGTERM: the worker takes no new job, finishes one with output, hands back one without
+    (which the other worker then completes), and exits within its drain time + 5 s."""
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", DRAIN_TIMEOUT_S="2", JOBS_PER_WORKER="2", **FAST_LEASES
+    )
+    talking = start_background(gateway, script(text=words(10), delay_ms=100))
+    silent = start_background(gateway, script(text="handed back", wait_ms=10_000))
+    worker = worker_running(gateway, job_id_of(silent))
+    assert worker is worker_running(gateway, job_id_of(talking))
+    time.sleep(0.3)
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=7)
+    assert retrieve(gateway, talking)["status"] == "completed"
+    assert retrieve(gateway, silent)["status"] == "queued"  # handed back, nobody to run it yet
+    gateway.start_worker()
+    final = wait_for(lambda: (b := retrieve(gateway, silent))["status"] == "completed" and b, 20, "rerun")
+    assert final["choices"][0]["message"]["content"] == "handed back"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Any) -> Iterator[EmbeddedRedis]:
+    """A Redis of this test's own that keeps every write on disk, so it can be restarted."""
+    server = EmbeddedRedis(tmp_path / "redis", persistent=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_restart_mid_job_loses_nothing(own_redis: EmbeddedRedis, start_gateway: Any) -> None:
+    """While Redis is down the API answers 503; within 10 s of its return the stream completes
+    with every token exactly once."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", redis_url=own_redis.url, **FAST_LEASES)
+    tokens = 300
+    body = chat(script(text=words(tokens), delay_ms=10), stream=True)
+    text = ""
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _, data in sse_events(lines):
+            text += content_of(data) if data != "[DONE]" else ""
+            if len(text) > 40:
+                break
+        own_redis.stop()
+        down = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), timeout=10)
+        assert down.status_code == 503
+        assert down.json()["error"]["code"] == "queue_unavailable"
+        time.sleep(1)
+        own_redis.start()
+        for _, data in sse_events(lines):
+            if data == "[DONE]":
+                break
+            assert "error" not in json.loads(data), data
+            text += content_of(data)
+    assert text == words(tokens)
+    after = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat(script(text="back")), timeout=10)
+    assert after.json()["choices"][0]["message"]["content"] == "back"
+
+
+@pytest.mark.claude
+def test_cancel_mid_run_leaves_no_cli_process(claude: Gateway, upstream: FakeAnthropic) -> None:
+    """The Claude Code CLI and everything it started are gone within 5 s of the cancel."""
+    upstream.default = Reply(tokens=[f"t{i} " for i in range(200)], delay_s=0.1)
+    body = chat("count slowly", stream=True)
+    with httpx.stream("POST", f"{claude.url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _, data in sse_events(lines):
+            if content_of(data):
+                completion_id = json.loads(data)["id"]
+                break
+        assert _cli_processes(claude), "the CLI runs while the job streams"
+        httpx.post(f"{claude.url}/v1/chat/completions/{completion_id}/cancel", timeout=10)
+        rest = [data for _, data in sse_events(lines)]
+    assert json.loads(rest[-2])["error"]["code"] == "cancelled"
+    wait_for(lambda: not _cli_processes(claude), 5, "every CLI process of the job exits")
+
+
+def _cli_processes(gateway: Gateway) -> list[int]:
+    marker = f"GATEWAY_WORKSPACE={gateway.env['WORKSPACE_ROOT']}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = open(f"/proc/{pid}/environ", "rb").read()  # noqa: SIM115
+        except OSError:
+            continue
+        if any(item.startswith(marker) for item in environ.split(b"\0")):
+            found.append(int(pid))
+    return found
