@@ -4,7 +4,7 @@ The record (`record_key`) holds who owns the job, its payload, the current attem
 ended; the job's events live in its stream (`events_key`). Steps:
 
     create   API      record + arq entry of attempt 1 + wake-up (+ idempotency key)
-    start    worker   the attempt is still current and not ended: take its lease
+    claim    worker   arq's claim, and the attempt is still current and not ended: take its lease
     append   worker   events of the current attempt only; a terminal one ends the job
     renew    worker   extend the lease; learn of a cancel or of being superseded
     stop     API      cancel (or withdraw after a queue timeout): ends a job that has not
@@ -73,18 +73,31 @@ redis.call('hset', KEYS[1], 'owner', ARGV[1], 'model', ARGV[2], 'request_id', AR
 redis.call('expire', KEYS[1], ARGV[9])
 redis.call('psetex', KEYS[3], ARGV[8], ARGV[6])
 redis.call('zadd', KEYS[2], ARGV[7], ARGV[10] .. '.1')
-redis.call('publish', WAKEUP_CHANNEL, '')
+redis.call('publish', WAKEUP_CHANNEL, ARGV[10] .. '.1')
 return false
 """
 
-# KEYS: record, running   ARGV: attempt, worker id, lease deadline ms, job id, ttl
-_START = """
+# arq's claim (the attempt is queued and due, nobody holds it: mark it in progress) and the start
+# of the attempt (still current: take its lease) in one round trip, instead of arq's WATCH,
+# EXISTS, ZSCORE, MULTI/EXEC and a second step of ours. A stale attempt is taken off the queue.
+# KEYS: record, running, queue   ARGV: job id, attempt, now ms, in-progress ms, worker id, lease ms, ttl
+# Returns nil (not ours to start), {'stale'}, or {'ok', score, payload, cancel flag}.
+_CLAIM = """
+local attempt_id = ARGV[1] .. '.' .. ARGV[2]
+if redis.call('exists', ARQ_IN_PROGRESS .. attempt_id) == 1 then return false end
+local score = redis.call('zscore', KEYS[3], attempt_id)
+if not score or tonumber(score) > tonumber(ARGV[3]) then return false end
 local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel', 'payload')
-if rec[1] ~= ARGV[1] or rec[2] then return {'stale'} end
-redis.call('hset', KEYS[1], 'worker', ARGV[2])
-redis.call('expire', KEYS[1], ARGV[5])
-redis.call('zadd', KEYS[2], ARGV[3], ARGV[4])
-return {'ok', rec[4], rec[3] or ''}
+if rec[1] ~= ARGV[2] or rec[2] then
+  redis.call('zrem', KEYS[3], attempt_id)
+  redis.call('del', ARQ_JOB .. attempt_id)
+  return {'stale'}
+end
+redis.call('psetex', ARQ_IN_PROGRESS .. attempt_id, ARGV[4], '1')
+redis.call('hset', KEYS[1], 'worker', ARGV[5])
+redis.call('expire', KEYS[1], ARGV[7])
+redis.call('zadd', KEYS[2], ARGV[6], ARGV[1])
+return {'ok', score, rec[4], rec[3] or ''}
 """
 
 # KEYS: events, record, running   ARGV: attempt, first seq, ttl or 0, outcome or '', job id, events...
@@ -167,7 +180,7 @@ if redis.call('xlen', KEYS[2]) == 0 and attempt < tonumber(ARGV[3]) then
   redis.call('psetex', ARQ_JOB .. new, ARGV[7], '{"t":null,"f":"' .. RUN_COMPLETION .. '","a":["'
     .. ARGV[1] .. '",' .. (attempt + 1) .. '],"k":{},"et":' .. ARGV[2] .. '}')
   redis.call('zadd', KEYS[4], ARGV[2], new)
-  redis.call('publish', WAKEUP_CHANNEL, '')
+  redis.call('publish', WAKEUP_CHANNEL, new)
   return 'retried'
 end
 finish(KEYS[1], KEYS[2], ARGV[1], ARGV[4], 'worker_lost', ARGV[6])
@@ -200,7 +213,8 @@ class JobRecord:
 
 
 @dataclass(frozen=True)
-class Started:
+class Claimed:
+    score: int
     job: CompletionJob
     cancel_requested: bool
 
@@ -217,7 +231,7 @@ class JobStore:
         self.queue_name = queue_name
         self.ttl_s = ttl_s
         self._create = redis.register_script(_PRELUDE + _CREATE)
-        self._start = redis.register_script(_PRELUDE + _START)
+        self._claim = redis.register_script(_PRELUDE + _CLAIM)
         self._append = redis.register_script(_PRELUDE + _APPEND)
         self._renew = redis.register_script(_PRELUDE + _RENEW)
         self._stop = redis.register_script(_PRELUDE + _STOP)
@@ -279,14 +293,19 @@ class JobStore:
         return result.decode()  # type: ignore[return-value]
 
     # --- worker -------------------------------------------------------------------------
-    async def start(self, job_id: str, attempt: int, worker_id: str, lease_s: float) -> Started | None:
-        """Takes the lease of this attempt; None when the job has moved on without it."""
-        keys = [record_key(job_id), RUNNING]
-        args: list[str | int] = [attempt, worker_id, _ms() + int(lease_s * 1000), job_id, self.ttl_s]
-        reply = await self._start(keys=keys, args=args)
-        if reply[0] != b"ok":
+    async def claim(
+        self, job_id: str, attempt: int, *, worker_id: str, in_progress_ms: int, lease_s: float
+    ) -> Claimed | None:
+        """Claims a queued attempt for this worker and takes its lease; None if it is not ours."""
+        keys = [record_key(job_id), RUNNING, self.queue_name]
+        now = _ms()
+        args: list[str | int] = [job_id, attempt, now, in_progress_ms, worker_id]
+        args += [now + int(lease_s * 1000), self.ttl_s]
+        reply = await self._claim(keys=keys, args=args)
+        if reply is None or reply[0] != b"ok":
             return None
-        return Started(job=CompletionJob.model_validate_json(reply[1]), cancel_requested=bool(reply[2]))
+        job = CompletionJob.model_validate_json(reply[2])
+        return Claimed(score=int(float(reply[1])), job=job, cancel_requested=bool(reply[3]))
 
     async def renew(self, job_id: str, attempt: int, lease_s: float) -> Literal["ok", "cancel", "superseded"]:
         return await self._set_lease(job_id, attempt, _ms() + int(lease_s * 1000))

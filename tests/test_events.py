@@ -29,7 +29,7 @@ async def _writer(store: JobStore) -> tuple[str, EventWriter]:
     """A queued job's id and a writer for its first attempt (started, as a worker would)."""
     job = CompletionJob(request_id="req_1", model="m", turns=[Turn(role="user", text="hi")])
     assert await store.create(job, owner="test") is None
-    assert await store.start(job.id, 1, "worker-1", lease_s=10) is not None
+    assert await store.claim(job.id, 1, worker_id="worker-1", in_progress_ms=10_000, lease_s=10) is not None
     return job.id, EventWriter(store, job.id, 1)
 
 
@@ -96,7 +96,7 @@ async def test_a_superseded_attempt_can_no_longer_write(redis: Redis, store: Job
     with pytest.raises(Superseded):
         await first.drain()
     second = EventWriter(store, job_id, 2)
-    assert await store.start(job_id, 2, "worker-2", lease_s=10) is not None
+    assert await store.claim(job_id, 2, worker_id="worker-2", in_progress_ms=10_000, lease_s=10) is not None
     second.emit(Delta(text="b"))
     second.emit(DONE)
     await second.drain()

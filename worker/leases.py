@@ -17,7 +17,7 @@ from enum import Enum
 
 from redis.exceptions import RedisError
 
-from shared.jobstore import JobStore
+from shared.jobstore import Claimed, JobStore
 from shared.settings import Settings
 
 log = logging.getLogger("gateway.worker")
@@ -51,6 +51,20 @@ class RunningJobs:
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     )
     jobs: dict[str, RunningJob] = field(default_factory=dict)
+    claimed: dict[str, Claimed] = field(default_factory=dict)
+
+    async def claim(self, job_id: str, attempt: int, in_progress_ms: int) -> Claimed | None:
+        """Claims a queued attempt for this worker; `run_completion` then takes it from `claimed`."""
+        claimed = await self.store.claim(
+            job_id,
+            attempt,
+            worker_id=self.worker_id,
+            in_progress_ms=in_progress_ms,
+            lease_s=self.settings.lease_s,
+        )
+        if claimed is not None:
+            self.claimed[job_id] = claimed
+        return claimed
 
     def add(self, job_id: str, attempt: int) -> RunningJob:
         task = asyncio.current_task()

@@ -2,20 +2,16 @@
 
 import asyncio
 import contextlib
-import functools
 import logging
 from typing import Any
 
-from arq.constants import in_progress_key_prefix
-from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from shared import queue
 from shared.jobstore import JobStore
-from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL
+from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL, is_job_id
 from shared.settings import Settings
 from worker.backends import create_backend
 from worker.leases import RunningJobs
@@ -26,24 +22,13 @@ log = logging.getLogger("gateway.worker")
 _DEFER_PER_RUNNING_JOB_S = 0.001
 
 
-# arq's claim (the job is still queued and due, nobody holds it: mark it in progress) as one
-# atomic step instead of WATCH, EXISTS, ZSCORE, MULTI/EXEC: one round trip, and a lost race costs
-# the loser nothing more. Returns the job's score, or nil when it is not ours to start.
-_CLAIM = """
-if redis.call('exists', KEYS[1]) == 1 then return false end
-local score = redis.call('zscore', KEYS[2], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
-redis.call('psetex', KEYS[1], ARGV[3], '1')
-return score
-"""
-
-
 class GatewayWorker(Worker):
     """arq's worker with its poll sleep replaced by "until woken, or `fallback_s` at most".
 
-    The API publishes on `WAKEUP_CHANNEL` after each enqueue, so a job starts within a Redis
-    round trip of being queued. A missed wake-up (pub/sub is at-most-once) costs one fallback poll.
-    Every worker wakes; the busier ones look a little later, so a burst spreads over the fleet.
+    Each enqueue publishes the new attempt's id on `WAKEUP_CHANNEL`, and every idle worker tries to
+    claim it at once (one script; the losers learn it in that round trip). The busier workers try a
+    little later, so a burst spreads over the fleet. A missed wake-up (pub/sub is at-most-once)
+    costs one fallback poll of the queue.
     """
 
     def __init__(self, *, redis_url: str, fallback_s: float, **kwargs: Any) -> None:
@@ -51,10 +36,7 @@ class GatewayWorker(Worker):
         self._redis_url = redis_url
         self._fallback_s = fallback_s
         self._wake = asyncio.Event()
-
-    @functools.cached_property
-    def _claim(self) -> AsyncScript:
-        return self.pool.register_script(_CLAIM)  # sent once, then run by its SHA
+        self._starting: set[asyncio.Task[None]] = set()
 
     async def main(self) -> None:
         listener = asyncio.create_task(self._listen())
@@ -80,23 +62,35 @@ class GatewayWorker(Worker):
             await asyncio.sleep(_DEFER_PER_RUNNING_JOB_S * self.job_counter)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's `start_jobs`, with the claim done by `_CLAIM`."""
-        timeout_ms = int(self.in_progress_timeout_s * 1000)
-        for job_id_b in job_ids:
+        """arq's `start_jobs`, with the claim and the attempt's start as one script."""
+        running: RunningJobs = self.ctx["running"]
+        for raw in job_ids:
+            job_id, _, attempt = raw.decode().partition(".")
+            if not (is_job_id(job_id) and attempt.isdigit()):
+                continue  # not an attempt at a job of ours
             await self.sem.acquire()
             if self.job_counter >= self.max_jobs:
                 self.sem.release()
                 return
-            job_id = job_id_b.decode()
-            keys = (in_progress_key_prefix + job_id, self.queue_name)
-            score = await self._claim(keys=keys, args=(job_id, timestamp_ms(), timeout_ms))
-            if score is None:
+            claimed = await running.claim(job_id, int(attempt), int(self.in_progress_timeout_s * 1000))
+            if claimed is None:
                 self.sem.release()
                 continue
             self.job_counter += 1
-            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task = self.loop.create_task(self.run_job(raw.decode(), claimed.score))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id] = task
+            self.tasks[raw.decode()] = task
+
+    async def _start_woken(self, attempt_id: bytes) -> None:
+        """Starts the attempt a wake-up named, without a trip through the queue's index."""
+        if self.job_counter:  # let idler workers take it first
+            await asyncio.sleep(_DEFER_PER_RUNNING_JOB_S * self.job_counter)
+        if not self.allow_pick_jobs:
+            return
+        try:
+            await self.start_jobs([attempt_id])
+        except RedisError as exc:
+            log.warning("cannot reach Redis to start a job (%s); the poll will", type(exc).__name__)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
@@ -114,6 +108,10 @@ class GatewayWorker(Worker):
                             continue
                         if message["channel"] == CANCEL_CHANNEL.encode():
                             self.ctx["running"].cancel(message["data"].decode())
+                        elif message["data"]:
+                            task = asyncio.create_task(self._start_woken(message["data"]))
+                            self._starting.add(task)
+                            task.add_done_callback(self._starting.discard)
                         else:
                             self._wake.set()
             except (OSError, RedisError) as exc:

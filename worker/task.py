@@ -26,9 +26,9 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None
     """The arq function behind every attempt at a completion job."""
     settings: Settings = ctx["settings"]
     running: RunningJobs = ctx["running"]
-    started = await running.store.start(job_id, attempt, running.worker_id, settings.lease_s)
-    if started is None:
-        log.info("job %s attempt %d was superseded before it started", job_id, attempt)
+    started = running.claimed.pop(job_id, None)
+    if started is None:  # not claimed through `GatewayWorker.start_jobs`: not ours to run
+        log.warning("job %s attempt %d ran without a claim; skipped", job_id, attempt)
         return
     job = started.job
     extra = {"job_id": job.id, "request_id": job.request_id}
