@@ -13,16 +13,8 @@ import subprocess
 import sys
 import time
 
+from shared.logs import configure_logging
 from shared.settings import Settings
-
-
-def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-    )
-    # arq logs each job's arguments at INFO, and ours carry the prompt: keep only its warnings.
-    logging.getLogger("arq").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _require_redis_url(settings: Settings, role: str) -> str:
@@ -37,7 +29,14 @@ def run_api(settings: Settings) -> None:
     from api.app import create_app
 
     app = create_app(settings, _require_redis_url(settings, "api"))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,  # keep the gateway's own log format (shared/logs.py)
+        access_log=False,
+    )
 
 
 def run_worker(settings: Settings) -> None:
@@ -100,9 +99,19 @@ def main(argv: list[str] | None = None) -> None:
     roles.add_parser("up", help="run Redis (if REDIS_URL is unset), the API and WORKERS workers")
     roles.add_parser("api", help="run one API process against REDIS_URL")
     roles.add_parser("worker", help="run one worker process against REDIS_URL")
+    status = roles.add_parser("status", help="queue depth, workers and their jobs, recent failures")
+    status.add_argument("--json", action="store_true", help="print one JSON snapshot")
+    status.add_argument(
+        "--watch", type=float, nargs="?", const=2.0, metavar="SECONDS", help="refresh every SECONDS (2)"
+    )
     args = parser.parse_args(argv)
     settings = Settings()
-    _configure_logging(settings)
+    configure_logging(settings)
+    if args.role == "status":
+        from cli.status import run_status
+
+        run_status(settings, _require_redis_url(settings, "status"), as_json=args.json, watch_s=args.watch)
+        return
     {"up": run_up, "api": run_api, "worker": run_worker}[args.role](settings)
 
 

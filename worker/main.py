@@ -12,6 +12,7 @@ from shared import queue
 from shared.keys import WAKEUP_CHANNEL
 from shared.settings import Settings
 from worker.backends import create_backend
+from worker.heartbeat import HeartbeatLoop
 from worker.task import run_completion
 
 log = logging.getLogger("gateway.worker")
@@ -24,20 +25,30 @@ class GatewayWorker(Worker):
     round trip of being queued. A missed wake-up (pub/sub is at-most-once) costs one fallback poll.
     """
 
-    def __init__(self, *, redis_url: str, fallback_s: float, **kwargs: Any) -> None:
-        super().__init__(poll_delay=0, **kwargs)
+    def __init__(self, *, redis_url: str, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(poll_delay=0, on_job_start=_job_started, **kwargs)
         self._redis_url = redis_url
-        self._fallback_s = fallback_s
+        self._fallback_s = settings.poll_fallback_s
         self._wake = asyncio.Event()
+        self.heartbeat = HeartbeatLoop(
+            redis_url,
+            interval_s=settings.heartbeat_interval_s,
+            ttl_s=settings.heartbeat_ttl_s,
+            slots=self.max_jobs,
+            jobs=lambda: list(self.job_tasks),
+        )
+        self.ctx["heartbeat"] = self.heartbeat
 
     async def main(self) -> None:
-        listener = asyncio.create_task(self._listen_for_wakeups())
+        helpers = [asyncio.create_task(self._listen_for_wakeups()), asyncio.create_task(self.heartbeat.run())]
         try:
             await super().main()
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            for helper in helpers:
+                helper.cancel()
+            for helper in helpers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
 
     async def _poll_iteration(self) -> None:
         self._wake.clear()
@@ -49,6 +60,7 @@ class GatewayWorker(Worker):
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
         self._wake.set()  # a slot is free: look at the queue now
+        self.heartbeat.poke()
 
     async def _listen_for_wakeups(self) -> None:
         while True:
@@ -66,6 +78,10 @@ class GatewayWorker(Worker):
                 await redis.aclose()
 
 
+async def _job_started(ctx: dict[str, Any]) -> None:
+    ctx["heartbeat"].poke()
+
+
 async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["backend"] = create_backend(settings)
@@ -75,7 +91,7 @@ async def _startup(ctx: dict[str, Any]) -> None:
 def build_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> GatewayWorker:
     return GatewayWorker(
         redis_url=redis_url,
-        fallback_s=settings.poll_fallback_s,
+        settings=settings,
         functions=[func(run_completion, name=queue.RUN_COMPLETION)],
         queue_name=settings.queue_name,
         redis_settings=queue.redis_settings(redis_url),

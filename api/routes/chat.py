@@ -20,7 +20,7 @@ from api.protocol import ChatCompletion, ChatCompletionRequest, ErrorInfo, Error
 from api.relay import follow_job
 from api.render import ChunkRenderer, completion_body, error_chunk
 from api.translate import build_job
-from shared import queue
+from shared import logs, queue
 from shared.events import JobEventValue
 from shared.jobs import CompletionJob, Delta, Done, Failed
 
@@ -37,7 +37,9 @@ async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, gateway: GatewayDep
 ) -> JSONResponse | EventSourceResponse:
     job = build_job(body, request.state.request_id, gateway.settings)
+    logs.bind(job_id=job.id)
     await queue.enqueue(gateway.redis, job)
+    log.info("enqueued job (model %s, stream %s)", job.model, body.stream)
     events = follow_job(gateway.redis, gateway.settings, job.id)
     if not body.stream:
         return JSONResponse((await _collect(job, events)).model_dump())
