@@ -16,6 +16,16 @@ import time
 from shared.logs import configure_logging
 from shared.settings import Settings
 
+PRIVATE_REDIS_URL_FILE = "url"
+
+
+def _status_redis_url(settings: Settings) -> str:
+    """`REDIS_URL`, else the private Redis of a running `claude-gateway up` on this machine."""
+    private = settings.state_dir / "redis" / PRIVATE_REDIS_URL_FILE
+    if settings.redis_url is None and private.is_file():
+        return private.read_text().strip()
+    return _require_redis_url(settings, "status")
+
 
 def _require_redis_url(settings: Settings, role: str) -> str:
     if settings.redis_url is None:
@@ -55,6 +65,8 @@ def run_up(settings: Settings) -> None:
         embedded.start()
         redis_url = embedded.url
         logging.info("started a private Redis on %s (data in %s)", redis_url, embedded.data_dir)
+        # So that `claude-gateway status` on this machine finds it without REDIS_URL.
+        (embedded.data_dir / PRIVATE_REDIS_URL_FILE).write_text(redis_url)
     env = {**os.environ, "REDIS_URL": redis_url}
     command = [sys.executable, "-m", "cli.main"]
     # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the API and the
@@ -87,6 +99,7 @@ def run_up(settings: Settings) -> None:
             except subprocess.TimeoutExpired:
                 child.kill()
         if embedded is not None:
+            (embedded.data_dir / PRIVATE_REDIS_URL_FILE).unlink(missing_ok=True)
             embedded.stop()
     failed = [child.args for child in children if child.returncode not in (0, -signal.SIGTERM)]
     if failed and not stopping:
@@ -110,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.role == "status":
         from cli.status import run_status
 
-        run_status(settings, _require_redis_url(settings, "status"), as_json=args.json, watch_s=args.watch)
+        run_status(settings, _status_redis_url(settings), as_json=args.json, watch_s=args.watch)
         return
     {"up": run_up, "api": run_api, "worker": run_worker}[args.role](settings)
 
