@@ -26,10 +26,10 @@ async def run_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     logs.bind_new(request_id=job.request_id, job_id=job.id)
     writer = EventWriter(redis, job.id, settings.event_ttl_s)
     started = time.perf_counter()
-    first_output: float | None = None
+    outcome = "completed"
+    first_output: float | None = None  # for time to first token
     usage: Usage | None = None
     failure: Failed | None = None
-    outcome = "completed"
     try:
         async with asyncio.timeout(settings.job_timeout_s):
             async for event in backend.stream(job):
@@ -42,10 +42,12 @@ async def run_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
             else:
                 raise BackendError(FailureCode.INTERNAL, "the backend ended without a result")
     except BackendError as exc:
-        failure = Failed(code=exc.code, message=exc.message)
+        outcome = exc.code.value
+        writer.emit(failure := Failed(code=exc.code, message=exc.message))
     except TimeoutError:
+        outcome = FailureCode.TIMEOUT.value
         message = f"the job exceeded its time limit of {settings.job_timeout_s:g} s"
-        failure = Failed(code=FailureCode.TIMEOUT, message=message)
+        writer.emit(failure := Failed(code=FailureCode.TIMEOUT, message=message))
     except asyncio.CancelledError:
         failure = Failed(code=FailureCode.WORKER_SHUTDOWN, message="the worker stopped during the job")
         writer.emit(failure)
@@ -53,10 +55,9 @@ async def run_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
         await asyncio.shield(report_outcome(ctx, job, started, first_output, None, failure))
         raise
     except Exception:
-        log.exception("job failed unexpectedly")
+        log.exception("job failed unexpectedly", extra={"job_id": job.id, "request_id": job.request_id})
+        outcome = FailureCode.INTERNAL.value
         failure = Failed(code=FailureCode.INTERNAL, message="the worker failed while running the job")
-    if failure is not None:
-        outcome = failure.code.value
         writer.emit(failure)
     await writer.drain()
     await report_outcome(ctx, job, started, first_output, usage, failure)
@@ -66,4 +67,5 @@ async def run_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
         outcome,
         (time.perf_counter() - started) * 1000,
         writer.emitted,
+        extra={"job_id": job.id, "request_id": job.request_id},
     )
