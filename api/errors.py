@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
+from api import metrics
 from api.protocol import ErrorInfo, ErrorResponse
 from shared.jobs import Failed, FailureCode
 
@@ -65,6 +66,7 @@ class OpenAIError(Exception):
         return cls(status, failure.message, type=type_, code=failure.code.value, headers=headers)
 
     def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        metrics.count_error(self.status, self.info.code or self.info.type)
         body = ErrorResponse(error=self.info).model_dump()
         return JSONResponse(body, status_code=self.status, headers={**self.headers, **(headers or {})})
 

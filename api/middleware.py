@@ -1,17 +1,27 @@
 """Pure ASGI middleware (no per-request task or body copy, unlike Starlette's BaseHTTPMiddleware)."""
 
+import logging
 import re
+import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import OpenAIError
+from shared import logs
+
+log = logging.getLogger("gateway.api")
 
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Polled by probes and scrapers every few seconds: logged at DEBUG only.
+_QUIET_PATHS = frozenset({"/health", "/ready", "/metrics", "/status"})
 
 
 class RequestId:
-    """Gives every response an `x-request-id`: the caller's, if well-formed, else a new one."""
+    """Gives every response an `x-request-id`: the caller's, if well-formed, else a new one.
+
+    It also binds the id to the request's log context and logs one line when the response ends.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -23,14 +33,24 @@ class RequestId:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _CLIENT_REQUEST_ID.fullmatch(given) else f"req_{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = request_id
+        logs.bind_new(request_id=request_id)
         header = (b"x-request-id", request_id.encode())
+        started = time.perf_counter()
+        status = 0
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            level = logging.DEBUG if scope["path"] in _QUIET_PATHS else logging.INFO
+            log.log(level, "%s %s -> %d in %.0f ms", scope["method"], scope["path"], status, elapsed_ms)
 
 
 class BodyLimit:

@@ -39,8 +39,9 @@ def free_port() -> int:
 class EmbeddedRedis:
     """A Redis server child process bound to loopback on a free port."""
 
-    def __init__(self, data_dir: Path, *, persistent: bool = True) -> None:
+    def __init__(self, data_dir: Path, *, persistent: bool = True, databases: int = 16) -> None:
         self.data_dir = data_dir.resolve()
+        self.databases = databases
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._persistent = persistent
@@ -60,6 +61,8 @@ class EmbeddedRedis:
                 str(self.data_dir),
                 "--protected-mode",
                 "yes",
+                "--databases",
+                str(self.databases),
                 *persistence,
                 "--logfile",
                 str(self.data_dir / "server.log"),

@@ -13,16 +13,18 @@ import subprocess
 import sys
 import time
 
+from shared.logs import configure_logging
 from shared.settings import Settings
 
+PRIVATE_REDIS_URL_FILE = "url"
 
-def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-    )
-    # arq logs each job's arguments at INFO, and ours carry the prompt: keep only its warnings.
-    logging.getLogger("arq").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+def _status_redis_url(settings: Settings) -> str:
+    """`REDIS_URL`, else the private Redis of a running `claude-gateway up` on this machine."""
+    private = settings.state_dir / "redis" / PRIVATE_REDIS_URL_FILE
+    if settings.redis_url is None and private.is_file():
+        return private.read_text().strip()
+    return _require_redis_url(settings, "status")
 
 
 def _require_redis_url(settings: Settings, role: str) -> str:
@@ -37,7 +39,14 @@ def run_api(settings: Settings) -> None:
     from api.app import create_app
 
     app = create_app(settings, _require_redis_url(settings, "api"))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,  # keep the gateway's own log format (shared/logs.py)
+        access_log=False,
+    )
 
 
 def run_worker(settings: Settings) -> None:
@@ -56,6 +65,8 @@ def run_up(settings: Settings) -> None:
         embedded.start()
         redis_url = embedded.url
         logging.info("started a private Redis on %s (data in %s)", redis_url, embedded.data_dir)
+        # So that `claude-gateway status` on this machine finds it without REDIS_URL.
+        (embedded.data_dir / PRIVATE_REDIS_URL_FILE).write_text(redis_url)
     env = {**os.environ, "REDIS_URL": redis_url}
     command = [sys.executable, "-m", "cli.main"]
     # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the API and the
@@ -88,6 +99,7 @@ def run_up(settings: Settings) -> None:
             except subprocess.TimeoutExpired:
                 child.kill()
         if embedded is not None:
+            (embedded.data_dir / PRIVATE_REDIS_URL_FILE).unlink(missing_ok=True)
             embedded.stop()
     failed = [child.args for child in children if child.returncode not in (0, -signal.SIGTERM)]
     if failed and not stopping:
@@ -100,9 +112,19 @@ def main(argv: list[str] | None = None) -> None:
     roles.add_parser("up", help="run Redis (if REDIS_URL is unset), the API and WORKERS workers")
     roles.add_parser("api", help="run one API process against REDIS_URL")
     roles.add_parser("worker", help="run one worker process against REDIS_URL")
+    status = roles.add_parser("status", help="queue depth, workers and their jobs, recent failures")
+    status.add_argument("--json", action="store_true", help="print one JSON snapshot")
+    status.add_argument(
+        "--watch", type=float, nargs="?", const=2.0, metavar="SECONDS", help="refresh every SECONDS (2)"
+    )
     args = parser.parse_args(argv)
     settings = Settings()
-    _configure_logging(settings)
+    configure_logging(settings)
+    if args.role == "status":
+        from cli.status import run_status
+
+        run_status(settings, _status_redis_url(settings), as_json=args.json, watch_s=args.watch)
+        return
     {"up": run_up, "api": run_api, "worker": run_worker}[args.role](settings)
 
 

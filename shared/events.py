@@ -48,6 +48,9 @@ class EventWriter:
         self._pending: list[JobEventValue] = []
         self._texts: list[str] = []  # the trailing delta, merged only when it is written
         self._flushing: asyncio.Task[None] | None = None
+        self.first_output_at: float | None = None
+        """`time.perf_counter()` when the first event was emitted (time to first token)."""
+        self.terminal: Done | Failed | None = None
 
     @property
     def emitted(self) -> int:
@@ -55,11 +58,14 @@ class EventWriter:
         return self._seq + len(self._pending) + (1 if self._texts else 0)
 
     def emit(self, event: JobEventValue) -> None:
+        if self.first_output_at is None:
+            self.first_output_at = time.perf_counter()
         if isinstance(event, Delta):
             self._texts.append(event.text)
         else:
             self._close_delta()
             self._pending.append(event)
+            self.terminal = event
         if self._flushing is None or self._flushing.done():
             if self._flushing is not None:
                 self._flushing.result()  # surface a failed write instead of losing it

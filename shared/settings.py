@@ -87,3 +87,19 @@ class Settings(BaseSettings):
     # --- The scripted backend (tests and benchmarks) --------------------------------------
     scripted_text: str = "Hello from the scripted backend."
     scripted_delay_ms: float = Field(default=0.0, ge=0)
+
+    # --- Operations: heartbeats, status, logs ---------------------------------------------
+    heartbeat_interval_s: float = Field(
+        default=5.0, gt=0, description="How often each worker refreshes its heartbeat in Redis."
+    )
+    heartbeat_ttl_factor: float = Field(
+        default=3.0,
+        ge=1.5,
+        description="A heartbeat expires after this many intervals: a worker silent that long is not alive.",
+    )
+    log_format: Literal["text", "json"] = "text"
+    recent_failures_kept: int = Field(default=100, ge=1, description="Failed jobs `status` can show.")
+
+    @property
+    def heartbeat_ttl_s(self) -> float:
+        return self.heartbeat_interval_s * self.heartbeat_ttl_factor

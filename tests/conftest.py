@@ -34,13 +34,21 @@ def assert_schema(instance: Any, name: str) -> None:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persistent=False)
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persistent=False, databases=DATABASES)
     server.start()
     yield server
     server.stop()
 
 
+DATABASES = 256
+"""Each gateway gets a database of its own (counting up from 1); unit tests use `unit_db()`."""
 _databases = itertools.count(1)
+_unit_databases = itertools.count(DATABASES - 1, -1)
+
+
+def unit_db(redis_server: EmbeddedRedis) -> str:
+    """The URL of a database no gateway of this run uses."""
+    return f"redis://127.0.0.1:{redis_server.port}/{next(_unit_databases)}"
 
 
 @dataclass

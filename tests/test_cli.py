@@ -1,5 +1,6 @@
 """`claude-gateway up` on a machine with no Redis configured, and where its server comes from."""
 
+import json
 import os
 import signal
 import subprocess
@@ -34,6 +35,11 @@ def test_up_runs_everything_with_a_private_redis_and_stops_cleanly_on_ctrl_c(tmp
         assert response.status_code == 200
         assert response.json()["choices"][0]["message"]["content"] == "Hello from the scripted backend."
         assert (tmp_path / "redis" / "appendonlydir").is_dir()  # its data lives under the state folder
+        status = subprocess.run(
+            [sys.executable, "-m", "cli.main", "status", "--json"], cwd=ROOT, env=env, capture_output=True
+        )
+        assert status.returncode == 0, status.stderr  # finds the private Redis without REDIS_URL
+        assert json.loads(status.stdout)["stats"]["jobs"] == {"completed": 1}
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=30) == 0
         with pytest.raises(httpx.TransportError):

@@ -61,10 +61,10 @@ def wait_for(predicate: Any, within_s: float, what: str) -> Any:
 
 
 def worker_running(gateway: Gateway, job_id: str) -> subprocess.Popen[bytes]:
-    """The worker process running the job, from the job record (`host:pid:tag`)."""
+    """The worker process running the job, from the job record (`<host>-<pid>-<started>`)."""
     client = gateway.redis()
     worker = wait_for(lambda: client.hget(f"gateway:job:{job_id}", "worker"), 10, "the job starts")
-    pid = int(worker.decode().split(":")[1])
+    pid = int(worker.decode().rsplit("-", 2)[1])
     return next(p for p in gateway.workers if p.pid == pid)
 
 

@@ -11,11 +11,12 @@ from shared.events import EventWriter, NoEventWithin, Superseded, read_events
 from shared.jobs import CompletionJob, Delta, Done, FinishReason, Turn, Usage, new_job_id
 from shared.jobstore import JobStore
 from shared.keys import events_key
+from tests.conftest import unit_db
 
 
 @pytest.fixture
 async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
-    client = Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/15")
+    client = Redis.from_url(unit_db(redis_server))
     yield client
     await client.aclose()
 

@@ -9,7 +9,7 @@ from cli.embedded_redis import EmbeddedRedis
 from shared import queue
 from shared.jobs import CompletionJob, Failed, FailureCode, Turn
 from shared.jobstore import JobStore
-from tests.conftest import Gateway, chat
+from tests.conftest import Gateway, chat, unit_db
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_a_job_no_worker_starts_fails_with_503_and_leaves_the_queue(workerless: 
 
 
 async def test_jobs_travel_as_json_and_a_queued_job_can_be_withdrawn(redis_server: EmbeddedRedis) -> None:
-    pool = await queue.connect(f"redis://127.0.0.1:{redis_server.port}/14", "test:queue")
+    pool = await queue.connect(unit_db(redis_server), "test:queue")
     store = JobStore(pool, queue_name="test:queue", ttl_s=60)
     job = CompletionJob(
         request_id="req_1", model="claude-sonnet-4-5", turns=[Turn(role="user", text="json please")]

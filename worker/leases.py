@@ -9,9 +9,6 @@ the job moved on without this attempt.
 
 import asyncio
 import logging
-import os
-import socket
-import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -47,9 +44,7 @@ class RunningJob:
 class RunningJobs:
     store: JobStore
     settings: Settings
-    worker_id: str = field(
-        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    )
+    worker_id: str
     jobs: dict[str, RunningJob] = field(default_factory=dict)
     claimed: dict[str, Claimed] = field(default_factory=dict)
 

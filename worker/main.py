@@ -14,6 +14,7 @@ from shared.jobstore import JobStore
 from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL, is_job_id
 from shared.settings import Settings
 from worker.backends import create_backend
+from worker.heartbeat import HeartbeatLoop
 from worker.leases import RunningJobs
 from worker.task import run_completion
 
@@ -31,21 +32,31 @@ class GatewayWorker(Worker):
     costs one fallback poll of the queue.
     """
 
-    def __init__(self, *, redis_url: str, fallback_s: float, **kwargs: Any) -> None:
-        super().__init__(poll_delay=0, **kwargs)
+    def __init__(self, *, redis_url: str, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(poll_delay=0, on_job_start=_job_started, **kwargs)
         self._redis_url = redis_url
-        self._fallback_s = fallback_s
+        self._fallback_s = settings.poll_fallback_s
         self._wake = asyncio.Event()
         self._starting: set[asyncio.Task[None]] = set()
+        self.heartbeat = HeartbeatLoop(
+            redis_url,
+            interval_s=settings.heartbeat_interval_s,
+            ttl_s=settings.heartbeat_ttl_s,
+            slots=self.max_jobs,
+            jobs=lambda: [attempt.partition(".")[0] for attempt in self.job_tasks],
+        )
+        self.ctx["heartbeat"] = self.heartbeat
 
     async def main(self) -> None:
-        listener = asyncio.create_task(self._listen())
+        helpers = [asyncio.create_task(self._listen()), asyncio.create_task(self.heartbeat.run())]
         try:
             await super().main()
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            for helper in helpers:
+                helper.cancel()
+            for helper in helpers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
 
     async def _poll_iteration(self) -> None:
         self._wake.clear()
@@ -95,6 +106,7 @@ class GatewayWorker(Worker):
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
         self._wake.set()  # a slot is free: look at the queue now
+        self.heartbeat.poke()
 
     async def _listen(self) -> None:
         """Wake-ups (a job was queued) and cancels (stop a job if it runs here)."""
@@ -121,12 +133,15 @@ class GatewayWorker(Worker):
                 await redis.aclose()
 
 
+async def _job_started(ctx: dict[str, Any]) -> None:
+    ctx["heartbeat"].poke()
+
+
 async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["backend"] = create_backend(settings)
-    running = RunningJobs(
-        JobStore(ctx["redis"], queue_name=settings.queue_name, ttl_s=settings.event_ttl_s), settings
-    )
+    store = JobStore(ctx["redis"], queue_name=settings.queue_name, ttl_s=settings.event_ttl_s)
+    running = RunningJobs(store, settings, worker_id=ctx["heartbeat"].worker_id)
     ctx["running"] = running
     ctx["maintain"] = asyncio.create_task(running.maintain())
     log.info("worker %s ready (backend %s)", running.worker_id, settings.backend)
@@ -142,7 +157,7 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
 def build_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> GatewayWorker:
     return GatewayWorker(
         redis_url=redis_url,
-        fallback_s=settings.poll_fallback_s,
+        settings=settings,
         functions=[func(run_completion, name=queue.RUN_COMPLETION)],
         queue_name=settings.queue_name,
         redis_settings=queue.redis_settings(redis_url),

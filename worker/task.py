@@ -13,11 +13,13 @@ import logging
 import time
 from typing import Any
 
+from shared import logs
 from shared.events import EventWriter, Superseded
 from shared.jobs import CompletionJob, Done, Failed, FailureCode
 from shared.settings import Settings
 from worker.backends import Backend, BackendError, Progress
 from worker.leases import RunningJobs, StopReason
+from worker.outcomes import report_outcome
 
 log = logging.getLogger("gateway.worker")
 
@@ -31,10 +33,11 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None
         log.warning("job %s attempt %d ran without a claim; skipped", job_id, attempt)
         return
     job = started.job
-    extra = {"job_id": job.id, "request_id": job.request_id}
+    logs.bind_new(request_id=job.request_id, job_id=job.id)
     writer = EventWriter(running.store, job.id, attempt, outage_grace_s=settings.redis_outage_grace_s)
     control = running.add(job.id, attempt)
     began = time.perf_counter()
+    outcome = "stopped"
     try:
         if started.cancel_requested:  # cancelled while its previous attempt's worker was lost
             outcome = await _stopped(StopReason.CANCELLED, running, job.id, attempt, writer)
@@ -48,15 +51,18 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None
         outcome = "superseded"
     finally:
         running.remove(job.id)
-    log.info(
-        "job %s attempt %d %s in %.0f ms (%d events)",
-        job.id,
-        attempt,
-        outcome,
-        (time.perf_counter() - began) * 1000,
-        writer.emitted,
-        extra=extra,
-    )
+        log.info(
+            "job %s attempt %d %s in %.0f ms (%d events)",
+            job.id,
+            attempt,
+            outcome,
+            (time.perf_counter() - began) * 1000,
+            writer.emitted,
+        )
+        if (terminal := writer.terminal) is not None:  # this attempt decided how the job ended
+            usage = terminal.usage if isinstance(terminal, Done) else None
+            failure = terminal if isinstance(terminal, Failed) else None
+            await asyncio.shield(report_outcome(ctx, job, began, writer.first_output_at, usage, failure))
 
 
 async def _produce(backend: Backend, settings: Settings, job: CompletionJob, writer: EventWriter) -> str:
@@ -89,7 +95,7 @@ async def _produce(backend: Backend, settings: Settings, job: CompletionJob, wri
     except Superseded:
         raise
     except Exception:
-        log.exception("job failed unexpectedly", extra={"job_id": job.id, "request_id": job.request_id})
+        log.exception("job failed unexpectedly")
         outcome = FailureCode.INTERNAL.value
         writer.emit(Failed(code=FailureCode.INTERNAL, message="the worker failed while running the job"))
     await writer.drain()

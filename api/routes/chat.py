@@ -7,6 +7,7 @@
 """
 
 import hashlib
+import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -22,9 +23,11 @@ from api.relay import follow_job
 from api.render import ChunkRenderer, JobRef, completion_body, completion_id
 from api.streaming import first_event, sse_response
 from api.translate import build_job
+from shared import logs
 from shared.events import JobEventValue
 from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode, JobStatus
 
+log = logging.getLogger("gateway.api")
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, object]] = {
@@ -43,6 +46,8 @@ async def create_chat_completion(
 ) -> JSONResponse | EventSourceResponse:
     job = build_job(body, request.state.request_id, gateway.settings)
     ref = await _submit(gateway, caller, job, body, idempotency_key)
+    logs.bind(job_id=ref.id)
+    log.info("queued job (model %s, stream %s, background %s)", job.model, body.stream, body.background)
     if body.background:
         queued = ChatCompletion(
             id=completion_id(ref), created=ref.created, model=ref.model, choices=[], usage=None

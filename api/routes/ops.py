@@ -1,0 +1,56 @@
+"""Operations endpoints: readiness, Prometheus metrics, the status snapshot and the dashboard.
+
+`/ready` and `/metrics` are for probes and scrapers (unauthenticated, aggregate numbers only,
+no ids or hosts). `/status` and `/dashboard` show workers, hosts and job ids, so they take
+`CallerDep`: they sit behind the API key once keys are configured.
+"""
+
+import asyncio
+from importlib import resources
+
+from fastapi import APIRouter, Response
+from fastapi.responses import HTMLResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
+
+from api import metrics
+from api.deps import CallerDep, GatewayDep
+from api.errors import OpenAIError
+from shared.heartbeats import alive_workers
+from shared.status import Snapshot, take_snapshot
+
+router = APIRouter()
+
+_READY_TIMEOUT_S = 2.0
+_DASHBOARD = resources.files("api").joinpath("dashboard.html").read_text(encoding="utf-8")
+
+
+@router.get("/ready", responses={503: {"description": "Redis unreachable or no live worker"}})
+async def ready(gateway: GatewayDep) -> dict[str, str]:
+    """Ready when Redis answers and at least one worker has a fresh heartbeat."""
+    try:
+        async with asyncio.timeout(_READY_TIMEOUT_S):
+            workers = await alive_workers(gateway.redis)
+    except (RedisError, OSError, TimeoutError):
+        raise OpenAIError(
+            503, "The gateway cannot reach its queue.", type="server_error", code="queue_unavailable"
+        ) from None
+    if not workers:
+        raise OpenAIError(503, "No worker is running.", type="server_error", code="no_live_worker")
+    return {"status": "ready"}
+
+
+@router.get("/metrics", response_class=Response)
+async def prometheus_metrics(gateway: GatewayDep) -> Response:
+    snapshot = await take_snapshot(gateway.redis, gateway.settings.queue_name, failures=0)
+    return Response(metrics.render(snapshot), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/status")
+async def status(gateway: GatewayDep, caller: CallerDep) -> Snapshot:
+    return await take_snapshot(gateway.redis, gateway.settings.queue_name)
+
+
+@router.get("/dashboard", response_class=HTMLResponse)
+async def dashboard(caller: CallerDep) -> HTMLResponse:
+    return HTMLResponse(_DASHBOARD)

@@ -1,0 +1,77 @@
+"""`claude-gateway status [--json] [--watch [SECONDS]]`: the service at a glance, from Redis.
+
+It reads the same shared state as `/metrics` and the dashboard (shared/status.py), so it works
+from any machine that reaches `REDIS_URL`, with or without an API process running.
+"""
+
+import asyncio
+import sys
+import time
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.settings import Settings
+from shared.status import Snapshot, take_snapshot
+
+
+def _age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.1f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render(snapshot: Snapshot) -> str:
+    now = snapshot.at
+    queue = snapshot.queue
+    oldest = "-" if queue.oldest_age_s is None else _age(queue.oldest_age_s)
+    lines = [
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
+        f"queue      {queue.depth} waiting, oldest {oldest}",
+        f"running    {snapshot.jobs_running} of {snapshot.slots} slots, {len(snapshot.workers)} live workers",
+        "",
+        f"{'WORKER':<40} {'HOST':<20} {'PID':>7} {'UP':>6} {'BEAT':>6}  JOBS",
+    ]
+    for worker in snapshot.workers:
+        beat = _age(max(0.0, now - worker.beat))
+        lines.append(
+            f"{worker.id:<40} {worker.host[:20]:<20} {worker.pid:>7} {_age(now - worker.started):>6} "
+            f"{beat:>6}  {len(worker.jobs)}/{worker.slots} {' '.join(worker.jobs)}"
+        )
+    if not snapshot.workers:
+        lines.append("(no live worker)")
+    stats = snapshot.stats
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(stats.jobs.items())) or "none yet"
+    lines += ["", f"jobs       {outcomes}", "", "recent failures"]
+    for failure in snapshot.recent_failures:
+        lines.append(f"  {_age(max(0.0, now - failure.at)):>6} ago  {failure.code:<30} job {failure.job_id}")
+    if not snapshot.recent_failures:
+        lines.append("  none")
+    return "\n".join(lines)
+
+
+async def _status(settings: Settings, redis_url: str, *, as_json: bool, watch_s: float | None) -> None:
+    redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        while True:
+            snapshot = await take_snapshot(redis, settings.queue_name)
+            text = snapshot.model_dump_json() if as_json else render(snapshot)
+            if watch_s is not None and not as_json and sys.stdout.isatty():
+                sys.stdout.write("\033[H\033[2J")  # clear the screen between frames
+            print(text, flush=True)
+            if watch_s is None:
+                return
+            await asyncio.sleep(watch_s)
+    finally:
+        await redis.aclose()
+
+
+def run_status(settings: Settings, redis_url: str, *, as_json: bool, watch_s: float | None) -> None:
+    try:
+        asyncio.run(_status(settings, redis_url, as_json=as_json, watch_s=watch_s))
+    except KeyboardInterrupt:
+        pass
+    except (OSError, RedisError) as exc:
+        sys.exit(f"claude-gateway status: cannot reach Redis ({exc})")

@@ -1,0 +1,73 @@
+"""Per-worker heartbeats in Redis: which workers are alive, and what each is running.
+
+Every worker process refreshes `worker_key(id)` (a JSON `Heartbeat`, with a TTL) every
+`HEARTBEAT_INTERVAL_S`; a worker is alive while its key exists, so a killed or partitioned worker
+drops out within one TTL without anyone cleaning up. `WORKERS_INDEX` (a sorted set: worker id ->
+last beat, Unix seconds) lets readers find the keys without scanning the keyspace; members whose
+key has expired are pruned by the next beat of any worker.
+"""
+
+import re
+import time
+
+from pydantic import BaseModel, ConfigDict, Field
+from redis.asyncio import Redis
+
+from shared.keys import PREFIX
+
+WORKERS_INDEX = f"{PREFIX}:workers"
+_WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# Index members silent for this long are dropped: far beyond any TTL, so only the dead go.
+_INDEX_RETENTION_S = 3600.0
+
+
+def worker_key(worker_id: str) -> str:
+    if _WORKER_ID.fullmatch(worker_id) is None:
+        raise ValueError("malformed worker id")
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+class Heartbeat(BaseModel):
+    """What one worker process says about itself on every beat."""
+
+    model_config = ConfigDict(frozen=True)
+    id: str
+    host: str
+    pid: int
+    started: float = Field(description="Unix time the worker started.")
+    beat: float = Field(description="Unix time of this beat.")
+    slots: int = Field(description="Jobs it runs at once (`JOBS_PER_WORKER`).")
+    jobs: list[str] = Field(description="Ids of the jobs it is running.")
+
+
+async def beat(redis: Redis, heartbeat: Heartbeat, ttl_s: float) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(worker_key(heartbeat.id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
+        pipe.zadd(WORKERS_INDEX, {heartbeat.id: heartbeat.beat})
+        pipe.zremrangebyscore(WORKERS_INDEX, "-inf", heartbeat.beat - _INDEX_RETENTION_S)
+        await pipe.execute()
+
+
+async def retire(redis: Redis, worker_id: str) -> None:
+    """A worker stopping cleanly leaves at once instead of when its heartbeat expires."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.delete(worker_key(worker_id))
+        pipe.zrem(WORKERS_INDEX, worker_id)
+        await pipe.execute()
+
+
+async def alive_workers(redis: Redis) -> list[Heartbeat]:
+    """The workers whose heartbeat has not expired, oldest first."""
+    ids = [m.decode() if isinstance(m, bytes) else m for m in await redis.zrange(WORKERS_INDEX, 0, -1)]
+    ids = [i for i in ids if _WORKER_ID.fullmatch(i)]
+    if not ids:
+        return []
+    records = await redis.mget([worker_key(i) for i in ids])
+    beats = [Heartbeat.model_validate_json(raw) for raw in records if raw]
+    return sorted(beats, key=lambda b: (b.started, b.id))
+
+
+def new_worker_id(host: str, pid: int) -> str:
+    """Readable and unique across restarts: host, pid and start time."""
+    safe_host = re.sub(r"[^A-Za-z0-9.-]", "-", host)[:64] or "host"
+    return f"{safe_host}-{pid}-{int(time.time())}"

@@ -1,0 +1,142 @@
+"""Job outcomes that workers record in Redis, so every API process reports the same totals.
+
+Each finished job adds to one hash, `STATS_KEY` (counters, and histograms as per-bucket counts
+plus sum and count), in one pipelined round trip, and a failed one also to `FAILURES_KEY`, a
+capped stream that `status` shows as "recent failures". Nothing here runs per token.
+
+Hash fields: `jobs|<outcome>`, `tokens|prompt`, `tokens|completion`, `cost_usd`, and for each
+histogram `<name>|le|<bound>` (observations in that bucket only; `read_stats` accumulates them),
+`<name>|sum` and `<name>|count`.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+from shared.jobs import Failed, Usage
+from shared.keys import PREFIX
+
+STATS_KEY = f"{PREFIX}:stats"
+FAILURES_KEY = f"{PREFIX}:failures"
+
+HISTOGRAMS: dict[str, tuple[float, ...]] = {
+    # enqueue -> a worker starts the job
+    "queue_wait_seconds": (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+    # enqueue -> the backend's first output (what a streaming client waits for)
+    "time_to_first_token_seconds": (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120),
+    # a worker starts the job -> its terminal event is in Redis
+    "job_duration_seconds": (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+}
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """How one job went, as its worker saw it."""
+
+    job_id: str
+    request_id: str
+    worker_id: str
+    outcome: str  # "completed", or the `FailureCode` it failed with
+    queue_wait_s: float
+    duration_s: float
+    first_token_s: float | None = None  # from enqueue; None when the backend produced nothing
+    usage: Usage | None = None
+    failure: Failed | None = None
+
+
+def _bucket(bounds: tuple[float, ...], value: float) -> str:
+    for bound in bounds:
+        if value <= bound:
+            return repr(float(bound))
+    return "+Inf"
+
+
+async def record_job(redis: Redis, record: JobRecord, *, failures_kept: int) -> None:
+    observations = {
+        "queue_wait_seconds": record.queue_wait_s,
+        "time_to_first_token_seconds": record.first_token_s,
+        "job_duration_seconds": record.duration_s,
+    }
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hincrby(STATS_KEY, f"jobs|{record.outcome}", 1)
+        for name, value in observations.items():
+            if value is None:
+                continue
+            value = max(0.0, value)
+            pipe.hincrby(STATS_KEY, f"{name}|le|{_bucket(HISTOGRAMS[name], value)}", 1)
+            pipe.hincrbyfloat(STATS_KEY, f"{name}|sum", value)
+            pipe.hincrby(STATS_KEY, f"{name}|count", 1)
+        if record.usage is not None:
+            pipe.hincrby(STATS_KEY, "tokens|prompt", record.usage.prompt_tokens)
+            pipe.hincrby(STATS_KEY, "tokens|completion", record.usage.completion_tokens)
+            if record.usage.cost_usd:
+                pipe.hincrbyfloat(STATS_KEY, "cost_usd", record.usage.cost_usd)
+        if record.failure is not None:
+            entry = {
+                "job_id": record.job_id,
+                "request_id": record.request_id,
+                "worker_id": record.worker_id,
+                "code": record.failure.code.value,
+                "message": record.failure.message[:300],
+                "at": repr(time.time()),
+            }
+            pipe.xadd(FAILURES_KEY, entry, maxlen=failures_kept, approximate=True)  # type: ignore[arg-type]
+        await pipe.execute()
+
+
+class Histogram(BaseModel):
+    buckets: list[tuple[float, int]]  # (upper bound, cumulative count); the last bound is +Inf
+    sum: float
+    count: int
+
+
+class Stats(BaseModel):
+    jobs: dict[str, int]  # outcome -> jobs
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    histograms: dict[str, Histogram]
+
+
+class RecentFailure(BaseModel):
+    job_id: str
+    request_id: str
+    worker_id: str
+    code: str
+    message: str
+    at: float
+
+
+async def read_stats(redis: Redis) -> Stats:
+    fields: dict[bytes, bytes] = await redis.hgetall(STATS_KEY)  # type: ignore[misc]
+    raw = {k.decode(): v.decode() for k, v in fields.items()}
+    histograms: dict[str, Histogram] = {}
+    for name, bounds in HISTOGRAMS.items():
+        cumulative = 0
+        buckets: list[tuple[float, int]] = []
+        for bound in (*bounds, math.inf):
+            label = "+Inf" if bound == math.inf else repr(float(bound))
+            cumulative += int(raw.get(f"{name}|le|{label}", 0))
+            buckets.append((bound, cumulative))
+        histograms[name] = Histogram(
+            buckets=buckets, sum=float(raw.get(f"{name}|sum", 0)), count=int(raw.get(f"{name}|count", 0))
+        )
+    return Stats(
+        jobs={k.removeprefix("jobs|"): int(v) for k, v in raw.items() if k.startswith("jobs|")},
+        prompt_tokens=int(raw.get("tokens|prompt", 0)),
+        completion_tokens=int(raw.get("tokens|completion", 0)),
+        cost_usd=float(raw.get("cost_usd", 0)),
+        histograms=histograms,
+    )
+
+
+async def recent_failures(redis: Redis, count: int) -> list[RecentFailure]:
+    """The latest failed jobs, newest first."""
+    entries = await redis.xrevrange(FAILURES_KEY, count=count)
+    return [
+        RecentFailure.model_validate({k.decode(): v.decode() for k, v in fields.items()})
+        for _id, fields in entries
+    ]

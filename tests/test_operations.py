@@ -1,0 +1,243 @@
+"""Operations on real processes: queue depth and age in /metrics and `status`, worker heartbeats,
+/ready, and structured logs. The busy worker is the scripted backend with a slow script and
+`JOBS_PER_WORKER=1`, so later jobs wait in the real arq queue."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT, Gateway, chat
+
+HEARTBEAT = {"HEARTBEAT_INTERVAL_S": "0.5"}  # TTL 1.5 s: a dead worker goes within seconds
+BUSY_S = 4.0
+
+
+def script(**spec: Any) -> str:
+    return "script:" + json.dumps(spec)
+
+
+def scrape(gateway: Gateway) -> dict[str, float]:
+    """`/metrics` as `{"name{label=value,...}": value}`."""
+    response = httpx.get(f"{gateway.url}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def wait_for(condition: Callable[[], bool], within_s: float, what: str) -> float:
+    """Polls until `condition()` holds; returns how long it took."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < within_s, f"{what} did not happen within {within_s} s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def status_json(gateway: Gateway) -> dict[str, Any]:
+    env = {**os.environ, "REDIS_URL": gateway.redis_url, "LOG_LEVEL": "warning"}
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "status", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    snapshot: dict[str, Any] = json.loads(done.stdout)
+    return snapshot
+
+
+class Requests:
+    """Completion requests sent from threads, so the test can watch the queue meanwhile."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.responses: list[httpx.Response] = []
+        self.threads: list[threading.Thread] = []
+
+    def send(self, content: str) -> None:
+        def run() -> None:
+            url = f"{self.gateway.url}/v1/chat/completions"
+            self.responses.append(httpx.post(url, json=chat(content), timeout=60))
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def join(self) -> list[httpx.Response]:
+        for thread in self.threads:
+            thread.join(timeout=60)
+        return self.responses
+
+
+def busy_job() -> str:
+    return script(text="w", tokens=int(BUSY_S * 20), delay_ms=50)
+
+
+@pytest.fixture(scope="module")
+def single_slot(start_gateway: Any) -> Gateway:
+    """One worker that runs one job at a time."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", JOBS_PER_WORKER="1", **HEARTBEAT)
+    wait_for(lambda: scrape(gateway)["gateway_workers_alive"] == 1, 20, "the worker's first heartbeat")
+    return gateway
+
+
+def test_metrics_and_status_report_depth_and_age_of_jobs_queued_behind_a_busy_worker(
+    single_slot: Gateway,
+) -> None:
+    requests = Requests(single_slot)
+    requests.send(busy_job())
+    wait_for(lambda: scrape(single_slot)["gateway_jobs_running"] == 1, 20, "the busy job starting")
+
+    first_queued = time.time()
+    for n in range(3):
+        requests.send(script(text=f"queued {n}"))
+    wait_for(lambda: scrape(single_slot)["gateway_queue_depth"] == 3, 10, "three jobs queued")
+    time.sleep(1.0)
+
+    samples = scrape(single_slot)
+    age_bound = time.time() - first_queued + 0.2
+    assert samples["gateway_queue_depth"] == 3
+    assert 1.0 <= samples["gateway_queue_oldest_age_seconds"] <= age_bound
+    assert samples["gateway_jobs_running"] == 1
+    assert samples["gateway_workers_alive"] == 1
+    assert samples["gateway_worker_slots"] == 1
+
+    snapshot = status_json(single_slot)
+    assert snapshot["queue"]["depth"] == 3
+    assert 1.0 <= snapshot["queue"]["oldest_age_s"] <= time.time() - first_queued + 0.2
+    assert snapshot["jobs_running"] == 1
+    [worker] = snapshot["workers"]
+    assert worker["slots"] == 1
+    assert len(worker["jobs"]) == 1
+    assert worker["pid"] == single_slot.workers[0].pid
+
+    responses = requests.join()
+    assert [r.status_code for r in responses] == [200] * 4
+    busy_id = next(r.json()["id"] for r in responses if r.json()["usage"]["completion_tokens"] > 10)
+    assert busy_id == f"chatcmpl-{worker['jobs'][0]}"  # status named the job the worker was running
+
+    after = scrape(single_slot)
+    assert after["gateway_queue_depth"] == 0
+    assert after["gateway_queue_oldest_age_seconds"] == 0
+    assert after["gateway_jobs_total{outcome=completed}"] >= 4
+    # The three queued jobs waited at least the second the test slept while they were queued.
+    assert after["gateway_queue_wait_seconds_sum"] >= 3.0
+    assert after["gateway_queue_wait_seconds_count"] >= 4
+    assert after["gateway_job_duration_seconds_sum"] >= BUSY_S * 0.9
+    assert after["gateway_tokens_total{kind=completion}"] >= BUSY_S * 20
+
+
+def test_failures_are_counted_by_code_and_listed_as_recent(single_slot: Gateway) -> None:
+    before = scrape(single_slot)
+    failing = script(text="x y", fail_after=1, fail_code="upstream_rate_limited")
+    response = httpx.post(f"{single_slot.url}/v1/chat/completions", json=chat(failing), timeout=30)
+    assert response.status_code == 503
+    after = scrape(single_slot)
+    key = "gateway_jobs_total{outcome=upstream_rate_limited}"
+    assert after[key] == before.get(key, 0) + 1
+    api_key = "gateway_api_errors_total{code=upstream_rate_limited,status=503}"
+    assert after[api_key] == before.get(api_key, 0) + 1
+    latest = status_json(single_slot)["recent_failures"][0]
+    assert latest["code"] == "upstream_rate_limited"
+    assert latest["request_id"] == response.headers["x-request-id"]
+
+
+def test_status_prints_a_table_and_watch_refreshes(single_slot: Gateway) -> None:
+    env = {**os.environ, "REDIS_URL": single_slot.redis_url, "LOG_LEVEL": "warning"}
+    command = [sys.executable, "-m", "cli.main", "status"]
+    text = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30).stdout
+    assert "0 waiting" in text
+    assert f" {single_slot.workers[0].pid} " in text
+    watch = subprocess.Popen(
+        [*command, "--watch", "0.2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    time.sleep(2.0)
+    watch.send_signal(signal.SIGINT)
+    out, _ = watch.communicate(timeout=10)
+    assert watch.returncode == 0
+    assert out.count("waiting, oldest") >= 2
+
+
+@pytest.fixture
+def bare(start_gateway: Any) -> Iterator[Gateway]:
+    gateway: Gateway = start_gateway(workers=0, BACKEND="scripted", **HEARTBEAT)
+    yield gateway
+    gateway.stop()
+
+
+def test_ready_needs_a_live_worker_and_a_killed_worker_drops_out_within_the_heartbeat_window(
+    bare: Gateway,
+) -> None:
+    response = httpx.get(f"{bare.url}/ready", timeout=5)
+    assert response.status_code == 503
+    assert response.json() == {
+        "error": {
+            "message": "No worker is running.",
+            "type": "server_error",
+            "param": None,
+            "code": "no_live_worker",
+        }
+    }
+
+    worker = bare.start_worker()
+    wait_for(lambda: httpx.get(f"{bare.url}/ready", timeout=5).status_code == 200, 20, "/ready recovering")
+    assert httpx.get(f"{bare.url}/ready", timeout=5).json() == {"status": "ready"}
+    assert scrape(bare)["gateway_workers_alive"] == 1
+
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=10)
+    # TTL is 3 intervals = 1.5 s; allow generously for a loaded machine.
+    wait_for(lambda: scrape(bare)["gateway_workers_alive"] == 0, 10, "the killed worker dropping out")
+    assert httpx.get(f"{bare.url}/ready", timeout=5).status_code == 503
+    assert status_json(bare)["workers"] == []
+
+    # A worker stopped cleanly (SIGTERM) leaves at once instead of waiting for its TTL.
+    second = bare.start_worker()
+    wait_for(lambda: scrape(bare)["gateway_workers_alive"] == 1, 20, "the second worker's heartbeat")
+    second.send_signal(signal.SIGTERM)
+    second.wait(timeout=20)
+    assert scrape(bare)["gateway_workers_alive"] == 0
+
+
+def test_logs_are_json_with_request_and_job_ids_in_both_processes_and_no_prompt(start_gateway: Any) -> None:
+    secret = f"sk-ant-canary-{uuid.uuid4().hex}"
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", LOG_FORMAT="json", LOG_LEVEL="info", ANTHROPIC_API_KEY=secret
+    )
+    prompt = f"prompt-canary-{uuid.uuid4().hex}"
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat(prompt), timeout=30)
+    assert response.status_code == 200
+    request_id = response.headers["x-request-id"]
+    job_id = response.json()["id"].removeprefix("chatcmpl-")
+
+    def lines(role: str) -> list[dict[str, Any]]:
+        [path] = gateway.logs.glob(f"{role}-*.log")
+        return [json.loads(line) for line in path.read_text().splitlines()]  # every line is JSON
+
+    wait_for(lambda: any(line.get("job_id") == job_id for line in lines("worker")), 10, "the worker's log")
+    for role in ("api", "worker"):
+        mine = [line for line in lines(role) if line.get("request_id") == request_id]
+        assert mine, f"no {role} line carries the request id"
+        assert all(line["job_id"] == job_id for line in mine), mine
+        text = "\n".join(json.dumps(line) for line in lines(role))
+        assert prompt not in text
+        assert secret not in text
+    assert len([line for line in lines("api") if line.get("request_id") == request_id]) >= 2

@@ -1,0 +1,87 @@
+"""The shared status pieces on a real Redis: waiting vs running jobs in arq's queue, heartbeat
+expiry, and the outcome totals workers record."""
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from cli.embedded_redis import EmbeddedRedis
+from shared import heartbeats, stats
+from shared.heartbeats import Heartbeat
+from shared.jobs import Failed, FailureCode, Usage
+from shared.status import queue_state
+from tests.conftest import unit_db
+
+
+@pytest.fixture
+async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
+    # Database 13 is this module's (gateways take 1, 2, ...; test_queue 14, test_events 15).
+    client = Redis.from_url(unit_db(redis_server))
+    await client.flushdb()
+    yield client
+    await client.flushdb()
+    await client.aclose()
+
+
+async def test_queue_depth_counts_waiting_jobs_and_ages_the_oldest_waiting_one(redis: Redis) -> None:
+    now = time.time()
+    # arq keeps running jobs in the queue, marked by an in-progress key.
+    await redis.zadd("q", {"running-a": (now - 30) * 1000, "waiting-b": (now - 20) * 1000})
+    await redis.zadd("q", {"running-c": (now - 10) * 1000, "waiting-d": (now - 5) * 1000})
+    await redis.set("arq:in-progress:running-a", 1)
+    await redis.set("arq:in-progress:running-c", 1)
+    state = await queue_state(redis, "q", now, slots=2)
+    assert state.depth == 2
+    assert state.oldest_age_s == pytest.approx(20, abs=0.01)
+    assert (await queue_state(redis, "empty", now, slots=2)).oldest_age_s is None
+
+
+async def test_a_heartbeat_lives_for_its_ttl_and_a_retired_worker_leaves_at_once(redis: Redis) -> None:
+    def beat(worker_id: str) -> Heartbeat:
+        return Heartbeat(
+            id=worker_id, host="h", pid=1, started=time.time(), beat=time.time(), slots=2, jobs=[]
+        )
+
+    await heartbeats.beat(redis, beat("w-1"), ttl_s=0.3)
+    await heartbeats.beat(redis, beat("w-2"), ttl_s=30)
+    assert [w.id for w in await heartbeats.alive_workers(redis)] == ["w-1", "w-2"]
+    await asyncio.sleep(0.5)
+    assert [w.id for w in await heartbeats.alive_workers(redis)] == ["w-2"]
+    await heartbeats.retire(redis, "w-2")
+    assert await heartbeats.alive_workers(redis) == []
+    with pytest.raises(ValueError, match="malformed"):
+        heartbeats.worker_key("a:b")
+
+
+async def test_outcomes_add_up_into_cumulative_histograms(redis: Redis) -> None:
+    def record(outcome: str, wait: float, failure: Failed | None = None) -> stats.JobRecord:
+        usage = None if failure else Usage(prompt_tokens=3, completion_tokens=7, cost_usd=0.25)
+        return stats.JobRecord(
+            job_id="a" * 32,
+            request_id="req_1",
+            worker_id="w-1",
+            outcome=outcome,
+            queue_wait_s=wait,
+            duration_s=2.0,
+            first_token_s=None if failure else wait + 0.5,
+            usage=usage,
+            failure=failure,
+        )
+
+    failure = Failed(code=FailureCode.TIMEOUT, message="too slow")
+    await stats.record_job(redis, record("completed", 0.2), failures_kept=10)
+    await stats.record_job(redis, record("completed", 7.0), failures_kept=10)
+    await stats.record_job(redis, record("timeout", 400.0, failure), failures_kept=10)
+    totals = await stats.read_stats(redis)
+    assert totals.jobs == {"completed": 2, "timeout": 1}
+    assert (totals.prompt_tokens, totals.completion_tokens, totals.cost_usd) == (6, 14, 0.5)
+    wait = dict(totals.histograms["queue_wait_seconds"].buckets)
+    assert (wait[0.1], wait[0.25], wait[5], wait[10], wait[300], wait[math.inf]) == (0, 1, 1, 2, 2, 3)
+    assert totals.histograms["queue_wait_seconds"].sum == pytest.approx(407.2)
+    assert totals.histograms["time_to_first_token_seconds"].count == 2
+    [latest] = await stats.recent_failures(redis, 5)
+    assert (latest.code, latest.message, latest.request_id) == ("timeout", "too slow", "req_1")
