@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from arq.connections import ArqRedis
 
-from shared import queue
+from shared import queue, quotas
 from shared.events import JobEventValue, NoEventWithin, read_events
 from shared.jobs import Failed, FailureCode
 from shared.settings import Settings
@@ -35,6 +35,7 @@ async def follow_job(redis: ArqRedis, settings: Settings, job_id: str) -> AsyncI
                 )
                 return
             if after == 0 and await queue.withdraw(redis, settings.queue_name, job_id):
+                await quotas.release_job_slot(redis, job_id)
                 yield Failed(
                     code=FailureCode.QUEUE_TIMEOUT,
                     message=f"No worker started the job within {settings.queue_timeout_s:g} s; retry later.",

@@ -1,8 +1,9 @@
-"""`claude-gateway up | api | worker`.
+"""`claude-gateway up | api | worker | keys`.
 
 `up` is the one-machine deployment: a private Redis when `REDIS_URL` is unset, one API process
 and `WORKERS` worker processes, all stopped together on Ctrl-C. `api` and `worker` run one role
-each against a shared `REDIS_URL`, for deployments across several machines.
+each against a shared `REDIS_URL`, for deployments across several machines. `keys` manages
+client API keys (see `cli/keys.py`).
 """
 
 import argparse
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 
+from cli import keys
 from shared.settings import Settings
 
 
@@ -36,8 +38,19 @@ def run_api(settings: Settings) -> None:
 
     from api.app import create_app
 
-    app = create_app(settings, _require_redis_url(settings, "api"))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    redis_url = _require_redis_url(settings, "api")
+    keys.ensure_protected(settings, redis_url)
+    app = create_app(settings, redis_url)
+    # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1; the
+    # gateway resolves client addresses itself, from TRUSTED_PROXIES only (api/access.py).
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        proxy_headers=False,
+    )
 
 
 def run_worker(settings: Settings) -> None:
@@ -56,14 +69,16 @@ def run_up(settings: Settings) -> None:
         embedded.start()
         redis_url = embedded.url
         logging.info("started a private Redis on %s (data in %s)", redis_url, embedded.data_dir)
+    keys.ensure_protected(settings, redis_url)  # here, where the terminal is, not in the children
     env = {**os.environ, "REDIS_URL": redis_url}
     command = [sys.executable, "-m", "cli.main"]
     # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the API and the
     # workers (they drain), and Redis only once they have exited.
-    children = [subprocess.Popen([*command, "api"], env=env, start_new_session=True)]
-    children += [
-        subprocess.Popen([*command, "worker"], env=env, start_new_session=True)
-        for _ in range(settings.workers)
+    # stdin from /dev/null: only this process may ask the terminal anything.
+    roles = ["api"] + ["worker"] * settings.workers
+    children = [
+        subprocess.Popen([*command, role], env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+        for role in roles
     ]
     logging.info("gateway on http://%s:%d with %d workers", settings.host, settings.port, settings.workers)
 
@@ -100,9 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     roles.add_parser("up", help="run Redis (if REDIS_URL is unset), the API and WORKERS workers")
     roles.add_parser("api", help="run one API process against REDIS_URL")
     roles.add_parser("worker", help="run one worker process against REDIS_URL")
+    keys.add_parser(roles)
     args = parser.parse_args(argv)
     settings = Settings()
     _configure_logging(settings)
+    if args.role == "keys":
+        keys.run_keys(settings, args)
+        return
     {"up": run_up, "api": run_api, "worker": run_worker}[args.role](settings)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from shared import quotas
 from shared.events import EventWriter
 from shared.jobs import CompletionJob, Done, Failed, FailureCode
 from shared.settings import Settings
@@ -42,11 +43,14 @@ async def run_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     except asyncio.CancelledError:
         writer.emit(Failed(code=FailureCode.WORKER_SHUTDOWN, message="the worker stopped during the job"))
         await asyncio.shield(writer.drain())
+        await asyncio.shield(quotas.release_job_slot(redis, job.id))
         raise
     except Exception:
         log.exception("job failed unexpectedly", extra={"job_id": job.id, "request_id": job.request_id})
         outcome = FailureCode.INTERNAL.value
         writer.emit(Failed(code=FailureCode.INTERNAL, message="the worker failed while running the job"))
+    # Freed before the terminal event is flushed, so a caller who saw it can start its next job.
+    await quotas.release_job_slot(redis, job.id)
     await writer.drain()
     log.info(
         "job %s %s in %.0f ms (%d events)",

@@ -14,8 +14,10 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from api.access import job_slot
 from api.deps import GatewayDep
 from api.errors import OpenAIError
+from api.hygiene import check_prompt_limits
 from api.protocol import ChatCompletion, ChatCompletionRequest, ErrorInfo, ErrorResponse
 from api.relay import follow_job
 from api.render import ChunkRenderer, completion_body, error_chunk
@@ -28,7 +30,7 @@ log = logging.getLogger("gateway.api")
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 413, 500, 502, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 502, 503, 504)
 }
 
 
@@ -36,8 +38,10 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, gateway: GatewayDep
 ) -> JSONResponse | EventSourceResponse:
+    check_prompt_limits(body, gateway.settings)
     job = build_job(body, request.state.request_id, gateway.settings)
-    await queue.enqueue(gateway.redis, job)
+    async with job_slot(gateway, request, job.id):
+        await queue.enqueue(gateway.redis, job)
     events = follow_job(gateway.redis, gateway.settings, job.id)
     if not body.stream:
         return JSONResponse((await _collect(job, events)).model_dump())
