@@ -4,6 +4,7 @@ Nothing of one job is visible to another through the filesystem paths the gatewa
 and everything is removed when the job ends (a killed CLI otherwise leaves `/tmp/claude-*`).
 """
 
+import pwd
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,10 +34,15 @@ class Workspace:
 
 
 @contextmanager
-def job_workspace(parent: Path, job_id: str) -> Iterator[Workspace]:
+def job_workspace(parent: Path, job_id: str, owner: str | None = None) -> Iterator[Workspace]:
+    """`owner`: the user the job runs as (`CLAUDE_JOB_USER`), who must own what it writes to."""
     workspace = Workspace(parent.resolve() / job_id)
     for directory in (workspace.cwd, workspace.config, workspace.tmp):
         directory.mkdir(parents=True, mode=0o700)
+    if owner is not None:
+        group = pwd.getpwnam(owner).pw_gid
+        for path in (workspace.root, workspace.cwd, workspace.home, workspace.config, workspace.tmp):
+            shutil.chown(path, user=owner, group=group)
     try:
         yield workspace
     finally:

@@ -1,0 +1,71 @@
+"""What a tool the agent runs can see: the real SDK and CLI run a `Bash` call scripted by the fake
+upstream, and the tool's own view of its environment goes back upstream as the tool result."""
+
+import re
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway, chat
+from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
+
+pytestmark = pytest.mark.claude
+
+REAL_KEY = "sk-ant-real-credential-must-not-leak"
+GATEWAY_KEY = "gateway-client-key-must-not-leak"
+# The tool's environment three ways: as its shell sees it, as the kernel has it, and its parent's.
+SHOW_ENVIRONMENT = (
+    "env; echo ---; cat /proc/self/environ | tr '\\0' '\\n'; "
+    "echo ---; cat /proc/$PPID/environ | tr '\\0' '\\n'"
+)
+
+
+@pytest.fixture(scope="module")
+def tooled(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
+    """A Claude gateway whose agent may run Bash, holding a real-looking key and a client key."""
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="claude",
+        ANTHROPIC_BASE_URL=fake_anthropic.url,
+        ANTHROPIC_API_KEY=REAL_KEY,
+        API_KEY=GATEWAY_KEY,
+        CLAUDE_TOOLS='["Bash"]',
+        CLAUDE_MAX_RETRIES="1",
+    )
+    return gateway
+
+
+def test_a_bash_tool_sees_no_credential_no_client_key_and_no_redis_url(
+    tooled: Gateway, upstream: FakeAnthropic
+) -> None:
+    upstream.script.extend(
+        [Reply(tool_use=("Bash", {"command": SHOW_ENVIRONMENT, "description": "show env"})), Reply()]
+    )
+    response = httpx.post(
+        f"{tooled.url}/v1/chat/completions",
+        json=chat("show me your environment"),
+        headers={"authorization": f"Bearer {GATEWAY_KEY}"},
+        timeout=90,
+    )
+    assert response.status_code == 200, response.text
+    assert len(upstream.requests) == 2
+    output = "\n".join(tool_results(upstream.requests[-1]))
+    # The tool really ran and printed both views of its environment.
+    assert "HOME=" in output, output
+    assert output.count("ANTHROPIC_API_KEY=") == 3, output
+    for secret in (REAL_KEY, GATEWAY_KEY, tooled.redis_url, "redis://", "REDIS_URL", "API_KEY="):
+        assert secret not in output.replace("ANTHROPIC_API_KEY=", ""), secret
+    # Upstream saw the real key on every request: the proxy put it there, the CLI never had it.
+    assert upstream.credentials == [REAL_KEY, REAL_KEY]
+    token = re.search(r"ANTHROPIC_API_KEY=(\S+)", output)
+    proxy = re.search(r"ANTHROPIC_BASE_URL=(\S+)", output)
+    assert token is not None
+    assert proxy is not None
+    assert token.group(1).startswith("job-")
+    # The job is over: its token no longer opens the proxy.
+    late = httpx.post(
+        f"{proxy.group(1)}/v1/messages", headers={"x-api-key": token.group(1)}, json={}, timeout=10
+    )
+    assert late.status_code == 401
+    assert len(upstream.requests) == 2
