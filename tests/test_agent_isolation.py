@@ -1,7 +1,10 @@
 """What a tool the agent runs can see: the real SDK and CLI run a `Bash` call scripted by the fake
 upstream, and the tool's own view of its environment goes back upstream as the tool result."""
 
+import os
 import re
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -69,3 +72,38 @@ def test_a_bash_tool_sees_no_credential_no_client_key_and_no_redis_url(
     )
     assert late.status_code == 401
     assert len(upstream.requests) == 2
+
+
+@pytest.fixture(scope="module")
+def unprivileged(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
+    """As `tooled`, but each CLI runs as `nobody` (`CLAUDE_JOB_USER`) under a root worker."""
+    if os.geteuid() != 0:
+        pytest.skip("switching the CLI's user needs a root worker")
+    workspaces = Path(tempfile.mkdtemp(prefix="gateway-jobs-"))
+    workspaces.chmod(0o755)  # pytest's own temp folders are private to root
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="claude",
+        ANTHROPIC_BASE_URL=fake_anthropic.url,
+        ANTHROPIC_API_KEY=REAL_KEY,
+        CLAUDE_TOOLS='["Bash"]',
+        CLAUDE_JOB_USER="nobody",
+        WORKSPACE_ROOT=str(workspaces),
+        CLAUDE_MAX_RETRIES="1",
+    )
+    return gateway
+
+
+def test_a_tool_run_as_another_user_cannot_read_the_workers_environment(
+    unprivileged: Gateway, upstream: FakeAnthropic
+) -> None:
+    worker = unprivileged.workers[0].pid
+    command = f"id -un; cat /proc/{worker}/environ; echo status=$?"
+    upstream.script.extend([Reply(tool_use=("Bash", {"command": command, "description": "peek"})), Reply()])
+    response = httpx.post(f"{unprivileged.url}/v1/chat/completions", json=chat("peek"), timeout=90)
+    assert response.status_code == 200, response.text
+    output = "\n".join(tool_results(upstream.requests[-1]))
+    assert output.splitlines()[0] == "nobody", output
+    assert "status=1" in output, output
+    assert REAL_KEY not in output
+    assert "REDIS_URL" not in output
