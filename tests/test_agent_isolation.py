@@ -3,6 +3,7 @@ upstream, and the tool's own view of its environment goes back upstream as the t
 
 import os
 import re
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Gateway, chat
+from tests.conftest import ROOT, Gateway, chat
 from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
 
 pytestmark = pytest.mark.claude
@@ -107,3 +108,29 @@ def test_a_tool_run_as_another_user_cannot_read_the_workers_environment(
     assert "status=1" in output, output
     assert REAL_KEY not in output
     assert "REDIS_URL" not in output
+
+
+@pytest.mark.parametrize("forbidden", [False, True])
+def test_a_non_dumpable_worker_is_unreadable_to_its_own_users_tools(forbidden: bool) -> None:
+    """What protects the worker when the CLI runs as the worker's own (non-root) user."""
+    system_python = Path("/usr/bin/python3")  # the venv's interpreter may live under /root
+    if os.geteuid() != 0 or not system_python.exists():
+        pytest.skip("needs root and /usr/bin/python3 to run the probe as an unprivileged user")
+    probe = (
+        "import os, subprocess\n"
+        "from worker.environment import forbid_inspection\n"
+        f"if {forbidden}: forbid_inspection()\n"
+        "path = f'/proc/{os.getpid()}/environ'\n"
+        "print(subprocess.run(['cat', path], capture_output=True, text=True).returncode)\n"
+    )
+    probed = subprocess.run(
+        [system_python, "-c", probe],
+        cwd=ROOT,
+        env={"PATH": os.environ["PATH"], "SECRET": REAL_KEY},
+        user="nobody",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert probed.returncode == 0, probed.stderr
+    assert probed.stdout.strip() == ("1" if forbidden else "0")

@@ -12,7 +12,7 @@ from shared import queue
 from shared.keys import WAKEUP_CHANNEL
 from shared.settings import Settings
 from worker.backends import create_backend
-from worker.environment import forget_environment
+from worker.environment import forbid_inspection, forget_environment
 from worker.task import run_completion
 
 log = logging.getLogger("gateway.worker")
@@ -98,4 +98,5 @@ def build_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> 
 
 def run_worker(settings: Settings, redis_url: str) -> None:
     forget_environment()  # settings are read: nothing in the environment is for the agent's eyes
+    forbid_inspection()
     build_worker(settings, redis_url).run()
