@@ -32,6 +32,12 @@ log = logging.getLogger("gateway.api")
 
 OPEN_PATHS = frozenset({"/health"})
 _JOB_LEASE_GRACE_S = 60.0
+_ACCESS_UNAVAILABLE = OpenAIError(
+    503,
+    "The gateway cannot check access right now; retry shortly.",
+    type="server_error",
+    code="access_control_unavailable",
+)
 
 
 class RateLimited(OpenAIError):
@@ -135,15 +141,7 @@ class Access:
             refusal, headers = await self._check(gateway.redis, scope, state, address)
         except RedisError as exc:
             log.warning("Redis unreachable during access checks: %s", type(exc).__name__)
-            refusal, headers = (
-                OpenAIError(
-                    503,
-                    "The gateway cannot check access right now; retry shortly.",
-                    type="server_error",
-                    code="access_control_unavailable",
-                ),
-                {},
-            )
+            refusal, headers = _ACCESS_UNAVAILABLE, {}
         if refusal is not None:
             await refusal.response()(scope, receive, send)
             return
@@ -216,8 +214,7 @@ class Access:
             if missing
             else "Incorrect API key provided."
         )
-        error = OpenAIError(401, message, type="invalid_request_error", code="invalid_api_key")
-        return error
+        return OpenAIError(401, message, type="invalid_request_error", code="invalid_api_key")
 
 
 @asynccontextmanager

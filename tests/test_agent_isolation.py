@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cli.embedded_redis import free_port
 from tests.conftest import ROOT, Gateway, chat
 from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
 
@@ -134,3 +135,17 @@ def test_a_non_dumpable_worker_is_unreadable_to_its_own_users_tools(forbidden: b
     )
     assert probed.returncode == 0, probed.stderr
     assert probed.stdout.strip() == ("1" if forbidden else "0")
+
+
+def test_an_unreachable_model_api_behind_the_proxy_fails_the_job_with_502(start_gateway: Any) -> None:
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="claude",
+        ANTHROPIC_BASE_URL=f"http://127.0.0.1:{free_port()}",
+        ANTHROPIC_API_KEY=REAL_KEY,
+        CLAUDE_MAX_RETRIES="0",
+    )
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), timeout=90)
+    assert response.status_code == 502, response.text
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert REAL_KEY not in response.text

@@ -75,7 +75,12 @@ class CredentialProxy:
             headers=headers,
             content=await request.body(),
         )
-        response = await self._client.send(upstream, stream=True)
+        try:
+            response = await self._client.send(upstream, stream=True)
+        except httpx.HTTPError as exc:
+            # The CLI reports this as an upstream failure; the job fails with a 502, not a hang.
+            error = {"type": "error", "error": {"type": "api_error", "message": type(exc).__name__}}
+            return JSONResponse(error, status_code=502)
         returned = {k: v for k, v in response.headers.items() if k not in _HOP_BY_HOP}
         return StreamingResponse(
             response.aiter_raw(),

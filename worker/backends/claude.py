@@ -5,6 +5,8 @@ stop reason come from the SDK's `ResultMessage`; failures from its error result 
 """
 
 import logging
+import os
+import pwd
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -67,6 +69,10 @@ def prompt_for(job: CompletionJob) -> str:
 class ClaudeBackend:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        if settings.claude_job_user is not None:
+            pwd.getpwnam(settings.claude_job_user)  # fails at start-up, not on the first job
+            if os.geteuid() != 0:
+                raise RuntimeError("CLAUDE_JOB_USER needs a worker running as root to switch users")
         self._proxy: CredentialProxy | None = None
         if settings.anthropic_api_key and (key := settings.anthropic_api_key.get_secret_value()):
             self._proxy = CredentialProxy(settings.anthropic_base_url or _ANTHROPIC_API, key)
