@@ -314,3 +314,16 @@ def test_a_100_mb_body_is_refused_without_the_api_growing_by_100_mb(behind_proxy
     grown_mib = (_peak_rss_kib(api.pid) - before) / 1024
     print(f"API peak RSS grew by {grown_mib:.1f} MiB")
     assert grown_mib < 50
+
+
+def test_a_job_no_worker_starts_gives_its_slot_back(start_gateway: Any) -> None:
+    idle: Gateway = start_gateway(
+        workers=0, BACKEND="scripted", QUEUE_TIMEOUT_S="1", MAX_CONCURRENT_JOBS_PER_KEY="1"
+    )
+    for _ in range(2):  # the second would get 429 if the first had kept the only slot
+        response = httpx.post(f"{idle.url}/v1/chat/completions", json=chat("hi"), timeout=30)
+        assert_error(response, 503, "queue_timeout")
+    redis = idle.redis()
+    assert not list(redis.scan_iter("gateway:jobslots:*"))
+    assert not list(redis.scan_iter("gateway:job:*:slot"))
+    redis.close()
