@@ -5,8 +5,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from api import errors
+from api.access import Access
 from api.deps import Gateway
 from api.middleware import BodyLimit, RequestId
 from api.routes import chat, chat_jobs, health, models, ops
@@ -32,6 +34,17 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     app = FastAPI(title="Claude Code Gateway", version="0.1.0", lifespan=lifespan)
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(Access, settings=settings)  # before the body is read
+    if settings.cors_origins:
+        # Keys travel in a header, never in cookies: no credentialed CORS, so never `*` with it.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=False,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
+            expose_headers=["x-request-id", "retry-after", "x-ratelimit-remaining-requests"],
+        )
     app.add_middleware(RequestId)  # outermost: even a refused body gets its request id
     for module in (chat, chat_jobs, models, health, ops):
         app.include_router(module.router)

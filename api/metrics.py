@@ -11,7 +11,6 @@ Two kinds of series, told apart in their help text:
 Nothing here runs per token.
 """
 
-import math
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -88,7 +87,7 @@ def _service_metrics(snapshot: Snapshot) -> Iterator[Metric]:
     yield tokens
     yield CounterMetricFamily("gateway_cost_usd", "Cost Claude Code reported (service-wide).", stats.cost_usd)
     for name, histogram in stats.histograms.items():
-        buckets = [("+Inf" if le == math.inf else repr(le), count) for le, count in histogram.buckets]
+        buckets = [(le if isinstance(le, str) else repr(le), count) for le, count in histogram.buckets]
         yield HistogramMetricFamily(f"gateway_{name}", _HISTOGRAM_HELP[name], buckets, histogram.sum)
 
 

@@ -1,8 +1,9 @@
-"""`claude-gateway up | api | worker`.
+"""`claude-gateway up | api | worker | keys`.
 
 `up` is the one-machine deployment: a private Redis when `REDIS_URL` is unset, one API process
 and `WORKERS` worker processes, all stopped together on Ctrl-C. `api` and `worker` run one role
-each against a shared `REDIS_URL`, for deployments across several machines.
+each against a shared `REDIS_URL`, for deployments across several machines. `keys` manages
+client API keys (see `cli/keys.py`).
 """
 
 import argparse
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 
+from cli import keys
 from shared.logs import configure_logging
 from shared.settings import Settings
 
@@ -38,7 +40,11 @@ def run_api(settings: Settings) -> None:
 
     from api.app import create_app
 
-    app = create_app(settings, _require_redis_url(settings, "api"))
+    redis_url = _require_redis_url(settings, "api")
+    keys.ensure_protected(settings, redis_url)
+    app = create_app(settings, redis_url)
+    # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1; the
+    # gateway resolves client addresses itself, from TRUSTED_PROXIES only (api/access.py).
     uvicorn.run(
         app,
         host=settings.host,
@@ -46,6 +52,7 @@ def run_api(settings: Settings) -> None:
         log_level=settings.log_level,
         log_config=None,  # keep the gateway's own log format (shared/logs.py)
         access_log=False,
+        proxy_headers=False,
     )
 
 
@@ -67,14 +74,16 @@ def run_up(settings: Settings) -> None:
         logging.info("started a private Redis on %s (data in %s)", redis_url, embedded.data_dir)
         # So that `claude-gateway status` on this machine finds it without REDIS_URL.
         (embedded.data_dir / PRIVATE_REDIS_URL_FILE).write_text(redis_url)
+    keys.ensure_protected(settings, redis_url)  # here, where the terminal is, not in the children
     env = {**os.environ, "REDIS_URL": redis_url}
     command = [sys.executable, "-m", "cli.main"]
     # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the API and the
     # workers (they drain), and Redis only once they have exited.
-    children = [subprocess.Popen([*command, "api"], env=env, start_new_session=True)]
-    children += [
-        subprocess.Popen([*command, "worker"], env=env, start_new_session=True)
-        for _ in range(settings.workers)
+    # stdin from /dev/null: only this process may ask the terminal anything.
+    roles = ["api"] + ["worker"] * settings.workers
+    children = [
+        subprocess.Popen([*command, role], env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+        for role in roles
     ]
     logging.info("gateway on http://%s:%d with %d workers", settings.host, settings.port, settings.workers)
 
@@ -117,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     status.add_argument(
         "--watch", type=float, nargs="?", const=2.0, metavar="SECONDS", help="refresh every SECONDS (2)"
     )
+    keys.add_parser(roles)
     args = parser.parse_args(argv)
     settings = Settings()
     configure_logging(settings)
@@ -124,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         from cli.status import run_status
 
         run_status(settings, _status_redis_url(settings), as_json=args.json, watch_s=args.watch)
+        return
+    if args.role == "keys":
+        keys.run_keys(settings, args)
         return
     {"up": run_up, "api": run_api, "worker": run_worker}[args.role](settings)
 

@@ -12,7 +12,8 @@ ended; the job's events live in its stream (`events_key`). Steps:
     recover  any worker   a lease ran out: retry a job that produced nothing, else fail it
 
 Fencing by attempt is what keeps attempts from interleaving: once a job has moved on (retried,
-cancelled, failed), the old attempt's writes are refused.
+cancelled, failed), the old attempt's writes are refused. Every step that ends a job also frees
+the caller's concurrent-job slot it held, so no path can leak one.
 """
 
 import time
@@ -26,6 +27,7 @@ from redis.asyncio import Redis
 from shared.jobs import CompletionJob, Failed, FailureCode, JobStatus, encode_event
 from shared.keys import (
     CANCEL_CHANNEL,
+    PREFIX,
     RUNNING,
     WAKEUP_CHANNEL,
     attempt_id,
@@ -40,6 +42,15 @@ _PRELUDE = f"""
 local ARQ_JOB, ARQ_IN_PROGRESS = '{job_key_prefix}', '{in_progress_key_prefix}'
 local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
 local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{WAKEUP_CHANNEL}', '{CANCEL_CHANNEL}'
+-- Frees the caller's concurrent-job slot the job holds, if any (shared/quotas.py).
+local function release_slot(job_id)
+  local record = '{PREFIX}:job:' .. job_id .. ':slot'  -- quotas.slot_record_key
+  local holder = redis.call('get', record)
+  if holder then
+    redis.call('zrem', holder, job_id)
+    redis.call('del', record)
+  end
+end
 """
 
 # Appends `event` after the stream's last entry and marks the job ended; used by `stop` and
@@ -56,6 +67,7 @@ local function finish(record, stream, job_id, event, outcome, ttl)
   redis.call('expire', stream, ttl)
   redis.call('expire', record, ttl)
   redis.call('zrem', KEYS[3], job_id)
+  release_slot(job_id)
 end
 """
 
@@ -120,6 +132,7 @@ if ARGV[4] ~= '' then
   redis.call('hset', KEYS[2], 'ended', ARGV[4])
   redis.call('expire', KEYS[2], ARGV[3])
   redis.call('zrem', KEYS[3], ARGV[5])
+  release_slot(ARGV[5])
 end
 return 1
 """

@@ -103,3 +103,37 @@ class Settings(BaseSettings):
     @property
     def heartbeat_ttl_s(self) -> float:
         return self.heartbeat_interval_s * self.heartbeat_ttl_factor
+
+    # --- Access control, quotas, request hygiene, agent isolation (docs/security.md) ------
+    api_key: SecretStr | None = Field(default=None, description="One client API key; never logged.")
+    api_keys: SecretStr | None = Field(default=None, description="More client API keys, comma-separated.")
+    allow_unauthenticated: bool = Field(
+        default=False, description="Explicit opt-out: serve a non-loopback HOST with no API key."
+    )
+    rate_limit_enabled: bool = True
+    rate_limit_per_minute: int = Field(default=120, ge=1, description="Per key and per address.")
+    rate_limit_chat_per_minute: int = Field(default=60, ge=1)
+    rate_limit_session_per_minute: int = Field(default=120, ge=1)
+    rate_limit_auth_per_minute: int = Field(
+        default=30, ge=1, description="Failed authentications per client address."
+    )
+    max_concurrent_jobs_per_key: int = Field(default=8, ge=0, description="0: no cap.")
+    max_messages: int = Field(default=1000, ge=1)
+    max_prompt_chars: int = Field(default=1_000_000, ge=1, description="All message text of one request.")
+    cors_origins: list[str] = Field(default=[], description="Browser origins allowed; empty: CORS off.")
+    trusted_proxies: list[str] = Field(
+        default=[], description="Addresses or CIDRs whose X-Forwarded-For is believed."
+    )
+    claude_tools: list[str] = Field(
+        default=[], description='Tools the agent may use, pre-approved (e.g. ["Bash"]); none by default.'
+    )
+    claude_job_user: str | None = Field(
+        default=None, description="Run each CLI as this user (the worker must be root to switch)."
+    )
+
+    def client_api_keys(self) -> list[str]:
+        """The configured client keys (`API_KEY` and `API_KEYS`), secrets in memory only."""
+        keys = [self.api_key.get_secret_value()] if self.api_key else []
+        if self.api_keys:
+            keys += self.api_keys.get_secret_value().split(",")
+        return [key.strip() for key in keys if key.strip()]

@@ -9,9 +9,9 @@ histogram `<name>|le|<bound>` (observations in that bucket only; `read_stats` ac
 `<name>|sum` and `<name>|count`.
 """
 
-import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
@@ -88,7 +88,9 @@ async def record_job(redis: Redis, record: JobRecord, *, failures_kept: int) -> 
 
 
 class Histogram(BaseModel):
-    buckets: list[tuple[float, int]]  # (upper bound, cumulative count); the last bound is +Inf
+    # (upper bound, cumulative count); the last bound is +Inf, written as the string "+Inf"
+    # (as Prometheus does) because JSON has no infinity.
+    buckets: list[tuple[float | Literal["+Inf"], int]]
     sum: float
     count: int
 
@@ -116,11 +118,11 @@ async def read_stats(redis: Redis) -> Stats:
     histograms: dict[str, Histogram] = {}
     for name, bounds in HISTOGRAMS.items():
         cumulative = 0
-        buckets: list[tuple[float, int]] = []
-        for bound in (*bounds, math.inf):
-            label = "+Inf" if bound == math.inf else repr(float(bound))
-            cumulative += int(raw.get(f"{name}|le|{label}", 0))
-            buckets.append((bound, cumulative))
+        buckets: list[tuple[float | Literal["+Inf"], int]] = []
+        for bound in bounds:
+            cumulative += int(raw.get(f"{name}|le|{float(bound)!r}", 0))
+            buckets.append((float(bound), cumulative))
+        buckets.append(("+Inf", cumulative + int(raw.get(f"{name}|le|+Inf", 0))))
         histograms[name] = Histogram(
             buckets=buckets, sum=float(raw.get(f"{name}|sum", 0)), count=int(raw.get(f"{name}|count", 0))
         )

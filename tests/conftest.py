@@ -116,7 +116,13 @@ def start_gateway(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPath
     def start(*, workers: int = 2, redis_url: str | None = None, **env: str) -> Gateway:
         db = next(_databases)
         logs = tmp_path_factory.mktemp(f"gateway-{db}")
-        base_env = {"LOG_LEVEL": "warning", "WORKSPACE_ROOT": str(logs / "workspaces")}
+        base_env = {
+            "LOG_LEVEL": "warning",
+            "WORKSPACE_ROOT": str(logs / "workspaces"),
+            # Quotas are off unless a test is about them: every test client shares 127.0.0.1.
+            "RATE_LIMIT_ENABLED": "false",
+            "MAX_CONCURRENT_JOBS_PER_KEY": "0",
+        }
         redis_url = redis_url or f"redis://127.0.0.1:{redis_server.port}/{db}"
         gateway = Gateway(redis_url=redis_url, env={**base_env, **env}, logs=logs)
         started.append(gateway)
@@ -149,6 +155,7 @@ def fake_anthropic() -> Iterator[FakeAnthropic]:
 def upstream(fake_anthropic: FakeAnthropic) -> FakeAnthropic:
     """The fake upstream, with its script and recorded requests reset for this test."""
     fake_anthropic.requests.clear()
+    fake_anthropic.credentials.clear()
     fake_anthropic.script.clear()
     fake_anthropic.default = type(fake_anthropic.default)()
     return fake_anthropic

@@ -29,6 +29,8 @@ class Reply:
     stop_reason: str = "end_turn"
     status: int = 200
     error_type: str = "api_error"
+    tool_use: tuple[str, dict[str, Any]] | None = None
+    """(tool name, input): reply with a single tool call instead of text."""
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
@@ -47,6 +49,10 @@ async def _stream(reply: Reply, model: str) -> AsyncIterator[bytes]:
         "usage": {"input_tokens": reply.input_tokens, "output_tokens": 1},
     }
     yield _sse("message_start", {"type": "message_start", "message": message})
+    if reply.tool_use is not None:
+        async for chunk in _tool_use(*reply.tool_use):
+            yield chunk
+        return
     block = {"type": "text", "text": ""}
     yield _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
     for token in reply.tokens:
@@ -66,9 +72,28 @@ async def _stream(reply: Reply, model: str) -> AsyncIterator[bytes]:
     yield _sse("message_stop", {"type": "message_stop"})
 
 
+async def _tool_use(name: str, tool_input: dict[str, Any]) -> AsyncIterator[bytes]:
+    block = {"type": "tool_use", "id": f"toolu_{time.monotonic_ns()}", "name": name, "input": {}}
+    yield _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+    delta = {"type": "input_json_delta", "partial_json": json.dumps(tool_input)}
+    yield _sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+    yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+    yield _sse(
+        "message_delta",
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+            "usage": {"output_tokens": 5},
+        },
+    )
+    yield _sse("message_stop", {"type": "message_stop"})
+
+
 class FakeAnthropic:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.credentials: list[str] = []
+        """The `x-api-key` (or bearer token) of each request, in order."""
         self.script: deque[Reply] = deque()
         self.default = Reply()
         self.port = 0
@@ -82,6 +107,8 @@ class FakeAnthropic:
     async def _messages(self, request: Request) -> Response:
         body = await request.json()
         self.requests.append(body)
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+        self.credentials.append(request.headers.get("x-api-key") or bearer)
         reply = self.script.popleft() if self.script else self.default
         if reply.status != 200:
             error = {"type": "error", "error": {"type": reply.error_type, "message": "fake upstream error"}}
@@ -121,6 +148,20 @@ def user_text(body: dict[str, Any]) -> str:
     if isinstance(content, str):
         return content
     return [block["text"] for block in content if block.get("type") == "text"][-1]
+
+
+def tool_results(body: dict[str, Any]) -> list[str]:
+    """The text of every `tool_result` block the CLI sent back in this request."""
+    results: list[str] = []
+    for message in body["messages"]:
+        content = message["content"] if isinstance(message["content"], list) else []
+        for block in content:
+            if block.get("type") == "tool_result":
+                inner = block.get("content")
+                if isinstance(inner, list):
+                    inner = "".join(part.get("text", "") for part in inner)
+                results.append(str(inner))
+    return results
 
 
 def system_text(body: dict[str, Any]) -> str:

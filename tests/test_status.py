@@ -2,7 +2,6 @@
 expiry, and the outcome totals workers record."""
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator
 
@@ -80,7 +79,7 @@ async def test_outcomes_add_up_into_cumulative_histograms(redis: Redis) -> None:
     assert totals.jobs == {"completed": 2, "timeout": 1}
     assert (totals.prompt_tokens, totals.completion_tokens, totals.cost_usd) == (6, 14, 0.5)
     wait = dict(totals.histograms["queue_wait_seconds"].buckets)
-    assert (wait[0.1], wait[0.25], wait[5], wait[10], wait[300], wait[math.inf]) == (0, 1, 1, 2, 2, 3)
+    assert (wait[0.1], wait[0.25], wait[5], wait[10], wait[300], wait["+Inf"]) == (0, 1, 1, 2, 2, 3)
     assert totals.histograms["queue_wait_seconds"].sum == pytest.approx(407.2)
     assert totals.histograms["time_to_first_token_seconds"].count == 2
     [latest] = await stats.recent_failures(redis, 5)

@@ -14,6 +14,7 @@ from shared.jobstore import JobStore
 from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL, is_job_id
 from shared.settings import Settings
 from worker.backends import create_backend
+from worker.environment import forbid_inspection, forget_environment
 from worker.heartbeat import HeartbeatLoop
 from worker.leases import RunningJobs
 from worker.task import run_completion
@@ -179,4 +180,6 @@ def build_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> 
 
 
 def run_worker(settings: Settings, redis_url: str) -> None:
+    forget_environment()  # settings are read: nothing in the environment is for the agent's eyes
+    forbid_inspection()
     build_worker(settings, redis_url).run()

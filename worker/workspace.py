@@ -9,6 +9,7 @@ cancelled CLI never leaves a tool's process tree behind.
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 from collections.abc import Iterator
@@ -61,10 +62,15 @@ def kill_processes_of(workspace: Workspace) -> None:
 
 
 @contextmanager
-def job_workspace(parent: Path, job_id: str) -> Iterator[Workspace]:
+def job_workspace(parent: Path, job_id: str, owner: str | None = None) -> Iterator[Workspace]:
+    """`owner`: the user the job runs as (`CLAUDE_JOB_USER`), who must own what it writes to."""
     workspace = Workspace(parent.resolve() / job_id)
     for directory in (workspace.cwd, workspace.config, workspace.tmp):
         directory.mkdir(parents=True, mode=0o700)
+    if owner is not None:
+        group = pwd.getpwnam(owner).pw_gid
+        for path in (workspace.root, workspace.cwd, workspace.home, workspace.config, workspace.tmp):
+            shutil.chown(path, user=owner, group=group)
     try:
         yield workspace
     finally:

@@ -16,14 +16,16 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from api.access import job_slot
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import OpenAIError
+from api.hygiene import check_prompt_limits
 from api.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
 from api.relay import follow_job
 from api.render import ChunkRenderer, JobRef, completion_body, completion_id
 from api.streaming import first_event, sse_response
 from api.translate import build_job
-from shared import logs
+from shared import logs, quotas
 from shared.events import JobEventValue
 from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode, JobStatus
 
@@ -31,7 +33,7 @@ log = logging.getLogger("gateway.api")
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 413, 500, 502, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 502, 503, 504)
 }
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
@@ -44,8 +46,12 @@ async def create_chat_completion(
     caller: CallerDep,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JSONResponse | EventSourceResponse:
+    check_prompt_limits(body, gateway.settings)
     job = build_job(body, request.state.request_id, gateway.settings)
-    ref = await _submit(gateway, caller, job, body, idempotency_key)
+    async with job_slot(gateway, request, job.id):
+        ref = await _submit(gateway, caller, job, body, idempotency_key)
+    if ref.id != job.id:  # attached to the key's earlier job: this one was never queued
+        await quotas.release_job_slot(gateway.redis, job.id)
     logs.bind(job_id=ref.id)
     log.info("queued job (model %s, stream %s, background %s)", job.model, body.stream, body.background)
     if body.background:

@@ -5,6 +5,8 @@ stop reason come from the SDK's `ResultMessage`; failures from its error result 
 """
 
 import logging
+import os
+import pwd
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -20,9 +22,12 @@ from claude_agent_sdk.types import StreamEvent, SystemPromptPreset
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Usage
 from shared.settings import Settings
 from worker.backends import PROGRESS, BackendError, Progress
+from worker.credential_proxy import CredentialProxy
 from worker.workspace import MARKER, Workspace, job_workspace
 
 log = logging.getLogger("gateway.worker.claude")
+
+_ANTHROPIC_API = "https://api.anthropic.com"
 
 _FINISH_REASONS = {
     "end_turn": FinishReason.STOP,
@@ -64,8 +69,17 @@ def prompt_for(job: CompletionJob) -> str:
 class ClaudeBackend:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        if settings.claude_job_user is not None:
+            pwd.getpwnam(settings.claude_job_user)  # fails at start-up, not on the first job
+            if os.geteuid() != 0:
+                raise RuntimeError("CLAUDE_JOB_USER needs a worker running as root to switch users")
+        self._proxy: CredentialProxy | None = None
+        if settings.anthropic_api_key and (key := settings.anthropic_api_key.get_secret_value()):
+            self._proxy = CredentialProxy(settings.anthropic_base_url or _ANTHROPIC_API, key)
+            self._proxy.start()
 
-    def _options(self, job: CompletionJob, workspace: Workspace) -> ClaudeAgentOptions:
+    def _options(self, job: CompletionJob, workspace: Workspace, token: str | None) -> ClaudeAgentOptions:
+        """The CLI's whole environment is this `env` (the worker forgot its own, see `environment`)."""
         settings = self._settings
         env = {
             MARKER: str(workspace.root),
@@ -81,9 +95,11 @@ class ClaudeBackend:
             "DISABLE_AUTOUPDATER": "1",
             "DISABLE_ERROR_REPORTING": "1",
         }
-        if settings.anthropic_api_key and (key := settings.anthropic_api_key.get_secret_value()):
-            env["ANTHROPIC_API_KEY"] = key
-        if settings.anthropic_base_url:
+        if self._proxy is not None and token is not None:
+            # The real key stays in this process: the CLI talks to the proxy with a job token.
+            env["ANTHROPIC_BASE_URL"] = self._proxy.url
+            env["ANTHROPIC_API_KEY"] = token
+        elif settings.anthropic_base_url:
             env["ANTHROPIC_BASE_URL"] = settings.anthropic_base_url
         if job.max_tokens is not None:
             env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(job.max_tokens)
@@ -94,8 +110,11 @@ class ClaudeBackend:
             model=job.model,
             system_prompt=system,
             include_partial_messages=True,
-            tools=[],
+            # No tools unless the operator enables some (CLAUDE_TOOLS); those are pre-approved.
+            tools=list(settings.claude_tools),
+            allowed_tools=list(settings.claude_tools),
             setting_sources=[],
+            user=settings.claude_job_user,
             cwd=workspace.cwd,
             env=env,
             cli_path=settings.claude_cli_path,
@@ -103,8 +122,11 @@ class ClaudeBackend:
         )
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
-        with job_workspace(self._settings.workspace_root, job.id) as workspace:
-            messages = query(prompt=prompt_for(job), options=self._options(job, workspace))
+        with job_workspace(
+            self._settings.workspace_root, job.id, self._settings.claude_job_user
+        ) as workspace:
+            token = self._proxy.issue() if self._proxy is not None else None
+            messages = query(prompt=prompt_for(job), options=self._options(job, workspace, token))
             started: dict[str, Any] = {}  # usage from the current upstream message's start
             try:
                 async for message in messages:
@@ -142,6 +164,8 @@ class ClaudeBackend:
             finally:
                 if isinstance(messages, AsyncGenerator):  # stops the CLI at once on early exit
                     await messages.aclose()
+                if token is not None and self._proxy is not None:
+                    self._proxy.revoke(token)
         raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code ended without a result.")
 
 

@@ -1,0 +1,247 @@
+"""Who is calling and whether they may: client address, API key, rate limits and job slots.
+
+`Access` is pure ASGI middleware in front of every route but `GET /health`. It resolves the client
+address (believing `X-Forwarded-For` only from `TRUSTED_PROXIES`), authenticates the key, sets
+`state.key_id` (read by `CallerDep`) and counts the request against the caller's rate limit in
+Redis, before the body is read. Authenticated callers are limited per key, anonymous ones (no keys
+configured) and failed authentications per client address.
+
+Redis unreachable: the request is refused with 503 (fail closed), since a managed key cannot be
+checked against revocation and a request would go unmetered. Completions need Redis anyway.
+"""
+
+import ipaddress
+import logging
+import math
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.deps import ANONYMOUS, Gateway
+from api.errors import OpenAIError
+from shared import apikeys, quotas
+from shared.settings import Settings
+
+log = logging.getLogger("gateway.api")
+
+OPEN_PATHS = frozenset({"/health"})
+_JOB_LEASE_GRACE_S = 60.0
+_ACCESS_UNAVAILABLE = OpenAIError(
+    503,
+    "The gateway cannot check access right now; retry shortly.",
+    type="server_error",
+    code="access_control_unavailable",
+)
+
+
+class RateLimited(OpenAIError):
+    """429 with the headers OpenAI clients honour (`retry-after-ms` first, then `retry-after`)."""
+
+    def __init__(self, message: str, *, code: str, retry_after_ms: int, headers: Mapping[str, str]) -> None:
+        super().__init__(429, message, type="requests", code=code)
+        self.headers = {
+            **headers,
+            "retry-after": str(max(1, math.ceil(retry_after_ms / 1000))),
+            "retry-after-ms": str(retry_after_ms),
+        }
+
+    def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        return super().response({**self.headers, **(headers or {})})
+
+
+def endpoint_class(path: str) -> str:
+    if path.startswith("/v1/chat/"):
+        return "chat"
+    if path.startswith("/v1/sessions"):
+        return "session"
+    return "general"
+
+
+def _duration(ms: int) -> str:
+    return f"{ms}ms" if ms < 1000 else f"{math.ceil(ms / 1000)}s"
+
+
+def rate_headers(decision: quotas.RateDecision) -> dict[str, str]:
+    return {
+        "x-ratelimit-limit-requests": str(decision.limit),
+        "x-ratelimit-remaining-requests": str(decision.remaining),
+        "x-ratelimit-reset-requests": _duration(decision.reset_ms),
+    }
+
+
+class ClientAddresses:
+    """The client's address: the peer, or the nearest untrusted hop a trusted proxy reported."""
+
+    def __init__(self, trusted: list[str]) -> None:
+        self._trusted = [ipaddress.ip_network(entry, strict=False) for entry in trusted]
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self._trusted)
+
+    def resolve(self, scope: Scope) -> str:
+        client = scope.get("client")
+        address: str = client[0] if client else "unknown"
+        if not self._trusted or not self._is_trusted(address):
+            return address
+        forwarded = b",".join(v for k, v in scope["headers"] if k == b"x-forwarded-for").decode("latin-1")
+        # Right to left: each trusted proxy appended the address it saw; the first hop not ours is
+        # the client. Anything further left was written by the client and proves nothing.
+        for hop in reversed([part.strip() for part in forwarded.split(",") if part.strip()]):
+            try:
+                ipaddress.ip_address(hop)
+            except ValueError:
+                return address
+            if not self._is_trusted(hop):
+                return hop
+            address = hop
+        return address
+
+
+def _presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+        elif name == b"x-api-key" and value.strip():
+            return value.decode("latin-1").strip()
+    return None
+
+
+class Access:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.keys = apikeys.ConfiguredKeys(settings.client_api_keys())
+        self.addresses = ClientAddresses(settings.trusted_proxies)
+        self.limits = {
+            "chat": settings.rate_limit_chat_per_minute,
+            "session": settings.rate_limit_session_per_minute,
+            "general": settings.rate_limit_per_minute,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        address = state["client_address"] = self.addresses.resolve(scope)
+        gateway: Gateway = scope["app"].state.gateway
+        try:
+            refusal, headers = await self._check(gateway.redis, scope, state, address)
+        except RedisError as exc:
+            log.warning("Redis unreachable during access checks: %s", type(exc).__name__)
+            refusal, headers = _ACCESS_UNAVAILABLE, {}
+        if refusal is not None:
+            await refusal.response()(scope, receive, send)
+            return
+        if not headers:
+            await self.app(scope, receive, send)
+            return
+        raw = [(name.encode(), value.encode()) for name, value in headers.items()]
+
+        async def send_with_limits(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *raw]
+            await send(message)
+
+        await self.app(scope, receive, send_with_limits)
+
+    async def _check(
+        self, redis: Redis, scope: Scope, state: dict[str, Any], address: str
+    ) -> tuple[OpenAIError | None, dict[str, str]]:
+        presented = _presented_key(scope["headers"])
+        key_id = await self._authenticate(redis, presented)
+        if key_id is None:
+            return await self._unauthenticated(redis, address, missing=presented is None), {}
+        state["key_id"] = key_id
+        if not self.settings.rate_limit_enabled:
+            return None, {}
+        subject = f"addr:{address}" if key_id == ANONYMOUS else key_id
+        category = endpoint_class(scope["path"])
+        decision = await quotas.hit(redis, {quotas.rate_key(subject, category): self.limits[category]})
+        headers = rate_headers(decision)
+        if decision.allowed:
+            return None, headers
+        refusal = RateLimited(
+            f"Rate limit reached: {decision.limit} {category} requests per minute; "
+            f"retry in {decision.retry_after_s} s.",
+            code="rate_limit_exceeded",
+            retry_after_ms=decision.reset_ms,
+            headers=headers,
+        )
+        return refusal, {}
+
+    async def _authenticate(self, redis: Redis, presented: str | None) -> str | None:
+        """The caller's key id, `ANONYMOUS` when no key exists anywhere, or None (refuse)."""
+        hashed = None if presented is None else apikeys.digest(presented)
+        if hashed is not None and (key_id := self.keys.match(hashed)) is not None:
+            return key_id
+        if hashed is None:
+            if self.keys or await apikeys.any_managed(redis):
+                return None
+            return ANONYMOUS
+        key_id, any_managed = await apikeys.lookup(redis, hashed)
+        if key_id is not None:
+            return key_id
+        # With no key configured anywhere the gateway is open and ignores whatever was sent
+        # (OpenAI clients always send one).
+        return None if self.keys or any_managed else ANONYMOUS
+
+    async def _unauthenticated(self, redis: Redis, address: str, *, missing: bool) -> OpenAIError:
+        if self.settings.rate_limit_enabled:
+            bucket = {quotas.rate_key(f"addr:{address}", "auth"): self.settings.rate_limit_auth_per_minute}
+            decision = await quotas.hit(redis, bucket)
+            if not decision.allowed:
+                return RateLimited(
+                    "Too many failed authentications from this address; retry later.",
+                    code="rate_limit_exceeded",
+                    retry_after_ms=decision.reset_ms,
+                    headers=rate_headers(decision),
+                )
+        message = (
+            "Missing API key: send it as 'Authorization: Bearer <key>'."
+            if missing
+            else "Incorrect API key provided."
+        )
+        return OpenAIError(401, message, type="invalid_request_error", code="invalid_api_key")
+
+
+@asynccontextmanager
+async def job_slot(gateway: Gateway, request: Request, job_id: str) -> AsyncIterator[None]:
+    """Takes one of the caller's `MAX_CONCURRENT_JOBS_PER_KEY` slots for the job (429 if none).
+
+    The slot outlives the request: the worker frees it when the job ends, however it ends. It is
+    freed here only when the job never reaches the queue.
+    """
+    settings = gateway.settings
+    if settings.max_concurrent_jobs_per_key == 0:
+        yield
+        return
+    key_id = getattr(request.state, "key_id", ANONYMOUS)
+    holder = f"addr:{request.state.client_address}" if key_id == ANONYMOUS else key_id
+    lease_s = settings.queue_timeout_s + settings.job_timeout_s + _JOB_LEASE_GRACE_S
+    cap = settings.max_concurrent_jobs_per_key
+    if not await quotas.acquire_job_slot(gateway.redis, holder, job_id, cap, lease_s):
+        raise RateLimited(
+            f"Too many running jobs: at most {cap} at a time per key; retry when one has finished.",
+            code="concurrency_limit_exceeded",
+            retry_after_ms=2000,
+            headers={},
+        )
+    try:
+        yield
+    except BaseException:
+        with suppress(RedisError):
+            await quotas.release_job_slot(gateway.redis, job_id)
+        raise

@@ -1,0 +1,99 @@
+"""`claude-gateway keys create|list|revoke`, and the start-up check that the API is protected.
+
+A started API with no key anywhere (neither `API_KEY`/`API_KEYS` nor a managed key in Redis)
+serves every caller anonymously. That is allowed on a loopback address; on any other address it
+needs `ALLOW_UNAUTHENTICATED=true`. Started from a terminal, `up` and `api` first offer to generate
+a key; without a terminal they never wait for an answer.
+"""
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import sys
+from datetime import UTC, datetime
+
+from redis.asyncio import Redis
+
+from shared import apikeys
+from shared.settings import Settings
+
+log = logging.getLogger("gateway.cli")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _any_managed(redis_url: str) -> bool:
+    async with Redis.from_url(redis_url) as redis:
+        return await apikeys.any_managed(redis)
+
+
+async def _create(redis_url: str, name: str) -> tuple[apikeys.ManagedKey, str]:
+    async with Redis.from_url(redis_url) as redis:
+        return await apikeys.create(redis, name)
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def ensure_protected(settings: Settings, redis_url: str) -> None:
+    """Offers a key on a terminal; exits if a non-loopback API would be open without the opt-out."""
+    if settings.client_api_keys():
+        return
+    if asyncio.run(_any_managed(redis_url)):
+        return
+    if _interactive():
+        answer = input("No API key is configured. Generate one to protect the gateway? [Y/n] ")
+        if answer.strip().lower() in ("", "y", "yes"):
+            key, secret = asyncio.run(_create(redis_url, "generated at start-up"))
+            # Printed to the terminal once, never logged; revoke with `claude-gateway keys revoke`.
+            print(f"\nAPI key {key.id} (shown once, keep it safe):\n\n    {secret}\n", flush=True)
+            return
+    if not is_loopback(settings.host) and not settings.allow_unauthenticated:
+        sys.exit(
+            f"claude-gateway: refusing to serve HOST={settings.host} without an API key. Set API_KEY or "
+            "API_KEYS, create one with `claude-gateway keys create`, or set ALLOW_UNAUTHENTICATED=true."
+        )
+    log.warning("no API key configured: every caller is served anonymously")
+
+
+async def _run(args: argparse.Namespace, redis_url: str) -> int:
+    async with Redis.from_url(redis_url) as redis:
+        if args.action == "create":
+            key, secret = await apikeys.create(redis, args.name)
+            print(f"{key.id}\t{secret}")
+            print("The secret is shown once; only its hash is stored.", file=sys.stderr)
+        elif args.action == "list":
+            for key in await apikeys.listed(redis):
+                created = datetime.fromtimestamp(key.created, UTC).isoformat(timespec="seconds")
+                print(f"{key.id}\t{created}\t{key.name}")
+        elif not await apikeys.revoke(redis, args.key_id):
+            print(f"no managed key with id {args.key_id}", file=sys.stderr)
+            return 1
+        else:
+            print(f"revoked {args.key_id}", file=sys.stderr)
+    return 0
+
+
+def add_parser(roles: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    keys = roles.add_parser("keys", help="manage client API keys stored (as hashes) in REDIS_URL")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key and print its id and secret (once)")
+    create.add_argument("--name", default="", help="a label to recognise the key by")
+    actions.add_parser("list", help="list managed keys: id, creation time, name")
+    revoke = actions.add_parser("revoke", help="revoke a key by id; refused from its next request on")
+    revoke.add_argument("key_id")
+
+
+def run_keys(settings: Settings, args: argparse.Namespace) -> None:
+    if settings.redis_url is None:
+        sys.exit("claude-gateway keys: set REDIS_URL to the gateway's Redis")
+    sys.exit(asyncio.run(_run(args, settings.redis_url)))

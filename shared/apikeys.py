@@ -1,0 +1,87 @@
+"""Client API keys: from configuration (`API_KEY`, `API_KEYS`) and managed in Redis.
+
+Only SHA-256 digests are kept: configured keys are hashed at start-up, managed keys are stored as
+`gateway:apikeys` (a hash of digest → record) and the secret is shown once, at creation. A key is
+known by its id (`cfg-…` or `key-…`): not secret, stable, what logs and scoping use.
+"""
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from shared.keys import PREFIX
+
+MANAGED_KEYS = f"{PREFIX}:apikeys"
+_SECRET_PREFIX = "cgw-"  # noqa: S105 (a recognisable prefix, not a secret)
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ManagedKey:
+    id: str
+    name: str
+    created: int
+
+
+class ConfiguredKeys:
+    """The keys from configuration, as digests compared in constant time."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._digests = [digest(key) for key in keys]
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def match(self, presented_digest: str) -> str | None:
+        """The key id of a configured key, or None; every digest is compared, no early exit."""
+        found = None
+        for known in self._digests:
+            if hmac.compare_digest(known, presented_digest):
+                found = known
+        # 48 bits of a digest of a high-entropy secret: an id, useless for guessing the key.
+        return None if found is None else f"cfg-{found[:12]}"
+
+
+async def create(redis: Redis, name: str) -> tuple[ManagedKey, str]:
+    """A new managed key and its secret (returned once, never stored)."""
+    key = ManagedKey(id=f"key-{secrets.token_hex(6)}", name=name, created=int(time.time()))
+    secret = _SECRET_PREFIX + secrets.token_urlsafe(32)
+    record = json.dumps({"id": key.id, "name": key.name, "created": key.created})
+    await redis.hset(MANAGED_KEYS, digest(secret), record)  # type: ignore[misc]
+    return key, secret
+
+
+async def listed(redis: Redis) -> list[ManagedKey]:
+    records = await redis.hvals(MANAGED_KEYS)  # type: ignore[misc]
+    keys = [ManagedKey(**json.loads(raw)) for raw in records]
+    return sorted(keys, key=lambda key: (key.created, key.id))
+
+
+async def revoke(redis: Redis, key_id: str) -> bool:
+    """Deletes the managed key with this id; True if there was one. Takes effect on the next request."""
+    for hashed, raw in (await redis.hgetall(MANAGED_KEYS)).items():  # type: ignore[misc]
+        if json.loads(raw)["id"] == key_id:
+            return bool(await redis.hdel(MANAGED_KEYS, hashed))  # type: ignore[misc]
+    return False
+
+
+async def any_managed(redis: Redis) -> bool:
+    return bool(await redis.exists(MANAGED_KEYS))
+
+
+async def lookup(redis: Redis, presented_digest: str) -> tuple[str | None, bool]:
+    """(the managed key id for this digest or None, whether any managed key exists), in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hget(MANAGED_KEYS, presented_digest)
+        pipe.exists(MANAGED_KEYS)
+        raw, exists = await pipe.execute()
+    key_id = None if raw is None else str(json.loads(raw)["id"])
+    return key_id, bool(exists)

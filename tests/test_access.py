@@ -1,0 +1,345 @@
+"""Access control and quotas on real processes: keys (configured and managed through the CLI),
+rate limits shared by two API processes on one Redis, concurrent-job slots, request hygiene."""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, Gateway, assert_schema, chat, sse_data
+
+CONFIGURED_KEY = "configured-key-for-tests"
+
+
+def script(**spec: Any) -> str:
+    return "script:" + json.dumps(spec)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def keys_cli(gateway: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "REDIS_URL": gateway.redis_url}
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", "keys", *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+
+def new_key(gateway: Gateway, name: str = "test") -> tuple[str, str]:
+    created = keys_cli(gateway, "create", "--name", name)
+    assert created.returncode == 0, created.stderr
+    key_id, secret = created.stdout.strip().split("\t")
+    return key_id, secret
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert_schema(response.json(), "ErrorResponse")
+    assert response.json()["error"]["code"] == code
+    assert "Traceback" not in response.text
+
+
+@pytest.fixture(scope="module")
+def guarded(start_gateway: Any) -> Gateway:
+    gateway: Gateway = start_gateway(
+        workers=2,
+        BACKEND="scripted",
+        API_KEY=CONFIGURED_KEY,
+        RATE_LIMIT_ENABLED="true",
+        RATE_LIMIT_CHAT_PER_MINUTE="6",
+        RATE_LIMIT_PER_MINUTE="10",
+        RATE_LIMIT_AUTH_PER_MINUTE="20",
+        MAX_CONCURRENT_JOBS_PER_KEY="2",
+        MAX_MESSAGES="5",
+        MAX_PROMPT_CHARS="1000",
+    )
+    return gateway
+
+
+@pytest.fixture(scope="module")
+def second_api(guarded: Gateway) -> Iterator[Gateway]:
+    """Another API process on the same Redis database: a second replica."""
+    replica = Gateway(redis_url=guarded.redis_url, env=guarded.env, logs=guarded.logs)
+    replica.start_api()
+    yield replica
+    replica.stop()
+
+
+def test_health_stays_open(guarded: Gateway) -> None:
+    assert httpx.get(f"{guarded.url}/health").status_code == 200
+
+
+def test_missing_or_wrong_key_is_refused(guarded: Gateway) -> None:
+    models = f"{guarded.url}/v1/models"
+    missing = httpx.get(models)
+    assert_error(missing, 401, "invalid_api_key")
+    assert "Missing API key" in missing.json()["error"]["message"]
+    assert_error(httpx.get(models, headers=bearer("not-a-key")), 401, "invalid_api_key")
+    assert_error(httpx.post(f"{guarded.url}/v1/chat/completions", json=chat("hi")), 401, "invalid_api_key")
+    assert httpx.get(models, headers=bearer(CONFIGURED_KEY)).status_code == 200
+    assert httpx.get(models, headers={"x-api-key": CONFIGURED_KEY}).status_code == 200
+
+
+def test_managed_key_works_on_every_replica_until_revoked(guarded: Gateway, second_api: Gateway) -> None:
+    key_id, secret = new_key(guarded, "ci")
+    for api in (guarded, second_api):
+        assert httpx.get(f"{api.url}/v1/models", headers=bearer(secret)).status_code == 200
+    listed = keys_cli(guarded, "list")
+    assert key_id in listed.stdout
+    assert secret not in listed.stdout
+    # Only a hash is stored: the secret appears nowhere in Redis.
+    redis = guarded.redis()
+    for name in redis.scan_iter("*"):
+        if redis.type(name) == b"hash":
+            assert secret.encode() not in b"".join(b"".join(pair) for pair in redis.hgetall(name).items())
+    redis.close()
+    assert keys_cli(guarded, "revoke", key_id).returncode == 0
+    for api in (guarded, second_api):
+        assert_error(httpx.get(f"{api.url}/v1/models", headers=bearer(secret)), 401, "invalid_api_key")
+    assert keys_cli(guarded, "revoke", key_id).returncode == 1
+    # Secrets never reach the logs.
+    for log in guarded.logs.glob("*.log"):
+        assert secret not in log.read_text(errors="replace")
+        assert CONFIGURED_KEY not in log.read_text(errors="replace")
+
+
+def test_two_replicas_share_one_rate_limit_exactly(guarded: Gateway, second_api: Gateway) -> None:
+    _, secret = new_key(guarded)
+    _, other = new_key(guarded)
+    remaining = []
+    for i in range(6):
+        api = (guarded, second_api)[i % 2]
+        response = httpx.post(
+            f"{api.url}/v1/chat/completions", json=chat("hi"), headers=bearer(secret), timeout=30
+        )
+        assert response.status_code == 200, response.text
+        assert response.headers["x-ratelimit-limit-requests"] == "6"
+        remaining.append(int(response.headers["x-ratelimit-remaining-requests"]))
+    assert remaining == [5, 4, 3, 2, 1, 0]
+    refused = httpx.post(
+        f"{second_api.url}/v1/chat/completions", json=chat("hi"), headers=bearer(secret), timeout=30
+    )
+    assert_error(refused, 429, "rate_limit_exceeded")
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert 0 < int(refused.headers["retry-after-ms"]) <= 60_000
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-request-id"]
+    # Per key: another key has its own budget. Per endpoint class: other endpoints still answer.
+    ok = httpx.post(f"{guarded.url}/v1/chat/completions", json=chat("hi"), headers=bearer(other), timeout=30)
+    assert ok.status_code == 200
+    assert httpx.get(f"{guarded.url}/v1/models", headers=bearer(secret)).status_code == 200
+
+
+async def test_a_concurrent_burst_never_exceeds_the_limit(guarded: Gateway, second_api: Gateway) -> None:
+    _, secret = new_key(guarded)
+    async with httpx.AsyncClient(headers=bearer(secret), timeout=30) as client:
+        responses = await asyncio.gather(
+            *(client.get(f"{(guarded, second_api)[i % 2].url}/v1/models") for i in range(40))
+        )
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses == [200] * 10 + [429] * 30
+
+
+def test_concurrent_jobs_per_key_are_capped_and_always_released(guarded: Gateway) -> None:
+    key_id, secret = new_key(guarded)
+    url = f"{guarded.url}/v1/chat/completions"
+    slow = chat(script(text="tick ", tokens=30, delay_ms=50), stream=True)
+    started = threading.Barrier(3)
+    outcomes: list[int] = []
+
+    def stream(disconnect: bool) -> None:
+        with httpx.stream("POST", url, json=slow, headers=bearer(secret), timeout=30) as response:
+            outcomes.append(response.status_code)
+            lines = response.iter_lines()
+            next(lines)
+            started.wait(timeout=20)
+            if disconnect:
+                return  # the client leaves; its job runs on and keeps its slot
+            for _ in lines:
+                pass
+
+    threads = [threading.Thread(target=stream, args=(leave,)) for leave in (True, False)]
+    for thread in threads:
+        thread.start()
+    started.wait(timeout=20)
+    third = httpx.post(url, json=chat("hi"), headers=bearer(secret), timeout=30)
+    assert_error(third, 429, "concurrency_limit_exceeded")
+    assert third.headers["retry-after"]
+    for thread in threads:
+        thread.join(timeout=30)
+    assert outcomes == [200, 200]
+    redis = guarded.redis()
+    slots = f"gateway:jobslots:{key_id}"
+    deadline = time.monotonic() + 20  # both jobs end ~1.5 s after they started
+    while redis.zcard(slots) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert redis.zcard(slots) == 0
+    # A job that fails frees its slot too, and a finished job's slot is free for the next.
+    failing = chat(script(text="x", fail_after=0))
+    for _ in range(3):
+        response = httpx.post(url, json=failing, headers=bearer(secret), timeout=30)
+        assert response.status_code == 502
+    assert redis.zcard(slots) == 0
+    assert not list(redis.scan_iter("gateway:job:*:slot"))
+    redis.close()
+
+
+def test_message_count_and_prompt_size_are_limited(guarded: Gateway) -> None:
+    url = f"{guarded.url}/v1/chat/completions"
+    many = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "x"}] * 6}
+    assert_error(httpx.post(url, json=many, headers=bearer(CONFIGURED_KEY)), 400, "too_many_messages")
+    long = chat("y" * 1001)
+    assert_error(httpx.post(url, json=long, headers=bearer(CONFIGURED_KEY)), 400, "prompt_too_large")
+
+
+def test_failed_authentications_are_throttled_per_address(guarded: Gateway) -> None:
+    models = f"{guarded.url}/v1/models"
+    statuses = [httpx.get(models, headers=bearer(f"guess-{i}")).status_code for i in range(21)]
+    assert statuses[-1] == 429
+    assert set(statuses) == {401, 429}
+    assert httpx.get(models, headers=bearer(CONFIGURED_KEY)).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def behind_proxy(start_gateway: Any) -> Gateway:
+    """No keys (loopback), one trusted proxy, tight anonymous limits, CORS for one origin."""
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="scripted",
+        RATE_LIMIT_ENABLED="true",
+        RATE_LIMIT_PER_MINUTE="2",
+        TRUSTED_PROXIES='["127.0.0.1/32"]',
+        CORS_ORIGINS='["https://app.example"]',
+    )
+    return gateway
+
+
+def test_anonymous_callers_are_limited_by_address_from_trusted_proxies_only(behind_proxy: Gateway) -> None:
+    models = f"{behind_proxy.url}/v1/models"
+
+    def status(forwarded: str) -> int:
+        return httpx.get(models, headers={"x-forwarded-for": forwarded}).status_code
+
+    assert [status("203.0.113.7"), status("203.0.113.7"), status("203.0.113.7")] == [200, 200, 429]
+    # A client cannot escape by prepending addresses: the nearest untrusted hop is what counts.
+    assert status("198.51.100.1, 203.0.113.7") == 429
+    assert status("203.0.113.8") == 200
+
+
+def test_cors_is_for_configured_origins_only_and_never_with_credentials(behind_proxy: Gateway) -> None:
+    preflight = {"access-control-request-method": "POST", "access-control-request-headers": "authorization"}
+    url = f"{behind_proxy.url}/v1/chat/completions"
+    allowed = httpx.options(url, headers={"origin": "https://app.example", **preflight})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-credentials" not in allowed.headers
+    other = httpx.options(url, headers={"origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_cors_is_off_by_default(guarded: Gateway) -> None:
+    preflight = {"origin": "https://app.example", "access-control-request-method": "POST"}
+    response = httpx.options(f"{guarded.url}/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_sse_still_streams_through_the_access_layer(guarded: Gateway) -> None:
+    response = httpx.post(
+        f"{guarded.url}/v1/chat/completions",
+        json=chat(script(text="a b"), stream=True),
+        headers=bearer(CONFIGURED_KEY),
+        timeout=30,
+    )
+    assert response.status_code == 200
+    assert sse_data(response)[-1] == "[DONE]"
+
+
+def _peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+
+
+def _upload(port: int, head: bytes, frames: Iterator[bytes]) -> bytes:
+    """Sends a request as fast as the server takes it, while reading whatever it answers."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    received: list[bytes] = []
+
+    def read() -> None:
+        try:
+            while chunk := sock.recv(65536):
+                received.append(chunk)
+        except OSError:
+            pass
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        sock.sendall(head)
+        for frame in frames:
+            sock.sendall(frame)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the server closed the connection: what it answered is in `received`
+    reader.join(timeout=30)
+    sock.close()
+    return b"".join(received)
+
+
+def test_a_100_mb_body_is_refused_without_the_api_growing_by_100_mb(behind_proxy: Gateway) -> None:
+    api = behind_proxy.processes[-1]  # the API is started after its workers
+    before = _peak_rss_kib(api.pid)
+    mib = b"a" * (1 << 20)
+    start = b"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
+    chunked = _upload(
+        behind_proxy.port,
+        start + b"transfer-encoding: chunked\r\n\r\n",
+        (b"100000\r\n" + mib + b"\r\n" for _ in range(100)),
+    )
+    assert chunked.startswith(b"HTTP/1.1 413"), chunked[:200]
+    declared = _upload(
+        behind_proxy.port, start + b"content-length: 104857600\r\n\r\n", (mib for _ in range(100))
+    )
+    assert declared.startswith(b"HTTP/1.1 413"), declared[:200]
+    grown_mib = (_peak_rss_kib(api.pid) - before) / 1024
+    print(f"API peak RSS grew by {grown_mib:.1f} MiB")
+    assert grown_mib < 50
+
+
+def test_a_job_no_worker_starts_gives_its_slot_back(start_gateway: Any) -> None:
+    idle: Gateway = start_gateway(
+        workers=0, BACKEND="scripted", QUEUE_TIMEOUT_S="1", MAX_CONCURRENT_JOBS_PER_KEY="1"
+    )
+    for _ in range(2):  # the second would get 429 if the first had kept the only slot
+        response = httpx.post(f"{idle.url}/v1/chat/completions", json=chat("hi"), timeout=30)
+        assert_error(response, 503, "queue_timeout")
+    redis = idle.redis()
+    assert not list(redis.scan_iter("gateway:jobslots:*"))
+    assert not list(redis.scan_iter("gateway:job:*:slot"))
+    redis.close()
+
+
+def test_one_key_cannot_see_or_cancel_another_keys_jobs(start_gateway: Any) -> None:
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", API_KEYS="key-a,key-b")
+    body = chat("script:" + json.dumps({"text": "mine", "wait_ms": 300}), background=True)
+    created = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=bearer("key-a"), timeout=10)
+    assert created.status_code == 200
+    job_url = f"{gateway.url}/v1/chat/completions/{created.json()['id']}"
+    assert_error(httpx.get(job_url, headers=bearer("key-b"), timeout=10), 404, "not_found")
+    assert_error(httpx.get(f"{job_url}?stream=true", headers=bearer("key-b"), timeout=10), 404, "not_found")
+    assert_error(httpx.post(f"{job_url}/cancel", headers=bearer("key-b"), timeout=10), 404, "not_found")
+    deadline = time.monotonic() + 10
+    while (own := httpx.get(job_url, headers=bearer("key-a"), timeout=10).json())["status"] != "completed":
+        assert time.monotonic() < deadline, own
+        time.sleep(0.1)
+    assert own["choices"][0]["message"]["content"] == "mine"  # key B's cancel did nothing

@@ -1,0 +1,144 @@
+"""Starting safe by default, key scoping as routes see it, and access checks when Redis is gone."""
+
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from arq.connections import ArqRedis
+from fastapi import FastAPI
+
+from api.app import create_app
+from api.deps import CallerDep, Gateway
+from cli.embedded_redis import EmbeddedRedis, free_port
+from shared import queue
+from shared.jobstore import JobStore
+from shared.settings import Settings
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path, persistent=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+def api_env(redis: EmbeddedRedis, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "API_KEYS")}
+    return {**env, "REDIS_URL": redis.url, "BACKEND": "scripted", "LOG_LEVEL": "warning", **extra}
+
+
+def test_a_non_loopback_api_without_any_key_refuses_to_start(private_redis: EmbeddedRedis) -> None:
+    started = subprocess.run(
+        [sys.executable, "-m", "cli.main", "api"],
+        cwd=ROOT,
+        env=api_env(private_redis, HOST="0.0.0.0", PORT=str(free_port())),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert started.returncode != 0
+    assert "refusing to serve HOST=0.0.0.0 without an API key" in started.stderr
+    assert "ALLOW_UNAUTHENTICATED" in started.stderr
+
+
+def test_an_interactive_start_offers_to_generate_a_key(private_redis: EmbeddedRedis) -> None:
+    port = free_port()
+    primary, secondary = os.openpty()
+    api = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "api"],
+        cwd=ROOT,
+        env=api_env(private_redis, PORT=str(port)),
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+    )
+    os.close(secondary)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"[Y/n]" not in seen:
+            assert time.monotonic() < deadline, seen
+            if select.select([primary], [], [], 1)[0]:
+                seen += os.read(primary, 4096)
+        os.write(primary, b"y\n")
+        while (printed := re.search(rb"(cgw-\S+)\s*\n", seen)) is None:
+            assert time.monotonic() < deadline, seen
+            if select.select([primary], [], [], 1)[0]:
+                seen += os.read(primary, 4096)
+        secret = printed.group(1).decode()
+        models = f"http://127.0.0.1:{port}/v1/models"
+        while True:
+            try:
+                response = httpx.get(models, headers={"authorization": f"Bearer {secret}"})
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the API did not start"
+                time.sleep(0.1)
+        assert response.status_code == 200
+        assert httpx.get(models).status_code == 401
+    finally:
+        api.terminate()
+        api.wait(timeout=15)
+        os.close(primary)
+
+
+def _with_probe(app: FastAPI) -> FastAPI:
+    """A route that reports who the caller is, as every scoped route reads it (`CallerDep`)."""
+
+    @app.get("/v1/probe")
+    async def probe(caller: CallerDep) -> dict[str, str]:
+        return {"key_id": caller.key_id}
+
+    return app
+
+
+async def test_each_key_is_a_distinct_stable_caller(private_redis: EmbeddedRedis) -> None:
+    settings = Settings(api_keys="key-a,key-b", rate_limit_enabled=False)
+    app = _with_probe(create_app(settings, private_redis.url))
+    redis = await queue.connect(private_redis.url, settings.queue_name)
+    app.state.gateway = Gateway(
+        settings=settings, redis=redis, store=JobStore(redis, queue_name=settings.queue_name, ttl_s=60)
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+
+        async def caller(key: str) -> str:
+            response = await client.get("/v1/probe", headers={"authorization": f"Bearer {key}"})
+            assert response.status_code == 200
+            key_id: str = response.json()["key_id"]
+            return key_id
+
+        a, b = await caller("key-a"), await caller("key-b")
+        assert a != b
+        assert a == await caller("key-a")
+        assert a.startswith("cfg-")
+        assert "key-a" not in a
+        assert (await client.get("/v1/probe")).status_code == 401
+    await redis.aclose()
+
+
+async def test_redis_unreachable_means_503_not_an_open_door() -> None:
+    settings = Settings(api_keys="key-a")
+    app = _with_probe(create_app(settings, "redis://unused"))
+    redis = ArqRedis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    app.state.gateway = Gateway(
+        settings=settings, redis=redis, store=JobStore(redis, queue_name=settings.queue_name, ttl_s=60)
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        for headers in ({"authorization": "Bearer key-a"}, {"authorization": "Bearer unknown"}, {}):
+            response = await client.get("/v1/probe", headers=headers)
+            assert response.status_code == 503
+            assert response.json()["error"]["code"] == "access_control_unavailable"
+        assert (await client.get("/health")).status_code == 200
+    await redis.aclose()

@@ -1,0 +1,109 @@
+"""A credential-injecting proxy to the model API, so the agent never holds the real key.
+
+Each CLI gets `ANTHROPIC_BASE_URL` pointing here and, as its `ANTHROPIC_API_KEY`, a token that is
+valid only while its job runs. The proxy swaps that token for the real key and forwards the
+request, streaming the answer back unchanged. A tool that reads the CLI's environment finds the
+token, which is worthless outside this host and after the job; the real key lives only in this
+worker process (see docs/security.md for what that does and does not protect against).
+
+It runs on 127.0.0.1 in its own thread and event loop, so it never competes with arq's loop or
+signal handling.
+"""
+
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
+)
+_CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
+
+
+class CredentialProxy:
+    def __init__(self, upstream: str, api_key: str) -> None:
+        self._upstream = upstream.rstrip("/")
+        self._api_key = api_key
+        self._tokens: set[str] = set()
+        self._client: httpx.AsyncClient | None = None
+        self._server: uvicorn.Server | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def issue(self) -> str:
+        """A token for one job; `revoke` it when the job ends."""
+        token = f"job-{secrets.token_urlsafe(24)}"
+        self._tokens.add(token)
+        return token
+
+    def revoke(self, token: str) -> None:
+        self._tokens.discard(token)
+
+    def _presented(self, request: Request) -> str:
+        if key := request.headers.get("x-api-key"):
+            return key
+        return request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+
+    async def _forward(self, request: Request) -> Response:
+        if self._presented(request) not in self._tokens:
+            error = {"type": "error", "error": {"type": "authentication_error", "message": "invalid token"}}
+            return JSONResponse(error, status_code=401)
+        assert self._client is not None
+        headers = [
+            (name, value)
+            for name, value in request.headers.items()
+            if name not in _HOP_BY_HOP and name not in _CREDENTIAL_HEADERS
+        ]
+        headers.append(("x-api-key", self._api_key))
+        upstream = self._client.build_request(
+            request.method,
+            self._upstream + request.url.path,
+            params=request.url.query,
+            headers=headers,
+            content=await request.body(),
+        )
+        try:
+            response = await self._client.send(upstream, stream=True)
+        except httpx.HTTPError as exc:
+            # The CLI reports this as an upstream failure; the job fails with a 502, not a hang.
+            error = {"type": "error", "error": {"type": "api_error", "message": type(exc).__name__}}
+            return JSONResponse(error, status_code=502)
+        returned = {k: v for k, v in response.headers.items() if k not in _HOP_BY_HOP}
+        return StreamingResponse(
+            response.aiter_raw(),
+            status_code=response.status_code,
+            headers=returned,
+            background=BackgroundTask(response.aclose),
+        )
+
+    def start(self) -> None:
+        @asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), trust_env=False) as client:
+                self._client = client
+                yield
+
+        methods = ["GET", "POST", "HEAD", "DELETE", "PUT", "PATCH"]
+        app = Starlette(routes=[Route("/{path:path}", self._forward, methods=methods)], lifespan=lifespan)
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
+        self._server = uvicorn.Server(config)
+        threading.Thread(target=self._server.run, name="credential-proxy", daemon=True).start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the credential proxy did not start")
+            time.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
