@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from api import errors
 from api.deps import Gateway
 from api.middleware import BodyLimit, RequestId
-from api.routes import chat, health, models
+from api.routes import chat, health, models, sessions
 from shared import queue
 from shared.settings import Settings
 
@@ -31,6 +31,6 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestId)  # outermost: even a refused body gets its request id
-    for module in (chat, models, health):
+    for module in (chat, models, sessions, health):
         app.include_router(module.router)
     return app

@@ -9,16 +9,18 @@ from collections.abc import AsyncIterator
 
 from arq.connections import ArqRedis
 
+from api.sessions import abandon
 from shared import queue
 from shared.events import JobEventValue, NoEventWithin, read_events
-from shared.jobs import Failed, FailureCode
+from shared.jobs import CompletionJob, Failed, FailureCode
 from shared.settings import Settings
 
 # Beyond the worker's own job limit, so its timeout event normally arrives first.
 _SILENCE_GRACE_S = 30.0
 
 
-async def follow_job(redis: ArqRedis, settings: Settings, job_id: str) -> AsyncIterator[JobEventValue]:
+async def follow_job(redis: ArqRedis, settings: Settings, job: CompletionJob) -> AsyncIterator[JobEventValue]:
+    job_id = job.id
     after = 0
     idle_limit = settings.queue_timeout_s
     patient = False  # set once the job is known to be running: then wait out its full time limit
@@ -35,6 +37,7 @@ async def follow_job(redis: ArqRedis, settings: Settings, job_id: str) -> AsyncI
                 )
                 return
             if after == 0 and await queue.withdraw(redis, settings.queue_name, job_id):
+                await abandon(redis, job)
                 yield Failed(
                     code=FailureCode.QUEUE_TIMEOUT,
                     message=f"No worker started the job within {settings.queue_timeout_s:g} s; retry later.",

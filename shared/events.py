@@ -91,3 +91,10 @@ async def read_events(
             yield int(last.partition("-")[2]), event
             if not isinstance(event, Delta):
                 return
+
+
+async def streamed_text(redis: Redis, job_id: str) -> str:
+    """All the text a job has written to its stream so far (read once, at the end of a job)."""
+    entries = await redis.xrange(events_key(job_id))
+    events = [decode_event(fields[_FIELD]) for _, fields in entries]
+    return "".join(event.text for event in events if isinstance(event, Delta))

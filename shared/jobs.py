@@ -24,6 +24,17 @@ class Turn(BaseModel):
     text: str
 
 
+class SessionRef(BaseModel):
+    """The session a job continues: whose it is, and how many of the job's turns it already holds."""
+
+    model_config = ConfigDict(frozen=True)
+    owner: str
+    id: str
+    history_len: int = Field(ge=0)
+    transcript_id: str
+    """The Claude Code session (a UUID) holding the backend's own transcript of this session."""
+
+
 class CompletionJob(BaseModel):
     """Everything a worker needs to run one completion; serialized to JSON on the queue."""
 
@@ -34,6 +45,7 @@ class CompletionJob(BaseModel):
     system_prompt: str | None = None
     turns: list[Turn]
     max_tokens: int | None = None
+    session: SessionRef | None = None
     created: int = Field(default_factory=lambda: int(time.time()))
 
 

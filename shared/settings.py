@@ -63,3 +63,8 @@ class Settings(BaseSettings):
     # --- The scripted backend (tests and benchmarks) --------------------------------------
     scripted_text: str = "Hello from the scripted backend."
     scripted_delay_ms: float = Field(default=0.0, ge=0)
+
+    # --- Sessions (`session_id`: conversations kept in Redis) ------------------------------
+    session_ttl_s: int = Field(
+        default=3600, ge=1, description="A session idle this long is removed (sliding, per request)."
+    )

@@ -68,7 +68,7 @@ class GatewayWorker(Worker):
 
 async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
-    ctx["backend"] = create_backend(settings)
+    ctx["backend"] = create_backend(settings, ctx["redis"])
     log.info("worker ready (backend %s)", settings.backend)
 
 

@@ -4,15 +4,7 @@ The CLI writes its transcript to local disk; the SDK mirrors every entry to this
 `resume=<id>`, materializes the transcript from it before the CLI starts. So a session written on
 one worker continues on any other, and survives the worker that wrote it.
 
-Layout, for project `p` and session `s` (each component percent-encoded, so no `:` or `/` inside
-an id can reach another key):
-
-    gateway:sdk:<p>:sessions                 sorted set  session id -> mtime (epoch ms)
-    gateway:sdk:<p>:<s>:main                 list        transcript entries (JSON), in append order
-    gateway:sdk:<p>:<s>:sub:<subpath>        list        a subagent transcript
-    <list>:uuids                             set         entry uuids already stored (idempotency)
-    gateway:sdk:<p>:<s>:subkeys              set         the session's subpaths
-
+The key layout is `shared/transcripts.py`'s (the API deletes transcripts with their sessions).
 Every append slides the TTL of all of a session's keys, so an idle session disappears whole.
 Summaries (`list_session_summaries`) are not kept: the SDK then falls back to `list_sessions` plus
 `load`. The append script computes key names inside Lua, so this adapter is for a single Redis
@@ -24,11 +16,12 @@ import time
 from typing import Any
 from urllib.parse import quote, unquote
 
-from claude_agent_sdk import SessionKey, SessionStore, SessionStoreEntry, SessionStoreListEntry
+from claude_agent_sdk import SessionKey, SessionStoreEntry, SessionStoreListEntry
 from claude_agent_sdk.types import SessionListSubkeysKey
 from redis.asyncio import Redis
 
-_PREFIX = "gateway:sdk"
+from shared.keys import transcript_index_key
+from shared.transcripts import delete_transcript, main_list, sub_list, subkeys_set
 
 # KEYS: list, its uuid set, the session's subkeys set, the project index, the main list.
 # ARGV: ttl_s, mtime_ms, session id, subpath ("" for main), then (uuid or "", entry json) pairs.
@@ -59,12 +52,12 @@ return 1
 """
 
 
-def _q(part: str) -> str:
-    return quote(part, safe="")
+class RedisSessionStore:
+    """`SessionStore` on Redis lists, with a sliding TTL (`ttl_s`) on every session.
 
-
-class RedisSessionStore(SessionStore):
-    """`SessionStore` on Redis lists, with a sliding TTL (`ttl_s`) on every session."""
+    Duck-typed, as the SDK expects: it implements `append`, `load`, `list_sessions`, `delete` and
+    `list_subkeys`, and leaves out `list_session_summaries`.
+    """
 
     def __init__(self, redis: Redis, ttl_s: int) -> None:
         self._redis = redis
@@ -72,33 +65,23 @@ class RedisSessionStore(SessionStore):
         self._append = redis.register_script(_APPEND)
 
     @staticmethod
-    def _session(project_key: str, session_id: str) -> str:
-        return f"{_PREFIX}:{_q(project_key)}:{_q(session_id)}"
-
-    @staticmethod
-    def _index(project_key: str) -> str:
-        return f"{_PREFIX}:{_q(project_key)}:sessions"
-
-    def _list(self, key: SessionKey) -> str:
-        session = self._session(key["project_key"], key["session_id"])
+    def _list(key: SessionKey) -> str:
         subpath = key.get("subpath")
-        return f"{session}:sub:{_q(subpath)}" if subpath else f"{session}:main"
+        if subpath:
+            return sub_list(key["project_key"], key["session_id"], subpath)
+        return main_list(key["project_key"], key["session_id"])
 
     async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
         if not entries:
             return
-        session = self._session(key["project_key"], key["session_id"])
-        target = self._list(key)
-        args: list[Any] = [
-            self._ttl_s,
-            int(time.time() * 1000),
-            key["session_id"],
-            _q(key.get("subpath", "")),
-        ]
+        project, session = key["project_key"], key["session_id"]
+        subpath = quote(key.get("subpath", ""), safe="")
+        args: list[Any] = [self._ttl_s, int(time.time() * 1000), session, subpath]
         for entry in entries:
             args += [entry.get("uuid") or "", json.dumps(entry, separators=(",", ":"))]
-        keys = [target, f"{target}:uuids", f"{session}:subkeys", self._index(key["project_key"])]
-        await self._append(keys=[*keys, f"{session}:main"], args=args)
+        target = self._list(key)
+        keys = [target, f"{target}:uuids", subkeys_set(project, session), transcript_index_key(project)]
+        await self._append(keys=[*keys, main_list(project, session)], args=args)
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         raw = await self._redis.lrange(self._list(key), 0, -1)  # type: ignore[misc]
@@ -107,13 +90,13 @@ class RedisSessionStore(SessionStore):
         return [json.loads(item) for item in raw]
 
     async def list_sessions(self, project_key: str) -> list[SessionStoreListEntry]:
-        index = self._index(project_key)
+        index = transcript_index_key(project_key)
         members: list[tuple[bytes, float]] = await self._redis.zrange(index, 0, -1, withscores=True)
         if not members:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for member, _ in members:
-                pipe.exists(f"{self._session(project_key, member.decode())}:main")
+                pipe.exists(main_list(project_key, member.decode()))
             alive = await pipe.execute()
         gone = [member for (member, _), exists in zip(members, alive, strict=True) if not exists]
         if gone:  # expired by TTL: the index entry outlived them
@@ -125,24 +108,58 @@ class RedisSessionStore(SessionStore):
         ]
 
     async def delete(self, key: SessionKey) -> None:
-        session = self._session(key["project_key"], key["session_id"])
+        project, session = key["project_key"], key["session_id"]
         if subpath := key.get("subpath"):
             target = self._list(key)
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(target, f"{target}:uuids")
-                pipe.srem(f"{session}:subkeys", _q(subpath))
+                pipe.srem(subkeys_set(project, session), quote(subpath, safe=""))
                 await pipe.execute()
             return
-        subpaths: set[bytes] = await self._redis.smembers(f"{session}:subkeys")  # type: ignore[misc]
-        keys = [f"{session}:main", f"{session}:main:uuids", f"{session}:subkeys"]
-        for sub in subpaths:
-            keys += [f"{session}:sub:{sub.decode()}", f"{session}:sub:{sub.decode()}:uuids"]
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(*keys)
-            pipe.zrem(self._index(key["project_key"]), key["session_id"])
-            await pipe.execute()
+        await delete_transcript(self._redis, project, session)
 
     async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
-        session = self._session(key["project_key"], key["session_id"])
-        subpaths: set[bytes] = await self._redis.smembers(f"{session}:subkeys")  # type: ignore[misc]
-        return sorted(unquote(sub.decode()) for sub in subpaths)
+        encoded: set[bytes] = await self._redis.smembers(subkeys_set(key["project_key"], key["session_id"]))  # type: ignore[misc]
+        return sorted(unquote(sub.decode()) for sub in encoded)
+
+
+class JobTranscript:
+    """One job's view of its session's transcript: pinned to the session, committed only on success.
+
+    The SDK keys transcripts by a project derived from the CLI's working directory, which is a
+    fresh workspace per job; the view pins every key to the session owner's project instead, so
+    the next job finds it whatever its directory. Appends are held until `commit()` (a job that
+    fails or is cancelled adds nothing), and dropped after it: what the CLI mirrors while it shuts
+    down (prompt and cost bookkeeping) could otherwise land after the next job took the session.
+    """
+
+    def __init__(self, store: RedisSessionStore, project: str) -> None:
+        self._store = store
+        self._project = project
+        self._pending: list[tuple[SessionKey, list[SessionStoreEntry]]] = []
+        self._sealed = False
+
+    def _pinned(self, key: SessionKey) -> SessionKey:
+        pinned: SessionKey = {"project_key": self._project, "session_id": key["session_id"]}
+        if "subpath" in key:
+            pinned["subpath"] = key["subpath"]
+        return pinned
+
+    async def exists(self, session_id: str) -> bool:
+        return await self.load({"project_key": self._project, "session_id": session_id}) is not None
+
+    async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
+        if not self._sealed:
+            self._pending.append((self._pinned(key), entries))
+
+    async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
+        return await self._store.load(self._pinned(key))
+
+    async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
+        return await self._store.list_subkeys({"project_key": self._project, "session_id": key["session_id"]})
+
+    async def commit(self) -> None:
+        self._sealed = True
+        pending, self._pending = self._pending, []
+        for key, entries in pending:
+            await self._store.append(key, entries)

@@ -14,11 +14,12 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.deps import GatewayDep
+from api.deps import CallerDep, GatewayDep
 from api.errors import OpenAIError
 from api.protocol import ChatCompletion, ChatCompletionRequest, ErrorInfo, ErrorResponse
 from api.relay import follow_job
 from api.render import ChunkRenderer, completion_body, error_chunk
+from api.sessions import abandon, attach, requested_session_id
 from api.translate import build_job
 from shared import queue
 from shared.events import JobEventValue
@@ -28,17 +29,24 @@ log = logging.getLogger("gateway.api")
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 413, 500, 502, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 500, 502, 503, 504)
 }
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, gateway: GatewayDep
+    body: ChatCompletionRequest, request: Request, gateway: GatewayDep, caller: CallerDep
 ) -> JSONResponse | EventSourceResponse:
+    session_id = requested_session_id(body, request)
     job = build_job(body, request.state.request_id, gateway.settings)
-    await queue.enqueue(gateway.redis, job)
-    events = follow_job(gateway.redis, gateway.settings, job.id)
+    if session_id is not None:
+        job = await attach(gateway.redis, gateway.settings, caller.key_id, session_id, job)
+    try:
+        await queue.enqueue(gateway.redis, job)
+    except BaseException:
+        await abandon(gateway.redis, job)
+        raise
+    events = follow_job(gateway.redis, gateway.settings, job)
     if not body.stream:
         return JSONResponse((await _collect(job, events)).model_dump())
     include_usage = body.stream_options is not None and body.stream_options.include_usage

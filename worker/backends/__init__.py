@@ -8,6 +8,8 @@ tests and benchmarks.
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from redis.asyncio import Redis
+
 from shared.jobs import CompletionJob, Delta, Done, FailureCode
 from shared.settings import Settings
 
@@ -25,11 +27,11 @@ class Backend(Protocol):
     def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done]: ...
 
 
-def create_backend(settings: Settings) -> Backend:
+def create_backend(settings: Settings, redis: Redis) -> Backend:
     if settings.backend == "scripted":
         from worker.backends.scripted import ScriptedBackend
 
         return ScriptedBackend(settings)
     from worker.backends.claude import ClaudeBackend
 
-    return ClaudeBackend(settings)
+    return ClaudeBackend(settings, redis)

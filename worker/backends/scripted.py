@@ -4,7 +4,8 @@ By default it replies with `Settings.scripted_text`. A last user message of the 
 `script:{json}` scripts one reply instead, e.g.
 `script:{"text": "a b c", "tokens": 1000, "delay_ms": 1, "fail_after": 5, "fail_code": "upstream_error"}`:
 `tokens` repeats the text's words up to that count, `delay_ms` paces them, `fail_after` raises
-`BackendError(fail_code)` after that many tokens.
+`BackendError(fail_code)` after that many tokens. `"echo": true` replies with the conversation
+before the last message instead, one `role: text` line per turn (how tests see a session's history).
 """
 
 import asyncio
@@ -27,6 +28,7 @@ class Script(BaseModel):
     delay_ms: float = Field(default=0.0, ge=0)
     fail_after: int | None = Field(default=None, ge=0)
     fail_code: FailureCode = FailureCode.UPSTREAM_ERROR
+    echo: bool = False
 
 
 class ScriptedBackend:
@@ -44,6 +46,9 @@ class ScriptedBackend:
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done]:
         script = self.script_for(job)
+        if script.echo:
+            earlier = "\n".join(f"{turn.role}: {turn.text}" for turn in job.turns[:-1])
+            script = script.model_copy(update={"text": earlier or "(no earlier turns)"})
         words = _WORDS.findall(script.text) or [script.text]
         count = len(words) if script.tokens is None else script.tokens
         finish = FinishReason.STOP
