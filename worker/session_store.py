@@ -83,6 +83,10 @@ class RedisSessionStore:
         keys = [target, f"{target}:uuids", subkeys_set(project, session), transcript_index_key(project)]
         await self._append(keys=[*keys, main_list(project, session)], args=args)
 
+    async def exists(self, key: SessionKey) -> bool:
+        """Whether a transcript is stored under `key`, without loading it (not part of the protocol)."""
+        return bool(await self._redis.exists(self._list(key)))
+
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         raw = await self._redis.lrange(self._list(key), 0, -1)  # type: ignore[misc]
         if not raw:
@@ -146,7 +150,7 @@ class JobTranscript:
         return pinned
 
     async def exists(self, session_id: str) -> bool:
-        return await self.load({"project_key": self._project, "session_id": session_id}) is not None
+        return await self._store.exists({"project_key": self._project, "session_id": session_id})
 
     async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
         if not self._sealed:
