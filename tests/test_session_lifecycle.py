@@ -88,3 +88,12 @@ def test_a_job_cancelled_mid_turn_leaves_the_session_as_it_was(impatient: Gatewa
     assert [m["content"] for m in history] == ["one", DEFAULT_REPLY]
     impatient.start_worker()
     assert _reply(_post(impatient, chat(ECHO, session_id=sid))) == f"user: one\nassistant: {DEFAULT_REPLY}"
+
+
+def test_a_job_no_worker_starts_releases_its_session(start_gateway: Any) -> None:
+    workerless: Gateway = start_gateway(workers=0, BACKEND="scripted", QUEUE_TIMEOUT_S="1")
+    sid = f"queued-{uuid.uuid4().hex[:8]}"
+    response = _post(workerless, chat("hi", session_id=sid))
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "queue_timeout"
+    assert not workerless.redis().keys(f"*{sid}*")  # no lock left behind, no session created
