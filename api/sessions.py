@@ -49,13 +49,16 @@ def invalid_session_id() -> OpenAIError:
     )
 
 
-def new_turns(history: list[Turn], turns: list[Turn]) -> list[Turn]:
-    """The request's turns that are new to a session holding `history` (see the module doc)."""
-    if not history:
+def new_turns(history_len: int, head: list[Turn], turns: list[Turn]) -> list[Turn]:
+    """The request's turns that are new to a session of `history_len` turns (see the module doc).
+
+    `head` is the session's first `min(history_len, len(turns))` turns: all the rule compares.
+    """
+    if not history_len:
         return turns
-    if turns[: len(history)] == history:
-        return turns[len(history) :]
-    if len(turns) > 1 and turns[0] == history[0]:
+    if len(turns) > history_len and turns[:history_len] == head:
+        return turns[history_len:]
+    if len(turns) > 1 and turns[0] == head[0]:
         raise OpenAIError.invalid(
             "The messages repeat this session's history but differ from it; send only the new "
             "messages, or the history exactly as the session holds it, or start a new session.",
@@ -68,7 +71,7 @@ def new_turns(history: list[Turn], turns: list[Turn]) -> list[Turn]:
 async def attach(
     redis: Redis, settings: Settings, key_id: str, session_id: str, job: CompletionJob
 ) -> CompletionJob:
-    """Takes the session for `job` and returns the job carrying the session's whole conversation.
+    """Takes the session for `job` and returns the job with the turns new to the session.
 
     Raises 409 if another request is using the session. On any error the lock is released.
     """
@@ -83,8 +86,10 @@ async def attach(
             code="session_busy",
         )
     try:
-        session, history = await sessions.open_for_job(redis, owner, session_id, settings.session_ttl_s)
-        turns = new_turns(history, job.turns)
+        session, history_len, head = await sessions.open_for_job(
+            redis, owner, session_id, settings.session_ttl_s, head=len(job.turns)
+        )
+        turns = new_turns(history_len, head, job.turns)
         if not turns or turns[-1].role != "user":
             raise OpenAIError.invalid(
                 "The request adds no new user message to the session.",
@@ -94,10 +99,10 @@ async def attach(
         ref = SessionRef(
             owner=owner,
             id=session_id,
-            history_len=len(history),
+            history_len=history_len,
             transcript_id=session.transcript_id if session else sessions.new_transcript_id(),
         )
-        return job.model_copy(update={"turns": [*history, *turns], "session": ref})
+        return job.model_copy(update={"turns": turns, "session": ref})
     except BaseException:
         await sessions.release(redis, owner, session_id, job.id)
         raise

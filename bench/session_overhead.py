@@ -1,9 +1,9 @@
 """What a session costs per request: stateless vs `session_id` turns, through the whole gateway.
 
 Starts a private Redis, one API and one worker process on the scripted backend, then sends
-sequential non-streaming requests: `--requests` stateless ones, then as many turns of one session
-(whose history grows by two messages a turn). Prints the median and p95 latency of each, and of
-the session's first and last ten turns (to show how the history length weighs).
+sequential non-streaming requests, alternating: `--requests` stateless ones and as many turns of
+one session (whose history grows by two messages a turn). Prints the median and p95 latency of
+each, and of the first and last ten of each (to show whether the history length weighs).
 
     .venv/bin/python bench/session_overhead.py [--requests 200]
 """
@@ -72,8 +72,11 @@ def main() -> None:
                         time.sleep(0.1)
                 for _ in range(20):  # warm-up
                     timed(client, url, BODY)
-                stateless = [timed(client, url, BODY) for _ in range(args.requests)]
-                session = [timed(client, url, {**BODY, "session_id": "bench"}) for _ in range(args.requests)]
+                stateless: list[float] = []
+                session: list[float] = []
+                for _ in range(args.requests):  # interleaved, so load changes hit both alike
+                    stateless.append(timed(client, url, BODY))
+                    session.append(timed(client, url, {**BODY, "session_id": "bench"}))
         finally:
             for process in processes:
                 process.terminate()
@@ -83,7 +86,9 @@ def main() -> None:
     for label, values in (
         ("stateless", stateless),
         ("session turns", session),
+        ("stateless, first 10", stateless[:10]),
         ("session, first 10 turns", session[:10]),
+        ("stateless, last 10", stateless[-10:]),
         ("session, last 10 turns", session[-10:]),
     ):
         print(

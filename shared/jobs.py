@@ -25,7 +25,7 @@ class Turn(BaseModel):
 
 
 class SessionRef(BaseModel):
-    """The session a job continues: whose it is, and how many of the job's turns it already holds."""
+    """The session a job continues: whose it is, and how many turns it held when the job took it."""
 
     model_config = ConfigDict(frozen=True)
     owner: str
@@ -44,6 +44,7 @@ class CompletionJob(BaseModel):
     model: str
     system_prompt: str | None = None
     turns: list[Turn]
+    """The conversation; for a job that continues a session, only the turns new to the session."""
     max_tokens: int | None = None
     session: SessionRef | None = None
     created: int = Field(default_factory=lambda: int(time.time()))

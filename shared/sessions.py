@@ -91,19 +91,31 @@ async def release(redis: Redis, owner: str, session_id: str, job_id: str) -> Non
 
 
 async def open_for_job(
-    redis: Redis, owner: str, session_id: str, ttl_s: int
-) -> tuple[Session | None, list[Turn]]:
-    """The session (None if it does not exist) and its history; slides its TTL."""
+    redis: Redis, owner: str, session_id: str, ttl_s: int, *, head: int
+) -> tuple[Session | None, int, list[Turn]]:
+    """The session (None if it does not exist), its length in turns, and its first `head` turns.
+
+    Slides the session's TTL. Only the head is read: all a request needs to be compared with.
+    """
     record_key, history_key = session_key(owner, session_id), session_history_key(owner, session_id)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hgetall(record_key)
-        pipe.lrange(history_key, 0, -1)
+        pipe.llen(history_key)
+        pipe.lrange(history_key, 0, head - 1)
         pipe.expire(record_key, ttl_s)
         pipe.expire(history_key, ttl_s)
-        record, history, *_ = await pipe.execute()
+        record, length, first, *_ = await pipe.execute()
     if not record:
-        return None, []
-    return _session(session_id, record, ttl_s), [Turn.model_validate_json(raw) for raw in history]
+        return None, 0, []
+    return _session(session_id, record, ttl_s), length, [Turn.model_validate_json(raw) for raw in first]
+
+
+async def history(redis: Redis, ref: SessionRef) -> list[Turn]:
+    """The turns a session held when `ref`'s job took it (for backends that need them all)."""
+    if ref.history_len == 0:
+        return []  # LRANGE 0 -1 would be the whole list
+    raw = await redis.lrange(session_history_key(ref.owner, ref.id), 0, ref.history_len - 1)  # type: ignore[misc]
+    return [Turn.model_validate_json(item) for item in raw]
 
 
 def new_transcript_id() -> str:
@@ -116,7 +128,7 @@ async def commit(redis: Redis, job: CompletionJob, reply: str, ttl_s: int) -> No
     Raises `SessionLost` (having changed nothing) if the job no longer holds the session.
     """
     ref: SessionRef = _ref(job)
-    turns = [*job.turns[ref.history_len :], Turn(role="assistant", text=reply)]
+    turns = [*job.turns, Turn(role="assistant", text=reply)]
     keys = [
         session_lock_key(ref.owner, ref.id),
         session_key(ref.owner, ref.id),

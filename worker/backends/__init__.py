@@ -31,7 +31,7 @@ def create_backend(settings: Settings, redis: Redis) -> Backend:
     if settings.backend == "scripted":
         from worker.backends.scripted import ScriptedBackend
 
-        return ScriptedBackend(settings)
+        return ScriptedBackend(settings, redis)
     from worker.backends.claude import ClaudeBackend
 
     return ClaudeBackend(settings, redis)

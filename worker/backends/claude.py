@@ -19,6 +19,7 @@ from claude_agent_sdk import (
 from claude_agent_sdk.types import SessionStore, StreamEvent, SystemPromptPreset
 from redis.asyncio import Redis
 
+from shared import sessions
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Turn, Usage
 from shared.settings import Settings
 from worker.backends import BackendError
@@ -67,6 +68,7 @@ def prompt_for(turns: list[Turn]) -> str:
 class ClaudeBackend:
     def __init__(self, settings: Settings, redis: Redis) -> None:
         self._settings = settings
+        self._redis = redis
         self._store = RedisSessionStore(redis, settings.session_ttl_s)
 
     def _options(self, job: CompletionJob, workspace: Workspace) -> ClaudeAgentOptions:
@@ -154,7 +156,8 @@ class ClaudeBackend:
 
         The SDK materializes the stored transcript for `resume` before the CLI starts, so the
         model sees the earlier turns as real turns and only the new ones are sent as the prompt.
-        A session without a stored transcript (its first turn) starts one under its own id.
+        A session without a stored transcript (its first turn, or turns answered by another
+        backend) starts one under its own id, with the session's history as context.
         """
         if job.session is None:
             return options, prompt_for(job.turns), None
@@ -163,9 +166,10 @@ class ClaudeBackend:
         transcript_id = job.session.transcript_id
         if await transcript.exists(transcript_id):
             resumed = replace(options, session_store=store, resume=transcript_id)
-            return resumed, prompt_for(job.turns[job.session.history_len :]), transcript
+            return resumed, prompt_for(job.turns), transcript
         started = replace(options, session_store=store, session_id=transcript_id)
-        return started, prompt_for(job.turns), transcript
+        earlier = await sessions.history(self._redis, job.session)
+        return started, prompt_for([*earlier, *job.turns]), transcript
 
 
 async def _close(messages: AsyncIterator[Any]) -> None:

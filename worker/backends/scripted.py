@@ -5,7 +5,8 @@ By default it replies with `Settings.scripted_text`. A last user message of the 
 `script:{"text": "a b c", "tokens": 1000, "delay_ms": 1, "fail_after": 5, "fail_code": "upstream_error"}`:
 `tokens` repeats the text's words up to that count, `delay_ms` paces them, `fail_after` raises
 `BackendError(fail_code)` after that many tokens. `"echo": true` replies with the conversation
-before the last message instead, one `role: text` line per turn (how tests see a session's history).
+before the last message instead, one `role: text` line per turn, a session's history included
+(how tests see what history a job continues).
 """
 
 import asyncio
@@ -13,7 +14,9 @@ import re
 from collections.abc import AsyncIterator
 
 from pydantic import BaseModel, Field, ValidationError
+from redis.asyncio import Redis
 
+from shared import sessions
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Usage
 from shared.settings import Settings
 from worker.backends import BackendError
@@ -32,8 +35,9 @@ class Script(BaseModel):
 
 
 class ScriptedBackend:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
         self._default = Script(text=settings.scripted_text, delay_ms=settings.scripted_delay_ms)
+        self._redis = redis  # reads a session's history for `echo`; benchmarks run without one
 
     def script_for(self, job: CompletionJob) -> Script:
         prompt = job.turns[-1].text
@@ -47,7 +51,10 @@ class ScriptedBackend:
     async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done]:
         script = self.script_for(job)
         if script.echo:
-            earlier = "\n".join(f"{turn.role}: {turn.text}" for turn in job.turns[:-1])
+            turns = job.turns
+            if job.session is not None and self._redis is not None:
+                turns = [*await sessions.history(self._redis, job.session), *turns]
+            earlier = "\n".join(f"{turn.role}: {turn.text}" for turn in turns[:-1])
             script = script.model_copy(update={"text": earlier or "(no earlier turns)"})
         words = _WORDS.findall(script.text) or [script.text]
         count = len(words) if script.tokens is None else script.tokens
