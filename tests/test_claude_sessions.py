@@ -147,3 +147,28 @@ def test_a_failed_turn_adds_nothing_to_the_transcript(claude_fleet: Gateway, ups
         ("assistant", "kept"),
         ("user", "second"),
     ]
+
+
+def test_a_turn_cut_by_max_tokens_is_continued(claude_fleet: Gateway, upstream: FakeAnthropic) -> None:
+    url = f"{claude_fleet.url}/v1/chat/completions"
+    sid = "acceptance-3"
+    upstream.default = Reply(tokens=["cut", " off"], stop_reason="max_tokens")
+    cut = httpx.post(url, json=chat("long story", session_id=sid, max_tokens=16), timeout=120)
+    assert cut.status_code == 200, cut.text
+    assert cut.json()["choices"][0]["finish_reason"] == "length"
+    # The CLI was stopped mid-turn, before it stored that turn's transcript: the next turn starts
+    # a transcript with the session's history as context in its prompt (docs/sessions.md) ...
+    upstream.default = Reply(tokens=["fine"])
+    assert httpx.post(url, json=chat("next", session_id=sid), timeout=120).status_code == 200
+    [(role, prompt)] = _conversation(upstream.requests[-1])
+    assert role == "user"
+    assert prompt.index("long story") < prompt.index("cut off") < prompt.index("next")
+    assert prompt.endswith("next")
+    # ... and the turns after it resume that transcript as real turns again.
+    upstream.default = Reply(tokens=["done"])
+    assert httpx.post(url, json=chat("third", session_id=sid), timeout=120).status_code == 200
+    assert _conversation(upstream.requests[-1]) == [
+        ("user", prompt),
+        ("assistant", "fine"),
+        ("user", "third"),
+    ]

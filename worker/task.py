@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared import sessions
 from shared.events import EventWriter, streamed_text
@@ -77,4 +78,9 @@ async def _settle_session(
     except sessions.SessionLost:
         message = "The session was deleted or expired while the job ran; this reply was not added to it."
         return Failed(code=FailureCode.INTERNAL, message=message)
+    except RedisError:
+        # Still report the job's end if Redis answers at all (a script error, say) rather than
+        # leave the caller waiting; the lock, if it survived, times out.
+        log.exception("could not commit a session turn", extra={"job_id": job.id})
+        return Failed(code=FailureCode.INTERNAL, message="The reply could not be added to the session.")
     return terminal
