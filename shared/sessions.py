@@ -104,6 +104,8 @@ async def open_for_job(
         pipe.lrange(history_key, 0, head - 1)
         pipe.expire(record_key, ttl_s)
         pipe.expire(history_key, ttl_s)
+        pipe.zadd(sessions_index_key(owner), {session_id: _ms() + ttl_s * 1000}, xx=True)
+        pipe.expire(sessions_index_key(owner), ttl_s)  # no member expires later than now + ttl
         record, length, first, *_ = await pipe.execute()
     if not record:
         return None, 0, []
