@@ -65,6 +65,7 @@ class ChatCompletionRequest(BaseModel):
     function_call: str | dict[str, Any] | None = None
     # Extension: answer at once with the queued job; poll or stream it by id.
     background: bool = False
+    session_id: str | None = Field(default=None, description="Extension: continue this session.")
 
     def unsupported_parameter(self) -> str | None:
         """The first parameter whose meaning the gateway cannot honour, if any."""

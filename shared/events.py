@@ -156,3 +156,8 @@ async def events_so_far(redis: Redis, job_id: str) -> list[tuple[int, JobEventVa
         (int(entry_id.decode().partition("-")[2]), decode_event(fields[_FIELD]))
         for entry_id, fields in entries
     ]
+
+
+async def streamed_text(redis: Redis, job_id: str) -> str:
+    """All the text a job has written to its stream so far (read once, at the end of a job)."""
+    return "".join(event.text for _, event in await events_so_far(redis, job_id) if isinstance(event, Delta))

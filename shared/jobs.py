@@ -24,6 +24,17 @@ class Turn(BaseModel):
     text: str
 
 
+class SessionRef(BaseModel):
+    """The session a job continues: whose it is, and how many turns it held when the job took it."""
+
+    model_config = ConfigDict(frozen=True)
+    owner: str
+    id: str
+    history_len: int = Field(ge=0)
+    transcript_id: str
+    """The Claude Code session (a UUID) holding the backend's own transcript of this session."""
+
+
 class CompletionJob(BaseModel):
     """Everything a worker needs to run one completion; serialized to JSON on the queue."""
 
@@ -33,7 +44,9 @@ class CompletionJob(BaseModel):
     model: str
     system_prompt: str | None = None
     turns: list[Turn]
+    """The conversation; for a job that continues a session, only the turns new to the session."""
     max_tokens: int | None = None
+    session: SessionRef | None = None
     created: int = Field(default_factory=lambda: int(time.time()))
 
 

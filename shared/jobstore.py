@@ -13,7 +13,7 @@ ended; the job's events live in its stream (`events_key`). Steps:
 
 Fencing by attempt is what keeps attempts from interleaving: once a job has moved on (retried,
 cancelled, failed), the old attempt's writes are refused. Every step that ends a job also frees
-the caller's concurrent-job slot it held, so no path can leak one.
+the caller's concurrent-job slot and its session's lock, so no path can leak either.
 """
 
 import time
@@ -34,6 +34,7 @@ from shared.keys import (
     events_key,
     idempotency_key,
     record_key,
+    session_lock_key,
 )
 from shared.queue import RUN_COMPLETION, serialize
 
@@ -42,14 +43,17 @@ _PRELUDE = f"""
 local ARQ_JOB, ARQ_IN_PROGRESS = '{job_key_prefix}', '{in_progress_key_prefix}'
 local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
 local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{WAKEUP_CHANNEL}', '{CANCEL_CHANNEL}'
--- Frees the caller's concurrent-job slot the job holds, if any (shared/quotas.py).
-local function release_slot(job_id)
-  local record = '{PREFIX}:job:' .. job_id .. ':slot'  -- quotas.slot_record_key
-  local holder = redis.call('get', record)
+-- Frees what an ending job holds: the caller's concurrent-job slot (shared/quotas.py) and its
+-- session's lock, if the job still holds it (a completed turn has already committed and freed it).
+local function release_holds(job_id)
+  local slot = '{PREFIX}:job:' .. job_id .. ':slot'  -- quotas.slot_record_key
+  local holder = redis.call('get', slot)
   if holder then
     redis.call('zrem', holder, job_id)
-    redis.call('del', record)
+    redis.call('del', slot)
   end
+  local lock = redis.call('hget', '{PREFIX}:job:' .. job_id, 'session_lock')
+  if lock and redis.call('get', lock) == job_id then redis.call('del', lock) end
 end
 """
 
@@ -67,13 +71,13 @@ local function finish(record, stream, job_id, event, outcome, ttl)
   redis.call('expire', stream, ttl)
   redis.call('expire', record, ttl)
   redis.call('zrem', KEYS[3], job_id)
-  release_slot(job_id)
+  release_holds(job_id)
 end
 """
 
 # KEYS: record, queue, arq entry of attempt 1, [idempotency key]
 # ARGV: owner, model, request_id, created, payload, arq entry, score, arq ttl ms, ttl, job id,
-#       idempotency value
+#       idempotency value, session lock key
 _CREATE = """
 if #KEYS == 4 then
   local existing = redis.call('get', KEYS[4])
@@ -82,6 +86,7 @@ if #KEYS == 4 then
 end
 redis.call('hset', KEYS[1], 'owner', ARGV[1], 'model', ARGV[2], 'request_id', ARGV[3],
   'created', ARGV[4], 'payload', ARGV[5], 'attempt', '1')
+if ARGV[12] ~= '' then redis.call('hset', KEYS[1], 'session_lock', ARGV[12]) end
 redis.call('expire', KEYS[1], ARGV[9])
 redis.call('psetex', KEYS[3], ARGV[8], ARGV[6])
 redis.call('zadd', KEYS[2], ARGV[7], ARGV[10] .. '.1')
@@ -132,7 +137,7 @@ if ARGV[4] ~= '' then
   redis.call('hset', KEYS[2], 'ended', ARGV[4])
   redis.call('expire', KEYS[2], ARGV[3])
   redis.call('zrem', KEYS[3], ARGV[5])
-  release_slot(ARGV[5])
+  release_holds(ARGV[5])
 end
 return 1
 """
@@ -268,6 +273,7 @@ class JobStore:
             value = f"{job.id} {idempotency[1]}"
         args: list[str | bytes | int] = [owner, job.model, job.request_id, job.created]
         args += [job.model_dump_json(), entry, now, expires_extra_ms, self.ttl_s, job.id, value]
+        args.append("" if job.session is None else session_lock_key(job.session.owner, job.session.id))
         existing = await self._create(keys=keys, args=args)
         if existing is None:
             return None

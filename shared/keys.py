@@ -7,6 +7,7 @@ itself is the sorted set named by `Settings.queue_name`. Each attempt at a job i
 
 import hashlib
 import re
+from urllib.parse import quote
 
 PREFIX = "gateway"
 WAKEUP_CHANNEL = f"{PREFIX}:wakeup"
@@ -48,3 +49,53 @@ def idempotency_key(owner: str, key: str) -> str:
 def attempt_id(job_id: str, attempt: int) -> str:
     """The arq job id of one attempt at a job."""
     return f"{_checked(job_id)}.{attempt}"
+
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_OWNER = re.compile(r"[0-9a-f]{32}")
+
+
+def is_session_id(value: str) -> bool:
+    """1-128 letters, digits, `.`, `_`, `-`, starting alphanumeric: never a path or key separator."""
+    return _SESSION_ID.fullmatch(value) is not None
+
+
+def _session_base(owner: str, session_id: str) -> str:
+    if _OWNER.fullmatch(owner) is None or not is_session_id(session_id):
+        raise ValueError("malformed session owner or id")
+    return f"{PREFIX}:session:{owner}:{session_id}"
+
+
+def session_key(owner: str, session_id: str) -> str:
+    """A hash: the session's record (created, last used, turns, transcript id)."""
+    return _session_base(owner, session_id)
+
+
+def session_history_key(owner: str, session_id: str) -> str:
+    """A list: the session's turns as JSON, oldest first."""
+    return f"{_session_base(owner, session_id)}:history"
+
+
+def session_lock_key(owner: str, session_id: str) -> str:
+    """A string: the id of the one job allowed to extend the session right now."""
+    return f"{_session_base(owner, session_id)}:lock"
+
+
+def sessions_index_key(owner: str) -> str:
+    """A sorted set: one owner's session ids, scored by expiry time (epoch ms)."""
+    if _OWNER.fullmatch(owner) is None:
+        raise ValueError("malformed session owner")
+    return f"{PREFIX}:sessions:{owner}"
+
+
+def transcript_key(project: str, session: str) -> str:
+    """The prefix of one Claude Code transcript's keys in the SDK session store.
+
+    Components are percent-encoded: a `:` or `/` inside either cannot reach another key.
+    """
+    return f"{PREFIX}:sdk:{quote(project, safe='')}:{quote(session, safe='')}"
+
+
+def transcript_index_key(project: str) -> str:
+    """A sorted set: one project's transcripts, scored by last write (epoch ms)."""
+    return f"{PREFIX}:sdk:{quote(project, safe='')}:sessions"

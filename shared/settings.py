@@ -137,3 +137,8 @@ class Settings(BaseSettings):
         if self.api_keys:
             keys += self.api_keys.get_secret_value().split(",")
         return [key.strip() for key in keys if key.strip()]
+
+    # --- Sessions (`session_id`: conversations kept in Redis) ------------------------------
+    session_ttl_s: int = Field(
+        default=3600, ge=1, description="A session idle this long is removed (sliding, per request)."
+    )

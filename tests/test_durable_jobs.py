@@ -358,3 +358,28 @@ def _cli_processes(gateway: Gateway) -> list[int]:
         if any(item.startswith(marker) for item in environ.split(b"\0")):
             found.append(int(pid))
     return found
+
+
+def test_a_lost_worker_frees_its_sessions_lock(start_gateway: Any) -> None:
+    """The session takes its next turn within the lease (2 s) + 3 s of its worker's SIGKILL,
+    without the lost turn in its history."""
+    gateway: Gateway = start_gateway(workers=2, BACKEND="scripted", **FAST_LEASES)
+    url = f"{gateway.url}/v1/chat/completions"
+    assert httpx.post(url, json=chat("first", session_id="s1"), timeout=10).status_code == 200
+    body = chat(script(text=words(1000), delay_ms=20), stream=True, session_id="s1")
+    with httpx.stream("POST", url, json=body, timeout=30) as response:
+        for _, data in sse_events(response.iter_lines()):
+            if content_of(data):
+                completion_id = json.loads(data)["id"]
+                break
+        worker_running(gateway, job_id_of(completion_id)).send_signal(signal.SIGKILL)
+        busy = httpx.post(url, json=chat("meanwhile", session_id="s1"), timeout=10)
+        assert busy.status_code == 409
+        assert busy.json()["error"]["code"] == "session_busy"
+    echo = chat(script(text="", echo=True), session_id="s1")
+    reply = wait_for(
+        lambda: (r := httpx.post(url, json=echo, timeout=10)).status_code == 200 and r, 5, "turn"
+    )
+    assert reply.json()["choices"][0]["message"]["content"] == (
+        "user: first\nassistant: Hello from the scripted backend."
+    )

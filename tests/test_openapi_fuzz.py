@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import positive_data_acceptance
 
 from tests.conftest import Gateway
 
@@ -32,6 +33,10 @@ def test_no_server_error_and_no_schema_violation(fuzzed: Gateway) -> None:
         @given(case=operation.as_strategy())
         @settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         def call(case: Any) -> None:
-            case.call_and_validate(base_url=fuzzed.url, headers=AUTH, timeout=30)
+            # Schema-valid is not always acceptable: a request the gateway refuses on purpose (n > 1,
+            # an unknown model, a malformed session id) gets a documented 4xx, never a 5xx.
+            case.call_and_validate(
+                base_url=fuzzed.url, headers=AUTH, timeout=30, excluded_checks=[positive_data_acceptance]
+            )
 
         call()

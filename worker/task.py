@@ -13,8 +13,11 @@ import logging
 import time
 from typing import Any
 
-from shared import logs
-from shared.events import EventWriter, Superseded
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared import logs, sessions
+from shared.events import EventWriter, Superseded, streamed_text
 from shared.jobs import CompletionJob, Done, Failed, FailureCode
 from shared.settings import Settings
 from worker.backends import Backend, BackendError, Progress
@@ -42,7 +45,7 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None
         if started.cancel_requested:  # cancelled while its previous attempt's worker was lost
             outcome = await _stopped(StopReason.CANCELLED, running, job.id, attempt, writer)
         else:
-            outcome = await _produce(ctx["backend"], settings, job, writer)
+            outcome = await _produce(ctx["backend"], settings, job, writer, ctx["redis"])
     except asyncio.CancelledError:
         outcome = await _stopped(control.reason, running, job.id, attempt, writer)
         if control.reason is StopReason.SHUTDOWN:
@@ -65,41 +68,62 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None
             await asyncio.shield(report_outcome(ctx, job, began, writer.first_output_at, usage, failure))
 
 
-async def _produce(backend: Backend, settings: Settings, job: CompletionJob, writer: EventWriter) -> str:
+async def _produce(
+    backend: Backend, settings: Settings, job: CompletionJob, writer: EventWriter, redis: Redis
+) -> str:
     """Streams the backend into the writer within the job's time limits; returns the outcome."""
     loop = asyncio.get_running_loop()
     stall = asyncio.timeout(settings.stall_timeout_s)
+    terminal: Done | Failed
     try:
         async with asyncio.timeout(settings.job_timeout_s), stall:
             async for event in backend.stream(job):
                 stall.reschedule(loop.time() + settings.stall_timeout_s)
-                if isinstance(event, Progress):
-                    continue
-                writer.emit(event)
                 if isinstance(event, Done):
+                    terminal = event
                     break
+                if not isinstance(event, Progress):
+                    writer.emit(event)
             else:
                 raise BackendError(FailureCode.INTERNAL, "the backend ended without a result")
-        outcome = "completed"
     except BackendError as exc:
-        outcome = exc.code.value
-        writer.emit(Failed(code=exc.code, message=exc.message))
+        terminal = Failed(code=exc.code, message=exc.message)
     except TimeoutError:
         if stall.expired():
-            outcome = FailureCode.STALLED.value
             message = f"the job produced nothing for {settings.stall_timeout_s:g} s"
+            terminal = Failed(code=FailureCode.STALLED, message=message)
         else:
-            outcome = FailureCode.TIMEOUT.value
             message = f"the job exceeded its time limit of {settings.job_timeout_s:g} s"
-        writer.emit(Failed(code=FailureCode(outcome), message=message))
+            terminal = Failed(code=FailureCode.TIMEOUT, message=message)
     except Superseded:
         raise
     except Exception:
         log.exception("job failed unexpectedly")
-        outcome = FailureCode.INTERNAL.value
-        writer.emit(Failed(code=FailureCode.INTERNAL, message="the worker failed while running the job"))
+        terminal = Failed(code=FailureCode.INTERNAL, message="the worker failed while running the job")
+    if isinstance(terminal, Done) and job.session is not None:
+        terminal = await _commit_turn(redis, settings, job, writer, terminal)
+    writer.emit(terminal)
     await writer.drain()
-    return outcome
+    return "completed" if isinstance(terminal, Done) else terminal.code.value
+
+
+async def _commit_turn(
+    redis: Redis, settings: Settings, job: CompletionJob, writer: EventWriter, done: Done
+) -> Done | Failed:
+    """Adds a completed job's turns to its session, before the terminal event goes out (so the
+    client's next turn finds the session free). A job that ends any other way commits nothing:
+    the step that ends it frees the session's lock (shared/jobstore.py)."""
+    assert job.session is not None
+    await writer.drain()
+    try:
+        await sessions.commit(redis, job, await streamed_text(redis, job.id), settings.session_ttl_s)
+    except sessions.SessionLost:
+        message = "The session was deleted or expired while the job ran; this reply was not added to it."
+        return Failed(code=FailureCode.INTERNAL, message=message)
+    except RedisError:
+        log.exception("could not commit a session turn")
+        return Failed(code=FailureCode.INTERNAL, message="The reply could not be added to the session.")
+    return done
 
 
 async def _stopped(

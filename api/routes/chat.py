@@ -23,6 +23,7 @@ from api.hygiene import check_prompt_limits
 from api.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
 from api.relay import follow_job
 from api.render import ChunkRenderer, JobRef, completion_body, completion_id
+from api.sessions import abandon, attach, requested_session_id
 from api.streaming import first_event, sse_response
 from api.translate import build_job
 from shared import logs, quotas
@@ -33,7 +34,7 @@ log = logging.getLogger("gateway.api")
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 502, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429, 500, 502, 503, 504)
 }
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
@@ -47,11 +48,19 @@ async def create_chat_completion(
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JSONResponse | EventSourceResponse:
     check_prompt_limits(body, gateway.settings)
+    session_id = requested_session_id(body, request)
     job = build_job(body, request.state.request_id, gateway.settings)
-    async with job_slot(gateway, request, job.id):
-        ref = await _submit(gateway, caller, job, body, idempotency_key)
+    if session_id is not None:
+        job = await attach(gateway.redis, gateway.settings, caller.key_id, session_id, job)
+    try:
+        async with job_slot(gateway, request, job.id):
+            ref = await _submit(gateway, caller, job, body, idempotency_key)
+    except BaseException:
+        await abandon(gateway.redis, job)  # never queued: the session is free again
+        raise
     if ref.id != job.id:  # attached to the key's earlier job: this one was never queued
         await quotas.release_job_slot(gateway.redis, job.id)
+        await abandon(gateway.redis, job)
     logs.bind(job_id=ref.id)
     log.info("queued job (model %s, stream %s, background %s)", job.model, body.stream, body.background)
     if body.background:

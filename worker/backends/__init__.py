@@ -10,6 +10,8 @@ tests and benchmarks.
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from redis.asyncio import Redis
+
 from shared.jobs import CompletionJob, Delta, Done, FailureCode
 from shared.settings import Settings
 
@@ -34,11 +36,11 @@ class Backend(Protocol):
     def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]: ...
 
 
-def create_backend(settings: Settings) -> Backend:
+def create_backend(settings: Settings, redis: Redis) -> Backend:
     if settings.backend == "scripted":
         from worker.backends.scripted import ScriptedBackend
 
-        return ScriptedBackend(settings)
+        return ScriptedBackend(settings, redis)
     from worker.backends.claude import ClaudeBackend
 
-    return ClaudeBackend(settings)
+    return ClaudeBackend(settings, redis)

@@ -8,7 +8,8 @@ import logging
 import os
 import pwd
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from dataclasses import replace
+from typing import Any, cast
 
 from claude_agent_sdk import (
     ClaudeAgentOptions,
@@ -17,12 +18,15 @@ from claude_agent_sdk import (
     ResultMessage,
     query,
 )
-from claude_agent_sdk.types import StreamEvent, SystemPromptPreset
+from claude_agent_sdk.types import SessionStore, StreamEvent, SystemPromptPreset
+from redis.asyncio import Redis
 
-from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Usage
+from shared import sessions
+from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Turn, Usage
 from shared.settings import Settings
 from worker.backends import PROGRESS, BackendError, Progress
 from worker.credential_proxy import CredentialProxy
+from worker.session_store import JobTranscript, RedisSessionStore
 from worker.workspace import MARKER, Workspace, job_workspace
 
 log = logging.getLogger("gateway.worker.claude")
@@ -53,13 +57,13 @@ def upstream_failure(status: int | None) -> BackendError:
     return BackendError(FailureCode.UPSTREAM_ERROR, f"The model API request failed{detail}.")
 
 
-def prompt_for(job: CompletionJob) -> str:
+def prompt_for(turns: list[Turn]) -> str:
     """The prompt for this run: the last user turn, after any earlier turns as context.
 
-    Interim: earlier turns travel as a transcript in the prompt until they are restored as real
-    turns through the SDK's session store.
+    Interim: in a stateless request, earlier turns travel as a transcript in the prompt. A session's
+    earlier turns do not: they come back as real turns from its stored Claude Code transcript.
     """
-    *earlier, last = job.turns
+    *earlier, last = turns
     if not earlier:
         return last.text
     transcript = "\n\n".join(f"<{turn.role}>\n{turn.text}\n</{turn.role}>" for turn in earlier)
@@ -67,7 +71,7 @@ def prompt_for(job: CompletionJob) -> str:
 
 
 class ClaudeBackend:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, redis: Redis) -> None:
         self._settings = settings
         if settings.claude_job_user is not None:
             pwd.getpwnam(settings.claude_job_user)  # fails at start-up, not on the first job
@@ -77,6 +81,8 @@ class ClaudeBackend:
         if settings.anthropic_api_key and (key := settings.anthropic_api_key.get_secret_value()):
             self._proxy = CredentialProxy(settings.anthropic_base_url or _ANTHROPIC_API, key)
             self._proxy.start()
+        self._redis = redis
+        self._store = RedisSessionStore(redis, settings.session_ttl_s)
 
     def _options(self, job: CompletionJob, workspace: Workspace, token: str | None) -> ClaudeAgentOptions:
         """The CLI's whole environment is this `env` (the worker forgot its own, see `environment`)."""
@@ -126,7 +132,9 @@ class ClaudeBackend:
             self._settings.workspace_root, job.id, self._settings.claude_job_user
         ) as workspace:
             token = self._proxy.issue() if self._proxy is not None else None
-            messages = query(prompt=prompt_for(job), options=self._options(job, workspace, token))
+            options = self._options(job, workspace, token)
+            options, prompt, transcript = await self._continue_session(job, options)
+            messages = query(prompt=prompt, options=options)
             started: dict[str, Any] = {}  # usage from the current upstream message's start
             try:
                 async for message in messages:
@@ -143,13 +151,17 @@ class ClaudeBackend:
                         elif _hit_token_limit(event):
                             # The CLI would ask the model to continue past the caller's limit;
                             # OpenAI semantics end here. No ResultMessage follows, so no cost.
-                            yield Done(
-                                finish_reason=FinishReason.LENGTH, usage=_usage({**started, **event["usage"]})
-                            )
+                            usage = _usage({**started, **event["usage"]})
+                            if transcript is not None:  # closing the run flushes its transcript
+                                await _close(messages)
+                                await transcript.commit()
+                            yield Done(finish_reason=FinishReason.LENGTH, usage=usage)
                             return
                     elif isinstance(message, ResultMessage):
                         if message.is_error:
                             raise upstream_failure(message.api_error_status)
+                        if transcript is not None:  # the SDK flushed the turn's transcript already
+                            await transcript.commit()
                         yield _done(message)
                         return
                     else:
@@ -162,11 +174,37 @@ class ClaudeBackend:
                     FailureCode.BACKEND_UNAVAILABLE, "Claude Code exited unexpectedly."
                 ) from exc
             finally:
-                if isinstance(messages, AsyncGenerator):  # stops the CLI at once on early exit
-                    await messages.aclose()
+                await _close(messages)
                 if token is not None and self._proxy is not None:
                     self._proxy.revoke(token)
         raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code ended without a result.")
+
+    async def _continue_session(
+        self, job: CompletionJob, options: ClaudeAgentOptions
+    ) -> tuple[ClaudeAgentOptions, str, JobTranscript | None]:
+        """Options, prompt and transcript for the run: a session resumes its Claude Code transcript.
+
+        The SDK materializes the stored transcript for `resume` before the CLI starts, so the
+        model sees the earlier turns as real turns and only the new ones are sent as the prompt.
+        A session without a stored transcript (its first turn, or turns answered by another
+        backend) starts one under its own id, with the session's history as context.
+        """
+        if job.session is None:
+            return options, prompt_for(job.turns), None
+        transcript = JobTranscript(self._store, project=job.session.owner)
+        store = cast(SessionStore, transcript)  # duck-typed: the optional methods it lacks stay unused
+        transcript_id = job.session.transcript_id
+        if await transcript.exists(transcript_id):
+            resumed = replace(options, session_store=store, resume=transcript_id)
+            return resumed, prompt_for(job.turns), transcript
+        started = replace(options, session_store=store, session_id=transcript_id)
+        earlier = await sessions.history(self._redis, job.session)
+        return started, prompt_for([*earlier, *job.turns]), transcript
+
+
+async def _close(messages: AsyncIterator[Any]) -> None:
+    if isinstance(messages, AsyncGenerator):  # stops the CLI at once on early exit
+        await messages.aclose()
 
 
 def _hit_token_limit(event: dict[str, Any]) -> bool:

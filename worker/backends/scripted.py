@@ -5,7 +5,9 @@ By default it replies with `Settings.scripted_text`. A last user message of the 
 `script:{"text": "a b c", "tokens": 1000, "delay_ms": 1, "fail_after": 5, "fail_code": "upstream_error"}`:
 `tokens` repeats the text's words up to that count, `wait_ms` is a silence before the first one
 (as a long tool run would be), `delay_ms` paces them, `fail_after` raises
-`BackendError(fail_code)` after that many tokens.
+`BackendError(fail_code)` after that many tokens. `"echo": true` replies with the conversation
+before the last message instead, one `role: text` line per turn, a session's history included
+(how tests see what history a job continues).
 """
 
 import asyncio
@@ -13,7 +15,9 @@ import re
 from collections.abc import AsyncIterator
 
 from pydantic import BaseModel, Field, ValidationError
+from redis.asyncio import Redis
 
+from shared import sessions
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Usage
 from shared.settings import Settings
 from worker.backends import BackendError, Progress
@@ -29,11 +33,13 @@ class Script(BaseModel):
     delay_ms: float = Field(default=0.0, ge=0)
     fail_after: int | None = Field(default=None, ge=0)
     fail_code: FailureCode = FailureCode.UPSTREAM_ERROR
+    echo: bool = False
 
 
 class ScriptedBackend:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
         self._default = Script(text=settings.scripted_text, delay_ms=settings.scripted_delay_ms)
+        self._redis = redis  # reads a session's history for `echo`; benchmarks run without one
 
     def script_for(self, job: CompletionJob) -> Script:
         prompt = job.turns[-1].text
@@ -46,6 +52,12 @@ class ScriptedBackend:
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
         script = self.script_for(job)
+        if script.echo:
+            turns = job.turns
+            if job.session is not None and self._redis is not None:
+                turns = [*await sessions.history(self._redis, job.session), *turns]
+            earlier = "\n".join(f"{turn.role}: {turn.text}" for turn in turns[:-1])
+            script = script.model_copy(update={"text": earlier or "(no earlier turns)"})
         words = _WORDS.findall(script.text) or [script.text]
         count = len(words) if script.tokens is None else script.tokens
         finish = FinishReason.STOP

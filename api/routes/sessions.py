@@ -1,0 +1,127 @@
+"""`/v1/sessions`: the caller's sessions, listed, read, deleted and counted.
+
+Every route is scoped to the caller's API key: another key's session is answered exactly like a
+session that does not exist (404), so ids cannot be probed across keys.
+"""
+
+from typing import Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from api.deps import CallerDep, GatewayDep
+from api.errors import OpenAIError
+from api.protocol import ErrorResponse
+from api.sessions import invalid_session_id
+from shared import sessions
+from shared.keys import is_session_id
+
+router = APIRouter()
+_ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorResponse} for code in (400, 404, 409)}
+
+
+class SessionMessage(BaseModel):
+    role: Literal["user", "assistant"]
+    content: str
+
+
+class SessionObject(BaseModel):
+    id: str
+    object: Literal["session"] = "session"
+    created_at: int
+    last_used_at: int
+    expires_at: int
+    message_count: int
+    messages: list[SessionMessage] | None = None
+
+
+class SessionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SessionObject]
+
+
+class SessionStats(BaseModel):
+    object: Literal["session.stats"] = "session.stats"
+    active_sessions: int
+    total_messages: int
+    ttl_seconds: int
+
+
+class SessionDeleted(BaseModel):
+    id: str
+    object: Literal["session.deleted"] = "session.deleted"
+    deleted: bool = True
+
+
+def _object(session: sessions.Session) -> SessionObject:
+    return SessionObject(
+        id=session.id,
+        created_at=session.created_ms // 1000,
+        last_used_at=session.last_used_ms // 1000,
+        expires_at=session.expires_ms // 1000,
+        message_count=session.turns,
+    )
+
+
+def _not_found(session_id: str) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"No session '{session_id}' found.",
+        type="invalid_request_error",
+        param="session_id",
+        code="session_not_found",
+    )
+
+
+def _checked(session_id: str) -> str:
+    if not is_session_id(session_id):
+        raise invalid_session_id()
+    return session_id
+
+
+@router.get("/v1/sessions", response_model=SessionList)
+async def list_sessions(gateway: GatewayDep, caller: CallerDep) -> SessionList:
+    owner = sessions.owner_of(caller.key_id)
+    found = await sessions.list_sessions(gateway.redis, owner, gateway.settings.session_ttl_s)
+    return SessionList(data=[_object(session) for session in found])
+
+
+@router.get("/v1/sessions/stats", response_model=SessionStats)
+async def session_stats(gateway: GatewayDep, caller: CallerDep) -> SessionStats:
+    owner = sessions.owner_of(caller.key_id)
+    found = await sessions.list_sessions(gateway.redis, owner, gateway.settings.session_ttl_s)
+    return SessionStats(
+        active_sessions=len(found),
+        total_messages=sum(session.turns for session in found),
+        ttl_seconds=gateway.settings.session_ttl_s,
+    )
+
+
+@router.get("/v1/sessions/{session_id}", response_model=SessionObject, responses=_ERRORS)
+async def get_session(session_id: str, gateway: GatewayDep, caller: CallerDep) -> SessionObject:
+    owner = sessions.owner_of(caller.key_id)
+    found = await sessions.get(gateway.redis, owner, _checked(session_id), gateway.settings.session_ttl_s)
+    if found is None:
+        raise _not_found(session_id)
+    session, history = found
+    body = _object(session)
+    body.messages = [SessionMessage(role=turn.role, content=turn.text) for turn in history]
+    return body
+
+
+@router.delete("/v1/sessions/{session_id}", response_model=SessionDeleted, responses=_ERRORS)
+async def delete_session(session_id: str, gateway: GatewayDep, caller: CallerDep) -> SessionDeleted:
+    owner = sessions.owner_of(caller.key_id)
+    found = await sessions.get(gateway.redis, owner, _checked(session_id), gateway.settings.session_ttl_s)
+    if found is None:
+        raise _not_found(session_id)
+    if await sessions.is_busy(gateway.redis, owner, session_id):
+        raise OpenAIError(
+            409,
+            f"Session '{session_id}' is busy with a request; delete it when that has finished.",
+            type="invalid_request_error",
+            param="session_id",
+            code="session_busy",
+        )
+    await sessions.delete(gateway.redis, owner, found[0])
+    return SessionDeleted(id=session_id)

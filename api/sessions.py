@@ -1,0 +1,115 @@
+"""Attaching a chat request to its session: which session, its history, and the session's lock.
+
+The rule for history (docs/sessions.md): the session holds every earlier turn. A request whose
+messages begin with that whole history (a client that resends everything) has the repeated prefix
+dropped; otherwise all its messages are new turns that follow the history. A request that repeats
+the session's first turn but then departs from the stored history is refused (400): appending it
+would duplicate the conversation, and rewriting history is not what a session does.
+"""
+
+import contextlib
+
+from fastapi import Request
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from api.errors import OpenAIError
+from api.protocol import ChatCompletionRequest
+from shared import sessions
+from shared.jobs import CompletionJob, SessionRef, Turn
+from shared.keys import is_session_id
+from shared.settings import Settings
+
+SESSION_HEADER = "x-session-id"
+# A lost lock holder (a killed worker) blocks its session at most this much beyond the job's limits.
+_LOCK_GRACE_S = 60.0
+
+
+def requested_session_id(body: ChatCompletionRequest, request: Request) -> str | None:
+    """The session the request names in its body or `X-Session-Id` header, validated."""
+    header = request.headers.get(SESSION_HEADER)
+    if body.session_id is not None and header is not None and header != body.session_id:
+        raise OpenAIError.invalid(
+            "The session_id field and the X-Session-Id header name different sessions.",
+            param="session_id",
+            code="invalid_session_id",
+        )
+    session_id = body.session_id if body.session_id is not None else header
+    if session_id is not None and not is_session_id(session_id):
+        raise invalid_session_id()
+    return session_id
+
+
+def invalid_session_id() -> OpenAIError:
+    return OpenAIError.invalid(
+        "A session id is 1-128 characters: letters, digits, '.', '_' or '-', starting with a "
+        "letter or digit.",
+        param="session_id",
+        code="invalid_session_id",
+    )
+
+
+def new_turns(history_len: int, head: list[Turn], turns: list[Turn]) -> list[Turn]:
+    """The request's turns that are new to a session of `history_len` turns (see the module doc).
+
+    `head` is the session's first `min(history_len, len(turns))` turns: all the rule compares.
+    """
+    if not history_len:
+        return turns
+    if len(turns) > history_len and turns[:history_len] == head:
+        return turns[history_len:]
+    if len(turns) > 1 and turns[0] == head[0]:
+        raise OpenAIError.invalid(
+            "The messages repeat this session's history but differ from it; send only the new "
+            "messages, or the history exactly as the session holds it, or start a new session.",
+            param="messages",
+            code="session_history_mismatch",
+        )
+    return turns
+
+
+async def attach(
+    redis: Redis, settings: Settings, key_id: str, session_id: str, job: CompletionJob
+) -> CompletionJob:
+    """Takes the session for `job` and returns the job with the turns new to the session.
+
+    Raises 409 if another request is using the session. On any error the lock is released.
+    """
+    owner = sessions.owner_of(key_id)
+    hold_s = settings.queue_timeout_s + settings.job_timeout_s + _LOCK_GRACE_S
+    if not await sessions.lock(redis, owner, session_id, job.id, hold_s):
+        raise OpenAIError(
+            409,
+            f"Session '{session_id}' is busy with another request; retry when it has finished.",
+            type="invalid_request_error",
+            param="session_id",
+            code="session_busy",
+        )
+    try:
+        session, history_len, head = await sessions.open_for_job(
+            redis, owner, session_id, settings.session_ttl_s, head=len(job.turns)
+        )
+        turns = new_turns(history_len, head, job.turns)
+        if not turns or turns[-1].role != "user":
+            raise OpenAIError.invalid(
+                "The request adds no new user message to the session.",
+                param="messages",
+                code="invalid_messages",
+            )
+        ref = SessionRef(
+            owner=owner,
+            id=session_id,
+            history_len=history_len,
+            transcript_id=session.transcript_id if session else sessions.new_transcript_id(),
+        )
+        return job.model_copy(update={"turns": turns, "session": ref})
+    except BaseException:
+        await sessions.release(redis, owner, session_id, job.id)
+        raise
+
+
+async def abandon(redis: Redis, job: CompletionJob) -> None:
+    """Releases the session of a job that will never run (not enqueued, or withdrawn)."""
+    if job.session is not None:
+        with contextlib.suppress(RedisError):
+            await sessions.release(redis, job.session.owner, job.session.id, job.id)

@@ -1,0 +1,185 @@
+"""Sessions: conversations kept in Redis, so any worker continues them and any API lists them.
+
+A session belongs to the API key that created it: its `owner` is a digest of the key id, so a key
+id never appears in a Redis key, and another key's session is simply not found. Its record and
+history slide their TTL whenever a request uses them.
+
+Exactly one job extends a session at a time. The API takes the session's lock for the job before
+it enqueues it (a second request meanwhile gets 409); the worker, before it emits the job's
+terminal event, either commits the job's turns and releases the lock in one atomic step, or
+(on any failure or cancellation) only releases it. A failed job therefore leaves the session as
+it was, and a client that sends its next turn right after a reply never finds the lock held.
+"""
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from shared.jobs import CompletionJob, SessionRef, Turn
+from shared.keys import session_history_key, session_key, session_lock_key, sessions_index_key
+from shared.transcripts import delete_transcript
+
+# KEYS: lock, record, history, index. ARGV: job id, expected history length, now (ms), ttl (s),
+# transcript id, session id, then the turns to append as JSON.
+_COMMIT = """
+if redis.call("GET", KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call("DEL", KEYS[1])
+if redis.call("LLEN", KEYS[3]) ~= tonumber(ARGV[2]) then return -1 end
+for i = 7, #ARGV do redis.call("RPUSH", KEYS[3], ARGV[i]) end
+redis.call("HSETNX", KEYS[2], "created", ARGV[3])
+redis.call("HSET", KEYS[2], "last_used", ARGV[3], "turns", redis.call("LLEN", KEYS[3]), "transcript", ARGV[5])
+redis.call("EXPIRE", KEYS[2], ARGV[4])
+redis.call("EXPIRE", KEYS[3], ARGV[4])
+redis.call("ZADD", KEYS[4], tonumber(ARGV[3]) + 1000 * tonumber(ARGV[4]), ARGV[6])
+redis.call("ZREMRANGEBYSCORE", KEYS[4], "-inf", ARGV[3])
+redis.call("EXPIRE", KEYS[4], ARGV[4])
+return 1
+"""
+
+# KEYS: lock. ARGV: job id. Releases the lock only if this job still holds it.
+_RELEASE = """
+if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) end
+return 0
+"""
+
+
+class SessionLost(Exception):
+    """The job no longer holds its session (deleted, expired, or its lock timed out)."""
+
+
+def owner_of(key_id: str) -> str:
+    return hashlib.sha256(key_id.encode()).hexdigest()[:32]
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    created_ms: int
+    last_used_ms: int
+    expires_ms: int
+    turns: int
+    transcript_id: str
+
+
+def _session(session_id: str, record: dict[bytes, bytes], ttl_s: int) -> Session:
+    last_used = int(record[b"last_used"])
+    return Session(
+        id=session_id,
+        created_ms=int(record[b"created"]),
+        last_used_ms=last_used,
+        expires_ms=last_used + ttl_s * 1000,
+        turns=int(record[b"turns"]),
+        transcript_id=record[b"transcript"].decode(),
+    )
+
+
+async def lock(redis: Redis, owner: str, session_id: str, job_id: str, hold_s: float) -> bool:
+    """Takes the session for `job_id`; False if another job holds it. `hold_s` bounds a lost holder."""
+    key = session_lock_key(owner, session_id)
+    return bool(await redis.set(key, job_id, nx=True, px=int(hold_s * 1000)))
+
+
+async def release(redis: Redis, owner: str, session_id: str, job_id: str) -> None:
+    await redis.eval(_RELEASE, 1, session_lock_key(owner, session_id), job_id)  # type: ignore[misc]
+
+
+async def open_for_job(
+    redis: Redis, owner: str, session_id: str, ttl_s: int, *, head: int
+) -> tuple[Session | None, int, list[Turn]]:
+    """The session (None if it does not exist), its length in turns, and its first `head` turns.
+
+    Slides the session's TTL. Only the head is read: all a request needs to be compared with.
+    """
+    record_key, history_key = session_key(owner, session_id), session_history_key(owner, session_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hgetall(record_key)
+        pipe.llen(history_key)
+        pipe.lrange(history_key, 0, head - 1)
+        pipe.expire(record_key, ttl_s)
+        pipe.expire(history_key, ttl_s)
+        pipe.zadd(sessions_index_key(owner), {session_id: _ms() + ttl_s * 1000}, xx=True)
+        pipe.expire(sessions_index_key(owner), ttl_s)  # no member expires later than now + ttl
+        record, length, first, *_ = await pipe.execute()
+    if not record:
+        return None, 0, []
+    return _session(session_id, record, ttl_s), length, [Turn.model_validate_json(raw) for raw in first]
+
+
+async def history(redis: Redis, ref: SessionRef) -> list[Turn]:
+    """The turns a session held when `ref`'s job took it (for backends that need them all)."""
+    if ref.history_len == 0:
+        return []  # LRANGE 0 -1 would be the whole list
+    raw = await redis.lrange(session_history_key(ref.owner, ref.id), 0, ref.history_len - 1)  # type: ignore[misc]
+    return [Turn.model_validate_json(item) for item in raw]
+
+
+def new_transcript_id() -> str:
+    return str(uuid.uuid4())
+
+
+async def commit(redis: Redis, job: CompletionJob, reply: str, ttl_s: int) -> None:
+    """Appends the job's new turns and the reply to its session and releases the session.
+
+    Raises `SessionLost` (having changed nothing) if the job no longer holds the session.
+    """
+    ref: SessionRef = _ref(job)
+    turns = [*job.turns, Turn(role="assistant", text=reply)]
+    keys = [
+        session_lock_key(ref.owner, ref.id),
+        session_key(ref.owner, ref.id),
+        session_history_key(ref.owner, ref.id),
+        sessions_index_key(ref.owner),
+    ]
+    args = [job.id, str(ref.history_len), str(_ms()), str(ttl_s), ref.transcript_id, ref.id]
+    args += [turn.model_dump_json() for turn in turns]
+    if await redis.eval(_COMMIT, len(keys), *keys, *args) != 1:  # type: ignore[misc]
+        raise SessionLost(ref.id)
+
+
+def _ref(job: CompletionJob) -> SessionRef:
+    if job.session is None:
+        raise ValueError("the job continues no session")
+    return job.session
+
+
+async def list_sessions(redis: Redis, owner: str, ttl_s: int) -> list[Session]:
+    """The owner's live sessions, most recently used first."""
+    ids: list[bytes] = await redis.zrangebyscore(sessions_index_key(owner), _ms(), "+inf")
+    async with redis.pipeline(transaction=False) as pipe:
+        for raw in ids:
+            pipe.hgetall(session_key(owner, raw.decode()))
+        records = await pipe.execute()
+    found = [
+        _session(raw.decode(), record, ttl_s) for raw, record in zip(ids, records, strict=True) if record
+    ]
+    return sorted(found, key=lambda s: s.last_used_ms, reverse=True)
+
+
+async def get(redis: Redis, owner: str, session_id: str, ttl_s: int) -> tuple[Session, list[Turn]] | None:
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hgetall(session_key(owner, session_id))
+        pipe.lrange(session_history_key(owner, session_id), 0, -1)
+        record, history = await pipe.execute()
+    if not record:
+        return None
+    return _session(session_id, record, ttl_s), [Turn.model_validate_json(raw) for raw in history]
+
+
+async def is_busy(redis: Redis, owner: str, session_id: str) -> bool:
+    return bool(await redis.exists(session_lock_key(owner, session_id)))
+
+
+async def delete(redis: Redis, owner: str, session: Session) -> None:
+    """Removes the session, its history and its Claude Code transcript."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(session_key(owner, session.id), session_history_key(owner, session.id))
+        pipe.zrem(sessions_index_key(owner), session.id)
+        await pipe.execute()
+    await delete_transcript(redis, owner, session.transcript_id)

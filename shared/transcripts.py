@@ -1,0 +1,42 @@
+"""Where the SDK session store keeps Claude Code transcripts, for both processes.
+
+The worker's `RedisSessionStore` writes them; the API deletes them with their session. For
+transcript `s` of project `p` (`transcript_key(p, s)` is `<t>`):
+
+    <t>:main                     list  transcript entries (JSON), in append order
+    <t>:sub:<subpath>            list  a subagent transcript (subpath percent-encoded)
+    <list>:uuids                 set   entry uuids already stored (idempotent appends)
+    <t>:subkeys                  set   the transcript's encoded subpaths
+    transcript_index_key(p)      zset  transcript id -> last write (epoch ms)
+"""
+
+from urllib.parse import quote
+
+from redis.asyncio import Redis
+
+from shared.keys import transcript_index_key, transcript_key
+
+
+def main_list(project: str, session: str) -> str:
+    return f"{transcript_key(project, session)}:main"
+
+
+def sub_list(project: str, session: str, subpath: str) -> str:
+    return f"{transcript_key(project, session)}:sub:{quote(subpath, safe='')}"
+
+
+def subkeys_set(project: str, session: str) -> str:
+    return f"{transcript_key(project, session)}:subkeys"
+
+
+async def delete_transcript(redis: Redis, project: str, session: str) -> None:
+    """Removes a transcript with every subagent transcript under it."""
+    base = transcript_key(project, session)
+    encoded: set[bytes] = await redis.smembers(subkeys_set(project, session))  # type: ignore[misc]
+    keys = [f"{base}:main", f"{base}:main:uuids", f"{base}:subkeys"]
+    for sub in encoded:
+        keys += [f"{base}:sub:{sub.decode()}", f"{base}:sub:{sub.decode()}:uuids"]
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(*keys)
+        pipe.zrem(transcript_index_key(project), session)
+        await pipe.execute()

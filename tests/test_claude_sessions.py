@@ -1,0 +1,174 @@
+"""A session on the real Claude path, carried across worker processes.
+
+Real SDK and CLI, the fake Anthropic upstream, real Redis. Turns are forced onto different worker
+processes by keeping exactly one worker alive per turn (the other stopped, or restarted): each
+later turn must reach the upstream with the earlier turns as real user/assistant messages.
+"""
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from shared import sessions
+from shared.keys import transcript_key
+from tests.conftest import Gateway, chat, sse_data
+from tests.fake_anthropic import FakeAnthropic, Reply
+
+pytestmark = pytest.mark.claude
+
+
+def _conversation(body: dict[str, Any]) -> list[tuple[str, str]]:
+    """The upstream request's messages as (role, text), without the CLI's injected reminders."""
+    turns = []
+    for message in body["messages"]:
+        content = message["content"]
+        if isinstance(content, str):
+            texts = [content]
+        else:
+            texts = [
+                block["text"]
+                for block in content
+                if block.get("type") == "text" and not block["text"].startswith("<system-reminder>")
+            ]
+        turns.append((message["role"], "".join(texts)))
+    return turns
+
+
+def _only_worker(gateway: Gateway) -> None:
+    """Stops every worker but the newest, so the next turn can only run there."""
+    *older, _ = [w for w in gateway.workers if w.poll() is None]
+    for worker in older:
+        worker.terminate()
+        worker.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def claude_fleet(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="claude",
+        ANTHROPIC_BASE_URL=fake_anthropic.url,
+        ANTHROPIC_API_KEY="test-key-not-real",
+        CLAUDE_MAX_RETRIES="1",
+    )
+    return gateway
+
+
+def test_a_session_continues_across_workers_and_restarts(
+    claude_fleet: Gateway, upstream: FakeAnthropic
+) -> None:
+    url = f"{claude_fleet.url}/v1/chat/completions"
+    sid = "acceptance-1"
+    first_worker = claude_fleet.workers[0]
+
+    upstream.default = Reply(tokens=["first", " answer"])
+    first = httpx.post(url, json=chat("turn one", session_id=sid), timeout=120)
+    assert first.status_code == 200, first.text
+    assert first.json()["choices"][0]["message"]["content"] == "first answer"
+    assert _conversation(upstream.requests[-1]) == [("user", "turn one")]
+
+    # Turn two on a second worker process; the first is stopped.
+    claude_fleet.start_worker()
+    _only_worker(claude_fleet)
+    assert first_worker.poll() is not None
+    upstream.default = Reply(tokens=["second", " answer"])
+    second = httpx.post(url, json=chat("turn two", stream=True), headers={"X-Session-Id": sid}, timeout=120)
+    assert second.status_code == 200, second.text
+    chunks = [json.loads(d) for d in sse_data(second)[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "second answer"
+    assert _conversation(upstream.requests[-1]) == [
+        ("user", "turn one"),
+        ("assistant", "first answer"),
+        ("user", "turn two"),
+    ]
+
+    # Turn three on a restarted worker (the second one stopped), the client resending everything.
+    claude_fleet.start_worker()
+    _only_worker(claude_fleet)
+    upstream.default = Reply(tokens=["third", " answer"])
+    requests_before = len(upstream.requests)
+    resent = {
+        "model": "claude-sonnet-4-5",
+        "session_id": sid,
+        "messages": [
+            {"role": "user", "content": "turn one"},
+            {"role": "assistant", "content": "first answer"},
+            {"role": "user", "content": "turn two"},
+            {"role": "assistant", "content": "second answer"},
+            {"role": "user", "content": "turn three"},
+        ],
+    }
+    third = httpx.post(url, json=resent, timeout=120)
+    assert third.status_code == 200, third.text
+    assert len(upstream.requests) == requests_before + 1
+    assert _conversation(upstream.requests[-1]) == [
+        ("user", "turn one"),
+        ("assistant", "first answer"),
+        ("user", "turn two"),
+        ("assistant", "second answer"),
+        ("user", "turn three"),
+    ]
+
+    info = httpx.get(f"{claude_fleet.url}/v1/sessions/{sid}", timeout=10).json()
+    assert [m["content"] for m in info["messages"]] == [
+        "turn one",
+        "first answer",
+        "turn two",
+        "second answer",
+        "turn three",
+        "third answer",
+    ]
+    # The Claude Code transcript lives in Redis under the session's owner, with the session's TTL.
+    redis = claude_fleet.redis()
+    record = redis.hgetall(f"gateway:session:{sessions.owner_of('anonymous')}:{sid}")
+    transcript = transcript_key(sessions.owner_of("anonymous"), record[b"transcript"].decode())
+    assert redis.llen(f"{transcript}:main") > 0
+    assert 0 < redis.ttl(f"{transcript}:main") <= 3600
+
+    # Deleting the session deletes the transcript too.
+    assert httpx.delete(f"{claude_fleet.url}/v1/sessions/{sid}", timeout=10).status_code == 200
+    assert not redis.keys(f"{transcript}*")
+
+
+def test_a_failed_turn_adds_nothing_to_the_transcript(claude_fleet: Gateway, upstream: FakeAnthropic) -> None:
+    url = f"{claude_fleet.url}/v1/chat/completions"
+    sid = "acceptance-2"
+    upstream.default = Reply(tokens=["kept"])
+    assert httpx.post(url, json=chat("first", session_id=sid), timeout=120).status_code == 200
+    upstream.default = Reply(status=500)
+    failed = httpx.post(url, json=chat("lost", session_id=sid), timeout=120)
+    assert failed.status_code == 502
+    upstream.default = Reply(tokens=["again"])
+    assert httpx.post(url, json=chat("second", session_id=sid), timeout=120).status_code == 200
+    assert _conversation(upstream.requests[-1]) == [
+        ("user", "first"),
+        ("assistant", "kept"),
+        ("user", "second"),
+    ]
+
+
+def test_a_turn_cut_by_max_tokens_is_continued(claude_fleet: Gateway, upstream: FakeAnthropic) -> None:
+    url = f"{claude_fleet.url}/v1/chat/completions"
+    sid = "acceptance-3"
+    upstream.default = Reply(tokens=["cut", " off"], stop_reason="max_tokens")
+    cut = httpx.post(url, json=chat("long story", session_id=sid, max_tokens=16), timeout=120)
+    assert cut.status_code == 200, cut.text
+    assert cut.json()["choices"][0]["finish_reason"] == "length"
+    # The CLI was stopped mid-turn, before it stored that turn's transcript: the next turn starts
+    # a transcript with the session's history as context in its prompt (docs/sessions.md) ...
+    upstream.default = Reply(tokens=["fine"])
+    assert httpx.post(url, json=chat("next", session_id=sid), timeout=120).status_code == 200
+    [(role, prompt)] = _conversation(upstream.requests[-1])
+    assert role == "user"
+    assert prompt.index("long story") < prompt.index("cut off") < prompt.index("next")
+    assert prompt.endswith("next")
+    # ... and the turns after it resume that transcript as real turns again.
+    upstream.default = Reply(tokens=["done"])
+    assert httpx.post(url, json=chat("third", session_id=sid), timeout=120).status_code == 200
+    assert _conversation(upstream.requests[-1]) == [
+        ("user", prompt),
+        ("assistant", "fine"),
+        ("user", "third"),
+    ]

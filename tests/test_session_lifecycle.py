@@ -1,0 +1,99 @@
+"""Sessions over time, on gateways of their own: sliding expiry, and a job cancelled mid-turn."""
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from shared import sessions
+from shared.keys import session_lock_key
+from tests.conftest import Gateway, chat
+
+ECHO = 'script:{"text": "", "echo": true}'
+DEFAULT_REPLY = "Hello from the scripted backend."
+_TTL_S = 3
+
+
+def _post(gateway: Gateway, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
+
+
+def _reply(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    content: str = response.json()["choices"][0]["message"]["content"]
+    return content
+
+
+@pytest.fixture(scope="module")
+def short_lived(start_gateway: Any) -> Gateway:
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", SESSION_TTL_S=str(_TTL_S))
+    return gateway
+
+
+def test_an_idle_session_expires_from_redis_and_the_listing_then_starts_fresh(short_lived: Gateway) -> None:
+    sid = f"exp-{uuid.uuid4().hex[:8]}"
+    redis = short_lived.redis()
+    _reply(_post(short_lived, chat("one", session_id=sid)))
+    keys = redis.keys(f"*{sid}*")
+    assert len(keys) == 2  # record and history (the lock is gone with the turn)
+    assert all(0 < redis.ttl(key) <= _TTL_S for key in keys)
+    # Sliding: each use restarts the clock, so two turns 2 s apart outlive a 3 s TTL.
+    time.sleep(2)
+    assert _reply(_post(short_lived, chat(ECHO, session_id=sid))) == f"user: one\nassistant: {DEFAULT_REPLY}"
+    time.sleep(2)
+    assert redis.exists(*keys) == 2
+    # Idle past the TTL: gone from Redis, from the listing and the stats (bound: 10 s).
+    deadline = time.monotonic() + 10
+    while redis.keys(f"*{sid}*"):
+        assert time.monotonic() < deadline, "the session did not expire"
+        time.sleep(0.2)
+    listed = httpx.get(f"{short_lived.url}/v1/sessions", timeout=10).json()
+    assert sid not in [s["id"] for s in listed["data"]]
+    assert httpx.get(f"{short_lived.url}/v1/sessions/stats", timeout=10).json()["active_sessions"] == 0
+    assert httpx.get(f"{short_lived.url}/v1/sessions/{sid}", timeout=10).status_code == 404
+    # The same id now names a new, empty session.
+    assert _reply(_post(short_lived, chat(ECHO, session_id=sid))) == "(no earlier turns)"
+
+
+@pytest.fixture
+def impatient(start_gateway: Any) -> Gateway:
+    """One worker that cancels running jobs at once on SIGTERM."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", DRAIN_TIMEOUT_S="0")
+    return gateway
+
+
+def test_a_job_cancelled_mid_turn_leaves_the_session_as_it_was(impatient: Gateway) -> None:
+    sid = f"cancel-{uuid.uuid4().hex[:8]}"
+    redis = impatient.redis()
+    _reply(_post(impatient, chat("one", session_id=sid)))
+    slow = 'script:{"text": "never finished", "tokens": 400, "delay_ms": 50}'
+    results: dict[str, httpx.Response] = {}
+    request = threading.Thread(target=lambda: results.update(r=_post(impatient, chat(slow, session_id=sid))))
+    request.start()
+    lock = session_lock_key(sessions.owner_of("anonymous"), sid)
+    deadline = time.monotonic() + 20
+    while not (redis.exists(lock) and len(redis.keys("gateway:job:*:events")) == 2):  # it is streaming
+        assert time.monotonic() < deadline, "the slow job never started"
+        time.sleep(0.02)
+    impatient.workers[0].terminate()
+    impatient.workers[0].wait(timeout=20)
+    request.join(timeout=60)
+    assert results["r"].status_code == 503
+    assert results["r"].json()["error"]["code"] == "worker_shutdown"
+    assert not redis.exists(lock)
+    history = httpx.get(f"{impatient.url}/v1/sessions/{sid}", timeout=10).json()["messages"]
+    assert [m["content"] for m in history] == ["one", DEFAULT_REPLY]
+    impatient.start_worker()
+    assert _reply(_post(impatient, chat(ECHO, session_id=sid))) == f"user: one\nassistant: {DEFAULT_REPLY}"
+
+
+def test_a_job_no_worker_starts_releases_its_session(start_gateway: Any) -> None:
+    workerless: Gateway = start_gateway(workers=0, BACKEND="scripted", QUEUE_TIMEOUT_S="1")
+    sid = f"queued-{uuid.uuid4().hex[:8]}"
+    response = _post(workerless, chat("hi", session_id=sid))
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "queue_timeout"
+    assert not workerless.redis().keys(f"*{sid}*")  # no lock left behind, no session created

@@ -1,0 +1,77 @@
+"""The Redis `SessionStore` adapter against the SDK's own conformance harness, on a real Redis."""
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from claude_agent_sdk.testing.session_store_conformance import run_session_store_conformance
+from redis.asyncio import Redis
+
+from cli.embedded_redis import EmbeddedRedis
+from worker.session_store import RedisSessionStore
+
+_DB = 14  # this module's own database, flushed per store
+
+
+@pytest.fixture
+async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
+    client = Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/{_DB}")
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+async def test_the_sdk_conformance_harness_passes(redis: Redis) -> None:
+    made: list[RedisSessionStore] = []
+
+    async def fresh_store() -> RedisSessionStore:
+        await redis.flushdb()  # each contract starts from an empty store
+        store = RedisSessionStore(redis, ttl_s=60)
+        made.append(store)
+        return store
+
+    await run_session_store_conformance(fresh_store)
+    # Every optional contract the adapter implements ran: none was skipped for lack of a method.
+    assert len(made) == 14  # probe + 13 contracts (all but the summaries one, which it does not keep)
+
+
+async def test_every_key_of_a_session_carries_the_sliding_ttl(redis: Redis) -> None:
+    store = RedisSessionStore(redis, ttl_s=30)
+    key = {"project_key": "p", "session_id": "s"}
+    sub = {**key, "subpath": "subagents/agent-1"}
+    await store.append(key, [{"type": "user", "uuid": "u1"}])  # type: ignore[typeddict-item]
+    await store.append(sub, [{"type": "user", "uuid": "u2"}])  # type: ignore[typeddict-item]
+    keys = await redis.keys("gateway:sdk:*")
+    assert len(keys) == 6  # index, main, main uuids, subkeys, sub, sub uuids
+    for name in keys:
+        assert 0 < await redis.ttl(name) <= 30, name
+
+
+async def test_an_idle_session_expires_whole_and_leaves_the_listing(redis: Redis) -> None:
+    store = RedisSessionStore(redis, ttl_s=1)
+    key = {"project_key": "p", "session_id": "s"}
+    await store.append(key, [{"type": "user", "uuid": "u1"}])  # type: ignore[typeddict-item]
+    assert [s["session_id"] for s in await store.list_sessions("p")] == ["s"]
+    deadline = asyncio.get_running_loop().time() + 10
+    while await redis.keys("gateway:sdk:*"):
+        assert asyncio.get_running_loop().time() < deadline, "the session did not expire"
+        await asyncio.sleep(0.1)
+    assert await store.load(key) is None  # type: ignore[arg-type]
+    assert await store.list_sessions("p") == []
+    assert await redis.keys("gateway:sdk:*") == []
+
+
+async def test_entries_with_a_known_uuid_are_not_stored_twice(redis: Redis) -> None:
+    store = RedisSessionStore(redis, ttl_s=60)
+    key = {"project_key": "p", "session_id": "s"}
+    first = [{"type": "user", "uuid": "u1"}, {"type": "title"}]
+    await store.append(key, first)  # type: ignore[arg-type]
+    await store.append(key, [{"type": "user", "uuid": "u1"}, {"type": "title"}])  # type: ignore[typeddict-item]
+    assert await store.load(key) == [*first, {"type": "title"}]  # type: ignore[arg-type]
+
+
+async def test_ids_cannot_reach_each_others_keys(redis: Redis) -> None:
+    store = RedisSessionStore(redis, ttl_s=60)
+    await store.append({"project_key": "a:b", "session_id": "c"}, [{"type": "x", "n": 1}])  # type: ignore[typeddict-item]
+    assert await store.load({"project_key": "a", "session_id": "b:c"}) is None
+    assert await store.load({"project_key": "a:b", "session_id": "c", "subpath": "../main"}) is None
