@@ -24,8 +24,9 @@ from redis.asyncio import Redis
 from shared import sessions
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Turn, Usage
 from shared.settings import Settings
-from worker.backends import PROGRESS, BackendError, Progress
+from worker.backends import PROGRESS, BackendError, Progress, UsageReport
 from worker.credential_proxy import CredentialProxy
+from worker.history import HistoryStore, content_blocks
 from worker.session_store import JobTranscript, RedisSessionStore
 from worker.workspace import MARKER, Workspace, job_workspace
 
@@ -58,16 +59,25 @@ def upstream_failure(status: int | None) -> BackendError:
 
 
 def prompt_for(turns: list[Turn]) -> str:
-    """The prompt for this run: the last user turn, after any earlier turns as context.
-
-    Interim: in a stateless request, earlier turns travel as a transcript in the prompt. A session's
-    earlier turns do not: they come back as real turns from its stored Claude Code transcript.
-    """
+    """The prompt for a session's first run on this backend: its last user turn, after the turns
+    another backend answered as context (the only case without a transcript to resume)."""
     *earlier, last = turns
     if not earlier:
         return last.text
     transcript = "\n\n".join(f"<{turn.role}>\n{turn.text}\n</{turn.role}>" for turn in earlier)
     return f"<conversation_so_far>\n{transcript}\n</conversation_so_far>\n\n{last.text}"
+
+
+def user_message(turn: Turn) -> str | AsyncIterator[dict[str, Any]]:
+    """A user turn as the CLI's prompt: plain text, or a streamed message when it has images."""
+    if not turn.images:
+        return turn.text
+
+    async def message() -> AsyncIterator[dict[str, Any]]:
+        content = {"role": "user", "content": content_blocks(turn)}
+        yield {"type": "user", "message": content, "parent_tool_use_id": None, "session_id": ""}
+
+    return message()
 
 
 class ClaudeBackend:
@@ -83,6 +93,8 @@ class ClaudeBackend:
             self._proxy.start()
         self._redis = redis
         self._store = RedisSessionStore(redis, settings.session_ttl_s)
+        job_user = settings.claude_job_user
+        self._runs_as_root = (pwd.getpwnam(job_user).pw_uid if job_user else os.geteuid()) == 0
 
     def _options(self, job: CompletionJob, workspace: Workspace, token: str | None) -> ClaudeAgentOptions:
         """The CLI's whole environment is this `env` (the worker forgot its own, see `environment`)."""
@@ -109,16 +121,21 @@ class ClaudeBackend:
             env["ANTHROPIC_BASE_URL"] = settings.anthropic_base_url
         if job.max_tokens is not None:
             env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(job.max_tokens)
-        system: SystemPromptPreset = {"type": "preset", "preset": "claude_code"}
-        if job.system_prompt:
-            system["append"] = job.system_prompt
+        agent = job.agent
+        if agent.permission_mode == "bypassPermissions" and self._runs_as_root:
+            env["IS_SANDBOX"] = "1"  # else the CLI refuses bypass mode as root
         return ClaudeAgentOptions(
-            model=job.model,
-            system_prompt=system,
+            model=job.backend_model or job.model,
+            system_prompt=self._system_prompt(job),
             include_partial_messages=True,
-            # No tools unless the operator enables some (CLAUDE_TOOLS); those are pre-approved.
-            tools=list(settings.claude_tools),
-            allowed_tools=list(settings.claude_tools),
+            # The job's tools (API-side policy: CLAUDE_TOOLS), pre-approved; none: plain Q&A.
+            tools=list(agent.tools),
+            allowed_tools=list(agent.tools),
+            disallowed_tools=list(agent.disallowed_tools),
+            permission_mode=agent.permission_mode,
+            max_turns=agent.max_turns,
+            max_thinking_tokens=agent.max_thinking_tokens,
+            # Nothing from the filesystem: a workspace's .claude/settings.json could install hooks.
             setting_sources=[],
             user=settings.claude_job_user,
             cwd=workspace.cwd,
@@ -126,6 +143,14 @@ class ClaudeBackend:
             cli_path=settings.claude_cli_path,
             stderr=lambda line: log.debug("cli: %s", line),
         )
+
+    def _system_prompt(self, job: CompletionJob) -> str | SystemPromptPreset:
+        if self._settings.claude_system_prompt_mode == "replace" and job.system_prompt:
+            return job.system_prompt
+        system: SystemPromptPreset = {"type": "preset", "preset": "claude_code"}
+        if job.system_prompt:
+            system["append"] = job.system_prompt
+        return system
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
         with job_workspace(
@@ -148,6 +173,7 @@ class ClaudeBackend:
                                 yield PROGRESS  # a tool call or thinking being written
                         elif event.get("type") == "message_start":
                             started = event.get("message", {}).get("usage", {})
+                            yield UsageReport(_usage(started))
                         elif _hit_token_limit(event):
                             # The CLI would ask the model to continue past the caller's limit;
                             # OpenAI semantics end here. No ResultMessage follows, so no cost.
@@ -181,25 +207,37 @@ class ClaudeBackend:
 
     async def _continue_session(
         self, job: CompletionJob, options: ClaudeAgentOptions
-    ) -> tuple[ClaudeAgentOptions, str, JobTranscript | None]:
-        """Options, prompt and transcript for the run: a session resumes its Claude Code transcript.
+    ) -> tuple[ClaudeAgentOptions, str | AsyncIterator[dict[str, Any]], JobTranscript | None]:
+        """Options, prompt and transcript for the run: earlier turns come from a transcript.
+
+        A stateless request's earlier turns are given as a one-off transcript (`worker/history.py`);
+        a session resumes its own stored Claude Code transcript.
 
         The SDK materializes the stored transcript for `resume` before the CLI starts, so the
         model sees the earlier turns as real turns and only the new ones are sent as the prompt.
         A session without a stored transcript (its first turn, or turns answered by another
         backend) starts one under its own id, with the session's history as context.
         """
+        *earlier, last = job.turns
         if job.session is None:
-            return options, prompt_for(job.turns), None
+            if not earlier:
+                return options, user_message(last), None
+            history = HistoryStore.of(str(options.cwd), job.backend_model or job.model, earlier)
+            store = cast(SessionStore, history)
+            return replace(options, session_store=store, resume=history.session_id), user_message(last), None
         transcript = JobTranscript(self._store, project=job.session.owner)
         store = cast(SessionStore, transcript)  # duck-typed: the optional methods it lacks stay unused
         transcript_id = job.session.transcript_id
         if await transcript.exists(transcript_id):
             resumed = replace(options, session_store=store, resume=transcript_id)
-            return resumed, prompt_for(job.turns), transcript
+            return resumed, _prompt(job.turns), transcript
         started = replace(options, session_store=store, session_id=transcript_id)
-        earlier = await sessions.history(self._redis, job.session)
-        return started, prompt_for([*earlier, *job.turns]), transcript
+        return started, _prompt([*await sessions.history(self._redis, job.session), *job.turns]), transcript
+
+
+def _prompt(turns: list[Turn]) -> str | AsyncIterator[dict[str, Any]]:
+    """Several turns new to a session's transcript travel as context in the prompt (text only)."""
+    return user_message(turns[0]) if len(turns) == 1 else prompt_for(turns)
 
 
 async def _close(messages: AsyncIterator[Any]) -> None:
