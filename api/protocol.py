@@ -81,6 +81,8 @@ class ChatCompletionRequest(BaseModel):
             "logprobs": bool(self.logprobs),
             "top_logprobs": self.top_logprobs is not None,
             "logit_bias": bool(self.logit_bias),
+            "presence_penalty": bool(self.presence_penalty),
+            "frequency_penalty": bool(self.frequency_penalty),
             "tools": bool(self.tools),
             "tool_choice": self.tool_choice not in (None, "none", "auto"),
             "functions": bool(self.functions),

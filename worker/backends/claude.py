@@ -42,6 +42,9 @@ _FINISH_REASONS = {
 }
 
 
+_OUT_OF_TURNS = "error_max_turns"
+
+
 def upstream_failure(status: int | None) -> BackendError:
     """Classifies an error result by the upstream's HTTP status; its text is not passed on."""
     if status in (401, 403):
@@ -184,7 +187,7 @@ class ClaudeBackend:
                             yield Done(finish_reason=FinishReason.LENGTH, usage=usage)
                             return
                     elif isinstance(message, ResultMessage):
-                        if message.is_error:
+                        if message.is_error and message.subtype != _OUT_OF_TURNS:
                             raise upstream_failure(message.api_error_status)
                         if transcript is not None:  # the SDK flushed the turn's transcript already
                             await transcript.commit()
@@ -262,7 +265,11 @@ def _usage(usage: dict[str, Any], cost_usd: float | None = None) -> Usage:
 
 
 def _done(result: ResultMessage) -> Done:
+    if result.subtype == _OUT_OF_TURNS:  # the agent's turn budget ran out: cut short, as by a limit
+        finish_reason = FinishReason.LENGTH
+    else:
+        finish_reason = _FINISH_REASONS.get(result.stop_reason or "", FinishReason.STOP)
     return Done(
-        finish_reason=_FINISH_REASONS.get(result.stop_reason or "", FinishReason.STOP),
+        finish_reason=finish_reason,
         usage=_usage(result.usage or {}, result.total_cost_usd),
     )
