@@ -45,6 +45,7 @@ def agent_request(
         max_turns=_max_turns(body, headers, settings),
         permission_mode=_permission_mode(body, headers, settings),
         max_thinking_tokens=_max_thinking_tokens(headers),
+        skills=body.enable_tools is not False,
     )
 
 

@@ -17,3 +17,5 @@ class AgentRequest(BaseModel):
     max_turns: int | None = None
     permission_mode: PermissionMode = "default"
     max_thinking_tokens: int | None = None
+    skills: bool = True
+    """Whether the operator's skills (`CLAUDE_SKILLS_DIR`) are offered; off with `enable_tools: false`."""

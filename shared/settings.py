@@ -175,3 +175,8 @@ class Settings(BaseSettings):
         default=Path("~/.claude/skills"),
         description="Skills every job can use (copied into its workspace); a missing directory: none.",
     )
+    claude_cwd: Path | None = Field(
+        default=None,
+        description="Run every job in this existing directory (shared by all jobs) instead of its own "
+        "workspace directory; each job still has its own home, config and temp directories.",
+    )

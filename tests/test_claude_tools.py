@@ -1,7 +1,10 @@
 """Claude Code's tools behind the API, on the real SDK and CLI: the operator's tool policy, the
 per-request fields and `X-Claude-*` headers, and a tool round trip through the fake upstream."""
 
+import json
 import re
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -51,7 +54,12 @@ def test_a_tool_call_runs_in_the_workspace_and_its_result_goes_back(
     assert tool_names(upstream.requests[0]) == ["Bash", "Read"]  # all the policy's tools, by default
     output = "\n".join(tool_results(upstream.requests[1]))
     assert "made-by-the-tool" in output, output
-    assert re.search(rf"^{tooled.logs}/workspaces/[0-9a-f]{{32}}/work$", output, re.MULTILINE), output
+    workspace = re.search(rf"^{tooled.logs}/workspaces/[0-9a-f]{{32}}/work$", output, re.MULTILINE)
+    assert workspace is not None, output
+    deadline = time.monotonic() + 10  # removed when the job ended (just after its last event)
+    while Path(workspace.group()).parent.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(workspace.group()).parent.exists()
 
 
 def test_enable_tools_false_is_plain_question_and_answer(tooled: Gateway, upstream: FakeAnthropic) -> None:
@@ -113,3 +121,52 @@ def test_max_turns_ends_an_agent_loop(tooled: Gateway, upstream: FakeAnthropic) 
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["finish_reason"] == "length"
     assert len(upstream.requests) == 2
+
+
+SKILL = """---
+name: pirate-speak
+description: Talk like a pirate when asked for nautical flair.
+---
+Say arr.
+"""
+
+
+@pytest.fixture(scope="module")
+def skilled(
+    start_gateway: Any, fake_anthropic: FakeAnthropic, tmp_path_factory: pytest.TempPathFactory
+) -> Gateway:
+    """Skills from a configured directory, and every job run in one shared directory (CLAUDE_CWD)."""
+    skills = tmp_path_factory.mktemp("skills")
+    (skills / "pirate-speak").mkdir()
+    (skills / "pirate-speak" / "SKILL.md").write_text(SKILL)
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="claude",
+        ANTHROPIC_BASE_URL=fake_anthropic.url,
+        ANTHROPIC_API_KEY="test-key-not-real",
+        CLAUDE_MAX_RETRIES="1",
+        CLAUDE_TOOLS='["Bash"]',
+        CLAUDE_SKILLS_DIR=str(skills),
+        CLAUDE_CWD=str(tmp_path_factory.mktemp("project")),
+    )
+    return gateway
+
+
+def test_skills_from_the_configured_directory_are_offered(skilled: Gateway, upstream: FakeAnthropic) -> None:
+    assert post(skilled, chat("hi")).status_code == 200
+    sent = upstream.requests[-1]
+    assert tool_names(sent) == ["Bash", "Skill"]
+    assert "pirate-speak" in json.dumps(sent)
+    assert post(skilled, chat("hi", enable_tools=False)).status_code == 200
+    assert tool_names(upstream.requests[-1]) == []
+    assert "pirate-speak" not in json.dumps(upstream.requests[-1])
+
+
+def test_claude_cwd_is_the_working_directory_of_every_job(skilled: Gateway, upstream: FakeAnthropic) -> None:
+    upstream.script.extend(
+        [Reply(tool_use=("Bash", {"command": "pwd; echo $HOME", "description": "where"})), Reply()]
+    )
+    assert post(skilled, chat("where are you")).status_code == 200
+    cwd, home = tool_results(upstream.requests[-1])[0].split("\n")[:2]
+    assert cwd == skilled.env["CLAUDE_CWD"]
+    assert home.startswith(f"{skilled.logs}/workspaces/")  # its own home, config and temp all the same

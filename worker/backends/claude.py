@@ -28,6 +28,7 @@ from worker.backends import PROGRESS, BackendError, Progress, UsageReport
 from worker.credential_proxy import CredentialProxy
 from worker.history import HistoryStore, content_blocks
 from worker.session_store import JobTranscript, RedisSessionStore
+from worker.skills import install_skills, installed_skills
 from worker.workspace import MARKER, Workspace, job_workspace
 
 log = logging.getLogger("gateway.worker.claude")
@@ -127,25 +128,38 @@ class ClaudeBackend:
         agent = job.agent
         if agent.permission_mode == "bypassPermissions" and self._runs_as_root:
             env["IS_SANDBOX"] = "1"  # else the CLI refuses bypass mode as root
+        skills = self._skills(job, workspace)
+        # The job's tools (API-side policy: CLAUDE_TOOLS), pre-approved; none: plain Q&A.
+        tools = [*agent.tools, "Skill"] if skills else list(agent.tools)
         return ClaudeAgentOptions(
             model=job.backend_model or job.model,
             system_prompt=self._system_prompt(job),
             include_partial_messages=True,
-            # The job's tools (API-side policy: CLAUDE_TOOLS), pre-approved; none: plain Q&A.
-            tools=list(agent.tools),
-            allowed_tools=list(agent.tools),
+            tools=tools,
+            allowed_tools=tools,
             disallowed_tools=list(agent.disallowed_tools),
             permission_mode=agent.permission_mode,
             max_turns=agent.max_turns,
             max_thinking_tokens=agent.max_thinking_tokens,
-            # Nothing from the filesystem: a workspace's .claude/settings.json could install hooks.
-            setting_sources=[],
+            skills=skills or None,
+            # Nothing from the workspace (its .claude/settings.json could install hooks); with
+            # skills, the user source: the job's own fresh config directory, where they were copied.
+            setting_sources=["user"] if skills else [],
             user=settings.claude_job_user,
-            cwd=workspace.cwd,
+            cwd=settings.claude_cwd or workspace.cwd,
             env=env,
             cli_path=settings.claude_cli_path,
             stderr=lambda line: log.debug("cli: %s", line),
         )
+
+    def _skills(self, job: CompletionJob, workspace: Workspace) -> list[str]:
+        """The operator's skills, copied into the job's config directory, unless the job has none."""
+        skills_dir = self._settings.claude_skills_dir
+        if skills_dir is None or not job.agent.skills or "Skill" in job.agent.disallowed_tools:
+            return []
+        names = installed_skills(skills_dir)
+        install_skills(skills_dir, names, workspace)
+        return names
 
     def _system_prompt(self, job: CompletionJob) -> str | SystemPromptPreset:
         if self._settings.claude_system_prompt_mode == "replace" and job.system_prompt:
