@@ -82,6 +82,20 @@ def test_history_reaches_the_model_as_alternating_turns(claude: Gateway, upstrea
     assert "What is 2+2?" not in system_text(sent)
 
 
+def test_consecutive_messages_of_one_role_become_one_turn(claude: Gateway, upstream: FakeAnthropic) -> None:
+    messages = [
+        {"role": "user", "content": "First."},
+        {"role": "user", "content": "Second."},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "Third."},
+        {"role": "user", "content": "Fourth?"},
+    ]
+    assert post(claude, {"model": "claude-sonnet-4-5", "messages": messages}).status_code == 200
+    sent = upstream.requests[-1]["messages"]
+    turns = [(m["role"], "".join(texts(m["content"]))) for m in sent if m["role"] != "system"]
+    assert turns == [("user", "First.\n\nSecond."), ("assistant", "Noted."), ("user", "Third.\n\nFourth?")]
+
+
 def test_system_prompt_is_appended_to_claude_codes(claude: Gateway, upstream: FakeAnthropic) -> None:
     body = {"model": "claude-sonnet-4-5", "messages": [{"role": "developer", "content": "Speak French."}]}
     body["messages"].append({"role": "user", "content": "hi"})

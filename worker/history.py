@@ -17,6 +17,20 @@ from claude_agent_sdk import SessionKey, SessionStoreEntry
 from shared.jobs import Turn
 
 
+def merged(turns: list[Turn]) -> list[Turn]:
+    """Adjacent turns of one role as one turn (the CLI would otherwise put a made-up assistant
+    reply between two user messages)."""
+    out: list[Turn] = []
+    for turn in turns:
+        if out and out[-1].role == turn.role:
+            last = out[-1]
+            text = "\n\n".join(part for part in (last.text, turn.text) if part)
+            out[-1] = Turn(role=turn.role, text=text, images=[*last.images, *turn.images])
+        else:
+            out.append(turn)
+    return out
+
+
 def content_blocks(turn: Turn) -> str | list[dict[str, Any]]:
     """A turn as Anthropic message content: images first, then the text (or just the text)."""
     if turn.role == "assistant":

@@ -26,7 +26,7 @@ from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, T
 from shared.settings import Settings
 from worker.backends import PROGRESS, BackendError, Progress, UsageReport
 from worker.credential_proxy import CredentialProxy
-from worker.history import HistoryStore, content_blocks
+from worker.history import HistoryStore, content_blocks, merged
 from worker.session_store import JobTranscript, RedisSessionStore
 from worker.skills import install_skills, installed_skills
 from worker.workspace import MARKER, Workspace, job_workspace
@@ -235,8 +235,8 @@ class ClaudeBackend:
         A session without a stored transcript (its first turn, or turns answered by another
         backend) starts one under its own id, with the session's history as context.
         """
-        *earlier, last = job.turns
         if job.session is None:
+            *earlier, last = merged(job.turns)
             if not earlier:
                 return options, user_message(last), None
             history = HistoryStore.of(str(options.cwd), job.backend_model or job.model, earlier)
