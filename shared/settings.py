@@ -180,3 +180,8 @@ class Settings(BaseSettings):
         description="Run every job in this existing directory (shared by all jobs) instead of its own "
         "workspace directory; each job still has its own home, config and temp directories.",
     )
+    claude_warm_clients: int = Field(
+        default=0,
+        ge=0,
+        description="Connected Claude Code processes each worker keeps ready (~210 MiB each); 0: off.",
+    )

@@ -41,6 +41,8 @@ class UsageReport(Progress):
 
 class Backend(Protocol):
     def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]: ...
+    async def close(self) -> None:
+        """Releases what the backend holds between jobs (warm CLI processes), at worker shutdown."""
 
 
 def create_backend(settings: Settings, redis: Redis) -> Backend:

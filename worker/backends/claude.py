@@ -7,12 +7,15 @@ stop reason come from the SDK's `ResultMessage`; failures from its error result 
 import logging
 import os
 import pwd
-from collections.abc import AsyncGenerator, AsyncIterator
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any, cast
 
 from claude_agent_sdk import (
     ClaudeAgentOptions,
+    ClaudeSDKClient,
     ClaudeSDKError,
     CLINotFoundError,
     ResultMessage,
@@ -29,6 +32,7 @@ from worker.credential_proxy import CredentialProxy
 from worker.history import HistoryStore, content_blocks, merged
 from worker.session_store import JobTranscript, RedisSessionStore
 from worker.skills import install_skills, installed_skills
+from worker.warm import WarmClient, WarmPool
 from worker.workspace import MARKER, Workspace, job_workspace
 
 log = logging.getLogger("gateway.worker.claude")
@@ -97,6 +101,9 @@ class ClaudeBackend:
             self._proxy.start()
         self._redis = redis
         self._store = RedisSessionStore(redis, settings.session_ttl_s)
+        self._warm = (
+            WarmPool(settings.claude_warm_clients, self._spawn_warm) if settings.claude_warm_clients else None
+        )
         job_user = settings.claude_job_user
         self._runs_as_root = (pwd.getpwnam(job_user).pw_uid if job_user else os.geteuid()) == 0
 
@@ -170,6 +177,14 @@ class ClaudeBackend:
         return system
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
+        if self._warm is not None and (warm := await self._warm.take(job)) is not None:
+            try:
+                await warm.client.query(user_message(job.turns[-1]))
+                async for event in _relay(warm.client.receive_response(), None, warm.client.disconnect):
+                    yield event
+            finally:
+                await warm.discard()
+            return
         with job_workspace(
             self._settings.workspace_root, job.id, self._settings.claude_job_user
         ) as workspace:
@@ -177,50 +192,36 @@ class ClaudeBackend:
             options = self._options(job, workspace, token)
             options, prompt, transcript = await self._continue_session(job, options)
             messages = query(prompt=prompt, options=options)
-            started: dict[str, Any] = {}  # usage from the current upstream message's start
             try:
-                async for message in messages:
-                    if isinstance(message, StreamEvent):
-                        event = message.event
-                        if event.get("type") == "content_block_delta":
-                            delta = event.get("delta", {})
-                            if delta.get("type") == "text_delta" and delta.get("text"):
-                                yield Delta(text=delta["text"])
-                            else:
-                                yield PROGRESS  # a tool call or thinking being written
-                        elif event.get("type") == "message_start":
-                            started = event.get("message", {}).get("usage", {})
-                            yield UsageReport(_usage(started))
-                        elif _hit_token_limit(event):
-                            # The CLI would ask the model to continue past the caller's limit;
-                            # OpenAI semantics end here. No ResultMessage follows, so no cost.
-                            usage = _usage({**started, **event["usage"]})
-                            if transcript is not None:  # closing the run flushes its transcript
-                                await _close(messages)
-                                await transcript.commit()
-                            yield Done(finish_reason=FinishReason.LENGTH, usage=usage)
-                            return
-                    elif isinstance(message, ResultMessage):
-                        if message.is_error and message.subtype != _OUT_OF_TURNS:
-                            raise upstream_failure(message.api_error_status)
-                        if transcript is not None:  # the SDK flushed the turn's transcript already
-                            await transcript.commit()
-                        yield _done(message)
-                        return
-                    else:
-                        yield PROGRESS
-            except CLINotFoundError as exc:
-                raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code is not installed.") from exc
-            except ClaudeSDKError as exc:
-                log.warning("Claude Code run failed: %s", type(exc).__name__)
-                raise BackendError(
-                    FailureCode.BACKEND_UNAVAILABLE, "Claude Code exited unexpectedly."
-                ) from exc
+                async for event in _relay(messages, transcript, lambda: _close(messages)):
+                    yield event
             finally:
                 await _close(messages)
                 if token is not None and self._proxy is not None:
                     self._proxy.revoke(token)
-        raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code ended without a result.")
+
+    async def _spawn_warm(self, job: CompletionJob) -> WarmClient:
+        """A connected client for jobs like `job`, in a workspace of its own (see `worker/warm.py`)."""
+        stack = ExitStack()
+        name = f"warm-{uuid.uuid4().hex}"
+        workspace = stack.enter_context(
+            job_workspace(self._settings.workspace_root, name, self._settings.claude_job_user)
+        )
+        proxy = self._proxy
+        token = proxy.issue() if proxy is not None else None
+        warm = WarmClient(ClaudeSDKClient(self._options(job, workspace, token)), stack)
+        if proxy is not None and token is not None:
+            warm.release = lambda: proxy.revoke(token)
+        try:
+            await warm.client.connect()
+        except BaseException:
+            await warm.discard()
+            raise
+        return warm
+
+    async def close(self) -> None:
+        if self._warm is not None:
+            await self._warm.close()
 
     async def _continue_session(
         self, job: CompletionJob, options: ClaudeAgentOptions
@@ -250,6 +251,50 @@ class ClaudeBackend:
             return resumed, _prompt(job.turns), transcript
         started = replace(options, session_store=store, session_id=transcript_id)
         return started, _prompt([*await sessions.history(self._redis, job.session), *job.turns]), transcript
+
+
+async def _relay(
+    messages: AsyncIterator[Any], transcript: JobTranscript | None, stop: Callable[[], Awaitable[None]]
+) -> AsyncIterator[Delta | Done | Progress]:
+    """One run's SDK messages → job events; `stop` ends the run early (at the caller's token limit)."""
+    started: dict[str, Any] = {}  # usage from the current upstream message's start
+    try:
+        async for message in messages:
+            if isinstance(message, StreamEvent):
+                event = message.event
+                if event.get("type") == "content_block_delta":
+                    delta = event.get("delta", {})
+                    if delta.get("type") == "text_delta" and delta.get("text"):
+                        yield Delta(text=delta["text"])
+                    else:
+                        yield PROGRESS  # a tool call or thinking being written
+                elif event.get("type") == "message_start":
+                    started = event.get("message", {}).get("usage", {})
+                    yield UsageReport(_usage(started))
+                elif _hit_token_limit(event):
+                    # The CLI would ask the model to continue past the caller's limit;
+                    # OpenAI semantics end here. No ResultMessage follows, so no cost.
+                    usage = _usage({**started, **event["usage"]})
+                    if transcript is not None:  # closing the run flushes its transcript
+                        await stop()
+                        await transcript.commit()
+                    yield Done(finish_reason=FinishReason.LENGTH, usage=usage)
+                    return
+            elif isinstance(message, ResultMessage):
+                if message.is_error and message.subtype != _OUT_OF_TURNS:
+                    raise upstream_failure(message.api_error_status)
+                if transcript is not None:  # the SDK flushed the turn's transcript already
+                    await transcript.commit()
+                yield _done(message)
+                return
+            else:
+                yield PROGRESS
+    except CLINotFoundError as exc:
+        raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code is not installed.") from exc
+    except ClaudeSDKError as exc:
+        log.warning("Claude Code run failed: %s", type(exc).__name__)
+        raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code exited unexpectedly.") from exc
+    raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code ended without a result.")
 
 
 def _prompt(turns: list[Turn]) -> str | AsyncIterator[dict[str, Any]]:
