@@ -207,3 +207,19 @@ def test_pass_through_runs_an_unlisted_model_as_sent(configured: Gateway, upstre
     assert response.status_code == 200, response.text
     assert response.json()["model"] == "claude-opus-4-5-20991231"
     assert upstream.requests[-1]["model"] == "claude-opus-4-5-20991231"
+
+
+def test_an_image_in_a_session_stays_in_its_transcript(claude: Gateway, upstream: FakeAnthropic) -> None:
+    image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}
+    first = {"role": "user", "content": [image, {"type": "text", "text": "Remember this picture."}]}
+    body = {"model": "claude-sonnet-4-5", "messages": [first], "session_id": "pictures"}
+    assert post(claude, body).status_code == 200
+    body["messages"] = [{"role": "user", "content": "What was in it?"}]
+    assert post(claude, body).status_code == 200, "second turn"
+    sent = upstream.requests[-1]["messages"]
+    first_blocks = sent[0]["content"]
+    assert {"type": "base64", "media_type": "image/png", "data": PNG} in [
+        b.get("source") for b in first_blocks
+    ]
+    assert [m["role"] for m in sent if m["role"] != "system"] == ["user", "assistant", "user"]
+    assert "What was in it?" in "".join(texts(sent[-1]["content"]))

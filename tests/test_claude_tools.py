@@ -170,3 +170,9 @@ def test_claude_cwd_is_the_working_directory_of_every_job(skilled: Gateway, upst
     cwd, home = tool_results(upstream.requests[-1])[0].split("\n")[:2]
     assert cwd == skilled.env["CLAUDE_CWD"]
     assert home.startswith(f"{skilled.logs}/workspaces/")  # its own home, config and temp all the same
+
+
+def test_max_thinking_tokens_header_reaches_the_upstream(claude: Gateway, upstream: FakeAnthropic) -> None:
+    assert post(claude, chat("think"), **{"X-Claude-Max-Thinking-Tokens": "2048"}).status_code == 200
+    thinking = upstream.requests[-1]["thinking"]
+    assert (thinking["type"], thinking["budget_tokens"]) == ("enabled", 2048)
