@@ -28,7 +28,7 @@ def tooled(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
         CLAUDE_MAX_RETRIES="1",
         CLAUDE_TOOLS='["Bash", "Read"]',
         CLAUDE_MAX_TURNS="4",
-        CLAUDE_PERMISSION_MODES='["default", "bypassPermissions"]',
+        CLAUDE_PERMISSION_MODES='["default", "dontAsk", "bypassPermissions"]',
     )
     return gateway
 
@@ -41,7 +41,7 @@ def tool_names(body: dict[str, Any]) -> list[str]:
     return sorted(tool["name"] for tool in body.get("tools", []))
 
 
-@pytest.mark.parametrize("mode", ["default", "bypassPermissions"])
+@pytest.mark.parametrize("mode", ["default", "dontAsk", "bypassPermissions"])
 def test_a_tool_call_runs_in_the_workspace_and_its_result_goes_back(
     tooled: Gateway, upstream: FakeAnthropic, mode: str
 ) -> None:
@@ -176,3 +176,14 @@ def test_max_thinking_tokens_header_reaches_the_upstream(claude: Gateway, upstre
     assert post(claude, chat("think"), **{"X-Claude-Max-Thinking-Tokens": "2048"}).status_code == 200
     thinking = upstream.requests[-1]["thinking"]
     assert (thinking["type"], thinking["budget_tokens"]) == ("enabled", 2048)
+
+
+def test_a_tool_the_job_was_not_given_does_not_run(tooled: Gateway, upstream: FakeAnthropic) -> None:
+    secret = tooled.logs / "not-for-the-agent.txt"
+    secret.write_text("the secret contents")
+    read = Reply(tool_use=("Read", {"file_path": str(secret)}))
+    upstream.script.extend([read, Reply()])
+    assert post(tooled, chat("read it", allowed_tools=["Bash"])).status_code == 200
+    output = "\n".join(tool_results(upstream.requests[-1]))
+    assert output  # the model was told the call failed
+    assert "the secret contents" not in output
