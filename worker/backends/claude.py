@@ -67,8 +67,8 @@ def upstream_failure(status: int | None) -> BackendError:
 
 
 def prompt_for(turns: list[Turn]) -> str:
-    """The prompt for a session's first run on this backend: its last user turn, after the turns
-    another backend answered as context (the only case without a transcript to resume)."""
+    """The last user turn, after earlier turns pasted in as context: only for session turns the
+    transcript does not hold (several new messages at once, or turns another backend answered)."""
     *earlier, last = turns
     if not earlier:
         return last.text
