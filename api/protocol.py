@@ -66,15 +66,23 @@ class ChatCompletionRequest(BaseModel):
     # Extension: answer at once with the queued job; poll or stream it by id.
     background: bool = False
     session_id: str | None = Field(default=None, description="Extension: continue this session.")
+    # Extensions of the original wrapper: what the agent may do (checked against the tool policy;
+    # the X-Claude-* headers set the same when these are absent).
+    enable_tools: bool | None = None
+    allowed_tools: list[str] | None = None
+    disallowed_tools: list[str] | None = None
+    max_turns: int | None = Field(default=None, ge=1)
+    permission_mode: str | None = None
 
     def unsupported_parameter(self) -> str | None:
         """The first parameter whose meaning the gateway cannot honour, if any."""
         checks = {
             "n": self.n is not None and self.n > 1,
-            "stop": bool(self.stop),
             "logprobs": bool(self.logprobs),
             "top_logprobs": self.top_logprobs is not None,
             "logit_bias": bool(self.logit_bias),
+            "presence_penalty": bool(self.presence_penalty),
+            "frequency_penalty": bool(self.frequency_penalty),
             "tools": bool(self.tools),
             "tool_choice": self.tool_choice not in (None, "none", "auto"),
             "functions": bool(self.functions),
@@ -82,6 +90,11 @@ class ChatCompletionRequest(BaseModel):
             "response_format": self.response_format not in (None, {"type": "text"}),
         }
         return next((name for name, unsupported in checks.items() if unsupported), None)
+
+    def stop_sequences(self) -> list[str]:
+        if not self.stop:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     @property
     def token_limit(self) -> int | None:

@@ -1,37 +1,18 @@
 """OpenAI chat requests → `CompletionJob`s: what the worker needs, validated, nothing more."""
 
+from api.catalog import resolve_model
+from api.content import message_content
 from api.errors import OpenAIError
-from api.protocol import ChatCompletionRequest, ChatMessage, TextPart
+from api.protocol import ChatCompletionRequest
+from shared.agent import AgentRequest
 from shared.jobs import CompletionJob, Turn
 from shared.settings import Settings
 
 
-def _text(message: ChatMessage, index: int) -> str:
-    if message.content is None:
-        return ""
-    if isinstance(message.content, str):
-        return message.content
-    texts: list[str] = []
-    for part in message.content:
-        if not isinstance(part, TextPart):
-            raise OpenAIError.invalid(
-                "Image content is not supported by this gateway yet.",
-                param=f"messages[{index}].content",
-                code="unsupported_content",
-            )
-        texts.append(part.text)
-    return "\n".join(texts)
-
-
-def build_job(request: ChatCompletionRequest, request_id: str, settings: Settings) -> CompletionJob:
-    if request.model not in settings.models:
-        raise OpenAIError(
-            404,
-            f"The model '{request.model}' does not exist or you do not have access to it.",
-            type="invalid_request_error",
-            param="model",
-            code="model_not_found",
-        )
+def build_job(
+    request: ChatCompletionRequest, request_id: str, settings: Settings, agent: AgentRequest | None = None
+) -> CompletionJob:
+    backend_model = resolve_model(request.model, settings)
     if (unsupported := request.unsupported_parameter()) is not None:
         raise OpenAIError.invalid(
             f"The parameter '{unsupported}' is not supported by this gateway.",
@@ -41,10 +22,11 @@ def build_job(request: ChatCompletionRequest, request_id: str, settings: Setting
     system: list[str] = []
     turns: list[Turn] = []
     for index, message in enumerate(request.messages):
+        text, images = message_content(message, index, settings.image_url_allowlist)
         if message.role in ("system", "developer"):
-            system.append(_text(message, index))
+            system.append(text)
         elif message.role in ("user", "assistant"):
-            turns.append(Turn(role=message.role, text=_text(message, index)))
+            turns.append(Turn(role=message.role, text=text, images=images))
         else:
             raise OpenAIError.invalid(
                 f"Messages with role '{message.role}' are not supported by this gateway yet.",
@@ -58,7 +40,17 @@ def build_job(request: ChatCompletionRequest, request_id: str, settings: Setting
     return CompletionJob(
         request_id=request_id,
         model=request.model,
+        backend_model=None if backend_model == request.model else backend_model,
         system_prompt="\n\n".join(system) or None,
         turns=turns,
         max_tokens=request.token_limit,
+        stop=_stop_sequences(request),
+        agent=agent or AgentRequest(),
     )
+
+
+def _stop_sequences(request: ChatCompletionRequest) -> list[str]:
+    stops = request.stop_sequences()
+    if len(stops) > 4 or not all(stops):
+        raise OpenAIError.invalid("'stop' takes up to 4 non-empty sequences.", param="stop")
+    return stops

@@ -11,9 +11,22 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from shared.agent import AgentRequest
+
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
+
+
+class ImageSource(BaseModel):
+    """An image of a user turn, as the Anthropic API takes it: inline base64, or a URL the model
+    API fetches itself (only from hosts the operator allowed; the gateway never fetches)."""
+
+    model_config = ConfigDict(frozen=True)
+    type: Literal["base64", "url"]
+    media_type: str | None = None
+    data: str | None = None
+    url: str | None = None
 
 
 class Turn(BaseModel):
@@ -22,6 +35,8 @@ class Turn(BaseModel):
     model_config = ConfigDict(frozen=True)
     role: Literal["user", "assistant"]
     text: str
+    images: list[ImageSource] = []
+    """A user turn's images, in the order sent; the model sees them before the turn's text."""
 
 
 class SessionRef(BaseModel):
@@ -42,10 +57,17 @@ class CompletionJob(BaseModel):
     id: str = Field(default_factory=new_job_id)
     request_id: str
     model: str
+    """The model id the caller sent, echoed in responses."""
+    backend_model: str | None = None
+    """The full model id an alias resolved to (`MODEL_ALIASES`); None: `model` as sent."""
     system_prompt: str | None = None
     turns: list[Turn]
     """The conversation; for a job that continues a session, only the turns new to the session."""
     max_tokens: int | None = None
+    stop: list[str] = []
+    """Stop sequences: the reply ends before the first one (`worker/stops.py`)."""
+    agent: AgentRequest = AgentRequest()
+    """What the agent may do in this job, already checked against the operator's policy."""
     session: SessionRef | None = None
     created: int = Field(default_factory=lambda: int(time.time()))
 

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.agent import PermissionMode
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -141,4 +143,45 @@ class Settings(BaseSettings):
     # --- Sessions (`session_id`: conversations kept in Redis) ------------------------------
     session_ttl_s: int = Field(
         default=3600, ge=1, description="A session idle this long is removed (sliding, per request)."
+    )
+
+    # --- Claude Code behind the API: models, content, tool policy, skills (docs/claude-backend.md)
+    model_aliases: dict[str, str] = Field(
+        default={"sonnet": "claude-sonnet-4-5", "opus": "claude-opus-4-1", "haiku": "claude-haiku-4-5"},
+        description="Short ids callers may send, each mapped to a full model id.",
+    )
+    model_pass_through: bool = Field(
+        default=False, description="Run any model id as sent instead of answering 404 model_not_found."
+    )
+    image_url_allowlist: list[str] = Field(
+        default=[],
+        description="https:// URL prefixes (end each with '/') of images the model API may fetch; "
+        "empty: inline base64 images only.",
+    )
+    claude_system_prompt_mode: Literal["append", "replace"] = Field(
+        default="append", description="Callers' system messages follow Claude Code's prompt, or replace it."
+    )
+    claude_permission_modes: list[PermissionMode] = Field(
+        default=["default", "dontAsk", "acceptEdits", "plan"],
+        description="Permission modes a request may choose; the first is used when it chooses none.",
+    )
+    claude_max_turns: int | None = Field(
+        default=None, ge=1, description="Cap on agent turns per job, and the default; unset: no cap."
+    )
+    claude_disallowed_tools: list[str] = Field(
+        default=[], description='Tools or rules denied to every job (e.g. ["Bash(curl:*)"]).'
+    )
+    claude_skills_dir: Path | None = Field(
+        default=Path("~/.claude/skills"),
+        description="Skills every job can use (copied into its workspace); a missing directory: none.",
+    )
+    claude_cwd: Path | None = Field(
+        default=None,
+        description="Run every job in this existing directory (shared by all jobs) instead of its own "
+        "workspace directory; each job still has its own home, config and temp directories.",
+    )
+    claude_warm_clients: int = Field(
+        default=0,
+        ge=0,
+        description="Connected Claude Code processes each worker keeps ready (~210 MiB each); 0: off.",
     )

@@ -119,6 +119,7 @@ def start_gateway(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPath
         base_env = {
             "LOG_LEVEL": "warning",
             "WORKSPACE_ROOT": str(logs / "workspaces"),
+            "CLAUDE_SKILLS_DIR": str(logs / "skills"),  # not this machine's ~/.claude/skills
             # Quotas are off unless a test is about them: every test client shares 127.0.0.1.
             "RATE_LIMIT_ENABLED": "false",
             "MAX_CONCURRENT_JOBS_PER_KEY": "0",

@@ -76,7 +76,8 @@ class TestRejectedBeforeTheQueue:
 
     def test_parameter_that_would_change_the_meaning(self, scripted: Gateway) -> None:
         assert_error(post(scripted, json=chat("hi", n=3)), 400, param="n", code="unsupported_parameter")
-        assert_error(post(scripted, json=chat("hi", stop=["\n"])), 400, param="stop")
+        assert_error(post(scripted, json=chat("hi", stop=["a", "b", "c", "d", "e"])), 400, param="stop")
+        assert_error(post(scripted, json=chat("hi", stop=[""])), 400, param="stop")
 
     def test_body_over_the_limit(self, scripted: Gateway) -> None:
         big = chat("x" * 70_000)

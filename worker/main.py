@@ -153,6 +153,8 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    if (backend := ctx.get("backend")) is not None:
+        await backend.close()
 
 
 def build_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> GatewayWorker:

@@ -23,6 +23,7 @@ from shared.settings import Settings
 from worker.backends import Backend, BackendError, Progress
 from worker.leases import RunningJobs, StopReason
 from worker.outcomes import report_outcome
+from worker.stops import stop_at
 
 log = logging.getLogger("gateway.worker")
 
@@ -77,7 +78,8 @@ async def _produce(
     terminal: Done | Failed
     try:
         async with asyncio.timeout(settings.job_timeout_s), stall:
-            async for event in backend.stream(job):
+            events = backend.stream(job)
+            async for event in stop_at(events, job.stop) if job.stop else events:
                 stall.reschedule(loop.time() + settings.stall_timeout_s)
                 if isinstance(event, Done):
                     terminal = event

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from api.access import job_slot
+from api.agent_policy import agent_request
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import OpenAIError
 from api.hygiene import check_prompt_limits
@@ -49,7 +50,8 @@ async def create_chat_completion(
 ) -> JSONResponse | EventSourceResponse:
     check_prompt_limits(body, gateway.settings)
     session_id = requested_session_id(body, request)
-    job = build_job(body, request.state.request_id, gateway.settings)
+    agent = agent_request(body, request.headers, gateway.settings)
+    job = build_job(body, request.state.request_id, gateway.settings, agent)
     if session_id is not None:
         job = await attach(gateway.redis, gateway.settings, caller.key_id, session_id, job)
     try:

@@ -1,16 +1,14 @@
-"""`GET /v1/models`: the Claude models this gateway serves."""
+"""`GET /v1/models`: the Claude models this gateway serves, and their aliases."""
 
 from fastapi import APIRouter
 
+from api.catalog import served_models
 from api.deps import GatewayDep
-from api.protocol import Model, ModelList
+from api.protocol import ModelList
 
 router = APIRouter()
 
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(gateway: GatewayDep) -> ModelList:
-    settings = gateway.settings
-    return ModelList(
-        data=[Model(id=m, created=settings.models_created, owned_by="anthropic") for m in settings.models]
-    )
+    return ModelList(data=served_models(gateway.settings))

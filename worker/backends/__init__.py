@@ -12,7 +12,7 @@ from typing import Protocol
 
 from redis.asyncio import Redis
 
-from shared.jobs import CompletionJob, Delta, Done, FailureCode
+from shared.jobs import CompletionJob, Delta, Done, FailureCode, Usage
 from shared.settings import Settings
 
 
@@ -32,8 +32,17 @@ class Progress:
 PROGRESS = Progress()
 
 
+class UsageReport(Progress):
+    """Usage so far (at each upstream message's start), for a run cut short (`worker/stops.py`)."""
+
+    def __init__(self, usage: Usage) -> None:
+        self.usage = usage
+
+
 class Backend(Protocol):
     def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]: ...
+    async def close(self) -> None:
+        """Releases what the backend holds between jobs (warm CLI processes), at worker shutdown."""
 
 
 def create_backend(settings: Settings, redis: Redis) -> Backend:

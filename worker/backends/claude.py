@@ -7,12 +7,15 @@ stop reason come from the SDK's `ResultMessage`; failures from its error result 
 import logging
 import os
 import pwd
-from collections.abc import AsyncGenerator, AsyncIterator
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any, cast
 
 from claude_agent_sdk import (
     ClaudeAgentOptions,
+    ClaudeSDKClient,
     ClaudeSDKError,
     CLINotFoundError,
     ResultMessage,
@@ -24,9 +27,12 @@ from redis.asyncio import Redis
 from shared import sessions
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Turn, Usage
 from shared.settings import Settings
-from worker.backends import PROGRESS, BackendError, Progress
+from worker.backends import PROGRESS, BackendError, Progress, UsageReport
 from worker.credential_proxy import CredentialProxy
+from worker.history import HistoryStore, content_blocks, merged
 from worker.session_store import JobTranscript, RedisSessionStore
+from worker.skills import install_skills, installed_skills
+from worker.warm import WarmClient, WarmPool
 from worker.workspace import MARKER, Workspace, job_workspace
 
 log = logging.getLogger("gateway.worker.claude")
@@ -39,6 +45,9 @@ _FINISH_REASONS = {
     "max_tokens": FinishReason.LENGTH,
     "refusal": FinishReason.CONTENT_FILTER,
 }
+
+
+_OUT_OF_TURNS = "error_max_turns"
 
 
 def upstream_failure(status: int | None) -> BackendError:
@@ -58,16 +67,25 @@ def upstream_failure(status: int | None) -> BackendError:
 
 
 def prompt_for(turns: list[Turn]) -> str:
-    """The prompt for this run: the last user turn, after any earlier turns as context.
-
-    Interim: in a stateless request, earlier turns travel as a transcript in the prompt. A session's
-    earlier turns do not: they come back as real turns from its stored Claude Code transcript.
-    """
+    """The last user turn, after earlier turns pasted in as context: only for session turns the
+    transcript does not hold (several new messages at once, or turns another backend answered)."""
     *earlier, last = turns
     if not earlier:
         return last.text
     transcript = "\n\n".join(f"<{turn.role}>\n{turn.text}\n</{turn.role}>" for turn in earlier)
     return f"<conversation_so_far>\n{transcript}\n</conversation_so_far>\n\n{last.text}"
+
+
+def user_message(turn: Turn) -> str | AsyncIterator[dict[str, Any]]:
+    """A user turn as the CLI's prompt: plain text, or a streamed message when it has images."""
+    if not turn.images:
+        return turn.text
+
+    async def message() -> AsyncIterator[dict[str, Any]]:
+        content = {"role": "user", "content": content_blocks(turn)}
+        yield {"type": "user", "message": content, "parent_tool_use_id": None, "session_id": ""}
+
+    return message()
 
 
 class ClaudeBackend:
@@ -83,6 +101,11 @@ class ClaudeBackend:
             self._proxy.start()
         self._redis = redis
         self._store = RedisSessionStore(redis, settings.session_ttl_s)
+        self._warm = (
+            WarmPool(settings.claude_warm_clients, self._spawn_warm) if settings.claude_warm_clients else None
+        )
+        job_user = settings.claude_job_user
+        self._runs_as_root = (pwd.getpwnam(job_user).pw_uid if job_user else os.geteuid()) == 0
 
     def _options(self, job: CompletionJob, workspace: Workspace, token: str | None) -> ClaudeAgentOptions:
         """The CLI's whole environment is this `env` (the worker forgot its own, see `environment`)."""
@@ -109,25 +132,59 @@ class ClaudeBackend:
             env["ANTHROPIC_BASE_URL"] = settings.anthropic_base_url
         if job.max_tokens is not None:
             env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(job.max_tokens)
-        system: SystemPromptPreset = {"type": "preset", "preset": "claude_code"}
-        if job.system_prompt:
-            system["append"] = job.system_prompt
+        agent = job.agent
+        if agent.permission_mode == "bypassPermissions" and self._runs_as_root:
+            env["IS_SANDBOX"] = "1"  # else the CLI refuses bypass mode as root
+        skills = self._skills(job, workspace)
+        # The job's tools (API-side policy: CLAUDE_TOOLS), pre-approved; none: plain Q&A.
+        tools = [*agent.tools, "Skill"] if skills else list(agent.tools)
         return ClaudeAgentOptions(
-            model=job.model,
-            system_prompt=system,
+            model=job.backend_model or job.model,
+            system_prompt=self._system_prompt(job),
             include_partial_messages=True,
-            # No tools unless the operator enables some (CLAUDE_TOOLS); those are pre-approved.
-            tools=list(settings.claude_tools),
-            allowed_tools=list(settings.claude_tools),
-            setting_sources=[],
+            tools=tools,
+            allowed_tools=tools,
+            disallowed_tools=list(agent.disallowed_tools),
+            permission_mode=agent.permission_mode,
+            max_turns=agent.max_turns,
+            max_thinking_tokens=agent.max_thinking_tokens,
+            skills=skills or None,
+            # Nothing from the workspace (its .claude/settings.json could install hooks); with
+            # skills, the user source: the job's own fresh config directory, where they were copied.
+            setting_sources=["user"] if skills else [],
             user=settings.claude_job_user,
-            cwd=workspace.cwd,
+            cwd=settings.claude_cwd or workspace.cwd,
             env=env,
             cli_path=settings.claude_cli_path,
             stderr=lambda line: log.debug("cli: %s", line),
         )
 
+    def _skills(self, job: CompletionJob, workspace: Workspace) -> list[str]:
+        """The operator's skills, copied into the job's config directory, unless the job has none."""
+        skills_dir = self._settings.claude_skills_dir
+        if skills_dir is None or not job.agent.skills or "Skill" in job.agent.disallowed_tools:
+            return []
+        names = installed_skills(skills_dir)
+        install_skills(skills_dir, names, workspace)
+        return names
+
+    def _system_prompt(self, job: CompletionJob) -> str | SystemPromptPreset:
+        if self._settings.claude_system_prompt_mode == "replace" and job.system_prompt:
+            return job.system_prompt
+        system: SystemPromptPreset = {"type": "preset", "preset": "claude_code"}
+        if job.system_prompt:
+            system["append"] = job.system_prompt
+        return system
+
     async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
+        if self._warm is not None and (warm := await self._warm.take(job)) is not None:
+            try:
+                await warm.client.query(user_message(job.turns[-1]))
+                async for event in _relay(warm.client.receive_response(), None, warm.client.disconnect):
+                    yield event
+            finally:
+                await warm.discard()
+            return
         with job_workspace(
             self._settings.workspace_root, job.id, self._settings.claude_job_user
         ) as workspace:
@@ -135,54 +192,44 @@ class ClaudeBackend:
             options = self._options(job, workspace, token)
             options, prompt, transcript = await self._continue_session(job, options)
             messages = query(prompt=prompt, options=options)
-            started: dict[str, Any] = {}  # usage from the current upstream message's start
             try:
-                async for message in messages:
-                    if isinstance(message, StreamEvent):
-                        event = message.event
-                        if event.get("type") == "content_block_delta":
-                            delta = event.get("delta", {})
-                            if delta.get("type") == "text_delta" and delta.get("text"):
-                                yield Delta(text=delta["text"])
-                            else:
-                                yield PROGRESS  # a tool call or thinking being written
-                        elif event.get("type") == "message_start":
-                            started = event.get("message", {}).get("usage", {})
-                        elif _hit_token_limit(event):
-                            # The CLI would ask the model to continue past the caller's limit;
-                            # OpenAI semantics end here. No ResultMessage follows, so no cost.
-                            usage = _usage({**started, **event["usage"]})
-                            if transcript is not None:  # closing the run flushes its transcript
-                                await _close(messages)
-                                await transcript.commit()
-                            yield Done(finish_reason=FinishReason.LENGTH, usage=usage)
-                            return
-                    elif isinstance(message, ResultMessage):
-                        if message.is_error:
-                            raise upstream_failure(message.api_error_status)
-                        if transcript is not None:  # the SDK flushed the turn's transcript already
-                            await transcript.commit()
-                        yield _done(message)
-                        return
-                    else:
-                        yield PROGRESS
-            except CLINotFoundError as exc:
-                raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code is not installed.") from exc
-            except ClaudeSDKError as exc:
-                log.warning("Claude Code run failed: %s", type(exc).__name__)
-                raise BackendError(
-                    FailureCode.BACKEND_UNAVAILABLE, "Claude Code exited unexpectedly."
-                ) from exc
+                async for event in _relay(messages, transcript, lambda: _close(messages)):
+                    yield event
             finally:
                 await _close(messages)
                 if token is not None and self._proxy is not None:
                     self._proxy.revoke(token)
-        raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code ended without a result.")
+
+    async def _spawn_warm(self, job: CompletionJob) -> WarmClient:
+        """A connected client for jobs like `job`, in a workspace of its own (see `worker/warm.py`)."""
+        stack = ExitStack()
+        name = f"warm-{uuid.uuid4().hex}"
+        workspace = stack.enter_context(
+            job_workspace(self._settings.workspace_root, name, self._settings.claude_job_user)
+        )
+        proxy = self._proxy
+        token = proxy.issue() if proxy is not None else None
+        warm = WarmClient(ClaudeSDKClient(self._options(job, workspace, token)), stack)
+        if proxy is not None and token is not None:
+            warm.release = lambda: proxy.revoke(token)
+        try:
+            await warm.client.connect()
+        except BaseException:
+            await warm.discard()
+            raise
+        return warm
+
+    async def close(self) -> None:
+        if self._warm is not None:
+            await self._warm.close()
 
     async def _continue_session(
         self, job: CompletionJob, options: ClaudeAgentOptions
-    ) -> tuple[ClaudeAgentOptions, str, JobTranscript | None]:
-        """Options, prompt and transcript for the run: a session resumes its Claude Code transcript.
+    ) -> tuple[ClaudeAgentOptions, str | AsyncIterator[dict[str, Any]], JobTranscript | None]:
+        """Options, prompt and transcript for the run: earlier turns come from a transcript.
+
+        A stateless request's earlier turns are given as a one-off transcript (`worker/history.py`);
+        a session resumes its own stored Claude Code transcript.
 
         The SDK materializes the stored transcript for `resume` before the CLI starts, so the
         model sees the earlier turns as real turns and only the new ones are sent as the prompt.
@@ -190,16 +237,69 @@ class ClaudeBackend:
         backend) starts one under its own id, with the session's history as context.
         """
         if job.session is None:
-            return options, prompt_for(job.turns), None
+            *earlier, last = merged(job.turns)
+            if not earlier:
+                return options, user_message(last), None
+            history = HistoryStore.of(str(options.cwd), job.backend_model or job.model, earlier)
+            store = cast(SessionStore, history)
+            return replace(options, session_store=store, resume=history.session_id), user_message(last), None
         transcript = JobTranscript(self._store, project=job.session.owner)
         store = cast(SessionStore, transcript)  # duck-typed: the optional methods it lacks stay unused
         transcript_id = job.session.transcript_id
         if await transcript.exists(transcript_id):
             resumed = replace(options, session_store=store, resume=transcript_id)
-            return resumed, prompt_for(job.turns), transcript
+            return resumed, _prompt(job.turns), transcript
         started = replace(options, session_store=store, session_id=transcript_id)
-        earlier = await sessions.history(self._redis, job.session)
-        return started, prompt_for([*earlier, *job.turns]), transcript
+        return started, _prompt([*await sessions.history(self._redis, job.session), *job.turns]), transcript
+
+
+async def _relay(
+    messages: AsyncIterator[Any], transcript: JobTranscript | None, stop: Callable[[], Awaitable[None]]
+) -> AsyncIterator[Delta | Done | Progress]:
+    """One run's SDK messages → job events; `stop` ends the run early (at the caller's token limit)."""
+    started: dict[str, Any] = {}  # usage from the current upstream message's start
+    try:
+        async for message in messages:
+            if isinstance(message, StreamEvent):
+                event = message.event
+                if event.get("type") == "content_block_delta":
+                    delta = event.get("delta", {})
+                    if delta.get("type") == "text_delta" and delta.get("text"):
+                        yield Delta(text=delta["text"])
+                    else:
+                        yield PROGRESS  # a tool call or thinking being written
+                elif event.get("type") == "message_start":
+                    started = event.get("message", {}).get("usage", {})
+                    yield UsageReport(_usage(started))
+                elif _hit_token_limit(event):
+                    # The CLI would ask the model to continue past the caller's limit;
+                    # OpenAI semantics end here. No ResultMessage follows, so no cost.
+                    usage = _usage({**started, **event["usage"]})
+                    if transcript is not None:  # closing the run flushes its transcript
+                        await stop()
+                        await transcript.commit()
+                    yield Done(finish_reason=FinishReason.LENGTH, usage=usage)
+                    return
+            elif isinstance(message, ResultMessage):
+                if message.is_error and message.subtype != _OUT_OF_TURNS:
+                    raise upstream_failure(message.api_error_status)
+                if transcript is not None:  # the SDK flushed the turn's transcript already
+                    await transcript.commit()
+                yield _done(message)
+                return
+            else:
+                yield PROGRESS
+    except CLINotFoundError as exc:
+        raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code is not installed.") from exc
+    except ClaudeSDKError as exc:
+        log.warning("Claude Code run failed: %s", type(exc).__name__)
+        raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code exited unexpectedly.") from exc
+    raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code ended without a result.")
+
+
+def _prompt(turns: list[Turn]) -> str | AsyncIterator[dict[str, Any]]:
+    """Several turns new to a session's transcript travel as context in the prompt (text only)."""
+    return user_message(turns[0]) if len(turns) == 1 else prompt_for(turns)
 
 
 async def _close(messages: AsyncIterator[Any]) -> None:
@@ -224,7 +324,11 @@ def _usage(usage: dict[str, Any], cost_usd: float | None = None) -> Usage:
 
 
 def _done(result: ResultMessage) -> Done:
+    if result.subtype == _OUT_OF_TURNS:  # the agent's turn budget ran out: cut short, as by a limit
+        finish_reason = FinishReason.LENGTH
+    else:
+        finish_reason = _FINISH_REASONS.get(result.stop_reason or "", FinishReason.STOP)
     return Done(
-        finish_reason=_FINISH_REASONS.get(result.stop_reason or "", FinishReason.STOP),
+        finish_reason=finish_reason,
         usage=_usage(result.usage or {}, result.total_cost_usd),
     )

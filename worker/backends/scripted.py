@@ -76,3 +76,6 @@ class ScriptedBackend:
         prompt_tokens = sum(len(_WORDS.findall(turn.text)) for turn in job.turns)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=count, cost_usd=0.0)
         yield Done(finish_reason=finish, usage=usage)
+
+    async def close(self) -> None:
+        """Holds nothing between jobs."""

@@ -1,0 +1,21 @@
+"""What the agent may do in one job: the part of the job contract the API decides from the request
+and the operator's tool policy (`api/agent_policy.py`), and the worker applies to the CLI."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+PermissionMode = Literal["default", "dontAsk", "acceptEdits", "plan", "bypassPermissions"]
+
+
+class AgentRequest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    tools: list[str] = []
+    """The Claude Code tools the job has, all pre-approved; empty: plain question and answer."""
+    disallowed_tools: list[str] = []
+    """Tools (or rules such as `Bash(rm:*)`) removed or denied even under `bypassPermissions`."""
+    max_turns: int | None = None
+    permission_mode: PermissionMode = "default"
+    max_thinking_tokens: int | None = None
+    skills: bool = True
+    """Whether the operator's skills (`CLAUDE_SKILLS_DIR`) are offered; off with `enable_tools: false`."""

@@ -1,0 +1,87 @@
+"""Warm CLI processes (`CLAUDE_WARM_CLIENTS`) on the real SDK and CLI: a job of a profile seen
+before starts on a client connected ahead of it, in a workspace of its own, used once."""
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway, chat
+from tests.fake_anthropic import FakeAnthropic, Reply, system_text, tool_results
+
+pytestmark = pytest.mark.claude
+
+
+@pytest.fixture(scope="module")
+def warm(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="claude",
+        ANTHROPIC_BASE_URL=fake_anthropic.url,
+        ANTHROPIC_API_KEY="test-key-not-real",
+        CLAUDE_MAX_RETRIES="1",
+        CLAUDE_TOOLS='["Bash"]',
+        CLAUDE_WARM_CLIENTS="1",
+    )
+    return gateway
+
+
+def prepared_clients(gateway: Gateway) -> list[Path]:
+    return sorted((gateway.logs / "workspaces").glob("warm-*"))
+
+
+def wait_for_a_prepared_client(gateway: Gateway) -> Path:
+    deadline = time.monotonic() + 30
+    while not prepared_clients(gateway) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert prepared_clients(gateway), "no warm client was prepared"  # connecting or connected
+    return prepared_clients(gateway)[0]
+
+
+def where(gateway: Gateway, upstream: FakeAnthropic, **extra: Any) -> str:
+    """Runs a job whose Bash tool prints its working directory; returns that directory."""
+    upstream.script.extend([Reply(tool_use=("Bash", {"command": "pwd", "description": "where"})), Reply()])
+    body = chat("where are you?", **extra)
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=90)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "Hello from the fake upstream."
+    match = re.search(r"^(/\S+)$", tool_results(upstream.requests[-1])[0], re.MULTILINE)
+    assert match is not None
+    return match.group(1)
+
+
+def test_a_repeated_kind_of_job_starts_on_a_warm_client_used_once(
+    warm: Gateway, upstream: FakeAnthropic
+) -> None:
+    system = {"role": "system", "content": "Answer briefly."}
+    messages = [system, {"role": "user", "content": "where are you?"}]
+    first = where(warm, upstream, messages=messages)
+    assert "/warm-" not in first  # nothing of this kind seen before: a cold start
+    prepared = wait_for_a_prepared_client(warm)
+    upstream.requests.clear()
+    second = where(warm, upstream, messages=messages)
+    assert second == f"{prepared}/work"  # the client connected ahead of the job ran it
+    assert "Answer briefly." in system_text(upstream.requests[0])  # with its profile's prompt
+    deadline = time.monotonic() + 10
+    while prepared.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not prepared.exists()  # used once: its workspace went with it
+    assert wait_for_a_prepared_client(warm) != prepared  # and another one takes its place
+
+
+def test_a_job_of_another_kind_starts_cold(warm: Gateway, upstream: FakeAnthropic) -> None:
+    wait_for_a_prepared_client(warm)
+    other = where(
+        warm, upstream, messages=[{"role": "system", "content": "Other."}, {"role": "user", "content": "?"}]
+    )
+    assert "/warm-" not in other
+    assert "Other." in system_text(upstream.requests[0])
+    history = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "?"},
+    ]
+    assert "/warm-" not in where(warm, upstream, messages=history)  # earlier turns: resumed cold

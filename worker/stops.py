@@ -1,0 +1,79 @@
+"""Stop sequences, for any backend: the reply ends before the first stop sequence, which is never
+emitted, however the deltas split it; the backend is closed there (the CLI is stopped at once).
+
+Claude Code takes no stop sequences, so they are applied to the stream here. Text that could be
+the start of a stop sequence is held back until the next delta decides. A reply cut this way ends
+with `finish_reason: stop`; its usage has the prompt tokens the backend last reported and, as
+completion tokens, the deltas it streamed (the upstream counts output only at the message's end,
+which a stopped run never reaches); no cost is known.
+"""
+
+from collections.abc import AsyncGenerator, AsyncIterator
+
+from shared.jobs import Delta, Done, FinishReason, Usage
+from worker.backends import Progress, UsageReport
+
+
+class StopMatcher:
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = stops
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """The text that can be emitted now, and whether a stop sequence ended the reply."""
+        buffer = self._held + text
+        hits = [found for stop in self._stops if (found := buffer.find(stop)) >= 0]
+        if hits:
+            self._held = ""
+            return buffer[: min(hits)], True
+        hold = max((self._overlap(buffer, stop) for stop in self._stops), default=0)
+        self._held = buffer[len(buffer) - hold :]
+        return buffer[: len(buffer) - hold], False
+
+    @staticmethod
+    def _overlap(buffer: str, stop: str) -> int:
+        """The length of the longest end of `buffer` that begins `stop`."""
+        for size in range(min(len(buffer), len(stop) - 1), 0, -1):
+            if stop.startswith(buffer[-size:]):
+                return size
+        return 0
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+async def stop_at(
+    events: AsyncIterator[Delta | Done | Progress], stops: list[str]
+) -> AsyncIterator[Delta | Done | Progress]:
+    matcher = StopMatcher(stops)
+    usage = Usage()
+    deltas = 0
+    try:
+        async for event in events:
+            if isinstance(event, Delta):
+                deltas += 1
+                text, hit = matcher.feed(event.text)
+                if text:
+                    yield Delta(text=text)
+                if hit:
+                    await _close(events)  # before the terminal event: a consumer may stop there
+                    usage = usage.model_copy(update={"completion_tokens": deltas})
+                    yield Done(finish_reason=FinishReason.STOP, usage=usage)
+                    return
+            elif isinstance(event, Done):
+                if rest := matcher.flush():
+                    yield Delta(text=rest)
+                yield event
+                return
+            else:
+                if isinstance(event, UsageReport):
+                    usage = event.usage
+                yield event
+    finally:
+        await _close(events)
+
+
+async def _close(events: AsyncIterator[Delta | Done | Progress]) -> None:
+    if isinstance(events, AsyncGenerator):
+        await events.aclose()

@@ -1,0 +1,120 @@
+"""Warm CLI processes: Claude Code started and connected ahead of the jobs that will use them.
+
+Starting the CLI costs ~300-400 ms of CPU, most of a short job's time to first token. A worker
+with `CLAUDE_WARM_CLIENTS=N` keeps up to N connected clients, each in its own prepared workspace
+with its own proxy token, and gives each to exactly one job, then discards it: per-job isolation
+is kept, only the start-up moves ahead of the job.
+
+A CLI's options are fixed when it starts, so a warm client is made for a *profile*: the model,
+system prompt, agent options and token limit of a job. The pool learns profiles from traffic:
+every eligible job (a single new user turn, no session) asks for a replacement of its profile,
+so repeated requests of one kind start warm after the first. Jobs with earlier turns or a session
+resume a transcript, which is chosen at start-up, so they always start cold. When the pool is
+full, a new profile takes the place of the oldest ready client of another one.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from claude_agent_sdk import ClaudeSDKClient
+
+from shared.jobs import CompletionJob
+from worker.history import merged
+
+log = logging.getLogger("gateway.worker.warm")
+
+
+@dataclass
+class WarmClient:
+    client: ClaudeSDKClient
+    workspace: ExitStack
+    """Removes the client's workspace (and kills what it left running) when closed."""
+    release: Callable[[], None] = lambda: None
+    """Revokes the client's proxy token."""
+    profile: str = ""
+
+    async def discard(self) -> None:
+        try:
+            with contextlib.suppress(Exception):
+                await self.client.disconnect()
+        finally:
+            self.release()
+            self.workspace.close()
+
+
+def profile(job: CompletionJob) -> str | None:
+    """What a warm client must have been started with to run `job`; None: it must start cold."""
+    if job.session is not None or len(merged(job.turns)) != 1:
+        return None
+    return job.model_dump_json(include={"model", "backend_model", "system_prompt", "agent", "max_tokens"})
+
+
+@dataclass
+class _Slot:
+    profile: str
+    client: "asyncio.Task[WarmClient]"
+    """Connecting or connected: a job that takes a connecting client waits for it (sooner than a
+    cold start, which would begin from nothing)."""
+
+
+@dataclass
+class WarmPool:
+    size: int
+    spawn: Callable[[CompletionJob], Awaitable[WarmClient]]
+    _slots: list[_Slot] = field(default_factory=list)
+    _discarding: set["asyncio.Task[None]"] = field(default_factory=set)
+    _closed: bool = False
+
+    async def take(self, job: CompletionJob) -> WarmClient | None:
+        """A client for the job's profile, if one is ready or connecting; asks for a replacement
+        either way. None: the job starts cold."""
+        wanted = profile(job)
+        if wanted is None or self._closed:
+            return None
+        mine = [slot for slot in self._slots if slot.profile == wanted]
+        found = next((slot for slot in mine if slot.client.done()), mine[0] if mine else None)
+        if found is not None:
+            self._slots.remove(found)
+        self._refill(job, wanted)
+        if found is None:
+            return None
+        try:
+            return await found.client
+        except Exception:
+            log.warning("could not start a warm Claude Code client", exc_info=True)
+            return None
+
+    def _refill(self, job: CompletionJob, wanted: str) -> None:
+        if len(self._slots) >= self.size:
+            other = next((slot for slot in self._slots if slot.profile != wanted), None)
+            if other is None:
+                return
+            self._slots.remove(other)
+            self._discard(other)
+        self._slots.append(_Slot(wanted, asyncio.ensure_future(self._start(job, wanted))))
+
+    async def _start(self, job: CompletionJob, wanted: str) -> WarmClient:
+        warm = await self.spawn(job)
+        warm.profile = wanted
+        return warm
+
+    def _discard(self, slot: _Slot) -> None:
+        async def discard() -> None:
+            slot.client.cancel()
+            with contextlib.suppress(BaseException):
+                await (await slot.client).discard()
+
+        task = asyncio.ensure_future(discard())
+        self._discarding.add(task)
+        task.add_done_callback(self._discarding.discard)
+
+    async def close(self) -> None:
+        self._closed = True
+        slots, self._slots = self._slots, []
+        for slot in slots:
+            self._discard(slot)
+        await asyncio.gather(*self._discarding, return_exceptions=True)
