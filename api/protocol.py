@@ -70,7 +70,6 @@ class ChatCompletionRequest(BaseModel):
     def unsupported_parameter(self) -> str | None:
         """The first parameter whose meaning the gateway cannot honour, if any."""
         checks = {
-            "n": self.n is not None and self.n > 1,
             "stop": bool(self.stop),
             "logprobs": bool(self.logprobs),
             "top_logprobs": self.top_logprobs is not None,

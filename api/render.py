@@ -59,7 +59,7 @@ def error_chunk(error: ErrorInfo) -> str:
 class ChunkRenderer:
     """Renders the chunks of one streamed completion as JSON strings."""
 
-    def __init__(self, job: JobRef, *, include_usage: bool) -> None:
+    def __init__(self, job: JobRef, *, include_usage: bool, index: int = 0) -> None:
         head = json.dumps(
             {
                 "id": completion_id(job),
@@ -70,7 +70,7 @@ class ChunkRenderer:
             separators=(",", ":"),
         )[:-1]
         self._head = head
-        self._choice_head = head + ',"choices":[{"index":0,"delta":'
+        self._choice_head = head + f',"choices":[{{"index":{index},"delta":'
         self.include_usage = include_usage
         self._tail = ',"logprobs":null,"finish_reason":%s}]' + (',"usage":null}' if include_usage else "}")
 

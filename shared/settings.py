@@ -142,3 +142,8 @@ class Settings(BaseSettings):
     session_ttl_s: int = Field(
         default=3600, ge=1, description="A session idle this long is removed (sliding, per request)."
     )
+
+    # --- More OpenAI (`n > 1`: several choices from parallel jobs) -------------------------
+    max_choices: int = Field(
+        default=8, ge=1, description="Most `n` a chat request may ask for (each choice is one job)."
+    )

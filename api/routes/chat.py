@@ -19,6 +19,7 @@ from sse_starlette import EventSourceResponse
 from api.access import job_slot
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import OpenAIError
+from api.fanout import fan_out
 from api.hygiene import check_prompt_limits
 from api.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
 from api.relay import follow_job
@@ -49,6 +50,8 @@ async def create_chat_completion(
 ) -> JSONResponse | EventSourceResponse:
     check_prompt_limits(body, gateway.settings)
     session_id = requested_session_id(body, request)
+    if body.n is not None and body.n > 1:
+        return await fan_out(body, request, gateway, caller, session_id is not None or bool(idempotency_key))
     job = build_job(body, request.state.request_id, gateway.settings)
     if session_id is not None:
         job = await attach(gateway.redis, gateway.settings, caller.key_id, session_id, job)
