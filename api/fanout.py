@@ -21,6 +21,7 @@ from api.errors import OpenAIError
 from api.protocol import ChatCompletion, ChatCompletionRequest, Choice, ResponseMessage
 from api.relay import follow_job
 from api.render import ChunkRenderer, completion_id, error_chunk, usage_body
+from api.structured import ResponseFormat
 from api.submit import prepare_job, queue_job
 from shared.events import JobEventValue
 from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode, FinishReason, Usage
@@ -37,9 +38,10 @@ async def fan_out(
     n = body.n or 1
     if n > gateway.settings.max_choices:
         raise OpenAIError.invalid(f"n must be at most {gateway.settings.max_choices}.", param="n")
-    if body.background or has_extras:
+    if body.background or has_extras or ResponseFormat.from_request(body.response_format) is not None:
         raise OpenAIError.invalid(
-            "n > 1 cannot run in the background, continue a session or take an Idempotency-Key.",
+            "n > 1 cannot run in the background, continue a session, take an Idempotency-Key "
+            "or a JSON response_format.",
             param="n",
             code="unsupported_parameter",
         )

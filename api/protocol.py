@@ -78,7 +78,6 @@ class ChatCompletionRequest(BaseModel):
             "tool_choice": self.tool_choice not in (None, "none", "auto"),
             "functions": bool(self.functions),
             "function_call": self.function_call not in (None, "none", "auto"),
-            "response_format": self.response_format not in (None, {"type": "text"}),
         }
         return next((name for name, unsupported in checks.items() if unsupported), None)
 

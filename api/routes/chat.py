@@ -26,6 +26,7 @@ from api.relay import follow_job
 from api.render import ChunkRenderer, JobRef, completion_body, completion_id
 from api.sessions import abandon, attach, requested_session_id
 from api.streaming import first_event, sse_response
+from api.structured import ResponseFormat, structured_reply
 from api.translate import build_job
 from shared import logs, quotas
 from shared.events import JobEventValue
@@ -53,6 +54,12 @@ async def create_chat_completion(
     if body.n is not None and body.n > 1:
         return await fan_out(body, request, gateway, caller, session_id is not None or bool(idempotency_key))
     job = build_job(body, request.state.request_id, gateway.settings)
+    if (response_format := ResponseFormat.from_request(body.response_format)) is not None:
+        if body.background:
+            raise OpenAIError.invalid(
+                "response_format cannot be checked on a background job.", param="response_format"
+            )
+        job = response_format.instruct(job)
     if session_id is not None:
         job = await attach(gateway.redis, gateway.settings, caller.key_id, session_id, job)
     try:
@@ -73,6 +80,8 @@ async def create_chat_completion(
         queued.status = JobStatus.QUEUED
         return JSONResponse(queued.model_dump())
     events = follow_job(gateway.store, gateway.settings, ref.id, withdraw=True)
+    if response_format is not None:
+        return await structured_reply(response_format, await _collect(ref, events), body)
     if not body.stream:
         return JSONResponse((await _collect(ref, events)).model_dump())
     include_usage = body.stream_options is not None and body.stream_options.include_usage
