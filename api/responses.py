@@ -12,11 +12,12 @@ works with every backend. As in OpenAI's API, the earlier response's `instructio
 carried over.
 """
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
+from api.errors import OpenAIError
 from api.protocol import ChatMessage
 from api.render import JobRef
 from api.responses_protocol import (
@@ -31,6 +32,7 @@ from api.responses_protocol import (
     ResponseStatus,
     ResponseUsage,
 )
+from api.structured import ResponseFormat
 from shared.events import streamed_text
 from shared.jobs import Done, Failed, FailureCode, FinishReason, JobStatus, Usage
 from shared.keys import PREFIX
@@ -49,6 +51,8 @@ class StoredResponse(BaseModel):
     top_p: float | None
     conversation: list[ChatMessage]
     """Every message the job was given (earlier responses' turns included), for continuations."""
+    text_format: dict[str, Any] | None = None
+    """The request's `text.format` when it asked for JSON (checked on the reply)."""
 
 
 def _key(job_id: str) -> str:
@@ -111,6 +115,7 @@ def response_body(
     """The response as retrieved: its full output once ended, the text so far while it runs."""
     response = Response(
         id=response_id(job),
+        text={"format": stored.text_format or {"type": "text"}},
         created_at=job.created,
         status=status.value,
         background=stored.background,
@@ -126,8 +131,12 @@ def response_body(
         response.status = "cancelled" if terminal.code is FailureCode.CANCELLED else "failed"
         if terminal.code is not FailureCode.CANCELLED:
             response.error = error_body(terminal)
+    elif isinstance(terminal, Done) and (violation := _format_violation(stored, text, terminal)) is not None:
+        response.status, response.error = "failed", ResponseError(code="server_error", message=violation)
     elif isinstance(terminal, Done):
         response.status, item_status = finished_status(terminal)
+        if (response_format := ResponseFormat.from_text_format(stored.text_format)) is not None:
+            text = response_format.check(text)
         if terminal.finish_reason is not FinishReason.STOP:
             reason = "content_filter" if terminal.finish_reason is FinishReason.CONTENT_FILTER else None
             response.incomplete_details = IncompleteDetails(reason=reason or "max_output_tokens")
@@ -136,6 +145,18 @@ def response_body(
     elif text:
         response.output = [output_message(job, text, "in_progress")]
     return response
+
+
+def _format_violation(stored: StoredResponse, text: str, done: Done) -> str | None:
+    """Why a completed reply breaks the response's JSON format, if it asked for one and does."""
+    response_format = ResponseFormat.from_text_format(stored.text_format)
+    if response_format is None:
+        return None
+    try:
+        response_format.check_finished(text, done.finish_reason.value)
+    except OpenAIError as exc:
+        return exc.info.message
+    return None
 
 
 def finished_status(done: Done) -> tuple[ResponseStatus, Literal["completed", "incomplete"]]:

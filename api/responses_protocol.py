@@ -45,7 +45,6 @@ class CreateResponseRequest(BaseModel):
         checks = {
             "tools": bool(self.tools),
             "tool_choice": self.tool_choice not in (None, "none", "auto"),
-            "text.format": (self.text or {}).get("format", {"type": "text"}) != {"type": "text"},
             "conversation": self.conversation is not None,
             "prompt": self.prompt is not None,
             "top_logprobs": bool(self.top_logprobs),

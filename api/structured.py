@@ -70,6 +70,22 @@ class ResponseFormat:
             ) from None
         return cls(schema)
 
+    @classmethod
+    def from_text_format(cls, value: dict[str, Any] | None) -> "ResponseFormat | None":
+        """The Responses API's `text.format` (the `json_schema` fields flat), as `from_request` reads it."""
+        if value is not None and value.get("type") == "json_schema":
+            spec = {key: value[key] for key in ("name", "schema", "strict") if key in value}
+            value = {"type": "json_schema", "json_schema": spec}
+        try:
+            return cls.from_request(value)
+        except OpenAIError as exc:
+            param = (exc.info.param or _PARAM).replace(f"{_PARAM}.json_schema", _PARAM)
+            exc.info.param = param.replace(_PARAM, "text.format")
+            exc.info.message = exc.info.message.replace(f"{_PARAM}.json_schema", _PARAM).replace(
+                _PARAM, "text.format"
+            )
+            raise
+
     def instruct(self, job: CompletionJob) -> CompletionJob:
         """The job with the format asked for in its system prompt."""
         if self.schema is None:
@@ -81,6 +97,12 @@ class ResponseFormat:
             )
         system = f"{job.system_prompt}\n\n{rule}" if job.system_prompt else rule
         return job.model_copy(update={"system_prompt": system})
+
+    def check_finished(self, reply: str, finish_reason: str) -> str:
+        """`check` for a finished reply: one cut off by the token limit is never complete JSON."""
+        if finish_reason == FinishReason.LENGTH.value:
+            raise _violation("The reply was cut off by the token limit before its JSON was complete.")
+        return self.check(reply)
 
     def check(self, reply: str) -> str:
         """The reply as clean JSON text; 502 when it breaks the format."""
@@ -124,9 +146,9 @@ async def structured_reply(
 ) -> JSONResponse | EventSourceResponse:
     """The checked completion, as one body or (streamed) as the chunks of a whole reply."""
     choice = completion.choices[0]
-    if choice.finish_reason == FinishReason.LENGTH.value:
-        raise _violation("The reply was cut off by the token limit before its JSON was complete.")
-    choice.message.content = response_format.check(choice.message.content or "")
+    choice.message.content = response_format.check_finished(
+        choice.message.content or "", choice.finish_reason
+    )
     if not body.stream:
         return JSONResponse(completion.model_dump())
     include_usage = body.stream_options is not None and body.stream_options.include_usage

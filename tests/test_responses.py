@@ -251,7 +251,7 @@ def test_a_failed_job_is_an_error_or_a_failed_event(scripted: Gateway) -> None:
     ("body", "param"),
     [
         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
-        ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),
+        ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": "o"}]}, "input[0]"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
@@ -329,3 +329,43 @@ def test_a_background_response_survives_a_worker_restart_and_resumes(start_gatew
     assert rest[-1]["type"] == "response.completed"
     assert client.responses.retrieve(queued.id).output_text == "survived the restart"
     assert worker_running(gateway, queued.id.removeprefix("resp_")) is successor
+
+
+PERSON_FORMAT = {
+    "type": "json_schema",
+    "name": "person",
+    "strict": True,
+    "schema": {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    },
+}
+
+
+def test_structured_output_with_text_format(scripted: Gateway) -> None:
+    good = create(
+        scripted,
+        input=script(text='```json\n{"name": "Ada", "age": 36}\n```'),
+        text={"format": PERSON_FORMAT},
+    )
+    assert good.status_code == 200, good.text
+    body = good.json()
+    assert_response_schema(body, "Response")
+    assert body["text"]["format"]["name"] == "person"
+    assert json.loads(body["output"][0]["content"][0]["text"]) == {"name": "Ada", "age": 36}
+    retrieved = httpx.get(f"{scripted.url}/v1/responses/{body['id']}", timeout=30).json()
+    assert retrieved["output"] == body["output"]
+    bad = create(scripted, input=script(text='{"name": "Ada"}'), text={"format": PERSON_FORMAT})
+    assert bad.status_code == 502
+    assert bad.json()["error"]["code"] == "invalid_structured_output"
+    streamed = {"model": MODEL, "input": script(text='{"a": 1}'), "stream": True}
+    streamed["text"] = {"format": {"type": "json_object"}}
+    with httpx.stream("POST", f"{scripted.url}/v1/responses", json=streamed, timeout=30) as response:
+        events = checked_stream(response)
+    assert json.loads(stream_text(events)) == {"a": 1}
+    assert events[-1]["type"] == "response.completed"
+    invalid = create(scripted, input="x", text={"format": {"type": "json_schema", "schema": {}}})
+    assert invalid.status_code == 400
+    assert invalid.json()["error"]["param"] == "text.format.name"

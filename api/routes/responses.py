@@ -24,6 +24,7 @@ from api.responses_protocol import RESPONSE_ID_PREFIX, CreateResponseRequest, Re
 from api.responses_stream import ResponseEventRenderer, response_stream
 from api.routes.chat_jobs import cancel_job, parse_last_event_id
 from api.streaming import first_event
+from api.structured import ResponseFormat
 from api.submit import prepare_job, queue_job
 from shared.events import JobEventValue, events_so_far
 from shared.jobs import Delta, Done, Failed, FailureCode, JobStatus
@@ -49,6 +50,11 @@ async def create_response(
         )
     if body.background and not body.store:
         raise OpenAIError.invalid("A background response must be stored (store: true).", param="store")
+    text_format = (body.text or {}).get("format")
+    if (response_format := ResponseFormat.from_text_format(text_format)) is not None and body.background:
+        raise OpenAIError.invalid(
+            "text.format cannot be checked on a background response.", param="text.format"
+        )
     conversation = to_chat_messages(body.input)
     if body.previous_response_id is not None:
         conversation = [*await _continued(gateway, caller, body.previous_response_id), *conversation]
@@ -62,6 +68,8 @@ async def create_response(
         user=body.user,
     )
     job = prepare_job(chat, request, gateway)
+    if response_format is not None:
+        job = response_format.instruct(job)
     stored = StoredResponse(
         background=body.background,
         instructions=body.instructions,
@@ -71,6 +79,7 @@ async def create_response(
         temperature=body.temperature,
         top_p=body.top_p,
         conversation=conversation,
+        text_format=text_format if response_format is not None else None,
     )
     await responses.save(gateway.redis, gateway.settings, job.id, stored)
     try:
@@ -82,7 +91,9 @@ async def create_response(
         return JSONResponse(response_body(job, stored, JobStatus.QUEUED, "", None).wire())
     events = follow_job(gateway.store, gateway.settings, job.id, withdraw=not body.background)
     if not body.stream:
-        return JSONResponse(await _collect(job, stored, events))
+        return JSONResponse(await _collect(job, stored, events, response_format))
+    if response_format is not None:  # checked whole, then streamed
+        events = _checked(await _collect_events(events), response_format)
     first = await first_event(events, gateway.settings.stream_commit_after_s)
 
     async def cancel() -> None:
@@ -160,14 +171,37 @@ async def _snapshot(gateway: Gateway, record: JobRecord, stored: StoredResponse)
 
 
 async def _collect(
-    job: JobRef, stored: StoredResponse, events: AsyncIterator[tuple[int, JobEventValue]]
+    job: JobRef,
+    stored: StoredResponse,
+    events: AsyncIterator[tuple[int, JobEventValue]],
+    response_format: ResponseFormat | None,
 ) -> dict[str, object]:
     parts: list[str] = []
     async for _, event in events:
         if isinstance(event, Delta):
             parts.append(event.text)
         elif isinstance(event, Done):
-            return response_body(job, stored, JobStatus.COMPLETED, "".join(parts), event).wire()
+            text = "".join(parts)
+            if response_format is not None:
+                text = response_format.check_finished(text, event.finish_reason.value)
+            return response_body(job, stored, JobStatus.COMPLETED, text, event).wire()
         else:
             raise OpenAIError.from_failure(event)
     raise AssertionError("follow_job always ends with a terminal event")
+
+
+async def _collect_events(events: AsyncIterator[tuple[int, JobEventValue]]) -> list[JobEventValue]:
+    return [event async for _, event in events]
+
+
+async def _checked(
+    events: list[JobEventValue], response_format: ResponseFormat
+) -> AsyncIterator[tuple[int, JobEventValue]]:
+    """A finished job's events as one checked delta and its terminal event (502 if it breaks the format)."""
+    terminal = events[-1]
+    if isinstance(terminal, Done):
+        text = "".join(event.text for event in events if isinstance(event, Delta))
+        yield 1, Delta(text=response_format.check_finished(text, terminal.finish_reason.value))
+        yield 2, terminal
+    else:
+        yield 1, terminal
