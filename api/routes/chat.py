@@ -20,6 +20,7 @@ from api.access import job_slot
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import OpenAIError
 from api.fanout import fan_out
+from api.functions import function_calling
 from api.hygiene import check_prompt_limits
 from api.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
 from api.relay import follow_job
@@ -53,7 +54,12 @@ async def create_chat_completion(
     session_id = requested_session_id(body, request)
     if body.n is not None and body.n > 1:
         return await fan_out(body, request, gateway, caller, session_id is not None or bool(idempotency_key))
+    body, calling = function_calling(body)
     job = build_job(body, request.state.request_id, gateway.settings)
+    if calling is not None:
+        if session_id is not None:
+            raise OpenAIError.invalid("Function calling does not continue sessions yet.", param="session_id")
+        job = calling.instruct(job)
     if (response_format := ResponseFormat.from_request(body.response_format)) is not None:
         if body.background:
             raise OpenAIError.invalid(

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any, cast
 
 from claude_agent_sdk import (
+    AssistantMessage,
     ClaudeAgentOptions,
     ClaudeSDKError,
     CLINotFoundError,
@@ -22,8 +23,9 @@ from claude_agent_sdk.types import SessionStore, StreamEvent, SystemPromptPreset
 from redis.asyncio import Redis
 
 from shared import sessions
-from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Turn, Usage
+from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, ToolCall, Turn, Usage
 from shared.settings import Settings
+from worker import caller_functions
 from worker.backends import PROGRESS, BackendError, Progress
 from worker.credential_proxy import CredentialProxy
 from worker.session_store import JobTranscript, RedisSessionStore
@@ -118,7 +120,8 @@ class ClaudeBackend:
             include_partial_messages=True,
             # No tools unless the operator enables some (CLAUDE_TOOLS); those are pre-approved.
             tools=list(settings.claude_tools),
-            allowed_tools=list(settings.claude_tools),
+            allowed_tools=[*settings.claude_tools, *caller_functions.tool_names(job)],
+            mcp_servers=caller_functions.servers(job),
             setting_sources=[],
             user=settings.claude_job_user,
             cwd=workspace.cwd,
@@ -136,6 +139,9 @@ class ClaudeBackend:
             options, prompt, transcript = await self._continue_session(job, options)
             messages = query(prompt=prompt, options=options)
             started: dict[str, Any] = {}  # usage from the current upstream message's start
+            latest: dict[str, Any] = {}  # and as its last delta left it
+            message_ended = False  # the current upstream message has its stop reason
+            calls: list[ToolCall] = []  # calls to the caller's functions in the current turn
             try:
                 async for message in messages:
                     if isinstance(message, StreamEvent):
@@ -148,6 +154,7 @@ class ClaudeBackend:
                                 yield PROGRESS  # a tool call or thinking being written
                         elif event.get("type") == "message_start":
                             started = event.get("message", {}).get("usage", {})
+                            latest, message_ended = started, False
                         elif _hit_token_limit(event):
                             # The CLI would ask the model to continue past the caller's limit;
                             # OpenAI semantics end here. No ResultMessage follows, so no cost.
@@ -157,6 +164,11 @@ class ClaudeBackend:
                                 await transcript.commit()
                             yield Done(finish_reason=FinishReason.LENGTH, usage=usage)
                             return
+                        elif event.get("type") == "message_delta":
+                            latest, message_ended = {**started, **event.get("usage", {})}, True
+                    elif isinstance(message, AssistantMessage):
+                        calls += caller_functions.calls_in(message)
+                        yield PROGRESS
                     elif isinstance(message, ResultMessage):
                         if message.is_error:
                             raise upstream_failure(message.api_error_status)
@@ -166,6 +178,13 @@ class ClaudeBackend:
                         return
                     else:
                         yield PROGRESS
+                    if calls and message_ended:
+                        # The turn ends on the calls: the caller runs its functions, not the CLI.
+                        await _close(messages)
+                        yield Done(
+                            finish_reason=FinishReason.TOOL_CALLS, usage=_usage(latest), tool_calls=calls
+                        )
+                        return
             except CLINotFoundError as exc:
                 raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code is not installed.") from exc
             except ClaudeSDKError as exc:
