@@ -14,7 +14,7 @@ carried over.
 
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from api.errors import OpenAIError
@@ -23,6 +23,7 @@ from api.render import JobRef
 from api.responses_protocol import (
     MESSAGE_ID_PREFIX,
     RESPONSE_ID_PREFIX,
+    FunctionCall,
     IncompleteDetails,
     InputTokensDetails,
     OutputMessage,
@@ -33,8 +34,8 @@ from api.responses_protocol import (
     ResponseUsage,
 )
 from api.structured import ResponseFormat
-from shared.events import streamed_text
-from shared.jobs import Done, Failed, FailureCode, FinishReason, JobStatus, Usage
+from shared.events import events_so_far
+from shared.jobs import Delta, Done, Failed, FailureCode, FinishReason, JobStatus, Usage
 from shared.keys import PREFIX
 from shared.settings import Settings
 
@@ -53,6 +54,8 @@ class StoredResponse(BaseModel):
     """Every message the job was given (earlier responses' turns included), for continuations."""
     text_format: dict[str, Any] | None = None
     """The request's `text.format` when it asked for JSON (checked on the reply)."""
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tool_choice: str | dict[str, Any] = "auto"
 
 
 def _key(job_id: str) -> str:
@@ -99,6 +102,14 @@ def error_body(failure: Failed) -> ResponseError:
     return ResponseError(code=code, message=f"{failure.message} ({failure.code.value})")
 
 
+def function_calls(done: Done) -> list[FunctionCall]:
+    """The function calls a turn ended on, as output items."""
+    return [
+        FunctionCall(id=f"fc_{call.id}", call_id=call.id, name=call.name, arguments=call.arguments)
+        for call in done.tool_calls
+    ]
+
+
 def output_message(
     job: JobRef, text: str, status: Literal["in_progress", "completed", "incomplete"]
 ) -> OutputMessage:
@@ -123,6 +134,8 @@ def response_body(
         max_output_tokens=stored.max_output_tokens,
         model=job.model,
         previous_response_id=stored.previous_response_id,
+        tools=stored.tools,
+        tool_choice=stored.tool_choice,
         metadata=stored.metadata,
         temperature=stored.temperature,
         top_p=stored.top_p,
@@ -137,10 +150,10 @@ def response_body(
         response.status, item_status = finished_status(terminal)
         if (response_format := ResponseFormat.from_text_format(stored.text_format)) is not None:
             text = response_format.check(text)
-        if terminal.finish_reason is not FinishReason.STOP:
+        if response.status == "incomplete":
             reason = "content_filter" if terminal.finish_reason is FinishReason.CONTENT_FILTER else None
             response.incomplete_details = IncompleteDetails(reason=reason or "max_output_tokens")
-        response.output = [output_message(job, text, item_status)]
+        response.output = [output_message(job, text, item_status), *function_calls(terminal)]
         response.usage = usage_body(terminal.usage)
     elif text:
         response.output = [output_message(job, text, "in_progress")]
@@ -161,12 +174,18 @@ def _format_violation(stored: StoredResponse, text: str, done: Done) -> str | No
 
 def finished_status(done: Done) -> tuple[ResponseStatus, Literal["completed", "incomplete"]]:
     """(response status, output item status) of a job that completed."""
-    if done.finish_reason is FinishReason.STOP:
+    if done.finish_reason in (FinishReason.STOP, FinishReason.TOOL_CALLS):
         return "completed", "completed"
     return "incomplete", "incomplete"
 
 
 async def continued_conversation(redis: Redis, stored: StoredResponse, job_id: str) -> list[ChatMessage]:
-    """The conversation a continuation starts from: the earlier one, then its reply."""
-    reply = await streamed_text(redis, job_id)
-    return [*stored.conversation, ChatMessage(role="assistant", content=reply)]
+    """The conversation a continuation starts from: the earlier one, then its reply (and calls)."""
+    events = [event for _, event in await events_so_far(redis, job_id)]
+    reply = "".join(event.text for event in events if isinstance(event, Delta))
+    done = events[-1] if events and isinstance(events[-1], Done) else None
+    calls = [
+        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+        for call in (done.tool_calls if done is not None else [])
+    ]
+    return [*stored.conversation, ChatMessage(role="assistant", content=reply, tool_calls=calls or None)]

@@ -43,8 +43,11 @@ class CreateResponseRequest(BaseModel):
     def unsupported_parameter(self) -> str | None:
         """The first parameter whose meaning the gateway cannot honour, if any."""
         checks = {
-            "tools": bool(self.tools),
-            "tool_choice": self.tool_choice not in (None, "none", "auto"),
+            "tools": any(tool.get("type") != "function" for tool in self.tools or []),
+            "tool_choice": not (
+                self.tool_choice in (None, "none", "auto", "required")
+                or (isinstance(self.tool_choice, dict) and self.tool_choice.get("type") == "function")
+            ),
             "conversation": self.conversation is not None,
             "prompt": self.prompt is not None,
             "top_logprobs": bool(self.top_logprobs),
@@ -79,6 +82,36 @@ def _part(part: _InputPart, param: str) -> ContentPart:
     )
 
 
+def _function_item(raw: dict[str, Any], param: str) -> ChatMessage:
+    """A function call of an earlier turn, or its result, as the chat message that carries it."""
+    call_id = raw.get("call_id")
+    if not isinstance(call_id, str):
+        raise OpenAIError.invalid("A function call item needs its 'call_id'.", param=f"{param}.call_id")
+    if raw["type"] == "function_call_output":
+        output = raw.get("output")
+        return ChatMessage(
+            role="tool", tool_call_id=call_id, content=output if isinstance(output, str) else ""
+        )
+    function = {"name": str(raw.get("name")), "arguments": str(raw.get("arguments") or "{}")}
+    return ChatMessage(
+        role="assistant", tool_calls=[{"id": call_id, "type": "function", "function": function}]
+    )
+
+
+def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Responses function tools (flat) as chat tools."""
+    if not tools:
+        return None
+    keys = ("name", "description", "parameters")
+    return [{"type": "function", "function": {k: tool[k] for k in keys if k in tool}} for tool in tools]
+
+
+def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    if isinstance(choice, dict):
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
+
+
 def to_chat_messages(items: str | list[dict[str, Any]]) -> list[ChatMessage]:
     """The request's input as chat messages; 400 on an item the gateway cannot run."""
     if isinstance(items, str):
@@ -86,6 +119,9 @@ def to_chat_messages(items: str | list[dict[str, Any]]) -> list[ChatMessage]:
     messages: list[ChatMessage] = []
     for index, raw in enumerate(items):
         param = f"input[{index}]"
+        if raw.get("type") in ("function_call", "function_call_output"):
+            messages.append(_function_item(raw, param))
+            continue
         if raw.get("type", "message") != "message":
             raise OpenAIError.invalid(
                 f"Input items of type '{str(raw.get('type'))[:40]}' are not supported by this gateway.",
@@ -124,6 +160,15 @@ class OutputMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     status: Literal["in_progress", "completed", "incomplete"]
     content: list[OutputText]
+
+
+class FunctionCall(BaseModel):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
 
 
 class InputTokensDetails(BaseModel):
@@ -168,13 +213,13 @@ class Response(BaseModel):
     instructions: str | None
     max_output_tokens: int | None
     model: str
-    output: list[OutputMessage] = Field(default_factory=list)
+    output: list[OutputMessage | FunctionCall] = Field(default_factory=list)
     parallel_tool_calls: bool = True
     previous_response_id: str | None
     temperature: float | None
     top_p: float | None
     tools: list[dict[str, Any]] = Field(default_factory=list)
-    tool_choice: str = "auto"
+    tool_choice: str | dict[str, Any] = "auto"
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
     truncation: Literal["auto", "disabled"] = "disabled"
     metadata: dict[str, str] = Field(default_factory=dict)

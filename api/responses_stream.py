@@ -7,7 +7,9 @@ process renders the same numbers for the same job and a client resumes with
     0..3      response.created, response.in_progress, output_item.added, content_part.added
     s + 3     the job's delta number s (s >= 1): response.output_text.delta
     T + 3..6  the job's terminal event T: output_text.done, content_part.done, output_item.done,
-              response.completed (or response.incomplete); a failure is response.failed at T + 3
+              response.completed (or response.incomplete); a failure is response.failed at T + 3;
+              a turn that ended on K function calls has 4 events per call (output_item.added,
+              function_call_arguments.delta and .done, output_item.done) before response.completed
 
 Deltas sit on the per-token path: they are rendered from a per-stream byte template with only
 the text JSON-encoded per event.
@@ -26,6 +28,7 @@ from api.render import JobRef
 from api.responses import (
     StoredResponse,
     finished_status,
+    function_calls,
     message_id,
     output_message,
     response_body,
@@ -89,12 +92,30 @@ class ResponseEventRenderer:
         part = OutputText(text=text).model_dump()
         item = output_message(self._job, text, item_status).model_dump()
         final = "response.completed" if body.status == "completed" else "response.incomplete"
-        return [
+        closing = [
             _event("response.output_text.done", number, **self._ids, text=text, logprobs=[]),
             _event("response.content_part.done", number + 1, **self._ids, part=part),
             _event("response.output_item.done", number + 2, output_index=0, item=item),
-            _event(final, number + 3, response=body.wire()),
         ]
+        number += 3
+        for index, call in enumerate(function_calls(event), start=1):
+            # Each call arrives whole: its arguments are one delta.
+            ids = {"item_id": call.id, "output_index": index}
+            added = call.model_copy(update={"arguments": "", "status": "in_progress"}).model_dump()
+            closing += [
+                _event("response.output_item.added", number, output_index=index, item=added),
+                _event("response.function_call_arguments.delta", number + 1, **ids, delta=call.arguments),
+                _event(
+                    "response.function_call_arguments.done",
+                    number + 2,
+                    **ids,
+                    name=call.name,
+                    arguments=call.arguments,
+                ),
+                _event("response.output_item.done", number + 3, output_index=index, item=call.model_dump()),
+            ]
+            number += 4
+        return [*closing, _event(final, number, response=body.wire())]
 
     def render(self, seq: int, event: JobEventValue) -> Iterator[tuple[int, str, str]]:
         if isinstance(event, Delta):

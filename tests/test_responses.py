@@ -252,7 +252,7 @@ def test_a_failed_job_is_an_error_or_a_failed_event(scripted: Gateway) -> None:
     [
         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
         ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
-        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "o"}]}, "input[0]"),
+        ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0]"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
             "input[0].content[0]",
@@ -369,3 +369,50 @@ def test_structured_output_with_text_format(scripted: Gateway) -> None:
     invalid = create(scripted, input="x", text={"format": {"type": "json_schema", "schema": {}}})
     assert invalid.status_code == 400
     assert invalid.json()["error"]["param"] == "text.format.name"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    "strict": True,
+}
+
+
+def test_function_tools_and_their_outputs(client: openai.OpenAI, scripted: Gateway) -> None:
+    calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    first = client.responses.create(model=MODEL, input=script(text="", calls=calls), tools=[WEATHER_TOOL])  # type: ignore[list-item]
+    assert_response_schema(
+        httpx.get(f"{scripted.url}/v1/responses/{first.id}", timeout=30).json(), "Response"
+    )
+    [call] = [item for item in first.output if item.type == "function_call"]
+    assert call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris"}
+    # The client runs it and continues the chain with its output.
+    second = client.responses.create(
+        model=MODEL,
+        previous_response_id=first.id,
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        input=[
+            {"type": "function_call_output", "call_id": call.call_id, "output": "18 C"},
+            {"role": "user", "content": ECHO},
+        ],
+    )
+    assert f'<function_call id="{call.call_id}" name="get_weather">' in second.output_text
+    assert f'<function_result id="{call.call_id}">18 C</function_result>' in second.output_text
+    streamed = {
+        "model": MODEL,
+        "input": script(text="", calls=calls * 2),
+        "tools": [WEATHER_TOOL],
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{scripted.url}/v1/responses", json=streamed, timeout=30) as response:
+        events = checked_stream(response)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    done = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert [(e["output_index"], json.loads(e["arguments"])) for e in done] == [
+        (1, {"city": "Paris"}),
+        (2, {"city": "Paris"}),
+    ]
+    assert events[-1]["type"] == "response.completed"

@@ -1,13 +1,15 @@
 """The Responses API on the real path: API → worker → real claude-agent-sdk and its bundled CLI →
 the fake Anthropic API on loopback, driven by the official `openai` client."""
 
+import json
+
 import httpx
 import openai
 import pytest
 
 from tests.conftest import Gateway
-from tests.fake_anthropic import FakeAnthropic, Reply, system_text, user_text
-from tests.test_responses import MODEL, checked_stream, stream_text
+from tests.fake_anthropic import FakeAnthropic, Reply, system_text, tool_results, user_text
+from tests.test_responses import MODEL, WEATHER_TOOL, checked_stream, stream_text
 
 pytestmark = pytest.mark.claude
 
@@ -46,3 +48,20 @@ def test_previous_response_id_reaches_the_model(client: openai.OpenAI, upstream:
     assert "What is the answer?" in sent
     assert "The answer is 42." in sent
     assert "Are you sure?" in sent
+
+
+def test_function_tool_call_and_output(client: openai.OpenAI, upstream: FakeAnthropic) -> None:
+    upstream.default = Reply(tool_use=("mcp__caller__get_weather", {"city": "Oslo"}))
+    first = client.responses.create(model=MODEL, input="Weather in Oslo?", tools=[WEATHER_TOOL])  # type: ignore[list-item]
+    [call] = [item for item in first.output if item.type == "function_call"]
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Oslo"})
+    assert not any(tool_results(r) for r in upstream.requests)
+    upstream.default = Reply(tokens=["Cold."])
+    second = client.responses.create(
+        model=MODEL,
+        previous_response_id=first.id,
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "-5 C"}],
+    )
+    assert second.output_text == "Cold."
+    assert "-5 C" in str(upstream.requests[-1]["messages"])

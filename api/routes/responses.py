@@ -16,11 +16,19 @@ from sse_starlette import EventSourceResponse
 from api import responses
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import OpenAIError
+from api.functions import function_calling
 from api.protocol import ChatCompletionRequest, ChatMessage, ErrorResponse
 from api.relay import follow_job
 from api.render import JobRef
 from api.responses import StoredResponse, response_body
-from api.responses_protocol import RESPONSE_ID_PREFIX, CreateResponseRequest, Response, to_chat_messages
+from api.responses_protocol import (
+    RESPONSE_ID_PREFIX,
+    CreateResponseRequest,
+    Response,
+    chat_tool_choice,
+    chat_tools,
+    to_chat_messages,
+)
 from api.responses_stream import ResponseEventRenderer, response_stream
 from api.routes.chat_jobs import cancel_job, parse_last_event_id
 from api.streaming import first_event
@@ -59,15 +67,22 @@ async def create_response(
     if body.previous_response_id is not None:
         conversation = [*await _continued(gateway, caller, body.previous_response_id), *conversation]
     system = [ChatMessage(role="system", content=body.instructions)] if body.instructions else []
-    chat = ChatCompletionRequest(
-        model=body.model,
-        messages=[*system, *conversation],
-        max_completion_tokens=body.max_output_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        user=body.user,
+    chat, calling = function_calling(
+        ChatCompletionRequest(
+            model=body.model,
+            messages=[*system, *conversation],
+            max_completion_tokens=body.max_output_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            user=body.user,
+            tools=chat_tools(body.tools),
+            tool_choice=chat_tool_choice(body.tool_choice),
+            parallel_tool_calls=body.parallel_tool_calls,
+        )
     )
     job = prepare_job(chat, request, gateway)
+    if calling is not None:
+        job = calling.instruct(job)
     if response_format is not None:
         job = response_format.instruct(job)
     stored = StoredResponse(
@@ -80,6 +95,8 @@ async def create_response(
         top_p=body.top_p,
         conversation=conversation,
         text_format=text_format if response_format is not None else None,
+        tools=[{"strict": True, "parameters": None, **tool} for tool in body.tools or []],
+        tool_choice=body.tool_choice or "auto",
     )
     await responses.save(gateway.redis, gateway.settings, job.id, stored)
     try:
