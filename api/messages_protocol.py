@@ -4,15 +4,17 @@ A request becomes a chat request (`to_chat_request`), so it runs through the sam
 validation and queue as a chat completion. Parameters the gateway cannot honour are rejected.
 """
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.errors import OpenAIError
 from api.protocol import ChatCompletionRequest, ChatMessage, ContentPart, ImagePart, TextPart
-from shared.jobs import Done, FinishReason, Usage
+from shared.jobs import Done, FinishReason, ToolCall, Usage
 
 MESSAGE_ID_PREFIX = "msg_"
+_TOOL_CHOICES = ("auto", "any", "tool", "none")
 
 
 class _Block(BaseModel):
@@ -20,6 +22,12 @@ class _Block(BaseModel):
     type: str
     text: str | None = None
     source: dict[str, Any] | None = None
+    # tool_use (assistant) and tool_result (user) blocks of a function-calling turn
+    id: str | None = None
+    name: str | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = None
+    content: str | list[dict[str, Any]] | None = None
 
 
 class AnthropicMessage(BaseModel):
@@ -46,8 +54,9 @@ class CreateMessageRequest(BaseModel):
 
     def unsupported_parameter(self) -> str | None:
         checks = {
-            "tools": bool(self.tools),
-            "tool_choice": self.tool_choice not in (None, {"type": "auto"}, {"type": "none"}),
+            "tools": any(tool.get("type", "custom") != "custom" for tool in self.tools or []),
+            "tool_choice": (self.tool_choice or {}).get("type", "auto")
+            not in ("auto", "any", "tool", "none"),
             "thinking": self.thinking not in (None, {"type": "disabled"}),
         }
         return next((name for name, unsupported in checks.items() if unsupported), None)
@@ -69,6 +78,45 @@ def _part(block: _Block, param: str) -> ContentPart:
     )
 
 
+def _call(block: _Block) -> dict[str, Any]:
+    arguments = json.dumps(block.input or {})
+    return {"id": block.id, "type": "function", "function": {"name": block.name, "arguments": arguments}}
+
+
+def _result(block: _Block) -> ChatMessage:
+    if isinstance(block.content, list):
+        text = "\n".join(str(part.get("text", "")) for part in block.content if part.get("type") == "text")
+    else:
+        text = block.content or ""
+    return ChatMessage(role="tool", tool_call_id=block.tool_use_id, content=text)
+
+
+def _chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Anthropic tools (`input_schema`) as chat function tools (`parameters`)."""
+    if not tools:
+        return None
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.get("name"),
+                "description": tool.get("description", ""),
+                "parameters": tool.get("input_schema"),
+            },
+        }
+        for tool in tools
+    ]
+
+
+def _chat_tool_choice(choice: dict[str, Any] | None) -> str | dict[str, Any] | None:
+    kind = (choice or {}).get("type")
+    if kind == "any":
+        return "required"
+    if kind == "tool":
+        return {"type": "function", "function": {"name": (choice or {}).get("name")}}
+    return kind
+
+
 def to_chat_request(body: CreateMessageRequest) -> ChatCompletionRequest:
     """The request as a chat request; 400 on what the gateway cannot run."""
     if (unsupported := body.unsupported_parameter()) is not None:
@@ -84,15 +132,21 @@ def to_chat_request(body: CreateMessageRequest) -> ChatCompletionRequest:
         system = [_part(block, f"system[{i}]") for i, block in enumerate(body.system)]
         messages.append(ChatMessage(role="system", content=system))
     for index, message in enumerate(body.messages):
-        content: str | list[ContentPart] = (
-            message.content
-            if isinstance(message.content, str)
-            else [_part(b, f"messages[{index}].content[{i}]") for i, b in enumerate(message.content)]
-        )
-        messages.append(ChatMessage(role=message.role, content=content))
+        if isinstance(message.content, str):
+            messages.append(ChatMessage(role=message.role, content=message.content))
+            continue
+        blocks = [b for b in message.content if b.type not in ("tool_use", "tool_result")]
+        content = [_part(b, f"messages[{index}].content[{i}]") for i, b in enumerate(blocks)]
+        calls = [_call(b) for b in message.content if b.type == "tool_use"]
+        messages += [_result(b) for b in message.content if b.type == "tool_result"]
+        if content or calls:
+            messages.append(ChatMessage(role=message.role, content=content, tool_calls=calls or None))
     return ChatCompletionRequest(
         model=body.model,
         messages=messages,
+        tools=_chat_tools(body.tools),
+        tool_choice=_chat_tool_choice(body.tool_choice),
+        parallel_tool_calls=not (body.tool_choice or {}).get("disable_parallel_tool_use", False),
         max_tokens=body.max_tokens,
         stop=body.stop_sequences or None,
         temperature=body.temperature,
@@ -115,6 +169,13 @@ class TextBlock(BaseModel):
     text: str
 
 
+class ToolUseBlock(BaseModel):
+    type: Literal["tool_use"] = "tool_use"
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
 class MessageUsage(BaseModel):
     input_tokens: int
     output_tokens: int
@@ -126,7 +187,7 @@ class Message(BaseModel):
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     model: str
-    content: list[TextBlock]
+    content: list[TextBlock | ToolUseBlock]
     stop_reason: str | None
     stop_sequence: str | None = None
     usage: MessageUsage
@@ -143,3 +204,7 @@ def usage_body(usage: Usage) -> MessageUsage:
 
 def stop_reason(done: Done) -> str:
     return _STOP_REASONS[done.finish_reason]
+
+
+def tool_use_blocks(calls: list[ToolCall]) -> list[ToolUseBlock]:
+    return [ToolUseBlock(id=call.id, name=call.name, input=json.loads(call.arguments)) for call in calls]

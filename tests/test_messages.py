@@ -125,7 +125,7 @@ def test_failures_and_unsupported_parameters(scripted: Gateway, client: anthropi
             model=MODEL,
             max_tokens=10,
             messages=[{"role": "user", "content": "x"}],
-            tools=[{"name": "f", "input_schema": {"type": "object"}}],
+            tools=[{"type": "web_search_20250305", "name": "web_search"}],
         )
     assert "tools" in str(refused.value)
     with pytest.raises(anthropic.NotFoundError):
@@ -158,3 +158,71 @@ def test_real_path_stream(claude: Gateway, upstream: FakeAnthropic) -> None:
     sent = upstream.requests[-1]
     assert "Answer like a pirate." in system_text(sent)
     assert user_text(sent) == "hi"
+
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+def test_tool_use_and_tool_result(scripted: Gateway, client: anthropic.Anthropic) -> None:
+    calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    message = client.messages.create(
+        model=MODEL,
+        max_tokens=100,
+        tools=[WEATHER],
+        messages=[{"role": "user", "content": script(text="", calls=calls)}],
+    )
+    assert message.stop_reason == "tool_use"
+    [use] = [block for block in message.content if block.type == "tool_use"]
+    assert (use.name, use.input) == ("get_weather", {"city": "Paris"})
+    follow_up = client.messages.create(
+        model=MODEL,
+        max_tokens=100,
+        tools=[WEATHER],
+        messages=[
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": [block.model_dump() for block in message.content]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": use.id, "content": "18 C"},
+                    {"type": "text", "text": script(text="", echo=True)},
+                ],
+            },
+        ],
+    )
+    [text] = [block for block in follow_up.content if block.type == "text"]
+    assert f'<function_result id="{use.id}">18 C</function_result>' in text.text
+    streamed = {"model": MODEL, "max_tokens": 100, "stream": True, "tools": [WEATHER]}
+    streamed["messages"] = [{"role": "user", "content": script(text="", calls=calls)}]
+    with httpx.stream("POST", f"{scripted.url}/v1/messages", json=streamed, timeout=30) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    for event in events:
+        strict(_EVENT, event)
+    with client.messages.stream(
+        model=MODEL,
+        max_tokens=100,
+        tools=[WEATHER],
+        messages=[{"role": "user", "content": script(text="", calls=calls)}],
+    ) as stream:
+        final = stream.get_final_message()
+    [use] = [block for block in final.content if block.type == "tool_use"]
+    assert use.input == {"city": "Paris"}
+    assert final.stop_reason == "tool_use"
+
+
+@pytest.mark.claude
+def test_real_path_tool_use(claude: Gateway, upstream: FakeAnthropic) -> None:
+    upstream.default = Reply(tool_use=("mcp__caller__get_weather", {"city": "Oslo"}))
+    client = anthropic.Anthropic(base_url=claude.url, api_key="unused", max_retries=0, timeout=60)
+    message = client.messages.create(
+        model=MODEL,
+        max_tokens=100,
+        tools=[WEATHER],
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+    )
+    [use] = [block for block in message.content if block.type == "tool_use"]
+    assert (use.name, use.input, message.stop_reason) == ("get_weather", {"city": "Oslo"}, "tool_use")

@@ -19,6 +19,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import CallerDep, Gateway, GatewayDep
 from api.errors import OpenAIError
+from api.functions import function_calling
 from api.messages_protocol import (
     MESSAGE_ID_PREFIX,
     CreateMessageRequest,
@@ -26,6 +27,7 @@ from api.messages_protocol import (
     TextBlock,
     stop_reason,
     to_chat_request,
+    tool_use_blocks,
     usage_body,
 )
 from api.protocol import ErrorResponse
@@ -48,7 +50,10 @@ _abandoned: set["asyncio.Task[object]"] = set()  # strong references until they 
 async def create_message(
     body: CreateMessageRequest, request: Request, gateway: GatewayDep, caller: CallerDep
 ) -> JSONResponse | EventSourceResponse:
-    job = prepare_job(to_chat_request(body), request, gateway)
+    chat, calling = function_calling(to_chat_request(body))
+    job = prepare_job(chat, request, gateway)
+    if calling is not None:
+        job = calling.instruct(job)
     await queue_job(job, request, gateway, caller)
     events = follow_job(gateway.store, gateway.settings, job.id, withdraw=True)
     if not body.stream:
@@ -70,7 +75,7 @@ def _message(job: CompletionJob, text: str, done: Done | None) -> Message:
     return Message(
         id=MESSAGE_ID_PREFIX + job.id,
         model=job.model,
-        content=[TextBlock(text=text)] if done is not None else [],
+        content=[TextBlock(text=text), *tool_use_blocks(done.tool_calls)] if done is not None else [],
         stop_reason=stop_reason(done) if done is not None else None,
         usage=usage_body(done.usage if done is not None else Usage()),
     )
@@ -100,6 +105,13 @@ async def _stream(
             _, event = await anext(events)
         if isinstance(event, Done):
             yield _event("content_block_stop", index=0)
+            for index, block in enumerate(tool_use_blocks(event.tool_calls), start=1):
+                # Each call arrives whole: its input is one JSON delta.
+                start = {**block.model_dump(), "input": {}}
+                partial = {"type": "input_json_delta", "partial_json": json.dumps(block.input)}
+                yield _event("content_block_start", index=index, content_block=start)
+                yield _event("content_block_delta", index=index, delta=partial)
+                yield _event("content_block_stop", index=index)
             usage = usage_body(event.usage).model_dump()
             yield _event(
                 "message_delta", delta={"stop_reason": stop_reason(event), "stop_sequence": None}, usage=usage
