@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.errors import OpenAIError
 from api.protocol import ChatCompletionRequest, ChatMessage, ContentPart, ImagePart, TextPart
+from api.submit import chat_request
 from shared.jobs import Done, FinishReason, ToolCall, Usage
 
 MESSAGE_ID_PREFIX = "msg_"
@@ -139,9 +140,9 @@ def to_chat_request(body: CreateMessageRequest) -> ChatCompletionRequest:
         content = [_part(b, f"messages[{index}].content[{i}]") for i, b in enumerate(blocks)]
         calls = [_call(b) for b in message.content if b.type == "tool_use"]
         messages += [_result(b) for b in message.content if b.type == "tool_result"]
-        if content or calls:
+        if content or calls or len(blocks) == len(message.content):  # not only tool results
             messages.append(ChatMessage(role=message.role, content=content, tool_calls=calls or None))
-    return ChatCompletionRequest(
+    return chat_request(
         model=body.model,
         messages=messages,
         tools=_chat_tools(body.tools),

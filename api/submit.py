@@ -5,14 +5,28 @@ a `ChatCompletionRequest` and queue it here, so every format gets the same valid
 mapping, prompt limits and job slots as `/v1/chat/completions`.
 """
 
+from typing import Any
+
 from fastapi import Request
+from pydantic import ValidationError
 
 from api.access import job_slot
 from api.deps import Caller, Gateway
+from api.errors import OpenAIError
 from api.hygiene import check_prompt_limits
 from api.protocol import ChatCompletionRequest
 from api.translate import build_job
 from shared.jobs import CompletionJob
+
+
+def chat_request(**fields: Any) -> ChatCompletionRequest:
+    """A chat request translated from another format; 400 if the translation is not a valid one."""
+    try:
+        return ChatCompletionRequest(**fields)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = ".".join(str(part) for part in error["loc"]) or None
+        raise OpenAIError.invalid(f"Invalid request: {param}: {error['msg']}.", param=param) from None
 
 
 def prepare_job(body: ChatCompletionRequest, request: Request, gateway: Gateway) -> CompletionJob:

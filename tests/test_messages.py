@@ -132,6 +132,10 @@ def test_failures_and_unsupported_parameters(scripted: Gateway, client: anthropi
         client.messages.create(model="gpt-4", max_tokens=10, messages=[{"role": "user", "content": "x"}])
     missing = httpx.post(f"{scripted.url}/v1/messages", json={"model": MODEL, "messages": []}, timeout=30)
     assert missing.status_code == 400
+    # Found by the fuzzer: empty contents once translated into no messages at all (a 500).
+    empty = [{"role": "user", "content": []}, {"role": "assistant", "content": []}]
+    body = {"model": MODEL, "max_tokens": 5, "messages": empty}
+    assert httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30).status_code == 400
     streamed = {"model": MODEL, "max_tokens": 10, "stream": True}
     streamed["messages"] = [{"role": "user", "content": script(text="a b c", fail_after=1)}]
     with httpx.stream("POST", f"{scripted.url}/v1/messages", json=streamed, timeout=30) as response:

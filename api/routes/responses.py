@@ -17,7 +17,7 @@ from api import responses
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import OpenAIError
 from api.functions import function_calling
-from api.protocol import ChatCompletionRequest, ChatMessage, ErrorResponse
+from api.protocol import ChatMessage, ErrorResponse
 from api.relay import follow_job
 from api.render import JobRef
 from api.responses import StoredResponse, response_body
@@ -33,7 +33,7 @@ from api.responses_stream import ResponseEventRenderer, response_stream
 from api.routes.chat_jobs import cancel_job, parse_last_event_id
 from api.streaming import first_event
 from api.structured import ResponseFormat
-from api.submit import prepare_job, queue_job
+from api.submit import chat_request, prepare_job, queue_job
 from shared.events import JobEventValue, events_so_far
 from shared.jobs import Delta, Done, Failed, FailureCode, JobStatus
 from shared.jobstore import JobRecord
@@ -68,7 +68,7 @@ async def create_response(
         conversation = [*await _continued(gateway, caller, body.previous_response_id), *conversation]
     system = [ChatMessage(role="system", content=body.instructions)] if body.instructions else []
     chat, calling = function_calling(
-        ChatCompletionRequest(
+        chat_request(
             model=body.model,
             messages=[*system, *conversation],
             max_completion_tokens=body.max_output_tokens,
