@@ -56,7 +56,7 @@ class RateLimited(OpenAIError):
 
 
 def endpoint_class(path: str) -> str:
-    if path.startswith("/v1/chat/"):
+    if path.startswith(("/v1/chat/", "/v1/responses", "/v1/messages")):  # the model endpoints
         return "chat"
     if path.startswith("/v1/sessions"):
         return "session"

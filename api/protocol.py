@@ -32,6 +32,9 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
 
 
 class StreamOptions(BaseModel):
@@ -63,6 +66,7 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     # Extension: answer at once with the queued job; poll or stream it by id.
     background: bool = False
     session_id: str | None = Field(default=None, description="Extension: continue this session.")
@@ -77,7 +81,6 @@ class ChatCompletionRequest(BaseModel):
     def unsupported_parameter(self) -> str | None:
         """The first parameter whose meaning the gateway cannot honour, if any."""
         checks = {
-            "n": self.n is not None and self.n > 1,
             "logprobs": bool(self.logprobs),
             "top_logprobs": self.top_logprobs is not None,
             "logit_bias": bool(self.logit_bias),
@@ -87,7 +90,6 @@ class ChatCompletionRequest(BaseModel):
             "tool_choice": self.tool_choice not in (None, "none", "auto"),
             "functions": bool(self.functions),
             "function_call": self.function_call not in (None, "none", "auto"),
-            "response_format": self.response_format not in (None, {"type": "text"}),
         }
         return next((name for name, unsupported in checks.items() if unsupported), None)
 
@@ -116,6 +118,7 @@ class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, exclude_if=lambda calls: calls is None)
 
 
 class Choice(BaseModel):

@@ -6,7 +6,7 @@ with only the text JSON-encoded per chunk; the test suite validates them against
 """
 
 import json
-from typing import Protocol
+from typing import Any, Protocol
 
 from api.protocol import ChatCompletion, Choice, CompletionUsage, ErrorInfo, ErrorResponse, ResponseMessage
 from shared.jobs import Done, Usage
@@ -39,14 +39,22 @@ def usage_body(usage: Usage) -> CompletionUsage:
     )
 
 
+def tool_calls_body(done: Done) -> list[dict[str, Any]]:
+    return [
+        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+        for call in done.tool_calls
+    ]
+
+
 def completion_body(job: JobRef, text: str, done: Done) -> ChatCompletion:
+    message = ResponseMessage(content=text)
+    if done.tool_calls:
+        message = ResponseMessage(content=text or None, tool_calls=tool_calls_body(done))
     return ChatCompletion(
         id=completion_id(job),
         created=job.created,
         model=job.model,
-        choices=[
-            Choice(index=0, message=ResponseMessage(content=text), finish_reason=done.finish_reason.value)
-        ],
+        choices=[Choice(index=0, message=message, finish_reason=done.finish_reason.value)],
         usage=usage_body(done.usage),
     )
 
@@ -59,7 +67,7 @@ def error_chunk(error: ErrorInfo) -> str:
 class ChunkRenderer:
     """Renders the chunks of one streamed completion as JSON strings."""
 
-    def __init__(self, job: JobRef, *, include_usage: bool) -> None:
+    def __init__(self, job: JobRef, *, include_usage: bool, index: int = 0) -> None:
         head = json.dumps(
             {
                 "id": completion_id(job),
@@ -70,7 +78,7 @@ class ChunkRenderer:
             separators=(",", ":"),
         )[:-1]
         self._head = head
-        self._choice_head = head + ',"choices":[{"index":0,"delta":'
+        self._choice_head = head + f',"choices":[{{"index":{index},"delta":'
         self.include_usage = include_usage
         self._tail = ',"logprobs":null,"finish_reason":%s}]' + (',"usage":null}' if include_usage else "}")
 
@@ -82,6 +90,11 @@ class ChunkRenderer:
 
     def content(self, text: str) -> str:
         return self._choice('{"content":' + json.dumps(text) + "}", None)
+
+    def tool_calls(self, done: Done) -> str:
+        """The turn's function calls, each whole (its arguments complete JSON) with a stable index."""
+        calls = [{"index": index, **call} for index, call in enumerate(tool_calls_body(done))]
+        return self._choice(json.dumps({"tool_calls": calls}), None)
 
     def finish(self, done: Done) -> str:
         return self._choice("{}", done.finish_reason.value)

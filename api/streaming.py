@@ -69,6 +69,8 @@ async def _chunks(
             if isinstance(event, Delta):
                 yield ServerSentEvent(renderer.content(event.text), id=str(seq))
             elif isinstance(event, Done):
+                if event.tool_calls:
+                    yield ServerSentEvent(renderer.tool_calls(event))
                 if renderer.include_usage:
                     yield ServerSentEvent(renderer.finish(event))
                     yield ServerSentEvent(renderer.usage(event), id=str(seq))

@@ -7,7 +7,7 @@ terminal event, `Done` or `Failed`. The API renders them into the wire format th
 import time
 import uuid
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -50,6 +50,15 @@ class SessionRef(BaseModel):
     """The Claude Code session (a UUID) holding the backend's own transcript of this session."""
 
 
+class FunctionTool(BaseModel):
+    """A function the caller offers the model; a call to it ends the job's turn (function calling)."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
 class CompletionJob(BaseModel):
     """Everything a worker needs to run one completion; serialized to JSON on the queue."""
 
@@ -69,6 +78,8 @@ class CompletionJob(BaseModel):
     agent: AgentRequest = AgentRequest()
     """What the agent may do in this job, already checked against the operator's policy."""
     session: SessionRef | None = None
+    functions: list[FunctionTool] = Field(default_factory=list)
+    """The caller's functions (`tools` of type function), offered alongside the agent's own tools."""
     created: int = Field(default_factory=lambda: int(time.time()))
 
 
@@ -119,10 +130,20 @@ class Delta(BaseModel):
     text: str
 
 
+class ToolCall(BaseModel):
+    """A call to one of the caller's functions; `arguments` is a JSON object as text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 class Done(BaseModel):
     type: Literal["done"] = "done"
     finish_reason: FinishReason
     usage: Usage
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    """With `finish_reason: tool_calls`: the calls the turn ended on, for the caller to run."""
 
 
 class Failed(BaseModel):

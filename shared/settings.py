@@ -185,3 +185,8 @@ class Settings(BaseSettings):
         ge=0,
         description="Connected Claude Code processes each worker keeps ready (~210 MiB each); 0: off.",
     )
+
+    # --- More OpenAI (`n > 1`: several choices from parallel jobs) -------------------------
+    max_choices: int = Field(
+        default=8, ge=1, description="Most `n` a chat request may ask for (each choice is one job)."
+    )

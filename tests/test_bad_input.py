@@ -75,7 +75,7 @@ class TestRejectedBeforeTheQueue:
         assert_error(post(scripted, json={**chat("hi"), "model": "gpt-9"}), 404, code="model_not_found")
 
     def test_parameter_that_would_change_the_meaning(self, scripted: Gateway) -> None:
-        assert_error(post(scripted, json=chat("hi", n=3)), 400, param="n", code="unsupported_parameter")
+        assert_error(post(scripted, json=chat("hi", logprobs=True)), 400, param="logprobs")
         assert_error(post(scripted, json=chat("hi", stop=["a", "b", "c", "d", "e"])), 400, param="stop")
         assert_error(post(scripted, json=chat("hi", stop=[""])), 400, param="stop")
 

@@ -50,7 +50,8 @@ def profile(job: CompletionJob) -> str | None:
     """What a warm client must have been started with to run `job`; None: it must start cold."""
     if job.session is not None or len(merged(job.turns)) != 1:
         return None
-    return job.model_dump_json(include={"model", "backend_model", "system_prompt", "agent", "max_tokens"})
+    fixed_at_start = {"model", "backend_model", "system_prompt", "agent", "max_tokens", "functions"}
+    return job.model_dump_json(include=fixed_at_start)
 
 
 @dataclass

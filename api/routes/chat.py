@@ -20,12 +20,15 @@ from api.access import job_slot
 from api.agent_policy import agent_request
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import OpenAIError
+from api.fanout import fan_out
+from api.functions import function_calling
 from api.hygiene import check_prompt_limits
 from api.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
 from api.relay import follow_job
 from api.render import ChunkRenderer, JobRef, completion_body, completion_id
 from api.sessions import abandon, attach, requested_session_id
 from api.streaming import first_event, sse_response
+from api.structured import ResponseFormat, structured_reply
 from api.translate import build_job
 from shared import logs, quotas
 from shared.events import JobEventValue
@@ -50,8 +53,21 @@ async def create_chat_completion(
 ) -> JSONResponse | EventSourceResponse:
     check_prompt_limits(body, gateway.settings)
     session_id = requested_session_id(body, request)
+    if body.n is not None and body.n > 1:
+        return await fan_out(body, request, gateway, caller, session_id is not None or bool(idempotency_key))
     agent = agent_request(body, request.headers, gateway.settings)
+    body, calling = function_calling(body)
     job = build_job(body, request.state.request_id, gateway.settings, agent)
+    if calling is not None:
+        if session_id is not None:
+            raise OpenAIError.invalid("Function calling does not continue sessions yet.", param="session_id")
+        job = calling.instruct(job)
+    if (response_format := ResponseFormat.from_request(body.response_format)) is not None:
+        if body.background:
+            raise OpenAIError.invalid(
+                "response_format cannot be checked on a background job.", param="response_format"
+            )
+        job = response_format.instruct(job)
     if session_id is not None:
         job = await attach(gateway.redis, gateway.settings, caller.key_id, session_id, job)
     try:
@@ -72,6 +88,8 @@ async def create_chat_completion(
         queued.status = JobStatus.QUEUED
         return JSONResponse(queued.model_dump())
     events = follow_job(gateway.store, gateway.settings, ref.id, withdraw=True)
+    if response_format is not None:
+        return await structured_reply(response_format, await _collect(ref, events), body)
     if not body.stream:
         return JSONResponse((await _collect(ref, events)).model_dump())
     include_usage = body.stream_options is not None and body.stream_options.include_usage

@@ -22,7 +22,7 @@ from api.render import COMPLETION_ID_PREFIX, ChunkRenderer, completion_body, com
 from api.streaming import sse_response
 from shared.events import events_so_far
 from shared.jobs import Delta, Done, Failed, FailureCode
-from shared.jobstore import JobRecord
+from shared.jobstore import JobRecord, JobStore
 from shared.keys import is_job_id
 
 router = APIRouter()
@@ -44,7 +44,7 @@ async def retrieve_chat_completion(
     record = await _owned(gateway, caller, completion_id)
     if not stream:
         return JSONResponse((await _snapshot(gateway, record)).model_dump())
-    after = starting_after if starting_after is not None else _last_event_id(last_event_id)
+    after = starting_after if starting_after is not None else parse_last_event_id(last_event_id)
     events = follow_job(gateway.store, gateway.settings, record.id, after=after, withdraw=False)
     return sse_response(ChunkRenderer(record, include_usage=include_usage), events, after=after)
 
@@ -52,15 +52,19 @@ async def retrieve_chat_completion(
 @router.post("/v1/chat/completions/{completion_id}/cancel", response_model=ChatCompletion, responses=_ERRORS)
 async def cancel_chat_completion(completion_id: str, gateway: GatewayDep, caller: CallerDep) -> JSONResponse:
     record = await _owned(gateway, caller, completion_id)
+    await cancel_job(gateway.store, record.id)
+    return JSONResponse((await _snapshot(gateway, await _owned(gateway, caller, completion_id))).model_dump())
+
+
+async def cancel_job(store: JobStore, job_id: str) -> None:
+    """Cancels the job and gives its worker a moment to stop it, so the answer is usually final."""
     failure = Failed(code=FailureCode.CANCELLED, message="The job was cancelled.")
-    if await gateway.store.stop(record.id, withdraw_only=False, failure=failure) == "cancelling":
-        # Give the worker a moment to stop it, so the answer is usually final.
+    if await store.stop(job_id, withdraw_only=False, failure=failure) == "cancelling":
         deadline = asyncio.get_running_loop().time() + _CANCEL_WAIT_S
-        while (current := await gateway.store.get(record.id)) is not None and current.ended is None:
+        while (current := await store.get(job_id)) is not None and current.ended is None:
             if asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.1)
-    return JSONResponse((await _snapshot(gateway, await _owned(gateway, caller, completion_id))).model_dump())
 
 
 async def _owned(gateway: Gateway, caller: Caller, completion_id: str) -> JobRecord:
@@ -77,7 +81,7 @@ async def _owned(gateway: Gateway, caller: Caller, completion_id: str) -> JobRec
     return record
 
 
-def _last_event_id(value: str | None) -> int:
+def parse_last_event_id(value: str | None) -> int:
     if value is None:
         return 0
     if not value.isdigit() or len(value) > 18:

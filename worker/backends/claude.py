@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any, cast
 
 from claude_agent_sdk import (
+    AssistantMessage,
     ClaudeAgentOptions,
     ClaudeSDKClient,
     ClaudeSDKError,
@@ -25,8 +26,9 @@ from claude_agent_sdk.types import SessionStore, StreamEvent, SystemPromptPreset
 from redis.asyncio import Redis
 
 from shared import sessions
-from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Turn, Usage
+from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, ToolCall, Turn, Usage
 from shared.settings import Settings
+from worker import caller_functions
 from worker.backends import PROGRESS, BackendError, Progress, UsageReport
 from worker.credential_proxy import CredentialProxy
 from worker.history import HistoryStore, content_blocks, merged
@@ -143,7 +145,8 @@ class ClaudeBackend:
             system_prompt=self._system_prompt(job),
             include_partial_messages=True,
             tools=tools,
-            allowed_tools=tools,
+            allowed_tools=[*tools, *caller_functions.tool_names(job)],
+            mcp_servers=caller_functions.servers(job),
             disallowed_tools=list(agent.disallowed_tools),
             permission_mode=agent.permission_mode,
             max_turns=agent.max_turns,
@@ -256,8 +259,12 @@ class ClaudeBackend:
 async def _relay(
     messages: AsyncIterator[Any], transcript: JobTranscript | None, stop: Callable[[], Awaitable[None]]
 ) -> AsyncIterator[Delta | Done | Progress]:
-    """One run's SDK messages → job events; `stop` ends the run early (at the caller's token limit)."""
+    """One run's SDK messages → job events; `stop` ends the run early (at the caller's token limit,
+    or when the model calls the caller's functions: the caller runs them, not the CLI)."""
     started: dict[str, Any] = {}  # usage from the current upstream message's start
+    latest: dict[str, Any] = {}  # and as its last delta left it
+    message_ended = False  # the current upstream message has its stop reason
+    calls: list[ToolCall] = []  # calls to the caller's functions in the current turn
     try:
         async for message in messages:
             if isinstance(message, StreamEvent):
@@ -270,6 +277,7 @@ async def _relay(
                         yield PROGRESS  # a tool call or thinking being written
                 elif event.get("type") == "message_start":
                     started = event.get("message", {}).get("usage", {})
+                    latest, message_ended = started, False
                     yield UsageReport(_usage(started))
                 elif _hit_token_limit(event):
                     # The CLI would ask the model to continue past the caller's limit;
@@ -280,6 +288,11 @@ async def _relay(
                         await transcript.commit()
                     yield Done(finish_reason=FinishReason.LENGTH, usage=usage)
                     return
+                elif event.get("type") == "message_delta":
+                    latest, message_ended = {**started, **event.get("usage", {})}, True
+            elif isinstance(message, AssistantMessage):
+                calls += caller_functions.calls_in(message)
+                yield PROGRESS
             elif isinstance(message, ResultMessage):
                 if message.is_error and message.subtype != _OUT_OF_TURNS:
                     raise upstream_failure(message.api_error_status)
@@ -289,6 +302,11 @@ async def _relay(
                 return
             else:
                 yield PROGRESS
+            if calls and message_ended:
+                # The turn ends on the calls: the caller runs its functions, not the CLI.
+                await stop()
+                yield Done(finish_reason=FinishReason.TOOL_CALLS, usage=_usage(latest), tool_calls=calls)
+                return
     except CLINotFoundError as exc:
         raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code is not installed.") from exc
     except ClaudeSDKError as exc:

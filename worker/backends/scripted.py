@@ -4,21 +4,24 @@ By default it replies with `Settings.scripted_text`. A last user message of the 
 `script:{json}` scripts one reply instead, e.g.
 `script:{"text": "a b c", "tokens": 1000, "delay_ms": 1, "fail_after": 5, "fail_code": "upstream_error"}`:
 `tokens` repeats the text's words up to that count, `wait_ms` is a silence before the first one
-(as a long tool run would be), `delay_ms` paces them, `fail_after` raises
+(as a long tool run would be), `delay_ms` paces them, `calls` ends the turn on function calls
+(`[{"name", "arguments"}]`), `fail_after` raises
 `BackendError(fail_code)` after that many tokens. `"echo": true` replies with the conversation
 before the last message instead, one `role: text` line per turn, a session's history included
 (how tests see what history a job continues).
 """
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
 
 from shared import sessions
-from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, Usage
+from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, ToolCall, Usage
 from shared.settings import Settings
 from worker.backends import BackendError, Progress
 
@@ -34,6 +37,8 @@ class Script(BaseModel):
     fail_after: int | None = Field(default=None, ge=0)
     fail_code: FailureCode = FailureCode.UPSTREAM_ERROR
     echo: bool = False
+    calls: list[dict[str, Any]] = Field(default_factory=list)
+    """`{"name", "arguments"}` of function calls to end the turn on, after the text."""
 
 
 class ScriptedBackend:
@@ -75,7 +80,11 @@ class ScriptedBackend:
             raise BackendError(script.fail_code, "scripted failure")
         prompt_tokens = sum(len(_WORDS.findall(turn.text)) for turn in job.turns)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=count, cost_usd=0.0)
-        yield Done(finish_reason=finish, usage=usage)
+        calls = [
+            ToolCall(id=f"call_{job.id[:8]}_{i}", name=call["name"], arguments=json.dumps(call["arguments"]))
+            for i, call in enumerate(script.calls)
+        ]
+        yield Done(finish_reason=FinishReason.TOOL_CALLS if calls else finish, usage=usage, tool_calls=calls)
 
     async def close(self) -> None:
         """Holds nothing between jobs."""

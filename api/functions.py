@@ -1,0 +1,124 @@
+"""Function calling on chat completions: the caller's functions go to the job, calls come back.
+
+`tools` of type `function` (and the legacy `functions`) become the job's `functions`, which the
+backend offers the model alongside the agent's own tools; a call to one ends the turn with
+`finish_reason: tool_calls`. The caller's next request carries the calls (an assistant message's
+`tool_calls`) and their results (`role: tool` messages); these become turns of the conversation,
+written as `<function_call>` / `<function_result>` text, so any backend can continue it.
+`tool_choice` `required` or a named function is asked for in the system prompt (Claude Code
+cannot force a tool choice); `none` offers no function.
+"""
+
+import re
+from typing import Any
+
+from api.errors import OpenAIError
+from api.protocol import ChatCompletionRequest, ChatMessage, TextPart
+from shared.jobs import CompletionJob, FunctionTool
+
+_NAME = re.compile(r"[a-zA-Z0-9_-]{1,50}")  # the backend prefixes its own 13 characters
+
+
+class FunctionCalling:
+    """The request's functions and how it asked for them to be used."""
+
+    def __init__(self, functions: list[FunctionTool], rule: str | None) -> None:
+        self.functions = functions
+        self.rule = rule
+
+    def instruct(self, job: CompletionJob) -> CompletionJob:
+        system = job.system_prompt
+        if self.rule is not None:
+            system = f"{system}\n\n{self.rule}" if system else self.rule
+        return job.model_copy(update={"functions": self.functions, "system_prompt": system})
+
+
+def _function(spec: Any, param: str) -> FunctionTool:
+    if (
+        not isinstance(spec, dict)
+        or not isinstance(spec.get("name"), str)
+        or not _NAME.fullmatch(spec["name"])
+    ):
+        raise OpenAIError.invalid(
+            "A function needs a 'name' of 1 to 50 letters, digits, '_' or '-'.", param=f"{param}.name"
+        )
+    parameters = spec.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise OpenAIError.invalid(
+            "A function's parameters must be a JSON Schema object.", param=f"{param}.parameters"
+        )
+    return FunctionTool(
+        name=spec["name"], description=str(spec.get("description") or ""), parameters=parameters
+    )
+
+
+def _text(message: ChatMessage) -> str:
+    if isinstance(message.content, str):
+        return message.content
+    return "\n".join(part.text for part in message.content or [] if isinstance(part, TextPart))
+
+
+def _as_turn(message: ChatMessage) -> ChatMessage:
+    """A message about function calls as a plain user or assistant message."""
+    if message.role == "assistant" and (message.tool_calls or message.function_call):
+        calls = message.tool_calls or [{"id": "call_legacy", "function": message.function_call}]
+        written = [
+            f'<function_call id="{call.get("id")}" name="{(call.get("function") or {}).get("name")}">'
+            f"{(call.get('function') or {}).get('arguments')}</function_call>"
+            for call in calls
+        ]
+        return ChatMessage(role="assistant", content="\n".join(filter(None, [_text(message), *written])))
+    if message.role == "tool":
+        return ChatMessage(
+            role="user",
+            content=f'<function_result id="{message.tool_call_id}">{_text(message)}</function_result>',
+        )
+    if message.role == "function":
+        return ChatMessage(
+            role="user", content=f'<function_result name="{message.name}">{_text(message)}</function_result>'
+        )
+    return message
+
+
+def function_calling(body: ChatCompletionRequest) -> tuple[ChatCompletionRequest, FunctionCalling | None]:
+    """The request without its function-calling parts (for `build_job`), and those parts."""
+    uses_functions = any(m.role in ("tool", "function") or m.tool_calls for m in body.messages)
+    if not (body.tools or body.functions or uses_functions):
+        return body, None
+    functions: list[FunctionTool] = []
+    for index, tool in enumerate(body.tools or []):
+        if tool.get("type") != "function":
+            raise OpenAIError.invalid(
+                "Only tools of type 'function' are supported.",
+                param=f"tools[{index}].type",
+                code="unsupported_tool",
+            )
+        functions.append(_function(tool.get("function"), f"tools[{index}].function"))
+    functions += [_function(spec, f"functions[{i}]") for i, spec in enumerate(body.functions or [])]
+    choice = body.tool_choice if body.tool_choice is not None else body.function_call
+    rule: str | None = None
+    if choice == "none":
+        functions = []
+    elif choice == "required":
+        rule = "You must answer by calling one or more of the functions offered to you."
+    elif isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") or choice.get("name")
+        functions = [f for f in functions if f.name == name]
+        if not functions:
+            raise OpenAIError.invalid(
+                f"tool_choice names no offered function: {str(name)[:64]}", param="tool_choice"
+            )
+        rule = f"You must answer by calling the function {name}."
+    if body.parallel_tool_calls is False and functions:
+        single = "Call at most one function in your reply."
+        rule = f"{rule} {single}" if rule else single
+    plain = body.model_copy(
+        update={
+            "tools": None,
+            "tool_choice": None,
+            "functions": None,
+            "function_call": None,
+            "messages": [_as_turn(message) for message in body.messages],
+        }
+    )
+    return plain, FunctionCalling(functions, rule)

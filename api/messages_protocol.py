@@ -1,0 +1,211 @@
+"""The Anthropic Messages wire format (`POST /v1/messages`), as far as the gateway speaks it.
+
+A request becomes a chat request (`to_chat_request`), so it runs through the same translation,
+validation and queue as a chat completion. Parameters the gateway cannot honour are rejected.
+"""
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.errors import OpenAIError
+from api.protocol import ChatCompletionRequest, ChatMessage, ContentPart, ImagePart, TextPart
+from api.submit import chat_request
+from shared.jobs import Done, FinishReason, ToolCall, Usage
+
+MESSAGE_ID_PREFIX = "msg_"
+_TOOL_CHOICES = ("auto", "any", "tool", "none")
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+    source: dict[str, Any] | None = None
+    # tool_use (assistant) and tool_result (user) blocks of a function-calling turn
+    id: str | None = None
+    name: str | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = None
+    content: str | list[dict[str, Any]] | None = None
+
+
+class AnthropicMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["user", "assistant"]
+    content: str | list[_Block]
+
+
+class CreateMessageRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    max_tokens: int = Field(ge=1)
+    system: str | list[_Block] | None = None
+    stream: bool = False
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    metadata: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+
+    def unsupported_parameter(self) -> str | None:
+        checks = {
+            "tools": any(tool.get("type", "custom") != "custom" for tool in self.tools or []),
+            "tool_choice": (self.tool_choice or {}).get("type", "auto")
+            not in ("auto", "any", "tool", "none"),
+            "thinking": self.thinking not in (None, {"type": "disabled"}),
+        }
+        return next((name for name, unsupported in checks.items() if unsupported), None)
+
+
+def _part(block: _Block, param: str) -> ContentPart:
+    if block.type == "text" and block.text is not None:
+        return TextPart(type="text", text=block.text)
+    source = block.source or {}
+    if block.type == "image" and source.get("type") == "base64":
+        url = f"data:{source.get('media_type')};base64,{source.get('data')}"
+        return ImagePart(type="image_url", image_url={"url": url})
+    if block.type == "image" and source.get("type") == "url":
+        return ImagePart(type="image_url", image_url={"url": source.get("url")})
+    raise OpenAIError.invalid(
+        f"Content blocks of type '{block.type[:40]}' are not supported by this gateway.",
+        param=param,
+        code="unsupported_content",
+    )
+
+
+def _call(block: _Block) -> dict[str, Any]:
+    arguments = json.dumps(block.input or {})
+    return {"id": block.id, "type": "function", "function": {"name": block.name, "arguments": arguments}}
+
+
+def _result(block: _Block) -> ChatMessage:
+    if isinstance(block.content, list):
+        text = "\n".join(str(part.get("text", "")) for part in block.content if part.get("type") == "text")
+    else:
+        text = block.content or ""
+    return ChatMessage(role="tool", tool_call_id=block.tool_use_id, content=text)
+
+
+def _chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Anthropic tools (`input_schema`) as chat function tools (`parameters`)."""
+    if not tools:
+        return None
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.get("name"),
+                "description": tool.get("description", ""),
+                "parameters": tool.get("input_schema"),
+            },
+        }
+        for tool in tools
+    ]
+
+
+def _chat_tool_choice(choice: dict[str, Any] | None) -> str | dict[str, Any] | None:
+    kind = (choice or {}).get("type")
+    if kind == "any":
+        return "required"
+    if kind == "tool":
+        return {"type": "function", "function": {"name": (choice or {}).get("name")}}
+    return kind
+
+
+def to_chat_request(body: CreateMessageRequest) -> ChatCompletionRequest:
+    """The request as a chat request; 400 on what the gateway cannot run."""
+    if (unsupported := body.unsupported_parameter()) is not None:
+        raise OpenAIError.invalid(
+            f"The parameter '{unsupported}' is not supported by this gateway.",
+            param=unsupported,
+            code="unsupported_parameter",
+        )
+    messages: list[ChatMessage] = []
+    if isinstance(body.system, str):
+        messages.append(ChatMessage(role="system", content=body.system))
+    elif body.system:
+        system = [_part(block, f"system[{i}]") for i, block in enumerate(body.system)]
+        messages.append(ChatMessage(role="system", content=system))
+    for index, message in enumerate(body.messages):
+        if isinstance(message.content, str):
+            messages.append(ChatMessage(role=message.role, content=message.content))
+            continue
+        blocks = [b for b in message.content if b.type not in ("tool_use", "tool_result")]
+        content = [_part(b, f"messages[{index}].content[{i}]") for i, b in enumerate(blocks)]
+        calls = [_call(b) for b in message.content if b.type == "tool_use"]
+        messages += [_result(b) for b in message.content if b.type == "tool_result"]
+        if content or calls or len(blocks) == len(message.content):  # not only tool results
+            messages.append(ChatMessage(role=message.role, content=content, tool_calls=calls or None))
+    return chat_request(
+        model=body.model,
+        messages=messages,
+        tools=_chat_tools(body.tools),
+        tool_choice=_chat_tool_choice(body.tool_choice),
+        parallel_tool_calls=not (body.tool_choice or {}).get("disable_parallel_tool_use", False),
+        max_tokens=body.max_tokens,
+        stop=body.stop_sequences or None,
+        temperature=body.temperature,
+        top_p=body.top_p,
+    )
+
+
+# --- Responses ------------------------------------------------------------------------------
+
+_STOP_REASONS = {
+    FinishReason.STOP: "end_turn",
+    FinishReason.LENGTH: "max_tokens",
+    FinishReason.TOOL_CALLS: "tool_use",
+    FinishReason.CONTENT_FILTER: "refusal",
+}
+
+
+class TextBlock(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ToolUseBlock(BaseModel):
+    type: Literal["tool_use"] = "tool_use"
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class MessageUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    cache_read_input_tokens: int | None = None
+
+
+class Message(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    model: str
+    content: list[TextBlock | ToolUseBlock]
+    stop_reason: str | None
+    stop_sequence: str | None = None
+    usage: MessageUsage
+
+
+def usage_body(usage: Usage) -> MessageUsage:
+    """Our usage counts cache reads in the prompt, as OpenAI does; Anthropic's does not."""
+    return MessageUsage(
+        input_tokens=usage.prompt_tokens - usage.cached_prompt_tokens,
+        output_tokens=usage.completion_tokens,
+        cache_read_input_tokens=usage.cached_prompt_tokens,
+    )
+
+
+def stop_reason(done: Done) -> str:
+    return _STOP_REASONS[done.finish_reason]
+
+
+def tool_use_blocks(calls: list[ToolCall]) -> list[ToolUseBlock]:
+    return [ToolUseBlock(id=call.id, name=call.name, input=json.loads(call.arguments)) for call in calls]

@@ -1,0 +1,191 @@
+"""A Responses API response: its job, what the request said about it, and its rendering.
+
+A response is one job (`resp_<job id>`): its status, output and usage come from the job's record
+and event stream. What only the Responses API knows (instructions, metadata, the chain it
+continues, its whole conversation) is kept beside the job as a `StoredResponse`, for as long as
+the job's record lives, so any API process can retrieve it or continue it.
+
+`previous_response_id` replays: the new job's conversation is the earlier response's stored
+conversation, its output as an assistant turn, then the new input. This keeps responses
+stateless for the workers (no session lock; any number of branches from one response) and
+works with every backend. As in OpenAI's API, the earlier response's `instructions` are not
+carried over.
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+
+from api.errors import OpenAIError
+from api.protocol import ChatMessage
+from api.render import JobRef
+from api.responses_protocol import (
+    MESSAGE_ID_PREFIX,
+    RESPONSE_ID_PREFIX,
+    FunctionCall,
+    IncompleteDetails,
+    InputTokensDetails,
+    OutputMessage,
+    OutputText,
+    Response,
+    ResponseError,
+    ResponseStatus,
+    ResponseUsage,
+)
+from api.structured import ResponseFormat
+from shared.events import events_so_far
+from shared.jobs import Delta, Done, Failed, FailureCode, FinishReason, JobStatus, Usage
+from shared.keys import PREFIX
+from shared.settings import Settings
+
+
+class StoredResponse(BaseModel):
+    """The request's side of a response, kept in Redis next to its job."""
+
+    background: bool
+    instructions: str | None
+    max_output_tokens: int | None
+    previous_response_id: str | None
+    metadata: dict[str, str]
+    temperature: float | None
+    top_p: float | None
+    conversation: list[ChatMessage]
+    """Every message the job was given (earlier responses' turns included), for continuations."""
+    text_format: dict[str, Any] | None = None
+    """The request's `text.format` when it asked for JSON (checked on the reply)."""
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tool_choice: str | dict[str, Any] = "auto"
+
+
+def _key(job_id: str) -> str:
+    return f"{PREFIX}:response:{job_id}"
+
+
+def response_id(job: JobRef) -> str:
+    return RESPONSE_ID_PREFIX + job.id
+
+
+def message_id(job: JobRef) -> str:
+    return MESSAGE_ID_PREFIX + job.id
+
+
+async def save(redis: Redis, settings: Settings, job_id: str, stored: StoredResponse) -> None:
+    # Outlives the job's record, whose expiry starts when the job ends.
+    ttl = settings.event_ttl_s + int(settings.queue_timeout_s + settings.job_timeout_s)
+    await redis.set(_key(job_id), stored.model_dump_json(), ex=ttl)
+
+
+async def load(redis: Redis, job_id: str) -> StoredResponse | None:
+    raw = await redis.get(_key(job_id))
+    return None if raw is None else StoredResponse.model_validate_json(raw)
+
+
+async def forget(redis: Redis, job_id: str) -> None:
+    await redis.delete(_key(job_id))
+
+
+def usage_body(usage: Usage) -> ResponseUsage:
+    """Our usage → the Responses API's; cache writes are counted in `input_tokens` (not split out)."""
+    return ResponseUsage(
+        input_tokens=usage.prompt_tokens,
+        input_tokens_details=InputTokensDetails(cached_tokens=usage.cached_prompt_tokens),
+        output_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        cost_usd=usage.cost_usd,
+    )
+
+
+def error_body(failure: Failed) -> ResponseError:
+    """The spec's `ResponseError.code` is a closed list: the gateway's own code goes in the message."""
+    code = "rate_limit_exceeded" if failure.code is FailureCode.UPSTREAM_RATE_LIMITED else "server_error"
+    return ResponseError(code=code, message=f"{failure.message} ({failure.code.value})")
+
+
+def function_calls(done: Done) -> list[FunctionCall]:
+    """The function calls a turn ended on, as output items."""
+    return [
+        FunctionCall(id=f"fc_{call.id}", call_id=call.id, name=call.name, arguments=call.arguments)
+        for call in done.tool_calls
+    ]
+
+
+def output_message(
+    job: JobRef, text: str, status: Literal["in_progress", "completed", "incomplete"]
+) -> OutputMessage:
+    return OutputMessage(
+        id=message_id(job),
+        status=status,
+        content=[OutputText(text=text)],
+    )
+
+
+def response_body(
+    job: JobRef, stored: StoredResponse, status: JobStatus, text: str, terminal: Done | Failed | None
+) -> Response:
+    """The response as retrieved: its full output once ended, the text so far while it runs."""
+    response = Response(
+        id=response_id(job),
+        text={"format": stored.text_format or {"type": "text"}},
+        created_at=job.created,
+        status=status.value,
+        background=stored.background,
+        instructions=stored.instructions,
+        max_output_tokens=stored.max_output_tokens,
+        model=job.model,
+        previous_response_id=stored.previous_response_id,
+        tools=stored.tools,
+        tool_choice=stored.tool_choice,
+        metadata=stored.metadata,
+        temperature=stored.temperature,
+        top_p=stored.top_p,
+    )
+    if isinstance(terminal, Failed):
+        response.status = "cancelled" if terminal.code is FailureCode.CANCELLED else "failed"
+        if terminal.code is not FailureCode.CANCELLED:
+            response.error = error_body(terminal)
+    elif isinstance(terminal, Done) and (violation := _format_violation(stored, text, terminal)) is not None:
+        response.status, response.error = "failed", ResponseError(code="server_error", message=violation)
+    elif isinstance(terminal, Done):
+        response.status, item_status = finished_status(terminal)
+        if (response_format := ResponseFormat.from_text_format(stored.text_format)) is not None:
+            text = response_format.check(text)
+        if response.status == "incomplete":
+            reason = "content_filter" if terminal.finish_reason is FinishReason.CONTENT_FILTER else None
+            response.incomplete_details = IncompleteDetails(reason=reason or "max_output_tokens")
+        response.output = [output_message(job, text, item_status), *function_calls(terminal)]
+        response.usage = usage_body(terminal.usage)
+    elif text:
+        response.output = [output_message(job, text, "in_progress")]
+    return response
+
+
+def _format_violation(stored: StoredResponse, text: str, done: Done) -> str | None:
+    """Why a completed reply breaks the response's JSON format, if it asked for one and does."""
+    response_format = ResponseFormat.from_text_format(stored.text_format)
+    if response_format is None:
+        return None
+    try:
+        response_format.check_finished(text, done.finish_reason.value)
+    except OpenAIError as exc:
+        return exc.info.message
+    return None
+
+
+def finished_status(done: Done) -> tuple[ResponseStatus, Literal["completed", "incomplete"]]:
+    """(response status, output item status) of a job that completed."""
+    if done.finish_reason in (FinishReason.STOP, FinishReason.TOOL_CALLS):
+        return "completed", "completed"
+    return "incomplete", "incomplete"
+
+
+async def continued_conversation(redis: Redis, stored: StoredResponse, job_id: str) -> list[ChatMessage]:
+    """The conversation a continuation starts from: the earlier one, then its reply (and calls)."""
+    events = [event for _, event in await events_so_far(redis, job_id)]
+    reply = "".join(event.text for event in events if isinstance(event, Delta))
+    done = events[-1] if events and isinstance(events[-1], Done) else None
+    calls = [
+        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+        for call in (done.tool_calls if done is not None else [])
+    ]
+    return [*stored.conversation, ChatMessage(role="assistant", content=reply, tool_calls=calls or None)]

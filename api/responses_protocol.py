@@ -1,0 +1,230 @@
+"""The OpenAI Responses wire format, as far as the gateway speaks it (shapes from the official spec).
+
+A request's input items become chat messages (`to_chat_messages`), so a response runs through the
+same translation, validation and queue as a chat completion. Parameters that would change the
+meaning of a request but that the gateway cannot honour are rejected, never silently dropped.
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.errors import OpenAIError
+from api.protocol import ChatMessage, ContentPart, ImagePart, TextPart
+
+RESPONSE_ID_PREFIX = "resp_"
+MESSAGE_ID_PREFIX = "msg_"
+
+
+class CreateResponseRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    input: str | list[dict[str, Any]] = Field(min_length=1)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    background: bool = False
+    store: bool = True
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    user: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
+    top_logprobs: int | None = None
+    include: list[str] | None = None
+
+    def unsupported_parameter(self) -> str | None:
+        """The first parameter whose meaning the gateway cannot honour, if any."""
+        checks = {
+            "tools": any(tool.get("type") != "function" for tool in self.tools or []),
+            "tool_choice": not (
+                self.tool_choice in (None, "none", "auto", "required")
+                or (isinstance(self.tool_choice, dict) and self.tool_choice.get("type") == "function")
+            ),
+            "conversation": self.conversation is not None,
+            "prompt": self.prompt is not None,
+            "top_logprobs": bool(self.top_logprobs),
+            "include": bool(self.include),
+        }
+        return next((name for name, unsupported in checks.items() if unsupported), None)
+
+
+class _InputPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+    image_url: str | None = None
+
+
+class _InputMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[_InputPart]
+
+
+def _part(part: _InputPart, param: str) -> ContentPart:
+    if part.type in ("input_text", "output_text") and part.text is not None:
+        return TextPart(type="text", text=part.text)
+    if part.type == "input_image" and part.image_url is not None:
+        return ImagePart(type="image_url", image_url={"url": part.image_url})
+    raise OpenAIError.invalid(
+        f"Content of type '{part.type[:40]}' is not supported by this gateway.",
+        param=param,
+        code="unsupported_content",
+    )
+
+
+def _function_item(raw: dict[str, Any], param: str) -> ChatMessage:
+    """A function call of an earlier turn, or its result, as the chat message that carries it."""
+    call_id = raw.get("call_id")
+    if not isinstance(call_id, str):
+        raise OpenAIError.invalid("A function call item needs its 'call_id'.", param=f"{param}.call_id")
+    if raw["type"] == "function_call_output":
+        output = raw.get("output")
+        return ChatMessage(
+            role="tool", tool_call_id=call_id, content=output if isinstance(output, str) else ""
+        )
+    function = {"name": str(raw.get("name")), "arguments": str(raw.get("arguments") or "{}")}
+    return ChatMessage(
+        role="assistant", tool_calls=[{"id": call_id, "type": "function", "function": function}]
+    )
+
+
+def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Responses function tools (flat) as chat tools."""
+    if not tools:
+        return None
+    keys = ("name", "description", "parameters")
+    return [{"type": "function", "function": {k: tool[k] for k in keys if k in tool}} for tool in tools]
+
+
+def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    if isinstance(choice, dict):
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
+
+
+def to_chat_messages(items: str | list[dict[str, Any]]) -> list[ChatMessage]:
+    """The request's input as chat messages; 400 on an item the gateway cannot run."""
+    if isinstance(items, str):
+        return [ChatMessage(role="user", content=items)]
+    messages: list[ChatMessage] = []
+    for index, raw in enumerate(items):
+        param = f"input[{index}]"
+        if raw.get("type") in ("function_call", "function_call_output"):
+            messages.append(_function_item(raw, param))
+            continue
+        if raw.get("type", "message") != "message":
+            raise OpenAIError.invalid(
+                f"Input items of type '{str(raw.get('type'))[:40]}' are not supported by this gateway.",
+                param=param,
+                code="unsupported_input_item",
+            )
+        try:
+            item = _InputMessage.model_validate(raw)
+        except ValueError:
+            raise OpenAIError.invalid(
+                "An input message needs a role (user, assistant, system or developer) and content.",
+                param=param,
+            ) from None
+        content: str | list[ContentPart] = (
+            item.content
+            if isinstance(item.content, str)
+            else [_part(part, f"{param}.content[{i}]") for i, part in enumerate(item.content)]
+        )
+        messages.append(ChatMessage(role=item.role, content=content))
+    return messages
+
+
+# --- Responses ------------------------------------------------------------------------------
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[dict[str, Any]] = Field(default_factory=list)
+    logprobs: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class OutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    role: Literal["assistant"] = "assistant"
+    status: Literal["in_progress", "completed", "incomplete"]
+    content: list[OutputText]
+
+
+class FunctionCall(BaseModel):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int
+    cache_write_tokens: int = 0
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int
+    cost_usd: float | None = Field(default=None, description="Extension: the backend's reported cost.")
+
+
+class ResponseError(BaseModel):
+    code: Literal["server_error", "rate_limit_exceeded"]
+    message: str
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens", "content_filter"]
+
+
+ResponseStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled", "incomplete"]
+
+
+class Response(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    completed_at: int | None = None
+    status: ResponseStatus
+    background: bool
+    error: ResponseError | None = None
+    incomplete_details: IncompleteDetails | None = None
+    instructions: str | None
+    max_output_tokens: int | None
+    model: str
+    output: list[OutputMessage | FunctionCall] = Field(default_factory=list)
+    parallel_tool_calls: bool = True
+    previous_response_id: str | None
+    temperature: float | None
+    top_p: float | None
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tool_choice: str | dict[str, Any] = "auto"
+    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
+    truncation: Literal["auto", "disabled"] = "disabled"
+    metadata: dict[str, str] = Field(default_factory=dict)
+    usage: ResponseUsage | None = None
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON body: `usage` is absent until there is one (the spec has no null for it)."""
+        return self.model_dump(exclude={"usage"} if self.usage is None else None)

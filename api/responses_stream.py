@@ -1,0 +1,177 @@
+"""A job's events as a Responses API event stream (SSE), live or resumed.
+
+Every event carries a `sequence_number` derived from the job's own event sequence, so any API
+process renders the same numbers for the same job and a client resumes with
+`starting_after=<sequence_number>` (or `Last-Event-ID`, as each SSE event's `id:` is the same):
+
+    0..3      response.created, response.in_progress, output_item.added, content_part.added
+    s + 3     the job's delta number s (s >= 1): response.output_text.delta
+    T + 3..6  the job's terminal event T: output_text.done, content_part.done, output_item.done,
+              response.completed (or response.incomplete); a failure is response.failed at T + 3;
+              a turn that ended on K function calls has 4 events per call (output_item.added,
+              function_call_arguments.delta and .done, output_item.done) before response.completed
+
+Deltas sit on the per-token path: they are rendered from a per-stream byte template with only
+the text JSON-encoded per event.
+"""
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Any
+
+from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api.render import JobRef
+from api.responses import (
+    StoredResponse,
+    finished_status,
+    function_calls,
+    message_id,
+    output_message,
+    response_body,
+)
+from api.responses_protocol import OutputText
+from shared.events import JobEventValue
+from shared.jobs import Delta, Done, JobStatus
+
+log = logging.getLogger("gateway.api")
+
+Events = AsyncIterator[tuple[int, JobEventValue]]
+_PRELUDE = 3  # the sequence number of the prelude's last event; delta s is s + _PRELUDE
+_abandoned: set["asyncio.Task[None]"] = set()  # strong references until they finish
+
+
+def _event(kind: str, number: int, **fields: Any) -> tuple[int, str, str]:
+    body = {"type": kind, **fields, "sequence_number": number}
+    return number, kind, json.dumps(body, separators=(",", ":"))
+
+
+class ResponseEventRenderer:
+    """Renders one response's stream events as `(sequence_number, type, JSON)`."""
+
+    def __init__(self, job: JobRef, stored: StoredResponse) -> None:
+        self._job = job
+        self._stored = stored
+        self._item = message_id(job)
+        self._texts: list[str] = []
+        self._delta_head = (
+            '{"type":"response.output_text.delta","item_id":'
+            + json.dumps(self._item)
+            + ',"output_index":0,"content_index":0,"delta":'
+        )
+        self._ids = {"item_id": self._item, "output_index": 0, "content_index": 0}
+
+    def prelude(self) -> list[tuple[int, str, str]]:
+        running = response_body(self._job, self._stored, JobStatus.IN_PROGRESS, "", None).wire()
+        item = output_message(self._job, "", "in_progress").model_dump()
+        item["content"] = []
+        return [
+            _event("response.created", 0, response=running),
+            _event("response.in_progress", 1, response=running),
+            _event("response.output_item.added", 2, output_index=0, item=item),
+            _event("response.content_part.added", 3, **self._ids, part=OutputText(text="").model_dump()),
+        ]
+
+    def delta(self, seq: int, text: str) -> tuple[int, str, str]:
+        self._texts.append(text)
+        number = seq + _PRELUDE
+        data = f'{self._delta_head}{json.dumps(text)},"logprobs":[],"sequence_number":{number}}}'
+        return number, "response.output_text.delta", data
+
+    def terminal(self, seq: int, event: JobEventValue) -> list[tuple[int, str, str]]:
+        assert not isinstance(event, Delta)
+        text = "".join(self._texts)
+        number = seq + _PRELUDE
+        body = response_body(self._job, self._stored, JobStatus.COMPLETED, text, event)
+        if not isinstance(event, Done):
+            return [_event("response.failed", number, response=body.wire())]
+        _, item_status = finished_status(event)
+        part = OutputText(text=text).model_dump()
+        item = output_message(self._job, text, item_status).model_dump()
+        final = "response.completed" if body.status == "completed" else "response.incomplete"
+        closing = [
+            _event("response.output_text.done", number, **self._ids, text=text, logprobs=[]),
+            _event("response.content_part.done", number + 1, **self._ids, part=part),
+            _event("response.output_item.done", number + 2, output_index=0, item=item),
+        ]
+        number += 3
+        for index, call in enumerate(function_calls(event), start=1):
+            # Each call arrives whole: its arguments are one delta.
+            ids = {"item_id": call.id, "output_index": index}
+            added = call.model_copy(update={"arguments": "", "status": "in_progress"}).model_dump()
+            closing += [
+                _event("response.output_item.added", number, output_index=index, item=added),
+                _event("response.function_call_arguments.delta", number + 1, **ids, delta=call.arguments),
+                _event(
+                    "response.function_call_arguments.done",
+                    number + 2,
+                    **ids,
+                    name=call.name,
+                    arguments=call.arguments,
+                ),
+                _event("response.output_item.done", number + 3, output_index=index, item=call.model_dump()),
+            ]
+            number += 4
+        return [*closing, _event(final, number, response=body.wire())]
+
+    def render(self, seq: int, event: JobEventValue) -> Iterator[tuple[int, str, str]]:
+        if isinstance(event, Delta):
+            yield self.delta(seq, event.text)
+        else:
+            yield from self.terminal(seq, event)
+
+
+def response_stream(
+    renderer: ResponseEventRenderer,
+    events: Events,
+    *,
+    after: int = -1,
+    first: "asyncio.Future[tuple[int, JobEventValue]] | None" = None,
+    on_abandon: Callable[[], Coroutine[Any, Any, None]] | None = None,
+) -> EventSourceResponse:
+    """The SSE response for the events numbered after `after`; `on_abandon` runs if the client leaves.
+
+    `events` must start at the job's first event: earlier deltas make up the final text.
+    """
+    return EventSourceResponse(_stream(renderer, events, after, first, on_abandon), ping=15)
+
+
+async def _stream(
+    renderer: ResponseEventRenderer,
+    events: Events,
+    after: int,
+    first: "asyncio.Future[tuple[int, JobEventValue]] | None",
+    on_abandon: Callable[[], Coroutine[Any, Any, None]] | None,
+) -> AsyncIterator[ServerSentEvent]:
+    finished = False
+    number = after
+    try:
+        for number, kind, data in renderer.prelude():
+            if number > after:
+                yield ServerSentEvent(data, event=kind, id=str(number))
+        pending = first if first is not None else asyncio.ensure_future(anext(events))
+        seq, event = await pending
+        while True:
+            for number, kind, data in renderer.render(seq, event):
+                if number > after:
+                    yield ServerSentEvent(data, event=kind, id=str(number))
+            if not isinstance(event, Delta):
+                break
+            seq, event = await anext(events)
+        finished = True
+    except RedisError:
+        # Headers are gone already: the failure can only be reported in the stream.
+        log.warning("lost Redis while relaying a response stream")
+        message = "The gateway lost its queue mid-stream; resume with starting_after."
+        _, kind, data = _event("error", number + 1, code="queue_unavailable", message=message, param=None)
+        yield ServerSentEvent(data, event=kind)
+        finished = True
+    finally:
+        if not finished and on_abandon is not None:
+            # The client went away mid-stream; this task is being cancelled, so run it apart.
+            task = asyncio.get_running_loop().create_task(on_abandon())
+            _abandoned.add(task)
+            task.add_done_callback(_abandoned.discard)

@@ -1,0 +1,156 @@
+"""Function calling on chat completions with the official `openai` client's own tool loop: the
+scripted backend for the wire format, the real SDK + CLI and the fake upstream for the real path;
+bodies and chunks validated against the official schema."""
+
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Gateway, assert_schema, chat
+from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
+from tests.test_durable_jobs import script
+
+MODEL = "claude-sonnet-4-5"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+ECHO = script(text="", echo=True)
+
+
+@pytest.fixture
+def client(scripted: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{scripted.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def test_a_call_ends_the_turn_and_the_result_continues_it(scripted: Gateway, client: openai.OpenAI) -> None:
+    calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    body = chat(script(text="", calls=calls), tools=[WEATHER])
+    response = httpx.post(f"{scripted.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    assert_schema(response.json(), "CreateChatCompletionResponse")
+    completion = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": script(text="", calls=calls)}], tools=[WEATHER]
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function"
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    # The client runs the function and sends its result back, as its tool loop does.
+    follow_up = client.chat.completions.create(
+        model=MODEL,
+        tools=[WEATHER],
+        messages=[
+            {"role": "user", "content": "weather?"},
+            choice.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"},
+            {"role": "user", "content": ECHO},
+        ],
+    )
+    history = follow_up.choices[0].message.content or ""
+    assert f'<function_call id="{call.id}" name="get_weather">{{"city": "Paris"}}</function_call>' in history
+    assert f'<function_result id="{call.id}">18 C, sunny</function_result>' in history
+
+
+def test_streamed_tool_calls_arrive_whole_with_stable_indexes(
+    scripted: Gateway, client: openai.OpenAI
+) -> None:
+    calls = [
+        {"name": "get_weather", "arguments": {"city": "Paris"}},
+        {"name": "get_weather", "arguments": {"city": "Oslo"}},
+    ]
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": script(text="Checking.", calls=calls)}],
+        tools=[WEATHER],
+        stream=True,
+    )
+    chunks = list(stream)
+    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or []) if c.choices]
+    assert [d.index for d in deltas] == [0, 1]
+    assert [json.loads(d.function.arguments or "") for d in deltas if d.function] == [
+        {"city": "Paris"},
+        {"city": "Oslo"},
+    ]
+    assert len({d.id for d in deltas}) == 2
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "tool_calls"
+    ]
+    raw = chat(script(text="", calls=calls), tools=[WEATHER], stream=True)
+    with httpx.stream("POST", f"{scripted.url}/v1/chat/completions", json=raw, timeout=30) as response:
+        data = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    for item in data[:-1]:
+        assert_schema(json.loads(item), "CreateChatCompletionStreamResponse")
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),
+    ],
+)
+def test_bad_tools_are_400(scripted: Gateway, extra: dict[str, Any], param: str) -> None:
+    response = httpx.post(f"{scripted.url}/v1/chat/completions", json=chat("hi", **extra), timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.claude
+def test_real_path_offers_the_function_and_returns_the_call(claude: Gateway, upstream: FakeAnthropic) -> None:
+    upstream.default = Reply(tool_use=("mcp__caller__get_weather", {"city": "Paris"}))
+    client = openai.OpenAI(base_url=f"{claude.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER], stream=True
+    )
+    chunks = list(stream)
+    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or []) if c.choices]
+    assert [d.function.name for d in deltas if d.function] == ["get_weather"]
+    assert json.loads(deltas[0].function.arguments or "") == {"city": "Paris"}  # type: ignore[union-attr]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "tool_calls"
+    ]
+    asked = [
+        r for r in upstream.requests if "mcp__caller__get_weather" in [t["name"] for t in r.get("tools", [])]
+    ]
+    assert len(asked) == 1
+    # The turn ended on the call: the CLI never ran the function nor sent the model a result.
+    assert not any(tool_results(r) for r in upstream.requests)
+    # The client's tool loop continues the conversation with the function's result.
+    upstream.default = Reply(tokens=["It is", " sunny."])
+    [call] = deltas
+    answer = client.chat.completions.create(
+        model=MODEL,
+        tools=[WEATHER],
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": call.function.arguments},
+                    }
+                ],  # type: ignore[union-attr]
+            },
+            {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"},
+        ],
+    )
+    assert answer.choices[0].message.content == "It is sunny."
+    assert answer.choices[0].finish_reason == "stop"
+    assert "18 C, sunny" in str(upstream.requests[-1]["messages"])

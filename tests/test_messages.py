@@ -1,0 +1,232 @@
+"""`POST /v1/messages` with the official `anthropic` client: scripted workers for the wire format,
+the real SDK + CLI against the fake upstream for the real path. Bodies and stream events are
+validated against the client's own types (the Anthropic API publishes no OpenAPI document)."""
+
+import json
+from typing import Any
+
+import anthropic
+import httpx
+import pydantic
+import pytest
+from anthropic.types import Message, RawMessageStreamEvent
+
+from tests.conftest import Gateway
+from tests.fake_anthropic import FakeAnthropic, Reply, system_text, user_text
+from tests.test_durable_jobs import script
+
+MODEL = "claude-sonnet-4-5"
+# The client warns about the model's end of life; the gateway serves what MODELS lists.
+pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
+_EVENT = pydantic.TypeAdapter[Any](RawMessageStreamEvent)
+
+
+def strict(model: type[pydantic.BaseModel] | pydantic.TypeAdapter[Any], data: dict[str, Any]) -> None:
+    """Validates `data` against the client's type, refusing fields the type does not know."""
+    if isinstance(model, pydantic.TypeAdapter):
+        validated = model.validate_python(data)
+    else:
+        validated = model.model_validate(data)
+    assert not _unknown_fields(validated)
+    assert validated.model_dump(exclude_unset=True, mode="json") == data
+
+
+def _unknown_fields(value: Any) -> list[str]:
+    """Fields the client's models kept as extras (they accept unknown fields), at any depth."""
+    if isinstance(value, pydantic.BaseModel):
+        found = list(value.model_extra or {})
+        return found + [name for field in dict(value).values() for name in _unknown_fields(field)]
+    if isinstance(value, list):
+        return [name for item in value for name in _unknown_fields(item)]
+    return []
+
+
+@pytest.fixture
+def client(scripted: Gateway) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=scripted.url, api_key="unused", max_retries=0, timeout=30)
+
+
+def test_create_matches_the_clients_types(scripted: Gateway) -> None:
+    body = {"model": MODEL, "max_tokens": 100, "messages": [{"role": "user", "content": "hi there"}]}
+    response = httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    message = response.json()
+    strict(Message, message)
+    assert message["id"].startswith("msg_")
+    assert message["content"] == [{"type": "text", "text": "Hello from the scripted backend."}]
+    assert message["stop_reason"] == "end_turn"
+    assert message["usage"]["output_tokens"] == 5
+
+
+def test_sdk_create_with_system_and_history(client: anthropic.Anthropic) -> None:
+    message = client.messages.create(
+        model=MODEL,
+        max_tokens=100,
+        system=[{"type": "text", "text": "be brief"}],
+        messages=[
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": [{"type": "text", "text": "reply"}]},
+            {"role": "user", "content": [{"type": "text", "text": script(text="", echo=True)}]},
+        ],
+    )
+    assert message.content[0].type == "text"
+    assert message.content[0].text == "user: first\nassistant: reply"
+
+
+def test_sdk_stream(client: anthropic.Anthropic) -> None:
+    with client.messages.stream(
+        model=MODEL, max_tokens=100, messages=[{"role": "user", "content": script(text="a b c", delay_ms=5)}]
+    ) as stream:
+        texts = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert texts == ["a ", "b ", "c"]
+    assert final.content[0].type == "text"
+    assert final.content[0].text == "a b c"
+    assert final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == 3
+
+
+def test_raw_stream_events_validate(scripted: Gateway) -> None:
+    body = {
+        "model": MODEL,
+        "max_tokens": 2,
+        "stream": True,
+        "messages": [{"role": "user", "content": "a b c"}],
+    }
+    body["messages"][0]["content"] = script(text="a b c")
+    with httpx.stream("POST", f"{scripted.url}/v1/messages", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        lines = list(response.iter_lines())
+    names = [line[len("event: ") :] for line in lines if line.startswith("event: ")]
+    events = [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
+    assert names == [event["type"] for event in events]
+    for event in events:
+        strict(_EVENT, event)
+    assert names == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert events[-2]["delta"]["stop_reason"] == "max_tokens"
+
+
+def test_failures_and_unsupported_parameters(scripted: Gateway, client: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.APIStatusError) as failed:
+        client.messages.create(
+            model=MODEL, max_tokens=10, messages=[{"role": "user", "content": script(text="x", fail_after=0)}]
+        )
+    assert failed.value.status_code == 502
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.create(
+            model=MODEL,
+            max_tokens=10,
+            messages=[{"role": "user", "content": "x"}],
+            tools=[{"type": "web_search_20250305", "name": "web_search"}],
+        )
+    assert "tools" in str(refused.value)
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.create(model="gpt-4", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    missing = httpx.post(f"{scripted.url}/v1/messages", json={"model": MODEL, "messages": []}, timeout=30)
+    assert missing.status_code == 400
+    # Found by the fuzzer: empty contents once translated into no messages at all (a 500).
+    empty = [{"role": "user", "content": []}, {"role": "assistant", "content": []}]
+    body = {"model": MODEL, "max_tokens": 5, "messages": empty}
+    assert httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30).status_code == 400
+    streamed = {"model": MODEL, "max_tokens": 10, "stream": True}
+    streamed["messages"] = [{"role": "user", "content": script(text="a b c", fail_after=1)}]
+    with httpx.stream("POST", f"{scripted.url}/v1/messages", json=streamed, timeout=30) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["type"] == "error"
+    assert events[-1]["error"]["type"] == "api_error"
+
+
+@pytest.mark.claude
+def test_real_path_stream(claude: Gateway, upstream: FakeAnthropic) -> None:
+    upstream.default = Reply(tokens=["Ahoy", "!"], input_tokens=50, output_tokens=2)
+    client = anthropic.Anthropic(base_url=claude.url, api_key="unused", max_retries=0, timeout=60)
+    with client.messages.stream(
+        model=MODEL,
+        max_tokens=100,
+        system="Answer like a pirate.",
+        messages=[{"role": "user", "content": "hi"}],
+    ) as stream:
+        texts = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert "".join(texts) == "Ahoy!"
+    assert final.usage.output_tokens == 2
+    assert final.usage.input_tokens == 50
+    sent = upstream.requests[-1]
+    assert "Answer like a pirate." in system_text(sent)
+    assert user_text(sent) == "hi"
+
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+def test_tool_use_and_tool_result(scripted: Gateway, client: anthropic.Anthropic) -> None:
+    calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    message = client.messages.create(
+        model=MODEL,
+        max_tokens=100,
+        tools=[WEATHER],
+        messages=[{"role": "user", "content": script(text="", calls=calls)}],
+    )
+    assert message.stop_reason == "tool_use"
+    [use] = [block for block in message.content if block.type == "tool_use"]
+    assert (use.name, use.input) == ("get_weather", {"city": "Paris"})
+    follow_up = client.messages.create(
+        model=MODEL,
+        max_tokens=100,
+        tools=[WEATHER],
+        messages=[
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": [block.model_dump() for block in message.content]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": use.id, "content": "18 C"},
+                    {"type": "text", "text": script(text="", echo=True)},
+                ],
+            },
+        ],
+    )
+    [text] = [block for block in follow_up.content if block.type == "text"]
+    assert f'<function_result id="{use.id}">18 C</function_result>' in text.text
+    streamed = {"model": MODEL, "max_tokens": 100, "stream": True, "tools": [WEATHER]}
+    streamed["messages"] = [{"role": "user", "content": script(text="", calls=calls)}]
+    with httpx.stream("POST", f"{scripted.url}/v1/messages", json=streamed, timeout=30) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    for event in events:
+        strict(_EVENT, event)
+    with client.messages.stream(
+        model=MODEL,
+        max_tokens=100,
+        tools=[WEATHER],
+        messages=[{"role": "user", "content": script(text="", calls=calls)}],
+    ) as stream:
+        final = stream.get_final_message()
+    [use] = [block for block in final.content if block.type == "tool_use"]
+    assert use.input == {"city": "Paris"}
+    assert final.stop_reason == "tool_use"
+
+
+@pytest.mark.claude
+def test_real_path_tool_use(claude: Gateway, upstream: FakeAnthropic) -> None:
+    upstream.default = Reply(tool_use=("mcp__caller__get_weather", {"city": "Oslo"}))
+    client = anthropic.Anthropic(base_url=claude.url, api_key="unused", max_retries=0, timeout=60)
+    message = client.messages.create(
+        model=MODEL,
+        max_tokens=100,
+        tools=[WEATHER],
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+    )
+    [use] = [block for block in message.content if block.type == "tool_use"]
+    assert (use.name, use.input, message.stop_reason) == ("get_weather", {"city": "Oslo"}, "tool_use")

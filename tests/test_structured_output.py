@@ -1,0 +1,122 @@
+"""Structured output (`response_format` `json_object` / `json_schema`) with the official `openai`
+client: a reply that keeps the format arrives as clean JSON, one that breaks it fails clearly."""
+
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from pydantic import BaseModel
+
+from tests.conftest import Gateway, assert_schema, chat
+from tests.fake_anthropic import FakeAnthropic, Reply, system_text
+from tests.test_durable_jobs import script
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def schema_format(schema: dict[str, Any] = PERSON) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+@pytest.fixture
+def client(scripted: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{scripted.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def post(gateway: Gateway, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=30)
+
+
+def test_sdk_parse_with_a_pydantic_schema(client: openai.OpenAI) -> None:
+    reply = '```json\n{"name": "Ada", "age": 36}\n```'  # the fence is removed
+    completion = client.chat.completions.parse(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "user", "content": script(text=reply)}],
+        response_format=Person,
+    )
+    assert completion.choices[0].message.parsed == Person(name="Ada", age=36)
+    assert json.loads(completion.choices[0].message.content or "") == {"name": "Ada", "age": 36}
+
+
+def test_json_object(scripted: Gateway) -> None:
+    ok = post(scripted, chat(script(text='{"a": [1, 2]}'), response_format={"type": "json_object"}))
+    assert ok.status_code == 200, ok.text
+    assert_schema(ok.json(), "CreateChatCompletionResponse")
+    assert json.loads(ok.json()["choices"][0]["message"]["content"]) == {"a": [1, 2]}
+    for reply in ("Sure! here it is", "[1, 2]"):
+        bad = post(scripted, chat(script(text=reply), response_format={"type": "json_object"}))
+        assert bad.status_code == 502
+        assert bad.json()["error"]["code"] == "invalid_structured_output"
+
+
+def test_a_reply_that_breaks_the_schema_fails(scripted: Gateway) -> None:
+    reply = script(text='{"name": "Ada", "age": "old"}')
+    response = post(scripted, chat(reply, response_format=schema_format()))
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["code"] == "invalid_structured_output"
+    assert "age" in error["message"]
+
+
+def test_streamed_structured_reply_is_checked_then_sent_whole(scripted: Gateway) -> None:
+    good = chat(script(text='{"name": "Ada", "age": 36}'), response_format=schema_format(), stream=True)
+    with httpx.stream("POST", f"{scripted.url}/v1/chat/completions", json=good, timeout=30) as response:
+        assert response.status_code == 200
+        data = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(item) for item in data[:-1]]
+    for chunk in chunks:
+        assert_schema(chunk, "CreateChatCompletionStreamResponse")
+    text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
+    assert json.loads(text) == {"name": "Ada", "age": 36}
+    bad = chat(script(text="not json"), response_format=schema_format(), stream=True)
+    assert post(scripted, bad).status_code == 502
+
+
+@pytest.mark.parametrize(
+    ("response_format", "param"),
+    [
+        ({"type": "xml"}, "response_format.type"),
+        ({"type": "json_schema", "json_schema": {"schema": PERSON}}, "response_format.json_schema.name"),
+        (schema_format({"type": "objekt"}), "response_format.json_schema.schema"),
+        (schema_format({"$ref": "https://example.com/s.json"}), "response_format.json_schema.schema"),
+    ],
+)
+def test_formats_the_gateway_cannot_check(scripted: Gateway, response_format: Any, param: str) -> None:
+    response = post(scripted, chat("hi", response_format=response_format))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_not_with_background_or_n(scripted: Gateway) -> None:
+    background = post(scripted, chat("hi", response_format={"type": "json_object"}, background=True))
+    assert background.status_code == 400
+    several = post(scripted, chat("hi", response_format={"type": "json_object"}, n=2))
+    assert several.status_code == 400
+
+
+@pytest.mark.claude
+def test_real_path_asks_for_the_schema(claude: Gateway, upstream: FakeAnthropic) -> None:
+    upstream.default = Reply(tokens=['{"name": ', '"Ada", ', '"age": 36}'])
+    client = openai.OpenAI(base_url=f"{claude.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    completion = client.chat.completions.parse(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "system", "content": "Be exact."}, {"role": "user", "content": "Who?"}],
+        response_format=Person,
+    )
+    assert completion.choices[0].message.parsed == Person(name="Ada", age=36)
+    system = system_text(upstream.requests[-1])
+    assert "Be exact." in system
+    assert '"required": ["name", "age"]' in system

@@ -1,0 +1,45 @@
+"""The caller's functions (`CompletionJob.functions`) as tools of an in-process MCP server.
+
+Claude Code sees each function as the tool `mcp__caller__<name>`, beside its own tools. When the
+model calls one, the worker ends the turn on that assistant message, before the CLI runs the tool:
+the call goes back to the caller (`finish_reason: tool_calls`), who runs it and sends the result
+in its next request. The handler only answers if the CLI gets to run a call anyway (it cannot
+in this flow: the run is closed first).
+"""
+
+import json
+from typing import Any
+
+from claude_agent_sdk import AssistantMessage, SdkMcpTool, ToolUseBlock, create_sdk_mcp_server
+from claude_agent_sdk.types import McpServerConfig
+
+from shared.jobs import CompletionJob, ToolCall
+
+SERVER = "caller"
+_PREFIX = f"mcp__{SERVER}__"
+
+
+async def _returned_to_caller(arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"content": [{"type": "text", "text": "This function is run by the caller."}], "is_error": True}
+
+
+def servers(job: CompletionJob) -> dict[str, McpServerConfig]:
+    """The MCP server offering the job's functions (none without functions)."""
+    if not job.functions:
+        return {}
+    tools = [SdkMcpTool(f.name, f.description, f.parameters, _returned_to_caller) for f in job.functions]
+    return {SERVER: create_sdk_mcp_server(SERVER, tools=tools)}
+
+
+def tool_names(job: CompletionJob) -> list[str]:
+    """The functions' tool names, to pre-approve (the CLI never asks anyone)."""
+    return [_PREFIX + f.name for f in job.functions]
+
+
+def calls_in(message: AssistantMessage) -> list[ToolCall]:
+    """The calls to the caller's functions in an assistant message."""
+    return [
+        ToolCall(id=block.id, name=block.name.removeprefix(_PREFIX), arguments=json.dumps(block.input))
+        for block in message.content
+        if isinstance(block, ToolUseBlock) and block.name.startswith(_PREFIX)
+    ]
