@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import claude_agent_sdk
 import httpx
 import pytest
 
@@ -76,11 +77,21 @@ def test_a_bash_tool_sees_no_credential_no_client_key_and_no_redis_url(
     assert len(upstream.requests) == 2
 
 
+def _reachable_by_nobody(path: Path) -> bool:
+    """Whether `nobody` can read and enter `path` (a checkout in a private folder, as `mktemp -d`
+    makes them, is not: then the CLI or the checkout's modules cannot run as that user)."""
+    probe = subprocess.run(["test", "-r", str(path), "-a", "-x", str(path)], user="nobody", check=False)
+    return probe.returncode == 0
+
+
 @pytest.fixture(scope="module")
 def unprivileged(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
     """As `tooled`, but each CLI runs as `nobody` (`CLAUDE_JOB_USER`) under a root worker."""
     if os.geteuid() != 0:
         pytest.skip("switching the CLI's user needs a root worker")
+    cli = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
+    if not _reachable_by_nobody(cli):
+        pytest.skip(f"the bundled CLI ({cli}) is in a folder user nobody cannot enter")
     workspaces = Path(tempfile.mkdtemp(prefix="gateway-jobs-"))
     workspaces.chmod(0o755)  # pytest's own temp folders are private to root
     gateway: Gateway = start_gateway(
@@ -117,6 +128,8 @@ def test_a_non_dumpable_worker_is_unreadable_to_its_own_users_tools(forbidden: b
     system_python = Path("/usr/bin/python3")  # the venv's interpreter may live under /root
     if os.geteuid() != 0 or not system_python.exists():
         pytest.skip("needs root and /usr/bin/python3 to run the probe as an unprivileged user")
+    if not _reachable_by_nobody(ROOT / "worker"):
+        pytest.skip(f"the checkout ({ROOT}) is in a folder user nobody cannot enter")
     probe = (
         "import os, subprocess\n"
         "from worker.environment import forbid_inspection\n"
