@@ -31,6 +31,12 @@ class Reply:
     error_type: str = "api_error"
     tool_use: tuple[str, dict[str, Any]] | None = None
     """(tool name, input): reply with a single tool call instead of text."""
+    cut_after: int | None = None
+    """Drop the connection after this many tokens, as a failing upstream would."""
+
+
+class _Cut(Exception):
+    """Raised inside a streamed reply: the server aborts the connection mid-body."""
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
@@ -55,7 +61,9 @@ async def _stream(reply: Reply, model: str) -> AsyncIterator[bytes]:
         return
     block = {"type": "text", "text": ""}
     yield _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
-    for token in reply.tokens:
+    for sent, token in enumerate(reply.tokens):
+        if reply.cut_after is not None and sent == reply.cut_after:
+            raise _Cut
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
         delta = {"type": "text_delta", "text": token}

@@ -108,3 +108,19 @@ def test_upstream_error_becomes_an_openai_error(
     response = httpx.post(f"{claude.url}/v1/chat/completions", json=chat("hi", stream=True), timeout=60)
     assert response.status_code == 502
     assert response.json()["error"]["code"] == code
+
+
+def test_a_stream_cut_and_retried_upstream_reaches_the_client_once(
+    claude: Gateway, upstream: FakeAnthropic
+) -> None:
+    """The fake drops the connection after 4 of 10 tokens; the CLI retries and the new message
+    starts over. The client gets every token exactly once."""
+    tokens = [f"t{i} " for i in range(10)]
+    upstream.script.extend([Reply(tokens=tokens, cut_after=4, delay_s=0.01), Reply(tokens=tokens)])
+    body = chat("count", stream=True)
+    response = httpx.post(f"{claude.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    chunks = [json.loads(data) for data in sse_data(response) if data != "[DONE]"]
+    text = "".join(choice["delta"].get("content") or "" for chunk in chunks for choice in chunk["choices"])
+    assert text == "".join(tokens)
+    assert len(upstream.requests) == 2  # it really was cut and retried

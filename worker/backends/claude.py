@@ -20,6 +20,7 @@ from claude_agent_sdk import (
     ClaudeSDKError,
     CLINotFoundError,
     ResultMessage,
+    SystemMessage,
     query,
 )
 from claude_agent_sdk.types import SessionStore, StreamEvent, SystemPromptPreset
@@ -265,6 +266,8 @@ async def _relay(
     latest: dict[str, Any] = {}  # and as its last delta left it
     message_ended = False  # the current upstream message has its stop reason
     calls: list[ToolCall] = []  # calls to the caller's functions in the current turn
+    sent = ""  # the current upstream message's text, as relayed
+    resent = ""  # after a retry: what of the retried message the caller already has
     try:
         async for message in messages:
             if isinstance(message, StreamEvent):
@@ -272,12 +275,15 @@ async def _relay(
                 if event.get("type") == "content_block_delta":
                     delta = event.get("delta", {})
                     if delta.get("type") == "text_delta" and delta.get("text"):
-                        yield Delta(text=delta["text"])
+                        text, resent = _unsent(delta["text"], resent)
+                        sent += delta["text"]
+                        if text:
+                            yield Delta(text=text)
                     else:
                         yield PROGRESS  # a tool call or thinking being written
                 elif event.get("type") == "message_start":
                     started = event.get("message", {}).get("usage", {})
-                    latest, message_ended = started, False
+                    latest, message_ended, sent = started, False, ""
                     yield UsageReport(_usage(started))
                 elif _hit_token_limit(event):
                     # The CLI would ask the model to continue past the caller's limit;
@@ -292,6 +298,11 @@ async def _relay(
                     latest, message_ended = {**started, **event.get("usage", {})}, True
             elif isinstance(message, AssistantMessage):
                 calls += caller_functions.calls_in(message)
+                yield PROGRESS
+            elif isinstance(message, SystemMessage) and message.subtype == "api_retry":
+                # The upstream dropped the stream; the CLI asks again and the new message starts
+                # from its beginning: what the caller already has of it must not be sent twice.
+                resent = sent
                 yield PROGRESS
             elif isinstance(message, ResultMessage):
                 if message.is_error and message.subtype != _OUT_OF_TURNS:
@@ -313,6 +324,20 @@ async def _relay(
         log.warning("Claude Code run failed: %s", type(exc).__name__)
         raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code exited unexpectedly.") from exc
     raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code ended without a result.")
+
+
+def _unsent(text: str, resent: str) -> tuple[str, str]:
+    """The part of a retried message's delta the caller does not have yet, and what is left of
+    `resent` after it. A retry that says something else than the cut message goes out as it comes
+    (the earlier text cannot be taken back)."""
+    if not resent:
+        return text, ""
+    if resent.startswith(text):
+        return "", resent[len(text) :]
+    if text.startswith(resent):
+        return text[len(resent) :], ""
+    log.warning("a retried upstream message differs from the one that was cut")
+    return text, ""
 
 
 def _prompt(turns: list[Turn]) -> str | AsyncIterator[dict[str, Any]]:
