@@ -162,16 +162,21 @@ def upstream(fake_anthropic: FakeAnthropic) -> FakeAnthropic:
     return fake_anthropic
 
 
+def claude_env(fake: FakeAnthropic, **env: str) -> dict[str, str]:
+    """The environment of a gateway on the real Claude backend, pointed at the fake upstream."""
+    return {
+        "BACKEND": "claude",
+        "ANTHROPIC_BASE_URL": fake.url,
+        "ANTHROPIC_API_KEY": "test-key-not-real",
+        "CLAUDE_MAX_RETRIES": "1",
+        **env,
+    }
+
+
 @pytest.fixture(scope="session")
 def claude(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
     """A gateway on the real Claude backend, pointed at the fake upstream."""
-    gateway: Gateway = start_gateway(
-        workers=1,
-        BACKEND="claude",
-        ANTHROPIC_BASE_URL=fake_anthropic.url,
-        ANTHROPIC_API_KEY="test-key-not-real",
-        CLAUDE_MAX_RETRIES="1",
-    )
+    gateway: Gateway = start_gateway(workers=1, **claude_env(fake_anthropic))
     return gateway
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Gateway, chat
+from tests.conftest import Gateway, chat, claude_env
 from tests.fake_anthropic import FakeAnthropic, system_text
 
 pytestmark = pytest.mark.claude
@@ -34,13 +34,12 @@ def configured(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
     """A Claude gateway whose operator replaced the system prompt and allowed one image host."""
     gateway: Gateway = start_gateway(
         workers=1,
-        BACKEND="claude",
-        ANTHROPIC_BASE_URL=fake_anthropic.url,
-        ANTHROPIC_API_KEY="test-key-not-real",
-        CLAUDE_MAX_RETRIES="1",
-        CLAUDE_SYSTEM_PROMPT_MODE="replace",
-        IMAGE_URL_ALLOWLIST='["https://images.example.com/"]',
-        MODEL_PASS_THROUGH="true",
+        **claude_env(
+            fake_anthropic,
+            CLAUDE_SYSTEM_PROMPT_MODE="replace",
+            IMAGE_URL_ALLOWLIST='["https://images.example.com/"]',
+            MODEL_PASS_THROUGH="true",
+        ),
     )
     return gateway
 

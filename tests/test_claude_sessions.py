@@ -13,7 +13,7 @@ import pytest
 
 from shared import sessions
 from shared.keys import transcript_key
-from tests.conftest import Gateway, chat, sse_data
+from tests.conftest import Gateway, chat, claude_env, sse_data
 from tests.fake_anthropic import FakeAnthropic, Reply
 
 pytestmark = pytest.mark.claude
@@ -46,13 +46,7 @@ def _only_worker(gateway: Gateway) -> None:
 
 @pytest.fixture(scope="module")
 def claude_fleet(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
-    gateway: Gateway = start_gateway(
-        workers=1,
-        BACKEND="claude",
-        ANTHROPIC_BASE_URL=fake_anthropic.url,
-        ANTHROPIC_API_KEY="test-key-not-real",
-        CLAUDE_MAX_RETRIES="1",
-    )
+    gateway: Gateway = start_gateway(workers=1, **claude_env(fake_anthropic))
     return gateway
 
 

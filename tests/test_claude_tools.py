@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Gateway, chat
+from tests.conftest import Gateway, chat, claude_env
 from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
 
 pytestmark = pytest.mark.claude
@@ -22,13 +22,12 @@ def tooled(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
     bypass mode; the worker runs as root here, so bypass needs IS_SANDBOX."""
     gateway: Gateway = start_gateway(
         workers=1,
-        BACKEND="claude",
-        ANTHROPIC_BASE_URL=fake_anthropic.url,
-        ANTHROPIC_API_KEY="test-key-not-real",
-        CLAUDE_MAX_RETRIES="1",
-        CLAUDE_TOOLS='["Bash", "Read"]',
-        CLAUDE_MAX_TURNS="4",
-        CLAUDE_PERMISSION_MODES='["default", "dontAsk", "bypassPermissions"]',
+        **claude_env(
+            fake_anthropic,
+            CLAUDE_TOOLS='["Bash", "Read"]',
+            CLAUDE_MAX_TURNS="4",
+            CLAUDE_PERMISSION_MODES='["default", "dontAsk", "bypassPermissions"]',
+        ),
     )
     return gateway
 
@@ -141,13 +140,12 @@ def skilled(
     (skills / "pirate-speak" / "SKILL.md").write_text(SKILL)
     gateway: Gateway = start_gateway(
         workers=1,
-        BACKEND="claude",
-        ANTHROPIC_BASE_URL=fake_anthropic.url,
-        ANTHROPIC_API_KEY="test-key-not-real",
-        CLAUDE_MAX_RETRIES="1",
-        CLAUDE_TOOLS='["Bash"]',
-        CLAUDE_SKILLS_DIR=str(skills),
-        CLAUDE_CWD=str(tmp_path_factory.mktemp("project")),
+        **claude_env(
+            fake_anthropic,
+            CLAUDE_TOOLS='["Bash"]',
+            CLAUDE_SKILLS_DIR=str(skills),
+            CLAUDE_CWD=str(tmp_path_factory.mktemp("project")),
+        ),
     )
     return gateway
 

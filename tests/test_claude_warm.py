@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Gateway, chat
+from tests.conftest import Gateway, chat, claude_env
 from tests.fake_anthropic import FakeAnthropic, Reply, system_text, tool_results
 
 pytestmark = pytest.mark.claude
@@ -19,12 +19,11 @@ pytestmark = pytest.mark.claude
 def warm(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
     gateway: Gateway = start_gateway(
         workers=1,
-        BACKEND="claude",
-        ANTHROPIC_BASE_URL=fake_anthropic.url,
-        ANTHROPIC_API_KEY="test-key-not-real",
-        CLAUDE_MAX_RETRIES="1",
-        CLAUDE_TOOLS='["Bash"]',
-        CLAUDE_WARM_CLIENTS="1",
+        **claude_env(
+            fake_anthropic,
+            CLAUDE_TOOLS='["Bash"]',
+            CLAUDE_WARM_CLIENTS="1",
+        ),
     )
     return gateway
 
