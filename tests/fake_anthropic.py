@@ -100,6 +100,9 @@ async def _tool_use(name: str, tool_input: dict[str, Any]) -> AsyncIterator[byte
 class FakeAnthropic:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        """The body of each `POST /v1/messages`, in order."""
+        self.paths: list[str] = []
+        """`METHOD /path` of every request received, whatever its route."""
         self.credentials: list[str] = []
         """The `x-api-key` (or bearer token) of each request, in order."""
         self.script: deque[Reply] = deque()
@@ -113,6 +116,7 @@ class FakeAnthropic:
         return f"http://127.0.0.1:{self.port}"
 
     async def _messages(self, request: Request) -> Response:
+        self.paths.append(f"{request.method} {request.url.path}")
         body = await request.json()
         self.requests.append(body)
         bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
@@ -124,6 +128,7 @@ class FakeAnthropic:
         return StreamingResponse(_stream(reply, body.get("model", "")), media_type="text/event-stream")
 
     async def _other(self, request: Request) -> Response:
+        self.paths.append(f"{request.method} {request.url.path}")
         return JSONResponse({"type": "error", "error": {"type": "not_found_error", "message": "no"}}, 404)
 
     def start(self) -> None:

@@ -11,16 +11,23 @@ every eligible job (a single new user turn, no session) asks for a replacement o
 so repeated requests of one kind start warm after the first. Jobs with earlier turns or a session
 resume a transcript, which is chosen at start-up, so they always start cold. When the pool is
 full, a new profile takes the place of the oldest ready client of another one.
+
+A connected CLI still does ~100 ms of once-per-process work (all CPU, inside the CLI) on its
+first turn, so a warm client has had that turn already: `warm_up` runs one that the worker's
+credential proxy answers itself (free, never sent upstream), then takes it back out of the
+conversation, so the job's request is the one a fresh CLI would send.
 """
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
-from claude_agent_sdk import ClaudeSDKClient
+from claude_agent_sdk import ClaudeSDKClient, ResultMessage
 
 from shared.jobs import CompletionJob
 from worker.history import merged
@@ -44,6 +51,38 @@ class WarmClient:
         finally:
             self.release()
             self.workspace.close()
+
+
+WARM_UP_PROMPT = "Reply with ok."
+
+
+async def warm_up(client: ClaudeSDKClient) -> None:
+    """The CLI's first turn, run ahead of the job and then rewound, leaving an empty conversation.
+
+    Call it only while the client's proxy token is warming: the turn's model call must not reach
+    the model API. Raises if the turn fails or the CLI does not rewind it (the client must then be
+    discarded: its conversation is not empty).
+    """
+    turn = str(uuid.uuid4())
+
+    async def prompt() -> AsyncIterator[dict[str, Any]]:
+        message = {"role": "user", "content": WARM_UP_PROMPT}
+        yield {"type": "user", "message": message, "parent_tool_use_id": None, "uuid": turn}
+
+    await client.query(prompt())
+    async for message in client.receive_response():
+        if isinstance(message, ResultMessage) and message.is_error:
+            raise RuntimeError(f"the warm-up turn failed: {message.subtype}")
+    # The CLI's `rewind_conversation` control request cuts the conversation back to before the
+    # given user message; the SDK (0.2.189) has no public method for it, only its control channel.
+    control = client._query
+    if control is None:
+        raise RuntimeError("the client is not connected")
+    answer = await control._send_control_request(
+        {"subtype": "rewind_conversation", "target_message_uuid": turn}
+    )
+    if answer.get("rewound") is not True:
+        raise RuntimeError(f"the CLI did not rewind the warm-up turn: {answer}")
 
 
 def profile(job: CompletionJob) -> str | None:

@@ -35,7 +35,7 @@ from worker.credential_proxy import CredentialProxy
 from worker.history import HistoryStore, content_blocks, merged
 from worker.session_store import JobTranscript, RedisSessionStore
 from worker.skills import install_skills, installed_skills
-from worker.warm import WarmClient, WarmPool
+from worker.warm import WarmClient, WarmPool, warm_up
 from worker.workspace import MARKER, Workspace, job_workspace
 
 log = logging.getLogger("gateway.worker.claude")
@@ -212,12 +212,16 @@ class ClaudeBackend:
             job_workspace(self._settings.workspace_root, name, self._settings.claude_job_user)
         )
         proxy = self._proxy
-        token = proxy.issue() if proxy is not None else None
+        token = proxy.issue(warming=True) if proxy is not None else None
         warm = WarmClient(ClaudeSDKClient(self._options(job, workspace, token)), stack)
         if proxy is not None and token is not None:
             warm.release = lambda: proxy.revoke(token)
         try:
             await warm.client.connect()
+            if proxy is not None and token is not None:
+                # Only behind the proxy: it answers the warm-up turn, which must not reach the model API.
+                await warm_up(warm.client)
+                proxy.admit(token)
         except BaseException:
             await warm.discard()
             raise
