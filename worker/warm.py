@@ -7,10 +7,13 @@ is kept, only the start-up moves ahead of the job.
 
 A CLI's options are fixed when it starts, so a warm client is made for a *profile*: the model,
 system prompt, agent options and token limit of a job. The pool learns profiles from traffic:
-every eligible job (a single new user turn, no session) asks for a replacement of its profile,
-so repeated requests of one kind start warm after the first. Jobs with earlier turns or a session
-resume a transcript, which is chosen at start-up, so they always start cold. When the pool is
-full, a new profile takes the place of the oldest ready client of another one.
+every eligible job (a single new user turn, no session) orders a client of its profile for the
+next such job, so repeated requests of one kind start warm after the first. It orders it once it
+has its first token (or has ended): a CLI starting beside the job's own would take the CPU the
+job needs until then (measured: it doubles a warm job's time to first token on 2 cores). Jobs
+with earlier turns or a session resume a transcript, which is chosen at start-up, so they always
+start cold. When the pool is full, a new profile takes the place of the oldest ready client of
+another one.
 
 A connected CLI still does ~100 ms of once-per-process work (all CPU, inside the CLI) on its
 first turn, so a warm client has had that turn already: `warm_up` runs one that the worker's
@@ -110,25 +113,27 @@ class WarmPool:
     _closed: bool = False
 
     async def take(self, job: CompletionJob) -> WarmClient | None:
-        """A client for the job's profile, if one is ready or connecting; asks for a replacement
-        either way. None: the job starts cold."""
+        """A client for the job's profile, if one is ready or connecting. None: the job starts
+        cold. Either way, `order` its replacement once the job has its first token."""
         wanted = profile(job)
         if wanted is None or self._closed:
             return None
         mine = [slot for slot in self._slots if slot.profile == wanted]
         found = next((slot for slot in mine if slot.client.done()), mine[0] if mine else None)
-        if found is not None:
-            self._slots.remove(found)
-        self._refill(job, wanted)
         if found is None:
             return None
+        self._slots.remove(found)
         try:
             return await found.client
         except Exception:
             log.warning("could not start a warm Claude Code client", exc_info=True)
             return None
 
-    def _refill(self, job: CompletionJob, wanted: str) -> None:
+    def order(self, job: CompletionJob) -> None:
+        """Starts a client for the next job like `job`, if warm clients can run such jobs."""
+        wanted = profile(job)
+        if wanted is None or self._closed:
+            return
         if len(self._slots) >= self.size:
             other = next((slot for slot in self._slots if slot.profile != wanted), None)
             if other is None:

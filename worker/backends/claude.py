@@ -9,7 +9,7 @@ import os
 import pwd
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, aclosing
 from dataclasses import replace
 from typing import Any, cast
 
@@ -181,14 +181,37 @@ class ClaudeBackend:
         return system
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
-        if self._warm is not None and (warm := await self._warm.take(job)) is not None:
-            try:
-                await warm.client.query(user_message(job.turns[-1]))
-                async for event in _relay(warm.client.receive_response(), None, warm.client.disconnect):
+        warm = await self._warm.take(job) if self._warm is not None else None
+        run = self._run_warm(job, warm) if warm is not None else self._run_cold(job)
+        has_token = False
+        try:
+            async with aclosing(run):
+                async for event in run:
                     yield event
-            finally:
-                await warm.discard()
-            return
+                    if not has_token and isinstance(event, Delta):
+                        has_token = True
+                        self._order_warm(job)
+        finally:
+            if not has_token:
+                self._order_warm(job)
+
+    def _order_warm(self, job: CompletionJob) -> None:
+        """A warm client for the next job like this one, started once this one no longer waits
+        for its first token (see `worker/warm.py`)."""
+        if self._warm is not None:
+            self._warm.order(job)
+
+    async def _run_warm(
+        self, job: CompletionJob, warm: WarmClient
+    ) -> AsyncGenerator[Delta | Done | Progress, None]:
+        try:
+            await warm.client.query(user_message(job.turns[-1]))
+            async for event in _relay(warm.client.receive_response(), None, warm.client.disconnect):
+                yield event
+        finally:
+            await warm.discard()
+
+    async def _run_cold(self, job: CompletionJob) -> AsyncGenerator[Delta | Done | Progress, None]:
         with job_workspace(
             self._settings.workspace_root, job.id, self._settings.claude_job_user
         ) as workspace:
