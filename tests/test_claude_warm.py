@@ -117,14 +117,13 @@ def test_a_warm_job_sends_upstream_exactly_what_a_cold_one_does(
         body: dict[str, Any] = response.json()
         return body
 
-    cold = complete()  # the first of its kind starts cold
-    prepared = wait_for_a_prepared_client(warm)
-    hot = complete()
+    cold = complete()  # the first of its kind starts cold, and orders a warm client for the next
+    hot = complete()  # which takes it, waiting for it if it is still connecting or warming up
     assert len(upstream.requests) == 2  # one each: the warm-up turn never reached the upstream
     assert upstream.paths == ["POST /v1/messages"] * 2
     cold_request, warm_request = upstream.requests
     assert "/warm-" not in workspace_of(cold_request)
-    assert workspace_of(warm_request) == str(prepared)  # ran on the warmed-up client
+    assert "/warm-" in workspace_of(warm_request)  # ran on a warmed-up client
     assert without_workspace(warm_request) == without_workspace(cold_request)
     assert len(warm_request["messages"]) == 1
     assert WARM_UP_PROMPT not in json.dumps(warm_request)
