@@ -129,4 +129,5 @@ def test_a_warm_job_sends_upstream_exactly_what_a_cold_one_does(
     assert WARM_UP_PROMPT not in json.dumps(warm_request)
     assert upstream.credentials == ["test-key-not-real"] * 2  # the proxy's key, as for a cold job
     assert hot["choices"][0]["message"] == cold["choices"][0]["message"]
+    assert cold["usage"]["cost_usd"] > 0
     assert hot["usage"] == cold["usage"]  # no tokens, no cost from the warm-up
