@@ -233,6 +233,12 @@ def test_logs_are_json_with_request_and_job_ids_in_both_processes_and_no_prompt(
         return [json.loads(line) for line in path.read_text().splitlines()]  # every line is JSON
 
     wait_for(lambda: any(line.get("job_id") == job_id for line in lines("worker")), 10, "the worker's log")
+    # The API logs the request's line once the response has ended, maybe after the client read it.
+    wait_for(
+        lambda: len([line for line in lines("api") if line.get("request_id") == request_id]) >= 2,
+        10,
+        "the API's queued and request lines",
+    )
     for role in ("api", "worker"):
         mine = [line for line in lines(role) if line.get("request_id") == request_id]
         assert mine, f"no {role} line carries the request id"
@@ -240,4 +246,3 @@ def test_logs_are_json_with_request_and_job_ids_in_both_processes_and_no_prompt(
         text = "\n".join(json.dumps(line) for line in lines(role))
         assert prompt not in text
         assert secret not in text
-    assert len([line for line in lines("api") if line.get("request_id") == request_id]) >= 2
