@@ -34,6 +34,7 @@ from api.responses import (
     response_body,
 )
 from api.responses_protocol import OutputText
+from api.streaming import joined
 from shared.events import JobEventValue
 from shared.jobs import Delta, Done, JobStatus
 
@@ -145,19 +146,27 @@ async def _stream(
     after: int,
     first: "asyncio.Future[tuple[int, JobEventValue]] | None",
     on_abandon: Callable[[], Coroutine[Any, Any, None]] | None,
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[bytes]:
+    # Events that are ready together go out as one body message (see api/streaming.py).
     finished = False
     number = after
+    ready: list[ServerSentEvent] = []
     try:
         for number, kind, data in renderer.prelude():
             if number > after:
-                yield ServerSentEvent(data, event=kind, id=str(number))
+                ready.append(ServerSentEvent(data, event=kind, id=str(number)))
         pending = first if first is not None else asyncio.ensure_future(anext(events))
+        if ready and not pending.done():  # a slow start: the stream opens at once anyway
+            yield joined(ready)
+            ready = []
         seq, event = await pending
         while True:
             for number, kind, data in renderer.render(seq, event):
                 if number > after:
-                    yield ServerSentEvent(data, event=kind, id=str(number))
+                    ready.append(ServerSentEvent(data, event=kind, id=str(number)))
+            if ready:
+                yield joined(ready)
+                ready = []
             if not isinstance(event, Delta):
                 break
             seq, event = await anext(events)
@@ -167,7 +176,7 @@ async def _stream(
         log.warning("lost Redis while relaying a response stream")
         message = "The gateway lost its queue mid-stream; resume with starting_after."
         _, kind, data = _event("error", number + 1, code="queue_unavailable", message=message, param=None)
-        yield ServerSentEvent(data, event=kind)
+        yield joined([*ready, ServerSentEvent(data, event=kind)])
         finished = True
     finally:
         if not finished and on_abandon is not None:

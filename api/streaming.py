@@ -58,30 +58,38 @@ async def _chunks(
     after: int,
     first: "asyncio.Future[tuple[int, JobEventValue]] | None",
     on_abandon: Callable[[], Coroutine[Any, Any, None]] | None,
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[bytes]:
+    # Chunks that are ready together go out as one body message: each message is a trip through
+    # every middleware's `send` and a socket write, so the role chunk rides with the first
+    # content and the closing chunks with [DONE].
+    ready = [ServerSentEvent(renderer.role(), id="0")] if after == 0 else []
     finished = False
     try:
-        if after == 0:
-            yield ServerSentEvent(renderer.role(), id="0")
         pending = first if first is not None else asyncio.ensure_future(anext(events))
+        if ready and not pending.done():  # a slow start: the stream opens at once anyway
+            yield joined(ready)
+            ready = []
         seq, event = await pending
         while True:
             if isinstance(event, Delta):
-                yield ServerSentEvent(renderer.content(event.text), id=str(seq))
-            elif isinstance(event, Done):
+                ready.append(ServerSentEvent(renderer.content(event.text), id=str(seq)))
+                yield joined(ready)
+                ready = []
+                seq, event = await anext(events)
+                continue
+            if isinstance(event, Done):
                 if event.tool_calls:
-                    yield ServerSentEvent(renderer.tool_calls(event))
+                    ready.append(ServerSentEvent(renderer.tool_calls(event)))
                 if renderer.include_usage:
-                    yield ServerSentEvent(renderer.finish(event))
-                    yield ServerSentEvent(renderer.usage(event), id=str(seq))
+                    ready.append(ServerSentEvent(renderer.finish(event)))
+                    ready.append(ServerSentEvent(renderer.usage(event), id=str(seq)))
                 else:
-                    yield ServerSentEvent(renderer.finish(event), id=str(seq))
-                break
+                    ready.append(ServerSentEvent(renderer.finish(event), id=str(seq)))
             else:
-                yield ServerSentEvent(error_chunk(OpenAIError.from_failure(event).info), id=str(seq))
-                break
-            seq, event = await anext(events)
-        finished = True
+                chunk = error_chunk(OpenAIError.from_failure(event).info)
+                ready.append(ServerSentEvent(chunk, id=str(seq)))
+            finished = True
+            break
     except RedisError:
         # Headers are gone already: the failure can only be reported in the stream.
         log.warning("lost Redis while relaying a stream")
@@ -90,7 +98,7 @@ async def _chunks(
             type="server_error",
             code="queue_unavailable",
         )
-        yield ServerSentEvent(error_chunk(error))
+        ready.append(ServerSentEvent(error_chunk(error)))
         finished = True
     finally:
         if not finished and on_abandon is not None:
@@ -98,4 +106,9 @@ async def _chunks(
             task = asyncio.get_running_loop().create_task(on_abandon())
             _abandoned.add(task)
             task.add_done_callback(_abandoned.discard)
-    yield ServerSentEvent("[DONE]")
+    yield joined([*ready, ServerSentEvent("[DONE]")])
+
+
+def joined(events: list[ServerSentEvent]) -> bytes:
+    """Events as one body message."""
+    return b"".join(event.encode() for event in events)
