@@ -127,7 +127,10 @@ class Settings(BaseSettings):
         default=[], description="Addresses or CIDRs whose X-Forwarded-For is believed."
     )
     claude_tools: list[str] = Field(
-        default=[], description='Tools the agent may use, pre-approved (e.g. ["Bash"]); none by default.'
+        # The original wrapper's default set: Claude Code with its tools is the product. Callers need
+        # a key (or loopback), and each job's tools run in its own workspace (docs/security.md).
+        default=["Read", "Glob", "Grep", "Bash", "Write", "Edit"],
+        description="Tools callers' jobs may use, pre-approved; [] for plain question and answer.",
     )
     claude_job_user: str | None = Field(
         default=None, description="Run each CLI as this user (the worker must be root to switch)."
