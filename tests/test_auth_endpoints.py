@@ -52,6 +52,28 @@ def test_auth_status_reports_the_workers_method_and_never_the_key(start_gateway:
     assert body["server_info"]["api_key_source"] == "environment"
 
 
+def test_workers_that_differ_are_reported_together_and_one_by_one(start_gateway: Any) -> None:
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", ANTHROPIC_API_KEY=MODEL_KEY, API_KEY=GATEWAY_KEY
+    )
+    auth_status(gateway, workers=1)
+    gateway.env.update(CLAUDE_AUTH_METHOD="bedrock", AWS_REGION="eu-west-1", AWS_ACCESS_KEY_ID="AKIAEXAMPLE")
+    gateway.start_worker()
+    response = auth_status(gateway, workers=2)
+    assert MODEL_KEY not in response.text
+    assert "AKIAEXAMPLE" not in response.text
+    body = response.json()
+    by_method = {w["auth"]["method"]: w for w in body["workers"]}
+    assert sorted(by_method) == ["anthropic", "bedrock"]
+    bedrock = by_method["bedrock"]
+    assert bedrock["auth"]["errors"] == ["AWS_ACCESS_KEY_ID is set without AWS_SECRET_ACCESS_KEY"]
+    combined = body["claude_code_auth"]
+    assert (combined["method"], combined["status"]["valid"]) == ("mixed", False)
+    assert combined["status"]["errors"] == [
+        f"{bedrock['id']}: AWS_ACCESS_KEY_ID is set without AWS_SECRET_ACCESS_KEY"
+    ]
+
+
 def test_with_no_worker_alive_the_api_says_so_and_reports_its_own_detection(start_gateway: Any) -> None:
     gateway: Gateway = start_gateway(
         workers=0, BACKEND="scripted", CLAUDE_AUTH_METHOD="bedrock", AWS_SECRET_ACCESS_KEY=MODEL_KEY
