@@ -104,6 +104,8 @@ class FakeAnthropic:
         """The `x-api-key` (or bearer token) of each request, in order."""
         self.paths: list[str] = []
         """The path of each request, in order."""
+        self.betas: list[str] = []
+        """The `anthropic-beta` header of each request, in order."""
         self.script: deque[Reply] = deque()
         self.default = Reply()
         self.port = 0
@@ -118,6 +120,7 @@ class FakeAnthropic:
         body = await request.json()
         self.requests.append(body)
         self.paths.append(request.url.path)
+        self.betas.append(request.headers.get("anthropic-beta", ""))
         bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
         self.credentials.append(request.headers.get("x-api-key") or bearer)
         reply = self.script.popleft() if self.script else self.default

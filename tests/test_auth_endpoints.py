@@ -208,6 +208,8 @@ def test_the_cli_login_reaches_upstream_through_the_proxy_and_never_the_agent(
     # Upstream got the stored login on every request; the CLI (the tool's parent) held only a job
     # token, which the CLI keeps out of its tools' own environment.
     assert upstream.credentials == [login_token, login_token]
+    # The CLI, holding a job token as its OAuth token, still speaks as an OAuth client.
+    assert all("oauth-2025-04-20" in beta.split(",") for beta in upstream.betas), upstream.betas
     output = "\n".join(tool_results(upstream.requests[-1]))
     assert "ANTHROPIC_BASE_URL=" in output, output
     assert login_token not in output
