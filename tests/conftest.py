@@ -157,6 +157,8 @@ def upstream(fake_anthropic: FakeAnthropic) -> FakeAnthropic:
     """The fake upstream, with its script and recorded requests reset for this test."""
     fake_anthropic.requests.clear()
     fake_anthropic.credentials.clear()
+    fake_anthropic.paths.clear()
+    fake_anthropic.betas.clear()
     fake_anthropic.script.clear()
     fake_anthropic.default = type(fake_anthropic.default)()
     return fake_anthropic

@@ -41,8 +41,7 @@ class GatewayWorker(Worker):
         self._starting: set[asyncio.Task[None]] = set()
         self.heartbeat = HeartbeatLoop(
             redis_url,
-            interval_s=settings.heartbeat_interval_s,
-            ttl_s=settings.heartbeat_ttl_s,
+            settings,
             slots=self.max_jobs,
             jobs=lambda: [attempt.partition(".")[0] for attempt in self.job_tasks],
         )
