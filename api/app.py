@@ -3,6 +3,7 @@
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -31,7 +32,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         finally:
             await redis.aclose()
 
-    app = FastAPI(title="Claude Code Gateway", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="Claude Code Gateway", version=version("claude-gateway"), lifespan=lifespan)
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(Access, settings=settings)  # before the body is read
