@@ -1,11 +1,26 @@
 """The models this gateway serves: the configured ids (`MODELS`), their aliases (`MODEL_ALIASES`),
 and, with `MODEL_PASS_THROUGH`, any other id handed to Claude Code as sent."""
 
+from typing import Literal
+
+from pydantic import BaseModel
+
 from api.errors import OpenAIError
-from api.protocol import Model
 from shared.settings import Settings
 
 OWNER = "anthropic"
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
 
 
 def resolve_model(model: str, settings: Settings) -> str:

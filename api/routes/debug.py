@@ -13,8 +13,8 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
+from api.chat.protocol import ChatCompletionRequest
 from api.deps import CallerDep, GatewayDep
-from api.protocol import ChatCompletionRequest
 from api.redaction import REDACTED, Redactor, secret_name
 
 router = APIRouter()

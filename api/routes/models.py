@@ -3,9 +3,9 @@ their aliases; `GET /version`: the gateway's own version, as the original wrappe
 
 from fastapi import APIRouter, Request
 
-from api.catalog import served_model, served_models
+from api.catalog import Model, ModelList, served_model, served_models
 from api.deps import GatewayDep
-from api.protocol import ErrorResponse, Model, ModelList
+from api.errors import ErrorResponse
 
 router = APIRouter()
 

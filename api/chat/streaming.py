@@ -14,9 +14,8 @@ from typing import Any
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.errors import OpenAIError
-from api.protocol import ErrorInfo
-from api.render import ChunkRenderer, error_chunk
+from api.chat.render import ChunkRenderer, error_chunk
+from api.errors import ErrorInfo, OpenAIError
 from shared.events import JobEventValue
 from shared.jobs import Delta, Done, Failed
 

@@ -24,8 +24,10 @@ from typing import Any
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.render import JobRef
-from api.responses import (
+from api.chat.render import JobRef
+from api.chat.streaming import joined
+from api.responses.protocol import OutputText
+from api.responses.response import (
     StoredResponse,
     finished_status,
     function_calls,
@@ -33,8 +35,6 @@ from api.responses import (
     output_message,
     response_body,
 )
-from api.responses_protocol import OutputText
-from api.streaming import joined
 from shared.events import JobEventValue
 from shared.jobs import Delta, Done, JobStatus
 
@@ -147,7 +147,7 @@ async def _stream(
     first: "asyncio.Future[tuple[int, JobEventValue]] | None",
     on_abandon: Callable[[], Coroutine[Any, Any, None]] | None,
 ) -> AsyncIterator[bytes]:
-    # Events that are ready together go out as one body message (see api/streaming.py).
+    # Events that are ready together go out as one body message (see api/chat/streaming.py).
     finished = False
     number = after
     ready: list[ServerSentEvent] = []
