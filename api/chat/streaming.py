@@ -22,6 +22,7 @@ from shared.jobs import Delta, Done, Failed
 log = logging.getLogger("gateway.api")
 
 Events = AsyncIterator[tuple[int, JobEventValue]]
+OnAbandon = Callable[[], Coroutine[Any, Any, None]]
 _abandoned: set["asyncio.Task[None]"] = set()  # strong references until they finish
 
 
@@ -45,7 +46,7 @@ def sse_response(
     *,
     after: int = 0,
     first: "asyncio.Future[tuple[int, JobEventValue]] | None" = None,
-    on_abandon: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    on_abandon: OnAbandon | None = None,
 ) -> EventSourceResponse:
     """The SSE response for the job's events after `after`; `on_abandon` runs if the client leaves."""
     return EventSourceResponse(_chunks(renderer, events, after, first, on_abandon), ping=15)
@@ -56,7 +57,7 @@ async def _chunks(
     events: Events,
     after: int,
     first: "asyncio.Future[tuple[int, JobEventValue]] | None",
-    on_abandon: Callable[[], Coroutine[Any, Any, None]] | None,
+    on_abandon: OnAbandon | None,
 ) -> AsyncIterator[bytes]:
     # Chunks that are ready together go out as one body message: each message is a trip through
     # every middleware's `send` and a socket write, so the role chunk rides with the first
@@ -100,12 +101,17 @@ async def _chunks(
         ready.append(ServerSentEvent(error_chunk(error)))
         finished = True
     finally:
-        if not finished and on_abandon is not None:
-            # The client went away mid-stream; this task is being cancelled, so run it apart.
-            task = asyncio.get_running_loop().create_task(on_abandon())
-            _abandoned.add(task)
-            task.add_done_callback(_abandoned.discard)
+        if not finished:
+            abandoned(on_abandon)
     yield joined([*ready, ServerSentEvent("[DONE]")])
+
+
+def abandoned(on_abandon: OnAbandon | None) -> None:
+    """The client left mid-stream and this task is being cancelled: run `on_abandon` apart."""
+    if on_abandon is not None:
+        task = asyncio.get_running_loop().create_task(on_abandon())
+        _abandoned.add(task)
+        task.add_done_callback(_abandoned.discard)
 
 
 def joined(events: list[ServerSentEvent]) -> bytes:

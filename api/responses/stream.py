@@ -18,14 +18,14 @@ the text JSON-encoded per event.
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.chat.render import JobRef
-from api.chat.streaming import joined
+from api.chat.streaming import Events, OnAbandon, abandoned, joined
 from api.responses.protocol import OutputText
 from api.responses.response import (
     StoredResponse,
@@ -40,9 +40,7 @@ from shared.jobs import Delta, Done, JobStatus
 
 log = logging.getLogger("gateway.api")
 
-Events = AsyncIterator[tuple[int, JobEventValue]]
 _PRELUDE = 3  # the sequence number of the prelude's last event; delta s is s + _PRELUDE
-_abandoned: set["asyncio.Task[None]"] = set()  # strong references until they finish
 
 
 def _event(kind: str, number: int, **fields: Any) -> tuple[int, str, str]:
@@ -131,7 +129,7 @@ def response_stream(
     *,
     after: int = -1,
     first: "asyncio.Future[tuple[int, JobEventValue]] | None" = None,
-    on_abandon: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    on_abandon: OnAbandon | None = None,
 ) -> EventSourceResponse:
     """The SSE response for the events numbered after `after`; `on_abandon` runs if the client leaves.
 
@@ -145,7 +143,7 @@ async def _stream(
     events: Events,
     after: int,
     first: "asyncio.Future[tuple[int, JobEventValue]] | None",
-    on_abandon: Callable[[], Coroutine[Any, Any, None]] | None,
+    on_abandon: OnAbandon | None,
 ) -> AsyncIterator[bytes]:
     # Events that are ready together go out as one body message (see api/chat/streaming.py).
     finished = False
@@ -179,8 +177,5 @@ async def _stream(
         yield joined([*ready, ServerSentEvent(data, event=kind)])
         finished = True
     finally:
-        if not finished and on_abandon is not None:
-            # The client went away mid-stream; this task is being cancelled, so run it apart.
-            task = asyncio.get_running_loop().create_task(on_abandon())
-            _abandoned.add(task)
-            task.add_done_callback(_abandoned.discard)
+        if not finished:
+            abandoned(on_abandon)
