@@ -11,8 +11,8 @@ Asking for more than the policy grants is a 400, never a silent downgrade.
 from collections.abc import Mapping
 from typing import get_args
 
+from api.chat.protocol import ChatCompletionRequest
 from api.errors import OpenAIError
-from api.protocol import ChatCompletionRequest
 from shared.agent import AgentRequest, PermissionMode
 from shared.settings import Settings
 

@@ -3,6 +3,7 @@
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -11,7 +12,7 @@ from api import errors
 from api.access import Access
 from api.deps import Gateway
 from api.middleware import BodyLimit, RequestId
-from api.routes import chat, chat_jobs, health, messages, models, ops, responses, sessions
+from api.routes import auth, chat, chat_jobs, debug, health, messages, models, ops, responses, sessions
 from shared import queue
 from shared.jobstore import JobStore
 from shared.settings import Settings
@@ -31,7 +32,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         finally:
             await redis.aclose()
 
-    app = FastAPI(title="Claude Code Gateway", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="Claude Code Gateway", version=version("claude-gateway"), lifespan=lifespan)
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(Access, settings=settings)  # before the body is read
@@ -46,6 +47,8 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             expose_headers=["x-request-id", "retry-after", "x-ratelimit-remaining-requests"],
         )
     app.add_middleware(RequestId)  # outermost: even a refused body gets its request id
-    for module in (chat, chat_jobs, responses, messages, sessions, models, health, ops):
+    for module in (chat, chat_jobs, responses, messages, sessions, models, auth, health, ops):
         app.include_router(module.router)
+    if settings.debug_endpoints:  # off: the route does not exist (404 like any unknown URL)
+        app.include_router(debug.router)
     return app

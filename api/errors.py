@@ -11,15 +11,27 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
 from api import metrics
-from api.protocol import ErrorInfo, ErrorResponse
 from shared.jobs import Failed, FailureCode
 
 log = logging.getLogger("gateway.api")
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
 
 # How each job failure reaches the caller: HTTP status and OpenAI error type.
 FAILURE_STATUS: dict[FailureCode, tuple[int, str]] = {

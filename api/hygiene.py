@@ -1,7 +1,7 @@
 """Limits on what one request may ask of a worker, beyond the body size (`BodyLimit`)."""
 
+from api.chat.protocol import ChatCompletionRequest, TextPart
 from api.errors import OpenAIError
-from api.protocol import ChatCompletionRequest, TextPart
 from shared.settings import Settings
 
 

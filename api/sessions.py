@@ -13,8 +13,8 @@ from fastapi import Request
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from api.chat.protocol import ChatCompletionRequest
 from api.errors import OpenAIError
-from api.protocol import ChatCompletionRequest
 from shared import sessions
 from shared.jobs import CompletionJob, SessionRef, Turn
 from shared.keys import is_session_id

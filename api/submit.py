@@ -11,11 +11,11 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from api.access import job_slot
+from api.chat.protocol import ChatCompletionRequest
+from api.chat.translate import build_job
 from api.deps import Caller, Gateway
 from api.errors import OpenAIError
 from api.hygiene import check_prompt_limits
-from api.protocol import ChatCompletionRequest
-from api.translate import build_job
 from shared.jobs import CompletionJob
 
 

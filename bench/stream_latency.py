@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,6 +36,7 @@ from redis.asyncio import Redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.lean_http import LeanClient  # noqa: E402
 from cli.embedded_redis import EmbeddedRedis, free_port, server_binary  # noqa: E402
 from shared.jobs import CompletionJob, Delta, Turn  # noqa: E402
 from shared.keys import WAKEUP_CHANNEL  # noqa: E402
@@ -118,24 +120,18 @@ async def floor_stream(backend: ScriptedBackend, model: str, prompt: str) -> Sam
 
 
 async def gateway_stream(
-    client: httpx.AsyncClient, model: str, prompt: str, on_first: Callable[[], None] | None = None
+    client: LeanClient, model: str, prompt: str, on_first: Callable[[], None] | None = None
 ) -> Sample:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True})
-    headers = {"content-type": "application/json"}
     start = time.perf_counter()
     first: float | None = None
     done: float | None = None
     tokens = 0
-    async with client.stream("POST", "/v1/chat/completions", content=body, headers=headers) as response:
-        if response.status_code != 200:
-            raise BenchError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # blank separators and ": ping" comments
-            data = line[5:].strip()
+    async with aclosing(client.sse("/v1/chat/completions", body.encode())) as events:
+        async for data in events:
             if data == "[DONE]":
                 done = time.perf_counter()
-                break
+                continue  # read on to the end of the response, so the connection can be reused
             chunk = json.loads(data)
             if "error" in chunk:
                 raise BenchError(f"stream failed: {chunk['error']}")
@@ -150,6 +146,22 @@ async def gateway_stream(
     if first is None or done is None:
         raise BenchError("the stream ended without a token or without [DONE]")
     return Sample(first - start, tokens, first, done)
+
+
+async def httpx_stream(client: httpx.AsyncClient, model: str, prompt: str) -> Sample:
+    """The same request through httpx's async client: what a typical Python caller sees."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True})
+    start = time.perf_counter()
+    first: float | None = None
+    async with client.stream(
+        "POST", "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    ) as response:
+        async for line in response.aiter_lines():
+            if first is None and '"content":"' in line.replace('"content":""', ""):
+                first = time.perf_counter()
+    if first is None:
+        raise BenchError("the stream ended without a token")
+    return Sample(first - start, 0, first, time.perf_counter())
 
 
 # --- measurements, each for either stream ---------------------------------------------------------
@@ -327,7 +339,7 @@ async def redis_clients(redis_url: str) -> int:
 
 
 async def memory_per_stream(
-    client: httpx.AsyncClient, model: str, api_pid: int, redis_url: str, plan: Plan
+    client: LeanClient, model: str, api_pid: int, redis_url: str, plan: Plan
 ) -> Memory:
     """API RSS before, while holding `held_streams` slow streams open, and after they ended."""
     prompt = script(text="x ", tokens=plan.held_tokens, delay_ms=HELD_DELAY_MS)
@@ -376,6 +388,7 @@ async def memory_per_stream(
 class Side:
     ttft_1: list[float] = field(default_factory=list)
     ttft_n: list[float] = field(default_factory=list)
+    ttft_httpx: list[float] = field(default_factory=list)  # the gateway through httpx, for reference
     rate_1: float = 0.0
     rate_n: float = 0.0
 
@@ -430,14 +443,16 @@ async def run(plan: Plan) -> Report:
             ) as client:
                 await gateway.start(client)
                 pids = await gateway.pids()
-                remote: Stream = partial(gateway_stream, client, model)
+                lean = LeanClient("127.0.0.1", gateway.port)
+                remote: Stream = partial(gateway_stream, lean, model)
                 for _ in range(plan.warmup):
                     await remote(HELLO)
-                memory = await memory_per_stream(client, model, pids["api"], gateway.redis.url, plan)
+                memory = await memory_per_stream(lean, model, pids["api"], gateway.redis.url, plan)
                 f, g = Side(), Side()
                 # Floor and gateway alternate phase by phase, so both see the same machine noise.
                 f.ttft_1 = await sequential_ttft(floor, plan)
                 g.ttft_1 = await sequential_ttft(remote, plan)
+                g.ttft_httpx = await sequential_ttft(partial(httpx_stream, client, model), plan)
                 f.ttft_n = await concurrent_ttft(floor, plan)
                 g.ttft_n = await concurrent_ttft(remote, plan)
                 f.rate_1 = await relay_rate(floor, plan.relay_tokens, 1)
@@ -446,6 +461,7 @@ async def run(plan: Plan) -> Report:
                 f.rate_n = await relay_rate(floor, plan.relay_tokens, plan.relay_streams)
                 with CpuMeter(pids) as cpu_n:
                     g.rate_n = await relay_rate(remote, plan.relay_tokens, plan.relay_streams)
+                await lean.close()
         except Exception:
             print(gateway.log_tail(), file=sys.stderr)  # the gateway's side of the failure
             raise
@@ -472,6 +488,7 @@ def figures(report: Report) -> dict[str, Any]:
     for name, fs, gs in (
         ("ttft_1", f.ttft_1, g.ttft_1),
         (f"ttft_{report.plan.concurrency}", f.ttft_n, g.ttft_n),
+        ("ttft_1_httpx", f.ttft_1, g.ttft_httpx),
     ):
         for q_name, q in (("median", 0.5), ("p99", 0.99)):
             fv, gv = percentile(fs, q), percentile(gs, q)
@@ -505,6 +522,8 @@ def markdown(report: Report) -> str:
         ("ttft_1_p99_s", "TTFT, 1 stream, p99 (ms)", "added ≤ 15 ms"),
         (f"ttft_{n}_median_s", f"TTFT, {n} concurrent, median (ms)", ""),
         (f"ttft_{n}_p99_s", f"TTFT, {n} concurrent, p99 (ms)", ""),
+        ("ttft_1_httpx_median_s", "TTFT, 1 stream, through httpx, median (ms)", ""),
+        ("ttft_1_httpx_p99_s", "TTFT, 1 stream, through httpx, p99 (ms)", ""),
     ):
         v = fig[key]
         row(key, label, [_ms(v["floor"]), _ms(v["gateway"]), _ms(v["added"])], target)

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from pydantic import ValidationError
+
 from cli import keys
 from shared.logs import configure_logging
 from shared.settings import Settings
@@ -128,7 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     keys.add_parser(roles)
     args = parser.parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # a clear message, not a traceback (values are not echoed)
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        sys.exit(f"invalid configuration: {problems}")
     configure_logging(settings)
     if args.role == "status":
         from cli.status import run_status

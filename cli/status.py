@@ -32,16 +32,21 @@ def render(snapshot: Snapshot) -> str:
         f"queue      {queue.depth} waiting, oldest {oldest}",
         f"running    {snapshot.jobs_running} of {snapshot.slots} slots, {len(snapshot.workers)} live workers",
         "",
-        f"{'WORKER':<40} {'HOST':<20} {'PID':>7} {'UP':>6} {'BEAT':>6}  JOBS",
+        f"{'WORKER':<40} {'HOST':<20} {'PID':>7} {'UP':>6} {'BEAT':>6}  {'AUTH':<21} JOBS",
     ]
+    problems = []
     for worker in snapshot.workers:
         beat = _age(max(0.0, now - worker.beat))
+        auth = "-" if worker.auth is None else worker.auth.method + ("" if worker.auth.valid else " UNUSABLE")
         lines.append(
             f"{worker.id:<40} {worker.host[:20]:<20} {worker.pid:>7} {_age(now - worker.started):>6} "
-            f"{beat:>6}  {len(worker.jobs)}/{worker.slots} {' '.join(worker.jobs)}"
+            f"{beat:>6}  {auth:<21} {len(worker.jobs)}/{worker.slots} {' '.join(worker.jobs)}"
         )
+        problems += [f"  {worker.id}: {error}" for error in (worker.auth.errors if worker.auth else [])]
     if not snapshot.workers:
         lines.append("(no live worker)")
+    if problems:
+        lines += ["", "backend auth problems (GET /v1/auth/status)", *problems]
     stats = snapshot.stats
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(stats.jobs.items())) or "none yet"
     lines += ["", f"jobs       {outcomes}", "", "recent failures"]

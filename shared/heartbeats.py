@@ -13,6 +13,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
+from shared.backend_auth import BackendAuth
 from shared.keys import PREFIX
 
 WORKERS_INDEX = f"{PREFIX}:workers"
@@ -38,6 +39,10 @@ class Heartbeat(BaseModel):
     beat: float = Field(description="Unix time of this beat.")
     slots: int = Field(description="Jobs it runs at once (`JOBS_PER_WORKER`).")
     jobs: list[str] = Field(description="Ids of the jobs it is running.")
+    backend: str | None = Field(default=None, description="`BACKEND` (None from workers predating it).")
+    auth: BackendAuth | None = Field(
+        default=None, description="Its backend auth as it checked it for this beat (no secret values)."
+    )
 
 
 async def beat(redis: Redis, heartbeat: Heartbeat, ttl_s: float) -> None:

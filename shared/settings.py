@@ -7,7 +7,7 @@ Both processes build one `Settings()` at start-up and pass it down; nothing else
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.agent import PermissionMode
@@ -82,9 +82,71 @@ class Settings(BaseSettings):
     # --- The Claude backend (passed to the CLI, never logged) -----------------------------
     anthropic_api_key: SecretStr | None = None
     anthropic_base_url: str | None = None
-    claude_max_retries: int = Field(default=2, ge=0, description="Bounded so a bad key surfaces in seconds.")
+    claude_max_retries: int = Field(
+        default=2,
+        ge=0,
+        validation_alias=AliasChoices("claude_max_retries", "claude_code_max_retries"),
+        description="Upstream retries per request (also read as CLAUDE_CODE_MAX_RETRIES), bounded so a "
+        "bad key surfaces in seconds.",
+    )
     workspace_root: Path = Path(".state/workspaces")
     claude_cli_path: Path | None = None
+
+    # --- How the workers reach the model: backend auth (docs/claude-backend.md) -----------
+    # Detection as in the original wrapper: CLAUDE_AUTH_METHOD, else CLAUDE_CODE_USE_BEDROCK,
+    # CLAUDE_CODE_USE_VERTEX, ANTHROPIC_API_KEY, else the CLI's own login (shared/backend_auth.py).
+    claude_auth_method: Literal["anthropic", "bedrock", "vertex", "claude_cli"] | None = Field(
+        default=None,
+        description="Explicit choice: cli (claude_cli), api_key (anthropic), bedrock or vertex; "
+        "unset: detected.",
+    )
+    claude_code_use_bedrock: bool = False
+    claude_code_use_vertex: bool = False
+    # Amazon Bedrock: the CLI signs its own requests, so these reach the CLI's environment.
+    aws_region: str | None = None
+    aws_default_region: str | None = None
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+    aws_profile: str | None = None
+    aws_shared_credentials_file: Path | None = None
+    aws_config_file: Path | None = None
+    aws_bearer_token_bedrock: SecretStr | None = None
+    aws_web_identity_token_file: Path | None = None
+    aws_role_arn: str | None = None
+    aws_container_credentials_relative_uri: str | None = None
+    aws_container_credentials_full_uri: str | None = None
+    anthropic_bedrock_base_url: str | None = None
+    claude_code_skip_bedrock_auth: bool = False
+    # Google Vertex AI: likewise.
+    anthropic_vertex_project_id: str | None = None
+    cloud_ml_region: str | None = None
+    google_application_credentials: Path | None = None
+    anthropic_vertex_base_url: str | None = None
+    claude_code_skip_vertex_auth: bool = False
+    # The CLI's own login (`claude setup-token`, or the login `claude` stored for the worker's user).
+    claude_code_oauth_token: SecretStr | None = None
+    claude_config_dir: Path | None = Field(
+        default=None,
+        description="The worker user's Claude Code config directory, where its login is stored; "
+        "unset: ~/.claude.",
+    )
+    debug_endpoints: bool = Field(
+        default=False, description="Serve POST /v1/debug/request (redacted echo of a request)."
+    )
+
+    @field_validator("claude_auth_method", mode="before")
+    @classmethod
+    def _auth_method_aliases(cls, value: object) -> object:
+        """The original wrapper's names for the methods, case-insensitive."""
+        if not isinstance(value, str):
+            return value
+        aliases = {"cli": "claude_cli", "api_key": "anthropic"}
+        name = value.strip().lower()
+        name = aliases.get(name, name)
+        if name not in {"anthropic", "bedrock", "vertex", "claude_cli"}:
+            raise ValueError(f"unknown method {value!r}: use cli, api_key, bedrock or vertex")
+        return name
 
     # --- The scripted backend (tests and benchmarks) --------------------------------------
     scripted_text: str = "Hello from the scripted backend."
@@ -127,7 +189,10 @@ class Settings(BaseSettings):
         default=[], description="Addresses or CIDRs whose X-Forwarded-For is believed."
     )
     claude_tools: list[str] = Field(
-        default=[], description='Tools the agent may use, pre-approved (e.g. ["Bash"]); none by default.'
+        # The original wrapper's default set: Claude Code with its tools is the product. Callers need
+        # a key (or loopback), and each job's tools run in its own workspace (docs/security.md).
+        default=["Read", "Glob", "Grep", "Bash", "Write", "Edit"],
+        description="Tools callers' jobs may use, pre-approved; [] for plain question and answer.",
     )
     claude_job_user: str | None = Field(
         default=None, description="Run each CLI as this user (the worker must be root to switch)."

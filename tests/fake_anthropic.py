@@ -100,11 +100,15 @@ async def _tool_use(name: str, tool_input: dict[str, Any]) -> AsyncIterator[byte
 class FakeAnthropic:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
-        """The body of each `POST /v1/messages`, in order."""
-        self.paths: list[str] = []
+        """The body of each Messages API request, in order."""
+        self.received: list[str] = []
         """`METHOD /path` of every request received, whatever its route."""
         self.credentials: list[str] = []
         """The `x-api-key` (or bearer token) of each request, in order."""
+        self.paths: list[str] = []
+        """The path of each Messages API request, in order."""
+        self.betas: list[str] = []
+        """The `anthropic-beta` header of each request, in order."""
         self.script: deque[Reply] = deque()
         self.default = Reply()
         self.port = 0
@@ -116,25 +120,35 @@ class FakeAnthropic:
         return f"http://127.0.0.1:{self.port}"
 
     async def _messages(self, request: Request) -> Response:
-        self.paths.append(f"{request.method} {request.url.path}")
+        self.received.append(f"{request.method} {request.url.path}")
         body = await request.json()
         self.requests.append(body)
+        self.paths.append(request.url.path)
+        self.betas.append(request.headers.get("anthropic-beta", ""))
         bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
         self.credentials.append(request.headers.get("x-api-key") or bearer)
         reply = self.script.popleft() if self.script else self.default
         if reply.status != 200:
             error = {"type": "error", "error": {"type": reply.error_type, "message": "fake upstream error"}}
             return JSONResponse(error, status_code=reply.status)
-        return StreamingResponse(_stream(reply, body.get("model", "")), media_type="text/event-stream")
+        # Vertex names the model in the path (`.../models/<model>:streamRawPredict`), not the body.
+        model = body.get("model") or request.path_params.get("model", "").partition(":")[0]
+        return StreamingResponse(_stream(reply, model), media_type="text/event-stream")
 
     async def _other(self, request: Request) -> Response:
-        self.paths.append(f"{request.method} {request.url.path}")
+        self.received.append(f"{request.method} {request.url.path}")
         return JSONResponse({"type": "error", "error": {"type": "not_found_error", "message": "no"}}, 404)
 
     def start(self) -> None:
         app = Starlette(
             routes=[
                 Route("/v1/messages", self._messages, methods=["POST"]),
+                # Vertex AI's streamRawPredict speaks the Messages API's SSE.
+                Route(
+                    "/v1/projects/{project}/locations/{region}/publishers/anthropic/models/{model}",
+                    self._messages,
+                    methods=["POST"],
+                ),
                 Route("/{path:path}", self._other, methods=["GET", "POST", "HEAD"]),
             ]
         )

@@ -166,3 +166,15 @@ def test_models_and_health(client: openai.OpenAI, scripted: Gateway) -> None:
     health = httpx.get(f"{scripted.url}/health")
     assert health.json() == {"status": "ok"}
     assert "x-request-id" in health.headers
+
+
+def test_retrieve_a_model_and_the_version(client: openai.OpenAI, scripted: Gateway) -> None:
+    model = httpx.get(f"{scripted.url}/v1/models/claude-sonnet-4-5").json()
+    assert_schema(model, "Model")
+    assert (model["id"], model["owned_by"]) == ("claude-sonnet-4-5", "anthropic")
+    assert client.models.retrieve("sonnet").id == "sonnet"  # an alias is a model id callers may send
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4o")
+    assert missing.value.code == "model_not_found"
+    version = httpx.get(f"{scripted.url}/version").json()
+    assert version == {"version": "0.1.0", "service": "claude-code-gateway", "api_version": "v1"}

@@ -104,13 +104,21 @@ def test_what_the_policy_forbids_is_refused_before_the_queue(
     assert upstream.requests == []
 
 
-def test_with_no_tool_policy_no_tool_is_sent_or_grantable(claude: Gateway, upstream: FakeAnthropic) -> None:
+def test_by_default_jobs_get_the_original_wrappers_tools(claude: Gateway, upstream: FakeAnthropic) -> None:
     assert post(claude, chat("hi")).status_code == 200
-    assert tool_names(upstream.requests[-1]) == []
-    refused = post(claude, chat("hi", allowed_tools=["Bash"]))
+    assert tool_names(upstream.requests[-1]) == ["Bash", "Edit", "Glob", "Grep", "Read", "Write"]
+    refused = post(claude, chat("hi", allowed_tools=["WebFetch"]))
     assert refused.json()["error"]["code"] == "tool_not_permitted"
     bypass = post(claude, chat("hi", permission_mode="bypassPermissions"))
     assert bypass.json()["error"]["code"] == "permission_mode_not_permitted"
+
+
+def test_an_empty_tool_policy_sends_no_tools(start_gateway: Any, upstream: FakeAnthropic) -> None:
+    plain: Gateway = start_gateway(workers=1, **claude_env(upstream, CLAUDE_TOOLS="[]"))
+    assert post(plain, chat("hi")).status_code == 200
+    assert tool_names(upstream.requests[-1]) == []
+    refused = post(plain, chat("hi", allowed_tools=["Bash"]))
+    assert refused.json()["error"]["code"] == "tool_not_permitted"
 
 
 def test_max_turns_ends_an_agent_loop(tooled: Gateway, upstream: FakeAnthropic) -> None:

@@ -120,7 +120,7 @@ def test_a_warm_job_sends_upstream_exactly_what_a_cold_one_does(
     cold = complete()  # the first of its kind starts cold, and orders a warm client for the next
     hot = complete()  # which takes it, waiting for it if it is still connecting or warming up
     assert len(upstream.requests) == 2  # one each: the warm-up turn never reached the upstream
-    assert upstream.paths == ["POST /v1/messages"] * 2
+    assert upstream.received == ["POST /v1/messages"] * 2
     cold_request, warm_request = upstream.requests
     assert "/warm-" not in workspace_of(cold_request)
     assert "/warm-" in workspace_of(warm_request)  # ran on a warmed-up client

@@ -5,14 +5,14 @@ import httpx
 import pytest
 
 from tests.fake_anthropic import FakeAnthropic
-from worker.credential_proxy import CredentialProxy
+from worker.credential_proxy import CredentialProxy, api_key_header
 
 MESSAGE = {"model": "claude-haiku-4-5", "max_tokens": 10, "stream": True, "messages": []}
 
 
 @pytest.fixture(scope="module")
 def proxy(fake_anthropic: FakeAnthropic) -> CredentialProxy:
-    proxy = CredentialProxy(fake_anthropic.url, "the-real-key")
+    proxy = CredentialProxy(fake_anthropic.url, api_key_header("the-real-key"))
     proxy.start()  # a daemon thread: it ends with the test run
     return proxy
 
@@ -40,7 +40,7 @@ def test_a_warming_token_gets_a_free_reply_from_the_proxy_until_admitted(
     assert "claude-haiku-4-5" in reply.text
     counted = httpx.post(f"{proxy.url}/v1/messages/count_tokens", json=MESSAGE, headers=headers)
     assert counted.status_code == 404
-    assert upstream.paths == []  # nothing reached the model API
+    assert upstream.received == []  # nothing reached the model API
 
     proxy.admit(token)
     forwarded = httpx.post(f"{proxy.url}/v1/messages", json=MESSAGE, headers=headers)

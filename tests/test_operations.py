@@ -166,6 +166,8 @@ def test_status_prints_a_table_and_watch_refreshes(single_slot: Gateway) -> None
     text = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30).stdout
     assert "0 waiting" in text
     assert f" {single_slot.workers[0].pid} " in text
+    reported = status_json(single_slot)["workers"][0]["auth"]  # its backend auth, whatever this host has
+    assert reported["method"] + ("" if reported["valid"] else " UNUSABLE") in text
     watch = subprocess.Popen(
         [*command, "--watch", "0.2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
     )
@@ -233,6 +235,12 @@ def test_logs_are_json_with_request_and_job_ids_in_both_processes_and_no_prompt(
         return [json.loads(line) for line in path.read_text().splitlines()]  # every line is JSON
 
     wait_for(lambda: any(line.get("job_id") == job_id for line in lines("worker")), 10, "the worker's log")
+    # The API logs the request's line once the response has ended, maybe after the client read it.
+    wait_for(
+        lambda: len([line for line in lines("api") if line.get("request_id") == request_id]) >= 2,
+        10,
+        "the API's queued and request lines",
+    )
     for role in ("api", "worker"):
         mine = [line for line in lines(role) if line.get("request_id") == request_id]
         assert mine, f"no {role} line carries the request id"
@@ -240,4 +248,3 @@ def test_logs_are_json_with_request_and_job_ids_in_both_processes_and_no_prompt(
         text = "\n".join(json.dumps(line) for line in lines(role))
         assert prompt not in text
         assert secret not in text
-    assert len([line for line in lines("api") if line.get("request_id") == request_id]) >= 2

@@ -1,14 +1,15 @@
-"""A credential-injecting proxy to the model API, so the agent never holds the real key.
+"""A credential-injecting proxy to the model API, so the agent never holds the real credential.
 
-Each CLI gets `ANTHROPIC_BASE_URL` pointing here and, as its `ANTHROPIC_API_KEY`, a token that is
-valid only while its job runs. The proxy swaps that token for the real key and forwards the
-request, streaming the answer back unchanged. A tool that reads the CLI's environment finds the
-token, which is worthless outside this host and after the job; the real key lives only in this
-worker process (see docs/security.md for what that does and does not protect against).
+Each CLI gets `ANTHROPIC_BASE_URL` pointing here and, as its `ANTHROPIC_API_KEY` (or, for the
+CLI's own login, its `CLAUDE_CODE_OAUTH_TOKEN`), a token that is valid only while its job runs.
+The proxy swaps that token for the real credential and forwards the request, streaming the answer
+back unchanged. A tool that reads the CLI's environment finds the token, which is worthless
+outside this host and after the job; the real credential lives only in this worker process (see
+docs/security.md for what that does and does not protect against).
 
 A token can also be issued *warming* (`worker/warm.py`): the proxy answers its requests itself
 with an empty, free reply and never contacts the model API, so a CLI started ahead of its job can
-run a throwaway first turn; `admit` makes it an ordinary job token afterwards.
+run throwaway first turns; `admit` makes it an ordinary job token afterwards.
 
 It runs on 127.0.0.1 in its own thread and event loop, so it never competes with arq's loop or
 signal handling.
@@ -18,7 +19,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,16 +31,31 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from shared.backend_auth import LoginError
+
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
 )
 _CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
 
 
+Credential = Callable[[], tuple[str, str]]
+"""The header (name, value) that authenticates a request upstream, read for every request."""
+
+
+def api_key_header(key: str) -> Credential:
+    return lambda: ("x-api-key", key)
+
+
+def bearer_header(token: Callable[[], str]) -> Credential:
+    """An OAuth token, as the CLI itself sends it (it adds the OAuth beta header on its own)."""
+    return lambda: ("authorization", f"Bearer {token()}")
+
+
 class CredentialProxy:
-    def __init__(self, upstream: str, api_key: str) -> None:
+    def __init__(self, upstream: str, credential: Credential) -> None:
         self._upstream = upstream.rstrip("/")
-        self._api_key = api_key
+        self._credential = credential
         self._tokens: set[str] = set()
         self._warming: set[str] = set()
         self._client: httpx.AsyncClient | None = None
@@ -85,7 +101,11 @@ class CredentialProxy:
             for name, value in request.headers.items()
             if name not in _HOP_BY_HOP and name not in _CREDENTIAL_HEADERS
         ]
-        headers.append(("x-api-key", self._api_key))
+        try:
+            headers.append(self._credential())
+        except LoginError as exc:  # the login file went away: the job fails as a credential refusal
+            error = {"type": "error", "error": {"type": "authentication_error", "message": str(exc)}}
+            return JSONResponse(error, status_code=401)
         upstream = self._client.build_request(
             request.method,
             self._upstream + request.url.path,

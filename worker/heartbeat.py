@@ -2,7 +2,8 @@
 
 The key expires `HEARTBEAT_TTL_FACTOR` intervals after the last beat, so a worker that is killed,
 hangs or loses Redis stops counting as alive on its own. A job starting or ending triggers a beat
-at once, so `status` shows current jobs without waiting for the interval.
+at once, so `status` shows current jobs without waiting for the interval. Each beat also carries
+the worker's backend auth, checked anew (local and cheap), for `GET /v1/auth/status`.
 """
 
 import asyncio
@@ -16,19 +17,21 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import heartbeats
+from shared import backend_auth, heartbeats
 from shared.heartbeats import Heartbeat
+from shared.settings import Settings
 
 log = logging.getLogger("gateway.worker")
 
 
 class HeartbeatLoop:
     def __init__(
-        self, redis_url: str, *, interval_s: float, ttl_s: float, slots: int, jobs: Callable[[], list[str]]
+        self, redis_url: str, settings: Settings, *, slots: int, jobs: Callable[[], list[str]]
     ) -> None:
         self._redis_url = redis_url
-        self._interval_s = interval_s
-        self._ttl_s = ttl_s
+        self._settings = settings
+        self._interval_s = settings.heartbeat_interval_s
+        self._ttl_s = settings.heartbeat_ttl_s
         self._slots = slots
         self._jobs = jobs
         self._changed = asyncio.Event()
@@ -63,6 +66,8 @@ class HeartbeatLoop:
             beat=time.time(),
             slots=self._slots,
             jobs=self._jobs(),
+            backend=self._settings.backend,
+            auth=backend_auth.check(self._settings),
         )
         try:
             await heartbeats.beat(redis, heartbeat, self._ttl_s)

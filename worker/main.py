@@ -34,15 +34,14 @@ class GatewayWorker(Worker):
     """
 
     def __init__(self, *, redis_url: str, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(poll_delay=0, on_job_start=_job_started, **kwargs)
+        super().__init__(poll_delay=0, **kwargs)
         self._redis_url = redis_url
         self._fallback_s = settings.poll_fallback_s
         self._wake = asyncio.Event()
         self._starting: set[asyncio.Task[None]] = set()
         self.heartbeat = HeartbeatLoop(
             redis_url,
-            interval_s=settings.heartbeat_interval_s,
-            ttl_s=settings.heartbeat_ttl_s,
+            settings,
             slots=self.max_jobs,
             jobs=lambda: [attempt.partition(".")[0] for attempt in self.job_tasks],
         )
@@ -92,6 +91,32 @@ class GatewayWorker(Worker):
             task = self.loop.create_task(self.run_job(raw.decode(), claimed.score))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[raw.decode()] = task
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        """Runs a claimed attempt: arq's `run_job` without its first round trip.
+
+        arq's version starts by fetching the attempt's entry (GET, INCR, EXPIRE) to learn the
+        function and its arguments, one more Redis round trip before every job's first token.
+        The claim script has already loaded the job and the attempt id names the rest, so this
+        runs `run_completion` at once and, when it ends, removes the attempt's arq keys as arq's
+        `finish_job` does. Time limits, retries and results are the job store's (arq's `max_tries`,
+        `keep_result` and timeout are not used for attempts either way).
+        """
+        completion, _, attempt = job_id.partition(".")
+        task = asyncio.current_task()
+        assert task is not None
+        self.job_tasks[job_id] = task
+        try:
+            await _job_started(self.ctx)
+            await run_completion(self.ctx, completion, int(attempt))
+            self.jobs_complete += 1
+        except Exception:
+            self.jobs_failed += 1
+            log.exception("attempt %s failed", job_id)
+        finally:
+            del self.job_tasks[job_id]
+            with contextlib.suppress(RedisError):
+                await asyncio.shield(self.finish_job(job_id, True, None, None, False, None, None))
 
     async def _start_woken(self, attempt_id: bytes) -> None:
         """Starts the attempt a wake-up named, without a trip through the queue's index."""
@@ -170,12 +195,8 @@ def build_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> 
         on_shutdown=_shutdown,
         ctx={"settings": settings},
         max_jobs=settings.jobs_per_worker,
-        # Our own timeout fires first and reports it; arq's is the backstop.
+        # How long arq's in-progress mark on a claimed attempt lasts: past the job's own limits.
         job_timeout=settings.job_timeout_s + 30,
-        # The event stream is the result; each attempt runs at most once (leases retry jobs).
-        keep_result=0,
-        max_tries=1,
-        retry_jobs=False,
         job_completion_wait=settings.drain_timeout_s,
         burst=burst,
     )

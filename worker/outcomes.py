@@ -21,17 +21,19 @@ log = logging.getLogger("gateway.worker")
 async def report_outcome(
     ctx: dict[str, Any],
     job: CompletionJob,
+    enqueued_ms: int,
     started: float,
     first_output: float | None,
     usage: Usage | None,
     failure: Failed | None,
 ) -> None:
-    """`started` and `first_output` are `time.perf_counter()` readings taken by the task."""
+    """`enqueued_ms` is the attempt's queue score (when it was queued, Unix ms); `started` and
+    `first_output` are `time.perf_counter()` readings taken by the task."""
     settings: Settings = ctx["settings"]
     redis: Redis = ctx["redis"]
     now = time.perf_counter()
-    # arq's enqueue time comes from the enqueuing API's clock: across machines, keep clocks in sync.
-    queue_wait = max(0.0, time.time() - (now - started) - ctx["enqueue_time"].timestamp())
+    # The queue score comes from the enqueuing process's clock: across machines, keep clocks in sync.
+    queue_wait = max(0.0, time.time() - (now - started) - enqueued_ms / 1000)
     record = stats.JobRecord(
         job_id=job.id,
         request_id=job.request_id,

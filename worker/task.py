@@ -66,7 +66,8 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None
         if (terminal := writer.terminal) is not None:  # this attempt decided how the job ended
             usage = terminal.usage if isinstance(terminal, Done) else None
             failure = terminal if isinstance(terminal, Failed) else None
-            await asyncio.shield(report_outcome(ctx, job, began, writer.first_output_at, usage, failure))
+            report = report_outcome(ctx, job, started.score, began, writer.first_output_at, usage, failure)
+            await asyncio.shield(report)
 
 
 async def _produce(

@@ -18,18 +18,18 @@ from sse_starlette import EventSourceResponse
 
 from api.access import job_slot
 from api.agent_policy import agent_request
+from api.chat.fanout import fan_out
+from api.chat.functions import function_calling
+from api.chat.protocol import ChatCompletion, ChatCompletionRequest
+from api.chat.render import ChunkRenderer, JobRef, completion_body, completion_id
+from api.chat.streaming import first_event, sse_response
+from api.chat.structured import ResponseFormat, structured_reply
+from api.chat.translate import build_job
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
-from api.errors import OpenAIError
-from api.fanout import fan_out
-from api.functions import function_calling
+from api.errors import ErrorResponse, OpenAIError
 from api.hygiene import check_prompt_limits
-from api.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse
 from api.relay import follow_job
-from api.render import ChunkRenderer, JobRef, completion_body, completion_id
 from api.sessions import abandon, attach, requested_session_id
-from api.streaming import first_event, sse_response
-from api.structured import ResponseFormat, structured_reply
-from api.translate import build_job
 from shared import logs, quotas
 from shared.events import JobEventValue
 from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode, JobStatus

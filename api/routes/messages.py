@@ -17,10 +17,11 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from api.chat.functions import function_calling
+from api.chat.streaming import first_event
 from api.deps import CallerDep, Gateway, GatewayDep
-from api.errors import OpenAIError
-from api.functions import function_calling
-from api.messages_protocol import (
+from api.errors import ErrorResponse, OpenAIError
+from api.messages.protocol import (
     MESSAGE_ID_PREFIX,
     CreateMessageRequest,
     Message,
@@ -30,9 +31,7 @@ from api.messages_protocol import (
     tool_use_blocks,
     usage_body,
 )
-from api.protocol import ErrorResponse
 from api.relay import follow_job
-from api.streaming import first_event
 from api.submit import prepare_job, queue_job
 from shared.events import JobEventValue
 from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode, Usage

@@ -13,15 +13,16 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from api import responses
+from api.chat.functions import function_calling
+from api.chat.protocol import ChatMessage
+from api.chat.render import JobRef
+from api.chat.streaming import first_event
+from api.chat.structured import ResponseFormat
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
-from api.errors import OpenAIError
-from api.functions import function_calling
-from api.protocol import ChatMessage, ErrorResponse
+from api.errors import ErrorResponse, OpenAIError
 from api.relay import follow_job
-from api.render import JobRef
-from api.responses import StoredResponse, response_body
-from api.responses_protocol import (
+from api.responses import response as stored_responses
+from api.responses.protocol import (
     RESPONSE_ID_PREFIX,
     CreateResponseRequest,
     Response,
@@ -29,10 +30,9 @@ from api.responses_protocol import (
     chat_tools,
     to_chat_messages,
 )
-from api.responses_stream import ResponseEventRenderer, response_stream
+from api.responses.response import StoredResponse, response_body
+from api.responses.stream import ResponseEventRenderer, response_stream
 from api.routes.chat_jobs import cancel_job, parse_last_event_id
-from api.streaming import first_event
-from api.structured import ResponseFormat
 from api.submit import chat_request, prepare_job, queue_job
 from shared.events import JobEventValue, events_so_far
 from shared.jobs import Delta, Done, Failed, FailureCode, JobStatus
@@ -98,11 +98,11 @@ async def create_response(
         tools=[{"strict": True, "parameters": None, **tool} for tool in body.tools or []],
         tool_choice=body.tool_choice or "auto",
     )
-    await responses.save(gateway.redis, gateway.settings, job.id, stored)
+    await stored_responses.save(gateway.redis, gateway.settings, job.id, stored)
     try:
         await queue_job(job, request, gateway, caller)
     except BaseException:
-        await responses.forget(gateway.redis, job.id)
+        await stored_responses.forget(gateway.redis, job.id)
         raise
     if body.background and not body.stream:
         return JSONResponse(response_body(job, stored, JobStatus.QUEUED, "", None).wire())
@@ -156,7 +156,7 @@ async def _owned(
     job_id = response_id.removeprefix(RESPONSE_ID_PREFIX)
     found = is_job_id(job_id) and response_id.startswith(RESPONSE_ID_PREFIX)
     record = await gateway.store.get(job_id) if found else None
-    stored = await responses.load(gateway.redis, job_id) if record is not None else None
+    stored = await stored_responses.load(gateway.redis, job_id) if record is not None else None
     if record is None or stored is None or record.owner != caller.key_id:
         raise OpenAIError(
             404,
@@ -176,7 +176,7 @@ async def _continued(gateway: Gateway, caller: Caller, previous_id: str) -> list
             param="previous_response_id",
             code="previous_response_not_completed",
         )
-    return await responses.continued_conversation(gateway.redis, stored, record.id)
+    return await stored_responses.continued_conversation(gateway.redis, stored, record.id)
 
 
 async def _snapshot(gateway: Gateway, record: JobRecord, stored: StoredResponse) -> Response:

@@ -10,8 +10,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from api.deps import CallerDep, GatewayDep
-from api.errors import OpenAIError
-from api.protocol import ErrorResponse
+from api.errors import ErrorResponse, OpenAIError
 from api.sessions import invalid_session_id
 from shared import sessions
 from shared.keys import is_session_id

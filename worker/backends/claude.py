@@ -26,13 +26,14 @@ from claude_agent_sdk import (
 from claude_agent_sdk.types import SessionStore, StreamEvent, SystemPromptPreset
 from redis.asyncio import Redis
 
-from shared import sessions
+from shared import backend_auth, sessions
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, ToolCall, Turn, Usage
 from shared.settings import Settings
 from worker import caller_functions
 from worker.backends import PROGRESS, BackendError, Progress, UsageReport
-from worker.credential_proxy import CredentialProxy
+from worker.credential_proxy import Credential, CredentialProxy, api_key_header, bearer_header
 from worker.history import HistoryStore, content_blocks, merged
+from worker.login import login_token
 from worker.session_store import JobTranscript, RedisSessionStore
 from worker.skills import install_skills, installed_skills
 from worker.warm import WarmClient, WarmPool, warm_up
@@ -98,10 +99,17 @@ class ClaudeBackend:
             pwd.getpwnam(settings.claude_job_user)  # fails at start-up, not on the first job
             if os.geteuid() != 0:
                 raise RuntimeError("CLAUDE_JOB_USER needs a worker running as root to switch users")
+        self._auth_method = backend_auth.detect_method(settings)
+        if not (auth := backend_auth.check(settings)).valid:
+            log.error("backend auth (%s) is not usable: %s", auth.method, "; ".join(auth.errors))
+        for warning in auth.warnings:
+            log.warning("backend auth (%s): %s", auth.method, warning)
         self._proxy: CredentialProxy | None = None
-        if settings.anthropic_api_key and (key := settings.anthropic_api_key.get_secret_value()):
-            self._proxy = CredentialProxy(settings.anthropic_base_url or _ANTHROPIC_API, key)
+        credential = self._proxied_credential()
+        if credential is not None:
+            self._proxy = CredentialProxy(settings.anthropic_base_url or _ANTHROPIC_API, credential)
             self._proxy.start()
+        self._provider_env = backend_auth.provider_environment(settings, self._auth_method)
         self._redis = redis
         self._store = RedisSessionStore(redis, settings.session_ttl_s)
         self._warm = (
@@ -109,6 +117,25 @@ class ClaudeBackend:
         )
         job_user = settings.claude_job_user
         self._runs_as_root = (pwd.getpwnam(job_user).pw_uid if job_user else os.geteuid()) == 0
+
+    def _proxied_credential(self) -> Credential | None:
+        """The credential the proxy injects: an API key, or the CLI's own login (Bedrock and Vertex
+        are signed by the CLI itself, see `backend_auth.provider_environment`)."""
+        if self._auth_method == "anthropic" and (key := self._settings.anthropic_api_key) is not None:
+            return api_key_header(key.get_secret_value())
+        if self._auth_method == "claude_cli":
+            return bearer_header(login_token(self._settings))
+        return None
+
+    def _refuse_unusable_auth(self) -> None:
+        """A job fails at once, with the reason, when the worker's credentials cannot work."""
+        auth = backend_auth.check(self._settings)
+        if not auth.valid:
+            raise BackendError(
+                FailureCode.BACKEND_UNAVAILABLE,
+                f"The worker cannot reach the model: its backend auth ({auth.method}) is not usable: "
+                + "; ".join(auth.errors),
+            )
 
     def _options(self, job: CompletionJob, workspace: Workspace, token: str | None) -> ClaudeAgentOptions:
         """The CLI's whole environment is this `env` (the worker forgot its own, see `environment`)."""
@@ -128,11 +155,11 @@ class ClaudeBackend:
             "DISABLE_ERROR_REPORTING": "1",
         }
         if self._proxy is not None and token is not None:
-            # The real key stays in this process: the CLI talks to the proxy with a job token.
+            # The real credential stays in this process: the CLI talks to the proxy with a job token.
             env["ANTHROPIC_BASE_URL"] = self._proxy.url
-            env["ANTHROPIC_API_KEY"] = token
-        elif settings.anthropic_base_url:
-            env["ANTHROPIC_BASE_URL"] = settings.anthropic_base_url
+            login = self._auth_method == "claude_cli"
+            env["CLAUDE_CODE_OAUTH_TOKEN" if login else "ANTHROPIC_API_KEY"] = token
+        env.update(self._provider_env)  # Bedrock, Vertex: the CLI signs for itself
         if job.max_tokens is not None:
             env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(job.max_tokens)
         agent = job.agent
@@ -181,6 +208,7 @@ class ClaudeBackend:
         return system
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
+        self._refuse_unusable_auth()
         warm = await self._warm.take(job) if self._warm is not None else None
         run = self._run_warm(job, warm) if warm is not None else self._run_cold(job)
         has_token = False

@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.chat.protocol import ChatMessage, ContentPart, ImagePart, TextPart
 from api.errors import OpenAIError
-from api.protocol import ChatMessage, ContentPart, ImagePart, TextPart
 
 RESPONSE_ID_PREFIX = "resp_"
 MESSAGE_ID_PREFIX = "msg_"

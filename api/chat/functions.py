@@ -12,8 +12,8 @@ cannot force a tool choice); `none` offers no function.
 import re
 from typing import Any
 
+from api.chat.protocol import ChatCompletionRequest, ChatMessage, TextPart
 from api.errors import OpenAIError
-from api.protocol import ChatCompletionRequest, ChatMessage, TextPart
 from shared.jobs import CompletionJob, FunctionTool
 
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,50}")  # the backend prefixes its own 13 characters

@@ -1,9 +1,9 @@
 """OpenAI chat requests → `CompletionJob`s: what the worker needs, validated, nothing more."""
 
 from api.catalog import resolve_model
-from api.content import message_content
+from api.chat.content import message_content
+from api.chat.protocol import ChatCompletionRequest
 from api.errors import OpenAIError
-from api.protocol import ChatCompletionRequest
 from shared.agent import AgentRequest
 from shared.jobs import CompletionJob, Turn
 from shared.settings import Settings

@@ -14,15 +14,15 @@ from typing import Any
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.errors import OpenAIError
-from api.protocol import ErrorInfo
-from api.render import ChunkRenderer, error_chunk
+from api.chat.render import ChunkRenderer, error_chunk
+from api.errors import ErrorInfo, OpenAIError
 from shared.events import JobEventValue
 from shared.jobs import Delta, Done, Failed
 
 log = logging.getLogger("gateway.api")
 
 Events = AsyncIterator[tuple[int, JobEventValue]]
+OnAbandon = Callable[[], Coroutine[Any, Any, None]]
 _abandoned: set["asyncio.Task[None]"] = set()  # strong references until they finish
 
 
@@ -46,7 +46,7 @@ def sse_response(
     *,
     after: int = 0,
     first: "asyncio.Future[tuple[int, JobEventValue]] | None" = None,
-    on_abandon: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    on_abandon: OnAbandon | None = None,
 ) -> EventSourceResponse:
     """The SSE response for the job's events after `after`; `on_abandon` runs if the client leaves."""
     return EventSourceResponse(_chunks(renderer, events, after, first, on_abandon), ping=15)
@@ -57,31 +57,39 @@ async def _chunks(
     events: Events,
     after: int,
     first: "asyncio.Future[tuple[int, JobEventValue]] | None",
-    on_abandon: Callable[[], Coroutine[Any, Any, None]] | None,
-) -> AsyncIterator[ServerSentEvent]:
+    on_abandon: OnAbandon | None,
+) -> AsyncIterator[bytes]:
+    # Chunks that are ready together go out as one body message: each message is a trip through
+    # every middleware's `send` and a socket write, so the role chunk rides with the first
+    # content and the closing chunks with [DONE].
+    ready = [ServerSentEvent(renderer.role(), id="0")] if after == 0 else []
     finished = False
     try:
-        if after == 0:
-            yield ServerSentEvent(renderer.role(), id="0")
         pending = first if first is not None else asyncio.ensure_future(anext(events))
+        if ready and not pending.done():  # a slow start: the stream opens at once anyway
+            yield joined(ready)
+            ready = []
         seq, event = await pending
         while True:
             if isinstance(event, Delta):
-                yield ServerSentEvent(renderer.content(event.text), id=str(seq))
-            elif isinstance(event, Done):
+                ready.append(ServerSentEvent(renderer.content(event.text), id=str(seq)))
+                yield joined(ready)
+                ready = []
+                seq, event = await anext(events)
+                continue
+            if isinstance(event, Done):
                 if event.tool_calls:
-                    yield ServerSentEvent(renderer.tool_calls(event))
+                    ready.append(ServerSentEvent(renderer.tool_calls(event)))
                 if renderer.include_usage:
-                    yield ServerSentEvent(renderer.finish(event))
-                    yield ServerSentEvent(renderer.usage(event), id=str(seq))
+                    ready.append(ServerSentEvent(renderer.finish(event)))
+                    ready.append(ServerSentEvent(renderer.usage(event), id=str(seq)))
                 else:
-                    yield ServerSentEvent(renderer.finish(event), id=str(seq))
-                break
+                    ready.append(ServerSentEvent(renderer.finish(event), id=str(seq)))
             else:
-                yield ServerSentEvent(error_chunk(OpenAIError.from_failure(event).info), id=str(seq))
-                break
-            seq, event = await anext(events)
-        finished = True
+                chunk = error_chunk(OpenAIError.from_failure(event).info)
+                ready.append(ServerSentEvent(chunk, id=str(seq)))
+            finished = True
+            break
     except RedisError:
         # Headers are gone already: the failure can only be reported in the stream.
         log.warning("lost Redis while relaying a stream")
@@ -90,12 +98,22 @@ async def _chunks(
             type="server_error",
             code="queue_unavailable",
         )
-        yield ServerSentEvent(error_chunk(error))
+        ready.append(ServerSentEvent(error_chunk(error)))
         finished = True
     finally:
-        if not finished and on_abandon is not None:
-            # The client went away mid-stream; this task is being cancelled, so run it apart.
-            task = asyncio.get_running_loop().create_task(on_abandon())
-            _abandoned.add(task)
-            task.add_done_callback(_abandoned.discard)
-    yield ServerSentEvent("[DONE]")
+        if not finished:
+            abandoned(on_abandon)
+    yield joined([*ready, ServerSentEvent("[DONE]")])
+
+
+def abandoned(on_abandon: OnAbandon | None) -> None:
+    """The client left mid-stream and this task is being cancelled: run `on_abandon` apart."""
+    if on_abandon is not None:
+        task = asyncio.get_running_loop().create_task(on_abandon())
+        _abandoned.add(task)
+        task.add_done_callback(_abandoned.discard)
+
+
+def joined(events: list[ServerSentEvent]) -> bytes:
+    """Events as one body message."""
+    return b"".join(event.encode() for event in events)

@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.chat.protocol import ChatCompletionRequest, ChatMessage, ContentPart, ImagePart, TextPart
 from api.errors import OpenAIError
-from api.protocol import ChatCompletionRequest, ChatMessage, ContentPart, ImagePart, TextPart
 from api.submit import chat_request
 from shared.jobs import Done, FinishReason, ToolCall, Usage
 

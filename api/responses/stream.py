@@ -18,14 +18,16 @@ the text JSON-encoded per event.
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.render import JobRef
-from api.responses import (
+from api.chat.render import JobRef
+from api.chat.streaming import Events, OnAbandon, abandoned, joined
+from api.responses.protocol import OutputText
+from api.responses.response import (
     StoredResponse,
     finished_status,
     function_calls,
@@ -33,15 +35,12 @@ from api.responses import (
     output_message,
     response_body,
 )
-from api.responses_protocol import OutputText
 from shared.events import JobEventValue
 from shared.jobs import Delta, Done, JobStatus
 
 log = logging.getLogger("gateway.api")
 
-Events = AsyncIterator[tuple[int, JobEventValue]]
 _PRELUDE = 3  # the sequence number of the prelude's last event; delta s is s + _PRELUDE
-_abandoned: set["asyncio.Task[None]"] = set()  # strong references until they finish
 
 
 def _event(kind: str, number: int, **fields: Any) -> tuple[int, str, str]:
@@ -130,7 +129,7 @@ def response_stream(
     *,
     after: int = -1,
     first: "asyncio.Future[tuple[int, JobEventValue]] | None" = None,
-    on_abandon: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    on_abandon: OnAbandon | None = None,
 ) -> EventSourceResponse:
     """The SSE response for the events numbered after `after`; `on_abandon` runs if the client leaves.
 
@@ -144,20 +143,28 @@ async def _stream(
     events: Events,
     after: int,
     first: "asyncio.Future[tuple[int, JobEventValue]] | None",
-    on_abandon: Callable[[], Coroutine[Any, Any, None]] | None,
-) -> AsyncIterator[ServerSentEvent]:
+    on_abandon: OnAbandon | None,
+) -> AsyncIterator[bytes]:
+    # Events that are ready together go out as one body message (see api/chat/streaming.py).
     finished = False
     number = after
+    ready: list[ServerSentEvent] = []
     try:
         for number, kind, data in renderer.prelude():
             if number > after:
-                yield ServerSentEvent(data, event=kind, id=str(number))
+                ready.append(ServerSentEvent(data, event=kind, id=str(number)))
         pending = first if first is not None else asyncio.ensure_future(anext(events))
+        if ready and not pending.done():  # a slow start: the stream opens at once anyway
+            yield joined(ready)
+            ready = []
         seq, event = await pending
         while True:
             for number, kind, data in renderer.render(seq, event):
                 if number > after:
-                    yield ServerSentEvent(data, event=kind, id=str(number))
+                    ready.append(ServerSentEvent(data, event=kind, id=str(number)))
+            if ready:
+                yield joined(ready)
+                ready = []
             if not isinstance(event, Delta):
                 break
             seq, event = await anext(events)
@@ -167,11 +174,8 @@ async def _stream(
         log.warning("lost Redis while relaying a response stream")
         message = "The gateway lost its queue mid-stream; resume with starting_after."
         _, kind, data = _event("error", number + 1, code="queue_unavailable", message=message, param=None)
-        yield ServerSentEvent(data, event=kind)
+        yield joined([*ready, ServerSentEvent(data, event=kind)])
         finished = True
     finally:
-        if not finished and on_abandon is not None:
-            # The client went away mid-stream; this task is being cancelled, so run it apart.
-            task = asyncio.get_running_loop().create_task(on_abandon())
-            _abandoned.add(task)
-            task.add_done_callback(_abandoned.discard)
+        if not finished:
+            abandoned(on_abandon)

@@ -9,8 +9,8 @@ import base64
 import binascii
 import re
 
+from api.chat.protocol import ChatMessage, ImagePart, TextPart
 from api.errors import OpenAIError
-from api.protocol import ChatMessage, ImagePart, TextPart
 from shared.jobs import ImageSource
 
 _MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")

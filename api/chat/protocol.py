@@ -1,4 +1,5 @@
-"""The OpenAI wire format, as far as the gateway speaks it (schemas from the official OpenAPI spec).
+"""The OpenAI Chat Completions wire format, as far as the gateway speaks it (schemas from the
+official OpenAPI spec).
 
 Requests are validated here; parameters that would change the meaning of a request but that the
 gateway cannot honour yet are rejected by `unsupported_parameter`, never silently dropped.
@@ -9,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.errors import ErrorInfo
 from shared.jobs import JobStatus
 
 # --- Requests -------------------------------------------------------------------------------
@@ -137,27 +139,4 @@ class ChatCompletion(BaseModel):
     usage: CompletionUsage | None
     # Extensions for jobs retrieved by id or run in the background (OpenAI's background mode).
     status: JobStatus = JobStatus.COMPLETED
-    error: "ErrorInfo | None" = None
-
-
-class Model(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Model]
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
+    error: ErrorInfo | None = None

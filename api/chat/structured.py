@@ -16,9 +16,9 @@ import jsonschema
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from api.chat.protocol import ChatCompletion, ChatCompletionRequest
+from api.chat.render import ChunkRenderer
 from api.errors import OpenAIError
-from api.protocol import ChatCompletion, ChatCompletionRequest
-from api.render import ChunkRenderer
 from shared.jobs import CompletionJob, Done, FinishReason, Usage
 
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")

@@ -17,10 +17,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
+from api.chat.protocol import ChatMessage
+from api.chat.render import JobRef
+from api.chat.structured import ResponseFormat
 from api.errors import OpenAIError
-from api.protocol import ChatMessage
-from api.render import JobRef
-from api.responses_protocol import (
+from api.responses.protocol import (
     MESSAGE_ID_PREFIX,
     RESPONSE_ID_PREFIX,
     FunctionCall,
@@ -33,7 +34,6 @@ from api.responses_protocol import (
     ResponseStatus,
     ResponseUsage,
 )
-from api.structured import ResponseFormat
 from shared.events import events_so_far
 from shared.jobs import Delta, Done, Failed, FailureCode, FinishReason, JobStatus, Usage
 from shared.keys import PREFIX

@@ -8,7 +8,8 @@ with only the text JSON-encoded per chunk; the test suite validates them against
 import json
 from typing import Any, Protocol
 
-from api.protocol import ChatCompletion, Choice, CompletionUsage, ErrorInfo, ErrorResponse, ResponseMessage
+from api.chat.protocol import ChatCompletion, Choice, CompletionUsage, ResponseMessage
+from api.errors import ErrorInfo, ErrorResponse
 from shared.jobs import Done, Usage
 
 COMPLETION_ID_PREFIX = "chatcmpl-"

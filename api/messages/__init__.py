@@ -1,0 +1,1 @@
+"""The Anthropic Messages API wire format, translated to and from chat completion jobs."""
