@@ -131,3 +131,31 @@ def test_a_warm_job_sends_upstream_exactly_what_a_cold_one_does(
     assert hot["choices"][0]["message"] == cold["choices"][0]["message"]
     assert cold["usage"]["cost_usd"] > 0
     assert hot["usage"] == cold["usage"]  # no tokens, no cost from the warm-up
+
+
+def test_a_warm_client_on_the_cli_login_warms_up_without_the_upstream(
+    start_gateway: Any, upstream: FakeAnthropic, tmp_path: Path
+) -> None:
+    """The CLI holding a job token as its OAuth token speaks as an OAuth client; its warm-up must
+    still be answered by the proxy alone."""
+    login_token = "sk-ant-oat01-stored-login"
+    config = tmp_path / "worker-claude"
+    config.mkdir()
+    stored = {"claudeAiOauth": {"accessToken": login_token, "expiresAt": int(time.time() * 1000) + 3_600_000}}
+    (config / ".credentials.json").write_text(json.dumps(stored))
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="claude",
+        CLAUDE_AUTH_METHOD="cli",
+        CLAUDE_CONFIG_DIR=str(config),
+        ANTHROPIC_BASE_URL=upstream.url,
+        CLAUDE_MAX_RETRIES="0",
+        CLAUDE_WARM_CLIENTS="1",
+    )
+    for _ in range(2):  # a cold job, then a warm one on the client it ordered
+        response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("Hi?"), timeout=90)
+        assert response.status_code == 200, response.text
+    assert upstream.received == ["POST /v1/messages"] * 2
+    assert upstream.credentials == [login_token] * 2
+    assert "/warm-" in workspace_of(upstream.requests[1])
+    assert without_workspace(upstream.requests[1]) == without_workspace(upstream.requests[0])
