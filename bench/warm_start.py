@@ -2,11 +2,12 @@
 
 Starts a private Redis, the tests' fake Anthropic API (answering at once) and two gateways of one
 API and one worker each, side by side: one starting a fresh CLI per job, one keeping
-`CLAUDE_WARM_CLIENTS` connected CLIs ready. Sends the same streamed request to each in turn,
-sequentially, with a pause between rounds (a warm worker replaces a used client in the
-background, ~0.3-0.4 s of CPU), and prints median and p95 time to the first content chunk.
+`CLAUDE_WARM_CLIENTS` connected and warmed-up CLIs ready. Sends the same streamed request to
+each in turn, sequentially, with a pause after each request (a warm worker replaces a used client
+in the background, ~0.5 s of CPU, which should not overlap the other gateway's request), and
+prints median and p95 time to the first content chunk, and the load average before and after.
 
-    .venv/bin/python bench/warm_start.py [--requests 30] [--warm-clients 2] [--pause 0.5]
+    .venv/bin/python bench/warm_start.py [--requests 30] [--warm-clients 2] [--pause 1]
 """
 
 import argparse
@@ -74,8 +75,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--warm-clients", type=int, default=2)
-    parser.add_argument("--pause", type=float, default=0.5)
+    parser.add_argument("--pause", type=float, default=1.0)
     args = parser.parse_args()
+    load_before = os.getloadavg()
     upstream = FakeAnthropic()
     upstream.start()
     processes: list[subprocess.Popen[bytes]] = []
@@ -116,9 +118,12 @@ def main() -> None:
                 process.wait(timeout=60)
             redis.stop()
             upstream.stop()
+    load_after = os.getloadavg()
     print(
         f"{args.requests} sequential streamed requests each, real SDK + CLI, instant fake upstream, "
-        f"1 API + 1 worker per gateway, {os.cpu_count()} CPUs, pause {args.pause:g} s"
+        f"1 API + 1 worker per gateway, {os.cpu_count()} CPUs, pause {args.pause:g} s; load average "
+        f"(1, 5, 15 min) before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+        f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}"
     )
     medians = {}
     for label, values in results.items():

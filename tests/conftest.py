@@ -156,6 +156,7 @@ def fake_anthropic() -> Iterator[FakeAnthropic]:
 def upstream(fake_anthropic: FakeAnthropic) -> FakeAnthropic:
     """The fake upstream, with its script and recorded requests reset for this test."""
     fake_anthropic.requests.clear()
+    fake_anthropic.received.clear()
     fake_anthropic.credentials.clear()
     fake_anthropic.paths.clear()
     fake_anthropic.betas.clear()

@@ -100,10 +100,13 @@ async def _tool_use(name: str, tool_input: dict[str, Any]) -> AsyncIterator[byte
 class FakeAnthropic:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        """The body of each Messages API request, in order."""
+        self.received: list[str] = []
+        """`METHOD /path` of every request received, whatever its route."""
         self.credentials: list[str] = []
         """The `x-api-key` (or bearer token) of each request, in order."""
         self.paths: list[str] = []
-        """The path of each request, in order."""
+        """The path of each Messages API request, in order."""
         self.betas: list[str] = []
         """The `anthropic-beta` header of each request, in order."""
         self.script: deque[Reply] = deque()
@@ -117,6 +120,7 @@ class FakeAnthropic:
         return f"http://127.0.0.1:{self.port}"
 
     async def _messages(self, request: Request) -> Response:
+        self.received.append(f"{request.method} {request.url.path}")
         body = await request.json()
         self.requests.append(body)
         self.paths.append(request.url.path)
@@ -132,6 +136,7 @@ class FakeAnthropic:
         return StreamingResponse(_stream(reply, model), media_type="text/event-stream")
 
     async def _other(self, request: Request) -> Response:
+        self.received.append(f"{request.method} {request.url.path}")
         return JSONResponse({"type": "error", "error": {"type": "not_found_error", "message": "no"}}, 404)
 
     def start(self) -> None:

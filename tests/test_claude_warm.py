@@ -1,6 +1,8 @@
 """Warm CLI processes (`CLAUDE_WARM_CLIENTS`) on the real SDK and CLI: a job of a profile seen
-before starts on a client connected ahead of it, in a workspace of its own, used once."""
+before starts on a client connected (and warmed up) ahead of it, in a workspace of its own, used
+once, and sends upstream exactly what a fresh CLI would."""
 
+import json
 import re
 import time
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 from tests.conftest import Gateway, chat, claude_env
 from tests.fake_anthropic import FakeAnthropic, Reply, system_text, tool_results
+from worker.warm import WARM_UP_PROMPT
 
 pytestmark = pytest.mark.claude
 
@@ -84,3 +87,75 @@ def test_a_job_of_another_kind_starts_cold(warm: Gateway, upstream: FakeAnthropi
         {"role": "user", "content": "?"},
     ]
     assert "/warm-" not in where(warm, upstream, messages=history)  # earlier turns: resumed cold
+
+
+def workspace_of(request: dict[str, Any]) -> str:
+    """The job's workspace, as the CLI tells the model its working directory."""
+    match = re.search(r"Primary working directory: (\S+)/work\b", json.dumps(request["messages"]))
+    assert match is not None
+    return match.group(1)
+
+
+def without_workspace(request: dict[str, Any]) -> dict[str, Any]:
+    """The request as any job of its kind sends it: its workspace's path (and the config folder
+    named after it) put by a placeholder, `metadata` (the process's session id) left out."""
+    text = json.dumps({key: value for key, value in request.items() if key != "metadata"})
+    workspace = workspace_of(request)
+    text = text.replace(workspace, "<workspace>").replace(re.sub(r"[^A-Za-z0-9]", "-", workspace), "<slug>")
+    result: dict[str, Any] = json.loads(text)
+    return result
+
+
+def test_a_warm_job_sends_upstream_exactly_what_a_cold_one_does(
+    warm: Gateway, upstream: FakeAnthropic
+) -> None:
+    messages = [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "Same question?"}]
+
+    def complete() -> dict[str, Any]:
+        response = httpx.post(f"{warm.url}/v1/chat/completions", json=chat("", messages=messages), timeout=90)
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    cold = complete()  # the first of its kind starts cold, and orders a warm client for the next
+    hot = complete()  # which takes it, waiting for it if it is still connecting or warming up
+    assert len(upstream.requests) == 2  # one each: the warm-up turn never reached the upstream
+    assert upstream.received == ["POST /v1/messages"] * 2
+    cold_request, warm_request = upstream.requests
+    assert "/warm-" not in workspace_of(cold_request)
+    assert "/warm-" in workspace_of(warm_request)  # ran on a warmed-up client
+    assert without_workspace(warm_request) == without_workspace(cold_request)
+    assert len(warm_request["messages"]) == 1
+    assert WARM_UP_PROMPT not in json.dumps(warm_request)
+    assert upstream.credentials == ["test-key-not-real"] * 2  # the proxy's key, as for a cold job
+    assert hot["choices"][0]["message"] == cold["choices"][0]["message"]
+    assert cold["usage"]["cost_usd"] > 0
+    assert hot["usage"] == cold["usage"]  # no tokens, no cost from the warm-up
+
+
+def test_a_warm_client_on_the_cli_login_warms_up_without_the_upstream(
+    start_gateway: Any, upstream: FakeAnthropic, tmp_path: Path
+) -> None:
+    """The CLI holding a job token as its OAuth token speaks as an OAuth client; its warm-up must
+    still be answered by the proxy alone."""
+    login_token = "sk-ant-oat01-stored-login"
+    config = tmp_path / "worker-claude"
+    config.mkdir()
+    stored = {"claudeAiOauth": {"accessToken": login_token, "expiresAt": int(time.time() * 1000) + 3_600_000}}
+    (config / ".credentials.json").write_text(json.dumps(stored))
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="claude",
+        CLAUDE_AUTH_METHOD="cli",
+        CLAUDE_CONFIG_DIR=str(config),
+        ANTHROPIC_BASE_URL=upstream.url,
+        CLAUDE_MAX_RETRIES="0",
+        CLAUDE_WARM_CLIENTS="1",
+    )
+    for _ in range(2):  # a cold job, then a warm one on the client it ordered
+        response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("Hi?"), timeout=90)
+        assert response.status_code == 200, response.text
+    assert upstream.received == ["POST /v1/messages"] * 2
+    assert upstream.credentials == [login_token] * 2
+    assert "/warm-" in workspace_of(upstream.requests[1])
+    assert without_workspace(upstream.requests[1]) == without_workspace(upstream.requests[0])

@@ -7,15 +7,21 @@ back unchanged. A tool that reads the CLI's environment finds the token, which i
 outside this host and after the job; the real credential lives only in this worker process (see
 docs/security.md for what that does and does not protect against).
 
+A token can also be issued *warming* (`worker/warm.py`): the proxy answers its requests itself
+with an empty, free reply and never contacts the model API, so a CLI started ahead of its job can
+run throwaway first turns; `admit` makes it an ordinary job token afterwards.
+
 It runs on 127.0.0.1 in its own thread and event loop, so it never competes with arq's loop or
 signal handling.
 """
 
+import json
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import uvicorn
@@ -51,6 +57,7 @@ class CredentialProxy:
         self._upstream = upstream.rstrip("/")
         self._credential = credential
         self._tokens: set[str] = set()
+        self._warming: set[str] = set()
         self._client: httpx.AsyncClient | None = None
         self._server: uvicorn.Server | None = None
         self.port = 0
@@ -59,14 +66,22 @@ class CredentialProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def issue(self) -> str:
-        """A token for one job; `revoke` it when the job ends."""
+    def issue(self, *, warming: bool = False) -> str:
+        """A token for one job; `revoke` it when the job ends. A warming token is answered by the
+        proxy itself until it is `admit`ted."""
         token = f"job-{secrets.token_urlsafe(24)}"
-        self._tokens.add(token)
+        (self._warming if warming else self._tokens).add(token)
         return token
+
+    def admit(self, token: str) -> None:
+        """From now on the warming `token`'s requests go to the model API."""
+        if token in self._warming:
+            self._tokens.add(token)
+            self._warming.discard(token)
 
     def revoke(self, token: str) -> None:
         self._tokens.discard(token)
+        self._warming.discard(token)
 
     def _presented(self, request: Request) -> str:
         if key := request.headers.get("x-api-key"):
@@ -74,7 +89,10 @@ class CredentialProxy:
         return request.headers.get("authorization", "").removeprefix("Bearer ").strip()
 
     async def _forward(self, request: Request) -> Response:
-        if self._presented(request) not in self._tokens:
+        presented = self._presented(request)
+        if presented in self._warming:
+            return await _warm_up_reply(request)
+        if presented not in self._tokens:
             error = {"type": "error", "error": {"type": "authentication_error", "message": "invalid token"}}
             return JSONResponse(error, status_code=401)
         assert self._client is not None
@@ -127,3 +145,44 @@ class CredentialProxy:
                 raise RuntimeError("the credential proxy did not start")
             time.sleep(0.01)
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
+
+
+async def _warm_up_reply(request: Request) -> Response:
+    """What a warming CLI gets instead of the model API: a streamed message that says "ok" and
+    uses no tokens (so the CLI counts no cost for it); any other request is refused."""
+    if request.method != "POST" or not request.url.path.endswith("/v1/messages"):
+        error = {"type": "error", "error": {"type": "not_found_error", "message": "not while warming up"}}
+        return JSONResponse(error, status_code=404)
+    try:
+        model = str(json.loads(await request.body()).get("model", ""))
+    except (ValueError, AttributeError):
+        model = ""
+    return StreamingResponse(_empty_message(model), media_type="text/event-stream")
+
+
+def _empty_message(model: str) -> Iterator[bytes]:
+    usage = {"input_tokens": 0, "output_tokens": 0}
+    message: dict[str, Any] = {
+        "id": f"msg_warm_up_{secrets.token_hex(8)}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": usage,
+    }
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": message},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ok"}},
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": usage,
+        },
+        {"type": "message_stop"},
+    ]
+    for event in events:
+        yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()

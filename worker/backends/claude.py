@@ -9,7 +9,7 @@ import os
 import pwd
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, aclosing
 from dataclasses import replace
 from typing import Any, cast
 
@@ -36,7 +36,7 @@ from worker.history import HistoryStore, content_blocks, merged
 from worker.login import login_token
 from worker.session_store import JobTranscript, RedisSessionStore
 from worker.skills import install_skills, installed_skills
-from worker.warm import WarmClient, WarmPool
+from worker.warm import WarmClient, WarmPool, warm_up
 from worker.workspace import MARKER, Workspace, job_workspace
 
 log = logging.getLogger("gateway.worker.claude")
@@ -209,14 +209,37 @@ class ClaudeBackend:
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
         self._refuse_unusable_auth()
-        if self._warm is not None and (warm := await self._warm.take(job)) is not None:
-            try:
-                await warm.client.query(user_message(job.turns[-1]))
-                async for event in _relay(warm.client.receive_response(), None, warm.client.disconnect):
+        warm = await self._warm.take(job) if self._warm is not None else None
+        run = self._run_warm(job, warm) if warm is not None else self._run_cold(job)
+        has_token = False
+        try:
+            async with aclosing(run):
+                async for event in run:
                     yield event
-            finally:
-                await warm.discard()
-            return
+                    if not has_token and isinstance(event, Delta):
+                        has_token = True
+                        self._order_warm(job)
+        finally:
+            if not has_token:
+                self._order_warm(job)
+
+    def _order_warm(self, job: CompletionJob) -> None:
+        """A warm client for the next job like this one, started once this one no longer waits
+        for its first token (see `worker/warm.py`)."""
+        if self._warm is not None:
+            self._warm.order(job)
+
+    async def _run_warm(
+        self, job: CompletionJob, warm: WarmClient
+    ) -> AsyncGenerator[Delta | Done | Progress, None]:
+        try:
+            await warm.client.query(user_message(job.turns[-1]))
+            async for event in _relay(warm.client.receive_response(), None, warm.client.disconnect):
+                yield event
+        finally:
+            await warm.discard()
+
+    async def _run_cold(self, job: CompletionJob) -> AsyncGenerator[Delta | Done | Progress, None]:
         with job_workspace(
             self._settings.workspace_root, job.id, self._settings.claude_job_user
         ) as workspace:
@@ -240,12 +263,16 @@ class ClaudeBackend:
             job_workspace(self._settings.workspace_root, name, self._settings.claude_job_user)
         )
         proxy = self._proxy
-        token = proxy.issue() if proxy is not None else None
+        token = proxy.issue(warming=True) if proxy is not None else None
         warm = WarmClient(ClaudeSDKClient(self._options(job, workspace, token)), stack)
         if proxy is not None and token is not None:
             warm.release = lambda: proxy.revoke(token)
         try:
             await warm.client.connect()
+            if proxy is not None and token is not None:
+                # Only behind the proxy: it answers the warm-up turn, which must not reach the model API.
+                await warm_up(warm.client)
+                proxy.admit(token)
         except BaseException:
             await warm.discard()
             raise

@@ -1,0 +1,55 @@
+"""The worker's credential proxy on its own: job tokens are swapped for the real key; a warming
+token is answered by the proxy itself and never reaches the model API."""
+
+import httpx
+import pytest
+
+from tests.fake_anthropic import FakeAnthropic
+from worker.credential_proxy import CredentialProxy, api_key_header
+
+MESSAGE = {"model": "claude-haiku-4-5", "max_tokens": 10, "stream": True, "messages": []}
+
+
+@pytest.fixture(scope="module")
+def proxy(fake_anthropic: FakeAnthropic) -> CredentialProxy:
+    proxy = CredentialProxy(fake_anthropic.url, api_key_header("the-real-key"))
+    proxy.start()  # a daemon thread: it ends with the test run
+    return proxy
+
+
+def events(response: httpx.Response) -> list[str]:
+    return [line.removeprefix("event: ") for line in response.text.splitlines() if line.startswith("event: ")]
+
+
+def test_a_warming_token_gets_a_free_reply_from_the_proxy_until_admitted(
+    proxy: CredentialProxy, upstream: FakeAnthropic
+) -> None:
+    token = proxy.issue(warming=True)
+    headers = {"x-api-key": token}
+    reply = httpx.post(f"{proxy.url}/v1/messages?beta=true", json=MESSAGE, headers=headers)
+    assert reply.status_code == 200
+    assert events(reply) == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert '"input_tokens": 0' in reply.text
+    assert "claude-haiku-4-5" in reply.text
+    counted = httpx.post(f"{proxy.url}/v1/messages/count_tokens", json=MESSAGE, headers=headers)
+    assert counted.status_code == 404
+    assert upstream.received == []  # nothing reached the model API
+
+    proxy.admit(token)
+    forwarded = httpx.post(f"{proxy.url}/v1/messages", json=MESSAGE, headers=headers)
+    assert forwarded.status_code == 200
+    assert "Hello" in forwarded.text
+    assert upstream.credentials == ["the-real-key"]
+
+    proxy.revoke(token)
+    for presented in (token, "made-up"):
+        refused = httpx.post(f"{proxy.url}/v1/messages", json=MESSAGE, headers={"x-api-key": presented})
+        assert refused.status_code == 401
+    assert len(upstream.requests) == 1
