@@ -30,7 +30,7 @@ from shared.settings import Settings
 
 log = logging.getLogger("gateway.api")
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ready"})  # probes that cannot send a key; neither shows data
 _JOB_LEASE_GRACE_S = 60.0
 _ACCESS_UNAVAILABLE = OpenAIError(
     503,
@@ -161,9 +161,10 @@ class Access:
         self, redis: Redis, scope: Scope, state: dict[str, Any], address: str
     ) -> tuple[OpenAIError | None, dict[str, str]]:
         presented = _presented_key(scope["headers"])
-        key_id = await self._authenticate(redis, presented)
-        if key_id is None:
+        identity = await self._authenticate(redis, presented)
+        if identity is None:
             return await self._unauthenticated(redis, address, missing=presented is None), {}
+        key_id, state["operator"] = identity
         state["key_id"] = key_id
         if not self.settings.rate_limit_enabled:
             return None, {}
@@ -182,21 +183,22 @@ class Access:
         )
         return refusal, {}
 
-    async def _authenticate(self, redis: Redis, presented: str | None) -> str | None:
-        """The caller's key id, `ANONYMOUS` when no key exists anywhere, or None (refuse)."""
+    async def _authenticate(self, redis: Redis, presented: str | None) -> tuple[str, bool] | None:
+        """(the caller's key id, whether it is an operator's), `ANONYMOUS` (an operator: the
+        gateway is then loopback-only) when no key exists anywhere, or None (refuse)."""
         hashed = None if presented is None else apikeys.digest(presented)
         if hashed is not None and (key_id := self.keys.match(hashed)) is not None:
-            return key_id
+            return key_id, True
         if hashed is None:
             if self.keys or await apikeys.any_managed(redis):
                 return None
-            return ANONYMOUS
-        key_id, any_managed = await apikeys.lookup(redis, hashed)
-        if key_id is not None:
-            return key_id
+            return ANONYMOUS, True
+        managed, any_managed = await apikeys.lookup(redis, hashed)
+        if managed is not None:
+            return managed.id, managed.operator
         # With no key configured anywhere the gateway is open and ignores whatever was sent
         # (OpenAI clients always send one).
-        return None if self.keys or any_managed else ANONYMOUS
+        return None if self.keys or any_managed else (ANONYMOUS, True)
 
     async def _unauthenticated(self, redis: Redis, address: str, *, missing: bool) -> OpenAIError:
         if self.settings.rate_limit_enabled:

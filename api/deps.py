@@ -6,6 +6,7 @@ from typing import Annotated
 from arq.connections import ArqRedis
 from fastapi import Depends, Request
 
+from api.errors import OpenAIError
 from shared.jobstore import JobStore
 from shared.settings import Settings
 
@@ -29,6 +30,9 @@ class Caller:
     """
 
     key_id: str
+    operator: bool
+    """May see the service-wide views: configured keys, `--operator` managed keys, and everyone
+    when no key exists (a loopback-only gateway)."""
 
 
 # Both are `async def` so FastAPI calls them on the loop instead of in its thread pool.
@@ -38,8 +42,24 @@ async def _gateway(request: Request) -> Gateway:
 
 
 async def _caller(request: Request) -> Caller:
-    return Caller(key_id=getattr(request.state, "key_id", ANONYMOUS))
+    key_id = getattr(request.state, "key_id", ANONYMOUS)
+    return Caller(key_id=key_id, operator=getattr(request.state, "operator", key_id == ANONYMOUS))
 
 
 GatewayDep = Annotated[Gateway, Depends(_gateway)]
 CallerDep = Annotated[Caller, Depends(_caller)]
+
+
+async def _operator(caller: CallerDep) -> Caller:
+    if not caller.operator:
+        raise OpenAIError(
+            403,
+            "This view shows every caller's jobs: it needs an operator key (a configured API_KEY, "
+            "or a managed key created with `claude-gateway keys create --operator`).",
+            type="invalid_request_error",
+            code="operator_key_required",
+        )
+    return caller
+
+
+OperatorDep = Annotated[Caller, Depends(_operator)]

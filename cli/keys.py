@@ -68,13 +68,14 @@ def ensure_protected(settings: Settings, redis_url: str) -> None:
 async def _run(args: argparse.Namespace, redis_url: str) -> int:
     async with Redis.from_url(redis_url) as redis:
         if args.action == "create":
-            key, secret = await apikeys.create(redis, args.name)
+            key, secret = await apikeys.create(redis, args.name, operator=args.operator)
             print(f"{key.id}\t{secret}")
             print("The secret is shown once; only its hash is stored.", file=sys.stderr)
         elif args.action == "list":
             for key in await apikeys.listed(redis):
                 created = datetime.fromtimestamp(key.created, UTC).isoformat(timespec="seconds")
-                print(f"{key.id}\t{created}\t{key.name}")
+                role = "operator" if key.operator else "caller"
+                print(f"{key.id}\t{created}\t{role}\t{key.name}")
         elif not await apikeys.revoke(redis, args.key_id):
             print(f"no managed key with id {args.key_id}", file=sys.stderr)
             return 1
@@ -88,7 +89,10 @@ def add_parser(roles: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="create a key and print its id and secret (once)")
     create.add_argument("--name", default="", help="a label to recognise the key by")
-    actions.add_parser("list", help="list managed keys: id, creation time, name")
+    create.add_argument(
+        "--operator", action="store_true", help="may see /status and /metrics (every caller's jobs)"
+    )
+    actions.add_parser("list", help="list managed keys: id, creation time, role (operator or caller), name")
     revoke = actions.add_parser("revoke", help="revoke a key by id; refused from its next request on")
     revoke.add_argument("key_id")
 

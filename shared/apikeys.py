@@ -3,6 +3,9 @@
 Only SHA-256 digests are kept: configured keys are hashed at start-up, managed keys are stored as
 `gateway:apikeys` (a hash of digest → record) and the secret is shown once, at creation. A key is
 known by its id (`cfg-…` or `key-…`): not secret, stable, what logs and scoping use.
+
+Configured keys are the operator's own and may see the service-wide views; managed keys are what
+an operator hands out, so they may only if created with `--operator`.
 """
 
 import hashlib
@@ -29,6 +32,8 @@ class ManagedKey:
     id: str
     name: str
     created: int
+    operator: bool = False
+    """May see the service-wide views (`/status`, `/metrics`): every worker, job id and failure."""
 
 
 class ConfiguredKeys:
@@ -50,11 +55,11 @@ class ConfiguredKeys:
         return None if found is None else f"cfg-{found[:12]}"
 
 
-async def create(redis: Redis, name: str) -> tuple[ManagedKey, str]:
+async def create(redis: Redis, name: str, *, operator: bool = False) -> tuple[ManagedKey, str]:
     """A new managed key and its secret (returned once, never stored)."""
-    key = ManagedKey(id=f"key-{secrets.token_hex(6)}", name=name, created=int(time.time()))
+    key = ManagedKey(id=f"key-{secrets.token_hex(6)}", name=name, created=int(time.time()), operator=operator)
     secret = _SECRET_PREFIX + secrets.token_urlsafe(32)
-    record = json.dumps({"id": key.id, "name": key.name, "created": key.created})
+    record = json.dumps({"id": key.id, "name": key.name, "created": key.created, "operator": operator})
     await redis.hset(MANAGED_KEYS, digest(secret), record)  # type: ignore[misc]
     return key, secret
 
@@ -77,11 +82,10 @@ async def any_managed(redis: Redis) -> bool:
     return bool(await redis.exists(MANAGED_KEYS))
 
 
-async def lookup(redis: Redis, presented_digest: str) -> tuple[str | None, bool]:
-    """(the managed key id for this digest or None, whether any managed key exists), in one round trip."""
+async def lookup(redis: Redis, presented_digest: str) -> tuple[ManagedKey | None, bool]:
+    """(the managed key for this digest or None, whether any managed key exists), in one round trip."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hget(MANAGED_KEYS, presented_digest)
         pipe.exists(MANAGED_KEYS)
         raw, exists = await pipe.execute()
-    key_id = None if raw is None else str(json.loads(raw)["id"])
-    return key_id, bool(exists)
+    return (None if raw is None else ManagedKey(**json.loads(raw))), bool(exists)

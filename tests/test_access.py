@@ -36,8 +36,8 @@ def keys_cli(gateway: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def new_key(gateway: Gateway, name: str = "test") -> tuple[str, str]:
-    created = keys_cli(gateway, "create", "--name", name)
+def new_key(gateway: Gateway, name: str = "test", *flags: str) -> tuple[str, str]:
+    created = keys_cli(gateway, "create", "--name", name, *flags)
     assert created.returncode == 0, created.stderr
     key_id, secret = created.stdout.strip().split("\t")
     return key_id, secret
@@ -89,6 +89,24 @@ def test_missing_or_wrong_key_is_refused(guarded: Gateway) -> None:
     assert_error(httpx.post(f"{guarded.url}/v1/chat/completions", json=chat("hi")), 401, "invalid_api_key")
     assert httpx.get(models, headers=bearer(CONFIGURED_KEY)).status_code == 200
     assert httpx.get(models, headers={"x-api-key": CONFIGURED_KEY}).status_code == 200
+
+
+def test_service_wide_views_need_an_operator_key_and_ready_needs_none(start_gateway: Any) -> None:
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", API_KEY=CONFIGURED_KEY)
+    _, caller = new_key(gateway, "a tenant")
+    operator_id, operator = new_key(gateway, "on call", "--operator")
+    assert httpx.get(f"{gateway.url}/ready").json() == {"status": "ready"}  # load balancers send no key
+    for view in ("/status", "/metrics"):
+        url = f"{gateway.url}{view}"
+        assert_error(httpx.get(url, headers=bearer(caller)), 403, "operator_key_required")
+        assert_error(httpx.get(url), 401, "invalid_api_key")
+        assert httpx.get(url, headers=bearer(operator)).status_code == 200
+        assert httpx.get(url, headers=bearer(CONFIGURED_KEY)).status_code == 200
+    assert httpx.get(f"{gateway.url}/v1/models", headers=bearer(caller)).status_code == 200
+    listed = [line.split("\t") for line in keys_cli(gateway, "list").stdout.splitlines()]
+    roles = {fields[0]: fields[2] for fields in listed}
+    assert roles[operator_id] == "operator"
+    assert sorted(roles.values()) == ["caller", "operator"]
 
 
 def test_managed_key_works_on_every_replica_until_revoked(guarded: Gateway, second_api: Gateway) -> None:

@@ -1,8 +1,9 @@
 """Operations endpoints: readiness, Prometheus metrics, the status snapshot and the dashboard.
 
-`/ready` and `/metrics` are for probes and scrapers (unauthenticated, aggregate numbers only,
-no ids or hosts). `/status` and `/dashboard` show workers, hosts and job ids, so they take
-`CallerDep`: they sit behind the API key once keys are configured.
+`/ready` is for load balancers, which often cannot send a key: it is open and says only ready or
+not. `/metrics` (service-wide totals, cost included) and `/status` (every worker, host, job id and
+recent failure) show every caller's activity, so they need an operator key (`OperatorDep`).
+The dashboard page itself holds no data: it asks `/status` with the key it is given.
 """
 
 import asyncio
@@ -14,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from api import metrics
-from api.deps import CallerDep, GatewayDep
+from api.deps import CallerDep, GatewayDep, OperatorDep
 from api.errors import OpenAIError
 from shared.heartbeats import alive_workers
 from shared.status import Snapshot, take_snapshot
@@ -41,13 +42,13 @@ async def ready(gateway: GatewayDep) -> dict[str, str]:
 
 
 @router.get("/metrics", response_class=Response)
-async def prometheus_metrics(gateway: GatewayDep) -> Response:
+async def prometheus_metrics(gateway: GatewayDep, operator: OperatorDep) -> Response:
     snapshot = await take_snapshot(gateway.redis, gateway.settings.queue_name, failures=0)
     return Response(metrics.render(snapshot), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/status")
-async def status(gateway: GatewayDep, caller: CallerDep) -> Snapshot:
+async def status(gateway: GatewayDep, operator: OperatorDep) -> Snapshot:
     return await take_snapshot(gateway.redis, gateway.settings.queue_name)
 
 
