@@ -114,16 +114,19 @@ def test_sdk_create_with_input_items(client: openai.OpenAI) -> None:
 
 def test_sdk_streaming_events_in_order(client: openai.OpenAI) -> None:
     with client.responses.create(
-        model=MODEL, input=script(text="one two three", delay_ms=5), stream=True
+        model=MODEL, input=script(text="one two three", delay_ms=30), stream=True
     ) as stream:
         events = list(stream)
     types = [event.type for event in events]
+    # Token by token, unless the worker merged two tokens that came during one slow Redis write.
+    deltas = types.count("response.output_text.delta")
+    assert deltas >= 2
     assert types == [
         "response.created",
         "response.in_progress",
         "response.output_item.added",
         "response.content_part.added",
-        *["response.output_text.delta"] * 3,
+        *["response.output_text.delta"] * deltas,
         "response.output_text.done",
         "response.content_part.done",
         "response.output_item.done",
