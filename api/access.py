@@ -13,8 +13,7 @@ checked against revocation and a request would go unmetered. Completions need Re
 import ipaddress
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -26,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.deps import ANONYMOUS, Gateway
 from api.errors import OpenAIError
 from shared import apikeys, quotas
+from shared.jobstore import JobSlot, NoJobSlot
 from shared.settings import Settings
 
 log = logging.getLogger("gateway.api")
@@ -219,31 +219,25 @@ class Access:
         return OpenAIError(401, message, type="invalid_request_error", code="invalid_api_key")
 
 
-@asynccontextmanager
-async def job_slot(gateway: Gateway, request: Request, job_id: str) -> AsyncIterator[None]:
-    """Takes one of the caller's `MAX_CONCURRENT_JOBS_PER_KEY` slots for the job (429 if none).
+def job_slot(gateway: Gateway, request: Request) -> JobSlot | None:
+    """One of the caller's `MAX_CONCURRENT_JOBS_PER_KEY` slots, for the job about to be queued
+    (the create script takes it: `JobStore.create`); None when jobs are not capped.
 
-    The slot outlives the request: the worker frees it when the job ends, however it ends. It is
-    freed here only when the job never reaches the queue.
+    The slot outlives the request: the step that ends the job frees it, however it ends.
     """
     settings = gateway.settings
     if settings.max_concurrent_jobs_per_key == 0:
-        yield
-        return
+        return None
     key_id = getattr(request.state, "key_id", ANONYMOUS)
     holder = f"addr:{request.state.client_address}" if key_id == ANONYMOUS else key_id
     lease_s = settings.queue_timeout_s + settings.job_timeout_s + _JOB_LEASE_GRACE_S
-    cap = settings.max_concurrent_jobs_per_key
-    if not await quotas.acquire_job_slot(gateway.redis, holder, job_id, cap, lease_s):
-        raise RateLimited(
-            f"Too many running jobs: at most {cap} at a time per key; retry when one has finished.",
-            code="concurrency_limit_exceeded",
-            retry_after_ms=2000,
-            headers={},
-        )
-    try:
-        yield
-    except BaseException:
-        with suppress(RedisError):
-            await quotas.release_job_slot(gateway.redis, job_id)
-        raise
+    return JobSlot(holder=holder, cap=settings.max_concurrent_jobs_per_key, lease_ms=int(lease_s * 1000))
+
+
+def no_job_slot(refused: NoJobSlot) -> RateLimited:
+    return RateLimited(
+        f"Too many running jobs: at most {refused.cap} at a time per key; retry when one has finished.",
+        code="concurrency_limit_exceeded",
+        retry_after_ms=2000,
+        headers={},
+    )

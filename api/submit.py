@@ -10,13 +10,14 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 
-from api.access import job_slot
+from api.access import job_slot, no_job_slot
 from api.chat.protocol import ChatCompletionRequest
 from api.chat.translate import build_job
 from api.deps import Caller, Gateway
 from api.errors import OpenAIError
 from api.hygiene import check_prompt_limits
 from shared.jobs import CompletionJob
+from shared.jobstore import NoJobSlot
 
 
 def chat_request(**fields: Any) -> ChatCompletionRequest:
@@ -35,7 +36,21 @@ def prepare_job(body: ChatCompletionRequest, request: Request, gateway: Gateway)
     return build_job(body, request.state.request_id, gateway.settings)
 
 
-async def queue_job(job: CompletionJob, request: Request, gateway: Gateway, caller: Caller) -> None:
-    """Takes a job slot for the job and queues it, owned by the caller's key."""
-    async with job_slot(gateway, request, job.id):
-        await gateway.store.create(job, owner=caller.key_id)
+async def queue_job(
+    job: CompletionJob,
+    request: Request,
+    gateway: Gateway,
+    caller: Caller,
+    *,
+    idempotency: tuple[str, str] | None = None,
+) -> tuple[str, str] | None:
+    """Queues the job, owned by the caller's key, in one of its job slots (429 if none is free).
+
+    With `idempotency=(key, fingerprint)` a key the caller used before returns the earlier
+    `(job id, fingerprint)` and queues nothing (`JobStore.create`).
+    """
+    slot = job_slot(gateway, request)
+    try:
+        return await gateway.store.create(job, owner=caller.key_id, idempotency=idempotency, slot=slot)
+    except NoJobSlot as refused:
+        raise no_job_slot(refused) from None

@@ -249,10 +249,10 @@ class Gateway:
             "LOG_LEVEL": "warning",
             "JOBS_PER_WORKER": str(JOBS_PER_WORKER),
             "STATE_DIR": str(self._workdir / "state"),
-            # Quotas stay on (their Redis round trip is part of the path) but never bite here.
+            # Quotas stay on, as by default (their Redis work is part of the path), but never bite.
             "RATE_LIMIT_CHAT_PER_MINUTE": "100000000",
             "RATE_LIMIT_PER_MINUTE": "100000000",
-            "MAX_CONCURRENT_JOBS_PER_KEY": "0",
+            "MAX_CONCURRENT_JOBS_PER_KEY": "100000",
         }
         log = (self._workdir / f"{role}-{index}.log").open("wb")
         with log:

@@ -23,6 +23,7 @@ from typing import Literal
 from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from shared.jobs import CompletionJob, Failed, FailureCode, JobStatus, encode_event
 from shared.keys import (
@@ -37,6 +38,7 @@ from shared.keys import (
     session_lock_key,
 )
 from shared.queue import RUN_COMPLETION, serialize
+from shared.quotas import slots_key
 
 # Names every script may use.
 _PRELUDE = f"""
@@ -45,8 +47,11 @@ local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
 local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{WAKEUP_CHANNEL}', '{CANCEL_CHANNEL}'
 -- Frees what an ending job holds: the caller's concurrent-job slot (shared/quotas.py) and its
 -- session's lock, if the job still holds it (a completed turn has already committed and freed it).
+local function slot_record(job_id)
+  return '{PREFIX}:job:' .. job_id .. ':slot'  -- quotas.slot_record_key
+end
 local function release_holds(job_id)
-  local slot = '{PREFIX}:job:' .. job_id .. ':slot'  -- quotas.slot_record_key
+  local slot = slot_record(job_id)
   local holder = redis.call('get', slot)
   if holder then
     redis.call('zrem', holder, job_id)
@@ -77,13 +82,23 @@ end
 
 # KEYS: record, queue, arq entry of attempt 1, [idempotency key]
 # ARGV: owner, model, request_id, created, payload, arq entry, score, arq ttl ms, ttl, job id,
-#       idempotency value, session lock key
+#       idempotency value, session lock key, job slots key or '', slot cap, slot lease ms
+# The job's slot (shared/quotas.py) is taken here, so a job holds one exactly when it exists.
 _CREATE = """
-if #KEYS == 4 then
-  local existing = redis.call('get', KEYS[4])
-  if existing then return existing end
-  redis.call('set', KEYS[4], ARGV[11], 'EX', ARGV[9])
+local existing = #KEYS == 4 and redis.call('get', KEYS[4])
+if existing then return existing end
+if ARGV[13] ~= '' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('zremrangebyscore', ARGV[13], '-inf', now)
+  if redis.call('zcard', ARGV[13]) >= tonumber(ARGV[14]) then
+    return redis.error_reply('NO_SLOT every job slot of the caller is taken')
+  end
+  redis.call('zadd', ARGV[13], now + ARGV[15], ARGV[10])
+  redis.call('pexpire', ARGV[13], ARGV[15])
+  redis.call('set', slot_record(ARGV[10]), ARGV[13], 'PX', ARGV[15])
 end
+if #KEYS == 4 then redis.call('set', KEYS[4], ARGV[11], 'EX', ARGV[9]) end
 redis.call('hset', KEYS[1], 'owner', ARGV[1], 'model', ARGV[2], 'request_id', ARGV[3],
   'created', ARGV[4], 'payload', ARGV[5], 'attempt', '1')
 if ARGV[12] ~= '' then redis.call('hset', KEYS[1], 'session_lock', ARGV[12]) end
@@ -231,6 +246,23 @@ class JobRecord:
 
 
 @dataclass(frozen=True)
+class JobSlot:
+    """One of `holder`'s at most `cap` concurrent jobs, held until the job ends (or the lease)."""
+
+    holder: str
+    cap: int
+    lease_ms: int
+
+
+class NoJobSlot(Exception):
+    """All of the holder's job slots are taken."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"at most {cap} concurrent jobs")
+        self.cap = cap
+
+
+@dataclass(frozen=True)
 class Claimed:
     score: int
     job: CompletionJob
@@ -257,12 +289,18 @@ class JobStore:
 
     # --- API ----------------------------------------------------------------------------
     async def create(
-        self, job: CompletionJob, *, owner: str, idempotency: tuple[str, str] | None = None
+        self,
+        job: CompletionJob,
+        *,
+        owner: str,
+        idempotency: tuple[str, str] | None = None,
+        slot: JobSlot | None = None,
     ) -> tuple[str, str] | None:
         """Queues a new job and wakes the workers, in one round trip.
 
         With `idempotency=(key, fingerprint)`, a key this owner used before returns the earlier
-        `(job id, fingerprint)` instead and queues nothing.
+        `(job id, fingerprint)` instead and queues nothing. With `slot`, the job takes one of its
+        holder's slots, or raises `NoJobSlot` and queues nothing.
         """
         now = _ms()
         entry = serialize_job(RUN_COMPLETION, (job.id, 1), {}, None, now, serializer=serialize)
@@ -274,7 +312,13 @@ class JobStore:
         args: list[str | bytes | int] = [owner, job.model, job.request_id, job.created]
         args += [job.model_dump_json(), entry, now, expires_extra_ms, self.ttl_s, job.id, value]
         args.append("" if job.session is None else session_lock_key(job.session.owner, job.session.id))
-        existing = await self._create(keys=keys, args=args)
+        args += ["", 0, 0] if slot is None else [slots_key(slot.holder), slot.cap, slot.lease_ms]
+        try:
+            existing = await self._create(keys=keys, args=args)
+        except ResponseError as exc:
+            if str(exc).startswith("NO_SLOT"):
+                raise NoJobSlot(slot.cap if slot is not None else 0) from None
+            raise
         if existing is None:
             return None
         job_id, _, fingerprint = existing.decode().partition(" ")

@@ -4,10 +4,11 @@ Each check is one Lua script, so replicas never race between reading a count and
 Rate limits are sliding-window logs (a sorted set of request times per bucket): exact, with no
 burst at a window boundary. Times come from Redis's clock, so replicas need not agree on theirs.
 
-A job slot is a member of its holder's sorted set, scored by a lease deadline: every step that
-ends a job frees it (shared/jobstore.py), and the lease when a process dies holding it, so a slot
-cannot leak. The script reads the holder from the job's slot record, so
-it names a key it was not given: fine on one Redis (arq does not support Cluster either).
+A job slot is a member of its holder's sorted set (`slots_key`), scored by a lease deadline. The
+script that creates a job takes it, and every step that ends a job frees it (shared/jobstore.py),
+the lease when a process dies holding it, so a job holds a slot exactly while it exists and a
+slot cannot leak. Those scripts name keys they were not given (the holder's set, read from the
+job's slot record): fine on one Redis (arq does not support Cluster either).
 """
 
 import math
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from shared.keys import PREFIX, is_job_id
+from shared.keys import PREFIX
 
 WINDOW_MS = 60_000
 
@@ -48,27 +49,6 @@ end
 return {allowed, limit, remaining, reset}
 """
 
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + lease, ARGV[2])
-redis.call('PEXPIRE', KEYS[1], lease)
-redis.call('SET', KEYS[2], KEYS[1], 'PX', lease)
-return 1
-"""
-
-_RELEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder then
-  redis.call('ZREM', holder, ARGV[1])
-  redis.call('DEL', KEYS[1])
-end
-return holder and 1 or 0
-"""
-
 
 def rate_key(subject: str, endpoint_class: str) -> str:
     return f"{PREFIX}:ratelimit:{endpoint_class}:{subject}"
@@ -76,12 +56,6 @@ def rate_key(subject: str, endpoint_class: str) -> str:
 
 def slots_key(holder: str) -> str:
     return f"{PREFIX}:jobslots:{holder}"
-
-
-def slot_record_key(job_id: str) -> str:
-    if not is_job_id(job_id):
-        raise ValueError("malformed job id")
-    return f"{PREFIX}:job:{job_id}:slot"
 
 
 @dataclass(frozen=True)
@@ -105,15 +79,3 @@ async def hit(redis: Redis, buckets: dict[str, int]) -> RateDecision:
         keys=keys, args=[WINDOW_MS, uuid.uuid4().hex, *buckets.values()]
     )
     return RateDecision(bool(allowed), int(limit), max(0, int(remaining)), int(reset))
-
-
-async def acquire_job_slot(redis: Redis, holder: str, job_id: str, cap: int, lease_s: float) -> bool:
-    script = redis.register_script(_ACQUIRE)
-    keys = [slots_key(holder), slot_record_key(job_id)]
-    acquired = await script(keys=keys, args=[cap, job_id, int(lease_s * 1000)])
-    return bool(acquired)
-
-
-async def release_job_slot(redis: Redis, job_id: str) -> None:
-    """Frees the job's slot, if it holds one; idempotent."""
-    await redis.register_script(_RELEASE)(keys=[slot_record_key(job_id)], args=[job_id])

@@ -16,7 +16,6 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from api.access import job_slot
 from api.agent_policy import agent_request
 from api.chat.fanout import fan_out
 from api.chat.functions import function_calling
@@ -30,7 +29,8 @@ from api.errors import ErrorResponse, OpenAIError
 from api.hygiene import check_prompt_limits
 from api.relay import follow_job
 from api.sessions import abandon, attach, requested_session_id
-from shared import logs, quotas
+from api.submit import queue_job
+from shared import logs
 from shared.events import JobEventValue
 from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode, JobStatus
 
@@ -71,13 +71,11 @@ async def create_chat_completion(
     if session_id is not None:
         job = await attach(gateway.redis, gateway.settings, caller.key_id, session_id, job)
     try:
-        async with job_slot(gateway, request, job.id):
-            ref = await _submit(gateway, caller, job, body, idempotency_key)
+        ref = await _submit(gateway, request, caller, job, body, idempotency_key)
     except BaseException:
         await abandon(gateway.redis, job)  # never queued: the session is free again
         raise
     if ref.id != job.id:  # attached to the key's earlier job: this one was never queued
-        await quotas.release_job_slot(gateway.redis, job.id)
         await abandon(gateway.redis, job)
     logs.bind(job_id=ref.id)
     log.info("queued job (model %s, stream %s, background %s)", job.model, body.stream, body.background)
@@ -105,18 +103,23 @@ async def create_chat_completion(
 
 
 async def _submit(
-    gateway: Gateway, caller: Caller, job: CompletionJob, body: ChatCompletionRequest, key: str | None
+    gateway: Gateway,
+    request: Request,
+    caller: Caller,
+    job: CompletionJob,
+    body: ChatCompletionRequest,
+    key: str | None,
 ) -> JobRef:
     """Queues the job; with an `Idempotency-Key` seen before, returns that key's job instead."""
     if key is None:
-        await gateway.store.create(job, owner=caller.key_id)
+        await queue_job(job, request, gateway, caller)
         return job
     if not _IDEMPOTENCY_KEY.fullmatch(key):
         raise OpenAIError.invalid(
             "Idempotency-Key must be 1 to 255 printable ASCII characters.", param="Idempotency-Key"
         )
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
-    existing = await gateway.store.create(job, owner=caller.key_id, idempotency=(key, fingerprint))
+    existing = await queue_job(job, request, gateway, caller, idempotency=(key, fingerprint))
     if existing is None:
         return job
     job_id, used_with = existing
