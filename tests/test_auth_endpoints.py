@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import Gateway, chat
 from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
+from tests.test_access import new_key
 from tests.test_agent_isolation import SHOW_ENVIRONMENT
 
 MODEL_KEY = "sk-ant-api03-model-key-must-not-leak"
@@ -72,6 +73,16 @@ def test_workers_that_differ_are_reported_together_and_one_by_one(start_gateway:
     assert combined["status"]["errors"] == [
         f"{bedrock['id']}: AWS_ACCESS_KEY_ID is set without AWS_SECRET_ACCESS_KEY"
     ]
+    # A caller's key gets the combined answer, without which worker runs where.
+    _, caller_key = new_key(gateway)
+    seen = httpx.get(f"{gateway.url}/v1/auth/status", headers={"authorization": f"Bearer {caller_key}"})
+    assert seen.status_code == 200
+    assert (seen.json()["workers_alive"], seen.json()["workers"]) == (2, [])
+    assert seen.json()["claude_code_auth"]["status"]["errors"] == [
+        "AWS_ACCESS_KEY_ID is set without AWS_SECRET_ACCESS_KEY"
+    ]
+    assert bedrock["id"] not in seen.text
+    assert bedrock["host"] not in seen.text
 
 
 def test_with_no_worker_alive_the_api_says_so_and_reports_its_own_detection(start_gateway: Any) -> None:

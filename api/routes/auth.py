@@ -5,7 +5,8 @@ none), so the answer comes from the live workers' heartbeats, where each publish
 (method, validity, variable names; never a value). The API adds what it would detect itself, and
 says so when no worker is alive. The shape extends the original wrapper's (`claude_code_auth`,
 `server_info`), so its clients keep working. Reading heartbeats happens here only, never on the
-path of a completion.
+path of a completion. Which workers run where (ids, hosts) is for operator keys only, as on
+`/status`: other callers get the combined answer and the number of live workers.
 """
 
 from typing import Literal
@@ -68,13 +69,17 @@ def _as_reported(auth: BackendAuth) -> ClaudeCodeAuth:
     return ClaudeCodeAuth(method=auth.method, status=state, environment_variables=auth.environment_variables)
 
 
-def _combined(reports: list[tuple[str, BackendAuth]]) -> ClaudeCodeAuth:
-    """One view of several workers: their method if they agree, every problem named by worker."""
+def _combined(reports: list[tuple[str, BackendAuth]], *, by_worker: bool) -> ClaudeCodeAuth:
+    """One view of several workers: their method if they agree, and every problem, named by
+    worker if `by_worker`."""
     methods = {auth.method for _, auth in reports}
     if len(reports) == 1 or len({auth.model_dump_json() for _, auth in reports}) == 1:
         return _as_reported(reports[0][1])
     method = methods.pop() if len(methods) == 1 else "mixed"
-    errors = [f"{worker}: {error}" for worker, auth in reports for error in auth.errors]
+    if by_worker:
+        errors = [f"{worker}: {error}" for worker, auth in reports for error in auth.errors]
+    else:
+        errors = sorted({error for _, auth in reports for error in auth.errors})
     warnings = sorted({warning for _, auth in reports for warning in auth.warnings})
     variables = sorted({name for _, auth in reports for name in auth.environment_variables})
     config = reports[0][1].config if method != "mixed" else {}
@@ -91,7 +96,7 @@ async def auth_status(gateway: GatewayDep, caller: CallerDep, request: Request) 
     reports = [(w.id, w.auth) for w in workers if w.auth is not None]
     own = _as_reported(backend_auth.check(settings))
     if reports:
-        combined, source, message = _combined(reports), "workers", None
+        combined, source, message = _combined(reports, by_worker=caller.operator), "workers", None
     else:
         combined, source = own, "api"
         message = (
@@ -107,7 +112,11 @@ async def auth_status(gateway: GatewayDep, caller: CallerDep, request: Request) 
         source=source,
         message=message,
         workers_alive=len(workers),
-        workers=[WorkerAuth(id=w.id, host=w.host, backend=w.backend, auth=w.auth) for w in workers],
+        workers=[
+            WorkerAuth(id=w.id, host=w.host, backend=w.backend, auth=w.auth)
+            for w in workers
+            if caller.operator
+        ],
         api_detection=own,
         server_info=ServerInfo(
             api_key_required=configured or managed,
