@@ -45,11 +45,12 @@ _PRELUDE = f"""
 local ARQ_JOB, ARQ_IN_PROGRESS = '{job_key_prefix}', '{in_progress_key_prefix}'
 local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
 local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{WAKEUP_CHANNEL}', '{CANCEL_CHANNEL}'
--- Frees what an ending job holds: the caller's concurrent-job slot (shared/quotas.py) and its
--- session's lock, if the job still holds it (a completed turn has already committed and freed it).
+-- Names which holder's set of job slots (shared/quotas.py) the job is in.
 local function slot_record(job_id)
-  return '{PREFIX}:job:' .. job_id .. ':slot'  -- quotas.slot_record_key
+  return '{PREFIX}:job:' .. job_id .. ':slot'
 end
+-- Frees what an ending job holds: the caller's concurrent-job slot and its session's lock, if
+-- the job still holds it (a completed turn has already committed and freed it).
 local function release_holds(job_id)
   local slot = slot_record(job_id)
   local holder = redis.call('get', slot)

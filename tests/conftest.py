@@ -165,6 +165,16 @@ def upstream(fake_anthropic: FakeAnthropic) -> FakeAnthropic:
     return fake_anthropic
 
 
+def stored_cli_login(folder: Path, access_token: str) -> Path:
+    """A Claude config dir holding the CLI's own login (as `claude login` stores it), valid an hour."""
+    config = folder / "worker-claude"
+    config.mkdir()
+    expires_ms = int(time.time() * 1000) + 3_600_000
+    stored = {"claudeAiOauth": {"accessToken": access_token, "expiresAt": expires_ms}}
+    (config / ".credentials.json").write_text(json.dumps(stored))
+    return config
+
+
 def claude_env(fake: FakeAnthropic, **env: str) -> dict[str, str]:
     """The environment of a gateway on the real Claude backend, pointed at the fake upstream."""
     return {

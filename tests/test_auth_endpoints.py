@@ -2,7 +2,6 @@
 methods end to end: the real SDK and CLI against the fake upstream, as Vertex and as the CLI's
 own login."""
 
-import json
 import re
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Gateway, chat
+from tests.conftest import Gateway, chat, stored_cli_login
 from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
 from tests.test_access import new_key
 from tests.test_agent_isolation import SHOW_ENVIRONMENT
@@ -196,10 +195,7 @@ def test_the_cli_login_reaches_upstream_through_the_proxy_and_never_the_agent(
     start_gateway: Any, upstream: FakeAnthropic, tmp_path: Path
 ) -> None:
     login_token = "sk-ant-oat01-stored-login-must-not-leak"
-    config = tmp_path / "worker-claude"
-    config.mkdir()
-    stored = {"claudeAiOauth": {"accessToken": login_token, "expiresAt": int(time.time() * 1000) + 3_600_000}}
-    (config / ".credentials.json").write_text(json.dumps(stored))
+    config = stored_cli_login(tmp_path, login_token)
     gateway: Gateway = start_gateway(
         workers=1,
         BACKEND="claude",

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Gateway, chat, claude_env
+from tests.conftest import Gateway, chat, claude_env, stored_cli_login
 from tests.fake_anthropic import FakeAnthropic, Reply, system_text, tool_results
 from worker.warm import WARM_UP_PROMPT
 
@@ -139,10 +139,7 @@ def test_a_warm_client_on_the_cli_login_warms_up_without_the_upstream(
     """The CLI holding a job token as its OAuth token speaks as an OAuth client; its warm-up must
     still be answered by the proxy alone."""
     login_token = "sk-ant-oat01-stored-login"
-    config = tmp_path / "worker-claude"
-    config.mkdir()
-    stored = {"claudeAiOauth": {"accessToken": login_token, "expiresAt": int(time.time() * 1000) + 3_600_000}}
-    (config / ".credentials.json").write_text(json.dumps(stored))
+    config = stored_cli_login(tmp_path, login_token)
     gateway: Gateway = start_gateway(
         workers=1,
         BACKEND="claude",
