@@ -35,13 +35,8 @@ def resolve_model(model: str, settings: Settings) -> str:
 
 
 def _not_found(model: str) -> OpenAIError:
-    return OpenAIError(
-        404,
-        f"The model '{model}' does not exist or you do not have access to it.",
-        type="invalid_request_error",
-        param="model",
-        code="model_not_found",
-    )
+    message = f"The model '{model}' does not exist or you do not have access to it."
+    return OpenAIError.not_found(message, param="model", code="model_not_found")
 
 
 def served_model(model: str, settings: Settings) -> Model:

@@ -72,6 +72,11 @@ class OpenAIError(Exception):
         return cls(400, message, type="invalid_request_error", param=param, code=code)
 
     @classmethod
+    def not_found(cls, message: str, *, param: str, code: str) -> "OpenAIError":
+        """404 for an id the caller named that does not exist or is another key's (never which)."""
+        return cls(404, message, type="invalid_request_error", param=param, code=code)
+
+    @classmethod
     def from_failure(cls, failure: Failed) -> "OpenAIError":
         status, type_ = FAILURE_STATUS[failure.code]
         headers = _FAILURE_HEADERS.get(failure.code)

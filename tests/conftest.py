@@ -165,14 +165,22 @@ def upstream(fake_anthropic: FakeAnthropic) -> FakeAnthropic:
     return fake_anthropic
 
 
-def stored_cli_login(folder: Path, access_token: str) -> Path:
-    """A Claude config dir holding the CLI's own login (as `claude login` stores it), valid an hour."""
+def cli_login_env(fake: FakeAnthropic, folder: Path, access_token: str, **env: str) -> dict[str, str]:
+    """A gateway on the real Claude backend whose workers use the CLI's own login (stored under
+    `folder` as `claude login` keeps it, valid an hour), pointed at the fake upstream."""
     config = folder / "worker-claude"
     config.mkdir()
     expires_ms = int(time.time() * 1000) + 3_600_000
     stored = {"claudeAiOauth": {"accessToken": access_token, "expiresAt": expires_ms}}
     (config / ".credentials.json").write_text(json.dumps(stored))
-    return config
+    return {
+        "BACKEND": "claude",
+        "CLAUDE_AUTH_METHOD": "cli",
+        "CLAUDE_CONFIG_DIR": str(config),
+        "ANTHROPIC_BASE_URL": fake.url,
+        "CLAUDE_MAX_RETRIES": "0",
+        **env,
+    }
 
 
 def claude_env(fake: FakeAnthropic, **env: str) -> dict[str, str]:

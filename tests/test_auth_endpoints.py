@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Gateway, chat, stored_cli_login
+from tests.conftest import Gateway, chat, cli_login_env
 from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
 from tests.test_access import new_key
 from tests.test_agent_isolation import SHOW_ENVIRONMENT
@@ -195,16 +195,8 @@ def test_the_cli_login_reaches_upstream_through_the_proxy_and_never_the_agent(
     start_gateway: Any, upstream: FakeAnthropic, tmp_path: Path
 ) -> None:
     login_token = "sk-ant-oat01-stored-login-must-not-leak"
-    config = stored_cli_login(tmp_path, login_token)
-    gateway: Gateway = start_gateway(
-        workers=1,
-        BACKEND="claude",
-        CLAUDE_AUTH_METHOD="cli",
-        CLAUDE_CONFIG_DIR=str(config),
-        ANTHROPIC_BASE_URL=upstream.url,
-        CLAUDE_TOOLS='["Bash"]',
-        CLAUDE_MAX_RETRIES="0",
-    )
+    env = cli_login_env(upstream, tmp_path, login_token, CLAUDE_TOOLS='["Bash"]')
+    gateway: Gateway = start_gateway(workers=1, **env)
     body = auth_status(gateway, workers=1)
     assert body.json()["claude_code_auth"]["status"]["valid"] is True, body.text
     assert login_token not in body.text

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Gateway, chat, claude_env, stored_cli_login
+from tests.conftest import Gateway, chat, claude_env, cli_login_env
 from tests.fake_anthropic import FakeAnthropic, Reply, system_text, tool_results
 from worker.warm import WARM_UP_PROMPT
 
@@ -139,16 +139,8 @@ def test_a_warm_client_on_the_cli_login_warms_up_without_the_upstream(
     """The CLI holding a job token as its OAuth token speaks as an OAuth client; its warm-up must
     still be answered by the proxy alone."""
     login_token = "sk-ant-oat01-stored-login"
-    config = stored_cli_login(tmp_path, login_token)
-    gateway: Gateway = start_gateway(
-        workers=1,
-        BACKEND="claude",
-        CLAUDE_AUTH_METHOD="cli",
-        CLAUDE_CONFIG_DIR=str(config),
-        ANTHROPIC_BASE_URL=upstream.url,
-        CLAUDE_MAX_RETRIES="0",
-        CLAUDE_WARM_CLIENTS="1",
-    )
+    env = cli_login_env(upstream, tmp_path, login_token, CLAUDE_WARM_CLIENTS="1")
+    gateway: Gateway = start_gateway(workers=1, **env)
     for _ in range(2):  # a cold job, then a warm one on the client it ordered
         response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("Hi?"), timeout=90)
         assert response.status_code == 200, response.text

@@ -71,13 +71,8 @@ async def _owned(gateway: Gateway, caller: Caller, completion_id: str) -> JobRec
     job_id = completion_id.removeprefix(COMPLETION_ID_PREFIX)
     record = await gateway.store.get(job_id) if is_job_id(job_id) else None
     if record is None or record.owner != caller.key_id:
-        raise OpenAIError(
-            404,
-            f"No chat completion found with id '{completion_id[:100]}'.",
-            type="invalid_request_error",
-            param="completion_id",
-            code="not_found",
-        )
+        message = f"No chat completion found with id '{completion_id[:100]}'."
+        raise OpenAIError.not_found(message, param="completion_id", code="not_found")
     return record
 
 

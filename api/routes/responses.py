@@ -158,13 +158,8 @@ async def _owned(
     record = await gateway.store.get(job_id) if found else None
     stored = await stored_responses.load(gateway.redis, job_id) if record is not None else None
     if record is None or stored is None or record.owner != caller.key_id:
-        raise OpenAIError(
-            404,
-            f"No response found with id '{response_id[:100]}'.",
-            type="invalid_request_error",
-            param=param,
-            code="not_found",
-        )
+        message = f"No response found with id '{response_id[:100]}'."
+        raise OpenAIError.not_found(message, param=param, code="not_found")
     return record, stored
 
 

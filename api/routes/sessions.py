@@ -63,12 +63,8 @@ def _object(session: sessions.Session) -> SessionObject:
 
 
 def _not_found(session_id: str) -> OpenAIError:
-    return OpenAIError(
-        404,
-        f"No session '{session_id}' found.",
-        type="invalid_request_error",
-        param="session_id",
-        code="session_not_found",
+    return OpenAIError.not_found(
+        f"No session '{session_id}' found.", param="session_id", code="session_not_found"
     )
 
 
