@@ -10,9 +10,13 @@ from starlette.middleware.cors import CORSMiddleware
 
 from api import errors
 from api.access import Access
+from api.chat import retrieval as chat_retrieval
+from api.chat import router as chat
 from api.deps import Gateway
+from api.messages import router as messages
 from api.middleware import BodyLimit, RequestId
-from api.routes import auth, chat, chat_jobs, debug, health, messages, models, ops, responses, sessions
+from api.responses import router as responses
+from api.routes import auth, debug, health, models, ops, sessions
 from shared import queue
 from shared.jobstore import JobStore
 from shared.settings import Settings
@@ -47,7 +51,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             expose_headers=["x-request-id", "retry-after", "x-ratelimit-remaining-requests"],
         )
     app.add_middleware(RequestId)  # outermost: even a refused body gets its request id
-    for module in (chat, chat_jobs, responses, messages, sessions, models, auth, health, ops):
+    for module in (chat, chat_retrieval, responses, messages, sessions, models, auth, health, ops):
         app.include_router(module.router)
     if settings.debug_endpoints:  # off: the route does not exist (404 like any unknown URL)
         app.include_router(debug.router)

@@ -6,37 +6,15 @@ gateway cannot honour yet are rejected by `unsupported_parameter`, never silentl
 Unknown fields are ignored, as newer clients send fields older servers do not know.
 """
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.core.conversation import ChatMessage
 from api.errors import ErrorInfo
 from shared.jobs import JobStatus
 
 # --- Requests -------------------------------------------------------------------------------
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ImagePart(BaseModel):
-    type: Literal["image_url"]
-    image_url: dict[str, Any]
-
-
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
-    function_call: dict[str, Any] | None = None
 
 
 class StreamOptions(BaseModel):

@@ -9,9 +9,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.chat.protocol import ChatCompletionRequest, ChatMessage, ContentPart, ImagePart, TextPart
+from api.chat.protocol import ChatCompletionRequest
+from api.core.conversation import ChatMessage, ContentPart, ImagePart, TextPart
+from api.core.submit import chat_request
 from api.errors import OpenAIError
-from api.submit import chat_request
 from shared.jobs import Done, FinishReason, ToolCall, Usage
 
 MESSAGE_ID_PREFIX = "msg_"

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.chat.protocol import ChatMessage, ContentPart, ImagePart, TextPart
+from api.core.conversation import ChatMessage, ContentPart, ImagePart, TextPart
 from api.errors import OpenAIError
 
 RESPONSE_ID_PREFIX = "resp_"

@@ -17,9 +17,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
-from api.chat.protocol import ChatMessage
-from api.chat.render import JobRef
-from api.chat.structured import ResponseFormat
+from api.chat.outbound import JobRef
+from api.core.conversation import ChatMessage
+from api.core.structured import ResponseFormat
 from api.errors import OpenAIError
 from api.responses.protocol import (
     MESSAGE_ID_PREFIX,

@@ -24,8 +24,8 @@ from typing import Any
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.chat.render import JobRef
-from api.chat.streaming import Events, OnAbandon, abandoned, joined
+from api.chat.outbound import JobRef
+from api.core.streaming import Events, OnAbandon, abandoned, joined
 from api.responses.protocol import OutputText
 from api.responses.response import (
     StoredResponse,
@@ -145,7 +145,7 @@ async def _stream(
     first: "asyncio.Future[tuple[int, JobEventValue]] | None",
     on_abandon: OnAbandon | None,
 ) -> AsyncIterator[bytes]:
-    # Events that are ready together go out as one body message (see api/chat/streaming.py).
+    # Events that are ready together go out as one body message (see api/core/streaming.py).
     finished = False
     number = after
     ready: list[ServerSentEvent] = []

@@ -9,9 +9,9 @@ from typing import Literal
 from fastapi import APIRouter
 from pydantic import BaseModel
 
+from api.core.sessions import invalid_session_id
 from api.deps import CallerDep, GatewayDep
 from api.errors import ErrorResponse, OpenAIError
-from api.sessions import invalid_session_id
 from shared import sessions
 from shared.keys import is_session_id
 

@@ -14,12 +14,12 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from api.chat.outbound import COMPLETION_ID_PREFIX, ChunkRenderer, completion_body, completion_id
 from api.chat.protocol import ChatCompletion
-from api.chat.render import COMPLETION_ID_PREFIX, ChunkRenderer, completion_body, completion_id
-from api.chat.streaming import sse_response
+from api.core.relay import follow_job
+from api.core.streaming import sse_response
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import ErrorResponse, OpenAIError
-from api.relay import follow_job
 from shared.events import events_so_far
 from shared.jobs import Delta, Done, Failed, FailureCode
 from shared.jobstore import JobRecord, JobStore

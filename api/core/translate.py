@@ -1,8 +1,8 @@
 """OpenAI chat requests → `CompletionJob`s: what the worker needs, validated, nothing more."""
 
 from api.catalog import resolve_model
-from api.chat.content import message_content
 from api.chat.protocol import ChatCompletionRequest
+from api.core.content import message_content
 from api.errors import OpenAIError
 from shared.agent import AgentRequest
 from shared.jobs import CompletionJob, Turn

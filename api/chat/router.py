@@ -16,20 +16,20 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from api.agent_policy import agent_request
-from api.chat.fanout import fan_out
-from api.chat.functions import function_calling
+from api.chat.outbound import ChunkRenderer, JobRef, completion_body, completion_id
 from api.chat.protocol import ChatCompletion, ChatCompletionRequest
-from api.chat.render import ChunkRenderer, JobRef, completion_body, completion_id
-from api.chat.streaming import first_event, sse_response
-from api.chat.structured import ResponseFormat, structured_reply
-from api.chat.translate import build_job
+from api.core.fanout import fan_out
+from api.core.functions import function_calling
+from api.core.limits import check_prompt_limits
+from api.core.policy import agent_request
+from api.core.relay import follow_job
+from api.core.sessions import abandon, attach, requested_session_id
+from api.core.streaming import first_event, sse_response
+from api.core.structured import ResponseFormat, structured_reply
+from api.core.submit import queue_job
+from api.core.translate import build_job
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import ErrorResponse, OpenAIError
-from api.hygiene import check_prompt_limits
-from api.relay import follow_job
-from api.sessions import abandon, attach, requested_session_id
-from api.submit import queue_job
 from shared import logs
 from shared.events import JobEventValue
 from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode, JobStatus

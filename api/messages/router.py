@@ -17,8 +17,10 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.chat.functions import function_calling
-from api.chat.streaming import first_event
+from api.core.functions import function_calling
+from api.core.relay import follow_job
+from api.core.streaming import first_event
+from api.core.submit import prepare_job, queue_job
 from api.deps import CallerDep, Gateway, GatewayDep
 from api.errors import ErrorResponse, OpenAIError
 from api.messages.protocol import (
@@ -31,8 +33,6 @@ from api.messages.protocol import (
     tool_use_blocks,
     usage_body,
 )
-from api.relay import follow_job
-from api.submit import prepare_job, queue_job
 from shared.events import JobEventValue
 from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode, Usage
 

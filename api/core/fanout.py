@@ -16,13 +16,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from api.chat.outbound import ChunkRenderer, completion_id, error_chunk, usage_body
 from api.chat.protocol import ChatCompletion, ChatCompletionRequest, Choice, ResponseMessage
-from api.chat.render import ChunkRenderer, completion_id, error_chunk, usage_body
-from api.chat.structured import ResponseFormat
+from api.core.relay import follow_job
+from api.core.structured import ResponseFormat
+from api.core.submit import prepare_job, queue_job
 from api.deps import Caller, Gateway
 from api.errors import OpenAIError
-from api.relay import follow_job
-from api.submit import prepare_job, queue_job
 from shared.events import JobEventValue
 from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode, FinishReason, Usage
 

@@ -12,10 +12,10 @@ from pydantic import ValidationError
 
 from api.access import job_slot, no_job_slot
 from api.chat.protocol import ChatCompletionRequest
-from api.chat.translate import build_job
+from api.core.limits import check_prompt_limits
+from api.core.translate import build_job
 from api.deps import Caller, Gateway
 from api.errors import OpenAIError
-from api.hygiene import check_prompt_limits
 from shared.jobs import CompletionJob
 from shared.jobstore import NoJobSlot
 

@@ -1,6 +1,7 @@
 """Limits on what one request may ask of a worker, beyond the body size (`BodyLimit`)."""
 
-from api.chat.protocol import ChatCompletionRequest, TextPart
+from api.chat.protocol import ChatCompletionRequest
+from api.core.conversation import TextPart
 from api.errors import OpenAIError
 from shared.settings import Settings
 

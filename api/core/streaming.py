@@ -14,7 +14,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.chat.render import ChunkRenderer, error_chunk
+from api.chat.outbound import ChunkRenderer, error_chunk
 from api.errors import ErrorInfo, OpenAIError
 from shared.events import JobEventValue
 from shared.jobs import Delta, Done, Failed

@@ -12,7 +12,8 @@ cannot force a tool choice); `none` offers no function.
 import re
 from typing import Any
 
-from api.chat.protocol import ChatCompletionRequest, ChatMessage, TextPart
+from api.chat.protocol import ChatCompletionRequest
+from api.core.conversation import ChatMessage, TextPart
 from api.errors import OpenAIError
 from shared.jobs import CompletionJob, FunctionTool
 

@@ -13,14 +13,16 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from api.chat.functions import function_calling
-from api.chat.protocol import ChatMessage
-from api.chat.render import JobRef
-from api.chat.streaming import first_event
-from api.chat.structured import ResponseFormat
+from api.chat.outbound import JobRef
+from api.chat.retrieval import cancel_job, parse_last_event_id
+from api.core.conversation import ChatMessage
+from api.core.functions import function_calling
+from api.core.relay import follow_job
+from api.core.streaming import first_event
+from api.core.structured import ResponseFormat
+from api.core.submit import chat_request, prepare_job, queue_job
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import ErrorResponse, OpenAIError
-from api.relay import follow_job
 from api.responses import response as stored_responses
 from api.responses.protocol import (
     RESPONSE_ID_PREFIX,
@@ -32,8 +34,6 @@ from api.responses.protocol import (
 )
 from api.responses.response import StoredResponse, response_body
 from api.responses.stream import ResponseEventRenderer, response_stream
-from api.routes.chat_jobs import cancel_job, parse_last_event_id
-from api.submit import chat_request, prepare_job, queue_job
 from shared.events import JobEventValue, events_so_far
 from shared.jobs import Delta, Done, Failed, FailureCode, JobStatus
 from shared.jobstore import JobRecord

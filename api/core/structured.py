@@ -16,8 +16,8 @@ import jsonschema
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from api.chat.outbound import ChunkRenderer
 from api.chat.protocol import ChatCompletion, ChatCompletionRequest
-from api.chat.render import ChunkRenderer
 from api.errors import OpenAIError
 from shared.jobs import CompletionJob, Done, FinishReason, Usage
 
