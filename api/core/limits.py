@@ -1,21 +1,20 @@
 """Limits on what one request may ask of a worker, beyond the body size (`BodyLimit`)."""
 
-from api.chat.protocol import ChatCompletionRequest
-from api.core.conversation import TextPart
+from api.core.conversation import ChatMessage, TextPart
 from api.errors import OpenAIError
 from shared.settings import Settings
 
 
-def check_prompt_limits(request: ChatCompletionRequest, settings: Settings) -> None:
+def check_prompt_limits(messages: list[ChatMessage], settings: Settings) -> None:
     """400 when the request has more than `MAX_MESSAGES` messages or `MAX_PROMPT_CHARS` of text."""
-    if len(request.messages) > settings.max_messages:
+    if len(messages) > settings.max_messages:
         raise OpenAIError.invalid(
             f"Too many messages: at most {settings.max_messages} per request.",
             param="messages",
             code="too_many_messages",
         )
     total = 0
-    for message in request.messages:
+    for message in messages:
         if isinstance(message.content, str):
             total += len(message.content)
         elif message.content is not None:

@@ -1,119 +1,144 @@
-"""A job's events as an OpenAI chat completion stream (SSE), live or resumed.
+"""A run's events as a server-sent event stream: the one relay loop every front end renders into.
 
-Every chunk made from a job event carries `id: <seq>`; a client that reconnects with
-`Last-Event-ID: <seq>` (or `?starting_after=<seq>`) gets exactly the chunks after it. When one
-event becomes several chunks (finish, then usage), only the last carries the id, so a resume
-from an earlier id replays all of them. The role chunk is the stream's start (`id: 0`).
+The front end supplies a `StreamRenderer` (its wire format); this module owns what every stream
+shares: holding the headers until the first event (so an early failure gets its real status),
+batching what is ready together into one body message, ending on the terminal event, reporting a
+lost queue in-stream, and cancelling the jobs when a live client goes away.
 """
 
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.chat.outbound import ChunkRenderer, error_chunk
-from api.errors import ErrorInfo, OpenAIError
+from api.core.run import ChoiceEvents, Reply, Run
+from api.errors import OpenAIError
 from shared.events import JobEventValue
 from shared.jobs import Delta, Done, Failed
 
 log = logging.getLogger("gateway.api")
 
-Events = AsyncIterator[tuple[int, JobEventValue]]
+First = asyncio.Future[tuple[int, int, JobEventValue]]
 OnAbandon = Callable[[], Coroutine[Any, Any, None]]
 _abandoned: set["asyncio.Task[None]"] = set()  # strong references until they finish
 
 
-async def first_event(events: Events, wait_s: float) -> "asyncio.Future[tuple[int, JobEventValue]]":
-    """Waits up to `wait_s` for the job's first event, and raises its failure if it is one.
+class StreamRenderer(Protocol):
+    """A wire format's events for one run; each method returns what to send, in order."""
 
-    Holding the response headers until then means a failure before any output (bad upstream
-    credentials, no worker) gets its real HTTP status instead of a 200 stream. A job silent for
-    longer (a long tool run) gets its headers then, and keep-alive pings.
+    def opening(self) -> list[ServerSentEvent]:
+        """What opens the stream (empty when resuming past it)."""
+
+    def render(self, choice: int, seq: int, event: JobEventValue) -> list[ServerSentEvent]: ...
+
+    def lost_queue(self) -> list[ServerSentEvent]:
+        """The in-stream error when Redis is lost after the headers went out."""
+
+    def closing(self) -> list[ServerSentEvent]:
+        """What ends the stream after its last event (e.g. chat's `[DONE]`)."""
+
+
+async def event_stream(
+    run: Run,
+    renderer: StreamRenderer,
+    *,
+    after: int = 0,
+    live: bool = True,
+) -> EventSourceResponse:
+    """The run's stream after event `after`. `live`: the request that queued the run, which waits
+    for the first event before answering and cancels the run if its client leaves (unless the run
+    is in the background, or `CANCEL_ON_DISCONNECT` is off)."""
+    settings = run.gateway.settings
+    events = run.events(after)
+    if run.response_format is not None:  # checked whole, then sent as one delta
+        events = _checked(run, await run.collect())
+    first = await first_event(events, settings.stream_commit_after_s) if live else None
+
+    async def cancel() -> None:
+        await run.cancel("The client disconnected.")
+
+    on_abandon = cancel if live and settings.cancel_on_disconnect and not run.background else None
+    body = _relay(run, renderer, events, first, on_abandon)
+    return EventSourceResponse(body, ping=15)
+
+
+async def first_event(events: ChoiceEvents, wait_s: float) -> First:
+    """Waits up to `wait_s` for the run's first event, and raises its failure if it is one.
+
+    A run silent for longer (a long tool run) gets its headers then, and keep-alive pings.
     """
     first = asyncio.ensure_future(anext(events))
     await asyncio.wait({first}, timeout=wait_s)
-    if first.done() and isinstance(failure := first.result()[1], Failed):
+    if first.done() and isinstance(failure := first.result()[2], Failed):
         raise OpenAIError.from_failure(failure)
     return first
 
 
-def sse_response(
-    renderer: ChunkRenderer,
-    events: Events,
-    *,
-    after: int = 0,
-    first: "asyncio.Future[tuple[int, JobEventValue]] | None" = None,
-    on_abandon: OnAbandon | None = None,
-) -> EventSourceResponse:
-    """The SSE response for the job's events after `after`; `on_abandon` runs if the client leaves."""
-    return EventSourceResponse(_chunks(renderer, events, after, first, on_abandon), ping=15)
+async def _checked(run: Run, replies: list[Reply]) -> ChoiceEvents:
+    """A structured run's checked replies as events: one delta per choice, then its terminal event."""
+    for choice, reply in enumerate(replies):
+        yield choice, 1, Delta(text=reply.text)
+        yield choice, 2, reply.done
 
 
-async def _chunks(
-    renderer: ChunkRenderer,
-    events: Events,
-    after: int,
-    first: "asyncio.Future[tuple[int, JobEventValue]] | None",
+async def _relay(
+    run: Run,
+    renderer: StreamRenderer,
+    events: ChoiceEvents,
+    first: First | None,
     on_abandon: OnAbandon | None,
 ) -> AsyncIterator[bytes]:
-    # Chunks that are ready together go out as one body message: each message is a trip through
-    # every middleware's `send` and a socket write, so the role chunk rides with the first
-    # content and the closing chunks with [DONE].
-    ready = [ServerSentEvent(renderer.role(), id="0")] if after == 0 else []
+    # What is ready together goes out as one body message: each message is a trip through every
+    # middleware's `send` and a socket write, so the opening rides with the first content and the
+    # closing with the last event.
+    ready = renderer.opening()
     finished = False
+    ended = 0
     try:
         pending = first if first is not None else asyncio.ensure_future(anext(events))
         if ready and not pending.done():  # a slow start: the stream opens at once anyway
             yield joined(ready)
             ready = []
-        seq, event = await pending
+        choice, seq, event = await pending
         while True:
-            if isinstance(event, Delta):
-                ready.append(ServerSentEvent(renderer.content(event.text), id=str(seq)))
+            ready += renderer.render(choice, seq, event)
+            if isinstance(event, Done | Failed):
+                ended += 1
+                if isinstance(event, Failed) or ended == len(run.jobs):
+                    break
+            if ready:
                 yield joined(ready)
                 ready = []
-                seq, event = await anext(events)
-                continue
-            if isinstance(event, Done):
-                if event.tool_calls:
-                    ready.append(ServerSentEvent(renderer.tool_calls(event)))
-                if renderer.include_usage:
-                    ready.append(ServerSentEvent(renderer.finish(event)))
-                    ready.append(ServerSentEvent(renderer.usage(event), id=str(seq)))
-                else:
-                    ready.append(ServerSentEvent(renderer.finish(event), id=str(seq)))
-            else:
-                chunk = error_chunk(OpenAIError.from_failure(event).info)
-                ready.append(ServerSentEvent(chunk, id=str(seq)))
-            finished = True
-            break
+            choice, seq, event = await anext(events)
+        finished = True
     except RedisError:
         # Headers are gone already: the failure can only be reported in the stream.
         log.warning("lost Redis while relaying a stream")
-        error = ErrorInfo(
-            message="The gateway lost its queue mid-stream; resume with Last-Event-ID.",
-            type="server_error",
-            code="queue_unavailable",
-        )
-        ready.append(ServerSentEvent(error_chunk(error)))
+        ready += renderer.lost_queue()
         finished = True
     finally:
-        if not finished:
-            abandoned(on_abandon)
-    yield joined([*ready, ServerSentEvent("[DONE]")])
-
-
-def abandoned(on_abandon: OnAbandon | None) -> None:
-    """The client left mid-stream and this task is being cancelled: run `on_abandon` apart."""
-    if on_abandon is not None:
-        task = asyncio.get_running_loop().create_task(on_abandon())
-        _abandoned.add(task)
-        task.add_done_callback(_abandoned.discard)
+        run.close()
+        if not finished and on_abandon is not None:
+            # The client left mid-stream and this task is being cancelled: run it apart.
+            task = asyncio.get_running_loop().create_task(on_abandon())
+            _abandoned.add(task)
+            task.add_done_callback(_abandoned.discard)
+    yield joined([*ready, *renderer.closing()])
 
 
 def joined(events: list[ServerSentEvent]) -> bytes:
     """Events as one body message."""
     return b"".join(event.encode() for event in events)
+
+
+def parse_last_event_id(value: str | None) -> int:
+    if value is None:
+        return 0
+    if not value.isdigit() or len(value) > 18:
+        raise OpenAIError.invalid(
+            "Last-Event-ID must be an event id this stream sent.", param="Last-Event-ID"
+        )
+    return int(value)

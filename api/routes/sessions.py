@@ -11,12 +11,12 @@ from pydantic import BaseModel
 
 from api.core.sessions import invalid_session_id
 from api.deps import CallerDep, GatewayDep
-from api.errors import ErrorResponse, OpenAIError
+from api.errors import OpenAIError, error_responses
 from shared import sessions
 from shared.keys import is_session_id
 
 router = APIRouter()
-_ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorResponse} for code in (400, 404, 409)}
+_ERRORS = error_responses(400, 404, 409)
 
 
 class SessionMessage(BaseModel):
