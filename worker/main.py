@@ -106,17 +106,24 @@ class GatewayWorker(Worker):
         task = asyncio.current_task()
         assert task is not None
         self.job_tasks[job_id] = task
+        # Nothing a job does may reach arq's main loop, which reads every finished task's result
+        # and would close the worker on an exception: its outcome is in the job's event stream.
         try:
             await _job_started(self.ctx)
             await run_completion(self.ctx, completion, int(attempt))
             self.jobs_complete += 1
+        except asyncio.CancelledError:  # only arq cancels this task, when the worker shuts down
+            log.info("attempt %s stopped by the worker's shutdown", job_id)
         except Exception:
             self.jobs_failed += 1
             log.exception("attempt %s failed", job_id)
         finally:
             del self.job_tasks[job_id]
-            with contextlib.suppress(RedisError):
-                await asyncio.shield(self.finish_job(job_id, True, None, None, False, None, None))
+        try:
+            await asyncio.shield(self.finish_job(job_id, True, None, None, False, None, None))
+        except (Exception, asyncio.CancelledError) as exc:
+            # Its arq keys expire on their own (in-progress mark) or are stale entries claims skip.
+            log.warning("could not remove the arq keys of attempt %s (%r)", job_id, exc)
 
     async def _start_woken(self, attempt_id: bytes) -> None:
         """Starts the attempt a wake-up named, without a trip through the queue's index."""
@@ -182,7 +189,9 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
         await backend.close()
 
 
-def build_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> GatewayWorker:
+def build_worker(
+    settings: Settings, redis_url: str, *, burst: bool = False, handle_signals: bool = True
+) -> GatewayWorker:
     return GatewayWorker(
         redis_url=redis_url,
         settings=settings,
@@ -199,6 +208,7 @@ def build_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> 
         job_timeout=settings.job_timeout_s + 30,
         job_completion_wait=settings.drain_timeout_s,
         burst=burst,
+        handle_signals=handle_signals,
     )
 
 
