@@ -18,12 +18,15 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from api.metrics import render as render_metrics
 from cli.embedded_redis import EmbeddedRedis
+from cli.status import render as render_status
 from shared.events import read_events
 from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode, Turn
 from shared.jobstore import JobStore
 from shared.keys import CANCEL_CHANNEL
 from shared.settings import Settings
+from shared.status import Snapshot, take_snapshot
 from tests.conftest import unit_db
 from worker import outcomes
 from worker import task as worker_task
@@ -71,8 +74,7 @@ class Running:
     async def close(self) -> None:
         if not self.main.done():
             self.worker.handle_sig(signal.SIGTERM)
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.main
+        await asyncio.wait([self.main])
         await self.worker.close()
         await self.redis.aclose()
 
@@ -232,7 +234,9 @@ async def test_shutdown_with_running_jobs_closes_the_worker_cleanly(
     async with asyncio.timeout(5):
         async for _ in read_events(running.redis, talking, idle_timeout_s=5):
             break
-    await asyncio.sleep(0.1)  # the silent one has started too
+    async with asyncio.timeout(5):
+        while not (record := await running.store.get(silent)) or not record.started:
+            await asyncio.sleep(0.02)  # the silent one has started too
     running.worker.handle_sig_wait_for_completion(signal.SIGTERM)
     with contextlib.suppress(asyncio.CancelledError):
         await running.main
@@ -243,3 +247,46 @@ async def test_shutdown_with_running_jobs_closes_the_worker_cleanly(
     record = await running.store.get(silent)
     assert record is not None
     assert (record.attempt, record.ended) == (2, None)  # handed back: queued for another worker
+
+
+async def _exits_shown(running: Running) -> tuple[Snapshot, str, str]:
+    snapshot = await take_snapshot(running.redis, QUEUE)
+    return snapshot, render_status(snapshot), render_metrics(snapshot).decode()
+
+
+async def test_an_error_that_ends_the_main_loop_is_logged_counted_and_shown(
+    start: Callable[..., Awaitable[Running]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    running = await start()
+
+    async def broken() -> None:
+        raise RuntimeError("the loop broke")
+
+    monkeypatch.setattr(running.worker, "heart_beat", broken)
+    with pytest.raises(RuntimeError):
+        async with asyncio.timeout(5):
+            await running.main
+    worker_id = running.worker.heartbeat.worker_id
+    assert f"worker {worker_id} exits: error (RuntimeError: the loop broke)" in caplog.text
+    snapshot, status, metrics = await _exits_shown(running)
+    [gone] = snapshot.recent_worker_exits
+    assert (gone.worker_id, gone.reason, gone.detail) == (worker_id, "error", "RuntimeError: the loop broke")
+    assert f"error      {worker_id} RuntimeError: the loop broke" in status
+    assert 'gateway_worker_exits_total{reason="error"} 1.0' in metrics
+
+
+async def test_a_signal_that_stops_the_worker_is_logged_counted_and_shown(
+    start: Callable[..., Awaitable[Running]], caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start(drain_timeout_s=0)
+    running.worker.handle_sig_wait_for_completion(signal.SIGTERM)
+    with pytest.raises(asyncio.CancelledError):
+        await running.main
+    worker_id = running.worker.heartbeat.worker_id
+    assert f"worker {worker_id} exits: shutdown (SIGTERM)" in caplog.text
+    snapshot, status, metrics = await _exits_shown(running)
+    assert [(g.worker_id, g.reason) for g in snapshot.recent_worker_exits] == [(worker_id, "shutdown")]
+    assert f"shutdown   {worker_id} SIGTERM" in status
+    assert 'gateway_worker_exits_total{reason="shutdown"} 1.0' in metrics
