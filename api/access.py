@@ -30,7 +30,8 @@ from shared.settings import Settings
 
 log = logging.getLogger("gateway.api")
 
-OPEN_PATHS = frozenset({"/health", "/ready"})  # probes that cannot send a key; neither shows data
+# Probes that cannot send a key, and the static landing page: none shows data.
+OPEN_PATHS = frozenset({"/", "/health", "/ready"})
 _JOB_LEASE_GRACE_S = 60.0
 _ACCESS_UNAVAILABLE = OpenAIError(
     503,
