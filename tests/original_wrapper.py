@@ -39,7 +39,7 @@ MODELS = (
     '["claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5", "claude-3-5-sonnet-20241022", '
     '"claude-3-5-haiku-20241022", "claude-3-7-sonnet-20250219"]'
 )
-STRICT = '''
+STRICT = """
 import pytest
 
 
@@ -57,7 +57,7 @@ def pytest_runtest_makereport(item, call):
     if report.when == "call" and report.passed and any(m in report.capstdout for m in ("\\u274c", "\\u2717")):
         report.outcome = "failed"
         report.longrepr = "the test printed a failure mark:\\n" + report.capstdout
-'''
+"""
 
 
 def main(original: Path, pytest_args: list[str]) -> int:
