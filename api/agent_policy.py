@@ -10,6 +10,7 @@ configurations (`/v1/tools/config`: the operator's global one, a caller's per se
 defaults between the policy and the request.
 """
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import get_args
 
@@ -19,6 +20,7 @@ from shared.agent import AgentRequest, PermissionMode
 from shared.settings import Settings
 from shared.tool_config import ToolConfig
 
+_INTEGER = re.compile(r"[0-9]{1,9}")  # ASCII digits only: `str.isdigit` takes "²", which `int` refuses
 _MODES: tuple[str, ...] = get_args(PermissionMode)
 
 
@@ -90,7 +92,7 @@ def _int_header(headers: Mapping[str, str], header: str, low: int) -> int | None
     value = headers.get(header)
     if value is None:
         return None
-    if not value.strip().isdigit() or int(value) < low:
+    if not _INTEGER.fullmatch(value.strip()) or int(value) < low:
         raise OpenAIError.invalid(f"{header} must be an integer of at least {low}.", param=header)
     return int(value)
 

@@ -205,8 +205,10 @@ def test_bad_ids_in_headers_and_paths(scripted: Gateway) -> None:
 
 
 def test_another_keys_session_is_not_found(start_gateway: Any) -> None:
-    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", API_KEYS="key-a,key-b")
-    a, b = {"authorization": "Bearer key-a"}, {"authorization": "Bearer key-b"}
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", API_KEYS="first-caller-key,other-caller-key"
+    )
+    a, b = {"authorization": "Bearer first-caller-key"}, {"authorization": "Bearer other-caller-key"}
     sid = _sid()
     _reply(_post(gateway, chat("mine", session_id=sid), **a))
     for method in ("GET", "DELETE"):
