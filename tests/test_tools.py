@@ -12,7 +12,7 @@ from shared.keys import record_key
 from tests.conftest import Gateway, assert_documented, chat
 from tests.test_access import assert_error, bearer, new_key
 
-OPERATOR = "operator-key"
+OPERATOR = "operator-key-of-the-tools-tests"
 
 
 @pytest.fixture(scope="module")
