@@ -5,9 +5,8 @@ The request asks through body extension fields (`enable_tools`, `allowed_tools`,
 wrapper's `X-Claude-*` headers. The policy: `CLAUDE_TOOLS` are the tools callers may have (a job
 has all of them unless it narrows them), `CLAUDE_DISALLOWED_TOOLS` are denied to every job,
 `CLAUDE_MAX_TURNS` caps turns, `CLAUDE_PERMISSION_MODES` lists the modes a caller may choose.
-Asking for more than the policy grants is a 400, never a silent downgrade. Stored tool
-configurations (`/v1/tools/config`: the operator's global one, a caller's per session) are
-defaults between the policy and the request.
+Asking for more than the policy grants is a 400, never a silent downgrade. Which tools and MCP
+servers a job has is `api/tool_choice.py`.
 """
 
 import re
@@ -16,6 +15,7 @@ from typing import get_args
 
 from api.chat.protocol import ChatCompletionRequest
 from api.errors import OpenAIError
+from api.tool_choice import ToolChoice, check_permitted, check_servers, choose, denied_tools
 from shared.agent import AgentRequest, PermissionMode
 from shared.settings import Settings
 from shared.tool_config import ToolConfig
@@ -31,54 +31,30 @@ def agent_request(
     configs: Sequence[ToolConfig] = (),
 ) -> AgentRequest:
     """The agent of one job. `configs` are the stored tool defaults that apply (the global one,
-    then the session's): the request's own choice wins over them, as a session's over the global."""
-    allowed = (
+    then the session's): the request's own choice wins over them, as a session's over the global
+    (`api/tool_choice.py`)."""
+    enabled = body.enable_tools is not False
+    asked = (
         body.allowed_tools if body.allowed_tools is not None else _names(headers, "x-claude-allowed-tools")
     )
-    if allowed is None:
-        allowed = default_tools(settings, configs)
-    elif body.enable_tools is not False:
-        check_permitted(allowed, settings, "allowed_tools")
+    if enabled and asked is not None:
+        check_permitted(asked, settings, "allowed_tools")
+    if enabled and body.mcp_servers is not None:
+        check_servers(body.mcp_servers, settings)
+    choice = choose(settings, configs, asked, body.mcp_servers) if enabled else ToolChoice([], [], [])
     disallowed = body.disallowed_tools
     if disallowed is None:
         disallowed = _names(headers, "x-claude-disallowed-tools") or []
     return AgentRequest(
-        tools=list(dict.fromkeys(allowed)) if body.enable_tools is not False else [],
+        tools=choice.tools,
         disallowed_tools=denied_tools(settings, configs, disallowed),
         max_turns=_max_turns(body, headers, settings),
         permission_mode=_permission_mode(body, headers, settings),
         max_thinking_tokens=_max_thinking_tokens(headers),
-        skills=body.enable_tools is not False,
+        skills=enabled,
+        mcp_servers=choice.mcp_servers,
+        mcp_tools=choice.mcp_tools,
     )
-
-
-def check_permitted(tools: Sequence[str], settings: Settings, param: str) -> None:
-    """400 `tool_not_permitted` for the first tool the operator's policy does not grant."""
-    permitted = settings.claude_tools
-    if refused := [tool for tool in tools if tool not in permitted]:
-        raise OpenAIError.invalid(
-            f"Tool '{refused[0]}' is not permitted on this gateway"
-            + (f" (permitted: {', '.join(permitted)})." if permitted else " (no tools are)."),
-            param=param,
-            code="tool_not_permitted",
-        )
-
-
-def default_tools(settings: Settings, configs: Sequence[ToolConfig]) -> list[str]:
-    """The tools of a job that names none: the latest configured choice, within the policy (a stored
-    choice the operator has since narrowed loses what is no longer permitted), else all permitted."""
-    for config in reversed(configs):
-        if config.allowed_tools is not None:
-            return [tool for tool in config.allowed_tools if tool in settings.claude_tools]
-    return list(settings.claude_tools)
-
-
-def denied_tools(
-    settings: Settings, configs: Sequence[ToolConfig], requested: Sequence[str] = ()
-) -> list[str]:
-    """Everything denied to a job: the operator's, each configuration's, the request's."""
-    stored = [tool for config in configs for tool in config.disallowed_tools or []]
-    return list(dict.fromkeys([*settings.claude_disallowed_tools, *stored, *requested]))
 
 
 def _names(headers: Mapping[str, str], header: str) -> list[str] | None:

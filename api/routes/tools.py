@@ -11,12 +11,13 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from api.agent_policy import check_permitted, default_tools, denied_tools
 from api.deps import Caller, CallerDep, Gateway, GatewayDep, operator_only
 from api.errors import ErrorResponse
 from api.sessions import invalid_session_id, session_not_found
+from api.tool_choice import check_permitted, effective, permitted_servers
 from shared import sessions, tool_config
 from shared.keys import is_session_id
+from shared.mcp import tool_prefix
 from shared.settings import Settings
 from shared.tool_config import ToolConfig
 
@@ -87,11 +88,6 @@ class ToolStats(BaseModel):
     tool_categories: dict[str, int]
 
 
-def _effective(settings: Settings, configs: list[ToolConfig]) -> list[str]:
-    denied = set(denied_tools(settings, configs))
-    return [tool for tool in default_tools(settings, configs) if tool not in denied]
-
-
 def _configs(*found: ToolConfig | None) -> list[ToolConfig]:
     return [config for config in found if config is not None]
 
@@ -103,7 +99,7 @@ def _category(name: str) -> str:
 @router.get("/v1/tools", response_model=ToolList)
 async def list_tools(gateway: GatewayDep) -> ToolList:
     settings = gateway.settings
-    defaults = _effective(settings, _configs(await tool_config.global_config(gateway.redis)))
+    defaults = effective(settings, _configs(await tool_config.global_config(gateway.redis)))
     tools = [
         ToolInfo(
             name=name,
@@ -112,6 +108,15 @@ async def list_tools(gateway: GatewayDep) -> ToolList:
             default=name in defaults,
         )
         for name in settings.claude_tools
+    ]
+    tools += [
+        ToolInfo(
+            name=tool_prefix(name),
+            description=settings.mcp_servers[name].description or f"The tools of the MCP server '{name}'.",
+            category="mcp",
+            default=tool_prefix(name) in defaults,
+        )
+        for name in permitted_servers(settings)
     ]
     return ToolList(tools=tools, total=len(tools))
 
@@ -134,7 +139,7 @@ def _object(
         session_id=session_id,
         allowed_tools=own.allowed_tools if own else None,
         disallowed_tools=own.disallowed_tools if own else None,
-        effective_tools=_effective(settings, applied),
+        effective_tools=effective(settings, applied),
         created_at=own.created_at if own else None,
         updated_at=own.updated_at if own else None,
     )
@@ -188,7 +193,7 @@ async def tool_stats(gateway: GatewayDep, caller: CallerDep) -> ToolStats:
         categories[_category(name)] = categories.get(_category(name), 0) + 1
     return ToolStats(
         total_tools=len(settings.claude_tools),
-        default_tools=len(_effective(settings, _configs(found))),
+        default_tools=len(effective(settings, _configs(found))),
         global_allowed=len(found.allowed_tools or []) if found else 0,
         global_disallowed=len(found.disallowed_tools or []) if found else 0,
         session_configs=sum(session.has_tool_config for session in listed),
