@@ -16,7 +16,7 @@ from api.deps import Gateway
 from api.messages import router as messages
 from api.middleware import BodyLimit, RequestId
 from api.responses import router as responses
-from api.routes import auth, debug, health, models, ops, sessions
+from api.routes import auth, compatibility, debug, health, home, mcp, models, ops, sessions, tools
 from shared import queue
 from shared.jobstore import JobStore
 from shared.settings import Settings
@@ -51,7 +51,22 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             expose_headers=["x-request-id", "retry-after", "x-ratelimit-remaining-requests"],
         )
     app.add_middleware(RequestId)  # outermost: even a refused body gets its request id
-    for module in (chat, chat_retrieval, responses, messages, sessions, models, auth, health, ops):
+    routers = (
+        chat,
+        chat_retrieval,
+        responses,
+        messages,
+        sessions,
+        models,
+        compatibility,
+        tools,
+        mcp,
+        auth,
+        health,
+        ops,
+        home,
+    )
+    for module in routers:
         app.include_router(module.router)
     if settings.debug_endpoints:  # off: the route does not exist (404 like any unknown URL)
         app.include_router(debug.router)

@@ -6,9 +6,9 @@ operator's policy and limits, and queues its jobs. The agent controls are part o
 end's body (`AgentControls` is a base of each wire model), so they hold on every endpoint.
 """
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from api.core.conversation import ChatMessage
 from api.core.structured import ResponseFormat
@@ -25,15 +25,12 @@ class AgentControls(BaseModel):
     disallowed_tools: list[str] | None = None
     max_turns: int | None = Field(default=None, ge=1)
     permission_mode: str | None = None
+    mcp_servers: list[Annotated[str, StringConstraints(max_length=64)]] | None = Field(
+        default=None, max_length=100, description="Extension: the operator's MCP servers the job has."
+    )
 
     def agent_controls(self) -> "AgentControls":
-        return AgentControls(
-            enable_tools=self.enable_tools,
-            allowed_tools=self.allowed_tools,
-            disallowed_tools=self.disallowed_tools,
-            max_turns=self.max_turns,
-            permission_mode=self.permission_mode,
-        )
+        return AgentControls.model_validate(self.model_dump(include=set(AgentControls.model_fields)))
 
 
 class CompletionRequest(BaseModel):

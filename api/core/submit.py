@@ -1,8 +1,9 @@
 """A core request → its queued jobs: the one path every front end's request takes.
 
-1. limits (messages, prompt size) and the named session;
-2. the agent's controls against the operator's tool policy (`CLAUDE_TOOLS`, `CLAUDE_MAX_TURNS`, …);
-3. the caller's functions and the requested JSON format, instructed into the job;
+1. the named session, and the stored tool defaults that apply;
+2. `plan`: limits (messages, prompt size), the agent's controls against the operator's tool policy
+   (`CLAUDE_TOOLS`, `CLAUDE_MAX_TURNS`, …), the caller's functions and the requested JSON format;
+   `POST /v1/compatibility` runs the same checks without queueing;
 4. the job, or `n` of them (`n > 1`: one per choice, each an ordinary job with its own slot);
 5. the session taken, the `Idempotency-Key` honoured, each job queued in one of the caller's job
    slots (429 if none is free); whatever was taken is released if the request fails here.
@@ -10,6 +11,7 @@
 
 import hashlib
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,8 +27,11 @@ from api.core.sessions import abandon, attach, requested_session_id
 from api.core.translate import build_job
 from api.deps import Caller, Gateway
 from api.errors import OpenAIError
+from shared import sessions, tool_config
 from shared.jobs import CompletionJob, new_job_id
 from shared.jobstore import NoJobSlot
+from shared.settings import Settings
+from shared.tool_config import ToolConfig
 
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
@@ -68,23 +73,12 @@ async def submit(
 ) -> Run:
     """Validates the request, applies the operator's policy and queues its jobs (400/404/409/429)."""
     settings = gateway.settings
-    check_prompt_limits(request.messages, settings)
     session_id = requested_session_id(request.session_id, http.headers)
     if request.n > 1:
         _check_choices(request, settings.max_choices, session_id, idempotency)
-    agent = agent_request(request.agent, http.headers, settings)
-    plain, calling = function_calling(request)
-    job = build_job(plain, http.state.request_id, settings, agent)
-    if calling is not None:
-        if session_id is not None:
-            raise OpenAIError.invalid("Function calling does not continue sessions yet.", param="session_id")
-        job = calling.instruct(job)
-    if (response_format := request.response_format) is not None:
-        if request.background:
-            raise OpenAIError.invalid(
-                f"{response_format.param} cannot be checked on a background job.", param=response_format.param
-            )
-        job = response_format.instruct(job)
+    stored = await tool_config.configs(gateway.redis, sessions.owner_of(caller.key_id), session_id)
+    job = plan(request, http.headers, http.state.request_id, settings, stored, session=session_id is not None)
+    response_format = request.response_format
     if request.n > 1:
         jobs = [job, *(job.model_copy(update={"id": new_job_id()}) for _ in range(request.n - 1))]
         return Run(
@@ -104,6 +98,33 @@ async def submit(
     if ref.id != job.id:  # attached to the key's earlier job: this one was never queued
         await abandon(gateway.redis, job)
     return Run(gateway, [ref], request.background, response_format)
+
+
+def plan(
+    request: CompletionRequest,
+    headers: Mapping[str, str],
+    request_id: str,
+    settings: Settings,
+    configs: Sequence[ToolConfig] = (),
+    *,
+    session: bool = False,
+) -> CompletionJob:
+    """The request's job, checked against the limits and the operator's policy; nothing is queued.
+    `configs`: the stored tool defaults that apply; `session`: the request continues a session."""
+    check_prompt_limits(request.messages, settings)
+    agent = agent_request(request.agent, headers, settings, configs)
+    plain, calling = function_calling(request)
+    job = build_job(plain, request_id, settings, agent)
+    if calling is not None:
+        if session:
+            raise OpenAIError.invalid("Function calling does not continue sessions yet.", param="session_id")
+        job = calling.instruct(job)
+    if (response_format := request.response_format) is not None:
+        if request.background:
+            param = response_format.param
+            raise OpenAIError.invalid(f"{param} cannot be checked on a background job.", param=param)
+        job = response_format.instruct(job)
+    return job
 
 
 def _check_choices(
