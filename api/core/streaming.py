@@ -8,6 +8,7 @@ lost queue in-stream, and cancelling the jobs when a live client goes away.
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol
 
@@ -24,6 +25,7 @@ log = logging.getLogger("gateway.api")
 First = asyncio.Future[tuple[int, int, JobEventValue]]
 OnAbandon = Callable[[], Coroutine[Any, Any, None]]
 _abandoned: set["asyncio.Task[None]"] = set()  # strong references until they finish
+_EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits: `str.isdigit` also takes "²", which `int` refuses
 
 
 class StreamRenderer(Protocol):
@@ -137,7 +139,7 @@ def joined(events: list[ServerSentEvent]) -> bytes:
 def parse_last_event_id(value: str | None) -> int:
     if value is None:
         return 0
-    if not value.isdigit() or len(value) > 18:
+    if not _EVENT_ID.fullmatch(value):
         raise OpenAIError.invalid(
             "Last-Event-ID must be an event id this stream sent.", param="Last-Event-ID"
         )
