@@ -46,13 +46,13 @@ def children_of(pid: int) -> dict[int, str]:
     found = {}
     for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
         try:
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-            if Path(f"/proc/{child}/stat").read_text().split(") ")[1].startswith("Z"):
-                continue  # exited, not yet reaped
+            cmdline = [
+                part.decode() for part in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0") if part
+            ]
         except FileNotFoundError:
             continue
-        role = cmdline[-2].decode() if cmdline[-1] == b"" else cmdline[-1].decode()
-        found[int(child)] = "redis" if "server" in cmdline[0].decode() else role
+        if cmdline and alive(int(child)):  # not exiting, nor exited and not yet reaped
+            found[int(child)] = "redis" if "server" in cmdline[0] else cmdline[-1]
     return found
 
 
