@@ -30,8 +30,9 @@ from shared.settings import Settings
 
 log = logging.getLogger("gateway.api")
 
-# Probes that cannot send a key, and the dashboard's page (it asks `/status` with a key): none shows data.
-OPEN_PATHS = frozenset({"/health", "/ready", "/dashboard"})
+# Probes that cannot send a key, the static landing page and the dashboard's page (it asks `/status`
+# with a key): none shows data.
+OPEN_PATHS = frozenset({"/", "/health", "/ready", "/dashboard"})
 # The requests that start a model job; resuming, polling or cancelling one is a general request.
 _JOB_CREATING = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages"})
 _JOB_LEASE_GRACE_S = 60.0
