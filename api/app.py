@@ -49,7 +49,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
 
     app = FastAPI(title="Claude Code Gateway", version=version("claude-gateway"), lifespan=lifespan)
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(Access, settings=settings)  # before the body is read
     if settings.cors_origins:
         # Keys travel in a header, never in cookies: no credentialed CORS, so never `*` with it.
