@@ -79,6 +79,14 @@ class Settings(BaseSettings):
     # --- Models ---------------------------------------------------------------------------
     models: list[str] = ["claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5"]
     models_created: int = Field(default=1759276800, description="`created` reported for every model.")
+    models_from_upstream: bool = Field(
+        default=False,
+        description="Also list and serve the Anthropic API's own models (fetched by workers that "
+        "have ANTHROPIC_API_KEY).",
+    )
+    upstream_models_ttl_s: int = Field(
+        default=3600, ge=60, description="How long a fetched upstream model list is kept (refreshed at half)."
+    )
 
     # --- The Claude backend (passed to the CLI, never logged) -----------------------------
     anthropic_api_key: SecretStr | None = None
