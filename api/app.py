@@ -12,7 +12,19 @@ from api import errors
 from api.access import Access
 from api.deps import Gateway
 from api.middleware import BodyLimit, RequestId
-from api.routes import auth, chat, chat_jobs, debug, health, messages, models, ops, responses, sessions
+from api.routes import (
+    auth,
+    chat,
+    chat_jobs,
+    debug,
+    health,
+    messages,
+    models,
+    ops,
+    responses,
+    session_files,
+    sessions,
+)
 from shared import queue
 from shared.jobstore import JobStore
 from shared.settings import Settings
@@ -47,7 +59,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             expose_headers=["x-request-id", "retry-after", "x-ratelimit-remaining-requests"],
         )
     app.add_middleware(RequestId)  # outermost: even a refused body gets its request id
-    for module in (chat, chat_jobs, responses, messages, sessions, models, auth, health, ops):
+    for module in (chat, chat_jobs, responses, messages, sessions, session_files, models, auth, health, ops):
         app.include_router(module.router)
     if settings.debug_endpoints:  # off: the route does not exist (404 like any unknown URL)
         app.include_router(debug.router)
