@@ -36,7 +36,10 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = await queue.connect(redis_url, settings.queue_name)
-        store = JobStore(redis, queue_name=settings.queue_name, ttl_s=settings.event_ttl_s)
+        affinity_s = settings.workspace_affinity_s
+        store = JobStore(
+            redis, queue_name=settings.queue_name, ttl_s=settings.event_ttl_s, affinity_s=affinity_s
+        )
         app.state.gateway = Gateway(settings=settings, redis=redis, store=store)
         log.info("API ready")
         try:

@@ -214,3 +214,12 @@ def test_an_expired_session_leaves_nothing_in_the_store(start_gateway: Any, tmp_
         time.sleep(0.2)
     assert stored_keys(gateway) == []
     assert not any((tmp_path / "store").rglob("*"))  # not even its folders
+
+
+def test_a_sessions_turns_stay_on_the_worker_that_holds_its_files(files_gateway: Gateway) -> None:
+    workers = set()
+    for number in range(6):
+        response = turn(files_gateway, "stay-1", {"write": {f"t{number}.txt": "x"}})
+        job_id = response.json()["id"].removeprefix("chatcmpl-")
+        workers.add(files_gateway.redis().hget(f"gateway:job:{job_id}", "worker"))
+    assert len(workers) == 1, workers
