@@ -16,8 +16,10 @@ from api.routes import (
     auth,
     chat,
     chat_jobs,
+    compatibility,
     debug,
     health,
+    home,
     messages,
     models,
     ops,
@@ -62,7 +64,8 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             expose_headers=["x-request-id", "retry-after", "x-ratelimit-remaining-requests"],
         )
     app.add_middleware(RequestId)  # outermost: even a refused body gets its request id
-    for module in (chat, chat_jobs, responses, messages, sessions, session_files, models, auth, health, ops):
+    routers = (chat, chat_jobs, responses, messages, sessions, models, compatibility, auth, health, ops, home)
+    for module in (*routers, session_files):
         app.include_router(module.router)
     if settings.debug_endpoints:  # off: the route does not exist (404 like any unknown URL)
         app.include_router(debug.router)

@@ -218,6 +218,7 @@ class SessionFiles:
         self.store = store if store is not None else open_store(settings)
         self.root = settings.workspace_root.resolve() / "sessions" / worker_id
         self._held: OrderedDict[str, Held] = OrderedDict()
+        self.background: set[asyncio.Task[None]] = set()
         self.enabled = settings.claude_cwd is None  # one shared directory for all jobs: nothing to keep
 
     def _directory(self, ref: WorkspaceRef) -> Path:
@@ -342,8 +343,15 @@ class SessionTurn:
         self.saved = Held(manifest, stamps)
         return manifest.version
 
-    async def collect_garbage(self) -> None:
-        """After the commit: older versions of the session go (best effort)."""
-        if self.saved is not None:
+    def collect_garbage(self) -> None:
+        """After the commit, in the background: older versions of the session go (best effort)."""
+        if self.saved is None:
+            return
+
+        async def collect(manifest: Manifest) -> None:
             with contextlib.suppress(OSError):
-                await workspaces.collect_garbage(self._files.store, self.ref, self.saved.manifest)
+                await workspaces.collect_garbage(self._files.store, self.ref, manifest)
+
+        task = asyncio.create_task(collect(self.saved.manifest))
+        self._files.background.add(task)
+        task.add_done_callback(self._files.background.discard)
