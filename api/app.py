@@ -27,6 +27,7 @@ from api.routes import (
     models,
     ops,
     responses,
+    session_files,
     sessions,
     tools,
 )
@@ -41,7 +42,10 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = await queue.connect(redis_url, settings.queue_name)
-        store = JobStore(redis, queue_name=settings.queue_name, ttl_s=settings.event_ttl_s)
+        affinity_s = settings.workspace_affinity_s
+        store = JobStore(
+            redis, queue_name=settings.queue_name, ttl_s=settings.event_ttl_s, affinity_s=affinity_s
+        )
         app.state.gateway = Gateway(settings=settings, redis=redis, store=store)
         follow = asyncio.create_task(UPSTREAM.follow(redis)) if settings.models_from_upstream else None
         log.info("API ready")
@@ -81,6 +85,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         health,
         ops,
         home,
+        session_files,
     )
     for module in routers:
         app.include_router(module.router)

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack, aclosing
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, cast
 
 from claude_agent_sdk import (
@@ -214,10 +215,12 @@ class ClaudeBackend:
             system["append"] = job.system_prompt
         return system
 
-    async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
+    async def stream(
+        self, job: CompletionJob, work: Path | None = None
+    ) -> AsyncGenerator[Delta | Done | Progress, None]:
         self._refuse_unusable_auth()
-        warm = await self._warm.take(job) if self._warm is not None else None
-        run = self._run_warm(job, warm) if warm is not None else self._run_cold(job)
+        warm = await self._warm.take(job) if self._warm is not None and work is None else None
+        run = self._run_warm(job, warm) if warm is not None else self._run_cold(job, work)
         has_token = False
         try:
             async with aclosing(run):
@@ -246,9 +249,11 @@ class ClaudeBackend:
         finally:
             await warm.discard()
 
-    async def _run_cold(self, job: CompletionJob) -> AsyncGenerator[Delta | Done | Progress, None]:
+    async def _run_cold(
+        self, job: CompletionJob, work: Path | None
+    ) -> AsyncGenerator[Delta | Done | Progress, None]:
         with job_workspace(
-            self._settings.workspace_root, job.id, self._settings.claude_job_user
+            self._settings.workspace_root, job.id, self._settings.claude_job_user, work
         ) as workspace:
             token = self._proxy.issue() if self._proxy is not None else None
             options = self._options(job, workspace, token)
