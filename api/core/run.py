@@ -150,7 +150,8 @@ class Run:
             raise
         if self.response_format is not None:
             for reply in replies.values():
-                reply.text = self.response_format.check_finished(reply.text, reply.done.finish_reason.value)
+                finish = reply.done.finish_reason.value
+                reply.text = await self.response_format.check_finished_off_loop(reply.text, finish)
         return [replies[choice] for choice in range(len(self.jobs))]
 
 
