@@ -22,6 +22,7 @@ from worker.backends import create_backend
 from worker.environment import forbid_inspection, forget_environment
 from worker.heartbeat import HeartbeatLoop
 from worker.leases import RunningJobs
+from worker.session_files import SessionFiles
 from worker.task import run_completion
 
 log = logging.getLogger("gateway.worker")
@@ -226,14 +227,19 @@ async def _startup(ctx: dict[str, Any]) -> None:
     running = RunningJobs(store, settings, worker_id=ctx["heartbeat"].worker_id)
     ctx["running"] = running
     ctx["maintain"] = asyncio.create_task(running.maintain())
+    ctx["session_files"] = SessionFiles(settings, ctx["redis"], running.worker_id)
+    ctx["sweep"] = asyncio.create_task(ctx["session_files"].maintain())
     log.info("worker %s ready (backend %s)", running.worker_id, settings.backend)
 
 
 async def _shutdown(ctx: dict[str, Any]) -> None:
-    if (task := ctx.get("maintain")) is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    for name in ("maintain", "sweep"):
+        if (task := ctx.get(name)) is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if (files := ctx.get("session_files")) is not None:
+        await files.close()
     if (backend := ctx.get("backend")) is not None:
         await backend.close()
 
