@@ -238,14 +238,16 @@ ROTATION = [
 async def attempt(kind: str, client: httpx.AsyncClient) -> str:
     try:
         return await KINDS[kind](client)
-    except Mismatch:
-        return "lost_or_repeated_tokens"
-    except NoTerminal:
-        return "no_terminal_event"
+    except Mismatch as exc:
+        outcome, detail = "lost_or_repeated_tokens", repr(exc)
+    except NoTerminal as exc:
+        outcome, detail = "no_terminal_event", repr(exc)
     except httpx.HTTPStatusError as exc:
-        return f"http_{exc.response.status_code}"
+        outcome, detail = f"http_{exc.response.status_code}", exc.response.text[:300]
     except Exception as exc:  # every request is counted, however it failed
-        return f"error_{type(exc).__name__}"
+        outcome, detail = f"error_{type(exc).__name__}", repr(exc)
+    print(f"{time.strftime('%H:%M:%S')} {kind}: {outcome}: {detail}", file=sys.stderr)
+    return outcome
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -297,7 +299,9 @@ async def run(duration_s: float, rate: float, warmup_s: float) -> Report:
     report.load_before = Path("/proc/loadavg").read_text().strip()
     began = time.perf_counter()
     outcomes: Counter[tuple[str, str]] = Counter()
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=128)
+    # Idle connections are dropped well before the server's keep-alive timeout (uvicorn: 5 s), so
+    # the client never reuses one the server is closing at that moment (a client-side race).
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=2.0)
     timeout = httpx.Timeout(120.0, connect=10.0)
     with tempfile.TemporaryDirectory(prefix="gateway-soak-") as workdir:
         # Job records and events expire a minute after their job ends (the least allowed), so
