@@ -18,24 +18,27 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from api.core.conversation import ChatMessage
-from api.core.run import JobRef
+from api.core.run import JobRef, activity_text
 from api.core.structured import ResponseFormat
 from api.errors import OpenAIError
 from api.responses.protocol import (
     MESSAGE_ID_PREFIX,
+    REASONING_ID_PREFIX,
     RESPONSE_ID_PREFIX,
     FunctionCall,
     IncompleteDetails,
     InputTokensDetails,
     OutputMessage,
     OutputText,
+    ReasoningItem,
     Response,
     ResponseError,
     ResponseStatus,
     ResponseUsage,
+    SummaryText,
 )
-from shared.events import events_so_far
-from shared.jobs import Delta, Done, Failed, FailureCode, FinishReason, JobStatus, Usage
+from shared.events import JobEventValue, events_so_far
+from shared.jobs import Activity, Delta, Done, Failed, FailureCode, FinishReason, JobStatus, Usage
 from shared.keys import PREFIX
 from shared.settings import Settings
 
@@ -56,6 +59,8 @@ class StoredResponse(BaseModel):
     """The request's `text.format` when it asked for JSON (checked on the reply)."""
     tools: list[dict[str, Any]] = Field(default_factory=list)
     tool_choice: str | dict[str, Any] = "auto"
+    reasoning: bool = True
+    """Whether its output shows the agent's thinking and tool steps (a reasoning item)."""
 
 
 def _key(job_id: str) -> str:
@@ -134,7 +139,13 @@ def output_message(
 
 
 def response_body(
-    job: JobRef, stored: StoredResponse, status: JobStatus, text: str, terminal: Done | Failed | None
+    job: JobRef,
+    stored: StoredResponse,
+    status: JobStatus,
+    text: str,
+    terminal: Done | Failed | None,
+    reasoning: list[ReasoningItem] | None = None,
+    reasoning_first: bool = True,
 ) -> Response:
     """The response as retrieved: its full output once ended, the text so far while it runs."""
     response = Response(
@@ -166,11 +177,22 @@ def response_body(
         if response.status == "incomplete":
             reason = "content_filter" if terminal.finish_reason is FinishReason.CONTENT_FILTER else None
             response.incomplete_details = IncompleteDetails(reason=reason or "max_output_tokens")
-        response.output = [output_message(job, text, item_status), *function_calls(terminal)]
+        response.output = [
+            *(reasoning or []),
+            output_message(job, text, item_status),
+            *function_calls(terminal),
+        ]
         response.usage = usage_body(terminal.usage)
-    elif text:
-        response.output = [output_message(job, text, "in_progress")]
+    elif text or reasoning:
+        response.output = [*_items(output_message(job, text, "in_progress"), reasoning, reasoning_first)]
     return response
+
+
+def _items(
+    message: OutputMessage, reasoning: list[ReasoningItem] | None, reasoning_first: bool
+) -> list[ReasoningItem | OutputMessage]:
+    """The message and the reasoning item in the order the stream opened them."""
+    return [*(reasoning or []), message] if reasoning_first else [message, *(reasoning or [])]
 
 
 def _format_violation(stored: StoredResponse, text: str, done: Done) -> str | None:
@@ -202,3 +224,18 @@ async def continued_conversation(redis: Redis, stored: StoredResponse, job_id: s
         for call in (done.tool_calls if done is not None else [])
     ]
     return [*stored.conversation, ChatMessage(role="assistant", content=reply, tool_calls=calls or None)]
+
+
+def reasoning_items(job: JobRef, events: list[JobEventValue]) -> tuple[list[ReasoningItem], bool]:
+    """The agent's activity as one reasoning item (none without activity): its thinking and a line
+    per tool step, the summary the stream showed; and whether it came before the reply's text."""
+    summary = "".join(activity_text(event) for event in events if isinstance(event, Activity))
+    kinds = [isinstance(event, Activity) for event in events if isinstance(event, Activity | Delta)]
+    first = bool(kinds) and kinds[0]
+    return (
+        [ReasoningItem(id=reasoning_id(job), summary=[SummaryText(text=summary)])] if summary else []
+    ), first
+
+
+def reasoning_id(job: JobRef) -> str:
+    return REASONING_ID_PREFIX + job.id
