@@ -110,7 +110,8 @@ class Run:
         async for seq, event in follow_job(
             store, settings, self.job.id, after=after, withdraw=not self.background
         ):
-            yield 0, seq, event
+            if self.reasoning or not isinstance(event, Activity):
+                yield 0, seq, event
 
     async def _merged(self) -> ChoiceEvents:
         merged: asyncio.Queue[tuple[int, int, JobEventValue]] = asyncio.Queue()

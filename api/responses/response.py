@@ -144,10 +144,10 @@ def response_body(
     status: JobStatus,
     text: str,
     terminal: Done | Failed | None,
-    reasoning: list[ReasoningItem] | None = None,
-    reasoning_first: bool = True,
+    activity: list[JobEventValue] | None = None,
 ) -> Response:
-    """The response as retrieved: its full output once ended, the text so far while it runs."""
+    """The response as retrieved: its full output once ended, the text so far while it runs.
+    `activity`: the job's events, to show the agent's work among the text (`output_items`)."""
     response = Response(
         id=response_id(job),
         text={"format": stored.text_format or {"type": "text"}},
@@ -177,22 +177,17 @@ def response_body(
         if response.status == "incomplete":
             reason = "content_filter" if terminal.finish_reason is FinishReason.CONTENT_FILTER else None
             response.incomplete_details = IncompleteDetails(reason=reason or "max_output_tokens")
-        response.output = [
-            *(reasoning or []),
-            output_message(job, text, item_status),
-            *function_calls(terminal),
-        ]
+        if activity and response_format is None:
+            items = output_items(job, activity, item_status)
+        else:
+            items = [output_message(job, text, item_status)]
+        response.output = [*items, *function_calls(terminal)]
         response.usage = usage_body(terminal.usage)
-    elif text or reasoning:
-        response.output = [*_items(output_message(job, text, "in_progress"), reasoning, reasoning_first)]
+    elif activity:
+        response.output = list(output_items(job, activity, "in_progress"))
+    elif text:
+        response.output = [output_message(job, text, "in_progress")]
     return response
-
-
-def _items(
-    message: OutputMessage, reasoning: list[ReasoningItem] | None, reasoning_first: bool
-) -> list[ReasoningItem | OutputMessage]:
-    """The message and the reasoning item in the order the stream opened them."""
-    return [*(reasoning or []), message] if reasoning_first else [message, *(reasoning or [])]
 
 
 def _format_violation(stored: StoredResponse, text: str, done: Done) -> str | None:
@@ -226,16 +221,37 @@ async def continued_conversation(redis: Redis, stored: StoredResponse, job_id: s
     return [*stored.conversation, ChatMessage(role="assistant", content=reply, tool_calls=calls or None)]
 
 
-def reasoning_items(job: JobRef, events: list[JobEventValue]) -> tuple[list[ReasoningItem], bool]:
-    """The agent's activity as one reasoning item (none without activity): its thinking and a line
-    per tool step, the summary the stream showed; and whether it came before the reply's text."""
-    summary = "".join(activity_text(event) for event in events if isinstance(event, Activity))
-    kinds = [isinstance(event, Activity) for event in events if isinstance(event, Activity | Delta)]
-    first = bool(kinds) and kinds[0]
-    return (
-        [ReasoningItem(id=reasoning_id(job), summary=[SummaryText(text=summary)])] if summary else []
-    ), first
+def item_id(job: JobRef, kind: str, index: int) -> str:
+    """A message item's id (the first is `msg_<job id>`), or a reasoning item's."""
+    if kind == "message":
+        return message_id(job) + (f"_{index}" if index else "")
+    return f"{REASONING_ID_PREFIX}{job.id}_{index}"
 
 
-def reasoning_id(job: JobRef) -> str:
-    return REASONING_ID_PREFIX + job.id
+def output_items(
+    job: JobRef, events: list[JobEventValue], status: Literal["in_progress", "completed", "incomplete"]
+) -> list[ReasoningItem | OutputMessage]:
+    """The job's text and activity as output items, in order: a message item per run of text, a
+    reasoning item (thinking, a line per tool step) per run of activity; always with a message."""
+    runs: list[tuple[str, list[str]]] = []
+    for event in events:
+        if isinstance(event, Delta | Activity):
+            kind = "message" if isinstance(event, Delta) else "reasoning"
+            if not runs or runs[-1][0] != kind:
+                runs.append((kind, []))
+            runs[-1][1].append(event.text if isinstance(event, Delta) else activity_text(event))
+    if not any(kind == "message" for kind, _ in runs):
+        runs.append(("message", []))
+    items: list[ReasoningItem | OutputMessage] = []
+    for index, (kind, parts) in enumerate(runs):
+        if kind == "message":
+            items.append(
+                OutputMessage(
+                    id=item_id(job, kind, index), status=status, content=[OutputText(text="".join(parts))]
+                )
+            )
+        else:
+            items.append(
+                ReasoningItem(id=item_id(job, kind, index), summary=[SummaryText(text="".join(parts))])
+            )
+    return items

@@ -21,10 +21,10 @@ from api.errors import COMPLETION_ERRORS, OpenAIError
 from api.responses import response as stored_responses
 from api.responses.inbound import check_supported, core_request, stored_request
 from api.responses.protocol import RESPONSE_ID_PREFIX, CreateResponseRequest, Response
-from api.responses.response import StoredResponse, reasoning_items, response_body
+from api.responses.response import StoredResponse, response_body
 from api.responses.stream import ResponseEventRenderer
 from shared.events import events_so_far
-from shared.jobs import JobStatus
+from shared.jobs import Activity, JobStatus
 from shared.jobstore import JobRecord
 from shared.keys import is_job_id
 
@@ -109,5 +109,6 @@ async def _continued(gateway: Gateway, caller: Caller, previous_id: str) -> list
 async def _snapshot(gateway: Gateway, record: JobRecord, stored: StoredResponse) -> Response:
     events = [event for _, event in await events_so_far(gateway.store.redis, record.id)]
     text, terminal = reply_of(events)
-    reasoning, first = reasoning_items(record, events) if stored.reasoning else ([], True)
-    return response_body(record, stored, record.status, text, terminal, reasoning, first)
+    if not stored.reasoning:
+        events = [event for event in events if not isinstance(event, Activity)]
+    return response_body(record, stored, record.status, text, terminal, events)
