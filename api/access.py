@@ -18,12 +18,12 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import ANONYMOUS, Gateway
-from api.errors import OpenAIError
+from api.errors import OpenAIError, storage_full
 from shared import apikeys, quotas
 from shared.jobstore import JobSlot, NoJobSlot
 from shared.settings import Settings
@@ -166,6 +166,9 @@ class Access:
         gateway: Gateway = scope["app"].state.gateway
         try:
             refusal, headers = await self._check(gateway.redis, scope, state, address)
+        except OutOfMemoryError:
+            log.error("Redis refuses writes (maxmemory): rate limits cannot count requests")
+            refusal, headers = storage_full(), {}
         except RedisError as exc:
             log.warning("Redis unreachable during access checks: %s", type(exc).__name__)
             refusal, headers = _ACCESS_UNAVAILABLE, {}

@@ -13,7 +13,8 @@ ended; the job's events live in its stream (`events_key`). Steps:
 
 Fencing by attempt is what keeps attempts from interleaving: once a job has moved on (retried,
 cancelled, failed), the old attempt's writes are refused. Every step that ends a job also frees
-the caller's concurrent-job slot and its session's lock, so no path can leak either.
+the caller's concurrent-job slot and its session's lock, so no path can leak either, and drops
+its payload, so what stays for `EVENT_TTL_S` is the record's few fields and the events.
 """
 
 import time
@@ -49,9 +50,11 @@ local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{WAKEUP_CHANNEL}', '{CANCEL_CHANNEL}'
 local function slot_record(job_id)
   return '{PREFIX}:job:' .. job_id .. ':slot'
 end
--- Frees what an ending job holds: the caller's concurrent-job slot and its session's lock, if
--- the job still holds it (a completed turn has already committed and freed it).
+-- Frees what an ending job holds: the caller's concurrent-job slot, its session's lock, if the
+-- job still holds it (a completed turn has already committed and freed it), and its payload (the
+-- whole request, images included: nothing reads it once the job has ended).
 local function release_holds(job_id)
+  redis.call('hdel', '{PREFIX}:job:' .. job_id, 'payload')
   local slot = slot_record(job_id)
   local holder = redis.call('get', slot)
   if holder then

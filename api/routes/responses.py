@@ -93,7 +93,9 @@ async def create_response(
         metadata=body.metadata or {},
         temperature=body.temperature,
         top_p=body.top_p,
-        conversation=conversation,
+        # Not kept unless it may be continued: the messages (images included) are the bulk of it.
+        conversation=conversation if body.store else [],
+        store=body.store,
         text_format=text_format if response_format is not None else None,
         tools=[{"strict": True, "parameters": None, **tool} for tool in body.tools or []],
         tool_choice=body.tool_choice or "auto",
@@ -165,6 +167,12 @@ async def _owned(
 
 async def _continued(gateway: Gateway, caller: Caller, previous_id: str) -> list[ChatMessage]:
     record, stored = await _owned(gateway, caller, previous_id, param="previous_response_id")
+    if not stored.store:
+        raise OpenAIError.invalid(
+            "The previous response was created with store: false and cannot be continued.",
+            param="previous_response_id",
+            code="previous_response_not_stored",
+        )
     if record.status is not JobStatus.COMPLETED:
         raise OpenAIError.invalid(
             f"The previous response is {record.status.value}; only a completed response can be continued.",
