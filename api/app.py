@@ -1,5 +1,6 @@
 """The FastAPI application: middleware, error handlers, routes, and the Redis pool's lifetime."""
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,6 +11,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from api import errors
 from api.access import Access
+from api.catalog import UPSTREAM
 from api.deps import Gateway
 from api.middleware import BodyLimit, RequestId
 from api.routes import (
@@ -25,6 +27,7 @@ from api.routes import (
     models,
     ops,
     responses,
+    session_files,
     sessions,
     tools,
 )
@@ -39,12 +42,18 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = await queue.connect(redis_url, settings.queue_name)
-        store = JobStore(redis, queue_name=settings.queue_name, ttl_s=settings.event_ttl_s)
+        affinity_s = settings.workspace_affinity_s
+        store = JobStore(
+            redis, queue_name=settings.queue_name, ttl_s=settings.event_ttl_s, affinity_s=affinity_s
+        )
         app.state.gateway = Gateway(settings=settings, redis=redis, store=store)
+        follow = asyncio.create_task(UPSTREAM.follow(redis)) if settings.models_from_upstream else None
         log.info("API ready")
         try:
             yield
         finally:
+            if follow is not None:
+                follow.cancel()
             await redis.aclose()
 
     app = FastAPI(title="Claude Code Gateway", version=version("claude-gateway"), lifespan=lifespan)
@@ -76,6 +85,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         health,
         ops,
         home,
+        session_files,
     )
     for module in routers:
         app.include_router(module.router)

@@ -108,6 +108,8 @@ async def attach(
             id=session_id,
             history_len=history_len,
             transcript_id=session.transcript_id if session else sessions.new_transcript_id(),
+            workspace=session.workspace if session else None,
+            holder=session.holder if session else None,
         )
         return job.model_copy(update={"turns": turns, "session": ref})
     except BaseException:
