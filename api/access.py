@@ -291,7 +291,9 @@ def job_slot(gateway: Gateway, request: Request) -> JobSlot | None:
         return None
     key_id = getattr(request.state, "key_id", ANONYMOUS)
     holder = f"addr:{request.state.client_address}" if key_id == ANONYMOUS else key_id
-    lease_s = settings.queue_timeout_s + settings.job_timeout_s + _JOB_LEASE_GRACE_S
+    # Covers the longest wait in the queue; once a worker runs the job it renews the slot.
+    queued_s = max(settings.queue_timeout_s, settings.background_queue_timeout_s)
+    lease_s = queued_s + settings.job_timeout_s + _JOB_LEASE_GRACE_S
     return JobSlot(holder=holder, cap=settings.max_concurrent_jobs_per_key, lease_ms=int(lease_s * 1000))
 
 

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     queue_timeout_s: float = Field(
         default=60.0, gt=0, description="A job not started by then fails with 503."
     )
+    background_queue_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A background job (nobody waits to withdraw it) not started by then fails with "
+        "queue_timeout; workers withdraw it.",
+    )
     stream_commit_after_s: float = Field(
         default=10.0, gt=0, description="How long a stream's headers wait for the job's first event."
     )
