@@ -73,8 +73,8 @@ class RateLimited(OpenAIError):
             "retry-after-ms": str(retry_after_ms),
         }
 
-    def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
-        return super().response({**self.headers, **(headers or {})})
+    def response(self, headers: Mapping[str, str] | None = None, *, path: str = "") -> JSONResponse:
+        return super().response({**self.headers, **(headers or {})}, path=path)
 
 
 def endpoint_class(method: str, path: str) -> str:
@@ -176,7 +176,7 @@ class Access:
             log.error("no managed API key exists any more: refusing every request until one is created")
             refusal, headers = _KEY_STORE_GONE, {}
         if refusal is not None:
-            await refusal.response()(scope, receive, send)
+            await refusal.response(path=scope["path"])(scope, receive, send)
             return
         if not headers:
             await self.app(scope, receive, send)
