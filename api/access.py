@@ -18,12 +18,12 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import ANONYMOUS, Gateway
-from api.errors import OpenAIError
+from api.errors import OpenAIError, storage_full
 from shared import apikeys, quotas
 from shared.jobstore import JobSlot, NoJobSlot
 from shared.settings import Settings
@@ -166,6 +166,9 @@ class Access:
         gateway: Gateway = scope["app"].state.gateway
         try:
             refusal, headers = await self._check(gateway.redis, scope, state, address)
+        except OutOfMemoryError:
+            log.error("Redis refuses writes (maxmemory): rate limits cannot count requests")
+            refusal, headers = storage_full(), {}
         except RedisError as exc:
             log.warning("Redis unreachable during access checks: %s", type(exc).__name__)
             refusal, headers = _ACCESS_UNAVAILABLE, {}
@@ -288,7 +291,9 @@ def job_slot(gateway: Gateway, request: Request) -> JobSlot | None:
         return None
     key_id = getattr(request.state, "key_id", ANONYMOUS)
     holder = f"addr:{request.state.client_address}" if key_id == ANONYMOUS else key_id
-    lease_s = settings.queue_timeout_s + settings.job_timeout_s + _JOB_LEASE_GRACE_S
+    # Covers the longest wait in the queue; once a worker runs the job it renews the slot.
+    queued_s = max(settings.queue_timeout_s, settings.background_queue_timeout_s)
+    lease_s = queued_s + settings.job_timeout_s + _JOB_LEASE_GRACE_S
     return JobSlot(holder=holder, cap=settings.max_concurrent_jobs_per_key, lease_ms=int(lease_s * 1000))
 
 

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
@@ -169,6 +170,17 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     return OpenAIError.invalid(f"Invalid value for '{param}': {first['msg']}.", param=param)
 
 
+def storage_full() -> OpenAIError:
+    """Redis at its `maxmemory` (noeviction): it refuses every write, so nothing is half-written."""
+    return OpenAIError(
+        503,
+        "The gateway's storage is full; retry later.",
+        type="server_error",
+        code="storage_full",
+        headers={"retry-after": "10"},
+    )
+
+
 def install(app: FastAPI) -> None:
     async def on_openai_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, OpenAIError)
@@ -198,6 +210,10 @@ def install(app: FastAPI) -> None:
             code="queue_unavailable",
         ).response(path=request.url.path)
 
+    async def on_redis_full(request: Request, exc: Exception) -> JSONResponse:
+        log.error("Redis refuses writes: it reached its maxmemory")
+        return storage_full().response()
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         error = OpenAIError(500, "The gateway failed to handle the request.", type="server_error")
@@ -208,4 +224,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RedisConnectionError, on_redis_down)
     app.add_exception_handler(RedisTimeoutError, on_redis_down)
+    app.add_exception_handler(OutOfMemoryError, on_redis_full)
     app.add_exception_handler(Exception, on_unexpected)
