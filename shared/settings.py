@@ -197,6 +197,21 @@ class Settings(BaseSettings):
     claude_job_user: str | None = Field(
         default=None, description="Run each CLI as this user (the worker must be root to switch)."
     )
+    # Every job's CLI in a bubblewrap sandbox of its own (worker/sandbox.py, docs/security.md).
+    sandbox: Literal["on", "off"] = Field(
+        default="on",
+        description="on: every job runs in a sandbox, and a worker that cannot build one refuses "
+        "jobs (503); off: no sandbox (explicit operator choice).",
+    )
+    sandbox_memory_mb: int = Field(
+        default=4096, ge=0, description="Address space of each process in a job's sandbox (MiB); 0: no limit."
+    )
+    sandbox_processes: int = Field(
+        default=512, ge=0, description="Processes and threads in a job's sandbox; 0: no limit."
+    )
+    sandbox_cpu_s: int = Field(
+        default=900, ge=0, description="CPU seconds of each process in a job's sandbox; 0: no limit."
+    )
 
     def client_api_keys(self) -> list[str]:
         """The configured client keys (`API_KEY` and `API_KEYS`), secrets in memory only."""

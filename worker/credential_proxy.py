@@ -11,8 +11,9 @@ A token can also be issued *warming* (`worker/warm.py`): the proxy answers its r
 with an empty, free reply and never contacts the model API, so a CLI started ahead of its job can
 run throwaway first turns; `admit` makes it an ordinary job token afterwards.
 
-It runs on 127.0.0.1 in its own thread and event loop, so it never competes with arq's loop or
-signal handling.
+It runs in its own thread and event loop, so it never competes with arq's loop or signal
+handling. It listens on a Unix socket that every job's sandbox has bound in (`worker/sandbox.py`;
+the CLI speaks HTTP over it, `ANTHROPIC_UNIX_SOCKET`), or, with the sandbox off, on 127.0.0.1.
 """
 
 import json
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -61,6 +63,7 @@ class CredentialProxy:
         self._client: httpx.AsyncClient | None = None
         self._server: uvicorn.Server | None = None
         self.port = 0
+        self.socket: Path | None = None
 
     @property
     def url(self) -> str:
@@ -127,7 +130,10 @@ class CredentialProxy:
             background=BackgroundTask(response.aclose),
         )
 
-    def start(self) -> None:
+    def start(self, socket: Path | None = None) -> None:
+        """Serves on the Unix socket `socket` (made connectable by the job user), else on a free
+        port of 127.0.0.1."""
+
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), trust_env=False) as client:
@@ -136,7 +142,8 @@ class CredentialProxy:
 
         methods = ["GET", "POST", "HEAD", "DELETE", "PUT", "PATCH"]
         app = Starlette(routes=[Route("/{path:path}", self._forward, methods=methods)], lifespan=lifespan)
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
+        where: dict[str, Any] = {"host": "127.0.0.1", "port": 0} if socket is None else {"uds": str(socket)}
+        config = uvicorn.Config(app, **where, log_level="warning", access_log=False)
         self._server = uvicorn.Server(config)
         threading.Thread(target=self._server.run, name="credential-proxy", daemon=True).start()
         deadline = time.monotonic() + 10
@@ -144,7 +151,11 @@ class CredentialProxy:
             if time.monotonic() > deadline:
                 raise RuntimeError("the credential proxy did not start")
             time.sleep(0.01)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        if socket is not None:
+            socket.chmod(0o666)  # the job user's sandbox connects; its token is what counts
+            self.socket = socket
+        else:
+            self.port = self._server.servers[0].sockets[0].getsockname()[1]
 
 
 async def _warm_up_reply(request: Request) -> Response:

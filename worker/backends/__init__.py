@@ -12,6 +12,7 @@ from typing import Protocol
 
 from redis.asyncio import Redis
 
+from shared.heartbeats import SandboxReport
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, Usage
 from shared.settings import Settings
 
@@ -40,6 +41,10 @@ class UsageReport(Progress):
 
 
 class Backend(Protocol):
+    @property
+    def sandbox(self) -> SandboxReport | None:
+        """Its job sandbox, as found at start (None: it runs no agent)."""
+
     def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]: ...
     async def close(self) -> None:
         """Releases what the backend holds between jobs (warm CLI processes), at worker shutdown."""

@@ -8,9 +8,10 @@ import logging
 import os
 import pwd
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import ExitStack, aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack, aclosing, contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, cast
 
 from claude_agent_sdk import (
@@ -34,6 +35,7 @@ from worker.backends import PROGRESS, BackendError, Progress, UsageReport
 from worker.credential_proxy import Credential, CredentialProxy, api_key_header, bearer_header
 from worker.history import HistoryStore, content_blocks, merged
 from worker.login import login_token
+from worker.sandbox import MODEL_SOCKET, Sandbox, remove_runtime_dir, runtime_dir
 from worker.session_store import JobTranscript, RedisSessionStore
 from worker.skills import install_skills, installed_skills
 from worker.warm import WarmClient, WarmPool, warm_up
@@ -104,11 +106,14 @@ class ClaudeBackend:
             log.error("backend auth (%s) is not usable: %s", auth.method, "; ".join(auth.errors))
         for warning in auth.warnings:
             log.warning("backend auth (%s): %s", auth.method, warning)
+        self._runtime_dir = runtime_dir()
         self._proxy: CredentialProxy | None = None
         credential = self._proxied_credential()
         if credential is not None:
             self._proxy = CredentialProxy(settings.anthropic_base_url or _ANTHROPIC_API, credential)
-            self._proxy.start()
+            self._proxy.start(self._runtime_dir / "model.sock" if settings.sandbox == "on" else None)
+        self._sandbox = Sandbox(settings, self._runtime_dir, self._proxy.socket if self._proxy else None)
+        self.sandbox = self._sandbox.report
         self._provider_env = backend_auth.provider_environment(settings, self._auth_method)
         self._redis = redis
         self._store = RedisSessionStore(redis, settings.session_ttl_s)
@@ -127,8 +132,14 @@ class ClaudeBackend:
             return bearer_header(login_token(self._settings))
         return None
 
-    def _refuse_unusable_auth(self) -> None:
-        """A job fails at once, with the reason, when the worker's credentials cannot work."""
+    def _refuse_unusable(self) -> None:
+        """A job fails at once, with the reason, when the worker's credentials cannot work or it
+        cannot build the job's sandbox."""
+        if self.sandbox.mode == "on" and not self.sandbox.ready:
+            raise BackendError(
+                FailureCode.BACKEND_UNAVAILABLE,
+                f"The worker cannot run jobs in a sandbox: {self.sandbox.reason}.",
+            )
         auth = backend_auth.check(self._settings)
         if not auth.valid:
             raise BackendError(
@@ -137,7 +148,24 @@ class ClaudeBackend:
                 + "; ".join(auth.errors),
             )
 
-    def _options(self, job: CompletionJob, workspace: Workspace, token: str | None) -> ClaudeAgentOptions:
+    @contextmanager
+    def _workspace(self, name: str) -> Iterator[tuple[Workspace, Path | None]]:
+        """A workspace for one CLI, and the CLI to start: a launcher into the workspace's sandbox
+        (or, with `SANDBOX=off`, the CLI itself)."""
+        settings = self._settings
+        with job_workspace(settings.workspace_root, name, settings.claude_job_user) as workspace:
+            if not self._sandbox.ready:
+                yield workspace, settings.claude_cli_path
+                return
+            with self._sandbox.launcher(workspace, self._cwd(workspace)) as launcher:
+                yield workspace, launcher
+
+    def _cwd(self, workspace: Workspace) -> Path:
+        return self._settings.claude_cwd or workspace.cwd
+
+    def _options(
+        self, job: CompletionJob, workspace: Workspace, token: str | None, cli: Path | None
+    ) -> ClaudeAgentOptions:
         """The CLI's whole environment is this `env` (the worker forgot its own, see `environment`)."""
         settings = self._settings
         env = {
@@ -156,7 +184,11 @@ class ClaudeBackend:
         }
         if self._proxy is not None and token is not None:
             # The real credential stays in this process: the CLI talks to the proxy with a job token.
-            env["ANTHROPIC_BASE_URL"] = self._proxy.url
+            if self._sandbox.ready:  # plain HTTP over the socket bound into the sandbox
+                env["ANTHROPIC_UNIX_SOCKET"] = MODEL_SOCKET
+                env["ANTHROPIC_BASE_URL"] = "http://localhost"
+            else:
+                env["ANTHROPIC_BASE_URL"] = self._proxy.url
             login = self._auth_method == "claude_cli"
             env["CLAUDE_CODE_OAUTH_TOKEN" if login else "ANTHROPIC_API_KEY"] = token
         env.update(self._provider_env)  # Bedrock, Vertex: the CLI signs for itself
@@ -184,9 +216,9 @@ class ClaudeBackend:
             # skills, the user source: the job's own fresh config directory, where they were copied.
             setting_sources=["user"] if skills else [],
             user=settings.claude_job_user,
-            cwd=settings.claude_cwd or workspace.cwd,
+            cwd=self._cwd(workspace),
             env=env,
-            cli_path=settings.claude_cli_path,
+            cli_path=cli,
             stderr=lambda line: log.debug("cli: %s", line),
         )
 
@@ -208,7 +240,7 @@ class ClaudeBackend:
         return system
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
-        self._refuse_unusable_auth()
+        self._refuse_unusable()
         warm = await self._warm.take(job) if self._warm is not None else None
         run = self._run_warm(job, warm) if warm is not None else self._run_cold(job)
         has_token = False
@@ -240,11 +272,9 @@ class ClaudeBackend:
             await warm.discard()
 
     async def _run_cold(self, job: CompletionJob) -> AsyncGenerator[Delta | Done | Progress, None]:
-        with job_workspace(
-            self._settings.workspace_root, job.id, self._settings.claude_job_user
-        ) as workspace:
+        with self._workspace(job.id) as (workspace, cli):
             token = self._proxy.issue() if self._proxy is not None else None
-            options = self._options(job, workspace, token)
+            options = self._options(job, workspace, token, cli)
             options, prompt, transcript = await self._continue_session(job, options)
             messages = query(prompt=prompt, options=options)
             try:
@@ -259,12 +289,10 @@ class ClaudeBackend:
         """A connected client for jobs like `job`, in a workspace of its own (see `worker/warm.py`)."""
         stack = ExitStack()
         name = f"warm-{uuid.uuid4().hex}"
-        workspace = stack.enter_context(
-            job_workspace(self._settings.workspace_root, name, self._settings.claude_job_user)
-        )
+        workspace, cli = stack.enter_context(self._workspace(name))
         proxy = self._proxy
         token = proxy.issue(warming=True) if proxy is not None else None
-        warm = WarmClient(ClaudeSDKClient(self._options(job, workspace, token)), stack)
+        warm = WarmClient(ClaudeSDKClient(self._options(job, workspace, token, cli)), stack)
         if proxy is not None and token is not None:
             warm.release = lambda: proxy.revoke(token)
         try:
@@ -281,6 +309,7 @@ class ClaudeBackend:
     async def close(self) -> None:
         if self._warm is not None:
             await self._warm.close()
+        remove_runtime_dir(self._runtime_dir)
 
     async def _continue_session(
         self, job: CompletionJob, options: ClaudeAgentOptions
