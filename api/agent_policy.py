@@ -4,8 +4,9 @@ The request asks through body extension fields (`enable_tools`, `allowed_tools`,
 `disallowed_tools`, `max_turns`, `permission_mode`) or, when a field is absent, the original
 wrapper's `X-Claude-*` headers. The policy: `CLAUDE_TOOLS` are the tools callers may have (a job
 has all of them unless it narrows them), `CLAUDE_DISALLOWED_TOOLS` are denied to every job,
-`CLAUDE_MAX_TURNS` caps turns, `CLAUDE_PERMISSION_MODES` lists the modes a caller may choose.
-Asking for more than the policy grants is a 400, never a silent downgrade.
+`CLAUDE_MAX_TURNS` caps turns, `CLAUDE_PERMISSION_MODES` lists the modes a caller may choose
+(`shared/agent_policy.py`, which the worker checks every job against again). Asking for more than
+the policy grants is a 400, never a silent downgrade.
 """
 
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from typing import get_args
 from api.chat.protocol import ChatCompletionRequest
 from api.errors import OpenAIError
 from shared.agent import AgentRequest, PermissionMode
+from shared.agent_policy import refused_tools
 from shared.settings import Settings
 
 _MODES: tuple[str, ...] = get_args(PermissionMode)
@@ -28,7 +30,7 @@ def agent_request(
         body.allowed_tools if body.allowed_tools is not None else _names(headers, "x-claude-allowed-tools")
     )
     if allowed is not None and body.enable_tools is not False:
-        if refused := [tool for tool in allowed if tool not in permitted]:
+        if refused := refused_tools(allowed, settings):
             raise OpenAIError.invalid(
                 f"Tool '{refused[0]}' is not permitted on this gateway"
                 + (f" (permitted: {', '.join(permitted)})." if permitted else " (no tools are)."),

@@ -29,9 +29,11 @@ SHOW_ENVIRONMENT = (
 
 @pytest.fixture(scope="module")
 def tooled(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
-    """A Claude gateway whose agent may run Bash, holding a real-looking key and a client key."""
+    """A Claude gateway whose agent may run Bash, holding a real-looking key and a client key;
+    without the sandbox: what it checks must hold where an operator turned it off."""
     gateway: Gateway = start_gateway(
         workers=1,
+        SANDBOX="off",
         BACKEND="claude",
         ANTHROPIC_BASE_URL=fake_anthropic.url,
         ANTHROPIC_API_KEY=REAL_KEY,

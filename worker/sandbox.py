@@ -232,7 +232,7 @@ class Sandbox:
         ]
 
     def argv(self, workspace: Workspace, cwd: Path) -> list[str]:
-        """The command that runs the CLI in `workspace`'s sandbox (the SDK appends its options)."""
+        """bwrap's command for `workspace`'s sandbox, up to the view of the config directory."""
         assert self._bwrap is not None
         # /tmp first: a workspace under the host's /tmp is then bound on top of the job's own.
         view = [*self._isolation(), "--bind", str(workspace.tmp), _TMP]
@@ -242,14 +242,18 @@ class Sandbox:
         if self._proxy_socket is not None:
             view += ["--bind", str(self._proxy_socket), MODEL_SOCKET]
         limits = [self._prlimit, *_limit_args(self._settings), "--"] if self._prlimit else []
-        return [*limits, self._bwrap, *view, "--chdir", str(cwd), "--", str(self._cli)]
+        return [*limits, self._bwrap, *view, "--chdir", str(cwd)]
 
     @contextmanager
     def launcher(self, workspace: Workspace, cwd: Path) -> Iterator[Path]:
         """A script for `ClaudeAgentOptions.cli_path` that runs the CLI in `workspace`'s sandbox,
         for as long as the workspace is in use."""
         path = self._runtime_dir / f"{workspace.root.name}.sh"
-        path.write_text(f'#!/bin/sh\nexec {shlex.join(self.argv(workspace, cwd))} "$@"\n')
+        # The CLI's config directory is the job's own, or the copy of its resumed transcript the
+        # SDK makes in the worker's temp directory just before it starts the CLI: bound as given.
+        config = '--bind "$CLAUDE_CONFIG_DIR" "$CLAUDE_CONFIG_DIR"'
+        command = f"{shlex.join(self.argv(workspace, cwd))} {config} -- {shlex.quote(str(self._cli))}"
+        path.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
         path.chmod(0o755)
         try:
             yield path

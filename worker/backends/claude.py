@@ -27,7 +27,7 @@ from claude_agent_sdk import (
 from claude_agent_sdk.types import SessionStore, StreamEvent, SystemPromptPreset
 from redis.asyncio import Redis
 
-from shared import backend_auth, sessions
+from shared import agent_policy, backend_auth, sessions
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, ToolCall, Turn, Usage
 from shared.settings import Settings
 from worker import caller_functions
@@ -132,20 +132,27 @@ class ClaudeBackend:
             return bearer_header(login_token(self._settings))
         return None
 
-    def _refuse_unusable(self) -> None:
-        """A job fails at once, with the reason, when the worker's credentials cannot work or it
-        cannot build the job's sandbox."""
-        if self.sandbox.mode == "on" and not self.sandbox.ready:
-            raise BackendError(
-                FailureCode.BACKEND_UNAVAILABLE,
-                f"The worker cannot run jobs in a sandbox: {self.sandbox.reason}.",
-            )
+    def _refuse(self, job: CompletionJob) -> None:
+        """A job fails at once, with the reason, when the worker's credentials cannot work, it
+        cannot build the job's sandbox, or the job's agent settings exceed this worker's policy
+        (the API checked them, but the job passed through Redis since)."""
         auth = backend_auth.check(self._settings)
         if not auth.valid:
             raise BackendError(
                 FailureCode.BACKEND_UNAVAILABLE,
                 f"The worker cannot reach the model: its backend auth ({auth.method}) is not usable: "
                 + "; ".join(auth.errors),
+            )
+        if self.sandbox.mode == "on" and not self.sandbox.ready:
+            raise BackendError(
+                FailureCode.BACKEND_UNAVAILABLE,
+                f"The worker cannot run jobs in a sandbox: {self.sandbox.reason}.",
+            )
+        if (violation := agent_policy.violation(job.agent, self._settings)) is not None:
+            log.warning("job %s refused: its agent settings exceed the policy (%s)", job.id, violation)
+            raise BackendError(
+                FailureCode.BACKEND_UNAVAILABLE,
+                f"The worker refuses the job: {violation} on this worker (CLAUDE_* tool policy).",
             )
 
     @contextmanager
@@ -240,7 +247,7 @@ class ClaudeBackend:
         return system
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
-        self._refuse_unusable()
+        self._refuse(job)
         warm = await self._warm.take(job) if self._warm is not None else None
         run = self._run_warm(job, warm) if warm is not None else self._run_cold(job)
         has_token = False

@@ -1,0 +1,212 @@
+"""The job sandbox, attacked through the real SDK and CLI: the fake upstream scripts Bash calls
+that try each escape of issue 12, and the tool's own output goes back upstream, where the test
+reads it. Every attempt must fail while the gateway keeps serving other callers.
+
+Run as root (the CLI runs as root in its sandbox) and with `CLAUDE_JOB_USER=nobody` (bwrap as an
+unprivileged user), since CI is root and production workers usually are not.
+"""
+
+import os
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import claude_agent_sdk
+import httpx
+import pytest
+
+from tests.conftest import ROOT, Gateway, chat, claude_env
+from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
+
+pytestmark = pytest.mark.claude
+
+REAL_KEY = "sk-ant-real-credential-of-the-operator"
+# Probes build the key at run time, so the probe's own command line does not hold it.
+_KEY_HALVES = (REAL_KEY[:12], REAL_KEY[12:])
+
+
+def _bash(command: str) -> Reply:
+    return Reply(tool_use=("Bash", {"command": command, "description": "probe"}))
+
+
+def _reachable_by_nobody(path: Path) -> bool:
+    probe = subprocess.run(["test", "-r", str(path), "-a", "-x", str(path)], user="nobody", check=False)
+    return probe.returncode == 0
+
+
+def _host_tcp_ports() -> list[int]:
+    """Every TCP port listening on this host (IPv4 and IPv6), as the host sees them."""
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
+def _alive(marker: str) -> list[int]:
+    """Host pids whose command line holds `marker`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _gone(marker: str, within_s: float = 10) -> bool:
+    deadline = time.monotonic() + within_s
+    while _alive(marker):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _leave_behind(marker: str) -> str:
+    """Bash that starts a process meant to outlive the job (named `marker` on the host)."""
+    return f"(setsid nohup bash -c 'exec -a {marker} sleep 600' >/dev/null 2>&1 &); "
+
+
+@pytest.fixture(scope="module", params=["root", "nobody"])
+def sandboxed(request: pytest.FixtureRequest, start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
+    """A gateway with Bash for every job, in its sandbox, as root or as `nobody`."""
+    if os.geteuid() != 0:
+        pytest.skip("runs the worker as root, and switches the CLI's user to nobody")
+    env: dict[str, str] = {}
+    if request.param == "nobody":
+        cli = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
+        if not _reachable_by_nobody(cli):
+            pytest.skip(f"the bundled CLI ({cli}) is in a folder user nobody cannot enter")
+        workspaces = Path(tempfile.mkdtemp(prefix="gateway-jobs-"))
+        workspaces.chmod(0o755)
+        env = {"CLAUDE_JOB_USER": "nobody", "WORKSPACE_ROOT": str(workspaces)}
+    gateway: Gateway = start_gateway(
+        workers=1,
+        **claude_env(fake_anthropic, ANTHROPIC_API_KEY=REAL_KEY, CLAUDE_TOOLS='["Bash"]', **env),
+    )
+    assert _sandbox_status(gateway)["ready"] is True
+    return gateway
+
+
+def _sandbox_status(gateway: Gateway) -> dict[str, Any]:
+    """`sandbox` of `/v1/auth/status`, once the worker has reported it (after its start-up probe)."""
+    deadline = time.monotonic() + 30
+    while (status := httpx.get(f"{gateway.url}/v1/auth/status", timeout=10).json()["sandbox"])[
+        "mode"
+    ] == "none":
+        assert time.monotonic() < deadline, "no worker reported its sandbox"
+        time.sleep(0.2)
+    sandbox: dict[str, Any] = status
+    return sandbox
+
+
+def _workspace_root(gateway: Gateway) -> Path:
+    return Path(gateway.env["WORKSPACE_ROOT"]).resolve()
+
+
+def _probes(gateway: Gateway, neighbour: Path, marker: str) -> str:
+    """One Bash script trying every escape; each line says what came of one attempt."""
+    redis_port = urlparse(gateway.redis_url).port
+    ports = " ".join(str(port) for port in _host_tcp_ports())
+    first, second = _KEY_HALVES
+    return (
+        "echo uid=$(id -u); "
+        f"(exec 3<>/dev/tcp/127.0.0.1/{redis_port}) 2>/dev/null && echo redis=open || echo redis=closed; "
+        f"open=''; for p in {ports}; do "
+        '(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && open="$open $p"; done; '
+        'echo "open_ports=[$open]"; '
+        "echo interfaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,); "
+        "echo processes=$(ls /proc | grep -c '^[0-9]'); "
+        f'key="{first}""{second}"; '
+        'echo key_in_proc=$(cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr "\\0" "\\n" '
+        '| grep -c -F "$key"); '
+        'echo key_in_files=$(grep -r -l -s -F "$key" /etc /tmp /run /dev/shm /home /root /work "$HOME" . '
+        "2>/dev/null | wc -l); "
+        f"echo worker_environ=$(cat /proc/{gateway.workers[0].pid}/environ >/dev/null 2>&1 "
+        "&& echo read || echo no); "
+        f"echo neighbour=$(cat {neighbour} 2>/dev/null || echo none); "
+        f"echo workspaces=$(ls {neighbour.parent.parent.parent} | wc -l); "
+        f"echo checkout=$(test -e {ROOT}/pyproject.toml && echo visible || echo hidden); "
+        f"echo state=$(ls {ROOT}/.state 2>/dev/null | wc -l); "
+        f"echo host_tmp=$(echo x > /tmp/{marker}-tmp && echo private-written); "
+        f"touch /usr/{marker} /etc/{marker} {ROOT}/{marker} 2>/dev/null; echo outside_writes=$?; "
+        + _leave_behind(marker)
+        + "echo done"
+    )
+
+
+def _lines(output: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+
+
+def test_every_escape_fails_and_other_callers_are_served(sandboxed: Gateway, upstream: FakeAnthropic) -> None:
+    marker = f"gateway-escape-{uuid.uuid4().hex[:8]}"
+    secret = f"neighbour-secret-{uuid.uuid4().hex[:8]}"
+    # Another caller's job, running while the probes do: it keeps a file in its workspace.
+    upstream.by_prompt["neighbour"] = deque(
+        [_bash(f"echo {secret} > secret.txt; sleep 4; cat secret.txt"), Reply(tokens=["neighbour done"])]
+    )
+    answers: dict[str, httpx.Response] = {}
+    neighbour = threading.Thread(
+        target=lambda: answers.update(
+            n=httpx.post(f"{sandboxed.url}/v1/chat/completions", json=chat("neighbour job"), timeout=90)
+        )
+    )
+    neighbour.start()
+    deadline = time.monotonic() + 30
+    while not (files := list(_workspace_root(sandboxed).glob("*/work/secret.txt"))):
+        assert time.monotonic() < deadline, "the neighbour's job did not start"
+        time.sleep(0.05)
+    upstream.by_prompt["probe"] = deque([_bash(_probes(sandboxed, files[0], marker)), Reply()])
+    probe = httpx.post(f"{sandboxed.url}/v1/chat/completions", json=chat("probe job"), timeout=90)
+    assert probe.status_code == 200, probe.text
+    probe_requests = [body for body in upstream.requests if "probe job" in str(body["messages"][:1])]
+    output = "\n".join(tool_results(probe_requests[-1]))
+    seen = _lines(output)
+    assert "\ndone\n" in output, output  # every probe ran
+    assert seen["redis"] == "closed", output
+    assert seen["open_ports"] == "[]", output  # no TCP port of the host, whichever
+    assert seen["interfaces"] == "lo,", output  # a network namespace with loopback only
+    assert int(seen["processes"]) <= 12, output  # its own processes, nothing of the host
+    assert seen["key_in_proc"] == "0", output
+    assert seen["key_in_files"] == "0", output
+    assert seen["worker_environ"] == "no", output
+    assert seen["neighbour"] == "none", output
+    assert seen["workspaces"] == "1", output  # only its own workspace under the root
+    assert seen["checkout"] == "hidden", output
+    assert seen["state"] == "0", output
+    assert seen["host_tmp"] == "private-written", output
+    assert seen["outside_writes"] != "0", output
+    assert REAL_KEY not in output
+    assert not Path(f"/tmp/{marker}-tmp").exists()
+    assert not Path(f"/usr/{marker}").exists()
+    assert not (ROOT / marker).exists()
+    assert _gone(marker), "a process outlived its job"
+    neighbour.join(timeout=60)
+    assert answers["n"].status_code == 200, answers["n"].text
+    assert answers["n"].json()["choices"][0]["message"]["content"] == "neighbour done"
+    neighbour_requests = [body for body in upstream.requests if "neighbour job" in str(body["messages"][:1])]
+    assert secret in "\n".join(tool_results(neighbour_requests[-1]))  # its file was intact
+    assert set(upstream.credentials) == {REAL_KEY}  # the proxy sent the key; the CLI never had it
+
+
+def test_kill_everything_ends_only_the_jobs_own_sandbox(sandboxed: Gateway, upstream: FakeAnthropic) -> None:
+    worker = sandboxed.workers[0]
+    upstream.by_prompt["killer"] = deque([_bash(f"kill -9 {worker.pid}; kill -9 -1; sleep 5"), Reply()])
+    killer = httpx.post(f"{sandboxed.url}/v1/chat/completions", json=chat("killer job"), timeout=90)
+    assert killer.status_code in (200, 503), killer.text  # its own CLI may be among the killed
+    assert worker.poll() is None, "the worker was killed from inside a sandbox"
+    after = httpx.post(f"{sandboxed.url}/v1/chat/completions", json=chat("an ordinary job"), timeout=90)
+    assert after.status_code == 200, after.text
