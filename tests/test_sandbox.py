@@ -6,6 +6,7 @@ Run as root (the CLI runs as root in its sandbox) and with `CLAUDE_JOB_USER=nobo
 unprivileged user), since CI is root and production workers usually are not.
 """
 
+import json
 import os
 import subprocess
 import tempfile
@@ -21,6 +22,7 @@ import claude_agent_sdk
 import httpx
 import pytest
 
+from shared.keys import record_key
 from tests.conftest import ROOT, Gateway, chat, claude_env
 from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
 
@@ -210,3 +212,111 @@ def test_kill_everything_ends_only_the_jobs_own_sandbox(sandboxed: Gateway, upst
     assert worker.poll() is None, "the worker was killed from inside a sandbox"
     after = httpx.post(f"{sandboxed.url}/v1/chat/completions", json=chat("an ordinary job"), timeout=90)
     assert after.status_code == 200, after.text
+
+
+def _hold(marker: str) -> Reply:
+    """A Bash call that leaves a process behind and then runs on, both named `marker` on the host."""
+    return _bash(_leave_behind(marker) + f"exec -a {marker} sleep 600")
+
+
+@pytest.fixture(scope="module")
+def crashable(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
+    gateway: Gateway = start_gateway(
+        workers=1, **claude_env(fake_anthropic, CLAUDE_TOOLS='["Bash"]', JOB_TIMEOUT_S="6")
+    )
+    return gateway
+
+
+def _started(marker: str) -> None:
+    deadline = time.monotonic() + 60
+    while len(_alive(marker)) < 2:
+        assert time.monotonic() < deadline, "the job's tool did not start"
+        time.sleep(0.05)
+
+
+def test_nothing_survives_a_cancel_a_timeout_or_a_killed_worker(
+    crashable: Gateway, upstream: FakeAnthropic
+) -> None:
+    cancelled, timed_out, crashed = (f"gateway-{what}-{uuid.uuid4().hex[:8]}" for what in "abc")
+    upstream.by_prompt.update({marker: deque([_hold(marker)]) for marker in (cancelled, timed_out, crashed)})
+    queued = httpx.post(
+        f"{crashable.url}/v1/chat/completions", json=chat(cancelled, background=True), timeout=10
+    )
+    _started(cancelled)
+    httpx.post(f"{crashable.url}/v1/chat/completions/{queued.json()['id']}/cancel", timeout=10)
+    assert _gone(cancelled), "a cancelled job's processes live on"
+
+    response = httpx.post(f"{crashable.url}/v1/chat/completions", json=chat(timed_out), timeout=60)
+    assert response.status_code == 504, response.text
+    assert _gone(timed_out), "a timed-out job's processes live on"
+
+    httpx.post(f"{crashable.url}/v1/chat/completions", json=chat(crashed, background=True), timeout=10)
+    _started(crashed)
+    crashable.workers[0].kill()  # SIGKILL: the worker cannot clean up
+    assert _gone(crashed), "a job's processes outlived its killed worker"
+
+
+def _fake_bwrap(folder: Path) -> str:
+    """A PATH whose `bwrap` fails as it does in a container whose seccomp profile forbids user
+    namespaces (its message, verbatim), for the worker's start-up check to find."""
+    bwrap = folder / "bwrap"
+    bwrap.write_text(
+        "#!/bin/sh\necho 'bwrap: No permissions to create a new namespace, likely because the kernel "
+        "does not allow non-privileged user namespaces.' >&2\nexit 1\n"
+    )
+    bwrap.chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
+
+
+def test_without_a_sandbox_jobs_are_refused_with_the_reason_unless_turned_off(
+    start_gateway: Any, fake_anthropic: FakeAnthropic, upstream: FakeAnthropic, tmp_path: Path
+) -> None:
+    path = _fake_bwrap(tmp_path)
+    refusing: Gateway = start_gateway(workers=1, **claude_env(fake_anthropic, PATH=path))
+    status = _sandbox_status(refusing)
+    assert status["mode"] == "on"
+    assert status["ready"] is False
+    assert "No permissions to create a new namespace" in status["problems"][0]
+    response = httpx.post(f"{refusing.url}/v1/chat/completions", json=chat("hi"), timeout=60)
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["code"] == "backend_unavailable"
+    assert "sandbox" in error["message"]
+    assert "No permissions to create a new namespace" in error["message"]
+    assert upstream.requests == []  # refused before any CLI ran
+
+    unsandboxed: Gateway = start_gateway(workers=1, **claude_env(fake_anthropic, PATH=path, SANDBOX="off"))
+    status = _sandbox_status(unsandboxed)
+    assert status["mode"] == "off"
+    assert status["ready"] is False
+    assert status["problems"][0].endswith("turned off by the operator (SANDBOX=off)")
+    response = httpx.post(f"{unsandboxed.url}/v1/chat/completions", json=chat("hi"), timeout=60)
+    assert response.status_code == 200, response.text
+    log = b"".join(path.read_bytes() for path in unsandboxed.logs.glob("worker-*.log"))
+    assert b"SANDBOX=off: jobs run without a sandbox" in log
+
+
+def test_a_job_changed_in_redis_cannot_grant_what_the_workers_policy_forbids(
+    start_gateway: Any, fake_anthropic: FakeAnthropic, upstream: FakeAnthropic
+) -> None:
+    gateway: Gateway = start_gateway(workers=0, **claude_env(fake_anthropic, CLAUDE_TOOLS='["Read"]'))
+    queued = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi", background=True), timeout=10)
+    job_id = queued.json()["id"]
+    redis = gateway.redis()
+    record = record_key(job_id.removeprefix("chatcmpl-"))
+    payload = json.loads(redis.hget(record, "payload") or b"{}")
+    assert payload["agent"]["tools"] == ["Read"]
+    payload["agent"].update(tools=["Read", "Bash"], permission_mode="bypassPermissions")
+    redis.hset(record, "payload", json.dumps(payload))
+    gateway.start_worker()
+    deadline = time.monotonic() + 60
+    while (job := httpx.get(f"{gateway.url}/v1/chat/completions/{job_id}", timeout=10).json())["status"] in (
+        "queued",
+        "in_progress",
+    ):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "backend_unavailable"
+    assert "'Bash' is not permitted" in job["error"]["message"]
+    assert upstream.requests == []
