@@ -9,6 +9,7 @@ has all of them unless it narrows them), `CLAUDE_DISALLOWED_TOOLS` are denied to
 the policy grants is a 400, never a silent downgrade.
 """
 
+import re
 from collections.abc import Mapping
 from typing import get_args
 
@@ -18,6 +19,7 @@ from shared.agent import AgentRequest, PermissionMode
 from shared.agent_policy import refused_tools
 from shared.settings import Settings
 
+_INTEGER = re.compile(r"[0-9]{1,9}")  # ASCII digits only: `str.isdigit` takes "²", which `int` refuses
 _MODES: tuple[str, ...] = get_args(PermissionMode)
 
 
@@ -62,7 +64,7 @@ def _int_header(headers: Mapping[str, str], header: str, low: int) -> int | None
     value = headers.get(header)
     if value is None:
         return None
-    if not value.strip().isdigit() or int(value) < low:
+    if not _INTEGER.fullmatch(value.strip()) or int(value) < low:
         raise OpenAIError.invalid(f"{header} must be an integer of at least {low}.", param=header)
     return int(value)
 

@@ -5,9 +5,10 @@ none), so the answer comes from the live workers' heartbeats, where each publish
 (method, validity, variable names; never a value). The API adds what it would detect itself, and
 says so when no worker is alive. The shape extends the original wrapper's (`claude_code_auth`,
 `server_info`), so its clients keep working. Reading heartbeats happens here only, never on the
-path of a completion. Which workers run where (ids, hosts) is for operator keys only, as on
-`/status`: other callers get the combined answer and the number of live workers. It also says
-whether the workers run every job in a sandbox (`worker/sandbox.py`), and why not.
+path of a completion. Which workers run where (ids, hosts) and how they are configured (file
+paths, profiles, projects, variable names, the problems found) are for operator keys only, as on
+`/status`: other callers get the method, whether it works, and the number of live workers. It also
+says whether the workers run every job in a sandbox (`worker/sandbox.py`), and to operators why not.
 """
 
 from typing import Literal
@@ -100,15 +101,20 @@ def _combined(reports: list[tuple[str, BackendAuth]], *, by_worker: bool) -> Cla
     return ClaudeCodeAuth(method=method, status=state, environment_variables=variables)
 
 
-def _sandbox(reports: list[tuple[str, SandboxReport]], *, by_worker: bool) -> SandboxStatus:
+def _sandbox(reports: list[tuple[str, SandboxReport]], *, operator: bool) -> SandboxStatus:
+    """Whether every worker runs jobs in a sandbox; why not, by worker, for operators only."""
     modes = {report.mode for _, report in reports}
     mode = "none" if not modes else modes.pop() if len(modes) == 1 else "mixed"
-    problems = [
-        f"{worker}: {report.reason}" if by_worker else str(report.reason)
-        for worker, report in reports
-        if not report.ready
-    ]
-    return SandboxStatus(mode=mode, ready=bool(reports) and not problems, problems=sorted(set(problems)))
+    problems = [f"{worker}: {report.reason}" for worker, report in reports if not report.ready]
+    return SandboxStatus(
+        mode=mode, ready=bool(reports) and not problems, problems=problems if operator else []
+    )
+
+
+def _summary(auth: ClaudeCodeAuth) -> ClaudeCodeAuth:
+    """The method and whether it works, without the configuration details."""
+    state = AuthState(method=auth.method, valid=auth.status.valid, errors=[], warnings=[], config={})
+    return ClaudeCodeAuth(method=auth.method, status=state, environment_variables=[])
 
 
 @router.get("/v1/auth/status")
@@ -127,6 +133,8 @@ async def auth_status(gateway: GatewayDep, caller: CallerDep, request: Request) 
             if not workers
             else "No live worker reports its auth (they predate it): this is the API's own detection."
         )
+    if not caller.operator:
+        combined, own = _summary(combined), _summary(own)
     configured = bool(settings.client_api_keys())
     managed = not configured and await apikeys.any_managed(gateway.redis)
     return AuthStatus(
@@ -140,7 +148,7 @@ async def auth_status(gateway: GatewayDep, caller: CallerDep, request: Request) 
             if caller.operator
         ],
         api_detection=own,
-        sandbox=_sandbox([(w.id, w.sandbox) for w in workers if w.sandbox], by_worker=caller.operator),
+        sandbox=_sandbox([(w.id, w.sandbox) for w in workers if w.sandbox], operator=caller.operator),
         server_info=ServerInfo(
             api_key_required=configured or managed,
             api_key_source="environment" if configured else "managed" if managed else "none",
