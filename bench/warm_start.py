@@ -48,8 +48,9 @@ def first_token(client: httpx.Client, url: str) -> float:
 
 
 def start_gateway(
-    redis_url: str, workspaces: Path, upstream: str, warm_clients: int
+    redis_url: str, workspaces: Path, upstream: str, warm_clients: int, **extra: str
 ) -> tuple[str, list[subprocess.Popen[bytes]]]:
+    """An API and a worker (first in the list) on the real Claude backend, pointed at `upstream`."""
     port = free_port()
     env = {
         **os.environ,
@@ -63,6 +64,7 @@ def start_gateway(
         "CLAUDE_WARM_CLIENTS": str(warm_clients),
         "RATE_LIMIT_ENABLED": "false",
         "LOG_LEVEL": "warning",
+        **extra,
     }
     processes = [
         subprocess.Popen([sys.executable, "-m", "cli.main", role], cwd=ROOT, env=env)

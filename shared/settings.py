@@ -212,6 +212,11 @@ class Settings(BaseSettings):
     sandbox_cpu_s: int = Field(
         default=900, ge=0, description="CPU seconds of each process in a job's sandbox; 0: no limit."
     )
+    sandbox_allowed_hosts: list[str] = Field(
+        default=[],
+        description="Hosts a sandboxed job may reach over HTTPS through the worker's CONNECT proxy "
+        '("host", "host:port" or "*.domain"; port 443 unless given); empty: no egress.',
+    )
 
     def client_api_keys(self) -> list[str]:
         """The configured client keys (`API_KEY` and `API_KEYS`), secrets in memory only."""

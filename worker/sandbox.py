@@ -33,12 +33,15 @@ from pathlib import Path
 
 from shared.heartbeats import SandboxReport
 from shared.settings import Settings
+from worker.egress import RELAY, RELAY_PORT
 from worker.workspace import Workspace
 
 log = logging.getLogger("gateway.worker.sandbox")
 
 MODEL_SOCKET = "/run/gateway/model.sock"
 """Where the worker's credential proxy appears inside every sandbox."""
+EGRESS_SOCKET = "/run/gateway/egress.sock"
+"""Where the worker's egress proxy appears, with `SANDBOX_ALLOWED_HOSTS`."""
 
 _SYSTEM_DIRS = ("/usr",)
 _SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -77,8 +80,8 @@ _ETC = (
 _TMP = "/tmp"  # noqa: S108 - the sandbox's own /tmp, never the host's
 _PROBE_TIMEOUT_S = 60
 _NO_MODEL_PROXY = (
-    "with Bedrock or Vertex the CLI signs its own requests, and a sandbox has no network but the "
-    "worker's model proxy (SANDBOX=off runs these jobs without a sandbox)"
+    "with Bedrock or Vertex the CLI signs its own requests, and this sandbox has no network: list "
+    "the provider's hosts in SANDBOX_ALLOWED_HOSTS (or SANDBOX=off runs jobs without a sandbox)"
 )
 
 
@@ -138,10 +141,18 @@ def _limit_args(settings: Settings) -> list[str]:
 class Sandbox:
     """Builds each job's sandbox, once it has checked at start that one can be built here."""
 
-    def __init__(self, settings: Settings, runtime_dir: Path, proxy_socket: Path | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        runtime_dir: Path,
+        proxy_socket: Path | None,
+        egress_socket: Path | None = None,
+    ) -> None:
         self._settings = settings
         self._runtime_dir = runtime_dir
         self._proxy_socket = proxy_socket
+        self._egress_socket = egress_socket
+        self._python = shutil.which("python3", path="/usr/bin:/usr/local/bin")  # the relay's
         self._cli = claude_binary(settings)
         self._bwrap = find_bwrap()
         self._prlimit = shutil.which("prlimit")
@@ -169,7 +180,10 @@ class Sandbox:
         job_user = settings.claude_job_user
         if (job_user is None and os.geteuid() == 0) and settings.sandbox_processes:
             warnings.append("root is exempt from the process limit: set CLAUDE_JOB_USER")
-        reason = self._build_probe() if self._proxy_socket is not None else _NO_MODEL_PROXY
+        if self._egress_socket is not None and self._python is None:
+            warnings.append("no python3 in /usr for the egress relay: SANDBOX_ALLOWED_HOSTS unreachable")
+        reachable = self._proxy_socket is not None or self._egress_socket is not None
+        reason = self._build_probe() if reachable else _NO_MODEL_PROXY
         if reason is not None:
             log.error("cannot build a sandbox, jobs will be refused: %s", reason)
         else:
@@ -211,6 +225,29 @@ class Sandbox:
             return (lines[-1] if lines else f"bwrap exited with {probe.returncode}")[:300]
         return None
 
+    def _inside(self) -> list[str]:
+        """What runs inside: the CLI, after the egress relay where there is one."""
+        if self._egress_relay is None:
+            return [str(self._cli)]
+        start = f'{shlex.quote(self._egress_relay)} -I -S -c "$0" {EGRESS_SOCKET} {RELAY_PORT} & exec "$@"'
+        return ["/bin/sh", "-c", start, RELAY, str(self._cli)]
+
+    @property
+    def _egress_relay(self) -> str | None:
+        return self._python if self._egress_socket is not None else None
+
+    def environment(self) -> dict[str, str]:
+        """What the CLI is told of the sandbox's ways out: the model proxy, and the egress relay."""
+        env: dict[str, str] = {}
+        if self._proxy_socket is not None:  # plain HTTP over the socket bound into the sandbox
+            env |= {"ANTHROPIC_UNIX_SOCKET": MODEL_SOCKET, "ANTHROPIC_BASE_URL": "http://localhost"}
+        if self._egress_relay is not None:
+            relay = f"http://127.0.0.1:{RELAY_PORT}"
+            for name in ("HTTPS_PROXY", "HTTP_PROXY"):
+                env[name] = env[name.lower()] = relay
+            env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1"
+        return env
+
     def _isolation(self) -> list[str]:
         """What every sandbox has: namespaces, no capabilities, the system view, the CLI."""
         return [
@@ -241,6 +278,8 @@ class Sandbox:
             view += ["--bind", str(cwd), str(cwd)]
         if self._proxy_socket is not None:
             view += ["--bind", str(self._proxy_socket), MODEL_SOCKET]
+        if self._egress_socket is not None:
+            view += ["--bind", str(self._egress_socket), EGRESS_SOCKET]
         limits = [self._prlimit, *_limit_args(self._settings), "--"] if self._prlimit else []
         return [*limits, self._bwrap, *view, "--chdir", str(cwd)]
 
@@ -252,7 +291,7 @@ class Sandbox:
         # The CLI's config directory is the job's own, or the copy of its resumed transcript the
         # SDK makes in the worker's temp directory just before it starts the CLI: bound as given.
         config = '--bind "$CLAUDE_CONFIG_DIR" "$CLAUDE_CONFIG_DIR"'
-        command = f"{shlex.join(self.argv(workspace, cwd))} {config} -- {shlex.quote(str(self._cli))}"
+        command = f"{shlex.join(self.argv(workspace, cwd))} {config} -- {shlex.join(self._inside())}"
         path.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
         path.chmod(0o755)
         try:

@@ -33,9 +33,10 @@ from shared.settings import Settings
 from worker import caller_functions
 from worker.backends import PROGRESS, BackendError, Progress, UsageReport
 from worker.credential_proxy import Credential, CredentialProxy, api_key_header, bearer_header
+from worker.egress import EgressProxy
 from worker.history import HistoryStore, content_blocks, merged
 from worker.login import login_token
-from worker.sandbox import MODEL_SOCKET, Sandbox, remove_runtime_dir, runtime_dir
+from worker.sandbox import Sandbox, remove_runtime_dir, runtime_dir
 from worker.session_store import JobTranscript, RedisSessionStore
 from worker.skills import install_skills, installed_skills
 from worker.warm import WarmClient, WarmPool, warm_up
@@ -112,7 +113,13 @@ class ClaudeBackend:
         if credential is not None:
             self._proxy = CredentialProxy(settings.anthropic_base_url or _ANTHROPIC_API, credential)
             self._proxy.start(self._runtime_dir / "model.sock" if settings.sandbox == "on" else None)
-        self._sandbox = Sandbox(settings, self._runtime_dir, self._proxy.socket if self._proxy else None)
+        egress = None
+        if settings.sandbox == "on" and settings.sandbox_allowed_hosts:
+            egress = self._runtime_dir / "egress.sock"
+            EgressProxy(settings.sandbox_allowed_hosts).start(egress)
+        self._sandbox = Sandbox(
+            settings, self._runtime_dir, self._proxy.socket if self._proxy else None, egress
+        )
         self.sandbox = self._sandbox.report
         self._provider_env = backend_auth.provider_environment(settings, self._auth_method)
         self._redis = redis
@@ -191,13 +198,12 @@ class ClaudeBackend:
         }
         if self._proxy is not None and token is not None:
             # The real credential stays in this process: the CLI talks to the proxy with a job token.
-            if self._sandbox.ready:  # plain HTTP over the socket bound into the sandbox
-                env["ANTHROPIC_UNIX_SOCKET"] = MODEL_SOCKET
-                env["ANTHROPIC_BASE_URL"] = "http://localhost"
-            else:
+            if not self._sandbox.ready:
                 env["ANTHROPIC_BASE_URL"] = self._proxy.url
             login = self._auth_method == "claude_cli"
             env["CLAUDE_CODE_OAUTH_TOKEN" if login else "ANTHROPIC_API_KEY"] = token
+        if self._sandbox.ready:
+            env.update(self._sandbox.environment())
         env.update(self._provider_env)  # Bedrock, Vertex: the CLI signs for itself
         if job.max_tokens is not None:
             env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(job.max_tokens)
