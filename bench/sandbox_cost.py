@@ -23,7 +23,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.warm_start import first_token, p95, start_gateway  # noqa: E402
+from bench.warm_start import first_job, first_token, p95, start_gateway, stop  # noqa: E402
 from cli.embedded_redis import EmbeddedRedis  # noqa: E402
 from tests.fake_anthropic import FakeAnthropic  # noqa: E402
 
@@ -61,15 +61,7 @@ def main() -> None:
             cpu: dict[str, float] = {}
             with httpx.Client(timeout=120) as client:
                 for url in urls.values():  # up, and one job each before measuring
-                    deadline = time.monotonic() + 60
-                    while True:
-                        try:
-                            first_token(client, url)
-                            break
-                        except httpx.HTTPError:
-                            if time.monotonic() > deadline:
-                                raise
-                            time.sleep(0.2)
+                    first_job(client, url)
                 time.sleep(args.pause)
                 before = {mode: cpu_s(workers[mode]) for mode in modes}
                 for _ in range(args.requests):  # interleaved, so load changes hit both alike
@@ -79,12 +71,7 @@ def main() -> None:
                 time.sleep(1)  # the last CLIs are reaped
                 cpu = {mode: (cpu_s(workers[mode]) - before[mode]) / args.requests for mode in modes}
         finally:
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                process.wait(timeout=60)
-            redis.stop()
-            upstream.stop()
+            stop(processes, redis, upstream)
     load_after = os.getloadavg()
     print(
         f"{args.requests} sequential streamed requests each, cold starts, real SDK + CLI, instant fake "

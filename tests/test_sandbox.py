@@ -367,3 +367,24 @@ def test_the_allow_list_is_the_only_way_out(
     assert seen["direct"] == "000", seen
     assert "GET /egress-probe" in upstream.received
     assert not {"GET /egress-plain", "GET /egress-direct"} & set(upstream.received)
+
+
+def test_a_warm_client_runs_in_a_sandbox_of_its_own(
+    start_gateway: Any, fake_anthropic: FakeAnthropic, upstream: FakeAnthropic
+) -> None:
+    gateway: Gateway = start_gateway(
+        workers=1, **claude_env(fake_anthropic, CLAUDE_TOOLS='["Bash"]', CLAUDE_WARM_CLIENTS="1")
+    )
+    first = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("teach the profile"), timeout=90)
+    assert first.status_code == 200, first.text  # orders a warm client for jobs like it
+    deadline = time.monotonic() + 30
+    while not list(_workspace_root(gateway).glob("warm-*")):
+        assert time.monotonic() < deadline, "no warm client was prepared"
+        time.sleep(0.05)
+    probe = "pwd; echo interfaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,)"
+    upstream.by_prompt["warm probe"] = deque([_bash(probe), Reply()])
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("warm probe"), timeout=90)
+    assert response.status_code == 200, response.text
+    output = "\n".join(tool_results(upstream.requests[-1]))
+    assert "/warm-" in output.splitlines()[0], output  # the job ran on the warm client
+    assert _lines(output)["interfaces"] == "lo,", output
