@@ -2,23 +2,19 @@
 
 `CLAUDE_TOOLS` are the tools a job may have, `CLAUDE_DISALLOWED_TOOLS` are denied to every job,
 `CLAUDE_MAX_TURNS` caps turns, `CLAUDE_PERMISSION_MODES` lists the permission modes. The API
-turns what a request asks into a job's `AgentRequest` within it (`api/agent_policy.py`, with an
-error per field); the worker checks every job against its own policy again before running it
-(`violation`), so a job whose payload was changed in Redis cannot grant more than its operator
-allows.
+turns what a request asks into a job's `AgentRequest` within it (`api/agent_policy.py` and
+`api/tool_choice.py`, with an error per field); the worker checks every job against its own
+policy again before running it (`violation` here; its MCP servers in `worker/operator_mcp.py`), so
+a job whose payload was changed in Redis cannot grant more than its operator allows.
 """
 
 from shared.agent import AgentRequest
 from shared.settings import Settings
 
 
-def refused_tools(tools: list[str], settings: Settings) -> list[str]:
-    return [tool for tool in tools if tool not in settings.claude_tools]
-
-
 def violation(agent: AgentRequest, settings: Settings) -> str | None:
     """What in `agent` the policy does not grant, or None."""
-    if refused := refused_tools(agent.tools, settings):
+    if refused := [tool for tool in agent.tools if tool not in settings.claude_tools]:
         return f"the tool {refused[0]!r} is not permitted"
     if missing := [rule for rule in settings.claude_disallowed_tools if rule not in agent.disallowed_tools]:
         return f"the denied tool {missing[0]!r} is not denied"

@@ -16,6 +16,7 @@ cancelled, failed), the old attempt's writes are refused. Every step that ends a
 the caller's concurrent-job slot and its session's lock, so no path can leak either.
 """
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -45,6 +46,7 @@ _PRELUDE = f"""
 local ARQ_JOB, ARQ_IN_PROGRESS = '{job_key_prefix}', '{in_progress_key_prefix}'
 local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
 local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{WAKEUP_CHANNEL}', '{CANCEL_CHANNEL}'
+local WORKER = '{PREFIX}:worker:'
 -- Names which holder's set of job slots (shared/quotas.py) the job is in.
 local function slot_record(job_id)
   return '{PREFIX}:job:' .. job_id .. ':slot'
@@ -83,7 +85,8 @@ end
 
 # KEYS: record, queue, arq entry of attempt 1, [idempotency key]
 # ARGV: owner, model, request_id, created, payload, arq entry, score, arq ttl ms, ttl, job id,
-#       idempotency value, session lock key, job slots key or '', slot cap, slot lease ms
+#       idempotency value, session lock key, job slots key or '', slot cap, slot lease ms,
+#       the worker offered the job first or '' (workspace affinity), until when (ms)
 # The job's slot (shared/quotas.py) is taken here, so a job holds one exactly when it exists.
 _CREATE = """
 local existing = #KEYS == 4 and redis.call('get', KEYS[4])
@@ -103,6 +106,7 @@ if #KEYS == 4 then redis.call('set', KEYS[4], ARGV[11], 'EX', ARGV[9]) end
 redis.call('hset', KEYS[1], 'owner', ARGV[1], 'model', ARGV[2], 'request_id', ARGV[3],
   'created', ARGV[4], 'payload', ARGV[5], 'attempt', '1')
 if ARGV[12] ~= '' then redis.call('hset', KEYS[1], 'session_lock', ARGV[12]) end
+if ARGV[16] ~= '' then redis.call('hset', KEYS[1], 'prefer', ARGV[16], 'prefer_until', ARGV[17]) end
 redis.call('expire', KEYS[1], ARGV[9])
 redis.call('psetex', KEYS[3], ARGV[8], ARGV[6])
 redis.call('zadd', KEYS[2], ARGV[7], ARGV[10] .. '.1')
@@ -113,18 +117,24 @@ return false
 # arq's claim (the attempt is queued and due, nobody holds it: mark it in progress) and the start
 # of the attempt (still current: take its lease) in one round trip, instead of arq's WATCH,
 # EXISTS, ZSCORE, MULTI/EXEC and a second step of ours. A stale attempt is taken off the queue.
+# A job offered first to a live worker (the one holding its session's workspace) is left to it
+# until `prefer_until`: another worker gets {'defer', ms left}.
 # KEYS: record, running, queue   ARGV: job id, attempt, now ms, in-progress ms, worker id, lease ms, ttl
-# Returns nil (not ours to start), {'stale'}, or {'ok', score, payload, cancel flag}.
+# Returns nil (not ours to start), {'stale'}, {'defer', ms}, or {'ok', score, payload, cancel flag}.
 _CLAIM = """
 local attempt_id = ARGV[1] .. '.' .. ARGV[2]
 if redis.call('exists', ARQ_IN_PROGRESS .. attempt_id) == 1 then return false end
 local score = redis.call('zscore', KEYS[3], attempt_id)
 if not score or tonumber(score) > tonumber(ARGV[3]) then return false end
-local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel', 'payload')
+local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel', 'payload', 'prefer', 'prefer_until')
 if rec[1] ~= ARGV[2] or rec[2] then
   redis.call('zrem', KEYS[3], attempt_id)
   redis.call('del', ARQ_JOB .. attempt_id)
   return {'stale'}
+end
+if rec[5] and rec[5] ~= ARGV[5] and tonumber(rec[6]) > tonumber(ARGV[3])
+    and redis.call('exists', WORKER .. rec[5]) == 1 then
+  return {'defer', tonumber(rec[6]) - tonumber(ARGV[3])}
 end
 redis.call('psetex', ARQ_IN_PROGRESS .. attempt_id, ARGV[4], '1')
 redis.call('hset', KEYS[1], 'worker', ARGV[5])
@@ -159,9 +169,11 @@ return 1
 """
 
 # KEYS: record, running   ARGV: attempt, lease deadline ms, job id
+# A lease given up (`expire_lease`: deadline 0) stays given up, even to a renewal already on its way.
 _RENEW = """
 local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel')
 if rec[1] ~= ARGV[1] or rec[2] then return 'superseded' end
+if ARGV[2] ~= '0' and redis.call('zscore', KEYS[2], ARGV[3]) == '0' then return 'superseded' end
 redis.call('zadd', KEYS[2], ARGV[2], ARGV[3])
 if rec[3] then return 'cancel' end
 return 'ok'
@@ -277,10 +289,13 @@ def _ms() -> int:
 class JobStore:
     """The job records on one Redis connection pool, for both processes."""
 
-    def __init__(self, redis: Redis, *, queue_name: str, ttl_s: int) -> None:
+    def __init__(self, redis: Redis, *, queue_name: str, ttl_s: int, affinity_s: float = 0.0) -> None:
+        """`affinity_s`: how long a session's job waits for the worker holding its workspace."""
         self.redis = redis
         self.queue_name = queue_name
         self.ttl_s = ttl_s
+        self.affinity_ms = int(affinity_s * 1000)
+        self._retries: set[asyncio.Task[int]] = set()
         self._create = redis.register_script(_PRELUDE + _CREATE)
         self._claim = redis.register_script(_PRELUDE + _CLAIM)
         self._append = redis.register_script(_PRELUDE + _APPEND)
@@ -314,6 +329,8 @@ class JobStore:
         args += [job.model_dump_json(), entry, now, expires_extra_ms, self.ttl_s, job.id, value]
         args.append("" if job.session is None else session_lock_key(job.session.owner, job.session.id))
         args += ["", 0, 0] if slot is None else [slots_key(slot.holder), slot.cap, slot.lease_ms]
+        holder = job.session.holder if job.session is not None and self.affinity_ms else None
+        args += [holder or "", now + self.affinity_ms]
         try:
             existing = await self._create(keys=keys, args=args)
         except ResponseError as exc:
@@ -366,10 +383,21 @@ class JobStore:
         args: list[str | int] = [job_id, attempt, now, in_progress_ms, worker_id]
         args += [now + int(lease_s * 1000), self.ttl_s]
         reply = await self._claim(keys=keys, args=args)
+        if reply is not None and reply[0] == b"defer":  # look again when the offer runs out
+            self._wake_later(attempt_id(job_id, attempt), int(reply[1]) / 1000)
         if reply is None or reply[0] != b"ok":
             return None
         job = CompletionJob.model_validate_json(reply[2])
         return Claimed(score=int(float(reply[1])), job=job, cancel_requested=bool(reply[3]))
+
+    def _wake_later(self, attempt: str, delay_s: float) -> None:
+        async def wake() -> int:
+            await asyncio.sleep(delay_s)
+            return int(await self.redis.publish(WAKEUP_CHANNEL, attempt))
+
+        task = asyncio.create_task(wake())
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
 
     async def renew(self, job_id: str, attempt: int, lease_s: float) -> Literal["ok", "cancel", "superseded"]:
         return await self._set_lease(job_id, attempt, _ms() + int(lease_s * 1000))

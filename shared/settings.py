@@ -5,12 +5,13 @@ Both processes build one `Settings()` at start-up and pass it down; nothing else
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.agent import PermissionMode
+from shared.mcp import NAME_PATTERN, RESERVED, McpServer
 
 
 class Settings(BaseSettings):
@@ -78,6 +79,14 @@ class Settings(BaseSettings):
     # --- Models ---------------------------------------------------------------------------
     models: list[str] = ["claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5"]
     models_created: int = Field(default=1759276800, description="`created` reported for every model.")
+    models_from_upstream: bool = Field(
+        default=False,
+        description="Also list and serve the Anthropic API's own models (fetched by workers that "
+        "have ANTHROPIC_API_KEY).",
+    )
+    upstream_models_ttl_s: int = Field(
+        default=3600, ge=60, description="How long a fetched upstream model list is kept (refreshed at half)."
+    )
 
     # --- The Claude backend (passed to the CLI, never logged) -----------------------------
     anthropic_api_key: SecretStr | None = None
@@ -230,6 +239,38 @@ class Settings(BaseSettings):
         default=3600, ge=1, description="A session idle this long is removed (sliding, per request)."
     )
 
+    # --- Session workspaces (docs/sessions.md): kept between turns in a workspace store ---
+    workspace_store: str | None = Field(
+        default=None,
+        description="file:///path or s3://bucket/prefix; unset: a directory in STATE_DIR.",
+    )
+    workspace_s3_endpoint: str | None = Field(
+        default=None, description="An S3-compatible server's URL; unset: AWS S3."
+    )
+    workspace_s3_region: str = "us-east-1"
+    workspace_s3_access_key_id: SecretStr | None = None
+    workspace_s3_secret_access_key: SecretStr | None = None
+    workspace_max_bytes: int = Field(
+        default=100 * 1024 * 1024, ge=1, description="Most bytes of files one session workspace holds."
+    )
+    workspace_max_files: int = Field(default=20_000, ge=1, description="Most files one workspace holds.")
+    workspace_affinity_s: float = Field(
+        default=0.25,
+        ge=0,
+        description="How long a session's turn waits for the worker holding its workspace before "
+        "any worker takes it.",
+    )
+    workspace_cache_sessions: int = Field(
+        default=64, ge=0, description="Session workspaces a worker keeps on disk between turns."
+    )
+
+    @field_validator("workspace_store")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("file:///", "s3://")):
+            raise ValueError("use file:///path or s3://bucket/prefix")
+        return value
+
     # --- Claude Code behind the API: models, content, tool policy, skills (docs/claude-backend.md)
     model_aliases: dict[str, str] = Field(
         default={"sonnet": "claude-sonnet-4-5", "opus": "claude-opus-4-1", "haiku": "claude-haiku-4-5"},
@@ -270,6 +311,22 @@ class Settings(BaseSettings):
         ge=0,
         description="Connected Claude Code processes each worker keeps ready (~210 MiB each); 0: off.",
     )
+
+    mcp_servers: dict[Annotated[str, StringConstraints(pattern=NAME_PATTERN)], McpServer] = Field(
+        default={},
+        description='MCP servers offered to jobs (JSON): name -> {"command", "args", "env"} (stdio, run '
+        'inside the job\'s sandbox) or {"type": "http"|"sse", "url", "headers"}; "default": false '
+        "offers one only to requests that choose it (docs/claude-backend.md).",
+    )
+
+    @field_validator("mcp_servers")
+    @classmethod
+    def _no_reserved_server(cls, value: dict[str, McpServer]) -> dict[str, McpServer]:
+        if reserved := RESERVED & set(value):
+            raise ValueError(f"the MCP server name {sorted(reserved)[0]!r} is the gateway's own")
+        if doubled := [name for name in value if "__" in name]:  # `__` separates server and tool
+            raise ValueError(f"the MCP server name {doubled[0]!r} has '__'")
+        return value
 
     # --- More OpenAI (`n > 1`: several choices from parallel jobs) -------------------------
     max_choices: int = Field(

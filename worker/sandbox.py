@@ -274,7 +274,7 @@ class Sandbox:
         # /tmp first: a workspace under the host's /tmp is then bound on top of the job's own.
         view = [*self._isolation(), "--bind", str(workspace.tmp), _TMP]
         view += ["--bind", str(workspace.root), str(workspace.root)]
-        if not cwd.is_relative_to(workspace.root):  # CLAUDE_CWD: the operator's shared directory
+        if not cwd.is_relative_to(workspace.root):  # a session's directory, or CLAUDE_CWD
             view += ["--bind", str(cwd), str(cwd)]
         if self._proxy_socket is not None:
             view += ["--bind", str(self._proxy_socket), MODEL_SOCKET]

@@ -7,7 +7,8 @@ model writing a tool call), which keeps the job's stall limit from firing; nothi
 tests and benchmarks.
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -45,7 +46,12 @@ class Backend(Protocol):
     def sandbox(self) -> SandboxReport | None:
         """Its job sandbox, as found at start (None: it runs no agent)."""
 
-    def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]: ...
+    def stream(
+        self, job: CompletionJob, work: Path | None = None
+    ) -> AsyncGenerator[Delta | Done | Progress, None]:
+        """`work`: the session's directory to run in (`worker/session_files.py`); None: a fresh
+        one, removed at the end."""
+
     async def close(self) -> None:
         """Releases what the backend holds between jobs (warm CLI processes), at worker shutdown."""
 

@@ -4,6 +4,7 @@ Deltas are the upstream's own token deltas (`include_partial_messages=True`); us
 stop reason come from the SDK's `ResultMessage`; failures from its error result or exceptions.
 """
 
+import asyncio
 import logging
 import os
 import pwd
@@ -30,7 +31,7 @@ from redis.asyncio import Redis
 from shared import agent_policy, backend_auth, sessions
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, ToolCall, Turn, Usage
 from shared.settings import Settings
-from worker import caller_functions
+from worker import caller_functions, operator_mcp, upstream_models
 from worker.backends import PROGRESS, BackendError, Progress, UsageReport
 from worker.credential_proxy import Credential, CredentialProxy, api_key_header, bearer_header
 from worker.egress import EgressProxy
@@ -129,6 +130,12 @@ class ClaudeBackend:
         )
         job_user = settings.claude_job_user
         self._runs_as_root = (pwd.getpwnam(job_user).pw_uid if job_user else os.geteuid()) == 0
+        self._models: asyncio.Task[None] | None = None
+        key = settings.anthropic_api_key
+        if settings.models_from_upstream and self._auth_method == "anthropic" and key is not None:
+            base_url = settings.anthropic_base_url or _ANTHROPIC_API
+            refresh = upstream_models.keep_fresh(settings, redis, base_url, key.get_secret_value())
+            self._models = asyncio.get_running_loop().create_task(refresh)
 
     def _proxied_credential(self) -> Credential | None:
         """The credential the proxy injects: an API key, or the CLI's own login (Bedrock and Vertex
@@ -163,11 +170,11 @@ class ClaudeBackend:
             )
 
     @contextmanager
-    def _workspace(self, name: str) -> Iterator[tuple[Workspace, Path | None]]:
-        """A workspace for one CLI, and the CLI to start: a launcher into the workspace's sandbox
-        (or, with `SANDBOX=off`, the CLI itself)."""
+    def _workspace(self, name: str, work: Path | None = None) -> Iterator[tuple[Workspace, Path | None]]:
+        """A workspace for one CLI (in the session's directory `work`, if given), and the CLI to
+        start: a launcher into the workspace's sandbox (or, with `SANDBOX=off`, the CLI itself)."""
         settings = self._settings
-        with job_workspace(settings.workspace_root, name, settings.claude_job_user) as workspace:
+        with job_workspace(settings.workspace_root, name, settings.claude_job_user, work) as workspace:
             if not self._sandbox.ready:
                 yield workspace, settings.claude_cli_path
                 return
@@ -218,8 +225,8 @@ class ClaudeBackend:
             system_prompt=self._system_prompt(job),
             include_partial_messages=True,
             tools=tools,
-            allowed_tools=[*tools, *caller_functions.tool_names(job)],
-            mcp_servers=caller_functions.servers(job),
+            allowed_tools=[*tools, *caller_functions.tool_names(job), *agent.mcp_tools],
+            mcp_servers={**caller_functions.servers(job), **operator_mcp.servers(job, settings)},
             disallowed_tools=list(agent.disallowed_tools),
             permission_mode=agent.permission_mode,
             max_turns=agent.max_turns,
@@ -252,10 +259,12 @@ class ClaudeBackend:
             system["append"] = job.system_prompt
         return system
 
-    async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
+    async def stream(
+        self, job: CompletionJob, work: Path | None = None
+    ) -> AsyncGenerator[Delta | Done | Progress, None]:
         self._refuse(job)
-        warm = await self._warm.take(job) if self._warm is not None else None
-        run = self._run_warm(job, warm) if warm is not None else self._run_cold(job)
+        warm = await self._warm.take(job) if self._warm is not None and work is None else None
+        run = self._run_warm(job, warm) if warm is not None else self._run_cold(job, work)
         has_token = False
         try:
             async with aclosing(run):
@@ -284,8 +293,10 @@ class ClaudeBackend:
         finally:
             await warm.discard()
 
-    async def _run_cold(self, job: CompletionJob) -> AsyncGenerator[Delta | Done | Progress, None]:
-        with self._workspace(job.id) as (workspace, cli):
+    async def _run_cold(
+        self, job: CompletionJob, work: Path | None
+    ) -> AsyncGenerator[Delta | Done | Progress, None]:
+        with self._workspace(job.id, work) as (workspace, cli):
             token = self._proxy.issue() if self._proxy is not None else None
             options = self._options(job, workspace, token, cli)
             options, prompt, transcript = await self._continue_session(job, options)
@@ -320,6 +331,8 @@ class ClaudeBackend:
         return warm
 
     async def close(self) -> None:
+        if self._models is not None:
+            self._models.cancel()
         if self._warm is not None:
             await self._warm.close()
         remove_runtime_dir(self._runtime_dir)
