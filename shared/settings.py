@@ -221,6 +221,11 @@ class Settings(BaseSettings):
     sandbox_cpu_s: int = Field(
         default=900, ge=0, description="CPU seconds of each process in a job's sandbox; 0: no limit."
     )
+    sandbox_read_only_paths: list[Path] = Field(
+        default=[],
+        description="Host paths every job's sandbox sees read-only besides /usr and the CLI, e.g. the "
+        "program and interpreter of a stdio MCP server (MCP_SERVERS).",
+    )
     sandbox_allowed_hosts: list[str] = Field(
         default=[],
         description="Hosts a sandboxed job may reach over HTTPS through the worker's CONNECT proxy "

@@ -111,7 +111,7 @@ def claude_binary(settings: Settings) -> Path:
     return Path(on_path).resolve() if on_path else bundled
 
 
-def _system_view() -> list[str]:
+def _system_view(read_only: list[Path]) -> list[str]:
     args: list[str] = []
     for directory in _SYSTEM_DIRS:
         args += ["--ro-bind", directory, directory]
@@ -121,10 +121,11 @@ def _system_view() -> list[str]:
             args += ["--symlink", os.readlink(path), link]
         elif path.is_dir():
             args += ["--ro-bind", link, link]
-    for name in _ETC:
-        path = Path("/etc") / name
+    for path in [*(Path("/etc") / name for name in _ETC), *read_only]:  # and the operator's programs
         if path.exists():
             args += ["--ro-bind", str(path), str(path)]
+        elif path in read_only:
+            log.warning("SANDBOX_READ_ONLY_PATHS: %s does not exist", path)
     return args
 
 
@@ -156,7 +157,7 @@ class Sandbox:
         self._cli = claude_binary(settings)
         self._bwrap = find_bwrap()
         self._prlimit = shutil.which("prlimit")
-        self._system = _system_view()
+        self._system = _system_view(settings.sandbox_read_only_paths)
         self.report = self._probe()
 
     @property
