@@ -12,8 +12,8 @@ with an empty, free reply and never contacts the model API, so a CLI started ahe
 run throwaway first turns; `admit` makes it an ordinary job token afterwards.
 
 It runs in its own thread and event loop, so it never competes with arq's loop or signal
-handling. It listens on a Unix socket that every job's sandbox has bound in (`worker/sandbox.py`;
-the CLI speaks HTTP over it, `ANTHROPIC_UNIX_SOCKET`), or, with the sandbox off, on 127.0.0.1.
+handling. It listens on a Unix socket, which every job's sandbox has bound in (`worker/sandbox.py`)
+and the CLI speaks HTTP over (`ANTHROPIC_UNIX_SOCKET`): no TCP port.
 """
 
 import json
@@ -65,12 +65,7 @@ class CredentialProxy:
         self._warming: set[str] = set()
         self._client: httpx.AsyncClient | None = None
         self._server: uvicorn.Server | None = None
-        self.port = 0
         self.socket: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def issue(self, *, warming: bool = False) -> str:
         """A token for one job; `revoke` it when the job ends. A warming token is answered by the
@@ -137,9 +132,9 @@ class CredentialProxy:
             background=BackgroundTask(response.aclose),
         )
 
-    def start(self, socket: Path | None = None) -> None:
-        """Serves on the Unix socket `socket` (made connectable by the job user), else on a free
-        port of 127.0.0.1."""
+    def start(self, socket: Path) -> None:
+        """Serves on the Unix socket `socket`, which the job user may connect to (its token is
+        what counts)."""
 
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -150,8 +145,7 @@ class CredentialProxy:
         # Every method reaches `_forward`, so what it refuses gets the Messages API's error shape.
         methods = ["GET", "POST", "HEAD", "DELETE", "PUT", "PATCH"]
         app = Starlette(routes=[Route("/{path:path}", self._forward, methods=methods)], lifespan=lifespan)
-        where: dict[str, Any] = {"host": "127.0.0.1", "port": 0} if socket is None else {"uds": str(socket)}
-        config = uvicorn.Config(app, **where, log_level="warning", access_log=False)
+        config = uvicorn.Config(app, uds=str(socket), log_level="warning", access_log=False)
         self._server = uvicorn.Server(config)
         threading.Thread(target=self._server.run, name="credential-proxy", daemon=True).start()
         deadline = time.monotonic() + 10
@@ -159,11 +153,8 @@ class CredentialProxy:
             if time.monotonic() > deadline:
                 raise RuntimeError("the credential proxy did not start")
             time.sleep(0.01)
-        if socket is not None:
-            socket.chmod(0o666)  # the job user's sandbox connects; its token is what counts
-            self.socket = socket
-        else:
-            self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        socket.chmod(0o666)
+        self.socket = socket
 
 
 async def _warm_up_reply(request: Request) -> Response:

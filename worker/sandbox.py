@@ -238,10 +238,8 @@ class Sandbox:
         return self._python if self._egress_socket is not None else None
 
     def environment(self) -> dict[str, str]:
-        """What the CLI is told of the sandbox's ways out: the model proxy, and the egress relay."""
+        """What the CLI and its tools are told of the way out to `SANDBOX_ALLOWED_HOSTS`."""
         env: dict[str, str] = {}
-        if self._proxy_socket is not None:  # plain HTTP over the socket bound into the sandbox
-            env |= {"ANTHROPIC_UNIX_SOCKET": MODEL_SOCKET, "ANTHROPIC_BASE_URL": "http://localhost"}
         if self._egress_relay is not None:
             relay = f"http://127.0.0.1:{RELAY_PORT}"
             for name in ("HTTPS_PROXY", "HTTP_PROXY"):

@@ -37,7 +37,7 @@ from worker.credential_proxy import Credential, CredentialProxy, api_key_header,
 from worker.egress import EgressProxy
 from worker.history import HistoryStore, content_blocks, merged
 from worker.login import login_token
-from worker.sandbox import Sandbox, remove_runtime_dir, runtime_dir
+from worker.sandbox import MODEL_SOCKET, Sandbox, remove_runtime_dir, runtime_dir
 from worker.session_store import JobTranscript, RedisSessionStore
 from worker.skills import install_skills, installed_skills
 from worker.warm import WarmClient, WarmPool, warm_up
@@ -113,7 +113,7 @@ class ClaudeBackend:
         credential = self._proxied_credential()
         if credential is not None:
             self._proxy = CredentialProxy(settings.anthropic_base_url or _ANTHROPIC_API, credential)
-            self._proxy.start(self._runtime_dir / "model.sock" if settings.sandbox == "on" else None)
+            self._proxy.start(self._runtime_dir / "model.sock")
         egress = None
         if settings.sandbox == "on" and settings.sandbox_allowed_hosts:
             egress = self._runtime_dir / "egress.sock"
@@ -203,10 +203,11 @@ class ClaudeBackend:
             "DISABLE_AUTOUPDATER": "1",
             "DISABLE_ERROR_REPORTING": "1",
         }
-        if self._proxy is not None and token is not None:
-            # The real credential stays in this process: the CLI talks to the proxy with a job token.
-            if not self._sandbox.ready:
-                env["ANTHROPIC_BASE_URL"] = self._proxy.url
+        if self._proxy is not None and token is not None and self._proxy.socket is not None:
+            # The real credential stays in this process: the CLI talks to the proxy with a job
+            # token, in plain HTTP over its socket (bound into the sandbox at MODEL_SOCKET).
+            env["ANTHROPIC_UNIX_SOCKET"] = MODEL_SOCKET if self._sandbox.ready else str(self._proxy.socket)
+            env["ANTHROPIC_BASE_URL"] = "http://localhost"
             login = self._auth_method == "claude_cli"
             env["CLAUDE_CODE_OAUTH_TOKEN" if login else "ANTHROPIC_API_KEY"] = token
         if self._sandbox.ready:
