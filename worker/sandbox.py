@@ -11,7 +11,7 @@ Nothing of the gateway's state directory, its checkout or virtualenv, other work
 host's `/tmp` or any credential file is in its view.
 
 The SDK starts the CLI through `ClaudeAgentOptions.cli_path`: a per-job launcher script that
-applies the job's rlimits and execs bwrap. The launcher's (and so bwrap's) command line is
+execs bwrap, whose first command inside sets the job's rlimits. bwrap's command line is
 readable inside the sandbox (`/proc/1/cmdline`), so it carries no secret: the job's proxy token
 travels in the inherited environment, like everything else the CLI is given.
 
@@ -156,7 +156,7 @@ class Sandbox:
         self._python = shutil.which("python3", path="/usr/bin:/usr/local/bin")  # the relay's
         self._cli = claude_binary(settings)
         self._bwrap = find_bwrap()
-        self._prlimit = shutil.which("prlimit")
+        self._prlimit = shutil.which("prlimit", path="/usr/bin:/usr/sbin:/usr/local/bin")  # visible inside
         self._system = _system_view(settings.sandbox_read_only_paths)
         self.report = self._probe()
 
@@ -227,11 +227,14 @@ class Sandbox:
         return None
 
     def _inside(self) -> list[str]:
-        """What runs inside: the CLI, after the egress relay where there is one."""
+        """What runs inside: the job's rlimits, set inside the sandbox's user namespace (so the
+        process limit counts that namespace's processes, not the user's on the whole host), then
+        the CLI, after the egress relay where there is one."""
+        limits = [self._prlimit, *_limit_args(self._settings), "--"] if self._prlimit else []
         if self._egress_relay is None:
-            return [str(self._cli)]
+            return [*limits, str(self._cli)]
         start = f'{shlex.quote(self._egress_relay)} -I -S -c "$0" {EGRESS_SOCKET} {RELAY_PORT} & exec "$@"'
-        return ["/bin/sh", "-c", start, RELAY, str(self._cli)]
+        return [*limits, "/bin/sh", "-c", start, RELAY, str(self._cli)]
 
     @property
     def _egress_relay(self) -> str | None:
@@ -279,8 +282,7 @@ class Sandbox:
             view += ["--bind", str(self._proxy_socket), MODEL_SOCKET]
         if self._egress_socket is not None:
             view += ["--bind", str(self._egress_socket), EGRESS_SOCKET]
-        limits = [self._prlimit, *_limit_args(self._settings), "--"] if self._prlimit else []
-        return [*limits, self._bwrap, *view, "--chdir", str(cwd)]
+        return [self._bwrap, *view, "--chdir", str(cwd)]
 
     @contextmanager
     def launcher(self, workspace: Workspace, cwd: Path) -> Iterator[Path]:
