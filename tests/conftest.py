@@ -206,6 +206,7 @@ def upstream(fake_anthropic: FakeAnthropic) -> FakeAnthropic:
     fake_anthropic.paths.clear()
     fake_anthropic.betas.clear()
     fake_anthropic.script.clear()
+    fake_anthropic.by_prompt.clear()
     fake_anthropic.default = type(fake_anthropic.default)()
     return fake_anthropic
 
