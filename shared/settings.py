@@ -34,8 +34,18 @@ class Settings(BaseSettings):
     queue_timeout_s: float = Field(
         default=60.0, gt=0, description="A job not started by then fails with 503."
     )
+    background_queue_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A background job (nobody waits to withdraw it) not started by then fails with "
+        "queue_timeout; workers withdraw it.",
+    )
     stream_commit_after_s: float = Field(
         default=10.0, gt=0, description="How long a stream's headers wait for the job's first event."
+    )
+    stream_reasoning: bool = Field(
+        default=True,
+        description="Show the agent's thinking and tool steps in replies (a request may turn it off).",
     )
     log_level: str = "info"
 
@@ -193,6 +203,9 @@ class Settings(BaseSettings):
     max_concurrent_jobs_per_key: int = Field(default=8, ge=0, description="0: no cap.")
     max_messages: int = Field(default=1000, ge=1)
     max_prompt_chars: int = Field(default=1_000_000, ge=1, description="All message text of one request.")
+    max_image_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=0, description="Inline (base64) image data of one request, as sent."
+    )
     cors_origins: list[str] = Field(default=[], description="Browser origins allowed; empty: CORS off.")
     trusted_proxies: list[str] = Field(
         default=[], description="Addresses or CIDRs whose X-Forwarded-For is believed."
@@ -205,6 +218,31 @@ class Settings(BaseSettings):
     )
     claude_job_user: str | None = Field(
         default=None, description="Run each CLI as this user (the worker must be root to switch)."
+    )
+    # Every job's CLI in a bubblewrap sandbox of its own (worker/sandbox.py, docs/security.md).
+    sandbox: Literal["on", "off"] = Field(
+        default="on",
+        description="on: every job runs in a sandbox, and a worker that cannot build one refuses "
+        "jobs (503); off: no sandbox (explicit operator choice).",
+    )
+    sandbox_memory_mb: int = Field(
+        default=4096, ge=0, description="Address space of each process in a job's sandbox (MiB); 0: no limit."
+    )
+    sandbox_processes: int = Field(
+        default=512, ge=0, description="Processes and threads in a job's sandbox; 0: no limit."
+    )
+    sandbox_cpu_s: int = Field(
+        default=900, ge=0, description="CPU seconds of each process in a job's sandbox; 0: no limit."
+    )
+    sandbox_read_only_paths: list[Path] = Field(
+        default=[],
+        description="Host paths every job's sandbox sees read-only besides /usr and the CLI, e.g. the "
+        "program and interpreter of a stdio MCP server (MCP_SERVERS).",
+    )
+    sandbox_allowed_hosts: list[str] = Field(
+        default=[],
+        description="Hosts a sandboxed job may reach over HTTPS through the worker's CONNECT proxy "
+        '("host", "host:port" or "*.domain"; port 443 unless given); empty: no egress.',
     )
 
     def client_api_keys(self) -> list[str]:

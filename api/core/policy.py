@@ -6,7 +6,8 @@ wrapper's `X-Claude-*` headers. The policy: `CLAUDE_TOOLS` are the tools callers
 has all of them unless it narrows them), `CLAUDE_DISALLOWED_TOOLS` are denied to every job,
 `CLAUDE_MAX_TURNS` caps turns, `CLAUDE_PERMISSION_MODES` lists the modes a caller may choose.
 Asking for more than the policy grants is a 400, never a silent downgrade. Which tools and MCP
-servers a job has is `api/tool_choice.py`.
+servers a job has is `api/tool_choice.py`. The worker checks every job against its own policy
+again (`shared/agent_policy.py`).
 """
 
 import re
