@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.agent import PermissionMode
+from shared.agent import Effort, PermissionMode
 from shared.mcp import NAME_PATTERN, RESERVED, McpServer
 
 
@@ -308,6 +308,14 @@ class Settings(BaseSettings):
     claude_permission_modes: list[PermissionMode] = Field(
         default=["default", "dontAsk", "acceptEdits", "plan"],
         description="Permission modes a request may choose; the first is used when it chooses none.",
+    )
+    claude_max_effort: Effort = Field(
+        default="high", description="The highest reasoning effort a request may ask for (reasoning_effort)."
+    )
+    claude_max_thinking_tokens: int = Field(
+        default=32000,
+        ge=0,
+        description="The largest thinking budget a request may ask for (Messages' thinking).",
     )
     claude_max_turns: int | None = Field(
         default=None, ge=1, description="Cap on agent turns per job, and the default; unset: no cap."

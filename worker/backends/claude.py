@@ -245,6 +245,7 @@ class ClaudeBackend:
             permission_mode=agent.permission_mode,
             max_turns=agent.max_turns,
             max_thinking_tokens=agent.max_thinking_tokens,
+            effort=agent.effort,
             skills=skills or None,
             # Nothing from the workspace (its .claude/settings.json could install hooks); with
             # skills, the user source: the job's own fresh config directory, where they were copied.
