@@ -48,12 +48,14 @@ class WarmClient:
     profile: str = ""
 
     async def discard(self) -> None:
+        """Kills the CLI with its workspace first: a warm client keeps no transcript, so the CLI's
+        own graceful shutdown (~30 ms of CPU) would be spent for nothing."""
         try:
+            self.workspace.close()
             with contextlib.suppress(Exception):
                 await self.client.disconnect()
         finally:
             self.release()
-            self.workspace.close()
 
 
 WARM_UP_PROMPT = "Reply with ok."
