@@ -24,10 +24,13 @@ conversation, so the job's request is the one a fresh CLI would send.
 import asyncio
 import contextlib
 import logging
+import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from claude_agent_sdk import ClaudeSDKClient, ResultMessage
@@ -38,6 +41,30 @@ from worker.history import merged
 log = logging.getLogger("gateway.worker.warm")
 
 
+REFILL_NICENESS = 10
+"""A client is started and warmed up at this niceness, below the jobs' CLIs; its job runs at 0."""
+
+
+def renice(pids: list[int], niceness: int) -> None:
+    """Every thread of `pids` to `niceness` (Linux keeps it per thread; new threads inherit it).
+    Lowering it needs privilege (root): without, a warm client's job keeps the refill's niceness."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
+
+
+def resident_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
 @dataclass
 class WarmClient:
     client: ClaudeSDKClient
@@ -46,6 +73,8 @@ class WarmClient:
     release: Callable[[], None] = lambda: None
     """Revokes the client's proxy token."""
     profile: str = ""
+    pids: list[int] = field(default_factory=list)
+    """The client's processes, started at `REFILL_NICENESS`."""
 
     async def discard(self) -> None:
         """Kills the CLI with its workspace first: a warm client keeps no transcript, so the CLI's
@@ -114,17 +143,46 @@ class _Slot:
     cold start, which would begin from nothing)."""
 
 
+CLIENT_MIB_ESTIMATE = 210.0
+"""A warm client's resident memory until one has been measured on this worker."""
+
+
 @dataclass
 class WarmPool:
-    size: int
+    """Ready clients sized by demand: none before the first job; while jobs come, one per job slot
+    (`limit`) within `memory_mib`; after `idle_s` without a job, `idle_clients`. Refills run one
+    at a time (the CLI's start is ~0.3 s of CPU, and starting several at once costs each more)."""
+
+    limit: int
     spawn: Callable[[CompletionJob], Awaitable[WarmClient]]
+    memory_mib: int = 1024
+    idle_s: float = 60.0
+    idle_clients: int = 1
+    client_mib: float = CLIENT_MIB_ESTIMATE
+    """The resident memory of the last client made ready (`spawn` measures it)."""
     _slots: list[_Slot] = field(default_factory=list)
+    _template: CompletionJob | None = None
+    """The latest job warm clients can run: refills are made for its profile."""
+    _last_job_at: float = 0.0
+    _filling: "asyncio.Task[None] | None" = None
+    _trim: asyncio.TimerHandle | None = None
     _discarding: set["asyncio.Task[None]"] = field(default_factory=set)
     _closed: bool = False
+
+    def target(self) -> int:
+        """How many clients the pool keeps now."""
+        idle = time.monotonic() - self._last_job_at >= self.idle_s
+        wanted = min(self.idle_clients, self.limit) if idle else self.limit
+        return max(0, min(wanted, int(self.memory_mib // max(self.client_mib, 1.0))))
+
+    @property
+    def ready(self) -> int:
+        return sum(1 for slot in self._slots if slot.client.done())
 
     async def take(self, job: CompletionJob) -> WarmClient | None:
         """A client for the job's profile, if one is ready or connecting. None: the job starts
         cold. Either way, `order` its replacement once the job has its first token."""
+        self._last_job_at = time.monotonic()
         wanted = profile(job)
         if wanted is None or self._closed:
             return None
@@ -140,21 +198,47 @@ class WarmPool:
             return None
 
     def order(self, job: CompletionJob) -> None:
-        """Starts a client for the next job like `job`, if warm clients can run such jobs."""
+        """Refills the pool with clients for jobs like `job`, if warm clients can run such jobs."""
         wanted = profile(job)
         if wanted is None or self._closed:
             return
-        if len(self._slots) >= self.size:
-            other = next((slot for slot in self._slots if slot.profile != wanted), None)
-            if other is None:
-                return
-            self._slots.remove(other)
-            self._discard(other)
-        self._slots.append(_Slot(wanted, asyncio.ensure_future(self._start(job, wanted))))
+        self._template = job
+        self._last_job_at = time.monotonic()
+        if (
+            self._slots
+            and len(self._slots) >= self.target()
+            and all(s.profile != wanted for s in self._slots)
+        ):
+            self._discard(self._slots.pop(0))  # a new kind of job takes the oldest client's place
+        if self._filling is None or self._filling.done():
+            self._filling = asyncio.ensure_future(self._fill())
+        if self._trim is not None:
+            self._trim.cancel()
+        self._trim = asyncio.get_running_loop().call_later(self.idle_s + 0.1, self._shrink)
 
-    async def _start(self, job: CompletionJob, wanted: str) -> WarmClient:
+    async def _fill(self) -> None:
+        while not self._closed and self._template is not None and len(self._slots) < self.target():
+            job = self._template
+            slot = _Slot(str(profile(job)), asyncio.ensure_future(self._start(job)))
+            self._slots.append(slot)
+            await asyncio.wait([slot.client])
+            if slot.client.cancelled() or slot.client.exception() is not None:
+                return  # `take` logs it; the next job's order tries again
+
+    def _shrink(self) -> None:
+        """Idle: discards the clients over the target, other profiles and the oldest first."""
+        excess = len(self._slots) - self.target()
+        if excess <= 0 or self._closed:
+            return
+        latest = str(profile(self._template)) if self._template is not None else ""
+        ranked = sorted(self._slots, key=lambda slot: slot.profile == latest)
+        for slot in ranked[:excess]:
+            self._slots.remove(slot)
+            self._discard(slot)
+
+    async def _start(self, job: CompletionJob) -> WarmClient:
         warm = await self.spawn(job)
-        warm.profile = wanted
+        warm.profile = str(profile(job))
         return warm
 
     def _discard(self, slot: _Slot) -> None:
@@ -169,6 +253,8 @@ class WarmPool:
 
     async def close(self) -> None:
         self._closed = True
+        if self._trim is not None:
+            self._trim.cancel()
         slots, self._slots = self._slots, []
         for slot in slots:
             self._discard(slot)

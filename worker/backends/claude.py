@@ -4,6 +4,7 @@ Deltas are the upstream's own token deltas (`include_partial_messages=True`); us
 stop reason come from the SDK's `ResultMessage`; failures from its error result or exceptions.
 """
 
+import asyncio
 import logging
 import os
 import pwd
@@ -36,8 +37,8 @@ from worker.history import HistoryStore, content_blocks, merged
 from worker.login import login_token
 from worker.session_store import JobTranscript, RedisSessionStore
 from worker.skills import install_skills, installed_skills
-from worker.warm import WarmClient, WarmPool, warm_up
-from worker.workspace import MARKER, Workspace, job_workspace, kill_processes_of
+from worker.warm import REFILL_NICENESS, WarmClient, WarmPool, renice, resident_mib, warm_up
+from worker.workspace import MARKER, Workspace, job_workspace, kill_processes_of, processes_of
 
 log = logging.getLogger("gateway.worker.claude")
 
@@ -112,8 +113,19 @@ class ClaudeBackend:
         self._provider_env = backend_auth.provider_environment(settings, self._auth_method)
         self._redis = redis
         self._store = RedisSessionStore(redis, settings.session_ttl_s)
+        warm_limit = (
+            settings.jobs_per_worker if settings.claude_warm_clients is None else settings.claude_warm_clients
+        )
         self._warm = (
-            WarmPool(settings.claude_warm_clients, self._spawn_warm) if settings.claude_warm_clients else None
+            WarmPool(
+                warm_limit,
+                self._spawn_warm,
+                memory_mib=settings.claude_warm_memory_mib,
+                idle_s=settings.claude_warm_idle_s,
+                idle_clients=settings.claude_warm_idle_clients,
+            )
+            if warm_limit
+            else None
         )
         job_user = settings.claude_job_user
         self._runs_as_root = (pwd.getpwnam(job_user).pw_uid if job_user else os.geteuid()) == 0
@@ -240,6 +252,7 @@ class ClaudeBackend:
     async def _run_warm(
         self, job: CompletionJob, warm: WarmClient
     ) -> AsyncGenerator[Delta | Done | Progress, None]:
+        renice(warm.pids, 0)  # the job runs at the jobs' priority
         try:
             await warm.client.query(user_message(job.turns[-1]))
             async for event in _relay(warm.client.receive_response(), None, warm.client.disconnect):
@@ -278,7 +291,12 @@ class ClaudeBackend:
         if proxy is not None and token is not None:
             warm.release = lambda: proxy.revoke(token)
         try:
-            await warm.client.connect()
+            connecting = asyncio.ensure_future(warm.client.connect())
+            try:
+                warm.pids = await _started(workspace, connecting)
+                renice(warm.pids, REFILL_NICENESS)  # below the jobs' CLIs, whose CPU it would take
+            finally:
+                await connecting
             if proxy is not None and token is not None:
                 # Only behind the proxy: it answers the warm-up turn, which must not reach the model API.
                 await warm_up(warm.client)
@@ -286,6 +304,8 @@ class ClaudeBackend:
         except BaseException:
             await warm.discard()
             raise
+        if self._warm is not None and warm.pids:
+            self._warm.client_mib = resident_mib(warm.pids)
         return warm
 
     async def close(self) -> None:
@@ -320,6 +340,17 @@ class ClaudeBackend:
             return resumed, _prompt(job.turns), transcript
         started = replace(options, session_store=store, session_id=transcript_id)
         return started, _prompt([*await sessions.history(self._redis, job.session), *job.turns]), transcript
+
+
+async def _started(workspace: Workspace, connecting: "asyncio.Future[None]") -> list[int]:
+    """The processes of a CLI being started in `workspace`, as soon as it has been spawned."""
+    for _ in range(200):
+        if pids := processes_of(workspace):
+            return pids
+        if connecting.done():
+            break
+        await asyncio.sleep(0.005)
+    return []
 
 
 async def _relay(
