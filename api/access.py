@@ -30,7 +30,11 @@ from shared.settings import Settings
 
 log = logging.getLogger("gateway.api")
 
-OPEN_PATHS = frozenset({"/health", "/ready"})  # probes that cannot send a key; neither shows data
+# Probes that cannot send a key, the static landing page and the dashboard's page (it asks `/status`
+# with a key): none shows data.
+OPEN_PATHS = frozenset({"/", "/health", "/ready", "/dashboard"})
+# The requests that start a model job; resuming, polling or cancelling one is a general request.
+_JOB_CREATING = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages"})
 _JOB_LEASE_GRACE_S = 60.0
 _ACCESS_UNAVAILABLE = OpenAIError(
     503,
@@ -38,6 +42,24 @@ _ACCESS_UNAVAILABLE = OpenAIError(
     type="server_error",
     code="access_control_unavailable",
 )
+
+
+_KEY_STORE_GONE = OpenAIError(
+    503,
+    "The gateway cannot check API keys right now: its key store is empty; retry later.",
+    type="server_error",
+    code="access_control_unavailable",
+)
+_FOREIGN_HOST = OpenAIError(
+    403,
+    "This gateway serves without keys on loopback only: address it as localhost or 127.0.0.1.",
+    type="invalid_request_error",
+    code="host_not_allowed",
+)
+
+
+class KeyStoreGone(Exception):
+    """A gateway protected only by managed keys finds none in Redis."""
 
 
 class RateLimited(OpenAIError):
@@ -55,8 +77,8 @@ class RateLimited(OpenAIError):
         return super().response({**self.headers, **(headers or {})})
 
 
-def endpoint_class(path: str) -> str:
-    if path.startswith(("/v1/chat/", "/v1/responses", "/v1/messages")):  # the model endpoints
+def endpoint_class(method: str, path: str) -> str:
+    if method == "POST" and path in _JOB_CREATING:
         return "chat"
     if path.startswith("/v1/sessions"):
         return "session"
@@ -123,6 +145,11 @@ class Access:
         self.app = app
         self.settings = settings
         self.keys = apikeys.ConfiguredKeys(settings.client_api_keys())
+        # Open (anonymous) only while no key exists: decided by the first request, and protected
+        # for good as soon as a key exists (configured, or managed in Redis).
+        self._protected = bool(self.keys)
+        # An open gateway on loopback answers only requests addressed to loopback (DNS rebinding).
+        self._loopback_only = apikeys.is_loopback(settings.host)
         self.addresses = ClientAddresses(settings.trusted_proxies)
         self.limits = {
             "chat": settings.rate_limit_chat_per_minute,
@@ -142,6 +169,9 @@ class Access:
         except RedisError as exc:
             log.warning("Redis unreachable during access checks: %s", type(exc).__name__)
             refusal, headers = _ACCESS_UNAVAILABLE, {}
+        except KeyStoreGone:
+            log.error("no managed API key exists any more: refusing every request until one is created")
+            refusal, headers = _KEY_STORE_GONE, {}
         if refusal is not None:
             await refusal.response()(scope, receive, send)
             return
@@ -160,16 +190,23 @@ class Access:
     async def _check(
         self, redis: Redis, scope: Scope, state: dict[str, Any], address: str
     ) -> tuple[OpenAIError | None, dict[str, str]]:
+        if self.settings.rate_limit_enabled:
+            # Before the key is looked at: a throttled address gets nowhere, not even with a right guess.
+            throttled = await quotas.peek(redis, self._auth_bucket(address))
+            if not throttled.allowed:
+                return _too_many_failures(throttled), {}
         presented = _presented_key(scope["headers"])
         identity = await self._authenticate(redis, presented)
         if identity is None:
             return await self._unauthenticated(redis, address, missing=presented is None), {}
         key_id, state["operator"] = identity
+        if key_id == ANONYMOUS and self._loopback_only and not _addressed_to_loopback(scope["headers"]):
+            return _FOREIGN_HOST, {}
         state["key_id"] = key_id
         if not self.settings.rate_limit_enabled:
             return None, {}
         subject = f"addr:{address}" if key_id == ANONYMOUS else key_id
-        category = endpoint_class(scope["path"])
+        category = endpoint_class(scope["method"], scope["path"])
         decision = await quotas.hit(redis, {quotas.rate_key(subject, category): self.limits[category]})
         headers = rate_headers(decision)
         if decision.allowed:
@@ -184,39 +221,60 @@ class Access:
         return refusal, {}
 
     async def _authenticate(self, redis: Redis, presented: str | None) -> tuple[str, bool] | None:
-        """(the caller's key id, whether it is an operator's), `ANONYMOUS` (an operator: the
-        gateway is then loopback-only) when no key exists anywhere, or None (refuse)."""
+        """(the caller's key id, whether it is an operator's), `ANONYMOUS` (an operator) when the
+        gateway is open, or None (refuse)."""
         hashed = None if presented is None else apikeys.digest(presented)
         if hashed is not None and (key_id := self.keys.match(hashed)) is not None:
             return key_id, True
         if hashed is None:
-            if self.keys or await apikeys.any_managed(redis):
+            if self._protected or await self._now_protected(await apikeys.any_managed(redis)):
                 return None
             return ANONYMOUS, True
         managed, any_managed = await apikeys.lookup(redis, hashed)
         if managed is not None:
             return managed.id, managed.operator
-        # With no key configured anywhere the gateway is open and ignores whatever was sent
-        # (OpenAI clients always send one).
-        return None if self.keys or any_managed else (ANONYMOUS, True)
+        if not any_managed and self._protected and not self.keys:
+            # Only managed keys protect this gateway and they are gone (revoked, flushed, evicted,
+            # lost): refuse everyone rather than fall open.
+            raise KeyStoreGone
+        # An open gateway ignores whatever key was sent (OpenAI clients always send one).
+        return None if self._protected or await self._now_protected(any_managed) else (ANONYMOUS, True)
+
+    async def _now_protected(self, any_managed: bool) -> bool:
+        """Whether the gateway needs a key from now on: once it does, it always will (until a
+        restart), so losing the managed keys never opens it."""
+        self._protected = self._protected or any_managed
+        return self._protected
+
+    def _auth_bucket(self, address: str) -> dict[str, int]:
+        return {quotas.rate_key(f"addr:{address}", "auth"): self.settings.rate_limit_auth_per_minute}
 
     async def _unauthenticated(self, redis: Redis, address: str, *, missing: bool) -> OpenAIError:
         if self.settings.rate_limit_enabled:
-            bucket = {quotas.rate_key(f"addr:{address}", "auth"): self.settings.rate_limit_auth_per_minute}
-            decision = await quotas.hit(redis, bucket)
+            decision = await quotas.hit(redis, self._auth_bucket(address))
             if not decision.allowed:
-                return RateLimited(
-                    "Too many failed authentications from this address; retry later.",
-                    code="rate_limit_exceeded",
-                    retry_after_ms=decision.reset_ms,
-                    headers=rate_headers(decision),
-                )
+                return _too_many_failures(decision)
         message = (
             "Missing API key: send it as 'Authorization: Bearer <key>'."
             if missing
             else "Incorrect API key provided."
         )
         return OpenAIError(401, message, type="invalid_request_error", code="invalid_api_key")
+
+
+def _too_many_failures(decision: quotas.RateDecision) -> RateLimited:
+    return RateLimited(
+        "Too many failed authentications from this address; retry later.",
+        code="rate_limit_exceeded",
+        retry_after_ms=decision.reset_ms,
+        headers=rate_headers(decision),
+    )
+
+
+def _addressed_to_loopback(headers: list[tuple[bytes, bytes]]) -> bool:
+    host = dict(headers).get(b"host", b"").decode("latin-1")
+    name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
+    return apikeys.is_loopback(name)
 
 
 def job_slot(gateway: Gateway, request: Request) -> JobSlot | None:

@@ -8,6 +8,7 @@ has all of them unless it narrows them), `CLAUDE_DISALLOWED_TOOLS` are denied to
 Asking for more than the policy grants is a 400, never a silent downgrade.
 """
 
+import re
 from collections.abc import Mapping
 from typing import get_args
 
@@ -16,6 +17,7 @@ from api.errors import OpenAIError
 from shared.agent import AgentRequest, PermissionMode
 from shared.settings import Settings
 
+_INTEGER = re.compile(r"[0-9]{1,9}")  # ASCII digits only: `str.isdigit` takes "²", which `int` refuses
 _MODES: tuple[str, ...] = get_args(PermissionMode)
 
 
@@ -60,7 +62,7 @@ def _int_header(headers: Mapping[str, str], header: str, low: int) -> int | None
     value = headers.get(header)
     if value is None:
         return None
-    if not value.strip().isdigit() or int(value) < low:
+    if not _INTEGER.fullmatch(value.strip()) or int(value) < low:
         raise OpenAIError.invalid(f"{header} must be an integer of at least {low}.", param=header)
     return int(value)
 

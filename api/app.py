@@ -12,7 +12,20 @@ from api import errors
 from api.access import Access
 from api.deps import Gateway
 from api.middleware import BodyLimit, RequestId
-from api.routes import auth, chat, chat_jobs, debug, health, messages, models, ops, responses, sessions
+from api.routes import (
+    auth,
+    chat,
+    chat_jobs,
+    compatibility,
+    debug,
+    health,
+    home,
+    messages,
+    models,
+    ops,
+    responses,
+    sessions,
+)
 from shared import queue
 from shared.jobstore import JobStore
 from shared.settings import Settings
@@ -47,7 +60,8 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             expose_headers=["x-request-id", "retry-after", "x-ratelimit-remaining-requests"],
         )
     app.add_middleware(RequestId)  # outermost: even a refused body gets its request id
-    for module in (chat, chat_jobs, responses, messages, sessions, models, auth, health, ops):
+    routers = (chat, chat_jobs, responses, messages, sessions, models, compatibility, auth, health, ops, home)
+    for module in routers:
         app.include_router(module.router)
     if settings.debug_endpoints:  # off: the route does not exist (404 like any unknown URL)
         app.include_router(debug.router)

@@ -81,6 +81,14 @@ def _service_metrics(snapshot: Snapshot) -> Iterator[Metric]:
     for outcome, count in sorted(stats.jobs.items()):
         jobs.add_metric([outcome], count)
     yield jobs
+    exits = CounterMetricFamily(
+        "gateway_worker_exits",
+        "Worker processes that stopped, by reason (shared/worker_exits.py) (service-wide).",
+        labels=["reason"],
+    )
+    for reason, count in sorted(stats.worker_exits.items()):
+        exits.add_metric([reason], count)
+    yield exits
     tokens = CounterMetricFamily("gateway_tokens", "Tokens used by jobs (service-wide).", labels=["kind"])
     tokens.add_metric(["prompt"], stats.prompt_tokens)
     tokens.add_metric(["completion"], stats.completion_tokens)

@@ -50,7 +50,9 @@ class RequestId:
         finally:
             elapsed_ms = (time.perf_counter() - started) * 1000
             level = logging.DEBUG if scope["path"] in _QUIET_PATHS else logging.INFO
-            log.log(level, "%s %s -> %d in %.0f ms", scope["method"], scope["path"], status, elapsed_ms)
+            # The path is decoded (`%0a` is a newline): escaped, so a caller cannot forge log lines.
+            path = scope["path"].encode("unicode_escape").decode("ascii")
+            log.log(level, "%s %s -> %d in %.0f ms", scope["method"], path, status, elapsed_ms)
 
 
 class BodyLimit:

@@ -8,7 +8,6 @@ a key; without a terminal they never wait for an answer.
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import sys
 from datetime import UTC, datetime
@@ -19,15 +18,6 @@ from shared import apikeys
 from shared.settings import Settings
 
 log = logging.getLogger("gateway.cli")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def _any_managed(redis_url: str) -> bool:
@@ -45,8 +35,13 @@ def _interactive() -> bool:
 
 
 def ensure_protected(settings: Settings, redis_url: str) -> None:
-    """Offers a key on a terminal; exits if a non-loopback API would be open without the opt-out."""
-    if settings.client_api_keys():
+    """Offers a key on a terminal; exits if a non-loopback API would be open without the opt-out,
+    or if a configured key is too short."""
+    try:
+        configured = apikeys.ConfiguredKeys(settings.client_api_keys())
+    except ValueError as exc:
+        sys.exit(f"claude-gateway: {exc}")
+    if configured:
         return
     if asyncio.run(_any_managed(redis_url)):
         return
@@ -57,7 +52,7 @@ def ensure_protected(settings: Settings, redis_url: str) -> None:
             # Printed to the terminal once, never logged; revoke with `claude-gateway keys revoke`.
             print(f"\nAPI key {key.id} (shown once, keep it safe):\n\n    {secret}\n", flush=True)
             return
-    if not is_loopback(settings.host) and not settings.allow_unauthenticated:
+    if not apikeys.is_loopback(settings.host) and not settings.allow_unauthenticated:
         sys.exit(
             f"claude-gateway: refusing to serve HOST={settings.host} without an API key. Set API_KEY or "
             "API_KEYS, create one with `claude-gateway keys create`, or set ALLOW_UNAUTHENTICATED=true."

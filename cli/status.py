@@ -54,6 +54,13 @@ def render(snapshot: Snapshot) -> str:
         lines.append(f"  {_age(max(0.0, now - failure.at)):>6} ago  {failure.code:<30} job {failure.job_id}")
     if not snapshot.recent_failures:
         lines.append("  none")
+    lines += ["", "recent worker exits"]
+    for gone in snapshot.recent_worker_exits:
+        lines.append(
+            f"  {_age(max(0.0, now - gone.at)):>6} ago  {gone.reason:<10} {gone.worker_id} {gone.detail}"
+        )
+    if not snapshot.recent_worker_exits:
+        lines.append("  none")
     return "\n".join(lines)
 
 

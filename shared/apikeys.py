@@ -10,6 +10,7 @@ an operator hands out, so they may only if created with `--operator`.
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 import time
@@ -20,7 +21,18 @@ from redis.asyncio import Redis
 from shared.keys import PREFIX
 
 MANAGED_KEYS = f"{PREFIX}:apikeys"
+MIN_CONFIGURED_KEY_CHARS = 16  # shorter ones could be guessed, however slowly
 _SECRET_PREFIX = "cgw-"  # noqa: S105 (a recognisable prefix, not a secret)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address is this machine's loopback (where an open gateway may serve)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def digest(key: str) -> str:
@@ -40,6 +52,10 @@ class ConfiguredKeys:
     """The keys from configuration, as digests compared in constant time."""
 
     def __init__(self, keys: list[str]) -> None:
+        if any(len(key) < MIN_CONFIGURED_KEY_CHARS for key in keys):
+            raise ValueError(
+                f"every API_KEY and API_KEYS key needs at least {MIN_CONFIGURED_KEY_CHARS} characters"
+            )
         self._digests = [digest(key) for key in keys]
 
     def __bool__(self) -> bool:

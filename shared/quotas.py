@@ -50,6 +50,18 @@ return {allowed, limit, remaining, reset}
 """
 
 
+# The decision `hit` would take for one bucket, without counting a request.
+_PEEK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local count = redis.call('ZCARD', KEYS[1])
+if count < cap then return {1, cap, cap - count, window} end
+return {0, cap, 0, tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]) + window - now}
+"""
+
+
 def rate_key(subject: str, endpoint_class: str) -> str:
     return f"{PREFIX}:ratelimit:{endpoint_class}:{subject}"
 
@@ -79,3 +91,10 @@ async def hit(redis: Redis, buckets: dict[str, int]) -> RateDecision:
         keys=keys, args=[WINDOW_MS, uuid.uuid4().hex, *buckets.values()]
     )
     return RateDecision(bool(allowed), int(limit), max(0, int(remaining)), int(reset))
+
+
+async def peek(redis: Redis, bucket: dict[str, int]) -> RateDecision:
+    """Whether one bucket (key → limit per window) has room, counting nothing."""
+    ((key, cap),) = bucket.items()
+    allowed, limit, remaining, reset = await redis.register_script(_PEEK)(keys=[key], args=[WINDOW_MS, cap])
+    return RateDecision(bool(allowed), int(limit), int(remaining), int(reset))

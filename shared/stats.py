@@ -4,9 +4,9 @@ Each finished job adds to one hash, `STATS_KEY` (counters, and histograms as per
 plus sum and count), in one pipelined round trip, and a failed one also to `FAILURES_KEY`, a
 capped stream that `status` shows as "recent failures". Nothing here runs per token.
 
-Hash fields: `jobs|<outcome>`, `tokens|prompt`, `tokens|completion`, `cost_usd`, and for each
-histogram `<name>|le|<bound>` (observations in that bucket only; `read_stats` accumulates them),
-`<name>|sum` and `<name>|count`.
+Hash fields: `jobs|<outcome>`, `worker_exits|<reason>` (shared/worker_exits.py), `tokens|prompt`,
+`tokens|completion`, `cost_usd`, and for each histogram `<name>|le|<bound>` (observations in that
+bucket only; `read_stats` accumulates them), `<name>|sum` and `<name>|count`.
 """
 
 import time
@@ -97,6 +97,7 @@ class Histogram(BaseModel):
 
 class Stats(BaseModel):
     jobs: dict[str, int]  # outcome -> jobs
+    worker_exits: dict[str, int] = {}  # reason -> exits (shared/worker_exits.py)
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float
@@ -128,6 +129,9 @@ async def read_stats(redis: Redis) -> Stats:
         )
     return Stats(
         jobs={k.removeprefix("jobs|"): int(v) for k, v in raw.items() if k.startswith("jobs|")},
+        worker_exits={
+            k.removeprefix("worker_exits|"): int(v) for k, v in raw.items() if k.startswith("worker_exits|")
+        },
         prompt_tokens=int(raw.get("tokens|prompt", 0)),
         completion_tokens=int(raw.get("tokens|completion", 0)),
         cost_usd=float(raw.get("cost_usd", 0)),

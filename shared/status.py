@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from shared.heartbeats import Heartbeat, alive_workers
 from shared.stats import RecentFailure, Stats, read_stats, recent_failures
+from shared.worker_exits import WorkerExit, recent_exits
 
 
 class QueueState(BaseModel):
@@ -29,6 +30,7 @@ class Snapshot(BaseModel):
     slots: int
     stats: Stats
     recent_failures: list[RecentFailure]
+    recent_worker_exits: list[WorkerExit] = []
 
 
 # arq leaves a running job in the queue's sorted set (score = enqueue time, ms) until it finishes,
@@ -75,4 +77,5 @@ async def take_snapshot(redis: Redis, queue_name: str, *, failures: int = 10) ->
         slots=slots,
         stats=await read_stats(redis),
         recent_failures=await recent_failures(redis, failures) if failures else [],
+        recent_worker_exits=await recent_exits(redis, failures) if failures else [],
     )

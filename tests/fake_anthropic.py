@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import uvicorn
@@ -33,6 +33,8 @@ class Reply:
     """(tool name, input): reply with a single tool call instead of text."""
     cut_after: int | None = None
     """Drop the connection after this many tokens, as a failing upstream would."""
+    echo: bool = False
+    """Reply with the conversation's text as received (Claude Code's reminders left out)."""
 
 
 class _Cut(Exception):
@@ -128,6 +130,8 @@ class FakeAnthropic:
         bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
         self.credentials.append(request.headers.get("x-api-key") or bearer)
         reply = self.script.popleft() if self.script else self.default
+        if reply.echo:
+            reply = replace(reply, tokens=[conversation_text(body)])
         if reply.status != 200:
             error = {"type": "error", "error": {"type": reply.error_type, "message": "fake upstream error"}}
             return JSONResponse(error, status_code=reply.status)
@@ -175,6 +179,18 @@ def user_text(body: dict[str, Any]) -> str:
     if isinstance(content, str):
         return content
     return [block["text"] for block in content if block.get("type") == "text"][-1]
+
+
+def conversation_text(body: dict[str, Any]) -> str:
+    """Every text of the request's messages, in order, one per line, without the CLI's reminders."""
+    texts: list[str] = []
+    for message in body["messages"]:
+        content = message["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        texts += [
+            b["text"] for b in blocks if b.get("type") == "text" and not b["text"].startswith("<system")
+        ]
+    return "\n".join(texts)
 
 
 def tool_results(body: dict[str, Any]) -> list[str]:

@@ -103,7 +103,7 @@ def _with_probe(app: FastAPI) -> FastAPI:
 
 
 async def test_each_key_is_a_distinct_stable_caller(private_redis: EmbeddedRedis) -> None:
-    settings = Settings(api_keys="key-a,key-b", rate_limit_enabled=False)
+    settings = Settings(api_keys="first-caller-key,other-caller-key", rate_limit_enabled=False)
     app = _with_probe(create_app(settings, private_redis.url))
     redis = await queue.connect(private_redis.url, settings.queue_name)
     app.state.gateway = Gateway(
@@ -118,17 +118,17 @@ async def test_each_key_is_a_distinct_stable_caller(private_redis: EmbeddedRedis
             key_id: str = response.json()["key_id"]
             return key_id
 
-        a, b = await caller("key-a"), await caller("key-b")
+        a, b = await caller("first-caller-key"), await caller("other-caller-key")
         assert a != b
-        assert a == await caller("key-a")
+        assert a == await caller("first-caller-key")
         assert a.startswith("cfg-")
-        assert "key-a" not in a
+        assert "first-caller-key" not in a
         assert (await client.get("/v1/probe")).status_code == 401
     await redis.aclose()
 
 
 async def test_redis_unreachable_means_503_not_an_open_door() -> None:
-    settings = Settings(api_keys="key-a")
+    settings = Settings(api_keys="first-caller-key")
     app = _with_probe(create_app(settings, "redis://unused"))
     redis = ArqRedis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
     app.state.gateway = Gateway(
@@ -136,7 +136,11 @@ async def test_redis_unreachable_means_503_not_an_open_door() -> None:
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-        for headers in ({"authorization": "Bearer key-a"}, {"authorization": "Bearer unknown"}, {}):
+        for headers in (
+            {"authorization": "Bearer first-caller-key"},
+            {"authorization": "Bearer unknown"},
+            {},
+        ):
             response = await client.get("/v1/probe", headers=headers)
             assert response.status_code == 503
             assert response.json()["error"]["code"] == "access_control_unavailable"

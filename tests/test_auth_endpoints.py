@@ -72,14 +72,14 @@ def test_workers_that_differ_are_reported_together_and_one_by_one(start_gateway:
     assert combined["status"]["errors"] == [
         f"{bedrock['id']}: AWS_ACCESS_KEY_ID is set without AWS_SECRET_ACCESS_KEY"
     ]
-    # A caller's key gets the combined answer, without which worker runs where.
+    # A caller's key gets the method and whether it works: not which worker runs where, nor why.
     _, caller_key = new_key(gateway)
     seen = httpx.get(f"{gateway.url}/v1/auth/status", headers={"authorization": f"Bearer {caller_key}"})
     assert seen.status_code == 200
     assert (seen.json()["workers_alive"], seen.json()["workers"]) == (2, [])
-    assert seen.json()["claude_code_auth"]["status"]["errors"] == [
-        "AWS_ACCESS_KEY_ID is set without AWS_SECRET_ACCESS_KEY"
-    ]
+    assert seen.json()["claude_code_auth"]["method"] == "mixed"
+    assert seen.json()["claude_code_auth"]["status"]["valid"] is False
+    assert "AWS_ACCESS_KEY_ID" not in seen.text
     assert bedrock["id"] not in seen.text
     assert bedrock["host"] not in seen.text
 

@@ -95,3 +95,19 @@ class TestRejectedBeforeTheQueue:
     def test_unknown_route_and_method(self, scripted: Gateway) -> None:
         assert_error(httpx.post(f"{scripted.url}/v1/nothing-here", json={}), 404)
         assert_error(httpx.get(f"{scripted.url}/v1/chat/completions"), 405)
+
+
+def test_digits_that_are_not_ascii_are_a_400_not_a_500(scripted: Gateway) -> None:
+    """`"²".isdigit()` is true and `int("²")` fails (b"\\xb2" is "²" in latin-1, as headers are
+    read): every integer header is read as ASCII digits."""
+    url = f"{scripted.url}/v1/chat/completions"
+    turns = httpx.post(url, json=chat("hi"), headers={"x-claude-max-turns": b"\xb2"}, timeout=30)
+    assert_error(turns, 400, param="x-claude-max-turns")
+    created = post(scripted, json=chat("hi", background=True))
+    job = f"{scripted.url}/v1/chat/completions/{created.json()['id']}?stream=true"
+    assert_error(httpx.get(job, headers={"last-event-id": b"\xb2"}, timeout=30), 400, param="Last-Event-ID")
+    response = httpx.post(f"{scripted.url}/v1/responses", json={"model": "claude-sonnet-4-5", "input": "hi"})
+    stream = f"{scripted.url}/v1/responses/{response.json()['id']}?stream=true"
+    assert_error(
+        httpx.get(stream, headers={"last-event-id": b"\xb2"}, timeout=30), 400, param="Last-Event-ID"
+    )

@@ -173,8 +173,10 @@ def test_retrieve_a_model_and_the_version(client: openai.OpenAI, scripted: Gatew
     assert_schema(model, "Model")
     assert (model["id"], model["owned_by"]) == ("claude-sonnet-4-5", "anthropic")
     assert client.models.retrieve("sonnet").id == "sonnet"  # an alias is a model id callers may send
-    with pytest.raises(openai.NotFoundError) as missing:
-        client.models.retrieve("gpt-4o")
-    assert missing.value.code == "model_not_found"
+    assert client.models.retrieve("claude-haiku-4-5-20251001").id == "claude-haiku-4-5-20251001"
+    for unserved in ("gpt-4o", "claude-3-5-haiku-20241022"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.models.retrieve(unserved)
+        assert missing.value.code == "model_not_found"
     version = httpx.get(f"{scripted.url}/version").json()
     assert version == {"version": "0.1.0", "service": "claude-code-gateway", "api_version": "v1"}

@@ -196,9 +196,16 @@ def test_models_aliases_and_the_echoed_id(claude: Gateway, upstream: FakeAnthrop
     assert response.status_code == 200
     assert response.json()["model"] == "sonnet"  # what the caller sent
     assert upstream.requests[-1]["model"] == "claude-sonnet-4-5"  # what ran
-    unknown = post(claude, chat("hi") | {"model": "gpt-4o"})
-    assert unknown.status_code == 404
-    assert unknown.json()["error"]["code"] == "model_not_found"
+    # A dated snapshot id of a served model runs that model; one of an unserved family is never
+    # mapped onto another model.
+    dated = post(claude, chat("hi") | {"model": "claude-sonnet-4-5-20250929"})
+    assert dated.status_code == 200, dated.text
+    assert dated.json()["model"] == "claude-sonnet-4-5-20250929"
+    assert upstream.requests[-1]["model"] == "claude-sonnet-4-5"
+    for model in ("gpt-4o", "claude-3-5-sonnet-20241022", "claude-sonnet-4-5-2025"):
+        unknown = post(claude, chat("hi") | {"model": model})
+        assert unknown.status_code == 404, model
+        assert unknown.json()["error"]["code"] == "model_not_found"
 
 
 def test_pass_through_runs_an_unlisted_model_as_sent(configured: Gateway, upstream: FakeAnthropic) -> None:

@@ -14,7 +14,7 @@ from schemathesis.checks import positive_data_acceptance
 
 from tests.conftest import Gateway
 
-KEY = "fuzz-key"
+KEY = "fuzz-key-for-the-tests"
 AUTH = {"authorization": f"Bearer {KEY}"}
 
 

@@ -292,9 +292,11 @@ def test_unknown_ids_are_404(scripted: Gateway) -> None:
 
 
 def test_responses_are_scoped_to_the_key(start_gateway: Any) -> None:
-    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", API_KEYS="key-a,key-b")
-    a = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="key-a", max_retries=0, timeout=30)
-    b = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="key-b", max_retries=0, timeout=30)
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", API_KEYS="first-caller-key,other-caller-key"
+    )
+    a = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="first-caller-key", max_retries=0, timeout=30)
+    b = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="other-caller-key", max_retries=0, timeout=30)
     mine = a.responses.create(model=MODEL, input="hello")
     assert a.responses.retrieve(mine.id).status == "completed"
     with pytest.raises(openai.NotFoundError):

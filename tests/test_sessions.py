@@ -15,7 +15,7 @@ import pytest
 
 from shared import sessions
 from shared.keys import session_lock_key
-from tests.conftest import Gateway, assert_schema, chat, sse_data
+from tests.conftest import Gateway, assert_documented, assert_schema, chat, sse_data
 
 ECHO = 'script:{"text": "", "echo": true}'
 DEFAULT_REPLY = "Hello from the scripted backend."
@@ -155,12 +155,22 @@ def test_list_get_stats_delete(scripted: Gateway) -> None:
     listed = httpx.get(f"{scripted.url}/v1/sessions", timeout=10).json()
     assert listed["object"] == "list"
     assert sid in [s["id"] for s in listed["data"]]
+    # The original wrapper's names, beside today's.
+    assert listed["sessions"] == listed["data"]
+    assert listed["total"] == len(listed["data"])
+    assert all(s["session_id"] == s["id"] and s["last_accessed"] == s["last_used_at"] for s in listed["data"])
+    assert_documented(scripted, "get", "/v1/sessions", listed)
     stats = httpx.get(f"{scripted.url}/v1/sessions/stats", timeout=10).json()
     assert stats["active_sessions"] == len(listed["data"])
     assert stats["total_messages"] == sum(s["message_count"] for s in listed["data"])
     assert stats["ttl_seconds"] == 3600
+    assert stats["default_ttl_hours"] == 1
+    assert stats["session_stats"] == {k: stats[k] for k in ("active_sessions", "total_messages")}
+    assert_documented(scripted, "get", "/v1/sessions/stats", stats)
     deleted = httpx.delete(f"{scripted.url}/v1/sessions/{sid}", timeout=10)
-    assert deleted.json() == {"id": sid, "object": "session.deleted", "deleted": True}
+    message = f"Session {sid} deleted successfully"
+    assert deleted.json() == {"id": sid, "object": "session.deleted", "deleted": True, "message": message}
+    assert_documented(scripted, "delete", "/v1/sessions/{session_id}", deleted.json())
     assert not scripted.redis().keys(f"*{sid}*")
     _assert_error(httpx.get(f"{scripted.url}/v1/sessions/{sid}", timeout=10), 404, "session_not_found")
     _assert_error(httpx.delete(f"{scripted.url}/v1/sessions/{sid}", timeout=10), 404, "session_not_found")
@@ -195,8 +205,10 @@ def test_bad_ids_in_headers_and_paths(scripted: Gateway) -> None:
 
 
 def test_another_keys_session_is_not_found(start_gateway: Any) -> None:
-    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", API_KEYS="key-a,key-b")
-    a, b = {"authorization": "Bearer key-a"}, {"authorization": "Bearer key-b"}
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", API_KEYS="first-caller-key,other-caller-key"
+    )
+    a, b = {"authorization": "Bearer first-caller-key"}, {"authorization": "Bearer other-caller-key"}
     sid = _sid()
     _reply(_post(gateway, chat("mine", session_id=sid), **a))
     for method in ("GET", "DELETE"):

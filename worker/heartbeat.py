@@ -37,7 +37,7 @@ class HeartbeatLoop:
         self._changed = asyncio.Event()
         host, pid = socket.gethostname(), os.getpid()
         self.worker_id = heartbeats.new_worker_id(host, pid)
-        self._host, self._pid, self._started = host, pid, time.time()
+        self.host, self.pid, self._started = host, pid, time.time()
 
     def poke(self) -> None:
         """The set of running jobs changed: beat now."""
@@ -60,8 +60,8 @@ class HeartbeatLoop:
     async def _beat(self, redis: Redis) -> None:
         heartbeat = Heartbeat(
             id=self.worker_id,
-            host=self._host,
-            pid=self._pid,
+            host=self.host,
+            pid=self.pid,
             started=self._started,
             beat=time.time(),
             slots=self._slots,

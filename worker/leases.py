@@ -31,11 +31,16 @@ class RunningJob:
     job_id: str
     attempt: int
     task: "asyncio.Task[object]"
-    reason: StopReason = StopReason.SHUTDOWN
-    """Why the task was cancelled; anything not stopped by us is the worker shutting down."""
+    reason: StopReason | None = None
+    """Why we stopped the task; a task cancelled without one is the worker shutting down."""
+    producing: bool = True
+    """Until the attempt's outcome is decided; only then may a stop cancel its task."""
 
     def stop(self, reason: StopReason) -> None:
-        if not self.task.done():
+        # The first stop wins, and none reaches the attempt's finishing steps: a task cancelled
+        # there (a renewal finding the job ended by its own terminal event, a late cancel) would
+        # end with a CancelledError that nothing of the attempt's is left to handle.
+        if self.producing and self.reason is None:
             self.reason = reason
             self.task.cancel()
 
@@ -67,8 +72,11 @@ class RunningJobs:
         job = self.jobs[job_id] = RunningJob(job_id, attempt, task)
         return job
 
-    def remove(self, job_id: str) -> None:
-        self.jobs.pop(job_id, None)
+    def remove(self, job: RunningJob) -> None:
+        """The attempt's outcome is decided: nothing stops it any more, and its lease is not renewed."""
+        job.producing = False
+        if self.jobs.get(job.job_id) is job:  # not a later attempt at the same job
+            del self.jobs[job.job_id]
 
     def cancel(self, job_id: str) -> None:
         """A caller cancelled the job; stop it if it runs here."""
@@ -90,6 +98,8 @@ class RunningJobs:
                     log.warning("job %s lost its worker: %s", job_id, outcome, extra={"job_id": job_id})
             except RedisError as exc:
                 log.warning("cannot reach Redis to renew leases (%s); retrying", type(exc).__name__)
+            except Exception:  # never stop renewing: every running job would be recovered as lost
+                log.exception("renewing leases failed; retrying")
 
     async def _renew_all(self) -> None:
         for job in list(self.jobs.values()):

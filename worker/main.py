@@ -3,16 +3,19 @@
 import asyncio
 import contextlib
 import logging
+import signal
+import sys
 from typing import Any
 
 from arq.worker import Worker, func
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import queue
+from shared import queue, worker_exits
 from shared.jobstore import JobStore
 from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL, is_job_id
 from shared.settings import Settings
+from shared.worker_exits import ExitReason
 from worker.backends import create_backend
 from worker.environment import forbid_inspection, forget_environment
 from worker.heartbeat import HeartbeatLoop
@@ -46,17 +49,48 @@ class GatewayWorker(Worker):
             jobs=lambda: [attempt.partition(".")[0] for attempt in self.job_tasks],
         )
         self.ctx["heartbeat"] = self.heartbeat
+        self._stop_signal: str | None = None
+        self.on_stop = self._on_stop  # arq calls it when a signal stops the worker
 
     async def main(self) -> None:
         helpers = [asyncio.create_task(self._listen()), asyncio.create_task(self.heartbeat.run())]
+        reason, detail = ExitReason.FINISHED, "the queue is empty (burst mode)"
         try:
             await super().main()
+        except asyncio.CancelledError:
+            if self._stop_signal is None:
+                reason, detail = ExitReason.CANCELLED, "its main loop was cancelled with no signal to stop"
+            else:
+                reason, detail = ExitReason.SHUTDOWN, self._stop_signal
+            raise
+        except BaseException as exc:
+            reason, detail = ExitReason.ERROR, f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             for helper in helpers:
                 helper.cancel()
             for helper in helpers:
                 with contextlib.suppress(asyncio.CancelledError):
                     await helper
+            await self._record_exit(reason, detail)
+
+    def _on_stop(self, signum: signal.Signals) -> None:
+        self._stop_signal = signal.Signals(signum).name
+
+    async def _record_exit(self, reason: ExitReason, detail: str) -> None:
+        """Says why this worker stops, in its log and in Redis (`claude-gateway status`, /metrics)."""
+        beat = self.heartbeat
+        level = logging.WARNING if reason in (ExitReason.SHUTDOWN, ExitReason.FINISHED) else logging.ERROR
+        log.log(level, "worker %s exits: %s (%s)", beat.worker_id, reason.value, detail)
+        gone = worker_exits.new_exit(beat.worker_id, beat.host, beat.pid, reason, detail)
+        redis = Redis.from_url(self._redis_url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            async with asyncio.timeout(3):
+                await worker_exits.record_exit(redis, gone)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("could not record the worker's exit in Redis (%s)", type(exc).__name__)
+        finally:
+            await redis.aclose()
 
     async def _poll_iteration(self) -> None:
         self._wake.clear()
@@ -106,17 +140,24 @@ class GatewayWorker(Worker):
         task = asyncio.current_task()
         assert task is not None
         self.job_tasks[job_id] = task
+        # Nothing a job does may reach arq's main loop, which reads every finished task's result
+        # and would close the worker on an exception: its outcome is in the job's event stream.
         try:
             await _job_started(self.ctx)
             await run_completion(self.ctx, completion, int(attempt))
             self.jobs_complete += 1
+        except asyncio.CancelledError:  # only arq cancels this task, when the worker shuts down
+            log.info("attempt %s stopped by the worker's shutdown", job_id)
         except Exception:
             self.jobs_failed += 1
             log.exception("attempt %s failed", job_id)
         finally:
             del self.job_tasks[job_id]
-            with contextlib.suppress(RedisError):
-                await asyncio.shield(self.finish_job(job_id, True, None, None, False, None, None))
+        try:
+            await asyncio.shield(self.finish_job(job_id, True, None, None, False, None, None))
+        except (Exception, asyncio.CancelledError) as exc:
+            # Its arq keys expire on their own (in-progress mark) or are stale entries claims skip.
+            log.warning("could not remove the arq keys of attempt %s (%r)", job_id, exc)
 
     async def _start_woken(self, attempt_id: bytes) -> None:
         """Starts the attempt a wake-up named, without a trip through the queue's index."""
@@ -182,7 +223,9 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
         await backend.close()
 
 
-def build_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> GatewayWorker:
+def build_worker(
+    settings: Settings, redis_url: str, *, burst: bool = False, handle_signals: bool = True
+) -> GatewayWorker:
     return GatewayWorker(
         redis_url=redis_url,
         settings=settings,
@@ -199,10 +242,16 @@ def build_worker(settings: Settings, redis_url: str, *, burst: bool = False) -> 
         job_timeout=settings.job_timeout_s + 30,
         job_completion_wait=settings.drain_timeout_s,
         burst=burst,
+        handle_signals=handle_signals,
     )
 
 
 def run_worker(settings: Settings, redis_url: str) -> None:
     forget_environment()  # settings are read: nothing in the environment is for the agent's eyes
     forbid_inspection()
-    build_worker(settings, redis_url).run()
+    worker = build_worker(settings, redis_url)
+    try:
+        worker.run()
+    except Exception:  # its reason is logged and recorded already; this is the traceback
+        log.exception("worker %s stopped by an error", worker.heartbeat.worker_id)
+        sys.exit(1)

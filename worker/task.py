@@ -27,6 +27,8 @@ from worker.stops import stop_at
 
 log = logging.getLogger("gateway.worker")
 
+_CANCELLED = Failed(code=FailureCode.CANCELLED, message="The job was cancelled.")
+
 
 async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None:
     """The arq function behind every attempt at a completion job."""
@@ -41,20 +43,27 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None
     writer = EventWriter(running.store, job.id, attempt, outage_grace_s=settings.redis_outage_grace_s)
     control = running.add(job.id, attempt)
     began = time.perf_counter()
-    outcome = "stopped"
+    written: Done | Failed | None = None
+    outcome = "superseded"
     try:
-        if started.cancel_requested:  # cancelled while its previous attempt's worker was lost
-            outcome = await _stopped(StopReason.CANCELLED, running, job.id, attempt, writer)
-        else:
-            outcome = await _produce(ctx["backend"], settings, job, writer, ctx["redis"])
-    except asyncio.CancelledError:
-        outcome = await _stopped(control.reason, running, job.id, attempt, writer)
-        if control.reason is StopReason.SHUTDOWN:
-            raise
+        try:
+            if started.cancel_requested:  # cancelled while its previous attempt's worker was lost
+                terminal: Done | Failed | None = _CANCELLED
+            else:
+                terminal = await _produce(ctx["backend"], settings, job, writer, ctx["redis"])
+        except asyncio.CancelledError:
+            terminal = await _stopped(control.reason or StopReason.SHUTDOWN, running, job.id, attempt, writer)
+            outcome = "handed back" if terminal is None and control.reason is None else outcome
+        finally:
+            running.remove(control)  # from here on, only the process ending stops this attempt
+        if terminal is not None:
+            writer.emit(terminal)
+            await asyncio.shield(writer.drain())
+            written = terminal
+            outcome = "completed" if isinstance(terminal, Done) else terminal.code.value
     except Superseded:
         outcome = "superseded"
     finally:
-        running.remove(job.id)
         log.info(
             "job %s attempt %d %s in %.0f ms (%d events)",
             job.id,
@@ -63,17 +72,18 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None
             (time.perf_counter() - began) * 1000,
             writer.emitted,
         )
-        if (terminal := writer.terminal) is not None:  # this attempt decided how the job ended
-            usage = terminal.usage if isinstance(terminal, Done) else None
-            failure = terminal if isinstance(terminal, Failed) else None
-            report = report_outcome(ctx, job, started.score, began, writer.first_output_at, usage, failure)
-            await asyncio.shield(report)
+    if written is not None:  # this attempt decided how the job ended
+        usage = written.usage if isinstance(written, Done) else None
+        failure = written if isinstance(written, Failed) else None
+        await asyncio.shield(
+            report_outcome(ctx, job, started.score, began, writer.first_output_at, usage, failure)
+        )
 
 
 async def _produce(
     backend: Backend, settings: Settings, job: CompletionJob, writer: EventWriter, redis: Redis
-) -> str:
-    """Streams the backend into the writer within the job's time limits; returns the outcome."""
+) -> Done | Failed:
+    """Streams the backend into the writer within the job's time limits; returns the terminal event."""
     loop = asyncio.get_running_loop()
     stall = asyncio.timeout(settings.stall_timeout_s)
     rescheduled, step = loop.time(), min(1.0, settings.stall_timeout_s / 10)
@@ -111,9 +121,7 @@ async def _produce(
         terminal = Failed(code=FailureCode.INTERNAL, message="the worker failed while running the job")
     if isinstance(terminal, Done) and job.session is not None:
         terminal = await _commit_turn(redis, settings, job, writer, terminal)
-    writer.emit(terminal)
-    await writer.drain()
-    return "completed" if isinstance(terminal, Done) else terminal.code.value
+    return terminal
 
 
 async def _commit_turn(
@@ -137,21 +145,13 @@ async def _commit_turn(
 
 async def _stopped(
     reason: StopReason, running: RunningJobs, job_id: str, attempt: int, writer: EventWriter
-) -> str:
-    """Ends an attempt that was stopped from outside; returns the outcome."""
+) -> Failed | None:
+    """The terminal event of an attempt stopped from outside, or None if it writes none."""
     if reason is StopReason.SUPERSEDED:
-        return "superseded"
+        return None
     if reason is StopReason.SHUTDOWN and writer.emitted == 0:
         await asyncio.shield(running.hand_back(job_id, attempt))
-        return "handed back"
-    failure = (
-        Failed(code=FailureCode.CANCELLED, message="The job was cancelled.")
-        if reason is StopReason.CANCELLED
-        else Failed(code=FailureCode.WORKER_SHUTDOWN, message="The worker stopped during the job.")
-    )
-    writer.emit(failure)
-    try:
-        await asyncio.shield(writer.drain())
-    except Superseded:
-        return "superseded"
-    return failure.code.value
+        return None
+    if reason is StopReason.CANCELLED:
+        return _CANCELLED
+    return Failed(code=FailureCode.WORKER_SHUTDOWN, message="The worker stopped during the job.")

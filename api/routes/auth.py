@@ -5,8 +5,9 @@ none), so the answer comes from the live workers' heartbeats, where each publish
 (method, validity, variable names; never a value). The API adds what it would detect itself, and
 says so when no worker is alive. The shape extends the original wrapper's (`claude_code_auth`,
 `server_info`), so its clients keep working. Reading heartbeats happens here only, never on the
-path of a completion. Which workers run where (ids, hosts) is for operator keys only, as on
-`/status`: other callers get the combined answer and the number of live workers.
+path of a completion. Which workers run where (ids, hosts) and how they are configured (file
+paths, profiles, projects, variable names, the problems found) are for operator keys only, as on
+`/status`: other callers get the method, whether it works, and the number of live workers.
 """
 
 from typing import Literal
@@ -89,6 +90,12 @@ def _combined(reports: list[tuple[str, BackendAuth]], *, by_worker: bool) -> Cla
     return ClaudeCodeAuth(method=method, status=state, environment_variables=variables)
 
 
+def _summary(auth: ClaudeCodeAuth) -> ClaudeCodeAuth:
+    """The method and whether it works, without the configuration details."""
+    state = AuthState(method=auth.method, valid=auth.status.valid, errors=[], warnings=[], config={})
+    return ClaudeCodeAuth(method=auth.method, status=state, environment_variables=[])
+
+
 @router.get("/v1/auth/status")
 async def auth_status(gateway: GatewayDep, caller: CallerDep, request: Request) -> AuthStatus:
     settings = gateway.settings
@@ -105,6 +112,8 @@ async def auth_status(gateway: GatewayDep, caller: CallerDep, request: Request) 
             if not workers
             else "No live worker reports its auth (they predate it): this is the API's own detection."
         )
+    if not caller.operator:
+        combined, own = _summary(combined), _summary(own)
     configured = bool(settings.client_api_keys())
     managed = not configured and await apikeys.any_managed(gateway.redis)
     return AuthStatus(

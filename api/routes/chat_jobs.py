@@ -8,6 +8,7 @@ A job belongs to the API key that created it: any other key gets 404, as for an 
 """
 
 import asyncio
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
@@ -28,6 +29,7 @@ from shared.keys import is_job_id
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorResponse} for code in (400, 404, 503)}
+_EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits: `str.isdigit` also takes "²", which `int` refuses
 _CANCEL_WAIT_S = 5.0  # how long a cancel waits for a running job to confirm it stopped
 
 
@@ -79,7 +81,7 @@ async def _owned(gateway: Gateway, caller: Caller, completion_id: str) -> JobRec
 def parse_last_event_id(value: str | None) -> int:
     if value is None:
         return 0
-    if not value.isdigit() or len(value) > 18:
+    if not _EVENT_ID.fullmatch(value):
         raise OpenAIError.invalid(
             "Last-Event-ID must be an event id this stream sent.", param="Last-Event-ID"
         )

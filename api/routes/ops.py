@@ -3,7 +3,7 @@
 `/ready` is for load balancers, which often cannot send a key: it is open and says only ready or
 not. `/metrics` (service-wide totals, cost included) and `/status` (every worker, host, job id and
 recent failure) show every caller's activity, so they need an operator key (`OperatorDep`).
-The dashboard page itself holds no data: it asks `/status` with the key it is given.
+The dashboard page itself holds no data, so it needs no key: it asks `/status` with the key it is given.
 """
 
 import asyncio
@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from api import metrics
-from api.deps import CallerDep, GatewayDep, OperatorDep
+from api.deps import GatewayDep, OperatorDep
 from api.errors import OpenAIError
 from shared.heartbeats import alive_workers
 from shared.status import Snapshot, take_snapshot
@@ -53,5 +53,5 @@ async def status(gateway: GatewayDep, operator: OperatorDep) -> Snapshot:
 
 
 @router.get("/dashboard", response_class=HTMLResponse)
-async def dashboard(caller: CallerDep) -> HTMLResponse:
+async def dashboard() -> HTMLResponse:
     return HTMLResponse(_DASHBOARD)

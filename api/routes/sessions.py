@@ -1,13 +1,16 @@
 """`/v1/sessions`: the caller's sessions, listed, read, deleted and counted.
 
 Every route is scoped to the caller's API key: another key's session is answered exactly like a
-session that does not exist (404), so ids cannot be probed across keys.
+session that does not exist (404), so ids cannot be probed across keys. Answers also carry the
+original wrapper's field names (`session_id`, `last_accessed`, `sessions`, `total`,
+`session_stats`, a delete `message`), so scripts written for it keep working; its times were ISO
+strings, these are Unix seconds (docs/openai-compatibility.md).
 """
 
 from typing import Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from api.deps import CallerDep, GatewayDep
 from api.errors import ErrorResponse, OpenAIError
@@ -32,11 +35,20 @@ class SessionObject(BaseModel):
     expires_at: int
     message_count: int
     messages: list[SessionMessage] | None = None
+    session_id: str = Field(description="The original wrapper's name for `id`.")
+    last_accessed: int = Field(description="The original wrapper's name for `last_used_at`.")
 
 
 class SessionList(BaseModel):
     object: Literal["list"] = "list"
     data: list[SessionObject]
+    sessions: list[SessionObject] = Field(description="The original wrapper's name for `data`.")
+    total: int
+
+
+class OriginalSessionStats(BaseModel):
+    active_sessions: int
+    total_messages: int
 
 
 class SessionStats(BaseModel):
@@ -44,12 +56,15 @@ class SessionStats(BaseModel):
     active_sessions: int
     total_messages: int
     ttl_seconds: int
+    session_stats: OriginalSessionStats = Field(description="The original wrapper's shape of the counts.")
+    default_ttl_hours: float
 
 
 class SessionDeleted(BaseModel):
     id: str
     object: Literal["session.deleted"] = "session.deleted"
     deleted: bool = True
+    message: str
 
 
 def _object(session: sessions.Session) -> SessionObject:
@@ -59,6 +74,8 @@ def _object(session: sessions.Session) -> SessionObject:
         last_used_at=session.last_used_ms // 1000,
         expires_at=session.expires_ms // 1000,
         message_count=session.turns,
+        session_id=session.id,
+        last_accessed=session.last_used_ms // 1000,
     )
 
 
@@ -78,17 +95,20 @@ def _checked(session_id: str) -> str:
 async def list_sessions(gateway: GatewayDep, caller: CallerDep) -> SessionList:
     owner = sessions.owner_of(caller.key_id)
     found = await sessions.list_sessions(gateway.redis, owner, gateway.settings.session_ttl_s)
-    return SessionList(data=[_object(session) for session in found])
+    listed = [_object(session) for session in found]
+    return SessionList(data=listed, sessions=listed, total=len(listed))
 
 
 @router.get("/v1/sessions/stats", response_model=SessionStats)
 async def session_stats(gateway: GatewayDep, caller: CallerDep) -> SessionStats:
     owner = sessions.owner_of(caller.key_id)
     found = await sessions.list_sessions(gateway.redis, owner, gateway.settings.session_ttl_s)
+    counts = OriginalSessionStats(
+        active_sessions=len(found), total_messages=sum(session.turns for session in found)
+    )
+    ttl_s = gateway.settings.session_ttl_s
     return SessionStats(
-        active_sessions=len(found),
-        total_messages=sum(session.turns for session in found),
-        ttl_seconds=gateway.settings.session_ttl_s,
+        **counts.model_dump(), ttl_seconds=ttl_s, session_stats=counts, default_ttl_hours=ttl_s / 3600
     )
 
 
@@ -119,4 +139,4 @@ async def delete_session(session_id: str, gateway: GatewayDep, caller: CallerDep
             code="session_busy",
         )
     await sessions.delete(gateway.redis, owner, found[0])
-    return SessionDeleted(id=session_id)
+    return SessionDeleted(id=session_id, message=f"Session {session_id} deleted successfully")

@@ -1,0 +1,146 @@
+"""Access hardening on real processes: open mode never returns once a key existed, key guessing is
+throttled before the key is looked at, configured keys have a minimum length, an open loopback
+gateway answers only requests addressed to loopback, the dashboard page needs no key, callers see
+no backend configuration, and resuming a job is not a new chat request."""
+
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, Gateway, chat
+from tests.test_access import assert_error, bearer, keys_cli, new_key
+
+KEY = "hardening-configured-key"
+PROJECT = "vertex-project-callers-must-not-see"
+
+
+@pytest.fixture(scope="module")
+def keyed(start_gateway: Any) -> Gateway:
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="scripted",
+        API_KEY=KEY,
+        RATE_LIMIT_ENABLED="true",
+        RATE_LIMIT_CHAT_PER_MINUTE="2",
+        LOG_LEVEL="info",
+        CLAUDE_AUTH_METHOD="vertex",
+        ANTHROPIC_VERTEX_PROJECT_ID=PROJECT,
+        CLOUD_ML_REGION="us-east5",
+    )
+    return gateway
+
+
+def test_a_gateway_protected_by_managed_keys_stays_protected_when_they_are_gone(start_gateway: Any) -> None:
+    gateway: Gateway = start_gateway(workers=0, BACKEND="scripted")
+    models = f"{gateway.url}/v1/models"
+    key_id, secret = new_key(gateway)
+    assert httpx.get(models, headers=bearer(secret)).status_code == 200
+    assert httpx.get(models).status_code == 401
+    # The last key revoked, then the whole store flushed: never an anonymous operator.
+    assert keys_cli(gateway, "revoke", key_id).returncode == 0
+    for _ in range(2):
+        assert_error(httpx.get(models, headers=bearer(secret)), 503, "access_control_unavailable")
+        assert_error(httpx.get(models, headers=bearer("sk-anything")), 503, "access_control_unavailable")
+        assert_error(httpx.get(models), 401, "invalid_api_key")
+        assert httpx.get(f"{gateway.url}/status").status_code in (401, 503)
+        gateway.redis().flushdb()
+    # A new key protects it again at once.
+    _, fresh = new_key(gateway)
+    assert httpx.get(models, headers=bearer(fresh)).status_code == 200
+
+
+def test_a_throttled_address_gets_nowhere_even_with_the_right_key(start_gateway: Any) -> None:
+    gateway: Gateway = start_gateway(
+        workers=0, BACKEND="scripted", API_KEY=KEY, RATE_LIMIT_ENABLED="true", RATE_LIMIT_AUTH_PER_MINUTE="3"
+    )
+    models = f"{gateway.url}/v1/models"
+    assert [httpx.get(models, headers=bearer(f"guess-{i}")).status_code for i in range(4)] == [401] * 3 + [
+        429
+    ]
+    assert_error(httpx.get(models, headers=bearer(KEY)), 429, "rate_limit_exceeded")
+
+
+def test_a_short_configured_key_is_refused_at_start() -> None:
+    short = "tiny-secret-15c"
+    env = {**os.environ, "API_KEY": short, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    started = subprocess.run(
+        [sys.executable, "-m", "cli.main", "api"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert started.returncode != 0
+    assert "at least 16 characters" in started.stderr
+    assert short not in started.stdout + started.stderr
+
+
+def test_an_open_gateway_answers_only_requests_addressed_to_loopback(scripted: Gateway) -> None:
+    models = f"{scripted.url}/v1/models"
+    for host in ("localhost", f"localhost:{scripted.port}", f"127.0.0.1:{scripted.port}", "[::1]:80"):
+        assert httpx.get(models, headers={"host": host}).status_code == 200, host
+    for host in ("attacker.example", f"attacker.example:{scripted.port}", "127.0.0.1.nip.io"):
+        assert_error(httpx.get(models, headers={"host": host}), 403, "host_not_allowed")
+        rebound = httpx.post(f"{scripted.url}/v1/chat/completions", json=chat("hi"), headers={"host": host})
+        assert_error(rebound, 403, "host_not_allowed")
+
+
+def test_a_body_without_a_json_content_type_is_not_parsed(scripted: Gateway) -> None:
+    """A browser sends `text/plain` (or no type) cross-site without a preflight: never a job."""
+    body = b'{"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]}'
+    url = f"{scripted.url}/v1/chat/completions"
+    for headers in ({"content-type": "text/plain"}, {}):
+        response = httpx.post(url, content=body, headers=headers)
+        assert response.status_code == 400, response.text
+    assert httpx.post(url, content=body, headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_the_dashboard_page_needs_no_key_but_its_data_does(keyed: Gateway) -> None:
+    page = httpx.get(f"{keyed.url}/dashboard")
+    assert page.status_code == 200
+    assert "text/html" in page.headers["content-type"]
+    assert httpx.get(f"{keyed.url}/status").status_code == 401
+
+
+def test_auth_status_details_are_for_operator_keys(keyed: Gateway) -> None:
+    _, caller_key = new_key(keyed, "caller")
+    url = f"{keyed.url}/v1/auth/status"
+    operator = httpx.get(url, headers=bearer(KEY))
+    assert operator.status_code == 200
+    assert PROJECT in operator.text
+    caller = httpx.get(url, headers=bearer(caller_key))
+    assert caller.status_code == 200
+    assert PROJECT not in caller.text
+    assert "us-east5" not in caller.text
+    summary = caller.json()["claude_code_auth"]
+    assert summary["method"] == "vertex"
+    assert summary["status"]["valid"] == operator.json()["claude_code_auth"]["status"]["valid"]
+
+
+def test_resuming_and_polling_a_job_are_not_new_chat_requests(keyed: Gateway) -> None:
+    url = f"{keyed.url}/v1/chat/completions"
+    created = httpx.post(url, json=chat("hi"), headers=bearer(KEY), timeout=30)
+    assert created.status_code == 200, created.text
+    job = f"{url}/{created.json()['id']}"
+    for _ in range(4):  # twice the chat limit
+        assert httpx.get(f"{job}?stream=true", headers=bearer(KEY), timeout=30).status_code == 200
+        assert httpx.get(job, headers=bearer(KEY), timeout=30).status_code == 200
+    assert httpx.post(url, json=chat("again"), headers=bearer(KEY), timeout=30).status_code == 200
+    assert_error(
+        httpx.post(url, json=chat("third"), headers=bearer(KEY), timeout=30), 429, "rate_limit_exceeded"
+    )
+
+
+def test_a_decoded_path_cannot_forge_log_lines(keyed: Gateway) -> None:
+    httpx.get(f"{keyed.url}/v1/models%0aFORGED%20line%0d%0a", headers=bearer(KEY))
+    deadline = time.monotonic() + 10
+    while "FORGED" not in (logged := "".join(path.read_text() for path in keyed.logs.glob("api-*.log"))):
+        assert time.monotonic() < deadline, "the request was never logged"
+        time.sleep(0.05)
+    assert not [line for line in logged.splitlines() if line.startswith("FORGED")]
