@@ -5,9 +5,11 @@ stop reason come from the SDK's `ResultMessage`; failures from its error result 
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import pwd
+import signal
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack, aclosing
@@ -38,7 +40,7 @@ from worker.login import login_token
 from worker.session_store import JobTranscript, RedisSessionStore
 from worker.skills import install_skills, installed_skills
 from worker.warm import REFILL_NICENESS, WarmClient, WarmPool, renice, resident_mib, warm_up
-from worker.workspace import MARKER, Workspace, job_workspace, kill_processes_of, processes_of
+from worker.workspace import MARKER, Workspace, children_for, job_workspace
 
 log = logging.getLogger("gateway.worker.claude")
 
@@ -273,7 +275,9 @@ class ClaudeBackend:
                     yield event
             finally:
                 if transcript is None:  # nothing to flush: the CLI's shutdown (~30 ms of CPU) is waste
-                    kill_processes_of(workspace)
+                    for pid in children_for(workspace):
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, signal.SIGKILL)
                 await _close(messages)
                 if token is not None and self._proxy is not None:
                     self._proxy.revoke(token)
@@ -345,7 +349,7 @@ class ClaudeBackend:
 async def _started(workspace: Workspace, connecting: "asyncio.Future[None]") -> list[int]:
     """The processes of a CLI being started in `workspace`, as soon as it has been spawned."""
     for _ in range(200):
-        if pids := processes_of(workspace):
+        if pids := children_for(workspace):
             return pids
         if connecting.done():
             break
