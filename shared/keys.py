@@ -14,6 +14,8 @@ WAKEUP_CHANNEL = f"{PREFIX}:wakeup"
 """Published after every enqueue so idle workers poll at once instead of on arq's timer."""
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
 """Carries the id of a job to cancel to whichever worker runs it."""
+LOAD_CHANNEL = f"{PREFIX}:load"
+"""Each heartbeat's `<worker id> <running jobs> <slots>`: workers let a less busy one take a job."""
 RUNNING = f"{PREFIX}:running"
 """Sorted set: running job id -> its lease deadline (ms). Workers renew; any worker sweeps."""
 
