@@ -20,11 +20,13 @@ from api.routes import (
     debug,
     health,
     home,
+    mcp,
     messages,
     models,
     ops,
     responses,
     sessions,
+    tools,
 )
 from shared import queue
 from shared.jobstore import JobStore
@@ -60,7 +62,21 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             expose_headers=["x-request-id", "retry-after", "x-ratelimit-remaining-requests"],
         )
     app.add_middleware(RequestId)  # outermost: even a refused body gets its request id
-    routers = (chat, chat_jobs, responses, messages, sessions, models, compatibility, auth, health, ops, home)
+    routers = (
+        chat,
+        chat_jobs,
+        responses,
+        messages,
+        sessions,
+        models,
+        compatibility,
+        tools,
+        mcp,
+        auth,
+        health,
+        ops,
+        home,
+    )
     for module in routers:
         app.include_router(module.router)
     if settings.debug_endpoints:  # off: the route does not exist (404 like any unknown URL)

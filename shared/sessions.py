@@ -66,6 +66,8 @@ class Session:
     expires_ms: int
     turns: int
     transcript_id: str
+    has_tool_config: bool = False
+    """Whether the session has its own tool configuration (`shared/tool_config.py`)."""
 
 
 def _session(session_id: str, record: dict[bytes, bytes], ttl_s: int) -> Session:
@@ -77,6 +79,7 @@ def _session(session_id: str, record: dict[bytes, bytes], ttl_s: int) -> Session
         expires_ms=last_used + ttl_s * 1000,
         turns=int(record[b"turns"]),
         transcript_id=record[b"transcript"].decode(),
+        has_tool_config=b"tools" in record,
     )
 
 

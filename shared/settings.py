@@ -5,12 +5,13 @@ Both processes build one `Settings()` at start-up and pass it down; nothing else
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.agent import PermissionMode
+from shared.mcp import NAME_PATTERN, RESERVED, McpServer
 
 
 class Settings(BaseSettings):
@@ -264,6 +265,22 @@ class Settings(BaseSettings):
     claude_warm_idle_clients: int = Field(
         default=1, ge=0, description="Ready clients kept while a worker is idle."
     )
+
+    mcp_servers: dict[Annotated[str, StringConstraints(pattern=NAME_PATTERN)], McpServer] = Field(
+        default={},
+        description='MCP servers offered to jobs (JSON): name -> {"command", "args", "env"} (stdio, run '
+        'inside the job\'s sandbox) or {"type": "http"|"sse", "url", "headers"}; "default": false '
+        "offers one only to requests that choose it (docs/claude-backend.md).",
+    )
+
+    @field_validator("mcp_servers")
+    @classmethod
+    def _no_reserved_server(cls, value: dict[str, McpServer]) -> dict[str, McpServer]:
+        if reserved := RESERVED & set(value):
+            raise ValueError(f"the MCP server name {sorted(reserved)[0]!r} is the gateway's own")
+        if doubled := [name for name in value if "__" in name]:  # `__` separates server and tool
+            raise ValueError(f"the MCP server name {doubled[0]!r} has '__'")
+        return value
 
     # --- More OpenAI (`n > 1`: several choices from parallel jobs) -------------------------
     max_choices: int = Field(

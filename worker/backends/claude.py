@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 from shared import backend_auth, sessions
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, ToolCall, Turn, Usage
 from shared.settings import Settings
-from worker import caller_functions
+from worker import caller_functions, operator_mcp
 from worker.backends import PROGRESS, BackendError, Progress, UsageReport
 from worker.credential_proxy import Credential, CredentialProxy, api_key_header, bearer_header
 from worker.history import HistoryStore, content_blocks, merged
@@ -195,8 +195,8 @@ class ClaudeBackend:
             system_prompt=self._system_prompt(job),
             include_partial_messages=True,
             tools=tools,
-            allowed_tools=[*tools, *caller_functions.tool_names(job)],
-            mcp_servers=caller_functions.servers(job),
+            allowed_tools=[*tools, *caller_functions.tool_names(job), *agent.mcp_tools],
+            mcp_servers={**caller_functions.servers(job), **operator_mcp.servers(job, settings)},
             disallowed_tools=list(agent.disallowed_tools),
             permission_mode=agent.permission_mode,
             max_turns=agent.max_turns,
