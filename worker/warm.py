@@ -1,19 +1,24 @@
 """Warm CLI processes: Claude Code started and connected ahead of the jobs that will use them.
 
-Starting the CLI costs ~300-400 ms of CPU, most of a short job's time to first token. A worker
-with `CLAUDE_WARM_CLIENTS=N` keeps up to N connected clients, each in its own prepared workspace
-with its own proxy token, and gives each to exactly one job, then discards it: per-job isolation
-is kept, only the start-up moves ahead of the job.
+Starting the CLI costs ~300-400 ms of CPU, most of a short job's time to first token. Each worker
+keeps connected clients, each in its own prepared workspace with its own proxy token, and gives
+each to exactly one job, then discards it: per-job isolation is kept, only the start-up moves
+ahead of the job.
+
+The pool is sized by demand (`WarmPool.target`): empty until the worker's first job; while jobs
+come, one client per job slot (`CLAUDE_WARM_CLIENTS` caps it), as many as fit in
+`CLAUDE_WARM_MEMORY_MIB`; after `CLAUDE_WARM_IDLE_S` without a job, `CLAUDE_WARM_IDLE_CLIENTS`.
+Refills start one client at a time, at `REFILL_NICENESS`: CLIs starting together each cost more
+CPU, and a refill must not take the CPU of a job that is streaming.
 
 A CLI's options are fixed when it starts, so a warm client is made for a *profile*: the model,
 system prompt, agent options and token limit of a job. The pool learns profiles from traffic:
-every eligible job (a single new user turn, no session) orders a client of its profile for the
-next such job, so repeated requests of one kind start warm after the first. It orders it once it
-has its first token (or has ended): a CLI starting beside the job's own would take the CPU the
-job needs until then (measured: it doubles a warm job's time to first token on 2 cores). Jobs
-with earlier turns or a session resume a transcript, which is chosen at start-up, so they always
-start cold. When the pool is full, a new profile takes the place of the oldest ready client of
-another one.
+refills are made for the latest eligible job (a single new user turn, no session), so repeated
+requests of one kind start warm after the first. A job orders its replacement once it has its
+first token (or has ended): a CLI starting beside the job's own would take the CPU the job needs
+until then (measured: it doubles a warm job's time to first token on 2 cores). Jobs with earlier
+turns or a session resume a transcript, which is chosen at start-up, so they always start cold.
+When the pool is full, a new profile takes the place of the oldest client of another one.
 
 A connected CLI still does ~100 ms of once-per-process work (all CPU, inside the CLI) on its
 first turns, so a warm client has had them already: `warm_up` runs turns that the worker's
