@@ -254,7 +254,6 @@ class ClaudeBackend:
     async def _run_warm(
         self, job: CompletionJob, warm: WarmClient
     ) -> AsyncGenerator[Delta | Done | Progress, None]:
-        renice(warm.pids, 0)  # the job runs at the jobs' priority
         try:
             await warm.client.query(user_message(job.turns[-1]))
             async for event in _relay(warm.client.receive_response(), None, warm.client.disconnect):
