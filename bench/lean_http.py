@@ -31,6 +31,8 @@ class LeanClient:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
+        while self._idle and self._idle[-1][0].at_eof():  # closed by the server's keep-alive timeout
+            self._idle.pop()[1].close()
         conn = self._idle.pop() if self._idle else await asyncio.open_connection(self._host, self._port)
         reusable = False
         try:
