@@ -1,5 +1,6 @@
 """The FastAPI application: middleware, error handlers, routes, and the Redis pool's lifetime."""
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,21 +11,23 @@ from starlette.middleware.cors import CORSMiddleware
 
 from api import errors
 from api.access import Access
+from api.catalog import UPSTREAM
+from api.chat import retrieval as chat_retrieval
+from api.chat import router as chat
 from api.deps import Gateway
+from api.messages import router as messages
 from api.middleware import BodyLimit, RequestId
+from api.responses import router as responses
 from api.routes import (
     auth,
-    chat,
-    chat_jobs,
     compatibility,
     debug,
     health,
     home,
     mcp,
-    messages,
     models,
     ops,
-    responses,
+    session_files,
     sessions,
     tools,
 )
@@ -39,17 +42,23 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = await queue.connect(redis_url, settings.queue_name)
-        store = JobStore(redis, queue_name=settings.queue_name, ttl_s=settings.event_ttl_s)
+        affinity_s = settings.workspace_affinity_s
+        store = JobStore(
+            redis, queue_name=settings.queue_name, ttl_s=settings.event_ttl_s, affinity_s=affinity_s
+        )
         app.state.gateway = Gateway(settings=settings, redis=redis, store=store)
+        follow = asyncio.create_task(UPSTREAM.follow(redis)) if settings.models_from_upstream else None
         log.info("API ready")
         try:
             yield
         finally:
+            if follow is not None:
+                follow.cancel()
             await redis.aclose()
 
     app = FastAPI(title="Claude Code Gateway", version=version("claude-gateway"), lifespan=lifespan)
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(Access, settings=settings)  # before the body is read
     if settings.cors_origins:
         # Keys travel in a header, never in cookies: no credentialed CORS, so never `*` with it.
@@ -64,7 +73,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     app.add_middleware(RequestId)  # outermost: even a refused body gets its request id
     routers = (
         chat,
-        chat_jobs,
+        chat_retrieval,
         responses,
         messages,
         sessions,
@@ -76,6 +85,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         health,
         ops,
         home,
+        session_files,
     )
     for module in routers:
         app.include_router(module.router)

@@ -48,6 +48,10 @@ class SessionRef(BaseModel):
     history_len: int = Field(ge=0)
     transcript_id: str
     """The Claude Code session (a UUID) holding the backend's own transcript of this session."""
+    workspace: str | None = None
+    """The version of the session's workspace the job starts from (None: empty)."""
+    holder: str | None = None
+    """The worker likely to hold that workspace already: it is offered the job first."""
 
 
 class FunctionTool(BaseModel):
@@ -112,6 +116,8 @@ class FailureCode(StrEnum):
     WORKER_SHUTDOWN = "worker_shutdown"
     WORKER_LOST = "worker_lost"
     CANCELLED = "cancelled"
+    WORKSPACE_TOO_LARGE = "workspace_too_large"
+    """A session turn's files exceed the workspace limits: not saved, the session unchanged."""
     INTERNAL = "internal_error"
 
 

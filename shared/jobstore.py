@@ -6,16 +6,19 @@ ended; the job's events live in its stream (`events_key`). Steps:
     create   API      record + arq entry of attempt 1 + wake-up (+ idempotency key)
     claim    worker   arq's claim, and the attempt is still current and not ended: take its lease
     append   worker   events of the current attempt only; a terminal one ends the job
-    renew    worker   extend the lease; learn of a cancel or of being superseded
+    renew    worker   extend the lease (and the caller's job slot); learn of a cancel or of
+                      being superseded
     stop     API      cancel (or withdraw after a queue timeout): ends a job that has not
                       started at once, else flags it and tells its worker
     recover  any worker   a lease ran out: retry a job that produced nothing, else fail it
 
 Fencing by attempt is what keeps attempts from interleaving: once a job has moved on (retried,
 cancelled, failed), the old attempt's writes are refused. Every step that ends a job also frees
-the caller's concurrent-job slot and its session's lock, so no path can leak either.
+the caller's concurrent-job slot and its session's lock, so no path can leak either, and drops
+its payload, so what stays for `EVENT_TTL_S` is the record's few fields and the events.
 """
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -45,13 +48,29 @@ _PRELUDE = f"""
 local ARQ_JOB, ARQ_IN_PROGRESS = '{job_key_prefix}', '{in_progress_key_prefix}'
 local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
 local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{WAKEUP_CHANNEL}', '{CANCEL_CHANNEL}'
+local WORKER = '{PREFIX}:worker:'
 -- Names which holder's set of job slots (shared/quotas.py) the job is in.
 local function slot_record(job_id)
   return '{PREFIX}:job:' .. job_id .. ':slot'
 end
--- Frees what an ending job holds: the caller's concurrent-job slot and its session's lock, if
--- the job still holds it (a completed turn has already committed and freed it).
+-- Keeps a living job's slot for its full lease from now (the lease it was taken with, kept in
+-- the record), so a long or retried job never outlives its slot; a freed slot stays freed.
+local function renew_slot(job_id, record)
+  local lease = redis.call('hget', record, 'slot_lease')
+  local slot = slot_record(job_id)
+  local holder = redis.call('get', slot)
+  if not lease or not holder then return end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('zadd', holder, 'XX', 'GT', now + lease, job_id)
+  if redis.call('pttl', holder) < tonumber(lease) then redis.call('pexpire', holder, lease) end
+  redis.call('pexpire', slot, lease)
+end
+-- Frees what an ending job holds: the caller's concurrent-job slot, its session's lock, if the
+-- job still holds it (a completed turn has already committed and freed it), and its payload (the
+-- whole request, images included: nothing reads it once the job has ended).
 local function release_holds(job_id)
+  redis.call('hdel', '{PREFIX}:job:' .. job_id, 'payload')
   local slot = slot_record(job_id)
   local holder = redis.call('get', slot)
   if holder then
@@ -83,7 +102,8 @@ end
 
 # KEYS: record, queue, arq entry of attempt 1, [idempotency key]
 # ARGV: owner, model, request_id, created, payload, arq entry, score, arq ttl ms, ttl, job id,
-#       idempotency value, session lock key, job slots key or '', slot cap, slot lease ms
+#       idempotency value, session lock key, job slots key or '', slot cap, slot lease ms,
+#       the worker offered the job first or '' (workspace affinity), until when (ms)
 # The job's slot (shared/quotas.py) is taken here, so a job holds one exactly when it exists.
 _CREATE = """
 local existing = #KEYS == 4 and redis.call('get', KEYS[4])
@@ -98,11 +118,13 @@ if ARGV[13] ~= '' then
   redis.call('zadd', ARGV[13], now + ARGV[15], ARGV[10])
   redis.call('pexpire', ARGV[13], ARGV[15])
   redis.call('set', slot_record(ARGV[10]), ARGV[13], 'PX', ARGV[15])
+  redis.call('hset', KEYS[1], 'slot_lease', ARGV[15])
 end
 if #KEYS == 4 then redis.call('set', KEYS[4], ARGV[11], 'EX', ARGV[9]) end
 redis.call('hset', KEYS[1], 'owner', ARGV[1], 'model', ARGV[2], 'request_id', ARGV[3],
   'created', ARGV[4], 'payload', ARGV[5], 'attempt', '1')
 if ARGV[12] ~= '' then redis.call('hset', KEYS[1], 'session_lock', ARGV[12]) end
+if ARGV[16] ~= '' then redis.call('hset', KEYS[1], 'prefer', ARGV[16], 'prefer_until', ARGV[17]) end
 redis.call('expire', KEYS[1], ARGV[9])
 redis.call('psetex', KEYS[3], ARGV[8], ARGV[6])
 redis.call('zadd', KEYS[2], ARGV[7], ARGV[10] .. '.1')
@@ -113,18 +135,24 @@ return false
 # arq's claim (the attempt is queued and due, nobody holds it: mark it in progress) and the start
 # of the attempt (still current: take its lease) in one round trip, instead of arq's WATCH,
 # EXISTS, ZSCORE, MULTI/EXEC and a second step of ours. A stale attempt is taken off the queue.
+# A job offered first to a live worker (the one holding its session's workspace) is left to it
+# until `prefer_until`: another worker gets {'defer', ms left}.
 # KEYS: record, running, queue   ARGV: job id, attempt, now ms, in-progress ms, worker id, lease ms, ttl
-# Returns nil (not ours to start), {'stale'}, or {'ok', score, payload, cancel flag}.
+# Returns nil (not ours to start), {'stale'}, {'defer', ms}, or {'ok', score, payload, cancel flag}.
 _CLAIM = """
 local attempt_id = ARGV[1] .. '.' .. ARGV[2]
 if redis.call('exists', ARQ_IN_PROGRESS .. attempt_id) == 1 then return false end
 local score = redis.call('zscore', KEYS[3], attempt_id)
 if not score or tonumber(score) > tonumber(ARGV[3]) then return false end
-local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel', 'payload')
+local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel', 'payload', 'prefer', 'prefer_until')
 if rec[1] ~= ARGV[2] or rec[2] then
   redis.call('zrem', KEYS[3], attempt_id)
   redis.call('del', ARQ_JOB .. attempt_id)
   return {'stale'}
+end
+if rec[5] and rec[5] ~= ARGV[5] and tonumber(rec[6]) > tonumber(ARGV[3])
+    and redis.call('exists', WORKER .. rec[5]) == 1 then
+  return {'defer', tonumber(rec[6]) - tonumber(ARGV[3])}
 end
 redis.call('psetex', ARQ_IN_PROGRESS .. attempt_id, ARGV[4], '1')
 redis.call('hset', KEYS[1], 'worker', ARGV[5])
@@ -159,10 +187,13 @@ return 1
 """
 
 # KEYS: record, running   ARGV: attempt, lease deadline ms, job id
+# A lease given up (`expire_lease`: deadline 0) stays given up, even to a renewal already on its way.
 _RENEW = """
 local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel')
 if rec[1] ~= ARGV[1] or rec[2] then return 'superseded' end
+if ARGV[2] ~= '0' and redis.call('zscore', KEYS[2], ARGV[3]) == '0' then return 'superseded' end
 redis.call('zadd', KEYS[2], ARGV[2], ARGV[3])
+renew_slot(ARGV[3], KEYS[1])
 if rec[3] then return 'cancel' end
 return 'ok'
 """
@@ -215,6 +246,7 @@ if redis.call('xlen', KEYS[2]) == 0 and attempt < tonumber(ARGV[3]) then
     .. ARGV[1] .. '",' .. (attempt + 1) .. '],"k":{},"et":' .. ARGV[2] .. '}')
   redis.call('zadd', KEYS[4], ARGV[2], new)
   redis.call('publish', WAKEUP_CHANNEL, new)
+  renew_slot(ARGV[1], KEYS[1])
   return 'retried'
 end
 finish(KEYS[1], KEYS[2], ARGV[1], ARGV[4], 'worker_lost', ARGV[6])
@@ -277,10 +309,13 @@ def _ms() -> int:
 class JobStore:
     """The job records on one Redis connection pool, for both processes."""
 
-    def __init__(self, redis: Redis, *, queue_name: str, ttl_s: int) -> None:
+    def __init__(self, redis: Redis, *, queue_name: str, ttl_s: int, affinity_s: float = 0.0) -> None:
+        """`affinity_s`: how long a session's job waits for the worker holding its workspace."""
         self.redis = redis
         self.queue_name = queue_name
         self.ttl_s = ttl_s
+        self.affinity_ms = int(affinity_s * 1000)
+        self._retries: set[asyncio.Task[int]] = set()
         self._create = redis.register_script(_PRELUDE + _CREATE)
         self._claim = redis.register_script(_PRELUDE + _CLAIM)
         self._append = redis.register_script(_PRELUDE + _APPEND)
@@ -314,6 +349,8 @@ class JobStore:
         args += [job.model_dump_json(), entry, now, expires_extra_ms, self.ttl_s, job.id, value]
         args.append("" if job.session is None else session_lock_key(job.session.owner, job.session.id))
         args += ["", 0, 0] if slot is None else [slots_key(slot.holder), slot.cap, slot.lease_ms]
+        holder = job.session.holder if job.session is not None and self.affinity_ms else None
+        args += [holder or "", now + self.affinity_ms]
         try:
             existing = await self._create(keys=keys, args=args)
         except ResponseError as exc:
@@ -366,10 +403,21 @@ class JobStore:
         args: list[str | int] = [job_id, attempt, now, in_progress_ms, worker_id]
         args += [now + int(lease_s * 1000), self.ttl_s]
         reply = await self._claim(keys=keys, args=args)
+        if reply is not None and reply[0] == b"defer":  # look again when the offer runs out
+            self._wake_later(attempt_id(job_id, attempt), int(reply[1]) / 1000)
         if reply is None or reply[0] != b"ok":
             return None
         job = CompletionJob.model_validate_json(reply[2])
         return Claimed(score=int(float(reply[1])), job=job, cancel_requested=bool(reply[3]))
+
+    def _wake_later(self, attempt: str, delay_s: float) -> None:
+        async def wake() -> int:
+            await asyncio.sleep(delay_s)
+            return int(await self.redis.publish(WAKEUP_CHANNEL, attempt))
+
+        task = asyncio.create_task(wake())
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
 
     async def renew(self, job_id: str, attempt: int, lease_s: float) -> Literal["ok", "cancel", "superseded"]:
         return await self._set_lease(job_id, attempt, _ms() + int(lease_s * 1000))
@@ -391,6 +439,24 @@ class JobStore:
         """Writes events `first_seq...` of the current attempt; raises `ResponseError` if superseded."""
         keys = [events_key(job_id), record_key(job_id), RUNNING]
         await self._append(keys=keys, args=[attempt, first_seq, ttl_s, outcome, job_id, *events])
+
+    async def withdraw_stale(self, queued_for_s: float, limit: int = 64) -> list[str]:
+        """Withdraws jobs no worker started within `queued_for_s` of being queued: background ones,
+        which no request waits on to withdraw (the API withdraws the others sooner)."""
+        cutoff = _ms() - int(queued_for_s * 1000)
+        stale = [
+            raw.decode() for raw in await self.redis.zrangebyscore(self.queue_name, "-inf", cutoff, 0, limit)
+        ]
+        failure = Failed(
+            code=FailureCode.QUEUE_TIMEOUT, message=f"No worker started the job within {queued_for_s:g} s."
+        )
+        withdrawn = []
+        for attempt in stale:  # an attempt a worker is running stays in arq's queue until it ends
+            if not await self.redis.exists(in_progress_key_prefix + attempt):
+                job_id = attempt.rpartition(".")[0]
+                if await self.stop(job_id, withdraw_only=True, failure=failure) == "stopped":
+                    withdrawn.append(job_id)
+        return withdrawn
 
     async def recover_expired(self, max_attempts: int, limit: int = 16) -> list[tuple[str, str]]:
         """Handles jobs whose lease ran out: `(job id, "retried" | "failed" | "cancelled")`."""

@@ -18,6 +18,8 @@ LOAD_CHANNEL = f"{PREFIX}:load"
 """Each heartbeat's `<worker id> <running jobs> <slots>`: workers let a less busy one take a job."""
 RUNNING = f"{PREFIX}:running"
 """Sorted set: running job id -> its lease deadline (ms). Workers renew; any worker sweeps."""
+UPSTREAM_MODELS = f"{PREFIX}:upstream-models"
+"""The model API's own model list as a worker fetched it (`shared/upstream_models.py`)."""
 TOOL_CONFIG_GLOBAL = f"{PREFIX}:tools:global"
 """The operator's runtime tool defaults (`shared/tool_config.py`); sessions keep theirs in their record."""
 

@@ -23,19 +23,39 @@ from shared.keys import session_history_key, session_key, session_lock_key, sess
 from shared.transcripts import delete_transcript
 
 # KEYS: lock, record, history, index. ARGV: job id, expected history length, now (ms), ttl (s),
-# transcript id, session id, then the turns to append as JSON.
+# transcript id, session id, workspace version ('': unchanged), worker holding it, then the turns
+# to append as JSON. The workspace version advances with the turns, in this one step.
 _COMMIT = """
 if redis.call("GET", KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call("DEL", KEYS[1])
 if redis.call("LLEN", KEYS[3]) ~= tonumber(ARGV[2]) then return -1 end
-for i = 7, #ARGV do redis.call("RPUSH", KEYS[3], ARGV[i]) end
+for i = 9, #ARGV do redis.call("RPUSH", KEYS[3], ARGV[i]) end
 redis.call("HSETNX", KEYS[2], "created", ARGV[3])
 redis.call("HSET", KEYS[2], "last_used", ARGV[3], "turns", redis.call("LLEN", KEYS[3]), "transcript", ARGV[5])
+if ARGV[7] ~= "" then redis.call("HSET", KEYS[2], "workspace", ARGV[7]) end
+if ARGV[8] ~= "" then redis.call("HSET", KEYS[2], "holder", ARGV[8]) end
 redis.call("EXPIRE", KEYS[2], ARGV[4])
 redis.call("EXPIRE", KEYS[3], ARGV[4])
 redis.call("ZADD", KEYS[4], tonumber(ARGV[3]) + 1000 * tonumber(ARGV[4]), ARGV[6])
 redis.call("ZREMRANGEBYSCORE", KEYS[4], "-inf", ARGV[3])
 redis.call("EXPIRE", KEYS[4], ARGV[4])
+return 1
+"""
+
+# KEYS: lock, record, history, index. ARGV: lock holder, now (ms), ttl (s), transcript id (for a
+# new session), session id, workspace version. A new workspace version outside a turn (an upload
+# or a deleted file): the session is created if it does not exist yet, with no turns.
+_SET_WORKSPACE = """
+if redis.call("GET", KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call("DEL", KEYS[1])
+if redis.call("HSETNX", KEYS[2], "created", ARGV[2]) == 1 then
+  redis.call("HSET", KEYS[2], "turns", 0, "transcript", ARGV[4])
+end
+redis.call("HSET", KEYS[2], "last_used", ARGV[2], "workspace", ARGV[6])
+redis.call("EXPIRE", KEYS[2], ARGV[3])
+if redis.call("EXISTS", KEYS[3]) == 1 then redis.call("EXPIRE", KEYS[3], ARGV[3]) end
+redis.call("ZADD", KEYS[4], tonumber(ARGV[2]) + 1000 * tonumber(ARGV[3]), ARGV[5])
+redis.call("EXPIRE", KEYS[4], ARGV[3])
 return 1
 """
 
@@ -68,10 +88,15 @@ class Session:
     transcript_id: str
     has_tool_config: bool = False
     """Whether the session has its own tool configuration (`shared/tool_config.py`)."""
+    workspace: str | None = None
+    """The version of the session's workspace (None: empty so far)."""
+    holder: str | None = None
+    """The worker that last ran a turn of it, and so likely still holds its workspace."""
 
 
 def _session(session_id: str, record: dict[bytes, bytes], ttl_s: int) -> Session:
     last_used = int(record[b"last_used"])
+    workspace, holder = record.get(b"workspace"), record.get(b"holder")
     return Session(
         id=session_id,
         created_ms=int(record[b"created"]),
@@ -80,6 +105,8 @@ def _session(session_id: str, record: dict[bytes, bytes], ttl_s: int) -> Session
         turns=int(record[b"turns"]),
         transcript_id=record[b"transcript"].decode(),
         has_tool_config=b"tools" in record,
+        workspace=workspace.decode() if workspace else None,
+        holder=holder.decode() if holder else None,
     )
 
 
@@ -127,8 +154,17 @@ def new_transcript_id() -> str:
     return str(uuid.uuid4())
 
 
-async def commit(redis: Redis, job: CompletionJob, reply: str, ttl_s: int) -> None:
-    """Appends the job's new turns and the reply to its session and releases the session.
+async def commit(
+    redis: Redis,
+    job: CompletionJob,
+    reply: str,
+    ttl_s: int,
+    *,
+    workspace: str | None = None,
+    holder: str | None = None,
+) -> None:
+    """Appends the job's new turns and the reply to its session and releases the session; with
+    `workspace`, the session's files advance to that saved version in the same step.
 
     Raises `SessionLost` (having changed nothing) if the job no longer holds the session.
     """
@@ -141,9 +177,28 @@ async def commit(redis: Redis, job: CompletionJob, reply: str, ttl_s: int) -> No
         sessions_index_key(ref.owner),
     ]
     args = [job.id, str(ref.history_len), str(_ms()), str(ttl_s), ref.transcript_id, ref.id]
+    args += [workspace or "", holder or ""]
     args += [turn.model_dump_json() for turn in turns]
     if await redis.eval(_COMMIT, len(keys), *keys, *args) != 1:  # type: ignore[misc]
         raise SessionLost(ref.id)
+
+
+async def set_workspace(
+    redis: Redis, owner: str, session_id: str, holder: str, transcript_id: str, version: str, ttl_s: int
+) -> None:
+    """Makes `version` the session's workspace and releases the session `holder` locked.
+
+    Raises `SessionLost` (having changed nothing) if `holder` no longer holds the session.
+    """
+    keys = [
+        session_lock_key(owner, session_id),
+        session_key(owner, session_id),
+        session_history_key(owner, session_id),
+        sessions_index_key(owner),
+    ]
+    args = [holder, str(_ms()), str(ttl_s), transcript_id, session_id, version]
+    if await redis.eval(_SET_WORKSPACE, len(keys), *keys, *args) != 1:  # type: ignore[misc]
+        raise SessionLost(session_id)
 
 
 def _ref(job: CompletionJob) -> SessionRef:

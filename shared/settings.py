@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     queue_timeout_s: float = Field(
         default=60.0, gt=0, description="A job not started by then fails with 503."
     )
+    background_queue_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A background job (nobody waits to withdraw it) not started by then fails with "
+        "queue_timeout; workers withdraw it.",
+    )
     stream_commit_after_s: float = Field(
         default=10.0, gt=0, description="How long a stream's headers wait for the job's first event."
     )
@@ -79,6 +85,14 @@ class Settings(BaseSettings):
     # --- Models ---------------------------------------------------------------------------
     models: list[str] = ["claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5"]
     models_created: int = Field(default=1759276800, description="`created` reported for every model.")
+    models_from_upstream: bool = Field(
+        default=False,
+        description="Also list and serve the Anthropic API's own models (fetched by workers that "
+        "have ANTHROPIC_API_KEY).",
+    )
+    upstream_models_ttl_s: int = Field(
+        default=3600, ge=60, description="How long a fetched upstream model list is kept (refreshed at half)."
+    )
 
     # --- The Claude backend (passed to the CLI, never logged) -----------------------------
     anthropic_api_key: SecretStr | None = None
@@ -185,6 +199,9 @@ class Settings(BaseSettings):
     max_concurrent_jobs_per_key: int = Field(default=8, ge=0, description="0: no cap.")
     max_messages: int = Field(default=1000, ge=1)
     max_prompt_chars: int = Field(default=1_000_000, ge=1, description="All message text of one request.")
+    max_image_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=0, description="Inline (base64) image data of one request, as sent."
+    )
     cors_origins: list[str] = Field(default=[], description="Browser origins allowed; empty: CORS off.")
     trusted_proxies: list[str] = Field(
         default=[], description="Addresses or CIDRs whose X-Forwarded-For is believed."
@@ -210,6 +227,38 @@ class Settings(BaseSettings):
     session_ttl_s: int = Field(
         default=3600, ge=1, description="A session idle this long is removed (sliding, per request)."
     )
+
+    # --- Session workspaces (docs/sessions.md): kept between turns in a workspace store ---
+    workspace_store: str | None = Field(
+        default=None,
+        description="file:///path or s3://bucket/prefix; unset: a directory in STATE_DIR.",
+    )
+    workspace_s3_endpoint: str | None = Field(
+        default=None, description="An S3-compatible server's URL; unset: AWS S3."
+    )
+    workspace_s3_region: str = "us-east-1"
+    workspace_s3_access_key_id: SecretStr | None = None
+    workspace_s3_secret_access_key: SecretStr | None = None
+    workspace_max_bytes: int = Field(
+        default=100 * 1024 * 1024, ge=1, description="Most bytes of files one session workspace holds."
+    )
+    workspace_max_files: int = Field(default=20_000, ge=1, description="Most files one workspace holds.")
+    workspace_affinity_s: float = Field(
+        default=0.25,
+        ge=0,
+        description="How long a session's turn waits for the worker holding its workspace before "
+        "any worker takes it.",
+    )
+    workspace_cache_sessions: int = Field(
+        default=64, ge=0, description="Session workspaces a worker keeps on disk between turns."
+    )
+
+    @field_validator("workspace_store")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("file:///", "s3://")):
+            raise ValueError("use file:///path or s3://bucket/prefix")
+        return value
 
     # --- Claude Code behind the API: models, content, tool policy, skills (docs/claude-backend.md)
     model_aliases: dict[str, str] = Field(

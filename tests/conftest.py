@@ -22,6 +22,7 @@ import redis
 
 from cli.embedded_redis import EmbeddedRedis, free_port
 from tests.fake_anthropic import FakeAnthropic
+from tests.s3_server import SeaweedS3
 
 ROOT = Path(__file__).resolve().parent.parent
 _SCHEMAS = json.loads((Path(__file__).parent / "schemas" / "openai.json").read_text())
@@ -153,6 +154,33 @@ def scripted(start_gateway: Any) -> Gateway:
     """The shared gateway on the scripted backend, with a small body limit to test against."""
     gateway: Gateway = start_gateway(workers=2, BACKEND="scripted", MAX_REQUEST_BYTES="65536")
     return gateway
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real S3-compatible server on loopback, started once for the run (`tests/s3_server.py`)."""
+    server = SeaweedS3(tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def workspace_store_env(store: str, s3: "SeaweedS3 | None", folder: Path) -> dict[str, str]:
+    """A gateway's environment for a workspace store: `local` (a folder) or `s3` (a new bucket)."""
+    if store == "local":
+        return {"WORKSPACE_STORE": f"file://{folder / 'store'}"}
+    assert s3 is not None
+    bucket = f"ws-{next(_buckets)}"
+    s3.create_bucket(bucket)
+    return {
+        "WORKSPACE_STORE": f"s3://{bucket}/gateway",
+        "WORKSPACE_S3_ENDPOINT": s3.endpoint,
+        "WORKSPACE_S3_ACCESS_KEY_ID": "test",
+        "WORKSPACE_S3_SECRET_ACCESS_KEY": "test-secret",
+    }
+
+
+_buckets = itertools.count(1)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,8 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
+from functools import partial
 from typing import Any
 
 from arq.worker import Worker, func
@@ -20,6 +22,7 @@ from worker.backends import create_backend
 from worker.environment import forbid_inspection, forget_environment
 from worker.heartbeat import HeartbeatLoop
 from worker.leases import RunningJobs
+from worker.session_files import SessionFiles
 from worker.task import run_completion
 
 log = logging.getLogger("gateway.worker")
@@ -44,7 +47,7 @@ class GatewayWorker(Worker):
         self._redis_url = redis_url
         self._fallback_s = settings.poll_fallback_s
         self._wake = asyncio.Event()
-        self._starting: set[asyncio.Task[None]] = set()
+        self._background_tasks: set[asyncio.Task[None]] = set()
         self._claim_turn = asyncio.Lock()
         self._peers: dict[str, tuple[int, int, float]] = {}  # other workers: running, slots, when heard
         self._peer_ttl_s = settings.heartbeat_ttl_s
@@ -128,18 +131,18 @@ class GatewayWorker(Worker):
                 self.sem.release()
                 continue
             self.job_counter += 1
-            task = self.loop.create_task(self.run_job(raw.decode(), claimed.score))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            task = self.loop.create_task(self._run_attempt(raw.decode()))
+            task.add_done_callback(partial(self._attempt_done, raw.decode()))
             self.tasks[raw.decode()] = task
 
-    async def run_job(self, job_id: str, score: int) -> None:
-        """Runs a claimed attempt: arq's `run_job` without its first round trip.
+    async def _run_attempt(self, job_id: str) -> None:
+        """Runs a claimed attempt, in place of arq's `run_job` (which this worker never calls).
 
         arq's version starts by fetching the attempt's entry (GET, INCR, EXPIRE) to learn the
         function and its arguments, one more Redis round trip before every job's first token.
         The claim script has already loaded the job and the attempt id names the rest, so this
-        runs `run_completion` at once and, when it ends, removes the attempt's arq keys as arq's
-        `finish_job` does. Time limits, retries and results are the job store's (arq's `max_tries`,
+        runs `run_completion` at once and, when it ends, removes the attempt's arq keys with arq's
+        `finish_job`. Time limits, retries and results are the job store's (arq's `max_tries`,
         `keep_result` and timeout are not used for attempts either way).
         """
         completion, _, attempt = job_id.partition(".")
@@ -149,7 +152,7 @@ class GatewayWorker(Worker):
         # Nothing a job does may reach arq's main loop, which reads every finished task's result
         # and would close the worker on an exception: its outcome is in the job's event stream.
         try:
-            await _job_started(self.ctx)
+            self.heartbeat.poke()
             await run_completion(self.ctx, completion, int(attempt))
             self.jobs_complete += 1
         except asyncio.CancelledError:  # only arq cancels this task, when the worker shuts down
@@ -201,10 +204,29 @@ class GatewayWorker(Worker):
         if worker_id != self.heartbeat.worker_id:
             self._peers[worker_id] = (int(running), int(slots), self.loop.time())
 
-    def _release_sem_dec_counter_on_complete(self) -> None:
-        super()._release_sem_dec_counter_on_complete()
+    def _attempt_done(self, attempt_id: str, task: "asyncio.Task[None]") -> None:
+        self.job_counter -= 1
+        self.sem.release()
+        if task.cancelled():  # by the shutdown, before it began (it handles every later outcome)
+            del self.tasks[attempt_id]  # so arq never reads its result
+            job_id, _, attempt = attempt_id.partition(".")
+            running: RunningJobs = self.ctx["running"]
+            running.claimed.pop(job_id, None)
+            log.info("attempt %s stopped before it began; handing it back", attempt_id)
+            self._background(self._hand_back(job_id, int(attempt)))
         self._wake.set()  # a slot is free: look at the queue now
         self.heartbeat.poke()
+
+    async def _hand_back(self, job_id: str, attempt: int) -> None:
+        try:
+            await self.ctx["running"].hand_back(job_id, attempt)
+        except RedisError as exc:  # its lease runs out instead: recovered within LEASE_S
+            log.warning("could not hand back job %s (%s)", job_id, type(exc).__name__)
+
+    def _background(self, step: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(step)
+        self._background_tasks.add(task)  # referenced until done
+        task.add_done_callback(self._background_tasks.discard)
 
     async def _listen(self) -> None:
         """Wake-ups (a job was queued) and cancels (stop a job if it runs here)."""
@@ -221,9 +243,7 @@ class GatewayWorker(Worker):
                         elif message["channel"] == CANCEL_CHANNEL.encode():
                             self.ctx["running"].cancel(message["data"].decode())
                         elif message["data"]:
-                            task = asyncio.create_task(self._start_woken(message["data"]))
-                            self._starting.add(task)
-                            task.add_done_callback(self._starting.discard)
+                            self._background(self._start_woken(message["data"]))
                         else:
                             self._wake.set()
             except (OSError, RedisError) as exc:
@@ -233,10 +253,6 @@ class GatewayWorker(Worker):
                 await redis.aclose()
 
 
-async def _job_started(ctx: dict[str, Any]) -> None:
-    ctx["heartbeat"].poke()
-
-
 async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["backend"] = create_backend(settings, ctx["redis"])
@@ -244,14 +260,19 @@ async def _startup(ctx: dict[str, Any]) -> None:
     running = RunningJobs(store, settings, worker_id=ctx["heartbeat"].worker_id)
     ctx["running"] = running
     ctx["maintain"] = asyncio.create_task(running.maintain())
+    ctx["session_files"] = SessionFiles(settings, ctx["redis"], running.worker_id)
+    ctx["sweep"] = asyncio.create_task(ctx["session_files"].maintain())
     log.info("worker %s ready (backend %s)", running.worker_id, settings.backend)
 
 
 async def _shutdown(ctx: dict[str, Any]) -> None:
-    if (task := ctx.get("maintain")) is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    for name in ("maintain", "sweep"):
+        if (task := ctx.get(name)) is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if (files := ctx.get("session_files")) is not None:
+        await files.close()
     if (backend := ctx.get("backend")) is not None:
         await backend.close()
 

@@ -11,6 +11,8 @@ Every attempt ends the stream with one terminal event, unless the job moved on w
 import asyncio
 import logging
 import time
+from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
@@ -23,6 +25,7 @@ from shared.settings import Settings
 from worker.backends import Backend, BackendError, Progress
 from worker.leases import RunningJobs, StopReason
 from worker.outcomes import report_outcome
+from worker.session_files import SessionFiles, SessionTurn
 from worker.stops import stop_at
 
 log = logging.getLogger("gateway.worker")
@@ -45,17 +48,22 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None
     began = time.perf_counter()
     written: Done | Failed | None = None
     outcome = "superseded"
+    terminal: Done | Failed | None = None
+    stopped = False
     try:
         try:
             if started.cancel_requested:  # cancelled while its previous attempt's worker was lost
-                terminal: Done | Failed | None = _CANCELLED
+                terminal = _CANCELLED
             else:
-                terminal = await _produce(ctx["backend"], settings, job, writer, ctx["redis"])
+                files = ctx["session_files"]
+                terminal = await _produce(ctx["backend"], settings, job, writer, ctx["redis"], files)
         except asyncio.CancelledError:
+            stopped = True
+        finally:
+            running.remove(control)  # the outcome is decided: only the process ending stops it now
+        if stopped:
             terminal = await _stopped(control.reason or StopReason.SHUTDOWN, running, job.id, attempt, writer)
             outcome = "handed back" if terminal is None and control.reason is None else outcome
-        finally:
-            running.remove(control)  # from here on, only the process ending stops this attempt
         if terminal is not None:
             writer.emit(terminal)
             await asyncio.shield(writer.drain())
@@ -81,16 +89,37 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None
 
 
 async def _produce(
-    backend: Backend, settings: Settings, job: CompletionJob, writer: EventWriter, redis: Redis
+    backend: Backend,
+    settings: Settings,
+    job: CompletionJob,
+    writer: EventWriter,
+    redis: Redis,
+    files: SessionFiles,
 ) -> Done | Failed:
-    """Streams the backend into the writer within the job's time limits; returns the terminal event."""
+    """Runs the job (a session's in its restored workspace) and commits a session's completed
+    turn with the files it left; returns the terminal event."""
+    try:
+        async with files.turn(job) as turn:
+            terminal = await _run(backend, settings, job, writer, turn.work if turn else None)
+            if isinstance(terminal, Done) and job.session is not None:
+                terminal = await _commit_turn(redis, settings, job, writer, terminal, turn)
+    except BackendError as exc:  # the session's files could not be restored
+        return Failed(code=exc.code, message=exc.message)
+    return terminal
+
+
+async def _run(
+    backend: Backend, settings: Settings, job: CompletionJob, writer: EventWriter, work: Path | None
+) -> Done | Failed:
+    """Streams the backend into the writer within the job's time limits; returns the terminal
+    event, with the backend closed (its CLI stopped), so what it left in `work` is final."""
     loop = asyncio.get_running_loop()
     stall = asyncio.timeout(settings.stall_timeout_s)
     rescheduled, step = loop.time(), min(1.0, settings.stall_timeout_s / 10)
     terminal: Done | Failed
     try:
-        async with asyncio.timeout(settings.job_timeout_s), stall:
-            events = backend.stream(job)
+        run = aclosing(backend.stream(job, work))
+        async with asyncio.timeout(settings.job_timeout_s), stall, run as events:
             async for event in stop_at(events, job.stop) if job.stop else events:
                 # Push the stall limit back at most every `step` (≤ 1 s): rescheduling costs a
                 # timer per event (~3.5 µs, a third of a token's cost here). The deadline gets
@@ -119,27 +148,39 @@ async def _produce(
     except Exception:
         log.exception("job failed unexpectedly")
         terminal = Failed(code=FailureCode.INTERNAL, message="the worker failed while running the job")
-    if isinstance(terminal, Done) and job.session is not None:
-        terminal = await _commit_turn(redis, settings, job, writer, terminal)
     return terminal
 
 
 async def _commit_turn(
-    redis: Redis, settings: Settings, job: CompletionJob, writer: EventWriter, done: Done
+    redis: Redis,
+    settings: Settings,
+    job: CompletionJob,
+    writer: EventWriter,
+    done: Done,
+    turn: SessionTurn | None,
 ) -> Done | Failed:
-    """Adds a completed job's turns to its session, before the terminal event goes out (so the
+    """Adds a completed job's turns to its session, with the files it left (saved first, so the
+    session's transcript and files advance together), before the terminal event goes out (so the
     client's next turn finds the session free). A job that ends any other way commits nothing:
     the step that ends it frees the session's lock (shared/jobstore.py)."""
     assert job.session is not None
     await writer.drain()
     try:
-        await sessions.commit(redis, job, await streamed_text(redis, job.id), settings.session_ttl_s)
+        version = await turn.save() if turn is not None else None
+    except BackendError as exc:  # over the workspace limits, or the store failed
+        return Failed(code=exc.code, message=exc.message)
+    holder = turn.holder if turn is not None else None
+    try:
+        reply = await streamed_text(redis, job.id)
+        await sessions.commit(redis, job, reply, settings.session_ttl_s, workspace=version, holder=holder)
     except sessions.SessionLost:
         message = "The session was deleted or expired while the job ran; this reply was not added to it."
         return Failed(code=FailureCode.INTERNAL, message=message)
     except RedisError:
         log.exception("could not commit a session turn")
         return Failed(code=FailureCode.INTERNAL, message="The reply could not be added to the session.")
+    if turn is not None:
+        turn.collect_garbage()
     return done
 
 

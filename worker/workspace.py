@@ -21,10 +21,13 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Workspace:
     root: Path
+    work: Path | None = None
+    """A session's kept directory (`worker/session_files.py`) to run in instead of a fresh one."""
 
     @property
     def cwd(self) -> Path:
-        return self.root / "work"
+        """The job's working directory: the agent's files, and all of the job it reads back."""
+        return self.work if self.work is not None else self.root / "work"
 
     @property
     def home(self) -> Path:
@@ -76,15 +79,25 @@ def kill_processes_of(workspace: Workspace) -> None:
 
 
 @contextmanager
-def job_workspace(parent: Path, job_id: str, owner: str | None = None) -> Iterator[Workspace]:
-    """`owner`: the user the job runs as (`CLAUDE_JOB_USER`), who must own what it writes to."""
-    workspace = Workspace(parent.resolve() / job_id)
+def job_workspace(
+    parent: Path, job_id: str, owner: str | None = None, work: Path | None = None
+) -> Iterator[Workspace]:
+    """The one place a job's directories are prepared: everything is removed at the end, except
+    `work`, a session's directory that outlives the job (its files are saved after the turn).
+
+    `owner`: the user the job runs as (`CLAUDE_JOB_USER`), who must own what it writes to.
+    """
+    workspace = Workspace(parent.resolve() / job_id, work)
     for directory in (workspace.cwd, workspace.config, workspace.tmp):
-        directory.mkdir(parents=True, mode=0o700)
+        directory.mkdir(parents=True, mode=0o700, exist_ok=directory == work)
     if owner is not None:
-        group = pwd.getpwnam(owner).pw_gid
+        user = pwd.getpwnam(owner)
         for path in (workspace.root, workspace.cwd, workspace.home, workspace.config, workspace.tmp):
-            shutil.chown(path, user=owner, group=group)
+            os.chown(path, user.pw_uid, user.pw_gid)
+        if work is not None:  # restored by the worker: the job's user must be able to change it
+            for top, dirs, files in os.walk(work):
+                for name in dirs + files:
+                    os.chown(os.path.join(top, name), user.pw_uid, user.pw_gid, follow_symlinks=False)
     try:
         yield workspace
     finally:

@@ -7,6 +7,7 @@ docs/openai-compatibility.md). Commands, URLs, environment and headers are never
 may hold the operator's secrets.
 """
 
+from collections import Counter
 from typing import Literal
 
 from fastapi import APIRouter
@@ -67,12 +68,9 @@ async def list_servers(gateway: GatewayDep) -> McpServerList:
 @router.get("/v1/mcp/stats", response_model=McpStats)
 async def mcp_stats(gateway: GatewayDep) -> McpStats:
     servers = _servers(gateway)
-    by_type: dict[str, int] = {}
-    for server in servers:
-        by_type[server.type] = by_type.get(server.type, 0) + 1
     return McpStats(
         registered_servers=len(servers),
         enabled_servers=sum(server.enabled for server in servers),
         default_servers=sum(server.default for server in servers),
-        servers_by_type=by_type,
+        servers_by_type=dict(Counter(server.type for server in servers)),
     )

@@ -12,14 +12,16 @@ from typing import Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from api.core.sessions import invalid_session_id, session_not_found
 from api.deps import CallerDep, GatewayDep
-from api.errors import ErrorResponse, OpenAIError
-from api.sessions import invalid_session_id, session_not_found
-from shared import sessions
+from api.errors import OpenAIError, error_responses
+from api.routes.session_files import StoreDep
+from shared import sessions, workspaces
 from shared.keys import is_session_id
+from shared.workspaces import WorkspaceRef
 
 router = APIRouter()
-_ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorResponse} for code in (400, 404, 409)}
+_ERRORS = error_responses(400, 404, 409)
 
 
 class SessionMessage(BaseModel):
@@ -119,7 +121,9 @@ async def get_session(session_id: str, gateway: GatewayDep, caller: CallerDep) -
 
 
 @router.delete("/v1/sessions/{session_id}", response_model=SessionDeleted, responses=_ERRORS)
-async def delete_session(session_id: str, gateway: GatewayDep, caller: CallerDep) -> SessionDeleted:
+async def delete_session(
+    session_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep
+) -> SessionDeleted:
     owner = sessions.owner_of(caller.key_id)
     found = await sessions.get(gateway.redis, owner, _checked(session_id), gateway.settings.session_ttl_s)
     if found is None:
@@ -133,4 +137,7 @@ async def delete_session(session_id: str, gateway: GatewayDep, caller: CallerDep
             code="session_busy",
         )
     await sessions.delete(gateway.redis, owner, found[0])
+    await workspaces.delete_workspace(
+        store, gateway.redis, WorkspaceRef(owner, session_id, found[0].transcript_id)
+    )
     return SessionDeleted(id=session_id, message=f"Session {session_id} deleted successfully")

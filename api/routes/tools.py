@@ -1,19 +1,20 @@
 """`/v1/tools`: the tools a caller's jobs may use, and their stored defaults (`/v1/tools/config`).
 
 The operator's policy (`CLAUDE_TOOLS`, `CLAUDE_DISALLOWED_TOOLS`) is the ceiling; a configuration
-only chooses within it (`api/agent_policy.py`). A session's configuration belongs to the session's
+only chooses within it (`api/core/policy.py`). A session's configuration belongs to the session's
 key: for any other key the session does not exist (404). The global configuration applies to every
 caller, so only operator keys may read or change it.
 """
 
+from collections import Counter
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from api.core.sessions import invalid_session_id, session_not_found
 from api.deps import Caller, CallerDep, Gateway, GatewayDep, operator_only
 from api.errors import ErrorResponse
-from api.sessions import invalid_session_id, session_not_found
 from api.tool_choice import check_permitted, effective, permitted_servers
 from shared import sessions, tool_config
 from shared.keys import is_session_id
@@ -152,9 +153,11 @@ async def get_tool_config(
     """The global configuration (operator keys), or one of the caller's sessions'."""
     if session_id is None:
         operator_only(caller, "The global tool configuration applies to every caller")
-    own = None if session_id is None else await _session_config(gateway, caller, session_id)
-    found = await tool_config.global_config(gateway.redis)
-    return _object(gateway.settings, session_id, own if session_id else found, _configs(found, own))
+        shared = await tool_config.global_config(gateway.redis)
+        return _object(gateway.settings, None, shared, _configs(shared))
+    own = await _session_config(gateway, caller, session_id)
+    shared = await tool_config.global_config(gateway.redis)
+    return _object(gateway.settings, session_id, own, _configs(shared, own))
 
 
 @router.post("/v1/tools/config", response_model=ToolConfigObject, responses=_ERRORS)
@@ -188,14 +191,11 @@ async def tool_stats(gateway: GatewayDep, caller: CallerDep) -> ToolStats:
     found = await tool_config.global_config(gateway.redis)
     owner = sessions.owner_of(caller.key_id)
     listed = await sessions.list_sessions(gateway.redis, owner, settings.session_ttl_s)
-    categories: dict[str, int] = {}
-    for name in settings.claude_tools:
-        categories[_category(name)] = categories.get(_category(name), 0) + 1
     return ToolStats(
         total_tools=len(settings.claude_tools),
         default_tools=len(effective(settings, _configs(found))),
         global_allowed=len(found.allowed_tools or []) if found else 0,
         global_disallowed=len(found.disallowed_tools or []) if found else 0,
         session_configs=sum(session.has_tool_config for session in listed),
-        tool_categories=categories,
+        tool_categories=dict(Counter(map(_category, settings.claude_tools))),
     )

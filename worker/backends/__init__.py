@@ -7,7 +7,8 @@ model writing a tool call), which keeps the job's stall limit from firing; nothi
 tests and benchmarks.
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -40,7 +41,12 @@ class UsageReport(Progress):
 
 
 class Backend(Protocol):
-    def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]: ...
+    def stream(
+        self, job: CompletionJob, work: Path | None = None
+    ) -> AsyncGenerator[Delta | Done | Progress, None]:
+        """`work`: the session's directory to run in (`worker/session_files.py`); None: a fresh
+        one, removed at the end."""
+
     async def close(self) -> None:
         """Releases what the backend holds between jobs (warm CLI processes), at worker shutdown."""
 

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack, aclosing
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, cast
 
 from claude_agent_sdk import (
@@ -32,7 +33,7 @@ from redis.asyncio import Redis
 from shared import backend_auth, sessions
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, ToolCall, Turn, Usage
 from shared.settings import Settings
-from worker import caller_functions, operator_mcp
+from worker import caller_functions, operator_mcp, upstream_models
 from worker.backends import PROGRESS, BackendError, Progress, UsageReport
 from worker.credential_proxy import Credential, CredentialProxy, api_key_header, bearer_header
 from worker.history import HistoryStore, content_blocks, merged
@@ -131,6 +132,12 @@ class ClaudeBackend:
         )
         job_user = settings.claude_job_user
         self._runs_as_root = (pwd.getpwnam(job_user).pw_uid if job_user else os.geteuid()) == 0
+        self._models: asyncio.Task[None] | None = None
+        key = settings.anthropic_api_key
+        if settings.models_from_upstream and self._auth_method == "anthropic" and key is not None:
+            base_url = settings.anthropic_base_url or _ANTHROPIC_API
+            refresh = upstream_models.keep_fresh(settings, redis, base_url, key.get_secret_value())
+            self._models = asyncio.get_running_loop().create_task(refresh)
 
     def _proxied_credential(self) -> Credential | None:
         """The credential the proxy injects: an API key, or the CLI's own login (Bedrock and Vertex
@@ -229,10 +236,12 @@ class ClaudeBackend:
             system["append"] = job.system_prompt
         return system
 
-    async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
+    async def stream(
+        self, job: CompletionJob, work: Path | None = None
+    ) -> AsyncGenerator[Delta | Done | Progress, None]:
         self._refuse_unusable_auth()
-        warm = await self._warm.take(job) if self._warm is not None else None
-        run = self._run_warm(job, warm) if warm is not None else self._run_cold(job)
+        warm = await self._warm.take(job) if self._warm is not None and work is None else None
+        run = self._run_warm(job, warm) if warm is not None else self._run_cold(job, work)
         has_token = False
         try:
             async with aclosing(run):
@@ -261,9 +270,11 @@ class ClaudeBackend:
         finally:
             await warm.discard()
 
-    async def _run_cold(self, job: CompletionJob) -> AsyncGenerator[Delta | Done | Progress, None]:
+    async def _run_cold(
+        self, job: CompletionJob, work: Path | None
+    ) -> AsyncGenerator[Delta | Done | Progress, None]:
         with job_workspace(
-            self._settings.workspace_root, job.id, self._settings.claude_job_user
+            self._settings.workspace_root, job.id, self._settings.claude_job_user, work
         ) as workspace:
             token = self._proxy.issue() if self._proxy is not None else None
             options = self._options(job, workspace, token)
@@ -312,6 +323,8 @@ class ClaudeBackend:
         return warm
 
     async def close(self) -> None:
+        if self._models is not None:
+            self._models.cancel()
         if self._warm is not None:
             await self._warm.close()
 

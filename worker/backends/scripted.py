@@ -8,13 +8,16 @@ By default it replies with `Settings.scripted_text`. A last user message of the 
 (`[{"name", "arguments"}]`), `fail_after` raises
 `BackendError(fail_code)` after that many tokens. `"echo": true` replies with the conversation
 before the last message instead, one `role: text` line per turn, a session's history included
-(how tests see what history a job continues).
+(how tests see what history a job continues). In a session's directory, `write` (path -> text)
+and `fill` (path -> a size in bytes) write files before the reply, and `read` replies with a
+file's text (how tests see a session's workspace without the CLI).
 """
 
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
@@ -39,6 +42,9 @@ class Script(BaseModel):
     echo: bool = False
     calls: list[dict[str, Any]] = Field(default_factory=list)
     """`{"name", "arguments"}` of function calls to end the turn on, after the text."""
+    write: dict[str, str] = Field(default_factory=dict)
+    fill: dict[str, int] = Field(default_factory=dict)
+    read: str | None = None
 
 
 class ScriptedBackend:
@@ -55,8 +61,12 @@ class ScriptedBackend:
         except ValidationError as exc:
             raise BackendError(FailureCode.INTERNAL, f"invalid script: {exc.errors()[0]['msg']}") from exc
 
-    async def stream(self, job: CompletionJob) -> AsyncIterator[Delta | Done | Progress]:
+    async def stream(
+        self, job: CompletionJob, work: Path | None = None
+    ) -> AsyncGenerator[Delta | Done | Progress, None]:
         script = self.script_for(job)
+        if script.write or script.fill or script.read:
+            script = _with_files(script, work)
         if script.echo:
             turns = job.turns
             if job.session is not None and self._redis is not None:
@@ -88,3 +98,28 @@ class ScriptedBackend:
 
     async def close(self) -> None:
         """Holds nothing between jobs."""
+
+
+def _with_files(script: Script, work: Path | None) -> Script:
+    """Does the script's file operations in `work` (names relative to it, never outside)."""
+    if work is None:
+        raise BackendError(FailureCode.INTERNAL, "file operations need a session")
+    for name, text in script.write.items():
+        path = _inside(work, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for name, size in script.fill.items():
+        path = _inside(work, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes(size))
+    if script.read is None:
+        return script
+    path = _inside(work, script.read)
+    return script.model_copy(update={"text": path.read_text() if path.is_file() else "(no such file)"})
+
+
+def _inside(work: Path, name: str) -> Path:
+    path = (work / name).resolve()
+    if not path.is_relative_to(work.resolve()):
+        raise BackendError(FailureCode.INTERNAL, "a scripted file outside the workspace")
+    return path

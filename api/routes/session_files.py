@@ -1,0 +1,372 @@
+"""`/v1/sessions/{id}/files`: a session's workspace files in and out, in the shape of OpenAI's
+container files API (upload, list, retrieve, `/content`, delete), plus the whole workspace as one
+`tar.gz` (`/v1/sessions/{id}/archive`).
+
+Scoped to the caller's key like every session route: another key's session does not exist
+(404). Reads see the session's current version; an upload or a delete makes a new version,
+taking the session like a request does (409 `session_busy` while a turn runs). An upload to a
+session that does not exist yet creates it, empty, so files can be given before the first turn.
+"""
+
+import asyncio
+import io
+import posixpath
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Annotated, Literal
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+
+from api.core.sessions import invalid_session_id
+from api.deps import CallerDep, GatewayDep
+from api.errors import ErrorResponse, OpenAIError
+from shared import sessions, workspaces
+from shared.keys import is_session_id
+from shared.workspace_store import MissingObject, ObjectStore, open_store
+from shared.workspaces import FileEntry, Manifest, VersionWriter, WorkspaceRef
+
+router = APIRouter()
+_ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 409, 413)
+}
+_UPLOAD_HOLD_S = 60.0
+"""How long an upload may hold its session (bounds a lost API process)."""
+
+
+class SessionFile(BaseModel):
+    id: str
+    object: Literal["container.file"] = "container.file"
+    container_id: str
+    created_at: int
+    bytes: int
+    path: str
+    source: str
+
+
+class SessionFileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SessionFile]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class SessionFileDeleted(BaseModel):
+    id: str
+    object: Literal["container.file.deleted"] = "container.file.deleted"
+    deleted: bool = True
+
+
+async def _store(request: Request, gateway: GatewayDep) -> ObjectStore:
+    store: ObjectStore | None = getattr(request.app.state, "workspace_store", None)
+    if store is None:
+        store = request.app.state.workspace_store = open_store(gateway.settings)
+    return store
+
+
+StoreDep = Annotated[ObjectStore, Depends(_store)]
+
+
+def _not_found(session_id: str) -> OpenAIError:
+    return OpenAIError.not_found(
+        f"No session '{session_id}' found.", param="session_id", code="session_not_found"
+    )
+
+
+def _file_not_found(file_id: str) -> OpenAIError:
+    return OpenAIError.not_found(f"No file '{file_id}' found.", param="file_id", code="file_not_found")
+
+
+def _file(session_id: str, path: str, entry: FileEntry) -> SessionFile:
+    return SessionFile(
+        id=workspaces.file_id(path),
+        container_id=session_id,
+        created_at=entry.created_at,
+        bytes=entry.bytes,
+        path=path,
+        source=entry.source,
+    )
+
+
+async def _current(
+    gateway: GatewayDep, caller: CallerDep, store: ObjectStore, session_id: str
+) -> tuple[WorkspaceRef, Manifest]:
+    """The caller's session's workspace as it stands now (404 if the caller has no such session)."""
+    if not is_session_id(session_id):
+        raise invalid_session_id()
+    owner = sessions.owner_of(caller.key_id)
+    found = await sessions.get(gateway.redis, owner, session_id, gateway.settings.session_ttl_s)
+    if found is None:
+        raise _not_found(session_id)
+    session = found[0]
+    ref = WorkspaceRef(owner, session_id, session.transcript_id)
+    return ref, await _manifest(store, ref, session.workspace)
+
+
+async def _manifest(store: ObjectStore, ref: WorkspaceRef, version: str | None) -> Manifest:
+    try:
+        return await workspaces.load_manifest(store, ref, version)
+    except MissingObject:  # collected after a newer version committed meanwhile
+        raise _changed() from None
+
+
+def _changed() -> OpenAIError:
+    return OpenAIError(
+        409,
+        "The session's files changed while they were read; retry.",
+        type="invalid_request_error",
+        code="workspace_changed",
+    )
+
+
+def _find(manifest: Manifest, file_id: str) -> tuple[str, FileEntry]:
+    for path, entry in manifest.files.items():
+        if workspaces.file_id(path) == file_id:
+            return path, entry
+    raise _file_not_found(file_id)
+
+
+@router.get("/v1/sessions/{session_id}/files", response_model=SessionFileList, responses=_ERRORS)
+async def list_files(
+    session_id: str,
+    gateway: GatewayDep,
+    caller: CallerDep,
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+) -> SessionFileList:
+    _, manifest = await _current(gateway, caller, store, session_id)
+    files = sorted(
+        (_file(session_id, path, entry) for path, entry in manifest.files.items()),
+        key=lambda file: (file.created_at, file.path),
+        reverse=order == "desc",
+    )
+    if after is not None:
+        ids = [file.id for file in files]
+        files = files[ids.index(after) + 1 :] if after in ids else []
+    page = files[:limit]
+    return SessionFileList(
+        data=page,
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+        has_more=len(files) > limit,
+    )
+
+
+@router.get("/v1/sessions/{session_id}/files/{file_id}", response_model=SessionFile, responses=_ERRORS)
+async def get_file(
+    session_id: str, file_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep
+) -> SessionFile:
+    _, manifest = await _current(gateway, caller, store, session_id)
+    return _file(session_id, *_find(manifest, file_id))
+
+
+@router.get(
+    "/v1/sessions/{session_id}/files/{file_id}/content",
+    response_class=Response,
+    responses={
+        **_ERRORS,
+        200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes."},
+    },
+)
+async def get_file_content(
+    session_id: str, file_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep
+) -> Response:
+    ref, manifest = await _current(gateway, caller, store, session_id)
+    path, entry = _find(manifest, file_id)
+    try:
+        data = await workspaces.read_file(store, ref, entry)
+    except MissingObject:
+        raise _changed() from None
+    name = quote(posixpath.basename(path))
+    headers = {"content-disposition": f"attachment; filename*=UTF-8''{name}"}
+    return Response(data, media_type="application/octet-stream", headers=headers)
+
+
+@router.get(
+    "/v1/sessions/{session_id}/archive",
+    response_class=Response,
+    responses={
+        **_ERRORS,
+        200: {"content": {"application/gzip": {}}, "description": "The files, as a tar.gz."},
+    },
+)
+async def get_archive(session_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep) -> Response:
+    """The whole workspace as a `tar.gz`: its files (with their executable bit) and its links."""
+    ref, manifest = await _current(gateway, caller, store, session_id)
+    try:
+        contents = await workspaces.read_files(store, ref, manifest.files)
+    except MissingObject:
+        raise _changed() from None
+    archive = await asyncio.to_thread(_tar, manifest, contents)
+    headers = {"content-disposition": f"attachment; filename*=UTF-8''{quote(session_id)}.tar.gz"}
+    return StreamingResponse(_chunks(archive), media_type="application/gzip", headers=headers)
+
+
+def _tar(manifest: Manifest, contents: dict[str, bytes]) -> "tempfile.SpooledTemporaryFile[bytes]":
+    spool = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115 (closed by `_chunks`)
+    with tarfile.open(fileobj=spool, mode="w:gz", compresslevel=6) as tar:
+        for path, entry in sorted(manifest.files.items()):
+            info = tarfile.TarInfo(path)
+            info.size, info.mtime, info.mode = (
+                entry.bytes,
+                entry.created_at,
+                0o755 if entry.executable else 0o644,
+            )
+            tar.addfile(info, io.BytesIO(contents[path]))
+        for path, target in sorted(manifest.links.items()):
+            info = tarfile.TarInfo(path)
+            info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
+            tar.addfile(info)
+    spool.seek(0)
+    return spool
+
+
+def _chunks(spool: "tempfile.SpooledTemporaryFile[bytes]") -> Iterator[bytes]:
+    with spool:
+        while chunk := spool.read(1 << 20):
+            yield chunk
+
+
+class _NewVersion:
+    """Takes the session as a request does, to make a new version of its workspace outside a turn."""
+
+    def __init__(self, gateway: GatewayDep, caller: CallerDep, store: ObjectStore, session_id: str) -> None:
+        if not is_session_id(session_id):
+            raise invalid_session_id()
+        self.gateway, self.store, self.session_id = gateway, store, session_id
+        self.owner = sessions.owner_of(caller.key_id)
+        self.holder = f"files-{uuid.uuid4().hex}"
+
+    async def __aenter__(self) -> "_NewVersion":
+        redis = self.gateway.redis
+        if not await sessions.lock(redis, self.owner, self.session_id, self.holder, _UPLOAD_HOLD_S):
+            raise OpenAIError(
+                409,
+                f"Session '{self.session_id}' is busy with a request; retry when it has finished.",
+                type="invalid_request_error",
+                param="session_id",
+                code="session_busy",
+            )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await sessions.release(self.gateway.redis, self.owner, self.session_id, self.holder)
+
+    async def session(self, *, create: bool) -> tuple[WorkspaceRef, Manifest]:
+        ttl_s = self.gateway.settings.session_ttl_s
+        found = await sessions.get(self.gateway.redis, self.owner, self.session_id, ttl_s)
+        if found is None and not create:
+            raise _not_found(self.session_id)
+        transcript, version = (found[0].transcript_id, found[0].workspace) if found else (None, None)
+        self.transcript_id = transcript or sessions.new_transcript_id()
+        ref = WorkspaceRef(self.owner, self.session_id, self.transcript_id)
+        return ref, await _manifest(self.store, ref, version)
+
+    async def commit(self, ref: WorkspaceRef, writer: VersionWriter) -> Manifest:
+        settings, redis = self.gateway.settings, self.gateway.redis
+        manifest = writer.manifest()
+        try:
+            manifest.check_limits(settings.workspace_max_bytes, settings.workspace_max_files)
+        except workspaces.WorkspaceTooLarge as exc:
+            raise OpenAIError(
+                413, str(exc), type="invalid_request_error", code="workspace_too_large"
+            ) from None
+        await workspaces.track(redis, ref, settings.session_ttl_s)
+        manifest = await writer.write(self.store, ref)
+        assert manifest.version is not None
+        await sessions.set_workspace(
+            redis,
+            self.owner,
+            self.session_id,
+            self.holder,
+            self.transcript_id,
+            manifest.version,
+            settings.session_ttl_s,
+        )
+        await workspaces.collect_garbage(self.store, ref, manifest)
+        return manifest
+
+
+def _without(manifest: Manifest, path: str) -> VersionWriter:
+    """The next version: `manifest` without the file at `path`."""
+    writer = VersionWriter(manifest)
+    for other, entry in manifest.files.items():
+        if other != path:
+            writer.keep(other, entry)
+    writer.links.update(manifest.links)
+    return writer
+
+
+def _upload_path(path: str | None, file: UploadFile) -> str:
+    name = path if path is not None else posixpath.basename(file.filename or "")
+    try:
+        return workspaces.checked_path(name.strip("/") if path is not None else name)
+    except workspaces.InvalidPath:
+        raise OpenAIError.invalid(
+            "A file's path is relative to the workspace: '/'-separated names, none of them empty, "
+            "'.' or '..', no control characters, at most 1024 bytes.",
+            param="path",
+            code="invalid_path",
+        ) from None
+
+
+def _conflict(manifest: Manifest, path: str) -> str | None:
+    """What stands where `path`'s file would go: a file or link in place of one of its folders,
+    or a folder of files in its place."""
+    parts = path.split("/")
+    for depth in range(1, len(parts)):
+        folder = "/".join(parts[:depth])
+        if folder in manifest.files or folder in manifest.links:
+            return folder
+    inside = path + "/"
+    if path in manifest.links or any(
+        other.startswith(inside) for other in (*manifest.files, *manifest.links)
+    ):
+        return path
+    return None
+
+
+@router.post("/v1/sessions/{session_id}/files", response_model=SessionFile, responses=_ERRORS)
+async def upload_file(
+    session_id: str,
+    gateway: GatewayDep,
+    caller: CallerDep,
+    store: StoreDep,
+    file: Annotated[UploadFile, File()],
+    path: Annotated[str | None, Form()] = None,
+) -> SessionFile:
+    """Puts `file` into the workspace at `path` (an extension; default: the upload's file name),
+    replacing a file there."""
+    target = _upload_path(path, file)
+    data = await file.read()
+    async with _NewVersion(gateway, caller, store, session_id) as change:
+        ref, manifest = await change.session(create=True)
+        if (taken := _conflict(manifest, target)) is not None:
+            raise OpenAIError.invalid(
+                f"'{target}' cannot be written: '{taken}' is in the way.", param="path", code="path_conflict"
+            )
+        writer = _without(manifest, target)
+        writer.add(target, data, source="user", executable=False, now=int(time.time()))
+        saved = await change.commit(ref, writer)
+    return _file(session_id, target, saved.files[target])
+
+
+@router.delete(
+    "/v1/sessions/{session_id}/files/{file_id}", response_model=SessionFileDeleted, responses=_ERRORS
+)
+async def delete_file(
+    session_id: str, file_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep
+) -> SessionFileDeleted:
+    async with _NewVersion(gateway, caller, store, session_id) as change:
+        ref, manifest = await change.session(create=False)
+        path, _ = _find(manifest, file_id)
+        await change.commit(ref, _without(manifest, path))
+    return SessionFileDeleted(id=file_id)

@@ -1,0 +1,169 @@
+"""Where session workspaces are kept between turns: a local directory or S3-compatible storage.
+
+The store is a plain object store (put, get, a byte range, list, delete); what the objects mean
+(versions, manifests, packs) is `shared/workspaces.py`'s. It is chosen by one setting,
+`WORKSPACE_STORE`: unset, a directory under the state directory; `file:///path`, a directory
+(which several machines can share through a network filesystem); `s3://bucket/prefix`,
+S3-compatible storage (`WORKSPACE_S3_*` for its endpoint and credentials, never the `AWS_*`
+variables, which may reach the agent for Bedrock).
+
+S3 goes through `obstore` (Rust's `object_store` behind a small typed async API): one dependency
+with no transitive ones, native asyncio, range reads, and a tested S3 client with retries.
+"""
+
+import asyncio
+import contextlib
+import os
+import uuid
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import obstore
+from obstore.store import S3Store as S3Client
+
+from shared.settings import Settings
+
+
+class MissingObject(Exception):
+    """The key names no object (never written, or deleted since)."""
+
+
+class ObjectStore(Protocol):
+    async def put(self, key: str, data: bytes) -> None:
+        """Writes the whole object at once: a reader sees the old object or the new, never a part."""
+
+    async def get(self, key: str) -> bytes: ...
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes: ...
+
+    async def keys(self, prefix: str) -> list[str]:
+        """Keys under `prefix` (a `/`-terminated folder)."""
+
+    async def delete(self, keys: list[str]) -> None:
+        """Deletes the objects; keys that are already gone are no error."""
+
+
+class LocalStore:
+    """Objects as files under `root`, each written to a temporary name and renamed into place."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key  # keys are built by shared/workspaces.py from validated parts
+
+    def _put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+        partial.write_bytes(data)
+        partial.replace(path)
+
+    def _get(self, key: str, start: int = 0, length: int = -1) -> bytes:
+        try:
+            with self._path(key).open("rb") as file:
+                file.seek(start)
+                return file.read(length)
+        except FileNotFoundError:
+            raise MissingObject(key) from None
+
+    def _keys(self, prefix: str) -> list[str]:
+        top = self._path(prefix)
+        if not top.is_dir():
+            return []
+        return [
+            str(path.relative_to(self.root))
+            for path in top.rglob("*")
+            if path.is_file() and not path.name.endswith(".partial")
+        ]
+
+    def _delete(self, keys: list[str]) -> None:
+        folders = set()
+        for key in keys:
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            folders.add(path.parent)
+        # Nothing of a deleted session stays behind, not even its empty folders.
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            while folder != self.root and folder.is_relative_to(self.root):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+                if folder.exists():
+                    break
+                folder = folder.parent
+
+    async def put(self, key: str, data: bytes) -> None:
+        await asyncio.to_thread(self._put, key, data)
+
+    async def get(self, key: str) -> bytes:
+        return await asyncio.to_thread(self._get, key)
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        return await asyncio.to_thread(self._get, key, start, length)
+
+    async def keys(self, prefix: str) -> list[str]:
+        return await asyncio.to_thread(self._keys, prefix)
+
+    async def delete(self, keys: list[str]) -> None:
+        await asyncio.to_thread(self._delete, keys)
+
+
+class S3Store:
+    """Objects in an S3 bucket (AWS or any S3-compatible server), under an optional prefix."""
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        parts = urlsplit(url)
+        endpoint = settings.workspace_s3_endpoint
+        key_id, secret = settings.workspace_s3_access_key_id, settings.workspace_s3_secret_access_key
+        self._client = S3Client(
+            parts.netloc,
+            prefix=parts.path.strip("/") or None,
+            region=settings.workspace_s3_region,
+            endpoint=endpoint,
+            access_key_id=key_id.get_secret_value() if key_id else None,
+            secret_access_key=secret.get_secret_value() if secret else None,
+            virtual_hosted_style_request=False,
+            client_options={"allow_http": bool(endpoint and endpoint.startswith("http://"))},
+        )
+
+    async def put(self, key: str, data: bytes) -> None:
+        await obstore.put_async(self._client, key, data)
+
+    async def get(self, key: str) -> bytes:
+        try:
+            result = await obstore.get_async(self._client, key)
+            return bytes(await result.bytes_async())
+        except FileNotFoundError:
+            raise MissingObject(key) from None
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        try:
+            return bytes(await obstore.get_range_async(self._client, key, start=start, length=length))
+        except FileNotFoundError:
+            raise MissingObject(key) from None
+
+    async def keys(self, prefix: str) -> list[str]:
+        keys = []
+        async for chunk in obstore.list(self._client, prefix):
+            keys += [meta["path"] for meta in chunk]
+        return keys
+
+    async def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):  # S3's most keys per DeleteObjects
+            await obstore.delete_async(self._client, keys[start : start + 1000])
+
+
+def open_store(settings: Settings) -> ObjectStore:
+    """The store `WORKSPACE_STORE` names."""
+    url = settings.workspace_store
+    if url is None:
+        return LocalStore(settings.state_dir / "workspace-store")
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        return LocalStore(Path(os.path.expanduser(parts.path)))
+    if parts.scheme == "s3":
+        return S3Store(url, settings)
+    raise ValueError(f"WORKSPACE_STORE must be file:///path or s3://bucket/prefix, not {url!r}")

@@ -1,0 +1,317 @@
+"""Session workspaces as immutable versions in a workspace store, shared by the API and workers.
+
+A version is one manifest (every file's path, size, SHA-256 and where its bytes are) and at most
+one pack (the bytes of the files that changed since its parent, concatenated). A save uploads one
+pack with only what changed, then the manifest; a restore reads the manifest and the packs it
+names. Versions are never modified, and a version id is new each time, so two versions never mix.
+
+Which version is the session's is recorded in Redis with the session (`shared/sessions.py`),
+in the same atomic step that commits a turn's transcript: until then a saved version is not the
+session's, and a turn that fails or is cancelled leaves both the files and the transcript as
+they were. Versions no longer reachable are collected after a later save; a deleted session's
+objects are deleted with it, an expired one's by `sweep` (every worker runs it).
+
+Layout: `ws/<owner>/<session id>/<incarnation>/{manifests,packs}/<version>`, where the incarnation
+is the session's transcript id (a UUID per session life), so a session re-created under an old
+id never sees, and a late sweep never deletes, the files of another life.
+"""
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+from redis.asyncio import Redis
+
+from shared.keys import PREFIX, is_session_id, session_key
+from shared.workspace_store import MissingObject, ObjectStore
+
+SWEEP_INDEX = f"{PREFIX}:workspaces"
+"""Sorted set: `<owner>/<session>/<incarnation>` of every stored workspace -> when to look at it (ms)."""
+
+_OWNER = re.compile(r"[0-9a-f]{32}")
+_INCARNATION = re.compile(r"[0-9a-f-]{36}")
+_VERSION = re.compile(r"(\d{10})-[0-9a-f]{12}")
+MAX_PATH = 1024
+_RANGES_UP_TO = 8
+"""Files read from one pack one range each up to this many, else the whole pack at once."""
+_COMPACT_PACKS = 64
+"""A save rewrites the whole workspace as one pack when its versions spread over more packs than this,"""
+_COMPACT_WASTE = 2.0
+"""or when the packs it reads hold more than this many times its live bytes (overwritten files)."""
+
+Source = Literal["user", "assistant"]
+
+
+class WorkspaceTooLarge(Exception):
+    """A version would exceed the workspace limits; nothing is saved."""
+
+
+def check_limits(count: int, total: int, max_bytes: int, max_files: int) -> None:
+    if count > max_files or total > max_bytes:
+        over = f"more than {max_files} files" if count > max_files else f"more than {max_bytes} bytes"
+        raise WorkspaceTooLarge(
+            f"The session's workspace would hold {over}; its limits are {max_files} files and "
+            f"{max_bytes} bytes. Nothing was saved: the workspace stays as it was before this request."
+        )
+
+
+class InvalidPath(ValueError):
+    pass
+
+
+def checked_path(path: str) -> str:
+    """A workspace-relative path: `/`-separated names, none empty, `.` or `..`, no control characters."""
+    parts = path.split("/")
+    if (
+        not path
+        or len(path.encode("utf-8", "surrogatepass")) > MAX_PATH
+        or any(part in ("", ".", "..") for part in parts)
+        or any(ord(char) < 32 or ord(char) == 127 for char in path)
+    ):
+        raise InvalidPath(path)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidPath(path) from None
+    return path
+
+
+def file_id(path: str) -> str:
+    """A file's id in the files API: stable for its path within the session."""
+    return "cfile_" + hashlib.sha256(path.encode()).hexdigest()[:32]
+
+
+class FileEntry(NamedTuple):
+    pack: str
+    offset: int
+    bytes: int
+    sha256: str
+    created_at: int
+    source: Source
+    executable: bool
+
+
+@dataclass(frozen=True)
+class WorkspaceRef:
+    """One life of one session's workspace in the store."""
+
+    owner: str
+    session: str
+    incarnation: str
+
+    def __post_init__(self) -> None:
+        if not (
+            _OWNER.fullmatch(self.owner)
+            and is_session_id(self.session)
+            and _INCARNATION.fullmatch(self.incarnation)
+        ):
+            raise ValueError("malformed workspace reference")
+
+    @property
+    def prefix(self) -> str:
+        return f"ws/{self.owner}/{self.session}/{self.incarnation}/"
+
+    @property
+    def member(self) -> str:
+        return f"{self.owner}/{self.session}/{self.incarnation}"
+
+    @classmethod
+    def of_member(cls, member: str) -> "WorkspaceRef":
+        owner, session, incarnation = member.split("/")
+        return cls(owner, session, incarnation)
+
+    def manifest_key(self, version: str) -> str:
+        return f"{self.prefix}manifests/{version}"
+
+    def pack_key(self, version: str) -> str:
+        return f"{self.prefix}packs/{version}"
+
+
+def _sequence(version: str) -> int:
+    match = _VERSION.fullmatch(version)
+    if match is None:
+        raise ValueError("malformed workspace version")
+    return int(match.group(1))
+
+
+@dataclass
+class Manifest:
+    """One version's files (path -> entry) and symbolic links (path -> target inside the workspace)."""
+
+    version: str | None = None
+    """None: the empty workspace every session starts with."""
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
+    packs: dict[str, int] = field(default_factory=dict)
+    """Sizes of the packs the files are in."""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(entry.bytes for entry in self.files.values())
+
+    def encode(self) -> bytes:
+        body = {"version": self.version, "files": self.files, "links": self.links, "packs": self.packs}
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Manifest":
+        body = json.loads(raw)
+        files = {path: FileEntry(*entry) for path, entry in body["files"].items()}
+        return cls(version=body["version"], files=files, links=body["links"], packs=body["packs"])
+
+    def next_version(self) -> str:
+        sequence = 0 if self.version is None else _sequence(self.version) + 1
+        return f"{sequence:010d}-{uuid.uuid4().hex[:12]}"
+
+    def check_limits(self, max_bytes: int, max_files: int) -> None:
+        check_limits(len(self.files) + len(self.links), self.total_bytes, max_bytes, max_files)
+
+    def needs_compaction(self) -> bool:
+        stored = sum(self.packs.values())
+        return len(self.packs) > _COMPACT_PACKS or stored > _COMPACT_WASTE * self.total_bytes + (4 << 20)
+
+
+class VersionWriter:
+    """Builds the next version of a manifest: changed files go into its one new pack."""
+
+    def __init__(self, parent: Manifest, *, compact: bool = False) -> None:
+        """`compact`: every file goes into the new pack, so it reads no older one."""
+        self.parent = parent
+        self.version = parent.next_version()
+        self.files: dict[str, FileEntry] = {}
+        self.links: dict[str, str] = {}
+        self._pack: list[bytes] = []
+        self._size = 0
+        self._compact = compact
+        self._by_sha = {} if compact else {entry.sha256: entry for entry in parent.files.values()}
+
+    def keep(self, path: str, entry: FileEntry) -> None:
+        self.files[path] = entry
+
+    def add(self, path: str, data: bytes, *, source: Source, executable: bool, now: int) -> None:
+        sha = hashlib.sha256(data).hexdigest()
+        known = self.parent.files.get(path)
+        created = known.created_at if known is not None else now
+        if known is not None and known.sha256 == sha:
+            source = known.source
+        if not self._compact and known is not None and (known.sha256, known.executable) == (sha, executable):
+            self.files[path] = known
+            return
+        if (same := self._by_sha.get(sha)) is not None:  # a copy or a move: the bytes are stored
+            self.files[path] = FileEntry(same.pack, same.offset, len(data), sha, created, source, executable)
+            return
+        entry = FileEntry(self.version, self._size, len(data), sha, created, source, executable)
+        self._pack.append(data)
+        self._size += len(data)
+        self.files[path] = self._by_sha[sha] = entry
+
+    def manifest(self) -> Manifest:
+        packs = {entry.pack for entry in self.files.values()}
+        sizes = {**self.parent.packs, self.version: self._size}
+        return Manifest(self.version, self.files, self.links, {pack: sizes[pack] for pack in packs})
+
+    def changed(self) -> bool:
+        return self.files != self.parent.files or self.links != self.parent.links
+
+    async def write(self, store: ObjectStore, ref: WorkspaceRef) -> Manifest:
+        """Uploads the pack, then the manifest: a manifest never names bytes that are not stored."""
+        manifest = self.manifest()
+        if self._pack:
+            await store.put(ref.pack_key(self.version), b"".join(self._pack))
+        await store.put(ref.manifest_key(self.version), manifest.encode())
+        return manifest
+
+
+async def load_manifest(store: ObjectStore, ref: WorkspaceRef, version: str | None) -> Manifest:
+    if version is None:
+        return Manifest()
+    _sequence(version)
+    return Manifest.decode(await store.get(ref.manifest_key(version)))
+
+
+async def read_file(store: ObjectStore, ref: WorkspaceRef, entry: FileEntry) -> bytes:
+    return await store.get_range(ref.pack_key(entry.pack), entry.offset, entry.bytes)
+
+
+async def read_files(
+    store: ObjectStore, ref: WorkspaceRef, entries: dict[str, FileEntry]
+) -> dict[str, bytes]:
+    """The bytes of files (path -> entry): a range per file from packs of few of them, else whole
+    packs, all at once."""
+    by_pack: dict[str, list[str]] = {}
+    for path, entry in entries.items():
+        by_pack.setdefault(entry.pack, []).append(path)
+
+    async def from_pack(pack: str, paths: list[str]) -> dict[str, bytes]:
+        if len(paths) <= _RANGES_UP_TO:
+            return {path: await read_file(store, ref, entries[path]) for path in paths}
+        data = await store.get(ref.pack_key(pack))
+        return {
+            path: data[entries[path].offset : entries[path].offset + entries[path].bytes] for path in paths
+        }
+
+    contents: dict[str, bytes] = {}
+    for part in await asyncio.gather(*(from_pack(pack, paths) for pack, paths in by_pack.items())):
+        contents.update(part)
+    return contents
+
+
+async def collect_garbage(store: ObjectStore, ref: WorkspaceRef, current: Manifest) -> None:
+    """Deletes the versions older than `current`'s parent, and packs `current` does not read.
+
+    Newer objects may be a save in progress (another turn or an upload after this one's commit)
+    and the parent may still be read by a download that began before the commit: both stay.
+    """
+    if current.version is None:
+        return
+    oldest_kept = _sequence(current.version) - 1
+    stale = []
+    for key in await store.keys(ref.prefix):
+        kind, _, version = key.removeprefix(ref.prefix).partition("/")
+        if not _VERSION.fullmatch(version) or _sequence(version) >= oldest_kept:
+            continue
+        if kind == "manifests" or (kind == "packs" and version not in current.packs):
+            stale.append(key)
+    if stale:
+        await store.delete(stale)
+
+
+async def delete_workspace(store: ObjectStore, redis: Redis, ref: WorkspaceRef) -> None:
+    """Removes every object of one life of a session's workspace."""
+    await store.delete(await store.keys(ref.prefix))
+    await redis.zrem(SWEEP_INDEX, ref.member)
+
+
+async def track(redis: Redis, ref: WorkspaceRef, ttl_s: int) -> None:
+    """Registers a workspace with the sweep before anything of it is stored (so nothing leaks)."""
+    await redis.zadd(SWEEP_INDEX, {ref.member: _ms() + ttl_s * 1000}, gt=True)
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def sweep(store: ObjectStore, redis: Redis, ttl_s: int, limit: int = 32) -> list[WorkspaceRef]:
+    """Deletes the stored workspaces whose session expired or was re-created; returns them.
+
+    A session still alive (same transcript id) is looked at again when it could next expire.
+    """
+    due: list[bytes] = await redis.zrangebyscore(SWEEP_INDEX, "-inf", _ms(), start=0, num=limit)
+    deleted = []
+    for raw in due:
+        ref = WorkspaceRef.of_member(raw.decode())
+        record = await redis.hmget(session_key(ref.owner, ref.session), ["transcript", "last_used"])  # type: ignore[misc]
+        if record[0] is not None and record[0].decode() == ref.incarnation:
+            await redis.zadd(SWEEP_INDEX, {ref.member: int(record[1]) + ttl_s * 1000 + 1000})
+            continue
+        try:
+            await delete_workspace(store, redis, ref)
+        except MissingObject:
+            continue
+        deleted.append(ref)
+    return deleted

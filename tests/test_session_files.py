@@ -1,0 +1,225 @@
+"""Session workspaces through the API, on the scripted backend (which writes and reads files in a
+session's directory as the agent would), against the local store and a real S3 server: files
+that persist across turns, the files API, limits, key scoping, and nothing left after a session.
+
+The same with the real SDK and CLI, moving between worker processes: tests/test_claude_workspaces.py.
+"""
+
+import asyncio
+import io
+import json
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+
+from shared.settings import Settings
+from shared.workspace_store import open_store
+from tests.conftest import Gateway, chat, workspace_store_env
+
+_SCHEMAS = json.loads((Path(__file__).parent / "schemas" / "openai_container_files.json").read_text())
+KEY_A, KEY_B = "key-a-0123456789", "key-b-0123456789"
+
+
+def assert_file_schema(instance: Any, name: str) -> None:
+    jsonschema.validate(instance, {**_SCHEMAS, "$ref": f"#/$defs/{name}"})
+
+
+def stored_keys(gateway: Gateway) -> list[str]:
+    """Every object in the gateway's workspace store."""
+    settings = Settings(**{name.lower(): value for name, value in gateway.env.items() if "WORKSPACE" in name})
+    return asyncio.run(open_store(settings).keys("ws/"))
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def files_gateway(request: pytest.FixtureRequest, start_gateway: Any, tmp_path_factory: Any) -> Gateway:
+    s3 = request.getfixturevalue("s3_server") if request.param == "s3" else None
+    store = workspace_store_env(request.param, s3, tmp_path_factory.mktemp("store"))
+    gateway: Gateway = start_gateway(
+        workers=2,
+        BACKEND="scripted",
+        API_KEYS=f"{KEY_A},{KEY_B}",
+        WORKSPACE_MAX_BYTES="200000",
+        WORKSPACE_MAX_FILES="20",
+        **store,
+    )
+    return gateway
+
+
+def turn(gateway: Gateway, session: str, script: dict[str, Any], key: str = KEY_A) -> httpx.Response:
+    body = chat("script:" + json.dumps({"text": "ok", **script}), session_id=session)
+    return httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=_auth(key), timeout=30)
+
+
+def reply(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    content: str = response.json()["choices"][0]["message"]["content"]
+    return content
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def files_url(gateway: Gateway, session: str, rest: str = "") -> str:
+    return f"{gateway.url}/v1/sessions/{session}/files{rest}"
+
+
+def listed(gateway: Gateway, session: str, key: str = KEY_A) -> dict[str, Any]:
+    response = httpx.get(files_url(gateway, session), headers=_auth(key), timeout=10)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_files_written_in_a_turn_are_there_in_the_next_and_download_byte_exact(
+    files_gateway: Gateway,
+) -> None:
+    text = "line one\nünïcode ✓\n"
+    assert reply(turn(files_gateway, "keep-1", {"write": {"notes.txt": text, "src/app.py": "x = 1\n"}}))
+    for _ in range(3):  # either worker may take the next turns
+        assert reply(turn(files_gateway, "keep-1", {"read": "notes.txt"})) == text
+    body = listed(files_gateway, "keep-1")
+    assert_file_schema(body, "ContainerFileListResource")
+    by_path = {item["path"]: item for item in body["data"]}
+    assert sorted(by_path) == ["notes.txt", "src/app.py"]
+    notes = by_path["notes.txt"]
+    assert (notes["bytes"], notes["source"]) == (len(text.encode()), "assistant")
+    assert notes["container_id"] == "keep-1"
+    one = httpx.get(files_url(files_gateway, "keep-1", f"/{notes['id']}"), headers=_auth(KEY_A), timeout=10)
+    assert one.json() == notes
+    content = httpx.get(files_url(files_gateway, "keep-1", f"/{notes['id']}/content"), headers=_auth(KEY_A))
+    assert content.status_code == 200
+    assert content.content == text.encode()
+    archive = httpx.get(f"{files_gateway.url}/v1/sessions/keep-1/archive", headers=_auth(KEY_A), timeout=10)
+    assert archive.headers["content-type"] == "application/gzip"
+    with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+        assert sorted(tar.getnames()) == ["notes.txt", "src/app.py"]
+        extracted = tar.extractfile("notes.txt")
+        assert extracted is not None
+        assert extracted.read() == text.encode()
+
+
+def test_an_uploaded_file_is_read_by_the_next_turn_and_can_be_deleted(files_gateway: Gateway) -> None:
+    data = b"uploaded \x00\xff bytes"
+    upload = httpx.post(
+        files_url(files_gateway, "upload-1"),
+        files={"file": ("input.bin", data)},
+        data={"path": "in/input.bin"},
+        headers=_auth(KEY_A),
+        timeout=10,
+    )
+    assert upload.status_code == 200, upload.text
+    created = upload.json()
+    assert_file_schema(created, "ContainerFileResource")
+    assert (created["path"], created["bytes"], created["source"]) == ("in/input.bin", len(data), "user")
+    # The upload created the session (no turns yet); its first turn finds the file.
+    session = httpx.get(f"{files_gateway.url}/v1/sessions/upload-1", headers=_auth(KEY_A)).json()
+    assert session["message_count"] == 0
+    assert reply(turn(files_gateway, "upload-1", {"write": {"copy.txt": "made"}})) == "ok"
+    paths = {item["path"] for item in listed(files_gateway, "upload-1")["data"]}
+    assert paths == {"in/input.bin", "copy.txt"}
+    deleted = httpx.delete(files_url(files_gateway, "upload-1", f"/{created['id']}"), headers=_auth(KEY_A))
+    assert deleted.json() == {"id": created["id"], "object": "container.file.deleted", "deleted": True}
+    assert reply(turn(files_gateway, "upload-1", {"read": "in/input.bin"})) == "(no such file)"
+    assert reply(turn(files_gateway, "upload-1", {"read": "copy.txt"})) == "made"
+
+
+@pytest.mark.parametrize("path", ["../escape.txt", "a//b", "x\n", "/", "a/./b"])
+def test_upload_paths_are_validated(files_gateway: Gateway, path: str) -> None:
+    response = httpx.post(
+        files_url(files_gateway, "paths-1"),
+        files={"file": ("f", b"x")},
+        data={"path": path},
+        headers=_auth(KEY_A),
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_path"
+
+
+def test_a_save_over_the_limit_is_refused_and_the_last_good_version_stays(files_gateway: Gateway) -> None:
+    assert reply(turn(files_gateway, "limit-1", {"write": {"good.txt": "good"}}))
+    too_big = turn(files_gateway, "limit-1", {"write": {"good.txt": "changed"}, "fill": {"big.bin": 300_000}})
+    assert too_big.status_code == 413, too_big.text
+    error = too_big.json()["error"]
+    assert error["code"] == "workspace_too_large"
+    assert "200000 bytes" in error["message"]
+    too_many = turn(files_gateway, "limit-1", {"write": {f"f{i}.txt": "x" for i in range(25)}})
+    assert too_many.status_code == 413
+    assert "20 files" in too_many.json()["error"]["message"]
+    # Neither the files nor the conversation advanced.
+    assert reply(turn(files_gateway, "limit-1", {"read": "good.txt"})) == "good"
+    assert [item["path"] for item in listed(files_gateway, "limit-1")["data"]] == ["good.txt"]
+    session = httpx.get(f"{files_gateway.url}/v1/sessions/limit-1", headers=_auth(KEY_A)).json()
+    assert session["message_count"] == 4  # two completed turns
+    upload = httpx.post(
+        files_url(files_gateway, "limit-1"), files={"file": ("big.bin", bytes(300_000))}, headers=_auth(KEY_A)
+    )
+    assert upload.status_code == 413
+    assert upload.json()["error"]["code"] == "workspace_too_large"
+
+
+def test_a_failed_turn_leaves_the_files_as_they_were(files_gateway: Gateway) -> None:
+    assert reply(turn(files_gateway, "fail-1", {"write": {"state.txt": "v1"}}))
+    failed = turn(files_gateway, "fail-1", {"write": {"state.txt": "v2", "new.txt": "n"}, "fail_after": 0})
+    assert failed.status_code == 502
+    assert reply(turn(files_gateway, "fail-1", {"read": "state.txt"})) == "v1"
+    assert reply(turn(files_gateway, "fail-1", {"read": "new.txt"})) == "(no such file)"
+
+
+def test_another_key_gets_404_on_every_file_route(files_gateway: Gateway) -> None:
+    assert reply(turn(files_gateway, "mine-1", {"write": {"secret.txt": "for key a"}}))
+    file_id = listed(files_gateway, "mine-1")["data"][0]["id"]
+    other = _auth(KEY_B)
+    base = f"{files_gateway.url}/v1/sessions/mine-1"
+    for method, url in [
+        ("GET", f"{base}/files"),
+        ("GET", f"{base}/files/{file_id}"),
+        ("GET", f"{base}/files/{file_id}/content"),
+        ("GET", f"{base}/archive"),
+        ("DELETE", f"{base}/files/{file_id}"),
+    ]:
+        response = httpx.request(method, url, headers=other, timeout=10)
+        assert response.status_code == 404, (method, url, response.text)
+        assert response.json()["error"]["code"] == "session_not_found"
+    # An upload under the same id makes key b a session of its own; key a's is untouched.
+    upload = httpx.post(f"{base}/files", files={"file": ("secret.txt", b"key b")}, headers=other)
+    assert upload.status_code == 200
+    assert reply(turn(files_gateway, "mine-1", {"read": "secret.txt"})) == "for key a"
+    assert reply(turn(files_gateway, "mine-1", {"read": "secret.txt"}, key=KEY_B)) == "key b"
+
+
+def test_a_deleted_session_leaves_nothing_in_the_store(files_gateway: Gateway) -> None:
+    assert reply(turn(files_gateway, "gone-1", {"write": {"a.txt": "a", "b/c.txt": "c"}}))
+    assert reply(turn(files_gateway, "gone-1", {"write": {"a.txt": "changed"}}))
+    assert any("/gone-1/" in key for key in stored_keys(files_gateway))
+    deleted = httpx.delete(f"{files_gateway.url}/v1/sessions/gone-1", headers=_auth(KEY_A))
+    assert deleted.status_code == 200
+    assert not [key for key in stored_keys(files_gateway) if "/gone-1/" in key]
+    assert httpx.get(files_url(files_gateway, "gone-1"), headers=_auth(KEY_A)).status_code == 404
+
+
+def test_an_expired_session_leaves_nothing_in_the_store(start_gateway: Any, tmp_path: Path) -> None:
+    store = workspace_store_env("local", None, tmp_path)
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", SESSION_TTL_S="2", **store)
+    body = chat("script:" + json.dumps({"text": "ok", "write": {"a.txt": "a"}}), session_id="short-1")
+    assert httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+    assert stored_keys(gateway)
+    deadline = time.monotonic() + 15  # expires after 2 s; the workers sweep every second or so
+    while stored_keys(gateway) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stored_keys(gateway) == []
+    assert not any((tmp_path / "store").rglob("*"))  # not even its folders
+
+
+def test_a_sessions_turns_stay_on_the_worker_that_holds_its_files(files_gateway: Gateway) -> None:
+    workers = set()
+    for number in range(6):
+        response = turn(files_gateway, "stay-1", {"write": {f"t{number}.txt": "x"}})
+        job_id = response.json()["id"].removeprefix("chatcmpl-")
+        workers.add(files_gateway.redis().hget(f"gateway:job:{job_id}", "worker"))
+    assert len(workers) == 1, workers
