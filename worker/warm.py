@@ -261,8 +261,13 @@ class WarmPool:
 
     def _shrink(self) -> None:
         """Idle: discards the clients over the target, other profiles and the oldest first."""
+        if self._closed:
+            return
+        if (wait := self._last_job_at + self.idle_s - time.monotonic()) > 0:  # a job came since
+            self._trim = asyncio.get_running_loop().call_later(wait + 0.1, self._shrink)
+            return
         excess = len(self._slots) - self.target()
-        if excess <= 0 or self._closed:
+        if excess <= 0:
             return
         latest = str(profile(self._template)) if self._template is not None else ""
         ranked = sorted(self._slots, key=lambda slot: slot.profile == latest)
