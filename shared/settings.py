@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     stream_commit_after_s: float = Field(
         default=10.0, gt=0, description="How long a stream's headers wait for the job's first event."
     )
+    stream_reasoning: bool = Field(
+        default=True,
+        description="Show the agent's thinking and tool steps in replies (a request may turn it off).",
+    )
     log_level: str = "info"
 
     # --- Worker ---------------------------------------------------------------------------

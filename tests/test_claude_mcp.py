@@ -90,6 +90,32 @@ def test_what_the_policy_forbids_is_a_400(
     assert upstream.requests == []
 
 
+ENDPOINTS = {
+    "responses": ("/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi"}),
+    "messages": (
+        "/v1/messages",
+        {"model": "claude-sonnet-4-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]},
+    ),
+    "chat n=2": ("/v1/chat/completions", chat("hi", n=2)),
+}
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_every_front_end_offers_the_servers_under_the_same_policy(
+    served: Gateway, upstream: FakeAnthropic, endpoint: str
+) -> None:
+    path, body = ENDPOINTS[endpoint]
+    response = httpx.post(f"{served.url}{path}", json=body | {"mcp_servers": ["extra"]}, timeout=90)
+    assert response.status_code == 200, response.text
+    assert upstream.requests
+    assert all(tool_names(sent) == ["Read", "mcp__extra__stamp"] for sent in upstream.requests)
+    upstream.requests.clear()
+    refused = httpx.post(f"{served.url}{path}", json=body | {"mcp_servers": ["denied"]}, timeout=30)
+    assert refused.status_code == 400, refused.text
+    assert "MCP server 'denied' is not offered" in refused.text
+    assert upstream.requests == []
+
+
 def test_the_servers_are_listed_without_their_configuration(served: Gateway) -> None:
     listed = httpx.get(f"{served.url}/v1/mcp/servers", timeout=10)
     assert_documented(served, "get", "/v1/mcp/servers", listed.json())

@@ -32,11 +32,13 @@ def callers(gateway: Gateway) -> tuple[dict[str, str], dict[str, str]]:
     return bearer(new_key(gateway, "a")[1]), bearer(new_key(gateway, "b")[1])
 
 
-def _agent(gateway: Gateway, headers: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
-    """The agent of the job a chat request queued."""
-    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+def _agent(
+    gateway: Gateway, headers: dict[str, str], body: dict[str, Any], path: str = "/v1/chat/completions"
+) -> dict[str, Any]:
+    """The agent of the job a request queued (its id is the response's, after the prefix)."""
+    response = httpx.post(f"{gateway.url}{path}", json=body, headers=headers, timeout=30)
     assert response.status_code == 200, response.text
-    job_id = response.json()["id"].removeprefix("chatcmpl-")
+    job_id = response.json()["id"].partition("-" if path.endswith("completions") else "_")[2]
     payload = gateway.redis().hget(record_key(job_id), "payload")
     assert payload is not None
     return CompletionJob.model_validate_json(payload).agent.model_dump()
@@ -73,6 +75,10 @@ def test_the_global_configuration_is_the_operators(
         assert read == changed.json()
         agent = _agent(gateway, caller, chat("hi"))
         assert agent["tools"] == ["Read"]
+        messages = {"model": "claude-sonnet-4-5", "max_tokens": 9, "messages": chat("hi")["messages"]}
+        assert _agent(gateway, caller, messages, "/v1/messages")["tools"] == ["Read"]
+        responses = {"model": "claude-sonnet-4-5", "input": "hi"}
+        assert _agent(gateway, caller, responses, "/v1/responses")["tools"] == ["Read"]
         assert agent["disallowed_tools"] == ["Glob", "Bash(rm:*)"]
         assert _agent(gateway, caller, chat("hi", allowed_tools=["Bash"]))["tools"] == [
             "Bash"

@@ -28,6 +28,9 @@ class AgentControls(BaseModel):
     mcp_servers: list[Annotated[str, StringConstraints(max_length=64)]] | None = Field(
         default=None, max_length=100, description="Extension: the operator's MCP servers the job has."
     )
+    include_reasoning: bool | None = Field(
+        default=None, description="Extension: false leaves out the agent's thinking and tool steps."
+    )
 
     def agent_controls(self) -> "AgentControls":
         return AgentControls.model_validate(self.model_dump(include=set(AgentControls.model_fields)))

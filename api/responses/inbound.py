@@ -6,6 +6,7 @@ from api.core.structured import ResponseFormat
 from api.errors import OpenAIError
 from api.responses.protocol import CreateResponseRequest, chat_tool_choice, chat_tools, to_chat_messages
 from api.responses.response import StoredResponse
+from shared.settings import Settings
 
 
 def check_supported(body: CreateResponseRequest) -> None:
@@ -33,7 +34,9 @@ def core_request(body: CreateResponseRequest, earlier: list[ChatMessage]) -> Com
     )
 
 
-def stored_request(body: CreateResponseRequest, request: CompletionRequest) -> StoredResponse:
+def stored_request(
+    body: CreateResponseRequest, request: CompletionRequest, settings: Settings
+) -> StoredResponse:
     """What the response keeps of its request (retrieval, continuation)."""
     conversation = request.messages[1:] if body.instructions else request.messages
     return StoredResponse(
@@ -50,4 +53,5 @@ def stored_request(body: CreateResponseRequest, request: CompletionRequest) -> S
         text_format=(body.text or {}).get("format") if request.response_format is not None else None,
         tools=[{"strict": True, "parameters": None, **tool} for tool in body.tools or []],
         tool_choice=body.tool_choice or "auto",
+        reasoning=settings.stream_reasoning and body.include_reasoning is not False,
     )

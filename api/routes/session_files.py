@@ -168,7 +168,14 @@ async def get_file(
     return _file(session_id, *_find(manifest, file_id))
 
 
-@router.get("/v1/sessions/{session_id}/files/{file_id}/content", responses=_ERRORS)
+@router.get(
+    "/v1/sessions/{session_id}/files/{file_id}/content",
+    response_class=Response,
+    responses={
+        **_ERRORS,
+        200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes."},
+    },
+)
 async def get_file_content(
     session_id: str, file_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep
 ) -> Response:
@@ -183,7 +190,14 @@ async def get_file_content(
     return Response(data, media_type="application/octet-stream", headers=headers)
 
 
-@router.get("/v1/sessions/{session_id}/archive", responses=_ERRORS)
+@router.get(
+    "/v1/sessions/{session_id}/archive",
+    response_class=Response,
+    responses={
+        **_ERRORS,
+        200: {"content": {"application/gzip": {}}, "description": "The files, as a tar.gz."},
+    },
+)
 async def get_archive(session_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep) -> Response:
     """The whole workspace as a `tar.gz`: its files (with their executable bit) and its links."""
     ref, manifest = await _current(gateway, caller, store, session_id)

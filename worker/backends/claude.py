@@ -1,6 +1,7 @@
 """The real backend: one Claude Code CLI run per job through `claude-agent-sdk`.
 
-Deltas are the upstream's own token deltas (`include_partial_messages=True`); usage, cost and the
+Deltas are the upstream's own token deltas (`include_partial_messages=True`), thinking deltas
+become `Reasoning` and the agent's tool runs `ToolStep`s (`worker/tool_steps.py`); usage, cost and the
 stop reason come from the SDK's `ResultMessage`; failures from its error result or exceptions.
 """
 
@@ -23,16 +24,27 @@ from claude_agent_sdk import (
     CLINotFoundError,
     ResultMessage,
     SystemMessage,
+    UserMessage,
     query,
 )
 from claude_agent_sdk.types import SessionStore, StreamEvent, SystemPromptPreset
 from redis.asyncio import Redis
 
 from shared import agent_policy, backend_auth, sessions
-from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, ToolCall, Turn, Usage
+from shared.jobs import (
+    CompletionJob,
+    Delta,
+    Done,
+    FailureCode,
+    FinishReason,
+    Reasoning,
+    ToolCall,
+    Turn,
+    Usage,
+)
 from shared.settings import Settings
 from worker import caller_functions, operator_mcp, upstream_models
-from worker.backends import PROGRESS, BackendError, Progress, UsageReport
+from worker.backends import PROGRESS, BackendError, BackendEvent, UsageReport
 from worker.credential_proxy import Credential, CredentialProxy, api_key_header, bearer_header
 from worker.egress import EgressProxy
 from worker.history import HistoryStore, content_blocks, merged
@@ -40,6 +52,7 @@ from worker.login import login_token
 from worker.sandbox import MODEL_SOCKET, Sandbox, remove_runtime_dir, runtime_dir
 from worker.session_store import JobTranscript, RedisSessionStore
 from worker.skills import install_skills, installed_skills
+from worker.tool_steps import ToolSteps
 from worker.warm import WarmClient, WarmPool, warm_up
 from worker.workspace import MARKER, Workspace, job_workspace
 
@@ -262,7 +275,7 @@ class ClaudeBackend:
 
     async def stream(
         self, job: CompletionJob, work: Path | None = None
-    ) -> AsyncGenerator[Delta | Done | Progress, None]:
+    ) -> AsyncGenerator[BackendEvent, None]:
         self._refuse(job)
         warm = await self._warm.take(job) if self._warm is not None and work is None else None
         run = self._run_warm(job, warm) if warm is not None else self._run_cold(job, work)
@@ -284,9 +297,7 @@ class ClaudeBackend:
         if self._warm is not None:
             self._warm.order(job)
 
-    async def _run_warm(
-        self, job: CompletionJob, warm: WarmClient
-    ) -> AsyncGenerator[Delta | Done | Progress, None]:
+    async def _run_warm(self, job: CompletionJob, warm: WarmClient) -> AsyncGenerator[BackendEvent, None]:
         try:
             await warm.client.query(user_message(job.turns[-1]))
             async for event in _relay(warm.client.receive_response(), None, warm.client.disconnect):
@@ -294,9 +305,7 @@ class ClaudeBackend:
         finally:
             await warm.discard()
 
-    async def _run_cold(
-        self, job: CompletionJob, work: Path | None
-    ) -> AsyncGenerator[Delta | Done | Progress, None]:
+    async def _run_cold(self, job: CompletionJob, work: Path | None) -> AsyncGenerator[BackendEvent, None]:
         with self._workspace(job.id, work) as (workspace, cli):
             token = self._proxy.issue() if self._proxy is not None else None
             options = self._options(job, workspace, token, cli)
@@ -370,7 +379,7 @@ class ClaudeBackend:
 
 async def _relay(
     messages: AsyncIterator[Any], transcript: JobTranscript | None, stop: Callable[[], Awaitable[None]]
-) -> AsyncIterator[Delta | Done | Progress]:
+) -> AsyncIterator[BackendEvent]:
     """One run's SDK messages → job events; `stop` ends the run early (at the caller's token limit,
     or when the model calls the caller's functions: the caller runs them, not the CLI)."""
     started: dict[str, Any] = {}  # usage from the current upstream message's start
@@ -379,6 +388,7 @@ async def _relay(
     calls: list[ToolCall] = []  # calls to the caller's functions in the current turn
     sent = ""  # the current upstream message's text, as relayed
     resent = ""  # after a retry: what of the retried message the caller already has
+    steps = ToolSteps()  # the agent's own tool runs
     try:
         async for message in messages:
             if isinstance(message, StreamEvent):
@@ -390,6 +400,8 @@ async def _relay(
                         sent += delta["text"]
                         if text:
                             yield Delta(text=text)
+                    elif delta.get("type") == "thinking_delta" and delta.get("thinking"):
+                        yield Reasoning(text=delta["thinking"])
                     else:
                         yield PROGRESS  # a tool call or thinking being written
                 elif event.get("type") == "message_start":
@@ -409,6 +421,12 @@ async def _relay(
                     latest, message_ended = {**started, **event.get("usage", {})}, True
             elif isinstance(message, AssistantMessage):
                 calls += caller_functions.calls_in(message)
+                for step in steps.started(message):
+                    yield step
+                yield PROGRESS
+            elif isinstance(message, UserMessage):
+                for step in steps.ended(message):
+                    yield step
                 yield PROGRESS
             elif isinstance(message, SystemMessage) and message.subtype == "api_retry":
                 # The upstream dropped the stream; the CLI asks again and the new message starts

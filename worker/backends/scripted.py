@@ -27,7 +27,7 @@ from shared import sessions
 from shared.heartbeats import SandboxReport
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, ToolCall, Usage
 from shared.settings import Settings
-from worker.backends import BackendError, Progress
+from worker.backends import BackendError, BackendEvent
 
 _DIRECTIVE = "script:"
 _WORDS = re.compile(r"\S+\s*")
@@ -66,7 +66,7 @@ class ScriptedBackend:
 
     async def stream(
         self, job: CompletionJob, work: Path | None = None
-    ) -> AsyncGenerator[Delta | Done | Progress, None]:
+    ) -> AsyncGenerator[BackendEvent, None]:
         script = self.script_for(job)
         if script.write or script.fill or script.read:
             script = _with_files(script, work)
