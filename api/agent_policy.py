@@ -5,49 +5,55 @@ The request asks through body extension fields (`enable_tools`, `allowed_tools`,
 wrapper's `X-Claude-*` headers. The policy: `CLAUDE_TOOLS` are the tools callers may have (a job
 has all of them unless it narrows them), `CLAUDE_DISALLOWED_TOOLS` are denied to every job,
 `CLAUDE_MAX_TURNS` caps turns, `CLAUDE_PERMISSION_MODES` lists the modes a caller may choose.
-Asking for more than the policy grants is a 400, never a silent downgrade.
+Asking for more than the policy grants is a 400, never a silent downgrade. Which tools and MCP
+servers a job has is `api/tool_choice.py`.
 """
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import get_args
 
 from api.chat.protocol import ChatCompletionRequest
 from api.errors import OpenAIError
+from api.tool_choice import ToolChoice, check_permitted, check_servers, choose, denied_tools
 from shared.agent import AgentRequest, PermissionMode
 from shared.settings import Settings
+from shared.tool_config import ToolConfig
 
 _INTEGER = re.compile(r"[0-9]{1,9}")  # ASCII digits only: `str.isdigit` takes "²", which `int` refuses
 _MODES: tuple[str, ...] = get_args(PermissionMode)
 
 
 def agent_request(
-    body: ChatCompletionRequest, headers: Mapping[str, str], settings: Settings
+    body: ChatCompletionRequest,
+    headers: Mapping[str, str],
+    settings: Settings,
+    configs: Sequence[ToolConfig] = (),
 ) -> AgentRequest:
-    permitted = settings.claude_tools
-    tools = list(permitted) if body.enable_tools is not False else []
-    allowed = (
+    """The agent of one job. `configs` are the stored tool defaults that apply (the global one,
+    then the session's): the request's own choice wins over them, as a session's over the global
+    (`api/tool_choice.py`)."""
+    enabled = body.enable_tools is not False
+    asked = (
         body.allowed_tools if body.allowed_tools is not None else _names(headers, "x-claude-allowed-tools")
     )
-    if allowed is not None and body.enable_tools is not False:
-        if refused := [tool for tool in allowed if tool not in permitted]:
-            raise OpenAIError.invalid(
-                f"Tool '{refused[0]}' is not permitted on this gateway"
-                + (f" (permitted: {', '.join(permitted)})." if permitted else " (no tools are)."),
-                param="allowed_tools",
-                code="tool_not_permitted",
-            )
-        tools = list(dict.fromkeys(allowed))
+    if enabled and asked is not None:
+        check_permitted(asked, settings, "allowed_tools")
+    if enabled and body.mcp_servers is not None:
+        check_servers(body.mcp_servers, settings)
+    choice = choose(settings, configs, asked, body.mcp_servers) if enabled else ToolChoice([], [], [])
     disallowed = body.disallowed_tools
     if disallowed is None:
         disallowed = _names(headers, "x-claude-disallowed-tools") or []
     return AgentRequest(
-        tools=tools,
-        disallowed_tools=list(dict.fromkeys([*settings.claude_disallowed_tools, *disallowed])),
+        tools=choice.tools,
+        disallowed_tools=denied_tools(settings, configs, disallowed),
         max_turns=_max_turns(body, headers, settings),
         permission_mode=_permission_mode(body, headers, settings),
         max_thinking_tokens=_max_thinking_tokens(headers),
-        skills=body.enable_tools is not False,
+        skills=enabled,
+        mcp_servers=choice.mcp_servers,
+        mcp_tools=choice.mcp_tools,
     )
 
 

@@ -1,5 +1,6 @@
 """The FastAPI application: middleware, error handlers, routes, and the Redis pool's lifetime."""
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,6 +11,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from api import errors
 from api.access import Access
+from api.catalog import UPSTREAM
 from api.deps import Gateway
 from api.middleware import BodyLimit, RequestId
 from api.routes import (
@@ -20,12 +22,14 @@ from api.routes import (
     debug,
     health,
     home,
+    mcp,
     messages,
     models,
     ops,
     responses,
     session_files,
     sessions,
+    tools,
 )
 from shared import queue
 from shared.jobstore import JobStore
@@ -43,15 +47,18 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             redis, queue_name=settings.queue_name, ttl_s=settings.event_ttl_s, affinity_s=affinity_s
         )
         app.state.gateway = Gateway(settings=settings, redis=redis, store=store)
+        follow = asyncio.create_task(UPSTREAM.follow(redis)) if settings.models_from_upstream else None
         log.info("API ready")
         try:
             yield
         finally:
+            if follow is not None:
+                follow.cancel()
             await redis.aclose()
 
     app = FastAPI(title="Claude Code Gateway", version=version("claude-gateway"), lifespan=lifespan)
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(Access, settings=settings)  # before the body is read
     if settings.cors_origins:
         # Keys travel in a header, never in cookies: no credentialed CORS, so never `*` with it.
@@ -64,8 +71,23 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             expose_headers=["x-request-id", "retry-after", "x-ratelimit-remaining-requests"],
         )
     app.add_middleware(RequestId)  # outermost: even a refused body gets its request id
-    routers = (chat, chat_jobs, responses, messages, sessions, models, compatibility, auth, health, ops, home)
-    for module in (*routers, session_files):
+    routers = (
+        chat,
+        chat_jobs,
+        responses,
+        messages,
+        sessions,
+        models,
+        compatibility,
+        tools,
+        mcp,
+        auth,
+        health,
+        ops,
+        home,
+        session_files,
+    )
+    for module in routers:
         app.include_router(module.router)
     if settings.debug_endpoints:  # off: the route does not exist (404 like any unknown URL)
         app.include_router(debug.router)

@@ -1,15 +1,22 @@
 """The models this gateway serves: the configured ids (`MODELS`), their aliases (`MODEL_ALIASES`),
-a dated snapshot id of either (`claude-sonnet-4-5-20250929` for `claude-sonnet-4-5`), and, with
-`MODEL_PASS_THROUGH`, any other id handed to Claude Code as sent. An id of a family the gateway
-does not serve is never mapped to another model: it is 404 unless configured."""
+a dated snapshot id of either (`claude-sonnet-4-5-20250929` for `claude-sonnet-4-5`), with
+`MODELS_FROM_UPSTREAM` the model API's own list, and, with `MODEL_PASS_THROUGH`, any other id
+handed to Claude Code as sent. An id of a family the gateway does not serve is never mapped to
+another model: it is 404 unless configured."""
 
+import asyncio
+import contextlib
 import re
 from typing import Literal
 
 from pydantic import BaseModel
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from api.errors import OpenAIError
+from shared import upstream_models
 from shared.settings import Settings
+from shared.upstream_models import UpstreamModel
 
 OWNER = "anthropic"
 _SNAPSHOT = re.compile(r"(?P<family>.+)-(?P<date>20\d{6})")
@@ -26,6 +33,30 @@ class Model(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Model]
+
+
+class UpstreamCatalog:
+    """This API process's copy of the upstream model list (workers fetch it into Redis)."""
+
+    REFRESH_S = 30.0
+
+    def __init__(self) -> None:
+        self.models: list[UpstreamModel] = []
+        self.ids: frozenset[str] = frozenset()
+
+    async def refresh(self, redis: Redis) -> None:
+        self.models = await upstream_models.read(redis)
+        self.ids = frozenset(model.id for model in self.models)
+
+    async def follow(self, redis: Redis) -> None:
+        """Keeps the copy fresh for the chat path, which resolves models without a round trip."""
+        while True:
+            with contextlib.suppress(RedisError):  # the last copy stays; an outage shows elsewhere
+                await self.refresh(redis)
+            await asyncio.sleep(self.REFRESH_S)
+
+
+UPSTREAM = UpstreamCatalog()
 
 
 def resolve_model(model: str, settings: Settings) -> str:
@@ -45,6 +76,8 @@ def _served(model: str, settings: Settings) -> str | None:
             return name
         if name in settings.model_aliases:
             return settings.model_aliases[name]
+    if settings.models_from_upstream and model in UPSTREAM.ids:
+        return model
     return None
 
 
@@ -62,6 +95,15 @@ def served_model(model: str, settings: Settings) -> Model:
 
 
 def served_models(settings: Settings) -> list[Model]:
-    """The configured models, then each alias (an id a caller may send as well)."""
+    """The configured models, then each alias (an id a caller may send as well), then the model
+    API's own models not listed already."""
     ids = [*settings.models, *settings.model_aliases]
-    return [Model(id=model, created=settings.models_created, owned_by=OWNER) for model in ids]
+    served = [Model(id=model, created=settings.models_created, owned_by=OWNER) for model in ids]
+    if settings.models_from_upstream:
+        listed = set(ids)
+        served += [
+            Model(id=model.id, created=model.created, owned_by=OWNER)
+            for model in UPSTREAM.models
+            if model.id not in listed
+        ]
+    return served

@@ -50,15 +50,20 @@ GatewayDep = Annotated[Gateway, Depends(_gateway)]
 CallerDep = Annotated[Caller, Depends(_caller)]
 
 
-async def _operator(caller: CallerDep) -> Caller:
+def operator_only(caller: Caller, what: str = "This view shows every caller's jobs") -> None:
+    """403 `operator_key_required` unless the caller holds an operator key."""
     if not caller.operator:
         raise OpenAIError(
             403,
-            "This view shows every caller's jobs: it needs an operator key (a configured API_KEY, "
+            f"{what}: it needs an operator key (a configured API_KEY, "
             "or a managed key created with `claude-gateway keys create --operator`).",
             type="invalid_request_error",
             code="operator_key_required",
         )
+
+
+async def _operator(caller: CallerDep) -> Caller:
+    operator_only(caller)
     return caller
 
 

@@ -1,18 +1,69 @@
-"""Limits on what one request may ask of a worker, beyond the body size (`BodyLimit`)."""
+"""Limits on what one request may ask of a worker, beyond the body size (`BodyLimit`).
+
+Two stages: `bounded_json` runs on the raw body before any route or model sees it, so an
+oversized list or a deeply nested value is refused for the price of one `json.loads` (a 3 MiB body
+of empty messages used to cost ~160 MiB and a second of event loop in validation before
+`MAX_MESSAGES` applied); `check_prompt_limits` runs on the request as the chat core reads it.
+"""
+
+import json
 
 from api.chat.protocol import ChatCompletionRequest, TextPart
 from api.errors import OpenAIError
 from shared.settings import Settings
 
+MAX_JSON_DEPTH = 64
+"""Nesting of a request body's objects and arrays (function parameters included): pydantic
+cannot serialise ~255 levels, and nothing the APIs take needs more than a few dozen."""
+_LISTS_OF_MESSAGES = ("messages", "input")  # chat and Messages; Responses' input items
+
+
+def too_many_messages(settings: Settings, param: str = "messages") -> OpenAIError:
+    return OpenAIError.invalid(
+        f"Too many messages: at most {settings.max_messages} per request.",
+        param=param,
+        code="too_many_messages",
+    )
+
+
+def bounded_json(body: bytes, settings: Settings) -> OpenAIError | None:
+    """Why a JSON request body is refused before it is validated, or None (malformed JSON is
+    left to the route, which says where)."""
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        return _too_deep()
+    except ValueError:
+        return None
+    if isinstance(value, dict):
+        for param in _LISTS_OF_MESSAGES:
+            if isinstance(value.get(param), list) and len(value[param]) > settings.max_messages:
+                return too_many_messages(settings, param)
+    level: list[object] = [value]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [
+            child
+            for node in level
+            if isinstance(node, dict | list)
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return None
+    return _too_deep()
+
+
+def _too_deep() -> OpenAIError:
+    return OpenAIError.invalid(
+        f"The request body is nested too deeply: at most {MAX_JSON_DEPTH} levels of objects and arrays.",
+        code="too_deeply_nested",
+    )
+
 
 def check_prompt_limits(request: ChatCompletionRequest, settings: Settings) -> None:
     """400 when the request has more than `MAX_MESSAGES` messages or `MAX_PROMPT_CHARS` of text."""
     if len(request.messages) > settings.max_messages:
-        raise OpenAIError.invalid(
-            f"Too many messages: at most {settings.max_messages} per request.",
-            param="messages",
-            code="too_many_messages",
-        )
+        raise too_many_messages(settings)
     total = 0
     for message in request.messages:
         if isinstance(message.content, str):

@@ -8,7 +8,9 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import OpenAIError
+from api.hygiene import bounded_json
 from shared import logs
+from shared.settings import Settings
 
 log = logging.getLogger("gateway.api")
 
@@ -56,15 +58,17 @@ class RequestId:
 
 
 class BodyLimit:
-    """Refuses bodies over `max_bytes` with 413 while reading them, chunked uploads included.
+    """Refuses bodies over `MAX_REQUEST_BYTES` with 413 while reading them, chunked uploads
+    included, and JSON bodies beyond the shape limits (`bounded_json`) with 400.
 
-    The body is read here (JSON endpoints read it whole anyway) so the limit holds before any
+    The body is read here (JSON endpoints read it whole anyway) so the limits hold before any
     route sees a byte: an oversized request never reaches validation or the queue.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.settings = settings
+        self.max_bytes = settings.max_request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
@@ -88,6 +92,9 @@ class BodyLimit:
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
+        if _is_json(scope) and (refusal := bounded_json(b"".join(chunks), self.settings)) is not None:
+            await refusal.response()(scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -108,3 +115,8 @@ class BodyLimit:
         )
         # Connection: close, so the server does not read the rest of an oversized upload.
         await error.response(headers={"connection": "close"})(scope, receive, send)
+
+
+def _is_json(scope: Scope) -> bool:
+    kind: bytes = dict(scope["headers"]).get(b"content-type", b"").partition(b";")[0].strip().lower()
+    return kind == b"application/json" or (kind.startswith(b"application/") and kind.endswith(b"+json"))

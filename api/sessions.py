@@ -49,6 +49,13 @@ def invalid_session_id() -> OpenAIError:
     )
 
 
+def session_not_found(session_id: str) -> OpenAIError:
+    """404 for a session that does not exist or is another key's (never which)."""
+    return OpenAIError.not_found(
+        f"No session '{session_id}' found.", param="session_id", code="session_not_found"
+    )
+
+
 def new_turns(history_len: int, head: list[Turn], turns: list[Turn]) -> list[Turn]:
     """The request's turns that are new to a session of `history_len` turns (see the module doc).
 

@@ -7,6 +7,7 @@ the state folder, so a restart of `up` keeps queued jobs and sessions.
 """
 
 import importlib.util
+import os
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,8 @@ import time
 from pathlib import Path
 
 import redis
+
+from cli.children import die_with_parent
 
 
 def server_binary() -> Path:
@@ -37,38 +40,52 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """A Redis server child process bound to loopback on a free port."""
+    """A Redis server child process bound to loopback on a free port.
 
-    def __init__(self, data_dir: Path, *, persistent: bool = True, databases: int = 16) -> None:
+    With `password`, clients must authenticate: the password goes into a 0600 config file in the
+    data folder (never on the command line, which every local user can read) and into `url`.
+    `restart()` starts it again on the same port and data, so its clients reconnect to what they had.
+    """
+
+    def __init__(
+        self, data_dir: Path, *, persistent: bool = True, databases: int = 16, password: str | None = None
+    ) -> None:
         self.data_dir = data_dir.resolve()
         self.databases = databases
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
         self._persistent = persistent
-        self._process: subprocess.Popen[bytes] | None = None
+        self._password = password
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _config(self) -> Path:
+        """The server's settings as a config file (0600: it may hold the password)."""
+        persistence = ["appendonly yes", 'save ""'] if self._persistent else ["appendonly no", 'save ""']
+        lines = [
+            "bind 127.0.0.1",
+            f"port {self.port}",
+            f'dir "{self.data_dir}"',
+            "protected-mode yes",
+            f"databases {self.databases}",
+            *persistence,
+            f'logfile "{self.data_dir / "server.log"}"',
+        ]
+        if self._password:
+            lines.append(f"requirepass {self._password}")
+        config = self.data_dir / "redis.conf"
+        config.unlink(missing_ok=True)
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write("\n".join(lines) + "\n")
+        return config
 
     def start(self, timeout_s: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        persistence = ["--appendonly", "yes", "--save", ""] if self._persistent else ["--appendonly", "no"]
-        self._process = subprocess.Popen(
-            [
-                str(server_binary()),
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--dir",
-                str(self.data_dir),
-                "--protected-mode",
-                "yes",
-                "--databases",
-                str(self.databases),
-                *persistence,
-                "--logfile",
-                str(self.data_dir / "server.log"),
-            ],
+        self.process = subprocess.Popen(
+            [str(server_binary()), str(self._config())],
             stdout=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout_s
@@ -77,13 +94,22 @@ class EmbeddedRedis:
                 client.ping()
                 break
             except redis.ConnectionError:
-                if self._process.poll() is not None or time.monotonic() > deadline:
+                if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"Redis did not start; see {self.data_dir / 'server.log'}") from None
                 time.sleep(0.02)
             finally:
                 client.close()
 
-    def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            self._process.wait(timeout=10)
+    def restart(self) -> None:
+        """Starts it again after it died: same port, same data (the append-only file)."""
+        self.stop()
+        self.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -1,7 +1,8 @@
 """`claude-gateway up | api | worker | keys`.
 
 `up` is the one-machine deployment: a private Redis when `REDIS_URL` is unset, one API process
-and `WORKERS` worker processes, all stopped together on Ctrl-C. `api` and `worker` run one role
+and `WORKERS` worker processes, each restarted if it dies and all stopped together on Ctrl-C
+(cli/supervisor.py). `api` and `worker` run one role
 each against a shared `REDIS_URL`, for deployments across several machines. `keys` manages
 client API keys (see `cli/keys.py`).
 """
@@ -9,18 +10,28 @@ client API keys (see `cli/keys.py`).
 import argparse
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from cli import children as children_env
 from cli import keys
 from shared.logs import configure_logging
 from shared.settings import Settings
+from worker.environment import forbid_inspection
+
+if TYPE_CHECKING:
+    from cli.embedded_redis import EmbeddedRedis
 
 PRIVATE_REDIS_URL_FILE = "url"
+PRIVATE_REDIS_PASSWORD_FILE = "password"  # noqa: S105 (a file name)
 
 
 def _status_redis_url(settings: Settings) -> str:
@@ -45,6 +56,8 @@ def run_api(settings: Settings) -> None:
     redis_url = _require_redis_url(settings, "api")
     keys.ensure_protected(settings, redis_url)
     app = create_app(settings, redis_url)
+    children_env.drop_credentials()  # read into settings; no later code reads the environment
+    forbid_inspection()
     # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1; the
     # gateway resolves client addresses itself, from TRUSTED_PROXIES only (api/access.py).
     uvicorn.run(
@@ -55,6 +68,8 @@ def run_api(settings: Settings) -> None:
         log_config=None,  # keep the gateway's own log format (shared/logs.py)
         access_log=False,
         proxy_headers=False,
+        # Open streams end (clients resume them by id) instead of holding a shutdown open.
+        timeout_graceful_shutdown=settings.drain_timeout_s,
     )
 
 
@@ -66,55 +81,81 @@ def run_worker(settings: Settings) -> None:
 
 def run_up(settings: Settings) -> None:
     from cli.embedded_redis import EmbeddedRedis
+    from cli.supervisor import Child, Supervisor
 
     embedded = None
     redis_url = settings.redis_url
+    children: list[Child] = []
     if redis_url is None:
-        embedded = EmbeddedRedis(settings.state_dir / "redis")
+        data_dir = settings.state_dir / "redis"
+        embedded = EmbeddedRedis(data_dir, password=_private_redis_password(data_dir))
         embedded.start()
         redis_url = embedded.url
-        logging.info("started a private Redis on %s (data in %s)", redis_url, embedded.data_dir)
+        logging.info("started a private Redis on 127.0.0.1:%d (data in %s)", embedded.port, data_dir)
         # So that `claude-gateway status` on this machine finds it without REDIS_URL.
-        (embedded.data_dir / PRIVATE_REDIS_URL_FILE).write_text(redis_url)
+        _write_private(data_dir / PRIVATE_REDIS_URL_FILE, redis_url)
+        children.append(Child("redis", lambda: _restarted(embedded)))
+        assert embedded.process is not None
+        children[0].process, children[0].started = embedded.process, time.monotonic()
     keys.ensure_protected(settings, redis_url)  # here, where the terminal is, not in the children
-    env = {**os.environ, "REDIS_URL": redis_url}
+    environ = {**os.environ, "REDIS_URL": redis_url}
+    api_env, worker_env = children_env.api_environment(environ), children_env.worker_environment(environ)
+    children_env.drop_credentials()  # held for the children in memory only
+    forbid_inspection()
     command = [sys.executable, "-m", "cli.main"]
-    # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the API and the
-    # workers (they drain), and Redis only once they have exited.
-    # stdin from /dev/null: only this process may ask the terminal anything.
-    roles = ["api"] + ["worker"] * settings.workers
-    children = [
-        subprocess.Popen([*command, role], env=env, start_new_session=True, stdin=subprocess.DEVNULL)
-        for role in roles
-    ]
+
+    def spawner(role: str, env: dict[str, str]) -> Callable[[], subprocess.Popen[bytes]]:
+        # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the API and
+        # the workers (they drain), and Redis only once they have exited. stdin from /dev/null:
+        # only this process may ask the terminal anything.
+        return lambda: subprocess.Popen(
+            [*command, role],
+            env=env,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=children_env.die_with_parent(),
+        )
+
+    children.append(Child("api", spawner("api", api_env)))
+    children += [Child(f"worker {i}", spawner("worker", worker_env)) for i in range(1, settings.workers + 1)]
+    for child in children:
+        if child.process is None:
+            child.start()
     logging.info("gateway on http://%s:%d with %d workers", settings.host, settings.port, settings.workers)
-
-    stopping = False
-
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    supervisor = Supervisor(children, redis_url=redis_url, drain_timeout_s=settings.drain_timeout_s)
+    signal.signal(signal.SIGINT, supervisor.request_stop)
+    signal.signal(signal.SIGTERM, supervisor.request_stop)
     try:
-        while not stopping and all(child.poll() is None for child in children):
-            time.sleep(0.2)
+        supervisor.run()
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=settings.job_timeout_s)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        supervisor.stop(embedded)
         if embedded is not None:
             (embedded.data_dir / PRIVATE_REDIS_URL_FILE).unlink(missing_ok=True)
-            embedded.stop()
-    failed = [child.args for child in children if child.returncode not in (0, -signal.SIGTERM)]
-    if failed and not stopping:
-        sys.exit("a gateway process exited unexpectedly; stopped the others")
+
+
+def _restarted(embedded: "EmbeddedRedis") -> "subprocess.Popen[bytes]":
+    embedded.restart()
+    assert embedded.process is not None
+    return embedded.process
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Writes a file only its owner can read (it holds the private Redis password)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+
+
+def _private_redis_password(data_dir: Path) -> str:
+    """The private Redis's password: generated once, kept 0600 in its data folder."""
+    path = data_dir / PRIVATE_REDIS_PASSWORD_FILE
+    if path.is_file() and (path.stat().st_mode & 0o077) == 0 and (password := path.read_text().strip()):
+        return password
+    data_dir.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(32)
+    _write_private(path, password)
+    return password
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,3 +19,7 @@ class AgentRequest(BaseModel):
     max_thinking_tokens: int | None = None
     skills: bool = True
     """Whether the operator's skills (`CLAUDE_SKILLS_DIR`) are offered; off with `enable_tools: false`."""
+    mcp_servers: list[str] = []
+    """Names of the operator's MCP servers (`MCP_SERVERS`) the job has."""
+    mcp_tools: list[str] = []
+    """Their tools the job has, pre-approved: `mcp__<server>` (all of one) or `mcp__<server>__<tool>`."""

@@ -169,9 +169,11 @@ return 1
 """
 
 # KEYS: record, running   ARGV: attempt, lease deadline ms, job id
+# A lease given up (`expire_lease`: deadline 0) stays given up, even to a renewal already on its way.
 _RENEW = """
 local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel')
 if rec[1] ~= ARGV[1] or rec[2] then return 'superseded' end
+if ARGV[2] ~= '0' and redis.call('zscore', KEYS[2], ARGV[3]) == '0' then return 'superseded' end
 redis.call('zadd', KEYS[2], ARGV[2], ARGV[3])
 if rec[3] then return 'cancel' end
 return 'ok'

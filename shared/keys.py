@@ -16,6 +16,10 @@ CANCEL_CHANNEL = f"{PREFIX}:cancel"
 """Carries the id of a job to cancel to whichever worker runs it."""
 RUNNING = f"{PREFIX}:running"
 """Sorted set: running job id -> its lease deadline (ms). Workers renew; any worker sweeps."""
+UPSTREAM_MODELS = f"{PREFIX}:upstream-models"
+"""The model API's own model list as a worker fetched it (`shared/upstream_models.py`)."""
+TOOL_CONFIG_GLOBAL = f"{PREFIX}:tools:global"
+"""The operator's runtime tool defaults (`shared/tool_config.py`); sessions keep theirs in their record."""
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 

@@ -86,6 +86,8 @@ class Session:
     expires_ms: int
     turns: int
     transcript_id: str
+    has_tool_config: bool = False
+    """Whether the session has its own tool configuration (`shared/tool_config.py`)."""
     workspace: str | None = None
     """The version of the session's workspace (None: empty so far)."""
     holder: str | None = None
@@ -102,6 +104,7 @@ def _session(session_id: str, record: dict[bytes, bytes], ttl_s: int) -> Session
         expires_ms=last_used + ttl_s * 1000,
         turns=int(record[b"turns"]),
         transcript_id=record[b"transcript"].decode(),
+        has_tool_config=b"tools" in record,
         workspace=workspace.decode() if workspace else None,
         holder=holder.decode() if holder else None,
     )

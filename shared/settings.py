@@ -5,12 +5,13 @@ Both processes build one `Settings()` at start-up and pass it down; nothing else
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.agent import PermissionMode
+from shared.mcp import NAME_PATTERN, RESERVED, McpServer
 
 
 class Settings(BaseSettings):
@@ -78,6 +79,14 @@ class Settings(BaseSettings):
     # --- Models ---------------------------------------------------------------------------
     models: list[str] = ["claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5"]
     models_created: int = Field(default=1759276800, description="`created` reported for every model.")
+    models_from_upstream: bool = Field(
+        default=False,
+        description="Also list and serve the Anthropic API's own models (fetched by workers that "
+        "have ANTHROPIC_API_KEY).",
+    )
+    upstream_models_ttl_s: int = Field(
+        default=3600, ge=60, description="How long a fetched upstream model list is kept (refreshed at half)."
+    )
 
     # --- The Claude backend (passed to the CLI, never logged) -----------------------------
     anthropic_api_key: SecretStr | None = None
@@ -282,6 +291,22 @@ class Settings(BaseSettings):
         ge=0,
         description="Connected Claude Code processes each worker keeps ready (~210 MiB each); 0: off.",
     )
+
+    mcp_servers: dict[Annotated[str, StringConstraints(pattern=NAME_PATTERN)], McpServer] = Field(
+        default={},
+        description='MCP servers offered to jobs (JSON): name -> {"command", "args", "env"} (stdio, run '
+        'inside the job\'s sandbox) or {"type": "http"|"sse", "url", "headers"}; "default": false '
+        "offers one only to requests that choose it (docs/claude-backend.md).",
+    )
+
+    @field_validator("mcp_servers")
+    @classmethod
+    def _no_reserved_server(cls, value: dict[str, McpServer]) -> dict[str, McpServer]:
+        if reserved := RESERVED & set(value):
+            raise ValueError(f"the MCP server name {sorted(reserved)[0]!r} is the gateway's own")
+        if doubled := [name for name in value if "__" in name]:  # `__` separates server and tool
+            raise ValueError(f"the MCP server name {doubled[0]!r} has '__'")
+        return value
 
     # --- More OpenAI (`n > 1`: several choices from parallel jobs) -------------------------
     max_choices: int = Field(

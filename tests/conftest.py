@@ -33,10 +33,12 @@ def assert_schema(instance: Any, name: str) -> None:
     jsonschema.validate(instance, {**_SCHEMAS, "$ref": f"#/$defs/{name}"})
 
 
-def assert_documented(gateway: "Gateway", method: str, path: str, instance: Any, status: int = 200) -> None:
+def assert_documented(
+    gateway: "Gateway", method: str, path: str, instance: Any, status: int = 200, **headers: str
+) -> None:
     """Validates a body against the schema the gateway's own OpenAPI document gives for
     `method path` (for the gateway's endpoints that OpenAI's spec does not have)."""
-    document = httpx.get(f"{gateway.url}/openapi.json", timeout=10).json()
+    document = httpx.get(f"{gateway.url}/openapi.json", headers=headers, timeout=10).json()
     response = document["paths"][path][method]["responses"][str(status)]
     schema = response["content"]["application/json"]["schema"]
     jsonschema.Draft202012Validator({**schema, "components": document["components"]}).validate(instance)

@@ -111,6 +111,10 @@ class FakeAnthropic:
         """The path of each Messages API request, in order."""
         self.betas: list[str] = []
         """The `anthropic-beta` header of each request, in order."""
+        self.models: list[str] = []
+        """What `GET /v1/models` lists, two to a page (so clients must follow `after_id`)."""
+        self.models_keys: list[str] = []
+        """The `x-api-key` of each `GET /v1/models` request, in order."""
         self.script: deque[Reply] = deque()
         self.default = Reply()
         self.port = 0
@@ -139,6 +143,21 @@ class FakeAnthropic:
         model = body.get("model") or request.path_params.get("model", "").partition(":")[0]
         return StreamingResponse(_stream(reply, model), media_type="text/event-stream")
 
+    async def _list_models(self, request: Request) -> Response:
+        self.received.append(f"{request.method} {request.url.path}")
+        self.models_keys.append(request.headers.get("x-api-key", ""))
+        after = request.query_params.get("after_id")
+        start = self.models.index(after) + 1 if after in self.models else 0
+        page = self.models[start : start + 2]
+        data = [
+            {"type": "model", "id": model, "display_name": model, "created_at": "2025-09-29T00:00:00Z"}
+            for model in page
+        ]
+        more = start + 2 < len(self.models)
+        last = page[-1] if page else None
+        body = {"data": data, "has_more": more, "first_id": page[0] if page else None, "last_id": last}
+        return JSONResponse(body)
+
     async def _other(self, request: Request) -> Response:
         self.received.append(f"{request.method} {request.url.path}")
         return JSONResponse({"type": "error", "error": {"type": "not_found_error", "message": "no"}}, 404)
@@ -147,6 +166,7 @@ class FakeAnthropic:
         app = Starlette(
             routes=[
                 Route("/v1/messages", self._messages, methods=["POST"]),
+                Route("/v1/models", self._list_models, methods=["GET"]),
                 # Vertex AI's streamRawPredict speaks the Messages API's SSE.
                 Route(
                     "/v1/projects/{project}/locations/{region}/publishers/anthropic/models/{model}",

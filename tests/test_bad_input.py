@@ -111,3 +111,30 @@ def test_digits_that_are_not_ascii_are_a_400_not_a_500(scripted: Gateway) -> Non
     assert_error(
         httpx.get(stream, headers={"last-event-id": b"\xb2"}, timeout=30), 400, param="Last-Event-ID"
     )
+
+
+def nested(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"x": schema}}
+    return schema
+
+
+@pytest.mark.usefixtures("nothing_enqueued")
+def test_deep_nesting_is_a_400_before_anything_is_built(scripted: Gateway) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": nested(300)}}
+    assert_error(post(scripted, json=chat("hi", tools=[tool])), 400, code="too_deeply_nested")
+    assert_error(post(scripted, b"[" * 30_000 + b"]" * 30_000), 400, code="too_deeply_nested")
+    responses = httpx.post(
+        f"{scripted.url}/v1/responses",
+        json={
+            "model": "claude-sonnet-4-5",
+            "input": "hi",
+            "tools": [{"type": "function", "name": "f", "parameters": nested(300)}],
+        },
+        timeout=30,
+    )
+    assert_error(responses, 400, code="too_deeply_nested")
+    shallow = {"type": "function", "function": {"name": "f", "parameters": nested(25)}}
+    # 25 levels pass this check (and fail later, for the model this test names on purpose).
+    assert_error(post(scripted, json=chat("hi", tools=[shallow], model="no-such-model")), 404)

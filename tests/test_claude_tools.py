@@ -104,6 +104,19 @@ def test_what_the_policy_forbids_is_refused_before_the_queue(
     assert upstream.requests == []
 
 
+def test_a_sessions_tool_configuration_reaches_the_upstream(tooled: Gateway, upstream: FakeAnthropic) -> None:
+    sid = "configured-tools"
+    assert post(tooled, chat("hi", session_id=sid)).status_code == 200
+    assert tool_names(upstream.requests[-1]) == ["Bash", "Read"]
+    body = {"session_id": sid, "allowed_tools": ["Read"]}
+    configured = httpx.post(f"{tooled.url}/v1/tools/config", json=body, timeout=10)
+    assert configured.status_code == 200, configured.text
+    assert post(tooled, chat("again", session_id=sid)).status_code == 200
+    assert tool_names(upstream.requests[-1]) == ["Read"]
+    assert post(tooled, chat("once more", session_id=sid, allowed_tools=["Bash"])).status_code == 200
+    assert tool_names(upstream.requests[-1]) == ["Bash"]  # the request's own choice wins
+
+
 def test_by_default_jobs_get_the_original_wrappers_tools(claude: Gateway, upstream: FakeAnthropic) -> None:
     assert post(claude, chat("hi")).status_code == 200
     assert tool_names(upstream.requests[-1]) == ["Bash", "Edit", "Glob", "Grep", "Read", "Write"]

@@ -76,7 +76,7 @@ def test_a_body_that_is_no_chat_request_is_a_400(scripted: Gateway) -> None:
 
 
 def test_the_landing_page_links_the_reference_models_and_dashboard(start_gateway: Any) -> None:
-    keyed: Gateway = start_gateway(workers=1, BACKEND="scripted", API_KEY="landing-key")
+    keyed: Gateway = start_gateway(workers=1, BACKEND="scripted", API_KEY="landing-page-test-key")
     page = httpx.get(f"{keyed.url}/", timeout=10)  # no key: the page shows no data
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")

@@ -53,3 +53,26 @@ def test_a_warming_token_gets_a_free_reply_from_the_proxy_until_admitted(
         refused = httpx.post(f"{proxy.url}/v1/messages", json=MESSAGE, headers={"x-api-key": presented})
         assert refused.status_code == 401
     assert len(upstream.requests) == 1
+
+
+def test_a_job_token_reaches_only_the_messages_api(proxy: CredentialProxy, upstream: FakeAnthropic) -> None:
+    """A tool holding its job's token cannot use the operator's credential for the rest of the API."""
+    headers = {"x-api-key": proxy.issue()}
+    refused = [
+        ("GET", "/v1/models"),
+        ("GET", "/v1/files"),
+        ("POST", "/v1/messages/batches"),
+        ("GET", "/v1/messages"),
+        ("DELETE", "/v1/files/file_1"),
+        ("GET", "/v1/organizations/api_keys"),
+        ("POST", "/v1/messages/../files"),
+        ("POST", "/v1/messages%2f..%2ffiles"),
+    ]
+    for method, path in refused:
+        response = httpx.request(method, f"{proxy.url}{path}", json=MESSAGE, headers=headers)
+        assert response.status_code == 403, (method, path)
+        assert response.json()["error"]["type"] == "permission_error"
+    assert upstream.received == []
+    assert httpx.post(f"{proxy.url}/v1/messages?beta=true", json=MESSAGE, headers=headers).status_code == 200
+    httpx.post(f"{proxy.url}/v1/messages/count_tokens", json=MESSAGE, headers=headers)
+    assert upstream.received == ["POST /v1/messages", "POST /v1/messages/count_tokens"]

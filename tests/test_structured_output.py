@@ -120,3 +120,84 @@ def test_real_path_asks_for_the_schema(claude: Gateway, upstream: FakeAnthropic)
     system = system_text(upstream.requests[-1])
     assert "Be exact." in system
     assert '"required": ["name", "age"]' in system
+
+
+def chained(levels: int) -> dict[str, Any]:
+    """~40 bytes a level: each level is either of two references to the next, so checking a reply
+    the naive way doubles in time and memory per level."""
+    defs = {
+        f"l{i}": {"anyOf": [{"$ref": f"#/$defs/l{i + 1}"}, {"$ref": f"#/$defs/l{i + 1}"}]}
+        for i in range(levels)
+    }
+    defs[f"l{levels}"] = {"type": "integer"}
+    return {"$defs": defs, "$ref": "#/$defs/l0"}
+
+
+@pytest.fixture(scope="module")
+def checker(start_gateway: Any) -> Gateway:
+    """A gateway of its own: before the bounds, these requests froze the API's event loop."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted")
+    return gateway
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        (chained(30), "once its $refs are expanded"),
+        (
+            {"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"},
+            "recursive",
+        ),
+        ({"type": "array", "items": {"$ref": "#"}}, "recursive"),
+        ({"type": "string", "pattern": "^(?=a)a$"}, "not a valid JSON Schema"),
+        ({"$ref": "#anchor"}, "own parts"),
+        ({"$ref": "#/$defs/missing"}, "names nothing"),
+        (
+            json.loads("[" * 40 + "{}" + "]" * 40)[0] and {"default": json.loads("[" * 40 + "]" * 40)},
+            "too deeply",
+        ),
+        ({"description": "x" * 70_000}, "too large"),
+    ],
+)
+def test_a_schema_too_costly_to_check_is_refused_before_any_job(
+    checker: Gateway, schema: dict[str, Any], says: str
+) -> None:
+    response = httpx.post(
+        f"{checker.url}/v1/chat/completions",
+        json=chat("hi", response_format=schema_format(schema)),
+        timeout=20,
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "response_format.json_schema.schema"
+    assert says in response.json()["error"]["message"]
+    responses = httpx.post(
+        f"{checker.url}/v1/responses",
+        json={
+            "model": "claude-sonnet-4-5",
+            "input": "hi",
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}},
+        },
+        timeout=20,
+    )
+    assert responses.status_code == 400, responses.text
+    assert responses.json()["error"]["param"] == "text.format.schema"
+
+
+def test_a_backtracking_pattern_costs_nothing(checker: Gateway) -> None:
+    """`^(a+)+$` against 40 a's and a b takes ~2^40 steps on a backtracking engine."""
+    schema = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^(a+)+$"}}}
+    reply = json.dumps({"s": "a" * 40 + "b"})
+    response = post(checker, chat(script(text=reply), response_format=schema_format(schema)))
+    assert response.status_code == 502, response.text
+    assert response.json()["error"]["code"] == "invalid_structured_output"
+    assert httpx.get(f"{checker.url}/health", timeout=5).status_code == 200
+    good = post(checker, chat(script(text=json.dumps({"s": "aaa"})), response_format=schema_format(schema)))
+    assert good.status_code == 200, good.text
+
+
+def test_a_chain_within_the_bounds_still_works(checker: Gateway) -> None:
+    response = post(checker, chat(script(text="7"), response_format=schema_format(chained(8))))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "7"
+    wrong = post(checker, chat(script(text='"seven"'), response_format=schema_format(chained(8))))
+    assert wrong.status_code == 502

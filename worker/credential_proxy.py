@@ -37,6 +37,9 @@ _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
 )
 _CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
+# What the CLI needs of the model API; anything else a tool asks for with its job's token (the
+# rest of the API under the operator's credential: files, batches, admin) is refused.
+FORWARDED = frozenset({("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")})
 
 
 Credential = Callable[[], tuple[str, str]]
@@ -95,6 +98,10 @@ class CredentialProxy:
         if presented not in self._tokens:
             error = {"type": "error", "error": {"type": "authentication_error", "message": "invalid token"}}
             return JSONResponse(error, status_code=401)
+        if (request.method, request.url.path) not in FORWARDED:
+            message = "the gateway forwards only the Messages API"
+            error = {"type": "error", "error": {"type": "permission_error", "message": message}}
+            return JSONResponse(error, status_code=403)
         assert self._client is not None
         headers = [
             (name, value)
@@ -134,6 +141,7 @@ class CredentialProxy:
                 self._client = client
                 yield
 
+        # Every method reaches `_forward`, so what it refuses gets the Messages API's error shape.
         methods = ["GET", "POST", "HEAD", "DELETE", "PUT", "PATCH"]
         app = Starlette(routes=[Route("/{path:path}", self._forward, methods=methods)], lifespan=lifespan)
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)

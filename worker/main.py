@@ -123,18 +123,18 @@ class GatewayWorker(Worker):
                 self.sem.release()
                 continue
             self.job_counter += 1
-            task = self.loop.create_task(self.run_job(raw.decode(), claimed.score))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            task = self.loop.create_task(self._run_attempt(raw.decode()))
+            task.add_done_callback(self._attempt_done)
             self.tasks[raw.decode()] = task
 
-    async def run_job(self, job_id: str, score: int) -> None:
-        """Runs a claimed attempt: arq's `run_job` without its first round trip.
+    async def _run_attempt(self, job_id: str) -> None:
+        """Runs a claimed attempt, in place of arq's `run_job` (which this worker never calls).
 
         arq's version starts by fetching the attempt's entry (GET, INCR, EXPIRE) to learn the
         function and its arguments, one more Redis round trip before every job's first token.
         The claim script has already loaded the job and the attempt id names the rest, so this
-        runs `run_completion` at once and, when it ends, removes the attempt's arq keys as arq's
-        `finish_job` does. Time limits, retries and results are the job store's (arq's `max_tries`,
+        runs `run_completion` at once and, when it ends, removes the attempt's arq keys with arq's
+        `finish_job`. Time limits, retries and results are the job store's (arq's `max_tries`,
         `keep_result` and timeout are not used for attempts either way).
         """
         completion, _, attempt = job_id.partition(".")
@@ -144,7 +144,7 @@ class GatewayWorker(Worker):
         # Nothing a job does may reach arq's main loop, which reads every finished task's result
         # and would close the worker on an exception: its outcome is in the job's event stream.
         try:
-            await _job_started(self.ctx)
+            self.heartbeat.poke()
             await run_completion(self.ctx, completion, int(attempt))
             self.jobs_complete += 1
         except asyncio.CancelledError:  # only arq cancels this task, when the worker shuts down
@@ -171,8 +171,9 @@ class GatewayWorker(Worker):
         except RedisError as exc:
             log.warning("cannot reach Redis to start a job (%s); the poll will", type(exc).__name__)
 
-    def _release_sem_dec_counter_on_complete(self) -> None:
-        super()._release_sem_dec_counter_on_complete()
+    def _attempt_done(self, _task: "asyncio.Task[None]") -> None:
+        self.job_counter -= 1
+        self.sem.release()
         self._wake.set()  # a slot is free: look at the queue now
         self.heartbeat.poke()
 
@@ -199,10 +200,6 @@ class GatewayWorker(Worker):
                 await asyncio.sleep(1)
             finally:
                 await redis.aclose()
-
-
-async def _job_started(ctx: dict[str, Any]) -> None:
-    ctx["heartbeat"].poke()
 
 
 async def _startup(ctx: dict[str, Any]) -> None:

@@ -48,18 +48,22 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None
     began = time.perf_counter()
     written: Done | Failed | None = None
     outcome = "superseded"
+    terminal: Done | Failed | None = None
+    stopped = False
     try:
         try:
             if started.cancel_requested:  # cancelled while its previous attempt's worker was lost
-                terminal: Done | Failed | None = _CANCELLED
+                terminal = _CANCELLED
             else:
                 files = ctx["session_files"]
                 terminal = await _produce(ctx["backend"], settings, job, writer, ctx["redis"], files)
         except asyncio.CancelledError:
+            stopped = True
+        finally:
+            running.remove(control)  # the outcome is decided: only the process ending stops it now
+        if stopped:
             terminal = await _stopped(control.reason or StopReason.SHUTDOWN, running, job.id, attempt, writer)
             outcome = "handed back" if terminal is None and control.reason is None else outcome
-        finally:
-            running.remove(control)  # from here on, only the process ending stops this attempt
         if terminal is not None:
             writer.emit(terminal)
             await asyncio.shield(writer.drain())

@@ -8,7 +8,7 @@ Unknown fields are ignored, as newer clients send fields older servers do not kn
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api.errors import ErrorInfo
 from shared.jobs import JobStatus
@@ -79,6 +79,9 @@ class ChatCompletionRequest(BaseModel):
     disallowed_tools: list[str] | None = None
     max_turns: int | None = Field(default=None, ge=1)
     permission_mode: str | None = None
+    mcp_servers: list[Annotated[str, StringConstraints(max_length=64)]] | None = Field(
+        default=None, max_length=100, description="Extension: the operator's MCP servers the job has."
+    )
 
     def unsupported_parameter(self) -> str | None:
         """The first parameter whose meaning the gateway cannot honour, if any."""

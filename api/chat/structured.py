@@ -5,14 +5,22 @@ checked on the finished reply: it must parse as JSON (a surrounding Markdown cod
 removed) and, for `json_schema`, validate against the schema, or the request fails with 502
 `invalid_structured_output`; a client never receives a reply that breaks its format. Checking
 needs the whole reply, so a streamed structured reply arrives as one content chunk at the end.
+
+A caller's schema must not make that check costly (a 1 KB chain of `anyOf` and `$ref` used to take
+time and memory doubling per level; a backtracking `pattern` likewise), so it is bounded before a
+job is queued: its size, its depth, and its size with every `$ref` written out (a recursive schema
+has no such size and is refused); its patterns run on a linear-time regex engine (`jsonschema-rs`
+with Rust's `regex`: no lookaround, no backreferences); and the check runs off the event loop.
 """
 
+import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import unquote
 
-import jsonschema
+import jsonschema_rs
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -24,13 +32,19 @@ from shared.jobs import CompletionJob, Done, FinishReason, Usage
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _FENCE = re.compile(r"\A\s*```[a-zA-Z]*\s*\n(.*)\n\s*```\s*\Z", re.DOTALL)
 _PARAM = "response_format"
+MAX_SCHEMA_CHARS = 65_536  # as JSON
+MAX_SCHEMA_DEPTH = 32  # nested objects and arrays
+MAX_SCHEMA_NODES = 10_000  # objects and arrays once every `$ref` is replaced by what it names
 
 
 class ResponseFormat:
     """A requested JSON format: any JSON object, or one valid against `schema`."""
 
-    def __init__(self, schema: dict[str, Any] | None) -> None:
+    def __init__(
+        self, schema: dict[str, Any] | None, validator: jsonschema_rs.Validator | None = None
+    ) -> None:
         self.schema = schema
+        self._validator = validator
 
     @classmethod
     def from_request(cls, value: dict[str, Any] | None) -> "ResponseFormat | None":
@@ -56,19 +70,17 @@ class ResponseFormat:
             raise OpenAIError.invalid(
                 "The schema must be a JSON object.", param=f"{_PARAM}.json_schema.schema"
             )
-        if any(not ref.startswith("#") for ref in _refs(schema)):
-            raise OpenAIError.invalid(
-                "The schema may only refer to its own parts ($ref starting with '#').",
-                param=f"{_PARAM}.json_schema.schema",
-            )
         try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except jsonschema.SchemaError as exc:
+            _check_bounds(schema)
+            validator = jsonschema_rs.validator_for(schema, pattern_options=jsonschema_rs.RegexOptions())
+        except _Unbounded as exc:
+            raise OpenAIError.invalid(str(exc), param=f"{_PARAM}.json_schema.schema") from None
+        except jsonschema_rs.ValidationError as exc:
             raise OpenAIError.invalid(
                 f"The schema is not a valid JSON Schema: {exc.message[:200]}",
                 param=f"{_PARAM}.json_schema.schema",
             ) from None
-        return cls(schema)
+        return cls(schema, validator)
 
     @classmethod
     def from_text_format(cls, value: dict[str, Any] | None) -> "ResponseFormat | None":
@@ -112,29 +124,97 @@ class ResponseFormat:
             value = json.loads(reply)
         except ValueError:
             raise _violation("The model's reply is not valid JSON.") from None
-        if self.schema is None:
+        if self._validator is None:
             if not isinstance(value, dict):
                 raise _violation("The model's reply is JSON but not a JSON object.")
         else:
-            error = jsonschema.exceptions.best_match(
-                jsonschema.validators.validator_for(self.schema)(self.schema).iter_errors(value)
-            )
-            if error is not None:
-                where = "/".join(str(part) for part in error.absolute_path) or "(root)"
+            try:
+                self._validator.validate(value)  # stops at the first error (`iter_errors` finds them all)
+            except jsonschema_rs.ValidationError as error:
+                where = "/".join(str(part) for part in error.instance_path) or "(root)"
                 raise _violation(
                     f"The model's reply does not match the schema at {where}: {error.message[:200]}"
-                )
+                ) from None
         return reply.strip()
 
+    async def check_finished_off_loop(self, reply: str, finish_reason: str) -> str:
+        """`check_finished` in a thread, so a large reply never stalls the other streams."""
+        return await asyncio.to_thread(self.check_finished, reply, finish_reason)
 
-def _refs(node: Any) -> list[str]:
-    """Every `$ref` in the schema (a remote one is never fetched: the request is refused)."""
-    if isinstance(node, dict):
-        own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
-        return own + [ref for value in node.values() for ref in _refs(value)]
-    if isinstance(node, list):
-        return [ref for item in node for ref in _refs(item)]
-    return []
+
+class _Unbounded(Exception):
+    """A schema whose check could cost too much."""
+
+
+def _check_bounds(schema: dict[str, Any]) -> None:
+    if len(json.dumps(schema)) > MAX_SCHEMA_CHARS:
+        raise _Unbounded(f"The schema is too large: at most {MAX_SCHEMA_CHARS} characters of JSON.")
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise _Unbounded(f"The schema is nested too deeply: at most {MAX_SCHEMA_DEPTH} levels.")
+    _ExpandedSize(schema).of(schema)
+
+
+def _depth(node: Any) -> int:
+    if not isinstance(node, dict | list):
+        return 0
+    return 1 + max(map(_depth, _children(node)), default=0)
+
+
+class _ExpandedSize:
+    """The schema's objects and arrays counted as if every `$ref` were replaced by its target,
+    in one pass (each target is counted once and remembered); a cycle means a recursive schema."""
+
+    def __init__(self, root: dict[str, Any]) -> None:
+        self._root = root
+        self._sizes: dict[int, int] = {}
+        self._open: set[int] = set()
+
+    def of(self, node: Any) -> int:
+        if not isinstance(node, dict | list):
+            return 0
+        if id(node) in self._sizes:
+            return self._sizes[id(node)]
+        if id(node) in self._open:
+            raise _Unbounded(
+                "The schema refers to itself ($ref in a cycle): recursive schemas are not supported."
+            )
+        self._open.add(id(node))
+        size = 1
+        for child in _children(node):
+            size += self.of(child)
+        if isinstance(node, dict):
+            for keyword in ("$dynamicRef", "$recursiveRef"):
+                if keyword in node:
+                    raise _Unbounded(f"The schema may not use {keyword}.")
+            if isinstance(ref := node.get("$ref"), str):
+                size += self.of(self._target(ref))
+        self._open.discard(id(node))
+        if size > MAX_SCHEMA_NODES:
+            raise _Unbounded(
+                f"The schema is too large once its $refs are expanded: at most {MAX_SCHEMA_NODES} "
+                "objects and arrays."
+            )
+        self._sizes[id(node)] = size
+        return size
+
+    def _target(self, ref: str) -> Any:
+        """What a `$ref` names: only the schema's own parts, by JSON pointer (never fetched)."""
+        if ref != "#" and not ref.startswith("#/"):
+            raise _Unbounded("The schema may only refer to its own parts ($ref '#' or '#/...').")
+        node: Any = self._root
+        for token in ref[2:].split("/") if ref != "#" else ():
+            token = unquote(token).replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and token in node:
+                node = node[token]
+            elif isinstance(node, list) and token.isascii() and token.isdigit() and int(token) < len(node):
+                node = node[int(token)]
+            else:
+                raise _Unbounded(f"The schema's $ref {ref[:100]!r} names nothing in it.")
+        return node
+
+
+def _children(node: dict[str, Any] | list[Any]) -> Iterator[Any]:
+    return iter(node.values() if isinstance(node, dict) else node)
 
 
 def _violation(message: str) -> OpenAIError:
@@ -146,7 +226,7 @@ async def structured_reply(
 ) -> JSONResponse | EventSourceResponse:
     """The checked completion, as one body or (streamed) as the chunks of a whole reply."""
     choice = completion.choices[0]
-    choice.message.content = response_format.check_finished(
+    choice.message.content = await response_format.check_finished_off_loop(
         choice.message.content or "", choice.finish_reason
     )
     if not body.stream:

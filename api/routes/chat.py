@@ -30,7 +30,7 @@ from api.hygiene import check_prompt_limits
 from api.relay import follow_job
 from api.sessions import abandon, attach, requested_session_id
 from api.submit import queue_job
-from shared import logs
+from shared import logs, sessions, tool_config
 from shared.events import JobEventValue
 from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode, JobStatus
 
@@ -55,7 +55,8 @@ async def create_chat_completion(
     session_id = requested_session_id(body, request)
     if body.n is not None and body.n > 1:
         return await fan_out(body, request, gateway, caller, session_id is not None or bool(idempotency_key))
-    agent = agent_request(body, request.headers, gateway.settings)
+    stored = await tool_config.configs(gateway.redis, sessions.owner_of(caller.key_id), session_id)
+    agent = agent_request(body, request.headers, gateway.settings, stored)
     body, calling = function_calling(body)
     job = build_job(body, request.state.request_id, gateway.settings, agent)
     if calling is not None:

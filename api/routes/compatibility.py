@@ -96,6 +96,7 @@ _PARAMETERS: dict[str, Callable[[object], tuple[Handling, str]]] = {
     "disallowed_tools": _always("extension", _AGENT),
     "max_turns": _always("extension", _AGENT),
     "permission_mode": _always("extension", _AGENT),
+    "mcp_servers": _always("extension", _AGENT),
 }
 
 

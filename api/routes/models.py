@@ -3,7 +3,7 @@ their aliases; `GET /version`: the gateway's own version, as the original wrappe
 
 from fastapi import APIRouter, Request
 
-from api.catalog import Model, ModelList, served_model, served_models
+from api.catalog import UPSTREAM, Model, ModelList, served_model, served_models
 from api.deps import GatewayDep
 from api.errors import ErrorResponse
 
@@ -12,6 +12,8 @@ router = APIRouter()
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(gateway: GatewayDep) -> ModelList:
+    if gateway.settings.models_from_upstream:
+        await UPSTREAM.refresh(gateway.redis)
     return ModelList(data=served_models(gateway.settings))
 
 

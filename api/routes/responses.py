@@ -195,7 +195,7 @@ async def _collect(
         elif isinstance(event, Done):
             text = "".join(parts)
             if response_format is not None:
-                text = response_format.check_finished(text, event.finish_reason.value)
+                text = await response_format.check_finished_off_loop(text, event.finish_reason.value)
             return response_body(job, stored, JobStatus.COMPLETED, text, event).wire()
         else:
             raise OpenAIError.from_failure(event)
@@ -213,7 +213,7 @@ async def _checked(
     terminal = events[-1]
     if isinstance(terminal, Done):
         text = "".join(event.text for event in events if isinstance(event, Delta))
-        yield 1, Delta(text=response_format.check_finished(text, terminal.finish_reason.value))
+        yield 1, Delta(text=await response_format.check_finished_off_loop(text, terminal.finish_reason.value))
         yield 2, terminal
     else:
         yield 1, terminal

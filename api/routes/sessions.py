@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from api.deps import CallerDep, GatewayDep
 from api.errors import ErrorResponse, OpenAIError
 from api.routes.session_files import StoreDep
-from api.sessions import invalid_session_id
+from api.sessions import invalid_session_id, session_not_found
 from shared import sessions, workspaces
 from shared.keys import is_session_id
 from shared.workspaces import WorkspaceRef
@@ -81,12 +81,6 @@ def _object(session: sessions.Session) -> SessionObject:
     )
 
 
-def _not_found(session_id: str) -> OpenAIError:
-    return OpenAIError.not_found(
-        f"No session '{session_id}' found.", param="session_id", code="session_not_found"
-    )
-
-
 def _checked(session_id: str) -> str:
     if not is_session_id(session_id):
         raise invalid_session_id()
@@ -119,7 +113,7 @@ async def get_session(session_id: str, gateway: GatewayDep, caller: CallerDep) -
     owner = sessions.owner_of(caller.key_id)
     found = await sessions.get(gateway.redis, owner, _checked(session_id), gateway.settings.session_ttl_s)
     if found is None:
-        raise _not_found(session_id)
+        raise session_not_found(session_id)
     session, history = found
     body = _object(session)
     body.messages = [SessionMessage(role=turn.role, content=turn.text) for turn in history]
@@ -133,7 +127,7 @@ async def delete_session(
     owner = sessions.owner_of(caller.key_id)
     found = await sessions.get(gateway.redis, owner, _checked(session_id), gateway.settings.session_ttl_s)
     if found is None:
-        raise _not_found(session_id)
+        raise session_not_found(session_id)
     if await sessions.is_busy(gateway.redis, owner, session_id):
         raise OpenAIError(
             409,

@@ -4,6 +4,7 @@ Deltas are the upstream's own token deltas (`include_partial_messages=True`); us
 stop reason come from the SDK's `ResultMessage`; failures from its error result or exceptions.
 """
 
+import asyncio
 import logging
 import os
 import pwd
@@ -30,7 +31,7 @@ from redis.asyncio import Redis
 from shared import backend_auth, sessions
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, ToolCall, Turn, Usage
 from shared.settings import Settings
-from worker import caller_functions
+from worker import caller_functions, operator_mcp, upstream_models
 from worker.backends import PROGRESS, BackendError, Progress, UsageReport
 from worker.credential_proxy import Credential, CredentialProxy, api_key_header, bearer_header
 from worker.history import HistoryStore, content_blocks, merged
@@ -118,6 +119,12 @@ class ClaudeBackend:
         )
         job_user = settings.claude_job_user
         self._runs_as_root = (pwd.getpwnam(job_user).pw_uid if job_user else os.geteuid()) == 0
+        self._models: asyncio.Task[None] | None = None
+        key = settings.anthropic_api_key
+        if settings.models_from_upstream and self._auth_method == "anthropic" and key is not None:
+            base_url = settings.anthropic_base_url or _ANTHROPIC_API
+            refresh = upstream_models.keep_fresh(settings, redis, base_url, key.get_secret_value())
+            self._models = asyncio.get_running_loop().create_task(refresh)
 
     def _proxied_credential(self) -> Credential | None:
         """The credential the proxy injects: an API key, or the CLI's own login (Bedrock and Vertex
@@ -174,8 +181,8 @@ class ClaudeBackend:
             system_prompt=self._system_prompt(job),
             include_partial_messages=True,
             tools=tools,
-            allowed_tools=[*tools, *caller_functions.tool_names(job)],
-            mcp_servers=caller_functions.servers(job),
+            allowed_tools=[*tools, *caller_functions.tool_names(job), *agent.mcp_tools],
+            mcp_servers={**caller_functions.servers(job), **operator_mcp.servers(job, settings)},
             disallowed_tools=list(agent.disallowed_tools),
             permission_mode=agent.permission_mode,
             max_turns=agent.max_turns,
@@ -284,6 +291,8 @@ class ClaudeBackend:
         return warm
 
     async def close(self) -> None:
+        if self._models is not None:
+            self._models.cancel()
         if self._warm is not None:
             await self._warm.close()
 

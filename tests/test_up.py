@@ -1,0 +1,274 @@
+"""`claude-gateway up` as an operator runs it: it supervises what it starts, loses no job when a
+worker dies, keeps credentials where they are needed, and takes its children with it.
+
+Each child is killed with SIGKILL under a real `up` (scripted backend, short leases); the test
+states within how long it must be back and that the others kept serving meanwhile.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from cli.embedded_redis import free_port
+from tests.conftest import ROOT, chat
+
+CLIENT_KEY = "client-key-for-the-up-tests-0123456789"
+MODEL_KEY = "sk-ant-model-key-only-workers-hold"
+DRAIN_S = 2
+
+
+def script(**spec: Any) -> str:
+    return "script:" + json.dumps(spec)
+
+
+def wait_for(predicate: Any, within_s: float, what: str) -> Any:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not within {within_s} s: {what}")
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """The live child processes of `pid`, by role: "api", "worker" or "redis"."""
+    found = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            cmdline = [
+                part.decode() for part in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0") if part
+            ]
+        except FileNotFoundError:
+            continue
+        if cmdline and alive(int(child)):  # not exiting, nor exited and not yet reaped
+            found[int(child)] = "redis" if "server" in cmdline[0] else cmdline[-1]
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return not Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return False
+
+
+@dataclass
+class Up:
+    process: subprocess.Popen[bytes]
+    state: Path
+    port: int
+    log: Path
+    env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def pids(self, role: str) -> list[int]:
+        return sorted(pid for pid, r in children_of(self.process.pid).items() if r == role)
+
+    def redis(self) -> "redis.Redis[bytes]":
+        return redis.Redis.from_url((self.state / "redis" / "url").read_text())
+
+    def post(self, body: dict[str, Any], timeout: float = 30) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        return httpx.post(f"{self.url}/v1/chat/completions", json=body, headers=headers, timeout=timeout)
+
+    def completes(self) -> bool:
+        response = self.post(chat("hello"))
+        return response.status_code == 200 and response.json()["choices"][0]["finish_reason"] == "stop"
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/ready", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+
+def start_up(folder: Path) -> Up:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "API_KEYS")}
+    env |= {
+        "STATE_DIR": str(folder / "state"),
+        "PORT": str(port),
+        "WORKERS": "2",
+        "BACKEND": "scripted",
+        "API_KEY": CLIENT_KEY,
+        "ANTHROPIC_API_KEY": MODEL_KEY,
+        "DRAIN_TIMEOUT_S": str(DRAIN_S),
+        "LEASE_S": "2",
+        "LEASE_RENEW_S": "0.5",
+        "LOG_LEVEL": "info",
+        "WORKSPACE_ROOT": str(folder / "workspaces"),
+        "RATE_LIMIT_ENABLED": "false",
+        "MAX_CONCURRENT_JOBS_PER_KEY": "0",
+    }
+    log = folder / "up.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "up"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    up = Up(process=process, state=folder / "state", port=port, log=log, env=env)
+    try:
+        wait_for(up.ready, 30, "up serves")
+    except AssertionError:
+        process.kill()
+        raise AssertionError(log.read_text()) from None
+    return up
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    running = start_up(tmp_path_factory.mktemp("up"))
+    yield running
+    if running.process.poll() is None:
+        running.process.kill()
+
+
+def test_each_child_holds_only_what_it_needs_and_redis_requires_a_password(up: Up) -> None:
+    for name in ("password", "url", "redis.conf"):
+        assert (up.state / "redis" / name).stat().st_mode & 0o077 == 0, name
+    password = (up.state / "redis" / "password").read_text()
+    assert password in (up.state / "redis" / "url").read_text()
+    port = int((up.state / "redis" / "url").read_text().rsplit(":", 1)[1].split("/")[0])
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=port).ping()
+    assert password not in Path(f"/proc/{up.pids('redis')[0]}/cmdline").read_text()
+
+    def environ(pid: int) -> str:
+        return Path(f"/proc/{pid}/environ").read_text()
+
+    [api] = up.pids("api")
+    assert MODEL_KEY not in environ(api)  # the API never uses the model credentials
+    for worker in up.pids("worker"):
+        assert CLIENT_KEY not in environ(worker)  # the workers never check client keys
+
+
+def test_a_killed_worker_is_restarted_while_the_rest_keeps_serving(up: Up) -> None:
+    workers, api, redis_pid = up.pids("worker"), up.pids("api"), up.pids("redis")
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    assert up.completes()  # the other worker serves meanwhile
+    wait_for(lambda: len(up.pids("worker")) == 2, 10, "a new worker")
+    assert workers[1] in up.pids("worker")
+    assert (up.pids("api"), up.pids("redis")) == (api, redis_pid)
+    log = up.log.read_text()
+    assert f"worker 1 (pid {workers[0]}) was killed by SIGKILL" in log
+    assert "restarting worker 1 in 1 s" in log
+    status = subprocess.run(
+        [sys.executable, "-m", "cli.main", "status", "--json"],
+        cwd=ROOT,
+        env=up.env,
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    exits = json.loads(status.stdout)["recent_worker_exits"]
+    assert [(e["pid"], e["reason"]) for e in exits][:1] == [(workers[0], "killed")]
+    assert "SIGKILL" in exits[0]["detail"]
+
+
+def test_a_killed_api_is_restarted(up: Up) -> None:
+    [api] = up.pids("api")
+    workers = up.pids("worker")
+    os.kill(api, signal.SIGKILL)
+    wait_for(lambda: up.pids("api") and up.pids("api") != [api], 10, "a new API process")
+    wait_for(up.ready, 20, "the new API serves")
+    assert up.completes()
+    assert up.pids("worker") == workers
+    assert f"api (pid {api}) was killed by SIGKILL" in up.log.read_text()
+
+
+def test_a_killed_redis_is_restarted_from_its_own_data(up: Up) -> None:
+    response = up.post(chat("remember me"))
+    assert response.status_code == 200
+    completion_id = response.json()["id"]
+    time.sleep(1.5)  # the append-only file is synced every second
+    [redis_pid] = up.pids("redis")
+    os.kill(redis_pid, signal.SIGKILL)
+    wait_for(lambda: up.pids("redis") and up.pids("redis") != [redis_pid], 10, "a new Redis")
+    wait_for(up.ready, 20, "ready again")
+    assert up.completes()
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    earlier = httpx.get(f"{up.url}/v1/chat/completions/{completion_id}", headers=headers, timeout=10)
+    assert earlier.status_code == 200, earlier.text  # the job done before the crash is still there
+    assert f"redis (pid {redis_pid}) was killed by SIGKILL" in up.log.read_text()
+
+
+def test_a_killed_worker_loses_no_job(up: Up) -> None:
+    """Its running jobs: retried if they had produced nothing, failed clearly if they had."""
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    prompts = [script(text="a ", tokens=400, delay_ms=20)] * 2 + [script(text="late", wait_ms=3000)] * 4
+    ids = []
+    for prompt in prompts:
+        response = up.post(chat(prompt, background=True))
+        assert response.status_code == 200, response.text
+        ids.append(response.json()["id"])
+    client = up.redis()
+
+    def worker_of(completion_id: str) -> str:
+        return (client.hget(f"gateway:job:{completion_id[9:]}", "worker") or b"").decode()
+
+    def running_on(pid: int) -> list[str]:
+        return [i for i in ids if f"-{pid}-" in worker_of(i)]
+
+    wait_for(lambda: all(worker_of(i) for i in ids), 10, "all jobs run")
+    victim = max(up.pids("worker"), key=lambda pid: len(running_on(pid)))
+    lost = running_on(victim)
+    assert lost
+    os.kill(victim, signal.SIGKILL)
+
+    def final(completion_id: str) -> dict[str, Any] | None:
+        url = f"{up.url}/v1/chat/completions/{completion_id}"
+        body: dict[str, Any] = httpx.get(url, headers=headers, timeout=10).json()
+        return body if body["status"] in ("completed", "failed") else None
+
+    # Leases run out within LEASE_S (2 s); then the silent ones run again (3 s) elsewhere.
+    results = {i: wait_for(lambda i=i: final(i), 20, f"job {i} ends") for i in ids}
+    for completion_id, body in results.items():
+        talking = ids.index(completion_id) < 2
+        if completion_id in lost and talking:
+            assert body["status"] == "failed"
+            assert body["error"]["code"] == "worker_lost"
+        else:
+            assert body["status"] == "completed", body
+
+
+def test_stopping_up_is_bounded_even_with_open_streams(up: Up) -> None:
+    children = list(children_of(up.process.pid))
+    body = chat(script(text="a ", tokens=100_000, delay_ms=50), stream=True)
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    url = f"{up.url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as stream:
+        next(stream.iter_lines())  # the stream is open and flowing
+        began = time.monotonic()
+        up.process.send_signal(signal.SIGTERM)
+        up.process.wait(timeout=DRAIN_S + 15)
+    took = time.monotonic() - began
+    assert not [pid for pid in children if alive(pid)]
+    assert took < DRAIN_S + 10, took
+
+
+def test_children_die_with_a_killed_up(tmp_path: Path) -> None:
+    other = start_up(tmp_path)
+    children = list(children_of(other.process.pid))
+    assert len(children) == 4  # Redis, the API, two workers
+    other.process.kill()
+    other.process.wait()
+    wait_for(lambda: not [pid for pid in children if alive(pid)], DRAIN_S + 10, "every child gone")
