@@ -14,7 +14,10 @@ and 50 MB in 10,000 files (text-like files in 100 folders). For each, side by si
 
 Each figure is the median of `--rounds` runs, wall time and this process's CPU time.
 
-    .venv/bin/python bench/workspace_overhead.py [--rounds 5] [--no-s3]
+    .venv/bin/python bench/workspace_overhead.py [--rounds 5] [--no-s3] [--folder /dev/shm]
+
+`--folder` is where the workspaces, the local store and the S3 server's data go (default: the
+system's temporary folder); on tmpfs (`/dev/shm`) the figures leave out the disk.
 """
 
 import argparse
@@ -126,11 +129,11 @@ async def one_case(
     return results
 
 
-def archive_case(count: int, size: int, rounds: int) -> dict[str, Measure]:
+def archive_case(count: int, size: int, rounds: int, base: Path) -> dict[str, Measure]:
     """The alternative: the whole folder as one tar.gz, written and extracted; and `cp -r` of it,
     the floor of writing that many files on this machine's filesystem."""
     results = {name: Measure() for name in ("tar.gz write", "tar.gz extract", "cp -r (floor)")}
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory(dir=base) as folder:
         work = Path(folder) / "work"
         make_files(work, count, size)
         for n in range(rounds):
@@ -172,8 +175,9 @@ async def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-s3", action="store_true")
+    parser.add_argument("--folder", type=Path, default=None)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         base = Path(folder)
         redis_server = EmbeddedRedis(base / "redis", persistent=False)
         redis_server.start()
@@ -185,7 +189,7 @@ async def main() -> None:
             s3, env = start_s3(base / "s3")
             stores["s3"] = env
         try:
-            print(f"load average before: {Path('/proc/loadavg').read_text().strip()}")
+            print(f"load average before: {Path('/proc/loadavg').read_text().strip()}; folder {base}")
             print(f"{args.rounds} rounds each; median wall time (this process's CPU time)\n")
             for label, (count, size) in SIZES.items():
                 print(f"{label}")
@@ -194,7 +198,7 @@ async def main() -> None:
                     results = await one_case(settings, redis, count, size, args.rounds)
                     for name, measure in results.items():
                         print(f"  {store:5s} {name:24s} {measure}")
-                for name, measure in archive_case(count, size, args.rounds).items():
+                for name, measure in archive_case(count, size, args.rounds, base).items():
                     print(f"  {'-':5s} {name:24s} {measure}")
                 print()
             print(f"load average after: {Path('/proc/loadavg').read_text().strip()}")

@@ -114,10 +114,11 @@ def scan(work: Path, held: Held, writer: VersionWriter, max_bytes: int, max_file
         with os.scandir(fd) as entries:
             for entry in entries:
                 path = prefix + entry.name
-                try:
-                    checked_path(path)
-                except InvalidPath:
-                    continue
+                if path not in held.stamps:  # a file or folder new since the last save: check it
+                    try:
+                        checked_path(path)
+                    except InvalidPath:
+                        continue
                 if entry.is_dir(follow_symlinks=False):
                     sub = os.open(entry.name, _DIR, dir_fd=fd)
                     try:
