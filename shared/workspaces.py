@@ -28,11 +28,8 @@ from typing import Literal, NamedTuple
 
 from redis.asyncio import Redis
 
-from shared.keys import PREFIX, is_session_id, session_key
+from shared.keys import WORKSPACES_INDEX, is_session_id, session_key
 from shared.workspace_store import MissingObject, ObjectStore
-
-SWEEP_INDEX = f"{PREFIX}:workspaces"
-"""Sorted set: `<owner>/<session>/<incarnation>` of every stored workspace -> when to look at it (ms)."""
 
 _OWNER = re.compile(r"[0-9a-f]{32}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -302,12 +299,12 @@ async def collect_garbage(store: ObjectStore, ref: WorkspaceRef, current: Manife
 async def delete_workspace(store: ObjectStore, redis: Redis, ref: WorkspaceRef) -> None:
     """Removes every object of one life of a session's workspace."""
     await store.delete(await store.keys(ref.prefix))
-    await redis.zrem(SWEEP_INDEX, ref.member)
+    await redis.zrem(WORKSPACES_INDEX, ref.member)
 
 
 async def track(redis: Redis, ref: WorkspaceRef, ttl_s: int) -> None:
     """Registers a workspace with the sweep before anything of it is stored (so nothing leaks)."""
-    await redis.zadd(SWEEP_INDEX, {ref.member: _ms() + ttl_s * 1000}, gt=True)
+    await redis.zadd(WORKSPACES_INDEX, {ref.member: _ms() + ttl_s * 1000}, gt=True)
 
 
 def _ms() -> int:
@@ -319,13 +316,13 @@ async def sweep(store: ObjectStore, redis: Redis, ttl_s: int, limit: int = 32) -
 
     A session still alive (same transcript id) is looked at again when it could next expire.
     """
-    due: list[bytes] = await redis.zrangebyscore(SWEEP_INDEX, "-inf", _ms(), start=0, num=limit)
+    due: list[bytes] = await redis.zrangebyscore(WORKSPACES_INDEX, "-inf", _ms(), start=0, num=limit)
     deleted = []
     for raw in due:
         ref = WorkspaceRef.of_member(raw.decode())
         record = await redis.hmget(session_key(ref.owner, ref.session), ["transcript", "last_used"])  # type: ignore[misc]
         if record[0] is not None and record[0].decode() == ref.incarnation:
-            await redis.zadd(SWEEP_INDEX, {ref.member: int(record[1]) + ttl_s * 1000 + 1000})
+            await redis.zadd(WORKSPACES_INDEX, {ref.member: int(record[1]) + ttl_s * 1000 + 1000})
             continue
         try:
             await delete_workspace(store, redis, ref)

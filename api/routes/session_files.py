@@ -168,7 +168,16 @@ async def get_file(
     return _file(session_id, *_find(manifest, file_id))
 
 
-@router.get("/v1/sessions/{session_id}/files/{file_id}/content", responses=_ERRORS)
+def _binary(media_type: str) -> dict[int | str, dict[str, object]]:
+    content = {media_type: {"schema": {"type": "string", "format": "binary"}}}
+    return {200: {"content": content, "description": "The bytes"}, **_ERRORS}
+
+
+@router.get(
+    "/v1/sessions/{session_id}/files/{file_id}/content",
+    response_class=Response,
+    responses=_binary("application/octet-stream"),
+)
 async def get_file_content(
     session_id: str, file_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep
 ) -> Response:
@@ -183,7 +192,11 @@ async def get_file_content(
     return Response(data, media_type="application/octet-stream", headers=headers)
 
 
-@router.get("/v1/sessions/{session_id}/archive", responses=_ERRORS)
+@router.get(
+    "/v1/sessions/{session_id}/archive",
+    response_class=StreamingResponse,
+    responses=_binary("application/gzip"),
+)
 async def get_archive(session_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep) -> Response:
     """The whole workspace as a `tar.gz`: its files (with their executable bit) and its links."""
     ref, manifest = await _current(gateway, caller, store, session_id)
