@@ -12,21 +12,21 @@ from starlette.middleware.cors import CORSMiddleware
 from api import errors
 from api.access import Access
 from api.catalog import UPSTREAM
+from api.chat import retrieval as chat_retrieval
+from api.chat import router as chat
 from api.deps import Gateway
+from api.messages import router as messages
 from api.middleware import BodyLimit, RequestId
+from api.responses import router as responses
 from api.routes import (
     auth,
-    chat,
-    chat_jobs,
     compatibility,
     debug,
     health,
     home,
     mcp,
-    messages,
     models,
     ops,
-    responses,
     session_files,
     sessions,
     tools,
@@ -73,7 +73,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     app.add_middleware(RequestId)  # outermost: even a refused body gets its request id
     routers = (
         chat,
-        chat_jobs,
+        chat_retrieval,
         responses,
         messages,
         sessions,

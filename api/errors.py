@@ -33,6 +33,15 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+def error_responses(*statuses: int) -> dict[int | str, dict[str, object]]:
+    """A route's documented error statuses (OpenAPI `responses`)."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+COMPLETION_ERRORS = error_responses(400, 401, 404, 409, 413, 429, 500, 502, 503, 504)
+"""What a request that queues a job may answer besides its result."""
+
+
 # How each job failure reaches the caller: HTTP status and OpenAI error type.
 FAILURE_STATUS: dict[FailureCode, tuple[int, str]] = {
     FailureCode.UPSTREAM_AUTH: (502, "upstream_error"),
@@ -71,6 +80,15 @@ class OpenAIError(Exception):
     @classmethod
     def invalid(cls, message: str, *, param: str | None = None, code: str | None = None) -> "OpenAIError":
         return cls(400, message, type="invalid_request_error", param=param, code=code)
+
+    @classmethod
+    def unsupported(cls, param: str) -> "OpenAIError":
+        """400 for a parameter whose meaning the gateway cannot honour (never silently dropped)."""
+        return cls.invalid(
+            f"The parameter '{param}' is not supported by this gateway.",
+            param=param,
+            code="unsupported_parameter",
+        )
 
     @classmethod
     def not_found(cls, message: str, *, param: str, code: str) -> "OpenAIError":

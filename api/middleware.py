@@ -7,8 +7,8 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.core.limits import bounded_json
 from api.errors import OpenAIError
-from api.hygiene import bounded_json
 from shared import logs
 from shared.settings import Settings
 

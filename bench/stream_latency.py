@@ -231,8 +231,9 @@ class CpuMeter:
 class Gateway:
     """A private redis-server, one API process and `WORKERS` workers; `stop` always ends them all."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, **env: str) -> None:
         self._workdir = workdir
+        self._env = env  # settings beyond the benchmark's own
         self.redis = EmbeddedRedis(workdir / "redis", persistent=False)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -253,6 +254,7 @@ class Gateway:
             "RATE_LIMIT_CHAT_PER_MINUTE": "100000000",
             "RATE_LIMIT_PER_MINUTE": "100000000",
             "MAX_CONCURRENT_JOBS_PER_KEY": "100000",
+            **self._env,
         }
         log = (self._workdir / f"{role}-{index}.log").open("wb")
         with log:

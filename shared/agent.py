@@ -1,5 +1,5 @@
 """What the agent may do in one job: the part of the job contract the API decides from the request
-and the operator's tool policy (`api/agent_policy.py`), and the worker applies to the CLI."""
+and the operator's tool policy (`api/core/policy.py`), and the worker applies to the CLI."""
 
 from typing import Literal
 

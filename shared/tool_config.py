@@ -2,7 +2,7 @@
 
 Both are defaults for jobs that do not choose their tools themselves, never more than the
 operator's policy (`CLAUDE_TOOLS`) grants; the API checks them when they are set and when a job
-uses them (`api/agent_policy.py`). The global one is one JSON value; a session's lives in the
+uses them (`api/core/policy.py`). The global one is one JSON value; a session's lives in the
 session's own record (`tools` field), so it expires and is deleted with the session and belongs
 to the session's key like everything else in it.
 """

@@ -225,6 +225,23 @@ async def test_an_error_in_the_finishing_steps_does_not_stop_the_worker(
     assert not failures  # the step did fail
 
 
+async def test_an_attempt_cancelled_before_it_began_is_handed_back(
+    start: Callable[..., Awaitable[Running]],
+) -> None:
+    running = await start()
+    running.worker.allow_pick_jobs = False  # this test claims the attempt itself
+    job_id = await running.submit("hello")
+    await running.worker.start_jobs([f"{job_id}.1".encode()])
+    running.worker.tasks[f"{job_id}.1"].cancel()  # as a shutdown would, before the task first ran
+    running.worker.allow_pick_jobs = True
+    events = await running.events(job_id)  # handed back, then run again as attempt 2
+    assert isinstance(events[-1], Done)
+    record = await running.store.get(job_id)
+    assert record is not None
+    assert record.attempt == 2
+    await running.assert_serving()
+
+
 async def test_shutdown_with_running_jobs_closes_the_worker_cleanly(
     start: Callable[..., Awaitable[Running]],
 ) -> None:

@@ -5,6 +5,8 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
+from functools import partial
 from typing import Any
 
 from arq.worker import Worker, func
@@ -42,7 +44,7 @@ class GatewayWorker(Worker):
         self._redis_url = redis_url
         self._fallback_s = settings.poll_fallback_s
         self._wake = asyncio.Event()
-        self._starting: set[asyncio.Task[None]] = set()
+        self._background_tasks: set[asyncio.Task[None]] = set()
         self.heartbeat = HeartbeatLoop(
             redis_url,
             settings,
@@ -124,7 +126,7 @@ class GatewayWorker(Worker):
                 continue
             self.job_counter += 1
             task = self.loop.create_task(self._run_attempt(raw.decode()))
-            task.add_done_callback(self._attempt_done)
+            task.add_done_callback(partial(self._attempt_done, raw.decode()))
             self.tasks[raw.decode()] = task
 
     async def _run_attempt(self, job_id: str) -> None:
@@ -171,11 +173,29 @@ class GatewayWorker(Worker):
         except RedisError as exc:
             log.warning("cannot reach Redis to start a job (%s); the poll will", type(exc).__name__)
 
-    def _attempt_done(self, _task: "asyncio.Task[None]") -> None:
+    def _attempt_done(self, attempt_id: str, task: "asyncio.Task[None]") -> None:
         self.job_counter -= 1
         self.sem.release()
+        if task.cancelled():  # by the shutdown, before it began (it handles every later outcome)
+            del self.tasks[attempt_id]  # so arq never reads its result
+            job_id, _, attempt = attempt_id.partition(".")
+            running: RunningJobs = self.ctx["running"]
+            running.claimed.pop(job_id, None)
+            log.info("attempt %s stopped before it began; handing it back", attempt_id)
+            self._background(self._hand_back(job_id, int(attempt)))
         self._wake.set()  # a slot is free: look at the queue now
         self.heartbeat.poke()
+
+    async def _hand_back(self, job_id: str, attempt: int) -> None:
+        try:
+            await self.ctx["running"].hand_back(job_id, attempt)
+        except RedisError as exc:  # its lease runs out instead: recovered within LEASE_S
+            log.warning("could not hand back job %s (%s)", job_id, type(exc).__name__)
+
+    def _background(self, step: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(step)
+        self._background_tasks.add(task)  # referenced until done
+        task.add_done_callback(self._background_tasks.discard)
 
     async def _listen(self) -> None:
         """Wake-ups (a job was queued) and cancels (stop a job if it runs here)."""
@@ -190,9 +210,7 @@ class GatewayWorker(Worker):
                         if message["channel"] == CANCEL_CHANNEL.encode():
                             self.ctx["running"].cancel(message["data"].decode())
                         elif message["data"]:
-                            task = asyncio.create_task(self._start_woken(message["data"]))
-                            self._starting.add(task)
-                            task.add_done_callback(self._starting.discard)
+                            self._background(self._start_woken(message["data"]))
                         else:
                             self._wake.set()
             except (OSError, RedisError) as exc:

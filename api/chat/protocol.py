@@ -6,37 +6,16 @@ gateway cannot honour yet are rejected by `unsupported_parameter`, never silentl
 Unknown fields are ignored, as newer clients send fields older servers do not know.
 """
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 
+from api.core.conversation import ChatMessage
+from api.core.request import AgentControls
 from api.errors import ErrorInfo
 from shared.jobs import JobStatus
 
 # --- Requests -------------------------------------------------------------------------------
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ImagePart(BaseModel):
-    type: Literal["image_url"]
-    image_url: dict[str, Any]
-
-
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
-    function_call: dict[str, Any] | None = None
 
 
 class StreamOptions(BaseModel):
@@ -44,7 +23,7 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(AgentControls):
     model_config = ConfigDict(extra="ignore")
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -72,16 +51,6 @@ class ChatCompletionRequest(BaseModel):
     # Extension: answer at once with the queued job; poll or stream it by id.
     background: bool = False
     session_id: str | None = Field(default=None, description="Extension: continue this session.")
-    # Extensions of the original wrapper: what the agent may do (checked against the tool policy;
-    # the X-Claude-* headers set the same when these are absent).
-    enable_tools: bool | None = None
-    allowed_tools: list[str] | None = None
-    disallowed_tools: list[str] | None = None
-    max_turns: int | None = Field(default=None, ge=1)
-    permission_mode: str | None = None
-    mcp_servers: list[Annotated[str, StringConstraints(max_length=64)]] | None = Field(
-        default=None, max_length=100, description="Extension: the operator's MCP servers the job has."
-    )
 
     def unsupported_parameter(self) -> str | None:
         """The first parameter whose meaning the gateway cannot honour, if any."""
@@ -91,10 +60,6 @@ class ChatCompletionRequest(BaseModel):
             "logit_bias": bool(self.logit_bias),
             "presence_penalty": bool(self.presence_penalty),
             "frequency_penalty": bool(self.frequency_penalty),
-            "tools": bool(self.tools),
-            "tool_choice": self.tool_choice not in (None, "none", "auto"),
-            "functions": bool(self.functions),
-            "function_call": self.function_call not in (None, "none", "auto"),
         }
         return next((name for name, unsupported in checks.items() if unsupported), None)
 

@@ -1,7 +1,7 @@
 """The Anthropic Messages wire format (`POST /v1/messages`), as far as the gateway speaks it.
 
-A request becomes a chat request (`to_chat_request`), so it runs through the same translation,
-validation and queue as a chat completion. Parameters the gateway cannot honour are rejected.
+A request becomes the core request (`core_request`), so it runs through the same validation,
+policy and queue as a chat completion. Parameters the gateway cannot honour are rejected.
 """
 
 import json
@@ -9,9 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.chat.protocol import ChatCompletionRequest, ChatMessage, ContentPart, ImagePart, TextPart
+from api.core.conversation import ChatMessage, ContentPart, ImagePart, TextPart
+from api.core.request import AgentControls, CompletionRequest
 from api.errors import OpenAIError
-from api.submit import chat_request
 from shared.jobs import Done, FinishReason, ToolCall, Usage
 
 MESSAGE_ID_PREFIX = "msg_"
@@ -37,7 +37,7 @@ class AnthropicMessage(BaseModel):
     content: str | list[_Block]
 
 
-class CreateMessageRequest(BaseModel):
+class CreateMessageRequest(AgentControls):
     model_config = ConfigDict(extra="ignore")
     model: str
     messages: list[AnthropicMessage] = Field(min_length=1)
@@ -118,14 +118,10 @@ def _chat_tool_choice(choice: dict[str, Any] | None) -> str | dict[str, Any] | N
     return kind
 
 
-def to_chat_request(body: CreateMessageRequest) -> ChatCompletionRequest:
-    """The request as a chat request; 400 on what the gateway cannot run."""
+def core_request(body: CreateMessageRequest) -> CompletionRequest:
+    """The request as the core runs it; 400 on what the gateway cannot run."""
     if (unsupported := body.unsupported_parameter()) is not None:
-        raise OpenAIError.invalid(
-            f"The parameter '{unsupported}' is not supported by this gateway.",
-            param=unsupported,
-            code="unsupported_parameter",
-        )
+        raise OpenAIError.unsupported(unsupported)
     messages: list[ChatMessage] = []
     if isinstance(body.system, str):
         messages.append(ChatMessage(role="system", content=body.system))
@@ -142,16 +138,16 @@ def to_chat_request(body: CreateMessageRequest) -> ChatCompletionRequest:
         messages += [_result(b) for b in message.content if b.type == "tool_result"]
         if content or calls or len(blocks) == len(message.content):  # not only tool results
             messages.append(ChatMessage(role=message.role, content=content, tool_calls=calls or None))
-    return chat_request(
+    return CompletionRequest.translated(
         model=body.model,
         messages=messages,
         tools=_chat_tools(body.tools),
         tool_choice=_chat_tool_choice(body.tool_choice),
         parallel_tool_calls=not (body.tool_choice or {}).get("disable_parallel_tool_use", False),
         max_tokens=body.max_tokens,
-        stop=body.stop_sequences or None,
-        temperature=body.temperature,
-        top_p=body.top_p,
+        stop=body.stop_sequences or [],
+        stream=body.stream,
+        agent=body.agent_controls(),
     )
 
 

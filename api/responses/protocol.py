@@ -1,7 +1,7 @@
 """The OpenAI Responses wire format, as far as the gateway speaks it (shapes from the official spec).
 
-A request's input items become chat messages (`to_chat_messages`), so a response runs through the
-same translation, validation and queue as a chat completion. Parameters that would change the
+A request's input items become the core's chat-shaped messages (`to_chat_messages`), so a response
+runs through the same validation, policy and queue as a chat completion. Parameters that would change the
 meaning of a request but that the gateway cannot honour are rejected, never silently dropped.
 """
 
@@ -9,14 +9,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.chat.protocol import ChatMessage, ContentPart, ImagePart, TextPart
+from api.core.conversation import ChatMessage, ContentPart, ImagePart, TextPart
+from api.core.request import AgentControls
 from api.errors import OpenAIError
 
 RESPONSE_ID_PREFIX = "resp_"
 MESSAGE_ID_PREFIX = "msg_"
 
 
-class CreateResponseRequest(BaseModel):
+class CreateResponseRequest(AgentControls):
     model_config = ConfigDict(extra="ignore")
     model: str
     input: str | list[dict[str, Any]] = Field(min_length=1)

@@ -17,9 +17,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
-from api.chat.protocol import ChatMessage
-from api.chat.render import JobRef
-from api.chat.structured import ResponseFormat
+from api.core.conversation import ChatMessage
+from api.core.run import JobRef
+from api.core.structured import ResponseFormat
 from api.errors import OpenAIError
 from api.responses.protocol import (
     MESSAGE_ID_PREFIX,
@@ -83,6 +83,19 @@ async def load(redis: Redis, job_id: str) -> StoredResponse | None:
 
 async def forget(redis: Redis, job_id: str) -> None:
     await redis.delete(_key(job_id))
+
+
+class Keeper:
+    """Keeps a response's `StoredResponse` beside its job (a `Companion` of `api/core/submit.py`)."""
+
+    def __init__(self, redis: Redis, settings: Settings, stored: StoredResponse) -> None:
+        self._redis, self._settings, self._stored = redis, settings, stored
+
+    async def save(self, job_id: str) -> None:
+        await save(self._redis, self._settings, job_id, self._stored)
+
+    async def forget(self, job_id: str) -> None:
+        await forget(self._redis, job_id)
 
 
 def usage_body(usage: Usage) -> ResponseUsage:

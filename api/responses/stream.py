@@ -15,17 +15,12 @@ Deltas sit on the per-token path: they are rendered from a per-stream byte templ
 the text JSON-encoded per event.
 """
 
-import asyncio
 import json
-import logging
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
-from api.chat.render import JobRef
-from api.chat.streaming import Events, OnAbandon, abandoned, joined
+from api.core.run import JobRef
 from api.responses.protocol import OutputText
 from api.responses.response import (
     StoredResponse,
@@ -38,8 +33,6 @@ from api.responses.response import (
 from shared.events import JobEventValue
 from shared.jobs import Delta, Done, JobStatus
 
-log = logging.getLogger("gateway.api")
-
 _PRELUDE = 3  # the sequence number of the prelude's last event; delta s is s + _PRELUDE
 
 
@@ -51,8 +44,9 @@ def _event(kind: str, number: int, **fields: Any) -> tuple[int, str, str]:
 class ResponseEventRenderer:
     """Renders one response's stream events as `(sequence_number, type, JSON)`."""
 
-    def __init__(self, job: JobRef, stored: StoredResponse) -> None:
+    def __init__(self, job: JobRef, stored: StoredResponse, *, after: int = -1) -> None:
         self._job = job
+        self._after = after
         self._stored = stored
         self._item = message_id(job)
         self._texts: list[str] = []
@@ -62,8 +56,9 @@ class ResponseEventRenderer:
             + ',"output_index":0,"content_index":0,"delta":'
         )
         self._ids = {"item_id": self._item, "output_index": 0, "content_index": 0}
+        self._number = _PRELUDE  # the last sequence number rendered
 
-    def prelude(self) -> list[tuple[int, str, str]]:
+    def _prelude(self) -> list[tuple[int, str, str]]:
         running = response_body(self._job, self._stored, JobStatus.IN_PROGRESS, "", None).wire()
         item = output_message(self._job, "", "in_progress").model_dump()
         item["content"] = []
@@ -76,7 +71,7 @@ class ResponseEventRenderer:
 
     def delta(self, seq: int, text: str) -> tuple[int, str, str]:
         self._texts.append(text)
-        number = seq + _PRELUDE
+        number = self._number = seq + _PRELUDE
         data = f'{self._delta_head}{json.dumps(text)},"logprobs":[],"sequence_number":{number}}}'
         return number, "response.output_text.delta", data
 
@@ -116,66 +111,28 @@ class ResponseEventRenderer:
             number += 4
         return [*closing, _event(final, number, response=body.wire())]
 
-    def render(self, seq: int, event: JobEventValue) -> Iterator[tuple[int, str, str]]:
+    def _events(self, rendered: list[tuple[int, str, str]]) -> list[ServerSentEvent]:
+        """The events numbered after `after` (a resumed stream skips what its client has)."""
+        return [
+            ServerSentEvent(data, event=kind, id=str(number))
+            for number, kind, data in rendered
+            if number > self._after
+        ]
+
+    def opening(self) -> list[ServerSentEvent]:
+        return self._events(self._prelude())
+
+    def render(self, choice: int, seq: int, event: JobEventValue) -> list[ServerSentEvent]:
         if isinstance(event, Delta):
-            yield self.delta(seq, event.text)
-        else:
-            yield from self.terminal(seq, event)
+            return self._events([self.delta(seq, event.text)])
+        return self._events(self.terminal(seq, event))
 
-
-def response_stream(
-    renderer: ResponseEventRenderer,
-    events: Events,
-    *,
-    after: int = -1,
-    first: "asyncio.Future[tuple[int, JobEventValue]] | None" = None,
-    on_abandon: OnAbandon | None = None,
-) -> EventSourceResponse:
-    """The SSE response for the events numbered after `after`; `on_abandon` runs if the client leaves.
-
-    `events` must start at the job's first event: earlier deltas make up the final text.
-    """
-    return EventSourceResponse(_stream(renderer, events, after, first, on_abandon), ping=15)
-
-
-async def _stream(
-    renderer: ResponseEventRenderer,
-    events: Events,
-    after: int,
-    first: "asyncio.Future[tuple[int, JobEventValue]] | None",
-    on_abandon: OnAbandon | None,
-) -> AsyncIterator[bytes]:
-    # Events that are ready together go out as one body message (see api/chat/streaming.py).
-    finished = False
-    number = after
-    ready: list[ServerSentEvent] = []
-    try:
-        for number, kind, data in renderer.prelude():
-            if number > after:
-                ready.append(ServerSentEvent(data, event=kind, id=str(number)))
-        pending = first if first is not None else asyncio.ensure_future(anext(events))
-        if ready and not pending.done():  # a slow start: the stream opens at once anyway
-            yield joined(ready)
-            ready = []
-        seq, event = await pending
-        while True:
-            for number, kind, data in renderer.render(seq, event):
-                if number > after:
-                    ready.append(ServerSentEvent(data, event=kind, id=str(number)))
-            if ready:
-                yield joined(ready)
-                ready = []
-            if not isinstance(event, Delta):
-                break
-            seq, event = await anext(events)
-        finished = True
-    except RedisError:
-        # Headers are gone already: the failure can only be reported in the stream.
-        log.warning("lost Redis while relaying a response stream")
+    def lost_queue(self) -> list[ServerSentEvent]:
         message = "The gateway lost its queue mid-stream; resume with starting_after."
-        _, kind, data = _event("error", number + 1, code="queue_unavailable", message=message, param=None)
-        yield joined([*ready, ServerSentEvent(data, event=kind)])
-        finished = True
-    finally:
-        if not finished:
-            abandoned(on_abandon)
+        _, kind, data = _event(
+            "error", self._number + 1, code="queue_unavailable", message=message, param=None
+        )
+        return [ServerSentEvent(data, event=kind)]
+
+    def closing(self) -> list[ServerSentEvent]:
+        return []

@@ -12,15 +12,12 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from api.agent_policy import agent_request
 from api.catalog import resolve_model
-from api.chat.functions import function_calling
+from api.chat.inbound import core_request
 from api.chat.protocol import ChatCompletionRequest
-from api.chat.structured import ResponseFormat
-from api.chat.translate import build_job
+from api.core.submit import plan
 from api.deps import GatewayDep
 from api.errors import ErrorInfo, ErrorResponse, OpenAIError
-from api.hygiene import check_prompt_limits
 from shared.settings import Settings
 
 router = APIRouter()
@@ -113,11 +110,7 @@ def _parameters(body: ChatCompletionRequest) -> list[ParameterReport]:
 def _verdict(body: ChatCompletionRequest, request: Request, settings: Settings) -> ErrorInfo | None:
     """The first error `POST /v1/chat/completions` would answer before queueing, if any."""
     try:
-        check_prompt_limits(body, settings)
-        agent = agent_request(body, request.headers, settings)
-        plain, _ = function_calling(body)
-        build_job(plain, request.state.request_id, settings, agent)
-        ResponseFormat.from_request(body.response_format)
+        plan(core_request(body), request.headers, request.state.request_id, settings)
     except OpenAIError as refused:
         return refused.info
     return None

@@ -23,9 +23,9 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
+from api.core.sessions import invalid_session_id
 from api.deps import CallerDep, GatewayDep
 from api.errors import ErrorResponse, OpenAIError
-from api.sessions import invalid_session_id
 from shared import sessions, workspaces
 from shared.keys import is_session_id
 from shared.workspace_store import MissingObject, ObjectStore, open_store

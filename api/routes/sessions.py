@@ -12,16 +12,16 @@ from typing import Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from api.core.sessions import invalid_session_id, session_not_found
 from api.deps import CallerDep, GatewayDep
-from api.errors import ErrorResponse, OpenAIError
+from api.errors import OpenAIError, error_responses
 from api.routes.session_files import StoreDep
-from api.sessions import invalid_session_id, session_not_found
 from shared import sessions, workspaces
 from shared.keys import is_session_id
 from shared.workspaces import WorkspaceRef
 
 router = APIRouter()
-_ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorResponse} for code in (400, 404, 409)}
+_ERRORS = error_responses(400, 404, 409)
 
 
 class SessionMessage(BaseModel):

@@ -1,7 +1,7 @@
 """`/v1/tools`: the tools a caller's jobs may use, and their stored defaults (`/v1/tools/config`).
 
 The operator's policy (`CLAUDE_TOOLS`, `CLAUDE_DISALLOWED_TOOLS`) is the ceiling; a configuration
-only chooses within it (`api/agent_policy.py`). A session's configuration belongs to the session's
+only chooses within it (`api/core/policy.py`). A session's configuration belongs to the session's
 key: for any other key the session does not exist (404). The global configuration applies to every
 caller, so only operator keys may read or change it.
 """
@@ -12,9 +12,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from api.core.sessions import invalid_session_id, session_not_found
 from api.deps import Caller, CallerDep, Gateway, GatewayDep, operator_only
 from api.errors import ErrorResponse
-from api.sessions import invalid_session_id, session_not_found
 from api.tool_choice import check_permitted, effective, permitted_servers
 from shared import sessions, tool_config
 from shared.keys import is_session_id

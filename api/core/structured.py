@@ -4,7 +4,7 @@ Claude Code has no constrained decoding, so the format is asked for in the syste
 checked on the finished reply: it must parse as JSON (a surrounding Markdown code fence is
 removed) and, for `json_schema`, validate against the schema, or the request fails with 502
 `invalid_structured_output`; a client never receives a reply that breaks its format. Checking
-needs the whole reply, so a streamed structured reply arrives as one content chunk at the end.
+needs the whole reply, so a streamed structured reply arrives as one delta at the end.
 
 A caller's schema must not make that check costly (a 1 KB chain of `anyOf` and `$ref` used to take
 time and memory doubling per level; a backtracking `pattern` likewise), so it is bounded before a
@@ -16,18 +16,14 @@ with Rust's `regex`: no lookaround, no backreferences); and the check runs off t
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
 import jsonschema_rs
-from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.chat.protocol import ChatCompletion, ChatCompletionRequest
-from api.chat.render import ChunkRenderer
 from api.errors import OpenAIError
-from shared.jobs import CompletionJob, Done, FinishReason, Usage
+from shared.jobs import CompletionJob, FinishReason
 
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _FENCE = re.compile(r"\A\s*```[a-zA-Z]*\s*\n(.*)\n\s*```\s*\Z", re.DOTALL)
@@ -41,10 +37,16 @@ class ResponseFormat:
     """A requested JSON format: any JSON object, or one valid against `schema`."""
 
     def __init__(
-        self, schema: dict[str, Any] | None, validator: jsonschema_rs.Validator | None = None
+        self,
+        schema: dict[str, Any] | None,
+        validator: jsonschema_rs.Validator | None = None,
+        *,
+        param: str = _PARAM,
     ) -> None:
         self.schema = schema
         self._validator = validator
+        self.param = param
+        """The request parameter that asked for it (errors name it)."""
 
     @classmethod
     def from_request(cls, value: dict[str, Any] | None) -> "ResponseFormat | None":
@@ -89,7 +91,10 @@ class ResponseFormat:
             spec = {key: value[key] for key in ("name", "schema", "strict") if key in value}
             value = {"type": "json_schema", "json_schema": spec}
         try:
-            return cls.from_request(value)
+            parsed = cls.from_request(value)
+            if parsed is not None:
+                parsed.param = "text.format"
+            return parsed
         except OpenAIError as exc:
             param = (exc.info.param or _PARAM).replace(f"{_PARAM}.json_schema", _PARAM)
             exc.info.param = param.replace(_PARAM, "text.format")
@@ -219,38 +224,3 @@ def _children(node: dict[str, Any] | list[Any]) -> Iterator[Any]:
 
 def _violation(message: str) -> OpenAIError:
     return OpenAIError(502, message, type="server_error", code="invalid_structured_output")
-
-
-async def structured_reply(
-    response_format: ResponseFormat, completion: ChatCompletion, body: ChatCompletionRequest
-) -> JSONResponse | EventSourceResponse:
-    """The checked completion, as one body or (streamed) as the chunks of a whole reply."""
-    choice = completion.choices[0]
-    choice.message.content = await response_format.check_finished_off_loop(
-        choice.message.content or "", choice.finish_reason
-    )
-    if not body.stream:
-        return JSONResponse(completion.model_dump())
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
-    return EventSourceResponse(_chunks(completion, include_usage), ping=15)
-
-
-async def _chunks(completion: ChatCompletion, include_usage: bool) -> AsyncIterator[ServerSentEvent]:
-    renderer = ChunkRenderer(completion, include_usage=include_usage)
-    usage = completion.usage
-    assert usage is not None
-    done = Done(
-        finish_reason=FinishReason(completion.choices[0].finish_reason),
-        usage=Usage(
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cached_prompt_tokens=(usage.prompt_tokens_details or {}).get("cached_tokens", 0),
-            cost_usd=usage.cost_usd,
-        ),
-    )
-    yield ServerSentEvent(renderer.role())
-    yield ServerSentEvent(renderer.content(completion.choices[0].message.content or ""))
-    yield ServerSentEvent(renderer.finish(done))
-    if include_usage:
-        yield ServerSentEvent(renderer.usage(done))
-    yield ServerSentEvent("[DONE]")

@@ -1,6 +1,6 @@
 """What a request may let the agent do, checked against the operator's tool policy.
 
-The request asks through body extension fields (`enable_tools`, `allowed_tools`,
+Every front end's request asks through body extension fields (`enable_tools`, `allowed_tools`,
 `disallowed_tools`, `max_turns`, `permission_mode`) or, when a field is absent, the original
 wrapper's `X-Claude-*` headers. The policy: `CLAUDE_TOOLS` are the tools callers may have (a job
 has all of them unless it narrows them), `CLAUDE_DISALLOWED_TOOLS` are denied to every job,
@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import get_args
 
-from api.chat.protocol import ChatCompletionRequest
+from api.core.request import AgentControls
 from api.errors import OpenAIError
 from api.tool_choice import ToolChoice, check_permitted, check_servers, choose, denied_tools
 from shared.agent import AgentRequest, PermissionMode
@@ -25,7 +25,7 @@ _MODES: tuple[str, ...] = get_args(PermissionMode)
 
 
 def agent_request(
-    body: ChatCompletionRequest,
+    body: AgentControls,
     headers: Mapping[str, str],
     settings: Settings,
     configs: Sequence[ToolConfig] = (),
@@ -73,7 +73,7 @@ def _int_header(headers: Mapping[str, str], header: str, low: int) -> int | None
     return int(value)
 
 
-def _max_turns(body: ChatCompletionRequest, headers: Mapping[str, str], settings: Settings) -> int | None:
+def _max_turns(body: AgentControls, headers: Mapping[str, str], settings: Settings) -> int | None:
     asked = body.max_turns if body.max_turns is not None else _int_header(headers, "x-claude-max-turns", 1)
     cap = settings.claude_max_turns
     if asked is None:
@@ -85,9 +85,7 @@ def _max_turns(body: ChatCompletionRequest, headers: Mapping[str, str], settings
     return asked
 
 
-def _permission_mode(
-    body: ChatCompletionRequest, headers: Mapping[str, str], settings: Settings
-) -> PermissionMode:
+def _permission_mode(body: AgentControls, headers: Mapping[str, str], settings: Settings) -> PermissionMode:
     allowed = settings.claude_permission_modes
     asked = body.permission_mode or headers.get("x-claude-permission-mode")
     if asked is None:

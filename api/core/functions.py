@@ -12,7 +12,8 @@ cannot force a tool choice); `none` offers no function.
 import re
 from typing import Any
 
-from api.chat.protocol import ChatCompletionRequest, ChatMessage, TextPart
+from api.core.conversation import ChatMessage, TextPart
+from api.core.request import CompletionRequest
 from api.errors import OpenAIError
 from shared.jobs import CompletionJob, FunctionTool
 
@@ -80,7 +81,7 @@ def _as_turn(message: ChatMessage) -> ChatMessage:
     return message
 
 
-def function_calling(body: ChatCompletionRequest) -> tuple[ChatCompletionRequest, FunctionCalling | None]:
+def function_calling(body: CompletionRequest) -> tuple[CompletionRequest, FunctionCalling | None]:
     """The request without its function-calling parts (for `build_job`), and those parts."""
     uses_functions = any(m.role in ("tool", "function") or m.tool_calls for m in body.messages)
     if not (body.tools or body.functions or uses_functions):

@@ -9,7 +9,7 @@ import base64
 import binascii
 import re
 
-from api.chat.protocol import ChatMessage, ImagePart, TextPart
+from api.core.conversation import ChatMessage, ImagePart, TextPart
 from api.errors import OpenAIError
 from shared.jobs import ImageSource
 

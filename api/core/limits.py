@@ -8,7 +8,7 @@ of empty messages used to cost ~160 MiB and a second of event loop in validation
 
 import json
 
-from api.chat.protocol import ChatCompletionRequest, TextPart
+from api.core.conversation import ChatMessage, TextPart
 from api.errors import OpenAIError
 from shared.settings import Settings
 
@@ -60,12 +60,12 @@ def _too_deep() -> OpenAIError:
     )
 
 
-def check_prompt_limits(request: ChatCompletionRequest, settings: Settings) -> None:
+def check_prompt_limits(messages: list[ChatMessage], settings: Settings) -> None:
     """400 when the request has more than `MAX_MESSAGES` messages or `MAX_PROMPT_CHARS` of text."""
-    if len(request.messages) > settings.max_messages:
+    if len(messages) > settings.max_messages:
         raise too_many_messages(settings)
     total = 0
-    for message in request.messages:
+    for message in messages:
         if isinstance(message.content, str):
             total += len(message.content)
         elif message.content is not None:

@@ -1,4 +1,4 @@
-"""Attaching a chat request to its session: which session, its history, and the session's lock.
+"""Attaching a request to its session: which session, its history, and the session's lock.
 
 The rule for history (docs/sessions.md): the session holds every earlier turn. A request whose
 messages begin with that whole history (a client that resends everything) has the repeated prefix
@@ -8,12 +8,11 @@ would duplicate the conversation, and rewriting history is not what a session do
 """
 
 import contextlib
+from collections.abc import Mapping
 
-from fastapi import Request
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from api.chat.protocol import ChatCompletionRequest
 from api.errors import OpenAIError
 from shared import sessions
 from shared.jobs import CompletionJob, SessionRef, Turn
@@ -25,16 +24,16 @@ SESSION_HEADER = "x-session-id"
 _LOCK_GRACE_S = 60.0
 
 
-def requested_session_id(body: ChatCompletionRequest, request: Request) -> str | None:
-    """The session the request names in its body or `X-Session-Id` header, validated."""
-    header = request.headers.get(SESSION_HEADER)
-    if body.session_id is not None and header is not None and header != body.session_id:
+def requested_session_id(named: str | None, headers: Mapping[str, str]) -> str | None:
+    """The session the request names in its body (`named`) or `X-Session-Id` header, validated."""
+    header = headers.get(SESSION_HEADER)
+    if named is not None and header is not None and header != named:
         raise OpenAIError.invalid(
             "The session_id field and the X-Session-Id header name different sessions.",
             param="session_id",
             code="invalid_session_id",
         )
-    session_id = body.session_id if body.session_id is not None else header
+    session_id = named if named is not None else header
     if session_id is not None and not is_session_id(session_id):
         raise invalid_session_id()
     return session_id

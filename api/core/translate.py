@@ -1,8 +1,8 @@
-"""OpenAI chat requests → `CompletionJob`s: what the worker needs, validated, nothing more."""
+"""Core requests → `CompletionJob`s: what the worker needs, validated, nothing more."""
 
 from api.catalog import resolve_model
-from api.chat.content import message_content
-from api.chat.protocol import ChatCompletionRequest
+from api.core.content import message_content
+from api.core.request import CompletionRequest
 from api.errors import OpenAIError
 from shared.agent import AgentRequest
 from shared.jobs import CompletionJob, Turn
@@ -10,15 +10,13 @@ from shared.settings import Settings
 
 
 def build_job(
-    request: ChatCompletionRequest, request_id: str, settings: Settings, agent: AgentRequest | None = None
+    request: CompletionRequest, request_id: str, settings: Settings, agent: AgentRequest
 ) -> CompletionJob:
+    """The request's job; `request` has had its function-calling parts taken out (`function_calling`)."""
     backend_model = resolve_model(request.model, settings)
-    if (unsupported := request.unsupported_parameter()) is not None:
-        raise OpenAIError.invalid(
-            f"The parameter '{unsupported}' is not supported by this gateway.",
-            param=unsupported,
-            code="unsupported_parameter",
-        )
+    for param in ("tool_choice", "function_call"):
+        if getattr(request, param) not in (None, "none", "auto"):  # a choice among no functions
+            raise OpenAIError.unsupported(param)
     system: list[str] = []
     turns: list[Turn] = []
     for index, message in enumerate(request.messages):
@@ -37,20 +35,15 @@ def build_job(
         raise OpenAIError.invalid(
             "The last non-system message must be from the user.", param="messages", code="invalid_messages"
         )
+    if len(request.stop) > 4 or not all(request.stop):
+        raise OpenAIError.invalid("'stop' takes up to 4 non-empty sequences.", param="stop")
     return CompletionJob(
         request_id=request_id,
         model=request.model,
         backend_model=None if backend_model == request.model else backend_model,
         system_prompt="\n\n".join(system) or None,
         turns=turns,
-        max_tokens=request.token_limit,
-        stop=_stop_sequences(request),
-        agent=agent or AgentRequest(),
+        max_tokens=request.max_tokens,
+        stop=request.stop,
+        agent=agent,
     )
-
-
-def _stop_sequences(request: ChatCompletionRequest) -> list[str]:
-    stops = request.stop_sequences()
-    if len(stops) > 4 or not all(stops):
-        raise OpenAIError.invalid("'stop' takes up to 4 non-empty sequences.", param="stop")
-    return stops

@@ -1,0 +1,151 @@
+"""Job events → OpenAI chat completion bodies and stream chunks.
+
+Stream chunks sit on the per-token path, so they are rendered from a per-stream byte template
+with only the text JSON-encoded per chunk; the test suite validates them against the official
+`CreateChatCompletionStreamResponse` schema.
+
+A stream of one choice is resumable: every chunk made from a job event carries `id: <seq>`; a
+client that reconnects with `Last-Event-ID: <seq>` (or `?starting_after=<seq>`) gets exactly the
+chunks after it. When one event becomes several chunks (finish, then usage), only the last carries
+the id, so a resume from an earlier id replays all of them. The role chunk is the stream's start
+(`id: 0`). The choices of `n > 1` interleave without ids, and its usage chunk sums all of them.
+"""
+
+import json
+from typing import Any
+
+from sse_starlette import ServerSentEvent
+
+from api.chat.protocol import ChatCompletion, Choice, CompletionUsage, ResponseMessage
+from api.core.run import JobRef, Reply, total_usage
+from api.errors import ErrorInfo, ErrorResponse, OpenAIError
+from shared.events import JobEventValue
+from shared.jobs import Delta, Done, JobStatus, Usage
+
+COMPLETION_ID_PREFIX = "chatcmpl-"
+
+
+def completion_id(job: JobRef) -> str:
+    return COMPLETION_ID_PREFIX + job.id
+
+
+def usage_body(usage: Usage) -> CompletionUsage:
+    return CompletionUsage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        prompt_tokens_details={"cached_tokens": usage.cached_prompt_tokens},
+        cost_usd=usage.cost_usd,
+    )
+
+
+def tool_calls_body(done: Done) -> list[dict[str, Any]]:
+    return [
+        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+        for call in done.tool_calls
+    ]
+
+
+def _message(reply: Reply) -> ResponseMessage:
+    if reply.done.tool_calls:
+        return ResponseMessage(content=reply.text or None, tool_calls=tool_calls_body(reply.done))
+    return ResponseMessage(content=reply.text)
+
+
+def completion_body(job: JobRef, replies: list[Reply]) -> ChatCompletion:
+    """The completion of one reply per choice; its usage sums theirs."""
+    return ChatCompletion(
+        id=completion_id(job),
+        created=job.created,
+        model=job.model,
+        choices=[
+            Choice(index=index, message=_message(reply), finish_reason=reply.done.finish_reason.value)
+            for index, reply in enumerate(replies)
+        ],
+        usage=usage_body(total_usage([reply.done.usage for reply in replies])),
+    )
+
+
+def error_chunk(error: ErrorInfo) -> str:
+    """The stream event that ends a stream which failed after its headers were sent."""
+    return ErrorResponse(error=error).model_dump_json()
+
+
+class ChunkRenderer:
+    """Renders the chunks of one streamed completion of `choices` choices, after event `after`."""
+
+    def __init__(self, job: JobRef, *, include_usage: bool, choices: int = 1, after: int = 0) -> None:
+        head = json.dumps(
+            {
+                "id": completion_id(job),
+                "object": "chat.completion.chunk",
+                "created": job.created,
+                "model": job.model,
+            },
+            separators=(",", ":"),
+        )[:-1]
+        self._head = head
+        self._choice_heads = [head + f',"choices":[{{"index":{index},"delta":' for index in range(choices)]
+        self._include_usage = include_usage
+        self._tail = ',"logprobs":null,"finish_reason":%s}]' + (',"usage":null}' if include_usage else "}")
+        self._resumable = choices == 1
+        self._after = after
+        self._usages: list[Usage] = []
+
+    def _choice(self, choice: int, delta: str, finish_reason: str | None) -> str:
+        return self._choice_heads[choice] + delta + self._tail % (json.dumps(finish_reason))
+
+    def _id(self, seq: int) -> str | None:
+        return str(seq) if self._resumable else None
+
+    def opening(self) -> list[ServerSentEvent]:
+        if self._after:
+            return []
+        role = '{"role":"assistant","content":""}'
+        return [
+            ServerSentEvent(self._choice(choice, role, None), id=self._id(0))
+            for choice in range(len(self._choice_heads))
+        ]
+
+    def render(self, choice: int, seq: int, event: JobEventValue) -> list[ServerSentEvent]:
+        if isinstance(event, Delta):
+            content = self._choice(choice, '{"content":' + json.dumps(event.text) + "}", None)
+            return [ServerSentEvent(content, id=self._id(seq))]
+        if not isinstance(event, Done):
+            return [ServerSentEvent(error_chunk(OpenAIError.from_failure(event).info), id=self._id(seq))]
+        chunks: list[str] = []
+        if event.tool_calls:
+            # The turn's function calls, each whole (its arguments complete JSON) with a stable index.
+            calls = [{"index": index, **call} for index, call in enumerate(tool_calls_body(event))]
+            chunks.append(self._choice(choice, json.dumps({"tool_calls": calls}), None))
+        chunks.append(self._choice(choice, "{}", event.finish_reason.value))
+        self._usages.append(event.usage)
+        if self._include_usage and self._resumable:
+            chunks.append(self._usage(event.usage))
+        last = len(chunks) - 1
+        return [
+            ServerSentEvent(chunk, id=self._id(seq) if i == last else None) for i, chunk in enumerate(chunks)
+        ]
+
+    def _usage(self, usage: Usage) -> str:
+        return self._head + ',"choices":[],"usage":' + usage_body(usage).model_dump_json() + "}"
+
+    def lost_queue(self) -> list[ServerSentEvent]:
+        message = "The gateway lost its queue mid-stream; resume with Last-Event-ID."
+        error = ErrorInfo(message=message, type="server_error", code="queue_unavailable")
+        return [ServerSentEvent(error_chunk(error))]
+
+    def closing(self) -> list[ServerSentEvent]:
+        chunks = []
+        if self._include_usage and not self._resumable and len(self._usages) == len(self._choice_heads):
+            chunks.append(ServerSentEvent(self._usage(total_usage(self._usages))))
+        return [*chunks, ServerSentEvent("[DONE]")]
+
+
+def queued_body(job: JobRef) -> ChatCompletion:
+    """A background job as answered at once: no choices yet."""
+    queued = ChatCompletion(
+        id=completion_id(job), created=job.created, model=job.model, choices=[], usage=None
+    )
+    queued.status = JobStatus.QUEUED
+    return queued

@@ -1,0 +1,65 @@
+"""The one internal request every front end translates its wire format into.
+
+A front end parses its own body, refuses what its format cannot mean here, and builds a
+`CompletionRequest`; from then on one path (`api/core/submit.py`) validates it, applies the
+operator's policy and limits, and queues its jobs. The agent controls are part of every front
+end's body (`AgentControls` is a base of each wire model), so they hold on every endpoint.
+"""
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from api.core.conversation import ChatMessage
+from api.core.structured import ResponseFormat
+from api.errors import OpenAIError
+
+
+class AgentControls(BaseModel):
+    """What a request asks the agent may do: extensions of the original wrapper, in every front
+    end's body (the `X-Claude-*` headers set the same when a field is absent). Checked against the
+    operator's tool policy (`api/core/policy.py`)."""
+
+    enable_tools: bool | None = None
+    allowed_tools: list[str] | None = None
+    disallowed_tools: list[str] | None = None
+    max_turns: int | None = Field(default=None, ge=1)
+    permission_mode: str | None = None
+    mcp_servers: list[Annotated[str, StringConstraints(max_length=64)]] | None = Field(
+        default=None, max_length=100, description="Extension: the operator's MCP servers the job has."
+    )
+
+    def agent_controls(self) -> "AgentControls":
+        return AgentControls.model_validate(self.model_dump(include=set(AgentControls.model_fields)))
+
+
+class CompletionRequest(BaseModel):
+    """A request as the core runs it: a chat-shaped conversation, the caller's functions in chat's
+    form, and what the gateway adds (background, sessions, the agent's controls)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    functions: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    background: bool = False
+    session_id: str | None = None
+    agent: AgentControls = Field(default_factory=AgentControls)
+
+    @classmethod
+    def translated(cls, **fields: Any) -> "CompletionRequest":
+        """A request translated from a wire format; 400 if the translation is not a valid one."""
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            param = ".".join(str(part) for part in error["loc"]) or None
+            raise OpenAIError.invalid(f"Invalid request: {param}: {error['msg']}.", param=param) from None

@@ -1,0 +1,166 @@
+"""A request's queued jobs (one per choice) and their events: followed, collected, cancelled.
+
+Every front end reads a run the same way: `events()` yields `(choice, seq, event)` until each
+choice has its terminal event (or one fails: the others are cancelled then, and the failure ends
+the run). `collect()` turns a finished run into one `Reply` per choice. A run with `n > 1` is one
+request, not a durable job: its choices' events interleave as they arrive.
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from api.core.relay import follow_job
+from api.core.structured import ResponseFormat
+from api.deps import Gateway
+from api.errors import OpenAIError
+from shared.events import JobEventValue
+from shared.jobs import Delta, Done, Failed, FailureCode, Usage
+from shared.jobstore import JobStore
+
+log = logging.getLogger("gateway.api")
+
+ChoiceEvents = AsyncIterator[tuple[int, int, JobEventValue]]
+"""`(choice, seq, event)`: the choice's index and the event's number in its job's sequence."""
+_CANCEL_WAIT_S = 5.0  # how long a cancel waits for a running job to confirm it stopped
+
+
+class JobRef(Protocol):
+    """What rendering needs of a job: a `CompletionJob`, or the `JobRecord` of one."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def created(self) -> int: ...
+    @property
+    def model(self) -> str: ...
+
+
+@dataclass
+class Reply:
+    """One choice's finished reply."""
+
+    text: str
+    done: Done
+
+
+def reply_of(events: Iterable[JobEventValue]) -> tuple[str, Done | Failed | None]:
+    """The text of a job's events so far, and its terminal event if it has one."""
+    parts: list[str] = []
+    terminal: Done | Failed | None = None
+    for event in events:
+        if isinstance(event, Delta):
+            parts.append(event.text)
+        else:
+            terminal = event
+    return "".join(parts), terminal
+
+
+def total_usage(usages: list[Usage]) -> Usage:
+    costs = [usage.cost_usd for usage in usages if usage.cost_usd is not None]
+    return Usage(
+        prompt_tokens=sum(usage.prompt_tokens for usage in usages),
+        completion_tokens=sum(usage.completion_tokens for usage in usages),
+        cached_prompt_tokens=sum(usage.cached_prompt_tokens for usage in usages),
+        cost_usd=sum(costs) if costs else None,
+    )
+
+
+@dataclass
+class Run:
+    gateway: Gateway
+    jobs: list[JobRef]
+    """One job per choice; the first names the request (its id is the completion's)."""
+    background: bool = False
+    response_format: ResponseFormat | None = None
+    _pumps: "list[asyncio.Task[None]]" = field(default_factory=list)
+
+    @property
+    def job(self) -> JobRef:
+        return self.jobs[0]
+
+    def events(self, after: int = 0) -> ChoiceEvents:
+        """The run's events; with one job, those after its event `after` (a resumed stream)."""
+        if len(self.jobs) == 1:
+            return self._one(after)
+        return self._merged()
+
+    async def _one(self, after: int) -> ChoiceEvents:
+        store, settings = self.gateway.store, self.gateway.settings
+        async for seq, event in follow_job(
+            store, settings, self.job.id, after=after, withdraw=not self.background
+        ):
+            yield 0, seq, event
+
+    async def _merged(self) -> ChoiceEvents:
+        merged: asyncio.Queue[tuple[int, int, JobEventValue]] = asyncio.Queue()
+        self._pumps = [asyncio.create_task(self._pump(i, job.id, merged)) for i, job in enumerate(self.jobs)]
+        ended = 0
+        try:
+            while ended < len(self.jobs):
+                choice, seq, event = await merged.get()
+                if isinstance(event, Failed):
+                    await self.cancel("Another choice of the request failed.")
+                    yield choice, seq, event
+                    return
+                ended += isinstance(event, Done)
+                yield choice, seq, event
+        finally:
+            self.close()
+
+    async def _pump(
+        self, choice: int, job_id: str, merged: "asyncio.Queue[tuple[int, int, JobEventValue]]"
+    ) -> None:
+        store, settings = self.gateway.store, self.gateway.settings
+        try:
+            async for seq, event in follow_job(store, settings, job_id, withdraw=True):
+                await merged.put((choice, seq, event))
+        except Exception:  # e.g. Redis gone for longer than its grace: the choice cannot be followed
+            log.exception("lost track of a choice")
+            failure = Failed(code=FailureCode.INTERNAL, message="The gateway lost track of a choice.")
+            await merged.put((choice, 0, failure))
+
+    def close(self) -> None:
+        """Stops following the choices (the reader is gone)."""
+        for pump in self._pumps:
+            pump.cancel()
+
+    async def cancel(self, message: str) -> None:
+        failure = Failed(code=FailureCode.CANCELLED, message=message)
+        for job in self.jobs:
+            await self.gateway.store.stop(job.id, withdraw_only=False, failure=failure)
+
+    async def collect(self) -> list[Reply]:
+        """Each choice's whole reply; raises the first failure (and a reply that breaks the format)."""
+        texts: list[list[str]] = [[] for _ in self.jobs]
+        replies: dict[int, Reply] = {}
+        try:
+            async for choice, _, event in self.events():
+                if isinstance(event, Delta):
+                    texts[choice].append(event.text)
+                elif isinstance(event, Done):
+                    replies[choice] = Reply("".join(texts[choice]), event)
+                else:
+                    raise OpenAIError.from_failure(event)
+        except BaseException:
+            if len(self.jobs) > 1:
+                await self.cancel("Another choice of the request failed.")
+            raise
+        if self.response_format is not None:
+            for reply in replies.values():
+                finish = reply.done.finish_reason.value
+                reply.text = await self.response_format.check_finished_off_loop(reply.text, finish)
+        return [replies[choice] for choice in range(len(self.jobs))]
+
+
+async def cancel_job(store: JobStore, job_id: str) -> None:
+    """Cancels the job and gives its worker a moment to stop it, so the answer is usually final."""
+    failure = Failed(code=FailureCode.CANCELLED, message="The job was cancelled.")
+    if await store.stop(job_id, withdraw_only=False, failure=failure) == "cancelling":
+        deadline = asyncio.get_running_loop().time() + _CANCEL_WAIT_S
+        while (current := await store.get(job_id)) is not None and current.ended is None:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.1)

@@ -1,0 +1,146 @@
+"""A run's events as a server-sent event stream: the one relay loop every front end renders into.
+
+The front end supplies a `StreamRenderer` (its wire format); this module owns what every stream
+shares: holding the headers until the first event (so an early failure gets its real status),
+batching what is ready together into one body message, ending on the terminal event, reporting a
+lost queue in-stream, and cancelling the jobs when a live client goes away.
+"""
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Protocol
+
+from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api.core.run import ChoiceEvents, Reply, Run
+from api.errors import OpenAIError
+from shared.events import JobEventValue
+from shared.jobs import Delta, Done, Failed
+
+log = logging.getLogger("gateway.api")
+
+First = asyncio.Future[tuple[int, int, JobEventValue]]
+OnAbandon = Callable[[], Coroutine[Any, Any, None]]
+_abandoned: set["asyncio.Task[None]"] = set()  # strong references until they finish
+_EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits: `str.isdigit` also takes "²", which `int` refuses
+
+
+class StreamRenderer(Protocol):
+    """A wire format's events for one run; each method returns what to send, in order."""
+
+    def opening(self) -> list[ServerSentEvent]:
+        """What opens the stream (empty when resuming past it)."""
+
+    def render(self, choice: int, seq: int, event: JobEventValue) -> list[ServerSentEvent]: ...
+
+    def lost_queue(self) -> list[ServerSentEvent]:
+        """The in-stream error when Redis is lost after the headers went out."""
+
+    def closing(self) -> list[ServerSentEvent]:
+        """What ends the stream after its last event (e.g. chat's `[DONE]`)."""
+
+
+async def event_stream(
+    run: Run,
+    renderer: StreamRenderer,
+    *,
+    after: int = 0,
+    live: bool = True,
+) -> EventSourceResponse:
+    """The run's stream after event `after`. `live`: the request that queued the run, which waits
+    for the first event before answering and cancels the run if its client leaves (unless the run
+    is in the background, or `CANCEL_ON_DISCONNECT` is off)."""
+    settings = run.gateway.settings
+    events = run.events(after)
+    if run.response_format is not None:  # checked whole, then sent as one delta
+        events = _checked(run, await run.collect())
+    first = await first_event(events, settings.stream_commit_after_s) if live else None
+
+    async def cancel() -> None:
+        await run.cancel("The client disconnected.")
+
+    on_abandon = cancel if live and settings.cancel_on_disconnect and not run.background else None
+    body = _relay(run, renderer, events, first, on_abandon)
+    return EventSourceResponse(body, ping=15)
+
+
+async def first_event(events: ChoiceEvents, wait_s: float) -> First:
+    """Waits up to `wait_s` for the run's first event, and raises its failure if it is one.
+
+    A run silent for longer (a long tool run) gets its headers then, and keep-alive pings.
+    """
+    first = asyncio.ensure_future(anext(events))
+    await asyncio.wait({first}, timeout=wait_s)
+    if first.done() and isinstance(failure := first.result()[2], Failed):
+        raise OpenAIError.from_failure(failure)
+    return first
+
+
+async def _checked(run: Run, replies: list[Reply]) -> ChoiceEvents:
+    """A structured run's checked replies as events: one delta per choice, then its terminal event."""
+    for choice, reply in enumerate(replies):
+        yield choice, 1, Delta(text=reply.text)
+        yield choice, 2, reply.done
+
+
+async def _relay(
+    run: Run,
+    renderer: StreamRenderer,
+    events: ChoiceEvents,
+    first: First | None,
+    on_abandon: OnAbandon | None,
+) -> AsyncIterator[bytes]:
+    # What is ready together goes out as one body message: each message is a trip through every
+    # middleware's `send` and a socket write, so the opening rides with the first content and the
+    # closing with the last event.
+    ready = renderer.opening()
+    finished = False
+    ended = 0
+    try:
+        pending = first if first is not None else asyncio.ensure_future(anext(events))
+        if ready and not pending.done():  # a slow start: the stream opens at once anyway
+            yield joined(ready)
+            ready = []
+        choice, seq, event = await pending
+        while True:
+            ready += renderer.render(choice, seq, event)
+            if isinstance(event, Done | Failed):
+                ended += 1
+                if isinstance(event, Failed) or ended == len(run.jobs):
+                    break
+            if ready:
+                yield joined(ready)
+                ready = []
+            choice, seq, event = await anext(events)
+        finished = True
+    except RedisError:
+        # Headers are gone already: the failure can only be reported in the stream.
+        log.warning("lost Redis while relaying a stream")
+        ready += renderer.lost_queue()
+        finished = True
+    finally:
+        run.close()
+        if not finished and on_abandon is not None:
+            # The client left mid-stream and this task is being cancelled: run it apart.
+            task = asyncio.get_running_loop().create_task(on_abandon())
+            _abandoned.add(task)
+            task.add_done_callback(_abandoned.discard)
+    yield joined([*ready, *renderer.closing()])
+
+
+def joined(events: list[ServerSentEvent]) -> bytes:
+    """Events as one body message."""
+    return b"".join(event.encode() for event in events)
+
+
+def parse_last_event_id(value: str | None) -> int:
+    if value is None:
+        return 0
+    if not _EVENT_ID.fullmatch(value):
+        raise OpenAIError.invalid(
+            "Last-Event-ID must be an event id this stream sent.", param="Last-Event-ID"
+        )
+    return int(value)

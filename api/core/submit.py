@@ -1,0 +1,182 @@
+"""A core request → its queued jobs: the one path every front end's request takes.
+
+1. the named session, and the stored tool defaults that apply;
+2. `plan`: limits (messages, prompt size), the agent's controls against the operator's tool policy
+   (`CLAUDE_TOOLS`, `CLAUDE_MAX_TURNS`, …), the caller's functions and the requested JSON format;
+   `POST /v1/compatibility` runs the same checks without queueing;
+4. the job, or `n` of them (`n > 1`: one per choice, each an ordinary job with its own slot);
+5. the session taken, the `Idempotency-Key` honoured, each job queued in one of the caller's job
+   slots (429 if none is free); whatever was taken is released if the request fails here.
+"""
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from fastapi import Request
+
+from api.access import job_slot, no_job_slot
+from api.core.functions import function_calling
+from api.core.limits import check_prompt_limits
+from api.core.policy import agent_request
+from api.core.request import CompletionRequest
+from api.core.run import JobRef, Run
+from api.core.sessions import abandon, attach, requested_session_id
+from api.core.translate import build_job
+from api.deps import Caller, Gateway
+from api.errors import OpenAIError
+from shared import sessions, tool_config
+from shared.jobs import CompletionJob, new_job_id
+from shared.jobstore import NoJobSlot
+from shared.settings import Settings
+from shared.tool_config import ToolConfig
+
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """An `Idempotency-Key` and the fingerprint of the request that came with it."""
+
+    key: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, key: str | None, body: str) -> "Idempotency | None":
+        if key is None:
+            return None
+        if not _IDEMPOTENCY_KEY.fullmatch(key):
+            raise OpenAIError.invalid(
+                "Idempotency-Key must be 1 to 255 printable ASCII characters.", param="Idempotency-Key"
+            )
+        return cls(key, hashlib.sha256(body.encode()).hexdigest())
+
+
+class Companion(Protocol):
+    """What a front end keeps beside its job (the Responses API's stored request): saved before
+    the job is queued, forgotten if it never is."""
+
+    async def save(self, job_id: str) -> None: ...
+    async def forget(self, job_id: str) -> None: ...
+
+
+async def submit(
+    request: CompletionRequest,
+    http: Request,
+    gateway: Gateway,
+    caller: Caller,
+    *,
+    idempotency: Idempotency | None = None,
+    companion: Companion | None = None,
+) -> Run:
+    """Validates the request, applies the operator's policy and queues its jobs (400/404/409/429)."""
+    settings = gateway.settings
+    session_id = requested_session_id(request.session_id, http.headers)
+    if request.n > 1:
+        _check_choices(request, settings.max_choices, session_id, idempotency)
+    stored = await tool_config.configs(gateway.redis, sessions.owner_of(caller.key_id), session_id)
+    job = plan(request, http.headers, http.state.request_id, settings, stored, session=session_id is not None)
+    response_format = request.response_format
+    if request.n > 1:
+        jobs = [job, *(job.model_copy(update={"id": new_job_id()}) for _ in range(request.n - 1))]
+        return Run(
+            gateway, await _queue_all(jobs, http, gateway, caller), request.background, response_format
+        )
+    if session_id is not None:
+        job = await attach(gateway.redis, settings, caller.key_id, session_id, job)
+    try:
+        if companion is not None:
+            await companion.save(job.id)
+        ref = await _queue(job, http, gateway, caller, idempotency)
+    except BaseException:
+        await abandon(gateway.redis, job)  # never queued: the session is free again
+        if companion is not None:
+            await companion.forget(job.id)
+        raise
+    if ref.id != job.id:  # attached to the key's earlier job: this one was never queued
+        await abandon(gateway.redis, job)
+    return Run(gateway, [ref], request.background, response_format)
+
+
+def plan(
+    request: CompletionRequest,
+    headers: Mapping[str, str],
+    request_id: str,
+    settings: Settings,
+    configs: Sequence[ToolConfig] = (),
+    *,
+    session: bool = False,
+) -> CompletionJob:
+    """The request's job, checked against the limits and the operator's policy; nothing is queued.
+    `configs`: the stored tool defaults that apply; `session`: the request continues a session."""
+    check_prompt_limits(request.messages, settings)
+    agent = agent_request(request.agent, headers, settings, configs)
+    plain, calling = function_calling(request)
+    job = build_job(plain, request_id, settings, agent)
+    if calling is not None:
+        if session:
+            raise OpenAIError.invalid("Function calling does not continue sessions yet.", param="session_id")
+        job = calling.instruct(job)
+    if (response_format := request.response_format) is not None:
+        if request.background:
+            param = response_format.param
+            raise OpenAIError.invalid(f"{param} cannot be checked on a background job.", param=param)
+        job = response_format.instruct(job)
+    return job
+
+
+def _check_choices(
+    request: CompletionRequest, max_choices: int, session_id: str | None, idempotency: Idempotency | None
+) -> None:
+    if request.n > max_choices:
+        raise OpenAIError.invalid(f"n must be at most {max_choices}.", param="n")
+    if request.background or session_id is not None or idempotency or request.response_format is not None:
+        raise OpenAIError.invalid(
+            "n > 1 cannot run in the background, continue a session, take an Idempotency-Key "
+            "or a JSON response_format.",
+            param="n",
+            code="unsupported_parameter",
+        )
+
+
+async def _queue_all(
+    jobs: list[CompletionJob], http: Request, gateway: Gateway, caller: Caller
+) -> list[JobRef]:
+    queued: list[JobRef] = []
+    try:
+        for job in jobs:
+            await _queue(job, http, gateway, caller, None)
+            queued.append(job)
+    except BaseException:
+        await Run(gateway, queued).cancel("Another choice of the request could not be queued.")
+        raise
+    return queued
+
+
+async def _queue(
+    job: CompletionJob, http: Request, gateway: Gateway, caller: Caller, idempotency: Idempotency | None
+) -> JobRef:
+    """Queues the job, owned by the caller's key, in one of its job slots (429 if none is free);
+    with an `Idempotency-Key` seen before, returns that key's job instead and queues nothing."""
+    slot = job_slot(gateway, http)
+    key = (idempotency.key, idempotency.fingerprint) if idempotency is not None else None
+    try:
+        existing = await gateway.store.create(job, owner=caller.key_id, idempotency=key, slot=slot)
+    except NoJobSlot as refused:
+        raise no_job_slot(refused) from None
+    if existing is None:
+        return job
+    job_id, used_with = existing
+    assert idempotency is not None
+    if used_with != idempotency.fingerprint:
+        raise OpenAIError.invalid(
+            "This Idempotency-Key was already used with a different request.",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
+    record = await gateway.store.get(job_id)
+    if record is None:  # its job expired a moment ago; the key goes with it
+        raise OpenAIError(409, "Retry: the earlier request's job just expired.", type="invalid_request_error")
+    return record

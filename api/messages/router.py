@@ -1,0 +1,28 @@
+"""`POST /v1/messages`: the Anthropic Messages API on the gateway's queue and workers.
+
+The request is translated into the core request and queued as one job, exactly as
+`/v1/chat/completions` does; the reply is rendered as an Anthropic `Message` or its event stream.
+"""
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from api.core.streaming import event_stream
+from api.core.submit import submit
+from api.deps import CallerDep, GatewayDep
+from api.errors import COMPLETION_ERRORS
+from api.messages.outbound import MessageStream, message_body
+from api.messages.protocol import CreateMessageRequest, Message, core_request
+
+router = APIRouter()
+
+
+@router.post("/v1/messages", response_model=Message, responses=COMPLETION_ERRORS)
+async def create_message(
+    body: CreateMessageRequest, request: Request, gateway: GatewayDep, caller: CallerDep
+) -> JSONResponse | EventSourceResponse:
+    run = await submit(core_request(body), request, gateway, caller)
+    if not body.stream:
+        return JSONResponse(message_body(run.job, (await run.collect())[0]).model_dump())
+    return await event_stream(run, MessageStream(run.job))

@@ -1,0 +1,111 @@
+"""The OpenAI Responses API on the gateway's queue and workers (see docs/openai-compatibility.md).
+
+`POST /v1/responses` translates the input items into the core request and queues one job, exactly
+as `/v1/chat/completions` does; the response is `resp_<job id>`. `GET /v1/responses/{id}` retrieves
+it (`?stream=true&starting_after=N` replays and follows its events), `POST .../cancel` stops it.
+A response belongs to the API key that created it: any other key gets 404, as for an unknown id.
+"""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from api.core.conversation import ChatMessage
+from api.core.run import Run, cancel_job, reply_of
+from api.core.streaming import event_stream, parse_last_event_id
+from api.core.submit import submit
+from api.deps import Caller, CallerDep, Gateway, GatewayDep
+from api.errors import COMPLETION_ERRORS, OpenAIError
+from api.responses import response as stored_responses
+from api.responses.inbound import check_supported, core_request, stored_request
+from api.responses.protocol import RESPONSE_ID_PREFIX, CreateResponseRequest, Response
+from api.responses.response import StoredResponse, response_body
+from api.responses.stream import ResponseEventRenderer
+from shared.events import events_so_far
+from shared.jobs import JobStatus
+from shared.jobstore import JobRecord
+from shared.keys import is_job_id
+
+router = APIRouter()
+
+
+@router.post("/v1/responses", response_model=Response, responses=COMPLETION_ERRORS)
+async def create_response(
+    body: CreateResponseRequest, request: Request, gateway: GatewayDep, caller: CallerDep
+) -> JSONResponse | EventSourceResponse:
+    check_supported(body)
+    earlier: list[ChatMessage] = []
+    if body.previous_response_id is not None:
+        earlier = await _continued(gateway, caller, body.previous_response_id)
+    core = core_request(body, earlier)
+    stored = stored_request(body, core)
+    keeper = stored_responses.Keeper(gateway.redis, gateway.settings, stored)
+    run = await submit(core, request, gateway, caller, companion=keeper)
+    if body.background and not body.stream:
+        return JSONResponse(response_body(run.job, stored, JobStatus.QUEUED, "", None).wire())
+    if not body.stream:
+        reply = (await run.collect())[0]
+        return JSONResponse(
+            response_body(run.job, stored, JobStatus.COMPLETED, reply.text, reply.done).wire()
+        )
+    return await event_stream(run, ResponseEventRenderer(run.job, stored))
+
+
+@router.get("/v1/responses/{response_id}", response_model=Response, responses=COMPLETION_ERRORS)
+async def retrieve_response(
+    response_id: str,
+    gateway: GatewayDep,
+    caller: CallerDep,
+    stream: bool = False,
+    starting_after: Annotated[int | None, Query(ge=0)] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> JSONResponse | EventSourceResponse:
+    record, stored = await _owned(gateway, caller, response_id)
+    if not stream:
+        return JSONResponse((await _snapshot(gateway, record, stored)).wire())
+    if starting_after is not None:
+        after = starting_after
+    else:
+        after = parse_last_event_id(last_event_id) if last_event_id is not None else -1
+    # The whole stream is read (earlier deltas make up the final text); the renderer skips to `after`.
+    run = Run(gateway, [record], background=True)  # a reader of the job, never its owner's request
+    return await event_stream(run, ResponseEventRenderer(record, stored, after=after), live=False)
+
+
+@router.post("/v1/responses/{response_id}/cancel", response_model=Response, responses=COMPLETION_ERRORS)
+async def cancel_response(response_id: str, gateway: GatewayDep, caller: CallerDep) -> JSONResponse:
+    record, _ = await _owned(gateway, caller, response_id)
+    await cancel_job(gateway.store, record.id)
+    record, stored = await _owned(gateway, caller, response_id)
+    return JSONResponse((await _snapshot(gateway, record, stored)).wire())
+
+
+async def _owned(
+    gateway: Gateway, caller: Caller, response_id: str, param: str = "response_id"
+) -> tuple[JobRecord, StoredResponse]:
+    job_id = response_id.removeprefix(RESPONSE_ID_PREFIX)
+    found = is_job_id(job_id) and response_id.startswith(RESPONSE_ID_PREFIX)
+    record = await gateway.store.get(job_id) if found else None
+    stored = await stored_responses.load(gateway.redis, job_id) if record is not None else None
+    if record is None or stored is None or record.owner != caller.key_id:
+        message = f"No response found with id '{response_id[:100]}'."
+        raise OpenAIError.not_found(message, param=param, code="not_found")
+    return record, stored
+
+
+async def _continued(gateway: Gateway, caller: Caller, previous_id: str) -> list[ChatMessage]:
+    record, stored = await _owned(gateway, caller, previous_id, param="previous_response_id")
+    if record.status is not JobStatus.COMPLETED:
+        raise OpenAIError.invalid(
+            f"The previous response is {record.status.value}; only a completed response can be continued.",
+            param="previous_response_id",
+            code="previous_response_not_completed",
+        )
+    return await stored_responses.continued_conversation(gateway.redis, stored, record.id)
+
+
+async def _snapshot(gateway: Gateway, record: JobRecord, stored: StoredResponse) -> Response:
+    text, terminal = reply_of(event for _, event in await events_so_far(gateway.store.redis, record.id))
+    return response_body(record, stored, record.status, text, terminal)
