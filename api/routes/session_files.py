@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
-from api.core.sessions import invalid_session_id
+from api.core.sessions import invalid_session_id, session_not_found
 from api.deps import CallerDep, GatewayDep
 from api.errors import ErrorResponse, OpenAIError
 from shared import sessions, workspaces
@@ -73,12 +73,6 @@ async def _store(request: Request, gateway: GatewayDep) -> ObjectStore:
 StoreDep = Annotated[ObjectStore, Depends(_store)]
 
 
-def _not_found(session_id: str) -> OpenAIError:
-    return OpenAIError.not_found(
-        f"No session '{session_id}' found.", param="session_id", code="session_not_found"
-    )
-
-
 def _file_not_found(file_id: str) -> OpenAIError:
     return OpenAIError.not_found(f"No file '{file_id}' found.", param="file_id", code="file_not_found")
 
@@ -103,7 +97,7 @@ async def _current(
     owner = sessions.owner_of(caller.key_id)
     found = await sessions.get(gateway.redis, owner, session_id, gateway.settings.session_ttl_s)
     if found is None:
-        raise _not_found(session_id)
+        raise session_not_found(session_id)
     session = found[0]
     ref = WorkspaceRef(owner, session_id, session.transcript_id)
     return ref, await _manifest(store, ref, session.workspace)
@@ -263,7 +257,7 @@ class _NewVersion:
         ttl_s = self.gateway.settings.session_ttl_s
         found = await sessions.get(self.gateway.redis, self.owner, self.session_id, ttl_s)
         if found is None and not create:
-            raise _not_found(self.session_id)
+            raise session_not_found(self.session_id)
         transcript, version = (found[0].transcript_id, found[0].workspace) if found else (None, None)
         self.transcript_id = transcript or sessions.new_transcript_id()
         ref = WorkspaceRef(self.owner, self.session_id, self.transcript_id)
