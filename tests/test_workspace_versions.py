@@ -138,3 +138,18 @@ async def test_garbage_collection_keeps_the_parent_and_what_the_current_version_
     packs = sorted(key.rsplit("/", 1)[1] for key in keys if "/packs/" in key)
     assert manifests == versions[-2:]
     assert packs == sorted([first_pack, *versions[-2:]])  # kept.txt is still read from the first pack
+
+
+async def test_an_unreachable_s3_store_is_unavailable_not_missing() -> None:
+    from cli.embedded_redis import free_port
+    from shared.settings import Settings
+    from shared.workspace_store import StoreUnavailable, open_store
+
+    settings = Settings(
+        workspace_store="s3://bucket/prefix", workspace_s3_endpoint=f"http://127.0.0.1:{free_port()}"
+    )
+    store = open_store(settings)
+    with pytest.raises(StoreUnavailable):
+        await store.get("ws/anything")
+    with pytest.raises(StoreUnavailable):
+        await store.put("ws/anything", b"x")

@@ -250,6 +250,8 @@ class SessionFiles:
             if turn.saved is not None:
                 self._held[key] = turn.saved
                 await self._evict()
+            else:  # what the turn left is not the session's: the next turn here restores
+                await asyncio.shield(asyncio.to_thread(shutil.rmtree, work, True))
 
     async def _checkout(self, ref: WorkspaceRef, work: Path, held: Held | None, version: str | None) -> Held:
         if held is not None and held.manifest.version == version:
@@ -274,8 +276,8 @@ class SessionFiles:
             try:
                 await workspaces.sweep(self.store, self.redis, self.settings.session_ttl_s)
                 await self._forget_ended()
-            except (OSError, RedisError) as exc:
-                log.warning("workspace sweep failed (%s); retrying", type(exc).__name__)
+            except Exception:  # a store or Redis outage: the next round tries again
+                log.exception("workspace sweep failed; retrying")
             await asyncio.sleep(interval)
 
     async def _forget_ended(self) -> None:

@@ -10,12 +10,13 @@ session that does not exist yet creates it, empty, so files can be given before 
 
 import asyncio
 import io
+import logging
 import posixpath
 import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Literal
 from urllib.parse import quote
 
@@ -31,6 +32,7 @@ from shared.keys import is_session_id
 from shared.workspace_store import MissingObject, ObjectStore, open_store
 from shared.workspaces import FileEntry, Manifest, VersionWriter, WorkspaceRef
 
+log = logging.getLogger("gateway.api")
 router = APIRouter()
 _ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 409, 413)
@@ -63,11 +65,21 @@ class SessionFileDeleted(BaseModel):
     deleted: bool = True
 
 
-async def _store(request: Request, gateway: GatewayDep) -> ObjectStore:
+async def _store(request: Request, gateway: GatewayDep) -> AsyncIterator[ObjectStore]:
+    """The workspace store; a route that cannot reach it answers 503."""
     store: ObjectStore | None = getattr(request.app.state, "workspace_store", None)
     if store is None:
         store = request.app.state.workspace_store = open_store(gateway.settings)
-    return store
+    try:
+        yield store
+    except OSError as exc:
+        log.warning("workspace store unavailable: %s", type(exc).__name__)
+        raise OpenAIError(
+            503,
+            "The session's files are unavailable right now; retry shortly.",
+            type="server_error",
+            code="workspace_store_unavailable",
+        ) from None
 
 
 StoreDep = Annotated[ObjectStore, Depends(_store)]
