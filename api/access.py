@@ -18,12 +18,12 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import ANONYMOUS, Gateway
-from api.errors import OpenAIError
+from api.errors import OpenAIError, storage_full
 from shared import apikeys, quotas
 from shared.jobstore import JobSlot, NoJobSlot
 from shared.settings import Settings
@@ -73,8 +73,8 @@ class RateLimited(OpenAIError):
             "retry-after-ms": str(retry_after_ms),
         }
 
-    def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
-        return super().response({**self.headers, **(headers or {})})
+    def response(self, headers: Mapping[str, str] | None = None, *, path: str = "") -> JSONResponse:
+        return super().response({**self.headers, **(headers or {})}, path=path)
 
 
 def endpoint_class(method: str, path: str) -> str:
@@ -166,6 +166,9 @@ class Access:
         gateway: Gateway = scope["app"].state.gateway
         try:
             refusal, headers = await self._check(gateway.redis, scope, state, address)
+        except OutOfMemoryError:
+            log.error("Redis refuses writes (maxmemory): rate limits cannot count requests")
+            refusal, headers = storage_full(), {}
         except RedisError as exc:
             log.warning("Redis unreachable during access checks: %s", type(exc).__name__)
             refusal, headers = _ACCESS_UNAVAILABLE, {}
@@ -173,7 +176,7 @@ class Access:
             log.error("no managed API key exists any more: refusing every request until one is created")
             refusal, headers = _KEY_STORE_GONE, {}
         if refusal is not None:
-            await refusal.response()(scope, receive, send)
+            await refusal.response(path=scope["path"])(scope, receive, send)
             return
         if not headers:
             await self.app(scope, receive, send)
@@ -288,7 +291,9 @@ def job_slot(gateway: Gateway, request: Request) -> JobSlot | None:
         return None
     key_id = getattr(request.state, "key_id", ANONYMOUS)
     holder = f"addr:{request.state.client_address}" if key_id == ANONYMOUS else key_id
-    lease_s = settings.queue_timeout_s + settings.job_timeout_s + _JOB_LEASE_GRACE_S
+    # Covers the longest wait in the queue; once a worker runs the job it renews the slot.
+    queued_s = max(settings.queue_timeout_s, settings.background_queue_timeout_s)
+    lease_s = queued_s + settings.job_timeout_s + _JOB_LEASE_GRACE_S
     return JobSlot(holder=holder, cap=settings.max_concurrent_jobs_per_key, lease_ms=int(lease_s * 1000))
 
 

@@ -1,4 +1,6 @@
-"""Every error the API returns, in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+"""Every error the API returns, in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`,
+or on the Anthropic Messages API (`/v1/messages`) in Anthropic's: `{"type": "error", "error":
+{"type", "message"}}`, with the same status.
 
 Handlers replace FastAPI's own 422 and HTML-ish defaults, so a client never sees a framework
 error body or a stack trace.
@@ -6,13 +8,14 @@ error body or a stack trace.
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
@@ -33,13 +36,27 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, object]]:
+class AnthropicErrorInfo(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    type: Literal["error"] = "error"
+    error: AnthropicErrorInfo
+
+
+def error_responses(
+    *statuses: int, model: type[BaseModel] = ErrorResponse
+) -> dict[int | str, dict[str, object]]:
     """A route's documented error statuses (OpenAPI `responses`)."""
-    return {status: {"model": ErrorResponse} for status in statuses}
+    return {status: {"model": model} for status in statuses}
 
 
-COMPLETION_ERRORS = error_responses(400, 401, 404, 409, 413, 429, 500, 502, 503, 504)
+_COMPLETION_STATUSES = (400, 401, 404, 409, 413, 429, 500, 502, 503, 504)
+COMPLETION_ERRORS = error_responses(*_COMPLETION_STATUSES)
 """What a request that queues a job may answer besides its result."""
+ANTHROPIC_COMPLETION_ERRORS = error_responses(*_COMPLETION_STATUSES, model=AnthropicErrorResponse)
 
 
 # How each job failure reaches the caller: HTTP status and OpenAI error type.
@@ -56,6 +73,16 @@ FAILURE_STATUS: dict[FailureCode, tuple[int, str]] = {
     FailureCode.CANCELLED: (409, "invalid_request_error"),
     FailureCode.WORKSPACE_TOO_LARGE: (413, "invalid_request_error"),
     FailureCode.INTERNAL: (500, "server_error"),
+}
+ANTHROPIC_PATH = "/v1/messages"
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
 }
 # A cancelled job stays cancelled: tell clients that retry 409 (the openai SDKs do) not to.
 _FAILURE_HEADERS = {FailureCode.CANCELLED: {"x-should-retry": "false"}}
@@ -101,10 +128,24 @@ class OpenAIError(Exception):
         headers = _FAILURE_HEADERS.get(failure.code)
         return cls(status, failure.message, type=type_, code=failure.code.value, headers=headers)
 
-    def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    def response(self, headers: Mapping[str, str] | None = None, *, path: str = "") -> JSONResponse:
+        """The error response for a request to `path`: in Anthropic's shape on its Messages API."""
         metrics.count_error(self.status, self.info.code or self.info.type)
-        body = ErrorResponse(error=self.info).model_dump()
+        body: dict[str, Any] = ErrorResponse(error=self.info).model_dump()
+        if speaks_anthropic(path):
+            body = anthropic_error(self.status, self.info.message)
         return JSONResponse(body, status_code=self.status, headers={**self.headers, **(headers or {})})
+
+
+def speaks_anthropic(path: str) -> bool:
+    """Whether the request went to the Anthropic Messages API, whose clients read only its shape."""
+    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
+
+
+def anthropic_error(status: int, message: str) -> dict[str, Any]:
+    """`{"type": "error", "error": {"type", "message"}}` with Anthropic's type for the status."""
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return AnthropicErrorResponse(error=AnthropicErrorInfo(type=kind, message=message)).model_dump()
 
 
 def _param(loc: Sequence[Any]) -> str | None:
@@ -129,14 +170,25 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     return OpenAIError.invalid(f"Invalid value for '{param}': {first['msg']}.", param=param)
 
 
+def storage_full() -> OpenAIError:
+    """Redis at its `maxmemory` (noeviction): it refuses every write, so nothing is half-written."""
+    return OpenAIError(
+        503,
+        "The gateway's storage is full; retry later.",
+        type="server_error",
+        code="storage_full",
+        headers={"retry-after": "10"},
+    )
+
+
 def install(app: FastAPI) -> None:
     async def on_openai_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, OpenAIError)
-        return exc.response()
+        return exc.response(path=request.url.path)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return _validation_error(exc).response()
+        return _validation_error(exc).response(path=request.url.path)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
@@ -147,7 +199,7 @@ def install(app: FastAPI) -> None:
         else:
             message = str(exc.detail)
         error = OpenAIError(exc.status_code, message, type="invalid_request_error")
-        return error.response(headers=exc.headers)
+        return error.response(headers=exc.headers, path=request.url.path)
 
     async def on_redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("Redis unreachable: %s", type(exc).__name__)
@@ -156,15 +208,21 @@ def install(app: FastAPI) -> None:
             "The gateway's queue is unavailable; retry shortly.",
             type="server_error",
             code="queue_unavailable",
-        ).response()
+        ).response(path=request.url.path)
+
+    async def on_redis_full(request: Request, exc: Exception) -> JSONResponse:
+        log.error("Redis refuses writes: it reached its maxmemory")
+        return storage_full().response()
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return OpenAIError(500, "The gateway failed to handle the request.", type="server_error").response()
+        error = OpenAIError(500, "The gateway failed to handle the request.", type="server_error")
+        return error.response(path=request.url.path)
 
     app.add_exception_handler(OpenAIError, on_openai_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RedisConnectionError, on_redis_down)
     app.add_exception_handler(RedisTimeoutError, on_redis_down)
+    app.add_exception_handler(OutOfMemoryError, on_redis_full)
     app.add_exception_handler(Exception, on_unexpected)

@@ -6,14 +6,16 @@ ended; the job's events live in its stream (`events_key`). Steps:
     create   API      record + arq entry of attempt 1 + wake-up (+ idempotency key)
     claim    worker   arq's claim, and the attempt is still current and not ended: take its lease
     append   worker   events of the current attempt only; a terminal one ends the job
-    renew    worker   extend the lease; learn of a cancel or of being superseded
+    renew    worker   extend the lease (and the caller's job slot); learn of a cancel or of
+                      being superseded
     stop     API      cancel (or withdraw after a queue timeout): ends a job that has not
                       started at once, else flags it and tells its worker
     recover  any worker   a lease ran out: retry a job that produced nothing, else fail it
 
 Fencing by attempt is what keeps attempts from interleaving: once a job has moved on (retried,
 cancelled, failed), the old attempt's writes are refused. Every step that ends a job also frees
-the caller's concurrent-job slot and its session's lock, so no path can leak either.
+the caller's concurrent-job slot and its session's lock, so no path can leak either, and drops
+its payload, so what stays for `EVENT_TTL_S` is the record's few fields and the events.
 """
 
 import asyncio
@@ -51,9 +53,24 @@ local WORKER = '{PREFIX}:worker:'
 local function slot_record(job_id)
   return '{PREFIX}:job:' .. job_id .. ':slot'
 end
--- Frees what an ending job holds: the caller's concurrent-job slot and its session's lock, if
--- the job still holds it (a completed turn has already committed and freed it).
+-- Keeps a living job's slot for its full lease from now (the lease it was taken with, kept in
+-- the record), so a long or retried job never outlives its slot; a freed slot stays freed.
+local function renew_slot(job_id, record)
+  local lease = redis.call('hget', record, 'slot_lease')
+  local slot = slot_record(job_id)
+  local holder = redis.call('get', slot)
+  if not lease or not holder then return end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('zadd', holder, 'XX', 'GT', now + lease, job_id)
+  if redis.call('pttl', holder) < tonumber(lease) then redis.call('pexpire', holder, lease) end
+  redis.call('pexpire', slot, lease)
+end
+-- Frees what an ending job holds: the caller's concurrent-job slot, its session's lock, if the
+-- job still holds it (a completed turn has already committed and freed it), and its payload (the
+-- whole request, images included: nothing reads it once the job has ended).
 local function release_holds(job_id)
+  redis.call('hdel', '{PREFIX}:job:' .. job_id, 'payload')
   local slot = slot_record(job_id)
   local holder = redis.call('get', slot)
   if holder then
@@ -101,6 +118,7 @@ if ARGV[13] ~= '' then
   redis.call('zadd', ARGV[13], now + ARGV[15], ARGV[10])
   redis.call('pexpire', ARGV[13], ARGV[15])
   redis.call('set', slot_record(ARGV[10]), ARGV[13], 'PX', ARGV[15])
+  redis.call('hset', KEYS[1], 'slot_lease', ARGV[15])
 end
 if #KEYS == 4 then redis.call('set', KEYS[4], ARGV[11], 'EX', ARGV[9]) end
 redis.call('hset', KEYS[1], 'owner', ARGV[1], 'model', ARGV[2], 'request_id', ARGV[3],
@@ -175,6 +193,7 @@ local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel')
 if rec[1] ~= ARGV[1] or rec[2] then return 'superseded' end
 if ARGV[2] ~= '0' and redis.call('zscore', KEYS[2], ARGV[3]) == '0' then return 'superseded' end
 redis.call('zadd', KEYS[2], ARGV[2], ARGV[3])
+renew_slot(ARGV[3], KEYS[1])
 if rec[3] then return 'cancel' end
 return 'ok'
 """
@@ -227,6 +246,7 @@ if redis.call('xlen', KEYS[2]) == 0 and attempt < tonumber(ARGV[3]) then
     .. ARGV[1] .. '",' .. (attempt + 1) .. '],"k":{},"et":' .. ARGV[2] .. '}')
   redis.call('zadd', KEYS[4], ARGV[2], new)
   redis.call('publish', WAKEUP_CHANNEL, new)
+  renew_slot(ARGV[1], KEYS[1])
   return 'retried'
 end
 finish(KEYS[1], KEYS[2], ARGV[1], ARGV[4], 'worker_lost', ARGV[6])
@@ -419,6 +439,24 @@ class JobStore:
         """Writes events `first_seq...` of the current attempt; raises `ResponseError` if superseded."""
         keys = [events_key(job_id), record_key(job_id), RUNNING]
         await self._append(keys=keys, args=[attempt, first_seq, ttl_s, outcome, job_id, *events])
+
+    async def withdraw_stale(self, queued_for_s: float, limit: int = 64) -> list[str]:
+        """Withdraws jobs no worker started within `queued_for_s` of being queued: background ones,
+        which no request waits on to withdraw (the API withdraws the others sooner)."""
+        cutoff = _ms() - int(queued_for_s * 1000)
+        stale = [
+            raw.decode() for raw in await self.redis.zrangebyscore(self.queue_name, "-inf", cutoff, 0, limit)
+        ]
+        failure = Failed(
+            code=FailureCode.QUEUE_TIMEOUT, message=f"No worker started the job within {queued_for_s:g} s."
+        )
+        withdrawn = []
+        for attempt in stale:  # an attempt a worker is running stays in arq's queue until it ends
+            if not await self.redis.exists(in_progress_key_prefix + attempt):
+                job_id = attempt.rpartition(".")[0]
+                if await self.stop(job_id, withdraw_only=True, failure=failure) == "stopped":
+                    withdrawn.append(job_id)
+        return withdrawn
 
     async def recover_expired(self, max_attempts: int, limit: int = 16) -> list[tuple[str, str]]:
         """Handles jobs whose lease ran out: `(job id, "retried" | "failed" | "cancelled")`."""

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     queue_timeout_s: float = Field(
         default=60.0, gt=0, description="A job not started by then fails with 503."
     )
+    background_queue_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A background job (nobody waits to withdraw it) not started by then fails with "
+        "queue_timeout; workers withdraw it.",
+    )
     stream_commit_after_s: float = Field(
         default=10.0, gt=0, description="How long a stream's headers wait for the job's first event."
     )
@@ -193,6 +199,9 @@ class Settings(BaseSettings):
     max_concurrent_jobs_per_key: int = Field(default=8, ge=0, description="0: no cap.")
     max_messages: int = Field(default=1000, ge=1)
     max_prompt_chars: int = Field(default=1_000_000, ge=1, description="All message text of one request.")
+    max_image_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=0, description="Inline (base64) image data of one request, as sent."
+    )
     cors_origins: list[str] = Field(default=[], description="Browser origins allowed; empty: CORS off.")
     trusted_proxies: list[str] = Field(
         default=[], description="Addresses or CIDRs whose X-Forwarded-For is believed."

@@ -232,3 +232,44 @@ def test_real_path_tool_use(claude: Gateway, upstream: FakeAnthropic) -> None:
     )
     [use] = [block for block in message.content if block.type == "tool_use"]
     assert (use.name, use.input, message.stop_reason) == ("get_weather", {"city": "Oslo"}, "tool_use")
+
+
+def test_errors_are_in_anthropics_shape_with_their_statuses(
+    scripted: Gateway, client: anthropic.Anthropic
+) -> None:
+    """Anthropic clients read `{"type": "error", "error": {"type", "message"}}`: every error of
+    /v1/messages has it, from the route, the request's validation and the body limit, and in a
+    stream; chat keeps OpenAI's shape."""
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.create(
+            model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "x"}], thinking={"type": "x"}
+        )
+    assert refused.value.body["type"] == "error"
+    assert refused.value.body["error"]["type"] == "invalid_request_error"
+    assert "thinking" in refused.value.body["error"]["message"]
+    with pytest.raises(anthropic.NotFoundError) as unknown:
+        client.messages.create(model="gpt-4", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    assert unknown.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.APIStatusError) as failed:
+        client.messages.create(
+            model=MODEL, max_tokens=10, messages=[{"role": "user", "content": script(text="x", fail_after=0)}]
+        )
+    assert (failed.value.status_code, failed.value.body["error"]["type"]) == (502, "api_error")
+    url = f"{scripted.url}/v1/messages"
+    cases = [
+        ({"model": MODEL, "messages": []}, 400, "invalid_request_error"),  # request validation
+        ({"model": MODEL, "max_tokens": 5, "messages": "x" * 70_000}, 413, "request_too_large"),  # body limit
+    ]
+    for body, status, kind in cases:
+        response = httpx.post(url, json=body, timeout=30)
+        assert response.status_code == status
+        error = response.json()
+        assert set(error) == {"type", "error"}
+        assert (error["type"], error["error"]["type"]) == ("error", kind)
+        assert set(error["error"]) == {"type", "message"}
+    assert httpx.get(f"{url}/nothing", timeout=30).json()["error"]["type"] == "not_found_error"
+    chat = httpx.post(
+        f"{scripted.url}/v1/chat/completions", json={"model": MODEL, "messages": []}, timeout=30
+    )
+    assert set(chat.json()) == {"error"}
+    assert chat.json()["error"]["type"] == "invalid_request_error"

@@ -96,6 +96,8 @@ class RunningJobs:
                 await self._renew_all()
                 for job_id, outcome in await self.store.recover_expired(self.settings.max_attempts):
                     log.warning("job %s lost its worker: %s", job_id, outcome, extra={"job_id": job_id})
+                for job_id in await self.store.withdraw_stale(self.settings.background_queue_timeout_s):
+                    log.warning("job %s was never started: withdrawn", job_id, extra={"job_id": job_id})
             except RedisError as exc:
                 log.warning("cannot reach Redis to renew leases (%s); retrying", type(exc).__name__)
             except Exception:  # never stop renewing: every running job would be recovered as lost

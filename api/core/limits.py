@@ -8,7 +8,7 @@ of empty messages used to cost ~160 MiB and a second of event loop in validation
 
 import json
 
-from api.core.conversation import ChatMessage, TextPart
+from api.core.conversation import ChatMessage, ImagePart, TextPart
 from api.errors import OpenAIError
 from shared.settings import Settings
 
@@ -61,15 +61,27 @@ def _too_deep() -> OpenAIError:
 
 
 def check_prompt_limits(messages: list[ChatMessage], settings: Settings) -> None:
-    """400 when the request has more than `MAX_MESSAGES` messages or `MAX_PROMPT_CHARS` of text."""
+    """400 when the request has more than `MAX_MESSAGES` messages, `MAX_IMAGE_BYTES` of inline
+    images or `MAX_PROMPT_CHARS` of text."""
     if len(messages) > settings.max_messages:
         raise too_many_messages(settings)
-    total = 0
+    total = images = 0
     for message in messages:
         if isinstance(message.content, str):
             total += len(message.content)
         elif message.content is not None:
             total += sum(len(part.text) for part in message.content if isinstance(part, TextPart))
+            images += sum(
+                len(str(part.image_url.get("url", "")))
+                for part in message.content
+                if isinstance(part, ImagePart)
+            )
+    if images > settings.max_image_bytes:
+        raise OpenAIError.invalid(
+            f"The images are too large: at most {settings.max_image_bytes} bytes of inline image data.",
+            param="messages",
+            code="images_too_large",
+        )
     if total > settings.max_prompt_chars:
         raise OpenAIError.invalid(
             f"The prompt is too long: at most {settings.max_prompt_chars} characters of message text.",

@@ -7,7 +7,7 @@ import json
 from sse_starlette import ServerSentEvent
 
 from api.core.run import JobRef, Reply
-from api.errors import OpenAIError
+from api.errors import OpenAIError, anthropic_error
 from api.messages.protocol import (
     MESSAGE_ID_PREFIX,
     Message,
@@ -38,8 +38,9 @@ def _event(kind: str, **data: object) -> ServerSentEvent:
     return ServerSentEvent(json.dumps({"type": kind, **data}, separators=(",", ":")), event=kind)
 
 
-def _error(error_type: str, message: str) -> ServerSentEvent:
-    return _event("error", error={"type": error_type, "message": message})
+def _error(status: int, message: str) -> ServerSentEvent:
+    """An error after the headers: Anthropic's error event, typed as its status would be."""
+    return _event("error", error=anthropic_error(status, message)["error"])
 
 
 class MessageStream:
@@ -59,7 +60,7 @@ class MessageStream:
             return [_event("content_block_delta", index=0, delta={"type": "text_delta", "text": event.text})]
         if not isinstance(event, Done):
             error = OpenAIError.from_failure(event)
-            return [_error("overloaded_error" if error.status == 503 else "api_error", error.info.message)]
+            return [_error(error.status, error.info.message)]
         events = [_event("content_block_stop", index=0)]
         for index, block in enumerate(tool_use_blocks(event.tool_calls), start=1):
             # Each call arrives whole: its input is one JSON delta.
@@ -75,7 +76,7 @@ class MessageStream:
         return [*events, _event("message_delta", delta=delta, usage=usage), _event("message_stop")]
 
     def lost_queue(self) -> list[ServerSentEvent]:
-        return [_error("api_error", "The gateway lost its queue mid-stream.")]
+        return [_error(500, "The gateway lost its queue mid-stream.")]
 
     def closing(self) -> list[ServerSentEvent]:
         return []

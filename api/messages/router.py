@@ -1,7 +1,8 @@
 """`POST /v1/messages`: the Anthropic Messages API on the gateway's queue and workers.
 
 The request is translated into the core request and queued as one job, exactly as
-`/v1/chat/completions` does; the reply is rendered as an Anthropic `Message` or its event stream.
+`/v1/chat/completions` does; the reply is rendered as an Anthropic `Message` or its event stream,
+and every error in Anthropic's shape (`api/errors.py`).
 """
 
 from fastapi import APIRouter, Request
@@ -11,14 +12,14 @@ from sse_starlette import EventSourceResponse
 from api.core.streaming import event_stream
 from api.core.submit import submit
 from api.deps import CallerDep, GatewayDep
-from api.errors import COMPLETION_ERRORS
+from api.errors import ANTHROPIC_COMPLETION_ERRORS
 from api.messages.outbound import MessageStream, message_body
 from api.messages.protocol import CreateMessageRequest, Message, core_request
 
 router = APIRouter()
 
 
-@router.post("/v1/messages", response_model=Message, responses=COMPLETION_ERRORS)
+@router.post("/v1/messages", response_model=Message, responses=ANTHROPIC_COMPLETION_ERRORS)
 async def create_message(
     body: CreateMessageRequest, request: Request, gateway: GatewayDep, caller: CallerDep
 ) -> JSONResponse | EventSourceResponse:

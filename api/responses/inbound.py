@@ -44,7 +44,9 @@ def stored_request(body: CreateResponseRequest, request: CompletionRequest) -> S
         metadata=body.metadata or {},
         temperature=body.temperature,
         top_p=body.top_p,
-        conversation=conversation,
+        # Not kept unless it may be continued: the messages (images included) are the bulk of it.
+        conversation=conversation if body.store else [],
+        store=body.store,
         text_format=(body.text or {}).get("format") if request.response_format is not None else None,
         tools=[{"strict": True, "parameters": None, **tool} for tool in body.tools or []],
         tool_choice=body.tool_choice or "auto",

@@ -51,7 +51,9 @@ class StoredResponse(BaseModel):
     temperature: float | None
     top_p: float | None
     conversation: list[ChatMessage]
-    """Every message the job was given (earlier responses' turns included), for continuations."""
+    """Every message the job was given (earlier responses' turns included), for continuations;
+    empty with `store: false`, which cannot be continued."""
+    store: bool = True
     text_format: dict[str, Any] | None = None
     """The request's `text.format` when it asked for JSON (checked on the reply)."""
     tools: list[dict[str, Any]] = Field(default_factory=list)

@@ -97,6 +97,12 @@ async def _owned(
 
 async def _continued(gateway: Gateway, caller: Caller, previous_id: str) -> list[ChatMessage]:
     record, stored = await _owned(gateway, caller, previous_id, param="previous_response_id")
+    if not stored.store:
+        raise OpenAIError.invalid(
+            "The previous response was created with store: false and cannot be continued.",
+            param="previous_response_id",
+            code="previous_response_not_stored",
+        )
     if record.status is not JobStatus.COMPLETED:
         raise OpenAIError.invalid(
             f"The previous response is {record.status.value}; only a completed response can be continued.",

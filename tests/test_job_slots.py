@@ -1,0 +1,96 @@
+"""A job's concurrent-job slot lives as long as the job does: the lease it was taken with is
+renewed with the job's own lease and when the job is retried, so a long or retried job never
+outlives its slot and the per-key cap holds (on a real Redis). A background job no worker starts
+is withdrawn after `BACKGROUND_QUEUE_TIMEOUT_S`."""
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from cli.embedded_redis import EmbeddedRedis
+from shared import queue
+from shared.jobs import CompletionJob, Turn
+from shared.jobstore import JobSlot, JobStore, NoJobSlot
+from tests.conftest import Gateway, chat, unit_db
+from tests.test_operations import script
+
+SLOT = JobSlot(holder="key-slots", cap=1, lease_ms=600)
+
+
+def a_job() -> CompletionJob:
+    return CompletionJob(request_id="req_1", model="claude-sonnet-4-5", turns=[Turn(role="user", text="hi")])
+
+
+async def test_a_running_job_keeps_its_slot_past_the_slot_lease(redis_server: EmbeddedRedis) -> None:
+    pool = await queue.connect(unit_db(redis_server), "slots:queue")
+    store = JobStore(pool, queue_name="slots:queue", ttl_s=60)
+    job = a_job()
+    await store.create(job, owner="key-slots", slot=SLOT)
+    assert await store.claim(job.id, 1, worker_id="w1", in_progress_ms=60_000, lease_s=10) is not None
+    for _ in range(4):  # 1.2 s: twice the slot's lease, renewed as a worker renews its lease
+        await asyncio.sleep(0.3)
+        assert await store.renew(job.id, 1, lease_s=10) == "ok"
+    with pytest.raises(NoJobSlot):
+        await store.create(a_job(), owner="key-slots", slot=SLOT)
+    await pool.aclose()
+
+
+async def test_a_retried_job_keeps_its_slot(redis_server: EmbeddedRedis) -> None:
+    pool = await queue.connect(unit_db(redis_server), "slots:queue")
+    store = JobStore(pool, queue_name="slots:queue", ttl_s=60)
+    job = a_job()
+    await store.create(job, owner="key-slots", slot=SLOT)
+    assert await store.claim(job.id, 1, worker_id="w1", in_progress_ms=60_000, lease_s=0.4) is not None
+    await asyncio.sleep(0.5)  # the worker died: its lease ran out, and the slot's is nearly out
+    assert await store.recover_expired(max_attempts=3) == [(job.id, "retried")]
+    await asyncio.sleep(0.3)  # waiting in the queue for its second attempt, past the first lease
+    with pytest.raises(NoJobSlot):
+        await store.create(a_job(), owner="key-slots", slot=SLOT)
+    await pool.aclose()
+
+
+def test_a_background_job_never_started_is_withdrawn_and_frees_its_slot(start_gateway: Any) -> None:
+    """Nobody waits on a background job to withdraw it: the workers do, after
+    `BACKGROUND_QUEUE_TIMEOUT_S`. Here the only worker is busy with a long job meanwhile."""
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="scripted",
+        JOBS_PER_WORKER="1",
+        BACKGROUND_QUEUE_TIMEOUT_S="1",
+        MAX_CONCURRENT_JOBS_PER_KEY="2",
+        LEASE_RENEW_S="0.2",
+    )
+    url = f"{gateway.url}/v1/chat/completions"
+    busy = httpx.post(url, json=chat(script(text="w", tokens=200, delay_ms=50), background=True), timeout=30)
+    waiting = httpx.post(url, json=chat("hi", background=True), timeout=30)
+    job = f"{url}/{waiting.json()['id']}"
+    deadline = time.monotonic() + 20
+    while (state := httpx.get(job, timeout=10).json())["status"] in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert state["status"] == "failed"
+    assert state["error"]["code"] == "queue_timeout"
+    assert gateway.redis().zcard("gateway:jobslots:addr:127.0.0.1") == 1  # only the busy job's
+    httpx.post(f"{url}/{busy.json()['id']}/cancel", timeout=30)
+
+
+async def test_only_attempts_no_worker_started_are_withdrawn(redis_server: EmbeddedRedis) -> None:
+    pool = await queue.connect(unit_db(redis_server), "stale:queue")
+    store = JobStore(pool, queue_name="stale:queue", ttl_s=60)
+    started, stale = a_job(), a_job()
+    for job in (started, stale):
+        await store.create(job, owner="key-slots")
+    assert await store.claim(started.id, 1, worker_id="w1", in_progress_ms=60_000, lease_s=10) is not None
+    await asyncio.sleep(0.3)
+    fresh = a_job()
+    await store.create(fresh, owner="key-slots")
+    assert await store.withdraw_stale(0.2) == [stale.id]
+    assert [(await store.get(job.id)).status for job in (started, stale, fresh)] == [  # type: ignore[union-attr]
+        "in_progress",
+        "failed",
+        "queued",
+    ]
+    await pool.aclose()
