@@ -212,7 +212,7 @@ def install(app: FastAPI) -> None:
 
     async def on_redis_full(request: Request, exc: Exception) -> JSONResponse:
         log.error("Redis refuses writes: it reached its maxmemory")
-        return storage_full().response()
+        return storage_full().response(path=request.url.path)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")

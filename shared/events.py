@@ -14,11 +14,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.jobs import Delta, Done, Failed, decode_event, encode_event
+from shared.jobs import Delta, Done, Failed, JobEventValue, Reasoning, decode_event, encode_event
 from shared.jobstore import JobStore
 from shared.keys import events_key
 
-JobEventValue = Delta | Done | Failed
+__all__ = ["JobEventValue"]  # re-exported: the API reads the event union from here
 _FIELD = b"e"
 
 
@@ -29,7 +29,8 @@ class Superseded(Exception):
 class EventWriter:
     """Appends one attempt's events without making the producer wait on Redis.
 
-    At most one write is in flight; deltas that arrive meanwhile are merged into one. A lone token
+    At most one write is in flight; deltas that arrive meanwhile are merged into one (text with
+    text, thinking with thinking). A lone token
     goes out at once (latency). When tokens keep arriving during writes the stream is hot, and the
     writer lingers `LINGER_S` before the next write so each round trip carries a real batch
     (throughput): a model streaming ~100 tokens/s never triggers the linger. A write that fails
@@ -47,6 +48,7 @@ class EventWriter:
         self._seq = 0
         self._pending: list[JobEventValue] = []
         self._texts: list[str] = []  # the trailing delta, merged only when it is written
+        self._merging: type[Delta] | type[Reasoning] = Delta  # what kind of delta that is
         self._flushing: asyncio.Task[None] | None = None
         self.first_output_at: float | None = None
         """`time.perf_counter()` when the first event was emitted (time to first token)."""
@@ -60,12 +62,16 @@ class EventWriter:
     def emit(self, event: JobEventValue) -> None:
         if self.first_output_at is None:
             self.first_output_at = time.perf_counter()
-        if isinstance(event, Delta):
+        if isinstance(event, Delta | Reasoning):
+            if self._texts and not isinstance(event, self._merging):
+                self._close_delta()
+            self._merging = type(event)
             self._texts.append(event.text)
         else:
             self._close_delta()
             self._pending.append(event)
-            self.terminal = event
+            if isinstance(event, Done | Failed):
+                self.terminal = event
         if self._flushing is None or self._flushing.done():
             if self._flushing is not None:
                 self._flushing.result()  # surface a failed write instead of losing it
@@ -80,7 +86,7 @@ class EventWriter:
 
     def _close_delta(self) -> None:
         if self._texts:
-            self._pending.append(Delta(text="".join(self._texts)))
+            self._pending.append(self._merging(text="".join(self._texts)))
             self._texts = []
 
     async def _flush(self) -> None:
@@ -145,7 +151,7 @@ async def read_events(
             last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             event = decode_event(fields[_FIELD])
             yield int(last.partition("-")[2]), event
-            if not isinstance(event, Delta):
+            if isinstance(event, Done | Failed):
                 return
 
 

@@ -9,12 +9,13 @@ key has expired are pruned by the next beat of any worker.
 
 import re
 import time
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
 from shared.backend_auth import BackendAuth
-from shared.keys import PREFIX
+from shared.keys import LOAD_CHANNEL, PREFIX
 
 WORKERS_INDEX = f"{PREFIX}:workers"
 _WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -26,6 +27,18 @@ def worker_key(worker_id: str) -> str:
     if _WORKER_ID.fullmatch(worker_id) is None:
         raise ValueError("malformed worker id")
     return f"{PREFIX}:worker:{worker_id}"
+
+
+class SandboxReport(BaseModel):
+    """Whether a worker runs its jobs in a sandbox (worker/sandbox.py), and why not."""
+
+    model_config = ConfigDict(frozen=True)
+    mode: Literal["on", "off"] = Field(description="`SANDBOX`: off only by the operator's choice.")
+    ready: bool = Field(description="Jobs run sandboxed; false with mode on: the worker refuses them.")
+    reason: str | None = Field(default=None, description="Why no sandbox can be built (or that it is off).")
+    bwrap: str | None = None
+    limits: dict[str, int | None] = Field(default={}, description="Per-job limits in force (0: none).")
+    warnings: list[str] = []
 
 
 class Heartbeat(BaseModel):
@@ -43,6 +56,9 @@ class Heartbeat(BaseModel):
     auth: BackendAuth | None = Field(
         default=None, description="Its backend auth as it checked it for this beat (no secret values)."
     )
+    sandbox: SandboxReport | None = Field(
+        default=None, description="Its job sandbox (None: the backend runs no CLI, or not yet started)."
+    )
 
 
 async def beat(redis: Redis, heartbeat: Heartbeat, ttl_s: float) -> None:
@@ -50,6 +66,7 @@ async def beat(redis: Redis, heartbeat: Heartbeat, ttl_s: float) -> None:
         pipe.set(worker_key(heartbeat.id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
         pipe.zadd(WORKERS_INDEX, {heartbeat.id: heartbeat.beat})
         pipe.zremrangebyscore(WORKERS_INDEX, "-inf", heartbeat.beat - _INDEX_RETENTION_S)
+        pipe.publish(LOAD_CHANNEL, f"{heartbeat.id} {len(heartbeat.jobs)} {heartbeat.slots}")
         await pipe.execute()
 
 

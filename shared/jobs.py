@@ -1,7 +1,8 @@
 """The job contract between API and worker: what is enqueued, and the events a job emits.
 
-A job's events form a sequence numbered from 1: any number of `Delta`s, then exactly one
-terminal event, `Done` or `Failed`. The API renders them into the wire format the caller asked for.
+A job's events form a sequence numbered from 1: any number of `Delta`s (the reply's text),
+`Reasoning`s (the model's thinking) and `ToolStep`s (the agent running its own tools), then exactly
+one terminal event, `Done` or `Failed`. The API renders them into the wire format the caller asked for.
 """
 
 import time
@@ -136,6 +137,25 @@ class Delta(BaseModel):
     text: str
 
 
+class Reasoning(BaseModel):
+    """The model's thinking, as it streams; never part of the reply's text."""
+
+    type: Literal["reasoning"] = "reasoning"
+    text: str
+
+
+class ToolStep(BaseModel):
+    """The agent runs one of its own tools: its start (the tool and its main argument, such as the
+    command or the file), then its end (and whether it failed). Not the caller's functions."""
+
+    type: Literal["tool_step"] = "tool_step"
+    id: str
+    name: str
+    argument: str = ""
+    ended: bool = False
+    failed: bool = False
+
+
 class ToolCall(BaseModel):
     """A call to one of the caller's functions; `arguments` is a JSON object as text."""
 
@@ -158,13 +178,16 @@ class Failed(BaseModel):
     message: str
 
 
-JobEvent = Annotated[Delta | Done | Failed, Field(discriminator="type")]
+JobEvent = Annotated[Delta | Reasoning | ToolStep | Done | Failed, Field(discriminator="type")]
 _EVENT = TypeAdapter[JobEvent](JobEvent)
+JobEventValue = Delta | Reasoning | ToolStep | Done | Failed
+Activity = Reasoning | ToolStep
+"""What the agent does besides writing its reply."""
 
 
-def encode_event(event: Delta | Done | Failed) -> bytes:
+def encode_event(event: JobEventValue) -> bytes:
     return event.__pydantic_serializer__.to_json(event)
 
 
-def decode_event(raw: bytes) -> Delta | Done | Failed:
+def decode_event(raw: bytes) -> JobEventValue:
     return _EVENT.validate_json(raw)

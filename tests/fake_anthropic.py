@@ -33,6 +33,8 @@ class Reply:
     """(tool name, input): reply with a single tool call instead of text."""
     cut_after: int | None = None
     """Drop the connection after this many tokens, as a failing upstream would."""
+    thinking: list[str] = field(default_factory=list)
+    """Thinking deltas streamed in a thinking block before the text or the tool call."""
     echo: bool = False
     """Reply with the conversation's text as received (Claude Code's reminders left out)."""
 
@@ -57,20 +59,25 @@ async def _stream(reply: Reply, model: str) -> AsyncIterator[bytes]:
         "usage": {"input_tokens": reply.input_tokens, "output_tokens": 1},
     }
     yield _sse("message_start", {"type": "message_start", "message": message})
+    index = 0
+    if reply.thinking:
+        async for chunk in _thinking(reply.thinking):
+            yield chunk
+        index = 1
     if reply.tool_use is not None:
-        async for chunk in _tool_use(*reply.tool_use):
+        async for chunk in _tool_use(*reply.tool_use, index=index):
             yield chunk
         return
     block = {"type": "text", "text": ""}
-    yield _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+    yield _sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
     for sent, token in enumerate(reply.tokens):
         if reply.cut_after is not None and sent == reply.cut_after:
             raise _Cut
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
         delta = {"type": "text_delta", "text": token}
-        yield _sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
-    yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+        yield _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+    yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
     yield _sse(
         "message_delta",
         {
@@ -82,12 +89,23 @@ async def _stream(reply: Reply, model: str) -> AsyncIterator[bytes]:
     yield _sse("message_stop", {"type": "message_stop"})
 
 
-async def _tool_use(name: str, tool_input: dict[str, Any]) -> AsyncIterator[bytes]:
-    block = {"type": "tool_use", "id": f"toolu_{time.monotonic_ns()}", "name": name, "input": {}}
+async def _thinking(deltas: list[str]) -> AsyncIterator[bytes]:
+    block = {"type": "thinking", "thinking": "", "signature": ""}
     yield _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
-    delta = {"type": "input_json_delta", "partial_json": json.dumps(tool_input)}
-    yield _sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+    for text in deltas:
+        delta = {"type": "thinking_delta", "thinking": text}
+        yield _sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+    signature = {"type": "signature_delta", "signature": "c2lnbmF0dXJl"}
+    yield _sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": signature})
     yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+
+
+async def _tool_use(name: str, tool_input: dict[str, Any], *, index: int = 0) -> AsyncIterator[bytes]:
+    block = {"type": "tool_use", "id": f"toolu_{time.monotonic_ns()}", "name": name, "input": {}}
+    yield _sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+    delta = {"type": "input_json_delta", "partial_json": json.dumps(tool_input)}
+    yield _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+    yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
     yield _sse(
         "message_delta",
         {
@@ -116,6 +134,9 @@ class FakeAnthropic:
         self.models_keys: list[str] = []
         """The `x-api-key` of each `GET /v1/models` request, in order."""
         self.script: deque[Reply] = deque()
+        self.by_prompt: dict[str, deque[Reply]] = {}
+        """Replies for each conversation whose first message contains the key, so concurrent
+        jobs each follow their own script; `script` (then `default`) answers the others."""
         self.default = Reply()
         self.port = 0
         self._server: uvicorn.Server | None = None
@@ -133,7 +154,7 @@ class FakeAnthropic:
         self.betas.append(request.headers.get("anthropic-beta", ""))
         bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
         self.credentials.append(request.headers.get("x-api-key") or bearer)
-        reply = self.script.popleft() if self.script else self.default
+        reply = self._reply_for(body)
         if reply.echo:
             reply = replace(reply, tokens=[conversation_text(body)])
         if reply.status != 200:
@@ -142,6 +163,13 @@ class FakeAnthropic:
         # Vertex names the model in the path (`.../models/<model>:streamRawPredict`), not the body.
         model = body.get("model") or request.path_params.get("model", "").partition(":")[0]
         return StreamingResponse(_stream(reply, model), media_type="text/event-stream")
+
+    def _reply_for(self, body: dict[str, Any]) -> Reply:
+        first = json.dumps(body.get("messages", [])[:1])
+        for key, replies in self.by_prompt.items():
+            if key in first and replies:
+                return replies.popleft()
+        return self.script.popleft() if self.script else self.default
 
     async def _list_models(self, request: Request) -> Response:
         self.received.append(f"{request.method} {request.url.path}")

@@ -35,6 +35,8 @@ def served(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
             CLAUDE_TOOLS='["Read"]',
             CLAUDE_DISALLOWED_TOOLS='["mcp__denied"]',
             MCP_SERVERS=json.dumps(servers),
+            # The server's program and interpreter, for the job's sandbox to run it.
+            SANDBOX_READ_ONLY_PATHS=json.dumps([sys.prefix, sys.base_prefix, str(ROOT / "tests")]),
         ),
     )
     return gateway
@@ -85,6 +87,32 @@ def test_what_the_policy_forbids_is_a_400(
     response = post(served, chat("hi", **extra))
     assert response.status_code == 400, response.text
     assert (response.json()["error"]["param"], response.json()["error"]["code"]) == (param, code)
+    assert upstream.requests == []
+
+
+ENDPOINTS = {
+    "responses": ("/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi"}),
+    "messages": (
+        "/v1/messages",
+        {"model": "claude-sonnet-4-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]},
+    ),
+    "chat n=2": ("/v1/chat/completions", chat("hi", n=2)),
+}
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_every_front_end_offers_the_servers_under_the_same_policy(
+    served: Gateway, upstream: FakeAnthropic, endpoint: str
+) -> None:
+    path, body = ENDPOINTS[endpoint]
+    response = httpx.post(f"{served.url}{path}", json=body | {"mcp_servers": ["extra"]}, timeout=90)
+    assert response.status_code == 200, response.text
+    assert upstream.requests
+    assert all(tool_names(sent) == ["Read", "mcp__extra__stamp"] for sent in upstream.requests)
+    upstream.requests.clear()
+    refused = httpx.post(f"{served.url}{path}", json=body | {"mcp_servers": ["denied"]}, timeout=30)
+    assert refused.status_code == 400, refused.text
+    assert "MCP server 'denied' is not offered" in refused.text
     assert upstream.requests == []
 
 

@@ -11,7 +11,7 @@ which a stopped run never reaches); no cost is known.
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from shared.jobs import Delta, Done, FinishReason, Usage
-from worker.backends import Progress, UsageReport
+from worker.backends import BackendEvent, UsageReport
 
 
 class StopMatcher:
@@ -43,9 +43,7 @@ class StopMatcher:
         return held
 
 
-async def stop_at(
-    events: AsyncIterator[Delta | Done | Progress], stops: list[str]
-) -> AsyncIterator[Delta | Done | Progress]:
+async def stop_at(events: AsyncIterator[BackendEvent], stops: list[str]) -> AsyncIterator[BackendEvent]:
     matcher = StopMatcher(stops)
     usage = Usage()
     deltas = 0
@@ -74,6 +72,6 @@ async def stop_at(
         await _close(events)
 
 
-async def _close(events: AsyncIterator[Delta | Done | Progress]) -> None:
+async def _close(events: AsyncIterator[BackendEvent]) -> None:
     if isinstance(events, AsyncGenerator):
         await events.aclose()

@@ -9,6 +9,8 @@ client that reconnects with `Last-Event-ID: <seq>` (or `?starting_after=<seq>`) 
 chunks after it. When one event becomes several chunks (finish, then usage), only the last carries
 the id, so a resume from an earlier id replays all of them. The role chunk is the stream's start
 (`id: 0`). The choices of `n > 1` interleave without ids, and its usage chunk sums all of them.
+The agent's thinking and tool steps stream as `delta.reasoning_content` (never in `content`); the
+whole reply carries them as `message.reasoning_content`.
 """
 
 import json
@@ -17,10 +19,10 @@ from typing import Any
 from sse_starlette import ServerSentEvent
 
 from api.chat.protocol import ChatCompletion, Choice, CompletionUsage, ResponseMessage
-from api.core.run import JobRef, Reply, total_usage
+from api.core.run import JobRef, Reply, activity_text, total_usage
 from api.errors import ErrorInfo, ErrorResponse, OpenAIError
 from shared.events import JobEventValue
-from shared.jobs import Delta, Done, JobStatus, Usage
+from shared.jobs import Activity, Delta, Done, JobStatus, Usage
 
 COMPLETION_ID_PREFIX = "chatcmpl-"
 
@@ -47,9 +49,11 @@ def tool_calls_body(done: Done) -> list[dict[str, Any]]:
 
 
 def _message(reply: Reply) -> ResponseMessage:
+    reasoning = reply.reasoning or None
     if reply.done.tool_calls:
-        return ResponseMessage(content=reply.text or None, tool_calls=tool_calls_body(reply.done))
-    return ResponseMessage(content=reply.text)
+        calls = tool_calls_body(reply.done)
+        return ResponseMessage(content=reply.text or None, reasoning_content=reasoning, tool_calls=calls)
+    return ResponseMessage(content=reply.text, reasoning_content=reasoning)
 
 
 def completion_body(job: JobRef, replies: list[Reply]) -> ChatCompletion:
@@ -111,6 +115,11 @@ class ChunkRenderer:
         if isinstance(event, Delta):
             content = self._choice(choice, '{"content":' + json.dumps(event.text) + "}", None)
             return [ServerSentEvent(content, id=self._id(seq))]
+        if isinstance(event, Activity):
+            reasoning = self._choice(
+                choice, '{"reasoning_content":' + json.dumps(activity_text(event)) + "}", None
+            )
+            return [ServerSentEvent(reasoning, id=self._id(seq))]
         if not isinstance(event, Done):
             return [ServerSentEvent(error_chunk(OpenAIError.from_failure(event).info), id=self._id(seq))]
         chunks: list[str] = []

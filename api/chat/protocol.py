@@ -88,6 +88,11 @@ class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    reasoning_content: str | None = Field(
+        default=None,
+        exclude_if=lambda text: text is None,
+        description="Extension: the agent's thinking and tool steps (as Open WebUI and others read it).",
+    )
     tool_calls: list[dict[str, Any]] | None = Field(default=None, exclude_if=lambda calls: calls is None)
 
 

@@ -38,12 +38,14 @@ async def retrieve_chat_completion(
     starting_after: Annotated[int | None, Query(ge=0)] = None,
     include_usage: bool = False,
     last_event_id: Annotated[str | None, Header()] = None,
+    include_reasoning: bool = True,
 ) -> JSONResponse | EventSourceResponse:
     record = await _owned(gateway, caller, completion_id)
+    reasoning = include_reasoning and gateway.settings.stream_reasoning
     if not stream:
-        return JSONResponse((await _snapshot(gateway, record)).model_dump())
+        return JSONResponse((await _snapshot(gateway, record, reasoning)).model_dump())
     after = starting_after if starting_after is not None else parse_last_event_id(last_event_id)
-    run = Run(gateway, [record], background=True)  # a reader of the job, never its owner's request
+    run = Run(gateway, [record], background=True, reasoning=reasoning)  # a reader, not the owner's request
     renderer = ChunkRenderer(record, include_usage=include_usage, after=after)
     return await event_stream(run, renderer, after=after, live=False)
 
@@ -64,11 +66,12 @@ async def _owned(gateway: Gateway, caller: Caller, completion_id: str) -> JobRec
     return record
 
 
-async def _snapshot(gateway: Gateway, record: JobRecord) -> ChatCompletion:
+async def _snapshot(gateway: Gateway, record: JobRecord, reasoning: bool = True) -> ChatCompletion:
     """The job as a chat completion: its full reply once completed, else its status (and error)."""
-    text, last = reply_of(event for _, event in await events_so_far(gateway.store.redis, record.id))
+    events = [event for _, event in await events_so_far(gateway.store.redis, record.id)]
+    text, last = reply_of(events)
     if isinstance(last, Done):
-        return completion_body(record, [Reply(text, last)])
+        return completion_body(record, [Reply(text, last, events if reasoning else [])])
     snapshot = ChatCompletion(
         id=completion_id(record), created=record.created, model=record.model, choices=[], usage=None
     )

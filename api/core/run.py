@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from api import metrics
 from api.core.relay import follow_job
 from api.core.structured import ResponseFormat
 from api.deps import Gateway
 from api.errors import OpenAIError
 from shared.events import JobEventValue
-from shared.jobs import Delta, Done, Failed, FailureCode, Usage
+from shared.jobs import Activity, Delta, Done, Failed, FailureCode, Reasoning, Usage
 from shared.jobstore import JobStore
 
 log = logging.getLogger("gateway.api")
@@ -44,6 +45,22 @@ class Reply:
 
     text: str
     done: Done
+    events: list[JobEventValue] = field(default_factory=list)
+    """Every event of the choice, in order (the agent's activity among the text)."""
+
+    @property
+    def reasoning(self) -> str:
+        """The agent's activity as one text: its thinking, and a line per tool step."""
+        return "".join(activity_text(event) for event in self.events if isinstance(event, Activity))
+
+
+def activity_text(event: Activity) -> str:
+    """Thinking as it came; a tool step as a short line (its start, or its end if it failed)."""
+    if isinstance(event, Reasoning):
+        return event.text
+    if not event.ended:
+        return f"\n▸ {event.name}: {event.argument}\n" if event.argument else f"\n▸ {event.name}\n"
+    return f"✗ {event.name} failed\n" if event.failed else f"✓ {event.name}\n"
 
 
 def reply_of(events: Iterable[JobEventValue]) -> tuple[str, Done | Failed | None]:
@@ -53,7 +70,7 @@ def reply_of(events: Iterable[JobEventValue]) -> tuple[str, Done | Failed | None
     for event in events:
         if isinstance(event, Delta):
             parts.append(event.text)
-        else:
+        elif isinstance(event, Done | Failed):
             terminal = event
     return "".join(parts), terminal
 
@@ -75,6 +92,8 @@ class Run:
     """One job per choice; the first names the request (its id is the completion's)."""
     background: bool = False
     response_format: ResponseFormat | None = None
+    reasoning: bool = True
+    """Whether the agent's activity (thinking, tool steps) reaches the caller."""
     _pumps: "list[asyncio.Task[None]]" = field(default_factory=list)
 
     @property
@@ -92,7 +111,8 @@ class Run:
         async for seq, event in follow_job(
             store, settings, self.job.id, after=after, withdraw=not self.background
         ):
-            yield 0, seq, event
+            if self._shown(event):
+                yield 0, seq, event
 
     async def _merged(self) -> ChoiceEvents:
         merged: asyncio.Queue[tuple[int, int, JobEventValue]] = asyncio.Queue()
@@ -106,7 +126,8 @@ class Run:
                     yield choice, seq, event
                     return
                 ended += isinstance(event, Done)
-                yield choice, seq, event
+                if self._shown(event):
+                    yield choice, seq, event
         finally:
             self.close()
 
@@ -122,6 +143,14 @@ class Run:
             failure = Failed(code=FailureCode.INTERNAL, message="The gateway lost track of a choice.")
             await merged.put((choice, 0, failure))
 
+    def _shown(self, event: JobEventValue) -> bool:
+        """Whether the caller sees the event (the agent's activity only if asked), counted if so."""
+        if not isinstance(event, Activity):
+            return True
+        if self.reasoning:
+            metrics.count_activity(event.type)
+        return self.reasoning
+
     def close(self) -> None:
         """Stops following the choices (the reader is gone)."""
         for pump in self._pumps:
@@ -134,16 +163,16 @@ class Run:
 
     async def collect(self) -> list[Reply]:
         """Each choice's whole reply; raises the first failure (and a reply that breaks the format)."""
-        texts: list[list[str]] = [[] for _ in self.jobs]
+        events: list[list[JobEventValue]] = [[] for _ in self.jobs]
         replies: dict[int, Reply] = {}
         try:
             async for choice, _, event in self.events():
-                if isinstance(event, Delta):
-                    texts[choice].append(event.text)
-                elif isinstance(event, Done):
-                    replies[choice] = Reply("".join(texts[choice]), event)
-                else:
+                events[choice].append(event)
+                if isinstance(event, Failed):
                     raise OpenAIError.from_failure(event)
+                if isinstance(event, Done):
+                    text, _ = reply_of(events[choice])
+                    replies[choice] = Reply(text, event, events[choice])
         except BaseException:
             if len(self.jobs) > 1:
                 await self.cancel("Another choice of the request failed.")

@@ -81,9 +81,8 @@ async def submit(
     response_format = request.response_format
     if request.n > 1:
         jobs = [job, *(job.model_copy(update={"id": new_job_id()}) for _ in range(request.n - 1))]
-        return Run(
-            gateway, await _queue_all(jobs, http, gateway, caller), request.background, response_format
-        )
+        queued = await _queue_all(jobs, http, gateway, caller)
+        return Run(gateway, queued, request.background, response_format, _shows_reasoning(request, settings))
     if session_id is not None:
         job = await attach(gateway.redis, settings, caller.key_id, session_id, job)
     try:
@@ -97,7 +96,12 @@ async def submit(
         raise
     if ref.id != job.id:  # attached to the key's earlier job: this one was never queued
         await abandon(gateway.redis, job)
-    return Run(gateway, [ref], request.background, response_format)
+    return Run(gateway, [ref], request.background, response_format, _shows_reasoning(request, settings))
+
+
+def _shows_reasoning(request: CompletionRequest, settings: Settings) -> bool:
+    """The agent's thinking and tool steps reach the caller unless the operator or request says no."""
+    return settings.stream_reasoning and request.agent.include_reasoning is not False
 
 
 def plan(

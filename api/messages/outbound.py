@@ -1,36 +1,64 @@
-"""Job events → an Anthropic `Message` and its event stream (`message_start`,
-`content_block_start`, `content_block_delta`…, `content_block_stop`, `message_delta`,
-`message_stop`; a failure after the headers is an `error` event)."""
+"""Job events → an Anthropic `Message` and its event stream (`message_start`, then per content
+block `content_block_start`, `content_block_delta`…, `content_block_stop`, then `message_delta`,
+`message_stop`; a failure after the headers is an `error` event).
+
+The agent's thinking and tool steps (a line each) are `thinking` blocks (`thinking_delta`), in
+order among the `text` blocks; the caller's function calls are `tool_use` blocks at the end.
+"""
 
 import json
+from collections.abc import Iterable
 
 from sse_starlette import ServerSentEvent
 
-from api.core.run import JobRef, Reply
+from api.core.run import JobRef, Reply, activity_text
 from api.errors import OpenAIError, anthropic_error
 from api.messages.protocol import (
     MESSAGE_ID_PREFIX,
     Message,
     TextBlock,
+    ThinkingBlock,
     stop_reason,
     tool_use_blocks,
     usage_body,
 )
 from shared.events import JobEventValue
-from shared.jobs import Delta, Done, Usage
+from shared.jobs import Activity, Delta, Done, Usage
+
+
+def _content(events: Iterable[JobEventValue]) -> list[ThinkingBlock | TextBlock]:
+    """Text and activity as blocks, in order; always with a text block."""
+    blocks: list[ThinkingBlock | TextBlock] = []
+    for event in events:
+        if isinstance(event, Delta):
+            if blocks and isinstance(blocks[-1], TextBlock):
+                blocks[-1].text += event.text
+            else:
+                blocks.append(TextBlock(text=event.text))
+        elif isinstance(event, Activity):
+            if blocks and isinstance(blocks[-1], ThinkingBlock):
+                blocks[-1].thinking += activity_text(event)
+            else:
+                blocks.append(ThinkingBlock(thinking=activity_text(event)))
+    if not any(isinstance(block, TextBlock) for block in blocks):
+        blocks.append(TextBlock(text=""))
+    return blocks
 
 
 def message_body(job: JobRef, reply: Reply | None) -> Message:
     """The whole message once done; without a reply, the empty one `message_start` carries."""
-    done = reply.done if reply is not None else None
+    if reply is None:
+        empty = usage_body(Usage())
+        return Message(
+            id=MESSAGE_ID_PREFIX + job.id, model=job.model, content=[], stop_reason=None, usage=empty
+        )
+    events = reply.events or [Delta(text=reply.text)]
     return Message(
         id=MESSAGE_ID_PREFIX + job.id,
         model=job.model,
-        content=[TextBlock(text=reply.text), *tool_use_blocks(reply.done.tool_calls)]
-        if reply is not None
-        else [],
-        stop_reason=stop_reason(done) if done is not None else None,
-        usage=usage_body(done.usage if done is not None else Usage()),
+        content=[*_content(events), *tool_use_blocks(reply.done.tool_calls)],
+        stop_reason=stop_reason(reply.done),
+        usage=usage_body(reply.done.usage),
     )
 
 
@@ -48,32 +76,51 @@ class MessageStream:
 
     def __init__(self, job: JobRef) -> None:
         self._job = job
+        self._index = -1  # the open content block's index
+        self._open: str | None = None  # its type
 
     def opening(self) -> list[ServerSentEvent]:
-        return [
-            _event("message_start", message=message_body(self._job, None).model_dump()),
-            _event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
-        ]
+        return [_event("message_start", message=message_body(self._job, None).model_dump())]
+
+    def _block(self, kind: str) -> list[ServerSentEvent]:
+        """Opens a block of `kind` unless one is open (closing the other kind's)."""
+        if self._open == kind:
+            return []
+        events = self._close()
+        self._index, self._open = self._index + 1, kind
+        block = {"type": "text", "text": ""} if kind == "text" else {"type": kind, kind: "", "signature": ""}
+        return [*events, _event("content_block_start", index=self._index, content_block=block)]
+
+    def _close(self) -> list[ServerSentEvent]:
+        if self._open is None:
+            return []
+        self._open = None
+        return [_event("content_block_stop", index=self._index)]
 
     def render(self, choice: int, seq: int, event: JobEventValue) -> list[ServerSentEvent]:
         if isinstance(event, Delta):
-            return [_event("content_block_delta", index=0, delta={"type": "text_delta", "text": event.text})]
+            delta = {"type": "text_delta", "text": event.text}
+            return [*self._block("text"), _event("content_block_delta", index=self._index, delta=delta)]
+        if isinstance(event, Activity):
+            delta = {"type": "thinking_delta", "thinking": activity_text(event)}
+            return [*self._block("thinking"), _event("content_block_delta", index=self._index, delta=delta)]
         if not isinstance(event, Done):
             error = OpenAIError.from_failure(event)
             return [_error(error.status, error.info.message)]
-        events = [_event("content_block_stop", index=0)]
-        for index, block in enumerate(tool_use_blocks(event.tool_calls), start=1):
+        events = [*self._block("text"), *self._close()] if self._index < 0 else self._close()
+        for block in tool_use_blocks(event.tool_calls):
             # Each call arrives whole: its input is one JSON delta.
+            self._index += 1
             start = {**block.model_dump(), "input": {}}
             partial = {"type": "input_json_delta", "partial_json": json.dumps(block.input)}
             events += [
-                _event("content_block_start", index=index, content_block=start),
-                _event("content_block_delta", index=index, delta=partial),
-                _event("content_block_stop", index=index),
+                _event("content_block_start", index=self._index, content_block=start),
+                _event("content_block_delta", index=self._index, delta=partial),
+                _event("content_block_stop", index=self._index),
             ]
         usage = usage_body(event.usage).model_dump()
-        delta = {"stop_reason": stop_reason(event), "stop_sequence": None}
-        return [*events, _event("message_delta", delta=delta, usage=usage), _event("message_stop")]
+        ending = {"stop_reason": stop_reason(event), "stop_sequence": None}
+        return [*events, _event("message_delta", delta=ending, usage=usage), _event("message_stop")]
 
     def lost_queue(self) -> list[ServerSentEvent]:
         return [_error(500, "The gateway lost its queue mid-stream.")]

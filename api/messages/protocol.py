@@ -58,7 +58,8 @@ class CreateMessageRequest(AgentControls):
             "tools": any(tool.get("type", "custom") != "custom" for tool in self.tools or []),
             "tool_choice": (self.tool_choice or {}).get("type", "auto")
             not in ("auto", "any", "tool", "none"),
-            "thinking": self.thinking not in (None, {"type": "disabled"}),
+            "thinking": (self.thinking or {}).get("type", "enabled")
+            not in ("enabled", "disabled", "adaptive"),
         }
         return next((name for name, unsupported in checks.items() if unsupported), None)
 
@@ -147,8 +148,18 @@ def core_request(body: CreateMessageRequest) -> CompletionRequest:
         max_tokens=body.max_tokens,
         stop=body.stop_sequences or [],
         stream=body.stream,
-        agent=body.agent_controls(),
+        agent=_agent(body),
     )
+
+
+def _agent(body: CreateMessageRequest) -> dict[str, Any]:
+    """The agent controls, with `thinking` as the thinking budget: `enabled` with its
+    `budget_tokens`, `disabled` none, `adaptive` Claude Code's default."""
+    agent = body.agent_controls().model_dump()
+    thinking = body.thinking or {}
+    if agent["max_thinking_tokens"] is None and thinking.get("type") in ("enabled", "disabled"):
+        agent["max_thinking_tokens"] = thinking.get("budget_tokens") if thinking["type"] == "enabled" else 0
+    return agent
 
 
 # --- Responses ------------------------------------------------------------------------------
@@ -164,6 +175,15 @@ _STOP_REASONS = {
 class TextBlock(BaseModel):
     type: Literal["text"] = "text"
     text: str
+
+
+class ThinkingBlock(BaseModel):
+    """The agent's thinking and tool steps; unsigned (the gateway cannot sign them), so a client
+    does not send it back as a turn's thinking."""
+
+    type: Literal["thinking"] = "thinking"
+    thinking: str
+    signature: str = ""
 
 
 class ToolUseBlock(BaseModel):
@@ -184,7 +204,7 @@ class Message(BaseModel):
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     model: str
-    content: list[TextBlock | ToolUseBlock]
+    content: list[ThinkingBlock | TextBlock | ToolUseBlock]
     stop_reason: str | None
     stop_sequence: str | None = None
     usage: MessageUsage

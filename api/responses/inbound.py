@@ -1,11 +1,14 @@
 """Responses API requests → the core request, and the request's side kept with the response."""
 
+from typing import Any
+
 from api.core.conversation import ChatMessage
 from api.core.request import CompletionRequest
 from api.core.structured import ResponseFormat
 from api.errors import OpenAIError
 from api.responses.protocol import CreateResponseRequest, chat_tool_choice, chat_tools, to_chat_messages
 from api.responses.response import StoredResponse
+from shared.settings import Settings
 
 
 def check_supported(body: CreateResponseRequest) -> None:
@@ -29,11 +32,13 @@ def core_request(body: CreateResponseRequest, earlier: list[ChatMessage]) -> Com
         response_format=ResponseFormat.from_text_format((body.text or {}).get("format")),
         stream=body.stream,
         background=body.background,
-        agent=body.agent_controls(),
+        agent=_agent(body),
     )
 
 
-def stored_request(body: CreateResponseRequest, request: CompletionRequest) -> StoredResponse:
+def stored_request(
+    body: CreateResponseRequest, request: CompletionRequest, settings: Settings
+) -> StoredResponse:
     """What the response keeps of its request (retrieval, continuation)."""
     conversation = request.messages[1:] if body.instructions else request.messages
     return StoredResponse(
@@ -50,4 +55,13 @@ def stored_request(body: CreateResponseRequest, request: CompletionRequest) -> S
         text_format=(body.text or {}).get("format") if request.response_format is not None else None,
         tools=[{"strict": True, "parameters": None, **tool} for tool in body.tools or []],
         tool_choice=body.tool_choice or "auto",
+        reasoning=settings.stream_reasoning and body.include_reasoning is not False,
     )
+
+
+def _agent(body: CreateResponseRequest) -> dict[str, Any]:
+    """The agent controls, with `reasoning.effort` as the core's `reasoning_effort`."""
+    agent = body.agent_controls().model_dump()
+    if (effort := (body.reasoning or {}).get("effort")) is not None and agent["reasoning_effort"] is None:
+        agent["reasoning_effort"] = effort
+    return agent

@@ -15,6 +15,7 @@ from api.errors import OpenAIError
 
 RESPONSE_ID_PREFIX = "resp_"
 MESSAGE_ID_PREFIX = "msg_"
+REASONING_ID_PREFIX = "rs_"
 
 
 class CreateResponseRequest(AgentControls):
@@ -40,6 +41,7 @@ class CreateResponseRequest(AgentControls):
     prompt: dict[str, Any] | None = None
     top_logprobs: int | None = None
     include: list[str] | None = None
+    reasoning: dict[str, Any] | None = None
 
     def unsupported_parameter(self) -> str | None:
         """The first parameter whose meaning the gateway cannot honour, if any."""
@@ -163,6 +165,20 @@ class OutputMessage(BaseModel):
     content: list[OutputText]
 
 
+class SummaryText(BaseModel):
+    type: Literal["summary_text"] = "summary_text"
+    text: str
+
+
+class ReasoningItem(BaseModel):
+    """The agent's thinking and tool steps (a line each), as a reasoning item's summary."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[SummaryText]
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
 class FunctionCall(BaseModel):
     type: Literal["function_call"] = "function_call"
     id: str
@@ -214,7 +230,7 @@ class Response(BaseModel):
     instructions: str | None
     max_output_tokens: int | None
     model: str
-    output: list[OutputMessage | FunctionCall] = Field(default_factory=list)
+    output: list[ReasoningItem | OutputMessage | FunctionCall] = Field(default_factory=list)
     parallel_tool_calls: bool = True
     previous_response_id: str | None
     temperature: float | None

@@ -18,24 +18,27 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from api.core.conversation import ChatMessage
-from api.core.run import JobRef
+from api.core.run import JobRef, activity_text
 from api.core.structured import ResponseFormat
 from api.errors import OpenAIError
 from api.responses.protocol import (
     MESSAGE_ID_PREFIX,
+    REASONING_ID_PREFIX,
     RESPONSE_ID_PREFIX,
     FunctionCall,
     IncompleteDetails,
     InputTokensDetails,
     OutputMessage,
     OutputText,
+    ReasoningItem,
     Response,
     ResponseError,
     ResponseStatus,
     ResponseUsage,
+    SummaryText,
 )
-from shared.events import events_so_far
-from shared.jobs import Delta, Done, Failed, FailureCode, FinishReason, JobStatus, Usage
+from shared.events import JobEventValue, events_so_far
+from shared.jobs import Activity, Delta, Done, Failed, FailureCode, FinishReason, JobStatus, Usage
 from shared.keys import PREFIX
 from shared.settings import Settings
 
@@ -58,6 +61,8 @@ class StoredResponse(BaseModel):
     """The request's `text.format` when it asked for JSON (checked on the reply)."""
     tools: list[dict[str, Any]] = Field(default_factory=list)
     tool_choice: str | dict[str, Any] = "auto"
+    reasoning: bool = True
+    """Whether its output shows the agent's thinking and tool steps (a reasoning item)."""
 
 
 def _key(job_id: str) -> str:
@@ -136,9 +141,15 @@ def output_message(
 
 
 def response_body(
-    job: JobRef, stored: StoredResponse, status: JobStatus, text: str, terminal: Done | Failed | None
+    job: JobRef,
+    stored: StoredResponse,
+    status: JobStatus,
+    text: str,
+    terminal: Done | Failed | None,
+    activity: list[JobEventValue] | None = None,
 ) -> Response:
-    """The response as retrieved: its full output once ended, the text so far while it runs."""
+    """The response as retrieved: its full output once ended, the text so far while it runs.
+    `activity`: the job's events, to show the agent's work among the text (`output_items`)."""
     response = Response(
         id=response_id(job),
         text={"format": stored.text_format or {"type": "text"}},
@@ -168,8 +179,14 @@ def response_body(
         if response.status == "incomplete":
             reason = "content_filter" if terminal.finish_reason is FinishReason.CONTENT_FILTER else None
             response.incomplete_details = IncompleteDetails(reason=reason or "max_output_tokens")
-        response.output = [output_message(job, text, item_status), *function_calls(terminal)]
+        if activity and response_format is None:
+            items = output_items(job, activity, item_status)
+        else:
+            items = [output_message(job, text, item_status)]
+        response.output = [*items, *function_calls(terminal)]
         response.usage = usage_body(terminal.usage)
+    elif activity:
+        response.output = list(output_items(job, activity, "in_progress"))
     elif text:
         response.output = [output_message(job, text, "in_progress")]
     return response
@@ -204,3 +221,39 @@ async def continued_conversation(redis: Redis, stored: StoredResponse, job_id: s
         for call in (done.tool_calls if done is not None else [])
     ]
     return [*stored.conversation, ChatMessage(role="assistant", content=reply, tool_calls=calls or None)]
+
+
+def item_id(job: JobRef, kind: str, index: int) -> str:
+    """A message item's id (the first is `msg_<job id>`), or a reasoning item's."""
+    if kind == "message":
+        return message_id(job) + (f"_{index}" if index else "")
+    return f"{REASONING_ID_PREFIX}{job.id}_{index}"
+
+
+def output_items(
+    job: JobRef, events: list[JobEventValue], status: Literal["in_progress", "completed", "incomplete"]
+) -> list[ReasoningItem | OutputMessage]:
+    """The job's text and activity as output items, in order: a message item per run of text, a
+    reasoning item (thinking, a line per tool step) per run of activity; always with a message."""
+    runs: list[tuple[str, list[str]]] = []
+    for event in events:
+        if isinstance(event, Delta | Activity):
+            kind = "message" if isinstance(event, Delta) else "reasoning"
+            if not runs or runs[-1][0] != kind:
+                runs.append((kind, []))
+            runs[-1][1].append(event.text if isinstance(event, Delta) else activity_text(event))
+    if not any(kind == "message" for kind, _ in runs):
+        runs.append(("message", []))
+    items: list[ReasoningItem | OutputMessage] = []
+    for index, (kind, parts) in enumerate(runs):
+        if kind == "message":
+            items.append(
+                OutputMessage(
+                    id=item_id(job, kind, index), status=status, content=[OutputText(text="".join(parts))]
+                )
+            )
+        else:
+            items.append(
+                ReasoningItem(id=item_id(job, kind, index), summary=[SummaryText(text="".join(parts))])
+            )
+    return items

@@ -24,7 +24,7 @@ from api.responses.protocol import RESPONSE_ID_PREFIX, CreateResponseRequest, Re
 from api.responses.response import StoredResponse, response_body
 from api.responses.stream import ResponseEventRenderer
 from shared.events import events_so_far
-from shared.jobs import JobStatus
+from shared.jobs import Activity, JobStatus
 from shared.jobstore import JobRecord
 from shared.keys import is_job_id
 
@@ -40,7 +40,7 @@ async def create_response(
     if body.previous_response_id is not None:
         earlier = await _continued(gateway, caller, body.previous_response_id)
     core = core_request(body, earlier)
-    stored = stored_request(body, core)
+    stored = stored_request(body, core, gateway.settings)
     keeper = stored_responses.Keeper(gateway.redis, gateway.settings, stored)
     run = await submit(core, request, gateway, caller, companion=keeper)
     if body.background and not body.stream:
@@ -70,7 +70,7 @@ async def retrieve_response(
     else:
         after = parse_last_event_id(last_event_id) if last_event_id is not None else -1
     # The whole stream is read (earlier deltas make up the final text); the renderer skips to `after`.
-    run = Run(gateway, [record], background=True)  # a reader of the job, never its owner's request
+    run = Run(gateway, [record], background=True, reasoning=stored.reasoning)  # a reader, not its owner
     return await event_stream(run, ResponseEventRenderer(record, stored, after=after), live=False)
 
 
@@ -113,5 +113,8 @@ async def _continued(gateway: Gateway, caller: Caller, previous_id: str) -> list
 
 
 async def _snapshot(gateway: Gateway, record: JobRecord, stored: StoredResponse) -> Response:
-    text, terminal = reply_of(event for _, event in await events_so_far(gateway.store.redis, record.id))
-    return response_body(record, stored, record.status, text, terminal)
+    events = [event for _, event in await events_so_far(gateway.store.redis, record.id)]
+    text, terminal = reply_of(events)
+    if not stored.reasoning:
+        events = [event for event in events if not isinstance(event, Activity)]
+    return response_body(record, stored, record.status, text, terminal, events)

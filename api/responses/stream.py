@@ -1,15 +1,18 @@
 """A job's events as a Responses API event stream (SSE), live or resumed.
 
-Every event carries a `sequence_number` derived from the job's own event sequence, so any API
-process renders the same numbers for the same job and a client resumes with
-`starting_after=<sequence_number>` (or `Last-Event-ID`, as each SSE event's `id:` is the same):
+Sequence numbers count the stream's events from 0 (`response.created`, `response.in_progress`),
+and the stream is rendered from the job's whole event sequence every time, so any API process
+renders the same numbers for the same job and a client resumes with
+`starting_after=<sequence_number>` (or `Last-Event-ID`, as each SSE event's `id:` is the same).
 
-    0..3      response.created, response.in_progress, output_item.added, content_part.added
-    s + 3     the job's delta number s (s >= 1): response.output_text.delta
-    T + 3..6  the job's terminal event T: output_text.done, content_part.done, output_item.done,
-              response.completed (or response.incomplete); a failure is response.failed at T + 3;
-              a turn that ended on K function calls has 4 events per call (output_item.added,
-              function_call_arguments.delta and .done, output_item.done) before response.completed
+Output items follow each other as the job's events do (`api/responses/response.py:output_items`):
+a run of the agent's thinking and tool steps (a line each) is a reasoning item
+(`output_item.added`, `reasoning_summary_part.added`, `reasoning_summary_text.delta`…,
+`reasoning_summary_text.done`, `reasoning_summary_part.done`, `output_item.done`), a run of the
+reply's text a message item (`output_item.added`, `content_part.added`, `output_text.delta`…,
+`output_text.done`, `content_part.done`, `output_item.done`); one item closes before the next
+opens. The terminal event closes the last, adds the function calls the turn ended on (4 events
+each), then `response.completed` (or `response.incomplete`); a failure is `response.failed`.
 
 Deltas sit on the per-token path: they are rendered from a per-stream byte template with only
 the text JSON-encoded per event.
@@ -20,20 +23,13 @@ from typing import Any
 
 from sse_starlette import ServerSentEvent
 
-from api.core.run import JobRef
-from api.responses.protocol import OutputText
-from api.responses.response import (
-    StoredResponse,
-    finished_status,
-    function_calls,
-    message_id,
-    output_message,
-    response_body,
-)
+from api.core.run import JobRef, activity_text
+from api.responses.protocol import OutputMessage, OutputText, ReasoningItem, SummaryText
+from api.responses.response import StoredResponse, finished_status, function_calls, item_id, response_body
 from shared.events import JobEventValue
-from shared.jobs import Delta, Done, JobStatus
+from shared.jobs import Activity, Delta, Done, Failed, JobStatus
 
-_PRELUDE = 3  # the sequence number of the prelude's last event; delta s is s + _PRELUDE
+_MESSAGE, _REASONING = "message", "reasoning"
 
 
 def _event(kind: str, number: int, **fields: Any) -> tuple[int, str, str]:
@@ -42,74 +38,125 @@ def _event(kind: str, number: int, **fields: Any) -> tuple[int, str, str]:
 
 
 class ResponseEventRenderer:
-    """Renders one response's stream events as `(sequence_number, type, JSON)`."""
+    """Renders one response's stream events after sequence number `after`."""
 
     def __init__(self, job: JobRef, stored: StoredResponse, *, after: int = -1) -> None:
         self._job = job
         self._after = after
         self._stored = stored
-        self._item = message_id(job)
-        self._texts: list[str] = []
+        self._number = -1  # the last sequence number rendered
+        self._seen: list[JobEventValue] = []  # text and activity so far (the body's output)
+        self._items: list[tuple[str, list[str]]] = []  # (kind, parts) per item; the last one is open
+        self._delta_head = ""
+
+    def _next(self, kind: str, **fields: Any) -> tuple[int, str, str]:
+        self._number += 1
+        return _event(kind, self._number, **fields)
+
+    def _ids(self) -> dict[str, Any]:
+        index = len(self._items) - 1
+        kind = self._items[index][0]
+        ids: dict[str, Any] = {"item_id": item_id(self._job, kind, index), "output_index": index}
+        return {**ids, "content_index": 0} if kind == _MESSAGE else {**ids, "summary_index": 0}
+
+    def _open(self, kind: str) -> list[tuple[int, str, str]]:
+        """Opens an item of `kind` unless the open one is (closing that one first)."""
+        if self._items and self._items[-1][0] == kind:
+            return []
+        events = self._close("in_progress") if self._items else []
+        index = len(self._items)
+        self._items.append((kind, []))
+        ids = self._ids()
+        if kind == _REASONING:
+            item = ReasoningItem(id=ids["item_id"], summary=[], status="in_progress").model_dump()
+            part = SummaryText(text="").model_dump()
+            return [
+                *events,
+                self._next("response.output_item.added", output_index=index, item=item),
+                self._next("response.reasoning_summary_part.added", **ids, part=part),
+            ]
+        item = OutputMessage(id=ids["item_id"], status="in_progress", content=[]).model_dump()
         self._delta_head = (
             '{"type":"response.output_text.delta","item_id":'
-            + json.dumps(self._item)
-            + ',"output_index":0,"content_index":0,"delta":'
+            + json.dumps(ids["item_id"])
+            + f',"output_index":{index},"content_index":0,"delta":'
         )
-        self._ids = {"item_id": self._item, "output_index": 0, "content_index": 0}
-        self._number = _PRELUDE  # the last sequence number rendered
+        part = OutputText(text="").model_dump()
+        return [
+            *events,
+            self._next("response.output_item.added", output_index=index, item=item),
+            self._next("response.content_part.added", **ids, part=part),
+        ]
+
+    def _close(self, status: str) -> list[tuple[int, str, str]]:
+        """Closes the open item."""
+        ids = self._ids()
+        kind, parts = self._items[-1]
+        text = "".join(parts)
+        index = ids["output_index"]
+        if kind == _REASONING:
+            part = SummaryText(text=text).model_dump()
+            item = ReasoningItem(id=ids["item_id"], summary=[SummaryText(text=text)]).model_dump()
+            return [
+                self._next("response.reasoning_summary_text.done", **ids, text=text),
+                self._next("response.reasoning_summary_part.done", **ids, part=part),
+                self._next("response.output_item.done", output_index=index, item=item),
+            ]
+        done = "incomplete" if status == "incomplete" else "completed"
+        item = OutputMessage(id=ids["item_id"], status=done, content=[OutputText(text=text)]).model_dump()
+        return [
+            self._next("response.output_text.done", **ids, text=text, logprobs=[]),
+            self._next("response.content_part.done", **ids, part=OutputText(text=text).model_dump()),
+            self._next("response.output_item.done", output_index=index, item=item),
+        ]
+
+    def _body(self, status: JobStatus, terminal: Done | Failed | None) -> dict[str, Any]:
+        text = "".join(event.text for event in self._seen if isinstance(event, Delta))
+        return response_body(self._job, self._stored, status, text, terminal, self._seen).wire()
 
     def _prelude(self) -> list[tuple[int, str, str]]:
-        running = response_body(self._job, self._stored, JobStatus.IN_PROGRESS, "", None).wire()
-        item = output_message(self._job, "", "in_progress").model_dump()
-        item["content"] = []
+        running = self._body(JobStatus.IN_PROGRESS, None)
         return [
-            _event("response.created", 0, response=running),
-            _event("response.in_progress", 1, response=running),
-            _event("response.output_item.added", 2, output_index=0, item=item),
-            _event("response.content_part.added", 3, **self._ids, part=OutputText(text="").model_dump()),
+            self._next("response.created", response=running),
+            self._next("response.in_progress", response=running),
         ]
 
-    def delta(self, seq: int, text: str) -> tuple[int, str, str]:
-        self._texts.append(text)
-        number = self._number = seq + _PRELUDE
-        data = f'{self._delta_head}{json.dumps(text)},"logprobs":[],"sequence_number":{number}}}'
-        return number, "response.output_text.delta", data
+    def _delta(self, event: Delta) -> list[tuple[int, str, str]]:
+        opened = self._open(_MESSAGE)
+        self._seen.append(event)
+        self._items[-1][1].append(event.text)
+        self._number += 1
+        data = f'{self._delta_head}{json.dumps(event.text)},"logprobs":[],"sequence_number":{self._number}}}'
+        return [*opened, (self._number, "response.output_text.delta", data)]
 
-    def terminal(self, seq: int, event: JobEventValue) -> list[tuple[int, str, str]]:
-        assert not isinstance(event, Delta)
-        text = "".join(self._texts)
-        number = seq + _PRELUDE
-        body = response_body(self._job, self._stored, JobStatus.COMPLETED, text, event)
+    def _activity(self, event: Activity) -> list[tuple[int, str, str]]:
+        opened = self._open(_REASONING)
+        self._seen.append(event)
+        text = activity_text(event)
+        self._items[-1][1].append(text)
+        return [*opened, self._next("response.reasoning_summary_text.delta", **self._ids(), delta=text)]
+
+    def _terminal(self, event: Done | Failed) -> list[tuple[int, str, str]]:
         if not isinstance(event, Done):
-            return [_event("response.failed", number, response=body.wire())]
+            return [self._next("response.failed", response=self._body(JobStatus.COMPLETED, event))]
         _, item_status = finished_status(event)
-        part = OutputText(text=text).model_dump()
-        item = output_message(self._job, text, item_status).model_dump()
-        final = "response.completed" if body.status == "completed" else "response.incomplete"
-        closing = [
-            _event("response.output_text.done", number, **self._ids, text=text, logprobs=[]),
-            _event("response.content_part.done", number + 1, **self._ids, part=part),
-            _event("response.output_item.done", number + 2, output_index=0, item=item),
-        ]
-        number += 3
-        for index, call in enumerate(function_calls(event), start=1):
+        closing = self._open(_MESSAGE) if not any(kind == _MESSAGE for kind, _ in self._items) else []
+        closing += self._close(item_status)
+        for index, call in enumerate(function_calls(event), start=len(self._items)):
             # Each call arrives whole: its arguments are one delta.
             ids = {"item_id": call.id, "output_index": index}
             added = call.model_copy(update={"arguments": "", "status": "in_progress"}).model_dump()
             closing += [
-                _event("response.output_item.added", number, output_index=index, item=added),
-                _event("response.function_call_arguments.delta", number + 1, **ids, delta=call.arguments),
-                _event(
-                    "response.function_call_arguments.done",
-                    number + 2,
-                    **ids,
-                    name=call.name,
-                    arguments=call.arguments,
+                self._next("response.output_item.added", output_index=index, item=added),
+                self._next("response.function_call_arguments.delta", **ids, delta=call.arguments),
+                self._next(
+                    "response.function_call_arguments.done", **ids, name=call.name, arguments=call.arguments
                 ),
-                _event("response.output_item.done", number + 3, output_index=index, item=call.model_dump()),
+                self._next("response.output_item.done", output_index=index, item=call.model_dump()),
             ]
-            number += 4
-        return [*closing, _event(final, number, response=body.wire())]
+        body = self._body(JobStatus.COMPLETED, event)
+        final = "response.completed" if body["status"] == "completed" else "response.incomplete"
+        return [*closing, self._next(final, response=body)]
 
     def _events(self, rendered: list[tuple[int, str, str]]) -> list[ServerSentEvent]:
         """The events numbered after `after` (a resumed stream skips what its client has)."""
@@ -124,14 +171,15 @@ class ResponseEventRenderer:
 
     def render(self, choice: int, seq: int, event: JobEventValue) -> list[ServerSentEvent]:
         if isinstance(event, Delta):
-            return self._events([self.delta(seq, event.text)])
-        return self._events(self.terminal(seq, event))
+            return self._events(self._delta(event))
+        if isinstance(event, Activity):
+            return self._events(self._activity(event))
+        return self._events(self._terminal(event))
 
     def lost_queue(self) -> list[ServerSentEvent]:
         message = "The gateway lost its queue mid-stream; resume with starting_after."
-        _, kind, data = _event(
-            "error", self._number + 1, code="queue_unavailable", message=message, param=None
-        )
+        number = self._number + 1
+        _, kind, data = _event("error", number, code="queue_unavailable", message=message, param=None)
         return [ServerSentEvent(data, event=kind)]
 
     def closing(self) -> list[ServerSentEvent]:

@@ -13,7 +13,8 @@ from typing import Protocol
 
 from redis.asyncio import Redis
 
-from shared.jobs import CompletionJob, Delta, Done, FailureCode, Usage
+from shared.heartbeats import SandboxReport
+from shared.jobs import Activity, CompletionJob, Delta, Done, FailureCode, Usage
 from shared.settings import Settings
 
 
@@ -40,10 +41,16 @@ class UsageReport(Progress):
         self.usage = usage
 
 
+BackendEvent = Delta | Activity | Done | Progress
+"""What a backend yields: the reply's text, the agent's thinking and tool steps, the end, or progress."""
+
+
 class Backend(Protocol):
-    def stream(
-        self, job: CompletionJob, work: Path | None = None
-    ) -> AsyncGenerator[Delta | Done | Progress, None]:
+    @property
+    def sandbox(self) -> SandboxReport | None:
+        """Its job sandbox, as found at start (None: it runs no agent)."""
+
+    def stream(self, job: CompletionJob, work: Path | None = None) -> AsyncGenerator[BackendEvent, None]:
         """`work`: the session's directory to run in (`worker/session_files.py`); None: a fresh
         one, removed at the end."""
 
