@@ -105,3 +105,8 @@ def transcript_key(project: str, session: str) -> str:
 def transcript_index_key(project: str) -> str:
     """A sorted set: one project's transcripts, scored by last write (epoch ms)."""
     return f"{PREFIX}:sdk:{quote(project, safe='')}:sessions"
+
+
+WORKSPACES_INDEX = f"{PREFIX}:workspaces"
+"""Sorted set: `<owner>/<session>/<transcript id>` of every stored session workspace -> when the
+sweep should look whether its session still exists (epoch ms; `shared/workspaces.py`)."""
