@@ -47,9 +47,32 @@ def first_token(client: httpx.Client, url: str) -> float:
     return elapsed
 
 
+def first_job(client: httpx.Client, url: str) -> None:
+    """Waits for a gateway to serve, with its first job (which is not measured)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            first_token(client, url)
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def stop(processes: list[subprocess.Popen[bytes]], redis: EmbeddedRedis, upstream: FakeAnthropic) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait(timeout=60)
+    redis.stop()
+    upstream.stop()
+
+
 def start_gateway(
-    redis_url: str, workspaces: Path, upstream: str, warm_clients: int
+    redis_url: str, workspaces: Path, upstream: str, warm_clients: int, **extra: str
 ) -> tuple[str, list[subprocess.Popen[bytes]]]:
+    """An API and a worker (first in the list) on the real Claude backend, pointed at `upstream`."""
     port = free_port()
     env = {
         **os.environ,
@@ -63,6 +86,7 @@ def start_gateway(
         "CLAUDE_WARM_CLIENTS": str(warm_clients),
         "RATE_LIMIT_ENABLED": "false",
         "LOG_LEVEL": "warning",
+        **extra,
     }
     processes = [
         subprocess.Popen([sys.executable, "-m", "cli.main", role], cwd=ROOT, env=env)
@@ -96,15 +120,7 @@ def main() -> None:
             results: dict[str, list[float]] = {"cold": [], "warm": []}
             with httpx.Client(timeout=120) as client:
                 for url in (cold_url, warm_url):  # up, and a first job that teaches the pool its profile
-                    deadline = time.monotonic() + 60
-                    while True:
-                        try:
-                            first_token(client, url)
-                            break
-                        except httpx.HTTPError:
-                            if time.monotonic() > deadline:
-                                raise
-                            time.sleep(0.2)
+                    first_job(client, url)
                 time.sleep(3)
                 for _ in range(args.requests):  # interleaved, so load changes hit both alike
                     results["cold"].append(first_token(client, cold_url))
@@ -112,12 +128,7 @@ def main() -> None:
                     results["warm"].append(first_token(client, warm_url))
                     time.sleep(args.pause)
         finally:
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                process.wait(timeout=60)
-            redis.stop()
-            upstream.stop()
+            stop(processes, redis, upstream)
     load_after = os.getloadavg()
     print(
         f"{args.requests} sequential streamed requests each, real SDK + CLI, instant fake upstream, "

@@ -11,6 +11,7 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.heartbeats import SandboxReport
 from shared.settings import Settings
 from shared.status import Snapshot, take_snapshot
 
@@ -23,6 +24,13 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _sandbox(report: SandboxReport | None) -> str:
+    """on; OFF (the operator's choice); UNUSABLE (jobs are refused); - (the backend runs no agent)."""
+    if report is None:
+        return "-"
+    return "on" if report.ready else "OFF" if report.mode == "off" else "UNUSABLE"
+
+
 def render(snapshot: Snapshot) -> str:
     now = snapshot.at
     queue = snapshot.queue
@@ -32,21 +40,26 @@ def render(snapshot: Snapshot) -> str:
         f"queue      {queue.depth} waiting, oldest {oldest}",
         f"running    {snapshot.jobs_running} of {snapshot.slots} slots, {len(snapshot.workers)} live workers",
         "",
-        f"{'WORKER':<40} {'HOST':<20} {'PID':>7} {'UP':>6} {'BEAT':>6}  {'AUTH':<21} JOBS",
+        f"{'WORKER':<40} {'HOST':<20} {'PID':>7} {'UP':>6} {'BEAT':>6}  {'AUTH':<21} {'SANDBOX':<8} JOBS",
     ]
-    problems = []
+    problems, sandbox_problems = [], []
     for worker in snapshot.workers:
         beat = _age(max(0.0, now - worker.beat))
         auth = "-" if worker.auth is None else worker.auth.method + ("" if worker.auth.valid else " UNUSABLE")
         lines.append(
             f"{worker.id:<40} {worker.host[:20]:<20} {worker.pid:>7} {_age(now - worker.started):>6} "
-            f"{beat:>6}  {auth:<21} {len(worker.jobs)}/{worker.slots} {' '.join(worker.jobs)}"
+            f"{beat:>6}  {auth:<21} {_sandbox(worker.sandbox):<8} {len(worker.jobs)}/{worker.slots} "
+            f"{' '.join(worker.jobs)}"
         )
         problems += [f"  {worker.id}: {error}" for error in (worker.auth.errors if worker.auth else [])]
+        if worker.sandbox is not None and not worker.sandbox.ready:
+            sandbox_problems.append(f"  {worker.id}: {worker.sandbox.reason}")
     if not snapshot.workers:
         lines.append("(no live worker)")
     if problems:
         lines += ["", "backend auth problems (GET /v1/auth/status)", *problems]
+    if sandbox_problems:
+        lines += ["", "jobs without a sandbox (docs/security.md)", *sandbox_problems]
     stats = snapshot.stats
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(stats.jobs.items())) or "none yet"
     lines += ["", f"jobs       {outcomes}", "", "recent failures"]

@@ -9,6 +9,7 @@ key has expired are pruned by the next beat of any worker.
 
 import re
 import time
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
@@ -28,6 +29,18 @@ def worker_key(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}"
 
 
+class SandboxReport(BaseModel):
+    """Whether a worker runs its jobs in a sandbox (worker/sandbox.py), and why not."""
+
+    model_config = ConfigDict(frozen=True)
+    mode: Literal["on", "off"] = Field(description="`SANDBOX`: off only by the operator's choice.")
+    ready: bool = Field(description="Jobs run sandboxed; false with mode on: the worker refuses them.")
+    reason: str | None = Field(default=None, description="Why no sandbox can be built (or that it is off).")
+    bwrap: str | None = None
+    limits: dict[str, int | None] = Field(default={}, description="Per-job limits in force (0: none).")
+    warnings: list[str] = []
+
+
 class Heartbeat(BaseModel):
     """What one worker process says about itself on every beat."""
 
@@ -42,6 +55,9 @@ class Heartbeat(BaseModel):
     backend: str | None = Field(default=None, description="`BACKEND` (None from workers predating it).")
     auth: BackendAuth | None = Field(
         default=None, description="Its backend auth as it checked it for this beat (no secret values)."
+    )
+    sandbox: SandboxReport | None = Field(
+        default=None, description="Its job sandbox (None: the backend runs no CLI, or not yet started)."
     )
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.agent import PermissionMode
+from shared.agent import Effort, PermissionMode
 from shared.mcp import NAME_PATTERN, RESERVED, McpServer
 
 
@@ -219,6 +219,31 @@ class Settings(BaseSettings):
     claude_job_user: str | None = Field(
         default=None, description="Run each CLI as this user (the worker must be root to switch)."
     )
+    # Every job's CLI in a bubblewrap sandbox of its own (worker/sandbox.py, docs/security.md).
+    sandbox: Literal["on", "off"] = Field(
+        default="on",
+        description="on: every job runs in a sandbox, and a worker that cannot build one refuses "
+        "jobs (503); off: no sandbox (explicit operator choice).",
+    )
+    sandbox_memory_mb: int = Field(
+        default=4096, ge=0, description="Address space of each process in a job's sandbox (MiB); 0: no limit."
+    )
+    sandbox_processes: int = Field(
+        default=512, ge=0, description="Processes and threads in a job's sandbox; 0: no limit."
+    )
+    sandbox_cpu_s: int = Field(
+        default=900, ge=0, description="CPU seconds of each process in a job's sandbox; 0: no limit."
+    )
+    sandbox_read_only_paths: list[Path] = Field(
+        default=[],
+        description="Host paths every job's sandbox sees read-only besides /usr and the CLI, e.g. the "
+        "program and interpreter of a stdio MCP server (MCP_SERVERS).",
+    )
+    sandbox_allowed_hosts: list[str] = Field(
+        default=[],
+        description="Hosts a sandboxed job may reach over HTTPS through the worker's CONNECT proxy "
+        '("host", "host:port" or "*.domain"; port 443 unless given); empty: no egress.',
+    )
 
     def client_api_keys(self) -> list[str]:
         """The configured client keys (`API_KEY` and `API_KEYS`), secrets in memory only."""
@@ -283,6 +308,14 @@ class Settings(BaseSettings):
     claude_permission_modes: list[PermissionMode] = Field(
         default=["default", "dontAsk", "acceptEdits", "plan"],
         description="Permission modes a request may choose; the first is used when it chooses none.",
+    )
+    claude_max_effort: Effort = Field(
+        default="high", description="The highest reasoning effort a request may ask for (reasoning_effort)."
+    )
+    claude_max_thinking_tokens: int = Field(
+        default=32000,
+        ge=0,
+        description="The largest thinking budget a request may ask for (Messages' thinking).",
     )
     claude_max_turns: int | None = Field(
         default=None, ge=1, description="Cap on agent turns per job, and the default; unset: no cap."

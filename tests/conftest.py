@@ -20,6 +20,7 @@ import jsonschema
 import pytest
 import redis
 
+from cli.children import die_with_parent
 from cli.embedded_redis import EmbeddedRedis, free_port
 from tests.fake_anthropic import FakeAnthropic
 from tests.s3_server import SeaweedS3
@@ -82,7 +83,12 @@ class Gateway:
         log = (self.logs / f"{role}-{len(self.processes)}.log").open("wb")
         env = {**os.environ, **self.env, "REDIS_URL": self.redis_url, "PORT": str(self.port)}
         process = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", role], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "cli.main", role],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(),  # a killed test run leaves no gateway behind
         )
         self.processes.append(process)
         return process
@@ -200,6 +206,7 @@ def upstream(fake_anthropic: FakeAnthropic) -> FakeAnthropic:
     fake_anthropic.paths.clear()
     fake_anthropic.betas.clear()
     fake_anthropic.script.clear()
+    fake_anthropic.by_prompt.clear()
     fake_anthropic.default = type(fake_anthropic.default)()
     return fake_anthropic
 

@@ -134,6 +134,9 @@ class FakeAnthropic:
         self.models_keys: list[str] = []
         """The `x-api-key` of each `GET /v1/models` request, in order."""
         self.script: deque[Reply] = deque()
+        self.by_prompt: dict[str, deque[Reply]] = {}
+        """Replies for each conversation whose first message contains the key, so concurrent
+        jobs each follow their own script; `script` (then `default`) answers the others."""
         self.default = Reply()
         self.port = 0
         self._server: uvicorn.Server | None = None
@@ -151,7 +154,7 @@ class FakeAnthropic:
         self.betas.append(request.headers.get("anthropic-beta", ""))
         bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
         self.credentials.append(request.headers.get("x-api-key") or bearer)
-        reply = self.script.popleft() if self.script else self.default
+        reply = self._reply_for(body)
         if reply.echo:
             reply = replace(reply, tokens=[conversation_text(body)])
         if reply.status != 200:
@@ -160,6 +163,13 @@ class FakeAnthropic:
         # Vertex names the model in the path (`.../models/<model>:streamRawPredict`), not the body.
         model = body.get("model") or request.path_params.get("model", "").partition(":")[0]
         return StreamingResponse(_stream(reply, model), media_type="text/event-stream")
+
+    def _reply_for(self, body: dict[str, Any]) -> Reply:
+        first = json.dumps(body.get("messages", [])[:1])
+        for key, replies in self.by_prompt.items():
+            if key in first and replies:
+                return replies.popleft()
+        return self.script.popleft() if self.script else self.default
 
     async def _list_models(self, request: Request) -> Response:
         self.received.append(f"{request.method} {request.url.path}")

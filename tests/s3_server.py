@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 
+from cli.children import die_with_parent
 from cli.embedded_redis import free_port
 
 _PORTS = ("master", "volume", "filer", "s3")
@@ -34,7 +35,9 @@ class SeaweedS3:
         args += ["-master.volumeSizeLimitMB=64", "-volume.max=0"]
         args += [f"-{name}={port}" for name, port in self.ports.items()]
         log = (self.folder / "weed.log").open("wb")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent()
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

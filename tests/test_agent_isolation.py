@@ -29,9 +29,11 @@ SHOW_ENVIRONMENT = (
 
 @pytest.fixture(scope="module")
 def tooled(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
-    """A Claude gateway whose agent may run Bash, holding a real-looking key and a client key."""
+    """A Claude gateway whose agent may run Bash, holding a real-looking key and a client key;
+    without the sandbox: what it checks must hold where an operator turned it off."""
     gateway: Gateway = start_gateway(
         workers=1,
+        SANDBOX="off",
         BACKEND="claude",
         ANTHROPIC_BASE_URL=fake_anthropic.url,
         ANTHROPIC_API_KEY=REAL_KEY,
@@ -65,14 +67,15 @@ def test_a_bash_tool_sees_no_credential_no_client_key_and_no_redis_url(
     # Upstream saw the real key on every request: the proxy put it there, the CLI never had it.
     assert upstream.credentials == [REAL_KEY, REAL_KEY]
     token = re.search(r"ANTHROPIC_API_KEY=(\S+)", output)
-    proxy = re.search(r"ANTHROPIC_BASE_URL=(\S+)", output)
+    proxy = re.search(r"ANTHROPIC_UNIX_SOCKET=(\S+)", output)
     assert token is not None
     assert proxy is not None
     assert token.group(1).startswith("job-")
     # The job is over: its token no longer opens the proxy.
-    late = httpx.post(
-        f"{proxy.group(1)}/v1/messages", headers={"x-api-key": token.group(1)}, json={}, timeout=10
-    )
+    with httpx.Client(transport=httpx.HTTPTransport(uds=proxy.group(1))) as client:
+        late = client.post(
+            "http://localhost/v1/messages", headers={"x-api-key": token.group(1)}, json={}, timeout=10
+        )
     assert late.status_code == 401
     assert len(upstream.requests) == 2
 

@@ -176,6 +176,7 @@ def test_vertex_end_to_end_through_the_real_cli(start_gateway: Any, upstream: Fa
     gateway: Gateway = start_gateway(
         workers=1,
         BACKEND="claude",
+        SANDBOX="off",  # the CLI reaches Vertex itself: a sandbox has no network for it
         CLAUDE_CODE_USE_VERTEX="1",
         ANTHROPIC_VERTEX_PROJECT_ID="test-project",
         CLOUD_ML_REGION="us-east5",

@@ -35,6 +35,8 @@ def served(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
             CLAUDE_TOOLS='["Read"]',
             CLAUDE_DISALLOWED_TOOLS='["mcp__denied"]',
             MCP_SERVERS=json.dumps(servers),
+            # The server's program and interpreter, for the job's sandbox to run it.
+            SANDBOX_READ_ONLY_PATHS=json.dumps([sys.prefix, sys.base_prefix, str(ROOT / "tests")]),
         ),
     )
     return gateway

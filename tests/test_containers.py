@@ -81,6 +81,15 @@ def test_compose_parses_and_scales() -> None:
     redis_command = services["redis"]["command"]
     assert redis_command[redis_command.index("--appendonly") + 1] == "yes"
     assert services["redis"]["volumes"] == ["redis-data:/data"]
+    # Redis requires a password, which only the gateway's own processes are given.
+    password = "${REDIS_PASSWORD:?set REDIS_PASSWORD}"
+    assert redis_command[redis_command.index("--requirepass") + 1] == password
+    for name in ("api", "worker"):
+        assert services[name]["environment"]["REDIS_URL"] == f"redis://:{password}@redis:6379/0"
+    # What bubblewrap needs to build each job's sandbox in a container.
+    assert {"seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined"} <= set(
+        worker["security_opt"]
+    )
 
 
 def test_image_commands_and_healthchecks_run_outside_docker(start_gateway: Any) -> None:

@@ -11,10 +11,15 @@ MESSAGE = {"model": "claude-haiku-4-5", "max_tokens": 10, "stream": True, "messa
 
 
 @pytest.fixture(scope="module")
-def proxy(fake_anthropic: FakeAnthropic) -> CredentialProxy:
+def proxy(fake_anthropic: FakeAnthropic, tmp_path_factory: pytest.TempPathFactory) -> CredentialProxy:
     proxy = CredentialProxy(fake_anthropic.url, api_key_header("the-real-key"))
-    proxy.start()  # a daemon thread: it ends with the test run
+    proxy.start(tmp_path_factory.mktemp("proxy") / "model.sock")  # a daemon thread: ends with the run
     return proxy
+
+
+def via(proxy: CredentialProxy) -> httpx.Client:
+    """A client of the proxy's Unix socket, as the CLI is."""
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(proxy.socket)), base_url="http://localhost")
 
 
 def events(response: httpx.Response) -> list[str]:
@@ -26,7 +31,7 @@ def test_a_warming_token_gets_a_free_reply_from_the_proxy_until_admitted(
 ) -> None:
     token = proxy.issue(warming=True)
     headers = {"x-api-key": token}
-    reply = httpx.post(f"{proxy.url}/v1/messages?beta=true", json=MESSAGE, headers=headers)
+    reply = via(proxy).post("/v1/messages?beta=true", json=MESSAGE, headers=headers)
     assert reply.status_code == 200
     assert events(reply) == [
         "message_start",
@@ -38,19 +43,19 @@ def test_a_warming_token_gets_a_free_reply_from_the_proxy_until_admitted(
     ]
     assert '"input_tokens": 0' in reply.text
     assert "claude-haiku-4-5" in reply.text
-    counted = httpx.post(f"{proxy.url}/v1/messages/count_tokens", json=MESSAGE, headers=headers)
+    counted = via(proxy).post("/v1/messages/count_tokens", json=MESSAGE, headers=headers)
     assert counted.status_code == 404
     assert upstream.received == []  # nothing reached the model API
 
     proxy.admit(token)
-    forwarded = httpx.post(f"{proxy.url}/v1/messages", json=MESSAGE, headers=headers)
+    forwarded = via(proxy).post("/v1/messages", json=MESSAGE, headers=headers)
     assert forwarded.status_code == 200
     assert "Hello" in forwarded.text
     assert upstream.credentials == ["the-real-key"]
 
     proxy.revoke(token)
     for presented in (token, "made-up"):
-        refused = httpx.post(f"{proxy.url}/v1/messages", json=MESSAGE, headers={"x-api-key": presented})
+        refused = via(proxy).post("/v1/messages", json=MESSAGE, headers={"x-api-key": presented})
         assert refused.status_code == 401
     assert len(upstream.requests) == 1
 
@@ -69,10 +74,10 @@ def test_a_job_token_reaches_only_the_messages_api(proxy: CredentialProxy, upstr
         ("POST", "/v1/messages%2f..%2ffiles"),
     ]
     for method, path in refused:
-        response = httpx.request(method, f"{proxy.url}{path}", json=MESSAGE, headers=headers)
+        response = via(proxy).request(method, path, json=MESSAGE, headers=headers)
         assert response.status_code == 403, (method, path)
         assert response.json()["error"]["type"] == "permission_error"
     assert upstream.received == []
-    assert httpx.post(f"{proxy.url}/v1/messages?beta=true", json=MESSAGE, headers=headers).status_code == 200
-    httpx.post(f"{proxy.url}/v1/messages/count_tokens", json=MESSAGE, headers=headers)
+    assert via(proxy).post("/v1/messages?beta=true", json=MESSAGE, headers=headers).status_code == 200
+    via(proxy).post("/v1/messages/count_tokens", json=MESSAGE, headers=headers)
     assert upstream.received == ["POST /v1/messages", "POST /v1/messages/count_tokens"]

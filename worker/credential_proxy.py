@@ -11,8 +11,9 @@ A token can also be issued *warming* (`worker/warm.py`): the proxy answers its r
 with an empty, free reply and never contacts the model API, so a CLI started ahead of its job can
 run throwaway first turns; `admit` makes it an ordinary job token afterwards.
 
-It runs on 127.0.0.1 in its own thread and event loop, so it never competes with arq's loop or
-signal handling.
+It runs in its own thread and event loop, so it never competes with arq's loop or signal
+handling. It listens on a Unix socket, which every job's sandbox has bound in (`worker/sandbox.py`)
+and the CLI speaks HTTP over (`ANTHROPIC_UNIX_SOCKET`): no TCP port.
 """
 
 import json
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -63,11 +65,7 @@ class CredentialProxy:
         self._warming: set[str] = set()
         self._client: httpx.AsyncClient | None = None
         self._server: uvicorn.Server | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self.socket: Path | None = None
 
     def issue(self, *, warming: bool = False) -> str:
         """A token for one job; `revoke` it when the job ends. A warming token is answered by the
@@ -134,7 +132,10 @@ class CredentialProxy:
             background=BackgroundTask(response.aclose),
         )
 
-    def start(self) -> None:
+    def start(self, socket: Path) -> None:
+        """Serves on the Unix socket `socket`, which the job user may connect to (its token is
+        what counts)."""
+
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), trust_env=False) as client:
@@ -144,7 +145,7 @@ class CredentialProxy:
         # Every method reaches `_forward`, so what it refuses gets the Messages API's error shape.
         methods = ["GET", "POST", "HEAD", "DELETE", "PUT", "PATCH"]
         app = Starlette(routes=[Route("/{path:path}", self._forward, methods=methods)], lifespan=lifespan)
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
+        config = uvicorn.Config(app, uds=str(socket), log_level="warning", access_log=False)
         self._server = uvicorn.Server(config)
         threading.Thread(target=self._server.run, name="credential-proxy", daemon=True).start()
         deadline = time.monotonic() + 10
@@ -152,7 +153,8 @@ class CredentialProxy:
             if time.monotonic() > deadline:
                 raise RuntimeError("the credential proxy did not start")
             time.sleep(0.01)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        socket.chmod(0o666)
+        self.socket = socket
 
 
 async def _warm_up_reply(request: Request) -> Response:

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import backend_auth, heartbeats
-from shared.heartbeats import Heartbeat
+from shared.heartbeats import Heartbeat, SandboxReport
 from shared.settings import Settings
 
 log = logging.getLogger("gateway.worker")
@@ -38,6 +38,8 @@ class HeartbeatLoop:
         host, pid = socket.gethostname(), os.getpid()
         self.worker_id = heartbeats.new_worker_id(host, pid)
         self.host, self.pid, self._started = host, pid, time.time()
+        self.sandbox: SandboxReport | None = None
+        """The backend's job sandbox, once it has started."""
 
     def poke(self) -> None:
         """The set of running jobs changed: beat now."""
@@ -68,6 +70,7 @@ class HeartbeatLoop:
             jobs=self._jobs(),
             backend=self._settings.backend,
             auth=backend_auth.check(self._settings),
+            sandbox=self.sandbox,
         )
         try:
             await heartbeats.beat(redis, heartbeat, self._ttl_s)

@@ -256,6 +256,8 @@ class GatewayWorker(Worker):
 async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["backend"] = create_backend(settings, ctx["redis"])
+    ctx["heartbeat"].sandbox = ctx["backend"].sandbox
+    ctx["heartbeat"].poke()
     store = JobStore(ctx["redis"], queue_name=settings.queue_name, ttl_s=settings.event_ttl_s)
     running = RunningJobs(store, settings, worker_id=ctx["heartbeat"].worker_id)
     ctx["running"] = running

@@ -7,7 +7,8 @@ says so when no worker is alive. The shape extends the original wrapper's (`clau
 `server_info`), so its clients keep working. Reading heartbeats happens here only, never on the
 path of a completion. Which workers run where (ids, hosts) and how they are configured (file
 paths, profiles, projects, variable names, the problems found) are for operator keys only, as on
-`/status`: other callers get the method, whether it works, and the number of live workers.
+`/status`: other callers get the method, whether it works, and the number of live workers. It also
+says whether the workers run every job in a sandbox (`worker/sandbox.py`), and to operators why not.
 """
 
 from typing import Literal
@@ -18,7 +19,7 @@ from pydantic import BaseModel, Field
 from api.deps import CallerDep, GatewayDep
 from shared import apikeys, backend_auth
 from shared.backend_auth import BackendAuth
-from shared.heartbeats import alive_workers
+from shared.heartbeats import SandboxReport, alive_workers
 
 router = APIRouter()
 
@@ -42,6 +43,15 @@ class WorkerAuth(BaseModel):
     host: str
     backend: str | None
     auth: BackendAuth | None = Field(description="None from a worker that predates auth reports.")
+    sandbox: SandboxReport | None = Field(description="Its job sandbox; None: it runs no agent.")
+
+
+class SandboxStatus(BaseModel):
+    mode: Literal["on", "off", "mixed", "none"] = Field(
+        description="`SANDBOX` of the live workers that run agents; none: no such worker is alive."
+    )
+    ready: bool = Field(description="Every such worker runs its jobs in a sandbox.")
+    problems: list[str] = Field(description="Why a worker runs no sandbox (SANDBOX=off, or the reason).")
 
 
 class ServerInfo(BaseModel):
@@ -60,6 +70,7 @@ class AuthStatus(BaseModel):
     workers_alive: int
     workers: list[WorkerAuth]
     api_detection: ClaudeCodeAuth = Field(description="What this API process detects from its own settings.")
+    sandbox: SandboxStatus = Field(description="Whether the live workers run each job in a sandbox.")
     server_info: ServerInfo
 
 
@@ -88,6 +99,16 @@ def _combined(reports: list[tuple[str, BackendAuth]], *, by_worker: bool) -> Cla
         method=method, valid=all(a.valid for _, a in reports), errors=errors, warnings=warnings, config=config
     )
     return ClaudeCodeAuth(method=method, status=state, environment_variables=variables)
+
+
+def _sandbox(reports: list[tuple[str, SandboxReport]], *, operator: bool) -> SandboxStatus:
+    """Whether every worker runs jobs in a sandbox; why not, by worker, for operators only."""
+    modes = {report.mode for _, report in reports}
+    mode = "none" if not modes else modes.pop() if len(modes) == 1 else "mixed"
+    problems = [f"{worker}: {report.reason}" for worker, report in reports if not report.ready]
+    return SandboxStatus(
+        mode=mode, ready=bool(reports) and not problems, problems=problems if operator else []
+    )
 
 
 def _summary(auth: ClaudeCodeAuth) -> ClaudeCodeAuth:
@@ -122,11 +143,12 @@ async def auth_status(gateway: GatewayDep, caller: CallerDep, request: Request) 
         message=message,
         workers_alive=len(workers),
         workers=[
-            WorkerAuth(id=w.id, host=w.host, backend=w.backend, auth=w.auth)
+            WorkerAuth(id=w.id, host=w.host, backend=w.backend, auth=w.auth, sandbox=w.sandbox)
             for w in workers
             if caller.operator
         ],
         api_detection=own,
+        sandbox=_sandbox([(w.id, w.sandbox) for w in workers if w.sandbox], operator=caller.operator),
         server_info=ServerInfo(
             api_key_required=configured or managed,
             api_key_source="environment" if configured else "managed" if managed else "none",

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from redis.asyncio import Redis
 
+from shared.heartbeats import SandboxReport
 from shared.jobs import Activity, CompletionJob, Delta, Done, FailureCode, Usage
 from shared.settings import Settings
 
@@ -45,6 +46,10 @@ BackendEvent = Delta | Activity | Done | Progress
 
 
 class Backend(Protocol):
+    @property
+    def sandbox(self) -> SandboxReport | None:
+        """Its job sandbox, as found at start (None: it runs no agent)."""
+
     def stream(self, job: CompletionJob, work: Path | None = None) -> AsyncGenerator[BackendEvent, None]:
         """`work`: the session's directory to run in (`worker/session_files.py`); None: a fresh
         one, removed at the end."""

@@ -12,8 +12,8 @@ import os
 import pwd
 import signal
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import ExitStack, aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack, aclosing, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -32,7 +32,7 @@ from claude_agent_sdk import (
 from claude_agent_sdk.types import SessionStore, StreamEvent, SystemPromptPreset
 from redis.asyncio import Redis
 
-from shared import backend_auth, sessions
+from shared import agent_policy, backend_auth, sessions
 from shared.jobs import (
     CompletionJob,
     Delta,
@@ -48,8 +48,10 @@ from shared.settings import Settings
 from worker import caller_functions, operator_mcp, upstream_models
 from worker.backends import PROGRESS, BackendError, BackendEvent, UsageReport
 from worker.credential_proxy import Credential, CredentialProxy, api_key_header, bearer_header
+from worker.egress import EgressProxy
 from worker.history import HistoryStore, content_blocks, merged
 from worker.login import login_token
+from worker.sandbox import MODEL_SOCKET, Sandbox, remove_runtime_dir, runtime_dir
 from worker.session_store import JobTranscript, RedisSessionStore
 from worker.skills import install_skills, installed_skills
 from worker.tool_steps import ToolSteps
@@ -121,11 +123,20 @@ class ClaudeBackend:
             log.error("backend auth (%s) is not usable: %s", auth.method, "; ".join(auth.errors))
         for warning in auth.warnings:
             log.warning("backend auth (%s): %s", auth.method, warning)
+        self._runtime_dir = runtime_dir()
         self._proxy: CredentialProxy | None = None
         credential = self._proxied_credential()
         if credential is not None:
             self._proxy = CredentialProxy(settings.anthropic_base_url or _ANTHROPIC_API, credential)
-            self._proxy.start()
+            self._proxy.start(self._runtime_dir / "model.sock")
+        egress = None
+        if settings.sandbox == "on" and settings.sandbox_allowed_hosts:
+            egress = self._runtime_dir / "egress.sock"
+            EgressProxy(settings.sandbox_allowed_hosts).start(egress)
+        self._sandbox = Sandbox(
+            settings, self._runtime_dir, self._proxy.socket if self._proxy else None, egress
+        )
+        self.sandbox = self._sandbox.report
         self._provider_env = backend_auth.provider_environment(settings, self._auth_method)
         self._redis = redis
         self._store = RedisSessionStore(redis, settings.session_ttl_s)
@@ -161,8 +172,10 @@ class ClaudeBackend:
             return bearer_header(login_token(self._settings))
         return None
 
-    def _refuse_unusable_auth(self) -> None:
-        """A job fails at once, with the reason, when the worker's credentials cannot work."""
+    def _refuse(self, job: CompletionJob) -> None:
+        """A job fails at once, with the reason, when the worker's credentials cannot work, it
+        cannot build the job's sandbox, or the job's agent settings exceed this worker's policy
+        (the API checked them, but the job passed through Redis since)."""
         auth = backend_auth.check(self._settings)
         if not auth.valid:
             raise BackendError(
@@ -170,8 +183,36 @@ class ClaudeBackend:
                 f"The worker cannot reach the model: its backend auth ({auth.method}) is not usable: "
                 + "; ".join(auth.errors),
             )
+        if self.sandbox.mode == "on" and not self.sandbox.ready:
+            raise BackendError(
+                FailureCode.BACKEND_UNAVAILABLE,
+                f"The worker cannot run jobs in a sandbox: {self.sandbox.reason}.",
+            )
+        if (violation := agent_policy.violation(job.agent, self._settings)) is not None:
+            log.warning("job %s refused: its agent settings exceed the policy (%s)", job.id, violation)
+            raise BackendError(
+                FailureCode.BACKEND_UNAVAILABLE,
+                f"The worker refuses the job: {violation} on this worker (CLAUDE_* tool policy).",
+            )
 
-    def _options(self, job: CompletionJob, workspace: Workspace, token: str | None) -> ClaudeAgentOptions:
+    @contextmanager
+    def _workspace(self, name: str, work: Path | None = None) -> Iterator[tuple[Workspace, Path | None]]:
+        """A workspace for one CLI (in the session's directory `work`, if given), and the CLI to
+        start: a launcher into the workspace's sandbox (or, with `SANDBOX=off`, the CLI itself)."""
+        settings = self._settings
+        with job_workspace(settings.workspace_root, name, settings.claude_job_user, work) as workspace:
+            if not self._sandbox.ready:
+                yield workspace, settings.claude_cli_path
+                return
+            with self._sandbox.launcher(workspace, self._cwd(workspace)) as launcher:
+                yield workspace, launcher
+
+    def _cwd(self, workspace: Workspace) -> Path:
+        return self._settings.claude_cwd or workspace.cwd
+
+    def _options(
+        self, job: CompletionJob, workspace: Workspace, token: str | None, cli: Path | None
+    ) -> ClaudeAgentOptions:
         """The CLI's whole environment is this `env` (the worker forgot its own, see `environment`)."""
         settings = self._settings
         env = {
@@ -191,11 +232,15 @@ class ClaudeBackend:
             # when the job ends; off, the prompt is ~10 KB smaller and the CLI does less at start.
             "CLAUDE_CODE_DISABLE_AUTO_MEMORY": "1",
         }
-        if self._proxy is not None and token is not None:
-            # The real credential stays in this process: the CLI talks to the proxy with a job token.
-            env["ANTHROPIC_BASE_URL"] = self._proxy.url
+        if self._proxy is not None and token is not None and self._proxy.socket is not None:
+            # The real credential stays in this process: the CLI talks to the proxy with a job
+            # token, in plain HTTP over its socket (bound into the sandbox at MODEL_SOCKET).
+            env["ANTHROPIC_UNIX_SOCKET"] = MODEL_SOCKET if self._sandbox.ready else str(self._proxy.socket)
+            env["ANTHROPIC_BASE_URL"] = "http://localhost"
             login = self._auth_method == "claude_cli"
             env["CLAUDE_CODE_OAUTH_TOKEN" if login else "ANTHROPIC_API_KEY"] = token
+        if self._sandbox.ready:
+            env.update(self._sandbox.environment())
         env.update(self._provider_env)  # Bedrock, Vertex: the CLI signs for itself
         if job.max_tokens is not None:
             env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(job.max_tokens)
@@ -221,14 +266,15 @@ class ClaudeBackend:
             permission_mode=agent.permission_mode,
             max_turns=agent.max_turns,
             max_thinking_tokens=agent.max_thinking_tokens,
+            effort=agent.effort,
             skills=skills or None,
             # Nothing from the workspace (its .claude/settings.json could install hooks); with
             # skills, the user source: the job's own fresh config directory, where they were copied.
             setting_sources=["user"] if skills else [],
             user=settings.claude_job_user,
-            cwd=settings.claude_cwd or workspace.cwd,
+            cwd=self._cwd(workspace),
             env=env,
-            cli_path=settings.claude_cli_path,
+            cli_path=cli,
             stderr=lambda line: log.debug("cli: %s", line),
         )
 
@@ -252,7 +298,7 @@ class ClaudeBackend:
     async def stream(
         self, job: CompletionJob, work: Path | None = None
     ) -> AsyncGenerator[BackendEvent, None]:
-        self._refuse_unusable_auth()
+        self._refuse(job)
         warm = await self._warm.take(job) if self._warm is not None and work is None else None
         run = self._run_warm(job, warm) if warm is not None else self._run_cold(job, work)
         has_token = False
@@ -282,11 +328,9 @@ class ClaudeBackend:
             await warm.discard()
 
     async def _run_cold(self, job: CompletionJob, work: Path | None) -> AsyncGenerator[BackendEvent, None]:
-        with job_workspace(
-            self._settings.workspace_root, job.id, self._settings.claude_job_user, work
-        ) as workspace:
+        with self._workspace(job.id, work) as (workspace, cli):
             token = self._proxy.issue() if self._proxy is not None else None
-            options = self._options(job, workspace, token)
+            options = self._options(job, workspace, token, cli)
             options, prompt, transcript = await self._continue_session(job, options)
             messages = query(prompt=prompt, options=options)
             try:
@@ -305,12 +349,10 @@ class ClaudeBackend:
         """A connected client for jobs like `job`, in a workspace of its own (see `worker/warm.py`)."""
         stack = ExitStack()
         name = f"warm-{uuid.uuid4().hex}"
-        workspace = stack.enter_context(
-            job_workspace(self._settings.workspace_root, name, self._settings.claude_job_user)
-        )
+        workspace, cli = stack.enter_context(self._workspace(name))
         proxy = self._proxy
         token = proxy.issue(warming=True) if proxy is not None else None
-        warm = WarmClient(ClaudeSDKClient(self._options(job, workspace, token)), stack)
+        warm = WarmClient(ClaudeSDKClient(self._options(job, workspace, token, cli)), stack)
         if proxy is not None and token is not None:
             warm.release = lambda: proxy.revoke(token)
         try:
@@ -336,6 +378,7 @@ class ClaudeBackend:
             self._models.cancel()
         if self._warm is not None:
             await self._warm.close()
+        remove_runtime_dir(self._runtime_dir)
 
     async def _continue_session(
         self, job: CompletionJob, options: ClaudeAgentOptions

