@@ -59,17 +59,30 @@ def processes_of(workspace: Workspace) -> list[int]:
 
 
 def children_for(workspace: Workspace) -> list[int]:
-    """Pids of this process's own children started for `workspace` (the CLI): unlike
-    `processes_of`, it reads a few files, not every process's on the host."""
+    """Pids of this process's own children started for `workspace` and of their descendants (the
+    sandbox's launcher and the CLI it runs): unlike `processes_of`, it reads a few files, not
+    every process's on the host."""
     needle = f"{MARKER}={workspace.root}".encode()
-    pids = []
-    for task in Path("/proc/self/task").iterdir():
+    pids: list[int] = []
+    for pid in _children(os.getpid()):
         with contextlib.suppress(OSError):
-            for pid in (task / "children").read_text().split():
-                with contextlib.suppress(OSError):
-                    if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                        pids.append(int(pid))
+            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                pids.append(pid)
+    todo = list(pids)
+    while todo:
+        descendants = _children(todo.pop())
+        pids += descendants
+        todo += descendants
     return pids
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(child) for child in (task / "children").read_text().split()]
+    return found
 
 
 def kill_processes_of(workspace: Workspace) -> None:
