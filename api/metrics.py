@@ -5,7 +5,8 @@ Two kinds of series, told apart in their help text:
 - **service-wide** (`gateway_queue_*`, `gateway_workers_alive`, `gateway_jobs_*`, tokens, cost, the
   time histograms): computed from Redis at scrape time (shared/status.py), so every API replica
   reports the same values. Scrape any one replica (or the load balancer), or aggregate with `max`.
-- **per-process** (`gateway_api_errors_total`, `gateway_rate_limit_rejections_total`): counted in
+- **per-process** (`gateway_api_errors_total`, `gateway_rate_limit_rejections_total`,
+  `gateway_agent_activity_events_total`): counted in
   this API process. Scrape every replica and aggregate with `sum`.
 
 Nothing here runs per token.
@@ -36,6 +37,13 @@ _RATE_LIMITED = Counter(
     ["limit"],
     registry=_PROCESS,
 )
+_ACTIVITY = Counter(
+    "gateway_agent_activity_events",
+    "The agent's thinking deltas and tool steps this API process relayed to callers, by kind "
+    "(reasoning, tool_step); a resumed stream counts again (per-process; sum).",
+    ["kind"],
+    registry=_PROCESS,
+)
 
 _HISTOGRAM_HELP = {
     "queue_wait_seconds": "Time from enqueue until a worker started the job (service-wide).",
@@ -47,6 +55,11 @@ _HISTOGRAM_HELP = {
 def count_error(status: int, code: str) -> None:
     """Called for every OpenAI-format error response (api/errors.py)."""
     _API_ERRORS.labels(status=str(status), code=code).inc()
+
+
+def count_activity(kind: str) -> None:
+    """Called for each thinking delta or tool step relayed to a caller (`api/core/run.py`)."""
+    _ACTIVITY.labels(kind=kind).inc()
 
 
 def count_rate_limit_rejection(limit: str) -> None:

@@ -5,6 +5,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+Effort = Literal["low", "medium", "high", "max"]
+EFFORTS: tuple[Effort, ...] = ("low", "medium", "high", "max")
+"""In increasing order."""
 PermissionMode = Literal["default", "dontAsk", "acceptEdits", "plan", "bypassPermissions"]
 
 
@@ -17,6 +20,9 @@ class AgentRequest(BaseModel):
     max_turns: int | None = None
     permission_mode: PermissionMode = "default"
     max_thinking_tokens: int | None = None
+    """The thinking budget; 0: no thinking; None: Claude Code's default."""
+    effort: Effort | None = None
+    """Claude Code's effort setting; None: its default."""
     skills: bool = True
     """Whether the operator's skills (`CLAUDE_SKILLS_DIR`) are offered; off with `enable_tools: false`."""
     mcp_servers: list[str] = []

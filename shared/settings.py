@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.agent import PermissionMode
+from shared.agent import Effort, PermissionMode
 from shared.mcp import NAME_PATTERN, RESERVED, McpServer
 
 
@@ -309,6 +309,14 @@ class Settings(BaseSettings):
         default=["default", "dontAsk", "acceptEdits", "plan"],
         description="Permission modes a request may choose; the first is used when it chooses none.",
     )
+    claude_max_effort: Effort = Field(
+        default="high", description="The highest reasoning effort a request may ask for (reasoning_effort)."
+    )
+    claude_max_thinking_tokens: int = Field(
+        default=32000,
+        ge=0,
+        description="The largest thinking budget a request may ask for (Messages' thinking).",
+    )
     claude_max_turns: int | None = Field(
         default=None, ge=1, description="Cap on agent turns per job, and the default; unset: no cap."
     )
@@ -324,10 +332,24 @@ class Settings(BaseSettings):
         description="Run every job in this existing directory (shared by all jobs) instead of its own "
         "workspace directory; each job still has its own home, config and temp directories.",
     )
-    claude_warm_clients: int = Field(
-        default=0,
+    claude_warm_clients: int | None = Field(
+        default=None,
         ge=0,
-        description="Connected Claude Code processes each worker keeps ready (~210 MiB each); 0: off.",
+        description="Most connected Claude Code processes each worker keeps ready; unset: one per job "
+        "slot (JOBS_PER_WORKER); 0: off.",
+    )
+    claude_warm_memory_mib: int = Field(
+        default=1024,
+        ge=0,
+        description="Resident memory the ready clients of one worker may hold (~200 MiB each).",
+    )
+    claude_warm_idle_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="After this long without a job, a worker keeps only CLAUDE_WARM_IDLE_CLIENTS.",
+    )
+    claude_warm_idle_clients: int = Field(
+        default=1, ge=0, description="Ready clients kept while a worker is idle."
     )
 
     mcp_servers: dict[Annotated[str, StringConstraints(pattern=NAME_PATTERN)], McpServer] = Field(

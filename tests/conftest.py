@@ -236,6 +236,8 @@ def claude_env(fake: FakeAnthropic, **env: str) -> dict[str, str]:
         "ANTHROPIC_BASE_URL": fake.url,
         "ANTHROPIC_API_KEY": "test-key-not-real",
         "CLAUDE_MAX_RETRIES": "1",
+        # Cold jobs, as the tests of each feature assume; tests/test_claude_warm.py turns the pool on.
+        "CLAUDE_WARM_CLIENTS": "0",
         **env,
     }
 

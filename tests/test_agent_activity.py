@@ -54,6 +54,14 @@ def test_chat_streams_reasoning_content_and_keeps_it_out_of_content(
     assert "".join(reasoning) == ACTIVITY
     assert "".join(content) == "Done."
     assert len(working.requests) == 3
+    metrics = httpx.get(f"{agent.url}/metrics", timeout=10).text
+    counted = {
+        line.split("kind=")[1].split('"')[1]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("gateway_agent_activity_events_total{")
+    }
+    assert counted["tool_step"] >= 4  # two tools, each started and ended
+    assert counted["reasoning"] >= 1
 
 
 def test_chat_reply_carries_reasoning_content_unless_turned_off(

@@ -92,3 +92,24 @@ def test_claude_max_turns_ends_the_agent_loop_on_every_front_end(
     response = send(policed, front_end, "loop forever")
     assert response.status_code == 200, response.text
     assert len(upstream.requests) == 2 * choices(front_end)  # CLAUDE_MAX_TURNS=2 per job
+
+
+def test_thinking_and_effort_map_onto_claude_code_within_the_operators_cap(
+    policed: Gateway, upstream: FakeAnthropic
+) -> None:
+    thinking = {"type": "enabled", "budget_tokens": 2048}
+    assert send(policed, "messages", "think", thinking=thinking, max_tokens=8000).status_code == 200
+    sent = upstream.requests[-1]["thinking"]
+    assert (sent["type"], sent["budget_tokens"]) == ("enabled", 2048)
+    too_much = {"type": "enabled", "budget_tokens": 64000}  # above CLAUDE_MAX_THINKING_TOKENS (32000)
+    refused = send(policed, "messages", "think", thinking=too_much)
+    assert (refused.status_code, refused.json()["error"]["type"]) == (400, "invalid_request_error")
+    assert send(policed, "chat", "think", reasoning_effort="low").status_code == 200
+    assert send(policed, "responses", "think", reasoning={"effort": "medium"}).status_code == 200
+    for front_end, extra in [
+        ("chat", {"reasoning_effort": "xhigh"}),
+        ("responses", {"reasoning": {"effort": "xhigh"}}),
+    ]:
+        refused = send(policed, front_end, "think", **extra)  # above CLAUDE_MAX_EFFORT (high)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "reasoning_effort_too_high"

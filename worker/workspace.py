@@ -58,6 +58,20 @@ def processes_of(workspace: Workspace) -> list[int]:
     return pids
 
 
+def children_for(workspace: Workspace) -> list[int]:
+    """Pids of this process's own children started for `workspace` (the CLI): unlike
+    `processes_of`, it reads a few files, not every process's on the host."""
+    needle = f"{MARKER}={workspace.root}".encode()
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            for pid in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                        pids.append(int(pid))
+    return pids
+
+
 def kill_processes_of(workspace: Workspace) -> None:
     for pid in processes_of(workspace):
         with contextlib.suppress(ProcessLookupError, PermissionError):

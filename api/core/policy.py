@@ -17,12 +17,14 @@ from typing import get_args
 from api.core.request import AgentControls
 from api.errors import OpenAIError
 from api.tool_choice import ToolChoice, check_permitted, check_servers, choose, denied_tools
-from shared.agent import AgentRequest, PermissionMode
+from shared.agent import EFFORTS, AgentRequest, Effort, PermissionMode
 from shared.settings import Settings
 from shared.tool_config import ToolConfig
 
 _INTEGER = re.compile(r"[0-9]{1,9}")  # ASCII digits only: `str.isdigit` takes "²", which `int` refuses
 _MODES: tuple[str, ...] = get_args(PermissionMode)
+# OpenAI's effort names → Claude Code's (`none` and `minimal` also turn thinking off).
+_EFFORTS: dict[str, Effort] = {"none": "low", "minimal": "low", "xhigh": "max", **{e: e for e in EFFORTS}}
 
 
 def agent_request(
@@ -51,7 +53,8 @@ def agent_request(
         disallowed_tools=denied_tools(settings, configs, disallowed),
         max_turns=_max_turns(body, headers, settings),
         permission_mode=_permission_mode(body, headers, settings),
-        max_thinking_tokens=_max_thinking_tokens(headers),
+        max_thinking_tokens=_max_thinking_tokens(body, headers, settings),
+        effort=_effort(body, settings),
         skills=enabled,
         mcp_servers=choice.mcp_servers,
         mcp_tools=choice.mcp_tools,
@@ -104,5 +107,33 @@ def _permission_mode(body: AgentControls, headers: Mapping[str, str], settings: 
     return asked
 
 
-def _max_thinking_tokens(headers: Mapping[str, str]) -> int | None:
-    return _int_header(headers, "x-claude-max-thinking-tokens", 0)
+def _max_thinking_tokens(body: AgentControls, headers: Mapping[str, str], settings: Settings) -> int | None:
+    asked = body.max_thinking_tokens
+    if asked is None:
+        asked = _int_header(headers, "x-claude-max-thinking-tokens", 0)
+    if asked is None and body.reasoning_effort in ("none", "minimal"):
+        asked = 0
+    cap = settings.claude_max_thinking_tokens
+    if asked is not None and asked > cap:
+        raise OpenAIError.invalid(
+            f"The thinking budget may be at most {cap} tokens on this gateway.",
+            param="max_thinking_tokens",
+            code="thinking_budget_too_high",
+        )
+    return asked
+
+
+def _effort(body: AgentControls, settings: Settings) -> Effort | None:
+    """The request's reasoning effort as Claude Code's (`xhigh` is its `max`), within the cap."""
+    asked = body.reasoning_effort
+    if asked is None:
+        return None
+    effort: Effort = _EFFORTS.get(asked, "low")
+    cap = settings.claude_max_effort
+    if EFFORTS.index(effort) > EFFORTS.index(cap):
+        raise OpenAIError.invalid(
+            f"Reasoning effort may be at most '{cap}' on this gateway.",
+            param="reasoning_effort",
+            code="reasoning_effort_too_high",
+        )
+    return effort

@@ -6,7 +6,7 @@ operator's policy and limits, and queues its jobs. The agent controls are part o
 end's body (`AgentControls` is a base of each wire model), so they hold on every endpoint.
 """
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -28,6 +28,11 @@ class AgentControls(BaseModel):
     mcp_servers: list[Annotated[str, StringConstraints(max_length=64)]] | None = Field(
         default=None, max_length=100, description="Extension: the operator's MCP servers the job has."
     )
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    """Chat's own field (also set from Responses' `reasoning.effort`): Claude Code's effort;
+    `none`/`minimal` also turn thinking off."""
+    max_thinking_tokens: int | None = Field(default=None, ge=0)
+    """The thinking budget (Messages' `thinking`, or `X-Claude-Max-Thinking-Tokens`); 0: none."""
     include_reasoning: bool | None = Field(
         default=None, description="Extension: false leaves out the agent's thinking and tool steps."
     )

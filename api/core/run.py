@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from api import metrics
 from api.core.relay import follow_job
 from api.core.structured import ResponseFormat
 from api.deps import Gateway
@@ -110,7 +111,7 @@ class Run:
         async for seq, event in follow_job(
             store, settings, self.job.id, after=after, withdraw=not self.background
         ):
-            if self.reasoning or not isinstance(event, Activity):
+            if self._shown(event):
                 yield 0, seq, event
 
     async def _merged(self) -> ChoiceEvents:
@@ -125,7 +126,7 @@ class Run:
                     yield choice, seq, event
                     return
                 ended += isinstance(event, Done)
-                if self.reasoning or not isinstance(event, Activity):
+                if self._shown(event):
                     yield choice, seq, event
         finally:
             self.close()
@@ -141,6 +142,14 @@ class Run:
             log.exception("lost track of a choice")
             failure = Failed(code=FailureCode.INTERNAL, message="The gateway lost track of a choice.")
             await merged.put((choice, 0, failure))
+
+    def _shown(self, event: JobEventValue) -> bool:
+        """Whether the caller sees the event (the agent's activity only if asked), counted if so."""
+        if not isinstance(event, Activity):
+            return True
+        if self.reasoning:
+            metrics.count_activity(event.type)
+        return self.reasoning
 
     def close(self) -> None:
         """Stops following the choices (the reader is gone)."""

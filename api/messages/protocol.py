@@ -58,7 +58,8 @@ class CreateMessageRequest(AgentControls):
             "tools": any(tool.get("type", "custom") != "custom" for tool in self.tools or []),
             "tool_choice": (self.tool_choice or {}).get("type", "auto")
             not in ("auto", "any", "tool", "none"),
-            "thinking": self.thinking not in (None, {"type": "disabled"}),
+            "thinking": (self.thinking or {}).get("type", "enabled")
+            not in ("enabled", "disabled", "adaptive"),
         }
         return next((name for name, unsupported in checks.items() if unsupported), None)
 
@@ -147,8 +148,18 @@ def core_request(body: CreateMessageRequest) -> CompletionRequest:
         max_tokens=body.max_tokens,
         stop=body.stop_sequences or [],
         stream=body.stream,
-        agent=body.agent_controls(),
+        agent=_agent(body),
     )
+
+
+def _agent(body: CreateMessageRequest) -> dict[str, Any]:
+    """The agent controls, with `thinking` as the thinking budget: `enabled` with its
+    `budget_tokens`, `disabled` none, `adaptive` Claude Code's default."""
+    agent = body.agent_controls().model_dump()
+    thinking = body.thinking or {}
+    if agent["max_thinking_tokens"] is None and thinking.get("type") in ("enabled", "disabled"):
+        agent["max_thinking_tokens"] = thinking.get("budget_tokens") if thinking["type"] == "enabled" else 0
+    return agent
 
 
 # --- Responses ------------------------------------------------------------------------------

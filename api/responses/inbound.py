@@ -1,5 +1,7 @@
 """Responses API requests → the core request, and the request's side kept with the response."""
 
+from typing import Any
+
 from api.core.conversation import ChatMessage
 from api.core.request import CompletionRequest
 from api.core.structured import ResponseFormat
@@ -30,7 +32,7 @@ def core_request(body: CreateResponseRequest, earlier: list[ChatMessage]) -> Com
         response_format=ResponseFormat.from_text_format((body.text or {}).get("format")),
         stream=body.stream,
         background=body.background,
-        agent=body.agent_controls(),
+        agent=_agent(body),
     )
 
 
@@ -55,3 +57,11 @@ def stored_request(
         tool_choice=body.tool_choice or "auto",
         reasoning=settings.stream_reasoning and body.include_reasoning is not False,
     )
+
+
+def _agent(body: CreateResponseRequest) -> dict[str, Any]:
+    """The agent controls, with `reasoning.effort` as the core's `reasoning_effort`."""
+    agent = body.agent_controls().model_dump()
+    if (effort := (body.reasoning or {}).get("effort")) is not None and agent["reasoning_effort"] is None:
+        agent["reasoning_effort"] = effort
+    return agent

@@ -41,6 +41,7 @@ class CreateResponseRequest(AgentControls):
     prompt: dict[str, Any] | None = None
     top_logprobs: int | None = None
     include: list[str] | None = None
+    reasoning: dict[str, Any] | None = None
 
     def unsupported_parameter(self) -> str | None:
         """The first parameter whose meaning the gateway cannot honour, if any."""
