@@ -8,10 +8,15 @@ gateway sends (chunked transfer encoding, or a Content-Length body for errors).
 """
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+# Idle connections are reused only this long: under uvicorn's keep-alive timeout (5 s), after
+# which the server closes them and a request written to one reads nothing back.
+IDLE_REUSE_S = 4.0
 
 
 class HTTPStatusError(RuntimeError):
@@ -22,23 +27,31 @@ class HTTPStatusError(RuntimeError):
 class LeanClient:
     def __init__(self, host: str, port: int) -> None:
         self._host, self._port = host, port
-        self._idle: list[Connection] = []
+        self._idle: list[tuple[float, Connection]] = []  # (idle since, connection)
 
     async def close(self) -> None:
-        for _, writer in self._idle:
+        for _, (_, writer) in self._idle:
             writer.close()
         self._idle.clear()
 
+    async def _take(self) -> Connection:
+        while self._idle:
+            since, (reader, writer) = self._idle.pop()
+            if time.monotonic() - since < IDLE_REUSE_S and not reader.at_eof():
+                return reader, writer
+            writer.close()  # the server has closed it, or may be closing it now
+        return await asyncio.open_connection(self._host, self._port)
+
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
-        conn = self._idle.pop() if self._idle else await asyncio.open_connection(self._host, self._port)
+        conn = await self._take()
         reusable = False
         try:
             yield conn
             reusable = True
         finally:
             if reusable:
-                self._idle.append(conn)
+                self._idle.append((time.monotonic(), conn))
             else:  # left mid-response: the connection is in an unknown state
                 conn[1].close()
 

@@ -134,13 +134,17 @@ def completed(streamed: Streamed, expected: str) -> None:
 # --- the five kinds of request ------------------------------------------------------------------------
 
 
+async def post_stream(
+    client: httpx.AsyncClient, prompt: str, into: Streamed, *, stop_after: int | None = None
+) -> None:
+    async with client.stream("POST", "/v1/chat/completions", json=body(prompt, stream=True)) as r:
+        await read_stream(events_of(r), into, stop_after=stop_after)
+
+
 async def stream_kind(client: httpx.AsyncClient) -> str:
     expected = words(200)
     got = Streamed()
-    async with client.stream(
-        "POST", "/v1/chat/completions", json=body(script(text=expected, delay_ms=2), stream=True)
-    ) as r:
-        await read_stream(events_of(r), got)
+    await post_stream(client, script(text=expected, delay_ms=2), got)
     completed(got, expected)
     return "ok"
 
@@ -200,10 +204,7 @@ async def cancelled_kind(client: httpx.AsyncClient) -> str:
 async def disconnect_kind(client: httpx.AsyncClient) -> str:
     expected = words(300)
     got = Streamed()
-    async with client.stream(
-        "POST", "/v1/chat/completions", json=body(script(text=expected, delay_ms=3), stream=True)
-    ) as r:
-        await read_stream(events_of(r), got, stop_after=3)  # then the connection is dropped
+    await post_stream(client, script(text=expected, delay_ms=3), got, stop_after=3)  # then it drops
     if got.completion_id is None or got.last_id is None:
         raise NoTerminal("nothing before the disconnect")
     headers = {"Last-Event-ID": got.last_id}

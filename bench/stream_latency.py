@@ -1,7 +1,9 @@
-"""Streaming latency and throughput: the gateway against its floor, side by side, on loopback.
+"""Streaming latency and throughput: the gateway against its floors, side by side, on loopback.
 
 The FLOOR is the scripted backend iterated in this process: what a stream costs with no gateway
-at all. The GATEWAY is the whole path, HTTP → API → arq/Redis → worker → Redis stream → API → SSE,
+at all. The IN-PROCESS SERVER (`bench/inprocess_server.py`) streams it over HTTP from a plain
+FastAPI + sse-starlette app, the original wrapper's architecture. The GATEWAY is the whole path,
+HTTP → API → arq/Redis → worker → Redis stream → API → SSE,
 on a redis-server, one API process and two worker processes that this script starts and stops.
 
     .venv/bin/python bench/stream_latency.py             # full run, about half a minute
@@ -47,6 +49,8 @@ HELLO = "Say hello."  # not a directive: the scripted backend's default five-wor
 TARGET_ADDED_MEDIAN_S = 0.005
 TARGET_ADDED_P99_S = 0.015
 TARGET_TOKENS_PER_S = 20_000
+TARGET_CONCURRENT_OVER_SERVER = 1.5  # the gateway's 50-concurrent TTFT against the in-process server's
+TARGET_STREAMS_OVER_ONE = 1.5  # the gateway's aggregate rate with 4 streams against 1
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,34 @@ class CpuMeter:
         self.shares["bench client"] = (time.process_time() - self._self) / wall * 100
 
 
+class InProcessServer:
+    """`bench/inprocess_server.py`: the scripted backend streamed by a plain FastAPI app."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "inprocess_server.py"), str(self.port)], cwd=ROOT
+        )
+
+    async def start(self, model: str, timeout_s: float = 30.0) -> LeanClient:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            client = LeanClient("127.0.0.1", self.port)
+            try:
+                await gateway_stream(client, model, HELLO)
+                return client
+            except OSError:
+                await client.close()
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError("the in-process server did not start") from None
+                await asyncio.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=15)
+
+
 class Gateway:
     """A private redis-server, one API process and `WORKERS` workers; `stop` always ends them all."""
 
@@ -401,6 +433,7 @@ class Report:
     machine: dict[str, str]
     floor: Side
     gateway: Side
+    server: Side
     memory: Memory
     cpu_1: dict[str, float]
     cpu_n: dict[str, float]
@@ -439,6 +472,7 @@ async def run(plan: Plan) -> Report:
     info = machine()
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as workdir:
         gateway = Gateway(Path(workdir))
+        server = InProcessServer()
         try:
             async with httpx.AsyncClient(
                 base_url=gateway.url, limits=limits, timeout=timeout, trust_env=False
@@ -449,28 +483,36 @@ async def run(plan: Plan) -> Report:
                 remote: Stream = partial(gateway_stream, lean, model)
                 for _ in range(plan.warmup):
                     await remote(HELLO)
+                server_client = await server.start(model)
+                served: Stream = partial(gateway_stream, server_client, model)
                 memory = await memory_per_stream(lean, model, pids["api"], gateway.redis.url, plan)
-                f, g = Side(), Side()
-                # Floor and gateway alternate phase by phase, so both see the same machine noise.
+                f, g, v = Side(), Side(), Side()
+                # The three alternate phase by phase, so all see the same machine noise.
                 f.ttft_1 = await sequential_ttft(floor, plan)
                 g.ttft_1 = await sequential_ttft(remote, plan)
+                v.ttft_1 = await sequential_ttft(served, plan)
                 g.ttft_httpx = await sequential_ttft(partial(httpx_stream, client, model), plan)
                 f.ttft_n = await concurrent_ttft(floor, plan)
                 g.ttft_n = await concurrent_ttft(remote, plan)
+                v.ttft_n = await concurrent_ttft(served, plan)
                 f.rate_1 = await relay_rate(floor, plan.relay_tokens, 1)
                 with CpuMeter(pids) as cpu_1:
                     g.rate_1 = await relay_rate(remote, plan.relay_tokens, 1)
+                v.rate_1 = await relay_rate(served, plan.relay_tokens, 1)
                 f.rate_n = await relay_rate(floor, plan.relay_tokens, plan.relay_streams)
                 with CpuMeter(pids) as cpu_n:
                     g.rate_n = await relay_rate(remote, plan.relay_tokens, plan.relay_streams)
+                v.rate_n = await relay_rate(served, plan.relay_tokens, plan.relay_streams)
                 await lean.close()
+                await server_client.close()
         except Exception:
             print(gateway.log_tail(), file=sys.stderr)  # the gateway's side of the failure
             raise
         finally:
             gateway.stop()
+            server.stop()
     seconds = time.perf_counter() - started
-    return Report(plan, info, f, g, memory, cpu_1.shares, cpu_n.shares, seconds)
+    return Report(plan, info, f, g, v, memory, cpu_1.shares, cpu_n.shares, seconds)
 
 
 # --- output ---------------------------------------------------------------------------------------------
@@ -485,56 +527,77 @@ def _met(ok: bool) -> str:
 
 
 def figures(report: Report) -> dict[str, Any]:
-    f, g = report.floor, report.gateway
+    f, g, v = report.floor, report.gateway, report.server
     out: dict[str, Any] = {}
-    for name, fs, gs in (
-        ("ttft_1", f.ttft_1, g.ttft_1),
-        (f"ttft_{report.plan.concurrency}", f.ttft_n, g.ttft_n),
-        ("ttft_1_httpx", f.ttft_1, g.ttft_httpx),
+    for name, fs, gs, vs in (
+        ("ttft_1", f.ttft_1, g.ttft_1, v.ttft_1),
+        (f"ttft_{report.plan.concurrency}", f.ttft_n, g.ttft_n, v.ttft_n),
+        ("ttft_1_httpx", f.ttft_1, g.ttft_httpx, []),
     ):
         for q_name, q in (("median", 0.5), ("p99", 0.99)):
             fv, gv = percentile(fs, q), percentile(gs, q)
             out[f"{name}_{q_name}_s"] = {"floor": fv, "gateway": gv, "added": gv - fv, "samples": len(gs)}
-    out["tokens_per_s_1"] = {"floor": f.rate_1, "gateway": g.rate_1}
-    out[f"tokens_per_s_{report.plan.relay_streams}"] = {"floor": f.rate_n, "gateway": g.rate_n}
+            if vs:
+                out[f"{name}_{q_name}_s"]["server"] = percentile(vs, q)
+    out["tokens_per_s_1"] = {"floor": f.rate_1, "gateway": g.rate_1, "server": v.rate_1}
+    out[f"tokens_per_s_{report.plan.relay_streams}"] = {
+        "floor": f.rate_n,
+        "gateway": g.rate_n,
+        "server": v.rate_n,
+    }
     return out
 
 
 def targets_met(report: Report) -> dict[str, bool]:
     """Each target, keyed by the figure it applies to."""
-    fig = figures(report)
+    fig, n, k = figures(report), report.plan.concurrency, report.plan.relay_streams
     return {
         "ttft_1_median_s": fig["ttft_1_median_s"]["added"] <= TARGET_ADDED_MEDIAN_S,
         "ttft_1_p99_s": fig["ttft_1_p99_s"]["added"] <= TARGET_ADDED_P99_S,
+        **{
+            key: fig[key]["gateway"] <= TARGET_CONCURRENT_OVER_SERVER * fig[key]["server"]
+            for key in (f"ttft_{n}_median_s", f"ttft_{n}_p99_s")
+        },
         "tokens_per_s_1": report.gateway.rate_1 >= TARGET_TOKENS_PER_S,
+        f"tokens_per_s_{k}": report.gateway.rate_n >= TARGET_STREAMS_OVER_ONE * report.gateway.rate_1,
     }
 
 
 def markdown(report: Report) -> str:
     p, fig, met, m = report.plan, figures(report), targets_met(report), report.memory
     n, k = p.concurrency, p.relay_streams
-    rows = ["| Figure | Floor | Gateway | Added | Target | Met |", "|---|---:|---:|---:|---|---|"]
+    rows = [
+        "| Figure | Floor | In-process server | Gateway | Added | Target | Met |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
 
     def row(key: str, label: str, cells: Sequence[str], target: str = "") -> None:
         ok = _met(met[key]) if key in met else ""
         rows.append(f"| {label} | {' | '.join(cells)} | {target} | {ok} |")
 
+    over = f"gateway ≤ {TARGET_CONCURRENT_OVER_SERVER:g} x server"
     for key, label, target in (
         ("ttft_1_median_s", "TTFT, 1 stream, median (ms)", "added ≤ 5 ms"),
         ("ttft_1_p99_s", "TTFT, 1 stream, p99 (ms)", "added ≤ 15 ms"),
-        (f"ttft_{n}_median_s", f"TTFT, {n} concurrent, median (ms)", ""),
-        (f"ttft_{n}_p99_s", f"TTFT, {n} concurrent, p99 (ms)", ""),
+        (f"ttft_{n}_median_s", f"TTFT, {n} concurrent, median (ms)", over),
+        (f"ttft_{n}_p99_s", f"TTFT, {n} concurrent, p99 (ms)", over),
         ("ttft_1_httpx_median_s", "TTFT, 1 stream, through httpx, median (ms)", ""),
         ("ttft_1_httpx_p99_s", "TTFT, 1 stream, through httpx, p99 (ms)", ""),
     ):
         v = fig[key]
-        row(key, label, [_ms(v["floor"]), _ms(v["gateway"]), _ms(v["added"])], target)
+        served = _ms(v["server"]) if "server" in v else ""
+        row(key, label, [_ms(v["floor"]), served, _ms(v["gateway"]), _ms(v["added"])], target)
     for key, label, target in (
         ("tokens_per_s_1", "Relayed tokens/s, 1 stream", "≥ 20,000"),
-        (f"tokens_per_s_{k}", f"Relayed tokens/s, {k} streams (aggregate)", ""),
+        (
+            f"tokens_per_s_{k}",
+            f"Relayed tokens/s, {k} streams (aggregate)",
+            f"≥ {TARGET_STREAMS_OVER_ONE:g} x 1 stream",
+        ),
     ):
-        row(key, label, [f"{fig[key]['floor']:,.0f}", f"{fig[key]['gateway']:,.0f}", ""], target)
-    row("rss", "API RSS per open stream (KiB)", ["", f"{m.per_stream_kib:,.1f}", ""])
+        cells = [f"{fig[key][side]:,.0f}" for side in ("floor", "server", "gateway")]
+        row(key, label, [*cells, ""], target)
+    row("rss", "API RSS per open stream (KiB)", ["", "", f"{m.per_stream_kib:,.1f}", ""])
     cpu = [f"| Process | 1 stream (% of a core) | {k} streams (% of a core) |", "|---|---:|---:|"]
     cpu += [
         f"| {name} | {share:.0f} | {report.cpu_n.get(name, 0):.0f} |" for name, share in report.cpu_1.items()

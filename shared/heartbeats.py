@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
 from shared.backend_auth import BackendAuth
-from shared.keys import PREFIX
+from shared.keys import LOAD_CHANNEL, PREFIX
 
 WORKERS_INDEX = f"{PREFIX}:workers"
 _WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -66,6 +66,7 @@ async def beat(redis: Redis, heartbeat: Heartbeat, ttl_s: float) -> None:
         pipe.set(worker_key(heartbeat.id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
         pipe.zadd(WORKERS_INDEX, {heartbeat.id: heartbeat.beat})
         pipe.zremrangebyscore(WORKERS_INDEX, "-inf", heartbeat.beat - _INDEX_RETENTION_S)
+        pipe.publish(LOAD_CHANNEL, f"{heartbeat.id} {len(heartbeat.jobs)} {heartbeat.slots}")
         await pipe.execute()
 
 

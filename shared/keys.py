@@ -14,6 +14,8 @@ WAKEUP_CHANNEL = f"{PREFIX}:wakeup"
 """Published after every enqueue so idle workers poll at once instead of on arq's timer."""
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
 """Carries the id of a job to cancel to whichever worker runs it."""
+LOAD_CHANNEL = f"{PREFIX}:load"
+"""Each heartbeat's `<worker id> <running jobs> <slots>`: workers let a less busy one take a job."""
 RUNNING = f"{PREFIX}:running"
 """Sorted set: running job id -> its lease deadline (ms). Workers renew; any worker sweeps."""
 UPSTREAM_MODELS = f"{PREFIX}:upstream-models"
@@ -103,3 +105,8 @@ def transcript_key(project: str, session: str) -> str:
 def transcript_index_key(project: str) -> str:
     """A sorted set: one project's transcripts, scored by last write (epoch ms)."""
     return f"{PREFIX}:sdk:{quote(project, safe='')}:sessions"
+
+
+WORKSPACES_INDEX = f"{PREFIX}:workspaces"
+"""Sorted set: `<owner>/<session>/<transcript id>` of every stored session workspace -> when the
+sweep should look whether its session still exists (epoch ms; `shared/workspaces.py`)."""

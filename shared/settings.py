@@ -332,10 +332,24 @@ class Settings(BaseSettings):
         description="Run every job in this existing directory (shared by all jobs) instead of its own "
         "workspace directory; each job still has its own home, config and temp directories.",
     )
-    claude_warm_clients: int = Field(
-        default=0,
+    claude_warm_clients: int | None = Field(
+        default=None,
         ge=0,
-        description="Connected Claude Code processes each worker keeps ready (~210 MiB each); 0: off.",
+        description="Most connected Claude Code processes each worker keeps ready; unset: one per job "
+        "slot (JOBS_PER_WORKER); 0: off.",
+    )
+    claude_warm_memory_mib: int = Field(
+        default=1024,
+        ge=0,
+        description="Resident memory the ready clients of one worker may hold (~200 MiB each).",
+    )
+    claude_warm_idle_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="After this long without a job, a worker keeps only CLAUDE_WARM_IDLE_CLIENTS.",
+    )
+    claude_warm_idle_clients: int = Field(
+        default=1, ge=0, description="Ready clients kept while a worker is idle."
     )
 
     mcp_servers: dict[Annotated[str, StringConstraints(pattern=NAME_PATTERN)], McpServer] = Field(

@@ -15,18 +15,27 @@ import asyncio
 import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 import obstore
+from obstore.exceptions import BaseError
 from obstore.store import S3Store as S3Client
 
 from shared.settings import Settings
 
+if TYPE_CHECKING:  # a TypedDict of obstore's stubs only
+    from obstore.store import S3Config
+
 
 class MissingObject(Exception):
     """The key names no object (never written, or deleted since)."""
+
+
+class StoreUnavailable(OSError):
+    """The store could not be reached, or refused the request (an `OSError`, as a local one's are)."""
 
 
 class ObjectStore(Protocol):
@@ -115,45 +124,59 @@ class S3Store:
     def __init__(self, url: str, settings: Settings) -> None:
         parts = urlsplit(url)
         endpoint = settings.workspace_s3_endpoint
-        key_id, secret = settings.workspace_s3_access_key_id, settings.workspace_s3_secret_access_key
+        config: S3Config = {"region": settings.workspace_s3_region, "virtual_hosted_style_request": False}
+        if endpoint is not None:
+            config["endpoint"] = endpoint
+        if (key_id := settings.workspace_s3_access_key_id) is not None:
+            config["access_key_id"] = key_id.get_secret_value()
+        if (secret := settings.workspace_s3_secret_access_key) is not None:
+            config["secret_access_key"] = secret.get_secret_value()
         self._client = S3Client(
             parts.netloc,
             prefix=parts.path.strip("/") or None,
-            region=settings.workspace_s3_region,
-            endpoint=endpoint,
-            access_key_id=key_id.get_secret_value() if key_id else None,
-            secret_access_key=secret.get_secret_value() if secret else None,
-            virtual_hosted_style_request=False,
+            config=config,
             client_options={"allow_http": bool(endpoint and endpoint.startswith("http://"))},
         )
 
     async def put(self, key: str, data: bytes) -> None:
-        await obstore.put_async(self._client, key, data)
+        with _unavailable():
+            await obstore.put_async(self._client, key, data)
 
     async def get(self, key: str) -> bytes:
-        try:
+        with _unavailable(key):
             result = await obstore.get_async(self._client, key)
             return bytes(await result.bytes_async())
-        except FileNotFoundError:
-            raise MissingObject(key) from None
 
     async def get_range(self, key: str, start: int, length: int) -> bytes:
         if length == 0:
             return b""
-        try:
+        with _unavailable(key):
             return bytes(await obstore.get_range_async(self._client, key, start=start, length=length))
-        except FileNotFoundError:
-            raise MissingObject(key) from None
 
     async def keys(self, prefix: str) -> list[str]:
         keys = []
-        async for chunk in obstore.list(self._client, prefix):
-            keys += [meta["path"] for meta in chunk]
+        with _unavailable():
+            async for chunk in obstore.list(self._client, prefix):
+                keys += [meta["path"] for meta in chunk]
         return keys
 
     async def delete(self, keys: list[str]) -> None:
-        for start in range(0, len(keys), 1000):  # S3's most keys per DeleteObjects
-            await obstore.delete_async(self._client, keys[start : start + 1000])
+        with _unavailable():
+            for start in range(0, len(keys), 1000):  # S3's most keys per DeleteObjects
+                await obstore.delete_async(self._client, keys[start : start + 1000])
+
+
+@contextlib.contextmanager
+def _unavailable(key: str | None = None) -> Iterator[None]:
+    """obstore's errors as the store's: a missing `key`, or the store unavailable."""
+    try:
+        yield
+    except FileNotFoundError:
+        if key is None:
+            raise StoreUnavailable("S3: not found") from None
+        raise MissingObject(key) from None
+    except BaseError as exc:
+        raise StoreUnavailable(f"S3: {type(exc).__name__}") from exc
 
 
 def open_store(settings: Settings) -> ObjectStore:

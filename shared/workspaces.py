@@ -19,6 +19,7 @@ id never sees, and a late sweep never deletes, the files of another life.
 import asyncio
 import hashlib
 import json
+import posixpath
 import re
 import time
 import uuid
@@ -27,13 +28,13 @@ from typing import Literal, NamedTuple
 
 from redis.asyncio import Redis
 
-from shared.keys import PREFIX, is_session_id, session_key
+from shared.keys import WORKSPACES_INDEX, is_session_id, session_key
 from shared.workspace_store import MissingObject, ObjectStore
 
-SWEEP_INDEX = f"{PREFIX}:workspaces"
-"""Sorted set: `<owner>/<session>/<incarnation>` of every stored workspace -> when to look at it (ms)."""
-
 _OWNER = re.compile(r"[0-9a-f]{32}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DOTS = re.compile(r"(?:^|/)\.{0,2}(?:/|$)")
+"""An empty, `.` or `..` name anywhere in a `/`-separated path."""
 _INCARNATION = re.compile(r"[0-9a-f-]{36}")
 _VERSION = re.compile(r"(\d{10})-[0-9a-f]{12}")
 MAX_PATH = 1024
@@ -66,18 +67,12 @@ class InvalidPath(ValueError):
 
 def checked_path(path: str) -> str:
     """A workspace-relative path: `/`-separated names, none empty, `.` or `..`, no control characters."""
-    parts = path.split("/")
-    if (
-        not path
-        or len(path.encode("utf-8", "surrogatepass")) > MAX_PATH
-        or any(part in ("", ".", "..") for part in parts)
-        or any(ord(char) < 32 or ord(char) == 127 for char in path)
-    ):
-        raise InvalidPath(path)
     try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not UTF-8 (kept by Python as surrogates)
         raise InvalidPath(path) from None
+    if not path or len(encoded) > MAX_PATH or _CONTROL.search(path) or _DOTS.search(path):
+        raise InvalidPath(path)
     return path
 
 
@@ -126,10 +121,10 @@ class WorkspaceRef:
         return cls(owner, session, incarnation)
 
     def manifest_key(self, version: str) -> str:
-        return f"{self.prefix}manifests/{version}"
+        return f"{self.prefix}manifests/{_checked_version(version)}"
 
     def pack_key(self, version: str) -> str:
-        return f"{self.prefix}packs/{version}"
+        return f"{self.prefix}packs/{_checked_version(version)}"
 
 
 def _sequence(version: str) -> int:
@@ -137,6 +132,19 @@ def _sequence(version: str) -> int:
     if match is None:
         raise ValueError("malformed workspace version")
     return int(match.group(1))
+
+
+def _checked_version(version: str) -> str:
+    _sequence(version)
+    return version
+
+
+def link_inside(path: str, target: str) -> bool:
+    """Whether a link at `path` pointing to `target` stays inside the workspace, by its text alone."""
+    if target.startswith("/") or "\0" in target:
+        return False
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+    return resolved != ".." and not resolved.startswith("../")
 
 
 @dataclass
@@ -160,9 +168,16 @@ class Manifest:
 
     @classmethod
     def decode(cls, raw: bytes) -> "Manifest":
+        """A stored manifest, checked as if a caller had written it: every path, link and pack."""
         body = json.loads(raw)
-        files = {path: FileEntry(*entry) for path, entry in body["files"].items()}
-        return cls(version=body["version"], files=files, links=body["links"], packs=body["packs"])
+        files = {checked_path(path): FileEntry(*entry) for path, entry in body["files"].items()}
+        links = {checked_path(path): target for path, target in body["links"].items()}
+        packs = {_checked_version(pack): int(size) for pack, size in body["packs"].items()}
+        if not all(link_inside(path, target) for path, target in links.items()) or not all(
+            entry.pack in packs for entry in files.values()
+        ):
+            raise ValueError("malformed workspace manifest")
+        return cls(version=body["version"], files=files, links=links, packs=packs)
 
     def next_version(self) -> str:
         sequence = 0 if self.version is None else _sequence(self.version) + 1
@@ -284,12 +299,12 @@ async def collect_garbage(store: ObjectStore, ref: WorkspaceRef, current: Manife
 async def delete_workspace(store: ObjectStore, redis: Redis, ref: WorkspaceRef) -> None:
     """Removes every object of one life of a session's workspace."""
     await store.delete(await store.keys(ref.prefix))
-    await redis.zrem(SWEEP_INDEX, ref.member)
+    await redis.zrem(WORKSPACES_INDEX, ref.member)
 
 
 async def track(redis: Redis, ref: WorkspaceRef, ttl_s: int) -> None:
     """Registers a workspace with the sweep before anything of it is stored (so nothing leaks)."""
-    await redis.zadd(SWEEP_INDEX, {ref.member: _ms() + ttl_s * 1000}, gt=True)
+    await redis.zadd(WORKSPACES_INDEX, {ref.member: _ms() + ttl_s * 1000}, gt=True)
 
 
 def _ms() -> int:
@@ -301,13 +316,13 @@ async def sweep(store: ObjectStore, redis: Redis, ttl_s: int, limit: int = 32) -
 
     A session still alive (same transcript id) is looked at again when it could next expire.
     """
-    due: list[bytes] = await redis.zrangebyscore(SWEEP_INDEX, "-inf", _ms(), start=0, num=limit)
+    due: list[bytes] = await redis.zrangebyscore(WORKSPACES_INDEX, "-inf", _ms(), start=0, num=limit)
     deleted = []
     for raw in due:
         ref = WorkspaceRef.of_member(raw.decode())
         record = await redis.hmget(session_key(ref.owner, ref.session), ["transcript", "last_used"])  # type: ignore[misc]
         if record[0] is not None and record[0].decode() == ref.incarnation:
-            await redis.zadd(SWEEP_INDEX, {ref.member: int(record[1]) + ttl_s * 1000 + 1000})
+            await redis.zadd(WORKSPACES_INDEX, {ref.member: int(record[1]) + ttl_s * 1000 + 1000})
             continue
         try:
             await delete_workspace(store, redis, ref)

@@ -74,6 +74,9 @@ class Gateway:
     port: int = field(default_factory=free_port)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    session_wide: bool = False
+    """Shared by the whole run (`scripted`, `claude`); any other gateway stops with the test or
+    module that started it, so a run never holds hundreds of idle processes."""
 
     @property
     def url(self) -> str:
@@ -126,12 +129,47 @@ class Gateway:
 
 
 @pytest.fixture(scope="session")
-def start_gateway(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A factory: `start_gateway(workers=2, **env)` starts an API and its workers on a fresh database
-    of the suite's Redis (or on `redis_url`)."""
+def started_gateways() -> Iterator[list[Gateway]]:
+    """Every gateway of the run that is still up, in the order they started."""
     started: list[Gateway] = []
+    yield started
+    for gateway in started:
+        gateway.stop()
 
-    def start(*, workers: int = 2, redis_url: str | None = None, **env: str) -> Gateway:
+
+def _stop_started_since(started: list[Gateway], mark: int) -> None:
+    for gateway in [gateway for gateway in started[mark:] if not gateway.session_wide]:
+        gateway.stop()
+        started.remove(gateway)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_gateways(started_gateways: list[Gateway]) -> Iterator[None]:
+    """Stops the gateways a module's fixtures and tests started when the module ends."""
+    mark = len(started_gateways)
+    yield
+    _stop_started_since(started_gateways, mark)
+
+
+@pytest.fixture(autouse=True)
+def _test_gateways(started_gateways: list[Gateway]) -> Iterator[None]:
+    """Stops the gateways a test (or its function-scoped fixtures) started when the test ends."""
+    mark = len(started_gateways)
+    yield
+    _stop_started_since(started_gateways, mark)
+
+
+@pytest.fixture(scope="session")
+def start_gateway(
+    redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory, started_gateways: list[Gateway]
+) -> Any:
+    """A factory: `start_gateway(workers=2, **env)` starts an API and its workers on a fresh database
+    of the suite's Redis (or on `redis_url`); it stops with the test or module that started it."""
+    started = started_gateways
+
+    def start(
+        *, workers: int = 2, redis_url: str | None = None, session_wide: bool = False, **env: str
+    ) -> Gateway:
         db = next(_databases)
         logs = tmp_path_factory.mktemp(f"gateway-{db}")
         base_env = {
@@ -143,22 +181,22 @@ def start_gateway(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPath
             "MAX_CONCURRENT_JOBS_PER_KEY": "0",
         }
         redis_url = redis_url or f"redis://127.0.0.1:{redis_server.port}/{db}"
-        gateway = Gateway(redis_url=redis_url, env={**base_env, **env}, logs=logs)
+        gateway = Gateway(redis_url=redis_url, env={**base_env, **env}, logs=logs, session_wide=session_wide)
         started.append(gateway)
         for _ in range(workers):
             gateway.start_worker()
         gateway.start_api()
         return gateway
 
-    yield start
-    for gateway in started:
-        gateway.stop()
+    return start
 
 
 @pytest.fixture(scope="session")
 def scripted(start_gateway: Any) -> Gateway:
     """The shared gateway on the scripted backend, with a small body limit to test against."""
-    gateway: Gateway = start_gateway(workers=2, BACKEND="scripted", MAX_REQUEST_BYTES="65536")
+    gateway: Gateway = start_gateway(
+        workers=2, session_wide=True, BACKEND="scripted", MAX_REQUEST_BYTES="65536"
+    )
     return gateway
 
 
@@ -236,6 +274,8 @@ def claude_env(fake: FakeAnthropic, **env: str) -> dict[str, str]:
         "ANTHROPIC_BASE_URL": fake.url,
         "ANTHROPIC_API_KEY": "test-key-not-real",
         "CLAUDE_MAX_RETRIES": "1",
+        # Cold jobs, as the tests of each feature assume; tests/test_claude_warm.py turns the pool on.
+        "CLAUDE_WARM_CLIENTS": "0",
         **env,
     }
 
@@ -243,7 +283,7 @@ def claude_env(fake: FakeAnthropic, **env: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def claude(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
     """A gateway on the real Claude backend, pointed at the fake upstream."""
-    gateway: Gateway = start_gateway(workers=1, **claude_env(fake_anthropic))
+    gateway: Gateway = start_gateway(workers=1, session_wide=True, **claude_env(fake_anthropic))
     return gateway
 
 

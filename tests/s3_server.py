@@ -20,7 +20,7 @@ class SeaweedS3:
         self.folder = folder
         self.ports = {f"{name}.port": free_port() for name in _PORTS}
         self.ports |= {f"{name}.port.grpc": free_port() for name in _PORTS}
-        self.ports |= {"s3.port.iceberg": free_port(), "iam.port": free_port()}
+        self.ports |= {"s3.port.iceberg": free_port(), "s3.port.lance": free_port(), "iam.port": free_port()}
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

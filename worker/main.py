@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from shared import queue, worker_exits
 from shared.jobstore import JobStore
-from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL, is_job_id
+from shared.keys import CANCEL_CHANNEL, LOAD_CHANNEL, WAKEUP_CHANNEL, is_job_id
 from shared.settings import Settings
 from shared.worker_exits import ExitReason
 from worker.backends import create_backend
@@ -28,6 +28,9 @@ from worker.task import run_completion
 log = logging.getLogger("gateway.worker")
 
 _DEFER_PER_RUNNING_JOB_S = 0.001
+_YIELD_TO_IDLER_S = 0.05
+"""How long a busy worker leaves a job to a less busy one: longer than a loaded machine's
+scheduling delays, which made the 1 ms per running job a coin toss."""
 
 
 class GatewayWorker(Worker):
@@ -45,6 +48,9 @@ class GatewayWorker(Worker):
         self._fallback_s = settings.poll_fallback_s
         self._wake = asyncio.Event()
         self._background_tasks: set[asyncio.Task[None]] = set()
+        self._claim_turn = asyncio.Lock()
+        self._peers: dict[str, tuple[int, int, float]] = {}  # other workers: running, slots, when heard
+        self._peer_ttl_s = settings.heartbeat_ttl_s
         self.heartbeat = HeartbeatLoop(
             redis_url,
             settings,
@@ -163,15 +169,40 @@ class GatewayWorker(Worker):
             log.warning("could not remove the arq keys of attempt %s (%r)", job_id, exc)
 
     async def _start_woken(self, attempt_id: bytes) -> None:
-        """Starts the attempt a wake-up named, without a trip through the queue's index."""
-        if self.job_counter:  # let idler workers take it first
-            await asyncio.sleep(_DEFER_PER_RUNNING_JOB_S * self.job_counter)
-        if not self.allow_pick_jobs:
-            return
-        try:
-            await self.start_jobs([attempt_id])
-        except RedisError as exc:
-            log.warning("cannot reach Redis to start a job (%s); the poll will", type(exc).__name__)
+        """Starts the attempt a wake-up named, without a trip through the queue's index.
+
+        Idler workers go first: a worker tries 1 ms per running job after the wake-up arrived,
+        and 50 ms when another worker's last heartbeat (`LOAD_CHANNEL`) showed fewer running jobs
+        and a free slot. Its wake-ups take turns, so each counts the jobs the claims before it
+        won: the wake-ups of a burst arrive before any claim is answered, and all went to the
+        first worker.
+        """
+        arrived = self.loop.time()
+        async with self._claim_turn:
+            if self.job_counter:
+                wait = _DEFER_PER_RUNNING_JOB_S * self.job_counter
+                if self._idler_peer():
+                    wait = max(wait, _YIELD_TO_IDLER_S)
+                await asyncio.sleep(arrived + wait - self.loop.time())
+            if not self.allow_pick_jobs:
+                return
+            try:
+                await self.start_jobs([attempt_id])
+            except RedisError as exc:
+                log.warning("cannot reach Redis to start a job (%s); the poll will", type(exc).__name__)
+
+    def _idler_peer(self) -> bool:
+        """Whether a live worker runs fewer jobs than this one and has a slot free."""
+        fresh = self.loop.time() - self._peer_ttl_s
+        return any(
+            seen >= fresh and running < min(self.job_counter, slots)
+            for running, slots, seen in self._peers.values()
+        )
+
+    def _heard_load(self, message: bytes) -> None:
+        worker_id, running, slots = message.decode().split()
+        if worker_id != self.heartbeat.worker_id:
+            self._peers[worker_id] = (int(running), int(slots), self.loop.time())
 
     def _attempt_done(self, attempt_id: str, task: "asyncio.Task[None]") -> None:
         self.job_counter -= 1
@@ -203,11 +234,13 @@ class GatewayWorker(Worker):
             redis = Redis.from_url(self._redis_url)
             try:
                 async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(WAKEUP_CHANNEL, CANCEL_CHANNEL)
+                    await pubsub.subscribe(WAKEUP_CHANNEL, CANCEL_CHANNEL, LOAD_CHANNEL)
                     async for message in pubsub.listen():
                         if message["type"] != "message":
                             continue
-                        if message["channel"] == CANCEL_CHANNEL.encode():
+                        if message["channel"] == LOAD_CHANNEL.encode():
+                            self._heard_load(message["data"])
+                        elif message["channel"] == CANCEL_CHANNEL.encode():
                             self.ctx["running"].cancel(message["data"].decode())
                         elif message["data"]:
                             self._background(self._start_woken(message["data"]))

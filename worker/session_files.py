@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import posixpath
 import shutil
 import stat
 import time
@@ -50,6 +49,7 @@ from worker.backends import BackendError
 log = logging.getLogger("gateway.worker.files")
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
 
 Stamp = tuple[int, int, int, int]
 """What tells a file changed without reading it: size, mtime and ctime (ns), inode."""
@@ -98,14 +98,6 @@ def _tree(root: Path) -> Iterator[_Tree]:
         tree.close()
 
 
-def _link_inside(path: str, target: str) -> bool:
-    """Whether a link at `path` pointing to `target` stays inside the workspace, by its text alone."""
-    if target.startswith("/") or "\0" in target:
-        return False
-    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-    return resolved != ".." and not resolved.startswith("../")
-
-
 def scan(work: Path, held: Held, writer: VersionWriter, max_bytes: int, max_files: int) -> dict[str, Stamp]:
     """Fills `writer` with the directory's files and links; returns the files' stamps.
 
@@ -122,10 +114,11 @@ def scan(work: Path, held: Held, writer: VersionWriter, max_bytes: int, max_file
         with os.scandir(fd) as entries:
             for entry in entries:
                 path = prefix + entry.name
-                try:
-                    checked_path(path)
-                except InvalidPath:
-                    continue
+                if path not in held.stamps:  # a file or folder new since the last save: check it
+                    try:
+                        checked_path(path)
+                    except InvalidPath:
+                        continue
                 if entry.is_dir(follow_symlinks=False):
                     sub = os.open(entry.name, _DIR, dir_fd=fd)
                     try:
@@ -134,7 +127,7 @@ def scan(work: Path, held: Held, writer: VersionWriter, max_bytes: int, max_file
                         os.close(sub)
                 elif entry.is_symlink():
                     target = os.readlink(entry.name, dir_fd=fd)
-                    if _link_inside(path, target):
+                    if workspaces.link_inside(path, target):
                         writer.links[path] = target
                         count += 1
                 elif entry.is_file(follow_symlinks=False):
@@ -174,13 +167,19 @@ def restore(work: Path, held: Held, target: Manifest, contents: dict[str, bytes]
         _remove_empty_dirs(tree, stale)
         for path, data in contents.items():
             parent, _, name = path.rpartition("/")
-            mode = 0o755 if target.files[path].executable else 0o644
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-            with os.fdopen(os.open(name, flags, mode, dir_fd=tree.dir(parent, create=True)), "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fchmod(file.fileno(), mode)
-                stamps[path] = _stamp(os.fstat(file.fileno()))
+            executable = target.files[path].executable
+            fd = os.open(
+                name, _NEW_FILE, 0o755 if executable else 0o644, dir_fd=tree.dir(parent, create=True)
+            )
+            try:
+                view, written = memoryview(data), 0
+                while written < len(data):
+                    written += os.write(fd, view[written:])
+                if executable:  # past the umask, as the agent had it
+                    os.fchmod(fd, 0o755)
+                stamps[path] = _stamp(os.fstat(fd))
+            finally:
+                os.close(fd)
         for path, link in target.links.items():
             if held.manifest.links.get(path) != link:
                 parent, _, name = path.rpartition("/")
@@ -238,7 +237,7 @@ class SessionFiles:
         work = self._directory(ref)
         try:
             held = await self._checkout(ref, work, held, session.workspace)
-        except (OSError, MissingObject) as exc:
+        except (OSError, MissingObject, ValueError) as exc:  # ValueError: a malformed manifest
             log.warning("could not restore workspace %s: %s", key, type(exc).__name__)
             await asyncio.to_thread(shutil.rmtree, work, True)
             raise BackendError(
@@ -251,6 +250,8 @@ class SessionFiles:
             if turn.saved is not None:
                 self._held[key] = turn.saved
                 await self._evict()
+            else:  # what the turn left is not the session's: the next turn here restores
+                await asyncio.shield(asyncio.to_thread(shutil.rmtree, work, True))
 
     async def _checkout(self, ref: WorkspaceRef, work: Path, held: Held | None, version: str | None) -> Held:
         if held is not None and held.manifest.version == version:
@@ -275,8 +276,8 @@ class SessionFiles:
             try:
                 await workspaces.sweep(self.store, self.redis, self.settings.session_ttl_s)
                 await self._forget_ended()
-            except (OSError, RedisError) as exc:
-                log.warning("workspace sweep failed (%s); retrying", type(exc).__name__)
+            except Exception:  # a store or Redis outage: the next round tries again
+                log.exception("workspace sweep failed; retrying")
             await asyncio.sleep(interval)
 
     async def _forget_ended(self) -> None:

@@ -1,19 +1,24 @@
 """Warm CLI processes: Claude Code started and connected ahead of the jobs that will use them.
 
-Starting the CLI costs ~300-400 ms of CPU, most of a short job's time to first token. A worker
-with `CLAUDE_WARM_CLIENTS=N` keeps up to N connected clients, each in its own prepared workspace
-with its own proxy token, and gives each to exactly one job, then discards it: per-job isolation
-is kept, only the start-up moves ahead of the job.
+Starting the CLI costs ~300-400 ms of CPU, most of a short job's time to first token. Each worker
+keeps connected clients, each in its own prepared workspace with its own proxy token, and gives
+each to exactly one job, then discards it: per-job isolation is kept, only the start-up moves
+ahead of the job.
+
+The pool is sized by demand (`WarmPool.target`): empty until the worker's first job; while jobs
+come, one client per job slot (`CLAUDE_WARM_CLIENTS` caps it), as many as fit in
+`CLAUDE_WARM_MEMORY_MIB`; after `CLAUDE_WARM_IDLE_S` without a job, `CLAUDE_WARM_IDLE_CLIENTS`.
+Refills start one client at a time, at `REFILL_NICENESS`: CLIs starting together each cost more
+CPU, and a refill must not take the CPU of a job that is streaming.
 
 A CLI's options are fixed when it starts, so a warm client is made for a *profile*: the model,
 system prompt, agent options and token limit of a job. The pool learns profiles from traffic:
-every eligible job (a single new user turn, no session) orders a client of its profile for the
-next such job, so repeated requests of one kind start warm after the first. It orders it once it
-has its first token (or has ended): a CLI starting beside the job's own would take the CPU the
-job needs until then (measured: it doubles a warm job's time to first token on 2 cores). Jobs
-with earlier turns or a session resume a transcript, which is chosen at start-up, so they always
-start cold. When the pool is full, a new profile takes the place of the oldest ready client of
-another one.
+refills are made for the latest eligible job (a single new user turn, no session), so repeated
+requests of one kind start warm after the first. A job orders its replacement once it has its
+first token (or has ended): a CLI starting beside the job's own would take the CPU the job needs
+until then (measured: it doubles a warm job's time to first token on 2 cores). Jobs with earlier
+turns or a session resume a transcript, which is chosen at start-up, so they always start cold.
+When the pool is full, a new profile takes the place of the oldest client of another one.
 
 A connected CLI still does ~100 ms of once-per-process work (all CPU, inside the CLI) on its
 first turns, so a warm client has had them already: `warm_up` runs turns that the worker's
@@ -24,10 +29,14 @@ conversation, so the job's request is the one a fresh CLI would send.
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from claude_agent_sdk import ClaudeSDKClient, ResultMessage
@@ -38,6 +47,32 @@ from worker.history import merged
 log = logging.getLogger("gateway.worker.warm")
 
 
+PAUSE_AFTER_S = 3.0
+"""A ready client unused this long is stopped until a job takes it (see `WarmClient.park`)."""
+REFILL_NICENESS = 10
+"""A client is started and warmed up at this niceness, below the jobs' CLIs; its job runs at 0."""
+
+
+def renice(pids: list[int], niceness: int) -> None:
+    """Every thread of `pids` to `niceness` (Linux keeps it per thread; new threads inherit it).
+    Lowering it needs privilege (root): without, a warm client's job keeps the refill's niceness."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
+
+
+def resident_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
 @dataclass
 class WarmClient:
     client: ClaudeSDKClient
@@ -46,14 +81,41 @@ class WarmClient:
     release: Callable[[], None] = lambda: None
     """Revokes the client's proxy token."""
     profile: str = ""
+    pids: list[int] = field(default_factory=list)
+    """The client's processes, started at `REFILL_NICENESS`."""
+    _pause: asyncio.TimerHandle | None = None
+    _paused: bool = False
+
+    def park(self) -> None:
+        """Ready: stopped (SIGSTOP) if it waits longer than `PAUSE_AFTER_S`. An idle CLI spends
+        ~6 ms of CPU a second on its timers; a stopped one none, and it answers ~15 ms later."""
+        self._pause = asyncio.get_running_loop().call_later(PAUSE_AFTER_S, self._signal, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Taken by a job: running again, at the jobs' priority."""
+        if self._pause is not None:
+            self._pause.cancel()
+        if self._paused:
+            self._signal(signal.SIGCONT)
+        renice(self.pids, 0)
+
+    def _signal(self, signum: signal.Signals) -> None:
+        self._paused = signum == signal.SIGSTOP
+        for pid in self.pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signum)
 
     async def discard(self) -> None:
+        """Kills the CLI with its workspace first: a warm client keeps no transcript, so the CLI's
+        own graceful shutdown (~30 ms of CPU) would be spent for nothing."""
+        if self._pause is not None:
+            self._pause.cancel()
         try:
+            self.workspace.close()
             with contextlib.suppress(Exception):
                 await self.client.disconnect()
         finally:
             self.release()
-            self.workspace.close()
 
 
 WARM_UP_PROMPT = "Reply with ok."
@@ -112,47 +174,111 @@ class _Slot:
     cold start, which would begin from nothing)."""
 
 
+CLIENT_MIB_ESTIMATE = 210.0
+"""A warm client's resident memory until one has been measured on this worker."""
+
+
 @dataclass
 class WarmPool:
-    size: int
+    """Ready clients sized by demand: none before the first job; while jobs come, one per job slot
+    (`limit`) within `memory_mib`; after `idle_s` without a job, `idle_clients`. Refills run one
+    at a time (the CLI's start is ~0.3 s of CPU, and starting several at once costs each more)."""
+
+    limit: int
     spawn: Callable[[CompletionJob], Awaitable[WarmClient]]
+    memory_mib: int = 1024
+    idle_s: float = 60.0
+    idle_clients: int = 1
+    client_mib: float = CLIENT_MIB_ESTIMATE
+    """The resident memory of the last client made ready (`spawn` measures it)."""
     _slots: list[_Slot] = field(default_factory=list)
+    _template: CompletionJob | None = None
+    """The latest job warm clients can run: refills are made for its profile."""
+    _last_job_at: float = 0.0
+    _filling: "asyncio.Task[None] | None" = None
+    _trim: asyncio.TimerHandle | None = None
     _discarding: set["asyncio.Task[None]"] = field(default_factory=set)
     _closed: bool = False
+
+    def target(self) -> int:
+        """How many clients the pool keeps now."""
+        idle = time.monotonic() - self._last_job_at >= self.idle_s
+        wanted = min(self.idle_clients, self.limit) if idle else self.limit
+        return max(0, min(wanted, int(self.memory_mib // max(self.client_mib, 1.0))))
+
+    @property
+    def ready(self) -> int:
+        return sum(1 for slot in self._slots if slot.client.done())
 
     async def take(self, job: CompletionJob) -> WarmClient | None:
         """A client for the job's profile, if one is ready or connecting. None: the job starts
         cold. Either way, `order` its replacement once the job has its first token."""
+        self._last_job_at = time.monotonic()
         wanted = profile(job)
         if wanted is None or self._closed:
             return None
         mine = [slot for slot in self._slots if slot.profile == wanted]
-        found = next((slot for slot in mine if slot.client.done()), mine[0] if mine else None)
+        # The newest ready client: the likeliest not to be stopped yet (`WarmClient.park`).
+        found = next((slot for slot in reversed(mine) if slot.client.done()), mine[0] if mine else None)
         if found is None:
             return None
         self._slots.remove(found)
         try:
-            return await found.client
+            warm = await found.client
         except Exception:
             log.warning("could not start a warm Claude Code client", exc_info=True)
             return None
+        warm.resume()
+        return warm
 
     def order(self, job: CompletionJob) -> None:
-        """Starts a client for the next job like `job`, if warm clients can run such jobs."""
+        """Refills the pool with clients for jobs like `job`, if warm clients can run such jobs."""
         wanted = profile(job)
         if wanted is None or self._closed:
             return
-        if len(self._slots) >= self.size:
-            other = next((slot for slot in self._slots if slot.profile != wanted), None)
-            if other is None:
-                return
-            self._slots.remove(other)
-            self._discard(other)
-        self._slots.append(_Slot(wanted, asyncio.ensure_future(self._start(job, wanted))))
+        self._template = job
+        self._last_job_at = time.monotonic()
+        if (
+            self._slots
+            and len(self._slots) >= self.target()
+            and all(s.profile != wanted for s in self._slots)
+        ):
+            self._discard(self._slots.pop(0))  # a new kind of job takes the oldest client's place
+        if self._filling is None or self._filling.done():
+            self._filling = asyncio.ensure_future(self._fill())
+        if self._trim is not None:
+            self._trim.cancel()
+        self._trim = asyncio.get_running_loop().call_later(self.idle_s + 0.1, self._shrink)
 
-    async def _start(self, job: CompletionJob, wanted: str) -> WarmClient:
+    async def _fill(self) -> None:
+        while not self._closed and self._template is not None and len(self._slots) < self.target():
+            job = self._template
+            slot = _Slot(str(profile(job)), asyncio.ensure_future(self._start(job)))
+            self._slots.append(slot)
+            await asyncio.wait([slot.client])
+            if slot.client.cancelled() or slot.client.exception() is not None:
+                return  # `take` logs it; the next job's order tries again
+
+    def _shrink(self) -> None:
+        """Idle: discards the clients over the target, other profiles and the oldest first."""
+        if self._closed:
+            return
+        if (wait := self._last_job_at + self.idle_s - time.monotonic()) > 0:  # a job came since
+            self._trim = asyncio.get_running_loop().call_later(wait + 0.1, self._shrink)
+            return
+        excess = len(self._slots) - self.target()
+        if excess <= 0:
+            return
+        latest = str(profile(self._template)) if self._template is not None else ""
+        ranked = sorted(self._slots, key=lambda slot: slot.profile == latest)
+        for slot in ranked[:excess]:
+            self._slots.remove(slot)
+            self._discard(slot)
+
+    async def _start(self, job: CompletionJob) -> WarmClient:
         warm = await self.spawn(job)
-        warm.profile = wanted
+        warm.profile = str(profile(job))
+        warm.park()
         return warm
 
     def _discard(self, slot: _Slot) -> None:
@@ -167,6 +293,8 @@ class WarmPool:
 
     async def close(self) -> None:
         self._closed = True
+        if self._trim is not None:
+            self._trim.cancel()
         slots, self._slots = self._slots, []
         for slot in slots:
             self._discard(slot)

@@ -10,12 +10,13 @@ session that does not exist yet creates it, empty, so files can be given before 
 
 import asyncio
 import io
+import logging
 import posixpath
 import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Literal
 from urllib.parse import quote
 
@@ -23,7 +24,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
-from api.core.sessions import invalid_session_id
+from api.core.sessions import invalid_session_id, session_not_found
 from api.deps import CallerDep, GatewayDep
 from api.errors import ErrorResponse, OpenAIError
 from shared import sessions, workspaces
@@ -31,6 +32,7 @@ from shared.keys import is_session_id
 from shared.workspace_store import MissingObject, ObjectStore, open_store
 from shared.workspaces import FileEntry, Manifest, VersionWriter, WorkspaceRef
 
+log = logging.getLogger("gateway.api")
 router = APIRouter()
 _ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 409, 413)
@@ -63,20 +65,24 @@ class SessionFileDeleted(BaseModel):
     deleted: bool = True
 
 
-async def _store(request: Request, gateway: GatewayDep) -> ObjectStore:
+async def _store(request: Request, gateway: GatewayDep) -> AsyncIterator[ObjectStore]:
+    """The workspace store; a route that cannot reach it answers 503."""
     store: ObjectStore | None = getattr(request.app.state, "workspace_store", None)
     if store is None:
         store = request.app.state.workspace_store = open_store(gateway.settings)
-    return store
+    try:
+        yield store
+    except OSError as exc:
+        log.warning("workspace store unavailable: %s", type(exc).__name__)
+        raise OpenAIError(
+            503,
+            "The session's files are unavailable right now; retry shortly.",
+            type="server_error",
+            code="workspace_store_unavailable",
+        ) from None
 
 
 StoreDep = Annotated[ObjectStore, Depends(_store)]
-
-
-def _not_found(session_id: str) -> OpenAIError:
-    return OpenAIError.not_found(
-        f"No session '{session_id}' found.", param="session_id", code="session_not_found"
-    )
 
 
 def _file_not_found(file_id: str) -> OpenAIError:
@@ -103,7 +109,7 @@ async def _current(
     owner = sessions.owner_of(caller.key_id)
     found = await sessions.get(gateway.redis, owner, session_id, gateway.settings.session_ttl_s)
     if found is None:
-        raise _not_found(session_id)
+        raise session_not_found(session_id)
     session = found[0]
     ref = WorkspaceRef(owner, session_id, session.transcript_id)
     return ref, await _manifest(store, ref, session.workspace)
@@ -168,13 +174,15 @@ async def get_file(
     return _file(session_id, *_find(manifest, file_id))
 
 
+def _binary(media_type: str) -> dict[int | str, dict[str, object]]:
+    content = {media_type: {"schema": {"type": "string", "format": "binary"}}}
+    return {200: {"content": content, "description": "The bytes"}, **_ERRORS}
+
+
 @router.get(
     "/v1/sessions/{session_id}/files/{file_id}/content",
     response_class=Response,
-    responses={
-        **_ERRORS,
-        200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes."},
-    },
+    responses=_binary("application/octet-stream"),
 )
 async def get_file_content(
     session_id: str, file_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep
@@ -192,11 +200,8 @@ async def get_file_content(
 
 @router.get(
     "/v1/sessions/{session_id}/archive",
-    response_class=Response,
-    responses={
-        **_ERRORS,
-        200: {"content": {"application/gzip": {}}, "description": "The files, as a tar.gz."},
-    },
+    response_class=StreamingResponse,
+    responses=_binary("application/gzip"),
 )
 async def get_archive(session_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep) -> Response:
     """The whole workspace as a `tar.gz`: its files (with their executable bit) and its links."""
@@ -264,7 +269,7 @@ class _NewVersion:
         ttl_s = self.gateway.settings.session_ttl_s
         found = await sessions.get(self.gateway.redis, self.owner, self.session_id, ttl_s)
         if found is None and not create:
-            raise _not_found(self.session_id)
+            raise session_not_found(self.session_id)
         transcript, version = (found[0].transcript_id, found[0].workspace) if found else (None, None)
         self.transcript_id = transcript or sessions.new_transcript_id()
         ref = WorkspaceRef(self.owner, self.session_id, self.transcript_id)

@@ -1,0 +1,113 @@
+"""The warm pool's sizing (worker/warm.py), with a stand-in for starting a CLI: how many clients it
+keeps, that it starts them one at a time, and that it shrinks when idle. What a warm client sends
+upstream is tested on the real CLI in tests/test_claude_warm.py."""
+
+import asyncio
+from contextlib import ExitStack
+from typing import Any, cast
+
+from claude_agent_sdk import ClaudeSDKClient
+
+from shared.jobs import CompletionJob, Turn
+from worker.warm import WarmClient, WarmPool
+
+
+class _FakeCLI:
+    async def disconnect(self) -> None:
+        pass
+
+
+class _Spawner:
+    def __init__(self) -> None:
+        self.running = 0
+        self.most_at_once = 0
+        self.started = 0
+        self.discarded = 0
+
+    async def __call__(self, job: CompletionJob) -> WarmClient:
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        await asyncio.sleep(0.01)
+        self.running -= 1
+        self.started += 1
+        stack = ExitStack()
+        stack.callback(self._discarded)
+        return WarmClient(cast(ClaudeSDKClient, _FakeCLI()), stack)
+
+    def _discarded(self) -> None:
+        self.discarded += 1
+
+
+def job(model: str = "claude-sonnet-4-5") -> CompletionJob:
+    return CompletionJob(request_id="r", model=model, turns=[Turn(role="user", text="hi")])
+
+
+async def settled(pool: WarmPool) -> None:
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if pool.ready == len(pool._slots) and (pool._filling is None or pool._filling.done()):
+            return
+
+
+def test_no_client_before_the_first_job_then_one_per_slot_started_one_at_a_time() -> None:
+    async def scenario() -> None:
+        spawn = _Spawner()
+        pool = WarmPool(4, spawn)
+        await asyncio.sleep(0.05)
+        assert spawn.started == 0
+        assert await pool.take(job()) is None  # the first job starts cold
+        pool.order(job())
+        await settled(pool)
+        assert (pool.ready, spawn.most_at_once) == (4, 1)
+        taken = [await pool.take(job()) for _ in range(4)]
+        assert all(client is not None for client in taken)
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_memory_budget_caps_the_pool() -> None:
+    async def scenario() -> None:
+        pool = WarmPool(4, _Spawner(), memory_mib=500, client_mib=200)
+        pool.order(job())
+        await settled(pool)
+        assert pool.ready == 2
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_idle_pool_shrinks_to_its_idle_size_and_grows_back_with_jobs() -> None:
+    async def scenario() -> None:
+        spawn = _Spawner()
+        pool = WarmPool(3, spawn, idle_s=0.3, idle_clients=1)
+        pool.order(job())
+        await settled(pool)
+        assert pool.ready == 3
+        await asyncio.sleep(0.5)
+        await settled(pool)
+        assert (pool.ready, spawn.discarded) == (1, 2)
+        assert await pool.take(job()) is not None
+        pool.order(job())
+        await settled(pool)
+        assert pool.ready == 3
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_new_kind_of_job_takes_the_place_of_another_kinds_client() -> None:
+    async def scenario() -> None:
+        spawn = _Spawner()
+        pool = WarmPool(2, spawn)
+        pool.order(job("claude-sonnet-4-5"))
+        await settled(pool)
+        pool.order(job("claude-opus-4-1"))
+        await settled(pool)
+        kinds: list[Any] = [slot.profile for slot in pool._slots]
+        assert len(kinds) == 2
+        assert any("opus" in kind for kind in kinds)
+        assert await pool.take(job("claude-opus-4-1")) is not None
+        await pool.close()
+
+    asyncio.run(scenario())

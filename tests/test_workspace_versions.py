@@ -1,0 +1,155 @@
+"""Workspace versions on a real filesystem and the local store: what a save stores, what a restore
+writes, and that neither follows a symbolic link out of the workspace."""
+
+from pathlib import Path
+
+import pytest
+
+from shared import workspaces
+from shared.workspace_store import LocalStore
+from shared.workspaces import Manifest, VersionWriter, WorkspaceRef, WorkspaceTooLarge
+from worker.session_files import Held, restore, scan
+
+REF = WorkspaceRef("0" * 32, "s-1", "12345678-1234-1234-1234-123456789abc")
+LIMITS = (10_000_000, 1_000)
+
+
+async def save(store: LocalStore, work: Path, held: Held) -> Held:
+    writer = VersionWriter(held.manifest)
+    stamps = scan(work, held, writer, *LIMITS)
+    return Held(await writer.write(store, REF), stamps)
+
+
+async def restored(store: LocalStore, into: Path, version: str | None) -> Held:
+    into.mkdir()
+    target = await workspaces.load_manifest(store, REF, version)
+    return restore(into, Held(Manifest()), target, await workspaces.read_files(store, REF, target.files))
+
+
+async def test_a_save_stores_only_changed_files_and_a_restore_gives_them_back(tmp_path: Path) -> None:
+    store, work = LocalStore(tmp_path / "store"), tmp_path / "work"
+    (work / "src").mkdir(parents=True)
+    for i in range(100):
+        (work / "src" / f"f{i}.txt").write_text(f"file {i}\n" * 10)
+    (work / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (work / "run.sh").chmod(0o755)
+    first = await save(store, work, Held(Manifest()))
+    (work / "src" / "f7.txt").write_text("changed\n")
+    second = await save(store, work, first)
+    assert second.manifest.version != first.manifest.version
+    assert second.manifest.packs[second.manifest.version or ""] == len(b"changed\n")  # one file uploaded
+    assert second.manifest.files["src/f8.txt"] == first.manifest.files["src/f8.txt"]
+    again = VersionWriter(second.manifest)
+    scan(work, second, again, *LIMITS)
+    assert not again.changed()  # nothing to save: the turn keeps the version it had
+
+    elsewhere = await restored(store, tmp_path / "elsewhere", second.manifest.version)
+    assert (tmp_path / "elsewhere" / "src" / "f7.txt").read_text() == "changed\n"
+    assert (tmp_path / "elsewhere" / "src" / "f8.txt").read_text() == "file 8\n" * 10
+    assert (tmp_path / "elsewhere" / "run.sh").stat().st_mode & 0o100
+    assert elsewhere.manifest == second.manifest
+
+
+async def test_two_versions_from_one_parent_never_mix(tmp_path: Path) -> None:
+    store, work = LocalStore(tmp_path / "store"), tmp_path / "work"
+    work.mkdir()
+    (work / "a.txt").write_text("base")
+    base = await save(store, work, Held(Manifest()))
+    (work / "a.txt").write_text("one")
+    one = await save(store, work, base)
+    (work / "a.txt").write_text("two")
+    two = await save(store, work, base)  # a retried turn saving from the same parent
+    assert one.manifest.version != two.manifest.version
+    await restored(store, tmp_path / "r1", one.manifest.version)
+    await restored(store, tmp_path / "r2", two.manifest.version)
+    assert (tmp_path / "r1" / "a.txt").read_text() == "one"
+    assert (tmp_path / "r2" / "a.txt").read_text() == "two"
+
+
+async def test_a_save_follows_no_link_and_keeps_only_links_inside(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not the agent's")
+    store, work = LocalStore(tmp_path / "store"), tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "sub" / "in.txt").write_text("inside")
+    (work / "out-dir").symlink_to(outside)
+    (work / "out-file").symlink_to(outside / "secret.txt")
+    (work / "up").symlink_to("../outside")
+    (work / "ok").symlink_to("sub/in.txt")
+    (work / "sub" / "back").symlink_to("../sub/in.txt")
+    held = await save(store, work, Held(Manifest()))
+    assert sorted(held.manifest.files) == ["sub/in.txt"]
+    assert held.manifest.links == {"ok": "sub/in.txt", "sub/back": "../sub/in.txt"}
+    await restored(store, tmp_path / "copy", held.manifest.version)
+    assert (tmp_path / "copy" / "ok").readlink() == Path("sub/in.txt")
+    assert (tmp_path / "copy" / "ok").read_text() == "inside"
+
+
+async def test_a_restore_never_writes_through_a_link(tmp_path: Path) -> None:
+    store, work = LocalStore(tmp_path / "store"), tmp_path / "work"
+    (work / "a").mkdir(parents=True)
+    (work / "a" / "x.txt").write_text("payload")
+    held = await save(store, work, Held(Manifest()))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "a").symlink_to(outside)  # something swapped a folder for a link
+    manifest = await workspaces.load_manifest(store, REF, held.manifest.version)
+    with pytest.raises(OSError, match=r"Not a directory|Too many levels of symbolic links"):
+        restore(target, Held(Manifest()), manifest, await workspaces.read_files(store, REF, manifest.files))
+    assert list(outside.iterdir()) == []
+
+
+def test_a_scan_stops_at_the_limits(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    for i in range(5):
+        (work / f"f{i}").write_bytes(bytes(100))
+    with pytest.raises(WorkspaceTooLarge, match="more than 3 files"):
+        scan(work, Held(Manifest()), VersionWriter(Manifest()), 10_000, 3)
+    with pytest.raises(WorkspaceTooLarge, match="more than 250 bytes"):
+        scan(work, Held(Manifest()), VersionWriter(Manifest()), 250, 100)
+
+
+@pytest.mark.parametrize(
+    "path", ["", "/abs", "a/../b", "a//b", "./a", "a/", "x\x00y", "tab\there", "é" * 600]
+)
+def test_invalid_paths_are_refused(path: str) -> None:
+    with pytest.raises(workspaces.InvalidPath):
+        workspaces.checked_path(path)
+
+
+async def test_garbage_collection_keeps_the_parent_and_what_the_current_version_reads(tmp_path: Path) -> None:
+    store, work = LocalStore(tmp_path / "store"), tmp_path / "work"
+    work.mkdir()
+    (work / "kept.txt").write_text("written once")
+    held = await save(store, work, Held(Manifest()))
+    first_pack = held.manifest.version
+    versions = []
+    for i in range(4):
+        (work / "changing.txt").write_text(f"v{i}")
+        held = await save(store, work, held)
+        versions.append(held.manifest.version)
+    await workspaces.collect_garbage(store, REF, held.manifest)
+    keys = await store.keys(REF.prefix)
+    manifests = sorted(key.rsplit("/", 1)[1] for key in keys if "/manifests/" in key)
+    packs = sorted(key.rsplit("/", 1)[1] for key in keys if "/packs/" in key)
+    assert manifests == versions[-2:]
+    assert packs == sorted([first_pack, *versions[-2:]])  # kept.txt is still read from the first pack
+
+
+async def test_an_unreachable_s3_store_is_unavailable_not_missing() -> None:
+    from cli.embedded_redis import free_port
+    from shared.settings import Settings
+    from shared.workspace_store import StoreUnavailable, open_store
+
+    settings = Settings(
+        workspace_store="s3://bucket/prefix", workspace_s3_endpoint=f"http://127.0.0.1:{free_port()}"
+    )
+    store = open_store(settings)
+    with pytest.raises(StoreUnavailable):
+        await store.get("ws/anything")
+    with pytest.raises(StoreUnavailable):
+        await store.put("ws/anything", b"x")
