@@ -134,8 +134,10 @@ def _probes(gateway: Gateway, neighbour: Path, marker: str) -> str:
         "echo interfaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,); "
         "echo processes=$(ls /proc | grep -c '^[0-9]'); "
         f'key="{first}""{second}"; '
-        'echo key_in_proc=$(cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr "\\0" "\\n" '
-        '| grep -c -F "$key"); '
+        # Read every process first, then search: a grep running beside the reader would show the
+        # key in its own command line.
+        'seen=$(mktemp); cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr "\\0" "\\n" '
+        '> "$seen"; echo key_in_proc=$(grep -c -F "$key" "$seen"); rm -f "$seen"; '
         'echo key_in_files=$(grep -r -l -s -F "$key" /etc /tmp /run /dev/shm /home /root /work "$HOME" . '
         "2>/dev/null | wc -l); "
         f"echo worker_environ=$(cat /proc/{gateway.workers[0].pid}/environ >/dev/null 2>&1 "
