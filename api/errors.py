@@ -71,6 +71,7 @@ FAILURE_STATUS: dict[FailureCode, tuple[int, str]] = {
     FailureCode.STALLED: (504, "timeout_error"),
     FailureCode.WORKER_LOST: (502, "server_error"),
     FailureCode.CANCELLED: (409, "invalid_request_error"),
+    FailureCode.RETRY_DIVERGED: (502, "server_error"),
     FailureCode.WORKSPACE_TOO_LARGE: (413, "invalid_request_error"),
     FailureCode.INTERNAL: (500, "server_error"),
 }

@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.jobs import Delta, Done, Failed, JobEventValue, Reasoning, decode_event, encode_event
+from shared.jobs import Delta, Done, Failed, JobEventValue, Reasoning, decode_event, encode_event, settled
 from shared.jobstore import JobStore
 from shared.keys import events_key
 
@@ -155,15 +155,12 @@ async def read_events(
                 return
 
 
-async def events_so_far(redis: Redis, job_id: str) -> list[tuple[int, JobEventValue]]:
-    """Every event the job has written until now, without waiting for more."""
-    entries = await redis.xrange(events_key(job_id))
-    return [
-        (int(entry_id.decode().partition("-")[2]), decode_event(fields[_FIELD]))
-        for entry_id, fields in entries
-    ]
+async def events_so_far(redis: Redis, job_id: str) -> list[JobEventValue]:
+    """Every event the job has written until now (without waiting for more), settled: text the
+    model API took back is left out."""
+    return settled(decode_event(fields[_FIELD]) for _, fields in await redis.xrange(events_key(job_id)))
 
 
 async def streamed_text(redis: Redis, job_id: str) -> str:
     """All the text a job has written to its stream so far (read once, at the end of a job)."""
-    return "".join(event.text for _, event in await events_so_far(redis, job_id) if isinstance(event, Delta))
+    return "".join(event.text for event in await events_so_far(redis, job_id) if isinstance(event, Delta))

@@ -1,12 +1,14 @@
 """The job contract between API and worker: what is enqueued, and the events a job emits.
 
 A job's events form a sequence numbered from 1: any number of `Delta`s (the reply's text),
-`Reasoning`s (the model's thinking) and `ToolStep`s (the agent running its own tools), then exactly
-one terminal event, `Done` or `Failed`. The API renders them into the wire format the caller asked for.
+`Reasoning`s (the model's thinking), `ToolStep`s (the agent running its own tools) and, rarely,
+`Retraction`s (text the model API took back), then exactly one terminal event, `Done` or `Failed`.
+The API renders them into the wire format the caller asked for.
 """
 
 import time
 import uuid
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -117,6 +119,8 @@ class FailureCode(StrEnum):
     WORKER_SHUTDOWN = "worker_shutdown"
     WORKER_LOST = "worker_lost"
     CANCELLED = "cancelled"
+    RETRY_DIVERGED = "retry_diverged"
+    """Not a job's end: a stream that cannot go on after a `Retraction` ends with it."""
     WORKSPACE_TOO_LARGE = "workspace_too_large"
     """A session turn's files exceed the workspace limits: not saved, the session unchanged."""
     INTERNAL = "internal_error"
@@ -156,6 +160,14 @@ class ToolStep(BaseModel):
     failed: bool = False
 
 
+class Retraction(BaseModel):
+    """The model API cut its message and the retry said something else: the last `chars`
+    characters of the reply's text are withdrawn, and the deltas that follow replace them."""
+
+    type: Literal["retraction"] = "retraction"
+    chars: int = Field(gt=0)
+
+
 class ToolCall(BaseModel):
     """A call to one of the caller's functions; `arguments` is a JSON object as text."""
 
@@ -178,9 +190,9 @@ class Failed(BaseModel):
     message: str
 
 
-JobEvent = Annotated[Delta | Reasoning | ToolStep | Done | Failed, Field(discriminator="type")]
+JobEvent = Annotated[Delta | Reasoning | ToolStep | Retraction | Done | Failed, Field(discriminator="type")]
 _EVENT = TypeAdapter[JobEvent](JobEvent)
-JobEventValue = Delta | Reasoning | ToolStep | Done | Failed
+JobEventValue = Delta | Reasoning | ToolStep | Retraction | Done | Failed
 Activity = Reasoning | ToolStep
 """What the agent does besides writing its reply."""
 
@@ -191,3 +203,23 @@ def encode_event(event: JobEventValue) -> bytes:
 
 def decode_event(raw: bytes) -> JobEventValue:
     return _EVENT.validate_json(raw)
+
+
+def settled(events: Iterable[JobEventValue]) -> list[JobEventValue]:
+    """The events with each `Retraction` applied to the text before it (and left out): what a
+    collected reply, a retrieval and a session's history are built from."""
+    kept: list[JobEventValue] = []
+    for event in events:
+        if not isinstance(event, Retraction):
+            kept.append(event)
+            continue
+        owed = event.chars
+        for index in range(len(kept) - 1, -1, -1):
+            if owed == 0:
+                break
+            if isinstance(earlier := kept[index], Delta):
+                cut = min(owed, len(earlier.text))
+                kept[index] = Delta(text=earlier.text[: len(earlier.text) - cut])
+                owed -= cut
+        kept = [event for event in kept if not (isinstance(event, Delta) and not event.text)]
+    return kept

@@ -10,7 +10,7 @@ which a stopped run never reaches); no cost is known.
 
 from collections.abc import AsyncGenerator, AsyncIterator
 
-from shared.jobs import Delta, Done, FinishReason, Usage
+from shared.jobs import Delta, Done, FinishReason, Retraction, Usage
 from worker.backends import BackendEvent, UsageReport
 
 
@@ -38,6 +38,13 @@ class StopMatcher:
                 return size
         return 0
 
+    def withdraw(self, chars: int) -> int:
+        """Takes back the last `chars` characters fed: those still held are dropped; the number
+        of those already emitted is returned."""
+        dropped = min(chars, len(self._held))
+        self._held = self._held[: len(self._held) - dropped]
+        return chars - dropped
+
     def flush(self) -> str:
         held, self._held = self._held, ""
         return held
@@ -59,6 +66,9 @@ async def stop_at(events: AsyncIterator[BackendEvent], stops: list[str]) -> Asyn
                     usage = usage.model_copy(update={"completion_tokens": deltas})
                     yield Done(finish_reason=FinishReason.STOP, usage=usage)
                     return
+            elif isinstance(event, Retraction):
+                if emitted := matcher.withdraw(event.chars):
+                    yield Retraction(chars=emitted)
             elif isinstance(event, Done):
                 if rest := matcher.flush():
                     yield Delta(text=rest)

@@ -20,8 +20,8 @@ from sse_starlette import ServerSentEvent
 
 from api.chat.protocol import ChatCompletion, Choice, CompletionUsage, ResponseMessage
 from api.core.run import JobRef, Reply, activity_text, total_usage
+from api.core.streaming import Rendered
 from api.errors import ErrorInfo, ErrorResponse, OpenAIError
-from shared.events import JobEventValue
 from shared.jobs import Activity, Delta, Done, JobStatus, Usage
 
 COMPLETION_ID_PREFIX = "chatcmpl-"
@@ -111,7 +111,7 @@ class ChunkRenderer:
             for choice in range(len(self._choice_heads))
         ]
 
-    def render(self, choice: int, seq: int, event: JobEventValue) -> list[ServerSentEvent]:
+    def render(self, choice: int, seq: int, event: Rendered) -> list[ServerSentEvent]:
         if isinstance(event, Delta):
             content = self._choice(choice, '{"content":' + json.dumps(event.text) + "}", None)
             return [ServerSentEvent(content, id=self._id(seq))]
@@ -139,10 +139,8 @@ class ChunkRenderer:
     def _usage(self, usage: Usage) -> str:
         return self._head + ',"choices":[],"usage":' + usage_body(usage).model_dump_json() + "}"
 
-    def lost_queue(self) -> list[ServerSentEvent]:
-        message = "The gateway lost its queue mid-stream; resume with Last-Event-ID."
-        error = ErrorInfo(message=message, type="server_error", code="queue_unavailable")
-        return [ServerSentEvent(error_chunk(error))]
+    def interrupted(self, error: OpenAIError) -> list[ServerSentEvent]:
+        return [ServerSentEvent(error_chunk(error.info))]
 
     def closing(self) -> list[ServerSentEvent]:
         chunks = []

@@ -68,7 +68,7 @@ async def _owned(gateway: Gateway, caller: Caller, completion_id: str) -> JobRec
 
 async def _snapshot(gateway: Gateway, record: JobRecord, reasoning: bool = True) -> ChatCompletion:
     """The job as a chat completion: its full reply once completed, else its status (and error)."""
-    events = [event for _, event in await events_so_far(gateway.store.redis, record.id)]
+    events = await events_so_far(gateway.store.redis, record.id)
     text, last = reply_of(events)
     if isinstance(last, Done):
         return completion_body(record, [Reply(text, last, events if reasoning else [])])

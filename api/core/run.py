@@ -18,7 +18,7 @@ from api.core.structured import ResponseFormat
 from api.deps import Gateway
 from api.errors import OpenAIError
 from shared.events import JobEventValue
-from shared.jobs import Activity, Delta, Done, Failed, FailureCode, Reasoning, Usage
+from shared.jobs import Activity, Delta, Done, Failed, FailureCode, Reasoning, Usage, settled
 from shared.jobstore import JobStore
 
 log = logging.getLogger("gateway.api")
@@ -171,8 +171,9 @@ class Run:
                 if isinstance(event, Failed):
                     raise OpenAIError.from_failure(event)
                 if isinstance(event, Done):
-                    text, _ = reply_of(events[choice])
-                    replies[choice] = Reply(text, event, events[choice])
+                    kept = settled(events[choice])
+                    text, _ = reply_of(kept)
+                    replies[choice] = Reply(text, event, kept)
         except BaseException:
             if len(self.jobs) > 1:
                 await self.cancel("Another choice of the request failed.")

@@ -2,8 +2,13 @@
 
 The front end supplies a `StreamRenderer` (its wire format); this module owns what every stream
 shares: holding the headers until the first event (so an early failure gets its real status),
-batching what is ready together into one body message, ending on the terminal event, reporting a
-lost queue in-stream, and cancelling the jobs when a live client goes away.
+batching what is ready together into one body message, ending on the terminal event, ending early
+(in-stream) on a lost queue or on text the model API took back, and cancelling the jobs when a live
+client goes away.
+
+Text already sent cannot be taken back: when the model API cuts a message and its retry says
+something else (a `Retraction`), the stream ends with a retryable error instead of joining the two.
+The job goes on, and its stored reply (a retrieval, the session's history) keeps only the retried text.
 """
 
 import asyncio
@@ -18,13 +23,30 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api.core.run import ChoiceEvents, Reply, Run
 from api.errors import OpenAIError
 from shared.events import JobEventValue
-from shared.jobs import Delta, Done, Failed
+from shared.jobs import Activity, Delta, Done, Failed, FailureCode, Retraction
 
 log = logging.getLogger("gateway.api")
 
 First = asyncio.Future[tuple[int, int, JobEventValue]]
+Rendered = Delta | Activity | Done | Failed
+"""What a renderer is given: every event but a `Retraction`, which ends the stream before it."""
 OnAbandon = Callable[[], Coroutine[Any, Any, None]]
 _abandoned: set["asyncio.Task[None]"] = set()  # strong references until they finish
+_LOST_QUEUE = OpenAIError(
+    500,
+    "The gateway lost its queue mid-stream; resume the stream after the last event id received.",
+    type="server_error",
+    code="queue_unavailable",
+)
+_DIVERGED = OpenAIError.from_failure(
+    Failed(
+        code=FailureCode.RETRY_DIVERGED,
+        message="The model API cut this answer and its retry says something else than the text "
+        "already sent, so this stream ends here rather than join the two. The job goes on and keeps "
+        "only the retried answer (a retrieval by this stream's id, or the session, has it once the "
+        "job ends); or send the request again.",
+    )
+)
 _EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits: `str.isdigit` also takes "²", which `int` refuses
 
 
@@ -34,10 +56,11 @@ class StreamRenderer(Protocol):
     def opening(self) -> list[ServerSentEvent]:
         """What opens the stream (empty when resuming past it)."""
 
-    def render(self, choice: int, seq: int, event: JobEventValue) -> list[ServerSentEvent]: ...
+    def render(self, choice: int, seq: int, event: Rendered) -> list[ServerSentEvent]: ...
 
-    def lost_queue(self) -> list[ServerSentEvent]:
-        """The in-stream error when Redis is lost after the headers went out."""
+    def interrupted(self, error: OpenAIError) -> list[ServerSentEvent]:
+        """The in-stream error that ends a stream early (after its headers), without an event id:
+        resuming past it must not be possible."""
 
     def closing(self) -> list[ServerSentEvent]:
         """What ends the stream after its last event (e.g. chat's `[DONE]`)."""
@@ -106,6 +129,10 @@ async def _relay(
             ready = []
         choice, seq, event = await pending
         while True:
+            if isinstance(event, Retraction):
+                ready += renderer.interrupted(_DIVERGED)
+                finished = len(run.jobs) == 1  # a request of several choices is not kept: cancelled
+                break
             ready += renderer.render(choice, seq, event)
             if isinstance(event, Done | Failed):
                 ended += 1
@@ -119,7 +146,7 @@ async def _relay(
     except RedisError:
         # Headers are gone already: the failure can only be reported in the stream.
         log.warning("lost Redis while relaying a stream")
-        ready += renderer.lost_queue()
+        ready += renderer.interrupted(_LOST_QUEUE)
         finished = True
     finally:
         run.close()

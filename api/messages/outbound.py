@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from sse_starlette import ServerSentEvent
 
 from api.core.run import JobRef, Reply, activity_text
+from api.core.streaming import Rendered
 from api.errors import OpenAIError, anthropic_error
 from api.messages.protocol import (
     MESSAGE_ID_PREFIX,
@@ -97,7 +98,7 @@ class MessageStream:
         self._open = None
         return [_event("content_block_stop", index=self._index)]
 
-    def render(self, choice: int, seq: int, event: JobEventValue) -> list[ServerSentEvent]:
+    def render(self, choice: int, seq: int, event: Rendered) -> list[ServerSentEvent]:
         if isinstance(event, Delta):
             delta = {"type": "text_delta", "text": event.text}
             return [*self._block("text"), _event("content_block_delta", index=self._index, delta=delta)]
@@ -122,8 +123,8 @@ class MessageStream:
         ending = {"stop_reason": stop_reason(event), "stop_sequence": None}
         return [*events, _event("message_delta", delta=ending, usage=usage), _event("message_stop")]
 
-    def lost_queue(self) -> list[ServerSentEvent]:
-        return [_error(500, "The gateway lost its queue mid-stream.")]
+    def interrupted(self, error: OpenAIError) -> list[ServerSentEvent]:
+        return [_error(error.status, error.info.message)]
 
     def closing(self) -> list[ServerSentEvent]:
         return []

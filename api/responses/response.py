@@ -213,7 +213,7 @@ def finished_status(done: Done) -> tuple[ResponseStatus, Literal["completed", "i
 
 async def continued_conversation(redis: Redis, stored: StoredResponse, job_id: str) -> list[ChatMessage]:
     """The conversation a continuation starts from: the earlier one, then its reply (and calls)."""
-    events = [event for _, event in await events_so_far(redis, job_id)]
+    events = await events_so_far(redis, job_id)
     reply = "".join(event.text for event in events if isinstance(event, Delta))
     done = events[-1] if events and isinstance(events[-1], Done) else None
     calls = [

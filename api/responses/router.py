@@ -113,7 +113,7 @@ async def _continued(gateway: Gateway, caller: Caller, previous_id: str) -> list
 
 
 async def _snapshot(gateway: Gateway, record: JobRecord, stored: StoredResponse) -> Response:
-    events = [event for _, event in await events_so_far(gateway.store.redis, record.id)]
+    events = await events_so_far(gateway.store.redis, record.id)
     text, terminal = reply_of(events)
     if not stored.reasoning:
         events = [event for event in events if not isinstance(event, Activity)]

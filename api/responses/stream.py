@@ -24,6 +24,8 @@ from typing import Any
 from sse_starlette import ServerSentEvent
 
 from api.core.run import JobRef, activity_text
+from api.core.streaming import Rendered
+from api.errors import OpenAIError
 from api.responses.protocol import OutputMessage, OutputText, ReasoningItem, SummaryText
 from api.responses.response import StoredResponse, finished_status, function_calls, item_id, response_body
 from shared.events import JobEventValue
@@ -169,17 +171,16 @@ class ResponseEventRenderer:
     def opening(self) -> list[ServerSentEvent]:
         return self._events(self._prelude())
 
-    def render(self, choice: int, seq: int, event: JobEventValue) -> list[ServerSentEvent]:
+    def render(self, choice: int, seq: int, event: Rendered) -> list[ServerSentEvent]:
         if isinstance(event, Delta):
             return self._events(self._delta(event))
         if isinstance(event, Activity):
             return self._events(self._activity(event))
         return self._events(self._terminal(event))
 
-    def lost_queue(self) -> list[ServerSentEvent]:
-        message = "The gateway lost its queue mid-stream; resume with starting_after."
-        number = self._number + 1
-        _, kind, data = _event("error", number, code="queue_unavailable", message=message, param=None)
+    def interrupted(self, error: OpenAIError) -> list[ServerSentEvent]:
+        info = error.info
+        _, kind, data = _event("error", self._number + 1, code=info.code, message=info.message, param=None)
         return [ServerSentEvent(data, event=kind)]
 
     def closing(self) -> list[ServerSentEvent]:

@@ -14,7 +14,7 @@ from typing import Protocol
 from redis.asyncio import Redis
 
 from shared.heartbeats import SandboxReport
-from shared.jobs import Activity, CompletionJob, Delta, Done, FailureCode, Usage
+from shared.jobs import Activity, CompletionJob, Delta, Done, FailureCode, Retraction, Usage
 from shared.settings import Settings
 
 
@@ -41,8 +41,9 @@ class UsageReport(Progress):
         self.usage = usage
 
 
-BackendEvent = Delta | Activity | Done | Progress
-"""What a backend yields: the reply's text, the agent's thinking and tool steps, the end, or progress."""
+BackendEvent = Delta | Activity | Retraction | Done | Progress
+"""What a backend yields: the reply's text (and text taken back), the agent's thinking and tool
+steps, the end, or progress."""
 
 
 class Backend(Protocol):

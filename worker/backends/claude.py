@@ -40,6 +40,7 @@ from shared.jobs import (
     FailureCode,
     FinishReason,
     Reasoning,
+    Retraction,
     ToolCall,
     Turn,
     Usage,
@@ -440,8 +441,10 @@ async def _relay(
                 if event.get("type") == "content_block_delta":
                     delta = event.get("delta", {})
                     if delta.get("type") == "text_delta" and delta.get("text"):
-                        text, resent = _unsent(delta["text"], resent)
+                        withdrawn, text, resent = _unsent(delta["text"], resent)
                         sent += delta["text"]
+                        if withdrawn:
+                            yield Retraction(chars=withdrawn)
                         if text:
                             yield Delta(text=text)
                     elif delta.get("type") == "thinking_delta" and delta.get("thinking"):
@@ -499,18 +502,20 @@ async def _relay(
     raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code ended without a result.")
 
 
-def _unsent(text: str, resent: str) -> tuple[str, str]:
-    """The part of a retried message's delta the caller does not have yet, and what is left of
-    `resent` after it. A retry that says something else than the cut message goes out as it comes
-    (the earlier text cannot be taken back)."""
+def _unsent(text: str, resent: str) -> tuple[int, str, str]:
+    """For a delta of a retried message: how many characters of what the caller has to withdraw,
+    the text it does not have yet, and what is left of `resent` after it. A retry that repeats the
+    cut message is only continued; one that says something else withdraws the rest of the cut
+    text (from where the two part) and goes on from there."""
     if not resent:
-        return text, ""
+        return 0, text, ""
     if resent.startswith(text):
-        return "", resent[len(text) :]
+        return 0, "", resent[len(text) :]
     if text.startswith(resent):
-        return text[len(resent) :], ""
+        return 0, text[len(resent) :], ""
+    common = next((i for i, (a, b) in enumerate(zip(text, resent, strict=False)) if a != b), len(text))
     log.warning("a retried upstream message differs from the one that was cut")
-    return text, ""
+    return len(resent) - common, text[common:], ""
 
 
 def _prompt(turns: list[Turn]) -> str | AsyncIterator[dict[str, Any]]:
