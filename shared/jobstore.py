@@ -143,7 +143,7 @@ return false
 # its load, so a burst spreads over the fleet without anyone waiting on a timer; the passer takes
 # it back after `yield ms` if nobody did. Each worker's running jobs are in `WORKER_LOAD`.
 # KEYS: record, running, queue, worker load
-# ARGV: job id, attempt, now ms, in-progress ms, worker id, lease ms, ttl, yield ms
+# ARGV: job id, attempt, now ms, in-progress ms, worker id, lease ms, ttl, yield ms (0: no placement)
 # Returns nil (not ours to start), {'stale'}, {'defer', ms}, {'passed', ms} or
 # {'ok', score, payload, cancel flag}.
 _CLAIM = """
@@ -183,7 +183,7 @@ local passer, back = string.match(rec[7] or '', '^' .. ARGV[2] .. ' (%S+) (%d+)$
 if passer == ARGV[5] and tonumber(back) > tonumber(ARGV[3]) then
   return {'passed', tonumber(back) - tonumber(ARGV[3])}
 end
-if not passer and idler_peer(KEYS[4], ARGV[5]) then
+if not passer and ARGV[8] ~= '0' and idler_peer(KEYS[4], ARGV[5]) then
   redis.call('hset', KEYS[1], 'passed', ARGV[2] .. ' ' .. ARGV[5] .. ' ' .. (ARGV[3] + ARGV[8]))
   return {'passed', tonumber(ARGV[8])}
 end
@@ -443,10 +443,11 @@ class JobStore:
         worker_id: str,
         in_progress_ms: int,
         lease_s: float,
-        yield_s: float,
+        yield_s: float = 0.0,
     ) -> Claimed | Passed | None:
         """Claims a queued attempt for this worker and takes its lease; None if it is not ours,
-        `Passed` if it is left to an idler worker for `yield_s` (then this one may take it back)."""
+        `Passed` if it is left to an idler worker for `yield_s` (then this one may take it back;
+        0: the job is not placed, this worker takes it)."""
         keys = [record_key(job_id), RUNNING, self.queue_name, WORKER_LOAD]
         now = _ms()
         args: list[str | int] = [job_id, attempt, now, in_progress_ms, worker_id]
