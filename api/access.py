@@ -193,13 +193,30 @@ class Access:
     async def _check(
         self, redis: Redis, scope: Scope, state: dict[str, Any], address: str
     ) -> tuple[OpenAIError | None, dict[str, str]]:
+        presented = _presented_key(scope["headers"])
+        hashed = None if presented is None else apikeys.digest(presented)
+        configured = None if hashed is None else self.keys.match(hashed)
+        # What the decision needs from Redis, in one round trip: the address's failed
+        # authentications and, unless the key is a configured one, the managed keys.
+        async with redis.pipeline(transaction=False) as pipe:
+            if self.settings.rate_limit_enabled:
+                quotas.peek(pipe, self._auth_bucket(address))
+            if configured is None:
+                if hashed is not None:
+                    pipe.hget(apikeys.MANAGED_KEYS, hashed)
+                pipe.exists(apikeys.MANAGED_KEYS)
+            replies = await pipe.execute() if len(pipe) else []
         if self.settings.rate_limit_enabled:
             # Before the key is looked at: a throttled address gets nowhere, not even with a right guess.
-            throttled = await quotas.peek(redis, self._auth_bucket(address))
+            throttled = quotas.RateDecision.of(replies.pop(0))
             if not throttled.allowed:
                 return _too_many_failures(throttled), {}
-        presented = _presented_key(scope["headers"])
-        identity = await self._authenticate(redis, presented)
+        if configured is not None:
+            identity: tuple[str, bool] | None = configured, True
+        else:
+            any_managed = bool(replies.pop())
+            managed = None if hashed is None else apikeys.managed_key(replies.pop())
+            identity = self._authenticate(hashed, managed, any_managed)
         if identity is None:
             return await self._unauthenticated(redis, address, missing=presented is None), {}
         key_id, state["operator"] = identity
@@ -223,17 +240,14 @@ class Access:
         )
         return refusal, {}
 
-    async def _authenticate(self, redis: Redis, presented: str | None) -> tuple[str, bool] | None:
-        """(the caller's key id, whether it is an operator's), `ANONYMOUS` (an operator) when the
-        gateway is open, or None (refuse)."""
-        hashed = None if presented is None else apikeys.digest(presented)
-        if hashed is not None and (key_id := self.keys.match(hashed)) is not None:
-            return key_id, True
+    def _authenticate(
+        self, hashed: str | None, managed: apikeys.ManagedKey | None, any_managed: bool
+    ) -> tuple[str, bool] | None:
+        """A key that is not a configured one: (the caller's key id, whether it is an operator's),
+        `ANONYMOUS` (an operator) when the gateway is open, or None (refuse). `managed`: the
+        managed key with the presented key's digest, if any."""
         if hashed is None:
-            if self._protected or await self._now_protected(await apikeys.any_managed(redis)):
-                return None
-            return ANONYMOUS, True
-        managed, any_managed = await apikeys.lookup(redis, hashed)
+            return None if self._now_protected(any_managed) else (ANONYMOUS, True)
         if managed is not None:
             return managed.id, managed.operator
         if not any_managed and self._protected and not self.keys:
@@ -241,9 +255,9 @@ class Access:
             # lost): refuse everyone rather than fall open.
             raise KeyStoreGone
         # An open gateway ignores whatever key was sent (OpenAI clients always send one).
-        return None if self._protected or await self._now_protected(any_managed) else (ANONYMOUS, True)
+        return None if self._now_protected(any_managed) else (ANONYMOUS, True)
 
-    async def _now_protected(self, any_managed: bool) -> bool:
+    def _now_protected(self, any_managed: bool) -> bool:
         """Whether the gateway needs a key from now on: once it does, it always will (until a
         restart), so losing the managed keys never opens it."""
         self._protected = self._protected or any_managed

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from shared.keys import PREFIX
 
@@ -77,6 +78,12 @@ class RateDecision:
     remaining: int
     reset_ms: int
 
+    @classmethod
+    def of(cls, reply: list[int]) -> "RateDecision":
+        """A decision from the reply of `hit`'s or `peek`'s script."""
+        allowed, limit, remaining, reset = reply
+        return cls(bool(allowed), int(limit), max(0, int(remaining)), int(reset))
+
     @property
     def retry_after_s(self) -> int:
         return max(1, math.ceil(self.reset_ms / 1000))
@@ -87,14 +94,12 @@ async def hit(redis: Redis, buckets: dict[str, int]) -> RateDecision:
     keys = list(buckets)
     # A fresh member per request: a client-chosen id (x-request-id) would let repeats collapse.
     script = redis.register_script(_HIT)
-    allowed, limit, remaining, reset = await script(
-        keys=keys, args=[WINDOW_MS, uuid.uuid4().hex, *buckets.values()]
-    )
-    return RateDecision(bool(allowed), int(limit), max(0, int(remaining)), int(reset))
+    return RateDecision.of(await script(keys=keys, args=[WINDOW_MS, uuid.uuid4().hex, *buckets.values()]))
 
 
-async def peek(redis: Redis, bucket: dict[str, int]) -> RateDecision:
-    """Whether one bucket (key → limit per window) has room, counting nothing."""
+def peek(pipe: Pipeline, bucket: dict[str, int]) -> None:
+    """Queues on `pipe` whether one bucket (key → limit per window) has room, counting nothing;
+    `RateDecision.of` reads its reply. (`EVAL`: a registered script would cost the pipeline a
+    `SCRIPT EXISTS` round trip of its own.)"""
     ((key, cap),) = bucket.items()
-    allowed, limit, remaining, reset = await redis.register_script(_PEEK)(keys=[key], args=[WINDOW_MS, cap])
-    return RateDecision(bool(allowed), int(limit), int(remaining), int(reset))
+    pipe.eval(_PEEK, 1, key, str(WINDOW_MS), str(cap))
