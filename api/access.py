@@ -196,6 +196,11 @@ class Access:
         presented = _presented_key(scope["headers"])
         hashed = None if presented is None else apikeys.digest(presented)
         configured = None if hashed is None else self.keys.match(hashed)
+        category = endpoint_class(scope["method"], scope["path"])
+        if self.settings.rate_limit_enabled:
+            admitted = await self._admit(redis, scope, state, address, configured, category)
+            if admitted is not None:
+                return admitted
         # What the decision needs from Redis, in one round trip: the address's failed
         # authentications and, unless the key is a configured one, the managed keys.
         async with redis.pipeline(transaction=False) as pipe:
@@ -225,20 +230,42 @@ class Access:
         state["key_id"] = key_id
         if not self.settings.rate_limit_enabled:
             return None, {}
-        subject = f"addr:{address}" if key_id == ANONYMOUS else key_id
-        category = endpoint_class(scope["method"], scope["path"])
-        decision = await quotas.hit(redis, {quotas.rate_key(subject, category): self.limits[category]})
-        headers = rate_headers(decision)
-        if decision.allowed:
-            return None, headers
-        refusal = RateLimited(
-            f"Rate limit reached: {decision.limit} {category} requests per minute; "
-            f"retry in {decision.retry_after_s} s.",
-            code="rate_limit_exceeded",
-            retry_after_ms=decision.reset_ms,
-            headers=headers,
+        decision = await quotas.hit(redis, self._rate_bucket(key_id, address, category))
+        return _limited(decision, category)
+
+    async def _admit(
+        self,
+        redis: Redis,
+        scope: Scope,
+        state: dict[str, Any],
+        address: str,
+        configured: str | None,
+        category: str,
+    ) -> tuple[OpenAIError | None, dict[str, str]] | None:
+        """The whole check in one round trip when the caller is known without Redis: a configured
+        key, or anyone on an open gateway while no managed key exists. None: check the long way."""
+        if configured is not None:
+            key_id = configured
+        elif not self._protected and (not self._loopback_only or _addressed_to_loopback(scope["headers"])):
+            key_id = ANONYMOUS
+        else:
+            return None
+        bucket = self._rate_bucket(key_id, address, category)
+        auth = self._auth_bucket(address)
+        admission = await quotas.admit(
+            redis, auth, bucket, apikeys.MANAGED_KEYS, open_only=key_id == ANONYMOUS
         )
-        return refusal, {}
+        if admission is None:  # a managed key exists: protected from now on
+            self._now_protected(True)
+            return None
+        if admission.throttled:
+            return _too_many_failures(admission.decision), {}
+        state["key_id"], state["operator"] = key_id, True
+        return _limited(admission.decision, category)
+
+    def _rate_bucket(self, key_id: str, address: str, category: str) -> dict[str, int]:
+        subject = f"addr:{address}" if key_id == ANONYMOUS else key_id
+        return {quotas.rate_key(subject, category): self.limits[category]}
 
     def _authenticate(
         self, hashed: str | None, managed: apikeys.ManagedKey | None, any_managed: bool
@@ -277,6 +304,21 @@ class Access:
             else "Incorrect API key provided."
         )
         return OpenAIError(401, message, type="invalid_request_error", code="invalid_api_key")
+
+
+def _limited(decision: quotas.RateDecision, category: str) -> tuple[OpenAIError | None, dict[str, str]]:
+    """A counted request: through with its rate-limit headers, or refused over its limit."""
+    headers = rate_headers(decision)
+    if decision.allowed:
+        return None, headers
+    refusal = RateLimited(
+        f"Rate limit reached: {decision.limit} {category} requests per minute; "
+        f"retry in {decision.retry_after_s} s.",
+        code="rate_limit_exceeded",
+        retry_after_ms=decision.reset_ms,
+        headers=headers,
+    )
+    return refusal, {}
 
 
 def _too_many_failures(decision: quotas.RateDecision) -> RateLimited:
