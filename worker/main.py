@@ -49,6 +49,7 @@ class GatewayWorker(Worker):
         self._wake = asyncio.Event()
         self._turned_away = False  # a job was left queued for want of a slot since the last poll
         self._background_tasks: set[asyncio.Task[None]] = set()
+        self._slot_turn = asyncio.Lock()  # when all slots are busy, queued jobs get them in order
         self.heartbeat = HeartbeatLoop(
             redis_url,
             settings,
@@ -120,7 +121,8 @@ class GatewayWorker(Worker):
             job_id, _, attempt = raw.decode().partition(".")
             if not (is_job_id(job_id) and attempt.isdigit()) or raw.decode() in self.tasks:
                 continue  # not an attempt at a job of ours, or one running here (still queued in arq)
-            await self.sem.acquire()
+            async with self._slot_turn:
+                await self.sem.acquire()
             if self.job_counter >= self.max_jobs:
                 self.sem.release()
                 self._turned_away = True
