@@ -16,8 +16,8 @@ LIMITS = (10_000_000, 1_000)
 
 async def save(store: LocalStore, work: Path, held: Held) -> Held:
     writer = VersionWriter(held.manifest)
-    stamps = scan(work, held, writer, *LIMITS)
-    return Held(await writer.write(store, REF), stamps)
+    seen = scan(work, held, writer, *LIMITS)
+    return Held(await writer.write(store, REF), *seen)
 
 
 async def restored(store: LocalStore, into: Path, version: str | None) -> Held:
@@ -153,3 +153,32 @@ async def test_an_unreachable_s3_store_is_unavailable_not_missing() -> None:
         await store.get("ws/anything")
     with pytest.raises(StoreUnavailable):
         await store.put("ws/anything", b"x")
+
+
+async def test_a_save_of_few_changes_stores_only_them_against_a_whole_manifest(tmp_path: Path) -> None:
+    store, work = LocalStore(tmp_path / "store"), tmp_path / "work"
+    work.mkdir()
+    for i in range(40):
+        (work / f"f{i}.txt").write_text(f"file {i}")
+    whole = await save(store, work, Held(Manifest()))
+    held, versions = whole, []
+    for i in range(3):
+        (work / "f0.txt").write_text(f"v{i}")
+        held = await save(store, work, held)
+        versions.append(held.manifest.version)
+        assert (held.manifest.base, set(held.manifest.delta)) == (whole.manifest.version, {"f0.txt"})
+    stored = await store.get(REF.manifest_key(held.manifest.version or ""))
+    assert len(stored) * 10 < len(await store.get(REF.manifest_key(whole.manifest.version or "")))
+    assert await workspaces.load_manifest(store, REF, held.manifest.version) == held.manifest
+
+    await workspaces.collect_garbage(store, REF, held.manifest)
+    manifests = sorted(key.rsplit("/", 1)[1] for key in await store.keys(REF.prefix) if "/manifests/" in key)
+    assert manifests == [whole.manifest.version, *versions[-2:]]
+    again = await restored(store, tmp_path / "elsewhere", held.manifest.version)
+    assert again.manifest == held.manifest
+    assert (tmp_path / "elsewhere" / "f0.txt").read_text() == "v2"
+    assert (tmp_path / "elsewhere" / "f39.txt").read_text() == "file 39"
+
+    for i in range(11):  # past a quarter of the files: stored whole again
+        (work / f"f{i}.txt").write_text("rewritten")
+    assert (await save(store, work, held)).manifest.base is None

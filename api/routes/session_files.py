@@ -277,9 +277,8 @@ class _NewVersion:
 
     async def commit(self, ref: WorkspaceRef, writer: VersionWriter) -> Manifest:
         settings, redis = self.gateway.settings, self.gateway.redis
-        manifest = writer.manifest()
         try:
-            manifest.check_limits(settings.workspace_max_bytes, settings.workspace_max_files)
+            writer.check_limits(settings.workspace_max_bytes, settings.workspace_max_files)
         except workspaces.WorkspaceTooLarge as exc:
             raise OpenAIError(
                 413, str(exc), type="invalid_request_error", code="workspace_too_large"
@@ -303,10 +302,7 @@ class _NewVersion:
 def _without(manifest: Manifest, path: str) -> VersionWriter:
     """The next version: `manifest` without the file at `path`."""
     writer = VersionWriter(manifest)
-    for other, entry in manifest.files.items():
-        if other != path:
-            writer.keep(other, entry)
-    writer.links.update(manifest.links)
+    writer.remove(path)
     return writer
 
 
@@ -358,7 +354,7 @@ async def upload_file(
             raise OpenAIError.invalid(
                 f"'{target}' cannot be written: '{taken}' is in the way.", param="path", code="path_conflict"
             )
-        writer = _without(manifest, target)
+        writer = VersionWriter(manifest)
         writer.add(target, data, source="user", executable=False, now=int(time.time()))
         saved = await change.commit(ref, writer)
     return _file(session_id, target, saved.files[target])

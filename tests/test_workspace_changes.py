@@ -1,0 +1,161 @@
+"""A save that looks only where inotify saw changes finds the same workspace as reading every file.
+
+Each step changes a real directory as an agent would; after it, the version built from the
+tracked changes is compared with the directory itself, read independently of the worker's code.
+"""
+
+import functools
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.workspaces import Manifest, VersionWriter
+from worker.session_files import Held, scan, update
+from worker.workspace_changes import ChangeTracker
+
+LIMITS = (10_000_000, 1_000)
+KEY = "session"
+View = tuple[dict[str, tuple[str, bool]], dict[str, str]]
+
+
+def on_disk(work: Path) -> View:
+    """Every file (SHA-256, executable) and link under `work`, links not followed."""
+    files, links = {}, {}
+    for folder, dirs, names in os.walk(work):
+        for name in names + [d for d in dirs if (Path(folder) / d).is_symlink()]:
+            path = Path(folder) / name
+            rel = path.relative_to(work).as_posix()
+            if path.is_symlink():
+                target = os.readlink(path)
+                inside = os.path.normpath(f"{rel}/../{target}")
+                if not target.startswith("/") and not inside.startswith(".."):
+                    links[rel] = target
+            else:
+                files[rel] = (
+                    hashlib.sha256(path.read_bytes()).hexdigest(),
+                    bool(path.stat().st_mode & 0o100),
+                )
+    return files, links
+
+
+def view(writer: VersionWriter) -> View:
+    return {path: (e.sha256, e.executable) for path, e in writer.files.items()}, dict(writer.links)
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def appended(path: Path, text: str) -> None:
+    with path.open("a") as file:
+        file.write(text)
+
+
+def emptied(folder: Path) -> None:
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+
+
+STEPS: list[tuple[str, Callable[[Path], object]]] = [  # each returns what it did, unused
+    ("a file written", lambda w: write(w / "src" / "f1.txt", "changed")),
+    ("files in new nested folders", lambda w: [write(w / "x" / "y" / f"n{i}", str(i)) for i in range(3)]),
+    ("a file removed", lambda w: (w / "src" / "f2.txt").unlink()),
+    ("a folder removed", lambda w: emptied(w / "docs")),
+    ("a folder moved", lambda w: (w / "src").rename(w / "lib")),
+    ("a file in the moved folder written", lambda w: write(w / "lib" / "f3.txt", "after the move")),
+    ("a file moved across folders", lambda w: (w / "lib" / "f4.txt").rename(w / "x" / "f4.txt")),
+    ("a file made executable", lambda w: (w / "lib" / "f5.txt").chmod(0o755)),
+    ("links inside and out", lambda w: ((w / "in").symlink_to("lib/f5.txt"), (w / "out").symlink_to("/etc"))),
+    ("a second hard link", lambda w: os.link(w / "lib" / "f6.txt", w / "hard.txt")),
+    ("a write through the other name", lambda w: appended(w / "hard.txt", " and more")),
+    (
+        "a file replaced by a folder",
+        lambda w: ((w / "top.txt").unlink(), write(w / "top.txt" / "inner", "i")),
+    ),
+    ("a folder replaced by a file", lambda w: (emptied(w / "x" / "y"), write(w / "x" / "y", "file"))),
+    ("times changed, not bytes", lambda w: os.utime(w / "lib" / "f7.txt", (1, 1))),
+    ("nothing", lambda w: None),
+    (
+        "a folder moved away and back",
+        lambda w: ((w / "lib").rename(w / "tmp"), (w / "tmp").rename(w / "lib")),
+    ),
+    (
+        "a file moved into a new folder",
+        lambda w: ((w / "new").mkdir(), (w / "lib" / "f8.txt").rename(w / "new" / "f8")),
+    ),
+    ("a link replaced by a file", lambda w: ((w / "in").unlink(), write(w / "in", "now a file"))),
+    (
+        "one turn: link, then write through it",
+        lambda w: (os.link(w / "lib" / "f9.txt", w / "h2"), appended(w / "h2", "+")),
+    ),
+]
+
+
+@pytest.fixture
+def tracker() -> Iterator[ChangeTracker]:
+    tracker = ChangeTracker()
+    yield tracker
+    tracker.close()
+
+
+def test_every_kind_of_change_is_found_from_the_tracked_names_alone(
+    tmp_path: Path, tracker: ChangeTracker
+) -> None:
+    work = tmp_path / "work"
+    for i in range(10):
+        write(work / "src" / f"f{i}.txt", f"file {i}")
+    write(work / "docs" / "a.md", "a")
+    write(work / "docs" / "b.md", "b")
+    write(work / "top.txt", "top")
+    watch = functools.partial(tracker.watch, KEY)
+    tracker.start(KEY)
+    writer = VersionWriter(Manifest())
+    seen = scan(work, Held(Manifest()), writer, *LIMITS, watch)
+    held = Held(writer.manifest(), *seen)
+    for name, step in STEPS:
+        before = on_disk(work)
+        step(work)
+        changes = tracker.take(KEY)
+        assert changes is not None
+        assert changes.complete, name
+        writer = VersionWriter(held.manifest)
+        seen = update(work, held, changes, writer, *LIMITS, watch)
+        assert view(writer) == on_disk(work), name
+        assert writer.changed() == (on_disk(work) != before), name
+        held = Held(writer.manifest(), *seen)
+
+
+def test_lost_events_make_the_next_save_scan_everything(tmp_path: Path, tracker: ChangeTracker) -> None:
+    work = tmp_path / "work"
+    write(work / "a", "a")
+    write(work / "b", "b")
+    tracker.start(KEY)
+    scan(work, Held(Manifest()), VersionWriter(Manifest()), *LIMITS, functools.partial(tracker.watch, KEY))
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    for i in range(limit // 2 + 1):  # alternating names: the kernel merges no two events
+        os.utime(work / "a", (i, i))
+        os.utime(work / "b", (i, i))
+    changes = tracker.take(KEY)
+    assert changes is not None
+    assert not changes.complete
+    tracker.start(KEY)
+    assert tracker.take(KEY) == type(changes)()  # tracked again, from a scan of everything
+
+
+def test_a_forgotten_session_is_no_longer_tracked(tmp_path: Path, tracker: ChangeTracker) -> None:
+    work = tmp_path / "work"
+    write(work / "a", "a")
+    tracker.start(KEY)
+    scan(work, Held(Manifest()), VersionWriter(Manifest()), *LIMITS, functools.partial(tracker.watch, KEY))
+    write(work / "a", "changed")
+    changes = tracker.take(KEY)
+    assert changes is not None
+    assert changes.paths == {"a"}
+    tracker.forget(KEY)
+    write(work / "a", "again")
+    assert tracker.take(KEY) is None
