@@ -27,6 +27,7 @@ import posixpath
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -340,6 +341,40 @@ async def read_files(
     for part in await asyncio.gather(*(from_pack(pack, paths) for pack, paths in by_pack.items())):
         contents.update(part)
     return contents
+
+
+async def stream_files(
+    store: ObjectStore, ref: WorkspaceRef, entries: dict[str, FileEntry], piece: int = 1 << 20
+) -> AsyncIterator[tuple[str, FileEntry, bytes]]:
+    """The bytes of files (path -> entry) as (path, entry, part of its bytes), each file's parts in
+    order and together, in pieces of at most `piece` bytes: files that lie close in a pack come
+    in one read, larger ones in several (the memory it takes is a piece, whatever the files)."""
+    by_pack: dict[str, list[tuple[str, FileEntry]]] = {}
+    for path, entry in entries.items():
+        by_pack.setdefault(entry.pack, []).append((path, entry))
+    for pack, files in by_pack.items():
+        key = ref.pack_key(pack)
+        files.sort(key=lambda item: item[1].offset)
+        first = 0
+        while first < len(files):
+            path, entry = files[first]
+            if entry.bytes > piece:
+                for start in range(0, entry.bytes, piece):
+                    length = min(piece, entry.bytes - start)
+                    yield path, entry, await store.get_range(key, entry.offset + start, length)
+                first += 1
+                continue
+            last = first
+            while last + 1 < len(files) and _end(files[last + 1][1]) - entry.offset <= piece:
+                last += 1
+            data = await store.get_range(key, entry.offset, _end(files[last][1]) - entry.offset)
+            for path, other in files[first : last + 1]:
+                yield path, other, data[other.offset - entry.offset : _end(other) - entry.offset]
+            first = last + 1
+
+
+def _end(entry: FileEntry) -> int:
+    return entry.offset + entry.bytes
 
 
 async def collect_garbage(store: ObjectStore, ref: WorkspaceRef, current: Manifest) -> None:

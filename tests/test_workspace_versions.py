@@ -1,10 +1,14 @@
 """Workspace versions on a real filesystem and the local store: what a save stores, what a restore
 writes, and that neither follows a symbolic link out of the workspace."""
 
+import io
+import os
+import tarfile
 from pathlib import Path
 
 import pytest
 
+from api.routes.session_files import _tar_gz
 from shared import workspaces
 from shared.workspace_store import LocalStore
 from shared.workspaces import Manifest, VersionWriter, WorkspaceRef, WorkspaceTooLarge
@@ -182,3 +186,40 @@ async def test_a_save_of_few_changes_stores_only_them_against_a_whole_manifest(t
     for i in range(11):  # past a quarter of the files: stored whole again
         (work / f"f{i}.txt").write_text("rewritten")
     assert (await save(store, work, held)).manifest.base is None
+
+
+class RecordingStore(LocalStore):
+    """The local store, noting the length of every read."""
+
+    reads: list[int]
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        self.reads.append(length)
+        return await super().get_range(key, start, length)
+
+
+async def test_files_stream_in_bounded_pieces_and_archive_byte_exact(tmp_path: Path) -> None:
+    store, work = RecordingStore(tmp_path / "store"), tmp_path / "work"
+    (work / "d").mkdir(parents=True)
+    sizes = {"empty": 0, "d/small": 30, "d/exact": 100, "big": 250, "tail": 7}
+    for path, size in sizes.items():
+        (work / path).write_bytes(os.urandom(size))
+    held = await save(store, work, Held(Manifest()))
+    (work / "d" / "small").write_bytes(b"second pack")  # the files now lie in two packs
+    (work / "run").write_bytes(b"#!/bin/sh\n")
+    (work / "run").chmod(0o755)
+    (work / "link").symlink_to("d/exact")
+    held = await save(store, work, held)
+    store.reads = []
+    pieces = workspaces.stream_files(store, REF, held.manifest.files, piece=100)
+    archive = b"".join([part async for part in _tar_gz(pieces, held.manifest.links)])
+    assert store.reads
+    assert max(store.reads) <= 100
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        assert sorted(tar.getnames()) == sorted([*sizes, "run", "link"])
+        for path in [*sizes, "run"]:
+            member = tar.extractfile(path)
+            assert member is not None
+            assert member.read() == (work / path).read_bytes(), path
+        assert tar.getmember("run").mode == 0o755
+        assert tar.getmember("link").linkname == "d/exact"

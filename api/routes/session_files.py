@@ -9,14 +9,13 @@ session that does not exist yet creates it, empty, so files can be given before 
 """
 
 import asyncio
-import io
 import logging
 import posixpath
 import tarfile
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+import zlib
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 from urllib.parse import quote
 
@@ -189,13 +188,10 @@ async def get_file_content(
 ) -> Response:
     ref, manifest = await _current(gateway, caller, store, session_id)
     path, entry = _find(manifest, file_id)
-    try:
-        data = await workspaces.read_file(store, ref, entry)
-    except MissingObject:
-        raise _changed() from None
+    body = await _started(part async for _, _, part in workspaces.stream_files(store, ref, {path: entry}))
     name = quote(posixpath.basename(path))
     headers = {"content-disposition": f"attachment; filename*=UTF-8''{name}"}
-    return Response(data, media_type="application/octet-stream", headers=headers)
+    return StreamingResponse(body, media_type="application/octet-stream", headers=headers)
 
 
 @router.get(
@@ -206,38 +202,63 @@ async def get_file_content(
 async def get_archive(session_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep) -> Response:
     """The whole workspace as a `tar.gz`: its files (with their executable bit) and its links."""
     ref, manifest = await _current(gateway, caller, store, session_id)
+    body = await _started(_tar_gz(workspaces.stream_files(store, ref, manifest.files), manifest.links))
+    headers = {"content-disposition": f"attachment; filename*=UTF-8''{quote(session_id)}.tar.gz"}
+    return StreamingResponse(body, media_type="application/gzip", headers=headers)
+
+
+async def _started(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`body` once its first part is read: a version collected meanwhile is a 409, not a cut
+    response (a collection later in a long download cuts it)."""
     try:
-        contents = await workspaces.read_files(store, ref, manifest.files)
+        first = await anext(body)
     except MissingObject:
         raise _changed() from None
-    archive = await asyncio.to_thread(_tar, manifest, contents)
-    headers = {"content-disposition": f"attachment; filename*=UTF-8''{quote(session_id)}.tar.gz"}
-    return StreamingResponse(_chunks(archive), media_type="application/gzip", headers=headers)
+    except StopAsyncIteration:
+        first = b""
+
+    async def rest() -> AsyncIterator[bytes]:
+        yield first
+        async for part in body:
+            yield part
+
+    return rest()
 
 
-def _tar(manifest: Manifest, contents: dict[str, bytes]) -> "tempfile.SpooledTemporaryFile[bytes]":
-    spool = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115 (closed by `_chunks`)
-    with tarfile.open(fileobj=spool, mode="w:gz", compresslevel=6) as tar:
-        for path, entry in sorted(manifest.files.items()):
-            info = tarfile.TarInfo(path)
-            info.size, info.mtime, info.mode = (
-                entry.bytes,
-                entry.created_at,
-                0o755 if entry.executable else 0o644,
-            )
-            tar.addfile(info, io.BytesIO(contents[path]))
-        for path, target in sorted(manifest.links.items()):
-            info = tarfile.TarInfo(path)
-            info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
-            tar.addfile(info)
-    spool.seek(0)
-    return spool
+async def _tar_gz(
+    files: AsyncIterator[tuple[str, FileEntry, bytes]], links: dict[str, str]
+) -> AsyncIterator[bytes]:
+    """A `tar.gz` of the files as they stream in, then the links; compressed a piece at a time in
+    a thread (the event loop serves other requests meanwhile)."""
+    gzip = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    previous: FileEntry | None = None
+    current = None
+    async for path, entry, part in files:
+        parts = [part]
+        if path != current:  # a file's first part
+            parts.insert(0, _header(path, entry))
+            if previous is not None:
+                parts.insert(0, _padding(previous.bytes))
+            previous, current = entry, path
+        if out := await asyncio.to_thread(gzip.compress, b"".join(parts)):
+            yield out
+    ends = [_padding(previous.bytes)] if previous is not None else []
+    for path, target in sorted(links.items()):
+        info = tarfile.TarInfo(path)
+        info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
+        ends.append(info.tobuf(tarfile.PAX_FORMAT))
+    ends.append(bytes(2 * tarfile.BLOCKSIZE))  # the end of the archive
+    yield await asyncio.to_thread(gzip.compress, b"".join(ends)) + gzip.flush()
 
 
-def _chunks(spool: "tempfile.SpooledTemporaryFile[bytes]") -> Iterator[bytes]:
-    with spool:
-        while chunk := spool.read(1 << 20):
-            yield chunk
+def _header(path: str, entry: FileEntry) -> bytes:
+    info = tarfile.TarInfo(path)
+    info.size, info.mtime, info.mode = entry.bytes, entry.created_at, 0o755 if entry.executable else 0o644
+    return info.tobuf(tarfile.PAX_FORMAT)
+
+
+def _padding(size: int) -> bytes:
+    return bytes(-size % tarfile.BLOCKSIZE)
 
 
 class _NewVersion:
