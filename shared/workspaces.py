@@ -27,7 +27,7 @@ import posixpath
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -146,6 +146,13 @@ def _checked_version(version: str) -> str:
     return version
 
 
+def _folders_of(path: str) -> Iterator[str]:
+    """The folders a path is in, innermost first."""
+    while "/" in path:
+        path = path.rpartition("/")[0]
+        yield path
+
+
 def link_inside(path: str, target: str) -> bool:
     """Whether a link at `path` pointing to `target` stays inside the workspace, by its text alone."""
     if target.startswith("/") or "\0" in target:
@@ -156,7 +163,8 @@ def link_inside(path: str, target: str) -> bool:
 
 @dataclass
 class Manifest:
-    """One version's files (path -> entry) and symbolic links (path -> target inside the workspace)."""
+    """One version's files (path -> entry), symbolic links (path -> target inside the workspace)
+    and empty folders."""
 
     version: str | None = None
     """None: the empty workspace every session starts with."""
@@ -170,6 +178,8 @@ class Manifest:
     """With a base: how `files` differ from the base's (None: a file it does not have)."""
     bases: list[str] = field(default_factory=list)
     """The whole manifests this version and its parent are stored against: kept while it is."""
+    folders: list[str] = field(default_factory=list)
+    """Folders with nothing in them (those with something are implied by its paths)."""
 
     @property
     def total_bytes(self) -> int:
@@ -182,6 +192,7 @@ class Manifest:
             "bases": self.bases,
             "files": self.files if self.base is None else self.delta,
             "links": self.links,
+            "folders": self.folders,
             "packs": self.packs,
         }
         return json.dumps(body, separators=(",", ":")).encode()
@@ -209,9 +220,10 @@ class Manifest:
         ):
             raise ValueError("malformed workspace manifest")
         bases = [_checked_version(version) for version in body.get("bases", [])]
+        folders = [checked_path(folder) for folder in body.get("folders", [])]
         if base is None:
-            return cls(body["version"], files, links, packs, bases=bases)
-        return cls(body["version"], files, links, packs, base.version, stored, bases)
+            return cls(body["version"], files, links, packs, bases=bases, folders=folders)
+        return cls(body["version"], files, links, packs, base.version, stored, bases, folders)
 
     def next_version(self) -> str:
         sequence = 0 if self.version is None else _sequence(self.version) + 1
@@ -232,6 +244,7 @@ class VersionWriter:
         self.version = parent.next_version()
         self.files: dict[str, FileEntry] = {} if compact else dict(parent.files)
         self.links: dict[str, str] = {} if compact else dict(parent.links)
+        self.folders: set[str] = set() if compact else set(parent.folders)
         self.touched: set[str] = set()
         """Files whose entry differs from the parent's."""
         self._pack: list[bytes] = []
@@ -248,10 +261,12 @@ class VersionWriter:
         if self.files.pop(path, None) is not None:
             self.touched.add(path)
         self.links.pop(path, None)
+        self.folders.discard(path)
 
     def add(self, path: str, data: bytes, *, source: Source, executable: bool, now: int) -> None:
         sha = hashlib.sha256(data).hexdigest()
         self.links.pop(path, None)
+        self.folders.difference_update(_folders_of(path))  # no longer empty
         known = self.parent.files.get(path)
         created = known.created_at if known is not None else now
         if known is not None and known.sha256 == sha:
@@ -274,6 +289,7 @@ class VersionWriter:
         packs = {entry.pack for entry in self.files.values()}
         sizes = {**self.parent.packs, self.version: self._size}
         manifest = Manifest(self.version, self.files, self.links, {pack: sizes[pack] for pack in packs})
+        manifest.folders = sorted(self.folders)
         parent = self.parent
         base = parent.version if parent.base is None else parent.base
         if not self._compact and base is not None:
@@ -286,7 +302,9 @@ class VersionWriter:
         return manifest
 
     def changed(self) -> bool:
-        return bool(self.touched) or self.links != self.parent.links
+        return (
+            bool(self.touched) or self.links != self.parent.links or self.folders != set(self.parent.folders)
+        )
 
     @property
     def new_bytes(self) -> int:

@@ -18,13 +18,15 @@ from worker.workspace_changes import ChangeTracker
 
 LIMITS = (10_000_000, 1_000)
 KEY = "session"
-View = tuple[dict[str, tuple[str, bool]], dict[str, str]]
+View = tuple[dict[str, tuple[str, bool]], dict[str, str], set[str]]
 
 
 def on_disk(work: Path) -> View:
-    """Every file (SHA-256, executable) and link under `work`, links not followed."""
-    files, links = {}, {}
+    """Every file (SHA-256, executable), link and empty folder under `work`, links not followed."""
+    files, links, empty = {}, {}, set()
     for folder, dirs, names in os.walk(work):
+        if not dirs and not names and Path(folder) != work:
+            empty.add(Path(folder).relative_to(work).as_posix())
         for name in names + [d for d in dirs if (Path(folder) / d).is_symlink()]:
             path = Path(folder) / name
             rel = path.relative_to(work).as_posix()
@@ -38,11 +40,12 @@ def on_disk(work: Path) -> View:
                     hashlib.sha256(path.read_bytes()).hexdigest(),
                     bool(path.stat().st_mode & 0o100),
                 )
-    return files, links
+    return files, links, empty
 
 
 def view(writer: VersionWriter) -> View:
-    return {path: (e.sha256, e.executable) for path, e in writer.files.items()}, dict(writer.links)
+    files = {path: (e.sha256, e.executable) for path, e in writer.files.items()}
+    return files, dict(writer.links), set(writer.folders)
 
 
 def write(path: Path, text: str) -> None:
@@ -89,6 +92,10 @@ STEPS: list[tuple[str, Callable[[Path], object]]] = [  # each returns what it di
         lambda w: ((w / "new").mkdir(), (w / "lib" / "f8.txt").rename(w / "new" / "f8")),
     ),
     ("a link replaced by a file", lambda w: ((w / "in").unlink(), write(w / "in", "now a file"))),
+    ("an empty folder made", lambda w: (w / "e" / "f").mkdir(parents=True)),
+    ("a file put in it", lambda w: write(w / "e" / "f" / "g", "g")),
+    ("its file removed", lambda w: (w / "e" / "f" / "g").unlink()),
+    ("the empty folder removed", lambda w: (w / "e" / "f").rmdir()),
     (
         "one turn: link, then write through it",
         lambda w: (os.link(w / "lib" / "f9.txt", w / "h2"), appended(w / "h2", "+")),

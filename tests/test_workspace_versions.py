@@ -209,14 +209,16 @@ async def test_files_stream_in_bounded_pieces_and_archive_byte_exact(tmp_path: P
     (work / "run").write_bytes(b"#!/bin/sh\n")
     (work / "run").chmod(0o755)
     (work / "link").symlink_to("d/exact")
+    (work / "hollow").mkdir()
     held = await save(store, work, held)
     store.reads = []
     pieces = workspaces.stream_files(store, REF, held.manifest.files, piece=100)
-    archive = b"".join([part async for part in _tar_gz(pieces, held.manifest.links)])
+    archive = b"".join([part async for part in _tar_gz(pieces, held.manifest)])
     assert store.reads
     assert max(store.reads) <= 100
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-        assert sorted(tar.getnames()) == sorted([*sizes, "run", "link"])
+        assert sorted(tar.getnames()) == sorted([*sizes, "run", "link", "hollow"])
+        assert tar.getmember("hollow").isdir()
         for path in [*sizes, "run"]:
             member = tar.extractfile(path)
             assert member is not None

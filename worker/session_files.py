@@ -114,8 +114,8 @@ class _Scan:
     """Brings a `VersionWriter` (started as the held version) up to what is in the directory.
 
     Reads only files whose stamp changed. Stops with `WorkspaceTooLarge` once a limit is passed.
-    Names that are not valid paths (not UTF-8, control characters) are left out, and so are empty
-    directories, fifos, sockets and devices.
+    Names that are not valid paths (not UTF-8, control characters) are left out, and so are fifos,
+    sockets and devices; a folder that holds none of the rest is kept as an empty folder.
     """
 
     def __init__(
@@ -133,7 +133,7 @@ class _Scan:
         returns how many files and links it holds, and their bytes."""
         if watch is not None:
             watch(prefix.rstrip("/"), fd)
-        count = total = 0
+        count = total = kept = 0
         with os.scandir(fd) as entries:
             for entry in entries:
                 path = prefix + entry.name
@@ -158,7 +158,10 @@ class _Scan:
                 else:
                     continue
                 count, total = count + more, total + size
+                kept += more or entry.is_dir(follow_symlinks=False)
                 check_limits(count, total, self.max_bytes, self.max_files)
+        if prefix and not kept:
+            self.writer.folders.add(prefix[:-1])
         return count, total
 
     def link(self, fd: int, name: str, path: str) -> int:
@@ -192,10 +195,37 @@ class _Scan:
         self.linked.discard(path)
 
     def forget_under(self, folders: Iterable[str]) -> None:
+        """Forgets the folders and everything in them."""
+        folders = set(folders)
         prefixes = tuple(folder + "/" for folder in folders)
         if prefixes:
             for path in [*filter(lambda p: p.startswith(prefixes), (*self.writer.files, *self.writer.links))]:
                 self.forget(path)
+            self.writer.folders = {
+                folder
+                for folder in self.writer.folders
+                if folder not in folders and not folder.startswith(prefixes)
+            }
+
+    def empty(self, tree: _Tree, folder: str) -> None:
+        """Notes whether `folder` is now an empty folder, from what is in it."""
+        self.writer.folders.discard(folder)
+        try:
+            fd = tree.dir(folder)
+        except OSError:  # gone, or a link
+            return
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                path = f"{folder}/{entry.name}"
+                try:
+                    checked_path(path)
+                except InvalidPath:
+                    continue
+                if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+                    return
+                if entry.is_symlink() and workspaces.link_inside(path, os.readlink(entry.name, dir_fd=fd)):
+                    return
+        self.writer.folders.add(folder)
 
     def result(self) -> "Seen":
         return self.stamps, self.linked
@@ -207,6 +237,7 @@ def scan(
     """Fills `writer` with every file and link in the directory; `watch`es every folder."""
     walk = _Scan(held, writer, max_bytes, max_files, whole=True)
     writer.links.clear()
+    writer.folders.clear()
     with _tree(work) as tree:
         walk.folder(tree.fds[""], "", watch)
     for path in [path for path in writer.files if path not in walk.stamps]:
@@ -268,6 +299,8 @@ def update(
             except OSError:  # gone since, or a link: not followed
                 continue
             walk.folder(fd, folder + "/", watch)
+        for folder in {path.rpartition("/")[0] for path in (*looked, *changes.gone, *new)} - {""}:
+            walk.empty(tree, folder)  # something came or went in it
     writer.check_limits(max_bytes, max_files)
     return walk.result()
 
@@ -286,7 +319,8 @@ def restore(
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 os.unlink(name, dir_fd=tree.dir(parent))
             stamps.pop(path, None)
-        _remove_empty_dirs(tree, stale)
+        gone_folders = [f"{folder}/" for folder in held.manifest.folders if folder not in target.folders]
+        _remove_empty_dirs(tree, stale + gone_folders)  # (a folder's own path ends in "/")
         for path, data in contents.items():
             parent, _, name = path.rpartition("/")
             executable = target.files[path].executable
@@ -306,6 +340,8 @@ def restore(
             if held.manifest.links.get(path) != link:
                 parent, _, name = path.rpartition("/")
                 os.symlink(link, name, dir_fd=tree.dir(parent, create=True))
+        for folder in target.folders:
+            tree.dir(folder, create=True)
         if watch is not None:
             for folder, fd in tree.fds.items():
                 watch(folder, fd)

@@ -202,7 +202,7 @@ async def get_file_content(
 async def get_archive(session_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep) -> Response:
     """The whole workspace as a `tar.gz`: its files (with their executable bit) and its links."""
     ref, manifest = await _current(gateway, caller, store, session_id)
-    body = await _started(_tar_gz(workspaces.stream_files(store, ref, manifest.files), manifest.links))
+    body = await _started(_tar_gz(workspaces.stream_files(store, ref, manifest.files), manifest))
     headers = {"content-disposition": f"attachment; filename*=UTF-8''{quote(session_id)}.tar.gz"}
     return StreamingResponse(body, media_type="application/gzip", headers=headers)
 
@@ -226,10 +226,10 @@ async def _started(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 
 async def _tar_gz(
-    files: AsyncIterator[tuple[str, FileEntry, bytes]], links: dict[str, str]
+    files: AsyncIterator[tuple[str, FileEntry, bytes]], manifest: Manifest
 ) -> AsyncIterator[bytes]:
-    """A `tar.gz` of the files as they stream in, then the links; compressed a piece at a time in
-    a thread (the event loop serves other requests meanwhile)."""
+    """A `tar.gz` of the files as they stream in, then the manifest's links and empty folders;
+    compressed a piece at a time in a thread (the event loop serves other requests meanwhile)."""
     gzip = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
     previous: FileEntry | None = None
     current = None
@@ -243,9 +243,13 @@ async def _tar_gz(
         if out := await asyncio.to_thread(gzip.compress, b"".join(parts)):
             yield out
     ends = [_padding(previous.bytes)] if previous is not None else []
-    for path, target in sorted(links.items()):
+    for path, target in sorted(manifest.links.items()):
         info = tarfile.TarInfo(path)
         info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
+        ends.append(info.tobuf(tarfile.PAX_FORMAT))
+    for path in manifest.folders:
+        info = tarfile.TarInfo(path)
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
         ends.append(info.tobuf(tarfile.PAX_FORMAT))
     ends.append(bytes(2 * tarfile.BLOCKSIZE))  # the end of the archive
     yield await asyncio.to_thread(gzip.compress, b"".join(ends)) + gzip.flush()
@@ -342,15 +346,17 @@ def _upload_path(path: str | None, file: UploadFile) -> str:
 
 def _conflict(manifest: Manifest, path: str) -> str | None:
     """What stands where `path`'s file would go: a file or link in place of one of its folders,
-    or a folder of files in its place."""
+    or a folder in its place."""
     parts = path.split("/")
     for depth in range(1, len(parts)):
         folder = "/".join(parts[:depth])
         if folder in manifest.files or folder in manifest.links:
             return folder
     inside = path + "/"
-    if path in manifest.links or any(
-        other.startswith(inside) for other in (*manifest.files, *manifest.links)
+    if (
+        path in manifest.links
+        or path in manifest.folders
+        or any(other.startswith(inside) for other in (*manifest.files, *manifest.links))
     ):
         return path
     return None
