@@ -2,8 +2,11 @@
 writes, and that neither follows a symbolic link out of the workspace."""
 
 import io
+import multiprocessing
 import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from api.routes.session_files import _tar_gz
 from shared import workspaces
 from shared.workspace_store import LocalStore
 from shared.workspaces import Manifest, VersionWriter, WorkspaceRef, WorkspaceTooLarge
-from worker.session_files import Held, restore, scan
+from worker.session_files import Held, removed, restore, scan
 
 REF = WorkspaceRef("0" * 32, "s-1", "12345678-1234-1234-1234-123456789abc")
 LIMITS = (10_000_000, 1_000)
@@ -225,3 +228,42 @@ async def test_files_stream_in_bounded_pieces_and_archive_byte_exact(tmp_path: P
             assert member.read() == (work / path).read_bytes(), path
         assert tar.getmember("run").mode == 0o755
         assert tar.getmember("link").linkname == "d/exact"
+
+
+NOBODY = 65534
+
+
+def _unreadable_workspace_as_nobody(base: str) -> tuple[list[str], list[str], bool]:
+    """In a process that is not root (root reads anything): a workspace with a folder and a file
+    made unreadable, saved, then removed; what the save found, and whether anything was left."""
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    work = Path(base) / "work"
+    (work / "locked" / "inner").mkdir(parents=True)
+    (work / "locked" / "inner" / "a.txt").write_text("in a locked folder")
+    (work / "unlisted").mkdir()
+    (work / "unlisted" / "b.txt").write_text("in a folder that can be listed, not entered")
+    (work / "secret.txt").write_text("a locked file")
+    (work / "secret.txt").chmod(0)
+    (work / "unlisted").chmod(0o600)
+    (work / "locked").chmod(0)
+    writer = VersionWriter(Manifest())
+    scan(work, Held(Manifest()), writer, *LIMITS)
+    found = [path for path, entry in sorted(writer.files.items()) if entry.bytes]
+    (work / "locked").chmod(0)  # as a turn that is not saved may leave it
+    removed(work)
+    return found, sorted(writer.folders), work.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to another user")
+def test_what_the_agent_made_unreadable_is_saved_and_removed_all_the_same() -> None:
+    base = tempfile.mkdtemp()
+    try:
+        os.chown(base, NOBODY, NOBODY)
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            found, folders, left = pool.apply(_unreadable_workspace_as_nobody, (base,))
+    finally:
+        shutil.rmtree(base)
+    assert found == ["locked/inner/a.txt", "secret.txt", "unlisted/b.txt"]
+    assert folders == []
+    assert not left

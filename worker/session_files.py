@@ -79,11 +79,31 @@ Watch = Callable[[str, int], None]
 """Watches a folder (its path, an fd of it) for changes until the next save."""
 
 
+def _open(name: str | Path, flags: int, dir_fd: int | None = None) -> int:
+    """`os.open`, but a file or folder the agent made unreadable (`chmod 000`), as the owner of
+    everything in the workspace may, is made readable (folders: writable) to its owner first: a
+    version keeps no other bit of a mode than a file's executable bit anyway."""
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except PermissionError:
+        handle = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
+        try:
+            mode = os.fstat(handle).st_mode
+            needed = stat.S_IRWXU if stat.S_ISDIR(mode) else stat.S_IRUSR
+            os.chmod(f"/proc/self/fd/{handle}", stat.S_IMODE(mode) | needed)  # the very file opened
+        finally:
+            os.close(handle)
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    if flags & os.O_DIRECTORY and (mode := os.fstat(fd).st_mode) & stat.S_IRWXU != stat.S_IRWXU:
+        os.fchmod(fd, stat.S_IMODE(mode) | stat.S_IRWXU)  # its names could be listed, not opened
+    return fd
+
+
 class _Tree:
     """Directory fds under a root, opened one name at a time without following links."""
 
     def __init__(self, root: Path) -> None:
-        self.fds = {"": os.open(root, _DIR)}
+        self.fds = {"": _open(root, _DIR)}
 
     def dir(self, rel: str, create: bool = False) -> int:
         if (fd := self.fds.get(rel)) is not None:
@@ -93,7 +113,7 @@ class _Tree:
         if create:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(name, 0o755, dir_fd=parent_fd)
-        fd = self.fds[rel] = os.open(name, _DIR, dir_fd=parent_fd)
+        fd = self.fds[rel] = _open(name, _DIR, parent_fd)
         return fd
 
     def close(self) -> None:
@@ -143,7 +163,7 @@ class _Scan:
                     except InvalidPath:
                         continue
                 if entry.is_dir(follow_symlinks=False):
-                    sub = os.open(entry.name, _DIR, dir_fd=fd)
+                    sub = _open(entry.name, _DIR, fd)
                     try:
                         more, size = self.folder(sub, path + "/", watch)
                     finally:
@@ -183,7 +203,7 @@ class _Scan:
         if known is not None and self.held.stamps.get(path) == stamp and known.executable == executable:
             self.writer.keep(path)
             return
-        with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), "rb") as file:
+        with os.fdopen(_open(name, os.O_RDONLY | os.O_NOFOLLOW, fd), "rb") as file:
             data = file.read(self.max_bytes + 1)
         check_limits(1, len(data), self.max_bytes, self.max_files)
         self.writer.add(path, data, source="assistant", executable=executable, now=self.now)
@@ -348,6 +368,21 @@ def restore(
     return Held(target, stamps, held.linked.intersection(stamps).difference(contents))
 
 
+def removed(path: Path) -> None:
+    """Removes a directory, with folders in it the agent made unreadable (`chmod 000`)."""
+    shutil.rmtree(path, ignore_errors=True)
+    if not path.exists():
+        return
+    with contextlib.suppress(OSError):
+        path.chmod(stat.S_IRWXU)
+    for folder, names, _ in os.walk(path):  # top down: each folder opened before it is walked
+        for name in names:
+            if not os.path.islink(inner := os.path.join(folder, name)):  # never through a link
+                with contextlib.suppress(OSError):
+                    os.chmod(inner, stat.S_IRWXU)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _differs(held: FileEntry, target: FileEntry | None) -> bool:
     return target is None or (held.sha256, held.executable) != (target.sha256, target.executable)
 
@@ -445,7 +480,7 @@ class SessionFiles:
         """Removes a session's directory from this worker (no longer watched first)."""
         if self.changes is not None:
             self.changes.forget(key)
-        await asyncio.to_thread(shutil.rmtree, self._directory(WorkspaceRef.of_member(key)), True)
+        await asyncio.to_thread(removed, self._directory(WorkspaceRef.of_member(key)))
 
     async def _evict(self) -> None:
         while len(self._held) > self.settings.workspace_cache_sessions:
@@ -476,7 +511,7 @@ class SessionFiles:
         self._held.clear()
         if self.changes is not None:
             self.changes.close()
-        await asyncio.to_thread(shutil.rmtree, self.root, True)
+        await asyncio.to_thread(removed, self.root)
 
 
 def _differs_held(held: Held, path: str, entry: FileEntry) -> bool:
