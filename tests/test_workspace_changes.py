@@ -6,6 +6,7 @@ tracked changes is compared with the directory itself, read independently of the
 
 import functools
 import hashlib
+import mmap
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,6 +59,12 @@ def appended(path: Path, text: str) -> None:
         file.write(text)
 
 
+def mapped_write(path: Path) -> None:
+    """Changes the file through a shared memory mapping only (no write call: no MODIFY event)."""
+    with path.open("r+b") as file, mmap.mmap(file.fileno(), 0) as memory:
+        memory[:4] = b"MMAP"
+
+
 def emptied(folder: Path) -> None:
     for path in folder.iterdir():
         path.unlink()
@@ -81,6 +88,7 @@ STEPS: list[tuple[str, Callable[[Path], object]]] = [  # each returns what it di
         lambda w: ((w / "top.txt").unlink(), write(w / "top.txt" / "inner", "i")),
     ),
     ("a folder replaced by a file", lambda w: (emptied(w / "x" / "y"), write(w / "x" / "y", "file"))),
+    ("a write through a memory mapping", lambda w: mapped_write(w / "lib" / "f7.txt")),
     ("times changed, not bytes", lambda w: os.utime(w / "lib" / "f7.txt", (1, 1))),
     ("nothing", lambda w: None),
     (

@@ -6,9 +6,10 @@ watches every folder of the workspaces it holds. The kernel queues an event in t
 that makes the change, so once a turn's processes have stopped, reading the queue gives all of
 the turn's changes. Whatever inotify may not report makes that workspace's next save scan every
 file, as without it: a lost event (the queue overflowed), a folder that could not be watched (the
-watch limit), the workspace's own folder moved or removed. Changes made through a shared memory
-mapping raise no event at all; a file with several hard links is looked at on every save, since
-a write through one name reports only that name.
+watch limit), the workspace's own folder moved or removed. Writes through a shared memory
+mapping raise no event of their own, but the file's closing does (at the latest when its process
+ends). A file with several hard links is looked at on every save, since a write through one name
+reports only that name.
 
 `inotify_simple` (a ctypes wrapper of the three system calls, no dependencies) reads the events:
 the asyncio and thread-based watchers (watchfiles, watchdog) deliver them later, from a thread
@@ -22,6 +23,7 @@ from inotify_simple import INotify, flags
 
 _MASK = (
     flags.MODIFY
+    | flags.CLOSE_WRITE  # also after writes through a shared mapping, which raise no MODIFY
     | flags.ATTRIB
     | flags.CREATE
     | flags.DELETE
