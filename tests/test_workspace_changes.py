@@ -26,6 +26,8 @@ def on_disk(work: Path) -> View:
     """Every file (SHA-256, executable), link and empty folder under `work`, links not followed."""
     files, links, empty = {}, {}, set()
     for folder, dirs, names in os.walk(work):
+        dirs[:] = [name for name in dirs if name.isprintable()]  # not kept: control characters
+        names[:] = [name for name in names if name.isprintable()]
         if not dirs and not names and Path(folder) != work:
             empty.add(Path(folder).relative_to(work).as_posix())
         for name in names + [d for d in dirs if (Path(folder) / d).is_symlink()]:
@@ -88,6 +90,7 @@ STEPS: list[tuple[str, Callable[[Path], object]]] = [  # each returns what it di
         lambda w: ((w / "top.txt").unlink(), write(w / "top.txt" / "inner", "i")),
     ),
     ("a folder replaced by a file", lambda w: (emptied(w / "x" / "y"), write(w / "x" / "y", "file"))),
+    ("names that are not kept", lambda w: (write(w / "bad\x01" / "x", "x"), write(w / "tab\there", "t"))),
     ("a write through a memory mapping", lambda w: mapped_write(w / "lib" / "f7.txt")),
     ("times changed, not bytes", lambda w: os.utime(w / "lib" / "f7.txt", (1, 1))),
     ("nothing", lambda w: None),

@@ -130,6 +130,15 @@ def _tree(root: Path) -> Iterator[_Tree]:
         tree.close()
 
 
+def _valid(path: str) -> bool:
+    """Whether a name found in the directory is kept (`checked_path`)."""
+    try:
+        checked_path(path)
+    except InvalidPath:
+        return False
+    return True
+
+
 class _Scan:
     """Brings a `VersionWriter` (started as the held version) up to what is in the directory.
 
@@ -157,11 +166,8 @@ class _Scan:
         with os.scandir(fd) as entries:
             for entry in entries:
                 path = prefix + entry.name
-                if path not in self.held.stamps:  # a file or folder new since the last save: check it
-                    try:
-                        checked_path(path)
-                    except InvalidPath:
-                        continue
+                if path not in self.held.stamps and not _valid(path):  # new since the last save
+                    continue
                 if entry.is_dir(follow_symlinks=False):
                     sub = _open(entry.name, _DIR, fd)
                     try:
@@ -237,9 +243,7 @@ class _Scan:
         with os.scandir(fd) as entries:
             for entry in entries:
                 path = f"{folder}/{entry.name}"
-                try:
-                    checked_path(path)
-                except InvalidPath:
+                if not _valid(path):
                     continue
                 if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
                     return
@@ -276,15 +280,15 @@ def update(
 ) -> Seen:
     """Brings `writer` up to the directory where `changes` say it may differ from `held`."""
     walk = _Scan(held, writer, max_bytes, max_files, whole=False)
-    new = sorted(changes.folders)
+    new = sorted(filter(_valid, changes.folders))
     walk.forget_under((*changes.gone, *new))
     inside_new = tuple(folder + "/" for folder in new)
     with _tree(work) as tree:
         pending, looked = sorted(changes.paths | held.linked, reverse=True), set()
         while pending:
             path = pending.pop()
-            if path in looked or path.startswith(inside_new):
-                continue  # looked at already, or found again with its folder
+            if path in looked or path.startswith(inside_new) or not _valid(path):
+                continue  # looked at already, found again with its folder, or left out
             looked.add(path)
             parent, _, name = path.rpartition("/")
             try:
