@@ -53,6 +53,8 @@ _DELTA_SHARE = 4
 """A manifest is stored whole once it differs from its base in more than 1/this of its files."""
 
 Source = Literal["user", "assistant"]
+Contents = bytes | memoryview
+"""A file's bytes, or a view of them in a pack read whole."""
 
 
 class WorkspaceTooLarge(Exception):
@@ -340,22 +342,20 @@ async def read_file(store: ObjectStore, ref: WorkspaceRef, entry: FileEntry) -> 
 
 async def read_files(
     store: ObjectStore, ref: WorkspaceRef, entries: dict[str, FileEntry]
-) -> dict[str, bytes]:
+) -> dict[str, Contents]:
     """The bytes of files (path -> entry): a range per file from packs of few of them, else whole
-    packs, all at once."""
+    packs (the files views into them, not copies), all at once."""
     by_pack: dict[str, list[str]] = {}
     for path, entry in entries.items():
         by_pack.setdefault(entry.pack, []).append(path)
 
-    async def from_pack(pack: str, paths: list[str]) -> dict[str, bytes]:
+    async def from_pack(pack: str, paths: list[str]) -> dict[str, Contents]:
         if len(paths) <= _RANGES_UP_TO:
             return {path: await read_file(store, ref, entries[path]) for path in paths}
-        data = await store.get(ref.pack_key(pack))
-        return {
-            path: data[entries[path].offset : entries[path].offset + entries[path].bytes] for path in paths
-        }
+        data = memoryview(await store.get(ref.pack_key(pack)))
+        return {path: data[entries[path].offset : _end(entries[path])] for path in paths}
 
-    contents: dict[str, bytes] = {}
+    contents: dict[str, Contents] = {}
     for part in await asyncio.gather(*(from_pack(pack, paths) for pack, paths in by_pack.items())):
         contents.update(part)
     return contents

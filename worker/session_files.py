@@ -38,6 +38,7 @@ from shared.keys import session_key
 from shared.settings import Settings
 from shared.workspace_store import MissingObject, ObjectStore, open_store
 from shared.workspaces import (
+    Contents,
     FileEntry,
     InvalidPath,
     Manifest,
@@ -330,7 +331,7 @@ def update(
 
 
 def restore(
-    work: Path, held: Held, target: Manifest, contents: dict[str, bytes], watch: Watch | None = None
+    work: Path, held: Held, target: Manifest, contents: dict[str, Contents], watch: Watch | None = None
 ) -> Held:
     """Makes `work`, which holds `held`, hold `target`; `contents` has every file that differs.
     `watch`es the folders it made (those it did not were watched before)."""
