@@ -252,7 +252,8 @@ class VersionWriter:
         self._pack: list[bytes] = []
         self._size = 0
         self._compact = compact
-        self._by_sha = {} if compact else {entry.sha256: entry for entry in parent.files.values()}
+        self._by_sha: dict[str, FileEntry] | None = {} if compact else None
+        """Stored files by their SHA-256, built when a file is first added (most saves add few)."""
 
     def keep(self, path: str) -> None:
         """The parent's file at `path`, unchanged."""
@@ -279,6 +280,8 @@ class VersionWriter:
                 self.touched.discard(path)
             return
         self.touched.add(path)
+        if self._by_sha is None:
+            self._by_sha = {entry.sha256: entry for entry in self.parent.files.values()}
         if (same := self._by_sha.get(sha)) is not None:  # a copy or a move: the bytes are stored
             self.files[path] = FileEntry(same.pack, same.offset, len(data), sha, created, source, executable)
             return
