@@ -5,7 +5,9 @@ the session's current version (another worker ran the last turn, files were uplo
 earlier turn here failed), the turn first makes the directory equal to that version: only the
 files that differ are written (all of them into an empty directory). After a completed turn the
 directory is saved as the next version, uploading only the files whose size, times or inode
-changed since this worker last wrote or read them (`shared/workspaces.py` holds the format).
+changed since this worker last wrote or read them (`shared/workspaces.py` holds the format). The
+save looks only at the names inotify reported changed (`worker/workspace_changes.py`), or at
+every file where inotify may have missed one.
 
 Nothing here follows a symbolic link: directories are opened one level at a time with
 `O_NOFOLLOW`, links are saved as links (only those that stay inside the workspace) and restored
@@ -185,7 +187,7 @@ class _Scan:
                 else:
                     continue
                 count, total = count + more, total + size
-                kept += more or entry.is_dir(follow_symlinks=False)
+                kept += 1 if entry.is_dir(follow_symlinks=False) else more  # a folder in it is kept
                 check_limits(count, total, self.max_bytes, self.max_files)
         if prefix and not kept:
             self.writer.folders.add(prefix[:-1])
