@@ -8,6 +8,8 @@ import functools
 import hashlib
 import mmap
 import os
+import random
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,14 +25,13 @@ View = tuple[dict[str, tuple[str, bool]], dict[str, str], set[str]]
 
 
 def on_disk(work: Path) -> View:
-    """Every file (SHA-256, executable), link and empty folder under `work`, links not followed."""
+    """Every file (SHA-256, executable), link inside and folder holding neither (nor a folder)
+    under `work`, links not followed."""
     files, links, empty = {}, {}, set()
     for folder, dirs, names in os.walk(work):
         dirs[:] = [name for name in dirs if name.isprintable()]  # not kept: control characters
-        names[:] = [name for name in names if name.isprintable()]
-        if not dirs and not names and Path(folder) != work:
-            empty.add(Path(folder).relative_to(work).as_posix())
-        for name in names + [d for d in dirs if (Path(folder) / d).is_symlink()]:
+        kept = [name for name in dirs if not (Path(folder) / name).is_symlink()]
+        for name in [name for name in names + dirs if name.isprintable() and name not in kept]:
             path = Path(folder) / name
             rel = path.relative_to(work).as_posix()
             if path.is_symlink():
@@ -38,11 +39,15 @@ def on_disk(work: Path) -> View:
                 inside = os.path.normpath(f"{rel}/../{target}")
                 if not target.startswith("/") and not inside.startswith(".."):
                     links[rel] = target
+                    kept.append(name)
             else:
                 files[rel] = (
                     hashlib.sha256(path.read_bytes()).hexdigest(),
                     bool(path.stat().st_mode & 0o100),
                 )
+                kept.append(name)
+        if not kept and Path(folder) != work:
+            empty.add(Path(folder).relative_to(work).as_posix())
     return files, links, empty
 
 
@@ -101,6 +106,11 @@ STEPS: list[tuple[str, Callable[[Path], object]]] = [  # each returns what it di
     (
         "a file moved into a new folder",
         lambda w: ((w / "new").mkdir(), (w / "lib" / "f8.txt").rename(w / "new" / "f8")),
+    ),
+    ("a folder replaced by a link", lambda w: (emptied(w / "new"), (w / "new").symlink_to("lib"))),
+    (
+        "a file replaced by a link to it",
+        lambda w: ((w / "hard.txt").unlink(), (w / "hard.txt").symlink_to("h")),
     ),
     ("a link replaced by a file", lambda w: ((w / "in").unlink(), write(w / "in", "now a file"))),
     ("an empty folder made", lambda w: (w / "e" / "f").mkdir(parents=True)),
@@ -177,3 +187,62 @@ def test_a_forgotten_session_is_no_longer_tracked(tmp_path: Path, tracker: Chang
     tracker.forget(KEY)
     write(work / "a", "again")
     assert tracker.take(KEY) is None
+
+
+def a_random_change(work: Path, rng: random.Random) -> None:
+    """One change an agent might make, at random places among a few names (so they collide)."""
+
+    def somewhere() -> Path:
+        return work.joinpath(*rng.choices(["a", "b", "c"], k=rng.randint(1, 3)))
+
+    path, other = somewhere(), somewhere()
+    action = rng.choice(
+        ["write", "write", "append", "remove", "mkdir", "rmtree", "move", "link", "hard", "mode"]
+    )
+    try:
+        if action == "write":
+            write(path, rng.choice(["x", "y", "z" * 100]))
+        elif action == "append" and path.is_file() and not path.is_symlink():
+            appended(path, "+")
+        elif action == "remove" and (path.is_file() or path.is_symlink()):
+            path.unlink()
+        elif action == "mkdir":
+            path.mkdir(parents=True, exist_ok=True)
+        elif action == "rmtree" and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif action == "move" and path.exists() and not other.is_relative_to(path):
+            other.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(other)
+        elif action == "link":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.symlink_to(rng.choice(["a", "../b", "/etc", "c/a"]))
+        elif action == "hard" and path.is_file() and not path.is_symlink():
+            other.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, other)
+        elif action == "mode" and path.is_file() and not path.is_symlink():
+            path.chmod(rng.choice([0o644, 0o755]))
+    except OSError:  # in the way of something else: the agent's command failed
+        pass
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_turns_of_many_changes_are_found_from_the_names_alone(
+    tmp_path: Path, tracker: ChangeTracker, seed: int
+) -> None:
+    rng, work = random.Random(seed), tmp_path / "work"
+    work.mkdir()
+    watch = functools.partial(tracker.watch, KEY)
+    tracker.start(KEY)
+    writer = VersionWriter(Manifest())
+    seen = scan(work, Held(Manifest()), writer, *LIMITS, watch)
+    held = Held(writer.manifest(), *seen)
+    for turn in range(40):
+        for _ in range(rng.randint(1, 12)):
+            a_random_change(work, rng)
+        changes = tracker.take(KEY)
+        assert changes is not None
+        assert changes.complete
+        writer = VersionWriter(held.manifest)
+        seen = update(work, held, changes, writer, *LIMITS, watch)
+        assert view(writer) == on_disk(work), f"turn {turn}"
+        held = Held(writer.manifest(), *seen)
