@@ -264,7 +264,6 @@ class VersionWriter:
         if self.files.pop(path, None) is not None:
             self.touched.add(path)
         self.links.pop(path, None)
-        self.folders.discard(path)
 
     def add(self, path: str, data: bytes, *, source: Source, executable: bool, now: int) -> None:
         sha = hashlib.sha256(data).hexdigest()

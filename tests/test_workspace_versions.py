@@ -4,6 +4,7 @@ writes, and that neither follows a symbolic link out of the workspace."""
 import io
 import multiprocessing
 import os
+import random
 import shutil
 import tarfile
 import tempfile
@@ -15,6 +16,7 @@ from api.routes.session_files import _tar_gz
 from shared import workspaces
 from shared.workspace_store import LocalStore
 from shared.workspaces import Manifest, VersionWriter, WorkspaceRef, WorkspaceTooLarge
+from tests.test_workspace_changes import a_random_change, on_disk
 from worker.session_files import Held, removed, restore, scan
 
 REF = WorkspaceRef("0" * 32, "s-1", "12345678-1234-1234-1234-123456789abc")
@@ -267,3 +269,29 @@ def test_what_the_agent_made_unreadable_is_saved_and_removed_all_the_same() -> N
     assert found == ["locked/inner/a.txt", "secret.txt", "unlisted/b.txt"]
     assert folders == []
     assert not left
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_random_versions_restore_exactly_over_the_one_before(tmp_path: Path, seed: int) -> None:
+    rng, store = random.Random(seed), LocalStore(tmp_path / "store")
+    work, copy = tmp_path / "work", tmp_path / "copy"
+    work.mkdir()
+    copy.mkdir()
+    held = restored_here = Held(Manifest())
+    for turn in range(25):
+        for _ in range(rng.randint(1, 12)):
+            a_random_change(work, rng)
+        held = await save(store, work, held)
+        target = await workspaces.load_manifest(store, REF, held.manifest.version)
+        had = restored_here.manifest.files
+        needed = {
+            path: entry
+            for path, entry in target.files.items()
+            if (
+                path not in had
+                or (had[path].sha256, had[path].executable) != (entry.sha256, entry.executable)
+            )
+        }
+        contents = await workspaces.read_files(store, REF, needed)
+        restored_here = restore(copy, restored_here, target, contents)
+        assert on_disk(copy) == on_disk(work), f"turn {turn}"

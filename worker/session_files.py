@@ -158,6 +158,8 @@ class _Scan:
         self.max_bytes, self.max_files = max_bytes, max_files
         self.stamps = {} if whole else dict(held.stamps)
         self.linked = set() if whole else set(held.linked)
+        self.relinked: set[int] = set()
+        """Inodes of files found with several hard links that had one at the last save."""
         self.now = int(time.time())
 
     def folder(self, fd: int, prefix: str, watch: Watch | None) -> tuple[int, int]:
@@ -204,6 +206,8 @@ class _Scan:
     def file(self, fd: int, name: str, path: str, st: os.stat_result) -> None:
         stamp = self.stamps[path] = _stamp(st)
         if st.st_nlink > 1:
+            if path not in self.held.linked:
+                self.relinked.add(st.st_ino)
             self.linked.add(path)
         else:
             self.linked.discard(path)
@@ -285,13 +289,15 @@ def update(
     walk = _Scan(held, writer, max_bytes, max_files, whole=False)
     new = sorted(filter(_valid, changes.folders))
     walk.forget_under((*changes.gone, *new))
-    inside_new = tuple(folder + "/" for folder in new)
+    inside_new = tuple(f"{folder}/" for folder in new)
+    looked: set[str] = set()
+    visited: set[str] = set()
     with _tree(work) as tree:
-        pending, looked = sorted(changes.paths | held.linked, reverse=True), set()
-        while pending:
-            path = pending.pop()
+
+        def look(path: str) -> None:
+            nonlocal inside_new
             if path in looked or path.startswith(inside_new) or not _valid(path):
-                continue  # looked at already, found again with its folder, or left out
+                return  # looked at already, found again with its folder, or left out
             looked.add(path)
             parent, _, name = path.rpartition("/")
             try:
@@ -299,33 +305,42 @@ def update(
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except (FileNotFoundError, NotADirectoryError):
                 walk.forget(path)
-                continue
+                return
             except OSError as exc:
                 if exc.errno != errno.ELOOP:  # a folder on the way is now a link: not followed
                     raise
                 walk.forget(path)
-                continue
+                return
             if stat.S_ISREG(st.st_mode):
                 walk.file(fd, name, path, st)
-                if st.st_nlink > 1 and path not in held.linked:  # its other names had no event
-                    pending += [other for other, was in walk.stamps.items() if was[3] == st.st_ino]
             elif stat.S_ISLNK(st.st_mode):
                 walk.link(fd, name, path)
             elif stat.S_ISDIR(st.st_mode):  # its mode or times changed, or it replaced a file
                 walk.forget(path)
                 walk.forget_under([path])
                 new.append(path)
-                inside_new += (path + "/",)
+                inside_new += (f"{path}/",)
             else:
                 walk.forget(path)
-        for folder in new:
-            if folder.startswith(inside_new):
-                continue  # found with the folder above it
-            try:
-                fd = tree.dir(folder)
-            except OSError:  # gone since, or a link: not followed
-                continue
-            walk.folder(fd, folder + "/", watch)
+
+        def find_new_folders() -> None:
+            for folder in new:
+                if folder in visited or folder.startswith(inside_new):
+                    continue  # found already, or with the folder above it
+                visited.add(folder)
+                try:
+                    fd = tree.dir(folder)
+                except OSError:  # gone since, or a link: not followed
+                    continue
+                walk.folder(fd, folder + "/", watch)
+
+        for path in sorted(changes.paths | held.linked):
+            look(path)
+        find_new_folders()
+        # A file that has gained a hard link: a write through the new name reports only that name.
+        for path in [path for path, was in walk.stamps.items() if was[3] in walk.relinked]:
+            look(path)
+        find_new_folders()
         for folder in {path.rpartition("/")[0] for path in (*looked, *changes.gone, *new)} - {""}:
             walk.empty(tree, folder)  # something came or went in it
     writer.check_limits(max_bytes, max_files)
