@@ -182,10 +182,14 @@ class Manifest:
     """The whole manifests this version and its parent are stored against: kept while it is."""
     folders: list[str] = field(default_factory=list)
     """Folders with nothing in them (those with something are implied by its paths)."""
+    _total: int | None = field(default=None, repr=False, compare=False)
+    """The files' bytes, once counted (by the writer that built it, or when first asked)."""
 
     @property
     def total_bytes(self) -> int:
-        return sum(entry.bytes for entry in self.files.values())
+        if self._total is None:
+            self._total = sum(entry.bytes for entry in self.files.values())
+        return self._total
 
     def encode(self) -> bytes:
         body = {
@@ -249,19 +253,27 @@ class VersionWriter:
         self.folders: set[str] = set() if compact else set(parent.folders)
         self.touched: set[str] = set()
         """Files whose entry differs from the parent's."""
+        self.total = 0 if compact else parent.total_bytes
+        """The bytes of `files`."""
         self._pack: list[bytes] = []
         self._size = 0
         self._compact = compact
         self._by_sha: dict[str, FileEntry] | None = {} if compact else None
         """Stored files by their SHA-256, built when a file is first added (most saves add few)."""
 
+    def _place(self, path: str, entry: FileEntry) -> None:
+        old = self.files.get(path)
+        self.total += entry.bytes - (old.bytes if old is not None else 0)
+        self.files[path] = entry
+
     def keep(self, path: str) -> None:
         """The parent's file at `path`, unchanged."""
-        self.files[path] = self.parent.files[path]
+        self._place(path, self.parent.files[path])
         self.touched.discard(path)
 
     def remove(self, path: str) -> None:
-        if self.files.pop(path, None) is not None:
+        if (old := self.files.pop(path, None)) is not None:
+            self.total -= old.bytes
             self.touched.add(path)
         self.links.pop(path, None)
 
@@ -275,25 +287,26 @@ class VersionWriter:
             source = known.source
         if not self._compact and known is not None and (known.sha256, known.executable) == (sha, executable):
             if self.files.get(path) != known:
-                self.files[path] = known
+                self._place(path, known)
                 self.touched.discard(path)
             return
         self.touched.add(path)
         if self._by_sha is None:
             self._by_sha = {entry.sha256: entry for entry in self.parent.files.values()}
         if (same := self._by_sha.get(sha)) is not None:  # a copy or a move: the bytes are stored
-            self.files[path] = FileEntry(same.pack, same.offset, len(data), sha, created, source, executable)
+            self._place(path, FileEntry(same.pack, same.offset, len(data), sha, created, source, executable))
             return
         entry = FileEntry(self.version, self._size, len(data), sha, created, source, executable)
         self._pack.append(data)
         self._size += len(data)
-        self.files[path] = self._by_sha[sha] = entry
+        self._place(path, entry)
+        self._by_sha[sha] = entry
 
     def manifest(self) -> Manifest:
         packs = {entry.pack for entry in self.files.values()}
         sizes = {**self.parent.packs, self.version: self._size}
         manifest = Manifest(self.version, self.files, self.links, {pack: sizes[pack] for pack in packs})
-        manifest.folders = sorted(self.folders)
+        manifest.folders, manifest._total = sorted(self.folders), self.total
         parent = self.parent
         base = parent.version if parent.base is None else parent.base
         if not self._compact and base is not None:
@@ -316,16 +329,14 @@ class VersionWriter:
         return self._size
 
     def check_limits(self, max_bytes: int, max_files: int) -> None:
-        total = sum(entry.bytes for entry in self.files.values())
-        check_limits(len(self.files) + len(self.links), total, max_bytes, max_files)
+        check_limits(len(self.files) + len(self.links), self.total, max_bytes, max_files)
 
-    async def write(self, store: ObjectStore, ref: WorkspaceRef) -> Manifest:
-        """Uploads the pack, then the manifest: a manifest never names bytes that are not stored."""
-        manifest = self.manifest()
+    async def write(self, store: ObjectStore, ref: WorkspaceRef, manifest: Manifest) -> None:
+        """Uploads the pack, then `manifest` (this writer's): a manifest never names bytes that are
+        not stored."""
         if self._pack:
             await store.put(ref.pack_key(self.version), b"".join(self._pack))
         await store.put(ref.manifest_key(self.version), manifest.encode())
-        return manifest
 
 
 async def load_manifest(store: ObjectStore, ref: WorkspaceRef, version: str | None) -> Manifest:

@@ -246,3 +246,4 @@ def test_random_turns_of_many_changes_are_found_from_the_names_alone(
         seen = update(work, held, changes, writer, *LIMITS, watch)
         assert view(writer) == on_disk(work), f"turn {turn}"
         held = Held(writer.manifest(), *seen)
+        assert held.manifest.total_bytes == sum(entry.bytes for entry in writer.files.values())  # kept

@@ -26,7 +26,9 @@ LIMITS = (10_000_000, 1_000)
 async def save(store: LocalStore, work: Path, held: Held) -> Held:
     writer = VersionWriter(held.manifest)
     seen = scan(work, held, writer, *LIMITS)
-    return Held(await writer.write(store, REF), *seen)
+    manifest = writer.manifest()
+    await writer.write(store, REF, manifest)
+    return Held(manifest, *seen)
 
 
 async def restored(store: LocalStore, into: Path, version: str | None) -> Held:

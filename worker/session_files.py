@@ -337,10 +337,10 @@ def update(
         for path in sorted(changes.paths | held.linked):
             look(path)
         find_new_folders()
-        # A file that has gained a hard link: a write through the new name reports only that name.
-        for path in [path for path, was in walk.stamps.items() if was[3] in walk.relinked]:
-            look(path)
-        find_new_folders()
+        if walk.relinked:  # a file gained a hard link: a write through one name reports only that one
+            for path in [path for path, was in walk.stamps.items() if was[3] in walk.relinked]:
+                look(path)
+            find_new_folders()
         for folder in {path.rpartition("/")[0] for path in (*looked, *changes.gone, *new)} - {""}:
             walk.empty(tree, folder)  # something came or went in it
     writer.check_limits(max_bytes, max_files)
@@ -566,11 +566,13 @@ class SessionTurn:
             if not writer.changed():
                 self.saved = Held(held.manifest, *seen)
                 return None
-            if writer.manifest().needs_compaction():  # rare: rewrite it all as one pack
+            manifest = writer.manifest()
+            if manifest.needs_compaction():  # rare: rewrite it all as one pack
                 writer = VersionWriter(held.manifest, compact=True)
                 seen = await asyncio.to_thread(scan, self.work, Held(Manifest()), writer, *limits)
+                manifest = writer.manifest()
             await workspaces.track(files.redis, self.ref, files.settings.session_ttl_s)
-            manifest = await writer.write(files.store, self.ref)
+            await writer.write(files.store, self.ref, manifest)
         except workspaces.WorkspaceTooLarge as exc:
             raise BackendError(FailureCode.WORKSPACE_TOO_LARGE, str(exc)) from exc
         except (OSError, RedisError) as exc:

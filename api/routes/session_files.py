@@ -309,7 +309,8 @@ class _NewVersion:
                 413, str(exc), type="invalid_request_error", code="workspace_too_large"
             ) from None
         await workspaces.track(redis, ref, settings.session_ttl_s)
-        manifest = await writer.write(self.store, ref)
+        manifest = writer.manifest()
+        await writer.write(self.store, ref, manifest)
         assert manifest.version is not None
         await sessions.set_workspace(
             redis,
