@@ -229,30 +229,37 @@ async def _tar_gz(
     files: AsyncIterator[tuple[str, FileEntry, bytes]], manifest: Manifest
 ) -> AsyncIterator[bytes]:
     """A `tar.gz` of the files as they stream in, then the manifest's links and empty folders;
-    compressed a piece at a time in a thread (the event loop serves other requests meanwhile)."""
+    compressed in a thread (the event loop serves other requests meanwhile) every 256 KiB, so
+    many small files cost few thread hand-offs."""
     gzip = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    batch: list[bytes] = []
+    batched = 0
     previous: FileEntry | None = None
-    current = None
+    current: str | None = None
     async for path, entry, part in files:
-        parts = [part]
         if path != current:  # a file's first part
-            parts.insert(0, _header(path, entry))
             if previous is not None:
-                parts.insert(0, _padding(previous.bytes))
+                batch.append(_padding(previous.bytes))
+            batch.append(_header(path, entry))
             previous, current = entry, path
-        if out := await asyncio.to_thread(gzip.compress, b"".join(parts)):
-            yield out
-    ends = [_padding(previous.bytes)] if previous is not None else []
+        batch.append(part)
+        batched += len(part) + tarfile.BLOCKSIZE
+        if batched >= 256 << 10:
+            if out := await asyncio.to_thread(gzip.compress, b"".join(batch)):
+                yield out
+            batch, batched = [], 0
+    if previous is not None:
+        batch.append(_padding(previous.bytes))
     for path, target in sorted(manifest.links.items()):
         info = tarfile.TarInfo(path)
         info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
-        ends.append(info.tobuf(tarfile.PAX_FORMAT))
+        batch.append(info.tobuf(tarfile.PAX_FORMAT))
     for path in manifest.folders:
         info = tarfile.TarInfo(path)
         info.type, info.mode = tarfile.DIRTYPE, 0o755
-        ends.append(info.tobuf(tarfile.PAX_FORMAT))
-    ends.append(bytes(2 * tarfile.BLOCKSIZE))  # the end of the archive
-    yield await asyncio.to_thread(gzip.compress, b"".join(ends)) + gzip.flush()
+        batch.append(info.tobuf(tarfile.PAX_FORMAT))
+    batch.append(bytes(2 * tarfile.BLOCKSIZE))  # the end of the archive
+    yield await asyncio.to_thread(gzip.compress, b"".join(batch)) + gzip.flush()
 
 
 def _header(path: str, entry: FileEntry) -> bytes:
