@@ -253,7 +253,12 @@ def test_a_failed_job_is_an_error_or_a_failed_event(scripted: Gateway) -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+        ({"input": "x", "tools": [{"type": "code_interpreter"}]}, "tools"),
+        (
+            {"input": "x", "tools": [{"type": "namespace", "name": "n", "tools": [{"type": "custom"}]}]},
+            "tools",
+        ),
+        ({"input": "x", "include": ["message.output_text.logprobs"]}, "include"),
         ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0]"),
         (
@@ -421,3 +426,44 @@ def test_function_tools_and_their_outputs(client: openai.OpenAI, scripted: Gatew
         (2, {"city": "Paris"}),
     ]
     assert events[-1]["type"] == "response.completed"
+
+
+def test_what_a_stateless_coding_agent_sends_is_accepted(client: openai.OpenAI, scripted: Gateway) -> None:
+    """Codex CLI's request shape: functions in a `namespace`, a hosted web search, `store: false`,
+    `include`, `reasoning.summary`, `prompt_cache_key`, `client_metadata`; and, on its next turn,
+    the whole transcript back with reasoning items and the namespaced call."""
+    group = {"type": "namespace", "name": "crm", "description": "The CRM.", "tools": [WEATHER_TOOL]}
+    agent = {
+        "model": MODEL,
+        "tools": [group, {"type": "web_search", "external_web_access": False}],
+        "store": False,
+        "include": ["reasoning.encrypted_content"],
+        "reasoning": {"summary": "auto"},
+        "prompt_cache_key": "thread-1",
+        "client_metadata": {"x-codex-window-id": "w1"},
+        "stream": True,
+    }
+    calls = [{"name": "crm__get_weather", "arguments": {"city": "Paris"}}]
+    body = {**agent, "input": [{"role": "user", "content": script(text="", calls=calls)}]}
+    with httpx.stream("POST", f"{scripted.url}/v1/responses", json=body, timeout=30) as response:
+        events = checked_stream(response)
+    assert events[-1]["type"] == "response.completed"
+    [call] = [item for item in events[-1]["response"]["output"] if item["type"] == "function_call"]
+    assert (call["namespace"], call["name"]) == ("crm", "get_weather")
+    transcript = [
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": None},
+        call,
+        {
+            "type": "function_call_output",
+            "call_id": call["call_id"],
+            "output": [{"type": "input_text", "text": "18 C"}],
+        },
+        {"role": "user", "content": ECHO},
+    ]
+    with httpx.stream(
+        "POST", f"{scripted.url}/v1/responses", json={**agent, "input": transcript}, timeout=30
+    ) as response:
+        events = checked_stream(response)
+    text = events[-1]["response"]["output"][-1]["content"][0]["text"]
+    assert f'<function_call id="{call["call_id"]}" name="crm__get_weather">' in text
+    assert f'<function_result id="{call["call_id"]}">18 C</function_result>' in text

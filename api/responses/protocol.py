@@ -3,11 +3,18 @@
 A request's input items become the core's chat-shaped messages (`to_chat_messages`), so a response
 runs through the same validation, policy and queue as a chat completion. Parameters that would change the
 meaning of a request but that the gateway cannot honour are rejected, never silently dropped.
+
+Agents such as Codex CLI send more than function tools: functions grouped in a `namespace` (the
+model sees each as `<namespace>__<name>`; its calls go back with `namespace` and `name` apart),
+and a hosted web search, which is left out (Claude Code's own WebSearch and WebFetch are there when
+the operator's tool policy allows them). Reasoning items they send back are the agent's activity
+the gateway itself returned, and are left out of the conversation.
 """
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from api.core.conversation import ChatMessage, ContentPart, ImagePart, TextPart
 from api.core.request import AgentControls
@@ -46,7 +53,7 @@ class CreateResponseRequest(AgentControls):
     def unsupported_parameter(self) -> str | None:
         """The first parameter whose meaning the gateway cannot honour, if any."""
         checks = {
-            "tools": any(tool.get("type") != "function" for tool in self.tools or []),
+            "tools": not all(_servable(tool) for tool in self.tools or []),
             "tool_choice": not (
                 self.tool_choice in (None, "none", "auto", "required")
                 or (isinstance(self.tool_choice, dict) and self.tool_choice.get("type") == "function")
@@ -54,9 +61,44 @@ class CreateResponseRequest(AgentControls):
             "conversation": self.conversation is not None,
             "prompt": self.prompt is not None,
             "top_logprobs": bool(self.top_logprobs),
-            "include": bool(self.include),
+            # Encrypted reasoning is asked for by stateless agents: the reasoning items carry none.
+            "include": any(extra != "reasoning.encrypted_content" for extra in self.include or []),
         }
         return next((name for name, unsupported in checks.items() if unsupported), None)
+
+
+_HOSTED_WEB_SEARCH = re.compile(r"web_search(_preview)?(_[0-9_]+)?")
+_NAMESPACE_SEPARATOR = "__"
+
+
+def _servable(tool: dict[str, Any]) -> bool:
+    kind = str(tool.get("type"))
+    if kind == "namespace":
+        members = tool.get("tools")
+        return isinstance(members, list) and all(isinstance(m, dict) and _servable(m) for m in members)
+    return kind == "function" or _HOSTED_WEB_SEARCH.fullmatch(kind) is not None
+
+
+def _functions(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The function tools, a namespace's under their qualified names; hosted tools left out."""
+    functions: list[dict[str, Any]] = []
+    for tool in tools or []:
+        if tool.get("type") == "namespace":
+            members = tool.get("tools") or []
+            prefix = f"{tool.get('name')}{_NAMESPACE_SEPARATOR}"
+            functions += [{**member, "name": f"{prefix}{member.get('name')}"} for member in members]
+        elif tool.get("type") == "function":
+            functions.append(tool)
+    return functions
+
+
+def split_name(name: str, tools: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """A called function's (namespace, name) as the request's tools define it."""
+    for tool in tools:
+        namespace = tool.get("name")
+        if tool.get("type") == "namespace" and name.startswith(f"{namespace}{_NAMESPACE_SEPARATOR}"):
+            return str(namespace), name.removeprefix(f"{namespace}{_NAMESPACE_SEPARATOR}")
+    return None, name
 
 
 class _InputPart(BaseModel):
@@ -91,22 +133,28 @@ def _function_item(raw: dict[str, Any], param: str) -> ChatMessage:
     if not isinstance(call_id, str):
         raise OpenAIError.invalid("A function call item needs its 'call_id'.", param=f"{param}.call_id")
     if raw["type"] == "function_call_output":
-        output = raw.get("output")
-        return ChatMessage(
-            role="tool", tool_call_id=call_id, content=output if isinstance(output, str) else ""
-        )
-    function = {"name": str(raw.get("name")), "arguments": str(raw.get("arguments") or "{}")}
+        return ChatMessage(role="tool", tool_call_id=call_id, content=_output_text(raw.get("output")))
+    name = str(raw.get("name"))
+    if namespace := raw.get("namespace"):
+        name = f"{namespace}{_NAMESPACE_SEPARATOR}{name}"
+    function = {"name": name, "arguments": str(raw.get("arguments") or "{}")}
     return ChatMessage(
         role="assistant", tool_calls=[{"id": call_id, "type": "function", "function": function}]
     )
 
 
+def _output_text(output: Any) -> str:
+    """A function's output: a string, or content parts whose text is kept."""
+    if isinstance(output, list):
+        return "".join(str(part.get("text") or "") for part in output if isinstance(part, dict))
+    return output if isinstance(output, str) else ""
+
+
 def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-    """Responses function tools (flat) as chat tools."""
-    if not tools:
-        return None
+    """The request's function tools (flat, or in namespaces) as chat tools."""
     keys = ("name", "description", "parameters")
-    return [{"type": "function", "function": {k: tool[k] for k in keys if k in tool}} for tool in tools]
+    functions = _functions(tools)
+    return [{"type": "function", "function": {k: f[k] for k in keys if k in f}} for f in functions] or None
 
 
 def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
@@ -124,6 +172,8 @@ def to_chat_messages(items: str | list[dict[str, Any]]) -> list[ChatMessage]:
         param = f"input[{index}]"
         if raw.get("type") in ("function_call", "function_call_output"):
             messages.append(_function_item(raw, param))
+            continue
+        if raw.get("type") == "reasoning":
             continue
         if raw.get("type", "message") != "message":
             raise OpenAIError.invalid(
@@ -183,9 +233,17 @@ class FunctionCall(BaseModel):
     type: Literal["function_call"] = "function_call"
     id: str
     call_id: str
+    namespace: str | None = None
     name: str
     arguments: str
     status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+    @model_serializer(mode="wrap")
+    def _without_empty_namespace(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body: dict[str, Any] = handler(self)
+        if body.get("namespace") is None:  # the spec has no null for it
+            body.pop("namespace", None)
+        return body
 
 
 class InputTokensDetails(BaseModel):

@@ -36,6 +36,7 @@ from api.responses.protocol import (
     ResponseStatus,
     ResponseUsage,
     SummaryText,
+    split_name,
 )
 from shared.events import JobEventValue, events_so_far
 from shared.jobs import Activity, Delta, Done, Failed, FailureCode, FinishReason, JobStatus, Usage
@@ -122,12 +123,16 @@ def error_body(failure: Failed) -> ResponseError:
     return ResponseError(code=code, message=f"{failure.message} ({failure.code.value})")
 
 
-def function_calls(done: Done) -> list[FunctionCall]:
-    """The function calls a turn ended on, as output items."""
-    return [
-        FunctionCall(id=f"fc_{call.id}", call_id=call.id, name=call.name, arguments=call.arguments)
-        for call in done.tool_calls
-    ]
+def function_calls(done: Done, tools: list[dict[str, Any]]) -> list[FunctionCall]:
+    """The function calls a turn ended on, as output items (a namespace's with its name apart)."""
+    calls = []
+    for call in done.tool_calls:
+        namespace, name = split_name(call.name, tools)
+        item = FunctionCall(
+            id=f"fc_{call.id}", call_id=call.id, namespace=namespace, name=name, arguments=call.arguments
+        )
+        calls.append(item)
+    return calls
 
 
 def output_message(
@@ -183,7 +188,7 @@ def response_body(
             items = output_items(job, activity, item_status)
         else:
             items = [output_message(job, text, item_status)]
-        response.output = [*items, *function_calls(terminal)]
+        response.output = [*items, *function_calls(terminal, stored.tools)]
         response.usage = usage_body(terminal.usage)
     elif activity:
         response.output = list(output_items(job, activity, "in_progress"))

@@ -144,7 +144,7 @@ class ResponseEventRenderer:
         _, item_status = finished_status(event)
         closing = self._open(_MESSAGE) if not any(kind == _MESSAGE for kind, _ in self._items) else []
         closing += self._close(item_status)
-        for index, call in enumerate(function_calls(event), start=len(self._items)):
+        for index, call in enumerate(function_calls(event, self._stored.tools), start=len(self._items)):
             # Each call arrives whole: its arguments are one delta.
             ids = {"item_id": call.id, "output_index": index}
             added = call.model_copy(update={"arguments": "", "status": "in_progress"}).model_dump()
