@@ -5,6 +5,8 @@ bwrap's namespace init does not hand its children's CPU time up to its parent, s
 v2; needs root) counts every process started in it, whatever reaps them.
 """
 
+import atexit
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -28,8 +30,14 @@ def cpu_meter(pid: int) -> tuple[Callable[[], float], str]:
             (group / "cgroup.procs").write_text(str(pid))
         except OSError:
             continue
+        atexit.register(_remove, group)  # empty by then: the benchmarks stop what they start
         counter = group / usage
         if usage == "cpu.stat":  # its first line: usage_usec
             return lambda path=counter: int(path.read_text().split()[1]) / 1e6, "cgroup v2"
         return lambda path=counter: int(path.read_text()) / 1e9, "cgroup v1 cpuacct"
     return lambda: sum(own_and_reaped(pid)), "the process and its reaped children (undercounts sandboxes)"
+
+
+def _remove(group: Path) -> None:
+    with contextlib.suppress(OSError):
+        group.rmdir()
