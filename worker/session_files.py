@@ -217,7 +217,11 @@ class _Scan:
             self.writer.keep(path)
             return
         with os.fdopen(_open(name, os.O_RDONLY | os.O_NOFOLLOW, fd), "rb") as file:
-            data = file.read(self.max_bytes + 1)
+            # As much as the stat said (a read of the limit's size allocates it whole, each time),
+            # then the rest if it grew since, up to just past the limit.
+            data = file.read(min(st.st_size, self.max_bytes) + 1)
+            if len(data) > st.st_size:
+                data += file.read(self.max_bytes + 1 - len(data))
         check_limits(1, len(data), self.max_bytes, self.max_files)
         self.writer.add(path, data, source="assistant", executable=executable, now=self.now)
         check_limits(1, self.writer.new_bytes, self.max_bytes, self.max_files)
