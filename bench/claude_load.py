@@ -7,12 +7,14 @@ with its defaults (a private Redis, one API, `WORKERS=2` workers, the real SDK a
 2. one stream, back to back;
 3. idle (`--idle`, 10 s), then a burst of `--burst` (8) concurrent streams;
 4. `--burst` concurrent clients, back to back, `--jobs` (24) jobs in all: CPU per job;
-5. idle again (`--shrink-wait`): the pool's memory after the bursts.
+5. idle again (`--shrink-wait`, by default 15 s longer than the gateway's `CLAUDE_WARM_IDLE_S`):
+   the pool's memory after it shrank.
 
-CPU is read from `/proc` per process (`utime + stime`; a CLI's after it exits, from its worker's
-`cutime + cstime`), from before a phase until the machine is quiet again after it, so the CLIs a
-warm pool starts to replace the used ones are counted. Memory is the resident set of the CLI
-processes alive under the workers.
+CPU is counted from before a phase until the machine is quiet again after it, so the CLIs a warm
+pool starts to replace the used ones are counted, and split by process kind: each worker runs in
+a cgroup of its own (`bench/cpu.py`), which counts its CLIs however deep in their sandboxes; the
+CLIs' share is that cgroup's CPU less the worker's own (`/proc`); the API, Redis and `up` are
+read from `/proc`. Memory is the resident set of the CLI processes alive under the workers.
 
     .venv/bin/python bench/claude_load.py [--root CHECKOUT] [--set NAME=VALUE ...] [--json out.json]
 
@@ -24,6 +26,7 @@ default 60 chat requests a minute from one address.
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,25 +46,20 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu import cpu_meter, own_and_reaped  # noqa: E402
 from cli.embedded_redis import free_port  # noqa: E402
+from shared.settings import Settings  # noqa: E402
 from tests.fake_anthropic import FakeAnthropic  # noqa: E402
 
 BODY = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "Say hello."}], "stream": True}
-TICK = os.sysconf("SC_CLK_TCK")
 ROLES = ("cli", "worker", "api", "redis", "up")
 
 
-def _stat(pid: int) -> tuple[int, float, float]:
-    """(ppid, own CPU seconds, reaped children's CPU seconds) of a live process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    own, reaped = int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
-    return int(fields[1]), own / TICK, reaped / TICK
-
-
 def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
     return 0
 
 
@@ -79,34 +78,55 @@ class Gateway:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "up"], cwd=root, env=env, start_new_session=True
         )
+        self.meters: dict[int, Callable[[], float]] = {}
+        self.method = ""
+
+    async def meter_workers(self, count: int, limit_s: float = 60.0) -> None:
+        """Puts each worker in a cgroup of its own once `count` are running (before their first CLI)."""
+        deadline = time.monotonic() + limit_s
+        while len(workers := self._workers()) < count:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"{len(workers)} of {count} workers started")
+            await asyncio.sleep(0.1)
+        for pid in workers:
+            self.meters[pid], self.method = cpu_meter(pid)
+
+    def _workers(self) -> list[int]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        with contextlib.suppress(OSError):
+            return [int(pid) for pid in children.read_text().split() if self._role(int(pid)) == "worker"]
+        return []
 
     def snapshot(self) -> Snapshot:
-        stats: dict[int, tuple[int, float, float]] = {}
+        parents: dict[int, int] = {}
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
-                try:
-                    stats[int(entry.name)] = _stat(int(entry.name))
-                except (OSError, ValueError, IndexError):
-                    continue
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
         children: dict[int, list[int]] = {}
-        for pid, (ppid, _, _) in stats.items():
+        for pid, ppid in parents.items():
             children.setdefault(ppid, []).append(pid)
         snap = Snapshot(cpu=dict.fromkeys(ROLES, 0.0), at=time.monotonic())
         up = self.process.pid
-        if up in stats:
-            snap.cpu["up"] = stats[up][1]
+        with contextlib.suppress(OSError):
+            snap.cpu["up"] = own_and_reaped(up)[0]
         for pid in children.get(up, []):
-            role = self._role(pid)
-            if role == "worker":
-                snap.cpu["worker"] += stats[pid][1]
-                snap.cpu["cli"] += stats[pid][2]  # CLIs (and what they ran) that have exited
-                for cli in self._descendants(pid, children):
-                    snap.cpu["cli"] += stats[cli][1] + stats[cli][2]
-                    if self._is_cli(cli):
-                        snap.clis += 1
-                        snap.pool_rss_kib += _rss_kib(cli)
-            else:
-                snap.cpu[role] += stats[pid][1] + stats[pid][2]
+            try:
+                own, reaped = own_and_reaped(pid)
+                role = self._role(pid)
+                if role == "worker":  # its cgroup: itself and every CLI it started (restarted: reaped)
+                    total = self.meters[pid]() if pid in self.meters else own + reaped
+            except OSError:
+                continue
+            if role != "worker":
+                snap.cpu[role] += own + reaped
+                continue
+            snap.cpu["worker"] += own
+            snap.cpu["cli"] += total - own
+            for cli in self._descendants(pid, children):
+                if self._is_cli(cli):
+                    snap.clis += 1
+                    snap.pool_rss_kib += _rss_kib(cli)
         return snap
 
     @staticmethod
@@ -190,6 +210,7 @@ def per_job(before: Snapshot, after: Snapshot, jobs: int) -> dict[str, float]:
 
 async def run(args: argparse.Namespace, url: str, gateway: Gateway) -> dict[str, object]:
     results: dict[str, object] = {}
+    await gateway.meter_workers(args.workers)
     async with httpx.AsyncClient(timeout=120) as client:
         deadline = time.monotonic() + 90
         while True:  # up, and one job that shows the pool the usual request
@@ -265,7 +286,7 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=10.0)
     parser.add_argument("--burst", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=24)
-    parser.add_argument("--shrink-wait", type=float, default=45.0)
+    parser.add_argument("--shrink-wait", type=float, help="default: CLAUDE_WARM_IDLE_S + 15 s")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -288,6 +309,10 @@ def main() -> None:
             "LOG_LEVEL": "warning",
         }
         env.update(item.split("=", 1) for item in args.set)
+        args.workers = int(env.get("WORKERS", Settings.model_fields["workers"].default))
+        if args.shrink_wait is None:
+            idle_s = env.get("CLAUDE_WARM_IDLE_S", Settings.model_fields["claude_warm_idle_s"].default)
+            args.shrink_wait = float(idle_s) + 15
         try:
             gateway = Gateway(args.root, env)
             results = asyncio.run(run(args, f"http://127.0.0.1:{port}/v1/chat/completions", gateway))
@@ -305,6 +330,7 @@ def main() -> None:
         "load_before": load_before,
         "load_after": os.getloadavg(),
         "root": str(args.root),
+        "cpu_by": gateway.method if gateway is not None else "",
         "set": args.set,
     }
     for phase in ("burst_cpu_per_job_ms", "concurrent_cpu_per_job_ms"):

@@ -5,9 +5,7 @@ with `SANDBOX=on`, one with `SANDBOX=off`, on the real SDK and CLI against the t
 Anthropic API (answering at once). The same streamed request goes to each in turn, sequentially,
 with a pause after each. CPU per job is the CPU time of each worker and everything it starts (the
 CLI; with the sandbox prlimit, bwrap and its init too) over the measured requests, divided by their
-number: each worker runs in a cgroup of its own (cpuacct on cgroup v1, cpu.stat on v2; needs
-root). Without one, it falls back to the worker's own and its reaped children's CPU time, which
-misses what bwrap's namespace init reaps.
+number, counted by `bench/cpu.py` (a cgroup per worker).
 
     .venv/bin/python bench/sandbox_cost.py [--requests 20] [--pause 0.5]
 """
@@ -26,33 +24,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu import cpu_meter  # noqa: E402
 from bench.warm_start import first_job, first_token, p95, start_gateway, stop  # noqa: E402
 from cli.embedded_redis import EmbeddedRedis  # noqa: E402
 from tests.fake_anthropic import FakeAnthropic  # noqa: E402
-
-_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_meter(pid: int) -> tuple[Callable[[], float], str]:
-    """A reader of the CPU seconds of `pid` and everything it starts from now on, and how."""
-    v1, v2 = Path("/sys/fs/cgroup/cpuacct"), Path("/sys/fs/cgroup")
-    for base, usage in ((v1, "cpuacct.usage"), (v2, "cpu.stat")):
-        group = base / f"gateway-bench-{pid}"
-        try:
-            group.mkdir(exist_ok=True)
-            (group / "cgroup.procs").write_text(str(pid))
-        except OSError:
-            continue
-        counter = group / usage
-        if usage == "cpu.stat":  # its first line: usage_usec
-            return lambda path=counter: int(path.read_text().split()[1]) / 1e6, "cgroup v2"
-        return lambda path=counter: int(path.read_text()) / 1e9, "cgroup v1 cpuacct"
-
-    def reaped() -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return sum(int(value) for value in fields[11:15]) * _TICK_S
-
-    return reaped, "the worker's and its reaped children's (undercounts the sandbox)"
 
 
 def main() -> None:

@@ -87,6 +87,9 @@ class CompletionJob(BaseModel):
     session: SessionRef | None = None
     functions: list[FunctionTool] = Field(default_factory=list)
     """The caller's functions (`tools` of type function), offered alongside the agent's own tools."""
+    owner: str | None = None
+    """The caller's API key, as `sessions.owner_of` digests it: a warm CLI that ran a job of one
+    key runs no other key's (`worker/warm.py`). None: a job no key queued (tests, benchmarks)."""
     created: int = Field(default_factory=lambda: int(time.time()))
 
 

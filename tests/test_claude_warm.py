@@ -17,6 +17,8 @@ from worker.warm import WARM_UP_PROMPT
 
 pytestmark = pytest.mark.claude
 
+KEY_A, KEY_B = "warm-test-key-of-caller-a", "warm-test-key-of-caller-b"
+
 
 @pytest.fixture(scope="module")
 def warm(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
@@ -148,3 +150,37 @@ def test_a_warm_client_on_the_cli_login_warms_up_without_the_upstream(
     assert upstream.credentials == [login_token] * 2
     assert "/warm-" in workspace_of(upstream.requests[1])
     assert without_workspace(upstream.requests[1]) == without_workspace(upstream.requests[0])
+
+
+def test_a_client_whose_job_ran_no_tool_serves_the_next_jobs_of_its_key_only(
+    start_gateway: Any, upstream: FakeAnthropic
+) -> None:
+    gateway: Gateway = start_gateway(
+        workers=1, **claude_env(upstream, CLAUDE_WARM_CLIENTS="1", API_KEYS=f"{KEY_A},{KEY_B}")
+    )
+
+    def complete(key: str) -> tuple[str, dict[str, Any]]:
+        """The job's workspace and its usage."""
+        response = httpx.post(
+            f"{gateway.url}/v1/chat/completions",
+            json=chat("Hello?"),
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=90,
+        )
+        assert response.status_code == 200, response.text
+        assert len(upstream.requests[-1]["messages"]) == 1  # nothing of an earlier job in it
+        usage: dict[str, Any] = response.json()["usage"]
+        return workspace_of(upstream.requests[-1]), usage
+
+    complete(KEY_A)  # cold; orders a client for the next job like it
+    prepared = str(wait_for_a_prepared_client(gateway))
+    runs = [complete(KEY_A) for _ in range(3)]
+    assert [workspace for workspace, _ in runs] == [prepared] * 3  # one client, rewound after each
+    assert runs[1][1] == runs[0][1] == runs[2][1]  # each job's own cost, not the CLI's running total
+    assert runs[0][1]["cost_usd"] > 0
+    other, _ = complete(KEY_B)
+    assert other != prepared  # never another key's
+    deadline = time.monotonic() + 10
+    while Path(prepared).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(prepared).exists()  # the pool of one made room for the other key's client

@@ -9,10 +9,22 @@ from typing import Any, cast
 from claude_agent_sdk import ClaudeSDKClient
 
 from shared.jobs import CompletionJob, Turn
-from worker.warm import WarmClient, WarmPool
+from worker.warm import REUSES, WarmClient, WarmPool
+
+
+class _FakeControl:
+    def __init__(self) -> None:
+        self.rewound: list[str] = []
+
+    async def _send_control_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.rewound.append(request["target_message_uuid"])
+        return {"rewound": True}
 
 
 class _FakeCLI:
+    def __init__(self) -> None:
+        self._query = _FakeControl()
+
     async def disconnect(self) -> None:
         pass
 
@@ -38,8 +50,8 @@ class _Spawner:
         self.discarded += 1
 
 
-def job(model: str = "claude-sonnet-4-5") -> CompletionJob:
-    return CompletionJob(request_id="r", model=model, turns=[Turn(role="user", text="hi")])
+def job(model: str = "claude-sonnet-4-5", owner: str | None = "key-a") -> CompletionJob:
+    return CompletionJob(request_id="r", model=model, turns=[Turn(role="user", text="hi")], owner=owner)
 
 
 async def settled(pool: WarmPool) -> None:
@@ -108,6 +120,51 @@ def test_a_new_kind_of_job_takes_the_place_of_another_kinds_client() -> None:
         assert len(kinds) == 2
         assert any("opus" in kind for kind in kinds)
         assert await pool.take(job("claude-opus-4-1")) is not None
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_client_given_back_is_rewound_and_serves_only_its_keys_jobs() -> None:
+    async def scenario() -> None:
+        spawn = _Spawner()
+        pool = WarmPool(1, spawn)
+        pool.order(job())
+        await settled(pool)
+        warm = await pool.take(job(owner="key-a"))
+        assert warm is not None
+        assert pool.give_back(warm, job(owner="key-a"), "turn-1")
+        await settled(pool)
+        assert cast(Any, warm.client)._query.rewound == ["turn-1"]
+        assert await pool.take(job(owner="key-b")) is None  # another key's job starts cold
+        assert await pool.take(job(owner="key-a")) is warm
+        assert pool.give_back(warm, job(owner="key-a"), "turn-2")
+        pool.order(job(owner="key-b"))  # full, and nothing for key b: a fresh client replaces it
+        await settled(pool)
+        fresh = await pool.take(job(owner="key-b"))
+        assert fresh is not None
+        assert fresh is not warm
+        assert spawn.discarded == 1
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_client_is_not_given_back_to_a_full_pool_or_after_its_last_job() -> None:
+    async def scenario() -> None:
+        pool = WarmPool(1, _Spawner())
+        pool.order(job())
+        await settled(pool)
+        warm = await pool.take(job())
+        assert warm is not None
+        pool.order(job())  # its replacement fills the pool
+        await settled(pool)
+        assert not pool.give_back(warm, job(), "turn")
+        await warm.discard()
+        again = await pool.take(job())
+        assert again is not None
+        again.jobs = REUSES
+        assert not pool.give_back(again, job(), "turn")
         await pool.close()
 
     asyncio.run(scenario())

@@ -1,9 +1,12 @@
 """Warm CLI processes: Claude Code started and connected ahead of the jobs that will use them.
 
 Starting the CLI costs ~300-400 ms of CPU, most of a short job's time to first token. Each worker
-keeps connected clients, each in its own prepared workspace with its own proxy token, and gives
-each to exactly one job, then discards it: per-job isolation is kept, only the start-up moves
-ahead of the job.
+keeps connected clients, each in its own prepared workspace with its own proxy token. A client
+that ran a job goes back to the pool only for later jobs of the same API key and profile, and
+only if that job ran no tool at all (`reusable`): its conversation is then rewound to empty, and
+the job can have left nothing else behind (no file, no process, no transcript on disk: warm
+clients run with `--no-session-persistence`). Any other job's client is discarded with its
+workspace. docs/security.md, "Warm clients", says what this keeps apart and what not.
 
 The pool is sized by demand (`WarmPool.target`): empty until the worker's first job; while jobs
 come, one client per job slot (`CLAUDE_WARM_CLIENTS` caps it), as many as fit in
@@ -16,7 +19,8 @@ system prompt, agent options and token limit of a job. The pool learns profiles 
 refills are made for the latest eligible job (a single new user turn, no session), so repeated
 requests of one kind start warm after the first. A job orders its replacement once it has its
 first token (or has ended): a CLI starting beside the job's own would take the CPU the job needs
-until then (measured: it doubles a warm job's time to first token on 2 cores). Jobs with earlier
+until then (measured: it doubles a warm job's time to first token on 2 cores); a job on a warm
+client orders one only if its client does not come back (`give_back`). Jobs with earlier
 turns or a session resume a transcript, which is chosen at start-up, so they always start cold.
 When the pool is full, a new profile takes the place of the oldest client of another one.
 
@@ -81,6 +85,12 @@ class WarmClient:
     release: Callable[[], None] = lambda: None
     """Revokes the client's proxy token."""
     profile: str = ""
+    owner: str | None = None
+    """The API key (`CompletionJob.owner`) whose job it ran: it serves no other key's from then on."""
+    jobs: int = 0
+    spent_usd: float = 0.0
+    """The CLI's running total cost (`ResultMessage.total_cost_usd`) after its last job: what the
+    CLI reports at the end of the next one counts that job's cost on top of it."""
     pids: list[int] = field(default_factory=list)
     """The client's processes, started at `REFILL_NICENESS`."""
     _pause: asyncio.TimerHandle | None = None
@@ -118,6 +128,27 @@ class WarmClient:
             self.release()
 
 
+REUSES = 50
+"""Jobs one client runs at most: a CLI's resident set grows with its turns (measured on a bare
+client: 207 MiB fresh, 254 MiB after 50 turns, ~295 MiB from 200 on)."""
+
+
+def reusable(job: CompletionJob) -> bool:
+    """Whether a client that ran `job` without any tool call may run a later job of its key: not if
+    the prompt is a Claude Code command (`/model` would change the client for the next job)."""
+    return job.owner is not None and not job.turns[-1].text.lstrip().startswith("/")
+
+
+def user_message(content: str | list[dict[str, Any]], turn: str) -> AsyncIterator[dict[str, Any]]:
+    """A user message for `ClaudeSDKClient.query` with its id, to `rewind` the conversation to."""
+
+    async def message() -> AsyncIterator[dict[str, Any]]:
+        body = {"role": "user", "content": content}
+        yield {"type": "user", "message": body, "parent_tool_use_id": None, "uuid": turn}
+
+    return message()
+
+
 WARM_UP_PROMPT = "Reply with ok."
 WARM_UP_TURNS = 2
 """Measured on a bare client: the job's turn takes ~60 ms of the CLI's CPU after one warm-up
@@ -137,15 +168,15 @@ async def warm_up(client: ClaudeSDKClient) -> None:
 
 async def _rewound_turn(client: ClaudeSDKClient) -> None:
     turn = str(uuid.uuid4())
-
-    async def prompt() -> AsyncIterator[dict[str, Any]]:
-        message = {"role": "user", "content": WARM_UP_PROMPT}
-        yield {"type": "user", "message": message, "parent_tool_use_id": None, "uuid": turn}
-
-    await client.query(prompt())
+    await client.query(user_message(WARM_UP_PROMPT, turn))
     async for message in client.receive_response():
         if isinstance(message, ResultMessage) and message.is_error:
             raise RuntimeError(f"the warm-up turn failed: {message.subtype}")
+    await rewind(client, turn)
+
+
+async def rewind(client: ClaudeSDKClient, turn: str) -> None:
+    """Cuts the conversation back to before the user message `turn`; raises if the CLI does not."""
     # The CLI's `rewind_conversation` control request cuts the conversation back to before the
     # given user message; the SDK (0.2.189) has no public method for it, only its control channel.
     control = client._query
@@ -155,7 +186,7 @@ async def _rewound_turn(client: ClaudeSDKClient) -> None:
         {"subtype": "rewind_conversation", "target_message_uuid": turn}
     )
     if answer.get("rewound") is not True:
-        raise RuntimeError(f"the CLI did not rewind the warm-up turn: {answer}")
+        raise RuntimeError(f"the CLI did not rewind a turn: {answer}")
 
 
 def profile(job: CompletionJob) -> str | None:
@@ -170,8 +201,13 @@ def profile(job: CompletionJob) -> str | None:
 class _Slot:
     profile: str
     client: "asyncio.Task[WarmClient]"
-    """Connecting or connected: a job that takes a connecting client waits for it (sooner than a
-    cold start, which would begin from nothing)."""
+    """Connecting, rewinding or ready: a job that takes a client not ready yet waits for it (sooner
+    than a cold start, which would begin from nothing)."""
+    owner: str | None = None
+    """The API key of the job the client ran; None: a fresh client, for any key."""
+
+    def serves(self, profile: str, owner: str | None) -> bool:
+        return self.profile == profile and self.owner in (None, owner)
 
 
 CLIENT_MIB_ESTIMATE = 210.0
@@ -190,7 +226,7 @@ class WarmPool:
     idle_s: float = 60.0
     idle_clients: int = 1
     client_mib: float = CLIENT_MIB_ESTIMATE
-    """The resident memory of the last client made ready (`spawn` measures it)."""
+    """The resident memory of the last client made ready (`spawn` measures it) or given back."""
     _slots: list[_Slot] = field(default_factory=list)
     _template: CompletionJob | None = None
     """The latest job warm clients can run: refills are made for its profile."""
@@ -217,9 +253,11 @@ class WarmPool:
         wanted = profile(job)
         if wanted is None or self._closed:
             return None
-        mine = [slot for slot in self._slots if slot.profile == wanted]
-        # The newest ready client: the likeliest not to be stopped yet (`WarmClient.park`).
-        found = next((slot for slot in reversed(mine) if slot.client.done()), mine[0] if mine else None)
+        mine = [slot for slot in self._slots if slot.serves(wanted, job.owner)]
+        # The key's own clients first (fresh ones stay for other keys), the newest ready first: the
+        # likeliest not to be stopped yet (`WarmClient.park`).
+        mine.sort(key=lambda slot: (slot.client.done(), slot.owner is not None))
+        found = mine[-1] if mine else None
         if found is None:
             return None
         self._slots.remove(found)
@@ -229,6 +267,7 @@ class WarmPool:
             log.warning("could not start a warm Claude Code client", exc_info=True)
             return None
         warm.resume()
+        warm.jobs += 1
         return warm
 
     def order(self, job: CompletionJob) -> None:
@@ -241,7 +280,7 @@ class WarmPool:
         if (
             self._slots
             and len(self._slots) >= self.target()
-            and all(s.profile != wanted for s in self._slots)
+            and not any(s.serves(wanted, job.owner) for s in self._slots)
         ):
             self._discard(self._slots.pop(0))  # a new kind of job takes the oldest client's place
         if self._filling is None or self._filling.done():
@@ -249,6 +288,29 @@ class WarmPool:
         if self._trim is not None:
             self._trim.cancel()
         self._trim = asyncio.get_running_loop().call_later(self.idle_s + 0.1, self._shrink)
+
+    def give_back(self, warm: WarmClient, job: CompletionJob, turn: str) -> bool:
+        """Takes back the client of `job` (which ran no tool), for later jobs of its key, with its
+        conversation rewound to before `turn`. False: the pool is full or closed, or the client
+        has run `REUSES` jobs; the caller discards it."""
+        if warm.pids:  # it grew with its turns: the memory budget counts it as it is now
+            self.client_mib = resident_mib(warm.pids)
+        if self._closed or warm.jobs >= REUSES or len(self._slots) >= self.target():
+            return False
+        warm.owner = job.owner
+        self._last_job_at = time.monotonic()
+
+        async def rewound() -> WarmClient:
+            try:
+                await rewind(warm.client, turn)
+            except BaseException:
+                await warm.discard()
+                raise
+            warm.park()
+            return warm
+
+        self._slots.append(_Slot(warm.profile, asyncio.ensure_future(rewound()), job.owner))
+        return True
 
     async def _fill(self) -> None:
         while not self._closed and self._template is not None and len(self._slots) < self.target():
@@ -258,6 +320,8 @@ class WarmPool:
             await asyncio.wait([slot.client])
             if slot.client.cancelled() or slot.client.exception() is not None:
                 return  # `take` logs it; the next job's order tries again
+            if slot not in self._slots:
+                return  # a job took it while it was connecting: it orders a replacement if needed
 
     def _shrink(self) -> None:
         """Idle: discards the clients over the target, other profiles and the oldest first."""

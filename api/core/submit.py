@@ -76,8 +76,10 @@ async def submit(
     session_id = requested_session_id(request.session_id, http.headers)
     if request.n > 1:
         _check_choices(request, settings.max_choices, session_id, idempotency)
-    stored = await tool_config.configs(gateway.redis, sessions.owner_of(caller.key_id), session_id)
+    owner = sessions.owner_of(caller.key_id)
+    stored = await tool_config.configs(gateway.redis, owner, session_id)
     job = plan(request, http.headers, http.state.request_id, settings, stored, session=session_id is not None)
+    job = job.model_copy(update={"owner": owner})
     response_format = request.response_format
     if request.n > 1:
         jobs = [job, *(job.model_copy(update={"id": new_job_id()}) for _ in range(request.n - 1))]

@@ -42,6 +42,7 @@ from shared.jobs import (
     Reasoning,
     Retraction,
     ToolCall,
+    ToolStep,
     Turn,
     Usage,
 )
@@ -56,7 +57,8 @@ from worker.sandbox import MODEL_SOCKET, Sandbox, remove_runtime_dir, runtime_di
 from worker.session_store import JobTranscript, RedisSessionStore
 from worker.skills import install_skills, installed_skills
 from worker.tool_steps import ToolSteps
-from worker.warm import REFILL_NICENESS, WarmClient, WarmPool, renice, resident_mib, warm_up
+from worker.warm import REFILL_NICENESS, WarmClient, WarmPool, renice, resident_mib, reusable, warm_up
+from worker.warm import user_message as warm_message
 from worker.workspace import MARKER, Workspace, children_for, job_workspace
 
 log = logging.getLogger("gateway.worker.claude")
@@ -302,16 +304,16 @@ class ClaudeBackend:
         self._refuse(job)
         warm = await self._warm.take(job) if self._warm is not None and work is None else None
         run = self._run_warm(job, warm) if warm is not None else self._run_cold(job, work)
-        has_token = False
+        ordered = warm is not None  # a warm run orders a replacement itself, if its client is lost
         try:
             async with aclosing(run):
                 async for event in run:
                     yield event
-                    if not has_token and isinstance(event, Delta):
-                        has_token = True
+                    if not ordered and isinstance(event, Delta):
+                        ordered = True
                         self._order_warm(job)
         finally:
-            if not has_token:
+            if not ordered:
                 self._order_warm(job)
 
     def _order_warm(self, job: CompletionJob) -> None:
@@ -321,12 +323,37 @@ class ClaudeBackend:
             self._warm.order(job)
 
     async def _run_warm(self, job: CompletionJob, warm: WarmClient) -> AsyncGenerator[BackendEvent, None]:
+        """The job on a warm client, which goes back to the pool if the job ran no tool and ended
+        on its result (`worker/warm.py`); else it is discarded, and a replacement ordered."""
+        turn, last = str(uuid.uuid4()), job.turns[-1]
+        clean = reusable(job)  # so far: no tool ran
+        kept = False  # and the turn ended on its result: the client may go back
         try:
-            await warm.client.query(user_message(job.turns[-1]))
+            content = content_blocks(last) if last.images else last.text
+            await warm.client.query(warm_message(content, turn))
             async for event in _relay(warm.client.receive_response(), None, warm.client.disconnect):
+                if isinstance(event, ToolStep) and clean:
+                    clean = False
+                    self._order_warm(job)
+                elif isinstance(event, Done):
+                    kept = clean and event.finish_reason in (FinishReason.STOP, FinishReason.CONTENT_FILTER)
+                    event = self._own_cost(event, warm)
                 yield event
         finally:
-            await warm.discard()
+            if not (kept and self._warm is not None and self._warm.give_back(warm, job, turn)):
+                await warm.discard()
+                self._order_warm(job)
+
+    @staticmethod
+    def _own_cost(done: Done, warm: WarmClient) -> Done:
+        """The job's cost: the CLI reports its running total, earlier jobs on the client included."""
+        total = done.usage.cost_usd
+        if total is None:
+            return done
+        # Rounded off the float subtraction's noise (0.000462 - 0.000231 = 0.00023100000000000003):
+        # the smallest price, a token at $0.1 a million, is 1e-7 dollars.
+        cost, warm.spent_usd = round(total - warm.spent_usd, 12), total
+        return done.model_copy(update={"usage": done.usage.model_copy(update={"cost_usd": cost})})
 
     async def _run_cold(self, job: CompletionJob, work: Path | None) -> AsyncGenerator[BackendEvent, None]:
         with self._workspace(job.id, work) as (workspace, cli):
@@ -353,7 +380,10 @@ class ClaudeBackend:
         workspace, cli = stack.enter_context(self._workspace(name))
         proxy = self._proxy
         token = proxy.issue(warming=True) if proxy is not None else None
-        warm = WarmClient(ClaudeSDKClient(self._options(job, workspace, token, cli)), stack)
+        options = self._options(job, workspace, token, cli)
+        # Its transcript would be left for the next job of the key (`give_back`); nothing resumes it.
+        options.extra_args["no-session-persistence"] = None
+        warm = WarmClient(ClaudeSDKClient(options), stack)
         if proxy is not None and token is not None:
             warm.release = lambda: proxy.revoke(token)
         try:
@@ -370,6 +400,8 @@ class ClaudeBackend:
         except BaseException:
             await warm.discard()
             raise
+        # All of them now: at first only the sandbox's launcher ran, not yet the CLI inside it.
+        warm.pids = children_for(workspace)
         if self._warm is not None and warm.pids:
             self._warm.client_mib = resident_mib(warm.pids)
         return warm
