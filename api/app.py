@@ -32,6 +32,7 @@ from api.routes import (
     tools,
 )
 from shared import queue
+from shared.events import EventReader
 from shared.jobstore import JobStore
 from shared.settings import Settings
 
@@ -46,7 +47,8 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         store = JobStore(
             redis, queue_name=settings.queue_name, ttl_s=settings.event_ttl_s, affinity_s=affinity_s
         )
-        app.state.gateway = Gateway(settings=settings, redis=redis, store=store)
+        reader = EventReader(redis)
+        app.state.gateway = Gateway(settings=settings, redis=redis, store=store, reader=reader)
         follow = asyncio.create_task(UPSTREAM.follow(redis)) if settings.models_from_upstream else None
         log.info("API ready")
         try:
@@ -54,6 +56,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         finally:
             if follow is not None:
                 follow.cancel()
+            await reader.aclose()
             await redis.aclose()
 
     app = FastAPI(title="Claude Code Gateway", version=version("claude-gateway"), lifespan=lifespan)

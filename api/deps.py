@@ -7,6 +7,7 @@ from arq.connections import ArqRedis
 from fastapi import Depends, Request
 
 from api.errors import OpenAIError
+from shared.events import EventReader
 from shared.jobstore import JobStore
 from shared.settings import Settings
 
@@ -19,6 +20,8 @@ class Gateway:
     settings: Settings
     redis: ArqRedis
     store: JobStore
+    reader: EventReader
+    """Reads every job stream this process follows (one task, one connection)."""
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,21 @@ event that does not extend the sequence, and "events after N" is a plain `XREAD`
 """
 
 import asyncio
+import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import KeyT, StreamIdT
 
 from shared.jobs import Delta, Done, Failed, JobEventValue, Reasoning, decode_event, encode_event, settled
 from shared.jobstore import JobStore
-from shared.keys import events_key
+from shared.keys import events_key, reader_wakeup_key
 
 __all__ = ["JobEventValue"]  # re-exported: the API reads the event union from here
 _FIELD = b"e"
@@ -132,27 +136,173 @@ class NoEventWithin(Exception):
     """The stream stayed silent for the reader's idle limit."""
 
 
-async def read_events(
-    redis: Redis, job_id: str, *, after: int = 0, idle_timeout_s: float
-) -> AsyncIterator[tuple[int, JobEventValue]]:
-    """Yields `(seq, event)` after `after` until a terminal event; blocks for new ones.
+@dataclass(eq=False)
+class _Follower:
+    """One reader of one job's stream: what the shared read has handed it, and whether it reads on."""
 
-    Raises `NoEventWithin` when nothing arrives for `idle_timeout_s`; the caller decides whether
-    that means a job still queued, a stalled one, or a lost one.
+    key: bytes
+    last: int
+    """The sequence number of the last event handed over (the stream is read after it)."""
+    inbox: "asyncio.Queue[tuple[int, JobEventValue] | Exception]" = field(default_factory=asyncio.Queue)
+    paused: bool = False
+    """Left out of the read while `EventReader.HELD` events wait in its inbox (a slow client)."""
+    ended: bool = False
+    """Handed its terminal event or an error: nothing more to read for it."""
+
+
+class EventReader:
+    """Every job stream an API process follows, read by one task on one Redis connection.
+
+    The task blocks in one `XREAD` over all the followed streams (each after its follower's last
+    event) and hands each entry to its follower, so open streams do not each hold a connection and a
+    burst of requests shares its round trips. A follower that arrives while that read is blocked
+    wakes it by appending to this reader's own wake-up stream, which every read includes: read from
+    an explicit id, an append Redis handles before the read is still seen, so no wake-up is lost and
+    nothing waits for the block to end. Arrivals during one read share one append.
     """
-    key = events_key(job_id)
-    last = f"0-{after}"
-    block_ms = max(1, int(idle_timeout_s * 1000))
-    while True:
-        reply = await redis.xread({key: last}, block=block_ms, count=1024)
-        if not reply:
-            raise NoEventWithin(idle_timeout_s)
-        for entry_id, fields in reply[0][1]:
-            last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            event = decode_event(fields[_FIELD])
-            yield int(last.partition("-")[2]), event
-            if isinstance(event, Done | Failed):
+
+    BLOCK_MS = 5_000  # only bounds a lost wake-up (its append failed): arrivals wake the read
+    COUNT = 1024  # entries per stream per read
+    HELD = 1024  # a follower this many events behind is left out of the read until it catches up
+    WAKEUP_TTL_S = 60
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._wakeup_key = reader_wakeup_key(uuid.uuid4().hex).encode()
+        self._wakeup_last = "0-0"
+        self._followers: dict[bytes, set[_Follower]] = {}
+        self._changed = asyncio.Event()  # a follower arrived or resumed while no read was in flight
+        self._reading = False
+        self._woken = False  # the read in flight has been sent its wake-up
+        self._task: asyncio.Task[None] | None = None
+        self._wakeups: set[asyncio.Task[None]] = set()  # strong references until they finish
+
+    async def events(
+        self, job_id: str, *, after: int = 0, idle_timeout_s: float
+    ) -> AsyncIterator[tuple[int, JobEventValue]]:
+        """Yields `(seq, event)` after `after` until a terminal event; waits for new ones.
+
+        Raises `NoEventWithin` when nothing arrives for `idle_timeout_s` (the caller decides whether
+        that means a job still queued, a stalled one, or a lost one), and the `RedisError` of a read
+        that failed.
+        """
+        follower = _Follower(events_key(job_id).encode(), after)
+        self._followers.setdefault(follower.key, set()).add(follower)
+        self._wake()
+        try:
+            while True:
+                if follower.inbox.empty():
+                    try:
+                        async with asyncio.timeout(idle_timeout_s):
+                            item = await follower.inbox.get()
+                    except TimeoutError:
+                        raise NoEventWithin(idle_timeout_s) from None
+                else:
+                    item = follower.inbox.get_nowait()
+                if isinstance(item, Exception):
+                    raise item.with_traceback(None)
+                if follower.paused and follower.inbox.empty():
+                    follower.paused = False
+                    self._wake()
+                yield item
+                if isinstance(item[1], Done | Failed):
+                    return
+        finally:
+            followers = self._followers[follower.key]
+            followers.discard(follower)
+            if not followers:
+                del self._followers[follower.key]
+
+    async def aclose(self) -> None:
+        for task in (self._task, *self._wakeups):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = None
+
+    def _wake(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._read())
+        if not self._reading:
+            self._changed.set()
+        elif not self._woken:
+            self._woken = True
+            task = asyncio.create_task(self._send_wakeup())
+            self._wakeups.add(task)
+            task.add_done_callback(self._wakeups.discard)
+
+    async def _send_wakeup(self) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wakeup_key, {_FIELD: b""}, maxlen=1, approximate=False)
+                pipe.expire(self._wakeup_key, self.WAKEUP_TTL_S)
+                await pipe.execute()
+        except RedisError:  # the read fails too then, or its block ends: either way it is sent again
+            self._woken = False
+
+    def _starts(self) -> dict[bytes, int]:
+        """Each followed stream's next read starts after the earliest event one of its followers has."""
+        starts: dict[bytes, int] = {}
+        for key, followers in self._followers.items():
+            reading = [follower.last for follower in followers if not (follower.paused or follower.ended)]
+            if reading:
+                starts[key] = min(reading)
+        return starts
+
+    async def _read(self) -> None:
+        connection = Redis(connection_pool=self._redis.connection_pool, single_connection_client=True)
+        try:
+            while True:
+                starts = self._starts()
+                if not starts:
+                    self._changed.clear()
+                    await self._changed.wait()
+                    continue
+                streams: dict[KeyT, StreamIdT] = {key: f"0-{start}" for key, start in starts.items()}
+                streams[self._wakeup_key] = self._wakeup_last
+                self._reading, self._woken = True, False
+                try:
+                    reply = await connection.xread(streams, block=self.BLOCK_MS, count=self.COUNT)
+                except Exception as exc:  # e.g. a lost Redis: each follower reports it as its own read would
+                    self._fail(self._followers, exc)
+                    continue
+                finally:
+                    self._reading = False
+                for key, entries in reply:
+                    if key == self._wakeup_key:
+                        self._wakeup_last = entries[-1][0].decode()
+                    else:
+                        self._hand_over(key, starts[key], entries)
+        finally:
+            await connection.aclose()
+
+    def _hand_over(self, key: bytes, start: int, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Entries read after `start` go to the followers that had every event up to `start`: one
+        that was left out of the read further back gets them from a read of its own."""
+        followers = {follower for follower in self._followers.get(key, ()) if follower.last >= start}
+        for entry_id, fields in entries:
+            seq = int(entry_id.partition(b"-")[2])
+            try:
+                event = decode_event(fields[_FIELD])
+            except Exception as exc:  # only this job's followers cannot go on
+                self._fail({key: followers}, exc)
                 return
+            for follower in followers:
+                if seq > follower.last and not follower.ended:
+                    follower.last = seq
+                    follower.inbox.put_nowait((seq, event))
+                    follower.ended = isinstance(event, Done | Failed)
+        for follower in followers:
+            follower.paused = follower.inbox.qsize() >= self.HELD
+
+    @staticmethod
+    def _fail(followers_by_key: dict[bytes, set[_Follower]], exc: Exception) -> None:
+        for followers in followers_by_key.values():
+            for follower in followers:
+                if not follower.ended:
+                    follower.ended = True
+                    follower.inbox.put_nowait(exc)
 
 
 async def events_so_far(redis: Redis, job_id: str) -> list[JobEventValue]:

@@ -42,6 +42,11 @@ def events_key(job_id: str) -> str:
     return f"{PREFIX}:job:{_checked(job_id)}:events"
 
 
+def reader_wakeup_key(reader_id: str) -> str:
+    """The stream an API process appends to so that its event reader's blocked `XREAD` returns."""
+    return f"{PREFIX}:event-reader:{reader_id}:wakeup"
+
+
 def record_key(job_id: str) -> str:
     """The hash describing one job: owner, payload, attempt, where it runs, how it ended."""
     return f"{PREFIX}:job:{_checked(job_id)}"

@@ -18,6 +18,7 @@ from api.app import create_app
 from api.deps import CallerDep, Gateway
 from cli.embedded_redis import EmbeddedRedis, free_port
 from shared import queue
+from shared.events import EventReader
 from shared.jobstore import JobStore
 from shared.settings import Settings
 from tests.conftest import ROOT
@@ -107,7 +108,10 @@ async def test_each_key_is_a_distinct_stable_caller(private_redis: EmbeddedRedis
     app = _with_probe(create_app(settings, private_redis.url))
     redis = await queue.connect(private_redis.url, settings.queue_name)
     app.state.gateway = Gateway(
-        settings=settings, redis=redis, store=JobStore(redis, queue_name=settings.queue_name, ttl_s=60)
+        settings=settings,
+        redis=redis,
+        store=JobStore(redis, queue_name=settings.queue_name, ttl_s=60),
+        reader=EventReader(redis),
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
@@ -132,7 +136,10 @@ async def test_redis_unreachable_means_503_not_an_open_door() -> None:
     app = _with_probe(create_app(settings, "redis://unused"))
     redis = ArqRedis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
     app.state.gateway = Gateway(
-        settings=settings, redis=redis, store=JobStore(redis, queue_name=settings.queue_name, ttl_s=60)
+        settings=settings,
+        redis=redis,
+        store=JobStore(redis, queue_name=settings.queue_name, ttl_s=60),
+        reader=EventReader(redis),
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:

@@ -7,7 +7,7 @@ import pytest
 from redis.asyncio import Redis
 
 from cli.embedded_redis import EmbeddedRedis
-from shared.events import EventWriter, NoEventWithin, Superseded, read_events
+from shared.events import EventReader, EventWriter, NoEventWithin, Superseded
 from shared.jobs import CompletionJob, Delta, Done, FinishReason, Turn, Usage, new_job_id
 from shared.jobstore import JobStore
 from shared.keys import events_key
@@ -19,6 +19,13 @@ async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
     client = Redis.from_url(unit_db(redis_server))
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def reader(redis: Redis) -> AsyncIterator[EventReader]:
+    reader = EventReader(redis)
+    yield reader
+    await reader.aclose()
 
 
 @pytest.fixture
@@ -37,59 +44,65 @@ async def _writer(store: JobStore) -> tuple[str, EventWriter]:
 DONE = Done(finish_reason=FinishReason.STOP, usage=Usage(prompt_tokens=1, completion_tokens=3))
 
 
-async def test_a_reader_arriving_after_the_whole_job_gets_every_event(redis: Redis, store: JobStore) -> None:
+async def test_a_reader_arriving_after_the_whole_job_gets_every_event(
+    redis: Redis, reader: EventReader, store: JobStore
+) -> None:
     job_id, writer = await _writer(store)
     for text in ("a", "b", "c"):
         writer.emit(Delta(text=text))
         await writer.drain()  # one write each: no coalescing
     writer.emit(DONE)
     await writer.drain()
-    events = [item async for item in read_events(redis, job_id, idle_timeout_s=1)]
+    events = [item async for item in reader.events(job_id, idle_timeout_s=1)]
     assert events == [(1, Delta(text="a")), (2, Delta(text="b")), (3, Delta(text="c")), (4, DONE)]
     assert 0 < await redis.ttl(events_key(job_id)) <= 60
 
 
-async def test_reading_after_a_sequence_number_resumes_exactly_there(redis: Redis, store: JobStore) -> None:
+async def test_reading_after_a_sequence_number_resumes_exactly_there(
+    reader: EventReader, store: JobStore
+) -> None:
     job_id, writer = await _writer(store)
     for text in ("a", "b", "c"):
         writer.emit(Delta(text=text))
         await writer.drain()
     writer.emit(DONE)
     await writer.drain()
-    events = [item async for item in read_events(redis, job_id, after=2, idle_timeout_s=1)]
+    events = [item async for item in reader.events(job_id, after=2, idle_timeout_s=1)]
     assert events == [(3, Delta(text="c")), (4, DONE)]
 
 
-async def test_deltas_emitted_during_a_write_are_merged_in_order(redis: Redis, store: JobStore) -> None:
+async def test_deltas_emitted_during_a_write_are_merged_in_order(
+    reader: EventReader, store: JobStore
+) -> None:
     job_id, writer = await _writer(store)
     for i in range(1000):
         writer.emit(Delta(text=f"{i},"))
     writer.emit(DONE)
     await writer.drain()
-    events = [event async for _, event in read_events(redis, job_id, idle_timeout_s=1)]
+    events = [event async for _, event in reader.events(job_id, idle_timeout_s=1)]
     assert 2 <= len(events) < 1001
     assert "".join(e.text for e in events if isinstance(e, Delta)) == "".join(f"{i}," for i in range(1000))
     assert events[-1] == DONE
 
 
-async def test_a_live_reader_follows_the_writer(redis: Redis, store: JobStore) -> None:
+async def test_a_live_reader_follows_the_writer(reader: EventReader, store: JobStore) -> None:
     job_id, writer = await _writer(store)
-    reader = asyncio.create_task(_collect(redis, job_id))
+    following = asyncio.create_task(_collect(reader, job_id))
     for text in ("x", "y"):
         await asyncio.sleep(0.01)
         writer.emit(Delta(text=text))
     writer.emit(DONE)
     await writer.drain()
-    assert await reader == [Delta(text="x"), Delta(text="y"), DONE]
+    assert await following == [Delta(text="x"), Delta(text="y"), DONE]
 
 
-async def test_silence_is_reported_not_waited_out(redis: Redis) -> None:
+async def test_silence_is_reported_not_waited_out(reader: EventReader) -> None:
     with pytest.raises(NoEventWithin):
-        async for _ in read_events(redis, new_job_id(), idle_timeout_s=0.05):
+        async for _ in reader.events(new_job_id(), idle_timeout_s=0.05):
             pass
 
 
-async def test_a_superseded_attempt_can_no_longer_write(redis: Redis, store: JobStore) -> None:
+async def test_a_superseded_attempt_can_no_longer_write(reader: EventReader, store: JobStore) -> None:
     job_id, first = await _writer(store)
     await store.expire_lease(job_id, 1)  # its worker is gone and produced nothing: retried
     assert await store.recover_expired(max_attempts=3) == [(job_id, "retried")]
@@ -101,7 +114,7 @@ async def test_a_superseded_attempt_can_no_longer_write(redis: Redis, store: Job
     second.emit(Delta(text="b"))
     second.emit(DONE)
     await second.drain()
-    assert [e async for _, e in read_events(redis, job_id, idle_timeout_s=1)] == [Delta(text="b"), DONE]
+    assert [e async for _, e in reader.events(job_id, idle_timeout_s=1)] == [Delta(text="b"), DONE]
 
 
 async def test_a_repeated_write_is_applied_once(redis: Redis, store: JobStore) -> None:
@@ -112,13 +125,13 @@ async def test_a_repeated_write_is_applied_once(redis: Redis, store: JobStore) -
     assert await redis.xlen(events_key(job_id)) == 2
 
 
-async def test_a_lost_worker_with_output_fails_the_job(redis: Redis, store: JobStore) -> None:
+async def test_a_lost_worker_with_output_fails_the_job(reader: EventReader, store: JobStore) -> None:
     job_id, writer = await _writer(store)
     writer.emit(Delta(text="partial"))
     await writer.drain()
     await store.expire_lease(job_id, 1)
     assert await store.recover_expired(max_attempts=3) == [(job_id, "failed")]
-    events = [e async for _, e in read_events(redis, job_id, idle_timeout_s=1)]
+    events = [e async for _, e in reader.events(job_id, idle_timeout_s=1)]
     assert events[0] == Delta(text="partial")
     assert events[-1].type == "failed"
     assert events[-1].code == "worker_lost"
@@ -127,5 +140,5 @@ async def test_a_lost_worker_with_output_fails_the_job(redis: Redis, store: JobS
     assert record.status == "failed"
 
 
-async def _collect(redis: Redis, job_id: str) -> list[object]:
-    return [event async for _, event in read_events(redis, job_id, idle_timeout_s=5)]
+async def _collect(reader: EventReader, job_id: str) -> list[object]:
+    return [event async for _, event in reader.events(job_id, idle_timeout_s=5)]

@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from api.metrics import render as render_metrics
 from cli.embedded_redis import EmbeddedRedis
 from cli.status import render as render_status
-from shared.events import read_events
+from shared.events import EventReader
 from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode, Turn
 from shared.jobstore import JobStore
 from shared.keys import CANCEL_CHANNEL
@@ -51,6 +51,7 @@ class Running:
         self.worker: GatewayWorker = build_worker(self.settings, redis_url, handle_signals=False)
         self.redis = Redis.from_url(redis_url)
         self.store = JobStore(self.redis, queue_name=QUEUE, ttl_s=600)
+        self.reader = EventReader(self.redis)
         self.main = asyncio.create_task(self.worker.main())
         self.worker.main_task = self.main
 
@@ -61,7 +62,7 @@ class Running:
 
     async def events(self, job_id: str, within_s: float = 10) -> list[Event]:
         async with asyncio.timeout(within_s):
-            return [event async for _, event in read_events(self.redis, job_id, idle_timeout_s=within_s)]
+            return [event async for _, event in self.reader.events(job_id, idle_timeout_s=within_s)]
 
     async def assert_serving(self) -> None:
         """The main loop is alive and runs a new job to completion."""
@@ -76,6 +77,7 @@ class Running:
             self.worker.handle_sig(signal.SIGTERM)
         await asyncio.wait([self.main])
         await self.worker.close()
+        await self.reader.aclose()
         await self.redis.aclose()
 
 
@@ -153,7 +155,7 @@ async def test_a_cancelled_job_ends_cancelled_and_the_worker_serves_on(
     running = await start()
     job_id = await running.submit(script(text="a ", tokens=10_000, delay_ms=5))
     async with asyncio.timeout(5):
-        async for _ in read_events(running.redis, job_id, idle_timeout_s=5):
+        async for _ in running.reader.events(job_id, idle_timeout_s=5):
             break  # it produces
     failure = Failed(code=FailureCode.CANCELLED, message="cancelled by test")
     assert await running.store.stop(job_id, withdraw_only=False, failure=failure) == "cancelling"
@@ -188,7 +190,7 @@ async def test_a_job_whose_lease_is_lost_stops_quietly_and_the_worker_serves_on(
     running = await start()
     job_id = await running.submit(script(text="a ", tokens=10_000, delay_ms=5))
     async with asyncio.timeout(5):
-        async for _ in read_events(running.redis, job_id, idle_timeout_s=5):
+        async for _ in running.reader.events(job_id, idle_timeout_s=5):
             break
     # Another worker's sweep takes the job over, as if this one had stopped renewing.
     await running.store.expire_lease(job_id, 1)
@@ -249,7 +251,7 @@ async def test_shutdown_with_running_jobs_closes_the_worker_cleanly(
     talking = await running.submit(script(text="a ", tokens=10_000, delay_ms=5))
     silent = await running.submit(script(text="late", wait_ms=10_000))
     async with asyncio.timeout(5):
-        async for _ in read_events(running.redis, talking, idle_timeout_s=5):
+        async for _ in running.reader.events(talking, idle_timeout_s=5):
             break
     async with asyncio.timeout(5):
         while not (record := await running.store.get(silent)) or not record.started:

@@ -16,14 +16,14 @@ from collections.abc import AsyncIterator
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.events import JobEventValue, NoEventWithin, read_events
+from shared.events import EventReader, JobEventValue, NoEventWithin
 from shared.jobs import Failed, FailureCode
 from shared.jobstore import JobStore
 from shared.settings import Settings
 
 
 async def follow_job(
-    store: JobStore, settings: Settings, job_id: str, *, after: int = 0, withdraw: bool
+    reader: EventReader, store: JobStore, settings: Settings, job_id: str, *, after: int = 0, withdraw: bool
 ) -> AsyncIterator[tuple[int, JobEventValue]]:
     """Yields `(seq, event)` after `after` up to and including the job's terminal event."""
     check_every = min(settings.lease_s, settings.queue_timeout_s)
@@ -31,7 +31,7 @@ async def follow_job(
     outage_since: float | None = None
     while True:
         try:
-            async for seq, event in read_events(store.redis, job_id, after=after, idle_timeout_s=check_every):
+            async for seq, event in reader.events(job_id, after=after, idle_timeout_s=check_every):
                 after, outage_since = seq, None
                 yield seq, event
             return

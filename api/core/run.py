@@ -107,9 +107,14 @@ class Run:
         return self._merged()
 
     async def _one(self, after: int) -> ChoiceEvents:
-        store, settings = self.gateway.store, self.gateway.settings
+        gateway = self.gateway
         async for seq, event in follow_job(
-            store, settings, self.job.id, after=after, withdraw=not self.background
+            gateway.reader,
+            gateway.store,
+            gateway.settings,
+            self.job.id,
+            after=after,
+            withdraw=not self.background,
         ):
             if self._shown(event):
                 yield 0, seq, event
@@ -134,9 +139,11 @@ class Run:
     async def _pump(
         self, choice: int, job_id: str, merged: "asyncio.Queue[tuple[int, int, JobEventValue]]"
     ) -> None:
-        store, settings = self.gateway.store, self.gateway.settings
+        gateway = self.gateway
         try:
-            async for seq, event in follow_job(store, settings, job_id, withdraw=True):
+            async for seq, event in follow_job(
+                gateway.reader, gateway.store, gateway.settings, job_id, withdraw=True
+            ):
                 await merged.put((choice, seq, event))
         except Exception:  # e.g. Redis gone for longer than its grace: the choice cannot be followed
             log.exception("lost track of a choice")
