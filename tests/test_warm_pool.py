@@ -137,14 +137,12 @@ def test_a_client_given_back_is_rewound_and_serves_only_its_keys_jobs() -> None:
         await settled(pool)
         assert cast(Any, warm.client)._query.rewound == ["turn-1"]
         assert await pool.take(job(owner="key-b")) is None  # another key's job starts cold
-        assert await pool.take(job(owner="key-a")) is warm
-        assert pool.give_back(warm, job(owner="key-a"), "turn-2")
         pool.order(job(owner="key-b"))  # full, and nothing for key b: a fresh client replaces it
         await settled(pool)
+        assert spawn.discarded == 1
         fresh = await pool.take(job(owner="key-b"))
         assert fresh is not None
         assert fresh is not warm
-        assert spawn.discarded == 1
         await pool.close()
 
     asyncio.run(scenario())
@@ -165,6 +163,24 @@ def test_a_client_is_not_given_back_to_a_full_pool_or_after_its_last_job() -> No
         assert again is not None
         again.jobs = REUSES
         assert not pool.give_back(again, job(), "turn")
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_with_several_keys_some_places_stay_for_fresh_clients() -> None:
+    async def scenario() -> None:
+        pool = WarmPool(2, _Spawner())
+        pool.order(job(owner="key-a"))
+        await settled(pool)
+        first = await pool.take(job(owner="key-a"))
+        second = await pool.take(job(owner="key-b"))  # two keys seen: one place stays fresh
+        assert first is not None
+        assert second is not None
+        assert pool.fresh_reserve() == 1
+        assert pool.give_back(first, job(owner="key-a"), "turn")
+        assert not pool.give_back(second, job(owner="key-b"), "turn")  # the fresh one's place
+        await second.discard()
         await pool.close()
 
     asyncio.run(scenario())

@@ -6,7 +6,8 @@ that ran a job goes back to the pool only for later jobs of the same API key and
 only if that job ran no tool at all (`reusable`): its conversation is then rewound to empty, and
 the job can have left nothing else behind (no file, no process, no transcript on disk: warm
 clients run with `--no-session-persistence`). Any other job's client is discarded with its
-workspace. docs/security.md, "Warm clients", says what this keeps apart and what not.
+workspace. While several keys send jobs, some places in the pool stay for fresh clients
+(`WarmPool.fresh_reserve`). docs/security.md, "Agent isolation", says what this keeps apart.
 
 The pool is sized by demand (`WarmPool.target`): empty until the worker's first job; while jobs
 come, one client per job slot (`CLAUDE_WARM_CLIENTS` caps it), as many as fit in
@@ -235,12 +236,23 @@ class WarmPool:
     _trim: asyncio.TimerHandle | None = None
     _discarding: set["asyncio.Task[None]"] = field(default_factory=set)
     _closed: bool = False
+    _keys: dict[str, float] = field(default_factory=dict)
+    """When each API key last sent this worker a job (`fresh_reserve`)."""
 
     def target(self) -> int:
         """How many clients the pool keeps now."""
         idle = time.monotonic() - self._last_job_at >= self.idle_s
         wanted = min(self.idle_clients, self.limit) if idle else self.limit
         return max(0, min(wanted, int(self.memory_mib // max(self.client_mib, 1.0))))
+
+    def fresh_reserve(self) -> int:
+        """How many of the pool's places stay for fresh clients, which serve any key: one fewer
+        than the keys seen within `idle_s`. One key keeps every client it gives back; with as many
+        keys as places, no client is kept for a key, so a new key's job never finds the pool full
+        of other keys' clients (and starts cold) where a fresh one would have been ready."""
+        since = time.monotonic() - self.idle_s
+        self._keys = {key: seen for key, seen in self._keys.items() if seen >= since}
+        return min(self.target(), max(0, len(self._keys) - 1))
 
     @property
     def ready(self) -> int:
@@ -250,6 +262,8 @@ class WarmPool:
         """A client for the job's profile, if one is ready or connecting. None: the job starts
         cold. Either way, `order` its replacement once the job has its first token."""
         self._last_job_at = time.monotonic()
+        if job.owner is not None:
+            self._keys[job.owner] = self._last_job_at
         wanted = profile(job)
         if wanted is None or self._closed:
             return None
@@ -291,11 +305,18 @@ class WarmPool:
 
     def give_back(self, warm: WarmClient, job: CompletionJob, turn: str) -> bool:
         """Takes back the client of `job` (which ran no tool), for later jobs of its key, with its
-        conversation rewound to before `turn`. False: the pool is full or closed, or the client
-        has run `REUSES` jobs; the caller discards it."""
+        conversation rewound to before `turn`. False: the pool is full or closed, its places for
+        kept clients are taken (`fresh_reserve`), or the client has run `REUSES` jobs; the caller
+        discards it."""
         if warm.pids:  # it grew with its turns: the memory budget counts it as it is now
             self.client_mib = resident_mib(warm.pids)
-        if self._closed or warm.jobs >= REUSES or len(self._slots) >= self.target():
+        kept = sum(1 for slot in self._slots if slot.owner is not None)
+        if (
+            self._closed
+            or warm.jobs >= REUSES
+            or len(self._slots) >= self.target()
+            or kept >= self.target() - self.fresh_reserve()
+        ):
             return False
         warm.owner = job.owner
         self._last_job_at = time.monotonic()
