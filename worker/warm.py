@@ -52,7 +52,7 @@ from worker.history import merged
 log = logging.getLogger("gateway.worker.warm")
 
 
-PAUSE_AFTER_S = 3.0
+PAUSE_AFTER_S = 10.0
 """A ready client unused this long is stopped until a job takes it (see `WarmClient.park`)."""
 REFILL_NICENESS = 10
 """A client is started and warmed up at this niceness, below the jobs' CLIs; its job runs at 0."""
@@ -99,7 +99,9 @@ class WarmClient:
 
     def park(self) -> None:
         """Ready: stopped (SIGSTOP) if it waits longer than `PAUSE_AFTER_S`. An idle CLI spends
-        ~6 ms of CPU a second on its timers; a stopped one none, and it answers ~15 ms later."""
+        ~6 ms of CPU a second on its timers; a stopped one none, but answers later: stopped after
+        3 s, one stream with 1.5 s gaps over 2 workers (each client used every ~3.2 s) took 85-89
+        ms to its first token at the median, never stopped 67 ms (bench/claude_load.py)."""
         self._pause = asyncio.get_running_loop().call_later(PAUSE_AFTER_S, self._signal, signal.SIGSTOP)
 
     def resume(self) -> None:
