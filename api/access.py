@@ -193,13 +193,35 @@ class Access:
     async def _check(
         self, redis: Redis, scope: Scope, state: dict[str, Any], address: str
     ) -> tuple[OpenAIError | None, dict[str, str]]:
+        presented = _presented_key(scope["headers"])
+        hashed = None if presented is None else apikeys.digest(presented)
+        configured = None if hashed is None else self.keys.match(hashed)
+        category = endpoint_class(scope["method"], scope["path"])
+        if self.settings.rate_limit_enabled:
+            admitted = await self._admit(redis, scope, state, address, configured, category)
+            if admitted is not None:
+                return admitted
+        # What the decision needs from Redis, in one round trip: the address's failed
+        # authentications and, unless the key is a configured one, the managed keys.
+        async with redis.pipeline(transaction=False) as pipe:
+            if self.settings.rate_limit_enabled:
+                quotas.peek(pipe, self._auth_bucket(address))
+            if configured is None:
+                if hashed is not None:
+                    pipe.hget(apikeys.MANAGED_KEYS, hashed)
+                pipe.exists(apikeys.MANAGED_KEYS)
+            replies = await pipe.execute() if len(pipe) else []
         if self.settings.rate_limit_enabled:
             # Before the key is looked at: a throttled address gets nowhere, not even with a right guess.
-            throttled = await quotas.peek(redis, self._auth_bucket(address))
+            throttled = quotas.RateDecision.of(replies.pop(0))
             if not throttled.allowed:
                 return _too_many_failures(throttled), {}
-        presented = _presented_key(scope["headers"])
-        identity = await self._authenticate(redis, presented)
+        if configured is not None:
+            identity: tuple[str, bool] | None = configured, True
+        else:
+            any_managed = bool(replies.pop())
+            managed = None if hashed is None else apikeys.managed_key(replies.pop())
+            identity = self._authenticate(hashed, managed, any_managed)
         if identity is None:
             return await self._unauthenticated(redis, address, missing=presented is None), {}
         key_id, state["operator"] = identity
@@ -208,32 +230,51 @@ class Access:
         state["key_id"] = key_id
         if not self.settings.rate_limit_enabled:
             return None, {}
-        subject = f"addr:{address}" if key_id == ANONYMOUS else key_id
-        category = endpoint_class(scope["method"], scope["path"])
-        decision = await quotas.hit(redis, {quotas.rate_key(subject, category): self.limits[category]})
-        headers = rate_headers(decision)
-        if decision.allowed:
-            return None, headers
-        refusal = RateLimited(
-            f"Rate limit reached: {decision.limit} {category} requests per minute; "
-            f"retry in {decision.retry_after_s} s.",
-            code="rate_limit_exceeded",
-            retry_after_ms=decision.reset_ms,
-            headers=headers,
-        )
-        return refusal, {}
+        decision = await quotas.hit(redis, self._rate_bucket(key_id, address, category))
+        return _limited(decision, category)
 
-    async def _authenticate(self, redis: Redis, presented: str | None) -> tuple[str, bool] | None:
-        """(the caller's key id, whether it is an operator's), `ANONYMOUS` (an operator) when the
-        gateway is open, or None (refuse)."""
-        hashed = None if presented is None else apikeys.digest(presented)
-        if hashed is not None and (key_id := self.keys.match(hashed)) is not None:
-            return key_id, True
+    async def _admit(
+        self,
+        redis: Redis,
+        scope: Scope,
+        state: dict[str, Any],
+        address: str,
+        configured: str | None,
+        category: str,
+    ) -> tuple[OpenAIError | None, dict[str, str]] | None:
+        """The whole check in one round trip when the caller is known without Redis: a configured
+        key, or anyone on an open gateway while no managed key exists. None: check the long way."""
+        if configured is not None:
+            key_id = configured
+        elif not self._protected and (not self._loopback_only or _addressed_to_loopback(scope["headers"])):
+            key_id = ANONYMOUS
+        else:
+            return None
+        bucket = self._rate_bucket(key_id, address, category)
+        auth = self._auth_bucket(address)
+        admission = await quotas.admit(
+            redis, auth, bucket, apikeys.MANAGED_KEYS, open_only=key_id == ANONYMOUS
+        )
+        if admission is None:  # a managed key exists: protected from now on
+            self._now_protected(True)
+            return None
+        if admission.throttled:
+            return _too_many_failures(admission.decision), {}
+        state["key_id"], state["operator"] = key_id, True
+        return _limited(admission.decision, category)
+
+    def _rate_bucket(self, key_id: str, address: str, category: str) -> dict[str, int]:
+        subject = f"addr:{address}" if key_id == ANONYMOUS else key_id
+        return {quotas.rate_key(subject, category): self.limits[category]}
+
+    def _authenticate(
+        self, hashed: str | None, managed: apikeys.ManagedKey | None, any_managed: bool
+    ) -> tuple[str, bool] | None:
+        """A key that is not a configured one: (the caller's key id, whether it is an operator's),
+        `ANONYMOUS` (an operator) when the gateway is open, or None (refuse). `managed`: the
+        managed key with the presented key's digest, if any."""
         if hashed is None:
-            if self._protected or await self._now_protected(await apikeys.any_managed(redis)):
-                return None
-            return ANONYMOUS, True
-        managed, any_managed = await apikeys.lookup(redis, hashed)
+            return None if self._now_protected(any_managed) else (ANONYMOUS, True)
         if managed is not None:
             return managed.id, managed.operator
         if not any_managed and self._protected and not self.keys:
@@ -241,9 +282,9 @@ class Access:
             # lost): refuse everyone rather than fall open.
             raise KeyStoreGone
         # An open gateway ignores whatever key was sent (OpenAI clients always send one).
-        return None if self._protected or await self._now_protected(any_managed) else (ANONYMOUS, True)
+        return None if self._now_protected(any_managed) else (ANONYMOUS, True)
 
-    async def _now_protected(self, any_managed: bool) -> bool:
+    def _now_protected(self, any_managed: bool) -> bool:
         """Whether the gateway needs a key from now on: once it does, it always will (until a
         restart), so losing the managed keys never opens it."""
         self._protected = self._protected or any_managed
@@ -263,6 +304,21 @@ class Access:
             else "Incorrect API key provided."
         )
         return OpenAIError(401, message, type="invalid_request_error", code="invalid_api_key")
+
+
+def _limited(decision: quotas.RateDecision, category: str) -> tuple[OpenAIError | None, dict[str, str]]:
+    """A counted request: through with its rate-limit headers, or refused over its limit."""
+    headers = rate_headers(decision)
+    if decision.allowed:
+        return None, headers
+    refusal = RateLimited(
+        f"Rate limit reached: {decision.limit} {category} requests per minute; "
+        f"retry in {decision.retry_after_s} s.",
+        code="rate_limit_exceeded",
+        retry_after_ms=decision.reset_ms,
+        headers=headers,
+    )
+    return refusal, {}
 
 
 def _too_many_failures(decision: quotas.RateDecision) -> RateLimited:

@@ -98,10 +98,6 @@ async def any_managed(redis: Redis) -> bool:
     return bool(await redis.exists(MANAGED_KEYS))
 
 
-async def lookup(redis: Redis, presented_digest: str) -> tuple[ManagedKey | None, bool]:
-    """(the managed key for this digest or None, whether any managed key exists), in one round trip."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.hget(MANAGED_KEYS, presented_digest)
-        pipe.exists(MANAGED_KEYS)
-        raw, exists = await pipe.execute()
-    return (None if raw is None else ManagedKey(**json.loads(raw))), bool(exists)
+def managed_key(record: bytes | None) -> ManagedKey | None:
+    """The managed key a `MANAGED_KEYS` record holds (`HGET` by the presented key's digest)."""
+    return None if record is None else ManagedKey(**json.loads(record))

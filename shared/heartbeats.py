@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
 from shared.backend_auth import BackendAuth
-from shared.keys import LOAD_CHANNEL, PREFIX
+from shared.keys import PREFIX, WORKER_LOAD
 
 WORKERS_INDEX = f"{PREFIX}:workers"
 _WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -61,12 +61,15 @@ class Heartbeat(BaseModel):
     )
 
 
-async def beat(redis: Redis, heartbeat: Heartbeat, ttl_s: float) -> None:
+async def beat(redis: Redis, heartbeat: Heartbeat, ttl_s: float, *, running: int | None = None) -> None:
+    """Refreshes the worker's heartbeat; with `running`, also resets its load in `WORKER_LOAD`
+    (the claim script and the end of each attempt keep it between beats)."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.set(worker_key(heartbeat.id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
         pipe.zadd(WORKERS_INDEX, {heartbeat.id: heartbeat.beat})
         pipe.zremrangebyscore(WORKERS_INDEX, "-inf", heartbeat.beat - _INDEX_RETENTION_S)
-        pipe.publish(LOAD_CHANNEL, f"{heartbeat.id} {len(heartbeat.jobs)} {heartbeat.slots}")
+        if running is not None:
+            pipe.hset(WORKER_LOAD, mapping={heartbeat.id: running, f"{heartbeat.id}:slots": heartbeat.slots})
         await pipe.execute()
 
 
@@ -75,6 +78,7 @@ async def retire(redis: Redis, worker_id: str) -> None:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.delete(worker_key(worker_id))
         pipe.zrem(WORKERS_INDEX, worker_id)
+        pipe.hdel(WORKER_LOAD, worker_id, f"{worker_id}:slots")
         await pipe.execute()
 
 

@@ -34,6 +34,7 @@ from shared.keys import (
     PREFIX,
     RUNNING,
     WAKEUP_CHANNEL,
+    WORKER_LOAD,
     attempt_id,
     events_key,
     idempotency_key,
@@ -137,14 +138,38 @@ return false
 # EXISTS, ZSCORE, MULTI/EXEC and a second step of ours. A stale attempt is taken off the queue.
 # A job offered first to a live worker (the one holding its session's workspace) is left to it
 # until `prefer_until`: another worker gets {'defer', ms left}.
-# KEYS: record, running, queue   ARGV: job id, attempt, now ms, in-progress ms, worker id, lease ms, ttl
-# Returns nil (not ours to start), {'stale'}, {'defer', ms}, or {'ok', score, payload, cancel flag}.
+# Placement: a worker that runs more jobs than a live peer with a free slot passes the attempt on
+# (marks it `passed`, gets {'passed', ms}) and the next worker to look at it takes it, whatever
+# its load, so a burst spreads over the fleet without anyone waiting on a timer; the passer takes
+# it back after `yield ms` if nobody did. Each worker's running jobs are in `WORKER_LOAD`.
+# KEYS: record, running, queue, worker load
+# ARGV: job id, attempt, now ms, in-progress ms, worker id, lease ms, ttl, yield ms (0: no placement)
+# Returns nil (not ours to start), {'stale'}, {'defer', ms}, {'passed', ms} or
+# {'ok', score, payload, cancel flag}.
 _CLAIM = """
+-- Whether a live worker runs fewer jobs than `me` and has a slot free (the dead are forgotten).
+local function idler_peer(load, me)
+  local mine = tonumber(redis.call('hget', load, me) or '0')
+  if mine <= 0 then return false end
+  local fields = redis.call('hgetall', load)
+  for i = 1, #fields, 2 do
+    local id, running = fields[i], tonumber(fields[i + 1])
+    if id ~= me and not string.find(id, ':', 1, true) then
+      if redis.call('exists', WORKER .. id) == 0 then
+        redis.call('hdel', load, id, id .. ':slots')
+      elseif running < mine and running < tonumber(redis.call('hget', load, id .. ':slots') or '0') then
+        return true
+      end
+    end
+  end
+  return false
+end
 local attempt_id = ARGV[1] .. '.' .. ARGV[2]
 if redis.call('exists', ARQ_IN_PROGRESS .. attempt_id) == 1 then return false end
 local score = redis.call('zscore', KEYS[3], attempt_id)
 if not score or tonumber(score) > tonumber(ARGV[3]) then return false end
-local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel', 'payload', 'prefer', 'prefer_until')
+local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel', 'payload', 'prefer', 'prefer_until',
+  'passed')
 if rec[1] ~= ARGV[2] or rec[2] then
   redis.call('zrem', KEYS[3], attempt_id)
   redis.call('del', ARQ_JOB .. attempt_id)
@@ -154,10 +179,19 @@ if rec[5] and rec[5] ~= ARGV[5] and tonumber(rec[6]) > tonumber(ARGV[3])
     and redis.call('exists', WORKER .. rec[5]) == 1 then
   return {'defer', tonumber(rec[6]) - tonumber(ARGV[3])}
 end
+local passer, back = string.match(rec[7] or '', '^' .. ARGV[2] .. ' (%S+) (%d+)$')
+if passer == ARGV[5] and tonumber(back) > tonumber(ARGV[3]) then
+  return {'passed', tonumber(back) - tonumber(ARGV[3])}
+end
+if not passer and ARGV[8] ~= '0' and idler_peer(KEYS[4], ARGV[5]) then
+  redis.call('hset', KEYS[1], 'passed', ARGV[2] .. ' ' .. ARGV[5] .. ' ' .. (ARGV[3] + ARGV[8]))
+  return {'passed', tonumber(ARGV[8])}
+end
 redis.call('psetex', ARQ_IN_PROGRESS .. attempt_id, ARGV[4], '1')
 redis.call('hset', KEYS[1], 'worker', ARGV[5])
 redis.call('expire', KEYS[1], ARGV[7])
 redis.call('zadd', KEYS[2], ARGV[6], ARGV[1])
+redis.call('hincrby', KEYS[4], ARGV[5], 1)
 return {'ok', score, rec[4], rec[3] or ''}
 """
 
@@ -296,6 +330,13 @@ class NoJobSlot(Exception):
 
 
 @dataclass(frozen=True)
+class Passed:
+    """The attempt was left to an idler worker; this one may take it back `retry_in_s` from now."""
+
+    retry_in_s: float
+
+
+@dataclass(frozen=True)
 class Claimed:
     score: int
     job: CompletionJob
@@ -395,20 +436,40 @@ class JobStore:
 
     # --- worker -------------------------------------------------------------------------
     async def claim(
-        self, job_id: str, attempt: int, *, worker_id: str, in_progress_ms: int, lease_s: float
-    ) -> Claimed | None:
-        """Claims a queued attempt for this worker and takes its lease; None if it is not ours."""
-        keys = [record_key(job_id), RUNNING, self.queue_name]
+        self,
+        job_id: str,
+        attempt: int,
+        *,
+        worker_id: str,
+        in_progress_ms: int,
+        lease_s: float,
+        yield_s: float = 0.0,
+    ) -> Claimed | Passed | None:
+        """Claims a queued attempt for this worker and takes its lease; None if it is not ours,
+        `Passed` if it is left to an idler worker for `yield_s` (then this one may take it back;
+        0: the job is not placed, this worker takes it)."""
+        keys = [record_key(job_id), RUNNING, self.queue_name, WORKER_LOAD]
         now = _ms()
         args: list[str | int] = [job_id, attempt, now, in_progress_ms, worker_id]
-        args += [now + int(lease_s * 1000), self.ttl_s]
+        args += [now + int(lease_s * 1000), self.ttl_s, int(yield_s * 1000)]
         reply = await self._claim(keys=keys, args=args)
         if reply is not None and reply[0] == b"defer":  # look again when the offer runs out
             self._wake_later(attempt_id(job_id, attempt), int(reply[1]) / 1000)
+        if reply is not None and reply[0] == b"passed":
+            return Passed(int(reply[1]) / 1000)
         if reply is None or reply[0] != b"ok":
             return None
         job = CompletionJob.model_validate_json(reply[2])
         return Claimed(score=int(float(reply[1])), job=job, cancel_requested=bool(reply[3]))
+
+    async def finish_attempt(self, attempt: str, worker_id: str) -> None:
+        """Takes an attempt that ran off arq's queue (arq's `finish_job`) and off its worker's
+        load, in one round trip."""
+        async with self.redis.pipeline(transaction=True) as tr:
+            tr.zrem(self.queue_name, attempt)
+            tr.delete(in_progress_key_prefix + attempt, retry_key_prefix + attempt, job_key_prefix + attempt)
+            tr.hincrby(WORKER_LOAD, worker_id, -1)
+            await tr.execute()
 
     def _wake_later(self, attempt: str, delay_s: float) -> None:
         async def wake() -> int:

@@ -16,50 +16,87 @@ import uuid
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from shared.keys import PREFIX
 
 WINDOW_MS = 60_000
 
-_HIT = """
+_CLOCK = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[1])
-local allowed, remaining, reset, limit = 1, math.huge, 0, 0
-for i, key in ipairs(KEYS) do
-  local cap = tonumber(ARGV[i + 2])
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-  local count = redis.call('ZCARD', key)
-  local until_free = 0
-  if count > 0 then
-    until_free = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) + window - now
-  end
-  local left = cap - count
-  if left <= 0 and allowed == 1 then allowed, remaining, reset, limit = 0, 0, until_free, cap end
-  if allowed == 1 and left - 1 < remaining then
-    remaining, reset, limit = left - 1, (count > 0) and until_free or window, cap
-  end
-end
-if allowed == 1 then
-  for _, key in ipairs(KEYS) do
-    redis.call('ZADD', key, now, ARGV[2])
-    redis.call('PEXPIRE', key, window)
-  end
-end
-return {allowed, limit, remaining, reset}
 """
 
+# Counts one request (member ARGV[2]) against every bucket in `buckets` (key -> cap) if all have room.
+_HIT_FUNCTION = """
+local function hit(buckets)
+  local allowed, remaining, reset, limit = 1, math.huge, 0, 0
+  for _, bucket in ipairs(buckets) do
+    local key, cap = bucket[1], tonumber(bucket[2])
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+    local count = redis.call('ZCARD', key)
+    local until_free = 0
+    if count > 0 then
+      until_free = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) + window - now
+    end
+    local left = cap - count
+    if left <= 0 and allowed == 1 then allowed, remaining, reset, limit = 0, 0, until_free, cap end
+    if allowed == 1 and left - 1 < remaining then
+      remaining, reset, limit = left - 1, (count > 0) and until_free or window, cap
+    end
+  end
+  if allowed == 1 then
+    for _, bucket in ipairs(buckets) do
+      redis.call('ZADD', bucket[1], now, ARGV[2])
+      redis.call('PEXPIRE', bucket[1], window)
+    end
+  end
+  return {allowed, limit, remaining, reset}
+end
+"""
 
 # The decision `hit` would take for one bucket, without counting a request.
-_PEEK = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local window, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-local count = redis.call('ZCARD', KEYS[1])
-if count < cap then return {1, cap, cap - count, window} end
-return {0, cap, 0, tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]) + window - now}
+_PEEK_FUNCTION = """
+local function peek(key, cap)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  local count = redis.call('ZCARD', key)
+  if count < cap then return {1, cap, cap - count, window} end
+  return {0, cap, 0, tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) + window - now}
+end
 """
+
+# KEYS: buckets   ARGV: window, member, caps
+_HIT = (
+    _CLOCK
+    + _HIT_FUNCTION
+    + """
+local buckets = {}
+for i, key in ipairs(KEYS) do buckets[i] = {key, ARGV[i + 2]} end
+return hit(buckets)
+"""
+)
+
+# KEYS: bucket   ARGV: window, cap
+_PEEK = _CLOCK + _PEEK_FUNCTION + "return peek(KEYS[1], tonumber(ARGV[2]))"
+
+# A request's admission in one round trip, when its caller is known without Redis: the address's
+# failed authentications first (a throttled address gets nowhere), then, for a caller who is
+# anonymous only while no managed key exists, that none does, then the count.
+# KEYS: failed-authentication bucket, managed keys, bucket to count
+# ARGV: window, member, the bucket's cap, the failed-authentication cap, '1': anonymous while open
+# Returns {'throttled', decision...}, {'protected'} (a managed key exists) or {'counted', decision...}.
+_ADMIT = (
+    _CLOCK
+    + _HIT_FUNCTION
+    + _PEEK_FUNCTION
+    + """
+local throttled = peek(KEYS[1], tonumber(ARGV[4]))
+if throttled[1] == 0 then return {'throttled', unpack(throttled)} end
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return {'protected'} end
+return {'counted', unpack(hit({{KEYS[3], ARGV[3]}}))}
+"""
+)
 
 
 def rate_key(subject: str, endpoint_class: str) -> str:
@@ -77,6 +114,12 @@ class RateDecision:
     remaining: int
     reset_ms: int
 
+    @classmethod
+    def of(cls, reply: list[int]) -> "RateDecision":
+        """A decision from the reply of `hit`'s or `peek`'s script."""
+        allowed, limit, remaining, reset = reply
+        return cls(bool(allowed), int(limit), max(0, int(remaining)), int(reset))
+
     @property
     def retry_after_s(self) -> int:
         return max(1, math.ceil(self.reset_ms / 1000))
@@ -87,14 +130,37 @@ async def hit(redis: Redis, buckets: dict[str, int]) -> RateDecision:
     keys = list(buckets)
     # A fresh member per request: a client-chosen id (x-request-id) would let repeats collapse.
     script = redis.register_script(_HIT)
-    allowed, limit, remaining, reset = await script(
-        keys=keys, args=[WINDOW_MS, uuid.uuid4().hex, *buckets.values()]
-    )
-    return RateDecision(bool(allowed), int(limit), max(0, int(remaining)), int(reset))
+    return RateDecision.of(await script(keys=keys, args=[WINDOW_MS, uuid.uuid4().hex, *buckets.values()]))
 
 
-async def peek(redis: Redis, bucket: dict[str, int]) -> RateDecision:
-    """Whether one bucket (key → limit per window) has room, counting nothing."""
+@dataclass(frozen=True)
+class Admission:
+    """`admit`'s answer: the address is `throttled` (nothing was counted), or the request was
+    `counted` (`decision` says whether it is within its limit)."""
+
+    throttled: bool
+    decision: RateDecision
+
+
+async def admit(
+    redis: Redis, auth_bucket: dict[str, int], bucket: dict[str, int], managed_keys: str, *, open_only: bool
+) -> Admission | None:
+    """Checks the failed-authentication bucket (key → limit per window, counting nothing) and, if it
+    has room, counts one request against `bucket`, in one round trip. `open_only`: the caller is
+    anonymous only while no managed key exists; None if one does (nothing was counted)."""
+    ((auth_key, auth_cap),) = auth_bucket.items()
     ((key, cap),) = bucket.items()
-    allowed, limit, remaining, reset = await redis.register_script(_PEEK)(keys=[key], args=[WINDOW_MS, cap])
-    return RateDecision(bool(allowed), int(limit), int(remaining), int(reset))
+    script = redis.register_script(_ADMIT)
+    args: list[str | int] = [WINDOW_MS, uuid.uuid4().hex, cap, auth_cap, "1" if open_only else "0"]
+    reply = await script(keys=[auth_key, managed_keys, key], args=args)
+    if reply[0] == b"protected":
+        return None
+    return Admission(reply[0] == b"throttled", RateDecision.of(reply[1:]))
+
+
+def peek(pipe: Pipeline, bucket: dict[str, int]) -> None:
+    """Queues on `pipe` whether one bucket (key → limit per window) has room, counting nothing;
+    `RateDecision.of` reads its reply. (`EVAL`: a registered script would cost the pipeline a
+    `SCRIPT EXISTS` round trip of its own.)"""
+    ((key, cap),) = bucket.items()
+    pipe.eval(_PEEK, 1, key, str(WINDOW_MS), str(cap))

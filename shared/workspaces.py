@@ -5,6 +5,10 @@ one pack (the bytes of the files that changed since its parent, concatenated). A
 pack with only what changed, then the manifest; a restore reads the manifest and the packs it
 names. Versions are never modified, and a version id is new each time, so two versions never mix.
 
+A manifest is stored whole (a base), or as the files that differ from an earlier base, so a save
+that changed a few files of many writes a few entries, not all of them; a restore reads at most
+two manifests. A version is stored whole again once its differences pass a quarter of its files.
+
 Which version is the session's is recorded in Redis with the session (`shared/sessions.py`),
 in the same atomic step that commits a turn's transcript: until then a saved version is not the
 session's, and a turn that fails or is cancelled leaves both the files and the transcript as
@@ -23,8 +27,9 @@ import posixpath
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from redis.asyncio import Redis
 
@@ -44,8 +49,12 @@ _COMPACT_PACKS = 64
 """A save rewrites the whole workspace as one pack when its versions spread over more packs than this,"""
 _COMPACT_WASTE = 2.0
 """or when the packs it reads hold more than this many times its live bytes (overwritten files)."""
+_DELTA_SHARE = 4
+"""A manifest is stored whole once it differs from its base in more than 1/this of its files."""
 
 Source = Literal["user", "assistant"]
+Contents = bytes | memoryview
+"""A file's bytes, or a view of them in a pack read whole."""
 
 
 class WorkspaceTooLarge(Exception):
@@ -139,6 +148,13 @@ def _checked_version(version: str) -> str:
     return version
 
 
+def _folders_of(path: str) -> Iterator[str]:
+    """The folders a path is in, innermost first."""
+    while "/" in path:
+        path = path.rpartition("/")[0]
+        yield path
+
+
 def link_inside(path: str, target: str) -> bool:
     """Whether a link at `path` pointing to `target` stays inside the workspace, by its text alone."""
     if target.startswith("/") or "\0" in target:
@@ -149,7 +165,8 @@ def link_inside(path: str, target: str) -> bool:
 
 @dataclass
 class Manifest:
-    """One version's files (path -> entry) and symbolic links (path -> target inside the workspace)."""
+    """One version's files (path -> entry), symbolic links (path -> target inside the workspace)
+    and empty folders."""
 
     version: str | None = None
     """None: the empty workspace every session starts with."""
@@ -157,34 +174,66 @@ class Manifest:
     links: dict[str, str] = field(default_factory=dict)
     packs: dict[str, int] = field(default_factory=dict)
     """Sizes of the packs the files are in."""
+    base: str | None = None
+    """The version whose whole manifest this one is stored against (None: stored whole)."""
+    delta: dict[str, FileEntry | None] = field(default_factory=dict)
+    """With a base: how `files` differ from the base's (None: a file it does not have)."""
+    bases: list[str] = field(default_factory=list)
+    """The whole manifests this version and its parent are stored against: kept while it is."""
+    folders: list[str] = field(default_factory=list)
+    """Folders with nothing in them (those with something are implied by its paths)."""
+    _total: int | None = field(default=None, repr=False, compare=False)
+    """The files' bytes, once counted (by the writer that built it, or when first asked)."""
 
     @property
     def total_bytes(self) -> int:
-        return sum(entry.bytes for entry in self.files.values())
+        if self._total is None:
+            self._total = sum(entry.bytes for entry in self.files.values())
+        return self._total
 
     def encode(self) -> bytes:
-        body = {"version": self.version, "files": self.files, "links": self.links, "packs": self.packs}
+        body = {
+            "version": self.version,
+            "base": self.base,
+            "bases": self.bases,
+            "files": self.files if self.base is None else self.delta,
+            "links": self.links,
+            "folders": self.folders,
+            "packs": self.packs,
+        }
         return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
-    def decode(cls, raw: bytes) -> "Manifest":
-        """A stored manifest, checked as if a caller had written it: every path, link and pack."""
-        body = json.loads(raw)
-        files = {checked_path(path): FileEntry(*entry) for path, entry in body["files"].items()}
+    def decode(cls, body: dict[str, Any], base: "Manifest | None" = None) -> "Manifest":
+        """A stored manifest (parsed JSON), checked as if a caller had written it: every path, link
+        and pack. `base`: the whole manifest it is stored against, if any."""
+        if (body.get("base") is None) != (base is None) or (base is not None and base.base is not None):
+            raise ValueError("malformed workspace manifest")
+        stored = {
+            checked_path(path): None if entry is None else FileEntry(*entry)
+            for path, entry in body["files"].items()
+        }
+        files = dict(base.files) if base is not None else {}
+        for path, change in stored.items():
+            if change is None:
+                files.pop(path, None)
+            else:
+                files[path] = change
         links = {checked_path(path): target for path, target in body["links"].items()}
         packs = {_checked_version(pack): int(size) for pack, size in body["packs"].items()}
         if not all(link_inside(path, target) for path, target in links.items()) or not all(
             entry.pack in packs for entry in files.values()
         ):
             raise ValueError("malformed workspace manifest")
-        return cls(version=body["version"], files=files, links=links, packs=packs)
+        bases = [_checked_version(version) for version in body.get("bases", [])]
+        folders = [checked_path(folder) for folder in body.get("folders", [])]
+        if base is None:
+            return cls(body["version"], files, links, packs, bases=bases, folders=folders)
+        return cls(body["version"], files, links, packs, base.version, stored, bases, folders)
 
     def next_version(self) -> str:
         sequence = 0 if self.version is None else _sequence(self.version) + 1
         return f"{sequence:010d}-{uuid.uuid4().hex[:12]}"
-
-    def check_limits(self, max_bytes: int, max_files: int) -> None:
-        check_limits(len(self.files) + len(self.links), self.total_bytes, max_bytes, max_files)
 
     def needs_compaction(self) -> bool:
         stored = sum(self.packs.values())
@@ -192,61 +241,112 @@ class Manifest:
 
 
 class VersionWriter:
-    """Builds the next version of a manifest: changed files go into its one new pack."""
+    """Builds the next version of a manifest: it starts as the parent; changed files go into its
+    one new pack."""
 
     def __init__(self, parent: Manifest, *, compact: bool = False) -> None:
-        """`compact`: every file goes into the new pack, so it reads no older one."""
+        """`compact`: it starts empty, and every file goes into the new pack, so it reads no older one."""
         self.parent = parent
         self.version = parent.next_version()
-        self.files: dict[str, FileEntry] = {}
-        self.links: dict[str, str] = {}
+        self.files: dict[str, FileEntry] = {} if compact else dict(parent.files)
+        self.links: dict[str, str] = {} if compact else dict(parent.links)
+        self.folders: set[str] = set() if compact else set(parent.folders)
+        self.touched: set[str] = set()
+        """Files whose entry differs from the parent's."""
+        self.total = 0 if compact else parent.total_bytes
+        """The bytes of `files`."""
         self._pack: list[bytes] = []
         self._size = 0
         self._compact = compact
-        self._by_sha = {} if compact else {entry.sha256: entry for entry in parent.files.values()}
+        self._by_sha: dict[str, FileEntry] | None = {} if compact else None
+        """Stored files by their SHA-256, built when a file is first added (most saves add few)."""
 
-    def keep(self, path: str, entry: FileEntry) -> None:
+    def _place(self, path: str, entry: FileEntry) -> None:
+        old = self.files.get(path)
+        self.total += entry.bytes - (old.bytes if old is not None else 0)
         self.files[path] = entry
+
+    def keep(self, path: str) -> None:
+        """The parent's file at `path`, unchanged."""
+        self._place(path, self.parent.files[path])
+        self.touched.discard(path)
+
+    def remove(self, path: str) -> None:
+        if (old := self.files.pop(path, None)) is not None:
+            self.total -= old.bytes
+            self.touched.add(path)
+        self.links.pop(path, None)
 
     def add(self, path: str, data: bytes, *, source: Source, executable: bool, now: int) -> None:
         sha = hashlib.sha256(data).hexdigest()
+        self.links.pop(path, None)
+        self.folders.difference_update(_folders_of(path))  # no longer empty
         known = self.parent.files.get(path)
         created = known.created_at if known is not None else now
         if known is not None and known.sha256 == sha:
             source = known.source
         if not self._compact and known is not None and (known.sha256, known.executable) == (sha, executable):
-            self.files[path] = known
+            if self.files.get(path) != known:
+                self._place(path, known)
+                self.touched.discard(path)
             return
+        self.touched.add(path)
+        if self._by_sha is None:
+            self._by_sha = {entry.sha256: entry for entry in self.parent.files.values()}
         if (same := self._by_sha.get(sha)) is not None:  # a copy or a move: the bytes are stored
-            self.files[path] = FileEntry(same.pack, same.offset, len(data), sha, created, source, executable)
+            self._place(path, FileEntry(same.pack, same.offset, len(data), sha, created, source, executable))
             return
         entry = FileEntry(self.version, self._size, len(data), sha, created, source, executable)
         self._pack.append(data)
         self._size += len(data)
-        self.files[path] = self._by_sha[sha] = entry
+        self._place(path, entry)
+        self._by_sha[sha] = entry
 
     def manifest(self) -> Manifest:
         packs = {entry.pack for entry in self.files.values()}
         sizes = {**self.parent.packs, self.version: self._size}
-        return Manifest(self.version, self.files, self.links, {pack: sizes[pack] for pack in packs})
+        manifest = Manifest(self.version, self.files, self.links, {pack: sizes[pack] for pack in packs})
+        manifest.folders, manifest._total = sorted(self.folders), self.total
+        parent = self.parent
+        base = parent.version if parent.base is None else parent.base
+        if not self._compact and base is not None:
+            delta = dict(parent.delta)
+            delta.update((path, self.files.get(path)) for path in self.touched)
+            if len(delta) * _DELTA_SHARE <= len(self.files):
+                manifest.base, manifest.delta = base, delta
+        kept = {manifest.base, parent.base if parent.base is not None else parent.version}
+        manifest.bases = sorted(version for version in kept if version is not None)
+        return manifest
 
     def changed(self) -> bool:
-        return self.files != self.parent.files or self.links != self.parent.links
+        return (
+            bool(self.touched) or self.links != self.parent.links or self.folders != set(self.parent.folders)
+        )
 
-    async def write(self, store: ObjectStore, ref: WorkspaceRef) -> Manifest:
-        """Uploads the pack, then the manifest: a manifest never names bytes that are not stored."""
-        manifest = self.manifest()
+    @property
+    def new_bytes(self) -> int:
+        """The bytes of the files it stores anew."""
+        return self._size
+
+    def check_limits(self, max_bytes: int, max_files: int) -> None:
+        check_limits(len(self.files) + len(self.links), self.total, max_bytes, max_files)
+
+    async def write(self, store: ObjectStore, ref: WorkspaceRef, manifest: Manifest) -> None:
+        """Uploads the pack, then `manifest` (this writer's): a manifest never names bytes that are
+        not stored."""
         if self._pack:
             await store.put(ref.pack_key(self.version), b"".join(self._pack))
         await store.put(ref.manifest_key(self.version), manifest.encode())
-        return manifest
 
 
 async def load_manifest(store: ObjectStore, ref: WorkspaceRef, version: str | None) -> Manifest:
     if version is None:
         return Manifest()
-    _sequence(version)
-    return Manifest.decode(await store.get(ref.manifest_key(version)))
+    body = json.loads(await store.get(ref.manifest_key(version)))
+    if (base := body.get("base")) is None:
+        return Manifest.decode(body)
+    whole = Manifest.decode(json.loads(await store.get(ref.manifest_key(_checked_version(base)))))
+    return Manifest.decode(body, whole)
 
 
 async def read_file(store: ObjectStore, ref: WorkspaceRef, entry: FileEntry) -> bytes:
@@ -255,29 +355,62 @@ async def read_file(store: ObjectStore, ref: WorkspaceRef, entry: FileEntry) -> 
 
 async def read_files(
     store: ObjectStore, ref: WorkspaceRef, entries: dict[str, FileEntry]
-) -> dict[str, bytes]:
+) -> dict[str, Contents]:
     """The bytes of files (path -> entry): a range per file from packs of few of them, else whole
-    packs, all at once."""
+    packs (the files views into them, not copies), all at once."""
     by_pack: dict[str, list[str]] = {}
     for path, entry in entries.items():
         by_pack.setdefault(entry.pack, []).append(path)
 
-    async def from_pack(pack: str, paths: list[str]) -> dict[str, bytes]:
+    async def from_pack(pack: str, paths: list[str]) -> dict[str, Contents]:
         if len(paths) <= _RANGES_UP_TO:
             return {path: await read_file(store, ref, entries[path]) for path in paths}
-        data = await store.get(ref.pack_key(pack))
-        return {
-            path: data[entries[path].offset : entries[path].offset + entries[path].bytes] for path in paths
-        }
+        data = memoryview(await store.get(ref.pack_key(pack)))
+        return {path: data[entries[path].offset : _end(entries[path])] for path in paths}
 
-    contents: dict[str, bytes] = {}
+    contents: dict[str, Contents] = {}
     for part in await asyncio.gather(*(from_pack(pack, paths) for pack, paths in by_pack.items())):
         contents.update(part)
     return contents
 
 
+async def stream_files(
+    store: ObjectStore, ref: WorkspaceRef, entries: dict[str, FileEntry], piece: int = 1 << 20
+) -> AsyncIterator[tuple[str, FileEntry, bytes]]:
+    """The bytes of files (path -> entry) as (path, entry, part of its bytes), each file's parts in
+    order and together, in pieces of at most `piece` bytes: files that lie close in a pack come
+    in one read, larger ones in several (the memory it takes is a piece, whatever the files)."""
+    by_pack: dict[str, list[tuple[str, FileEntry]]] = {}
+    for path, entry in entries.items():
+        by_pack.setdefault(entry.pack, []).append((path, entry))
+    for pack, files in by_pack.items():
+        key = ref.pack_key(pack)
+        files.sort(key=lambda item: item[1].offset)
+        first = 0
+        while first < len(files):
+            path, entry = files[first]
+            if entry.bytes > piece:
+                for start in range(0, entry.bytes, piece):
+                    length = min(piece, entry.bytes - start)
+                    yield path, entry, await store.get_range(key, entry.offset + start, length)
+                first += 1
+                continue
+            last = first
+            while last + 1 < len(files) and _end(files[last + 1][1]) - entry.offset <= piece:
+                last += 1
+            data = await store.get_range(key, entry.offset, _end(files[last][1]) - entry.offset)
+            for path, other in files[first : last + 1]:
+                yield path, other, data[other.offset - entry.offset : _end(other) - entry.offset]
+            first = last + 1
+
+
+def _end(entry: FileEntry) -> int:
+    return entry.offset + entry.bytes
+
+
 async def collect_garbage(store: ObjectStore, ref: WorkspaceRef, current: Manifest) -> None:
-    """Deletes the versions older than `current`'s parent, and packs `current` does not read.
+    """Deletes the versions older than `current`'s parent, and packs `current` does not read,
+    but for the whole manifests `current` and its parent are stored against.
 
     Newer objects may be a save in progress (another turn or an upload after this one's commit)
     and the parent may still be read by a download that began before the commit: both stay.
@@ -290,7 +423,9 @@ async def collect_garbage(store: ObjectStore, ref: WorkspaceRef, current: Manife
         kind, _, version = key.removeprefix(ref.prefix).partition("/")
         if not _VERSION.fullmatch(version) or _sequence(version) >= oldest_kept:
             continue
-        if kind == "manifests" or (kind == "packs" and version not in current.packs):
+        if (kind == "manifests" and version not in current.bases) or (
+            kind == "packs" and version not in current.packs
+        ):
             stale.append(key)
     if stale:
         await store.delete(stale)

@@ -74,12 +74,19 @@ def test_files_follow_the_session_across_worker_processes(
         if number > 2:
             assert f"turn {number - 1}" in output, output
     assert len(workers) == 5
+    # A turn that stays on its worker: its save looks only where the sandboxed agent changed things.
+    command = "echo 'turn 6' >> notes.txt && mkdir -p sub/deeper && echo deep > sub/deeper/f.txt && rm in"
+    _bash_turn(claude_files, upstream, sid, command + " && ln -s notes.txt in && mkdir -p keep/empty")
+    claude_files.start_worker()
+    _only_worker(claude_files)
+    output = _bash_turn(claude_files, upstream, sid, "cat sub/deeper/f.txt && ls -d keep/empty && ls -l")
+    assert "deep" in output, output
+    assert "keep/empty" in output, output  # an empty folder is kept too
     # The link inside the workspace came along; the one leading out of it did not.
-    output = _bash_turn(claude_files, upstream, sid, "ls -l")
     assert "in -> notes.txt" in output, output
     assert "out" not in output.split(), output
 
-    expected = b"written in turn 1\n" + b"".join(f"turn {n}\n".encode() for n in range(2, 6))
+    expected = b"written in turn 1\n" + b"".join(f"turn {n}\n".encode() for n in range(2, 7))
     listing = httpx.get(f"{claude_files.url}/v1/sessions/{sid}/files").json()["data"]
     notes = next(item for item in listing if item["path"] == "notes.txt")
     assert notes["source"] == "assistant"
@@ -90,5 +97,5 @@ def test_files_follow_the_session_across_worker_processes(
         member = tar.extractfile("notes.txt")
         assert member is not None
         assert member.read() == expected
-        assert sorted(tar.getnames()) == ["in", "input.txt", "notes.txt"]
+        assert sorted(tar.getnames()) == ["in", "input.txt", "keep/empty", "notes.txt", "sub/deeper/f.txt"]
         assert tar.getmember("in").linkname == "notes.txt"

@@ -2,7 +2,7 @@
 the cut text and the retried text joined as one answer.
 
 Real SDK and CLI against the fake upstream, which drops the connection after four tokens and
-answers the retry with other words (sharing the first two). A live stream ends with a retryable
+answers the retry with other words. A live stream ends with a retryable
 `retry_diverged` error after the cut text; the job goes on, and every reply built from its
 events (a non-streamed answer, a retrieval, the session's history) has only the retried text.
 """
@@ -21,13 +21,19 @@ from worker.backends.claude import _unsent
 from worker.stops import StopMatcher
 
 CUT = [f"a{i} " for i in range(10)]
-SENT = "a0 a1 a2 a3 "  # what the upstream streamed before it dropped the connection
-RETRIED = ["a0 ", "a1 ", "b2 ", "b3 ", "done."]
-CLEAN = "a0 a1 b2 b3 done."
+SENT = "a0 a1 a2 a3 "  # what the upstream streams before it drops the connection
+RETRIED = ["b0 ", "b1 ", "done."]  # parts from the cut text at once, whatever of it arrived
+CLEAN = "b0 b1 done."
 
 
 def _cut_then_diverge(upstream: FakeAnthropic) -> None:
-    upstream.script.extend([Reply(tokens=CUT, cut_after=4, delay_s=0.01), Reply(tokens=RETRIED)])
+    upstream.script.extend([Reply(tokens=CUT, cut_after=4, delay_s=0.05), Reply(tokens=RETRIED)])
+
+
+def _cut_text(text: str) -> bool:
+    """Whether a client got some of the cut text and nothing else (the connection's reset can
+    discard the last tokens before the CLI read them)."""
+    return bool(text) and SENT.startswith(text)
 
 
 def _chat_stream(response: httpx.Response) -> tuple[str, list[dict[str, Any]]]:
@@ -58,7 +64,7 @@ def test_a_chat_stream_ends_with_a_retryable_error_and_the_job_keeps_the_clean_a
     response = httpx.post(f"{claude.url}/v1/chat/completions", json=chat("count", stream=True), timeout=60)
     assert response.status_code == 200, response.text
     text, errors = _chat_stream(response)
-    assert text == SENT  # the cut text, and nothing of the retry joined to it
+    assert _cut_text(text), text  # nothing of the retry joined to it
     assert [error["code"] for error in errors] == ["retry_diverged"]
     assert errors[0]["type"] == "server_error"
     assert len(upstream.requests) == 2  # it really was cut and retried
@@ -95,11 +101,12 @@ def test_a_non_streamed_answer_and_the_session_keep_only_the_retried_text(
         f"{claude.url}/v1/chat/completions", json=chat("count", stream=True, session_id=sid), timeout=60
     )
     text, errors = _chat_stream(streamed)
-    assert text == SENT
+    assert _cut_text(text), text
     assert [error["code"] for error in errors] == ["retry_diverged"]
-    for _ in range(300):  # the job goes on after the stream ended, and commits its turn
-        messages = httpx.get(f"{claude.url}/v1/sessions/{sid}", timeout=10).json()["messages"]
-        if len(messages) == 2:
+    messages: list[dict[str, Any]] = []
+    for _ in range(300):  # the job goes on after the stream ended; its session exists once it commits
+        session = httpx.get(f"{claude.url}/v1/sessions/{sid}", timeout=10)
+        if session.status_code == 200 and len(messages := session.json()["messages"]) == 2:
             break
         time.sleep(0.1)
     assert [(m["role"], m["content"]) for m in messages] == [("user", "count"), ("assistant", CLEAN)]
@@ -128,7 +135,7 @@ def test_responses_and_messages_streams_end_with_their_own_error_event(
     response = httpx.post(f"{claude.url}/v1/responses", json=body, timeout=60)
     events = [json.loads(data) for data in sse_data(response)]
     deltas = "".join(event["delta"] for event in events if event["type"] == "response.output_text.delta")
-    assert deltas == SENT
+    assert _cut_text(deltas), deltas
     assert events[-1]["type"] == "error"
     assert events[-1]["code"] == "retry_diverged"
     assert events[-1]["sequence_number"] == events[-2]["sequence_number"] + 1
@@ -141,7 +148,7 @@ def test_responses_and_messages_streams_end_with_their_own_error_event(
     response = httpx.post(f"{claude.url}/v1/messages", json=body, timeout=60)
     events = [json.loads(data) for data in sse_data(response)]
     text = "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
-    assert text == SENT
+    assert _cut_text(text), text
     assert events[-1]["type"] == "error"
     assert events[-1]["error"]["type"] == "api_error"
     assert "retry" in events[-1]["error"]["message"]

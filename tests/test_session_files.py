@@ -191,6 +191,10 @@ def test_another_key_gets_404_on_every_file_route(files_gateway: Gateway) -> Non
     assert upload.status_code == 200
     assert reply(turn(files_gateway, "mine-1", {"read": "secret.txt"})) == "for key a"
     assert reply(turn(files_gateway, "mine-1", {"read": "secret.txt"}, key=KEY_B)) == "key b"
+    for key, content in [(KEY_A, b"for key a"), (KEY_B, b"key b")]:  # and so does its files API
+        assert [item["path"] for item in listed(files_gateway, "mine-1", key)["data"]] == ["secret.txt"]
+        download = httpx.get(f"{base}/files/{file_id}/content", headers=_auth(key), timeout=10)
+        assert download.content == content
 
 
 def test_a_deleted_session_leaves_nothing_in_the_store(files_gateway: Gateway) -> None:

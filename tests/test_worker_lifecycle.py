@@ -218,7 +218,7 @@ async def test_an_error_in_the_finishing_steps_does_not_stop_the_worker(
     if step == "record the outcome":
         monkeypatch.setattr(outcomes.stats, "record_job", failing(outcomes.stats.record_job))
     else:
-        monkeypatch.setattr(running.worker, "finish_job", failing(running.worker.finish_job))
+        monkeypatch.setattr(JobStore, "finish_attempt", failing(JobStore.finish_attempt))
     events = await running.events(await running.submit("hello"))
     assert isinstance(events[-1], Done)
     await running.assert_serving()

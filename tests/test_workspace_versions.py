@@ -1,14 +1,23 @@
 """Workspace versions on a real filesystem and the local store: what a save stores, what a restore
 writes, and that neither follows a symbolic link out of the workspace."""
 
+import io
+import multiprocessing
+import os
+import random
+import shutil
+import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from api.routes.session_files import _tar_gz
 from shared import workspaces
 from shared.workspace_store import LocalStore
 from shared.workspaces import Manifest, VersionWriter, WorkspaceRef, WorkspaceTooLarge
-from worker.session_files import Held, restore, scan
+from tests.test_workspace_changes import a_random_change, on_disk
+from worker.session_files import Held, removed, restore, scan
 
 REF = WorkspaceRef("0" * 32, "s-1", "12345678-1234-1234-1234-123456789abc")
 LIMITS = (10_000_000, 1_000)
@@ -16,8 +25,10 @@ LIMITS = (10_000_000, 1_000)
 
 async def save(store: LocalStore, work: Path, held: Held) -> Held:
     writer = VersionWriter(held.manifest)
-    stamps = scan(work, held, writer, *LIMITS)
-    return Held(await writer.write(store, REF), stamps)
+    seen = scan(work, held, writer, *LIMITS)
+    manifest = writer.manifest()
+    await writer.write(store, REF, manifest)
+    return Held(manifest, *seen)
 
 
 async def restored(store: LocalStore, into: Path, version: str | None) -> Held:
@@ -153,3 +164,136 @@ async def test_an_unreachable_s3_store_is_unavailable_not_missing() -> None:
         await store.get("ws/anything")
     with pytest.raises(StoreUnavailable):
         await store.put("ws/anything", b"x")
+
+
+async def test_a_save_of_few_changes_stores_only_them_against_a_whole_manifest(tmp_path: Path) -> None:
+    store, work = LocalStore(tmp_path / "store"), tmp_path / "work"
+    work.mkdir()
+    for i in range(40):
+        (work / f"f{i}.txt").write_text(f"file {i}")
+    whole = await save(store, work, Held(Manifest()))
+    held, versions = whole, []
+    for i in range(3):
+        (work / "f0.txt").write_text(f"v{i}")
+        held = await save(store, work, held)
+        versions.append(held.manifest.version)
+        assert (held.manifest.base, set(held.manifest.delta)) == (whole.manifest.version, {"f0.txt"})
+    stored = await store.get(REF.manifest_key(held.manifest.version or ""))
+    assert len(stored) * 10 < len(await store.get(REF.manifest_key(whole.manifest.version or "")))
+    assert await workspaces.load_manifest(store, REF, held.manifest.version) == held.manifest
+
+    await workspaces.collect_garbage(store, REF, held.manifest)
+    manifests = sorted(key.rsplit("/", 1)[1] for key in await store.keys(REF.prefix) if "/manifests/" in key)
+    assert manifests == [whole.manifest.version, *versions[-2:]]
+    again = await restored(store, tmp_path / "elsewhere", held.manifest.version)
+    assert again.manifest == held.manifest
+    assert (tmp_path / "elsewhere" / "f0.txt").read_text() == "v2"
+    assert (tmp_path / "elsewhere" / "f39.txt").read_text() == "file 39"
+
+    for i in range(11):  # past a quarter of the files: stored whole again
+        (work / f"f{i}.txt").write_text("rewritten")
+    assert (await save(store, work, held)).manifest.base is None
+
+
+class RecordingStore(LocalStore):
+    """The local store, noting the length of every read."""
+
+    reads: list[int]
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        self.reads.append(length)
+        return await super().get_range(key, start, length)
+
+
+async def test_files_stream_in_bounded_pieces_and_archive_byte_exact(tmp_path: Path) -> None:
+    store, work = RecordingStore(tmp_path / "store"), tmp_path / "work"
+    (work / "d").mkdir(parents=True)
+    sizes = {"empty": 0, "d/small": 30, "d/exact": 100, "big": 250, "tail": 7}
+    for path, size in sizes.items():
+        (work / path).write_bytes(os.urandom(size))
+    held = await save(store, work, Held(Manifest()))
+    (work / "d" / "small").write_bytes(b"second pack")  # the files now lie in two packs
+    (work / "run").write_bytes(b"#!/bin/sh\n")
+    (work / "run").chmod(0o755)
+    (work / "link").symlink_to("d/exact")
+    (work / "hollow").mkdir()
+    held = await save(store, work, held)
+    store.reads = []
+    pieces = workspaces.stream_files(store, REF, held.manifest.files, piece=100)
+    archive = b"".join([part async for part in _tar_gz(pieces, held.manifest)])
+    assert store.reads
+    assert max(store.reads) <= 100
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        assert sorted(tar.getnames()) == sorted([*sizes, "run", "link", "hollow"])
+        assert tar.getmember("hollow").isdir()
+        for path in [*sizes, "run"]:
+            member = tar.extractfile(path)
+            assert member is not None
+            assert member.read() == (work / path).read_bytes(), path
+        assert tar.getmember("run").mode == 0o755
+        assert tar.getmember("link").linkname == "d/exact"
+
+
+NOBODY = 65534
+
+
+def _unreadable_workspace_as_nobody(base: str) -> tuple[list[str], list[str], bool]:
+    """In a process that is not root (root reads anything): a workspace with a folder and a file
+    made unreadable, saved, then removed; what the save found, and whether anything was left."""
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    work = Path(base) / "work"
+    (work / "locked" / "inner").mkdir(parents=True)
+    (work / "locked" / "inner" / "a.txt").write_text("in a locked folder")
+    (work / "unlisted").mkdir()
+    (work / "unlisted" / "b.txt").write_text("in a folder that can be listed, not entered")
+    (work / "secret.txt").write_text("a locked file")
+    (work / "secret.txt").chmod(0)
+    (work / "unlisted").chmod(0o600)
+    (work / "locked").chmod(0)
+    writer = VersionWriter(Manifest())
+    scan(work, Held(Manifest()), writer, *LIMITS)
+    found = [path for path, entry in sorted(writer.files.items()) if entry.bytes]
+    (work / "locked").chmod(0)  # as a turn that is not saved may leave it
+    removed(work)
+    return found, sorted(writer.folders), work.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to another user")
+def test_what_the_agent_made_unreadable_is_saved_and_removed_all_the_same() -> None:
+    base = tempfile.mkdtemp()
+    try:
+        os.chown(base, NOBODY, NOBODY)
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            found, folders, left = pool.apply(_unreadable_workspace_as_nobody, (base,))
+    finally:
+        shutil.rmtree(base)
+    assert found == ["locked/inner/a.txt", "secret.txt", "unlisted/b.txt"]
+    assert folders == []
+    assert not left
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_random_versions_restore_exactly_over_the_one_before(tmp_path: Path, seed: int) -> None:
+    rng, store = random.Random(seed), LocalStore(tmp_path / "store")
+    work, copy = tmp_path / "work", tmp_path / "copy"
+    work.mkdir()
+    copy.mkdir()
+    held = restored_here = Held(Manifest())
+    for turn in range(25):
+        for _ in range(rng.randint(1, 12)):
+            a_random_change(work, rng)
+        held = await save(store, work, held)
+        target = await workspaces.load_manifest(store, REF, held.manifest.version)
+        had = restored_here.manifest.files
+        needed = {
+            path: entry
+            for path, entry in target.files.items()
+            if (
+                path not in had
+                or (had[path].sha256, had[path].executable) != (entry.sha256, entry.executable)
+            )
+        }
+        contents = await workspaces.read_files(store, REF, needed)
+        restored_here = restore(copy, restored_here, target, contents)
+        assert on_disk(copy) == on_disk(work), f"turn {turn}"

@@ -1,9 +1,10 @@
 """This worker's heartbeat: who it is and what it runs, refreshed in Redis every few seconds.
 
 The key expires `HEARTBEAT_TTL_FACTOR` intervals after the last beat, so a worker that is killed,
-hangs or loses Redis stops counting as alive on its own. A job starting or ending triggers a beat
-at once, so `status` shows current jobs without waiting for the interval. Each beat also carries
-the worker's backend auth, checked anew (local and cheap), for `GET /v1/auth/status`.
+hangs or loses Redis stops counting as alive on its own. Jobs starting or ending trigger a beat
+within `_COALESCE_S` (one for a whole burst), so `status` shows current jobs without waiting for
+the interval. The beat on the interval also checks the worker's backend auth anew (local, but
+file reads) for `GET /v1/auth/status`, and resets the worker's load that placement counts on.
 """
 
 import asyncio
@@ -23,10 +24,18 @@ from shared.settings import Settings
 
 log = logging.getLogger("gateway.worker")
 
+_COALESCE_S = 0.05
+
 
 class HeartbeatLoop:
     def __init__(
-        self, redis_url: str, settings: Settings, *, slots: int, jobs: Callable[[], list[str]]
+        self,
+        redis_url: str,
+        settings: Settings,
+        *,
+        slots: int,
+        jobs: Callable[[], list[str]],
+        running: Callable[[], int],
     ) -> None:
         self._redis_url = redis_url
         self._settings = settings
@@ -34,6 +43,8 @@ class HeartbeatLoop:
         self._ttl_s = settings.heartbeat_ttl_s
         self._slots = slots
         self._jobs = jobs
+        self._running = running
+        self._auth: backend_auth.BackendAuth | None = None
         self._changed = asyncio.Event()
         host, pid = socket.gethostname(), os.getpid()
         self.worker_id = heartbeats.new_worker_id(host, pid)
@@ -48,18 +59,26 @@ class HeartbeatLoop:
     async def run(self) -> None:
         redis = Redis.from_url(self._redis_url, socket_timeout=self._interval_s)
         try:
+            checked = -self._interval_s
             while True:
                 self._changed.clear()
-                await self._beat(redis)
+                now = time.monotonic()
+                full = now - checked >= self._interval_s
+                await self._beat(redis, full)
+                checked = now if full else checked
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._interval_s):
+                    async with asyncio.timeout(checked + self._interval_s - now):
                         await self._changed.wait()
+                        await asyncio.sleep(_COALESCE_S)
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await asyncio.shield(heartbeats.retire(redis, self.worker_id))
             await redis.aclose()
 
-    async def _beat(self, redis: Redis) -> None:
+    async def _beat(self, redis: Redis, full: bool) -> None:
+        """A beat; `full`: the one on the interval, which checks auth and resets the load."""
+        if full or self._auth is None:
+            self._auth = backend_auth.check(self._settings)
         heartbeat = Heartbeat(
             id=self.worker_id,
             host=self.host,
@@ -69,10 +88,10 @@ class HeartbeatLoop:
             slots=self._slots,
             jobs=self._jobs(),
             backend=self._settings.backend,
-            auth=backend_auth.check(self._settings),
+            auth=self._auth,
             sandbox=self.sandbox,
         )
         try:
-            await heartbeats.beat(redis, heartbeat, self._ttl_s)
+            await heartbeats.beat(redis, heartbeat, self._ttl_s, running=self._running() if full else None)
         except (RedisError, OSError) as exc:
             log.warning("heartbeat failed (%s); retrying in %.1f s", type(exc).__name__, self._interval_s)

@@ -14,7 +14,7 @@ from enum import Enum
 
 from redis.exceptions import RedisError
 
-from shared.jobstore import Claimed, JobStore
+from shared.jobstore import Claimed, JobStore, Passed
 from shared.settings import Settings
 
 log = logging.getLogger("gateway.worker")
@@ -53,7 +53,9 @@ class RunningJobs:
     jobs: dict[str, RunningJob] = field(default_factory=dict)
     claimed: dict[str, Claimed] = field(default_factory=dict)
 
-    async def claim(self, job_id: str, attempt: int, in_progress_ms: int) -> Claimed | None:
+    async def claim(
+        self, job_id: str, attempt: int, in_progress_ms: int, yield_s: float
+    ) -> Claimed | Passed | None:
         """Claims a queued attempt for this worker; `run_completion` then takes it from `claimed`."""
         claimed = await self.store.claim(
             job_id,
@@ -61,8 +63,9 @@ class RunningJobs:
             worker_id=self.worker_id,
             in_progress_ms=in_progress_ms,
             lease_s=self.settings.lease_s,
+            yield_s=yield_s,
         )
-        if claimed is not None:
+        if isinstance(claimed, Claimed):
             self.claimed[job_id] = claimed
         return claimed
 

@@ -14,8 +14,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import queue, worker_exits
-from shared.jobstore import JobStore
-from shared.keys import CANCEL_CHANNEL, LOAD_CHANNEL, WAKEUP_CHANNEL, is_job_id
+from shared.jobstore import Claimed, JobStore, Passed
+from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL, is_job_id
 from shared.settings import Settings
 from shared.worker_exits import ExitReason
 from worker.backends import create_backend
@@ -27,19 +27,19 @@ from worker.task import run_completion
 
 log = logging.getLogger("gateway.worker")
 
-_DEFER_PER_RUNNING_JOB_S = 0.001
 _YIELD_TO_IDLER_S = 0.05
-"""How long a busy worker leaves a job to a less busy one: longer than a loaded machine's
-scheduling delays, which made the 1 ms per running job a coin toss."""
+"""How long a busier worker leaves a job to an idler one before taking it back. The idler, or
+any worker after it, takes it as soon as it sees it: this only bounds the wait when none does."""
 
 
 class GatewayWorker(Worker):
     """arq's worker with its poll sleep replaced by "until woken, or `fallback_s` at most".
 
-    Each enqueue publishes the new attempt's id on `WAKEUP_CHANNEL`, and every idle worker tries to
-    claim it at once (one script; the losers learn it in that round trip). The busier workers try a
-    little later, so a burst spreads over the fleet. A missed wake-up (pub/sub is at-most-once)
-    costs one fallback poll of the queue.
+    Each enqueue publishes the new attempt's id on `WAKEUP_CHANNEL`, and every worker with a free
+    slot tries to claim it at once (one script; the losers learn it in that round trip, and a
+    worker busier than a live peer passes it on to the next one to look: the claim script places
+    jobs, see shared/jobstore.py). A missed wake-up (pub/sub is at-most-once) costs one fallback
+    poll of the queue.
     """
 
     def __init__(self, *, redis_url: str, settings: Settings, **kwargs: Any) -> None:
@@ -47,15 +47,15 @@ class GatewayWorker(Worker):
         self._redis_url = redis_url
         self._fallback_s = settings.poll_fallback_s
         self._wake = asyncio.Event()
+        self._turned_away = False  # a job was left queued for want of a slot since the last poll
         self._background_tasks: set[asyncio.Task[None]] = set()
-        self._claim_turn = asyncio.Lock()
-        self._peers: dict[str, tuple[int, int, float]] = {}  # other workers: running, slots, when heard
-        self._peer_ttl_s = settings.heartbeat_ttl_s
+        self._slot_turn = asyncio.Lock()  # when all slots are busy, queued jobs get them in order
         self.heartbeat = HeartbeatLoop(
             redis_url,
             settings,
             slots=self.max_jobs,
             jobs=lambda: [attempt.partition(".")[0] for attempt in self.job_tasks],
+            running=lambda: self.job_counter,
         )
         self.ctx["heartbeat"] = self.heartbeat
         self._stop_signal: str | None = None
@@ -103,6 +103,7 @@ class GatewayWorker(Worker):
 
     async def _poll_iteration(self) -> None:
         self._wake.clear()
+        self._turned_away = False
         try:
             await super()._poll_iteration()
         except RedisError as exc:
@@ -112,23 +113,26 @@ class GatewayWorker(Worker):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._fallback_s):
                 await self._wake.wait()
-        if self.job_counter:
-            await asyncio.sleep(_DEFER_PER_RUNNING_JOB_S * self.job_counter)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's `start_jobs`, with the claim and the attempt's start as one script."""
         running: RunningJobs = self.ctx["running"]
         for raw in job_ids:
             job_id, _, attempt = raw.decode().partition(".")
-            if not (is_job_id(job_id) and attempt.isdigit()):
-                continue  # not an attempt at a job of ours
-            await self.sem.acquire()
+            if not (is_job_id(job_id) and attempt.isdigit()) or raw.decode() in self.tasks:
+                continue  # not an attempt at a job of ours, or one running here (still queued in arq)
+            async with self._slot_turn:
+                await self.sem.acquire()
             if self.job_counter >= self.max_jobs:
                 self.sem.release()
+                self._turned_away = True
                 return
-            claimed = await running.claim(job_id, int(attempt), int(self.in_progress_timeout_s * 1000))
-            if claimed is None:
+            in_progress_ms = int(self.in_progress_timeout_s * 1000)
+            claimed = await running.claim(job_id, int(attempt), in_progress_ms, _YIELD_TO_IDLER_S)
+            if not isinstance(claimed, Claimed):
                 self.sem.release()
+                if isinstance(claimed, Passed):
+                    self._background(self._take_back(raw, claimed.retry_in_s))
                 continue
             self.job_counter += 1
             task = self.loop.create_task(self._run_attempt(raw.decode()))
@@ -141,9 +145,10 @@ class GatewayWorker(Worker):
         arq's version starts by fetching the attempt's entry (GET, INCR, EXPIRE) to learn the
         function and its arguments, one more Redis round trip before every job's first token.
         The claim script has already loaded the job and the attempt id names the rest, so this
-        runs `run_completion` at once and, when it ends, removes the attempt's arq keys with arq's
-        `finish_job`. Time limits, retries and results are the job store's (arq's `max_tries`,
-        `keep_result` and timeout are not used for attempts either way).
+        runs `run_completion` at once and, when it ends, removes the attempt's arq keys as arq's
+        `finish_job` would, and takes it off this worker's load, in one round trip. Time limits,
+        retries and results are the job store's (arq's `max_tries`, `keep_result` and timeout are
+        not used for attempts either way).
         """
         completion, _, attempt = job_id.partition(".")
         task = asyncio.current_task()
@@ -162,47 +167,26 @@ class GatewayWorker(Worker):
             log.exception("attempt %s failed", job_id)
         finally:
             del self.job_tasks[job_id]
+        running: RunningJobs = self.ctx["running"]
         try:
-            await asyncio.shield(self.finish_job(job_id, True, None, None, False, None, None))
+            await asyncio.shield(running.store.finish_attempt(job_id, running.worker_id))
         except (Exception, asyncio.CancelledError) as exc:
             # Its arq keys expire on their own (in-progress mark) or are stale entries claims skip.
             log.warning("could not remove the arq keys of attempt %s (%r)", job_id, exc)
 
     async def _start_woken(self, attempt_id: bytes) -> None:
-        """Starts the attempt a wake-up named, without a trip through the queue's index.
+        """Starts the attempt a wake-up named, without a trip through the queue's index."""
+        if not self.allow_pick_jobs:
+            return
+        try:
+            await self.start_jobs([attempt_id])
+        except RedisError as exc:
+            log.warning("cannot reach Redis to start a job (%s); the poll will", type(exc).__name__)
 
-        Idler workers go first: a worker tries 1 ms per running job after the wake-up arrived,
-        and 50 ms when another worker's last heartbeat (`LOAD_CHANNEL`) showed fewer running jobs
-        and a free slot. Its wake-ups take turns, so each counts the jobs the claims before it
-        won: the wake-ups of a burst arrive before any claim is answered, and all went to the
-        first worker.
-        """
-        arrived = self.loop.time()
-        async with self._claim_turn:
-            if self.job_counter:
-                wait = _DEFER_PER_RUNNING_JOB_S * self.job_counter
-                if self._idler_peer():
-                    wait = max(wait, _YIELD_TO_IDLER_S)
-                await asyncio.sleep(arrived + wait - self.loop.time())
-            if not self.allow_pick_jobs:
-                return
-            try:
-                await self.start_jobs([attempt_id])
-            except RedisError as exc:
-                log.warning("cannot reach Redis to start a job (%s); the poll will", type(exc).__name__)
-
-    def _idler_peer(self) -> bool:
-        """Whether a live worker runs fewer jobs than this one and has a slot free."""
-        fresh = self.loop.time() - self._peer_ttl_s
-        return any(
-            seen >= fresh and running < min(self.job_counter, slots)
-            for running, slots, seen in self._peers.values()
-        )
-
-    def _heard_load(self, message: bytes) -> None:
-        worker_id, running, slots = message.decode().split()
-        if worker_id != self.heartbeat.worker_id:
-            self._peers[worker_id] = (int(running), int(slots), self.loop.time())
+    async def _take_back(self, attempt_id: bytes, delay_s: float) -> None:
+        """Looks again at an attempt passed on to an idler worker, in case none took it."""
+        await asyncio.sleep(delay_s)
+        await self._start_woken(attempt_id)
 
     def _attempt_done(self, attempt_id: str, task: "asyncio.Task[None]") -> None:
         self.job_counter -= 1
@@ -214,7 +198,8 @@ class GatewayWorker(Worker):
             running.claimed.pop(job_id, None)
             log.info("attempt %s stopped before it began; handing it back", attempt_id)
             self._background(self._hand_back(job_id, int(attempt)))
-        self._wake.set()  # a slot is free: look at the queue now
+        if self._turned_away:  # a slot is free for a job this worker had no room for
+            self._wake.set()
         self.heartbeat.poke()
 
     async def _hand_back(self, job_id: str, attempt: int) -> None:
@@ -234,13 +219,11 @@ class GatewayWorker(Worker):
             redis = Redis.from_url(self._redis_url)
             try:
                 async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(WAKEUP_CHANNEL, CANCEL_CHANNEL, LOAD_CHANNEL)
+                    await pubsub.subscribe(WAKEUP_CHANNEL, CANCEL_CHANNEL)
                     async for message in pubsub.listen():
                         if message["type"] != "message":
                             continue
-                        if message["channel"] == LOAD_CHANNEL.encode():
-                            self._heard_load(message["data"])
-                        elif message["channel"] == CANCEL_CHANNEL.encode():
+                        if message["channel"] == CANCEL_CHANNEL.encode():
                             self.ctx["running"].cancel(message["data"].decode())
                         elif message["data"]:
                             self._background(self._start_woken(message["data"]))

@@ -5,7 +5,9 @@ the session's current version (another worker ran the last turn, files were uplo
 earlier turn here failed), the turn first makes the directory equal to that version: only the
 files that differ are written (all of them into an empty directory). After a completed turn the
 directory is saved as the next version, uploading only the files whose size, times or inode
-changed since this worker last wrote or read them (`shared/workspaces.py` holds the format).
+changed since this worker last wrote or read them (`shared/workspaces.py` holds the format). The
+save looks only at the names inotify reported changed (`worker/workspace_changes.py`), or at
+every file where inotify may have missed one.
 
 Nothing here follows a symbolic link: directories are opened one level at a time with
 `O_NOFOLLOW`, links are saved as links (only those that stay inside the workspace) and restored
@@ -16,13 +18,15 @@ used first out), so a session's next turn that lands here, which affinity makes 
 
 import asyncio
 import contextlib
+import errno
+import functools
 import logging
 import os
 import shutil
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,7 @@ from shared.keys import session_key
 from shared.settings import Settings
 from shared.workspace_store import MissingObject, ObjectStore, open_store
 from shared.workspaces import (
+    Contents,
     FileEntry,
     InvalidPath,
     Manifest,
@@ -45,6 +50,7 @@ from shared.workspaces import (
     checked_path,
 )
 from worker.backends import BackendError
+from worker.workspace_changes import Changes, ChangeTracker
 
 log = logging.getLogger("gateway.worker.files")
 
@@ -65,13 +71,42 @@ class Held:
 
     manifest: Manifest
     stamps: dict[str, Stamp] = field(default_factory=dict)
+    linked: set[str] = field(default_factory=set)
+    """Files with more than one hard link: a write through another name changes them unreported."""
+
+
+Seen = tuple[dict[str, Stamp], set[str]]
+"""The stamps of a directory's files, and which of them have several hard links."""
+
+Watch = Callable[[str, int], None]
+"""Watches a folder (its path, an fd of it) for changes until the next save."""
+
+
+def _open(name: str | Path, flags: int, dir_fd: int | None = None) -> int:
+    """`os.open`, but a file or folder the agent made unreadable (`chmod 000`), as the owner of
+    everything in the workspace may, is made readable (folders: writable) to its owner first: a
+    version keeps no other bit of a mode than a file's executable bit anyway."""
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except PermissionError:
+        handle = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
+        try:
+            mode = os.fstat(handle).st_mode
+            needed = stat.S_IRWXU if stat.S_ISDIR(mode) else stat.S_IRUSR
+            os.chmod(f"/proc/self/fd/{handle}", stat.S_IMODE(mode) | needed)  # the very file opened
+        finally:
+            os.close(handle)
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    if flags & os.O_DIRECTORY and (mode := os.fstat(fd).st_mode) & stat.S_IRWXU != stat.S_IRWXU:
+        os.fchmod(fd, stat.S_IMODE(mode) | stat.S_IRWXU)  # its names could be listed, not opened
+    return fd
 
 
 class _Tree:
     """Directory fds under a root, opened one name at a time without following links."""
 
     def __init__(self, root: Path) -> None:
-        self.fds = {"": os.open(root, _DIR)}
+        self.fds = {"": _open(root, _DIR)}
 
     def dir(self, rel: str, create: bool = False) -> int:
         if (fd := self.fds.get(rel)) is not None:
@@ -81,7 +116,7 @@ class _Tree:
         if create:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(name, 0o755, dir_fd=parent_fd)
-        fd = self.fds[rel] = os.open(name, _DIR, dir_fd=parent_fd)
+        fd = self.fds[rel] = _open(name, _DIR, parent_fd)
         return fd
 
     def close(self) -> None:
@@ -98,63 +133,225 @@ def _tree(root: Path) -> Iterator[_Tree]:
         tree.close()
 
 
-def scan(work: Path, held: Held, writer: VersionWriter, max_bytes: int, max_files: int) -> dict[str, Stamp]:
-    """Fills `writer` with the directory's files and links; returns the files' stamps.
+def _valid(path: str) -> bool:
+    """Whether a name found in the directory is kept (`checked_path`)."""
+    try:
+        checked_path(path)
+    except InvalidPath:
+        return False
+    return True
 
-    Reads only files whose stamp changed. Stops with `WorkspaceTooLarge` as soon as a limit is
-    passed. Names that are not valid paths (not UTF-8, control characters) are left out, and so
-    are empty directories, fifos, sockets and devices.
+
+class _Scan:
+    """Brings a `VersionWriter` (started as the held version) up to what is in the directory.
+
+    Reads only files whose stamp changed. Stops with `WorkspaceTooLarge` once a limit is passed.
+    Names that are not valid paths (not UTF-8, control characters) are left out, and so are fifos,
+    sockets and devices; a folder that holds none of the rest is kept as an empty folder.
     """
-    stamps: dict[str, Stamp] = {}
-    count = total = 0
-    now = int(time.time())
 
-    def visit(fd: int, prefix: str) -> None:
-        nonlocal count, total
+    def __init__(
+        self, held: Held, writer: VersionWriter, max_bytes: int, max_files: int, *, whole: bool
+    ) -> None:
+        """`whole`: every file will be looked at (else only those changed)."""
+        self.held, self.writer = held, writer
+        self.max_bytes, self.max_files = max_bytes, max_files
+        self.stamps = {} if whole else dict(held.stamps)
+        self.linked = set() if whole else set(held.linked)
+        self.relinked: set[int] = set()
+        """Inodes of files found with several hard links that had one at the last save."""
+        self.now = int(time.time())
+
+    def folder(self, fd: int, prefix: str, watch: Watch | None) -> tuple[int, int]:
+        """Everything under the folder open at `fd` (`prefix`: its path and a `/`, or "");
+        returns how many files and links it holds, and their bytes."""
+        if watch is not None:
+            watch(prefix.rstrip("/"), fd)
+        count = total = kept = 0
         with os.scandir(fd) as entries:
             for entry in entries:
                 path = prefix + entry.name
-                if path not in held.stamps:  # a file or folder new since the last save: check it
-                    try:
-                        checked_path(path)
-                    except InvalidPath:
-                        continue
+                if path not in self.held.stamps and not _valid(path):  # new since the last save
+                    continue
                 if entry.is_dir(follow_symlinks=False):
-                    sub = os.open(entry.name, _DIR, dir_fd=fd)
+                    sub = _open(entry.name, _DIR, fd)
                     try:
-                        visit(sub, path + "/")
+                        more, size = self.folder(sub, path + "/", watch)
                     finally:
                         os.close(sub)
                 elif entry.is_symlink():
-                    target = os.readlink(entry.name, dir_fd=fd)
-                    if workspaces.link_inside(path, target):
-                        writer.links[path] = target
-                        count += 1
+                    more, size = self.link(fd, entry.name, path), 0
                 elif entry.is_file(follow_symlinks=False):
                     st = entry.stat(follow_symlinks=False)
-                    count, total = count + 1, total + st.st_size
-                    check_limits(count, total, max_bytes, max_files)
-                    stamp = stamps[path] = _stamp(st)
-                    executable = bool(st.st_mode & stat.S_IXUSR)
-                    known = held.manifest.files.get(path)
-                    if (
-                        known is not None
-                        and held.stamps.get(path) == stamp
-                        and known.executable == executable
-                    ):
-                        writer.keep(path, known)
-                        continue
-                    with os.fdopen(os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), "rb") as file:
-                        data = file.read(max_bytes + 1)
-                    writer.add(path, data, source="assistant", executable=executable, now=now)
+                    more, size = 1, st.st_size
+                    check_limits(1, st.st_size, self.max_bytes, self.max_files)
+                    self.file(fd, entry.name, path, st)
+                else:
+                    continue
+                count, total = count + more, total + size
+                kept += 1 if entry.is_dir(follow_symlinks=False) else more  # a folder in it is kept
+                check_limits(count, total, self.max_bytes, self.max_files)
+        if prefix and not kept:
+            self.writer.folders.add(prefix[:-1])
+        return count, total
 
+    def link(self, fd: int, name: str, path: str) -> int:
+        target = os.readlink(name, dir_fd=fd)
+        self.forget(path)
+        if not workspaces.link_inside(path, target):
+            return 0
+        self.writer.links[path] = target
+        return 1
+
+    def file(self, fd: int, name: str, path: str, st: os.stat_result) -> None:
+        stamp = self.stamps[path] = _stamp(st)
+        if st.st_nlink > 1:
+            if path not in self.held.linked:
+                self.relinked.add(st.st_ino)
+            self.linked.add(path)
+        else:
+            self.linked.discard(path)
+        executable = bool(st.st_mode & stat.S_IXUSR)
+        known = self.held.manifest.files.get(path)
+        if known is not None and self.held.stamps.get(path) == stamp and known.executable == executable:
+            self.writer.keep(path)
+            return
+        with os.fdopen(_open(name, os.O_RDONLY | os.O_NOFOLLOW, fd), "rb") as file:
+            data = file.read(self.max_bytes + 1)
+        check_limits(1, len(data), self.max_bytes, self.max_files)
+        self.writer.add(path, data, source="assistant", executable=executable, now=self.now)
+        check_limits(1, self.writer.new_bytes, self.max_bytes, self.max_files)
+
+    def forget(self, path: str) -> None:
+        self.writer.remove(path)
+        self.stamps.pop(path, None)
+        self.linked.discard(path)
+
+    def forget_under(self, folders: Iterable[str]) -> None:
+        """Forgets the folders and everything in them."""
+        folders = set(folders)
+        prefixes = tuple(folder + "/" for folder in folders)
+        if prefixes:
+            for path in [*filter(lambda p: p.startswith(prefixes), (*self.writer.files, *self.writer.links))]:
+                self.forget(path)
+            self.writer.folders = {
+                folder
+                for folder in self.writer.folders
+                if folder not in folders and not folder.startswith(prefixes)
+            }
+
+    def empty(self, tree: _Tree, folder: str) -> None:
+        """Notes whether `folder` is now an empty folder, from what is in it."""
+        self.writer.folders.discard(folder)
+        try:
+            fd = tree.dir(folder)
+        except OSError:  # gone, or a link
+            return
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                path = f"{folder}/{entry.name}"
+                if not _valid(path):
+                    continue
+                if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+                    return
+                if entry.is_symlink() and workspaces.link_inside(path, os.readlink(entry.name, dir_fd=fd)):
+                    return
+        self.writer.folders.add(folder)
+
+    def result(self) -> "Seen":
+        return self.stamps, self.linked
+
+
+def scan(
+    work: Path, held: Held, writer: VersionWriter, max_bytes: int, max_files: int, watch: Watch | None = None
+) -> Seen:
+    """Fills `writer` with every file and link in the directory; `watch`es every folder."""
+    walk = _Scan(held, writer, max_bytes, max_files, whole=True)
+    writer.links.clear()
+    writer.folders.clear()
     with _tree(work) as tree:
-        visit(tree.fds[""], "")
-    return stamps
+        walk.folder(tree.fds[""], "", watch)
+    for path in [path for path in writer.files if path not in walk.stamps]:
+        writer.remove(path)
+    return walk.result()
 
 
-def restore(work: Path, held: Held, target: Manifest, contents: dict[str, bytes]) -> Held:
-    """Makes `work`, which holds `held`, hold `target`; `contents` has every file that differs."""
+def update(
+    work: Path,
+    held: Held,
+    changes: Changes,
+    writer: VersionWriter,
+    max_bytes: int,
+    max_files: int,
+    watch: Watch,
+) -> Seen:
+    """Brings `writer` up to the directory where `changes` say it may differ from `held`."""
+    walk = _Scan(held, writer, max_bytes, max_files, whole=False)
+    new = sorted(filter(_valid, changes.folders))
+    walk.forget_under((*changes.gone, *new))
+    inside_new = tuple(f"{folder}/" for folder in new)
+    looked: set[str] = set()
+    visited: set[str] = set()
+    with _tree(work) as tree:
+
+        def look(path: str) -> None:
+            nonlocal inside_new
+            if path in looked or path.startswith(inside_new) or not _valid(path):
+                return  # looked at already, found again with its folder, or left out
+            looked.add(path)
+            parent, _, name = path.rpartition("/")
+            try:
+                fd = tree.dir(parent)
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                walk.forget(path)
+                return
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:  # a folder on the way is now a link: not followed
+                    raise
+                walk.forget(path)
+                return
+            if stat.S_ISREG(st.st_mode):
+                walk.file(fd, name, path, st)
+            elif stat.S_ISLNK(st.st_mode):
+                walk.link(fd, name, path)
+            elif stat.S_ISDIR(st.st_mode):  # its mode or times changed, or it replaced a file
+                walk.forget(path)
+                walk.forget_under([path])
+                new.append(path)
+                inside_new += (f"{path}/",)
+            else:
+                walk.forget(path)
+
+        def find_new_folders() -> None:
+            for folder in new:
+                if folder in visited or folder.startswith(inside_new):
+                    continue  # found already, or with the folder above it
+                visited.add(folder)
+                try:
+                    fd = tree.dir(folder)
+                except OSError:  # gone since, or a link: not followed
+                    continue
+                walk.folder(fd, folder + "/", watch)
+
+        for path in sorted(changes.paths | held.linked):
+            look(path)
+        find_new_folders()
+        if walk.relinked:  # a file gained a hard link: a write through one name reports only that one
+            for path in [path for path, was in walk.stamps.items() if was[3] in walk.relinked]:
+                look(path)
+            find_new_folders()
+        for folder in {path.rpartition("/")[0] for path in (*looked, *changes.gone, *new)} - {""}:
+            walk.empty(tree, folder)  # something came or went in it
+    writer.check_limits(max_bytes, max_files)
+    return walk.result()
+
+
+def restore(
+    work: Path, held: Held, target: Manifest, contents: dict[str, Contents], watch: Watch | None = None
+) -> Held:
+    """Makes `work`, which holds `held`, hold `target`; `contents` has every file that differs.
+    `watch`es the folders it made (those it did not were watched before)."""
     stale = [path for path, entry in held.manifest.files.items() if _differs(entry, target.files.get(path))]
     stale += [path for path, link in held.manifest.links.items() if target.links.get(path) != link]
     stamps = {path: stamp for path, stamp in held.stamps.items() if path in target.files}
@@ -164,7 +361,8 @@ def restore(work: Path, held: Held, target: Manifest, contents: dict[str, bytes]
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 os.unlink(name, dir_fd=tree.dir(parent))
             stamps.pop(path, None)
-        _remove_empty_dirs(tree, stale)
+        gone_folders = [f"{folder}/" for folder in held.manifest.folders if folder not in target.folders]
+        _remove_empty_dirs(tree, stale + gone_folders)  # (a folder's own path ends in "/")
         for path, data in contents.items():
             parent, _, name = path.rpartition("/")
             executable = target.files[path].executable
@@ -184,7 +382,27 @@ def restore(work: Path, held: Held, target: Manifest, contents: dict[str, bytes]
             if held.manifest.links.get(path) != link:
                 parent, _, name = path.rpartition("/")
                 os.symlink(link, name, dir_fd=tree.dir(parent, create=True))
-    return Held(target, stamps)
+        for folder in target.folders:
+            tree.dir(folder, create=True)
+        if watch is not None:
+            for folder, fd in tree.fds.items():
+                watch(folder, fd)
+    return Held(target, stamps, held.linked.intersection(stamps).difference(contents))
+
+
+def removed(path: Path) -> None:
+    """Removes a directory, with folders in it the agent made unreadable (`chmod 000`)."""
+    shutil.rmtree(path, ignore_errors=True)
+    if not path.exists():
+        return
+    with contextlib.suppress(OSError):
+        path.chmod(stat.S_IRWXU)
+    for folder, names, _ in os.walk(path):  # top down: each folder opened before it is walked
+        for name in names:
+            if not os.path.islink(inner := os.path.join(folder, name)):  # never through a link
+                with contextlib.suppress(OSError):
+                    os.chmod(inner, stat.S_IRWXU)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _differs(held: FileEntry, target: FileEntry | None) -> bool:
@@ -219,6 +437,12 @@ class SessionFiles:
         self._held: OrderedDict[str, Held] = OrderedDict()
         self.background: set[asyncio.Task[None]] = set()
         self.enabled = settings.claude_cwd is None  # one shared directory for all jobs: nothing to keep
+        self.changes: ChangeTracker | None = None
+        if self.enabled:
+            try:
+                self.changes = ChangeTracker()
+            except OSError as exc:  # no inotify (or no instance left): every save scans every file
+                log.warning("workspace changes are not tracked: %s", exc)
 
     def _directory(self, ref: WorkspaceRef) -> Path:
         return self.root / ref.member.replace("/", ".")
@@ -239,7 +463,7 @@ class SessionFiles:
             held = await self._checkout(ref, work, held, session.workspace)
         except (OSError, MissingObject, ValueError) as exc:  # ValueError: a malformed manifest
             log.warning("could not restore workspace %s: %s", key, type(exc).__name__)
-            await asyncio.to_thread(shutil.rmtree, work, True)
+            await self._drop(key)
             raise BackendError(
                 FailureCode.BACKEND_UNAVAILABLE, "The session's files could not be restored; retry later."
             ) from exc
@@ -251,23 +475,39 @@ class SessionFiles:
                 self._held[key] = turn.saved
                 await self._evict()
             else:  # what the turn left is not the session's: the next turn here restores
-                await asyncio.shield(asyncio.to_thread(shutil.rmtree, work, True))
+                await asyncio.shield(self._drop(key))
 
     async def _checkout(self, ref: WorkspaceRef, work: Path, held: Held | None, version: str | None) -> Held:
         if held is not None and held.manifest.version == version:
             return held
+        key = ref.member
         if held is None:  # unknown contents: start from an empty directory
-            await asyncio.to_thread(_emptied, work)
+            await self._drop(key)
+            await asyncio.to_thread(work.mkdir, parents=True, mode=0o700)
             held = Held(Manifest())
+            if self.changes is not None:
+                self.changes.start(key)
         target = await workspaces.load_manifest(self.store, ref, version)
         needed = {path: entry for path, entry in target.files.items() if _differs_held(held, path, entry)}
         contents = await workspaces.read_files(self.store, ref, needed)
-        return await asyncio.to_thread(restore, work, held, target, contents)
+        held = await asyncio.to_thread(restore, work, held, target, contents, self.watch(key))
+        if self.changes is not None:
+            self.changes.settle(key)  # the restore's own writes
+        return held
+
+    def watch(self, key: str) -> Watch | None:
+        return None if self.changes is None else functools.partial(self.changes.watch, key)
+
+    async def _drop(self, key: str) -> None:
+        """Removes a session's directory from this worker (no longer watched first)."""
+        if self.changes is not None:
+            self.changes.forget(key)
+        await asyncio.to_thread(removed, self._directory(WorkspaceRef.of_member(key)))
 
     async def _evict(self) -> None:
         while len(self._held) > self.settings.workspace_cache_sessions:
             key, _ = self._held.popitem(last=False)
-            await asyncio.to_thread(shutil.rmtree, self._directory(WorkspaceRef.of_member(key)), True)
+            await self._drop(key)
 
     async def maintain(self) -> None:
         """Deletes expired sessions' workspaces from the store and from this worker, now and then."""
@@ -286,17 +526,14 @@ class SessionFiles:
             transcript = await self.redis.hget(session_key(ref.owner, ref.session), "transcript")  # type: ignore[misc]
             if transcript is None or transcript.decode() != ref.incarnation:
                 self._held.pop(key, None)
-                await asyncio.to_thread(shutil.rmtree, self._directory(ref), True)
+                await self._drop(key)
 
     async def close(self) -> None:
         """This worker's copies are only a cache: gone with the process."""
         self._held.clear()
-        await asyncio.to_thread(shutil.rmtree, self.root, True)
-
-
-def _emptied(work: Path) -> None:
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, mode=0o700)
+        if self.changes is not None:
+            self.changes.close()
+        await asyncio.to_thread(removed, self.root)
 
 
 def _differs_held(held: Held, path: str, entry: FileEntry) -> bool:
@@ -325,15 +562,17 @@ class SessionTurn:
         limits = (files.settings.workspace_max_bytes, files.settings.workspace_max_files)
         writer = VersionWriter(held.manifest)
         try:
-            stamps = await asyncio.to_thread(scan, self.work, held, writer, *limits)
+            seen = await asyncio.to_thread(self._look, writer, *limits)
             if not writer.changed():
-                self.saved = Held(held.manifest, stamps)
+                self.saved = Held(held.manifest, *seen)
                 return None
-            if writer.manifest().needs_compaction():  # rare: rewrite it all as one pack
+            manifest = writer.manifest()
+            if manifest.needs_compaction():  # rare: rewrite it all as one pack
                 writer = VersionWriter(held.manifest, compact=True)
-                stamps = await asyncio.to_thread(scan, self.work, Held(Manifest()), writer, *limits)
+                seen = await asyncio.to_thread(scan, self.work, Held(Manifest()), writer, *limits)
+                manifest = writer.manifest()
             await workspaces.track(files.redis, self.ref, files.settings.session_ttl_s)
-            manifest = await writer.write(files.store, self.ref)
+            await writer.write(files.store, self.ref, manifest)
         except workspaces.WorkspaceTooLarge as exc:
             raise BackendError(FailureCode.WORKSPACE_TOO_LARGE, str(exc)) from exc
         except (OSError, RedisError) as exc:
@@ -341,8 +580,19 @@ class SessionTurn:
             raise BackendError(
                 FailureCode.BACKEND_UNAVAILABLE, "The session's files could not be saved; retry later."
             ) from exc
-        self.saved = Held(manifest, stamps)
+        self.saved = Held(manifest, *seen)
         return manifest.version
+
+    def _look(self, writer: VersionWriter, max_bytes: int, max_files: int) -> "Seen":
+        """Fills `writer` from the directory: where inotify saw changes, else from every file."""
+        tracker, key = self._files.changes, self.ref.member
+        changes = tracker.take(key) if tracker is not None else None
+        watch = self._files.watch(key)
+        if changes is None or not changes.complete or watch is None:
+            if tracker is not None:
+                tracker.start(key)  # the scan watches every folder anew
+            return scan(self.work, self._held, writer, max_bytes, max_files, watch)
+        return update(self.work, self._held, changes, writer, max_bytes, max_files, watch)
 
     def collect_garbage(self) -> None:
         """After the commit, in the background: older versions of the session go (best effort)."""

@@ -9,14 +9,13 @@ session that does not exist yet creates it, empty, so files can be given before 
 """
 
 import asyncio
-import io
 import logging
 import posixpath
 import tarfile
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+import zlib
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 from urllib.parse import quote
 
@@ -189,13 +188,10 @@ async def get_file_content(
 ) -> Response:
     ref, manifest = await _current(gateway, caller, store, session_id)
     path, entry = _find(manifest, file_id)
-    try:
-        data = await workspaces.read_file(store, ref, entry)
-    except MissingObject:
-        raise _changed() from None
+    body = await _started(part async for _, _, part in workspaces.stream_files(store, ref, {path: entry}))
     name = quote(posixpath.basename(path))
     headers = {"content-disposition": f"attachment; filename*=UTF-8''{name}"}
-    return Response(data, media_type="application/octet-stream", headers=headers)
+    return StreamingResponse(body, media_type="application/octet-stream", headers=headers)
 
 
 @router.get(
@@ -206,38 +202,74 @@ async def get_file_content(
 async def get_archive(session_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep) -> Response:
     """The whole workspace as a `tar.gz`: its files (with their executable bit) and its links."""
     ref, manifest = await _current(gateway, caller, store, session_id)
+    body = await _started(_tar_gz(workspaces.stream_files(store, ref, manifest.files), manifest))
+    headers = {"content-disposition": f"attachment; filename*=UTF-8''{quote(session_id)}.tar.gz"}
+    return StreamingResponse(body, media_type="application/gzip", headers=headers)
+
+
+async def _started(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`body` once its first part is read: a version collected meanwhile is a 409, not a cut
+    response (a collection later in a long download cuts it)."""
     try:
-        contents = await workspaces.read_files(store, ref, manifest.files)
+        first = await anext(body)
     except MissingObject:
         raise _changed() from None
-    archive = await asyncio.to_thread(_tar, manifest, contents)
-    headers = {"content-disposition": f"attachment; filename*=UTF-8''{quote(session_id)}.tar.gz"}
-    return StreamingResponse(_chunks(archive), media_type="application/gzip", headers=headers)
+    except StopAsyncIteration:
+        first = b""
+
+    async def rest() -> AsyncIterator[bytes]:
+        yield first
+        async for part in body:
+            yield part
+
+    return rest()
 
 
-def _tar(manifest: Manifest, contents: dict[str, bytes]) -> "tempfile.SpooledTemporaryFile[bytes]":
-    spool = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115 (closed by `_chunks`)
-    with tarfile.open(fileobj=spool, mode="w:gz", compresslevel=6) as tar:
-        for path, entry in sorted(manifest.files.items()):
-            info = tarfile.TarInfo(path)
-            info.size, info.mtime, info.mode = (
-                entry.bytes,
-                entry.created_at,
-                0o755 if entry.executable else 0o644,
-            )
-            tar.addfile(info, io.BytesIO(contents[path]))
-        for path, target in sorted(manifest.links.items()):
-            info = tarfile.TarInfo(path)
-            info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
-            tar.addfile(info)
-    spool.seek(0)
-    return spool
+async def _tar_gz(
+    files: AsyncIterator[tuple[str, FileEntry, bytes]], manifest: Manifest
+) -> AsyncIterator[bytes]:
+    """A `tar.gz` of the files as they stream in, then the manifest's links and empty folders;
+    compressed in a thread (the event loop serves other requests meanwhile) every 256 KiB, so
+    many small files cost few thread hand-offs."""
+    gzip = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    batch: list[bytes] = []
+    batched = 0
+    previous: FileEntry | None = None
+    current: str | None = None
+    async for path, entry, part in files:
+        if path != current:  # a file's first part
+            if previous is not None:
+                batch.append(_padding(previous.bytes))
+            batch.append(_header(path, entry))
+            previous, current = entry, path
+        batch.append(part)
+        batched += len(part) + tarfile.BLOCKSIZE
+        if batched >= 256 << 10:
+            if out := await asyncio.to_thread(gzip.compress, b"".join(batch)):
+                yield out
+            batch, batched = [], 0
+    if previous is not None:
+        batch.append(_padding(previous.bytes))
+    for path, target in sorted(manifest.links.items()):
+        info = tarfile.TarInfo(path)
+        info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
+        batch.append(info.tobuf(tarfile.PAX_FORMAT))
+    for path in manifest.folders:
+        info = tarfile.TarInfo(path)
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        batch.append(info.tobuf(tarfile.PAX_FORMAT))
+    batch.append(bytes(2 * tarfile.BLOCKSIZE))  # the end of the archive
+    yield await asyncio.to_thread(gzip.compress, b"".join(batch)) + gzip.flush()
 
 
-def _chunks(spool: "tempfile.SpooledTemporaryFile[bytes]") -> Iterator[bytes]:
-    with spool:
-        while chunk := spool.read(1 << 20):
-            yield chunk
+def _header(path: str, entry: FileEntry) -> bytes:
+    info = tarfile.TarInfo(path)
+    info.size, info.mtime, info.mode = entry.bytes, entry.created_at, 0o755 if entry.executable else 0o644
+    return info.tobuf(tarfile.PAX_FORMAT)
+
+
+def _padding(size: int) -> bytes:
+    return bytes(-size % tarfile.BLOCKSIZE)
 
 
 class _NewVersion:
@@ -277,15 +309,15 @@ class _NewVersion:
 
     async def commit(self, ref: WorkspaceRef, writer: VersionWriter) -> Manifest:
         settings, redis = self.gateway.settings, self.gateway.redis
-        manifest = writer.manifest()
         try:
-            manifest.check_limits(settings.workspace_max_bytes, settings.workspace_max_files)
+            writer.check_limits(settings.workspace_max_bytes, settings.workspace_max_files)
         except workspaces.WorkspaceTooLarge as exc:
             raise OpenAIError(
                 413, str(exc), type="invalid_request_error", code="workspace_too_large"
             ) from None
         await workspaces.track(redis, ref, settings.session_ttl_s)
-        manifest = await writer.write(self.store, ref)
+        manifest = writer.manifest()
+        await writer.write(self.store, ref, manifest)
         assert manifest.version is not None
         await sessions.set_workspace(
             redis,
@@ -303,10 +335,7 @@ class _NewVersion:
 def _without(manifest: Manifest, path: str) -> VersionWriter:
     """The next version: `manifest` without the file at `path`."""
     writer = VersionWriter(manifest)
-    for other, entry in manifest.files.items():
-        if other != path:
-            writer.keep(other, entry)
-    writer.links.update(manifest.links)
+    writer.remove(path)
     return writer
 
 
@@ -325,15 +354,17 @@ def _upload_path(path: str | None, file: UploadFile) -> str:
 
 def _conflict(manifest: Manifest, path: str) -> str | None:
     """What stands where `path`'s file would go: a file or link in place of one of its folders,
-    or a folder of files in its place."""
+    or a folder in its place."""
     parts = path.split("/")
     for depth in range(1, len(parts)):
         folder = "/".join(parts[:depth])
         if folder in manifest.files or folder in manifest.links:
             return folder
     inside = path + "/"
-    if path in manifest.links or any(
-        other.startswith(inside) for other in (*manifest.files, *manifest.links)
+    if (
+        path in manifest.links
+        or path in manifest.folders
+        or any(other.startswith(inside) for other in (*manifest.files, *manifest.links))
     ):
         return path
     return None
@@ -358,7 +389,7 @@ async def upload_file(
             raise OpenAIError.invalid(
                 f"'{target}' cannot be written: '{taken}' is in the way.", param="path", code="path_conflict"
             )
-        writer = _without(manifest, target)
+        writer = VersionWriter(manifest)
         writer.add(target, data, source="user", executable=False, now=int(time.time()))
         saved = await change.commit(ref, writer)
     return _file(session_id, target, saved.files[target])
