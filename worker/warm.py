@@ -142,12 +142,13 @@ def reusable(job: CompletionJob) -> bool:
     return job.owner is not None and not job.turns[-1].text.lstrip().startswith("/")
 
 
-def user_message(content: str | list[dict[str, Any]], turn: str) -> AsyncIterator[dict[str, Any]]:
-    """A user message for `ClaudeSDKClient.query` with its id, to `rewind` the conversation to."""
+def streamed_message(content: str | list[dict[str, Any]], turn: str) -> AsyncIterator[dict[str, Any]]:
+    """A user message as the CLI's streamed input, with its id (`turn`): `rewind` cuts the
+    conversation back to before it."""
 
     async def message() -> AsyncIterator[dict[str, Any]]:
         body = {"role": "user", "content": content}
-        yield {"type": "user", "message": body, "parent_tool_use_id": None, "uuid": turn}
+        yield {"type": "user", "message": body, "parent_tool_use_id": None, "session_id": "", "uuid": turn}
 
     return message()
 
@@ -171,7 +172,7 @@ async def warm_up(client: ClaudeSDKClient) -> None:
 
 async def _rewound_turn(client: ClaudeSDKClient) -> None:
     turn = str(uuid.uuid4())
-    await client.query(user_message(WARM_UP_PROMPT, turn))
+    await client.query(streamed_message(WARM_UP_PROMPT, turn))
     async for message in client.receive_response():
         if isinstance(message, ResultMessage) and message.is_error:
             raise RuntimeError(f"the warm-up turn failed: {message.subtype}")
