@@ -9,7 +9,7 @@ from typing import Any, cast
 from claude_agent_sdk import ClaudeSDKClient
 
 from shared.jobs import CompletionJob, Turn
-from worker.warm import REUSES, WarmClient, WarmPool
+from worker.warm import REUSES, WarmClient, WarmPool, reusable
 
 
 class _FakeControl:
@@ -184,3 +184,11 @@ def test_with_several_keys_some_places_stay_for_fresh_clients() -> None:
         await pool.close()
 
     asyncio.run(scenario())
+
+
+def test_a_client_can_go_back_only_after_a_keys_job_that_is_no_command() -> None:
+    assert reusable(job(owner="key-a"))
+    assert not reusable(job(owner=None))  # no key to keep it for
+    turns = [Turn(role="user", text=" /model claude-opus-4-1")]
+    command = CompletionJob(request_id="r", model="m", turns=turns, owner="key-a")
+    assert not reusable(command)  # a Claude Code command would change the client for the next job
