@@ -240,7 +240,7 @@ class WarmPool:
     _discarding: set["asyncio.Task[None]"] = field(default_factory=set)
     _closed: bool = False
     _keys: dict[str, float] = field(default_factory=dict)
-    """When each API key last sent this worker a job (`fresh_reserve`)."""
+    """When each API key last sent this worker a job, for `idle_s` (`fresh_reserve`)."""
 
     def target(self) -> int:
         """How many clients the pool keeps now."""
@@ -250,11 +250,10 @@ class WarmPool:
 
     def fresh_reserve(self) -> int:
         """How many of the pool's places stay for fresh clients, which serve any key: one fewer
-        than the keys seen within `idle_s`. One key keeps every client it gives back; with as many
-        keys as places, no client is kept for a key, so a new key's job never finds the pool full
-        of other keys' clients (and starts cold) where a fresh one would have been ready."""
-        since = time.monotonic() - self.idle_s
-        self._keys = {key: seen for key, seen in self._keys.items() if seen >= since}
+        than the keys whose jobs came within `idle_s` before the latest. One key keeps every
+        client it gives back; with as many keys as places, no client is kept for a key, so a new
+        key's job never finds the pool full of other keys' clients (and starts cold) where a
+        fresh one would have been ready."""
         return min(self.target(), max(0, len(self._keys) - 1))
 
     @property
@@ -264,9 +263,10 @@ class WarmPool:
     async def take(self, job: CompletionJob) -> WarmClient | None:
         """A client for the job's profile, if one is ready or connecting. None: the job starts
         cold. Either way, `order` its replacement once the job has its first token."""
-        self._last_job_at = time.monotonic()
+        self._last_job_at = now = time.monotonic()
+        self._keys = {key: seen for key, seen in self._keys.items() if seen >= now - self.idle_s}
         if job.owner is not None:
-            self._keys[job.owner] = self._last_job_at
+            self._keys[job.owner] = now
         wanted = profile(job)
         if wanted is None or self._closed:
             return None
