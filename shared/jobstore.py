@@ -141,7 +141,8 @@ return false
 # Placement: a worker that runs more jobs than a live peer with a free slot passes the attempt on
 # (marks it `passed`, gets {'passed', ms}) and the next worker to look at it takes it, whatever
 # its load, so a burst spreads over the fleet without anyone waiting on a timer; the passer takes
-# it back after `yield ms` if nobody did. Each worker's running jobs are in `WORKER_LOAD`.
+# it back after `yield ms` if nobody did. A job offered to this worker first is never passed on.
+# Each worker's running jobs are in `WORKER_LOAD`.
 # KEYS: record, running, queue, worker load
 # ARGV: job id, attempt, now ms, in-progress ms, worker id, lease ms, ttl, yield ms (0: no placement)
 # Returns nil (not ours to start), {'stale'}, {'defer', ms}, {'passed', ms} or
@@ -183,7 +184,7 @@ local passer, back = string.match(rec[7] or '', '^' .. ARGV[2] .. ' (%S+) (%d+)$
 if passer == ARGV[5] and tonumber(back) > tonumber(ARGV[3]) then
   return {'passed', tonumber(back) - tonumber(ARGV[3])}
 end
-if not passer and ARGV[8] ~= '0' and idler_peer(KEYS[4], ARGV[5]) then
+if not passer and ARGV[8] ~= '0' and rec[5] ~= ARGV[5] and idler_peer(KEYS[4], ARGV[5]) then
   redis.call('hset', KEYS[1], 'passed', ARGV[2] .. ' ' .. ARGV[5] .. ' ' .. (ARGV[3] + ARGV[8]))
   return {'passed', tonumber(ARGV[8])}
 end

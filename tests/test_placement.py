@@ -3,17 +3,25 @@ the workers instead of filling the first one to wake; when every slot is busy, q
 in the order they came, whichever caller sent them (a caller's share is bounded by the per-key
 job cap, tested in tests/test_access.py)."""
 
+import asyncio
 import json
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
-from tests.conftest import Gateway, chat
+from cli.embedded_redis import EmbeddedRedis
+from shared.heartbeats import worker_key
+from shared.jobs import CompletionJob, Turn
+from shared.jobstore import Claimed, JobStore, Passed
+from shared.keys import WORKER_LOAD, attempt_id
+from tests.conftest import Gateway, chat, unit_db
 
 SLOW = "script:" + json.dumps({"text": "x ", "tokens": 20, "delay_ms": 25})
 
@@ -86,3 +94,88 @@ def test_queued_jobs_start_in_order_whichever_caller_sent_them(one_slot: Gateway
     for thread in threads:
         thread.join(timeout=60)
     assert sorted(first_token, key=first_token.__getitem__) == list(range(len(callers)))
+
+
+# --- the claim script's placement, on a real Redis ---------------------------------------------
+
+YIELD_S = 0.2
+
+
+@pytest.fixture
+async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
+    client = Redis.from_url(unit_db(redis_server))
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def store(redis: Redis) -> JobStore:
+    return JobStore(redis, queue_name="test:queue", ttl_s=60)
+
+
+async def _workers(redis: Redis, **running: int) -> None:
+    """Live workers (heartbeat keys) with these running jobs and 4 slots each."""
+    for worker, jobs in running.items():
+        await redis.set(worker_key(worker), "{}", px=60_000)
+        await redis.hset(WORKER_LOAD, mapping={worker: jobs, f"{worker}:slots": 4})
+
+
+async def _queued(store: JobStore) -> str:
+    job = CompletionJob(request_id="req_1", model="m", turns=[Turn(role="user", text="hi")])
+    assert await store.create(job, owner="test") is None
+    return job.id
+
+
+async def _claim(store: JobStore, job_id: str, worker: str) -> Claimed | Passed | None:
+    return await store.claim(job_id, 1, worker_id=worker, in_progress_ms=10_000, lease_s=10, yield_s=YIELD_S)
+
+
+async def test_a_busier_worker_passes_a_job_on_and_the_next_to_look_takes_it(
+    redis: Redis, store: JobStore
+) -> None:
+    await _workers(redis, busy=2, idle=0)
+    job_id = await _queued(store)
+    passed = await _claim(store, job_id, "busy")
+    assert isinstance(passed, Passed)
+    assert 0 < passed.retry_in_s <= YIELD_S
+    assert isinstance(await _claim(store, job_id, "idle"), Claimed)
+    assert await redis.hget(WORKER_LOAD, "idle") == b"1"
+
+
+async def test_a_job_passed_on_is_taken_by_the_next_worker_even_if_it_is_busier(
+    redis: Redis, store: JobStore
+) -> None:
+    # Three workers: "busy" passes (to "idle"), but "busiest" looks first: it takes it, so a job
+    # is passed on at most once and never waits for a worker that does not look.
+    await _workers(redis, busy=2, busiest=3, idle=0)
+    job_id = await _queued(store)
+    assert isinstance(await _claim(store, job_id, "busy"), Passed)
+    assert isinstance(await _claim(store, job_id, "busiest"), Claimed)
+
+
+async def test_the_passer_takes_the_job_back_when_nobody_took_it(redis: Redis, store: JobStore) -> None:
+    await _workers(redis, busy=2, idle=0)
+    job_id = await _queued(store)
+    assert isinstance(await _claim(store, job_id, "busy"), Passed)
+    assert isinstance(await _claim(store, job_id, "busy"), Passed)  # still the idler's turn
+    await asyncio.sleep(YIELD_S + 0.05)
+    assert isinstance(await _claim(store, job_id, "busy"), Claimed)
+    assert await redis.hget(WORKER_LOAD, "busy") == b"3"
+
+
+async def test_a_dead_or_full_worker_is_not_waited_for(redis: Redis, store: JobStore) -> None:
+    await _workers(redis, busy=2, full=0)
+    await redis.hset(WORKER_LOAD, mapping={"full:slots": 0, "dead": 0, "dead:slots": 4})
+    job_id = await _queued(store)
+    assert isinstance(await _claim(store, job_id, "busy"), Claimed)
+    assert not await redis.hexists(WORKER_LOAD, "dead")  # forgotten
+
+
+async def test_the_end_of_an_attempt_takes_it_off_its_workers_load(redis: Redis, store: JobStore) -> None:
+    await _workers(redis, only=0)
+    job_id = await _queued(store)
+    assert isinstance(await _claim(store, job_id, "only"), Claimed)
+    assert await redis.hget(WORKER_LOAD, "only") == b"1"
+    await store.finish_attempt(attempt_id(job_id, 1), "only")
+    assert await redis.hget(WORKER_LOAD, "only") == b"0"
+    assert not await redis.zscore("test:queue", attempt_id(job_id, 1))

@@ -95,6 +95,7 @@ def test_files_written_in_a_turn_are_there_in_the_next_and_download_byte_exact(
     content = httpx.get(files_url(files_gateway, "keep-1", f"/{notes['id']}/content"), headers=_auth(KEY_A))
     assert content.status_code == 200
     assert content.content == text.encode()
+    assert content.headers["content-length"] == str(len(text.encode()))
     archive = httpx.get(f"{files_gateway.url}/v1/sessions/keep-1/archive", headers=_auth(KEY_A), timeout=10)
     assert archive.headers["content-type"] == "application/gzip"
     with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:

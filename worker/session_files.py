@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -50,7 +51,9 @@ from shared.workspaces import (
     checked_path,
 )
 from worker.backends import BackendError
-from worker.workspace_changes import Changes, ChangeTracker
+
+if TYPE_CHECKING:
+    from worker.workspace_changes import Changes, ChangeTracker
 
 log = logging.getLogger("gateway.worker.files")
 
@@ -217,7 +220,11 @@ class _Scan:
             self.writer.keep(path)
             return
         with os.fdopen(_open(name, os.O_RDONLY | os.O_NOFOLLOW, fd), "rb") as file:
-            data = file.read(self.max_bytes + 1)
+            # As much as the stat said (a read of the limit's size allocates it whole, each time),
+            # then the rest if it grew since, up to just past the limit.
+            data = file.read(min(st.st_size, self.max_bytes) + 1)
+            if len(data) > st.st_size:
+                data += file.read(self.max_bytes + 1 - len(data))
         check_limits(1, len(data), self.max_bytes, self.max_files)
         self.writer.add(path, data, source="assistant", executable=executable, now=self.now)
         check_limits(1, self.writer.new_bytes, self.max_bytes, self.max_files)
@@ -258,7 +265,7 @@ class _Scan:
                     return
         self.writer.folders.add(folder)
 
-    def result(self) -> "Seen":
+    def result(self) -> Seen:
         return self.stamps, self.linked
 
 
@@ -279,7 +286,7 @@ def scan(
 def update(
     work: Path,
     held: Held,
-    changes: Changes,
+    changes: "Changes",
     writer: VersionWriter,
     max_bytes: int,
     max_files: int,
@@ -440,8 +447,10 @@ class SessionFiles:
         self.changes: ChangeTracker | None = None
         if self.enabled:
             try:
-                self.changes = ChangeTracker()
-            except OSError as exc:  # no inotify (or no instance left): every save scans every file
+                from worker import workspace_changes  # inotify: Linux's
+
+                self.changes = workspace_changes.ChangeTracker()
+            except (ImportError, OSError) as exc:  # no inotify (or no instance left): every save scans
                 log.warning("workspace changes are not tracked: %s", exc)
 
     def _directory(self, ref: WorkspaceRef) -> Path:
@@ -583,7 +592,7 @@ class SessionTurn:
         self.saved = Held(manifest, *seen)
         return manifest.version
 
-    def _look(self, writer: VersionWriter, max_bytes: int, max_files: int) -> "Seen":
+    def _look(self, writer: VersionWriter, max_bytes: int, max_files: int) -> Seen:
         """Fills `writer` from the directory: where inotify saw changes, else from every file."""
         tracker, key = self._files.changes, self.ref.member
         changes = tracker.take(key) if tracker is not None else None

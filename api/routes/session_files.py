@@ -190,7 +190,10 @@ async def get_file_content(
     path, entry = _find(manifest, file_id)
     body = await _started(part async for _, _, part in workspaces.stream_files(store, ref, {path: entry}))
     name = quote(posixpath.basename(path))
-    headers = {"content-disposition": f"attachment; filename*=UTF-8''{name}"}
+    headers = {
+        "content-disposition": f"attachment; filename*=UTF-8''{name}",
+        "content-length": str(entry.bytes),
+    }
     return StreamingResponse(body, media_type="application/octet-stream", headers=headers)
 
 
