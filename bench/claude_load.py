@@ -16,10 +16,13 @@ a cgroup of its own (`bench/cpu.py`), which counts its CLIs however deep in thei
 CLIs' share is that cgroup's CPU less the worker's own (`/proc`); the API, Redis and `up` are
 read from `/proc`. Memory is the resident set of the CLI processes alive under the workers.
 
-    .venv/bin/python bench/claude_load.py [--root CHECKOUT] [--set NAME=VALUE ...] [--json out.json]
+    .venv/bin/python bench/claude_load.py [--root CHECKOUT] [--set NAME=VALUE ...] [--keys N]
+                                          [--json out.json]
 
 `--root` runs the gateway of another checkout (e.g. an export of `main`) with this script, for a
 before/after pair on the same machine. `--set` adds environment variables to the gateway's.
+`--keys N` configures N API keys and sends the requests with each in turn (by default none: every
+request is the one anonymous caller); a warm client serves one key only (`worker/warm.py`).
 Only the rate limit is turned off (`RATE_LIMIT_ENABLED=false`): the phases send more than the
 default 60 chat requests a minute from one address.
 """
@@ -27,6 +30,7 @@ default 60 chat requests a minute from one address.
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -37,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,10 +170,10 @@ class Gateway:
                 self.process.wait()
 
 
-async def first_token(client: httpx.AsyncClient, url: str) -> float:
+async def first_token(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> float:
     started = time.perf_counter()
     elapsed = None
-    async with client.stream("POST", url, json=BODY) as response:
+    async with client.stream("POST", url, json=BODY, headers=headers) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
         async for line in response.aiter_lines():
@@ -210,12 +215,13 @@ def per_job(before: Snapshot, after: Snapshot, jobs: int) -> dict[str, float]:
 
 async def run(args: argparse.Namespace, url: str, gateway: Gateway) -> dict[str, object]:
     results: dict[str, object] = {}
+    callers = itertools.cycle([{"Authorization": f"Bearer {key}"} for key in args.api_keys] or [{}])
     await gateway.meter_workers(args.workers)
     async with httpx.AsyncClient(timeout=120) as client:
         deadline = time.monotonic() + 90
         while True:  # up, and one job that shows the pool the usual request
             try:
-                await first_token(client, url)
+                await first_token(client, url, next(callers))
                 break
             except (httpx.HTTPError, RuntimeError):
                 if time.monotonic() > deadline:
@@ -225,12 +231,12 @@ async def run(args: argparse.Namespace, url: str, gateway: Gateway) -> dict[str,
 
         gaps = []
         for _ in range(args.requests):
-            gaps.append(await first_token(client, url))
+            gaps.append(await first_token(client, url, next(callers)))
             await asyncio.sleep(args.gap)
         results["one_stream_gaps"] = summary(gaps)
         print(f"1 stream, {args.gap:g} s gaps: {results['one_stream_gaps']}", flush=True)
 
-        back = [await first_token(client, url) for _ in range(args.requests)]
+        back = [await first_token(client, url, next(callers)) for _ in range(args.requests)]
         results["one_stream_back_to_back"] = summary(back)
         print(f"1 stream, back to back: {results['one_stream_back_to_back']}", flush=True)
 
@@ -238,7 +244,7 @@ async def run(args: argparse.Namespace, url: str, gateway: Gateway) -> dict[str,
         await asyncio.sleep(args.idle)
         idle = gateway.snapshot()
         results["idle_before_burst"] = {"clis": idle.clis, "pool_rss_mib": idle.pool_rss_kib / 1024}
-        burst = await asyncio.gather(*(first_token(client, url) for _ in range(args.burst)))
+        burst = await asyncio.gather(*(first_token(client, url, next(callers)) for _ in range(args.burst)))
         after_burst = await settle(gateway)
         results["burst"] = summary(list(burst))
         results["burst_cpu_per_job_ms"] = per_job(idle, after_burst, args.burst)
@@ -254,7 +260,7 @@ async def run(args: argparse.Namespace, url: str, gateway: Gateway) -> dict[str,
             times = []
             while not queue.empty():
                 queue.get_nowait()
-                times.append(await first_token(client, url))
+                times.append(await first_token(client, url, next(callers)))
             return times
 
         started = time.monotonic()
@@ -287,6 +293,7 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=24)
     parser.add_argument("--shrink-wait", type=float, help="default: CLAUDE_WARM_IDLE_S + 15 s")
+    parser.add_argument("--keys", type=int, default=0, help="API keys the requests take turns with")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -308,6 +315,9 @@ def main() -> None:
             "RATE_LIMIT_ENABLED": "false",
             "LOG_LEVEL": "warning",
         }
+        args.api_keys = [f"bench-caller-{n:02d}-{uuid.uuid4().hex}" for n in range(args.keys)]
+        if args.api_keys:
+            env["API_KEYS"] = ",".join(args.api_keys)
         env.update(item.split("=", 1) for item in args.set)
         args.workers = int(env.get("WORKERS", Settings.model_fields["workers"].default))
         if args.shrink_wait is None:
@@ -332,6 +342,7 @@ def main() -> None:
         "root": str(args.root),
         "cpu_by": gateway.method if gateway is not None else "",
         "set": args.set,
+        "keys": args.keys,
     }
     for phase in ("burst_cpu_per_job_ms", "concurrent_cpu_per_job_ms"):
         split = results[phase]

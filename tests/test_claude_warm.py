@@ -1,6 +1,7 @@
 """Warm CLI processes (`CLAUDE_WARM_CLIENTS`) on the real SDK and CLI: a job of a profile seen
-before starts on a client connected (and warmed up) ahead of it, in a workspace of its own, used
-once, and sends upstream exactly what a fresh CLI would."""
+before starts on a client connected (and warmed up) ahead of it, in a workspace of its own, and
+sends upstream exactly what a fresh CLI would; the client is used once if its job ran a tool, else
+again for the same API key's next jobs, rewound."""
 
 import json
 import re
@@ -72,7 +73,7 @@ def test_a_repeated_kind_of_job_starts_on_a_warm_client_used_once(
     deadline = time.monotonic() + 10
     while prepared.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not prepared.exists()  # used once: its workspace went with it
+    assert not prepared.exists()  # its job ran a tool: used once, its workspace went with it
     assert wait_for_a_prepared_client(warm) != prepared  # and another one takes its place
 
 

@@ -9,7 +9,7 @@ from typing import Any, cast
 from claude_agent_sdk import ClaudeSDKClient
 
 from shared.jobs import CompletionJob, Turn
-from worker.warm import REUSES, WarmClient, WarmPool
+from worker.warm import REUSES, WarmClient, WarmPool, reusable
 
 
 class _FakeControl:
@@ -137,14 +137,12 @@ def test_a_client_given_back_is_rewound_and_serves_only_its_keys_jobs() -> None:
         await settled(pool)
         assert cast(Any, warm.client)._query.rewound == ["turn-1"]
         assert await pool.take(job(owner="key-b")) is None  # another key's job starts cold
-        assert await pool.take(job(owner="key-a")) is warm
-        assert pool.give_back(warm, job(owner="key-a"), "turn-2")
         pool.order(job(owner="key-b"))  # full, and nothing for key b: a fresh client replaces it
         await settled(pool)
+        assert spawn.discarded == 1
         fresh = await pool.take(job(owner="key-b"))
         assert fresh is not None
         assert fresh is not warm
-        assert spawn.discarded == 1
         await pool.close()
 
     asyncio.run(scenario())
@@ -168,3 +166,29 @@ def test_a_client_is_not_given_back_to_a_full_pool_or_after_its_last_job() -> No
         await pool.close()
 
     asyncio.run(scenario())
+
+
+def test_with_several_keys_some_places_stay_for_fresh_clients() -> None:
+    async def scenario() -> None:
+        pool = WarmPool(2, _Spawner())
+        pool.order(job(owner="key-a"))
+        await settled(pool)
+        first = await pool.take(job(owner="key-a"))
+        second = await pool.take(job(owner="key-b"))  # two keys seen: one place stays fresh
+        assert first is not None
+        assert second is not None
+        assert pool.fresh_reserve() == 1
+        assert pool.give_back(first, job(owner="key-a"), "turn")
+        assert not pool.give_back(second, job(owner="key-b"), "turn")  # the fresh one's place
+        await second.discard()
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_client_can_go_back_only_after_a_keys_job_that_is_no_command() -> None:
+    assert reusable(job(owner="key-a"))
+    assert not reusable(job(owner=None))  # no key to keep it for
+    turns = [Turn(role="user", text=" /model claude-opus-4-1")]
+    command = CompletionJob(request_id="r", model="m", turns=turns, owner="key-a")
+    assert not reusable(command)  # a Claude Code command would change the client for the next job

@@ -6,7 +6,8 @@ that ran a job goes back to the pool only for later jobs of the same API key and
 only if that job ran no tool at all (`reusable`): its conversation is then rewound to empty, and
 the job can have left nothing else behind (no file, no process, no transcript on disk: warm
 clients run with `--no-session-persistence`). Any other job's client is discarded with its
-workspace. docs/security.md, "Warm clients", says what this keeps apart and what not.
+workspace. While several keys send jobs, some places in the pool stay for fresh clients
+(`WarmPool.fresh_reserve`). docs/security.md, "Agent isolation", says what this keeps apart.
 
 The pool is sized by demand (`WarmPool.target`): empty until the worker's first job; while jobs
 come, one client per job slot (`CLAUDE_WARM_CLIENTS` caps it), as many as fit in
@@ -51,7 +52,7 @@ from worker.history import merged
 log = logging.getLogger("gateway.worker.warm")
 
 
-PAUSE_AFTER_S = 3.0
+PAUSE_AFTER_S = 10.0
 """A ready client unused this long is stopped until a job takes it (see `WarmClient.park`)."""
 REFILL_NICENESS = 10
 """A client is started and warmed up at this niceness, below the jobs' CLIs; its job runs at 0."""
@@ -98,7 +99,9 @@ class WarmClient:
 
     def park(self) -> None:
         """Ready: stopped (SIGSTOP) if it waits longer than `PAUSE_AFTER_S`. An idle CLI spends
-        ~6 ms of CPU a second on its timers; a stopped one none, and it answers ~15 ms later."""
+        ~6 ms of CPU a second on its timers; a stopped one none, but answers later: stopped after
+        3 s, one stream with 1.5 s gaps over 2 workers (each client used every ~3.2 s) took 85-89
+        ms to its first token at the median, never stopped 67 ms (bench/claude_load.py)."""
         self._pause = asyncio.get_running_loop().call_later(PAUSE_AFTER_S, self._signal, signal.SIGSTOP)
 
     def resume(self) -> None:
@@ -139,12 +142,13 @@ def reusable(job: CompletionJob) -> bool:
     return job.owner is not None and not job.turns[-1].text.lstrip().startswith("/")
 
 
-def user_message(content: str | list[dict[str, Any]], turn: str) -> AsyncIterator[dict[str, Any]]:
-    """A user message for `ClaudeSDKClient.query` with its id, to `rewind` the conversation to."""
+def streamed_message(content: str | list[dict[str, Any]], turn: str) -> AsyncIterator[dict[str, Any]]:
+    """A user message as the CLI's streamed input, with its id (`turn`): `rewind` cuts the
+    conversation back to before it."""
 
     async def message() -> AsyncIterator[dict[str, Any]]:
         body = {"role": "user", "content": content}
-        yield {"type": "user", "message": body, "parent_tool_use_id": None, "uuid": turn}
+        yield {"type": "user", "message": body, "parent_tool_use_id": None, "session_id": "", "uuid": turn}
 
     return message()
 
@@ -168,7 +172,7 @@ async def warm_up(client: ClaudeSDKClient) -> None:
 
 async def _rewound_turn(client: ClaudeSDKClient) -> None:
     turn = str(uuid.uuid4())
-    await client.query(user_message(WARM_UP_PROMPT, turn))
+    await client.query(streamed_message(WARM_UP_PROMPT, turn))
     async for message in client.receive_response():
         if isinstance(message, ResultMessage) and message.is_error:
             raise RuntimeError(f"the warm-up turn failed: {message.subtype}")
@@ -235,12 +239,22 @@ class WarmPool:
     _trim: asyncio.TimerHandle | None = None
     _discarding: set["asyncio.Task[None]"] = field(default_factory=set)
     _closed: bool = False
+    _keys: dict[str, float] = field(default_factory=dict)
+    """When each API key last sent this worker a job, for `idle_s` (`fresh_reserve`)."""
 
     def target(self) -> int:
         """How many clients the pool keeps now."""
         idle = time.monotonic() - self._last_job_at >= self.idle_s
         wanted = min(self.idle_clients, self.limit) if idle else self.limit
         return max(0, min(wanted, int(self.memory_mib // max(self.client_mib, 1.0))))
+
+    def fresh_reserve(self) -> int:
+        """How many of the pool's places stay for fresh clients, which serve any key: one fewer
+        than the keys whose jobs came within `idle_s` before the latest. One key keeps every
+        client it gives back; with as many keys as places, no client is kept for a key, so a new
+        key's job never finds the pool full of other keys' clients (and starts cold) where a
+        fresh one would have been ready."""
+        return min(self.target(), max(0, len(self._keys) - 1))
 
     @property
     def ready(self) -> int:
@@ -249,7 +263,10 @@ class WarmPool:
     async def take(self, job: CompletionJob) -> WarmClient | None:
         """A client for the job's profile, if one is ready or connecting. None: the job starts
         cold. Either way, `order` its replacement once the job has its first token."""
-        self._last_job_at = time.monotonic()
+        self._last_job_at = now = time.monotonic()
+        self._keys = {key: seen for key, seen in self._keys.items() if seen >= now - self.idle_s}
+        if job.owner is not None:
+            self._keys[job.owner] = now
         wanted = profile(job)
         if wanted is None or self._closed:
             return None
@@ -291,11 +308,18 @@ class WarmPool:
 
     def give_back(self, warm: WarmClient, job: CompletionJob, turn: str) -> bool:
         """Takes back the client of `job` (which ran no tool), for later jobs of its key, with its
-        conversation rewound to before `turn`. False: the pool is full or closed, or the client
-        has run `REUSES` jobs; the caller discards it."""
+        conversation rewound to before `turn`. False: the pool is full or closed, its places for
+        kept clients are taken (`fresh_reserve`), or the client has run `REUSES` jobs; the caller
+        discards it."""
         if warm.pids:  # it grew with its turns: the memory budget counts it as it is now
             self.client_mib = resident_mib(warm.pids)
-        if self._closed or warm.jobs >= REUSES or len(self._slots) >= self.target():
+        kept = sum(1 for slot in self._slots if slot.owner is not None)
+        if (
+            self._closed
+            or warm.jobs >= REUSES
+            or len(self._slots) >= self.target()
+            or kept >= self.target() - self.fresh_reserve()
+        ):
             return False
         warm.owner = job.owner
         self._last_job_at = time.monotonic()

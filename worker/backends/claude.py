@@ -57,8 +57,16 @@ from worker.sandbox import MODEL_SOCKET, Sandbox, remove_runtime_dir, runtime_di
 from worker.session_store import JobTranscript, RedisSessionStore
 from worker.skills import install_skills, installed_skills
 from worker.tool_steps import ToolSteps
-from worker.warm import REFILL_NICENESS, WarmClient, WarmPool, renice, resident_mib, reusable, warm_up
-from worker.warm import user_message as warm_message
+from worker.warm import (
+    REFILL_NICENESS,
+    WarmClient,
+    WarmPool,
+    renice,
+    resident_mib,
+    reusable,
+    streamed_message,
+    warm_up,
+)
 from worker.workspace import MARKER, Workspace, children_for, job_workspace
 
 log = logging.getLogger("gateway.worker.claude")
@@ -104,14 +112,7 @@ def prompt_for(turns: list[Turn]) -> str:
 
 def user_message(turn: Turn) -> str | AsyncIterator[dict[str, Any]]:
     """A user turn as the CLI's prompt: plain text, or a streamed message when it has images."""
-    if not turn.images:
-        return turn.text
-
-    async def message() -> AsyncIterator[dict[str, Any]]:
-        content = {"role": "user", "content": content_blocks(turn)}
-        yield {"type": "user", "message": content, "parent_tool_use_id": None, "session_id": ""}
-
-    return message()
+    return streamed_message(content_blocks(turn), str(uuid.uuid4())) if turn.images else turn.text
 
 
 class ClaudeBackend:
@@ -330,7 +331,7 @@ class ClaudeBackend:
         kept = False  # and the turn ended on its result: the client may go back
         try:
             content = content_blocks(last) if last.images else last.text
-            await warm.client.query(warm_message(content, turn))
+            await warm.client.query(streamed_message(content, turn))
             async for event in _relay(warm.client.receive_response(), None, warm.client.disconnect):
                 if isinstance(event, ToolStep) and clean:
                     clean = False
