@@ -72,6 +72,7 @@ async def _stream(reply: Reply, model: str) -> AsyncIterator[bytes]:
     yield _sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
     for sent, token in enumerate(reply.tokens):
         if reply.cut_after is not None and sent == reply.cut_after:
+            await asyncio.sleep(reply.delay_s)  # what was sent has that long to be read before the reset
             raise _Cut
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)

@@ -114,13 +114,45 @@ def test_a_stream_cut_and_retried_upstream_reaches_the_client_once(
     claude: Gateway, upstream: FakeAnthropic
 ) -> None:
     """The fake drops the connection after 4 of 10 tokens; the CLI retries and the new message
-    starts over. The client gets every token exactly once."""
+    starts over, its thinking first. The client gets every token, and the thinking, exactly once."""
     tokens = [f"t{i} " for i in range(10)]
-    upstream.script.extend([Reply(tokens=tokens, cut_after=4, delay_s=0.01), Reply(tokens=tokens)])
+    thinking = ["Counting ", "to ten."]
+    upstream.script.extend(
+        [
+            Reply(tokens=tokens, cut_after=4, delay_s=0.01, thinking=thinking),
+            Reply(tokens=tokens, thinking=thinking),
+        ]
+    )
     body = chat("count", stream=True)
     response = httpx.post(f"{claude.url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 200, response.text
-    chunks = [json.loads(data) for data in sse_data(response) if data != "[DONE]"]
-    text = "".join(choice["delta"].get("content") or "" for chunk in chunks for choice in chunk["choices"])
-    assert text == "".join(tokens)
+    deltas = [
+        choice["delta"]
+        for data in sse_data(response)
+        if data != "[DONE]"
+        for choice in json.loads(data)["choices"]
+    ]
+    assert "".join(delta.get("content") or "" for delta in deltas) == "".join(tokens)
+    assert "".join(delta.get("reasoning_content") or "" for delta in deltas) == "".join(thinking)
     assert len(upstream.requests) == 2  # it really was cut and retried
+
+
+def test_a_model_that_goes_on_from_a_cut_is_relayed_as_one_answer(
+    claude: Gateway, upstream: FakeAnthropic
+) -> None:
+    """Cut after a whole thinking block, the CLI asks the model to go on from where the message
+    stopped (no `api_retry`); a model that does so continues the answer the client already has."""
+    tokens = [f"t{i} " for i in range(10)]
+    upstream.script.extend(
+        [
+            Reply(tokens=tokens, cut_after=4, delay_s=0.05, thinking=["Counting."]),
+            Reply(tokens=tokens[4:], thinking=["Going on."]),
+        ]
+    )
+    response = httpx.post(f"{claude.url}/v1/chat/completions", json=chat("count", stream=True), timeout=60)
+    assert response.status_code == 200, response.text
+    payloads = [json.loads(data) for data in sse_data(response) if data != "[DONE]"]
+    assert not [payload for payload in payloads if "error" in payload]
+    text = "".join(c["delta"].get("content") or "" for p in payloads for c in p["choices"])
+    assert text == "".join(tokens)
+    assert "cut off" in json.dumps(upstream.requests[-1]["messages"])  # the CLI asked it to go on

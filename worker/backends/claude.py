@@ -464,8 +464,9 @@ async def _relay(
     latest: dict[str, Any] = {}  # and as its last delta left it
     message_ended = False  # the current upstream message has its stop reason
     calls: list[ToolCall] = []  # calls to the caller's functions in the current turn
-    sent = ""  # the current upstream message's text, as relayed
-    resent = ""  # after a retry: what of the retried message the caller already has
+    sent = thought = ""  # the current upstream message's text and thinking, as relayed
+    resent = rethought = ""  # after a cut: what of the next message the caller may already have
+    resuming = False  # the model was asked to go on from a cut, not to start over
     steps = ToolSteps()  # the agent's own tool runs
     try:
         async for message in messages:
@@ -474,6 +475,9 @@ async def _relay(
                 if event.get("type") == "content_block_delta":
                     delta = event.get("delta", {})
                     if delta.get("type") == "text_delta" and delta.get("text"):
+                        if resuming and not _repeats(delta["text"], resent):
+                            resent = ""  # it went on from the cut: nothing of it is repeated
+                        resuming = False
                         withdrawn, text, resent = _unsent(delta["text"], resent)
                         sent += delta["text"]
                         if withdrawn:
@@ -481,12 +485,16 @@ async def _relay(
                         if text:
                             yield Delta(text=text)
                     elif delta.get("type") == "thinking_delta" and delta.get("thinking"):
-                        yield Reasoning(text=delta["thinking"])
+                        # Thinking is never taken back: a retry's other thoughts simply follow.
+                        _, thinking, rethought = _unsent(delta["thinking"], rethought)
+                        thought += delta["thinking"]
+                        if thinking:
+                            yield Reasoning(text=thinking)
                     else:
                         yield PROGRESS  # a tool call or thinking being written
                 elif event.get("type") == "message_start":
                     started = event.get("message", {}).get("usage", {})
-                    latest, message_ended, sent = started, False, ""
+                    latest, message_ended, sent, thought = started, False, "", ""
                     yield UsageReport(_usage(started))
                 elif _hit_token_limit(event):
                     # The CLI would ask the model to continue past the caller's limit;
@@ -499,6 +507,12 @@ async def _relay(
                     return
                 elif event.get("type") == "message_delta":
                     latest, message_ended = {**started, **event.get("usage", {})}, True
+                elif event.get("type") == "message_stop" and not message_ended:
+                    # The upstream cut the message (the CLI closes it without a stop reason). The
+                    # CLI then asks again (`api_retry`: the new message starts over), or, once a
+                    # whole block had arrived, asks the model to go on from the cut; a model may
+                    # start over then too. Either way, what the caller has must not come twice.
+                    resent, rethought, resuming = sent, thought, True
             elif isinstance(message, AssistantMessage):
                 calls += caller_functions.calls_in(message)
                 for step in steps.started(message):
@@ -509,9 +523,7 @@ async def _relay(
                     yield step
                 yield PROGRESS
             elif isinstance(message, SystemMessage) and message.subtype == "api_retry":
-                # The upstream dropped the stream; the CLI asks again and the new message starts
-                # from its beginning: what the caller already has of it must not be sent twice.
-                resent = sent
+                resuming = False  # asked again: the new message starts from its beginning
                 yield PROGRESS
             elif isinstance(message, ResultMessage):
                 if message.is_error and message.subtype != _OUT_OF_TURNS:
@@ -549,6 +561,11 @@ def _unsent(text: str, resent: str) -> tuple[int, str, str]:
     common = next((i for i, (a, b) in enumerate(zip(text, resent, strict=False)) if a != b), len(text))
     log.warning("a retried upstream message differs from the one that was cut")
     return len(resent) - common, text[common:], ""
+
+
+def _repeats(text: str, cut: str) -> bool:
+    """Whether a message's first text after a cut starts the cut text over (else it goes on)."""
+    return cut.startswith(text) or text.startswith(cut)
 
 
 def _prompt(turns: list[Turn]) -> str | AsyncIterator[dict[str, Any]]:
