@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import httpx
 import jsonschema
 import pytest
 import redis
+from redis.asyncio import Redis as AsyncRedis
 
 from cli.children import die_with_parent
 from cli.embedded_redis import EmbeddedRedis, free_port
@@ -62,6 +63,14 @@ _unit_databases = itertools.count(DATABASES - 1, -1)
 def unit_db(redis_server: EmbeddedRedis) -> str:
     """The URL of a database no gateway of this run uses."""
     return f"redis://127.0.0.1:{redis_server.port}/{next(_unit_databases)}"
+
+
+@pytest.fixture(name="redis")
+async def unit_redis(redis_server: EmbeddedRedis) -> AsyncIterator[AsyncRedis]:
+    """An asyncio client of a database of the test's own."""
+    client = AsyncRedis.from_url(unit_db(redis_server))
+    yield client
+    await client.aclose()
 
 
 @dataclass

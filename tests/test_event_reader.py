@@ -12,17 +12,9 @@ from cli.embedded_redis import EmbeddedRedis
 from shared.events import EventReader, EventWriter, NoEventWithin
 from shared.jobs import CompletionJob, Delta, Done, FinishReason, JobEventValue, Turn, Usage, encode_event
 from shared.jobstore import JobStore
-from tests.conftest import unit_db
 
 DONE = Done(finish_reason=FinishReason.STOP, usage=Usage(prompt_tokens=1, completion_tokens=1))
 Followed = list[tuple[int, JobEventValue]]
-
-
-@pytest.fixture
-async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
-    client = Redis.from_url(unit_db(redis_server))
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

@@ -6,19 +6,10 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from cli.embedded_redis import EmbeddedRedis
 from shared.events import EventReader, EventWriter, NoEventWithin, Superseded
 from shared.jobs import CompletionJob, Delta, Done, FinishReason, Turn, Usage, new_job_id
 from shared.jobstore import JobStore
 from shared.keys import events_key
-from tests.conftest import unit_db
-
-
-@pytest.fixture
-async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
-    client = Redis.from_url(unit_db(redis_server))
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

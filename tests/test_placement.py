@@ -8,7 +8,6 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -16,12 +15,11 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from cli.embedded_redis import EmbeddedRedis
 from shared.heartbeats import worker_key
 from shared.jobs import CompletionJob, Turn
 from shared.jobstore import Claimed, JobStore, Passed
 from shared.keys import WORKER_LOAD, attempt_id
-from tests.conftest import Gateway, chat, unit_db
+from tests.conftest import Gateway, chat
 
 SLOW = "script:" + json.dumps({"text": "x ", "tokens": 20, "delay_ms": 25})
 
@@ -99,13 +97,6 @@ def test_queued_jobs_start_in_order_whichever_caller_sent_them(one_slot: Gateway
 # --- the claim script's placement, on a real Redis ---------------------------------------------
 
 YIELD_S = 0.2
-
-
-@pytest.fixture
-async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
-    client = Redis.from_url(unit_db(redis_server))
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
