@@ -32,6 +32,7 @@ from api.routes import (
     tools,
 )
 from shared import queue
+from shared.autopipeline import AutoPipelined
 from shared.events import EventReader
 from shared.jobstore import JobStore
 from shared.settings import Settings
@@ -42,7 +43,8 @@ log = logging.getLogger("gateway.api")
 def create_app(settings: Settings, redis_url: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = await queue.connect(redis_url, settings.queue_name)
+        connection = await queue.connect(redis_url, settings.queue_name)
+        redis = AutoPipelined(connection)
         affinity_s = settings.workspace_affinity_s
         store = JobStore(
             redis, queue_name=settings.queue_name, ttl_s=settings.event_ttl_s, affinity_s=affinity_s
@@ -57,7 +59,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             if follow is not None:
                 follow.cancel()
             await reader.aclose()
-            await redis.aclose()
+            await connection.aclose()
 
     app = FastAPI(title="Claude Code Gateway", version=version("claude-gateway"), lifespan=lifespan)
     errors.install(app)

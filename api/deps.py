@@ -3,8 +3,8 @@
 from dataclasses import dataclass
 from typing import Annotated
 
-from arq.connections import ArqRedis
 from fastapi import Depends, Request
+from redis.asyncio import Redis
 
 from api.errors import OpenAIError
 from shared.events import EventReader
@@ -18,7 +18,8 @@ ANONYMOUS = "anonymous"
 @dataclass(frozen=True)
 class Gateway:
     settings: Settings
-    redis: ArqRedis
+    redis: Redis
+    """Commands issued in the same turn share a round trip (shared/autopipeline.py)."""
     store: JobStore
     reader: EventReader
     """Reads every job stream this process follows (one task, one connection)."""

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import queue, worker_exits
+from shared.autopipeline import AutoPipelined
 from shared.jobstore import Claimed, JobStore, Passed
 from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL, is_job_id
 from shared.settings import Settings
@@ -238,6 +239,9 @@ class GatewayWorker(Worker):
 
 async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
+    # The jobs' steps (claims, appends, results) share round trips with the other jobs' in the
+    # same turn; arq's own queue polling keeps its plain client.
+    ctx["redis"] = AutoPipelined(ctx["redis"])
     ctx["backend"] = create_backend(settings, ctx["redis"])
     ctx["heartbeat"].sandbox = ctx["backend"].sandbox
     ctx["heartbeat"].poke()
