@@ -4,7 +4,8 @@ The FLOOR is the scripted backend iterated in this process: what a stream costs 
 at all. The IN-PROCESS SERVER (`bench/inprocess_server.py`) streams it over HTTP from a plain
 FastAPI + sse-starlette app, the original wrapper's architecture. The GATEWAY is the whole path,
 HTTP → API → arq/Redis → worker → Redis stream → API → SSE,
-on a redis-server, one API process and two worker processes that this script starts and stops.
+on a redis-server, `API_PROCESSES` API processes (2) and two worker processes that this script
+starts and stops, as `claude-gateway up` runs them.
 
     .venv/bin/python bench/stream_latency.py             # full run, about half a minute
     .venv/bin/python bench/stream_latency.py --quick     # smoke run for CI, a few seconds
@@ -261,7 +262,7 @@ class InProcessServer:
 
 
 class Gateway:
-    """A private redis-server, one API process and `WORKERS` workers; `stop` always ends them all."""
+    """A private redis-server, the API processes and `WORKERS` workers; `stop` always ends them all."""
 
     def __init__(self, workdir: Path, **env: str) -> None:
         self._workdir = workdir
@@ -269,7 +270,7 @@ class Gateway:
         self.redis = EmbeddedRedis(workdir / "redis", persistent=False)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.api: subprocess.Popen[bytes] | None = None
+        self.apis: list[subprocess.Popen[bytes]] = []
         self.workers: list[subprocess.Popen[bytes]] = []
 
     def _spawn(self, role: str, index: int) -> subprocess.Popen[bytes]:
@@ -297,12 +298,12 @@ class Gateway:
     async def start(self, client: httpx.AsyncClient, timeout_s: float = 60.0) -> None:
         self.redis.start()
         self.workers = [self._spawn("worker", i) for i in range(WORKERS)]
-        self.api = self._spawn("api", 0)
+        self.apis = [self._spawn("api", i) for i in range(Settings().api_processes)]  # as `up` runs them
         redis = Redis.from_url(self.redis.url)
         deadline = time.monotonic() + timeout_s
         try:
             while True:  # the API answers /health and every worker listens for wake-ups
-                if any(p.poll() is not None for p in [self.api, *self.workers]):
+                if any(p.poll() is not None for p in [*self.apis, *self.workers]):
                     raise BenchError("a gateway process exited during start-up (gateway log above)")
                 if time.monotonic() > deadline:
                     raise BenchError(f"the gateway did not start within {timeout_s:g} s (gateway log above)")
@@ -318,14 +319,14 @@ class Gateway:
             await redis.aclose()
 
     async def pids(self) -> dict[str, int]:
-        assert self.api is not None
         redis = Redis.from_url(self.redis.url)
         try:
             redis_pid = int((await redis.info("server"))["process_id"])
         finally:
             await redis.aclose()
         workers = {f"worker {i + 1}": p.pid for i, p in enumerate(self.workers)}
-        return {"api": self.api.pid, **workers, "redis": redis_pid}
+        apis = {f"api {i + 1}": p.pid for i, p in enumerate(self.apis)}
+        return {**apis, **workers, "redis": redis_pid}
 
     def log_tail(self, lines: int = 20) -> str:
         tails = []
@@ -336,7 +337,7 @@ class Gateway:
         return "\n".join(tails)
 
     def stop(self) -> None:
-        children = [p for p in [self.api, *self.workers] if p is not None]
+        children = [*self.apis, *self.workers]
         for child in children:
             if child.poll() is None:
                 child.terminate()
@@ -373,9 +374,14 @@ async def redis_clients(redis_url: str) -> int:
 
 
 async def memory_per_stream(
-    client: LeanClient, model: str, api_pid: int, redis_url: str, plan: Plan
+    client: LeanClient, model: str, api_pids: Sequence[int], redis_url: str, plan: Plan
 ) -> Memory:
-    """API RSS before, while holding `held_streams` slow streams open, and after they ended."""
+    """API RSS (all its processes) before, while holding `held_streams` slow streams open, and
+    after they ended."""
+
+    def rss() -> int:
+        return sum(map(rss_kib, api_pids))
+
     prompt = script(text="x ", tokens=plan.held_tokens, delay_ms=HELD_DELAY_MS)
     opened = 0
 
@@ -383,7 +389,7 @@ async def memory_per_stream(
         nonlocal opened
         opened += 1
 
-    before = rss_kib(api_pid)
+    before = rss()
     clients_before = await redis_clients(redis_url)
     tasks = [
         asyncio.create_task(gateway_stream(client, model, prompt, on_first)) for _ in range(plan.held_streams)
@@ -399,7 +405,7 @@ async def memory_per_stream(
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.5)
         still_open = sum(not task.done() for task in tasks)
-        held = rss_kib(api_pid)
+        held = rss()
         clients_held = await redis_clients(redis_url)
         samples = await asyncio.gather(*tasks)  # let them finish: the workers are then free again
     finally:
@@ -408,7 +414,7 @@ async def memory_per_stream(
         await asyncio.gather(*tasks, return_exceptions=True)
     if any(sample.tokens != plan.held_tokens for sample in samples):
         raise BenchError("a held stream lost tokens")
-    after = rss_kib(api_pid)
+    after = rss()
     per_stream = (held - before) / plan.held_streams
     return Memory(
         plan.held_streams, before, held, after, per_stream, still_open, clients_before, clients_held
@@ -485,7 +491,9 @@ async def run(plan: Plan) -> Report:
                     await remote(HELLO)
                 server_client = await server.start(model)
                 served: Stream = partial(gateway_stream, server_client, model)
-                memory = await memory_per_stream(lean, model, pids["api"], gateway.redis.url, plan)
+                memory = await memory_per_stream(
+                    lean, model, [p.pid for p in gateway.apis], gateway.redis.url, plan
+                )
                 f, g, v = Side(), Side(), Side()
                 # The three alternate phase by phase, so all see the same machine noise.
                 f.ttft_1 = await sequential_ttft(floor, plan)

@@ -1,8 +1,8 @@
 """`claude-gateway up | api | worker | keys`.
 
-`up` is the one-machine deployment: a private Redis when `REDIS_URL` is unset, one API process
-and `WORKERS` worker processes, each restarted if it dies and all stopped together on Ctrl-C
-(cli/supervisor.py). `api` and `worker` run one role
+`up` is the one-machine deployment: a private Redis when `REDIS_URL` is unset, `API_PROCESSES`
+API processes on one port and `WORKERS` worker processes, each restarted if it dies and all
+stopped together on Ctrl-C (cli/supervisor.py). `api` and `worker` run one role
 each against a shared `REDIS_URL`, for deployments across several machines. `keys` manages
 client API keys (see `cli/keys.py`).
 """
@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -60,10 +61,19 @@ def run_api(settings: Settings) -> None:
     forbid_inspection()
     # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1; the
     # gateway resolves client addresses itself, from TRUSTED_PROXIES only (api/access.py).
-    uvicorn.run(
+    # Several API processes share the port by SO_REUSEPORT: the kernel spreads connections over
+    # them (a shared listening socket would leave a burst of connections to whichever accepts first).
+    try:
+        listener = socket.create_server(
+            (settings.host, settings.port),
+            family=socket.AF_INET6 if ":" in settings.host else socket.AF_INET,
+            backlog=2048,  # uvicorn's own default
+            reuse_port=settings.api_processes > 1,
+        )
+    except OSError as exc:
+        sys.exit(f"claude-gateway api: cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
+    config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # keep the gateway's own log format (shared/logs.py)
         access_log=False,
@@ -71,6 +81,7 @@ def run_api(settings: Settings) -> None:
         # Open streams end (clients resume them by id) instead of holding a shutdown open.
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
+    uvicorn.Server(config).run(sockets=[listener])
 
 
 def run_worker(settings: Settings) -> None:
@@ -116,12 +127,21 @@ def run_up(settings: Settings) -> None:
             preexec_fn=children_env.die_with_parent(),
         )
 
-    children.append(Child("api", spawner("api", api_env)))
+    apis = settings.api_processes
+    children += [
+        Child("api" if apis == 1 else f"api {i}", spawner("api", api_env)) for i in range(1, apis + 1)
+    ]
     children += [Child(f"worker {i}", spawner("worker", worker_env)) for i in range(1, settings.workers + 1)]
     for child in children:
         if child.process is None:
             child.start()
-    logging.info("gateway on http://%s:%d with %d workers", settings.host, settings.port, settings.workers)
+    logging.info(
+        "gateway on http://%s:%d with %d API processes and %d workers",
+        settings.host,
+        settings.port,
+        apis,
+        settings.workers,
+    )
     supervisor = Supervisor(children, redis_url=redis_url, drain_timeout_s=settings.drain_timeout_s)
     signal.signal(signal.SIGINT, supervisor.request_stop)
     signal.signal(signal.SIGTERM, supervisor.request_stop)
@@ -162,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="claude-gateway", description=__doc__.split("\n\n")[0])
     roles = parser.add_subparsers(dest="role", required=True)
     roles.add_parser("up", help="run Redis (if REDIS_URL is unset), the API and WORKERS workers")
-    roles.add_parser("api", help="run one API process against REDIS_URL")
+    roles.add_parser("api", help="run one API process against REDIS_URL (API_PROCESSES share a port)")
     roles.add_parser("worker", help="run one worker process against REDIS_URL")
     status = roles.add_parser("status", help="queue depth, workers and their jobs, recent failures")
     status.add_argument("--json", action="store_true", help="print one JSON snapshot")

@@ -45,7 +45,7 @@ def describe_exit(code: int) -> str:
 
 @dataclass
 class Child:
-    name: str  # "api", "worker 2", "redis"
+    name: str  # "api 1", "worker 2", "redis"
     spawn: Callable[[], subprocess.Popen[bytes]]
     process: subprocess.Popen[bytes] | None = None
     started: float = 0.0

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
         description="A background job (nobody waits to withdraw it) not started by then fails with "
         "queue_timeout; workers withdraw it.",
     )
+    api_processes: int = Field(
+        default=2,
+        ge=1,
+        description="API processes `claude-gateway up` runs on its port (one event loop is one core); "
+        "with more than one, each `claude-gateway api` shares its port with its siblings.",
+    )
     stream_commit_after_s: float = Field(
         default=10.0, gt=0, description="How long a stream's headers wait for the job's first event."
     )

@@ -154,8 +154,10 @@ def test_each_child_holds_only_what_it_needs_and_redis_requires_a_password(up: U
     def environ(pid: int) -> str:
         return Path(f"/proc/{pid}/environ").read_text()
 
-    [api] = up.pids("api")
-    assert MODEL_KEY not in environ(api)  # the API never uses the model credentials
+    apis = up.pids("api")
+    assert len(apis) == 2  # API_PROCESSES, by default
+    for api in apis:
+        assert MODEL_KEY not in environ(api)  # the API never uses the model credentials
     for worker in up.pids("worker"):
         assert CLIENT_KEY not in environ(worker)  # the workers never check client keys
 
@@ -184,15 +186,32 @@ def test_a_killed_worker_is_restarted_while_the_rest_keeps_serving(up: Up) -> No
     assert "SIGKILL" in exits[0]["detail"]
 
 
-def test_a_killed_api_is_restarted(up: Up) -> None:
-    [api] = up.pids("api")
+def test_a_killed_api_process_is_restarted_while_the_other_serves(up: Up) -> None:
+    killed, other = up.pids("api")
     workers = up.pids("worker")
-    os.kill(api, signal.SIGKILL)
-    wait_for(lambda: up.pids("api") and up.pids("api") != [api], 10, "a new API process")
-    wait_for(up.ready, 20, "the new API serves")
-    assert up.completes()
+    os.kill(killed, signal.SIGKILL)
+    # The port's connections all go to the other process meanwhile (SO_REUSEPORT), each a new one.
+    assert all(up.completes() for _ in range(8))
+    wait_for(lambda: len(up.pids("api")) == 2, 10, "a new API process")
+    assert other in up.pids("api")
+    assert killed not in up.pids("api")
+    assert all(up.completes() for _ in range(8))
     assert up.pids("worker") == workers
-    assert f"api (pid {api}) was killed by SIGKILL" in up.log.read_text()
+    assert f"(pid {killed}) was killed by SIGKILL" in up.log.read_text()
+
+
+def test_the_api_processes_share_the_port(up: Up) -> None:
+    """New connections spread over both processes: each answers some of 40 (its log says which)."""
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    for _ in range(40):
+        assert httpx.get(f"{up.url}/v1/models", headers=headers, timeout=10).status_code == 200
+    apis = up.pids("api")
+
+    def answered() -> set[int]:
+        lines = up.log.read_text().splitlines()
+        return {pid for pid in apis for line in lines if f"[{pid}] GET /v1/models -> 200" in line}
+
+    wait_for(lambda: answered() == set(apis), 5, "both API processes answered")
 
 
 def test_a_killed_redis_is_restarted_from_its_own_data(up: Up) -> None:
@@ -268,7 +287,7 @@ def test_stopping_up_is_bounded_even_with_open_streams(up: Up) -> None:
 def test_children_die_with_a_killed_up(tmp_path: Path) -> None:
     other = start_up(tmp_path)
     children = list(children_of(other.process.pid))
-    assert len(children) == 4  # Redis, the API, two workers
+    assert len(children) == 5  # Redis, two API processes, two workers
     other.process.kill()
     other.process.wait()
     wait_for(lambda: not [pid for pid in children if alive(pid)], DRAIN_S + 10, "every child gone")
