@@ -298,7 +298,10 @@ class Gateway:
     async def start(self, client: httpx.AsyncClient, timeout_s: float = 60.0) -> None:
         self.redis.start()
         self.workers = [self._spawn("worker", i) for i in range(WORKERS)]
-        self.apis = [self._spawn("api", i) for i in range(Settings().api_processes)]  # as `up` runs them
+        # As `up` runs them: API_PROCESSES on one port.
+        processes = Settings().api_processes
+        self._env.setdefault("API_SHARED_PORT", str(processes > 1).lower())
+        self.apis = [self._spawn("api", i) for i in range(processes)]
         redis = Redis.from_url(self.redis.url)
         deadline = time.monotonic() + timeout_s
         try:

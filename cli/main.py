@@ -61,17 +61,9 @@ def run_api(settings: Settings) -> None:
     forbid_inspection()
     # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1; the
     # gateway resolves client addresses itself, from TRUSTED_PROXIES only (api/access.py).
-    # Several API processes share the port by SO_REUSEPORT: the kernel spreads connections over
-    # them (a shared listening socket would leave a burst of connections to whichever accepts first).
-    try:
-        listener = socket.create_server(
-            (settings.host, settings.port),
-            family=socket.AF_INET6 if ":" in settings.host else socket.AF_INET,
-            backlog=2048,  # uvicorn's own default
-            reuse_port=settings.api_processes > 1,
-        )
-    except OSError as exc:
-        sys.exit(f"claude-gateway api: cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
+    # Several API processes (`up`'s API_PROCESSES) share the port by SO_REUSEPORT: the kernel spreads
+    # connections over them (one shared listening socket left a burst to whichever accepted first).
+    listener = _listener(settings.host, settings.port, shared=settings.api_shared_port)
     config = uvicorn.Config(
         app,
         log_level=settings.log_level,
@@ -94,6 +86,9 @@ def run_up(settings: Settings) -> None:
     from cli.embedded_redis import EmbeddedRedis
     from cli.supervisor import Child, Supervisor
 
+    # Shared by SO_REUSEPORT, the port would also take in the API processes of another gateway
+    # started on it by mistake: it must be free now.
+    _listener(settings.host, settings.port).close()
     embedded = None
     redis_url = settings.redis_url
     children: list[Child] = []
@@ -110,6 +105,8 @@ def run_up(settings: Settings) -> None:
         children[0].process, children[0].started = embedded.process, time.monotonic()
     keys.ensure_protected(settings, redis_url)  # here, where the terminal is, not in the children
     environ = {**os.environ, "REDIS_URL": redis_url}
+    if settings.api_processes > 1:
+        environ["API_SHARED_PORT"] = "true"
     api_env, worker_env = children_env.api_environment(environ), children_env.worker_environment(environ)
     children_env.drop_credentials()  # held for the children in memory only
     forbid_inspection()
@@ -151,6 +148,18 @@ def run_up(settings: Settings) -> None:
         supervisor.stop(embedded)
         if embedded is not None:
             (embedded.data_dir / PRIVATE_REDIS_URL_FILE).unlink(missing_ok=True)
+
+
+def _listener(host: str, port: int, *, shared: bool = False) -> socket.socket:
+    try:
+        return socket.create_server(
+            (host, port),
+            family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+            backlog=2048,  # uvicorn's own default
+            reuse_port=shared,
+        )
+    except OSError as exc:
+        sys.exit(f"claude-gateway: cannot listen on {host}:{port}: {exc.strerror}")
 
 
 def _restarted(embedded: "EmbeddedRedis") -> "subprocess.Popen[bytes]":

@@ -43,8 +43,12 @@ class Settings(BaseSettings):
     api_processes: int = Field(
         default=2,
         ge=1,
-        description="API processes `claude-gateway up` runs on its port (one event loop is one core); "
-        "with more than one, each `claude-gateway api` shares its port with its siblings.",
+        description="API processes `claude-gateway up` runs on its port (one event loop is one core).",
+    )
+    api_shared_port: bool = Field(
+        default=False,
+        description="Bind the API's port with SO_REUSEPORT, so that several API processes on this "
+        "machine share it; `up` sets it for its own when API_PROCESSES > 1.",
     )
     stream_commit_after_s: float = Field(
         default=10.0, gt=0, description="How long a stream's headers wait for the job's first event."

@@ -8,6 +8,7 @@ states within how long it must be back and that the others kept serving meanwhil
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -282,6 +283,20 @@ def test_stopping_up_is_bounded_even_with_open_streams(up: Up) -> None:
     took = time.monotonic() - began
     assert not [pid for pid in children if alive(pid)]
     assert took < DRAIN_S + 10, took
+
+
+def test_up_refuses_a_port_already_in_use(tmp_path: Path) -> None:
+    """Its API processes share their port: another gateway's on it would share it with them."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        env |= {"STATE_DIR": str(tmp_path / "state"), "PORT": str(port), "BACKEND": "scripted"}
+        done = subprocess.run(
+            [sys.executable, "-m", "cli.main", "up"], cwd=ROOT, env=env, capture_output=True, timeout=30
+        )
+    assert done.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr.decode()
+    assert not (tmp_path / "state" / "redis").exists()  # nothing was started
 
 
 def test_children_die_with_a_killed_up(tmp_path: Path) -> None:
