@@ -19,7 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import KeyT, StreamIdT
 
 from shared.jobs import Delta, Done, Failed, JobEventValue, Reasoning, decode_event, encode_event, settled
-from shared.jobstore import JobStore
+from shared.jobstore import AttemptEnd, JobStore
 from shared.keys import events_key, reader_wakeup_key
 
 __all__ = ["JobEventValue"]  # re-exported: the API reads the event union from here
@@ -57,6 +57,7 @@ class EventWriter:
         self.first_output_at: float | None = None
         """`time.perf_counter()` when the first event was emitted (time to first token)."""
         self.terminal: Done | Failed | None = None
+        self._end: AttemptEnd | None = None
 
     @property
     def emitted(self) -> int:
@@ -80,6 +81,11 @@ class EventWriter:
             if self._flushing is not None:
                 self._flushing.result()  # surface a failed write instead of losing it
             self._flushing = asyncio.create_task(self._flush())
+
+    def finish(self, terminal: Done | Failed, end: AttemptEnd) -> None:
+        """Emits the attempt's terminal event; its write also records `end` (no round trip more)."""
+        self._end = end
+        self.emit(terminal)
 
     async def drain(self) -> None:
         """Wait until everything emitted is in Redis; raises if a write failed."""
@@ -118,7 +124,13 @@ class EventWriter:
         while True:
             try:
                 await self._store.append(
-                    self._job_id, self._attempt, self._seq + 1, encoded, outcome=outcome, ttl_s=ttl
+                    self._job_id,
+                    self._attempt,
+                    self._seq + 1,
+                    encoded,
+                    outcome=outcome,
+                    ttl_s=ttl,
+                    end=self._end if outcome else None,
                 )
                 break
             except ResponseError as exc:

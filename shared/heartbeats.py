@@ -61,15 +61,21 @@ class Heartbeat(BaseModel):
     )
 
 
-async def beat(redis: Redis, heartbeat: Heartbeat, ttl_s: float, *, running: int | None = None) -> None:
-    """Refreshes the worker's heartbeat; with `running`, also resets its load in `WORKER_LOAD`
-    (the claim script and the end of each attempt keep it between beats)."""
+async def beat(
+    redis: Redis, heartbeat: Heartbeat, ttl_s: float, *, load: bool = False, idle: bool = False
+) -> None:
+    """Refreshes the worker's heartbeat; with `load`, also its slots in `WORKER_LOAD`, and when
+    `idle` (it runs no job and is claiming none), resets its counts there to 0: the jobs it runs
+    and the queued ones it was chosen for. The job store's scripts keep them between beats;
+    resetting them while a job starts or ends could lose its step, so drift (a step lost to an
+    error, or a job a worker of an earlier version took or stopped) is corrected when it is idle."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.set(worker_key(heartbeat.id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
         pipe.zadd(WORKERS_INDEX, {heartbeat.id: heartbeat.beat})
         pipe.zremrangebyscore(WORKERS_INDEX, "-inf", heartbeat.beat - _INDEX_RETENTION_S)
-        if running is not None:
-            pipe.hset(WORKER_LOAD, mapping={heartbeat.id: running, f"{heartbeat.id}:slots": heartbeat.slots})
+        if load:
+            reset = {heartbeat.id: 0, f"{heartbeat.id}:routed": 0} if idle else {}
+            pipe.hset(WORKER_LOAD, mapping={f"{heartbeat.id}:slots": heartbeat.slots, **reset})
         await pipe.execute()
 
 
@@ -78,7 +84,7 @@ async def retire(redis: Redis, worker_id: str) -> None:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.delete(worker_key(worker_id))
         pipe.zrem(WORKERS_INDEX, worker_id)
-        pipe.hdel(WORKER_LOAD, worker_id, f"{worker_id}:slots")
+        pipe.hdel(WORKER_LOAD, worker_id, f"{worker_id}:slots", f"{worker_id}:routed")
         await pipe.execute()
 
 

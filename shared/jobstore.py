@@ -3,9 +3,12 @@
 The record (`record_key`) holds who owns the job, its payload, the current attempt and how it
 ended; the job's events live in its stream (`events_key`). Steps:
 
-    create   API      record + arq entry of attempt 1 + wake-up (+ idempotency key)
+    create   API      record + arq entry of attempt 1 + the worker chosen to run it woken
+                      (+ idempotency key)
     claim    worker   arq's claim, and the attempt is still current and not ended: take its lease
-    append   worker   events of the current attempt only; a terminal one ends the job
+    append   worker   events of the current attempt only; a terminal one ends the job, and with
+                      it the attempt (off arq's queue and its worker's load) and the job's outcome
+                      in the shared totals (shared/stats.py)
     renew    worker   extend the lease (and the caller's job slot); learn of a cancel or of
                       being superseded
     stop     API      cancel (or withdraw after a queue timeout): ends a job that has not
@@ -19,6 +22,7 @@ its payload, so what stays for `EVENT_TTL_S` is the record's few fields and the 
 """
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -28,6 +32,7 @@ from arq.jobs import serialize_job
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from shared import stats
 from shared.jobs import CompletionJob, Failed, FailureCode, JobStatus, encode_event
 from shared.keys import (
     CANCEL_CHANNEL,
@@ -44,12 +49,14 @@ from shared.keys import (
 from shared.queue import RUN_COMPLETION, serialize
 from shared.quotas import slots_key
 
+log = logging.getLogger("gateway.jobs")
+
 # Names every script may use.
 _PRELUDE = f"""
 local ARQ_JOB, ARQ_IN_PROGRESS = '{job_key_prefix}', '{in_progress_key_prefix}'
 local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
 local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{WAKEUP_CHANNEL}', '{CANCEL_CHANNEL}'
-local WORKER = '{PREFIX}:worker:'
+local WORKER, WORKER_LOAD = '{PREFIX}:worker:', '{WORKER_LOAD}'
 -- Names which holder's set of job slots (shared/quotas.py) the job is in.
 local function slot_record(job_id)
   return '{PREFIX}:job:' .. job_id .. ':slot'
@@ -81,6 +88,51 @@ local function release_holds(job_id)
   local lock = redis.call('hget', '{PREFIX}:job:' .. job_id, 'session_lock')
   if lock and redis.call('get', lock) == job_id then redis.call('del', lock) end
 end
+-- Wakes a worker for a queued attempt: the job store places jobs. The least loaded live worker
+-- with a free slot (ties broken by the job id, so a burst spreads) is told on its own channel
+-- (`worker_wakeup_channel`), so one claim starts the job. The attempt counts in that worker's
+-- `<id>:routed` at once, so the next job sees it, until a claim or a stop takes it off (the job's
+-- `routed` says whose; shared/heartbeats.py corrects drift).
+-- When no worker has a free slot, or the chosen one does not listen on its channel (a version
+-- before it, or gone), every worker is told and the first to claim it takes it. Workers whose
+-- heartbeat expired are forgotten on the way.
+local function wake(record, job_id, attempt)
+  local id = job_id .. '.' .. attempt
+  local fields = redis.call('hgetall', WORKER_LOAD)
+  local load = {{}}
+  for i = 1, #fields, 2 do load[fields[i]] = tonumber(fields[i + 1]) end
+  local least, ties = nil, {{}}
+  for worker, running in pairs(load) do
+    if not string.find(worker, ':', 1, true) then
+      local jobs = running + (load[worker .. ':routed'] or 0)
+      if redis.call('exists', WORKER .. worker) == 0 then
+        redis.call('hdel', WORKER_LOAD, worker, worker .. ':slots', worker .. ':routed')
+      elseif jobs < (load[worker .. ':slots'] or 0) then
+        if not least or jobs < least then
+          least, ties = jobs, {{worker}}
+        elseif jobs == least then
+          ties[#ties + 1] = worker
+        end
+      end
+    end
+  end
+  if least then
+    table.sort(ties)
+    local chosen = ties[tonumber(string.sub(job_id, 1, 7), 16) % #ties + 1]
+    if redis.call('publish', WAKEUP_CHANNEL .. ':' .. chosen, id) > 0 then
+      redis.call('hincrby', WORKER_LOAD, chosen .. ':routed', 1)
+      redis.call('hset', record, 'routed', chosen)
+      return
+    end
+  end
+  redis.call('publish', WAKEUP_CHANNEL, id)
+end
+-- Takes an attempt that ran off arq's queue (arq's `finish_job`) and off its worker's load.
+local function finish_attempt(queue, attempt, worker)
+  redis.call('zrem', queue, attempt)
+  redis.call('del', ARQ_IN_PROGRESS .. attempt, ARQ_RETRY .. attempt, ARQ_JOB .. attempt)
+  redis.call('hincrby', WORKER_LOAD, worker, -1)
+end
 """
 
 # Appends `event` after the stream's last entry and marks the job ended; used by `stop` and
@@ -106,6 +158,8 @@ end
 #       idempotency value, session lock key, job slots key or '', slot cap, slot lease ms,
 #       the worker offered the job first or '' (workspace affinity), until when (ms)
 # The job's slot (shared/quotas.py) is taken here, so a job holds one exactly when it exists.
+# A job offered to the worker holding its session's workspace wakes every worker: the others
+# leave it to that one until the offer runs out (see the claim), then any takes it.
 _CREATE = """
 local existing = #KEYS == 4 and redis.call('get', KEYS[4])
 if existing then return existing end
@@ -125,11 +179,15 @@ if #KEYS == 4 then redis.call('set', KEYS[4], ARGV[11], 'EX', ARGV[9]) end
 redis.call('hset', KEYS[1], 'owner', ARGV[1], 'model', ARGV[2], 'request_id', ARGV[3],
   'created', ARGV[4], 'payload', ARGV[5], 'attempt', '1')
 if ARGV[12] ~= '' then redis.call('hset', KEYS[1], 'session_lock', ARGV[12]) end
-if ARGV[16] ~= '' then redis.call('hset', KEYS[1], 'prefer', ARGV[16], 'prefer_until', ARGV[17]) end
 redis.call('expire', KEYS[1], ARGV[9])
 redis.call('psetex', KEYS[3], ARGV[8], ARGV[6])
 redis.call('zadd', KEYS[2], ARGV[7], ARGV[10] .. '.1')
-redis.call('publish', WAKEUP_CHANNEL, ARGV[10] .. '.1')
+if ARGV[16] ~= '' then
+  redis.call('hset', KEYS[1], 'prefer', ARGV[16], 'prefer_until', ARGV[17])
+  redis.call('publish', WAKEUP_CHANNEL, ARGV[10] .. '.1')
+else
+  wake(KEYS[1], ARGV[10], 1)
+end
 return false
 """
 
@@ -137,40 +195,19 @@ return false
 # of the attempt (still current: take its lease) in one round trip, instead of arq's WATCH,
 # EXISTS, ZSCORE, MULTI/EXEC and a second step of ours. A stale attempt is taken off the queue.
 # A job offered first to a live worker (the one holding its session's workspace) is left to it
-# until `prefer_until`: another worker gets {'defer', ms left}.
-# Placement: a worker that runs more jobs than a live peer with a free slot passes the attempt on
-# (marks it `passed`, gets {'passed', ms}) and the next worker to look at it takes it, whatever
-# its load, so a burst spreads over the fleet without anyone waiting on a timer; the passer takes
-# it back after `yield ms` if nobody did. A job offered to this worker first is never passed on.
-# Each worker's running jobs are in `WORKER_LOAD`.
-# KEYS: record, running, queue, worker load
-# ARGV: job id, attempt, now ms, in-progress ms, worker id, lease ms, ttl, yield ms (0: no placement)
-# Returns nil (not ours to start), {'stale'}, {'defer', ms}, {'passed', ms} or
+# until `prefer_until`: another worker gets {'defer', ms left}. The attempt moves into this
+# worker's load (out of the `routed` count of the worker chosen for it, if any: see `wake`).
+# KEYS: record, running, queue
+# ARGV: job id, attempt, now ms, in-progress ms, worker id, lease ms, ttl
+# Returns nil (not ours to start), {'taken'} (by a worker, for good), {'stale'}, {'defer', ms} or
 # {'ok', score, payload, cancel flag}.
 _CLAIM = """
--- Whether a live worker runs fewer jobs than `me` and has a slot free (the dead are forgotten).
-local function idler_peer(load, me)
-  local mine = tonumber(redis.call('hget', load, me) or '0')
-  if mine <= 0 then return false end
-  local fields = redis.call('hgetall', load)
-  for i = 1, #fields, 2 do
-    local id, running = fields[i], tonumber(fields[i + 1])
-    if id ~= me and not string.find(id, ':', 1, true) then
-      if redis.call('exists', WORKER .. id) == 0 then
-        redis.call('hdel', load, id, id .. ':slots')
-      elseif running < mine and running < tonumber(redis.call('hget', load, id .. ':slots') or '0') then
-        return true
-      end
-    end
-  end
-  return false
-end
 local attempt_id = ARGV[1] .. '.' .. ARGV[2]
-if redis.call('exists', ARQ_IN_PROGRESS .. attempt_id) == 1 then return false end
+if redis.call('exists', ARQ_IN_PROGRESS .. attempt_id) == 1 then return {'taken'} end
 local score = redis.call('zscore', KEYS[3], attempt_id)
 if not score or tonumber(score) > tonumber(ARGV[3]) then return false end
 local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel', 'payload', 'prefer', 'prefer_until',
-  'passed')
+  'routed')
 if rec[1] ~= ARGV[2] or rec[2] then
   redis.call('zrem', KEYS[3], attempt_id)
   redis.call('del', ARQ_JOB .. attempt_id)
@@ -180,34 +217,33 @@ if rec[5] and rec[5] ~= ARGV[5] and tonumber(rec[6]) > tonumber(ARGV[3])
     and redis.call('exists', WORKER .. rec[5]) == 1 then
   return {'defer', tonumber(rec[6]) - tonumber(ARGV[3])}
 end
-local passer, back = string.match(rec[7] or '', '^' .. ARGV[2] .. ' (%S+) (%d+)$')
-if passer == ARGV[5] and tonumber(back) > tonumber(ARGV[3]) then
-  return {'passed', tonumber(back) - tonumber(ARGV[3])}
-end
-if not passer and ARGV[8] ~= '0' and rec[5] ~= ARGV[5] and idler_peer(KEYS[4], ARGV[5]) then
-  redis.call('hset', KEYS[1], 'passed', ARGV[2] .. ' ' .. ARGV[5] .. ' ' .. (ARGV[3] + ARGV[8]))
-  return {'passed', tonumber(ARGV[8])}
-end
 redis.call('psetex', ARQ_IN_PROGRESS .. attempt_id, ARGV[4], '1')
 redis.call('hset', KEYS[1], 'worker', ARGV[5])
 redis.call('expire', KEYS[1], ARGV[7])
 redis.call('zadd', KEYS[2], ARGV[6], ARGV[1])
-redis.call('hincrby', KEYS[4], ARGV[5], 1)
+redis.call('hincrby', WORKER_LOAD, ARGV[5], 1)
+if rec[7] then redis.call('hincrby', WORKER_LOAD, rec[7] .. ':routed', -1) end
 return {'ok', score, rec[4], rec[3] or ''}
 """
 
-# KEYS: events, record, running   ARGV: attempt, first seq, ttl or 0, outcome or '', job id, events...
+# KEYS: events, record, running, queue
+# ARGV: attempt, first seq, ttl or 0, outcome or '', job id, worker id or '', outcome for the
+#       totals (`stats.encode_outcome`) or '', events...
 # Idempotent: entries already in the stream (a retried write whose reply was lost) are skipped.
-_APPEND = """
+# A terminal event with a worker id also finishes the attempt (as `finish_attempt`) and adds the
+# outcome to the totals, best effort: returns 'unrecorded' if that failed.
+_APPEND = (
+    stats.ADD_OUTCOME
+    + """
 local tail = redis.call('xrevrange', KEYS[1], '+', '-', 'COUNT', 1)
 local last = 0
 if tail[1] then last = tonumber(string.match(tail[1][1], '%d+$')) end
 local seq = tonumber(ARGV[2])
-if seq + #ARGV - 6 <= last then return 0 end
+if seq + #ARGV - 8 <= last then return 0 end
 local rec = redis.call('hmget', KEYS[2], 'attempt', 'ended')
 if rec[1] ~= ARGV[1] or rec[2] then return redis.error_reply('SUPERSEDED the job moved on') end
 if seq > last + 1 then return redis.error_reply('GAP events are missing before ' .. seq) end
-for i = 6, #ARGV do
+for i = 8, #ARGV do
   if seq > last then redis.call('xadd', KEYS[1], '0-' .. seq, 'e', ARGV[i]) end
   seq = seq + 1
 end
@@ -217,9 +253,14 @@ if ARGV[4] ~= '' then
   redis.call('expire', KEYS[2], ARGV[3])
   redis.call('zrem', KEYS[3], ARGV[5])
   release_holds(ARGV[5])
+  if ARGV[6] ~= '' then
+    finish_attempt(KEYS[4], ARGV[5] .. '.' .. ARGV[1], ARGV[6])
+    if ARGV[7] ~= '' and not pcall(add_outcome, ARGV[7]) then return 'unrecorded' end
+  end
 end
 return 1
 """
+)
 
 # KEYS: record, running   ARGV: attempt, lease deadline ms, job id
 # A lease given up (`expire_lease`: deadline 0) stays given up, even to a renewal already on its way.
@@ -237,11 +278,12 @@ return 'ok'
 _STOP = (
     _END
     + """
-local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'worker')
+local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'worker', 'routed')
 if not rec[1] then return 'missing' end
 if rec[2] then return 'ended' end
 if not rec[3] then
   local attempt = ARGV[2] .. '.' .. rec[1]
+  if rec[4] then redis.call('hincrby', WORKER_LOAD, rec[4] .. ':routed', -1) end
   redis.call('zrem', KEYS[4], attempt)
   redis.call('del', ARQ_JOB .. attempt)
   finish(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
@@ -275,12 +317,12 @@ end
 if redis.call('xlen', KEYS[2]) == 0 and attempt < tonumber(ARGV[3]) then
   local new = ARGV[1] .. '.' .. (attempt + 1)
   redis.call('hset', KEYS[1], 'attempt', attempt + 1)
-  redis.call('hdel', KEYS[1], 'worker')
+  redis.call('hdel', KEYS[1], 'worker', 'routed')
   -- arq's entry for the attempt, as `serialize_job` writes it
   redis.call('psetex', ARQ_JOB .. new, ARGV[7], '{"t":null,"f":"' .. RUN_COMPLETION .. '","a":["'
     .. ARGV[1] .. '",' .. (attempt + 1) .. '],"k":{},"et":' .. ARGV[2] .. '}')
   redis.call('zadd', KEYS[4], ARGV[2], new)
-  redis.call('publish', WAKEUP_CHANNEL, new)
+  wake(KEYS[1], ARGV[1], attempt + 1)
   renew_slot(ARGV[1], KEYS[1])
   return 'retried'
 end
@@ -331,17 +373,21 @@ class NoJobSlot(Exception):
 
 
 @dataclass(frozen=True)
-class Passed:
-    """The attempt was left to an idler worker; this one may take it back `retry_in_s` from now."""
-
-    retry_in_s: float
-
-
-@dataclass(frozen=True)
 class Claimed:
     score: int
     job: CompletionJob
     cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    """What the write of an attempt's terminal event also records, in the same round trip."""
+
+    worker_id: str
+    """The worker that ran it: the attempt leaves arq's queue and this worker's load."""
+    outcome: stats.JobRecord
+    """How the job went, for the shared totals (best effort)."""
+    failures_kept: int
 
 
 def _ms() -> int:
@@ -362,6 +408,7 @@ class JobStore:
         self._claim = redis.register_script(_PRELUDE + _CLAIM)
         self._append = redis.register_script(_PRELUDE + _APPEND)
         self._renew = redis.register_script(_PRELUDE + _RENEW)
+        self._finish = redis.register_script(_PRELUDE + "finish_attempt(KEYS[1], ARGV[1], ARGV[2])")
         self._stop = redis.register_script(_PRELUDE + _STOP)
         self._recover = redis.register_script(_PRELUDE + _RECOVER)
 
@@ -374,7 +421,7 @@ class JobStore:
         idempotency: tuple[str, str] | None = None,
         slot: JobSlot | None = None,
     ) -> tuple[str, str] | None:
-        """Queues a new job and wakes the workers, in one round trip.
+        """Queues a new job and wakes the worker chosen to run it, in one round trip.
 
         With `idempotency=(key, fingerprint)`, a key this owner used before returns the earlier
         `(job id, fingerprint)` instead and queues nothing. With `slot`, the job takes one of its
@@ -444,20 +491,19 @@ class JobStore:
         worker_id: str,
         in_progress_ms: int,
         lease_s: float,
-        yield_s: float = 0.0,
-    ) -> Claimed | Passed | None:
+    ) -> Claimed | Literal["taken"] | None:
         """Claims a queued attempt for this worker and takes its lease; None if it is not ours,
-        `Passed` if it is left to an idler worker for `yield_s` (then this one may take it back;
-        0: the job is not placed, this worker takes it)."""
-        keys = [record_key(job_id), RUNNING, self.queue_name, WORKER_LOAD]
+        "taken" if a worker claimed it (no worker ever will again: it stays in arq's queue only
+        until it ends)."""
+        keys = [record_key(job_id), RUNNING, self.queue_name]
         now = _ms()
         args: list[str | int] = [job_id, attempt, now, in_progress_ms, worker_id]
-        args += [now + int(lease_s * 1000), self.ttl_s, int(yield_s * 1000)]
+        args += [now + int(lease_s * 1000), self.ttl_s]
         reply = await self._claim(keys=keys, args=args)
         if reply is not None and reply[0] == b"defer":  # look again when the offer runs out
             self._wake_later(attempt_id(job_id, attempt), int(reply[1]) / 1000)
-        if reply is not None and reply[0] == b"passed":
-            return Passed(int(reply[1]) / 1000)
+        if reply is not None and reply[0] == b"taken":
+            return "taken"
         if reply is None or reply[0] != b"ok":
             return None
         job = CompletionJob.model_validate_json(reply[2])
@@ -465,12 +511,8 @@ class JobStore:
 
     async def finish_attempt(self, attempt: str, worker_id: str) -> None:
         """Takes an attempt that ran off arq's queue (arq's `finish_job`) and off its worker's
-        load, in one round trip."""
-        async with self.redis.pipeline(transaction=True) as tr:
-            tr.zrem(self.queue_name, attempt)
-            tr.delete(in_progress_key_prefix + attempt, retry_key_prefix + attempt, job_key_prefix + attempt)
-            tr.hincrby(WORKER_LOAD, worker_id, -1)
-            await tr.execute()
+        load, in one round trip: for an attempt whose terminal write did not (`AttemptEnd`)."""
+        await self._finish(keys=[self.queue_name], args=[attempt, worker_id])
 
     def _wake_later(self, attempt: str, delay_s: float) -> None:
         async def wake() -> int:
@@ -496,11 +538,28 @@ class JobStore:
         await self._set_lease(job_id, attempt, 0)
 
     async def append(
-        self, job_id: str, attempt: int, first_seq: int, events: list[bytes], *, outcome: str, ttl_s: int
+        self,
+        job_id: str,
+        attempt: int,
+        first_seq: int,
+        events: list[bytes],
+        *,
+        outcome: str,
+        ttl_s: int,
+        end: AttemptEnd | None = None,
     ) -> None:
-        """Writes events `first_seq...` of the current attempt; raises `ResponseError` if superseded."""
-        keys = [events_key(job_id), record_key(job_id), RUNNING]
-        await self._append(keys=keys, args=[attempt, first_seq, ttl_s, outcome, job_id, *events])
+        """Writes events `first_seq...` of the current attempt; raises `ResponseError` if superseded.
+
+        With `outcome` (the last event is terminal) and `end`, the same round trip finishes the
+        attempt and adds its outcome to the totals (a failure there is logged, not raised)."""
+        keys = [events_key(job_id), record_key(job_id), RUNNING, self.queue_name]
+        args: list[str | bytes | int] = [attempt, first_seq, ttl_s, outcome, job_id]
+        if end is None:
+            args += ["", ""]
+        else:
+            args += [end.worker_id, stats.encode_outcome(end.outcome, failures_kept=end.failures_kept)]
+        if await self._append(keys=keys, args=[*args, *events]) == b"unrecorded":
+            log.warning("could not record the outcome of job %s in the totals", job_id)
 
     async def withdraw_stale(self, queued_for_s: float, limit: int = 64) -> list[str]:
         """Withdraws jobs no worker started within `queued_for_s` of being queued: background ones,

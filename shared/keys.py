@@ -11,18 +11,27 @@ from urllib.parse import quote
 
 PREFIX = "gateway"
 WAKEUP_CHANNEL = f"{PREFIX}:wakeup"
-"""Published after every enqueue so idle workers poll at once instead of on arq's timer."""
+"""Carries a queued attempt's id to every worker: when no one worker was chosen to run it (see
+`worker_wakeup_channel`), so all try to claim it at once instead of polling on arq's timer."""
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
 """Carries the id of a job to cancel to whichever worker runs it."""
 WORKER_LOAD = f"{PREFIX}:workers:load"
 """Hash: worker id -> jobs it runs (kept by the claim and the end of each attempt, reset by each
-heartbeat), and `<worker id>:slots` -> its job slots; the claim script places jobs by it."""
+heartbeat), `<worker id>:routed` -> queued jobs it was chosen to run, and `<worker id>:slots` -> its
+job slots; the job store places jobs by it (shared/jobstore.py)."""
 RUNNING = f"{PREFIX}:running"
 """Sorted set: running job id -> its lease deadline (ms). Workers renew; any worker sweeps."""
 UPSTREAM_MODELS = f"{PREFIX}:upstream-models"
 """The model API's own model list as a worker fetched it (`shared/upstream_models.py`)."""
 TOOL_CONFIG_GLOBAL = f"{PREFIX}:tools:global"
 """The operator's runtime tool defaults (`shared/tool_config.py`); sessions keep theirs in their record."""
+
+
+def worker_wakeup_channel(worker_id: str) -> str:
+    """Carries the ids of queued attempts the job store chose this worker to run (its own
+    wake-ups; the job store's scripts build the same name)."""
+    return f"{WAKEUP_CHANNEL}:{worker_id}"
+
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 

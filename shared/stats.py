@@ -1,14 +1,16 @@
 """Job outcomes that workers record in Redis, so every API process reports the same totals.
 
 Each finished job adds to one hash, `STATS_KEY` (counters, and histograms as per-bucket counts
-plus sum and count), with one script in one round trip, and a failed one also to `FAILURES_KEY`,
-a capped stream that `status` shows as "recent failures". Nothing here runs per token.
+plus sum and count), and a failed one also to `FAILURES_KEY`, a capped stream that `status` shows
+as "recent failures": `ADD_OUTCOME`, run by the script that writes the job's terminal event
+(shared/jobstore.py), so it costs no round trip of its own. Nothing here runs per token.
 
 Hash fields: `jobs|<outcome>`, `worker_exits|<reason>` (shared/worker_exits.py), `tokens|prompt`,
 `tokens|completion`, `cost_usd`, and for each histogram `<name>|le|<bound>` (observations in that
 bucket only; `read_stats` accumulates them), `<name>|sum` and `<name>|count`.
 """
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -27,7 +29,7 @@ HISTOGRAMS: dict[str, tuple[float, ...]] = {
     "queue_wait_seconds": (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
     # enqueue -> the backend's first output (what a streaming client waits for)
     "time_to_first_token_seconds": (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120),
-    # a worker starts the job -> its terminal event is in Redis
+    # a worker starts the job -> its terminal event is written
     "job_duration_seconds": (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
 }
 
@@ -47,14 +49,21 @@ class JobRecord:
     failure: Failed | None = None
 
 
-# KEYS: the stats hash   ARGV: field, amount, field, amount, ... (a fractional amount: a float field)
-# One command instead of one per field: packing each is most of what recording a job costs a worker.
-_ADD = """
-for i = 1, #ARGV, 2 do
-  if string.find(ARGV[i + 1], '.', 1, true) then
-    redis.call('hincrbyfloat', KEYS[1], ARGV[i], ARGV[i + 1])
-  else
-    redis.call('hincrby', KEYS[1], ARGV[i], ARGV[i + 1])
+# Lua: `add_outcome(encoded)` adds one job's outcome (`encode_outcome`) to the totals. The
+# amounts are strings: one with a point is a float field.
+ADD_OUTCOME = f"""
+local function add_outcome(encoded)
+  local outcome = cjson.decode(encoded)
+  local add = outcome['add']
+  for i = 1, #add, 2 do
+    if string.find(add[i + 1], '.', 1, true) then
+      redis.call('hincrbyfloat', '{STATS_KEY}', add[i], add[i + 1])
+    else
+      redis.call('hincrby', '{STATS_KEY}', add[i], add[i + 1])
+    end
+  end
+  if outcome['failure'] then
+    redis.call('xadd', '{FAILURES_KEY}', 'MAXLEN', '~', outcome['kept'], '*', unpack(outcome['failure']))
   end
 end
 """
@@ -67,7 +76,8 @@ def _bucket(bounds: tuple[float, ...], value: float) -> str:
     return "+Inf"
 
 
-async def record_job(redis: Redis, record: JobRecord, *, failures_kept: int) -> None:
+def encode_outcome(record: JobRecord, *, failures_kept: int) -> str:
+    """`record` as `ADD_OUTCOME` takes it: the amounts to add, and a failure's entry."""
     observations = {
         "queue_wait_seconds": record.queue_wait_s,
         "time_to_first_token_seconds": record.first_token_s,
@@ -86,21 +96,21 @@ async def record_job(redis: Redis, record: JobRecord, *, failures_kept: int) -> 
         added["tokens|completion"] = record.usage.completion_tokens
         if record.usage.cost_usd:
             added["cost_usd"] = record.usage.cost_usd
-    amounts = [str(part) for field, amount in added.items() for part in (field, _amount(amount))]
-    async with redis.pipeline(transaction=False) as pipe:
-        # `EVAL`: a registered script would cost the pipeline a `SCRIPT EXISTS` round trip.
-        pipe.eval(_ADD, 1, STATS_KEY, *amounts)
-        if record.failure is not None:
-            entry = {
-                "job_id": record.job_id,
-                "request_id": record.request_id,
-                "worker_id": record.worker_id,
-                "code": record.failure.code.value,
-                "message": record.failure.message[:300],
-                "at": repr(time.time()),
-            }
-            pipe.xadd(FAILURES_KEY, entry, maxlen=failures_kept, approximate=True)  # type: ignore[arg-type]
-        await pipe.execute()
+    outcome: dict[str, object] = {
+        "add": [part for field, amount in added.items() for part in (field, _amount(amount))]
+    }
+    if record.failure is not None:
+        entry = {
+            "job_id": record.job_id,
+            "request_id": record.request_id,
+            "worker_id": record.worker_id,
+            "code": record.failure.code.value,
+            "message": record.failure.message[:300],
+            "at": repr(time.time()),
+        }
+        outcome["failure"] = [part for item in entry.items() for part in item]
+        outcome["kept"] = failures_kept
+    return json.dumps(outcome)
 
 
 def _amount(amount: int | float) -> str:

@@ -3,11 +3,11 @@ the workers instead of filling the first one to wake; when every slot is busy, q
 in the order they came, whichever caller sent them (a caller's share is bounded by the per-key
 job cap, tested in tests/test_access.py)."""
 
-import asyncio
 import json
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -15,12 +15,14 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from shared import stats
 from shared.heartbeats import worker_key
-from shared.jobs import CompletionJob, Turn
-from shared.jobstore import Claimed, JobStore, Passed
-from shared.keys import WORKER_LOAD, attempt_id
+from shared.jobs import CompletionJob, Done, Failed, FailureCode, FinishReason, Turn, Usage, encode_event
+from shared.jobstore import AttemptEnd, Claimed, JobStore
+from shared.keys import WAKEUP_CHANNEL, WORKER_LOAD, attempt_id, worker_wakeup_channel
 from tests.conftest import Gateway, chat
 
+DONE = Done(finish_reason=FinishReason.STOP, usage=Usage(prompt_tokens=1, completion_tokens=3))
 SLOW = "script:" + json.dumps({"text": "x ", "tokens": 20, "delay_ms": 25})
 
 
@@ -51,11 +53,9 @@ def burst(gateway: Gateway, jobs: int) -> list[str]:
 def test_a_burst_is_spread_over_the_workers(pair: Gateway) -> None:
     burst(pair, 1)  # both workers are up and have heard each other's heartbeat
     splits = [sorted(Counter(burst(pair, 4)).values()) for _ in range(5)]
-    # Every burst uses both workers (before the change, a burst could all go to the first worker
-    # to wake). A less busy worker is given 50 ms to claim; on a loaded machine (a CI run) a worker
-    # can be descheduled for longer, so up to two bursts in five may split 1/3.
-    assert all(len(split) == 2 for split in splits), splits
-    assert splits.count([2, 2]) >= 3, splits
+    # Every burst is split evenly (before placement, a burst could all go to the first worker to
+    # wake): each job counts in its worker's load from its creation.
+    assert splits == [[2, 2]] * 5, splits
 
 
 KEY_A, KEY_B = "caller-a-" + "a" * 32, "caller-b-" + "b" * 32
@@ -94,9 +94,7 @@ def test_queued_jobs_start_in_order_whichever_caller_sent_them(one_slot: Gateway
     assert sorted(first_token, key=first_token.__getitem__) == list(range(len(callers)))
 
 
-# --- the claim script's placement, on a real Redis ---------------------------------------------
-
-YIELD_S = 0.2
+# --- the job store's placement, on a real Redis ------------------------------------------------
 
 
 @pytest.fixture
@@ -104,11 +102,25 @@ def store(redis: Redis) -> JobStore:
     return JobStore(redis, queue_name="test:queue", ttl_s=60)
 
 
-async def _workers(redis: Redis, **running: int) -> None:
-    """Live workers (heartbeat keys) with these running jobs and 4 slots each."""
+@pytest.fixture
+async def listening(redis: Redis) -> AsyncIterator[Callable[..., Awaitable[None]]]:
+    """Makes workers listen on their own wake-up channels, as running workers do."""
+    pubsub = redis.pubsub()
+
+    async def listen(*workers: str) -> None:
+        await pubsub.subscribe(*(worker_wakeup_channel(worker) for worker in workers))
+        for _ in workers:  # subscribed once Redis confirms
+            assert await pubsub.get_message(timeout=1) is not None
+
+    yield listen
+    await pubsub.aclose()
+
+
+async def _workers(redis: Redis, slots: int = 4, **running: int) -> None:
+    """Live workers (heartbeat keys) with these running jobs and `slots` slots each."""
     for worker, jobs in running.items():
         await redis.set(worker_key(worker), "{}", px=60_000)
-        await redis.hset(WORKER_LOAD, mapping={worker: jobs, f"{worker}:slots": 4})
+        await redis.hset(WORKER_LOAD, mapping={worker: jobs, f"{worker}:slots": slots})
 
 
 async def _queued(store: JobStore) -> str:
@@ -117,56 +129,140 @@ async def _queued(store: JobStore) -> str:
     return job.id
 
 
-async def _claim(store: JobStore, job_id: str, worker: str) -> Claimed | Passed | None:
-    return await store.claim(job_id, 1, worker_id=worker, in_progress_ms=10_000, lease_s=10, yield_s=YIELD_S)
+async def _routed(redis: Redis, job_id: str) -> str | None:
+    routed = await redis.hget(f"gateway:job:{job_id}", "routed")
+    return None if routed is None else routed.decode()
 
 
-async def test_a_busier_worker_passes_a_job_on_and_the_next_to_look_takes_it(
-    redis: Redis, store: JobStore
+async def _load(redis: Redis, worker: str) -> int:
+    """The jobs `worker` runs or was chosen to run."""
+    running, routed = await redis.hmget(WORKER_LOAD, [worker, f"{worker}:routed"])  # type: ignore[misc]
+    return int(running or 0) + int(routed or 0)
+
+
+async def _claim(store: JobStore, job_id: str, worker: str) -> Claimed | None:
+    return await store.claim(job_id, 1, worker_id=worker, in_progress_ms=10_000, lease_s=10)
+
+
+async def test_a_burst_alternates_between_the_least_loaded_workers(
+    redis: Redis, store: JobStore, listening: Callable[..., Awaitable[None]]
 ) -> None:
-    await _workers(redis, busy=2, idle=0)
-    job_id = await _queued(store)
-    passed = await _claim(store, job_id, "busy")
-    assert isinstance(passed, Passed)
-    assert 0 < passed.retry_in_s <= YIELD_S
-    assert isinstance(await _claim(store, job_id, "idle"), Claimed)
-    assert await redis.hget(WORKER_LOAD, "idle") == b"1"
+    await _workers(redis, a=0, b=0, c=2)
+    await listening("a", "b", "c")
+    routed = [await _routed(redis, await _queued(store)) for _ in range(7)]
+    # Each job counts in its worker's load from its creation, before any claim.
+    assert sorted(routed[:2]) == ["a", "b"]
+    assert sorted(routed[2:4]) == ["a", "b"]
+    assert sorted(routed[4:]) == ["a", "b", "c"]
+    assert [await _load(redis, w) for w in "abc"] == [3, 3, 3]
 
 
-async def test_a_job_passed_on_is_taken_by_the_next_worker_even_if_it_is_busier(
-    redis: Redis, store: JobStore
+async def test_a_job_wakes_only_the_worker_chosen_to_run_it(
+    redis: Redis, store: JobStore, listening: Callable[..., Awaitable[None]]
 ) -> None:
-    # Three workers: "busy" passes (to "idle"), but "busiest" looks first: it takes it, so a job
-    # is passed on at most once and never waits for a worker that does not look.
-    await _workers(redis, busy=2, busiest=3, idle=0)
+    await _workers(redis, busy=3, idle=1)
+    await listening("busy", "idle")
+    everyone = redis.pubsub()
+    await everyone.subscribe(WAKEUP_CHANNEL)
+    assert await everyone.get_message(timeout=1) is not None
     job_id = await _queued(store)
-    assert isinstance(await _claim(store, job_id, "busy"), Passed)
-    assert isinstance(await _claim(store, job_id, "busiest"), Claimed)
+    assert await _routed(redis, job_id) == "idle"
+    assert await everyone.get_message(timeout=0.2) is None  # no other worker heard of it
+    await everyone.aclose()
 
 
-async def test_the_passer_takes_the_job_back_when_nobody_took_it(redis: Redis, store: JobStore) -> None:
-    await _workers(redis, busy=2, idle=0)
+async def test_every_worker_is_woken_when_none_can_be_chosen(
+    redis: Redis, store: JobStore, listening: Callable[..., Awaitable[None]]
+) -> None:
+    # "full" has no free slot, "dead" no heartbeat, "old" does not listen on a channel of its own.
+    await _workers(redis, full=4, old=0)
+    await redis.hset(WORKER_LOAD, mapping={"dead": 0, "dead:slots": 4})
+    await listening("full", "dead")
+    everyone = redis.pubsub()
+    await everyone.subscribe(WAKEUP_CHANNEL)
+    assert await everyone.get_message(timeout=1) is not None
     job_id = await _queued(store)
-    assert isinstance(await _claim(store, job_id, "busy"), Passed)
-    assert isinstance(await _claim(store, job_id, "busy"), Passed)  # still the idler's turn
-    await asyncio.sleep(YIELD_S + 0.05)
-    assert isinstance(await _claim(store, job_id, "busy"), Claimed)
-    assert await redis.hget(WORKER_LOAD, "busy") == b"3"
-
-
-async def test_a_dead_or_full_worker_is_not_waited_for(redis: Redis, store: JobStore) -> None:
-    await _workers(redis, busy=2, full=0)
-    await redis.hset(WORKER_LOAD, mapping={"full:slots": 0, "dead": 0, "dead:slots": 4})
-    job_id = await _queued(store)
-    assert isinstance(await _claim(store, job_id, "busy"), Claimed)
+    message = await everyone.get_message(timeout=1)
+    assert message is not None
+    assert message["data"] == f"{job_id}.1".encode()
+    assert await _routed(redis, job_id) is None
+    assert (await _load(redis, "full"), await _load(redis, "old")) == (4, 0)
     assert not await redis.hexists(WORKER_LOAD, "dead")  # forgotten
+    await everyone.aclose()
+    assert isinstance(await _claim(store, job_id, "old"), Claimed)  # the first to claim it
+    assert await _load(redis, "old") == 1
 
 
-async def test_the_end_of_an_attempt_takes_it_off_its_workers_load(redis: Redis, store: JobStore) -> None:
-    await _workers(redis, only=0)
+async def test_a_job_claimed_by_another_worker_moves_to_its_load(
+    redis: Redis, store: JobStore, listening: Callable[..., Awaitable[None]]
+) -> None:
+    await _workers(redis, a=0, b=1)
+    await listening("a", "b")
     job_id = await _queued(store)
-    assert isinstance(await _claim(store, job_id, "only"), Claimed)
-    assert await redis.hget(WORKER_LOAD, "only") == b"1"
-    await store.finish_attempt(attempt_id(job_id, 1), "only")
-    assert await redis.hget(WORKER_LOAD, "only") == b"0"
-    assert not await redis.zscore("test:queue", attempt_id(job_id, 1))
+    assert await _load(redis, "a") == 1
+    assert isinstance(await _claim(store, job_id, "b"), Claimed)  # its fallback poll came first
+    assert (await _load(redis, "a"), await _load(redis, "b")) == (0, 2)
+    assert await _claim(store, job_id, "a") == "taken"
+    other = await _queued(store)
+    assert isinstance(await _claim(store, other, "a"), Claimed)  # the chosen one: counted once
+    assert await _load(redis, "a") == 1
+
+
+async def test_a_job_withdrawn_before_it_starts_leaves_its_workers_load(
+    redis: Redis, store: JobStore, listening: Callable[..., Awaitable[None]]
+) -> None:
+    await _workers(redis, only=0)
+    await listening("only")
+    job_id = await _queued(store)
+    assert await _load(redis, "only") == 1
+    failure = Failed(code=FailureCode.QUEUE_TIMEOUT, message="nobody took it")
+    assert await store.stop(job_id, withdraw_only=True, failure=failure) == "stopped"
+    assert await _load(redis, "only") == 0
+
+
+async def test_a_retried_job_is_placed_again(
+    redis: Redis, store: JobStore, listening: Callable[..., Awaitable[None]]
+) -> None:
+    await _workers(redis, lost=0, other=1)
+    await listening("lost", "other")
+    job_id = await _queued(store)
+    assert isinstance(await _claim(store, job_id, "lost"), Claimed)
+    await redis.delete(worker_key("lost"))  # it died without output: its lease runs out
+    await store.expire_lease(job_id, 1)
+    assert await store.recover_expired(max_attempts=3) == [(job_id, "retried")]
+    assert await _routed(redis, job_id) == "other"
+    assert await _load(redis, "other") == 2
+    assert isinstance(
+        await store.claim(job_id, 2, worker_id="other", in_progress_ms=10_000, lease_s=10), Claimed
+    )
+    assert await _load(redis, "other") == 2
+
+
+async def test_the_end_of_an_attempt_takes_it_off_its_workers_load(
+    redis: Redis, store: JobStore, listening: Callable[..., Awaitable[None]]
+) -> None:
+    await _workers(redis, only=0)
+    await listening("only")
+    superseded, ended = await _queued(store), await _queued(store)
+    for job_id in (superseded, ended):
+        assert isinstance(await _claim(store, job_id, "only"), Claimed)
+    assert await _load(redis, "only") == 2
+    # An attempt that wrote no terminal event (here: superseded) takes one round trip of its own.
+    await store.finish_attempt(attempt_id(superseded, 1), "only")
+    assert await _load(redis, "only") == 1
+    assert not await redis.zscore("test:queue", attempt_id(superseded, 1))
+    # One that did, with it.
+    record = stats.JobRecord(
+        job_id=ended,
+        request_id="req_1",
+        worker_id="only",
+        outcome="completed",
+        queue_wait_s=0.1,
+        duration_s=1,
+    )
+    end = AttemptEnd("only", record, failures_kept=10)
+    await store.append(ended, 1, 1, [encode_event(DONE)], outcome="completed", ttl_s=60, end=end)
+    assert await _load(redis, "only") == 0
+    assert not await redis.zscore("test:queue", attempt_id(ended, 1))
+    assert not await redis.exists(f"arq:in-progress:{attempt_id(ended, 1)}")
+    assert (await stats.read_stats(redis)).jobs == {"completed": 1}

@@ -72,9 +72,10 @@ async def test_outcomes_add_up_into_cumulative_histograms(redis: Redis) -> None:
         )
 
     failure = Failed(code=FailureCode.TIMEOUT, message="too slow")
-    await stats.record_job(redis, record("completed", 0.2), failures_kept=10)
-    await stats.record_job(redis, record("completed", 7.0), failures_kept=10)
-    await stats.record_job(redis, record("timeout", 400.0, failure), failures_kept=10)
+    for outcome in (record("completed", 0.2), record("completed", 7.0), record("timeout", 400.0, failure)):
+        # As the write of a job's terminal event adds it (shared/jobstore.py).
+        encoded = stats.encode_outcome(outcome, failures_kept=10)
+        await redis.eval(stats.ADD_OUTCOME + "add_outcome(ARGV[1])", 0, encoded)  # type: ignore[misc]
     totals = await stats.read_stats(redis)
     assert totals.jobs == {"completed": 2, "timeout": 1}
     assert (totals.prompt_tokens, totals.completion_tokens, totals.cost_usd) == (6, 14, 0.5)

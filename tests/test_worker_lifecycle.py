@@ -21,15 +21,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from api.metrics import render as render_metrics
 from cli.embedded_redis import EmbeddedRedis
 from cli.status import render as render_status
+from shared import stats
 from shared.events import EventReader
 from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode, Turn
 from shared.jobstore import JobStore
-from shared.keys import CANCEL_CHANNEL
+from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL
 from shared.settings import Settings
 from shared.status import Snapshot, take_snapshot
 from tests.conftest import unit_db
-from worker import outcomes
-from worker import task as worker_task
 from worker.main import GatewayWorker, build_worker
 
 QUEUE = "test:lifecycle:queue"
@@ -102,15 +101,17 @@ async def start(redis_server: EmbeddedRedis) -> AsyncIterator[Callable[..., Awai
 
 @pytest.fixture
 def held_report(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
-    """Holds every job in its last finishing step (recording its outcome) until the event is set."""
+    """Holds every job in its last finishing step (the write of its terminal event, which records
+    its outcome) once Redis has it, until the event is set."""
     release = asyncio.Event()
-    real = worker_task.report_outcome
+    real = JobStore.append
 
-    async def report(*args: Any) -> None:
-        await release.wait()
-        await real(*args)
+    async def append(self: JobStore, *args: Any, **kwargs: Any) -> None:
+        await real(self, *args, **kwargs)
+        if kwargs.get("end") is not None:
+            await release.wait()
 
-    monkeypatch.setattr(worker_task, "report_outcome", report)
+    monkeypatch.setattr(JobStore, "append", append)
     return release
 
 
@@ -202,29 +203,88 @@ async def test_a_job_whose_lease_is_lost_stops_quietly_and_the_worker_serves_on(
 
 
 @pytest.mark.parametrize("error", [RedisConnectionError("gone"), OSError("reset"), RuntimeError("bug")])
-@pytest.mark.parametrize("step", ["record the outcome", "remove the arq keys"])
-async def test_an_error_in_the_finishing_steps_does_not_stop_the_worker(
-    start: Callable[..., Awaitable[Running]], monkeypatch: pytest.MonkeyPatch, error: Exception, step: str
+async def test_an_error_removing_the_arq_keys_does_not_stop_the_worker(
+    start: Callable[..., Awaitable[Running]], monkeypatch: pytest.MonkeyPatch, error: Exception
 ) -> None:
+    # The step of its own that an attempt without a terminal event of its own takes (here: one
+    # superseded after its lease was lost).
     running = await start()
     failures = [error]
+    real = JobStore.finish_attempt
 
-    def failing(real: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-        async def call(*args: Any, **kwargs: Any) -> None:
-            if failures:
-                raise failures.pop()
-            await real(*args, **kwargs)
+    async def finish_attempt(self: JobStore, *args: Any) -> None:
+        if failures:
+            raise failures.pop()
+        await real(self, *args)
 
-        return call
-
-    if step == "record the outcome":
-        monkeypatch.setattr(outcomes.stats, "record_job", failing(outcomes.stats.record_job))
-    else:
-        monkeypatch.setattr(JobStore, "finish_attempt", failing(JobStore.finish_attempt))
-    events = await running.events(await running.submit("hello"))
-    assert isinstance(events[-1], Done)
+    monkeypatch.setattr(JobStore, "finish_attempt", finish_attempt)
+    job_id = await running.submit(script(text="a ", tokens=10_000, delay_ms=5))
+    async with asyncio.timeout(5):
+        async for _ in running.reader.events(job_id, idle_timeout_s=5):
+            break
+    await running.store.expire_lease(job_id, 1)  # the worker's own sweep fails the job
+    events = await running.events(job_id)
+    assert isinstance(events[-1], Failed)
+    assert events[-1].code is FailureCode.WORKER_LOST
     await running.assert_serving()
     assert not failures  # the step did fail
+
+
+async def test_an_outcome_the_totals_cannot_take_does_not_fail_the_job(
+    start: Callable[..., Awaitable[Running]], caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start()
+    await running.redis.set(stats.STATS_KEY, "not a hash")
+    job_id = await running.submit("hello")
+    events = await running.events(job_id)
+    assert isinstance(events[-1], Done)
+    await asyncio.sleep(0.1)
+    assert f"could not record the outcome of job {job_id}" in caplog.text
+    await running.redis.delete(stats.STATS_KEY)
+    await running.assert_serving()
+    assert (await stats.read_stats(running.redis)).jobs == {"completed": 1}
+
+
+async def test_the_queue_poll_claims_an_attempt_another_worker_runs_only_once(
+    start: Callable[..., Awaitable[Running]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = await start()
+    claims: list[str] = []
+    real = JobStore.claim
+
+    async def claim(self: JobStore, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        claims.append(job_id)
+        return await real(self, job_id, *args, **kwargs)
+
+    monkeypatch.setattr(JobStore, "claim", claim)
+    running.worker.allow_pick_jobs = False  # another worker takes it, as if it came first
+    job_id = await running.submit("hello")
+    assert await running.store.claim(job_id, 1, worker_id="other", in_progress_ms=10_000, lease_s=10)
+    await asyncio.sleep(0.3)  # its wake-ups are passed on and ignored meanwhile
+    claims.clear()
+    running.worker.allow_pick_jobs = True
+    await asyncio.sleep(5 * running.settings.poll_fallback_s)  # it stays in arq's queue: polled 5 times
+    assert claims == [job_id]
+
+
+async def test_a_job_placed_on_a_worker_that_takes_no_more_wakes_every_worker(
+    start: Callable[..., Awaitable[Running]],
+) -> None:
+    running = await start()
+    running.worker.allow_pick_jobs = False  # as while it drains on SIGTERM
+    everyone = running.redis.pubsub()
+    await everyone.subscribe(WAKEUP_CHANNEL)
+    assert await everyone.get_message(timeout=1) is not None
+    job_id = await running.submit("hello")  # placed on it: the only live worker
+    assert (
+        await running.redis.hget(f"gateway:job:{job_id}", "routed")
+        == running.worker.heartbeat.worker_id.encode()
+    )
+    message = await everyone.get_message(timeout=2)
+    assert message is not None
+    assert message["data"] == f"{job_id}.1".encode()
+    await everyone.aclose()
+    running.worker.allow_pick_jobs = True
 
 
 async def test_an_attempt_cancelled_before_it_began_is_handed_back(

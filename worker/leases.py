@@ -11,10 +11,11 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Literal
 
 from redis.exceptions import RedisError
 
-from shared.jobstore import Claimed, JobStore, Passed
+from shared.jobstore import Claimed, JobStore
 from shared.settings import Settings
 
 log = logging.getLogger("gateway.worker")
@@ -54,8 +55,8 @@ class RunningJobs:
     claimed: dict[str, Claimed] = field(default_factory=dict)
 
     async def claim(
-        self, job_id: str, attempt: int, in_progress_ms: int, yield_s: float
-    ) -> Claimed | Passed | None:
+        self, job_id: str, attempt: int, in_progress_ms: int
+    ) -> Claimed | Literal["taken"] | None:
         """Claims a queued attempt for this worker; `run_completion` then takes it from `claimed`."""
         claimed = await self.store.claim(
             job_id,
@@ -63,7 +64,6 @@ class RunningJobs:
             worker_id=self.worker_id,
             in_progress_ms=in_progress_ms,
             lease_s=self.settings.lease_s,
-            yield_s=yield_s,
         )
         if isinstance(claimed, Claimed):
             self.claimed[job_id] = claimed

@@ -15,8 +15,8 @@ from redis.exceptions import RedisError
 
 from shared import queue, worker_exits
 from shared.autopipeline import AutoPipelined
-from shared.jobstore import Claimed, JobStore, Passed
-from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL, is_job_id
+from shared.jobstore import Claimed, JobStore
+from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL, is_job_id, worker_wakeup_channel
 from shared.settings import Settings
 from shared.worker_exits import ExitReason
 from worker.backends import create_backend
@@ -28,19 +28,17 @@ from worker.task import run_completion
 
 log = logging.getLogger("gateway.worker")
 
-_YIELD_TO_IDLER_S = 0.05
-"""How long a busier worker leaves a job to an idler one before taking it back. The idler, or
-any worker after it, takes it as soon as it sees it: this only bounds the wait when none does."""
-
 
 class GatewayWorker(Worker):
     """arq's worker with its poll sleep replaced by "until woken, or `fallback_s` at most".
 
-    Each enqueue publishes the new attempt's id on `WAKEUP_CHANNEL`, and every worker with a free
-    slot tries to claim it at once (one script; the losers learn it in that round trip, and a
-    worker busier than a live peer passes it on to the next one to look: the claim script places
-    jobs, see shared/jobstore.py). A missed wake-up (pub/sub is at-most-once) costs one fallback
-    poll of the queue.
+    Each enqueue publishes the new attempt's id on the channel of the worker the job store chose
+    to run it (`worker_wakeup_channel`: the job store places jobs, see shared/jobstore.py), which
+    claims it at once (one script). An attempt for no one worker (all busy, a session's turn
+    offered to the worker holding its workspace, or from a job store before placement) goes to
+    `WAKEUP_CHANNEL`, where every worker with a free slot tries to claim it and the losers learn
+    it in that round trip. A missed wake-up (pub/sub is at-most-once) costs one fallback poll of
+    the queue, which is also how a worker that knows no channel of its own gets its jobs.
     """
 
     def __init__(self, *, redis_url: str, settings: Settings, **kwargs: Any) -> None:
@@ -51,12 +49,16 @@ class GatewayWorker(Worker):
         self._turned_away = False  # a job was left queued for want of a slot since the last poll
         self._background_tasks: set[asyncio.Task[None]] = set()
         self._slot_turn = asyncio.Lock()  # when all slots are busy, queued jobs get them in order
+        self._claiming = 0  # claims in flight
+        # Attempts other workers run: arq keeps them in its queue until they end, and each poll
+        # would claim them in vain (a slot and a round trip each, every `fallback_s`).
+        self._taken: set[bytes] = set()
         self.heartbeat = HeartbeatLoop(
             redis_url,
             settings,
             slots=self.max_jobs,
             jobs=lambda: [attempt.partition(".")[0] for attempt in self.job_tasks],
-            running=lambda: self.job_counter,
+            idle=lambda: self.job_counter == 0 and self._claiming == 0,
         )
         self.ctx["heartbeat"] = self.heartbeat
         self._stop_signal: str | None = None
@@ -116,12 +118,21 @@ class GatewayWorker(Worker):
                 await self._wake.wait()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's `start_jobs`, with the claim and the attempt's start as one script."""
+        """arq's `start_jobs` (its queue poll hands it every due attempt)."""
+        self._taken.intersection_update(job_ids)  # the others have left the queue: ended
+        await self._claim_each(job_ids)
+
+    async def _claim_each(self, job_ids: list[bytes]) -> None:
+        """arq's `start_jobs` loop, with the claim and the attempt's start as one script."""
         running: RunningJobs = self.ctx["running"]
         for raw in job_ids:
             job_id, _, attempt = raw.decode().partition(".")
-            if not (is_job_id(job_id) and attempt.isdigit()) or raw.decode() in self.tasks:
-                continue  # not an attempt at a job of ours, or one running here (still queued in arq)
+            if (
+                not (is_job_id(job_id) and attempt.isdigit())
+                or raw.decode() in self.tasks
+                or raw in self._taken
+            ):
+                continue  # not an attempt at a job of ours, or one running (still queued in arq)
             async with self._slot_turn:
                 await self.sem.acquire()
             if self.job_counter >= self.max_jobs:
@@ -129,11 +140,15 @@ class GatewayWorker(Worker):
                 self._turned_away = True
                 return
             in_progress_ms = int(self.in_progress_timeout_s * 1000)
-            claimed = await running.claim(job_id, int(attempt), in_progress_ms, _YIELD_TO_IDLER_S)
+            self._claiming += 1
+            try:
+                claimed = await running.claim(job_id, int(attempt), in_progress_ms)
+            finally:
+                self._claiming -= 1
             if not isinstance(claimed, Claimed):
                 self.sem.release()
-                if isinstance(claimed, Passed):
-                    self._background(self._take_back(raw, claimed.retry_in_s))
+                if claimed == "taken":
+                    self._taken.add(raw)
                 continue
             self.job_counter += 1
             task = self.loop.create_task(self._run_attempt(raw.decode()))
@@ -146,10 +161,11 @@ class GatewayWorker(Worker):
         arq's version starts by fetching the attempt's entry (GET, INCR, EXPIRE) to learn the
         function and its arguments, one more Redis round trip before every job's first token.
         The claim script has already loaded the job and the attempt id names the rest, so this
-        runs `run_completion` at once and, when it ends, removes the attempt's arq keys as arq's
-        `finish_job` would, and takes it off this worker's load, in one round trip. Time limits,
-        retries and results are the job store's (arq's `max_tries`, `keep_result` and timeout are
-        not used for attempts either way).
+        runs `run_completion` at once. The attempt's arq keys go as arq's `finish_job` would
+        remove them, and the attempt off this worker's load, with its terminal event; an attempt
+        that wrote none does it in a round trip of its own. Time limits, retries and results are
+        the job store's (arq's `max_tries`, `keep_result` and timeout are not used for attempts
+        either way).
         """
         completion, _, attempt = job_id.partition(".")
         task = asyncio.current_task()
@@ -157,9 +173,10 @@ class GatewayWorker(Worker):
         self.job_tasks[job_id] = task
         # Nothing a job does may reach arq's main loop, which reads every finished task's result
         # and would close the worker on an exception: its outcome is in the job's event stream.
+        finished = False
         try:
             self.heartbeat.poke()
-            await run_completion(self.ctx, completion, int(attempt))
+            finished = await run_completion(self.ctx, completion, int(attempt))
             self.jobs_complete += 1
         except asyncio.CancelledError:  # only arq cancels this task, when the worker shuts down
             log.info("attempt %s stopped by the worker's shutdown", job_id)
@@ -168,6 +185,8 @@ class GatewayWorker(Worker):
             log.exception("attempt %s failed", job_id)
         finally:
             del self.job_tasks[job_id]
+        if finished:
+            return
         running: RunningJobs = self.ctx["running"]
         try:
             await asyncio.shield(running.store.finish_attempt(job_id, running.worker_id))
@@ -175,19 +194,17 @@ class GatewayWorker(Worker):
             # Its arq keys expire on their own (in-progress mark) or are stale entries claims skip.
             log.warning("could not remove the arq keys of attempt %s (%r)", job_id, exc)
 
-    async def _start_woken(self, attempt_id: bytes) -> None:
-        """Starts the attempt a wake-up named, without a trip through the queue's index."""
-        if not self.allow_pick_jobs:
-            return
+    async def _start_woken(self, attempt_id: bytes, *, chosen: bool) -> None:
+        """Starts the attempt a wake-up named, without a trip through the queue's index. One this
+        worker was `chosen` to run but takes no more jobs (it is shutting down) goes to every
+        worker instead."""
         try:
-            await self.start_jobs([attempt_id])
+            if self.allow_pick_jobs:
+                await self._claim_each([attempt_id])
+            elif chosen:
+                await self.pool.publish(WAKEUP_CHANNEL, attempt_id)
         except RedisError as exc:
             log.warning("cannot reach Redis to start a job (%s); the poll will", type(exc).__name__)
-
-    async def _take_back(self, attempt_id: bytes, delay_s: float) -> None:
-        """Looks again at an attempt passed on to an idler worker, in case none took it."""
-        await asyncio.sleep(delay_s)
-        await self._start_woken(attempt_id)
 
     def _attempt_done(self, attempt_id: str, task: "asyncio.Task[None]") -> None:
         self.job_counter -= 1
@@ -215,19 +232,22 @@ class GatewayWorker(Worker):
         task.add_done_callback(self._background_tasks.discard)
 
     async def _listen(self) -> None:
-        """Wake-ups (a job was queued) and cancels (stop a job if it runs here)."""
+        """Wake-ups (a job was queued, for this worker or any) and cancels (stop a job if it runs
+        here)."""
+        own = worker_wakeup_channel(self.heartbeat.worker_id)
         while True:
             redis = Redis.from_url(self._redis_url)
             try:
                 async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(WAKEUP_CHANNEL, CANCEL_CHANNEL)
+                    await pubsub.subscribe(WAKEUP_CHANNEL, CANCEL_CHANNEL, own)
                     async for message in pubsub.listen():
                         if message["type"] != "message":
                             continue
-                        if message["channel"] == CANCEL_CHANNEL.encode():
+                        channel = message["channel"].decode()
+                        if channel == CANCEL_CHANNEL:
                             self.ctx["running"].cancel(message["data"].decode())
                         elif message["data"]:
-                            self._background(self._start_woken(message["data"]))
+                            self._background(self._start_woken(message["data"], chosen=channel == own))
                         else:
                             self._wake.set()
             except (OSError, RedisError) as exc:

@@ -21,10 +21,11 @@ from redis.exceptions import RedisError
 from shared import logs, sessions
 from shared.events import EventWriter, Superseded, streamed_text
 from shared.jobs import CompletionJob, Done, Failed, FailureCode
+from shared.jobstore import AttemptEnd
 from shared.settings import Settings
 from worker.backends import Backend, BackendError, Progress
 from worker.leases import RunningJobs, StopReason
-from worker.outcomes import report_outcome
+from worker.outcomes import outcome_record
 from worker.session_files import SessionFiles, SessionTurn
 from worker.stops import stop_at
 
@@ -33,20 +34,21 @@ log = logging.getLogger("gateway.worker")
 _CANCELLED = Failed(code=FailureCode.CANCELLED, message="The job was cancelled.")
 
 
-async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None:
-    """The arq function behind every attempt at a completion job."""
+async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> bool:
+    """The arq function behind every attempt at a completion job. True if the attempt wrote the
+    job's terminal event, which also finished the attempt and recorded its outcome (`AttemptEnd`)."""
     settings: Settings = ctx["settings"]
     running: RunningJobs = ctx["running"]
     started = running.claimed.pop(job_id, None)
     if started is None:  # not claimed through `GatewayWorker.start_jobs`: not ours to run
         log.warning("job %s attempt %d ran without a claim; skipped", job_id, attempt)
-        return
+        return False
     job = started.job
     logs.bind_new(request_id=job.request_id, job_id=job.id)
     writer = EventWriter(running.store, job.id, attempt, outage_grace_s=settings.redis_outage_grace_s)
     control = running.add(job.id, attempt)
     began = time.perf_counter()
-    written: Done | Failed | None = None
+    finished = False
     outcome = "superseded"
     terminal: Done | Failed | None = None
     stopped = False
@@ -65,9 +67,15 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None
             terminal = await _stopped(control.reason or StopReason.SHUTDOWN, running, job.id, attempt, writer)
             outcome = "handed back" if terminal is None and control.reason is None else outcome
         if terminal is not None:
-            writer.emit(terminal)
+            usage = terminal.usage if isinstance(terminal, Done) else None
+            failure = terminal if isinstance(terminal, Failed) else None
+            first_output = writer.first_output_at  # None if the terminal event is all it wrote
+            record = outcome_record(
+                job, running.worker_id, started.score, began, first_output, usage, failure
+            )
+            writer.finish(terminal, AttemptEnd(running.worker_id, record, settings.recent_failures_kept))
             await asyncio.shield(writer.drain())
-            written = terminal
+            finished = True
             outcome = "completed" if isinstance(terminal, Done) else terminal.code.value
     except Superseded:
         outcome = "superseded"
@@ -80,12 +88,7 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> None
             (time.perf_counter() - began) * 1000,
             writer.emitted,
         )
-    if written is not None:  # this attempt decided how the job ended
-        usage = written.usage if isinstance(written, Done) else None
-        failure = written if isinstance(written, Failed) else None
-        await asyncio.shield(
-            report_outcome(ctx, job, started.score, began, writer.first_output_at, usage, failure)
-        )
+    return finished
 
 
 async def _produce(
