@@ -156,17 +156,12 @@ class EventReader:
     The task blocks in one `XREAD` over all the followed streams (each after its follower's last
     event) and hands each entry to its follower, so open streams do not each hold a connection and a
     burst of requests shares its round trips. A follower that arrives while that read is blocked
-    wakes it, unless it ends by itself within `WAKEUP_DELAY_S`, by appending to this reader's own
-    wake-up stream, which every read includes: read from
+    wakes it by appending to this reader's own wake-up stream, which every read includes: read from
     an explicit id, an append Redis handles before the read is still seen, so no wake-up is lost and
     nothing waits for the block to end. Arrivals during one read share one append.
     """
 
     BLOCK_MS = 5_000  # only bounds a lost wake-up (its append failed): arrivals wake the read
-    WAKEUP_DELAY_S = 0.002
-    """How long an arrival lets the read in flight end by itself before waking it: with streams
-    busy, their next event ends it within moments (the wake-up's round trips saved), and a new
-    job has no event before a worker has claimed it anyway."""
     COUNT = 1024  # entries per stream per read
     HELD = 1024  # a follower this many events behind is left out of the read until it catches up
     WAKEUP_TTL_S = 60
@@ -178,8 +173,7 @@ class EventReader:
         self._followers: dict[bytes, set[_Follower]] = {}
         self._changed = asyncio.Event()  # a follower arrived or resumed while no read was in flight
         self._reading = False
-        self._woken = False  # the read in flight has been sent its wake-up, or will be
-        self._wakeup_due: asyncio.TimerHandle | None = None
+        self._woken = False  # the read in flight has been sent its wake-up
         self._task: asyncio.Task[None] | None = None
         self._wakeups: set[asyncio.Task[None]] = set()  # strong references until they finish
 
@@ -220,7 +214,6 @@ class EventReader:
                 del self._followers[follower.key]
 
     async def aclose(self) -> None:
-        self._drop_wakeup()
         for task in (self._task, *self._wakeups):
             if task is not None:
                 task.cancel()
@@ -235,19 +228,9 @@ class EventReader:
             self._changed.set()
         elif not self._woken:
             self._woken = True
-            self._wakeup_due = asyncio.get_running_loop().call_later(self.WAKEUP_DELAY_S, self._wakeup_now)
-
-    def _wakeup_now(self) -> None:
-        self._wakeup_due = None
-        task = asyncio.create_task(self._send_wakeup())
-        self._wakeups.add(task)
-        task.add_done_callback(self._wakeups.discard)
-
-    def _drop_wakeup(self) -> None:
-        """The read in flight has ended (or the reader closes): the next read includes the arrivals."""
-        if self._wakeup_due is not None:
-            self._wakeup_due.cancel()
-            self._wakeup_due = None
+            task = asyncio.create_task(self._send_wakeup())
+            self._wakeups.add(task)
+            task.add_done_callback(self._wakeups.discard)
 
     async def _send_wakeup(self) -> None:
         try:
@@ -286,7 +269,6 @@ class EventReader:
                     continue
                 finally:
                     self._reading = False
-                    self._drop_wakeup()
                 for key, entries in reply:
                     if key == self._wakeup_key:
                         self._wakeup_last = entries[-1][0].decode()

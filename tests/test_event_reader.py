@@ -12,7 +12,6 @@ from cli.embedded_redis import EmbeddedRedis
 from shared.events import EventReader, EventWriter, NoEventWithin
 from shared.jobs import CompletionJob, Delta, Done, FinishReason, JobEventValue, Turn, Usage, encode_event
 from shared.jobstore import JobStore
-from shared.keys import reader_wakeup_key
 
 DONE = Done(finish_reason=FinishReason.STOP, usage=Usage(prompt_tokens=1, completion_tokens=1))
 Followed = list[tuple[int, JobEventValue]]
@@ -101,24 +100,6 @@ async def test_a_follower_arriving_during_a_blocked_read_wakes_it(redis: Redis, 
     late: Followed = []
     await _follow(reader, written, late, idle_s=5)
     assert late == [(1, Delta(text="ready")), (2, DONE)]
-    first.cancel()
-
-
-async def test_a_read_that_ends_by_itself_is_not_woken(redis: Redis, reader: EventReader) -> None:
-    reader.WAKEUP_DELAY_S = 60  # only the first follower's event can end the read
-    store = JobStore(redis, queue_name="test:queue", ttl_s=60)
-    busy, late = await _started_job(store), await _started_job(store)
-    got: Followed = []
-    first = asyncio.create_task(_follow(reader, busy, got))
-    await _blocked_read(redis)
-    late_got: Followed = []
-    following_late = asyncio.create_task(_follow(reader, late, late_got))
-    await asyncio.sleep(0.05)
-    await _write(EventWriter(store, busy, 1), Delta(text="ends the read"))
-    await _write(EventWriter(store, late, 1), Delta(text="read by the next one"), DONE)
-    await asyncio.wait_for(following_late, 10)
-    assert late_got == [(1, Delta(text="read by the next one")), (2, DONE)]
-    assert await redis.keys(reader_wakeup_key("*")) == []  # never sent
     first.cancel()
 
 
