@@ -24,8 +24,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import ANONYMOUS, Gateway
 from api.errors import OpenAIError, storage_full
-from shared import apikeys, quotas
+from shared import apikeys, quotas, tool_config
 from shared.jobstore import JobSlot, NoJobSlot
+from shared.keys import TOOL_CONFIG_GLOBAL
 from shared.settings import Settings
 
 log = logging.getLogger("gateway.api")
@@ -36,6 +37,8 @@ OPEN_PATHS = frozenset({"/", "/health", "/ready", "/dashboard"})
 # The requests that start a model job; resuming, polling or cancelling one is a general request.
 _JOB_CREATING = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages"})
 _JOB_LEASE_GRACE_S = 60.0
+STORED_GLOBAL_TOOLS = "stored_global_tools"
+"""The request state's `tool_config.StoredGlobal`, when the access check read it for the route."""
 _ACCESS_UNAVAILABLE = OpenAIError(
     503,
     "The gateway cannot check access right now; retry shortly.",
@@ -202,10 +205,14 @@ class Access:
             if admitted is not None:
                 return admitted
         # What the decision needs from Redis, in one round trip: the address's failed
-        # authentications and, unless the key is a configured one, the managed keys.
+        # authentications and, unless the key is a configured one, the managed keys (and what the
+        # route reads next).
+        reads = _reads(category)
         async with redis.pipeline(transaction=False) as pipe:
             if self.settings.rate_limit_enabled:
                 quotas.peek(pipe, self._auth_bucket(address))
+            for key in reads:
+                pipe.get(key)
             if configured is None:
                 if hashed is not None:
                     pipe.hget(apikeys.MANAGED_KEYS, hashed)
@@ -216,6 +223,7 @@ class Access:
             throttled = quotas.RateDecision.of(replies.pop(0))
             if not throttled.allowed:
                 return _too_many_failures(throttled), {}
+        _keep_reads(state, [replies.pop(0) for _ in reads])
         if configured is not None:
             identity: tuple[str, bool] | None = configured, True
         else:
@@ -252,8 +260,9 @@ class Access:
             return None
         bucket = self._rate_bucket(key_id, address, category)
         auth = self._auth_bucket(address)
+        reads = _reads(category)
         admission = await quotas.admit(
-            redis, auth, bucket, apikeys.MANAGED_KEYS, open_only=key_id == ANONYMOUS
+            redis, auth, bucket, apikeys.MANAGED_KEYS, open_only=key_id == ANONYMOUS, reads=reads
         )
         if admission is None:  # a managed key exists: protected from now on
             self._now_protected(True)
@@ -261,6 +270,7 @@ class Access:
         if admission.throttled:
             return _too_many_failures(admission.decision), {}
         state["key_id"], state["operator"] = key_id, True
+        _keep_reads(state, admission.values)
         return _limited(admission.decision, category)
 
     def _rate_bucket(self, key_id: str, address: str, category: str) -> dict[str, int]:
@@ -304,6 +314,18 @@ class Access:
             else "Incorrect API key provided."
         )
         return OpenAIError(401, message, type="invalid_request_error", code="invalid_api_key")
+
+
+def _reads(category: str) -> tuple[str, ...]:
+    """What a request of `category` reads from Redis next, fetched with its access check: a job
+    takes the global tool defaults (`submit`)."""
+    return (TOOL_CONFIG_GLOBAL,) if category == "chat" else ()
+
+
+def _keep_reads(state: dict[str, Any], values: list[bytes | None]) -> None:
+    """Keeps what `_reads` fetched for the route."""
+    if values:
+        state[STORED_GLOBAL_TOOLS] = tool_config.StoredGlobal(values[0])
 
 
 def _limited(decision: quotas.RateDecision, category: str) -> tuple[OpenAIError | None, dict[str, str]]:

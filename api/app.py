@@ -61,7 +61,14 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             await reader.aclose()
             await connection.aclose()
 
-    app = FastAPI(title="Claude Code Gateway", version=version("claude-gateway"), lifespan=lifespan)
+    app = FastAPI(
+        title="Claude Code Gateway",
+        version=version("claude-gateway"),
+        lifespan=lifespan,
+        # FastAPI's own OpenTelemetry: the gateway installs no OpenTelemetry SDK (its metrics are
+        # `/metrics`): off, it spares every request a check for configured providers.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     errors.install(app)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(Access, settings=settings)  # before the body is read

@@ -8,6 +8,7 @@ Configured keys are the operator's own and may see the service-wide views; manag
 an operator hands out, so they may only if created with `--operator`.
 """
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -25,6 +26,7 @@ MIN_CONFIGURED_KEY_CHARS = 16  # shorter ones could be guessed, however slowly
 _SECRET_PREFIX = "cgw-"  # noqa: S105 (a recognisable prefix, not a secret)
 
 
+@functools.lru_cache(maxsize=256)  # asked with every request's Host on an open gateway
 def is_loopback(host: str) -> bool:
     """Whether a host name or address is this machine's loopback (where an open gateway may serve)."""
     if host == "localhost":

@@ -11,12 +11,16 @@ slot cannot leak. Those scripts name keys they were not given (the holder's set,
 job's slot record): fine on one Redis (arq does not support Cluster either).
 """
 
+import hashlib
 import math
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from shared.keys import PREFIX
 
@@ -82,10 +86,12 @@ _PEEK = _CLOCK + _PEEK_FUNCTION + "return peek(KEYS[1], tonumber(ARGV[2]))"
 
 # A request's admission in one round trip, when its caller is known without Redis: the address's
 # failed authentications first (a throttled address gets nowhere), then, for a caller who is
-# anonymous only while no managed key exists, that none does, then the count.
-# KEYS: failed-authentication bucket, managed keys, bucket to count
+# anonymous only while no managed key exists, that none does, then the count, and the values the
+# request reads next (`reads`: they ride along rather than cost a round trip of their own).
+# KEYS: failed-authentication bucket, managed keys, bucket to count, keys to read
 # ARGV: window, member, the bucket's cap, the failed-authentication cap, '1': anonymous while open
-# Returns {'throttled', decision...}, {'protected'} (a managed key exists) or {'counted', decision...}.
+# Returns {'throttled', decision...}, {'protected'} (a managed key exists) or
+# {'counted', decision..., values read...} (false: no such key).
 _ADMIT = (
     _CLOCK
     + _HIT_FUNCTION
@@ -94,9 +100,31 @@ _ADMIT = (
 local throttled = peek(KEYS[1], tonumber(ARGV[4]))
 if throttled[1] == 0 then return {'throttled', unpack(throttled)} end
 if ARGV[5] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return {'protected'} end
-return {'counted', unpack(hit({{KEYS[3], ARGV[3]}}))}
+local counted = {'counted', unpack(hit({{KEYS[3], ARGV[3]}}))}
+for i = 4, #KEYS do counted[#counted + 1] = redis.call('GET', KEYS[i]) end
+return counted
 """
 )
+
+
+class _Script:
+    """A Lua script called by its SHA1, computed once (redis-py's `register_script` hashes the
+    script again for every new script object); sent whole when Redis does not know it yet."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(self, redis: Redis, keys: list[str], args: list[str | int]) -> Any:
+        values = [*keys, *map(str, args)]
+        try:
+            return await redis.evalsha(self._sha, len(keys), *values)  # type: ignore[misc]
+        except NoScriptError:
+            return await redis.eval(self._text, len(keys), *values)  # type: ignore[misc]
+
+
+_HIT_SCRIPT = _Script(_HIT)
+_ADMIT_SCRIPT = _Script(_ADMIT)
 
 
 def rate_key(subject: str, endpoint_class: str) -> str:
@@ -129,33 +157,41 @@ async def hit(redis: Redis, buckets: dict[str, int]) -> RateDecision:
     """Counts one request against every bucket (key → limit per window) if all have room."""
     keys = list(buckets)
     # A fresh member per request: a client-chosen id (x-request-id) would let repeats collapse.
-    script = redis.register_script(_HIT)
-    return RateDecision.of(await script(keys=keys, args=[WINDOW_MS, uuid.uuid4().hex, *buckets.values()]))
+    return RateDecision.of(await _HIT_SCRIPT(redis, keys, [WINDOW_MS, uuid.uuid4().hex, *buckets.values()]))
 
 
 @dataclass(frozen=True)
 class Admission:
     """`admit`'s answer: the address is `throttled` (nothing was counted), or the request was
-    `counted` (`decision` says whether it is within its limit)."""
+    `counted` (`decision` says whether it is within its limit, `values` are the keys it read)."""
 
     throttled: bool
     decision: RateDecision
+    values: list[bytes | None] = field(default_factory=list)
 
 
 async def admit(
-    redis: Redis, auth_bucket: dict[str, int], bucket: dict[str, int], managed_keys: str, *, open_only: bool
+    redis: Redis,
+    auth_bucket: dict[str, int],
+    bucket: dict[str, int],
+    managed_keys: str,
+    *,
+    open_only: bool,
+    reads: Sequence[str] = (),
 ) -> Admission | None:
     """Checks the failed-authentication bucket (key → limit per window, counting nothing) and, if it
-    has room, counts one request against `bucket`, in one round trip. `open_only`: the caller is
-    anonymous only while no managed key exists; None if one does (nothing was counted)."""
+    has room, counts one request against `bucket` and reads the string keys `reads`, in one round
+    trip. `open_only`: the caller is anonymous only while no managed key exists; None if one does
+    (nothing was counted)."""
     ((auth_key, auth_cap),) = auth_bucket.items()
     ((key, cap),) = bucket.items()
-    script = redis.register_script(_ADMIT)
     args: list[str | int] = [WINDOW_MS, uuid.uuid4().hex, cap, auth_cap, "1" if open_only else "0"]
-    reply = await script(keys=[auth_key, managed_keys, key], args=args)
+    reply = await _ADMIT_SCRIPT(redis, [auth_key, managed_keys, key, *reads], args)
     if reply[0] == b"protected":
         return None
-    return Admission(reply[0] == b"throttled", RateDecision.of(reply[1:]))
+    if reply[0] == b"throttled":
+        return Admission(True, RateDecision.of(reply[1:]))
+    return Admission(False, RateDecision.of(reply[1:5]), list(reply[5:]))
 
 
 def peek(pipe: Pipeline, bucket: dict[str, int]) -> None:

@@ -8,6 +8,7 @@ to the session's key like everything else in it.
 """
 
 import time
+from dataclasses import dataclass
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
@@ -65,11 +66,25 @@ async def set_session_config(redis: Redis, owner: str, session_id: str, config: 
     return bool(await redis.eval(_SET_IF_SESSION, 1, key, config.model_dump_json()))  # type: ignore[misc]
 
 
-async def configs(redis: Redis, owner: str, session_id: str | None) -> list[ToolConfig]:
-    """The configurations a job of this owner applies, global first (one round trip)."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.get(TOOL_CONFIG_GLOBAL)
-        if session_id is not None:
-            pipe.hget(session_key(owner, session_id), _FIELD)
-        found = await pipe.execute()
+@dataclass(frozen=True)
+class StoredGlobal:
+    """The global configuration's stored JSON (None: there is none), read by a round trip the
+    request made anyway (its admission, `api/access.py`)."""
+
+    raw: bytes | None
+
+
+async def configs(
+    redis: Redis, owner: str, session_id: str | None, stored_global: StoredGlobal | None = None
+) -> list[ToolConfig]:
+    """The configurations a job of this owner applies, global first: one round trip, or none
+    when the global one was read already and the job continues no session."""
+    if stored_global is not None and session_id is None:
+        found = [stored_global.raw]
+    else:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.get(TOOL_CONFIG_GLOBAL)
+            if session_id is not None:
+                pipe.hget(session_key(owner, session_id), _FIELD)
+            found = await pipe.execute()
     return [ToolConfig.model_validate_json(raw) for raw in found if raw is not None]

@@ -85,6 +85,8 @@ def test_the_global_configuration_is_the_operators(
         assert read == changed.json()
         agent = _agent(gateway, caller, chat("hi"))
         assert agent["tools"] == ["Read"]
+        # A configured key's admission reads the defaults, a managed key's access check the same.
+        assert _agent(gateway, operator, chat("hi"))["tools"] == ["Read"]
         responses = {"model": "claude-sonnet-4-5", "input": "hi"}
         assert _agent(gateway, caller, responses, "/v1/responses")["tools"] == ["Read"]
         assert agent["disallowed_tools"] == ["Glob", "Bash(rm:*)"]

@@ -30,7 +30,7 @@ async def create_chat_completion(
     caller: CallerDep,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JSONResponse | EventSourceResponse:
-    idempotency = Idempotency.of(idempotency_key, body.model_dump_json())
+    idempotency = Idempotency.of(idempotency_key, body)
     run = await submit(core_request(body), request, gateway, caller, idempotency=idempotency)
     logs.bind(job_id=run.job.id)
     log.info(

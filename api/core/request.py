@@ -38,7 +38,11 @@ class AgentControls(BaseModel):
     )
 
     def agent_controls(self) -> "AgentControls":
-        return AgentControls.model_validate(self.model_dump(include=set(AgentControls.model_fields)))
+        # A front end's body is an `AgentControls`, validated already: its fields are copied as they are.
+        return AgentControls.model_construct(**{name: getattr(self, name) for name in _AGENT_FIELDS})
+
+
+_AGENT_FIELDS = tuple(AgentControls.model_fields)
 
 
 class CompletionRequest(BaseModel):

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fastapi import Request
+from pydantic import BaseModel
 
-from api.access import job_slot, no_job_slot
+from api.access import STORED_GLOBAL_TOOLS, job_slot, no_job_slot
 from api.core.functions import function_calling
 from api.core.limits import check_prompt_limits
 from api.core.policy import agent_request
@@ -44,14 +45,14 @@ class Idempotency:
     fingerprint: str
 
     @classmethod
-    def of(cls, key: str | None, body: str) -> "Idempotency | None":
-        if key is None:
+    def of(cls, key: str | None, body: BaseModel) -> "Idempotency | None":
+        if key is None:  # no fingerprint either: the body is not serialized for nothing
             return None
         if not _IDEMPOTENCY_KEY.fullmatch(key):
             raise OpenAIError.invalid(
                 "Idempotency-Key must be 1 to 255 printable ASCII characters.", param="Idempotency-Key"
             )
-        return cls(key, hashlib.sha256(body.encode()).hexdigest())
+        return cls(key, hashlib.sha256(body.model_dump_json().encode()).hexdigest())
 
 
 class Companion(Protocol):
@@ -77,7 +78,8 @@ async def submit(
     if request.n > 1:
         _check_choices(request, settings.max_choices, session_id, idempotency)
     owner = sessions.owner_of(caller.key_id)
-    stored = await tool_config.configs(gateway.redis, owner, session_id)
+    stored_global = getattr(http.state, STORED_GLOBAL_TOOLS, None)
+    stored = await tool_config.configs(gateway.redis, owner, session_id, stored_global)
     job = plan(request, http.headers, http.state.request_id, settings, stored, session=session_id is not None)
     job = job.model_copy(update={"owner": owner})
     response_format = request.response_format
