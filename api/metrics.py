@@ -7,14 +7,18 @@ Two kinds of series, told apart in their help text:
   reports the same values. Scrape any one replica (or the load balancer), or aggregate with `max`.
 - **per-process** (`gateway_api_errors_total`, `gateway_rate_limit_rejections_total`,
   `gateway_agent_activity_events_total`): counted in
-  this API process. Scrape every replica and aggregate with `sum`.
+  this API process. Scrape every replica and aggregate with `sum`. The API processes of one
+  `claude-gateway up` share a port, so a scrape reaches any one of them: there they count in files
+  of one folder (`PROMETHEUS_MULTIPROC_DIR`, prometheus_client's multiprocess mode) and each
+  reports the sum of all of them, restarted ones included, so the totals only grow.
 
 Nothing here runs per token.
 """
 
+import os
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest, multiprocess
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -118,7 +122,10 @@ class _Scrape:
 
     def collect(self) -> Iterator[Metric]:
         yield from _service_metrics(self._snapshot)
-        yield from _PROCESS.collect()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # up's processes: all of them
+            yield from multiprocess.MultiProcessCollector(None).collect()  # type: ignore[no-untyped-call]
+        else:
+            yield from _PROCESS.collect()
 
 
 def render(snapshot: Snapshot) -> bytes:

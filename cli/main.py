@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,9 +106,14 @@ def run_up(settings: Settings) -> None:
         children[0].process, children[0].started = embedded.process, time.monotonic()
     keys.ensure_protected(settings, redis_url)  # here, where the terminal is, not in the children
     environ = {**os.environ, "REDIS_URL": redis_url}
-    if settings.api_processes > 1:
-        environ["API_SHARED_PORT"] = "true"
     api_env, worker_env = children_env.api_environment(environ), children_env.worker_environment(environ)
+    if settings.api_processes > 1:
+        api_env["API_SHARED_PORT"] = "true"
+        # A scrape reaches any one of them: they count in one folder, each reporting the sum.
+        counters = settings.state_dir / "api-metrics"
+        shutil.rmtree(counters, ignore_errors=True)  # a new `up`, new totals
+        counters.mkdir(parents=True)
+        api_env["PROMETHEUS_MULTIPROC_DIR"] = str(counters)
     children_env.drop_credentials()  # held for the children in memory only
     forbid_inspection()
     command = [sys.executable, "-m", "cli.main"]

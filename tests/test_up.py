@@ -215,6 +215,33 @@ def test_the_api_processes_share_the_port(up: Up) -> None:
     wait_for(lambda: answered() == set(apis), 5, "both API processes answered")
 
 
+def test_every_scrape_counts_what_both_api_processes_counted(up: Up) -> None:
+    """A scrape reaches either process; each reports the sum, a killed one's counts included."""
+
+    def refused() -> float:
+        text = httpx.get(
+            f"{up.url}/metrics", headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=10
+        ).text
+        line = next(
+            (
+                line
+                for line in text.splitlines()
+                if line.startswith("gateway_api_errors_total{") and 'code="invalid_api_key"' in line
+            ),
+            "0 0",
+        )
+        return float(line.rsplit(" ", 1)[1])
+
+    before = refused()
+    for _ in range(20):  # new connections: both processes refuse some
+        response = httpx.get(f"{up.url}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=10)
+        assert response.status_code == 401
+    assert {refused() for _ in range(10)} == {before + 20}  # whichever process answers
+    os.kill(up.pids("api")[0], signal.SIGKILL)
+    wait_for(lambda: len(up.pids("api")) == 2, 10, "a new API process")
+    assert {refused() for _ in range(10)} == {before + 20}
+
+
 def test_a_killed_redis_is_restarted_from_its_own_data(up: Up) -> None:
     response = up.post(chat("remember me"))
     assert response.status_code == 200
