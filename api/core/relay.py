@@ -9,8 +9,8 @@ job is reading its stream; between events the follower checks on the job:
 - Redis unreachable: wait out `redis_outage_grace_s`, then resume exactly after the last event.
 
 After `KEEP_ALIVE_S` without an event the follower is handed `KEEP_ALIVE` (a stream sends a ping,
-so that proxies keep a connection open through a long silent tool run): the reader's idle wait
-gives both for free, with nothing per event.
+so that proxies keep a connection open through a long silent tool run). The reader's idle wait,
+which wakes the checks, wakes it too: nothing is spent per event.
 """
 
 import asyncio
