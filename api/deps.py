@@ -1,11 +1,12 @@
 """What routes receive from the app: its settings, its Redis connection pool, and who is calling."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 from redis.asyncio import Redis
 
+from api.core.sse import OpenStreams
 from api.errors import OpenAIError
 from shared.events import EventReader
 from shared.jobstore import JobStore
@@ -23,6 +24,8 @@ class Gateway:
     store: JobStore
     reader: EventReader
     """Reads every job stream this process follows (one task, one connection)."""
+    streams: OpenStreams = field(default_factory=OpenStreams)
+    """The streams this process is sending, ended at once by a shutdown."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -53,6 +54,7 @@ def run_api(settings: Settings) -> None:
     import uvicorn
 
     from api.app import create_app
+    from api.deps import Gateway
 
     redis_url = _require_redis_url(settings, "api")
     keys.ensure_protected(settings, redis_url)
@@ -70,10 +72,18 @@ def run_api(settings: Settings) -> None:
         log_config=None,  # keep the gateway's own log format (shared/logs.py)
         access_log=False,
         proxy_headers=False,
-        # Open streams end (clients resume them by id) instead of holding a shutdown open.
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
-    uvicorn.Server(config).run(sockets=[listener])
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            # Open streams end at once (clients resume them by id) instead of holding the shutdown.
+            gateway: Gateway | None = getattr(app.state, "gateway", None)
+            if gateway is not None:
+                gateway.streams.end()
+
+    Server(config).run(sockets=[listener])
 
 
 def run_worker(settings: Settings) -> None:

@@ -11,11 +11,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
 
 from api.chat.outbound import COMPLETION_ID_PREFIX, ChunkRenderer, completion_body, completion_id
 from api.chat.protocol import ChatCompletion
 from api.core.run import Reply, Run, cancel_job, reply_of
+from api.core.sse import EventStreamResponse
 from api.core.streaming import event_stream, parse_last_event_id
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import OpenAIError, error_responses
@@ -39,7 +39,7 @@ async def retrieve_chat_completion(
     include_usage: bool = False,
     last_event_id: Annotated[str | None, Header()] = None,
     include_reasoning: bool = True,
-) -> JSONResponse | EventSourceResponse:
+) -> JSONResponse | EventStreamResponse:
     record = await _owned(gateway, caller, completion_id)
     reasoning = include_reasoning and gateway.settings.stream_reasoning
     if not stream:

@@ -7,11 +7,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
 
 from api.chat.inbound import core_request
 from api.chat.outbound import ChunkRenderer, completion_body, queued_body
 from api.chat.protocol import ChatCompletion, ChatCompletionRequest
+from api.core.sse import EventStreamResponse
 from api.core.streaming import event_stream
 from api.core.submit import Idempotency, submit
 from api.deps import CallerDep, GatewayDep
@@ -29,7 +29,7 @@ async def create_chat_completion(
     gateway: GatewayDep,
     caller: CallerDep,
     idempotency_key: Annotated[str | None, Header()] = None,
-) -> JSONResponse | EventSourceResponse:
+) -> JSONResponse | EventStreamResponse:
     idempotency = Idempotency.of(idempotency_key, body.model_dump_json())
     run = await submit(core_request(body), request, gateway, caller, idempotency=idempotency)
     logs.bind(job_id=run.job.id)

@@ -7,6 +7,10 @@ job is reading its stream; between events the follower checks on the job:
 - started, but its worker's lease ran out: recover it here (any worker would too), so a job is
   settled even when no worker is left to sweep;
 - Redis unreachable: wait out `redis_outage_grace_s`, then resume exactly after the last event.
+
+After `KEEP_ALIVE_S` without an event the follower is handed `KEEP_ALIVE` (a stream sends a ping,
+so that proxies keep a connection open through a long silent tool run). The reader's idle wait,
+which wakes the checks, wakes it too: nothing is spent per event.
 """
 
 import asyncio
@@ -21,21 +25,45 @@ from shared.jobs import Failed, FailureCode
 from shared.jobstore import JobStore
 from shared.settings import Settings
 
+KEEP_ALIVE_S = 15.0
+
+
+class KeepAlive:
+    """No event for `KEEP_ALIVE_S` (or since the last `KEEP_ALIVE`): the job is still being followed."""
+
+
+KEEP_ALIVE = KeepAlive()
+FollowedEvent = JobEventValue | KeepAlive
+
 
 async def follow_job(
     reader: EventReader, store: JobStore, settings: Settings, job_id: str, *, after: int = 0, withdraw: bool
-) -> AsyncIterator[tuple[int, JobEventValue]]:
-    """Yields `(seq, event)` after `after` up to and including the job's terminal event."""
+) -> AsyncIterator[tuple[int, FollowedEvent]]:
+    """Yields `(seq, event)` after `after` up to and including the job's terminal event, and
+    `(seq of the last event, KEEP_ALIVE)` through a silence."""
     check_every = min(settings.lease_s, settings.queue_timeout_s)
-    waiting_since = time.monotonic()
+    waiting_since = heard = checked = kept_alive = time.monotonic()
     outage_since: float | None = None
     while True:
+        # The silence since the last event is woken when a check or a keep-alive is due, whichever
+        # comes first. The wait holds for each silence of this read: after events, one may come
+        # early, and the read is resumed for what is left.
+        due = min(max(heard, checked) + check_every, max(heard, kept_alive) + KEEP_ALIVE_S)
         try:
-            async for seq, event in reader.events(job_id, after=after, idle_timeout_s=check_every):
-                after, outage_since = seq, None
+            async for seq, event in reader.events(
+                job_id, after=after, idle_timeout_s=max(due - time.monotonic(), 0.0)
+            ):
+                after, outage_since, heard = seq, None, time.monotonic()
                 yield seq, event
             return
         except NoEventWithin:
+            now = time.monotonic()
+            if now >= max(heard, kept_alive) + KEEP_ALIVE_S:
+                kept_alive = now
+                yield after, KEEP_ALIVE
+            if now < max(heard, checked) + check_every:
+                continue
+            checked = now
             record = await store.get(job_id)
             if record is None:
                 yield after + 1, Failed(code=FailureCode.INTERNAL, message="The job no longer exists.")

@@ -2,8 +2,9 @@
 
 Every front end reads a run the same way: `events()` yields `(choice, seq, event)` until each
 choice has its terminal event (or one fails: the others are cancelled then, and the failure ends
-the run). `collect()` turns a finished run into one `Reply` per choice. A run with `n > 1` is one
-request, not a durable job: its choices' events interleave as they arrive.
+the run), and a choice's `KEEP_ALIVE` through a silence. `collect()` turns a finished run into one
+`Reply` per choice. A run with `n > 1` is one request, not a durable job: its choices' events
+interleave as they arrive.
 """
 
 import asyncio
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from api import metrics
-from api.core.relay import follow_job
+from api.core.relay import FollowedEvent, KeepAlive, follow_job
 from api.core.structured import ResponseFormat
 from api.deps import Gateway
 from api.errors import OpenAIError
@@ -23,7 +24,7 @@ from shared.jobstore import JobStore
 
 log = logging.getLogger("gateway.api")
 
-ChoiceEvents = AsyncIterator[tuple[int, int, JobEventValue]]
+ChoiceEvents = AsyncIterator[tuple[int, int, FollowedEvent]]
 """`(choice, seq, event)`: the choice's index and the event's number in its job's sequence."""
 _CANCEL_WAIT_S = 5.0  # how long a cancel waits for a running job to confirm it stopped
 
@@ -120,7 +121,7 @@ class Run:
                 yield 0, seq, event
 
     async def _merged(self) -> ChoiceEvents:
-        merged: asyncio.Queue[tuple[int, int, JobEventValue]] = asyncio.Queue()
+        merged: asyncio.Queue[tuple[int, int, FollowedEvent]] = asyncio.Queue()
         self._pumps = [asyncio.create_task(self._pump(i, job.id, merged)) for i, job in enumerate(self.jobs)]
         ended = 0
         try:
@@ -137,7 +138,7 @@ class Run:
             self.close()
 
     async def _pump(
-        self, choice: int, job_id: str, merged: "asyncio.Queue[tuple[int, int, JobEventValue]]"
+        self, choice: int, job_id: str, merged: "asyncio.Queue[tuple[int, int, FollowedEvent]]"
     ) -> None:
         gateway = self.gateway
         try:
@@ -150,7 +151,7 @@ class Run:
             failure = Failed(code=FailureCode.INTERNAL, message="The gateway lost track of a choice.")
             await merged.put((choice, 0, failure))
 
-    def _shown(self, event: JobEventValue) -> bool:
+    def _shown(self, event: FollowedEvent) -> bool:
         """Whether the caller sees the event (the agent's activity only if asked), counted if so."""
         if not isinstance(event, Activity):
             return True
@@ -174,6 +175,8 @@ class Run:
         replies: dict[int, Reply] = {}
         try:
             async for choice, _, event in self.events():
+                if isinstance(event, KeepAlive):
+                    continue
                 events[choice].append(event)
                 if isinstance(event, Failed):
                     raise OpenAIError.from_failure(event)

@@ -3,8 +3,9 @@
 The front end supplies a `StreamRenderer` (its wire format); this module owns what every stream
 shares: holding the headers until the first event (so an early failure gets its real status),
 batching what is ready together into one body message, ending on the terminal event, ending early
-(in-stream) on a lost queue or on text the model API took back, and cancelling the jobs when a live
-client goes away.
+(in-stream) on a lost queue or on text the model API took back, a keep-alive ping through a silence,
+and cancelling the jobs when a live client goes away (not when the server ends the stream at
+shutdown: its client resumes it).
 
 Text already sent cannot be taken back: when the model API cuts a message and its retry says
 something else (a `Retraction`), the stream ends with a retryable error instead of joining the two.
@@ -14,20 +15,21 @@ The job goes on, and its stored reply (a retrieval, the session's history) keeps
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
+from api.core.relay import FollowedEvent, KeepAlive
 from api.core.run import ChoiceEvents, Reply, Run
+from api.core.sse import EventStreamResponse
 from api.errors import OpenAIError
-from shared.events import JobEventValue
 from shared.jobs import Activity, Delta, Done, Failed, FailureCode, Retraction
 
 log = logging.getLogger("gateway.api")
 
-First = asyncio.Future[tuple[int, int, JobEventValue]]
+First = asyncio.Future[tuple[int, int, FollowedEvent]]
 Rendered = Delta | Activity | Done | Failed
 """What a renderer is given: every event but a `Retraction`, which ends the stream before it."""
 OnAbandon = Callable[[], Coroutine[Any, Any, None]]
@@ -47,6 +49,7 @@ _DIVERGED = OpenAIError.from_failure(
         "job ends); or send the request again.",
     )
 )
+_PING = ServerSentEvent(comment="ping")
 _EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits: `str.isdigit` also takes "²", which `int` refuses
 
 
@@ -72,7 +75,7 @@ async def event_stream(
     *,
     after: int = 0,
     live: bool = True,
-) -> EventSourceResponse:
+) -> EventStreamResponse:
     """The run's stream after event `after`. `live`: the request that queued the run, which waits
     for the first event before answering and cancels the run if its client leaves (unless the run
     is in the background, or `CANCEL_ON_DISCONNECT` is off)."""
@@ -87,7 +90,7 @@ async def event_stream(
 
     on_abandon = cancel if live and settings.cancel_on_disconnect and not run.background else None
     body = _relay(run, renderer, events, first, on_abandon)
-    return EventSourceResponse(body, ping=15)
+    return EventStreamResponse(body, run.gateway.streams)
 
 
 async def first_event(events: ChoiceEvents, wait_s: float) -> First:
@@ -115,7 +118,7 @@ async def _relay(
     events: ChoiceEvents,
     first: First | None,
     on_abandon: OnAbandon | None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     # What is ready together goes out as one body message: each message is a trip through every
     # middleware's `send` and a socket write, so the opening rides with the first content and the
     # closing with the last event.
@@ -129,15 +132,18 @@ async def _relay(
             ready = []
         choice, seq, event = await pending
         while True:
-            if isinstance(event, Retraction):
+            if isinstance(event, KeepAlive):
+                ready.append(_PING)
+            elif isinstance(event, Retraction):
                 ready += renderer.interrupted(_DIVERGED)
                 finished = len(run.jobs) == 1  # a request of several choices is not kept: cancelled
                 break
-            ready += renderer.render(choice, seq, event)
-            if isinstance(event, Done | Failed):
-                ended += 1
-                if isinstance(event, Failed) or ended == len(run.jobs):
-                    break
+            else:
+                ready += renderer.render(choice, seq, event)
+                if isinstance(event, Done | Failed):
+                    ended += 1
+                    if isinstance(event, Failed) or ended == len(run.jobs):
+                        break
             if ready:
                 yield joined(ready)
                 ready = []
@@ -150,7 +156,7 @@ async def _relay(
         finished = True
     finally:
         run.close()
-        if not finished and on_abandon is not None:
+        if not finished and on_abandon is not None and not run.gateway.streams.ending:
             # The client left mid-stream and this task is being cancelled: run it apart.
             task = asyncio.get_running_loop().create_task(on_abandon())
             _abandoned.add(task)

@@ -7,8 +7,8 @@ and every error in Anthropic's shape (`api/errors.py`).
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
 
+from api.core.sse import EventStreamResponse
 from api.core.streaming import event_stream
 from api.core.submit import submit
 from api.deps import CallerDep, GatewayDep
@@ -22,7 +22,7 @@ router = APIRouter()
 @router.post("/v1/messages", response_model=Message, responses=ANTHROPIC_COMPLETION_ERRORS)
 async def create_message(
     body: CreateMessageRequest, request: Request, gateway: GatewayDep, caller: CallerDep
-) -> JSONResponse | EventSourceResponse:
+) -> JSONResponse | EventStreamResponse:
     run = await submit(core_request(body), request, gateway, caller)
     if not body.stream:
         return JSONResponse(message_body(run.job, (await run.collect())[0]).model_dump())

@@ -10,10 +10,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
 
 from api.core.conversation import ChatMessage
 from api.core.run import Run, cancel_job, reply_of
+from api.core.sse import EventStreamResponse
 from api.core.streaming import event_stream, parse_last_event_id
 from api.core.submit import submit
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
@@ -34,7 +34,7 @@ router = APIRouter()
 @router.post("/v1/responses", response_model=Response, responses=COMPLETION_ERRORS)
 async def create_response(
     body: CreateResponseRequest, request: Request, gateway: GatewayDep, caller: CallerDep
-) -> JSONResponse | EventSourceResponse:
+) -> JSONResponse | EventStreamResponse:
     check_supported(body)
     earlier: list[ChatMessage] = []
     if body.previous_response_id is not None:
@@ -61,7 +61,7 @@ async def retrieve_response(
     stream: bool = False,
     starting_after: Annotated[int | None, Query(ge=0)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> JSONResponse | EventSourceResponse:
+) -> JSONResponse | EventStreamResponse:
     record, stored = await _owned(gateway, caller, response_id)
     if not stream:
         return JSONResponse((await _snapshot(gateway, record, stored)).wire())

@@ -1,0 +1,100 @@
+"""The stream response itself: keep-alive pings through a silence, and ending open streams at shutdown."""
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from api.app import create_app
+from api.core import relay
+from cli.embedded_redis import free_port
+from shared.settings import Settings
+from tests.conftest import Gateway, chat, sse_data
+
+
+def script(**spec: Any) -> str:
+    return "script:" + json.dumps(spec)
+
+
+@pytest.fixture
+async def api_in_process(start_gateway: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+    """An API served in this process (so that `KEEP_ALIVE_S` can be shortened), with a scripted worker."""
+    monkeypatch.setattr(relay, "KEEP_ALIVE_S", 0.3)
+    workers: Gateway = start_gateway(workers=1, BACKEND="scripted")
+    settings = Settings(rate_limit_enabled=False, max_concurrent_jobs_per_key=0, stream_commit_after_s=0.1)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings, workers.redis_url), port=port, log_config=None)
+    )
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not serving.done()
+        await asyncio.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await serving
+
+
+async def test_a_silent_job_gets_keep_alive_pings(api_in_process: str) -> None:
+    url = f"{api_in_process}/v1/chat/completions"
+    async with httpx.AsyncClient(timeout=10) as client:
+        body = chat(script(text="late", wait_ms=1500), stream=True)
+        async with client.stream("POST", url, json=body) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+            assert response.headers["x-accel-buffering"] == "no"
+            lines = [line async for line in response.aiter_lines()]
+        pings = [i for i, line in enumerate(lines) if line == ": ping"]
+        text = next(i for i, line in enumerate(lines) if "late" in line)
+        assert len(pings) >= 2, lines  # every 0.3 s of the 1.5 s silence
+        assert pings[-1] < text, lines
+        assert lines[-2:] == ["data: [DONE]", ""]
+
+        # A reply collected whole is not bothered by the silence.
+        answer = await client.post(url, json=chat(script(text="late too", wait_ms=1000)))
+        assert answer.json()["choices"][0]["message"]["content"] == "late too"
+
+
+def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: Any) -> None:
+    """A shutdown does not wait `DRAIN_TIMEOUT_S` for open streams: they end at once, without
+    `[DONE]`, and their jobs go on (even with CANCEL_ON_DISCONNECT), so a client resumes them."""
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="scripted",
+        DRAIN_TIMEOUT_S="60",
+        STREAM_COMMIT_AFTER_S="0.1",
+        CANCEL_ON_DISCONNECT="true",
+    )
+    api = gateway.processes[-1]
+    body = chat(script(text="after the restart", wait_ms=6000), stream=True)
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        opening = json.loads(
+            next(line for line in lines if line.startswith("data: "))[6:]
+        )  # the role, at once
+        api.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        rest = list(lines)
+        ended_after_s = time.monotonic() - signalled
+    assert ended_after_s < 3, ended_after_s
+    assert "data: [DONE]" not in rest
+    api.wait(timeout=5)  # the process is gone too (by its re-raised SIGTERM, as uvicorn does)
+
+    gateway.start_api()
+    resumed = httpx.get(
+        f"{gateway.url}/v1/chat/completions/{opening['id']}", params={"stream": "true"}, timeout=30
+    )
+    data = sse_data(resumed)
+    assert data[-1] == "[DONE]"
+    text = "".join(
+        chunk["choices"][0]["delta"].get("content") or ""
+        for chunk in map(json.loads, data[:-1])
+        if chunk.get("choices")  # an error chunk has none
+    )
+    assert text == "after the restart"
