@@ -333,7 +333,7 @@ async def run(duration_s: float, rate: float, warmup_s: float) -> Report:
                         for name, pid in pids.items():
                             report.rss_kib[name].append(rss_kib(pid))
                         next_sample += SAMPLE_EVERY_S
-                    for process in [gateway.api, *gateway.workers]:
+                    for process in [*gateway.apis, *gateway.workers]:
                         if process is not None and process.poll() is not None:
                             report.exited_processes.append(f"pid {process.pid} exited {process.returncode}")
                     if report.exited_processes:
