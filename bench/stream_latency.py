@@ -315,7 +315,9 @@ class Gateway:
                 except httpx.TransportError:
                     healthy = False
                 listeners = dict(await redis.pubsub_numsub(WAKEUP_CHANNEL)).get(WAKEUP_CHANNEL.encode(), 0)
-                if healthy and listeners >= WORKERS:
+                # Every API process listening too: connections opened before the last one binds
+                # all stay with the others (keep-alive), and the run would measure fewer processes.
+                if healthy and listeners >= WORKERS and listening_sockets(self.port) >= processes:
                     return
                 await asyncio.sleep(0.05)
         finally:
@@ -351,6 +353,13 @@ class Gateway:
                 child.kill()
                 child.wait(timeout=5)
         self.redis.stop()
+
+
+def listening_sockets(port: int) -> int:
+    """IPv4 TCP sockets listening on `port`: one per API process (they share it by SO_REUSEPORT)."""
+    suffix = f":{port:04X}"
+    rows = (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
+    return sum(1 for row in rows if row[1].endswith(suffix) and row[3] == "0A")  # 0A: LISTEN
 
 
 # --- memory per open stream ---------------------------------------------------------------------------

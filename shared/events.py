@@ -34,14 +34,16 @@ class EventWriter:
     """Appends one attempt's events without making the producer wait on Redis.
 
     At most one write is in flight; deltas that arrive meanwhile are merged into one (text with
-    text, thinking with thinking). A lone token
-    goes out at once (latency). When tokens keep arriving during writes the stream is hot, and the
-    writer lingers `LINGER_S` before the next write so each round trip carries a real batch
-    (throughput): a model streaming ~100 tokens/s never triggers the linger. A write that fails
-    because Redis is briefly unreachable is retried for `outage_grace_s` (writes are idempotent).
+    text, thinking with thinking). A lone token goes out at once (latency). When tokens keep
+    arriving during writes the stream is hot, and the writer lingers `LINGER_S` before the next
+    write, so a hot stream is written at most ~100 times a second, each write carrying what came
+    meanwhile (throughput): every write costs each process on the path (worker, Redis, API, client)
+    a wake-up, and at 2 ms the API spent twice the CPU per token (docs/benchmarks.md). A model
+    streaming ~100 tokens/s never triggers the linger. A write that fails because Redis is
+    briefly unreachable is retried for `outage_grace_s` (writes are idempotent).
     """
 
-    LINGER_S = 0.002
+    LINGER_S = 0.010
 
     def __init__(self, store: JobStore, job_id: str, attempt: int, *, outage_grace_s: float = 30.0) -> None:
         self._store = store
