@@ -1,7 +1,8 @@
 """Claude Code under load, as a new user runs it: time to first token, CPU per job, pool memory.
 
 Starts the tests' fake Anthropic API (answering at once) in this process and `claude-gateway up`
-with its defaults (a private Redis, one API, `WORKERS=2` workers, the real SDK and CLI), then:
+with its defaults (a private Redis, `API_PROCESSES` (2) API processes, `WORKERS=2` workers, the
+real SDK and CLI), then:
 
 1. one stream with a pause between requests (`--gap`, 1.5 s);
 2. one stream, back to back;

@@ -35,12 +35,13 @@ class EventWriter:
 
     At most one write is in flight; deltas that arrive meanwhile are merged into one (text with
     text, thinking with thinking). A lone token goes out at once (latency). When tokens keep
-    arriving during writes the stream is hot, and the writer lingers `LINGER_S` before the next
-    write, so a hot stream is written at most ~100 times a second, each write carrying what came
-    meanwhile (throughput): every write costs each process on the path (worker, Redis, API, client)
-    a wake-up, and at 2 ms the API spent twice the CPU per token (docs/benchmarks.md). A model
-    streaming ~100 tokens/s never triggers the linger. A write that fails because Redis is
-    briefly unreachable is retried for `outage_grace_s` (writes are idempotent).
+    arriving during writes the stream is hot, and the writer lingers `LINGER_S` before writing
+    more of the same kind, so a hot stream is written at most ~100 times a second, each write
+    carrying what came meanwhile (throughput): every write costs each process on the path
+    (worker, Redis, API, client) a wake-up, and at 2 ms the API spent twice the CPU per token
+    (docs/benchmarks.md). A model streaming ~100 tokens/s never triggers the linger. A write that
+    fails because Redis is briefly unreachable is retried for `outage_grace_s` (writes are
+    idempotent).
     """
 
     LINGER_S = 0.010
@@ -108,7 +109,9 @@ class EventWriter:
             await self._write(batch)
             if not (self._pending or self._texts):
                 return
-            if not self._pending:  # only deltas arrived during the write: a hot stream
+            # Only more of the same text arrived during the write: a hot stream. The first of
+            # another kind (the answer after the thinking) goes out at once.
+            if not self._pending and isinstance(batch[-1], self._merging):
                 await asyncio.sleep(self.LINGER_S)
 
     async def _write(self, batch: list[JobEventValue]) -> None:

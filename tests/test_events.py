@@ -7,7 +7,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.events import EventReader, EventWriter, NoEventWithin, Superseded
-from shared.jobs import CompletionJob, Delta, Done, FinishReason, Turn, Usage, new_job_id
+from shared.jobs import CompletionJob, Delta, Done, FinishReason, Reasoning, Turn, Usage, new_job_id
 from shared.jobstore import JobStore
 from shared.keys import events_key
 
@@ -74,6 +74,21 @@ async def test_deltas_emitted_during_a_write_are_merged_in_order(
     assert 2 <= len(events) < 1001
     assert "".join(e.text for e in events if isinstance(e, Delta)) == "".join(f"{i}," for i in range(1000))
     assert events[-1] == DONE
+
+
+async def test_the_first_text_after_thinking_does_not_wait_for_the_linger(
+    reader: EventReader, store: JobStore
+) -> None:
+    job_id, writer = await _writer(store)
+    writer.LINGER_S = 3600.0  # a hot stream's next write would wait past the test's timeout
+    writer.emit(Reasoning(text="thinking"))
+    await asyncio.sleep(0)  # its write is in flight
+    writer.emit(Delta(text="Hello"))  # arrives during it: another kind, not more of the same
+    await asyncio.wait_for(writer.drain(), timeout=10)
+    writer.emit(DONE)
+    await writer.drain()
+    events = [event async for _, event in reader.events(job_id, idle_timeout_s=1)]
+    assert events == [Reasoning(text="thinking"), Delta(text="Hello"), DONE]
 
 
 async def test_a_live_reader_follows_the_writer(reader: EventReader, store: JobStore) -> None:
