@@ -2,6 +2,7 @@
 operator's global defaults, a caller's per-session defaults, and who may see which. What a job
 got is read from its queued payload (the Claude path is `tests/test_claude_tools.py`)."""
 
+import re
 import time
 from typing import Any
 
@@ -49,6 +50,25 @@ def _agent(
     return CompletionJob.model_validate_json(payload).agent.model_dump()
 
 
+_STREAMED_JOB = re.compile(r'"(?:chatcmpl-|msg_)([0-9a-f]{32})"')
+
+
+def _streamed_agent(
+    gateway: Gateway, headers: dict[str, str], body: dict[str, Any], path: str
+) -> dict[str, Any]:
+    """The agent of a streamed request's (first) job, read from its payload while its slow reply
+    streams: the entry points that take no `background` (Messages, chat with `n > 1`)."""
+    url = f"{gateway.url}{path}"
+    with httpx.stream("POST", url, json=body | {"stream": True}, headers=headers, timeout=30) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if found := _STREAMED_JOB.search(line):
+                payload = gateway.redis().hget(record_key(found[1]), "payload")
+                assert payload is not None
+                return CompletionJob.model_validate_json(payload).agent.model_dump()
+    raise AssertionError("the stream named no job")
+
+
 def _complete(gateway: Gateway, headers: dict[str, str], body: dict[str, Any]) -> None:
     response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
     assert response.status_code == 200, response.text
@@ -89,6 +109,13 @@ def test_the_global_configuration_is_the_operators(
         assert _agent(gateway, operator, chat("hi"))["tools"] == ["Read"]
         responses = {"model": "claude-sonnet-4-5", "input": "hi"}
         assert _agent(gateway, caller, responses, "/v1/responses")["tools"] == ["Read"]
+        messages = {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 64,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        assert _streamed_agent(gateway, caller, messages, "/v1/messages")["tools"] == ["Read"]
+        assert _streamed_agent(gateway, caller, chat("hi", n=2), "/v1/chat/completions")["tools"] == ["Read"]
         assert agent["disallowed_tools"] == ["Glob", "Bash(rm:*)"]
         assert _agent(gateway, caller, chat("hi", allowed_tools=["Bash"]))["tools"] == [
             "Bash"
