@@ -98,3 +98,29 @@ def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: 
         if chunk.get("choices")  # an error chunk has none
     )
     assert text == "after the restart"
+
+
+def test_a_client_leaving_during_a_silence_cancels_its_job(start_gateway: Any) -> None:
+    """With CANCEL_ON_DISCONNECT, a client that goes away while its job is silent (no event to
+    send, so no write notices) has its job cancelled within a second or two; one that stays gets
+    the whole stream."""
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", STREAM_COMMIT_AFTER_S="0.1", CANCEL_ON_DISCONNECT="true"
+    )
+    url = f"{gateway.url}/v1/chat/completions"
+    body = chat(script(text="never sent", wait_ms=20_000), stream=True)
+    with httpx.stream("POST", url, json=body, timeout=30) as response:
+        opening = json.loads(next(line for line in response.iter_lines() if line.startswith("data: "))[6:])
+    left = time.monotonic()
+    status = None
+    while time.monotonic() - left < 5:
+        status = httpx.get(f"{url}/{opening['id']}", timeout=10).json().get("status")
+        if status == "cancelled":
+            break
+        time.sleep(0.1)
+    assert status == "cancelled"
+
+    stayed = httpx.post(url, json=chat(script(text="all of it", wait_ms=500), stream=True), timeout=30)
+    data = sse_data(stayed)
+    assert data[-1] == "[DONE]"
+    assert "".join(json.loads(d)["choices"][0]["delta"].get("content") or "" for d in data[:-1]) == "all of it"

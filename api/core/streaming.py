@@ -23,7 +23,7 @@ from sse_starlette import ServerSentEvent
 
 from api.core.relay import FollowedEvent, KeepAlive
 from api.core.run import ChoiceEvents, Reply, Run
-from api.core.sse import EventStreamResponse
+from api.core.sse import EventStreamResponse, FinalChunk
 from api.errors import OpenAIError
 from shared.jobs import Activity, Delta, Done, Failed, FailureCode, Retraction
 
@@ -120,8 +120,8 @@ async def _relay(
     on_abandon: OnAbandon | None,
 ) -> AsyncGenerator[bytes, None]:
     # What is ready together goes out as one body message: each message is a trip through every
-    # middleware's `send` and a socket write, so the opening rides with the first content and the
-    # closing with the last event.
+    # middleware's `send` and a socket write, so the opening rides with the first content, and the
+    # closing with the last event and the end of the response (`FinalChunk`).
     ready = renderer.opening()
     finished = False
     ended = 0
@@ -161,7 +161,7 @@ async def _relay(
             task = asyncio.get_running_loop().create_task(on_abandon())
             _abandoned.add(task)
             task.add_done_callback(_abandoned.discard)
-    yield joined([*ready, *renderer.closing()])
+    yield FinalChunk(joined([*ready, *renderer.closing()]))
 
 
 def joined(events: list[ServerSentEvent]) -> bytes:
