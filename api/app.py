@@ -48,7 +48,11 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         redis = AutoPipelined(connection)
         affinity_s = settings.workspace_affinity_s
         store = JobStore(
-            redis, queue_name=settings.queue_name, ttl_s=settings.event_ttl_s, affinity_s=affinity_s
+            redis,
+            queue_name=settings.queue_name,
+            ttl_s=settings.event_ttl_s,
+            affinity_s=affinity_s,
+            push_lease_s=settings.lease_s,
         )
         reader = EventReader(redis)
         app.state.gateway = Gateway(settings=settings, redis=redis, store=store, reader=reader)

@@ -39,7 +39,11 @@ class AutoPipelined(Redis):
         """The command's reply, once the turn's batch is sent."""
         loop = asyncio.get_running_loop()
         if not self._batch:
-            loop.call_soon(self._send_batch)
+            # The task's first step runs in the next turn, after every callback of this one: it
+            # takes the turn's batch then and sends it in that same step.
+            task = loop.create_task(self._send_batch())
+            self._sending.add(task)  # referenced until done
+            task.add_done_callback(self._sending.discard)
         reply = loop.create_future()
         self._batch.append((command, reply))
         return reply
@@ -49,13 +53,8 @@ class AutoPipelined(Redis):
             return super().pipeline(transaction, shard_hint)
         return _SharedPipeline(self)
 
-    def _send_batch(self) -> None:
+    async def _send_batch(self) -> None:
         batch, self._batch = self._batch, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._sending.add(task)  # referenced until done
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[tuple[Command, "asyncio.Future[Any]"]]) -> None:
         try:
             if len(batch) == 1:
                 (args, options), _ = batch[0]

@@ -6,6 +6,8 @@ ended; the job's events live in its stream (`events_key`). Steps:
     create   API      record + arq entry of attempt 1 + the worker chosen to run it woken
                       (+ idempotency key)
     claim    worker   arq's claim, and the attempt is still current and not ended: take its lease
+                      (or `create` claimed it for the worker it chose, and pushed it there: `wake`)
+    decline  worker   give back a pushed attempt it will not run (it is stopping)
     append   worker   events of the current attempt only; a terminal one ends the job, and with
                       it the attempt (off arq's queue and its worker's load) and the job's outcome
                       in the shared totals (shared/stats.py)
@@ -51,12 +53,18 @@ from shared.quotas import slots_key
 
 log = logging.getLogger("gateway.jobs")
 
+PUSH_LIMIT_BYTES = 64 * 1024
+"""The largest payload pushed with its job: a burst of them must stay far inside what Redis lets
+a subscriber's output buffer hold (client-output-buffer-limit pubsub, 8 MiB by default). A larger
+job's worker is woken to claim it."""
+
 # Names every script may use.
 _PRELUDE = f"""
 local ARQ_JOB, ARQ_IN_PROGRESS = '{job_key_prefix}', '{in_progress_key_prefix}'
 local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
 local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{WAKEUP_CHANNEL}', '{CANCEL_CHANNEL}'
-local WORKER, WORKER_LOAD = '{PREFIX}:worker:', '{WORKER_LOAD}'
+local WORKER, WORKER_LOAD, RUNNING = '{PREFIX}:worker:', '{WORKER_LOAD}', '{RUNNING}'
+local PUSH_LIMIT = {PUSH_LIMIT_BYTES}
 -- Names which holder's set of job slots (shared/quotas.py) the job is in.
 local function slot_record(job_id)
   return '{PREFIX}:job:' .. job_id .. ':slot'
@@ -88,15 +96,32 @@ local function release_holds(job_id)
   local lock = redis.call('hget', '{PREFIX}:job:' .. job_id, 'session_lock')
   if lock and redis.call('get', lock) == job_id then redis.call('del', lock) end
 end
+-- Hands a queued attempt to `worker` claimed in its name (what `_CLAIM` does), with its payload,
+-- on `worker_push_channel`: the worker starts it without a round trip of its own. Only a payload
+-- up to `push.limit` bytes, and only to a worker listening there; false if not pushed.
+local function push_to(worker, record, job_id, attempt, push)
+  local payload = redis.call('hget', record, 'payload')
+  if not payload or #payload > push.limit then return false end
+  local id = job_id .. '.' .. attempt
+  local message = id .. ' ' .. push.score .. ' ' .. payload
+  if redis.call('publish', WAKEUP_CHANNEL .. ':' .. worker .. ':jobs', message) == 0 then return false end
+  redis.call('psetex', ARQ_IN_PROGRESS .. id, push.ttl * 1000, '1')
+  redis.call('hset', record, 'worker', worker)
+  redis.call('expire', record, push.ttl)
+  redis.call('zadd', RUNNING, push.lease, job_id)
+  redis.call('hincrby', WORKER_LOAD, worker, 1)
+  return true
+end
 -- Wakes a worker for a queued attempt: the job store places jobs. The least loaded live worker
--- with a free slot (ties broken by the job id, so a burst spreads) is told on its own channel
--- (`worker_wakeup_channel`), so one claim starts the job. The attempt counts in that worker's
--- `<id>:routed` at once, so the next job sees it, until a claim or a stop takes it off (the job's
--- `routed` says whose; shared/heartbeats.py corrects drift).
+-- with a free slot (ties broken by the job id, so a burst spreads) gets it pushed (`push_to`,
+-- given `push`), or else is told on its own channel (`worker_wakeup_channel`), so one claim starts
+-- the job. A told worker's attempt counts in its `<id>:routed` at once, so the next job sees it,
+-- until a claim or a stop takes it off (the job's `routed` says whose; shared/heartbeats.py
+-- corrects drift).
 -- When no worker has a free slot, or the chosen one does not listen on its channel (a version
 -- before it, or gone), every worker is told and the first to claim it takes it. Workers whose
 -- heartbeat expired are forgotten on the way.
-local function wake(record, job_id, attempt)
+local function wake(record, job_id, attempt, push)
   local id = job_id .. '.' .. attempt
   local fields = redis.call('hgetall', WORKER_LOAD)
   local load = {{}}
@@ -119,6 +144,7 @@ local function wake(record, job_id, attempt)
   if least then
     table.sort(ties)
     local chosen = ties[tonumber(string.sub(job_id, 1, 7), 16) % #ties + 1]
+    if push and push_to(chosen, record, job_id, attempt, push) then return end
     if redis.call('publish', WAKEUP_CHANNEL .. ':' .. chosen, id) > 0 then
       redis.call('hincrby', WORKER_LOAD, chosen .. ':routed', 1)
       redis.call('hset', record, 'routed', chosen)
@@ -156,7 +182,8 @@ end
 # KEYS: record, queue, arq entry of attempt 1, [idempotency key]
 # ARGV: owner, model, request_id, created, payload, arq entry, score, arq ttl ms, ttl, job id,
 #       idempotency value, session lock key, job slots key or '', slot cap, slot lease ms,
-#       the worker offered the job first or '' (workspace affinity), until when (ms)
+#       the worker offered the job first or '' (workspace affinity), until when (ms),
+#       lease deadline (ms) of a pushed attempt or 0 (no push)
 # The job's slot (shared/quotas.py) is taken here, so a job holds one exactly when it exists.
 # A job offered to the worker holding its session's workspace wakes every worker: the others
 # leave it to that one until the offer runs out (see the claim), then any takes it.
@@ -186,7 +213,8 @@ if ARGV[16] ~= '' then
   redis.call('hset', KEYS[1], 'prefer', ARGV[16], 'prefer_until', ARGV[17])
   redis.call('publish', WAKEUP_CHANNEL, ARGV[10] .. '.1')
 else
-  wake(KEYS[1], ARGV[10], 1)
+  local push = ARGV[18] ~= '0' and {score = ARGV[7], lease = ARGV[18], ttl = ARGV[9], limit = PUSH_LIMIT}
+  wake(KEYS[1], ARGV[10], 1, push)
 end
 return false
 """
@@ -207,12 +235,13 @@ if redis.call('exists', ARQ_IN_PROGRESS .. attempt_id) == 1 then return {'taken'
 local score = redis.call('zscore', KEYS[3], attempt_id)
 if not score or tonumber(score) > tonumber(ARGV[3]) then return false end
 local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel', 'payload', 'prefer', 'prefer_until',
-  'routed')
+  'routed', 'worker')
 if rec[1] ~= ARGV[2] or rec[2] then
   redis.call('zrem', KEYS[3], attempt_id)
   redis.call('del', ARQ_JOB .. attempt_id)
   return {'stale'}
 end
+if rec[8] then return {'taken'} end  -- pushed to a worker (its in-progress mark may have run out)
 if rec[5] and rec[5] ~= ARGV[5] and tonumber(rec[6]) > tonumber(ARGV[3])
     and redis.call('exists', WORKER .. rec[5]) == 1 then
   return {'defer', tonumber(rec[6]) - tonumber(ARGV[3])}
@@ -274,6 +303,20 @@ if rec[3] then return 'cancel' end
 return 'ok'
 """
 
+# KEYS: record   ARGV: job id, attempt, worker id
+# Undoes `push_to` for an attempt still pushed to this worker, and tells every worker of it.
+_DECLINE = """
+local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'worker')
+if rec[1] ~= ARGV[2] or rec[2] or rec[3] ~= ARGV[3] then return 0 end
+local id = ARGV[1] .. '.' .. ARGV[2]
+redis.call('del', ARQ_IN_PROGRESS .. id)
+redis.call('hdel', KEYS[1], 'worker')
+redis.call('zrem', RUNNING, ARGV[1])
+redis.call('hincrby', WORKER_LOAD, ARGV[3], -1)
+redis.call('publish', WAKEUP_CHANNEL, id)
+return 1
+"""
+
 # KEYS: record, events, running, queue   ARGV: mode, job id, terminal event, outcome, ttl
 _STOP = (
     _END
@@ -322,7 +365,7 @@ if redis.call('xlen', KEYS[2]) == 0 and attempt < tonumber(ARGV[3]) then
   redis.call('psetex', ARQ_JOB .. new, ARGV[7], '{"t":null,"f":"' .. RUN_COMPLETION .. '","a":["'
     .. ARGV[1] .. '",' .. (attempt + 1) .. '],"k":{},"et":' .. ARGV[2] .. '}')
   redis.call('zadd', KEYS[4], ARGV[2], new)
-  wake(KEYS[1], ARGV[1], attempt + 1)
+  wake(KEYS[1], ARGV[1], attempt + 1, nil)
   renew_slot(ARGV[1], KEYS[1])
   return 'retried'
 end
@@ -397,12 +440,23 @@ def _ms() -> int:
 class JobStore:
     """The job records on one Redis connection pool, for both processes."""
 
-    def __init__(self, redis: Redis, *, queue_name: str, ttl_s: int, affinity_s: float = 0.0) -> None:
-        """`affinity_s`: how long a session's job waits for the worker holding its workspace."""
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        queue_name: str,
+        ttl_s: int,
+        affinity_s: float = 0.0,
+        push_lease_s: float | None = None,
+    ) -> None:
+        """`affinity_s`: how long a session's job waits for the worker holding its workspace.
+        `push_lease_s`: `create` pushes a job to the worker it chooses, claimed with this lease,
+        where that worker takes pushes (else it wakes the worker to claim it)."""
         self.redis = redis
         self.queue_name = queue_name
         self.ttl_s = ttl_s
         self.affinity_ms = int(affinity_s * 1000)
+        self.push_lease_ms = None if push_lease_s is None else int(push_lease_s * 1000)
         self._retries: set[asyncio.Task[int]] = set()
         self._create = redis.register_script(_PRELUDE + _CREATE)
         self._claim = redis.register_script(_PRELUDE + _CLAIM)
@@ -410,6 +464,7 @@ class JobStore:
         self._renew = redis.register_script(_PRELUDE + _RENEW)
         self._finish = redis.register_script(_PRELUDE + "finish_attempt(KEYS[1], ARGV[1], ARGV[2])")
         self._stop = redis.register_script(_PRELUDE + _STOP)
+        self._decline = redis.register_script(_PRELUDE + _DECLINE)
         self._recover = redis.register_script(_PRELUDE + _RECOVER)
 
     # --- API ----------------------------------------------------------------------------
@@ -440,6 +495,7 @@ class JobStore:
         args += ["", 0, 0] if slot is None else [slots_key(slot.holder), slot.cap, slot.lease_ms]
         holder = job.session.holder if job.session is not None and self.affinity_ms else None
         args += [holder or "", now + self.affinity_ms]
+        args.append(0 if self.push_lease_ms is None else now + self.push_lease_ms)
         try:
             existing = await self._create(keys=keys, args=args)
         except ResponseError as exc:
@@ -508,6 +564,19 @@ class JobStore:
             return None
         job = CompletionJob.model_validate_json(reply[2])
         return Claimed(score=int(float(reply[1])), job=job, cancel_requested=bool(reply[3]))
+
+    @staticmethod
+    def pushed(message: bytes) -> tuple[str, int, Claimed]:
+        """A job `create` pushed (`push_to`): its id, its attempt, and the claim made for it."""
+        attempt, score, payload = message.split(b" ", 2)
+        job_id, _, number = attempt.decode().partition(".")
+        claimed = Claimed(int(score), CompletionJob.model_validate_json(payload), cancel_requested=False)
+        return job_id, int(number), claimed
+
+    async def decline(self, job_id: str, attempt: int, worker_id: str) -> bool:
+        """Gives back an attempt pushed to this worker, for any worker to claim; False if it is no
+        longer this worker's (retried, or ended meanwhile)."""
+        return bool(await self._decline(keys=[record_key(job_id)], args=[job_id, attempt, worker_id]))
 
     async def finish_attempt(self, attempt: str, worker_id: str) -> None:
         """Takes an attempt that ran off arq's queue (arq's `finish_job`) and off its worker's

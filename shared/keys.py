@@ -33,6 +33,12 @@ def worker_wakeup_channel(worker_id: str) -> str:
     return f"{WAKEUP_CHANNEL}:{worker_id}"
 
 
+def worker_push_channel(worker_id: str) -> str:
+    """Carries the attempts the job store claimed for this worker, each with its payload, so that
+    it starts them at once (`push_to` in shared/jobstore.py builds the same name)."""
+    return f"{WAKEUP_CHANNEL}:{worker_id}:jobs"
+
+
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 

@@ -18,8 +18,8 @@ from redis.asyncio import Redis
 from shared import stats
 from shared.heartbeats import worker_key
 from shared.jobs import CompletionJob, Done, Failed, FailureCode, FinishReason, Turn, Usage, encode_event
-from shared.jobstore import AttemptEnd, Claimed, JobStore
-from shared.keys import WAKEUP_CHANNEL, WORKER_LOAD, attempt_id, worker_wakeup_channel
+from shared.jobstore import PUSH_LIMIT_BYTES, AttemptEnd, Claimed, JobStore
+from shared.keys import WAKEUP_CHANNEL, WORKER_LOAD, attempt_id, worker_push_channel, worker_wakeup_channel
 from tests.conftest import Gateway, chat
 
 DONE = Done(finish_reason=FinishReason.STOP, usage=Usage(prompt_tokens=1, completion_tokens=3))
@@ -266,3 +266,94 @@ async def test_the_end_of_an_attempt_takes_it_off_its_workers_load(
     assert not await redis.zscore("test:queue", attempt_id(ended, 1))
     assert not await redis.exists(f"arq:in-progress:{attempt_id(ended, 1)}")
     assert (await stats.read_stats(redis)).jobs == {"completed": 1}
+
+
+# --- pushed jobs: claimed by the create script for the worker it chose ----------------------------
+
+
+@pytest.fixture
+def pushing(redis: Redis) -> JobStore:
+    return JobStore(redis, queue_name="test:queue", ttl_s=60, push_lease_s=10)
+
+
+async def _pushes_to(redis: Redis, worker: str) -> Any:
+    """A subscription to the channel `worker` takes pushed jobs on, as a running worker listens."""
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(worker_push_channel(worker))
+    assert await pubsub.get_message(timeout=1) is not None
+    return pubsub
+
+
+async def _queued_with(store: JobStore, text: str = "hi") -> str:
+    job = CompletionJob(request_id="req_1", model="m", turns=[Turn(role="user", text=text)])
+    assert await store.create(job, owner="test") is None
+    return job.id
+
+
+async def test_a_new_job_is_pushed_claimed_to_the_worker_chosen_for_it(
+    redis: Redis, pushing: JobStore, listening: Callable[..., Awaitable[None]]
+) -> None:
+    await _workers(redis, busy=2, idle=0)
+    await listening("busy", "idle")
+    pushes = await _pushes_to(redis, "idle")
+    before = int(time.time() * 1000)
+    job_id = await _queued_with(pushing, "pushed whole")
+    message = await pushes.get_message(timeout=1)
+    assert message is not None
+    pushed_id, attempt, claimed = JobStore.pushed(message["data"])
+    assert (pushed_id, attempt) == (job_id, 1)
+    assert claimed.job.turns[0].text == "pushed whole"
+    assert not claimed.cancel_requested
+    assert before <= claimed.score <= int(time.time() * 1000)
+    # Claimed in its name: counted as running there (not as routed), leased, and taken for any other.
+    assert await redis.hget(f"gateway:job:{job_id}", "worker") == b"idle"
+    assert await _routed(redis, job_id) is None
+    assert await redis.hmget(WORKER_LOAD, ["idle", "idle:routed"]) == [b"1", None]  # type: ignore[misc]
+    lease = await redis.zscore("gateway:running", job_id)
+    assert lease is not None
+    assert before + 9_000 <= lease <= before + 11_000
+    assert await _claim(pushing, job_id, "busy") == "taken"
+    await redis.delete(f"arq:in-progress:{attempt_id(job_id, 1)}")  # its mark ran out: still taken
+    assert await _claim(pushing, job_id, "busy") == "taken"
+    await pushes.aclose()
+
+
+async def test_a_job_is_woken_for_instead_when_too_large_or_its_worker_takes_no_pushes(
+    redis: Redis, pushing: JobStore, listening: Callable[..., Awaitable[None]]
+) -> None:
+    await _workers(redis, only=0)
+    await listening("only")  # its wake-up channel, not the pushes' (an earlier version)
+    job_id = await _queued_with(pushing)
+    assert await _routed(redis, job_id) == "only"
+    assert await redis.hget(f"gateway:job:{job_id}", "worker") is None
+    pushes = await _pushes_to(redis, "only")
+    large = await _queued_with(pushing, "x" * PUSH_LIMIT_BYTES)
+    assert await pushes.get_message(timeout=0.3) is None
+    assert await _routed(redis, large) == "only"
+    assert isinstance(await _claim(pushing, large, "only"), Claimed)
+    await pushes.aclose()
+
+
+async def test_a_declined_push_goes_to_every_worker(
+    redis: Redis, pushing: JobStore, listening: Callable[..., Awaitable[None]]
+) -> None:
+    await _workers(redis, stopping=0, other=1)
+    await listening("stopping", "other")
+    pushes = await _pushes_to(redis, "stopping")
+    everyone = redis.pubsub()
+    await everyone.subscribe(WAKEUP_CHANNEL)
+    assert await everyone.get_message(timeout=1) is not None
+    job_id = await _queued_with(pushing)
+    assert await pushes.get_message(timeout=1) is not None
+    assert not await pushing.decline(job_id, 1, "other")  # not pushed to that one
+    assert await pushing.decline(job_id, 1, "stopping")
+    message = await everyone.get_message(timeout=1)
+    assert message is not None
+    assert message["data"] == f"{job_id}.1".encode()
+    assert await _load(redis, "stopping") == 0
+    assert await redis.zscore("gateway:running", job_id) is None
+    assert not await pushing.decline(job_id, 1, "stopping")  # once
+    assert isinstance(await _claim(pushing, job_id, "other"), Claimed)
+    assert await _load(redis, "other") == 2
+    await pushes.aclose()
+    await everyone.aclose()

@@ -123,4 +123,5 @@ def test_a_client_leaving_during_a_silence_cancels_its_job(start_gateway: Any) -
     stayed = httpx.post(url, json=chat(script(text="all of it", wait_ms=500), stream=True), timeout=30)
     data = sse_data(stayed)
     assert data[-1] == "[DONE]"
-    assert "".join(json.loads(d)["choices"][0]["delta"].get("content") or "" for d in data[:-1]) == "all of it"
+    text = "".join(json.loads(chunk)["choices"][0]["delta"].get("content") or "" for chunk in data[:-1])
+    assert text == "all of it"

@@ -17,7 +17,7 @@ from shared import queue, worker_exits
 from shared.autopipeline import AutoPipelined
 from shared.heap import freeze_startup_heap
 from shared.jobstore import Claimed, JobStore
-from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL, is_job_id, worker_wakeup_channel
+from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL, is_job_id, worker_push_channel, worker_wakeup_channel
 from shared.settings import Settings
 from shared.worker_exits import ExitReason
 from worker.backends import create_backend
@@ -33,9 +33,10 @@ log = logging.getLogger("gateway.worker")
 class GatewayWorker(Worker):
     """arq's worker with its poll sleep replaced by "until woken, or `fallback_s` at most".
 
-    Each enqueue publishes the new attempt's id on the channel of the worker the job store chose
-    to run it (`worker_wakeup_channel`: the job store places jobs, see shared/jobstore.py), which
-    claims it at once (one script). An attempt for no one worker (all busy, a session's turn
+    The job store places jobs (shared/jobstore.py): it pushes each new job, claimed, to the worker it
+    chose (`worker_push_channel`), which starts it at once; a job too large to push goes by its
+    attempt's id on that worker's own channel (`worker_wakeup_channel`), and the worker claims it
+    (one script). An attempt for no one worker (all busy, a session's turn
     offered to the worker holding its workspace, or from a job store before placement) goes to
     `WAKEUP_CHANNEL`, where every worker with a free slot tries to claim it and the losers learn
     it in that round trip. A missed wake-up (pub/sub is at-most-once) costs one fallback poll of
@@ -151,10 +152,14 @@ class GatewayWorker(Worker):
                 if claimed == "taken":
                     self._taken.add(raw)
                 continue
-            self.job_counter += 1
-            task = self.loop.create_task(self._run_attempt(raw.decode()))
-            task.add_done_callback(partial(self._attempt_done, raw.decode()))
-            self.tasks[raw.decode()] = task
+            self._start(raw.decode())
+
+    def _start(self, attempt_id: str) -> None:
+        """Runs a claimed attempt in a slot this worker has taken for it."""
+        self.job_counter += 1
+        task = self.loop.create_task(self._run_attempt(attempt_id))
+        task.add_done_callback(partial(self._attempt_done, attempt_id))
+        self.tasks[attempt_id] = task
 
     async def _run_attempt(self, job_id: str) -> None:
         """Runs a claimed attempt, in place of arq's `run_job` (which this worker never calls).
@@ -207,6 +212,31 @@ class GatewayWorker(Worker):
         except RedisError as exc:
             log.warning("cannot reach Redis to start a job (%s); the poll will", type(exc).__name__)
 
+    async def _start_pushed(self, message: bytes) -> None:
+        """Starts an attempt the job store claimed for this worker and pushed here with its job, in
+        the next free slot (the store counted one free). One this worker will not run (it is
+        stopping, or cannot read the job) goes back to every worker."""
+        running: RunningJobs = self.ctx["running"]
+        self._claiming += 1
+        try:
+            job_id, attempt, claimed = running.store.pushed(message)
+            if not self.allow_pick_jobs:
+                await running.store.decline(job_id, attempt, running.worker_id)
+                return
+            async with self._slot_turn:
+                await self.sem.acquire()
+            running.claimed[job_id] = claimed
+            self._start(f"{job_id}.{attempt}")
+        except RedisError as exc:  # its lease runs out instead: recovered within LEASE_S
+            log.warning("cannot reach Redis to give back a pushed job (%s)", type(exc).__name__)
+        except ValueError:  # a job this version cannot read (a pydantic ValidationError is one)
+            log.exception("a pushed job could not be read; giving it back")
+            job_id, _, attempt_text = message.partition(b" ")[0].decode().partition(".")
+            with contextlib.suppress(RedisError):
+                await running.store.decline(job_id, int(attempt_text), running.worker_id)
+        finally:
+            self._claiming -= 1
+
     def _attempt_done(self, attempt_id: str, task: "asyncio.Task[None]") -> None:
         self.job_counter -= 1
         self.sem.release()
@@ -233,19 +263,22 @@ class GatewayWorker(Worker):
         task.add_done_callback(self._background_tasks.discard)
 
     async def _listen(self) -> None:
-        """Wake-ups (a job was queued, for this worker or any) and cancels (stop a job if it runs
-        here)."""
+        """Jobs pushed here, wake-ups (a job was queued, for this worker or any) and cancels (stop
+        a job if it runs here)."""
         own = worker_wakeup_channel(self.heartbeat.worker_id)
+        pushed = worker_push_channel(self.heartbeat.worker_id)
         while True:
             redis = Redis.from_url(self._redis_url)
             try:
                 async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(WAKEUP_CHANNEL, CANCEL_CHANNEL, own)
+                    await pubsub.subscribe(WAKEUP_CHANNEL, CANCEL_CHANNEL, own, pushed)
                     async for message in pubsub.listen():
                         if message["type"] != "message":
                             continue
                         channel = message["channel"].decode()
-                        if channel == CANCEL_CHANNEL:
+                        if channel == pushed:
+                            self._background(self._start_pushed(message["data"]))
+                        elif channel == CANCEL_CHANNEL:
                             self.ctx["running"].cancel(message["data"].decode())
                         elif message["data"]:
                             self._background(self._start_woken(message["data"], chosen=channel == own))
