@@ -41,7 +41,7 @@ def _only_worker(gateway: Gateway) -> None:
     *older, _ = [w for w in gateway.workers if w.poll() is None]
     for worker in older:
         worker.terminate()
-        worker.wait(timeout=60)  # past its drain (DRAIN_TIMEOUT_S, 50 s), which bounds its exit
+        worker.wait(timeout=70)  # its drain (DRAIN_TIMEOUT_S, 50 s) and CLOSE_BOUND_S bound its exit
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 from cli.embedded_redis import EmbeddedRedis
 from tests.conftest import Gateway, assert_schema, chat
 from tests.fake_anthropic import FakeAnthropic, Reply
+from worker.main import CLOSE_BOUND_S, CLOSE_REPORT_S
 
 FAST_LEASES = {"LEASE_S": "2", "LEASE_RENEW_S": "0.5"}
 
@@ -288,6 +289,23 @@ def test_sigterm_drains_the_running_job_and_hands_back_the_silent_one(start_gate
     gateway.start_worker()
     final = wait_for(lambda: (b := retrieve(gateway, silent))["status"] == "completed" and b, 20, "rerun")
     assert final["choices"][0]["message"]["content"] == "handed back"
+
+
+def test_a_stop_held_by_a_job_that_ignores_cancellation_is_bounded_and_says_why(start_gateway: Any) -> None:
+    """Past its drain, a worker whose job will not stop logs what it waits on, then exits anyway
+    (status 1) with every thread's stack: a stuck close never holds a restart up."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", DRAIN_TIMEOUT_S="1", **FAST_LEASES)
+    stuck = start_background(gateway, script(text="never", stuck_ms=300_000))
+    worker = worker_running(gateway, job_id_of(stuck))
+    stopped = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=CLOSE_BOUND_S + 15) == 1
+    assert time.monotonic() - stopped < 1 + CLOSE_BOUND_S + 10
+    log = next(gateway.logs.glob("worker-*.log")).read_text()
+    assert f"worker still stopping after {CLOSE_REPORT_S:g} s; its tasks:" in log
+    assert "_run_attempt (main.py:" in log  # where the job waits, its chain of awaits
+    assert "> run_completion (task.py:" in log
+    assert "most recent call first" in log  # and every thread's stack as it exited
 
 
 @pytest.fixture

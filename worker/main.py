@@ -2,11 +2,13 @@
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
 import sys
 from collections.abc import Coroutine
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from arq.worker import Worker, func
@@ -29,6 +31,14 @@ from worker.task import run_completion
 
 log = logging.getLogger("gateway.worker")
 
+CLOSE_REPORT_S = 5.0
+CLOSE_BOUND_S = 9.0
+"""After a signal's drain, how long the rest of the stop may take (the jobs still running
+cancelled, the backend's CLIs closed): past `CLOSE_REPORT_S` the worker logs what it still waits
+on; past `CLOSE_BOUND_S` it exits anyway (status 1), every thread's stack on stderr, so that a
+stuck close never holds up a restart (inside compose's 60 s grace with the default 50 s drain).
+Its sandboxed CLIs die with it."""
+
 
 class GatewayWorker(Worker):
     """arq's worker with its poll sleep replaced by "until woken, or `fallback_s` at most".
@@ -45,6 +55,7 @@ class GatewayWorker(Worker):
 
     def __init__(self, *, redis_url: str, settings: Settings, **kwargs: Any) -> None:
         super().__init__(poll_delay=0, **kwargs)
+        self._bounded_close = kwargs.get("handle_signals", True)  # a process of its own
         self._redis_url = redis_url
         self._fallback_s = settings.poll_fallback_s
         self._wake = asyncio.Event()
@@ -90,6 +101,13 @@ class GatewayWorker(Worker):
 
     def _on_stop(self, signum: signal.Signals) -> None:
         self._stop_signal = signal.Signals(signum).name
+        if self._bounded_close:
+            self.loop.call_later(CLOSE_REPORT_S, self._report_close)
+            faulthandler.dump_traceback_later(CLOSE_BOUND_S, exit=True)
+
+    def _report_close(self) -> None:
+        tasks = "\n".join(" > ".join(_awaiting(task)) for task in asyncio.all_tasks(self.loop))
+        log.error("worker still stopping after %g s; its tasks:\n%s", CLOSE_REPORT_S, tasks)
 
     async def _record_exit(self, reason: ExitReason, detail: str) -> None:
         """Says why this worker stops, in its log and in Redis (`claude-gateway status`, /metrics)."""
@@ -289,6 +307,19 @@ class GatewayWorker(Worker):
                 await asyncio.sleep(1)
             finally:
                 await redis.aclose()
+
+
+def _awaiting(task: "asyncio.Task[Any]") -> list[str]:
+    """Where a task waits: each coroutine of its chain of awaits (a task's own stack shows only the
+    first; the chain stops at an async generator's step, which does not say whose it is)."""
+    places: list[str] = []
+    step: Any = task.get_coro()
+    while step is not None:
+        frame = getattr(step, "cr_frame", None) or getattr(step, "gi_frame", None)
+        if frame is not None:
+            places.append(f"{frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})")
+        step = getattr(step, "cr_await", None) or getattr(step, "gi_yieldfrom", None)
+    return places
 
 
 async def _startup(ctx: dict[str, Any]) -> None:

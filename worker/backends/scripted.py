@@ -4,9 +4,10 @@ By default it replies with `Settings.scripted_text`. A last user message of the 
 `script:{json}` scripts one reply instead, e.g.
 `script:{"text": "a b c", "tokens": 1000, "delay_ms": 1, "fail_after": 5, "fail_code": "upstream_error"}`:
 `tokens` repeats the text's words up to that count, `wait_ms` is a silence before the first one
-(as a long tool run would be), `delay_ms` paces them, `calls` ends the turn on function calls
-(`[{"name", "arguments"}]`), `fail_after` raises
-`BackendError(fail_code)` after that many tokens. `"echo": true` replies with the conversation
+(as a long tool run would be), `stuck_ms` one that ignores cancellation (as a step that swallows
+it would: how tests see a worker's stop bounded), `delay_ms` paces them, `calls` ends the turn
+on function calls (`[{"name", "arguments"}]`), `fail_after` raises `BackendError(fail_code)`
+after that many tokens. `"echo": true` replies with the conversation
 before the last message instead, one `role: text` line per turn, a session's history included
 (how tests see what history a job continues). In a session's directory, `write` (path -> text)
 and `fill` (path -> a size in bytes) write files before the reply, and `read` replies with a
@@ -37,6 +38,7 @@ class Script(BaseModel):
     text: str
     tokens: int | None = Field(default=None, ge=0)
     wait_ms: float = Field(default=0.0, ge=0)
+    stuck_ms: float = Field(default=0.0, ge=0)
     delay_ms: float = Field(default=0.0, ge=0)
     fail_after: int | None = Field(default=None, ge=0)
     fail_code: FailureCode = FailureCode.UPSTREAM_ERROR
@@ -83,6 +85,7 @@ class ScriptedBackend:
             count, finish = job.max_tokens, FinishReason.LENGTH
         delay = script.delay_ms / 1000
         await asyncio.sleep(script.wait_ms / 1000)
+        await _uncancellable_sleep(script.stuck_ms / 1000)
         for i in range(count):
             if script.fail_after is not None and i == script.fail_after:
                 raise BackendError(script.fail_code, "scripted failure")
@@ -101,6 +104,17 @@ class ScriptedBackend:
 
     async def close(self) -> None:
         """Holds nothing between jobs."""
+
+
+async def _uncancellable_sleep(seconds: float) -> None:
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    until = loop.time() + seconds
+    while (left := until - loop.time()) > 0:
+        try:
+            await asyncio.sleep(left)
+        except asyncio.CancelledError:
+            task.uncancel()
 
 
 def _with_files(script: Script, work: Path | None) -> Script:
