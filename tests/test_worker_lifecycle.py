@@ -193,9 +193,10 @@ async def test_a_job_whose_lease_is_lost_stops_quietly_and_the_worker_serves_on(
     async with asyncio.timeout(5):
         async for _ in running.reader.events(job_id, idle_timeout_s=5):
             break
-    # Another worker's sweep takes the job over, as if this one had stopped renewing.
+    # A sweep takes the job over, as if this worker had stopped renewing: this one, or the worker's
+    # own, which runs every 50 ms and may get there first.
     await running.store.expire_lease(job_id, 1)
-    assert await running.store.recover_expired(max_attempts=3) == [(job_id, "failed")]
+    assert await running.store.recover_expired(max_attempts=3) in ([(job_id, "failed")], [])
     events = await running.events(job_id)
     assert isinstance(events[-1], Failed)
     assert events[-1].code is FailureCode.WORKER_LOST
