@@ -31,6 +31,7 @@ from typing import Literal
 
 from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.jobs import serialize_job
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -96,20 +97,25 @@ local function release_holds(job_id)
   local lock = redis.call('hget', '{PREFIX}:job:' .. job_id, 'session_lock')
   if lock and redis.call('get', lock) == job_id then redis.call('del', lock) end
 end
--- Hands a queued attempt to `worker` claimed in its name (what `_CLAIM` does), with its payload,
--- on `worker_push_channel`: the worker starts it without a round trip of its own. Only a payload
--- up to `push.limit` bytes, and only to a worker listening there; false if not pushed.
+-- Takes attempt `id` of a job for `worker`: arq's in-progress mark, the worker in the record, the
+-- lease, and the worker's load (the claim, or `push_to` in the worker's name; `decline` undoes it).
+local function take(record, job_id, id, worker, in_progress_ms, lease, ttl)
+  redis.call('psetex', ARQ_IN_PROGRESS .. id, in_progress_ms, '1')
+  redis.call('hset', record, 'worker', worker)
+  redis.call('expire', record, ttl)
+  redis.call('zadd', RUNNING, lease, job_id)
+  redis.call('hincrby', WORKER_LOAD, worker, 1)
+end
+-- Hands a queued attempt to `worker`, taken in its name, with its payload on
+-- `worker_push_channel`: the worker starts it without a round trip of its own. Only a payload up
+-- to `push.limit` bytes, and only to a worker listening there; false if not pushed.
 local function push_to(worker, record, job_id, attempt, push)
   local payload = redis.call('hget', record, 'payload')
   if not payload or #payload > push.limit then return false end
   local id = job_id .. '.' .. attempt
   local message = id .. ' ' .. push.score .. ' ' .. payload
   if redis.call('publish', WAKEUP_CHANNEL .. ':' .. worker .. ':jobs', message) == 0 then return false end
-  redis.call('psetex', ARQ_IN_PROGRESS .. id, push.ttl * 1000, '1')
-  redis.call('hset', record, 'worker', worker)
-  redis.call('expire', record, push.ttl)
-  redis.call('zadd', RUNNING, push.lease, job_id)
-  redis.call('hincrby', WORKER_LOAD, worker, 1)
+  take(record, job_id, id, worker, push.ttl * 1000, push.lease, push.ttl)
   return true
 end
 -- Wakes a worker for a queued attempt: the job store places jobs. The least loaded live worker
@@ -225,19 +231,19 @@ return false
 # A job offered first to a live worker (the one holding its session's workspace) is left to it
 # until `prefer_until`: another worker gets {'defer', ms left}. The attempt moves into this
 # worker's load (out of the `routed` count of the worker chosen for it, if any: see `wake`).
-# KEYS: record, running, queue
+# KEYS: record, queue
 # ARGV: job id, attempt, now ms, in-progress ms, worker id, lease ms, ttl
 # Returns nil (not ours to start), {'taken'} (by a worker, for good), {'stale'}, {'defer', ms} or
 # {'ok', score, payload, cancel flag}.
 _CLAIM = """
 local attempt_id = ARGV[1] .. '.' .. ARGV[2]
 if redis.call('exists', ARQ_IN_PROGRESS .. attempt_id) == 1 then return {'taken'} end
-local score = redis.call('zscore', KEYS[3], attempt_id)
+local score = redis.call('zscore', KEYS[2], attempt_id)
 if not score or tonumber(score) > tonumber(ARGV[3]) then return false end
 local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel', 'payload', 'prefer', 'prefer_until',
   'routed', 'worker')
 if rec[1] ~= ARGV[2] or rec[2] then
-  redis.call('zrem', KEYS[3], attempt_id)
+  redis.call('zrem', KEYS[2], attempt_id)
   redis.call('del', ARQ_JOB .. attempt_id)
   return {'stale'}
 end
@@ -246,11 +252,7 @@ if rec[5] and rec[5] ~= ARGV[5] and tonumber(rec[6]) > tonumber(ARGV[3])
     and redis.call('exists', WORKER .. rec[5]) == 1 then
   return {'defer', tonumber(rec[6]) - tonumber(ARGV[3])}
 end
-redis.call('psetex', ARQ_IN_PROGRESS .. attempt_id, ARGV[4], '1')
-redis.call('hset', KEYS[1], 'worker', ARGV[5])
-redis.call('expire', KEYS[1], ARGV[7])
-redis.call('zadd', KEYS[2], ARGV[6], ARGV[1])
-redis.call('hincrby', WORKER_LOAD, ARGV[5], 1)
+take(KEYS[1], ARGV[1], attempt_id, ARGV[5], ARGV[4], ARGV[6], ARGV[7])
 if rec[7] then redis.call('hincrby', WORKER_LOAD, rec[7] .. ':routed', -1) end
 return {'ok', score, rec[4], rec[3] or ''}
 """
@@ -551,7 +553,7 @@ class JobStore:
         """Claims a queued attempt for this worker and takes its lease; None if it is not ours,
         "taken" if a worker claimed it (no worker ever will again: it stays in arq's queue only
         until it ends)."""
-        keys = [record_key(job_id), RUNNING, self.queue_name]
+        keys = [record_key(job_id), self.queue_name]
         now = _ms()
         args: list[str | int] = [job_id, attempt, now, in_progress_ms, worker_id]
         args += [now + int(lease_s * 1000), self.ttl_s]
@@ -566,12 +568,17 @@ class JobStore:
         return Claimed(score=int(float(reply[1])), job=job, cancel_requested=bool(reply[3]))
 
     @staticmethod
-    def pushed(message: bytes) -> tuple[str, int, Claimed]:
-        """A job `create` pushed (`push_to`): its id, its attempt, and the claim made for it."""
+    def pushed(message: bytes) -> tuple[str, int, Claimed | None]:
+        """A job `create` pushed (`push_to`): its id, its attempt, and the claim made for it (None
+        if this version cannot read the job: the worker gives it back)."""
         attempt, score, payload = message.split(b" ", 2)
         job_id, _, number = attempt.decode().partition(".")
-        claimed = Claimed(int(score), CompletionJob.model_validate_json(payload), cancel_requested=False)
-        return job_id, int(number), claimed
+        try:
+            job = CompletionJob.model_validate_json(payload)
+        except ValidationError:
+            log.exception("a job pushed as attempt %s could not be read", attempt.decode())
+            return job_id, int(number), None
+        return job_id, int(number), Claimed(int(score), job, cancel_requested=False)
 
     async def decline(self, job_id: str, attempt: int, worker_id: str) -> bool:
         """Gives back an attempt pushed to this worker, for any worker to claim; False if it is no

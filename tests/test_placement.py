@@ -123,8 +123,8 @@ async def _workers(redis: Redis, slots: int = 4, **running: int) -> None:
         await redis.hset(WORKER_LOAD, mapping={worker: jobs, f"{worker}:slots": slots})
 
 
-async def _queued(store: JobStore) -> str:
-    job = CompletionJob(request_id="req_1", model="m", turns=[Turn(role="user", text="hi")])
+async def _queued(store: JobStore, text: str = "hi") -> str:
+    job = CompletionJob(request_id="req_1", model="m", turns=[Turn(role="user", text=text)])
     assert await store.create(job, owner="test") is None
     return job.id
 
@@ -284,12 +284,6 @@ async def _pushes_to(redis: Redis, worker: str) -> Any:
     return pubsub
 
 
-async def _queued_with(store: JobStore, text: str = "hi") -> str:
-    job = CompletionJob(request_id="req_1", model="m", turns=[Turn(role="user", text=text)])
-    assert await store.create(job, owner="test") is None
-    return job.id
-
-
 async def test_a_new_job_is_pushed_claimed_to_the_worker_chosen_for_it(
     redis: Redis, pushing: JobStore, listening: Callable[..., Awaitable[None]]
 ) -> None:
@@ -297,7 +291,7 @@ async def test_a_new_job_is_pushed_claimed_to_the_worker_chosen_for_it(
     await listening("busy", "idle")
     pushes = await _pushes_to(redis, "idle")
     before = int(time.time() * 1000)
-    job_id = await _queued_with(pushing, "pushed whole")
+    job_id = await _queued(pushing, "pushed whole")
     message = await pushes.get_message(timeout=1)
     assert message is not None
     pushed_id, attempt, claimed = JobStore.pushed(message["data"])
@@ -323,11 +317,11 @@ async def test_a_job_is_woken_for_instead_when_too_large_or_its_worker_takes_no_
 ) -> None:
     await _workers(redis, only=0)
     await listening("only")  # its wake-up channel, not the pushes' (an earlier version)
-    job_id = await _queued_with(pushing)
+    job_id = await _queued(pushing)
     assert await _routed(redis, job_id) == "only"
     assert await redis.hget(f"gateway:job:{job_id}", "worker") is None
     pushes = await _pushes_to(redis, "only")
-    large = await _queued_with(pushing, "x" * PUSH_LIMIT_BYTES)
+    large = await _queued(pushing, "x" * PUSH_LIMIT_BYTES)
     assert await pushes.get_message(timeout=0.3) is None
     assert await _routed(redis, large) == "only"
     assert isinstance(await _claim(pushing, large, "only"), Claimed)
@@ -343,7 +337,7 @@ async def test_a_declined_push_goes_to_every_worker(
     everyone = redis.pubsub()
     await everyone.subscribe(WAKEUP_CHANNEL)
     assert await everyone.get_message(timeout=1) is not None
-    job_id = await _queued_with(pushing)
+    job_id = await _queued(pushing)
     assert await pushes.get_message(timeout=1) is not None
     assert not await pushing.decline(job_id, 1, "other")  # not pushed to that one
     assert await pushing.decline(job_id, 1, "stopping")
@@ -357,3 +351,8 @@ async def test_a_declined_push_goes_to_every_worker(
     assert await _load(redis, "other") == 2
     await pushes.aclose()
     await everyone.aclose()
+
+
+def test_a_pushed_job_this_version_cannot_read_is_named_for_giving_back() -> None:
+    job_id = "a" * 32
+    assert JobStore.pushed(f"{job_id}.2 1700000000000 {{}}".encode()) == (job_id, 2, None)

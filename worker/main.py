@@ -238,7 +238,7 @@ class GatewayWorker(Worker):
         self._claiming += 1
         try:
             job_id, attempt, claimed = running.store.pushed(message)
-            if not self.allow_pick_jobs:
+            if claimed is None or not self.allow_pick_jobs:
                 await running.store.decline(job_id, attempt, running.worker_id)
                 return
             async with self._slot_turn:
@@ -247,11 +247,6 @@ class GatewayWorker(Worker):
             self._start(f"{job_id}.{attempt}")
         except RedisError as exc:  # its lease runs out instead: recovered within LEASE_S
             log.warning("cannot reach Redis to give back a pushed job (%s)", type(exc).__name__)
-        except ValueError:  # a job this version cannot read (a pydantic ValidationError is one)
-            log.exception("a pushed job could not be read; giving it back")
-            job_id, _, attempt_text = message.partition(b" ")[0].decode().partition(".")
-            with contextlib.suppress(RedisError):
-                await running.store.decline(job_id, int(attempt_text), running.worker_id)
         finally:
             self._claiming -= 1
 

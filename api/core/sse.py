@@ -14,7 +14,6 @@ cancels it (`cut`), as the shutdown does.
 
 import asyncio
 from collections.abc import AsyncGenerator
-from enum import Enum
 
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
@@ -25,11 +24,6 @@ _END = {"type": "http.response.body", "body": b"", "more_body": False}
 
 class FinalChunk(bytes):
     """The body's last message: it goes out with the end of the response, in one socket write."""
-
-
-class Cut(Enum):
-    CLIENT_LEFT = "client left"
-    SHUTDOWN = "shutdown"
 
 
 class OpenStreams:
@@ -45,7 +39,7 @@ class OpenStreams:
         self._loop = self._loop or asyncio.get_running_loop()
         self._open.add(stream)
         if self.ending:
-            stream.cut(Cut.SHUTDOWN)
+            stream.cut()
 
     def discard(self, stream: "EventStreamResponse") -> None:
         self._open.discard(stream)
@@ -58,7 +52,7 @@ class OpenStreams:
 
     def _cut_all(self) -> None:
         for stream in list(self._open):
-            stream.cut(Cut.SHUTDOWN)
+            stream.cut()
 
 
 class EventStreamResponse(StreamingResponse):
@@ -70,12 +64,13 @@ class EventStreamResponse(StreamingResponse):
         self._body = body
         self._streams = streams
         self._task: asyncio.Task[object] | None = None  # set while the body may be cut
-        self._cut: Cut | None = None
+        self._cut = False
 
-    def cut(self, reason: Cut) -> None:
-        """Stops the body where it waits (from another task or a callback; once)."""
-        if self._task is not None and self._cut is None:
-            self._cut = reason
+    def cut(self) -> None:
+        """Stops the body where it waits (from another task or a callback; once): its client left,
+        or the server is ending."""
+        if self._task is not None and not self._cut:
+            self._cut = True
             self._task.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -92,7 +87,7 @@ class EventStreamResponse(StreamingResponse):
         except asyncio.CancelledError:
             # Cut while it waited (the only place this task waits while `_task` is set), or cancelled
             # from elsewhere too: then it goes on up.
-            if self._cut is None or task.uncancel():
+            if not self._cut or task.uncancel():
                 raise
             if not started:
                 await send(self._start())
@@ -120,4 +115,4 @@ class EventStreamResponse(StreamingResponse):
     async def _until_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        self.cut(Cut.CLIENT_LEFT)
+        self.cut()
