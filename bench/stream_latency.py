@@ -513,7 +513,13 @@ async def run(plan: Plan) -> Report:
                 v.ttft_1 = await sequential_ttft(served, plan)
                 g.ttft_httpx = await sequential_ttft(partial(httpx_stream, client, model), plan)
                 f.ttft_n = await concurrent_ttft(floor, plan)
+                # Each concurrent phase connects afresh in its unmeasured first round. Reused
+                # last-in first-out, the memory phase's idle connections are those whose held
+                # streams ended last, mostly on one API process: it then served 42 of the 50
+                # (docs/benchmarks.md, sixth session).
+                await lean.close()
                 g.ttft_n = await concurrent_ttft(remote, plan)
+                await server_client.close()
                 v.ttft_n = await concurrent_ttft(served, plan)
                 f.rate_1 = await relay_rate(floor, plan.relay_tokens, 1)
                 with CpuMeter(pids) as cpu_1:
