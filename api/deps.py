@@ -27,6 +27,11 @@ class Gateway:
     streams: OpenStreams = field(default_factory=OpenStreams)
     """The streams this process is sending, ended at once by a shutdown."""
 
+    @staticmethod
+    def of(request: Request) -> "Gateway":
+        gateway: Gateway = request.app.state.gateway
+        return gateway
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -41,16 +46,21 @@ class Caller:
     """May see the service-wide views: configured keys, `--operator` managed keys, and everyone
     when no key exists (a loopback-only gateway)."""
 
+    @staticmethod
+    def of(request: Request) -> "Caller":
+        key_id = getattr(request.state, "key_id", ANONYMOUS)
+        return Caller(key_id=key_id, operator=getattr(request.state, "operator", key_id == ANONYMOUS))
 
-# Both are `async def` so FastAPI calls them on the loop instead of in its thread pool.
+
+# Both are `async def` so FastAPI calls them on the loop instead of in its thread pool. The
+# completion routes call `Gateway.of` and `Caller.of` themselves: on the token path, each
+# dependency FastAPI resolves costs about 40 µs per request (docs/benchmarks.md, sixth session).
 async def _gateway(request: Request) -> Gateway:
-    gateway: Gateway = request.app.state.gateway
-    return gateway
+    return Gateway.of(request)
 
 
 async def _caller(request: Request) -> Caller:
-    key_id = getattr(request.state, "key_id", ANONYMOUS)
-    return Caller(key_id=key_id, operator=getattr(request.state, "operator", key_id == ANONYMOUS))
+    return Caller.of(request)
 
 
 GatewayDep = Annotated[Gateway, Depends(_gateway)]

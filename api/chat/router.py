@@ -3,9 +3,8 @@ one JSON body or as SSE chunks; with `background: true`, the queued job at once 
 it by id, `api/chat/retrieval.py`)."""
 
 import logging
-from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.chat.inbound import core_request
@@ -14,7 +13,7 @@ from api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from api.core.sse import EventStreamResponse
 from api.core.streaming import event_stream
 from api.core.submit import Idempotency, submit
-from api.deps import CallerDep, GatewayDep
+from api.deps import Caller, Gateway
 from api.errors import COMPLETION_ERRORS
 from shared import logs
 
@@ -22,15 +21,22 @@ log = logging.getLogger("gateway.api")
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=COMPLETION_ERRORS)
+# The header is read from the request, not declared as a parameter: FastAPI validates each
+# declared header through pydantic, about 40 µs per request on the token path.
+_IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses=COMPLETION_ERRORS,
+    openapi_extra={"parameters": [_IDEMPOTENCY_KEY]},
+)
 async def create_chat_completion(
-    body: ChatCompletionRequest,
-    request: Request,
-    gateway: GatewayDep,
-    caller: CallerDep,
-    idempotency_key: Annotated[str | None, Header()] = None,
+    body: ChatCompletionRequest, request: Request
 ) -> JSONResponse | EventStreamResponse:
-    idempotency = Idempotency.of(idempotency_key, body)
+    idempotency = Idempotency.of(request.headers.get("idempotency-key"), body)
+    gateway, caller = Gateway.of(request), Caller.of(request)
     run = await submit(core_request(body), request, gateway, caller, idempotency=idempotency)
     logs.bind(job_id=run.job.id)
     log.info(

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from api.core.sse import EventStreamResponse
 from api.core.streaming import event_stream
 from api.core.submit import submit
-from api.deps import CallerDep, GatewayDep
+from api.deps import Caller, Gateway
 from api.errors import ANTHROPIC_COMPLETION_ERRORS
 from api.messages.outbound import MessageStream, message_body
 from api.messages.protocol import CreateMessageRequest, Message, core_request
@@ -20,10 +20,8 @@ router = APIRouter()
 
 
 @router.post("/v1/messages", response_model=Message, responses=ANTHROPIC_COMPLETION_ERRORS)
-async def create_message(
-    body: CreateMessageRequest, request: Request, gateway: GatewayDep, caller: CallerDep
-) -> JSONResponse | EventStreamResponse:
-    run = await submit(core_request(body), request, gateway, caller)
+async def create_message(body: CreateMessageRequest, request: Request) -> JSONResponse | EventStreamResponse:
+    run = await submit(core_request(body), request, Gateway.of(request), Caller.of(request))
     if not body.stream:
         return JSONResponse(message_body(run.job, (await run.collect())[0]).model_dump())
     return await event_stream(run, MessageStream(run.job))

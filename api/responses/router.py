@@ -33,9 +33,10 @@ router = APIRouter()
 
 @router.post("/v1/responses", response_model=Response, responses=COMPLETION_ERRORS)
 async def create_response(
-    body: CreateResponseRequest, request: Request, gateway: GatewayDep, caller: CallerDep
+    body: CreateResponseRequest, request: Request
 ) -> JSONResponse | EventStreamResponse:
     check_supported(body)
+    gateway, caller = Gateway.of(request), Caller.of(request)
     earlier: list[ChatMessage] = []
     if body.previous_response_id is not None:
         earlier = await _continued(gateway, caller, body.previous_response_id)
