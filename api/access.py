@@ -201,7 +201,7 @@ class Access:
         configured = None if hashed is None else self.keys.match(hashed)
         category = endpoint_class(scope["method"], scope["path"])
         if self.settings.rate_limit_enabled:
-            admitted = await self._admit(redis, scope, state, address, configured, category)
+            admitted = await self._admit(redis, scope, state, address, configured, hashed, category)
             if admitted is not None:
                 return admitted
         # What the decision needs from Redis, in one round trip: the address's failed
@@ -248,28 +248,32 @@ class Access:
         state: dict[str, Any],
         address: str,
         configured: str | None,
+        hashed: str | None,
         category: str,
     ) -> tuple[OpenAIError | None, dict[str, str]] | None:
-        """The whole check in one round trip when the caller is known without Redis: a configured
-        key, or anyone on an open gateway while no managed key exists. None: check the long way."""
+        """The whole check in one round trip: for a configured key, anyone on an open gateway while
+        no managed key exists, or a managed key. None: check the long way (the key is not one, or
+        no key was sent to a protected gateway)."""
         if configured is not None:
-            key_id = configured
+            key_id, caller = configured, quotas.KNOWN
         elif not self._protected and (not self._loopback_only or _addressed_to_loopback(scope["headers"])):
-            key_id = ANONYMOUS
+            key_id, caller = ANONYMOUS, quotas.OPEN
+        elif hashed is not None:
+            key_id, caller = "", hashed  # the managed key's id, read in Redis, completes its bucket
         else:
             return None
         bucket = self._rate_bucket(key_id, address, category)
         auth = self._auth_bucket(address)
         reads = _reads(category)
-        admission = await quotas.admit(
-            redis, auth, bucket, apikeys.MANAGED_KEYS, open_only=key_id == ANONYMOUS, reads=reads
-        )
-        if admission is None:  # a managed key exists: protected from now on
-            self._now_protected(True)
+        admission = await quotas.admit(redis, auth, bucket, apikeys.MANAGED_KEYS, caller=caller, reads=reads)
+        if admission is None:
+            if caller == quotas.OPEN:  # a managed key exists: protected from now on
+                self._now_protected(True)
             return None
         if admission.throttled:
             return _too_many_failures(admission.decision), {}
-        state["key_id"], state["operator"] = key_id, True
+        managed = apikeys.managed_key(admission.record)
+        state["key_id"], state["operator"] = (managed.id, managed.operator) if managed else (key_id, True)
         _keep_reads(state, admission.values)
         return _limited(admission.decision, category)
 

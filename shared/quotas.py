@@ -84,14 +84,17 @@ return hit(buckets)
 # KEYS: bucket   ARGV: window, cap
 _PEEK = _CLOCK + _PEEK_FUNCTION + "return peek(KEYS[1], tonumber(ARGV[2]))"
 
-# A request's admission in one round trip, when its caller is known without Redis: the address's
-# failed authentications first (a throttled address gets nowhere), then, for a caller who is
-# anonymous only while no managed key exists, that none does, then the count, and the values the
+# A request's admission in one round trip: the address's failed authentications first (a
+# throttled address gets nowhere), then who the caller is, then the count, and the values the
 # request reads next (`reads`: they ride along rather than cost a round trip of their own).
+# Who (ARGV[5]): KNOWN, a caller known without Redis; OPEN, anonymous only while no managed key
+# exists; or a presented key's digest, which a managed key's record in KEYS[2] must have (KEYS[3]
+# is then the prefix of the bucket, which the key's id completes).
 # KEYS: failed-authentication bucket, managed keys, bucket to count, keys to read
-# ARGV: window, member, the bucket's cap, the failed-authentication cap, '1': anonymous while open
-# Returns {'throttled', decision...}, {'protected'} (a managed key exists) or
-# {'counted', decision..., values read...} (false: no such key).
+# ARGV: window, member, the bucket's cap, the failed-authentication cap, who
+# Returns {'throttled', decision...}, {'protected'} (OPEN, but a managed key exists), {'unknown'}
+# (no managed key has the digest) or {'counted', decision..., the managed key's record, values
+# read...} (false: no record, no such key).
 _ADMIT = (
     _CLOCK
     + _HIT_FUNCTION
@@ -99,12 +102,22 @@ _ADMIT = (
     + """
 local throttled = peek(KEYS[1], tonumber(ARGV[4]))
 if throttled[1] == 0 then return {'throttled', unpack(throttled)} end
-if ARGV[5] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return {'protected'} end
-local counted = {'counted', unpack(hit({{KEYS[3], ARGV[3]}}))}
+local bucket, record = KEYS[3], false
+if ARGV[5] == 'open' then
+  if redis.call('EXISTS', KEYS[2]) == 1 then return {'protected'} end
+elseif ARGV[5] ~= 'known' then
+  record = redis.call('HGET', KEYS[2], ARGV[5])
+  if not record then return {'unknown'} end
+  bucket = bucket .. cjson.decode(record).id
+end
+local counted = {'counted', unpack(hit({{bucket, ARGV[3]}}))}
+counted[#counted + 1] = record
 for i = 4, #KEYS do counted[#counted + 1] = redis.call('GET', KEYS[i]) end
 return counted
 """
 )
+KNOWN = "known"
+OPEN = "open"
 
 
 class _Script:
@@ -163,10 +176,12 @@ async def hit(redis: Redis, buckets: dict[str, int]) -> RateDecision:
 @dataclass(frozen=True)
 class Admission:
     """`admit`'s answer: the address is `throttled` (nothing was counted), or the request was
-    `counted` (`decision` says whether it is within its limit, `values` are the keys it read)."""
+    `counted` (`decision` says whether it is within its limit, `record` is the managed key's,
+    `values` are the keys it read)."""
 
     throttled: bool
     decision: RateDecision
+    record: bytes | None = None
     values: list[bytes | None] = field(default_factory=list)
 
 
@@ -176,22 +191,24 @@ async def admit(
     bucket: dict[str, int],
     managed_keys: str,
     *,
-    open_only: bool,
+    caller: str,
     reads: Sequence[str] = (),
 ) -> Admission | None:
     """Checks the failed-authentication bucket (key → limit per window, counting nothing) and, if it
     has room, counts one request against `bucket` and reads the string keys `reads`, in one round
-    trip. `open_only`: the caller is anonymous only while no managed key exists; None if one does
-    (nothing was counted)."""
+    trip. `caller`: `KNOWN`; `OPEN` (anonymous only while no managed key exists); or the digest of
+    the key presented, whose record in `managed_keys` (JSON with its `id`) names the bucket:
+    `bucket`'s key is the prefix of it. None (nothing was counted): a managed key exists for an
+    `OPEN` caller, or none has the digest."""
     ((auth_key, auth_cap),) = auth_bucket.items()
     ((key, cap),) = bucket.items()
-    args: list[str | int] = [WINDOW_MS, uuid.uuid4().hex, cap, auth_cap, "1" if open_only else "0"]
+    args: list[str | int] = [WINDOW_MS, uuid.uuid4().hex, cap, auth_cap, caller]
     reply = await _ADMIT_SCRIPT(redis, [auth_key, managed_keys, key, *reads], args)
-    if reply[0] == b"protected":
+    if reply[0] in (b"protected", b"unknown"):
         return None
     if reply[0] == b"throttled":
         return Admission(True, RateDecision.of(reply[1:]))
-    return Admission(False, RateDecision.of(reply[1:5]), list(reply[5:]))
+    return Admission(False, RateDecision.of(reply[1:5]), reply[5], list(reply[6:]))
 
 
 def peek(pipe: Pipeline, bucket: dict[str, int]) -> None:
