@@ -34,7 +34,7 @@ from api.routes import (
 from shared import queue
 from shared.autopipeline import AutoPipelined
 from shared.events import EventReader
-from shared.heap import freeze_startup_heap
+from shared.heap import tune_garbage_collector
 from shared.jobstore import JobStore
 from shared.settings import Settings
 
@@ -57,7 +57,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         reader = EventReader(redis)
         app.state.gateway = Gateway(settings=settings, redis=redis, store=store, reader=reader)
         follow = asyncio.create_task(UPSTREAM.follow(redis)) if settings.models_from_upstream else None
-        freeze_startup_heap()
+        tune_garbage_collector()
         log.info("API ready")
         try:
             yield

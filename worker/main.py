@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from shared import queue, worker_exits
 from shared.autopipeline import AutoPipelined
-from shared.heap import freeze_startup_heap
+from shared.heap import tune_garbage_collector
 from shared.jobstore import Claimed, JobStore
 from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL, is_job_id, worker_push_channel, worker_wakeup_channel
 from shared.settings import Settings
@@ -331,7 +331,7 @@ async def _startup(ctx: dict[str, Any]) -> None:
     ctx["maintain"] = asyncio.create_task(running.maintain())
     ctx["session_files"] = SessionFiles(settings, ctx["redis"], running.worker_id)
     ctx["sweep"] = asyncio.create_task(ctx["session_files"].maintain())
-    freeze_startup_heap()
+    tune_garbage_collector()
     log.info("worker %s ready (backend %s)", running.worker_id, settings.backend)
 
 
