@@ -2,7 +2,7 @@
 
 `Access` is pure ASGI middleware in front of every route but `GET /health`. It resolves the client
 address (believing `X-Forwarded-For` only from `TRUSTED_PROXIES`), authenticates the key, sets
-`state.key_id` (read by `CallerDep`) and counts the request against the caller's rate limit in
+`state.key_id` (read by `Caller.of`) and counts the request against the caller's rate limit in
 Redis, before the body is read. Authenticated callers are limited per key, anonymous ones (no keys
 configured) and failed authentications per client address.
 
