@@ -116,6 +116,14 @@ async def listening(redis: Redis) -> AsyncIterator[Callable[..., Awaitable[None]
     await pubsub.aclose()
 
 
+async def _subscribed(redis: Redis, channel: str) -> Any:
+    """A subscription to `channel`, once Redis confirms it (e.g. a worker's pushed jobs)."""
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(channel)
+    assert await pubsub.get_message(timeout=1) is not None
+    return pubsub
+
+
 async def _workers(redis: Redis, slots: int = 4, **running: int) -> None:
     """Live workers (heartbeat keys) with these running jobs and `slots` slots each."""
     for worker, jobs in running.items():
@@ -162,9 +170,7 @@ async def test_a_job_wakes_only_the_worker_chosen_to_run_it(
 ) -> None:
     await _workers(redis, busy=3, idle=1)
     await listening("busy", "idle")
-    everyone = redis.pubsub()
-    await everyone.subscribe(WAKEUP_CHANNEL)
-    assert await everyone.get_message(timeout=1) is not None
+    everyone = await _subscribed(redis, WAKEUP_CHANNEL)
     job_id = await _queued(store)
     assert await _routed(redis, job_id) == "idle"
     assert await everyone.get_message(timeout=0.2) is None  # no other worker heard of it
@@ -178,9 +184,7 @@ async def test_every_worker_is_woken_when_none_can_be_chosen(
     await _workers(redis, full=4, old=0)
     await redis.hset(WORKER_LOAD, mapping={"dead": 0, "dead:slots": 4})
     await listening("full", "dead")
-    everyone = redis.pubsub()
-    await everyone.subscribe(WAKEUP_CHANNEL)
-    assert await everyone.get_message(timeout=1) is not None
+    everyone = await _subscribed(redis, WAKEUP_CHANNEL)
     job_id = await _queued(store)
     message = await everyone.get_message(timeout=1)
     assert message is not None
@@ -276,20 +280,12 @@ def pushing(redis: Redis) -> JobStore:
     return JobStore(redis, queue_name="test:queue", ttl_s=60, push_lease_s=10)
 
 
-async def _pushes_to(redis: Redis, worker: str) -> Any:
-    """A subscription to the channel `worker` takes pushed jobs on, as a running worker listens."""
-    pubsub = redis.pubsub()
-    await pubsub.subscribe(worker_push_channel(worker))
-    assert await pubsub.get_message(timeout=1) is not None
-    return pubsub
-
-
 async def test_a_new_job_is_pushed_claimed_to_the_worker_chosen_for_it(
     redis: Redis, pushing: JobStore, listening: Callable[..., Awaitable[None]]
 ) -> None:
     await _workers(redis, busy=2, idle=0)
     await listening("busy", "idle")
-    pushes = await _pushes_to(redis, "idle")
+    pushes = await _subscribed(redis, worker_push_channel("idle"))
     before = int(time.time() * 1000)
     job_id = await _queued(pushing, "pushed whole")
     message = await pushes.get_message(timeout=1)
@@ -320,7 +316,7 @@ async def test_a_job_is_woken_for_instead_when_too_large_or_its_worker_takes_no_
     job_id = await _queued(pushing)
     assert await _routed(redis, job_id) == "only"
     assert await redis.hget(f"gateway:job:{job_id}", "worker") is None
-    pushes = await _pushes_to(redis, "only")
+    pushes = await _subscribed(redis, worker_push_channel("only"))
     large = await _queued(pushing, "x" * PUSH_LIMIT_BYTES)
     assert await pushes.get_message(timeout=0.3) is None
     assert await _routed(redis, large) == "only"
@@ -333,10 +329,8 @@ async def test_a_declined_push_goes_to_every_worker(
 ) -> None:
     await _workers(redis, stopping=0, other=1)
     await listening("stopping", "other")
-    pushes = await _pushes_to(redis, "stopping")
-    everyone = redis.pubsub()
-    await everyone.subscribe(WAKEUP_CHANNEL)
-    assert await everyone.get_message(timeout=1) is not None
+    pushes = await _subscribed(redis, worker_push_channel("stopping"))
+    everyone = await _subscribed(redis, WAKEUP_CHANNEL)
     job_id = await _queued(pushing)
     assert await pushes.get_message(timeout=1) is not None
     assert not await pushing.decline(job_id, 1, "other")  # not pushed to that one
