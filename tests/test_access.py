@@ -132,6 +132,39 @@ def test_managed_key_works_on_every_replica_until_revoked(guarded: Gateway, seco
         assert CONFIGURED_KEY not in log.read_text(errors="replace")
 
 
+def test_a_managed_key_is_its_own_caller_on_every_entry_point(guarded: Gateway) -> None:
+    """With rate limits on (the default), the admission's one round trip recognises a managed key:
+    its role, and its jobs, on chat (streamed), Responses and Messages."""
+    _, tenant = new_key(guarded, "tenant")
+    _, other = new_key(guarded, "other")
+    _, operator = new_key(guarded, "on call", "--operator")
+    assert_error(httpx.get(f"{guarded.url}/status", headers=bearer(tenant)), 403, "operator_key_required")
+    assert httpx.get(f"{guarded.url}/status", headers=bearer(operator)).status_code == 200
+    streamed = httpx.post(
+        f"{guarded.url}/v1/chat/completions", json=chat("hi", stream=True), headers=bearer(tenant), timeout=30
+    )
+    assert streamed.status_code == 200
+    assert sse_data(streamed)[-1] == "[DONE]"
+    created = httpx.post(
+        f"{guarded.url}/v1/responses",
+        json={"model": "claude-sonnet-4-5", "input": "hi"},
+        headers=bearer(tenant),
+        timeout=30,
+    )
+    assert created.status_code == 200, created.text
+    response_url = f"{guarded.url}/v1/responses/{created.json()['id']}"
+    assert_error(httpx.get(response_url, headers=bearer(other), timeout=10), 404, "not_found")
+    assert httpx.get(response_url, headers=bearer(tenant), timeout=10).status_code == 200
+    message = httpx.post(
+        f"{guarded.url}/v1/messages",
+        json={"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": chat("hi")["messages"]},
+        headers={"x-api-key": tenant, "anthropic-version": "2023-06-01"},
+        timeout=30,
+    )
+    assert message.status_code == 200, message.text
+    assert message.headers["x-ratelimit-remaining-requests"] == "3"  # its own chat budget of 6
+
+
 def test_two_replicas_share_one_rate_limit_exactly(guarded: Gateway, second_api: Gateway) -> None:
     _, secret = new_key(guarded)
     _, other = new_key(guarded)
