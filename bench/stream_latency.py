@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,6 +188,9 @@ async def concurrent_ttft(stream: Stream, plan: Plan) -> list[float]:
     return ttfts
 
 
+RELAY_REPEATS = 3  # the gateway's relay runs: 1 stream and 4, alternating; each rate is their median
+
+
 async def relay_rate(stream: Stream, tokens: int, streams: int) -> float:
     """Tokens per second from the first token of any stream to the end of the last one."""
     prompt = script(text="tok ", tokens=tokens)
@@ -213,24 +217,30 @@ def cpu_s(pid: int) -> float:
 
 
 class CpuMeter:
-    """Each process's CPU use over a `with` block, in % of one core."""
+    """Each process's CPU use over every `with` block it has measured, in % of one core."""
+
+    CLIENT = "bench client"
 
     def __init__(self, pids: dict[str, int]) -> None:
         self._pids = pids
-        self.shares: dict[str, float] = {}
+        self._used = dict.fromkeys([*pids, self.CLIENT], 0.0)
+        self._wall = 0.0
+
+    @property
+    def shares(self) -> dict[str, float]:
+        return {name: used / self._wall * 100 for name, used in self._used.items()} if self._wall else {}
+
+    def _now(self) -> dict[str, float]:
+        return {**{name: cpu_s(pid) for name, pid in self._pids.items()}, self.CLIENT: time.process_time()}
 
     def __enter__(self) -> "CpuMeter":
-        self._wall = time.perf_counter()
-        self._self = time.process_time()
-        self._start = {name: cpu_s(pid) for name, pid in self._pids.items()}
+        self._start_wall, self._start = time.perf_counter(), self._now()
         return self
 
     def __exit__(self, *_: object) -> None:
-        wall = time.perf_counter() - self._wall
-        self.shares = {
-            name: (cpu_s(pid) - self._start[name]) / wall * 100 for name, pid in self._pids.items()
-        }
-        self.shares["bench client"] = (time.process_time() - self._self) / wall * 100
+        self._wall += time.perf_counter() - self._start_wall
+        for name, used in self._now().items():
+            self._used[name] += used - self._start[name]
 
 
 class InProcessServer:
@@ -443,6 +453,8 @@ class Side:
     ttft_httpx: list[float] = field(default_factory=list)  # the gateway through httpx, for reference
     rate_1: float = 0.0
     rate_n: float = 0.0
+    rates_1: list[float] = field(default_factory=list)  # each run, where a rate is a median of several
+    rates_n: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -522,13 +534,19 @@ async def run(plan: Plan) -> Report:
                 await server_client.close()
                 v.ttft_n = await concurrent_ttft(served, plan)
                 f.rate_1 = await relay_rate(floor, plan.relay_tokens, 1)
-                with CpuMeter(pids) as cpu_1:
-                    g.rate_1 = await relay_rate(remote, plan.relay_tokens, 1)
                 v.rate_1 = await relay_rate(served, plan.relay_tokens, 1)
                 f.rate_n = await relay_rate(floor, plan.relay_tokens, plan.relay_streams)
-                with CpuMeter(pids) as cpu_n:
-                    g.rate_n = await relay_rate(remote, plan.relay_tokens, plan.relay_streams)
                 v.rate_n = await relay_rate(served, plan.relay_tokens, plan.relay_streams)
+                cpu_1, cpu_n = CpuMeter(pids), CpuMeter(pids)
+                for _ in range(RELAY_REPEATS):
+                    # A run takes a second or two, and the machine's speed moves on that scale
+                    # (docs/benchmarks.md, seventh session): one stream and four alternate, and
+                    # each rate is the median of its runs, so one disturbed run decides nothing.
+                    with cpu_1:
+                        g.rates_1.append(await relay_rate(remote, plan.relay_tokens, 1))
+                    with cpu_n:
+                        g.rates_n.append(await relay_rate(remote, plan.relay_tokens, plan.relay_streams))
+                g.rate_1, g.rate_n = statistics.median(g.rates_1), statistics.median(g.rates_n)
                 await lean.close()
                 await server_client.close()
         except Exception:
@@ -565,11 +583,17 @@ def figures(report: Report) -> dict[str, Any]:
             out[f"{name}_{q_name}_s"] = {"floor": fv, "gateway": gv, "added": gv - fv, "samples": len(gs)}
             if vs:
                 out[f"{name}_{q_name}_s"]["server"] = percentile(vs, q)
-    out["tokens_per_s_1"] = {"floor": f.rate_1, "gateway": g.rate_1, "server": v.rate_1}
+    out["tokens_per_s_1"] = {
+        "floor": f.rate_1,
+        "gateway": g.rate_1,
+        "server": v.rate_1,
+        "gateway_runs": g.rates_1,
+    }
     out[f"tokens_per_s_{report.plan.relay_streams}"] = {
         "floor": f.rate_n,
         "gateway": g.rate_n,
         "server": v.rate_n,
+        "gateway_runs": g.rates_n,
     }
     return out
 
@@ -635,6 +659,9 @@ def markdown(report: Report) -> str:
         f"Samples: {len(report.gateway.ttft_1)} sequential TTFT after {p.warmup} warm-up; "
         f"{len(report.gateway.ttft_n)} TTFT at {n} concurrent ({p.rounds} rounds after one warm-up round); "
         f"{p.relay_tokens:,} tokens per throughput stream. Added = gateway - floor, per percentile.",
+        f"Gateway relay runs, 1 stream and {k} alternating, each rate the median of its runs: "
+        f"1 stream {', '.join(f'{rate:,.0f}' for rate in report.gateway.rates_1)}; "
+        f"{k} streams {', '.join(f'{rate:,.0f}' for rate in report.gateway.rates_n)} tokens/s.",
         f"Memory: API RSS {m.before_kib:,} KiB before, {m.held_kib:,} KiB holding {m.streams} open streams "
         f"({m.open_when_measured} still open when read), {m.after_kib:,} KiB after they ended; "
         f"Redis connections (all processes) {m.redis_clients_before} before, {m.redis_clients_held} held.",
