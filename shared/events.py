@@ -291,6 +291,9 @@ class EventReader:
                         self._wakeup_last = entries[-1][0].decode()
                     else:
                         self._hand_over(key, starts[key], entries)
+                # The followers just handed events relay them before the next read goes out:
+                # sending it (packing, a socket write that wakes Redis) is then off their path.
+                await asyncio.sleep(0)
         finally:
             await connection.aclose()
 
