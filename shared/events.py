@@ -194,14 +194,15 @@ class EventReader:
         self._task: asyncio.Task[None] | None = None
         self._wakeups: set[asyncio.Task[None]] = set()  # strong references until they finish
 
-    async def events(
+    async def batches(
         self, job_id: str, *, after: int = 0, idle_timeout_s: float
-    ) -> AsyncIterator[tuple[int, JobEventValue]]:
-        """Yields `(seq, event)` after `after` until a terminal event; waits for new ones.
+    ) -> AsyncIterator[list[tuple[int, JobEventValue]]]:
+        """Yields the `(seq, event)`s after `after` until a terminal event, each list what arrived
+        together (never empty), so a caller can pass them on at once; waits for new ones.
 
         Raises `NoEventWithin` when nothing arrives for `idle_timeout_s` (the caller decides whether
         that means a job still queued, a stalled one, or a lost one), and the `RedisError` of a read
-        that failed.
+        that failed, after the events it had read before.
         """
         follower = _Follower(events_key(job_id).encode(), after)
         self._followers.setdefault(follower.key, set()).add(follower)
@@ -216,12 +217,19 @@ class EventReader:
                         raise NoEventWithin(idle_timeout_s) from None
                 else:
                     item = follower.inbox.get_nowait()
-                if isinstance(item, Exception):
-                    raise item.with_traceback(None)
+                batch: list[tuple[int, JobEventValue]] = []
+                while not isinstance(item, Exception):
+                    batch.append(item)
+                    if isinstance(item[1], Done | Failed) or follower.inbox.empty():
+                        break
+                    item = follower.inbox.get_nowait()
                 if follower.paused and follower.inbox.empty():
                     follower.paused = False
                     self._wake()
-                yield item
+                if batch:
+                    yield batch
+                if isinstance(item, Exception):
+                    raise item.with_traceback(None)
                 if isinstance(item[1], Done | Failed):
                     return
         finally:

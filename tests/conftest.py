@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from cli.children import die_with_parent
 from cli.embedded_redis import EmbeddedRedis, free_port
+from shared.events import EventReader, JobEventValue
 from tests.fake_anthropic import FakeAnthropic
 from tests.s3_server import SeaweedS3
 
@@ -304,3 +306,14 @@ def sse_data(response: httpx.Response) -> list[str]:
 def chat(content: str, **extra: Any) -> dict[str, Any]:
     """A chat completion request body with one user message."""
     return {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": content}], **extra}
+
+
+async def followed(
+    reader: EventReader, job_id: str, *, after: int = 0, idle_timeout_s: float
+) -> AsyncIterator[tuple[int, JobEventValue]]:
+    """The reader's `(seq, event)`s for the job one at a time, as `EventReader.batches` hands them
+    over; closing this closes the reader's iteration (the follower leaves at once)."""
+    async with aclosing(reader.batches(job_id, after=after, idle_timeout_s=idle_timeout_s)) as batches:
+        async for batch in batches:
+            for item in batch:
+                yield item

@@ -12,6 +12,7 @@ from cli.embedded_redis import EmbeddedRedis
 from shared.events import EventReader, EventWriter, NoEventWithin
 from shared.jobs import CompletionJob, Delta, Done, FinishReason, JobEventValue, Turn, Usage, encode_event
 from shared.jobstore import JobStore
+from tests.conftest import followed
 
 DONE = Done(finish_reason=FinishReason.STOP, usage=Usage(prompt_tokens=1, completion_tokens=1))
 Followed = list[tuple[int, JobEventValue]]
@@ -41,7 +42,7 @@ async def _write(writer: EventWriter, *events: JobEventValue) -> None:
 async def _follow(
     reader: EventReader, job_id: str, got: Followed, *, after: int = 0, idle_s: float = 10
 ) -> None:
-    async for item in reader.events(job_id, after=after, idle_timeout_s=idle_s):
+    async for item in followed(reader, job_id, after=after, idle_timeout_s=idle_s):
         got.append(item)
 
 
@@ -86,9 +87,9 @@ async def test_many_followers_share_one_connection_and_each_gets_its_own_job(
     for i, writer in enumerate(writers):
         await _write(writer, Delta(text=f"{i} second "), DONE)
     await asyncio.gather(*following)
-    for i, followed in enumerate(got):
+    for i, items in enumerate(got):
         expected = [(1, Delta(text=f"{i} first ")), (2, Delta(text=f"{i} second ")), (3, DONE)]
-        assert followed == expected[i % 2 :]
+        assert items == expected[i % 2 :]
 
 
 async def test_a_follower_arriving_during_a_blocked_read_wakes_it(redis: Redis, reader: EventReader) -> None:
@@ -116,13 +117,27 @@ async def test_each_follower_has_its_own_idle_limit(redis: Redis, reader: EventR
     assert got == [(1, Delta(text="late")), (2, DONE)]
 
 
+async def test_events_read_together_are_handed_over_together(redis: Redis, reader: EventReader) -> None:
+    store = JobStore(redis, queue_name="test:queue", ttl_s=60)
+    job_id = await _started_job(store)
+    written = [encode_event(Delta(text="a")), encode_event(Delta(text="b"))]
+    await store.append(job_id, 1, 1, written, outcome="", ttl_s=60)
+    batches = reader.batches(job_id, idle_timeout_s=10)
+    assert await anext(batches) == [(1, Delta(text="a")), (2, Delta(text="b"))]
+    last = [encode_event(Delta(text="c")), encode_event(DONE)]
+    await store.append(job_id, 1, 3, last, outcome="completed", ttl_s=60)
+    assert await anext(batches) == [(3, Delta(text="c")), (4, DONE)]  # the terminal event ends it
+    with pytest.raises(StopAsyncIteration):
+        await anext(batches)
+
+
 async def test_a_follower_that_leaves_does_not_disturb_the_others(redis: Redis, reader: EventReader) -> None:
     store = JobStore(redis, queue_name="test:queue", ttl_s=60)
     job_id = await _started_job(store)
     writer = EventWriter(store, job_id, 1)
     staying: Followed = []
     stays = asyncio.create_task(_follow(reader, job_id, staying))
-    leaving = reader.events(job_id, idle_timeout_s=10)
+    leaving = followed(reader, job_id, idle_timeout_s=10)
     await _write(writer, Delta(text="a"))
     assert await anext(leaving) == (1, Delta(text="a"))
     await leaving.aclose()  # e.g. its client went away
@@ -143,7 +158,7 @@ async def test_a_follower_far_behind_gets_every_event_in_order(redis: Redis, rea
     await store.append(job_id, 1, 1, [encode_event(Delta(text=text)) for text in texts], outcome="", ttl_s=60)
     await store.append(job_id, 1, count + 1, [encode_event(DONE)], outcome="completed", ttl_s=60)
     got: Followed = []
-    async for item in reader.events(job_id, idle_timeout_s=10):
+    async for item in followed(reader, job_id, idle_timeout_s=10):
         got.append(item)
         if len(got) % 100 == 0:
             await asyncio.sleep(0.001)  # a slow client
@@ -158,7 +173,7 @@ async def test_followers_of_one_job_far_apart_each_get_every_event(redis: Redis,
     await store.append(job_id, 1, 1, [encode_event(Delta(text=text)) for text in texts], outcome="", ttl_s=60)
     ahead: Followed = []
     waits_at_the_end = asyncio.create_task(_follow(reader, job_id, ahead, after=count))
-    behind = reader.events(job_id, idle_timeout_s=10)
+    behind = followed(reader, job_id, idle_timeout_s=10)
     got = [await anext(behind)]  # its inbox fills: it is left out of the read while the other reads on
     await _blocked_read(redis)
     await store.append(job_id, 1, count + 1, [encode_event(DONE)], outcome="completed", ttl_s=60)
@@ -186,7 +201,7 @@ async def test_a_lost_redis_is_reported_to_every_follower_and_reading_resumes(tm
         server.start()  # same data: each follower comes back after its last event
         writer = EventWriter(store, jobs[0], 1)
         await _write(writer, Delta(text="back"), DONE)
-        assert [item async for item in reader.events(jobs[0], idle_timeout_s=10)] == [
+        assert [item async for item in followed(reader, jobs[0], idle_timeout_s=10)] == [
             (1, Delta(text="back")),
             (2, DONE),
         ]

@@ -10,6 +10,7 @@ from shared.events import EventReader, EventWriter, NoEventWithin, Superseded
 from shared.jobs import CompletionJob, Delta, Done, FinishReason, Reasoning, Turn, Usage, new_job_id
 from shared.jobstore import JobStore
 from shared.keys import events_key
+from tests.conftest import followed
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ async def test_a_reader_arriving_after_the_whole_job_gets_every_event(
         await writer.drain()  # one write each: no coalescing
     writer.emit(DONE)
     await writer.drain()
-    events = [item async for item in reader.events(job_id, idle_timeout_s=1)]
+    events = [item async for item in followed(reader, job_id, idle_timeout_s=1)]
     assert events == [(1, Delta(text="a")), (2, Delta(text="b")), (3, Delta(text="c")), (4, DONE)]
     assert 0 < await redis.ttl(events_key(job_id)) <= 60
 
@@ -58,7 +59,7 @@ async def test_reading_after_a_sequence_number_resumes_exactly_there(
         await writer.drain()
     writer.emit(DONE)
     await writer.drain()
-    events = [item async for item in reader.events(job_id, after=2, idle_timeout_s=1)]
+    events = [item async for item in followed(reader, job_id, after=2, idle_timeout_s=1)]
     assert events == [(3, Delta(text="c")), (4, DONE)]
 
 
@@ -70,7 +71,7 @@ async def test_deltas_emitted_during_a_write_are_merged_in_order(
         writer.emit(Delta(text=f"{i},"))
     writer.emit(DONE)
     await writer.drain()
-    events = [event async for _, event in reader.events(job_id, idle_timeout_s=1)]
+    events = [event async for _, event in followed(reader, job_id, idle_timeout_s=1)]
     assert 2 <= len(events) < 1001
     assert "".join(e.text for e in events if isinstance(e, Delta)) == "".join(f"{i}," for i in range(1000))
     assert events[-1] == DONE
@@ -87,7 +88,7 @@ async def test_the_first_text_after_thinking_does_not_wait_for_the_linger(
     await asyncio.wait_for(writer.drain(), timeout=10)
     writer.emit(DONE)
     await writer.drain()
-    events = [event async for _, event in reader.events(job_id, idle_timeout_s=1)]
+    events = [event async for _, event in followed(reader, job_id, idle_timeout_s=1)]
     assert events == [Reasoning(text="thinking"), Delta(text="Hello"), DONE]
 
 
@@ -104,7 +105,7 @@ async def test_a_live_reader_follows_the_writer(reader: EventReader, store: JobS
 
 async def test_silence_is_reported_not_waited_out(reader: EventReader) -> None:
     with pytest.raises(NoEventWithin):
-        async for _ in reader.events(new_job_id(), idle_timeout_s=0.05):
+        async for _ in followed(reader, new_job_id(), idle_timeout_s=0.05):
             pass
 
 
@@ -120,7 +121,7 @@ async def test_a_superseded_attempt_can_no_longer_write(reader: EventReader, sto
     second.emit(Delta(text="b"))
     second.emit(DONE)
     await second.drain()
-    assert [e async for _, e in reader.events(job_id, idle_timeout_s=1)] == [Delta(text="b"), DONE]
+    assert [e async for _, e in followed(reader, job_id, idle_timeout_s=1)] == [Delta(text="b"), DONE]
 
 
 async def test_a_repeated_write_is_applied_once(redis: Redis, store: JobStore) -> None:
@@ -137,7 +138,7 @@ async def test_a_lost_worker_with_output_fails_the_job(reader: EventReader, stor
     await writer.drain()
     await store.expire_lease(job_id, 1)
     assert await store.recover_expired(max_attempts=3) == [(job_id, "failed")]
-    events = [e async for _, e in reader.events(job_id, idle_timeout_s=1)]
+    events = [e async for _, e in followed(reader, job_id, idle_timeout_s=1)]
     assert events[0] == Delta(text="partial")
     assert events[-1].type == "failed"
     assert events[-1].code == "worker_lost"
@@ -147,4 +148,4 @@ async def test_a_lost_worker_with_output_fails_the_job(reader: EventReader, stor
 
 
 async def _collect(reader: EventReader, job_id: str) -> list[object]:
-    return [event async for _, event in reader.events(job_id, idle_timeout_s=5)]
+    return [event async for _, event in followed(reader, job_id, idle_timeout_s=5)]

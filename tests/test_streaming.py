@@ -3,6 +3,7 @@
 import asyncio
 import json
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -125,3 +126,40 @@ def test_a_client_leaving_during_a_silence_cancels_its_job(start_gateway: Any) -
     assert data[-1] == "[DONE]"
     text = "".join(json.loads(chunk)["choices"][0]["delta"].get("content") or "" for chunk in data[:-1])
     assert text == "all of it"
+
+
+def _body_messages(gateway: Gateway, path: str) -> list[bytes]:
+    """The chunks of a chunked response, read off the socket: uvicorn sends each body message
+    the app sends as one chunk."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as connection:
+        connection.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        raw = b""
+        while received := connection.recv(65536):
+            raw += received
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    chunks = []
+    while (size := int(body.partition(b"\r\n")[0], 16)) > 0:
+        start = body.index(b"\r\n") + 2
+        chunks.append(body[start : start + size])
+        body = body[start + size + 2 :]
+    return chunks
+
+
+def test_a_resumed_stream_sends_what_is_stored_as_one_body_message(scripted: Gateway) -> None:
+    """A finished job's events (about one per token here) are read together, so they go out
+    together: one socket write and one wake-up of the client, not one per event (the opening goes
+    first, before the read)."""
+    body = chat(script(text="w ", tokens=40, delay_ms=1), background=True)
+    job_id = httpx.post(f"{scripted.url}/v1/chat/completions", json=body, timeout=30).json()["id"]
+    path = f"/v1/chat/completions/{job_id}"
+    for _ in range(200):
+        if httpx.get(f"{scripted.url}{path}", timeout=10).json()["status"] == "completed":
+            break
+        time.sleep(0.05)
+    opening, stored = _body_messages(scripted, f"{path}?stream=true")
+    assert json.loads(opening.decode().partition("data: ")[2])["choices"][0]["delta"]["role"] == "assistant"
+    data = [line[6:] for line in stored.decode().splitlines() if line.startswith("data: ")]
+    texts = [json.loads(item)["choices"][0]["delta"].get("content") for item in data[:-1]]
+    assert "".join(text or "" for text in texts) == "w " * 40
+    assert data[-1] == "[DONE]"

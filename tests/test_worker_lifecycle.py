@@ -28,7 +28,7 @@ from shared.jobstore import JobStore
 from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL
 from shared.settings import Settings
 from shared.status import Snapshot, take_snapshot
-from tests.conftest import unit_db
+from tests.conftest import followed, unit_db
 from worker.main import GatewayWorker, build_worker
 
 QUEUE = "test:lifecycle:queue"
@@ -61,7 +61,7 @@ class Running:
 
     async def events(self, job_id: str, within_s: float = 10) -> list[Event]:
         async with asyncio.timeout(within_s):
-            return [event async for _, event in self.reader.events(job_id, idle_timeout_s=within_s)]
+            return [event async for _, event in followed(self.reader, job_id, idle_timeout_s=within_s)]
 
     async def assert_serving(self) -> None:
         """The main loop is alive and runs a new job to completion."""
@@ -156,7 +156,7 @@ async def test_a_cancelled_job_ends_cancelled_and_the_worker_serves_on(
     running = await start()
     job_id = await running.submit(script(text="a ", tokens=10_000, delay_ms=5))
     async with asyncio.timeout(5):
-        async for _ in running.reader.events(job_id, idle_timeout_s=5):
+        async for _ in followed(running.reader, job_id, idle_timeout_s=5):
             break  # it produces
     failure = Failed(code=FailureCode.CANCELLED, message="cancelled by test")
     assert await running.store.stop(job_id, withdraw_only=False, failure=failure) == "cancelling"
@@ -191,7 +191,7 @@ async def test_a_job_whose_lease_is_lost_stops_quietly_and_the_worker_serves_on(
     running = await start()
     job_id = await running.submit(script(text="a ", tokens=10_000, delay_ms=5))
     async with asyncio.timeout(5):
-        async for _ in running.reader.events(job_id, idle_timeout_s=5):
+        async for _ in followed(running.reader, job_id, idle_timeout_s=5):
             break
     # A sweep takes the job over, as if this worker had stopped renewing: this one, or the worker's
     # own, which runs every 50 ms and may get there first.
@@ -221,7 +221,7 @@ async def test_an_error_removing_the_arq_keys_does_not_stop_the_worker(
     monkeypatch.setattr(JobStore, "finish_attempt", finish_attempt)
     job_id = await running.submit(script(text="a ", tokens=10_000, delay_ms=5))
     async with asyncio.timeout(5):
-        async for _ in running.reader.events(job_id, idle_timeout_s=5):
+        async for _ in followed(running.reader, job_id, idle_timeout_s=5):
             break
     await running.store.expire_lease(job_id, 1)  # the worker's own sweep fails the job
     events = await running.events(job_id)
@@ -312,7 +312,7 @@ async def test_shutdown_with_running_jobs_closes_the_worker_cleanly(
     talking = await running.submit(script(text="a ", tokens=10_000, delay_ms=5))
     silent = await running.submit(script(text="late", wait_ms=10_000))
     async with asyncio.timeout(5):
-        async for _ in running.reader.events(talking, idle_timeout_s=5):
+        async for _ in followed(running.reader, talking, idle_timeout_s=5):
             break
     async with asyncio.timeout(5):
         while not (record := await running.store.get(silent)) or not record.started:

@@ -10,12 +10,13 @@ job is reading its stream; between events the follower checks on the job:
 
 After `KEEP_ALIVE_S` without an event the follower is handed `KEEP_ALIVE` (a stream sends a ping,
 so that proxies keep a connection open through a long silent tool run). The reader's idle wait,
-which wakes the checks, wakes it too: nothing is spent per event.
+which wakes the checks, wakes it too: nothing is spent per event. Events come in the lists the
+reader hands over (what arrived together), so a stream can send them as one body message.
 """
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -34,13 +35,15 @@ class KeepAlive:
 
 KEEP_ALIVE = KeepAlive()
 FollowedEvent = JobEventValue | KeepAlive
+FollowedBatch = Sequence[tuple[int, FollowedEvent]]
+"""`(seq, event)`s that arrived together, in order (never empty)."""
 
 
 async def follow_job(
     reader: EventReader, store: JobStore, settings: Settings, job_id: str, *, after: int = 0, withdraw: bool
-) -> AsyncIterator[tuple[int, FollowedEvent]]:
-    """Yields `(seq, event)` after `after` up to and including the job's terminal event, and
-    `(seq of the last event, KEEP_ALIVE)` through a silence."""
+) -> AsyncIterator[FollowedBatch]:
+    """Yields the job's events after `after` up to and including its terminal event, and
+    `[(seq of the last event, KEEP_ALIVE)]` through a silence."""
     check_every = min(settings.lease_s, settings.queue_timeout_s)
     waiting_since = heard = checked = kept_alive = time.monotonic()
     outage_since: float | None = None
@@ -50,23 +53,23 @@ async def follow_job(
         # early, and the read is resumed for what is left.
         due = min(max(heard, checked) + check_every, max(heard, kept_alive) + KEEP_ALIVE_S)
         try:
-            async for seq, event in reader.events(
+            async for batch in reader.batches(
                 job_id, after=after, idle_timeout_s=max(due - time.monotonic(), 0.0)
             ):
-                after, outage_since, heard = seq, None, time.monotonic()
-                yield seq, event
+                after, outage_since, heard = batch[-1][0], None, time.monotonic()
+                yield batch
             return
         except NoEventWithin:
             now = time.monotonic()
             if now >= max(heard, kept_alive) + KEEP_ALIVE_S:
                 kept_alive = now
-                yield after, KEEP_ALIVE
+                yield [(after, KEEP_ALIVE)]
             if now < max(heard, checked) + check_every:
                 continue
             checked = now
             record = await store.get(job_id)
             if record is None:
-                yield after + 1, Failed(code=FailureCode.INTERNAL, message="The job no longer exists.")
+                yield [(after + 1, Failed(code=FailureCode.INTERNAL, message="The job no longer exists."))]
                 return
             if record.ended or record.started:
                 waiting_since = time.monotonic()

@@ -1,20 +1,20 @@
 """A request's queued jobs (one per choice) and their events: followed, collected, cancelled.
 
-Every front end reads a run the same way: `events()` yields `(choice, seq, event)` until each
-choice has its terminal event (or one fails: the others are cancelled then, and the failure ends
-the run), and a choice's `KEEP_ALIVE` through a silence. `collect()` turns a finished run into one
-`Reply` per choice. A run with `n > 1` is one request, not a durable job: its choices' events
-interleave as they arrive.
+Every front end reads a run the same way: `events()` yields lists of `(choice, seq, event)` (what
+arrived together) until each choice has its terminal event (or one fails: the others are cancelled
+then, and the failure ends the run), and a choice's `KEEP_ALIVE` through a silence. `collect()`
+turns a finished run into one `Reply` per choice. A run with `n > 1` is one request, not a durable
+job: its choices' events interleave as they arrive.
 """
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from api import metrics
-from api.core.relay import FollowedEvent, KeepAlive, follow_job
+from api.core.relay import FollowedBatch, FollowedEvent, KeepAlive, follow_job
 from api.core.structured import ResponseFormat
 from api.deps import Gateway
 from api.errors import OpenAIError
@@ -24,8 +24,10 @@ from shared.jobstore import JobStore
 
 log = logging.getLogger("gateway.api")
 
-ChoiceEvents = AsyncIterator[tuple[int, int, FollowedEvent]]
+ChoiceEvent = tuple[int, int, FollowedEvent]
 """`(choice, seq, event)`: the choice's index and the event's number in its job's sequence."""
+ChoiceEvents = AsyncIterator[Sequence[ChoiceEvent]]
+"""A run's events, in lists of what arrived together (never empty)."""
 _CANCEL_WAIT_S = 5.0  # how long a cancel waits for a running job to confirm it stopped
 
 
@@ -109,7 +111,7 @@ class Run:
 
     async def _one(self, after: int) -> ChoiceEvents:
         gateway = self.gateway
-        async for seq, event in follow_job(
+        async for batch in follow_job(
             gateway.reader,
             gateway.store,
             gateway.settings,
@@ -117,39 +119,43 @@ class Run:
             after=after,
             withdraw=not self.background,
         ):
-            if self._shown(event):
-                yield 0, seq, event
+            if shown := [(0, seq, event) for seq, event in batch if self._shown(event)]:
+                yield shown
 
     async def _merged(self) -> ChoiceEvents:
-        merged: asyncio.Queue[tuple[int, int, FollowedEvent]] = asyncio.Queue()
+        merged: asyncio.Queue[tuple[int, FollowedBatch]] = asyncio.Queue()
         self._pumps = [asyncio.create_task(self._pump(i, job.id, merged)) for i, job in enumerate(self.jobs)]
         ended = 0
         try:
             while ended < len(self.jobs):
-                choice, seq, event = await merged.get()
-                if isinstance(event, Failed):
-                    await self.cancel("Another choice of the request failed.")
-                    yield choice, seq, event
-                    return
-                ended += isinstance(event, Done)
-                if self._shown(event):
-                    yield choice, seq, event
+                choice, batch = await merged.get()
+                shown: list[ChoiceEvent] = []
+                for seq, event in batch:
+                    if isinstance(event, Failed):
+                        await self.cancel("Another choice of the request failed.")
+                        yield [*shown, (choice, seq, event)]
+                        return
+                    ended += isinstance(event, Done)
+                    if self._shown(event):
+                        shown.append((choice, seq, event))
+                if shown:
+                    yield shown
         finally:
             self.close()
 
     async def _pump(
-        self, choice: int, job_id: str, merged: "asyncio.Queue[tuple[int, int, FollowedEvent]]"
+        self, choice: int, job_id: str, merged: "asyncio.Queue[tuple[int, FollowedBatch]]"
     ) -> None:
         gateway = self.gateway
         try:
-            async for seq, event in follow_job(
+            async for batch in follow_job(
                 gateway.reader, gateway.store, gateway.settings, job_id, withdraw=True
             ):
-                await merged.put((choice, seq, event))
+                await merged.put((choice, batch))
         except Exception:  # e.g. Redis gone for longer than its grace: the choice cannot be followed
             log.exception("lost track of a choice")
             failure = Failed(code=FailureCode.INTERNAL, message="The gateway lost track of a choice.")
-            await merged.put((choice, 0, failure))
+            await merged.put((choice, [(0, failure)]))
 
     def _shown(self, event: FollowedEvent) -> bool:
         """Whether the caller sees the event (the agent's activity only if asked), counted if so."""
@@ -174,16 +180,17 @@ class Run:
         events: list[list[JobEventValue]] = [[] for _ in self.jobs]
         replies: dict[int, Reply] = {}
         try:
-            async for choice, _, event in self.events():
-                if isinstance(event, KeepAlive):
-                    continue
-                events[choice].append(event)
-                if isinstance(event, Failed):
-                    raise OpenAIError.from_failure(event)
-                if isinstance(event, Done):
-                    kept = settled(events[choice])
-                    text, _ = reply_of(kept)
-                    replies[choice] = Reply(text, event, kept)
+            async for batch in self.events():
+                for choice, _, event in batch:
+                    if isinstance(event, KeepAlive):
+                        continue
+                    events[choice].append(event)
+                    if isinstance(event, Failed):
+                        raise OpenAIError.from_failure(event)
+                    if isinstance(event, Done):
+                        kept = settled(events[choice])
+                        text, _ = reply_of(kept)
+                        replies[choice] = Reply(text, event, kept)
         except BaseException:
             if len(self.jobs) > 1:
                 await self.cancel("Another choice of the request failed.")

@@ -15,21 +15,21 @@ The job goes on, and its stored reply (a retrieval, the session's history) keeps
 import asyncio
 import logging
 import re
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
-from api.core.relay import FollowedEvent, KeepAlive
-from api.core.run import ChoiceEvents, Reply, Run
+from api.core.relay import KeepAlive
+from api.core.run import ChoiceEvent, ChoiceEvents, Reply, Run
 from api.core.sse import EventStreamResponse, FinalChunk
 from api.errors import OpenAIError
 from shared.jobs import Activity, Delta, Done, Failed, FailureCode, Retraction
 
 log = logging.getLogger("gateway.api")
 
-First = asyncio.Future[tuple[int, int, FollowedEvent]]
+First = asyncio.Future[Sequence[ChoiceEvent]]
 Rendered = Delta | Activity | Done | Failed
 """What a renderer is given: every event but a `Retraction`, which ends the stream before it."""
 OnAbandon = Callable[[], Coroutine[Any, Any, None]]
@@ -83,7 +83,7 @@ async def event_stream(
     events = run.events(after)
     if run.response_format is not None:  # checked whole, then sent as one delta
         events = _checked(run, await run.collect())
-    first = await first_event(events, settings.stream_commit_after_s) if live else None
+    first = await first_events(events, settings.stream_commit_after_s) if live else None
 
     async def cancel() -> None:
         await run.cancel("The client disconnected.")
@@ -93,23 +93,26 @@ async def event_stream(
     return EventStreamResponse(body, run.gateway.streams)
 
 
-async def first_event(events: ChoiceEvents, wait_s: float) -> First:
-    """Waits up to `wait_s` for the run's first event, and raises its failure if it is one.
+async def first_events(events: ChoiceEvents, wait_s: float) -> First:
+    """Waits up to `wait_s` for the run's first events, and raises the failure if the first is one.
 
     A run silent for longer (a long tool run) gets its headers then, and keep-alive pings.
     """
     first = asyncio.ensure_future(anext(events))
     await asyncio.wait({first}, timeout=wait_s)
-    if first.done() and isinstance(failure := first.result()[2], Failed):
+    if first.done() and isinstance(failure := first.result()[0][2], Failed):
         raise OpenAIError.from_failure(failure)
     return first
 
 
 async def _checked(run: Run, replies: list[Reply]) -> ChoiceEvents:
-    """A structured run's checked replies as events: one delta per choice, then its terminal event."""
-    for choice, reply in enumerate(replies):
-        yield choice, 1, Delta(text=reply.text)
-        yield choice, 2, reply.done
+    """A structured run's checked replies as events, all ready: per choice one delta, then its
+    terminal event."""
+    yield [
+        event
+        for i, reply in enumerate(replies)
+        for event in ((i, 1, Delta(text=reply.text)), (i, 2, reply.done))
+    ]
 
 
 async def _relay(
@@ -120,8 +123,10 @@ async def _relay(
     on_abandon: OnAbandon | None,
 ) -> AsyncGenerator[bytes, None]:
     # What is ready together goes out as one body message: each message is a trip through every
-    # middleware's `send` and a socket write, so the opening rides with the first content, and the
-    # closing with the last event and the end of the response (`FinalChunk`).
+    # middleware's `send`, a socket write and a wake-up of the client. So the events read together
+    # go out together (a resumed stream's whole backlog, the last text with the end), the opening
+    # rides with the first of them, and the closing with the last and the end of the response
+    # (`FinalChunk`).
     ready = renderer.opening()
     finished = False
     ended = 0
@@ -130,24 +135,15 @@ async def _relay(
         if ready and not pending.done():  # a slow start: the stream opens at once anyway
             yield joined(ready)
             ready = []
-        choice, seq, event = await pending
+        batch = await pending
         while True:
-            if isinstance(event, KeepAlive):
-                ready.append(_PING)
-            elif isinstance(event, Retraction):
-                ready += renderer.interrupted(_DIVERGED)
-                finished = len(run.jobs) == 1  # a request of several choices is not kept: cancelled
+            ended, over = _render(renderer, batch, ready, ended, len(run.jobs))
+            if over:
                 break
-            else:
-                ready += renderer.render(choice, seq, event)
-                if isinstance(event, Done | Failed):
-                    ended += 1
-                    if isinstance(event, Failed) or ended == len(run.jobs):
-                        break
             if ready:
                 yield joined(ready)
                 ready = []
-            choice, seq, event = await anext(events)
+            batch = await anext(events)
         finished = True
     except RedisError:
         # Headers are gone already: the failure can only be reported in the stream.
@@ -162,6 +158,30 @@ async def _relay(
             _abandoned.add(task)
             task.add_done_callback(_abandoned.discard)
     yield FinalChunk(joined([*ready, *renderer.closing()]))
+
+
+def _render(
+    renderer: StreamRenderer,
+    batch: Sequence[ChoiceEvent],
+    ready: list[ServerSentEvent],
+    ended: int,
+    choices: int,
+) -> tuple[int, bool]:
+    """Adds what `batch` shows to `ready`. Returns how many of the `choices` have ended (`ended`
+    before it), and whether the stream ends here: every choice ended, or one failed, or a
+    `Retraction` stopped it."""
+    for choice, seq, event in batch:
+        if isinstance(event, KeepAlive):
+            ready.append(_PING)
+        elif isinstance(event, Retraction):
+            ready.extend(renderer.interrupted(_DIVERGED))
+            return ended, True
+        else:
+            ready.extend(renderer.render(choice, seq, event))
+            ended += isinstance(event, Done | Failed)
+            if isinstance(event, Failed) or ended == choices:
+                return ended, True
+    return ended, False
 
 
 def joined(events: list[ServerSentEvent]) -> bytes:
