@@ -7,7 +7,7 @@ HTTP → API → arq/Redis → worker → Redis stream → API → SSE,
 on a redis-server, `API_PROCESSES` API processes (2) and two worker processes that this script
 starts and stops, as `claude-gateway up` runs them.
 
-    .venv/bin/python bench/stream_latency.py             # full run, about half a minute
+    .venv/bin/python bench/stream_latency.py             # full run, under a minute here
     .venv/bin/python bench/stream_latency.py --quick     # smoke run for CI, a few seconds
     .venv/bin/python bench/stream_latency.py --json out.json --check
 
