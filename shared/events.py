@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -196,7 +196,7 @@ class EventReader:
 
     async def batches(
         self, job_id: str, *, after: int = 0, idle_timeout_s: float
-    ) -> AsyncIterator[list[tuple[int, JobEventValue]]]:
+    ) -> AsyncGenerator[list[tuple[int, JobEventValue]], None]:
         """Yields the `(seq, event)`s after `after` until a terminal event, each list what arrived
         together (never empty), so a caller can pass them on at once; waits for new ones.
 

@@ -16,7 +16,8 @@ reader hands over (what arrived together), so a stream can send them as one body
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -41,7 +42,7 @@ FollowedBatch = Sequence[tuple[int, FollowedEvent]]
 
 async def follow_job(
     reader: EventReader, store: JobStore, settings: Settings, job_id: str, *, after: int = 0, withdraw: bool
-) -> AsyncIterator[FollowedBatch]:
+) -> AsyncGenerator[FollowedBatch, None]:
     """Yields the job's events after `after` up to and including its terminal event, and
     `[(seq of the last event, KEEP_ALIVE)]` through a silence."""
     check_every = min(settings.lease_s, settings.queue_timeout_s)
@@ -53,11 +54,11 @@ async def follow_job(
         # early, and the read is resumed for what is left.
         due = min(max(heard, checked) + check_every, max(heard, kept_alive) + KEEP_ALIVE_S)
         try:
-            async for batch in reader.batches(
-                job_id, after=after, idle_timeout_s=max(due - time.monotonic(), 0.0)
-            ):
-                after, outage_since, heard = batch[-1][0], None, time.monotonic()
-                yield batch
+            batches = reader.batches(job_id, after=after, idle_timeout_s=max(due - time.monotonic(), 0.0))
+            async with aclosing(batches):  # closed with this one: the follower leaves at once
+                async for batch in batches:
+                    after, outage_since, heard = batch[-1][0], None, time.monotonic()
+                    yield batch
             return
         except NoEventWithin:
             now = time.monotonic()

@@ -9,7 +9,8 @@ job: its choices' events interleave as they arrive.
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,7 +27,7 @@ log = logging.getLogger("gateway.api")
 
 ChoiceEvent = tuple[int, int, FollowedEvent]
 """`(choice, seq, event)`: the choice's index and the event's number in its job's sequence."""
-ChoiceEvents = AsyncIterator[Sequence[ChoiceEvent]]
+ChoiceEvents = AsyncGenerator[Sequence[ChoiceEvent], None]
 """A run's events, in lists of what arrived together (never empty)."""
 _CANCEL_WAIT_S = 5.0  # how long a cancel waits for a running job to confirm it stopped
 
@@ -110,17 +111,14 @@ class Run:
         return self._merged()
 
     async def _one(self, after: int) -> ChoiceEvents:
-        gateway = self.gateway
-        async for batch in follow_job(
-            gateway.reader,
-            gateway.store,
-            gateway.settings,
-            self.job.id,
-            after=after,
-            withdraw=not self.background,
-        ):
-            if shown := [(0, seq, event) for seq, event in batch if self._shown(event)]:
-                yield shown
+        gateway, withdraw = self.gateway, not self.background
+        followed = follow_job(
+            gateway.reader, gateway.store, gateway.settings, self.job.id, after=after, withdraw=withdraw
+        )
+        async with aclosing(followed):  # closed with this one: the follower leaves at once
+            async for batch in followed:
+                if shown := [(0, seq, event) for seq, event in batch if self._shown(event)]:
+                    yield shown
 
     async def _merged(self) -> ChoiceEvents:
         merged: asyncio.Queue[tuple[int, FollowedBatch]] = asyncio.Queue()

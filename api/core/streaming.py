@@ -130,8 +130,8 @@ async def _relay(
     ready = renderer.opening()
     finished = False
     ended = 0
+    pending = first if first is not None else asyncio.ensure_future(anext(events))
     try:
-        pending = first if first is not None else asyncio.ensure_future(anext(events))
         if ready and not pending.done():  # a slow start: the stream opens at once anyway
             yield joined(ready)
             ready = []
@@ -152,6 +152,12 @@ async def _relay(
         finished = True
     finally:
         run.close()
+        # The events end here, usually before their generators do: closed now, their follower
+        # leaves at once (left to the garbage collector, each would cost a loop wake-up and a task).
+        if pending.done():
+            await events.aclose()
+        else:  # still waiting for the first events: cancelled, it closes them as it unwinds
+            pending.cancel()
         if not finished and on_abandon is not None and not run.gateway.streams.ending:
             # The client left mid-stream and this task is being cancelled: run it apart.
             task = asyncio.get_running_loop().create_task(on_abandon())
