@@ -451,10 +451,16 @@ class Side:
     ttft_1: list[float] = field(default_factory=list)
     ttft_n: list[float] = field(default_factory=list)
     ttft_httpx: list[float] = field(default_factory=list)  # the gateway through httpx, for reference
-    rate_1: float = 0.0
-    rate_n: float = 0.0
-    rates_1: list[float] = field(default_factory=list)  # each run, where a rate is a median of several
-    rates_n: list[float] = field(default_factory=list)
+    rates_1: list[float] = field(default_factory=list)  # relayed tokens/s of each run, 1 stream
+    rates_n: list[float] = field(default_factory=list)  # and `relay_streams` at once
+
+    @property
+    def rate_1(self) -> float:
+        return statistics.median(self.rates_1)
+
+    @property
+    def rate_n(self) -> float:
+        return statistics.median(self.rates_n)
 
 
 @dataclass
@@ -533,10 +539,10 @@ async def run(plan: Plan) -> Report:
                 g.ttft_n = await concurrent_ttft(remote, plan)
                 await server_client.close()
                 v.ttft_n = await concurrent_ttft(served, plan)
-                f.rate_1 = await relay_rate(floor, plan.relay_tokens, 1)
-                v.rate_1 = await relay_rate(served, plan.relay_tokens, 1)
-                f.rate_n = await relay_rate(floor, plan.relay_tokens, plan.relay_streams)
-                v.rate_n = await relay_rate(served, plan.relay_tokens, plan.relay_streams)
+                f.rates_1.append(await relay_rate(floor, plan.relay_tokens, 1))
+                v.rates_1.append(await relay_rate(served, plan.relay_tokens, 1))
+                f.rates_n.append(await relay_rate(floor, plan.relay_tokens, plan.relay_streams))
+                v.rates_n.append(await relay_rate(served, plan.relay_tokens, plan.relay_streams))
                 cpu_1, cpu_n = CpuMeter(pids), CpuMeter(pids)
                 for _ in range(RELAY_REPEATS):
                     # A run takes a second or two, and the machine's speed moves on that scale
@@ -546,7 +552,6 @@ async def run(plan: Plan) -> Report:
                         g.rates_1.append(await relay_rate(remote, plan.relay_tokens, 1))
                     with cpu_n:
                         g.rates_n.append(await relay_rate(remote, plan.relay_tokens, plan.relay_streams))
-                g.rate_1, g.rate_n = statistics.median(g.rates_1), statistics.median(g.rates_n)
                 await lean.close()
                 await server_client.close()
         except Exception:
