@@ -179,12 +179,16 @@ async def sequential_ttft(stream: Stream, plan: Plan) -> list[float]:
     return [(await stream(HELLO)).ttft_s for _ in range(plan.sequential)]
 
 
-async def concurrent_ttft(stream: Stream, plan: Plan) -> list[float]:
-    ttfts: list[float] = []
+async def concurrent_ttft(streams: Sequence[Stream], plan: Plan) -> list[list[float]]:
+    """Each stream's TTFTs over `plan.rounds` rounds of `plan.concurrency` requests at once. With
+    several, their rounds alternate (each round in the other order), so all see the same machine."""
+    ttfts: list[list[float]] = [[] for _ in streams]
     for round_ in range(plan.rounds + 1):
-        batch = await asyncio.gather(*(stream(HELLO) for _ in range(plan.concurrency)))
-        if round_:  # round 0 warms up (connections, worker slots)
-            ttfts.extend(sample.ttft_s for sample in batch)
+        order = list(enumerate(streams))
+        for i, stream in order if round_ % 2 else reversed(order):
+            batch = await asyncio.gather(*(stream(HELLO) for _ in range(plan.concurrency)))
+            if round_:  # round 0 warms up (connections, worker slots)
+                ttfts[i].extend(sample.ttft_s for sample in batch)
     return ttfts
 
 
@@ -530,15 +534,17 @@ async def run(plan: Plan) -> Report:
                 g.ttft_1 = await sequential_ttft(remote, plan)
                 v.ttft_1 = await sequential_ttft(served, plan)
                 g.ttft_httpx = await sequential_ttft(partial(httpx_stream, client, model), plan)
-                f.ttft_n = await concurrent_ttft(floor, plan)
-                # Each concurrent phase connects afresh in its unmeasured first round. Reused
+                (f.ttft_n,) = await concurrent_ttft([floor], plan)
+                # The concurrent phase connects afresh in its unmeasured first round. Reused
                 # last-in first-out, the memory phase's idle connections are those whose held
                 # streams ended last, mostly on one API process: it then served 42 of the 50
                 # (docs/benchmarks.md, sixth session).
                 await lean.close()
-                g.ttft_n = await concurrent_ttft(remote, plan)
                 await server_client.close()
-                v.ttft_n = await concurrent_ttft(served, plan)
+                # The gateway and the server, compared by a target, alternate round by round: in
+                # two phases a second apart, the machine's speed alone moved their ratio (eighth
+                # session).
+                g.ttft_n, v.ttft_n = await concurrent_ttft([remote, served], plan)
                 f.rates_1.append(await relay_rate(floor, plan.relay_tokens, 1))
                 v.rates_1.append(await relay_rate(served, plan.relay_tokens, 1))
                 f.rates_n.append(await relay_rate(floor, plan.relay_tokens, plan.relay_streams))
