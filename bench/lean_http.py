@@ -34,6 +34,10 @@ class LeanClient:
             writer.close()
         self._idle.clear()
 
+    def local_ports(self) -> set[int]:
+        """The client-side ports of its idle connections."""
+        return {writer.get_extra_info("sockname")[1] for _, (_, writer) in self._idle}
+
     async def _take(self) -> Connection:
         while self._idle:
             since, (reader, writer) = self._idle.pop()

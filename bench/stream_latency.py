@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -369,11 +369,28 @@ class Gateway:
         self.redis.stop()
 
 
+def tcp_sockets(port: int) -> Iterator[tuple[int, str, str]]:
+    """IPv4 TCP sockets on local port `port`, from /proc/net/tcp: (remote port, state, inode)."""
+    suffix = f":{port:04X}"
+    for row in (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]):
+        if row[1].endswith(suffix):
+            yield int(row[2].rpartition(":")[2], 16), row[3], row[9]
+
+
 def listening_sockets(port: int) -> int:
     """IPv4 TCP sockets listening on `port`: one per API process (they share it by SO_REUSEPORT)."""
-    suffix = f":{port:04X}"
-    rows = (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
-    return sum(1 for row in rows if row[1].endswith(suffix) and row[3] == "0A")  # 0A: LISTEN
+    return sum(1 for _, state, _ in tcp_sockets(port) if state == "0A")  # 0A: LISTEN
+
+
+def connections_by_process(port: int, peers: set[int], pids: Sequence[int]) -> list[int]:
+    """How many of the connections to `port` from the client ports `peers` each of `pids` holds."""
+    inodes = {inode for peer, _, inode in tcp_sockets(port) if peer in peers}
+
+    def held(pid: int) -> int:
+        targets = (os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir())
+        return sum(1 for target in targets if target.removeprefix("socket:[").rstrip("]") in inodes)
+
+    return [held(pid) for pid in pids]
 
 
 # --- memory per open stream ---------------------------------------------------------------------------
@@ -475,6 +492,7 @@ class Report:
     gateway: Side
     server: Side
     memory: Memory
+    split: list[int]  # the concurrent phase's connections held by each API process
     cpu_1: dict[str, float]
     cpu_n: dict[str, float]
     seconds: float
@@ -545,6 +563,9 @@ async def run(plan: Plan) -> Report:
                 # two phases a second apart, the machine's speed alone moved their ratio (eighth
                 # session).
                 g.ttft_n, v.ttft_n = await concurrent_ttft([remote, served], plan)
+                # SO_REUSEPORT placed each of them by a hash: the busier API process sets the pace.
+                apis = [p.pid for p in gateway.apis]
+                split = connections_by_process(gateway.port, lean.local_ports(), apis)
                 f.rates_1.append(await relay_rate(floor, plan.relay_tokens, 1))
                 v.rates_1.append(await relay_rate(served, plan.relay_tokens, 1))
                 f.rates_n.append(await relay_rate(floor, plan.relay_tokens, plan.relay_streams))
@@ -567,7 +588,7 @@ async def run(plan: Plan) -> Report:
             gateway.stop()
             server.stop()
     seconds = time.perf_counter() - started
-    return Report(plan, info, f, g, v, memory, cpu_1.shares, cpu_n.shares, seconds)
+    return Report(plan, info, f, g, v, memory, split, cpu_1.shares, cpu_n.shares, seconds)
 
 
 # --- output ---------------------------------------------------------------------------------------------
@@ -670,6 +691,8 @@ def markdown(report: Report) -> str:
         f"Samples: {len(report.gateway.ttft_1)} sequential TTFT after {p.warmup} warm-up; "
         f"{len(report.gateway.ttft_n)} TTFT at {n} concurrent ({p.rounds} rounds after one warm-up round); "
         f"{p.relay_tokens:,} tokens per throughput stream. Added = gateway - floor, per percentile.",
+        f"The concurrent phase's {n} connections by API process (`SO_REUSEPORT` places each by a hash): "
+        f"{', '.join(map(str, report.split))}; its gateway and server rounds alternate.",
         f"Gateway relay runs, 1 stream and {k} alternating, each rate the median of its runs: "
         f"1 stream {', '.join(f'{rate:,.0f}' for rate in report.gateway.rates_1)}; "
         f"{k} streams {', '.join(f'{rate:,.0f}' for rate in report.gateway.rates_n)} tokens/s.",
@@ -726,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": report.machine,
             "figures": figures(report),
             "memory": asdict(report.memory),
+            "concurrent_connections_by_api_process": report.split,
             "cpu_percent": {"1_stream": report.cpu_1, f"{plan.relay_streams}_streams": report.cpu_n},
             "targets_met": met,
             "seconds": report.seconds,
