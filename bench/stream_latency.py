@@ -179,16 +179,30 @@ async def sequential_ttft(stream: Stream, plan: Plan) -> list[float]:
     return [(await stream(HELLO)).ttft_s for _ in range(plan.sequential)]
 
 
-async def concurrent_ttft(streams: Sequence[Stream], plan: Plan) -> list[list[float]]:
-    """Each stream's TTFTs over `plan.rounds` rounds of `plan.concurrency` requests at once. With
-    several, their rounds alternate (each round in the other order), so all see the same machine."""
+async def concurrent_ttft(
+    streams: Sequence[Stream],
+    plan: Plan,
+    clients: Sequence[LeanClient | None],
+    on_connected: Callable[[int], None] = lambda _: None,
+) -> list[list[float]]:
+    """Each stream's TTFTs over `plan.rounds` rounds of `plan.concurrency` requests at once.
+
+    Before each measured round, the stream's client (if any) closes its idle connections and an
+    unmeasured round opens new ones (and warms the worker slots); `on_connected(i)` is called then.
+    SO_REUSEPORT gives each connection to an API process once, by a hash, and the busier process
+    sets a round's pace: one split kept for every round decided a run (eighth session). Several
+    streams alternate round by round, each round in the other order, so all see the same machine.
+    """
     ttfts: list[list[float]] = [[] for _ in streams]
-    for round_ in range(plan.rounds + 1):
-        order = list(enumerate(streams))
-        for i, stream in order if round_ % 2 else reversed(order):
+    order = list(enumerate(zip(streams, clients, strict=True)))
+    for round_ in range(plan.rounds):
+        for i, (stream, client) in order if round_ % 2 else reversed(order):
+            if client is not None:
+                await client.close()
+            await asyncio.gather(*(stream(HELLO) for _ in range(plan.concurrency)))
+            on_connected(i)
             batch = await asyncio.gather(*(stream(HELLO) for _ in range(plan.concurrency)))
-            if round_:  # round 0 warms up (connections, worker slots)
-                ttfts[i].extend(sample.ttft_s for sample in batch)
+            ttfts[i].extend(sample.ttft_s for sample in batch)
     return ttfts
 
 
@@ -492,7 +506,7 @@ class Report:
     gateway: Side
     server: Side
     memory: Memory
-    split: list[int]  # the concurrent phase's connections held by each API process
+    splits: list[list[int]]  # each concurrent round's connections held by each API process
     cpu_1: dict[str, float]
     cpu_n: dict[str, float]
     seconds: float
@@ -552,20 +566,22 @@ async def run(plan: Plan) -> Report:
                 g.ttft_1 = await sequential_ttft(remote, plan)
                 v.ttft_1 = await sequential_ttft(served, plan)
                 g.ttft_httpx = await sequential_ttft(partial(httpx_stream, client, model), plan)
-                (f.ttft_n,) = await concurrent_ttft([floor], plan)
-                # The concurrent phase connects afresh in its unmeasured first round. Reused
-                # last-in first-out, the memory phase's idle connections are those whose held
-                # streams ended last, mostly on one API process: it then served 42 of the 50
-                # (docs/benchmarks.md, sixth session).
-                await lean.close()
-                await server_client.close()
+                (f.ttft_n,) = await concurrent_ttft([floor], plan, [None])
                 # The gateway and the server, compared by a target, alternate round by round: in
                 # two phases a second apart, the machine's speed alone moved their ratio (eighth
-                # session).
-                g.ttft_n, v.ttft_n = await concurrent_ttft([remote, served], plan)
-                # SO_REUSEPORT placed each of them by a hash: the busier API process sets the pace.
+                # session). Each round connects afresh: besides the split, the memory phase's idle
+                # connections, reused last-in first-out, were those whose held streams ended last,
+                # mostly on one API process (sixth session).
                 apis = [p.pid for p in gateway.apis]
-                split = connections_by_process(gateway.port, lean.local_ports(), apis)
+                splits: list[list[int]] = []
+
+                def record_split(side: int) -> None:
+                    if side == 0:
+                        splits.append(connections_by_process(gateway.port, lean.local_ports(), apis))
+
+                g.ttft_n, v.ttft_n = await concurrent_ttft(
+                    [remote, served], plan, [lean, server_client], record_split
+                )
                 f.rates_1.append(await relay_rate(floor, plan.relay_tokens, 1))
                 v.rates_1.append(await relay_rate(served, plan.relay_tokens, 1))
                 f.rates_n.append(await relay_rate(floor, plan.relay_tokens, plan.relay_streams))
@@ -588,7 +604,7 @@ async def run(plan: Plan) -> Report:
             gateway.stop()
             server.stop()
     seconds = time.perf_counter() - started
-    return Report(plan, info, f, g, v, memory, split, cpu_1.shares, cpu_n.shares, seconds)
+    return Report(plan, info, f, g, v, memory, splits, cpu_1.shares, cpu_n.shares, seconds)
 
 
 # --- output ---------------------------------------------------------------------------------------------
@@ -689,10 +705,11 @@ def markdown(report: Report) -> str:
         f"Machine: {mc['cores']} cores ({mc['cpu']}), load average at start {mc['loadavg']}, "
         f"Python {mc['python']}, Redis {mc['redis']}, Linux {mc['kernel']}.",
         f"Samples: {len(report.gateway.ttft_1)} sequential TTFT after {p.warmup} warm-up; "
-        f"{len(report.gateway.ttft_n)} TTFT at {n} concurrent ({p.rounds} rounds after one warm-up round); "
+        f"{len(report.gateway.ttft_n)} TTFT at {n} concurrent ({p.rounds} rounds, each after an unmeasured "
+        f"one on new connections, the gateway's and the server's alternating); "
         f"{p.relay_tokens:,} tokens per throughput stream. Added = gateway - floor, per percentile.",
-        f"The concurrent phase's {n} connections by API process (`SO_REUSEPORT` places each by a hash): "
-        f"{', '.join(map(str, report.split))}; its gateway and server rounds alternate.",
+        f"The {n} concurrent connections by API process in each round (`SO_REUSEPORT` places each by a "
+        f"hash): {', '.join('/'.join(map(str, split)) for split in report.splits)}.",
         f"Gateway relay runs, 1 stream and {k} alternating, each rate the median of its runs: "
         f"1 stream {', '.join(f'{rate:,.0f}' for rate in report.gateway.rates_1)}; "
         f"{k} streams {', '.join(f'{rate:,.0f}' for rate in report.gateway.rates_n)} tokens/s.",
@@ -749,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": report.machine,
             "figures": figures(report),
             "memory": asdict(report.memory),
-            "concurrent_connections_by_api_process": report.split,
+            "concurrent_connections_by_api_process": report.splits,
             "cpu_percent": {"1_stream": report.cpu_1, f"{plan.relay_streams}_streams": report.cpu_n},
             "targets_met": met,
             "seconds": report.seconds,
