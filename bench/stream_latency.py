@@ -400,9 +400,14 @@ def connections_by_process(port: int, peers: set[int], pids: Sequence[int]) -> l
     """How many of the connections to `port` from the client ports `peers` each of `pids` holds."""
     inodes = {inode for peer, _, inode in tcp_sockets(port) if peer in peers}
 
+    def socket_inode(fd: Path) -> str:
+        try:
+            return os.readlink(fd).removeprefix("socket:[").rstrip("]")
+        except OSError:  # closed since the folder was listed (the client's last connections)
+            return ""
+
     def held(pid: int) -> int:
-        targets = (os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir())
-        return sum(1 for target in targets if target.removeprefix("socket:[").rstrip("]") in inodes)
+        return sum(1 for fd in Path(f"/proc/{pid}/fd").iterdir() if socket_inode(fd) in inodes)
 
     return [held(pid) for pid in pids]
 
