@@ -7,7 +7,7 @@ HTTP → API → arq/Redis → worker → Redis stream → API → SSE,
 on a redis-server, `API_PROCESSES` API processes (2) and two worker processes that this script
 starts and stops, as `claude-gateway up` runs them.
 
-    .venv/bin/python bench/stream_latency.py             # full run, under a minute here
+    .venv/bin/python bench/stream_latency.py             # full run, about a minute here
     .venv/bin/python bench/stream_latency.py --quick     # smoke run for CI, a few seconds
     .venv/bin/python bench/stream_latency.py --json out.json --check
 
@@ -60,7 +60,7 @@ class Plan:
     warmup: int  # sequential requests before anything is measured
     sequential: int  # TTFT samples, one stream at a time
     concurrency: int  # streams per concurrent round
-    rounds: int  # measured concurrent rounds (after one unmeasured round)
+    rounds: int  # measured concurrent rounds (each after an unmeasured one on new connections)
     relay_tokens: int  # tokens per throughput stream
     relay_streams: int  # streams in the aggregate throughput run
     held_streams: int  # slowly paced streams held open for the memory figure
