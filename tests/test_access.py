@@ -205,7 +205,7 @@ async def test_a_concurrent_burst_never_exceeds_the_limit(guarded: Gateway, seco
 def test_concurrent_jobs_per_key_are_capped_and_always_released(guarded: Gateway) -> None:
     key_id, secret = new_key(guarded)
     url = f"{guarded.url}/v1/chat/completions"
-    slow = chat(script(text="tick ", tokens=30, delay_ms=50), stream=True)
+    slow = chat(script(text="tick ", tokens=100, delay_ms=50), stream=True)  # 5 s: outlasts a loaded moment
     started = threading.Barrier(3)
     outcomes: list[int] = []
 
@@ -232,7 +232,7 @@ def test_concurrent_jobs_per_key_are_capped_and_always_released(guarded: Gateway
     assert outcomes == [200, 200]
     redis = guarded.redis()
     slots = f"gateway:jobslots:{key_id}"
-    deadline = time.monotonic() + 20  # both jobs end ~1.5 s after they started
+    deadline = time.monotonic() + 20  # both jobs end ~5 s after they started
     while redis.zcard(slots) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert redis.zcard(slots) == 0

@@ -11,7 +11,17 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, Gateway
-from tests.test_operations import HEARTBEAT, Requests, busy_job, scrape, script, wait_for
+from tests.test_operations import (
+    HEARTBEAT,
+    Requests,
+    assert_cancelled,
+    busy_job,
+    cancel_running_job,
+    running_job,
+    scrape,
+    script,
+    wait_for,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright never downloads a browser here
 CHROMIUM_ARGS = [
@@ -68,7 +78,10 @@ def test_dashboard_shows_queue_depth_change_live(start_gateway: Any, tmp_path: P
             if os.environ.get("UPDATE_DOCS") == "1":
                 shutil.copyfile(tmp_path / "dashboard.png", ROOT / "docs" / "dashboard.png")
 
-            assert [r.status_code for r in requests.join()] == [200] * 4
+            cancel_running_job(gateway, running_job(gateway))
+            busy, *queued = requests.join()
+            assert_cancelled(busy)
+            assert [r.status_code for r in queued] == [200] * 3
             page.wait_for_function("document.getElementById('queue-depth').textContent === '0'")
             page.wait_for_function("document.getElementById('running').textContent === '0 / 1'")
         finally:

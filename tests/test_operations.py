@@ -1,6 +1,7 @@
 """Operations on real processes: queue depth and age in /metrics and `status`, worker heartbeats,
 /ready, and structured logs. The busy worker is the scripted backend with a slow script and
-`JOBS_PER_WORKER=1`, so later jobs wait in the real arq queue."""
+`JOBS_PER_WORKER=1`, so later jobs wait in the real arq queue. The busy job runs until the test
+cancels it: a test that waits on a job of fixed length races the machine's load."""
 
 import json
 import os
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import ROOT, Gateway, chat
 
 HEARTBEAT = {"HEARTBEAT_INTERVAL_S": "0.5"}  # TTL 1.5 s: a dead worker goes within seconds
-BUSY_S = 4.0
+BUSY_TOKENS_PER_S = 20
 
 
 def script(**spec: Any) -> str:
@@ -69,26 +70,47 @@ class Requests:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.responses: list[httpx.Response] = []
+        self.responses: dict[int, httpx.Response] = {}
         self.threads: list[threading.Thread] = []
 
     def send(self, content: str) -> None:
-        def run() -> None:
+        def run(index: int) -> None:
             url = f"{self.gateway.url}/v1/chat/completions"
-            self.responses.append(httpx.post(url, json=chat(content), timeout=60))
+            self.responses[index] = httpx.post(url, json=chat(content), timeout=60)
 
-        thread = threading.Thread(target=run, daemon=True)
+        thread = threading.Thread(target=run, args=(len(self.threads),), daemon=True)
         thread.start()
         self.threads.append(thread)
 
     def join(self) -> list[httpx.Response]:
+        """The responses, in the order the requests were sent."""
         for thread in self.threads:
             thread.join(timeout=60)
-        return self.responses
+        return [self.responses[index] for index in range(len(self.threads))]
 
 
 def busy_job() -> str:
-    return script(text="w", tokens=int(BUSY_S * 20), delay_ms=50)
+    """A job that streams for far longer than any test waits on it (see `cancel_running_job`)."""
+    return script(text="w", tokens=600 * BUSY_TOKENS_PER_S, delay_ms=1000 / BUSY_TOKENS_PER_S)
+
+
+def running_job(gateway: Gateway) -> str:
+    """The id of the one job the gateway's workers run, from `/status`."""
+    snapshot = httpx.get(f"{gateway.url}/status", timeout=10).json()
+    [job_id] = [job for worker in snapshot["workers"] for job in worker["jobs"]]
+    return str(job_id)
+
+
+def cancel_running_job(gateway: Gateway, job_id: str) -> None:
+    """Ends the busy job, which frees its worker's slot for the jobs queued behind it."""
+    response = httpx.post(f"{gateway.url}/v1/chat/completions/chatcmpl-{job_id}/cancel", timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "cancelled"
+
+
+def assert_cancelled(response: httpx.Response) -> None:
+    assert response.status_code == 409, response.text
+    assert response.json()["error"]["code"] == "cancelled"
 
 
 @pytest.fixture(scope="module")
@@ -129,20 +151,22 @@ def test_metrics_and_status_report_depth_and_age_of_jobs_queued_behind_a_busy_wo
     assert len(worker["jobs"]) == 1
     assert worker["pid"] == single_slot.workers[0].pid
 
-    responses = requests.join()
-    assert [r.status_code for r in responses] == [200] * 4
-    busy_id = next(r.json()["id"] for r in responses if r.json()["usage"]["completion_tokens"] > 10)
-    assert busy_id == f"chatcmpl-{worker['jobs'][0]}"  # status named the job the worker was running
+    busy_ran_s = time.time() - first_queued
+    cancel_running_job(single_slot, worker["jobs"][0])
+    busy, *queued = requests.join()
+    assert_cancelled(busy)  # status named the job the worker was running: cancelling it ended that one
+    assert [r.status_code for r in queued] == [200] * 3
+    assert [r.json()["choices"][0]["message"]["content"] for r in queued] == [f"queued {n}" for n in range(3)]
 
     after = scrape(single_slot)
     assert after["gateway_queue_depth"] == 0
     assert after["gateway_queue_oldest_age_seconds"] == 0
-    assert after["gateway_jobs_total{outcome=completed}"] >= 4
+    assert after["gateway_jobs_total{outcome=completed}"] >= 3
+    assert after["gateway_jobs_total{outcome=cancelled}"] >= 1
     # The three queued jobs waited at least the second the test slept while they were queued.
     assert after["gateway_queue_wait_seconds_sum"] >= 3.0
     assert after["gateway_queue_wait_seconds_count"] >= 4
-    assert after["gateway_job_duration_seconds_sum"] >= BUSY_S * 0.9
-    assert after["gateway_tokens_total{kind=completion}"] >= BUSY_S * 20
+    assert after["gateway_job_duration_seconds_sum"] >= busy_ran_s
 
 
 def test_failures_are_counted_by_code_and_listed_as_recent(single_slot: Gateway) -> None:
