@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from bench.lean_http import LeanClient  # noqa: E402
 from cli.embedded_redis import EmbeddedRedis, free_port, server_binary  # noqa: E402
 from shared.jobs import CompletionJob, Delta, Turn  # noqa: E402
-from shared.keys import WAKEUP_CHANNEL  # noqa: E402
+from shared.keys import Channels  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from worker.backends.scripted import ScriptedBackend  # noqa: E402
 
@@ -342,7 +342,8 @@ class Gateway:
                     healthy = (await client.get("/health", timeout=1.0)).status_code == 200
                 except httpx.TransportError:
                     healthy = False
-                listeners = dict(await redis.pubsub_numsub(WAKEUP_CHANNEL)).get(WAKEUP_CHANNEL.encode(), 0)
+                wakeup = Channels.of(redis).wakeup
+                listeners = dict(await redis.pubsub_numsub(wakeup)).get(wakeup.encode(), 0)
                 # Every API process listening too: connections opened before the last one binds
                 # all stay with the others (keep-alive), and the run would measure fewer processes.
                 if healthy and listeners >= WORKERS and listening_sockets(self.port) >= processes:

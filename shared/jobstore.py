@@ -38,11 +38,10 @@ from redis.exceptions import ResponseError
 from shared import stats
 from shared.jobs import CompletionJob, Failed, FailureCode, JobStatus, encode_event
 from shared.keys import (
-    CANCEL_CHANNEL,
     PREFIX,
     RUNNING,
-    WAKEUP_CHANNEL,
     WORKER_LOAD,
+    Channels,
     attempt_id,
     events_key,
     idempotency_key,
@@ -59,11 +58,13 @@ PUSH_LIMIT_BYTES = 64 * 1024
 a subscriber's output buffer hold (client-output-buffer-limit pubsub, 8 MiB by default). A larger
 job's worker is woken to claim it."""
 
-# Names every script may use.
-_PRELUDE = f"""
+
+def _prelude(channels: Channels) -> str:
+    """Names every script may use (the channels are those of the store's database)."""
+    return f"""
 local ARQ_JOB, ARQ_IN_PROGRESS = '{job_key_prefix}', '{in_progress_key_prefix}'
 local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
-local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{WAKEUP_CHANNEL}', '{CANCEL_CHANNEL}'
+local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{channels.wakeup}', '{channels.cancel}'
 local WORKER, WORKER_LOAD, RUNNING = '{PREFIX}:worker:', '{WORKER_LOAD}', '{RUNNING}'
 local PUSH_LIMIT = {PUSH_LIMIT_BYTES}
 -- Names which holder's set of job slots (shared/quotas.py) the job is in.
@@ -107,7 +108,7 @@ local function take(record, job_id, id, worker, in_progress_ms, lease, ttl)
   redis.call('hincrby', WORKER_LOAD, worker, 1)
 end
 -- Hands a queued attempt to `worker`, taken in its name, with its payload on
--- `worker_push_channel`: the worker starts it without a round trip of its own. Only a payload up
+-- `Channels.worker_push`: the worker starts it without a round trip of its own. Only a payload up
 -- to `push.limit` bytes, and only to a worker listening there; false if not pushed.
 local function push_to(worker, record, job_id, attempt, push)
   local payload = redis.call('hget', record, 'payload')
@@ -120,7 +121,7 @@ local function push_to(worker, record, job_id, attempt, push)
 end
 -- Wakes a worker for a queued attempt: the job store places jobs. The least loaded live worker
 -- with a free slot (ties broken by the job id, so a burst spreads) gets it pushed (`push_to`,
--- given `push`), or else is told on its own channel (`worker_wakeup_channel`), so one claim starts
+-- given `push`), or else is told on its own channel (`Channels.worker_wakeup`), so one claim starts
 -- the job. A told worker's attempt counts in its `<id>:routed` at once, so the next job sees it,
 -- until a claim or a stop takes it off (the job's `routed` says whose; shared/heartbeats.py
 -- corrects drift).
@@ -166,6 +167,7 @@ local function finish_attempt(queue, attempt, worker)
   redis.call('hincrby', WORKER_LOAD, worker, -1)
 end
 """
+
 
 # Appends `event` after the stream's last entry and marks the job ended; used by `stop` and
 # `recover`, which end jobs no worker will write to any more.
@@ -459,15 +461,17 @@ class JobStore:
         self.ttl_s = ttl_s
         self.affinity_ms = int(affinity_s * 1000)
         self.push_lease_ms = None if push_lease_s is None else int(push_lease_s * 1000)
+        self.channels = Channels.of(redis)
         self._retries: set[asyncio.Task[int]] = set()
-        self._create = redis.register_script(_PRELUDE + _CREATE)
-        self._claim = redis.register_script(_PRELUDE + _CLAIM)
-        self._append = redis.register_script(_PRELUDE + _APPEND)
-        self._renew = redis.register_script(_PRELUDE + _RENEW)
-        self._finish = redis.register_script(_PRELUDE + "finish_attempt(KEYS[1], ARGV[1], ARGV[2])")
-        self._stop = redis.register_script(_PRELUDE + _STOP)
-        self._decline = redis.register_script(_PRELUDE + _DECLINE)
-        self._recover = redis.register_script(_PRELUDE + _RECOVER)
+        prelude = _prelude(self.channels)
+        self._create = redis.register_script(prelude + _CREATE)
+        self._claim = redis.register_script(prelude + _CLAIM)
+        self._append = redis.register_script(prelude + _APPEND)
+        self._renew = redis.register_script(prelude + _RENEW)
+        self._finish = redis.register_script(prelude + "finish_attempt(KEYS[1], ARGV[1], ARGV[2])")
+        self._stop = redis.register_script(prelude + _STOP)
+        self._decline = redis.register_script(prelude + _DECLINE)
+        self._recover = redis.register_script(prelude + _RECOVER)
 
     # --- API ----------------------------------------------------------------------------
     async def create(
@@ -593,7 +597,7 @@ class JobStore:
     def _wake_later(self, attempt: str, delay_s: float) -> None:
         async def wake() -> int:
             await asyncio.sleep(delay_s)
-            return int(await self.redis.publish(WAKEUP_CHANNEL, attempt))
+            return int(await self.redis.publish(self.channels.wakeup, attempt))
 
         task = asyncio.create_task(wake())
         self._retries.add(task)

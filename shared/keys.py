@@ -7,14 +7,12 @@ itself is the sorted set named by `Settings.queue_name`. Each attempt at a job i
 
 import hashlib
 import re
+from dataclasses import dataclass
 from urllib.parse import quote
 
+from redis.asyncio import Redis
+
 PREFIX = "gateway"
-WAKEUP_CHANNEL = f"{PREFIX}:wakeup"
-"""Carries a queued attempt's id to every worker: when no one worker was chosen to run it (see
-`worker_wakeup_channel`), so all try to claim it at once instead of polling on arq's timer."""
-CANCEL_CHANNEL = f"{PREFIX}:cancel"
-"""Carries the id of a job to cancel to whichever worker runs it."""
 WORKER_LOAD = f"{PREFIX}:workers:load"
 """Hash: worker id -> jobs it runs (kept by the claim and the end of each attempt, reset by each
 heartbeat), `<worker id>:routed` -> queued jobs it was chosen to run, and `<worker id>:slots` -> its
@@ -27,16 +25,42 @@ TOOL_CONFIG_GLOBAL = f"{PREFIX}:tools:global"
 """The operator's runtime tool defaults (`shared/tool_config.py`); sessions keep theirs in their record."""
 
 
-def worker_wakeup_channel(worker_id: str) -> str:
-    """Carries the ids of queued attempts the job store chose this worker to run (its own
-    wake-ups; the job store's scripts build the same name)."""
-    return f"{WAKEUP_CHANNEL}:{worker_id}"
+@dataclass(frozen=True)
+class Channels:
+    """The pub/sub channels of the gateway whose keys are in one Redis database.
 
+    Keys live in a database, channels are server-wide: each name carries the database's number, so
+    that gateways sharing a Redis server (a database each) never hear each other's wake-ups, which
+    would queue vain claims on their busy workers, or cancels.
+    """
 
-def worker_push_channel(worker_id: str) -> str:
-    """Carries the attempts the job store claimed for this worker, each with its payload, so that
-    it starts them at once (`push_to` in shared/jobstore.py builds the same name)."""
-    return f"{WAKEUP_CHANNEL}:{worker_id}:jobs"
+    database: int
+
+    @classmethod
+    def of(cls, redis: Redis) -> "Channels":
+        """The channels of the database `redis` works in."""
+        return cls(int(redis.connection_pool.connection_kwargs.get("db", 0)))
+
+    @property
+    def wakeup(self) -> str:
+        """Carries a queued attempt's id to every worker: when no one worker was chosen to run it
+        (see `worker_wakeup`), so all try to claim it at once instead of polling on arq's timer."""
+        return f"{PREFIX}:db{self.database}:wakeup"
+
+    @property
+    def cancel(self) -> str:
+        """Carries the id of a job to cancel to whichever worker runs it."""
+        return f"{PREFIX}:db{self.database}:cancel"
+
+    def worker_wakeup(self, worker_id: str) -> str:
+        """Carries the ids of queued attempts the job store chose this worker to run (its own
+        wake-ups; the job store's scripts build the same name)."""
+        return f"{self.wakeup}:{worker_id}"
+
+    def worker_push(self, worker_id: str) -> str:
+        """Carries the attempts the job store claimed for this worker, each with its payload, so
+        that it starts them at once (`push_to` in shared/jobstore.py builds the same name)."""
+        return f"{self.wakeup}:{worker_id}:jobs"
 
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")

@@ -15,12 +15,13 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from cli.embedded_redis import EmbeddedRedis
 from shared import stats
 from shared.heartbeats import worker_key
 from shared.jobs import CompletionJob, Done, Failed, FailureCode, FinishReason, Turn, Usage, encode_event
 from shared.jobstore import PUSH_LIMIT_BYTES, AttemptEnd, Claimed, JobStore
-from shared.keys import WAKEUP_CHANNEL, WORKER_LOAD, attempt_id, worker_push_channel, worker_wakeup_channel
-from tests.conftest import Gateway, chat
+from shared.keys import WORKER_LOAD, Channels, attempt_id
+from tests.conftest import Gateway, chat, unit_db
 
 DONE = Done(finish_reason=FinishReason.STOP, usage=Usage(prompt_tokens=1, completion_tokens=3))
 SLOW = "script:" + json.dumps({"text": "x ", "tokens": 20, "delay_ms": 25})
@@ -108,7 +109,7 @@ async def listening(redis: Redis) -> AsyncIterator[Callable[..., Awaitable[None]
     pubsub = redis.pubsub()
 
     async def listen(*workers: str) -> None:
-        await pubsub.subscribe(*(worker_wakeup_channel(worker) for worker in workers))
+        await pubsub.subscribe(*(Channels.of(redis).worker_wakeup(worker) for worker in workers))
         for _ in workers:  # subscribed once Redis confirms
             assert await pubsub.get_message(timeout=1) is not None
 
@@ -170,7 +171,7 @@ async def test_a_job_wakes_only_the_worker_chosen_to_run_it(
 ) -> None:
     await _workers(redis, busy=3, idle=1)
     await listening("busy", "idle")
-    everyone = await _subscribed(redis, WAKEUP_CHANNEL)
+    everyone = await _subscribed(redis, store.channels.wakeup)
     job_id = await _queued(store)
     assert await _routed(redis, job_id) == "idle"
     assert await everyone.get_message(timeout=0.2) is None  # no other worker heard of it
@@ -184,7 +185,7 @@ async def test_every_worker_is_woken_when_none_can_be_chosen(
     await _workers(redis, full=4, old=0)
     await redis.hset(WORKER_LOAD, mapping={"dead": 0, "dead:slots": 4})
     await listening("full", "dead")
-    everyone = await _subscribed(redis, WAKEUP_CHANNEL)
+    everyone = await _subscribed(redis, store.channels.wakeup)
     job_id = await _queued(store)
     message = await everyone.get_message(timeout=1)
     assert message is not None
@@ -195,6 +196,36 @@ async def test_every_worker_is_woken_when_none_can_be_chosen(
     await everyone.aclose()
     assert isinstance(await _claim(store, job_id, "old"), Claimed)  # the first to claim it
     assert await _load(redis, "old") == 1
+
+
+async def test_a_gateway_on_another_database_of_the_server_hears_none_of_its_notices(
+    redis: Redis, store: JobStore, redis_server: EmbeddedRedis
+) -> None:
+    """Keys live in a database, pub/sub channels are server-wide: each database's are its own."""
+    other = Redis.from_url(unit_db(redis_server))
+    theirs = other.pubsub()
+    await theirs.subscribe(Channels.of(other).wakeup, Channels.of(other).cancel)
+    ours = redis.pubsub()
+    await ours.subscribe(store.channels.wakeup, store.channels.cancel)
+    for _ in range(2):  # subscribed once Redis confirms
+        assert await theirs.get_message(timeout=1) is not None
+        assert await ours.get_message(timeout=1) is not None
+    await _workers(redis, full=4)  # no free slot: every worker is told of a new job
+
+    job_id = await _queued(store)
+    assert isinstance(await _claim(store, job_id, "full"), Claimed)
+    cancelled = Failed(code=FailureCode.CANCELLED, message="cancelled")
+    assert await store.stop(job_id, withdraw_only=False, failure=cancelled) == "cancelling"
+
+    heard = [await ours.get_message(timeout=1) for _ in range(2)]
+    assert [(m["channel"], m["data"]) for m in heard if m] == [
+        (store.channels.wakeup.encode(), f"{job_id}.1".encode()),
+        (store.channels.cancel.encode(), job_id.encode()),
+    ]
+    assert await theirs.get_message(timeout=0.3) is None
+    await theirs.aclose()
+    await ours.aclose()
+    await other.aclose()
 
 
 async def test_a_job_claimed_by_another_worker_moves_to_its_load(
@@ -285,7 +316,7 @@ async def test_a_new_job_is_pushed_claimed_to_the_worker_chosen_for_it(
 ) -> None:
     await _workers(redis, busy=2, idle=0)
     await listening("busy", "idle")
-    pushes = await _subscribed(redis, worker_push_channel("idle"))
+    pushes = await _subscribed(redis, pushing.channels.worker_push("idle"))
     before = int(time.time() * 1000)
     job_id = await _queued(pushing, "pushed whole")
     message = await pushes.get_message(timeout=1)
@@ -316,7 +347,7 @@ async def test_a_job_is_woken_for_instead_when_too_large_or_its_worker_takes_no_
     job_id = await _queued(pushing)
     assert await _routed(redis, job_id) == "only"
     assert await redis.hget(f"gateway:job:{job_id}", "worker") is None
-    pushes = await _subscribed(redis, worker_push_channel("only"))
+    pushes = await _subscribed(redis, pushing.channels.worker_push("only"))
     large = await _queued(pushing, "x" * PUSH_LIMIT_BYTES)
     assert await pushes.get_message(timeout=0.3) is None
     assert await _routed(redis, large) == "only"
@@ -329,8 +360,8 @@ async def test_a_declined_push_goes_to_every_worker(
 ) -> None:
     await _workers(redis, stopping=0, other=1)
     await listening("stopping", "other")
-    pushes = await _subscribed(redis, worker_push_channel("stopping"))
-    everyone = await _subscribed(redis, WAKEUP_CHANNEL)
+    pushes = await _subscribed(redis, pushing.channels.worker_push("stopping"))
+    everyone = await _subscribed(redis, pushing.channels.wakeup)
     job_id = await _queued(pushing)
     assert await pushes.get_message(timeout=1) is not None
     assert not await pushing.decline(job_id, 1, "other")  # not pushed to that one

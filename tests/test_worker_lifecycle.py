@@ -25,7 +25,7 @@ from shared import stats
 from shared.events import EventReader
 from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode, Turn
 from shared.jobstore import JobStore
-from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL
+from shared.keys import Channels
 from shared.settings import Settings
 from shared.status import Snapshot, take_snapshot
 from tests.conftest import followed, unit_db
@@ -143,7 +143,9 @@ async def test_a_late_cancel_during_the_finishing_steps_does_not_stop_the_worker
     running = await start()
     job_id = await running.submit("hello")
     events = await running.events(job_id)
-    await running.redis.publish(CANCEL_CHANNEL, job_id)  # a cancel notice that crossed the end
+    await running.redis.publish(
+        Channels.of(running.redis).cancel, job_id
+    )  # a cancel notice that crossed the end
     await asyncio.sleep(0.2)
     held_report.set()
     assert isinstance(events[-1], Done)
@@ -274,7 +276,7 @@ async def test_a_job_placed_on_a_worker_that_takes_no_more_wakes_every_worker(
     running = await start()
     running.worker.allow_pick_jobs = False  # as while it drains on SIGTERM
     everyone = running.redis.pubsub()
-    await everyone.subscribe(WAKEUP_CHANNEL)
+    await everyone.subscribe(Channels.of(running.redis).wakeup)
     assert await everyone.get_message(timeout=1) is not None
     job_id = await running.submit("hello")  # placed on it: the only live worker
     assert (

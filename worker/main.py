@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from arq.connections import RedisSettings
 from arq.worker import Worker, func
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -19,7 +20,7 @@ from shared import queue, worker_exits
 from shared.autopipeline import AutoPipelined
 from shared.heap import tune_garbage_collector
 from shared.jobstore import Claimed, JobStore
-from shared.keys import CANCEL_CHANNEL, WAKEUP_CHANNEL, is_job_id, worker_push_channel, worker_wakeup_channel
+from shared.keys import Channels, is_job_id
 from shared.settings import Settings
 from shared.worker_exits import ExitReason
 from worker.backends import create_backend
@@ -44,19 +45,22 @@ class GatewayWorker(Worker):
     """arq's worker with its poll sleep replaced by "until woken, or `fallback_s` at most".
 
     The job store places jobs (shared/jobstore.py): it pushes each new job, claimed, to the worker it
-    chose (`worker_push_channel`), which starts it at once; a job too large to push goes by its
-    attempt's id on that worker's own channel (`worker_wakeup_channel`), and the worker claims it
+    chose (`Channels.worker_push`), which starts it at once; a job too large to push goes by its
+    attempt's id on that worker's own channel (`Channels.worker_wakeup`), and the worker claims it
     (one script). An attempt for no one worker (all busy, a session's turn
     offered to the worker holding its workspace, or from a job store before placement) goes to
-    `WAKEUP_CHANNEL`, where every worker with a free slot tries to claim it and the losers learn
+    `Channels.wakeup`, where every worker with a free slot tries to claim it and the losers learn
     it in that round trip. A missed wake-up (pub/sub is at-most-once) costs one fallback poll of
     the queue, which is also how a worker that knows no channel of its own gets its jobs.
     """
 
-    def __init__(self, *, redis_url: str, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(poll_delay=0, **kwargs)
+    def __init__(
+        self, *, redis_url: str, settings: Settings, redis_settings: RedisSettings, **kwargs: Any
+    ) -> None:
+        super().__init__(poll_delay=0, redis_settings=redis_settings, **kwargs)
         self._bounded_close = kwargs.get("handle_signals", True)  # a process of its own
         self._redis_url = redis_url
+        self._channels = Channels(redis_settings.database)
         self._fallback_s = settings.poll_fallback_s
         self._wake = asyncio.Event()
         self._turned_away = False  # a job was left queued for want of a slot since the last poll
@@ -226,7 +230,7 @@ class GatewayWorker(Worker):
             if self.allow_pick_jobs:
                 await self._claim_each([attempt_id])
             elif chosen:
-                await self.pool.publish(WAKEUP_CHANNEL, attempt_id)
+                await self.pool.publish(self._channels.wakeup, attempt_id)
         except RedisError as exc:
             log.warning("cannot reach Redis to start a job (%s); the poll will", type(exc).__name__)
 
@@ -278,20 +282,21 @@ class GatewayWorker(Worker):
     async def _listen(self) -> None:
         """Jobs pushed here, wake-ups (a job was queued, for this worker or any) and cancels (stop
         a job if it runs here)."""
-        own = worker_wakeup_channel(self.heartbeat.worker_id)
-        pushed = worker_push_channel(self.heartbeat.worker_id)
+        channels = self._channels
+        own = channels.worker_wakeup(self.heartbeat.worker_id)
+        pushed = channels.worker_push(self.heartbeat.worker_id)
         while True:
             redis = Redis.from_url(self._redis_url)
             try:
                 async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(WAKEUP_CHANNEL, CANCEL_CHANNEL, own, pushed)
+                    await pubsub.subscribe(channels.wakeup, channels.cancel, own, pushed)
                     async for message in pubsub.listen():
                         if message["type"] != "message":
                             continue
                         channel = message["channel"].decode()
                         if channel == pushed:
                             self._background(self._start_pushed(message["data"]))
-                        elif channel == CANCEL_CHANNEL:
+                        elif channel == channels.cancel:
                             self.ctx["running"].cancel(message["data"].decode())
                         elif message["data"]:
                             self._background(self._start_woken(message["data"], chosen=channel == own))
