@@ -22,9 +22,10 @@ from shared.jobs import CompletionJob, Done, Failed, FailureCode, FinishReason, 
 from shared.jobstore import PUSH_LIMIT_BYTES, AttemptEnd, Claimed, JobStore
 from shared.keys import WORKER_LOAD, Channels, attempt_id
 from tests.conftest import Gateway, chat, unit_db
+from tests.test_operations import wait_for
 
 DONE = Done(finish_reason=FinishReason.STOP, usage=Usage(prompt_tokens=1, completion_tokens=3))
-SLOW = "script:" + json.dumps({"text": "x ", "tokens": 20, "delay_ms": 25})
+SLOW = "script:" + json.dumps({"text": "x ", "tokens": 80, "delay_ms": 25})  # 2 s: outlasts a loaded moment
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,11 @@ def one_slot(start_gateway: Any) -> Gateway:
     return gateway
 
 
+def jobs_created(gateway: Gateway) -> int:
+    """Job records in the gateway's database (`gateway:job:<id>`; they outlive their jobs)."""
+    return sum(1 for key in gateway.redis().scan_iter("gateway:job:*") if key.count(b":") == 2)
+
+
 def test_queued_jobs_start_in_order_whichever_caller_sent_them(one_slot: Gateway) -> None:
     """Caller A queues three jobs, then B one, then A another: B's starts before A's last."""
     callers = [KEY_A, KEY_A, KEY_A, KEY_B, KEY_A]
@@ -86,10 +92,14 @@ def test_queued_jobs_start_in_order_whichever_caller_sent_them(one_slot: Gateway
                     first_token[index] = time.monotonic()
 
     threads = []
+    created = jobs_created(one_slot)
     for index, key in enumerate(callers):
         threads.append(threading.Thread(target=stream, args=(index, key)))
         threads[-1].start()
-        time.sleep(0.1)  # queued in this order: the first job runs for ~0.5 s
+        # Queued in this order (each send waits for the one before it to be queued); the first
+        # job runs meanwhile, for ~2 s.
+        created += 1
+        wait_for(lambda done=created: jobs_created(one_slot) >= done, 20, f"job {index} queued")
     for thread in threads:
         thread.join(timeout=60)
     assert sorted(first_token, key=first_token.__getitem__) == list(range(len(callers)))

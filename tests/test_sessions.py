@@ -108,7 +108,7 @@ def test_a_resent_history_that_differs_from_the_session_is_refused(scripted: Gat
 
 def test_a_second_request_on_a_busy_session_gets_409_and_the_history_stays_whole(scripted: Gateway) -> None:
     sid = _sid()
-    slow = 'script:{"text": "slow reply", "tokens": 40, "delay_ms": 50}'
+    slow = 'script:{"text": "slow reply", "tokens": 100, "delay_ms": 50}'  # 5 s: outlasts a loaded moment
     results: dict[str, httpx.Response] = {}
     first = threading.Thread(target=lambda: results.update(first=_post(scripted, chat(slow, session_id=sid))))
     first.start()
