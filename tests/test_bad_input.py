@@ -113,6 +113,33 @@ def test_digits_that_are_not_ascii_are_a_400_not_a_500(scripted: Gateway) -> Non
     )
 
 
+@pytest.mark.usefixtures("nothing_enqueued")
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_a_number_json_does_not_have_is_invalid_json_on_every_api(scripted: Gateway, constant: str) -> None:
+    """Python's `json` reads `NaN` and `Infinity`; JSON has no such numbers (nor has OpenAI's API)."""
+    message = f"The request body is not valid JSON: {constant} is not a JSON number."
+    body = (
+        b'{"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}], "temperature": %s}'
+    )
+    response = post(scripted, body % constant.encode())
+    assert_error(response, 400, code="invalid_json")
+    assert response.json()["error"]["message"] == message
+    tool = b'{"type": "function", "function": {"name": "f", "parameters": {"maximum": %s}}}'
+    body = b'{"model": "claude-sonnet-4-5", "input": "hi", "tools": [%s]}' % (tool % constant.encode())
+    headers = {"content-type": "application/json"}
+    responses = httpx.post(f"{scripted.url}/v1/responses", content=body, headers=headers, timeout=30)
+    assert_error(responses, 400, code="invalid_json")
+    body = b'{"model": "claude-sonnet-4-5", "max_tokens": 10, "temperature": %s, "messages": []}'
+    messages = httpx.post(
+        f"{scripted.url}/v1/messages", content=body % constant.encode(), headers=headers, timeout=30
+    )
+    assert messages.status_code == 400, messages.text
+    assert messages.json() == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": message},
+    }
+
+
 def nested(levels: int) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "string"}
     for _ in range(levels):

@@ -1,9 +1,10 @@
 """Limits on what one request may ask of a worker, beyond the body size (`BodyLimit`).
 
 Two stages: `bounded_json` runs on the raw body before any route or model sees it, so an
-oversized list or a deeply nested value is refused for the price of one `json.loads` (a 3 MiB body
-of empty messages used to cost ~160 MiB and a second of event loop in validation before
-`MAX_MESSAGES` applied); `check_prompt_limits` runs on the request as the chat core reads it.
+oversized list, a deeply nested value or a number JSON does not have (`NaN`) is refused for the
+price of one `json.loads` (a 3 MiB body of empty messages used to cost ~160 MiB and a second of
+event loop in validation before `MAX_MESSAGES` applied); `check_prompt_limits` runs on the
+request as the chat core reads it.
 """
 
 import json
@@ -26,13 +27,25 @@ def too_many_messages(settings: Settings, param: str = "messages") -> OpenAIErro
     )
 
 
+class _NotJsonNumber(Exception):
+    """`NaN`, `Infinity` or `-Infinity`: Python's `json` reads them, JSON has no such numbers."""
+
+
+def _refuse_constant(name: str) -> object:
+    raise _NotJsonNumber(name)
+
+
 def bounded_json(body: bytes, settings: Settings) -> OpenAIError | None:
     """Why a JSON request body is refused before it is validated, or None (malformed JSON is
     left to the route, which says where)."""
     try:
-        value = json.loads(body)
+        value = json.loads(body, parse_constant=_refuse_constant)
     except RecursionError:
         return _too_deep()
+    except _NotJsonNumber as constant:
+        # Else a NaN would reach the models, and a bounded field would call it out of range.
+        message = f"The request body is not valid JSON: {constant} is not a JSON number."
+        return OpenAIError.invalid(message, code="invalid_json")
     except ValueError:
         return None
     if isinstance(value, dict):
