@@ -167,6 +167,9 @@ def test_metrics_and_status_report_depth_and_age_of_jobs_queued_behind_a_busy_wo
     assert after["gateway_queue_wait_seconds_sum"] >= 3.0
     assert after["gateway_queue_wait_seconds_count"] >= 4
     assert after["gateway_job_duration_seconds_sum"] >= busy_ran_s
+    queued_tokens = sum(r.json()["usage"]["completion_tokens"] for r in queued)
+    assert queued_tokens >= 3
+    assert after["gateway_tokens_total{kind=completion}"] >= queued_tokens
 
 
 def test_failures_are_counted_by_code_and_listed_as_recent(single_slot: Gateway) -> None:
