@@ -285,18 +285,19 @@ class GatewayWorker(Worker):
         channels = self._channels
         own = channels.worker_wakeup(self.heartbeat.worker_id)
         pushed = channels.worker_push(self.heartbeat.worker_id)
+        cancel = channels.cancel  # built once, not per message
         while True:
             redis = Redis.from_url(self._redis_url)
             try:
                 async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(channels.wakeup, channels.cancel, own, pushed)
+                    await pubsub.subscribe(channels.wakeup, cancel, own, pushed)
                     async for message in pubsub.listen():
                         if message["type"] != "message":
                             continue
                         channel = message["channel"].decode()
                         if channel == pushed:
                             self._background(self._start_pushed(message["data"]))
-                        elif channel == channels.cancel:
+                        elif channel == cancel:
                             self.ctx["running"].cancel(message["data"].decode())
                         elif message["data"]:
                             self._background(self._start_woken(message["data"], chosen=channel == own))
