@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from redis import Redis
 
 from tests.conftest import ROOT, Gateway, assert_schema, chat, sse_data
 
@@ -163,6 +164,68 @@ def test_a_managed_key_is_its_own_caller_on_every_entry_point(guarded: Gateway) 
     )
     assert message.status_code == 200, message.text
     assert message.headers["x-ratelimit-remaining-requests"] == "3"  # its own chat budget of 6
+
+
+_JOB_ROUTES = {
+    "/v1/chat/completions": chat("hi"),
+    "/v1/responses": {"model": "claude-sonnet-4-5", "input": "hi"},
+    "/v1/messages": {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": chat("hi")["messages"]},
+}
+
+
+def _error_code(response: httpx.Response) -> str:
+    """The error's code, in OpenAI's shape, or its type in Anthropic's (`/v1/messages`)."""
+    error = response.json()["error"]
+    if response.url.path == "/v1/messages":
+        assert response.json()["type"] == "error", response.text
+        return str(error["type"])
+    assert_schema(response.json(), "ErrorResponse")
+    return str(error["code"])
+
+
+def _job_records(redis: Redis) -> int:
+    """How many jobs were created (a record lives an hour; its slot and events have keys of their own)."""
+    return sum(1 for key in redis.scan_iter("gateway:job:*") if key.count(b":") == 2)
+
+
+def test_a_job_route_decides_access_before_it_reads_the_body(guarded: Gateway) -> None:
+    """The access check comes before the body: its refusal comes first (401 and 429 before 400),
+    in each API's shape, and nothing is queued for a refused caller, on chat, Responses and
+    Messages alike."""
+    redis = Redis.from_url(guarded.redis_url)
+    _, secret = new_key(guarded, "spent")
+    try:
+        for path in _JOB_ROUTES:
+            unknown = httpx.post(f"{guarded.url}{path}", json={"model": 7}, headers=bearer("not-a-key"))
+            assert unknown.status_code == 401, unknown.text
+            assert _error_code(unknown) in ("invalid_api_key", "authentication_error")
+        for _ in range(6):  # the key's chat budget
+            spent = httpx.post(
+                f"{guarded.url}/v1/chat/completions", json=chat("hi"), headers=bearer(secret), timeout=30
+            )
+            assert spent.status_code == 200, spent.text
+        jobs = _job_records(redis)
+        for path, body in _JOB_ROUTES.items():
+            for sent in (body, {"model": 7}):
+                refused = httpx.post(f"{guarded.url}{path}", json=sent, headers=bearer(secret), timeout=30)
+                assert refused.status_code == 429, refused.text
+                assert _error_code(refused) in ("rate_limit_exceeded", "rate_limit_error")
+                assert refused.headers["x-request-id"]
+        assert _job_records(redis) == jobs
+    finally:
+        redis.close()
+
+
+def test_a_refused_caller_is_answered_without_its_upload_being_read(guarded: Gateway) -> None:
+    """A caller without a key gets its 401 while the rest of its upload is still to come: the
+    body of a refused request is never waited for."""
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+            b'transfer-encoding: chunked\r\n\r\n6\r\n{"a": \r\n'
+        )
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
 
 
 def test_two_replicas_share_one_rate_limit_exactly(guarded: Gateway, second_api: Gateway) -> None:
