@@ -53,6 +53,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             ttl_s=settings.event_ttl_s,
             affinity_s=affinity_s,
             push_lease_s=settings.lease_s,
+            failures_kept=settings.recent_failures_kept,
         )
         reader = EventReader(redis)
         app.state.gateway = Gateway(settings=settings, redis=redis, store=store, reader=reader)

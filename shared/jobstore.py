@@ -59,9 +59,10 @@ a subscriber's output buffer hold (client-output-buffer-limit pubsub, 8 MiB by d
 job's worker is woken to claim it."""
 
 
-def _prelude(channels: Channels) -> str:
+def _prelude(channels: Channels, failures_kept: int) -> str:
     """Names every script may use (the channels are those of the store's database)."""
     return f"""
+local FAILURES_KEPT = {failures_kept}
 local ARQ_JOB, ARQ_IN_PROGRESS = '{job_key_prefix}', '{in_progress_key_prefix}'
 local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
 local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{channels.wakeup}', '{channels.cancel}'
@@ -169,9 +170,11 @@ end
 """
 
 
-# Appends `event` after the stream's last entry and marks the job ended; used by `stop` and
-# `recover`, which end jobs no worker will write to any more.
-_END = """
+# Appends `event` after the stream's last entry, marks the job ended and counts it in the
+# totals; used by `stop` and `recover`, which end jobs no worker will write to any more.
+_END = (
+    stats.ADD_ENDED
+    + """
 local function last_seq(stream)
   local tail = redis.call('xrevrange', stream, '+', '-', 'COUNT', 1)
   if tail[1] then return tonumber(string.match(tail[1][1], '%d+$')) end
@@ -184,8 +187,10 @@ local function finish(record, stream, job_id, event, outcome, ttl)
   redis.call('expire', record, ttl)
   redis.call('zrem', KEYS[3], job_id)
   release_holds(job_id)
+  add_ended(record, job_id, event, outcome, FAILURES_KEPT)
 end
 """
+)
 
 # KEYS: record, queue, arq entry of attempt 1, [idempotency key]
 # ARGV: owner, model, request_id, created, payload, arq entry, score, arq ttl ms, ttl, job id,
@@ -452,10 +457,13 @@ class JobStore:
         ttl_s: int,
         affinity_s: float = 0.0,
         push_lease_s: float | None = None,
+        failures_kept: int = 100,
     ) -> None:
         """`affinity_s`: how long a session's job waits for the worker holding its workspace.
         `push_lease_s`: `create` pushes a job to the worker it chooses, claimed with this lease,
-        where that worker takes pushes (else it wakes the worker to claim it)."""
+        where that worker takes pushes (else it wakes the worker to claim it). `failures_kept`:
+        the recent failures kept for `status` (`RECENT_FAILURES_KEPT`), among them the jobs this
+        store ends itself."""
         self.redis = redis
         self.queue_name = queue_name
         self.ttl_s = ttl_s
@@ -463,7 +471,7 @@ class JobStore:
         self.push_lease_ms = None if push_lease_s is None else int(push_lease_s * 1000)
         self.channels = Channels.of(redis)
         self._retries: set[asyncio.Task[int]] = set()
-        prelude = _prelude(self.channels)
+        prelude = _prelude(self.channels, failures_kept)
         self._create = redis.register_script(prelude + _CREATE)
         self._claim = redis.register_script(prelude + _CLAIM)
         self._append = redis.register_script(prelude + _APPEND)

@@ -3,7 +3,8 @@
 Each finished job adds to one hash, `STATS_KEY` (counters, and histograms as per-bucket counts
 plus sum and count), and a failed one also to `FAILURES_KEY`, a capped stream that `status` shows
 as "recent failures": `ADD_OUTCOME`, run by the script that writes the job's terminal event
-(shared/jobstore.py), so it costs no round trip of its own. Nothing here runs per token.
+(shared/jobstore.py), so it costs no round trip of its own; `ADD_ENDED` for a job the job store
+ends without a worker. Nothing here runs per token.
 
 Hash fields: `jobs|<outcome>`, `worker_exits|<reason>` (shared/worker_exits.py), `tokens|prompt`,
 `tokens|completion`, `cost_usd`, and for each histogram `<name>|le|<bound>` (observations in that
@@ -65,6 +66,23 @@ local function add_outcome(encoded)
   if outcome['failure'] then
     redis.call('xadd', '{FAILURES_KEY}', 'MAXLEN', '~', outcome['kept'], '*', unpack(outcome['failure']))
   end
+end
+"""
+
+
+# Lua: `add_ended(record, job_id, event, outcome, kept)` counts a job the job store ended itself,
+# without a worker (withdrawn from the queue, cancelled before it started, its worker lost), as
+# `add_outcome` counts a worker's: its outcome in the totals, its failure (`event`, the terminal
+# event as written) among the recent ones, with the request and worker its record names.
+ADD_ENDED = f"""
+local function add_ended(record, job_id, event, outcome, kept)
+  redis.call('hincrby', '{STATS_KEY}', 'jobs|' .. outcome, 1)
+  local failure = cjson.decode(event)
+  local rec = redis.call('hmget', record, 'request_id', 'worker')
+  local t = redis.call('TIME')
+  redis.call('xadd', '{FAILURES_KEY}', 'MAXLEN', '~', kept, '*', 'job_id', job_id, 'request_id', rec[1] or '',
+    'worker_id', rec[2] or '', 'code', failure['code'], 'message', failure['message'],
+    'at', string.format('%d.%06d', t[1], t[2]))
 end
 """
 

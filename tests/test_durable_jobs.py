@@ -19,6 +19,7 @@ import pytest
 from cli.embedded_redis import EmbeddedRedis
 from tests.conftest import Gateway, assert_schema, chat
 from tests.fake_anthropic import FakeAnthropic, Reply
+from tests.test_operations import scrape, status_json
 from worker.main import CLOSE_BOUND_S, CLOSE_REPORT_S
 
 FAST_LEASES = {"LEASE_S": "2", "LEASE_RENEW_S": "0.5"}
@@ -269,6 +270,10 @@ def test_kill_9_after_output_ends_the_stream_with_an_error_within_seconds(start_
     assert time.monotonic() - killed < 5
     assert rest[-1] == "[DONE]"
     assert json.loads(rest[-2])["error"]["code"] == "worker_lost"
+    # What an operator sees: the failure in the totals and among the recent ones.
+    assert scrape(gateway)["gateway_jobs_total{outcome=worker_lost}"] == 1
+    latest = status_json(gateway)["recent_failures"][0]
+    assert (latest["job_id"], latest["code"]) == (job_id_of(completion_id), "worker_lost")
 
 
 def test_sigterm_drains_the_running_job_and_hands_back_the_silent_one(start_gateway: Any) -> None:

@@ -1,13 +1,26 @@
 """The job event stream on a real Redis: order, coalescing, late readers, expiry, fencing."""
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
+from shared import stats
 from shared.events import EventReader, EventWriter, NoEventWithin, Superseded
-from shared.jobs import CompletionJob, Delta, Done, FinishReason, Reasoning, Turn, Usage, new_job_id
+from shared.jobs import (
+    CompletionJob,
+    Delta,
+    Done,
+    Failed,
+    FailureCode,
+    FinishReason,
+    Reasoning,
+    Turn,
+    Usage,
+    new_job_id,
+)
 from shared.jobstore import JobStore
 from shared.keys import events_key
 from tests.conftest import followed
@@ -132,7 +145,9 @@ async def test_a_repeated_write_is_applied_once(redis: Redis, store: JobStore) -
     assert await redis.xlen(events_key(job_id)) == 2
 
 
-async def test_a_lost_worker_with_output_fails_the_job(reader: EventReader, store: JobStore) -> None:
+async def test_a_lost_worker_with_output_fails_the_job(
+    redis: Redis, reader: EventReader, store: JobStore
+) -> None:
     job_id, writer = await _writer(store)
     writer.emit(Delta(text="partial"))
     await writer.drain()
@@ -145,6 +160,36 @@ async def test_a_lost_worker_with_output_fails_the_job(reader: EventReader, stor
     record = await store.get(job_id)
     assert record is not None
     assert record.status == "failed"
+    # Counted like a failure its worker wrote, although no worker did.
+    assert (await stats.read_stats(redis)).jobs == {"worker_lost": 1}
+    [failure] = await stats.recent_failures(redis, 5)
+    assert (failure.job_id, failure.request_id, failure.worker_id) == (job_id, "req_1", "worker-1")
+    assert (failure.code, failure.message) == ("worker_lost", events[-1].message)
+    assert abs(failure.at - time.time()) < 60
+
+
+async def test_jobs_ended_before_a_worker_started_them_are_counted_once(
+    redis: Redis, store: JobStore
+) -> None:
+    """Withdrawn from the queue or cancelled while queued: in the totals and the recent failures,
+    once however often they are stopped."""
+    jobs = [
+        CompletionJob(request_id=f"req_{i}", model="m", turns=[Turn(role="user", text="hi")])
+        for i in range(2)
+    ]
+    for job in jobs:
+        assert await store.create(job, owner="test") is None
+    timeout = Failed(code=FailureCode.QUEUE_TIMEOUT, message="No worker started the job.")
+    cancelled = Failed(code=FailureCode.CANCELLED, message="The job was cancelled.")
+    assert await store.stop(jobs[0].id, withdraw_only=True, failure=timeout) == "stopped"
+    assert await store.stop(jobs[1].id, withdraw_only=False, failure=cancelled) == "stopped"
+    assert await store.stop(jobs[1].id, withdraw_only=False, failure=cancelled) == "ended"
+    assert (await stats.read_stats(redis)).jobs == {"queue_timeout": 1, "cancelled": 1}
+    latest = await stats.recent_failures(redis, 5)
+    assert [(f.job_id, f.request_id, f.worker_id, f.code) for f in latest] == [
+        (jobs[1].id, "req_1", "", "cancelled"),
+        (jobs[0].id, "req_0", "", "queue_timeout"),
+    ]
 
 
 async def _collect(reader: EventReader, job_id: str) -> list[object]:

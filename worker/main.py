@@ -331,7 +331,12 @@ async def _startup(ctx: dict[str, Any]) -> None:
     ctx["backend"] = create_backend(settings, ctx["redis"])
     ctx["heartbeat"].sandbox = ctx["backend"].sandbox
     ctx["heartbeat"].poke()
-    store = JobStore(ctx["redis"], queue_name=settings.queue_name, ttl_s=settings.event_ttl_s)
+    store = JobStore(
+        ctx["redis"],
+        queue_name=settings.queue_name,
+        ttl_s=settings.event_ttl_s,
+        failures_kept=settings.recent_failures_kept,
+    )
     running = RunningJobs(store, settings, worker_id=ctx["heartbeat"].worker_id)
     ctx["running"] = running
     ctx["maintain"] = asyncio.create_task(running.maintain())
