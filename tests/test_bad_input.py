@@ -140,6 +140,37 @@ def test_a_number_json_does_not_have_is_invalid_json_on_every_api(scripted: Gate
     }
 
 
+@pytest.mark.usefixtures("nothing_enqueued")
+def test_half_a_surrogate_pair_is_invalid_json_on_every_api(scripted: Gateway) -> None:
+    """`\\ud800` alone is no character: Python's `json` reads it, UTF-8 cannot encode it, and the
+    job's record could not be written (it was a 500, and the connection dropped)."""
+    headers = {"content-type": "application/json"}
+    messages = b'"messages": [{"role": "user", "content": "%s"}]'
+    bodies = {
+        "/v1/chat/completions": b'{"model": "claude-sonnet-4-5", %s}' % messages,
+        "/v1/responses": b'{"model": "claude-sonnet-4-5", "input": "%s"}',
+        "/v1/messages": b'{"model": "claude-sonnet-4-5", "max_tokens": 10, %s}' % messages,
+    }
+    with httpx.Client(base_url=scripted.url, headers=headers, timeout=30) as client:
+        for path, body in bodies.items():
+            for text in (rb"\ud800", rb"x\udfff", rb"\ude00\ud83d"):  # alone, or a pair in the wrong order
+                response = client.post(path, content=body % text)
+                assert response.status_code == 400, response.text
+                error = response.json()["error"]
+                assert error["type"] == "invalid_request_error"
+                assert "surrogate" in error["message"]
+                if path != "/v1/messages":
+                    assert error["code"] == "invalid_json"
+        # A well-formed pair is one character (😀), and the connection is still good.
+        paired = bodies["/v1/chat/completions"] % rb"\ud83d\ude00"
+        assert client.post("/v1/chat/completions", content=paired).status_code == 200
+    assert_error(
+        post(scripted, b'{"model": "claude-sonnet-4-5", "\\udc00": 1, "messages": []}'),
+        400,
+        code="invalid_json",
+    )
+
+
 def nested(levels: int) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "string"}
     for _ in range(levels):

@@ -1,13 +1,14 @@
 """Limits on what one request may ask of a worker, beyond the body size (`BodyLimit`).
 
 Two stages: `bounded_json` runs on the raw body before any route or model sees it, so an
-oversized list, a deeply nested value or a number JSON does not have (`NaN`) is refused for the
-price of one `json.loads` (a 3 MiB body of empty messages used to cost ~160 MiB and a second of
-event loop in validation before `MAX_MESSAGES` applied); `check_prompt_limits` runs on the
-request as the chat core reads it.
+oversized list, a deeply nested value, a number JSON does not have (`NaN`) or a string no UTF-8
+can carry (a lone surrogate escape) is refused for the price of one `json.loads` (a 3 MiB body
+of empty messages used to cost ~160 MiB and a second of event loop in validation before
+`MAX_MESSAGES` applied); `check_prompt_limits` runs on the request as the chat core reads it.
 """
 
 import json
+import re
 
 from api.core.conversation import ChatMessage, ImagePart, TextPart
 from api.errors import OpenAIError
@@ -17,6 +18,8 @@ MAX_JSON_DEPTH = 64
 """Nesting of a request body's objects and arrays (function parameters included): pydantic
 cannot serialise ~255 levels, and nothing the APIs take needs more than a few dozen."""
 _LISTS_OF_MESSAGES = ("messages", "input")  # chat and Messages; Responses' input items
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""`\\uD800` to `\\uDFFF`: half of a UTF-16 pair, which JSON text may escape but only as a pair."""
 
 
 def too_many_messages(settings: Settings, param: str = "messages") -> OpenAIError:
@@ -48,6 +51,14 @@ def bounded_json(body: bytes, settings: Settings) -> OpenAIError | None:
         return OpenAIError.invalid(message, code="invalid_json")
     except ValueError:
         return None
+    if _SURROGATE_ESCAPE.search(body) and _lone_surrogate(value):
+        # Python's `json` reads one into a string that UTF-8 cannot encode: every later step
+        # (the job's record, the CLI's input) would fail on it.
+        message = (
+            "The request body is not valid JSON text: it escapes half of a UTF-16 surrogate pair "
+            "(\\uD800-\\uDFFF) without the other half."
+        )
+        return OpenAIError.invalid(message, code="invalid_json")
     if isinstance(value, dict):
         for param in _LISTS_OF_MESSAGES:
             if isinstance(value.get(param), list) and len(value[param]) > settings.max_messages:
@@ -64,6 +75,16 @@ def bounded_json(body: bytes, settings: Settings) -> OpenAIError | None:
         if not level:
             return None
     return _too_deep()
+
+
+def _lone_surrogate(value: object) -> bool:
+    """Whether a key or string in `value` holds a surrogate that is not part of a pair (`json`
+    joins a well-formed pair into one character)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _too_deep() -> OpenAIError:
