@@ -164,10 +164,10 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     if first["type"] == "json_invalid":
         return OpenAIError.invalid("The request body is not valid JSON.", code="invalid_json")
     param = _param(first["loc"])
+    if param is None:  # the body itself: not an object, or none at all
+        return OpenAIError.invalid("The request body must be a JSON object.", code="invalid_json")
     if first["type"] == "missing":
         return OpenAIError.invalid(f"Missing required parameter: '{param}'.", param=param)
-    if param is None:
-        return OpenAIError.invalid("The request body must be a JSON object.", code="invalid_json")
     return OpenAIError.invalid(f"Invalid value for '{param}': {first['msg']}.", param=param)
 
 

@@ -49,7 +49,15 @@ class TestRejectedBeforeTheQueue:
         )
 
     def test_body_not_an_object(self, scripted: Gateway) -> None:
-        assert_error(post(scripted, b"[1, 2]"), 400)
+        for body in (b"[1, 2]", b"", b"null"):  # none at all: was "Missing required parameter: 'None'"
+            response = post(scripted, body)
+            assert_error(response, 400, code="invalid_json")
+            assert response.json()["error"]["message"] == "The request body must be a JSON object."
+        headers = {"content-type": "application/json"}
+        for path in ("/v1/responses", "/v1/messages"):
+            response = httpx.post(f"{scripted.url}{path}", content=b"", headers=headers, timeout=30)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["message"] == "The request body must be a JSON object."
 
     def test_missing_messages(self, scripted: Gateway) -> None:
         response = post(scripted, json={"model": "claude-sonnet-4-5"})
