@@ -79,6 +79,7 @@ def second_api(guarded: Gateway) -> Iterator[Gateway]:
 
 def test_health_stays_open(guarded: Gateway) -> None:
     assert httpx.get(f"{guarded.url}/health").status_code == 200
+    assert httpx.head(f"{guarded.url}/health").status_code == 200  # some load balancers probe so
 
 
 def test_missing_or_wrong_key_is_refused(guarded: Gateway) -> None:

@@ -229,6 +229,8 @@ def test_ready_needs_a_live_worker_and_a_killed_worker_drops_out_within_the_hear
     worker = bare.start_worker()
     wait_for(lambda: httpx.get(f"{bare.url}/ready", timeout=5).status_code == 200, 20, "/ready recovering")
     assert httpx.get(f"{bare.url}/ready", timeout=5).json() == {"status": "ready"}
+    probed = httpx.head(f"{bare.url}/ready", timeout=5)  # as some load balancers probe
+    assert (probed.status_code, probed.content) == (200, b"")
     assert scrape(bare)["gateway_workers_alive"] == 1
 
     worker.send_signal(signal.SIGKILL)
@@ -236,6 +238,7 @@ def test_ready_needs_a_live_worker_and_a_killed_worker_drops_out_within_the_hear
     # TTL is 3 intervals = 1.5 s; allow generously for a loaded machine.
     wait_for(lambda: scrape(bare)["gateway_workers_alive"] == 0, 10, "the killed worker dropping out")
     assert httpx.get(f"{bare.url}/ready", timeout=5).status_code == 503
+    assert httpx.head(f"{bare.url}/ready", timeout=5).status_code == 503
     assert status_json(bare)["workers"] == []
 
     # A worker stopped cleanly (SIGTERM) leaves at once instead of waiting for its TTL.

@@ -26,7 +26,9 @@ _READY_TIMEOUT_S = 2.0
 _DASHBOARD = resources.files("api").joinpath("dashboard.html").read_text(encoding="utf-8")
 
 
-@router.get("/ready", responses={503: {"description": "Redis unreachable or no live worker"}})
+@router.api_route(
+    "/ready", methods=["GET", "HEAD"], responses={503: {"description": "Redis unreachable or no live worker"}}
+)
 async def ready(gateway: GatewayDep) -> dict[str, str]:
     """Ready when Redis answers and at least one worker has a fresh heartbeat."""
     try:
