@@ -185,6 +185,8 @@ class Done(BaseModel):
     usage: Usage
     tool_calls: list[ToolCall] = Field(default_factory=list)
     """With `finish_reason: tool_calls`: the calls the turn ended on, for the caller to run."""
+    completed_at: int | None = None
+    """When the worker wrote it (Unix seconds): a Response's `completed_at`, on every path."""
 
 
 class Failed(BaseModel):

@@ -5,6 +5,7 @@ against the official schemas (tests/schemas/openai_responses.json)."""
 import functools
 import json
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,11 @@ def create(gateway: Gateway, **body: Any) -> httpx.Response:
 
 
 def test_non_streaming_response_matches_the_official_schema(scripted: Gateway) -> None:
+    sent = int(time.time())
     response = create(scripted, input="hi there", instructions="be brief", metadata={"k": "v"})
     assert response.status_code == 200, response.text
     body = response.json()
+    assert sent <= body["completed_at"] <= time.time()
     assert_response_schema(body, "Response")
     assert body["id"].startswith("resp_")
     assert (body["object"], body["status"], body["model"]) == ("response", "completed", MODEL)
@@ -135,6 +138,8 @@ def test_sdk_streaming_events_in_order(client: openai.OpenAI) -> None:
     assert [event.sequence_number for event in events] == list(range(len(events)))
     done = events[-1]
     assert done.type == "response.completed"
+    assert done.response.completed_at is not None
+    assert all(event.response.completed_at is None for event in events[:-1] if hasattr(event, "response"))
     assert done.response.output_text == "one two three"
     assert done.response.usage is not None
     assert done.response.usage.output_tokens == 3
@@ -189,6 +194,8 @@ def test_background_retrieve_and_resume_by_starting_after(client: openai.OpenAI,
         lambda: (r := client.responses.retrieve(queued.id)).status == "completed" and r, 20, "completion"
     )
     assert done.output_text == "w1 w2 w3 w4"
+    assert done.completed_at is not None
+    assert done.created_at <= done.completed_at <= time.time()
     assert_response_schema(
         httpx.get(f"{scripted.url}/v1/responses/{queued.id}", timeout=30).json(), "Response"
     )
@@ -207,12 +214,13 @@ def test_background_retrieve_and_resume_by_starting_after(client: openai.OpenAI,
     # The SDK's own resume call.
     resumed = list(client.responses.retrieve(queued.id, stream=True, starting_after=numbers[-2]))
     assert [event.type for event in resumed] == ["response.completed"]
+    assert resumed[0].response.completed_at == done.completed_at  # when it completed, not when it was read
 
 
 def test_cancel_a_background_response(client: openai.OpenAI, scripted: Gateway) -> None:
     queued = client.responses.create(model=MODEL, input=script(text="never", wait_ms=20_000), background=True)
     cancelled = client.responses.cancel(queued.id)
-    assert cancelled.status == "cancelled"
+    assert (cancelled.status, cancelled.completed_at) == ("cancelled", None)
     assert client.responses.retrieve(queued.id).status == "cancelled"
     assert client.responses.cancel(queued.id).status == "cancelled"  # harmless to repeat
     body = httpx.get(f"{scripted.url}/v1/responses/{queued.id}", timeout=30).json()
@@ -227,7 +235,7 @@ def test_max_output_tokens_ends_incomplete(client: openai.OpenAI) -> None:
     response = client.responses.create(model=MODEL, input=script(text="a b c d e f"), max_output_tokens=16)
     assert response.status == "completed"
     cut = client.responses.create(model=MODEL, input=script(text="w " * 40), max_output_tokens=16)
-    assert cut.status == "incomplete"
+    assert (cut.status, cut.completed_at) == ("incomplete", None)  # "only present when completed"
     assert cut.incomplete_details is not None
     assert cut.incomplete_details.reason == "max_output_tokens"
     assert cut.usage is not None

@@ -67,6 +67,8 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> bool
             terminal = await _stopped(control.reason or StopReason.SHUTDOWN, running, job.id, attempt, writer)
             outcome = "handed back" if terminal is None and control.reason is None else outcome
         if terminal is not None:
+            if isinstance(terminal, Done):
+                terminal = terminal.model_copy(update={"completed_at": int(time.time())})
             usage = terminal.usage if isinstance(terminal, Done) else None
             failure = terminal if isinstance(terminal, Failed) else None
             first_output = writer.first_output_at  # None if the terminal event is all it wrote

@@ -179,6 +179,8 @@ def response_body(
         response.status, response.error = "failed", ResponseError(code="server_error", message=violation)
     elif isinstance(terminal, Done):
         response.status, item_status = finished_status(terminal)
+        if response.status == "completed":
+            response.completed_at = terminal.completed_at
         if (response_format := ResponseFormat.from_text_format(stored.text_format)) is not None:
             text = response_format.check(text)
         if response.status == "incomplete":
