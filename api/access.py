@@ -148,8 +148,8 @@ class Access:
         self.app = app
         self.settings = settings
         self.keys = apikeys.ConfiguredKeys(settings.client_api_keys())
-        # Open (anonymous) only while no key exists: decided by the first request, and protected
-        # for good as soon as a key exists (configured, or managed in Redis).
+        # Open (anonymous) only while no key exists nor existed: decided by the first request, and
+        # protected for good as soon as one does (configured, or managed in Redis).
         self._protected = bool(self.keys)
         # An open gateway on loopback answers only requests addressed to loopback (DNS rebinding).
         self._loopback_only = apikeys.is_loopback(settings.host)
@@ -205,8 +205,8 @@ class Access:
             if admitted is not None:
                 return admitted
         # What the decision needs from Redis, in one round trip: the address's failed
-        # authentications and, unless the key is a configured one, the managed keys (and what the
-        # route reads next).
+        # authentications and, unless the key is a configured one, the managed keys and whether
+        # one ever existed (and what the route reads next).
         reads = _reads(category)
         async with redis.pipeline(transaction=False) as pipe:
             if self.settings.rate_limit_enabled:
@@ -217,6 +217,7 @@ class Access:
                 if hashed is not None:
                     pipe.hget(apikeys.MANAGED_KEYS, hashed)
                 pipe.exists(apikeys.MANAGED_KEYS)
+                pipe.exists(apikeys.PROTECTED)
             replies = await pipe.execute() if len(pipe) else []
         if self.settings.rate_limit_enabled:
             # Before the key is looked at: a throttled address gets nowhere, not even with a right guess.
@@ -227,9 +228,10 @@ class Access:
         if configured is not None:
             identity: tuple[str, bool] | None = configured, True
         else:
+            marked = bool(replies.pop())
             any_managed = bool(replies.pop())
             managed = None if hashed is None else apikeys.managed_key(replies.pop())
-            identity = self._authenticate(hashed, managed, any_managed)
+            identity = self._authenticate(hashed, managed, any_managed, protected=any_managed or marked)
         if identity is None:
             return await self._unauthenticated(redis, address, missing=presented is None), {}
         key_id, state["operator"] = identity
@@ -265,7 +267,8 @@ class Access:
         bucket = self._rate_bucket(key_id, address, category)
         auth = self._auth_bucket(address)
         reads = _reads(category)
-        admission = await quotas.admit(redis, auth, bucket, apikeys.MANAGED_KEYS, caller=caller, reads=reads)
+        managed_keys = (apikeys.MANAGED_KEYS, apikeys.PROTECTED)
+        admission = await quotas.admit(redis, auth, bucket, managed_keys, caller=caller, reads=reads)
         if admission is None:
             if caller == quotas.OPEN:  # a managed key exists: protected from now on
                 self._now_protected(True)
@@ -282,26 +285,28 @@ class Access:
         return {quotas.rate_key(subject, category): self.limits[category]}
 
     def _authenticate(
-        self, hashed: str | None, managed: apikeys.ManagedKey | None, any_managed: bool
+        self, hashed: str | None, managed: apikeys.ManagedKey | None, any_managed: bool, *, protected: bool
     ) -> tuple[str, bool] | None:
         """A key that is not a configured one: (the caller's key id, whether it is an operator's),
         `ANONYMOUS` (an operator) when the gateway is open, or None (refuse). `managed`: the
-        managed key with the presented key's digest, if any."""
+        managed key with the presented key's digest, if any; `protected`: a managed key exists or
+        existed (`apikeys.PROTECTED`)."""
+        now_protected = self._now_protected(protected)
         if hashed is None:
-            return None if self._now_protected(any_managed) else (ANONYMOUS, True)
+            return None if now_protected else (ANONYMOUS, True)
         if managed is not None:
             return managed.id, managed.operator
-        if not any_managed and self._protected and not self.keys:
+        if not any_managed and now_protected and not self.keys:
             # Only managed keys protect this gateway and they are gone (revoked, flushed, evicted,
             # lost): refuse everyone rather than fall open.
             raise KeyStoreGone
         # An open gateway ignores whatever key was sent (OpenAI clients always send one).
-        return None if self._now_protected(any_managed) else (ANONYMOUS, True)
+        return None if now_protected else (ANONYMOUS, True)
 
-    def _now_protected(self, any_managed: bool) -> bool:
-        """Whether the gateway needs a key from now on: once it does, it always will (until a
-        restart), so losing the managed keys never opens it."""
-        self._protected = self._protected or any_managed
+    def _now_protected(self, protected: bool) -> bool:
+        """Whether the gateway needs a key from now on: once it does, this process always will,
+        so losing the managed keys (and their mark, with Redis's data) never opens it."""
+        self._protected = self._protected or protected
         return self._protected
 
     def _auth_bucket(self, address: str) -> dict[str, int]:

@@ -1,9 +1,10 @@
-"""`claude-gateway keys create|list|revoke`, and the start-up check that the API is protected.
+"""`claude-gateway keys create|list|revoke|open`, and the start-up check that the API is protected.
 
-A started API with no key anywhere (neither `API_KEY`/`API_KEYS` nor a managed key in Redis)
-serves every caller anonymously. That is allowed on a loopback address; on any other address it
-needs `ALLOW_UNAUTHENTICATED=true`. Started from a terminal, `up` and `api` first offer to generate
-a key; without a terminal they never wait for an answer.
+A started API with no key anywhere (neither `API_KEY`/`API_KEYS` nor a managed key in Redis, nor
+one there before: `apikeys.PROTECTED`) serves every caller anonymously. That is allowed on a
+loopback address; on any other address it needs `ALLOW_UNAUTHENTICATED=true`. Started from a
+terminal, `up` and `api` first offer to generate a key; without a terminal they never wait for an
+answer. Once a managed key has existed, only `keys open` makes the gateway open again.
 """
 
 import argparse
@@ -20,9 +21,9 @@ from shared.settings import Settings
 log = logging.getLogger("gateway.cli")
 
 
-async def _any_managed(redis_url: str) -> bool:
+async def _protection(redis_url: str) -> tuple[bool, bool]:
     async with Redis.from_url(redis_url) as redis:
-        return await apikeys.any_managed(redis)
+        return await apikeys.protection(redis)
 
 
 async def _create(redis_url: str, name: str) -> tuple[apikeys.ManagedKey, str]:
@@ -43,7 +44,14 @@ def ensure_protected(settings: Settings, redis_url: str) -> None:
         sys.exit(f"claude-gateway: {exc}")
     if configured:
         return
-    if asyncio.run(_any_managed(redis_url)):
+    any_managed, protected = asyncio.run(_protection(redis_url))
+    if any_managed:
+        return
+    if protected:
+        log.warning(
+            "every managed API key was revoked: every request is refused until one is created "
+            "(`claude-gateway keys create`), or the gateway is opened again (`claude-gateway keys open`)"
+        )
         return
     if _interactive():
         answer = input("No API key is configured. Generate one to protect the gateway? [Y/n] ")
@@ -66,6 +74,15 @@ async def _run(args: argparse.Namespace, redis_url: str) -> int:
             key, secret = await apikeys.create(redis, args.name, operator=args.operator)
             print(f"{key.id}\t{secret}")
             print("The secret is shown once; only its hash is stored.", file=sys.stderr)
+        elif args.action == "open":
+            if not await apikeys.open_again(redis):
+                print("managed keys exist: revoke them first (`claude-gateway keys list`)", file=sys.stderr)
+                return 1
+            print(
+                "API processes started from now on serve without a key (on a loopback HOST, or with "
+                "ALLOW_UNAUTHENTICATED=true); restart the running ones.",
+                file=sys.stderr,
+            )
         elif args.action == "list":
             for key in await apikeys.listed(redis):
                 created = datetime.fromtimestamp(key.created, UTC).isoformat(timespec="seconds")
@@ -90,6 +107,9 @@ def add_parser(roles: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     actions.add_parser("list", help="list managed keys: id, creation time, role (operator or caller), name")
     revoke = actions.add_parser("revoke", help="revoke a key by id; refused from its next request on")
     revoke.add_argument("key_id")
+    actions.add_parser(
+        "open", help="with no managed key left, let API processes started from now on serve without a key"
+    )
 
 
 def run_keys(settings: Settings, args: argparse.Namespace) -> None:

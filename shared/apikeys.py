@@ -22,6 +22,10 @@ from redis.asyncio import Redis
 from shared.keys import PREFIX
 
 MANAGED_KEYS = f"{PREFIX}:apikeys"
+PROTECTED = f"{PREFIX}:apikeys:protected"
+"""Set with the first managed key and kept when the last is revoked: a gateway that has had a key
+stays protected, in API processes started later too (`up` restarting one that died), until an
+operator opens it again (`open_again`). A Redis that loses its data loses this with it."""
 MIN_CONFIGURED_KEY_CHARS = 16  # shorter ones could be guessed, however slowly
 _SECRET_PREFIX = "cgw-"  # noqa: S105 (a recognisable prefix, not a secret)
 
@@ -78,7 +82,10 @@ async def create(redis: Redis, name: str, *, operator: bool = False) -> tuple[Ma
     key = ManagedKey(id=f"key-{secrets.token_hex(6)}", name=name, created=int(time.time()), operator=operator)
     secret = _SECRET_PREFIX + secrets.token_urlsafe(32)
     record = json.dumps({"id": key.id, "name": key.name, "created": key.created, "operator": operator})
-    await redis.hset(MANAGED_KEYS, digest(secret), record)  # type: ignore[misc]
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(MANAGED_KEYS, digest(secret), record)
+        pipe.set(PROTECTED, 1)
+        await pipe.execute()
     return key, secret
 
 
@@ -89,15 +96,43 @@ async def listed(redis: Redis) -> list[ManagedKey]:
 
 
 async def revoke(redis: Redis, key_id: str) -> bool:
-    """Deletes the managed key with this id; True if there was one. Takes effect on the next request."""
+    """Deletes the managed key with this id; True if there was one. Takes effect on the next request;
+    the gateway stays protected (`PROTECTED`, set here too for keys created before it existed)."""
     for hashed, raw in (await redis.hgetall(MANAGED_KEYS)).items():  # type: ignore[misc]
         if json.loads(raw)["id"] == key_id:
-            return bool(await redis.hdel(MANAGED_KEYS, hashed))  # type: ignore[misc]
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(MANAGED_KEYS, hashed)
+                pipe.set(PROTECTED, 1)
+                deleted, _ = await pipe.execute()
+            return bool(deleted)
     return False
 
 
 async def any_managed(redis: Redis) -> bool:
     return bool(await redis.exists(MANAGED_KEYS))
+
+
+async def protection(redis: Redis) -> tuple[bool, bool]:
+    """Whether a managed key exists, and whether the gateway is protected (one exists or did)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.exists(MANAGED_KEYS)
+        pipe.exists(PROTECTED)
+        keys, marked = await pipe.execute()
+    return bool(keys), bool(keys or marked)
+
+
+# Opens a gateway again only while no managed key exists (else one could be created in between).
+_OPEN_AGAIN = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+
+async def open_again(redis: Redis) -> bool:
+    """Lets API processes started from now on serve without a key (where open mode is allowed);
+    False, changing nothing, while a managed key exists."""
+    return bool(await redis.eval(_OPEN_AGAIN, 2, MANAGED_KEYS, PROTECTED))  # type: ignore[misc]
 
 
 def managed_key(record: bytes | None) -> ManagedKey | None:

@@ -88,9 +88,10 @@ _PEEK = _CLOCK + _PEEK_FUNCTION + "return peek(KEYS[1], tonumber(ARGV[2]))"
 # throttled address gets nowhere), then who the caller is, then the count, and the values the
 # request reads next (`reads`: they ride along rather than cost a round trip of their own).
 # Who (ARGV[5]): KNOWN, a caller known without Redis; OPEN, anonymous only while no managed key
-# exists; or a presented key's digest, which a managed key's record in KEYS[2] must have (KEYS[3]
-# is then the prefix of the bucket, which the key's id completes).
-# KEYS: failed-authentication bucket, managed keys, bucket to count, keys to read
+# exists nor existed (KEYS[4], the mark one leaves); or a presented key's digest, which a managed
+# key's record in KEYS[2] must have (KEYS[3] is then the prefix of the bucket, which the key's id
+# completes).
+# KEYS: failed-authentication bucket, managed keys, bucket to count, protection mark, keys to read
 # ARGV: window, member, the bucket's cap, the failed-authentication cap, who
 # Returns {'throttled', decision...}, {'protected'} (OPEN, but a managed key exists), {'unknown'}
 # (no managed key has the digest) or {'counted', decision..., the managed key's record, values
@@ -104,7 +105,7 @@ local throttled = peek(KEYS[1], tonumber(ARGV[4]))
 if throttled[1] == 0 then return {'throttled', unpack(throttled)} end
 local bucket, record = KEYS[3], false
 if ARGV[5] == 'open' then
-  if redis.call('EXISTS', KEYS[2]) == 1 then return {'protected'} end
+  if redis.call('EXISTS', KEYS[2], KEYS[4]) > 0 then return {'protected'} end
 elseif ARGV[5] ~= 'known' then
   record = redis.call('HGET', KEYS[2], ARGV[5])
   if not record then return {'unknown'} end
@@ -112,7 +113,7 @@ elseif ARGV[5] ~= 'known' then
 end
 local counted = {'counted', unpack(hit({{bucket, ARGV[3]}}))}
 counted[#counted + 1] = record
-for i = 4, #KEYS do counted[#counted + 1] = redis.call('GET', KEYS[i]) end
+for i = 5, #KEYS do counted[#counted + 1] = redis.call('GET', KEYS[i]) end
 return counted
 """
 )
@@ -189,21 +190,23 @@ async def admit(
     redis: Redis,
     auth_bucket: dict[str, int],
     bucket: dict[str, int],
-    managed_keys: str,
+    managed_keys: tuple[str, str],
     *,
     caller: str,
     reads: Sequence[str] = (),
 ) -> Admission | None:
     """Checks the failed-authentication bucket (key → limit per window, counting nothing) and, if it
     has room, counts one request against `bucket` and reads the string keys `reads`, in one round
-    trip. `caller`: `KNOWN`; `OPEN` (anonymous only while no managed key exists); or the digest of
-    the key presented, whose record in `managed_keys` (JSON with its `id`) names the bucket:
-    `bucket`'s key is the prefix of it. None (nothing was counted): a managed key exists for an
+    trip. `managed_keys`: the hash of managed keys and the mark that one existed. `caller`:
+    `KNOWN`; `OPEN` (anonymous only while no managed key exists nor existed); or the digest of
+    the key presented, whose record in the hash (JSON with its `id`) names the bucket: `bucket`'s
+    key is the prefix of it. None (nothing was counted): a managed key exists or existed for an
     `OPEN` caller, or none has the digest."""
     ((auth_key, auth_cap),) = auth_bucket.items()
     ((key, cap),) = bucket.items()
     args: list[str | int] = [WINDOW_MS, uuid.uuid4().hex, cap, auth_cap, caller]
-    reply = await _ADMIT_SCRIPT(redis, [auth_key, managed_keys, key, *reads], args)
+    managed, mark = managed_keys
+    reply = await _ADMIT_SCRIPT(redis, [auth_key, managed, key, mark, *reads], args)
     if reply[0] in (b"protected", b"unknown"):
         return None
     if reply[0] == b"throttled":

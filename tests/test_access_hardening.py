@@ -43,6 +43,18 @@ def test_a_gateway_protected_by_managed_keys_stays_protected_when_they_are_gone(
     assert httpx.get(models).status_code == 401
     # The last key revoked, then the whole store flushed: never an anonymous operator.
     assert keys_cli(gateway, "revoke", key_id).returncode == 0
+    # Nor in an API process started after it (as `up` restarts one that died).
+    restarted = Gateway(redis_url=gateway.redis_url, env=gateway.env, logs=gateway.logs)
+    restarted.start_api()
+    try:
+        for api in (gateway, restarted):
+            assert_error(httpx.get(f"{api.url}/v1/models"), 401, "invalid_api_key")
+            assert_error(
+                httpx.get(f"{api.url}/v1/models", headers=bearer(secret)), 503, "access_control_unavailable"
+            )
+            assert httpx.get(f"{api.url}/status").status_code == 401
+    finally:
+        restarted.stop()
     for _ in range(2):
         assert_error(httpx.get(models, headers=bearer(secret)), 503, "access_control_unavailable")
         assert_error(httpx.get(models, headers=bearer("sk-anything")), 503, "access_control_unavailable")
@@ -52,6 +64,25 @@ def test_a_gateway_protected_by_managed_keys_stays_protected_when_they_are_gone(
     # A new key protects it again at once.
     _, fresh = new_key(gateway)
     assert httpx.get(models, headers=bearer(fresh)).status_code == 200
+
+
+def test_only_keys_open_lets_a_gateway_that_had_keys_serve_without_one_again(start_gateway: Any) -> None:
+    gateway: Gateway = start_gateway(workers=0, BACKEND="scripted")
+    key_id, _ = new_key(gateway)
+    assert_error(httpx.get(f"{gateway.url}/v1/models"), 401, "invalid_api_key")  # it has seen the key
+    refused = keys_cli(gateway, "open")
+    assert refused.returncode == 1
+    assert "managed keys exist" in refused.stderr
+    assert keys_cli(gateway, "revoke", key_id).returncode == 0
+    assert keys_cli(gateway, "open").returncode == 0
+    # The running process stays protected; one started from now on is open (on loopback).
+    assert_error(httpx.get(f"{gateway.url}/v1/models"), 401, "invalid_api_key")
+    opened = Gateway(redis_url=gateway.redis_url, env=gateway.env, logs=gateway.logs)
+    opened.start_api()
+    try:
+        assert httpx.get(f"{opened.url}/v1/models").status_code == 200
+    finally:
+        opened.stop()
 
 
 def test_a_throttled_address_gets_nowhere_even_with_the_right_key(start_gateway: Any) -> None:

@@ -20,13 +20,22 @@ async def test_an_admission_reads_what_the_request_needs_next(redis: Redis) -> N
     bucket = {quotas.rate_key("addr:1", "chat"): 5}
     await redis.set("stored", b"value")
     admission = await quotas.admit(
-        redis, auth, bucket, "managed", caller=quotas.OPEN, reads=["stored", "absent"]
+        redis, auth, bucket, ("managed", "mark"), caller=quotas.OPEN, reads=["stored", "absent"]
     )
     assert admission is not None
     assert (admission.throttled, admission.decision.remaining) == (False, 4)
     assert admission.values == [b"value", None]
+    await redis.set("mark", 1)  # a managed key existed: the caller is not anonymous
+    assert (
+        await quotas.admit(redis, auth, bucket, ("managed", "mark"), caller=quotas.OPEN, reads=["stored"])
+        is None
+    )
+    await redis.delete("mark")
     await redis.hset("managed", "digest", "{}")  # a managed key exists: the caller is not anonymous
-    assert await quotas.admit(redis, auth, bucket, "managed", caller=quotas.OPEN, reads=["stored"]) is None
+    assert (
+        await quotas.admit(redis, auth, bucket, ("managed", "mark"), caller=quotas.OPEN, reads=["stored"])
+        is None
+    )
 
 
 async def test_a_managed_key_is_counted_in_its_own_bucket_in_the_same_round_trip(redis: Redis) -> None:
@@ -35,22 +44,22 @@ async def test_a_managed_key_is_counted_in_its_own_bucket_in_the_same_round_trip
     record = b'{"id": "key-1", "name": "a", "created": 0, "operator": false}'
     await redis.hset("managed", "digest-1", record)
     await redis.set("stored", b"value")
-    first = await quotas.admit(redis, auth, prefix, "managed", caller="digest-1", reads=["stored"])
+    first = await quotas.admit(redis, auth, prefix, ("managed", "mark"), caller="digest-1", reads=["stored"])
     assert first is not None
     assert (first.throttled, first.decision.allowed, first.decision.remaining) == (False, True, 1)
     assert (first.record, first.values) == (record, [b"value"])
     assert await redis.zcard(quotas.rate_key("key-1", "chat")) == 1
-    await quotas.admit(redis, auth, prefix, "managed", caller="digest-1")
-    third = await quotas.admit(redis, auth, prefix, "managed", caller="digest-1")
+    await quotas.admit(redis, auth, prefix, ("managed", "mark"), caller="digest-1")
+    third = await quotas.admit(redis, auth, prefix, ("managed", "mark"), caller="digest-1")
     assert third is not None
     assert not third.decision.allowed  # its limit of 2 is reached
     # A digest no managed key has: nothing is counted, the long check decides.
-    assert await quotas.admit(redis, auth, prefix, "managed", caller="digest-2") is None
+    assert await quotas.admit(redis, auth, prefix, ("managed", "mark"), caller="digest-2") is None
     assert await redis.zcard(quotas.rate_key("key-1", "chat")) == 2
     # An address with too many failed authentications gets nowhere, even with the right key.
     for _ in range(5):
         await quotas.hit(redis, auth)
-    throttled = await quotas.admit(redis, auth, prefix, "managed", caller="digest-1")
+    throttled = await quotas.admit(redis, auth, prefix, ("managed", "mark"), caller="digest-1")
     assert throttled is not None
     assert (throttled.throttled, throttled.record) == (True, None)
     assert await redis.zcard(quotas.rate_key("key-1", "chat")) == 2
