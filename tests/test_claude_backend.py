@@ -3,6 +3,7 @@ the fake Anthropic API on loopback, asserting on what the upstream received and 
 
 import json
 import time
+from collections import deque
 
 import httpx
 import openai
@@ -156,3 +157,27 @@ def test_a_model_that_goes_on_from_a_cut_is_relayed_as_one_answer(
     text = "".join(c["delta"].get("content") or "" for p in payloads for c in p["choices"])
     assert text == "".join(tokens)
     assert "cut off" in json.dumps(upstream.requests[-1]["messages"])  # the CLI asked it to go on
+
+
+def test_a_cancel_stops_the_cli_at_once_not_after_its_graceful_exit(
+    claude: Gateway, upstream: FakeAnthropic
+) -> None:
+    """The SDK's cleanup waits up to 5 s for a CLI still streaming to exit by itself after its
+    input closes; a cancelled job's CLI is killed before that (it took 5.05 s every time)."""
+    upstream.by_prompt["cancel me"] = deque([Reply(tokens=[f"w{i} " for i in range(200)], delay_s=0.1)])
+    created = httpx.post(
+        f"{claude.url}/v1/chat/completions", json=chat("cancel me", background=True), timeout=30
+    )
+    completion_id = created.json()["id"]
+    url = f"{claude.url}/v1/chat/completions/{completion_id}"
+    deadline = time.monotonic() + 30
+    while not any("cancel me" in json.dumps(body.get("messages", [])[:1]) for body in upstream.requests):
+        assert time.monotonic() < deadline, "the CLI never asked the upstream"
+        time.sleep(0.1)
+    time.sleep(0.5)  # streaming: 20 s of reply to go
+    asked = time.monotonic()
+    cancelled = httpx.post(f"{url}/cancel", timeout=30)
+    assert cancelled.status_code == 200, cancelled.text
+    record = claude.redis().hget(f"gateway:job:{completion_id.removeprefix('chatcmpl-')}", "ended")
+    assert record == b"cancelled"
+    assert time.monotonic() - asked < 2.5

@@ -9,6 +9,7 @@ the job moved on without this attempt.
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
@@ -36,6 +37,8 @@ class RunningJob:
     """Why we stopped the task; a task cancelled without one is the worker shutting down."""
     producing: bool = True
     """Until the attempt's outcome is decided; only then may a stop cancel its task."""
+    halt: Callable[[], None] = lambda: None
+    """Ends what the job runs outside the worker's loop (its CLI) before its task is cancelled."""
 
     def stop(self, reason: StopReason) -> None:
         # The first stop wins, and none reaches the attempt's finishing steps: a task cancelled
@@ -43,6 +46,7 @@ class RunningJob:
         # end with a CancelledError that nothing of the attempt's is left to handle.
         if self.producing and self.reason is None:
             self.reason = reason
+            self.halt()
             self.task.cancel()
 
 
@@ -69,10 +73,11 @@ class RunningJobs:
             self.claimed[job_id] = claimed
         return claimed
 
-    def add(self, job_id: str, attempt: int) -> RunningJob:
+    def add(self, job_id: str, attempt: int, halt: Callable[[], None] = lambda: None) -> RunningJob:
+        """The attempt the current task runs; `halt`: see `RunningJob.halt`."""
         task = asyncio.current_task()
         assert task is not None
-        job = self.jobs[job_id] = RunningJob(job_id, attempt, task)
+        job = self.jobs[job_id] = RunningJob(job_id, attempt, task, halt=halt)
         return job
 
     def remove(self, job: RunningJob) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from contextlib import aclosing
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,8 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> bool
     job = started.job
     logs.bind_new(request_id=job.request_id, job_id=job.id)
     writer = EventWriter(running.store, job.id, attempt, outage_grace_s=settings.redis_outage_grace_s)
-    control = running.add(job.id, attempt)
+    backend: Backend = ctx["backend"]
+    control = running.add(job.id, attempt, halt=partial(backend.stop, job.id))
     began = time.perf_counter()
     finished = False
     outcome = "superseded"
@@ -58,7 +60,7 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> bool
                 terminal = _CANCELLED
             else:
                 files = ctx["session_files"]
-                terminal = await _produce(ctx["backend"], settings, job, writer, ctx["redis"], files)
+                terminal = await _produce(backend, settings, job, writer, ctx["redis"], files)
         except asyncio.CancelledError:
             stopped = True
         finally:

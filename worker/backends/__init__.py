@@ -55,6 +55,10 @@ class Backend(Protocol):
         """`work`: the session's directory to run in (`worker/session_files.py`); None: a fresh
         one, removed at the end."""
 
+    def stop(self, job_id: str) -> None:
+        """Ends the job's processes at once, as its task is about to be cancelled (a cancel, a
+        superseded attempt): what they would finish is not wanted."""
+
     async def close(self) -> None:
         """Releases what the backend holds between jobs (warm CLI processes), at worker shutdown."""
 

@@ -67,7 +67,7 @@ from worker.warm import (
     streamed_message,
     warm_up,
 )
-from worker.workspace import MARKER, Workspace, children_for, job_workspace
+from worker.workspace import MARKER, Workspace, children_for, job_workspace, kill_processes_of
 
 log = logging.getLogger("gateway.worker.claude")
 
@@ -144,6 +144,7 @@ class ClaudeBackend:
         self._provider_env = backend_auth.provider_environment(settings, self._auth_method)
         self._redis = redis
         self._store = RedisSessionStore(redis, settings.session_ttl_s)
+        self._cold: dict[str, Workspace] = {}  # the running cold jobs' workspaces, for `stop`
         warm_limit = (
             settings.jobs_per_worker if settings.claude_warm_clients is None else settings.claude_warm_clients
         )
@@ -357,7 +358,7 @@ class ClaudeBackend:
         return done.model_copy(update={"usage": done.usage.model_copy(update={"cost_usd": cost})})
 
     async def _run_cold(self, job: CompletionJob, work: Path | None) -> AsyncGenerator[BackendEvent, None]:
-        with self._workspace(job.id, work) as (workspace, cli):
+        with self._workspace(job.id, work) as (workspace, cli), self._stoppable(job.id, workspace):
             token = self._proxy.issue() if self._proxy is not None else None
             options = self._options(job, workspace, token, cli)
             options, prompt, transcript = await self._continue_session(job, options)
@@ -373,6 +374,21 @@ class ClaudeBackend:
                 await _close(messages)
                 if token is not None and self._proxy is not None:
                     self._proxy.revoke(token)
+
+    @contextmanager
+    def _stoppable(self, job_id: str, workspace: Workspace) -> Iterator[None]:
+        self._cold[job_id] = workspace
+        try:
+            yield
+        finally:
+            del self._cold[job_id]
+
+    def stop(self, job_id: str) -> None:
+        """Kills a cold job's CLI before its task is cancelled: the cancellation reaches the SDK's
+        generator first, whose cleanup waits up to 5 s for a CLI still streaming to exit by
+        itself (a warm job's client is killed before it is closed: `WarmClient.discard`)."""
+        if (workspace := self._cold.get(job_id)) is not None:
+            kill_processes_of(workspace)
 
     async def _spawn_warm(self, job: CompletionJob) -> WarmClient:
         """A connected client for jobs like `job`, in a workspace of its own (see `worker/warm.py`)."""

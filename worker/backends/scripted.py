@@ -102,6 +102,9 @@ class ScriptedBackend:
         ]
         yield Done(finish_reason=FinishReason.TOOL_CALLS if calls else finish, usage=usage, tool_calls=calls)
 
+    def stop(self, job_id: str) -> None:
+        """Runs nothing outside the worker's loop: cancelling the task stops the job."""
+
     async def close(self) -> None:
         """Holds nothing between jobs."""
 
