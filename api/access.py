@@ -270,7 +270,7 @@ class Access:
         managed_keys = (apikeys.MANAGED_KEYS, apikeys.PROTECTED)
         admission = await quotas.admit(redis, auth, bucket, managed_keys, caller=caller, reads=reads)
         if admission is None:
-            if caller == quotas.OPEN:  # a managed key exists: protected from now on
+            if caller == quotas.OPEN:  # a managed key exists or existed: protected from now on
                 self._now_protected(True)
             return None
         if admission.throttled:

@@ -93,7 +93,7 @@ _PEEK = _CLOCK + _PEEK_FUNCTION + "return peek(KEYS[1], tonumber(ARGV[2]))"
 # completes).
 # KEYS: failed-authentication bucket, managed keys, bucket to count, protection mark, keys to read
 # ARGV: window, member, the bucket's cap, the failed-authentication cap, who
-# Returns {'throttled', decision...}, {'protected'} (OPEN, but a managed key exists), {'unknown'}
+# Returns {'throttled', decision...}, {'protected'} (OPEN, but a managed key exists or existed), {'unknown'}
 # (no managed key has the digest) or {'counted', decision..., the managed key's record, values
 # read...} (false: no record, no such key).
 _ADMIT = (
