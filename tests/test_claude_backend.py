@@ -185,4 +185,4 @@ def test_a_cancel_stops_the_cli_at_once_not_after_its_graceful_exit(
     assert cancelled.status_code == 200, cancelled.text
     record = claude.redis().hget(f"gateway:job:{completion_id.removeprefix('chatcmpl-')}", "ended")
     assert record == b"cancelled"
-    assert time.monotonic() - asked < 2.5
+    assert time.monotonic() - asked < 4  # 0.03-0.19 s measured; the SDK's grace alone is 5 s
