@@ -100,6 +100,13 @@ def test_responses_stream_a_reasoning_item_before_the_message(agent: Gateway, wo
     assert client.responses.retrieve(final.id).output[0].summary[0].text == ACTIVITY
 
 
+def test_a_responses_reply_has_the_output_its_retrieval_has(agent: Gateway, working: FakeAnthropic) -> None:
+    client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused", max_retries=0, timeout=90)
+    created = client.responses.create(model=MODEL, input="work")
+    assert [item.type for item in created.output] == ["reasoning", "message"]
+    assert created.output == client.responses.retrieve(created.id).output
+
+
 def test_messages_stream_thinking_blocks(agent: Gateway, working: FakeAnthropic) -> None:
     client = anthropic.Anthropic(base_url=agent.url, api_key="unused", max_retries=0, timeout=90)
     with client.messages.stream(
@@ -111,6 +118,21 @@ def test_messages_stream_thinking_blocks(agent: Gateway, working: FakeAnthropic)
     assert message.content[0].thinking == ACTIVITY
     assert message.content[1].text == "Done."
     assert kinds.count("content_block_start") == 2
+    # The next turn sends the reply back as it came, thinking block and all (Anthropic's own
+    # clients' pattern); the agent's steps are not part of the conversation the model gets.
+    working.script.append(Reply(tokens=["Welcome."]))
+    again = client.messages.create(
+        model=MODEL,
+        max_tokens=1000,
+        messages=[
+            {"role": "user", "content": "work"},
+            {"role": "assistant", "content": [block.model_dump() for block in message.content]},
+            {"role": "user", "content": "thanks"},
+        ],
+    )
+    assert again.content[-1].text == "Welcome."  # type: ignore[union-attr]
+    assert "Done." in str(working.requests[-1]["messages"])
+    assert "Let me look." not in str(working.requests[-1]["messages"])
 
 
 def _sse(response: httpx.Response) -> list[tuple[str | None, str]]:

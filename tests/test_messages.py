@@ -138,6 +138,12 @@ def test_failures_and_unsupported_parameters(scripted: Gateway, client: anthropi
     empty = [{"role": "user", "content": []}, {"role": "assistant", "content": []}]
     body = {"model": MODEL, "max_tokens": 5, "messages": empty}
     assert httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30).status_code == 400
+    # Thinking is the assistant's: a user turn that carries it is refused, naming the block.
+    thinking = {"type": "thinking", "thinking": "hmm", "signature": ""}
+    body["messages"] = [{"role": "user", "content": [{"type": "text", "text": "x"}, thinking]}]
+    refused_block = httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30)
+    assert refused_block.status_code == 400
+    assert "thinking" in refused_block.json()["error"]["message"]
     streamed = {"model": MODEL, "max_tokens": 10, "stream": True}
     streamed["messages"] = [{"role": "user", "content": script(text="a b c", fail_after=1)}]
     with httpx.stream("POST", f"{scripted.url}/v1/messages", json=streamed, timeout=30) as response:
@@ -182,7 +188,8 @@ def test_tool_use_and_tool_result(scripted: Gateway, client: anthropic.Anthropic
         messages=[{"role": "user", "content": script(text="", calls=calls)}],
     )
     assert message.stop_reason == "tool_use"
-    [use] = [block for block in message.content if block.type == "tool_use"]
+    [use] = message.content  # no empty text block before it: the API refuses one sent back
+    assert use.type == "tool_use"
     assert (use.name, use.input) == ("get_weather", {"city": "Paris"})
     follow_up = client.messages.create(
         model=MODEL,
@@ -208,6 +215,7 @@ def test_tool_use_and_tool_result(scripted: Gateway, client: anthropic.Anthropic
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
     for event in events:
         strict(_EVENT, event)
+    assert [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"] == ["tool_use"]
     with client.messages.stream(
         model=MODEL,
         max_tokens=100,

@@ -53,7 +53,8 @@ def test_previous_response_id_reaches_the_model(client: openai.OpenAI, upstream:
 def test_function_tool_call_and_output(client: openai.OpenAI, upstream: FakeAnthropic) -> None:
     upstream.default = Reply(tool_use=("mcp__caller__get_weather", {"city": "Oslo"}))
     first = client.responses.create(model=MODEL, input="Weather in Oslo?", tools=[WEATHER_TOOL])  # type: ignore[list-item]
-    [call] = [item for item in first.output if item.type == "function_call"]
+    [call] = first.output  # no empty message before it, as from OpenAI
+    assert call.type == "function_call"
     assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Oslo"})
     assert not any(tool_results(r) for r in upstream.requests)
     upstream.default = Reply(tokens=["Cold."])

@@ -27,11 +27,12 @@ from shared.events import JobEventValue
 from shared.jobs import Activity, Delta, Done, Usage
 
 
-def _content(events: Iterable[JobEventValue]) -> list[ThinkingBlock | TextBlock]:
-    """Text and activity as blocks, in order; always with a text block."""
+def _content(events: Iterable[JobEventValue], calls: bool) -> list[ThinkingBlock | TextBlock]:
+    """Text and activity as blocks, in order; with a text block unless the reply is `calls` (an
+    empty text block is one the real API would refuse when the client sends the turn back)."""
     blocks: list[ThinkingBlock | TextBlock] = []
     for event in events:
-        if isinstance(event, Delta):
+        if isinstance(event, Delta) and event.text:
             if blocks and isinstance(blocks[-1], TextBlock):
                 blocks[-1].text += event.text
             else:
@@ -41,7 +42,7 @@ def _content(events: Iterable[JobEventValue]) -> list[ThinkingBlock | TextBlock]
                 blocks[-1].thinking += activity_text(event)
             else:
                 blocks.append(ThinkingBlock(thinking=activity_text(event)))
-    if not any(isinstance(block, TextBlock) for block in blocks):
+    if not calls and not any(isinstance(block, TextBlock) for block in blocks):
         blocks.append(TextBlock(text=""))
     return blocks
 
@@ -57,7 +58,7 @@ def message_body(job: JobRef, reply: Reply | None) -> Message:
     return Message(
         id=MESSAGE_ID_PREFIX + job.id,
         model=job.model,
-        content=[*_content(events), *tool_use_blocks(reply.done.tool_calls)],
+        content=[*_content(events, bool(reply.done.tool_calls)), *tool_use_blocks(reply.done.tool_calls)],
         stop_reason=stop_reason(reply.done),
         usage=usage_body(reply.done.usage),
     )
@@ -100,6 +101,8 @@ class MessageStream:
 
     def render(self, choice: int, seq: int, event: Rendered) -> list[ServerSentEvent]:
         if isinstance(event, Delta):
+            if not event.text:  # opens no block: an empty one may not be sent back
+                return []
             delta = {"type": "text_delta", "text": event.text}
             return [*self._block("text"), _event("content_block_delta", index=self._index, delta=delta)]
         if isinstance(event, Activity):
@@ -108,7 +111,8 @@ class MessageStream:
         if not isinstance(event, Done):
             error = OpenAIError.from_failure(event)
             return [_error(error.status, error.info.message)]
-        events = [*self._block("text"), *self._close()] if self._index < 0 else self._close()
+        opened = self._index >= 0 or bool(event.tool_calls)
+        events = self._close() if opened else [*self._block("text"), *self._close()]
         for block in tool_use_blocks(event.tool_calls):
             # Each call arrives whole: its input is one JSON delta.
             self._index += 1

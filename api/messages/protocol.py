@@ -15,6 +15,10 @@ from api.errors import OpenAIError
 from shared.jobs import Done, FinishReason, ToolCall, Usage
 
 MESSAGE_ID_PREFIX = "msg_"
+_OWN_THINKING = ("thinking", "redacted_thinking")
+"""Blocks of an assistant turn that a client sends back as the gateway gave them (`ThinkingBlock`,
+as Anthropic's clients do): the agent's steps, dropped from the conversation as chat's
+`reasoning_content` is."""
 _TOOL_CHOICES = ("auto", "any", "tool", "none")
 
 
@@ -133,8 +137,9 @@ def core_request(body: CreateMessageRequest) -> CompletionRequest:
         if isinstance(message.content, str):
             messages.append(ChatMessage(role=message.role, content=message.content))
             continue
-        blocks = [b for b in message.content if b.type not in ("tool_use", "tool_result")]
-        content = [_part(b, f"messages[{index}].content[{i}]") for i, b in enumerate(blocks)]
+        skipped = ("tool_use", "tool_result", *(_OWN_THINKING if message.role == "assistant" else ()))
+        blocks = [(i, b) for i, b in enumerate(message.content) if b.type not in skipped]
+        content = [_part(b, f"messages[{index}].content[{i}]") for i, b in blocks]
         calls = [_call(b) for b in message.content if b.type == "tool_use"]
         messages += [_result(b) for b in message.content if b.type == "tool_result"]
         if content or calls or len(blocks) == len(message.content):  # not only tool results
@@ -178,8 +183,8 @@ class TextBlock(BaseModel):
 
 
 class ThinkingBlock(BaseModel):
-    """The agent's thinking and tool steps; unsigned (the gateway cannot sign them), so a client
-    does not send it back as a turn's thinking."""
+    """The agent's thinking and tool steps; unsigned (the gateway cannot sign them). Sent back in
+    an assistant turn, it is dropped (`_OWN_THINKING`)."""
 
     type: Literal["thinking"] = "thinking"
     thinking: str

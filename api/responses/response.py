@@ -186,11 +186,12 @@ def response_body(
         if response.status == "incomplete":
             reason = "content_filter" if terminal.finish_reason is FinishReason.CONTENT_FILTER else None
             response.incomplete_details = IncompleteDetails(reason=reason or "max_output_tokens")
+        calls = function_calls(terminal, stored.tools)
         if activity and response_format is None:
-            items = output_items(job, activity, item_status)
+            items = output_items(job, activity, item_status, calls=bool(calls))
         else:
-            items = [output_message(job, text, item_status)]
-        response.output = [*items, *function_calls(terminal, stored.tools)]
+            items = [output_message(job, text, item_status)] if text or not calls else []
+        response.output = [*items, *calls]
         response.usage = usage_body(terminal.usage)
     elif activity:
         response.output = list(output_items(job, activity, "in_progress"))
@@ -238,18 +239,27 @@ def item_id(job: JobRef, kind: str, index: int) -> str:
 
 
 def output_items(
-    job: JobRef, events: list[JobEventValue], status: Literal["in_progress", "completed", "incomplete"]
+    job: JobRef,
+    events: list[JobEventValue],
+    status: Literal["in_progress", "completed", "incomplete"],
+    *,
+    calls: bool = False,
 ) -> list[ReasoningItem | OutputMessage]:
     """The job's text and activity as output items, in order: a message item per run of text, a
-    reasoning item (thinking, a line per tool step) per run of activity; always with a message."""
+    reasoning item (thinking, a line per tool step) per run of activity; with a message unless
+    the reply is function `calls` (their items follow)."""
     runs: list[tuple[str, list[str]]] = []
     for event in events:
-        if isinstance(event, Delta | Activity):
-            kind = "message" if isinstance(event, Delta) else "reasoning"
-            if not runs or runs[-1][0] != kind:
-                runs.append((kind, []))
-            runs[-1][1].append(event.text if isinstance(event, Delta) else activity_text(event))
-    if not any(kind == "message" for kind, _ in runs):
+        if isinstance(event, Delta) and event.text:
+            kind, text = "message", event.text
+        elif isinstance(event, Activity):
+            kind, text = "reasoning", activity_text(event)
+        else:
+            continue
+        if not runs or runs[-1][0] != kind:
+            runs.append((kind, []))
+        runs[-1][1].append(text)
+    if not calls and not any(kind == "message" for kind, _ in runs):
         runs.append(("message", []))
     items: list[ReasoningItem | OutputMessage] = []
     for index, (kind, parts) in enumerate(runs):

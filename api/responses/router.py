@@ -49,7 +49,7 @@ async def create_response(
     if not body.stream:
         reply = (await run.collect())[0]
         return JSONResponse(
-            response_body(run.job, stored, JobStatus.COMPLETED, reply.text, reply.done).wire()
+            response_body(run.job, stored, JobStatus.COMPLETED, reply.text, reply.done, reply.events).wire()
         )
     return await event_stream(run, ResponseEventRenderer(run.job, stored))
 

@@ -124,6 +124,8 @@ class ResponseEventRenderer:
         ]
 
     def _delta(self, event: Delta) -> list[tuple[int, str, str]]:
+        if not event.text:  # opens no message: a reply of function calls has none
+            return []
         opened = self._open(_MESSAGE)
         self._seen.append(event)
         self._items[-1][1].append(event.text)
@@ -142,9 +144,11 @@ class ResponseEventRenderer:
         if not isinstance(event, Done):
             return [self._next("response.failed", response=self._body(JobStatus.COMPLETED, event))]
         _, item_status = finished_status(event)
-        closing = self._open(_MESSAGE) if not any(kind == _MESSAGE for kind, _ in self._items) else []
-        closing += self._close(item_status)
-        for index, call in enumerate(function_calls(event, self._stored.tools), start=len(self._items)):
+        calls = function_calls(event, self._stored.tools)
+        messaged = any(kind == _MESSAGE for kind, _ in self._items)
+        closing = [] if messaged or calls else self._open(_MESSAGE)  # a reply of calls has no message
+        closing += self._close(item_status) if self._items else []
+        for index, call in enumerate(calls, start=len(self._items)):
             # Each call arrives whole: its arguments are one delta.
             ids = {"item_id": call.id, "output_index": index}
             added = call.model_copy(update={"arguments": "", "status": "in_progress"}).model_dump()
