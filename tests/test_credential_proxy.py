@@ -1,11 +1,15 @@
 """The worker's credential proxy on its own: job tokens are swapped for the real key; a warming
 token is answered by the proxy itself and never reaches the model API."""
 
+import socket
+import time
+from collections.abc import Iterator
+
 import httpx
 import pytest
 
 from tests.fake_anthropic import FakeAnthropic
-from worker.credential_proxy import CredentialProxy, api_key_header
+from worker.credential_proxy import MAX_BODY_BYTES, MAX_CONNECTIONS, CredentialProxy, api_key_header
 
 MESSAGE = {"model": "claude-haiku-4-5", "max_tokens": 10, "stream": True, "messages": []}
 
@@ -81,3 +85,44 @@ def test_a_job_token_reaches_only_the_messages_api(proxy: CredentialProxy, upstr
     assert via(proxy).post("/v1/messages?beta=true", json=MESSAGE, headers=headers).status_code == 200
     via(proxy).post("/v1/messages/count_tokens", json=MESSAGE, headers=headers)
     assert upstream.received == ["POST /v1/messages", "POST /v1/messages/count_tokens"]
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_held(
+    proxy: CredentialProxy, upstream: FakeAnthropic
+) -> None:
+    headers = {"x-api-key": proxy.issue(), "content-type": "application/json"}
+    declared = via(proxy).post("/v1/messages", content=b" " * (MAX_BODY_BYTES + 1), headers=headers)
+    assert declared.status_code == 413
+    assert declared.json()["error"]["type"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        for _ in range(MAX_BODY_BYTES // 2**20 + 2):
+            yield b" " * 2**20
+
+    streamed = via(proxy).post("/v1/messages", content=chunks(), headers=headers)
+    assert streamed.status_code == 413
+    assert upstream.requests == []
+    assert via(proxy).post("/v1/messages", json=MESSAGE, headers=headers).status_code == 200
+
+
+def test_connections_beyond_the_limit_or_silent_ones_are_closed(proxy: CredentialProxy) -> None:
+    """A job cannot use up the worker's descriptors through the socket every sandbox shares."""
+    assert proxy.socket is not None
+    held = []
+    for _ in range(MAX_CONNECTIONS + 10):
+        connection = socket.socket(socket.AF_UNIX)
+        connection.connect(str(proxy.socket))
+        connection.settimeout(10)
+        held.append(connection)
+    try:
+        # The last ten were closed at once; the first are closed after the keep-alive timeout
+        # (5 s) for sending nothing.
+        assert all(connection.recv(1) == b"" for connection in held[-10:])
+        began = time.monotonic()
+        assert held[0].recv(1) == b""
+        assert time.monotonic() - began > 1
+    finally:
+        for connection in held:
+            connection.close()
+    headers = {"x-api-key": proxy.issue()}
+    assert via(proxy).post("/v1/messages", json=MESSAGE, headers=headers).status_code == 200

@@ -16,6 +16,7 @@ handling. It listens on a Unix socket, which every job's sandbox has bound in (`
 and the CLI speaks HTTP over (`ANTHROPIC_UNIX_SOCKET`): no TCP port.
 """
 
+import asyncio
 import json
 import secrets
 import threading
@@ -32,6 +33,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from shared.backend_auth import LoginError
 
@@ -42,6 +44,12 @@ _CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
 # What the CLI needs of the model API; anything else a tool asks for with its job's token (the
 # rest of the API under the operator's credential: files, batches, admin) is refused.
 FORWARDED = frozenset({("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")})
+MAX_CONNECTIONS = 256
+"""Connections held at once for all of this worker's sandboxes: far more than their CLIs open,
+far fewer than the worker's descriptors, which a job opening connections by the thousand (no token
+needed to connect) would otherwise use up, failing every other job on the worker."""
+MAX_BODY_BYTES = 32 * 1024 * 1024
+"""The Messages API's own request limit; a larger body is refused before it is held in memory."""
 
 
 Credential = Callable[[], tuple[str, str]]
@@ -94,12 +102,12 @@ class CredentialProxy:
         if presented in self._warming:
             return await _warm_up_reply(request)
         if presented not in self._tokens:
-            error = {"type": "error", "error": {"type": "authentication_error", "message": "invalid token"}}
-            return JSONResponse(error, status_code=401)
+            return _error(401, "authentication_error", "invalid token")
         if (request.method, request.url.path) not in FORWARDED:
-            message = "the gateway forwards only the Messages API"
-            error = {"type": "error", "error": {"type": "permission_error", "message": message}}
-            return JSONResponse(error, status_code=403)
+            return _error(403, "permission_error", "the gateway forwards only the Messages API")
+        body = await _bounded_body(request)
+        if body is None:
+            return _error(413, "request_too_large", f"a request body is at most {MAX_BODY_BYTES} bytes")
         assert self._client is not None
         headers = [
             (name, value)
@@ -109,21 +117,19 @@ class CredentialProxy:
         try:
             headers.append(self._credential())
         except LoginError as exc:  # the login file went away: the job fails as a credential refusal
-            error = {"type": "error", "error": {"type": "authentication_error", "message": str(exc)}}
-            return JSONResponse(error, status_code=401)
+            return _error(401, "authentication_error", str(exc))
         upstream = self._client.build_request(
             request.method,
             self._upstream + request.url.path,
             params=request.url.query,
             headers=headers,
-            content=await request.body(),
+            content=body,
         )
         try:
             response = await self._client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
             # The CLI reports this as an upstream failure; the job fails with a 502, not a hang.
-            error = {"type": "error", "error": {"type": "api_error", "message": type(exc).__name__}}
-            return JSONResponse(error, status_code=502)
+            return _error(502, "api_error", type(exc).__name__)
         returned = {k: v for k, v in response.headers.items() if k not in _HOP_BY_HOP}
         return StreamingResponse(
             response.aiter_raw(),
@@ -145,7 +151,9 @@ class CredentialProxy:
         # Every method reaches `_forward`, so what it refuses gets the Messages API's error shape.
         methods = ["GET", "POST", "HEAD", "DELETE", "PUT", "PATCH"]
         app = Starlette(routes=[Route("/{path:path}", self._forward, methods=methods)], lifespan=lifespan)
-        config = uvicorn.Config(app, uds=str(socket), log_level="warning", access_log=False)
+        config = uvicorn.Config(
+            app, uds=str(socket), http=_BoundedConnections, log_level="warning", access_log=False
+        )
         self._server = uvicorn.Server(config)
         threading.Thread(target=self._server.run, name="credential-proxy", daemon=True).start()
         deadline = time.monotonic() + 10
@@ -157,14 +165,47 @@ class CredentialProxy:
         self.socket = socket
 
 
+class _BoundedConnections(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with `MAX_CONNECTIONS`, and the keep-alive timeout from the start:
+    a connection that never sends a request is closed as an idle one is."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > MAX_CONNECTIONS:
+            transport.close()
+            return
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+
+def _error(status: int, kind: str, message: str) -> JSONResponse:
+    """An error in the Messages API's shape, which the CLI reports as the API's own."""
+    return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status)
+
+
+async def _bounded_body(request: Request) -> bytes | None:
+    """The request's body, or None once it is over `MAX_BODY_BYTES` (read no further)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _warm_up_reply(request: Request) -> Response:
     """What a warming CLI gets instead of the model API: a streamed message that says "ok" and
     uses no tokens (so the CLI counts no cost for it); any other request is refused."""
     if request.method != "POST" or not request.url.path.endswith("/v1/messages"):
-        error = {"type": "error", "error": {"type": "not_found_error", "message": "not while warming up"}}
-        return JSONResponse(error, status_code=404)
+        return _error(404, "not_found_error", "not while warming up")
+    body = await _bounded_body(request)
     try:
-        model = str(json.loads(await request.body()).get("model", ""))
+        model = str(json.loads(body or b"{}").get("model", ""))
     except (ValueError, AttributeError):
         model = ""
     return StreamingResponse(_empty_message(model), media_type="text/event-stream")
