@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,7 @@ import httpx
 import pytest
 
 from cli.embedded_redis import EmbeddedRedis
-from tests.conftest import Gateway, assert_schema, chat
+from tests.conftest import Gateway, assert_schema, chat, claude_env
 from tests.fake_anthropic import FakeAnthropic, Reply
 from tests.test_operations import scrape, status_json
 from worker.main import CLOSE_BOUND_S, CLOSE_REPORT_S
@@ -251,6 +252,25 @@ def test_kill_9_before_output_retries_the_job_on_another_worker(start_gateway: A
     )
     assert final["status"] == "completed"
     assert final["choices"][0]["message"]["content"] == "survived the crash"
+    assert gateway.redis().hget(f"gateway:job:{job_id_of(completion_id)}", "attempt") == b"2"
+
+
+@pytest.mark.claude
+def test_a_claude_job_retried_on_the_same_machine_starts_in_a_clean_workspace(
+    start_gateway: Any, fake_anthropic: FakeAnthropic, upstream: FakeAnthropic
+) -> None:
+    """Both workers share the machine's WORKSPACE_ROOT: the killed attempt's workspace is still
+    there when the retry starts (it failed at once with internal_error, FileExistsError)."""
+    gateway: Gateway = start_gateway(workers=2, **claude_env(fake_anthropic, **FAST_LEASES))
+    upstream.by_prompt["survive me"] = deque([Reply(tokens=["late"], delay_s=60), Reply(tokens=["made it"])])
+    completion_id = start_background(gateway, "survive me")
+    victim = worker_running(gateway, job_id_of(completion_id))
+    wait_for(lambda: any("survive me" in json.dumps(r["messages"]) for r in upstream.requests), 30, "asked")
+    victim.send_signal(signal.SIGKILL)
+    ended = ("completed", "failed")
+    final = wait_for(lambda: (b := retrieve(gateway, completion_id))["status"] in ended and b, 40, "retry")
+    assert final["status"] == "completed", final
+    assert final["choices"][0]["message"]["content"] == "made it"
     assert gateway.redis().hget(f"gateway:job:{job_id_of(completion_id)}", "attempt") == b"2"
 
 

@@ -101,6 +101,9 @@ def job_workspace(
     `owner`: the user the job runs as (`CLAUDE_JOB_USER`), who must own what it writes to.
     """
     workspace = Workspace(parent.resolve() / job_id, work)
+    if workspace.root.exists():  # an earlier attempt's, whose worker died on this machine
+        kill_processes_of(workspace)
+        shutil.rmtree(workspace.root, ignore_errors=True)
     for directory in (workspace.cwd, workspace.config, workspace.tmp):
         directory.mkdir(parents=True, mode=0o700, exist_ok=directory == work)
     if owner is not None:
