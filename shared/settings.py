@@ -241,6 +241,12 @@ class Settings(BaseSettings):
     sandbox_processes: int = Field(
         default=512, ge=0, description="Processes and threads in a job's sandbox; 0: no limit."
     )
+    sandbox_shm_mb: int = Field(
+        default=64,
+        ge=1,
+        description="Size of a job's /dev/shm (MiB), the one memory-backed place it can write; its "
+        "root and /dev are read-only.",
+    )
     sandbox_cpu_s: int = Field(
         default=900, ge=0, description="CPU seconds of each process in a job's sandbox; 0: no limit."
     )

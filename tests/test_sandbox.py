@@ -148,6 +148,11 @@ def _probes(gateway: Gateway, neighbour: Path, marker: str) -> str:
         f"echo state=$(ls {ROOT}/.state 2>/dev/null | wc -l); "
         f"echo host_tmp=$(echo x > /tmp/{marker}-tmp && echo private-written); "
         f"touch /usr/{marker} /etc/{marker} {ROOT}/{marker} 2>/dev/null; echo outside_writes=$?; "
+        # Files in memory: the root and /dev are read-only, /dev/shm is 64 MiB.
+        f"touch /{marker} /dev/{marker} 2>/dev/null; echo memory_writes=$?; "
+        "head -c 100M /dev/zero > /dev/shm/fill 2>/dev/null; echo shm_bytes=$(stat -c %s /dev/shm/fill); "
+        "rm -f /dev/shm/fill; "
+        "unshare -U true 2>/dev/null && echo user_namespace=made || echo user_namespace=refused; "
         + _leave_behind(marker)
         + "echo done"
     )
@@ -195,6 +200,9 @@ def test_every_escape_fails_and_other_callers_are_served(sandboxed: Gateway, ups
     assert seen["state"] == "0", output
     assert seen["host_tmp"] == "private-written", output
     assert seen["outside_writes"] != "0", output
+    assert seen["memory_writes"] != "0", output
+    assert seen["shm_bytes"] == str(64 * 1024 * 1024), output
+    assert seen["user_namespace"] == "refused", output
     assert REAL_KEY not in output
     assert not Path(f"/tmp/{marker}-tmp").exists()
     assert not Path(f"/usr/{marker}").exists()

