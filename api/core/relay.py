@@ -54,13 +54,16 @@ async def follow_job(
         # early, and the read is resumed for what is left.
         due = min(max(heard, checked) + check_every, max(heard, kept_alive) + KEEP_ALIVE_S)
         try:
-            batches = reader.batches(job_id, after=after, idle_timeout_s=max(due - time.monotonic(), 0.0))
-            async with aclosing(batches):  # closed with this one: the follower leaves at once
-                async for batch in batches:
-                    after, outage_since, heard = batch[-1][0], None, time.monotonic()
-                    yield batch
-            return
-        except NoEventWithin:
+            try:
+                batches = reader.batches(job_id, after=after, idle_timeout_s=max(due - time.monotonic(), 0.0))
+                async with aclosing(batches):  # closed with this one: the follower leaves at once
+                    async for batch in batches:
+                        after, outage_since, heard = batch[-1][0], None, time.monotonic()
+                        yield batch
+                return
+            except NoEventWithin:
+                pass
+            # A silence: the checks below wait out an outage as the read does (the same handler).
             now = time.monotonic()
             if now >= max(heard, kept_alive) + KEEP_ALIVE_S:
                 kept_alive = now
@@ -69,6 +72,7 @@ async def follow_job(
                 continue
             checked = now
             record = await store.get(job_id)
+            outage_since = None
             if record is None:
                 yield [(after + 1, Failed(code=FailureCode.INTERNAL, message="The job no longer exists."))]
                 return
