@@ -63,8 +63,9 @@ async def test_a_silent_job_gets_keep_alive_pings(api_in_process: str) -> None:
 
 
 def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: Any) -> None:
-    """A shutdown does not wait `DRAIN_TIMEOUT_S` for open streams: they end at once, without
-    `[DONE]`, and their jobs go on (even with CANCEL_ON_DISCONNECT), so a client resumes them."""
+    """A shutdown does not wait `DRAIN_TIMEOUT_S` for open streams: they end at once with an error
+    that says to resume them (the SDK raises it; a silent end looked complete), without `[DONE]`,
+    and their jobs go on (even with CANCEL_ON_DISCONNECT), so a client resumes them."""
     gateway: Gateway = start_gateway(
         workers=1,
         BACKEND="scripted",
@@ -85,6 +86,9 @@ def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: 
         ended_after_s = time.monotonic() - signalled
     assert ended_after_s < 3, ended_after_s
     assert "data: [DONE]" not in rest
+    [farewell] = [json.loads(line[6:]) for line in rest if line.startswith("data: ")]
+    assert farewell["error"]["code"] == "server_shutting_down"
+    assert "resume" in farewell["error"]["message"]
     api.wait(timeout=5)  # the process is gone too (by its re-raised SIGTERM, as uvicorn does)
 
     gateway.start_api()

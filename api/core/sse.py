@@ -13,7 +13,7 @@ cancels it (`cut`), as the shutdown does.
 """
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
@@ -27,8 +27,9 @@ class FinalChunk(bytes):
 
 
 class OpenStreams:
-    """The streams an API process is sending. A shutdown ends them at once, without their closing
-    (a client resumes them by id, on another process), instead of holding it for the drain."""
+    """The streams an API process is sending. A shutdown ends them at once, with an in-stream
+    error that says to resume them by id (on another process), instead of holding it for the
+    drain."""
 
     def __init__(self) -> None:
         self.ending = False
@@ -56,13 +57,17 @@ class OpenStreams:
 
 
 class EventStreamResponse(StreamingResponse):
-    """Server-sent events: the body's messages as they come, ended early by a shutdown or by the
-    client leaving. The body's last message may be a `FinalChunk`."""
+    """Server-sent events: the body's messages as they come, ended early by a shutdown (with
+    `farewell()`, the in-stream error that tells its client so) or by the client leaving. The
+    body's last message may be a `FinalChunk`."""
 
-    def __init__(self, body: AsyncGenerator[bytes, None], streams: OpenStreams) -> None:
+    def __init__(
+        self, body: AsyncGenerator[bytes, None], streams: OpenStreams, farewell: Callable[[], bytes]
+    ) -> None:
         super().__init__(body, media_type="text/event-stream", headers=_HEADERS)
         self._body = body
         self._streams = streams
+        self._farewell = farewell
         self._task: asyncio.Task[object] | None = None  # set while the body may be cut
         self._cut = False
 
@@ -91,7 +96,9 @@ class EventStreamResponse(StreamingResponse):
                 raise
             if not started:
                 await send(self._start())
-            await send(_END)  # without the stream's closing: its client resumes it
+            if self._streams.ending:  # else its client left: nobody reads it
+                await send({"type": "http.response.body", "body": self._farewell(), "more_body": True})
+            await send(_END)
         finally:
             self._task = None
             self._streams.discard(self)

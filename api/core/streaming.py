@@ -16,6 +16,7 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
@@ -48,6 +49,12 @@ _DIVERGED = OpenAIError.from_failure(
         "only the retried answer (a retrieval by this stream's id, or the session, has it once the "
         "job ends); or send the request again.",
     )
+)
+_SERVER_ENDING = OpenAIError(
+    503,
+    "This API process is shutting down; resume the stream after the last event id received.",
+    type="server_error",
+    code="server_shutting_down",
 )
 _PING = ServerSentEvent(comment="ping")
 _EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits: `str.isdigit` also takes "²", which `int` refuses
@@ -90,7 +97,7 @@ async def event_stream(
 
     on_abandon = cancel if live and settings.cancel_on_disconnect and not run.background else None
     body = _relay(run, renderer, events, first, on_abandon)
-    return EventStreamResponse(body, run.gateway.streams)
+    return EventStreamResponse(body, run.gateway.streams, partial(_farewell, renderer))
 
 
 async def first_events(events: ChoiceEvents, wait_s: float) -> First:
@@ -188,6 +195,12 @@ def _render(
             if isinstance(event, Failed) or ended == choices:
                 return ended, True
     return ended, False
+
+
+def _farewell(renderer: StreamRenderer) -> bytes:
+    """What a stream ended by the server's shutdown sends last: an error, without the stream's
+    closing (chat's `[DONE]` would say it is complete), so its client resumes it by id."""
+    return joined(renderer.interrupted(_SERVER_ENDING))
 
 
 def joined(events: list[ServerSentEvent]) -> bytes:
