@@ -7,6 +7,7 @@ error body or a stack trace.
 """
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -143,6 +144,10 @@ def speaks_anthropic(path: str) -> bool:
     return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
 
 
+_LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
+_UNION_MEMBER = re.compile(r"[a-z-]+\[.*\]|str|int|float|bool|none|bytes|[A-Z]\w*")
+
+
 def anthropic_error(status: int, message: str) -> dict[str, Any]:
     """`{"type": "error", "error": {"type", "message"}}` with Anthropic's type for the status."""
     kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
@@ -150,19 +155,35 @@ def anthropic_error(status: int, message: str) -> dict[str, Any]:
 
 
 def _param(loc: Sequence[Any]) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
-    if not parts:
+    """The parameter a validation error's `loc` names, as the client wrote it: without the part
+    of the request (`body`, `query`, ...) or pydantic's names of a union's members (`str`,
+    `list[tagged-union[...]]`, and the tag that picks a tagged member)."""
+    names: list[str | int] = []
+    tag_follows = False
+    for part in loc[1:] if loc and loc[0] in _LOCATIONS else loc:
+        if isinstance(part, int):
+            names.append(part)
+        elif _UNION_MEMBER.fullmatch(part):
+            tag_follows = "tagged-union[" in part
+        elif tag_follows:
+            tag_follows = False
+        else:
+            names.append(part)
+    if not names:
         return None
-    text = parts[0]
-    for part in parts[1:]:
-        text += f"[{part}]" if part.isdigit() else f".{part}"
+    text = str(names[0])
+    for name in names[1:]:
+        text += f"[{name}]" if isinstance(name, int) else f".{name}"
     return text
 
 
 def _validation_error(exc: RequestValidationError) -> OpenAIError:
-    first = exc.errors()[0]
-    if first["type"] == "json_invalid":
+    errors = exc.errors()
+    if errors[0]["type"] == "json_invalid":
         return OpenAIError.invalid("The request body is not valid JSON.", code="invalid_json")
+    # A union's members each report; the one that got furthest says most (a content part's
+    # missing field rather than "should be a valid string" from the string form).
+    first = max(errors, key=lambda error: len(error["loc"]))
     param = _param(first["loc"])
     if param is None:  # the body itself: not an object, or none at all
         return OpenAIError.invalid("The request body must be a JSON object.", code="invalid_json")

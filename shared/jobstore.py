@@ -538,6 +538,11 @@ class JobStore:
             cancel_requested=get("cancel") is not None,
         )
 
+    async def last_event(self, job_id: str) -> int:
+        """The sequence number of the job's last event so far (0: none yet)."""
+        tail = await self.redis.xrevrange(events_key(job_id), count=1)
+        return int(tail[0][0].partition(b"-")[2]) if tail else 0
+
     async def stop(
         self, job_id: str, *, withdraw_only: bool, failure: Failed
     ) -> Literal["missing", "ended", "stopped", "running", "cancelling"]:

@@ -204,3 +204,21 @@ def test_deep_nesting_is_a_400_before_anything_is_built(scripted: Gateway) -> No
     shallow = {"type": "function", "function": {"name": "f", "parameters": nested(25)}}
     # 25 levels pass this check (and fail later, for the model this test names on purpose).
     assert_error(post(scripted, json=chat("hi", tools=[shallow], model="no-such-model")), 404)
+
+
+@pytest.mark.usefixtures("nothing_enqueued")
+def test_a_bad_content_part_is_named_as_the_client_wrote_it(scripted: Gateway) -> None:
+    """Not by pydantic's names of a union's members (it was `messages[0].content.str`, "Input
+    should be a valid string", for a content part that lacked its text)."""
+    parts = {
+        "messages[0].content[0].text": [{"type": "text"}],
+        "messages[0].content[0].image_url": [{"type": "image_url", "image_url": "https://x/a.png"}],
+        "messages[0].content[0]": [{"type": "video"}],
+    }
+    for param, content in parts.items():
+        body = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": content}]}
+        response = post(scripted, json=body)
+        assert_error(response, 400, param=param)
+        assert "valid string" not in response.json()["error"]["message"]
+    refused = httpx.post(f"{scripted.url}/v1/responses", json={"model": "claude-sonnet-4-5", "input": 5})
+    assert_error(refused, 400, param="input")

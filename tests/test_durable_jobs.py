@@ -128,6 +128,22 @@ def test_resume_after_completion_replays_exactly_the_rest(durable: Gateway) -> N
     )
     assert text_before + "".join(content_of(d) for _, d in rest_events[:-1]) == "one two three four"
     assert all(eid is None or int(eid) > int(second_id) for eid, _ in rest_events)
+    # From the last event, or past it: nothing but the end (it waited with pings forever).
+    last_id = [eid for eid, _ in events if eid is not None][-1]
+    for after in (last_id, "1000"):
+        began = time.monotonic()
+        tail = httpx.get(url, params={"stream": "true", "starting_after": after}, timeout=10)
+        assert list(sse_events(iter(tail.text.splitlines()))) == [(None, "[DONE]")]
+        assert time.monotonic() - began < 5  # at once, not after a lease's check
+        headers = {"Last-Event-ID": after}
+        assert httpx.get(url, params={"stream": "true"}, headers=headers, timeout=10).text == tail.text
+    # An id Redis could not take is the client's mistake (it was relayed as a lost queue).
+    huge = httpx.get(url, params={"stream": "true", "starting_after": str(2**64)}, timeout=10)
+    assert huge.status_code == 400
+    assert huge.json()["error"]["param"] == "starting_after"
+    responses_url = f"{durable.url}/v1/responses/resp_{job_id_of(completion_id)}"
+    huge = httpx.get(responses_url, params={"stream": "true", "starting_after": str(2**64)}, timeout=10)
+    assert huge.json()["error"]["param"] == "starting_after"
 
 
 def test_disconnect_mid_stream_then_resume_many_times_loses_and_repeats_nothing(durable: Gateway) -> None:

@@ -9,14 +9,14 @@ A job belongs to the API key that created it: any other key gets 404, as for an 
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
 from api.chat.outbound import COMPLETION_ID_PREFIX, ChunkRenderer, completion_body, completion_id
 from api.chat.protocol import ChatCompletion
 from api.core.run import Reply, Run, cancel_job, reply_of
 from api.core.sse import EventStreamResponse
-from api.core.streaming import event_stream, parse_last_event_id
+from api.core.streaming import StartingAfter, event_stream, parse_last_event_id
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import OpenAIError, error_responses
 from shared.events import events_so_far
@@ -35,7 +35,7 @@ async def retrieve_chat_completion(
     gateway: GatewayDep,
     caller: CallerDep,
     stream: bool = False,
-    starting_after: Annotated[int | None, Query(ge=0)] = None,
+    starting_after: StartingAfter = None,
     include_usage: bool = False,
     last_event_id: Annotated[str | None, Header()] = None,
     include_reasoning: bool = True,

@@ -44,9 +44,12 @@ async def follow_job(
     reader: EventReader, store: JobStore, settings: Settings, job_id: str, *, after: int = 0, withdraw: bool
 ) -> AsyncGenerator[FollowedBatch, None]:
     """Yields the job's events after `after` up to and including its terminal event, and
-    `[(seq of the last event, KEEP_ALIVE)]` through a silence."""
+    `[(seq of the last event, KEEP_ALIVE)]` through a silence. Ends with nothing more when `after`
+    is past the end of a job that has ended (a resume from its last event, or beyond)."""
     check_every = min(settings.lease_s, settings.queue_timeout_s)
     waiting_since = heard = checked = kept_alive = time.monotonic()
+    if after:  # a resume: checked at once, in case nothing follows
+        heard = checked = heard - check_every
     outage_since: float | None = None
     while True:
         # The silence since the last event is woken when a check or a keep-alive is due, whichever
@@ -76,6 +79,8 @@ async def follow_job(
             if record is None:
                 yield [(after + 1, Failed(code=FailureCode.INTERNAL, message="The job no longer exists."))]
                 return
+            if record.ended and await store.last_event(job_id) <= after:
+                return  # ended together with its terminal event: nothing will follow
             if record.ended or record.started:
                 waiting_since = time.monotonic()
                 await store.recover_expired(settings.max_attempts)

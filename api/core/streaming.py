@@ -17,8 +17,9 @@ import logging
 import re
 from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
+from fastapi import Query
 from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
@@ -58,6 +59,8 @@ _SERVER_ENDING = OpenAIError(
 )
 _PING = ServerSentEvent(comment="ping")
 _EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits: `str.isdigit` also takes "²", which `int` refuses
+StartingAfter = Annotated[int | None, Query(ge=0, le=10**18 - 1)]
+"""`?starting_after=`: an event id, bounded as `Last-Event-ID` is (Redis refuses larger ones)."""
 
 
 class StreamRenderer(Protocol):
@@ -151,6 +154,8 @@ async def _relay(
                 yield joined(ready)
                 ready = []
             batch = await anext(events)
+        finished = True
+    except StopAsyncIteration:  # a resume past the job's end: nothing follows but the closing
         finished = True
     except RedisError:
         # Headers are gone already: the failure can only be reported in the stream.

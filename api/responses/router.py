@@ -8,13 +8,13 @@ A response belongs to the API key that created it: any other key gets 404, as fo
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 from api.core.conversation import ChatMessage
 from api.core.run import Run, cancel_job, reply_of
 from api.core.sse import EventStreamResponse
-from api.core.streaming import event_stream, parse_last_event_id
+from api.core.streaming import StartingAfter, event_stream, parse_last_event_id
 from api.core.submit import submit
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import COMPLETION_ERRORS, OpenAIError
@@ -60,7 +60,7 @@ async def retrieve_response(
     gateway: GatewayDep,
     caller: CallerDep,
     stream: bool = False,
-    starting_after: Annotated[int | None, Query(ge=0)] = None,
+    starting_after: StartingAfter = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> JSONResponse | EventStreamResponse:
     record, stored = await _owned(gateway, caller, response_id)
