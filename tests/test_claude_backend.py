@@ -186,3 +186,16 @@ def test_a_cancel_stops_the_cli_at_once_not_after_its_graceful_exit(
     record = claude.redis().hget(f"gateway:job:{completion_id.removeprefix('chatcmpl-')}", "ended")
     assert record == b"cancelled"
     assert time.monotonic() - asked < 4  # 0.03-0.19 s measured; the SDK's grace alone is 5 s
+
+
+def test_a_message_that_looks_like_a_slash_command_is_text_for_the_model(
+    claude: Gateway, upstream: FakeAnthropic
+) -> None:
+    """Claude Code ran it as its own command: `/model <name>` sent a request upstream for a
+    model not in MODELS, and `/cost` or `/help` answered nothing."""
+    for prompt in ("/model claude-opus-4-bypass", "/cost"):
+        upstream.by_prompt[prompt] = deque([Reply(tokens=["As text."])])
+        response = httpx.post(f"{claude.url}/v1/chat/completions", json=chat(prompt), timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == "As text."
+    assert {body["model"] for body in upstream.requests} == {"claude-sonnet-4-5"}

@@ -137,9 +137,9 @@ client: 207 MiB fresh, 254 MiB after 50 turns, ~295 MiB from 200 on)."""
 
 
 def reusable(job: CompletionJob) -> bool:
-    """Whether a client that ran `job` without any tool call may run a later job of its key: not if
-    the prompt is a Claude Code command (`/model` would change the client for the next job)."""
-    return job.owner is not None and not job.turns[-1].text.lstrip().startswith("/")
+    """Whether a client that ran `job` without any tool call may run a later job of its key (a
+    prompt never runs as a Claude Code command, which could change the client: `user_message`)."""
+    return job.owner is not None
 
 
 def streamed_message(content: str | list[dict[str, Any]], turn: str) -> AsyncIterator[dict[str, Any]]:

@@ -111,7 +111,14 @@ def prompt_for(turns: list[Turn]) -> str:
 
 
 def user_message(turn: Turn) -> str | AsyncIterator[dict[str, Any]]:
-    """A user turn as the CLI's prompt: plain text, or a streamed message when it has images."""
+    """A user turn as the CLI's prompt: plain text, or a streamed message when it has images.
+
+    A caller's text is for the model, as on OpenAI's API: Claude Code would run one that starts
+    with "/" as its own command ("/model <name>" switched the model past MODELS, "/cost" answered
+    nothing), even with `--disable-slash-commands` ("isn't available"). A leading space makes it
+    text."""
+    if turn.text.startswith("/"):
+        turn = turn.model_copy(update={"text": " " + turn.text})
     return streamed_message(content_blocks(turn), str(uuid.uuid4())) if turn.images else turn.text
 
 
