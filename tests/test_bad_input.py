@@ -222,3 +222,40 @@ def test_a_bad_content_part_is_named_as_the_client_wrote_it(scripted: Gateway) -
         assert "valid string" not in response.json()["error"]["message"]
     refused = httpx.post(f"{scripted.url}/v1/responses", json={"model": "claude-sonnet-4-5", "input": 5})
     assert_error(refused, 400, param="input")
+
+
+@pytest.mark.usefixtures("nothing_enqueued")
+def test_a_value_of_the_wrong_json_type_is_refused_on_every_api(scripted: Gateway) -> None:
+    """As OpenAI's API refuses it: "stream": "yes" streamed, "n": true or "2" made choices."""
+    model = "claude-sonnet-4-5"
+    wrong = {
+        "/v1/chat/completions": [
+            ({"stream": "yes"}, "stream"),
+            ({"stream": 1}, "stream"),
+            ({"n": True}, "n"),
+            ({"n": "2"}, "n"),
+            ({"max_tokens": "3"}, "max_tokens"),
+            ({"parallel_tool_calls": "no"}, "parallel_tool_calls"),
+            ({"stream_options": {"include_usage": "true"}, "stream": True}, "stream_options.include_usage"),
+            ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, None),
+        ],
+        "/v1/responses": [({"store": "yes"}, "store"), ({"max_output_tokens": "10"}, "max_output_tokens")],
+        "/v1/messages": [({"max_tokens": "5"}, None), ({"stream": "true", "max_tokens": 5}, None)],
+    }
+    with httpx.Client(base_url=scripted.url, timeout=30) as client:
+        for path, cases in wrong.items():
+            base = {"model": model, "input": "hi"} if "responses" in path else base_chat(model)
+            for fields, param in cases:
+                response = client.post(path, json={**base, **fields})
+                assert response.status_code == 400, (path, fields, response.text)
+                if param is not None:
+                    assert response.json()["error"]["param"] == param
+        # null where the spec allows it means the default; an integer is a number.
+        for fields in ({"stream": None}, {"temperature": 1}):
+            assert client.post("/v1/chat/completions", json={**base_chat(model), **fields}).status_code == 200
+        nulls = {"model": model, "input": "hi", "stream": None, "store": None, "background": None}
+        assert client.post("/v1/responses", json=nulls).json()["status"] == "completed"
+
+
+def base_chat(model: str) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}]}

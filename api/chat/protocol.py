@@ -8,10 +8,11 @@ Unknown fields are ignored, as newer clients send fields older servers do not kn
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from api.core.conversation import ChatMessage
 from api.core.request import AgentControls
+from api.core.wire import STRICT, NullIsFalse
 from api.errors import ErrorInfo
 from shared.jobs import JobStatus
 
@@ -19,15 +20,15 @@ from shared.jobs import JobStatus
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
     include_obfuscation: bool | None = None
 
 
 class ChatCompletionRequest(AgentControls):
-    model_config = ConfigDict(extra="ignore")
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: NullIsFalse = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)

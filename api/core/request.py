@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from api.core.conversation import ChatMessage
 from api.core.structured import ResponseFormat
+from api.core.wire import STRICT
 from api.errors import OpenAIError
 
 
@@ -19,6 +20,8 @@ class AgentControls(BaseModel):
     """What a request asks the agent may do: extensions of the original wrapper, in every front
     end's body (the `X-Claude-*` headers set the same when a field is absent). Checked against the
     operator's tool policy (`api/core/policy.py`)."""
+
+    model_config = STRICT
 
     enable_tools: bool | None = None
     allowed_tools: list[str] | None = None

@@ -7,10 +7,11 @@ policy and queue as a chat completion. Parameters the gateway cannot honour are 
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from api.core.conversation import ChatMessage, ContentPart, ImagePart, TextPart
 from api.core.request import AgentControls, CompletionRequest
+from api.core.wire import STRICT
 from api.errors import OpenAIError
 from shared.jobs import Done, FinishReason, ToolCall, Usage
 
@@ -23,7 +24,7 @@ _TOOL_CHOICES = ("auto", "any", "tool", "none")
 
 
 class _Block(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     type: str
     text: str | None = None
     source: dict[str, Any] | None = None
@@ -36,13 +37,12 @@ class _Block(BaseModel):
 
 
 class AnthropicMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     role: Literal["user", "assistant"]
     content: str | list[_Block]
 
 
 class CreateMessageRequest(AgentControls):
-    model_config = ConfigDict(extra="ignore")
     model: str
     messages: list[AnthropicMessage] = Field(min_length=1)
     max_tokens: int = Field(ge=1)

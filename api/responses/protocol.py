@@ -14,10 +14,11 @@ the gateway itself returned, and are left out of the conversation.
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from api.core.conversation import ChatMessage, ContentPart, ImagePart, TextPart
 from api.core.request import AgentControls
+from api.core.wire import STRICT, NullIsFalse, NullIsTrue
 from api.errors import OpenAIError
 
 RESPONSE_ID_PREFIX = "resp_"
@@ -26,14 +27,13 @@ REASONING_ID_PREFIX = "rs_"
 
 
 class CreateResponseRequest(AgentControls):
-    model_config = ConfigDict(extra="ignore")
     model: str
     input: str | list[dict[str, Any]] = Field(min_length=1)
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
-    stream: bool = False
-    background: bool = False
-    store: bool = True
+    stream: NullIsFalse = False
+    background: NullIsFalse = False
+    store: NullIsTrue = True
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -102,14 +102,14 @@ def split_name(name: str, tools: list[dict[str, Any]]) -> tuple[str | None, str]
 
 
 class _InputPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     type: str
     text: str | None = None
     image_url: str | None = None
 
 
 class _InputMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: str | list[_InputPart]
