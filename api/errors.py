@@ -86,8 +86,21 @@ _ANTHROPIC_TYPES = {
     503: "overloaded_error",
     504: "timeout_error",
 }
-# A cancelled job stays cancelled: tell clients that retry 409 (the openai SDKs do) not to.
-_FAILURE_HEADERS = {FailureCode.CANCELLED: {"x-should-retry": "false"}}
+NO_RETRY = {"x-should-retry": "false"}
+"""For a failure the OpenAI and Anthropic SDKs would retry (409, 5xx) that a retry would only repeat
+at the cost of a whole agent run (its tools run again): a cancel, a refusal by the model API
+(which Claude Code has retried already), a run cut at its time limit, a reply that broke the
+requested format. One SDK call made three upstream runs before."""
+_FAILURE_HEADERS = {
+    code: NO_RETRY
+    for code in (
+        FailureCode.CANCELLED,
+        FailureCode.UPSTREAM_AUTH,
+        FailureCode.UPSTREAM_ERROR,
+        FailureCode.TIMEOUT,
+        FailureCode.STALLED,
+    )
+}
 
 
 class OpenAIError(Exception):

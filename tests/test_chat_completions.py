@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 
 from tests.conftest import Gateway, assert_schema, chat, sse_data
 
@@ -138,6 +139,28 @@ def test_failure_before_output_is_an_http_error(client: openai.OpenAI, scripted:
     response = httpx.post(f"{scripted.url}/v1/chat/completions", json=chat(prompt, stream=True), timeout=30)
     assert response.status_code == 502
     assert_schema(response.json(), "ErrorResponse")
+
+
+def test_the_sdk_does_not_run_again_a_job_a_retry_would_only_repeat(scripted: Gateway) -> None:
+    """The SDKs retry 409 and 5xx by default; a whole agent run that the model API refused, or that
+    hit its time limit, would only be run again (one call made three runs)."""
+    retrying = openai.OpenAI(base_url=f"{scripted.url}/v1", api_key="unused", max_retries=2, timeout=30)
+    store = scripted.redis()
+    for code, retried in (("upstream_error", False), ("timeout", False), ("upstream_rate_limited", True)):
+        before = _job_records(store)
+        prompt = script(text="x", fail_after=0, fail_code=code)
+        with pytest.raises(openai.APIStatusError) as raised:
+            retrying.chat.completions.create(
+                model="claude-sonnet-4-5", messages=[{"role": "user", "content": prompt}]
+            )
+        assert raised.value.code == code
+        assert (raised.value.response.headers.get("x-should-retry") != "false") is retried
+        jobs = _job_records(store) - before
+        assert jobs > 1 if retried else jobs == 1, (code, jobs)
+
+
+def _job_records(redis: "redis.Redis[bytes]") -> int:
+    return sum(key.count(b":") == 2 for key in redis.scan_iter("gateway:job:*", count=1000))
 
 
 def test_failure_after_output_ends_the_stream_with_an_error_event(

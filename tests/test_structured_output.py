@@ -59,6 +59,7 @@ def test_json_object(scripted: Gateway) -> None:
         bad = post(scripted, chat(script(text=reply), response_format={"type": "json_object"}))
         assert bad.status_code == 502
         assert bad.json()["error"]["code"] == "invalid_structured_output"
+        assert bad.headers["x-should-retry"] == "false"  # the SDKs would run the agent twice more
 
 
 def test_a_reply_that_breaks_the_schema_fails(scripted: Gateway) -> None:

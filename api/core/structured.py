@@ -22,7 +22,7 @@ from urllib.parse import unquote
 
 import jsonschema_rs
 
-from api.errors import OpenAIError
+from api.errors import NO_RETRY, OpenAIError
 from shared.jobs import CompletionJob, FinishReason
 
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -223,4 +223,4 @@ def _children(node: dict[str, Any] | list[Any]) -> Iterator[Any]:
 
 
 def _violation(message: str) -> OpenAIError:
-    return OpenAIError(502, message, type="server_error", code="invalid_structured_output")
+    return OpenAIError(502, message, type="server_error", code="invalid_structured_output", headers=NO_RETRY)
