@@ -14,6 +14,7 @@ import sys
 from datetime import UTC, datetime
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared import apikeys
 from shared.settings import Settings
@@ -54,7 +55,12 @@ def ensure_protected(settings: Settings, redis_url: str) -> None:
         )
         return
     if _interactive():
-        answer = input("No API key is configured. Generate one to protect the gateway? [Y/n] ")
+        try:
+            answer = input("No API key is configured. Generate one to protect the gateway? [Y/n] ")
+        except EOFError:  # the terminal's input ended: no answer
+            answer = "n"
+        except KeyboardInterrupt:
+            sys.exit(130)
         if answer.strip().lower() in ("", "y", "yes"):
             key, secret = asyncio.run(_create(redis_url, "generated at start-up"))
             # Printed to the terminal once, never logged; revoke with `claude-gateway keys revoke`.
@@ -112,7 +118,8 @@ def add_parser(roles: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     )
 
 
-def run_keys(settings: Settings, args: argparse.Namespace) -> None:
-    if settings.redis_url is None:
-        sys.exit("claude-gateway keys: set REDIS_URL to the gateway's Redis")
-    sys.exit(asyncio.run(_run(args, settings.redis_url)))
+def run_keys(redis_url: str, args: argparse.Namespace) -> None:
+    try:
+        sys.exit(asyncio.run(_run(args, redis_url)))
+    except (OSError, RedisError, ValueError) as exc:  # unreachable, refused, or no Redis URL
+        sys.exit(f"claude-gateway keys: cannot reach Redis ({exc})")

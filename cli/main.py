@@ -23,6 +23,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from cli import children as children_env
 from cli import keys
@@ -37,12 +38,12 @@ PRIVATE_REDIS_URL_FILE = "url"
 PRIVATE_REDIS_PASSWORD_FILE = "password"  # noqa: S105 (a file name)
 
 
-def _status_redis_url(settings: Settings) -> str:
+def _found_redis_url(settings: Settings, role: str) -> str:
     """`REDIS_URL`, else the private Redis of a running `claude-gateway up` on this machine."""
     private = settings.state_dir / "redis" / PRIVATE_REDIS_URL_FILE
     if settings.redis_url is None and private.is_file():
         return private.read_text().strip()
-    return _require_redis_url(settings, "status")
+    return _require_redis_url(settings, role)
 
 
 def _require_redis_url(settings: Settings, role: str) -> str:
@@ -203,6 +204,13 @@ def _private_redis_password(data_dir: Path) -> str:
     return password
 
 
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if not seconds > 0:  # 0 or less refreshed without a pause, a query of Redis each time
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of seconds")
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="claude-gateway", description=__doc__.split("\n\n")[0])
     roles = parser.add_subparsers(dest="role", required=True)
@@ -212,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     status = roles.add_parser("status", help="queue depth, workers and their jobs, recent failures")
     status.add_argument("--json", action="store_true", help="print one JSON snapshot")
     status.add_argument(
-        "--watch", type=float, nargs="?", const=2.0, metavar="SECONDS", help="refresh every SECONDS (2)"
+        "--watch", type=_seconds, nargs="?", const=2.0, metavar="SECONDS", help="refresh every SECONDS (2)"
     )
     keys.add_parser(roles)
     args = parser.parse_args(argv)
@@ -221,14 +229,16 @@ def main(argv: list[str] | None = None) -> None:
     except ValidationError as exc:  # a clear message, not a traceback (values are not echoed)
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
         sys.exit(f"invalid configuration: {problems}")
+    except SettingsError as exc:  # a list or mapping setting that is not JSON
+        sys.exit(f"invalid configuration: {exc}")
     configure_logging(settings)
     if args.role == "status":
         from cli.status import run_status
 
-        run_status(settings, _status_redis_url(settings), as_json=args.json, watch_s=args.watch)
+        run_status(settings, _found_redis_url(settings, "status"), as_json=args.json, watch_s=args.watch)
         return
     if args.role == "keys":
-        keys.run_keys(settings, args)
+        keys.run_keys(_found_redis_url(settings, "keys"), args)
         return
     {"up": run_up, "api": run_api, "worker": run_worker}[args.role](settings)
 

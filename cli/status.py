@@ -5,6 +5,7 @@ from any machine that reaches `REDIS_URL`, with or without an API process runnin
 """
 
 import asyncio
+import os
 import sys
 import time
 
@@ -98,5 +99,7 @@ def run_status(settings: Settings, redis_url: str, *, as_json: bool, watch_s: fl
         asyncio.run(_status(settings, redis_url, as_json=as_json, watch_s=watch_s))
     except KeyboardInterrupt:
         pass
-    except (OSError, RedisError) as exc:
+    except BrokenPipeError:  # its reader (`| head`) left: nothing more to say, nowhere to say it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, RedisError, ValueError) as exc:  # unreachable, refused, or no Redis URL
         sys.exit(f"claude-gateway status: cannot reach Redis ({exc})")

@@ -7,11 +7,13 @@ Both processes build one `Settings()` at start-up and pass it down; nothing else
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, StringConstraints, field_validator
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.agent import Effort, PermissionMode
 from shared.mcp import NAME_PATTERN, RESERVED, McpServer
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 
 class Settings(BaseSettings):
@@ -57,7 +59,7 @@ class Settings(BaseSettings):
         default=True,
         description="Show the agent's thinking and tool steps in replies (a request may turn it off).",
     )
-    log_level: str = "info"
+    log_level: Annotated[LogLevel, BeforeValidator(lambda name: str(name).lower())] = "info"
 
     # --- Worker ---------------------------------------------------------------------------
     workers: int = Field(default=2, ge=1, description="Worker processes started by `claude-gateway up`.")

@@ -3,10 +3,11 @@
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -91,6 +92,57 @@ def test_an_interactive_start_offers_to_generate_a_key(private_redis: EmbeddedRe
         api.terminate()
         api.wait(timeout=15)
         os.close(primary)
+
+
+@pytest.mark.parametrize("answer", ["end of input", "ctrl-c"])
+def test_no_answer_at_the_key_prompt_is_no_stack_trace(private_redis: EmbeddedRedis, answer: str) -> None:
+    """Ctrl-D serves on loopback without a key, as "n" does; Ctrl-C stops (both printed a traceback)."""
+    port = free_port()
+    primary, secondary = os.openpty()
+    api = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "api"],
+        cwd=ROOT,
+        env=api_env(private_redis, PORT=str(port)),
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+    )
+    os.close(secondary)
+    seen = b""
+
+    def read_until(done: Callable[[], bool]) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 30
+        while not done():
+            assert time.monotonic() < deadline, seen
+            if select.select([primary], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(primary, 4096)
+                except OSError:  # the process is gone and its end of the terminal closed
+                    return
+
+    try:
+        read_until(lambda: b"[Y/n]" in seen)
+        if answer == "ctrl-c":
+            api.send_signal(signal.SIGINT)
+            assert api.wait(timeout=15) == 130
+        else:
+            os.write(primary, b"\x04")
+            read_until(lambda: _serves(port))
+            assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 200
+        read_until(lambda: api.poll() is not None or b"\n" in seen.split(b"[Y/n]")[-1])
+        assert b"Traceback" not in seen, seen
+    finally:
+        api.terminate()
+        api.wait(timeout=15)
+        os.close(primary)
+
+
+def _serves(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def _with_probe(app: FastAPI) -> FastAPI:

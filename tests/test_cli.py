@@ -57,3 +57,32 @@ def test_without_a_server_on_the_path_the_bundled_valkey_is_used(monkeypatch: py
     assert binary.name == "valkey-server"
     version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
     assert version.startswith("Valkey server")
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "said"),
+    [
+        ({"REDIS_URL": "redis://127.0.0.1:1/0"}, ["keys", "list"], "claude-gateway keys: cannot reach Redis"),
+        ({"REDIS_URL": "notaurl"}, ["keys", "list"], "claude-gateway keys: cannot reach Redis"),
+        ({"REDIS_URL": "notaurl"}, ["status"], "claude-gateway status: cannot reach Redis"),
+        ({"LOG_LEVEL": "loud"}, ["status"], "invalid configuration: LOG_LEVEL"),
+        ({"MODELS": "[oops"}, ["status"], "invalid configuration:"),
+        ({}, ["status", "--watch", "0"], "not a positive number of seconds"),
+    ],
+)
+def test_an_operators_mistake_is_one_line_not_a_traceback(
+    env: dict[str, str], argv: list[str], said: str, tmp_path: Path
+) -> None:
+    base = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "LOG_LEVEL", "MODELS")}
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", *argv],
+        cwd=ROOT,
+        env={**base, "STATE_DIR": str(tmp_path), **env},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode != 0
+    assert said in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
