@@ -85,6 +85,7 @@ def start_background(gateway: Gateway, content: str, **extra: Any) -> str:
     body = response.json()
     assert body["status"] == "queued"
     assert body["choices"] == []
+    assert "usage" not in body  # not null: the spec's usage is an object when present
     return str(body["id"])
 
 

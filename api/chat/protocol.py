@@ -8,7 +8,7 @@ Unknown fields are ignored, as newer clients send fields older servers do not kn
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from api.core.conversation import ChatMessage
 from api.core.request import AgentControls
@@ -114,3 +114,10 @@ class ChatCompletion(BaseModel):
     # Extensions for jobs retrieved by id or run in the background (OpenAI's background mode).
     status: JobStatus = JobStatus.COMPLETED
     error: ErrorInfo | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_null_usage(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body: dict[str, Any] = handler(self)
+        if body.get("usage") is None:  # a queued or running job's: the spec has no null for it
+            body.pop("usage", None)
+        return body
