@@ -187,6 +187,8 @@ class Done(BaseModel):
     """With `finish_reason: tool_calls`: the calls the turn ended on, for the caller to run."""
     completed_at: int | None = None
     """When the worker wrote it (Unix seconds): a Response's `completed_at`, on every path."""
+    stop_sequence: str | None = None
+    """The caller's stop sequence that ended the reply (Messages' `stop_sequence`)."""
 
 
 class Failed(BaseModel):

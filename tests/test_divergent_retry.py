@@ -168,6 +168,6 @@ def test_settled_events_apply_a_retraction_across_deltas_and_activity() -> None:
 
 def test_a_stop_sequence_matcher_drops_held_text_before_withdrawing_sent_text() -> None:
     matcher = StopMatcher(["STOP"])
-    assert matcher.feed("abcST") == ("abc", False)  # "ST" held: it could begin the stop sequence
+    assert matcher.feed("abcST") == ("abc", None)  # "ST" held: it could begin the stop sequence
     assert matcher.withdraw(4) == 2  # the held "ST" goes; "bc" were emitted
     assert matcher.flush() == ""

@@ -281,3 +281,23 @@ def test_errors_are_in_anthropics_shape_with_their_statuses(
     )
     assert set(chat.json()) == {"error"}
     assert chat.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_stop_sequence_is_named_as_the_reason(scripted: Gateway, client: anthropic.Anthropic) -> None:
+    """Anthropic's `stop_reason: "stop_sequence"` with the sequence (it was `end_turn`, null)."""
+    content = script(text="one two END three")
+    message = client.messages.create(
+        model=MODEL,
+        max_tokens=100,
+        stop_sequences=["NEVER", "END"],
+        messages=[{"role": "user", "content": content}],
+    )
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "END")
+    assert message.content[0].text == "one two "  # type: ignore[union-attr]
+    with client.messages.stream(
+        model=MODEL, max_tokens=100, stop_sequences=["END"], messages=[{"role": "user", "content": content}]
+    ) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "END")
+    plain = client.messages.create(model=MODEL, max_tokens=100, messages=[{"role": "user", "content": "hi"}])
+    assert (plain.stop_reason, plain.stop_sequence) == ("end_turn", None)

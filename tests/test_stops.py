@@ -13,24 +13,25 @@ from worker.stops import StopMatcher, stop_at
 @pytest.mark.parametrize(
     ("deltas", "stops", "emitted", "hit"),
     [
-        (["Hello ", "world", "END", "more"], ["END"], "Hello world", True),
-        (["Hel", "lo E", "N", "D more"], ["END"], "Hello ", True),
-        (["abc", "E", "N", "X"], ["END"], "abcENX", False),  # a false start is released in order
-        (["x\n", "\ny"], ["\n\n"], "x", True),
-        (["aXY", "Z"], ["XYZ", "YQ"], "a", True),
-        (["no stop here"], ["END"], "no stop here", False),
-        (["END"], ["END"], "", True),
+        (["Hello ", "world", "END", "more"], ["END"], "Hello world", "END"),
+        (["Hel", "lo E", "N", "D more"], ["END"], "Hello ", "END"),
+        (["abc", "E", "N", "X"], ["END"], "abcENX", None),  # a false start is released in order
+        (["x\n", "\ny"], ["\n\n"], "x", "\n\n"),
+        (["aXY", "Z"], ["XYZ", "YQ"], "a", "XYZ"),
+        (["a B A"], ["A", "B"], "a ", "B"),  # the earliest in the text, whichever is listed first
+        (["no stop here"], ["END"], "no stop here", None),
+        (["END"], ["END"], "", "END"),
     ],
 )
-def test_matcher(deltas: list[str], stops: list[str], emitted: str, hit: bool) -> None:
+def test_matcher(deltas: list[str], stops: list[str], emitted: str, hit: str | None) -> None:
     matcher = StopMatcher(stops)
-    out, stopped = "", False
+    out, stopped = "", None
     for delta in deltas:
         text, stopped = matcher.feed(delta)
         out += text
-        if stopped:
+        if stopped is not None:
             break
-    if not stopped:
+    if stopped is None:
         out += matcher.flush()
     assert (out, stopped) == (emitted, hit)
 

@@ -19,16 +19,18 @@ class StopMatcher:
         self._stops = stops
         self._held = ""
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        """The text that can be emitted now, and whether a stop sequence ended the reply."""
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """The text that can be emitted now, and the stop sequence that ended the reply, if one did
+        (the earliest in the text)."""
         buffer = self._held + text
-        hits = [found for stop in self._stops if (found := buffer.find(stop)) >= 0]
+        hits = [(found, stop) for stop in self._stops if (found := buffer.find(stop)) >= 0]
         if hits:
             self._held = ""
-            return buffer[: min(hits)], True
+            found, stop = min(hits, key=lambda hit: hit[0])
+            return buffer[:found], stop
         hold = max((self._overlap(buffer, stop) for stop in self._stops), default=0)
         self._held = buffer[len(buffer) - hold :]
-        return buffer[: len(buffer) - hold], False
+        return buffer[: len(buffer) - hold], None
 
     @staticmethod
     def _overlap(buffer: str, stop: str) -> int:
@@ -58,13 +60,13 @@ async def stop_at(events: AsyncIterator[BackendEvent], stops: list[str]) -> Asyn
         async for event in events:
             if isinstance(event, Delta):
                 deltas += 1
-                text, hit = matcher.feed(event.text)
+                text, stop = matcher.feed(event.text)
                 if text:
                     yield Delta(text=text)
-                if hit:
+                if stop is not None:
                     await _close(events)  # before the terminal event: a consumer may stop there
                     usage = usage.model_copy(update={"completion_tokens": deltas})
-                    yield Done(finish_reason=FinishReason.STOP, usage=usage)
+                    yield Done(finish_reason=FinishReason.STOP, usage=usage, stop_sequence=stop)
                     return
             elif isinstance(event, Retraction):
                 if emitted := matcher.withdraw(event.chars):

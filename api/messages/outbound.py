@@ -60,6 +60,7 @@ def message_body(job: JobRef, reply: Reply | None) -> Message:
         model=job.model,
         content=[*_content(events, bool(reply.done.tool_calls)), *tool_use_blocks(reply.done.tool_calls)],
         stop_reason=stop_reason(reply.done),
+        stop_sequence=reply.done.stop_sequence,
         usage=usage_body(reply.done.usage),
     )
 
@@ -124,7 +125,7 @@ class MessageStream:
                 _event("content_block_stop", index=self._index),
             ]
         usage = usage_body(event.usage).model_dump()
-        ending = {"stop_reason": stop_reason(event), "stop_sequence": None}
+        ending = {"stop_reason": stop_reason(event), "stop_sequence": event.stop_sequence}
         return [*events, _event("message_delta", delta=ending, usage=usage), _event("message_stop")]
 
     def interrupted(self, error: OpenAIError) -> list[ServerSentEvent]:

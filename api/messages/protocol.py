@@ -225,7 +225,7 @@ def usage_body(usage: Usage) -> MessageUsage:
 
 
 def stop_reason(done: Done) -> str:
-    return _STOP_REASONS[done.finish_reason]
+    return "stop_sequence" if done.stop_sequence is not None else _STOP_REASONS[done.finish_reason]
 
 
 def tool_use_blocks(calls: list[ToolCall]) -> list[ToolUseBlock]:
