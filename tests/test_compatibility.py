@@ -84,3 +84,24 @@ def test_the_landing_page_links_the_reference_models_and_dashboard(start_gateway
         assert link in page.text
     assert "<title>Claude Code Gateway</title>" in page.text
     assert httpx.get(f"{keyed.url}/v1/models", timeout=10).status_code == 401  # what it links to is not open
+
+
+def test_what_changes_a_replys_kind_is_refused_not_dropped(scripted: Gateway) -> None:
+    """Audio output, predicted outputs and web search were dropped unseen (a 200 of plain text)."""
+    refused = {
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "alloy", "format": "wav"},
+        "prediction": {"type": "content", "content": "x"},
+        "web_search_options": {},
+    }
+    for name, value in refused.items():
+        body = chat("Hello") | {name: value}
+        answer = httpx.post(f"{scripted.url}/v1/chat/completions", json=body, timeout=10)
+        assert (answer.status_code, answer.json()["error"]["param"]) == (400, name), answer.text
+        assert answer.json()["error"] == _report(scripted, body)["error"]
+    text_only = httpx.post(f"{scripted.url}/v1/chat/completions", json=chat("Hi") | {"modalities": ["text"]})
+    assert text_only.status_code == 200
+    url = f"{scripted.url}/v1/chat/completions"
+    for name, value in (("tool_choice", "sometimes"), ("function_call", "always")):
+        answer = httpx.post(url, json=chat("Hi") | {name: value}, timeout=10)
+        assert (answer.status_code, answer.json()["error"]["param"]) == (400, name), answer.text

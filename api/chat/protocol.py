@@ -45,10 +45,15 @@ class ChatCompletionRequest(AgentControls):
     user: str | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # Declared to be refused (`unsupported_parameter`): undeclared, they were dropped unseen.
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
     # Extension: answer at once with the queued job; poll or stream it by id.
     background: bool = False
     session_id: str | None = Field(default=None, description="Extension: continue this session.")
@@ -61,6 +66,10 @@ class ChatCompletionRequest(AgentControls):
             "logit_bias": bool(self.logit_bias),
             "presence_penalty": bool(self.presence_penalty),
             "frequency_penalty": bool(self.frequency_penalty),
+            "modalities": any(modality != "text" for modality in self.modalities or []),
+            "audio": self.audio is not None,
+            "prediction": self.prediction is not None,
+            "web_search_options": self.web_search_options is not None,
         }
         return next((name for name, unsupported in checks.items() if unsupported), None)
 
