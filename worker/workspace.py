@@ -43,6 +43,9 @@ class Workspace:
 
 
 MARKER = "GATEWAY_WORKSPACE"
+_OWNER = ".worker"
+"""In a workspace's root: the worker process that made it (pid and start time), so a worker on
+the same machine knows the workspace of a dead one (`remove_abandoned`)."""
 
 
 def processes_of(workspace: Workspace) -> list[int]:
@@ -106,6 +109,7 @@ def job_workspace(
         shutil.rmtree(workspace.root, ignore_errors=True)
     for directory in (workspace.cwd, workspace.config, workspace.tmp):
         directory.mkdir(parents=True, mode=0o700, exist_ok=directory == work)
+    (workspace.root / _OWNER).write_text(_process_identity(os.getpid()) or "")
     if owner is not None:
         user = pwd.getpwnam(owner)
         for path in (workspace.root, workspace.cwd, workspace.home, workspace.config, workspace.tmp):
@@ -119,3 +123,32 @@ def job_workspace(
     finally:
         kill_processes_of(workspace)
         shutil.rmtree(workspace.root, ignore_errors=True)
+
+
+def remove_abandoned(parent: Path) -> int:
+    """Removes the workspaces under `parent` whose worker is dead (killed: it could not remove
+    them), with any process left in them; returns how many. The machine's workers share `parent`,
+    and each one's are its callers' files."""
+    removed = 0
+    for owner in parent.glob(f"*/{_OWNER}"):
+        try:
+            identity = owner.read_text().strip()
+        except OSError:
+            continue
+        pid = identity.split(" ", 1)[0]
+        if not pid.isdigit() or _process_identity(int(pid)) == identity:
+            continue  # its worker lives (or the mark is not one): still in use
+        workspace = Workspace(owner.parent)
+        kill_processes_of(workspace)
+        shutil.rmtree(workspace.root, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _process_identity(pid: int) -> str | None:
+    """`<pid> <start time>`: a process, not its pid, which the kernel reuses."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{pid} {stat.rpartition(')')[2].split()[19]}"  # starttime: field 22, after the name

@@ -67,7 +67,14 @@ from worker.warm import (
     streamed_message,
     warm_up,
 )
-from worker.workspace import MARKER, Workspace, children_for, job_workspace, kill_processes_of
+from worker.workspace import (
+    MARKER,
+    Workspace,
+    children_for,
+    job_workspace,
+    kill_processes_of,
+    remove_abandoned,
+)
 
 log = logging.getLogger("gateway.worker.claude")
 
@@ -134,6 +141,8 @@ class ClaudeBackend:
             log.error("backend auth (%s) is not usable: %s", auth.method, "; ".join(auth.errors))
         for warning in auth.warnings:
             log.warning("backend auth (%s): %s", auth.method, warning)
+        if abandoned := remove_abandoned(settings.workspace_root):
+            log.info("removed %d workspaces of workers that died on this machine", abandoned)
         self._runtime_dir = runtime_dir()
         self._proxy: CredentialProxy | None = None
         credential = self._proxied_credential()
