@@ -53,18 +53,24 @@ def test_a_non_loopback_api_without_any_key_refuses_to_start(private_redis: Embe
     assert "ALLOW_UNAUTHENTICATED" in started.stderr
 
 
-def test_an_interactive_start_offers_to_generate_a_key(private_redis: EmbeddedRedis) -> None:
-    port = free_port()
+def on_a_terminal(redis: EmbeddedRedis, port: int) -> tuple["subprocess.Popen[bytes]", int]:
+    """An API process started on a terminal (a pty): it, and the terminal's other end."""
     primary, secondary = os.openpty()
     api = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "api"],
         cwd=ROOT,
-        env=api_env(private_redis, PORT=str(port)),
+        env=api_env(redis, PORT=str(port)),
         stdin=secondary,
         stdout=secondary,
         stderr=secondary,
     )
     os.close(secondary)
+    return api, primary
+
+
+def test_an_interactive_start_offers_to_generate_a_key(private_redis: EmbeddedRedis) -> None:
+    port = free_port()
+    api, primary = on_a_terminal(private_redis, port)
     try:
         seen = b""
         deadline = time.monotonic() + 30
@@ -98,16 +104,7 @@ def test_an_interactive_start_offers_to_generate_a_key(private_redis: EmbeddedRe
 def test_no_answer_at_the_key_prompt_is_no_stack_trace(private_redis: EmbeddedRedis, answer: str) -> None:
     """Ctrl-D serves on loopback without a key, as "n" does; Ctrl-C stops (both printed a traceback)."""
     port = free_port()
-    primary, secondary = os.openpty()
-    api = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "api"],
-        cwd=ROOT,
-        env=api_env(private_redis, PORT=str(port)),
-        stdin=secondary,
-        stdout=secondary,
-        stderr=secondary,
-    )
-    os.close(secondary)
+    api, primary = on_a_terminal(private_redis, port)
     seen = b""
 
     def read_until(done: Callable[[], bool]) -> None:
