@@ -1,10 +1,11 @@
-"""`claude-gateway up | api | worker | keys`.
+"""`claude-gateway up | api | worker | status | keys`.
 
 `up` is the one-machine deployment: a private Redis when `REDIS_URL` is unset, `API_PROCESSES`
 API processes on one port and `WORKERS` worker processes, each restarted if it dies and all
 stopped together on Ctrl-C (cli/supervisor.py). `api` and `worker` run one role
-each against a shared `REDIS_URL`, for deployments across several machines. `keys` manages
-client API keys (see `cli/keys.py`).
+each against a shared `REDIS_URL`, for deployments across several machines. `status` shows the
+queue, the workers and recent failures (`cli/status.py`); `keys` manages client API keys
+(`cli/keys.py`).
 """
 
 import argparse
