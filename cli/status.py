@@ -5,7 +5,9 @@ from any machine that reaches `REDIS_URL`, with or without an API process runnin
 """
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
 import time
 
@@ -79,9 +81,13 @@ def render(snapshot: Snapshot) -> str:
 
 
 async def _status(settings: Settings, redis_url: str, *, as_json: bool, watch_s: float | None) -> None:
+    # Ctrl-C ends the watch between snapshots: asyncio's own handling cancels the task wherever it
+    # is, and a cancel inside redis-py's command left it waiting for ever (2 of 40 tries).
+    interrupted = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupted.set)
     redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
     try:
-        while True:
+        while not interrupted.is_set():
             snapshot = await take_snapshot(redis, settings.queue_name)
             text = snapshot.model_dump_json() if as_json else render(snapshot)
             if watch_s is not None and not as_json and sys.stdout.isatty():
@@ -89,7 +95,9 @@ async def _status(settings: Settings, redis_url: str, *, as_json: bool, watch_s:
             print(text, flush=True)
             if watch_s is None:
                 return
-            await asyncio.sleep(watch_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(watch_s):
+                    await interrupted.wait()
     finally:
         await redis.aclose()
 
