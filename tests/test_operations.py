@@ -18,7 +18,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, Gateway, chat
+from tests.conftest import ROOT, Gateway, chat, claude_env
+from tests.fake_anthropic import FakeAnthropic
 
 HEARTBEAT = {"HEARTBEAT_INTERVAL_S": "0.5"}  # TTL 1.5 s: a dead worker goes within seconds
 BUSY_TOKENS_PER_S = 20
@@ -278,3 +279,16 @@ def test_logs_are_json_with_request_and_job_ids_in_both_processes_and_no_prompt(
         text = "\n".join(json.dumps(line) for line in lines(role))
         assert prompt not in text
         assert secret not in text
+
+
+@pytest.mark.claude
+def test_ready_needs_a_worker_that_can_run_jobs(start_gateway: Any, fake_anthropic: FakeAnthropic) -> None:
+    """A worker whose backend auth is unusable refuses every job (503): a balancer probing /ready
+    was told ready and sent the traffic there."""
+    gateway: Gateway = start_gateway(workers=1, **claude_env(fake_anthropic, ANTHROPIC_API_KEY="sk-short"))
+    wait_for(lambda: status_json(gateway)["workers"], 30, "the worker's heartbeat")
+    response = httpx.get(f"{gateway.url}/ready", timeout=5)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "no_usable_worker"
+    refused = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), timeout=30)
+    assert refused.status_code == 503

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from api import metrics
 from api.deps import GatewayDep, OperatorDep
 from api.errors import OpenAIError
-from shared.heartbeats import alive_workers
+from shared.heartbeats import Heartbeat, alive_workers
 from shared.status import Snapshot, take_snapshot
 
 router = APIRouter()
@@ -27,10 +27,14 @@ _DASHBOARD = resources.files("api").joinpath("dashboard.html").read_text(encodin
 
 
 @router.api_route(
-    "/ready", methods=["GET", "HEAD"], responses={503: {"description": "Redis unreachable or no live worker"}}
+    "/ready",
+    methods=["GET", "HEAD"],
+    responses={503: {"description": "Redis unreachable, or no live worker that can run jobs"}},
 )
 async def ready(gateway: GatewayDep) -> dict[str, str]:
-    """Ready when Redis answers and at least one worker has a fresh heartbeat."""
+    """Ready when Redis answers and at least one worker with a fresh heartbeat can run jobs (its
+    backend auth usable, its sandbox built or turned off): a balancer routes no traffic into
+    certain 503s. Why not is for operators (`claude-gateway status`): this route is open."""
     try:
         async with asyncio.timeout(_READY_TIMEOUT_S):
             workers = await alive_workers(gateway.redis)
@@ -40,7 +44,16 @@ async def ready(gateway: GatewayDep) -> dict[str, str]:
         ) from None
     if not workers:
         raise OpenAIError(503, "No worker is running.", type="server_error", code="no_live_worker")
+    if not any(_runs_jobs(worker) for worker in workers):
+        message = "No running worker can run jobs (see claude-gateway status)."
+        raise OpenAIError(503, message, type="server_error", code="no_usable_worker")
     return {"status": "ready"}
+
+
+def _runs_jobs(worker: Heartbeat) -> bool:
+    """Whether the worker takes jobs: the scripted backend needs no model credential."""
+    auth_usable = worker.backend == "scripted" or worker.auth is None or worker.auth.valid
+    return auth_usable and (worker.sandbox is None or worker.sandbox.ready or worker.sandbox.mode == "off")
 
 
 @router.get("/metrics", response_class=Response)
