@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Gateway, assert_schema, chat
+from tests.conftest import Gateway, assert_schema, chat, sse_data
 from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
 from tests.test_durable_jobs import script
 
@@ -154,3 +154,38 @@ def test_real_path_offers_the_function_and_returns_the_call(claude: Gateway, ups
     assert answer.choices[0].message.content == "It is sunny."
     assert answer.choices[0].finish_reason == "stop"
     assert "18 C, sunny" in str(upstream.requests[-1]["messages"])
+
+
+def test_a_request_with_legacy_functions_gets_its_call_in_that_form(
+    scripted: Gateway, client: openai.OpenAI
+) -> None:
+    """As OpenAI answers `functions`: `message.function_call` and finish_reason `function_call`
+    (they came as tool_calls, where a client of that form finds no call)."""
+    calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    body = chat(script(text="", calls=calls), functions=[WEATHER["function"]])
+    answer = httpx.post(f"{scripted.url}/v1/chat/completions", json=body, timeout=30).json()
+    assert_schema(answer, "CreateChatCompletionResponse")
+    [choice] = answer["choices"]
+    assert choice["finish_reason"] == "function_call"
+    assert "tool_calls" not in choice["message"]
+    assert choice["message"]["function_call"]["name"] == "get_weather"
+    assert json.loads(choice["message"]["function_call"]["arguments"]) == {"city": "Paris"}
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": script(text="", calls=calls)}],
+        functions=[WEATHER["function"]],  # type: ignore[list-item]
+    )
+    assert completion.choices[0].message.function_call is not None
+    assert completion.choices[0].message.function_call.name == "get_weather"
+    streamed = httpx.post(f"{scripted.url}/v1/chat/completions", json={**body, "stream": True}, timeout=30)
+    chunks = [json.loads(data) for data in sse_data(streamed) if data != "[DONE]"]
+    for chunk in chunks:
+        assert_schema(chunk, "CreateChatCompletionStreamResponse")
+    deltas = [chunk["choices"][0] for chunk in chunks if chunk["choices"]]
+    named = [d["delta"]["function_call"]["name"] for d in deltas if "function_call" in d["delta"]]
+    assert named == ["get_weather"]
+    assert deltas[-1]["finish_reason"] == "function_call"
+    # With tools as well, the calls are tool_calls.
+    both = chat(script(text="", calls=calls), functions=[WEATHER["function"]], tools=[WEATHER])
+    answered = httpx.post(f"{scripted.url}/v1/chat/completions", json=both, timeout=30).json()
+    assert answered["choices"][0]["finish_reason"] == "tool_calls"

@@ -48,22 +48,38 @@ def tool_calls_body(done: Done) -> list[dict[str, Any]]:
     ]
 
 
-def _message(reply: Reply) -> ResponseMessage:
+def function_call_body(done: Done) -> dict[str, str]:
+    """The legacy form of a turn's calls: its first (that form has room for one)."""
+    first = done.tool_calls[0]
+    return {"name": first.name, "arguments": first.arguments}
+
+
+def _finish_reason(done: Done, legacy: bool) -> str:
+    return "function_call" if legacy and done.tool_calls else done.finish_reason.value
+
+
+def _message(reply: Reply, legacy: bool) -> ResponseMessage:
     reasoning = reply.reasoning or None
+    if reply.done.tool_calls and legacy:
+        call = function_call_body(reply.done)
+        return ResponseMessage(content=reply.text or None, reasoning_content=reasoning, function_call=call)
     if reply.done.tool_calls:
         calls = tool_calls_body(reply.done)
         return ResponseMessage(content=reply.text or None, reasoning_content=reasoning, tool_calls=calls)
     return ResponseMessage(content=reply.text, reasoning_content=reasoning)
 
 
-def completion_body(job: JobRef, replies: list[Reply]) -> ChatCompletion:
-    """The completion of one reply per choice; its usage sums theirs."""
+def completion_body(job: JobRef, replies: list[Reply], *, legacy: bool = False) -> ChatCompletion:
+    """The completion of one reply per choice; its usage sums theirs. `legacy`: the request
+    offered `functions`, whose calls come back in that form."""
     return ChatCompletion(
         id=completion_id(job),
         created=job.created,
         model=job.model,
         choices=[
-            Choice(index=index, message=_message(reply), finish_reason=reply.done.finish_reason.value)
+            Choice(
+                index=index, message=_message(reply, legacy), finish_reason=_finish_reason(reply.done, legacy)
+            )
             for index, reply in enumerate(replies)
         ],
         usage=usage_body(total_usage([reply.done.usage for reply in replies])),
@@ -78,7 +94,9 @@ def error_chunk(error: ErrorInfo) -> str:
 class ChunkRenderer:
     """Renders the chunks of one streamed completion of `choices` choices, after event `after`."""
 
-    def __init__(self, job: JobRef, *, include_usage: bool, choices: int = 1, after: int = 0) -> None:
+    def __init__(
+        self, job: JobRef, *, include_usage: bool, choices: int = 1, after: int = 0, legacy: bool = False
+    ) -> None:
         head = json.dumps(
             {
                 "id": completion_id(job),
@@ -94,6 +112,7 @@ class ChunkRenderer:
         self._tail = ',"logprobs":null,"finish_reason":%s}]' + (',"usage":null}' if include_usage else "}")
         self._resumable = choices == 1
         self._after = after
+        self._legacy = legacy  # calls as `function_call` (`completion_body`)
         self._usages: list[Usage] = []
 
     def _choice(self, choice: int, delta: str, finish_reason: str | None) -> str:
@@ -123,11 +142,15 @@ class ChunkRenderer:
         if not isinstance(event, Done):
             return [ServerSentEvent(error_chunk(OpenAIError.from_failure(event).info), id=self._id(seq))]
         chunks: list[str] = []
-        if event.tool_calls:
+        if event.tool_calls and self._legacy:
+            chunks.append(
+                self._choice(choice, json.dumps({"function_call": function_call_body(event)}), None)
+            )
+        elif event.tool_calls:
             # The turn's function calls, each whole (its arguments complete JSON) with a stable index.
             calls = [{"index": index, **call} for index, call in enumerate(tool_calls_body(event))]
             chunks.append(self._choice(choice, json.dumps({"tool_calls": calls}), None))
-        chunks.append(self._choice(choice, "{}", event.finish_reason.value))
+        chunks.append(self._choice(choice, "{}", _finish_reason(event, self._legacy)))
         self._usages.append(event.usage)
         if self._include_usage and self._resumable:
             chunks.append(self._usage(event.usage))

@@ -79,6 +79,11 @@ class ChatCompletionRequest(AgentControls):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     @property
+    def legacy_functions(self) -> bool:
+        """Offered `functions`, not `tools`: answered in that form (`function_call`), as OpenAI does."""
+        return self.functions is not None and not self.tools
+
+    @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
@@ -104,6 +109,11 @@ class ResponseMessage(BaseModel):
         description="Extension: the agent's thinking and tool steps (as Open WebUI and others read it).",
     )
     tool_calls: list[dict[str, Any]] | None = Field(default=None, exclude_if=lambda calls: calls is None)
+    function_call: dict[str, str] | None = Field(
+        default=None,
+        exclude_if=lambda call: call is None,
+        description="The call, for a request that offered legacy `functions` (one call, no tool_calls).",
+    )
 
 
 class Choice(BaseModel):
