@@ -69,7 +69,8 @@ def ensure_protected(settings: Settings, redis_url: str) -> None:
     if not apikeys.is_loopback(settings.host) and not settings.allow_unauthenticated:
         sys.exit(
             f"claude-gateway: refusing to serve HOST={settings.host} without an API key. Set API_KEY or "
-            "API_KEYS, create one with `claude-gateway keys create`, or set ALLOW_UNAUTHENTICATED=true."
+            "API_KEYS, create one with `claude-gateway keys create` (up's private Redis: while up runs "
+            "on a loopback HOST, or let up generate one on a terminal), or set ALLOW_UNAUTHENTICATED=true."
         )
     log.warning("no API key configured: every caller is served anonymously")
 

@@ -116,7 +116,13 @@ def run_up(settings: Settings) -> None:
         children.append(Child("redis", lambda: _restarted(embedded)))
         assert embedded.process is not None
         children[0].process, children[0].started = embedded.process, time.monotonic()
-    keys.ensure_protected(settings, redis_url)  # here, where the terminal is, not in the children
+    try:
+        keys.ensure_protected(settings, redis_url)  # here, where the terminal is, not in the children
+    except SystemExit:  # refused to start: nothing of this start stays behind
+        if embedded is not None:
+            embedded.stop()
+            (embedded.data_dir / PRIVATE_REDIS_URL_FILE).unlink(missing_ok=True)
+        raise
     environ = {**os.environ, "REDIS_URL": redis_url}
     api_env, worker_env = children_env.api_environment(environ), children_env.worker_environment(environ)
     if settings.api_processes > 1:

@@ -68,6 +68,34 @@ def on_a_terminal(redis: EmbeddedRedis, port: int) -> tuple["subprocess.Popen[by
     return api, primary
 
 
+def test_up_refusing_a_non_loopback_host_leaves_nothing_running(tmp_path: Path) -> None:
+    """Its private Redis was left, and the file that names it, where `status` then found a Redis
+    that was gone."""
+    env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "API_KEYS", "REDIS_URL")}
+    env |= {"STATE_DIR": str(tmp_path), "HOST": "0.0.0.0", "PORT": str(free_port()), "BACKEND": "scripted"}
+    refused = subprocess.run(
+        [sys.executable, "-m", "cli.main", "up"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0
+    assert "refusing to serve HOST=0.0.0.0" in refused.stderr
+    assert not (tmp_path / "redis" / "url").exists()
+    servers = [p for p in Path("/proc").glob("[0-9]*") if str(tmp_path).encode() in _cmdline(p)]
+    assert servers == [], "the private Redis outlived the refusal"
+
+
+def _cmdline(process: Path) -> bytes:
+    try:
+        return (process / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_an_interactive_start_offers_to_generate_a_key(private_redis: EmbeddedRedis) -> None:
     port = free_port()
     api, primary = on_a_terminal(private_redis, port)
