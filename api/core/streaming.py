@@ -3,9 +3,9 @@
 The front end supplies a `StreamRenderer` (its wire format); this module owns what every stream
 shares: holding the headers until the first event (so an early failure gets its real status),
 batching what is ready together into one body message, ending on the terminal event, ending early
-(in-stream) on a lost queue or on text the model API took back, a keep-alive ping through a silence,
-and cancelling the jobs when a live client goes away (not when the server ends the stream at
-shutdown: its client resumes it).
+(in-stream) on a lost queue, on text the model API took back or on the server's shutdown (whose
+error says to resume), a keep-alive ping through a silence, and cancelling the jobs when a live
+client goes away (not when the server ends the stream at shutdown: its client resumes it).
 
 Text already sent cannot be taken back: when the model API cuts a message and its retry says
 something else (a `Retraction`), the stream ends with a retryable error instead of joining the two.
