@@ -259,3 +259,20 @@ def test_a_value_of_the_wrong_json_type_is_refused_on_every_api(scripted: Gatewa
 
 def base_chat(model: str) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.usefixtures("nothing_enqueued")
+def test_what_openai_refuses_though_each_field_is_valid_is_a_400(scripted: Gateway) -> None:
+    """Each was accepted and run: usage options without a stream, a tool result answering no
+    call, a user message with no content, a seed past 64 bits."""
+    hi = [{"role": "user", "content": "hi"}]
+    cases = [
+        ({"messages": hi, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"messages": [*hi, {"role": "tool", "content": "18 C"}]}, "messages[1].tool_call_id"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        ({"messages": hi, "seed": 2**70}, "seed"),
+    ]
+    for fields, param in cases:
+        assert_error(post(scripted, json={"model": "claude-sonnet-4-5", **fields}), 400, param=param)
+    answered = post(scripted, json={"model": "claude-sonnet-4-5", "messages": hi, "seed": 2**62})
+    assert answered.status_code == 200

@@ -41,7 +41,7 @@ class ChatCompletionRequest(AgentControls):
     logit_bias: dict[str, int] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     user: str | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
