@@ -38,16 +38,21 @@ def api_env(redis: EmbeddedRedis, **extra: str) -> dict[str, str]:
     return {**env, "REDIS_URL": redis.url, "BACKEND": "scripted", "LOG_LEVEL": "warning", **extra}
 
 
-def test_a_non_loopback_api_without_any_key_refuses_to_start(private_redis: EmbeddedRedis) -> None:
-    started = subprocess.run(
-        [sys.executable, "-m", "cli.main", "api"],
+def run_to_its_end(role: str, env: dict[str, str]) -> "subprocess.CompletedProcess[str]":
+    """`claude-gateway <role>` with no terminal, run until it exits (a refusal to start)."""
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", role],
         cwd=ROOT,
-        env=api_env(private_redis, HOST="0.0.0.0", PORT=str(free_port())),
+        env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=60,
     )
+
+
+def test_a_non_loopback_api_without_any_key_refuses_to_start(private_redis: EmbeddedRedis) -> None:
+    started = run_to_its_end("api", api_env(private_redis, HOST="0.0.0.0", PORT=str(free_port())))
     assert started.returncode != 0
     assert "refusing to serve HOST=0.0.0.0 without an API key" in started.stderr
     assert "ALLOW_UNAUTHENTICATED" in started.stderr
@@ -73,15 +78,7 @@ def test_up_refusing_a_non_loopback_host_leaves_nothing_running(tmp_path: Path) 
     that was gone."""
     env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "API_KEYS", "REDIS_URL")}
     env |= {"STATE_DIR": str(tmp_path), "HOST": "0.0.0.0", "PORT": str(free_port()), "BACKEND": "scripted"}
-    refused = subprocess.run(
-        [sys.executable, "-m", "cli.main", "up"],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    refused = run_to_its_end("up", env)
     assert refused.returncode != 0
     assert "refusing to serve HOST=0.0.0.0" in refused.stderr
     assert not (tmp_path / "redis" / "url").exists()
