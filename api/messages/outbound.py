@@ -32,7 +32,7 @@ def _content(events: Iterable[JobEventValue], calls: bool) -> list[ThinkingBlock
     empty text block is one the real API would refuse when the client sends the turn back)."""
     blocks: list[ThinkingBlock | TextBlock] = []
     for event in events:
-        if isinstance(event, Delta) and event.text:
+        if isinstance(event, Delta):
             if blocks and isinstance(blocks[-1], TextBlock):
                 blocks[-1].text += event.text
             else:
@@ -102,8 +102,6 @@ class MessageStream:
 
     def render(self, choice: int, seq: int, event: Rendered) -> list[ServerSentEvent]:
         if isinstance(event, Delta):
-            if not event.text:  # opens no block: an empty one may not be sent back
-                return []
             delta = {"type": "text_delta", "text": event.text}
             return [*self._block("text"), _event("content_block_delta", index=self._index, delta=delta)]
         if isinstance(event, Activity):

@@ -250,7 +250,7 @@ def output_items(
     the reply is function `calls` (their items follow)."""
     runs: list[tuple[str, list[str]]] = []
     for event in events:
-        if isinstance(event, Delta) and event.text:
+        if isinstance(event, Delta):
             kind, text = "message", event.text
         elif isinstance(event, Activity):
             kind, text = "reasoning", activity_text(event)

@@ -124,8 +124,6 @@ class ResponseEventRenderer:
         ]
 
     def _delta(self, event: Delta) -> list[tuple[int, str, str]]:
-        if not event.text:  # opens no message: a reply of function calls has none
-            return []
         opened = self._open(_MESSAGE)
         self._seen.append(event)
         self._items[-1][1].append(event.text)

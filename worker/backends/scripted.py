@@ -78,8 +78,9 @@ class ScriptedBackend:
                 turns = [*await sessions.history(self._redis, job.session), *turns]
             earlier = "\n".join(f"{turn.role}: {turn.text}" for turn in turns[:-1])
             script = script.model_copy(update={"text": earlier or "(no earlier turns)"})
-        words = _WORDS.findall(script.text) or [script.text]
-        count = len(words) if script.tokens is None else script.tokens
+        # An empty text is no delta at all, as from the real backend (a reply of calls has none).
+        words = _WORDS.findall(script.text)
+        count = len(words) if script.tokens is None or not words else script.tokens
         finish = FinishReason.STOP
         if job.max_tokens is not None and count > job.max_tokens:
             count, finish = job.max_tokens, FinishReason.LENGTH
