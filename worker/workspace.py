@@ -8,6 +8,7 @@ cancelled CLI never leaves a tool's process tree behind.
 """
 
 import contextlib
+import functools
 import os
 import pwd
 import shutil
@@ -109,7 +110,7 @@ def job_workspace(
         shutil.rmtree(workspace.root, ignore_errors=True)
     for directory in (workspace.cwd, workspace.config, workspace.tmp):
         directory.mkdir(parents=True, mode=0o700, exist_ok=directory == work)
-    (workspace.root / _OWNER).write_text(_process_identity(os.getpid()) or "")
+    (workspace.root / _OWNER).write_text(_this_worker())
     if owner is not None:
         user = pwd.getpwnam(owner)
         for path in (workspace.root, workspace.cwd, workspace.home, workspace.config, workspace.tmp):
@@ -143,6 +144,12 @@ def remove_abandoned(parent: Path) -> int:
         shutil.rmtree(workspace.root, ignore_errors=True)
         removed += 1
     return removed
+
+
+@functools.cache
+def _this_worker() -> str:
+    """This process's identity, read once (not at every job's start)."""
+    return _process_identity(os.getpid()) or ""
 
 
 def _process_identity(pid: int) -> str | None:
