@@ -1,6 +1,7 @@
 """The stream response itself: keep-alive pings through a silence, and ending open streams at shutdown."""
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -75,7 +76,19 @@ def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: 
     )
     api = gateway.processes[-1]
     body = chat(script(text="after the restart", wait_ms=6000), stream=True)
-    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=30) as response:
+    # The Responses and Messages streams open beside it: each front end's error ends its own.
+    others = {
+        "/v1/responses": {"model": body["model"], "input": body["messages"][0]["content"], "stream": True},
+        "/v1/messages": {**body, "max_tokens": 100},
+    }
+    with contextlib.ExitStack() as open_streams:
+        beside = {
+            path: open_streams.enter_context(httpx.stream("POST", f"{gateway.url}{path}", json=json_body))
+            for path, json_body in others.items()
+        }
+        response = open_streams.enter_context(
+            httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=30)
+        )
         lines = response.iter_lines()
         opening = json.loads(
             next(line for line in lines if line.startswith("data: "))[6:]
@@ -84,11 +97,15 @@ def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: 
         signalled = time.monotonic()
         rest = list(lines)
         ended_after_s = time.monotonic() - signalled
+        last = {path: json.loads(sse_data_of(stream)[-1]) for path, stream in beside.items()}
     assert ended_after_s < 3, ended_after_s
     assert "data: [DONE]" not in rest
     [farewell] = [json.loads(line[6:]) for line in rest if line.startswith("data: ")]
     assert farewell["error"]["code"] == "server_shutting_down"
     assert "resume" in farewell["error"]["message"]
+    assert (last["/v1/responses"]["type"], last["/v1/responses"]["code"]) == ("error", "server_shutting_down")
+    assert last["/v1/messages"]["type"] == "error"
+    assert "resume" in last["/v1/messages"]["error"]["message"]
     api.wait(timeout=5)  # the process is gone too (by its re-raised SIGTERM, as uvicorn does)
 
     gateway.start_api()
@@ -103,6 +120,11 @@ def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: 
         if chunk.get("choices")  # an error chunk has none
     )
     assert text == "after the restart"
+
+
+def sse_data_of(stream: httpx.Response) -> list[str]:
+    """The `data:` payloads of an open SSE response, read to its end."""
+    return [line[len("data: ") :] for line in stream.iter_lines() if line.startswith("data: ")]
 
 
 def test_a_client_leaving_during_a_silence_cancels_its_job(start_gateway: Any) -> None:
