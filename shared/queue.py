@@ -1,13 +1,16 @@
-"""The job queue's connection: arq with JSON on the wire.
+"""The job queue's connection: arq with JSON on the wire, commands packed in C.
 
 arq's default serializer is pickle: anyone who can write to Redis would run code on every worker.
 Jobs are queued by `shared.jobstore.JobStore.create`, which also wakes idle workers.
 """
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.connection import HiredisRespSerializer
 
 RUN_COMPLETION = "run_completion"
 """The arq function every attempt at a job names; its arguments are `(job_id, attempt)`."""
@@ -32,9 +35,34 @@ def redis_settings(redis_url: str) -> RedisSettings:
 
 
 async def connect(redis_url: str, queue_name: str) -> ArqRedis:
-    return await create_pool(
+    pool = await create_pool(
         redis_settings(redis_url),
         job_serializer=serialize,
         job_deserializer=deserialize,
         default_queue_name=queue_name,
     )
+    await pack_in_c(pool)
+    return pool
+
+
+class _HiredisPacking:
+    """redis-py's sync client packs commands with hiredis when it is installed; its asyncio client
+    packs them in Python, which was ~15% of a worker's CPU on the relay's path (docs/benchmarks.md)."""
+
+    _packer = HiredisRespSerializer()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        packed: list[bytes] = self._packer.pack(*args)
+        return packed
+
+
+async def pack_in_c(redis: Redis) -> None:
+    """Has `redis`'s connections (TCP, TLS or a Unix socket, as its URL says) pack their commands
+    with hiredis. Called before any command is under way: the connections opened before are closed."""
+    pool = redis.connection_pool
+    base = pool.connection_class
+    if not issubclass(base, _HiredisPacking):
+        packed = type(f"HiredisPacked{base.__name__}", (_HiredisPacking, base), {})
+        pool.connection_class = cast(type[AbstractConnection], packed)
+        await pool.disconnect()
+        pool.reset()  # the connections opened before are dropped: new ones are of the new class

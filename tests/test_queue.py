@@ -4,6 +4,9 @@ import json
 
 import httpx
 import pytest
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import DataError
 
 from cli.embedded_redis import EmbeddedRedis
 from shared import queue
@@ -50,3 +53,37 @@ async def test_jobs_travel_as_json_and_a_queued_job_can_be_withdrawn(redis_serve
     assert record.status == "failed"
     assert record.owner == "key-a"
     await pool.aclose()
+
+
+async def test_commands_are_packed_in_c_on_every_kind_of_connection(redis_server: EmbeddedRedis) -> None:
+    pool = await queue.connect(unit_db(redis_server), "test:queue")
+    connection = await pool.connection_pool.get_connection()
+    try:
+        assert isinstance(connection, Connection)
+        assert type(connection).pack_command is not Connection.pack_command  # not redis-py's Python one
+    finally:
+        await pool.connection_pool.release(connection)
+    # Whatever hiredis takes, a round trip gives back as the Python packer would have sent it.
+    values: dict[str, float | str | bytes] = {
+        "float": 0.1,
+        "int": -5,
+        "text": "héllo wörld",
+        "bytes": b"\x00\xff",
+    }
+    for name, value in values.items():
+        await pool.set(f"packed:{name}", value)
+        sent = value if isinstance(value, bytes) else str(value).encode()
+        assert await pool.get(f"packed:{name}") == sent
+    with pytest.raises(DataError):
+        await pool.set("packed:none", None)  # type: ignore[arg-type]
+    await pool.aclose()
+    # The URL's kind of connection is kept: TLS and Unix sockets are packed alike.
+    for url, kind in (
+        ("rediss://localhost", SSLConnection),
+        ("unix:///tmp/r.sock", UnixDomainSocketConnection),
+    ):
+        client = Redis.from_url(url)
+        await queue.pack_in_c(client)
+        assert issubclass(client.connection_pool.connection_class, kind)
+        assert client.connection_pool.connection_class.pack_command is not kind.pack_command
+        await client.aclose()

@@ -325,6 +325,7 @@ def _awaiting(task: "asyncio.Task[Any]") -> list[str]:
 
 async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
+    await queue.pack_in_c(ctx["redis"])
     # The jobs' steps (claims, appends, results) share round trips with the other jobs' in the
     # same turn; arq's own queue polling keeps its plain client.
     ctx["redis"] = AutoPipelined(ctx["redis"])
