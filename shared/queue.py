@@ -65,4 +65,4 @@ async def pack_in_c(redis: Redis) -> None:
         packed = type(f"HiredisPacked{base.__name__}", (_HiredisPacking, base), {})
         pool.connection_class = cast(type[AbstractConnection], packed)
         await pool.disconnect()
-        pool.reset()  # the connections opened before are dropped: new ones are of the new class
+        pool.reset()  # type: ignore[no-untyped-call]  # the connections opened before are dropped
