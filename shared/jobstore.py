@@ -46,6 +46,7 @@ from shared.keys import (
     events_key,
     idempotency_key,
     record_key,
+    response_key,
     session_lock_key,
 )
 from shared.queue import RUN_COMPLETION, serialize
@@ -382,6 +383,12 @@ finish(KEYS[1], KEYS[2], ARGV[1], ARGV[4], 'worker_lost', ARGV[6])
 return 'failed'
 """
 )
+# An ended job's keys go at once; a job still queued or running keeps them (its worker writes on).
+_DELETE = """
+if not redis.call('hget', KEYS[1], 'ended') then return 0 end
+redis.call('del', KEYS[1], KEYS[2], KEYS[3])
+return 1
+"""
 
 
 @dataclass(frozen=True)
@@ -480,6 +487,7 @@ class JobStore:
         self._stop = redis.register_script(prelude + _STOP)
         self._decline = redis.register_script(prelude + _DECLINE)
         self._recover = redis.register_script(prelude + _RECOVER)
+        self._delete = redis.register_script(_DELETE)
 
     # --- API ----------------------------------------------------------------------------
     async def create(
@@ -556,6 +564,12 @@ class JobStore:
         args: list[str | bytes | int] = [mode, job_id, encode_event(failure), failure.code.value, self.ttl_s]
         result: bytes = await self._stop(keys=keys, args=args)
         return result.decode()  # type: ignore[return-value]
+
+    async def delete(self, job_id: str) -> bool:
+        """Removes an ended job: its record, its events and what a front end kept beside it (the
+        Responses API's request). False, removing nothing, if it has not ended."""
+        keys = [record_key(job_id), events_key(job_id), response_key(job_id)]
+        return bool(await self._delete(keys=keys))
 
     # --- worker -------------------------------------------------------------------------
     async def claim(

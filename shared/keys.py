@@ -91,6 +91,11 @@ def record_key(job_id: str) -> str:
     return f"{PREFIX}:job:{_checked(job_id)}"
 
 
+def response_key(job_id: str) -> str:
+    """The Responses API's request beside its job (api/responses/response.py's `StoredResponse`)."""
+    return f"{PREFIX}:response:{_checked(job_id)}"
+
+
 def idempotency_key(owner: str, key: str) -> str:
     """Where an `Idempotency-Key` of one caller points to its job (hashed: the key is caller text)."""
     digest = hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()

@@ -464,6 +464,7 @@ def test_one_key_cannot_see_or_cancel_another_keys_jobs(start_gateway: Any) -> N
     assert_error(
         httpx.post(f"{job_url}/cancel", headers=bearer("other-caller-key"), timeout=10), 404, "not_found"
     )
+    assert_error(httpx.delete(job_url, headers=bearer("other-caller-key"), timeout=10), 404, "not_found")
     deadline = time.monotonic() + 10
     while (own := httpx.get(job_url, headers=bearer("first-caller-key"), timeout=10).json())[
         "status"

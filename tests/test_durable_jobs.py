@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from cli.embedded_redis import EmbeddedRedis
@@ -217,6 +218,25 @@ def test_cancel_of_unknown_or_finished_jobs(durable: Gateway) -> None:
     response = httpx.post(f"{durable.url}/v1/chat/completions/{completion_id}/cancel", timeout=10)
     assert response.json()["status"] == "completed"
     assert response.json()["choices"][0]["message"]["content"] == "done"
+
+
+def test_delete_removes_a_job_and_its_events_cancelling_it_first(durable: Gateway) -> None:
+    client = openai.OpenAI(base_url=f"{durable.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    finished = client.chat.completions.create(model="claude-sonnet-4-5", messages=chat("hi")["messages"])
+    deleted = client.chat.completions.delete(finished.id)
+    assert (deleted.id, deleted.deleted, deleted.object) == (finished.id, True, "chat.completion.deleted")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.retrieve(finished.id)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.delete(finished.id)
+    body = chat(script(text="never", wait_ms=20_000), background=True)
+    running = httpx.post(f"{durable.url}/v1/chat/completions", json=body, timeout=10).json()
+    assert client.chat.completions.delete(running["id"]).deleted
+    job_id = running["id"].removeprefix("chatcmpl-")
+    redis = durable.redis()
+    assert redis.exists(f"gateway:job:{job_id}", f"gateway:job:{job_id}:events") == 0
+    assert redis.zscore("gateway:running", job_id) is None
+    redis.close()
 
 
 def test_the_same_idempotency_key_attaches_to_the_same_job(durable: Gateway) -> None:

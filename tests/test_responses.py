@@ -318,6 +318,37 @@ def test_responses_are_scoped_to_the_key(start_gateway: Any) -> None:
         b.responses.cancel(mine.id)
     with pytest.raises(openai.NotFoundError):
         b.responses.create(model=MODEL, input="x", previous_response_id=mine.id)
+    with pytest.raises(openai.NotFoundError):
+        b.responses.delete(mine.id)
+    assert a.responses.retrieve(mine.id).status == "completed"
+
+
+def test_delete_removes_a_response_and_everything_kept_of_it(
+    client: openai.OpenAI, scripted: Gateway
+) -> None:
+    done = client.responses.create(model=MODEL, input="remember this")
+    job_id = done.id.removeprefix("resp_")
+    redis = scripted.redis()
+    kept = [f"gateway:job:{job_id}", f"gateway:job:{job_id}:events", f"gateway:response:{job_id}"]
+    assert redis.exists(*kept) == 3
+    deleted = httpx.delete(f"{scripted.url}/v1/responses/{done.id}", timeout=30)
+    assert deleted.json() == {"id": done.id, "object": "response", "deleted": True}
+    assert redis.exists(*kept) == 0
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(done.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=MODEL, input="and then?", previous_response_id=done.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(done.id)  # once only
+    # One still running is cancelled first, then deleted: nothing of it stays, nothing runs on.
+    running = client.responses.create(
+        model=MODEL, input=script(text="never", wait_ms=20_000), background=True
+    )
+    client.responses.delete(running.id)
+    job_id = running.id.removeprefix("resp_")
+    assert redis.exists(f"gateway:job:{job_id}", f"gateway:response:{job_id}") == 0
+    assert redis.zscore("gateway:running", job_id) is None
+    redis.close()
 
 
 def test_a_background_response_survives_a_worker_restart_and_resumes(start_gateway: Any) -> None:

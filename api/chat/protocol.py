@@ -140,3 +140,9 @@ class ChatCompletion(BaseModel):
         if body.get("usage") is None:  # a queued or running job's: the spec has no null for it
             body.pop("usage", None)
         return body
+
+
+class ChatCompletionDeleted(BaseModel):
+    object: Literal["chat.completion.deleted"] = "chat.completion.deleted"
+    id: str
+    deleted: Literal[True] = True

@@ -4,6 +4,7 @@
 where it is (`queued`, `in_progress`, `completed`, `failed`, `cancelled`); with `?stream=true` it
 streams the job's chunks after `starting_after` (or `Last-Event-ID`), then follows it live.
 `POST /v1/chat/completions/{id}/cancel` stops it; cancelling twice, or a finished job, is harmless.
+`DELETE /v1/chat/completions/{id}` removes it and its events (cancelled first if it still runs).
 A job belongs to the API key that created it: any other key gets 404, as for an unknown id.
 """
 
@@ -13,8 +14,8 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
 from api.chat.outbound import COMPLETION_ID_PREFIX, ChunkRenderer, completion_body, completion_id
-from api.chat.protocol import ChatCompletion
-from api.core.run import Reply, Run, cancel_job, reply_of
+from api.chat.protocol import ChatCompletion, ChatCompletionDeleted
+from api.core.run import Reply, Run, cancel_job, delete_job, reply_of
 from api.core.sse import EventStreamResponse
 from api.core.streaming import StartingAfter, event_stream, parse_last_event_id
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
@@ -26,7 +27,7 @@ from shared.keys import is_job_id
 
 router = APIRouter()
 
-_ERRORS = error_responses(400, 404, 503)
+_ERRORS = error_responses(400, 404, 409, 503)
 
 
 @router.get("/v1/chat/completions/{completion_id}", response_model=ChatCompletion, responses=_ERRORS)
@@ -55,6 +56,16 @@ async def cancel_chat_completion(completion_id: str, gateway: GatewayDep, caller
     record = await _owned(gateway, caller, completion_id)
     await cancel_job(gateway.store, record.id)
     return JSONResponse((await _snapshot(gateway, await _owned(gateway, caller, completion_id))).model_dump())
+
+
+@router.delete(
+    "/v1/chat/completions/{completion_id}", response_model=ChatCompletionDeleted, responses=_ERRORS
+)
+async def delete_chat_completion(
+    completion_id: str, gateway: GatewayDep, caller: CallerDep
+) -> ChatCompletionDeleted:
+    await delete_job(gateway.store, await _owned(gateway, caller, completion_id))
+    return ChatCompletionDeleted(id=completion_id)
 
 
 async def _owned(gateway: Gateway, caller: Caller, completion_id: str) -> JobRecord:

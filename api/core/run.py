@@ -21,7 +21,7 @@ from api.deps import Gateway
 from api.errors import OpenAIError
 from shared.events import JobEventValue
 from shared.jobs import Activity, Delta, Done, Failed, FailureCode, Reasoning, Usage, settled
-from shared.jobstore import JobStore
+from shared.jobstore import JobRecord, JobStore
 
 log = logging.getLogger("gateway.api")
 
@@ -198,6 +198,17 @@ class Run:
                 finish = reply.done.finish_reason.value
                 reply.text = await self.response_format.check_finished_off_loop(reply.text, finish)
         return [replies[choice] for choice in range(len(self.jobs))]
+
+
+async def delete_job(store: JobStore, record: JobRecord) -> None:
+    """Deletes the job with its events; one that has not ended is cancelled first (409 if it has
+    not stopped within the cancel's wait: its worker still writes)."""
+    if record.ended is None:
+        await cancel_job(store, record.id)
+    if not await store.delete(record.id):
+        raise OpenAIError(
+            409, "The job is still stopping; retry the delete in a moment.", type="invalid_request_error"
+        )
 
 
 async def cancel_job(store: JobStore, job_id: str) -> None:

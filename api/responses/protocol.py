@@ -303,3 +303,9 @@ class Response(BaseModel):
     def wire(self) -> dict[str, Any]:
         """The JSON body: `usage` is absent until there is one (the spec has no null for it)."""
         return self.model_dump(exclude={"usage"} if self.usage is None else None)
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    deleted: Literal[True] = True

@@ -40,7 +40,7 @@ from api.responses.protocol import (
 )
 from shared.events import JobEventValue, events_so_far
 from shared.jobs import Activity, Delta, Done, Failed, FailureCode, FinishReason, JobStatus, Usage
-from shared.keys import PREFIX
+from shared.keys import response_key
 from shared.settings import Settings
 
 
@@ -66,10 +66,6 @@ class StoredResponse(BaseModel):
     """Whether its output shows the agent's thinking and tool steps (a reasoning item)."""
 
 
-def _key(job_id: str) -> str:
-    return f"{PREFIX}:response:{job_id}"
-
-
 def response_id(job: JobRef) -> str:
     return RESPONSE_ID_PREFIX + job.id
 
@@ -81,16 +77,16 @@ def message_id(job: JobRef) -> str:
 async def save(redis: Redis, settings: Settings, job_id: str, stored: StoredResponse) -> None:
     # Outlives the job's record, whose expiry starts when the job ends.
     ttl = settings.event_ttl_s + int(settings.queue_timeout_s + settings.job_timeout_s)
-    await redis.set(_key(job_id), stored.model_dump_json(), ex=ttl)
+    await redis.set(response_key(job_id), stored.model_dump_json(), ex=ttl)
 
 
 async def load(redis: Redis, job_id: str) -> StoredResponse | None:
-    raw = await redis.get(_key(job_id))
+    raw = await redis.get(response_key(job_id))
     return None if raw is None else StoredResponse.model_validate_json(raw)
 
 
 async def forget(redis: Redis, job_id: str) -> None:
-    await redis.delete(_key(job_id))
+    await redis.delete(response_key(job_id))
 
 
 class Keeper:

@@ -2,7 +2,8 @@
 
 `POST /v1/responses` translates the input items into the core request and queues one job, exactly
 as `/v1/chat/completions` does; the response is `resp_<job id>`. `GET /v1/responses/{id}` retrieves
-it (`?stream=true&starting_after=N` replays and follows its events), `POST .../cancel` stops it.
+it (`?stream=true&starting_after=N` replays and follows its events), `POST .../cancel` stops it,
+`DELETE` removes it (cancelled first if it still runs).
 A response belongs to the API key that created it: any other key gets 404, as for an unknown id.
 """
 
@@ -12,7 +13,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 from api.core.conversation import ChatMessage
-from api.core.run import Run, cancel_job, reply_of
+from api.core.run import Run, cancel_job, delete_job, reply_of
 from api.core.sse import EventStreamResponse
 from api.core.streaming import StartingAfter, event_stream, parse_last_event_id
 from api.core.submit import submit
@@ -20,7 +21,7 @@ from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import COMPLETION_ERRORS, OpenAIError
 from api.responses import response as stored_responses
 from api.responses.inbound import check_supported, core_request, stored_request
-from api.responses.protocol import RESPONSE_ID_PREFIX, CreateResponseRequest, Response
+from api.responses.protocol import RESPONSE_ID_PREFIX, CreateResponseRequest, Response, ResponseDeleted
 from api.responses.response import StoredResponse, response_body
 from api.responses.stream import ResponseEventRenderer
 from shared.events import events_so_far
@@ -81,6 +82,13 @@ async def cancel_response(response_id: str, gateway: GatewayDep, caller: CallerD
     await cancel_job(gateway.store, record.id)
     record, stored = await _owned(gateway, caller, response_id)
     return JSONResponse((await _snapshot(gateway, record, stored)).wire())
+
+
+@router.delete("/v1/responses/{response_id}", response_model=ResponseDeleted, responses=COMPLETION_ERRORS)
+async def delete_response(response_id: str, gateway: GatewayDep, caller: CallerDep) -> ResponseDeleted:
+    record, _ = await _owned(gateway, caller, response_id)
+    await delete_job(gateway.store, record)
+    return ResponseDeleted(id=response_id)
 
 
 async def _owned(
