@@ -7,6 +7,7 @@ another model: it is 404 unless configured."""
 import asyncio
 import contextlib
 import re
+from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel
@@ -33,6 +34,42 @@ class Model(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Model]
+
+
+class AnthropicModel(BaseModel):
+    """A model as Anthropic's Models API shows it (to a client that sends `anthropic-version`)."""
+
+    type: Literal["model"] = "model"
+    id: str
+    display_name: str
+    created_at: str
+    """RFC 3339."""
+    lifecycle: Literal["active"] = "active"
+    """Every model the gateway serves can be used."""
+
+    @classmethod
+    def of(cls, model: Model) -> "AnthropicModel":
+        created = datetime.fromtimestamp(model.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return cls(id=model.id, display_name=display_name(model.id), created_at=created)
+
+
+class AnthropicModelList(BaseModel):
+    data: list[AnthropicModel]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+def display_name(model_id: str) -> str:
+    """`claude-sonnet-4-5` → `Claude Sonnet 4.5`, `claude-3-5-haiku-20241022` → `Claude 3.5 Haiku`."""
+    snapshot = _SNAPSHOT.fullmatch(model_id)
+    words: list[str] = []
+    for part in (snapshot["family"] if snapshot else model_id).split("-"):
+        if part.isdigit() and words and words[-1][-1].isdigit():
+            words[-1] += "." + part
+        else:
+            words.append(part.capitalize())
+    return " ".join(words)
 
 
 class UpstreamCatalog:

@@ -9,7 +9,7 @@ import anthropic
 import httpx
 import pydantic
 import pytest
-from anthropic.types import Message, RawMessageStreamEvent
+from anthropic.types import Message, ModelInfo, RawMessageStreamEvent
 
 from tests.conftest import Gateway
 from tests.fake_anthropic import FakeAnthropic, Reply, system_text, user_text
@@ -19,6 +19,15 @@ MODEL = "claude-sonnet-4-5"
 # The client warns about the model's end of life; the gateway serves what MODELS lists.
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 _EVENT = pydantic.TypeAdapter[Any](RawMessageStreamEvent)
+
+
+class ModelInfoPage(pydantic.BaseModel):
+    """The page the client's `models.list` reads (its `SyncPage[ModelInfo]` is generic, not strict)."""
+
+    data: list[ModelInfo]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
 
 
 def strict(model: type[pydantic.BaseModel] | pydantic.TypeAdapter[Any], data: dict[str, Any]) -> None:
@@ -301,3 +310,29 @@ def test_a_stop_sequence_is_named_as_the_reason(scripted: Gateway, client: anthr
     assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "END")
     plain = client.messages.create(model=MODEL, max_tokens=100, messages=[{"role": "user", "content": "hi"}])
     assert (plain.stop_reason, plain.stop_sequence) == ("end_turn", None)
+
+
+def test_models_in_anthropics_shape_page_as_its_api_does(
+    scripted: Gateway, client: anthropic.Anthropic
+) -> None:
+    everything = list(client.models.list())  # the SDK's auto-paging follows `last_id` while `has_more`
+    assert [model.id for model in everything][:2] == ["claude-sonnet-4-5", "claude-opus-4-1"]
+    assert everything[0].display_name == "Claude Sonnet 4.5"
+    assert everything[0].created_at.year >= 2025
+    raw = httpx.get(
+        f"{scripted.url}/v1/models", params={"limit": 2}, headers={"anthropic-version": "2023-06-01"}
+    ).json()
+    strict(ModelInfoPage, raw)
+    assert (raw["has_more"], raw["first_id"], raw["last_id"]) == (True, everything[0].id, everything[1].id)
+    after = client.models.list(after_id=everything[0].id, limit=1)
+    assert [model.id for model in after.data] == [everything[1].id]
+    before = client.models.list(before_id=everything[2].id, limit=5)
+    assert [model.id for model in before.data] == [everything[0].id, everything[1].id]
+    assert not before.has_more
+    strict(ModelInfo, client.models.retrieve("claude-sonnet-4-5-20250929").model_dump(mode="json"))
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    with pytest.raises(anthropic.BadRequestError):
+        client.models.list(after_id="gpt-4o")
+    # An OpenAI client sends no anthropic-version: it gets OpenAI's shape, as before.
+    assert httpx.get(f"{scripted.url}/v1/models").json()["object"] == "list"
