@@ -102,8 +102,9 @@ def test_thinking_and_effort_map_onto_claude_code_within_the_operators_cap(
     sent = upstream.requests[-1]["thinking"]
     assert (sent["type"], sent["budget_tokens"]) == ("enabled", 2048)
     too_much = {"type": "enabled", "budget_tokens": 64000}  # above CLAUDE_MAX_THINKING_TOKENS (32000)
-    refused = send(policed, "messages", "think", thinking=too_much)
+    refused = send(policed, "messages", "think", thinking=too_much, max_tokens=100_000)
     assert (refused.status_code, refused.json()["error"]["type"]) == (400, "invalid_request_error")
+    assert "32000" in refused.json()["error"]["message"], refused.text  # the cap's refusal
     assert send(policed, "chat", "think", reasoning_effort="low").status_code == 200
     assert send(policed, "responses", "think", reasoning={"effort": "medium"}).status_code == 200
     for front_end, extra in [

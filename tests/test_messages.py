@@ -161,6 +161,39 @@ def test_failures_and_unsupported_parameters(scripted: Gateway, client: anthropi
     assert events[-1]["error"]["type"] == "api_error"
 
 
+_HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [{"name": "get_weather"}]}, "tools[0].input_schema"),
+        ({"tools": [{"input_schema": {"type": "object"}}]}, "tools[0].name"),
+        ({"thinking": {"type": "enabled"}}, "thinking.budget_tokens"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 1023}}, "thinking.budget_tokens"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 4096}}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]}, "messages[0].content"),
+        (
+            {"messages": [*_HI, {"role": "assistant", "content": []}, *_HI]},
+            "messages[1].content",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1"}]}]},
+            "messages[0].content",
+        ),
+    ],
+)
+def test_what_anthropic_refuses_is_refused(scripted: Gateway, extra: dict[str, Any], param: str) -> None:
+    """Each field has its type, but Anthropic's API answers 400: so does the gateway, naming it
+    (before, each of these ran a job)."""
+    body = {"model": MODEL, "max_tokens": 2048, "messages": _HI, **extra}
+    response = httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert param.split("[")[0] in response.json()["error"]["message"]
+
+
 @pytest.mark.claude
 def test_real_path_stream(claude: Gateway, upstream: FakeAnthropic) -> None:
     upstream.default = Reply(tokens=["Ahoy", "!"], input_tokens=50, output_tokens=2)

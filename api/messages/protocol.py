@@ -123,10 +123,48 @@ def _chat_tool_choice(choice: dict[str, Any] | None) -> str | dict[str, Any] | N
     return kind
 
 
+def _check(body: CreateMessageRequest) -> None:
+    """What Anthropic's API refuses although each field has its type (400 naming the field)."""
+    for i, tool in enumerate(body.tools or []):
+        for field, kind in (("name", str), ("input_schema", dict)):
+            if not isinstance(tool.get(field), kind):
+                raise OpenAIError.invalid(f"tools.{i}.{field}: Field required", param=f"tools[{i}].{field}")
+    if body.thinking is not None and body.thinking.get("type", "enabled") == "enabled":
+        budget = body.thinking.get("budget_tokens")
+        if type(budget) is not int or budget < 1024:
+            required = "thinking.budget_tokens: an integer of at least 1024 is required"
+            raise OpenAIError.invalid(required, param="thinking.budget_tokens")
+        if budget >= body.max_tokens:
+            raise OpenAIError.invalid(
+                "max_tokens must be greater than thinking.budget_tokens", param="max_tokens"
+            )
+    called: set[str | None] = set()  # the tool_use ids of the message before
+    last = len(body.messages) - 1
+    for index, message in enumerate(body.messages):
+        blocks = [] if isinstance(message.content, str) else message.content
+        empty = not message.content or any(block.type == "text" and not block.text for block in blocks)
+        if empty and not (message.role == "assistant" and index == last):
+            raise OpenAIError.invalid(
+                f"messages.{index}: all messages must have non-empty content except for the optional "
+                "final assistant message",
+                param=f"messages[{index}].content",
+            )
+        if orphans := [
+            b.tool_use_id for b in blocks if b.type == "tool_result" and b.tool_use_id not in called
+        ]:
+            raise OpenAIError.invalid(
+                f"messages.{index}: tool_result for '{str(orphans[0])[:64]}' answers no tool_use block "
+                "of the previous message",
+                param=f"messages[{index}].content",
+            )
+        called = {block.id for block in blocks if block.type == "tool_use"}
+
+
 def core_request(body: CreateMessageRequest) -> CompletionRequest:
     """The request as the core runs it; 400 on what the gateway cannot run."""
     if (unsupported := body.unsupported_parameter()) is not None:
         raise OpenAIError.unsupported(unsupported)
+    _check(body)
     messages: list[ChatMessage] = []
     if isinstance(body.system, str):
         messages.append(ChatMessage(role="system", content=body.system))
