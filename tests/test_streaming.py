@@ -12,9 +12,11 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from sse_starlette import ServerSentEvent
 
 from api.app import create_app
 from api.core import relay
+from api.core.streaming import joined
 from cli.embedded_redis import free_port
 from shared.settings import Settings
 from tests.conftest import Gateway, chat, sse_data
@@ -189,3 +191,21 @@ def test_a_resumed_stream_sends_what_is_stored_as_one_body_message(scripted: Gat
     texts = [json.loads(item)["choices"][0]["delta"].get("content") for item in data[:-1]]
     assert "".join(text or "" for text in texts) == "w " * 40
     assert data[-1] == "[DONE]"
+
+
+def test_events_are_encoded_byte_for_byte_as_sse_starlette_encodes_them() -> None:
+    events = [
+        ServerSentEvent('{"delta":{"content":"a\\nb ✓"}}', id="3"),
+        ServerSentEvent('{"type":"response.created"}', event="response.created", id="0"),
+        ServerSentEvent("[DONE]"),
+        ServerSentEvent("", id="2"),
+        ServerSentEvent(comment="ping"),
+        ServerSentEvent("two\nlines", id="1"),
+        ServerSentEvent("x\r", event="name"),
+        ServerSentEvent("x", id="a\nb"),
+        ServerSentEvent("x", event="e\r\n"),
+        ServerSentEvent("x", retry=1000),
+    ]
+    for event in events:
+        assert joined([event]) == event.encode(), event
+    assert joined(events) == b"".join(event.encode() for event in events)

@@ -210,7 +210,22 @@ def _farewell(renderer: StreamRenderer) -> bytes:
 
 def joined(events: list[ServerSentEvent]) -> bytes:
     """Events as one body message."""
-    return b"".join(event.encode() for event in events)
+    return b"".join(map(_encoded, events))
+
+
+def _encoded(event: ServerSentEvent) -> bytes:
+    """sse-starlette's `encode`, byte for byte, without its regular expressions and buffer for the
+    usual event (an id, a name and one line of data, as JSON is): a third of its time, on
+    every token's path. Anything else (a comment, a line break) takes its `encode`."""
+    data, id_, name = event.data, event.id, event.event
+    if event.comment is not None or event.retry is not None or not isinstance(data, str):
+        return event.encode()
+    head = ("" if id_ is None else f"id: {id_}\r\n") + ("" if name is None else f"event: {name}\r\n")
+    text = f"{head}data: {data}\r\n\r\n"
+    line_ends = (id_ is not None) + (name is not None) + 2
+    if text.count("\n") != line_ends or text.count("\r") != line_ends:  # a field breaks a line
+        return event.encode()
+    return text.encode()
 
 
 def parse_last_event_id(value: str | None) -> int:
