@@ -2,16 +2,20 @@
 scripted backend for the wire format, the real SDK + CLI and the fake upstream for the real path;
 bodies and chunks validated against the official schema."""
 
+import asyncio
 import json
+import time
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import Gateway, assert_schema, chat, sse_data
+from shared.jobs import CompletionJob, FunctionTool, Turn
+from tests.conftest import Gateway, assert_schema, chat, claude_env, sse_data
 from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
 from tests.test_durable_jobs import script
+from worker import caller_functions
 
 MODEL = "claude-sonnet-4-5"
 WEATHER = {
@@ -154,6 +158,73 @@ def test_real_path_offers_the_function_and_returns_the_call(claude: Gateway, ups
     assert answer.choices[0].message.content == "It is sunny."
     assert answer.choices[0].finish_reason == "stop"
     assert "18 C, sunny" in str(upstream.requests[-1]["messages"])
+
+
+async def test_the_cli_gets_no_answer_from_a_callers_function() -> None:
+    """The answer would let it go on to another model request before its run is closed."""
+    function = FunctionTool(name="get_weather", description="", parameters=WEATHER["function"]["parameters"])
+    job = CompletionJob(
+        request_id="r", model=MODEL, turns=[Turn(role="user", text="hi")], functions=[function]
+    )
+    [tool] = caller_functions.tools(job)
+    answer = tool.handler({"city": "Paris"})
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(answer, 1.0)
+
+
+@pytest.fixture(scope="module")
+def warm(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
+    """A warm client runs the job (as by default), its run stopped otherwise than a cold one's."""
+    gateway: Gateway = start_gateway(workers=1, **claude_env(fake_anthropic, CLAUDE_WARM_CLIENTS="1"))
+    return gateway
+
+
+@pytest.mark.parametrize(("start", "stream"), [("cold", False), ("warm", True)])
+def test_after_a_call_the_agent_goes_no_further(
+    request: pytest.FixtureRequest, upstream: FakeAnthropic, start: str, stream: bool
+) -> None:
+    """The CLI must not answer the call itself and go on: before, it asked the model again (unseen,
+    unbilled) and ran the tools of that reply (Bash here) before the run was closed."""
+    gateway: Gateway = request.getfixturevalue("claude" if start == "cold" else "warm")
+    upstream.script.extend(
+        [
+            Reply(tool_use=("mcp__caller__get_weather", {"city": "Paris"})),
+            Reply(tool_use=("Bash", {"command": "echo went on", "description": "go on"})),
+            Reply(tokens=["went", " on"]),
+        ]
+    )
+    before = len(upstream.requests)
+    body = chat("Weather in Paris?", stream=stream) | {"tools": [WEATHER]}
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert "get_weather" in response.text
+    time.sleep(2)  # what the CLI would do next comes within milliseconds
+    assert len(upstream.script) == 2, [tool_results(r) for r in upstream.requests[before:]]  # one reply taken
+    upstream.script.clear()
+
+
+def test_a_turn_ending_on_a_call_counts_every_model_call_it_made(
+    claude: Gateway, upstream: FakeAnthropic
+) -> None:
+    """No result message (with the CLI's totals) ends such a turn: it counted its last call only."""
+    upstream.script.extend(
+        [
+            Reply(
+                tool_use=("Bash", {"command": "true", "description": "look"}),
+                input_tokens=100,
+                output_tokens=7,
+            ),
+            Reply(
+                tool_use=("mcp__caller__get_weather", {"city": "Paris"}), input_tokens=200, output_tokens=9
+            ),
+        ]
+    )
+    body = chat("Weather in Paris?") | {"tools": [WEATHER]}
+    response = httpx.post(f"{claude.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] == "tool_calls"
+    usage = response.json()["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (300, 10)  # a tool call's output: 5
 
 
 def test_a_request_with_legacy_functions_gets_its_call_in_that_form(

@@ -3,10 +3,12 @@
 Claude Code sees each function as the tool `mcp__caller__<name>`, beside its own tools. When the
 model calls one, the worker ends the turn on that assistant message, before the CLI runs the tool:
 the call goes back to the caller (`finish_reason: tool_calls`), who runs it and sends the result
-in its next request. The handler only answers if the CLI gets to run a call anyway (it cannot
-in this flow: the run is closed first).
+in its next request. The CLI does get to run the call as the turn ends: its handler never answers,
+so the CLI waits there until the run is closed (an answer, even an error, let it go on to another
+model request and tools of its own, unseen and unbilled, before the close landed).
 """
 
+import asyncio
 import json
 from typing import Any
 
@@ -20,15 +22,17 @@ _PREFIX = f"mcp__{SERVER}__"
 
 
 async def _returned_to_caller(arguments: dict[str, Any]) -> dict[str, Any]:
-    return {"content": [{"type": "text", "text": "This function is run by the caller."}], "is_error": True}
+    never: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    return await never  # cancelled when the run is closed
 
 
 def servers(job: CompletionJob) -> dict[str, McpServerConfig]:
     """The MCP server offering the job's functions (none without functions)."""
-    if not job.functions:
-        return {}
-    tools = [SdkMcpTool(f.name, f.description, f.parameters, _returned_to_caller) for f in job.functions]
-    return {SERVER: create_sdk_mcp_server(SERVER, tools=tools)}
+    return {SERVER: create_sdk_mcp_server(SERVER, tools=tools(job))} if job.functions else {}
+
+
+def tools(job: CompletionJob) -> list[SdkMcpTool[Any]]:
+    return [SdkMcpTool(f.name, f.description, f.parameters, _returned_to_caller) for f in job.functions]
 
 
 def tool_names(job: CompletionJob) -> list[str]:

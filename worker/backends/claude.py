@@ -494,6 +494,7 @@ async def _relay(
     or when the model calls the caller's functions: the caller runs them, not the CLI)."""
     started: dict[str, Any] = {}  # usage from the current upstream message's start
     latest: dict[str, Any] = {}  # and as its last delta left it
+    earlier: dict[str, Any] = {}  # the run's upstream messages before it, summed
     message_ended = False  # the current upstream message has its stop reason
     calls: list[ToolCall] = []  # calls to the caller's functions in the current turn
     sent = thought = ""  # the current upstream message's text and thinking, as relayed
@@ -525,13 +526,14 @@ async def _relay(
                     else:
                         yield PROGRESS  # a tool call or thinking being written
                 elif event.get("type") == "message_start":
+                    earlier = _summed(earlier, latest)
                     started = event.get("message", {}).get("usage", {})
                     latest, message_ended, sent, thought = started, False, "", ""
                     yield UsageReport(_usage(started))
                 elif _hit_token_limit(event):
                     # The CLI would ask the model to continue past the caller's limit;
                     # OpenAI semantics end here. No ResultMessage follows, so no cost.
-                    usage = _usage({**started, **event["usage"]})
+                    usage = _usage(_summed(earlier, {**started, **event["usage"]}))
                     if transcript is not None:  # closing the run flushes its transcript
                         await stop()
                         await transcript.commit()
@@ -569,7 +571,8 @@ async def _relay(
             if calls and message_ended:
                 # The turn ends on the calls: the caller runs its functions, not the CLI.
                 await stop()
-                yield Done(finish_reason=FinishReason.TOOL_CALLS, usage=_usage(latest), tool_calls=calls)
+                usage = _usage(_summed(earlier, latest))
+                yield Done(finish_reason=FinishReason.TOOL_CALLS, usage=usage, tool_calls=calls)
                 return
     except CLINotFoundError as exc:
         raise BackendError(FailureCode.BACKEND_UNAVAILABLE, "Claude Code is not installed.") from exc
@@ -612,6 +615,13 @@ async def _close(messages: AsyncIterator[Any]) -> None:
 
 def _hit_token_limit(event: dict[str, Any]) -> bool:
     return event.get("type") == "message_delta" and event.get("delta", {}).get("stop_reason") == "max_tokens"
+
+
+def _summed(usage: dict[str, Any], more: dict[str, Any]) -> dict[str, int]:
+    """Two upstream messages' token counts as one: a run that ends before its result (no total
+    from the CLI then) counts every model call it made, not only its last."""
+    counts = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+    return {count: int(usage.get(count) or 0) + int(more.get(count) or 0) for count in counts}
 
 
 def _usage(usage: dict[str, Any], cost_usd: float | None = None) -> Usage:
