@@ -316,6 +316,50 @@ def test_message_count_and_prompt_size_are_limited(guarded: Gateway) -> None:
     assert_error(httpx.post(url, json=many, headers=bearer(CONFIGURED_KEY)), 400, "too_many_messages")
     long = chat("y" * 1001)
     assert_error(httpx.post(url, json=long, headers=bearer(CONFIGURED_KEY)), 400, "prompt_too_large")
+    # The calls in the conversation and the caller's functions are sent to the model too: on every
+    # front end (they were not counted: a caller could send ~10x the limit in call arguments).
+    big = json.dumps({"x": "z" * 1001})
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": big}}
+    function = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ]
+    described = {"type": "function", "function": {"name": "f", "description": "d" * 1001}}
+    refused = [
+        ("/v1/chat/completions", {"model": "claude-sonnet-4-5", "messages": turns, "tools": [function]}),
+        ("/v1/chat/completions", chat("hi") | {"tools": [described]}),
+        (
+            "/v1/responses",
+            {
+                "model": "claude-sonnet-4-5",
+                "input": [
+                    {"role": "user", "content": "hi"},
+                    {"type": "function_call", "call_id": "c1", "name": "f", "arguments": big},
+                    {"type": "function_call_output", "call_id": "c1", "output": "ok"},
+                ],
+                "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+            },
+        ),
+    ]
+    for path, body in refused:
+        response = httpx.post(f"{guarded.url}{path}", json=body, headers=bearer(CONFIGURED_KEY))
+        assert_error(response, 400, "prompt_too_large")
+    used = {"type": "tool_use", "id": "t1", "name": "f", "input": {"x": "z" * 1001}}
+    messages = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 64,
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [used]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]},
+        ],
+        "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+    }
+    response = httpx.post(f"{guarded.url}/v1/messages", json=messages, headers=bearer(CONFIGURED_KEY))
+    assert response.status_code == 400, response.text
+    assert "too long" in response.json()["error"]["message"]
 
 
 def test_failed_authentications_are_throttled_per_address(guarded: Gateway) -> None:

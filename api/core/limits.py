@@ -10,7 +10,8 @@ of empty messages used to cost ~160 MiB and a second of event loop in validation
 import json
 import re
 
-from api.core.conversation import ChatMessage, ImagePart, TextPart
+from api.core.conversation import ImagePart, TextPart
+from api.core.request import CompletionRequest
 from api.errors import OpenAIError
 from shared.settings import Settings
 
@@ -94,9 +95,11 @@ def _too_deep() -> OpenAIError:
     )
 
 
-def check_prompt_limits(messages: list[ChatMessage], settings: Settings) -> None:
+def check_prompt_limits(request: CompletionRequest, settings: Settings) -> None:
     """400 when the request has more than `MAX_MESSAGES` messages, `MAX_IMAGE_BYTES` of inline
-    images or `MAX_PROMPT_CHARS` of text."""
+    images or `MAX_PROMPT_CHARS` of text: messages, the calls in them and the caller's functions,
+    all of which the model is sent."""
+    messages = request.messages
     if len(messages) > settings.max_messages:
         raise too_many_messages(settings)
     total = images = 0
@@ -110,6 +113,10 @@ def check_prompt_limits(messages: list[ChatMessage], settings: Settings) -> None
                 for part in message.content
                 if isinstance(part, ImagePart)
             )
+        calls = [*(message.tool_calls or []), *([message.function_call] if message.function_call else [])]
+        total += sum(len(json.dumps(call, ensure_ascii=False)) for call in calls)
+    functions = [*(request.tools or []), *(request.functions or [])]
+    total += sum(len(json.dumps(function, ensure_ascii=False)) for function in functions)
     if images > settings.max_image_bytes:
         raise OpenAIError.invalid(
             f"The images are too large: at most {settings.max_image_bytes} bytes of inline image data.",
@@ -118,7 +125,8 @@ def check_prompt_limits(messages: list[ChatMessage], settings: Settings) -> None
         )
     if total > settings.max_prompt_chars:
         raise OpenAIError.invalid(
-            f"The prompt is too long: at most {settings.max_prompt_chars} characters of message text.",
+            f"The prompt is too long: at most {settings.max_prompt_chars} characters of message text "
+            "(with tool calls and functions).",
             param="messages",
             code="prompt_too_large",
         )

@@ -119,7 +119,7 @@ def plan(
 ) -> CompletionJob:
     """The request's job, checked against the limits and the operator's policy; nothing is queued.
     `configs`: the stored tool defaults that apply; `session`: the request continues a session."""
-    check_prompt_limits(request.messages, settings)
+    check_prompt_limits(request, settings)
     agent = agent_request(request.agent, headers, settings, configs)
     plain, calling = function_calling(request)
     job = build_job(plain, request_id, settings, agent)
