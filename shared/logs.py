@@ -8,16 +8,21 @@ text, nor credentials; arq's own INFO lines would (they repeat each job's argume
 held to warnings.
 """
 
+import asyncio
+import contextvars
 import json
 import logging
 import sys
+from collections.abc import Coroutine
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from shared.settings import Settings
 
 _context: ContextVar[dict[str, str] | None] = ContextVar("gateway_log_context", default=None)
 _FIELDS = ("request_id", "job_id")
+T = TypeVar("T")
 
 
 def bind_new(**ids: str) -> None:
@@ -35,7 +40,16 @@ def bind(**ids: str) -> None:
         current.update(ids)
 
 
-class _ContextFilter(logging.Filter):
+def detached(work: Coroutine[Any, Any, T]) -> "asyncio.Task[T]":
+    """A task for the process's own work, started while a request or job is in hand: its lines
+    carry no ids (the context's ids are shared in place, so they would name whatever that
+    request or job binds later)."""
+    context = contextvars.copy_context()
+    context.run(_context.set, None)
+    return asyncio.get_running_loop().create_task(work, context=context)
+
+
+class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         ids = _context.get() or {}
         for name in _FIELDS:
@@ -70,7 +84,7 @@ class _TextFormatter(logging.Formatter):
 
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_ContextFilter())
+    handler.addFilter(ContextFilter())
     if settings.log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:

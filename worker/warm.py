@@ -47,6 +47,7 @@ from typing import Any
 from claude_agent_sdk import ClaudeSDKClient, ResultMessage
 
 from shared.jobs import CompletionJob
+from shared.logs import detached
 from worker.history import merged
 
 log = logging.getLogger("gateway.worker.warm")
@@ -301,7 +302,7 @@ class WarmPool:
         ):
             self._discard(self._slots.pop(0))  # a new kind of job takes the oldest client's place
         if self._filling is None or self._filling.done():
-            self._filling = asyncio.ensure_future(self._fill())
+            self._filling = detached(self._fill())
         if self._trim is not None:
             self._trim.cancel()
         self._trim = asyncio.get_running_loop().call_later(self.idle_s + 0.1, self._shrink)
@@ -333,13 +334,13 @@ class WarmPool:
             warm.park()
             return warm
 
-        self._slots.append(_Slot(warm.profile, asyncio.ensure_future(rewound()), job.owner))
+        self._slots.append(_Slot(warm.profile, detached(rewound()), job.owner))
         return True
 
     async def _fill(self) -> None:
         while not self._closed and self._template is not None and len(self._slots) < self.target():
             job = self._template
-            slot = _Slot(str(profile(job)), asyncio.ensure_future(self._start(job)))
+            slot = _Slot(str(profile(job)), detached(self._start(job)))
             self._slots.append(slot)
             await asyncio.wait([slot.client])
             if slot.client.cancelled() or slot.client.exception() is not None:
@@ -375,7 +376,7 @@ class WarmPool:
             with contextlib.suppress(BaseException):
                 await (await slot.client).discard()
 
-        task = asyncio.ensure_future(discard())
+        task = detached(discard())
         self._discarding.add(task)
         task.add_done_callback(self._discarding.discard)
 

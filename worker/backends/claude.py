@@ -78,6 +78,21 @@ from worker.workspace import (
 
 log = logging.getLogger("gateway.worker.claude")
 
+
+class _OwnKills(logging.Filter):
+    """The SDK logs an ERROR ("Fatal error in message reader: ... exit code -9") whenever a CLI it
+    reads is killed; the worker kills them itself (a cancel, a turn ended on the caller's call, a
+    warm client discarded) and says what a failure meant. Those lines are debug ones."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "exit code -9" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("claude_agent_sdk._internal.query").addFilter(_OwnKills())
+
 _ANTHROPIC_API = "https://api.anthropic.com"
 
 _FINISH_REASONS = {
