@@ -141,6 +141,10 @@ def test_a_stream_cut_and_retried_upstream_reaches_the_client_once(
     assert "".join(delta.get("content") or "" for delta in deltas) == "".join(tokens)
     assert "".join(delta.get("reasoning_content") or "" for delta in deltas) == "".join(thinking)
     assert len(upstream.requests) == 2  # it really was cut and retried
+    # The worker's proxy passed the cut on; its log says so in a line, not uvicorn's traceback.
+    worker_log = "".join(path.read_text() for path in claude.logs.glob("worker-*.log"))
+    assert "the model API cut an answer mid-stream (RemoteProtocolError)" in worker_log
+    assert "Exception in ASGI application" not in worker_log
 
 
 def test_a_model_that_goes_on_from_a_cut_is_relayed_as_one_answer(

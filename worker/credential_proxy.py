@@ -18,6 +18,7 @@ and the CLI speaks HTTP over (`ANTHROPIC_UNIX_SOCKET`): no TCP port.
 
 import asyncio
 import json
+import logging
 import secrets
 import threading
 import time
@@ -50,6 +51,19 @@ far fewer than the worker's descriptors, which a job opening connections by the 
 needed to connect) would otherwise use up, failing every other job on the worker."""
 MAX_BODY_BYTES = 32 * 1024 * 1024
 """The Messages API's own request limit; a larger body is refused before it is held in memory."""
+
+
+class _UpstreamCuts(logging.Filter):
+    """An answer the model API cuts mid-stream is passed on as a cut (uvicorn closes the CLI's
+    connection, and the CLI asks again); uvicorn's ~80-line traceback of it becomes one warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        cut = record.exc_info[1] if record.exc_info else None
+        if isinstance(cut, httpx.TransportError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "the model API cut an answer mid-stream (%s)", (type(cut).__name__,)
+            record.exc_info = record.exc_text = None
+        return True
 
 
 Credential = Callable[[], tuple[str, str]]
@@ -142,6 +156,8 @@ class CredentialProxy:
         """Serves on the Unix socket `socket`, which the job user may connect to (its token is
         what counts)."""
 
+        logging.getLogger("uvicorn.error").addFilter(_UpstreamCuts())  # only the proxy serves HTTP here
+
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), trust_env=False) as client:
@@ -152,7 +168,12 @@ class CredentialProxy:
         methods = ["GET", "POST", "HEAD", "DELETE", "PUT", "PATCH"]
         app = Starlette(routes=[Route("/{path:path}", self._forward, methods=methods)], lifespan=lifespan)
         config = uvicorn.Config(
-            app, uds=str(socket), http=_BoundedConnections, log_level="warning", access_log=False
+            app,
+            uds=str(socket),
+            http=_BoundedConnections,
+            log_level="warning",
+            log_config=None,  # through the worker's own handler and format (shared/logs.py)
+            access_log=False,
         )
         self._server = uvicorn.Server(config)
         threading.Thread(target=self._server.run, name="credential-proxy", daemon=True).start()
