@@ -22,7 +22,7 @@ from shared.settings import Settings
 
 _context: ContextVar[dict[str, str] | None] = ContextVar("gateway_log_context", default=None)
 _FIELDS = ("request_id", "job_id")
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 def bind_new(**ids: str) -> None:
@@ -40,7 +40,7 @@ def bind(**ids: str) -> None:
         current.update(ids)
 
 
-def detached(work: Coroutine[Any, Any, T]) -> "asyncio.Task[T]":
+def detached(work: Coroutine[Any, Any, _T]) -> "asyncio.Task[_T]":
     """A task for the process's own work, started while a request or job is in hand: its lines
     carry no ids (the context's ids are shared in place, so they would name whatever that
     request or job binds later)."""

@@ -47,7 +47,8 @@ async def connect(redis_url: str, queue_name: str) -> ArqRedis:
 
 class _HiredisPacking:
     """redis-py's sync client packs commands with hiredis when it is installed; its asyncio client
-    packs them in Python, which was ~15% of a worker's CPU on the relay's path (docs/benchmarks.md)."""
+    packs them in Python: ~8% of a worker's CPU and ~5% of an API process's on the relay's path
+    (docs/benchmarks.md)."""
 
     _packer = HiredisRespSerializer()
 
