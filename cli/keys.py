@@ -17,9 +17,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import apikeys
+from shared.jobs import Failed, FailureCode
+from shared.jobstore import JobStore
 from shared.settings import Settings
 
 log = logging.getLogger("gateway.cli")
+_REVOKED = Failed(code=FailureCode.CANCELLED, message="The API key that started this job was revoked.")
 
 
 async def _protection(redis_url: str) -> tuple[bool, bool]:
@@ -75,7 +78,7 @@ def ensure_protected(settings: Settings, redis_url: str) -> None:
     log.warning("no API key configured: every caller is served anonymously")
 
 
-async def _run(args: argparse.Namespace, redis_url: str) -> int:
+async def _run(args: argparse.Namespace, redis_url: str, settings: Settings) -> int:
     async with Redis.from_url(redis_url) as redis:
         if args.action == "create":
             key, secret = await apikeys.create(redis, args.name, operator=args.operator)
@@ -99,7 +102,10 @@ async def _run(args: argparse.Namespace, redis_url: str) -> int:
             print(f"no managed key with id {args.key_id}", file=sys.stderr)
             return 1
         else:
-            print(f"revoked {args.key_id}", file=sys.stderr)
+            # Its jobs stop too: they run on the operator's model API credential.
+            store = JobStore(redis, queue_name=settings.queue_name, ttl_s=settings.event_ttl_s)
+            stopped = await store.stop_owned(args.key_id, _REVOKED)
+            print(f"revoked {args.key_id}; cancelled its {stopped} unfinished job(s)", file=sys.stderr)
     return 0
 
 
@@ -119,8 +125,8 @@ def add_parser(roles: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     )
 
 
-def run_keys(redis_url: str, args: argparse.Namespace) -> None:
+def run_keys(redis_url: str, args: argparse.Namespace, settings: Settings) -> None:
     try:
-        sys.exit(asyncio.run(_run(args, redis_url)))
+        sys.exit(asyncio.run(_run(args, redis_url, settings)))
     except (OSError, RedisError, ValueError) as exc:  # unreachable, refused, or no Redis URL
         sys.exit(f"claude-gateway keys: cannot reach Redis ({exc})")

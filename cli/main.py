@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         run_status(settings, _found_redis_url(settings, "status"), as_json=args.json, watch_s=args.watch)
         return
     if args.role == "keys":
-        keys.run_keys(_found_redis_url(settings, "keys"), args)
+        keys.run_keys(_found_redis_url(settings, "keys"), args, settings)
         return
     {"up": run_up, "api": run_api, "worker": run_worker}[args.role](settings)
 

@@ -45,6 +45,7 @@ from shared.keys import (
     attempt_id,
     events_key,
     idempotency_key,
+    is_job_id,
     record_key,
     response_key,
     session_lock_key,
@@ -564,6 +565,21 @@ class JobStore:
         args: list[str | bytes | int] = [mode, job_id, encode_event(failure), failure.code.value, self.ttl_s]
         result: bytes = await self._stop(keys=keys, args=args)
         return result.decode()  # type: ignore[return-value]
+
+    async def stop_owned(self, owner: str, failure: Failed) -> int:
+        """Cancels every job of `owner` (an API key's id) queued or running: its key was revoked.
+        How many were stopped or are being stopped."""
+        running: list[bytes] = await self.redis.zrange(RUNNING, 0, -1)
+        queued: list[bytes] = await self.redis.zrange(self.queue_name, 0, -1)
+        job_ids = {m.decode() for m in running} | {m.decode().rpartition(".")[0] for m in queued}
+        stopped = 0
+        for job_id in filter(is_job_id, job_ids):
+            if await self.redis.hget(record_key(job_id), "owner") == owner.encode():  # type: ignore[misc]
+                stopped += await self.stop(job_id, withdraw_only=False, failure=failure) in (
+                    "stopped",
+                    "cancelling",
+                )
+        return stopped
 
     async def delete(self, job_id: str) -> bool:
         """Removes an ended job: its record, its events and what a front end kept beside it (the

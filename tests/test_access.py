@@ -123,8 +123,22 @@ def test_managed_key_works_on_every_replica_until_revoked(guarded: Gateway, seco
     for name in redis.scan_iter("*"):
         if redis.type(name) == b"hash":
             assert secret.encode() not in b"".join(b"".join(pair) for pair in redis.hgetall(name).items())
+    # Its unfinished jobs stop with it: they ran on the operator's model API credential.
+    slow = chat("script:" + json.dumps({"text": "never", "wait_ms": 20_000}), background=True)
+    url = f"{guarded.url}/v1/chat/completions"
+    jobs = [httpx.post(url, json=slow, headers=bearer(secret), timeout=10).json()["id"] for _ in range(2)]
+    revoked = keys_cli(guarded, "revoke", key_id)
+    assert revoked.returncode == 0
+    assert "cancelled its 2 unfinished job(s)" in revoked.stderr
+    deadline = time.monotonic() + 10
+    ended = [None]
+    while time.monotonic() < deadline:
+        ended = [redis.hget(f"gateway:job:{job.removeprefix('chatcmpl-')}", "ended") for job in jobs]
+        if all(ended):
+            break
+        time.sleep(0.1)
+    assert ended == [b"cancelled", b"cancelled"]
     redis.close()
-    assert keys_cli(guarded, "revoke", key_id).returncode == 0
     for api in (guarded, second_api):
         assert_error(httpx.get(f"{api.url}/v1/models", headers=bearer(secret)), 401, "invalid_api_key")
     assert keys_cli(guarded, "revoke", key_id).returncode == 1
