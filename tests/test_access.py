@@ -357,8 +357,9 @@ def test_message_count_and_prompt_size_are_limited(guarded: Gateway) -> None:
             },
         ),
     ]
+    _, own = new_key(guarded, "prompt sizes")  # the shared key's budget is the later tests'
     for path, body in refused:
-        response = httpx.post(f"{guarded.url}{path}", json=body, headers=bearer(CONFIGURED_KEY))
+        response = httpx.post(f"{guarded.url}{path}", json=body, headers=bearer(own))
         assert_error(response, 400, "prompt_too_large")
     used = {"type": "tool_use", "id": "t1", "name": "f", "input": {"x": "z" * 1001}}
     messages = {
@@ -371,7 +372,7 @@ def test_message_count_and_prompt_size_are_limited(guarded: Gateway) -> None:
         ],
         "tools": [{"name": "f", "input_schema": {"type": "object"}}],
     }
-    response = httpx.post(f"{guarded.url}/v1/messages", json=messages, headers=bearer(CONFIGURED_KEY))
+    response = httpx.post(f"{guarded.url}/v1/messages", json=messages, headers=bearer(own))
     assert response.status_code == 400, response.text
     assert "too long" in response.json()["error"]["message"]
 

@@ -276,6 +276,8 @@ def test_a_killed_worker_loses_no_job(up: Up) -> None:
         return [i for i in ids if f"-{pid}-" in worker_of(i)]
 
     wait_for(lambda: all(worker_of(i) for i in ids), 10, "all jobs run")
+    # A job is placed on its worker before it starts: the talking ones must have talked already.
+    wait_for(lambda: all(client.xlen(f"gateway:job:{i[9:]}:events") for i in ids[:2]), 10, "output")
     victim = max(up.pids("worker"), key=lambda pid: len(running_on(pid)))
     lost = running_on(victim)
     assert lost
