@@ -3,9 +3,9 @@
 Claude Code sees each function as the tool `mcp__caller__<name>`, beside its own tools. When the
 model calls one, the worker ends the turn on that assistant message, before the CLI runs the tool:
 the call goes back to the caller (`finish_reason: tool_calls`), who runs it and sends the result
-in its next request. The CLI does get to run the call as the turn ends: its handler never answers,
-so the CLI waits there until the run is closed (an answer, even an error, let it go on to another
-model request and tools of its own, unseen and unbilled, before the close landed).
+in its next request. The CLI does get to run the call as the turn ends: its handler does not
+answer, so the CLI waits there until the run is closed (an answer, even an error, let it go on to
+another model request and tools of its own, unseen and unbilled, before the close landed).
 """
 
 import asyncio
@@ -21,9 +21,15 @@ SERVER = "caller"
 _PREFIX = f"mcp__{SERVER}__"
 
 
+_UNANSWERED_S = 60.0
+"""How long the CLI waits for an answer: the worker closes the run within milliseconds of a call
+it ends the turn on. A call it does not see end a turn (a sub-agent's, where an operator allows
+them) gets the answer then, rather than stall the job."""
+
+
 async def _returned_to_caller(arguments: dict[str, Any]) -> dict[str, Any]:
-    never: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-    return await never  # cancelled when the run is closed
+    await asyncio.sleep(_UNANSWERED_S)  # cancelled when the run is closed
+    return {"content": [{"type": "text", "text": "This function is run by the caller."}], "is_error": True}
 
 
 def servers(job: CompletionJob) -> dict[str, McpServerConfig]:
