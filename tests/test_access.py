@@ -341,7 +341,26 @@ def test_message_count_and_prompt_size_are_limited(guarded: Gateway) -> None:
         {"role": "tool", "tool_call_id": "c1", "content": "ok"},
     ]
     described = {"type": "function", "function": {"name": "f", "description": "d" * 1001}}
+    answered = [
+        {"role": "user", "content": "hi"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{**call, "function": {"name": "f", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "c" * 1001, "content": "ok"},  # an id, or a name, is prompt text
+    ]
+    legacy = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+        {"role": "function", "name": "n" * 1001, "content": "ok"},
+    ]
     refused = [
+        ("/v1/chat/completions", {"model": "claude-sonnet-4-5", "messages": answered, "tools": [function]}),
+        (
+            "/v1/chat/completions",
+            {"model": "claude-sonnet-4-5", "messages": legacy, "functions": [function["function"]]},
+        ),
         ("/v1/chat/completions", {"model": "claude-sonnet-4-5", "messages": turns, "tools": [function]}),
         ("/v1/chat/completions", chat("hi") | {"tools": [described]}),
         (
@@ -357,9 +376,12 @@ def test_message_count_and_prompt_size_are_limited(guarded: Gateway) -> None:
             },
         ),
     ]
-    _, own = new_key(guarded, "prompt sizes")  # the shared key's budget is the later tests'
-    for path, body in refused:
-        response = httpx.post(f"{guarded.url}{path}", json=body, headers=bearer(own))
+    answer_only = [{"role": "user", "content": "hi"}, {"type": "function_call_output", "call_id": "c" * 1001}]
+    refused.append(("/v1/responses", {"model": "claude-sonnet-4-5", "input": answer_only}))
+    # Keys of their own: 6 requests a minute each, and the configured key's are the later tests'.
+    own = [new_key(guarded, "prompt sizes")[1] for _ in range(2)]
+    for i, (path, body) in enumerate(refused):
+        response = httpx.post(f"{guarded.url}{path}", json=body, headers=bearer(own[i % 2]))
         assert_error(response, 400, "prompt_too_large")
     used = {"type": "tool_use", "id": "t1", "name": "f", "input": {"x": "z" * 1001}}
     messages = {
@@ -372,7 +394,7 @@ def test_message_count_and_prompt_size_are_limited(guarded: Gateway) -> None:
         ],
         "tools": [{"name": "f", "input_schema": {"type": "object"}}],
     }
-    response = httpx.post(f"{guarded.url}/v1/messages", json=messages, headers=bearer(own))
+    response = httpx.post(f"{guarded.url}/v1/messages", json=messages, headers=bearer(own[1]))
     assert response.status_code == 400, response.text
     assert "too long" in response.json()["error"]["message"]
 

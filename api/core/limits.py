@@ -115,6 +115,7 @@ def check_prompt_limits(request: CompletionRequest, settings: Settings) -> None:
             )
         calls = [*(message.tool_calls or []), *([message.function_call] if message.function_call else [])]
         total += sum(len(json.dumps(call, ensure_ascii=False)) for call in calls)
+        total += len(message.tool_call_id or "") + len(message.name or "")  # both go into the prompt
     functions = [*(request.tools or []), *(request.functions or [])]
     total += sum(len(json.dumps(function, ensure_ascii=False)) for function in functions)
     if images > settings.max_image_bytes:
