@@ -179,13 +179,24 @@ def warm(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
     return gateway
 
 
-@pytest.mark.parametrize(("start", "stream"), [("cold", False), ("warm", True)])
-def test_after_a_call_the_agent_goes_no_further(
-    request: pytest.FixtureRequest, upstream: FakeAnthropic, start: str, stream: bool
-) -> None:
+def test_after_a_call_the_agent_goes_no_further(claude: Gateway, upstream: FakeAnthropic) -> None:
     """The CLI must not answer the call itself and go on: before, it asked the model again (unseen,
     unbilled) and ran the tools of that reply (Bash here) before the run was closed."""
-    gateway: Gateway = request.getfixturevalue("claude" if start == "cold" else "warm")
+    _ends_on_the_call(claude, upstream, stream=False)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_after_a_call_a_warm_client_goes_no_further(
+    warm: Gateway, upstream: FakeAnthropic, stream: bool
+) -> None:
+    """The same request three times: the first orders a warm client (`up`'s default) for the others,
+    whose run the SDK's disconnect stopped: it cancelled the call's pending answer, and the CLI
+    went on from there (every warm run made three model calls)."""
+    for _ in range(3):
+        _ends_on_the_call(warm, upstream, stream=stream)
+
+
+def _ends_on_the_call(gateway: Gateway, upstream: FakeAnthropic, *, stream: bool) -> None:
     upstream.script.extend(
         [
             Reply(tool_use=("mcp__caller__get_weather", {"city": "Paris"})),
@@ -199,7 +210,8 @@ def test_after_a_call_the_agent_goes_no_further(
     assert response.status_code == 200, response.text
     assert "get_weather" in response.text
     time.sleep(2)  # what the CLI would do next comes within milliseconds
-    assert len(upstream.script) == 2, [tool_results(r) for r in upstream.requests[before:]]  # one reply taken
+    taken = [tool_results(r) for r in upstream.requests[before:]]
+    assert len(upstream.script) == 2, taken  # one reply taken
     upstream.script.clear()
 
 
