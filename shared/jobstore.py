@@ -384,11 +384,16 @@ finish(KEYS[1], KEYS[2], ARGV[1], ARGV[4], 'worker_lost', ARGV[6])
 return 'failed'
 """
 )
-# An ended job's keys go at once; a job still queued or running keeps them (its worker writes on).
+_RELEASE = """
+local named = redis.call('get', KEYS[1])
+if named and string.sub(named, 1, #ARGV[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
+return 0
+"""
 _DELETE = """
-if not redis.call('hget', KEYS[1], 'ended') then return 0 end
+if redis.call('exists', KEYS[1]) == 0 then return 'missing' end
+if not redis.call('hget', KEYS[1], 'ended') then return 'running' end
 redis.call('del', KEYS[1], KEYS[2], KEYS[3])
-return 1
+return 'deleted'
 """
 
 
@@ -403,6 +408,8 @@ class JobRecord:
     started: bool
     ended: str | None
     cancel_requested: bool
+    choices: tuple[str, ...] = ()
+    """The jobs of the request's other choices, on its first job's record (`n > 1`)."""
 
     @property
     def status(self) -> JobStatus:
@@ -489,6 +496,7 @@ class JobStore:
         self._decline = redis.register_script(prelude + _DECLINE)
         self._recover = redis.register_script(prelude + _RECOVER)
         self._delete = redis.register_script(_DELETE)
+        self._release = redis.register_script(_RELEASE)
 
     # --- API ----------------------------------------------------------------------------
     async def create(
@@ -545,6 +553,7 @@ class JobStore:
             started=get("worker") is not None,
             ended=get("ended"),
             cancel_requested=get("cancel") is not None,
+            choices=tuple(get("choices", "").split()),
         )
 
     async def last_event(self, job_id: str) -> int:
@@ -581,11 +590,20 @@ class JobStore:
                 )
         return stopped
 
-    async def delete(self, job_id: str) -> bool:
+    async def delete(self, job_id: str) -> Literal["deleted", "running", "missing"]:
         """Removes an ended job: its record, its events and what a front end kept beside it (the
-        Responses API's request). False, removing nothing, if it has not ended."""
+        Responses API's request). A job not ended yet keeps them (its worker writes on)."""
         keys = [record_key(job_id), events_key(job_id), response_key(job_id)]
-        return bool(await self._delete(keys=keys))
+        result: bytes = await self._delete(keys=keys)
+        return result.decode()  # type: ignore[return-value]
+
+    async def release_idempotency(self, owner: str, key: str, job_id: str) -> None:
+        """Frees `owner`'s `Idempotency-Key` if it still names `job_id` (a job that is gone)."""
+        await self._release(keys=[idempotency_key(owner, key)], args=[job_id + " "])
+
+    async def link_choices(self, job_id: str, others: list[str]) -> None:
+        """Records on a request's first job the jobs of its other choices (`n > 1`)."""
+        await self.redis.hset(record_key(job_id), "choices", " ".join(others))  # type: ignore[misc]
 
     # --- worker -------------------------------------------------------------------------
     async def claim(

@@ -236,6 +236,21 @@ def test_delete_removes_a_job_and_its_events_cancelling_it_first(durable: Gatewa
     redis = durable.redis()
     assert redis.exists(f"gateway:job:{job_id}", f"gateway:job:{job_id}:events") == 0
     assert redis.zscore("gateway:running", job_id) is None
+    # Every choice of an n > 1 request goes with it (the others' ids were never the caller's).
+    two = client.chat.completions.create(model="claude-sonnet-4-5", messages=chat("hi")["messages"], n=2)
+    first = two.id.removeprefix("chatcmpl-")
+    [other] = redis.hget(f"gateway:job:{first}", "choices").decode().split()
+    assert redis.exists(f"gateway:job:{other}", f"gateway:job:{other}:events") == 2
+    client.chat.completions.delete(two.id)
+    assert redis.exists(*(f"gateway:job:{i}{part}" for i in (first, other) for part in ("", ":events"))) == 0
+    # A deleted job's Idempotency-Key is free again: the same request runs anew (it got 409s).
+    url, keyed = f"{durable.url}/v1/chat/completions", {"Idempotency-Key": "delete-then-again"}
+    earlier = httpx.post(url, json=chat("hi"), headers=keyed, timeout=10).json()["id"]
+    client.chat.completions.delete(earlier)
+    again = httpx.post(url, json=chat("hi"), headers=keyed, timeout=10)
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] != earlier
+    assert httpx.post(url, json=chat("hi"), headers=keyed, timeout=10).json()["id"] == again.json()["id"]
     redis.close()
 
 

@@ -64,7 +64,8 @@ async def cancel_chat_completion(completion_id: str, gateway: GatewayDep, caller
 async def delete_chat_completion(
     completion_id: str, gateway: GatewayDep, caller: CallerDep
 ) -> ChatCompletionDeleted:
-    await delete_job(gateway.store, await _owned(gateway, caller, completion_id))
+    if not await delete_job(gateway.store, await _owned(gateway, caller, completion_id)):
+        raise _not_found(completion_id)  # another delete was first
     return ChatCompletionDeleted(id=completion_id)
 
 
@@ -72,9 +73,13 @@ async def _owned(gateway: Gateway, caller: Caller, completion_id: str) -> JobRec
     job_id = completion_id.removeprefix(COMPLETION_ID_PREFIX)
     record = await gateway.store.get(job_id) if is_job_id(job_id) else None
     if record is None or record.owner != caller.key_id:
-        message = f"No chat completion found with id '{completion_id[:100]}'."
-        raise OpenAIError.not_found(message, param="completion_id", code="not_found")
+        raise _not_found(completion_id)
     return record
+
+
+def _not_found(completion_id: str) -> OpenAIError:
+    message = f"No chat completion found with id '{completion_id[:100]}'."
+    return OpenAIError.not_found(message, param="completion_id", code="not_found")
 
 
 async def _snapshot(gateway: Gateway, record: JobRecord, reasoning: bool = True) -> ChatCompletion:

@@ -200,15 +200,18 @@ class Run:
         return [replies[choice] for choice in range(len(self.jobs))]
 
 
-async def delete_job(store: JobStore, record: JobRecord) -> None:
-    """Deletes the job with its events; one that has not ended is cancelled first (409 if it has
-    not stopped within the cancel's wait: its worker still writes)."""
-    if record.ended is None:
-        await cancel_job(store, record.id)
-    if not await store.delete(record.id):
+async def delete_job(store: JobStore, record: JobRecord) -> bool:
+    """Deletes the job and its events, with the request's other choices' (`n > 1`); one that has
+    not ended is cancelled first (409 if it has not stopped within the cancel's wait: its worker
+    still writes). False: it was gone already (a delete that ran at the same time)."""
+    job_ids = [record.id, *record.choices]
+    await asyncio.gather(*(cancel_job(store, job_id) for job_id in job_ids))
+    deleted = [await store.delete(job_id) for job_id in job_ids]
+    if "running" in deleted:
         raise OpenAIError(
             409, "The job is still stopping; retry the delete in a moment.", type="invalid_request_error"
         )
+    return deleted[0] == "deleted"
 
 
 async def cancel_job(store: JobStore, job_id: str) -> None:

@@ -157,6 +157,7 @@ async def _queue_all(
         for job in jobs:
             await _queue(job, http, gateway, caller, None)
             queued.append(job)
+        await gateway.store.link_choices(jobs[0].id, [job.id for job in jobs[1:]])  # deleted together
     except BaseException:
         await Run(gateway, queued).cancel("Another choice of the request could not be queued.")
         raise
@@ -170,21 +171,23 @@ async def _queue(
     with an `Idempotency-Key` seen before, returns that key's job instead and queues nothing."""
     slot = job_slot(gateway, http)
     key = (idempotency.key, idempotency.fingerprint) if idempotency is not None else None
-    try:
-        existing = await gateway.store.create(job, owner=caller.key_id, idempotency=key, slot=slot)
-    except NoJobSlot as refused:
-        raise no_job_slot(refused) from None
-    if existing is None:
-        return job
-    job_id, used_with = existing
-    assert idempotency is not None
-    if used_with != idempotency.fingerprint:
-        raise OpenAIError.invalid(
-            "This Idempotency-Key was already used with a different request.",
-            param="Idempotency-Key",
-            code="idempotency_key_reused",
-        )
-    record = await gateway.store.get(job_id)
-    if record is None:  # its job expired a moment ago; the key goes with it
-        raise OpenAIError(409, "Retry: the earlier request's job just expired.", type="invalid_request_error")
-    return record
+    for _ in range(2):  # a second time once a gone job's key is released
+        try:
+            existing = await gateway.store.create(job, owner=caller.key_id, idempotency=key, slot=slot)
+        except NoJobSlot as refused:
+            raise no_job_slot(refused) from None
+        if existing is None:
+            return job
+        job_id, used_with = existing
+        assert idempotency is not None
+        if used_with != idempotency.fingerprint:
+            raise OpenAIError.invalid(
+                "This Idempotency-Key was already used with a different request.",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+            )
+        if (record := await gateway.store.get(job_id)) is not None:
+            return record
+        # Its job is gone (deleted, or expired a moment before its key): the key is this request's.
+        await gateway.store.release_idempotency(caller.key_id, idempotency.key, job_id)
+    raise OpenAIError(409, "Retry: the earlier request's job just ended.", type="invalid_request_error")

@@ -87,7 +87,8 @@ async def cancel_response(response_id: str, gateway: GatewayDep, caller: CallerD
 @router.delete("/v1/responses/{response_id}", response_model=ResponseDeleted, responses=COMPLETION_ERRORS)
 async def delete_response(response_id: str, gateway: GatewayDep, caller: CallerDep) -> ResponseDeleted:
     record, _ = await _owned(gateway, caller, response_id)
-    await delete_job(gateway.store, record)
+    if not await delete_job(gateway.store, record):
+        raise _not_found(response_id, "response_id")  # another delete was first
     return ResponseDeleted(id=response_id)
 
 
@@ -99,9 +100,13 @@ async def _owned(
     record = await gateway.store.get(job_id) if found else None
     stored = await stored_responses.load(gateway.redis, job_id) if record is not None else None
     if record is None or stored is None or record.owner != caller.key_id:
-        message = f"No response found with id '{response_id[:100]}'."
-        raise OpenAIError.not_found(message, param=param, code="not_found")
+        raise _not_found(response_id, param)
     return record, stored
+
+
+def _not_found(response_id: str, param: str) -> OpenAIError:
+    message = f"No response found with id '{response_id[:100]}'."
+    return OpenAIError.not_found(message, param=param, code="not_found")
 
 
 async def _continued(gateway: Gateway, caller: Caller, previous_id: str) -> list[ChatMessage]:
