@@ -143,6 +143,7 @@ def test_a_stream_cut_and_retried_upstream_reaches_the_client_once(
     assert len(upstream.requests) == 2  # it really was cut and retried
     # The worker's proxy passed the cut on; its log says so in a line, not uvicorn's traceback.
     worker_log = "".join(path.read_text() for path in claude.logs.glob("worker-*.log"))
+    assert "gateway.worker.proxy [" in worker_log
     assert "the model API cut an answer mid-stream (RemoteProtocolError)" in worker_log
     assert "Exception in ASGI application" not in worker_log
 

@@ -61,6 +61,7 @@ class _UpstreamCuts(logging.Filter):
         cut = record.exc_info[1] if record.exc_info else None
         if isinstance(cut, httpx.TransportError):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.name = "gateway.worker.proxy"  # not uvicorn's: the worker's proxy says it
             record.msg, record.args = "the model API cut an answer mid-stream (%s)", (type(cut).__name__,)
             record.exc_info = record.exc_text = None
         return True
