@@ -364,8 +364,8 @@ class ClaudeBackend:
         try:
             content = content_blocks(last) if last.images else last.text
             await warm.client.query(streamed_message(content, turn))
-            # Stopped early (the caller's call, its token limit), the CLI is killed where it is: the
-            # SDK's disconnect cancels the call's pending answer, and the CLI went on from there.
+            # Stopped at the caller's call, the CLI is killed where it is: the SDK's disconnect
+            # cancels the call's pending answer, and the CLI went on from there.
             async for event in _relay(warm.client.receive_response(), None, warm.discard):
                 if isinstance(event, ToolStep) and clean:
                     clean = False
