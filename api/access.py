@@ -16,7 +16,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError, RedisError
 from starlette.requests import Request
@@ -75,9 +74,6 @@ class RateLimited(OpenAIError):
             "retry-after": str(max(1, math.ceil(retry_after_ms / 1000))),
             "retry-after-ms": str(retry_after_ms),
         }
-
-    def response(self, headers: Mapping[str, str] | None = None, *, path: str = "") -> JSONResponse:
-        return super().response({**self.headers, **(headers or {})}, path=path)
 
 
 def endpoint_class(method: str, path: str) -> str:
@@ -179,7 +175,7 @@ class Access:
             log.error("no managed API key exists any more: refusing every request until one is created")
             refusal, headers = _KEY_STORE_GONE, {}
         if refusal is not None:
-            await refusal.response(path=scope["path"])(scope, receive, send)
+            await refusal.response(scope)(scope, receive, send)
             return
         if not headers:
             await self.app(scope, receive, send)

@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
+from starlette.types import Scope
 
 from api import metrics
 from shared.jobs import Failed, FailureCode
@@ -77,6 +78,7 @@ FAILURE_STATUS: dict[FailureCode, tuple[int, str]] = {
     FailureCode.INTERNAL: (500, "server_error"),
 }
 ANTHROPIC_PATH = "/v1/messages"
+_MODELS_PATH = "/v1/models"
 _ANTHROPIC_TYPES = {
     401: "authentication_error",
     403: "permission_error",
@@ -143,18 +145,27 @@ class OpenAIError(Exception):
         headers = _FAILURE_HEADERS.get(failure.code)
         return cls(status, failure.message, type=type_, code=failure.code.value, headers=headers)
 
-    def response(self, headers: Mapping[str, str] | None = None, *, path: str = "") -> JSONResponse:
-        """The error response for a request to `path`: in Anthropic's shape on its Messages API."""
+    def response(self, scope: Scope, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        """The error response to the request of `scope`: in Anthropic's shape to its clients."""
         metrics.count_error(self.status, self.info.code or self.info.type)
         body: dict[str, Any] = ErrorResponse(error=self.info).model_dump()
-        if speaks_anthropic(path):
+        if speaks_anthropic(scope):
             body = anthropic_error(self.status, self.info.message)
         return JSONResponse(body, status_code=self.status, headers={**self.headers, **(headers or {})})
 
 
-def speaks_anthropic(path: str) -> bool:
-    """Whether the request went to the Anthropic Messages API, whose clients read only its shape."""
-    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
+def speaks_anthropic(scope: Scope) -> bool:
+    """Whether the request came from an Anthropic client, which reads only Anthropic's shape: any
+    request to its Messages API, and one to the model list that sends `anthropic-version` (its
+    SDK always does; the list answers it in Anthropic's shape too, api/routes/models.py)."""
+    path: str = scope["path"]
+    if _under(path, ANTHROPIC_PATH):
+        return True
+    return _under(path, _MODELS_PATH) and any(name == b"anthropic-version" for name, _ in scope["headers"])
+
+
+def _under(path: str, route: str) -> bool:
+    return path == route or path.startswith(route + "/")
 
 
 _LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
@@ -219,11 +230,11 @@ def storage_full() -> OpenAIError:
 def install(app: FastAPI) -> None:
     async def on_openai_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, OpenAIError)
-        return exc.response(path=request.url.path)
+        return exc.response(request.scope)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return _validation_error(exc).response(path=request.url.path)
+        return _validation_error(exc).response(request.scope)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
@@ -234,7 +245,7 @@ def install(app: FastAPI) -> None:
         else:
             message = str(exc.detail)
         error = OpenAIError(exc.status_code, message, type="invalid_request_error")
-        return error.response(headers=exc.headers, path=request.url.path)
+        return error.response(request.scope, exc.headers)
 
     async def on_redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("Redis unreachable: %s", type(exc).__name__)
@@ -243,16 +254,16 @@ def install(app: FastAPI) -> None:
             "The gateway's queue is unavailable; retry shortly.",
             type="server_error",
             code="queue_unavailable",
-        ).response(path=request.url.path)
+        ).response(request.scope)
 
     async def on_redis_full(request: Request, exc: Exception) -> JSONResponse:
         log.error("Redis refuses writes: it reached its maxmemory")
-        return storage_full().response(path=request.url.path)
+        return storage_full().response(request.scope)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         error = OpenAIError(500, "The gateway failed to handle the request.", type="server_error")
-        return error.response(path=request.url.path)
+        return error.response(request.scope)
 
     app.add_exception_handler(OpenAIError, on_openai_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -93,7 +93,7 @@ class BodyLimit:
             chunks.append(chunk)
             more = message.get("more_body", False)
         if _is_json(scope) and (refusal := bounded_json(b"".join(chunks), self.settings)) is not None:
-            await refusal.response(path=scope["path"])(scope, receive, send)
+            await refusal.response(scope)(scope, receive, send)
             return
         replayed = False
 
@@ -114,7 +114,7 @@ class BodyLimit:
             code="request_too_large",
         )
         # Connection: close, so the server does not read the rest of an oversized upload.
-        await error.response(headers={"connection": "close"}, path=scope["path"])(scope, receive, send)
+        await error.response(scope, {"connection": "close"})(scope, receive, send)
 
 
 def _is_json(scope: Scope) -> bool:

@@ -363,9 +363,17 @@ def test_models_in_anthropics_shape_page_as_its_api_does(
     assert [model.id for model in before.data] == [everything[0].id, everything[1].id]
     assert not before.has_more
     strict(ModelInfo, client.models.retrieve("claude-sonnet-4-5-20250929").model_dump(mode="json"))
-    with pytest.raises(anthropic.NotFoundError):
+    with pytest.raises(anthropic.NotFoundError) as missing:
         client.models.retrieve("gpt-4o")
-    with pytest.raises(anthropic.BadRequestError):
+    with pytest.raises(anthropic.BadRequestError) as bad_cursor:
         client.models.list(after_id="gpt-4o")
+    # Its errors are in Anthropic's shape too, which its SDK reads the type and message from.
+    for error, kind in ((missing.value, "not_found_error"), (bad_cursor.value, "invalid_request_error")):
+        assert isinstance(error.body, dict)
+        assert error.body["type"] == "error"
+        assert error.body["error"]["type"] == kind
+        assert "gpt-4o" in error.body["error"]["message"]
     # An OpenAI client sends no anthropic-version: it gets OpenAI's shape, as before.
     assert httpx.get(f"{scripted.url}/v1/models").json()["object"] == "list"
+    openai_error = httpx.get(f"{scripted.url}/v1/models/gpt-4o").json()["error"]
+    assert (openai_error["type"], openai_error["code"]) == ("invalid_request_error", "model_not_found")
