@@ -148,6 +148,37 @@ def test_resume_after_completion_replays_exactly_the_rest(durable: Gateway) -> N
     assert huge.json()["error"]["param"] == "starting_after"
 
 
+def test_resume_from_any_chunk_gets_exactly_the_rest_even_within_one_event(durable: Gateway) -> None:
+    # The end of a turn of function calls is one job event and three chunks (the calls, the finish,
+    # the usage): a client whose connection dropped between two of them resumes after the last it
+    # got, and must get neither the calls twice (their arguments would be joined) nor less.
+    weather = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}}]
+    calls = [{"name": "get_weather", "arguments": {"city": "Oslo"}}]
+    completion_id = start_background(durable, script(text="Let me look.", calls=calls), tools=tools)
+    wait_for(lambda: retrieve(durable, completion_id)["status"] == "completed", 10, "completion")
+    url = f"{durable.url}/v1/chat/completions/{completion_id}"
+    params = {"stream": "true", "include_usage": "true"}
+    full = list(sse_events(iter(httpx.get(url, params=params, timeout=10).text.splitlines())))
+    chunks = [json.loads(data) for _, data in full[:-1]]
+    assert [
+        bool(chunk["choices"] and chunk["choices"][0]["delta"].get("tool_calls")) for chunk in chunks[-3:]
+    ] == [
+        True,
+        False,
+        False,
+    ]
+    ids = [event_id for event_id, _ in full[:-1]]
+    assert None not in ids
+    assert [int(i) for i in ids] == sorted({int(i) for i in ids})  # every chunk's own, increasing
+    for sent, (event_id, _) in enumerate(full[:-1], start=1):
+        for resumed in (
+            httpx.get(url, params={**params, "starting_after": event_id}, timeout=10),
+            httpx.get(url, params=params, headers={"Last-Event-ID": event_id}, timeout=10),
+        ):
+            assert full[:sent] + list(sse_events(iter(resumed.text.splitlines()))) == full
+
+
 def test_disconnect_mid_stream_then_resume_many_times_loses_and_repeats_nothing(durable: Gateway) -> None:
     """Within 60 s: 30 disconnects, each resumed from Last-Event-ID; the text arrives exactly once."""
     tokens = 600

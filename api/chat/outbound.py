@@ -4,11 +4,13 @@ Stream chunks sit on the per-token path, so they are rendered from a per-stream 
 with only the text JSON-encoded per chunk; the test suite validates them against the official
 `CreateChatCompletionStreamResponse` schema.
 
-A stream of one choice is resumable: every chunk made from a job event carries `id: <seq>`; a
-client that reconnects with `Last-Event-ID: <seq>` (or `?starting_after=<seq>`) gets exactly the
-chunks after it. When one event becomes several chunks (finish, then usage), only the last carries
-the id, so a resume from an earlier id replays all of them. The role chunk is the stream's start
-(`id: 0`). The choices of `n > 1` interleave without ids, and its usage chunk sums all of them.
+A stream of one choice is resumable: every chunk carries an id, and a client that reconnects with
+`Last-Event-ID` (or `?starting_after=`) set to the last id it got gets exactly the chunks after it.
+One job event can become several chunks (the calls, the finish, the usage), and a client may get
+some of them before its connection drops: so each chunk's id is `CHUNK_IDS * seq + i`, the event's
+sequence number and the chunk's place among its chunks, and a resume renders that event again
+without the chunks the client has. The role chunk is the stream's start (`id: 0`). The choices of
+`n > 1` interleave without ids, and its usage chunk sums all of them.
 The agent's thinking and tool steps stream as `delta.reasoning_content` (never in `content`); the
 whole reply carries them as `message.reasoning_content`.
 """
@@ -25,6 +27,8 @@ from api.errors import ErrorInfo, ErrorResponse, OpenAIError
 from shared.jobs import Activity, Delta, Done, JobStatus, Usage
 
 COMPLETION_ID_PREFIX = "chatcmpl-"
+CHUNK_IDS = 4
+"""Chunk ids per job event: an event renders as at most this many chunks."""
 
 
 def completion_id(job: JobRef) -> str:
@@ -91,11 +95,24 @@ def error_chunk(error: ErrorInfo) -> str:
     return ErrorResponse(error=error).model_dump_json()
 
 
+def events_after(chunk_id: int) -> int:
+    """The job events a stream resumed after chunk `chunk_id` is rendered from: those after the
+    event before that chunk's (the chunk's own event is rendered again, without what was sent)."""
+    return max(chunk_id // CHUNK_IDS - 1, 0)
+
+
 class ChunkRenderer:
-    """Renders the chunks of one streamed completion of `choices` choices, after event `after`."""
+    """Renders the chunks of one streamed completion of `choices` choices, after chunk `after`
+    (a resumed stream) or all of them."""
 
     def __init__(
-        self, job: JobRef, *, include_usage: bool, choices: int = 1, after: int = 0, legacy: bool = False
+        self,
+        job: JobRef,
+        *,
+        include_usage: bool,
+        choices: int = 1,
+        after: int | None = None,
+        legacy: bool = False,
     ) -> None:
         head = json.dumps(
             {
@@ -111,36 +128,42 @@ class ChunkRenderer:
         self._include_usage = include_usage
         self._tail = ',"logprobs":null,"finish_reason":%s}]' + (',"usage":null}' if include_usage else "}")
         self._resumable = choices == 1
-        self._after = after
+        self._after = -1 if after is None else after
         self._legacy = legacy  # calls as `function_call` (`completion_body`)
         self._usages: list[Usage] = []
 
     def _choice(self, choice: int, delta: str, finish_reason: str | None) -> str:
         return self._choice_heads[choice] + delta + self._tail % (json.dumps(finish_reason))
 
-    def _id(self, seq: int) -> str | None:
-        return str(seq) if self._resumable else None
+    def _events(self, seq: int, chunks: list[str]) -> list[ServerSentEvent]:
+        """Event `seq`'s chunks, each with its id, but those a resumed stream's client has."""
+        if not self._resumable:
+            return [ServerSentEvent(chunk) for chunk in chunks]
+        first = seq * CHUNK_IDS
+        return [
+            ServerSentEvent(chunk, id=str(first + i))
+            for i, chunk in enumerate(chunks)
+            if first + i > self._after
+        ]
 
     def opening(self) -> list[ServerSentEvent]:
-        if self._after:
-            return []
         role = '{"role":"assistant","content":""}'
+        if self._resumable:
+            return self._events(0, [self._choice(0, role, None)])
         return [
-            ServerSentEvent(self._choice(choice, role, None), id=self._id(0))
-            for choice in range(len(self._choice_heads))
+            ServerSentEvent(self._choice(choice, role, None)) for choice in range(len(self._choice_heads))
         ]
 
     def render(self, choice: int, seq: int, event: Rendered) -> list[ServerSentEvent]:
         if isinstance(event, Delta):
-            content = self._choice(choice, '{"content":' + json.dumps(event.text) + "}", None)
-            return [ServerSentEvent(content, id=self._id(seq))]
-        if isinstance(event, Activity):
-            reasoning = self._choice(
-                choice, '{"reasoning_content":' + json.dumps(activity_text(event)) + "}", None
+            return self._events(
+                seq, [self._choice(choice, '{"content":' + json.dumps(event.text) + "}", None)]
             )
-            return [ServerSentEvent(reasoning, id=self._id(seq))]
+        if isinstance(event, Activity):
+            reasoning = '{"reasoning_content":' + json.dumps(activity_text(event)) + "}"
+            return self._events(seq, [self._choice(choice, reasoning, None)])
         if not isinstance(event, Done):
-            return [ServerSentEvent(error_chunk(OpenAIError.from_failure(event).info), id=self._id(seq))]
+            return self._events(seq, [error_chunk(OpenAIError.from_failure(event).info)])
         chunks: list[str] = []
         if event.tool_calls and self._legacy:
             chunks.append(
@@ -154,10 +177,7 @@ class ChunkRenderer:
         self._usages.append(event.usage)
         if self._include_usage and self._resumable:
             chunks.append(self._usage(event.usage))
-        last = len(chunks) - 1
-        return [
-            ServerSentEvent(chunk, id=self._id(seq) if i == last else None) for i, chunk in enumerate(chunks)
-        ]
+        return self._events(seq, chunks)
 
     def _usage(self, usage: Usage) -> str:
         return self._head + ',"choices":[],"usage":' + usage_body(usage).model_dump_json() + "}"

@@ -13,11 +13,17 @@ from typing import Annotated
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
-from api.chat.outbound import COMPLETION_ID_PREFIX, ChunkRenderer, completion_body, completion_id
+from api.chat.outbound import (
+    COMPLETION_ID_PREFIX,
+    ChunkRenderer,
+    completion_body,
+    completion_id,
+    events_after,
+)
 from api.chat.protocol import ChatCompletion, ChatCompletionDeleted
 from api.core.run import Reply, Run, cancel_job, delete_job, reply_of
 from api.core.sse import EventStreamResponse
-from api.core.streaming import StartingAfter, event_stream, parse_last_event_id
+from api.core.streaming import StartingAfter, event_stream, resumed_after
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import OpenAIError, error_responses
 from shared.events import events_so_far
@@ -45,10 +51,10 @@ async def retrieve_chat_completion(
     reasoning = include_reasoning and gateway.settings.stream_reasoning
     if not stream:
         return JSONResponse((await _snapshot(gateway, record, reasoning)).model_dump())
-    after = starting_after if starting_after is not None else parse_last_event_id(last_event_id)
+    after = resumed_after(starting_after, last_event_id)
     run = Run(gateway, [record], background=True, reasoning=reasoning)  # a reader, not the owner's request
     renderer = ChunkRenderer(record, include_usage=include_usage, after=after)
-    return await event_stream(run, renderer, after=after, live=False)
+    return await event_stream(run, renderer, after=0 if after is None else events_after(after), live=False)
 
 
 @router.post("/v1/chat/completions/{completion_id}/cancel", response_model=ChatCompletion, responses=_ERRORS)

@@ -228,11 +228,15 @@ def _encoded(event: ServerSentEvent) -> bytes:
     return text.encode()
 
 
-def parse_last_event_id(value: str | None) -> int:
-    if value is None:
-        return 0
-    if not _EVENT_ID.fullmatch(value):
+def resumed_after(starting_after: int | None, last_event_id: str | None) -> int | None:
+    """The id of the last event a resuming client has (`?starting_after=`, else `Last-Event-ID`);
+    None: the stream from its start."""
+    if starting_after is not None:
+        return starting_after
+    if last_event_id is None:
+        return None
+    if not _EVENT_ID.fullmatch(last_event_id):
         raise OpenAIError.invalid(
             "Last-Event-ID must be an event id this stream sent.", param="Last-Event-ID"
         )
-    return int(value)
+    return int(last_event_id)

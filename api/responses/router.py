@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from api.core.conversation import ChatMessage
 from api.core.run import Run, cancel_job, delete_job, reply_of
 from api.core.sse import EventStreamResponse
-from api.core.streaming import StartingAfter, event_stream, parse_last_event_id
+from api.core.streaming import StartingAfter, event_stream, resumed_after
 from api.core.submit import submit
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import COMPLETION_ERRORS, OpenAIError
@@ -67,13 +67,12 @@ async def retrieve_response(
     record, stored = await _owned(gateway, caller, response_id)
     if not stream:
         return JSONResponse((await _snapshot(gateway, record, stored)).wire())
-    if starting_after is not None:
-        after = starting_after
-    else:
-        after = parse_last_event_id(last_event_id) if last_event_id is not None else -1
+    after = resumed_after(starting_after, last_event_id)
     # The whole stream is read (earlier deltas make up the final text); the renderer skips to `after`.
     run = Run(gateway, [record], background=True, reasoning=stored.reasoning)  # a reader, not its owner
-    return await event_stream(run, ResponseEventRenderer(record, stored, after=after), live=False)
+    return await event_stream(
+        run, ResponseEventRenderer(record, stored, after=-1 if after is None else after), live=False
+    )
 
 
 @router.post("/v1/responses/{response_id}/cancel", response_model=Response, responses=COMPLETION_ERRORS)

@@ -40,11 +40,11 @@ def _event(kind: str, number: int, **fields: Any) -> tuple[int, str, str]:
 
 
 class ResponseEventRenderer:
-    """Renders one response's stream events after sequence number `after`."""
+    """Renders one response's stream events after sequence number `after`, or all of them."""
 
-    def __init__(self, job: JobRef, stored: StoredResponse, *, after: int = -1) -> None:
+    def __init__(self, job: JobRef, stored: StoredResponse, *, after: int | None = None) -> None:
         self._job = job
-        self._after = after
+        self._after = -1 if after is None else after
         self._stored = stored
         self._number = -1  # the last sequence number rendered
         self._seen: list[JobEventValue] = []  # text and activity so far (the body's output)
