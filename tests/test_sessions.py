@@ -67,6 +67,29 @@ def test_later_turns_see_earlier_ones_streamed_or_not_by_body_or_header(scripted
     assert info["expires_at"] - info["last_used_at"] == 3600
 
 
+def test_a_session_continues_on_every_front_end_by_body_or_header(scripted: Gateway) -> None:
+    # The body's `session_id` was chat's only: Responses and Messages ran such a turn stateless.
+    sid = _sid()
+    assert _reply(_post(scripted, chat("first question", session_id=sid))) == DEFAULT_REPLY
+    history = f"user: first question\nassistant: {DEFAULT_REPLY}"
+    responses = f"{scripted.url}/v1/responses"
+    for in_body, headers in (({"session_id": sid}, {}), ({}, {"X-Session-Id": sid})):
+        body = {"model": "claude-sonnet-4-5", "input": ECHO, **in_body}
+        response = httpx.post(responses, json=body, headers=headers, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["output"][0]["content"][0]["text"].startswith(history)
+    messages = f"{scripted.url}/v1/messages"
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": ECHO}]}
+    response = httpx.post(messages, json={**body, "session_id": sid}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["content"][0]["text"].startswith(history)
+    assert _session(scripted, sid)["message_count"] == 8
+    # The body and the header must agree, on every front end.
+    mismatched = httpx.post(messages, json={**body, "session_id": sid}, headers={"X-Session-Id": "other"})
+    assert mismatched.status_code == 400
+    assert mismatched.json()["error"]["message"].startswith("The session_id field and the X-Session-Id")
+
+
 def test_a_client_resending_the_whole_history_gets_no_duplicates(scripted: Gateway) -> None:
     sid = _sid()
     history = [{"role": "user", "content": "one"}]

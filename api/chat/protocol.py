@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from api.core.conversation import ChatMessage
-from api.core.request import AgentControls
+from api.core.request import AgentControls, SessionId
 from api.core.wire import STRICT, NullIsFalse
 from api.errors import ErrorInfo
 from shared.jobs import JobStatus
@@ -56,7 +56,7 @@ class ChatCompletionRequest(AgentControls):
     web_search_options: dict[str, Any] | None = None
     # Extension: answer at once with the queued job; poll or stream it by id.
     background: bool = False
-    session_id: str | None = Field(default=None, description="Extension: continue this session.")
+    session_id: SessionId = None
 
     def unsupported_parameter(self) -> str | None:
         """The first parameter whose meaning the gateway cannot honour, if any."""

@@ -47,6 +47,11 @@ class AgentControls(BaseModel):
 
 _AGENT_FIELDS = tuple(AgentControls.model_fields)
 
+SessionId = Annotated[
+    str | None, Field(description="Extension: continue this session (or the `X-Session-Id` header).")
+]
+"""Every front end's `session_id` (`api/core/sessions.py`)."""
+
 
 class CompletionRequest(BaseModel):
     """A request as the core runs it: a chat-shaped conversation, the caller's functions in chat's

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from api.core.conversation import ChatMessage, ContentPart, ImagePart, TextPart
-from api.core.request import AgentControls, CompletionRequest
+from api.core.request import AgentControls, CompletionRequest, SessionId
 from api.core.wire import STRICT
 from api.errors import OpenAIError
 from shared.jobs import Done, FinishReason, ToolCall, Usage
@@ -56,6 +56,7 @@ class CreateMessageRequest(AgentControls):
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
+    session_id: SessionId = None
 
     def unsupported_parameter(self) -> str | None:
         checks = {
@@ -191,6 +192,7 @@ def core_request(body: CreateMessageRequest) -> CompletionRequest:
         max_tokens=body.max_tokens,
         stop=body.stop_sequences or [],
         stream=body.stream,
+        session_id=body.session_id,
         agent=_agent(body),
     )
 

@@ -32,6 +32,7 @@ def core_request(body: CreateResponseRequest, earlier: list[ChatMessage]) -> Com
         response_format=ResponseFormat.from_text_format((body.text or {}).get("format")),
         stream=body.stream,
         background=body.background,
+        session_id=body.session_id,
         agent=_agent(body),
     )
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from api.core.conversation import ChatMessage, ContentPart, ImagePart, TextPart
-from api.core.request import AgentControls
+from api.core.request import AgentControls, SessionId
 from api.core.wire import STRICT, NullIsFalse, NullIsTrue
 from api.errors import OpenAIError
 
@@ -49,6 +49,7 @@ class CreateResponseRequest(AgentControls):
     top_logprobs: int | None = None
     include: list[str] | None = None
     reasoning: dict[str, Any] | None = None
+    session_id: SessionId = None
 
     def unsupported_parameter(self) -> str | None:
         """The first parameter whose meaning the gateway cannot honour, if any."""
