@@ -1,8 +1,10 @@
 """Job workspaces a dead worker left behind, on the machine its live workers share."""
 
+import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -36,3 +38,27 @@ def test_a_dead_workers_workspaces_are_removed_and_a_live_ones_kept(tmp_path: Pa
         assert not left.exists()
         assert live.root.is_dir()  # its worker (this process) lives
     assert remove_abandoned(tmp_path) == 0
+
+
+def test_what_the_agent_puts_in_its_workspace_cannot_stop_the_sweep(tmp_path: Path) -> None:
+    # The agent writes in its workspace: a FIFO where a mark was read would block the next
+    # worker's start for good (found by an outside probe), so the mark is kept beside it.
+    dead = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path), "job-of-a-hostile-caller"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert dead.stdout is not None
+    assert dead.stdout.readline() == "ready\n"
+    left = tmp_path / "job-of-a-hostile-caller"
+    (left / ".worker").unlink(missing_ok=True)  # as `rm -f .worker && mkfifo .worker` in its Bash
+    os.mkfifo(left / ".worker")
+    dead.send_signal(signal.SIGKILL)
+    dead.wait(timeout=10)
+    sweep = threading.Thread(target=remove_abandoned, args=(tmp_path,), daemon=True)
+    sweep.start()
+    sweep.join(timeout=10)
+    assert not sweep.is_alive()
+    assert not left.exists()
+    assert list(tmp_path.iterdir()) == []  # its mark went with it

@@ -228,3 +228,32 @@ def test_a_sessions_turns_stay_on_the_worker_that_holds_its_files(files_gateway:
         job_id = response.json()["id"].removeprefix("chatcmpl-")
         workers.add(files_gateway.redis().hget(f"gateway:job:{job_id}", "worker"))
     assert len(workers) == 1, workers
+
+
+def test_a_killed_workers_copies_of_sessions_are_removed_by_the_next_worker(
+    start_gateway: Any, tmp_path: Path
+) -> None:
+    # A worker keeps copies of the sessions it ran; killed, it cannot remove them, and a session
+    # deleted since must not stay on disk (found by an outside probe: they stayed for good).
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", **workspace_store_env("local", None, tmp_path)
+    )
+    body = chat(
+        "script:" + json.dumps({"text": "ok", "write": {"private.txt": "a caller's data"}}), session_id="k-1"
+    )
+    assert httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+    sessions = gateway.logs / "workspaces" / "sessions"
+    [copy] = sessions.glob("*/*/private.txt")
+    killed = gateway.workers[0]
+    killed.kill()
+    killed.wait(timeout=10)
+    assert httpx.delete(f"{gateway.url}/v1/sessions/k-1", timeout=10).status_code == 200
+    assert copy.exists()  # no live worker held it: nothing removed it
+    gateway.start_worker()
+    deadline = time.monotonic() + 30
+    while copy.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not copy.exists()
+    # What is left is the new worker's own copies, and its mark beside them.
+    [root, mark] = sorted(path.name for path in sessions.iterdir())
+    assert mark == f"{root}.worker"

@@ -17,7 +17,8 @@ from shared import workspaces
 from shared.workspace_store import LocalStore
 from shared.workspaces import Manifest, VersionWriter, WorkspaceRef, WorkspaceTooLarge
 from tests.test_workspace_changes import a_random_change, on_disk
-from worker.session_files import Held, removed, restore, scan
+from worker.session_files import Held, restore, scan
+from worker.workspace import removed
 
 REF = WorkspaceRef("0" * 32, "s-1", "12345678-1234-1234-1234-123456789abc")
 LIMITS = (10_000_000, 1_000)

@@ -22,7 +22,6 @@ import errno
 import functools
 import logging
 import os
-import shutil
 import stat
 import time
 from collections import OrderedDict
@@ -51,6 +50,7 @@ from shared.workspaces import (
     checked_path,
 )
 from worker.backends import BackendError
+from worker.workspace import mark_owned, remove_abandoned, removed, unmark
 
 if TYPE_CHECKING:
     from worker.workspace_changes import Changes, ChangeTracker
@@ -397,21 +397,6 @@ def restore(
     return Held(target, stamps, held.linked.intersection(stamps).difference(contents))
 
 
-def removed(path: Path) -> None:
-    """Removes a directory, with folders in it the agent made unreadable (`chmod 000`)."""
-    shutil.rmtree(path, ignore_errors=True)
-    if not path.exists():
-        return
-    with contextlib.suppress(OSError):
-        path.chmod(stat.S_IRWXU)
-    for folder, names, _ in os.walk(path):  # top down: each folder opened before it is walked
-        for name in names:
-            if not os.path.islink(inner := os.path.join(folder, name)):  # never through a link
-                with contextlib.suppress(OSError):
-                    os.chmod(inner, stat.S_IRWXU)
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def _differs(held: FileEntry, target: FileEntry | None) -> bool:
     return target is None or (held.sha256, held.executable) != (target.sha256, target.executable)
 
@@ -446,6 +431,12 @@ class SessionFiles:
         self.enabled = settings.claude_cwd is None  # one shared directory for all jobs: nothing to keep
         self.changes: ChangeTracker | None = None
         if self.enabled:
+            # The copies of workers that died on this machine (killed, they could not remove them):
+            # their sessions may have been deleted since, and nothing else would remove them.
+            if abandoned := remove_abandoned(self.root.parent):
+                log.info("removed the session copies of %d workers that died on this machine", abandoned)
+            self.root.mkdir(parents=True, mode=0o700, exist_ok=True)
+            mark_owned(self.root)
             try:
                 from worker import workspace_changes  # inotify: Linux's
 
@@ -543,6 +534,7 @@ class SessionFiles:
         if self.changes is not None:
             self.changes.close()
         await asyncio.to_thread(removed, self.root)
+        await asyncio.to_thread(unmark, self.root)
 
 
 def _differs_held(held: Held, path: str, entry: FileEntry) -> bool:

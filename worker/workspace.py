@@ -13,6 +13,7 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,8 +46,11 @@ class Workspace:
 
 MARKER = "GATEWAY_WORKSPACE"
 _OWNER = ".worker"
-"""In a workspace's root: the worker process that made it (pid and start time), so a worker on
-the same machine knows the workspace of a dead one (`remove_abandoned`)."""
+"""`<directory>.worker`, beside a worker's directory: the worker process that made it (pid and
+start time), so a worker on the same machine knows the directories of a dead one
+(`remove_abandoned`). Beside it, not in it: the agent writes in its workspace, and a mark it
+replaced (a FIFO that blocks the read, another process's identity) would stop or fool the next
+worker's start."""
 
 
 def processes_of(workspace: Workspace) -> list[int]:
@@ -107,10 +111,10 @@ def job_workspace(
     workspace = Workspace(parent.resolve() / job_id, work)
     if workspace.root.exists():  # an earlier attempt's, whose worker died on this machine
         kill_processes_of(workspace)
-        shutil.rmtree(workspace.root, ignore_errors=True)
+        removed(workspace.root)
     for directory in (workspace.cwd, workspace.config, workspace.tmp):
         directory.mkdir(parents=True, mode=0o700, exist_ok=directory == work)
-    (workspace.root / _OWNER).write_text(_this_worker())
+    mark_owned(workspace.root)
     if owner is not None:
         user = pwd.getpwnam(owner)
         for path in (workspace.root, workspace.cwd, workspace.home, workspace.config, workspace.tmp):
@@ -123,15 +127,45 @@ def job_workspace(
         yield workspace
     finally:
         kill_processes_of(workspace)
-        shutil.rmtree(workspace.root, ignore_errors=True)
+        removed(workspace.root)
+        unmark(workspace.root)
+
+
+def removed(path: Path) -> None:
+    """Removes a directory, with folders in it the agent made unreadable (`chmod 000`)."""
+    shutil.rmtree(path, ignore_errors=True)
+    if not path.exists():
+        return
+    with contextlib.suppress(OSError):
+        path.chmod(stat.S_IRWXU)
+    for folder, names, _ in os.walk(path):  # top down: each folder opened before it is walked
+        for name in names:
+            if not os.path.islink(inner := os.path.join(folder, name)):  # never through a link
+                with contextlib.suppress(OSError):
+                    os.chmod(inner, stat.S_IRWXU)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def mark_owned(directory: Path) -> None:
+    """Marks `directory` as this worker's, until it is removed (`remove_abandoned`)."""
+    _owner_mark(directory).write_text(_this_worker())
+
+
+def unmark(directory: Path) -> None:
+    """`directory` (removed) is no worker's any more."""
+    _owner_mark(directory).unlink(missing_ok=True)
+
+
+def _owner_mark(directory: Path) -> Path:
+    return directory.with_name(directory.name + _OWNER)
 
 
 def remove_abandoned(parent: Path) -> int:
-    """Removes the workspaces under `parent` whose worker is dead (killed: it could not remove
+    """Removes the directories under `parent` whose worker is dead (killed: it could not remove
     them), with any process left in them; returns how many. The machine's workers share `parent`,
     and each one's are its callers' files."""
-    removed = 0
-    for owner in parent.glob(f"*/{_OWNER}"):
+    count = 0
+    for owner in parent.glob(f"*{_OWNER}"):
         try:
             identity = owner.read_text().strip()
         except OSError:
@@ -139,11 +173,12 @@ def remove_abandoned(parent: Path) -> int:
         pid = identity.split(" ", 1)[0]
         if not pid.isdigit() or _process_identity(int(pid)) == identity:
             continue  # its worker lives (or the mark is not one): still in use
-        workspace = Workspace(owner.parent)
+        workspace = Workspace(owner.with_name(owner.name.removesuffix(_OWNER)))
         kill_processes_of(workspace)
-        shutil.rmtree(workspace.root, ignore_errors=True)
-        removed += 1
-    return removed
+        removed(workspace.root)
+        unmark(workspace.root)
+        count += 1
+    return count
 
 
 @functools.cache
