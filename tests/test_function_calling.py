@@ -113,6 +113,84 @@ def test_bad_tools_are_400(scripted: Gateway, extra: dict[str, Any], param: str)
     assert response.json()["error"]["param"] == param
 
 
+def test_every_call_needs_its_result_and_every_result_a_call_on_every_front_end(scripted: Gateway) -> None:
+    # A result alone reached the model as an answer to nothing, and a call without a result as
+    # a question never answered (found by an outside probe); OpenAI and Anthropic answer 400.
+    calls = [
+        {"name": "get_weather", "arguments": {"city": "Paris"}},
+        {"name": "get_weather", "arguments": {}},
+    ]
+    first = httpx.post(
+        f"{scripted.url}/v1/responses",
+        json={
+            "model": MODEL,
+            "input": script(text="", calls=calls),
+            "tools": [{"type": "function", **WEATHER["function"]}],
+        },
+        timeout=30,
+    ).json()
+    call_ids = [item["call_id"] for item in first["output"] if item["type"] == "function_call"]
+    assert len(call_ids) == 2
+    asked = {
+        "role": "assistant",
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+        ],
+    }
+    answer = {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}
+    user = {"role": "user", "content": "and now?"}
+    refused = [
+        ("/v1/chat/completions", {"messages": [user, answer]}, "orphan_tool_result"),
+        (
+            "/v1/chat/completions",
+            {"messages": [user, asked, {**answer, "tool_call_id": "call_2"}]},
+            "orphan_tool_result",
+        ),
+        ("/v1/chat/completions", {"messages": [user, asked, answer, answer]}, "orphan_tool_result"),
+        ("/v1/chat/completions", {"messages": [user, asked, user]}, "missing_tool_result"),
+        (
+            "/v1/responses",
+            {"input": [{"type": "function_call_output", "call_id": "call_bogus", "output": "x"}]},
+            "orphan_tool_result",
+        ),
+        (
+            "/v1/responses",
+            {
+                "previous_response_id": first["id"],
+                "input": [{"type": "function_call_output", "call_id": call_ids[0], "output": "x"}],
+            },
+            "missing_tool_result",
+        ),
+    ]
+    for path, body, code in refused:
+        response = httpx.post(f"{scripted.url}{path}", json={"model": MODEL, **body}, timeout=30)
+        assert response.status_code == 400, (path, body, response.text)
+        assert response.json()["error"]["code"] == code, (path, body)
+    tool_use = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+    unanswered = {
+        "model": MODEL,
+        "max_tokens": 100,
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [tool_use]},
+            {"role": "user", "content": "go on"},
+        ],
+    }
+    response = httpx.post(f"{scripted.url}/v1/messages", json=unanswered, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    # Both results, in either order, after the calls: the turn goes on.
+    outputs = [
+        {"type": "function_call_output", "call_id": call_id, "output": "x"} for call_id in reversed(call_ids)
+    ]
+    answered = httpx.post(
+        f"{scripted.url}/v1/responses",
+        json={"model": MODEL, "previous_response_id": first["id"], "input": outputs},
+        timeout=30,
+    )
+    assert answered.status_code == 200, answered.text
+
+
 @pytest.mark.claude
 def test_real_path_offers_the_function_and_returns_the_call(claude: Gateway, upstream: FakeAnthropic) -> None:
     upstream.default = Reply(tool_use=("mcp__caller__get_weather", {"city": "Paris"}))

@@ -81,11 +81,35 @@ def _as_turn(message: ChatMessage) -> ChatMessage:
     return message
 
 
+def _check_answered(messages: list[ChatMessage]) -> None:
+    """Each function call has its result, after it, and each result answers a call (400 otherwise,
+    as OpenAI's and Anthropic's APIs answer): a result alone would reach the model as an answer to
+    nothing, and a call without one as a question the caller never answered."""
+    waiting: list[str] = []  # the ids of calls not answered yet
+    for message in messages:
+        if message.role == "tool":
+            if str(message.tool_call_id) not in waiting:
+                raise OpenAIError.invalid(
+                    f"The tool result for '{str(message.tool_call_id)[:64]}' answers no function call "
+                    "made before it.",
+                    code="orphan_tool_result",
+                )
+            waiting.remove(str(message.tool_call_id))
+        waiting += [str(call.get("id")) for call in message.tool_calls or []]
+    if waiting:
+        raise OpenAIError.invalid(
+            f"The function call '{waiting[0][:64]}' has no result: send one for each call "
+            "(a 'tool' message, a 'function_call_output' item or a 'tool_result' block).",
+            code="missing_tool_result",
+        )
+
+
 def function_calling(body: CompletionRequest) -> tuple[CompletionRequest, FunctionCalling | None]:
     """The request without its function-calling parts (for `build_job`), and those parts."""
     uses_functions = any(m.role in ("tool", "function") or m.tool_calls for m in body.messages)
     if not (body.tools or body.functions or uses_functions):
         return body, None
+    _check_answered(body.messages)
     functions: list[FunctionTool] = []
     for index, tool in enumerate(body.tools or []):
         if tool.get("type") != "function":
