@@ -256,6 +256,31 @@ def test_a_failed_job_is_an_error_or_a_failed_event(scripted: Gateway) -> None:
     assert failed["response"]["status"] == "failed"
     assert failed["response"]["error"]["code"] == "server_error"
     assert "upstream_error" in failed["response"]["error"]["message"]
+    # What the stream sent stays the response's output (it was dropped: an outside probe), and
+    # the item it opened is closed, incomplete, before the end; a retrieval says the same.
+    [message] = failed["response"]["output"]
+    assert (message["status"], message["content"][0]["text"]) == ("incomplete", "a b ")
+    assert [event["type"] for event in events[-4:-1]] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]
+    assert events[-2]["item"] == message
+    retrieved = httpx.get(f"{scripted.url}/v1/responses/{failed['response']['id']}", timeout=30).json()
+    assert retrieved["output"] == [message]
+
+
+def test_a_cancelled_response_keeps_what_it_produced(client: openai.OpenAI) -> None:
+    slow = script(text="w " * 400, delay_ms=20)
+    running = client.responses.create(model=MODEL, input=slow, background=True)
+    deadline = time.monotonic() + 20
+    while not client.responses.retrieve(running.id).output_text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cancelled = client.responses.cancel(running.id)
+    assert cancelled.status == "cancelled"
+    produced = client.responses.retrieve(running.id)
+    assert produced.output_text.startswith("w w")
+    assert [item.status for item in produced.output] == ["incomplete"]  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(

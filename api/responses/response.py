@@ -171,6 +171,7 @@ def response_body(
         response.status = "cancelled" if terminal.code is FailureCode.CANCELLED else "failed"
         if terminal.code is not FailureCode.CANCELLED:
             response.error = error_body(terminal)
+        response.output = [*_produced(job, text, activity, "incomplete")]  # what its stream sent
     elif isinstance(terminal, Done) and (violation := _format_violation(stored, text, terminal)) is not None:
         response.status, response.error = "failed", ResponseError(code="server_error", message=violation)
     elif isinstance(terminal, Done):
@@ -189,11 +190,18 @@ def response_body(
             items = [output_message(job, text, item_status)] if text or not calls else []
         response.output = [*items, *calls]
         response.usage = usage_body(terminal.usage)
-    elif activity:
-        response.output = list(output_items(job, activity, "in_progress"))
-    elif text:
-        response.output = [output_message(job, text, "in_progress")]
+    else:
+        response.output = [*_produced(job, text, activity, "in_progress")]
     return response
+
+
+def _produced(
+    job: JobRef, text: str, activity: list[JobEventValue] | None, status: Literal["in_progress", "incomplete"]
+) -> list[ReasoningItem | OutputMessage]:
+    """The output of a job that has not completed: what it produced so far (or before it failed)."""
+    if activity:
+        return list(output_items(job, activity, status))
+    return [output_message(job, text, status)] if text else []
 
 
 def _format_violation(stored: StoredResponse, text: str, done: Done) -> str | None:

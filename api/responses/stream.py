@@ -140,7 +140,9 @@ class ResponseEventRenderer:
 
     def _terminal(self, event: Done | Failed) -> list[tuple[int, str, str]]:
         if not isinstance(event, Done):
-            return [self._next("response.failed", response=self._body(JobStatus.COMPLETED, event))]
+            # The items it opened end as the output of the failed response has them: incomplete.
+            closing = self._close("incomplete") if self._items else []
+            return [*closing, self._next("response.failed", response=self._body(JobStatus.COMPLETED, event))]
         _, item_status = finished_status(event)
         calls = function_calls(event, self._stored.tools)
         messaged = any(kind == _MESSAGE for kind, _ in self._items)
