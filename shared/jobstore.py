@@ -351,7 +351,8 @@ return 'cancelling'
 )
 
 # KEYS: record, events, running, queue
-# ARGV: job id, now ms, max attempts, worker-lost event, cancelled event, ttl, arq ttl ms
+# ARGV: job id, now ms, max attempts, worker-lost event (after output), cancelled event, ttl, arq
+#       ttl ms, worker-lost event (no output, its attempts used up)
 _RECOVER = (
     _END
     + """
@@ -380,7 +381,9 @@ if redis.call('xlen', KEYS[2]) == 0 and attempt < tonumber(ARGV[3]) then
   renew_slot(ARGV[1], KEYS[1])
   return 'retried'
 end
-finish(KEYS[1], KEYS[2], ARGV[1], ARGV[4], 'worker_lost', ARGV[6])
+local lost = ARGV[4]
+if redis.call('xlen', KEYS[2]) == 0 then lost = ARGV[8] end
+finish(KEYS[1], KEYS[2], ARGV[1], lost, 'worker_lost', ARGV[6])
 return 'failed'
 """
 )
@@ -730,13 +733,20 @@ class JobStore:
                 message="The worker running this job stopped after it had produced output.",
             )
         )
+        every_attempt_lost = encode_event(
+            Failed(
+                code=FailureCode.WORKER_LOST,
+                message="The worker running this job stopped before any output, on every attempt it was "
+                f"given (MAX_ATTEMPTS={max_attempts}).",
+            )
+        )
         cancelled = encode_event(Failed(code=FailureCode.CANCELLED, message="The job was cancelled."))
         outcomes = []
         for raw in expired:
             job_id = raw.decode()
             keys = [record_key(job_id), events_key(job_id), RUNNING, self.queue_name]
             args: list[str | bytes | int] = [job_id, now, max_attempts, lost, cancelled]
-            args += [self.ttl_s, expires_extra_ms]
+            args += [self.ttl_s, expires_extra_ms, every_attempt_lost]
             outcome: bytes = await self._recover(keys=keys, args=args)
             if outcome != b"alive":
                 outcomes.append((job_id, outcome.decode()))

@@ -137,6 +137,19 @@ async def test_a_superseded_attempt_can_no_longer_write(reader: EventReader, sto
     assert [e async for _, e in followed(reader, job_id, idle_timeout_s=1)] == [Delta(text="b"), DONE]
 
 
+async def test_a_job_whose_every_attempt_lost_its_worker_says_so(
+    reader: EventReader, store: JobStore
+) -> None:
+    job_id, _ = await _writer(store)
+    await store.expire_lease(job_id, 1)
+    assert await store.recover_expired(max_attempts=1) == [(job_id, "failed")]
+    [failed] = [e async for _, e in followed(reader, job_id, idle_timeout_s=1)]
+    assert isinstance(failed, Failed)
+    assert failed.code == "worker_lost"
+    # Not "after it had produced output" (it had none): an outside probe was told so.
+    assert "before any output, on every attempt" in failed.message
+
+
 async def test_a_repeated_write_is_applied_once(redis: Redis, store: JobStore) -> None:
     job_id, _ = await _writer(store)
     batch = [b'{"type":"delta","text":"a"}', b'{"type":"delta","text":"b"}']
