@@ -203,6 +203,8 @@ def test_background_retrieve_and_resume_by_starting_after(client: openai.OpenAI,
     with httpx.stream("GET", url, params={"stream": "true"}, timeout=30) as response:
         everything = checked_stream(response)
     assert stream_text(everything) == "w1 w2 w3 w4"
+    # Created queued, as the POST answered; then in progress.
+    assert [event["response"]["status"] for event in everything[:2]] == ["queued", "in_progress"]
     numbers = [event["sequence_number"] for event in everything]
     assert numbers == list(range(len(everything)))
     for after in (0, 3, 5, numbers[-3], numbers[-1]):

@@ -117,10 +117,11 @@ class ResponseEventRenderer:
         return response_body(self._job, self._stored, status, text, terminal, self._seen).wire()
 
     def _prelude(self) -> list[tuple[int, str, str]]:
-        running = self._body(JobStatus.IN_PROGRESS, None)
+        # A background response is created queued, as its POST without `stream` answers.
+        created = self._body(JobStatus.QUEUED if self._stored.background else JobStatus.IN_PROGRESS, None)
         return [
-            self._next("response.created", response=running),
-            self._next("response.in_progress", response=running),
+            self._next("response.created", response=created),
+            self._next("response.in_progress", response=self._body(JobStatus.IN_PROGRESS, None)),
         ]
 
     def _delta(self, event: Delta) -> list[tuple[int, str, str]]:
