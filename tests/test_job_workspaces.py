@@ -62,3 +62,38 @@ def test_what_the_agent_puts_in_its_workspace_cannot_stop_the_sweep(tmp_path: Pa
     assert not sweep.is_alive()
     assert not left.exists()
     assert list(tmp_path.iterdir()) == []  # its mark went with it
+
+
+def _deep_tree(top: Path, depth: int) -> None:
+    """Folders `depth` deep, as the agent's Bash makes them (`cd` after each `mkdir`): deeper
+    than Python's recursion limit and longer than PATH_MAX, so only opened one level at a time."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
+
+
+def test_a_tree_deeper_than_pythons_stack_is_removed_at_the_jobs_end_and_after_its_worker(
+    tmp_path: Path,
+) -> None:
+    # Found by an outside probe: removing it raised RecursionError, so the job failed with its
+    # workspace left, and every later worker's start died in the sweep.
+    with job_workspace(tmp_path, "job-of-a-deep-tree") as workspace:
+        _deep_tree(workspace.cwd, 3200)
+    assert list(tmp_path.iterdir()) == []
+    dead = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path), "job-of-a-killed-worker"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert dead.stdout is not None
+    assert dead.stdout.readline() == "ready\n"
+    _deep_tree(tmp_path / "job-of-a-killed-worker" / "work", 3200)
+    dead.send_signal(signal.SIGKILL)
+    dead.wait(timeout=10)
+    assert remove_abandoned(tmp_path) == 1
+    assert list(tmp_path.iterdir()) == []

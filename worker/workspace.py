@@ -13,7 +13,7 @@ import os
 import pwd
 import shutil
 import signal
-import stat
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -120,9 +120,7 @@ def job_workspace(
         for path in (workspace.root, workspace.cwd, workspace.home, workspace.config, workspace.tmp):
             os.chown(path, user.pw_uid, user.pw_gid)
         if work is not None:  # restored by the worker: the job's user must be able to change it
-            for top, dirs, files in os.walk(work):
-                for name in dirs + files:
-                    os.chown(os.path.join(top, name), user.pw_uid, user.pw_gid, follow_symlinks=False)
+            _walk_with("chown", "-R", "-h", "-P", f"{user.pw_uid}:{user.pw_gid}", path=work, check=True)
     try:
         yield workspace
     finally:
@@ -132,18 +130,25 @@ def job_workspace(
 
 
 def removed(path: Path) -> None:
-    """Removes a directory, with folders in it the agent made unreadable (`chmod 000`)."""
-    shutil.rmtree(path, ignore_errors=True)
-    if not path.exists():
-        return
-    with contextlib.suppress(OSError):
-        path.chmod(stat.S_IRWXU)
-    for folder, names, _ in os.walk(path):  # top down: each folder opened before it is walked
-        for name in names:
-            if not os.path.islink(inner := os.path.join(folder, name)):  # never through a link
-                with contextlib.suppress(OSError):
-                    os.chmod(inner, stat.S_IRWXU)
-    shutil.rmtree(path, ignore_errors=True)
+    """Removes a directory, however deep, with folders in it the agent made unreadable
+    (`chmod 000`). Never raises: what the agent made must not stop a job's end or a worker's start.
+    """
+    with contextlib.suppress(RecursionError):  # a tree deeper than Python's stack
+        shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        _walk_with("chmod", "-R", "u+rwx", path=path)
+        _walk_with("rm", "-rf", path=path)
+
+
+def _walk_with(*command: str, path: Path, check: bool = False) -> None:
+    """Runs a coreutils command over the tree at `path`: they walk any depth, never through a link."""
+    subprocess.run(
+        [*command, "--", str(path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=check,
+    )
 
 
 def mark_owned(directory: Path) -> None:
