@@ -40,6 +40,7 @@ from shared.jobs import CompletionJob, Failed, FailureCode, JobStatus, encode_ev
 from shared.keys import (
     PREFIX,
     RUNNING,
+    SWEPT,
     WORKER_LOAD,
     Channels,
     attempt_id,
@@ -309,6 +310,7 @@ local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel')
 if rec[1] ~= ARGV[1] or rec[2] then return 'superseded' end
 if ARGV[2] ~= '0' and redis.call('zscore', KEYS[2], ARGV[3]) == '0' then return 'superseded' end
 redis.call('zadd', KEYS[2], ARGV[2], ARGV[3])
+redis.call('hdel', KEYS[1], 'grace')
 renew_slot(ARGV[3], KEYS[1])
 if rec[3] then return 'cancel' end
 return 'ok'
@@ -352,12 +354,17 @@ return 'cancelling'
 
 # KEYS: record, events, running, queue
 # ARGV: job id, now ms, max attempts, worker-lost event (after output), cancelled event, ttl, arq
-#       ttl ms, worker-lost event (no output, its attempts used up)
+#       ttl ms, worker-lost event (no output, its attempts used up), the deadline of a lease
+#       granted after an outage ('' when there was none)
 _RECOVER = (
     _END
     + """
 local score = redis.call('zscore', KEYS[3], ARGV[1])
 if not score or tonumber(score) > tonumber(ARGV[2]) then return 'alive' end
+if ARGV[9] ~= '' and score ~= '0' and redis.call('hsetnx', KEYS[1], 'grace', 1) == 1 then
+  redis.call('zadd', KEYS[3], ARGV[9], ARGV[1])
+  return 'alive'
+end
 redis.call('zrem', KEYS[3], ARGV[1])
 local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel')
 if not rec[1] or rec[2] then return 'ended' end
@@ -723,10 +730,25 @@ class JobStore:
                     withdrawn.append(job_id)
         return withdrawn
 
-    async def recover_expired(self, max_attempts: int, limit: int = 16) -> list[tuple[str, str]]:
-        """Handles jobs whose lease ran out: `(job id, "retried" | "failed" | "cancelled")`."""
+    async def recover_expired(
+        self, max_attempts: int, lease_s: float, limit: int = 16
+    ) -> list[tuple[str, str]]:
+        """Handles jobs whose lease ran out: `(job id, "retried" | "failed" | "cancelled")`.
+
+        A lease measures the time its worker could have renewed it: after a silence of half a lease
+        in which no process swept (an outage: workers sweep every `lease_renew_s`), each lease that
+        ran out gets one more from now, its worker being as cut off as the rest; renewing it ends the
+        grace. A job whose worker died meanwhile is recovered when the granted lease runs out.
+        """
         now = _ms()
-        expired = await self.redis.zrangebyscore(RUNNING, "-inf", now, start=0, num=limit)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(SWEPT, now, get=True)
+            pipe.zrangebyscore(RUNNING, "-inf", now, start=0, num=limit)
+            swept, expired = await pipe.execute()
+        grace = ""
+        if swept is not None and now - int(swept) > lease_s * 500:
+            grace = str(now + int(lease_s * 1000))
+            expired = await self.redis.zrangebyscore(RUNNING, "-inf", now)  # every one, granted at once
         lost = encode_event(
             Failed(
                 code=FailureCode.WORKER_LOST,
@@ -746,7 +768,7 @@ class JobStore:
             job_id = raw.decode()
             keys = [record_key(job_id), events_key(job_id), RUNNING, self.queue_name]
             args: list[str | bytes | int] = [job_id, now, max_attempts, lost, cancelled]
-            args += [self.ttl_s, expires_extra_ms, every_attempt_lost]
+            args += [self.ttl_s, expires_extra_ms, every_attempt_lost, grace]
             outcome: bytes = await self._recover(keys=keys, args=args)
             if outcome != b"alive":
                 outcomes.append((job_id, outcome.decode()))

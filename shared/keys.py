@@ -19,6 +19,8 @@ heartbeat), `<worker id>:routed` -> queued jobs it was chosen to run, and `<work
 job slots; the job store places jobs by it (shared/jobstore.py)."""
 RUNNING = f"{PREFIX}:running"
 """Sorted set: running job id -> its lease deadline (ms). Workers renew; any worker sweeps."""
+SWEPT = f"{PREFIX}:running:swept"
+"""When a process last swept `RUNNING` (ms): a longer silence was an outage (`JobStore.recover_expired`)."""
 UPSTREAM_MODELS = f"{PREFIX}:upstream-models"
 """The model API's own model list as a worker fetched it (`shared/upstream_models.py`)."""
 TOOL_CONFIG_GLOBAL = f"{PREFIX}:tools:global"

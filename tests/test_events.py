@@ -125,7 +125,7 @@ async def test_silence_is_reported_not_waited_out(reader: EventReader) -> None:
 async def test_a_superseded_attempt_can_no_longer_write(reader: EventReader, store: JobStore) -> None:
     job_id, first = await _writer(store)
     await store.expire_lease(job_id, 1)  # its worker is gone and produced nothing: retried
-    assert await store.recover_expired(max_attempts=3) == [(job_id, "retried")]
+    assert await store.recover_expired(max_attempts=3, lease_s=10) == [(job_id, "retried")]
     first.emit(Delta(text="late"))
     with pytest.raises(Superseded):
         await first.drain()
@@ -142,12 +142,34 @@ async def test_a_job_whose_every_attempt_lost_its_worker_says_so(
 ) -> None:
     job_id, _ = await _writer(store)
     await store.expire_lease(job_id, 1)
-    assert await store.recover_expired(max_attempts=1) == [(job_id, "failed")]
+    assert await store.recover_expired(max_attempts=1, lease_s=10) == [(job_id, "failed")]
     [failed] = [e async for _, e in followed(reader, job_id, idle_timeout_s=1)]
     assert isinstance(failed, Failed)
     assert failed.code == "worker_lost"
     # Not "after it had produced output" (it had none): an outside probe was told so.
     assert "before any output, on every attempt" in failed.message
+
+
+async def test_a_lease_runs_out_only_while_redis_could_be_reached(store: JobStore) -> None:
+    # Found by an outside probe: after an outage longer than a lease, the first process to sweep
+    # failed the healthy jobs of every worker it beat to renewing them.
+    job = CompletionJob(request_id="req_1", model="m", turns=[Turn(role="user", text="hi")])
+    assert await store.create(job, owner="test") is None
+    assert await store.claim(job.id, 1, worker_id="worker-1", in_progress_ms=10_000, lease_s=1) is not None
+    assert await store.recover_expired(max_attempts=3, lease_s=1) == []  # swept before the outage
+    await asyncio.sleep(1.5)  # Redis out of reach of every process: none swept, none renewed
+    assert await store.recover_expired(max_attempts=3, lease_s=1) == []  # the first sweep after it
+    assert await store.renew(job.id, 1, lease_s=1) == "ok"  # its worker, back a moment later
+
+    # Its worker dies in the next outage: the job is recovered when the granted lease runs out.
+    await asyncio.sleep(1.5)
+    assert await store.recover_expired(max_attempts=3, lease_s=1) == []
+    recovered: list[tuple[str, str]] = []
+    deadline = time.monotonic() + 3
+    while not recovered and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)  # the surviving workers sweep
+        recovered = await store.recover_expired(max_attempts=3, lease_s=1)
+    assert recovered == [(job.id, "retried")]
 
 
 async def test_a_repeated_write_is_applied_once(redis: Redis, store: JobStore) -> None:
@@ -165,7 +187,7 @@ async def test_a_lost_worker_with_output_fails_the_job(
     writer.emit(Delta(text="partial"))
     await writer.drain()
     await store.expire_lease(job_id, 1)
-    assert await store.recover_expired(max_attempts=3) == [(job_id, "failed")]
+    assert await store.recover_expired(max_attempts=3, lease_s=10) == [(job_id, "failed")]
     events = [e async for _, e in followed(reader, job_id, idle_timeout_s=1)]
     assert events[0] == Delta(text="partial")
     assert events[-1].type == "failed"

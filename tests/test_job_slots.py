@@ -45,7 +45,7 @@ async def test_a_retried_job_keeps_its_slot(redis_server: EmbeddedRedis) -> None
     await store.create(job, owner="key-slots", slot=SLOT)
     assert await store.claim(job.id, 1, worker_id="w1", in_progress_ms=60_000, lease_s=0.4) is not None
     await asyncio.sleep(0.5)  # the worker died: its lease ran out, and the slot's is nearly out
-    assert await store.recover_expired(max_attempts=3) == [(job.id, "retried")]
+    assert await store.recover_expired(max_attempts=3, lease_s=10) == [(job.id, "retried")]
     await asyncio.sleep(0.3)  # waiting in the queue for its second attempt, past the first lease
     with pytest.raises(NoJobSlot):
         await store.create(a_job(), owner="key-slots", slot=SLOT)

@@ -274,7 +274,7 @@ async def test_a_retried_job_is_placed_again(
     assert isinstance(await _claim(store, job_id, "lost"), Claimed)
     await redis.delete(worker_key("lost"))  # it died without output: its lease runs out
     await store.expire_lease(job_id, 1)
-    assert await store.recover_expired(max_attempts=3) == [(job_id, "retried")]
+    assert await store.recover_expired(max_attempts=3, lease_s=10) == [(job_id, "retried")]
     assert await _routed(redis, job_id) == "other"
     assert await _load(redis, "other") == 2
     assert isinstance(

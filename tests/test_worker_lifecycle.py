@@ -198,7 +198,7 @@ async def test_a_job_whose_lease_is_lost_stops_quietly_and_the_worker_serves_on(
     # A sweep takes the job over, as if this worker had stopped renewing: this one, or the worker's
     # own, which runs every 50 ms and may get there first.
     await running.store.expire_lease(job_id, 1)
-    assert await running.store.recover_expired(max_attempts=3) in ([(job_id, "failed")], [])
+    assert await running.store.recover_expired(max_attempts=3, lease_s=10) in ([(job_id, "failed")], [])
     events = await running.events(job_id)
     assert isinstance(events[-1], Failed)
     assert events[-1].code is FailureCode.WORKER_LOST

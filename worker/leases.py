@@ -94,7 +94,7 @@ class RunningJobs:
     async def hand_back(self, job_id: str, attempt: int) -> None:
         """Gives up an attempt that produced nothing, so another worker runs the job now."""
         await self.store.expire_lease(job_id, attempt)
-        await self.store.recover_expired(self.settings.max_attempts)
+        await self.store.recover_expired(self.settings.max_attempts, self.settings.lease_s)
 
     async def maintain(self) -> None:
         """Renews this worker's leases and recovers expired ones, every `lease_renew_s`."""
@@ -102,7 +102,9 @@ class RunningJobs:
             await asyncio.sleep(self.settings.lease_renew_s)
             try:
                 await self._renew_all()
-                for job_id, outcome in await self.store.recover_expired(self.settings.max_attempts):
+                for job_id, outcome in await self.store.recover_expired(
+                    self.settings.max_attempts, self.settings.lease_s
+                ):
                     log.warning("job %s lost its worker: %s", job_id, outcome, extra={"job_id": job_id})
                 for job_id in await self.store.withdraw_stale(self.settings.background_queue_timeout_s):
                     log.warning("job %s was never started: withdrawn", job_id, extra={"job_id": job_id})

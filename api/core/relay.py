@@ -83,7 +83,7 @@ async def follow_job(
                 return  # ended together with its terminal event: nothing will follow
             if record.ended or record.started:
                 waiting_since = time.monotonic()
-                await store.recover_expired(settings.max_attempts)
+                await store.recover_expired(settings.max_attempts, settings.lease_s)
             elif withdraw and time.monotonic() - waiting_since >= settings.queue_timeout_s:
                 message = f"No worker started the job within {settings.queue_timeout_s:g} s; retry later."
                 failure = Failed(code=FailureCode.QUEUE_TIMEOUT, message=message)
