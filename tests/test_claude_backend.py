@@ -3,15 +3,19 @@ the fake Anthropic API on loopback, asserting on what the upstream received and 
 
 import itertools
 import json
+import signal
 import time
 from collections import deque
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import Gateway, assert_schema, chat, sse_data
+from shared.keys import events_key
+from tests.conftest import Gateway, assert_schema, chat, claude_env, sse_data
 from tests.fake_anthropic import FakeAnthropic, Reply, system_text, user_text
+from tests.test_durable_jobs import job_id_of, retrieve, start_background, wait_for, worker_running
 
 pytestmark = pytest.mark.claude
 
@@ -204,3 +208,26 @@ def test_a_message_that_looks_like_a_slash_command_is_text_for_the_model(
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["message"]["content"] == "As text."
     assert {body["model"] for body in upstream.requests} == {"claude-sonnet-4-5"}
+
+
+@pytest.mark.parametrize("warm_clients", ["0", "1"])
+def test_a_job_still_running_when_the_drain_ends_gets_worker_shutdown(
+    start_gateway: Any, upstream: FakeAnthropic, warm_clients: str
+) -> None:
+    # Found by an outside probe: the drain's end cancelled the job's task with its CLI still
+    # streaming; the SDK waited for that CLI, the stop overran its bound and the job was lost.
+    gateway: Gateway = start_gateway(
+        workers=1, DRAIN_TIMEOUT_S="1", **claude_env(upstream, CLAUDE_WARM_CLIENTS=warm_clients)
+    )
+    upstream.default = Reply(tokens=["word "] * 300, delay_s=0.1)  # 30 s of output
+    completion_id = start_background(gateway, "talk for a while")
+    worker = worker_running(gateway, job_id_of(completion_id))
+    wait_for(lambda: gateway.redis().xlen(events_key(job_id_of(completion_id))) > 3, 30, "output")
+    stopped = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0  # not the bound's exit (status 1) of a stop held up
+    # Its drain (1 s) and a moment: not the SDK's wait of up to 5 s for a CLI still streaming.
+    assert time.monotonic() - stopped < 1 + 3
+    failed = retrieve(gateway, completion_id)
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "worker_shutdown"  # it had output: not handed back

@@ -86,6 +86,13 @@ class RunningJobs:
         if self.jobs.get(job.job_id) is job:  # not a later attempt at the same job
             del self.jobs[job.job_id]
 
+    def halt_all(self) -> None:
+        """The worker stops, and arq is cancelling the jobs' tasks: ends what each runs outside the
+        loop first (`RunningJob.halt`), or its cancellation waits on a CLI still streaming."""
+        for job in self.jobs.values():
+            if job.producing:
+                job.halt()
+
     def cancel(self, job_id: str) -> None:
         """A caller cancelled the job; stop it if it runs here."""
         if (job := self.jobs.get(job_id)) is not None:

@@ -105,6 +105,8 @@ class GatewayWorker(Worker):
 
     def _on_stop(self, signum: signal.Signals) -> None:
         self._stop_signal = signal.Signals(signum).name
+        if (running := self.ctx.get("running")) is not None:
+            running.halt_all()  # arq has just cancelled their tasks; the cancellations come next
         if self._bounded_close:
             self.loop.call_later(CLOSE_REPORT_S, self._report_close)
             faulthandler.dump_traceback_later(CLOSE_BOUND_S, exit=True)
