@@ -62,11 +62,13 @@ class WorkspaceTooLarge(Exception):
 
 
 def check_limits(count: int, total: int, max_bytes: int, max_files: int) -> None:
+    """`count`: files, links and empty folders (each one an entry of the manifest to keep)."""
     if count > max_files or total > max_bytes:
         over = f"more than {max_files} files" if count > max_files else f"more than {max_bytes} bytes"
         raise WorkspaceTooLarge(
-            f"The session's workspace would hold {over}; its limits are {max_files} files and "
-            f"{max_bytes} bytes. Nothing was saved: the workspace stays as it was before this request."
+            f"The session's workspace would hold {over}; its limits are {max_files} files (with links "
+            f"and empty folders) and {max_bytes} bytes. Nothing was saved: the workspace stays as it "
+            "was before this request."
         )
 
 
@@ -329,7 +331,7 @@ class VersionWriter:
         return self._size
 
     def check_limits(self, max_bytes: int, max_files: int) -> None:
-        check_limits(len(self.files) + len(self.links), self.total, max_bytes, max_files)
+        check_limits(len(self.files) + len(self.links) + len(self.folders), self.total, max_bytes, max_files)
 
     async def write(self, store: ObjectStore, ref: WorkspaceRef, manifest: Manifest) -> None:
         """Uploads the pack, then `manifest` (this writer's): a manifest never names bytes that are

@@ -125,6 +125,22 @@ def test_a_scan_stops_at_the_limits(tmp_path: Path) -> None:
         scan(work, Held(Manifest()), VersionWriter(Manifest()), 250, 100)
 
 
+def test_empty_folders_count_against_the_file_limit(tmp_path: Path) -> None:
+    # Found by an outside probe: 200,000 empty folders were saved, a 42 MB manifest, against no limit.
+    work = tmp_path / "work"
+    for i in range(3):
+        (work / f"d{i}" / "empty").mkdir(parents=True)
+    writer = VersionWriter(Manifest())
+    scan(work, Held(Manifest()), writer, 10_000, 3)  # the folders holding them are not entries
+    assert writer.folders == {"d0/empty", "d1/empty", "d2/empty"}
+    (work / "d3").mkdir()
+    with pytest.raises(WorkspaceTooLarge, match="more than 3 files"):
+        scan(work, Held(Manifest()), VersionWriter(Manifest()), 10_000, 3)
+    writer.folders.add("d3")  # as a save of what changed finds it
+    with pytest.raises(WorkspaceTooLarge, match="more than 3 files"):
+        writer.check_limits(10_000, 3)
+
+
 @pytest.mark.parametrize(
     "path", ["", "/abs", "a/../b", "a//b", "./a", "a/", "x\x00y", "tab\there", "é" * 600]
 )
