@@ -23,11 +23,10 @@ id never sees, and a late sweep never deletes, the files of another life.
 import asyncio
 import hashlib
 import json
-import posixpath
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -51,6 +50,8 @@ _COMPACT_WASTE = 2.0
 """or when the packs it reads hold more than this many times its live bytes (overwritten files)."""
 _DELTA_SHARE = 4
 """A manifest is stored whole once it differs from its base in more than 1/this of its files."""
+_MAX_HOPS = 40
+"""Links followed in one path's lookup, as Linux allows (`ELOOP` past it)."""
 
 Source = Literal["user", "assistant"]
 Contents = bytes | memoryview
@@ -157,12 +158,31 @@ def _folders_of(path: str) -> Iterator[str]:
         yield path
 
 
-def link_inside(path: str, target: str) -> bool:
-    """Whether a link at `path` pointing to `target` stays inside the workspace, by its text alone."""
-    if target.startswith("/") or "\0" in target:
-        return False
-    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-    return resolved != ".." and not resolved.startswith("../")
+def link_inside(path: str, links: Mapping[str, str]) -> bool:
+    """Whether the link at `path`, one of the workspace's `links` (path -> target), stays inside
+    the workspace when followed as the kernel follows it: through the other links on its way too
+    (with `l -> .`, a target `l/..` leaves it, though its text alone says it stays)."""
+    resolved = path.split("/")[:-1]  # the folders it is in: none is a link (a scan follows none)
+    todo: list[str] = []  # the names still to walk, the next one last
+    target: str | None = links[path]
+    for _ in range(_MAX_HOPS):
+        if target is None:
+            return True
+        if target.startswith("/") or "\0" in target:
+            return False
+        todo += reversed(target.split("/"))
+        target = None
+        while todo and target is None:
+            part = todo.pop()
+            if part == "..":
+                if not resolved:
+                    return False
+                resolved.pop()
+            elif part not in ("", "."):
+                resolved.append(part)
+                if (target := links.get("/".join(resolved))) is not None:
+                    resolved.pop()  # a link on the way: its target is walked from its folder
+    return True  # more links on the way than the kernel follows (a loop): it refuses them all
 
 
 @dataclass
@@ -223,7 +243,7 @@ class Manifest:
                 files[path] = change
         links = {checked_path(path): target for path, target in body["links"].items()}
         packs = {_checked_version(pack): int(size) for pack, size in body["packs"].items()}
-        if not all(link_inside(path, target) for path, target in links.items()) or not all(
+        if not all(link_inside(path, links) for path in links) or not all(
             entry.pack in packs for entry in files.values()
         ):
             raise ValueError("malformed workspace manifest")
@@ -307,7 +327,9 @@ class VersionWriter:
     def manifest(self) -> Manifest:
         packs = {entry.pack for entry in self.files.values()}
         sizes = {**self.parent.packs, self.version: self._size}
-        manifest = Manifest(self.version, self.files, self.links, {pack: sizes[pack] for pack in packs})
+        # Each link was judged by its own text when found; now through all the others.
+        links = {path: target for path, target in self.links.items() if link_inside(path, self.links)}
+        manifest = Manifest(self.version, self.files, links, {pack: sizes[pack] for pack in packs})
         manifest.folders, manifest._total = sorted(self.folders), self.total
         parent = self.parent
         base = parent.version if parent.base is None else parent.base

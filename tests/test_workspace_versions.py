@@ -90,9 +90,14 @@ async def test_a_save_follows_no_link_and_keeps_only_links_inside(tmp_path: Path
     (work / "up").symlink_to("../outside")
     (work / "ok").symlink_to("sub/in.txt")
     (work / "sub" / "back").symlink_to("../sub/in.txt")
+    # Found by an outside probe: judged by its text, `sub/../here/..` stays inside; followed, it leaves.
+    (work / "here").symlink_to(".")
+    (work / "sub" / "escape").symlink_to("../here/..")
+    (work / "loop").symlink_to("loop")  # the kernel follows it nowhere: kept as it is
     held = await save(store, work, Held(Manifest()))
     assert sorted(held.manifest.files) == ["sub/in.txt"]
-    assert held.manifest.links == {"ok": "sub/in.txt", "sub/back": "../sub/in.txt"}
+    kept = {"ok": "sub/in.txt", "sub/back": "../sub/in.txt", "here": ".", "loop": "loop"}
+    assert held.manifest.links == kept
     await restored(store, tmp_path / "copy", held.manifest.version)
     assert (tmp_path / "copy" / "ok").readlink() == Path("sub/in.txt")
     assert (tmp_path / "copy" / "ok").read_text() == "inside"

@@ -202,7 +202,7 @@ class _Scan:
     def link(self, fd: int, name: str, path: str) -> int:
         target = os.readlink(name, dir_fd=fd)
         self.forget(path)
-        if not workspaces.link_inside(path, target):
+        if not workspaces.link_inside(path, {path: target}):
             return 0
         self.writer.links[path] = target
         return 1
@@ -262,7 +262,9 @@ class _Scan:
                     continue
                 if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
                     return
-                if entry.is_symlink() and workspaces.link_inside(path, os.readlink(entry.name, dir_fd=fd)):
+                if entry.is_symlink() and workspaces.link_inside(
+                    path, {path: os.readlink(entry.name, dir_fd=fd)}
+                ):
                     return
         self.writer.folders.add(folder)
 
