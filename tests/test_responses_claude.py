@@ -66,3 +66,23 @@ def test_function_tool_call_and_output(client: openai.OpenAI, upstream: FakeAnth
     )
     assert second.output_text == "Cold."
     assert "-5 C" in str(upstream.requests[-1]["messages"])
+
+
+def test_a_response_failing_after_the_agents_work_keeps_just_that_work(
+    claude: Gateway, upstream: FakeAnthropic
+) -> None:
+    # Found by an outside probe: its output had an empty message item after the reasoning, which
+    # its stream never sent, and the reasoning item said completed.
+    upstream.script.append(Reply(tool_use=("Bash", {"command": "echo working", "description": "work"})))
+    upstream.default = Reply(status=500)  # every request after the tool's
+    body = {"model": MODEL, "input": "do some work", "stream": True}
+    with httpx.stream("POST", f"{claude.url}/v1/responses", json=body, timeout=60) as response:
+        events = checked_stream(response)
+    failed = events[-1]
+    assert failed["type"] == "response.failed"
+    [reasoning] = failed["response"]["output"]
+    assert (reasoning["type"], reasoning["status"]) == ("reasoning", "incomplete")
+    assert "echo working" in reasoning["summary"][0]["text"]
+    assert events[-2] == {**events[-2], "type": "response.output_item.done", "item": reasoning}
+    retrieved = httpx.get(f"{claude.url}/v1/responses/{failed['response']['id']}", timeout=30).json()
+    assert retrieved["output"] == [reasoning]

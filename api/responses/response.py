@@ -185,7 +185,7 @@ def response_body(
             response.incomplete_details = IncompleteDetails(reason=reason or "max_output_tokens")
         calls = function_calls(terminal, stored.tools)
         if activity and response_format is None:
-            items = output_items(job, activity, item_status, calls=bool(calls))
+            items = output_items(job, activity, item_status, message=not calls)
         else:
             items = [output_message(job, text, item_status)] if text or not calls else []
         response.output = [*items, *calls]
@@ -200,7 +200,7 @@ def _produced(
 ) -> list[ReasoningItem | OutputMessage]:
     """The output of a job that has not completed: what it produced so far (or before it failed)."""
     if activity:
-        return list(output_items(job, activity, status))
+        return output_items(job, activity, status, message=False)
     return [output_message(job, text, status)] if text else []
 
 
@@ -247,11 +247,12 @@ def output_items(
     events: list[JobEventValue],
     status: Literal["in_progress", "completed", "incomplete"],
     *,
-    calls: bool = False,
+    message: bool,
 ) -> list[ReasoningItem | OutputMessage]:
     """The job's text and activity as output items, in order: a message item per run of text, a
-    reasoning item (thinking, a line per tool step) per run of activity; with a message unless
-    the reply is function `calls` (their items follow)."""
+    reasoning item (thinking, a line per tool step) per run of activity. The last has `status`, the
+    ones before it are completed (as its stream closed them); `message`: there is a message item
+    even with no text (a completed reply that is not function calls)."""
     runs: list[tuple[str, list[str]]] = []
     for event in events:
         if isinstance(event, Delta):
@@ -263,18 +264,22 @@ def output_items(
         if not runs or runs[-1][0] != kind:
             runs.append((kind, []))
         runs[-1][1].append(text)
-    if not calls and not any(kind == "message" for kind, _ in runs):
+    if message and not any(kind == "message" for kind, _ in runs):
         runs.append(("message", []))
     items: list[ReasoningItem | OutputMessage] = []
     for index, (kind, parts) in enumerate(runs):
+        item_status = status if index == len(runs) - 1 else "completed"
+        text = "".join(parts)
         if kind == "message":
             items.append(
                 OutputMessage(
-                    id=item_id(job, kind, index), status=status, content=[OutputText(text="".join(parts))]
+                    id=item_id(job, kind, index), status=item_status, content=[OutputText(text=text)]
                 )
             )
         else:
             items.append(
-                ReasoningItem(id=item_id(job, kind, index), summary=[SummaryText(text="".join(parts))])
+                ReasoningItem(
+                    id=item_id(job, kind, index), summary=[SummaryText(text=text)], status=item_status
+                )
             )
     return items

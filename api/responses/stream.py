@@ -96,15 +96,17 @@ class ResponseEventRenderer:
         kind, parts = self._items[-1]
         text = "".join(parts)
         index = ids["output_index"]
+        done = "incomplete" if status == "incomplete" else "completed"
         if kind == _REASONING:
             part = SummaryText(text=text).model_dump()
-            item = ReasoningItem(id=ids["item_id"], summary=[SummaryText(text=text)]).model_dump()
+            item = ReasoningItem(
+                id=ids["item_id"], summary=[SummaryText(text=text)], status=done
+            ).model_dump()
             return [
                 self._next("response.reasoning_summary_text.done", **ids, text=text),
                 self._next("response.reasoning_summary_part.done", **ids, part=part),
                 self._next("response.output_item.done", output_index=index, item=item),
             ]
-        done = "incomplete" if status == "incomplete" else "completed"
         item = OutputMessage(id=ids["item_id"], status=done, content=[OutputText(text=text)]).model_dump()
         return [
             self._next("response.output_text.done", **ids, text=text, logprobs=[]),
