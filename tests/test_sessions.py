@@ -90,6 +90,26 @@ def test_a_session_continues_on_every_front_end_by_body_or_header(scripted: Gate
     assert mismatched.json()["error"]["message"].startswith("The session_id field and the X-Session-Id")
 
 
+def test_a_response_made_in_a_session_is_continued_in_it(scripted: Gateway) -> None:
+    # Found by an outside probe: its previous_response_id alone continued it without the session's
+    # earlier turns (the response keeps only its request's messages; the session holds the rest).
+    sid, responses = _sid(), f"{scripted.url}/v1/responses"
+    assert _reply(_post(scripted, chat("first question", session_id=sid))) == DEFAULT_REPLY
+    body = {"model": "claude-sonnet-4-5", "input": "second question", "session_id": sid}
+    second = httpx.post(responses, json=body, timeout=60)
+    assert second.status_code == 200, second.text
+    history = (
+        f"user: first question\nassistant: {DEFAULT_REPLY}\nuser: second question\nassistant: {DEFAULT_REPLY}"
+    )
+    again = {**body, "input": ECHO, "previous_response_id": second.json()["id"]}
+    third = httpx.post(responses, json=again, timeout=60)
+    assert third.status_code == 200, third.text
+    assert third.json()["output"][0]["content"][0]["text"] == history  # each turn once
+    del again["session_id"]
+    _assert_error(httpx.post(responses, json=again, timeout=60), 400, "previous_response_in_session")
+    assert _session(scripted, sid)["message_count"] == 6
+
+
 def test_a_client_resending_the_whole_history_gets_no_duplicates(scripted: Gateway) -> None:
     sid = _sid()
     history = [{"role": "user", "content": "one"}]

@@ -38,7 +38,7 @@ def core_request(body: CreateResponseRequest, earlier: list[ChatMessage]) -> Com
 
 
 def stored_request(
-    body: CreateResponseRequest, request: CompletionRequest, settings: Settings
+    body: CreateResponseRequest, request: CompletionRequest, settings: Settings, session_id: str | None
 ) -> StoredResponse:
     """What the response keeps of its request (retrieval, continuation)."""
     conversation = request.messages[1:] if body.instructions else request.messages
@@ -57,6 +57,7 @@ def stored_request(
         tools=[{"strict": True, "parameters": None, **tool} for tool in body.tools or []],
         tool_choice=body.tool_choice or "auto",
         reasoning=settings.stream_reasoning and body.include_reasoning is not False,
+        session_id=session_id,
     )
 
 

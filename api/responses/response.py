@@ -64,6 +64,9 @@ class StoredResponse(BaseModel):
     tool_choice: str | dict[str, Any] = "auto"
     reasoning: bool = True
     """Whether its output shows the agent's thinking and tool steps (a reasoning item)."""
+    session_id: str | None = None
+    """The session it was made in, which holds its conversation (`conversation` has only the
+    request's messages): it is continued there."""
 
 
 def response_id(job: JobRef) -> str:

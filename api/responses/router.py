@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from api.core.conversation import ChatMessage
 from api.core.run import Run, cancel_job, delete_job, reply_of
+from api.core.sessions import requested_session_id
 from api.core.sse import EventStreamResponse
 from api.core.streaming import StartingAfter, event_stream, resumed_after
 from api.core.submit import submit
@@ -38,11 +39,12 @@ async def create_response(
 ) -> JSONResponse | EventStreamResponse:
     check_supported(body)
     gateway, caller = Gateway.of(request), Caller.of(request)
+    session_id = requested_session_id(body.session_id, request.headers)
     earlier: list[ChatMessage] = []
     if body.previous_response_id is not None:
-        earlier = await _continued(gateway, caller, body.previous_response_id)
+        earlier = await _continued(gateway, caller, body.previous_response_id, session_id)
     core = core_request(body, earlier)
-    stored = stored_request(body, core, gateway.settings)
+    stored = stored_request(body, core, gateway.settings, session_id)
     keeper = stored_responses.Keeper(gateway.redis, gateway.settings, stored)
     run = await submit(core, request, gateway, caller, companion=keeper)
     if body.background and not body.stream:
@@ -108,8 +110,20 @@ def _not_found(response_id: str, param: str) -> OpenAIError:
     return OpenAIError.not_found(message, param=param, code="not_found")
 
 
-async def _continued(gateway: Gateway, caller: Caller, previous_id: str) -> list[ChatMessage]:
+async def _continued(
+    gateway: Gateway, caller: Caller, previous_id: str, session_id: str | None
+) -> list[ChatMessage]:
+    """The conversation the previous response continues with, for a request in `session_id`."""
     record, stored = await _owned(gateway, caller, previous_id, param="previous_response_id")
+    if stored.session_id is not None:  # its session holds the conversation, the response only its turn
+        if stored.session_id == session_id:
+            return []
+        raise OpenAIError.invalid(
+            f"The previous response was made in session '{stored.session_id}', which holds its "
+            "conversation: continue it with that session_id.",
+            param="previous_response_id",
+            code="previous_response_in_session",
+        )
     if not stored.store:
         raise OpenAIError.invalid(
             "The previous response was created with store: false and cannot be continued.",
