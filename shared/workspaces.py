@@ -63,12 +63,12 @@ class WorkspaceTooLarge(Exception):
 
 
 def check_limits(count: int, total: int, max_bytes: int, max_files: int) -> None:
-    """`count`: files, links and empty folders (each one an entry of the manifest to keep)."""
+    """`count`: files, links and folders (each made by a restore, and watched on a worker)."""
     if count > max_files or total > max_bytes:
         over = f"more than {max_files} files" if count > max_files else f"more than {max_bytes} bytes"
         raise WorkspaceTooLarge(
-            f"The session's workspace would hold {over}; its limits are {max_files} files (with links "
-            f"and empty folders) and {max_bytes} bytes. Nothing was saved: the workspace stays as it "
+            f"The session's workspace would hold {over}; its limits are {max_files} files (links "
+            f"and folders included) and {max_bytes} bytes. Nothing was saved: the workspace stays as it "
             "was before this request."
         )
 
@@ -353,7 +353,13 @@ class VersionWriter:
         return self._size
 
     def check_limits(self, max_bytes: int, max_files: int) -> None:
-        check_limits(len(self.files) + len(self.links) + len(self.folders), self.total, max_bytes, max_files)
+        folders = set(self.folders)  # the empty ones, and those the paths are in
+        for path in (*self.files, *self.links, *self.folders):
+            for folder in _folders_of(path):
+                if folder in folders:
+                    break  # and the ones it is in
+                folders.add(folder)
+        check_limits(len(self.files) + len(self.links) + len(folders), self.total, max_bytes, max_files)
 
     async def write(self, store: ObjectStore, ref: WorkspaceRef, manifest: Manifest) -> None:
         """Uploads the pack, then `manifest` (this writer's): a manifest never names bytes that are

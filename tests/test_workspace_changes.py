@@ -17,7 +17,7 @@ import pytest
 
 from shared.workspaces import Manifest, VersionWriter
 from worker.session_files import Held, scan, update
-from worker.workspace_changes import ChangeTracker
+from worker.workspace_changes import ChangeTracker, watch_budget
 
 LIMITS = (10_000_000, 1_000)
 KEY = "session"
@@ -126,7 +126,7 @@ STEPS: list[tuple[str, Callable[[Path], object]]] = [  # each returns what it di
 
 @pytest.fixture
 def tracker() -> Iterator[ChangeTracker]:
-    tracker = ChangeTracker()
+    tracker = ChangeTracker(watch_budget())
     yield tracker
     tracker.close()
 
@@ -173,6 +173,33 @@ def test_lost_events_make_the_next_save_scan_everything(tmp_path: Path, tracker:
     assert not changes.complete
     tracker.start(KEY)
     assert tracker.take(KEY) == type(changes)()  # tracked again, from a scan of everything
+
+
+def test_a_worker_over_its_watch_budget_scans_the_rest_whole(tmp_path: Path) -> None:
+    # Found by an outside probe: one session's 200,000 folders took every watch of the host's
+    # user, other gateways' workers' too; a worker now keeps to its share of them.
+    assert watch_budget() == int(Path("/proc/sys/fs/inotify/max_user_watches").read_text()) // 16
+    tracker = ChangeTracker(max_watches=3)
+    try:
+        for key, folders in (("small", ["a"]), ("large", ["b", "c", "d"])):
+            work = tmp_path / key
+            for folder in folders:
+                (work / folder).mkdir(parents=True)
+            tracker.start(key)
+            scan(
+                work,
+                Held(Manifest()),
+                VersionWriter(Manifest()),
+                *LIMITS,
+                functools.partial(tracker.watch, key),
+            )
+        small, large = tracker.take("small"), tracker.take("large")
+        assert small is not None
+        assert small.complete  # its session folder and `a`
+        assert large is not None
+        assert not large.complete  # one of its four folders was watched
+    finally:
+        tracker.close()
 
 
 def test_a_forgotten_session_is_no_longer_tracked(tmp_path: Path, tracker: ChangeTracker) -> None:

@@ -130,20 +130,22 @@ def test_a_scan_stops_at_the_limits(tmp_path: Path) -> None:
         scan(work, Held(Manifest()), VersionWriter(Manifest()), 250, 100)
 
 
-def test_empty_folders_count_against_the_file_limit(tmp_path: Path) -> None:
-    # Found by an outside probe: 200,000 empty folders were saved, a 42 MB manifest, against no limit.
+def test_folders_count_against_the_file_limit(tmp_path: Path) -> None:
+    # Found by outside probes: 200,000 empty folders were saved, a 42 MB manifest, against no limit,
+    # and their watches took all the host's; chains of folders would have cost as much unlisted.
     work = tmp_path / "work"
     for i in range(3):
         (work / f"d{i}" / "empty").mkdir(parents=True)
     writer = VersionWriter(Manifest())
-    scan(work, Held(Manifest()), writer, 10_000, 3)  # the folders holding them are not entries
-    assert writer.folders == {"d0/empty", "d1/empty", "d2/empty"}
+    scan(work, Held(Manifest()), writer, 10_000, 6)
+    assert writer.folders == {"d0/empty", "d1/empty", "d2/empty"}  # the others are implied
+    writer.check_limits(10_000, 6)
     (work / "d3").mkdir()
-    with pytest.raises(WorkspaceTooLarge, match="more than 3 files"):
-        scan(work, Held(Manifest()), VersionWriter(Manifest()), 10_000, 3)
+    with pytest.raises(WorkspaceTooLarge, match="more than 6 files"):
+        scan(work, Held(Manifest()), VersionWriter(Manifest()), 10_000, 6)
     writer.folders.add("d3")  # as a save of what changed finds it
-    with pytest.raises(WorkspaceTooLarge, match="more than 3 files"):
-        writer.check_limits(10_000, 3)
+    with pytest.raises(WorkspaceTooLarge, match="more than 6 files"):
+        writer.check_limits(10_000, 6)
 
 
 @pytest.mark.parametrize(

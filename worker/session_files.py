@@ -167,7 +167,7 @@ class _Scan:
 
     def folder(self, fd: int, prefix: str, watch: Watch | None) -> tuple[int, int]:
         """Everything under the folder open at `fd` (`prefix`: its path and a `/`, or "");
-        returns how many files, links and empty folders it holds, and their bytes."""
+        returns how many files, links and folders it holds, and their bytes."""
         if watch is not None:
             watch(prefix.rstrip("/"), fd)
         count = total = kept = 0
@@ -182,6 +182,7 @@ class _Scan:
                         more, size = self.folder(sub, path + "/", watch)
                     finally:
                         os.close(sub)
+                    more += 1  # the folder itself: each one a watch here, and made by every restore
                 elif entry.is_symlink():
                     more, size = self.link(fd, entry.name, path), 0
                 elif entry.is_file(follow_symlinks=False):
@@ -196,7 +197,6 @@ class _Scan:
                 check_limits(count, total, self.max_bytes, self.max_files)
         if prefix and not kept:
             self.writer.folders.add(prefix[:-1])
-            count = 1  # an entry of its own: 200,000 of them had made a 42 MB manifest
         return count, total
 
     def link(self, fd: int, name: str, path: str) -> int:
@@ -443,7 +443,7 @@ class SessionFiles:
             try:
                 from worker import workspace_changes  # inotify: Linux's
 
-                self.changes = workspace_changes.ChangeTracker()
+                self.changes = workspace_changes.ChangeTracker(workspace_changes.watch_budget())
             except (ImportError, OSError) as exc:  # no inotify (or no instance left): every save scans
                 log.warning("workspace changes are not tracked: %s", exc)
 

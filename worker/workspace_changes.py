@@ -16,10 +16,15 @@ the asyncio and thread-based watchers (watchfiles, watchdog) deliver them later,
 of their own, and so cannot say that every change so far has been seen.
 """
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from inotify_simple import INotify, flags
+
+_HOST_SHARE = 16
+"""A worker watches at most this fraction of the host's inotify watches (`watch_budget`)."""
 
 _MASK = (
     flags.MODIFY
@@ -50,10 +55,21 @@ class Changes:
     """False: an event may be missing, so only a scan of every file is sure."""
 
 
+def watch_budget() -> int:
+    """The watches a worker may hold: 1/16 of what the host allows its user, which every process
+    of that user shares (a session of 200,000 folders had taken them all, the host's too)."""
+    try:
+        return int(Path("/proc/sys/fs/inotify/max_user_watches").read_text()) // _HOST_SHARE
+    except (OSError, ValueError):
+        return 8192 // _HOST_SHARE  # the kernel's historical default
+
+
 class ChangeTracker:
     """One inotify instance for every session directory of a worker (keyed by session)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_watches: int) -> None:
+        """`max_watches`: past it, a folder is not watched (its workspace is scanned whole)."""
+        self.max_watches = max_watches
         self._inotify = INotify()
         self._lock = threading.Lock()  # saves of several sessions read the one queue from threads
         self._watches: dict[int, tuple[str, str]] = {}
@@ -69,9 +85,11 @@ class ChangeTracker:
     def watch(self, key: str, folder: str, fd: int) -> None:
         """Watches the folder open at `fd` (opened without following links) as `folder`."""
         with self._lock:
-            try:
-                wd = self._inotify.add_watch(f"/proc/self/fd/{fd}", _MASK)
-            except OSError:  # over the watch limit: this workspace is scanned whole
+            wd = None
+            if len(self._watches) < self.max_watches:
+                with contextlib.suppress(OSError):  # over the host's limit
+                    wd = self._inotify.add_watch(f"/proc/self/fd/{fd}", _MASK)
+            if wd is None:  # this workspace is scanned whole
                 if (changes := self._changes.get(key)) is not None:
                     changes.complete = False
                 return
