@@ -164,6 +164,24 @@ def test_a_save_over_the_limit_is_refused_and_the_last_good_version_stays(files_
     assert upload.json()["error"]["code"] == "workspace_too_large"
 
 
+def test_an_upload_where_the_agent_left_a_link_the_save_dropped_reaches_the_next_turn(
+    files_gateway: Gateway,
+) -> None:
+    # Found by an outside probe: the worker's copy still had the links (to outside the workspace)
+    # that the save had left out, the update could not put the uploaded files there: 503.
+    assert reply(turn(files_gateway, "over-link-1", {"link": {"t": "/etc/hostname", "dd": "/tmp"}}))
+    for path in ("t", "dd/f.txt"):
+        upload = httpx.post(
+            files_url(files_gateway, "over-link-1"),
+            files={"file": ("f", f"uploaded {path}".encode())},
+            data={"path": path},
+            headers=_auth(KEY_A),
+        )
+        assert upload.status_code == 200, upload.text
+    assert reply(turn(files_gateway, "over-link-1", {"read": "t"})) == "uploaded t"
+    assert reply(turn(files_gateway, "over-link-1", {"read": "dd/f.txt"})) == "uploaded dd/f.txt"
+
+
 def test_a_failed_turn_leaves_the_files_as_they_were(files_gateway: Gateway) -> None:
     assert reply(turn(files_gateway, "fail-1", {"write": {"state.txt": "v1"}}))
     failed = turn(files_gateway, "fail-1", {"write": {"state.txt": "v2", "new.txt": "n"}, "fail_after": 0})

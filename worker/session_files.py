@@ -463,7 +463,14 @@ class SessionFiles:
         held = self._held.pop(key, None)  # in use: not held until saved
         work = self._directory(ref)
         try:
-            held = await self._checkout(ref, work, held, session.workspace)
+            try:
+                held = await self._checkout(ref, work, held, session.workspace)
+            except OSError:
+                if held is None:
+                    raise
+                # Something the last save left out is in the way (a link where an upload put a
+                # file): the version is restored afresh.
+                held = await self._checkout(ref, work, None, session.workspace)
         except (OSError, MissingObject, ValueError) as exc:  # ValueError: a malformed manifest
             log.warning("could not restore workspace %s: %s", key, type(exc).__name__)
             await self._drop(key)

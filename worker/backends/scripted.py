@@ -47,6 +47,8 @@ class Script(BaseModel):
     """`{"name", "arguments"}` of function calls to end the turn on, after the text."""
     write: dict[str, str] = Field(default_factory=dict)
     fill: dict[str, int] = Field(default_factory=dict)
+    link: dict[str, str] = Field(default_factory=dict)
+    """Symbolic links to make (name -> target, which may lead anywhere, as the agent's may)."""
     read: str | None = None
 
 
@@ -70,7 +72,7 @@ class ScriptedBackend:
         self, job: CompletionJob, work: Path | None = None
     ) -> AsyncGenerator[BackendEvent, None]:
         script = self.script_for(job)
-        if script.write or script.fill or script.read:
+        if script.write or script.fill or script.link or script.read:
             script = _with_files(script, work)
         if script.echo:
             turns = job.turns
@@ -133,6 +135,10 @@ def _with_files(script: Script, work: Path | None) -> Script:
         path = _inside(work, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(bytes(size))
+    for name, target in script.link.items():
+        path = _inside(work, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.symlink_to(target)
     if script.read is None:
         return script
     path = _inside(work, script.read)
