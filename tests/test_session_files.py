@@ -130,7 +130,7 @@ def test_an_uploaded_file_is_read_by_the_next_turn_and_can_be_deleted(files_gate
     assert reply(turn(files_gateway, "upload-1", {"read": "copy.txt"})) == "made"
 
 
-@pytest.mark.parametrize("path", ["../escape.txt", "a//b", "x\n", "/", "a/./b"])
+@pytest.mark.parametrize("path", ["../escape.txt", "a//b", "x\n", "/", "a/./b", "/abs", "keep.txt/"])
 def test_upload_paths_are_validated(files_gateway: Gateway, path: str) -> None:
     response = httpx.post(
         files_url(files_gateway, "paths-1"),

@@ -345,7 +345,7 @@ def _without(manifest: Manifest, path: str) -> VersionWriter:
 def _upload_path(path: str | None, file: UploadFile) -> str:
     name = path if path is not None else posixpath.basename(file.filename or "")
     try:
-        return workspaces.checked_path(name.strip("/") if path is not None else name)
+        return workspaces.checked_path(name)
     except workspaces.InvalidPath:
         raise OpenAIError.invalid(
             "A file's path is relative to the workspace: '/'-separated names, none of them empty, "
