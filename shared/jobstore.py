@@ -24,10 +24,11 @@ its payload, so what stays for `EVENT_TTL_S` is the record's few fields and the 
 """
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.jobs import serialize_job
@@ -420,6 +421,8 @@ class JobRecord:
     cancel_requested: bool
     choices: tuple[str, ...] = ()
     """The jobs of the request's other choices, on its first job's record (`n > 1`)."""
+    response_format: dict[str, Any] | None = None
+    """The JSON format its reply is checked against (chat's `response_format`), if it asked for one."""
 
     @property
     def status(self) -> JobStatus:
@@ -564,6 +567,7 @@ class JobStore:
             ended=get("ended"),
             cancel_requested=get("cancel") is not None,
             choices=tuple(get("choices", "").split()),
+            response_format=json.loads(response_format) if (response_format := get("format")) else None,
         )
 
     async def last_event(self, job_id: str) -> int:
@@ -610,6 +614,10 @@ class JobStore:
     async def release_idempotency(self, owner: str, key: str, job_id: str) -> None:
         """Frees `owner`'s `Idempotency-Key` if it still names `job_id` (a job that is gone)."""
         await self._release(keys=[idempotency_key(owner, key)], args=[job_id + " "])
+
+    async def keep_format(self, job_id: str, response_format: dict[str, Any]) -> None:
+        """Records the JSON format the job's reply is checked against, for its retrieval and resume."""
+        await self.redis.hset(record_key(job_id), "format", json.dumps(response_format))  # type: ignore[misc]
 
     async def link_choices(self, job_id: str, others: list[str]) -> None:
         """Records on a request's first job the jobs of its other choices (`n > 1`)."""

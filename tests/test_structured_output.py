@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from tests.conftest import Gateway, assert_schema, chat
 from tests.fake_anthropic import FakeAnthropic, Reply, system_text
-from tests.test_durable_jobs import script
+from tests.test_durable_jobs import script, sse_events
 
 PERSON = {
     "type": "object",
@@ -84,6 +84,32 @@ def test_streamed_structured_reply_is_checked_then_sent_whole(scripted: Gateway)
     assert json.loads(text) == {"name": "Ada", "age": 36}
     bad = chat(script(text="not json"), response_format=schema_format(), stream=True)
     assert post(scripted, bad).status_code == 502
+
+
+def test_a_structured_reply_resumed_or_retrieved_is_the_one_checked(scripted: Gateway) -> None:
+    # Found by an outside probe: a resume replayed the raw events under ids the live stream never
+    # sent (JSON cut and repeated), and a retrieval showed the unchecked text.
+    raw = '```json\n{"name": "Ada", "age": 36}\n```'
+    body = chat(script(text=raw), response_format=schema_format(), stream=True)
+    with httpx.stream("POST", f"{scripted.url}/v1/chat/completions", json=body, timeout=30) as response:
+        live = list(sse_events(response.iter_lines()))
+    url = f"{scripted.url}/v1/chat/completions/{json.loads(live[0][1])['id']}"
+    for resumed_at, (event_id, _) in enumerate(live[:-1]):
+        assert event_id is not None
+        resumed = httpx.get(url, params={"stream": "true"}, headers={"Last-Event-ID": event_id}, timeout=30)
+        assert list(sse_events(resumed.iter_lines())) == live[resumed_at + 1 :]
+    retrieved = httpx.get(url, timeout=30).json()
+    assert retrieved["choices"][0]["message"]["content"] == '{"name": "Ada", "age": 36}'
+    responses = f"{scripted.url}/v1/responses"
+    text_format = {"format": {"type": "json_schema", "name": "person", "schema": PERSON}}
+    body = {"model": "claude-sonnet-4-5", "input": script(text=raw), "text": text_format, "stream": True}
+    with httpx.stream("POST", responses, json=body, timeout=30) as response:
+        live = list(sse_events(response.iter_lines()))
+    url = f"{responses}/{json.loads(live[0][1])['response']['id']}"
+    for resumed_at, (event_id, _) in enumerate(live):
+        assert event_id is not None
+        resumed = httpx.get(url, params={"stream": "true", "starting_after": event_id}, timeout=30)
+        assert list(sse_events(resumed.iter_lines())) == live[resumed_at + 1 :]
 
 
 @pytest.mark.parametrize(

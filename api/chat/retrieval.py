@@ -24,10 +24,11 @@ from api.chat.protocol import ChatCompletion, ChatCompletionDeleted
 from api.core.run import Reply, Run, cancel_job, delete_job, reply_of
 from api.core.sse import EventStreamResponse
 from api.core.streaming import StartingAfter, event_stream, resumed_after
+from api.core.structured import ResponseFormat
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import OpenAIError, error_responses
 from shared.events import events_so_far
-from shared.jobs import Done, Failed
+from shared.jobs import Done, Failed, JobStatus
 from shared.jobstore import JobRecord
 from shared.keys import is_job_id
 
@@ -52,7 +53,8 @@ async def retrieve_chat_completion(
     if not stream:
         return JSONResponse((await _snapshot(gateway, record, reasoning)).model_dump())
     after = resumed_after(starting_after, last_event_id)
-    run = Run(gateway, [record], background=True, reasoning=reasoning)  # a reader, not the owner's request
+    response_format = ResponseFormat.from_request(record.response_format)  # sent checked, as first
+    run = Run(gateway, [record], True, response_format, reasoning)  # a reader, not the owner's request
     renderer = ChunkRenderer(record, include_usage=include_usage, after=after)
     return await event_stream(run, renderer, after=0 if after is None else events_after(after), live=False)
 
@@ -92,12 +94,18 @@ async def _snapshot(gateway: Gateway, record: JobRecord, reasoning: bool = True)
     """The job as a chat completion: its full reply once completed, else its status (and error)."""
     events = await events_so_far(gateway.store.redis, record.id)
     text, last = reply_of(events)
-    if isinstance(last, Done):
-        return completion_body(record, [Reply(text, last, events if reasoning else [])])
     snapshot = ChatCompletion(
         id=completion_id(record), created=record.created, model=record.model, choices=[], usage=None
     )
     snapshot.status = record.status
+    if isinstance(last, Done):
+        try:
+            if (response_format := ResponseFormat.from_request(record.response_format)) is not None:
+                text = response_format.check_finished(text, last.finish_reason.value)
+        except OpenAIError as violation:  # its request got this error
+            snapshot.status, snapshot.error = JobStatus.FAILED, violation.info
+            return snapshot
+        return completion_body(record, [Reply(text, last, events if reasoning else [])])
     if isinstance(last, Failed):
         snapshot.error = OpenAIError.from_failure(last).info
     return snapshot

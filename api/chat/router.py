@@ -38,6 +38,8 @@ async def create_chat_completion(
     idempotency = Idempotency.of(request.headers.get("idempotency-key"), body)
     gateway, caller = Gateway.of(request), Caller.of(request)
     run = await submit(core_request(body), request, gateway, caller, idempotency=idempotency)
+    if run.response_format is not None and body.response_format is not None:
+        await gateway.store.keep_format(run.job.id, body.response_format)
     logs.bind(job_id=run.job.id)
     log.info(
         "queued %d job(s) (model %s, stream %s, background %s)",

@@ -17,6 +17,7 @@ from api.core.run import Run, cancel_job, delete_job, reply_of
 from api.core.sessions import requested_session_id
 from api.core.sse import EventStreamResponse
 from api.core.streaming import StartingAfter, event_stream, resumed_after
+from api.core.structured import ResponseFormat
 from api.core.submit import submit
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import COMPLETION_ERRORS, OpenAIError
@@ -71,7 +72,8 @@ async def retrieve_response(
         return JSONResponse((await _snapshot(gateway, record, stored)).wire())
     after = resumed_after(starting_after, last_event_id)
     # The whole stream is read (earlier deltas make up the final text); the renderer skips to `after`.
-    run = Run(gateway, [record], background=True, reasoning=stored.reasoning)  # a reader, not its owner
+    response_format = ResponseFormat.from_text_format(stored.text_format)  # sent checked, as first
+    run = Run(gateway, [record], True, response_format, stored.reasoning)  # a reader, not its owner
     return await event_stream(
         run, ResponseEventRenderer(record, stored, after=-1 if after is None else after), live=False
     )
