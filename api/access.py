@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import ANONYMOUS, Gateway
 from api.errors import OpenAIError, storage_full
+from api.metrics import count_rate_limit_rejection
 from shared import apikeys, quotas, tool_config
 from shared.jobstore import JobSlot, NoJobSlot
 from shared.keys import TOOL_CONFIG_GLOBAL
@@ -338,6 +339,7 @@ def _limited(decision: quotas.RateDecision, category: str) -> tuple[OpenAIError 
     headers = rate_headers(decision)
     if decision.allowed:
         return None, headers
+    count_rate_limit_rejection(category)
     refusal = RateLimited(
         f"Rate limit reached: {decision.limit} {category} requests per minute; "
         f"retry in {decision.retry_after_s} s.",
@@ -349,6 +351,7 @@ def _limited(decision: quotas.RateDecision, category: str) -> tuple[OpenAIError 
 
 
 def _too_many_failures(decision: quotas.RateDecision) -> RateLimited:
+    count_rate_limit_rejection("failed_authentications")
     return RateLimited(
         "Too many failed authentications from this address; retry later.",
         code="rate_limit_exceeded",
@@ -381,6 +384,7 @@ def job_slot(gateway: Gateway, request: Request) -> JobSlot | None:
 
 
 def no_job_slot(refused: NoJobSlot) -> RateLimited:
+    count_rate_limit_rejection("concurrent_jobs")
     return RateLimited(
         f"Too many running jobs: at most {refused.cap} at a time per key; retry when one has finished.",
         code="concurrency_limit_exceeded",

@@ -67,8 +67,8 @@ def count_activity(kind: str) -> None:
 
 
 def count_rate_limit_rejection(limit: str) -> None:
-    """The hook for rate limiting: call it once per refused request, with the limit's name
-    (for example "requests" or "tokens"); keep the set of names small and fixed."""
+    """Called once per request refused for a limit (`api/access.py`): a rate category's name,
+    "failed_authentications" or "concurrent_jobs" (a small, fixed set)."""
     _RATE_LIMITED.labels(limit=limit).inc()
 
 

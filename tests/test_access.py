@@ -243,6 +243,13 @@ def test_a_refused_caller_is_answered_without_its_upload_being_read(guarded: Gat
     assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
 
 
+def _chat_rejections(api: Gateway) -> float:
+    """The API process's count of chat requests refused for the rate limit."""
+    metrics = httpx.get(f"{api.url}/metrics", headers=bearer(CONFIGURED_KEY), timeout=10).text
+    prefix = 'gateway_rate_limit_rejections_total{limit="chat"} '
+    return sum(float(line.removeprefix(prefix)) for line in metrics.splitlines() if line.startswith(prefix))
+
+
 def test_two_replicas_share_one_rate_limit_exactly(guarded: Gateway, second_api: Gateway) -> None:
     _, secret = new_key(guarded)
     _, other = new_key(guarded)
@@ -256,6 +263,7 @@ def test_two_replicas_share_one_rate_limit_exactly(guarded: Gateway, second_api:
         assert response.headers["x-ratelimit-limit-requests"] == "6"
         remaining.append(int(response.headers["x-ratelimit-remaining-requests"]))
     assert remaining == [5, 4, 3, 2, 1, 0]
+    rejected_before = _chat_rejections(second_api)
     refused = httpx.post(
         f"{second_api.url}/v1/chat/completions", json=chat("hi"), headers=bearer(secret), timeout=30
     )
@@ -264,6 +272,7 @@ def test_two_replicas_share_one_rate_limit_exactly(guarded: Gateway, second_api:
     assert 0 < int(refused.headers["retry-after-ms"]) <= 60_000
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert refused.headers["x-request-id"]
+    assert _chat_rejections(second_api) == rejected_before + 1  # never counted: an outside probe
     # Per key: another key has its own budget. Per endpoint class: other endpoints still answer.
     ok = httpx.post(f"{guarded.url}/v1/chat/completions", json=chat("hi"), headers=bearer(other), timeout=30)
     assert ok.status_code == 200
