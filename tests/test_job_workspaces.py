@@ -20,15 +20,18 @@ with job_workspace(Path(sys.argv[1]), sys.argv[2]):
 """
 
 
-def test_a_dead_workers_workspaces_are_removed_and_a_live_ones_kept(tmp_path: Path) -> None:
-    dead = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(tmp_path), "job-of-a-killed-worker"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
+def _worker_holding(parent: Path, job: str) -> "subprocess.Popen[str]":
+    """A worker process holding `job`'s workspace under `parent`, for the test to kill."""
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(parent), job], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
-    assert dead.stdout is not None
-    assert dead.stdout.readline() == "ready\n"
+    assert worker.stdout is not None
+    assert worker.stdout.readline() == "ready\n"
+    return worker
+
+
+def test_a_dead_workers_workspaces_are_removed_and_a_live_ones_kept(tmp_path: Path) -> None:
+    dead = _worker_holding(tmp_path, "job-of-a-killed-worker")
     left = tmp_path / "job-of-a-killed-worker"
     (left / "work" / "callers-file.txt").write_text("a caller's data")
     dead.send_signal(signal.SIGKILL)  # as up's restart finds it: nothing removed it
@@ -43,14 +46,7 @@ def test_a_dead_workers_workspaces_are_removed_and_a_live_ones_kept(tmp_path: Pa
 def test_what_the_agent_puts_in_its_workspace_cannot_stop_the_sweep(tmp_path: Path) -> None:
     # The agent writes in its workspace: a FIFO where a mark was read would block the next
     # worker's start for good (found by an outside probe), so the mark is kept beside it.
-    dead = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(tmp_path), "job-of-a-hostile-caller"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert dead.stdout is not None
-    assert dead.stdout.readline() == "ready\n"
+    dead = _worker_holding(tmp_path, "job-of-a-hostile-caller")
     left = tmp_path / "job-of-a-hostile-caller"
     (left / ".worker").unlink(missing_ok=True)  # as `rm -f .worker && mkfifo .worker` in its Bash
     os.mkfifo(left / ".worker")
@@ -84,14 +80,7 @@ def test_a_tree_deeper_than_pythons_stack_is_removed_at_the_jobs_end_and_after_i
     with job_workspace(tmp_path, "job-of-a-deep-tree") as workspace:
         _deep_tree(workspace.cwd, 3200)
     assert list(tmp_path.iterdir()) == []
-    dead = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(tmp_path), "job-of-a-killed-worker"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert dead.stdout is not None
-    assert dead.stdout.readline() == "ready\n"
+    dead = _worker_holding(tmp_path, "job-of-a-killed-worker")
     _deep_tree(tmp_path / "job-of-a-killed-worker" / "work", 3200)
     dead.send_signal(signal.SIGKILL)
     dead.wait(timeout=10)
