@@ -72,6 +72,12 @@ local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
 local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{channels.wakeup}', '{channels.cancel}'
 local WORKER, WORKER_LOAD, RUNNING = '{PREFIX}:worker:', '{WORKER_LOAD}', '{RUNNING}'
 local PUSH_LIMIT = {PUSH_LIMIT_BYTES}
+-- Redis's clock, in ms: leases are timed by it, not by the callers' (a command held up in an
+-- outage arrives with a time long past).
+local function server_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 -- Names which holder's set of job slots (shared/quotas.py) the job is in.
 local function slot_record(job_id)
   return '{PREFIX}:job:' .. job_id .. ':slot'
@@ -83,9 +89,7 @@ local function renew_slot(job_id, record)
   local slot = slot_record(job_id)
   local holder = redis.call('get', slot)
   if not lease or not holder then return end
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('zadd', holder, 'XX', 'GT', now + lease, job_id)
+  redis.call('zadd', holder, 'XX', 'GT', server_ms() + lease, job_id)
   if redis.call('pttl', holder) < tonumber(lease) then redis.call('pexpire', holder, lease) end
   redis.call('pexpire', slot, lease)
 end
@@ -104,12 +108,13 @@ local function release_holds(job_id)
   if lock and redis.call('get', lock) == job_id then redis.call('del', lock) end
 end
 -- Takes attempt `id` of a job for `worker`: arq's in-progress mark, the worker in the record, the
--- lease, and the worker's load (the claim, or `push_to` in the worker's name; `decline` undoes it).
+-- lease (`lease` ms from now), and the worker's load (the claim, or `push_to` in the worker's name;
+-- `decline` undoes it).
 local function take(record, job_id, id, worker, in_progress_ms, lease, ttl)
   redis.call('psetex', ARQ_IN_PROGRESS .. id, in_progress_ms, '1')
   redis.call('hset', record, 'worker', worker)
   redis.call('expire', record, ttl)
-  redis.call('zadd', RUNNING, lease, job_id)
+  redis.call('zadd', RUNNING, server_ms() + lease, job_id)
   redis.call('hincrby', WORKER_LOAD, worker, 1)
 end
 -- Hands a queued attempt to `worker`, taken in its name, with its payload on
@@ -200,7 +205,7 @@ end
 # ARGV: owner, model, request_id, created, payload, arq entry, score, arq ttl ms, ttl, job id,
 #       idempotency value, session lock key, job slots key or '', slot cap, slot lease ms,
 #       the worker offered the job first or '' (workspace affinity), until when (ms),
-#       lease deadline (ms) of a pushed attempt or 0 (no push)
+#       lease (ms) of a pushed attempt or 0 (no push)
 # The job's slot (shared/quotas.py) is taken here, so a job holds one exactly when it exists.
 # A job offered to the worker holding its session's workspace wakes every worker: the others
 # leave it to that one until the offer runs out (see the claim), then any takes it.
@@ -208,8 +213,7 @@ _CREATE = """
 local existing = #KEYS == 4 and redis.call('get', KEYS[4])
 if existing then return existing end
 if ARGV[13] ~= '' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = server_ms()
   redis.call('zremrangebyscore', ARGV[13], '-inf', now)
   if redis.call('zcard', ARGV[13]) >= tonumber(ARGV[14]) then
     return redis.error_reply('NO_SLOT every job slot of the caller is taken')
@@ -304,13 +308,13 @@ return 1
 """
 )
 
-# KEYS: record, running   ARGV: attempt, lease deadline ms, job id
+# KEYS: record, running   ARGV: attempt, lease ms (0: given up), job id
 # A lease given up (`expire_lease`: deadline 0) stays given up, even to a renewal already on its way.
 _RENEW = """
 local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel')
 if rec[1] ~= ARGV[1] or rec[2] then return 'superseded' end
 if ARGV[2] ~= '0' and redis.call('zscore', KEYS[2], ARGV[3]) == '0' then return 'superseded' end
-redis.call('zadd', KEYS[2], ARGV[2], ARGV[3])
+redis.call('zadd', KEYS[2], ARGV[2] == '0' and 0 or server_ms() + ARGV[2], ARGV[3])
 redis.call('hdel', KEYS[1], 'grace')
 renew_slot(ARGV[3], KEYS[1])
 if rec[3] then return 'cancel' end
@@ -354,16 +358,16 @@ return 'cancelling'
 )
 
 # KEYS: record, events, running, queue
-# ARGV: job id, now ms, max attempts, worker-lost event (after output), cancelled event, ttl, arq
-#       ttl ms, worker-lost event (no output, its attempts used up), the deadline of a lease
-#       granted after an outage ('' when there was none)
+# ARGV: job id, now ms (a retry's time in arq's queue), max attempts, worker-lost event (after
+#       output), cancelled event, ttl, arq ttl ms, worker-lost event (no output, its attempts used
+#       up), the lease (ms) granted after an outage ('' when there was none)
 _RECOVER = (
     _END
     + """
 local score = redis.call('zscore', KEYS[3], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return 'alive' end
+if not score or tonumber(score) > server_ms() then return 'alive' end
 if ARGV[9] ~= '' and score ~= '0' and redis.call('hsetnx', KEYS[1], 'grace', 1) == 1 then
-  redis.call('zadd', KEYS[3], ARGV[9], ARGV[1])
+  redis.call('zadd', KEYS[3], server_ms() + ARGV[9], ARGV[1])
   return 'alive'
 end
 redis.call('zrem', KEYS[3], ARGV[1])
@@ -395,6 +399,19 @@ finish(KEYS[1], KEYS[2], ARGV[1], lost, 'worker_lost', ARGV[6])
 return 'failed'
 """
 )
+# KEYS: swept, running   ARGV: silence (ms), limit
+# {whether no process swept for the silence (an outage), the ids of the expired leases (every one
+# after an outage: each gets its grace at once)}
+_EXPIRED = """
+local now = server_ms()
+local swept = tonumber(redis.call('get', KEYS[1]) or now)
+redis.call('set', KEYS[1], now)
+local silent = now - swept > tonumber(ARGV[1])
+local expired = silent and redis.call('zrangebyscore', KEYS[2], '-inf', now)
+  or redis.call('zrangebyscore', KEYS[2], '-inf', now, 'LIMIT', 0, ARGV[2])
+table.insert(expired, 1, silent and 1 or 0)
+return expired
+"""
 _RELEASE = """
 local named = redis.call('get', KEYS[1])
 if named and string.sub(named, 1, #ARGV[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
@@ -508,6 +525,7 @@ class JobStore:
         self._stop = redis.register_script(prelude + _STOP)
         self._decline = redis.register_script(prelude + _DECLINE)
         self._recover = redis.register_script(prelude + _RECOVER)
+        self._expired = redis.register_script(prelude + _EXPIRED)
         self._delete = redis.register_script(_DELETE)
         self._release = redis.register_script(_RELEASE)
 
@@ -539,7 +557,7 @@ class JobStore:
         args += ["", 0, 0] if slot is None else [slots_key(slot.holder), slot.cap, slot.lease_ms]
         holder = job.session.holder if job.session is not None and self.affinity_ms else None
         args += [holder or "", now + self.affinity_ms]
-        args.append(0 if self.push_lease_ms is None else now + self.push_lease_ms)
+        args.append(0 if self.push_lease_ms is None else self.push_lease_ms)
         try:
             existing = await self._create(keys=keys, args=args)
         except ResponseError as exc:
@@ -639,7 +657,7 @@ class JobStore:
         keys = [record_key(job_id), self.queue_name]
         now = _ms()
         args: list[str | int] = [job_id, attempt, now, in_progress_ms, worker_id]
-        args += [now + int(lease_s * 1000), self.ttl_s]
+        args += [int(lease_s * 1000), self.ttl_s]
         reply = await self._claim(keys=keys, args=args)
         if reply is not None and reply[0] == b"defer":  # look again when the offer runs out
             self._wake_later(attempt_id(job_id, attempt), int(reply[1]) / 1000)
@@ -683,13 +701,13 @@ class JobStore:
         task.add_done_callback(self._retries.discard)
 
     async def renew(self, job_id: str, attempt: int, lease_s: float) -> Literal["ok", "cancel", "superseded"]:
-        return await self._set_lease(job_id, attempt, _ms() + int(lease_s * 1000))
+        return await self._set_lease(job_id, attempt, int(lease_s * 1000))
 
     async def _set_lease(
-        self, job_id: str, attempt: int, deadline_ms: int
+        self, job_id: str, attempt: int, lease_ms: int
     ) -> Literal["ok", "cancel", "superseded"]:
         keys = [record_key(job_id), RUNNING]
-        result: bytes = await self._renew(keys=keys, args=[attempt, deadline_ms, job_id])
+        result: bytes = await self._renew(keys=keys, args=[attempt, lease_ms, job_id])
         return result.decode()  # type: ignore[return-value]
 
     async def expire_lease(self, job_id: str, attempt: int) -> None:
@@ -748,15 +766,10 @@ class JobStore:
         ran out gets one more from now, its worker being as cut off as the rest; renewing it ends the
         grace. A job whose worker died meanwhile is recovered when the granted lease runs out.
         """
+        lease_ms = int(lease_s * 1000)
+        silent, *expired = await self._expired(keys=[SWEPT, RUNNING], args=[lease_ms // 2, limit])
+        grace = str(lease_ms) if silent else ""
         now = _ms()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(SWEPT, now, get=True)
-            pipe.zrangebyscore(RUNNING, "-inf", now, start=0, num=limit)
-            swept, expired = await pipe.execute()
-        grace = ""
-        if swept is not None and now - int(swept) > lease_s * 500:
-            grace = str(now + int(lease_s * 1000))
-            expired = await self.redis.zrangebyscore(RUNNING, "-inf", now)  # every one, granted at once
         lost = encode_event(
             Failed(
                 code=FailureCode.WORKER_LOST,

@@ -1,12 +1,15 @@
 """The job event stream on a real Redis: order, coalescing, late readers, expiry, fencing."""
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
+from cli.embedded_redis import EmbeddedRedis
 from shared import stats
 from shared.events import EventReader, EventWriter, NoEventWithin, Superseded
 from shared.jobs import (
@@ -170,6 +173,45 @@ async def test_a_lease_runs_out_only_while_redis_could_be_reached(store: JobStor
         await asyncio.sleep(0.2)  # the surviving workers sweep
         recovered = await store.recover_expired(max_attempts=3, lease_s=1)
     assert recovered == [(job.id, "retried")]
+
+
+async def test_commands_held_up_by_an_outage_take_no_lease_for_lost(tmp_path: Path) -> None:
+    # Found by an outside probe: Redis stopped for 20 s (SIGSTOP) failed a healthy worker's job.
+    # The sweeps and the renewal sent during the outage were timed by their senders' clocks, long
+    # past when Redis ran them: a renewal set a lease already over, and sweeps timed through the
+    # outage, a few hundred ms apart, each saw no silence. Leases are timed by Redis's clock now.
+    server = EmbeddedRedis(tmp_path, persistent=False)
+    server.start()
+    clients = [Redis.from_url(server.url) for _ in range(10)]
+    stores = [JobStore(client, queue_name="outage:queue", ttl_s=60) for client in clients]
+    try:
+        job = CompletionJob(request_id="req_1", model="m", turns=[Turn(role="user", text="hi")])
+        assert await stores[0].create(job, owner="test") is None
+        assert await stores[0].claim(job.id, 1, worker_id="w", in_progress_ms=60_000, lease_s=2) is not None
+        for store in stores:
+            await store.redis.ping()  # each process connected before the outage
+        assert await stores[0].recover_expired(max_attempts=3, lease_s=2) == []
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)
+        held_up = [asyncio.create_task(stores[1].renew(job.id, 1, lease_s=2))]  # its worker, at once
+        for store in stores[2:]:  # the other processes' sweeps, through the outage
+            await asyncio.sleep(0.45)
+            held_up.append(asyncio.create_task(store.recover_expired(max_attempts=3, lease_s=2)))
+        await asyncio.sleep(0.5)  # 4.1 s in all: past the 2 s lease
+        server.process.send_signal(signal.SIGCONT)
+        renewed, *swept = await asyncio.wait_for(asyncio.gather(*held_up), timeout=10)
+        assert renewed == "ok"
+        assert swept == [[]] * len(swept)
+        assert await stores[0].recover_expired(max_attempts=3, lease_s=2) == []
+        record = await stores[0].get(job.id)
+        assert record is not None
+        assert record.ended is None
+    finally:
+        if server.process is not None:
+            server.process.send_signal(signal.SIGCONT)
+        for client in clients:
+            await client.aclose()
+        server.stop()
 
 
 async def test_a_repeated_write_is_applied_once(redis: Redis, store: JobStore) -> None:
