@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import KeyT, StreamIdT
 
@@ -40,8 +40,8 @@ class EventWriter:
     carrying what came meanwhile (throughput): every write costs each process on the path
     (worker, Redis, API, client) a wake-up, and at 2 ms the API spent twice the CPU per token
     (docs/benchmarks.md). A model streaming ~100 tokens/s never triggers the linger. A write that
-    fails because Redis is briefly unreachable is retried for `outage_grace_s` (writes are
-    idempotent).
+    fails because Redis is briefly unreachable, or full (`maxmemory` with `noeviction`), is retried
+    for `outage_grace_s` (writes are idempotent).
     """
 
     LINGER_S = 0.010
@@ -138,14 +138,14 @@ class EventWriter:
                     end=self._end if outcome else None,
                 )
                 break
+            except (RedisConnectionError, RedisTimeoutError, OutOfMemoryError):
+                if time.monotonic() > give_up:
+                    raise
+                await asyncio.sleep(0.5)
             except ResponseError as exc:
                 if str(exc).startswith("SUPERSEDED"):
                     raise Superseded(self._job_id) from exc
                 raise
-            except (RedisConnectionError, RedisTimeoutError):
-                if time.monotonic() > give_up:
-                    raise
-                await asyncio.sleep(0.5)
         self._seq += len(batch)
 
 

@@ -214,6 +214,28 @@ async def test_commands_held_up_by_an_outage_take_no_lease_for_lost(tmp_path: Pa
         server.stop()
 
 
+async def test_a_write_waits_out_a_full_redis(tmp_path: Path) -> None:
+    # Found by an outside probe: with Redis full for 8 s (`maxmemory`, `noeviction`), every running
+    # job failed as worker_lost on healthy workers; a full Redis is waited out as an outage is.
+    server = EmbeddedRedis(tmp_path, persistent=False)
+    server.start()
+    client = Redis.from_url(server.url)
+    try:
+        store = JobStore(client, queue_name="full:queue", ttl_s=60)
+        job_id, writer = await _writer(store)
+        await client.config_set("maxmemory", 1)  # below what it holds: every write refused
+        writer.emit(Delta(text="written once there is room"))
+        draining = asyncio.create_task(writer.drain())
+        await asyncio.sleep(1.5)
+        assert not draining.done()
+        await client.config_set("maxmemory", 0)
+        await asyncio.wait_for(draining, timeout=5)
+        assert await client.xlen(events_key(job_id)) == 1
+    finally:
+        await client.aclose()
+        server.stop()
+
+
 async def test_a_repeated_write_is_applied_once(redis: Redis, store: JobStore) -> None:
     job_id, _ = await _writer(store)
     batch = [b'{"type":"delta","text":"a"}', b'{"type":"delta","text":"b"}']

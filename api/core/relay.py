@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.events import EventReader, JobEventValue, NoEventWithin
@@ -88,7 +89,7 @@ async def follow_job(
                 message = f"No worker started the job within {settings.queue_timeout_s:g} s; retry later."
                 failure = Failed(code=FailureCode.QUEUE_TIMEOUT, message=message)
                 await store.stop(job_id, withdraw_only=True, failure=failure)
-        except (RedisConnectionError, RedisTimeoutError):
+        except (RedisConnectionError, RedisTimeoutError, OutOfMemoryError):  # full: as if out of reach
             outage_since = outage_since or time.monotonic()
             if time.monotonic() - outage_since > settings.redis_outage_grace_s:
                 raise
