@@ -99,13 +99,19 @@ def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: 
         signalled = time.monotonic()
         rest = list(lines)
         ended_after_s = time.monotonic() - signalled
-        last = {path: json.loads(sse_data_of(stream)[-1]) for path, stream in beside.items()}
+        ends = {
+            path: [json.loads(data) for data in sse_data_of(stream)[-2:]] for path, stream in beside.items()
+        }
+        last = {path: end[-1] for path, end in ends.items()}
     assert ended_after_s < 3, ended_after_s
     assert "data: [DONE]" not in rest
     [farewell] = [json.loads(line[6:]) for line in rest if line.startswith("data: ")]
     assert farewell["error"]["code"] == "server_shutting_down"
     assert "resume" in farewell["error"]["message"]
     assert (last["/v1/responses"]["type"], last["/v1/responses"]["code"]) == ("error", "server_shutting_down")
+    # Its number is the last event's again, not the next event's (a resume after it lost that one).
+    before, error = ends["/v1/responses"]
+    assert error["sequence_number"] == before["sequence_number"]
     assert last["/v1/messages"]["type"] == "error"
     assert "resume" in last["/v1/messages"]["error"]["message"]
     api.wait(timeout=5)  # the process is gone too (by its re-raised SIGTERM, as uvicorn does)

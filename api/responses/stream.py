@@ -186,8 +186,10 @@ class ResponseEventRenderer:
         return self._events(self._terminal(event))
 
     def interrupted(self, error: OpenAIError) -> list[ServerSentEvent]:
+        # The last number sent, again: the next one is a real event's, which a resume after the
+        # highest number received must still get.
         info = error.info
-        _, kind, data = _event("error", self._number + 1, code=info.code, message=info.message, param=None)
+        _, kind, data = _event("error", self._number, code=info.code, message=info.message, param=None)
         return [ServerSentEvent(data, event=kind)]
 
     def closing(self) -> list[ServerSentEvent]:
