@@ -1,4 +1,4 @@
-"""Job workspaces a dead worker left behind, on the machine its live workers share."""
+"""Job workspaces and runtime directories a dead worker left behind, on the machine its live workers share."""
 
 import os
 import signal
@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from tests.conftest import ROOT
+from worker.sandbox import remove_runtime_dir, runtime_dir
 from worker.workspace import job_workspace, remove_abandoned
 
 _HOLD = """
@@ -86,3 +87,31 @@ def test_a_tree_deeper_than_pythons_stack_is_removed_at_the_jobs_end_and_after_i
     dead.wait(timeout=10)
     assert remove_abandoned(tmp_path) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+_RUNTIME = """
+import time
+from worker.sandbox import runtime_dir
+print(runtime_dir(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_workers_runtime_directory_is_removed_by_the_next_worker() -> None:
+    # Found by an outside probe: each killed worker left its /tmp/gateway-worker-* behind (the
+    # model API's socket, the sandboxes' launchers), one more with every restart.
+    dead = subprocess.Popen([sys.executable, "-c", _RUNTIME], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert dead.stdout is not None
+    left = Path(dead.stdout.readline().strip())
+    assert left.is_dir()
+    dead.kill()
+    dead.wait(timeout=10)
+    mine = runtime_dir()
+    try:
+        assert mine.parent == left.parent
+        assert not left.exists()
+        assert not left.with_name(left.name + ".worker").exists()
+    finally:
+        remove_runtime_dir(mine)
+    assert not mine.exists()
+    assert not mine.with_name(mine.name + ".worker").exists()

@@ -21,10 +21,12 @@ reason unless the operator turned the sandbox off (`SANDBOX=off`). docs/security
 this guarantees and what not.
 """
 
+import contextlib
 import logging
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -34,7 +36,7 @@ from pathlib import Path
 from shared.heartbeats import SandboxReport
 from shared.settings import Settings
 from worker.egress import RELAY, RELAY_PORT
-from worker.workspace import Workspace
+from worker.workspace import Workspace, mark_owned, remove_abandoned, removed, unmark
 
 log = logging.getLogger("gateway.worker.sandbox")
 
@@ -334,11 +336,31 @@ class Sandbox:
 
 def runtime_dir() -> Path:
     """A directory of this worker's own, outside every sandbox (the proxy's socket, launchers),
-    that the job user can traverse but not list."""
-    path = Path(tempfile.mkdtemp(prefix="gateway-worker-"))
+    that the job user can traverse but not list. Marked as this worker's: the next worker of this
+    user on the machine removes it if this one is killed (`remove_abandoned`)."""
+    parent = _runtime_parent()
+    if parent is not None:
+        remove_abandoned(parent)
+    path = Path(tempfile.mkdtemp(prefix="gateway-worker-", dir=parent))
     path.chmod(0o711)
+    if parent is not None:
+        mark_owned(path)
     return path
 
 
+def _runtime_parent() -> Path | None:
+    """`<tmp>/gateway-workers-<uid>`, where this user's workers keep their runtime directories;
+    None (the temp dir itself, unswept) if another user made that name first."""
+    parent = Path(tempfile.gettempdir()) / f"gateway-workers-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        parent.mkdir(mode=0o711)
+    found = parent.lstat()
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o022:
+        log.warning("%s is not this user's own directory: runtime directories go in the temp dir", parent)
+        return None
+    return parent
+
+
 def remove_runtime_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    removed(path)
+    unmark(path)
