@@ -78,9 +78,13 @@ local function server_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- The job's record (`record_key`).
+local function job_record(job_id)
+  return '{PREFIX}:job:' .. job_id
+end
 -- Names which holder's set of job slots (shared/quotas.py) the job is in.
 local function slot_record(job_id)
-  return '{PREFIX}:job:' .. job_id .. ':slot'
+  return job_record(job_id) .. ':slot'
 end
 -- Keeps a living job's slot for its full lease from now (the lease it was taken with, kept in
 -- the record), so a long or retried job never outlives its slot; a freed slot stays freed.
@@ -97,14 +101,14 @@ end
 -- job still holds it (a completed turn has already committed and freed it), and its payload (the
 -- whole request, images included: nothing reads it once the job has ended).
 local function release_holds(job_id)
-  redis.call('hdel', '{PREFIX}:job:' .. job_id, 'payload')
+  redis.call('hdel', job_record(job_id), 'payload')
   local slot = slot_record(job_id)
   local holder = redis.call('get', slot)
   if holder then
     redis.call('zrem', holder, job_id)
     redis.call('del', slot)
   end
-  local lock = redis.call('hget', '{PREFIX}:job:' .. job_id, 'session_lock')
+  local lock = redis.call('hget', job_record(job_id), 'session_lock')
   if lock and redis.call('get', lock) == job_id then redis.call('del', lock) end
 end
 -- Takes attempt `id` of a job for `worker`: arq's in-progress mark, the worker in the record, the
@@ -360,16 +364,12 @@ return 'cancelling'
 # KEYS: record, events, running, queue
 # ARGV: job id, now ms (a retry's time in arq's queue), max attempts, worker-lost event (after
 #       output), cancelled event, ttl, arq ttl ms, worker-lost event (no output, its attempts used
-#       up), the lease (ms) granted after an outage ('' when there was none)
+#       up)
 _RECOVER = (
     _END
     + """
 local score = redis.call('zscore', KEYS[3], ARGV[1])
 if not score or tonumber(score) > server_ms() then return 'alive' end
-if ARGV[9] ~= '' and score ~= '0' and redis.call('hsetnx', KEYS[1], 'grace', 1) == 1 then
-  redis.call('zadd', KEYS[3], server_ms() + ARGV[9], ARGV[1])
-  return 'alive'
-end
 redis.call('zrem', KEYS[3], ARGV[1])
 local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel')
 if not rec[1] or rec[2] then return 'ended' end
@@ -399,18 +399,26 @@ finish(KEYS[1], KEYS[2], ARGV[1], lost, 'worker_lost', ARGV[6])
 return 'failed'
 """
 )
-# KEYS: swept, running   ARGV: silence (ms), limit
-# {whether no process swept for the silence (an outage), the ids of the expired leases (every one
-# after an outage: each gets its grace at once)}
+# KEYS: swept, running   ARGV: silence (ms), lease (ms), limit
+# The ids of the expired leases. After a silence (no process swept: an outage), each lease that ran
+# out gets one more from now, once until its worker renews it, in this same script: another
+# process's sweep, held up by the same outage and run next, must find none of them expired.
 _EXPIRED = """
 local now = server_ms()
 local swept = tonumber(redis.call('get', KEYS[1]) or now)
 redis.call('set', KEYS[1], now)
-local silent = now - swept > tonumber(ARGV[1])
-local expired = silent and redis.call('zrangebyscore', KEYS[2], '-inf', now)
-  or redis.call('zrangebyscore', KEYS[2], '-inf', now, 'LIMIT', 0, ARGV[2])
-table.insert(expired, 1, silent and 1 or 0)
-return expired
+if now - swept <= tonumber(ARGV[1]) then
+  return redis.call('zrangebyscore', KEYS[2], '-inf', now, 'LIMIT', 0, ARGV[3])
+end
+local lost = {}
+for _, id in ipairs(redis.call('zrangebyscore', KEYS[2], '-inf', now)) do
+  if redis.call('zscore', KEYS[2], id) ~= '0' and redis.call('hsetnx', job_record(id), 'grace', 1) == 1 then
+    redis.call('zadd', KEYS[2], now + ARGV[2], id)
+  else
+    table.insert(lost, id)
+  end
+end
+return lost
 """
 _RELEASE = """
 local named = redis.call('get', KEYS[1])
@@ -767,8 +775,7 @@ class JobStore:
         grace. A job whose worker died meanwhile is recovered when the granted lease runs out.
         """
         lease_ms = int(lease_s * 1000)
-        silent, *expired = await self._expired(keys=[SWEPT, RUNNING], args=[lease_ms // 2, limit])
-        grace = str(lease_ms) if silent else ""
+        expired = await self._expired(keys=[SWEPT, RUNNING], args=[lease_ms // 2, lease_ms, limit])
         now = _ms()
         lost = encode_event(
             Failed(
@@ -789,7 +796,7 @@ class JobStore:
             job_id = raw.decode()
             keys = [record_key(job_id), events_key(job_id), RUNNING, self.queue_name]
             args: list[str | bytes | int] = [job_id, now, max_attempts, lost, cancelled]
-            args += [self.ttl_s, expires_extra_ms, every_attempt_lost, grace]
+            args += [self.ttl_s, expires_extra_ms, every_attempt_lost]
             outcome: bytes = await self._recover(keys=keys, args=args)
             if outcome != b"alive":
                 outcomes.append((job_id, outcome.decode()))
