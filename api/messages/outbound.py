@@ -69,6 +69,10 @@ def _event(kind: str, **data: object) -> ServerSentEvent:
     return ServerSentEvent(json.dumps({"type": kind, **data}, separators=(",", ":")), event=kind)
 
 
+_RESUMABLE = ("server_shutting_down", "queue_unavailable")
+"""The stream errors that tell an OpenAI client to resume the stream by its event ids."""
+
+
 def _error(status: int, message: str) -> ServerSentEvent:
     """An error after the headers: Anthropic's error event, typed as its status would be."""
     return _event("error", error=anthropic_error(status, message)["error"])
@@ -127,7 +131,12 @@ class MessageStream:
         return [*events, _event("message_delta", delta=ending, usage=usage), _event("message_stop")]
 
     def interrupted(self, error: OpenAIError) -> list[ServerSentEvent]:
-        return [_error(error.status, error.info.message)]
+        message = error.info.message
+        if error.info.code in _RESUMABLE:  # their message says to resume by event id: none here
+            message = (
+                f"{message.partition(';')[0]}; a Messages stream cannot be resumed: send the request again."
+            )
+        return [_error(error.status, message)]
 
     def closing(self) -> list[ServerSentEvent]:
         return []
