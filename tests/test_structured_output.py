@@ -112,6 +112,39 @@ def test_a_structured_reply_resumed_or_retrieved_is_the_one_checked(scripted: Ga
         assert list(sse_events(resumed.iter_lines())) == live[resumed_at + 1 :]
 
 
+def test_a_turn_of_function_calls_is_not_checked_against_the_format(scripted: Gateway) -> None:
+    # Found by an outside probe: a structured request whose model called a function failed 502 (its
+    # calls are not the answer the format is for), after the whole agent run.
+    calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    for stream in (False, True):
+        body = chat(
+            script(text="", calls=calls), response_format=schema_format(), tools=[tool], stream=stream
+        )
+        response = post(scripted, body)
+        assert response.status_code == 200, response.text
+        assert "get_weather" in response.text
+    responses = f"{scripted.url}/v1/responses"
+    text_format = {"format": {"type": "json_schema", "name": "person", "schema": PERSON}}
+    flat_tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    body = {"model": "claude-sonnet-4-5", "input": script(text="", calls=calls), "text": text_format}
+    response = httpx.post(responses, json={**body, "tools": [flat_tool]}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert [item["type"] for item in response.json()["output"]] == ["function_call"]
+    retrieved = httpx.get(f"{responses}/{response.json()['id']}", timeout=30).json()
+    assert retrieved["status"] == "completed"
+    assert retrieved["output"] == response.json()["output"]
+
+
+def test_not_in_a_session(scripted: Gateway) -> None:
+    # Found by an outside probe: the turn was the session's (its files too) before its reply was
+    # checked here, so a reply that broke the format got a 502 and stayed in the session.
+    body = chat(script(text="{}"), response_format=schema_format(), session_id="structured-1")
+    response = post(scripted, body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "response_format"
+
+
 @pytest.mark.parametrize(
     ("response_format", "param"),
     [

@@ -116,7 +116,10 @@ class ResponseFormat:
         return job.model_copy(update={"system_prompt": system})
 
     def check_finished(self, reply: str, finish_reason: str) -> str:
-        """`check` for a finished reply: one cut off by the token limit is never complete JSON."""
+        """`check` for a finished reply: one cut off by the token limit is never complete JSON, and
+        one that ends on function calls is not the answer the format is for (it is not checked)."""
+        if finish_reason == FinishReason.TOOL_CALLS.value:
+            return reply
         if finish_reason == FinishReason.LENGTH.value:
             raise _violation("The reply was cut off by the token limit before its JSON was complete.")
         return self.check(reply)

@@ -128,9 +128,11 @@ def plan(
             raise OpenAIError.invalid("Function calling does not continue sessions yet.", param="session_id")
         job = calling.instruct(job)
     if (response_format := request.response_format) is not None:
+        param = response_format.param
         if request.background:
-            param = response_format.param
             raise OpenAIError.invalid(f"{param} cannot be checked on a background job.", param=param)
+        if session:  # the turn is the session's before its reply is checked here: a broken one would stay
+            raise OpenAIError.invalid(f"{param} does not continue sessions yet.", param=param)
         job = response_format.instruct(job)
     return job
 

@@ -182,7 +182,7 @@ def response_body(
         if response.status == "completed":
             response.completed_at = terminal.completed_at
         if (response_format := ResponseFormat.from_text_format(stored.text_format)) is not None:
-            text = response_format.check(text)
+            text = response_format.check_finished(text, terminal.finish_reason.value)
         if response.status == "incomplete":
             reason = "content_filter" if terminal.finish_reason is FinishReason.CONTENT_FILTER else None
             response.incomplete_details = IncompleteDetails(reason=reason or "max_output_tokens")
