@@ -108,6 +108,13 @@ def test_a_response_made_in_a_session_is_continued_in_it(scripted: Gateway) -> N
     del again["session_id"]
     _assert_error(httpx.post(responses, json=again, timeout=60), 400, "previous_response_in_session")
     assert _session(scripted, sid)["message_count"] == 6
+    # Its session deleted, or started anew under the same id: its conversation is gone (a probe
+    # got a 200 built on no history, or on the new session's).
+    assert httpx.delete(f"{scripted.url}/v1/sessions/{sid}", timeout=10).status_code == 200
+    assert _reply(_post(scripted, chat("another conversation", session_id=sid))) == DEFAULT_REPLY
+    gone = httpx.post(responses, json={**again, "session_id": sid}, timeout=60)
+    _assert_error(gone, 400, "previous_response_session_gone")
+    assert _session(scripted, sid)["message_count"] == 2
 
 
 def test_a_client_resending_the_whole_history_gets_no_duplicates(scripted: Gateway) -> None:

@@ -59,7 +59,7 @@ class Companion(Protocol):
     """What a front end keeps beside its job (the Responses API's stored request): saved before
     the job is queued, forgotten if it never is."""
 
-    async def save(self, job_id: str) -> None: ...
+    async def save(self, job: CompletionJob) -> None: ...
     async def forget(self, job_id: str) -> None: ...
 
 
@@ -91,7 +91,7 @@ async def submit(
         job = await attach(gateway.redis, settings, caller.key_id, session_id, job)
     try:
         if companion is not None:
-            await companion.save(job.id)
+            await companion.save(job)
         ref = await _queue(job, http, gateway, caller, idempotency)
     except BaseException:
         await abandon(gateway.redis, job)  # never queued: the session is free again

@@ -39,7 +39,17 @@ from api.responses.protocol import (
     split_name,
 )
 from shared.events import JobEventValue, events_so_far
-from shared.jobs import Activity, Delta, Done, Failed, FailureCode, FinishReason, JobStatus, Usage
+from shared.jobs import (
+    Activity,
+    CompletionJob,
+    Delta,
+    Done,
+    Failed,
+    FailureCode,
+    FinishReason,
+    JobStatus,
+    Usage,
+)
 from shared.keys import response_key
 from shared.settings import Settings
 
@@ -67,6 +77,8 @@ class StoredResponse(BaseModel):
     session_id: str | None = None
     """The session it was made in, which holds its conversation (`conversation` has only the
     request's messages): it is continued there."""
+    session_transcript: str | None = None
+    """That session's transcript id then: a session deleted or started anew since has another."""
 
 
 def response_id(job: JobRef) -> str:
@@ -98,8 +110,11 @@ class Keeper:
     def __init__(self, redis: Redis, settings: Settings, stored: StoredResponse) -> None:
         self._redis, self._settings, self._stored = redis, settings, stored
 
-    async def save(self, job_id: str) -> None:
-        await save(self._redis, self._settings, job_id, self._stored)
+    async def save(self, job: CompletionJob) -> None:
+        stored = self._stored
+        if job.session is not None:  # the session as this job found it: a continuation needs it still
+            stored = stored.model_copy(update={"session_transcript": job.session.transcript_id})
+        await save(self._redis, self._settings, job.id, stored)
 
     async def forget(self, job_id: str) -> None:
         await forget(self._redis, job_id)

@@ -26,10 +26,11 @@ from api.responses.inbound import check_supported, core_request, stored_request
 from api.responses.protocol import RESPONSE_ID_PREFIX, CreateResponseRequest, Response, ResponseDeleted
 from api.responses.response import StoredResponse, response_body
 from api.responses.stream import ResponseEventRenderer
+from shared import sessions
 from shared.events import events_so_far
 from shared.jobs import Activity, JobStatus
 from shared.jobstore import JobRecord
-from shared.keys import is_job_id
+from shared.keys import is_job_id, session_key
 
 router = APIRouter()
 
@@ -119,6 +120,15 @@ async def _continued(
     record, stored = await _owned(gateway, caller, previous_id, param="previous_response_id")
     if stored.session_id is not None:  # its session holds the conversation, the response only its turn
         if stored.session_id == session_id:
+            owner = sessions.owner_of(caller.key_id)
+            transcript = await gateway.redis.hget(session_key(owner, session_id), "transcript")  # type: ignore[misc]
+            if transcript is None or transcript.decode() != stored.session_transcript:
+                raise OpenAIError.invalid(
+                    f"The session '{session_id}' this response was made in has been deleted or has "
+                    "expired since (or started anew): its conversation is gone.",
+                    param="previous_response_id",
+                    code="previous_response_session_gone",
+                )
             return []
         raise OpenAIError.invalid(
             f"The previous response was made in session '{stored.session_id}', which holds its "
