@@ -343,6 +343,21 @@ def test_a_stop_sequence_is_named_as_the_reason(scripted: Gateway, client: anthr
     assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "END")
     plain = client.messages.create(model=MODEL, max_tokens=100, messages=[{"role": "user", "content": "hi"}])
     assert (plain.stop_reason, plain.stop_sequence) == ("end_turn", None)
+    # More than chat's 4, as Anthropic takes (they were capped at 4, named as chat's `stop`: a probe).
+    many = [f"S{i}" for i in range(7)] + ["END"]
+    cut = client.messages.create(
+        model=MODEL, max_tokens=100, stop_sequences=many, messages=[{"role": "user", "content": content}]
+    )
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", "END")
+    for refused in ([f"S{i}" for i in range(17)], [""]):
+        with pytest.raises(anthropic.BadRequestError) as error:
+            client.messages.create(
+                model=MODEL,
+                max_tokens=100,
+                stop_sequences=refused,
+                messages=[{"role": "user", "content": "hi"}],
+            )
+        assert "stop_sequences" in error.value.body["error"]["message"]
 
 
 def test_models_in_anthropics_shape_page_as_its_api_does(

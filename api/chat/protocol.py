@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_seri
 from api.core.conversation import ChatMessage
 from api.core.request import AgentControls, SessionId
 from api.core.wire import STRICT, NullIsFalse
-from api.errors import ErrorInfo
+from api.errors import ErrorInfo, OpenAIError
 from shared.jobs import JobStatus
 
 # --- Requests -------------------------------------------------------------------------------
@@ -74,9 +74,13 @@ class ChatCompletionRequest(AgentControls):
         return next((name for name, unsupported in checks.items() if unsupported), None)
 
     def stop_sequences(self) -> list[str]:
+        """`stop` as a list: up to 4 non-empty sequences, as OpenAI takes."""
         if not self.stop:
             return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if len(stop) > 4 or not all(stop):
+            raise OpenAIError.invalid("'stop' takes up to 4 non-empty sequences.", param="stop")
+        return stop
 
     @property
     def legacy_functions(self) -> bool:

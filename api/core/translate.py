@@ -35,8 +35,6 @@ def build_job(
         raise OpenAIError.invalid(
             "The last non-system message must be from the user.", param="messages", code="invalid_messages"
         )
-    if len(request.stop) > 4 or not all(request.stop):
-        raise OpenAIError.invalid("'stop' takes up to 4 non-empty sequences.", param="stop")
     return CompletionJob(
         request_id=request_id,
         model=request.model,

@@ -5,7 +5,7 @@ policy and queue as a chat completion. Parameters the gateway cannot honour are 
 """
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -48,7 +48,7 @@ class CreateMessageRequest(AgentControls):
     max_tokens: int = Field(ge=1)
     system: str | list[_Block] | None = None
     stream: bool = False
-    stop_sequences: list[str] | None = None
+    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, max_length=16)
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, ge=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
