@@ -44,7 +44,9 @@ log = logging.getLogger("gateway.api")
 def create_app(settings: Settings, redis_url: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        connection = await queue.connect(redis_url, settings.queue_name)
+        connection = await queue.connect(
+            redis_url, settings.queue_name, reply_timeout_s=settings.redis_reply_timeout_s
+        )
         redis = AutoPipelined(connection)
         affinity_s = settings.workspace_affinity_s
         store = JobStore(

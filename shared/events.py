@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -276,7 +276,13 @@ class EventReader:
         return starts
 
     async def _read(self) -> None:
-        connection = Redis(connection_pool=self._redis.connection_pool, single_connection_client=True)
+        # A connection of its own: the read's reply may come the block's length later than others'.
+        shared = self._redis.connection_pool
+        options = dict(shared.connection_kwargs)
+        if options.get("socket_timeout") is not None:
+            options["socket_timeout"] += self.BLOCK_MS / 1000
+        pool = ConnectionPool(connection_class=shared.connection_class, max_connections=1, **options)
+        connection = Redis(connection_pool=pool, single_connection_client=True)
         try:
             while True:
                 starts = self._starts()
@@ -304,6 +310,7 @@ class EventReader:
                 await asyncio.sleep(0)
         finally:
             await connection.aclose()
+            await pool.aclose()
 
     def _hand_over(self, key: bytes, start: int, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         """Entries read after `start` go to the followers that had every event up to `start`: one

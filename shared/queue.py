@@ -34,13 +34,16 @@ def redis_settings(redis_url: str) -> RedisSettings:
     return settings
 
 
-async def connect(redis_url: str, queue_name: str) -> ArqRedis:
+async def connect(redis_url: str, queue_name: str, *, reply_timeout_s: float | None = None) -> ArqRedis:
+    """`reply_timeout_s`: how long a command waits for its reply before it fails with
+    `redis.exceptions.TimeoutError`, not sent again (it may have run); None waits as long as it takes."""
+    settings = redis_settings(redis_url)
+    settings.retry_on_timeout = reply_timeout_s is None
     pool = await create_pool(
-        redis_settings(redis_url),
-        job_serializer=serialize,
-        job_deserializer=deserialize,
-        default_queue_name=queue_name,
+        settings, job_serializer=serialize, job_deserializer=deserialize, default_queue_name=queue_name
     )
+    # arq has no setting for it; the connections made from here on have it (`pack_in_c` resets).
+    pool.connection_pool.connection_kwargs["socket_timeout"] = reply_timeout_s
     await pack_in_c(pool)
     return pool
 

@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     redis_outage_grace_s: float = Field(
         default=30.0, ge=0, description="How long a worker or a stream waits out a Redis outage."
     )
+    redis_reply_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="How long the API waits for a reply from Redis: a frozen or stalled Redis gets "
+        "requests a 503, not a hang.",
+    )
     cancel_on_disconnect: bool = Field(
         default=False, description="Cancel a streamed job when its client disconnects."
     )

@@ -455,6 +455,40 @@ def test_redis_restart_mid_job_loses_nothing(own_redis: EmbeddedRedis, start_gat
     assert after.json()["choices"][0]["message"]["content"] == "back"
 
 
+def test_a_frozen_redis_gets_requests_a_503_not_a_hang(own_redis: EmbeddedRedis, start_gateway: Any) -> None:
+    """Found by an outside probe: with Redis stopped (SIGSTOP), every API request hung until the
+    client gave up. A reply overdue by REDIS_REPLY_TIMEOUT_S is a 503; the open stream waits the
+    freeze out and ends with every token once."""
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", redis_url=own_redis.url, REDIS_REPLY_TIMEOUT_S="1", **FAST_LEASES
+    )
+    tokens = 300
+    body = chat(script(text=words(tokens), delay_ms=10), stream=True)
+    text = ""
+    assert own_redis.process is not None
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _, data in sse_events(lines):
+            text += content_of(data) if data != "[DONE]" else ""
+            if len(text) > 40:
+                break
+        own_redis.process.send_signal(signal.SIGSTOP)
+        try:
+            frozen = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), timeout=20)
+        finally:
+            own_redis.process.send_signal(signal.SIGCONT)
+        assert frozen.status_code == 503, frozen.text
+        assert frozen.json()["error"]["code"] == "access_control_unavailable"
+        for _, data in sse_events(lines):
+            if data == "[DONE]":
+                break
+            assert "error" not in json.loads(data), data
+            text += content_of(data)
+    assert text == words(tokens)
+    after = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat(script(text="back")), timeout=10)
+    assert after.json()["choices"][0]["message"]["content"] == "back"
+
+
 @pytest.mark.claude
 def test_cancel_mid_run_leaves_no_cli_process(claude: Gateway, upstream: FakeAnthropic) -> None:
     """The Claude Code CLI and everything it started are gone within 5 s of the cancel."""
