@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +57,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
 
 
 DATABASES = 256
+LOG_TAIL_LINES = 40
 """Each gateway gets a database of its own (counting up from 1); unit tests use `unit_db()`."""
 _databases = itertools.count(1)
 _unit_databases = itertools.count(DATABASES - 1, -1)
@@ -172,11 +173,26 @@ def _module_gateways(started_gateways: list[Gateway]) -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def _test_gateways(started_gateways: list[Gateway]) -> Iterator[None]:
+def _test_gateways(started_gateways: list[Gateway], request: pytest.FixtureRequest) -> Iterator[None]:
     """Stops the gateways a test (or its function-scoped fixtures) started when the test ends."""
     mark = len(started_gateways)
+    request.node.own_gateways = lambda: started_gateways[mark:]
     yield
     _stop_started_since(started_gateways, mark)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test's report ends with the last lines of its own gateways' logs: CI keeps
+    nothing else of a run."""
+    report = yield
+    own_gateways = getattr(item, "own_gateways", None)
+    if report.when == "call" and report.failed and own_gateways is not None:
+        for gateway in own_gateways():
+            for log in sorted(gateway.logs.glob("*.log")):
+                tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+                report.sections.append((f"{log.name} ({gateway.logs})", "\n".join(tail)))
+    return report
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -55,13 +55,14 @@ def job_id_of(completion_id: str) -> str:
     return completion_id.removeprefix("chatcmpl-")
 
 
-def wait_for(predicate: Any, within_s: float, what: str) -> Any:
+def wait_for(predicate: Any, within_s: float, what: str | Callable[[], str]) -> Any:
+    """`what` may be a function: what was waited for, described once the wait is over."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         if value := predicate():
             return value
         time.sleep(0.05)
-    raise AssertionError(f"not within {within_s} s: {what}")
+    raise AssertionError(f"not within {within_s} s: {what if isinstance(what, str) else what()}")
 
 
 def worker_running(gateway: Gateway, job_id: str) -> subprocess.Popen[bytes]:
@@ -351,7 +352,12 @@ def test_a_claude_job_retried_on_the_same_machine_starts_in_a_clean_workspace(
     wait_for(lambda: any("survive me" in json.dumps(r["messages"]) for r in upstream.requests), 30, "asked")
     victim.send_signal(signal.SIGKILL)
     ended = ("completed", "failed")
-    final = wait_for(lambda: (b := retrieve(gateway, completion_id))["status"] in ended and b, 40, "retry")
+    record = f"gateway:job:{job_id_of(completion_id)}"
+
+    def the_retry() -> str:
+        return f"retry; the job's record: {gateway.redis().hgetall(record)}"
+
+    final = wait_for(lambda: (b := retrieve(gateway, completion_id))["status"] in ended and b, 40, the_retry)
     assert final["status"] == "completed", final
     assert final["choices"][0]["message"]["content"] == "made it"
     assert gateway.redis().hget(f"gateway:job:{job_id_of(completion_id)}", "attempt") == b"2"
