@@ -448,6 +448,8 @@ class JobRecord:
     """The jobs of the request's other choices, on its first job's record (`n > 1`)."""
     response_format: dict[str, Any] | None = None
     """The JSON format its reply is checked against (chat's `response_format`), if it asked for one."""
+    legacy_functions: bool = False
+    """Its request offered chat's legacy `functions`: calls are answered as a `function_call`."""
 
     @property
     def status(self) -> JobStatus:
@@ -594,6 +596,7 @@ class JobStore:
             cancel_requested=get("cancel") is not None,
             choices=tuple(get("choices", "").split()),
             response_format=json.loads(response_format) if (response_format := get("format")) else None,
+            legacy_functions=get("legacy") is not None,
         )
 
     async def last_event(self, job_id: str) -> int:
@@ -641,9 +644,15 @@ class JobStore:
         """Frees `owner`'s `Idempotency-Key` if it still names `job_id` (a job that is gone)."""
         await self._release(keys=[idempotency_key(owner, key)], args=[job_id + " "])
 
-    async def keep_format(self, job_id: str, response_format: dict[str, Any]) -> None:
-        """Records the JSON format the job's reply is checked against, for its retrieval and resume."""
-        await self.redis.hset(record_key(job_id), "format", json.dumps(response_format))  # type: ignore[misc]
+    async def keep_reply_form(
+        self, job_id: str, *, response_format: dict[str, Any] | None, legacy_functions: bool
+    ) -> None:
+        """Records the form its request asked the reply in (`JobRecord.response_format`,
+        `legacy_functions`), for its retrieval and resume."""
+        form = {"format": json.dumps(response_format)} if response_format is not None else {}
+        form |= {"legacy": "1"} if legacy_functions else {}
+        if form:
+            await self.redis.hset(record_key(job_id), mapping=form)  # type: ignore[misc]
 
     async def link_choices(self, job_id: str, others: list[str]) -> None:
         """Records on a request's first job the jobs of its other choices (`n > 1`)."""

@@ -346,6 +346,14 @@ def test_a_request_with_legacy_functions_gets_its_call_in_that_form(
     named = [d["delta"]["function_call"]["name"] for d in deltas if "function_call" in d["delta"]]
     assert named == ["get_weather"]
     assert deltas[-1]["finish_reason"] == "function_call"
+    # Retrieved and resumed in the same form (they came as tool_calls, as if `tools` were offered).
+    completion_url = f"{scripted.url}/v1/chat/completions/{chunks[0]['id']}"
+    retrieved = httpx.get(completion_url, timeout=30).json()
+    assert retrieved["choices"][0]["message"] == choice["message"]
+    assert retrieved["choices"][0]["finish_reason"] == "function_call"
+    resumed = httpx.get(completion_url, params={"stream": "true"}, timeout=30)
+    again = [json.loads(data) for data in sse_data(resumed) if data != "[DONE]"]
+    assert [chunk["choices"] for chunk in again] == [chunk["choices"] for chunk in chunks]
     # With tools as well, the calls are tool_calls.
     both = chat(script(text="", calls=calls), functions=[WEATHER["function"]], tools=[WEATHER])
     answered = httpx.post(f"{scripted.url}/v1/chat/completions", json=both, timeout=30).json()

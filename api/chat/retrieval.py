@@ -55,7 +55,7 @@ async def retrieve_chat_completion(
     after = resumed_after(starting_after, last_event_id)
     response_format = ResponseFormat.from_request(record.response_format)  # sent checked, as first
     run = Run(gateway, [record], True, response_format, reasoning)  # a reader, not the owner's request
-    renderer = ChunkRenderer(record, include_usage=include_usage, after=after)
+    renderer = ChunkRenderer(record, include_usage=include_usage, after=after, legacy=record.legacy_functions)
     return await event_stream(run, renderer, after=0 if after is None else events_after(after), live=False)
 
 
@@ -105,7 +105,8 @@ async def _snapshot(gateway: Gateway, record: JobRecord, reasoning: bool = True)
         except OpenAIError as violation:  # its request got this error
             snapshot.status, snapshot.error = JobStatus.FAILED, violation.info
             return snapshot
-        return completion_body(record, [Reply(text, last, events if reasoning else [])])
+        reply = Reply(text, last, events if reasoning else [])
+        return completion_body(record, [reply], legacy=record.legacy_functions)
     if isinstance(last, Failed):
         snapshot.error = OpenAIError.from_failure(last).info
     return snapshot

@@ -38,8 +38,9 @@ async def create_chat_completion(
     idempotency = Idempotency.of(request.headers.get("idempotency-key"), body)
     gateway, caller = Gateway.of(request), Caller.of(request)
     run = await submit(core_request(body), request, gateway, caller, idempotency=idempotency)
-    if run.response_format is not None and body.response_format is not None:
-        await gateway.store.keep_format(run.job.id, body.response_format)
+    legacy = body.legacy_functions
+    checked_format = body.response_format if run.response_format is not None else None
+    await gateway.store.keep_reply_form(run.job.id, response_format=checked_format, legacy_functions=legacy)
     logs.bind(job_id=run.job.id)
     log.info(
         "queued %d job(s) (model %s, stream %s, background %s)",
@@ -50,7 +51,6 @@ async def create_chat_completion(
     )
     if body.background:
         return JSONResponse(queued_body(run.job).model_dump())
-    legacy = body.legacy_functions
     if not body.stream:
         return JSONResponse(completion_body(run.job, await run.collect(), legacy=legacy).model_dump())
     include_usage = body.stream_options is not None and body.stream_options.include_usage
