@@ -2,6 +2,7 @@
 two tools (one fails), then answers; its thinking and both tool steps reach the official `openai`
 and `anthropic` clients in order, through each format, and a resumed stream replays them exactly."""
 
+import json
 from typing import Any
 
 import anthropic
@@ -9,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Gateway, chat, claude_env
+from tests.conftest import Gateway, chat, claude_env, sse_data
 from tests.fake_anthropic import FakeAnthropic, Reply
 
 pytestmark = pytest.mark.claude
@@ -76,6 +77,23 @@ def test_chat_reply_carries_reasoning_content_unless_turned_off(
         model=MODEL, messages=[{"role": "user", "content": "work"}], extra_body={"include_reasoning": False}
     )
     assert "reasoning_content" not in (plain.choices[0].message.model_extra or {})
+
+
+def test_a_structured_stream_carries_the_reasoning_its_retrieval_shows(
+    agent: Gateway, working: FakeAnthropic
+) -> None:
+    """Found by an outside probe: a stream with `response_format` sent the checked reply alone,
+    while the same completion retrieved had its reasoning_content."""
+    working.script[-1] = Reply(tokens=['{"done": ', "true}"])
+    response_format = {"type": "json_object"}
+    body = chat("work", stream=True, response_format=response_format)
+    streamed = httpx.post(f"{agent.url}/v1/chat/completions", json=body, timeout=90)
+    chunks = [json.loads(data) for data in sse_data(streamed) if data != "[DONE]"]
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks if chunk["choices"]]
+    assert "".join(delta.get("reasoning_content") or "" for delta in deltas) == ACTIVITY
+    assert "".join(delta.get("content") or "" for delta in deltas) == '{"done": true}'
+    retrieved = httpx.get(f"{agent.url}/v1/chat/completions/{chunks[0]['id']}", timeout=30).json()
+    assert retrieved["choices"][0]["message"]["reasoning_content"] == ACTIVITY
 
 
 def test_responses_stream_a_reasoning_item_before_the_message(agent: Gateway, working: FakeAnthropic) -> None:

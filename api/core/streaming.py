@@ -116,13 +116,14 @@ async def first_events(events: ChoiceEvents, wait_s: float) -> First:
 
 
 async def _checked(run: Run, replies: list[Reply]) -> ChoiceEvents:
-    """A structured run's checked replies as events, all ready: per choice one delta, then its
-    terminal event."""
-    yield [
-        event
-        for i, reply in enumerate(replies)
-        for event in ((i, 1, Delta(text=reply.text)), (i, 2, reply.done))
-    ]
+    """A structured run's checked replies as events, all ready: per choice the agent's activity it
+    was to see, one delta of the checked text, then its terminal event."""
+    batch: list[ChoiceEvent] = []
+    for choice, reply in enumerate(replies):
+        activity = [event for event in reply.events if isinstance(event, Activity)]
+        events = [*activity, Delta(text=reply.text), reply.done]
+        batch += [(choice, seq, event) for seq, event in enumerate(events, start=1)]
+    yield batch
 
 
 async def _relay(
