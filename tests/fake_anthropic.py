@@ -39,6 +39,18 @@ class Reply:
     """Reply with the conversation's text as received (Claude Code's reminders left out)."""
 
 
+def _refused(body: dict[str, Any]) -> str | None:
+    """What the real API refuses of a request the CLI may build (its messages, as it words them)."""
+    thinking = body.get("thinking") or {}
+    if thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens", 0)
+        if budget < 1024:
+            return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+        if body.get("max_tokens", 0) <= budget:
+            return "`max_tokens` must be greater than `thinking.budget_tokens`."
+    return None
+
+
 class _Cut(Exception):
     """Raised inside a streamed reply: the server aborts the connection mid-body."""
 
@@ -155,6 +167,9 @@ class FakeAnthropic:
         self.betas.append(request.headers.get("anthropic-beta", ""))
         bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
         self.credentials.append(request.headers.get("x-api-key") or bearer)
+        if (refused := _refused(body)) is not None:
+            error = {"type": "error", "error": {"type": "invalid_request_error", "message": refused}}
+            return JSONResponse(error, status_code=400)
         reply = self._reply_for(body)
         if reply.echo:
             reply = replace(reply, tokens=[conversation_text(body)])

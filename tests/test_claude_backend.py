@@ -100,6 +100,31 @@ def test_max_tokens_reaches_upstream_and_ends_with_length(
 
 
 @pytest.mark.parametrize(
+    ("path", "limit"),
+    [
+        ("/v1/chat/completions", {"max_completion_tokens": 256}),
+        ("/v1/responses", {"max_output_tokens": 1024}),
+        ("/v1/messages", {"max_tokens": 50}),
+    ],
+)
+def test_a_small_token_limit_turns_thinking_off(
+    claude: Gateway, upstream: FakeAnthropic, path: str, limit: dict[str, int]
+) -> None:
+    """Found by an outside probe: under a limit of 1,024 tokens (the API's smallest thinking
+    budget) the CLI asked for a 1,024-token budget all the same, which the real API refuses (the
+    fake upstream refuses it as the real one does)."""
+    conversation = (
+        {"input": "hi"} if path == "/v1/responses" else {"messages": [{"role": "user", "content": "hi"}]}
+    )
+    body = {"model": "claude-sonnet-4-5", **conversation, **limit}
+    response = httpx.post(f"{claude.url}{path}", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    [asked] = limit.values()
+    assert upstream.requests[-1]["max_tokens"] == asked
+    assert upstream.requests[-1].get("thinking", {}).get("type") != "enabled"
+
+
+@pytest.mark.parametrize(
     ("status", "error_type", "code"),
     [(401, "authentication_error", "upstream_authentication_error"), (500, "api_error", "upstream_error")],
 )

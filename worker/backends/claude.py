@@ -104,6 +104,7 @@ _FINISH_REASONS = {
 
 
 _OUT_OF_TURNS = "error_max_turns"
+_MIN_THINKING_BUDGET = 1024  # tokens, the Messages API's smallest
 
 
 def upstream_failure(status: int | None) -> BackendError:
@@ -301,7 +302,7 @@ class ClaudeBackend:
             disallowed_tools=list(agent.disallowed_tools),
             permission_mode=agent.permission_mode,
             max_turns=agent.max_turns,
-            max_thinking_tokens=agent.max_thinking_tokens,
+            max_thinking_tokens=_thinking_budget(agent.max_thinking_tokens, job.max_tokens),
             effort=agent.effort,
             skills=skills or None,
             # Nothing from the workspace (its .claude/settings.json could install hooks); with
@@ -628,6 +629,15 @@ def _prompt(turns: list[Turn]) -> str | AsyncIterator[dict[str, Any]]:
 async def _close(messages: AsyncIterator[Any]) -> None:
     if isinstance(messages, AsyncGenerator):  # stops the CLI at once on early exit
         await messages.aclose()
+
+
+def _thinking_budget(asked: int | None, max_tokens: int | None) -> int | None:
+    """The CLI's thinking budget: none under a reply limit of `_MIN_THINKING_BUDGET` or less. The
+    API takes no smaller budget and none as large as the limit, and the CLI, cutting the budget
+    to fit the limit, raises it back to that minimum: every such request would be refused."""
+    if max_tokens is not None and max_tokens <= _MIN_THINKING_BUDGET:
+        return 0
+    return asked
 
 
 def _hit_token_limit(event: dict[str, Any]) -> bool:
