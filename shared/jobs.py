@@ -99,6 +99,9 @@ class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
+    """Of `prompt_tokens`, those read from the prompt cache."""
+    cache_write_tokens: int = 0
+    """Of `prompt_tokens`, those written to the prompt cache (Anthropic's `cache_creation_input_tokens`)."""
     cost_usd: float | None = None
 
 

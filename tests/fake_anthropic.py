@@ -26,6 +26,8 @@ class Reply:
     delay_s: float = 0.0
     input_tokens: int = 42
     output_tokens: int = 7
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
     stop_reason: str = "end_turn"
     status: int = 200
     error_type: str = "api_error"
@@ -68,7 +70,12 @@ async def _stream(reply: Reply, model: str) -> AsyncIterator[bytes]:
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": {"input_tokens": reply.input_tokens, "output_tokens": 1},
+        "usage": {
+            "input_tokens": reply.input_tokens,
+            "cache_creation_input_tokens": reply.cache_write_tokens,
+            "cache_read_input_tokens": reply.cache_read_tokens,
+            "output_tokens": 1,
+        },
     }
     yield _sse("message_start", {"type": "message_start", "message": message})
     index = 0

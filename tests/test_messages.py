@@ -11,7 +11,7 @@ import pydantic
 import pytest
 from anthropic.types import Message, ModelInfo, RawMessageStreamEvent
 
-from tests.conftest import Gateway
+from tests.conftest import Gateway, chat
 from tests.fake_anthropic import FakeAnthropic, Reply, system_text, user_text
 from tests.test_durable_jobs import script
 
@@ -196,7 +196,9 @@ def test_what_anthropic_refuses_is_refused(scripted: Gateway, extra: dict[str, A
 
 @pytest.mark.claude
 def test_real_path_stream(claude: Gateway, upstream: FakeAnthropic) -> None:
-    upstream.default = Reply(tokens=["Ahoy", "!"], input_tokens=50, output_tokens=2)
+    # Found by an outside probe: the prompt cache's writes were counted as input tokens.
+    cache = {"cache_write_tokens": 500, "cache_read_tokens": 1000}
+    upstream.default = Reply(tokens=["Ahoy", "!"], input_tokens=50, output_tokens=2, **cache)
     client = anthropic.Anthropic(base_url=claude.url, api_key="unused", max_retries=0, timeout=60)
     with client.messages.stream(
         model=MODEL,
@@ -207,11 +209,15 @@ def test_real_path_stream(claude: Gateway, upstream: FakeAnthropic) -> None:
         texts = list(stream.text_stream)
         final = stream.get_final_message()
     assert "".join(texts) == "Ahoy!"
-    assert final.usage.output_tokens == 2
-    assert final.usage.input_tokens == 50
+    usage = final.usage
+    assert (usage.input_tokens, usage.output_tokens) == (50, 2)
+    assert (usage.cache_creation_input_tokens, usage.cache_read_input_tokens) == (500, 1000)
     sent = upstream.requests[-1]
     assert "Answer like a pirate." in system_text(sent)
     assert user_text(sent) == "hi"
+    # OpenAI's prompt tokens count them all, the cache's reads among them as cached.
+    chat_usage = httpx.post(f"{claude.url}/v1/chat/completions", json=chat("hi"), timeout=60).json()["usage"]
+    assert (chat_usage["prompt_tokens"], chat_usage["prompt_tokens_details"]["cached_tokens"]) == (1550, 1000)
 
 
 WEATHER = {

@@ -85,6 +85,7 @@ def total_usage(usages: list[Usage]) -> Usage:
         prompt_tokens=sum(usage.prompt_tokens for usage in usages),
         completion_tokens=sum(usage.completion_tokens for usage in usages),
         cached_prompt_tokens=sum(usage.cached_prompt_tokens for usage in usages),
+        cache_write_tokens=sum(usage.cache_write_tokens for usage in usages),
         cost_usd=sum(costs) if costs else None,
     )
 

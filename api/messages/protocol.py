@@ -241,6 +241,7 @@ class ToolUseBlock(BaseModel):
 class MessageUsage(BaseModel):
     input_tokens: int
     output_tokens: int
+    cache_creation_input_tokens: int | None = None
     cache_read_input_tokens: int | None = None
 
 
@@ -256,10 +257,12 @@ class Message(BaseModel):
 
 
 def usage_body(usage: Usage) -> MessageUsage:
-    """Our usage counts cache reads in the prompt, as OpenAI does; Anthropic's does not."""
+    """Our usage counts the prompt cache's reads and writes in the prompt, as OpenAI does;
+    Anthropic's input tokens are those neither read from it nor written to it."""
     return MessageUsage(
-        input_tokens=usage.prompt_tokens - usage.cached_prompt_tokens,
+        input_tokens=usage.prompt_tokens - usage.cached_prompt_tokens - usage.cache_write_tokens,
         output_tokens=usage.completion_tokens,
+        cache_creation_input_tokens=usage.cache_write_tokens,
         cache_read_input_tokens=usage.cached_prompt_tokens,
     )
 

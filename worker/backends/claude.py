@@ -659,6 +659,7 @@ def _usage(usage: dict[str, Any], cost_usd: float | None = None) -> Usage:
         prompt_tokens=int(usage.get("input_tokens") or 0) + cache_write + cache_read,
         completion_tokens=int(usage.get("output_tokens") or 0),
         cached_prompt_tokens=cache_read,
+        cache_write_tokens=cache_write,
         cost_usd=cost_usd,
     )
 
