@@ -315,7 +315,8 @@ class Access:
             if not decision.allowed:
                 return _too_many_failures(decision)
         message = (
-            "Missing API key: send it as 'Authorization: Bearer <key>'."
+            "Missing API key: send it as 'Authorization: Bearer <key>' (OpenAI clients) or "
+            "'x-api-key: <key>' (Anthropic clients)."
             if missing
             else "Incorrect API key provided."
         )

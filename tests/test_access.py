@@ -87,6 +87,10 @@ def test_missing_or_wrong_key_is_refused(guarded: Gateway) -> None:
     missing = httpx.get(models)
     assert_error(missing, 401, "invalid_api_key")
     assert "Missing API key" in missing.json()["error"]["message"]
+    # An Anthropic client is told the header it sends (it was told only of Authorization).
+    anthropic_missing = httpx.post(f"{guarded.url}/v1/messages", json={})
+    assert anthropic_missing.status_code == 401
+    assert "'x-api-key: <key>'" in anthropic_missing.json()["error"]["message"]
     assert_error(httpx.get(models, headers=bearer("not-a-key")), 401, "invalid_api_key")
     assert_error(httpx.post(f"{guarded.url}/v1/chat/completions", json=chat("hi")), 401, "invalid_api_key")
     assert httpx.get(models, headers=bearer(CONFIGURED_KEY)).status_code == 200
