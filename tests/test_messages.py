@@ -257,6 +257,20 @@ def test_tool_use_and_tool_result(scripted: Gateway, client: anthropic.Anthropic
     )
     [text] = [block for block in follow_up.content if block.type == "text"]
     assert f'<function_result id="{use.id}">18 C</function_result>' in text.text
+    # A failed tool's result reaches the model as a failure (found by an outside probe: as a plain result).
+    failed = {"type": "tool_result", "tool_use_id": use.id, "content": "ECONNREFUSED", "is_error": True}
+    follow_up = client.messages.create(
+        model=MODEL,
+        max_tokens=100,
+        tools=[WEATHER],
+        messages=[
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": [block.model_dump() for block in message.content]},
+            {"role": "user", "content": [failed, {"type": "text", "text": script(text="", echo=True)}]},
+        ],
+    )
+    [text] = [block for block in follow_up.content if block.type == "text"]
+    assert f'<function_result id="{use.id}"><tool_use_error>ECONNREFUSED</tool_use_error>' in text.text
     streamed = {"model": MODEL, "max_tokens": 100, "stream": True, "tools": [WEATHER]}
     streamed["messages"] = [{"role": "user", "content": script(text="", calls=calls)}]
     with httpx.stream("POST", f"{scripted.url}/v1/messages", json=streamed, timeout=30) as response:

@@ -34,6 +34,7 @@ class _Block(BaseModel):
     input: dict[str, Any] | None = None
     tool_use_id: str | None = None
     content: str | list[dict[str, Any]] | None = None
+    is_error: bool | None = None
 
 
 class AnthropicMessage(BaseModel):
@@ -95,6 +96,8 @@ def _result(block: _Block) -> ChatMessage:
         text = "\n".join(str(part.get("text", "")) for part in block.content if part.get("type") == "text")
     else:
         text = block.content or ""
+    if block.is_error:  # as Claude Code words a tool's failure to the model
+        text = f"<tool_use_error>{text}</tool_use_error>"
     return ChatMessage(role="tool", tool_call_id=block.tool_use_id, content=text)
 
 
