@@ -176,19 +176,18 @@ def _module_gateways(started_gateways: list[Gateway]) -> Iterator[None]:
 def _test_gateways(started_gateways: list[Gateway], request: pytest.FixtureRequest) -> Iterator[None]:
     """Stops the gateways a test (or its function-scoped fixtures) started when the test ends."""
     mark = len(started_gateways)
-    request.node.own_gateways = lambda: started_gateways[mark:]
+    request.node.gateways_up = started_gateways
     yield
     _stop_started_since(started_gateways, mark)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A failed test's report ends with the last lines of its own gateways' logs: CI keeps
-    nothing else of a run."""
+    """A failed test's report ends with the last lines of the logs of every gateway up (its own,
+    its module's, the run's shared ones): CI keeps nothing else of a run."""
     report = yield
-    own_gateways = getattr(item, "own_gateways", None)
-    if report.when == "call" and report.failed and own_gateways is not None:
-        for gateway in own_gateways():
+    if report.when == "call" and report.failed:
+        for gateway in getattr(item, "gateways_up", ()):
             for log in sorted(gateway.logs.glob("*.log")):
                 tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
                 report.sections.append((f"{log.name} ({gateway.logs})", "\n".join(tail)))
