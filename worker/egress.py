@@ -1,7 +1,8 @@
 """A sandbox's only way out besides the model API: a CONNECT proxy to the operator's allow-list.
 
-With `SANDBOX_ALLOWED_HOSTS` set, the worker serves HTTP CONNECT on a Unix socket that every job
-sandbox has bound in. A sandbox has no network but its own loopback, so inside it a small relay
+With `SANDBOX_ALLOWED_HOSTS` set, the worker serves HTTP CONNECT on a Unix socket of each job
+sandbox's own, bound in (a `door`, as the credential proxy's: a job that holds every tunnel it
+can holds none of another job's). A sandbox has no network but its own loopback, so inside it a small relay
 (`RELAY`, run by the system's python3) listens on 127.0.0.1:`RELAY_PORT` and hands each
 connection to that socket; `HTTPS_PROXY` points the job's tools there. A CONNECT to a listed
 host (and port, 443 unless given) is tunnelled; anything else gets 403, and plain-HTTP proxy
@@ -14,6 +15,8 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("gateway.worker.egress")
@@ -48,6 +51,9 @@ while True:
 
 _HEAD_LIMIT = 8192
 _TIMEOUT_S = 10
+DOOR_CONNECTIONS = 64
+"""Tunnels held at once through one sandbox's socket: a tool's parallel downloads, not the
+worker's descriptors."""
 
 
 def _destination(target: str) -> tuple[str, int] | None:
@@ -60,6 +66,7 @@ def _destination(target: str) -> tuple[str, int] | None:
 class EgressProxy:
     def __init__(self, allowed_hosts: list[str]) -> None:
         self._allowed = {self._entry(host) for host in allowed_hosts}
+        self._loop = asyncio.new_event_loop()
 
     @staticmethod
     def _entry(host: str) -> tuple[str, int]:
@@ -75,21 +82,35 @@ class EgressProxy:
             for name, allowed_port in self._allowed
         )
 
-    def start(self, socket: Path) -> None:
-        ready = threading.Event()
+    def start(self) -> None:
+        """Runs the proxy's event loop, in a thread of its own; `door` opens its sockets."""
+        threading.Thread(target=self._loop.run_forever, name="egress-proxy", daemon=True).start()
 
-        def serve() -> None:
-            async def main() -> None:
-                server = await asyncio.start_unix_server(self._tunnel, path=str(socket), limit=_HEAD_LIMIT)
-                ready.set()
-                await server.serve_forever()
+    @contextmanager
+    def door(self, path: Path) -> Iterator[Path]:
+        """Serves on the Unix socket `path` while in use, with at most `DOOR_CONNECTIONS` tunnels
+        at once through it."""
+        held = 0
 
-            asyncio.run(main())
+        async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal held
+            if held >= DOOR_CONNECTIONS:
+                writer.close()
+                return
+            held += 1
+            try:
+                await self._tunnel(reader, writer)
+            finally:
+                held -= 1
 
-        threading.Thread(target=serve, name="egress-proxy", daemon=True).start()
-        if not ready.wait(10):
-            raise RuntimeError("the egress proxy did not start")
-        socket.chmod(0o666)  # the job user's sandbox connects
+        listening = asyncio.start_unix_server(tunnel, path=str(path), limit=_HEAD_LIMIT)
+        listener = asyncio.run_coroutine_threadsafe(listening, self._loop).result(timeout=10)
+        try:
+            path.chmod(0o666)  # the job user's sandbox connects
+            yield path
+        finally:
+            self._loop.call_soon_threadsafe(listener.close)
+            path.unlink(missing_ok=True)
 
     async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -4,7 +4,7 @@ A job's CLI, and everything its tools start, sees only: the system directories r
 (`/usr` and its `/bin`, `/lib*` links, a short list of harmless `/etc` files), the CLI binary
 read-only, its own workspace read-write (cwd and `HOME`, at the same paths as outside, so the
 session store's transcripts line up), a private `/tmp` (the workspace's), fresh `/proc` and
-`/dev`, and the worker's credential proxy as a Unix socket. It has its own user, pid, ipc, uts,
+`/dev`, and the worker's credential proxy as a Unix socket of its own. It has its own user, pid, ipc, uts,
 network and cgroup namespaces (so no network but that socket, no other process in sight), no
 capabilities, a session of its own (no terminal injection), and dies with the worker process.
 Nothing of the gateway's state directory, its checkout or virtualenv, other workspaces, the
@@ -22,6 +22,7 @@ this guarantees and what not.
 """
 
 import contextlib
+import itertools
 import logging
 import os
 import shlex
@@ -29,9 +30,10 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path, PurePath
+from typing import Protocol
 
 from shared.heartbeats import SandboxReport
 from shared.settings import Settings
@@ -40,10 +42,19 @@ from worker.workspace import Workspace, mark_owned, remove_abandoned, removed, u
 
 log = logging.getLogger("gateway.worker.sandbox")
 
-MODEL_SOCKET = "/run/gateway/model.sock"
+MODEL_SOCKET = PurePath("/run/gateway/model.sock")
 """Where the worker's credential proxy appears inside every sandbox."""
-EGRESS_SOCKET = "/run/gateway/egress.sock"
+EGRESS_SOCKET = PurePath("/run/gateway/egress.sock")
 """Where the worker's egress proxy appears, with `SANDBOX_ALLOWED_HOSTS`."""
+
+
+class Proxy(Protocol):
+    """A proxy of the worker's that serves each sandbox on a socket of the sandbox's own."""
+
+    def door(self, path: Path) -> AbstractContextManager[Path]:
+        """Serves on the Unix socket `path` while in use."""
+        ...
+
 
 _SYSTEM_DIRS = ("/usr",)
 _SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -162,16 +173,14 @@ class Sandbox:
     """Builds each job's sandbox, once it has checked at start that one can be built here."""
 
     def __init__(
-        self,
-        settings: Settings,
-        runtime_dir: Path,
-        proxy_socket: Path | None,
-        egress_socket: Path | None = None,
+        self, settings: Settings, runtime_dir: Path, model: Proxy | None, egress: Proxy | None = None
     ) -> None:
+        """`model`: the credential proxy; `egress`: the way out to `SANDBOX_ALLOWED_HOSTS`."""
         self._settings = settings
         self._runtime_dir = runtime_dir
-        self._proxy_socket = proxy_socket
-        self._egress_socket = egress_socket
+        proxies = {MODEL_SOCKET: model, EGRESS_SOCKET: egress}
+        self._proxies = {inside: proxy for inside, proxy in proxies.items() if proxy is not None}
+        self._doors = itertools.count()  # names each sandbox's sockets
         self._python = shutil.which("python3", path="/usr/bin:/usr/local/bin")  # the relay's
         self._cli = claude_binary(settings)
         self._bwrap = find_bwrap()
@@ -201,10 +210,9 @@ class Sandbox:
         job_user = settings.claude_job_user
         if (job_user is None and os.geteuid() == 0) and settings.sandbox_processes:
             warnings.append("root is exempt from the process limit: set CLAUDE_JOB_USER")
-        if self._egress_socket is not None and self._python is None:
+        if EGRESS_SOCKET in self._proxies and self._python is None:
             warnings.append("no python3 in /usr for the egress relay: SANDBOX_ALLOWED_HOSTS unreachable")
-        reachable = self._proxy_socket is not None or self._egress_socket is not None
-        reason = self._build_probe() if reachable else _NO_MODEL_PROXY
+        reason = self._build_probe() if self._proxies else _NO_MODEL_PROXY
         if reason is not None:
             log.error("cannot build a sandbox, jobs will be refused: %s", reason)
         else:
@@ -259,7 +267,7 @@ class Sandbox:
 
     @property
     def _egress_relay(self) -> str | None:
-        return self._python if self._egress_socket is not None else None
+        return self._python if EGRESS_SOCKET in self._proxies else None
 
     def environment(self) -> dict[str, str]:
         """What the CLI and its tools are told of the way out to `SANDBOX_ALLOWED_HOSTS`."""
@@ -303,35 +311,39 @@ class Sandbox:
             str(self._cli),
         ]
 
-    def argv(self, workspace: Workspace, cwd: Path) -> list[str]:
-        """bwrap's command for `workspace`'s sandbox, up to the view of the config directory."""
+    def argv(self, workspace: Workspace, cwd: Path, doors: Mapping[PurePath, Path]) -> list[str]:
+        """bwrap's command for `workspace`'s sandbox, up to the view of the config directory;
+        `doors`: the sandbox's own socket to each proxy, by where it appears inside."""
         assert self._bwrap is not None
         view = self._isolation(["--bind", str(workspace.tmp), _TMP])
         view += ["--bind", str(workspace.root), str(workspace.root)]
         if not cwd.is_relative_to(workspace.root):  # a session's directory, or CLAUDE_CWD
             view += ["--bind", str(cwd), str(cwd)]
-        if self._proxy_socket is not None:
-            view += ["--bind", str(self._proxy_socket), MODEL_SOCKET]
-        if self._egress_socket is not None:
-            view += ["--bind", str(self._egress_socket), EGRESS_SOCKET]
+        for inside, door in doors.items():
+            view += ["--bind", str(door), str(inside)]
         return [self._bwrap, *view, "--chdir", str(cwd)]
 
     @contextmanager
     def launcher(self, workspace: Workspace, cwd: Path) -> Iterator[Path]:
         """A script for `ClaudeAgentOptions.cli_path` that runs the CLI in `workspace`'s sandbox,
-        for as long as the workspace is in use."""
+        for as long as the workspace is in use (and its sockets to the proxies are open)."""
         path = self._runtime_dir / f"{workspace.root.name}.sh"
-        # The CLI's config directory is the job's own, or the copy of its resumed transcript the
-        # SDK makes in the worker's temp directory just before it starts the CLI: bound as given.
-        config = '--bind "$CLAUDE_CONFIG_DIR" "$CLAUDE_CONFIG_DIR"'
-        sealed = shlex.join(_SEALED)
-        command = f"{shlex.join(self.argv(workspace, cwd))} {config} {sealed} -- {shlex.join(self._inside())}"
-        path.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
-        path.chmod(0o755)
-        try:
-            yield path
-        finally:
-            path.unlink(missing_ok=True)
+        with contextlib.ExitStack() as open_doors:
+            number = next(self._doors)
+            doors = {
+                inside: open_doors.enter_context(proxy.door(self._runtime_dir / f"{number}-{inside.name}"))
+                for inside, proxy in self._proxies.items()
+            }
+            # The CLI's config directory is the job's own, or the copy of its resumed transcript the
+            # SDK makes in the worker's temp directory just before it starts the CLI: bound as given.
+            config = '--bind "$CLAUDE_CONFIG_DIR" "$CLAUDE_CONFIG_DIR"'
+            sandbox = f"{shlex.join(self.argv(workspace, cwd, doors))} {config} {shlex.join(_SEALED)}"
+            path.write_text(f'#!/bin/sh\nexec {sandbox} -- {shlex.join(self._inside())} "$@"\n')
+            path.chmod(0o755)
+            try:
+                yield path
+            finally:
+                path.unlink(missing_ok=True)
 
 
 def runtime_dir() -> Path:

@@ -167,11 +167,9 @@ class ClaudeBackend:
             self._proxy.start(self._runtime_dir / "model.sock")
         egress = None
         if settings.sandbox == "on" and settings.sandbox_allowed_hosts:
-            egress = self._runtime_dir / "egress.sock"
-            EgressProxy(settings.sandbox_allowed_hosts).start(egress)
-        self._sandbox = Sandbox(
-            settings, self._runtime_dir, self._proxy.socket if self._proxy else None, egress
-        )
+            egress = EgressProxy(settings.sandbox_allowed_hosts)
+            egress.start()
+        self._sandbox = Sandbox(settings, self._runtime_dir, self._proxy, egress)
         self.sandbox = self._sandbox.report
         self._provider_env = backend_auth.provider_environment(settings, self._auth_method)
         self._redis = redis
@@ -272,7 +270,7 @@ class ClaudeBackend:
         if self._proxy is not None and token is not None and self._proxy.socket is not None:
             # The real credential stays in this process: the CLI talks to the proxy with a job
             # token, in plain HTTP over its socket (bound into the sandbox at MODEL_SOCKET).
-            env["ANTHROPIC_UNIX_SOCKET"] = MODEL_SOCKET if self._sandbox.ready else str(self._proxy.socket)
+            env["ANTHROPIC_UNIX_SOCKET"] = str(MODEL_SOCKET if self._sandbox.ready else self._proxy.socket)
             env["ANTHROPIC_BASE_URL"] = "http://localhost"
             login = self._auth_method == "claude_cli"
             env["CLAUDE_CODE_OAUTH_TOKEN" if login else "ANTHROPIC_API_KEY"] = token
