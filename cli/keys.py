@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from cli.reach import redis_problem
 from shared import apikeys
 from shared.jobs import Failed, FailureCode
 from shared.jobstore import JobStore
@@ -129,4 +130,4 @@ def run_keys(redis_url: str, args: argparse.Namespace, settings: Settings) -> No
     try:
         sys.exit(asyncio.run(_run(args, redis_url, settings)))
     except (OSError, RedisError, ValueError) as exc:  # unreachable, refused, or no Redis URL
-        sys.exit(f"claude-gateway keys: cannot reach Redis ({exc})")
+        sys.exit(redis_problem("keys", exc))

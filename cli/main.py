@@ -24,10 +24,12 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 from pydantic_settings import SettingsError
 
 from cli import children as children_env
 from cli import keys
+from cli.reach import wait_for_redis
 from shared.logs import configure_logging
 from shared.settings import Settings
 from worker.environment import forbid_inspection
@@ -53,13 +55,20 @@ def _require_redis_url(settings: Settings, role: str) -> str:
     return settings.redis_url
 
 
+def _answering_redis_url(settings: Settings, role: str) -> str:
+    """`REDIS_URL`, once Redis answers there (a role's start fails in one line, not a traceback)."""
+    redis_url = _require_redis_url(settings, role)
+    wait_for_redis(redis_url, role)
+    return redis_url
+
+
 def run_api(settings: Settings) -> None:
     import uvicorn
 
     from api.app import create_app
     from api.deps import Gateway
 
-    redis_url = _require_redis_url(settings, "api")
+    redis_url = _answering_redis_url(settings, "api")
     keys.ensure_protected(settings, redis_url)
     app = create_app(settings, redis_url)
     children_env.drop_credentials()  # read into settings; no later code reads the environment
@@ -92,7 +101,13 @@ def run_api(settings: Settings) -> None:
 def run_worker(settings: Settings) -> None:
     from worker.main import run_worker as run
 
-    run(settings, _require_redis_url(settings, "worker"))
+    redis_url = _answering_redis_url(settings, "worker")
+    try:
+        settings.workspace_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        root = settings.workspace_root
+        sys.exit(f"claude-gateway worker: cannot use WORKSPACE_ROOT={root} ({exc.strerror})")
+    run(settings, redis_url)
 
 
 def run_up(settings: Settings) -> None:
@@ -211,6 +226,12 @@ def _private_redis_password(data_dir: Path) -> str:
     return password
 
 
+def _problem(error: ErrorDetails) -> str:
+    """One invalid setting, as `NAME: what is wrong` (a rule over several: what is wrong)."""
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(map(str, error['loc'])).upper()}: {message}" if error["loc"] else message
+
+
 def _seconds(value: str) -> float:
     seconds = float(value)
     if not seconds > 0:  # 0 or less refreshed without a pause, a query of Redis each time
@@ -234,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings()
     except ValidationError as exc:  # a clear message, not a traceback (values are not echoed)
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(_problem(error) for error in exc.errors())
         sys.exit(f"invalid configuration: {problems}")
     except SettingsError as exc:  # a list or mapping setting that is not JSON
         sys.exit(f"invalid configuration: {exc}")

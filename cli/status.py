@@ -14,6 +14,7 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from cli.reach import redis_problem
 from shared.heartbeats import SandboxReport
 from shared.settings import Settings
 from shared.status import Snapshot, take_snapshot
@@ -110,4 +111,4 @@ def run_status(settings: Settings, redis_url: str, *, as_json: bool, watch_s: fl
     except BrokenPipeError:  # its reader (`| head`) left: nothing more to say, nowhere to say it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, RedisError, ValueError) as exc:  # unreachable, refused, or no Redis URL
-        sys.exit(f"claude-gateway status: cannot reach Redis ({exc})")
+        sys.exit(redis_problem("status", exc))

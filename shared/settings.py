@@ -7,7 +7,15 @@ Both processes build one `Settings()` at start-up and pass it down; nothing else
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, StringConstraints, field_validator
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.agent import Effort, PermissionMode
@@ -383,6 +391,16 @@ class Settings(BaseSettings):
         'inside the job\'s sandbox) or {"type": "http"|"sse", "url", "headers"}; "default": false '
         "offers one only to requests that choose it (docs/claude-backend.md).",
     )
+
+    @model_validator(mode="after")
+    def _leases_renewed_in_time(self) -> "Settings":
+        # A sweep that finds none in half a lease takes it for a Redis outage (`recover_expired`).
+        if self.lease_renew_s >= self.lease_s / 2:
+            raise ValueError(
+                f"LEASE_RENEW_S ({self.lease_renew_s:g}) must be under half of LEASE_S ({self.lease_s:g}): "
+                "workers renew leases and sweep that often"
+            )
+        return self
 
     @field_validator("mcp_servers")
     @classmethod

@@ -68,6 +68,14 @@ def test_without_a_server_on_the_path_the_bundled_valkey_is_used(monkeypatch: py
         ({"LOG_LEVEL": "loud"}, ["status"], "invalid configuration: LOG_LEVEL"),
         ({"MODELS": "[oops"}, ["status"], "invalid configuration:"),
         ({}, ["status", "--watch", "0"], "not a positive number of seconds"),
+        # Found by an outside probe: each of these was a traceback, or a worker losing its jobs.
+        ({"REDIS_URL": "redis://127.0.0.1:1/0"}, ["worker"], "claude-gateway worker: cannot reach Redis"),
+        ({"REDIS_URL": "redis://127.0.0.1:1/0"}, ["api"], "claude-gateway api: cannot reach Redis"),
+        (
+            {"LEASE_S": "1", "LEASE_RENEW_S": "5"},
+            ["worker"],
+            "invalid configuration: LEASE_RENEW_S (5) must be under half of LEASE_S (1)",
+        ),
     ],
 )
 def test_an_operators_mistake_is_one_line_not_a_traceback(

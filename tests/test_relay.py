@@ -36,7 +36,7 @@ class _Unreachable:
 async def test_a_check_that_meets_an_outage_waits_it_out() -> None:
     """The check of a silent job is waited out within REDIS_OUTAGE_GRACE_S like a read (it ended
     the stream the moment it met the outage: the ops probe saw 10 s, one lease, not 30)."""
-    settings = Settings(lease_s=0.05, redis_outage_grace_s=30)
+    settings = Settings(lease_s=0.05, lease_renew_s=0.01, redis_outage_grace_s=30)
     store = _Unreachable(failures=3)
     followed = follow_job(cast(Any, _Silent()), cast(Any, store), settings, "job", withdraw=False)
     [(_, event)] = await asyncio.wait_for(anext(followed), 10)

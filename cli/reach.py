@@ -1,0 +1,35 @@
+"""What the CLI says of a Redis it cannot use, in one line: never a traceback."""
+
+import asyncio
+import sys
+import time
+
+from redis.asyncio import Redis
+from redis.exceptions import OutOfMemoryError, RedisError
+
+_TRIES = 5
+"""A Redis started beside this process (compose, systemd) gets this many seconds to answer."""
+
+
+def redis_problem(role: str, exc: Exception) -> str:
+    """The message a command exits with when Redis refused it or could not be reached."""
+    if isinstance(exc, OutOfMemoryError):
+        return f"claude-gateway {role}: Redis refuses writes, it is full (maxmemory): {exc}"
+    return f"claude-gateway {role}: cannot reach Redis ({exc})"
+
+
+def wait_for_redis(redis_url: str, role: str) -> None:
+    """Returns once Redis answers at `redis_url`; exits with one line if it never does."""
+
+    async def ping() -> None:
+        async with Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2) as redis:
+            await redis.ping()
+
+    for attempt in range(_TRIES):
+        try:
+            asyncio.run(ping())
+            return
+        except (OSError, RedisError, ValueError) as exc:  # unreachable, refused, or not a Redis URL
+            if attempt == _TRIES - 1:
+                sys.exit(redis_problem(role, exc))
+            time.sleep(1)
