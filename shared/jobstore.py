@@ -216,20 +216,22 @@ end
 _CREATE = """
 local existing = #KEYS == 4 and redis.call('get', KEYS[4])
 if existing then return existing end
-if ARGV[13] ~= '' then
-  local now = server_ms()
+local now = ARGV[13] ~= '' and server_ms()
+if now and redis.call('zcount', ARGV[13], '(' .. now, '+inf') >= tonumber(ARGV[14]) then
+  return redis.error_reply('NO_SLOT every job slot of the caller is taken')
+end
+-- The first write is one a full Redis refuses (`maxmemory`, `noeviction`): after any other, it
+-- would let the rest of the script through and queue a job whose output has no room.
+redis.call('hset', KEYS[1], 'owner', ARGV[1], 'model', ARGV[2], 'request_id', ARGV[3],
+  'created', ARGV[4], 'payload', ARGV[5], 'attempt', '1')
+if now then
   redis.call('zremrangebyscore', ARGV[13], '-inf', now)
-  if redis.call('zcard', ARGV[13]) >= tonumber(ARGV[14]) then
-    return redis.error_reply('NO_SLOT every job slot of the caller is taken')
-  end
   redis.call('zadd', ARGV[13], now + ARGV[15], ARGV[10])
   redis.call('pexpire', ARGV[13], ARGV[15])
   redis.call('set', slot_record(ARGV[10]), ARGV[13], 'PX', ARGV[15])
   redis.call('hset', KEYS[1], 'slot_lease', ARGV[15])
 end
 if #KEYS == 4 then redis.call('set', KEYS[4], ARGV[11], 'EX', ARGV[9]) end
-redis.call('hset', KEYS[1], 'owner', ARGV[1], 'model', ARGV[2], 'request_id', ARGV[3],
-  'created', ARGV[4], 'payload', ARGV[5], 'attempt', '1')
 if ARGV[12] ~= '' then redis.call('hset', KEYS[1], 'session_lock', ARGV[12]) end
 redis.call('expire', KEYS[1], ARGV[9])
 redis.call('psetex', KEYS[3], ARGV[8], ARGV[6])
@@ -311,6 +313,9 @@ end
 return 1
 """
 )
+
+_ALLOW_OOM = "#!lua flags=allow-oom\n"
+"""A script's first line: it runs while Redis is full (Redis 7)."""
 
 # KEYS: record, running   ARGV: attempt, lease ms (0: given up), job id
 # A lease given up (`expire_lease`: deadline 0) stays given up, even to a renewal already on its way.
@@ -527,15 +532,19 @@ class JobStore:
         self.channels = Channels.of(redis)
         self._retries: set[asyncio.Task[int]] = set()
         prelude = _prelude(self.channels, failures_kept)
+        # New work and its output wait while Redis is full (`maxmemory`, `noeviction`); what keeps
+        # the running jobs' leases, ends a job or gives it back writes a few bytes, and runs: else
+        # a full Redis would fail healthy jobs as lost, and no queued job could be withdrawn.
+        bookkeeping = _ALLOW_OOM + prelude
         self._create = redis.register_script(prelude + _CREATE)
         self._claim = redis.register_script(prelude + _CLAIM)
         self._append = redis.register_script(prelude + _APPEND)
-        self._renew = redis.register_script(prelude + _RENEW)
-        self._finish = redis.register_script(prelude + "finish_attempt(KEYS[1], ARGV[1], ARGV[2])")
-        self._stop = redis.register_script(prelude + _STOP)
-        self._decline = redis.register_script(prelude + _DECLINE)
-        self._recover = redis.register_script(prelude + _RECOVER)
-        self._expired = redis.register_script(prelude + _EXPIRED)
+        self._renew = redis.register_script(bookkeeping + _RENEW)
+        self._finish = redis.register_script(bookkeeping + "finish_attempt(KEYS[1], ARGV[1], ARGV[2])")
+        self._stop = redis.register_script(bookkeeping + _STOP)
+        self._decline = redis.register_script(bookkeeping + _DECLINE)
+        self._recover = redis.register_script(bookkeeping + _RECOVER)
+        self._expired = redis.register_script(bookkeeping + _EXPIRED)
         self._delete = redis.register_script(_DELETE)
         self._release = redis.register_script(_RELEASE)
 

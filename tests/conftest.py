@@ -115,7 +115,7 @@ class Gateway:
         for _ in range(3):
             log = self.logs / f"api-{len(self.processes)}.log"
             api = self._spawn("api")
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 45
             while True:
                 try:
                     if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:

@@ -495,6 +495,44 @@ def test_a_frozen_redis_gets_requests_a_503_not_a_hang(own_redis: EmbeddedRedis,
     assert after.json()["choices"][0]["message"]["content"] == "back"
 
 
+def test_a_full_redis_refuses_new_jobs_and_keeps_the_running_one(
+    own_redis: EmbeddedRedis, start_gateway: Any
+) -> None:
+    """Found by an outside probe: with Redis full (`maxmemory`, `noeviction`), new jobs were
+    queued and their requests hung, /ready said ready, and running jobs failed as worker_lost
+    once there was room. Now a new job is a 503 storage_full at once, /ready says so, and the
+    running stream waits with its lease kept, then ends with every token once."""
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", redis_url=own_redis.url, MAX_CONCURRENT_JOBS_PER_KEY="8", **FAST_LEASES
+    )
+    tokens = 300
+    body = chat(script(text=words(tokens), delay_ms=10), stream=True)
+    text = ""
+    client = gateway.redis()
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _, data in sse_events(lines):
+            text += content_of(data) if data != "[DONE]" else ""
+            if len(text) > 40:
+                break
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)  # below what it holds
+        try:
+            refused = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), timeout=20)
+            ready = httpx.get(f"{gateway.url}/ready", timeout=10)
+            time.sleep(3)  # past a lease (2 s)
+        finally:
+            client.config_set("maxmemory", 0)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (503, "storage_full"), refused.text
+        assert (ready.status_code, ready.json()["error"]["code"]) == (503, "storage_full"), ready.text
+        for _, data in sse_events(lines):
+            if data == "[DONE]":
+                break
+            assert "error" not in json.loads(data), data
+            text += content_of(data)
+    assert text == words(tokens)
+
+
 @pytest.mark.claude
 def test_cancel_mid_run_leaves_no_cli_process(claude: Gateway, upstream: FakeAnthropic) -> None:
     """The Claude Code CLI and everything it started are gone within 5 s of the cancel."""

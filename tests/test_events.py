@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import OutOfMemoryError
 
 from cli.embedded_redis import EmbeddedRedis
 from shared import stats
@@ -25,8 +26,9 @@ from shared.jobs import (
     Usage,
     new_job_id,
 )
-from shared.jobstore import JobStore
-from shared.keys import events_key
+from shared.jobstore import JobSlot, JobStore
+from shared.keys import events_key, record_key
+from shared.quotas import slots_key
 from tests.conftest import followed
 
 
@@ -242,6 +244,35 @@ async def test_a_write_waits_out_a_full_redis(tmp_path: Path) -> None:
         await client.config_set("maxmemory", 0)
         await asyncio.wait_for(draining, timeout=5)
         assert await client.xlen(events_key(job_id)) == 1
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_a_full_redis_takes_no_new_job_and_keeps_the_running_ones(tmp_path: Path) -> None:
+    """Found by an outside probe: with Redis full, a job that takes one of its caller's slots was
+    queued all the same (the script's first write, freeing expired slots, let the rest through),
+    and the running jobs' leases could not be renewed, so they failed as worker_lost once the
+    sweeps got through. Now nothing of a new job is written, leases are renewed, sweeps run, and
+    a queued job can still be withdrawn."""
+    server = EmbeddedRedis(tmp_path, persistent=False)
+    server.start()
+    client = Redis.from_url(server.url)
+    try:
+        store = JobStore(client, queue_name="full:queue", ttl_s=60)
+        running, _ = await _writer(store)
+        queued = CompletionJob(request_id="req_2", model="m", turns=[Turn(role="user", text="hi")])
+        assert await store.create(queued, owner="test") is None
+        await client.config_set("maxmemory", 1)  # below what it holds: Redis is full
+        new = CompletionJob(request_id="req_3", model="m", turns=[Turn(role="user", text="hi")])
+        slot = JobSlot(holder="test", cap=4, lease_ms=60_000)
+        with pytest.raises(OutOfMemoryError):
+            await store.create(new, owner="test", slot=slot)
+        assert await client.exists(record_key(new.id), slots_key("test")) == 0
+        assert await store.renew(running, 1, lease_s=10) == "ok"
+        assert await store.recover_expired(max_attempts=3, lease_s=10) == []
+        failure = Failed(code=FailureCode.QUEUE_TIMEOUT, message="No worker started the job.")
+        assert await store.stop(queued.id, withdraw_only=True, failure=failure) == "stopped"
     finally:
         await client.aclose()
         server.stop()

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from api import metrics
 from api.deps import GatewayDep, OperatorDep
-from api.errors import OpenAIError
+from api.errors import OpenAIError, storage_full
 from shared.heartbeats import Heartbeat, alive_workers
 from shared.status import Snapshot, take_snapshot
 
@@ -29,19 +29,21 @@ _DASHBOARD = resources.files("api").joinpath("dashboard.html").read_text(encodin
 @router.api_route(
     "/ready",
     methods=["GET", "HEAD"],
-    responses={503: {"description": "Redis unreachable, or no live worker that can run jobs"}},
+    responses={503: {"description": "Redis unreachable or full, or no live worker that can run jobs"}},
 )
 async def ready(gateway: GatewayDep) -> dict[str, str]:
-    """Ready when Redis answers and at least one worker with a fresh heartbeat can run jobs (its
-    backend auth usable, its sandbox built or turned off): a balancer routes no traffic into
-    certain 503s. Why not is for operators (`claude-gateway status`): this route is open."""
+    """Ready when Redis answers and takes writes, and at least one worker with a fresh heartbeat
+    can run jobs (its backend auth usable, its sandbox built or turned off): a balancer routes no
+    traffic into certain 503s. Why not is for operators (`claude-gateway status`): this route is open."""
     try:
         async with asyncio.timeout(_READY_TIMEOUT_S):
-            workers = await alive_workers(gateway.redis)
+            workers, memory = await asyncio.gather(alive_workers(gateway.redis), gateway.redis.info("memory"))
     except (RedisError, OSError, TimeoutError):
         raise OpenAIError(
             503, "The gateway cannot reach its queue.", type="server_error", code="queue_unavailable"
         ) from None
+    if memory.get("maxmemory_policy") == "noeviction" and 0 < memory["maxmemory"] <= memory["used_memory"]:
+        raise storage_full()  # every new job would be refused
     if not workers:
         raise OpenAIError(503, "No worker is running.", type="server_error", code="no_live_worker")
     if not any(_runs_jobs(worker) for worker in workers):
