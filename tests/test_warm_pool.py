@@ -3,13 +3,15 @@ keeps, that it starts them one at a time, and that it shrinks when idle. What a 
 upstream is tested on the real CLI in tests/test_claude_warm.py."""
 
 import asyncio
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from typing import Any, cast
 
-from claude_agent_sdk import ClaudeSDKClient
+import pytest
+from claude_agent_sdk import ClaudeSDKClient, ResultMessage
 
 from shared.jobs import CompletionJob, Turn
-from worker.warm import REUSES, WarmClient, WarmPool, reusable
+from worker.warm import REUSES, WarmClient, WarmPool, _rewound_turn, reusable
 
 
 class _FakeControl:
@@ -189,3 +191,28 @@ def test_with_several_keys_some_places_stay_for_fresh_clients() -> None:
 def test_a_client_can_go_back_only_after_a_keys_job() -> None:
     assert reusable(job(owner="key-a"))
     assert not reusable(job(owner=None))  # no key to keep it for
+
+
+class _RefusedCLI(_FakeCLI):
+    """A CLI whose warm-up turn the model API refused: the CLI reports it as a `success` result
+    with `is_error` and the reason in its text."""
+
+    async def query(self, prompt: Any) -> None:
+        pass
+
+    async def receive_response(self) -> AsyncIterator[ResultMessage]:
+        yield ResultMessage(
+            subtype="success",
+            duration_ms=1,
+            duration_api_ms=1,
+            is_error=True,
+            num_turns=1,
+            session_id="s",
+            result="API Error: Connection error.",
+        )
+
+
+async def test_a_refused_warm_up_says_why() -> None:
+    """Found by an outside probe: the log said "the warm-up turn failed: success", with a traceback."""
+    with pytest.raises(RuntimeError, match=r"the warm-up turn failed: API Error: Connection error\.$"):
+        await _rewound_turn(cast(ClaudeSDKClient, _RefusedCLI()))

@@ -176,7 +176,8 @@ async def _rewound_turn(client: ClaudeSDKClient) -> None:
     await client.query(streamed_message(WARM_UP_PROMPT, turn))
     async for message in client.receive_response():
         if isinstance(message, ResultMessage) and message.is_error:
-            raise RuntimeError(f"the warm-up turn failed: {message.subtype}")
+            # `subtype` says "success" for a turn the model API refused; the result says why.
+            raise RuntimeError(f"the warm-up turn failed: {(message.result or message.subtype)[:200]}")
     await rewind(client, turn)
 
 
@@ -281,8 +282,8 @@ class WarmPool:
         self._slots.remove(found)
         try:
             warm = await found.client
-        except Exception:
-            log.warning("could not start a warm Claude Code client", exc_info=True)
+        except Exception as exc:  # one line: a job's agent can make these fail again and again
+            log.warning("could not start a warm Claude Code client (%s: %s)", type(exc).__name__, exc)
             return None
         warm.resume()
         warm.jobs += 1
