@@ -44,6 +44,7 @@ _ACCESS_UNAVAILABLE = OpenAIError(
     "The gateway cannot check access right now; retry shortly.",
     type="server_error",
     code="access_control_unavailable",
+    headers={"retry-after": "2"},
 )
 
 

@@ -254,6 +254,7 @@ def install(app: FastAPI) -> None:
             "The gateway's queue is unavailable; retry shortly.",
             type="server_error",
             code="queue_unavailable",
+            headers={"retry-after": "2"},
         ).response(request.scope)
 
     async def on_redis_full(request: Request, exc: Exception) -> JSONResponse:

@@ -69,6 +69,11 @@ def run_api(settings: Settings) -> None:
     from api.deps import Gateway
 
     redis_url = _answering_redis_url(settings, "api")
+    if settings.api_shared_port and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        logging.getLogger("gateway.api").warning(
+            "API_SHARED_PORT without PROMETHEUS_MULTIPROC_DIR: a scrape of this port reads one "
+            "process's counters (docs/operations.md)"
+        )
     keys.ensure_protected(settings, redis_url)
     app = create_app(settings, redis_url)
     children_env.drop_credentials()  # read into settings; no later code reads the environment

@@ -449,6 +449,7 @@ def test_redis_restart_mid_job_loses_nothing(own_redis: EmbeddedRedis, start_gat
         assert down.status_code == 503
         # Access control needs Redis first (managed keys, rate limits) and fails closed.
         assert down.json()["error"]["code"] == "access_control_unavailable"
+        assert down.headers["retry-after"] == "2"  # OpenAI's clients wait that long and retry
         time.sleep(1)
         own_redis.start()
         for _, data in sse_events(lines):
