@@ -4,9 +4,11 @@ Integration tests run the gateway exactly as an operator would (`python -m cli.m
 against a `redis-server` this suite starts on a free port; each gateway gets its own database.
 """
 
+import contextlib
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -341,3 +343,24 @@ async def followed(
         async for batch in batches:
             for item in batch:
                 yield item
+
+
+def begun_requests(path: Path, count: int, begun: bytes) -> list[socket.socket]:
+    """`count` connections to the Unix socket `path`, each having sent `begun`: a request it never
+    finishes. One over the socket's limit may be closed before it sends."""
+    held = []
+    for _ in range(count):
+        connection = socket.socket(socket.AF_UNIX)
+        connection.connect(str(path))
+        with contextlib.suppress(OSError):
+            connection.sendall(begun)
+        connection.settimeout(10)
+        held.append(connection)
+    return held
+
+
+def closed_by_peer(connection: socket.socket) -> bool:
+    try:
+        return connection.recv(1) == b""
+    except ConnectionResetError:
+        return True

@@ -1,7 +1,6 @@
 """The worker's credential proxy on its own: job tokens are swapped for the real key; a warming
 token is answered by the proxy itself and never reaches the model API."""
 
-import contextlib
 import socket
 import time
 from collections.abc import Iterator
@@ -10,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import begun_requests, closed_by_peer
 from tests.fake_anthropic import FakeAnthropic
 from worker.credential_proxy import (
     DOOR_CONNECTIONS,
@@ -140,16 +140,9 @@ def test_a_door_full_of_begun_requests_holds_up_no_other_door(proxy: CredentialP
     """Each sandbox has a socket of its own: one whose every connection began a request it never
     finishes leaves another sandbox's socket serving (they shared one socket, of 256 at most)."""
     with proxy.door(tmp_path / "a.sock") as held_door, proxy.door(tmp_path / "b.sock") as other_door:
-        held = []
-        for _ in range(DOOR_CONNECTIONS + 5):
-            connection = socket.socket(socket.AF_UNIX)
-            connection.connect(str(held_door))
-            with contextlib.suppress(OSError):  # one over the limit may be closed already
-                connection.sendall(b"POST /v1/messages HTTP/1.1\r\n")
-            connection.settimeout(10)
-            held.append(connection)
+        held = begun_requests(held_door, DOOR_CONNECTIONS + 5, b"POST /v1/messages HTTP/1.1\r\n")
         try:
-            assert all(_closed(connection) for connection in held[-5:])  # over the door's limit
+            assert all(closed_by_peer(connection) for connection in held[-5:])  # over the door's limit
             headers = {"x-api-key": proxy.issue()}
             transport = httpx.HTTPTransport(uds=str(other_door))
             with httpx.Client(transport=transport, base_url="http://localhost") as client:
@@ -158,10 +151,3 @@ def test_a_door_full_of_begun_requests_holds_up_no_other_door(proxy: CredentialP
             for connection in held:
                 connection.close()
     assert not (tmp_path / "a.sock").exists()  # a door closed is gone
-
-
-def _closed(connection: socket.socket) -> bool:
-    try:
-        return connection.recv(1) == b""
-    except ConnectionResetError:
-        return True

@@ -431,10 +431,9 @@ def own_redis(tmp_path: Any) -> Iterator[EmbeddedRedis]:
     server.stop()
 
 
-def test_redis_restart_mid_job_loses_nothing(own_redis: EmbeddedRedis, start_gateway: Any) -> None:
-    """While Redis is down the API answers 503; within 10 s of its return the stream completes
-    with every token exactly once."""
-    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", redis_url=own_redis.url, **FAST_LEASES)
+def _streams_through(gateway: Gateway, trouble: Callable[[], None]) -> None:
+    """A stream of 300 tokens is under way when `trouble` happens to Redis; it ends, once Redis is
+    well, with every token exactly once and no error, and the gateway serves the next job."""
     tokens = 300
     body = chat(script(text=words(tokens), delay_ms=10), stream=True)
     text = ""
@@ -444,14 +443,7 @@ def test_redis_restart_mid_job_loses_nothing(own_redis: EmbeddedRedis, start_gat
             text += content_of(data) if data != "[DONE]" else ""
             if len(text) > 40:
                 break
-        own_redis.stop()
-        down = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), timeout=10)
-        assert down.status_code == 503
-        # Access control needs Redis first (managed keys, rate limits) and fails closed.
-        assert down.json()["error"]["code"] == "access_control_unavailable"
-        assert down.headers["retry-after"] == "2"  # OpenAI's clients wait that long and retry
-        time.sleep(1)
-        own_redis.start()
+        trouble()
         for _, data in sse_events(lines):
             if data == "[DONE]":
                 break
@@ -460,6 +452,24 @@ def test_redis_restart_mid_job_loses_nothing(own_redis: EmbeddedRedis, start_gat
     assert text == words(tokens)
     after = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat(script(text="back")), timeout=10)
     assert after.json()["choices"][0]["message"]["content"] == "back"
+
+
+def test_redis_restart_mid_job_loses_nothing(own_redis: EmbeddedRedis, start_gateway: Any) -> None:
+    """While Redis is down the API answers 503; within 10 s of its return the stream completes
+    with every token exactly once."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", redis_url=own_redis.url, **FAST_LEASES)
+
+    def restart() -> None:
+        own_redis.stop()
+        down = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), timeout=10)
+        assert down.status_code == 503
+        # Access control needs Redis first (managed keys, rate limits) and fails closed.
+        assert down.json()["error"]["code"] == "access_control_unavailable"
+        assert down.headers["retry-after"] == "2"  # OpenAI's clients wait that long and retry
+        time.sleep(1)
+        own_redis.start()
+
+    _streams_through(gateway, restart)
 
 
 def test_a_frozen_redis_gets_requests_a_503_not_a_hang(own_redis: EmbeddedRedis, start_gateway: Any) -> None:
@@ -469,31 +479,19 @@ def test_a_frozen_redis_gets_requests_a_503_not_a_hang(own_redis: EmbeddedRedis,
     gateway: Gateway = start_gateway(
         workers=1, BACKEND="scripted", redis_url=own_redis.url, REDIS_REPLY_TIMEOUT_S="1", **FAST_LEASES
     )
-    tokens = 300
-    body = chat(script(text=words(tokens), delay_ms=10), stream=True)
-    text = ""
-    assert own_redis.process is not None
-    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        for _, data in sse_events(lines):
-            text += content_of(data) if data != "[DONE]" else ""
-            if len(text) > 40:
-                break
-        own_redis.process.send_signal(signal.SIGSTOP)
+    server = own_redis.process
+    assert server is not None
+
+    def freeze() -> None:
+        server.send_signal(signal.SIGSTOP)
         try:
             frozen = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), timeout=20)
         finally:
-            own_redis.process.send_signal(signal.SIGCONT)
+            server.send_signal(signal.SIGCONT)
         assert frozen.status_code == 503, frozen.text
         assert frozen.json()["error"]["code"] == "access_control_unavailable"
-        for _, data in sse_events(lines):
-            if data == "[DONE]":
-                break
-            assert "error" not in json.loads(data), data
-            text += content_of(data)
-    assert text == words(tokens)
-    after = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat(script(text="back")), timeout=10)
-    assert after.json()["choices"][0]["message"]["content"] == "back"
+
+    _streams_through(gateway, freeze)
 
 
 def test_a_full_redis_refuses_new_jobs_and_keeps_the_running_one(
@@ -506,16 +504,9 @@ def test_a_full_redis_refuses_new_jobs_and_keeps_the_running_one(
     gateway: Gateway = start_gateway(
         workers=1, BACKEND="scripted", redis_url=own_redis.url, MAX_CONCURRENT_JOBS_PER_KEY="8", **FAST_LEASES
     )
-    tokens = 300
-    body = chat(script(text=words(tokens), delay_ms=10), stream=True)
-    text = ""
     client = gateway.redis()
-    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        for _, data in sse_events(lines):
-            text += content_of(data) if data != "[DONE]" else ""
-            if len(text) > 40:
-                break
+
+    def fill() -> None:
         client.config_set("maxmemory-policy", "noeviction")
         client.config_set("maxmemory", 1)  # below what it holds
         try:
@@ -526,12 +517,8 @@ def test_a_full_redis_refuses_new_jobs_and_keeps_the_running_one(
             client.config_set("maxmemory", 0)
         assert (refused.status_code, refused.json()["error"]["code"]) == (503, "storage_full"), refused.text
         assert (ready.status_code, ready.json()["error"]["code"]) == (503, "storage_full"), ready.text
-        for _, data in sse_events(lines):
-            if data == "[DONE]":
-                break
-            assert "error" not in json.loads(data), data
-            text += content_of(data)
-    assert text == words(tokens)
+
+    _streams_through(gateway, fill)
 
 
 @pytest.mark.claude

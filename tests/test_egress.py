@@ -1,9 +1,9 @@
 """The worker's egress proxy on its own: each sandbox's socket holds its own tunnels."""
 
-import contextlib
 import socket
 from pathlib import Path
 
+from tests.conftest import begun_requests, closed_by_peer
 from worker.egress import DOOR_CONNECTIONS, EgressProxy
 
 
@@ -16,29 +16,15 @@ def _refused(path: Path) -> bytes:
         return connection.recv(64)
 
 
-def _closed(connection: socket.socket) -> bool:
-    try:
-        return connection.recv(1) == b""
-    except ConnectionResetError:
-        return True
-
-
 def test_a_door_full_of_begun_tunnels_holds_up_no_other_door(tmp_path: Path) -> None:
     """A sandbox whose every connection began a CONNECT it never finishes leaves another
     sandbox's socket serving; connections over its limit are closed at once."""
     proxy = EgressProxy(["listed.example"])
     proxy.start()  # a daemon thread: ends with the run
     with proxy.door(tmp_path / "a.sock") as held_door, proxy.door(tmp_path / "b.sock") as other_door:
-        held = []
-        for _ in range(DOOR_CONNECTIONS + 5):
-            connection = socket.socket(socket.AF_UNIX)
-            connection.connect(str(held_door))
-            with contextlib.suppress(OSError):  # one over the limit may be closed already
-                connection.sendall(b"CONNECT listed.example:443 HTTP/1.1\r\n")
-            connection.settimeout(5)
-            held.append(connection)
+        held = begun_requests(held_door, DOOR_CONNECTIONS + 5, b"CONNECT listed.example:443 HTTP/1.1\r\n")
         try:
-            assert all(_closed(connection) for connection in held[-5:])
+            assert all(closed_by_peer(connection) for connection in held[-5:])
             assert _refused(other_door).startswith(b"HTTP/1.1 403")
         finally:
             for connection in held:

@@ -239,38 +239,27 @@ def test_tool_use_and_tool_result(scripted: Gateway, client: anthropic.Anthropic
     [use] = message.content  # no empty text block before it: the API refuses one sent back
     assert use.type == "tool_use"
     assert (use.name, use.input) == ("get_weather", {"city": "Paris"})
-    follow_up = client.messages.create(
-        model=MODEL,
-        max_tokens=100,
-        tools=[WEATHER],
-        messages=[
-            {"role": "user", "content": "weather?"},
-            {"role": "assistant", "content": [block.model_dump() for block in message.content]},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "tool_result", "tool_use_id": use.id, "content": "18 C"},
-                    {"type": "text", "text": script(text="", echo=True)},
-                ],
-            },
-        ],
-    )
-    [text] = [block for block in follow_up.content if block.type == "text"]
-    assert f'<function_result id="{use.id}">18 C</function_result>' in text.text
+
+    def answered(result: dict[str, Any]) -> str:
+        """The conversation as the model read it, with `result` in the last turn (the reply echoes it)."""
+        follow_up = client.messages.create(
+            model=MODEL,
+            max_tokens=100,
+            tools=[WEATHER],
+            messages=[
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": [block.model_dump() for block in message.content]},
+                {"role": "user", "content": [result, {"type": "text", "text": script(text="", echo=True)}]},
+            ],
+        )
+        [text] = [block for block in follow_up.content if block.type == "text"]
+        return text.text
+
+    result = {"type": "tool_result", "tool_use_id": use.id, "content": "18 C"}
+    assert f'<function_result id="{use.id}">18 C</function_result>' in answered(result)
     # A failed tool's result reaches the model as a failure (found by an outside probe: as a plain result).
     failed = {"type": "tool_result", "tool_use_id": use.id, "content": "ECONNREFUSED", "is_error": True}
-    follow_up = client.messages.create(
-        model=MODEL,
-        max_tokens=100,
-        tools=[WEATHER],
-        messages=[
-            {"role": "user", "content": "weather?"},
-            {"role": "assistant", "content": [block.model_dump() for block in message.content]},
-            {"role": "user", "content": [failed, {"type": "text", "text": script(text="", echo=True)}]},
-        ],
-    )
-    [text] = [block for block in follow_up.content if block.type == "text"]
-    assert f'<function_result id="{use.id}"><tool_use_error>ECONNREFUSED</tool_use_error>' in text.text
+    assert f'<function_result id="{use.id}"><tool_use_error>ECONNREFUSED</tool_use_error>' in answered(failed)
     streamed = {"model": MODEL, "max_tokens": 100, "stream": True, "tools": [WEATHER]}
     streamed["messages"] = [{"role": "user", "content": script(text="", calls=calls)}]
     with httpx.stream("POST", f"{scripted.url}/v1/messages", json=streamed, timeout=30) as response:
