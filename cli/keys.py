@@ -40,14 +40,18 @@ def _interactive() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
 
 
+def configured_keys(settings: Settings) -> apikeys.ConfiguredKeys:
+    """`API_KEY` and `API_KEYS`; exits if one is too short."""
+    try:
+        return apikeys.ConfiguredKeys(settings.client_api_keys())
+    except ValueError as exc:
+        sys.exit(f"claude-gateway: {exc}")
+
+
 def ensure_protected(settings: Settings, redis_url: str) -> None:
     """Offers a key on a terminal; exits if a non-loopback API would be open without the opt-out,
     or if a configured key is too short."""
-    try:
-        configured = apikeys.ConfiguredKeys(settings.client_api_keys())
-    except ValueError as exc:
-        sys.exit(f"claude-gateway: {exc}")
-    if configured:
+    if configured_keys(settings):
         return
     any_managed, protected = asyncio.run(_protection(redis_url))
     if any_managed:

@@ -55,20 +55,15 @@ def _require_redis_url(settings: Settings, role: str) -> str:
     return settings.redis_url
 
 
-def _answering_redis_url(settings: Settings, role: str) -> str:
-    """`REDIS_URL`, once Redis answers there (a role's start fails in one line, not a traceback)."""
-    redis_url = _require_redis_url(settings, role)
-    wait_for_redis(redis_url, role)
-    return redis_url
-
-
 def run_api(settings: Settings) -> None:
     import uvicorn
 
     from api.app import create_app
     from api.deps import Gateway
 
-    redis_url = _answering_redis_url(settings, "api")
+    redis_url = _require_redis_url(settings, "api")
+    keys.configured_keys(settings)  # a mistake in them is said before Redis is waited for
+    wait_for_redis(redis_url, "api")
     if settings.api_shared_port and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         logging.getLogger("gateway.api").warning(
             "API_SHARED_PORT without PROMETHEUS_MULTIPROC_DIR: a scrape of this port reads one "
@@ -106,7 +101,8 @@ def run_api(settings: Settings) -> None:
 def run_worker(settings: Settings) -> None:
     from worker.main import run_worker as run
 
-    redis_url = _answering_redis_url(settings, "worker")
+    redis_url = _require_redis_url(settings, "worker")
+    wait_for_redis(redis_url, "worker")  # one line if it never answers, not a traceback
     try:
         settings.workspace_root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
