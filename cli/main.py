@@ -60,6 +60,7 @@ def run_api(settings: Settings) -> None:
 
     from api.app import create_app
     from api.deps import Gateway
+    from shared.http_head import BoundedHead
 
     redis_url = _require_redis_url(settings, "api")
     keys.configured_keys(settings)  # a mistake in them is said before Redis is waited for
@@ -80,6 +81,7 @@ def run_api(settings: Settings) -> None:
     listener = _listener(settings.host, settings.port, shared=settings.api_shared_port)
     config = uvicorn.Config(
         app,
+        http=BoundedHead,
         log_level=settings.log_level,
         log_config=None,  # keep the gateway's own log format (shared/logs.py)
         access_log=False,

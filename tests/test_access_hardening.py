@@ -3,7 +3,10 @@ throttled before the key is looked at, configured keys have a minimum length, an
 gateway answers only requests addressed to loopback, the dashboard page needs no key, callers see
 no backend configuration, and resuming a job is not a new chat request."""
 
+import contextlib
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -175,3 +178,31 @@ def test_a_decoded_path_cannot_forge_log_lines(keyed: Gateway) -> None:
         assert time.monotonic() < deadline, "the request was never logged"
         time.sleep(0.05)
     assert not [line for line in logged.splitlines() if line.startswith("FORGED")]
+
+
+def _head_of(url: str, header_lines: int, line_bytes: int) -> bytes:
+    """What the server at `url` answers a GET whose head has `header_lines` of `line_bytes` each,
+    sent in pieces (b"" if it closed without an answer)."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        with contextlib.suppress(OSError):  # closed part-way, as it should be
+            connection.sendall(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+            for number in range(header_lines):
+                connection.sendall(b"x-filler-%d: %s\r\n" % (number, b"a" * line_bytes))
+            connection.sendall(b"\r\n")
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := connection.recv(65536):
+                answer += chunk
+                if b"\r\n\r\n" in answer and answer.startswith(b"HTTP/1.1 200"):
+                    break
+        return answer
+
+
+def test_a_request_head_of_any_size_is_refused_past_its_bound(scripted: Gateway) -> None:
+    """Found by an outside probe: one connection with no key sending 1 MiB header lines grew an
+    API process by a gigabyte (httptools keeps a head whole). A head over 64 KiB is a 431."""
+    answer = _head_of(scripted.url, header_lines=64, line_bytes=16 * 1024)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_header_fields_too_large"
+    assert _head_of(scripted.url, header_lines=4, line_bytes=8 * 1024).startswith(b"HTTP/1.1 200 ")

@@ -1,6 +1,7 @@
 """The worker's credential proxy on its own: job tokens are swapped for the real key; a warming
 token is answered by the proxy itself and never reaches the model API."""
 
+import contextlib
 import socket
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ import pytest
 
 from tests.conftest import begun_requests, closed_by_peer
 from tests.fake_anthropic import FakeAnthropic
+from worker import credential_proxy
 from worker.credential_proxy import (
     DOOR_CONNECTIONS,
     MAX_BODY_BYTES,
@@ -151,3 +153,56 @@ def test_a_door_full_of_begun_requests_holds_up_no_other_door(proxy: CredentialP
             for connection in held:
                 connection.close()
     assert not (tmp_path / "a.sock").exists()  # a door closed is gone
+
+
+def test_a_request_head_past_its_bound_is_refused(proxy: CredentialProxy, tmp_path: Path) -> None:
+    """Found by an outside probe: from inside a sandbox, one connection sending 1 MiB header lines
+    grew the worker by 2 GB (no token needed: the head is read first). Past 64 KiB it is a 431."""
+    with proxy.door(tmp_path / "door.sock") as door, socket.socket(socket.AF_UNIX) as connection:
+        connection.settimeout(10)
+        connection.connect(str(door))
+        connection.sendall(b"POST /v1/messages HTTP/1.1\r\n")
+        answer = b""
+        try:
+            for number in range(64):
+                connection.sendall(b"x-filler-%d: %s\r\n" % (number, b"a" * 16 * 1024))
+        except OSError:  # refused part-way, as it should be
+            pass
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+
+
+def _begin_body(door: Path, token: str, declared: int, sent: int) -> socket.socket:
+    """A connection that has sent a request of `declared` body bytes, `sent` of them."""
+    connection = socket.socket(socket.AF_UNIX)
+    connection.settimeout(10)
+    connection.connect(str(door))
+    head = f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\nx-api-key: {token}\r\n"
+    connection.sendall(f"{head}content-length: {declared}\r\n\r\n".encode())
+    with contextlib.suppress(OSError):  # refused part-way
+        connection.sendall(b"x" * sent)
+    return connection
+
+
+def test_a_sandboxs_begun_bodies_hold_a_bounded_share_of_the_worker(
+    proxy: CredentialProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an outside probe: each of a job's 32 connections held a 32 MiB body begun and never
+    finished, with no time limit: 1 GiB of the worker per job. A sandbox's bodies now hold at most
+    64 MiB at once, and a body not whole within its time limit is refused."""
+    token = proxy.issue()
+    size = 24 * 1024 * 1024
+    with proxy.door(tmp_path / "door.sock") as door:
+        held = [_begin_body(door, token, size + 1, size) for _ in range(2)]
+        try:
+            third = _begin_body(door, token, size + 1, size)
+            assert third.recv(12) == b"HTTP/1.1 413"
+            third.close()
+        finally:
+            for connection in held:
+                connection.close()
+        time.sleep(0.5)  # their bodies given back: the door takes one again
+        monkeypatch.setattr(credential_proxy, "BODY_TIMEOUT_S", 1)
+        with _begin_body(door, token, size + 1, size) as late:
+            assert late.recv(12) == b"HTTP/1.1 408"

@@ -26,6 +26,8 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +38,9 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from shared.backend_auth import LoginError
+from shared.http_head import BoundedHead
 
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
@@ -56,6 +58,10 @@ DOOR_CONNECTIONS = 32
 """Connections held at once through one sandbox's own socket: more than its CLI and subagents open."""
 MAX_BODY_BYTES = 32 * 1024 * 1024
 """The Messages API's own request limit; a larger body is refused before it is held in memory."""
+DOOR_BODY_BYTES = 2 * MAX_BODY_BYTES
+"""Request bodies held at once for one sandbox (read, or sent on and not yet answered)."""
+BODY_TIMEOUT_S = 60
+"""A request's body not whole by then is refused (408): begun bodies are not held for ever."""
 
 
 class _UpstreamCuts(logging.Filter):
@@ -127,9 +133,19 @@ class CredentialProxy:
             return _error(401, "authentication_error", "invalid token")
         if (request.method, request.url.path) not in FORWARDED:
             return _error(403, "permission_error", "the gateway forwards only the Messages API")
-        body = await _bounded_body(request)
-        if body is None:
-            return _error(413, "request_too_large", f"a request body is at most {MAX_BODY_BYTES} bytes")
+        door: _Door = request.state.door
+        body = await _bounded_body(request, door)
+        if isinstance(body, Response):
+            return body
+        held = len(body)  # counted against the door until its answer is over
+        try:
+            return await self._send(request, body, partial(door.release, held))
+        except BaseException:
+            door.release(held)
+            raise
+
+    async def _send(self, request: Request, body: bytes, done: Callable[[], None]) -> Response:
+        """Forwards the request with the real credential; `done` runs once its answer is over."""
         assert self._client is not None
         headers = [
             (name, value)
@@ -139,6 +155,7 @@ class CredentialProxy:
         try:
             headers.append(self._credential())
         except LoginError as exc:  # the login file went away: the job fails as a credential refusal
+            done()
             return _error(401, "authentication_error", str(exc))
         upstream = self._client.build_request(
             request.method,
@@ -151,13 +168,19 @@ class CredentialProxy:
             response = await self._client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
             # The CLI reports this as an upstream failure; the job fails with a 502, not a hang.
+            done()
             return _error(502, "api_error", type(exc).__name__)
         returned = {k: v for k, v in response.headers.items() if k not in _HOP_BY_HOP}
+
+        async def closed() -> None:
+            await response.aclose()
+            done()
+
         return StreamingResponse(
             response.aiter_raw(),
             status_code=response.status_code,
             headers=returned,
-            background=BackgroundTask(response.aclose),
+            background=BackgroundTask(closed),
         )
 
     def start(self, socket: Path) -> None:
@@ -210,11 +233,11 @@ class CredentialProxy:
         server, loop = self._server, self._loop
         assert server is not None, "start the proxy first"
         assert loop is not None
-        held: set[_Connection] = set()
+        door = _Door(limit)
 
         def connection() -> _Connection:
             state, app_state = server.server_state, server.lifespan.state
-            return _Connection(held, limit, config=server.config, server_state=state, app_state=app_state)
+            return _Connection(door, config=server.config, server_state=state, app_state=app_state)
 
         listener = asyncio.run_coroutine_threadsafe(loop.create_unix_server(connection, str(path)), loop)
         listening = listener.result(timeout=10)
@@ -222,19 +245,35 @@ class CredentialProxy:
         return listening
 
 
-class _Connection(HttpToolsProtocol):
-    """uvicorn's HTTP protocol, counted against its door's `limit` (`held`: the door's
-    connections), with the keep-alive timeout from the start: a connection that never sends a
-    request is closed as an idle one is."""
+@dataclass
+class _Door:
+    """One listener's connections and what their requests' bodies hold."""
 
-    def __init__(self, held: set["_Connection"], limit: int, **protocol: Any) -> None:
+    limit: int
+    """Connections at once."""
+    held: set["_Connection"] = field(default_factory=set)
+    body_bytes: int = 0
+    """Of the bodies read or being read, and not answered yet (`DOOR_BODY_BYTES` at most)."""
+
+    def release(self, size: int) -> None:
+        self.body_bytes -= size
+
+
+class _Connection(BoundedHead):
+    """uvicorn's HTTP protocol (a request's head bounded), counted against its door's limit and
+    known to its requests (`request.state.door`), with the keep-alive timeout from the start: a
+    connection that never sends a request is closed as an idle one is."""
+
+    refusal = b'{"type":"error","error":{"type":"invalid_request_error","message":"headers too large"}}'
+
+    def __init__(self, door: _Door, **protocol: Any) -> None:
         super().__init__(**protocol)
-        self._held, self._limit = held, limit
+        self._door = door
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._held.add(self)
-        if len(self._held) > self._limit:
+        self._door.held.add(self)
+        if len(self._door.held) > self._door.limit:
             transport.close()
             return
         self.timeout_keep_alive_task = self.loop.call_later(
@@ -242,8 +281,12 @@ class _Connection(HttpToolsProtocol):
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._held.discard(self)
+        self._door.held.discard(self)
         super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["state"]["door"] = self._door
 
 
 def _error(status: int, kind: str, message: str) -> JSONResponse:
@@ -251,18 +294,42 @@ def _error(status: int, kind: str, message: str) -> JSONResponse:
     return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status)
 
 
-async def _bounded_body(request: Request) -> bytes | None:
-    """The request's body, or None once it is over `MAX_BODY_BYTES` (read no further)."""
+async def _bounded_body(request: Request, door: "_Door") -> bytes | Response:
+    """The request's body, counted against its door (kept counted: `_Door.release` it), or the
+    error that refused it: over `MAX_BODY_BYTES`, over the door's `DOOR_BODY_BYTES`, or not whole
+    within `BODY_TIMEOUT_S` (read no further)."""
+    too_large = f"a request body is at most {MAX_BODY_BYTES} bytes"
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return None
+        return _error(413, "request_too_large", too_large)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return None
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                size += len(chunk)
+                door.body_bytes += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise _Refused(
+                        413, "request_too_large", f"a request body is at most {MAX_BODY_BYTES} bytes"
+                    )
+                if door.body_bytes > DOOR_BODY_BYTES:
+                    message = f"this sandbox's requests hold {DOOR_BODY_BYTES} bytes at most at once"
+                    raise _Refused(413, "request_too_large", message)
+                chunks.append(chunk)
+    except _Refused as refused:
+        door.release(size)
+        return _error(*refused.args)
+    except TimeoutError:
+        door.release(size)
+        return _error(408, "timeout_error", f"the request's body was not whole within {BODY_TIMEOUT_S} s")
+    except BaseException:
+        door.release(size)
+        raise
     return b"".join(chunks)
+
+
+class _Refused(Exception):
+    """A body refused while it is read: (status, error type, message)."""
 
 
 async def _warm_up_reply(request: Request) -> Response:
@@ -270,7 +337,11 @@ async def _warm_up_reply(request: Request) -> Response:
     uses no tokens (so the CLI counts no cost for it); any other request is refused."""
     if request.method != "POST" or not request.url.path.endswith("/v1/messages"):
         return _error(404, "not_found_error", "not while warming up")
-    body = await _bounded_body(request)
+    door: _Door = request.state.door
+    body = await _bounded_body(request, door)
+    if isinstance(body, Response):
+        return body
+    door.release(len(body))
     try:
         model = str(json.loads(body or b"{}").get("model", ""))
     except (ValueError, AttributeError):
