@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,12 +105,13 @@ def run_worker(settings: Settings) -> None:
     from worker.main import run_worker as run
 
     redis_url = _require_redis_url(settings, "worker")
-    wait_for_redis(redis_url, "worker")  # one line if it never answers, not a traceback
-    try:
+    try:  # a mistake of this machine's is said before Redis is waited for
         settings.workspace_root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=settings.workspace_root).cleanup()  # it takes writes
     except OSError as exc:
         root = settings.workspace_root
         sys.exit(f"claude-gateway worker: cannot use WORKSPACE_ROOT={root} ({exc.strerror})")
+    wait_for_redis(redis_url, "worker")  # one line if it never answers, not a traceback
     run(settings, redis_url)
 
 

@@ -40,17 +40,27 @@ class EventWriter:
     carrying what came meanwhile (throughput): every write costs each process on the path
     (worker, Redis, API, client) a wake-up, and at 2 ms the API spent twice the CPU per token
     (docs/benchmarks.md). A model streaming ~100 tokens/s never triggers the linger. A write that
-    fails because Redis is briefly unreachable, or full (`maxmemory` with `noeviction`), is retried
-    for `outage_grace_s` (writes are idempotent).
+    fails because Redis is briefly unreachable is retried for `outage_grace_s`; one refused because
+    Redis is full (`maxmemory` with `noeviction`) for `full_grace_s`: Redis is there, the job keeps
+    its lease, and its output waits for room as long as the job may run (writes are idempotent).
     """
 
     LINGER_S = 0.010
 
-    def __init__(self, store: JobStore, job_id: str, attempt: int, *, outage_grace_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        attempt: int,
+        *,
+        outage_grace_s: float = 30.0,
+        full_grace_s: float = 600.0,
+    ) -> None:
         self._store = store
         self._job_id = job_id
         self._attempt = attempt
         self._grace_s = outage_grace_s
+        self._full_grace_s = full_grace_s
         self._expire_due = 0.0  # refresh the TTL on the first write, the last, and now and then
         self._seq = 0
         self._pending: list[JobEventValue] = []
@@ -125,7 +135,7 @@ class EventWriter:
             ttl = self._store.ttl_s
             self._expire_due = now + min(60.0, ttl / 2)
         encoded = [encode_event(event) for event in batch]
-        give_up = now + self._grace_s
+        give_up, full_give_up = now + self._grace_s, now + self._full_grace_s
         while True:
             try:
                 await self._store.append(
@@ -138,8 +148,8 @@ class EventWriter:
                     end=self._end if outcome else None,
                 )
                 break
-            except (RedisConnectionError, RedisTimeoutError, OutOfMemoryError):
-                if time.monotonic() > give_up:
+            except (RedisConnectionError, RedisTimeoutError, OutOfMemoryError) as exc:
+                if time.monotonic() > (full_give_up if isinstance(exc, OutOfMemoryError) else give_up):
                     raise
                 await asyncio.sleep(0.5)
             except ResponseError as exc:

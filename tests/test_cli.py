@@ -72,6 +72,11 @@ def test_without_a_server_on_the_path_the_bundled_valkey_is_used(monkeypatch: py
         ({"REDIS_URL": "redis://127.0.0.1:1/0"}, ["worker"], "claude-gateway worker: cannot reach Redis"),
         ({"REDIS_URL": "redis://127.0.0.1:1/0"}, ["api"], "claude-gateway api: cannot reach Redis"),
         (
+            {"REDIS_URL": "redis://127.0.0.1:1/0", "WORKSPACE_ROOT": "/proc/sys/gateway"},
+            ["worker"],
+            "claude-gateway worker: cannot use WORKSPACE_ROOT=/proc/sys/gateway",
+        ),
+        (
             {"LEASE_S": "1", "LEASE_RENEW_S": "5"},
             ["worker"],
             "invalid configuration: LEASE_RENEW_S (5) must be under half of LEASE_S (1)",

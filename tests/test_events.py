@@ -229,13 +229,15 @@ async def test_commands_held_up_by_an_outage_take_no_lease_for_lost(tmp_path: Pa
 
 async def test_a_write_waits_out_a_full_redis(tmp_path: Path) -> None:
     # Found by an outside probe: with Redis full for 8 s (`maxmemory`, `noeviction`), every running
-    # job failed as worker_lost on healthy workers; a full Redis is waited out as an outage is.
+    # job failed as worker_lost on healthy workers; and the next probe found it so once Redis was
+    # full longer than REDIS_OUTAGE_GRACE_S. A full Redis is waited out as long as the job may run.
     server = EmbeddedRedis(tmp_path, persistent=False)
     server.start()
     client = Redis.from_url(server.url)
     try:
         store = JobStore(client, queue_name="full:queue", ttl_s=60)
-        job_id, writer = await _writer(store)
+        job_id, _ = await _writer(store)
+        writer = EventWriter(store, job_id, 1, outage_grace_s=0.5, full_grace_s=60)
         await client.config_set("maxmemory", 1)  # below what it holds: every write refused
         writer.emit(Delta(text="written once there is room"))
         draining = asyncio.create_task(writer.drain())

@@ -46,7 +46,13 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> bool
         return False
     job = started.job
     logs.bind_new(request_id=job.request_id, job_id=job.id)
-    writer = EventWriter(running.store, job.id, attempt, outage_grace_s=settings.redis_outage_grace_s)
+    writer = EventWriter(
+        running.store,
+        job.id,
+        attempt,
+        outage_grace_s=settings.redis_outage_grace_s,
+        full_grace_s=settings.job_timeout_s,
+    )
     backend: Backend = ctx["backend"]
     control = running.add(job.id, attempt, halt=partial(backend.stop, job.id))
     began = time.perf_counter()
