@@ -23,6 +23,22 @@ _WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _INDEX_RETENTION_S = 3600.0
 
 
+# KEYS: the worker's key, WORKERS_INDEX, WORKER_LOAD
+# ARGV: heartbeat, ttl ms, worker id, beat, index cut-off, slots ('' to leave the load), idle (1/0)
+# A beat writes while Redis is full (`maxmemory`, noeviction: a few bytes over the last one): else
+# every live worker and the jobs it runs would vanish from status and metrics, and from placement.
+_BEAT = """#!lua flags=allow-oom
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('zadd', KEYS[2], ARGV[4], ARGV[3])
+redis.call('zremrangebyscore', KEYS[2], '-inf', ARGV[5])
+if ARGV[6] ~= '' then
+  redis.call('hset', KEYS[3], ARGV[3] .. ':slots', ARGV[6])
+  if ARGV[7] == '1' then redis.call('hset', KEYS[3], ARGV[3], 0, ARGV[3] .. ':routed', 0) end
+end
+return 0
+"""
+
+
 def worker_key(worker_id: str) -> str:
     if _WORKER_ID.fullmatch(worker_id) is None:
         raise ValueError("malformed worker id")
@@ -69,14 +85,10 @@ async def beat(
     and the queued ones it was chosen for. The job store's scripts keep them between beats;
     resetting them while a job starts or ends could lose its step, so drift (a step lost to an
     error, or a job a worker of an earlier version took or stopped) is corrected when it is idle."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.set(worker_key(heartbeat.id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
-        pipe.zadd(WORKERS_INDEX, {heartbeat.id: heartbeat.beat})
-        pipe.zremrangebyscore(WORKERS_INDEX, "-inf", heartbeat.beat - _INDEX_RETENTION_S)
-        if load:
-            reset = {heartbeat.id: 0, f"{heartbeat.id}:routed": 0} if idle else {}
-            pipe.hset(WORKER_LOAD, mapping={f"{heartbeat.id}:slots": heartbeat.slots, **reset})
-        await pipe.execute()
+    keys = [worker_key(heartbeat.id), WORKERS_INDEX, WORKER_LOAD]
+    args: list[str | int | float] = [heartbeat.model_dump_json(), int(ttl_s * 1000), heartbeat.id]
+    args += [heartbeat.beat, heartbeat.beat - _INDEX_RETENTION_S, heartbeat.slots if load else "", int(idle)]
+    await redis.register_script(_BEAT)(keys=keys, args=args)
 
 
 async def retire(redis: Redis, worker_id: str) -> None:

@@ -12,8 +12,9 @@ from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
 from cli.embedded_redis import EmbeddedRedis
-from shared import stats
+from shared import heartbeats, stats
 from shared.events import EventReader, EventWriter, NoEventWithin, Superseded
+from shared.heartbeats import Heartbeat
 from shared.jobs import (
     CompletionJob,
     Delta,
@@ -273,6 +274,12 @@ async def test_a_full_redis_takes_no_new_job_and_keeps_the_running_ones(tmp_path
         assert await client.exists(record_key(new.id), slots_key("test")) == 0
         assert await store.renew(running, 1, lease_s=10) == "ok"
         assert await store.recover_expired(max_attempts=3, lease_s=10) == []
+        # Its worker stays alive to status, metrics and placement (they lost every worker).
+        beat = Heartbeat(
+            id="w-1", host="h", pid=1, started=time.time(), beat=time.time(), slots=2, jobs=[running]
+        )
+        await heartbeats.beat(client, beat, ttl_s=10, load=True)
+        assert [worker.jobs for worker in await heartbeats.alive_workers(client)] == [[running]]
         failure = Failed(code=FailureCode.QUEUE_TIMEOUT, message="No worker started the job.")
         assert await store.stop(queued.id, withdraw_only=True, failure=failure) == "stopped"
     finally:
