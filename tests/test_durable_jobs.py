@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -492,6 +493,47 @@ def test_a_frozen_redis_gets_requests_a_503_not_a_hang(own_redis: EmbeddedRedis,
         assert frozen.json()["error"]["code"] == "access_control_unavailable"
 
     _streams_through(gateway, freeze)
+
+
+def test_a_plain_request_that_loses_redis_says_its_job_runs_on(
+    own_redis: EmbeddedRedis, start_gateway: Any
+) -> None:
+    """Found by an outside probe: a non-streamed request whose Redis froze for longer than
+    REDIS_OUTAGE_GRACE_S got a plain 503, which the OpenAI and Anthropic SDKs retry, while its job
+    ran on and completed: the agent ran twice. The 503 now says not to retry, and names the job."""
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="scripted",
+        redis_url=own_redis.url,
+        REDIS_REPLY_TIMEOUT_S="1",
+        REDIS_OUTAGE_GRACE_S="1",
+        **FAST_LEASES,
+    )
+    server = own_redis.process
+    assert server is not None
+    answers: list[httpx.Response] = []
+    body = chat(script(text="finished after all", wait_ms=8000))
+    asking = threading.Thread(
+        target=lambda: answers.append(httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60))
+    )
+    asking.start()
+    client = gateway.redis()
+    job_id = wait_for(lambda: next(iter(client.zrange("gateway:running", 0, -1)), None), 10, "the job starts")
+    server.send_signal(signal.SIGSTOP)
+    try:
+        asking.join(timeout=30)
+    finally:
+        server.send_signal(signal.SIGCONT)
+    [answer] = answers
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["x-should-retry"] == "false"
+    assert job_id.decode() in answer.json()["error"]["message"]
+    final = wait_for(
+        lambda: (b := retrieve(gateway, f"chatcmpl-{job_id.decode()}"))["status"] == "completed" and b,
+        30,
+        "completion",
+    )
+    assert final["choices"][0]["message"]["content"] == "finished after all"
 
 
 def test_a_full_redis_refuses_new_jobs_and_keeps_the_running_one(

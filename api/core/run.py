@@ -14,11 +14,14 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from api import metrics
 from api.core.relay import FollowedBatch, FollowedEvent, KeepAlive, follow_job
 from api.core.structured import ResponseFormat
 from api.deps import Gateway
-from api.errors import OpenAIError
+from api.errors import NO_RETRY, OpenAIError
 from shared.events import JobEventValue
 from shared.jobs import Activity, Delta, Done, Failed, FailureCode, Reasoning, Usage, settled
 from shared.jobstore import JobRecord, JobStore
@@ -190,6 +193,15 @@ class Run:
                         kept = settled(events[choice])
                         text, _ = reply_of(kept)
                         replies[choice] = Reply(text, event, kept)
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # longer than REDIS_OUTAGE_GRACE_S
+            # The job runs on: an SDK's retry of a plain 503 would run the agent again.
+            message = (
+                f"The gateway lost touch with its queue (Redis) while job {self.job.id} ran; it may still "
+                "complete: retrieve it by its id rather than send the request again."
+            )
+            raise OpenAIError(
+                503, message, type="server_error", code="queue_unavailable", headers=NO_RETRY
+            ) from exc
         except BaseException:
             if len(self.jobs) > 1:
                 await self.cancel("Another choice of the request failed.")
