@@ -61,7 +61,7 @@ def run_api(settings: Settings) -> None:
 
     from api.app import create_app
     from api.deps import Gateway
-    from shared.http_head import BoundedHead
+    from shared.http_head import MAX_HEAD_BYTES, BoundedHead
 
     redis_url = _require_redis_url(settings, "api")
     keys.configured_keys(settings)  # a mistake in them is said before Redis is waited for
@@ -80,9 +80,13 @@ def run_api(settings: Settings) -> None:
     # Several API processes (`up`'s API_PROCESSES) share the port by SO_REUSEPORT: the kernel spreads
     # connections over them (one shared listening socket left a burst to whichever accepted first).
     listener = _listener(settings.host, settings.port, shared=settings.api_shared_port)
+
+    class Http(BoundedHead):
+        max_message_bytes = settings.max_request_bytes + 2 * MAX_HEAD_BYTES
+
     config = uvicorn.Config(
         app,
-        http=BoundedHead,
+        http=Http,
         log_level=settings.log_level,
         log_config=None,  # keep the gateway's own log format (shared/logs.py)
         access_log=False,

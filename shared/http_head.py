@@ -1,59 +1,91 @@
-"""uvicorn's HTTP protocol with a bound on a request's head, for every server of the gateway's.
+"""uvicorn's HTTP protocol with bounds on what one request holds, for every server of the gateway's.
 
-httptools keeps a request's line and headers whole, however long they get: one connection sending
-header lines without end held a gigabyte of an API process (with no key) or of a worker's
-credential proxy (from inside a job's sandbox). Past `MAX_HEAD_BYTES` the request is answered 431
-and its connection closed.
+httptools keeps a request's line, headers and trailers whole, however long they get: one
+connection sending header lines without end held a gigabyte of an API process (with no key) or
+of a worker's credential proxy (from inside a job's sandbox), and trailers after a chunked body
+did the same once its answer (a 401) was sent. Past `MAX_HEAD_BYTES` of head or of trailers the
+request is answered 431, past `max_message_bytes` in all 413, and its connection is closed.
 """
 
-from typing import Any
+from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024
-"""A request's line and headers: far over what a client of the gateway sends (nginx's default
-allows 32 KiB)."""
+"""A request's line and headers, and its trailers: far over what a client of the gateway sends
+(nginx's default allows 32 KiB)."""
 _LINGER_S = 1.0
 
 
-class BoundedHead(HttpToolsProtocol):
-    """Counts what arrives while a request's head is read; `refusal` is the 431's JSON body."""
+def _answer(status: bytes, code: bytes, message: bytes) -> bytes:
+    """A whole HTTP response of an error in OpenAI's shape, closing the connection."""
+    body = b'{"error":{"message":"%s","type":"invalid_request_error","param":null,"code":"%s"}}'
+    body %= (message, code)
+    head = b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+    return head % (status, len(body)) + body
 
-    refusal = (
-        b'{"error":{"message":"The request\'s line and headers are over %d bytes.",'
-        b'"type":"invalid_request_error","param":null,"code":"request_header_fields_too_large"}}'
-    ) % MAX_HEAD_BYTES
+
+_HEAD_TOO_LARGE = _answer(
+    b"431 Request Header Fields Too Large",
+    b"request_header_fields_too_large",
+    b"The request's line and headers, or its trailers, are over %d bytes." % MAX_HEAD_BYTES,
+)
+_TOO_LARGE = _answer(b"413 Content Too Large", b"request_too_large", b"The request is over its size limit.")
+
+
+class BoundedHead(HttpToolsProtocol):
+    """Counts what a request's head and trailers hold, and all it sends."""
+
+    max_message_bytes: ClassVar[int] = 64 * 1024 * 1024
+    """A whole request (head, body, trailers): a server's own body limit, and its head's twice."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_bytes: int | None = 0
-        """Of the head being read; None once it is whole (a body follows, or the next request)."""
-        self._head_began = False  # in the chunk being parsed: its bytes before it are another's
+        """Of the head being read; None once it is whole (a body follows, or trailers)."""
+        self._trailer_bytes = 0
+        self._message_bytes = 0
+        self._began = False  # a request began in the chunk being parsed: its bytes before are another's
         self._refused = False
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # what a refused client still sends, unread
-        self._head_began = False
+        self._began = False
         super().data_received(data)
-        if self._head_bytes is None or self._head_began or self.transport.is_closing():
+        if self._refused or self._began or self.transport.is_closing():
             return
-        self._head_bytes += len(data)
-        if self._head_bytes > MAX_HEAD_BYTES:
-            self._refused = True
-            self.transport.write(
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(self.refusal), self.refusal)
-            )
-            # Closed a moment later: closed with its input unread, the connection would be reset
-            # and the client could lose the answer.
-            self.transport.write_eof()
-            self.loop.call_later(_LINGER_S, self.transport.close)
+        self._message_bytes += len(data)
+        if self._head_bytes is not None:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(_HEAD_TOO_LARGE)
+                return
+        if self._message_bytes > self.max_message_bytes:
+            self._refuse(_TOO_LARGE)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_bytes, self._head_began = 0, True
+        self._head_bytes, self._trailer_bytes, self._message_bytes, self._began = 0, 0, 0, True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._refused:
+            return
+        if self._head_bytes is None:  # a trailer, after a chunked body
+            self._trailer_bytes += len(name) + len(value)
+            if self._trailer_bytes > MAX_HEAD_BYTES:
+                self._refuse(_HEAD_TOO_LARGE)
+                return
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._head_bytes = None
         super().on_headers_complete()
+
+    def _refuse(self, answer: bytes) -> None:
+        self._refused = True
+        self.transport.write(answer)
+        # Closed a moment later: closed with its input unread, the connection would be reset and
+        # the client could lose the answer.
+        self.transport.write_eof()
+        self.loop.call_later(_LINGER_S, self.transport.close)

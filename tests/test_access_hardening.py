@@ -206,3 +206,23 @@ def test_a_request_head_of_any_size_is_refused_past_its_bound(scripted: Gateway)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_header_fields_too_large"
     assert _head_of(scripted.url, header_lines=4, line_bytes=8 * 1024).startswith(b"HTTP/1.1 200 ")
+
+
+def test_trailers_and_a_whole_request_are_bounded_too(keyed: Gateway) -> None:
+    """Found by the next outside probe: after a chunked body, trailer lines without end were kept
+    by an API process (500 MiB sent: 1.3 GB), from a client with no key, once its 401 was sent.
+    Trailers past 64 KiB are refused as a head is, and so is a request past its size limit."""
+    host, _, port = keyed.url.removeprefix("http://").partition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+        )
+        with contextlib.suppress(OSError):  # refused part-way, as it should be
+            for number in range(2000):
+                connection.sendall(b"x-trailer-%d: %s\r\n" % (number, b"a" * 100))
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := connection.recv(65536):
+                answer += chunk
+    assert b"HTTP/1.1 431 " in answer, answer[-300:]

@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from shared.backend_auth import LoginError
-from shared.http_head import BoundedHead
+from shared.http_head import MAX_HEAD_BYTES, BoundedHead
 
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
@@ -264,7 +264,7 @@ class _Connection(BoundedHead):
     known to its requests (`request.state.door`), with the keep-alive timeout from the start: a
     connection that never sends a request is closed as an idle one is."""
 
-    refusal = b'{"type":"error","error":{"type":"invalid_request_error","message":"headers too large"}}'
+    max_message_bytes = MAX_BODY_BYTES + 2 * MAX_HEAD_BYTES
 
     def __init__(self, door: _Door, **protocol: Any) -> None:
         super().__init__(**protocol)
