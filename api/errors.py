@@ -99,6 +99,9 @@ _FAILURE_HEADERS = {
         FailureCode.CANCELLED,
         FailureCode.UPSTREAM_AUTH,
         FailureCode.UPSTREAM_ERROR,
+        # Claude Code has waited and asked again already (CLAUDE_MAX_RETRIES): each SDK retry, a
+        # new agent run, asked an overloaded API three times more (one call, nine requests).
+        FailureCode.UPSTREAM_RATE_LIMITED,
         FailureCode.TIMEOUT,
         FailureCode.STALLED,
     )
