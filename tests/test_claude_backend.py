@@ -124,6 +124,19 @@ def test_a_small_token_limit_turns_thinking_off(
     assert upstream.requests[-1].get("thinking", {}).get("type") != "enabled"
 
 
+@pytest.mark.parametrize(("limit", "budget"), [(1500, None), (4000, 2000)])
+def test_a_token_limit_leaves_the_answer_half_of_it(
+    claude: Gateway, upstream: FakeAnthropic, limit: int, budget: int | None
+) -> None:
+    """Found by an outside probe: with a limit and no thinking budget asked, the CLI's default
+    budget took all of the limit but one token (1,499 of 1,500), leaving the answer none. Thinking
+    now takes half at most, and none when half is under the API's smallest budget."""
+    body = chat("hi", max_completion_tokens=limit)
+    assert httpx.post(f"{claude.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+    thinking = upstream.requests[-1].get("thinking", {})
+    assert thinking.get("budget_tokens") == budget if budget else thinking.get("type") != "enabled"
+
+
 @pytest.mark.parametrize(
     ("status", "error_type", "code"),
     [(401, "authentication_error", "upstream_authentication_error"), (500, "api_error", "upstream_error")],

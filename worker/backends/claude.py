@@ -630,11 +630,18 @@ async def _close(messages: AsyncIterator[Any]) -> None:
 
 
 def _thinking_budget(asked: int | None, max_tokens: int | None) -> int | None:
-    """The CLI's thinking budget: none under a reply limit of `_MIN_THINKING_BUDGET` or less. The
+    """The CLI's thinking budget. Under a reply limit of `_MIN_THINKING_BUDGET` or less, none: the
     API takes no smaller budget and none as large as the limit, and the CLI, cutting the budget
-    to fit the limit, raises it back to that minimum: every such request would be refused."""
-    if max_tokens is not None and max_tokens <= _MIN_THINKING_BUDGET:
+    to fit the limit, raises it back to that minimum (every such request would be refused). Under
+    a limit and no budget asked, half the limit at most: the CLI's default takes all of it but one
+    token, and the answer was left none (none at all when half is under the minimum)."""
+    if max_tokens is None:
+        return asked
+    if max_tokens <= _MIN_THINKING_BUDGET:
         return 0
+    if asked is None:
+        half = max_tokens // 2
+        return half if half >= _MIN_THINKING_BUDGET else 0
     return asked
 
 
