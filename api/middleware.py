@@ -1,5 +1,6 @@
 """Pure ASGI middleware (no per-request task or body copy, unlike Starlette's BaseHTTPMiddleware)."""
 
+import asyncio
 import logging
 import re
 import time
@@ -57,18 +58,28 @@ class RequestId:
             log.log(level, "%s %s -> %d in %.0f ms", scope["method"], path, status, elapsed_ms)
 
 
+BODY_TIMEOUT_S = 60
+"""A request's body not whole by then is refused (408)."""
+CALLER_BODIES = 2
+"""Bodies of `MAX_REQUEST_BYTES` one caller's requests may hold at once in one API process."""
+
+
 class BodyLimit:
     """Refuses bodies over `MAX_REQUEST_BYTES` with 413 while reading them, chunked uploads
     included, and JSON bodies beyond the shape limits (`bounded_json`) with 400.
 
     The body is read here (JSON endpoints read it whole anyway) so the limits hold before any
-    route sees a byte: an oversized request never reaches validation or the queue.
+    route sees a byte: an oversized request never reaches validation or the queue. What one
+    caller's bodies hold while they arrive is bounded too (`CALLER_BODIES`, 429), and so is how
+    long one may take (`BODY_TIMEOUT_S`, 408): found by an outside probe, one key held 120 bodies
+    of 10 MiB begun and never finished, 1.2 GB of the API, the rate limits counting only starts.
     """
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
         self.max_bytes = settings.max_request_bytes
+        self._arriving: dict[str, int] = {}  # bytes of bodies being read, by caller
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
@@ -78,20 +89,36 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(scope, receive, send)
             return
+        state = scope.get("state", {})
+        caller = state.get("key_id") or f"addr:{state.get('client_address')}"
         chunks: list[bytes] = []
         size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                more = True
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    self._arriving[caller] = self._arriving.get(caller, 0) + len(chunk)
+                    if size > self.max_bytes:
+                        await self._refuse(scope, receive, send)
+                        return
+                    if self._arriving[caller] > CALLER_BODIES * self.max_bytes:
+                        await _refusal(scope, receive, send, _TOO_MANY_BODIES)
+                        return
+                    chunks.append(chunk)
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            await _refusal(scope, receive, send, _BODY_TOO_SLOW)
+            return
+        finally:
+            if (left := self._arriving.get(caller, 0) - size) > 0:
+                self._arriving[caller] = left
+            else:
+                self._arriving.pop(caller, None)
         if _is_json(scope) and (refusal := bounded_json(b"".join(chunks), self.settings)) is not None:
             await refusal.response(scope)(scope, receive, send)
             return
@@ -113,8 +140,28 @@ class BodyLimit:
             type="invalid_request_error",
             code="request_too_large",
         )
-        # Connection: close, so the server does not read the rest of an oversized upload.
-        await error.response(scope, {"connection": "close"})(scope, receive, send)
+        await _refusal(scope, receive, send, error)
+
+
+_TOO_MANY_BODIES = OpenAIError(
+    429,
+    f"Too many request bodies arriving at once: at most {CALLER_BODIES} of the size limit per caller; "
+    "send the rest when these are in.",
+    type="requests",
+    code="too_many_uploads",
+    headers={"retry-after": "1"},
+)
+_BODY_TOO_SLOW = OpenAIError(
+    408,
+    f"The request body did not arrive whole within {BODY_TIMEOUT_S} s.",
+    type="invalid_request_error",
+    code="request_timeout",
+)
+
+
+async def _refusal(scope: Scope, receive: Receive, send: Send, error: OpenAIError) -> None:
+    # Connection: close, so the server does not read the rest of the body.
+    await error.response(scope, {"connection": "close"})(scope, receive, send)
 
 
 def _is_json(scope: Scope) -> bool:

@@ -226,3 +226,36 @@ def test_trailers_and_a_whole_request_are_bounded_too(keyed: Gateway) -> None:
             while chunk := connection.recv(65536):
                 answer += chunk
     assert b"HTTP/1.1 431 " in answer, answer[-300:]
+
+
+def _begun_body(url: str, declared: int, sent: int) -> socket.socket:
+    """A connection whose request declared `declared` body bytes and sent `sent` of them."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    connection = socket.create_connection((host, int(port)), timeout=10)
+    connection.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (declared, b" " * sent)
+    )
+    return connection
+
+
+def test_one_callers_bodies_in_flight_are_bounded(start_gateway: Any) -> None:
+    """Found by an outside probe: one key held 120 bodies of 10 MiB begun and never finished, 1.2 GB
+    of the API (rate limits count only starts). A caller's bodies arriving at once hold two of the
+    size limit at most in one API process; the next is a 429."""
+    gateway: Gateway = start_gateway(workers=0, BACKEND="scripted", MAX_REQUEST_BYTES="1048576")
+    size = 1024 * 1024
+    held = [_begun_body(gateway.url, size, size - 1) for _ in range(2)]
+    try:
+        time.sleep(0.5)  # read as far as they go
+        with _begun_body(gateway.url, size, size - 1) as third:
+            answer = third.recv(65536)  # its head: the rest may be lost to the connection's close
+        assert answer.startswith(b"HTTP/1.1 429 "), answer[:200]
+        assert b"retry-after: 1" in answer
+    finally:
+        for connection in held:
+            connection.close()
+    time.sleep(0.5)  # their bodies given up: the caller may send again
+    with _begun_body(gateway.url, size, size - 1) as again:
+        again.sendall(b" ")
+        assert again.recv(65536).split(b" ")[1] != b"429"
