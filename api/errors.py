@@ -66,6 +66,7 @@ FAILURE_STATUS: dict[FailureCode, tuple[int, str]] = {
     FailureCode.UPSTREAM_AUTH: (502, "upstream_error"),
     FailureCode.UPSTREAM_RATE_LIMITED: (503, "upstream_error"),
     FailureCode.UPSTREAM_ERROR: (502, "upstream_error"),
+    FailureCode.UPSTREAM_REFUSED: (400, "invalid_request_error"),
     FailureCode.BACKEND_UNAVAILABLE: (503, "server_error"),
     FailureCode.QUEUE_TIMEOUT: (503, "server_error"),
     FailureCode.WORKER_SHUTDOWN: (503, "server_error"),
@@ -99,6 +100,7 @@ _FAILURE_HEADERS = {
         FailureCode.CANCELLED,
         FailureCode.UPSTREAM_AUTH,
         FailureCode.UPSTREAM_ERROR,
+        FailureCode.UPSTREAM_REFUSED,
         # Claude Code has waited and asked again already (CLAUDE_MAX_RETRIES): each SDK retry, a
         # new agent run, asked an overloaded API three times more (one call, nine requests).
         FailureCode.UPSTREAM_RATE_LIMITED,

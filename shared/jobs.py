@@ -118,6 +118,9 @@ class FailureCode(StrEnum):
     UPSTREAM_AUTH = "upstream_authentication_error"
     UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
     UPSTREAM_ERROR = "upstream_error"
+    UPSTREAM_REFUSED = "upstream_invalid_request"
+    """The model API refused the request as invalid (a prompt over the model's context, say): its
+    reason is passed on, as the caller can act on it."""
     BACKEND_UNAVAILABLE = "backend_unavailable"
     QUEUE_TIMEOUT = "queue_timeout"
     TIMEOUT = "timeout"

@@ -8,6 +8,7 @@ import time
 from collections import deque
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -156,6 +157,27 @@ def test_upstream_error_becomes_an_openai_error(
     response = httpx.post(f"{claude.url}/v1/chat/completions", json=chat("hi", stream=True), timeout=60)
     assert response.status_code == 502
     assert response.json()["error"]["code"] == code
+
+
+def test_a_request_the_model_api_finds_invalid_is_a_400_with_its_reason(
+    client: openai.OpenAI, claude: Gateway, upstream: FakeAnthropic
+) -> None:
+    """Found by an outside probe: a 400 from the model API (a prompt over the model's context,
+    say) reached callers as a 502 with no reason, an InternalServerError in the SDKs."""
+    upstream.default = Reply(status=400, error_type="invalid_request_error")
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(
+            model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert raised.value.code == "upstream_invalid_request"
+    assert raised.value.message.endswith("(HTTP 400): fake upstream error"), raised.value.message
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    anthropic_client = anthropic.Anthropic(base_url=claude.url, api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        anthropic_client.messages.create(
+            model="claude-sonnet-4-5", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert "fake upstream error" in refused.value.message
 
 
 def test_a_stream_cut_and_retried_upstream_reaches_the_client_once(

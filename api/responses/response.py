@@ -131,9 +131,15 @@ def usage_body(usage: Usage) -> ResponseUsage:
     )
 
 
+_RESPONSE_ERROR_CODES = {
+    FailureCode.UPSTREAM_RATE_LIMITED: "rate_limit_exceeded",
+    FailureCode.UPSTREAM_REFUSED: "invalid_prompt",
+}
+
+
 def error_body(failure: Failed) -> ResponseError:
     """The spec's `ResponseError.code` is a closed list: the gateway's own code goes in the message."""
-    code = "rate_limit_exceeded" if failure.code is FailureCode.UPSTREAM_RATE_LIMITED else "server_error"
+    code = _RESPONSE_ERROR_CODES.get(failure.code, "server_error")
     return ResponseError(code=code, message=f"{failure.message} ({failure.code.value})")
 
 

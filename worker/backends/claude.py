@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import pwd
+import re
 import signal
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
@@ -105,10 +106,18 @@ _FINISH_REASONS = {
 
 _OUT_OF_TURNS = "error_max_turns"
 _MIN_THINKING_BUDGET = 1024  # tokens, the Messages API's smallest
+_CLI_ERROR_PREFIX = re.compile(r"^API Error: \d+\s*")
+_MAX_REASON = 1000
 
 
-def upstream_failure(status: int | None) -> BackendError:
-    """Classifies an error result by the upstream's HTTP status; its text is not passed on."""
+def upstream_failure(status: int | None, said: str | None = None) -> BackendError:
+    """Classifies an error result by the upstream's HTTP status. What it `said` is passed on only
+    for a request it found invalid (the caller's to act on: a prompt over the model's context)."""
+    if status in (400, 413) and said:
+        return BackendError(
+            FailureCode.UPSTREAM_REFUSED,
+            f"The model API refused the request (HTTP {status}): {_reason(said)[:_MAX_REASON]}",
+        )
     if status in (401, 403):
         return BackendError(
             FailureCode.UPSTREAM_AUTH,
@@ -577,7 +586,7 @@ async def _relay(
                 yield PROGRESS
             elif isinstance(message, ResultMessage):
                 if message.is_error and message.subtype != _OUT_OF_TURNS:
-                    raise upstream_failure(message.api_error_status)
+                    raise upstream_failure(message.api_error_status, message.result)
                 if transcript is not None:  # the SDK flushed the turn's transcript already
                     await transcript.commit()
                 yield _done(message)
@@ -627,6 +636,11 @@ def _prompt(turns: list[Turn]) -> str | AsyncIterator[dict[str, Any]]:
 async def _close(messages: AsyncIterator[Any]) -> None:
     if isinstance(messages, AsyncGenerator):  # stops the CLI at once on early exit
         await messages.aclose()
+
+
+def _reason(said: str) -> str:
+    """The model API's reason, as the CLI's result text gives it (`API Error: 400 <reason>`)."""
+    return _CLI_ERROR_PREFIX.sub("", said, count=1).strip()
 
 
 def _thinking_budget(asked: int | None, max_tokens: int | None) -> int | None:
