@@ -46,9 +46,9 @@ _DIVERGED = OpenAIError.from_failure(
     Failed(
         code=FailureCode.RETRY_DIVERGED,
         message="The model API cut this answer and its retry says something else than the text "
-        "already sent, so this stream ends here rather than join the two. The job goes on and keeps "
+        "already sent, so this stream ends here rather than join the two; the job goes on and keeps "
         "only the retried answer (a retrieval by this stream's id, or the session, has it once the "
-        "job ends); or send the request again.",
+        "job ends), or send the request again.",
     )
 )
 _SERVER_ENDING = OpenAIError(

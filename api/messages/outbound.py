@@ -69,8 +69,9 @@ def _event(kind: str, **data: object) -> ServerSentEvent:
     return ServerSentEvent(json.dumps({"type": kind, **data}, separators=(",", ":")), event=kind)
 
 
-_RESUMABLE = ("server_shutting_down", "queue_unavailable")
-"""The stream errors that tell an OpenAI client to resume the stream by its event ids."""
+_OPENAI_NEXT_STEPS = ("server_shutting_down", "queue_unavailable", "retry_diverged")
+"""The stream errors whose message, after its `;`, tells an OpenAI client to resume the stream by
+its event ids or retrieve the job by id: neither is open to a Messages client."""
 
 
 def _error(status: int, message: str) -> ServerSentEvent:
@@ -132,9 +133,10 @@ class MessageStream:
 
     def interrupted(self, error: OpenAIError) -> list[ServerSentEvent]:
         message = error.info.message
-        if error.info.code in _RESUMABLE:  # their message says to resume by event id: none here
+        if error.info.code in _OPENAI_NEXT_STEPS:
             message = (
-                f"{message.partition(';')[0]}; a Messages stream cannot be resumed: send the request again."
+                f"{message.partition(';')[0]}; a Messages stream cannot be resumed or retrieved: "
+                "send the request again."
             )
         return [_error(error.status, message)]
 
