@@ -228,7 +228,7 @@ def test_kill_everything_ends_only_the_jobs_own_sandbox(sandboxed: Gateway, upst
 
 
 _HOLD_THE_PROXY = """python3 - <<'EOF'
-import socket, time
+import os, socket, time
 held = []
 for _ in range(400):
     s = socket.socket(socket.AF_UNIX)
@@ -239,7 +239,10 @@ for _ in range(400):
         continue
     held.append(s)
 open('holding', 'w').close()
-time.sleep(20)
+for _ in range(600):  # until the test lets go (60 s at most)
+    if os.path.exists('release'):
+        break
+    time.sleep(0.1)
 EOF"""
 
 
@@ -258,9 +261,13 @@ def test_a_job_that_holds_every_connection_it_can_holds_only_its_own(
         time.sleep(0.05)
     other = httpx.post(f"{sandboxed.url}/v1/chat/completions", json=chat("another caller's job"), timeout=90)
     assert other.status_code == 200, other.text
-    assert list(_workspace_root(sandboxed).glob("*/work/holding")), (
-        "the holder let go before the other job ran"
-    )
+    [holding] = _workspace_root(sandboxed).glob("*/work/holding")  # the holder holds on meanwhile
+    (holding.parent / "release").touch()
+    completion = f"{sandboxed.url}/v1/chat/completions/{holder.json()['id']}"
+    deadline = time.monotonic() + 60  # its last request upstream is this test's, not the next one's
+    while httpx.get(completion, timeout=10).json()["status"] in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, "the holder did not end"
+        time.sleep(0.2)
 
 
 def _hold(marker: str) -> Reply:
