@@ -242,6 +242,10 @@ def test_max_output_tokens_ends_incomplete(client: openai.OpenAI) -> None:
     assert cut.incomplete_details.reason == "max_output_tokens"
     assert cut.usage is not None
     assert cut.usage.output_tokens == 16
+    # Under the spec's minimum of 16, a 400, as OpenAI answers (found by an outside probe: accepted).
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=MODEL, input="hi", max_output_tokens=10)
+    assert refused.value.param == "max_output_tokens"
 
 
 def test_a_failed_job_is_an_error_or_a_failed_event(scripted: Gateway) -> None:

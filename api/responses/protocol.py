@@ -30,7 +30,7 @@ class CreateResponseRequest(AgentControls):
     model: str
     input: str | list[dict[str, Any]] = Field(min_length=1)
     instructions: str | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
+    max_output_tokens: int | None = Field(default=None, ge=16)  # the spec's minimum, as OpenAI refuses less
     stream: NullIsFalse = False
     background: NullIsFalse = False
     store: NullIsTrue = True
