@@ -80,7 +80,10 @@ class EmbeddedRedis:
         return config
 
     def start(self, timeout_s: float = 10.0) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Its files (the whole dataset, redis-server writes them 0644) are for this user only,
+        # as its password is; tightened on every start for a folder an earlier version made.
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.data_dir.chmod(0o700)
         self.process = subprocess.Popen(
             [str(server_binary()), str(self._config())],
             stdout=subprocess.DEVNULL,

@@ -154,7 +154,7 @@ def run_up(settings: Settings) -> None:
         # A scrape reaches any one of them: they count in one folder, each reporting the sum.
         counters = settings.state_dir / "api-metrics"
         shutil.rmtree(counters, ignore_errors=True)  # a new `up`, new totals
-        counters.mkdir(parents=True)
+        counters.mkdir(parents=True, mode=0o700)
         api_env["PROMETHEUS_MULTIPROC_DIR"] = str(counters)
     children_env.drop_credentials()  # held for the children in memory only
     forbid_inspection()

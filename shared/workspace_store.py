@@ -183,7 +183,11 @@ def open_store(settings: Settings) -> ObjectStore:
     """The store `WORKSPACE_STORE` names."""
     url = settings.workspace_store
     if url is None:
-        return LocalStore(settings.state_dir / "workspace-store")
+        root = settings.state_dir / "workspace-store"
+        # Every session's files: for this user only (tightened for a folder an earlier version made).
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        root.chmod(0o700)
+        return LocalStore(root)
     parts = urlsplit(url)
     if parts.scheme == "file":
         return LocalStore(Path(os.path.expanduser(parts.path)))

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -115,3 +116,21 @@ def test_a_killed_workers_runtime_directory_is_removed_by_the_next_worker() -> N
         remove_runtime_dir(mine)
     assert not mine.exists()
     assert not mine.with_name(mine.name + ".worker").exists()
+
+
+def test_what_a_job_leaves_in_its_workspace_is_out_of_other_users_reach() -> None:
+    """As the sandbox's root (a worker running as root), the agent can make a program setuid root
+    and open up its own folder: no other user of the machine may reach it (an outside probe)."""
+    with tempfile.TemporaryDirectory() as folder:
+        parent = Path(folder)
+        parent.chmod(0o755)  # as WORKSPACE_ROOT usually is
+        with job_workspace(parent, "job-of-a-hostile-caller") as workspace:
+            planted = workspace.cwd / "id"
+            planted.write_bytes(Path("/usr/bin/id").read_bytes())
+            planted.chmod(0o4755)
+            workspace.cwd.chmod(0o755)  # what the agent may do to its working directory
+            assert workspace.root.stat().st_mode & 0o077 == 0
+            if os.geteuid() == 0:  # as any other user: not even found
+                other = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "sh", "-c"]
+                assert subprocess.run([*other, f"test -e {parent}"]).returncode == 0
+                assert subprocess.run([*other, f"test -e {planted}"]).returncode == 1

@@ -163,6 +163,22 @@ def test_each_child_holds_only_what_it_needs_and_redis_requires_a_password(up: U
         assert CLIENT_KEY not in environ(worker)  # the workers never check client keys
 
 
+def test_what_up_keeps_is_for_its_own_user_only(up: Up) -> None:
+    """Redis's data (every prompt and answer), the sessions' files and the metrics' counters are
+    under folders no other user of the machine may enter, as Redis's password is (an outside
+    probe read a caller's uploads and prompts as `nobody`)."""
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    files = {"file": ("secret.txt", b"a caller's secret")}
+    url = f"{up.url}/v1/sessions/private-files/files"
+    uploaded = httpx.post(url, files=files, headers=headers, timeout=30)
+    assert uploaded.status_code == 200, uploaded.text
+    assert up.completes()
+    stored = [path for path in (up.state / "workspace-store").rglob("*") if path.is_file()]
+    assert any(b"a caller's secret" in path.read_bytes() for path in stored)
+    for folder in ("redis", "workspace-store", "api-metrics"):
+        assert (up.state / folder).stat().st_mode & 0o077 == 0, folder
+
+
 def test_a_killed_worker_is_restarted_while_the_rest_keeps_serving(up: Up) -> None:
     workers, api, redis_pid = up.pids("worker"), up.pids("api"), up.pids("redis")
     assert len(workers) == 2

@@ -112,6 +112,9 @@ def job_workspace(
     if workspace.root.exists():  # an earlier attempt's, whose worker died on this machine
         kill_processes_of(workspace)
         removed(workspace.root)
+    # Not even traversable by others: the agent may open up its own folders (`chmod 755 .`) and
+    # leave in them a program it made setuid, as the sandbox's root when the worker runs as root.
+    workspace.root.mkdir(parents=True, mode=0o700)
     for directory in (workspace.cwd, workspace.config, workspace.tmp):
         directory.mkdir(parents=True, mode=0o700, exist_ok=directory == work)
     mark_owned(workspace.root)
