@@ -7,6 +7,7 @@ did the same once its answer (a 401) was sent. Past `MAX_HEAD_BYTES` of head or 
 request is answered 431, past `max_message_bytes` in all 413, and its connection is closed.
 """
 
+import asyncio
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -81,6 +82,8 @@ class BoundedHead(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_bytes = None
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle.transport is self.transport:  # the request's new cycle
+            self.cycle.transport = _HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
 
     def _refuse(self, answer: bytes) -> None:
         self._refused = True
@@ -89,3 +92,33 @@ class BoundedHead(HttpToolsProtocol):
         # the client could lose the answer.
         self.transport.write_eof()
         self.loop.call_later(_LINGER_S, self.transport.close)
+
+
+class _HeadWithBody:
+    """A response's transport whose first write (the status line and headers) waits for the next,
+    within the same turn of the loop, so that both go out in one socket write: one system call
+    and one segment fewer per response (the first event of a stream follows its headers at once)."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._first = True
+
+    def write(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            self._held = data
+            self._loop.call_soon(self._flush)
+            return
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        self._transport.write(data)
+
+    def _flush(self) -> None:
+        if self._held is not None and not self._transport.is_closing():
+            self._transport.write(self._held)
+        self._held = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
