@@ -100,6 +100,51 @@ def test_max_tokens_reaches_upstream_and_ends_with_length(
     assert upstream.requests[-1]["max_tokens"] == 64
 
 
+def _ended_at_a_refusal(path: str, body: dict[str, Any]) -> bool:
+    if path == "/v1/responses":
+        return bool(body["incomplete_details"] == {"reason": "content_filter"})
+    if path == "/v1/messages":
+        return bool(body["stop_reason"] == "refusal")
+    return bool(body["choices"][0]["finish_reason"] == "content_filter")
+
+
+@pytest.mark.parametrize(
+    ("path", "stream"),
+    [
+        ("/v1/chat/completions", True),
+        ("/v1/chat/completions", False),
+        ("/v1/responses", False),
+        ("/v1/messages", False),
+    ],
+)
+def test_a_refusal_ends_the_answer_as_a_content_filter(
+    claude: Gateway, upstream: FakeAnthropic, path: str, stream: bool
+) -> None:
+    """Found by an outside probe: Claude Code asks the model again after a refusal, and the refused
+    text and the new answer came joined, ended as `stop`. The answer ends at the refusal."""
+    prompt = f"refused on {path}, stream {stream}"
+    upstream.by_prompt[prompt] = deque([Reply(tokens=["I cannot"], stop_reason="refusal")])
+    asked: dict[str, Any] = (
+        {"input": prompt} if path == "/v1/responses" else {"messages": [{"role": "user", "content": prompt}]}
+    )
+    asked |= {"model": "claude-sonnet-4-5", "stream": stream} | (
+        {"max_tokens": 2000} if path == "/v1/messages" else {}
+    )
+    response = httpx.post(f"{claude.url}{path}", json=asked, timeout=60)
+    assert response.status_code == 200, response.text
+    if stream:
+        data = sse_data(response)
+        assert data[-1] == "[DONE]"
+        chunks = [json.loads(chunk) for chunk in data[:-1]]
+        assert _ended_at_a_refusal(path, chunks[-1])
+        assert "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks) == "I cannot"
+    else:
+        assert _ended_at_a_refusal(path, response.json()), response.text
+        assert "I cannot" in response.text
+        assert "Hello" not in response.text  # nothing of a second answer
+    assert sum(prompt in user_text(request) for request in upstream.requests) == 1  # not asked again
+
+
 @pytest.mark.parametrize(
     ("path", "limit"),
     [

@@ -185,3 +185,27 @@ def test_a_client_whose_job_ran_no_tool_serves_the_next_jobs_of_its_key_only(
     while Path(prepared).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(prepared).exists()  # the pool of one made room for the other key's client
+
+
+def test_a_refusal_on_a_warm_client_ends_its_job_and_the_client(
+    start_gateway: Any, upstream: FakeAnthropic
+) -> None:
+    """At a refusal the job ends (Claude Code would ask the model again): a warm client is then
+    still at work, so it is discarded, never given back to the pool."""
+    gateway: Gateway = start_gateway(workers=1, **claude_env(upstream, CLAUDE_WARM_CLIENTS="1"))
+    url = f"{gateway.url}/v1/chat/completions"
+    assert httpx.post(url, json=chat("Hello?"), timeout=90).status_code == 200  # cold; orders a client
+    prepared = str(wait_for_a_prepared_client(gateway))
+    upstream.script.append(Reply(tokens=["I cannot"], stop_reason="refusal"))
+    refused = httpx.post(url, json=chat("Hello?"), timeout=90)
+    assert refused.status_code == 200, refused.text
+    assert refused.json()["choices"][0]["finish_reason"] == "content_filter"
+    assert workspace_of(upstream.requests[-1]) == prepared
+    asked = len(upstream.requests)
+    deadline = time.monotonic() + 10
+    while Path(prepared).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(prepared).exists()  # discarded
+    assert len(upstream.requests) == asked  # and it asked the model nothing more
+    assert httpx.post(url, json=chat("Hello?"), timeout=90).status_code == 200
+    assert workspace_of(upstream.requests[-1]) != prepared

@@ -96,12 +96,10 @@ logging.getLogger("claude_agent_sdk._internal.query").addFilter(_OwnKills())
 
 _ANTHROPIC_API = "https://api.anthropic.com"
 
-_FINISH_REASONS = {
-    "end_turn": FinishReason.STOP,
-    "stop_sequence": FinishReason.STOP,
-    "max_tokens": FinishReason.LENGTH,
-    "refusal": FinishReason.CONTENT_FILTER,
-}
+_ENDING_STOPS = {"max_tokens": FinishReason.LENGTH, "refusal": FinishReason.CONTENT_FILTER}
+"""Upstream stops the CLI goes on from (it asks the model to continue, or asks again): the run
+ends at them instead (`_ends_the_run`)."""
+_FINISH_REASONS = {"end_turn": FinishReason.STOP, "stop_sequence": FinishReason.STOP, **_ENDING_STOPS}
 
 
 _OUT_OF_TURNS = "error_max_turns"
@@ -379,7 +377,9 @@ class ClaudeBackend:
                     clean = False
                     self._order_warm(job)
                 elif isinstance(event, Done):
-                    kept = clean and event.finish_reason in (FinishReason.STOP, FinishReason.CONTENT_FILTER)
+                    # Any other end came before the CLI's result (a limit, a refusal, a call):
+                    # the CLI is still at work.
+                    kept = clean and event.finish_reason is FinishReason.STOP
                     event = self._own_cost(event, warm)
                 yield event
         finally:
@@ -555,14 +555,16 @@ async def _relay(
                     started = event.get("message", {}).get("usage", {})
                     latest, message_ended, sent, thought = started, False, "", ""
                     yield UsageReport(_usage(started))
-                elif _hit_token_limit(event):
-                    # The CLI would ask the model to continue past the caller's limit;
-                    # OpenAI semantics end here. No ResultMessage follows, so no cost.
+                elif (ending := _ends_the_run(event)) is not None:
+                    # The CLI would ask the model to continue past the caller's limit, or ask
+                    # again after a refusal (the refused text and the new answer joined, found
+                    # by an outside probe); OpenAI's and Anthropic's semantics end here, with
+                    # the text sent so far. No ResultMessage follows, so no cost.
                     usage = _usage(_summed(earlier, {**started, **event["usage"]}))
                     if transcript is not None:  # closing the run flushes its transcript
                         await stop()
                         await transcript.commit()
-                    yield Done(finish_reason=FinishReason.LENGTH, usage=usage)
+                    yield Done(finish_reason=ending, usage=usage)
                     return
                 elif event.get("type") == "message_delta":
                     latest, message_ended = {**started, **event.get("usage", {})}, True
@@ -659,8 +661,11 @@ def _thinking_budget(asked: int | None, max_tokens: int | None) -> int | None:
     return asked
 
 
-def _hit_token_limit(event: dict[str, Any]) -> bool:
-    return event.get("type") == "message_delta" and event.get("delta", {}).get("stop_reason") == "max_tokens"
+def _ends_the_run(event: dict[str, Any]) -> FinishReason | None:
+    """How the run ends at an upstream message's stop that the CLI would go on from, if it is one."""
+    if event.get("type") != "message_delta":
+        return None
+    return _ENDING_STOPS.get(event.get("delta", {}).get("stop_reason"))
 
 
 def _summed(usage: dict[str, Any], more: dict[str, Any]) -> dict[str, int]:
