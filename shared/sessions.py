@@ -12,6 +12,7 @@ it was, and a client that sends its next turn right after a reply never finds th
 """
 
 import hashlib
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -121,21 +122,25 @@ async def release(redis: Redis, owner: str, session_id: str, job_id: str) -> Non
 
 
 async def open_for_job(
-    redis: Redis, owner: str, session_id: str, ttl_s: int, *, head: int
+    redis: Redis, owner: str, session_id: str, ttl_s: int, *, head: int, turn_s: float
 ) -> tuple[Session | None, int, list[Turn]]:
     """The session (None if it does not exist), its length in turns, and its first `head` turns.
 
-    Slides the session's TTL. Only the head is read: all a request needs to be compared with.
+    Slides the session's TTL past the longest its turn may take (`turn_s`, queued and running):
+    it expires once idle, never under a running turn (found by an outside probe: a turn longer
+    than the TTL lost the session's history and files). The turn's commit sets it back to the TTL.
+    Only the head is read: all a request needs to be compared with.
     """
     record_key, history_key = session_key(owner, session_id), session_history_key(owner, session_id)
+    kept_s = ttl_s + math.ceil(turn_s)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hgetall(record_key)
         pipe.llen(history_key)
         pipe.lrange(history_key, 0, head - 1)
-        pipe.expire(record_key, ttl_s)
-        pipe.expire(history_key, ttl_s)
-        pipe.zadd(sessions_index_key(owner), {session_id: _ms() + ttl_s * 1000}, xx=True)
-        pipe.expire(sessions_index_key(owner), ttl_s)  # no member expires later than now + ttl
+        pipe.expire(record_key, kept_s)
+        pipe.expire(history_key, kept_s)
+        pipe.zadd(sessions_index_key(owner), {session_id: _ms() + kept_s * 1000}, xx=True)
+        pipe.expire(sessions_index_key(owner), kept_s)  # no member expires later than now + kept_s
         record, length, first, *_ = await pipe.execute()
     if not record:
         return None, 0, []

@@ -58,6 +58,24 @@ def test_an_idle_session_expires_from_redis_and_the_listing_then_starts_fresh(sh
     assert _reply(_post(short_lived, chat(ECHO, session_id=sid))) == "(no earlier turns)"
 
 
+def test_a_turn_longer_than_the_ttl_keeps_its_session_and_files(short_lived: Gateway) -> None:
+    """Found by an outside probe: a session's clock restarted when a turn began and ran out under
+    it, so a turn longer than the TTL lost the history and the files uploaded before it (the turn
+    then failed with a 500, or made a new session without the files)."""
+    sid = f"long-{uuid.uuid4().hex[:8]}"
+    files = {"file": ("input.csv", b"a,b\n1,2\n")}
+    uploaded = httpx.post(f"{short_lived.url}/v1/sessions/{sid}/files", files=files, timeout=10)
+    assert uploaded.status_code == 200, uploaded.text
+    _reply(_post(short_lived, chat("one", session_id=sid)))
+    slow = 'script:{"text": "slow ", "tokens": 100, "delay_ms": 50}'  # 5 s, past the 3 s TTL
+    assert _reply(_post(short_lived, chat(slow, session_id=sid))).startswith("slow slow")
+    session = httpx.get(f"{short_lived.url}/v1/sessions/{sid}", timeout=10)
+    assert session.status_code == 200, session.text
+    assert session.json()["message_count"] == 4
+    listed = httpx.get(f"{short_lived.url}/v1/sessions/{sid}/files", timeout=10).json()
+    assert [file["path"] for file in listed["data"]] == ["input.csv"]
+
+
 @pytest.fixture
 def impatient(start_gateway: Any) -> Gateway:
     """One worker that cancels running jobs at once on SIGTERM."""

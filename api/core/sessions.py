@@ -93,7 +93,7 @@ async def attach(
         )
     try:
         session, history_len, head = await sessions.open_for_job(
-            redis, owner, session_id, settings.session_ttl_s, head=len(job.turns)
+            redis, owner, session_id, settings.session_ttl_s, head=len(job.turns), turn_s=hold_s
         )
         turns = new_turns(history_len, head, job.turns)
         if not turns or turns[-1].role != "user":
