@@ -649,6 +649,14 @@ class JobStore:
         result: bytes = await self._delete(keys=keys)
         return result.decode()  # type: ignore[return-value]
 
+    async def idempotent_job(self, owner: str, key: str) -> tuple[str, str] | None:
+        """The `(job id, fingerprint)` that `owner`'s `Idempotency-Key` names, if it names one."""
+        found: bytes | None = await self.redis.get(idempotency_key(owner, key))
+        if found is None:
+            return None
+        job_id, _, fingerprint = found.decode().partition(" ")
+        return job_id, fingerprint
+
     async def release_idempotency(self, owner: str, key: str, job_id: str) -> None:
         """Frees `owner`'s `Idempotency-Key` if it still names `job_id` (a job that is gone)."""
         await self._release(keys=[idempotency_key(owner, key)], args=[job_id + " "])

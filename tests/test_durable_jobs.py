@@ -300,6 +300,28 @@ def test_the_same_idempotency_key_attaches_to_the_same_job(durable: Gateway) -> 
     assert other.json()["error"]["code"] == "idempotency_key_reused"
 
 
+def test_the_same_idempotency_key_attaches_to_a_session_turn_still_running(durable: Gateway) -> None:
+    """Found by an outside probe: a client that lost its stream of a session's turn and sent it
+    again with the same key got 409 `session_busy` (the turn held the session) until it ended."""
+    url = f"{durable.url}/v1/chat/completions"
+    body = chat(script(text="turn of a session", wait_ms=1500), session_id="idempotent-turn", background=True)
+    headers = {"Idempotency-Key": "turn-7"}
+    first = httpx.post(url, json=body, headers=headers, timeout=10)
+    again = httpx.post(url, json=body, headers=headers, timeout=10)
+    assert first.status_code == again.status_code == 200, again.text
+    assert again.json()["id"] == first.json()["id"]
+    other = httpx.post(
+        url, json={**body, "messages": [{"role": "user", "content": "other"}]}, headers=headers, timeout=10
+    )
+    assert other.status_code == 400
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    job_id = first.json()["id"]
+    wait_for(lambda: retrieve(durable, job_id)["status"] == "completed", 10, "the turn completes")
+    assert retrieve(durable, job_id)["choices"][0]["message"]["content"] == "turn of a session"
+    session = httpx.get(f"{durable.url}/v1/sessions/idempotent-turn", timeout=10).json()
+    assert session["message_count"] == 2  # one turn, not two
+
+
 def test_job_over_its_time_or_stall_limit_fails_clearly(start_gateway: Any) -> None:
     """Within the limit + 2 s: 504 with `timeout` or `stalled`."""
     gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", JOB_TIMEOUT_S="1.5", STALL_TIMEOUT_S="1")

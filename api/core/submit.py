@@ -82,12 +82,16 @@ async def submit(
     stored = await tool_config.configs(gateway.redis, owner, session_id, stored_global)
     job = plan(request, http.headers, http.state.request_id, settings, stored, session=session_id is not None)
     job = job.model_copy(update={"owner": owner})
-    response_format = request.response_format
+    response_format, reasoning = request.response_format, _shows_reasoning(request, settings)
     if request.n > 1:
         jobs = [job, *(job.model_copy(update={"id": new_job_id()}) for _ in range(request.n - 1))]
         queued = await _queue_all(jobs, http, gateway, caller)
-        return Run(gateway, queued, request.background, response_format, _shows_reasoning(request, settings))
+        return Run(gateway, queued, request.background, response_format, reasoning)
     if session_id is not None:
+        # A repeated request attaches to its earlier job before the session is asked for: that
+        # job may hold it still (its client lost the stream and asks again).
+        if idempotency is not None and (earlier := await _earlier(idempotency, gateway, caller)) is not None:
+            return Run(gateway, [earlier], request.background, response_format, reasoning)
         job = await attach(gateway.redis, settings, caller.key_id, session_id, job)
     try:
         if companion is not None:
@@ -100,7 +104,7 @@ async def submit(
         raise
     if ref.id != job.id:  # attached to the key's earlier job: this one was never queued
         await abandon(gateway.redis, job)
-    return Run(gateway, [ref], request.background, response_format, _shows_reasoning(request, settings))
+    return Run(gateway, [ref], request.background, response_format, reasoning)
 
 
 def _shows_reasoning(request: CompletionRequest, settings: Settings) -> bool:
@@ -180,16 +184,32 @@ async def _queue(
             raise no_job_slot(refused) from None
         if existing is None:
             return job
-        job_id, used_with = existing
         assert idempotency is not None
-        if used_with != idempotency.fingerprint:
-            raise OpenAIError.invalid(
-                "This Idempotency-Key was already used with a different request.",
-                param="Idempotency-Key",
-                code="idempotency_key_reused",
-            )
-        if (record := await gateway.store.get(job_id)) is not None:
+        if (record := await _earlier_job(existing, idempotency, gateway, caller)) is not None:
             return record
-        # Its job is gone (deleted, or expired a moment before its key): the key is this request's.
-        await gateway.store.release_idempotency(caller.key_id, idempotency.key, job_id)
     raise OpenAIError(409, "Retry: the earlier request's job just ended.", type="invalid_request_error")
+
+
+async def _earlier(idempotency: Idempotency, gateway: Gateway, caller: Caller) -> JobRef | None:
+    """The job an earlier request with this `Idempotency-Key` queued, if it is still there."""
+    existing = await gateway.store.idempotent_job(caller.key_id, idempotency.key)
+    return None if existing is None else await _earlier_job(existing, idempotency, gateway, caller)
+
+
+async def _earlier_job(
+    existing: tuple[str, str], idempotency: Idempotency, gateway: Gateway, caller: Caller
+) -> JobRef | None:
+    """The job the key names, `existing` (its id and request's fingerprint); None if it is gone,
+    and the key is then free. A different request under the same key is a 400."""
+    job_id, used_with = existing
+    if used_with != idempotency.fingerprint:
+        raise OpenAIError.invalid(
+            "This Idempotency-Key was already used with a different request.",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
+    if (record := await gateway.store.get(job_id)) is not None:
+        return record
+    # Its job is gone (deleted, or expired a moment before its key): the key is this request's.
+    await gateway.store.release_idempotency(caller.key_id, idempotency.key, job_id)
+    return None
