@@ -293,6 +293,41 @@ def test_real_path_tool_use(claude: Gateway, upstream: FakeAnthropic) -> None:
     assert (use.name, use.input, message.stop_reason) == ("get_weather", {"city": "Oslo"}, "tool_use")
 
 
+def test_a_reply_of_thinking_alone_has_no_empty_text_block_and_can_be_sent_back(
+    claude: Gateway, upstream: FakeAnthropic
+) -> None:
+    """Found by an outside probe: a reply cut while the model still thought came with an empty
+    text block (the stream had none), and the agent loop that sent it back was refused for it."""
+    client = anthropic.Anthropic(base_url=claude.url, api_key="unused", max_retries=0, timeout=60)
+    asked: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": 3000,
+        "messages": [{"role": "user", "content": "think"}],
+    }
+    shapes = []
+    for stream in (False, True):
+        upstream.script.append(Reply(thinking=["long", " thought"], tokens=[], stop_reason="max_tokens"))
+        if stream:
+            with client.messages.stream(**asked) as streamed:
+                message = streamed.get_final_message()
+        else:
+            message = client.messages.create(**asked)
+        assert message.stop_reason == "max_tokens"
+        shapes.append([block.type for block in message.content])
+    assert shapes[0] == shapes[1] == ["thinking"]
+    again = client.messages.create(
+        **{
+            **asked,
+            "messages": [
+                *asked["messages"],
+                {"role": "assistant", "content": message.content},
+                {"role": "user", "content": "go on"},
+            ],
+        }
+    )
+    assert again.stop_reason == "end_turn"
+
+
 def test_errors_are_in_anthropics_shape_with_their_statuses(
     scripted: Gateway, client: anthropic.Anthropic
 ) -> None:

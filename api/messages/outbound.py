@@ -28,8 +28,9 @@ from shared.jobs import Activity, Delta, Done, Usage
 
 
 def _content(events: Iterable[JobEventValue], calls: bool) -> list[ThinkingBlock | TextBlock]:
-    """Text and activity as blocks, in order; with a text block unless the reply is `calls` (an
-    empty text block is one the real API would refuse when the client sends the turn back)."""
+    """Text and activity as blocks, in order, as the stream sends them: an empty text block only
+    for a reply of nothing at all (one beside other blocks is one the real API refuses when the
+    client sends the turn back, and so does the gateway)."""
     blocks: list[ThinkingBlock | TextBlock] = []
     for event in events:
         if isinstance(event, Delta):
@@ -42,7 +43,7 @@ def _content(events: Iterable[JobEventValue], calls: bool) -> list[ThinkingBlock
                 blocks[-1].thinking += activity_text(event)
             else:
                 blocks.append(ThinkingBlock(thinking=activity_text(event)))
-    if not calls and not any(isinstance(block, TextBlock) for block in blocks):
+    if not calls and not blocks:
         blocks.append(TextBlock(text=""))
     return blocks
 
