@@ -13,7 +13,7 @@ import pytest
 
 from shared.jobs import CompletionJob, FunctionTool, Turn
 from tests.conftest import Gateway, assert_schema, chat, claude_env, sse_data
-from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
+from tests.fake_anthropic import FakeAnthropic, Reply, system_text, tool_results
 from tests.test_durable_jobs import script
 from worker import caller_functions
 
@@ -105,12 +105,64 @@ def test_streamed_tool_calls_arrive_whole_with_stable_indexes(
             {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
             "tool_choice",
         ),
+        # Found by an outside probe: said "not supported by this gateway", and "None" for a name.
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {}}}, "tool_choice"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto"}}},
+            "tool_choice",
+        ),
     ],
 )
 def test_bad_tools_are_400(scripted: Gateway, extra: dict[str, Any], param: str) -> None:
     response = httpx.post(f"{scripted.url}/v1/chat/completions", json=chat("hi", **extra), timeout=30)
     assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == param
+    error = response.json()["error"]
+    assert (error["param"], error["type"]) == (param, "invalid_request_error")
+    assert error["code"] != "unsupported_parameter"
+    assert "None" not in error["message"]
+
+
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_allowed_tools_offers_those_functions_alone(
+    claude: Gateway, upstream: FakeAnthropic, path: str
+) -> None:
+    """`allowed_tools` (chat's and Responses' shapes): the model is offered those of the request's
+    functions only, and `required` tells it to call one."""
+    upstream.default = Reply(tokens=["fine"])
+    if path == "/v1/responses":
+        tools = [{"type": "function", **tool["function"]} for tool in (WEATHER, TIME)]
+        choice: dict[str, Any] = {
+            "type": "allowed_tools",
+            "mode": "required",
+            "tools": [{"type": "function", "name": "get_time"}],
+        }
+        body: dict[str, Any] = {
+            "model": MODEL,
+            "input": "What time is it?",
+            "tools": tools,
+            "tool_choice": choice,
+        }
+    else:
+        allowed = {"mode": "required", "tools": [{"type": "function", "function": {"name": "get_time"}}]}
+        choice = {"type": "allowed_tools", "allowed_tools": allowed}
+        body = chat("What time is it?", tools=[WEATHER, TIME], tool_choice=choice)
+    response = httpx.post(f"{claude.url}{path}", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    offered = [
+        tool["name"]
+        for tool in upstream.requests[-1].get("tools", [])
+        if tool["name"].startswith("mcp__caller__")
+    ]
+    assert offered == ["mcp__caller__get_time"]
+    assert "You must answer by calling one or more of the functions" in system_text(upstream.requests[-1])
 
 
 def test_every_call_needs_its_result_and_every_result_a_call_on_every_front_end(scripted: Gateway) -> None:

@@ -104,6 +104,52 @@ def _check_answered(messages: list[ChatMessage]) -> None:
         )
 
 
+_REQUIRED = "You must answer by calling one or more of the functions offered to you."
+
+
+def _chosen(
+    choice: str | dict[str, Any] | None, functions: list[FunctionTool], param: str
+) -> tuple[list[FunctionTool], str | None]:
+    """The functions the model may call under `choice`, and the rule it is given to choose:
+    `none`, `auto`, `required`, one function by name (chat's `{"type": "function", "function":
+    {"name"}}`, Responses' and the legacy `{"name"}`), or chat's `allowed_tools` (a subset, `auto`
+    or `required`)."""
+    if choice is None or choice == "auto":
+        return functions, None
+    if choice == "none":
+        return [], None
+    if choice == "required":
+        return functions, _REQUIRED
+    if not isinstance(choice, dict) or choice.get("type", "function") not in ("function", "allowed_tools"):
+        raise OpenAIError.unsupported(param)
+    if choice.get("type") == "allowed_tools":
+        allowed = choice.get("allowed_tools") or {}
+        mode, tools = allowed.get("mode"), allowed.get("tools")
+        if mode not in ("auto", "required") or not isinstance(tools, list) or not tools:
+            raise OpenAIError.invalid(
+                f"{param}.allowed_tools takes a mode ('auto' or 'required') and a list of tools.", param=param
+            )
+        names = {_chosen_name(tool, param) for tool in tools}
+        kept = [f for f in functions if f.name in names]
+        if len(kept) != len(names):
+            raise OpenAIError.invalid(f"{param}.allowed_tools names a function not offered.", param=param)
+        return kept, _REQUIRED if mode == "required" else None
+    name = _chosen_name(choice, param)
+    kept = [f for f in functions if f.name == name]
+    if not kept:
+        raise OpenAIError.invalid(f"{param} names no offered function: {name[:64]}", param=param)
+    return kept, f"You must answer by calling the function {name}."
+
+
+def _chosen_name(choice: Any, param: str) -> str:
+    """The function a choice names: `{"function": {"name"}}` or `{"name"}`."""
+    named = choice.get("function") if isinstance(choice, dict) and "function" in choice else choice
+    name = named.get("name") if isinstance(named, dict) else None
+    if not isinstance(name, str) or not name:
+        raise OpenAIError.invalid(f"{param} names a function without its name.", param=param)
+    return name
+
+
 def function_calling(body: CompletionRequest) -> tuple[CompletionRequest, FunctionCalling | None]:
     """The request without its function-calling parts (for `build_job`), and those parts."""
     uses_functions = any(m.role in ("tool", "function") or m.tool_calls for m in body.messages)
@@ -120,20 +166,10 @@ def function_calling(body: CompletionRequest) -> tuple[CompletionRequest, Functi
             )
         functions.append(_function(tool.get("function"), f"tools[{index}].function"))
     functions += [_function(spec, f"functions[{i}]") for i, spec in enumerate(body.functions or [])]
-    choice = body.tool_choice if body.tool_choice is not None else body.function_call
-    rule: str | None = None
-    if choice == "none":
-        functions = []
-    elif choice == "required":
-        rule = "You must answer by calling one or more of the functions offered to you."
-    elif isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") or choice.get("name")
-        functions = [f for f in functions if f.name == name]
-        if not functions:
-            raise OpenAIError.invalid(
-                f"tool_choice names no offered function: {str(name)[:64]}", param="tool_choice"
-            )
-        rule = f"You must answer by calling the function {name}."
+    param = "tool_choice" if body.tool_choice is not None else "function_call"
+    functions, rule = _chosen(
+        body.tool_choice if body.tool_choice is not None else body.function_call, functions, param
+    )
     if body.parallel_tool_calls is False and functions:
         single = "Call at most one function in your reply."
         rule = f"{rule} {single}" if rule else single

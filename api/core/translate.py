@@ -16,7 +16,9 @@ def build_job(
     backend_model = resolve_model(request.model, settings)
     for param in ("tool_choice", "function_call"):
         if getattr(request, param) not in (None, "none", "auto"):  # a choice among no functions
-            raise OpenAIError.unsupported(param)
+            raise OpenAIError.invalid(
+                f"{param} asks for a function call, but no functions are offered.", param=param
+            )
     system: list[str] = []
     turns: list[Turn] = []
     for index, message in enumerate(request.messages):

@@ -57,7 +57,10 @@ class CreateResponseRequest(AgentControls):
             "tools": not all(_servable(tool) for tool in self.tools or []),
             "tool_choice": not (
                 self.tool_choice in (None, "none", "auto", "required")
-                or (isinstance(self.tool_choice, dict) and self.tool_choice.get("type") == "function")
+                or (
+                    isinstance(self.tool_choice, dict)
+                    and self.tool_choice.get("type") in ("function", "allowed_tools")
+                )
             ),
             "conversation": self.conversation is not None,
             "prompt": self.prompt is not None,
@@ -159,6 +162,13 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | Non
 
 
 def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """Responses' choice in chat's shape: a function is `{"type": "function", "name"}` here, and
+    `allowed_tools` has its `mode` and `tools` at the top."""
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        allowed = {"mode": choice.get("mode"), "tools": choice.get("tools")}
+        if isinstance(allowed["tools"], list):
+            allowed["tools"] = [chat_tool_choice(tool) for tool in allowed["tools"]]
+        return {"type": "allowed_tools", "allowed_tools": allowed}
     if isinstance(choice, dict):
         return {"type": "function", "function": {"name": choice.get("name")}}
     return choice
