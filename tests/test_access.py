@@ -337,6 +337,28 @@ def test_concurrent_jobs_per_key_are_capped_and_always_released(guarded: Gateway
     redis.close()
 
 
+def test_more_choices_than_the_cap_is_a_400_and_queues_nothing(guarded: Gateway) -> None:
+    """Found by an outside probe: `n` over the cap was a 429 to retry (it never succeeds), after
+    jobs of it had been queued, pushed to workers and cancelled."""
+    key_id, secret = new_key(guarded)
+    redis = guarded.redis()
+    queued = redis.zcard("gateway:queue")
+    over = httpx.post(
+        f"{guarded.url}/v1/chat/completions", json=chat("hi", n=3), headers=bearer(secret), timeout=30
+    )
+    assert over.status_code == 400, over.text
+    assert over.json()["error"]["param"] == "n"
+    assert "at most 2" in over.json()["error"]["message"]
+    assert redis.zcard("gateway:queue") == queued
+    assert redis.zcard(f"gateway:jobslots:{key_id}") == 0
+    redis.close()
+    within = httpx.post(
+        f"{guarded.url}/v1/chat/completions", json=chat("hi", n=2), headers=bearer(secret), timeout=30
+    )
+    assert within.status_code == 200, within.text
+    assert len(within.json()["choices"]) == 2
+
+
 def test_message_count_and_prompt_size_are_limited(guarded: Gateway) -> None:
     url = f"{guarded.url}/v1/chat/completions"
     many = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "x"}] * 6}

@@ -76,7 +76,7 @@ async def submit(
     settings = gateway.settings
     session_id = requested_session_id(request.session_id, http.headers)
     if request.n > 1:
-        _check_choices(request, settings.max_choices, session_id, idempotency)
+        _check_choices(request, settings, session_id, idempotency)
     owner = sessions.owner_of(caller.key_id)
     stored_global = getattr(http.state, STORED_GLOBAL_TOOLS, None)
     stored = await tool_config.configs(gateway.redis, owner, session_id, stored_global)
@@ -142,10 +142,14 @@ def plan(
 
 
 def _check_choices(
-    request: CompletionRequest, max_choices: int, session_id: str | None, idempotency: Idempotency | None
+    request: CompletionRequest, settings: Settings, session_id: str | None, idempotency: Idempotency | None
 ) -> None:
-    if request.n > max_choices:
-        raise OpenAIError.invalid(f"n must be at most {max_choices}.", param="n")
+    if request.n > settings.max_choices:
+        raise OpenAIError.invalid(f"n must be at most {settings.max_choices}.", param="n")
+    if 0 < (cap := settings.max_concurrent_jobs_per_key) < request.n:  # never: not a 429 to retry
+        raise OpenAIError.invalid(
+            f"n must be at most {cap}: each choice is a job, and a key runs at most {cap} at once.", param="n"
+        )
     if request.background or session_id is not None or idempotency or request.response_format is not None:
         raise OpenAIError.invalid(
             "n > 1 cannot run in the background, continue a session, take an Idempotency-Key "
