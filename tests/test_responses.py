@@ -182,6 +182,15 @@ def test_previous_response_must_exist_and_be_completed(scripted: Gateway) -> Non
     assert busy.status_code == 400
     assert busy.json()["error"]["code"] == "previous_response_not_completed"
     httpx.post(f"{scripted.url}/v1/responses/{running['id']}/cancel", timeout=30)
+    # In a session too (found by an outside probe: a failed turn of the session was continued).
+    session = {"session_id": "continued-after-a-failure"}
+    assert create(scripted, input="one", **session).status_code == 200
+    failed = create(scripted, input=script(text="x", fail_after=0), background=True, **session).json()
+    url = f"{scripted.url}/v1/responses/{failed['id']}"
+    wait_for(lambda: httpx.get(url, timeout=30).json()["status"] == "failed", 20, "the turn fails")
+    after = create(scripted, input="three", previous_response_id=failed["id"], **session)
+    assert after.status_code == 400, after.text
+    assert after.json()["error"]["code"] == "previous_response_not_completed"
 
 
 def test_background_retrieve_and_resume_by_starting_after(client: openai.OpenAI, scripted: Gateway) -> None:

@@ -118,6 +118,13 @@ async def _continued(
 ) -> list[ChatMessage]:
     """The conversation the previous response continues with, for a request in `session_id`."""
     record, stored = await _owned(gateway, caller, previous_id, param="previous_response_id")
+    # In a session too: its turn is not the session's (found by an outside probe).
+    if record.status is not JobStatus.COMPLETED:
+        raise OpenAIError.invalid(
+            f"The previous response is {record.status.value}; only a completed response can be continued.",
+            param="previous_response_id",
+            code="previous_response_not_completed",
+        )
     if stored.session_id is not None:  # its session holds the conversation, the response only its turn
         if stored.session_id == session_id:
             owner = sessions.owner_of(caller.key_id)
@@ -141,12 +148,6 @@ async def _continued(
             "The previous response was created with store: false and cannot be continued.",
             param="previous_response_id",
             code="previous_response_not_stored",
-        )
-    if record.status is not JobStatus.COMPLETED:
-        raise OpenAIError.invalid(
-            f"The previous response is {record.status.value}; only a completed response can be continued.",
-            param="previous_response_id",
-            code="previous_response_not_completed",
         )
     return await stored_responses.continued_conversation(gateway.redis, stored, record.id)
 
