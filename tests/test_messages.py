@@ -218,6 +218,12 @@ def test_real_path_stream(claude: Gateway, upstream: FakeAnthropic) -> None:
     # OpenAI's prompt tokens count them all, the cache's reads among them as cached.
     chat_usage = httpx.post(f"{claude.url}/v1/chat/completions", json=chat("hi"), timeout=60).json()["usage"]
     assert (chat_usage["prompt_tokens"], chat_usage["prompt_tokens_details"]["cached_tokens"]) == (1550, 1000)
+    # And their writes too, on chat and Responses (found by an outside probe: reported as 0).
+    assert chat_usage["prompt_tokens_details"]["cache_write_tokens"] == 500
+    responses = httpx.post(
+        f"{claude.url}/v1/responses", json={"model": MODEL, "input": "hi"}, timeout=60
+    ).json()
+    assert responses["usage"]["input_tokens_details"] == {"cached_tokens": 1000, "cache_write_tokens": 500}
 
 
 WEATHER = {

@@ -40,7 +40,10 @@ def usage_body(usage: Usage) -> CompletionUsage:
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.prompt_tokens + usage.completion_tokens,
-        prompt_tokens_details={"cached_tokens": usage.cached_prompt_tokens},
+        prompt_tokens_details={
+            "cached_tokens": usage.cached_prompt_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+        },
         cost_usd=usage.cost_usd,
     )
 

@@ -259,7 +259,7 @@ class FunctionCall(BaseModel):
 
 class InputTokensDetails(BaseModel):
     cached_tokens: int
-    cache_write_tokens: int = 0
+    cache_write_tokens: int
 
 
 class OutputTokensDetails(BaseModel):

@@ -124,7 +124,9 @@ def usage_body(usage: Usage) -> ResponseUsage:
     """Our usage → the Responses API's; cache writes are counted in `input_tokens` (not split out)."""
     return ResponseUsage(
         input_tokens=usage.prompt_tokens,
-        input_tokens_details=InputTokensDetails(cached_tokens=usage.cached_prompt_tokens),
+        input_tokens_details=InputTokensDetails(
+            cached_tokens=usage.cached_prompt_tokens, cache_write_tokens=usage.cache_write_tokens
+        ),
         output_tokens=usage.completion_tokens,
         total_tokens=usage.prompt_tokens + usage.completion_tokens,
         cost_usd=usage.cost_usd,
