@@ -18,8 +18,10 @@ def _report(gateway: Gateway, body: dict[str, Any], **headers: str) -> dict[str,
 
 def test_each_parameter_is_reported_with_what_the_gateway_does(scripted: Gateway) -> None:
     body = chat("Hello", temperature=0.8, presence_penalty=0.1, frequency_penalty=0, n=2, user="u", extra=1)
+    body |= {"reasoning_effort": "low", "verbosity": "low"}
     report = _report(scripted, body | {"logit_bias": {"1": 2}})
     handling = {p["name"]: p["handling"] for p in report["parameters"]}
+    # Those it does not know too (found by an outside probe: left out of the report).
     assert handling == {
         "model": "supported",
         "messages": "supported",
@@ -29,6 +31,9 @@ def test_each_parameter_is_reported_with_what_the_gateway_does(scripted: Gateway
         "frequency_penalty": "ignored",
         "logit_bias": "refused",
         "user": "ignored",
+        "reasoning_effort": "supported",
+        "extra": "ignored",
+        "verbosity": "ignored",
     }
     # The verdict is what POST /v1/chat/completions answers: its first refusal.
     assert report["accepted"] is False
@@ -46,6 +51,8 @@ def test_each_parameter_is_reported_with_what_the_gateway_does(scripted: Gateway
         "frequency_penalty",
         "logit_bias",
         "user",
+        "extra",
+        "verbosity",
     }
     assert "logit_bias: 400 unsupported_parameter: the gateway cannot honour it" in original["warnings"]
 

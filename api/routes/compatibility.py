@@ -7,7 +7,7 @@ The original wrapper's `compatibility_report` (its four lists) is derived from t
 """
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
@@ -73,6 +73,11 @@ _PARAMETERS: dict[str, Callable[[object], tuple[Handling, str]]] = {
     "top_p": _always("ignored", _NO_SAMPLING),
     "seed": _always("ignored", _NO_SAMPLING),
     "user": _always("ignored", "accepted; not used"),
+    "reasoning_effort": _always(
+        "supported",
+        "Claude Code's effort, sent to the models that take it; none and minimal turn thinking off; "
+        "at most CLAUDE_MAX_EFFORT",
+    ),
     "n": _always("supported", "n jobs run in parallel, up to MAX_CHOICES"),
     "stop": _always("supported", "up to 4 sequences; the reply ends before the first"),
     "presence_penalty": _unless_zero(_NOT_HONOURED),
@@ -82,7 +87,9 @@ _PARAMETERS: dict[str, Callable[[object], tuple[Handling, str]]] = {
     "top_logprobs": _always("refused", _NOT_HONOURED),
     "response_format": _always("supported", "asked for in the prompt; the reply is checked (502 if broken)"),
     "tools": _always("supported", _FUNCTIONS),
-    "tool_choice": _always("supported", "auto and none exactly; required and a named function are asked for"),
+    "tool_choice": _always(
+        "supported", "auto and none exactly; required, a named function and allowed_tools are asked for"
+    ),
     "parallel_tool_calls": _always("supported", "false is asked for in the prompt"),
     "functions": _always("supported", _FUNCTIONS),
     "function_call": _always("supported", _FUNCTIONS),
@@ -101,13 +108,20 @@ _PARAMETERS: dict[str, Callable[[object], tuple[Handling, str]]] = {
 }
 
 
-def _parameters(body: ChatCompletionRequest) -> list[ParameterReport]:
+_UNKNOWN = _always("ignored", "not a parameter this gateway knows: ignored")
+
+
+def _parameters(body: ChatCompletionRequest, sent: dict[str, Any]) -> list[ParameterReport]:
+    """Each parameter of `sent` (the request's JSON), those the gateway does not know included."""
     reports = []
     for name in sorted(body.model_fields_set, key=list(ChatCompletionRequest.model_fields).index):
         handling, detail = _PARAMETERS.get(name, _always("ignored", "accepted; not used"))(
             getattr(body, name)
         )
         reports.append(ParameterReport(name=name, handling=handling, detail=detail))
+    for name in sorted(sent.keys() - ChatCompletionRequest.model_fields.keys()):
+        handling, detail = _UNKNOWN(None)
+        reports.append(ParameterReport(name=name[:64], handling=handling, detail=detail))
     return reports
 
 
@@ -143,7 +157,7 @@ async def check_compatibility(
     body: ChatCompletionRequest, request: Request, gateway: GatewayDep
 ) -> CompatibilityReport:
     error = _verdict(body, request, gateway.settings)
-    parameters = _parameters(body)
+    parameters = _parameters(body, await request.json())
     return CompatibilityReport(
         accepted=error is None,
         error=error,
