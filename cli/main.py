@@ -100,7 +100,7 @@ def run_api(settings: Settings) -> None:
             # Open streams end at once (clients resume them by id) instead of holding the shutdown.
             gateway: Gateway | None = getattr(app.state, "gateway", None)
             if gateway is not None:
-                gateway.streams.end()
+                gateway.streams.end(settings.drain_timeout_s)
 
     Server(config).run(sockets=[listener])
 

@@ -5,6 +5,7 @@ import contextlib
 import json
 import signal
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -63,6 +64,46 @@ async def test_a_silent_job_gets_keep_alive_pings(api_in_process: str) -> None:
         # A reply collected whole is not bothered by the silence.
         answer = await client.post(url, json=chat(script(text="late too", wait_ms=1000)))
         assert answer.json()["choices"][0]["message"]["content"] == "late too"
+
+
+def test_requests_still_waiting_when_the_drain_ends_get_a_503_naming_their_job(start_gateway: Any) -> None:
+    """Found by an outside probe: a request waiting for its job (not streamed, or streamed before
+    its headers) when the drain ran out got uvicorn's plain-text 500 and a traceback in the log;
+    the SDKs retry a 500, which runs the agent again. A second before the drain's end it is
+    answered a 503 that names its job and says not to retry, in its front end's shape."""
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", DRAIN_TIMEOUT_S="2", STREAM_COMMIT_AFTER_S="30"
+    )
+    api = gateway.processes[-1]
+    slow = script(text="after the drain", wait_ms=8000)
+    asked = {
+        "chat": ("/v1/chat/completions", chat(slow)),
+        "chat stream": ("/v1/chat/completions", chat(slow, stream=True)),
+        "messages": ("/v1/messages", {**chat(slow), "max_tokens": 100}),
+    }
+    answers: dict[str, httpx.Response] = {}
+
+    def ask(name: str) -> None:
+        path, body = asked[name]
+        answers[name] = httpx.post(f"{gateway.url}{path}", json=body, timeout=30)
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in asked]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)  # all three wait for their jobs
+    api.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(timeout=20)
+    for name, answer in answers.items():
+        assert answer.status_code == 503, (name, answer.text)
+        assert answer.headers["x-should-retry"] == "false", name
+        error = answer.json()["error"]
+        assert "retrieve it by its id" in error["message"], name
+    assert answers["chat"].json()["error"]["code"] == "server_shutting_down"
+    assert answers["messages"].json()["type"] == "error"  # Anthropic's shape
+    assert len(answers) == 3
+    api.wait(timeout=5)
+    assert not any("Traceback" in log.read_text() for log in gateway.logs.glob("api-*.log"))
 
 
 def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: Any) -> None:

@@ -172,6 +172,14 @@ class Run:
         for pump in self._pumps:
             pump.cancel()
 
+    def shutting_down(self) -> OpenAIError:
+        """What a request still waiting for the run when its API process shuts down answers."""
+        message = (
+            f"This API process shut down while job {self.job.id} ran; it goes on and may complete: "
+            "retrieve it by its id rather than send the request again."
+        )
+        return OpenAIError(503, message, type="server_error", code="server_shutting_down", headers=NO_RETRY)
+
     async def cancel(self, message: str) -> None:
         failure = Failed(code=FailureCode.CANCELLED, message=message)
         for job in self.jobs:
@@ -182,17 +190,18 @@ class Run:
         events: list[list[JobEventValue]] = [[] for _ in self.jobs]
         replies: dict[int, Reply] = {}
         try:
-            async for batch in self.events():
-                for choice, _, event in batch:
-                    if isinstance(event, KeepAlive):
-                        continue
-                    events[choice].append(event)
-                    if isinstance(event, Failed):
-                        raise OpenAIError.from_failure(event)
-                    if isinstance(event, Done):
-                        kept = settled(events[choice])
-                        text, _ = reply_of(kept)
-                        replies[choice] = Reply(text, event, kept)
+            with self.gateway.streams.waiting(self.shutting_down):
+                async for batch in self.events():
+                    for choice, _, event in batch:
+                        if isinstance(event, KeepAlive):
+                            continue
+                        events[choice].append(event)
+                        if isinstance(event, Failed):
+                            raise OpenAIError.from_failure(event)
+                        if isinstance(event, Done):
+                            kept = settled(events[choice])
+                            text, _ = reply_of(kept)
+                            replies[choice] = Reply(text, event, kept)
         except (RedisConnectionError, RedisTimeoutError) as exc:  # longer than REDIS_OUTAGE_GRACE_S
             # The job runs on: an SDK's retry of a plain 503 would run the agent again.
             message = (

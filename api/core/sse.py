@@ -27,13 +27,17 @@ class FinalChunk(bytes):
 
 
 class OpenStreams:
-    """The streams an API process is sending. A shutdown ends them at once, with an in-stream
-    error that says to resume them by id (on another process), instead of holding it for the
-    drain."""
+    """The streams an API process is sending, and the requests waiting for their jobs before
+    any header. A shutdown ends the streams at once, with an in-stream error that says to resume
+    them by id (on another process), instead of holding it for the drain. The waits get the drain,
+    as their jobs may end in it, and are cut just before it ends (`waiting`): uvicorn would then
+    cancel them into a plain-text 500, whose retry by the SDKs runs the agent again."""
 
     def __init__(self) -> None:
         self.ending = False
         self._open: set[EventStreamResponse] = set()
+        self._waits: set[asyncio.Task[object]] = set()
+        self._cut_waits: set[asyncio.Task[object]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, stream: "EventStreamResponse") -> None:
@@ -45,15 +49,58 @@ class OpenStreams:
     def discard(self, stream: "EventStreamResponse") -> None:
         self._open.discard(stream)
 
-    def end(self) -> None:
-        """Ends every open stream, and any that opens from now; callable from a signal handler."""
+    def end(self, drain_s: float) -> None:
+        """Ends every open stream, and any that opens from now, and the waits a second before
+        `drain_s` has passed; callable from a signal handler."""
         self.ending = True
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._cut_all)
+            self._loop.call_soon_threadsafe(self._cut_all, max(0.0, drain_s - 1))
 
-    def _cut_all(self) -> None:
+    def _cut_all(self, waits_after_s: float) -> None:
         for stream in list(self._open):
             stream.cut()
+        assert self._loop is not None
+        self._loop.call_later(waits_after_s, self._cut_all_waits)
+
+    def _cut_all_waits(self) -> None:
+        self._cut_waits |= self._waits
+        for task in self._waits:
+            task.cancel()
+
+    def waiting(self, cut: Callable[[], Exception]) -> "Waiting":
+        """Around a request's wait for its job: cut at the drain's end, it raises `cut()`."""
+        return Waiting(self, cut)
+
+    def _begin_wait(self, task: "asyncio.Task[object]") -> None:
+        self._loop = self._loop or asyncio.get_running_loop()
+        self._waits.add(task)
+
+    def _end_wait(self, task: "asyncio.Task[object]", cancelled: bool) -> bool:
+        """Whether the wait ended as the shutdown cut it (and only the shutdown)."""
+        self._waits.discard(task)
+        if task not in self._cut_waits:
+            return False
+        self._cut_waits.discard(task)
+        return cancelled and not task.uncancel()
+
+
+class Waiting:
+    """`OpenStreams.waiting`: a class, not a generator, as every streamed request's first wait
+    takes one."""
+
+    def __init__(self, streams: OpenStreams, cut: Callable[[], Exception]) -> None:
+        self._streams = streams
+        self._cut = cut
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+
+    def __enter__(self) -> None:
+        self._streams._begin_wait(self._task)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: object) -> None:
+        if self._streams._end_wait(self._task, kind is asyncio.CancelledError):
+            raise self._cut() from None
 
 
 class EventStreamResponse(StreamingResponse):

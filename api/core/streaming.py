@@ -93,7 +93,11 @@ async def event_stream(
     events = run.events(after)
     if run.response_format is not None:  # checked whole, then sent as one delta
         events = _checked(run, await run.collect())
-    first = await first_events(events, settings.stream_commit_after_s) if live else None
+    if live:
+        with run.gateway.streams.waiting(run.shutting_down):
+            first = await first_events(events, settings.stream_commit_after_s)
+    else:
+        first = None
 
     async def cancel() -> None:
         await run.cancel("The client disconnected.")
