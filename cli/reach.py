@@ -14,7 +14,7 @@ _TRIES = 5
 def redis_problem(role: str, exc: Exception) -> str:
     """The message a command exits with when Redis refused it or could not be reached."""
     if isinstance(exc, OutOfMemoryError):
-        return f"claude-gateway {role}: Redis refuses writes, it is full (maxmemory): {exc}"
+        return f"claude-gateway {role}: Redis refuses writes: it is full (free memory or raise maxmemory)"
     return f"claude-gateway {role}: cannot reach Redis ({exc})"
 
 

@@ -17,6 +17,7 @@ import redis
 from cli.embedded_redis import EmbeddedRedis
 from shared.keys import SWEPT, WORKER_LOAD
 from tests.conftest import Gateway, chat
+from tests.test_access import bearer, keys_cli, new_key
 from tests.test_bad_input import assert_error
 
 IMAGE = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + bytes(3000)).decode()
@@ -139,3 +140,24 @@ def test_with_rate_limits_a_full_redis_is_a_clear_503_too(
     _fill(gateway.redis())
     response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), timeout=30)
     assert_error(response, 503, code="storage_full")
+
+
+def test_a_key_is_revoked_while_redis_is_full(start_gateway: Any, small_redis: EmbeddedRedis) -> None:
+    """Found by an outside probe: `keys revoke` was refused by a full Redis (the key deleted in one
+    transaction with a write that needs memory), so a leaked key, maybe the one filling it, stayed
+    valid. `keys create` is refused, in one sentence."""
+    gateway: Gateway = start_gateway(workers=0, BACKEND="scripted", redis_url=small_redis.url)
+    key_id, secret = new_key(gateway)
+    _, kept = new_key(gateway, "kept")
+    _fill(gateway.redis())
+    models = f"{gateway.url}/v1/models"
+    assert httpx.get(models, headers=bearer(secret), timeout=10).status_code == 200
+    revoked = keys_cli(gateway, "revoke", key_id)
+    assert revoked.returncode == 0, revoked.stderr
+    assert httpx.get(models, headers=bearer(secret), timeout=10).status_code == 401
+    assert httpx.get(models, headers=bearer(kept), timeout=10).status_code == 200
+    refused = keys_cli(gateway, "create", "--name", "more")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "full" in refused.stderr
+    assert "HSET" not in refused.stderr  # no command of the gateway's internals
