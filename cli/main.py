@@ -11,6 +11,7 @@ queue, the workers and recent failures (`cli/status.py`); `keys` manages client 
 import argparse
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -241,6 +243,18 @@ def _problem(error: ErrorDetails) -> str:
     return f"{'.'.join(map(str, error['loc'])).upper()}: {message}" if error["loc"] else message
 
 
+def _not_json(exc: SettingsError) -> str:
+    """pydantic-settings' 'error parsing value for field "models" from source ...' as the variable
+    and what it takes."""
+    found = re.search(r'field "(\w+)"', str(exc))
+    if found is None or found.group(1) not in Settings.model_fields:
+        return str(exc)
+    name = found.group(1)
+    kind = "list" if typing.get_origin(Settings.model_fields[name].annotation) is list else "mapping"
+    example = '["a", "b"]' if kind == "list" else '{"a": "b"}'
+    return f"{name.upper()}: must be a JSON {kind}, such as {example}"
+
+
 def _seconds(value: str) -> float:
     seconds = float(value)
     if not seconds > 0:  # 0 or less refreshed without a pause, a query of Redis each time
@@ -267,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         problems = "; ".join(_problem(error) for error in exc.errors())
         sys.exit(f"invalid configuration: {problems}")
     except SettingsError as exc:  # a list or mapping setting that is not JSON
-        sys.exit(f"invalid configuration: {exc}")
+        sys.exit(f"invalid configuration: {_not_json(exc)}")
     configure_logging(settings)
     if args.role == "status":
         from cli.status import run_status

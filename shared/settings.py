@@ -39,7 +39,7 @@ class Settings(BaseSettings):
 
     # --- API ------------------------------------------------------------------------------
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(default=8000, ge=0, le=65535)
     max_request_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     queue_timeout_s: float = Field(
         default=60.0, gt=0, description="A job not started by then fails with 503."

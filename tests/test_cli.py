@@ -66,7 +66,9 @@ def test_without_a_server_on_the_path_the_bundled_valkey_is_used(monkeypatch: py
         ({"REDIS_URL": "notaurl"}, ["keys", "list"], "claude-gateway keys: cannot reach Redis"),
         ({"REDIS_URL": "notaurl"}, ["status"], "claude-gateway status: cannot reach Redis"),
         ({"LOG_LEVEL": "loud"}, ["status"], "invalid configuration: LOG_LEVEL"),
-        ({"MODELS": "[oops"}, ["status"], "invalid configuration:"),
+        ({"MODELS": "[oops"}, ["status"], "invalid configuration: MODELS: must be a JSON list"),
+        ({"MODEL_ALIASES": "x"}, ["status"], "invalid configuration: MODEL_ALIASES: must be a JSON mapping"),
+        ({"PORT": "99999"}, ["api"], "invalid configuration: PORT: Input should be less than or equal"),
         ({}, ["status", "--watch", "0"], "not a positive number of seconds"),
         # Found by an outside probe: each of these was a traceback, or a worker losing its jobs.
         ({"REDIS_URL": "redis://127.0.0.1:1/0"}, ["worker"], "claude-gateway worker: cannot reach Redis"),
