@@ -21,7 +21,6 @@ reason unless the operator turned the sandbox off (`SANDBOX=off`). docs/security
 this guarantees and what not.
 """
 
-import contextlib
 import itertools
 import logging
 import os
@@ -31,7 +30,7 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from pathlib import Path, PurePath
 from typing import Protocol
 
@@ -328,7 +327,7 @@ class Sandbox:
         """A script for `ClaudeAgentOptions.cli_path` that runs the CLI in `workspace`'s sandbox,
         for as long as the workspace is in use (and its sockets to the proxies are open)."""
         path = self._runtime_dir / f"{workspace.root.name}.sh"
-        with contextlib.ExitStack() as open_doors:
+        with ExitStack() as open_doors:
             number = next(self._doors)
             doors = {
                 inside: open_doors.enter_context(proxy.door(self._runtime_dir / f"{number}-{inside.name}"))
@@ -364,7 +363,7 @@ def _runtime_parent() -> Path | None:
     """`<tmp>/gateway-workers-<uid>`, where this user's workers keep their runtime directories;
     None (the temp dir itself, unswept) if another user made that name first."""
     parent = Path(tempfile.gettempdir()) / f"gateway-workers-{os.getuid()}"
-    with contextlib.suppress(FileExistsError):
+    with suppress(FileExistsError):
         parent.mkdir(mode=0o711)
     found = parent.lstat()
     if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o022:
