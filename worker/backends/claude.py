@@ -313,7 +313,8 @@ class ClaudeBackend:
             # Nothing from the workspace (its .claude/settings.json could install hooks); with
             # skills, the user source: the job's own fresh config directory, where they were copied.
             setting_sources=["user"] if skills else [],
-            user=settings.claude_job_user,
+            # In a sandbox, its launcher becomes the job's user (`Sandbox.launcher`).
+            user=None if self._sandbox.ready else settings.claude_job_user,
             cwd=self._cwd(workspace),
             env=env,
             cli_path=cli,
