@@ -6,6 +6,7 @@ import json
 import signal
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -336,3 +337,20 @@ def test_a_job_still_running_when_the_drain_ends_gets_worker_shutdown(
     failed = retrieve(gateway, completion_id)
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "worker_shutdown"  # it had output: not handed back
+
+
+def test_what_a_failing_cli_says_is_in_the_workers_log(
+    start_gateway: Any, upstream: FakeAnthropic, tmp_path: Path
+) -> None:
+    """Found by an outside probe: a CLI that failed at start was logged as 'Command failed with exit
+    code 1 ... Check stderr output for details', and its stderr went nowhere."""
+    cli = tmp_path / "claude"
+    cli.write_text("#!/bin/sh\necho 'Error: EACCES: permission denied, open /the/reason' >&2\nexit 1\n")
+    cli.chmod(0o755)
+    env = claude_env(upstream, SANDBOX="off", CLAUDE_CLI_PATH=str(cli), LOG_LEVEL="info")
+    gateway: Gateway = start_gateway(workers=1, **env)
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), timeout=60)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "backend_unavailable"
+    logs = "".join(log.read_text() for log in gateway.logs.glob("worker-*.log"))
+    assert "Claude Code said: Error: EACCES: permission denied, open /the/reason" in logs

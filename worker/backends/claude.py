@@ -318,7 +318,9 @@ class ClaudeBackend:
             cwd=self._cwd(workspace),
             env=env,
             cli_path=cli,
-            stderr=lambda line: log.debug("cli: %s", line),
+            # What the CLI says when it fails ("exited unexpectedly" said nothing of why: an
+            # outside probe); it writes nothing there on a run that goes well.
+            stderr=lambda line: log.info("Claude Code said: %s", line[:500]),
         )
 
     def _skills(self, job: CompletionJob, workspace: Workspace) -> list[str]:
