@@ -300,6 +300,32 @@ def test_the_same_idempotency_key_attaches_to_the_same_job(durable: Gateway) -> 
     assert other.json()["error"]["code"] == "idempotency_key_reused"
 
 
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/messages"])
+def test_the_same_idempotency_key_attaches_on_responses_and_messages_too(durable: Gateway, path: str) -> None:
+    """Every front end that queues a job honours the key (it was chat's only): a client that timed
+    out and sends again gets the same job, not a second agent run."""
+    asked = script(text="only once", wait_ms=300)
+    if path == "/v1/responses":
+        body: dict[str, Any] = {"model": "claude-sonnet-4-5", "input": asked}
+    else:
+        body = {**chat(asked), "max_tokens": 100}
+    headers = {"Idempotency-Key": f"once-on-{path}"}
+    redis = durable.redis()
+    stored = len(list(redis.scan_iter("gateway:response:*")))
+    first = httpx.post(f"{durable.url}{path}", json=body, headers=headers, timeout=10)
+    second = httpx.post(f"{durable.url}{path}", json=body, headers=headers, timeout=10)
+    assert first.status_code == second.status_code == 200, second.text
+    assert first.json()["id"] == second.json()["id"]
+    # The second request's stored Responses request is not kept beside a job that never was.
+    assert len(list(redis.scan_iter("gateway:response:*"))) == stored + (path == "/v1/responses")
+    redis.close()
+    assert "only once" in second.text
+    other = httpx.post(f"{durable.url}{path}", json={**body, "model": "sonnet"}, headers=headers, timeout=10)
+    assert other.status_code == 400
+    said = other.json()["error"]
+    assert "Idempotency-Key was already used" in said["message"]
+
+
 def test_the_same_idempotency_key_attaches_to_a_session_turn_still_running(durable: Gateway) -> None:
     """Found by an outside probe: a client that lost its stream of a session's turn and sent it
     again with the same key got 409 `session_busy` (the turn held the session) until it ended."""

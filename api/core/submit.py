@@ -35,6 +35,10 @@ from shared.settings import Settings
 from shared.tool_config import ToolConfig
 
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+IDEMPOTENCY_HEADER = {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}
+"""The header in each job-creating route's OpenAPI document; read from the request, not declared as
+a parameter: FastAPI validates each declared header through pydantic, about 40 µs per request on
+the token path."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,9 @@ class Idempotency:
     fingerprint: str
 
     @classmethod
-    def of(cls, key: str | None, body: BaseModel) -> "Idempotency | None":
+    def of(cls, request: Request, body: BaseModel) -> "Idempotency | None":
+        """The request's `Idempotency-Key`, if it has one (400 if malformed)."""
+        key = request.headers.get("idempotency-key")
         if key is None:  # no fingerprint either: the body is not serialized for nothing
             return None
         if not _IDEMPOTENCY_KEY.fullmatch(key):
@@ -104,6 +110,8 @@ async def submit(
         raise
     if ref.id != job.id:  # attached to the key's earlier job: this one was never queued
         await abandon(gateway.redis, job)
+        if companion is not None:
+            await companion.forget(job.id)
     return Run(gateway, [ref], request.background, response_format, reasoning)
 
 

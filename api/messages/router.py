@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from api.core.sse import EventStreamResponse
 from api.core.streaming import event_stream
-from api.core.submit import submit
+from api.core.submit import IDEMPOTENCY_HEADER, Idempotency, submit
 from api.deps import Caller, Gateway
 from api.errors import ANTHROPIC_COMPLETION_ERRORS
 from api.messages.outbound import MessageStream, message_body
@@ -19,9 +19,17 @@ from api.messages.protocol import CreateMessageRequest, Message, core_request
 router = APIRouter()
 
 
-@router.post("/v1/messages", response_model=Message, responses=ANTHROPIC_COMPLETION_ERRORS)
+@router.post(
+    "/v1/messages",
+    response_model=Message,
+    responses=ANTHROPIC_COMPLETION_ERRORS,
+    openapi_extra={"parameters": [IDEMPOTENCY_HEADER]},
+)
 async def create_message(body: CreateMessageRequest, request: Request) -> JSONResponse | EventStreamResponse:
-    run = await submit(core_request(body), request, Gateway.of(request), Caller.of(request))
+    idempotency = Idempotency.of(request, body)
+    run = await submit(
+        core_request(body), request, Gateway.of(request), Caller.of(request), idempotency=idempotency
+    )
     if not body.stream:
         return JSONResponse(message_body(run.job, (await run.collect())[0]).model_dump())
     return await event_stream(run, MessageStream(run.job))

@@ -18,7 +18,7 @@ from api.core.sessions import requested_session_id
 from api.core.sse import EventStreamResponse
 from api.core.streaming import StartingAfter, event_stream, resumed_after
 from api.core.structured import ResponseFormat
-from api.core.submit import submit
+from api.core.submit import IDEMPOTENCY_HEADER, Idempotency, submit
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import COMPLETION_ERRORS, OpenAIError
 from api.responses import response as stored_responses
@@ -35,11 +35,17 @@ from shared.keys import is_job_id, session_key
 router = APIRouter()
 
 
-@router.post("/v1/responses", response_model=Response, responses=COMPLETION_ERRORS)
+@router.post(
+    "/v1/responses",
+    response_model=Response,
+    responses=COMPLETION_ERRORS,
+    openapi_extra={"parameters": [IDEMPOTENCY_HEADER]},
+)
 async def create_response(
     body: CreateResponseRequest, request: Request
 ) -> JSONResponse | EventStreamResponse:
     check_supported(body)
+    idempotency = Idempotency.of(request, body)
     gateway, caller = Gateway.of(request), Caller.of(request)
     session_id = requested_session_id(body.session_id, request.headers)
     earlier: list[ChatMessage] = []
@@ -48,7 +54,7 @@ async def create_response(
     core = core_request(body, earlier)
     stored = stored_request(body, core, gateway.settings, session_id)
     keeper = stored_responses.Keeper(gateway.redis, gateway.settings, stored)
-    run = await submit(core, request, gateway, caller, companion=keeper)
+    run = await submit(core, request, gateway, caller, idempotency=idempotency, companion=keeper)
     if body.background and not body.stream:
         return JSONResponse(response_body(run.job, stored, JobStatus.QUEUED, "", None).wire())
     if not body.stream:
