@@ -166,3 +166,26 @@ def test_a_turn_cut_by_max_tokens_is_continued(claude_fleet: Gateway, upstream: 
         ("assistant", "fine"),
         ("user", "third"),
     ]
+
+
+@pytest.mark.parametrize("stop", ["max_tokens", "refusal"])
+def test_a_later_turn_cut_short_is_in_what_the_model_sees_next(
+    claude_fleet: Gateway, upstream: FakeAnthropic, stop: str
+) -> None:
+    """Found by an outside probe: a turn cut by a token limit or a refusal after the session's
+    first turn was in the session's history but not in its stored transcript, which the next turn
+    resumed: the model never saw it. The transcript is dropped then, and the next turn starts a
+    new one with the whole history as context."""
+    url = f"{claude_fleet.url}/v1/chat/completions"
+    sid = f"cut-later-{stop}"
+    upstream.default = Reply(tokens=["Hi Ada"])
+    assert httpx.post(url, json=chat("I am Ada", session_id=sid), timeout=120).status_code == 200
+    upstream.default = Reply(tokens=["I will", " not"], stop_reason=stop)
+    cut = httpx.post(url, json=chat("bad ask", session_id=sid, max_tokens=16), timeout=120)
+    assert cut.status_code == 200, cut.text
+    upstream.default = Reply(tokens=["fine"])
+    assert httpx.post(url, json=chat("third", session_id=sid), timeout=120).status_code == 200
+    [(role, prompt)] = _conversation(upstream.requests[-1])
+    assert role == "user"
+    said = [prompt.index(text) for text in ("I am Ada", "Hi Ada", "bad ask", "I will not", "third")]
+    assert said == sorted(said), prompt

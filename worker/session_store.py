@@ -137,9 +137,10 @@ class JobTranscript:
     down (prompt and cost bookkeeping) could otherwise land after the next job took the session.
     """
 
-    def __init__(self, store: RedisSessionStore, project: str) -> None:
+    def __init__(self, store: RedisSessionStore, project: str, session_id: str) -> None:
         self._store = store
         self._project = project
+        self.session_id = session_id
         self._pending: list[tuple[SessionKey, list[SessionStoreEntry]]] = []
         self._sealed = False
 
@@ -149,8 +150,8 @@ class JobTranscript:
             pinned["subpath"] = key["subpath"]
         return pinned
 
-    async def exists(self, session_id: str) -> bool:
-        return await self._store.exists({"project_key": self._project, "session_id": session_id})
+    async def exists(self) -> bool:
+        return await self._store.exists({"project_key": self._project, "session_id": self.session_id})
 
     async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
         if not self._sealed:
@@ -167,3 +168,11 @@ class JobTranscript:
         pending, self._pending = self._pending, []
         for key, entries in pending:
             await self._store.append(key, entries)
+
+    async def drop(self) -> None:
+        """For a turn cut before its end (a token limit, a refusal): the stored transcript lacks
+        it and would resume without it, so it is removed, and the next turn starts a new one
+        with the session's history (this turn as the client received it) as context."""
+        self._sealed = True
+        self._pending = []
+        await self._store.delete({"project_key": self._project, "session_id": self.session_id})

@@ -494,10 +494,10 @@ class ClaudeBackend:
             history = HistoryStore.of(str(options.cwd), job.backend_model or job.model, earlier)
             store = cast(SessionStore, history)
             return replace(options, session_store=store, resume=history.session_id), user_message(last), None
-        transcript = JobTranscript(self._store, project=job.session.owner)
-        store = cast(SessionStore, transcript)  # duck-typed: the optional methods it lacks stay unused
         transcript_id = job.session.transcript_id
-        if await transcript.exists(transcript_id):
+        transcript = JobTranscript(self._store, project=job.session.owner, session_id=transcript_id)
+        store = cast(SessionStore, transcript)  # duck-typed: the optional methods it lacks stay unused
+        if await transcript.exists():
             resumed = replace(options, session_store=store, resume=transcript_id)
             return resumed, _prompt(job.turns), transcript
         started = replace(options, session_store=store, session_id=transcript_id)
@@ -566,7 +566,7 @@ async def _relay(
                     usage = _usage(_summed(earlier, {**started, **event["usage"]}))
                     if transcript is not None:  # closing the run flushes its transcript
                         await stop()
-                        await transcript.commit()
+                        await transcript.drop()
                     yield Done(finish_reason=ending, usage=usage)
                     return
                 elif event.get("type") == "message_delta":
