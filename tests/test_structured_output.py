@@ -182,6 +182,23 @@ def test_real_path_asks_for_the_schema(claude: Gateway, upstream: FakeAnthropic)
     assert '"required": ["name", "age"]' in system
 
 
+def test_a_refusal_is_a_content_filter_not_a_broken_format(claude: Gateway, upstream: FakeAnthropic) -> None:
+    """Found by an outside probe: a refusal under a JSON format was a 502 'not valid JSON', the
+    refusal's text lost. It is the answer as a refusal: content_filter, which the SDK raises as such."""
+    client = openai.OpenAI(base_url=f"{claude.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    upstream.script.append(Reply(tokens=["I cannot", " do that"], stop_reason="refusal"))
+    with pytest.raises(openai.ContentFilterFinishReasonError):
+        client.chat.completions.parse(
+            model="claude-sonnet-4-5", messages=[{"role": "user", "content": "Who?"}], response_format=Person
+        )
+    upstream.script.append(Reply(tokens=["I cannot", " do that"], stop_reason="refusal"))
+    body = {"model": "claude-sonnet-4-5", "input": "Who?", "text": {"format": {"type": "json_object"}}}
+    response = httpx.post(f"{claude.url}/v1/responses", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "incomplete"
+    assert response.json()["incomplete_details"] == {"reason": "content_filter"}
+
+
 def chained(levels: int) -> dict[str, Any]:
     """~40 bytes a level: each level is either of two references to the next, so checking a reply
     the naive way doubles in time and memory per level."""

@@ -117,8 +117,9 @@ class ResponseFormat:
 
     def check_finished(self, reply: str, finish_reason: str) -> str:
         """`check` for a finished reply: one cut off by the token limit is never complete JSON, and
-        one that ends on function calls is not the answer the format is for (it is not checked)."""
-        if finish_reason == FinishReason.TOOL_CALLS.value:
+        one that ends on function calls, or at a refusal (`content_filter`, which the SDKs raise
+        as such), is not the answer the format is for (it is not checked)."""
+        if finish_reason in (FinishReason.TOOL_CALLS.value, FinishReason.CONTENT_FILTER.value):
             return reply
         if finish_reason == FinishReason.LENGTH.value:
             raise _violation("The reply was cut off by the token limit before its JSON was complete.")
