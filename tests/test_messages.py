@@ -97,6 +97,20 @@ def test_sdk_stream(client: anthropic.Anthropic) -> None:
     assert final.usage.output_tokens == 3
 
 
+def test_an_empty_reply_has_no_content_block_streamed_or_not(client: anthropic.Anthropic) -> None:
+    """As the real API's: an empty text block is one it refuses when the client sends the turn back
+    (found by an outside probe, for a refusal before any text)."""
+    asked: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": script(text="")}],
+    }
+    assert client.messages.create(**asked).content == []
+    with client.messages.stream(**asked) as stream:
+        kinds = [event.type for event in stream]
+    assert kinds == ["message_start", "message_delta", "message_stop"]
+
+
 def test_raw_stream_events_validate(scripted: Gateway) -> None:
     body = {
         "model": MODEL,

@@ -27,10 +27,10 @@ from shared.events import JobEventValue
 from shared.jobs import Activity, Delta, Done, Usage
 
 
-def _content(events: Iterable[JobEventValue], calls: bool) -> list[ThinkingBlock | TextBlock]:
-    """Text and activity as blocks, in order, as the stream sends them: an empty text block only
-    for a reply of nothing at all (one beside other blocks is one the real API refuses when the
-    client sends the turn back, and so does the gateway)."""
+def _content(events: Iterable[JobEventValue]) -> list[ThinkingBlock | TextBlock]:
+    """Text and activity as blocks, in order, as the stream sends them; never an empty text block
+    (the real API refuses one when the client sends the turn back, and so does the gateway): a
+    reply of nothing at all has no content, as the real API's."""
     blocks: list[ThinkingBlock | TextBlock] = []
     for event in events:
         if isinstance(event, Delta):
@@ -43,8 +43,6 @@ def _content(events: Iterable[JobEventValue], calls: bool) -> list[ThinkingBlock
                 blocks[-1].thinking += activity_text(event)
             else:
                 blocks.append(ThinkingBlock(thinking=activity_text(event)))
-    if not calls and not blocks:
-        blocks.append(TextBlock(text=""))
     return blocks
 
 
@@ -59,7 +57,7 @@ def message_body(job: JobRef, reply: Reply | None) -> Message:
     return Message(
         id=MESSAGE_ID_PREFIX + job.id,
         model=job.model,
-        content=[*_content(events, bool(reply.done.tool_calls)), *tool_use_blocks(reply.done.tool_calls)],
+        content=[*_content(events), *tool_use_blocks(reply.done.tool_calls)],
         stop_reason=stop_reason(reply.done),
         stop_sequence=reply.done.stop_sequence,
         usage=usage_body(reply.done.usage),
@@ -116,8 +114,7 @@ class MessageStream:
         if not isinstance(event, Done):
             error = OpenAIError.from_failure(event)
             return [_error(error.status, error.info.message)]
-        opened = self._index >= 0 or bool(event.tool_calls)
-        events = self._close() if opened else [*self._block("text"), *self._close()]
+        events = self._close()
         for block in tool_use_blocks(event.tool_calls):
             # Each call arrives whole: its input is one JSON delta.
             self._index += 1
