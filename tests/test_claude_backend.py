@@ -354,3 +354,17 @@ def test_what_a_failing_cli_says_is_in_the_workers_log(
     assert response.json()["error"]["code"] == "backend_unavailable"
     logs = "".join(log.read_text() for log in gateway.logs.glob("worker-*.log"))
     assert "Claude Code said: Error: EACCES: permission denied, open /the/reason" in logs
+
+
+def test_a_cost_of_n_choices_is_none_unless_each_has_one(claude: Gateway, upstream: FakeAnthropic) -> None:
+    """Found by an outside probe: with one choice refused (no cost: the run was stopped before its
+    result), the other's cost was given as the request's."""
+    upstream.script.extend([Reply(tokens=["No."], stop_reason="refusal"), Reply(tokens=["Yes."])])
+    body = chat("two answers", n=2)
+    response = httpx.post(f"{claude.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    reasons = sorted(choice["finish_reason"] for choice in response.json()["choices"])
+    assert reasons == ["content_filter", "stop"]
+    assert response.json()["usage"]["cost_usd"] is None
+    both = httpx.post(f"{claude.url}/v1/chat/completions", json=body, timeout=60).json()
+    assert both["usage"]["cost_usd"] == pytest.approx(2 * (42 * _INPUT_PRICE + 7 * _OUTPUT_PRICE))

@@ -83,13 +83,14 @@ def reply_of(events: Iterable[JobEventValue]) -> tuple[str, Done | Failed | None
 
 
 def total_usage(usages: list[Usage]) -> Usage:
-    costs = [usage.cost_usd for usage in usages if usage.cost_usd is not None]
+    """The choices' usage summed; their cost only if each has one (a part is no total)."""
+    costs = [usage.cost_usd for usage in usages]
     return Usage(
         prompt_tokens=sum(usage.prompt_tokens for usage in usages),
         completion_tokens=sum(usage.completion_tokens for usage in usages),
         cached_prompt_tokens=sum(usage.cached_prompt_tokens for usage in usages),
         cache_write_tokens=sum(usage.cache_write_tokens for usage in usages),
-        cost_usd=sum(costs) if costs else None,
+        cost_usd=None if None in costs else sum(cost or 0.0 for cost in costs),
     )
 
 
