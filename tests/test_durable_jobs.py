@@ -336,6 +336,12 @@ def test_the_same_idempotency_key_attaches_to_a_session_turn_still_running(durab
     again = httpx.post(url, json=body, headers=headers, timeout=10)
     assert first.status_code == again.status_code == 200, again.text
     assert again.json()["id"] == first.json()["id"]
+    # The session named by the header instead is the same request (found by the next probe).
+    by_header = {k: v for k, v in body.items() if k != "session_id"}
+    named = {**headers, "X-Session-Id": "idempotent-turn"}
+    headed = httpx.post(url, json=by_header, headers=named, timeout=10)
+    assert headed.status_code == 200, headed.text
+    assert headed.json()["id"] == first.json()["id"]
     other = httpx.post(
         url, json={**body, "messages": [{"role": "user", "content": "other"}]}, headers=headers, timeout=10
     )

@@ -58,7 +58,11 @@ class Idempotency:
             raise OpenAIError.invalid(
                 "Idempotency-Key must be 1 to 255 printable ASCII characters.", param="Idempotency-Key"
             )
-        return cls(key, hashlib.sha256(body.model_dump_json().encode()).hexdigest())
+        # The session as named either way (the body's field or the X-Session-Id header): the same
+        # request by either is the same request.
+        session = requested_session_id(getattr(body, "session_id", None), request.headers) or ""
+        request_json = body.model_dump_json(exclude={"session_id"})
+        return cls(key, hashlib.sha256(f"{session}\n{request_json}".encode()).hexdigest())
 
 
 class Companion(Protocol):
