@@ -404,7 +404,8 @@ def test_a_claude_job_retried_on_the_same_machine_starts_in_a_clean_workspace(
     upstream.by_prompt["survive me"] = deque([Reply(tokens=["late"], delay_s=60), Reply(tokens=["made it"])])
     completion_id = start_background(gateway, "survive me")
     victim = worker_running(gateway, job_id_of(completion_id))
-    wait_for(lambda: any("survive me" in json.dumps(r["messages"]) for r in upstream.requests), 30, "asked")
+    # Bounds for a loaded machine (CI's, with the other test process's CLIs): twice missed at 30 and 40 s.
+    wait_for(lambda: any("survive me" in json.dumps(r["messages"]) for r in upstream.requests), 60, "asked")
     victim.send_signal(signal.SIGKILL)
     ended = ("completed", "failed")
     record = f"gateway:job:{job_id_of(completion_id)}"
@@ -412,7 +413,7 @@ def test_a_claude_job_retried_on_the_same_machine_starts_in_a_clean_workspace(
     def the_retry() -> str:
         return f"retry; the job's record: {gateway.redis().hgetall(record)}"
 
-    final = wait_for(lambda: (b := retrieve(gateway, completion_id))["status"] in ended and b, 40, the_retry)
+    final = wait_for(lambda: (b := retrieve(gateway, completion_id))["status"] in ended and b, 60, the_retry)
     assert final["status"] == "completed", final
     assert final["choices"][0]["message"]["content"] == "made it"
     assert gateway.redis().hget(f"gateway:job:{job_id_of(completion_id)}", "attempt") == b"2"

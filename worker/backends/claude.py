@@ -12,6 +12,7 @@ import os
 import pwd
 import re
 import signal
+import tempfile
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack, aclosing, contextmanager
@@ -167,6 +168,10 @@ class ClaudeBackend:
         if abandoned := remove_abandoned(settings.workspace_root):
             log.info("removed %d workspaces of workers that died on this machine", abandoned)
         self._runtime_dir = runtime_dir()
+        # The SDK's copies of resumed transcripts (`claude-resume-*`, a caller's conversation) go
+        # in this worker's own folder, which the next worker removes if this one is killed: in
+        # the temp dir, a killed worker's stayed for good (an outside probe).
+        tempfile.tempdir = str(self._runtime_dir)
         self._proxy: CredentialProxy | None = None
         credential = self._proxied_credential()
         if credential is not None:
