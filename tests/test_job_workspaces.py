@@ -96,6 +96,23 @@ def test_a_large_workspace_is_removed_without_holding_up_its_job_or_the_worker(t
     _removed_within(tmp_path, 30)
 
 
+_EXIT_AFTER_A_JOB = """
+import sys
+from pathlib import Path
+from worker.workspace import job_workspace
+with job_workspace(Path(sys.argv[1]), "job-just-ended") as workspace:
+    for i in range(20_000):
+        (workspace.tmp / str(i)).touch()
+"""
+
+
+def test_a_worker_that_exits_cleanly_finishes_its_removals_first(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-c", _EXIT_AFTER_A_JOB, str(tmp_path)], cwd=ROOT, check=True, timeout=120
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_tree_deeper_than_pythons_stack_is_removed_at_the_jobs_end_and_after_its_worker(
     tmp_path: Path,
 ) -> None:

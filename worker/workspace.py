@@ -144,7 +144,9 @@ def _remove_apart(root: Path) -> None:
         os.rename(_owner_mark(root), _owner_mark(apart))
     except OSError:  # not there, or not this worker's to move: removed where it is
         apart = root
-    threading.Thread(target=_remove_marked, args=(apart,), name="workspace-removal", daemon=True).start()
+    # Not a daemon: a worker that exits cleanly finishes its removals first (a daemon one was cut
+    # at the exit, its folder left to the next worker on the machine: an outside probe).
+    threading.Thread(target=_remove_marked, args=(apart,), name="workspace-removal").start()
 
 
 def _remove_marked(directory: Path) -> None:
