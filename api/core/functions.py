@@ -166,10 +166,12 @@ def function_calling(body: CompletionRequest) -> tuple[CompletionRequest, Functi
             )
         functions.append(_function(tool.get("function"), f"tools[{index}].function"))
     functions += [_function(spec, f"functions[{i}]") for i, spec in enumerate(body.functions or [])]
-    param = "tool_choice" if body.tool_choice is not None else "function_call"
-    functions, rule = _chosen(
-        body.tool_choice if body.tool_choice is not None else body.function_call, functions, param
+    param, choice = (
+        ("tool_choice", body.tool_choice)
+        if body.tool_choice is not None
+        else ("function_call", body.function_call)
     )
+    functions, rule = _chosen(choice, functions, param)
     if body.parallel_tool_calls is False and functions:
         single = "Call at most one function in your reply."
         rule = f"{rule} {single}" if rule else single
