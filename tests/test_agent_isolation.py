@@ -87,9 +87,12 @@ def _reachable_by_nobody(path: Path) -> bool:
     return probe.returncode == 0
 
 
-@pytest.fixture(scope="module")
-def unprivileged(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
-    """As `tooled`, but each CLI runs as `nobody` (`CLAUDE_JOB_USER`) under a root worker."""
+@pytest.fixture(scope="module", params=["on", "off"])
+def unprivileged(
+    request: pytest.FixtureRequest, start_gateway: Any, fake_anthropic: FakeAnthropic
+) -> Gateway:
+    """As `tooled`, but each CLI runs as `nobody` (`CLAUDE_JOB_USER`) under a root worker, in its
+    sandbox or, with `SANDBOX=off`, without one."""
     if os.geteuid() != 0:
         pytest.skip("switching the CLI's user needs a root worker")
     cli = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
@@ -106,6 +109,7 @@ def unprivileged(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
         CLAUDE_JOB_USER="nobody",
         WORKSPACE_ROOT=str(workspaces),
         CLAUDE_MAX_RETRIES="1",
+        SANDBOX=request.param,
     )
     return gateway
 
@@ -129,7 +133,8 @@ def test_a_session_runs_as_another_user_and_keeps_its_files(
     unprivileged: Gateway, upstream: FakeAnthropic
 ) -> None:
     """Found by an outside probe: under `CLAUDE_JOB_USER` every session's turn failed with 503 (the
-    worker's folder of session copies was closed to the job's user)."""
+    worker's folder of session copies was closed to the job's user); with `SANDBOX=off`, every
+    later turn did (the SDK switched the CLI's uid alone, and its copy of the transcript was root's)."""
     session = {"session_id": "as-nobody"}
     write = "id -un > made-by.txt; id -G >> made-by.txt; cat made-by.txt"
     upstream.script.extend([Reply(tool_use=("Bash", {"command": write, "description": "write"})), Reply()])

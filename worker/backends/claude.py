@@ -245,10 +245,11 @@ class ClaudeBackend:
     @contextmanager
     def _workspace(self, name: str, work: Path | None = None) -> Iterator[tuple[Workspace, Path | None]]:
         """A workspace for one CLI (in the session's directory `work`, if given), and the CLI to
-        start: a launcher into the workspace's sandbox (or, with `SANDBOX=off`, the CLI itself)."""
+        start: a launcher into the workspace's sandbox (or, with `SANDBOX=off`, the CLI itself,
+        through a launcher that becomes `CLAUDE_JOB_USER` if set)."""
         settings = self._settings
         with job_workspace(settings.workspace_root, name, settings.claude_job_user, work) as workspace:
-            if not self._sandbox.ready:
+            if not self._sandbox.ready and settings.claude_job_user is None:
                 yield workspace, settings.claude_cli_path
                 return
             with self._sandbox.launcher(workspace, self._cwd(workspace)) as launcher:
@@ -318,8 +319,7 @@ class ClaudeBackend:
             # Nothing from the workspace (its .claude/settings.json could install hooks); with
             # skills, the user source: the job's own fresh config directory, where they were copied.
             setting_sources=["user"] if skills else [],
-            # In a sandbox, its launcher becomes the job's user (`Sandbox.launcher`).
-            user=None if self._sandbox.ready else settings.claude_job_user,
+            # Not `user=`: the launcher becomes the job's user (`Sandbox.launcher`).
             cwd=self._cwd(workspace),
             env=env,
             cli_path=cli,
