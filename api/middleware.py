@@ -21,7 +21,8 @@ _QUIET_PATHS = frozenset({"/health", "/ready", "/metrics", "/status"})
 
 
 class RequestId:
-    """Gives every response an `x-request-id`: the caller's, if well-formed, else a new one.
+    """Gives every response an `x-request-id`: the caller's, if well-formed, else a new one; a
+    Messages response also as `request-id`, the header Anthropic's clients read it from.
 
     It also binds the id to the request's log context and logs one line when the response ends.
     """
@@ -37,7 +38,9 @@ class RequestId:
         request_id = given if _CLIENT_REQUEST_ID.fullmatch(given) else f"req_{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = request_id
         logs.bind_new(request_id=request_id)
-        header = (b"x-request-id", request_id.encode())
+        headers = [(b"x-request-id", request_id.encode())]
+        if scope["path"].startswith("/v1/messages"):
+            headers.append((b"request-id", request_id.encode()))
         started = time.perf_counter()
         status = 0
 
@@ -45,7 +48,7 @@ class RequestId:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), header]
+                message["headers"] = [*message.get("headers", []), *headers]
             await send(message)
 
         try:

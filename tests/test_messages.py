@@ -80,6 +80,8 @@ def test_sdk_create_with_system_and_history(client: anthropic.Anthropic) -> None
     )
     assert message.content[0].type == "text"
     assert message.content[0].text == "user: first\nassistant: reply"
+    assert message._request_id is not None
+    assert message._request_id.startswith("req_")
 
 
 def test_sdk_stream(client: anthropic.Anthropic) -> None:
@@ -361,6 +363,9 @@ def test_errors_are_in_anthropics_shape_with_their_statuses(
     assert refused.value.body["type"] == "error"
     assert refused.value.body["error"]["type"] == "invalid_request_error"
     assert "thinking" in refused.value.body["error"]["message"]
+    # The client reads the request's id from `request-id` (found by an outside probe: it had None).
+    assert refused.value.request_id is not None
+    assert refused.value.request_id == refused.value.response.headers["x-request-id"]
     with pytest.raises(anthropic.NotFoundError) as unknown:
         client.messages.create(model="gpt-4", max_tokens=10, messages=[{"role": "user", "content": "x"}])
     assert unknown.value.body["error"]["type"] == "not_found_error"
