@@ -410,3 +410,88 @@ def test_a_request_with_legacy_functions_gets_its_call_in_that_form(
     both = chat(script(text="", calls=calls), functions=[WEATHER["function"]], tools=[WEATHER])
     answered = httpx.post(f"{scripted.url}/v1/chat/completions", json=both, timeout=30).json()
     assert answered["choices"][0]["finish_reason"] == "tool_calls"
+
+
+PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
+
+
+def test_a_function_result_holding_an_image_or_a_file_is_refused_on_every_front_end(
+    scripted: Gateway,
+) -> None:
+    """Found by an outside probe: each front end kept a result's text and dropped its images and
+    files without a word. A result is written into the conversation as text: anything else is a
+    400 that says so; text parts still reach the model."""
+    asked = {
+        "role": "assistant",
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+        ],
+    }
+    image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PIXEL}"}}
+    result = {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "18 C"}, image]}
+    chat_body = {"messages": [{"role": "user", "content": "weather?"}, asked, result], "tools": [WEATHER]}
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"}
+    responses_tools = [{"type": "function", **WEATHER["function"]}]
+
+    def output(part: dict[str, Any]) -> dict[str, Any]:
+        parts = [{"type": "input_text", "text": "18 C"}, part]
+        return {"input": [call, {"type": "function_call_output", "call_id": "call_1", "output": parts}]}
+
+    tool_use = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+    png = {"type": "base64", "media_type": "image/png", "data": PIXEL}
+
+    def tool_result(**fields: Any) -> dict[str, Any]:
+        content = [{"type": "text", "text": "18 C"}, {"type": "image", "source": png}]
+        block = {"type": "tool_result", "tool_use_id": "toolu_1", "content": content, **fields}
+        return {
+            "max_tokens": 100,
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": [tool_use]},
+                {"role": "user", "content": [block]},
+            ],
+        }
+
+    refused = [
+        ("/v1/chat/completions", chat_body, "messages[2].content[1]"),
+        (
+            "/v1/responses",
+            {
+                **output({"type": "input_image", "image_url": f"data:image/png;base64,{PIXEL}"}),
+                "tools": responses_tools,
+            },
+            "messages[1].content[1]",
+        ),
+        (
+            "/v1/responses",
+            {**output({"type": "input_file", "file_id": "file_1"}), "tools": responses_tools},
+            "input[1].output[1]",
+        ),
+        ("/v1/messages", tool_result(), "messages[2].content[1]"),
+        ("/v1/messages", tool_result(is_error=True), "messages[2].content[1]"),
+        ("/v1/responses", {**output({"text": "no type"}), "tools": responses_tools}, "input[1].output"),
+    ]
+    untyped = tool_result()
+    untyped["messages"][2]["content"][0]["content"] = [{"text": "no type"}]
+    refused.append(("/v1/messages", untyped, "messages[2].content[0]"))
+    for path, body, param in refused:
+        response = httpx.post(f"{scripted.url}{path}", json={"model": MODEL, **body}, timeout=30)
+        assert response.status_code == 400, (path, response.text)
+        error = response.json()["error"]
+        assert any(words in error["message"] for words in ("only text", "not supported", "'type'")), error
+        if path != "/v1/messages":  # Anthropic's error shape has no param
+            assert error["param"] == param, (path, error)
+    text_only = {
+        **chat_body,
+        "messages": [*chat_body["messages"][:2], {**result, "content": result["content"][:1]}],
+    }
+    text_only["messages"].append({"role": "user", "content": script(text="", echo=True)})
+    answered = httpx.post(
+        f"{scripted.url}/v1/chat/completions", json={"model": MODEL, **text_only}, timeout=30
+    )
+    assert answered.status_code == 200, answered.text
+    assert (
+        '<function_result id="call_1">18 C</function_result>'
+        in answered.json()["choices"][0]["message"]["content"]
+    )

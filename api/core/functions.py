@@ -59,7 +59,20 @@ def _text(message: ChatMessage) -> str:
     return "\n".join(part.text for part in message.content or [] if isinstance(part, TextPart))
 
 
-def _as_turn(message: ChatMessage) -> ChatMessage:
+def _result_text(message: ChatMessage, index: int) -> str:
+    """A function's result, which can hold only text here: a result is written into the
+    conversation as text (`<function_result>`), and an image in it would be lost."""
+    for number, part in enumerate(message.content if isinstance(message.content, list) else []):
+        if not isinstance(part, TextPart):
+            raise OpenAIError.invalid(
+                "A function's result can hold only text on this gateway.",
+                param=f"messages[{index}].content[{number}]",
+                code="unsupported_content",
+            )
+    return _text(message)
+
+
+def _as_turn(message: ChatMessage, index: int) -> ChatMessage:
     """A message about function calls as a plain user or assistant message."""
     if message.role == "assistant" and (message.tool_calls or message.function_call):
         calls = message.tool_calls or [{"id": "call_legacy", "function": message.function_call}]
@@ -69,15 +82,10 @@ def _as_turn(message: ChatMessage) -> ChatMessage:
             for call in calls
         ]
         return ChatMessage(role="assistant", content="\n".join(filter(None, [_text(message), *written])))
-    if message.role == "tool":
-        return ChatMessage(
-            role="user",
-            content=f'<function_result id="{message.tool_call_id}">{_text(message)}</function_result>',
-        )
-    if message.role == "function":
-        return ChatMessage(
-            role="user", content=f'<function_result name="{message.name}">{_text(message)}</function_result>'
-        )
+    if message.role in ("tool", "function"):
+        about = f'id="{message.tool_call_id}"' if message.role == "tool" else f'name="{message.name}"'
+        result = _result_text(message, index)
+        return ChatMessage(role="user", content=f"<function_result {about}>{result}</function_result>")
     return message
 
 
@@ -181,7 +189,7 @@ def function_calling(body: CompletionRequest) -> tuple[CompletionRequest, Functi
             "tool_choice": None,
             "functions": None,
             "function_call": None,
-            "messages": [_as_turn(message) for message in body.messages],
+            "messages": [_as_turn(message, index) for index, message in enumerate(body.messages)],
         }
     )
     return plain, FunctionCalling(functions, rule)

@@ -91,14 +91,22 @@ def _call(block: _Block) -> dict[str, Any]:
     return {"id": block.id, "type": "function", "function": {"name": block.name, "arguments": arguments}}
 
 
-def _result(block: _Block) -> ChatMessage:
-    if isinstance(block.content, list):
-        text = "\n".join(str(part.get("text", "")) for part in block.content if part.get("type") == "text")
+def _result(block: _Block, param: str) -> ChatMessage:
+    """A tool_result block as a chat tool message, its content parts kept (the core decides which
+    a result may hold)."""
+    if not isinstance(block.content, list):
+        parts: list[ContentPart] = [TextPart(type="text", text=block.content or "")]
     else:
-        text = block.content or ""
+        try:
+            blocks = [_Block.model_validate(raw) for raw in block.content]
+        except ValueError:
+            raise OpenAIError.invalid("A tool_result's content blocks need a 'type'.", param=param) from None
+        parts = [_part(part, f"{param}.content[{i}]") for i, part in enumerate(blocks)]
     if block.is_error:  # as Claude Code words a tool's failure to the model
-        text = f"<tool_use_error>{text}</tool_use_error>"
-    return ChatMessage(role="tool", tool_call_id=block.tool_use_id, content=text)
+        text = "\n".join(part.text for part in parts if isinstance(part, TextPart))
+        others = [part for part in parts if not isinstance(part, TextPart)]
+        parts = [TextPart(type="text", text=f"<tool_use_error>{text}</tool_use_error>"), *others]
+    return ChatMessage(role="tool", tool_call_id=block.tool_use_id, content=parts)
 
 
 def _chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -183,7 +191,11 @@ def core_request(body: CreateMessageRequest) -> CompletionRequest:
         blocks = [(i, b) for i, b in enumerate(message.content) if b.type not in skipped]
         content = [_part(b, f"messages[{index}].content[{i}]") for i, b in blocks]
         calls = [_call(b) for b in message.content if b.type == "tool_use"]
-        messages += [_result(b) for b in message.content if b.type == "tool_result"]
+        messages += [
+            _result(b, f"messages[{index}].content[{i}]")
+            for i, b in enumerate(message.content)
+            if b.type == "tool_result"
+        ]
         if content or calls or len(blocks) == len(message.content):  # not only tool results
             messages.append(ChatMessage(role=message.role, content=content, tool_calls=calls or None))
     return CompletionRequest.translated(

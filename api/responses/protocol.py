@@ -137,7 +137,7 @@ def _function_item(raw: dict[str, Any], param: str) -> ChatMessage:
     if not isinstance(call_id, str):
         raise OpenAIError.invalid("A function call item needs its 'call_id'.", param=f"{param}.call_id")
     if raw["type"] == "function_call_output":
-        return ChatMessage(role="tool", tool_call_id=call_id, content=_output_text(raw.get("output")))
+        return ChatMessage(role="tool", tool_call_id=call_id, content=_output(raw.get("output"), param))
     name = str(raw.get("name"))
     if namespace := raw.get("namespace"):
         name = f"{namespace}{_NAMESPACE_SEPARATOR}{name}"
@@ -147,11 +147,17 @@ def _function_item(raw: dict[str, Any], param: str) -> ChatMessage:
     )
 
 
-def _output_text(output: Any) -> str:
-    """A function's output: a string, or content parts whose text is kept."""
-    if isinstance(output, list):
-        return "".join(str(part.get("text") or "") for part in output if isinstance(part, dict))
-    return output if isinstance(output, str) else ""
+def _output(output: Any, param: str) -> str | list[ContentPart]:
+    """A function's output: a string, or its content parts (the core decides which a result may hold)."""
+    if not isinstance(output, list):
+        return output if isinstance(output, str) else ""
+    try:
+        parts = [_InputPart.model_validate(part) for part in output]
+    except ValueError:
+        raise OpenAIError.invalid(
+            "A function's output parts need a 'type'.", param=f"{param}.output"
+        ) from None
+    return [_part(part, f"{param}.output[{i}]") for i, part in enumerate(parts)]
 
 
 def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
