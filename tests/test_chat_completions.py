@@ -11,6 +11,8 @@ import redis
 
 from tests.conftest import Gateway, assert_schema, chat, sse_data
 
+MODEL = "claude-sonnet-4-5"
+
 
 def script(**spec: Any) -> str:
     return "script:" + json.dumps(spec)
@@ -204,3 +206,36 @@ def test_retrieve_a_model_and_the_version(client: openai.OpenAI, scripted: Gatew
         assert missing.value.code == "model_not_found"
     version = httpx.get(f"{scripted.url}/version").json()
     assert version == {"version": "0.1.0", "service": "claude-code-gateway", "api_version": "v1"}
+
+
+def test_an_assistants_refusal_sent_back_is_what_it_said(client: openai.OpenAI, scripted: Gateway) -> None:
+    """Found by an outside probe: an OpenAI transcript sent back, with a `refusal` part or an
+    assistant message of a `refusal` and no content, was a 400 or reached the model as nothing."""
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": "one"},
+            {
+                "role": "assistant",
+                "content": [{"type": "text", "text": "A1"}, {"type": "refusal", "refusal": "R1"}],
+            },
+            {"role": "user", "content": "two"},
+            {"role": "assistant", "content": None, "refusal": "R2"},  # type: ignore[misc,list-item]
+            {"role": "user", "content": script(text="", echo=True)},
+        ],
+    )
+    assert reply.choices[0].message.content == "user: one\nassistant: A1\nR1\nuser: two\nassistant: R2"
+    misplaced = {"role": "user", "content": [{"type": "refusal", "refusal": "R"}]}
+    response = httpx.post(
+        f"{scripted.url}/v1/chat/completions", json={"model": MODEL, "messages": [misplaced]}, timeout=30
+    )
+    assert response.status_code == 400, response.text
+    assert "refusal" in response.json()["error"]["message"]
+    earlier = {"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "R3"}]}
+    answered = httpx.post(
+        f"{scripted.url}/v1/responses",
+        json={"model": MODEL, "input": [earlier, {"role": "user", "content": script(text="", echo=True)}]},
+        timeout=30,
+    )
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["output"][0]["content"][0]["text"] == "assistant: R3"

@@ -110,6 +110,7 @@ class _InputPart(BaseModel):
     type: str
     text: str | None = None
     image_url: str | None = None
+    refusal: str | None = None
 
 
 class _InputMessage(BaseModel):
@@ -122,6 +123,8 @@ class _InputMessage(BaseModel):
 def _part(part: _InputPart, param: str) -> ContentPart:
     if part.type in ("input_text", "output_text") and part.text is not None:
         return TextPart(type="text", text=part.text)
+    if part.type == "refusal" and part.refusal is not None:  # an earlier reply's, sent back: what it said
+        return TextPart(type="text", text=part.refusal)
     if part.type == "input_image" and part.image_url is not None:
         return ImagePart(type="image_url", image_url={"url": part.image_url})
     raise OpenAIError.invalid(
