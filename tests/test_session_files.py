@@ -182,6 +182,22 @@ def test_an_upload_where_the_agent_left_a_link_the_save_dropped_reaches_the_next
     assert reply(turn(files_gateway, "over-link-1", {"read": "dd/f.txt"})) == "uploaded dd/f.txt"
 
 
+def test_an_upload_where_the_agent_left_a_named_pipe_reaches_the_next_turn(files_gateway: Gateway) -> None:
+    """Found by an outside probe: the worker opened the pipe to write the uploaded file and waited
+    for a reader forever, holding a job slot and a thread; a few such turns took the worker."""
+    assert reply(turn(files_gateway, "over-fifo-1", {"fifo": ["data.txt", "d/pipe"]}))
+    for path in ("data.txt", "d/pipe"):
+        upload = httpx.post(
+            files_url(files_gateway, "over-fifo-1"),
+            files={"file": ("f", f"uploaded {path}".encode())},
+            data={"path": path},
+            headers=_auth(KEY_A),
+        )
+        assert upload.status_code == 200, upload.text
+    assert reply(turn(files_gateway, "over-fifo-1", {"read": "data.txt"})) == "uploaded data.txt"
+    assert reply(turn(files_gateway, "over-fifo-1", {"read": "d/pipe"})) == "uploaded d/pipe"
+
+
 def test_a_failed_turn_leaves_the_files_as_they_were(files_gateway: Gateway) -> None:
     assert reply(turn(files_gateway, "fail-1", {"write": {"state.txt": "v1"}}))
     failed = turn(files_gateway, "fail-1", {"write": {"state.txt": "v2", "new.txt": "n"}, "fail_after": 0})

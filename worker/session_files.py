@@ -58,7 +58,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.worker.files")
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+# O_NONBLOCK: an open never waits (on a named pipe the agent left, it would wait for a reader
+# forever); it changes nothing for a regular file.
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK
+_READ_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 
 Stamp = tuple[int, int, int, int]
 """What tells a file changed without reading it: size, mtime and ctime (ns), inode."""
@@ -220,7 +223,10 @@ class _Scan:
         if known is not None and self.held.stamps.get(path) == stamp and known.executable == executable:
             self.writer.keep(path)
             return
-        with os.fdopen(_open(name, os.O_RDONLY | os.O_NOFOLLOW, fd), "rb") as file:
+        with os.fdopen(_open(name, _READ_FILE, fd), "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):  # replaced since it was listed
+                self.forget(path)
+                return
             # As much as the stat said (a read of the limit's size allocates it whole, each time),
             # then the rest if it grew since, up to just past the limit.
             data = file.read(min(st.st_size, self.max_bytes) + 1)
@@ -376,9 +382,7 @@ def restore(
         for path, data in contents.items():
             parent, _, name = path.rpartition("/")
             executable = target.files[path].executable
-            fd = os.open(
-                name, _NEW_FILE, 0o755 if executable else 0o644, dir_fd=tree.dir(parent, create=True)
-            )
+            fd = _new_file(name, 0o755 if executable else 0o644, tree.dir(parent, create=True))
             try:
                 view, written = memoryview(data), 0
                 while written < len(data):
@@ -398,6 +402,22 @@ def restore(
             for folder, fd in tree.fds.items():
                 watch(folder, fd)
     return Held(target, stamps, held.linked.intersection(stamps).difference(contents))
+
+
+def _new_file(name: str, mode: int, dir_fd: int) -> int:
+    """`name` in `dir_fd`, opened to be written afresh as a regular file: whatever else the agent
+    left there that the save did not keep (a named pipe, a socket) is removed first."""
+    try:
+        fd = os.open(name, _NEW_FILE, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # a pipe without a reader, or a socket
+            raise
+    else:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        os.close(fd)  # a pipe someone reads
+    os.unlink(name, dir_fd=dir_fd)
+    return os.open(name, _NEW_FILE | os.O_EXCL, mode, dir_fd=dir_fd)
 
 
 def _differs(held: FileEntry, target: FileEntry | None) -> bool:
@@ -466,15 +486,18 @@ class SessionFiles:
         held = self._held.pop(key, None)  # in use: not held until saved
         work = self._directory(ref)
         try:
-            try:
-                held = await self._checkout(ref, work, held, session.workspace)
-            except OSError:
-                if held is None:
-                    raise
-                # Something the last save left out is in the way (a link where an upload put a
-                # file): the version is restored afresh.
-                held = await self._checkout(ref, work, None, session.workspace)
-        except (OSError, MissingObject, ValueError) as exc:  # ValueError: a malformed manifest
+            # Within the job's time limit, as its run is: a restore that hangs ends the job.
+            async with asyncio.timeout(self.settings.job_timeout_s):
+                try:
+                    held = await self._checkout(ref, work, held, session.workspace)
+                except OSError:
+                    if held is None:
+                        raise
+                    # Something the last save left out is in the way (a link where an upload put
+                    # a file): the version is restored afresh.
+                    held = await self._checkout(ref, work, None, session.workspace)
+        # ValueError: a malformed manifest; TimeoutError: see above
+        except (OSError, MissingObject, ValueError, TimeoutError) as exc:
             log.warning("could not restore workspace %s: %s", key, type(exc).__name__)
             await self._drop(key)
             raise BackendError(

@@ -10,12 +10,14 @@ on function calls (`[{"name", "arguments"}]`), `fail_after` raises `BackendError
 after that many tokens. `"echo": true` replies with the conversation
 before the last message instead, one `role: text` line per turn, a session's history included
 (how tests see what history a job continues). In a session's directory, `write` (path -> text)
-and `fill` (path -> a size in bytes) write files before the reply, and `read` replies with a
-file's text (how tests see a session's workspace without the CLI).
+and `fill` (path -> a size in bytes) write files, `link` makes symbolic links and `fifo` named
+pipes before the reply, and `read` replies with a file's text (how tests see a session's
+workspace without the CLI).
 """
 
 import asyncio
 import json
+import os
 import re
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -49,6 +51,8 @@ class Script(BaseModel):
     fill: dict[str, int] = Field(default_factory=dict)
     link: dict[str, str] = Field(default_factory=dict)
     """Symbolic links to make (name -> target, which may lead anywhere, as the agent's may)."""
+    fifo: list[str] = Field(default_factory=list)
+    """Named pipes to make, as the agent's `mkfifo` can."""
     read: str | None = None
 
 
@@ -72,7 +76,7 @@ class ScriptedBackend:
         self, job: CompletionJob, work: Path | None = None
     ) -> AsyncGenerator[BackendEvent, None]:
         script = self.script_for(job)
-        if script.write or script.fill or script.link or script.read:
+        if script.write or script.fill or script.link or script.fifo or script.read:
             script = _with_files(script, work)
         if script.echo:
             turns = job.turns
@@ -139,6 +143,10 @@ def _with_files(script: Script, work: Path | None) -> Script:
         path = _inside(work, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.symlink_to(target)
+    for name in script.fifo:
+        path = _inside(work, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path)
     if script.read is None:
         return script
     path = _inside(work, script.read)
