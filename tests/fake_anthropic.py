@@ -50,6 +50,18 @@ def _refused(body: dict[str, Any]) -> str | None:
             return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
         if body.get("max_tokens", 0) <= budget:
             return "`max_tokens` must be greater than `thinking.budget_tokens`."
+    messages = body.get("messages") or []
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        final_assistant = index == len(messages) - 1 and message.get("role") == "assistant"
+        if isinstance(content, str) and not content.strip() and not final_assistant:
+            return (
+                f"messages.{index}: all messages must have non-empty content except for the optional "
+                "final assistant message"
+            )
+        blocks = content if isinstance(content, list) else []
+        if any(block.get("type") == "text" and not block.get("text", "").strip() for block in blocks):
+            return "messages: text content blocks must contain non-whitespace text"
     return None
 
 

@@ -368,3 +368,20 @@ def test_a_cost_of_n_choices_is_none_unless_each_has_one(claude: Gateway, upstre
     assert response.json()["usage"]["cost_usd"] is None
     both = httpx.post(f"{claude.url}/v1/chat/completions", json=body, timeout=60).json()
     assert both["usage"]["cost_usd"] == pytest.approx(2 * (42 * _INPUT_PRICE + 7 * _OUTPUT_PRICE))
+
+
+def test_blank_turns_reach_the_model_as_no_content(claude: Gateway, upstream: FakeAnthropic) -> None:
+    """Found by an outside probe: a whitespace-only prompt was answered with nothing (the CLI skips
+    it without asking the model), and an earlier empty turn reached the model API as an empty
+    message, which it refuses (the fake refuses what the real API does)."""
+
+    def turns(*texts: str) -> list[dict[str, str]]:
+        return [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(texts)]
+
+    for messages in (turns("   "), turns("", "a", "q"), turns(" \n", "a", "q"), turns("q", " ", "q")):
+        asked = len(upstream.requests)
+        body = {"model": "claude-sonnet-4-5", "messages": messages}
+        response = httpx.post(f"{claude.url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, (messages, response.text)
+        assert response.json()["choices"][0]["message"]["content"] == "Hello from the fake upstream."
+        assert len(upstream.requests) > asked

@@ -31,17 +31,25 @@ def merged(turns: list[Turn]) -> list[Turn]:
     return out
 
 
+BLANK = "(no content)"
+"""What a turn of no text stands for (Claude Code's own words for an empty prompt): the model API
+refuses an empty or whitespace-only text (an earlier empty turn of a chat failed the job), and the
+CLI answers a blank prompt with nothing, without asking the model."""
+
+
 def content_blocks(turn: Turn) -> str | list[dict[str, Any]]:
-    """A turn as Anthropic message content: images first, then the text (or just the text)."""
+    """A turn as Anthropic message content: images first, then the text (or just the text); a
+    blank user turn is `BLANK`, a blank assistant turn empty (the CLI words that one itself)."""
+    text = turn.text if turn.text.strip() else ""
     if turn.role == "assistant":
-        return [{"type": "text", "text": turn.text}]
+        return [{"type": "text", "text": text}]
     if not turn.images:
-        return turn.text
+        return text or BLANK
     blocks: list[dict[str, Any]] = [
         {"type": "image", "source": image.model_dump(exclude_none=True)} for image in turn.images
     ]
-    if turn.text:
-        blocks.append({"type": "text", "text": turn.text})
+    if text:
+        blocks.append({"type": "text", "text": text})
     return blocks
 
 

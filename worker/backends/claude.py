@@ -53,7 +53,7 @@ from worker import caller_functions, operator_mcp, upstream_models
 from worker.backends import PROGRESS, BackendError, BackendEvent, UsageReport
 from worker.credential_proxy import Credential, CredentialProxy, api_key_header, bearer_header
 from worker.egress import EgressProxy
-from worker.history import HistoryStore, content_blocks, merged
+from worker.history import BLANK, HistoryStore, content_blocks, merged
 from worker.login import login_token
 from worker.sandbox import MODEL_SOCKET, Sandbox, remove_runtime_dir, runtime_dir
 from worker.session_store import JobTranscript, RedisSessionStore
@@ -147,10 +147,13 @@ def user_message(turn: Turn) -> str | AsyncIterator[dict[str, Any]]:
     A caller's text is for the model, as on OpenAI's API: Claude Code would run one that starts
     with "/" as its own command ("/model <name>" switched the model past MODELS, "/cost" answered
     nothing), even with `--disable-slash-commands` ("isn't available"). A leading space makes it
-    text."""
+    text. A blank one is `history.BLANK`, as the CLI would send an empty one: it answers a
+    whitespace-only prompt with nothing, without asking the model."""
     if turn.text.startswith("/"):
         turn = turn.model_copy(update={"text": " " + turn.text})
-    return streamed_message(content_blocks(turn), str(uuid.uuid4())) if turn.images else turn.text
+    if turn.images:
+        return streamed_message(content_blocks(turn), str(uuid.uuid4()))
+    return turn.text if turn.text.strip() else BLANK
 
 
 class ClaudeBackend:
@@ -376,8 +379,7 @@ class ClaudeBackend:
         clean = reusable(job)  # so far: no tool ran
         kept = False  # and the turn ended on its result: the client may go back
         try:
-            content = content_blocks(last) if last.images else last.text
-            await warm.client.query(streamed_message(content, turn))
+            await warm.client.query(streamed_message(content_blocks(last), turn))
             # Stopped at the caller's call, the CLI is killed where it is: the SDK's disconnect
             # cancels the call's pending answer, and the CLI went on from there.
             async for event in _relay(warm.client.receive_response(), None, warm.discard):
