@@ -316,6 +316,10 @@ def test_a_cancelled_response_keeps_what_it_produced(client: openai.OpenAI) -> N
         ({"input": [{"role": "narrator", "content": "x"}]}, "input[0]"),
         ({"input": "x", "background": True, "store": False}, "store"),
         ({"input": []}, "input"),
+        # OpenAI's bounds on metadata (found by an outside probe: 20 pairs were taken)
+        ({"input": "x", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"input": "x", "metadata": {"k" * 65: "v"}}, "metadata." + "k" * 65 + ".[key]"),
+        ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata.k"),
     ],
 )
 def test_requests_the_gateway_cannot_run_get_clear_errors(

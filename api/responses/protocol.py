@@ -12,7 +12,7 @@ the gateway itself returned, and are left out of the conversation.
 """
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
@@ -26,6 +26,11 @@ MESSAGE_ID_PREFIX = "msg_"
 REASONING_ID_PREFIX = "rs_"
 
 
+# OpenAI's bounds on metadata (stored with the response): 16 pairs, keys of 64 characters, values of 512.
+_MetadataKey = Annotated[str, Field(max_length=64)]
+_MetadataValue = Annotated[str, Field(max_length=512)]
+
+
 class CreateResponseRequest(AgentControls):
     model: str
     input: str | list[dict[str, Any]] = Field(min_length=1)
@@ -35,7 +40,7 @@ class CreateResponseRequest(AgentControls):
     background: NullIsFalse = False
     store: NullIsTrue = True
     previous_response_id: str | None = None
-    metadata: dict[str, str] | None = None
+    metadata: dict[_MetadataKey, _MetadataValue] | None = Field(default=None, max_length=16)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     user: str | None = None
