@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 
 from api.metrics import render as render_metrics
 from cli.embedded_redis import EmbeddedRedis
@@ -268,6 +269,31 @@ async def test_the_queue_poll_claims_an_attempt_another_worker_runs_only_once(
     running.worker.allow_pick_jobs = True
     await asyncio.sleep(5 * running.settings.poll_fallback_s)  # it stays in arq's queue: polled 5 times
     assert claims == [job_id]
+
+
+async def test_a_claim_that_redis_refuses_gives_its_slot_back(
+    start: Callable[..., Awaitable[Running]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an outside probe: each claim refused by a full Redis kept its slot for good, and
+    after JOBS_PER_WORKER of them the worker ran nothing, though it looked healthy."""
+    running = await start()
+    running.worker.allow_pick_jobs = False  # this test claims the attempts itself
+    real = JobStore.claim
+
+    async def full(self: JobStore, *args: Any, **kwargs: Any) -> Any:
+        raise OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+
+    monkeypatch.setattr(JobStore, "claim", full)
+    job_id = await running.submit("hello")
+    for _ in range(running.settings.jobs_per_worker + 1):
+        with pytest.raises(OutOfMemoryError):
+            await running.worker.start_jobs([f"{job_id}.1".encode()])
+    monkeypatch.setattr(JobStore, "claim", real)
+    running.worker.allow_pick_jobs = True
+    async with asyncio.timeout(10):
+        events = await running.events(job_id)
+    assert isinstance(events[-1], Done)
+    await running.assert_serving()
 
 
 async def test_a_job_placed_on_a_worker_that_takes_no_more_wakes_every_worker(

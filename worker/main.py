@@ -169,6 +169,9 @@ class GatewayWorker(Worker):
             self._claiming += 1
             try:
                 claimed = await running.claim(job_id, int(attempt), in_progress_ms)
+            except BaseException:  # Redis failed (full, gone): the slot is free again
+                self.sem.release()
+                raise
             finally:
                 self._claiming -= 1
             if not isinstance(claimed, Claimed):
