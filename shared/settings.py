@@ -4,6 +4,7 @@ Both processes build one `Settings()` at start-up and pass it down; nothing else
 `os.environ`. Field names map to upper-case environment variables (`REDIS_URL`, `PORT`, ...).
 """
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -36,6 +37,14 @@ class Settings(BaseSettings):
     )
     queue_name: str = "gateway:queue"
     state_dir: Path = Path(".state")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        """Said at start: another scheme failed every process as if Redis were down, for good."""
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("use redis://host:port/db, rediss:// (TLS) or unix:///path")
+        return value
 
     # --- API ------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -114,7 +123,10 @@ class Settings(BaseSettings):
     )
 
     # --- Models ---------------------------------------------------------------------------
-    models: list[str] = ["claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5"]
+    models: list[str] = Field(
+        default=["claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5"],
+        min_length=1,  # none: every request would be a 404 while the service looks ready
+    )
     models_created: int = Field(default=1759276800, description="`created` reported for every model.")
     models_from_upstream: bool = Field(
         default=False,
@@ -237,6 +249,18 @@ class Settings(BaseSettings):
     trusted_proxies: list[str] = Field(
         default=[], description="Addresses or CIDRs whose X-Forwarded-For is believed."
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        """Each an address or a CIDR: one that is not failed every request, `/health` too."""
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR") from None
+        return value
+
     claude_tools: list[str] = Field(
         # The original wrapper's default set: Claude Code with its tools is the product. Callers need
         # a key (or loopback), and each job's tools run in its own workspace (docs/security.md).

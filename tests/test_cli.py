@@ -63,8 +63,13 @@ def test_without_a_server_on_the_path_the_bundled_valkey_is_used(monkeypatch: py
     ("env", "argv", "said"),
     [
         ({"REDIS_URL": "redis://127.0.0.1:1/0"}, ["keys", "list"], "claude-gateway keys: cannot reach Redis"),
-        ({"REDIS_URL": "notaurl"}, ["keys", "list"], "claude-gateway keys: cannot reach Redis"),
-        ({"REDIS_URL": "notaurl"}, ["status"], "claude-gateway status: cannot reach Redis"),
+        # A URL that is not Redis's is said at start (found by an outside probe: `up` restarted its
+        # processes forever, each saying it could not reach Redis), as are proxies and models
+        # that are not (every request was a plain-text 500, or a 404, while /ready said ready).
+        ({"REDIS_URL": "notaurl"}, ["keys", "list"], "invalid configuration: REDIS_URL: use redis://"),
+        ({"REDIS_URL": "http://x"}, ["up"], "invalid configuration: REDIS_URL: use redis://"),
+        ({"TRUSTED_PROXIES": '["10.0.0.0/8", "lb.internal"]'}, ["api"], "'lb.internal' is not an IP"),
+        ({"MODELS": "[]"}, ["api"], "invalid configuration: MODELS: List should have at least 1 item"),
         ({"LOG_LEVEL": "loud"}, ["status"], "invalid configuration: LOG_LEVEL"),
         ({"MODELS": "[oops"}, ["status"], "invalid configuration: MODELS: must be a JSON list"),
         ({"MODEL_ALIASES": "x"}, ["status"], "invalid configuration: MODEL_ALIASES: must be a JSON mapping"),
