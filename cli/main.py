@@ -9,6 +9,7 @@ queue, the workers and recent failures (`cli/status.py`); `keys` manages client 
 """
 
 import argparse
+import fcntl
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
@@ -128,6 +129,7 @@ def run_up(settings: Settings) -> None:
     # Shared by SO_REUSEPORT, the port would also take in the API processes of another gateway
     # started on it by mistake: it must be free now.
     _listener(settings.host, settings.port).close()
+    held = _hold(settings.state_dir)  # until this process ends
     embedded = None
     redis_url = settings.redis_url
     children: list[Child] = []
@@ -198,6 +200,20 @@ def run_up(settings: Settings) -> None:
         supervisor.stop(embedded)
         if embedded is not None:
             (embedded.data_dir / PRIVATE_REDIS_URL_FILE).unlink(missing_ok=True)
+        held.close()  # everything of it is stopped: the folder is free for another `up`
+
+
+def _hold(state_dir: Path) -> IO[str]:
+    """The state folder, for this `up` alone while it runs. A second `up` on it (another port) ran a
+    second Redis on the same data, emptied the first's metric counters and removed its Redis URL
+    file on the way out (an outside probe)."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = (state_dir / "up.lock").open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"claude-gateway up: another `up` runs on STATE_DIR={state_dir}; stop it or set another")
+    return lock
 
 
 def _listener(host: str, port: int, *, shared: bool = False) -> socket.socket:
