@@ -16,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from shared.settings import Settings
 from tests.conftest import ROOT, Gateway
 from tests.test_operations import HEARTBEAT, scrape, wait_for
 
@@ -86,6 +87,10 @@ def test_compose_parses_and_scales() -> None:
     assert redis_command[redis_command.index("--requirepass") + 1] == password
     for name in ("api", "worker"):
         assert services[name]["environment"]["REDIS_URL"] == f"redis://:{password}@redis:6379/0"
+    # Docker's kill comes after the drain (found by an outside probe: the API's came 20 s before).
+    drain_s = Settings.model_fields["drain_timeout_s"].default
+    for name in ("api", "worker"):
+        assert int(services[name]["stop_grace_period"].removesuffix("s")) > drain_s
     # What bubblewrap needs to build each job's sandbox in a container.
     assert {"seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined"} <= set(
         worker["security_opt"]
