@@ -176,8 +176,9 @@ class Run:
     def shutting_down(self) -> OpenAIError:
         """What a request still waiting for the run when its API process shuts down answers."""
         message = (
-            f"This API process shut down while job {self.job.id} ran; it goes on and may complete: "
-            "retrieve it by its id rather than send the request again."
+            f"This API process shut down while job {self.job.id} ran; the job goes on unless its "
+            "worker stops too: retrieve it by its id (it ends completed or failed) rather than send "
+            "the request again."
         )
         return OpenAIError(503, message, type="server_error", code="server_shutting_down", headers=NO_RETRY)
 
