@@ -31,9 +31,12 @@ from shared.settings import Settings
 
 log = logging.getLogger("gateway.api")
 
-# Probes that cannot send a key, the static landing page and the dashboard's page (it asks `/status`
-# with a key): none shows data.
-OPEN_PATHS = frozenset({"/", "/health", "/ready", "/dashboard"})
+# Probes that cannot send a key, the static landing page, the dashboard's page (it asks `/status`
+# with a key) and the API's reference (a browser following the landing page's link sends no key;
+# it describes the routes, as the repository does): none shows data.
+OPEN_PATHS = frozenset(
+    {"/", "/health", "/ready", "/dashboard", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
+)
 # The requests that start a model job; resuming, polling or cancelling one is a general request.
 _JOB_CREATING = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages"})
 _JOB_LEASE_GRACE_S = 60.0

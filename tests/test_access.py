@@ -78,6 +78,9 @@ def second_api(guarded: Gateway) -> Iterator[Gateway]:
 
 
 def test_health_stays_open(guarded: Gateway) -> None:
+    # The landing page's links open in a browser, which sends no key (found by an outside probe).
+    for path in ("/", "/docs", "/openapi.json"):
+        assert httpx.get(f"{guarded.url}{path}").status_code == 200, path
     assert httpx.get(f"{guarded.url}/health").status_code == 200
     assert httpx.head(f"{guarded.url}/health").status_code == 200  # some load balancers probe so
 
