@@ -49,13 +49,17 @@ def render(snapshot: Snapshot) -> str:
     problems, sandbox_problems = [], []
     for worker in snapshot.workers:
         beat = _age(max(0.0, now - worker.beat))
-        auth = "-" if worker.auth is None else worker.auth.method + ("" if worker.auth.valid else " UNUSABLE")
+        # The scripted backend reaches no model: its auth, checked as any worker's, is no problem.
+        checked = worker.auth if worker.backend != "scripted" else None
+        auth = worker.backend or "-"
+        if checked is not None:
+            auth = checked.method + ("" if checked.valid else " UNUSABLE")
         lines.append(
             f"{worker.id:<40} {worker.host[:20]:<20} {worker.pid:>7} {_age(now - worker.started):>6} "
             f"{beat:>6}  {auth:<21} {_sandbox(worker.sandbox):<8} {len(worker.jobs)}/{worker.slots} "
             f"{' '.join(worker.jobs)}"
         )
-        problems += [f"  {worker.id}: {error}" for error in (worker.auth.errors if worker.auth else [])]
+        problems += [f"  {worker.id}: {error}" for error in (checked.errors if checked else [])]
         if worker.sandbox is not None and not worker.sandbox.ready:
             sandbox_problems.append(f"  {worker.id}: {worker.sandbox.reason}")
     if not snapshot.workers:

@@ -9,10 +9,13 @@ import pytest
 from redis.asyncio import Redis
 
 from cli.embedded_redis import EmbeddedRedis
+from cli.status import render
 from shared import heartbeats, stats
+from shared.backend_auth import BackendAuth
 from shared.heartbeats import Heartbeat
 from shared.jobs import Failed, FailureCode, Usage
-from shared.status import queue_state
+from shared.stats import Stats
+from shared.status import QueueState, Snapshot, queue_state
 from tests.conftest import unit_db
 
 
@@ -85,3 +88,41 @@ async def test_outcomes_add_up_into_cumulative_histograms(redis: Redis) -> None:
     assert totals.histograms["time_to_first_token_seconds"].count == 2
     [latest] = await stats.recent_failures(redis, 5)
     assert (latest.code, latest.message, latest.request_id) == ("timeout", "too slow", "req_1")
+
+
+def test_status_shows_a_scripted_worker_without_the_model_auth_it_never_uses() -> None:
+    """Found by an outside probe: scripted workers were listed as `claude_cli UNUSABLE`, under
+    backend auth problems, while they served every job."""
+    unusable = BackendAuth(
+        method="claude_cli", valid=False, errors=["not logged in"], config={}, environment_variables=[]
+    )
+
+    def beat(worker_id: str, backend: str) -> Heartbeat:
+        now = time.time()
+        return Heartbeat(
+            id=worker_id,
+            host="h",
+            pid=1,
+            started=now,
+            beat=now,
+            slots=2,
+            jobs=[],
+            backend=backend,
+            auth=unusable,
+        )
+
+    snapshot = Snapshot(
+        at=time.time(),
+        queue=QueueState(depth=0, oldest_age_s=None),
+        workers=[beat("w-scripted", "scripted"), beat("w-claude", "claude")],
+        jobs_running=0,
+        slots=4,
+        stats=Stats(jobs={}, prompt_tokens=0, completion_tokens=0, cost_usd=0.0, histograms={}),
+        recent_failures=[],
+    )
+    shown = render(snapshot)
+    [scripted] = [line for line in shown.splitlines() if line.startswith("w-scripted")]
+    assert "scripted" in scripted
+    assert "UNUSABLE" not in scripted
+    assert "  w-claude: not logged in" in shown
+    assert "w-scripted: not logged in" not in shown
