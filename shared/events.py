@@ -18,7 +18,18 @@ from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import KeyT, StreamIdT
 
-from shared.jobs import Delta, Done, Failed, JobEventValue, Reasoning, decode_event, encode_event, settled
+from shared.jobs import (
+    Delta,
+    Done,
+    Failed,
+    JobEventValue,
+    PromptUsage,
+    Reasoning,
+    Usage,
+    decode_event,
+    encode_event,
+    settled,
+)
 from shared.jobstore import AttemptEnd, JobStore
 from shared.keys import events_key, reader_wakeup_key
 
@@ -71,15 +82,25 @@ class EventWriter:
         """`time.perf_counter()` when the first event was emitted (time to first token)."""
         self.terminal: Done | Failed | None = None
         self._end: AttemptEnd | None = None
+        self._prompt: PromptUsage | None = None  # goes out with the first event
 
     @property
     def emitted(self) -> int:
         """Events handed to the writer so far, sent or not."""
         return self._seq + len(self._pending) + (1 if self._texts else 0)
 
+    def prompt(self, usage: Usage) -> None:
+        """The prompt's usage as the model API reported it at the start of a message: the last
+        one before the first event goes out with it, as a `PromptUsage` (alone, it would count as
+        output: a job with output is not retried on another worker). Later ones are not written."""
+        if self.emitted == 0:
+            self._prompt = PromptUsage(usage=usage)
+
     def emit(self, event: JobEventValue) -> None:
         if self.first_output_at is None:
             self.first_output_at = time.perf_counter()
+            if self._prompt is not None:
+                self._pending.append(self._prompt)
         if isinstance(event, Delta | Reasoning):
             if self._texts and not isinstance(event, self._merging):
                 self._close_delta()

@@ -203,9 +203,21 @@ class Failed(BaseModel):
     message: str
 
 
-JobEvent = Annotated[Delta | Reasoning | ToolStep | Retraction | Done | Failed, Field(discriminator="type")]
+class PromptUsage(BaseModel):
+    """What the model was given, as the model API reports it at the start of the reply's first
+    message: its input tokens and the prompt cache's reads and writes (what Anthropic's
+    `message_start` carries; the totals come with `Done`). Written with the job's first output,
+    never alone (`EventWriter.prompt`), so a job with it has output."""
+
+    type: Literal["prompt_usage"] = "prompt_usage"
+    usage: Usage
+
+
+JobEvent = Annotated[
+    Delta | Reasoning | ToolStep | Retraction | Done | Failed | PromptUsage, Field(discriminator="type")
+]
 _EVENT = TypeAdapter[JobEvent](JobEvent)
-JobEventValue = Delta | Reasoning | ToolStep | Retraction | Done | Failed
+JobEventValue = Delta | Reasoning | ToolStep | Retraction | Done | Failed | PromptUsage
 Activity = Reasoning | ToolStep
 """What the agent does besides writing its reply."""
 
@@ -219,10 +231,12 @@ def decode_event(raw: bytes) -> JobEventValue:
 
 
 def settled(events: Iterable[JobEventValue]) -> list[JobEventValue]:
-    """The events with each `Retraction` applied to the text before it (and left out): what a
-    collected reply, a retrieval and a session's history are built from."""
+    """The events with each `Retraction` applied to the text before it (and left out, as the
+    `PromptUsage` is): what a collected reply, a retrieval and a session's history are built from."""
     kept: list[JobEventValue] = []
     for event in events:
+        if isinstance(event, PromptUsage):  # the reply's `Done` has its whole usage
+            continue
         if not isinstance(event, Retraction):
             kept.append(event)
             continue

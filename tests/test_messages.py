@@ -139,6 +139,9 @@ def test_raw_stream_events_validate(scripted: Gateway) -> None:
         "message_stop",
     ]
     assert events[-2]["delta"]["stop_reason"] == "max_tokens"
+    # The prompt's usage is there from the start, as the real API's (found by an outside probe:
+    # zeros, which clients that read the input tokens there, Vercel's AI SDK, reported).
+    assert events[0]["message"]["usage"]["input_tokens"] == events[-2]["usage"]["input_tokens"] > 0
 
 
 def test_failures_and_unsupported_parameters(scripted: Gateway, client: anthropic.Anthropic) -> None:
@@ -222,9 +225,16 @@ def test_real_path_stream(claude: Gateway, upstream: FakeAnthropic) -> None:
         system="Answer like a pirate.",
         messages=[{"role": "user", "content": "hi"}],
     ) as stream:
-        texts = list(stream.text_stream)
+        events = list(stream)
         final = stream.get_final_message()
+    texts = [e.delta.text for e in events if e.type == "content_block_delta" and e.delta.type == "text_delta"]
     assert "".join(texts) == "Ahoy!"
+    [started] = [event.message.usage for event in events if event.type == "message_start"]
+    assert (started.input_tokens, started.cache_creation_input_tokens, started.cache_read_input_tokens) == (
+        50,
+        500,
+        1000,
+    )
     usage = final.usage
     assert (usage.input_tokens, usage.output_tokens) == (50, 2)
     assert (usage.cache_creation_input_tokens, usage.cache_read_input_tokens) == (500, 1000)

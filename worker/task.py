@@ -24,7 +24,7 @@ from shared.events import EventWriter, Superseded, streamed_text
 from shared.jobs import CompletionJob, Done, Failed, FailureCode
 from shared.jobstore import AttemptEnd
 from shared.settings import Settings
-from worker.backends import Backend, BackendError, Progress
+from worker.backends import Backend, BackendError, Progress, UsageReport
 from worker.leases import RunningJobs, StopReason
 from worker.outcomes import outcome_record
 from worker.session_files import SessionFiles, SessionTurn
@@ -143,7 +143,9 @@ async def _run(
                 if isinstance(event, Done):
                     terminal = event
                     break
-                if not isinstance(event, Progress):
+                if isinstance(event, UsageReport):
+                    writer.prompt(event.usage)
+                elif not isinstance(event, Progress):
                     writer.emit(event)
             else:
                 raise BackendError(FailureCode.INTERNAL, "the backend ended without a result")

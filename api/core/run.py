@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -23,12 +23,25 @@ from api.core.structured import ResponseFormat
 from api.deps import Gateway
 from api.errors import NO_RETRY, OpenAIError
 from shared.events import JobEventValue
-from shared.jobs import Activity, Delta, Done, Failed, FailureCode, Reasoning, Usage, settled
+from shared.jobs import (
+    Activity,
+    Delta,
+    Done,
+    Failed,
+    FailureCode,
+    PromptUsage,
+    Reasoning,
+    Retraction,
+    Usage,
+    settled,
+)
 from shared.jobstore import JobRecord, JobStore
 
 log = logging.getLogger("gateway.api")
 
-ChoiceEvent = tuple[int, int, FollowedEvent]
+ShownEvent = Delta | Activity | Retraction | Done | Failed | KeepAlive
+"""What a run passes on of its jobs' events: all but their `PromptUsage`, which it keeps."""
+ChoiceEvent = tuple[int, int, ShownEvent]
 """`(choice, seq, event)`: the choice's index and the event's number in its job's sequence."""
 ChoiceEvents = AsyncGenerator[Sequence[ChoiceEvent], None]
 """A run's events, in lists of what arrived together (never empty)."""
@@ -103,6 +116,8 @@ class Run:
     response_format: ResponseFormat | None = None
     reasoning: bool = True
     """Whether the agent's activity (thinking, tool steps) reaches the caller."""
+    prompt_usage: Usage | None = None
+    """The first choice's prompt usage once its first events came (Messages' `message_start`)."""
     _pumps: "list[asyncio.Task[None]]" = field(default_factory=list)
 
     @property
@@ -160,8 +175,12 @@ class Run:
             failure = Failed(code=FailureCode.INTERNAL, message="The gateway lost track of a choice.")
             await merged.put((choice, [(0, failure)]))
 
-    def _shown(self, event: FollowedEvent) -> bool:
-        """Whether the caller sees the event (the agent's activity only if asked), counted if so."""
+    def _shown(self, event: FollowedEvent) -> TypeGuard[ShownEvent]:
+        """Whether the caller sees the event (the agent's activity only if asked), counted if so.
+        A prompt's usage is kept on the run instead, for the front end that shows it at the start."""
+        if isinstance(event, PromptUsage):
+            self.prompt_usage = self.prompt_usage or event.usage
+            return False
         if not isinstance(event, Activity):
             return True
         if self.reasoning:

@@ -67,7 +67,8 @@ class StreamRenderer(Protocol):
     """A wire format's events for one run; each method returns what to send, in order."""
 
     def opening(self) -> list[ServerSentEvent]:
-        """What opens the stream (empty when resuming past it)."""
+        """What opens the stream (empty when resuming past it): asked when the run's first events
+        have come, or at once if they are slow to."""
 
     def render(self, choice: int, seq: int, event: Rendered) -> list[ServerSentEvent]: ...
 
@@ -142,14 +143,16 @@ async def _relay(
     # go out together (a resumed stream's whole backlog, the last text with the end), the opening
     # rides with the first of them, and the closing with the last and the end of the response
     # (`FinalChunk`).
-    ready = renderer.opening()
     finished = False
     ended = 0
     pending = first if first is not None else asyncio.ensure_future(anext(events))
+    ready: list[ServerSentEvent] = []
     try:
-        if ready and not pending.done():  # a slow start: the stream opens at once anyway
-            yield joined(ready)
-            ready = []
+        if not pending.done():  # a slow start: the stream opens at once anyway
+            if opening := renderer.opening():
+                yield joined(opening)
+        else:  # opened with the first events, once the run has seen them (Messages' usage)
+            ready = renderer.opening()
         batch = await pending
         while True:
             ended, over = _render(renderer, batch, ready, ended, len(run.jobs))

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from sse_starlette import ServerSentEvent
 
-from api.core.run import JobRef, Reply, activity_text
+from api.core.run import JobRef, Reply, Run, activity_text
 from api.core.streaming import Rendered
 from api.errors import OpenAIError, anthropic_error
 from api.messages.protocol import (
@@ -46,13 +46,8 @@ def _content(events: Iterable[JobEventValue]) -> list[ThinkingBlock | TextBlock]
     return blocks
 
 
-def message_body(job: JobRef, reply: Reply | None) -> Message:
-    """The whole message once done; without a reply, the empty one `message_start` carries."""
-    if reply is None:
-        empty = usage_body(Usage())
-        return Message(
-            id=MESSAGE_ID_PREFIX + job.id, model=job.model, content=[], stop_reason=None, usage=empty
-        )
+def message_body(job: JobRef, reply: Reply) -> Message:
+    """The whole message once done."""
     events = reply.events or [Delta(text=reply.text)]
     return Message(
         id=MESSAGE_ID_PREFIX + job.id,
@@ -81,13 +76,21 @@ def _error(status: int, message: str) -> ServerSentEvent:
 class MessageStream:
     """Renders one message's stream (a `StreamRenderer` of `api/core/streaming.py`)."""
 
-    def __init__(self, job: JobRef) -> None:
-        self._job = job
+    def __init__(self, run: Run) -> None:
+        self._run = run
+        self._job = run.job
         self._index = -1  # the open content block's index
         self._open: str | None = None  # its type
 
     def opening(self) -> list[ServerSentEvent]:
-        return [_event("message_start", message=message_body(self._job, None).model_dump())]
+        """The empty message, with its prompt's usage as the model API reported it at the start
+        (clients such as Vercel's AI SDK read the input tokens there), once the run has it."""
+        usage = usage_body(self._run.prompt_usage or Usage())
+        job = self._job
+        empty = Message(
+            id=MESSAGE_ID_PREFIX + job.id, model=job.model, content=[], stop_reason=None, usage=usage
+        )
+        return [_event("message_start", message=empty.model_dump())]
 
     def _block(self, kind: str) -> list[ServerSentEvent]:
         """Opens a block of `kind` unless one is open (closing the other kind's)."""

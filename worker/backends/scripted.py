@@ -30,7 +30,7 @@ from shared import sessions
 from shared.heartbeats import SandboxReport
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, ToolCall, Usage
 from shared.settings import Settings
-from worker.backends import BackendError, BackendEvent
+from worker.backends import BackendError, BackendEvent, UsageReport
 
 _DIRECTIVE = "script:"
 _WORDS = re.compile(r"\S+\s*")
@@ -93,6 +93,8 @@ class ScriptedBackend:
         delay = script.delay_ms / 1000
         await asyncio.sleep(script.wait_ms / 1000)
         await _uncancellable_sleep(script.stuck_ms / 1000)
+        prompt_tokens = sum(len(_WORDS.findall(turn.text)) for turn in job.turns)
+        yield UsageReport(Usage(prompt_tokens=prompt_tokens))  # as the model API's message start
         for i in range(count):
             if script.fail_after is not None and i == script.fail_after:
                 raise BackendError(script.fail_code, "scripted failure")
@@ -101,7 +103,6 @@ class ScriptedBackend:
             yield Delta(text=words[i % len(words)])
         if script.fail_after is not None and script.fail_after >= count:
             raise BackendError(script.fail_code, "scripted failure")
-        prompt_tokens = sum(len(_WORDS.findall(turn.text)) for turn in job.turns)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=count, cost_usd=0.0)
         calls = [
             ToolCall(id=f"call_{job.id[:8]}_{i}", name=call["name"], arguments=json.dumps(call["arguments"]))
