@@ -164,38 +164,34 @@ def test_a_save_over_the_limit_is_refused_and_the_last_good_version_stays(files_
     assert upload.json()["error"]["code"] == "workspace_too_large"
 
 
+def _uploads_read_back(gateway: Gateway, session: str, paths: tuple[str, ...]) -> None:
+    """Uploads a file to each path over what the agent left there; the next turns read them."""
+    for path in paths:
+        upload = httpx.post(
+            files_url(gateway, session),
+            files={"file": ("f", f"uploaded {path}".encode())},
+            data={"path": path},
+            headers=_auth(KEY_A),
+        )
+        assert upload.status_code == 200, upload.text
+    for path in paths:
+        assert reply(turn(gateway, session, {"read": path})) == f"uploaded {path}"
+
+
 def test_an_upload_where_the_agent_left_a_link_the_save_dropped_reaches_the_next_turn(
     files_gateway: Gateway,
 ) -> None:
     # Found by an outside probe: the worker's copy still had the links (to outside the workspace)
     # that the save had left out, the update could not put the uploaded files there: 503.
     assert reply(turn(files_gateway, "over-link-1", {"link": {"t": "/etc/hostname", "dd": "/tmp"}}))
-    for path in ("t", "dd/f.txt"):
-        upload = httpx.post(
-            files_url(files_gateway, "over-link-1"),
-            files={"file": ("f", f"uploaded {path}".encode())},
-            data={"path": path},
-            headers=_auth(KEY_A),
-        )
-        assert upload.status_code == 200, upload.text
-    assert reply(turn(files_gateway, "over-link-1", {"read": "t"})) == "uploaded t"
-    assert reply(turn(files_gateway, "over-link-1", {"read": "dd/f.txt"})) == "uploaded dd/f.txt"
+    _uploads_read_back(files_gateway, "over-link-1", ("t", "dd/f.txt"))
 
 
 def test_an_upload_where_the_agent_left_a_named_pipe_reaches_the_next_turn(files_gateway: Gateway) -> None:
     """Found by an outside probe: the worker opened the pipe to write the uploaded file and waited
     for a reader forever, holding a job slot and a thread; a few such turns took the worker."""
     assert reply(turn(files_gateway, "over-fifo-1", {"fifo": ["data.txt", "d/pipe"]}))
-    for path in ("data.txt", "d/pipe"):
-        upload = httpx.post(
-            files_url(files_gateway, "over-fifo-1"),
-            files={"file": ("f", f"uploaded {path}".encode())},
-            data={"path": path},
-            headers=_auth(KEY_A),
-        )
-        assert upload.status_code == 200, upload.text
-    assert reply(turn(files_gateway, "over-fifo-1", {"read": "data.txt"})) == "uploaded data.txt"
-    assert reply(turn(files_gateway, "over-fifo-1", {"read": "d/pipe"})) == "uploaded d/pipe"
+    _uploads_read_back(files_gateway, "over-fifo-1", ("data.txt", "d/pipe"))
 
 
 def test_a_failed_turn_leaves_the_files_as_they_were(files_gateway: Gateway) -> None:
