@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from shared.jobs import CompletionJob, SessionRef, Turn
 from shared.keys import session_history_key, session_key, session_lock_key, sessions_index_key
-from shared.transcripts import delete_transcript
+from shared.transcripts import delete_transcript, keep_transcript
 
 # KEYS: lock, record, history, index. ARGV: job id, expected history length, now (ms), ttl (s),
 # transcript id, session id, workspace version ('': unchanged), worker holding it, then the turns
@@ -126,9 +126,10 @@ async def open_for_job(
 ) -> tuple[Session | None, int, list[Turn]]:
     """The session (None if it does not exist), its length in turns, and its first `head` turns.
 
-    Slides the session's TTL past the longest its turn may take (`turn_s`, queued and running):
-    it expires once idle, never under a running turn (found by an outside probe: a turn longer
-    than the TTL lost the session's history and files). The turn's commit sets it back to the TTL.
+    Slides the session's TTL, its transcript's too, past the longest its turn may take (`turn_s`,
+    queued and running): it expires once idle, never under a running turn (found by outside
+    probes: a turn longer than the TTL lost the session's history and files, then its transcript).
+    The turn's commit sets it back to the TTL.
     Only the head is read: all a request needs to be compared with.
     """
     record_key, history_key = session_key(owner, session_id), session_history_key(owner, session_id)
@@ -144,7 +145,9 @@ async def open_for_job(
         record, length, first, *_ = await pipe.execute()
     if not record:
         return None, 0, []
-    return _session(session_id, record, ttl_s), length, [Turn.model_validate_json(raw) for raw in first]
+    session = _session(session_id, record, ttl_s)
+    await keep_transcript(redis, owner, session.transcript_id, kept_s)
+    return session, length, [Turn.model_validate_json(raw) for raw in first]
 
 
 async def history(redis: Redis, ref: SessionRef) -> list[Turn]:
@@ -204,6 +207,7 @@ async def set_workspace(
     args = [holder, str(_ms()), str(ttl_s), transcript_id, session_id, version]
     if await redis.eval(_SET_WORKSPACE, len(keys), *keys, *args) != 1:  # type: ignore[misc]
         raise SessionLost(session_id)
+    await keep_transcript(redis, owner, transcript_id, ttl_s)  # kept as its session is
 
 
 def _ref(job: CompletionJob) -> SessionRef:

@@ -29,6 +29,26 @@ def subkeys_set(project: str, session: str) -> str:
     return f"{transcript_key(project, session)}:subkeys"
 
 
+# KEYS: the transcript's base key. ARGV: seconds. Each of its keys lives at least that long.
+_KEEP = """
+local base = KEYS[1]
+local keys = {base .. ":main", base .. ":main:uuids", base .. ":subkeys"}
+for _, sub in ipairs(redis.call("SMEMBERS", base .. ":subkeys")) do
+  table.insert(keys, base .. ":sub:" .. sub)
+  table.insert(keys, base .. ":sub:" .. sub .. ":uuids")
+end
+for _, key in ipairs(keys) do redis.call("EXPIRE", key, ARGV[1], "GT") end
+return 1
+"""
+
+
+async def keep_transcript(redis: Redis, project: str, session: str, ttl_s: int) -> None:
+    """Makes the transcript live at least `ttl_s` more, as its session is kept. Only its appends
+    slid its TTL: under a turn longer than it, or past uploads, it expired while the session
+    lived, and the next turns resumed without the earlier ones (an outside probe)."""
+    await redis.eval(_KEEP, 1, transcript_key(project, session), str(ttl_s))  # type: ignore[misc]
+
+
 async def delete_transcript(redis: Redis, project: str, session: str) -> None:
     """Removes a transcript with every subagent transcript under it."""
     base = transcript_key(project, session)

@@ -8,6 +8,8 @@ from claude_agent_sdk.testing.session_store_conformance import run_session_store
 from redis.asyncio import Redis
 
 from cli.embedded_redis import EmbeddedRedis
+from shared import sessions
+from shared.keys import session_key, transcript_key
 from worker.session_store import RedisSessionStore
 
 _DB = 14  # this module's own database, flushed per store
@@ -75,3 +77,34 @@ async def test_ids_cannot_reach_each_others_keys(redis: Redis) -> None:
     await store.append({"project_key": "a:b", "session_id": "c"}, [{"type": "x", "n": 1}])  # type: ignore[typeddict-item]
     assert await store.load({"project_key": "a", "session_id": "b:c"}) is None
     assert await store.load({"project_key": "a:b", "session_id": "c", "subpath": "../main"}) is None
+
+
+async def test_a_transcript_is_kept_as_long_as_its_session(redis: Redis) -> None:
+    """Found by an outside probe: only the transcript's appends slid its TTL. Under a turn longer
+    than the TTL (or past uploads, which keep the session) it expired while its session lived,
+    and the next turns resumed without the earlier ones, unseen."""
+    store = RedisSessionStore(redis, ttl_s=5)
+    owner, session_id, transcript_id = sessions.owner_of("key-1"), "sess-1", "t-1"
+    key = {"project_key": owner, "session_id": transcript_id}
+    await store.append(key, [{"type": "user", "uuid": "u1"}])  # type: ignore[typeddict-item]
+    sub = {**key, "subpath": "subagents/agent-1"}
+    await store.append(sub, [{"type": "user", "uuid": "u2"}])  # type: ignore[typeddict-item]
+    transcript = await redis.keys(f"{transcript_key(owner, transcript_id)}:*")
+    assert len(transcript) == 5  # main, its uuids, subkeys, the subagent's list and uuids
+    await redis.hset(
+        session_key(owner, session_id),
+        mapping={"created": 1, "last_used": 1, "turns": 2, "transcript": transcript_id},
+    )  # type: ignore[misc]
+    # A turn begins: its session, and now its transcript, outlive the longest it may take.
+    await sessions.open_for_job(redis, owner, session_id, 5, head=0, turn_s=100)
+    for name in transcript:
+        assert await redis.ttl(name) > 100, name
+    # An upload keeps the session (and its transcript) for the TTL, never shortening either.
+    assert await sessions.lock(redis, owner, session_id, "upload-1", hold_s=10)
+    await sessions.set_workspace(redis, owner, session_id, "upload-1", transcript_id, "v1", 5)
+    for name in transcript:
+        assert await redis.ttl(name) > 100, name
+    await redis.expire(transcript[0], 1)
+    assert await sessions.lock(redis, owner, session_id, "upload-2", hold_s=10)
+    await sessions.set_workspace(redis, owner, session_id, "upload-2", transcript_id, "v2", 50)
+    assert 5 < await redis.ttl(transcript[0]) <= 50
