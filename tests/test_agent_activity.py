@@ -25,18 +25,18 @@ def agent(start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
     return gateway
 
 
+def _work() -> list[Reply]:
+    """The upstream thinks, runs Bash, runs Read on a missing file, then answers."""
+    return [
+        Reply(thinking=["Let me ", "look."], tool_use=("Bash", {"command": "echo hi", "description": "x"})),
+        Reply(tool_use=("Read", {"file_path": "/no/such/file.txt"})),
+        Reply(tokens=["Done", "."]),
+    ]
+
+
 @pytest.fixture
 def working(upstream: FakeAnthropic) -> FakeAnthropic:
-    """The upstream thinks, runs Bash, runs Read on a missing file, then answers."""
-    upstream.script.extend(
-        [
-            Reply(
-                thinking=["Let me ", "look."], tool_use=("Bash", {"command": "echo hi", "description": "x"})
-            ),
-            Reply(tool_use=("Read", {"file_path": "/no/such/file.txt"})),
-            Reply(tokens=["Done", "."]),
-        ]
-    )
+    upstream.script.extend(_work())
     return upstream
 
 
@@ -127,8 +127,18 @@ def test_a_responses_reply_has_the_output_its_retrieval_has(agent: Gateway, work
 
 def test_messages_stream_thinking_blocks(agent: Gateway, working: FakeAnthropic) -> None:
     client = anthropic.Anthropic(base_url=agent.url, api_key="unused", max_retries=0, timeout=90)
-    with client.messages.stream(
+    # Not asked for, there are none, as from the real API (found by an outside probe: a client's
+    # `content[0].text` failed on the thinking block).
+    plain = client.messages.create(
         model=MODEL, max_tokens=1000, messages=[{"role": "user", "content": "work"}]
+    )
+    assert [block.type for block in plain.content] == ["text"]
+    working.script.extend(_work())
+    with client.messages.stream(
+        model=MODEL,
+        max_tokens=1000,
+        thinking={"type": "adaptive"},
+        messages=[{"role": "user", "content": "work"}],
     ) as stream:
         kinds = [event.type for event in stream]
         message = stream.get_final_message()

@@ -334,6 +334,7 @@ def test_a_reply_of_thinking_alone_has_no_empty_text_block_and_can_be_sent_back(
     asked: dict[str, Any] = {
         "model": MODEL,
         "max_tokens": 3000,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
         "messages": [{"role": "user", "content": "think"}],
     }
     shapes = []

@@ -214,11 +214,16 @@ def core_request(body: CreateMessageRequest) -> CompletionRequest:
 
 def _agent(body: CreateMessageRequest) -> dict[str, Any]:
     """The agent controls, with `thinking` as the thinking budget: `enabled` with its
-    `budget_tokens`, `disabled` none, `adaptive` Claude Code's default."""
+    `budget_tokens`, `disabled` none, `adaptive` Claude Code's default. The agent's thinking and
+    tool steps are `thinking` blocks only when `thinking` asks for them (`enabled`, `adaptive`),
+    as the real API shows thinking: a client written for it reads `content[0].text` (found by an
+    outside probe: it failed on a thinking block, and LangChain's content became a list)."""
     agent = body.agent_controls().model_dump()
     thinking = body.thinking or {}
     if agent["max_thinking_tokens"] is None and thinking.get("type") in ("enabled", "disabled"):
         agent["max_thinking_tokens"] = thinking.get("budget_tokens") if thinking["type"] == "enabled" else 0
+    if agent["include_reasoning"] is None:
+        agent["include_reasoning"] = thinking.get("type") in ("enabled", "adaptive")
     return agent
 
 
