@@ -42,6 +42,8 @@ _DOTS = re.compile(r"(?:^|/)\.{0,2}(?:/|$)")
 _INCARNATION = re.compile(r"[0-9a-f-]{36}")
 _VERSION = re.compile(r"(\d{10})-[0-9a-f]{12}")
 MAX_PATH = 1024
+MAX_NAME = 255
+"""The longest name of a file or folder that Linux file systems take (`NAME_MAX`), in bytes."""
 _RANGES_UP_TO = 8
 """Files read from one pack one range each up to this many, else the whole pack at once."""
 _COMPACT_PACKS = 64
@@ -78,12 +80,16 @@ class InvalidPath(ValueError):
 
 
 def checked_path(path: str) -> str:
-    """A workspace-relative path: `/`-separated names, none empty, `.` or `..`, no control characters."""
+    """A workspace-relative path: `/`-separated names, none empty, `.` or `..`, no control
+    characters, none longer than a file system takes (`MAX_NAME`: an upload of a longer one was
+    taken, and every later turn failed to restore it, found by an outside probe)."""
     try:
         encoded = path.encode("utf-8")
     except UnicodeEncodeError:  # a file name that is not UTF-8 (kept by Python as surrogates)
         raise InvalidPath(path) from None
     if not path or len(encoded) > MAX_PATH or _CONTROL.search(path) or _DOTS.search(path):
+        raise InvalidPath(path)
+    if any(len(name) > MAX_NAME for name in encoded.split(b"/")):
         raise InvalidPath(path)
     return path
 
@@ -182,7 +188,11 @@ def link_inside(path: str, links: Mapping[str, str]) -> bool:
                 resolved.append(part)
                 if (target := links.get("/".join(resolved))) is not None:
                     resolved.pop()  # a link on the way: its target is walked from its folder
-    return True  # more links on the way than the kernel follows (a loop): it refuses them all
+    # More links on the way than the kernel follows (a loop): it follows none of them, and neither
+    # is it kept. Kept, a link judged through it could be judged otherwise once the save dropped
+    # it, and a version saved so could never be loaded again (an outside probe). So a link whose
+    # way leads through one that is dropped is dropped too: every kept link's way is kept.
+    return False
 
 
 @dataclass

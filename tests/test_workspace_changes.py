@@ -4,6 +4,7 @@ Each step changes a real directory as an agent would; after it, the version buil
 tracked changes is compared with the directory itself, read independently of the worker's code.
 """
 
+import errno
 import functools
 import hashlib
 import mmap
@@ -24,6 +25,15 @@ KEY = "session"
 View = tuple[dict[str, tuple[str, bool]], dict[str, str], set[str]]
 
 
+def _loops(link: Path) -> bool:
+    """Whether the kernel gives up following `link` (a loop): such a link is not kept."""
+    try:
+        link.stat()
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
 def on_disk(work: Path) -> View:
     """Every file (SHA-256, executable), link inside and folder holding neither (nor a folder)
     under `work`, links not followed."""
@@ -37,7 +47,7 @@ def on_disk(work: Path) -> View:
             if path.is_symlink():
                 target = os.readlink(path)
                 inside = os.path.normpath(f"{rel}/../{target}")
-                if not target.startswith("/") and not inside.startswith(".."):
+                if not target.startswith("/") and not inside.startswith("..") and not _loops(path):
                     links[rel] = target
                     kept.append(name)
             else:

@@ -93,10 +93,19 @@ async def test_a_save_follows_no_link_and_keeps_only_links_inside(tmp_path: Path
     # Found by an outside probe: judged by its text, `sub/../here/..` stays inside; followed, it leaves.
     (work / "here").symlink_to(".")
     (work / "sub" / "escape").symlink_to("../here/..")
-    (work / "loop").symlink_to("loop")  # the kernel follows it nowhere: kept as it is
+    (work / "loop").symlink_to("loop")  # the kernel follows it nowhere: neither is it kept
+    # Found by an outside probe: `A` was kept, judged through more links than the kernel follows
+    # (it gave up and took it for inside), though through the kept links alone it leaves: the
+    # version saved could never be loaded, and no later turn could restore the session.
+    (work / "k").symlink_to(".")
+    for i in range(1, 38):
+        (work / f"c{i}").symlink_to(f"c{i + 1}")
+    (work / "c38").symlink_to("k/..")
+    (work / "b").symlink_to("c1")
+    (work / "A").symlink_to("k/b/../..")
     held = await save(store, work, Held(Manifest()))
     assert sorted(held.manifest.files) == ["sub/in.txt"]
-    kept = {"ok": "sub/in.txt", "sub/back": "../sub/in.txt", "here": ".", "loop": "loop"}
+    kept = {"ok": "sub/in.txt", "sub/back": "../sub/in.txt", "here": ".", "k": "."}
     assert held.manifest.links == kept
     await restored(store, tmp_path / "copy", held.manifest.version)
     assert (tmp_path / "copy" / "ok").readlink() == Path("sub/in.txt")

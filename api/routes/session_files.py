@@ -357,7 +357,8 @@ def _upload_path(path: str | None, file: UploadFile) -> str:
 
 def _conflict(manifest: Manifest, path: str) -> str | None:
     """What stands where `path`'s file would go: a file or link in place of one of its folders,
-    or a folder in its place."""
+    or a folder in its place (one holding only empty folders too: an outside probe's upload there
+    was taken, and every later turn failed to restore the session)."""
     parts = path.split("/")
     for depth in range(1, len(parts)):
         folder = "/".join(parts[:depth])
@@ -367,7 +368,7 @@ def _conflict(manifest: Manifest, path: str) -> str | None:
     if (
         path in manifest.links
         or path in manifest.folders
-        or any(other.startswith(inside) for other in (*manifest.files, *manifest.links))
+        or any(other.startswith(inside) for other in (*manifest.files, *manifest.links, *manifest.folders))
     ):
         return path
     return None
