@@ -330,3 +330,16 @@ async def test_random_versions_restore_exactly_over_the_one_before(tmp_path: Pat
         contents = await workspaces.read_files(store, REF, needed)
         restored_here = restore(copy, restored_here, target, contents)
         assert on_disk(copy) == on_disk(work), f"turn {turn}"
+
+
+def test_a_stored_version_restores_only_its_links_that_lead_inside() -> None:
+    """A version saved under earlier rules (a loop kept), or written by anything but a save: its
+    links that do not lead inside are left out, and the version still loads."""
+    body = {
+        "version": "0000000001-000000000000",
+        "files": {},
+        "links": {"ok": "a/b", "loop": "loop", "out": "../x", "via": "out/y", "abs": "/etc"},
+        "packs": {},
+        "folders": [],
+    }
+    assert Manifest.decode(body).links == {"ok": "a/b"}
