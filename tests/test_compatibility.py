@@ -87,10 +87,13 @@ def test_the_landing_page_links_the_reference_models_and_dashboard(start_gateway
     page = httpx.get(f"{keyed.url}/", timeout=10)  # no key: the page shows no data
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
-    for link in ('href="docs"', 'href="v1/models"', 'href="dashboard"'):
+    for link in ('href="docs"', 'href="openapi.json"', 'href="dashboard"'):
         assert link in page.text
     assert "<title>Claude Code Gateway</title>" in page.text
-    assert httpx.get(f"{keyed.url}/v1/models", timeout=10).status_code == 401  # what it links to is not open
+    # What it links to opens in a browser, which sends no key; the models it names need one.
+    assert httpx.get(f"{keyed.url}/docs", timeout=10).status_code == 200
+    assert "<code>/v1/models</code>" in page.text
+    assert httpx.get(f"{keyed.url}/v1/models", timeout=10).status_code == 401
 
 
 def test_what_changes_a_replys_kind_is_refused_not_dropped(scripted: Gateway) -> None:

@@ -194,8 +194,9 @@ def test_status_prints_a_table_and_watch_refreshes(single_slot: Gateway) -> None
     text = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30).stdout
     assert "0 waiting" in text
     assert f" {single_slot.workers[0].pid} " in text
-    reported = status_json(single_slot)["workers"][0]["auth"]  # its backend auth, whatever this host has
-    assert reported["method"] + ("" if reported["valid"] else " UNUSABLE") in text
+    [row] = [line for line in text.splitlines() if f" {single_slot.workers[0].pid} " in line]
+    assert " scripted " in row  # its backend, which reaches no model: no auth to check
+    assert "UNUSABLE" not in text
     watch = subprocess.Popen(
         [*command, "--watch", "0.2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
     )
