@@ -123,9 +123,9 @@ class Settings(BaseSettings):
     )
 
     # --- Models ---------------------------------------------------------------------------
-    models: list[str] = Field(
+    models: list[Annotated[str, Field(pattern=r"^\S+$")]] = Field(
         default=["claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5"],
-        min_length=1,  # none: every request would be a 404 while the service looks ready
+        min_length=1,  # none, or a blank one: every request a 404 while the service looks ready
     )
     models_created: int = Field(default=1759276800, description="`created` reported for every model.")
     models_from_upstream: bool = Field(

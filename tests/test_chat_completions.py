@@ -231,6 +231,13 @@ def test_an_assistants_refusal_sent_back_is_what_it_said(client: openai.OpenAI, 
     )
     assert response.status_code == 400, response.text
     assert "refusal" in response.json()["error"]["message"]
+    for role in ("user", "system", "developer"):  # as on chat (found by a second probe)
+        misplaced_item = {"type": "message", "role": role, "content": [{"type": "refusal", "refusal": "R"}]}
+        refused = httpx.post(
+            f"{scripted.url}/v1/responses", json={"model": MODEL, "input": [misplaced_item]}, timeout=30
+        )
+        assert refused.status_code == 400, (role, refused.text)
+        assert "refusal" in refused.json()["error"]["message"]
     earlier = {"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "R3"}]}
     answered = httpx.post(
         f"{scripted.url}/v1/responses",

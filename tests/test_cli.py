@@ -70,6 +70,7 @@ def test_without_a_server_on_the_path_the_bundled_valkey_is_used(monkeypatch: py
         ({"REDIS_URL": "http://x"}, ["up"], "invalid configuration: REDIS_URL: use redis://"),
         ({"TRUSTED_PROXIES": '["10.0.0.0/8", "lb.internal"]'}, ["api"], "'lb.internal' is not an IP"),
         ({"MODELS": "[]"}, ["api"], "invalid configuration: MODELS: List should have at least 1 item"),
+        ({"MODELS": '[""]'}, ["api"], "invalid configuration: MODELS.0: String should match"),
         ({"LOG_LEVEL": "loud"}, ["status"], "invalid configuration: LOG_LEVEL"),
         ({"MODELS": "[oops"}, ["status"], "invalid configuration: MODELS: must be a JSON list"),
         ({"MODEL_ALIASES": "x"}, ["status"], "invalid configuration: MODEL_ALIASES: must be a JSON mapping"),

@@ -475,11 +475,24 @@ def test_a_function_result_holding_an_image_or_a_file_is_refused_on_every_front_
     untyped = tool_result()
     untyped["messages"][2]["content"][0]["content"] = [{"text": "no type"}]
     refused.append(("/v1/messages", untyped, "messages[2].content[0]"))
+    # Found by a second probe: an output that is one object, or a number, was taken as empty;
+    # a block the gateway does not take was said to have no type.
+    image = {"type": "input_image", "image_url": f"data:image/png;base64,{PIXEL}"}
+    for single in (image, 42):
+        lone = {"input": [call, {"type": "function_call_output", "call_id": "call_1", "output": single}]}
+        refused.append(("/v1/responses", {**lone, "tools": responses_tools}, "input[1].output"))
+    searched = tool_result()
+    searched["messages"][2]["content"][0]["content"] = [
+        {"type": "search_result", "source": "s", "title": "t"}
+    ]
+    refused.append(("/v1/messages", searched, "messages[2].content[0]"))
     for path, body, param in refused:
         response = httpx.post(f"{scripted.url}{path}", json={"model": MODEL, **body}, timeout=30)
         assert response.status_code == 400, (path, response.text)
         error = response.json()["error"]
-        assert any(words in error["message"] for words in ("only text", "not supported", "'type'")), error
+        said = ("only text", "not supported", "'type'", "a string or a list")
+        assert any(words in error["message"] for words in said), error
+        assert "search_result" in error["message"] or body is not searched, error
         if path != "/v1/messages":  # Anthropic's error shape has no param
             assert error["param"] == param, (path, error)
     text_only = {

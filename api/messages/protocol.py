@@ -91,17 +91,31 @@ def _call(block: _Block) -> dict[str, Any]:
     return {"id": block.id, "type": "function", "function": {"name": block.name, "arguments": arguments}}
 
 
+def _block(raw: dict[str, Any], param: str) -> _Block:
+    """A content block inside a tool_result, as sent (a list of JSON objects)."""
+    try:
+        return _Block.model_validate(raw)
+    except ValueError:
+        kind = raw.get("type")
+        if not isinstance(kind, str):
+            raise OpenAIError.invalid("A content block needs a 'type'.", param=param) from None
+        raise OpenAIError.invalid(
+            f"Content blocks of type '{kind[:40]}' are not supported by this gateway.",
+            param=param,
+            code="unsupported_content",
+        ) from None
+
+
 def _result(block: _Block, param: str) -> ChatMessage:
     """A tool_result block as a chat tool message, its content parts kept (the core decides which
     a result may hold)."""
     if not isinstance(block.content, list):
         parts: list[ContentPart] = [TextPart(type="text", text=block.content or "")]
     else:
-        try:
-            blocks = [_Block.model_validate(raw) for raw in block.content]
-        except ValueError:
-            raise OpenAIError.invalid("A tool_result's content blocks need a 'type'.", param=param) from None
-        parts = [_part(part, f"{param}.content[{i}]") for i, part in enumerate(blocks)]
+        parts = [
+            _part(_block(raw, f"{param}.content[{i}]"), f"{param}.content[{i}]")
+            for i, raw in enumerate(block.content)
+        ]
     if block.is_error:  # as Claude Code words a tool's failure to the model
         text = "\n".join(part.text for part in parts if isinstance(part, TextPart))
         others = [part for part in parts if not isinstance(part, TextPart)]

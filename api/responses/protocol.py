@@ -125,10 +125,13 @@ class _InputMessage(BaseModel):
     content: str | list[_InputPart]
 
 
-def _part(part: _InputPart, param: str) -> ContentPart:
+def _part(part: _InputPart, param: str, role: str = "user") -> ContentPart:
+    """One content part of a message of `role` (a function's output is the user's)."""
     if part.type in ("input_text", "output_text") and part.text is not None:
         return TextPart(type="text", text=part.text)
     if part.type == "refusal" and part.refusal is not None:  # an earlier reply's, sent back: what it said
+        if role != "assistant":
+            raise OpenAIError.invalid("A refusal part belongs in an assistant message.", param=param)
         return TextPart(type="text", text=part.refusal)
     if part.type == "input_image" and part.image_url is not None:
         return ImagePart(type="image_url", image_url={"url": part.image_url})
@@ -157,8 +160,12 @@ def _function_item(raw: dict[str, Any], param: str) -> ChatMessage:
 
 def _output(output: Any, param: str) -> str | list[ContentPart]:
     """A function's output: a string, or its content parts (the core decides which a result may hold)."""
-    if not isinstance(output, list):
-        return output if isinstance(output, str) else ""
+    if isinstance(output, str):
+        return output
+    if not isinstance(output, list):  # as OpenAI refuses it: taken as empty, an image in it was lost
+        raise OpenAIError.invalid(
+            "A function's output is a string or a list of content parts.", param=f"{param}.output"
+        )
     try:
         parts = [_InputPart.model_validate(part) for part in output]
     except ValueError:
@@ -216,7 +223,7 @@ def to_chat_messages(items: str | list[dict[str, Any]]) -> list[ChatMessage]:
         content: str | list[ContentPart] = (
             item.content
             if isinstance(item.content, str)
-            else [_part(part, f"{param}.content[{i}]") for i, part in enumerate(item.content)]
+            else [_part(part, f"{param}.content[{i}]", item.role) for i, part in enumerate(item.content)]
         )
         messages.append(ChatMessage(role=item.role, content=content))
     return messages

@@ -349,7 +349,7 @@ def _upload_path(path: str | None, file: UploadFile) -> str:
     except workspaces.InvalidPath:
         raise OpenAIError.invalid(
             "A file's path is relative to the workspace: '/'-separated names, none of them empty, "
-            "'.' or '..', no control characters, at most 1024 bytes.",
+            "'.' or '..', no control characters, at most 1024 bytes, each name at most 255.",
             param="path",
             code="invalid_path",
         ) from None
