@@ -414,7 +414,10 @@ def test_message_count_and_prompt_size_are_limited(guarded: Gateway) -> None:
             },
         ),
     ]
-    answer_only = [{"role": "user", "content": "hi"}, {"type": "function_call_output", "call_id": "c" * 1001}]
+    answer_only = [
+        {"role": "user", "content": "hi"},
+        {"type": "function_call_output", "call_id": "c" * 1001, "output": ""},
+    ]
     refused.append(("/v1/responses", {"model": "claude-sonnet-4-5", "input": answer_only}))
     # Keys of their own: 6 requests a minute each, and the configured key's are the later tests'.
     own = [new_key(guarded, "prompt sizes")[1] for _ in range(2)]

@@ -344,19 +344,24 @@ def test_up_refuses_a_port_already_in_use(tmp_path: Path) -> None:
     assert not (tmp_path / "state" / "redis").exists()  # nothing was started
 
 
-def test_a_second_up_on_the_same_state_folder_is_refused(up: Up) -> None:
+def test_a_second_up_on_the_same_state_folder_is_refused(tmp_path: Path) -> None:
     """Found by an outside probe: a second `up` on another port but the same STATE_DIR ran a
     second Redis on the first one's data, emptied its metric counters and removed its Redis URL."""
-    url_file = up.state / "redis" / "url"
-    before = url_file.read_text()
-    env = {**up.env, "PORT": str(free_port())}
-    done = subprocess.run(
-        [sys.executable, "-m", "cli.main", "up"], cwd=ROOT, env=env, capture_output=True, timeout=30
-    )
-    assert done.returncode != 0
-    assert f"another `up` runs on STATE_DIR={up.state}" in done.stderr.decode()
-    assert url_file.read_text() == before
-    assert up.completes()
+    up = start_up(tmp_path)  # its own: the module's is stopped by an earlier test
+    try:
+        url_file = up.state / "redis" / "url"
+        before = url_file.read_text()
+        env = {**up.env, "PORT": str(free_port())}
+        done = subprocess.run(
+            [sys.executable, "-m", "cli.main", "up"], cwd=ROOT, env=env, capture_output=True, timeout=30
+        )
+        assert done.returncode != 0
+        assert f"another `up` runs on STATE_DIR={up.state}" in done.stderr.decode()
+        assert url_file.read_text() == before
+        assert up.completes()
+    finally:
+        up.process.terminate()
+        up.process.wait(timeout=60)
 
 
 def test_children_die_with_a_killed_up(tmp_path: Path) -> None:
