@@ -4,8 +4,10 @@ import asyncio
 import contextlib
 import faulthandler
 import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import Coroutine
 from functools import partial
 from pathlib import Path
@@ -29,6 +31,7 @@ from worker.heartbeat import HeartbeatLoop
 from worker.leases import RunningJobs
 from worker.session_files import SessionFiles
 from worker.task import run_completion
+from worker.workspace import finish_removals
 
 log = logging.getLogger("gateway.worker")
 
@@ -59,6 +62,7 @@ class GatewayWorker(Worker):
     ) -> None:
         super().__init__(poll_delay=0, redis_settings=redis_settings, **kwargs)
         self._bounded_close = kwargs.get("handle_signals", True)  # a process of its own
+        self.close_deadline: float | None = None  # `time.monotonic()` when a signal's stop runs out
         self._redis_url = redis_url
         self._channels = Channels(redis_settings.database)
         self._fallback_s = settings.poll_fallback_s
@@ -110,6 +114,7 @@ class GatewayWorker(Worker):
         if self._bounded_close:
             self.loop.call_later(CLOSE_REPORT_S, self._report_close)
             faulthandler.dump_traceback_later(CLOSE_BOUND_S, exit=True)
+            self.close_deadline = time.monotonic() + CLOSE_BOUND_S
 
     def _report_close(self) -> None:
         tasks = "\n".join(" > ".join(_awaiting(task)) for task in asyncio.all_tasks(self.loop))
@@ -396,3 +401,12 @@ def run_worker(settings: Settings, redis_url: str) -> None:
     except Exception:  # its reason is logged and recorded already; this is the traceback
         log.exception("worker %s stopped by an error", worker.heartbeat.worker_id)
         sys.exit(1)
+    # The job folders' removals finish within the close's bound, and the bound's watchdog is
+    # cancelled before the interpreter finalizes: firing then, in the threads' join at exit, it
+    # crashed the worker (SIGSEGV, in a CI run under load).
+    deadline = worker.close_deadline or time.monotonic() + CLOSE_BOUND_S
+    if not finish_removals(deadline - time.monotonic()):
+        log.error("worker %s exits with job folders still being removed", worker.heartbeat.worker_id)
+        faulthandler.cancel_dump_traceback_later()
+        os._exit(1)  # as the bound's exit; the next worker on the machine removes them
+    faulthandler.cancel_dump_traceback_later()

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -146,7 +147,19 @@ def _remove_apart(root: Path) -> None:
         apart = root
     # Not a daemon: a worker that exits cleanly finishes its removals first (a daemon one was cut
     # at the exit, its folder left to the next worker on the machine: an outside probe).
-    threading.Thread(target=_remove_marked, args=(apart,), name="workspace-removal").start()
+    threading.Thread(target=_remove_marked, args=(apart,), name=_REMOVAL).start()
+
+
+_REMOVAL = "workspace-removal"
+
+
+def finish_removals(timeout_s: float) -> bool:
+    """Waits up to `timeout_s` for the folders being removed in threads; False if some are not."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread.name == _REMOVAL:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    return not any(thread.name == _REMOVAL for thread in threading.enumerate())
 
 
 def _remove_marked(directory: Path) -> None:
