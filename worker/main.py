@@ -405,8 +405,8 @@ def run_worker(settings: Settings, redis_url: str) -> None:
     # cancelled before the interpreter finalizes: firing then, in the threads' join at exit, it
     # crashed the worker (SIGSEGV, in a CI run under load).
     deadline = worker.close_deadline or time.monotonic() + CLOSE_BOUND_S
-    if not finish_removals(deadline - time.monotonic()):
-        log.error("worker %s exits with job folders still being removed", worker.heartbeat.worker_id)
-        faulthandler.cancel_dump_traceback_later()
-        os._exit(1)  # as the bound's exit; the next worker on the machine removes them
+    removed = finish_removals(deadline - time.monotonic())
     faulthandler.cancel_dump_traceback_later()
+    if not removed:
+        log.error("worker %s exits with job folders still being removed", worker.heartbeat.worker_id)
+        os._exit(1)  # as the bound's exit; the next worker on the machine removes them

@@ -117,7 +117,8 @@ class Run:
     reasoning: bool = True
     """Whether the agent's activity (thinking, tool steps) reaches the caller."""
     prompt_usage: Usage | None = None
-    """The first choice's prompt usage once its first events came (Messages' `message_start`)."""
+    """The first prompt usage its jobs reported, once their first events came (Messages'
+    `message_start`; a Messages run has one job)."""
     _pumps: "list[asyncio.Task[None]]" = field(default_factory=list)
 
     @property

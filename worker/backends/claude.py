@@ -53,7 +53,7 @@ from worker import caller_functions, operator_mcp, upstream_models
 from worker.backends import PROGRESS, BackendError, BackendEvent, UsageReport
 from worker.credential_proxy import Credential, CredentialProxy, api_key_header, bearer_header
 from worker.egress import EgressProxy
-from worker.history import BLANK, HistoryStore, content_blocks, merged
+from worker.history import HistoryStore, content_blocks, merged
 from worker.login import login_token
 from worker.sandbox import MODEL_SOCKET, Sandbox, remove_runtime_dir, runtime_dir
 from worker.session_store import JobTranscript, RedisSessionStore
@@ -151,9 +151,8 @@ def user_message(turn: Turn) -> str | AsyncIterator[dict[str, Any]]:
     whitespace-only prompt with nothing, without asking the model."""
     if turn.text.startswith("/"):
         turn = turn.model_copy(update={"text": " " + turn.text})
-    if turn.images:
-        return streamed_message(content_blocks(turn), str(uuid.uuid4()))
-    return turn.text if turn.text.strip() else BLANK
+    blocks = content_blocks(turn)  # text alone without images
+    return blocks if isinstance(blocks, str) else streamed_message(blocks, str(uuid.uuid4()))
 
 
 class ClaudeBackend:
