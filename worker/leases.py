@@ -80,8 +80,14 @@ class RunningJobs:
         job = self.jobs[job_id] = RunningJob(job_id, attempt, task, halt=halt)
         return job
 
+    @staticmethod
+    def settle(job: RunningJob) -> None:
+        """The attempt's outcome is decided: nothing stops it any more. Its lease is still renewed
+        until it is removed: its terminal event may wait for room in a full Redis for long."""
+        job.producing = False
+
     def remove(self, job: RunningJob) -> None:
-        """The attempt's outcome is decided: nothing stops it any more, and its lease is not renewed."""
+        """The attempt is over: its lease is not renewed any more."""
         job.producing = False
         if self.jobs.get(job.job_id) is job:  # not a later attempt at the same job
             del self.jobs[job.job_id]

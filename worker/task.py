@@ -70,7 +70,7 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> bool
         except asyncio.CancelledError:
             stopped = True
         finally:
-            running.remove(control)  # the outcome is decided: only the process ending stops it now
+            running.settle(control)  # the outcome is decided: only the process ending stops it now
         if stopped:
             terminal = await _stopped(control.reason or StopReason.SHUTDOWN, running, job.id, attempt, writer)
             outcome = "handed back" if terminal is None and control.reason is None else outcome
@@ -90,6 +90,7 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> bool
     except Superseded:
         outcome = "superseded"
     finally:
+        running.remove(control)
         log.info(
             "job %s attempt %d %s in %.0f ms (%d events)",
             job.id,
