@@ -51,6 +51,33 @@ def test_streamed_reply_arrives_as_it_is_generated(client: openai.OpenAI, upstre
     assert user_text(upstream.requests[-1]) == "tell me"
 
 
+def test_a_system_prompt_no_command_line_carries_reaches_the_model(
+    claude: Gateway, upstream: FakeAnthropic
+) -> None:
+    """Found by an outside probe: a system message over 128 KiB, or one holding a NUL, went on
+    the CLI's command line, which Linux refused: the CLI never started, and the caller got a
+    503 backend_unavailable (Messages: an overloaded_error its SDK retries)."""
+    upstream.default = Reply(tokens=["read"])
+    long = "All of this is context. " * 6000  # 144 KB
+    for system in (long, "before\0after", "é" * 70_000):
+        body = {
+            "model": "claude-sonnet-4-5",
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}],
+        }
+        response = httpx.post(f"{claude.url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        assert system in system_text(upstream.requests[-1])
+    messages = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 64,
+        "system": long,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    response = httpx.post(f"{claude.url}/v1/messages", json=messages, timeout=60)
+    assert response.status_code == 200, response.text
+    assert long in system_text(upstream.requests[-1])
+
+
 def test_system_prompt_usage_and_cost(claude: Gateway, upstream: FakeAnthropic) -> None:
     upstream.default = Reply(tokens=["Ahoy", "!"], input_tokens=1200, output_tokens=34)
     body = {

@@ -108,12 +108,14 @@ def test_system_prompt_is_appended_to_claude_codes(claude: Gateway, upstream: Fa
 def test_system_prompt_replaces_claude_codes_when_configured(
     configured: Gateway, upstream: FakeAnthropic
 ) -> None:
-    body = {"model": "claude-sonnet-4-5", "messages": [{"role": "system", "content": "You are a parrot."}]}
-    body["messages"].append({"role": "user", "content": "hi"})
-    assert post(configured, body).status_code == 200
-    system = system_text(upstream.requests[-1])
-    assert "You are a parrot." in system
-    assert "Claude Code" not in system
+    # The second one no command line carries: it goes to the CLI in a file.
+    for prompt in ("You are a parrot.", "You are a parrot. " * 8000):
+        body = {"model": "claude-sonnet-4-5", "messages": [{"role": "system", "content": prompt}]}
+        body["messages"].append({"role": "user", "content": "hi"})
+        assert post(configured, body).status_code == 200
+        system = system_text(upstream.requests[-1])
+        assert prompt in system
+        assert "Claude Code" not in system
 
 
 def test_a_base64_image_becomes_an_image_block(claude: Gateway, upstream: FakeAnthropic) -> None:

@@ -124,6 +124,41 @@ def test_bad_tools_are_400(scripted: Gateway, extra: dict[str, Any], param: str)
     assert "None" not in error["message"]
 
 
+def test_over_128_functions_are_refused_on_every_front_end(scripted: Gateway) -> None:
+    """Found by an outside probe: 3,000 functions' names were more than Claude Code's command line
+    could carry, and the CLI did not start (a 503). OpenAI takes up to 128."""
+    specs = [{"name": f"f{i}", "parameters": {"type": "object", "properties": {}}} for i in range(129)]
+    requests = [
+        (
+            "/v1/chat/completions",
+            chat("hi", tools=[{"type": "function", "function": f} for f in specs]),
+            "tools",
+        ),
+        ("/v1/chat/completions", chat("hi", functions=specs), "functions"),
+        (
+            "/v1/responses",
+            {"model": MODEL, "input": "hi", "tools": [{"type": "function", **f} for f in specs]},
+            "tools",
+        ),
+    ]
+    for path, body, param in requests:
+        response = httpx.post(f"{scripted.url}{path}", json=body, timeout=30)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
+    tools = [{"name": f["name"], "input_schema": f["parameters"]} for f in specs]
+    messages = {
+        "model": MODEL,
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": tools,
+    }
+    response = httpx.post(f"{scripted.url}/v1/messages", json=messages, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    allowed = httpx.post(f"{scripted.url}/v1/messages", json={**messages, "tools": tools[:128]}, timeout=30)
+    assert allowed.status_code == 200, allowed.text
+
+
 TIME = {
     "type": "function",
     "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},

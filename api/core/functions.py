@@ -18,6 +18,9 @@ from api.errors import OpenAIError
 from shared.jobs import CompletionJob, FunctionTool
 
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,50}")  # the backend prefixes its own 13 characters
+MAX_FUNCTIONS = 128
+"""OpenAI's limit. Their names go on Claude Code's command line: 3,000 of them were over what
+Linux takes in one argument, and the CLI did not start (an outside probe)."""
 
 
 class FunctionCalling:
@@ -174,6 +177,9 @@ def function_calling(body: CompletionRequest) -> tuple[CompletionRequest, Functi
             )
         functions.append(_function(tool.get("function"), f"tools[{index}].function"))
     functions += [_function(spec, f"functions[{i}]") for i, spec in enumerate(body.functions or [])]
+    if len(functions) > MAX_FUNCTIONS:
+        param = "tools" if body.tools else "functions"
+        raise OpenAIError.invalid(f"At most {MAX_FUNCTIONS} functions can be offered.", param=param)
     param, choice = (
         ("tool_choice", body.tool_choice)
         if body.tool_choice is not None

@@ -31,7 +31,7 @@ from claude_agent_sdk import (
     UserMessage,
     query,
 )
-from claude_agent_sdk.types import SessionStore, StreamEvent, SystemPromptPreset
+from claude_agent_sdk.types import SessionStore, StreamEvent, SystemPromptFile, SystemPromptPreset
 from redis.asyncio import Redis
 
 from shared import agent_policy, backend_auth, sessions
@@ -107,6 +107,9 @@ _OUT_OF_TURNS = "error_max_turns"
 _MIN_THINKING_BUDGET = 1024  # tokens, the Messages API's smallest
 _CLI_ERROR_PREFIX = re.compile(r"^API Error: \d+\s*")
 _MAX_REASON = 1000
+_ARGUMENT_BYTES = 64 * 1024
+"""A system prompt up to this size goes on the CLI's command line, a longer one in a file: half
+of what Linux takes in one argument (128 KiB)."""
 
 
 def upstream_failure(status: int | None, said: str | None = None) -> BackendError:
@@ -305,9 +308,11 @@ class ClaudeBackend:
             # job does not have, no hooks, plugins or CLAUDE.md discovery (~8% less CPU per job).
             # Not on the CLI's own login: minimal mode reads only an API key.
             env["CLAUDE_CODE_SIMPLE"] = "1"
+        system_prompt, system_prompt_file = self._system_prompt(job, workspace)
         return ClaudeAgentOptions(
             model=job.backend_model or job.model,
-            system_prompt=self._system_prompt(job),
+            system_prompt=system_prompt,
+            extra_args=system_prompt_file,
             include_partial_messages=True,
             tools=tools,
             allowed_tools=[*tools, *caller_functions.tool_names(job), *agent.mcp_tools],
@@ -339,13 +344,30 @@ class ClaudeBackend:
         install_skills(skills_dir, names, workspace)
         return names
 
-    def _system_prompt(self, job: CompletionJob) -> str | SystemPromptPreset:
-        if self._settings.claude_system_prompt_mode == "replace" and job.system_prompt:
-            return job.system_prompt
+    def _system_prompt(
+        self, job: CompletionJob, workspace: Workspace
+    ) -> tuple[str | SystemPromptPreset | SystemPromptFile, dict[str, str | None]]:
+        """The CLI's system prompt option, and the flags that pass it as a file instead.
+
+        One that no command line can carry goes in a file of the job's: Linux refuses an argument
+        over 128 KiB (`MAX_ARG_STRLEN`) or holding a NUL, and the CLI did not start (a 503 for a
+        long system message, an outside probe)."""
         system: SystemPromptPreset = {"type": "preset", "preset": "claude_code"}
-        if job.system_prompt:
-            system["append"] = job.system_prompt
-        return system
+        text = job.system_prompt
+        if not text:
+            return system, {}
+        replace = self._settings.claude_system_prompt_mode == "replace"
+        if len(text.encode()) > _ARGUMENT_BYTES or "\0" in text:
+            path = workspace.config / "system-prompt.md"
+            path.write_text(text)
+            path.chmod(0o644)  # the job's user reads it (`CLAUDE_JOB_USER`): the folder is theirs
+            if replace:
+                return {"type": "file", "path": str(path)}, {}
+            return system, {"append-system-prompt-file": str(path)}
+        if replace:
+            return text, {}
+        system["append"] = text
+        return system, {}
 
     async def stream(
         self, job: CompletionJob, work: Path | None = None
