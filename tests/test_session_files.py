@@ -146,6 +146,19 @@ def test_upload_paths_are_validated(files_gateway: Gateway, path: str) -> None:
     assert response.json()["error"]["code"] == "invalid_path"
 
 
+def test_an_upload_of_several_files_or_paths_is_refused(files_gateway: Gateway) -> None:
+    """Found by an outside probe: three `file` parts answered 200 and only the last was kept."""
+    several = [
+        ({"files": [("file", ("a", b"a")), ("file", ("b", b"b"))]}, "file"),
+        ({"files": {"file": ("a", b"a")}, "data": {"path": ["x.txt", "y.txt"]}}, "path"),
+    ]
+    for parts, param in several:
+        response = httpx.post(files_url(files_gateway, "parts-1"), headers=_auth(KEY_A), **parts)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
+    assert httpx.get(files_url(files_gateway, "parts-1"), headers=_auth(KEY_A)).status_code == 404
+
+
 def test_a_file_cannot_replace_a_folder_or_go_under_a_file(files_gateway: Gateway) -> None:
     """Found by an outside probe: a folder holding only empty folders (or, as here, a pipe, which
     is not kept) was replaced by an uploaded file, and no later turn could restore the session."""

@@ -380,11 +380,17 @@ async def upload_file(
     gateway: GatewayDep,
     caller: CallerDep,
     store: StoreDep,
+    request: Request,
     file: Annotated[UploadFile, File()],
     path: Annotated[str | None, Form()] = None,
 ) -> SessionFile:
     """Puts `file` into the workspace at `path` (an extension; default: the upload's file name),
     replacing a file there."""
+    form = await request.form()  # read already, for `file` and `path`
+    for field in ("file", "path"):  # else the last would be taken and the others dropped unsaid
+        if len(form.getlist(field)) > 1:
+            message = f"An upload holds one '{field}': send each file in a request of its own."
+            raise OpenAIError.invalid(message, param=field, code="too_many_parts")
     target = _upload_path(path, file)
     data = await file.read()
     async with _NewVersion(gateway, caller, store, session_id) as change:
