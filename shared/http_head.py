@@ -44,6 +44,8 @@ class BoundedHead(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_bytes: int | None = 0
         """Of the head being read; None once it is whole (a body follows, or trailers)."""
+        self._parsed_bytes = 0
+        """Of the head's line and headers, as parsed."""
         self._trailer_bytes = 0
         self._message_bytes = 0
         self._began = False  # a request began in the chunk being parsed: its bytes before are another's
@@ -68,22 +70,46 @@ class BoundedHead(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes, self._trailer_bytes, self._message_bytes, self._began = 0, 0, 0, True
+        self._parsed_bytes = 0
+
+    # A head that comes whole in one read is parsed before `data_received` counts it: its line
+    # and headers are counted as they are parsed too (an outside probe's 100 KB header passed).
+    def on_url(self, url: bytes) -> None:
+        self._parsed_bytes += len(url)
+        if self._admits(self._parsed_bytes):
+            super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._refused:
-            return
         if self._head_bytes is None:  # a trailer, after a chunked body
             self._trailer_bytes += len(name) + len(value)
-            if self._trailer_bytes > MAX_HEAD_BYTES:
-                self._refuse(_HEAD_TOO_LARGE)
-                return
-        super().on_header(name, value)
+            admitted = self._admits(self._trailer_bytes)
+        else:
+            self._parsed_bytes += len(name) + len(value)
+            admitted = self._admits(self._parsed_bytes)
+        if admitted:
+            super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        if self._refused:  # refused in the same read: nothing of the request runs
+            return
         self._head_bytes = None
         super().on_headers_complete()
         if self.cycle is not None and self.cycle.transport is self.transport:  # the request's new cycle
             self.cycle.transport = _HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
+
+    def _admits(self, head_bytes: int) -> bool:
+        """Whether the request, with `head_bytes` of head (or trailers) so far, is still taken."""
+        if not self._refused and head_bytes > MAX_HEAD_BYTES:
+            self._refuse(_HEAD_TOO_LARGE)
+        return not self._refused
 
     def _refuse(self, answer: bytes) -> None:
         self._refused = True

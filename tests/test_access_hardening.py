@@ -208,6 +208,22 @@ def test_a_request_head_of_any_size_is_refused_past_its_bound(scripted: Gateway)
     assert _head_of(scripted.url, header_lines=4, line_bytes=8 * 1024).startswith(b"HTTP/1.1 200 ")
 
 
+def test_a_head_that_comes_in_one_read_is_bounded_too(scripted: Gateway) -> None:
+    """Found by an outside probe: a head was counted only after the read it came in was parsed,
+    so a 100 KB header sent at once (or 8,000 small ones) was taken."""
+    host, _, port = scripted.url.removeprefix("http://").partition(":")
+    for fillers in ([b"x-big: " + b"a" * 100_000], [b"x-%d: aaaaa" % n for n in range(8000)]):
+        head = b"\r\n".join([b"GET /health HTTP/1.1", b"host: 127.0.0.1", *fillers]) + b"\r\n\r\n"
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(head)
+            answer = b""
+            with contextlib.suppress(OSError):
+                while chunk := connection.recv(65536):
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert answer.count(b"HTTP/1.1") == 1, answer  # the request itself never ran
+
+
 def test_trailers_and_a_whole_request_are_bounded_too(keyed: Gateway) -> None:
     """Found by the next outside probe: after a chunked body, trailer lines without end were kept
     by an API process (500 MiB sent: 1.3 GB), from a client with no key, once its 401 was sent.
