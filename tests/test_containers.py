@@ -91,6 +91,18 @@ def test_compose_parses_and_scales() -> None:
     drain_s = Settings.model_fields["drain_timeout_s"].default
     for name in ("api", "worker"):
         assert int(services[name]["stop_grace_period"].removesuffix("s")) > drain_s
+    # Sessions' files in one store for the API and every worker (found by an outside probe: each
+    # container's default store was its own, and a session's next turn could not be restored),
+    # owned by the images' user; settings in .env reach every gateway process (they reached none).
+    for name in ("api", "worker"):
+        store = services[name]["environment"]["WORKSPACE_STORE"]
+        assert store == "${WORKSPACE_STORE:-file:///home/gateway/store}"
+        assert "workspace-store:/home/gateway/store" in services[name]["volumes"]
+        assert services[name]["env_file"] == [{"path": ".env", "required": False}]
+    assert "workspace-store" in compose()["volumes"]
+    for dockerfile in ("Dockerfile.api", "Dockerfile.worker"):
+        assert "install -d -o 10001 -g 10001" in (ROOT / dockerfile).read_text()
+        assert "/home/gateway/store" in (ROOT / dockerfile).read_text()
     # What bubblewrap needs to build each job's sandbox in a container.
     assert {"seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined"} <= set(
         worker["security_opt"]

@@ -497,7 +497,17 @@ class SessionFiles:
                     # a file): the version is restored afresh.
                     held = await self._checkout(ref, work, None, session.workspace)
         # ValueError: a malformed manifest; TimeoutError: see above
-        except (OSError, MissingObject, ValueError, TimeoutError) as exc:
+        except MissingObject as exc:
+            # No moment's trouble, which a retry would outlast: the session deleted meanwhile, or
+            # a store the other processes do not share (an outside probe's compose stack).
+            log.error("workspace %s is not in this worker's store (WORKSPACE_STORE): %s", key, exc)
+            await self._drop(key)
+            message = (
+                "The session's files are not in this worker's workspace store: the session was "
+                "deleted, or the gateway's processes do not share one store (WORKSPACE_STORE)."
+            )
+            raise BackendError(FailureCode.BACKEND_UNAVAILABLE, message) from exc
+        except (OSError, ValueError, TimeoutError) as exc:
             log.warning("could not restore workspace %s: %s", key, type(exc).__name__)
             await self._drop(key)
             raise BackendError(
