@@ -192,8 +192,10 @@ def run_up(settings: Settings) -> None:
         settings.workers,
     )
     supervisor = Supervisor(children, redis_url=redis_url, drain_timeout_s=settings.drain_timeout_s)
-    signal.signal(signal.SIGINT, supervisor.request_stop)
-    signal.signal(signal.SIGTERM, supervisor.request_stop)
+    # SIGHUP too: a closed terminal or a dropped ssh session stops it as Ctrl-C does, draining the
+    # running jobs (its default ended `up` at once, and Redis with it under a draining worker).
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, supervisor.request_stop)
     try:
         supervisor.run()
     finally:

@@ -7,7 +7,7 @@ Redis comes back from its own data folder. A worker killed outright (SIGKILL, th
 crash) cannot record its exit, so `up` records it (shared/worker_exits.py); its jobs are
 recovered by the lease rules like any lost worker's.
 
-Stopping (SIGINT, SIGTERM) sends SIGTERM to the API and the workers, which drain for
+Stopping (SIGINT, SIGTERM, SIGHUP) sends SIGTERM to the API and the workers, which drain for
 `DRAIN_TIMEOUT_S`; whatever is still running `STOP_GRACE_S` later is killed, then Redis is
 stopped. A second Ctrl-C kills at once.
 """

@@ -330,6 +330,23 @@ def test_stopping_up_is_bounded_even_with_open_streams(up: Up) -> None:
     assert took < DRAIN_S + 10, took
 
 
+def test_a_hangup_stops_up_as_ctrl_c_does(tmp_path: Path) -> None:
+    """Found by an outside probe: SIGHUP (a closed terminal, a dropped ssh session) ended `up` at
+    once, and its Redis with it, under a worker still draining its job."""
+    other = start_up(tmp_path)
+    body = chat(script(text="a ", tokens=100_000, delay_ms=50), stream=True)
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    with httpx.stream(
+        "POST", f"{other.url}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as stream:
+        lines = stream.iter_lines()
+        next(lines)  # the stream is open and flowing
+        other.process.send_signal(signal.SIGHUP)
+        rest = "\n".join(lines)
+    assert "server_shutting_down" in rest  # the API drained it, as on SIGTERM
+    assert other.process.wait(timeout=DRAIN_S + 15) == 0
+
+
 def test_up_refuses_a_port_already_in_use(tmp_path: Path) -> None:
     """Its API processes share their port: another gateway's on it would share it with them."""
     with socket.create_server(("127.0.0.1", 0)) as taken:
