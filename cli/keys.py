@@ -115,19 +115,23 @@ async def _run(args: argparse.Namespace, redis_url: str, settings: Settings) -> 
 
 
 def add_parser(roles: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    keys = roles.add_parser("keys", help="manage client API keys stored (as hashes) in REDIS_URL")
-    actions = keys.add_subparsers(dest="action", required=True)
-    create = actions.add_parser("create", help="create a key and print its id and secret (once)")
+    summary = "manage client API keys stored (as hashes) in REDIS_URL"
+    actions = roles.add_parser("keys", help=summary, description=summary).add_subparsers(
+        dest="action", required=True
+    )
+    for action, summary in (
+        ("create", "create a key and print its id and secret (once)"),
+        ("list", "list managed keys: id, creation time, role (operator or caller), name"),
+        ("revoke", "revoke a key by id; refused from its next request on"),
+        ("open", "with no managed key left, let API processes started from now on serve without a key"),
+    ):
+        actions.add_parser(action, help=summary, description=summary)
+    create = actions.choices["create"]
     create.add_argument("--name", default="", help="a label to recognise the key by")
     create.add_argument(
         "--operator", action="store_true", help="may see /status and /metrics (every caller's jobs)"
     )
-    actions.add_parser("list", help="list managed keys: id, creation time, role (operator or caller), name")
-    revoke = actions.add_parser("revoke", help="revoke a key by id; refused from its next request on")
-    revoke.add_argument("key_id")
-    actions.add_parser(
-        "open", help="with no managed key left, let API processes started from now on serve without a key"
-    )
+    actions.choices["revoke"].add_argument("key_id")
 
 
 def run_keys(redis_url: str, args: argparse.Namespace, settings: Settings) -> None:

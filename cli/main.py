@@ -209,8 +209,11 @@ def _hold(state_dir: Path) -> IO[str]:
     """The state folder, for this `up` alone while it runs. A second `up` on it (another port) ran a
     second Redis on the same data, emptied the first's metric counters and removed its Redis URL
     file on the way out (an outside probe)."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    lock = (state_dir / "up.lock").open("a")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = (state_dir / "up.lock").open("a")
+    except OSError as exc:  # not a folder, not writable: said in a line, as a bad setting is
+        sys.exit(f"claude-gateway up: cannot use STATE_DIR={state_dir} ({exc.strerror})")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -283,10 +286,15 @@ def _seconds(value: str) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="claude-gateway", description=__doc__.split("\n\n")[0])
     roles = parser.add_subparsers(dest="role", required=True)
-    roles.add_parser("up", help="run Redis (if REDIS_URL is unset), the API and WORKERS workers")
-    roles.add_parser("api", help="run one API process against REDIS_URL (API_PROCESSES share a port)")
-    roles.add_parser("worker", help="run one worker process against REDIS_URL")
-    status = roles.add_parser("status", help="queue depth, workers and their jobs, recent failures")
+    # Each says what it does in its own --help too (description), not only in the list (help).
+    for role, summary in (
+        ("up", "run Redis (if REDIS_URL is unset), the API and WORKERS workers"),
+        ("api", "run one API process against REDIS_URL (API_PROCESSES share a port)"),
+        ("worker", "run one worker process against REDIS_URL"),
+        ("status", "queue depth, workers and their jobs, recent failures"),
+    ):
+        roles.add_parser(role, help=summary, description=summary)
+    status = roles.choices["status"]
     status.add_argument("--json", action="store_true", help="print one JSON snapshot")
     status.add_argument(
         "--watch", type=_seconds, nargs="?", const=2.0, metavar="SECONDS", help="refresh every SECONDS (2)"

@@ -107,3 +107,25 @@ def test_an_operators_mistake_is_one_line_not_a_traceback(
     assert done.returncode != 0
     assert said in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        (["up"], "run Redis"),
+        (["worker"], "run one worker"),
+        (["keys"], "manage client API keys"),
+        (["keys", "open"], "with no managed key left"),
+    ],
+)
+def test_each_commands_help_says_what_it_does(command: list[str], says: str) -> None:
+    """Found by an outside probe: `up --help` printed only its usage line."""
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", *command, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0
+    assert says in done.stdout

@@ -361,6 +361,23 @@ def test_up_refuses_a_port_already_in_use(tmp_path: Path) -> None:
     assert not (tmp_path / "state" / "redis").exists()  # nothing was started
 
 
+def test_an_unusable_state_folder_is_said_in_a_line(tmp_path: Path) -> None:
+    """Found by an outside probe: a STATE_DIR that is a file, or under one, or not writable,
+    ended `up` with a Python traceback."""
+    (tmp_path / "afile").write_text("")
+    for state in (tmp_path / "afile", tmp_path / "afile" / "sub", Path("/proc/gateway-state")):
+        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        env |= {"STATE_DIR": str(state), "PORT": str(free_port()), "BACKEND": "scripted"}
+        done = subprocess.run(
+            [sys.executable, "-m", "cli.main", "up"], cwd=ROOT, env=env, capture_output=True, timeout=30
+        )
+        assert done.returncode != 0
+        assert done.stderr.decode().startswith(f"claude-gateway up: cannot use STATE_DIR={state} ("), (
+            done.stderr
+        )
+        assert "Traceback" not in done.stderr.decode()
+
+
 def test_a_second_up_on_the_same_state_folder_is_refused(tmp_path: Path) -> None:
     """Found by an outside probe: a second `up` on another port but the same STATE_DIR ran a
     second Redis on the first one's data, emptied its metric counters and removed its Redis URL."""
