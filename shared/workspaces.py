@@ -26,6 +26,7 @@ import json
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -36,8 +37,8 @@ from shared.keys import WORKSPACES_INDEX, is_session_id, session_key
 from shared.workspace_store import MissingObject, ObjectStore
 
 _OWNER = re.compile(r"[0-9a-f]{32}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_DOTS = re.compile(r"(?:^|/)\.{0,2}(?:/|$)")
+_CONTROL = bytes(range(0x20)) + b"\x7f"  # in UTF-8 only themselves: no other character has these bytes
+_NOT_NAMES = frozenset({b"", b".", b".."})
 """An empty, `.` or `..` name anywhere in a `/`-separated path."""
 _INCARNATION = re.compile(r"[0-9a-f-]{36}")
 _VERSION = re.compile(r"(\d{10})-[0-9a-f]{12}")
@@ -87,9 +88,11 @@ def checked_path(path: str) -> str:
         encoded = path.encode("utf-8")
     except UnicodeEncodeError:  # a file name that is not UTF-8 (kept by Python as surrogates)
         raise InvalidPath(path) from None
-    if not path or len(encoded) > MAX_PATH or _CONTROL.search(path) or _DOTS.search(path):
+    # Without patterns: searching a long path for empty, `.` and `..` names and for control
+    # characters took 6 µs, a manifest of 20,000 such paths a third of a second (an outside probe).
+    if len(encoded) > MAX_PATH or len(encoded.translate(None, _CONTROL)) != len(encoded):
         raise InvalidPath(path)
-    if any(len(name) > MAX_NAME for name in encoded.split(b"/")):
+    if any(name in _NOT_NAMES or len(name) > MAX_NAME for name in encoded.split(b"/")):
         raise InvalidPath(path)
     return path
 
@@ -380,14 +383,57 @@ class VersionWriter:
         await store.put(ref.manifest_key(self.version), manifest.encode())
 
 
-async def load_manifest(store: ObjectStore, ref: WorkspaceRef, version: str | None) -> Manifest:
+class _Loaded:
+    """Manifests read lately, by their keys, up to `BYTES` of them as stored: a version is never
+    changed, and a session's files read again and again (the files API) were its whole manifest
+    parsed each time (an outside probe: 0.4 s for 20,000 long paths, every other caller waiting)."""
+
+    BYTES = 32 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self._manifests: OrderedDict[str, tuple[Manifest, int]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: str) -> Manifest | None:
+        if (found := self._manifests.get(key)) is None:
+            return None
+        self._manifests.move_to_end(key)
+        return found[0]
+
+    def put(self, key: str, manifest: Manifest, size: int) -> None:
+        if key in self._manifests or size > self.BYTES:
+            return
+        self._manifests[key] = manifest, size
+        self._bytes += size
+        while self._bytes > self.BYTES:
+            _, (_, evicted) = self._manifests.popitem(last=False)
+            self._bytes -= evicted
+
+
+_loaded = _Loaded()
+
+
+async def load_manifest(
+    store: ObjectStore, ref: WorkspaceRef, version: str | None, *, as_base: bool = False
+) -> Manifest:
+    """The version's manifest (callers never change it: `VersionWriter` copies what it keeps).
+    `as_base`: another's base, which must be stored whole."""
     if version is None:
         return Manifest()
-    body = json.loads(await store.get(ref.manifest_key(version)))
-    if (base := body.get("base")) is None:
-        return Manifest.decode(body)
-    whole = Manifest.decode(json.loads(await store.get(ref.manifest_key(_checked_version(base)))))
-    return Manifest.decode(body, whole)
+    key = ref.manifest_key(version)
+    if (manifest := _loaded.get(key)) is None:
+        stored = await store.get(key)
+        body = json.loads(stored)
+        if (base := body.get("base")) is None:
+            manifest = Manifest.decode(body)
+        elif as_base:
+            raise ValueError("malformed workspace manifest")
+        else:
+            manifest = Manifest.decode(
+                body, await load_manifest(store, ref, _checked_version(base), as_base=True)
+            )
+        _loaded.put(key, manifest, len(stored))
+    return manifest  # as a base, `Manifest.decode` checks it is stored whole
 
 
 async def read_file(store: ObjectStore, ref: WorkspaceRef, entry: FileEntry) -> bytes:

@@ -343,3 +343,27 @@ def test_a_stored_version_restores_only_its_links_that_lead_inside() -> None:
         "folders": [],
     }
     assert Manifest.decode(body).links == {"ok": "a/b"}
+
+
+async def test_a_version_read_again_is_not_parsed_again(tmp_path: Path) -> None:
+    """Found by an outside probe: each files-API request parsed the session's whole manifest (0.4 s
+    for 20,000 long paths, on the API's loop); a version never changes, so it is read once."""
+    store, work = LocalStore(tmp_path / "store"), tmp_path / "work"
+    work.mkdir()
+    (work / "a.txt").write_text("a")
+    first = await save(store, work, Held(Manifest()))
+    (work / "b.txt").write_text("b")
+    second = await save(store, work, first)  # stored against the first, a whole one
+    reads: list[str] = []
+    get = store.get
+
+    async def counted(key: str) -> bytes:
+        reads.append(key)
+        return await get(key)
+
+    store.get = counted  # type: ignore[method-assign]
+    version = second.manifest.version
+    loaded = [await workspaces.load_manifest(store, REF, version) for _ in range(3)]
+    assert loaded[0].files.keys() == {"a.txt", "b.txt"}
+    assert all(manifest is loaded[0] for manifest in loaded)
+    assert len(reads) <= 2  # once each at most (its base may have been read when it was saved)
