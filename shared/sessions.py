@@ -22,18 +22,20 @@ from redis.asyncio import Redis
 from shared.jobs import CompletionJob, SessionRef, Turn
 from shared.keys import session_history_key, session_key, session_lock_key, sessions_index_key
 from shared.transcripts import delete_transcript, keep_transcript
+from shared.workspaces import Manifest
 
 # KEYS: lock, record, history, index. ARGV: job id, expected history length, now (ms), ttl (s),
-# transcript id, session id, workspace version ('': unchanged), worker holding it, then the turns
-# to append as JSON. The workspace version advances with the turns, in this one step.
+# transcript id, session id, workspace version ('': unchanged), worker holding it, the version's
+# bytes, then the turns to append as JSON. The workspace version advances with the turns, in this
+# one step.
 _COMMIT = """
 if redis.call("GET", KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call("DEL", KEYS[1])
 if redis.call("LLEN", KEYS[3]) ~= tonumber(ARGV[2]) then return -1 end
-for i = 9, #ARGV do redis.call("RPUSH", KEYS[3], ARGV[i]) end
+for i = 10, #ARGV do redis.call("RPUSH", KEYS[3], ARGV[i]) end
 redis.call("HSETNX", KEYS[2], "created", ARGV[3])
 redis.call("HSET", KEYS[2], "last_used", ARGV[3], "turns", redis.call("LLEN", KEYS[3]), "transcript", ARGV[5])
-if ARGV[7] ~= "" then redis.call("HSET", KEYS[2], "workspace", ARGV[7]) end
+if ARGV[7] ~= "" then redis.call("HSET", KEYS[2], "workspace", ARGV[7], "workspace_bytes", ARGV[9]) end
 if ARGV[8] ~= "" then redis.call("HSET", KEYS[2], "holder", ARGV[8]) end
 redis.call("EXPIRE", KEYS[2], ARGV[4])
 redis.call("EXPIRE", KEYS[3], ARGV[4])
@@ -44,20 +46,32 @@ return 1
 """
 
 # KEYS: lock, record, history, index. ARGV: lock holder, now (ms), ttl (s), transcript id (for a
-# new session), session id, workspace version. A new workspace version outside a turn (an upload
-# or a deleted file): the session is created if it does not exist yet, with no turns.
+# new session), session id, workspace version, its bytes. A new workspace version outside a turn
+# (an upload or a deleted file): the session is created if it does not exist yet, with no turns.
 _SET_WORKSPACE = """
 if redis.call("GET", KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call("DEL", KEYS[1])
 if redis.call("HSETNX", KEYS[2], "created", ARGV[2]) == 1 then
   redis.call("HSET", KEYS[2], "turns", 0, "transcript", ARGV[4])
 end
-redis.call("HSET", KEYS[2], "last_used", ARGV[2], "workspace", ARGV[6])
+redis.call("HSET", KEYS[2], "last_used", ARGV[2], "workspace", ARGV[6], "workspace_bytes", ARGV[7])
 redis.call("EXPIRE", KEYS[2], ARGV[3])
 if redis.call("EXISTS", KEYS[3]) == 1 then redis.call("EXPIRE", KEYS[3], ARGV[3]) end
 redis.call("ZADD", KEYS[4], tonumber(ARGV[2]) + 1000 * tonumber(ARGV[3]), ARGV[5])
 redis.call("EXPIRE", KEYS[4], ARGV[3])
 return 1
+"""
+
+# KEYS: index. ARGV: now (ms), the owner's record prefix, a session id. The bytes of the workspaces
+# of the owner's live sessions but that one.
+_WORKSPACE_BYTES_ELSEWHERE = """
+local total = 0
+for _, id in ipairs(redis.call("ZRANGEBYSCORE", KEYS[1], ARGV[1], "+inf")) do
+  if id ~= ARGV[3] then
+    total = total + (tonumber(redis.call("HGET", ARGV[2] .. id, "workspace_bytes")) or 0)
+  end
+end
+return total
 """
 
 # KEYS: lock. ARGV: job id. Releases the lock only if this job still holds it.
@@ -168,7 +182,7 @@ async def commit(
     reply: str,
     ttl_s: int,
     *,
-    workspace: str | None = None,
+    workspace: Manifest | None = None,
     holder: str | None = None,
 ) -> None:
     """Appends the job's new turns and the reply to its session and releases the session; with
@@ -185,14 +199,21 @@ async def commit(
         sessions_index_key(ref.owner),
     ]
     args = [job.id, str(ref.history_len), str(_ms()), str(ttl_s), ref.transcript_id, ref.id]
-    args += [workspace or "", holder or ""]
+    version, size = ("", 0) if workspace is None else (workspace.version or "", workspace.total_bytes)
+    args += [version, holder or "", str(size)]
     args += [turn.model_dump_json() for turn in turns]
     if await redis.eval(_COMMIT, len(keys), *keys, *args) != 1:  # type: ignore[misc]
         raise SessionLost(ref.id)
 
 
 async def set_workspace(
-    redis: Redis, owner: str, session_id: str, holder: str, transcript_id: str, version: str, ttl_s: int
+    redis: Redis,
+    owner: str,
+    session_id: str,
+    holder: str,
+    transcript_id: str,
+    version: Manifest,
+    ttl_s: int,
 ) -> None:
     """Makes `version` the session's workspace and releases the session `holder` locked.
 
@@ -204,10 +225,26 @@ async def set_workspace(
         session_history_key(owner, session_id),
         sessions_index_key(owner),
     ]
-    args = [holder, str(_ms()), str(ttl_s), transcript_id, session_id, version]
+    assert version.version is not None
+    args = [
+        holder,
+        str(_ms()),
+        str(ttl_s),
+        transcript_id,
+        session_id,
+        version.version,
+        str(version.total_bytes),
+    ]
     if await redis.eval(_SET_WORKSPACE, len(keys), *keys, *args) != 1:  # type: ignore[misc]
         raise SessionLost(session_id)
     await keep_transcript(redis, owner, transcript_id, ttl_s)  # kept as its session is
+
+
+async def workspace_bytes_elsewhere(redis: Redis, owner: str, session_id: str) -> int:
+    """The bytes of the files in the owner's other live sessions' workspaces."""
+    prefix = session_key(owner, session_id).removesuffix(session_id)
+    args = [str(_ms()), prefix, session_id]
+    return int(await redis.eval(_WORKSPACE_BYTES_ELSEWHERE, 1, sessions_index_key(owner), *args))  # type: ignore[misc]
 
 
 def _ref(job: CompletionJob) -> SessionRef:

@@ -329,6 +329,11 @@ class Settings(BaseSettings):
         default=100 * 1024 * 1024, ge=1, description="Most bytes of files one session workspace holds."
     )
     workspace_max_files: int = Field(default=20_000, ge=1, description="Most files one workspace holds.")
+    workspace_max_bytes_per_key: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=1,
+        description="Most bytes of files the workspaces of one key's live sessions hold together.",
+    )
     workspace_affinity_s: float = Field(
         default=0.25,
         ge=0,

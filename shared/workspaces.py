@@ -65,6 +65,16 @@ class WorkspaceTooLarge(Exception):
     """A version would exceed the workspace limits; nothing is saved."""
 
 
+def check_key_limit(total: int, elsewhere: int, max_bytes_per_key: int) -> None:
+    """A session's workspace of `total` bytes, beside `elsewhere` in its key's other sessions."""
+    if total + elsewhere > max_bytes_per_key:
+        raise WorkspaceTooLarge(
+            f"This key's session workspaces would hold more than {max_bytes_per_key} bytes together "
+            f"({elsewhere} in its other sessions); delete files or sessions first. Nothing was saved: "
+            "the workspace stays as it was before this request."
+        )
+
+
 def check_limits(count: int, total: int, max_bytes: int, max_files: int) -> None:
     """`count`: files, links and folders (each made by a restore, and watched on a worker)."""
     if count > max_files or total > max_bytes:

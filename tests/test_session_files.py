@@ -197,6 +197,33 @@ def test_a_save_over_the_limit_is_refused_and_the_last_good_version_stays(files_
     assert upload.json()["error"]["code"] == "workspace_too_large"
 
 
+def test_a_keys_sessions_hold_at_most_their_share_of_the_store_together(start_gateway: Any) -> None:
+    """Found by an outside probe: uploads make sessions without a model call, each up to
+    WORKSPACE_MAX_BYTES, with no bound on how many: one key filled the store's disk, which
+    `up`'s Redis shares, at 1.2 GB a minute."""
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", API_KEYS=f"{KEY_A},{KEY_B}", WORKSPACE_MAX_BYTES_PER_KEY="1000"
+    )
+
+    def upload(session: str, size: int, key: str = KEY_A) -> httpx.Response:
+        files = {"file": ("f.bin", bytes(size))}
+        return httpx.post(files_url(gateway, session), files=files, headers=_auth(key), timeout=10)
+
+    assert upload("quota-1", 600).status_code == 200
+    refused = upload("quota-2", 600)
+    assert refused.status_code == 413, refused.text
+    assert refused.json()["error"]["code"] == "workspace_too_large"
+    assert "600 in its other sessions" in refused.json()["error"]["message"]
+    assert upload("quota-1", 900).status_code == 200  # the same session's file replaced: 900 in all
+    assert upload("quota-2", 600, key=KEY_B).status_code == 200  # another key's share
+    too_big = turn(gateway, "quota-3", {"fill": {"big.bin": 200}})  # an agent's turn, on a worker
+    assert too_big.status_code == 413, too_big.text
+    assert too_big.json()["error"]["code"] == "workspace_too_large"
+    assert reply(turn(gateway, "quota-3", {"write": {"small.txt": "x" * 50}}))
+    assert httpx.delete(f"{gateway.url}/v1/sessions/quota-1", headers=_auth(KEY_A)).status_code == 200
+    assert upload("quota-2", 600).status_code == 200  # room again
+
+
 def _uploads_read_back(gateway: Gateway, session: str, paths: tuple[str, ...]) -> None:
     """Uploads a file to each path over what the agent left there; the next turns read them."""
     for path in paths:

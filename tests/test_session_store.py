@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from cli.embedded_redis import EmbeddedRedis
 from shared import sessions
 from shared.keys import session_key, transcript_key
+from shared.workspaces import Manifest
 from worker.session_store import RedisSessionStore
 
 _DB = 14  # this module's own database, flushed per store
@@ -101,10 +102,10 @@ async def test_a_transcript_is_kept_as_long_as_its_session(redis: Redis) -> None
         assert await redis.ttl(name) > 100, name
     # An upload keeps the session (and its transcript) for the TTL, never shortening either.
     assert await sessions.lock(redis, owner, session_id, "upload-1", hold_s=10)
-    await sessions.set_workspace(redis, owner, session_id, "upload-1", transcript_id, "v1", 5)
+    await sessions.set_workspace(redis, owner, session_id, "upload-1", transcript_id, Manifest("v1"), 5)
     for name in transcript:
         assert await redis.ttl(name) > 100, name
     await redis.expire(transcript[0], 1)
     assert await sessions.lock(redis, owner, session_id, "upload-2", hold_s=10)
-    await sessions.set_workspace(redis, owner, session_id, "upload-2", transcript_id, "v2", 50)
+    await sessions.set_workspace(redis, owner, session_id, "upload-2", transcript_id, Manifest("v2"), 50)
     assert 5 < await redis.ttl(transcript[0]) <= 50

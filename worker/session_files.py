@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import workspaces
+from shared import sessions, workspaces
 from shared.jobs import CompletionJob, FailureCode
 from shared.keys import session_key
 from shared.settings import Settings
@@ -599,7 +599,7 @@ class SessionTurn:
         self._held = held
         self.saved: Held | None = None
 
-    async def save(self) -> str | None:
+    async def save(self) -> Manifest | None:
         """Saves the directory as the next version; returns it, or None if nothing changed.
 
         The version is not the session's until the turn commits (`sessions.commit`). Raises
@@ -618,6 +618,12 @@ class SessionTurn:
                 writer = VersionWriter(held.manifest, compact=True)
                 seen = await asyncio.to_thread(scan, self.work, Held(Manifest()), writer, *limits)
                 manifest = writer.manifest()
+            if manifest.total_bytes > held.manifest.total_bytes:  # it grew: within its key's share?
+                ref = self.ref
+                elsewhere = await sessions.workspace_bytes_elsewhere(files.redis, ref.owner, ref.session)
+                workspaces.check_key_limit(
+                    manifest.total_bytes, elsewhere, files.settings.workspace_max_bytes_per_key
+                )
             await workspaces.track(files.redis, self.ref, files.settings.session_ttl_s)
             await writer.write(files.store, self.ref, manifest)
         except workspaces.WorkspaceTooLarge as exc:
@@ -628,7 +634,7 @@ class SessionTurn:
                 FailureCode.BACKEND_UNAVAILABLE, "The session's files could not be saved; retry later."
             ) from exc
         self.saved = Held(manifest, *seen)
-        return manifest.version
+        return manifest
 
     def _look(self, writer: VersionWriter, max_bytes: int, max_files: int) -> Seen:
         """Fills `writer` from the directory: where inotify saw changes, else from every file."""

@@ -182,13 +182,13 @@ async def _commit_turn(
     assert job.session is not None
     await writer.drain()
     try:
-        version = await turn.save() if turn is not None else None
+        saved = await turn.save() if turn is not None else None
     except BackendError as exc:  # over the workspace limits, or the store failed
         return Failed(code=exc.code, message=exc.message)
     holder = turn.holder if turn is not None else None
     try:
         reply = await streamed_text(redis, job.id)
-        await sessions.commit(redis, job, reply, settings.session_ttl_s, workspace=version, holder=holder)
+        await sessions.commit(redis, job, reply, settings.session_ttl_s, workspace=saved, holder=holder)
     except sessions.SessionLost:
         message = "The session was deleted or expired while the job ran; this reply was not added to it."
         return Failed(code=FailureCode.INTERNAL, message=message)

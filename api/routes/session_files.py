@@ -312,14 +312,19 @@ class _NewVersion:
 
     async def commit(self, ref: WorkspaceRef, writer: VersionWriter) -> Manifest:
         settings, redis = self.gateway.settings, self.gateway.redis
+        manifest = writer.manifest()
         try:
             writer.check_limits(settings.workspace_max_bytes, settings.workspace_max_files)
+            if manifest.total_bytes > writer.parent.total_bytes:  # it grew: within its key's share?
+                elsewhere = await sessions.workspace_bytes_elsewhere(redis, self.owner, self.session_id)
+                workspaces.check_key_limit(
+                    manifest.total_bytes, elsewhere, settings.workspace_max_bytes_per_key
+                )
         except workspaces.WorkspaceTooLarge as exc:
             raise OpenAIError(
                 413, str(exc), type="invalid_request_error", code="workspace_too_large"
             ) from None
         await workspaces.track(redis, ref, settings.session_ttl_s)
-        manifest = writer.manifest()
         await writer.write(self.store, ref, manifest)
         assert manifest.version is not None
         await sessions.set_workspace(
@@ -328,7 +333,7 @@ class _NewVersion:
             self.session_id,
             self.holder,
             self.transcript_id,
-            manifest.version,
+            manifest,
             settings.session_ttl_s,
         )
         await workspaces.collect_garbage(self.store, ref, manifest)
