@@ -96,11 +96,17 @@ class UpstreamCatalog:
 UPSTREAM = UpstreamCatalog()
 
 
+_PASSABLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,255}")
+"""A model id run as sent: the model API's, Bedrock's (`us.anthropic.…-v1:0`, ARNs) and Vertex's
+(`…@20240620`) shapes. It goes on Claude Code's command line: a 140,000-character id, or one with
+a NUL, failed the CLI's start (an outside probe)."""
+
+
 def resolve_model(model: str, settings: Settings) -> str:
     """The full model id to run for the id a caller sent; 404 `model_not_found` if it is not served."""
     if (served := _served(model, settings)) is not None:
         return served
-    if settings.model_pass_through:
+    if settings.model_pass_through and _PASSABLE.fullmatch(model):
         return model
     raise _not_found(model)
 
@@ -119,7 +125,8 @@ def _served(model: str, settings: Settings) -> str | None:
 
 
 def _not_found(model: str) -> OpenAIError:
-    message = f"The model '{model}' does not exist or you do not have access to it."
+    shown = model if len(model) <= 256 else model[:256] + "…"  # not a long id's whole echo
+    message = f"The model '{shown}' does not exist or you do not have access to it."
     return OpenAIError.not_found(message, param="model", code="model_not_found")
 
 

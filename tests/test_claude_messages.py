@@ -215,6 +215,11 @@ def test_pass_through_runs_an_unlisted_model_as_sent(configured: Gateway, upstre
     assert response.status_code == 200, response.text
     assert response.json()["model"] == "claude-opus-4-5-20991231"
     assert upstream.requests[-1]["model"] == "claude-opus-4-5-20991231"
+    # Found by an outside probe: an id no command line carries failed the CLI's start (a 503).
+    for unfit in ("claude-x-" + "a" * 140_000, "claude\u0000x", "claude x"):
+        refused = post(configured, chat("hi") | {"model": unfit})
+        assert refused.status_code == 404, refused.text[:300]
+        assert refused.json()["error"]["code"] == "model_not_found"
 
 
 def test_an_image_in_a_session_stays_in_its_transcript(claude: Gateway, upstream: FakeAnthropic) -> None:

@@ -179,3 +179,35 @@ def test_a_session_configuration_belongs_to_its_key(
 def test_bad_configurations_are_400(gateway: Gateway, body: dict[str, Any]) -> None:
     response = _config(gateway, bearer(OPERATOR), **body)
     assert response.status_code == 400, response.text
+
+
+def test_tool_names_a_request_gives_are_bounded_on_every_front_end(gateway: Gateway) -> None:
+    """Found by an outside probe: a request's disallowed_tools went on Claude Code's command line
+    unbounded; a 140,000-character name, one with a NUL, or 30,000 names failed the CLI's start
+    (a 503; on Messages an overloaded_error its SDK retries)."""
+    operator = bearer(OPERATOR)
+    unfit = [
+        {"disallowed_tools": ["X" * 201]},
+        {"disallowed_tools": ["Bash\u0000"]},
+        {"allowed_tools": ["Read"] * 101},
+    ]
+    bodies = {
+        "/v1/chat/completions": chat("hi"),
+        "/v1/responses": {"model": "claude-sonnet-4-5", "input": "hi"},
+        "/v1/messages": {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    }
+    for path, body in bodies.items():
+        for extra in unfit:
+            response = httpx.post(
+                f"{gateway.url}{path}", json={**body, **extra}, headers=operator, timeout=10
+            )
+            assert response.status_code == 400, (path, extra, response.text[:300])
+    names = ",".join(f"Tool{i}" for i in range(101))
+    headers = {**operator, "x-claude-disallowed-tools": names}
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), headers=headers, timeout=10)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "x-claude-disallowed-tools"

@@ -14,7 +14,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import get_args
 
-from api.core.request import AgentControls
+from pydantic import TypeAdapter, ValidationError
+
+from api.core.request import AgentControls, ToolNames
 from api.errors import OpenAIError
 from api.tool_choice import ToolChoice, check_permitted, check_servers, choose, denied_tools
 from shared.agent import EFFORTS, AgentRequest, Effort, PermissionMode
@@ -25,6 +27,9 @@ _INTEGER = re.compile(r"[0-9]{1,9}")  # ASCII digits only: `str.isdigit` takes "
 _MODES: tuple[str, ...] = get_args(PermissionMode)
 # OpenAI's effort names → Claude Code's (`none` and `minimal` also turn thinking off).
 _EFFORTS: dict[str, Effort] = {"none": "low", "minimal": "low", "xhigh": "max", **{e: e for e in EFFORTS}}
+
+
+_TOOL_NAMES: TypeAdapter[list[str]] = TypeAdapter(ToolNames)
 
 
 def agent_request(
@@ -65,7 +70,12 @@ def _names(headers: Mapping[str, str], header: str) -> list[str] | None:
     value = headers.get(header)
     if value is None:
         return None
-    return [name.strip() for name in value.split(",") if name.strip()]
+    try:  # held to the fields' bounds
+        return _TOOL_NAMES.validate_python([name.strip() for name in value.split(",") if name.strip()])
+    except ValidationError:
+        raise OpenAIError.invalid(
+            f"{header} names at most 100 tools of at most 200 characters.", param=header
+        ) from None
 
 
 def _int_header(headers: Mapping[str, str], header: str, low: int) -> int | None:

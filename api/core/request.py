@@ -15,6 +15,12 @@ from api.core.structured import ResponseFormat
 from api.core.wire import STRICT
 from api.errors import OpenAIError
 
+ToolName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+ToolNames = Annotated[list[ToolName], Field(max_length=100)]
+"""Tool names or rules a caller gives (a request, `/v1/tools/config`): they go on Claude Code's
+command line, which takes no NUL and at most 128 KiB in one argument (an outside probe's
+140,000-character name, or 30,000 names, failed the CLI's start)."""
+
 
 class AgentControls(BaseModel):
     """What a request asks the agent may do: extensions of the original wrapper, in every front
@@ -24,8 +30,8 @@ class AgentControls(BaseModel):
     model_config = STRICT
 
     enable_tools: bool | None = None
-    allowed_tools: list[str] | None = None
-    disallowed_tools: list[str] | None = None
+    allowed_tools: ToolNames | None = None
+    disallowed_tools: ToolNames | None = None
     max_turns: int | None = Field(default=None, ge=1)
     permission_mode: str | None = None
     mcp_servers: list[Annotated[str, StringConstraints(max_length=64)]] | None = Field(

@@ -10,8 +10,9 @@ from collections import Counter
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 
+from api.core.request import ToolNames
 from api.core.sessions import invalid_session_id, session_not_found
 from api.deps import Caller, CallerDep, Gateway, GatewayDep, operator_only
 from api.errors import ErrorResponse
@@ -44,9 +45,6 @@ _BUILT_IN: dict[str, tuple[str, str]] = {
     "Task": ("agent", "Hands a sub-task to a sub-agent."),
     "Skill": ("agent", "Uses one of the operator's skills."),
 }
-
-ToolName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
-ToolNames = Annotated[list[ToolName], Field(max_length=100)]
 
 
 class ToolInfo(BaseModel):
