@@ -2,6 +2,8 @@
 token is answered by the proxy itself and never reaches the model API."""
 
 import contextlib
+import gzip
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -143,6 +145,31 @@ def test_a_job_token_has_the_model_api_reach_nothing_beyond_the_model(
     )
     assert searched.status_code == 200
     assert len(upstream.received) == 2
+
+
+def test_a_body_the_proxy_cannot_check_is_not_forwarded(
+    proxy: CredentialProxy, upstream: FakeAnthropic
+) -> None:
+    """Found by the re-check probe: a body the proxy could not parse went on unchecked (gzip, a
+    key twice, invalid UTF-8, trailing bytes, deep nesting), and the model API might read it."""
+    fetch = '[{"type": "web_fetch_20250910", "name": "web_fetch"}]'
+    plain = json.dumps({**MESSAGE, "messages": [{"role": "user", "content": "hi"}]})[:-1]
+    headers = {"x-api-key": proxy.issue(), "content-type": "application/json"}
+    unreadable = [
+        (gzip.compress(f'{plain}, "tools": {fetch}}}'.encode()), {"content-encoding": "gzip"}),
+        (f'{plain}, "tools": {fetch}, "tools": []}}'.encode(), {}),
+        (
+            f'{plain}, "tools": [{{"type": "web_fetch_20250910", "type": "custom", "name": "x"}}]}}'.encode(),
+            {},
+        ),
+        (f'{plain}, "tools": {fetch}, "x": "\xff"}}'.encode("latin-1"), {}),
+        (f'{plain}, "tools": {fetch}}} \x00'.encode(), {}),
+        (f'{plain}, "tools": {fetch}, "x": {"[" * 100_000}{"]" * 100_000}}}'.encode(), {}),
+    ]
+    for body, extra in unreadable:
+        response = via(proxy).post("/v1/messages", content=body, headers={**headers, **extra})
+        assert response.status_code in (400, 415), (body[:80], response.text)
+    assert upstream.received == []
 
 
 def test_a_body_over_the_limit_is_refused_before_it_is_held(

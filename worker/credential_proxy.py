@@ -136,6 +136,14 @@ def reach_beyond(request: object, server_tools: frozenset[str], image_urls: list
     return None
 
 
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys each come once: of two, parsers keep either one."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a key comes twice")
+    return found
+
+
 class CredentialProxy:
     def __init__(self, upstream: str, credential: Credential, image_urls: list[str] | None = None) -> None:
         self._upstream = upstream.rstrip("/")
@@ -187,18 +195,31 @@ class CredentialProxy:
         if isinstance(body, Response):
             return body
         held = len(body)  # counted against the door until its answer is over
-        try:
-            parsed = json.loads(body)
-        except (ValueError, RecursionError):
-            parsed = None  # the model API answers it 400
-        if (beyond := reach_beyond(parsed, server_tools, self._image_urls)) is not None:
+        if (refusal := self._refusal(request, body, server_tools)) is not None:
             door.release(held)
-            return _error(403, "permission_error", f"the gateway does not forward {beyond}")
+            return refusal
         try:
             return await self._send(request, body, partial(door.release, held))
         except BaseException:
             door.release(held)
             raise
+
+    def _refusal(self, request: Request, body: bytes, server_tools: frozenset[str]) -> Response | None:
+        """Why the body is not forwarded, if it is not: it must be what the proxy reads as the
+        model API would, plain JSON the proxy checks (`reach_beyond`). One it could not read (an
+        encoding, invalid UTF-8, a key twice, trailing bytes, nesting past its parser) went on
+        unchecked, and the model API might have read it (the re-check probe)."""
+        if request.headers.get("content-encoding", "identity").lower() != "identity":
+            return _error(
+                415, "invalid_request_error", "the gateway forwards only bodies without a content encoding"
+            )
+        try:
+            parsed = json.loads(body.decode(), object_pairs_hook=_once_each)
+        except (ValueError, RecursionError):
+            return _error(400, "invalid_request_error", "the body is not JSON the gateway can check")
+        if (beyond := reach_beyond(parsed, server_tools, self._image_urls)) is not None:
+            return _error(403, "permission_error", f"the gateway does not forward {beyond}")
+        return None
 
     async def _send(self, request: Request, body: bytes, done: Callable[[], None]) -> Response:
         """Forwards the request with the real credential; `done` runs once its answer is over."""
