@@ -83,8 +83,8 @@ class BoundedHead(HttpToolsProtocol):
         if self._head_bytes is None:  # a trailer, after a chunked body
             self._trailer_bytes += len(name) + len(value)
             admitted = self._admits(self._trailer_bytes)
-        else:
-            self._parsed_bytes += len(name) + len(value)
+        else:  # with its ": " and line end: 50,000 empty headers counted as none (the re-check probe)
+            self._parsed_bytes += len(name) + len(value) + 4
             admitted = self._admits(self._parsed_bytes)
         if admitted:
             super().on_header(name, value)
