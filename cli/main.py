@@ -130,11 +130,16 @@ def run_up(settings: Settings) -> None:
     # started on it by mistake: it must be free now.
     _listener(settings.host, settings.port).close()
     held = _hold(settings.state_dir)  # until this process ends
+    # Its folders, before anything starts (a file in the way ended `up` with a traceback, once
+    # after its Redis had started).
+    counters = settings.state_dir / "api-metrics"
+    if settings.api_processes > 1:
+        _state_folder(counters, fresh=True)
     embedded = None
     redis_url = settings.redis_url
     children: list[Child] = []
     if redis_url is None:
-        data_dir = settings.state_dir / "redis"
+        data_dir = _state_folder(settings.state_dir / "redis")
         embedded = EmbeddedRedis(data_dir, password=_private_redis_password(data_dir))
         embedded.start()
         redis_url = embedded.url
@@ -155,10 +160,8 @@ def run_up(settings: Settings) -> None:
     api_env, worker_env = children_env.api_environment(environ), children_env.worker_environment(environ)
     if settings.api_processes > 1:
         api_env["API_SHARED_PORT"] = "true"
-        # A scrape reaches any one of them: they count in one folder, each reporting the sum.
-        counters = settings.state_dir / "api-metrics"
-        shutil.rmtree(counters, ignore_errors=True)  # a new `up`, new totals
-        counters.mkdir(parents=True, mode=0o700)
+        # A scrape reaches any one of them: they count in one folder (emptied: a new `up`, new
+        # totals), each reporting the sum.
         api_env["PROMETHEUS_MULTIPROC_DIR"] = str(counters)
     children_env.drop_credentials()  # held for the children in memory only
     forbid_inspection()
@@ -209,16 +212,28 @@ def _hold(state_dir: Path) -> IO[str]:
     """The state folder, for this `up` alone while it runs. A second `up` on it (another port) ran a
     second Redis on the same data, emptied the first's metric counters and removed its Redis URL
     file on the way out (an outside probe)."""
+    lock_file = _state_folder(state_dir) / "up.lock"
     try:
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = (state_dir / "up.lock").open("a")
-    except OSError as exc:  # not a folder, not writable: said in a line, as a bad setting is
-        sys.exit(f"claude-gateway up: cannot use STATE_DIR={state_dir} ({exc.strerror})")
+        lock = lock_file.open("a")
+    except OSError as exc:
+        sys.exit(f"claude-gateway up: cannot use STATE_DIR: {lock_file} ({exc.strerror})")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         sys.exit(f"claude-gateway up: another `up` runs on STATE_DIR={state_dir}; stop it or set another")
     return lock
+
+
+def _state_folder(path: Path, *, fresh: bool = False) -> Path:
+    """A folder of `up`'s state, made (emptied first if `fresh`); one it cannot use (a file in the
+    way, not writable) ends `up` in a line, as a bad setting does."""
+    try:
+        if fresh:
+            shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        sys.exit(f"claude-gateway up: cannot use STATE_DIR: {path} ({exc.strerror})")
+    return path
 
 
 def _listener(host: str, port: int, *, shared: bool = False) -> socket.socket:

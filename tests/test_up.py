@@ -365,17 +365,27 @@ def test_an_unusable_state_folder_is_said_in_a_line(tmp_path: Path) -> None:
     """Found by an outside probe: a STATE_DIR that is a file, or under one, or not writable,
     ended `up` with a Python traceback."""
     (tmp_path / "afile").write_text("")
-    for state in (tmp_path / "afile", tmp_path / "afile" / "sub", Path("/proc/gateway-state")):
-        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "redis").write_text("")  # the re-check probe: a folder of its own in the way
+    (tmp_path / "s2").mkdir()
+    (tmp_path / "s2" / "api-metrics").write_text("")
+    unusable = {
+        tmp_path / "afile": tmp_path / "afile",
+        tmp_path / "afile" / "sub": tmp_path / "afile" / "sub",
+        Path("/proc/gateway-state"): Path("/proc/gateway-state"),
+        tmp_path / "s1": tmp_path / "s1" / "redis",
+        tmp_path / "s2": tmp_path / "s2" / "api-metrics",
+    }
+    for state, folder in unusable.items():
+        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "API_PROCESSES")}
         env |= {"STATE_DIR": str(state), "PORT": str(free_port()), "BACKEND": "scripted"}
         done = subprocess.run(
             [sys.executable, "-m", "cli.main", "up"], cwd=ROOT, env=env, capture_output=True, timeout=30
         )
         assert done.returncode != 0
-        assert done.stderr.decode().startswith(f"claude-gateway up: cannot use STATE_DIR={state} ("), (
-            done.stderr
-        )
-        assert "Traceback" not in done.stderr.decode()
+        said = done.stderr.decode()
+        assert said.startswith(f"claude-gateway up: cannot use STATE_DIR: {folder} ("), said
+        assert "Traceback" not in said
 
 
 def test_a_second_up_on_the_same_state_folder_is_refused(tmp_path: Path) -> None:
