@@ -105,7 +105,10 @@ def run_api(settings: Settings) -> None:
             if gateway is not None:
                 gateway.streams.end(settings.drain_timeout_s)
 
-    Server(config).run(sockets=[listener])
+    server = Server(config)
+    # A hangup (its terminal closed) stops it as SIGTERM does; uvicorn handles only that and SIGINT.
+    signal.signal(signal.SIGHUP, lambda _, frame: server.handle_exit(signal.SIGTERM, frame))
+    server.run(sockets=[listener])
 
 
 def run_worker(settings: Settings) -> None:

@@ -7,13 +7,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from cli import embedded_redis
 from cli.embedded_redis import free_port
-from tests.conftest import ROOT, chat
+from tests.conftest import ROOT, Gateway, chat
 
 
 def test_up_runs_everything_with_a_private_redis_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
@@ -129,3 +130,18 @@ def test_each_commands_help_says_what_it_does(command: list[str], says: str) -> 
     )
     assert done.returncode == 0
     assert says in done.stdout
+
+
+def test_a_hangup_stops_an_api_process_as_sigterm_does(start_gateway: Any) -> None:
+    """Found by an outside probe: `claude-gateway api` in a terminal that closed was killed by the
+    hangup, its open streams cut, instead of ending them as on SIGTERM (they resume by id)."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", DRAIN_TIMEOUT_S="2")
+    api = next(process for process in gateway.processes if process not in gateway.workers)
+    body = chat("script:" + json.dumps({"text": "a ", "tokens": 1000, "delay_ms": 20}), stream=True)
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=30) as stream:
+        lines = stream.iter_lines()
+        next(lines)
+        api.send_signal(signal.SIGHUP)
+        rest = "\n".join(lines)
+    assert "server_shutting_down" in rest
+    assert api.wait(timeout=15) in (0, -signal.SIGTERM)

@@ -441,7 +441,11 @@ def test_kill_9_after_output_ends_the_stream_with_an_error_within_seconds(start_
     assert (latest["job_id"], latest["code"]) == (job_id_of(completion_id), "worker_lost")
 
 
-def test_sigterm_drains_the_running_job_and_hands_back_the_silent_one(start_gateway: Any) -> None:
+# SIGHUP (its terminal closed) as SIGTERM: found by an outside probe, a hangup killed it undrained.
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_drains_the_running_job_and_hands_back_the_silent_one(
+    start_gateway: Any, stop: signal.Signals
+) -> None:
     """SIGTERM: the worker takes no new job, finishes one with output, hands back one without
     (which the other worker then completes), and exits within its drain time + 5 s."""
     gateway: Gateway = start_gateway(
@@ -452,7 +456,7 @@ def test_sigterm_drains_the_running_job_and_hands_back_the_silent_one(start_gate
     worker = worker_running(gateway, job_id_of(silent))
     assert worker is worker_running(gateway, job_id_of(talking))
     time.sleep(0.3)
-    worker.send_signal(signal.SIGTERM)
+    worker.send_signal(stop)
     worker.wait(timeout=7)
     assert retrieve(gateway, talking)["status"] == "completed"
     assert retrieve(gateway, silent)["status"] == "queued"  # handed back, nobody to run it yet

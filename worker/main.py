@@ -84,6 +84,8 @@ class GatewayWorker(Worker):
         self.ctx["heartbeat"] = self.heartbeat
         self._stop_signal: str | None = None
         self.on_stop = self._on_stop  # arq calls it when a signal stops the worker
+        if self._bounded_close:  # a hangup (its terminal closed) drains it too, as SIGTERM does
+            self._add_signal_handler(signal.SIGHUP, self.handle_sig_wait_for_completion)
 
     async def main(self) -> None:
         helpers = [asyncio.create_task(self._listen()), asyncio.create_task(self.heartbeat.run())]
