@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from cli import add_commands
 from cli.reach import redis_problem
 from shared import apikeys
 from shared.jobs import Failed, FailureCode
@@ -115,17 +116,17 @@ async def _run(args: argparse.Namespace, redis_url: str, settings: Settings) -> 
 
 
 def add_parser(roles: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    summary = "manage client API keys stored (as hashes) in REDIS_URL"
-    actions = roles.add_parser("keys", help=summary, description=summary).add_subparsers(
-        dest="action", required=True
+    add_commands(roles, {"keys": "manage client API keys stored (as hashes) in REDIS_URL"})
+    actions = roles.choices["keys"].add_subparsers(dest="action", required=True)
+    add_commands(
+        actions,
+        {
+            "create": "create a key and print its id and secret (once)",
+            "list": "list managed keys: id, creation time, role (operator or caller), name",
+            "revoke": "revoke a key by id; refused from its next request on",
+            "open": "with no managed key left, let API processes started from now on serve without a key",
+        },
     )
-    for action, summary in (
-        ("create", "create a key and print its id and secret (once)"),
-        ("list", "list managed keys: id, creation time, role (operator or caller), name"),
-        ("revoke", "revoke a key by id; refused from its next request on"),
-        ("open", "with no managed key left, let API processes started from now on serve without a key"),
-    ):
-        actions.add_parser(action, help=summary, description=summary)
     create = actions.choices["create"]
     create.add_argument("--name", default="", help="a label to recognise the key by")
     create.add_argument(

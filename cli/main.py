@@ -31,8 +31,8 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 from pydantic_settings import SettingsError
 
+from cli import add_commands, keys
 from cli import children as children_env
-from cli import keys
 from cli.reach import wait_for_redis
 from shared.logs import configure_logging
 from shared.settings import Settings
@@ -304,14 +304,15 @@ def _seconds(value: str) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="claude-gateway", description=__doc__.split("\n\n")[0])
     roles = parser.add_subparsers(dest="role", required=True)
-    # Each says what it does in its own --help too (description), not only in the list (help).
-    for role, summary in (
-        ("up", "run Redis (if REDIS_URL is unset), the API and WORKERS workers"),
-        ("api", "run one API process against REDIS_URL (API_PROCESSES share a port)"),
-        ("worker", "run one worker process against REDIS_URL"),
-        ("status", "queue depth, workers and their jobs, recent failures"),
-    ):
-        roles.add_parser(role, help=summary, description=summary)
+    add_commands(
+        roles,
+        {
+            "up": "run Redis (if REDIS_URL is unset), the API and WORKERS workers",
+            "api": "run one API process against REDIS_URL (API_PROCESSES share a port)",
+            "worker": "run one worker process against REDIS_URL",
+            "status": "queue depth, workers and their jobs, recent failures",
+        },
+    )
     status = roles.choices["status"]
     status.add_argument("--json", action="store_true", help="print one JSON snapshot")
     status.add_argument(
