@@ -139,7 +139,7 @@ def test_a_job_token_has_the_model_api_reach_nothing_beyond_the_model(
         "/v1/messages", json={**MESSAGE, "messages": [user], "tools": tools}, headers=headers
     )
     assert allowed.status_code == 200
-    searching = {"x-api-key": proxy.issue(credential_proxy.server_tools(["Bash", "WebSearch"]))}
+    searching = {"x-api-key": proxy.issue(credential_proxy.server_tools_of(["Bash", "WebSearch"]))}
     searched = via(proxy).post(
         "/v1/messages", json={**MESSAGE, "messages": [user], "tools": search}, headers=searching
     )

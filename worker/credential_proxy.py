@@ -96,7 +96,7 @@ def bearer_header(token: Callable[[], str]) -> Credential:
     return lambda: ("authorization", f"Bearer {token()}")
 
 
-def server_tools(tools: list[str]) -> frozenset[str]:
+def server_tools_of(tools: list[str]) -> frozenset[str]:
     """The server tools (type prefixes) a job with these tools of Claude Code's may ask for."""
     return frozenset(SERVER_TOOLS[tool] for tool in tools if tool in SERVER_TOOLS)
 
@@ -158,7 +158,7 @@ class CredentialProxy:
         self.socket: Path | None = None
 
     def issue(self, server_tools: frozenset[str] = frozenset(), *, warming: bool = False) -> str:
-        """A token for one job, whose requests may use `server_tools` (`server_tools()`); `revoke`
+        """A token for one job, whose requests may use `server_tools` (`server_tools_of`); `revoke`
         it when the job ends. A warming token is answered by the proxy itself until it is
         `admit`ted."""
         token = f"job-{secrets.token_urlsafe(24)}"

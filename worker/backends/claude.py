@@ -51,7 +51,13 @@ from shared.jobs import (
 from shared.settings import Settings
 from worker import caller_functions, operator_mcp, upstream_models
 from worker.backends import PROGRESS, BackendError, BackendEvent, UsageReport
-from worker.credential_proxy import Credential, CredentialProxy, api_key_header, bearer_header, server_tools
+from worker.credential_proxy import (
+    Credential,
+    CredentialProxy,
+    api_key_header,
+    bearer_header,
+    server_tools_of,
+)
 from worker.egress import EgressProxy
 from worker.history import HistoryStore, content_blocks, merged
 from worker.login import login_token
@@ -432,7 +438,7 @@ class ClaudeBackend:
 
     async def _run_cold(self, job: CompletionJob, work: Path | None) -> AsyncGenerator[BackendEvent, None]:
         with self._workspace(job.id, work) as (workspace, cli), self._stoppable(job.id, workspace):
-            token = self._proxy.issue(server_tools(job.agent.tools)) if self._proxy is not None else None
+            token = self._proxy.issue(server_tools_of(job.agent.tools)) if self._proxy is not None else None
             options = self._options(job, workspace, token, cli)
             options, prompt, transcript = await self._continue_session(job, options)
             messages = query(prompt=prompt, options=options)
@@ -469,7 +475,7 @@ class ClaudeBackend:
         name = f"warm-{uuid.uuid4().hex}"
         workspace, cli = stack.enter_context(self._workspace(name))
         proxy = self._proxy
-        token = proxy.issue(server_tools(job.agent.tools), warming=True) if proxy is not None else None
+        token = proxy.issue(server_tools_of(job.agent.tools), warming=True) if proxy is not None else None
         options = self._options(job, workspace, token, cli)
         # Its transcript would be left for the next job of the key (`give_back`); nothing resumes it.
         options.extra_args["no-session-persistence"] = None
