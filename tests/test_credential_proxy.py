@@ -124,6 +124,15 @@ def test_a_job_token_has_the_model_api_reach_nothing_beyond_the_model(
         {"messages": [{"role": "user", "content": [file_document]}]},
         {"messages": [{"role": "user", "content": [nested]}]},
         {"system": [{"type": "text", "text": "x"}, url_image]},
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "source": {"type": "URL", "url": "https://a/"}}],
+                }
+            ]
+        },
+        {"tools": {"type": "web_fetch_20250910", "name": "web_fetch"}},  # an object, not a list
     ]
     headers = {"x-api-key": proxy.issue()}
     for extra in refused:

@@ -64,6 +64,9 @@ BODY_TIMEOUT_S = 60
 """A request's body not whole by then is refused (408): begun bodies are not held for ever."""
 SERVER_TOOLS = {"WebSearch": "web_search_"}
 """The model API's own tools a job's CLI asks for through one of its tools (the type's prefix)."""
+_INLINE_SOURCES = frozenset({"base64", "text", "content"})
+"""The sources of images and documents the request itself holds; of the others, only a URL under
+`IMAGE_URL_ALLOWLIST` (the gateway's own images by URL) is forwarded."""
 _KEPT_INSIDE = ("advisor_", "tool_search_tool_")
 """Server tools Claude Code may send whose work stays within the model API (another model, the
 request's own tool list)."""
@@ -111,8 +114,11 @@ def reach_beyond(request: object, server_tools: frozenset[str], image_urls: list
         return None  # not a request: the model API answers it 400
     if request.get("mcp_servers"):
         return "MCP servers"
-    for tool in request.get("tools") or []:
-        kind = tool.get("type") if isinstance(tool, dict) else None
+    tools = request.get("tools") or []
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        return "tools it cannot check"  # what it can check, and lets through, is all it passes on
+    for tool in tools:
+        kind = tool.get("type")
         if kind in (None, "custom"):
             continue
         if not isinstance(kind, str) or not kind.startswith((*server_tools, *_KEPT_INSIDE)):
@@ -124,14 +130,10 @@ def reach_beyond(request: object, server_tools: frozenset[str], image_urls: list
             pending.extend(node)
         elif isinstance(node, dict):
             source = node.get("source")
-            if isinstance(source, dict):
-                if source.get("type") == "file":
-                    return "a file of the Files API"
+            if isinstance(source, dict) and (kind := source.get("type")) not in _INLINE_SOURCES:
                 url = source.get("url")
-                if source.get("type") == "url" and not (
-                    isinstance(url, str) and url.startswith(tuple(image_urls))
-                ):
-                    return "a URL to fetch"
+                if not (kind == "url" and isinstance(url, str) and url.startswith(tuple(image_urls))):
+                    return f"a source of type {str(kind)[:100]!r} (a URL to fetch, a file of the Files API)"
             pending.extend(node.values())
     return None
 
