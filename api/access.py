@@ -37,6 +37,9 @@ log = logging.getLogger("gateway.api")
 OPEN_PATHS = frozenset(
     {"/", "/health", "/ready", "/dashboard", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
 )
+_OPERATOR_VIEWS = frozenset({"/metrics", "/status"})
+"""What a configured key reaches while Redis is unreachable (found by an outside probe: a scrape
+failed through the outage it should show)."""
 # The requests that start a model job; resuming, polling or cancelling one is a general request.
 _JOB_CREATING = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages"})
 _JOB_LEASE_GRACE_S = 60.0
@@ -176,6 +179,10 @@ class Access:
         except RedisError as exc:
             log.warning("Redis unreachable during access checks: %s", type(exc).__name__)
             refusal, headers = _ACCESS_UNAVAILABLE, {}
+            if scope["path"] in _OPERATOR_VIEWS and (key_id := self._configured(scope)) is not None:
+                # Checked without Redis, uncounted: a scrape shows the outage instead of failing.
+                state["key_id"], state["operator"] = key_id, True
+                refusal = None
         except KeyStoreGone:
             log.error("no managed API key exists any more: refusing every request until one is created")
             refusal, headers = _KEY_STORE_GONE, {}
@@ -280,6 +287,11 @@ class Access:
         state["key_id"], state["operator"] = (managed.id, managed.operator) if managed else (key_id, True)
         _keep_reads(state, admission.values)
         return _limited(admission.decision, category)
+
+    def _configured(self, scope: Scope) -> str | None:
+        """The id of the configured key the request presents, if it does (no Redis needed)."""
+        presented = _presented_key(scope["headers"])
+        return None if presented is None else self.keys.match(apikeys.digest(presented))
 
     def _rate_bucket(self, key_id: str, address: str, category: str) -> dict[str, int]:
         subject = f"addr:{address}" if key_id == ANONYMOUS else key_id

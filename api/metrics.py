@@ -117,16 +117,20 @@ def _service_metrics(snapshot: Snapshot) -> Iterator[Metric]:
 
 
 class _Scrape:
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot | None) -> None:
         self._snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        yield from _service_metrics(self._snapshot)
+        up = self._snapshot is not None
+        yield GaugeMetricFamily("gateway_redis_up", "1 if this API process reached Redis for the scrape.", up)
+        if self._snapshot is not None:  # else the service-wide figures are out of reach
+            yield from _service_metrics(self._snapshot)
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # up's processes: all of them
             yield from multiprocess.MultiProcessCollector(None).collect()  # type: ignore[no-untyped-call]
         else:
             yield from _PROCESS.collect()
 
 
-def render(snapshot: Snapshot) -> bytes:
+def render(snapshot: Snapshot | None) -> bytes:
+    """The scrape; `snapshot` None: Redis is out of reach (this process's own counters only)."""
     return generate_latest(_Scrape(snapshot))

@@ -514,6 +514,29 @@ def _streams_through(gateway: Gateway, trouble: Callable[[], None]) -> None:
     assert after.json()["choices"][0]["message"]["content"] == "back"
 
 
+def test_an_operators_scrape_shows_a_redis_outage(own_redis: EmbeddedRedis, start_gateway: Any) -> None:
+    """Found by an outside probe: /metrics and /status answered 503 access_control_unavailable to
+    a configured key through a Redis outage, which a scrape should show, not fail on."""
+    key = "operator-key-0123456789"
+    gateway: Gateway = start_gateway(workers=0, BACKEND="scripted", redis_url=own_redis.url, API_KEY=key)
+    headers = {"authorization": f"Bearer {key}"}
+    metrics = httpx.get(f"{gateway.url}/metrics", headers=headers, timeout=10)
+    assert "gateway_redis_up 1.0" in metrics.text
+    own_redis.stop()
+    try:
+        metrics = httpx.get(f"{gateway.url}/metrics", headers=headers, timeout=20)
+        assert metrics.status_code == 200, metrics.text
+        assert "gateway_redis_up 0.0" in metrics.text
+        assert "gateway_api_requests" in metrics.text or "gateway_api_errors" in metrics.text
+        status = httpx.get(f"{gateway.url}/status", headers=headers, timeout=20)
+        assert status.status_code == 503
+        assert status.json()["error"]["code"] != "access_control_unavailable"
+        stranger = httpx.get(f"{gateway.url}/metrics", headers={"authorization": "Bearer wrong"}, timeout=20)
+        assert stranger.status_code == 503  # anyone else: still closed while keys cannot be checked
+    finally:
+        own_redis.start()
+
+
 def test_redis_restart_mid_job_loses_nothing(own_redis: EmbeddedRedis, start_gateway: Any) -> None:
     """While Redis is down the API answers 503; within 10 s of its return the stream completes
     with every token exactly once."""

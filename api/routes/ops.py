@@ -60,7 +60,10 @@ def _runs_jobs(worker: Heartbeat) -> bool:
 
 @router.get("/metrics", response_class=Response)
 async def prometheus_metrics(gateway: GatewayDep, operator: OperatorDep) -> Response:
-    snapshot = await take_snapshot(gateway.redis, gateway.settings.queue_name, failures=0)
+    try:
+        snapshot = await take_snapshot(gateway.redis, gateway.settings.queue_name, failures=0)
+    except RedisError:  # this process's counters, and that Redis is out of reach
+        snapshot = None
     return Response(metrics.render(snapshot), media_type=CONTENT_TYPE_LATEST)
 
 
