@@ -178,6 +178,14 @@ def test_a_body_the_proxy_cannot_check_is_not_forwarded(
     for body, extra in unreadable:
         response = via(proxy).post("/v1/messages", content=body, headers={**headers, **extra})
         assert response.status_code in (400, 415), (body[:80], response.text)
+    # The second probe: a second Content-Encoding line went on unchecked; a body not an object.
+    encodings = [*headers.items(), ("content-encoding", "identity"), ("content-encoding", "gzip")]
+    twice = via(proxy).post("/v1/messages", content=json.dumps(MESSAGE).encode(), headers=encodings)
+    assert twice.status_code == 415, twice.text
+    listed = via(proxy).post(
+        "/v1/messages", content=f'[{plain}, "tools": {fetch}}}]'.encode(), headers=headers
+    )
+    assert listed.status_code == 403, listed.text
     assert upstream.received == []
 
 

@@ -45,6 +45,7 @@ from shared.http_head import MAX_HEAD_BYTES, BoundedHead
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
 )
+_NOT_FORWARDED = _HOP_BY_HOP | {"content-encoding"}  # the body goes as it was checked: unencoded
 _CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
 # What the CLI needs of the model API; anything else a tool asks for with its job's token (the
 # rest of the API under the operator's credential: files, batches, admin) is refused.
@@ -111,7 +112,7 @@ def reach_beyond(request: object, server_tools: frozenset[str], image_urls: list
     prefixes, a file of the operator's Files API. The sandbox has no network; these would be one
     (an outside probe sent a workspace out through `web_fetch`)."""
     if not isinstance(request, dict):
-        return None  # not a request: the model API answers it 400
+        return "a body that is not a request"  # nothing it cannot check goes on
     if request.get("mcp_servers"):
         return "MCP servers"
     tools = request.get("tools") or []
@@ -211,7 +212,7 @@ class CredentialProxy:
         model API would, plain JSON the proxy checks (`reach_beyond`). One it could not read (an
         encoding, invalid UTF-8, a key twice, trailing bytes, nesting past its parser) went on
         unchecked, and the model API might have read it (the re-check probe)."""
-        if request.headers.get("content-encoding", "identity").lower() != "identity":
+        if any(value.strip().lower() != "identity" for value in request.headers.getlist("content-encoding")):
             return _error(
                 415, "invalid_request_error", "the gateway forwards only bodies without a content encoding"
             )
@@ -229,7 +230,7 @@ class CredentialProxy:
         headers = [
             (name, value)
             for name, value in request.headers.items()
-            if name not in _HOP_BY_HOP and name not in _CREDENTIAL_HEADERS
+            if name not in _NOT_FORWARDED and name not in _CREDENTIAL_HEADERS
         ]
         try:
             headers.append(self._credential())
