@@ -211,3 +211,30 @@ def test_tool_names_a_request_gives_are_bounded_on_every_front_end(gateway: Gate
     response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), headers=headers, timeout=10)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "x-claude-disallowed-tools"
+
+
+def test_tool_names_are_bounded_in_bytes_too(
+    gateway: Gateway, callers: tuple[dict[str, str], dict[str, str]]
+) -> None:
+    """Found by the second re-check probe: 100 names of 200 four-byte characters were within the
+    bounds (80 KB), and a session's stored defaults and the request's went on the command line as
+    one argument of 160 KB: the CLI did not start. A list comes to at most 20 KiB, so the
+    request's, the session's and the global defaults' stay within one argument together."""
+    a, _ = callers
+    names = [f"n{i:03d}" + "\U0001f600" * 190 for i in range(100)]  # 76 KB
+    assert (
+        httpx.post(
+            f"{gateway.url}/v1/chat/completions", json=chat("hi", session_id="wide"), headers=a
+        ).status_code
+        == 200
+    )
+    stored = _config(gateway, a, session_id="wide", disallowed_tools=names)
+    assert stored.status_code == 400, stored.text[:300]
+    body = chat("hi", session_id="wide", disallowed_tools=names)
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=a, timeout=10)
+    assert response.status_code == 400, response.text[:300]
+    assert _config(gateway, a, session_id="wide", disallowed_tools=names[:26]).status_code == 200  # 19.9 KB
+    body = chat("hi", session_id="wide", disallowed_tools=names[26:52])
+    assert (
+        httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=a, timeout=10).status_code == 200
+    )

@@ -16,7 +16,7 @@ from typing import get_args
 
 from pydantic import TypeAdapter, ValidationError
 
-from api.core.request import AgentControls, ToolNames
+from api.core.request import TOOL_NAMES_BYTES, AgentControls, ToolNames
 from api.errors import OpenAIError
 from api.tool_choice import ToolChoice, check_permitted, check_servers, choose, denied_tools
 from shared.agent import EFFORTS, AgentRequest, Effort, PermissionMode
@@ -73,9 +73,10 @@ def _names(headers: Mapping[str, str], header: str) -> list[str] | None:
     try:  # held to the fields' bounds
         return _TOOL_NAMES.validate_python([name.strip() for name in value.split(",") if name.strip()])
     except ValidationError:
-        raise OpenAIError.invalid(
-            f"{header} names at most 100 tools of at most 200 characters.", param=header
-        ) from None
+        message = (
+            f"{header} names at most 100 tools of at most 200 characters, {TOOL_NAMES_BYTES} bytes in all."
+        )
+        raise OpenAIError.invalid(message, param=header) from None
 
 
 def _int_header(headers: Mapping[str, str], header: str, low: int) -> int | None:

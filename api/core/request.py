@@ -8,7 +8,7 @@ end's body (`AgentControls` is a base of each wire model), so they hold on every
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from api.core.conversation import ChatMessage
 from api.core.structured import ResponseFormat
@@ -16,10 +16,20 @@ from api.core.wire import STRICT
 from api.errors import OpenAIError
 
 ToolName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
-ToolNames = Annotated[list[ToolName], Field(max_length=100)]
+TOOL_NAMES_BYTES = 20 * 1024
+
+
+def _fits(names: list[str]) -> list[str]:
+    if len(",".join(names).encode()) > TOOL_NAMES_BYTES:
+        raise ValueError(f"the names come to over {TOOL_NAMES_BYTES} bytes")
+    return names
+
+
+ToolNames = Annotated[list[ToolName], Field(max_length=100), AfterValidator(_fits)]
 """Tool names or rules a caller gives (a request, `/v1/tools/config`): they go on Claude Code's
-command line, which takes no NUL and at most 128 KiB in one argument (an outside probe's
-140,000-character name, or 30,000 names, failed the CLI's start)."""
+command line, which takes no NUL and at most 128 KiB in one argument, where the request's, the
+stored defaults' and the operator's are one (outside probes: a 140,000-character name, 30,000
+names, or two lists of 100 names in four-byte characters failed the CLI's start)."""
 
 
 class AgentControls(BaseModel):
