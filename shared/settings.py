@@ -5,6 +5,7 @@ Both processes build one `Settings()` at start-up and pass it down; nothing else
 """
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -364,6 +365,17 @@ class Settings(BaseSettings):
         description="https:// URL prefixes (end each with '/') of images the model API may fetch; "
         "empty: inline base64 images only.",
     )
+
+    @field_validator("image_url_allowlist")
+    @classmethod
+    def _image_prefixes(cls, prefixes: list[str]) -> list[str]:
+        # A prefix must fix the host: without its '/', https://images.example.com also let through
+        # https://images.example.com.evil.net/ (a probe: the agent's way out through the proxy).
+        for prefix in prefixes:
+            if not re.fullmatch(r"https://[^/@?#\s]+/\S*", prefix) or not prefix.endswith("/"):
+                raise ValueError(f"{prefix!r}: an https:// URL prefix with its host, ending with '/'")
+        return prefixes
+
     claude_system_prompt_mode: Literal["append", "replace"] = Field(
         default="append", description="Callers' system messages follow Claude Code's prompt, or replace it."
     )

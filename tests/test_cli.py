@@ -73,6 +73,13 @@ def test_without_a_server_on_the_path_the_bundled_valkey_is_used(monkeypatch: py
         ({"MODELS": "[]"}, ["api"], "invalid configuration: MODELS: List should have at least 1 item"),
         ({"MODELS": '[""]'}, ["api"], "invalid configuration: MODELS.0: String should match"),
         ({"LOG_LEVEL": "loud"}, ["status"], "invalid configuration: LOG_LEVEL"),
+        # Found by an outside probe: without its '/', a prefix let the agent have the model API
+        # fetch https://images.example.com.evil.net/ through the credential proxy.
+        (
+            {"IMAGE_URL_ALLOWLIST": '["https://images.example.com"]'},
+            ["api"],
+            "IMAGE_URL_ALLOWLIST: 'https://images.example.com': an https:// URL prefix",
+        ),
         ({"MODELS": "[oops"}, ["status"], "invalid configuration: MODELS: must be a JSON list"),
         ({"MODEL_ALIASES": "x"}, ["status"], "invalid configuration: MODEL_ALIASES: must be a JSON mapping"),
         ({"PORT": "99999"}, ["api"], "invalid configuration: PORT: Input should be less than or equal"),

@@ -139,9 +139,24 @@ def test_a_job_token_has_the_model_api_reach_nothing_beyond_the_model(
         response = via(proxy).post(
             "/v1/messages", json={**MESSAGE, "messages": [user], **extra}, headers=headers
         )
-        assert response.status_code == 403, extra
-        assert response.json()["error"]["type"] == "permission_error"
+        assert response.status_code == 400, extra  # as the model API's refusal: its reason reaches the caller
+        assert response.json()["error"]["message"].startswith("the gateway does not forward")
     assert upstream.received == []
+    # A tool call's input is the tool's: a `source` there is nothing the model API fetches (the
+    # third re-check probe: a todo item's refused the job's next turn).
+    call = {
+        "type": "tool_use",
+        "id": "t1",
+        "name": "TodoWrite",
+        "input": {"todos": [{"source": url_image["source"]}]},
+    }
+    history = [
+        user,
+        {"role": "assistant", "content": [call]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]},
+    ]
+    answered = via(proxy).post("/v1/messages", json={**MESSAGE, "messages": history}, headers=headers)
+    assert answered.status_code == 200, answered.text
     # What Claude Code sends: its own tools (no type), and web search for a job given WebSearch.
     tools = [{"name": "Bash", "description": "d", "input_schema": {"type": "object"}}]
     allowed = via(proxy).post(
@@ -153,7 +168,7 @@ def test_a_job_token_has_the_model_api_reach_nothing_beyond_the_model(
         "/v1/messages", json={**MESSAGE, "messages": [user], "tools": search}, headers=searching
     )
     assert searched.status_code == 200
-    assert len(upstream.received) == 2
+    assert len(upstream.received) == 3
 
 
 def test_a_body_the_proxy_cannot_check_is_not_forwarded(
@@ -185,7 +200,7 @@ def test_a_body_the_proxy_cannot_check_is_not_forwarded(
     listed = via(proxy).post(
         "/v1/messages", content=f'[{plain}, "tools": {fetch}}}]'.encode(), headers=headers
     )
-    assert listed.status_code == 403, listed.text
+    assert listed.status_code == 400, listed.text
     assert upstream.received == []
 
 

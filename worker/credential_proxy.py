@@ -65,6 +65,9 @@ BODY_TIMEOUT_S = 60
 """A request's body not whole by then is refused (408): begun bodies are not held for ever."""
 SERVER_TOOLS = {"WebSearch": "web_search_"}
 """The model API's own tools a job's CLI asks for through one of its tools (the type's prefix)."""
+_FETCHED_BLOCKS = frozenset({"image", "document"})
+"""Content blocks with a source the model API may fetch."""
+_CALLS = frozenset({"tool_use", "server_tool_use"})
 _INLINE_SOURCES = frozenset({"base64", "text", "content"})
 """The sources of images and documents the request itself holds; of the others, only a URL under
 `IMAGE_URL_ALLOWLIST` (the gateway's own images by URL) is forwarded."""
@@ -130,13 +133,23 @@ def reach_beyond(request: object, server_tools: frozenset[str], image_urls: list
         if isinstance(node, list):
             pending.extend(node)
         elif isinstance(node, dict):
-            source = node.get("source")
-            if isinstance(source, dict) and (kind := source.get("type")) not in _INLINE_SOURCES:
-                url = source.get("url")
-                if not (kind == "url" and isinstance(url, str) and url.startswith(tuple(image_urls))):
-                    return f"a source of type {str(kind)[:100]!r} (a URL to fetch, a file of the Files API)"
-            pending.extend(node.values())
+            kind = node.get("type")
+            if kind in _FETCHED_BLOCKS and (beyond := _source_beyond(node.get("source"), image_urls)):
+                return beyond
+            # A tool call's input is the tool's, which the model API reads nothing of (a probe: a
+            # todo item's `source` refused a job's next turn).
+            pending.extend(value for key, value in node.items() if not (key == "input" and kind in _CALLS))
     return None
+
+
+def _source_beyond(source: object, image_urls: list[str]) -> str | None:
+    """An image's or document's source, if the model API would fetch it from elsewhere."""
+    if not isinstance(source, dict) or (kind := source.get("type")) in _INLINE_SOURCES:
+        return None
+    url = source.get("url")
+    if kind == "url" and isinstance(url, str) and url.startswith(tuple(image_urls)):
+        return None
+    return f"a source of type {str(kind)[:100]!r} (a URL to fetch, a file of the Files API)"
 
 
 def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -221,7 +234,9 @@ class CredentialProxy:
         except (ValueError, RecursionError):
             return _error(400, "invalid_request_error", "the body is not JSON the gateway can check")
         if (beyond := reach_beyond(parsed, server_tools, self._image_urls)) is not None:
-            return _error(403, "permission_error", f"the gateway does not forward {beyond}")
+            # 400, as the model API's own refusal: the caller gets its reason (a 403 read as a
+            # credential failure, upstream_authentication_error).
+            return _error(400, "invalid_request_error", f"the gateway does not forward {beyond}")
         return None
 
     async def _send(self, request: Request, body: bytes, done: Callable[[], None]) -> Response:
