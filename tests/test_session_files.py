@@ -146,6 +146,24 @@ def test_upload_paths_are_validated(files_gateway: Gateway, path: str) -> None:
     assert response.json()["error"]["code"] == "invalid_path"
 
 
+def test_an_uploads_file_name_is_its_path_folders_and_all(files_gateway: Gateway) -> None:
+    """Found by an outside probe: the file name was cut to its last name, so `src/main.py` and
+    `tests/main.py` both went to `main.py`, the second replacing the first."""
+    for name in ("src/main.py", "tests/main.py"):
+        upload = httpx.post(
+            files_url(files_gateway, "names-1"), files={"file": (name, name.encode())}, headers=_auth(KEY_A)
+        )
+        assert (upload.status_code, upload.json()["path"]) == (200, name), upload.text
+    assert sorted(item["path"] for item in listed(files_gateway, "names-1")["data"]) == [
+        "src/main.py",
+        "tests/main.py",
+    ]
+    outside = httpx.post(
+        files_url(files_gateway, "names-1"), files={"file": ("../up.txt", b"x")}, headers=_auth(KEY_A)
+    )
+    assert (outside.status_code, outside.json()["error"]["code"]) == (400, "invalid_path")
+
+
 def test_an_upload_of_several_files_or_paths_is_refused(files_gateway: Gateway) -> None:
     """Found by an outside probe: three `file` parts answered 200 and only the last was kept."""
     several = [

@@ -348,7 +348,9 @@ def _without(manifest: Manifest, path: str) -> VersionWriter:
 
 
 def _upload_path(path: str | None, file: UploadFile) -> str:
-    name = path if path is not None else posixpath.basename(file.filename or "")
+    # The file name is the path, folders and all: cut to its last name, `src/main.py` and
+    # `tests/main.py` both went to `main.py`, the second replacing the first (an outside probe).
+    name = path if path is not None else file.filename or ""
     try:
         return workspaces.checked_path(name)
     except workspaces.InvalidPath:
