@@ -51,8 +51,10 @@ def test_files_follow_the_session_across_worker_processes(
     claude_files: Gateway, upstream: FakeAnthropic
 ) -> None:
     sid = "files-across-workers"
-    uploaded = httpx.post(
-        f"{claude_files.url}/v1/sessions/{sid}/files", files={"file": ("input.txt", b"given by the caller\n")}
+    uploaded = httpx.post(  # the store's first write (S3: a volume grown) took over 5 s in a CI run
+        f"{claude_files.url}/v1/sessions/{sid}/files",
+        files={"file": ("input.txt", b"given by the caller\n")},
+        timeout=60,
     )
     assert uploaded.status_code == 200, uploaded.text
 
@@ -87,12 +89,12 @@ def test_files_follow_the_session_across_worker_processes(
     assert "out" not in output.split(), output
 
     expected = b"written in turn 1\n" + b"".join(f"turn {n}\n".encode() for n in range(2, 7))
-    listing = httpx.get(f"{claude_files.url}/v1/sessions/{sid}/files").json()["data"]
+    listing = httpx.get(f"{claude_files.url}/v1/sessions/{sid}/files", timeout=30).json()["data"]
     notes = next(item for item in listing if item["path"] == "notes.txt")
     assert notes["source"] == "assistant"
-    content = httpx.get(f"{claude_files.url}/v1/sessions/{sid}/files/{notes['id']}/content")
+    content = httpx.get(f"{claude_files.url}/v1/sessions/{sid}/files/{notes['id']}/content", timeout=30)
     assert content.content == expected
-    archive = httpx.get(f"{claude_files.url}/v1/sessions/{sid}/archive")
+    archive = httpx.get(f"{claude_files.url}/v1/sessions/{sid}/archive", timeout=30)
     with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
         member = tar.extractfile("notes.txt")
         assert member is not None
