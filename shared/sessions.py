@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from shared.jobs import CompletionJob, SessionRef, Turn
 from shared.keys import session_history_key, session_key, session_lock_key, sessions_index_key
 from shared.transcripts import delete_transcript, keep_transcript
-from shared.workspaces import Manifest
+from shared.workspaces import Manifest, check_key_limit
 
 # KEYS: lock, record, history, index. ARGV: job id, expected history length, now (ms), ttl (s),
 # transcript id, session id, workspace version ('': unchanged), worker holding it, the version's
@@ -212,10 +212,10 @@ async def set_workspace(
     session_id: str,
     holder: str,
     transcript_id: str,
-    version: Manifest,
+    workspace: Manifest,
     ttl_s: int,
 ) -> None:
-    """Makes `version` the session's workspace and releases the session `holder` locked.
+    """Makes `workspace`, a saved version, the session's and releases the session `holder` locked.
 
     Raises `SessionLost` (having changed nothing) if `holder` no longer holds the session.
     """
@@ -225,26 +225,25 @@ async def set_workspace(
         session_history_key(owner, session_id),
         sessions_index_key(owner),
     ]
-    assert version.version is not None
-    args = [
-        holder,
-        str(_ms()),
-        str(ttl_s),
-        transcript_id,
-        session_id,
-        version.version,
-        str(version.total_bytes),
-    ]
+    assert workspace.version is not None
+    args = [holder, str(_ms()), str(ttl_s), transcript_id, session_id, workspace.version]
+    args.append(str(workspace.total_bytes))
     if await redis.eval(_SET_WORKSPACE, len(keys), *keys, *args) != 1:  # type: ignore[misc]
         raise SessionLost(session_id)
     await keep_transcript(redis, owner, transcript_id, ttl_s)  # kept as its session is
 
 
-async def workspace_bytes_elsewhere(redis: Redis, owner: str, session_id: str) -> int:
-    """The bytes of the files in the owner's other live sessions' workspaces."""
+async def check_key_share(
+    redis: Redis, owner: str, session_id: str, workspace: Manifest, before: Manifest, max_bytes_per_key: int
+) -> None:
+    """Raises `WorkspaceTooLarge` if `workspace`, the session's next version after `before`, grows
+    the workspaces of the owner's live sessions past `max_bytes_per_key` together."""
+    if workspace.total_bytes <= before.total_bytes:
+        return
     prefix = session_key(owner, session_id).removesuffix(session_id)
     args = [str(_ms()), prefix, session_id]
-    return int(await redis.eval(_WORKSPACE_BYTES_ELSEWHERE, 1, sessions_index_key(owner), *args))  # type: ignore[misc]
+    elsewhere = int(await redis.eval(_WORKSPACE_BYTES_ELSEWHERE, 1, sessions_index_key(owner), *args))  # type: ignore[misc]
+    check_key_limit(workspace.total_bytes, elsewhere, max_bytes_per_key)
 
 
 def _ref(job: CompletionJob) -> SessionRef:

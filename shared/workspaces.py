@@ -39,7 +39,7 @@ from shared.workspace_store import MissingObject, ObjectStore
 _OWNER = re.compile(r"[0-9a-f]{32}")
 _CONTROL = bytes(range(0x20)) + b"\x7f"  # in UTF-8 only themselves: no other character has these bytes
 _NOT_NAMES = frozenset({b"", b".", b".."})
-"""An empty, `.` or `..` name anywhere in a `/`-separated path."""
+"""Names no part of a `/`-separated path may be."""
 _INCARNATION = re.compile(r"[0-9a-f-]{36}")
 _VERSION = re.compile(r"(\d{10})-[0-9a-f]{12}")
 MAX_PATH = 1024

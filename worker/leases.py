@@ -40,6 +40,11 @@ class RunningJob:
     halt: Callable[[], None] = lambda: None
     """Ends what the job runs outside the worker's loop (its CLI) before its task is cancelled."""
 
+    def settle(self) -> None:
+        """The attempt's outcome is decided: nothing stops it any more. Its lease is still renewed
+        until it is removed: its terminal event may wait for room in a full Redis for long."""
+        self.producing = False
+
     def stop(self, reason: StopReason) -> None:
         # The first stop wins, and none reaches the attempt's finishing steps: a task cancelled
         # there (a renewal finding the job ended by its own terminal event, a late cancel) would
@@ -79,12 +84,6 @@ class RunningJobs:
         assert task is not None
         job = self.jobs[job_id] = RunningJob(job_id, attempt, task, halt=halt)
         return job
-
-    @staticmethod
-    def settle(job: RunningJob) -> None:
-        """The attempt's outcome is decided: nothing stops it any more. Its lease is still renewed
-        until it is removed: its terminal event may wait for room in a full Redis for long."""
-        job.producing = False
 
     def remove(self, job: RunningJob) -> None:
         """The attempt is over: its lease is not renewed any more."""

@@ -618,12 +618,10 @@ class SessionTurn:
                 writer = VersionWriter(held.manifest, compact=True)
                 seen = await asyncio.to_thread(scan, self.work, Held(Manifest()), writer, *limits)
                 manifest = writer.manifest()
-            if manifest.total_bytes > held.manifest.total_bytes:  # it grew: within its key's share?
-                ref = self.ref
-                elsewhere = await sessions.workspace_bytes_elsewhere(files.redis, ref.owner, ref.session)
-                workspaces.check_key_limit(
-                    manifest.total_bytes, elsewhere, files.settings.workspace_max_bytes_per_key
-                )
+            share = files.settings.workspace_max_bytes_per_key
+            await sessions.check_key_share(
+                files.redis, self.ref.owner, self.ref.session, manifest, held.manifest, share
+            )
             await workspaces.track(files.redis, self.ref, files.settings.session_ttl_s)
             await writer.write(files.store, self.ref, manifest)
         except workspaces.WorkspaceTooLarge as exc:

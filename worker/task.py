@@ -70,7 +70,7 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> bool
         except asyncio.CancelledError:
             stopped = True
         finally:
-            running.settle(control)  # the outcome is decided: only the process ending stops it now
+            control.settle()  # the outcome is decided: only the process ending stops it now
         if stopped:
             terminal = await _stopped(control.reason or StopReason.SHUTDOWN, running, job.id, attempt, writer)
             outcome = "handed back" if terminal is None and control.reason is None else outcome

@@ -315,11 +315,8 @@ class _NewVersion:
         manifest = writer.manifest()
         try:
             writer.check_limits(settings.workspace_max_bytes, settings.workspace_max_files)
-            if manifest.total_bytes > writer.parent.total_bytes:  # it grew: within its key's share?
-                elsewhere = await sessions.workspace_bytes_elsewhere(redis, self.owner, self.session_id)
-                workspaces.check_key_limit(
-                    manifest.total_bytes, elsewhere, settings.workspace_max_bytes_per_key
-                )
+            share = settings.workspace_max_bytes_per_key
+            await sessions.check_key_share(redis, self.owner, self.session_id, manifest, writer.parent, share)
         except workspaces.WorkspaceTooLarge as exc:
             raise OpenAIError(
                 413, str(exc), type="invalid_request_error", code="workspace_too_large"
