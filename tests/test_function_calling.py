@@ -141,6 +141,13 @@ def test_over_128_functions_are_refused_on_every_front_end(scripted: Gateway) ->
             "tools",
         ),
     ]
+    # The same rule on the other entry points: a stream, n > 1, a background response.
+    chat_tools = requests[0][1]
+    requests += [
+        ("/v1/chat/completions", {**chat_tools, "stream": True}, "tools"),
+        ("/v1/chat/completions", {**chat_tools, "n": 2}, "tools"),
+        ("/v1/responses", {**requests[2][1], "background": True}, "tools"),
+    ]
     for path, body, param in requests:
         response = httpx.post(f"{scripted.url}{path}", json=body, timeout=30)
         assert response.status_code == 400, response.text
@@ -152,9 +159,10 @@ def test_over_128_functions_are_refused_on_every_front_end(scripted: Gateway) ->
         "messages": [{"role": "user", "content": "hi"}],
         "tools": tools,
     }
-    response = httpx.post(f"{scripted.url}/v1/messages", json=messages, timeout=30)
-    assert response.status_code == 400, response.text
-    assert response.json()["error"]["type"] == "invalid_request_error"
+    for body in (messages, {**messages, "stream": True}):
+        response = httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["type"] == "invalid_request_error"
     allowed = httpx.post(f"{scripted.url}/v1/messages", json={**messages, "tools": tools[:128]}, timeout=30)
     assert allowed.status_code == 200, allowed.text
 

@@ -200,7 +200,14 @@ def test_tool_names_a_request_gives_are_bounded_on_every_front_end(gateway: Gate
             "messages": [{"role": "user", "content": "hi"}],
         },
     }
-    for path, body in bodies.items():
+    # The same rule on the other entry points: a stream, n > 1, a background response, a stream of Messages.
+    variants = [
+        ("/v1/chat/completions", chat("hi", stream=True)),
+        ("/v1/chat/completions", chat("hi", n=2)),
+        ("/v1/responses", {**bodies["/v1/responses"], "background": True}),
+        ("/v1/messages", {**bodies["/v1/messages"], "stream": True}),
+    ]
+    for path, body in [*bodies.items(), *variants]:
         for extra in unfit:
             response = httpx.post(
                 f"{gateway.url}{path}", json={**body, **extra}, headers=operator, timeout=10
