@@ -4,13 +4,15 @@ The record (`record_key`) holds who owns the job, its payload, the current attem
 ended; the job's events live in its stream (`events_key`). Steps:
 
     create   API      record + arq entry of attempt 1 + the worker chosen to run it woken
-                      (+ idempotency key)
+                      (+ idempotency key); with no free slot, or older jobs waiting, the job
+                      joins the line (`WAITING`) instead, which each freed slot serves in order
     claim    worker   arq's claim, and the attempt is still current and not ended: take its lease
                       (or `create` claimed it for the worker it chose, and pushed it there: `wake`)
     decline  worker   give back a pushed attempt it will not run (it is stopping)
     append   worker   events of the current attempt only; a terminal one ends the job, and with
-                      it the attempt (off arq's queue and its worker's load) and the job's outcome
-                      in the shared totals (shared/stats.py)
+                      it the attempt (off arq's queue and its worker's load, whose freed slot
+                      takes the line's first job) and the job's outcome in the shared totals
+                      (shared/stats.py)
     renew    worker   extend the lease (and the caller's job slot); learn of a cancel or of
                       being superseded
     stop     API      cancel (or withdraw after a queue timeout): ends a job that has not
@@ -42,6 +44,7 @@ from shared.keys import (
     PREFIX,
     RUNNING,
     SWEPT,
+    WAITING,
     WORKER_LOAD,
     Channels,
     attempt_id,
@@ -63,14 +66,14 @@ a subscriber's output buffer hold (client-output-buffer-limit pubsub, 8 MiB by d
 job's worker is woken to claim it."""
 
 
-def _prelude(channels: Channels, failures_kept: int) -> str:
+def _prelude(channels: Channels, failures_kept: int, push_lease_ms: int | None, ttl_s: int) -> str:
     """Names every script may use (the channels are those of the store's database)."""
     return f"""
-local FAILURES_KEPT = {failures_kept}
+local FAILURES_KEPT, PUSH_LEASE_MS, TTL_S = {failures_kept}, {push_lease_ms or 0}, {ttl_s}
 local ARQ_JOB, ARQ_IN_PROGRESS = '{job_key_prefix}', '{in_progress_key_prefix}'
 local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
 local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{channels.wakeup}', '{channels.cancel}'
-local WORKER, WORKER_LOAD, RUNNING = '{PREFIX}:worker:', '{WORKER_LOAD}', '{RUNNING}'
+local WORKER, WORKER_LOAD, RUNNING, WAITING = '{PREFIX}:worker:', '{WORKER_LOAD}', '{RUNNING}', '{WAITING}'
 local PUSH_LIMIT = {PUSH_LIMIT_BYTES}
 -- Redis's clock, in ms: leases are timed by it, not by the callers' (a command held up in an
 -- outage arrives with a time long past).
@@ -120,6 +123,7 @@ local function take(record, job_id, id, worker, in_progress_ms, lease, ttl)
   redis.call('expire', record, ttl)
   redis.call('zadd', RUNNING, server_ms() + lease, job_id)
   redis.call('hincrby', WORKER_LOAD, worker, 1)
+  redis.call('zrem', WAITING, id)
 end
 -- Hands a queued attempt to `worker`, taken in its name, with its payload on
 -- `Channels.worker_push`: the worker starts it without a round trip of its own. Only a payload up
@@ -133,17 +137,9 @@ local function push_to(worker, record, job_id, attempt, push)
   take(record, job_id, id, worker, push.ttl * 1000, push.lease, push.ttl)
   return true
 end
--- Wakes a worker for a queued attempt: the job store places jobs. The least loaded live worker
--- with a free slot (ties broken by the job id, so a burst spreads) gets it pushed (`push_to`,
--- given `push`), or else is told on its own channel (`Channels.worker_wakeup`), so one claim starts
--- the job. A told worker's attempt counts in its `<id>:routed` at once, so the next job sees it,
--- until a claim or a stop takes it off (the job's `routed` says whose; shared/heartbeats.py
--- corrects drift).
--- When no worker has a free slot, or the chosen one does not listen on its channel (a version
--- before it, or gone), every worker is told and the first to claim it takes it. Workers whose
--- heartbeat expired are forgotten on the way.
-local function wake(record, job_id, attempt, push)
-  local id = job_id .. '.' .. attempt
+-- The least loaded live worker with a free slot (ties broken by `job_id`, so a burst spreads), or
+-- nil. Workers whose heartbeat expired are forgotten on the way.
+local function free_worker(job_id)
   local fields = redis.call('hgetall', WORKER_LOAD)
   local load = {{}}
   for i = 1, #fields, 2 do load[fields[i]] = tonumber(fields[i + 1]) end
@@ -162,23 +158,66 @@ local function wake(record, job_id, attempt, push)
       end
     end
   end
-  if least then
-    table.sort(ties)
-    local chosen = ties[tonumber(string.sub(job_id, 1, 7), 16) % #ties + 1]
-    if push and push_to(chosen, record, job_id, attempt, push) then return end
-    if redis.call('publish', WAKEUP_CHANNEL .. ':' .. chosen, id) > 0 then
-      redis.call('hincrby', WORKER_LOAD, chosen .. ':routed', 1)
-      redis.call('hset', record, 'routed', chosen)
-      return
+  if not least then return nil end
+  table.sort(ties)
+  return ties[tonumber(string.sub(job_id, 1, 7), 16) % #ties + 1]
+end
+-- Gives queued attempt `id` to `worker`: pushed (`push_to`, given `push`), or else told on the
+-- worker's own channel (`Channels.worker_wakeup`), so one claim starts it. A told worker's attempt
+-- counts in its `<id>:routed` at once, so the next job sees it, until a claim or a stop takes it
+-- off (the job's `routed` says whose; shared/heartbeats.py corrects drift). False if the worker
+-- does not listen on its channel (a version before it, or gone).
+local function place(worker, record, job_id, attempt, push)
+  if push and push_to(worker, record, job_id, attempt, push) then return true end
+  local told = redis.call('publish', WAKEUP_CHANNEL .. ':' .. worker, job_id .. '.' .. attempt)
+  if told == 0 then return false end
+  redis.call('hincrby', WORKER_LOAD, worker .. ':routed', 1)
+  redis.call('hset', record, 'routed', worker)
+  return true
+end
+-- The oldest attempt in the line (`WAITING`) still waiting for a worker, and when it was queued;
+-- entries for attempts since taken, withdrawn or ended are dropped on the way.
+local function first_waiting()
+  while true do
+    local head = redis.call('zrange', WAITING, 0, 0, 'WITHSCORES')
+    if not head[1] then return nil end
+    local job_id = string.match(head[1], '^[^.]+')
+    if redis.call('exists', ARQ_JOB .. head[1]) == 1 and redis.call('exists', ARQ_IN_PROGRESS .. head[1]) == 0
+        and redis.call('hexists', job_record(job_id), 'worker') == 0 then
+      return head[1], head[2]
     end
+    redis.call('zrem', WAITING, head[1])
   end
-  redis.call('publish', WAKEUP_CHANNEL, id)
+end
+-- Wakes a worker for a queued attempt (queued at `score`): the job store places jobs. With a
+-- free slot and nobody waiting, the least loaded live worker gets it (`place`). Otherwise it joins
+-- the line, which freed slots serve oldest first (`serve_line`), and every worker is told of the
+-- line's first attempt, so a slot this store does not know of (a worker version before it) takes
+-- that one, never one behind it.
+local function wake(record, job_id, attempt, score, push)
+  local id = job_id .. '.' .. attempt
+  if not first_waiting() then
+    local chosen = free_worker(job_id)
+    if chosen and place(chosen, record, job_id, attempt, push) then return end
+  end
+  redis.call('zadd', WAITING, score, id)
+  redis.call('publish', WAKEUP_CHANNEL, (first_waiting()))
+end
+-- A slot of `worker` has just freed: the line's first attempt, if any, goes to it.
+local function serve_line(worker)
+  local head, score = first_waiting()
+  if not head then return end
+  local job_id, attempt = string.match(head, '^([^.]+)%.(%d+)$')
+  local push = PUSH_LEASE_MS > 0 and {{score = score, lease = PUSH_LEASE_MS, ttl = TTL_S, limit = PUSH_LIMIT}}
+  if place(worker, job_record(job_id), job_id, attempt, push) then redis.call('zrem', WAITING, head) end
 end
 -- Takes an attempt that ran off arq's queue (arq's `finish_job`) and off its worker's load.
+-- The slot it frees serves the line.
 local function finish_attempt(queue, attempt, worker)
   redis.call('zrem', queue, attempt)
   redis.call('del', ARQ_IN_PROGRESS .. attempt, ARQ_RETRY .. attempt, ARQ_JOB .. attempt)
   redis.call('hincrby', WORKER_LOAD, worker, -1)
+  serve_line(worker)
 end
 """
 
@@ -208,8 +247,7 @@ end
 # KEYS: record, queue, arq entry of attempt 1, [idempotency key]
 # ARGV: owner, model, request_id, created, payload, arq entry, score, arq ttl ms, ttl, job id,
 #       idempotency value, session lock key, job slots key or '', slot cap, slot lease ms,
-#       the worker offered the job first or '' (workspace affinity), until when (ms),
-#       lease (ms) of a pushed attempt or 0 (no push)
+#       the worker offered the job first or '' (workspace affinity), until when (ms)
 # The job's slot (shared/quotas.py) is taken here, so a job holds one exactly when it exists.
 # A job offered to the worker holding its session's workspace wakes every worker: the others
 # leave it to that one until the offer runs out (see the claim), then any takes it.
@@ -240,8 +278,8 @@ if ARGV[16] ~= '' then
   redis.call('hset', KEYS[1], 'prefer', ARGV[16], 'prefer_until', ARGV[17])
   redis.call('publish', WAKEUP_CHANNEL, ARGV[10] .. '.1')
 else
-  local push = ARGV[18] ~= '0' and {score = ARGV[7], lease = ARGV[18], ttl = ARGV[9], limit = PUSH_LIMIT}
-  wake(KEYS[1], ARGV[10], 1, push)
+  local push = PUSH_LEASE_MS > 0 and {score = ARGV[7], lease = PUSH_LEASE_MS, ttl = TTL_S, limit = PUSH_LIMIT}
+  wake(KEYS[1], ARGV[10], 1, ARGV[7], push)
 end
 return false
 """
@@ -265,6 +303,7 @@ local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel', 'payload'
   'routed', 'worker')
 if rec[1] ~= ARGV[2] or rec[2] then
   redis.call('zrem', KEYS[2], attempt_id)
+  redis.call('zrem', WAITING, attempt_id)
   redis.call('del', ARQ_JOB .. attempt_id)
   return {'stale'}
 end
@@ -330,8 +369,9 @@ if rec[3] then return 'cancel' end
 return 'ok'
 """
 
-# KEYS: record   ARGV: job id, attempt, worker id
-# Undoes `push_to` for an attempt still pushed to this worker, and tells every worker of it.
+# KEYS: record, queue   ARGV: job id, attempt, worker id
+# Undoes `push_to` for an attempt still pushed to this worker: it goes back to its place in the
+# line, and every worker is told of the line's first attempt.
 _DECLINE = """
 local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'worker')
 if rec[1] ~= ARGV[2] or rec[2] or rec[3] ~= ARGV[3] then return 0 end
@@ -340,7 +380,8 @@ redis.call('del', ARQ_IN_PROGRESS .. id)
 redis.call('hdel', KEYS[1], 'worker')
 redis.call('zrem', RUNNING, ARGV[1])
 redis.call('hincrby', WORKER_LOAD, ARGV[3], -1)
-redis.call('publish', WAKEUP_CHANNEL, id)
+redis.call('zadd', WAITING, redis.call('zscore', KEYS[2], id) or 0, id)
+redis.call('publish', WAKEUP_CHANNEL, (first_waiting()))
 return 1
 """
 
@@ -355,6 +396,7 @@ if not rec[3] then
   local attempt = ARGV[2] .. '.' .. rec[1]
   if rec[4] then redis.call('hincrby', WORKER_LOAD, rec[4] .. ':routed', -1) end
   redis.call('zrem', KEYS[4], attempt)
+  redis.call('zrem', WAITING, attempt)
   redis.call('del', ARQ_JOB .. attempt)
   finish(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
   return 'stopped'
@@ -394,7 +436,7 @@ if redis.call('xlen', KEYS[2]) == 0 and attempt < tonumber(ARGV[3]) then
   redis.call('psetex', ARQ_JOB .. new, ARGV[7], '{"t":null,"f":"' .. RUN_COMPLETION .. '","a":["'
     .. ARGV[1] .. '",' .. (attempt + 1) .. '],"k":{},"et":' .. ARGV[2] .. '}')
   redis.call('zadd', KEYS[4], ARGV[2], new)
-  wake(KEYS[1], ARGV[1], attempt + 1, nil)
+  wake(KEYS[1], ARGV[1], attempt + 1, ARGV[2], nil)
   renew_slot(ARGV[1], KEYS[1])
   return 'retried'
 end
@@ -520,8 +562,9 @@ class JobStore:
         failures_kept: int = 100,
     ) -> None:
         """`affinity_s`: how long a session's job waits for the worker holding its workspace.
-        `push_lease_s`: `create` pushes a job to the worker it chooses, claimed with this lease,
-        where that worker takes pushes (else it wakes the worker to claim it). `failures_kept`:
+        `push_lease_s`: `create` pushes a job to the worker it chooses, and the end of an attempt
+        the line's first job to the worker it ran on, claimed with this lease, where that worker
+        takes pushes (else it wakes the worker to claim it). `failures_kept`:
         the recent failures kept for `status` (`RECENT_FAILURES_KEPT`), among them the jobs this
         store ends itself."""
         self.redis = redis
@@ -531,7 +574,7 @@ class JobStore:
         self.push_lease_ms = None if push_lease_s is None else int(push_lease_s * 1000)
         self.channels = Channels.of(redis)
         self._retries: set[asyncio.Task[int]] = set()
-        prelude = _prelude(self.channels, failures_kept)
+        prelude = _prelude(self.channels, failures_kept, self.push_lease_ms, ttl_s)
         # New work and its output wait while Redis is full (`maxmemory`, `noeviction`); what keeps
         # the running jobs' leases, ends a job or gives it back writes a few bytes, and runs: else
         # a full Redis would fail healthy jobs as lost, and no queued job could be withdrawn.
@@ -576,7 +619,6 @@ class JobStore:
         args += ["", 0, 0] if slot is None else [slots_key(slot.holder), slot.cap, slot.lease_ms]
         holder = job.session.holder if job.session is not None and self.affinity_ms else None
         args += [holder or "", now + self.affinity_ms]
-        args.append(0 if self.push_lease_ms is None else self.push_lease_ms)
         try:
             existing = await self._create(keys=keys, args=args)
         except ResponseError as exc:
@@ -718,7 +760,8 @@ class JobStore:
     async def decline(self, job_id: str, attempt: int, worker_id: str) -> bool:
         """Gives back an attempt pushed to this worker, for any worker to claim; False if it is no
         longer this worker's (retried, or ended meanwhile)."""
-        return bool(await self._decline(keys=[record_key(job_id)], args=[job_id, attempt, worker_id]))
+        keys = [record_key(job_id), self.queue_name]
+        return bool(await self._decline(keys=keys, args=[job_id, attempt, worker_id]))
 
     async def finish_attempt(self, attempt: str, worker_id: str) -> None:
         """Takes an attempt that ran off arq's queue (arq's `finish_job`) and off its worker's

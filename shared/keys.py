@@ -17,6 +17,9 @@ WORKER_LOAD = f"{PREFIX}:workers:load"
 """Hash: worker id -> jobs it runs (kept by the claim and the end of each attempt, reset by each
 heartbeat), `<worker id>:routed` -> queued jobs it was chosen to run, and `<worker id>:slots` -> its
 job slots; the job store places jobs by it (shared/jobstore.py)."""
+WAITING = f"{PREFIX}:waiting"
+"""Sorted set: queued attempt id -> when it was queued (ms), for attempts that found no free slot
+and those queued behind them: the line a freed slot serves first, oldest first (shared/jobstore.py)."""
 RUNNING = f"{PREFIX}:running"
 """Sorted set: running job id -> its lease deadline (ms). Workers renew; any worker sweeps."""
 SWEPT = f"{PREFIX}:running:swept"

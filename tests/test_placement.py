@@ -105,6 +105,55 @@ def test_queued_jobs_start_in_order_whichever_caller_sent_them(one_slot: Gateway
     assert sorted(first_token, key=first_token.__getitem__) == list(range(len(callers)))
 
 
+def test_a_queued_job_is_not_overtaken_by_jobs_sent_after_it(one_slot: Gateway) -> None:
+    """Found by an outside probe: with callers sending job after job, a job queued behind them
+    waited until its queue timeout while later ones ran (each new job went straight to the slot
+    that had just freed). Caller A keeps the one slot busy from two loops; B's job, queued
+    meanwhile, starts before every job A sends after it."""
+    quick = "script:" + json.dumps({"text": "x ", "tokens": 12, "delay_ms": 25})
+    sent: dict[str, float] = {}  # each job's name -> when its request was sent
+    first_token: dict[str, float] = {}
+    stop = threading.Event()
+
+    def stream(name: str, key: str) -> None:
+        body = {**chat(quick), "stream": True}
+        headers = {"Authorization": f"Bearer {key}"}
+        sent[name] = time.monotonic()
+        with httpx.stream(
+            "POST", f"{one_slot.url}/v1/chat/completions", json=body, headers=headers, timeout=60
+        ) as response:
+            assert response.status_code == 200, response.read()
+            for line in response.iter_lines():
+                if name not in first_token and '"content":"x' in line:
+                    first_token[name] = time.monotonic()
+
+    def loop(index: int) -> None:
+        for turn in range(40):
+            if stop.is_set():
+                return
+            stream(f"a{index}.{turn}", KEY_A)
+
+    loops = [threading.Thread(target=loop, args=(index,)) for index in range(2)]
+    for thread in loops:
+        thread.start()
+    time.sleep(1.0)  # the loops have the slot and the queue busy
+    created = jobs_created(one_slot)
+    polite = threading.Thread(target=stream, args=("b", KEY_B))
+    polite.start()
+    wait_for(lambda: jobs_created(one_slot) > created, 20, "B's job queued")
+    queued = time.monotonic()
+    polite.join(timeout=60)
+    time.sleep(1.0)  # jobs sent after B's have had their turns
+    stop.set()
+    for thread in loops:
+        thread.join(timeout=60)
+    later = [name for name, at in sent.items() if name[0] == "a" and at > queued and name in first_token]
+    assert later, "no job was sent after B's while it waited"
+    assert "b" in first_token
+    overtook = [name for name in later if first_token[name] < first_token["b"]]
+    assert not overtook, f"sent after B's job, started before it: {overtook}"
+
+
 # --- the job store's placement, on a real Redis ------------------------------------------------
 
 
@@ -391,3 +440,82 @@ async def test_a_declined_push_goes_to_every_worker(
 def test_a_pushed_job_this_version_cannot_read_is_named_for_giving_back() -> None:
     job_id = "a" * 32
     assert JobStore.pushed(f"{job_id}.2 1700000000000 {{}}".encode()) == (job_id, 2, None)
+
+
+async def _ended(store: JobStore, job_id: str, worker: str) -> None:
+    """The attempt's terminal event written by `worker`, as a worker ends a job."""
+    record = stats.JobRecord(
+        job_id=job_id, request_id="req_1", worker_id=worker, outcome="completed", queue_wait_s=0, duration_s=1
+    )
+    end = AttemptEnd(worker, record, failures_kept=10)
+    await store.append(job_id, 1, 1, [encode_event(DONE)], outcome="completed", ttl_s=60, end=end)
+
+
+async def test_a_freed_slot_takes_the_oldest_waiting_job_and_new_ones_queue_behind_it(
+    redis: Redis, pushing: JobStore, listening: Callable[..., Awaitable[None]]
+) -> None:
+    """Found by an outside probe: a new job took a slot that had just freed while older jobs waited
+    (they could wait until their queue timeout). Jobs that find no free slot form a line; the end of
+    an attempt hands the line's first job to the slot it frees; a new job joins the line while
+    anyone waits, even if a slot is free, and every worker is told of the line's first job."""
+    await _workers(redis, slots=1, only=0)
+    await listening("only")
+    pushes = await _subscribed(redis, pushing.channels.worker_push("only"))
+    everyone = await _subscribed(redis, pushing.channels.wakeup)
+
+    async def pushed() -> str:
+        message = await pushes.get_message(timeout=1)
+        assert message is not None
+        return JobStore.pushed(message["data"])[0]
+
+    running = await _queued(pushing, "running")
+    assert await pushed() == running
+    first, second = await _queued(pushing, "first"), await _queued(pushing, "second")
+    woken = [await everyone.get_message(timeout=1) for _ in range(2)]
+    assert [m["data"] for m in woken if m is not None] == [f"{first}.1".encode()] * 2  # the line's first
+    await _ended(pushing, running, "only")
+    assert await pushed() == first  # pushed to the freed slot, claimed there
+    assert await redis.hget(f"gateway:job:{first}", "worker") == b"only"
+    assert await _load(redis, "only") == 1
+    # A slot this store did not count on (a new worker) does not let a new job pass the line.
+    await _workers(redis, slots=1, fresh=0)
+    third = await _queued(pushing, "third")
+    assert await _routed(redis, third) is None
+    assert await redis.hget(f"gateway:job:{third}", "worker") is None
+    message = await everyone.get_message(timeout=1)
+    assert message is not None
+    assert message["data"] == f"{second}.1".encode()
+    await _ended(pushing, first, "only")
+    assert await pushed() == second
+    await _ended(pushing, second, "only")
+    assert await pushed() == third
+    assert await redis.zcard("gateway:waiting") == 0
+    await pushes.aclose()
+    await everyone.aclose()
+
+
+async def test_the_line_forgets_jobs_withdrawn_from_it_and_keeps_a_declined_ones_place(
+    redis: Redis, pushing: JobStore, listening: Callable[..., Awaitable[None]]
+) -> None:
+    await _workers(redis, slots=1, only=1, other=1)
+    await listening("only", "other")
+    pushes = {w: await _subscribed(redis, pushing.channels.worker_push(w)) for w in ("only", "other")}
+
+    async def pushed(worker: str) -> str:
+        message = await pushes[worker].get_message(timeout=1)
+        assert message is not None
+        return JobStore.pushed(message["data"])[0]
+
+    withdrawn, kept, behind = [await _queued(pushing, text) for text in ("withdrawn", "kept", "behind")]
+    failure = Failed(code=FailureCode.QUEUE_TIMEOUT, message="late")
+    assert await pushing.stop(withdrawn, withdraw_only=True, failure=failure) == "stopped"
+    unknown = attempt_id("0" * 32, 1)  # an attempt that ran on the worker and wrote no end
+    await pushing.finish_attempt(unknown, "only")
+    assert await pushed("only") == kept  # the line's first, the withdrawn one gone from it
+    # Given back by a worker that stops, it goes back to its place in the line, ahead of `behind`.
+    assert await pushing.decline(kept, 1, "only")
+    await pushing.finish_attempt(unknown, "other")
+    assert await pushed("other") == kept
+    assert [m.decode() for m in await redis.zrange("gateway:waiting", 0, -1)] == [f"{behind}.1"]
+    for pubsub in pushes.values():
+        await pubsub.aclose()

@@ -348,6 +348,7 @@ async def _startup(ctx: dict[str, Any]) -> None:
         ctx["redis"],
         queue_name=settings.queue_name,
         ttl_s=settings.event_ttl_s,
+        push_lease_s=settings.lease_s,  # a slot that frees takes the line's first job pushed
         failures_kept=settings.recent_failures_kept,
     )
     running = RunningJobs(store, settings, worker_id=ctx["heartbeat"].worker_id)
