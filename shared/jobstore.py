@@ -29,6 +29,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -247,15 +248,19 @@ end
 # KEYS: record, queue, arq entry of attempt 1, [idempotency key]
 # ARGV: owner, model, request_id, created, payload, arq entry, score, arq ttl ms, ttl, job id,
 #       idempotency value, session lock key, job slots key or '', slot cap, slot lease ms,
-#       the worker offered the job first or '' (workspace affinity), until when (ms)
-# The job's slot (shared/quotas.py) is taken here, so a job holds one exactly when it exists.
+#       the worker offered the job first or '' (workspace affinity), until when (ms),
+#       the ids of the request's other choices, whose slots are taken with this job's (n > 1)
+# The job's slot (shared/quotas.py) is taken here, so a job holds one exactly when it exists; a
+# request's first choice takes the others' too, so the request gets all or none (a choice never
+# created leaves its slot when the slot's lease runs out).
 # A job offered to the worker holding its session's workspace wakes every worker: the others
 # leave it to that one until the offer runs out (see the claim), then any takes it.
 _CREATE = """
 local existing = #KEYS == 4 and redis.call('get', KEYS[4])
 if existing then return existing end
 local now = ARGV[13] ~= '' and server_ms()
-if now and redis.call('zcount', ARGV[13], '(' .. now, '+inf') >= tonumber(ARGV[14]) then
+local taken = now and redis.call('zcount', ARGV[13], '(' .. now, '+inf')
+if now and not redis.call('zscore', ARGV[13], ARGV[10]) and taken + #ARGV - 17 >= tonumber(ARGV[14]) then
   return redis.error_reply('NO_SLOT every job slot of the caller is taken')
 end
 -- The first write is one a full Redis refuses (`maxmemory`, `noeviction`): after any other, it
@@ -265,6 +270,7 @@ redis.call('hset', KEYS[1], 'owner', ARGV[1], 'model', ARGV[2], 'request_id', AR
 if now then
   redis.call('zremrangebyscore', ARGV[13], '-inf', now)
   redis.call('zadd', ARGV[13], now + ARGV[15], ARGV[10])
+  for i = 18, #ARGV do redis.call('zadd', ARGV[13], now + ARGV[15], ARGV[i]) end
   redis.call('pexpire', ARGV[13], ARGV[15])
   redis.call('set', slot_record(ARGV[10]), ARGV[13], 'PX', ARGV[15])
   redis.call('hset', KEYS[1], 'slot_lease', ARGV[15])
@@ -599,12 +605,14 @@ class JobStore:
         owner: str,
         idempotency: tuple[str, str] | None = None,
         slot: JobSlot | None = None,
+        choices: Sequence[str] = (),
     ) -> tuple[str, str] | None:
         """Queues a new job and wakes the worker chosen to run it, in one round trip.
 
         With `idempotency=(key, fingerprint)`, a key this owner used before returns the earlier
         `(job id, fingerprint)` instead and queues nothing. With `slot`, the job takes one of its
-        holder's slots, or raises `NoJobSlot` and queues nothing.
+        holder's slots, and one for each of its request's other `choices` (created next), or
+        raises `NoJobSlot` and queues nothing.
         """
         now = _ms()
         entry = serialize_job(RUN_COMPLETION, (job.id, 1), {}, None, now, serializer=serialize)
@@ -618,7 +626,7 @@ class JobStore:
         args.append("" if job.session is None else session_lock_key(job.session.owner, job.session.id))
         args += ["", 0, 0] if slot is None else [slots_key(slot.holder), slot.cap, slot.lease_ms]
         holder = job.session.holder if job.session is not None and self.affinity_ms else None
-        args += [holder or "", now + self.affinity_ms]
+        args += [holder or "", now + self.affinity_ms, *choices]
         try:
             existing = await self._create(keys=keys, args=args)
         except ResponseError as exc:

@@ -362,6 +362,27 @@ def test_more_choices_than_the_cap_is_a_400_and_queues_nothing(guarded: Gateway)
     assert len(within.json()["choices"]) == 2
 
 
+def test_choices_that_do_not_all_fit_are_a_429_and_start_nothing(guarded: Gateway) -> None:
+    """Found by an outside probe: `n` within the cap but above the free slots got its 429 after its
+    first choice had been queued, pushed to a worker, started and cancelled (a CLI launched for
+    nothing), and a burst of such requests held slots the caller's other requests were refused."""
+    key_id, secret = new_key(guarded)
+    url = f"{guarded.url}/v1/chat/completions"
+    redis = guarded.redis()
+    slow = chat(script(text="tick ", tokens=100, delay_ms=50), stream=True)  # 5 s
+    with httpx.stream("POST", url, json=slow, headers=bearer(secret), timeout=30) as running:
+        next(running.iter_lines())  # one of the key's two slots is taken
+        jobs = sum(1 for key in redis.scan_iter("gateway:job:*") if key.count(b":") == 2)
+        refused = httpx.post(url, json=chat("hi", n=2), headers=bearer(secret), timeout=30)
+        assert_error(refused, 429, "concurrency_limit_exceeded")
+        assert sum(1 for key in redis.scan_iter("gateway:job:*") if key.count(b":") == 2) == jobs
+        assert redis.zcard(f"gateway:jobslots:{key_id}") == 1
+        # The free slot still serves a request that fits.
+        one = httpx.post(url, json=chat("hi"), headers=bearer(secret), timeout=30)
+        assert one.status_code == 200, one.text
+    redis.close()
+
+
 def test_message_count_and_prompt_size_are_limited(guarded: Gateway) -> None:
     url = f"{guarded.url}/v1/chat/completions"
     many = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "x"}] * 6}

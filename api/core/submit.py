@@ -176,8 +176,9 @@ async def _queue_all(
 ) -> list[JobRef]:
     queued: list[JobRef] = []
     try:
-        for job in jobs:
-            await _queue(job, http, gateway, caller, None)
+        for job in jobs:  # the first takes every choice's slot, so the request gets all or none
+            choices = [other.id for other in jobs[1:]] if job is jobs[0] else []
+            await _queue(job, http, gateway, caller, None, choices)
             queued.append(job)
         await gateway.store.link_choices(jobs[0].id, [job.id for job in jobs[1:]])  # deleted together
     except BaseException:
@@ -187,15 +188,23 @@ async def _queue_all(
 
 
 async def _queue(
-    job: CompletionJob, http: Request, gateway: Gateway, caller: Caller, idempotency: Idempotency | None
+    job: CompletionJob,
+    http: Request,
+    gateway: Gateway,
+    caller: Caller,
+    idempotency: Idempotency | None,
+    choices: list[str] | None = None,
 ) -> JobRef:
-    """Queues the job, owned by the caller's key, in one of its job slots (429 if none is free);
-    with an `Idempotency-Key` seen before, returns that key's job instead and queues nothing."""
+    """Queues the job, owned by the caller's key, in one of its job slots, and the request's other
+    `choices`' slots with it (429 if not all are free); with an `Idempotency-Key` seen before,
+    returns that key's job instead and queues nothing."""
     slot = job_slot(gateway, http)
     key = (idempotency.key, idempotency.fingerprint) if idempotency is not None else None
     for _ in range(2):  # a second time once a gone job's key is released
         try:
-            existing = await gateway.store.create(job, owner=caller.key_id, idempotency=key, slot=slot)
+            existing = await gateway.store.create(
+                job, owner=caller.key_id, idempotency=key, slot=slot, choices=choices or ()
+            )
         except NoJobSlot as refused:
             raise no_job_slot(refused) from None
         if existing is None:
