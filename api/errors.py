@@ -76,6 +76,7 @@ FAILURE_STATUS: dict[FailureCode, tuple[int, str]] = {
     FailureCode.CANCELLED: (409, "invalid_request_error"),
     FailureCode.RETRY_DIVERGED: (502, "server_error"),
     FailureCode.WORKSPACE_TOO_LARGE: (413, "invalid_request_error"),
+    FailureCode.OUTPUT_TOO_LARGE: (502, "server_error"),
     FailureCode.INTERNAL: (500, "server_error"),
 }
 ANTHROPIC_PATH = "/v1/messages"
@@ -106,6 +107,7 @@ _FAILURE_HEADERS = {
         FailureCode.UPSTREAM_RATE_LIMITED,
         FailureCode.TIMEOUT,
         FailureCode.STALLED,
+        FailureCode.OUTPUT_TOO_LARGE,
     )
 }
 

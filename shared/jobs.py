@@ -132,6 +132,8 @@ class FailureCode(StrEnum):
     """Not a job's end: a stream that cannot go on after a `Retraction` ends with it."""
     WORKSPACE_TOO_LARGE = "workspace_too_large"
     """A session turn's files exceed the workspace limits: not saved, the session unchanged."""
+    OUTPUT_TOO_LARGE = "output_too_large"
+    """The job's output passed `JOB_MAX_OUTPUT_CHARS`: stopped there."""
     INTERNAL = "internal_error"
 
 

@@ -84,6 +84,16 @@ class Settings(BaseSettings):
     jobs_per_worker: int = Field(default=4, ge=1)
     backend: Literal["claude", "scripted"] = "claude"
     job_timeout_s: float = Field(default=600.0, gt=0)
+    job_max_output_chars: int = Field(
+        default=8_000_000,
+        ge=1,
+        description="Most characters of output (text, thinking, tool steps) one job may write.",
+    )
+    turn_transcript_max_chars: int = Field(
+        default=32_000_000,
+        ge=1,
+        description="Most characters (as JSON) one session turn may add to its Claude Code transcript.",
+    )
     drain_timeout_s: int = Field(
         default=50,
         ge=0,

@@ -18,6 +18,7 @@ from shared.keys import events_key
 from tests.conftest import Gateway, assert_schema, chat, claude_env, sse_data
 from tests.fake_anthropic import FakeAnthropic, Reply, system_text, user_text
 from tests.test_durable_jobs import job_id_of, retrieve, start_background, wait_for, worker_running
+from worker.backends.claude import _usage
 
 pytestmark = pytest.mark.claude
 
@@ -412,3 +413,13 @@ def test_blank_turns_reach_the_model_as_no_content(claude: Gateway, upstream: Fa
         assert response.status_code == 200, (messages, response.text)
         assert response.json()["choices"][0]["message"]["content"] == "Hello from the fake upstream."
         assert len(upstream.requests) > asked
+
+
+def test_usage_the_cli_reports_is_never_below_zero_and_its_cost_is_rounded() -> None:
+    """Found by an outside probe: a job's tool forged the CLI's result (it reaches the CLI's pipes)
+    with -999,999,999 tokens and -$5,000, which the service-wide counters took."""
+    reported = {"input_tokens": -999_999_999, "output_tokens": -5, "cache_read_input_tokens": -1}
+    forged = _usage(reported, -5000.0)
+    assert (forged.prompt_tokens, forged.completion_tokens, forged.cached_prompt_tokens) == (0, 0, 0)
+    assert forged.cost_usd == 0.0
+    assert _usage({"input_tokens": 3}, 0.00045000000000000004).cost_usd == 0.00045

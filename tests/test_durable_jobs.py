@@ -370,6 +370,28 @@ def test_job_over_its_time_or_stall_limit_fails_clearly(start_gateway: Any) -> N
     assert time.monotonic() - began < 3
 
 
+def test_a_job_whose_output_passes_its_limit_is_stopped_there(start_gateway: Any) -> None:
+    """Found by an outside probe: a job's tools can make its CLI report any output (they reach its
+    pipes), and one job put 180 MB in Redis. Past `JOB_MAX_OUTPUT_CHARS` the job fails, its stored
+    events within the limit, and the worker is free for the next job."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", JOB_MAX_OUTPUT_CHARS="2000")
+    url = f"{gateway.url}/v1/chat/completions"
+    flood = httpx.post(url, json=chat(script(text="tok ", tokens=100_000)), timeout=30)
+    assert flood.status_code == 502, flood.text
+    error = flood.json()["error"]
+    assert error["code"] == "output_too_large"
+    assert "JOB_MAX_OUTPUT_CHARS (2,000 characters)" in error["message"]
+    assert flood.headers["x-should-retry"] == "false"
+    redis = gateway.redis()
+    stored = sum(  # the gateway's only job so far
+        sum(len(fields[b"e"]) for _, fields in redis.xrange(key))
+        for key in redis.scan_iter("gateway:job:*:events")
+    )
+    assert stored < 10_000  # 2,000 characters of text and its framing, not 400,000
+    fits = httpx.post(url, json=chat(script(text="fits")), timeout=30)
+    assert fits.json()["choices"][0]["message"]["content"] == "fits"
+
+
 def test_cancel_of_a_queued_job_needs_no_worker(start_gateway: Any) -> None:
     gateway: Gateway = start_gateway(workers=0, BACKEND="scripted")
     completion_id = start_background(gateway, "never runs")

@@ -26,6 +26,7 @@ from shared.keys import record_key
 from shared.settings import Settings
 from tests.conftest import ROOT, Gateway, chat, claude_env
 from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
+from worker.backends.claude import StderrLog
 from worker.credential_proxy import CredentialProxy, api_key_header
 from worker.sandbox import Sandbox
 
@@ -225,6 +226,64 @@ def test_kill_everything_ends_only_the_jobs_own_sandbox(sandboxed: Gateway, upst
     assert worker.poll() is None, "the worker was killed from inside a sandbox"
     after = httpx.post(f"{sandboxed.url}/v1/chat/completions", json=chat("an ordinary job"), timeout=90)
     assert after.status_code == 200, after.text
+
+
+# Writes to the job's own CLI's stdout and stderr from its tool (both run as one user in the
+# sandbox): forged output frames, then a flood of log lines with a carriage return and an escape.
+_FORGE = """python3 - <<'EOF'
+import json, os
+def exe(pid):
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+cli = next(p for p in os.listdir("/proc") if p.isdigit() and exe(p).endswith("/claude"))
+def frame(event):
+    return json.dumps({"type": "stream_event", "uuid": "u", "session_id": "s", "event": event}) + "\\n"
+start = {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant",
+    "model": "x", "content": [], "stop_reason": None, "usage": {"input_tokens": 1, "output_tokens": 1}}}
+with open(f"/proc/{cli}/fd/2", "w") as err:
+    for _ in range(2000):
+        err.write("forged\\r2026-12-03 INFO gateway.api POST /v1/admin -> 200\\x1b[2K\\n")
+with open(f"/proc/{cli}/fd/1", "w") as out:
+    out.write(frame(start))
+    block = {"type": "text", "text": ""}
+    out.write(frame({"type": "content_block_start", "index": 0, "content_block": block}))
+    for _ in range(200):
+        out.write(frame({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": "B" * 3000}}))
+        out.flush()
+EOF"""
+
+
+def test_a_tool_writing_to_its_clis_pipes_is_bounded(
+    start_gateway: Any, fake_anthropic: FakeAnthropic, upstream: FakeAnthropic
+) -> None:
+    """Found by an outside probe: a job's tool wrote forged output frames to its CLI's stdout (one
+    job put 180 MB in Redis, at no cost in tokens) and a flood of forged log lines to its stderr
+    (319 MB of the worker's log in 25 s). The job's output is cut at `JOB_MAX_OUTPUT_CHARS` and
+    fails, and the CLI's stderr is logged for its first lines only, escaped."""
+    gateway: Gateway = start_gateway(
+        workers=1,
+        **claude_env(
+            fake_anthropic, CLAUDE_TOOLS='["Bash"]', JOB_MAX_OUTPUT_CHARS="100000", LOG_LEVEL="info"
+        ),
+    )
+    upstream.by_prompt["forger"] = deque([_bash(_FORGE), Reply(delay_s=30)])
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("forger job"), timeout=90)
+    assert response.status_code == 502, response.text
+    assert response.json()["error"]["code"] == "output_too_large"
+    redis = gateway.redis()
+    stored = sum(
+        len(f[b"e"]) for key in redis.scan_iter("gateway:job:*:events") for _, f in redis.xrange(key)
+    )
+    assert stored < 200_000  # not the 600,000 characters forged
+    log = "".join(path.read_text(errors="replace") for path in gateway.logs.glob("worker-*.log"))
+    said = [line for line in log.splitlines() if "Claude Code said: forged" in line]
+    assert 0 < len(said) <= StderrLog.LINES
+    assert "\r" not in log
+    assert "\x1b" not in log
+    assert "more than 50 lines to stderr" in log
 
 
 _HOLD_THE_PROXY = """python3 - <<'EOF'

@@ -4,6 +4,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from claude_agent_sdk import SessionKey
 from claude_agent_sdk.testing.session_store_conformance import run_session_store_conformance
 from redis.asyncio import Redis
 
@@ -11,7 +12,7 @@ from cli.embedded_redis import EmbeddedRedis
 from shared import sessions
 from shared.keys import session_key, transcript_key
 from shared.workspaces import Manifest
-from worker.session_store import RedisSessionStore
+from worker.session_store import JobTranscript, RedisSessionStore, TranscriptTooLarge
 
 _DB = 14  # this module's own database, flushed per store
 
@@ -109,3 +110,20 @@ async def test_a_transcript_is_kept_as_long_as_its_session(redis: Redis) -> None
     assert await sessions.lock(redis, owner, session_id, "upload-2", hold_s=10)
     await sessions.set_workspace(redis, owner, session_id, "upload-2", transcript_id, Manifest("v2"), 50)
     assert 5 < await redis.ttl(transcript[0]) <= 50
+
+
+async def test_a_turn_whose_transcript_passes_its_limit_adds_nothing(redis: Redis) -> None:
+    """Found by an outside probe: the CLI mirrors whatever frames reach its stdout, where a job's
+    tools write, and one session's transcript took 200 MB of Redis."""
+    store = RedisSessionStore(redis, ttl_s=60)
+    key: SessionKey = {"project_key": "owner", "session_id": "s1"}
+    turn = JobTranscript(store, "owner", "s1", max_chars=1_000)
+    await turn.append(key, [{"type": "user", "uuid": "u1", "pad": "x" * 400}])
+    await turn.append(key, [{"type": "user", "uuid": "u2", "pad": "x" * 800}])
+    with pytest.raises(TranscriptTooLarge):
+        await turn.commit()
+    assert await store.load(key) is None
+    within = JobTranscript(store, "owner", "s1", max_chars=1_000)
+    await within.append(key, [{"type": "user", "uuid": "u3", "pad": "x" * 400}])
+    await within.commit()
+    assert [entry["uuid"] for entry in await store.load(key) or []] == ["u3"]

@@ -127,6 +127,11 @@ class RedisSessionStore:
         return sorted(unquote(sub.decode()) for sub in encoded)
 
 
+class TranscriptTooLarge(Exception):
+    def __init__(self, max_chars: int) -> None:
+        super().__init__(f"the turn's transcript passed TURN_TRANSCRIPT_MAX_CHARS ({max_chars:,} characters)")
+
+
 class JobTranscript:
     """One job's view of its session's transcript: pinned to the session, committed only on success.
 
@@ -137,12 +142,16 @@ class JobTranscript:
     down (prompt and cost bookkeeping) could otherwise land after the next job took the session.
     """
 
-    def __init__(self, store: RedisSessionStore, project: str, session_id: str) -> None:
+    def __init__(self, store: RedisSessionStore, project: str, session_id: str, *, max_chars: int) -> None:
+        """`max_chars`: the most characters of entries (as JSON) one turn may add: the CLI mirrors
+        whatever frames reach its stdout, where the job's tools can write (an outside probe put
+        200 MB in one session's transcript); past it, `commit` fails the turn."""
         self._store = store
         self._project = project
         self.session_id = session_id
         self._pending: list[tuple[SessionKey, list[SessionStoreEntry]]] = []
         self._sealed = False
+        self._room = self._max_chars = max_chars
 
     def _pinned(self, key: SessionKey) -> SessionKey:
         pinned: SessionKey = {"project_key": self._project, "session_id": key["session_id"]}
@@ -154,8 +163,13 @@ class JobTranscript:
         return await self._store.exists({"project_key": self._project, "session_id": self.session_id})
 
     async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
-        if not self._sealed:
+        if self._sealed or self._room < 0:
+            return
+        self._room -= len(json.dumps(entries))
+        if self._room >= 0:
             self._pending.append((self._pinned(key), entries))
+        else:
+            self._pending = []  # the turn fails at `commit`: nothing is held for it
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         return await self._store.load(self._pinned(key))
@@ -164,8 +178,12 @@ class JobTranscript:
         return await self._store.list_subkeys({"project_key": self._project, "session_id": key["session_id"]})
 
     async def commit(self) -> None:
+        """Adds the turn's entries to the session's transcript (`TranscriptTooLarge` if they passed
+        the limit: nothing is added)."""
         self._sealed = True
         pending, self._pending = self._pending, []
+        if self._room < 0:
+            raise TranscriptTooLarge(self._max_chars)
         for key, entries in pending:
             await self._store.append(key, entries)
 

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from shared import logs, sessions
 from shared.events import EventWriter, Superseded, streamed_text
-from shared.jobs import CompletionJob, Done, Failed, FailureCode
+from shared.jobs import Activity, CompletionJob, Delta, Done, Failed, FailureCode, Retraction, ToolStep
 from shared.jobstore import AttemptEnd
 from shared.settings import Settings
 from worker.backends import Backend, BackendError, Progress, UsageReport
@@ -130,6 +130,10 @@ async def _run(
     loop = asyncio.get_running_loop()
     stall = asyncio.timeout(settings.stall_timeout_s)
     rescheduled, step = loop.time(), min(1.0, settings.stall_timeout_s / 10)
+    # Bounded whatever the backend says: a job's tools can write to its CLI's own pipes (they run
+    # as the CLI's user), and so make it report any output at no cost in tokens (an outside probe
+    # put 180 MB in Redis from one job).
+    room = settings.job_max_output_chars
     terminal: Done | Failed
     try:
         run = aclosing(backend.stream(job, work))
@@ -147,6 +151,13 @@ async def _run(
                 if isinstance(event, UsageReport):
                     writer.prompt(event.usage)
                 elif not isinstance(event, Progress):
+                    room -= _chars(event)
+                    if room < 0:
+                        limit = settings.job_max_output_chars
+                        raise BackendError(
+                            FailureCode.OUTPUT_TOO_LARGE,
+                            f"the job's output passed JOB_MAX_OUTPUT_CHARS ({limit:,} characters)",
+                        )
                     writer.emit(event)
             else:
                 raise BackendError(FailureCode.INTERNAL, "the backend ended without a result")
@@ -165,6 +176,13 @@ async def _run(
         log.exception("job failed unexpectedly")
         terminal = Failed(code=FailureCode.INTERNAL, message="the worker failed while running the job")
     return terminal
+
+
+def _chars(event: Delta | Activity | Retraction) -> int:
+    """What an event adds to the job's stored output."""
+    if isinstance(event, ToolStep):
+        return len(event.name) + len(event.argument)
+    return 0 if isinstance(event, Retraction) else len(event.text)
 
 
 async def _commit_turn(

@@ -62,7 +62,7 @@ from worker.egress import EgressProxy
 from worker.history import HistoryStore, content_blocks, merged
 from worker.login import login_token
 from worker.sandbox import MODEL_SOCKET, Sandbox, remove_runtime_dir, runtime_dir
-from worker.session_store import JobTranscript, RedisSessionStore
+from worker.session_store import JobTranscript, RedisSessionStore, TranscriptTooLarge
 from worker.skills import install_skills, installed_skills
 from worker.tool_steps import ToolSteps
 from worker.warm import (
@@ -162,6 +162,26 @@ def user_message(turn: Turn) -> str | AsyncIterator[dict[str, Any]]:
         turn = turn.model_copy(update={"text": " " + turn.text})
     blocks = content_blocks(turn)  # text alone without images
     return blocks if isinstance(blocks, str) else streamed_message(blocks, str(uuid.uuid4()))
+
+
+class StderrLog:
+    """Logs what one CLI writes to stderr: its first `LINES` lines, each cut to `WIDTH` characters
+    with control characters escaped. The job's tools reach the CLI's pipes (they run as its user):
+    unbounded, two jobs wrote 319 MB to the worker's log in 25 s, and forged log lines with a
+    carriage return (an outside probe)."""
+
+    LINES = 50
+    WIDTH = 500
+
+    def __init__(self) -> None:
+        self._left = self.LINES
+
+    def __call__(self, line: str) -> None:
+        if self._left > 0:
+            log.info("Claude Code said: %s", line[: self.WIDTH].encode("unicode_escape").decode("ascii"))
+        elif self._left == 0:
+            log.info("Claude Code wrote more than %d lines to stderr; the rest is not logged", self.LINES)
+        self._left -= 1
 
 
 class ClaudeBackend:
@@ -339,7 +359,7 @@ class ClaudeBackend:
             cli_path=cli,
             # What the CLI says when it fails ("exited unexpectedly" said nothing of why: an
             # outside probe); it writes nothing there on a run that goes well.
-            stderr=lambda line: log.info("Claude Code said: %s", line[:500]),
+            stderr=StderrLog(),
         )
 
     def _skills(self, job: CompletionJob, workspace: Workspace) -> list[str]:
@@ -433,7 +453,7 @@ class ClaudeBackend:
             return done
         # Rounded off the float subtraction's noise (0.000462 - 0.000231 = 0.00023100000000000003):
         # the smallest price, a token at $0.1 a million, is 1e-7 dollars.
-        cost, warm.spent_usd = round(total - warm.spent_usd, 12), total
+        cost, warm.spent_usd = max(0.0, round(total - warm.spent_usd, 12)), total
         return done.model_copy(update={"usage": done.usage.model_copy(update={"cost_usd": cost})})
 
     async def _run_cold(self, job: CompletionJob, work: Path | None) -> AsyncGenerator[BackendEvent, None]:
@@ -530,7 +550,10 @@ class ClaudeBackend:
             store = cast(SessionStore, history)
             return replace(options, session_store=store, resume=history.session_id), user_message(last), None
         transcript_id = job.session.transcript_id
-        transcript = JobTranscript(self._store, project=job.session.owner, session_id=transcript_id)
+        max_chars = self._settings.turn_transcript_max_chars
+        transcript = JobTranscript(
+            self._store, project=job.session.owner, session_id=transcript_id, max_chars=max_chars
+        )
         store = cast(SessionStore, transcript)  # duck-typed: the optional methods it lacks stay unused
         if await transcript.exists():
             resumed = replace(options, session_store=store, resume=transcript_id)
@@ -628,7 +651,10 @@ async def _relay(
                 if message.is_error and message.subtype != _OUT_OF_TURNS:
                     raise upstream_failure(message.api_error_status, message.result)
                 if transcript is not None:  # the SDK flushed the turn's transcript already
-                    await transcript.commit()
+                    try:
+                        await transcript.commit()
+                    except TranscriptTooLarge as exc:
+                        raise BackendError(FailureCode.OUTPUT_TOO_LARGE, str(exc)) from None
                 yield _done(message)
                 return
             else:
@@ -714,15 +740,21 @@ def _summed(usage: dict[str, Any], more: dict[str, Any]) -> dict[str, int]:
 
 
 def _usage(usage: dict[str, Any], cost_usd: float | None = None) -> Usage:
-    """Anthropic usage → ours: prompt tokens include the cached ones, as OpenAI counts them."""
-    cache_read = int(usage.get("cache_read_input_tokens") or 0)
-    cache_write = int(usage.get("cache_creation_input_tokens") or 0)
+    """Anthropic usage → ours: prompt tokens include the cached ones, as OpenAI counts them. The
+    CLI's report is within its job's reach (its tools can write its output: an outside probe made
+    a job report -999,999,999 tokens and -$5,000, which the service-wide counters took): no count
+    or cost is below zero, and the cost is rounded off the CLI's float noise (0.00045000000000000004)."""
+
+    def count(name: str) -> int:
+        return max(0, int(usage.get(name) or 0))
+
+    cache_read, cache_write = count("cache_read_input_tokens"), count("cache_creation_input_tokens")
     return Usage(
-        prompt_tokens=int(usage.get("input_tokens") or 0) + cache_write + cache_read,
-        completion_tokens=int(usage.get("output_tokens") or 0),
+        prompt_tokens=count("input_tokens") + cache_write + cache_read,
+        completion_tokens=count("output_tokens"),
         cached_prompt_tokens=cache_read,
         cache_write_tokens=cache_write,
-        cost_usd=cost_usd,
+        cost_usd=None if cost_usd is None else max(0.0, round(cost_usd, 12)),
     )
 
 
