@@ -473,6 +473,19 @@ WEATHER_TOOL = {
 }
 
 
+def test_a_response_says_parallel_tool_calls_as_its_request_did(
+    client: openai.OpenAI, scripted: Gateway
+) -> None:
+    """Found by an outside probe: a response said `parallel_tool_calls: true` whatever its request
+    sent (the flag was honoured, not echoed)."""
+    tools = [WEATHER_TOOL]
+    single = client.responses.create(model=MODEL, input="x", tools=tools, parallel_tool_calls=False)  # type: ignore[arg-type]
+    assert single.parallel_tool_calls is False
+    retrieved = httpx.get(f"{scripted.url}/v1/responses/{single.id}", timeout=30).json()
+    assert retrieved["parallel_tool_calls"] is False
+    assert client.responses.create(model=MODEL, input="x", tools=tools).parallel_tool_calls is True  # type: ignore[arg-type]
+
+
 def test_function_tools_and_their_outputs(client: openai.OpenAI, scripted: Gateway) -> None:
     calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
     first = client.responses.create(model=MODEL, input=script(text="", calls=calls), tools=[WEATHER_TOOL])  # type: ignore[list-item]

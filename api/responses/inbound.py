@@ -56,6 +56,7 @@ def stored_request(
         text_format=(body.text or {}).get("format") if request.response_format is not None else None,
         tools=[{"strict": True, "parameters": None, **tool} for tool in body.tools or []],
         tool_choice=body.tool_choice or "auto",
+        parallel_tool_calls=body.parallel_tool_calls is not False,
         reasoning=settings.stream_reasoning and body.include_reasoning is not False,
         session_id=session_id,
     )

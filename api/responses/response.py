@@ -72,6 +72,7 @@ class StoredResponse(BaseModel):
     """The request's `text.format` when it asked for JSON (checked on the reply)."""
     tools: list[dict[str, Any]] = Field(default_factory=list)
     tool_choice: str | dict[str, Any] = "auto"
+    parallel_tool_calls: bool = True
     reasoning: bool = True
     """Whether its output shows the agent's thinking and tool steps (a reasoning item)."""
     session_id: str | None = None
@@ -189,6 +190,7 @@ def response_body(
         previous_response_id=stored.previous_response_id,
         tools=stored.tools,
         tool_choice=stored.tool_choice,
+        parallel_tool_calls=stored.parallel_tool_calls,
         metadata=stored.metadata,
         temperature=stored.temperature,
         top_p=stored.top_p,
