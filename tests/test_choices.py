@@ -46,6 +46,39 @@ def test_choices_run_in_parallel(scripted: Gateway, client: openai.OpenAI) -> No
     assert [choice.message.content for choice in completion.choices] == ["x", "x"]
 
 
+def test_a_request_with_choices_is_retrieved_with_every_choice(
+    scripted: Gateway, client: openai.OpenAI
+) -> None:
+    """Found by an outside probe: retrieving an `n > 1` completion by its id answered 200 with its
+    first choice only."""
+    redis = scripted.redis()
+
+    def jobs() -> set[bytes]:
+        return {key for key in redis.scan_iter("gateway:job:*") if key.count(b":") == 2}
+
+    before = jobs()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(
+            client.chat.completions.create,
+            model="claude-sonnet-4-5",
+            messages=[{"role": "user", "content": script(text="a b", wait_ms=1500)}],
+            n=2,
+        )
+        key = wait_for(lambda: next(iter(jobs() - before), None), 10, "queued")
+        running = f"chatcmpl-{key.decode().split(':')[2]}"
+        # While it runs (here any one of its choices' ids): its status, no choices yet.
+        during = httpx.get(f"{scripted.url}/v1/chat/completions/{running}", timeout=30).json()
+        created = pending.result(timeout=30)
+    assert during["status"] in ("queued", "in_progress")
+    assert during["choices"] == []
+    retrieved = httpx.get(f"{scripted.url}/v1/chat/completions/{created.id}", timeout=30).json()
+    assert retrieved["status"] == "completed"
+    assert [choice["index"] for choice in retrieved["choices"]] == [0, 1]
+    assert [choice["message"]["content"] for choice in retrieved["choices"]] == ["a b", "a b"]
+    assert retrieved["usage"]["completion_tokens"] == created.usage.completion_tokens == 4
+    redis.close()
+
+
 def test_streamed_choices_carry_their_indexes(scripted: Gateway, client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model="claude-sonnet-4-5",

@@ -28,7 +28,7 @@ from api.core.structured import ResponseFormat
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
 from api.errors import OpenAIError, error_responses
 from shared.events import events_so_far
-from shared.jobs import Done, Failed, JobStatus
+from shared.jobs import Done, Failed, FailureCode, JobStatus
 from shared.jobstore import JobRecord
 from shared.keys import is_job_id
 
@@ -91,22 +91,38 @@ def _not_found(completion_id: str) -> OpenAIError:
 
 
 async def _snapshot(gateway: Gateway, record: JobRecord, reasoning: bool = True) -> ChatCompletion:
-    """The job as a chat completion: its full reply once completed, else its status (and error)."""
-    events = await events_so_far(gateway.store.redis, record.id)
-    text, last = reply_of(events)
+    """The job as a chat completion: its full reply (every choice's, `n > 1`) once completed, else
+    its status (and error): the first choice that failed, else the least advanced one's."""
+    choices = [record, *[found for job_id in record.choices if (found := await gateway.store.get(job_id))]]
     snapshot = ChatCompletion(
         id=completion_id(record), created=record.created, model=record.model, choices=[], usage=None
     )
-    snapshot.status = record.status
-    if isinstance(last, Done):
+    response_format = ResponseFormat.from_request(record.response_format)
+    replies: list[Reply] = []
+    unfinished: list[JobStatus] = []
+    for choice in choices:
+        events = await events_so_far(gateway.store.redis, choice.id)
+        text, last = reply_of(events)
+        if isinstance(last, Failed):
+            snapshot.status, snapshot.error = choice.status, OpenAIError.from_failure(last).info
+            return snapshot
+        if not isinstance(last, Done):
+            unfinished.append(choice.status)
+            continue
         try:
-            if (response_format := ResponseFormat.from_request(record.response_format)) is not None:
+            if response_format is not None:
                 text = response_format.check_finished(text, last.finish_reason.value)
         except OpenAIError as violation:  # its request got this error
             snapshot.status, snapshot.error = JobStatus.FAILED, violation.info
             return snapshot
-        reply = Reply(text, last, events if reasoning else [])
-        return completion_body(record, [reply], legacy=record.legacy_functions)
-    if isinstance(last, Failed):
-        snapshot.error = OpenAIError.from_failure(last).info
-    return snapshot
+        replies.append(Reply(text, last, events if reasoning else []))
+    if unfinished:
+        snapshot.status = JobStatus.QUEUED if JobStatus.QUEUED in unfinished else JobStatus.IN_PROGRESS
+        return snapshot
+    if len(choices) < 1 + len(record.choices):  # a choice's record expired before the first's
+        snapshot.status, snapshot.error = JobStatus.FAILED, OpenAIError.from_failure(_CHOICE_GONE).info
+        return snapshot
+    return completion_body(record, replies, legacy=record.legacy_functions)
+
+
+_CHOICE_GONE = Failed(code=FailureCode.INTERNAL, message="A choice of the request no longer exists.")
