@@ -16,6 +16,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
@@ -26,8 +27,8 @@ from obstore.store import S3Store as S3Client
 
 from shared.settings import Settings
 
-if TYPE_CHECKING:  # a TypedDict of obstore's stubs only
-    from obstore.store import S3Config
+if TYPE_CHECKING:  # TypedDicts of obstore's stubs only
+    from obstore.store import ClientConfig, S3Config
 
 
 class MissingObject(Exception):
@@ -118,6 +119,14 @@ class LocalStore:
         await asyncio.to_thread(self._delete, keys)
 
 
+_CLIENT_TIMEOUTS: "ClientConfig" = {"connect_timeout": "5s", "read_timeout": "15s", "timeout": "120s"}
+_RETRY_WITHIN = timedelta(seconds=30)
+"""A store that stops answering fails a request within about 45 s (15 s without a byte, retried
+for 30 s): with obstore's defaults (10 retries within 3 minutes) a frozen server held each files
+request and session turn for 181 s, the turn's worker slot and session with it, and an upload past
+its session hold ended in a 500 (an outside probe). A whole request may take 120 s (a large pack)."""
+
+
 class S3Store:
     """Objects in an S3 bucket (AWS or any S3-compatible server), under an optional prefix."""
 
@@ -135,7 +144,11 @@ class S3Store:
             parts.netloc,
             prefix=parts.path.strip("/") or None,
             config=config,
-            client_options={"allow_http": bool(endpoint and endpoint.startswith("http://"))},
+            client_options={
+                "allow_http": bool(endpoint and endpoint.startswith("http://")),
+                **_CLIENT_TIMEOUTS,
+            },
+            retry_config={"max_retries": 3, "retry_timeout": _RETRY_WITHIN},
         )
 
     async def put(self, key: str, data: bytes) -> None:

@@ -8,6 +8,7 @@ The same with the real SDK and CLI, moving between worker processes: tests/test_
 import asyncio
 import io
 import json
+import signal
 import tarfile
 import time
 from pathlib import Path
@@ -365,3 +366,32 @@ def test_a_killed_workers_copies_of_sessions_are_removed_by_the_next_worker(
     # What is left is the new worker's own copies, and its mark beside them.
     [root, mark] = sorted(path.name for path in sessions.iterdir())
     assert mark == f"{root}.worker"
+
+
+def test_a_store_that_stops_answering_fails_requests_and_turns_within_its_bounds(
+    files_gateway: Gateway, request: pytest.FixtureRequest
+) -> None:
+    """Found by an outside probe: with the S3 server frozen (it takes connections, answers nothing),
+    each files request and session turn waited 181 s (obstore's default retries) before its 503,
+    the turn holding its worker slot and session. Now each fails within about 45 s, well inside
+    the client's wait here, and all is well once the store answers again."""
+    if not files_gateway.env["WORKSPACE_STORE"].startswith("s3://"):
+        pytest.skip("a local store does not freeze")
+    weed = request.getfixturevalue("s3_server").process
+    upload = {"files": {"file": ("a.txt", b"a")}, "headers": _auth(KEY_A), "timeout": 100}
+    assert httpx.post(files_url(files_gateway, "frozen-1"), **upload).status_code == 200
+    weed.send_signal(signal.SIGSTOP)
+    try:
+        frozen = httpx.post(files_url(files_gateway, "frozen-1"), **upload)
+        assert frozen.status_code == 503, frozen.text
+        assert frozen.json()["error"]["code"] == "workspace_store_unavailable"
+        body = chat("script:" + json.dumps({"text": "ok", "write": {"b.txt": "b"}}), session_id="frozen-1")
+        turn = httpx.post(
+            f"{files_gateway.url}/v1/chat/completions", json=body, headers=_auth(KEY_A), timeout=100
+        )
+        assert turn.status_code == 503, turn.text
+    finally:
+        weed.send_signal(signal.SIGCONT)
+    assert httpx.post(files_url(files_gateway, "frozen-1"), **upload).status_code == 200
+    url = f"{files_gateway.url}/v1/chat/completions"
+    assert reply(httpx.post(url, json=body, headers=_auth(KEY_A), timeout=100)) == "ok"

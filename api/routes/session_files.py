@@ -324,15 +324,25 @@ class _NewVersion:
         await workspaces.track(redis, ref, settings.session_ttl_s)
         await writer.write(self.store, ref, manifest)
         assert manifest.version is not None
-        await sessions.set_workspace(
-            redis,
-            self.owner,
-            self.session_id,
-            self.holder,
-            self.transcript_id,
-            manifest,
-            settings.session_ttl_s,
-        )
+        try:
+            await sessions.set_workspace(
+                redis,
+                self.owner,
+                self.session_id,
+                self.holder,
+                self.transcript_id,
+                manifest,
+                settings.session_ttl_s,
+            )
+        except sessions.SessionLost:  # its hold ran out while the store was slow (an outside probe: a 500)
+            raise OpenAIError(
+                409,
+                f"Session '{self.session_id}' changed while the files were stored (the store was slow, "
+                "and another request took the session or deleted it); nothing was changed: retry.",
+                type="invalid_request_error",
+                param="session_id",
+                code="session_busy",
+            ) from None
         await workspaces.collect_garbage(self.store, ref, manifest)
         return manifest
 
