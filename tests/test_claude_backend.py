@@ -416,10 +416,15 @@ def test_blank_turns_reach_the_model_as_no_content(claude: Gateway, upstream: Fa
 
 
 def test_usage_the_cli_reports_is_never_below_zero_and_its_cost_is_rounded() -> None:
-    """Found by an outside probe: a job's tool forged the CLI's result (it reaches the CLI's pipes)
+    """Found by outside probes: a job's tool forged the CLI's result (it reaches the CLI's pipes)
     with -999,999,999 tokens and -$5,000, which the service-wide counters took."""
     reported = {"input_tokens": -999_999_999, "output_tokens": -5, "cache_read_input_tokens": -1}
     forged = _usage(reported, -5000.0)
     assert (forged.prompt_tokens, forged.completion_tokens, forged.cached_prompt_tokens) == (0, 0, 0)
     assert forged.cost_usd == 0.0
     assert _usage({"input_tokens": 3}, 0.00045000000000000004).cost_usd == 0.00045
+    # Nor past what a job can have: one that overflowed the service-wide counters left every later
+    # job uncounted.
+    huge = _usage({"input_tokens": 2**63 - 10, "output_tokens": 2**62}, 1e308)
+    assert (huge.prompt_tokens, huge.completion_tokens) == (10**9, 10**9)
+    assert huge.cost_usd == 10.0**6

@@ -390,6 +390,12 @@ def test_a_job_whose_output_passes_its_limit_is_stopped_there(start_gateway: Any
     assert stored < 10_000  # 2,000 characters of text and its framing, not 400,000
     fits = httpx.post(url, json=chat(script(text="fits")), timeout=30)
     assert fits.json()["choices"][0]["message"]["content"] == "fits"
+    # A reply's calls to the caller's functions are output too (a probe forged 36 MB of them).
+    function = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    calls = [{"name": "f", "arguments": {"a": "x" * 5000}}]
+    called = httpx.post(url, json=chat(script(text="", calls=calls), tools=[function]), timeout=30)
+    assert called.status_code == 502, called.text
+    assert called.json()["error"]["code"] == "output_too_large"
 
 
 def test_cancel_of_a_queued_job_needs_no_worker(start_gateway: Any) -> None:

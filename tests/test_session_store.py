@@ -127,3 +127,8 @@ async def test_a_turn_whose_transcript_passes_its_limit_adds_nothing(redis: Redi
     await within.append(key, [{"type": "user", "uuid": "u3", "pad": "x" * 400}])
     await within.commit()
     assert [entry["uuid"] for entry in await store.load(key) or []] == ["u3"]
+    # Many small entries count as what they cost the worker to hold, not as their few characters.
+    tiny = JobTranscript(store, "owner", "s1", max_chars=1_000)
+    await tiny.append(key, [{"type": "user", "uuid": f"t{i}"} for i in range(10)])
+    with pytest.raises(TranscriptTooLarge):
+        await tiny.commit()

@@ -46,10 +46,13 @@ def tool_names(job: CompletionJob) -> list[str]:
     return [_PREFIX + f.name for f in job.functions]
 
 
-def calls_in(message: AssistantMessage) -> list[ToolCall]:
-    """The calls to the caller's functions in an assistant message."""
+def calls_in(message: AssistantMessage, job: CompletionJob) -> list[ToolCall]:
+    """The calls to the caller's functions in an assistant message: only to functions the job
+    offers (what the CLI reports is within its tools' reach: an outside probe forged calls to
+    functions no request declared)."""
+    offered = {_PREFIX + function.name for function in job.functions}
     return [
         ToolCall(id=block.id, name=block.name.removeprefix(_PREFIX), arguments=json.dumps(block.input))
         for block in message.content
-        if isinstance(block, ToolUseBlock) and block.name.startswith(_PREFIX)
+        if isinstance(block, ToolUseBlock) and block.name in offered
     ]

@@ -145,20 +145,22 @@ async def _run(
                 if (now := loop.time()) - rescheduled >= step:
                     stall.reschedule(now + step + settings.stall_timeout_s)
                     rescheduled = now
+                if isinstance(event, UsageReport):
+                    writer.prompt(event.usage)
+                    continue
+                if isinstance(event, Progress):
+                    continue
+                room -= _chars(event)
+                if room < 0:
+                    limit = settings.job_max_output_chars
+                    raise BackendError(
+                        FailureCode.OUTPUT_TOO_LARGE,
+                        f"the job's output passed JOB_MAX_OUTPUT_CHARS ({limit:,} characters)",
+                    )
                 if isinstance(event, Done):
                     terminal = event
                     break
-                if isinstance(event, UsageReport):
-                    writer.prompt(event.usage)
-                elif not isinstance(event, Progress):
-                    room -= _chars(event)
-                    if room < 0:
-                        limit = settings.job_max_output_chars
-                        raise BackendError(
-                            FailureCode.OUTPUT_TOO_LARGE,
-                            f"the job's output passed JOB_MAX_OUTPUT_CHARS ({limit:,} characters)",
-                        )
-                    writer.emit(event)
+                writer.emit(event)
             else:
                 raise BackendError(FailureCode.INTERNAL, "the backend ended without a result")
     except BackendError as exc:
@@ -178,8 +180,10 @@ async def _run(
     return terminal
 
 
-def _chars(event: Delta | Activity | Retraction) -> int:
-    """What an event adds to the job's stored output."""
+def _chars(event: Delta | Activity | Retraction | Done) -> int:
+    """What an event adds to the job's stored output (a reply's calls included)."""
+    if isinstance(event, Done):
+        return sum(len(call.name) + len(call.arguments) for call in event.tool_calls)
     if isinstance(event, ToolStep):
         return len(event.name) + len(event.argument)
     return 0 if isinstance(event, Retraction) else len(event.text)

@@ -430,7 +430,7 @@ class ClaudeBackend:
             await warm.client.query(streamed_message(content_blocks(last), turn))
             # Stopped at the caller's call, the CLI is killed where it is: the SDK's disconnect
             # cancels the call's pending answer, and the CLI went on from there.
-            async for event in _relay(warm.client.receive_response(), None, warm.discard):
+            async for event in _relay(job, warm.client.receive_response(), None, warm.discard):
                 if isinstance(event, ToolStep) and clean:
                     clean = False
                     self._order_warm(job)
@@ -463,7 +463,7 @@ class ClaudeBackend:
             options, prompt, transcript = await self._continue_session(job, options)
             messages = query(prompt=prompt, options=options)
             try:
-                async for event in _relay(messages, transcript, lambda: _close(messages)):
+                async for event in _relay(job, messages, transcript, lambda: _close(messages)):
                     yield event
             finally:
                 if transcript is None:  # nothing to flush: the CLI's shutdown (~30 ms of CPU) is waste
@@ -574,9 +574,12 @@ async def _started(workspace: Workspace, connecting: "asyncio.Future[None]") -> 
 
 
 async def _relay(
-    messages: AsyncIterator[Any], transcript: JobTranscript | None, stop: Callable[[], Awaitable[None]]
+    job: CompletionJob,
+    messages: AsyncIterator[Any],
+    transcript: JobTranscript | None,
+    stop: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[BackendEvent]:
-    """One run's SDK messages → job events; `stop` ends the run early (at the caller's token limit,
+    """One run's SDK messages → `job`'s events; `stop` ends the run early (at the caller's token limit,
     or when the model calls the caller's functions: the caller runs them, not the CLI)."""
     started: dict[str, Any] = {}  # usage from the current upstream message's start
     latest: dict[str, Any] = {}  # and as its last delta left it
@@ -636,7 +639,7 @@ async def _relay(
                     # start over then too. Either way, what the caller has must not come twice.
                     resent, rethought, resuming = sent, thought, True
             elif isinstance(message, AssistantMessage):
-                calls += caller_functions.calls_in(message)
+                calls += caller_functions.calls_in(message, job)
                 for step in steps.started(message):
                     yield step
                 yield PROGRESS
@@ -739,14 +742,21 @@ def _summed(usage: dict[str, Any], more: dict[str, Any]) -> dict[str, int]:
     return {count: int(usage.get(count) or 0) + int(more.get(count) or 0) for count in counts}
 
 
+_MOST_TOKENS = 10**9
+_MOST_USD = 10.0**6
+"""Far beyond any one job: what the CLI reports is clamped to them (see `_usage`)."""
+
+
 def _usage(usage: dict[str, Any], cost_usd: float | None = None) -> Usage:
     """Anthropic usage → ours: prompt tokens include the cached ones, as OpenAI counts them. The
-    CLI's report is within its job's reach (its tools can write its output: an outside probe made
-    a job report -999,999,999 tokens and -$5,000, which the service-wide counters took): no count
-    or cost is below zero, and the cost is rounded off the CLI's float noise (0.00045000000000000004)."""
+    CLI's report is within its job's reach (its tools can write its output), so each count and the
+    cost are clamped to what a job can have: an outside probe made a job report -999,999,999
+    tokens and -$5,000, which the service-wide counters took, and a count that overflowed them,
+    which left every later job uncounted. The cost is rounded off the CLI's float noise
+    (0.00045000000000000004)."""
 
     def count(name: str) -> int:
-        return max(0, int(usage.get(name) or 0))
+        return min(max(0, int(usage.get(name) or 0)), _MOST_TOKENS)
 
     cache_read, cache_write = count("cache_read_input_tokens"), count("cache_creation_input_tokens")
     return Usage(
@@ -754,7 +764,7 @@ def _usage(usage: dict[str, Any], cost_usd: float | None = None) -> Usage:
         completion_tokens=count("output_tokens"),
         cached_prompt_tokens=cache_read,
         cache_write_tokens=cache_write,
-        cost_usd=None if cost_usd is None else max(0.0, round(cost_usd, 12)),
+        cost_usd=None if cost_usd is None else min(max(0.0, round(cost_usd, 12)), _MOST_USD),
     )
 
 
