@@ -43,6 +43,7 @@ from shared import stats
 from shared.jobs import CompletionJob, Failed, FailureCode, JobStatus, encode_event
 from shared.keys import (
     PREFIX,
+    QUEUE_DEADLINES,
     RUNNING,
     SWEPT,
     WAITING,
@@ -75,6 +76,7 @@ local ARQ_JOB, ARQ_IN_PROGRESS = '{job_key_prefix}', '{in_progress_key_prefix}'
 local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
 local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{channels.wakeup}', '{channels.cancel}'
 local WORKER, WORKER_LOAD, RUNNING, WAITING = '{PREFIX}:worker:', '{WORKER_LOAD}', '{RUNNING}', '{WAITING}'
+local QUEUE_DEADLINES = '{QUEUE_DEADLINES}'
 local PUSH_LIMIT = {PUSH_LIMIT_BYTES}
 -- Redis's clock, in ms: leases are timed by it, not by the callers' (a command held up in an
 -- outage arrives with a time long past).
@@ -125,6 +127,7 @@ local function take(record, job_id, id, worker, in_progress_ms, lease, ttl)
   redis.call('zadd', RUNNING, server_ms() + lease, job_id)
   redis.call('hincrby', WORKER_LOAD, worker, 1)
   redis.call('zrem', WAITING, id)
+  redis.call('zrem', QUEUE_DEADLINES, job_id)
 end
 -- Hands a queued attempt to `worker`, taken in its name, with its payload on
 -- `Channels.worker_push`: the worker starts it without a round trip of its own. Only a payload up
@@ -248,8 +251,9 @@ end
 # KEYS: record, queue, arq entry of attempt 1, [idempotency key]
 # ARGV: owner, model, request_id, created, payload, arq entry, score, arq ttl ms, ttl, job id,
 #       idempotency value, session lock key, job slots key or '', slot cap, slot lease ms,
-#       the worker offered the job first or '' (workspace affinity), until when (ms),
-#       the ids of the request's other choices, whose slots are taken with this job's (n > 1)
+#       the worker offered the job first or '' (workspace affinity), until when (ms), how long it
+#       may wait for a worker (ms; 0: as long as it takes), the ids of the request's other choices,
+#       whose slots are taken with this job's (n > 1)
 # The job's slot (shared/quotas.py) is taken here, so a job holds one exactly when it exists; a
 # request's first choice takes the others' too, so the request gets all or none (a choice never
 # created leaves its slot when the slot's lease runs out).
@@ -260,7 +264,7 @@ local existing = #KEYS == 4 and redis.call('get', KEYS[4])
 if existing then return existing end
 local now = ARGV[13] ~= '' and server_ms()
 local taken = now and redis.call('zcount', ARGV[13], '(' .. now, '+inf')
-if now and not redis.call('zscore', ARGV[13], ARGV[10]) and taken + #ARGV - 17 >= tonumber(ARGV[14]) then
+if now and not redis.call('zscore', ARGV[13], ARGV[10]) and taken + #ARGV - 18 >= tonumber(ARGV[14]) then
   return redis.error_reply('NO_SLOT every job slot of the caller is taken')
 end
 -- The first write is one a full Redis refuses (`maxmemory`, `noeviction`): after any other, it
@@ -270,7 +274,7 @@ redis.call('hset', KEYS[1], 'owner', ARGV[1], 'model', ARGV[2], 'request_id', AR
 if now then
   redis.call('zremrangebyscore', ARGV[13], '-inf', now)
   redis.call('zadd', ARGV[13], now + ARGV[15], ARGV[10])
-  for i = 18, #ARGV do redis.call('zadd', ARGV[13], now + ARGV[15], ARGV[i]) end
+  for i = 19, #ARGV do redis.call('zadd', ARGV[13], now + ARGV[15], ARGV[i]) end
   redis.call('pexpire', ARGV[13], ARGV[15])
   redis.call('set', slot_record(ARGV[10]), ARGV[13], 'PX', ARGV[15])
   redis.call('hset', KEYS[1], 'slot_lease', ARGV[15])
@@ -280,6 +284,10 @@ if ARGV[12] ~= '' then redis.call('hset', KEYS[1], 'session_lock', ARGV[12]) end
 redis.call('expire', KEYS[1], ARGV[9])
 redis.call('psetex', KEYS[3], ARGV[8], ARGV[6])
 redis.call('zadd', KEYS[2], ARGV[7], ARGV[10] .. '.1')
+if ARGV[18] ~= '0' then
+  redis.call('hset', KEYS[1], 'queue_timeout', ARGV[18])
+  redis.call('zadd', QUEUE_DEADLINES, ARGV[7] + ARGV[18], ARGV[10])
+end
 if ARGV[16] ~= '' then
   redis.call('hset', KEYS[1], 'prefer', ARGV[16], 'prefer_until', ARGV[17])
   redis.call('publish', WAKEUP_CHANNEL, ARGV[10] .. '.1')
@@ -403,6 +411,7 @@ if not rec[3] then
   if rec[4] then redis.call('hincrby', WORKER_LOAD, rec[4] .. ':routed', -1) end
   redis.call('zrem', KEYS[4], attempt)
   redis.call('zrem', WAITING, attempt)
+  redis.call('zrem', QUEUE_DEADLINES, ARGV[2])
   redis.call('del', ARQ_JOB .. attempt)
   finish(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
   return 'stopped'
@@ -442,6 +451,8 @@ if redis.call('xlen', KEYS[2]) == 0 and attempt < tonumber(ARGV[3]) then
   redis.call('psetex', ARQ_JOB .. new, ARGV[7], '{"t":null,"f":"' .. RUN_COMPLETION .. '","a":["'
     .. ARGV[1] .. '",' .. (attempt + 1) .. '],"k":{},"et":' .. ARGV[2] .. '}')
   redis.call('zadd', KEYS[4], ARGV[2], new)
+  local waits = redis.call('hget', KEYS[1], 'queue_timeout')
+  if waits then redis.call('zadd', QUEUE_DEADLINES, ARGV[2] + waits, ARGV[1]) end
   wake(KEYS[1], ARGV[1], attempt + 1, ARGV[2], nil)
   renew_slot(ARGV[1], KEYS[1])
   return 'retried'
@@ -606,11 +617,13 @@ class JobStore:
         idempotency: tuple[str, str] | None = None,
         slot: JobSlot | None = None,
         choices: Sequence[str] = (),
+        queue_timeout_s: float | None = None,
     ) -> tuple[str, str] | None:
         """Queues a new job and wakes the worker chosen to run it, in one round trip.
 
         With `idempotency=(key, fingerprint)`, a key this owner used before returns the earlier
-        `(job id, fingerprint)` instead and queues nothing. With `slot`, the job takes one of its
+        `(job id, fingerprint)` instead and queues nothing. If no worker has started it within
+        `queue_timeout_s`, the workers withdraw it (`withdraw_due`). With `slot`, it takes one of its
         holder's slots, and one for each of its request's other `choices` (created next), or
         raises `NoJobSlot` and queues nothing.
         """
@@ -626,7 +639,8 @@ class JobStore:
         args.append("" if job.session is None else session_lock_key(job.session.owner, job.session.id))
         args += ["", 0, 0] if slot is None else [slots_key(slot.holder), slot.cap, slot.lease_ms]
         holder = job.session.holder if job.session is not None and self.affinity_ms else None
-        args += [holder or "", now + self.affinity_ms, *choices]
+        waits = 0 if queue_timeout_s is None else int(queue_timeout_s * 1000)
+        args += [holder or "", now + self.affinity_ms, waits, *choices]
         try:
             existing = await self._create(keys=keys, args=args)
         except ResponseError as exc:
@@ -823,22 +837,22 @@ class JobStore:
         if await self._append(keys=keys, args=[*args, *events]) == b"unrecorded":
             log.warning("could not record the outcome of job %s in the totals", job_id)
 
-    async def withdraw_stale(self, queued_for_s: float, limit: int = 64) -> list[str]:
-        """Withdraws jobs no worker started within `queued_for_s` of being queued: background ones,
-        which no request waits on to withdraw (the API withdraws the others sooner)."""
-        cutoff = _ms() - int(queued_for_s * 1000)
-        stale = [
-            raw.decode() for raw in await self.redis.zrangebyscore(self.queue_name, "-inf", cutoff, 0, limit)
-        ]
+    async def withdraw_due(self, limit: int = 64) -> list[str]:
+        """Withdraws jobs no worker started within their queue timeout (`create`): background ones,
+        and those whose request left (found by an outside probe: an abandoned stream's job waited
+        until BACKGROUND_QUEUE_TIMEOUT_S, holding its caller's slot, then ran for no one)."""
+        due = await self.redis.zrangebyscore(QUEUE_DEADLINES, "-inf", _ms(), 0, limit)
         failure = Failed(
-            code=FailureCode.QUEUE_TIMEOUT, message=f"No worker started the job within {queued_for_s:g} s."
+            code=FailureCode.QUEUE_TIMEOUT,
+            message="No worker started the job within its queue timeout (QUEUE_TIMEOUT_S, or "
+            "BACKGROUND_QUEUE_TIMEOUT_S for a background job).",
         )
         withdrawn = []
-        for attempt in stale:  # an attempt a worker is running stays in arq's queue until it ends
-            if not await self.redis.exists(in_progress_key_prefix + attempt):
-                job_id = attempt.rpartition(".")[0]
-                if await self.stop(job_id, withdraw_only=True, failure=failure) == "stopped":
-                    withdrawn.append(job_id)
+        for raw in due:
+            job_id = raw.decode()
+            if await self.stop(job_id, withdraw_only=True, failure=failure) == "stopped":
+                withdrawn.append(job_id)
+            await self.redis.zrem(QUEUE_DEADLINES, job_id)  # started, ended or gone: no deadline
         return withdrawn
 
     async def recover_expired(

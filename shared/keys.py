@@ -20,6 +20,9 @@ job slots; the job store places jobs by it (shared/jobstore.py)."""
 WAITING = f"{PREFIX}:waiting"
 """Sorted set: queued attempt id -> when it was queued (ms), for attempts that found no free slot
 and those queued behind them: the line a freed slot serves first, oldest first (shared/jobstore.py)."""
+QUEUE_DEADLINES = f"{PREFIX}:queue:deadlines"
+"""Sorted set: queued job id -> when it is withdrawn if no worker has started it (ms): its request's
+`QUEUE_TIMEOUT_S`, or `BACKGROUND_QUEUE_TIMEOUT_S`, after it was queued. Workers sweep it."""
 RUNNING = f"{PREFIX}:running"
 """Sorted set: running job id -> its lease deadline (ms). Workers renew; any worker sweeps."""
 SWEPT = f"{PREFIX}:running:swept"

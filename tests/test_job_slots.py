@@ -77,20 +77,52 @@ def test_a_background_job_never_started_is_withdrawn_and_frees_its_slot(start_ga
     httpx.post(f"{url}/{busy.json()['id']}/cancel", timeout=30)
 
 
-async def test_only_attempts_no_worker_started_are_withdrawn(redis_server: EmbeddedRedis) -> None:
+def test_a_job_whose_client_left_is_withdrawn_after_its_queue_timeout(start_gateway: Any) -> None:
+    """Found by an outside probe: a streamed request whose client left while its job was queued
+    left the job waiting until BACKGROUND_QUEUE_TIMEOUT_S (600 s), holding its caller's slot, to
+    run for no one. The workers withdraw it after QUEUE_TIMEOUT_S, as its request would have."""
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="scripted",
+        JOBS_PER_WORKER="1",
+        QUEUE_TIMEOUT_S="2",
+        STREAM_COMMIT_AFTER_S="0.2",
+        LEASE_RENEW_S="0.2",
+    )
+    url = f"{gateway.url}/v1/chat/completions"
+    busy = httpx.post(url, json=chat(script(text="w", tokens=200, delay_ms=50), background=True), timeout=30)
+    redis = gateway.redis()
+    jobs = {key for key in redis.scan_iter("gateway:job:*") if key.count(b":") == 2}
+    with httpx.stream("POST", url, json=chat("left", stream=True), timeout=30) as response:
+        assert response.status_code == 200  # committed while its job waits; then the client leaves
+    [left] = {key for key in redis.scan_iter("gateway:job:*") if key.count(b":") == 2} - jobs
+    record = f"{url}/chatcmpl-{left.decode().split(':')[2]}"
+    deadline = time.monotonic() + 20
+    while (state := httpx.get(record, timeout=10).json())["status"] == "queued":
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert state["status"] == "failed"
+    assert state["error"]["code"] == "queue_timeout"
+    httpx.post(f"{url}/{busy.json()['id']}/cancel", timeout=30)
+    redis.close()
+
+
+async def test_only_jobs_no_worker_started_within_their_queue_timeout_are_withdrawn(
+    redis_server: EmbeddedRedis,
+) -> None:
     pool = await queue.connect(unit_db(redis_server), "stale:queue")
     store = JobStore(pool, queue_name="stale:queue", ttl_s=60)
-    started, stale = a_job(), a_job()
-    for job in (started, stale):
-        await store.create(job, owner="key-slots")
+    started, stale, patient, unbounded = a_job(), a_job(), a_job(), a_job()
+    for job, waits in ((started, 0.2), (stale, 0.2), (patient, 60), (unbounded, None)):
+        await store.create(job, owner="key-slots", queue_timeout_s=waits)
     assert await store.claim(started.id, 1, worker_id="w1", in_progress_ms=60_000, lease_s=10) is not None
     await asyncio.sleep(0.3)
-    fresh = a_job()
-    await store.create(fresh, owner="key-slots")
-    assert await store.withdraw_stale(0.2) == [stale.id]
-    assert [(await store.get(job.id)).status for job in (started, stale, fresh)] == [  # type: ignore[union-attr]
+    assert await store.withdraw_due() == [stale.id]
+    assert [(await store.get(job.id)).status for job in (started, stale, patient, unbounded)] == [  # type: ignore[union-attr]
         "in_progress",
         "failed",
         "queued",
+        "queued",
     ]
+    assert await pool.zrange("gateway:queue:deadlines", 0, -1) == [patient.id.encode()]
     await pool.aclose()

@@ -118,7 +118,7 @@ class RunningJobs:
                     self.settings.max_attempts, self.settings.lease_s
                 ):
                     log.warning("job %s lost its worker: %s", job_id, outcome, extra={"job_id": job_id})
-                for job_id in await self.store.withdraw_stale(self.settings.background_queue_timeout_s):
+                for job_id in await self.store.withdraw_due():
                     log.warning("job %s was never started: withdrawn", job_id, extra={"job_id": job_id})
             except RedisError as exc:
                 log.warning("cannot reach Redis to renew leases (%s); retrying", type(exc).__name__)

@@ -106,7 +106,7 @@ async def submit(
     try:
         if companion is not None:
             await companion.save(job)
-        ref = await _queue(job, http, gateway, caller, idempotency)
+        ref = await _queue(job, http, gateway, caller, background=request.background, idempotency=idempotency)
     except BaseException:
         await abandon(gateway.redis, job)  # never queued: the session is free again
         if companion is not None:
@@ -178,7 +178,7 @@ async def _queue_all(
     try:
         for job in jobs:  # the first takes every choice's slot, so the request gets all or none
             choices = [other.id for other in jobs[1:]] if job is jobs[0] else []
-            await _queue(job, http, gateway, caller, None, choices)
+            await _queue(job, http, gateway, caller, background=False, choices=choices)
             queued.append(job)
         await gateway.store.link_choices(jobs[0].id, [job.id for job in jobs[1:]])  # deleted together
     except BaseException:
@@ -192,18 +192,28 @@ async def _queue(
     http: Request,
     gateway: Gateway,
     caller: Caller,
-    idempotency: Idempotency | None,
+    *,
+    background: bool,
+    idempotency: Idempotency | None = None,
     choices: list[str] | None = None,
 ) -> JobRef:
     """Queues the job, owned by the caller's key, in one of its job slots, and the request's other
-    `choices`' slots with it (429 if not all are free); with an `Idempotency-Key` seen before,
-    returns that key's job instead and queues nothing."""
+    `choices`' slots with it (429 if not all are free), to be withdrawn if no worker starts it within
+    its queue timeout (`background`: the longer one, as no request waits on it); with an
+    `Idempotency-Key` seen before, returns that key's job instead and queues nothing."""
+    settings = gateway.settings
+    queue_timeout_s = settings.background_queue_timeout_s if background else settings.queue_timeout_s
     slot = job_slot(gateway, http)
     key = (idempotency.key, idempotency.fingerprint) if idempotency is not None else None
     for _ in range(2):  # a second time once a gone job's key is released
         try:
             existing = await gateway.store.create(
-                job, owner=caller.key_id, idempotency=key, slot=slot, choices=choices or ()
+                job,
+                owner=caller.key_id,
+                idempotency=key,
+                slot=slot,
+                choices=choices or (),
+                queue_timeout_s=queue_timeout_s,
             )
         except NoJobSlot as refused:
             raise no_job_slot(refused) from None
