@@ -385,7 +385,7 @@ return 'ok'
 
 # KEYS: record, queue   ARGV: job id, attempt, worker id
 # Undoes `push_to` for an attempt still pushed to this worker: it goes back to its place in the
-# line, and every worker is told of the line's first attempt.
+# line, with its queue deadline, and every worker is told of the line's first attempt.
 _DECLINE = """
 local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'worker')
 if rec[1] ~= ARGV[2] or rec[2] or rec[3] ~= ARGV[3] then return 0 end
@@ -394,7 +394,10 @@ redis.call('del', ARQ_IN_PROGRESS .. id)
 redis.call('hdel', KEYS[1], 'worker')
 redis.call('zrem', RUNNING, ARGV[1])
 redis.call('hincrby', WORKER_LOAD, ARGV[3], -1)
-redis.call('zadd', WAITING, redis.call('zscore', KEYS[2], id) or 0, id)
+local queued = redis.call('zscore', KEYS[2], id) or 0
+redis.call('zadd', WAITING, queued, id)
+local waits = redis.call('hget', KEYS[1], 'queue_timeout')
+if waits then redis.call('zadd', QUEUE_DEADLINES, queued + waits, ARGV[1]) end
 redis.call('publish', WAKEUP_CHANNEL, (first_waiting()))
 return 1
 """

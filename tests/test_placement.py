@@ -191,9 +191,9 @@ async def _workers(redis: Redis, slots: int = 4, **running: int) -> None:
         await redis.hset(WORKER_LOAD, mapping={worker: jobs, f"{worker}:slots": slots})
 
 
-async def _queued(store: JobStore, text: str = "hi") -> str:
+async def _queued(store: JobStore, text: str = "hi", waits: float | None = None) -> str:
     job = CompletionJob(request_id="req_1", model="m", turns=[Turn(role="user", text=text)])
-    assert await store.create(job, owner="test") is None
+    assert await store.create(job, owner="test", queue_timeout_s=waits) is None
     return job.id
 
 
@@ -506,14 +506,20 @@ async def test_the_line_forgets_jobs_withdrawn_from_it_and_keeps_a_declined_ones
         assert message is not None
         return JobStore.pushed(message["data"])[0]
 
-    withdrawn, kept, behind = [await _queued(pushing, text) for text in ("withdrawn", "kept", "behind")]
+    withdrawn, kept, behind = [
+        await _queued(pushing, text, waits=60) for text in ("withdrawn", "kept", "behind")
+    ]
     failure = Failed(code=FailureCode.QUEUE_TIMEOUT, message="late")
     assert await pushing.stop(withdrawn, withdraw_only=True, failure=failure) == "stopped"
     unknown = attempt_id("0" * 32, 1)  # an attempt that ran on the worker and wrote no end
     await pushing.finish_attempt(unknown, "only")
     assert await pushed("only") == kept  # the line's first, the withdrawn one gone from it
-    # Given back by a worker that stops, it goes back to its place in the line, ahead of `behind`.
+    assert await redis.zscore("gateway:queue:deadlines", kept) is None  # started: no deadline
+    # Given back by a worker that stops, it goes back to its place in the line, ahead of `behind`,
+    # with its deadline.
     assert await pushing.decline(kept, 1, "only")
+    queued = await redis.zscore("test:queue", f"{kept}.1")
+    assert await redis.zscore("gateway:queue:deadlines", kept) == queued + 60_000
     await pushing.finish_attempt(unknown, "other")
     assert await pushed("other") == kept
     assert [m.decode() for m in await redis.zrange("gateway:waiting", 0, -1)] == [f"{behind}.1"]
