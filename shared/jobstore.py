@@ -129,6 +129,13 @@ local function take(record, job_id, id, worker, in_progress_ms, lease, ttl)
   redis.call('zrem', WAITING, id)
   redis.call('zrem', QUEUE_DEADLINES, job_id)
 end
+-- Takes an attempt off the count of those `worker` was chosen to run (a worker already forgotten
+-- keeps no count).
+local function unroute(worker)
+  if redis.call('hexists', WORKER_LOAD, worker .. ':routed') == 1 then
+    redis.call('hincrby', WORKER_LOAD, worker .. ':routed', -1)
+  end
+end
 -- Hands a queued attempt to `worker`, taken in its name, with its payload on
 -- `Channels.worker_push`: the worker starts it without a round trip of its own. Only a payload up
 -- to `push.limit` bytes, and only to a worker listening there; false if not pushed.
@@ -258,7 +265,9 @@ end
 # request's first choice takes the others' too, so the request gets all or none (a choice never
 # created leaves its slot when the slot's lease runs out).
 # A job offered to the worker holding its session's workspace wakes every worker: the others
-# leave it to that one until the offer runs out (see the claim), then any takes it.
+# leave it to that one until the offer runs out (see the claim), then any takes it. Only while a
+# slot is free and nobody waits: else it joins the line as any job does (a re-check probe saw
+# session turns offered this way wait behind hundreds of later jobs until their queue timeout).
 _CREATE = """
 local existing = #KEYS == 4 and redis.call('get', KEYS[4])
 if existing then return existing end
@@ -288,7 +297,7 @@ if ARGV[18] ~= '0' then
   redis.call('hset', KEYS[1], 'queue_timeout', ARGV[18])
   redis.call('zadd', QUEUE_DEADLINES, ARGV[7] + ARGV[18], ARGV[10])
 end
-if ARGV[16] ~= '' then
+if ARGV[16] ~= '' and not first_waiting() and free_worker(ARGV[10]) then
   redis.call('hset', KEYS[1], 'prefer', ARGV[16], 'prefer_until', ARGV[17])
   redis.call('publish', WAKEUP_CHANNEL, ARGV[10] .. '.1')
 else
@@ -303,11 +312,14 @@ return false
 # EXISTS, ZSCORE, MULTI/EXEC and a second step of ours. A stale attempt is taken off the queue.
 # A job offered first to a live worker (the one holding its session's workspace) is left to it
 # until `prefer_until`: another worker gets {'defer', ms left}. The attempt moves into this
-# worker's load (out of the `routed` count of the worker chosen for it, if any: see `wake`).
+# worker's load (out of the `routed` count of the worker chosen for it, if any: see `wake`),
+# unless that load fills the worker's slots ({'full'}): the job store may have pushed it a job
+# for the slot it counted free, and a claim must not take it too (a re-check probe saw a worker
+# of one slot run two jobs at once).
 # KEYS: record, queue
 # ARGV: job id, attempt, now ms, in-progress ms, worker id, lease ms, ttl
-# Returns nil (not ours to start), {'taken'} (by a worker, for good), {'stale'}, {'defer', ms} or
-# {'ok', score, payload, cancel flag}.
+# Returns nil (not ours to start), {'taken'} (by a worker, for good), {'stale'}, {'defer', ms},
+# {'full'} or {'ok', score, payload, cancel flag}.
 _CLAIM = """
 local attempt_id = ARGV[1] .. '.' .. ARGV[2]
 if redis.call('exists', ARQ_IN_PROGRESS .. attempt_id) == 1 then return {'taken'} end
@@ -326,8 +338,11 @@ if rec[5] and rec[5] ~= ARGV[5] and tonumber(rec[6]) > tonumber(ARGV[3])
     and redis.call('exists', WORKER .. rec[5]) == 1 then
   return {'defer', tonumber(rec[6]) - tonumber(ARGV[3])}
 end
+local load = redis.call('hmget', WORKER_LOAD, ARGV[5], ARGV[5] .. ':routed', ARGV[5] .. ':slots')
+local busy = tonumber(load[1] or 0) + tonumber(load[2] or 0) - (rec[7] == ARGV[5] and 1 or 0)
+if tonumber(load[3] or 0) > 0 and busy >= tonumber(load[3]) then return {'full'} end
 take(KEYS[1], ARGV[1], attempt_id, ARGV[5], ARGV[4], ARGV[6], ARGV[7])
-if rec[7] then redis.call('hincrby', WORKER_LOAD, rec[7] .. ':routed', -1) end
+if rec[7] then unroute(rec[7]) end
 return {'ok', score, rec[4], rec[3] or ''}
 """
 
@@ -384,16 +399,24 @@ return 'ok'
 """
 
 # KEYS: record, queue   ARGV: job id, attempt, worker id
-# Undoes `push_to` for an attempt still pushed to this worker: it goes back to its place in the
-# line, with its queue deadline, and every worker is told of the line's first attempt.
+# Undoes `place` for an attempt pushed to this worker (the claim made for it) or routed to it and
+# not claimed: it goes back to its place in the line, with its queue deadline, and every worker is
+# told of the line's first attempt.
 _DECLINE = """
-local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'worker')
-if rec[1] ~= ARGV[2] or rec[2] or rec[3] ~= ARGV[3] then return 0 end
+local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'worker', 'routed')
+if rec[1] ~= ARGV[2] or rec[2] then return 0 end
 local id = ARGV[1] .. '.' .. ARGV[2]
-redis.call('del', ARQ_IN_PROGRESS .. id)
-redis.call('hdel', KEYS[1], 'worker')
-redis.call('zrem', RUNNING, ARGV[1])
-redis.call('hincrby', WORKER_LOAD, ARGV[3], -1)
+if rec[3] == ARGV[3] then
+  redis.call('del', ARQ_IN_PROGRESS .. id)
+  redis.call('hdel', KEYS[1], 'worker')
+  redis.call('zrem', RUNNING, ARGV[1])
+  redis.call('hincrby', WORKER_LOAD, ARGV[3], -1)
+elseif not rec[3] and rec[4] == ARGV[3] then
+  unroute(ARGV[3])
+  redis.call('hdel', KEYS[1], 'routed')
+else
+  return 0
+end
 local queued = redis.call('zscore', KEYS[2], id) or 0
 redis.call('zadd', WAITING, queued, id)
 local waits = redis.call('hget', KEYS[1], 'queue_timeout')
@@ -411,7 +434,7 @@ if not rec[1] then return 'missing' end
 if rec[2] then return 'ended' end
 if not rec[3] then
   local attempt = ARGV[2] .. '.' .. rec[1]
-  if rec[4] then redis.call('hincrby', WORKER_LOAD, rec[4] .. ':routed', -1) end
+  if rec[4] then unroute(rec[4]) end
   redis.call('zrem', KEYS[4], attempt)
   redis.call('zrem', WAITING, attempt)
   redis.call('zrem', QUEUE_DEADLINES, ARGV[2])
@@ -440,6 +463,7 @@ local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'cancel')
 if not rec[1] or rec[2] then return 'ended' end
 local attempt = tonumber(rec[1])
 local old = ARGV[1] .. '.' .. attempt
+local queued = redis.call('zscore', KEYS[4], old) or ARGV[2]  -- a retry keeps its place in line
 redis.call('zrem', KEYS[4], old)
 redis.call('del', ARQ_JOB .. old, ARQ_IN_PROGRESS .. old, ARQ_RETRY .. old)
 if rec[3] then
@@ -452,11 +476,11 @@ if redis.call('xlen', KEYS[2]) == 0 and attempt < tonumber(ARGV[3]) then
   redis.call('hdel', KEYS[1], 'worker', 'routed')
   -- arq's entry for the attempt, as `serialize_job` writes it
   redis.call('psetex', ARQ_JOB .. new, ARGV[7], '{"t":null,"f":"' .. RUN_COMPLETION .. '","a":["'
-    .. ARGV[1] .. '",' .. (attempt + 1) .. '],"k":{},"et":' .. ARGV[2] .. '}')
-  redis.call('zadd', KEYS[4], ARGV[2], new)
+    .. ARGV[1] .. '",' .. (attempt + 1) .. '],"k":{},"et":' .. queued .. '}')
+  redis.call('zadd', KEYS[4], queued, new)
   local waits = redis.call('hget', KEYS[1], 'queue_timeout')
   if waits then redis.call('zadd', QUEUE_DEADLINES, ARGV[2] + waits, ARGV[1]) end
-  wake(KEYS[1], ARGV[1], attempt + 1, ARGV[2], nil)
+  wake(KEYS[1], ARGV[1], attempt + 1, queued, nil)
   renew_slot(ARGV[1], KEYS[1])
   return 'retried'
 end
@@ -751,10 +775,10 @@ class JobStore:
         worker_id: str,
         in_progress_ms: int,
         lease_s: float,
-    ) -> Claimed | Literal["taken"] | None:
+    ) -> Claimed | Literal["taken", "full"] | None:
         """Claims a queued attempt for this worker and takes its lease; None if it is not ours,
         "taken" if a worker claimed it (no worker ever will again: it stays in arq's queue only
-        until it ends)."""
+        until it ends), "full" if this worker's slots are all counted taken (a job pushed to it)."""
         keys = [record_key(job_id), self.queue_name]
         now = _ms()
         args: list[str | int] = [job_id, attempt, now, in_progress_ms, worker_id]
@@ -762,8 +786,8 @@ class JobStore:
         reply = await self._claim(keys=keys, args=args)
         if reply is not None and reply[0] == b"defer":  # look again when the offer runs out
             self._wake_later(attempt_id(job_id, attempt), int(reply[1]) / 1000)
-        if reply is not None and reply[0] == b"taken":
-            return "taken"
+        if reply is not None and reply[0] in (b"taken", b"full"):
+            return "taken" if reply[0] == b"taken" else "full"
         if reply is None or reply[0] != b"ok":
             return None
         job = CompletionJob.model_validate_json(reply[2])
@@ -783,8 +807,8 @@ class JobStore:
         return job_id, int(number), Claimed(int(score), job, cancel_requested=False)
 
     async def decline(self, job_id: str, attempt: int, worker_id: str) -> bool:
-        """Gives back an attempt pushed to this worker, for any worker to claim; False if it is no
-        longer this worker's (retried, or ended meanwhile)."""
+        """Gives back an attempt pushed or routed to this worker, for any worker; False if it is
+        no longer this worker's (claimed by another, retried, or ended meanwhile)."""
         keys = [record_key(job_id), self.queue_name]
         return bool(await self._decline(keys=keys, args=[job_id, attempt, worker_id]))
 

@@ -18,7 +18,17 @@ from redis.asyncio import Redis
 from cli.embedded_redis import EmbeddedRedis
 from shared import stats
 from shared.heartbeats import worker_key
-from shared.jobs import CompletionJob, Done, Failed, FailureCode, FinishReason, Turn, Usage, encode_event
+from shared.jobs import (
+    CompletionJob,
+    Done,
+    Failed,
+    FailureCode,
+    FinishReason,
+    SessionRef,
+    Turn,
+    Usage,
+    encode_event,
+)
 from shared.jobstore import PUSH_LIMIT_BYTES, AttemptEnd, Claimed, JobStore
 from shared.keys import WORKER_LOAD, Channels, attempt_id
 from tests.conftest import Gateway, chat, unit_db
@@ -272,7 +282,7 @@ async def test_a_gateway_on_another_database_of_the_server_hears_none_of_its_not
     await _workers(redis, full=4)  # no free slot: every worker is told of a new job
 
     job_id = await _queued(store)
-    assert isinstance(await _claim(store, job_id, "full"), Claimed)
+    assert isinstance(await _claim(store, job_id, "spare"), Claimed)  # a worker the store counts no slots of
     cancelled = Failed(code=FailureCode.CANCELLED, message="cancelled")
     assert await store.stop(job_id, withdraw_only=False, failure=cancelled) == "cancelling"
 
@@ -525,3 +535,81 @@ async def test_the_line_forgets_jobs_withdrawn_from_it_and_keeps_a_declined_ones
     assert [m.decode() for m in await redis.zrange("gateway:waiting", 0, -1)] == [f"{behind}.1"]
     for pubsub in pushes.values():
         await pubsub.aclose()
+
+
+async def test_a_claim_never_takes_a_slot_the_store_counted_for_a_push(
+    redis: Redis, pushing: JobStore, listening: Callable[..., Awaitable[None]]
+) -> None:
+    """Found by a re-check probe: a worker of one slot ran two jobs at once, a job pushed to it for
+    the slot that had freed and one it claimed itself in that moment (a session's turn, which
+    went by its own path). A claim that would fill a worker's slots past their count is refused."""
+    await _workers(redis, slots=1, only=0)
+    await listening("only")
+    pushed = await _queued(pushing, "pushed")  # counted in the worker's one slot
+    assert await _load(redis, "only") == 1
+    queued = await _queued(pushing, "queued")  # in the line
+    assert await _claim(pushing, queued, "only") == "full"
+    assert await redis.hget(f"gateway:job:{queued}", "worker") is None
+    assert await redis.zscore("gateway:waiting", f"{queued}.1") is not None
+    del pushed
+
+
+async def test_a_sessions_turn_joins_the_line_when_anyone_waits(
+    redis: Redis, listening: Callable[..., Awaitable[None]]
+) -> None:
+    """Found by a re-check probe: a session's turn, offered to the worker holding its workspace,
+    never joined the line, and waited behind hundreds of later jobs until its queue timeout."""
+    store = JobStore(redis, queue_name="test:queue", ttl_s=60, affinity_s=5, push_lease_s=10)
+    await _workers(redis, slots=1, holder=1)
+    await listening("holder")
+    waiting = await _queued(store, "waiting")
+    session = SessionRef(owner="0" * 32, id="s", history_len=0, transcript_id="t", holder="holder")
+    turn = CompletionJob(request_id="r", model="m", turns=[Turn(role="user", text="turn")], session=session)
+    assert await store.create(turn, owner="test") is None
+    assert await redis.hget(f"gateway:job:{turn.id}", "prefer") is None  # not offered: in line
+    line = [m.decode() for m in await redis.zrange("gateway:waiting", 0, -1)]
+    assert line == [f"{waiting}.1", f"{turn.id}.1"]
+
+
+async def test_a_retried_job_keeps_its_place_in_line(
+    redis: Redis, pushing: JobStore, listening: Callable[..., Awaitable[None]]
+) -> None:
+    """Found by a re-check probe: a job retried after its worker was lost went to the back of the
+    line, behind every job sent after it."""
+    await _workers(redis, slots=1, only=0)
+    await listening("only")
+    pushes = await _subscribed(redis, pushing.channels.worker_push("only"))
+    running = await _queued(pushing, "running")
+    first, second = await _queued(pushing, "first"), await _queued(pushing, "second")
+    await _ended(pushing, running, "only")  # `first` is pushed to the freed slot
+    assert await redis.hget(f"gateway:job:{first}", "worker") == b"only"
+    await pushing.expire_lease(first, 1)  # its worker is lost before any output
+    assert await pushing.recover_expired(max_attempts=3, lease_s=10) == [(first, "retried")]
+    line = [m.decode() for m in await redis.zrange("gateway:waiting", 0, -1)]
+    assert line == [f"{first}.2", f"{second}.1"]
+    await pushes.aclose()
+
+
+async def test_a_job_routed_to_a_worker_that_stops_goes_back_to_its_place(
+    redis: Redis, pushing: JobStore, listening: Callable[..., Awaitable[None]]
+) -> None:
+    """Found by a re-check probe: a job too large to push, routed to a worker that was stopping,
+    left the line and was overtaken; and a routed count decremented for a worker already forgotten
+    came back as -1 for good."""
+    await _workers(redis, slots=1, stopping=0)
+    await listening("stopping")  # its wake-ups only: jobs are routed to it, not pushed
+    large = await _queued(pushing, "x" * PUSH_LIMIT_BYTES)
+    assert await _routed(redis, large) == "stopping"
+    behind = await _queued(pushing, "behind")
+    assert await pushing.decline(large, 1, "stopping")
+    assert await _routed(redis, large) is None
+    assert await _load(redis, "stopping") == 0
+    line = [m.decode() for m in await redis.zrange("gateway:waiting", 0, -1)]
+    assert line == [f"{large}.1", f"{behind}.1"]
+    # Routed again, to a worker then forgotten (its heartbeat expired): claimed by another, no
+    # count is left for the forgotten one.
+    await redis.zrem("gateway:waiting", f"{large}.1", f"{behind}.1")
+    await redis.hset(f"gateway:job:{large}", "routed", "gone")
+    await _workers(redis, slots=2, other=0)
+    assert isinstance(await _claim(pushing, large, "other"), Claimed)
+    assert not await redis.hexists(WORKER_LOAD, "gone:routed")

@@ -65,7 +65,7 @@ class RunningJobs:
 
     async def claim(
         self, job_id: str, attempt: int, in_progress_ms: int
-    ) -> Claimed | Literal["taken"] | None:
+    ) -> Claimed | Literal["taken", "full"] | None:
         """Claims a queued attempt for this worker; `run_completion` then takes it from `claimed`."""
         claimed = await self.store.claim(
             job_id,

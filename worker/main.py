@@ -183,6 +183,9 @@ class GatewayWorker(Worker):
                 self._claiming -= 1
             if not isinstance(claimed, Claimed):
                 self.sem.release()
+                if claimed == "full":  # a job was pushed here for the slot that freed
+                    self._turned_away = True
+                    return
                 if claimed == "taken":
                     self._taken.add(raw)
                 continue
@@ -236,13 +239,15 @@ class GatewayWorker(Worker):
 
     async def _start_woken(self, attempt_id: bytes, *, chosen: bool) -> None:
         """Starts the attempt a wake-up named, without a trip through the queue's index. One this
-        worker was `chosen` to run but takes no more jobs (it is shutting down) goes to every
-        worker instead."""
+        worker was `chosen` to run but takes no more jobs (it is shutting down) goes back to its
+        place in the line, for every worker."""
         try:
             if self.allow_pick_jobs:
                 await self._claim_each([attempt_id])
             elif chosen:
-                await self.pool.publish(self._channels.wakeup, attempt_id)
+                job_id, _, attempt = attempt_id.decode().partition(".")
+                running: RunningJobs = self.ctx["running"]
+                await running.store.decline(job_id, int(attempt), running.worker_id)
         except RedisError as exc:
             log.warning("cannot reach Redis to start a job (%s); the poll will", type(exc).__name__)
 
