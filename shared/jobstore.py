@@ -279,7 +279,7 @@ end
 -- The first write is one a full Redis refuses (`maxmemory`, `noeviction`): after any other, it
 -- would let the rest of the script through and queue a job whose output has no room.
 redis.call('hset', KEYS[1], 'owner', ARGV[1], 'model', ARGV[2], 'request_id', ARGV[3],
-  'created', ARGV[4], 'payload', ARGV[5], 'attempt', '1')
+  'created', ARGV[4], 'payload', ARGV[5], 'attempt', '1', 'queue_timeout', ARGV[18])
 if now then
   redis.call('zremrangebyscore', ARGV[13], '-inf', now)
   redis.call('zadd', ARGV[13], now + ARGV[15], ARGV[10])
@@ -293,10 +293,7 @@ if ARGV[12] ~= '' then redis.call('hset', KEYS[1], 'session_lock', ARGV[12]) end
 redis.call('expire', KEYS[1], ARGV[9])
 redis.call('psetex', KEYS[3], ARGV[8], ARGV[6])
 redis.call('zadd', KEYS[2], ARGV[7], ARGV[10] .. '.1')
-if ARGV[18] ~= '0' then
-  redis.call('hset', KEYS[1], 'queue_timeout', ARGV[18])
-  redis.call('zadd', QUEUE_DEADLINES, ARGV[7] + ARGV[18], ARGV[10])
-end
+if ARGV[18] ~= '0' then redis.call('zadd', QUEUE_DEADLINES, ARGV[7] + ARGV[18], ARGV[10]) end
 if ARGV[16] ~= '' and not first_waiting() and free_worker(ARGV[10]) then
   redis.call('hset', KEYS[1], 'prefer', ARGV[16], 'prefer_until', ARGV[17])
   redis.call('publish', WAKEUP_CHANNEL, ARGV[10] .. '.1')
@@ -419,8 +416,8 @@ else
 end
 local queued = redis.call('zscore', KEYS[2], id) or 0
 redis.call('zadd', WAITING, queued, id)
-local waits = redis.call('hget', KEYS[1], 'queue_timeout')
-if waits then redis.call('zadd', QUEUE_DEADLINES, queued + waits, ARGV[1]) end
+local waits = tonumber(redis.call('hget', KEYS[1], 'queue_timeout') or 0)
+if waits > 0 then redis.call('zadd', QUEUE_DEADLINES, queued + waits, ARGV[1]) end
 redis.call('publish', WAKEUP_CHANNEL, (first_waiting()))
 return 1
 """
@@ -478,8 +475,8 @@ if redis.call('xlen', KEYS[2]) == 0 and attempt < tonumber(ARGV[3]) then
   redis.call('psetex', ARQ_JOB .. new, ARGV[7], '{"t":null,"f":"' .. RUN_COMPLETION .. '","a":["'
     .. ARGV[1] .. '",' .. (attempt + 1) .. '],"k":{},"et":' .. queued .. '}')
   redis.call('zadd', KEYS[4], queued, new)
-  local waits = redis.call('hget', KEYS[1], 'queue_timeout')
-  if waits then redis.call('zadd', QUEUE_DEADLINES, ARGV[2] + waits, ARGV[1]) end
+  local waits = tonumber(redis.call('hget', KEYS[1], 'queue_timeout') or 0)
+  if waits > 0 then redis.call('zadd', QUEUE_DEADLINES, ARGV[2] + waits, ARGV[1]) end
   wake(KEYS[1], ARGV[1], attempt + 1, queued, nil)
   renew_slot(ARGV[1], KEYS[1])
   return 'retried'
