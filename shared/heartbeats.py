@@ -23,6 +23,8 @@ _WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _INDEX_RETENTION_S = 3600.0
 
 
+LOAD_FIELDS = ("", ":slots", ":routed", ":idle")
+"""A worker's fields in `WORKER_LOAD`, after its id."""
 # KEYS: the worker's key, WORKERS_INDEX, WORKER_LOAD
 # ARGV: heartbeat, ttl ms, worker id, beat, index cut-off, slots ('' to leave the load), idle (1/0)
 # A beat writes while Redis is full (`maxmemory`, noeviction: a few bytes over the last one): else
@@ -33,7 +35,16 @@ redis.call('zadd', KEYS[2], ARGV[4], ARGV[3])
 redis.call('zremrangebyscore', KEYS[2], '-inf', ARGV[5])
 if ARGV[6] ~= '' then
   redis.call('hset', KEYS[3], ARGV[3] .. ':slots', ARGV[6])
-  if ARGV[7] == '1' then redis.call('hset', KEYS[3], ARGV[3], 0, ARGV[3] .. ':routed', 0) end
+  redis.call('hsetnx', KEYS[3], ARGV[3], 0)  -- placement finds workers by this count
+  local counts = redis.call('hmget', KEYS[3], ARGV[3], ARGV[3] .. ':routed')
+  local seen = (counts[1] or '0') .. ' ' .. (counts[2] or '0')
+  if ARGV[7] ~= '1' then
+    redis.call('hdel', KEYS[3], ARGV[3] .. ':idle')
+  elseif redis.call('hget', KEYS[3], ARGV[3] .. ':idle') == seen then
+    redis.call('hset', KEYS[3], ARGV[3], 0, ARGV[3] .. ':routed', 0)
+  else
+    redis.call('hset', KEYS[3], ARGV[3] .. ':idle', seen)
+  end
 end
 return 0
 """
@@ -81,10 +92,13 @@ async def beat(
     redis: Redis, heartbeat: Heartbeat, ttl_s: float, *, load: bool = False, idle: bool = False
 ) -> None:
     """Refreshes the worker's heartbeat; with `load`, also its slots in `WORKER_LOAD`, and when
-    `idle` (it runs no job and is claiming none), resets its counts there to 0: the jobs it runs
-    and the queued ones it was chosen for. The job store's scripts keep them between beats;
-    resetting them while a job starts or ends could lose its step, so drift (a step lost to an
-    error, or a job a worker of an earlier version took or stopped) is corrected when it is idle."""
+    `idle` (it runs no job and is claiming none) at two beats in a row with the same counts there
+    (the jobs it runs and the queued ones it was chosen for), resets them to 0. The job store's
+    scripts keep them between beats; what they count while the worker is idle for a whole beat is
+    drift (a push lost with a connection, a step lost to an error, a job a worker of an earlier
+    version took or stopped). A job placed after the worker found itself idle, and before the beat
+    ran, is no drift: the counts changed (a reset on one idle beat wiped such jobs, and the worker
+    was then counted a free slot it did not have: a re-check probe saw it run 3 jobs on 2 slots)."""
     keys = [worker_key(heartbeat.id), WORKERS_INDEX, WORKER_LOAD]
     args: list[str | int | float] = [heartbeat.model_dump_json(), int(ttl_s * 1000), heartbeat.id]
     args += [heartbeat.beat, heartbeat.beat - _INDEX_RETENTION_S, heartbeat.slots if load else "", int(idle)]
@@ -96,7 +110,7 @@ async def retire(redis: Redis, worker_id: str) -> None:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.delete(worker_key(worker_id))
         pipe.zrem(WORKERS_INDEX, worker_id)
-        pipe.hdel(WORKER_LOAD, worker_id, f"{worker_id}:slots", f"{worker_id}:routed")
+        pipe.hdel(WORKER_LOAD, *(worker_id + field for field in LOAD_FIELDS))
         await pipe.execute()
 
 

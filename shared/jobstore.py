@@ -159,7 +159,7 @@ local function free_worker(job_id)
     if not string.find(worker, ':', 1, true) then
       local jobs = running + (load[worker .. ':routed'] or 0)
       if redis.call('exists', WORKER .. worker) == 0 then
-        redis.call('hdel', WORKER_LOAD, worker, worker .. ':slots', worker .. ':routed')
+        redis.call('hdel', WORKER_LOAD, worker, worker .. ':slots', worker .. ':routed', worker .. ':idle')
       elseif jobs < (load[worker .. ':slots'] or 0) then
         if not least or jobs < least then
           least, ties = jobs, {{worker}}
@@ -186,6 +186,11 @@ local function place(worker, record, job_id, attempt, push)
   redis.call('hset', record, 'routed', worker)
   return true
 end
+-- Where an attempt queued at `ms` goes in the line: after those queued before it, in the same
+-- millisecond too (a tie would order them by id).
+local function line_score(ms)
+  return ms + (redis.call('incr', WAITING .. ':seq') % 1000) / 1000
+end
 -- The oldest attempt in the line (`WAITING`) still waiting for a worker, and when it was queued;
 -- entries for attempts since taken, withdrawn or ended are dropped on the way.
 local function first_waiting()
@@ -200,18 +205,19 @@ local function first_waiting()
     redis.call('zrem', WAITING, head[1])
   end
 end
--- Wakes a worker for a queued attempt (queued at `score`): the job store places jobs. With a
+-- Wakes a worker for a queued attempt (queued at `score`; `retried`: its job's first attempt was,
+-- ahead of the jobs queued in that millisecond after it): the job store places jobs. With a
 -- free slot and nobody waiting, the least loaded live worker gets it (`place`). Otherwise it joins
 -- the line, which freed slots serve oldest first (`serve_line`), and every worker is told of the
 -- line's first attempt, so a slot this store does not know of (a worker version before it) takes
 -- that one, never one behind it.
-local function wake(record, job_id, attempt, score, push)
+local function wake(record, job_id, attempt, score, push, retried)
   local id = job_id .. '.' .. attempt
   if not first_waiting() then
     local chosen = free_worker(job_id)
     if chosen and place(chosen, record, job_id, attempt, push) then return end
   end
-  redis.call('zadd', WAITING, score, id)
+  redis.call('zadd', WAITING, retried and score or line_score(score), id)
   redis.call('publish', WAKEUP_CHANNEL, (first_waiting()))
 end
 -- A slot of `worker` has just freed: the line's first attempt, if any, goes to it.
@@ -219,7 +225,9 @@ local function serve_line(worker)
   local head, score = first_waiting()
   if not head then return end
   local job_id, attempt = string.match(head, '^([^.]+)%.(%d+)$')
-  local push = PUSH_LEASE_MS > 0 and {{score = score, lease = PUSH_LEASE_MS, ttl = TTL_S, limit = PUSH_LIMIT}}
+  local queued = math.floor(tonumber(score))  -- its place in line, less the tie-break
+  local push = PUSH_LEASE_MS > 0
+    and {{score = queued, lease = PUSH_LEASE_MS, ttl = TTL_S, limit = PUSH_LIMIT}}
   if place(worker, job_record(job_id), job_id, attempt, push) then redis.call('zrem', WAITING, head) end
 end
 -- Takes an attempt that ran off arq's queue (arq's `finish_job`) and off its worker's load.
@@ -266,8 +274,9 @@ end
 # created leaves its slot when the slot's lease runs out).
 # A job offered to the worker holding its session's workspace wakes every worker: the others
 # leave it to that one until the offer runs out (see the claim), then any takes it. Only while a
-# slot is free and nobody waits: else it joins the line as any job does (a re-check probe saw
-# session turns offered this way wait behind hundreds of later jobs until their queue timeout).
+# slot is free and nobody waits: else it joins the line as any job does. Offered, it is the line's
+# first meanwhile, so a later job cannot take the free slot and leave it behind (re-check probes
+# saw session turns wait behind hundreds of later jobs until their queue timeout).
 _CREATE = """
 local existing = #KEYS == 4 and redis.call('get', KEYS[4])
 if existing then return existing end
@@ -296,6 +305,7 @@ redis.call('zadd', KEYS[2], ARGV[7], ARGV[10] .. '.1')
 if ARGV[18] ~= '0' then redis.call('zadd', QUEUE_DEADLINES, ARGV[7] + ARGV[18], ARGV[10]) end
 if ARGV[16] ~= '' and not first_waiting() and free_worker(ARGV[10]) then
   redis.call('hset', KEYS[1], 'prefer', ARGV[16], 'prefer_until', ARGV[17])
+  redis.call('zadd', WAITING, line_score(ARGV[7]), ARGV[10] .. '.1')  -- first in line meanwhile
   redis.call('publish', WAKEUP_CHANNEL, ARGV[10] .. '.1')
 else
   local push = PUSH_LEASE_MS > 0 and {score = ARGV[7], lease = PUSH_LEASE_MS, ttl = TTL_S, limit = PUSH_LIMIT}
@@ -395,20 +405,20 @@ if rec[3] then return 'cancel' end
 return 'ok'
 """
 
-# KEYS: record, queue   ARGV: job id, attempt, worker id
+# KEYS: record, queue   ARGV: job id, attempt, worker id, 'pushed' or 'routed'
 # Undoes `place` for an attempt pushed to this worker (the claim made for it) or routed to it and
-# not claimed: it goes back to its place in the line, with its queue deadline, and every worker is
-# told of the line's first attempt.
+# not claimed (by this worker or any): it goes back to its place in the line, with its queue
+# deadline, and every worker is told of the line's first attempt.
 _DECLINE = """
 local rec = redis.call('hmget', KEYS[1], 'attempt', 'ended', 'worker', 'routed')
 if rec[1] ~= ARGV[2] or rec[2] then return 0 end
 local id = ARGV[1] .. '.' .. ARGV[2]
-if rec[3] == ARGV[3] then
+if ARGV[4] == 'pushed' and rec[3] == ARGV[3] then
   redis.call('del', ARQ_IN_PROGRESS .. id)
   redis.call('hdel', KEYS[1], 'worker')
   redis.call('zrem', RUNNING, ARGV[1])
   redis.call('hincrby', WORKER_LOAD, ARGV[3], -1)
-elseif not rec[3] and rec[4] == ARGV[3] then
+elseif ARGV[4] == 'routed' and not rec[3] and rec[4] == ARGV[3] then
   unroute(ARGV[3])
   redis.call('hdel', KEYS[1], 'routed')
 else
@@ -477,7 +487,7 @@ if redis.call('xlen', KEYS[2]) == 0 and attempt < tonumber(ARGV[3]) then
   redis.call('zadd', KEYS[4], queued, new)
   local waits = tonumber(redis.call('hget', KEYS[1], 'queue_timeout') or 0)
   if waits > 0 then redis.call('zadd', QUEUE_DEADLINES, ARGV[2] + waits, ARGV[1]) end
-  wake(KEYS[1], ARGV[1], attempt + 1, queued, nil)
+  wake(KEYS[1], ARGV[1], attempt + 1, queued, nil, true)
   renew_slot(ARGV[1], KEYS[1])
   return 'retried'
 end
@@ -803,11 +813,14 @@ class JobStore:
             return job_id, int(number), None
         return job_id, int(number), Claimed(int(score), job, cancel_requested=False)
 
-    async def decline(self, job_id: str, attempt: int, worker_id: str) -> bool:
-        """Gives back an attempt pushed or routed to this worker, for any worker; False if it is
-        no longer this worker's (claimed by another, retried, or ended meanwhile)."""
+    async def decline(
+        self, job_id: str, attempt: int, worker_id: str, how: Literal["pushed", "routed"] = "pushed"
+    ) -> bool:
+        """Gives back an attempt pushed to this worker, or routed to it and not claimed, for any
+        worker; False if it is not (claimed, retried, or ended meanwhile: a routed attempt this
+        worker claimed is its own to run)."""
         keys = [record_key(job_id), self.queue_name]
-        return bool(await self._decline(keys=keys, args=[job_id, attempt, worker_id]))
+        return bool(await self._decline(keys=keys, args=[job_id, attempt, worker_id, how]))
 
     async def finish_attempt(self, attempt: str, worker_id: str) -> None:
         """Takes an attempt that ran off arq's queue (arq's `finish_job`) and off its worker's

@@ -16,8 +16,8 @@ import pytest
 from redis.asyncio import Redis
 
 from cli.embedded_redis import EmbeddedRedis
-from shared import stats
-from shared.heartbeats import worker_key
+from shared import heartbeats, stats
+from shared.heartbeats import Heartbeat, worker_key
 from shared.jobs import (
     CompletionJob,
     Done,
@@ -601,7 +601,8 @@ async def test_a_job_routed_to_a_worker_that_stops_goes_back_to_its_place(
     large = await _queued(pushing, "x" * PUSH_LIMIT_BYTES)
     assert await _routed(redis, large) == "stopping"
     behind = await _queued(pushing, "behind")
-    assert await pushing.decline(large, 1, "stopping")
+    assert not await pushing.decline(large, 1, "stopping")  # not pushed there
+    assert await pushing.decline(large, 1, "stopping", "routed")
     assert await _routed(redis, large) is None
     assert await _load(redis, "stopping") == 0
     line = [m.decode() for m in await redis.zrange("gateway:waiting", 0, -1)]
@@ -613,3 +614,43 @@ async def test_a_job_routed_to_a_worker_that_stops_goes_back_to_its_place(
     await _workers(redis, slots=2, other=0)
     assert isinstance(await _claim(pushing, large, "other"), Claimed)
     assert not await redis.hexists(WORKER_LOAD, "gone:routed")
+    # Claimed, it is the claimant's to run: a routed wake-up it handles late gives nothing back.
+    await redis.hset(f"gateway:job:{large}", "routed", "other")
+    assert not await pushing.decline(large, 1, "other", "routed")
+    assert await redis.hget(f"gateway:job:{large}", "worker") == b"other"
+
+
+async def test_an_idle_workers_counts_are_reset_only_when_unchanged_for_a_beat(redis: Redis) -> None:
+    """Found by a re-check probe: a worker that found itself idle reset its counts on its next beat,
+    wiping a job placed on it meanwhile; the store then counted a slot it did not have, and a
+    worker of 2 slots ran 3 jobs. Counts unchanged over a whole idle beat are drift, and reset."""
+    beat = Heartbeat(id="w", host="h", pid=1, started=0, beat=0, slots=2, jobs=[])
+    await redis.hset(WORKER_LOAD, "w", 1)  # drift: a push lost with a connection
+    await heartbeats.beat(redis, beat, ttl_s=10, load=True, idle=True)
+    assert await redis.hget(WORKER_LOAD, "w") == b"1"  # not yet
+    await heartbeats.beat(redis, beat, ttl_s=10, load=True, idle=True)
+    assert await redis.hget(WORKER_LOAD, "w") == b"0"  # the same over a beat: reset
+    await heartbeats.beat(redis, beat, ttl_s=10, load=True, idle=True)
+    await redis.hincrby(WORKER_LOAD, "w", 1)  # a job pushed after the worker found itself idle
+    await heartbeats.beat(redis, beat, ttl_s=10, load=True, idle=True)
+    assert await redis.hget(WORKER_LOAD, "w") == b"1"  # kept
+    await heartbeats.beat(redis, beat, ttl_s=10, load=True, idle=False)
+    assert not await redis.hexists(WORKER_LOAD, "w:idle")
+
+
+async def test_a_sessions_turn_offered_to_its_worker_is_first_in_line_meanwhile(
+    redis: Redis, listening: Callable[..., Awaitable[None]]
+) -> None:
+    """Found by a re-check probe: a turn offered to the worker holding its workspace while another
+    slot was free lost that slot to a later job during the offer, then waited behind the line."""
+    store = JobStore(redis, queue_name="test:queue", ttl_s=60, affinity_s=5, push_lease_s=10)
+    await _workers(redis, slots=1, holder=1, other=0)
+    await listening("holder", "other")
+    session = SessionRef(owner="0" * 32, id="s", history_len=0, transcript_id="t", holder="holder")
+    turn = CompletionJob(request_id="r", model="m", turns=[Turn(role="user", text="turn")], session=session)
+    assert await store.create(turn, owner="test") is None
+    assert await redis.hget(f"gateway:job:{turn.id}", "prefer") == b"holder"
+    later = await _queued(store, "later")
+    assert await redis.hget(f"gateway:job:{later}", "worker") is None  # not given the free slot
+    line = [m.decode() for m in await redis.zrange("gateway:waiting", 0, -1)]
+    assert line == [f"{turn.id}.1", f"{later}.1"]

@@ -70,6 +70,7 @@ class GatewayWorker(Worker):
         self._turned_away = False  # a job was left queued for want of a slot since the last poll
         self._background_tasks: set[asyncio.Task[None]] = set()
         self._slot_turn = asyncio.Lock()  # when all slots are busy, queued jobs get them in order
+        self._slot_freed = asyncio.Event()
         self._claiming = 0  # claims in flight
         # Attempts other workers run: arq keeps them in its queue until they end, and each poll
         # would claim them in vain (a slot and a round trip each, every `fallback_s`).
@@ -247,7 +248,7 @@ class GatewayWorker(Worker):
             elif chosen:
                 job_id, _, attempt = attempt_id.decode().partition(".")
                 running: RunningJobs = self.ctx["running"]
-                await running.store.decline(job_id, int(attempt), running.worker_id)
+                await running.store.decline(job_id, int(attempt), running.worker_id, "routed")
         except RedisError as exc:
             log.warning("cannot reach Redis to start a job (%s); the poll will", type(exc).__name__)
 
@@ -264,6 +265,12 @@ class GatewayWorker(Worker):
                 return
             async with self._slot_turn:
                 await self.sem.acquire()
+                # arq's semaphore has a permit beyond the slots (for its poll): a job pushed for a
+                # slot the store counted free (the one an ending job frees) waits for it, so no
+                # count gone astray makes this worker run more jobs than it has slots.
+                while self.job_counter >= self.max_jobs:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
             running.claimed[job_id] = claimed
             self._start(f"{job_id}.{attempt}")
         except RedisError as exc:  # its lease runs out instead: recovered within LEASE_S
@@ -274,6 +281,7 @@ class GatewayWorker(Worker):
     def _attempt_done(self, attempt_id: str, task: "asyncio.Task[None]") -> None:
         self.job_counter -= 1
         self.sem.release()
+        self._slot_freed.set()
         if task.cancelled():  # by the shutdown, before it began (it handles every later outcome)
             del self.tasks[attempt_id]  # so arq never reads its result
             job_id, _, attempt = attempt_id.partition(".")
@@ -286,8 +294,12 @@ class GatewayWorker(Worker):
         self.heartbeat.poke()
 
     async def _hand_back(self, job_id: str, attempt: int) -> None:
+        """An attempt stopped before it began goes back to the queue, and off this worker's load
+        (its end never ran: the slot stayed counted taken, and claims were refused as full)."""
+        running: RunningJobs = self.ctx["running"]
         try:
-            await self.ctx["running"].hand_back(job_id, attempt)
+            await running.hand_back(job_id, attempt)
+            await running.store.finish_attempt(f"{job_id}.{attempt}", running.worker_id)
         except RedisError as exc:  # its lease runs out instead: recovered within LEASE_S
             log.warning("could not hand back job %s (%s)", job_id, type(exc).__name__)
 
