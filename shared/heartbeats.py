@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
 from shared.backend_auth import BackendAuth
-from shared.keys import PREFIX, WORKER_LOAD
+from shared.keys import LOAD_FIELDS, PREFIX, WORKER_LOAD
 
 WORKERS_INDEX = f"{PREFIX}:workers"
 _WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -23,8 +23,6 @@ _WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _INDEX_RETENTION_S = 3600.0
 
 
-LOAD_FIELDS = ("", ":slots", ":routed", ":idle")
-"""A worker's fields in `WORKER_LOAD`, after its id."""
 # KEYS: the worker's key, WORKERS_INDEX, WORKER_LOAD
 # ARGV: heartbeat, ttl ms, worker id, beat, index cut-off, slots ('' to leave the load), idle (1/0)
 # A beat writes while Redis is full (`maxmemory`, noeviction: a few bytes over the last one): else

@@ -42,6 +42,7 @@ from redis.exceptions import ResponseError
 from shared import stats
 from shared.jobs import CompletionJob, Failed, FailureCode, JobStatus, encode_event
 from shared.keys import (
+    LOAD_FIELDS,
     PREFIX,
     QUEUE_DEADLINES,
     RUNNING,
@@ -77,6 +78,7 @@ local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
 local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{channels.wakeup}', '{channels.cancel}'
 local WORKER, WORKER_LOAD, RUNNING, WAITING = '{PREFIX}:worker:', '{WORKER_LOAD}', '{RUNNING}', '{WAITING}'
 local QUEUE_DEADLINES = '{QUEUE_DEADLINES}'
+local LOAD_FIELDS = {{{", ".join(repr(field) for field in LOAD_FIELDS)}}}
 local PUSH_LIMIT = {PUSH_LIMIT_BYTES}
 -- Redis's clock, in ms: leases are timed by it, not by the callers' (a command held up in an
 -- outage arrives with a time long past).
@@ -159,7 +161,7 @@ local function free_worker(job_id)
     if not string.find(worker, ':', 1, true) then
       local jobs = running + (load[worker .. ':routed'] or 0)
       if redis.call('exists', WORKER .. worker) == 0 then
-        redis.call('hdel', WORKER_LOAD, worker, worker .. ':slots', worker .. ':routed', worker .. ':idle')
+        for _, field in ipairs(LOAD_FIELDS) do redis.call('hdel', WORKER_LOAD, worker .. field) end
       elseif jobs < (load[worker .. ':slots'] or 0) then
         if not least or jobs < least then
           least, ties = jobs, {{worker}}

@@ -14,9 +14,12 @@ from redis.asyncio import Redis
 
 PREFIX = "gateway"
 WORKER_LOAD = f"{PREFIX}:workers:load"
-"""Hash: worker id -> jobs it runs (kept by the claim and the end of each attempt, reset by each
-heartbeat), `<worker id>:routed` -> queued jobs it was chosen to run, and `<worker id>:slots` -> its
-job slots; the job store places jobs by it (shared/jobstore.py)."""
+"""Hash: worker id -> jobs it runs (kept by the claim and the end of each attempt, reset by a
+heartbeat when it is drift), `<worker id>:routed` -> queued jobs it was chosen to run,
+`<worker id>:slots` -> its job slots, `<worker id>:idle` -> the counts its last idle heartbeat saw;
+the job store places jobs by it (shared/jobstore.py)."""
+LOAD_FIELDS = ("", ":slots", ":routed", ":idle")
+"""A worker's fields in `WORKER_LOAD`, after its id."""
 WAITING = f"{PREFIX}:waiting"
 """Sorted set: queued attempt id -> when it was queued (ms), for attempts that found no free slot
 and those queued behind them: the line a freed slot serves first, oldest first (shared/jobstore.py)."""

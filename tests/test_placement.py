@@ -545,13 +545,12 @@ async def test_a_claim_never_takes_a_slot_the_store_counted_for_a_push(
     went by its own path). A claim that would fill a worker's slots past their count is refused."""
     await _workers(redis, slots=1, only=0)
     await listening("only")
-    pushed = await _queued(pushing, "pushed")  # counted in the worker's one slot
+    await _queued(pushing, "pushed")  # counted in the worker's one slot
     assert await _load(redis, "only") == 1
     queued = await _queued(pushing, "queued")  # in the line
     assert await _claim(pushing, queued, "only") == "full"
     assert await redis.hget(f"gateway:job:{queued}", "worker") is None
     assert await redis.zscore("gateway:waiting", f"{queued}.1") is not None
-    del pushed
 
 
 async def test_a_sessions_turn_joins_the_line_when_anyone_waits(

@@ -21,7 +21,17 @@ from redis.exceptions import RedisError
 
 from shared import logs, sessions
 from shared.events import EventWriter, Superseded, streamed_text
-from shared.jobs import Activity, CompletionJob, Delta, Done, Failed, FailureCode, Retraction, ToolStep
+from shared.jobs import (
+    Activity,
+    CompletionJob,
+    Delta,
+    Done,
+    Failed,
+    FailureCode,
+    Reasoning,
+    Retraction,
+    ToolStep,
+)
 from shared.jobstore import AttemptEnd
 from shared.settings import Settings
 from worker.backends import Backend, BackendError, Progress, UsageReport
@@ -182,11 +192,11 @@ async def _run(
 
 def _chars(event: Delta | Activity | Retraction | Done) -> int:
     """What an event adds to the job's stored output (a reply's calls included)."""
+    if isinstance(event, Delta | Reasoning):  # nearly every event: first
+        return len(event.text)
     if isinstance(event, Done):
         return sum(len(call.name) + len(call.arguments) for call in event.tool_calls)
-    if isinstance(event, ToolStep):
-        return len(event.name) + len(event.argument)
-    return 0 if isinstance(event, Retraction) else len(event.text)
+    return len(event.name) + len(event.argument) if isinstance(event, ToolStep) else 0
 
 
 async def _commit_turn(
