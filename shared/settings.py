@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     job_max_output_chars: int = Field(
         default=8_000_000,
         ge=1,
-        description="Most characters of output (text, thinking, tool steps) one job may write.",
+        description="Most characters of output (text, thinking, tool steps, function calls) one job writes.",
     )
     turn_transcript_max_chars: int = Field(
         default=32_000_000,
