@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import ANONYMOUS, Gateway
-from api.errors import OpenAIError, storage_full
+from api.errors import NO_RETRY, OpenAIError, storage_full
 from api.metrics import count_rate_limit_rejection
 from shared import apikeys, quotas, tool_config
 from shared.jobstore import JobSlot, NoJobSlot
@@ -54,11 +54,14 @@ _ACCESS_UNAVAILABLE = OpenAIError(
 )
 
 
+# Until an operator creates a key (or opens the gateway): retrying only repeats it (an outside
+# probe saw the SDKs retry it, each try counted against the address's failed authentications).
 _KEY_STORE_GONE = OpenAIError(
     503,
-    "The gateway cannot check API keys right now: its key store is empty; retry later.",
+    "The gateway's key store is empty: its operator must create a key (claude-gateway keys create).",
     type="server_error",
     code="access_control_unavailable",
+    headers=NO_RETRY,
 )
 _FOREIGN_HOST = OpenAIError(
     403,
@@ -383,6 +386,12 @@ def _addressed_to_loopback(headers: list[tuple[bytes, bytes]]) -> bool:
     return apikeys.is_loopback(name)
 
 
+def holder(request: Request) -> str:
+    """Whose limits a request's jobs count against: its key's, or its address's without one."""
+    key_id = getattr(request.state, "key_id", ANONYMOUS)
+    return f"addr:{request.state.client_address}" if key_id == ANONYMOUS else str(key_id)
+
+
 def job_slot(gateway: Gateway, request: Request) -> JobSlot | None:
     """One of the caller's `MAX_CONCURRENT_JOBS_PER_KEY` slots, for the job about to be queued
     (the create script takes it: `JobStore.create`); None when jobs are not capped.
@@ -392,12 +401,31 @@ def job_slot(gateway: Gateway, request: Request) -> JobSlot | None:
     settings = gateway.settings
     if settings.max_concurrent_jobs_per_key == 0:
         return None
-    key_id = getattr(request.state, "key_id", ANONYMOUS)
-    holder = f"addr:{request.state.client_address}" if key_id == ANONYMOUS else key_id
     # Covers the longest wait in the queue; once a worker runs the job it renews the slot.
     queued_s = max(settings.queue_timeout_s, settings.background_queue_timeout_s)
     lease_s = queued_s + settings.job_timeout_s + _JOB_LEASE_GRACE_S
-    return JobSlot(holder=holder, cap=settings.max_concurrent_jobs_per_key, lease_ms=int(lease_s * 1000))
+    cap = settings.max_concurrent_jobs_per_key
+    return JobSlot(holder=holder(request), cap=cap, lease_ms=int(lease_s * 1000))
+
+
+def stored_limit(gateway: Gateway, request: Request) -> quotas.StoredLimit | None:
+    """The ledger of what the caller's ended jobs keep in Redis, and its `MAX_STORED_BYTES_PER_KEY`;
+    None when unlimited. Without it one key filled Redis for everyone (an outside probe: 25
+    Responses requests of 4 MB each, kept for an hour, in 10 s)."""
+    limit = gateway.settings.max_stored_bytes_per_key
+    return quotas.StoredLimit(quotas.stored_key(holder(request)), limit) if limit else None
+
+
+def storage_limited(refused: quotas.StorageLimit) -> RateLimited:
+    count_rate_limit_rejection("stored_bytes")
+    megabytes = refused.limit / 1024 / 1024
+    return RateLimited(
+        f"This key keeps {megabytes:g} MiB of finished requests in the gateway (stored responses and "
+        "jobs' output, until they expire), its limit: delete responses it no longer needs or retry later.",
+        code="storage_limit_exceeded",
+        retry_after_ms=refused.retry_after_ms,
+        headers={},
+    )
 
 
 def no_job_slot(refused: NoJobSlot) -> RateLimited:

@@ -68,7 +68,7 @@ def count_activity(kind: str) -> None:
 
 def count_rate_limit_rejection(limit: str) -> None:
     """Called once per request refused for a limit (`api/access.py`): a rate category's name,
-    "failed_authentications" or "concurrent_jobs" (a small, fixed set)."""
+    "failed_authentications", "concurrent_jobs" or "stored_bytes" (a small, fixed set)."""
     _RATE_LIMITED.labels(limit=limit).inc()
 
 

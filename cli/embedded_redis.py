@@ -45,10 +45,17 @@ class EmbeddedRedis:
     With `password`, clients must authenticate: the password goes into a 0600 config file in the
     data folder (never on the command line, which every local user can read) and into `url`.
     `restart()` starts it again on the same port and data, so its clients reconnect to what they had.
+    With `maxmemory`, it refuses writes once that full (`noeviction`: nothing is dropped).
     """
 
     def __init__(
-        self, data_dir: Path, *, persistent: bool = True, databases: int = 16, password: str | None = None
+        self,
+        data_dir: Path,
+        *,
+        persistent: bool = True,
+        databases: int = 16,
+        password: str | None = None,
+        maxmemory: str | None = None,
     ) -> None:
         self.data_dir = data_dir.resolve()
         self.databases = databases
@@ -56,6 +63,7 @@ class EmbeddedRedis:
         self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
         self._persistent = persistent
         self._password = password
+        self._maxmemory = maxmemory
         self.process: subprocess.Popen[bytes] | None = None
 
     def _config(self) -> Path:
@@ -72,6 +80,8 @@ class EmbeddedRedis:
         ]
         if self._password:
             lines.append(f"requirepass {self._password}")
+        if self._maxmemory:
+            lines += [f"maxmemory {self._maxmemory}", "maxmemory-policy noeviction"]
         config = self.data_dir / "redis.conf"
         config.unlink(missing_ok=True)
         fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -143,7 +143,8 @@ def run_up(settings: Settings) -> None:
     children: list[Child] = []
     if redis_url is None:
         data_dir = _state_folder(settings.state_dir / "redis")
-        embedded = EmbeddedRedis(data_dir, password=_private_redis_password(data_dir))
+        password = _private_redis_password(data_dir)
+        embedded = EmbeddedRedis(data_dir, password=password, maxmemory=settings.redis_maxmemory)
         embedded.start()
         redis_url = embedded.url
         logging.info("started a private Redis on 127.0.0.1:%d (data in %s)", embedded.port, data_dir)

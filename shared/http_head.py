@@ -4,7 +4,8 @@ httptools keeps a request's line, headers and trailers whole, however long they 
 connection sending header lines without end held a gigabyte of an API process (with no key) or
 of a worker's credential proxy (from inside a job's sandbox), and trailers after a chunked body
 did the same once its answer (a 401) was sent. Past `MAX_HEAD_BYTES` of head or of trailers the
-request is answered 431, past `max_message_bytes` in all 413, and its connection is closed.
+request is answered 431, past `max_message_bytes` in all 413, and its connection is closed; one
+that is not HTTP, 400. Each answer is an error in OpenAI's shape.
 """
 
 import asyncio
@@ -32,6 +33,7 @@ _HEAD_TOO_LARGE = _answer(
     b"The request's line and headers, or its trailers, are over %d bytes." % MAX_HEAD_BYTES,
 )
 _TOO_LARGE = _answer(b"413 Content Too Large", b"request_too_large", b"The request is over its size limit.")
+_NOT_HTTP = _answer(b"400 Bad Request", b"invalid_http", b"The request is not valid HTTP/1.1.")
 
 
 class BoundedHead(HttpToolsProtocol):
@@ -104,6 +106,11 @@ class BoundedHead(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if not self._refused:
             super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """What httptools cannot parse (a control character in a header, two Content-Lengths)
+        is answered in OpenAI's shape too: uvicorn's own answer is plain text."""
+        self._refuse(_NOT_HTTP)
 
     def _admits(self, head_bytes: int) -> bool:
         """Whether the request, with `head_bytes` of head (or trailers) so far, is still taken."""

@@ -59,7 +59,7 @@ from shared.keys import (
     session_lock_key,
 )
 from shared.queue import RUN_COMPLETION, serialize
-from shared.quotas import slots_key
+from shared.quotas import STORED_FUNCTIONS, StorageLimit, StoredLimit, slots_key
 
 log = logging.getLogger("gateway.jobs")
 
@@ -86,6 +86,7 @@ local function server_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+{STORED_FUNCTIONS}
 -- The job's record (`record_key`).
 local function job_record(job_id)
   return '{PREFIX}:job:' .. job_id
@@ -232,6 +233,12 @@ local function serve_line(worker)
     and {{score = queued, lease = PUSH_LEASE_MS, ttl = TTL_S, limit = PUSH_LIMIT}}
   if place(worker, job_record(job_id), job_id, attempt, push) then redis.call('zrem', WAITING, head) end
 end
+-- Counts an ended job's events in the ledger of what its holder keeps (shared/quotas.py).
+local function charge_events(ledger, stream, job_id, ttl)
+  if not ledger or ledger == '' then return end
+  local now, bytes = server_ms(), redis.call('memory', 'usage', stream, 'SAMPLES', '0') or 0
+  stored_charge(ledger, job_id, bytes, now + ttl * 1000, now)
+end
 -- Takes an attempt that ran off arq's queue (arq's `finish_job`) and off its worker's load.
 -- The slot it frees serves the line.
 local function finish_attempt(queue, attempt, worker)
@@ -260,6 +267,7 @@ local function finish(record, stream, job_id, event, outcome, ttl)
   redis.call('expire', record, ttl)
   redis.call('zrem', KEYS[3], job_id)
   release_holds(job_id)
+  charge_events(redis.call('hget', record, 'ledger'), stream, job_id, ttl)
   add_ended(record, job_id, event, outcome, FAILURES_KEPT)
 end
 """
@@ -269,8 +277,9 @@ end
 # ARGV: owner, model, request_id, created, payload, arq entry, score, arq ttl ms, ttl, job id,
 #       idempotency value, session lock key, job slots key or '', slot cap, slot lease ms,
 #       the worker offered the job first or '' (workspace affinity), until when (ms), how long it
-#       may wait for a worker (ms; 0: as long as it takes), the ids of the request's other choices,
-#       whose slots are taken with this job's (n > 1)
+#       may wait for a worker (ms; 0: as long as it takes), the ledger of what the caller keeps
+#       or '', its limit (bytes), the ids of the request's other choices, whose slots are taken
+#       with this job's (n > 1)
 # The job's slot (shared/quotas.py) is taken here, so a job holds one exactly when it exists; a
 # request's first choice takes the others' too, so the request gets all or none (a choice never
 # created leaves its slot when the slot's lease runs out).
@@ -284,17 +293,19 @@ local existing = #KEYS == 4 and redis.call('get', KEYS[4])
 if existing then return existing end
 local now = ARGV[13] ~= '' and server_ms()
 local taken = now and redis.call('zcount', ARGV[13], '(' .. now, '+inf')
-if now and not redis.call('zscore', ARGV[13], ARGV[10]) and taken + #ARGV - 18 >= tonumber(ARGV[14]) then
+if now and not redis.call('zscore', ARGV[13], ARGV[10]) and taken + #ARGV - 20 >= tonumber(ARGV[14]) then
   return redis.error_reply('NO_SLOT every job slot of the caller is taken')
 end
+local wait = ARGV[19] ~= '' and stored_wait(ARGV[19], server_ms(), 0, tonumber(ARGV[20]))
+if wait then return redis.error_reply('STORAGE_LIMIT ' .. wait) end
 -- The first write is one a full Redis refuses (`maxmemory`, `noeviction`): after any other, it
 -- would let the rest of the script through and queue a job whose output has no room.
 redis.call('hset', KEYS[1], 'owner', ARGV[1], 'model', ARGV[2], 'request_id', ARGV[3],
-  'created', ARGV[4], 'payload', ARGV[5], 'attempt', '1', 'queue_timeout', ARGV[18])
+  'created', ARGV[4], 'payload', ARGV[5], 'attempt', '1', 'queue_timeout', ARGV[18], 'ledger', ARGV[19])
 if now then
   redis.call('zremrangebyscore', ARGV[13], '-inf', now)
   redis.call('zadd', ARGV[13], now + ARGV[15], ARGV[10])
-  for i = 19, #ARGV do redis.call('zadd', ARGV[13], now + ARGV[15], ARGV[i]) end
+  for i = 21, #ARGV do redis.call('zadd', ARGV[13], now + ARGV[15], ARGV[i]) end
   redis.call('pexpire', ARGV[13], ARGV[15])
   redis.call('set', slot_record(ARGV[10]), ARGV[13], 'PX', ARGV[15])
   redis.call('hset', KEYS[1], 'slot_lease', ARGV[15])
@@ -369,7 +380,7 @@ local last = 0
 if tail[1] then last = tonumber(string.match(tail[1][1], '%d+$')) end
 local seq = tonumber(ARGV[2])
 if seq + #ARGV - 8 <= last then return 0 end
-local rec = redis.call('hmget', KEYS[2], 'attempt', 'ended')
+local rec = redis.call('hmget', KEYS[2], 'attempt', 'ended', 'ledger')
 if rec[1] ~= ARGV[1] or rec[2] then return redis.error_reply('SUPERSEDED the job moved on') end
 if seq > last + 1 then return redis.error_reply('GAP events are missing before ' .. seq) end
 for i = 8, #ARGV do
@@ -382,6 +393,7 @@ if ARGV[4] ~= '' then
   redis.call('expire', KEYS[2], ARGV[3])
   redis.call('zrem', KEYS[3], ARGV[5])
   release_holds(ARGV[5])
+  charge_events(rec[3], KEYS[1], ARGV[5], ARGV[3])
   if ARGV[6] ~= '' then
     finish_attempt(KEYS[4], ARGV[5] .. '.' .. ARGV[1], ARGV[6])
     if ARGV[7] ~= '' and not pcall(add_outcome, ARGV[7]) then return 'unrecorded' end
@@ -525,12 +537,17 @@ local named = redis.call('get', KEYS[1])
 if named and string.sub(named, 1, #ARGV[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
 return 0
 """
-_DELETE = """
+_DELETE = (
+    STORED_FUNCTIONS
+    + """
+local rec = redis.call('hmget', KEYS[1], 'ended', 'ledger')
 if redis.call('exists', KEYS[1]) == 0 then return 'missing' end
-if not redis.call('hget', KEYS[1], 'ended') then return 'running' end
+if not rec[1] then return 'running' end
 redis.call('del', KEYS[1], KEYS[2], KEYS[3])
+if rec[2] and rec[2] ~= '' then stored_release(rec[2], ARGV[1]) end
 return 'deleted'
 """
+)
 
 
 @dataclass(frozen=True)
@@ -654,6 +671,7 @@ class JobStore:
         slot: JobSlot | None = None,
         choices: Sequence[str] = (),
         queue_timeout_s: float | None = None,
+        stored: StoredLimit | None = None,
     ) -> tuple[str, str] | None:
         """Queues a new job and wakes the worker chosen to run it, in one round trip.
 
@@ -661,7 +679,8 @@ class JobStore:
         `(job id, fingerprint)` instead and queues nothing. If no worker has started it within
         `queue_timeout_s`, the workers withdraw it (`withdraw_due`). With `slot`, it takes one of its
         holder's slots, and one for each of its request's other `choices` (created next), or
-        raises `NoJobSlot` and queues nothing.
+        raises `NoJobSlot` and queues nothing. With `stored`, its events count in that ledger once
+        it ends, and it is refused (`StorageLimit`) while the ledger is at its limit.
         """
         now = _ms()
         entry = serialize_job(RUN_COMPLETION, (job.id, 1), {}, None, now, serializer=serialize)
@@ -676,12 +695,17 @@ class JobStore:
         args += ["", 0, 0] if slot is None else [slots_key(slot.holder), slot.cap, slot.lease_ms]
         holder = job.session.holder if job.session is not None and self.affinity_ms else None
         waits = 0 if queue_timeout_s is None else int(queue_timeout_s * 1000)
-        args += [holder or "", now + self.affinity_ms, waits, *choices]
+        args += [holder or "", now + self.affinity_ms, waits]
+        args += ["", 0] if stored is None else [stored.ledger, stored.limit]
+        args += choices
         try:
             existing = await self._create(keys=keys, args=args)
         except ResponseError as exc:
-            if str(exc).startswith("NO_SLOT"):
+            refusal, _, wait_ms = str(exc).partition(" ")
+            if refusal == "NO_SLOT":
                 raise NoJobSlot(slot.cap if slot is not None else 0) from None
+            if refusal == "STORAGE_LIMIT" and stored is not None:
+                raise StorageLimit(stored.limit, int(wait_ms)) from None
             raise
         if existing is None:
             return None
@@ -746,7 +770,7 @@ class JobStore:
         """Removes an ended job: its record, its events and what a front end kept beside it (the
         Responses API's request). A job not ended yet keeps them (its worker writes on)."""
         keys = [record_key(job_id), events_key(job_id), response_key(job_id)]
-        result: bytes = await self._delete(keys=keys)
+        result: bytes = await self._delete(keys=keys, args=[job_id])
         return result.decode()  # type: ignore[return-value]
 
     async def idempotent_job(self, owner: str, key: str) -> tuple[str, str] | None:

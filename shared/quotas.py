@@ -26,11 +26,11 @@ from shared.keys import PREFIX
 
 WINDOW_MS = 60_000
 
-_CLOCK = """
+_NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local window = tonumber(ARGV[1])
 """
+_CLOCK = _NOW + "local window = tonumber(ARGV[1])\n"
 
 # Counts one request (member ARGV[2]) against every bucket in `buckets` (key -> cap) if all have room.
 _HIT_FUNCTION = """
@@ -147,6 +147,115 @@ def rate_key(subject: str, endpoint_class: str) -> str:
 
 def slots_key(holder: str) -> str:
     return f"{PREFIX}:jobslots:{holder}"
+
+
+def stored_key(holder: str) -> str:
+    """The ledger of what a holder's jobs keep in Redis once their requests are answered (a stored
+    Responses request, an ended job's events, kept for `EVENT_TTL_S`): a sorted set of job ids,
+    each scored by when the last of what it keeps expires (epoch ms), beside a hash of each job's
+    bytes and their `total` (`<ledger>:bytes`)."""
+    return f"{PREFIX}:stored:{holder}"
+
+
+# The ledger's steps (`stored_key`), for the scripts that keep, end or delete what a job stores.
+# Expired entries leave it as it is next charged or checked; the ledger expires with its last one.
+STORED_FUNCTIONS = """
+local function stored_purge(ledger, now)
+  local gone = redis.call('zrangebyscore', ledger, '-inf', now, 'LIMIT', 0, 1000)
+  if #gone == 0 then return end
+  local freed = 0
+  for _, size in ipairs(redis.call('hmget', ledger .. ':bytes', unpack(gone))) do
+    freed = freed + (tonumber(size) or 0)
+  end
+  redis.call('zrem', ledger, unpack(gone))
+  redis.call('hdel', ledger .. ':bytes', unpack(gone))
+  redis.call('hincrby', ledger .. ':bytes', 'total', -freed)
+end
+-- Adds `bytes` to the job's entry, kept until `expires` (ms) at least.
+local function stored_charge(ledger, job_id, bytes, expires, now)
+  stored_purge(ledger, now)
+  redis.call('zadd', ledger, 'GT', expires, job_id)
+  redis.call('hincrby', ledger .. ':bytes', job_id, bytes)
+  redis.call('hincrby', ledger .. ':bytes', 'total', bytes)
+  local lives = tonumber(redis.call('zrange', ledger, -1, -1, 'WITHSCORES')[2]) - now
+  redis.call('pexpire', ledger, lives)
+  redis.call('pexpire', ledger .. ':bytes', lives)
+end
+local function stored_release(ledger, job_id)
+  local size = redis.call('hget', ledger .. ':bytes', job_id)
+  if not size then return end
+  redis.call('zrem', ledger, job_id)
+  redis.call('hdel', ledger .. ':bytes', job_id)
+  redis.call('hincrby', ledger .. ':bytes', 'total', -tonumber(size))
+end
+-- How long until `adding` more bytes fit within `limit` (ms, at least 1; the first entry's
+-- expiry is the earliest anything leaves), or false if they fit now.
+local function stored_wait(ledger, now, adding, limit)
+  stored_purge(ledger, now)
+  local total = tonumber(redis.call('hget', ledger .. ':bytes', 'total')) or 0
+  if total + adding <= limit and (adding > 0 or total < limit) then return false end
+  local first = redis.call('zrange', ledger, 0, 0, 'WITHSCORES')[2]
+  return math.max(1, (tonumber(first) or now) - now)
+end
+"""
+
+
+@dataclass(frozen=True)
+class StoredLimit:
+    """The ledger a job's stored bytes count in (`stored_key`) and its holder's limit."""
+
+    ledger: str
+    limit: int
+
+
+class StorageLimit(Exception):
+    """The holder keeps its limit of bytes in Redis already."""
+
+    def __init__(self, limit: int, retry_after_ms: int) -> None:
+        super().__init__(f"at most {limit} bytes kept")
+        self.limit = limit
+        self.retry_after_ms = retry_after_ms
+
+
+# KEYS: the value's key, the ledger   ARGV: value, ttl s, job id, limit
+# Returns the ms until it would fit, or false when it was kept (and counted for the job).
+_KEEP = (
+    _NOW
+    + STORED_FUNCTIONS
+    + """
+local wait = stored_wait(KEYS[2], now, #ARGV[1], tonumber(ARGV[4]))
+if wait then return wait end
+redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
+stored_charge(KEYS[2], ARGV[3], #ARGV[1], now + ARGV[2] * 1000, now)
+return false
+"""
+)
+_KEEP_SCRIPT = _Script(_KEEP)
+
+# KEYS: the value's key, the ledger   ARGV: job id
+_DISCARD = STORED_FUNCTIONS + "redis.call('del', KEYS[1])\nstored_release(KEYS[2], ARGV[1])"
+_DISCARD_SCRIPT = _Script(_DISCARD)
+
+
+async def keep(
+    redis: Redis, key: str, value: str, ttl_s: int, *, job_id: str, stored: StoredLimit | None
+) -> None:
+    """Sets `key` to `value` for `ttl_s`, counted as `job_id`'s in the holder's ledger; raises
+    `StorageLimit` (and sets nothing) if it does not fit within the holder's limit."""
+    if stored is None:
+        await redis.set(key, value, ex=ttl_s)
+        return
+    wait = await _KEEP_SCRIPT(redis, [key, stored.ledger], [value, ttl_s, job_id, stored.limit])
+    if wait is not None:
+        raise StorageLimit(stored.limit, int(wait))
+
+
+async def discard(redis: Redis, key: str, *, job_id: str, stored: StoredLimit | None) -> None:
+    """Deletes what `keep` kept, and its count."""
+    if stored is None:
+        await redis.delete(key)
+    else:
+        await _DISCARD_SCRIPT(redis, [key, stored.ledger], [job_id])
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     )
     queue_name: str = "gateway:queue"
     state_dir: Path = Path(".state")
+    redis_maxmemory: str = Field(
+        default="1gb",
+        pattern=r"^(?i:\d+(k|kb|m|mb|g|gb)?)$",
+        description="The memory limit of the private Redis `up` starts (and of docker-compose.yml's); "
+        "full, it refuses writes (503 storage_full). 0: none.",
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -251,6 +257,12 @@ class Settings(BaseSettings):
         default=30, ge=1, description="Failed authentications per client address."
     )
     max_concurrent_jobs_per_key: int = Field(default=8, ge=0, description="0: no cap.")
+    max_stored_bytes_per_key: int = Field(
+        default=128 * 1024 * 1024,
+        ge=0,
+        description="What a key's ended jobs keep in Redis (stored Responses requests, events) for "
+        "EVENT_TTL_S; at it, new jobs get 429 storage_limit_exceeded. 0: no limit.",
+    )
     max_messages: int = Field(default=1000, ge=1)
     max_prompt_chars: int = Field(default=1_000_000, ge=1, description="All message text of one request.")
     max_image_bytes: int = Field(

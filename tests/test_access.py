@@ -615,3 +615,47 @@ def test_one_key_cannot_see_or_cancel_another_keys_jobs(start_gateway: Any) -> N
         assert time.monotonic() < deadline, own
         time.sleep(0.1)
     assert own["choices"][0]["message"]["content"] == "mine"  # key B's cancel did nothing
+
+
+def test_what_a_key_keeps_in_redis_is_bounded_per_key(start_gateway: Any) -> None:
+    """Found by an outside probe: one key's Responses requests (4 MB each, kept for an hour) filled
+    Redis for every key. What a key's jobs keep once answered (stored requests, events) counts
+    against MAX_STORED_BYTES_PER_KEY: at it, that key's new jobs get a 429, on every front end,
+    and no other key's do; deleting what it keeps frees the room."""
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="scripted",
+        API_KEYS="key-a-for-the-storage-test,key-b-for-the-storage-test",
+        MAX_STORED_BYTES_PER_KEY="300000",
+    )
+    a, b = bearer("key-a-for-the-storage-test"), bearer("key-b-for-the-storage-test")
+    responses, chats = f"{gateway.url}/v1/responses", f"{gateway.url}/v1/chat/completions"
+    big = {"model": "claude-sonnet-4-5", "input": "x" * 200_000}
+    stored = httpx.post(responses, json=big, headers=a, timeout=60)
+    assert stored.status_code == 200, stored.text
+    refused = httpx.post(responses, json=big, headers=a, timeout=60)  # 400 KB would not fit
+    assert_error(refused, 429, "storage_limit_exceeded")
+    assert 1 <= int(refused.headers["retry-after"]) <= 4260  # the stored request expires by then
+    assert httpx.post(responses, json=big, headers=b, timeout=60).status_code == 200
+    # The key's jobs' output counts once they end: 260 KB of it puts the key at its limit.
+    long_reply = httpx.post(
+        chats, json=chat(script(text="abcdefghijklm ", tokens=20_000)), headers=a, timeout=60
+    )
+    assert long_reply.status_code == 200, long_reply.text
+    assert_error(httpx.post(chats, json=chat("Hi"), headers=a, timeout=60), 429, "storage_limit_exceeded")
+    message = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    anthropic = httpx.post(f"{gateway.url}/v1/messages", json=message, headers=a, timeout=60)
+    assert anthropic.status_code == 429
+    assert anthropic.json()["error"]["type"] == "rate_limit_error"
+    assert httpx.post(chats, json=chat("Hi"), headers=b, timeout=60).status_code == 200
+    # Nothing of a refused request stays: its stored request and job never were.
+    redis = gateway.redis()
+    assert len(redis.keys("gateway:response:*")) == 2
+    # Deleting what the key keeps gives it room again.
+    assert httpx.delete(f"{responses}/{stored.json()['id']}", headers=a).status_code == 200
+    assert httpx.delete(f"{chats}/{long_reply.json()['id']}", headers=a).status_code == 200
+    assert httpx.post(chats, json=chat("Hi"), headers=a, timeout=60).status_code == 200

@@ -59,7 +59,10 @@ def test_a_gateway_protected_by_managed_keys_stays_protected_when_they_are_gone(
     finally:
         restarted.stop()
     for _ in range(2):
-        assert_error(httpx.get(models, headers=bearer(secret)), 503, "access_control_unavailable")
+        gone = httpx.get(models, headers=bearer(secret))
+        assert_error(gone, 503, "access_control_unavailable")
+        # Until an operator acts: the SDKs must not retry it (an outside probe saw them do so).
+        assert gone.headers["x-should-retry"] == "false"
         assert_error(httpx.get(models, headers=bearer("sk-anything")), 503, "access_control_unavailable")
         assert_error(httpx.get(models), 401, "invalid_api_key")
         assert httpx.get(f"{gateway.url}/status").status_code in (401, 503)
@@ -226,6 +229,26 @@ def test_a_head_that_comes_in_one_read_is_bounded_too(scripted: Gateway) -> None
                     answer += chunk
         assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
         assert answer.count(b"HTTP/1.1") == 1, answer  # the request itself never ran
+
+
+def test_a_request_that_is_not_http_gets_an_error_in_openais_shape(scripted: Gateway) -> None:
+    """Found by an outside probe: what httptools cannot parse got uvicorn's plain-text 400."""
+    host, _, port = scripted.url.removeprefix("http://").partition(":")
+    for head in (
+        b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\nx-request-id: a\x7fb\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\nbad header: x\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 2\r\n"
+        b"content-length: 3\r\n\r\n{}",
+    ):
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(head)
+            answer = b""
+            with contextlib.suppress(OSError):
+                while chunk := connection.recv(65536):
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert b"content-type: application/json" in answer.partition(b"\r\n\r\n")[0]
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "invalid_http"
 
 
 def test_trailers_and_a_whole_request_are_bounded_too(keyed: Gateway) -> None:

@@ -1,5 +1,8 @@
 """The quota scripts against a Redis of their own (the access checks built on them: test_access.py)."""
 
+import asyncio
+
+import pytest
 from redis.asyncio import Redis
 
 from shared import quotas
@@ -63,3 +66,21 @@ async def test_a_managed_key_is_counted_in_its_own_bucket_in_the_same_round_trip
     assert throttled is not None
     assert (throttled.throttled, throttled.record) == (True, None)
     assert await redis.zcard(quotas.rate_key("key-1", "chat")) == 2
+
+
+async def test_kept_values_count_against_their_holders_limit_until_they_leave(redis: Redis) -> None:
+    limit = quotas.StoredLimit(quotas.stored_key("key-1"), 100)
+    await quotas.keep(redis, "kept:1", "a" * 40, 60, job_id="job-1", stored=limit)
+    await quotas.keep(redis, "kept:2", "b" * 40, 1, job_id="job-2", stored=limit)
+    with pytest.raises(quotas.StorageLimit) as refused:
+        await quotas.keep(redis, "kept:3", "c" * 40, 60, job_id="job-3", stored=limit)
+    assert 0 < refused.value.retry_after_ms <= 1000  # when the first to leave (job-2) expires
+    assert not await redis.exists("kept:3")
+    other = quotas.StoredLimit(quotas.stored_key("key-2"), 100)  # another holder has its own room
+    await quotas.keep(redis, "kept:4", "d" * 90, 60, job_id="job-4", stored=other)
+    await quotas.discard(redis, "kept:1", job_id="job-1", stored=limit)  # deleted: its room is free
+    assert not await redis.exists("kept:1")
+    await quotas.keep(redis, "kept:3", "c" * 40, 60, job_id="job-3", stored=limit)
+    await asyncio.sleep(1.1)  # job-2's value expired: so does its count
+    await quotas.keep(redis, "kept:5", "e" * 55, 60, job_id="job-5", stored=limit)
+    assert int(await redis.hget(quotas.stored_key("key-1") + ":bytes", "total")) == 95

@@ -151,6 +151,10 @@ def test_each_child_holds_only_what_it_needs_and_redis_requires_a_password(up: U
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(port=port).ping()
     assert password not in Path(f"/proc/{up.pids('redis')[0]}/cmdline").read_text()
+    # Bounded, as compose's (an outside probe filled an unbounded one from one key): full, it
+    # refuses writes rather than growing until the machine runs out of memory.
+    config = redis.Redis(port=port, password=password).config_get("maxmemory*")
+    assert (config["maxmemory"], config["maxmemory-policy"]) == (str(1024**3), "noeviction")
 
     def environ(pid: int) -> str:
         return Path(f"/proc/{pid}/environ").read_text()

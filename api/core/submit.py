@@ -18,7 +18,7 @@ from typing import Protocol
 from fastapi import Request
 from pydantic import BaseModel
 
-from api.access import STORED_GLOBAL_TOOLS, job_slot, no_job_slot
+from api.access import STORED_GLOBAL_TOOLS, job_slot, no_job_slot, storage_limited, stored_limit
 from api.core.functions import function_calling
 from api.core.limits import check_prompt_limits
 from api.core.policy import agent_request
@@ -31,6 +31,7 @@ from api.errors import OpenAIError
 from shared import sessions, tool_config
 from shared.jobs import CompletionJob, new_job_id
 from shared.jobstore import NoJobSlot
+from shared.quotas import StorageLimit
 from shared.settings import Settings
 from shared.tool_config import ToolConfig
 
@@ -198,9 +199,10 @@ async def _queue(
     choices: list[str] | None = None,
 ) -> JobRef:
     """Queues the job, owned by the caller's key, in one of its job slots, and the request's other
-    `choices`' slots with it (429 if not all are free), to be withdrawn if no worker starts it within
-    its queue timeout (`background`: the longer one, as no request waits on it); with an
-    `Idempotency-Key` seen before, returns that key's job instead and queues nothing."""
+    `choices`' slots with it (429 if not all are free, or if the key keeps its limit of ended jobs'
+    bytes), to be withdrawn if no worker starts it within its queue timeout (`background`: the
+    longer one, as no request waits on it); with an `Idempotency-Key` seen before, returns that
+    key's job instead and queues nothing."""
     settings = gateway.settings
     queue_timeout_s = settings.background_queue_timeout_s if background else settings.queue_timeout_s
     slot = job_slot(gateway, http)
@@ -214,9 +216,12 @@ async def _queue(
                 slot=slot,
                 choices=choices or (),
                 queue_timeout_s=queue_timeout_s,
+                stored=stored_limit(gateway, http),
             )
         except NoJobSlot as refused:
             raise no_job_slot(refused) from None
+        except StorageLimit as refused:
+            raise storage_limited(refused) from None
         if existing is None:
             return job
         assert idempotency is not None

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
+from api.access import storage_limited
 from api.core.conversation import ChatMessage
 from api.core.run import JobRef, activity_text
 from api.core.structured import ResponseFormat
@@ -38,6 +39,7 @@ from api.responses.protocol import (
     SummaryText,
     split_name,
 )
+from shared import quotas
 from shared.events import JobEventValue, events_so_far
 from shared.jobs import (
     Activity,
@@ -51,6 +53,7 @@ from shared.jobs import (
     Usage,
 )
 from shared.keys import response_key
+from shared.quotas import StorageLimit, StoredLimit
 from shared.settings import Settings
 
 
@@ -90,10 +93,18 @@ def message_id(job: JobRef) -> str:
     return MESSAGE_ID_PREFIX + job.id
 
 
-async def save(redis: Redis, settings: Settings, job_id: str, stored: StoredResponse) -> None:
+async def save(
+    redis: Redis, settings: Settings, job_id: str, stored: StoredResponse, limit: StoredLimit | None = None
+) -> None:
+    """Keeps the response's request, counted in the caller's ledger (`limit`; 429 if it is full)."""
     # Outlives the job's record, whose expiry starts when the job ends.
     ttl = settings.event_ttl_s + int(settings.queue_timeout_s + settings.job_timeout_s)
-    await redis.set(response_key(job_id), stored.model_dump_json(), ex=ttl)
+    try:
+        await quotas.keep(
+            redis, response_key(job_id), stored.model_dump_json(), ttl, job_id=job_id, stored=limit
+        )
+    except StorageLimit as refused:
+        raise storage_limited(refused) from None
 
 
 async def load(redis: Redis, job_id: str) -> StoredResponse | None:
@@ -101,24 +112,26 @@ async def load(redis: Redis, job_id: str) -> StoredResponse | None:
     return None if raw is None else StoredResponse.model_validate_json(raw)
 
 
-async def forget(redis: Redis, job_id: str) -> None:
-    await redis.delete(response_key(job_id))
+async def forget(redis: Redis, job_id: str, limit: StoredLimit | None = None) -> None:
+    await quotas.discard(redis, response_key(job_id), job_id=job_id, stored=limit)
 
 
 class Keeper:
     """Keeps a response's `StoredResponse` beside its job (a `Companion` of `api/core/submit.py`)."""
 
-    def __init__(self, redis: Redis, settings: Settings, stored: StoredResponse) -> None:
-        self._redis, self._settings, self._stored = redis, settings, stored
+    def __init__(
+        self, redis: Redis, settings: Settings, stored: StoredResponse, limit: StoredLimit | None
+    ) -> None:
+        self._redis, self._settings, self._stored, self._limit = redis, settings, stored, limit
 
     async def save(self, job: CompletionJob) -> None:
         stored = self._stored
         if job.session is not None:  # the session as this job found it: a continuation needs it still
             stored = stored.model_copy(update={"session_transcript": job.session.transcript_id})
-        await save(self._redis, self._settings, job.id, stored)
+        await save(self._redis, self._settings, job.id, stored, self._limit)
 
     async def forget(self, job_id: str) -> None:
-        await forget(self._redis, job_id)
+        await forget(self._redis, job_id, self._limit)
 
 
 def usage_body(usage: Usage) -> ResponseUsage:

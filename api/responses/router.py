@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
+from api.access import stored_limit
 from api.core.conversation import ChatMessage
 from api.core.run import Run, cancel_job, delete_job, reply_of
 from api.core.sessions import requested_session_id
@@ -53,7 +54,7 @@ async def create_response(
         earlier = await _continued(gateway, caller, body.previous_response_id, session_id)
     core = core_request(body, earlier)
     stored = stored_request(body, core, gateway.settings, session_id)
-    keeper = stored_responses.Keeper(gateway.redis, gateway.settings, stored)
+    keeper = stored_responses.Keeper(gateway.redis, gateway.settings, stored, stored_limit(gateway, request))
     run = await submit(core, request, gateway, caller, idempotency=idempotency, companion=keeper)
     if body.background and not body.stream:
         return JSONResponse(response_body(run.job, stored, JobStatus.QUEUED, "", None).wire())
