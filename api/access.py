@@ -416,9 +416,17 @@ def stored_limit(gateway: Gateway, request: Request) -> quotas.StoredLimit | Non
     return quotas.StoredLimit(quotas.stored_key(holder(request)), limit) if limit else None
 
 
-def storage_limited(refused: quotas.StorageLimit) -> RateLimited:
+def storage_limited(refused: quotas.StorageLimit) -> OpenAIError:
     count_rate_limit_rejection("stored_bytes")
     megabytes = refused.limit / 1024 / 1024
+    if refused.retry_after_ms is None:
+        return OpenAIError(
+            413,
+            f"The request, with the conversation it continues, is over the {megabytes:g} MiB a key "
+            "may keep stored in the gateway.",
+            type="invalid_request_error",
+            code="request_too_large",
+        )
     return RateLimited(
         f"This key keeps {megabytes:g} MiB of finished requests in the gateway (stored responses and "
         "jobs' output, until they expire), its limit: delete responses it no longer needs or retry later.",

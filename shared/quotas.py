@@ -209,20 +209,23 @@ class StoredLimit:
 
 
 class StorageLimit(Exception):
-    """The holder keeps its limit of bytes in Redis already."""
+    """The holder keeps its limit of bytes in Redis already; `retry_after_ms` None: what was to be
+    kept is over the whole limit, and never fits."""
 
-    def __init__(self, limit: int, retry_after_ms: int) -> None:
+    def __init__(self, limit: int, retry_after_ms: int | None) -> None:
         super().__init__(f"at most {limit} bytes kept")
         self.limit = limit
         self.retry_after_ms = retry_after_ms
 
 
 # KEYS: the value's key, the ledger   ARGV: value, ttl s, job id, limit
-# Returns the ms until it would fit, or false when it was kept (and counted for the job).
+# Returns the ms until it would fit (-1: never, it is over the limit), or false when it was kept
+# (and counted for the job).
 _KEEP = (
     _NOW
     + STORED_FUNCTIONS
     + """
+if #ARGV[1] > tonumber(ARGV[4]) then return -1 end
 local wait = stored_wait(KEYS[2], now, #ARGV[1], tonumber(ARGV[4]))
 if wait then return wait end
 redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
@@ -247,7 +250,7 @@ async def keep(
         return
     wait = await _KEEP_SCRIPT(redis, [key, stored.ledger], [value, ttl_s, job_id, stored.limit])
     if wait is not None:
-        raise StorageLimit(stored.limit, int(wait))
+        raise StorageLimit(stored.limit, None if wait == -1 else int(wait))
 
 
 async def discard(redis: Redis, key: str, *, job_id: str, stored: StoredLimit | None) -> None:

@@ -84,3 +84,6 @@ async def test_kept_values_count_against_their_holders_limit_until_they_leave(re
     await asyncio.sleep(1.1)  # job-2's value expired: so does its count
     await quotas.keep(redis, "kept:5", "e" * 55, 60, job_id="job-5", stored=limit)
     assert int(await redis.hget(quotas.stored_key("key-1") + ":bytes", "total")) == 95
+    with pytest.raises(quotas.StorageLimit) as never:  # over the whole limit: no wait would do
+        await quotas.keep(redis, "kept:6", "f" * 101, 60, job_id="job-6", stored=other)
+    assert never.value.retry_after_ms is None
