@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     state_dir: Path = Path(".state")
     redis_maxmemory: str = Field(
         default="1gb",
-        pattern=r"^(?i:\d+(k|kb|m|mb|g|gb)?)$",
+        pattern=r"^(?i:\d+(b|k|kb|m|mb|g|gb)?)$",  # as Redis reads it
         description="The memory limit of the private Redis `up` starts (and of docker-compose.yml's); "
         "full, it refuses writes (503 storage_full). 0: none.",
     )
