@@ -109,10 +109,23 @@ def without_workspace(request: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "Same question?"}],
+        # One prompt once merged: the warm client was sent the last message only (an outside probe:
+        # a document, then a question about it, lost the document).
+        [
+            {"role": "system", "content": "Be exact, twice."},
+            {"role": "user", "content": "Document: the code is 4417."},
+            {"role": "user", "content": "What is the code?"},
+        ],
+    ],
+    ids=["one message", "two user messages in a row"],
+)
 def test_a_warm_job_sends_upstream_exactly_what_a_cold_one_does(
-    warm: Gateway, upstream: FakeAnthropic
+    warm: Gateway, upstream: FakeAnthropic, messages: list[dict[str, str]]
 ) -> None:
-    messages = [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "Same question?"}]
 
     def complete() -> dict[str, Any]:
         response = httpx.post(f"{warm.url}/v1/chat/completions", json=chat("", messages=messages), timeout=90)

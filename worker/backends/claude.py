@@ -423,11 +423,13 @@ class ClaudeBackend:
     async def _run_warm(self, job: CompletionJob, warm: WarmClient) -> AsyncGenerator[BackendEvent, None]:
         """The job on a warm client, which goes back to the pool if the job ran no tool and ended
         on its result (`worker/warm.py`); else it is discarded, and a replacement ordered."""
-        turn, last = str(uuid.uuid4()), job.turns[-1]
+        # Its turns are one once merged (`warm.profile`): several user messages in a row are one
+        # prompt (only the last was sent, and the others silently lost: an outside probe).
+        turn, (prompt,) = str(uuid.uuid4()), merged(job.turns)
         clean = reusable(job)  # so far: no tool ran
         kept = False  # and the turn ended on its result: the client may go back
         try:
-            await warm.client.query(streamed_message(content_blocks(last), turn))
+            await warm.client.query(streamed_message(content_blocks(prompt), turn))
             # Stopped at the caller's call, the CLI is killed where it is: the SDK's disconnect
             # cancels the call's pending answer, and the CLI went on from there.
             async for event in _relay(job, warm.client.receive_response(), None, warm.discard):
