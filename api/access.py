@@ -416,6 +416,12 @@ def stored_limit(gateway: Gateway, request: Request) -> quotas.StoredLimit | Non
     return quotas.StoredLimit(quotas.stored_key(holder(request)), limit) if limit else None
 
 
+def stored_ledger(gateway: Gateway, request: Request) -> str | None:
+    """The ledger the caller's sessions count in (`stored_limit`'s), if any."""
+    stored = stored_limit(gateway, request)
+    return None if stored is None else stored.ledger
+
+
 def storage_limited(refused: quotas.StorageLimit) -> OpenAIError:
     count_rate_limit_rejection("stored_bytes")
     megabytes = refused.limit / 1024 / 1024
@@ -428,8 +434,8 @@ def storage_limited(refused: quotas.StorageLimit) -> OpenAIError:
             code="request_too_large",
         )
     return RateLimited(
-        f"This key keeps {megabytes:g} MiB of finished requests in the gateway (stored responses and "
-        "jobs' output, until they expire), its limit: delete responses it no longer needs or retry later.",
+        f"This key keeps {megabytes:g} MiB in the gateway (stored responses, finished jobs' output, "
+        "sessions), its limit, until they expire: delete what it no longer needs or retry later.",
         code="storage_limit_exceeded",
         retry_after_ms=refused.retry_after_ms,
         headers={},

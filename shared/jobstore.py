@@ -77,7 +77,7 @@ local ARQ_JOB, ARQ_IN_PROGRESS = '{job_key_prefix}', '{in_progress_key_prefix}'
 local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
 local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{channels.wakeup}', '{channels.cancel}'
 local WORKER, WORKER_LOAD, RUNNING, WAITING = '{PREFIX}:worker:', '{WORKER_LOAD}', '{RUNNING}', '{WAITING}'
-local QUEUE_DEADLINES = '{QUEUE_DEADLINES}'
+local QUEUE_DEADLINES, RESPONSE = '{QUEUE_DEADLINES}', '{PREFIX}:response:'  -- `response_key`
 local LOAD_FIELDS = {{{", ".join(repr(field) for field in LOAD_FIELDS)}}}
 local PUSH_LIMIT = {PUSH_LIMIT_BYTES}
 -- Redis's clock, in ms: leases are timed by it, not by the callers' (a command held up in an
@@ -233,11 +233,14 @@ local function serve_line(worker)
     and {{score = queued, lease = PUSH_LEASE_MS, ttl = TTL_S, limit = PUSH_LIMIT}}
   if place(worker, job_record(job_id), job_id, attempt, push) then redis.call('zrem', WAITING, head) end
 end
--- Counts an ended job's events in the ledger of what its holder keeps (shared/quotas.py).
+-- Counts an ended job's events in the ledger of what its holder keeps (shared/quotas.py): they,
+-- its record and its stored Responses request, if any, expire `ttl` from now (the request's own
+-- expiry let it outlive the record, by which it is read and deleted, by up to 11 minutes).
 local function charge_events(ledger, stream, job_id, ttl)
+  redis.call('expire', RESPONSE .. job_id, ttl)
   if not ledger or ledger == '' then return end
   local now, bytes = server_ms(), redis.call('memory', 'usage', stream, 'SAMPLES', '0') or 0
-  stored_charge(ledger, job_id, bytes, now + ttl * 1000, now)
+  stored_count(ledger, job_id, bytes, now + ttl * 1000, now, false)
 end
 -- Takes an attempt that ran off arq's queue (arq's `finish_job`) and off its worker's load.
 -- The slot it frees serves the line.

@@ -150,15 +150,21 @@ def slots_key(holder: str) -> str:
 
 
 def stored_key(holder: str) -> str:
-    """The ledger of what a holder's jobs keep in Redis once their requests are answered (a stored
-    Responses request, an ended job's events, kept for `EVENT_TTL_S`): a sorted set of job ids,
-    each scored by when the last of what it keeps expires (epoch ms), beside a hash of each job's
-    bytes and their `total` (`<ledger>:bytes`)."""
+    """The ledger of what a holder keeps in Redis beyond its running jobs: each answered job's
+    stored Responses request and events (kept for `EVENT_TTL_S`), each session's history and
+    Claude Code transcript (`SESSION_TTL_S` once idle). A sorted set of entries (a job's id,
+    `session:<id>`), each scored by when what it counts expires (epoch ms), beside a hash of each
+    entry's bytes and their `total` (`<ledger>:bytes`)."""
     return f"{PREFIX}:stored:{holder}"
 
 
-# The ledger's steps (`stored_key`), for the scripts that keep, end or delete what a job stores.
-# Expired entries leave it as it is next charged or checked; the ledger expires with its last one.
+def session_entry(session_id: str) -> str:
+    """A session's entry in its holder's ledger."""
+    return f"session:{session_id}"
+
+
+# The ledger's steps (`stored_key`), for the scripts that keep, end or delete what is stored.
+# Expired entries leave it as it is next counted or checked; the ledger expires with its last one.
 STORED_FUNCTIONS = """
 local function stored_purge(ledger, now)
   local gone = redis.call('zrangebyscore', ledger, '-inf', now, 'LIMIT', 0, 1000)
@@ -169,24 +175,27 @@ local function stored_purge(ledger, now)
   end
   redis.call('zrem', ledger, unpack(gone))
   redis.call('hdel', ledger .. ':bytes', unpack(gone))
-  redis.call('hincrby', ledger .. ':bytes', 'total', -freed)
+  redis.call('hincrby', ledger .. ':bytes', 'total', 0 - freed)  -- not -0: HINCRBY refuses it
 end
--- Adds `bytes` to the job's entry, kept until `expires` (ms) at least.
-local function stored_charge(ledger, job_id, bytes, expires, now)
+-- Counts `bytes` more for the entry (`measured`: its bytes are all it keeps now, measured whole),
+-- which expires at `expires` (ms): all it counts does then.
+local function stored_count(ledger, entry, bytes, expires, now, measured)
   stored_purge(ledger, now)
-  redis.call('zadd', ledger, 'GT', expires, job_id)
-  redis.call('hincrby', ledger .. ':bytes', job_id, bytes)
-  redis.call('hincrby', ledger .. ':bytes', 'total', bytes)
+  local counts = ledger .. ':bytes'
+  if measured then bytes = bytes - (tonumber(redis.call('hget', counts, entry)) or 0) end
+  redis.call('zadd', ledger, expires, entry)
+  redis.call('hincrby', counts, entry, bytes)
+  redis.call('hincrby', counts, 'total', bytes)
   local lives = tonumber(redis.call('zrange', ledger, -1, -1, 'WITHSCORES')[2]) - now
   redis.call('pexpire', ledger, lives)
-  redis.call('pexpire', ledger .. ':bytes', lives)
+  redis.call('pexpire', counts, lives)
 end
-local function stored_release(ledger, job_id)
-  local size = redis.call('hget', ledger .. ':bytes', job_id)
+local function stored_release(ledger, entry)
+  local size = redis.call('hget', ledger .. ':bytes', entry)
   if not size then return end
-  redis.call('zrem', ledger, job_id)
-  redis.call('hdel', ledger .. ':bytes', job_id)
-  redis.call('hincrby', ledger .. ':bytes', 'total', -tonumber(size))
+  redis.call('zrem', ledger, entry)
+  redis.call('hdel', ledger .. ':bytes', entry)
+  redis.call('hincrby', ledger .. ':bytes', 'total', 0 - tonumber(size))
 end
 -- How long until `adding` more bytes fit within `limit` (ms, at least 1; the first entry's
 -- expiry is the earliest anything leaves), or false if they fit now.
@@ -229,14 +238,20 @@ if #ARGV[1] > tonumber(ARGV[4]) then return -1 end
 local wait = stored_wait(KEYS[2], now, #ARGV[1], tonumber(ARGV[4]))
 if wait then return wait end
 redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
-stored_charge(KEYS[2], ARGV[3], #ARGV[1], now + ARGV[2] * 1000, now)
+stored_count(KEYS[2], ARGV[3], #ARGV[1], now + ARGV[2] * 1000, now, false)
 return false
 """
 )
 _KEEP_SCRIPT = _Script(_KEEP)
 
-# KEYS: the value's key, the ledger   ARGV: job id
-_DISCARD = STORED_FUNCTIONS + "redis.call('del', KEYS[1])\nstored_release(KEYS[2], ARGV[1])"
+# KEYS: the ledger, keys to delete   ARGV: the entry
+_DISCARD = (
+    STORED_FUNCTIONS
+    + """
+if #KEYS > 1 then redis.call('del', unpack(KEYS, 2)) end
+stored_release(KEYS[1], ARGV[1])
+"""
+)
 _DISCARD_SCRIPT = _Script(_DISCARD)
 
 
@@ -253,12 +268,12 @@ async def keep(
         raise StorageLimit(stored.limit, None if wait == -1 else int(wait))
 
 
-async def discard(redis: Redis, key: str, *, job_id: str, stored: StoredLimit | None) -> None:
-    """Deletes what `keep` kept, and its count."""
-    if stored is None:
-        await redis.delete(key)
+async def discard(redis: Redis, *keys: str, entry: str, ledger: str | None) -> None:
+    """Deletes `keys` and the ledger's `entry`, which counted them (what `keep` kept: its job's)."""
+    if ledger is None:
+        await redis.delete(*keys)
     else:
-        await _DISCARD_SCRIPT(redis, [key, stored.ledger], [job_id])
+        await _DISCARD_SCRIPT(redis, [ledger, *keys], [entry])
 
 
 @dataclass(frozen=True)

@@ -19,20 +19,50 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from shared import quotas
 from shared.jobs import CompletionJob, SessionRef, Turn
-from shared.keys import session_history_key, session_key, session_lock_key, sessions_index_key
-from shared.transcripts import delete_transcript, keep_transcript
+from shared.keys import (
+    record_key,
+    session_history_key,
+    session_key,
+    session_lock_key,
+    sessions_index_key,
+    transcript_key,
+)
+from shared.quotas import STORED_FUNCTIONS
+from shared.transcripts import TRANSCRIPT_KEYS, delete_transcript, keep_transcript
 from shared.workspaces import Manifest, check_key_limit
 
-# KEYS: lock, record, history, index. ARGV: job id, expected history length, now (ms), ttl (s),
-# transcript id, session id, workspace version ('': unchanged), worker holding it, the version's
-# bytes, then the turns to append as JSON. The workspace version advances with the turns, in this
-# one step.
-_COMMIT = """
+# Counts what a session keeps in Redis, its history and its Claude Code transcript, as they are
+# now, as its `entry` in the ledger of what its key keeps (shared/quotas.py), until `expires` (ms).
+# Uncounted, one key's sessions of 3 MB turns filled Redis for every key (an outside probe).
+_COUNT_SESSION = (
+    STORED_FUNCTIONS
+    + TRANSCRIPT_KEYS
+    + """
+local function count_session(ledger, entry, history, transcript, now, expires)
+  if not ledger or ledger == "" then return end
+  local keys = transcript_keys(transcript)
+  table.insert(keys, history)
+  local bytes = 0
+  for _, key in ipairs(keys) do bytes = bytes + (redis.call("MEMORY", "USAGE", key, "SAMPLES", "0") or 0) end
+  stored_count(ledger, entry, bytes, expires, now, true)
+end
+"""
+)
+
+# KEYS: lock, record, history, index, the job's record, the transcript's base key.
+# ARGV: job id, expected history length, now (ms), ttl (s), transcript id, session id, workspace
+# version ('': unchanged), worker holding it, the version's bytes, the session's ledger entry,
+# then the turns to append as JSON. The workspace version advances with the turns, in this one
+# step; the session is counted in the ledger its job's key has (the job's record names it).
+_COMMIT = (
+    _COUNT_SESSION
+    + """
 if redis.call("GET", KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call("DEL", KEYS[1])
 if redis.call("LLEN", KEYS[3]) ~= tonumber(ARGV[2]) then return -1 end
-for i = 10, #ARGV do redis.call("RPUSH", KEYS[3], ARGV[i]) end
+for i = 11, #ARGV do redis.call("RPUSH", KEYS[3], ARGV[i]) end
 redis.call("HSETNX", KEYS[2], "created", ARGV[3])
 redis.call("HSET", KEYS[2], "last_used", ARGV[3], "turns", redis.call("LLEN", KEYS[3]), "transcript", ARGV[5])
 if ARGV[7] ~= "" then redis.call("HSET", KEYS[2], "workspace", ARGV[7], "workspace_bytes", ARGV[9]) end
@@ -42,13 +72,19 @@ redis.call("EXPIRE", KEYS[3], ARGV[4])
 redis.call("ZADD", KEYS[4], tonumber(ARGV[3]) + 1000 * tonumber(ARGV[4]), ARGV[6])
 redis.call("ZREMRANGEBYSCORE", KEYS[4], "-inf", ARGV[3])
 redis.call("EXPIRE", KEYS[4], ARGV[4])
+local now = tonumber(ARGV[3])
+count_session(redis.call("HGET", KEYS[5], "ledger"), ARGV[10], KEYS[3], KEYS[6], now, now + 1000 * ARGV[4])
 return 1
 """
+)
 
-# KEYS: lock, record, history, index. ARGV: lock holder, now (ms), ttl (s), transcript id (for a
-# new session), session id, workspace version, its bytes. A new workspace version outside a turn
-# (an upload or a deleted file): the session is created if it does not exist yet, with no turns.
-_SET_WORKSPACE = """
+# KEYS: lock, record, history, index, the transcript's base key. ARGV: lock holder, now (ms), ttl
+# (s), transcript id (for a new session), session id, workspace version, its bytes, the ledger
+# ('': none), the session's entry. A new workspace version outside a turn (an upload or a deleted
+# file): the session is created if it does not exist yet, with no turns.
+_SET_WORKSPACE = (
+    _COUNT_SESSION
+    + """
 if redis.call("GET", KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call("DEL", KEYS[1])
 if redis.call("HSETNX", KEYS[2], "created", ARGV[2]) == 1 then
@@ -59,8 +95,11 @@ redis.call("EXPIRE", KEYS[2], ARGV[3])
 if redis.call("EXISTS", KEYS[3]) == 1 then redis.call("EXPIRE", KEYS[3], ARGV[3]) end
 redis.call("ZADD", KEYS[4], tonumber(ARGV[2]) + 1000 * tonumber(ARGV[3]), ARGV[5])
 redis.call("EXPIRE", KEYS[4], ARGV[3])
+local now = tonumber(ARGV[2])
+count_session(ARGV[8], ARGV[9], KEYS[3], KEYS[5], now, now + 1000 * ARGV[3])
 return 1
 """
+)
 
 # KEYS: index. ARGV: now (ms), the owner's record prefix, a session id. The bytes of the workspaces
 # of the owner's live sessions but that one.
@@ -136,14 +175,14 @@ async def release(redis: Redis, owner: str, session_id: str, job_id: str) -> Non
 
 
 async def open_for_job(
-    redis: Redis, owner: str, session_id: str, ttl_s: int, *, head: int, turn_s: float
+    redis: Redis, owner: str, session_id: str, ttl_s: int, *, head: int, turn_s: float, ledger: str | None
 ) -> tuple[Session | None, int, list[Turn]]:
     """The session (None if it does not exist), its length in turns, and its first `head` turns.
 
     Slides the session's TTL, its transcript's too, past the longest its turn may take (`turn_s`,
     queued and running): it expires once idle, never under a running turn (found by outside
     probes: a turn longer than the TTL lost the session's history and files, then its transcript).
-    The turn's commit sets it back to the TTL.
+    The turn's commit sets it back to the TTL. Its count in its key's `ledger` is kept as long.
     Only the head is read: all a request needs to be compared with.
     """
     record_key, history_key = session_key(owner, session_id), session_history_key(owner, session_id)
@@ -156,6 +195,10 @@ async def open_for_job(
         pipe.expire(history_key, kept_s)
         pipe.zadd(sessions_index_key(owner), {session_id: _ms() + kept_s * 1000}, xx=True)
         pipe.expire(sessions_index_key(owner), kept_s)  # no member expires later than now + kept_s
+        if ledger is not None:
+            pipe.zadd(ledger, {quotas.session_entry(session_id): _ms() + kept_s * 1000}, xx=True, gt=True)
+            for key in (ledger, f"{ledger}:bytes"):
+                pipe.expire(key, kept_s, gt=True)
         record, length, first, *_ = await pipe.execute()
     if not record:
         return None, 0, []
@@ -197,10 +240,12 @@ async def commit(
         session_key(ref.owner, ref.id),
         session_history_key(ref.owner, ref.id),
         sessions_index_key(ref.owner),
+        record_key(job.id),
+        transcript_key(ref.owner, ref.transcript_id),
     ]
     args = [job.id, str(ref.history_len), str(_ms()), str(ttl_s), ref.transcript_id, ref.id]
     version, size = ("", 0) if workspace is None else (workspace.version or "", workspace.total_bytes)
-    args += [version, holder or "", str(size)]
+    args += [version, holder or "", str(size), quotas.session_entry(ref.id)]
     args += [turn.model_dump_json() for turn in turns]
     if await redis.eval(_COMMIT, len(keys), *keys, *args) != 1:  # type: ignore[misc]
         raise SessionLost(ref.id)
@@ -214,8 +259,10 @@ async def set_workspace(
     transcript_id: str,
     workspace: Manifest,
     ttl_s: int,
+    ledger: str | None,
 ) -> None:
-    """Makes `workspace`, a saved version, the session's and releases the session `holder` locked.
+    """Makes `workspace`, a saved version, the session's and releases the session `holder` locked;
+    the session counts in its key's `ledger`.
 
     Raises `SessionLost` (having changed nothing) if `holder` no longer holds the session.
     """
@@ -224,10 +271,11 @@ async def set_workspace(
         session_key(owner, session_id),
         session_history_key(owner, session_id),
         sessions_index_key(owner),
+        transcript_key(owner, transcript_id),
     ]
     assert workspace.version is not None
     args = [holder, str(_ms()), str(ttl_s), transcript_id, session_id, workspace.version]
-    args.append(str(workspace.total_bytes))
+    args += [str(workspace.total_bytes), ledger or "", quotas.session_entry(session_id)]
     if await redis.eval(_SET_WORKSPACE, len(keys), *keys, *args) != 1:  # type: ignore[misc]
         raise SessionLost(session_id)
     await keep_transcript(redis, owner, transcript_id, ttl_s)  # kept as its session is
@@ -279,10 +327,13 @@ async def is_busy(redis: Redis, owner: str, session_id: str) -> bool:
     return bool(await redis.exists(session_lock_key(owner, session_id)))
 
 
-async def delete(redis: Redis, owner: str, session: Session) -> None:
-    """Removes the session, its history and its Claude Code transcript."""
+async def delete(redis: Redis, owner: str, session: Session, ledger: str | None) -> None:
+    """Removes the session, its history and its Claude Code transcript, and its count in its
+    key's `ledger`."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.delete(session_key(owner, session.id), session_history_key(owner, session.id))
         pipe.zrem(sessions_index_key(owner), session.id)
         await pipe.execute()
     await delete_transcript(redis, owner, session.transcript_id)
+    if ledger is not None:
+        await quotas.discard(redis, entry=quotas.session_entry(session.id), ledger=ledger)

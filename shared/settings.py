@@ -260,8 +260,9 @@ class Settings(BaseSettings):
     max_stored_bytes_per_key: int = Field(
         default=128 * 1024 * 1024,
         ge=0,
-        description="What a key's ended jobs keep in Redis (stored Responses requests, events) for "
-        "EVENT_TTL_S; at it, new jobs get 429 storage_limit_exceeded. 0: no limit.",
+        description="What a key keeps in Redis beyond its running jobs (stored Responses requests, "
+        "answered jobs' events, sessions' histories and transcripts) until it expires; at it, new "
+        "jobs get 429 storage_limit_exceeded. 0: no limit.",
     )
     max_messages: int = Field(default=1000, ge=1)
     max_prompt_chars: int = Field(default=1_000_000, ge=1, description="All message text of one request.")

@@ -29,17 +29,26 @@ def subkeys_set(project: str, session: str) -> str:
     return f"{transcript_key(project, session)}:subkeys"
 
 
-# KEYS: the transcript's base key. ARGV: seconds. Each of its keys lives at least that long.
-_KEEP = """
-local base = KEYS[1]
-local keys = {base .. ":main", base .. ":main:uuids", base .. ":subkeys"}
-for _, sub in ipairs(redis.call("SMEMBERS", base .. ":subkeys")) do
-  table.insert(keys, base .. ":sub:" .. sub)
-  table.insert(keys, base .. ":sub:" .. sub .. ":uuids")
+# Lua: every key of the transcript whose base key (`transcript_key`) is `base`.
+TRANSCRIPT_KEYS = """
+local function transcript_keys(base)
+  local keys = {base .. ":main", base .. ":main:uuids", base .. ":subkeys"}
+  for _, sub in ipairs(redis.call("SMEMBERS", base .. ":subkeys")) do
+    table.insert(keys, base .. ":sub:" .. sub)
+    table.insert(keys, base .. ":sub:" .. sub .. ":uuids")
+  end
+  return keys
 end
-for _, key in ipairs(keys) do redis.call("EXPIRE", key, ARGV[1], "GT") end
+"""
+
+# KEYS: the transcript's base key. ARGV: seconds. Each of its keys lives at least that long.
+_KEEP = (
+    TRANSCRIPT_KEYS
+    + """
+for _, key in ipairs(transcript_keys(KEYS[1])) do redis.call("EXPIRE", key, ARGV[1], "GT") end
 return 1
 """
+)
 
 
 async def keep_transcript(redis: Redis, project: str, session: str, ttl_s: int) -> None:

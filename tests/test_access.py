@@ -659,3 +659,39 @@ def test_what_a_key_keeps_in_redis_is_bounded_per_key(start_gateway: Any) -> Non
     assert httpx.delete(f"{responses}/{stored.json()['id']}", headers=a).status_code == 200
     assert httpx.delete(f"{chats}/{long_reply.json()['id']}", headers=a).status_code == 200
     assert httpx.post(chats, json=chat("Hi"), headers=a, timeout=60).status_code == 200
+
+
+def test_sessions_repeats_and_stored_requests_count_as_they_should(start_gateway: Any) -> None:
+    """Found by a re-check probe of the per-key bound: sessions' histories (each turn's whole
+    prompt) were not counted, so one key's sessions of 3 MB turns filled Redis past its limit; a
+    Responses request repeated with its Idempotency-Key was refused for room it would not take; a
+    stored request outlived its job's record by 11 minutes, counted but neither readable nor
+    deletable."""
+    gateway: Gateway = start_gateway(
+        workers=1,
+        BACKEND="scripted",
+        API_KEYS="key-a-for-the-sessions-test,key-b-for-the-sessions-test",
+        MAX_STORED_BYTES_PER_KEY="500000",
+    )
+    a, b = bearer("key-a-for-the-sessions-test"), bearer("key-b-for-the-sessions-test")
+    chats, responses = f"{gateway.url}/v1/chat/completions", f"{gateway.url}/v1/responses"
+
+    def turn(session: str) -> httpx.Response:
+        headers = {**a, "x-session-id": session}
+        return httpx.post(chats, json=chat("h" * 200_000), headers=headers, timeout=60)
+
+    for session in ("s-0", "s-1", "s-2"):  # the key's total is checked as each job is queued
+        assert turn(session).status_code == 200
+    assert_error(turn("s-3"), 429, "storage_limit_exceeded")  # 600 KB of histories kept
+    assert httpx.delete(f"{gateway.url}/v1/sessions/s-0", headers=a).status_code == 200
+    assert turn("s-3").status_code == 200
+    # A repeat attaches to its earlier job and stores nothing: it is answered, not refused.
+    body = {"model": "claude-sonnet-4-5", "input": "z" * 300_000}
+    first = httpx.post(responses, json=body, headers={**b, "idempotency-key": "k-1"}, timeout=60)
+    again = httpx.post(responses, json=body, headers={**b, "idempotency-key": "k-1"}, timeout=60)
+    assert first.status_code == again.status_code == 200, again.text
+    assert first.json()["id"] == again.json()["id"]
+    # Once its job ended, the stored request expires with the job's record.
+    job_id = first.json()["id"].removeprefix("resp_")
+    redis = gateway.redis()
+    assert 0 < redis.ttl(f"gateway:response:{job_id}") <= redis.ttl(f"gateway:job:{job_id}") + 1

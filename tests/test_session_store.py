@@ -98,17 +98,21 @@ async def test_a_transcript_is_kept_as_long_as_its_session(redis: Redis) -> None
         mapping={"created": 1, "last_used": 1, "turns": 2, "transcript": transcript_id},
     )  # type: ignore[misc]
     # A turn begins: its session, and now its transcript, outlive the longest it may take.
-    await sessions.open_for_job(redis, owner, session_id, 5, head=0, turn_s=100)
+    await sessions.open_for_job(redis, owner, session_id, 5, head=0, turn_s=100, ledger=None)
     for name in transcript:
         assert await redis.ttl(name) > 100, name
     # An upload keeps the session (and its transcript) for the TTL, never shortening either.
     assert await sessions.lock(redis, owner, session_id, "upload-1", hold_s=10)
-    await sessions.set_workspace(redis, owner, session_id, "upload-1", transcript_id, Manifest("v1"), 5)
+    await sessions.set_workspace(
+        redis, owner, session_id, "upload-1", transcript_id, Manifest("v1"), 5, ledger=None
+    )
     for name in transcript:
         assert await redis.ttl(name) > 100, name
     await redis.expire(transcript[0], 1)
     assert await sessions.lock(redis, owner, session_id, "upload-2", hold_s=10)
-    await sessions.set_workspace(redis, owner, session_id, "upload-2", transcript_id, Manifest("v2"), 50)
+    await sessions.set_workspace(
+        redis, owner, session_id, "upload-2", transcript_id, Manifest("v2"), 50, ledger=None
+    )
     assert 5 < await redis.ttl(transcript[0]) <= 50
 
 

@@ -75,9 +75,10 @@ def new_turns(history_len: int, head: list[Turn], turns: list[Turn]) -> list[Tur
 
 
 async def attach(
-    redis: Redis, settings: Settings, key_id: str, session_id: str, job: CompletionJob
+    redis: Redis, settings: Settings, key_id: str, session_id: str, job: CompletionJob, ledger: str | None
 ) -> CompletionJob:
-    """Takes the session for `job` and returns the job with the turns new to the session.
+    """Takes the session for `job` and returns the job with the turns new to the session, whose
+    count in its key's `ledger` lives as long as the session now does.
 
     Raises 409 if another request is using the session. On any error the lock is released.
     """
@@ -93,7 +94,13 @@ async def attach(
         )
     try:
         session, history_len, head = await sessions.open_for_job(
-            redis, owner, session_id, settings.session_ttl_s, head=len(job.turns), turn_s=hold_s
+            redis,
+            owner,
+            session_id,
+            settings.session_ttl_s,
+            head=len(job.turns),
+            turn_s=hold_s,
+            ledger=ledger,
         )
         turns = new_turns(history_len, head, job.turns)
         if not turns or turns[-1].role != "user":

@@ -18,7 +18,14 @@ from typing import Protocol
 from fastapi import Request
 from pydantic import BaseModel
 
-from api.access import STORED_GLOBAL_TOOLS, job_slot, no_job_slot, storage_limited, stored_limit
+from api.access import (
+    STORED_GLOBAL_TOOLS,
+    job_slot,
+    no_job_slot,
+    storage_limited,
+    stored_ledger,
+    stored_limit,
+)
 from api.core.functions import function_calling
 from api.core.limits import check_prompt_limits
 from api.core.policy import agent_request
@@ -98,12 +105,15 @@ async def submit(
         jobs = [job, *(job.model_copy(update={"id": new_job_id()}) for _ in range(request.n - 1))]
         queued = await _queue_all(jobs, http, gateway, caller)
         return Run(gateway, queued, request.background, response_format, reasoning)
+    # A repeated request attaches to its earlier job before anything is taken for it: the session
+    # (that job may hold it still: its client lost the stream and asks again), or room for a stored
+    # request it would not store again (a re-check probe saw a Responses retry refused for it).
+    if idempotency is not None and (earlier := await _earlier(idempotency, gateway, caller)) is not None:
+        return Run(gateway, [earlier], request.background, response_format, reasoning)
     if session_id is not None:
-        # A repeated request attaches to its earlier job before the session is asked for: that
-        # job may hold it still (its client lost the stream and asks again).
-        if idempotency is not None and (earlier := await _earlier(idempotency, gateway, caller)) is not None:
-            return Run(gateway, [earlier], request.background, response_format, reasoning)
-        job = await attach(gateway.redis, settings, caller.key_id, session_id, job)
+        job = await attach(
+            gateway.redis, settings, caller.key_id, session_id, job, stored_ledger(gateway, http)
+        )
     try:
         if companion is not None:
             await companion.save(job)

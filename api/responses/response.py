@@ -113,7 +113,8 @@ async def load(redis: Redis, job_id: str) -> StoredResponse | None:
 
 
 async def forget(redis: Redis, job_id: str, limit: StoredLimit | None = None) -> None:
-    await quotas.discard(redis, response_key(job_id), job_id=job_id, stored=limit)
+    ledger = None if limit is None else limit.ledger
+    await quotas.discard(redis, response_key(job_id), entry=job_id, ledger=ledger)
 
 
 class Keeper:

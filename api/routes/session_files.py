@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
+from api.access import stored_ledger
 from api.core.sessions import invalid_session_id, session_not_found
 from api.deps import CallerDep, GatewayDep
 from api.errors import ErrorResponse, OpenAIError
@@ -278,10 +279,13 @@ def _padding(size: int) -> bytes:
 class _NewVersion:
     """Takes the session as a request does, to make a new version of its workspace outside a turn."""
 
-    def __init__(self, gateway: GatewayDep, caller: CallerDep, store: ObjectStore, session_id: str) -> None:
+    def __init__(
+        self, request: Request, gateway: GatewayDep, caller: CallerDep, store: ObjectStore, session_id: str
+    ) -> None:
         if not is_session_id(session_id):
             raise invalid_session_id()
         self.gateway, self.store, self.session_id = gateway, store, session_id
+        self.ledger = stored_ledger(gateway, request)  # the session counts in it
         self.owner = sessions.owner_of(caller.key_id)
         self.holder = f"files-{uuid.uuid4().hex}"
 
@@ -333,6 +337,7 @@ class _NewVersion:
                 self.transcript_id,
                 manifest,
                 settings.session_ttl_s,
+                self.ledger,
             )
         except sessions.SessionLost:  # its hold ran out while the store was slow (an outside probe: a 500)
             raise OpenAIError(
@@ -407,7 +412,7 @@ async def upload_file(
             raise OpenAIError.invalid(message, param=field, code="too_many_parts")
     target = _upload_path(path, file)
     data = await file.read()
-    async with _NewVersion(gateway, caller, store, session_id) as change:
+    async with _NewVersion(request, gateway, caller, store, session_id) as change:
         ref, manifest = await change.session(create=True)
         if (taken := _conflict(manifest, target)) is not None:
             raise OpenAIError.invalid(
@@ -423,9 +428,9 @@ async def upload_file(
     "/v1/sessions/{session_id}/files/{file_id}", response_model=SessionFileDeleted, responses=_ERRORS
 )
 async def delete_file(
-    session_id: str, file_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep
+    session_id: str, file_id: str, request: Request, gateway: GatewayDep, caller: CallerDep, store: StoreDep
 ) -> SessionFileDeleted:
-    async with _NewVersion(gateway, caller, store, session_id) as change:
+    async with _NewVersion(request, gateway, caller, store, session_id) as change:
         ref, manifest = await change.session(create=False)
         path, _ = _find(manifest, file_id)
         await change.commit(ref, _without(manifest, path))

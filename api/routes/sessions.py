@@ -9,9 +9,10 @@ strings, these are Unix seconds (docs/openai-compatibility.md).
 
 from typing import Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from api.access import stored_ledger
 from api.core.sessions import invalid_session_id, session_not_found
 from api.deps import CallerDep, GatewayDep
 from api.errors import OpenAIError, error_responses
@@ -122,7 +123,7 @@ async def get_session(session_id: str, gateway: GatewayDep, caller: CallerDep) -
 
 @router.delete("/v1/sessions/{session_id}", response_model=SessionDeleted, responses=_ERRORS)
 async def delete_session(
-    session_id: str, gateway: GatewayDep, caller: CallerDep, store: StoreDep
+    session_id: str, request: Request, gateway: GatewayDep, caller: CallerDep, store: StoreDep
 ) -> SessionDeleted:
     owner = sessions.owner_of(caller.key_id)
     found = await sessions.get(gateway.redis, owner, _checked(session_id), gateway.settings.session_ttl_s)
@@ -136,7 +137,7 @@ async def delete_session(
             param="session_id",
             code="session_busy",
         )
-    await sessions.delete(gateway.redis, owner, found[0])
+    await sessions.delete(gateway.redis, owner, found[0], stored_ledger(gateway, request))
     await workspaces.delete_workspace(
         store, gateway.redis, WorkspaceRef(owner, session_id, found[0].transcript_id)
     )
