@@ -211,41 +211,41 @@ def test_a_request_head_of_any_size_is_refused_past_its_bound(scripted: Gateway)
     assert _head_of(scripted.url, header_lines=4, line_bytes=8 * 1024).startswith(b"HTTP/1.1 200 ")
 
 
+def _answer_to(url: str, request: bytes) -> bytes:
+    """All the server at `url` answers `request`, sent at once, until it closes the connection."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(request)
+        with contextlib.suppress(OSError):
+            while chunk := connection.recv(65536):
+                answer += chunk
+    return answer
+
+
 def test_a_head_that_comes_in_one_read_is_bounded_too(scripted: Gateway) -> None:
     """Found by an outside probe: a head was counted only after the read it came in was parsed,
     so a 100 KB header sent at once (or 8,000 small ones) was taken."""
-    host, _, port = scripted.url.removeprefix("http://").partition(":")
     for fillers in (
         [b"x-big: " + b"a" * 100_000],
         [b"x-%d: aaaaa" % n for n in range(8000)],
         [b"a:"] * 50_000,
     ):
         head = b"\r\n".join([b"GET /health HTTP/1.1", b"host: 127.0.0.1", *fillers]) + b"\r\n\r\n"
-        with socket.create_connection((host, int(port)), timeout=10) as connection:
-            connection.sendall(head)
-            answer = b""
-            with contextlib.suppress(OSError):
-                while chunk := connection.recv(65536):
-                    answer += chunk
+        answer = _answer_to(scripted.url, head)
         assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
         assert answer.count(b"HTTP/1.1") == 1, answer  # the request itself never ran
 
 
 def test_a_request_that_is_not_http_gets_an_error_in_openais_shape(scripted: Gateway) -> None:
     """Found by an outside probe: what httptools cannot parse got uvicorn's plain-text 400."""
-    host, _, port = scripted.url.removeprefix("http://").partition(":")
     for head in (
         b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\nx-request-id: a\x7fb\r\n\r\n",
         b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\nbad header: x\r\n\r\n",
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 2\r\n"
         b"content-length: 3\r\n\r\n{}",
     ):
-        with socket.create_connection((host, int(port)), timeout=10) as connection:
-            connection.sendall(head)
-            answer = b""
-            with contextlib.suppress(OSError):
-                while chunk := connection.recv(65536):
-                    answer += chunk
+        answer = _answer_to(scripted.url, head)
         assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
         assert b"content-type: application/json" in answer.partition(b"\r\n\r\n")[0]
         assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "invalid_http"
