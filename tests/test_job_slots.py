@@ -42,13 +42,16 @@ async def test_a_retried_job_keeps_its_slot(redis_server: EmbeddedRedis) -> None
     pool = await queue.connect(unit_db(redis_server), "slots:queue")
     store = JobStore(pool, queue_name="slots:queue", ttl_s=60)
     job = a_job()
-    await store.create(job, owner="key-slots", slot=SLOT)
+    # A slot lease of 1 s: with 0.6 s, a retry that came 0.1 s late under a loaded CI found the
+    # slot gone already (what the test checks is that a retry in time renews it).
+    slot = JobSlot(holder="key-slots", cap=1, lease_ms=1000)
+    await store.create(job, owner="key-slots", slot=slot)
     assert await store.claim(job.id, 1, worker_id="w1", in_progress_ms=60_000, lease_s=0.4) is not None
-    await asyncio.sleep(0.5)  # the worker died: its lease ran out, and the slot's is nearly out
+    await asyncio.sleep(0.5)  # the worker died: its lease ran out, the slot's has 0.5 s left
     assert await store.recover_expired(max_attempts=3, lease_s=10) == [(job.id, "retried")]
-    await asyncio.sleep(0.3)  # waiting in the queue for its second attempt, past the first lease
+    await asyncio.sleep(0.6)  # waiting in the queue for its second attempt, past the first lease
     with pytest.raises(NoJobSlot):
-        await store.create(a_job(), owner="key-slots", slot=SLOT)
+        await store.create(a_job(), owner="key-slots", slot=slot)
     await pool.aclose()
 
 
