@@ -299,7 +299,7 @@ local taken = now and redis.call('zcount', ARGV[13], '(' .. now, '+inf')
 if now and not redis.call('zscore', ARGV[13], ARGV[10]) and taken + #ARGV - 20 >= tonumber(ARGV[14]) then
   return redis.error_reply('NO_SLOT every job slot of the caller is taken')
 end
-local wait = ARGV[19] ~= '' and stored_wait(ARGV[19], server_ms(), 0, tonumber(ARGV[20]))
+local wait = ARGV[19] ~= '' and stored_wait(ARGV[19], now or server_ms(), 0, tonumber(ARGV[20]))
 if wait then return redis.error_reply('STORAGE_LIMIT ' .. wait) end
 -- The first write is one a full Redis refuses (`maxmemory`, `noeviction`): after any other, it
 -- would let the rest of the script through and queue a job whose output has no room.

@@ -651,6 +651,16 @@ def test_what_a_key_keeps_in_redis_is_bounded_per_key(start_gateway: Any) -> Non
     anthropic = httpx.post(f"{gateway.url}/v1/messages", json=message, headers=a, timeout=60)
     assert anthropic.status_code == 429
     assert anthropic.json()["error"]["type"] == "rate_limit_error"
+    for body in (chat("Hi", stream=True), chat("Hi", n=2)):  # a stream gets it before it begins
+        assert_error(httpx.post(chats, json=body, headers=a, timeout=60), 429, "storage_limit_exceeded")
+    background = {"model": "claude-sonnet-4-5", "input": "Hi", "background": True}
+    assert_error(httpx.post(responses, json=background, headers=a, timeout=60), 429, "storage_limit_exceeded")
+    # What it keeps stays its own to read: resuming a stream starts no job.
+    resumed = httpx.get(
+        f"{chats}/{long_reply.json()['id']}", params={"stream": "true"}, headers=a, timeout=60
+    )
+    assert resumed.status_code == 200, resumed.text
+    assert sse_data(resumed)[-1] == "[DONE]"
     assert httpx.post(chats, json=chat("Hi"), headers=b, timeout=60).status_code == 200
     # Nothing of a refused request stays: its stored request and job never were.
     redis = gateway.redis()

@@ -94,9 +94,10 @@ def message_id(job: JobRef) -> str:
 
 
 async def save(
-    redis: Redis, settings: Settings, job_id: str, stored: StoredResponse, limit: StoredLimit | None = None
+    redis: Redis, settings: Settings, job_id: str, stored: StoredResponse, limit: StoredLimit | None
 ) -> None:
-    """Keeps the response's request, counted in the caller's ledger (`limit`; 429 if it is full)."""
+    """Keeps the response's request, counted in the caller's ledger (`limit`: 429 while it is full,
+    413 if the request alone is over it)."""
     # Outlives the job's record, whose expiry starts when the job ends.
     ttl = settings.event_ttl_s + int(settings.queue_timeout_s + settings.job_timeout_s)
     try:
@@ -112,7 +113,7 @@ async def load(redis: Redis, job_id: str) -> StoredResponse | None:
     return None if raw is None else StoredResponse.model_validate_json(raw)
 
 
-async def forget(redis: Redis, job_id: str, limit: StoredLimit | None = None) -> None:
+async def forget(redis: Redis, job_id: str, limit: StoredLimit | None) -> None:
     ledger = None if limit is None else limit.ledger
     await quotas.discard(redis, response_key(job_id), entry=job_id, ledger=ledger)
 
