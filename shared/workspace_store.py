@@ -79,13 +79,13 @@ class LocalStore:
             raise MissingObject(key) from None
 
     def _keys(self, prefix: str) -> list[str]:
-        top = self._path(prefix)
-        if not top.is_dir():
-            return []
+        # os.walk skips a folder deleted while it lists (another process's delete or sweep):
+        # rglob raised FileNotFoundError for it (seen once in CI).
         return [
-            str(path.relative_to(self.root))
-            for path in top.rglob("*")
-            if path.is_file() and not path.name.endswith(".partial")
+            str((Path(folder) / name).relative_to(self.root))
+            for folder, _, names in os.walk(self._path(prefix))
+            for name in names
+            if not name.endswith(".partial")
         ]
 
     def _delete(self, keys: list[str]) -> None:
