@@ -75,13 +75,21 @@ class KeyStoreGone(Exception):
     """A gateway protected only by managed keys finds none in Redis."""
 
 
+_SDK_LONGEST_WAIT_MS = 60_000
+"""The longest `retry-after` the OpenAI and Anthropic SDKs wait for: past it they retry on their own
+short backoff, twice, then raise."""
+
+
 class RateLimited(OpenAIError):
-    """429 with the headers OpenAI clients honour (`retry-after-ms` first, then `retry-after`)."""
+    """429 with the headers OpenAI clients honour (`retry-after-ms` first, then `retry-after`); a
+    wait longer than they honour (a key's stored bytes expire in up to an hour) also says not to
+    retry, as their retries would come within seconds and be refused again."""
 
     def __init__(self, message: str, *, code: str, retry_after_ms: int, headers: Mapping[str, str]) -> None:
         super().__init__(429, message, type="requests", code=code)
         self.headers = {
             **headers,
+            **(NO_RETRY if retry_after_ms > _SDK_LONGEST_WAIT_MS else {}),
             "retry-after": str(max(1, math.ceil(retry_after_ms / 1000))),
             "retry-after-ms": str(retry_after_ms),
         }

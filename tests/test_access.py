@@ -277,6 +277,7 @@ def test_two_replicas_share_one_rate_limit_exactly(guarded: Gateway, second_api:
     assert_error(refused, 429, "rate_limit_exceeded")
     assert 1 <= int(refused.headers["retry-after"]) <= 60
     assert 0 < int(refused.headers["retry-after-ms"]) <= 60_000
+    assert "x-should-retry" not in refused.headers  # a wait the SDKs honour, then retry
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert refused.headers["x-request-id"]
     assert _chat_rejections(second_api) == rejected_before + 1  # never counted: an outside probe
@@ -635,7 +636,9 @@ def test_what_a_key_keeps_in_redis_is_bounded_per_key(start_gateway: Any) -> Non
     assert stored.status_code == 200, stored.text
     refused = httpx.post(responses, json=big, headers=a, timeout=60)  # 400 KB would not fit
     assert_error(refused, 429, "storage_limit_exceeded")
-    assert 1 <= int(refused.headers["retry-after"]) <= 4260  # the stored request expires by then
+    assert 60 < int(refused.headers["retry-after"]) <= 4260  # the stored request expires by then
+    # Longer than the SDKs wait: they would retry at once, twice, for nothing.
+    assert refused.headers["x-should-retry"] == "false"
     assert httpx.post(responses, json=big, headers=b, timeout=60).status_code == 200
     # The key's jobs' output counts once they end: 260 KB of it puts the key at its limit.
     long_reply = httpx.post(
