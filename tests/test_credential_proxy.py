@@ -133,6 +133,11 @@ def test_a_job_token_has_the_model_api_reach_nothing_beyond_the_model(
             ]
         },
         {"tools": {"type": "web_fetch_20250910", "name": "web_fetch"}},  # an object, not a list
+        # The second hostile-caller probe: a file by id in another block, a container (its files,
+        # its skills), by id or described.
+        {"messages": [{"role": "user", "content": [{"type": "container_upload", "file_id": "file_1"}]}]},
+        {"container": "cntr_of_the_operator"},
+        {"container": {"skills": [{"type": "anthropic", "skill_id": "pptx"}]}},
     ]
     headers = {"x-api-key": proxy.issue()}
     for extra in refused:

@@ -112,12 +112,14 @@ def reach_beyond(request: object, server_tools: frozenset[str], image_urls: list
     """What in a Messages request (parsed) would have the model API reach beyond the model for the
     agent, or None: a server tool the job was not given (web search, web fetch, code execution),
     MCP servers it would connect to, a URL it would fetch that is not one of the operator's image
-    prefixes, a file of the operator's Files API. The sandbox has no network; these would be one
-    (an outside probe sent a workspace out through `web_fetch`)."""
+    prefixes, a file of the operator's Files API, a container. The sandbox has no network; these
+    would be one (an outside probe sent a workspace out through `web_fetch`)."""
     if not isinstance(request, dict):
         return "a body that is not a request"  # nothing it cannot check goes on
     if request.get("mcp_servers"):
         return "MCP servers"
+    if request.get("container") is not None:  # its files, and skills run in it (a probe)
+        return "a container"
     tools = request.get("tools") or []
     if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
         return "tools it cannot check"  # what it can check, and lets through, is all it passes on
@@ -136,6 +138,8 @@ def reach_beyond(request: object, server_tools: frozenset[str], image_urls: list
             kind = node.get("type")
             if kind in _FETCHED_BLOCKS and (beyond := _source_beyond(node.get("source"), image_urls)):
                 return beyond
+            if "file_id" in node:  # any block naming one (`container_upload`, a probe found)
+                return "a file of the Files API"
             # A tool call's input is the tool's, which the model API reads nothing of (a probe: a
             # todo item's `source` refused a job's next turn).
             pending.extend(value for key, value in node.items() if not (key == "input" and kind in _CALLS))
