@@ -147,15 +147,34 @@ class ClientAddresses:
         return address
 
 
+class AmbiguousKey(Exception):
+    """The request presents two different API keys."""
+
+
+_AMBIGUOUS_KEY = OpenAIError(
+    401,
+    "The request presents more than one API key: send one, as 'Authorization: Bearer <key>' or "
+    "'x-api-key: <key>'.",
+    type="invalid_request_error",
+    code="invalid_api_key",
+)
+
+
 def _presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The API key the request presents, if any. Two different ones are refused (`AmbiguousKey`),
+    not one of them taken: a proxy in front that reads the other would disagree about who calls
+    (an outside probe's job ran as the first of two `Authorization` lines)."""
+    presented: set[str] = set()
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+                presented.add(token.strip())
         elif name == b"x-api-key" and value.strip():
-            return value.decode("latin-1").strip()
-    return None
+            presented.add(value.decode("latin-1").strip())
+    if len(presented) > 1:
+        raise AmbiguousKey
+    return next(iter(presented), None)
 
 
 class Access:
@@ -194,6 +213,8 @@ class Access:
                 # Checked without Redis, uncounted: a scrape shows the outage instead of failing.
                 state["key_id"], state["operator"] = key_id, True
                 refusal = None
+        except AmbiguousKey:
+            refusal, headers = _AMBIGUOUS_KEY, {}
         except KeyStoreGone:
             log.error("no managed API key exists any more: refusing every request until one is created")
             refusal, headers = _KEY_STORE_GONE, {}

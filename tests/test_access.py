@@ -98,6 +98,19 @@ def test_missing_or_wrong_key_is_refused(guarded: Gateway) -> None:
     assert_error(httpx.post(f"{guarded.url}/v1/chat/completions", json=chat("hi")), 401, "invalid_api_key")
     assert httpx.get(models, headers=bearer(CONFIGURED_KEY)).status_code == 200
     assert httpx.get(models, headers={"x-api-key": CONFIGURED_KEY}).status_code == 200
+    # Two different keys (found by a hostile-caller probe: the first of two Authorization lines
+    # was taken, whatever the second said): neither is taken. The same key twice is one key.
+    ambiguous = [
+        [("authorization", f"Bearer {CONFIGURED_KEY}"), ("authorization", "Bearer not-a-key")],
+        [("authorization", "Bearer not-a-key"), ("authorization", f"Bearer {CONFIGURED_KEY}")],
+        [("authorization", f"Bearer {CONFIGURED_KEY}"), ("x-api-key", "not-a-key")],
+    ]
+    for headers in ambiguous:
+        refused = httpx.get(models, headers=headers)
+        assert_error(refused, 401, "invalid_api_key")
+        assert "more than one API key" in refused.json()["error"]["message"]
+    same = [("authorization", f"Bearer {CONFIGURED_KEY}"), ("x-api-key", CONFIGURED_KEY)]
+    assert httpx.get(models, headers=same).status_code == 200
 
 
 def test_service_wide_views_need_an_operator_key_and_ready_needs_none(start_gateway: Any) -> None:
