@@ -169,6 +169,8 @@ def test_a_second_request_on_a_busy_session_gets_409_and_the_history_stays_whole
         time.sleep(0.01)
     _assert_error(_post(scripted, chat("meanwhile", session_id=sid)), 409, "session_busy")
     _assert_error(_post(scripted, chat("meanwhile", session_id=sid, stream=True)), 409, "session_busy")
+    # Its first turn: deleting it now is "busy", not "not found" (it exists once the turn ends).
+    _assert_error(httpx.delete(f"{scripted.url}/v1/sessions/{sid}", timeout=10), 409, "session_busy")
     first.join(timeout=60)
     assert _reply(results["first"]).startswith("slow reply")
     assert [text for _, text in _messages(scripted, sid)] == [

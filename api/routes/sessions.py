@@ -127,8 +127,8 @@ async def delete_session(
 ) -> SessionDeleted:
     owner = sessions.owner_of(caller.key_id)
     found = await sessions.get(gateway.redis, owner, _checked(session_id), gateway.settings.session_ttl_s)
-    if found is None:
-        raise session_not_found(session_id)
+    # Busy first: a session whose first turn runs is not there yet, and would be once it ends (an
+    # outside probe was told 404, then found it).
     if await sessions.is_busy(gateway.redis, owner, session_id):
         raise OpenAIError(
             409,
@@ -137,6 +137,8 @@ async def delete_session(
             param="session_id",
             code="session_busy",
         )
+    if found is None:
+        raise session_not_found(session_id)
     await sessions.delete(gateway.redis, owner, found[0], stored_ledger(gateway, request))
     await workspaces.delete_workspace(
         store, gateway.redis, WorkspaceRef(owner, session_id, found[0].transcript_id)
