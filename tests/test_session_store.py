@@ -125,14 +125,16 @@ async def test_a_turn_whose_transcript_passes_its_limit_adds_nothing(redis: Redi
     await turn.append(key, [{"type": "user", "uuid": "u1", "pad": "x" * 400}])
     await turn.append(key, [{"type": "user", "uuid": "u2", "pad": "x" * 800}])
     with pytest.raises(TranscriptTooLarge):
-        await turn.commit()
+        turn.seal()
+    await turn.write()
     assert await store.load(key) is None
     within = JobTranscript(store, "owner", "s1", max_chars=1_000)
     await within.append(key, [{"type": "user", "uuid": "u3", "pad": "x" * 400}])
-    await within.commit()
+    within.seal()
+    await within.write()
     assert [entry["uuid"] for entry in await store.load(key) or []] == ["u3"]
     # Many small entries count as what they cost the worker to hold, not as their few characters.
     tiny = JobTranscript(store, "owner", "s1", max_chars=1_000)
     await tiny.append(key, [{"type": "user", "uuid": f"t{i}"} for i in range(10)])
     with pytest.raises(TranscriptTooLarge):
-        await tiny.commit()
+        tiny.seal()

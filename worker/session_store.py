@@ -139,19 +139,20 @@ class TranscriptTooLarge(Exception):
 
 
 class JobTranscript:
-    """One job's view of its session's transcript: pinned to the session, committed only on success.
+    """One job's view of its session's transcript: pinned to the session, written only on success.
 
     The SDK keys transcripts by a project derived from the CLI's working directory, which is a
     fresh workspace per job; the view pins every key to the session owner's project instead, so
-    the next job finds it whatever its directory. Appends are held until `commit()` (a job that
-    fails or is cancelled adds nothing), and dropped after it: what the CLI mirrors while it shuts
-    down (prompt and cost bookkeeping) could otherwise land after the next job took the session.
+    the next job finds it whatever its directory. Appends are held until the turn commits
+    (`seal`, then `write`: a job that fails or is cancelled adds nothing), and dropped after the
+    seal: what the CLI mirrors while it shuts down (prompt and cost bookkeeping) could otherwise
+    land after the next job took the session.
     """
 
     def __init__(self, store: RedisSessionStore, project: str, session_id: str, *, max_chars: int) -> None:
         """`max_chars`: the most characters of entries (as JSON, and `_ENTRY_CHARS` each) one turn
         may add: the CLI mirrors whatever frames reach its stdout, where the job's tools can write
-        (an outside probe put 200 MB in one session's transcript); past it, `commit` fails the turn."""
+        (an outside probe put 200 MB in one session's transcript); past it, `seal` fails the turn."""
         self._store = store
         self._project = project
         self.session_id = session_id
@@ -175,7 +176,7 @@ class JobTranscript:
         if self._room >= 0:
             self._pending.append((self._pinned(key), entries))
         else:
-            self._pending = []  # the turn fails at `commit`: nothing is held for it
+            self._pending = []  # the turn fails at `seal`: nothing is held for it
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         return await self._store.load(self._pinned(key))
@@ -183,13 +184,19 @@ class JobTranscript:
     async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
         return await self._store.list_subkeys({"project_key": self._project, "session_id": key["session_id"]})
 
-    async def commit(self) -> None:
-        """Adds the turn's entries to the session's transcript (`TranscriptTooLarge` if they passed
-        the limit: nothing is added)."""
+    def seal(self) -> None:
+        """Ends the turn's entries at the CLI's result (`TranscriptTooLarge` if they passed the
+        limit: nothing will be added); `write` adds them once the turn commits."""
         self._sealed = True
-        pending, self._pending = self._pending, []
         if self._room < 0:
+            self._pending = []
             raise TranscriptTooLarge(self._max_chars)
+
+    async def write(self) -> None:
+        """Adds the sealed turn's entries to the session's transcript: only as the turn commits,
+        after its files are saved (a turn refused then, over the workspace limit, had left its
+        entries there, and the next turns resumed a turn the session never had: an outside probe)."""
+        pending, self._pending = self._pending, []
         for key, entries in pending:
             await self._store.append(key, entries)
 

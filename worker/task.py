@@ -9,6 +9,7 @@ Every attempt ends the stream with one terminal event, unless the job moved on w
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from contextlib import aclosing
@@ -34,7 +35,8 @@ from shared.jobs import (
 )
 from shared.jobstore import AttemptEnd
 from shared.settings import Settings
-from worker.backends import Backend, BackendError, Progress, UsageReport
+from shared.transcripts import delete_transcript
+from worker.backends import Backend, BackendError, Progress, TurnWrites, UsageReport
 from worker.leases import RunningJobs, StopReason
 from worker.outcomes import outcome_record
 from worker.session_files import SessionFiles, SessionTurn
@@ -122,18 +124,24 @@ async def _produce(
 ) -> Done | Failed:
     """Runs the job (a session's in its restored workspace) and commits a session's completed
     turn with the files it left; returns the terminal event."""
+    deferred: TurnWrites = []
     try:
         async with files.turn(job) as turn:
-            terminal = await _run(backend, settings, job, writer, turn.work if turn else None)
+            terminal = await _run(backend, settings, job, writer, turn.work if turn else None, deferred)
             if isinstance(terminal, Done) and job.session is not None:
-                terminal = await _commit_turn(redis, settings, job, writer, terminal, turn)
+                terminal = await _commit_turn(redis, settings, job, writer, terminal, turn, deferred)
     except BackendError as exc:  # the session's files could not be restored
         return Failed(code=exc.code, message=exc.message)
     return terminal
 
 
 async def _run(
-    backend: Backend, settings: Settings, job: CompletionJob, writer: EventWriter, work: Path | None
+    backend: Backend,
+    settings: Settings,
+    job: CompletionJob,
+    writer: EventWriter,
+    work: Path | None,
+    deferred: TurnWrites,
 ) -> Done | Failed:
     """Streams the backend into the writer within the job's time limits; returns the terminal
     event, with the backend closed (its CLI stopped), so what it left in `work` is final."""
@@ -146,7 +154,7 @@ async def _run(
     room = settings.job_max_output_chars
     terminal: Done | Failed
     try:
-        run = aclosing(backend.stream(job, work))
+        run = aclosing(backend.stream(job, work, deferred))
         async with asyncio.timeout(settings.job_timeout_s), stall, run as events:
             async for event in stop_at(events, job.stop) if job.stop else events:
                 # Push the stall limit back at most every `step` (≤ 1 s): rescheduling costs a
@@ -206,12 +214,15 @@ async def _commit_turn(
     writer: EventWriter,
     done: Done,
     turn: SessionTurn | None,
+    deferred: TurnWrites,
 ) -> Done | Failed:
-    """Adds a completed job's turns to its session, with the files it left (saved first, so the
-    session's transcript and files advance together), before the terminal event goes out (so the
-    client's next turn finds the session free). A job that ends any other way commits nothing:
-    the step that ends it frees the session's lock (shared/jobstore.py)."""
-    assert job.session is not None
+    """Adds a completed job's turn to its session: its files first, then what the backend
+    `deferred` (Claude Code's transcript), then its history, so a turn refused on the way (over
+    the workspace limits) leaves the session as it was; all before the terminal event goes out
+    (so the client's next turn finds the session free). A job that ends any other way commits
+    nothing: the step that ends it frees the session's lock (shared/jobstore.py)."""
+    session = job.session
+    assert session is not None
     await writer.drain()
     try:
         saved = await turn.save() if turn is not None else None
@@ -219,12 +230,17 @@ async def _commit_turn(
         return Failed(code=exc.code, message=exc.message)
     holder = turn.holder if turn is not None else None
     try:
+        for write in deferred:
+            await write()
         reply = await streamed_text(redis, job.id)
         await sessions.commit(redis, job, reply, settings.session_ttl_s, workspace=saved, holder=holder)
-    except sessions.SessionLost:
-        message = "The session was deleted or expired while the job ran; this reply was not added to it."
-        return Failed(code=FailureCode.INTERNAL, message=message)
-    except RedisError:
+    except (sessions.SessionLost, RedisError) as exc:
+        if deferred:  # a transcript with a turn the history lacks: the next turn starts one anew
+            with contextlib.suppress(RedisError):
+                await delete_transcript(redis, session.owner, session.transcript_id)
+        if isinstance(exc, sessions.SessionLost):
+            message = "The session was deleted or expired while the job ran; this reply was not added to it."
+            return Failed(code=FailureCode.INTERNAL, message=message)
         log.exception("could not commit a session turn")
         return Failed(code=FailureCode.INTERNAL, message="The reply could not be added to the session.")
     if turn is not None:

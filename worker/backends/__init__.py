@@ -7,7 +7,7 @@ model writing a tool call), which keeps the job's stall limit from firing; nothi
 tests and benchmarks.
 """
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -41,6 +41,10 @@ class UsageReport(Progress):
         self.usage = usage
 
 
+TurnWrites = list[Callable[[], Awaitable[None]]]
+"""What a backend leaves for a session turn's commit (Claude Code's transcript): written after the
+turn's files are saved and before its history; a turn that fails or is refused writes none."""
+
 BackendEvent = Delta | Activity | Retraction | Done | Progress
 """What a backend yields: the reply's text (and text taken back), the agent's thinking and tool
 steps, the end, or progress."""
@@ -51,9 +55,12 @@ class Backend(Protocol):
     def sandbox(self) -> SandboxReport | None:
         """Its job sandbox, as found at start (None: it runs no agent)."""
 
-    def stream(self, job: CompletionJob, work: Path | None = None) -> AsyncGenerator[BackendEvent, None]:
+    def stream(
+        self, job: CompletionJob, work: Path | None = None, deferred: TurnWrites | None = None
+    ) -> AsyncGenerator[BackendEvent, None]:
         """`work`: the session's directory to run in (`worker/session_files.py`); None: a fresh
-        one, removed at the end."""
+        one, removed at the end. `deferred`: where a session's job leaves its writes for the
+        turn's commit."""
 
     def stop(self, job_id: str) -> None:
         """Ends the job's processes at once, as its task is about to be cancelled (a cancel, a

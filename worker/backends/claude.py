@@ -50,7 +50,7 @@ from shared.jobs import (
 )
 from shared.settings import Settings
 from worker import caller_functions, operator_mcp, upstream_models
-from worker.backends import PROGRESS, BackendError, BackendEvent, UsageReport
+from worker.backends import PROGRESS, BackendError, BackendEvent, TurnWrites, UsageReport
 from worker.credential_proxy import (
     Credential,
     CredentialProxy,
@@ -397,11 +397,11 @@ class ClaudeBackend:
         return system, {}
 
     async def stream(
-        self, job: CompletionJob, work: Path | None = None
+        self, job: CompletionJob, work: Path | None = None, deferred: TurnWrites | None = None
     ) -> AsyncGenerator[BackendEvent, None]:
         self._refuse(job)
         warm = await self._warm.take(job) if self._warm is not None and work is None else None
-        run = self._run_warm(job, warm) if warm is not None else self._run_cold(job, work)
+        run = self._run_warm(job, warm) if warm is not None else self._run_cold(job, work, deferred)
         ordered = warm is not None  # a warm run orders a replacement itself, if its client is lost
         try:
             async with aclosing(run):
@@ -458,7 +458,9 @@ class ClaudeBackend:
         cost, warm.spent_usd = max(0.0, round(total - warm.spent_usd, 12)), total
         return done.model_copy(update={"usage": done.usage.model_copy(update={"cost_usd": cost})})
 
-    async def _run_cold(self, job: CompletionJob, work: Path | None) -> AsyncGenerator[BackendEvent, None]:
+    async def _run_cold(
+        self, job: CompletionJob, work: Path | None, deferred: TurnWrites | None
+    ) -> AsyncGenerator[BackendEvent, None]:
         with self._workspace(job.id, work) as (workspace, cli), self._stoppable(job.id, workspace):
             token = self._proxy.issue(server_tools_of(job.agent.tools)) if self._proxy is not None else None
             options = self._options(job, workspace, token, cli)
@@ -466,6 +468,8 @@ class ClaudeBackend:
             messages = query(prompt=prompt, options=options)
             try:
                 async for event in _relay(job, messages, transcript, lambda: _close(messages)):
+                    if isinstance(event, Done) and transcript is not None and deferred is not None:
+                        deferred.append(transcript.write)  # sealed or dropped: written as the turn commits
                     yield event
             finally:
                 if transcript is None:  # nothing to flush: the CLI's shutdown (~30 ms of CPU) is waste
@@ -657,7 +661,7 @@ async def _relay(
                     raise upstream_failure(message.api_error_status, message.result)
                 if transcript is not None:  # the SDK flushed the turn's transcript already
                     try:
-                        await transcript.commit()
+                        transcript.seal()
                     except TranscriptTooLarge as exc:
                         raise BackendError(FailureCode.OUTPUT_TOO_LARGE, str(exc)) from None
                 yield _done(message)

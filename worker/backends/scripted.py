@@ -30,7 +30,7 @@ from shared import sessions
 from shared.heartbeats import SandboxReport
 from shared.jobs import CompletionJob, Delta, Done, FailureCode, FinishReason, ToolCall, Usage
 from shared.settings import Settings
-from worker.backends import BackendError, BackendEvent, UsageReport
+from worker.backends import BackendError, BackendEvent, TurnWrites, UsageReport
 
 _DIRECTIVE = "script:"
 _WORDS = re.compile(r"\S+\s*")
@@ -73,7 +73,7 @@ class ScriptedBackend:
             raise BackendError(FailureCode.INTERNAL, f"invalid script: {exc.errors()[0]['msg']}") from exc
 
     async def stream(
-        self, job: CompletionJob, work: Path | None = None
+        self, job: CompletionJob, work: Path | None = None, deferred: TurnWrites | None = None
     ) -> AsyncGenerator[BackendEvent, None]:
         script = self.script_for(job)
         if script.write or script.fill or script.link or script.fifo or script.read:
