@@ -105,6 +105,9 @@ _FAILURE_HEADERS = {
         # Claude Code has waited and asked again already (CLAUDE_MAX_RETRIES): each SDK retry, a
         # new agent run, asked an overloaded API three times more (one call, nine requests).
         FailureCode.UPSTREAM_RATE_LIMITED,
+        # The caller waited QUEUE_TIMEOUT_S already: each SDK retry joined the back of the line
+        # and waited as long again (an outside probe's call took 47 s, three minutes by default).
+        FailureCode.QUEUE_TIMEOUT,
         FailureCode.TIMEOUT,
         FailureCode.STALLED,
         FailureCode.OUTPUT_TOO_LARGE,

@@ -598,6 +598,8 @@ def test_a_job_no_worker_starts_gives_its_slot_back(start_gateway: Any) -> None:
     for _ in range(2):  # the second would get 429 if the first had kept the only slot
         response = httpx.post(f"{idle.url}/v1/chat/completions", json=chat("hi"), timeout=30)
         assert_error(response, 503, "queue_timeout")
+        # It waited QUEUE_TIMEOUT_S: an SDK's retry would wait as long again, at the line's end.
+        assert response.headers["x-should-retry"] == "false"
     redis = idle.redis()
     assert not list(redis.scan_iter("gateway:jobslots:*"))
     assert not list(redis.scan_iter("gateway:job:*:slot"))
