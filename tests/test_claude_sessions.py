@@ -14,7 +14,7 @@ import pytest
 from shared import sessions
 from shared.keys import transcript_key
 from tests.conftest import Gateway, chat, claude_env, sse_data
-from tests.fake_anthropic import FakeAnthropic, Reply
+from tests.fake_anthropic import FakeAnthropic, Reply, tool_results
 
 pytestmark = pytest.mark.claude
 
@@ -141,6 +141,28 @@ def test_a_failed_turn_adds_nothing_to_the_transcript(claude_fleet: Gateway, ups
         ("assistant", "kept"),
         ("user", "second"),
     ]
+
+
+def test_a_sessions_files_keep_their_absolute_paths_on_every_worker(
+    claude_fleet: Gateway, upstream: FakeAnthropic
+) -> None:
+    """Found by an outside probe: the session's directory was at a path naming its worker, so the
+    absolute paths of earlier turns (Read, Write and Edit take no other) broke once a turn ran on
+    another worker. In the sandbox it now has one path on every worker."""
+    url = f"{claude_fleet.url}/v1/chat/completions"
+    sid = "absolute-paths"
+
+    def turn(command: str) -> list[str]:
+        """The command's output lines (the CLI may add a reminder after them)."""
+        upstream.script.extend([Reply(tool_use=("Bash", {"command": command, "description": "x"})), Reply()])
+        assert httpx.post(url, json=chat("go", session_id=sid), timeout=120).status_code == 200
+        return tool_results(upstream.requests[-1])[-1].splitlines()
+
+    where = turn("echo kept > notes.txt && pwd")[0]
+    assert where.startswith("/"), where
+    claude_fleet.start_worker()
+    _only_worker(claude_fleet)  # the next turn runs on another worker, with its own copy
+    assert turn(f"cat {where}/notes.txt && pwd")[:2] == ["kept", where]
 
 
 def test_a_turn_refused_at_its_commit_adds_nothing_to_the_transcript(

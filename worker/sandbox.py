@@ -334,8 +334,9 @@ class Sandbox:
         assert self._bwrap is not None
         view = self._isolation(["--bind", str(workspace.tmp), _TMP])
         view += ["--bind", str(workspace.root), str(workspace.root)]
-        if not cwd.is_relative_to(workspace.root):  # a session's directory, or CLAUDE_CWD
-            view += ["--bind", str(cwd), str(cwd)]
+        # A session's directory, at `cwd` (the path every worker shows it at), or CLAUDE_CWD.
+        if not (source := workspace.work or cwd).is_relative_to(workspace.root):
+            view += ["--bind", str(source), str(cwd)]
         for inside, door in doors.items():
             view += ["--bind", str(door), str(inside)]
         return [self._bwrap, *view, "--chdir", str(cwd)]

@@ -47,6 +47,14 @@ class Workspace:
         return self.root / "tmp"
 
 
+def session_view(workspace_root: Path) -> Path:
+    """Where a session's directory appears inside its job's sandbox, on every worker: the absolute
+    paths of its earlier turns (the agent's Read, Write and Edit take nothing else) still hold once
+    the session moves. They named the worker's own copy, and broke when a turn ran on another (an
+    outside probe). Outside, an empty directory: where the sandbox's launcher starts."""
+    return workspace_root.resolve() / "sessions" / "current"
+
+
 MARKER = "GATEWAY_WORKSPACE"
 _OWNER = ".worker"
 """`<directory>.worker`, beside a worker's directory: the worker process that made it (pid and
@@ -120,6 +128,8 @@ def job_workspace(
     workspace.root.mkdir(parents=True, mode=0o700)
     for directory in (workspace.cwd, workspace.config, workspace.tmp):
         directory.mkdir(parents=True, mode=0o700, exist_ok=directory == work)
+    if work is not None:
+        session_view(parent).mkdir(parents=True, exist_ok=True)
     mark_owned(workspace.root)
     if owner is not None:
         user = pwd.getpwnam(owner)

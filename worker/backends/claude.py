@@ -82,6 +82,7 @@ from worker.workspace import (
     job_workspace,
     kill_processes_of,
     remove_abandoned,
+    session_view,
 )
 
 log = logging.getLogger("gateway.worker.claude")
@@ -288,7 +289,13 @@ class ClaudeBackend:
                 yield workspace, launcher
 
     def _cwd(self, workspace: Workspace) -> Path:
-        return self._settings.claude_cwd or workspace.cwd
+        """The CLI's working directory, as it sees it: a sandboxed session's is the same on every
+        worker (`session_view`)."""
+        if self._settings.claude_cwd is not None:
+            return self._settings.claude_cwd
+        if workspace.work is not None and self._sandbox.ready:
+            return session_view(self._settings.workspace_root)
+        return workspace.cwd
 
     def _options(
         self, job: CompletionJob, workspace: Workspace, token: str | None, cli: Path | None
