@@ -57,7 +57,7 @@ def render(snapshot: Snapshot) -> str:
         lines.append(
             f"{worker.id:<40} {worker.host[:20]:<20} {worker.pid:>7} {_age(now - worker.started):>6} "
             f"{beat:>6}  {auth:<21} {_sandbox(worker.sandbox):<8} {len(worker.jobs)}/{worker.slots} "
-            f"{' '.join(worker.jobs)}"
+            f"{'draining ' if worker.draining else ''}{' '.join(worker.jobs)}"
         )
         problems += [f"  {worker.id}: {error}" for error in (checked.errors if checked else [])]
         if worker.sandbox is not None and not worker.sandbox.ready:

@@ -84,6 +84,14 @@ class Heartbeat(BaseModel):
     sandbox: SandboxReport | None = Field(
         default=None, description="Its job sandbox (None: the backend runs no CLI, or not yet started)."
     )
+    draining: bool = Field(
+        default=False, description="It is stopping: it finishes the jobs it runs and takes no other."
+    )
+
+    @property
+    def capacity(self) -> int:
+        """Jobs it can run at once now: a draining worker only those it runs."""
+        return len(self.jobs) if self.draining else self.slots
 
 
 async def beat(
@@ -99,7 +107,8 @@ async def beat(
     was then counted a free slot it did not have: a re-check probe saw it run 3 jobs on 2 slots)."""
     keys = [worker_key(heartbeat.id), WORKERS_INDEX, WORKER_LOAD]
     args: list[str | int | float] = [heartbeat.model_dump_json(), int(ttl_s * 1000), heartbeat.id]
-    args += [heartbeat.beat, heartbeat.beat - _INDEX_RETENTION_S, heartbeat.slots if load else "", int(idle)]
+    slots = 0 if heartbeat.draining else heartbeat.slots  # placement gives a draining worker nothing
+    args += [heartbeat.beat, heartbeat.beat - _INDEX_RETENTION_S, slots if load else "", int(idle)]
     await redis.register_script(_BEAT)(keys=keys, args=args)
 
 

@@ -68,7 +68,7 @@ async def queue_state(redis: Redis, queue_name: str, now: float, *, slots: int) 
 async def take_snapshot(redis: Redis, queue_name: str, *, failures: int = 10) -> Snapshot:
     now = time.time()
     workers = await alive_workers(redis)
-    slots = sum(w.slots for w in workers)
+    slots = sum(w.capacity for w in workers)
     return Snapshot(
         at=now,
         queue=await queue_state(redis, queue_name, now, slots=slots),

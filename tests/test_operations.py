@@ -251,6 +251,31 @@ def test_ready_needs_a_live_worker_and_a_killed_worker_drops_out_within_the_hear
     assert scrape(bare)["gateway_workers_alive"] == 0
 
 
+def test_a_draining_worker_counts_only_the_jobs_it_finishes(start_gateway: Any) -> None:
+    """Found by an outside probe: through a drain (SIGTERM), `/ready` said ready, and status and
+    `/metrics` counted the workers' free slots, while they took no job: a balancer sent requests
+    that waited out their queue timeout."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", JOBS_PER_WORKER="3", **HEARTBEAT)
+    wait_for(lambda: scrape(gateway)["gateway_worker_slots"] == 3, 20, "the worker's first heartbeat")
+    slow = chat(script(text="x ", tokens=60, delay_ms=50))  # 3 s
+    running = threading.Thread(
+        target=lambda: httpx.post(f"{gateway.url}/v1/chat/completions", json=slow, timeout=60)
+    )
+    running.start()
+    wait_for(lambda: scrape(gateway)["gateway_jobs_running"] == 1, 20, "the job starting")
+    [worker] = gateway.workers
+    worker.send_signal(signal.SIGTERM)
+    wait_for(lambda: httpx.get(f"{gateway.url}/ready", timeout=5).status_code == 503, 10, "/ready refusing")
+    assert httpx.get(f"{gateway.url}/ready", timeout=5).json()["error"]["code"] == "no_usable_worker"
+    assert scrape(gateway)["gateway_worker_slots"] == 1  # the job it finishes, no free one
+    [shown] = status_json(gateway)["workers"]
+    assert shown["draining"] is True
+    load = gateway.redis().hgetall("gateway:workers:load")
+    assert load[f"{shown['id']}:slots".encode()] == b"0"  # placement offers it nothing
+    running.join(timeout=60)
+    worker.wait(timeout=30)
+
+
 def test_logs_are_json_with_request_and_job_ids_in_both_processes_and_no_prompt(start_gateway: Any) -> None:
     secret = f"sk-ant-canary-{uuid.uuid4().hex}"
     gateway: Gateway = start_gateway(

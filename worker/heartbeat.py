@@ -53,10 +53,18 @@ class HeartbeatLoop:
         self.host, self.pid, self._started = host, pid, time.time()
         self.sandbox: SandboxReport | None = None
         """The backend's job sandbox, once it has started."""
+        self.draining = False
+        """Stopping on a signal: it says so at once, and placement, `/ready` and `status` stop
+        counting its free slots (they did all through a drain: an outside probe's balancer kept
+        sending requests to a fleet that took none)."""
 
     def poke(self) -> None:
         """The set of running jobs changed: beat now."""
         self._changed.set()
+
+    def drain(self) -> None:
+        self.draining = True
+        self.poke()
 
     async def run(self) -> None:
         redis = Redis.from_url(self._redis_url, socket_timeout=self._interval_s)
@@ -92,8 +100,10 @@ class HeartbeatLoop:
             backend=self._settings.backend,
             auth=self._auth,
             sandbox=self.sandbox,
+            draining=self.draining,
         )
         try:
-            await heartbeats.beat(redis, heartbeat, self._ttl_s, load=full, idle=self._idle())
+            load = full or self.draining
+            await heartbeats.beat(redis, heartbeat, self._ttl_s, load=load, idle=self._idle())
         except (RedisError, OSError) as exc:
             log.warning("heartbeat failed (%s); retrying in %.1f s", type(exc).__name__, self._interval_s)

@@ -110,6 +110,10 @@ class GatewayWorker(Worker):
                     await helper
             await self._record_exit(reason, detail)
 
+    def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
+        self.heartbeat.drain()
+        super().handle_sig_wait_for_completion(signum)
+
     def _on_stop(self, signum: signal.Signals) -> None:
         self._stop_signal = signal.Signals(signum).name
         if (running := self.ctx.get("running")) is not None:

@@ -53,9 +53,10 @@ async def ready(gateway: GatewayDep) -> dict[str, str]:
 
 
 def _runs_jobs(worker: Heartbeat) -> bool:
-    """Whether the worker takes jobs: the scripted backend needs no model credential."""
+    """Whether the worker takes jobs (not draining): the scripted backend needs no model credential."""
     auth_usable = worker.backend == "scripted" or worker.auth is None or worker.auth.valid
-    return auth_usable and (worker.sandbox is None or worker.sandbox.ready or worker.sandbox.mode == "off")
+    sandbox_usable = worker.sandbox is None or worker.sandbox.ready or worker.sandbox.mode == "off"
+    return auth_usable and sandbox_usable and not worker.draining
 
 
 @router.get("/metrics", response_class=Response)
