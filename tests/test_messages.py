@@ -189,6 +189,9 @@ _HI = [{"role": "user", "content": "hi"}]
         ({"tools": [{"name": "get_weather"}]}, "tools[0].input_schema"),
         ({"tools": [{"input_schema": {"type": "object"}}]}, "tools[0].name"),
         ({"thinking": {"type": "enabled"}}, "thinking.budget_tokens"),
+        # Found dropped by a probe: a JSON schema's output came back as free text, with a 200.
+        ({"output_format": {"type": "json_schema", "schema": {"type": "object"}}}, "output_format"),
+        ({"container": "cntr_1"}, "container"),
         ({"thinking": {"type": "enabled", "budget_tokens": 1023}}, "thinking.budget_tokens"),
         ({"thinking": {"type": "enabled", "budget_tokens": 4096}}, "max_tokens"),
         ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),

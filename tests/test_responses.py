@@ -307,6 +307,8 @@ def test_a_cancelled_response_keeps_what_it_produced(client: openai.OpenAI) -> N
             "tools",
         ),
         ({"input": "x", "include": ["message.output_text.logprobs"]}, "include"),
+        ({"input": "x", "max_tool_calls": 1}, "max_tool_calls"),  # found dropped by a probe
+        ({"input": "x", "max_tool_calls": -1}, "max_tool_calls"),
         ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0]"),
         (

@@ -57,10 +57,16 @@ class CreateMessageRequest(AgentControls):
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
+    output_format: dict[str, Any] | None = None
+    container: str | dict[str, Any] | None = None
     session_id: SessionId = None
 
     def unsupported_parameter(self) -> str | None:
         checks = {
+            # Structured outputs and code execution's container: each was dropped, and a caller
+            # asking for JSON got free text with a 200 (an outside probe).
+            "output_format": self.output_format is not None,
+            "container": self.container is not None,
             "tools": any(tool.get("type", "custom") != "custom" for tool in self.tools or []),
             "tool_choice": (self.tool_choice or {}).get("type", "auto")
             not in ("auto", "any", "tool", "none"),

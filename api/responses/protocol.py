@@ -54,6 +54,7 @@ class CreateResponseRequest(AgentControls):
     top_logprobs: int | None = None
     include: list[str] | None = None
     reasoning: dict[str, Any] | None = None
+    max_tool_calls: int | None = Field(default=None, ge=0)
     session_id: SessionId = None
 
     def unsupported_parameter(self) -> str | None:
@@ -69,6 +70,8 @@ class CreateResponseRequest(AgentControls):
             ),
             "conversation": self.conversation is not None,
             "prompt": self.prompt is not None,
+            # A bound on tool calls, which Claude Code's loop has no way to keep (a probe's was dropped).
+            "max_tool_calls": self.max_tool_calls is not None,
             "top_logprobs": bool(self.top_logprobs),
             # Encrypted reasoning is asked for by stateless agents: the reasoning items carry none.
             "include": any(extra != "reasoning.encrypted_content" for extra in self.include or []),
