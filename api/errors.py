@@ -211,7 +211,7 @@ def _param(loc: Sequence[Any]) -> str | None:
     return text
 
 
-def _validation_error(exc: RequestValidationError) -> OpenAIError:
+def _validation_error(exc: RequestValidationError, content_type: str | None) -> OpenAIError:
     errors = exc.errors()
     if errors[0]["type"] == "json_invalid":
         return OpenAIError.invalid("The request body is not valid JSON.", code="invalid_json")
@@ -220,6 +220,11 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     first = max(errors, key=lambda error: len(error["loc"]))
     param = _param(first["loc"])
     if param is None:  # the body itself: not an object, or none at all
+        if content_type is not None and "json" not in content_type.lower():  # then left unparsed
+            return OpenAIError.invalid(
+                "The request body must be a JSON object, sent with 'Content-Type: application/json'.",
+                code="invalid_json",
+            )
         return OpenAIError.invalid("The request body must be a JSON object.", code="invalid_json")
     if first["type"] == "missing":
         return OpenAIError.invalid(f"Missing required parameter: '{param}'.", param=param)
@@ -244,7 +249,7 @@ def install(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return _validation_error(exc).response(request.scope)
+        return _validation_error(exc, request.headers.get("content-type")).response(request.scope)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)

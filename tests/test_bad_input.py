@@ -58,6 +58,13 @@ class TestRejectedBeforeTheQueue:
             response = httpx.post(f"{scripted.url}{path}", content=b"", headers=headers, timeout=30)
             assert response.status_code == 400, response.text
             assert response.json()["error"]["message"] == "The request body must be a JSON object."
+        # An object sent as a form (curl -d) is left unparsed: the message says why (a probe's
+        # was told its object was none).
+        form = {"content-type": "application/x-www-form-urlencoded"}
+        for path in ("/v1/chat/completions", "/v1/messages"):
+            response = httpx.post(f"{scripted.url}{path}", content=b"{}", headers=form, timeout=30)
+            assert response.status_code == 400, response.text
+            assert "Content-Type: application/json" in response.json()["error"]["message"]
 
     def test_missing_messages(self, scripted: Gateway) -> None:
         response = post(scripted, json={"model": "claude-sonnet-4-5"})

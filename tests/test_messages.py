@@ -216,6 +216,22 @@ def test_what_anthropic_refuses_is_refused(scripted: Gateway, extra: dict[str, A
     assert param.split("[")[0] in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        ({"system": [{"type": "text"}]}, "system[0].text: Field required"),
+        ({"tools": [{"name": "x", "input_schema": "str"}]}, "tools.0.input_schema: must be an object"),
+    ],
+)
+def test_a_refusal_names_what_is_wrong(scripted: Gateway, extra: dict[str, Any], said: str) -> None:
+    """Found by a probe: a text block without its text was "not supported", and a schema that was
+    there, of the wrong type, was "Field required"."""
+    body = {"model": MODEL, "max_tokens": 100, "messages": _HI, **extra}
+    response = httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"] == said
+
+
 @pytest.mark.claude
 def test_real_path_stream(claude: Gateway, upstream: FakeAnthropic) -> None:
     # Found by an outside probe: the prompt cache's writes were counted as input tokens.

@@ -309,6 +309,7 @@ def test_a_cancelled_response_keeps_what_it_produced(client: openai.OpenAI) -> N
         ({"input": "x", "include": ["message.output_text.logprobs"]}, "include"),
         ({"input": "x", "max_tool_calls": 1}, "max_tool_calls"),  # found dropped by a probe
         ({"input": "x", "max_tool_calls": -1}, "max_tool_calls"),
+        ({"input": "x", "reasoning": {"effort": "bogus"}}, "reasoning.effort"),  # not agent.reasoning_effort
         ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0]"),
         (

@@ -32,6 +32,9 @@ stored defaults' and the operator's are one (outside probes: a 140,000-character
 names, or two lists of 100 names in four-byte characters failed the CLI's start)."""
 
 
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
 class AgentControls(BaseModel):
     """What a request asks the agent may do: extensions of the original wrapper, in every front
     end's body (the `X-Claude-*` headers set the same when a field is absent). Checked against the
@@ -47,7 +50,7 @@ class AgentControls(BaseModel):
     mcp_servers: list[Annotated[str, StringConstraints(max_length=64)]] | None = Field(
         default=None, max_length=100, description="Extension: the operator's MCP servers the job has."
     )
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    reasoning_effort: ReasoningEffort | None = None
     """Chat's own field (also set from Responses' `reasoning.effort`): Claude Code's effort;
     `none`/`minimal` also turn thinking off."""
     max_thinking_tokens: int | None = Field(default=None, ge=0)

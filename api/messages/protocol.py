@@ -77,7 +77,9 @@ class CreateMessageRequest(AgentControls):
 
 
 def _part(block: _Block, param: str) -> ContentPart:
-    if block.type == "text" and block.text is not None:
+    if block.type == "text":
+        if block.text is None:  # a kind it takes, without what it holds (a probe was told "not supported")
+            raise OpenAIError.invalid(f"{param}.text: Field required", param=f"{param}.text")
         return TextPart(type="text", text=block.text)
     source = block.source or {}
     if block.type == "image" and source.get("type") == "base64":
@@ -158,9 +160,11 @@ def _chat_tool_choice(choice: dict[str, Any] | None) -> str | dict[str, Any] | N
 def _check(body: CreateMessageRequest) -> None:
     """What Anthropic's API refuses although each field has its type (400 naming the field)."""
     for i, tool in enumerate(body.tools or []):
-        for field, kind in (("name", str), ("input_schema", dict)):
-            if not isinstance(tool.get(field), kind):
+        for field, kind, wanted in (("name", str, "a string"), ("input_schema", dict, "an object")):
+            if field not in tool:
                 raise OpenAIError.invalid(f"tools.{i}.{field}: Field required", param=f"tools[{i}].{field}")
+            if not isinstance(tool[field], kind):
+                raise OpenAIError.invalid(f"tools.{i}.{field}: must be {wanted}", param=f"tools[{i}].{field}")
     if body.thinking is not None and body.thinking.get("type", "enabled") == "enabled":
         budget = body.thinking.get("budget_tokens")
         if type(budget) is not int or budget < 1024:

@@ -65,6 +65,6 @@ def stored_request(
 def _agent(body: CreateResponseRequest) -> dict[str, Any]:
     """The agent controls, with `reasoning.effort` as the core's `reasoning_effort`."""
     agent = body.agent_controls().model_dump()
-    if (effort := (body.reasoning or {}).get("effort")) is not None and agent["reasoning_effort"] is None:
-        agent["reasoning_effort"] = effort
+    if body.reasoning is not None and body.reasoning.effort is not None and agent["reasoning_effort"] is None:
+        agent["reasoning_effort"] = body.reasoning.effort
     return agent

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from api.core.conversation import ChatMessage, ContentPart, ImagePart, TextPart
-from api.core.request import AgentControls, SessionId
+from api.core.request import AgentControls, ReasoningEffort, SessionId
 from api.core.wire import STRICT, NullIsFalse, NullIsTrue
 from api.errors import OpenAIError
 
@@ -29,6 +29,14 @@ REASONING_ID_PREFIX = "rs_"
 # OpenAI's bounds on metadata (stored with the response): 16 pairs, keys of 64 characters, values of 512.
 _MetadataKey = Annotated[str, Field(max_length=64)]
 _MetadataValue = Annotated[str, Field(max_length=512)]
+
+
+class _Reasoning(BaseModel):
+    """`reasoning`: its effort becomes the agent's (`reasoning_effort`), checked here so that a wrong
+    one is named as the caller wrote it (an outside probe was told of `agent.reasoning_effort`)."""
+
+    model_config = STRICT
+    effort: ReasoningEffort | None = None
 
 
 class CreateResponseRequest(AgentControls):
@@ -53,7 +61,7 @@ class CreateResponseRequest(AgentControls):
     prompt: dict[str, Any] | None = None
     top_logprobs: int | None = None
     include: list[str] | None = None
-    reasoning: dict[str, Any] | None = None
+    reasoning: _Reasoning | None = None
     max_tool_calls: int | None = Field(default=None, ge=0)
     session_id: SessionId = None
 
