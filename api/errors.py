@@ -73,6 +73,7 @@ FAILURE_STATUS: dict[FailureCode, tuple[int, str]] = {
     FailureCode.TIMEOUT: (504, "timeout_error"),
     FailureCode.STALLED: (504, "timeout_error"),
     FailureCode.WORKER_LOST: (502, "server_error"),
+    FailureCode.QUEUE_UNAVAILABLE: (503, "server_error"),
     FailureCode.CANCELLED: (409, "invalid_request_error"),
     FailureCode.RETRY_DIVERGED: (502, "server_error"),
     FailureCode.WORKSPACE_TOO_LARGE: (413, "invalid_request_error"),

@@ -54,6 +54,9 @@ class EventWriter:
     fails because Redis is briefly unreachable is retried for `outage_grace_s`; one refused because
     Redis is full (`maxmemory` with `noeviction`) for `full_grace_s`: Redis is there, the job keeps
     its lease, and its output waits for room as long as the job may run (writes are idempotent).
+    A write that gave up is surfaced once (by the next `emit`) and kept: the attempt's end, written
+    next, carries it, and waits for Redis up to `end_grace_s` (the job then ends with what
+    happened, not as a lost worker's).
     """
 
     LINGER_S = 0.010
@@ -66,12 +69,14 @@ class EventWriter:
         *,
         outage_grace_s: float = 30.0,
         full_grace_s: float = 600.0,
+        end_grace_s: float = 3600.0,
     ) -> None:
         self._store = store
         self._job_id = job_id
         self._attempt = attempt
         self._grace_s = outage_grace_s
         self._full_grace_s = full_grace_s
+        self._end_grace_s = end_grace_s
         self._expire_due = 0.0  # refresh the TTL on the first write, the last, and now and then
         self._seq = 0
         self._pending: list[JobEventValue] = []
@@ -112,8 +117,10 @@ class EventWriter:
             if isinstance(event, Done | Failed):
                 self.terminal = event
         if self._flushing is None or self._flushing.done():
-            if self._flushing is not None:
-                self._flushing.result()  # surface a failed write instead of losing it
+            if (flushed := self._flushing) is not None:
+                self._flushing = None
+                if self._end is None:  # else the end's write carries what the failed one held
+                    flushed.result()  # surface a failed write to the producer, once
             self._flushing = asyncio.create_task(self._flush())
 
     def finish(self, terminal: Done | Failed, end: AttemptEnd) -> None:
@@ -137,7 +144,11 @@ class EventWriter:
         while True:
             self._close_delta()
             batch, self._pending = self._pending, []
-            await self._write(batch)
+            try:
+                await self._write(batch)
+            except BaseException:
+                self._pending[:0] = batch  # written again with what follows (writes are idempotent)
+                raise
             if not (self._pending or self._texts):
                 return
             # Only more of the same text arrived during the write: a hot stream. The first of
@@ -156,7 +167,8 @@ class EventWriter:
             ttl = self._store.ttl_s
             self._expire_due = now + min(60.0, ttl / 2)
         encoded = [encode_event(event) for event in batch]
-        give_up, full_give_up = now + self._grace_s, now + self._full_grace_s
+        give_up = now + (self._end_grace_s if outcome else self._grace_s)
+        full_give_up = now + self._full_grace_s
         while True:
             try:
                 await self._store.append(

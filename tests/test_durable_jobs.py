@@ -646,6 +646,30 @@ def test_a_plain_request_that_loses_redis_says_its_job_runs_on(
     assert final["choices"][0]["message"]["content"] == "finished after all"
 
 
+def test_a_job_whose_redis_stays_away_past_the_grace_ends_as_such(
+    own_redis: EmbeddedRedis, start_gateway: Any
+) -> None:
+    """Found by an outside probe: a job whose worker lost Redis for longer than
+    REDIS_OUTAGE_GRACE_S ended as `worker_lost` ("the worker stopped"), its worker alive all along:
+    an operator was sent looking for crashed workers. The worker stops the job and writes its end,
+    `queue_unavailable`, once Redis is back."""
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", redis_url=own_redis.url, REDIS_OUTAGE_GRACE_S="1", **FAST_LEASES
+    )
+    completion_id = start_background(gateway, script(text=words(400), delay_ms=25))  # 10 s
+    wait_for(lambda: retrieve(gateway, completion_id)["status"] == "in_progress", 10, "the job starting")
+    time.sleep(0.5)  # it has output
+    own_redis.stop()
+    time.sleep(4)
+    own_redis.start()
+    ended = wait_for(
+        lambda: (body := retrieve(gateway, completion_id))["status"] == "failed" and body, 30, "the job's end"
+    )
+    assert ended["error"]["code"] == "queue_unavailable", ended["error"]
+    [worker] = gateway.workers
+    assert worker.poll() is None  # it was never lost
+
+
 def test_a_full_redis_refuses_new_jobs_and_keeps_the_running_one(
     own_redis: EmbeddedRedis, start_gateway: Any
 ) -> None:

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import logs, sessions
 from shared.events import EventWriter, Superseded, streamed_text
@@ -64,6 +66,7 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> bool
         attempt,
         outage_grace_s=settings.redis_outage_grace_s,
         full_grace_s=settings.job_timeout_s,
+        end_grace_s=settings.event_ttl_s,  # past it, the job's record is gone anyway
     )
     backend: Backend = ctx["backend"]
     control = running.add(job.id, attempt, halt=partial(backend.stop, job.id))
@@ -192,6 +195,10 @@ async def _run(
             terminal = Failed(code=FailureCode.TIMEOUT, message=message)
     except Superseded:
         raise
+    except (RedisConnectionError, RedisTimeoutError):  # a write gave up: Redis is gone past the grace
+        message = f"the gateway's Redis was out of reach for over {settings.redis_outage_grace_s:g} s"
+        log.warning("job stopped: %s", message)
+        terminal = Failed(code=FailureCode.QUEUE_UNAVAILABLE, message=message)
     except Exception:
         log.exception("job failed unexpectedly")
         terminal = Failed(code=FailureCode.INTERNAL, message="the worker failed while running the job")
