@@ -46,11 +46,19 @@ def test_arq_still_drives_the_overridden_methods_as_the_worker_expects() -> None
     assert "await self.start_jobs(job_ids)" in poll
     assert "t.result()" in poll
     assert "self.on_stop and self.on_stop(sig)" in inspect.getsource(Worker.handle_sig)
-    # Only the two overrides: nothing else of arq's worker is replaced.
+    # The drain's handler, which the worker extends (its heartbeat says it drains), stops picking jobs.
+    assert "self.allow_pick_jobs = False" in inspect.getsource(Worker.handle_sig_wait_for_completion)
+    # Only these overrides: nothing else of arq's worker is replaced.
     overridden = {
         name for name, value in vars(GatewayWorker).items() if callable(value) and name in vars(Worker)
     }
-    assert overridden == {"__init__", "main", "_poll_iteration", "start_jobs"}
+    assert overridden == {
+        "__init__",
+        "main",
+        "_poll_iteration",
+        "start_jobs",
+        "handle_sig_wait_for_completion",
+    }
 
 
 def test_the_worker_attributes_the_gateway_keeps_up_to_date_exist() -> None:
