@@ -146,9 +146,14 @@ class EventWriter:
             batch, self._pending = self._pending, []
             try:
                 await self._write(batch)
-            except BaseException:
+            except BaseException as exc:
                 self._pending[:0] = batch  # written again with what follows (writes are idempotent)
-                raise
+                # Redis out of reach past the grace: the producer is told (`emit`), unless the end
+                # is pending already, whose write carries this batch, as patiently as the end.
+                ends = isinstance(batch[-1], Done | Failed)
+                if not isinstance(exc, RedisConnectionError | RedisTimeoutError) or self._end is None or ends:
+                    raise
+                continue
             if not (self._pending or self._texts):
                 return
             # Only more of the same text arrived during the write: a hot stream. The first of

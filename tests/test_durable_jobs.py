@@ -652,20 +652,33 @@ def test_a_job_whose_redis_stays_away_past_the_grace_ends_as_such(
     """Found by an outside probe: a job whose worker lost Redis for longer than
     REDIS_OUTAGE_GRACE_S ended as `worker_lost` ("the worker stopped"), its worker alive all along:
     an operator was sent looking for crashed workers. The worker stops the job and writes its end,
-    `queue_unavailable`, once Redis is back."""
+    `queue_unavailable`, once Redis is back; a job that finished meanwhile (its last write in
+    flight when Redis went: a re-check probe found it lost too) is recorded as finished."""
     gateway: Gateway = start_gateway(
-        workers=1, BACKEND="scripted", redis_url=own_redis.url, REDIS_OUTAGE_GRACE_S="1", **FAST_LEASES
+        workers=1, BACKEND="scripted", redis_url=own_redis.url, REDIS_OUTAGE_GRACE_S="3", **FAST_LEASES
     )
-    completion_id = start_background(gateway, script(text=words(400), delay_ms=25))  # 10 s
-    wait_for(lambda: retrieve(gateway, completion_id)["status"] == "in_progress", 10, "the job starting")
-    time.sleep(0.5)  # it has output
+    running = start_background(gateway, script(text=words(600), delay_ms=25))  # 15 s
+    finishing = start_background(gateway, script(text=words(40), delay_ms=50))  # 2 s
+    wait_for(
+        lambda: all(retrieve(gateway, job)["status"] == "in_progress" for job in (running, finishing)),
+        10,
+        "the jobs starting",
+    )
+    time.sleep(0.5)  # both have output
     own_redis.stop()
-    time.sleep(4)
+    time.sleep(6)  # past the grace: the first is stopped; the second ended within it
     own_redis.start()
-    ended = wait_for(
-        lambda: (body := retrieve(gateway, completion_id))["status"] == "failed" and body, 30, "the job's end"
+    stopped = wait_for(
+        lambda: (body := retrieve(gateway, running))["status"] == "failed" and body, 30, "the first one's end"
     )
-    assert ended["error"]["code"] == "queue_unavailable", ended["error"]
+    assert stopped["error"]["code"] == "queue_unavailable", stopped["error"]
+    finished = wait_for(
+        lambda: (body := retrieve(gateway, finishing))["status"] != "in_progress" and body,
+        30,
+        "the second's end",
+    )
+    assert finished["status"] == "completed", finished.get("error")
+    assert finished["choices"][0]["message"]["content"] == words(40)
     [worker] = gateway.workers
     assert worker.poll() is None  # it was never lost
 
