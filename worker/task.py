@@ -236,20 +236,25 @@ async def _commit_turn(
     except BackendError as exc:  # over the workspace limits, or the store failed
         return Failed(code=exc.code, message=exc.message)
     holder = turn.holder if turn is not None else None
+    wrote = committed = False
     try:
         for write in deferred:
+            wrote = True
             await write()
         reply = await streamed_text(redis, job.id)
         await sessions.commit(redis, job, reply, settings.session_ttl_s, workspace=saved, holder=holder)
-    except (sessions.SessionLost, RedisError) as exc:
-        if deferred:  # a transcript with a turn the history lacks: the next turn starts one anew
-            with contextlib.suppress(RedisError):
-                await delete_transcript(redis, session.owner, session.transcript_id)
-        if isinstance(exc, sessions.SessionLost):
-            message = "The session was deleted or expired while the job ran; this reply was not added to it."
-            return Failed(code=FailureCode.INTERNAL, message=message)
+        committed = True
+    except sessions.SessionLost:
+        message = "The session was deleted or expired while the job ran; this reply was not added to it."
+        return Failed(code=FailureCode.INTERNAL, message=message)
+    except RedisError:
         log.exception("could not commit a session turn")
         return Failed(code=FailureCode.INTERNAL, message="The reply could not be added to the session.")
+    finally:
+        if wrote and not committed:  # failed, or cancelled on the way (a re-check probe's concern)
+            # A transcript with a turn the history lacks: deleted, the next turn starts one anew.
+            with contextlib.suppress(RedisError):
+                await asyncio.shield(delete_transcript(redis, session.owner, session.transcript_id))
     if turn is not None:
         turn.collect_garbage()
     return done
