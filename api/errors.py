@@ -161,8 +161,20 @@ class OpenAIError(Exception):
         metrics.count_error(self.status, self.info.code or self.info.type)
         body: dict[str, Any] = ErrorResponse(error=self.info).model_dump()
         if speaks_anthropic(scope):
-            body = anthropic_error(self.status, self.info.message)
+            body = self.anthropic()
         return JSONResponse(body, status_code=self.status, headers={**self.headers, **(headers or {})})
+
+    def anthropic(self, message: str | None = None) -> dict[str, Any]:
+        """`{"type": "error", "error": {"type", "message"}}` with Anthropic's type for the status. A
+        503 the caller should not retry is an `api_error`: Claude Code retries an
+        `overloaded_error` up to ten times whatever `x-should-retry` says, each a new agent run
+        (an outside probe: 8 jobs and 22 upstream requests for one prompt)."""
+        default = "api_error" if self.status >= 500 else "invalid_request_error"
+        kind = _ANTHROPIC_TYPES.get(self.status, default)
+        if kind == "overloaded_error" and self.headers.get("x-should-retry") == "false":
+            kind = "api_error"
+        info = AnthropicErrorInfo(type=kind, message=self.info.message if message is None else message)
+        return AnthropicErrorResponse(error=info).model_dump()
 
 
 def speaks_anthropic(scope: Scope) -> bool:
@@ -183,10 +195,6 @@ _LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
 _UNION_MEMBER = re.compile(r"[a-z-]+\[.*\]|str|int|float|bool|none|bytes|[A-Z]\w*")
 
 
-def anthropic_error(status: int, message: str) -> dict[str, Any]:
-    """`{"type": "error", "error": {"type", "message"}}` with Anthropic's type for the status."""
-    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-    return AnthropicErrorResponse(error=AnthropicErrorInfo(type=kind, message=message)).model_dump()
 
 
 def _param(loc: Sequence[Any]) -> str | None:

@@ -216,6 +216,27 @@ def test_what_anthropic_refuses_is_refused(scripted: Gateway, extra: dict[str, A
     assert param.split("[")[0] in response.json()["error"]["message"]
 
 
+def test_a_failure_not_to_retry_is_no_overloaded_error(scripted: Gateway) -> None:
+    """Found by an outside probe with Claude Code as the client: it retries an `overloaded_error`
+    up to ten times whatever `x-should-retry` says, each a new agent run. A 503 that says not to
+    retry (the model API overloaded through Claude Code's own retries, a queue timeout) is an
+    `api_error`, before the stream begins and in it."""
+    failing = script(text="a b c", fail_after=0, fail_code="upstream_rate_limited")
+    body = {"model": MODEL, "max_tokens": 100, "messages": [{"role": "user", "content": failing}]}
+    refused = httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30)
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["x-should-retry"] == "false"
+    assert refused.json()["error"]["type"] == "api_error"
+    body["messages"] = [
+        {"role": "user", "content": script(text="a b c", fail_after=1, fail_code="upstream_rate_limited")}
+    ]
+    with httpx.stream(
+        "POST", f"{scripted.url}/v1/messages", json={**body, "stream": True}, timeout=30
+    ) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == {"type": "error", "error": {"type": "api_error", "message": "scripted failure"}}
+
+
 @pytest.mark.parametrize(
     ("extra", "said"),
     [

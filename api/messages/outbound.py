@@ -13,7 +13,7 @@ from sse_starlette import ServerSentEvent
 
 from api.core.run import JobRef, Reply, Run, activity_text
 from api.core.streaming import Rendered
-from api.errors import OpenAIError, anthropic_error
+from api.errors import OpenAIError
 from api.messages.protocol import (
     MESSAGE_ID_PREFIX,
     Message,
@@ -68,9 +68,9 @@ _OPENAI_NEXT_STEPS = ("server_shutting_down", "queue_unavailable", "retry_diverg
 its event ids or retrieve the job by id: neither is open to a Messages client."""
 
 
-def _error(status: int, message: str) -> ServerSentEvent:
-    """An error after the headers: Anthropic's error event, typed as its status would be."""
-    return _event("error", error=anthropic_error(status, message)["error"])
+def _error(error: OpenAIError, message: str | None = None) -> ServerSentEvent:
+    """An error after the headers: Anthropic's error event, typed as its response would be."""
+    return _event("error", error=error.anthropic(message)["error"])
 
 
 class MessageStream:
@@ -115,8 +115,7 @@ class MessageStream:
             delta = {"type": "thinking_delta", "thinking": activity_text(event)}
             return [*self._block("thinking"), _event("content_block_delta", index=self._index, delta=delta)]
         if not isinstance(event, Done):
-            error = OpenAIError.from_failure(event)
-            return [_error(error.status, error.info.message)]
+            return [_error(OpenAIError.from_failure(event))]
         events = self._close()
         for block in tool_use_blocks(event.tool_calls):
             # Each call arrives whole: its input is one JSON delta.
@@ -139,7 +138,7 @@ class MessageStream:
                 f"{message.partition(';')[0]}; a Messages stream cannot be resumed or retrieved: "
                 "send the request again."
             )
-        return [_error(error.status, message)]
+        return [_error(error, message)]
 
     def closing(self) -> list[ServerSentEvent]:
         return []
