@@ -195,8 +195,6 @@ _LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
 _UNION_MEMBER = re.compile(r"[a-z-]+\[.*\]|str|int|float|bool|none|bytes|[A-Z]\w*")
 
 
-
-
 def _param(loc: Sequence[Any]) -> str | None:
     """The parameter a validation error's `loc` names, as the client wrote it: without the part
     of the request (`body`, `query`, ...) or pydantic's names of a union's members (`str`,

@@ -114,3 +114,8 @@ def test_thinking_and_effort_map_onto_claude_code_within_the_operators_cap(
         refused = send(policed, front_end, "think", **extra)  # above CLAUDE_MAX_EFFORT (high)
         assert refused.status_code == 400, refused.text
         assert refused.json()["error"]["code"] == "reasoning_effort_too_high"
+    # Messages' own effort (`output_config`, as Claude Code sends it) was dropped (an outside probe).
+    assert send(policed, "messages", "think", output_config={"effort": "medium"}).status_code == 200
+    refused = send(policed, "messages", "think", output_config={"effort": "xhigh"})
+    assert refused.status_code == 400, refused.text
+    assert "effort" in refused.json()["error"]["message"]

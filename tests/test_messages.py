@@ -192,6 +192,7 @@ _HI = [{"role": "user", "content": "hi"}]
         # Found dropped by a probe: a JSON schema's output came back as free text, with a 200.
         ({"output_format": {"type": "json_schema", "schema": {"type": "object"}}}, "output_format"),
         ({"container": "cntr_1"}, "container"),
+        ({"output_config": {"format": {"type": "json_schema", "schema": {}}}}, "output_config.format"),
         ({"thinking": {"type": "enabled", "budget_tokens": 1023}}, "thinking.budget_tokens"),
         ({"thinking": {"type": "enabled", "budget_tokens": 4096}}, "max_tokens"),
         ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field
 
 from api.core.conversation import ChatMessage, ContentPart, ImagePart, TextPart
-from api.core.request import AgentControls, CompletionRequest, SessionId
+from api.core.request import AgentControls, CompletionRequest, ReasoningEffort, SessionId
 from api.core.wire import STRICT
 from api.errors import OpenAIError
 from shared.jobs import Done, FinishReason, ToolCall, Usage
@@ -43,6 +43,15 @@ class AnthropicMessage(BaseModel):
     content: str | list[_Block]
 
 
+class _OutputConfig(BaseModel):
+    """`output_config`: `effort` is the agent's (`reasoning_effort`); `format` (structured outputs)
+    is refused. Claude Code sends `effort` to newer models; it was dropped (an outside probe)."""
+
+    model_config = STRICT
+    effort: ReasoningEffort | None = None
+    format: dict[str, Any] | None = None
+
+
 class CreateMessageRequest(AgentControls):
     model: str
     messages: list[AnthropicMessage] = Field(min_length=1)
@@ -58,6 +67,7 @@ class CreateMessageRequest(AgentControls):
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
     output_format: dict[str, Any] | None = None
+    output_config: _OutputConfig | None = None
     container: str | dict[str, Any] | None = None
     session_id: SessionId = None
 
@@ -66,6 +76,7 @@ class CreateMessageRequest(AgentControls):
             # Structured outputs and code execution's container: each was dropped, and a caller
             # asking for JSON got free text with a 200 (an outside probe).
             "output_format": self.output_format is not None,
+            "output_config.format": self.output_config is not None and self.output_config.format is not None,
             "container": self.container is not None,
             "tools": any(tool.get("type", "custom") != "custom" for tool in self.tools or []),
             "tool_choice": (self.tool_choice or {}).get("type", "auto")
@@ -248,6 +259,8 @@ def _agent(body: CreateMessageRequest) -> dict[str, Any]:
         agent["max_thinking_tokens"] = thinking.get("budget_tokens") if thinking["type"] == "enabled" else 0
     if agent["include_reasoning"] is None:
         agent["include_reasoning"] = thinking.get("type") in ("enabled", "adaptive")
+    if agent["reasoning_effort"] is None and body.output_config is not None:
+        agent["reasoning_effort"] = body.output_config.effort
     return agent
 
 
