@@ -605,12 +605,14 @@ def test_a_frozen_redis_gets_requests_a_503_not_a_hang(own_redis: EmbeddedRedis,
     _streams_through(gateway, freeze)
 
 
-def test_a_plain_request_that_loses_redis_says_its_job_runs_on(
-    own_redis: EmbeddedRedis, start_gateway: Any
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_that_loses_redis_before_its_answer_says_its_job_runs_on(
+    own_redis: EmbeddedRedis, start_gateway: Any, stream: bool
 ) -> None:
     """Found by an outside probe: a non-streamed request whose Redis froze for longer than
     REDIS_OUTAGE_GRACE_S got a plain 503, which the OpenAI and Anthropic SDKs retry, while its job
-    ran on and completed: the agent ran twice. The 503 now says not to retry, and names the job."""
+    ran on and completed: the agent ran twice. The 503 now says not to retry, and names the job;
+    so does a stream's, before its first token (a re-check probe found it still a plain 503)."""
     gateway: Gateway = start_gateway(
         workers=1,
         BACKEND="scripted",
@@ -622,7 +624,7 @@ def test_a_plain_request_that_loses_redis_says_its_job_runs_on(
     server = own_redis.process
     assert server is not None
     answers: list[httpx.Response] = []
-    body = chat(script(text="finished after all", wait_ms=8000))
+    body = chat(script(text="finished after all", wait_ms=8000), stream=stream)
     asking = threading.Thread(
         target=lambda: answers.append(httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60))
     )

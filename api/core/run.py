@@ -207,6 +207,15 @@ class Run:
         for job in self.jobs:
             await self.gateway.store.stop(job.id, withdraw_only=False, failure=failure)
 
+    def queue_lost(self) -> OpenAIError:
+        """For a request that lost Redis past `REDIS_OUTAGE_GRACE_S` before it answered: its job
+        may run on, and an SDK's retry of a plain 503 would run the agent again."""
+        message = (
+            f"The gateway lost touch with its queue (Redis) while job {self.job.id} ran; it may still "
+            "complete: retrieve it by its id rather than send the request again."
+        )
+        return OpenAIError(503, message, type="server_error", code="queue_unavailable", headers=NO_RETRY)
+
     async def collect(self) -> list[Reply]:
         """Each choice's whole reply; raises the first failure (and a reply that breaks the format)."""
         events: list[list[JobEventValue]] = [[] for _ in self.jobs]
@@ -225,14 +234,7 @@ class Run:
                             text, _ = reply_of(kept)
                             replies[choice] = Reply(text, event, kept)
         except (RedisConnectionError, RedisTimeoutError) as exc:  # longer than REDIS_OUTAGE_GRACE_S
-            # The job runs on: an SDK's retry of a plain 503 would run the agent again.
-            message = (
-                f"The gateway lost touch with its queue (Redis) while job {self.job.id} ran; it may still "
-                "complete: retrieve it by its id rather than send the request again."
-            )
-            raise OpenAIError(
-                503, message, type="server_error", code="queue_unavailable", headers=NO_RETRY
-            ) from exc
+            raise self.queue_lost() from exc
         except BaseException:
             if len(self.jobs) > 1:
                 await self.cancel("Another choice of the request failed.")

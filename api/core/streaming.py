@@ -20,7 +20,9 @@ from functools import partial
 from typing import Annotated, Any, Protocol
 
 from fastapi import Query
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sse_starlette import ServerSentEvent
 
 from api.core.relay import KeepAlive
@@ -96,7 +98,10 @@ async def event_stream(
         events = _checked(run, await run.collect())
     if live:
         with run.gateway.streams.waiting(run.shutting_down):
-            first = await first_events(events, settings.stream_commit_after_s)
+            try:
+                first = await first_events(events, settings.stream_commit_after_s)
+            except (RedisConnectionError, RedisTimeoutError) as exc:  # longer than REDIS_OUTAGE_GRACE_S
+                raise run.queue_lost() from exc  # before the headers: as a plain request's (a probe)
     else:
         first = None
 
