@@ -167,9 +167,10 @@ def _presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
     presented: set[str] = set()
     for name, value in headers:
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                presented.add(token.strip())
+            # Any whitespace after the scheme, as HTTP allows (a tab let a second key past a probe).
+            parts = value.decode("latin-1").split(maxsplit=1)
+            if len(parts) == 2 and parts[0].lower() == "bearer":
+                presented.add(parts[1].strip())
         elif name == b"x-api-key" and value.strip():
             presented.add(value.decode("latin-1").strip())
     if len(presented) > 1:

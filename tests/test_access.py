@@ -104,6 +104,7 @@ def test_missing_or_wrong_key_is_refused(guarded: Gateway) -> None:
         [("authorization", f"Bearer {CONFIGURED_KEY}"), ("authorization", "Bearer not-a-key")],
         [("authorization", "Bearer not-a-key"), ("authorization", f"Bearer {CONFIGURED_KEY}")],
         [("authorization", f"Bearer {CONFIGURED_KEY}"), ("x-api-key", "not-a-key")],
+        [("authorization", f"Bearer\t{CONFIGURED_KEY}"), ("x-api-key", "not-a-key")],  # a re-check probe
     ]
     for headers in ambiguous:
         refused = httpx.get(models, headers=headers)
@@ -111,6 +112,8 @@ def test_missing_or_wrong_key_is_refused(guarded: Gateway) -> None:
         assert "more than one API key" in refused.json()["error"]["message"]
     same = [("authorization", f"Bearer {CONFIGURED_KEY}"), ("x-api-key", CONFIGURED_KEY)]
     assert httpx.get(models, headers=same).status_code == 200
+    empty_line = [("authorization", ""), ("x-api-key", CONFIGURED_KEY)]
+    assert httpx.get(models, headers=empty_line).status_code == 200
 
 
 def test_service_wide_views_need_an_operator_key_and_ready_needs_none(start_gateway: Any) -> None:
