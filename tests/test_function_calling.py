@@ -287,6 +287,31 @@ def test_every_call_needs_its_result_and_every_result_a_call_on_every_front_end(
 
 
 @pytest.mark.claude
+def test_a_function_with_a_long_name_is_offered_shortened_and_called_by_its_own(
+    claude: Gateway, upstream: FakeAnthropic
+) -> None:
+    """Found by an outside probe with Claude Code as the client: its MCP tools, sent as functions
+    (`mcp__<server>__<tool>`), often pass the 50 characters the backend's prefix left, and every
+    request of its session was a 400. Up to the model API's 64 are taken; a name longer than fits
+    after the prefix is offered shortened, and its calls come back by the function's own name."""
+    name = "mcp__plugin_github_github__list_pull_request_review_comments"  # 60 characters
+    function = {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+    offered_as = "mcp__caller__" + caller_functions.tool_name(name)
+    assert len(offered_as) <= 64  # the model API's bound
+    assert offered_as != "mcp__caller__" + name
+    upstream.default = Reply(tool_use=(offered_as, {"pr": 7}))
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "List them"}], "tools": [function]}
+    response = httpx.post(f"{claude.url}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    [call] = response.json()["choices"][0]["message"]["tool_calls"]
+    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == (name, {"pr": 7})
+    assert offered_as in [tool["name"] for tool in upstream.requests[-1]["tools"]]
+    too_long = {"type": "function", "function": {"name": "x" * 65}}
+    refused = httpx.post(f"{claude.url}/v1/chat/completions", json={**body, "tools": [too_long]}, timeout=30)
+    assert refused.status_code == 400, refused.text
+
+
+@pytest.mark.claude
 def test_real_path_offers_the_function_and_returns_the_call(claude: Gateway, upstream: FakeAnthropic) -> None:
     upstream.default = Reply(tool_use=("mcp__caller__get_weather", {"city": "Paris"}))
     client = openai.OpenAI(base_url=f"{claude.url}/v1", api_key="unused", max_retries=0, timeout=60)

@@ -9,6 +9,7 @@ another model request and tools of its own, unseen and unbilled, before the clos
 """
 
 import asyncio
+import hashlib
 import json
 from typing import Any
 
@@ -19,6 +20,19 @@ from shared.jobs import CompletionJob, ToolCall
 
 SERVER = "caller"
 _PREFIX = f"mcp__{SERVER}__"
+_ROOM = 64 - len(_PREFIX) - 1
+"""What the model API's 64 characters of a tool's name leave a function's (less one, kept spare)."""
+
+
+def tool_name(function: str) -> str:
+    """The name Claude Code offers a caller's function by (after its prefix): the function's own,
+    or, for one longer than fits, its start and a hash of the whole. Claude Code as a client sends
+    its MCP tools (`mcp__<server>__<tool>`) as functions, and these often pass 50 characters (an
+    outside probe: every request of its session was a 400)."""
+    if len(function) <= _ROOM:
+        return function
+    digest = hashlib.sha256(function.encode()).hexdigest()[:8]
+    return f"{function[: _ROOM - 9]}_{digest}"
 
 
 _UNANSWERED_S = 60.0
@@ -38,21 +52,23 @@ def servers(job: CompletionJob) -> dict[str, McpServerConfig]:
 
 
 def tools(job: CompletionJob) -> list[SdkMcpTool[Any]]:
-    return [SdkMcpTool(f.name, f.description, f.parameters, _returned_to_caller) for f in job.functions]
+    return [
+        SdkMcpTool(tool_name(f.name), f.description, f.parameters, _returned_to_caller) for f in job.functions
+    ]
 
 
 def tool_names(job: CompletionJob) -> list[str]:
     """The functions' tool names, to pre-approve (the CLI never asks anyone)."""
-    return [_PREFIX + f.name for f in job.functions]
+    return [_PREFIX + tool_name(f.name) for f in job.functions]
 
 
 def calls_in(message: AssistantMessage, job: CompletionJob) -> list[ToolCall]:
     """The calls to the caller's functions in an assistant message: only to functions the job
     offers (what the CLI reports is within its tools' reach: an outside probe forged calls to
     functions no request declared)."""
-    offered = {_PREFIX + function.name for function in job.functions}
+    offered = {_PREFIX + tool_name(function.name): function.name for function in job.functions}
     return [
-        ToolCall(id=block.id, name=block.name.removeprefix(_PREFIX), arguments=json.dumps(block.input))
+        ToolCall(id=block.id, name=offered[block.name], arguments=json.dumps(block.input))
         for block in message.content
         if isinstance(block, ToolUseBlock) and block.name in offered
     ]
