@@ -238,6 +238,30 @@ def test_a_failure_not_to_retry_is_no_overloaded_error(scripted: Gateway) -> Non
     assert events[-1] == {"type": "error", "error": {"type": "api_error", "message": "scripted failure"}}
 
 
+def test_a_tool_search_result_reaches_the_model(scripted: Gateway) -> None:
+    """Found by an outside probe with Claude Code as the client: its tool search answers with
+    `tool_reference` blocks, which were refused, and Claude Code gave its tool search up for the
+    session after three 400s. The model here has every function already: the find is text."""
+    search = {"type": "tool_use", "id": "toolu_1", "name": "ToolSearch", "input": {"query": "github"}}
+    found = [{"type": "tool_reference", "tool_name": "mcp__github__list_issues"}]
+    messages = [
+        {"role": "user", "content": "Find the GitHub tool"},
+        {"role": "assistant", "content": [search]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": found},
+                {"type": "text", "text": script(text="", echo=True)},
+            ],
+        },
+    ]
+    tools = [{"name": "ToolSearch", "input_schema": {"type": "object"}}]
+    body = {"model": MODEL, "max_tokens": 1000, "messages": messages, "tools": tools}
+    answered = httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30)
+    assert answered.status_code == 200, answered.text
+    assert "Tool found: mcp__github__list_issues" in answered.json()["content"][0]["text"]
+
+
 @pytest.mark.parametrize(
     ("extra", "said"),
     [

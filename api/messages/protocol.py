@@ -35,6 +35,7 @@ class _Block(BaseModel):
     tool_use_id: str | None = None
     content: str | list[dict[str, Any]] | None = None
     is_error: bool | None = None
+    tool_name: str | None = None  # a tool_reference (in a tool_result): a tool search's find
 
 
 class AnthropicMessage(BaseModel):
@@ -88,6 +89,11 @@ class CreateMessageRequest(AgentControls):
 
 
 def _part(block: _Block, param: str) -> ContentPart:
+    if block.type == "tool_reference" and block.tool_name:
+        # Claude Code's tool search answers with the tools it found, for the model API to load.
+        # The model here has every function offered already: the find is said in words (it was
+        # refused, and Claude Code gave up its tool search for the session: an outside probe).
+        return TextPart(type="text", text=f"Tool found: {block.tool_name[:64]}")
     if block.type == "text":
         if block.text is None:  # a kind it takes, without what it holds (a probe was told "not supported")
             raise OpenAIError.invalid(f"{param}.text: Field required", param=f"{param}.text")
