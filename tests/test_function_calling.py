@@ -290,23 +290,46 @@ def test_every_call_needs_its_result_and_every_result_a_call_on_every_front_end(
 def test_a_function_with_a_long_name_is_offered_shortened_and_called_by_its_own(
     claude: Gateway, upstream: FakeAnthropic
 ) -> None:
-    """Found by an outside probe with Claude Code as the client: its MCP tools, sent as functions
-    (`mcp__<server>__<tool>`), often pass the 50 characters the backend's prefix left, and every
-    request of its session was a 400. Up to the model API's 64 are taken; a name longer than fits
-    after the prefix is offered shortened, and its calls come back by the function's own name."""
-    name = "mcp__plugin_github_github__list_pull_request_review_comments"  # 60 characters
+    """Found by outside probes with Claude Code as the client: its MCP tools, sent as functions
+    (`mcp__<server>__<tool>`), often pass the 50 characters the backend's prefix left (then the 64
+    allowed next), and every request of its session was a 400. Up to 128 are taken; a name longer
+    than fits after the prefix is offered shortened (never as another function's name, which took
+    its calls: a re-check probe), and its calls come back by the function's own name."""
+    name = "mcp__plugin_github_github__list_pull_request_review_comments_of_the_repository"  # 79
+    job = CompletionJob(request_id="r", model=MODEL, turns=[Turn(role="user", text="x")])
+    shortened = next(
+        iter(
+            caller_functions.offered_names(
+                job.model_copy(update={"functions": [FunctionTool(name=name, description="", parameters={})]})
+            )
+        )
+    )
+    impostor = {"type": "function", "function": {"name": shortened, "parameters": {"type": "object"}}}
     function = {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
-    offered_as = "mcp__caller__" + caller_functions.tool_name(name)
-    assert len(offered_as) <= 64  # the model API's bound
-    assert offered_as != "mcp__caller__" + name
-    upstream.default = Reply(tool_use=(offered_as, {"pr": 7}))
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "List them"}], "tools": [function]}
+    upstream.default = Reply(tool_use=("mcp__caller__" + shortened, {"pr": 7}))
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "List them"}],
+        "tools": [impostor, function],
+    }
     response = httpx.post(f"{claude.url}/v1/chat/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     [call] = response.json()["choices"][0]["message"]["tool_calls"]
-    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == (name, {"pr": 7})
-    assert offered_as in [tool["name"] for tool in upstream.requests[-1]["tools"]]
-    too_long = {"type": "function", "function": {"name": "x" * 65}}
+    assert call["function"]["name"] == shortened  # the impostor's own name: the long one went elsewhere
+    offered = {
+        tool["name"]: tool
+        for tool in upstream.requests[-1]["tools"]
+        if tool["name"].startswith("mcp__caller__")
+    }
+    assert len(offered) == 2
+    assert all(len(tool) <= 64 for tool in offered)  # the model API's bound
+    [long_one] = [tool for tool in offered.values() if tool["name"] != "mcp__caller__" + shortened]
+    assert long_one["description"].startswith(f"The function {name}.")  # as a tool_choice names it
+    upstream.default = Reply(tool_use=(long_one["name"], {"pr": 8}))
+    answered = httpx.post(f"{claude.url}/v1/chat/completions", json=body, timeout=120)
+    [call] = answered.json()["choices"][0]["message"]["tool_calls"]
+    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == (name, {"pr": 8})
+    too_long = {"type": "function", "function": {"name": "x" * 129}}
     refused = httpx.post(f"{claude.url}/v1/chat/completions", json={**body, "tools": [too_long]}, timeout=30)
     assert refused.status_code == 400, refused.text
 

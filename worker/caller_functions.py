@@ -24,15 +24,22 @@ _ROOM = 64 - len(_PREFIX) - 1
 """What the model API's 64 characters of a tool's name leave a function's (less one, kept spare)."""
 
 
-def tool_name(function: str) -> str:
-    """The name Claude Code offers a caller's function by (after its prefix): the function's own,
-    or, for one longer than fits, its start and a hash of the whole. Claude Code as a client sends
-    its MCP tools (`mcp__<server>__<tool>`) as functions, and these often pass 50 characters (an
-    outside probe: every request of its session was a 400)."""
-    if len(function) <= _ROOM:
-        return function
-    digest = hashlib.sha256(function.encode()).hexdigest()[:8]
-    return f"{function[: _ROOM - 9]}_{digest}"
+def offered_names(job: CompletionJob) -> dict[str, str]:
+    """The name Claude Code offers each of the job's functions by (after its prefix) → the
+    function's own: its own, or, for one longer than fits, its start and a hash of the whole (and
+    of a count, should that be another function's name: a re-check probe's call went to the wrong
+    function). Claude Code as a client sends its MCP tools (`mcp__<server>__<tool>`) as functions,
+    and these often pass 50 characters (an outside probe: every request of its session was a 400)."""
+    offered = {f.name: f.name for f in job.functions if len(f.name) <= _ROOM}
+    for function in job.functions:
+        salt = 0
+        while len(function.name) > _ROOM:
+            digest = hashlib.sha256(f"{function.name}\n{salt}".encode()).hexdigest()[:8]
+            if (short := f"{function.name[: _ROOM - 9]}_{digest}") not in offered:
+                offered[short] = function.name
+                break
+            salt += 1
+    return offered
 
 
 _UNANSWERED_S = 60.0
@@ -52,21 +59,28 @@ def servers(job: CompletionJob) -> dict[str, McpServerConfig]:
 
 
 def tools(job: CompletionJob) -> list[SdkMcpTool[Any]]:
-    return [
-        SdkMcpTool(tool_name(f.name), f.description, f.parameters, _returned_to_caller) for f in job.functions
-    ]
+    """One tool per function; a shortened one's description names the function, as the request's
+    own words do (a `tool_choice`, earlier calls)."""
+    functions = {f.name: f for f in job.functions}
+    tools = []
+    for offered, name in offered_names(job).items():
+        about = functions[name].description
+        if offered != name:
+            about = f"The function {name}. {about}".rstrip()
+        tools.append(SdkMcpTool(offered, about, functions[name].parameters, _returned_to_caller))
+    return tools
 
 
 def tool_names(job: CompletionJob) -> list[str]:
     """The functions' tool names, to pre-approve (the CLI never asks anyone)."""
-    return [_PREFIX + tool_name(f.name) for f in job.functions]
+    return [_PREFIX + offered for offered in offered_names(job)]
 
 
 def calls_in(message: AssistantMessage, job: CompletionJob) -> list[ToolCall]:
     """The calls to the caller's functions in an assistant message: only to functions the job
     offers (what the CLI reports is within its tools' reach: an outside probe forged calls to
     functions no request declared)."""
-    offered = {_PREFIX + tool_name(function.name): function.name for function in job.functions}
+    offered = {_PREFIX + short: name for short, name in offered_names(job).items()}
     return [
         ToolCall(id=block.id, name=offered[block.name], arguments=json.dumps(block.input))
         for block in message.content

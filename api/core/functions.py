@@ -17,7 +17,7 @@ from api.core.request import CompletionRequest
 from api.errors import OpenAIError
 from shared.jobs import CompletionJob, FunctionTool
 
-_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # the model API's (a backend shortens what it must)
+_NAME = re.compile(r"[a-zA-Z0-9_-]{1,128}")  # as Claude Code takes them (a backend shortens what it must)
 MAX_FUNCTIONS = 128
 """OpenAI's limit. Their names go on Claude Code's command line: 3,000 of them were over what
 Linux takes in one argument, and the CLI did not start (an outside probe)."""
@@ -44,7 +44,7 @@ def _function(spec: Any, param: str) -> FunctionTool:
         or not _NAME.fullmatch(spec["name"])
     ):
         raise OpenAIError.invalid(
-            "A function needs a 'name' of 1 to 64 letters, digits, '_' or '-'.", param=f"{param}.name"
+            "A function needs a 'name' of 1 to 128 letters, digits, '_' or '-'.", param=f"{param}.name"
         )
     parameters = spec.get("parameters") or {"type": "object", "properties": {}}
     if not isinstance(parameters, dict):

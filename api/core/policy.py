@@ -143,7 +143,8 @@ def _effort(body: AgentControls, settings: Settings) -> Effort | None:
     cap = settings.claude_max_effort
     if EFFORTS.index(effort) > EFFORTS.index(cap):
         raise OpenAIError.invalid(
-            f"Reasoning effort may be at most '{cap}' on this gateway.",
+            f"Reasoning effort (reasoning_effort, Responses' reasoning.effort, Messages' "
+            f"output_config.effort) may be at most '{cap}' on this gateway.",
             param="reasoning_effort",
             code="reasoning_effort_too_high",
         )
