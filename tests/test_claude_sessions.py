@@ -126,14 +126,26 @@ def test_a_session_continues_across_workers_and_restarts(
     assert not redis.keys(f"{transcript}*")
 
 
-def test_a_failed_turn_adds_nothing_to_the_transcript(claude_fleet: Gateway, upstream: FakeAnthropic) -> None:
+@pytest.mark.parametrize("failing", ["upstream", "workspace"])
+def test_a_failed_turn_adds_nothing_to_the_transcript(
+    claude_fleet: Gateway, upstream: FakeAnthropic, failing: str
+) -> None:
+    """A turn that fails adds nothing: also one refused at its commit, whose files went over
+    WORKSPACE_MAX_BYTES (found by an outside probe: it got 413, "nothing was saved", after its
+    transcript had been stored at the CLI's result, and every later turn, on any worker, resumed
+    a turn the session never had: a file the model believed made)."""
     url = f"{claude_fleet.url}/v1/chat/completions"
-    sid = "acceptance-2"
+    sid = f"failed-turn-{failing}"
     upstream.default = Reply(tokens=["kept"])
     assert httpx.post(url, json=chat("first", session_id=sid), timeout=120).status_code == 200
-    upstream.default = Reply(status=500)
+    if failing == "upstream":
+        upstream.default, status = Reply(status=500), 502
+    else:
+        too_big = Reply(tool_use=("Bash", {"command": "truncate -s 200M big.bin", "description": "fill"}))
+        upstream.script.extend([too_big, Reply(tokens=["made it"])])
+        status = 413
     failed = httpx.post(url, json=chat("lost", session_id=sid), timeout=120)
-    assert failed.status_code == 502
+    assert failed.status_code == status, failed.text
     upstream.default = Reply(tokens=["again"])
     assert httpx.post(url, json=chat("second", session_id=sid), timeout=120).status_code == 200
     assert _conversation(upstream.requests[-1]) == [
@@ -163,30 +175,6 @@ def test_a_sessions_files_keep_their_absolute_paths_on_every_worker(
     claude_fleet.start_worker()
     _only_worker(claude_fleet)  # the next turn runs on another worker, with its own copy
     assert turn(f"cat {where}/notes.txt && pwd")[:2] == ["kept", where]
-
-
-def test_a_turn_refused_at_its_commit_adds_nothing_to_the_transcript(
-    claude_fleet: Gateway, upstream: FakeAnthropic
-) -> None:
-    """Found by an outside probe: a turn whose files went over WORKSPACE_MAX_BYTES was refused (413,
-    "nothing was saved") after its transcript had been stored at the CLI's result, and every later
-    turn, on any worker, resumed a turn the session never had (a file the model believed made)."""
-    url = f"{claude_fleet.url}/v1/chat/completions"
-    sid = "refused-at-commit"
-    upstream.default = Reply(tokens=["kept"])
-    assert httpx.post(url, json=chat("first", session_id=sid), timeout=120).status_code == 200
-    too_big = Reply(tool_use=("Bash", {"command": "truncate -s 200M big.bin", "description": "fill"}))
-    upstream.script.extend([too_big, Reply(tokens=["made it"])])
-    refused = httpx.post(url, json=chat("make a big file", session_id=sid), timeout=120)
-    assert refused.status_code == 413, refused.text
-    assert refused.json()["error"]["code"] == "workspace_too_large"
-    upstream.default = Reply(tokens=["again"])
-    assert httpx.post(url, json=chat("second", session_id=sid), timeout=120).status_code == 200
-    assert _conversation(upstream.requests[-1]) == [
-        ("user", "first"),
-        ("assistant", "kept"),
-        ("user", "second"),
-    ]
 
 
 def test_a_turn_cut_by_max_tokens_is_continued(claude_fleet: Gateway, upstream: FakeAnthropic) -> None:
