@@ -279,6 +279,28 @@ def test_a_refusal_names_what_is_wrong(scripted: Gateway, extra: dict[str, Any],
 
 
 @pytest.mark.claude
+def test_a_system_message_between_turns_joins_the_system_prompt(
+    claude: Gateway, upstream: FakeAnthropic
+) -> None:
+    """Found by an outside probe with Claude Code as the client: its mid-conversation system
+    messages (`role: "system"`) were refused, each session's first costing a round trip."""
+    upstream.default = Reply(tokens=["Bonjour"])
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "system", "content": "From now on, answer in French."},
+        {"role": "user", "content": "and now?"},
+    ]
+    body = {"model": MODEL, "max_tokens": 100, "messages": messages}
+    answered = httpx.post(f"{claude.url}/v1/messages", json=body, timeout=120)
+    assert answered.status_code == 200, answered.text
+    assert "From now on, answer in French." in system_text(upstream.requests[-1])
+    messages[2]["content"] = [{"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]
+    refused = httpx.post(f"{claude.url}/v1/messages", json=body, timeout=30)
+    assert refused.status_code == 400, refused.text
+
+
+@pytest.mark.claude
 def test_real_path_stream(claude: Gateway, upstream: FakeAnthropic) -> None:
     # Found by an outside probe: the prompt cache's writes were counted as input tokens.
     cache = {"cache_write_tokens": 500, "cache_read_tokens": 1000}

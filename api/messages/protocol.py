@@ -40,7 +40,9 @@ class _Block(BaseModel):
 
 class AnthropicMessage(BaseModel):
     model_config = STRICT
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
+    """`system` in the conversation (Claude Code's mid-conversation instructions, refused before:
+    an outside probe): it joins the system prompt, as chat's system messages do."""
     content: str | list[_Block]
 
 
@@ -202,6 +204,12 @@ def _check(body: CreateMessageRequest) -> None:
                 "final assistant message",
                 param=f"messages[{index}].content",
             )
+        if message.role == "system":  # instructions between turns: the calls' pairing goes on past them
+            if any(block.type != "text" for block in blocks):
+                raise OpenAIError.invalid(
+                    f"messages.{index}: a system message holds text only", param=f"messages[{index}].content"
+                )
+            continue
         if orphans := [
             b.tool_use_id for b in blocks if b.type == "tool_result" and b.tool_use_id not in called
         ]:
