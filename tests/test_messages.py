@@ -267,6 +267,10 @@ def test_a_tool_search_result_reaches_the_model(scripted: Gateway) -> None:
     [
         ({"system": [{"type": "text"}]}, "system[0].text: Field required"),
         ({"tools": [{"name": "x", "input_schema": "str"}]}, "tools.0.input_schema: must be an object"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "tool_reference"}]}]},
+            "messages[0].content[0].tool_name: Field required",
+        ),
     ],
 )
 def test_a_refusal_names_what_is_wrong(scripted: Gateway, extra: dict[str, Any], said: str) -> None:

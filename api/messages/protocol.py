@@ -91,11 +91,13 @@ class CreateMessageRequest(AgentControls):
 
 
 def _part(block: _Block, param: str) -> ContentPart:
-    if block.type == "tool_reference" and block.tool_name:
+    if block.type == "tool_reference":
         # Claude Code's tool search answers with the tools it found, for the model API to load.
         # The model here has every function offered already: the find is said in words (it was
         # refused, and Claude Code gave up its tool search for the session: an outside probe).
-        return TextPart(type="text", text=f"Tool found: {block.tool_name[:64]}")
+        if not block.tool_name:
+            raise OpenAIError.invalid(f"{param}.tool_name: Field required", param=f"{param}.tool_name")
+        return TextPart(type="text", text=f"Tool found: {block.tool_name[:128]}")
     if block.type == "text":
         if block.text is None:  # a kind it takes, without what it holds (a probe was told "not supported")
             raise OpenAIError.invalid(f"{param}.text: Field required", param=f"{param}.text")
