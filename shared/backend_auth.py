@@ -299,7 +299,12 @@ def _check_login(settings: Settings, now: float) -> BackendAuth:
     try:
         login = read_login(path)
     except LoginError as exc:
-        hint = "set CLAUDE_CODE_OAUTH_TOKEN (claude setup-token) or log in as the worker's user (claude)"
+        # With no credential at all this is the method detected: the README's ANTHROPIC_API_KEY
+        # is named first (a new user's probe was told only of the CLI's login).
+        hint = (
+            "set ANTHROPIC_API_KEY, or CLAUDE_CODE_OAUTH_TOKEN (claude setup-token), or log in as the "
+            "worker's user (claude)"
+        )
         return _report("claude_cli", [f"not logged in: {exc}; {hint}"], config, variables)
     errors = []
     if login.expires_at is not None:

@@ -3,8 +3,10 @@ upstream, and the tool's own view of its environment goes back upstream as the t
 
 import os
 import re
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +92,7 @@ def _reachable_by_nobody(path: Path) -> bool:
 @pytest.fixture(scope="module", params=["on", "off"])
 def unprivileged(
     request: pytest.FixtureRequest, start_gateway: Any, fake_anthropic: FakeAnthropic
-) -> Gateway:
+) -> Iterator[Gateway]:
     """As `tooled`, but each CLI runs as `nobody` (`CLAUDE_JOB_USER`) under a root worker, in its
     sandbox or, with `SANDBOX=off`, without one."""
     if os.geteuid() != 0:
@@ -111,7 +113,9 @@ def unprivileged(
         CLAUDE_MAX_RETRIES="1",
         SANDBOX=request.param,
     )
-    return gateway
+    yield gateway
+    gateway.stop()  # then its folder, outside pytest's own: left behind by every run (a probe)
+    shutil.rmtree(workspaces, ignore_errors=True)
 
 
 def test_a_tool_run_as_another_user_cannot_read_the_workers_environment(

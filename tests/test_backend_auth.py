@@ -197,8 +197,8 @@ def test_the_cli_login_must_exist_and_be_current(monkeypatch: pytest.MonkeyPatch
     assert (absent.method, absent.valid) == ("claude_cli", False)
     login = tmp_path / "home" / ".claude" / ".credentials.json"
     assert absent.errors == [
-        f"not logged in: no login at {login}; set CLAUDE_CODE_OAUTH_TOKEN (claude setup-token) "
-        "or log in as the worker's user (claude)"
+        f"not logged in: no login at {login}; set ANTHROPIC_API_KEY, or CLAUDE_CODE_OAUTH_TOKEN "
+        "(claude setup-token), or log in as the worker's user (claude)"
     ]
     write_login(tmp_path / "config", expires_in_s=3600)
     current = backend_auth.check(settings(monkeypatch, CLAUDE_CONFIG_DIR=str(tmp_path / "config")))

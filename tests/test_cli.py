@@ -60,6 +60,35 @@ def test_without_a_server_on_the_path_the_bundled_valkey_is_used(monkeypatch: py
     assert version.startswith("Valkey server")
 
 
+def test_the_private_redis_keeps_to_the_binary_that_wrote_its_data(tmp_path: Path) -> None:
+    """Found by an outside probe: `up` ran on the bundled Valkey, a Redis found on the PATH later
+    could not read its files, and `up` ended with a traceback. The data folder names the binary
+    that wrote it, and later starts keep to it; one that fails says why, from the server's log."""
+    data = tmp_path / "redis"
+    server = embedded_redis.EmbeddedRedis(data)
+    server.start()
+    server.stop()
+    assert Path((data / "server-binary").read_text().strip()) == embedded_redis.server_binary()
+    # The binary that wrote it (a wrapper here, to see it run), not the first on the PATH.
+    marker = tmp_path / "ran"
+    wrapper = tmp_path / "the-one-that-wrote-it"
+    wrapper.write_text(f'#!/bin/sh\ntouch {marker}\nexec {embedded_redis.server_binary()} "$@"\n')
+    wrapper.chmod(0o755)
+    (data / "server-binary").write_text(f"{wrapper}\n")
+    server = embedded_redis.EmbeddedRedis(data)
+    server.start()
+    server.stop()
+    assert marker.exists()
+    # Data it cannot read: the reason, and what to do.
+    (data / "server-binary").unlink()
+    for manifest in data.glob("appendonlydir/*.manifest"):
+        manifest.write_text("not a manifest\n")
+    with pytest.raises(embedded_redis.RedisStartError) as failed:
+        embedded_redis.EmbeddedRedis(data).start()
+    assert "did not start" in str(failed.value)
+    assert "start the one that wrote it first on the PATH" in str(failed.value)
+
+
 @pytest.mark.parametrize(
     ("env", "argv", "said"),
     [

@@ -8,12 +8,14 @@ unprivileged user), since CI is root and production workers usually are not.
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -86,11 +88,14 @@ def _leave_behind(marker: str) -> str:
 
 
 @pytest.fixture(scope="module", params=["root", "nobody"])
-def sandboxed(request: pytest.FixtureRequest, start_gateway: Any, fake_anthropic: FakeAnthropic) -> Gateway:
+def sandboxed(
+    request: pytest.FixtureRequest, start_gateway: Any, fake_anthropic: FakeAnthropic
+) -> Iterator[Gateway]:
     """A gateway with Bash for every job, in its sandbox, as root or as `nobody`."""
     if os.geteuid() != 0:
         pytest.skip("runs the worker as root, and switches the CLI's user to nobody")
     env: dict[str, str] = {}
+    workspaces = None
     if request.param == "nobody":
         cli = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
         if not _reachable_by_nobody(cli):
@@ -103,7 +108,10 @@ def sandboxed(request: pytest.FixtureRequest, start_gateway: Any, fake_anthropic
         **claude_env(fake_anthropic, ANTHROPIC_API_KEY=REAL_KEY, CLAUDE_TOOLS='["Bash"]', **env),
     )
     assert _sandbox_status(gateway)["ready"] is True
-    return gateway
+    yield gateway
+    if workspaces is not None:  # outside pytest's own folders: left behind by every run (a probe)
+        gateway.stop()
+        shutil.rmtree(workspaces, ignore_errors=True)
 
 
 def _sandbox_status(gateway: Gateway) -> dict[str, Any]:
