@@ -307,6 +307,18 @@ def test_a_cancelled_response_keeps_what_it_produced(client: openai.OpenAI) -> N
             "tools",
         ),
         ({"input": "x", "include": ["message.output_text.logprobs"]}, "include"),
+        # the caller's own fields, not the chat shape they are carried in (found by a probe)
+        (
+            {"input": "x", "tools": [{"type": "web_search"}, {"type": "function", "name": "x" * 129}]},
+            "tools[1].name",
+        ),
+        (
+            {
+                "input": "x",
+                "tools": [{"type": "namespace", "name": "n", "tools": [{"type": "function", "name": "a b"}]}],
+            },
+            "tools[0].tools[0].name",
+        ),
         ({"input": "x", "max_tool_calls": 1}, "max_tool_calls"),  # found dropped by a probe
         ({"input": "x", "max_tool_calls": -1}, "max_tool_calls"),
         ({"input": "x", "reasoning": {"effort": "bogus"}}, "reasoning.effort"),  # not agent.reasoning_effort

@@ -37,7 +37,8 @@ class FunctionCalling:
         return job.model_copy(update={"functions": self.functions, "system_prompt": system})
 
 
-def _function(spec: Any, param: str) -> FunctionTool:
+def check_name(spec: Any, param: str) -> None:
+    """A function's `name` (at `param`.name) is one a backend can offer, or 400."""
     if (
         not isinstance(spec, dict)
         or not isinstance(spec.get("name"), str)
@@ -46,6 +47,10 @@ def _function(spec: Any, param: str) -> FunctionTool:
         raise OpenAIError.invalid(
             "A function needs a 'name' of 1 to 128 letters, digits, '_' or '-'.", param=f"{param}.name"
         )
+
+
+def _function(spec: Any, param: str) -> FunctionTool:
+    check_name(spec, param)
     parameters = spec.get("parameters") or {"type": "object", "properties": {}}
     if not isinstance(parameters, dict):
         raise OpenAIError.invalid(
