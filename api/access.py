@@ -58,7 +58,8 @@ _ACCESS_UNAVAILABLE = OpenAIError(
 # probe saw the SDKs retry it, each try counted against the address's failed authentications).
 _KEY_STORE_GONE = OpenAIError(
     503,
-    "The gateway's key store is empty: its operator must create a key (claude-gateway keys create).",
+    "The gateway's key store is empty: its operator must create a key (claude-gateway keys create) "
+    "or open the gateway again (claude-gateway keys open, then restart it).",
     type="server_error",
     code="access_control_unavailable",
     headers=NO_RETRY,

@@ -32,9 +32,11 @@ async def _protection(redis_url: str) -> tuple[bool, bool]:
         return await apikeys.protection(redis)
 
 
-async def _create(redis_url: str, name: str) -> tuple[apikeys.ManagedKey, str]:
+async def _generate(redis_url: str) -> tuple[apikeys.ManagedKey, str]:
     async with Redis.from_url(redis_url) as redis:
-        return await apikeys.create(redis, name)
+        # Whoever starts the gateway on its terminal runs it: the key also reads /status and
+        # /dashboard (an outside probe found the dashboard refusing the only key there was).
+        return await apikeys.create(redis, "generated at start-up", operator=True)
 
 
 def _interactive() -> bool:
@@ -71,9 +73,13 @@ def ensure_protected(settings: Settings, redis_url: str) -> None:
         except KeyboardInterrupt:
             sys.exit(130)
         if answer.strip().lower() in ("", "y", "yes"):
-            key, secret = asyncio.run(_create(redis_url, "generated at start-up"))
+            key, secret = asyncio.run(_generate(redis_url))
             # Printed to the terminal once, never logged; revoke with `claude-gateway keys revoke`.
-            print(f"\nAPI key {key.id} (shown once, keep it safe):\n\n    {secret}\n", flush=True)
+            print(
+                f"\nOperator API key {key.id} (shown once, keep it safe; it also reads /status and "
+                f"/dashboard; give others keys of their own: claude-gateway keys create):\n\n    {secret}\n",
+                flush=True,
+            )
             return
     if not apikeys.is_loopback(settings.host) and not settings.allow_unauthenticated:
         sys.exit(

@@ -120,6 +120,9 @@ def test_an_interactive_start_offers_to_generate_a_key(private_redis: EmbeddedRe
                 time.sleep(0.1)
         assert response.status_code == 200
         assert httpx.get(models).status_code == 401
+        # The one who started it runs it: the key reads the service-wide views too.
+        status = httpx.get(f"http://127.0.0.1:{port}/status", headers={"authorization": f"Bearer {secret}"})
+        assert status.status_code == 200, status.text
     finally:
         api.terminate()
         api.wait(timeout=15)
