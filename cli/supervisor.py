@@ -70,6 +70,7 @@ class Supervisor:
     def request_stop(self, signum: int, _frame: object) -> None:
         self._signals += 1
         if self._signals > 1:  # a second Ctrl-C: do not wait for the drain
+            log.warning("stopping now: running jobs are killed (the next start recovers them)")
             self._kill_all()
 
     def run(self) -> None:
@@ -118,6 +119,12 @@ class Supervisor:
         """SIGTERM to the API and workers, SIGKILL to what outlives the drain, then Redis."""
         deadline = time.monotonic() + self._drain_timeout_s + STOP_GRACE_S
         gateway = [c for c in self.children if c.process is not None and c.name != "redis"]
+        # Said, or a drain looks like a hang (an outside probe).
+        log.warning(
+            "stopping: running jobs get up to %.0f s to finish (DRAIN_TIMEOUT_S); "
+            "stop again to kill them now",
+            self._drain_timeout_s,
+        )
         for child in gateway:
             if child.running():
                 assert child.process is not None

@@ -21,7 +21,7 @@ def test_up_runs_everything_with_a_private_redis_and_stops_cleanly_on_ctrl_c(tmp
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env.update(PORT=str(port), WORKERS="1", BACKEND="scripted", STATE_DIR=str(tmp_path), LOG_LEVEL="warning")
-    up = subprocess.Popen([sys.executable, "-m", "cli.main", "up"], cwd=ROOT, env=env)
+    up = subprocess.Popen([sys.executable, "-m", "cli.main", "up"], cwd=ROOT, env=env, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -43,6 +43,8 @@ def test_up_runs_everything_with_a_private_redis_and_stops_cleanly_on_ctrl_c(tmp
         assert json.loads(status.stdout)["stats"]["jobs"] == {"completed": 1}
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=30) == 0
+        assert up.stderr is not None
+        assert "stopping: running jobs get up to" in up.stderr.read().decode()  # not a silent wait
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
         log = (tmp_path / "redis" / "server.log").read_text()
