@@ -48,9 +48,14 @@ PRIVATE_REDIS_PASSWORD_FILE = "password"  # noqa: S105 (a file name)
 def _found_redis_url(settings: Settings, role: str) -> str:
     """`REDIS_URL`, else the private Redis of a running `claude-gateway up` on this machine."""
     private = settings.state_dir / "redis" / PRIVATE_REDIS_URL_FILE
-    if settings.redis_url is None and private.is_file():
-        return private.read_text().strip()
-    return _require_redis_url(settings, role)
+    if settings.redis_url is None:
+        if private.is_file():
+            return private.read_text().strip()
+        sys.exit(
+            f"claude-gateway {role}: set REDIS_URL; no `claude-gateway up` runs with its state in "
+            f"{settings.state_dir.resolve()} (STATE_DIR, as up was given it)"
+        )
+    return settings.redis_url
 
 
 def _require_redis_url(settings: Settings, role: str) -> str:

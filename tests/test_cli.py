@@ -123,6 +123,9 @@ def test_the_private_redis_keeps_to_the_binary_that_wrote_its_data(tmp_path: Pat
             ["worker"],
             "claude-gateway worker: cannot use WORKSPACE_ROOT=/proc/sys/gateway",
         ),
+        # Where it looked for a running `up` (an outside probe ran status from another folder).
+        ({}, ["status"], "no `claude-gateway up` runs with its state in /"),
+        ({}, ["keys", "list"], "(STATE_DIR, as up was given it)"),
         (
             {"LEASE_S": "1", "LEASE_RENEW_S": "5"},
             ["worker"],
