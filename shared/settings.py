@@ -164,7 +164,9 @@ class Settings(BaseSettings):
         description="Upstream retries per request (also read as CLAUDE_CODE_MAX_RETRIES), bounded so a "
         "bad key surfaces in seconds.",
     )
-    workspace_root: Path = Path(".state/workspaces")
+    workspace_root: Path = Field(
+        default=Path(".state/workspaces"), description="Unset: `STATE_DIR/workspaces`."
+    )
     claude_cli_path: Path | None = None
 
     # --- How the workers reach the model: backend auth (docs/claude-backend.md) -----------
@@ -455,6 +457,14 @@ class Settings(BaseSettings):
         'inside the job\'s sandbox) or {"type": "http"|"sse", "url", "headers"}; "default": false '
         "offers one only to requests that choose it (docs/claude-backend.md).",
     )
+
+    @model_validator(mode="after")
+    def _workspaces_with_the_state(self) -> "Settings":
+        # With the rest of what this machine keeps: two gateways with their own STATE_DIR in one
+        # folder shared `.state/workspaces`, and a starting worker removes what it finds there.
+        if "workspace_root" not in self.model_fields_set:
+            self.workspace_root = self.state_dir / "workspaces"
+        return self
 
     @model_validator(mode="after")
     def _leases_renewed_in_time(self) -> "Settings":

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+from shared.settings import Settings
 from tests.conftest import ROOT
 from worker.sandbox import remove_runtime_dir, runtime_dir
 from worker.workspace import job_workspace, remove_abandoned
@@ -173,3 +174,9 @@ def test_what_a_job_leaves_in_its_workspace_is_out_of_other_users_reach() -> Non
                 other = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "sh", "-c"]
                 assert subprocess.run([*other, f"test -e {parent}"]).returncode == 0
                 assert subprocess.run([*other, f"test -e {planted}"]).returncode == 1
+
+
+def test_workspaces_live_with_the_machines_state_unless_set(tmp_path: Path) -> None:
+    """Found by an outside probe: with STATE_DIR elsewhere, they were still `./.state/workspaces`."""
+    assert Settings(state_dir=tmp_path).workspace_root == tmp_path / "workspaces"
+    assert Settings(state_dir=tmp_path, workspace_root=tmp_path / "w").workspace_root == tmp_path / "w"
