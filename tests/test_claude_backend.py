@@ -129,6 +129,21 @@ def test_max_tokens_reaches_upstream_and_ends_with_length(
     assert upstream.requests[-1]["max_tokens"] == 64
 
 
+def test_a_full_context_window_ends_the_run_truncated(client: openai.OpenAI, upstream: FakeAnthropic) -> None:
+    """Found by an outside probe: the CLI asked the model to go on three times, resending the whole
+    context each time, and the job failed with 502; the answer so far is what the caller gets."""
+    upstream.default = Reply(tokens=["filled", " up"], stop_reason="model_context_window_exceeded")
+    asked = len(upstream.requests)
+    completion = client.chat.completions.create(
+        model="claude-sonnet-4-5", messages=[{"role": "user", "content": "long story"}]
+    )
+    assert (completion.choices[0].finish_reason, completion.choices[0].message.content) == (
+        "length",
+        "filled up",
+    )
+    assert len(upstream.requests) == asked + 1
+
+
 def _ended_at_a_refusal(path: str, body: dict[str, Any]) -> bool:
     if path == "/v1/responses":
         return bool(body["incomplete_details"] == {"reason": "content_filter"})
@@ -199,7 +214,9 @@ def test_a_small_token_limit_turns_thinking_off(
     assert upstream.requests[-1].get("thinking", {}).get("type") != "enabled"
 
 
-@pytest.mark.parametrize(("limit", "budget"), [(1500, None), (4000, 2000)])
+# A limit past the model's (which the CLI cuts to it) keeps within CLAUDE_MAX_THINKING_TOKENS
+# (32,000): half of 128,000 took 63,999 of the 64,000 the CLI kept (an outside probe).
+@pytest.mark.parametrize(("limit", "budget"), [(1500, None), (4000, 2000), (128_000, 32_000)])
 def test_a_token_limit_leaves_the_answer_half_of_it(
     claude: Gateway, upstream: FakeAnthropic, limit: int, budget: int | None
 ) -> None:

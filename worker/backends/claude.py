@@ -104,9 +104,13 @@ logging.getLogger("claude_agent_sdk._internal.query").addFilter(_OwnKills())
 
 _ANTHROPIC_API = "https://api.anthropic.com"
 
-_ENDING_STOPS = {"max_tokens": FinishReason.LENGTH, "refusal": FinishReason.CONTENT_FILTER}
-"""Upstream stops the CLI goes on from (it asks the model to continue, or asks again): the run
-ends at them instead (`_ends_the_run`)."""
+_ENDING_STOPS = {
+    "max_tokens": FinishReason.LENGTH,
+    "model_context_window_exceeded": FinishReason.LENGTH,  # the answer filled the context: truncated
+    "refusal": FinishReason.CONTENT_FILTER,
+}
+"""Upstream stops the CLI goes on from (it asks the model to continue, or asks again, resending
+the whole context each time): the run ends at them instead (`_ends_the_run`)."""
 _FINISH_REASONS = {"end_turn": FinishReason.STOP, "stop_sequence": FinishReason.STOP, **_ENDING_STOPS}
 
 
@@ -354,7 +358,9 @@ class ClaudeBackend:
             disallowed_tools=list(agent.disallowed_tools),
             permission_mode=agent.permission_mode,
             max_turns=agent.max_turns,
-            max_thinking_tokens=_thinking_budget(agent.max_thinking_tokens, job.max_tokens),
+            max_thinking_tokens=_thinking_budget(
+                agent.max_thinking_tokens, job.max_tokens, settings.claude_max_thinking_tokens
+            ),
             effort=agent.effort,
             skills=skills or None,
             # Nothing from the workspace (its .claude/settings.json could install hooks); with
@@ -725,18 +731,19 @@ def _reason(said: str) -> str:
     return _CLI_ERROR_PREFIX.sub("", said, count=1).strip()
 
 
-def _thinking_budget(asked: int | None, max_tokens: int | None) -> int | None:
+def _thinking_budget(asked: int | None, max_tokens: int | None, cap: int) -> int | None:
     """The CLI's thinking budget. Under a reply limit of `_MIN_THINKING_BUDGET` or less, none: the
     API takes no smaller budget and none as large as the limit, and the CLI, cutting the budget
     to fit the limit, raises it back to that minimum (every such request would be refused). Under
-    a limit and no budget asked, half the limit at most: the CLI's default takes all of it but one
-    token, and the answer was left none (none at all when half is under the minimum)."""
+    a limit and no budget asked, half the limit, within the operator's `cap`: the CLI's default
+    takes all of it but one token, and the answer was left none (none at all when half is under
+    the minimum; and a limit past the model's, which the CLI cuts to it, made half of it all)."""
     if max_tokens is None:
         return asked
     if max_tokens <= _MIN_THINKING_BUDGET:
         return 0
     if asked is None:
-        half = max_tokens // 2
+        half = min(max_tokens // 2, cap)
         return half if half >= _MIN_THINKING_BUDGET else 0
     return asked
 
