@@ -5,10 +5,14 @@ connection sending header lines without end held a gigabyte of an API process (w
 of a worker's credential proxy (from inside a job's sandbox), and trailers after a chunked body
 did the same once its answer (a 401) was sent. Past `MAX_HEAD_BYTES` of head or of trailers the
 request is answered 431, past `max_message_bytes` in all 413, and its connection is closed; one
-that is not HTTP, 400. Each answer is an error in OpenAI's shape.
+that is not HTTP, 400. Each answer is an error in OpenAI's shape, or in Anthropic's to a request
+for its Messages API, with a request id as every response has.
 """
 
 import asyncio
+import json
+import uuid
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -19,21 +23,43 @@ MAX_HEAD_BYTES = 64 * 1024
 _LINGER_S = 1.0
 
 
-def _answer(status: bytes, code: bytes, message: bytes) -> bytes:
-    """A whole HTTP response of an error in OpenAI's shape, closing the connection."""
-    body = b'{"error":{"message":"%s","type":"invalid_request_error","param":null,"code":"%s"}}'
-    body %= (message, code)
-    head = b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-    return head % (status, len(body)) + body
+_ANTHROPIC_PATH = b"/v1/messages"
 
 
-_HEAD_TOO_LARGE = _answer(
-    b"431 Request Header Fields Too Large",
-    b"request_header_fields_too_large",
-    b"The request's line and headers, or its trailers, are over %d bytes." % MAX_HEAD_BYTES,
+@dataclass(frozen=True)
+class _Refusal:
+    status: str
+    code: str  # OpenAI's; Anthropic's type is `invalid_request_error` but for 413's own
+    message: str
+
+    def answer(self, path: bytes) -> bytes:
+        """The whole HTTP response, closing the connection."""
+        request_id = f"req_{uuid.uuid4().hex}".encode()
+        headers = b"x-request-id: %s\r\n" % request_id
+        if path == _ANTHROPIC_PATH or path.startswith(_ANTHROPIC_PATH + b"/"):
+            kind = self.code if self.code == "request_too_large" else "invalid_request_error"
+            error: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": self.message}}
+            headers += b"request-id: %s\r\n" % request_id  # where Anthropic's clients read it
+        else:
+            info = {
+                "message": self.message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": self.code,
+            }
+            error = {"error": info}
+        body = json.dumps(error).encode()
+        head = b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s"
+        return head % (self.status.encode(), len(body), headers) + b"connection: close\r\n\r\n" + body
+
+
+_HEAD_TOO_LARGE = _Refusal(
+    "431 Request Header Fields Too Large",
+    "request_header_fields_too_large",
+    f"The request's line and headers, or its trailers, are over {MAX_HEAD_BYTES} bytes.",
 )
-_TOO_LARGE = _answer(b"413 Content Too Large", b"request_too_large", b"The request is over its size limit.")
-_NOT_HTTP = _answer(b"400 Bad Request", b"invalid_http", b"The request is not valid HTTP/1.1.")
+_TOO_LARGE = _Refusal("413 Content Too Large", "request_too_large", "The request is over its size limit.")
+_NOT_HTTP = _Refusal("400 Bad Request", "invalid_http", "The request is not valid HTTP/1.1.")
 
 
 class BoundedHead(HttpToolsProtocol):
@@ -118,9 +144,13 @@ class BoundedHead(HttpToolsProtocol):
             self._refuse(_HEAD_TOO_LARGE)
         return not self._refused
 
-    def _refuse(self, answer: bytes) -> None:
+    def _refuse(self, refusal: _Refusal) -> None:
         self._refused = True
-        self.transport.write(answer)
+        if self.cycle is not None:  # a request being served: the app's own answer is not sent now
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        url: bytes = getattr(self, "url", b"")  # none before a request begins
+        self.transport.write(refusal.answer(url.partition(b"?")[0]))
         # Closed a moment later: closed with its input unread, the connection would be reset and
         # the client could lose the answer.
         self.transport.write_eof()

@@ -6,11 +6,13 @@ no backend configuration, and resuming a job is not a new chat request."""
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import pytest
@@ -269,6 +271,23 @@ def test_trailers_and_a_whole_request_are_bounded_too(keyed: Gateway) -> None:
             while chunk := connection.recv(65536):
                 answer += chunk
     assert b"HTTP/1.1 431 " in answer, answer[-300:]
+
+
+def test_a_refusal_by_the_servers_bounds_is_in_the_callers_shape(scripted: Gateway) -> None:
+    """Found by an outside probe: what the server's bounds refuse (a head or a whole request too
+    large) got OpenAI's shape on /v1/messages too, and no request id."""
+    big = b"x-big: " + b"a" * 100_000
+    for path, shape in ((b"/v1/messages", "anthropic"), (b"/v1/chat/completions", "openai")):
+        answer = _answer_to(scripted.url, b"POST %s HTTP/1.1\r\nhost: 127.0.0.1\r\n%s\r\n\r\n" % (path, big))
+        head, _, content = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431 "), answer[:300]
+        assert re.search(rb"\r\nx-request-id: req_\w+", head), head
+        error = json.loads(content)
+        if shape == "anthropic":
+            assert re.search(rb"\r\nrequest-id: req_\w+", head), head  # where its clients read it
+            assert error == {"type": "error", "error": {"type": "invalid_request_error", "message": ANY}}
+        else:
+            assert error["error"]["code"] == "request_header_fields_too_large"
 
 
 def _begun_body(url: str, declared: int, sent: int) -> socket.socket:
