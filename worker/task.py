@@ -209,9 +209,11 @@ def _chars(event: Delta | Activity | Retraction | Done) -> int:
     """What an event adds to the job's stored output (a reply's calls included)."""
     if isinstance(event, Delta | Reasoning):  # nearly every event: first
         return len(event.text)
+    # Ids too: the CLI's output names them, and a job's tool can write that output (an outside
+    # probe stored 840 MB in one job's events through million-character ids).
     if isinstance(event, Done):
-        return sum(len(call.name) + len(call.arguments) for call in event.tool_calls)
-    return len(event.name) + len(event.argument) if isinstance(event, ToolStep) else 0
+        return sum(len(call.id) + len(call.name) + len(call.arguments) for call in event.tool_calls)
+    return len(event.id) + len(event.name) + len(event.argument) if isinstance(event, ToolStep) else 0
 
 
 async def _commit_turn(
