@@ -138,3 +138,22 @@ async def test_a_turn_whose_transcript_passes_its_limit_adds_nothing(redis: Redi
     await tiny.append(key, [{"type": "user", "uuid": f"t{i}"} for i in range(10)])
     with pytest.raises(TranscriptTooLarge):
         tiny.seal()
+
+
+async def test_a_turn_keeps_only_its_own_sessions_transcript(redis: Redis) -> None:
+    """Found by an outside probe: a job's tool wrote transcript frames to its CLI's output naming
+    made-up session ids; the SDK mirrored each to the store, a gigabyte counted in no ledger."""
+    store = RedisSessionStore(redis, ttl_s=60)
+    own: SessionKey = {"project_key": "elsewhere", "session_id": "s1"}
+    forged: SessionKey = {"project_key": "elsewhere", "session_id": "forged"}
+    turn = JobTranscript(store, "owner", "s1", max_chars=10_000)
+    await turn.append(forged, [{"type": "user", "uuid": "f1", "pad": "x" * 100}])
+    await turn.append({**forged, "subpath": "subagents/a"}, [{"type": "user", "uuid": "f2"}])
+    await turn.append(own, [{"type": "user", "uuid": "u1"}])
+    turn.seal()
+    await turn.write()
+    assert [
+        entry["uuid"] for entry in await store.load({"project_key": "owner", "session_id": "s1"}) or []
+    ] == ["u1"]
+    assert [key async for key in redis.scan_iter("*forged*")] == []
+    assert await turn.load(forged) is None

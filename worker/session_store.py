@@ -143,7 +143,9 @@ class JobTranscript:
 
     The SDK keys transcripts by a project derived from the CLI's working directory, which is a
     fresh workspace per job; the view pins every key to the session owner's project instead, so
-    the next job finds it whatever its directory. Appends are held until the turn commits
+    the next job finds it whatever its directory. Only the session's own transcript is kept: the
+    job's tools can write frames to the CLI's output naming any other (an outside probe stored a
+    gigabyte under made-up session ids, counted in no ledger). Appends are held until the turn commits
     (`seal`, then `write`: a job that fails or is cancelled adds nothing), and dropped after the
     seal: what the CLI mirrors while it shuts down (prompt and cost bookkeeping) could otherwise
     land after the next job took the session.
@@ -170,7 +172,7 @@ class JobTranscript:
         return await self._store.exists({"project_key": self._project, "session_id": self.session_id})
 
     async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
-        if self._sealed or self._room < 0:
+        if self._sealed or self._room < 0 or key["session_id"] != self.session_id:
             return
         self._room -= len(json.dumps(entries)) + _ENTRY_CHARS * len(entries)
         if self._room >= 0:
@@ -179,10 +181,14 @@ class JobTranscript:
             self._pending = []  # the turn fails at `seal`: nothing is held for it
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
+        if key["session_id"] != self.session_id:
+            return None
         return await self._store.load(self._pinned(key))
 
     async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
-        return await self._store.list_subkeys({"project_key": self._project, "session_id": key["session_id"]})
+        if key["session_id"] != self.session_id:
+            return []
+        return await self._store.list_subkeys({"project_key": self._project, "session_id": self.session_id})
 
     def seal(self) -> None:
         """Ends the turn's entries at the CLI's result (`TranscriptTooLarge` if they passed the
