@@ -78,6 +78,7 @@ FAILURE_STATUS: dict[FailureCode, tuple[int, str]] = {
     FailureCode.RETRY_DIVERGED: (502, "server_error"),
     FailureCode.WORKSPACE_TOO_LARGE: (413, "invalid_request_error"),
     FailureCode.OUTPUT_TOO_LARGE: (502, "server_error"),
+    FailureCode.STORAGE_FULL: (503, "server_error"),
     FailureCode.INTERNAL: (500, "server_error"),
 }
 ANTHROPIC_PATH = "/v1/messages"
@@ -96,7 +97,8 @@ NO_RETRY = {"x-should-retry": "false"}
 at the cost of a whole agent run (its tools run again): a cancel, a refusal by the model API
 (which Claude Code has retried already), a run cut at its time limit, a reply that broke the
 requested format. One SDK call made three upstream runs before."""
-_FAILURE_HEADERS = {
+_STORAGE_FULL_RETRY = {"retry-after": "10"}
+_FAILURE_HEADERS = {FailureCode.STORAGE_FULL: _STORAGE_FULL_RETRY} | {
     code: NO_RETRY
     for code in (
         FailureCode.CANCELLED,
@@ -244,8 +246,8 @@ def storage_full() -> OpenAIError:
         503,
         "The gateway's storage is full; retry later.",
         type="server_error",
-        code="storage_full",
-        headers={"retry-after": "10"},
+        code=FailureCode.STORAGE_FULL.value,
+        headers=_STORAGE_FULL_RETRY,
     )
 
 

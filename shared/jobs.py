@@ -137,6 +137,8 @@ class FailureCode(StrEnum):
     """A session turn's files exceed the workspace limits: not saved, the session unchanged."""
     OUTPUT_TOO_LARGE = "output_too_large"
     """The job's output passed `JOB_MAX_OUTPUT_CHARS`: stopped there."""
+    STORAGE_FULL = "storage_full"
+    """Redis at its `maxmemory` refused a session turn's commit: the session is as it was."""
     INTERNAL = "internal_error"
 
 

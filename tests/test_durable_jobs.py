@@ -18,12 +18,21 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from redis.asyncio import Redis as AsyncRedis
 
+from api.errors import OpenAIError
 from cli.embedded_redis import EmbeddedRedis
+from shared.events import EventWriter
+from shared.jobs import CompletionJob, Done, Failed, FinishReason, SessionRef, Turn, Usage
+from shared.jobstore import JobStore
+from shared.keys import session_lock_key
+from shared.settings import Settings
 from tests.conftest import Gateway, assert_schema, chat, claude_env
 from tests.fake_anthropic import FakeAnthropic, Reply
 from tests.test_operations import scrape, status_json
 from worker.main import CLOSE_BOUND_S, CLOSE_REPORT_S
+from worker.session_store import JobTranscript, RedisSessionStore
+from worker.task import _commit_turn
 
 FAST_LEASES = {"LEASE_S": "2", "LEASE_RENEW_S": "0.5"}
 
@@ -786,3 +795,32 @@ def test_a_lost_worker_frees_its_sessions_lock(start_gateway: Any) -> None:
     assert reply.json()["choices"][0]["message"]["content"] == (
         "user: first\nassistant: Hello from the scripted backend."
     )
+
+
+async def test_a_session_turn_a_full_redis_refuses_is_a_503_storage_full(own_redis: EmbeddedRedis) -> None:
+    """Found by an outside probe: a session turn whose commit a full Redis refused (`maxmemory`,
+    `noeviction`) ended as a 500 internal_error, where a full Redis is a 503 storage_full to retry."""
+    job = CompletionJob(
+        request_id="r",
+        model="m",
+        turns=[Turn(role="user", text="q")],
+        session=SessionRef(owner="0" * 32, id="s", history_len=0, transcript_id="t"),
+    )
+    async with AsyncRedis.from_url(own_redis.url) as redis:
+        writer = EventWriter(JobStore(redis, queue_name="q", ttl_s=60), job.id, 1)
+        done = Done(finish_reason=FinishReason.STOP, usage=Usage())
+        await redis.set(session_lock_key("0" * 32, "s"), job.id)  # the job holds its session
+        transcript = JobTranscript(RedisSessionStore(redis, ttl_s=60), "0" * 32, "t", max_chars=10_000)
+        await transcript.append({"project_key": "any", "session_id": "t"}, [{"type": "user", "uuid": "u1"}])
+        transcript.seal()
+        await redis.config_set("maxmemory-policy", "noeviction")
+        await redis.config_set("maxmemory", 1)  # below what it holds: every write refused
+        try:
+            ended = await _commit_turn(
+                redis, Settings(backend="scripted"), job, writer, done, None, [transcript.write]
+            )
+        finally:
+            await redis.config_set("maxmemory", 0)
+    assert isinstance(ended, Failed), ended
+    error = OpenAIError.from_failure(ended)
+    assert (error.status, error.info.code, error.headers) == (503, "storage_full", {"retry-after": "10"})

@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import logs, sessions
@@ -249,6 +249,9 @@ async def _commit_turn(
     except sessions.SessionLost:
         message = "The session was deleted or expired while the job ran; this reply was not added to it."
         return Failed(code=FailureCode.INTERNAL, message=message)
+    except OutOfMemoryError:  # Redis full: it refused the writes, nothing is half-written
+        message = "The gateway's storage is full: the reply could not be added to the session; retry later."
+        return Failed(code=FailureCode.STORAGE_FULL, message=message)
     except RedisError:
         log.exception("could not commit a session turn")
         return Failed(code=FailureCode.INTERNAL, message="The reply could not be added to the session.")
