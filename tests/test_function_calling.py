@@ -599,3 +599,24 @@ def test_a_function_result_holding_an_image_or_a_file_is_refused_on_every_front_
         '<function_result id="call_1">18 C</function_result>'
         in answered.json()["choices"][0]["message"]["content"]
     )
+
+
+@pytest.mark.claude
+def test_a_schema_without_properties_is_offered_as_written(claude: Gateway, upstream: FakeAnthropic) -> None:
+    """Found by an outside probe: a schema without `properties` (a function of no arguments, or
+    one closed with `additionalProperties`) reached the model as required string parameters named
+    after its keywords (`type`, `additionalProperties`), which the model then sent back."""
+    closed = {"type": "object", "additionalProperties": False}
+    functions = [
+        {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "closed", "parameters": closed}},
+    ]
+    response = httpx.post(f"{claude.url}/v1/chat/completions", json=chat("hi", tools=functions), timeout=120)
+    assert response.status_code == 200, response.text
+    offered = {tool["name"]: tool["input_schema"] for tool in upstream.requests[-1]["tools"]}
+    assert offered["mcp__caller__now"] == {"type": "object", "properties": {}}
+    assert offered["mcp__caller__closed"] == {**closed, "properties": {}}
+    # Not an object's schema: refused, as OpenAI's API does.
+    wrong = [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]
+    refused = httpx.post(f"{claude.url}/v1/chat/completions", json=chat("hi", tools=wrong), timeout=30)
+    assert (refused.status_code, refused.json()["error"]["param"]) == (400, "tools[0].function.parameters")

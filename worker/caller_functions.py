@@ -67,8 +67,17 @@ def tools(job: CompletionJob) -> list[SdkMcpTool[Any]]:
         about = functions[name].description
         if offered != name:
             about = f"The function {name}. {about}".rstrip()
-        tools.append(SdkMcpTool(offered, about, functions[name].parameters, _returned_to_caller))
+        tools.append(
+            SdkMcpTool(offered, about, _input_schema(functions[name].parameters), _returned_to_caller)
+        )
     return tools
+
+
+def _input_schema(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The function's parameters with the `type` and `properties` the SDK needs to take them as a
+    JSON Schema: without them it reads the dict as parameter names mapped to Python types (an
+    outside probe saw `{"type": "object"}` offered as a required string parameter named `type`)."""
+    return {**parameters, "type": "object", "properties": parameters.get("properties", {})}
 
 
 def tool_names(job: CompletionJob) -> list[str]:

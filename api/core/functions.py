@@ -52,9 +52,9 @@ def check_name(spec: Any, param: str) -> None:
 def _function(spec: Any, param: str) -> FunctionTool:
     check_name(spec, param)
     parameters = spec.get("parameters") or {"type": "object", "properties": {}}
-    if not isinstance(parameters, dict):
+    if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
         raise OpenAIError.invalid(
-            "A function's parameters must be a JSON Schema object.", param=f"{param}.parameters"
+            "A function's parameters must be a JSON Schema of type 'object'.", param=f"{param}.parameters"
         )
     return FunctionTool(
         name=spec["name"], description=str(spec.get("description") or ""), parameters=parameters
