@@ -204,6 +204,19 @@ def test_a_client_leaving_during_a_silence_cancels_its_job(start_gateway: Any) -
     text = "".join(json.loads(chunk)["choices"][0]["delta"].get("content") or "" for chunk in data[:-1])
     assert text == "all of it"
 
+    # In the background, the request streams too (found by an outside probe: it answered the
+    # queued job as JSON, and the SDK's stream ended with nothing), and a leaving client cancels nothing.
+    background = chat(script(text="kept going", wait_ms=1500), stream=True, background=True)
+    with httpx.stream("POST", url, json=background, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        opening = json.loads(next(line for line in response.iter_lines() if line.startswith("data: "))[6:])
+    deadline = time.monotonic() + 15
+    while (job := httpx.get(f"{url}/{opening['id']}", timeout=10).json())["status"] != "completed":
+        assert job["status"] in ("queued", "in_progress"), job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    assert job["choices"][0]["message"]["content"] == "kept going"
+
 
 def _body_messages(gateway: Gateway, path: str) -> list[bytes]:
     """The chunks of a chunked response, read off the socket: uvicorn sends each body message

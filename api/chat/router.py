@@ -1,6 +1,7 @@
 """`POST /v1/chat/completions`: the request translated into the core's, then its run rendered as
 one JSON body or as SSE chunks; with `background: true`, the queued job at once (poll or stream
-it by id, `api/chat/retrieval.py`)."""
+it by id, `api/chat/retrieval.py`), or with `stream: true` too, its stream, which a disconnect
+never cancels."""
 
 import logging
 
@@ -44,7 +45,7 @@ async def create_chat_completion(
         body.stream,
         body.background,
     )
-    if body.background:
+    if body.background and not body.stream:
         return JSONResponse(queued_body(run.job).model_dump())
     if not body.stream:
         return JSONResponse(completion_body(run.job, await run.collect(), legacy=legacy).model_dump())
