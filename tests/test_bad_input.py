@@ -94,6 +94,17 @@ class TestRejectedBeforeTheQueue:
         assert_error(post(scripted, json=chat("hi", stop=["a", "b", "c", "d", "e"])), 400, param="stop")
         assert_error(post(scripted, json=chat("hi", stop=[""])), 400, param="stop")
 
+    def test_values_openai_bounds_are_checked_even_where_unused(self, scripted: Gateway) -> None:
+        """Found by an outside probe: these were taken with 200 on chat (Responses refused them)."""
+        assert_error(post(scripted, json=chat("hi", metadata={"a": 1})), 400, param="metadata.a")
+        many = {f"k{i}": "v" for i in range(17)}
+        assert_error(post(scripted, json=chat("hi", metadata=many)), 400, param="metadata")
+        assert_error(post(scripted, json=chat("hi", metadata={"k": "v" * 513})), 400, param="metadata.k")
+        assert_error(post(scripted, json=chat("hi", service_tier="bogus")), 400, param="service_tier")
+        assert_error(post(scripted, json=chat("hi", verbosity="bogus")), 400, param="verbosity")
+        fine = chat("hi", metadata={"k": "v"}, service_tier="auto", verbosity="low")
+        assert post(scripted, json=fine).status_code == 200
+
     def test_body_over_the_limit(self, scripted: Gateway) -> None:
         big = chat("x" * 70_000)
         assert_error(post(scripted, json=big), 413, code="request_too_large")

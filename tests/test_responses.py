@@ -335,6 +335,7 @@ def test_a_cancelled_response_keeps_what_it_produced(client: openai.OpenAI) -> N
         ({"input": "x", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
         ({"input": "x", "metadata": {"k" * 65: "v"}}, "metadata." + "k" * 65 + ".[key]"),
         ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata.k"),
+        ({"input": "x", "service_tier": "bogus"}, "service_tier"),
     ],
 )
 def test_requests_the_gateway_cannot_run_get_clear_errors(

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_seri
 
 from api.core.conversation import ChatMessage
 from api.core.request import AgentControls, SessionId
-from api.core.wire import STRICT, NullIsFalse
+from api.core.wire import STRICT, Metadata, NullIsFalse, ServiceTier
 from api.errors import ErrorInfo, OpenAIError
 from shared.jobs import JobStatus
 
@@ -43,6 +43,9 @@ class ChatCompletionRequest(AgentControls):
     top_logprobs: int | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     user: str | None = None
+    metadata: Metadata | None = None
+    service_tier: ServiceTier | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None

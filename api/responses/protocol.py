@@ -12,24 +12,19 @@ the gateway itself returned, and are left out of the conversation.
 """
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from api.core.conversation import ChatMessage, ContentPart, ImagePart, TextPart
 from api.core.functions import check_name
 from api.core.request import AgentControls, ReasoningEffort, SessionId
-from api.core.wire import STRICT, NullIsFalse, NullIsTrue
+from api.core.wire import STRICT, Metadata, NullIsFalse, NullIsTrue, ServiceTier
 from api.errors import OpenAIError
 
 RESPONSE_ID_PREFIX = "resp_"
 MESSAGE_ID_PREFIX = "msg_"
 REASONING_ID_PREFIX = "rs_"
-
-
-# OpenAI's bounds on metadata (stored with the response): 16 pairs, keys of 64 characters, values of 512.
-_MetadataKey = Annotated[str, Field(max_length=64)]
-_MetadataValue = Annotated[str, Field(max_length=512)]
 
 
 class _Reasoning(BaseModel):
@@ -49,7 +44,8 @@ class CreateResponseRequest(AgentControls):
     background: NullIsFalse = False
     store: NullIsTrue = True
     previous_response_id: str | None = None
-    metadata: dict[_MetadataKey, _MetadataValue] | None = Field(default=None, max_length=16)
+    metadata: Metadata | None = None
+    service_tier: ServiceTier | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     user: str | None = None

@@ -73,6 +73,9 @@ _PARAMETERS: dict[str, Callable[[object], tuple[Handling, str]]] = {
     "top_p": _always("ignored", _NO_SAMPLING),
     "seed": _always("ignored", _NO_SAMPLING),
     "user": _always("ignored", "accepted; not used"),
+    "metadata": _always("ignored", "checked (16 pairs, keys of 64 characters, values of 512); not stored"),
+    "service_tier": _always("ignored", "checked; one tier here"),
+    "verbosity": _always("ignored", "checked; Claude Code has no such setting"),
     "reasoning_effort": _always(
         "supported",
         "Claude Code's effort, sent to the models that take it; none and minimal turn thinking off; "
