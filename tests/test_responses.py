@@ -336,6 +336,18 @@ def test_a_cancelled_response_keeps_what_it_produced(client: openai.OpenAI) -> N
         ({"input": "x", "metadata": {"k" * 65: "v"}}, "metadata." + "k" * 65 + ".[key]"),
         ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata.k"),
         ({"input": "x", "service_tier": "bogus"}, "service_tier"),
+        # the caller's field, not the chat message the core checks (found by a probe)
+        (
+            {
+                "input": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "input_image", "image_url": "https://x.test/a.png"}],
+                    }
+                ]
+            },
+            "input",
+        ),
     ],
 )
 def test_requests_the_gateway_cannot_run_get_clear_errors(

@@ -55,7 +55,14 @@ async def create_response(
     core = core_request(body, earlier)
     stored = stored_request(body, core, gateway.settings, session_id)
     keeper = stored_responses.Keeper(gateway.redis, gateway.settings, stored, stored_limit(gateway, request))
-    run = await submit(core, request, gateway, caller, idempotency=idempotency, companion=keeper)
+    try:
+        run = await submit(core, request, gateway, caller, idempotency=idempotency, companion=keeper)
+    except OpenAIError as refused:
+        # The core names the chat request it checks (`messages[2].content[0]`, the instructions
+        # among them); the caller sent `input` (an outside probe was told of `messages`).
+        if (param := refused.info.param) is not None and param.startswith("messages"):
+            refused.info.param = "input"
+        raise
     if body.background and not body.stream:
         return JSONResponse(response_body(run.job, stored, JobStatus.QUEUED, "", None).wire())
     if not body.stream:
