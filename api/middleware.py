@@ -9,7 +9,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.core.limits import bounded_json
-from api.errors import OpenAIError
+from api.errors import OpenAIError, speaks_anthropic
 from shared import logs
 from shared.settings import Settings
 
@@ -22,7 +22,7 @@ _QUIET_PATHS = frozenset({"/health", "/ready", "/metrics", "/status"})
 
 class RequestId:
     """Gives every response an `x-request-id`: the caller's, if well-formed, else a new one; a
-    Messages response also as `request-id`, the header Anthropic's clients read it from.
+    response to an Anthropic client also as `request-id`, the header its clients read it from.
 
     It also binds the id to the request's log context and logs one line when the response ends.
     """
@@ -39,7 +39,7 @@ class RequestId:
         scope.setdefault("state", {})["request_id"] = request_id
         logs.bind_new(request_id=request_id)
         headers = [(b"x-request-id", request_id.encode())]
-        if scope["path"].startswith("/v1/messages"):
+        if speaks_anthropic(scope):
             headers.append((b"request-id", request_id.encode()))
         started = time.perf_counter()
         status = 0

@@ -559,6 +559,7 @@ def test_models_in_anthropics_shape_page_as_its_api_does(
         assert error.body["type"] == "error"
         assert error.body["error"]["type"] == kind
         assert "gpt-4o" in error.body["error"]["message"]
+        assert error.request_id is not None  # read from `request-id` (an outside probe had None)
     # An OpenAI client sends no anthropic-version: it gets OpenAI's shape, as before.
     assert httpx.get(f"{scripted.url}/v1/models").json()["object"] == "list"
     openai_error = httpx.get(f"{scripted.url}/v1/models/gpt-4o").json()["error"]
