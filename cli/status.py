@@ -10,12 +10,13 @@ import os
 import signal
 import sys
 import time
+from typing import Literal
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from cli.reach import redis_problem
-from shared.heartbeats import SandboxReport
+from shared.heartbeats import Heartbeat, SandboxReport
 from shared.settings import Settings
 from shared.status import Snapshot, take_snapshot
 
@@ -33,6 +34,16 @@ def _sandbox(report: SandboxReport | None) -> str:
     if report is None:
         return "-"
     return "on" if report.ready else "OFF" if report.mode == "off" else "UNUSABLE"
+
+
+def _disagreement(
+    workers: list[Heartbeat], setting: Literal["workspace_store", "backend"], why: str
+) -> list[str]:
+    """Lines naming each worker's `setting` when the workers do not all have the same."""
+    if len({getattr(worker, setting) for worker in workers}) < 2:
+        return []
+    heading = f"workers with different {setting.upper()}: {why}"
+    return ["", heading, *(f"  {worker.id}: {getattr(worker, setting)}" for worker in workers)]
 
 
 def render(snapshot: Snapshot) -> str:
@@ -68,6 +79,10 @@ def render(snapshot: Snapshot) -> str:
         lines += ["", "backend auth problems (GET /v1/auth/status)", *problems]
     if sandbox_problems:
         lines += ["", "jobs without a sandbox (docs/security.md)", *sandbox_problems]
+    # Each is one setting every worker must share: found differing by an outside probe, with
+    # nothing in sight to say which worker broke sessions or answered callers from a script.
+    lines += _disagreement(snapshot.workers, "workspace_store", "sessions' files are lost between them")
+    lines += _disagreement(snapshot.workers, "backend", "callers get answers from either")
     stats = snapshot.stats
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(stats.jobs.items())) or "none yet"
     lines += ["", f"jobs       {outcomes}", "", "recent failures"]

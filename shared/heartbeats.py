@@ -87,6 +87,9 @@ class Heartbeat(BaseModel):
     draining: bool = Field(
         default=False, description="It is stopping: it finishes the jobs it runs and takes no other."
     )
+    workspace_store: str | None = Field(
+        default=None, description="Where it keeps sessions' files (every process must use the same)."
+    )
 
     @property
     def capacity(self) -> int:

@@ -14,6 +14,7 @@ with no transitive ones, native asyncio, range reads, and a tested S3 client wit
 import asyncio
 import contextlib
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -190,6 +191,14 @@ def _unavailable(key: str | None = None) -> Iterator[None]:
         raise MissingObject(key) from None
     except BaseError as exc:
         raise StoreUnavailable(f"S3: {type(exc).__name__}") from exc
+
+
+def store_name(settings: Settings) -> str:
+    """Which store `open_store` opens, as an operator compares it between processes (the default
+    is the machine's own: named with its host)."""
+    if settings.workspace_store is not None:
+        return settings.workspace_store
+    return f"{(settings.state_dir / 'workspace-store').resolve()} on {socket.gethostname()} (the default)"
 
 
 def open_store(settings: Settings) -> ObjectStore:

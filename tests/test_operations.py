@@ -6,6 +6,7 @@ cancels it: a test that waits on a job of fixed length races the machine's load.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -270,6 +271,7 @@ def test_a_draining_worker_counts_only_the_jobs_it_finishes(start_gateway: Any) 
     assert scrape(gateway)["gateway_worker_slots"] == 1  # the job it finishes, no free one
     [shown] = status_json(gateway)["workers"]
     assert shown["draining"] is True
+    assert shown["workspace_store"].endswith("workspace-store on " + socket.gethostname() + " (the default)")
     load = gateway.redis().hgetall("gateway:workers:load")
     assert load[f"{shown['id']}:slots".encode()] == b"0"  # placement offers it nothing
     running.join(timeout=60)

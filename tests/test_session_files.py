@@ -395,3 +395,21 @@ def test_a_store_that_stops_answering_fails_requests_and_turns_within_its_bounds
     assert httpx.post(files_url(files_gateway, "frozen-1"), **upload).status_code == 200
     url = f"{files_gateway.url}/v1/chat/completions"
     assert reply(httpx.post(url, json=body, headers=_auth(KEY_A), timeout=100)) == "ok"
+
+
+def test_files_missing_from_the_store_are_the_stores_fault_not_a_change(
+    start_gateway: Any, tmp_path: Path
+) -> None:
+    """Found by an outside probe: a worker given a store of its own saved a session's files there,
+    and every read through the API answered 409 "changed while they were read; retry", for good."""
+    store = workspace_store_env("local", None, tmp_path)
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", **store)
+    body = chat("script:" + json.dumps({"text": "ok", "write": {"a.txt": "a"}}), session_id="elsewhere-1")
+    assert httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+    for saved in (tmp_path / "store").rglob("*"):  # as seen from a process with another store
+        if saved.is_file():
+            saved.unlink()
+    response = httpx.get(files_url(gateway, "elsewhere-1"), timeout=10)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "workspace_unavailable"
+    assert response.headers["x-should-retry"] == "false"

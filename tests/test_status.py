@@ -97,7 +97,7 @@ def test_status_shows_a_scripted_worker_without_the_model_auth_it_never_uses() -
         method="claude_cli", valid=False, errors=["not logged in"], config={}, environment_variables=[]
     )
 
-    def beat(worker_id: str, backend: str) -> Heartbeat:
+    def beat(worker_id: str, backend: str, store: str = "s3://shared/sessions") -> Heartbeat:
         now = time.time()
         return Heartbeat(
             id=worker_id,
@@ -109,6 +109,7 @@ def test_status_shows_a_scripted_worker_without_the_model_auth_it_never_uses() -
             jobs=[],
             backend=backend,
             auth=unusable,
+            workspace_store=store,
         )
 
     snapshot = Snapshot(
@@ -126,3 +127,11 @@ def test_status_shows_a_scripted_worker_without_the_model_auth_it_never_uses() -
     assert "UNUSABLE" not in scripted
     assert "  w-claude: not logged in" in shown
     assert "w-scripted: not logged in" not in shown
+    # Settings every worker must share, found differing by an outside probe: each worker's is named.
+    assert "workers with different BACKEND" in shown
+    assert "workers with different WORKSPACE_STORE" not in shown
+    snapshot.workers = [beat("w-1", "claude"), beat("w-2", "claude", store="/s on h (the default)")]
+    shown = render(snapshot)
+    assert "workers with different BACKEND" not in shown
+    assert "workers with different WORKSPACE_STORE: sessions' files are lost between them" in shown
+    assert "  w-2: /s on h (the default)" in shown

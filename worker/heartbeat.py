@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from shared import backend_auth, heartbeats
 from shared.heartbeats import Heartbeat, SandboxReport
 from shared.settings import Settings
+from shared.workspace_store import store_name
 
 log = logging.getLogger("gateway.worker")
 
@@ -41,6 +42,7 @@ class HeartbeatLoop:
     ) -> None:
         self._redis_url = redis_url
         self._settings = settings
+        self._store = store_name(settings)
         self._interval_s = settings.heartbeat_interval_s
         self._ttl_s = settings.heartbeat_ttl_s
         self._slots = slots
@@ -101,6 +103,7 @@ class HeartbeatLoop:
             auth=self._auth,
             sandbox=self.sandbox,
             draining=self.draining,
+            workspace_store=self._store,
         )
         try:
             load = full or self.draining

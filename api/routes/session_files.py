@@ -26,10 +26,11 @@ from pydantic import BaseModel
 from api.access import stored_ledger
 from api.core.sessions import invalid_session_id, session_not_found
 from api.deps import CallerDep, GatewayDep
-from api.errors import ErrorResponse, OpenAIError
+from api.errors import NO_RETRY, ErrorResponse, OpenAIError
 from shared import sessions, workspaces
 from shared.keys import is_session_id
-from shared.workspace_store import MissingObject, ObjectStore, open_store
+from shared.settings import Settings
+from shared.workspace_store import MissingObject, ObjectStore, open_store, store_name
 from shared.workspaces import FileEntry, Manifest, VersionWriter, WorkspaceRef
 
 log = logging.getLogger("gateway.api")
@@ -112,14 +113,42 @@ async def _current(
         raise session_not_found(session_id)
     session = found[0]
     ref = WorkspaceRef(owner, session_id, session.transcript_id)
-    return ref, await _manifest(store, ref, session.workspace)
+    try:
+        return ref, await workspaces.load_manifest(store, ref, session.workspace)
+    except MissingObject:
+        now = await sessions.get(gateway.redis, owner, session_id, gateway.settings.session_ttl_s)
+        if now is not None and now[0].workspace != session.workspace:  # collected after a newer one
+            raise _changed() from None
+        raise _not_in_store(gateway.settings) from None
 
 
-async def _manifest(store: ObjectStore, ref: WorkspaceRef, version: str | None) -> Manifest:
+async def _manifest(
+    settings: Settings, store: ObjectStore, ref: WorkspaceRef, version: str | None
+) -> Manifest:
+    """The version the session holds while this request holds the session: no newer one can
+    replace it meanwhile, so one missing is not in this store."""
     try:
         return await workspaces.load_manifest(store, ref, version)
-    except MissingObject:  # collected after a newer version committed meanwhile
-        raise _changed() from None
+    except MissingObject:
+        raise _not_in_store(settings) from None
+
+
+def _not_in_store(settings: Settings) -> OpenAIError:
+    """The session's version is in another store than this process's: a process configured with
+    its own (an outside probe's clients were told to retry a 409 for good)."""
+    log.error(
+        "a session's files are not in this API process's workspace store (%s): every API and "
+        "worker process must use the same WORKSPACE_STORE (docs/sessions.md)",
+        store_name(settings),
+    )
+    return OpenAIError(
+        503,
+        "The session's files are not in the gateway's workspace store; its operator must give every "
+        "process the same store.",
+        type="server_error",
+        code="workspace_unavailable",
+        headers=NO_RETRY,
+    )
 
 
 def _changed() -> OpenAIError:
@@ -312,7 +341,7 @@ class _NewVersion:
         transcript, version = (found[0].transcript_id, found[0].workspace) if found else (None, None)
         self.transcript_id = transcript or sessions.new_transcript_id()
         ref = WorkspaceRef(self.owner, self.session_id, self.transcript_id)
-        return ref, await _manifest(self.store, ref, version)
+        return ref, await _manifest(self.gateway.settings, self.store, ref, version)
 
     async def commit(self, ref: WorkspaceRef, writer: VersionWriter) -> Manifest:
         settings, redis = self.gateway.settings, self.gateway.redis
