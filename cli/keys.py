@@ -13,11 +13,10 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from cli import add_commands
-from cli.reach import redis_problem
+from cli.reach import cli_redis, redis_problem
 from shared import apikeys
 from shared.jobs import Failed, FailureCode
 from shared.jobstore import JobStore
@@ -28,12 +27,12 @@ _REVOKED = Failed(code=FailureCode.CANCELLED, message="The API key that started 
 
 
 async def _protection(redis_url: str) -> tuple[bool, bool]:
-    async with Redis.from_url(redis_url) as redis:
+    async with cli_redis(redis_url) as redis:
         return await apikeys.protection(redis)
 
 
 async def _generate(redis_url: str) -> tuple[apikeys.ManagedKey, str]:
-    async with Redis.from_url(redis_url) as redis:
+    async with cli_redis(redis_url) as redis:
         # Whoever starts the gateway on its terminal runs it: the key also reads /status and
         # /dashboard (an outside probe found the dashboard refusing the only key there was).
         return await apikeys.create(redis, "generated at start-up", operator=True)
@@ -91,7 +90,7 @@ def ensure_protected(settings: Settings, redis_url: str) -> None:
 
 
 async def _run(args: argparse.Namespace, redis_url: str, settings: Settings) -> int:
-    async with Redis.from_url(redis_url) as redis:
+    async with cli_redis(redis_url) as redis:
         if args.action == "create":
             key, secret = await apikeys.create(redis, args.name, operator=args.operator)
             print(f"{key.id}\t{secret}")

@@ -11,6 +11,19 @@ _TRIES = 5
 """A Redis started beside this process (compose, systemd) gets this many seconds to answer."""
 
 
+COMMAND_TIMEOUT_S = 5.0
+"""How long a command of the CLI waits for Redis to connect or answer: a frozen one is an error
+said in seconds, not a hang (an outside probe's `keys revoke` waited on one for good)."""
+
+
+def cli_redis(redis_url: str) -> Redis:
+    """A client for one CLI command, bounded by `COMMAND_TIMEOUT_S`."""
+    client: Redis = Redis.from_url(
+        redis_url, socket_timeout=COMMAND_TIMEOUT_S, socket_connect_timeout=COMMAND_TIMEOUT_S
+    )
+    return client
+
+
 def redis_problem(role: str, exc: Exception) -> str:
     """The message a command exits with when Redis refused it or could not be reached."""
     if isinstance(exc, OutOfMemoryError):

@@ -12,10 +12,9 @@ import sys
 import time
 from typing import Literal
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from cli.reach import redis_problem
+from cli.reach import cli_redis, redis_problem
 from shared.heartbeats import Heartbeat, SandboxReport
 from shared.settings import Settings
 from shared.status import Snapshot, take_snapshot
@@ -105,7 +104,7 @@ async def _status(settings: Settings, redis_url: str, *, as_json: bool, watch_s:
     # is, and a cancel inside redis-py's command left it waiting for ever (2 of 40 tries).
     interrupted = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupted.set)
-    redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    redis = cli_redis(redis_url)
     try:
         while not interrupted.is_set():
             snapshot = await take_snapshot(redis, settings.queue_name)

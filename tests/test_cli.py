@@ -186,3 +186,28 @@ def test_a_hangup_stops_an_api_process_as_sigterm_does(start_gateway: Any) -> No
         rest = "\n".join(lines)
     assert "server_shutting_down" in rest
     assert api.wait(timeout=15) in (0, -signal.SIGTERM)
+
+
+def test_keys_against_a_frozen_redis_fail_in_seconds(tmp_path: Path) -> None:
+    """Found by an outside probe: `keys list|create|revoke|open` waited for good on a Redis that
+    accepted the connection and never answered (SIGSTOP), where `status` failed in seconds."""
+    frozen = embedded_redis.EmbeddedRedis(tmp_path / "redis", persistent=False)
+    frozen.start()
+    assert frozen.process is not None
+    frozen.process.send_signal(signal.SIGSTOP)
+    try:
+        env = {**os.environ, "REDIS_URL": frozen.url, "STATE_DIR": str(tmp_path)}
+        done = subprocess.run(
+            [sys.executable, "-m", "cli.main", "keys", "list"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+        frozen.stop()
+    assert done.returncode != 0
+    assert "claude-gateway keys: cannot reach Redis" in done.stderr, done.stderr
