@@ -129,7 +129,8 @@ class FailureCode(StrEnum):
     WORKER_LOST = "worker_lost"
     QUEUE_UNAVAILABLE = "queue_unavailable"
     """Redis stayed out of the worker's reach past `REDIS_OUTAGE_GRACE_S`: the job was stopped,
-    and its end written once Redis was back (it was taken for a lost worker's: an outside probe)."""
+    and its end written once Redis was back (it was taken for a lost worker's: an outside probe).
+    Or Redis lost the job's record while a client followed it (restarted without its data)."""
     CANCELLED = "cancelled"
     RETRY_DIVERGED = "retry_diverged"
     """Not a job's end: a stream that cannot go on after a `Retraction` ends with it."""

@@ -25,7 +25,7 @@ from cli.embedded_redis import EmbeddedRedis
 from shared.events import EventWriter
 from shared.jobs import CompletionJob, Done, Failed, FinishReason, SessionRef, Turn, Usage
 from shared.jobstore import JobStore
-from shared.keys import session_lock_key
+from shared.keys import record_key, session_lock_key
 from shared.settings import Settings
 from tests.conftest import Gateway, assert_schema, chat, claude_env
 from tests.fake_anthropic import FakeAnthropic, Reply
@@ -824,3 +824,20 @@ async def test_a_session_turn_a_full_redis_refuses_is_a_503_storage_full(own_red
     assert isinstance(ended, Failed), ended
     error = OpenAIError.from_failure(ended)
     assert (error.status, error.info.code, error.headers) == (503, "storage_full", {"retry-after": "10"})
+
+
+def test_a_stream_whose_job_redis_lost_ends_saying_so(durable: Gateway) -> None:
+    """Found by an outside probe: after Redis restarted without its data, an open stream ended
+    with internal_error "The job no longer exists.", which reads as the gateway's own bug."""
+    body = chat(script(text="x ", tokens=400, delay_ms=20), stream=True)  # 8 s
+    with httpx.stream("POST", f"{durable.url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _, data in sse_events(lines):
+            if content_of(data):
+                job_id = json.loads(data)["id"].removeprefix("chatcmpl-")
+                break
+        durable.redis().delete(record_key(job_id))  # as a Redis restarted empty has it
+        last = [data for _, data in sse_events(lines)][-2]
+    error = json.loads(last)["error"]
+    assert error["code"] == "queue_unavailable", error
+    assert "lost the job" in error["message"]

@@ -41,6 +41,12 @@ FollowedBatch = Sequence[tuple[int, FollowedEvent]]
 """`(seq, event)`s that arrived together, in order (never empty)."""
 
 
+
+_LOST = Failed(
+    code=FailureCode.QUEUE_UNAVAILABLE,
+    message="Redis lost the job (restarted without its data, or flushed); send the request again.",
+)
+
 async def follow_job(
     reader: EventReader, store: JobStore, settings: Settings, job_id: str, *, after: int = 0, withdraw: bool
 ) -> AsyncGenerator[FollowedBatch, None]:
@@ -77,8 +83,8 @@ async def follow_job(
             checked = now
             record = await store.get(job_id)
             outage_since = None
-            if record is None:
-                yield [(after + 1, Failed(code=FailureCode.INTERNAL, message="The job no longer exists."))]
+            if record is None:  # deleted with its end written: Redis lost it (restarted empty, flushed)
+                yield [(after + 1, _LOST)]
                 return
             if record.ended and await store.last_event(job_id) <= after:
                 return  # ended together with its terminal event: nothing will follow
