@@ -4,7 +4,8 @@
   it ends (`PR_SET_PDEATHSIG`), so a killed or crashed `up` leaves no Redis, API or worker behind
   (a worker then drains as on any SIGTERM, bounded by `DRAIN_TIMEOUT_S`).
 - Each process holds only the credentials it needs: the API no model credentials, the workers no
-  client keys, and `up` itself none in its environment once the children's are set aside; like
+  client keys (`held_by`, also for a process started on its own), and `up` itself none in its
+  environment once the children's are set aside; like
   the workers, `up` and the API are non-dumpable, so a tool running as the same user can read
   neither their `/proc/<pid>/environ` nor their memory.
 """
@@ -15,6 +16,8 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Mapping
+
+from shared.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
 
@@ -45,6 +48,19 @@ def api_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k not in _CLIENT_KEYS}
+
+
+def held_by(role: str, settings: Settings) -> Settings:
+    """The settings `role` keeps, as `up` gives its children theirs: the API no model credentials
+    (nor the settings that come with them), a worker no client keys, however the process's
+    environment was given (a compose file's one `.env` gives each process every secret)."""
+    if role == "api":
+        dropped = [name for name in Settings.model_fields if _MODEL_CREDENTIALS.fullmatch(name.upper())]
+    elif role == "worker":
+        dropped = [name for name in Settings.model_fields if name.upper() in _CLIENT_KEYS]
+    else:
+        return settings
+    return settings.model_copy(update={name: Settings.model_fields[name].default for name in dropped})
 
 
 def drop_credentials() -> None:

@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.role == "keys":
         keys.run_keys(_found_redis_url(settings, "keys"), args, settings)
         return
-    {"up": run_up, "api": run_api, "worker": run_worker}[args.role](settings)
+    {"up": run_up, "api": run_api, "worker": run_worker}[args.role](children_env.held_by(args.role, settings))
 
 
 if __name__ == "__main__":

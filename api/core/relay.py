@@ -41,11 +41,11 @@ FollowedBatch = Sequence[tuple[int, FollowedEvent]]
 """`(seq, event)`s that arrived together, in order (never empty)."""
 
 
-
 _LOST = Failed(
     code=FailureCode.QUEUE_UNAVAILABLE,
     message="Redis lost the job (restarted without its data, or flushed); send the request again.",
 )
+
 
 async def follow_job(
     reader: EventReader, store: JobStore, settings: Settings, job_id: str, *, after: int = 0, withdraw: bool

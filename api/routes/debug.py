@@ -30,14 +30,7 @@ def _redactor(gateway: GatewayDep, request: Request) -> Redactor:
     settings = gateway.settings
     known = [*settings.client_api_keys(), *request.headers.getlist("x-api-key")]
     known += [value.partition(" ")[2].strip() for value in request.headers.getlist("authorization")]
-    for secret in (
-        settings.anthropic_api_key,
-        settings.claude_code_oauth_token,
-        settings.aws_secret_access_key,
-    ):
-        if secret is not None:
-            known.append(secret.get_secret_value())
-    return Redactor(known)
+    return Redactor(known)  # the model credentials: an API process never holds them (cli/children.py)
 
 
 def _url(request: Request, redactor: Redactor) -> str:
