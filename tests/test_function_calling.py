@@ -552,7 +552,7 @@ def test_a_function_result_holding_an_image_or_a_file_is_refused_on_every_front_
                 **output({"type": "input_image", "image_url": f"data:image/png;base64,{PIXEL}"}),
                 "tools": responses_tools,
             },
-            "messages[1].content[1]",
+            "input",  # the field the caller sent, not the chat message it became (a probe)
         ),
         (
             "/v1/responses",
