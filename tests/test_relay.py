@@ -8,7 +8,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.core.relay import follow_job
 from shared.events import NoEventWithin
-from shared.jobs import Failed
+from shared.jobs import Failed, FailureCode
 from shared.settings import Settings
 
 
@@ -41,5 +41,5 @@ async def test_a_check_that_meets_an_outage_waits_it_out() -> None:
     followed = follow_job(cast(Any, _Silent()), cast(Any, store), settings, "job", withdraw=False)
     [(_, event)] = await asyncio.wait_for(anext(followed), 10)
     assert isinstance(event, Failed)
-    assert event.message == "The job no longer exists."
+    assert event.code is FailureCode.QUEUE_UNAVAILABLE  # found gone once Redis answered
     assert store.failures == 0
