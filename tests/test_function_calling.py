@@ -617,6 +617,11 @@ def test_a_schema_without_properties_is_offered_as_written(claude: Gateway, upst
     assert offered["mcp__caller__now"] == {"type": "object", "properties": {}}
     assert offered["mcp__caller__closed"] == {**closed, "properties": {}}
     # Not an object's schema: refused, as OpenAI's API does.
-    wrong = [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]
-    refused = httpx.post(f"{claude.url}/v1/chat/completions", json=chat("hi", tools=wrong), timeout=30)
-    assert (refused.status_code, refused.json()["error"]["param"]) == (400, "tools[0].function.parameters")
+    # Not an object's schema, or a property's that is not one (it dropped every function): refused.
+    for parameters in ({"type": "string"}, {"type": "object", "properties": {"a": "x"}}):
+        wrong = [functions[0], {"type": "function", "function": {"name": "f", "parameters": parameters}}]
+        refused = httpx.post(f"{claude.url}/v1/chat/completions", json=chat("hi", tools=wrong), timeout=30)
+        assert (refused.status_code, refused.json()["error"]["param"]) == (
+            400,
+            "tools[1].function.parameters",
+        )

@@ -319,6 +319,10 @@ def test_a_cancelled_response_keeps_what_it_produced(client: openai.OpenAI) -> N
             },
             "tools[0].tools[0].name",
         ),
+        (
+            {"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "array"}}]},
+            "tools[0].parameters",
+        ),
         ({"input": "x", "max_tool_calls": 1}, "max_tool_calls"),  # found dropped by a probe
         ({"input": "x", "max_tool_calls": -1}, "max_tool_calls"),
         ({"input": "x", "reasoning": {"effort": "bogus"}}, "reasoning.effort"),  # not agent.reasoning_effort

@@ -37,8 +37,10 @@ class FunctionCalling:
         return job.model_copy(update={"functions": self.functions, "system_prompt": system})
 
 
-def check_name(spec: Any, param: str) -> None:
-    """A function's `name` (at `param`.name) is one a backend can offer, or 400."""
+def check_function(spec: Any, param: str) -> None:
+    """A function (at `param`) a backend can offer, or 400: its `name`, and `parameters` as an
+    object's schema, each property's a schema (one that was not dropped every function of the
+    request, unsaid: an outside probe)."""
     if (
         not isinstance(spec, dict)
         or not isinstance(spec.get("name"), str)
@@ -47,15 +49,23 @@ def check_name(spec: Any, param: str) -> None:
         raise OpenAIError.invalid(
             "A function needs a 'name' of 1 to 128 letters, digits, '_' or '-'.", param=f"{param}.name"
         )
+    parameters = spec.get("parameters") or {}
+    properties = parameters.get("properties", {}) if isinstance(parameters, dict) else None
+    if (
+        not isinstance(parameters, dict)
+        or parameters.get("type", "object") != "object"
+        or not isinstance(properties, dict)
+        or not all(isinstance(schema, dict | bool) for schema in properties.values())
+    ):
+        raise OpenAIError.invalid(
+            "A function's parameters must be a JSON Schema of type 'object', each property's a schema.",
+            param=f"{param}.parameters",
+        )
 
 
 def _function(spec: Any, param: str) -> FunctionTool:
-    check_name(spec, param)
+    check_function(spec, param)
     parameters = spec.get("parameters") or {"type": "object", "properties": {}}
-    if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
-        raise OpenAIError.invalid(
-            "A function's parameters must be a JSON Schema of type 'object'.", param=f"{param}.parameters"
-        )
     return FunctionTool(
         name=spec["name"], description=str(spec.get("description") or ""), parameters=parameters
     )

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from api.core.conversation import ChatMessage, ContentPart, ImagePart, TextPart
-from api.core.functions import check_name
+from api.core.functions import check_function
 from api.core.request import AgentControls, ReasoningEffort, SessionId
 from api.core.wire import STRICT, Metadata, NullIsFalse, NullIsTrue, ServiceTier
 from api.errors import OpenAIError
@@ -98,17 +98,17 @@ def _servable(tool: dict[str, Any]) -> bool:
 
 def _functions(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """The function tools, a namespace's under their qualified names; hosted tools left out.
-    Their names are checked here, where the error can name the caller's own field."""
+    Each is checked here, where the error can name the caller's own field."""
     functions: list[dict[str, Any]] = []
     for index, tool in enumerate(tools or []):
         if tool.get("type") == "namespace":
             members = tool.get("tools") or []
             prefix = f"{tool.get('name')}{_NAMESPACE_SEPARATOR}"
             for number, member in enumerate(members):
-                check_name(member, f"tools[{index}].tools[{number}]")
+                check_function(member, f"tools[{index}].tools[{number}]")
             functions += [{**member, "name": f"{prefix}{member.get('name')}"} for member in members]
         elif tool.get("type") == "function":
-            check_name(tool, f"tools[{index}]")
+            check_function(tool, f"tools[{index}]")
             functions.append(tool)
     return functions
 
