@@ -283,7 +283,11 @@ EOF"""
 )
 
 
-@pytest.mark.parametrize("forge", [_FORGE, _FORGE_IDS], ids=["text", "tool_ids"])
+# Many steps of no text: each is stored as an event of its own (a re-check probe: 25 times the limit).
+_FORGE_STEPS = _FORGE_IDS.replace("range(50)", "range(3000)").replace('f"{i}-" + "i" * 10_000', "str(i)")
+
+
+@pytest.mark.parametrize("forge", [_FORGE, _FORGE_IDS, _FORGE_STEPS], ids=["text", "tool_ids", "tool_steps"])
 def test_a_tool_writing_to_its_clis_pipes_is_bounded(
     start_gateway: Any, fake_anthropic: FakeAnthropic, upstream: FakeAnthropic, forge: str
 ) -> None:

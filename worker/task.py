@@ -210,10 +210,19 @@ def _chars(event: Delta | Activity | Retraction | Done) -> int:
     if isinstance(event, Delta | Reasoning):  # nearly every event: first
         return len(event.text)
     # Ids too: the CLI's output names them, and a job's tool can write that output (an outside
-    # probe stored 840 MB in one job's events through million-character ids).
+    # probe stored 840 MB in one job's events through million-character ids); and each call or
+    # step its stored form (a re-check probe stored 25 times the limit in steps of no text).
     if isinstance(event, Done):
-        return sum(len(call.id) + len(call.name) + len(call.arguments) for call in event.tool_calls)
-    return len(event.id) + len(event.name) + len(event.argument) if isinstance(event, ToolStep) else 0
+        return sum(
+            _STORED_CHARS + len(call.id) + len(call.name) + len(call.arguments) for call in event.tool_calls
+        )
+    if isinstance(event, ToolStep):
+        return _STORED_CHARS + len(event.id) + len(event.name) + len(event.argument)
+    return 0
+
+
+_STORED_CHARS = 100
+"""What a tool step or call adds to the stored output beyond its text (its event's encoding)."""
 
 
 async def _commit_turn(
