@@ -157,3 +157,22 @@ async def test_a_turn_keeps_only_its_own_sessions_transcript(redis: Redis) -> No
     ] == ["u1"]
     assert [key async for key in redis.scan_iter("*forged*")] == []
     assert await turn.load(forged) is None
+
+
+async def test_a_turns_subagent_transcripts_count_by_their_names_and_number(redis: Redis) -> None:
+    """Found by a re-check probe: subagent transcripts forged with 600,000-character paths stored
+    147 MB in key names under a 100,000-character limit, and 8,000 of them held Redis for minutes
+    (each append touches every list of the session)."""
+    store = RedisSessionStore(redis, ttl_s=60)
+    own: SessionKey = {"project_key": "any", "session_id": "s1"}
+    long_name = JobTranscript(store, "owner", "s1", max_chars=100_000)
+    await long_name.append({**own, "subpath": "subagents/" + "€" * 50_000}, [{"type": "user"}])
+    with pytest.raises(TranscriptTooLarge):
+        long_name.seal()
+    many = JobTranscript(store, "owner", "s1", max_chars=100_000)
+    for number in range(65):
+        await many.append({**own, "subpath": f"subagents/agent-{number}.jsonl"}, [{"type": "user"}])
+    with pytest.raises(TranscriptTooLarge):
+        many.seal()
+    await many.write()
+    assert [key async for key in redis.scan_iter("*agent-*")] == []

@@ -133,6 +133,11 @@ about that much memory more (an outside probe's 7.5 million `{}` entries, 30 MB 
 600 MB)."""
 
 
+_MOST_SUBPATHS = 64
+"""Transcripts one turn may add (its main one and its subagents'): far over what a turn's
+subagents make, few enough that a session's lists stay cheap to keep alive together."""
+
+
 class TranscriptTooLarge(Exception):
     def __init__(self, max_chars: int) -> None:
         super().__init__(f"the turn's transcript passed TURN_TRANSCRIPT_MAX_CHARS ({max_chars:,} characters)")
@@ -161,6 +166,7 @@ class JobTranscript:
         self._pending: list[tuple[SessionKey, list[SessionStoreEntry]]] = []
         self._sealed = False
         self._room = self._max_chars = max_chars
+        self._subpaths: set[str] = set()
 
     def _pinned(self, key: SessionKey) -> SessionKey:
         pinned: SessionKey = {"project_key": self._project, "session_id": key["session_id"]}
@@ -174,7 +180,14 @@ class JobTranscript:
     async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
         if self._sealed or self._room < 0 or key["session_id"] != self.session_id:
             return
-        self._room -= len(json.dumps(entries)) + _ENTRY_CHARS * len(entries)
+        # A subagent's transcript is a list of its own, named by its path (quoted: up to 3 times
+        # as long), and each append touches every list of the session: both are bounded too (a
+        # re-check probe stored 147 MB in key names, and 8,000 subpaths held Redis for minutes).
+        subpath = key.get("subpath", "")
+        self._subpaths.add(subpath)
+        self._room -= len(json.dumps(entries)) + _ENTRY_CHARS * len(entries) + 3 * len(subpath)
+        if len(self._subpaths) > _MOST_SUBPATHS:
+            self._room = -1
         if self._room >= 0:
             self._pending.append((self._pinned(key), entries))
         else:
