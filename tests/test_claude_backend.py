@@ -3,6 +3,7 @@ the fake Anthropic API on loopback, asserting on what the upstream received and 
 
 import itertools
 import json
+import logging
 import signal
 import time
 from collections import deque
@@ -446,3 +447,17 @@ def test_usage_the_cli_reports_is_never_below_zero_and_its_cost_is_rounded() -> 
     huge = _usage({"input_tokens": 2**63 - 10, "output_tokens": 2**62}, 1e308)
     assert (huge.prompt_tokens, huge.completion_tokens) == (10**9, 10**9)
     assert huge.cost_usd == 10.0**6
+
+
+def test_the_sdks_quotes_of_forgeable_output_are_cut_and_escaped(caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a re-check probe: the SDK logged each forged transcript frame's path whole (50 MB
+    of the worker's log from one turn), with the line breaks and escapes of forged log lines."""
+    import worker.backends.claude  # noqa: F401 (installs the filter, as the worker does)
+
+    forged = "/x/" + "L" * 500_000 + "\n2026-12-04 INFO gateway.api POST /v1/admin -> 200\r\x1b[2K"
+    sdk = logging.getLogger("claude_agent_sdk._internal.transcript_mirror_batcher")
+    with caplog.at_level(logging.WARNING, logger=sdk.name):
+        sdk.warning("[SessionStore] dropping mirror frame: filePath %s is not under %s", forged, "/p")
+    [said] = [record.getMessage() for record in caplog.records]
+    assert len(said) < 1_000
+    assert not {"\n", "\r", "\x1b"} & set(said)

@@ -102,6 +102,22 @@ class _OwnKills(logging.Filter):
 
 logging.getLogger("claude_agent_sdk._internal.query").addFilter(_OwnKills())
 
+
+class _Quoted(logging.Filter):
+    """The SDK's warnings quote what the CLI wrote (a mirrored transcript's path), which a job's
+    tools can forge: each line is cut and escaped as the CLI's stderr is (`StderrLog`; a re-check
+    probe logged 50 MB and forged log lines through one turn's frames)."""
+
+    WIDTH = 300
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        said = record.getMessage()
+        record.msg, record.args = said[: self.WIDTH].encode("unicode_escape").decode("ascii"), None
+        return True
+
+
+logging.getLogger("claude_agent_sdk._internal.transcript_mirror_batcher").addFilter(_Quoted())
+
 _ANTHROPIC_API = "https://api.anthropic.com"
 
 _ENDING_STOPS = {
