@@ -79,6 +79,7 @@ FAILURE_STATUS: dict[FailureCode, tuple[int, str]] = {
     FailureCode.WORKSPACE_TOO_LARGE: (413, "invalid_request_error"),
     FailureCode.OUTPUT_TOO_LARGE: (502, "server_error"),
     FailureCode.STORAGE_FULL: (503, "server_error"),
+    FailureCode.WORKSPACE_UNAVAILABLE: (503, "server_error"),
     FailureCode.INTERNAL: (500, "server_error"),
 }
 ANTHROPIC_PATH = "/v1/messages"
@@ -114,6 +115,7 @@ _FAILURE_HEADERS = {FailureCode.STORAGE_FULL: _STORAGE_FULL_RETRY} | {
         FailureCode.TIMEOUT,
         FailureCode.STALLED,
         FailureCode.OUTPUT_TOO_LARGE,
+        FailureCode.WORKSPACE_UNAVAILABLE,
     )
 }
 

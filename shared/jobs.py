@@ -138,6 +138,9 @@ class FailureCode(StrEnum):
     """A session turn's files exceed the workspace limits: not saved, the session unchanged."""
     OUTPUT_TOO_LARGE = "output_too_large"
     """The job's output passed `JOB_MAX_OUTPUT_CHARS`: stopped there."""
+    WORKSPACE_UNAVAILABLE = "workspace_unavailable"
+    """A session's files are not in the store this process has: deleted meanwhile, or the
+    gateway's processes do not share one store (`WORKSPACE_STORE`). A retry meets the same."""
     STORAGE_FULL = "storage_full"
     """Redis at its `maxmemory` refused a session turn's commit: the session is as it was."""
     INTERNAL = "internal_error"

@@ -404,12 +404,17 @@ def test_files_missing_from_the_store_are_the_stores_fault_not_a_change(
     and every read through the API answered 409 "changed while they were read; retry", for good."""
     store = workspace_store_env("local", None, tmp_path)
     gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", **store)
-    body = chat("script:" + json.dumps({"text": "ok", "write": {"a.txt": "a"}}), session_id="elsewhere-1")
-    assert httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+    uploaded = httpx.post(files_url(gateway, "elsewhere-1"), files={"file": ("a.txt", b"a")}, timeout=10)
+    assert uploaded.status_code == 200, uploaded.text
     for saved in (tmp_path / "store").rglob("*"):  # as seen from a process with another store
         if saved.is_file():
             saved.unlink()
     response = httpx.get(files_url(gateway, "elsewhere-1"), timeout=10)
-    assert response.status_code == 503, response.text
-    assert response.json()["error"]["code"] == "workspace_unavailable"
-    assert response.headers["x-should-retry"] == "false"
+    # A turn's worker meets it too (a re-check probe: a 503 backend_unavailable, retried).
+    turn = httpx.post(
+        f"{gateway.url}/v1/chat/completions", json=chat("hi", session_id="elsewhere-1"), timeout=30
+    )
+    for refused in (response, turn):
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "workspace_unavailable"
+        assert refused.headers["x-should-retry"] == "false"

@@ -506,7 +506,7 @@ class SessionFiles:
                 "The session's files are not in this worker's workspace store: the session was "
                 "deleted, or the gateway's processes do not share one store (WORKSPACE_STORE)."
             )
-            raise BackendError(FailureCode.BACKEND_UNAVAILABLE, message) from exc
+            raise BackendError(FailureCode.WORKSPACE_UNAVAILABLE, message) from exc
         except (OSError, ValueError, TimeoutError) as exc:
             log.warning("could not restore workspace %s: %s", key, type(exc).__name__)
             await self._drop(key)

@@ -28,6 +28,7 @@ from api.core.sessions import invalid_session_id, session_not_found
 from api.deps import CallerDep, GatewayDep
 from api.errors import NO_RETRY, ErrorResponse, OpenAIError
 from shared import sessions, workspaces
+from shared.jobs import FailureCode
 from shared.keys import is_session_id
 from shared.settings import Settings
 from shared.workspace_store import MissingObject, ObjectStore, open_store, store_name
@@ -146,7 +147,7 @@ def _not_in_store(settings: Settings) -> OpenAIError:
         "The session's files are not in the gateway's workspace store; its operator must give every "
         "process the same store.",
         type="server_error",
-        code="workspace_unavailable",
+        code=FailureCode.WORKSPACE_UNAVAILABLE.value,
         headers=NO_RETRY,
     )
 
