@@ -91,6 +91,7 @@ def run_api(settings: Settings) -> None:
 
     class Http(BoundedHead):
         max_message_bytes = settings.max_request_bytes + 2 * MAX_HEAD_BYTES
+        send_timeout_s = settings.send_timeout_s
 
     config = uvicorn.Config(
         app,

@@ -7,10 +7,21 @@ did the same once its answer (a 401) was sent. Past `MAX_HEAD_BYTES` of head or 
 request is answered 431, past `max_message_bytes` in all 413, and its connection is closed; one
 that is not HTTP, 400. Each answer is an error in OpenAI's shape, or in Anthropic's to a request
 for its Messages API, with a request id as every response has.
+
+A response's client that stops reading is dropped too (`send_timeout_s`): the transport keeps what
+the socket does not take, however long, and a client of the gateway's that resumed a large finished
+job and read nothing held ~10 MB of an API process per connection, for good.
 """
 
 import asyncio
+import contextlib
+import fcntl
 import json
+import logging
+import socket
+import struct
+import sys
+import termios
 import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -21,6 +32,10 @@ MAX_HEAD_BYTES = 64 * 1024
 """A request's line and headers, and its trailers: far over what a client of the gateway sends
 (nginx's default allows 32 KiB)."""
 _LINGER_S = 1.0
+MIN_SENT_BYTES = 32 * 1024
+"""What a client whose response waits must read of it every `send_timeout_s` to keep its connection."""
+
+log = logging.getLogger("gateway.http")
 
 
 _ANTHROPIC_PATH = b"/v1/messages"
@@ -67,6 +82,10 @@ class BoundedHead(HttpToolsProtocol):
 
     max_message_bytes: ClassVar[int] = 64 * 1024 * 1024
     """A whole request (head, body, trailers): a server's own body limit, and its head's twice."""
+    send_timeout_s: ClassVar[float] = 30.0
+    """How long a response may wait on its client (the transport's buffer over its high-water mark)
+    with less than `MIN_SENT_BYTES` of it read meanwhile, before the connection is aborted (a close
+    would still wait for the buffer to be read)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -78,6 +97,7 @@ class BoundedHead(HttpToolsProtocol):
         self._message_bytes = 0
         self._began = False  # a request began in the chunk being parsed: its bytes before are another's
         self._refused = False
+        self._stalled: asyncio.TimerHandle | None = None  # the check while writing is paused
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -132,6 +152,49 @@ class BoundedHead(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if not self._refused:
             super().on_message_complete()
+
+    # Paused and resumed by the transport only when its buffer crosses its marks: nothing is spent
+    # per write.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._check_sent_after(self._unsent())
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._unwatch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._unwatch()
+        super().connection_lost(exc)
+
+    def _check_sent_after(self, buffered: int) -> None:
+        self._stalled = self.loop.call_later(self.send_timeout_s, self._check_sent, buffered)
+
+    def _check_sent(self, unsent_then: int) -> None:
+        unsent = self._unsent()
+        if unsent_then - unsent >= MIN_SENT_BYTES:
+            self._check_sent_after(unsent)
+            return
+        self._stalled = None
+        log.info("dropped a client that read under %d bytes in %g s", MIN_SENT_BYTES, self.send_timeout_s)
+        connection = self.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):  # reset, not closed: the socket's buffer is freed too
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+    def _unsent(self) -> int:
+        """What the client has yet to receive: the transport's buffer, and what the socket's holds
+        (Linux; the transport takes from its buffer only when the socket's has room for a lot)."""
+        unsent = self.transport.get_write_buffer_size()
+        with contextlib.suppress(OSError, AttributeError):
+            queued = fcntl.ioctl(self.transport.get_extra_info("socket").fileno(), termios.TIOCOUTQ, bytes(4))
+            unsent += int.from_bytes(queued, sys.byteorder)
+        return unsent
+
+    def _unwatch(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
 
     def send_400_response(self, msg: str) -> None:
         """What httptools cannot parse (a control character in a header, two Content-Lengths)

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     max_request_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    send_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A client whose response waits in the API (the socket's buffers full) and that "
+        "reads under 32 KiB of it in this long is disconnected.",
+    )
     queue_timeout_s: float = Field(
         default=60.0, gt=0, description="A job not started by then fails with 503."
     )

@@ -1,13 +1,20 @@
-"""The HTTP protocol every gateway server speaks (`shared/http_head.py`), on a transport that
-records its writes: a response's head goes out with its first body, or alone once the app waits."""
+"""The HTTP protocol every gateway server speaks (`shared/http_head.py`): on a transport that records
+its writes, a response's head goes out with its first body, or alone once the app waits; on a
+gateway's API, a client that stops reading is disconnected."""
 
 import asyncio
+import json
+import socket
+import time
 from typing import Any
 
+import httpx
+import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
 from shared.http_head import BoundedHead
+from tests.conftest import Gateway, chat
 
 
 class RecordedTransport(asyncio.Transport):
@@ -71,3 +78,63 @@ async def test_a_head_whose_body_waits_goes_out_alone_at_once() -> None:
     assert head.endswith(b"\r\n\r\n")
     assert first == b"5\r\nfirst\r\n"
     assert end == b"0\r\n\r\n"
+
+
+# A client that stops reading its response: the response waits in the API, and past
+# `SEND_TIMEOUT_S` with under 32 KiB read the connection is dropped, on every route (a resumed
+# stream, a retrieved completion); one that reads slowly but steadily gets all of it.
+
+_WORD = "w" * 999 + " "
+_TOKENS = 4000  # a 4 MB reply: far beyond what the sockets' buffers hold
+
+
+@pytest.fixture(scope="module")
+def impatient(start_gateway: Any) -> tuple[Gateway, str]:
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", SEND_TIMEOUT_S="1")
+    content = "script:" + json.dumps({"text": _WORD, "tokens": _TOKENS})
+    reply = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat(content, store=True), timeout=60)
+    assert reply.status_code == 200
+    assert len(reply.content) > _TOKENS * 1000
+    return gateway, reply.json()["id"]
+
+
+def _requested(gateway: Gateway, path: str, *, window: int | None = None) -> socket.socket:
+    """A connection that sent `GET path` (reading through a `window` of that many bytes)."""
+    connection = socket.socket()
+    if window is not None:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
+    connection.connect(("127.0.0.1", gateway.port))
+    connection.sendall(f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n".encode())
+    connection.settimeout(10)
+    return connection
+
+
+def _read_all(connection: socket.socket, piece: int = 1 << 20, pause_s: float = 0.0) -> tuple[bytes, bool]:
+    """What the connection received until it ended, and whether the server reset it."""
+    received = bytearray()
+    try:
+        while data := connection.recv(piece):
+            received += data
+            time.sleep(pause_s)
+    except ConnectionResetError:
+        return bytes(received), True
+    return bytes(received), False
+
+
+@pytest.mark.parametrize("query", ["?stream=true", ""])
+def test_a_client_that_stops_reading_is_disconnected(impatient: tuple[Gateway, str], query: str) -> None:
+    gateway, completion_id = impatient
+    with _requested(gateway, f"/v1/chat/completions/{completion_id}{query}", window=4096) as connection:
+        time.sleep(4)  # reads nothing
+        received, reset = _read_all(connection)
+    assert reset
+    assert len(received) < _TOKENS * 1000 / 2
+
+
+def test_a_client_that_reads_slowly_gets_its_whole_response(impatient: tuple[Gateway, str]) -> None:
+    gateway, completion_id = impatient
+    with _requested(gateway, f"/v1/chat/completions/{completion_id}?stream=true") as connection:
+        received, reset = _read_all(connection, piece=64 * 1024, pause_s=0.05)  # ~1 MiB/s
+    assert not reset
+    assert received.endswith(b"data: [DONE]\r\n\r\n\r\n0\r\n\r\n")
+    assert received.count(_WORD.encode()) == _TOKENS
