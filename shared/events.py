@@ -60,6 +60,10 @@ class EventWriter:
     """
 
     LINGER_S = 0.010
+    EVENT_CHARS = 4096
+    """The most text one event carries: deltas merge up to it, and a longer one is split. A producer
+    faster than Redis (a burst of output) wrote one event of megabytes, which every reader of the
+    job then held whole, however slowly its client read."""
 
     def __init__(
         self,
@@ -81,6 +85,7 @@ class EventWriter:
         self._seq = 0
         self._pending: list[JobEventValue] = []
         self._texts: list[str] = []  # the trailing delta, merged only when it is written
+        self._merged_chars = 0  # in `_texts`
         self._merging: type[Delta] | type[Reasoning] = Delta  # what kind of delta that is
         self._flushing: asyncio.Task[None] | None = None
         self.first_output_at: float | None = None
@@ -110,7 +115,13 @@ class EventWriter:
             if self._texts and not isinstance(event, self._merging):
                 self._close_delta()
             self._merging = type(event)
-            self._texts.append(event.text)
+            text = event.text
+            while len(text) > (room := self.EVENT_CHARS - self._merged_chars):
+                self._texts.append(text[:room])
+                self._close_delta()
+                text = text[room:]
+            self._texts.append(text)
+            self._merged_chars += len(text)
         else:
             self._close_delta()
             self._pending.append(event)
@@ -138,7 +149,7 @@ class EventWriter:
     def _close_delta(self) -> None:
         if self._texts:
             self._pending.append(self._merging(text="".join(self._texts)))
-            self._texts = []
+            self._texts, self._merged_chars = [], 0
 
     async def _flush(self) -> None:
         while True:
@@ -227,8 +238,10 @@ class EventReader:
     """
 
     BLOCK_MS = 5_000  # only bounds a lost wake-up (its append failed): arrivals wake the read
-    COUNT = 1024  # entries per stream per read
-    HELD = 1024  # a follower this many events behind is left out of the read until it catches up
+    # What a follower holds in its inbox, and in one batch, is bounded by these: a client that reads
+    # slowly (a large job resumed) holds less than a megabyte of events ahead of its socket.
+    COUNT = 256  # entries per stream per read
+    HELD = 256  # a follower this many events behind is left out of the read until it catches up
     WAKEUP_TTL_S = 60
 
     def __init__(self, redis: Redis) -> None:
@@ -246,7 +259,8 @@ class EventReader:
         self, job_id: str, *, after: int = 0, idle_timeout_s: float
     ) -> AsyncGenerator[list[tuple[int, JobEventValue]], None]:
         """Yields the `(seq, event)`s after `after` until a terminal event, each list what arrived
-        together (never empty), so a caller can pass them on at once; waits for new ones.
+        together (never empty, at most `HELD`), so a caller can pass them on at once; waits for new
+        ones.
 
         Raises `NoEventWithin` when nothing arrives for `idle_timeout_s` (the caller decides whether
         that means a job still queued, a stalled one, or a lost one), and the `RedisError` of a read
@@ -268,7 +282,11 @@ class EventReader:
                 batch: list[tuple[int, JobEventValue]] = []
                 while not isinstance(item, Exception):
                     batch.append(item)
-                    if isinstance(item[1], Done | Failed) or follower.inbox.empty():
+                    if (
+                        isinstance(item[1], Done | Failed)
+                        or follower.inbox.empty()
+                        or len(batch) == self.HELD
+                    ):
                         break
                     item = follower.inbox.get_nowait()
                 if follower.paused and follower.inbox.empty():

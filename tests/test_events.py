@@ -97,6 +97,24 @@ async def test_deltas_emitted_during_a_write_are_merged_in_order(
     assert events[-1] == DONE
 
 
+async def test_no_event_carries_more_text_than_its_bound(reader: EventReader, store: JobStore) -> None:
+    """A burst of output (merged while writes are in flight) and one long delta are both written in
+    events of at most `EVENT_CHARS`: a reader holds and sends each whole."""
+    job_id, writer = await _writer(store)
+    for i in range(5000):
+        writer.emit(Reasoning(text=f"{i},"))
+    long = "".join(chr(0x4E00 + i % 500) for i in range(3 * EventWriter.EVENT_CHARS + 7))
+    writer.emit(Delta(text=long))
+    writer.emit(DONE)
+    await writer.drain()
+    events = [event async for _, event in followed(reader, job_id, idle_timeout_s=1)]
+    texts = [event for event in events if isinstance(event, Delta | Reasoning)]
+    assert max(len(event.text) for event in texts) == EventWriter.EVENT_CHARS
+    assert "".join(e.text for e in texts if isinstance(e, Reasoning)) == "".join(f"{i}," for i in range(5000))
+    assert "".join(e.text for e in texts if isinstance(e, Delta)) == long
+    assert events[-1] == DONE
+
+
 async def test_the_first_text_after_thinking_does_not_wait_for_the_linger(
     reader: EventReader, store: JobStore
 ) -> None:
