@@ -1,12 +1,14 @@
 """The `claude` backend end to end: API → worker → real claude-agent-sdk and its bundled CLI →
 the fake Anthropic API on loopback, asserting on what the upstream received and the client saw."""
 
+import asyncio
 import itertools
 import json
 import logging
 import signal
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,16 @@ import anthropic
 import httpx
 import openai
 import pytest
+from claude_agent_sdk import AssistantMessage, ToolUseBlock
 
+from shared.jobs import CompletionJob, Done, FinishReason, FunctionTool, Turn
 from shared.keys import events_key
 from tests.conftest import Gateway, assert_schema, chat, claude_env, sse_data
 from tests.fake_anthropic import FakeAnthropic, Reply, system_text, user_text
 from tests.test_durable_jobs import job_id_of, retrieve, start_background, wait_for, worker_running
-from worker.backends.claude import _usage
+from worker import caller_functions
+from worker.backends import stored_chars
+from worker.backends.claude import _relay, _usage
 
 pytestmark = pytest.mark.claude
 
@@ -461,3 +467,34 @@ def test_the_sdks_quotes_of_forgeable_output_are_cut_and_escaped(caplog: pytest.
     [said] = [record.getMessage() for record in caplog.records]
     assert len(said) < 1_000
     assert not {"\n", "\r", "\x1b"} & set(said)
+
+
+async def test_forged_calls_past_the_output_bound_end_the_run_as_they_come() -> None:
+    """Found by a re-check probe: a job's tool forged the CLI's messages with calls to the caller's
+    function and no message end; the worker held every one (632 MB) until the message ended. Calls
+    past the job's output bound end the run at once, and the bound fails the job."""
+    job = CompletionJob(
+        request_id="r", model="m", turns=[Turn(role="user", text="x")], functions=[FunctionTool(name="f")]
+    )
+    [tool] = caller_functions.tool_names(job)
+    read = 0
+
+    async def forged() -> AsyncIterator[AssistantMessage]:
+        nonlocal read
+        for index in range(10_000):
+            read += 1
+            yield AssistantMessage([ToolUseBlock(f"toolu_{index}", tool, {"a": "x" * 1000})], model="m")
+
+    stopped = asyncio.Event()
+
+    async def stop() -> None:
+        stopped.set()
+
+    room = 100_000
+    events = [event async for event in _relay(job, forged(), None, stop, room)]
+    [done] = events[-1:]
+    assert isinstance(done, Done)
+    assert done.finish_reason is FinishReason.TOOL_CALLS
+    assert stopped.is_set()
+    assert read <= room // 1000 + 1
+    assert stored_chars(done) > room  # what the job's bound then refuses (worker/task.py)

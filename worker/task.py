@@ -25,20 +25,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared import logs, sessions
 from shared.events import EventWriter, Superseded, streamed_text
 from shared.jobs import (
-    Activity,
     CompletionJob,
-    Delta,
     Done,
     Failed,
     FailureCode,
-    Reasoning,
-    Retraction,
-    ToolStep,
 )
 from shared.jobstore import AttemptEnd
 from shared.settings import Settings
 from shared.transcripts import delete_transcript
-from worker.backends import Backend, BackendError, Progress, TurnWrites, UsageReport
+from worker.backends import Backend, BackendError, Progress, TurnWrites, UsageReport, stored_chars
 from worker.leases import RunningJobs, StopReason
 from worker.outcomes import outcome_record
 from worker.session_files import SessionFiles, SessionTurn
@@ -171,7 +166,7 @@ async def _run(
                     continue
                 if isinstance(event, Progress):
                     continue
-                room -= _chars(event)
+                room -= stored_chars(event)
                 if room < 0:
                     limit = settings.job_max_output_chars
                     raise BackendError(
@@ -203,26 +198,6 @@ async def _run(
         log.exception("job failed unexpectedly")
         terminal = Failed(code=FailureCode.INTERNAL, message="the worker failed while running the job")
     return terminal
-
-
-def _chars(event: Delta | Activity | Retraction | Done) -> int:
-    """What an event adds to the job's stored output (a reply's calls included)."""
-    if isinstance(event, Delta | Reasoning):  # nearly every event: first
-        return len(event.text)
-    # Ids too: the CLI's output names them, and a job's tool can write that output (an outside
-    # probe stored 840 MB in one job's events through million-character ids); and each call or
-    # step its stored form (a re-check probe stored 25 times the limit in steps of no text).
-    if isinstance(event, Done):
-        return sum(
-            _STORED_CHARS + len(call.id) + len(call.name) + len(call.arguments) for call in event.tool_calls
-        )
-    if isinstance(event, ToolStep):
-        return _STORED_CHARS + len(event.id) + len(event.name) + len(event.argument)
-    return 0
-
-
-_STORED_CHARS = 100
-"""What a tool step or call adds to the stored output beyond its text (its event's encoding)."""
 
 
 async def _commit_turn(

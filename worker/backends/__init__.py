@@ -14,7 +14,18 @@ from typing import Protocol
 from redis.asyncio import Redis
 
 from shared.heartbeats import SandboxReport
-from shared.jobs import Activity, CompletionJob, Delta, Done, FailureCode, Retraction, Usage
+from shared.jobs import (
+    Activity,
+    CompletionJob,
+    Delta,
+    Done,
+    FailureCode,
+    Reasoning,
+    Retraction,
+    ToolCall,
+    ToolStep,
+    Usage,
+)
 from shared.settings import Settings
 
 
@@ -78,3 +89,27 @@ def create_backend(settings: Settings, redis: Redis) -> Backend:
     from worker.backends.claude import ClaudeBackend
 
     return ClaudeBackend(settings, redis)
+
+
+def stored_chars(event: Delta | Activity | Retraction | Done) -> int:
+    """What an event adds to the job's stored output (a reply's calls included), which
+    `JOB_MAX_OUTPUT_CHARS` bounds."""
+    if isinstance(event, Delta | Reasoning):  # nearly every event: first
+        return len(event.text)
+    # Ids too: the CLI's output names them, and a job's tool can write that output (an outside
+    # probe stored 840 MB in one job's events through million-character ids); and each call or
+    # step its stored form (a re-check probe stored 25 times the limit in steps of no text).
+    if isinstance(event, Done):
+        return sum(map(call_chars, event.tool_calls))
+    if isinstance(event, ToolStep):
+        return _STORED_CHARS + len(event.id) + len(event.name) + len(event.argument)
+    return 0
+
+
+def call_chars(call: ToolCall) -> int:
+    """What a call to one of the caller's functions adds to the stored output."""
+    return _STORED_CHARS + len(call.id) + len(call.name) + len(call.arguments)
+
+
+_STORED_CHARS = 100
+"""What a tool step or call adds to the stored output beyond its text (its event's encoding)."""

@@ -50,7 +50,7 @@ from shared.jobs import (
 )
 from shared.settings import Settings
 from worker import caller_functions, operator_mcp, upstream_models
-from worker.backends import PROGRESS, BackendError, BackendEvent, TurnWrites, UsageReport
+from worker.backends import PROGRESS, BackendError, BackendEvent, TurnWrites, UsageReport, call_chars
 from worker.credential_proxy import (
     Credential,
     CredentialProxy,
@@ -461,7 +461,9 @@ class ClaudeBackend:
             await warm.client.query(streamed_message(content_blocks(prompt), turn))
             # Stopped at the caller's call, the CLI is killed where it is: the SDK's disconnect
             # cancels the call's pending answer, and the CLI went on from there.
-            async for event in _relay(job, warm.client.receive_response(), None, warm.discard):
+            async for event in _relay(
+                job, warm.client.receive_response(), None, warm.discard, self._settings.job_max_output_chars
+            ):
                 if isinstance(event, ToolStep) and clean:
                     clean = False
                     self._order_warm(job)
@@ -496,7 +498,9 @@ class ClaudeBackend:
             options, prompt, transcript = await self._continue_session(job, options)
             messages = query(prompt=prompt, options=options)
             try:
-                async for event in _relay(job, messages, transcript, lambda: _close(messages)):
+                async for event in _relay(
+                    job, messages, transcript, lambda: _close(messages), self._settings.job_max_output_chars
+                ):
                     if isinstance(event, Done) and transcript is not None and deferred is not None:
                         deferred.append(transcript.write)  # sealed or dropped: written as the turn commits
                     yield event
@@ -613,14 +617,18 @@ async def _relay(
     messages: AsyncIterator[Any],
     transcript: JobTranscript | None,
     stop: Callable[[], Awaitable[None]],
+    room: int,
 ) -> AsyncIterator[BackendEvent]:
     """One run's SDK messages → `job`'s events; `stop` ends the run early (at the caller's token limit,
-    or when the model calls the caller's functions: the caller runs them, not the CLI)."""
+    or when the model calls the caller's functions: the caller runs them, not the CLI). Calls past
+    `room` characters (the job's output bound) end it at once: the bound then fails the job."""
     started: dict[str, Any] = {}  # usage from the current upstream message's start
     latest: dict[str, Any] = {}  # and as its last delta left it
     earlier: dict[str, Any] = {}  # the run's upstream messages before it, summed
     message_ended = False  # the current upstream message has its stop reason
     calls: list[ToolCall] = []  # calls to the caller's functions in the current turn
+    calls_chars = 0  # what they would add to the output: counted as they come (a job's tool can
+    # forge the CLI's messages, and an outside probe had a worker hold 632 MB of calls)
     sent = thought = ""  # the current upstream message's text and thinking, as relayed
     resent = rethought = ""  # after a cut: what of the next message the caller may already have
     resuming = False  # the model was asked to go on from a cut, not to start over
@@ -674,7 +682,9 @@ async def _relay(
                     # start over then too. Either way, what the caller has must not come twice.
                     resent, rethought, resuming = sent, thought, True
             elif isinstance(message, AssistantMessage):
-                calls += caller_functions.calls_in(message, job)
+                found = caller_functions.calls_in(message, job)
+                calls += found
+                calls_chars += sum(map(call_chars, found))
                 for step in steps.started(message):
                     yield step
                 yield PROGRESS
@@ -697,7 +707,7 @@ async def _relay(
                 return
             else:
                 yield PROGRESS
-            if calls and message_ended:
+            if calls and (message_ended or calls_chars > room):
                 # The turn ends on the calls: the caller runs its functions, not the CLI.
                 await stop()
                 usage = _usage(_summed(earlier, latest))
