@@ -124,6 +124,8 @@ class BoundedHead(HttpToolsProtocol):
     # and headers are counted as they are parsed too (an outside probe's 100 KB header passed).
     def on_url(self, url: bytes) -> None:
         self._parsed_bytes += len(url)
+        if self._parsed_bytes > MAX_HEAD_BYTES:  # refused: its path's start still tells its API's shape
+            self.url += url[: len(_ANTHROPIC_PATH) + 1]
         if self._admits(self._parsed_bytes):
             super().on_url(url)
 

@@ -275,9 +275,15 @@ def test_trailers_and_a_whole_request_are_bounded_too(keyed: Gateway) -> None:
 
 def test_a_refusal_by_the_servers_bounds_is_in_the_callers_shape(scripted: Gateway) -> None:
     """Found by an outside probe: what the server's bounds refuse (a head or a whole request too
-    large) got OpenAI's shape on /v1/messages too, and no request id."""
+    large) got OpenAI's shape on /v1/messages too, and no request id; and a re-check probe: a
+    request line too long still did."""
     big = b"x-big: " + b"a" * 100_000
-    for path, shape in ((b"/v1/messages", "anthropic"), (b"/v1/chat/completions", "openai")):
+    query = b"?q=" + b"a" * 70_000  # a request line over the bound (a re-check probe's, refused in OpenAI's)
+    for path, shape in (
+        (b"/v1/messages", "anthropic"),
+        (b"/v1/messages" + query, "anthropic"),
+        (b"/v1/chat/completions", "openai"),
+    ):
         answer = _answer_to(scripted.url, b"POST %s HTTP/1.1\r\nhost: 127.0.0.1\r\n%s\r\n\r\n" % (path, big))
         head, _, content = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 431 "), answer[:300]

@@ -137,4 +137,15 @@ def test_a_client_that_reads_slowly_gets_its_whole_response(impatient: tuple[Gat
         received, reset = _read_all(connection, piece=64 * 1024, pause_s=0.05)  # ~1 MiB/s
     assert not reset
     assert received.endswith(b"data: [DONE]\r\n\r\n\r\n0\r\n\r\n")
-    assert received.count(_WORD.encode()) == _TOKENS
+    assert _streamed_text(received) == _WORD * _TOKENS
+
+
+def _streamed_text(response: bytes) -> str:
+    """The text of a chat completion's chunks, from the raw response (chunked, server-sent events)."""
+    body, rest = bytearray(), response.partition(b"\r\n\r\n")[2]
+    while (size := int(rest.partition(b"\r\n")[0], 16)) > 0:
+        start = rest.index(b"\r\n") + 2
+        body += rest[start : start + size]
+        rest = rest[start + size + 2 :]
+    chunks = [line.removeprefix(b"data: ") for line in body.split(b"\r\n") if line.startswith(b"data: {")]
+    return "".join(json.loads(chunk)["choices"][0]["delta"].get("content") or "" for chunk in chunks)
