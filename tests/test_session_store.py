@@ -167,12 +167,12 @@ async def test_a_turns_subagent_transcripts_count_by_their_names_and_number(redi
     own: SessionKey = {"project_key": "any", "session_id": "s1"}
     long_name = JobTranscript(store, "owner", "s1", max_chars=100_000)
     await long_name.append({**own, "subpath": "subagents/" + "€" * 50_000}, [{"type": "user"}])
-    with pytest.raises(TranscriptTooLarge):
+    with pytest.raises(TranscriptTooLarge, match="TURN_TRANSCRIPT_MAX_CHARS"):
         long_name.seal()
     many = JobTranscript(store, "owner", "s1", max_chars=100_000)
     for number in range(65):
         await many.append({**own, "subpath": f"subagents/agent-{number}.jsonl"}, [{"type": "user"}])
-    with pytest.raises(TranscriptTooLarge):
+    with pytest.raises(TranscriptTooLarge, match="over 64 subagent transcripts"):  # not the size's message
         many.seal()
     await many.write()
     assert [key async for key in redis.scan_iter("*agent-*")] == []

@@ -139,8 +139,13 @@ subagents make, few enough that a session's lists stay cheap to keep alive toget
 
 
 class TranscriptTooLarge(Exception):
-    def __init__(self, max_chars: int) -> None:
-        super().__init__(f"the turn's transcript passed TURN_TRANSCRIPT_MAX_CHARS ({max_chars:,} characters)")
+    def __init__(self, max_chars: int, subpaths: int) -> None:
+        if subpaths > _MOST_SUBPATHS:
+            super().__init__(f"the turn's transcript named over {_MOST_SUBPATHS} subagent transcripts")
+        else:
+            super().__init__(
+                f"the turn's transcript passed TURN_TRANSCRIPT_MAX_CHARS ({max_chars:,} characters)"
+            )
 
 
 class JobTranscript:
@@ -209,7 +214,7 @@ class JobTranscript:
         self._sealed = True
         if self._room < 0:
             self._pending = []
-            raise TranscriptTooLarge(self._max_chars)
+            raise TranscriptTooLarge(self._max_chars, len(self._subpaths))
 
     async def write(self) -> None:
         """Adds the sealed turn's entries to the session's transcript: only as the turn commits,
