@@ -206,6 +206,9 @@ class Done(BaseModel):
     """When the worker wrote it (Unix seconds): a Response's `completed_at`, on every path."""
     stop_sequence: str | None = None
     """The caller's stop sequence that ended the reply (Messages' `stop_sequence`)."""
+    context_window_full: bool = False
+    """With `finish_reason: length`: the reply filled the model's context window, not its token
+    limit (Messages' `model_context_window_exceeded`)."""
 
 
 class Failed(BaseModel):

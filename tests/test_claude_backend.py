@@ -136,9 +136,12 @@ def test_max_tokens_reaches_upstream_and_ends_with_length(
     assert upstream.requests[-1]["max_tokens"] == 64
 
 
-def test_a_full_context_window_ends_the_run_truncated(client: openai.OpenAI, upstream: FakeAnthropic) -> None:
+def test_a_full_context_window_ends_the_run_truncated(
+    client: openai.OpenAI, claude: Gateway, upstream: FakeAnthropic
+) -> None:
     """Found by an outside probe: the CLI asked the model to go on three times, resending the whole
-    context each time, and the job failed with 502; the answer so far is what the caller gets."""
+    context each time, and the job failed with 502; the answer so far is what the caller gets. A
+    Messages client is told the stop as Anthropic says it (a re-check probe saw `max_tokens`)."""
     upstream.default = Reply(tokens=["filled", " up"], stop_reason="model_context_window_exceeded")
     prompt = "a story to fill the window"
     completion = client.chat.completions.create(
@@ -150,6 +153,16 @@ def test_a_full_context_window_ends_the_run_truncated(client: openai.OpenAI, ups
     )
     asked = [body for body in upstream.requests if prompt in json.dumps(body["messages"])]
     assert len(asked) == 1  # not asked to go on
+    anthropic_client = anthropic.Anthropic(base_url=claude.url, api_key="unused", max_retries=0, timeout=60)
+    asked_for = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 1000,
+        "messages": [{"role": "user", "content": prompt}],
+    }
+    message = anthropic_client.messages.create(**asked_for)  # type: ignore[call-overload]
+    assert message.stop_reason == "model_context_window_exceeded"
+    with anthropic_client.messages.stream(**asked_for) as stream:  # type: ignore[arg-type]
+        assert stream.get_final_message().stop_reason == "model_context_window_exceeded"
 
 
 def _ended_at_a_refusal(path: str, body: dict[str, Any]) -> bool:

@@ -341,7 +341,9 @@ def usage_body(usage: Usage) -> MessageUsage:
 
 
 def stop_reason(done: Done) -> str:
-    return "stop_sequence" if done.stop_sequence is not None else _STOP_REASONS[done.finish_reason]
+    if done.stop_sequence is not None:
+        return "stop_sequence"
+    return "model_context_window_exceeded" if done.context_window_full else _STOP_REASONS[done.finish_reason]
 
 
 def tool_use_blocks(calls: list[ToolCall]) -> list[ToolUseBlock]:

@@ -120,9 +120,10 @@ logging.getLogger("claude_agent_sdk._internal.transcript_mirror_batcher").addFil
 
 _ANTHROPIC_API = "https://api.anthropic.com"
 
+_CONTEXT_WINDOW_FULL = "model_context_window_exceeded"
 _ENDING_STOPS = {
     "max_tokens": FinishReason.LENGTH,
-    "model_context_window_exceeded": FinishReason.LENGTH,  # the answer filled the context: truncated
+    _CONTEXT_WINDOW_FULL: FinishReason.LENGTH,  # the answer filled the context: truncated
     "refusal": FinishReason.CONTENT_FILTER,
 }
 """Upstream stops the CLI goes on from (it asks the model to continue, or asks again, resending
@@ -671,7 +672,7 @@ async def _relay(
                     if transcript is not None:  # closing the run flushes its transcript
                         await stop()
                         await transcript.drop()
-                    yield Done(finish_reason=ending, usage=usage)
+                    yield _ended_at(ending, usage)
                     return
                 elif event.get("type") == "message_delta":
                     latest, message_ended = {**started, **event.get("usage", {})}, True
@@ -774,11 +775,12 @@ def _thinking_budget(asked: int | None, max_tokens: int | None, cap: int) -> int
     return asked
 
 
-def _ends_the_run(event: dict[str, Any]) -> FinishReason | None:
-    """How the run ends at an upstream message's stop that the CLI would go on from, if it is one."""
+def _ends_the_run(event: dict[str, Any]) -> str | None:
+    """The upstream message's stop, if the run ends at it (one the CLI would go on from)."""
     if event.get("type") != "message_delta":
         return None
-    return _ENDING_STOPS.get(event.get("delta", {}).get("stop_reason"))
+    stop = event.get("delta", {}).get("stop_reason")
+    return stop if stop in _ENDING_STOPS else None
 
 
 def _summed(usage: dict[str, Any], more: dict[str, Any]) -> dict[str, int]:
@@ -815,11 +817,13 @@ def _usage(usage: dict[str, Any], cost_usd: float | None = None) -> Usage:
 
 
 def _done(result: ResultMessage) -> Done:
+    usage = _usage(result.usage or {}, result.total_cost_usd)
     if result.subtype == _OUT_OF_TURNS:  # the agent's turn budget ran out: cut short, as by a limit
-        finish_reason = FinishReason.LENGTH
-    else:
-        finish_reason = _FINISH_REASONS.get(result.stop_reason or "", FinishReason.STOP)
-    return Done(
-        finish_reason=finish_reason,
-        usage=_usage(result.usage or {}, result.total_cost_usd),
-    )
+        return Done(finish_reason=FinishReason.LENGTH, usage=usage)
+    return _ended_at(result.stop_reason or "", usage)
+
+
+def _ended_at(stop: str, usage: Usage) -> Done:
+    """The end of a reply at the model API's `stop`."""
+    finish_reason = _FINISH_REASONS.get(stop, FinishReason.STOP)
+    return Done(finish_reason=finish_reason, usage=usage, context_window_full=stop == _CONTEXT_WINDOW_FULL)
