@@ -170,3 +170,67 @@ async def _refusal(scope: Scope, receive: Receive, send: Send, error: OpenAIErro
 def _is_json(scope: Scope) -> bool:
     kind: bytes = dict(scope["headers"]).get(b"content-type", b"").partition(b";")[0].strip().lower()
     return kind == b"application/json" or (kind.startswith(b"application/") and kind.endswith(b"+json"))
+
+
+CALLER_RETRIEVALS = 16
+"""Jobs one caller may be reading at once in one API process (`GET` of a chat completion or a
+response, streamed or not)."""
+_RETRIEVAL = re.compile(r"/v1/(?:chat/completions|responses)/[^/]+")
+_PIECE_BYTES = 256 * 1024
+
+
+class RetrievalLimit:
+    """Bounds what one caller's retrievals of finished jobs hold: each sends a whole job (up to
+    `JOB_MAX_OUTPUT_CHARS`), and a client that does not read holds it until `SEND_TIMEOUT_S` drops
+    it. A body is handed to the server in pieces, each once the client has taken most of the one
+    before, so a retrieval counts until its client has nearly all of it (handed whole, it left the
+    count at once and waited in the server's buffer: an outside probe's key held 353 of them)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._reading: dict[str, int] = {}  # retrievals being sent, by caller
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET" or not _RETRIEVAL.fullmatch(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        state = scope.get("state", {})
+        caller = state.get("key_id") or f"addr:{state.get('client_address')}"
+        if self._reading.get(caller, 0) >= CALLER_RETRIEVALS:
+            await _TOO_MANY_RETRIEVALS.response(scope)(scope, receive, send)
+            return
+        self._reading[caller] = self._reading.get(caller, 0) + 1
+
+        async def send_in_pieces(message: Message) -> None:
+            body = message.get("body", b"")
+            if message["type"] != "http.response.body" or len(body) <= _PIECE_BYTES:
+                await send(message)
+                return
+            for start in range(0, len(body) - _PIECE_BYTES, _PIECE_BYTES):
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": body[start : start + _PIECE_BYTES],
+                        "more_body": True,
+                    }
+                )
+            last = {"type": "http.response.body", "body": body[start + _PIECE_BYTES :]}
+            await send({**last, "more_body": message.get("more_body", False)})
+
+        try:
+            await self.app(scope, receive, send_in_pieces)
+        finally:
+            if (left := self._reading[caller] - 1) > 0:
+                self._reading[caller] = left
+            else:
+                del self._reading[caller]
+
+
+_TOO_MANY_RETRIEVALS = OpenAIError(
+    429,
+    f"Too many retrievals at once: at most {CALLER_RETRIEVALS} jobs per caller are read at a time; "
+    "retry when one has been read.",
+    type="requests",
+    code="too_many_retrievals",
+    headers={"retry-after": "1"},
+)

@@ -13,6 +13,7 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
+from api.middleware import CALLER_RETRIEVALS
 from shared.http_head import BoundedHead
 from tests.conftest import Gateway, chat
 
@@ -90,7 +91,7 @@ _TOKENS = 4000  # a 4 MB reply: far beyond what the sockets' buffers hold
 
 @pytest.fixture(scope="module")
 def impatient(start_gateway: Any) -> tuple[Gateway, str]:
-    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", SEND_TIMEOUT_S="1")
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", SEND_TIMEOUT_S="2")
     content = "script:" + json.dumps({"text": _WORD, "tokens": _TOKENS})
     reply = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat(content, store=True), timeout=60)
     assert reply.status_code == 200
@@ -125,7 +126,7 @@ def _read_all(connection: socket.socket, piece: int = 1 << 20, pause_s: float = 
 def test_a_client_that_stops_reading_is_disconnected(impatient: tuple[Gateway, str], query: str) -> None:
     gateway, completion_id = impatient
     with _requested(gateway, f"/v1/chat/completions/{completion_id}{query}", window=4096) as connection:
-        time.sleep(4)  # reads nothing
+        time.sleep(5)  # reads nothing
         received, reset = _read_all(connection)
     assert reset
     assert len(received) < _TOKENS * 1000 / 2
@@ -149,3 +150,27 @@ def _streamed_text(response: bytes) -> str:
         rest = rest[start + size + 2 :]
     chunks = [line.removeprefix(b"data: ") for line in body.split(b"\r\n") if line.startswith(b"data: {")]
     return "".join(json.loads(chunk)["choices"][0]["delta"].get("content") or "" for chunk in chunks)
+
+
+def test_a_caller_reads_a_bounded_number_of_jobs_at_once(impatient: tuple[Gateway, str]) -> None:
+    """Found by an outside probe: one key held 353 retrievals of its large job, never read (2.9 GB
+    of the API). A body goes out in pieces as its client takes them, and a caller has at most
+    `CALLER_RETRIEVALS` being sent at once per API process; the next waits its turn (429)."""
+    gateway, completion_id = impatient
+    paths = [f"/v1/chat/completions/{completion_id}{query}" for query in ("", "?stream=true")]
+    stalled = [_requested(gateway, paths[n % 2], window=4096) for n in range(CALLER_RETRIEVALS)]
+    try:
+        time.sleep(0.5)  # each has its first pieces, waiting in the sockets' buffers
+        refused = httpx.get(f"{gateway.url}{paths[0]}", timeout=10)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "too_many_retrievals"
+        assert refused.headers["retry-after"] == "1"
+    finally:
+        for connection in stalled:
+            connection.close()
+    deadline = time.monotonic() + 10
+    while (again := httpx.get(f"{gateway.url}{paths[0]}", timeout=10)).status_code == 429:
+        assert time.monotonic() < deadline, "the retrievals closed still count"
+        time.sleep(0.1)
+    assert again.status_code == 200
+    assert again.json()["choices"][0]["message"]["content"] == _WORD * _TOKENS
