@@ -12,7 +12,7 @@ from cli.embedded_redis import EmbeddedRedis
 from shared import sessions
 from shared.keys import session_key, transcript_key
 from shared.workspaces import Manifest
-from worker.session_store import JobTranscript, RedisSessionStore, TranscriptTooLarge
+from worker.session_store import _MOST_SESSION_SUBPATHS, JobTranscript, RedisSessionStore, TranscriptTooLarge
 
 _DB = 14  # this module's own database, flushed per store
 
@@ -176,3 +176,24 @@ async def test_a_turns_subagent_transcripts_count_by_their_names_and_number(redi
         many.seal()
     await many.write()
     assert [key async for key in redis.scan_iter("*agent-*")] == []
+
+
+async def test_a_session_keeps_a_bounded_number_of_subagent_transcripts(redis: Redis) -> None:
+    """A turn names at most 64 subagent transcripts, but they add up over a session's turns, and
+    each append slides every one's TTL: past `_MOST_SESSION_SUBPATHS` a new one is not kept,
+    while the ones kept (and the main transcript) still take entries."""
+    store = RedisSessionStore(redis, ttl_s=60)
+    main: SessionKey = {"project_key": "owner", "session_id": "s1"}
+    for number in range(_MOST_SESSION_SUBPATHS + 1):
+        await store.append({**main, "subpath": f"subagents/agent-{number}.jsonl"}, [{"type": "user"}])
+    await store.append({**main, "subpath": "subagents/agent-0.jsonl"}, [{"type": "assistant"}])
+    await store.append(main, [{"type": "user"}])
+    subpaths = await store.list_subkeys(main)
+    assert len(subpaths) == _MOST_SESSION_SUBPATHS
+    assert f"subagents/agent-{_MOST_SESSION_SUBPATHS}.jsonl" not in subpaths
+    assert await store.load({**main, "subpath": f"subagents/agent-{_MOST_SESSION_SUBPATHS}.jsonl"}) is None
+    assert await store.load({**main, "subpath": "subagents/agent-0.jsonl"}) == [
+        {"type": "user"},
+        {"type": "assistant"},
+    ]
+    assert await store.load(main) == [{"type": "user"}]

@@ -23,12 +23,22 @@ from redis.asyncio import Redis
 from shared.keys import transcript_index_key
 from shared.transcripts import delete_transcript, main_list, sub_list, subkeys_set
 
+_MOST_SESSION_SUBPATHS = 256
+"""Subagent transcripts one session keeps, over all its turns: every append slides each one's TTL.
+Past them a new one is not kept (a turn may name 64: a session of forged turns had grown without
+end, and its every append with it)."""
+
 # KEYS: list, its uuid set, the session's subkeys set, the project index, the main list.
 # ARGV: ttl_s, mtime_ms, session id, subpath ("" for main), then (uuid or "", entry json) pairs.
 # Appends entries whose uuid is new (or absent), records the subpath, indexes main sessions, and
-# slides the TTL of every key of the session, subagent lists included.
-_APPEND = """
+# slides the TTL of every key of the session, subagent lists included. A new subpath past the
+# session's `MOST_SUBPATHS` is not kept (returns 0).
+_APPEND = (
+    f"local MOST_SUBPATHS = {_MOST_SESSION_SUBPATHS}\n"
+    + """
 local ttl = tonumber(ARGV[1])
+local new_subpath = ARGV[4] ~= "" and redis.call("SISMEMBER", KEYS[3], ARGV[4]) == 0
+if new_subpath and redis.call("SCARD", KEYS[3]) >= MOST_SUBPATHS then return 0 end
 for i = 5, #ARGV, 2 do
   if ARGV[i] == "" or redis.call("SADD", KEYS[2], ARGV[i]) == 1 then
     redis.call("RPUSH", KEYS[1], ARGV[i + 1])
@@ -50,6 +60,7 @@ for _, key in ipairs(touched) do
 end
 return 1
 """
+)
 
 
 class RedisSessionStore:
