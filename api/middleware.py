@@ -180,7 +180,7 @@ _PIECE_BYTES = 256 * 1024
 
 
 class RetrievalLimit:
-    """Bounds what one caller's retrievals of finished jobs hold: each sends a whole job (up to
+    """Bounds what one caller's retrievals of jobs hold: each may send a whole job (up to
     `JOB_MAX_OUTPUT_CHARS`), and a client that does not read holds it until `SEND_TIMEOUT_S` drops
     it. A body is handed to the server in pieces, each once the client has taken most of the one
     before, so a retrieval counts until its client has nearly all of it (handed whole, it left the

@@ -169,8 +169,8 @@ class BoundedHead(HttpToolsProtocol):
         self._unwatch()
         super().connection_lost(exc)
 
-    def _check_sent_after(self, buffered: int) -> None:
-        self._stalled = self.loop.call_later(self.send_timeout_s, self._check_sent, buffered)
+    def _check_sent_after(self, unsent: int) -> None:
+        self._stalled = self.loop.call_later(self.send_timeout_s, self._check_sent, unsent)
 
     def _check_sent(self, unsent_then: int) -> None:
         unsent = self._unsent()
