@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import uvicorn
 from sse_starlette import ServerSentEvent
@@ -64,6 +65,26 @@ async def test_a_silent_job_gets_keep_alive_pings(api_in_process: str) -> None:
         # A reply collected whole is not bothered by the silence.
         answer = await client.post(url, json=chat(script(text="late too", wait_ms=1000)))
         assert answer.json()["choices"][0]["message"]["content"] == "late too"
+
+
+async def test_the_openai_sdk_streams_through_keep_alive_pings(api_in_process: str) -> None:
+    """Found by an outside probe: a ping ended as an event (a blank line after it) came out of the
+    `openai` SDK's decoder as an event of no data under the last event's id, which it parsed as
+    JSON: every Chat Completions or Responses stream silent for `KEEP_ALIVE_S` failed."""
+    client = openai.AsyncOpenAI(base_url=f"{api_in_process}/v1", api_key="unused", max_retries=0)
+    chunks = await client.chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "user", "content": script(text="late", wait_ms=1500)}],
+        stream=True,
+    )
+    assert (
+        "".join([chunk.choices[0].delta.content or "" async for chunk in chunks if chunk.choices]) == "late"
+    )
+    events = await client.responses.create(
+        model="claude-sonnet-4-5", input=script(text="late too", wait_ms=1500), stream=True
+    )
+    done = [event async for event in events if event.type == "response.completed"]
+    assert [event.response.output_text for event in done] == ["late too"]
 
 
 def test_requests_still_waiting_when_the_drain_ends_get_a_503_naming_their_job(start_gateway: Any) -> None:

@@ -60,6 +60,11 @@ _SERVER_ENDING = OpenAIError(
     code="server_shutting_down",
 )
 _PING = ServerSentEvent(comment="ping")
+_PING_LINE = b": ping\r\n"
+"""The keep-alive as sent: a comment line without the blank line that would end an event. Ended,
+it is an event of no data for a decoder that keeps the last `id:` (as SSE's does): the `openai`
+SDK then parses that empty data as JSON and fails (an outside probe: every stream silent for
+`KEEP_ALIVE_S`). The comment goes with the next event instead, which the decoders skip it in."""
 _EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits: `str.isdigit` also takes "²", which `int` refuses
 StartingAfter = Annotated[int | None, Query(ge=0, le=10**18 - 1)]
 """`?starting_after=`: an event id, bounded as `Last-Event-ID` is (Redis refuses larger ones)."""
@@ -232,7 +237,7 @@ def _encoded(event: ServerSentEvent) -> bytes:
     every token's path. Anything else (a comment, a line break) takes its `encode`."""
     data, id_, name = event.data, event.id, event.event
     if event.comment is not None or event.retry is not None or not isinstance(data, str):
-        return event.encode()
+        return _PING_LINE if event is _PING else event.encode()
     head = ("" if id_ is None else f"id: {id_}\r\n") + ("" if name is None else f"event: {name}\r\n")
     text = f"{head}data: {data}\r\n\r\n"
     line_ends = (id_ is not None) + (name is not None) + 2
