@@ -664,14 +664,21 @@ def test_a_job_whose_redis_stays_away_past_the_grace_ends_as_such(
     REDIS_OUTAGE_GRACE_S ended as `worker_lost` ("the worker stopped"), its worker alive all along:
     an operator was sent looking for crashed workers. The worker stops the job and writes its end,
     `queue_unavailable`, once Redis is back; a job that finished meanwhile (its last write in
-    flight when Redis went: a re-check probe found it lost too) is recorded as finished."""
+    flight when Redis went: a re-check probe found it lost too) is recorded as finished. A session
+    turn that finished meanwhile cannot be added to its session then: it ends `queue_unavailable`
+    too, its session as it was (an outside probe saw it end as `worker_lost`, with a traceback)."""
     gateway: Gateway = start_gateway(
         workers=1, BACKEND="scripted", redis_url=own_redis.url, REDIS_OUTAGE_GRACE_S="3", **FAST_LEASES
     )
+    first_turn = httpx.post(
+        f"{gateway.url}/v1/chat/completions", json=chat("hello", session_id="s"), timeout=20
+    )
+    assert first_turn.status_code == 200, first_turn.text
     running = start_background(gateway, script(text=words(600), delay_ms=25))  # 15 s
     finishing = start_background(gateway, script(text=words(40), delay_ms=50))  # 2 s
+    turn = start_background(gateway, script(text=words(40), delay_ms=50), session_id="s")  # 2 s
     wait_for(
-        lambda: all(retrieve(gateway, job)["status"] == "in_progress" for job in (running, finishing)),
+        lambda: all(retrieve(gateway, job)["status"] == "in_progress" for job in (running, finishing, turn)),
         10,
         "the jobs starting",
     )
@@ -690,8 +697,17 @@ def test_a_job_whose_redis_stays_away_past_the_grace_ends_as_such(
     )
     assert finished["status"] == "completed", finished.get("error")
     assert finished["choices"][0]["message"]["content"] == words(40)
+    unsaved = wait_for(
+        lambda: (body := retrieve(gateway, turn))["status"] != "in_progress" and body, 30, "the turn's end"
+    )
+    assert unsaved["status"] == "failed"
+    assert unsaved["error"]["code"] == "queue_unavailable", unsaved["error"]
+    assert "not added to the session" in unsaved["error"]["message"]
+    session = httpx.get(f"{gateway.url}/v1/sessions/s", timeout=10).json()
+    assert session["message_count"] == 2, session  # the first turn only
     [worker] = gateway.workers
     assert worker.poll() is None  # it was never lost
+    assert "Traceback" not in (gateway.logs / "worker-0.log").read_text()
 
 
 def test_a_full_redis_refuses_new_jobs_and_keeps_the_running_one(

@@ -191,9 +191,7 @@ async def _run(
     except Superseded:
         raise
     except (RedisConnectionError, RedisTimeoutError):  # a write gave up: Redis is gone past the grace
-        message = f"the gateway's Redis was out of reach for over {settings.redis_outage_grace_s:g} s"
-        log.warning("job stopped: %s", message)
-        terminal = Failed(code=FailureCode.QUEUE_UNAVAILABLE, message=message)
+        terminal = _redis_out_of_reach(settings)
     except Exception:
         log.exception("job failed unexpectedly")
         terminal = Failed(code=FailureCode.INTERNAL, message="the worker failed while running the job")
@@ -216,9 +214,11 @@ async def _commit_turn(
     nothing: the step that ends it frees the session's lock (shared/jobstore.py)."""
     session = job.session
     assert session is not None
-    await writer.drain()
     try:
+        await writer.drain()
         saved = await turn.save() if turn is not None else None
+    except (RedisConnectionError, RedisTimeoutError):  # the reply's last writes gave up on Redis
+        return _redis_out_of_reach(settings, _TURN_NOT_ADDED)
     except BackendError as exc:  # over the workspace limits, or the store failed
         return Failed(code=exc.code, message=exc.message)
     holder = turn.holder if turn is not None else None
@@ -236,6 +236,8 @@ async def _commit_turn(
     except OutOfMemoryError:  # Redis full: it refused the writes, nothing is half-written
         message = "The gateway's storage is full: the reply could not be added to the session; retry later."
         return Failed(code=FailureCode.STORAGE_FULL, message=message)
+    except (RedisConnectionError, RedisTimeoutError):
+        return _redis_out_of_reach(settings, _TURN_NOT_ADDED)
     except RedisError:
         log.exception("could not commit a session turn")
         return Failed(code=FailureCode.INTERNAL, message="The reply could not be added to the session.")
@@ -247,6 +249,16 @@ async def _commit_turn(
     if turn is not None:
         turn.collect_garbage()
     return done
+
+
+_TURN_NOT_ADDED = ": the reply was not added to the session; send the turn again"
+
+
+def _redis_out_of_reach(settings: Settings, outcome: str = "") -> Failed:
+    """A job's end when Redis stayed away past the grace (its end is written once Redis is back)."""
+    message = f"the gateway's Redis was out of reach for over {settings.redis_outage_grace_s:g} s{outcome}"
+    log.warning("job stopped: %s", message)
+    return Failed(code=FailureCode.QUEUE_UNAVAILABLE, message=message)
 
 
 async def _stopped(
