@@ -22,6 +22,7 @@ from api.core.streaming import joined
 from cli.embedded_redis import free_port
 from shared.settings import Settings
 from tests.conftest import Gateway, chat, sse_data
+from tests.test_durable_jobs import wait_for
 
 
 def script(**spec: Any) -> str:
@@ -130,7 +131,9 @@ def test_requests_still_waiting_when_the_drain_ends_get_a_503_naming_their_job(s
 def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: Any) -> None:
     """A shutdown does not wait `DRAIN_TIMEOUT_S` for open streams: they end at once with an error
     that says to resume them (the SDK raises it; a silent end looked complete), without `[DONE]`,
-    and their jobs go on (even with CANCEL_ON_DISCONNECT), so a client resumes them."""
+    and their jobs go on (even with CANCEL_ON_DISCONNECT), so a client resumes them. A Messages
+    stream cannot be resumed: its job is cancelled, unless its request had an `Idempotency-Key`,
+    whose request sent again follows the same job (an outside probe saw the agent run twice)."""
     gateway: Gateway = start_gateway(
         workers=1,
         BACKEND="scripted",
@@ -141,14 +144,21 @@ def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: 
     api = gateway.processes[-1]
     body = chat(script(text="after the restart", wait_ms=6000), stream=True)
     # The Responses and Messages streams open beside it: each front end's error ends its own.
+    messages = {**body, "max_tokens": 100}
     others = {
-        "/v1/responses": {"model": body["model"], "input": body["messages"][0]["content"], "stream": True},
-        "/v1/messages": {**body, "max_tokens": 100},
+        "/v1/responses": (
+            {"model": body["model"], "input": body["messages"][0]["content"], "stream": True},
+            {},
+        ),
+        "/v1/messages": (messages, {}),
+        "/v1/messages again": (messages, {"idempotency-key": "the-same-request"}),
     }
     with contextlib.ExitStack() as open_streams:
         beside = {
-            path: open_streams.enter_context(httpx.stream("POST", f"{gateway.url}{path}", json=json_body))
-            for path, json_body in others.items()
+            name: open_streams.enter_context(
+                httpx.stream("POST", f"{gateway.url}{name.split()[0]}", json=json_body, headers=headers)
+            )
+            for name, (json_body, headers) in others.items()
         }
         response = open_streams.enter_context(
             httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=30)
@@ -161,9 +171,8 @@ def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: 
         signalled = time.monotonic()
         rest = list(lines)
         ended_after_s = time.monotonic() - signalled
-        ends = {
-            path: [json.loads(data) for data in sse_data_of(stream)[-2:]] for path, stream in beside.items()
-        }
+        sent = {path: [json.loads(data) for data in sse_data_of(stream)] for path, stream in beside.items()}
+        ends = {path: events[-2:] for path, events in sent.items()}
         last = {path: end[-1] for path, end in ends.items()}
     assert ended_after_s < 3, ended_after_s
     assert "data: [DONE]" not in rest
@@ -179,6 +188,15 @@ def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: 
     said = last["/v1/messages"]["error"]["message"]
     assert said.endswith("cannot be resumed or retrieved: send the request again."), said
     api.wait(timeout=5)  # the process is gone too (by its re-raised SIGTERM, as uvicorn does)
+    job_of = {
+        path: events[0]["message"]["id"].removeprefix("msg_")
+        for path, events in sent.items()
+        if "messages" in path
+    }
+    redis = gateway.redis()
+    ended = wait_for(lambda: redis.hget(f"gateway:job:{job_of['/v1/messages']}", "ended"), 10, "the cancel")
+    assert ended == b"cancelled"
+    assert redis.hget(f"gateway:job:{job_of['/v1/messages again']}", "ended") is None  # it goes on
 
     gateway.start_api()
     resumed = httpx.get(
@@ -192,6 +210,16 @@ def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: 
         if chunk.get("choices")  # an error chunk has none
     )
     assert text == "after the restart"
+    again = httpx.post(
+        f"{gateway.url}/v1/messages",
+        json=messages,
+        headers={"idempotency-key": "the-same-request"},
+        timeout=30,
+    )
+    followed = [json.loads(data) for data in sse_data(again)]
+    assert followed[0]["message"]["id"] == "msg_" + job_of["/v1/messages again"]
+    deltas = [event["delta"].get("text", "") for event in followed if event["type"] == "content_block_delta"]
+    assert "".join(deltas) == "after the restart"
 
 
 def sse_data_of(stream: httpx.Response) -> list[str]:

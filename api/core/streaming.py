@@ -5,7 +5,7 @@ shares: holding the headers until the first event (so an early failure gets its 
 batching what is ready together into one body message, ending on the terminal event, ending early
 (in-stream) on a lost queue, on text the model API took back or on the server's shutdown (whose
 error says to resume), a keep-alive ping through a silence, and cancelling the jobs when a live
-client goes away (not when the server ends the stream at shutdown: its client resumes it).
+client goes away (not when the server ends the stream at shutdown, if its client can come back).
 
 Text already sent cannot be taken back: when the model API cuts a message and its retry says
 something else (a `Retraction`), the stream ends with a retryable error instead of joining the two.
@@ -93,10 +93,14 @@ async def event_stream(
     *,
     after: int = 0,
     live: bool = True,
+    rejoinable: bool = True,
 ) -> EventStreamResponse:
     """The run's stream after event `after`. `live`: the request that queued the run, which waits
     for the first event before answering and cancels the run if its client leaves (unless the run
-    is in the background, or `CANCEL_ON_DISCONNECT` is off)."""
+    is in the background, or `CANCEL_ON_DISCONNECT` is off). `rejoinable`: its client can come back
+    to the run when a shutdown ends the stream (by its id; a Messages request only by sending its
+    `Idempotency-Key` again); a live one that cannot is cancelled then, as if its client had left:
+    told to send the request again, it would run the agent twice."""
     settings = run.gateway.settings
     events = run.events(after)
     if run.response_format is not None:  # checked whole, then sent as one delta
@@ -114,7 +118,7 @@ async def event_stream(
         await run.cancel("The client disconnected.")
 
     on_abandon = cancel if live and settings.cancel_on_disconnect and not run.background else None
-    body = _relay(run, renderer, events, first, on_abandon)
+    body = _relay(run, renderer, events, first, on_abandon, rejoinable)
     return EventStreamResponse(body, run.gateway.streams, partial(_farewell, renderer))
 
 
@@ -147,6 +151,7 @@ async def _relay(
     events: ChoiceEvents,
     first: First | None,
     on_abandon: OnAbandon | None,
+    rejoinable: bool,
 ) -> AsyncGenerator[bytes, None]:
     # What is ready together goes out as one body message: each message is a trip through every
     # middleware's `send`, a socket write and a wake-up of the client. So the events read together
@@ -188,8 +193,9 @@ async def _relay(
             await events.aclose()
         else:  # still waiting for the first events: cancelled, it closes them as it unwinds
             pending.cancel()
-        if not finished and on_abandon is not None and not run.gateway.streams.ending:
-            # The client left mid-stream and this task is being cancelled: run it apart.
+        if not finished and on_abandon is not None and not (rejoinable and run.gateway.streams.ending):
+            # The client left mid-stream (or cannot come back after the shutdown ending it) and
+            # this task is being cancelled: run it apart.
             task = asyncio.get_running_loop().create_task(on_abandon())
             _abandoned.add(task)
             task.add_done_callback(_abandoned.discard)
