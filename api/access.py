@@ -56,7 +56,7 @@ _ACCESS_UNAVAILABLE = OpenAIError(
 
 # Until an operator creates a key (or opens the gateway): retrying only repeats it (an outside
 # probe saw the SDKs retry it, each try counted against the address's failed authentications).
-_KEY_STORE_GONE = OpenAIError(
+KEY_STORE_GONE = OpenAIError(
     503,
     "The gateway's key store is empty: its operator must create a key (claude-gateway keys create) "
     "or open the gateway again (claude-gateway keys open, then restart it).",
@@ -219,7 +219,7 @@ class Access:
             refusal, headers = _AMBIGUOUS_KEY, {}
         except KeyStoreGone:
             log.error("no managed API key exists any more: refusing every request until one is created")
-            refusal, headers = _KEY_STORE_GONE, {}
+            refusal, headers = KEY_STORE_GONE, {}
         if refusal is not None:
             await refusal.response(scope)(scope, receive, send)
             return

@@ -48,6 +48,8 @@ def test_a_gateway_protected_by_managed_keys_stays_protected_when_they_are_gone(
     assert httpx.get(models).status_code == 401
     # The last key revoked, then the whole store flushed: never an anonymous operator.
     assert keys_cli(gateway, "revoke", key_id).returncode == 0
+    # And a balancer is told that every request is refused (an outside probe saw `/ready` say ready).
+    assert_error(httpx.get(f"{gateway.url}/ready"), 503, "access_control_unavailable")
     # Nor in an API process started after it (as `up` restarts one that died).
     restarted = Gateway(redis_url=gateway.redis_url, env=gateway.env, logs=gateway.logs)
     restarted.start_api()
@@ -72,6 +74,7 @@ def test_a_gateway_protected_by_managed_keys_stays_protected_when_they_are_gone(
     # A new key protects it again at once.
     _, fresh = new_key(gateway)
     assert httpx.get(models, headers=bearer(fresh)).status_code == 200
+    assert_error(httpx.get(f"{gateway.url}/ready"), 503, "no_live_worker")  # keys no longer its problem
 
 
 def test_only_keys_open_lets_a_gateway_that_had_keys_serve_without_one_again(start_gateway: Any) -> None:

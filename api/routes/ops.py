@@ -15,8 +15,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from api import metrics
+from api.access import KEY_STORE_GONE
 from api.deps import GatewayDep, OperatorDep
 from api.errors import OpenAIError, storage_full
+from shared import apikeys
 from shared.heartbeats import Heartbeat, alive_workers
 from shared.status import Snapshot, take_snapshot
 
@@ -29,21 +31,30 @@ _DASHBOARD = resources.files("api").joinpath("dashboard.html").read_text(encodin
 @router.api_route(
     "/ready",
     methods=["GET", "HEAD"],
-    responses={503: {"description": "Redis unreachable or full, or no live worker that can run jobs"}},
+    responses={
+        503: {
+            "description": "Redis unreachable or full, every key revoked, or no live worker that can run jobs"
+        }
+    },
 )
 async def ready(gateway: GatewayDep) -> dict[str, str]:
-    """Ready when Redis answers and takes writes, and at least one worker with a fresh heartbeat
-    can run jobs (its backend auth usable, its sandbox built or turned off): a balancer routes no
-    traffic into certain 503s. Why not is for operators (`claude-gateway status`): this route is open."""
+    """Ready when Redis answers and takes writes, a key can be accepted (not every managed key
+    revoked), and at least one worker with a fresh heartbeat can run jobs (its backend auth usable,
+    its sandbox built or turned off): a balancer routes no traffic into certain 503s. Why not is
+    for operators (`claude-gateway status`): this route is open."""
     try:
         async with asyncio.timeout(_READY_TIMEOUT_S):
-            workers, memory = await asyncio.gather(alive_workers(gateway.redis), gateway.redis.info("memory"))
+            workers, memory, (any_managed, protected) = await asyncio.gather(
+                alive_workers(gateway.redis), gateway.redis.info("memory"), apikeys.protection(gateway.redis)
+            )
     except (RedisError, OSError, TimeoutError):
         raise OpenAIError(
             503, "The gateway cannot reach its queue.", type="server_error", code="queue_unavailable"
         ) from None
     if memory.get("maxmemory_policy") == "noeviction" and 0 < memory["maxmemory"] <= memory["used_memory"]:
         raise storage_full()  # every new job would be refused
+    if protected and not any_managed and not gateway.settings.client_api_keys():
+        raise KEY_STORE_GONE  # every key revoked: every request is refused
     if not workers:
         raise OpenAIError(503, "No worker is running.", type="server_error", code="no_live_worker")
     if not any(_runs_jobs(worker) for worker in workers):
