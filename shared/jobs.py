@@ -87,6 +87,10 @@ class CompletionJob(BaseModel):
     session: SessionRef | None = None
     functions: list[FunctionTool] = Field(default_factory=list)
     """The caller's functions (`tools` of type function), offered alongside the agent's own tools."""
+    n: int = 1
+    """The jobs its request asked for (`n`, one per choice): they share its output bound
+    (`JOB_MAX_OUTPUT_CHARS`), so a request's reply is bounded, not each choice's (an outside probe
+    made one `n: 8` request answer 379 MB)."""
     owner: str | None = None
     """The caller's API key, as `sessions.owner_of` digests it: a warm CLI that ran a job of one
     key runs no other key's (`worker/warm.py`). None: a job no key queued (tests, benchmarks)."""

@@ -99,7 +99,8 @@ class Settings(BaseSettings):
     job_max_output_chars: int = Field(
         default=8_000_000,
         ge=1,
-        description="Most characters of output (text, thinking, tool steps, function calls) one job writes.",
+        description="Most characters of output (text, thinking, tool steps, function calls) one request "
+        "writes (its n choices share it).",
     )
     turn_transcript_max_chars: int = Field(
         default=32_000_000,

@@ -399,6 +399,14 @@ def test_a_job_whose_output_passes_its_limit_is_stopped_there(start_gateway: Any
     assert stored < 10_000  # 2,000 characters of text and its framing, not 400,000
     fits = httpx.post(url, json=chat(script(text="fits")), timeout=30)
     assert fits.json()["choices"][0]["message"]["content"] == "fits"
+    # Counted as stored and sent: a control character as its JSON escape's 6 (an outside probe's
+    # 8,000,000 `\x01` took 48 MB), and a request's choices share its bound (`n: 8` answered 379 MB).
+    for content, n in (("\x01" * 400, 1), ("x" * 1200, 2)):
+        over = httpx.post(url, json=chat(script(text=content), n=n), timeout=30)
+        assert over.status_code == 502, over.text
+        assert over.json()["error"]["code"] == "output_too_large"
+        within = httpx.post(url, json=chat(script(text="x" * len(content))), timeout=30)
+        assert within.json()["choices"][0]["message"]["content"] == "x" * len(content)
     # A reply's calls to the caller's functions are output too (a probe forged 36 MB of them).
     function = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     calls = [{"name": "f", "arguments": {"a": "x" * 5000}}]

@@ -149,7 +149,7 @@ async def _run(
     # Bounded whatever the backend says: a job's tools can write to its CLI's own pipes (they run
     # as the CLI's user), and so make it report any output at no cost in tokens (an outside probe
     # put 180 MB in Redis from one job).
-    room = settings.job_max_output_chars
+    room = limit = settings.job_max_output_chars // job.n
     terminal: Done | Failed
     try:
         run = aclosing(backend.stream(job, work, deferred))
@@ -168,10 +168,11 @@ async def _run(
                     continue
                 room -= stored_chars(event)
                 if room < 0:
-                    limit = settings.job_max_output_chars
+                    share = "" if job.n == 1 else f" shared by {job.n} choices: {limit:,} each"
                     raise BackendError(
                         FailureCode.OUTPUT_TOO_LARGE,
-                        f"the job's output passed JOB_MAX_OUTPUT_CHARS ({limit:,} characters)",
+                        f"the job's output passed JOB_MAX_OUTPUT_CHARS ({settings.job_max_output_chars:,} "
+                        f"characters{share})",
                     )
                 if isinstance(event, Done):
                     terminal = event

@@ -99,7 +99,7 @@ async def submit(
     stored_global = getattr(http.state, STORED_GLOBAL_TOOLS, None)
     stored = await tool_config.configs(gateway.redis, owner, session_id, stored_global)
     job = plan(request, http.headers, http.state.request_id, settings, stored, session=session_id is not None)
-    job = job.model_copy(update={"owner": owner})
+    job = job.model_copy(update={"owner": owner, "n": request.n})
     response_format, reasoning = request.response_format, _shows_reasoning(request, settings)
     if request.n > 1:
         jobs = [job, *(job.model_copy(update={"id": new_job_id()}) for _ in range(request.n - 1))]

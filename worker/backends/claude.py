@@ -463,7 +463,11 @@ class ClaudeBackend:
             # Stopped at the caller's call, the CLI is killed where it is: the SDK's disconnect
             # cancels the call's pending answer, and the CLI went on from there.
             async for event in _relay(
-                job, warm.client.receive_response(), None, warm.discard, self._settings.job_max_output_chars
+                job,
+                warm.client.receive_response(),
+                None,
+                warm.discard,
+                self._settings.job_max_output_chars // job.n,
             ):
                 if isinstance(event, ToolStep) and clean:
                     clean = False
@@ -500,7 +504,11 @@ class ClaudeBackend:
             messages = query(prompt=prompt, options=options)
             try:
                 async for event in _relay(
-                    job, messages, transcript, lambda: _close(messages), self._settings.job_max_output_chars
+                    job,
+                    messages,
+                    transcript,
+                    lambda: _close(messages),
+                    self._settings.job_max_output_chars // job.n,
                 ):
                     if isinstance(event, Done) and transcript is not None and deferred is not None:
                         deferred.append(transcript.write)  # sealed or dropped: written as the turn commits
