@@ -408,8 +408,17 @@ class EventReader:
 
 async def events_so_far(redis: Redis, job_id: str) -> list[JobEventValue]:
     """Every event the job has written until now (without waiting for more), settled: text the
-    model API took back is left out."""
-    return settled(decode_event(fields[_FIELD]) for _, fields in await redis.xrange(events_key(job_id)))
+    model API took back is left out. Read a page at a time: Redis holds a reply whole until it is
+    sent, and a job's whole stream, read by many at once, took Redis past its `maxmemory` (an
+    outside probe: other callers' requests got `storage_full`)."""
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = []
+    start = "-"
+    while page := await redis.xrange(events_key(job_id), min=start, count=EventReader.COUNT):
+        entries += page
+        if len(page) < EventReader.COUNT:
+            break
+        start = "(" + page[-1][0].decode()
+    return settled(decode_event(fields[_FIELD]) for _, fields in entries)
 
 
 async def streamed_text(redis: Redis, job_id: str) -> str:

@@ -13,7 +13,7 @@ from redis.exceptions import OutOfMemoryError
 
 from cli.embedded_redis import EmbeddedRedis
 from shared import heartbeats, stats
-from shared.events import EventReader, EventWriter, NoEventWithin, Superseded
+from shared.events import EventReader, EventWriter, NoEventWithin, Superseded, events_so_far
 from shared.heartbeats import Heartbeat
 from shared.jobs import (
     CompletionJob,
@@ -362,3 +362,23 @@ async def test_jobs_ended_before_a_worker_started_them_are_counted_once(
 
 async def _collect(reader: EventReader, job_id: str) -> list[object]:
     return [event async for _, event in followed(reader, job_id, idle_timeout_s=5)]
+
+
+async def test_a_jobs_events_are_read_a_page_at_a_time(redis: Redis, store: JobStore) -> None:
+    """Redis holds a reply whole until it is sent: a job's whole stream read at once by many
+    readers took it past its `maxmemory` (an outside probe). Every event comes, in order."""
+    job_id, writer = await _writer(store)
+    count = EventReader.COUNT * 2 + 5
+    for index in range(count):
+        writer.emit(Delta(text=f"{index},"))
+        await writer.drain()  # one event each
+    writer.emit(DONE)
+    await writer.drain()
+    calls_before = (await redis.info("commandstats")).get("cmdstat_xrange", {}).get("calls", 0)
+    events = await events_so_far(redis, job_id)
+    calls = (await redis.info("commandstats"))["cmdstat_xrange"]["calls"] - calls_before
+    assert "".join(event.text for event in events if isinstance(event, Delta)) == "".join(
+        f"{index}," for index in range(count)
+    )
+    assert events[-1] == DONE
+    assert calls >= 3  # three pages (others on this Redis may read meanwhile)
