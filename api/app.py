@@ -16,7 +16,7 @@ from api.chat import retrieval as chat_retrieval
 from api.chat import router as chat
 from api.deps import Gateway
 from api.messages import router as messages
-from api.middleware import BodyLimit, RequestId, RetrievalLimit
+from api.middleware import BodyLimit, RequestId, ResponseLimit
 from api.responses import router as responses
 from api.routes import (
     auth,
@@ -79,7 +79,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     errors.install(app)
-    app.add_middleware(RetrievalLimit)
+    app.add_middleware(ResponseLimit, settings=settings)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(Access, settings=settings)  # before the body is read
     if settings.cors_origins:

@@ -176,30 +176,39 @@ CALLER_RETRIEVALS = 16
 """Jobs one caller may be reading at once in one API process (`GET` of a chat completion or a
 response, streamed or not)."""
 _RETRIEVAL = re.compile(r"/v1/(?:chat/completions|responses)/[^/]+")
+_COMPLETION = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages"})
 _PIECE_BYTES = 256 * 1024
 
 
-class RetrievalLimit:
-    """Bounds what one caller's retrievals of jobs hold: each may send a whole job (up to
-    `JOB_MAX_OUTPUT_CHARS`), and a client that does not read holds it until `SEND_TIMEOUT_S` drops
-    it. A body is handed to the server in pieces, each once the client has taken most of the one
-    before, so a retrieval counts until its client has nearly all of it (handed whole, it left the
-    count at once and waited in the server's buffer: an outside probe's key held 353 of them)."""
+class ResponseLimit:
+    """Bounds what one caller's answers hold in one API process: a completion's answer, or a
+    retrieval of one, may be a whole job (up to `JOB_MAX_OUTPUT_CHARS`), held until its client has
+    it, however slowly it reads (a reader of 32 KiB every 30 s is not dropped). So a body goes to the
+    server in pieces, each once the client has taken most of the one before, and a caller has at
+    most `CALLER_RETRIEVALS` retrievals open at once, and as many completion requests as twice its
+    concurrent jobs (`MAX_CONCURRENT_JOBS_PER_KEY`; 0: no cap), their answers included: an answer
+    left the job's slot when the job ended (outside probes' keys held 353 retrievals, then
+    gigabytes of answers to requests they kept sending)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self._reading: dict[str, int] = {}  # retrievals being sent, by caller
+        self._caps = {
+            "retrievals": CALLER_RETRIEVALS,
+            "completions": 2 * settings.max_concurrent_jobs_per_key,
+        }
+        self._open: dict[tuple[str, str], int] = {}  # requests open, by kind and caller
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "GET" or not _RETRIEVAL.fullmatch(scope["path"]):
+        kind = _kind(scope)
+        if kind is None or not self._caps[kind]:
             await self.app(scope, receive, send)
             return
         state = scope.get("state", {})
-        caller = state.get("key_id") or f"addr:{state.get('client_address')}"
-        if self._reading.get(caller, 0) >= CALLER_RETRIEVALS:
-            await _TOO_MANY_RETRIEVALS.response(scope)(scope, receive, send)
+        held = (kind, state.get("key_id") or f"addr:{state.get('client_address')}")
+        if self._open.get(held, 0) >= self._caps[kind]:
+            await _too_many(kind, self._caps[kind]).response(scope)(scope, receive, send)
             return
-        self._reading[caller] = self._reading.get(caller, 0) + 1
+        self._open[held] = self._open.get(held, 0) + 1
 
         async def send_in_pieces(message: Message) -> None:
             body = message.get("body", b"")
@@ -220,17 +229,33 @@ class RetrievalLimit:
         try:
             await self.app(scope, receive, send_in_pieces)
         finally:
-            if (left := self._reading[caller] - 1) > 0:
-                self._reading[caller] = left
+            if (left := self._open[held] - 1) > 0:
+                self._open[held] = left
             else:
-                del self._reading[caller]
+                del self._open[held]
 
 
-_TOO_MANY_RETRIEVALS = OpenAIError(
-    429,
-    f"Too many retrievals at once: at most {CALLER_RETRIEVALS} jobs per caller are read at a time; "
-    "retry when one has been read.",
-    type="requests",
-    code="too_many_retrievals",
-    headers={"retry-after": "1"},
-)
+def _kind(scope: Scope) -> str | None:
+    if scope["type"] != "http":
+        return None
+    if scope["method"] == "POST" and scope["path"] in _COMPLETION:
+        return "completions"
+    if scope["method"] == "GET" and _RETRIEVAL.fullmatch(scope["path"]):
+        return "retrievals"
+    return None
+
+
+def _too_many(kind: str, cap: int) -> OpenAIError:
+    if kind == "retrievals":
+        message = f"Too many retrievals at once: at most {cap} jobs per caller are read at a time"
+        code = "too_many_retrievals"
+    else:
+        message = f"Too many requests open at once: at most {cap} per caller, their answers included"
+        code = "concurrency_limit_exceeded"
+    return OpenAIError(
+        429,
+        f"{message}; retry when one has been read.",
+        type="requests",
+        code=code,
+        headers={"retry-after": "1"},
+    )

@@ -174,3 +174,35 @@ def test_a_caller_reads_a_bounded_number_of_jobs_at_once(impatient: tuple[Gatewa
         time.sleep(0.1)
     assert again.status_code == 200
     assert again.json()["choices"][0]["message"]["content"] == _WORD * _TOKENS
+
+
+def test_a_caller_has_a_bounded_number_of_answers_open_at_once(start_gateway: Any) -> None:
+    """Found by an outside probe: answers to completion requests (not streamed) were bounded by
+    nothing once their jobs had ended, and a key reading each slowly held gigabytes of the API.
+    A caller has at most twice its concurrent jobs open at once, answers included."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", MAX_CONCURRENT_JOBS_PER_KEY="2")
+    body = json.dumps(chat("script:" + json.dumps({"text": _WORD, "tokens": _TOKENS}))).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+    request = head + b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    unread = []
+    try:
+        for _ in range(4):
+            connection = socket.socket()
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            connection.connect(("127.0.0.1", gateway.port))
+            connection.sendall(request)
+            unread.append(connection)
+            time.sleep(1)  # its job ends: its slot is free, its answer waits on its client
+        refused = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), timeout=10)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "concurrency_limit_exceeded"
+    finally:
+        for connection in unread:
+            connection.close()
+    deadline = time.monotonic() + 10
+    while (
+        again := httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), timeout=10)
+    ).status_code == 429:
+        assert time.monotonic() < deadline, "the answers closed still count"
+        time.sleep(0.1)
+    assert again.status_code == 200
