@@ -174,8 +174,9 @@ def _is_json(scope: Scope) -> bool:
 
 CALLER_RETRIEVALS = 16
 """Jobs one caller may be reading at once in one API process (`GET` of a chat completion or a
-response, streamed or not)."""
+response, streamed or not, and a cancel, which answers with the job)."""
 _RETRIEVAL = re.compile(r"/v1/(?:chat/completions|responses)/[^/]+")
+_CANCEL = re.compile(r"/v1/(?:chat/completions|responses)/[^/]+/cancel")  # answers with the whole job
 _COMPLETION = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages"})
 _PIECE_BYTES = 256 * 1024
 
@@ -240,7 +241,9 @@ def _kind(scope: Scope) -> str | None:
         return None
     if scope["method"] == "POST" and scope["path"] in _COMPLETION:
         return "completions"
-    if scope["method"] == "GET" and _RETRIEVAL.fullmatch(scope["path"]):
+    if (scope["method"] == "GET" and _RETRIEVAL.fullmatch(scope["path"])) or (
+        scope["method"] == "POST" and _CANCEL.fullmatch(scope["path"])
+    ):
         return "retrievals"
     return None
 

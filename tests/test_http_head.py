@@ -99,13 +99,15 @@ def impatient(start_gateway: Any) -> tuple[Gateway, str]:
     return gateway, reply.json()["id"]
 
 
-def _requested(gateway: Gateway, path: str, *, window: int | None = None) -> socket.socket:
-    """A connection that sent `GET path` (reading through a `window` of that many bytes)."""
+def _requested(
+    gateway: Gateway, path: str, *, window: int | None = None, method: str = "GET"
+) -> socket.socket:
+    """A connection that sent `method path` (reading through a `window` of that many bytes)."""
     connection = socket.socket()
     if window is not None:
         connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
     connection.connect(("127.0.0.1", gateway.port))
-    connection.sendall(f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n".encode())
+    connection.sendall(f"{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n".encode())
     connection.settimeout(10)
     return connection
 
@@ -154,11 +156,20 @@ def _streamed_text(response: bytes) -> str:
 
 def test_a_caller_reads_a_bounded_number_of_jobs_at_once(impatient: tuple[Gateway, str]) -> None:
     """Found by an outside probe: one key held 353 retrievals of its large job, never read (2.9 GB
-    of the API). A body goes out in pieces as its client takes them, and a caller has at most
-    `CALLER_RETRIEVALS` being sent at once per API process; the next waits its turn (429)."""
+    of the API), and a re-check probe 100 cancels of it (each answers with the job). A body goes out
+    in pieces as its client takes them, and a caller has at most `CALLER_RETRIEVALS` being sent at
+    once per API process; the next waits its turn (429)."""
     gateway, completion_id = impatient
     paths = [f"/v1/chat/completions/{completion_id}{query}" for query in ("", "?stream=true")]
-    stalled = [_requested(gateway, paths[n % 2], window=4096) for n in range(CALLER_RETRIEVALS)]
+    cancel = (
+        f"/v1/chat/completions/{completion_id}/cancel"  # answers with the whole job too (a re-check probe)
+    )
+    stalled = [
+        _requested(gateway, paths[n % 2], window=4096)
+        if n % 3
+        else _requested(gateway, cancel, window=4096, method="POST")
+        for n in range(CALLER_RETRIEVALS)
+    ]
     try:
         time.sleep(0.5)  # each has its first pieces, waiting in the sockets' buffers
         refused = httpx.get(f"{gateway.url}{paths[0]}", timeout=10)
