@@ -24,16 +24,19 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import logs, sessions
 from shared.events import EventWriter, Superseded, streamed_text
-from shared.jobs import (
-    CompletionJob,
-    Done,
-    Failed,
-    FailureCode,
-)
+from shared.jobs import CompletionJob, Done, Failed, FailureCode
 from shared.jobstore import AttemptEnd
 from shared.settings import Settings
 from shared.transcripts import delete_transcript
-from worker.backends import Backend, BackendError, Progress, TurnWrites, UsageReport, stored_chars
+from worker.backends import (
+    Backend,
+    BackendError,
+    Progress,
+    TurnWrites,
+    UsageReport,
+    output_room,
+    stored_chars,
+)
 from worker.leases import RunningJobs, StopReason
 from worker.outcomes import outcome_record
 from worker.session_files import SessionFiles, SessionTurn
@@ -149,7 +152,7 @@ async def _run(
     # Bounded whatever the backend says: a job's tools can write to its CLI's own pipes (they run
     # as the CLI's user), and so make it report any output at no cost in tokens (an outside probe
     # put 180 MB in Redis from one job).
-    room = limit = settings.job_max_output_chars // job.n
+    room = limit = output_room(settings, job)
     terminal: Done | Failed
     try:
         run = aclosing(backend.stream(job, work, deferred))

@@ -92,6 +92,11 @@ def create_backend(settings: Settings, redis: Redis) -> Backend:
     return ClaudeBackend(settings, redis)
 
 
+def output_room(settings: Settings, job: CompletionJob) -> int:
+    """The stored output the job may write: its share of its request's `JOB_MAX_OUTPUT_CHARS`."""
+    return settings.job_max_output_chars // job.n
+
+
 def stored_chars(event: Delta | Activity | Retraction | Done) -> int:
     """What an event adds to the job's stored output (a reply's calls included), which
     `JOB_MAX_OUTPUT_CHARS` bounds."""

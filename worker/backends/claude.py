@@ -50,7 +50,15 @@ from shared.jobs import (
 )
 from shared.settings import Settings
 from worker import caller_functions, operator_mcp, upstream_models
-from worker.backends import PROGRESS, BackendError, BackendEvent, TurnWrites, UsageReport, call_chars
+from worker.backends import (
+    PROGRESS,
+    BackendError,
+    BackendEvent,
+    TurnWrites,
+    UsageReport,
+    call_chars,
+    output_room,
+)
 from worker.credential_proxy import (
     Credential,
     CredentialProxy,
@@ -467,7 +475,7 @@ class ClaudeBackend:
                 warm.client.receive_response(),
                 None,
                 warm.discard,
-                self._settings.job_max_output_chars // job.n,
+                output_room(self._settings, job),
             ):
                 if isinstance(event, ToolStep) and clean:
                     clean = False
@@ -508,7 +516,7 @@ class ClaudeBackend:
                     messages,
                     transcript,
                     lambda: _close(messages),
-                    self._settings.job_max_output_chars // job.n,
+                    output_room(self._settings, job),
                 ):
                     if isinstance(event, Done) and transcript is not None and deferred is not None:
                         deferred.append(transcript.write)  # sealed or dropped: written as the turn commits
