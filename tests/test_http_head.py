@@ -160,15 +160,24 @@ def test_a_caller_reads_a_bounded_number_of_jobs_at_once(impatient: tuple[Gatewa
     in pieces as its client takes them, and a caller has at most `CALLER_RETRIEVALS` being sent at
     once per API process; the next waits its turn (429)."""
     gateway, completion_id = impatient
-    paths = [f"/v1/chat/completions/{completion_id}{query}" for query in ("", "?stream=true")]
-    cancel = (
-        f"/v1/chat/completions/{completion_id}/cancel"  # answers with the whole job too (a re-check probe)
+    content = "script:" + json.dumps({"text": _WORD, "tokens": _TOKENS})
+    made = httpx.post(
+        f"{gateway.url}/v1/responses", json={"model": "claude-sonnet-4-5", "input": content}, timeout=60
     )
+    response_id = made.json()["id"]
+    paths = [f"/v1/chat/completions/{completion_id}{query}" for query in ("", "?stream=true")]
+    # Every way to read a job: a cancel answers with the whole job too (a re-check probe).
+    reads = [
+        ("GET", paths[0]),
+        ("GET", paths[1]),
+        ("POST", f"/v1/chat/completions/{completion_id}/cancel"),
+        ("GET", f"/v1/responses/{response_id}"),
+        ("GET", f"/v1/responses/{response_id}?stream=true"),
+        ("POST", f"/v1/responses/{response_id}/cancel"),
+    ]
     stalled = [
-        _requested(gateway, paths[n % 2], window=4096)
-        if n % 3
-        else _requested(gateway, cancel, window=4096, method="POST")
-        for n in range(CALLER_RETRIEVALS)
+        _requested(gateway, path, window=4096, method=method)
+        for method, path in (reads[n % len(reads)] for n in range(CALLER_RETRIEVALS))
     ]
     try:
         time.sleep(0.5)  # each has its first pieces, waiting in the sockets' buffers
@@ -192,12 +201,20 @@ def test_a_caller_has_a_bounded_number_of_answers_open_at_once(start_gateway: An
     nothing once their jobs had ended, and a key reading each slowly held gigabytes of the API.
     A caller has at most twice its concurrent jobs open at once, answers included."""
     gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", MAX_CONCURRENT_JOBS_PER_KEY="2")
-    body = json.dumps(chat("script:" + json.dumps({"text": _WORD, "tokens": _TOKENS}))).encode()
-    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-    request = head + b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    asked = chat("script:" + json.dumps({"text": _WORD, "tokens": _TOKENS}))
+    bodies = {  # every front end's answer counts
+        "/v1/chat/completions": asked,
+        "/v1/responses": {"model": asked["model"], "input": asked["messages"][0]["content"]},
+        "/v1/messages": {**asked, "max_tokens": 2 * _TOKENS},
+    }
     unread = []
     try:
-        for _ in range(4):
+        for path, body in [*bodies.items(), next(iter(bodies.items()))]:
+            encoded = json.dumps(body).encode()
+            head = (
+                b"POST %s HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n" % path.encode()
+            )
+            request = head + b"content-length: %d\r\n\r\n%s" % (len(encoded), encoded)
             connection = socket.socket()
             connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             connection.connect(("127.0.0.1", gateway.port))
