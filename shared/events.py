@@ -56,7 +56,8 @@ class EventWriter:
     its lease, and its output waits for room as long as the job may run (writes are idempotent).
     A write that gave up is surfaced once (by the next `emit`) and kept: the attempt's end, written
     next, carries it, and waits for Redis up to `end_grace_s` (the job then ends with what
-    happened, not as a lost worker's).
+    happened, not as a lost worker's). Output that found no room is dropped instead (`no_room`):
+    the end, a failure saying so, is then written alone in the room Redis keeps for bookkeeping.
     """
 
     LINGER_S = 0.010
@@ -93,6 +94,8 @@ class EventWriter:
         self.terminal: Done | Failed | None = None
         self._end: AttemptEnd | None = None
         self._prompt: PromptUsage | None = None  # goes out with the first event
+        self.no_room = False
+        """A write was refused for room past `full_grace_s`: what was not written is dropped."""
 
     @property
     def emitted(self) -> int:
@@ -135,7 +138,13 @@ class EventWriter:
             self._flushing = asyncio.create_task(self._flush())
 
     def finish(self, terminal: Done | Failed, end: AttemptEnd) -> None:
-        """Emits the attempt's terminal event; its write also records `end` (no round trip more)."""
+        """Emits the attempt's terminal event; its write also records `end` (no round trip more).
+        After `no_room`, only a failure may end the attempt (a `Done` would hide the output lost),
+        and it is written alone."""
+        if self.no_room:
+            if isinstance(terminal, Done):
+                raise OutOfMemoryError("the job's output found no room in Redis")
+            self._pending, self._texts, self._merged_chars = [], [], 0
         self._end = end
         self.emit(terminal)
 
@@ -195,10 +204,16 @@ class EventWriter:
                     outcome=outcome,
                     ttl_s=ttl,
                     end=self._end if outcome else None,
+                    in_full_redis=self.no_room,
                 )
                 break
-            except (RedisConnectionError, RedisTimeoutError, OutOfMemoryError) as exc:
-                if time.monotonic() > (full_give_up if isinstance(exc, OutOfMemoryError) else give_up):
+            except OutOfMemoryError:
+                if time.monotonic() > full_give_up:
+                    self.no_room = True
+                    raise
+                await asyncio.sleep(0.5)
+            except (RedisConnectionError, RedisTimeoutError):
+                if time.monotonic() > give_up:
                     raise
                 await asyncio.sleep(0.5)
             except ResponseError as exc:

@@ -655,6 +655,7 @@ class JobStore:
         self._create = redis.register_script(prelude + _CREATE)
         self._claim = redis.register_script(prelude + _CLAIM)
         self._append = redis.register_script(prelude + _APPEND)
+        self._end_in_full_redis = redis.register_script(bookkeeping + _APPEND)
         self._renew = redis.register_script(bookkeeping + _RENEW)
         self._finish = redis.register_script(bookkeeping + "finish_attempt(KEYS[1], ARGV[1], ARGV[2])")
         self._stop = redis.register_script(bookkeeping + _STOP)
@@ -889,18 +890,22 @@ class JobStore:
         outcome: str,
         ttl_s: int,
         end: AttemptEnd | None = None,
+        in_full_redis: bool = False,
     ) -> None:
         """Writes events `first_seq...` of the current attempt; raises `ResponseError` if superseded.
 
         With `outcome` (the last event is terminal) and `end`, the same round trip finishes the
-        attempt and adds its outcome to the totals (a failure there is logged, not raised)."""
+        attempt and adds its outcome to the totals (a failure there is logged, not raised).
+        `in_full_redis`: an attempt's end alone, written even while Redis is full."""
+        assert not in_full_redis or (len(events) == 1 and outcome), "only an end is written in a full Redis"
         keys = [events_key(job_id), record_key(job_id), RUNNING, self.queue_name]
         args: list[str | bytes | int] = [attempt, first_seq, ttl_s, outcome, job_id]
         if end is None:
             args += ["", ""]
         else:
             args += [end.worker_id, stats.encode_outcome(end.outcome, failures_kept=end.failures_kept)]
-        if await self._append(keys=keys, args=[*args, *events]) == b"unrecorded":
+        append = self._end_in_full_redis if in_full_redis else self._append
+        if await append(keys=keys, args=[*args, *events]) == b"unrecorded":
             log.warning("could not record the outcome of job %s in the totals", job_id)
 
     async def withdraw_due(self, limit: int = 64) -> list[str]:

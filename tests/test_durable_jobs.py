@@ -865,3 +865,37 @@ def test_a_stream_whose_job_redis_lost_ends_saying_so(durable: Gateway) -> None:
     error = json.loads(last)["error"]
     assert error["code"] == "queue_unavailable", error
     assert "lost the job" in error["message"]
+
+
+def test_a_job_whose_output_finds_no_room_ends_storage_full(
+    own_redis: EmbeddedRedis, start_gateway: Any
+) -> None:
+    """Found by an outside probe: a running job whose output found Redis full past the time it may
+    run ended `worker_lost` (a 502 blaming a worker, with a traceback in its log) instead of
+    `storage_full`; its end is written although Redis stays full."""
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", redis_url=own_redis.url, JOB_TIMEOUT_S="4", **FAST_LEASES
+    )
+    client = gateway.redis()
+    body = chat(script(text=words(300), delay_ms=10), stream=True)
+    errors = []
+    # Read within 10 s, under the keep-alive ping's 15: a job that never ends fails the test.
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=10) as response:
+        lines = response.iter_lines()
+        text = ""
+        for _, data in sse_events(lines):
+            text += content_of(data)
+            if len(text) > 40:
+                break
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)  # below what it holds: every write needing room is refused
+        try:
+            for _, data in sse_events(lines):  # ends while Redis is full
+                if data != "[DONE]" and "error" in (chunk := json.loads(data)):
+                    errors.append(chunk["error"])
+        finally:
+            client.config_set("maxmemory", 0)
+    assert [error["code"] for error in errors] == ["storage_full"], errors
+    assert "Traceback" not in (gateway.logs / "worker-0.log").read_text()
+    after = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat(script(text="back")), timeout=10)
+    assert after.json()["choices"][0]["message"]["content"] == "back"

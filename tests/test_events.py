@@ -27,7 +27,7 @@ from shared.jobs import (
     Usage,
     new_job_id,
 )
-from shared.jobstore import JobSlot, JobStore
+from shared.jobstore import AttemptEnd, JobSlot, JobStore
 from shared.keys import events_key, record_key
 from shared.quotas import slots_key
 from tests.conftest import followed
@@ -266,6 +266,40 @@ async def test_a_write_waits_out_a_full_redis(tmp_path: Path) -> None:
         await asyncio.wait_for(draining, timeout=5)
         assert await client.xlen(events_key(job_id)) == 1
     finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_output_that_finds_no_room_is_dropped_and_only_a_failure_ends_it(tmp_path: Path) -> None:
+    """Redis full past the writer's patience: what was not written is dropped, a `Done` (which
+    would hide the loss) is refused, and a failure is written alone while Redis stays full."""
+    server = EmbeddedRedis(tmp_path, persistent=False)
+    server.start()
+    client = Redis.from_url(server.url)
+    try:
+        store = JobStore(client, queue_name="full:queue", ttl_s=60)
+        job_id, _ = await _writer(store)
+        writer = EventWriter(store, job_id, 1, outage_grace_s=0.5, full_grace_s=0.5)
+        writer.emit(Delta(text="written "))
+        await writer.drain()
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", 1)  # below what it holds: every write refused
+        writer.emit(Delta(text="never stored"))
+        with pytest.raises(OutOfMemoryError):
+            await writer.drain()
+        assert writer.no_room
+        record = stats.JobRecord(
+            job_id=job_id, request_id="req_1", worker_id="worker-1", outcome="", queue_wait_s=0, duration_s=1
+        )
+        end = AttemptEnd("worker-1", record, failures_kept=10)
+        with pytest.raises(OutOfMemoryError):
+            writer.finish(DONE, end)
+        failed = Failed(code=FailureCode.STORAGE_FULL, message="no room")
+        writer.finish(failed, end)
+        await asyncio.wait_for(writer.drain(), timeout=5)
+        assert await events_so_far(client, job_id) == [Delta(text="written "), failed]
+    finally:
+        await client.config_set("maxmemory", 0)
         await client.aclose()
         server.stop()
 

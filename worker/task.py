@@ -90,14 +90,22 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> bool
         if terminal is not None:
             if isinstance(terminal, Done):
                 terminal = terminal.model_copy(update={"completed_at": int(time.time())})
-            usage = terminal.usage if isinstance(terminal, Done) else None
-            failure = terminal if isinstance(terminal, Failed) else None
-            first_output = writer.first_output_at  # None if the terminal event is all it wrote
-            record = outcome_record(
-                job, running.worker_id, started.score, began, first_output, usage, failure
-            )
-            writer.finish(terminal, AttemptEnd(running.worker_id, record, settings.recent_failures_kept))
-            await asyncio.shield(writer.drain())
+
+            async def end(terminal: Done | Failed) -> None:
+                usage = terminal.usage if isinstance(terminal, Done) else None
+                failure = terminal if isinstance(terminal, Failed) else None
+                first_output = writer.first_output_at  # None if the terminal event is all it wrote
+                record = outcome_record(
+                    job, running.worker_id, started.score, began, first_output, usage, failure
+                )
+                writer.finish(terminal, AttemptEnd(running.worker_id, record, settings.recent_failures_kept))
+                await asyncio.shield(writer.drain())
+
+            try:
+                await end(terminal)
+            except OutOfMemoryError:  # its output found no room: the end says so, written alone
+                terminal = _no_room(settings)
+                await end(terminal)
             finished = True
             outcome = "completed" if isinstance(terminal, Done) else terminal.code.value
     except Superseded:
@@ -196,6 +204,8 @@ async def _run(
         raise
     except (RedisConnectionError, RedisTimeoutError):  # a write gave up: Redis is gone past the grace
         terminal = _redis_out_of_reach(settings)
+    except OutOfMemoryError:  # a write found no room for as long as the job may run
+        terminal = _no_room(settings)
     except Exception:
         log.exception("job failed unexpectedly")
         terminal = Failed(code=FailureCode.INTERNAL, message="the worker failed while running the job")
@@ -223,6 +233,8 @@ async def _commit_turn(
         saved = await turn.save() if turn is not None else None
     except (RedisConnectionError, RedisTimeoutError):  # the reply's last writes gave up on Redis
         return _redis_out_of_reach(settings, _TURN_NOT_ADDED)
+    except OutOfMemoryError:
+        return _no_room(settings, _TURN_NOT_ADDED)
     except BackendError as exc:  # over the workspace limits, or the store failed
         return Failed(code=exc.code, message=exc.message)
     holder = turn.holder if turn is not None else None
@@ -263,6 +275,17 @@ def _redis_out_of_reach(settings: Settings, outcome: str = "") -> Failed:
     message = f"the gateway's Redis was out of reach for over {settings.redis_outage_grace_s:g} s{outcome}"
     log.warning("job stopped: %s", message)
     return Failed(code=FailureCode.QUEUE_UNAVAILABLE, message=message)
+
+
+def _no_room(settings: Settings, outcome: str = "") -> Failed:
+    """A job's end when its output found Redis full for as long as the job may run: the output
+    not stored is lost, and the end is written in the room Redis keeps for bookkeeping."""
+    message = (
+        f"The gateway's storage is full: the job's output found no room for {settings.job_timeout_s:g} s"
+        f"{outcome or '; retry later'}."
+    )
+    log.warning("job stopped: %s", message)
+    return Failed(code=FailureCode.STORAGE_FULL, message=message)
 
 
 async def _stopped(
