@@ -92,6 +92,32 @@ def test_a_job_of_another_kind_starts_cold(warm: Gateway, upstream: FakeAnthropi
     assert "/warm-" not in where(warm, upstream, messages=history)  # earlier turns: resumed cold
 
 
+def test_a_message_that_looks_like_a_slash_command_is_text_on_a_warm_client(
+    warm: Gateway, upstream: FakeAnthropic
+) -> None:
+    """Found by an outside probe: a job on a warm client ran "/model <name>" as Claude Code's own
+    command (a request upstream for a model not in MODELS, answered with nothing): the cold path
+    made it text, the warm path did not."""
+    system = {"role": "system", "content": "Slash."}
+    cold = httpx.post(
+        f"{warm.url}/v1/chat/completions",
+        json=chat("", messages=[system, {"role": "user", "content": "hi"}]),
+        timeout=60,
+    )
+    assert cold.status_code == 200, cold.text
+    wait_for_a_prepared_client(warm)
+    upstream.requests.clear()
+    upstream.script.append(Reply(tokens=["As text."]))
+    command = {"role": "user", "content": "/model claude-opus-4-bypass"}
+    response = httpx.post(
+        f"{warm.url}/v1/chat/completions", json=chat("", messages=[system, command]), timeout=60
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "As text."
+    assert "/warm-" in workspace_of(upstream.requests[-1])  # it ran on the warm client
+    assert {body["model"] for body in upstream.requests} == {"claude-sonnet-4-5"}
+
+
 def workspace_of(request: dict[str, Any]) -> str:
     """The job's workspace, as the CLI tells the model its working directory."""
     match = re.search(r"Primary working directory: (\S+)/work\b", json.dumps(request["messages"]))

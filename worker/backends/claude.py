@@ -180,8 +180,8 @@ def prompt_for(turns: list[Turn]) -> str:
     return f"<conversation_so_far>\n{transcript}\n</conversation_so_far>\n\n{last.text}"
 
 
-def user_message(turn: Turn) -> str | AsyncIterator[dict[str, Any]]:
-    """A user turn as the CLI's prompt: plain text, or a streamed message when it has images.
+def user_content(turn: Turn) -> str | list[dict[str, Any]]:
+    """A user turn as the content of the CLI's prompt, on every path (cold or warm client).
 
     A caller's text is for the model, as on OpenAI's API: Claude Code would run one that starts
     with "/" as its own command ("/model <name>" switched the model past MODELS, "/cost" answered
@@ -190,7 +190,12 @@ def user_message(turn: Turn) -> str | AsyncIterator[dict[str, Any]]:
     whitespace-only prompt with nothing, without asking the model."""
     if turn.text.startswith("/"):
         turn = turn.model_copy(update={"text": " " + turn.text})
-    blocks = content_blocks(turn)  # text alone without images
+    return content_blocks(turn)
+
+
+def user_message(turn: Turn) -> str | AsyncIterator[dict[str, Any]]:
+    """A user turn as a cold CLI's prompt: plain text, or a streamed message when it has images."""
+    blocks = user_content(turn)  # text alone without images
     return blocks if isinstance(blocks, str) else streamed_message(blocks, str(uuid.uuid4()))
 
 
@@ -467,7 +472,7 @@ class ClaudeBackend:
         clean = reusable(job)  # so far: no tool ran
         kept = False  # and the turn ended on its result: the client may go back
         try:
-            await warm.client.query(streamed_message(content_blocks(prompt), turn))
+            await warm.client.query(streamed_message(user_content(prompt), turn))
             # Stopped at the caller's call, the CLI is killed where it is: the SDK's disconnect
             # cancels the call's pending answer, and the CLI went on from there.
             async for event in _relay(
