@@ -194,6 +194,29 @@ def test_a_file_cannot_replace_a_folder_or_go_under_a_file(files_gateway: Gatewa
     assert reply(turn(files_gateway, "conflict-1", {"read": "full/f.txt"})) == "x"
 
 
+def test_what_the_save_leaves_out_is_removed_from_the_workers_copy(files_gateway: Gateway) -> None:
+    """Found by an outside probe: a file whose name is no valid path (not UTF-8, a control
+    character) was left out of the save but stayed in the worker's copy of the workspace, outside
+    the limits: 151 MiB past the 100 MiB, in each of up to 64 sessions per worker."""
+    unsaved = {"big\u0001.bin": 300_000, "dir\u0001/big.bin": 300_000, "ok/sub\u0001/f": 10}
+    for step in range(2):  # the first save scans the whole workspace, the next only what changed
+        session = f"unsaved-{step}"
+        if step:
+            assert reply(turn(files_gateway, session, {"write": {"first.txt": "1"}}))
+        script = {"fill": unsaved, "fifo": ["pipe", "ok/pipe"], "write": {"kept.txt": "k"}}
+        assert reply(turn(files_gateway, session, script))
+        expected = ["kept.txt", "first.txt"][: step + 1]
+        assert sorted(file["path"] for file in listed(files_gateway, session)["data"]) == sorted(expected)
+        for name in unsaved:
+            assert reply(turn(files_gateway, session, {"read": name})) == "(no such file)", (step, name)
+        copies = list(Path(files_gateway.env["WORKSPACE_ROOT"]).glob(f"sessions/*/*.{session}.*"))
+        assert copies  # where the session's turns ran
+        left = [
+            path.name for copy in copies for path in copy.rglob("*") if not path.is_file() | path.is_dir()
+        ]
+        assert not left, (step, left)  # the fifos
+
+
 def test_a_save_over_the_limit_is_refused_and_the_last_good_version_stays(files_gateway: Gateway) -> None:
     assert reply(turn(files_gateway, "limit-1", {"write": {"good.txt": "good"}}))
     too_big = turn(files_gateway, "limit-1", {"write": {"good.txt": "changed"}, "fill": {"big.bin": 300_000}})
