@@ -496,6 +496,28 @@ def test_structured_output_with_text_format(scripted: Gateway) -> None:
     assert invalid.json()["error"]["param"] == "text.format.name"
 
 
+def streamed_output(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The output items a stream closed, in output order."""
+    done = [event for event in events if event["type"] == "response.output_item.done"]
+    assert [event["output_index"] for event in done] == list(range(len(done)))
+    return [event["item"] for event in done]
+
+
+def test_a_structured_reply_of_calls_streams_the_items_its_response_has(scripted: Gateway) -> None:
+    """Found by an outside probe: with `text.format`, the stream opened an empty message at
+    output index 0 and the call at 1, while the completed (and stored) response held the call alone."""
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
+    body = {"model": MODEL, "input": script(text="", calls=[{"name": "f", "arguments": {}}]), "stream": True}
+    body |= {"tools": [tool], "text": {"format": {"type": "json_object"}}}
+    with httpx.stream("POST", f"{scripted.url}/v1/responses", json=body, timeout=30) as response:
+        events = checked_stream(response)
+    completed = events[-1]["response"]
+    assert [item["type"] for item in completed["output"]] == ["function_call"]
+    assert streamed_output(events) == completed["output"]
+    retrieved = httpx.get(f"{scripted.url}/v1/responses/{completed['id']}", timeout=30).json()
+    assert retrieved["output"] == completed["output"]
+
+
 WEATHER_TOOL = {
     "type": "function",
     "name": "get_weather",

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import Gateway
 from tests.fake_anthropic import FakeAnthropic, Reply, system_text, tool_results, user_text
-from tests.test_responses import MODEL, WEATHER_TOOL, checked_stream, stream_text
+from tests.test_responses import MODEL, WEATHER_TOOL, checked_stream, stream_text, streamed_output
 
 pytestmark = pytest.mark.claude
 
@@ -86,3 +86,25 @@ def test_a_response_failing_after_the_agents_work_keeps_just_that_work(
     assert events[-2] == {**events[-2], "type": "response.output_item.done", "item": reasoning}
     retrieved = httpx.get(f"{claude.url}/v1/responses/{failed['response']['id']}", timeout=30).json()
     assert retrieved["output"] == [reasoning]
+
+
+def test_a_structured_reply_after_the_agents_work_streams_the_items_its_response_has(
+    claude: Gateway, upstream: FakeAnthropic
+) -> None:
+    """Found by an outside probe: with `text.format`, the stream sent the reasoning item and the
+    message as `msg_<id>_1`; the completed and retrieved response held one `msg_<id>` alone."""
+    upstream.default = Reply(thinking=["think"], tokens=['{"a":', " 1}"])
+    body = {
+        "model": MODEL,
+        "input": "json please",
+        "stream": True,
+        "text": {"format": {"type": "json_object"}},
+    }
+    with httpx.stream("POST", f"{claude.url}/v1/responses", json=body, timeout=60) as response:
+        events = checked_stream(response)
+    completed = events[-1]["response"]
+    assert [item["type"] for item in completed["output"]] == ["reasoning", "message"]
+    assert json.loads(completed["output"][1]["content"][0]["text"]) == {"a": 1}
+    assert streamed_output(events) == completed["output"]
+    retrieved = httpx.get(f"{claude.url}/v1/responses/{completed['id']}", timeout=30).json()
+    assert retrieved["output"] == completed["output"]

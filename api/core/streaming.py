@@ -136,11 +136,12 @@ async def first_events(events: ChoiceEvents, wait_s: float) -> First:
 
 async def _checked(run: Run, replies: list[Reply]) -> ChoiceEvents:
     """A structured run's checked replies as events, all ready: per choice the agent's activity it
-    was to see, one delta of the checked text, then its terminal event."""
+    was to see, one delta of the checked text (none if empty), then its terminal event."""
     batch: list[ChoiceEvent] = []
     for choice, reply in enumerate(replies):
         activity = [event for event in reply.events if isinstance(event, Activity)]
-        events = [*activity, Delta(text=reply.text), reply.done]
+        text = [Delta(text=reply.text)] if reply.text else []
+        events = [*activity, *text, reply.done]
         batch += [(choice, seq, event) for seq, event in enumerate(events, start=1)]
     yield batch
 

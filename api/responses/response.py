@@ -227,7 +227,10 @@ def response_body(
             reason = "content_filter" if terminal.finish_reason is FinishReason.CONTENT_FILTER else None
             response.incomplete_details = IncompleteDetails(reason=reason or "max_output_tokens")
         calls = function_calls(terminal, stored.tools)
-        if activity and response_format is None:
+        if activity and response_format is not None:  # as its stream sent it: the work, then the text
+            checked = [Delta(text=text)] if text else []
+            activity = [*(event for event in activity if isinstance(event, Activity)), *checked]
+        if activity:
             items = output_items(job, activity, item_status, message=not calls)
         else:
             items = [output_message(job, text, item_status)] if text or not calls else []
