@@ -143,7 +143,9 @@ class Settings(BaseSettings):
         "requests a 503, not a hang.",
     )
     cancel_on_disconnect: bool = Field(
-        default=False, description="Cancel a streamed job when its client disconnects."
+        default=False,
+        description="Cancel a job when its client disconnects, streamed or not (off: a stream's job "
+        "runs on, resumable by id; a plain request's only with an Idempotency-Key or a session).",
     )
 
     # --- Models ---------------------------------------------------------------------------

@@ -899,3 +899,52 @@ def test_a_job_whose_output_finds_no_room_ends_storage_full(
     assert "Traceback" not in (gateway.logs / "worker-0.log").read_text()
     after = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat(script(text="back")), timeout=10)
     assert after.json()["choices"][0]["message"]["content"] == "back"
+
+
+_PLAIN_FRONT_ENDS = {
+    "chat": (
+        "/v1/chat/completions",
+        lambda text: chat(text),
+        lambda body: body["choices"][0]["message"]["content"],
+    ),
+    "responses": (
+        "/v1/responses",
+        lambda text: {"model": "claude-sonnet-4-5", "input": text},
+        lambda body: body["output"][0]["content"][0]["text"],
+    ),
+    "messages": (
+        "/v1/messages",
+        lambda text: {**chat(text), "max_tokens": 100},
+        lambda body: body["content"][0]["text"],
+    ),
+}
+
+
+@pytest.mark.parametrize("front_end", list(_PLAIN_FRONT_ENDS))
+def test_a_plain_request_whose_client_leaves_first_is_cancelled_unless_it_can_come_back(
+    start_gateway: Any, front_end: str
+) -> None:
+    """Found by an outside probe: an SDK that timed out waiting for a plain (not streamed) answer
+    retried, and each attempt's job ran on to the end for no one (the client never saw its id):
+    three agent runs for one call. Now the job of a client that left is cancelled, unless the
+    request had an `Idempotency-Key` (sent again, it gets that job's answer)."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted")
+    client = gateway.redis()
+    path, body, answer = _PLAIN_FRONT_ENDS[front_end]
+    slow = body(script(text=words(40), delay_ms=100))  # 4 s
+
+    def ended_jobs() -> list[bytes | None]:
+        records = [key for key in client.scan_iter("gateway:job:*") if b":" not in key[12:]]
+        return sorted(client.hget(key, "ended") or b"" for key in records)
+
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway.url}{path}", json=slow, timeout=1)
+    wait_for(lambda: ended_jobs() == [b"cancelled"], 5, "the job cancelled")
+
+    keyed = {"idempotency-key": "one-call"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway.url}{path}", json=slow, headers=keyed, timeout=1)
+    again = httpx.post(f"{gateway.url}{path}", json=slow, headers=keyed, timeout=30)
+    assert again.status_code == 200, again.text
+    assert answer(again.json()) == words(40)
+    assert ended_jobs() == [b"cancelled", b"completed"]  # the same job, once

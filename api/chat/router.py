@@ -48,7 +48,9 @@ async def create_chat_completion(
     if body.background and not body.stream:
         return JSONResponse(queued_body(run.job).model_dump())
     if not body.stream:
-        return JSONResponse(completion_body(run.job, await run.collect(), legacy=legacy).model_dump())
+        return JSONResponse(
+            completion_body(run.job, await run.answered(request.receive), legacy=legacy).model_dump()
+        )
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     renderer = ChunkRenderer(run.job, include_usage=include_usage, choices=len(run.jobs), legacy=legacy)
     return await event_stream(run, renderer)

@@ -8,6 +8,7 @@ job: its choices' events interleave as they arrive.
 """
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from contextlib import aclosing
@@ -16,9 +17,11 @@ from typing import Protocol, TypeGuard
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.types import Receive
 
 from api import metrics
 from api.core.relay import FollowedBatch, FollowedEvent, KeepAlive, follow_job
+from api.core.sse import until_disconnect
 from api.core.structured import ResponseFormat
 from api.deps import Gateway
 from api.errors import NO_RETRY, OpenAIError
@@ -119,6 +122,10 @@ class Run:
     prompt_usage: Usage | None = None
     """The first prompt usage its jobs reported, once their first events came (Messages'
     `message_start`; a Messages run has one job)."""
+    rejoinable: bool = False
+    """Whether a client that lost the answer can come back to the run without the job's id (its
+    answer's first words name it): by sending the request again (its `Idempotency-Key`), or
+    through its session, whose history the reply joins."""
     _pumps: "list[asyncio.Task[None]]" = field(default_factory=list)
 
     @property
@@ -215,6 +222,25 @@ class Run:
             "complete: retrieve it by its id rather than send the request again."
         )
         return OpenAIError(503, message, type="server_error", code="queue_unavailable", headers=NO_RETRY)
+
+    async def answered(self, receive: Receive) -> list[Reply]:
+        """`collect`, for a client waiting for the whole answer on `receive` (its request's body
+        read). A client that leaves first has not seen the job's id: its jobs are cancelled unless
+        it can come back to them (`rejoinable`; `CANCEL_ON_DISCONNECT` cancels them anyway). An
+        SDK's retry after its timeout had run the agent again beside the first (an outside probe)."""
+        collecting = asyncio.ensure_future(self.collect())
+        gone = asyncio.ensure_future(until_disconnect(receive))
+        try:
+            await asyncio.wait({collecting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not collecting.done():
+                collecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):  # the client left: its follower goes
+            return await collecting
+        if self.gateway.settings.cancel_on_disconnect or not self.rejoinable:
+            await self.cancel("The client disconnected before the answer.")
+        raise OpenAIError(499, "The client disconnected.", type="invalid_request_error", code="client_closed")
 
     async def collect(self) -> list[Reply]:
         """Each choice's whole reply; raises the first failure (and a reply that breaks the format)."""

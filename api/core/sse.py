@@ -167,6 +167,11 @@ class EventStreamResponse(StreamingResponse):
         await send(_END)
 
     async def _until_disconnect(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        await until_disconnect(receive)
         self.cut()
+
+
+async def until_disconnect(receive: Receive) -> None:
+    """Returns when the client of a request whose body was read disconnects."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

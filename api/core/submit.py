@@ -108,8 +108,9 @@ async def submit(
     # A repeated request attaches to its earlier job before anything is taken for it: the session
     # (that job may hold it still: its client lost the stream and asks again), or room for a stored
     # request it would not store again (a re-check probe saw a Responses retry refused for it).
+    rejoinable = idempotency is not None or session_id is not None
     if idempotency is not None and (earlier := await _earlier(idempotency, gateway, caller)) is not None:
-        return Run(gateway, [earlier], request.background, response_format, reasoning)
+        return Run(gateway, [earlier], request.background, response_format, reasoning, rejoinable=rejoinable)
     if session_id is not None:
         job = await attach(
             gateway.redis, settings, caller.key_id, session_id, job, stored_ledger(gateway, http)
@@ -127,7 +128,7 @@ async def submit(
         await abandon(gateway.redis, job)
         if companion is not None:
             await companion.forget(job.id)
-    return Run(gateway, [ref], request.background, response_format, reasoning)
+    return Run(gateway, [ref], request.background, response_format, reasoning, rejoinable=rejoinable)
 
 
 def _shows_reasoning(request: CompletionRequest, settings: Settings) -> bool:

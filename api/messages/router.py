@@ -31,5 +31,5 @@ async def create_message(body: CreateMessageRequest, request: Request) -> JSONRe
         core_request(body), request, Gateway.of(request), Caller.of(request), idempotency=idempotency
     )
     if not body.stream:
-        return JSONResponse(message_body(run.job, (await run.collect())[0]).model_dump())
-    return await event_stream(run, MessageStream(run), rejoinable=idempotency is not None)
+        return JSONResponse(message_body(run.job, (await run.answered(request.receive))[0]).model_dump())
+    return await event_stream(run, MessageStream(run), rejoinable=run.rejoinable)

@@ -66,7 +66,7 @@ async def create_response(
     if body.background and not body.stream:
         return JSONResponse(response_body(run.job, stored, JobStatus.QUEUED, "", None).wire())
     if not body.stream:
-        reply = (await run.collect())[0]
+        reply = (await run.answered(request.receive))[0]
         return JSONResponse(
             response_body(run.job, stored, JobStatus.COMPLETED, reply.text, reply.done, reply.events).wire()
         )
