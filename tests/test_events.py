@@ -45,6 +45,20 @@ def store(redis: Redis) -> JobStore:
     return JobStore(redis, queue_name="test:queue", ttl_s=60)
 
 
+@pytest.fixture
+async def fillable(tmp_path: Path) -> AsyncIterator[JobStore]:
+    """A store on a Redis of the test's own, whose `maxmemory` the test may set (`noeviction`)."""
+    server = EmbeddedRedis(tmp_path, persistent=False)
+    server.start()
+    client = Redis.from_url(server.url)
+    await client.config_set("maxmemory-policy", "noeviction")
+    try:
+        yield JobStore(client, queue_name="full:queue", ttl_s=60)
+    finally:
+        await client.aclose()
+        server.stop()
+
+
 async def _writer(store: JobStore) -> tuple[str, EventWriter]:
     """A queued job's id and a writer for its first attempt (started, as a worker would)."""
     job = CompletionJob(request_id="req_1", model="m", turns=[Turn(role="user", text="hi")])
@@ -246,97 +260,74 @@ async def test_commands_held_up_by_an_outage_take_no_lease_for_lost(tmp_path: Pa
         server.stop()
 
 
-async def test_a_write_waits_out_a_full_redis(tmp_path: Path) -> None:
+async def test_a_write_waits_out_a_full_redis(fillable: JobStore) -> None:
     # Found by an outside probe: with Redis full for 8 s (`maxmemory`, `noeviction`), every running
     # job failed as worker_lost on healthy workers; and the next probe found it so once Redis was
     # full longer than REDIS_OUTAGE_GRACE_S. A full Redis is waited out as long as the job may run.
-    server = EmbeddedRedis(tmp_path, persistent=False)
-    server.start()
-    client = Redis.from_url(server.url)
-    try:
-        store = JobStore(client, queue_name="full:queue", ttl_s=60)
-        job_id, _ = await _writer(store)
-        writer = EventWriter(store, job_id, 1, outage_grace_s=0.5, full_grace_s=60)
-        await client.config_set("maxmemory", 1)  # below what it holds: every write refused
-        writer.emit(Delta(text="written once there is room"))
-        draining = asyncio.create_task(writer.drain())
-        await asyncio.sleep(1.5)
-        assert not draining.done()
-        await client.config_set("maxmemory", 0)
-        await asyncio.wait_for(draining, timeout=5)
-        assert await client.xlen(events_key(job_id)) == 1
-    finally:
-        await client.aclose()
-        server.stop()
+    store, client = fillable, fillable.redis
+    job_id, _ = await _writer(store)
+    writer = EventWriter(store, job_id, 1, outage_grace_s=0.5, full_grace_s=60)
+    await client.config_set("maxmemory", 1)  # below what it holds: every write refused
+    writer.emit(Delta(text="written once there is room"))
+    draining = asyncio.create_task(writer.drain())
+    await asyncio.sleep(1.5)
+    assert not draining.done()
+    await client.config_set("maxmemory", 0)
+    await asyncio.wait_for(draining, timeout=5)
+    assert await client.xlen(events_key(job_id)) == 1
 
 
-async def test_output_that_finds_no_room_is_dropped_and_only_a_failure_ends_it(tmp_path: Path) -> None:
+async def test_output_that_finds_no_room_is_dropped_and_only_a_failure_ends_it(fillable: JobStore) -> None:
     """Redis full past the writer's patience: what was not written is dropped, a `Done` (which
     would hide the loss) is refused, and a failure is written alone while Redis stays full."""
-    server = EmbeddedRedis(tmp_path, persistent=False)
-    server.start()
-    client = Redis.from_url(server.url)
-    try:
-        store = JobStore(client, queue_name="full:queue", ttl_s=60)
-        job_id, _ = await _writer(store)
-        writer = EventWriter(store, job_id, 1, outage_grace_s=0.5, full_grace_s=0.5)
-        writer.emit(Delta(text="written "))
+    store, client = fillable, fillable.redis
+    job_id, _ = await _writer(store)
+    writer = EventWriter(store, job_id, 1, outage_grace_s=0.5, full_grace_s=0.5)
+    writer.emit(Delta(text="written "))
+    await writer.drain()
+    await client.config_set("maxmemory", 1)  # below what it holds: every write refused
+    writer.emit(Delta(text="never stored"))
+    with pytest.raises(OutOfMemoryError):
         await writer.drain()
-        await client.config_set("maxmemory-policy", "noeviction")
-        await client.config_set("maxmemory", 1)  # below what it holds: every write refused
-        writer.emit(Delta(text="never stored"))
-        with pytest.raises(OutOfMemoryError):
-            await writer.drain()
-        assert writer.no_room
-        record = stats.JobRecord(
-            job_id=job_id, request_id="req_1", worker_id="worker-1", outcome="", queue_wait_s=0, duration_s=1
-        )
-        end = AttemptEnd("worker-1", record, failures_kept=10)
-        with pytest.raises(OutOfMemoryError):
-            writer.finish(DONE, end)
-        failed = Failed(code=FailureCode.STORAGE_FULL, message="no room")
-        writer.finish(failed, end)
-        await asyncio.wait_for(writer.drain(), timeout=5)
-        assert await events_so_far(client, job_id) == [Delta(text="written "), failed]
-    finally:
-        await client.config_set("maxmemory", 0)
-        await client.aclose()
-        server.stop()
+    assert writer.no_room
+    record = stats.JobRecord(
+        job_id=job_id, request_id="req_1", worker_id="worker-1", outcome="", queue_wait_s=0, duration_s=1
+    )
+    end = AttemptEnd("worker-1", record, failures_kept=10)
+    with pytest.raises(OutOfMemoryError):
+        writer.finish(DONE, end)
+    failed = Failed(code=FailureCode.STORAGE_FULL, message="no room")
+    writer.finish(failed, end)
+    await asyncio.wait_for(writer.drain(), timeout=5)
+    assert await events_so_far(client, job_id) == [Delta(text="written "), failed]
 
 
-async def test_a_full_redis_takes_no_new_job_and_keeps_the_running_ones(tmp_path: Path) -> None:
+async def test_a_full_redis_takes_no_new_job_and_keeps_the_running_ones(fillable: JobStore) -> None:
     """Found by an outside probe: with Redis full, a job that takes one of its caller's slots was
     queued all the same (the script's first write, freeing expired slots, let the rest through),
     and the running jobs' leases could not be renewed, so they failed as worker_lost once the
     sweeps got through. Now nothing of a new job is written, leases are renewed, sweeps run, and
     a queued job can still be withdrawn."""
-    server = EmbeddedRedis(tmp_path, persistent=False)
-    server.start()
-    client = Redis.from_url(server.url)
-    try:
-        store = JobStore(client, queue_name="full:queue", ttl_s=60)
-        running, _ = await _writer(store)
-        queued = CompletionJob(request_id="req_2", model="m", turns=[Turn(role="user", text="hi")])
-        assert await store.create(queued, owner="test") is None
-        await client.config_set("maxmemory", 1)  # below what it holds: Redis is full
-        new = CompletionJob(request_id="req_3", model="m", turns=[Turn(role="user", text="hi")])
-        slot = JobSlot(holder="test", cap=4, lease_ms=60_000)
-        with pytest.raises(OutOfMemoryError):
-            await store.create(new, owner="test", slot=slot)
-        assert await client.exists(record_key(new.id), slots_key("test")) == 0
-        assert await store.renew(running, 1, lease_s=10) == "ok"
-        assert await store.recover_expired(max_attempts=3, lease_s=10) == []
-        # Its worker stays alive to status, metrics and placement (they lost every worker).
-        beat = Heartbeat(
-            id="w-1", host="h", pid=1, started=time.time(), beat=time.time(), slots=2, jobs=[running]
-        )
-        await heartbeats.beat(client, beat, ttl_s=10, load=True)
-        assert [worker.jobs for worker in await heartbeats.alive_workers(client)] == [[running]]
-        failure = Failed(code=FailureCode.QUEUE_TIMEOUT, message="No worker started the job.")
-        assert await store.stop(queued.id, withdraw_only=True, failure=failure) == "stopped"
-    finally:
-        await client.aclose()
-        server.stop()
+    store, client = fillable, fillable.redis
+    running, _ = await _writer(store)
+    queued = CompletionJob(request_id="req_2", model="m", turns=[Turn(role="user", text="hi")])
+    assert await store.create(queued, owner="test") is None
+    await client.config_set("maxmemory", 1)  # below what it holds: Redis is full
+    new = CompletionJob(request_id="req_3", model="m", turns=[Turn(role="user", text="hi")])
+    slot = JobSlot(holder="test", cap=4, lease_ms=60_000)
+    with pytest.raises(OutOfMemoryError):
+        await store.create(new, owner="test", slot=slot)
+    assert await client.exists(record_key(new.id), slots_key("test")) == 0
+    assert await store.renew(running, 1, lease_s=10) == "ok"
+    assert await store.recover_expired(max_attempts=3, lease_s=10) == []
+    # Its worker stays alive to status, metrics and placement (they lost every worker).
+    beat = Heartbeat(
+        id="w-1", host="h", pid=1, started=time.time(), beat=time.time(), slots=2, jobs=[running]
+    )
+    await heartbeats.beat(client, beat, ttl_s=10, load=True)
+    assert [worker.jobs for worker in await heartbeats.alive_workers(client)] == [[running]]
+    failure = Failed(code=FailureCode.QUEUE_TIMEOUT, message="No worker started the job.")
+    assert await store.stop(queued.id, withdraw_only=True, failure=failure) == "stopped"
 
 
 async def test_a_repeated_write_is_applied_once(redis: Redis, store: JobStore) -> None:
