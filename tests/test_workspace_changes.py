@@ -18,6 +18,7 @@ import pytest
 
 from shared.workspaces import Manifest, VersionWriter
 from worker.session_files import Held, scan, update
+from worker.workspace import removed
 from worker.workspace_changes import ChangeTracker, watch_budget
 
 LIMITS = (10_000_000, 1_000)
@@ -284,3 +285,40 @@ def test_random_turns_of_many_changes_are_found_from_the_names_alone(
         assert view(writer) == on_disk(work), f"turn {turn}"
         held = Held(writer.manifest(), *seen)
         assert held.manifest.total_bytes == sum(entry.bytes for entry in writer.files.values())  # kept
+
+
+def _deep(work: Path, top: str, depth: int) -> None:
+    """`top` in `work`, with a file `depth` folders below it (made by descriptors: no path is
+    that long)."""
+    fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    for name in [top, *["a"] * depth]:
+        os.mkdir(name, dir_fd=fd)
+        below = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = below
+    with os.fdopen(os.open("bottom", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "w") as file:
+        file.write("deep")
+    os.close(fd)
+
+
+def test_what_a_save_leaves_out_is_removed_at_any_depth(tmp_path: Path, tracker: ChangeTracker) -> None:
+    """Found by a re-check probe: a folder the save leaves out (its name holds a newline) with
+    3,000 folders in it made the removal recurse past Python's stack: a traceback, and the job
+    ended worker_lost. Removed on the first save (whole) and on a later one (its changes)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    try:
+        _deep(work, "bad\nfirst", 3000)
+        watch = functools.partial(tracker.watch, KEY)
+        tracker.start(KEY)
+        writer = VersionWriter(Manifest())
+        held = Held(writer.manifest(), *scan(work, Held(Manifest()), writer, *LIMITS, watch))
+        assert os.listdir(work) == []
+        _deep(work, "bad\nsecond", 3000)
+        changes = tracker.take(KEY)
+        assert changes is not None
+        update(work, held, changes, VersionWriter(held.manifest), *LIMITS, watch)
+        assert os.listdir(work) == []
+        assert os.listdir(tmp_path) == ["work"]  # nothing left beside it either
+    finally:
+        removed(tmp_path)  # pytest's own removal of old temporary folders recurses

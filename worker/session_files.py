@@ -22,9 +22,9 @@ import errno
 import functools
 import logging
 import os
-import shutil
 import stat
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
@@ -140,15 +140,30 @@ def _tree(root: Path) -> Iterator[_Tree]:
         tree.close()
 
 
-def _remove_unsaved(fd: int, name: str) -> None:
-    """Removes an entry the save leaves out, and all it holds: it would stay in the worker's copy
-    of the workspace for the session's next turns there, outside the limits (an outside probe kept
-    151 MiB past the 100 MiB, in each of up to 64 sessions per worker), and in no other copy."""
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
-            shutil.rmtree(name, dir_fd=fd)  # by descriptors, never following a link
-        else:
+def _remove_unsaved(fd: int, name: str, work: Path) -> None:
+    """Removes what the save leaves out (`name` in the folder open at `fd`, in `work`), and all it
+    holds: it would stay in the worker's copy of the workspace for the session's next turns there,
+    outside the limits (an outside probe kept 151 MiB past the 100 MiB, in each of up to 64
+    sessions per worker), and in no other copy. A folder is moved out of the workspace first, by
+    descriptors (no link on the way is followed), then removed where no name is the agent's, at
+    any depth and with folders the agent made read-only (`removed`). Raises `OSError` if it stays
+    (the save fails)."""
+    try:
+        if not stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
             os.unlink(name, dir_fd=fd)
+            return
+        os.close(_open(name, _DIR, fd))  # writable to its owner: a folder's move rewrites its `..`
+    except FileNotFoundError:
+        return
+    apart = work.with_name(f"{work.name}.unsaved-{uuid.uuid4().hex[:8]}")
+    parent = os.open(work.parent, _DIR)
+    try:
+        os.rename(name, apart.name, src_dir_fd=fd, dst_dir_fd=parent)
+    finally:
+        os.close(parent)
+    removed(apart)
+    if os.path.lexists(apart):
+        raise OSError(errno.ENOTEMPTY, "what the save leaves out could not be removed")
 
 
 def _valid(path: str) -> bool:
@@ -170,10 +185,10 @@ class _Scan:
     """
 
     def __init__(
-        self, held: Held, writer: VersionWriter, max_bytes: int, max_files: int, *, whole: bool
+        self, work: Path, held: Held, writer: VersionWriter, max_bytes: int, max_files: int, *, whole: bool
     ) -> None:
         """`whole`: every file will be looked at (else only those changed)."""
-        self.held, self.writer = held, writer
+        self.work, self.held, self.writer = work, held, writer
         self.max_bytes, self.max_files = max_bytes, max_files
         self.stamps = {} if whole else dict(held.stamps)
         self.linked = set() if whole else set(held.linked)
@@ -191,7 +206,7 @@ class _Scan:
             for entry in entries:
                 path = prefix + entry.name
                 if path not in self.held.stamps and not _valid(path):  # new since the last save
-                    _remove_unsaved(fd, entry.name)
+                    _remove_unsaved(fd, entry.name, self.work)
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     sub = _open(entry.name, _DIR, fd)
@@ -208,7 +223,7 @@ class _Scan:
                     check_limits(1, st.st_size, self.max_bytes, self.max_files)
                     self.file(fd, entry.name, path, st)
                 else:
-                    _remove_unsaved(fd, entry.name)
+                    _remove_unsaved(fd, entry.name, self.work)
                     continue
                 count, total = count + more, total + size
                 kept += 1 if entry.is_dir(follow_symlinks=False) else more  # a folder in it is kept
@@ -297,7 +312,7 @@ def scan(
     work: Path, held: Held, writer: VersionWriter, max_bytes: int, max_files: int, watch: Watch | None = None
 ) -> Seen:
     """Fills `writer` with every file and link in the directory; `watch`es every folder."""
-    walk = _Scan(held, writer, max_bytes, max_files, whole=True)
+    walk = _Scan(work, held, writer, max_bytes, max_files, whole=True)
     writer.links.clear()
     writer.folders.clear()
     with _tree(work) as tree:
@@ -317,7 +332,7 @@ def update(
     watch: Watch,
 ) -> Seen:
     """Brings `writer` up to the directory where `changes` say it may differ from `held`."""
-    walk = _Scan(held, writer, max_bytes, max_files, whole=False)
+    walk = _Scan(work, held, writer, max_bytes, max_files, whole=False)
     new = sorted(filter(_valid, changes.folders))
     walk.forget_under((*changes.gone, *new))
     inside_new = tuple(f"{folder}/" for folder in new)
@@ -331,8 +346,11 @@ def update(
             for depth in range(1, len(parts) + 1):
                 if not _valid(outer := "/".join(parts[:depth])):
                     parent, _, name = outer.rpartition("/")
-                    with contextlib.suppress(OSError):  # gone since, or under a link: not followed
-                        _remove_unsaved(tree.dir(parent), name)
+                    try:
+                        fd = tree.dir(parent)
+                    except OSError:  # gone since, or a link now: nothing of the workspace's there
+                        return
+                    _remove_unsaved(fd, name, work)
                     return
 
         def look(path: str) -> None:
@@ -366,7 +384,7 @@ def update(
                 inside_new += (f"{path}/",)
             else:
                 walk.forget(path)
-                _remove_unsaved(fd, name)
+                _remove_unsaved(fd, name, work)
 
         def find_new_folders() -> None:
             for folder in new:
