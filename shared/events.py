@@ -56,8 +56,9 @@ class EventWriter:
     its lease, and its output waits for room as long as the job may run (writes are idempotent).
     A write that gave up is surfaced once (by the next `emit`) and kept: the attempt's end, written
     next, carries it, and waits for Redis up to `end_grace_s` (the job then ends with what
-    happened, not as a lost worker's). Output that found no room is dropped instead (`no_room`):
-    the end, a failure saying so, is then written alone in the room Redis keeps for bookkeeping.
+    happened, not as a lost worker's). Output that found no room (past `full_grace_s`, or once the
+    attempt ends in a failure) is dropped instead (`no_room`): the end, a failure, is then written
+    alone in the room Redis keeps for bookkeeping.
     """
 
     LINGER_S = 0.010
@@ -208,7 +209,9 @@ class EventWriter:
                 )
                 break
             except OutOfMemoryError:
-                if time.monotonic() > full_give_up:
+                # A failure ending the attempt (a cancel, a timeout) waits for no room: its end goes
+                # out alone at once (a re-check probe's cancel held its slot for JOB_TIMEOUT_S).
+                if time.monotonic() > full_give_up or isinstance(self.terminal, Failed):
                     self.no_room = True
                     raise
                 await asyncio.sleep(0.5)

@@ -901,6 +901,39 @@ def test_a_job_whose_output_finds_no_room_ends_storage_full(
     assert after.json()["choices"][0]["message"]["content"] == "back"
 
 
+def test_a_job_cancelled_while_redis_is_full_ends_cancelled_at_once(
+    own_redis: EmbeddedRedis, start_gateway: Any
+) -> None:
+    """Found by a re-check probe: a cancel while the job's output waited for room in a full Redis
+    answered "in_progress" after its 5 s wait; the job held its slot until JOB_TIMEOUT_S, then
+    ended `storage_full`. A failure ending the attempt now waits for no room."""
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", redis_url=own_redis.url, JOB_TIMEOUT_S="60", **FAST_LEASES
+    )
+    client = gateway.redis()
+    body = chat(script(text=words(300), delay_ms=20), stream=True)
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=10) as response:
+        lines = response.iter_lines()
+        for _, data in sse_events(lines):
+            if content_of(data):
+                completion_id = json.loads(data)["id"]
+                break
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)  # below what it holds: every write needing room is refused
+        try:
+            time.sleep(1)  # the job's output waits for room
+            asked = time.monotonic()
+            cancelled = httpx.post(f"{gateway.url}/v1/chat/completions/{completion_id}/cancel", timeout=10)
+            took = time.monotonic() - asked
+            rest = [json.loads(data) for _, data in sse_events(lines) if data != "[DONE]"]
+            errors = [chunk["error"] for chunk in rest if "error" in chunk]
+        finally:
+            client.config_set("maxmemory", 0)
+    assert cancelled.json()["status"] == "cancelled", cancelled.text
+    assert took < 4, took  # not the cancel's whole wait (5 s)
+    assert [error["code"] for error in errors] == ["cancelled"], errors
+
+
 _PLAIN_FRONT_ENDS = {
     "chat": (
         "/v1/chat/completions",

@@ -103,8 +103,8 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> bool
 
             try:
                 await end(terminal)
-            except OutOfMemoryError:  # its output found no room: the end says so, written alone
-                terminal = _no_room(settings)
+            except OutOfMemoryError:  # its output found no room: its end goes alone, a failure
+                terminal = terminal if isinstance(terminal, Failed) else _no_room(settings)
                 await end(terminal)
             finished = True
             outcome = "completed" if isinstance(terminal, Done) else terminal.code.value
