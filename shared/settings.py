@@ -250,6 +250,10 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     recent_failures_kept: int = Field(default=100, ge=1, description="Failed jobs `status` can show.")
 
+    def queue_timeout(self, *, background: bool) -> float:
+        """How long a job may wait for a worker: a background one longer, as no request waits."""
+        return self.background_queue_timeout_s if background else self.queue_timeout_s
+
     @property
     def heartbeat_ttl_s(self) -> float:
         return self.heartbeat_interval_s * self.heartbeat_ttl_factor

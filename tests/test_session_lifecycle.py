@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from api.deps import ANONYMOUS
 from shared import sessions
 from shared.keys import session_lock_key
 from tests.conftest import Gateway, chat
@@ -115,3 +116,22 @@ def test_a_job_no_worker_starts_releases_its_session(start_gateway: Any) -> None
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "queue_timeout"
     assert not workerless.redis().keys(f"*{sid}*")  # no lock left behind, no session created
+
+
+def test_a_background_turn_holds_its_session_as_long_as_it_may_wait_and_run(start_gateway: Any) -> None:
+    """Found by an outside probe: a background turn's lock was held for a plain turn's queue
+    timeout; the turn waited longer, a second turn was let in, and the first one's reply was
+    thrown away once it ran."""
+    workerless: Gateway = start_gateway(
+        workers=0,
+        BACKEND="scripted",
+        QUEUE_TIMEOUT_S="5",
+        BACKGROUND_QUEUE_TIMEOUT_S="500",
+        JOB_TIMEOUT_S="10",
+    )
+    sid = f"background-{uuid.uuid4().hex[:8]}"
+    queued = _post(workerless, chat("hi", session_id=sid, background=True))
+    assert queued.status_code == 200, queued.text
+    held_ms = workerless.redis().pttl(session_lock_key(sessions.owner_of(ANONYMOUS), sid))
+    assert held_ms > 510_000, held_ms  # its queue timeout and its time limit, not 5 + 10 s
+    assert _post(workerless, chat("again", session_id=sid)).status_code == 409

@@ -75,15 +75,25 @@ def new_turns(history_len: int, head: list[Turn], turns: list[Turn]) -> list[Tur
 
 
 async def attach(
-    redis: Redis, settings: Settings, key_id: str, session_id: str, job: CompletionJob, ledger: str | None
+    redis: Redis,
+    settings: Settings,
+    key_id: str,
+    session_id: str,
+    job: CompletionJob,
+    ledger: str | None,
+    *,
+    background: bool,
 ) -> CompletionJob:
     """Takes the session for `job` and returns the job with the turns new to the session, whose
     count in its key's `ledger` lives as long as the session now does.
 
-    Raises 409 if another request is using the session. On any error the lock is released.
+    Held as long as the job may wait and run: a background turn's lock, held for a plain one's
+    queue timeout, ran out while it waited (an outside probe: a second turn was let in, and the
+    first one's reply thrown away). Raises 409 if another request is using the session. On any
+    error the lock is released.
     """
     owner = sessions.owner_of(key_id)
-    hold_s = settings.queue_timeout_s + settings.job_timeout_s + _LOCK_GRACE_S
+    hold_s = settings.queue_timeout(background=background) + settings.job_timeout_s + _LOCK_GRACE_S
     if not await sessions.lock(redis, owner, session_id, job.id, hold_s):
         raise OpenAIError(
             409,

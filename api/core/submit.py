@@ -112,8 +112,9 @@ async def submit(
     if idempotency is not None and (earlier := await _earlier(idempotency, gateway, caller)) is not None:
         return Run(gateway, [earlier], request.background, response_format, reasoning, rejoinable=rejoinable)
     if session_id is not None:
+        ledger = stored_ledger(gateway, http)
         job = await attach(
-            gateway.redis, settings, caller.key_id, session_id, job, stored_ledger(gateway, http)
+            gateway.redis, settings, caller.key_id, session_id, job, ledger, background=request.background
         )
     try:
         if companion is not None:
@@ -215,7 +216,7 @@ async def _queue(
     longer one, as no request waits on it); with an `Idempotency-Key` seen before, returns that
     key's job instead and queues nothing."""
     settings = gateway.settings
-    queue_timeout_s = settings.background_queue_timeout_s if background else settings.queue_timeout_s
+    queue_timeout_s = settings.queue_timeout(background=background)
     slot = job_slot(gateway, http)
     key = (idempotency.key, idempotency.fingerprint) if idempotency is not None else None
     for _ in range(2):  # a second time once a gone job's key is released
