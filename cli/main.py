@@ -12,7 +12,6 @@ import argparse
 import fcntl
 import logging
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -21,21 +20,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING
 
-from pydantic import ValidationError
-from pydantic_core import ErrorDetails
-from pydantic_settings import SettingsError
-
 from cli import add_commands, keys
 from cli import children as children_env
 from cli.reach import wait_for_redis
 from shared.logs import configure_logging
-from shared.settings import Settings
+from shared.settings import Settings, configured
 from worker.environment import forbid_inspection
 
 if TYPE_CHECKING:
@@ -121,20 +115,27 @@ def run_worker(settings: Settings) -> None:
     from worker.main import run_worker as run
 
     redis_url = _require_redis_url(settings, "worker")
-    try:  # a mistake of this machine's is said before Redis is waited for
+    _check_workspace_root(settings, "worker")  # a mistake of this machine's, before Redis is waited for
+    wait_for_redis(redis_url, "worker")  # one line if it never answers, not a traceback
+    run(settings, redis_url)
+
+
+def _check_workspace_root(settings: Settings, role: str) -> None:
+    """Exits with one line unless the workers can make their folders in `WORKSPACE_ROOT`."""
+    try:
         settings.workspace_root.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryDirectory(dir=settings.workspace_root).cleanup()  # it takes writes
     except OSError as exc:
         root = settings.workspace_root
-        sys.exit(f"claude-gateway worker: cannot use WORKSPACE_ROOT={root} ({exc.strerror})")
-    wait_for_redis(redis_url, "worker")  # one line if it never answers, not a traceback
-    run(settings, redis_url)
+        sys.exit(f"claude-gateway {role}: cannot use WORKSPACE_ROOT={root} ({exc.strerror})")
 
 
 def run_up(settings: Settings) -> None:
     from cli.embedded_redis import EmbeddedRedis, RedisStartError
     from cli.supervisor import Child, Supervisor
 
+    if settings.port == 0:  # each API process would take a port of its own, and none be said
+        sys.exit("claude-gateway up: PORT=0 picks no one port for its API processes; choose one")
     # Shared by SO_REUSEPORT, the port would also take in the API processes of another gateway
     # started on it by mistake: it must be free now.
     _listener(settings.host, settings.port).close()
@@ -144,6 +145,8 @@ def run_up(settings: Settings) -> None:
     counters = settings.state_dir / "api-metrics"
     if settings.api_processes > 1:
         _state_folder(counters, fresh=True)
+    # Said once here: the workers would each exit on it, restarted by `up` for good (an outside probe).
+    _check_workspace_root(settings, "up")
     embedded = None
     redis_url = settings.redis_url
     children: list[Child] = []
@@ -162,6 +165,8 @@ def run_up(settings: Settings) -> None:
         children.append(Child("redis", lambda: _restarted(embedded)))
         assert embedded.process is not None
         children[0].process, children[0].started = embedded.process, time.monotonic()
+    if embedded is None:  # one line if it never answers (a wrong password is not retried for good)
+        wait_for_redis(redis_url, "up")
     try:
         keys.ensure_protected(settings, redis_url)  # here, where the terminal is, not in the children
     except SystemExit:  # refused to start: nothing of this start stays behind
@@ -286,24 +291,6 @@ def _private_redis_password(data_dir: Path) -> str:
     return password
 
 
-def _problem(error: ErrorDetails) -> str:
-    """One invalid setting, as `NAME: what is wrong` (a rule over several: what is wrong)."""
-    message = error["msg"].removeprefix("Value error, ")
-    return f"{'.'.join(map(str, error['loc'])).upper()}: {message}" if error["loc"] else message
-
-
-def _not_json(exc: SettingsError) -> str:
-    """pydantic-settings' 'error parsing value for field "models" from source ...' as the variable
-    and what it takes."""
-    found = re.search(r'field "(\w+)"', str(exc))
-    if found is None or found.group(1) not in Settings.model_fields:
-        return str(exc)
-    name = found.group(1)
-    kind = "list" if typing.get_origin(Settings.model_fields[name].annotation) is list else "mapping"
-    example = '["a", "b"]' if kind == "list" else '{"a": "b"}'
-    return f"{name.upper()}: must be a JSON {kind}, such as {example}"
-
-
 def _seconds(value: str) -> float:
     seconds = float(value)
     if not seconds > 0:  # 0 or less refreshed without a pause, a query of Redis each time
@@ -330,13 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     keys.add_parser(roles)
     args = parser.parse_args(argv)
-    try:
-        settings = Settings()
-    except ValidationError as exc:  # a clear message, not a traceback (values are not echoed)
-        problems = "; ".join(_problem(error) for error in exc.errors())
-        sys.exit(f"invalid configuration: {problems}")
-    except SettingsError as exc:  # a list or mapping setting that is not JSON
-        sys.exit(f"invalid configuration: {_not_json(exc)}")
+    settings = configured()
     configure_logging(settings)
     if args.role == "status":
         from cli.status import run_status

@@ -6,8 +6,11 @@ Both processes build one `Settings()` at start-up and pass it down; nothing else
 
 import ipaddress
 import re
+import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -15,20 +18,27 @@ from pydantic import (
     Field,
     SecretStr,
     StringConstraints,
+    ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from shared.agent import Effort, PermissionMode
 from shared.mcp import NAME_PATTERN, RESERVED, McpServer
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+_LONGEST_S = 10 * 365 * 24 * 3600  # any duration setting (`..._S`)
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        env_ignore_empty=True,
+        allow_inf_nan=False,  # `inf` passed as a duration, then overflowed at runtime (an outside probe)
     )
 
     # --- Redis: queue, event streams, wake-ups ---------------------------------------------
@@ -51,6 +61,10 @@ class Settings(BaseSettings):
         """Said at start: another scheme failed every process as if Redis were down, for good."""
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("use redis://host:port/db, rediss:// (TLS) or unix:///path")
+        # The CLI took `/x` for database 0, the API and workers failed on it (an outside probe).
+        db = urlsplit(value).path.strip("/") if value is not None and not value.startswith("unix://") else ""
+        if db and not db.isdigit():
+            raise ValueError(f"the database must be a number, not {db!r}")
         return value
 
     # --- API ------------------------------------------------------------------------------
@@ -419,6 +433,7 @@ class Settings(BaseSettings):
     )
     claude_permission_modes: list[PermissionMode] = Field(
         default=["default", "dontAsk", "acceptEdits", "plan"],
+        min_length=1,
         description="Permission modes a request may choose; the first is used when it chooses none.",
     )
     claude_max_effort: Effort = Field(
@@ -480,6 +495,28 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _durations_that_fit(self) -> "Settings":
+        # Durations become Redis expiries and deadlines in ms: EVENT_TTL_S=1e16 passed, then failed
+        # every request with a 500 (an outside probe).
+        for name, value in self:
+            if name.endswith("_s") and isinstance(value, int | float) and value > _LONGEST_S:
+                raise ValueError(f"{name.upper()} ({value:g} s) is over ten years")
+        return self
+
+    @model_validator(mode="after")
+    def _aliases_of_served_models(self) -> "Settings":
+        # An alias of a model not served ran jobs with it although MODEL_PASS_THROUGH is off.
+        if "model_aliases" in self.model_fields_set and not (
+            self.model_pass_through or self.models_from_upstream
+        ):
+            for alias, target in self.model_aliases.items():
+                if target not in self.models:
+                    raise ValueError(
+                        f"MODEL_ALIASES maps {alias!r} to {target!r}, which MODELS does not serve"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _leases_renewed_in_time(self) -> "Settings":
         # A sweep that finds none in half a lease takes it for a Redis outage (`recover_expired`).
         if self.lease_renew_s >= self.lease_s / 2:
@@ -502,3 +539,32 @@ class Settings(BaseSettings):
     max_choices: int = Field(
         default=8, ge=1, description="Most `n` a chat request may ask for (each choice is one job)."
     )
+
+
+def configured() -> Settings:
+    """The settings from the environment (and `.env`); an invalid one exits the process with one
+    line naming it, never a traceback, and never its value (it may be a secret)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        sys.exit(f"invalid configuration: {'; '.join(map(_problem, exc.errors()))}")
+    except SettingsError as exc:  # a list or mapping setting that is not JSON
+        sys.exit(f"invalid configuration: {_not_json(exc)}")
+
+
+def _problem(error: ErrorDetails) -> str:
+    """One invalid setting, as `NAME: what is wrong` (a rule over several: what is wrong)."""
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(map(str, error['loc'])).upper()}: {message}" if error["loc"] else message
+
+
+def _not_json(exc: SettingsError) -> str:
+    """pydantic-settings' 'error parsing value for field "models" from source ...' as the variable
+    and what it takes."""
+    found = re.search(r'field "(\w+)"', str(exc))
+    if found is None or found.group(1) not in Settings.model_fields:
+        return str(exc)
+    name = found.group(1)
+    kind = "list" if typing.get_origin(Settings.model_fields[name].annotation) is list else "mapping"
+    example = '["a", "b"]' if kind == "list" else '{"a": "b"}'
+    return f"{name.upper()}: must be a JSON {kind}, such as {example}"

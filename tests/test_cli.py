@@ -131,6 +131,36 @@ def test_the_private_redis_keeps_to_the_binary_that_wrote_its_data(tmp_path: Pat
             ["worker"],
             "invalid configuration: LEASE_RENEW_S (5) must be under half of LEASE_S (1)",
         ),
+        # Found by an outside probe: each of these started, then failed at runtime (every request a
+        # 500, a worker never alive, a traceback), or the CLI used another database than the rest.
+        (
+            {"EVENT_TTL_S": "10000000000000000"},
+            ["api"],
+            "invalid configuration: EVENT_TTL_S (1e+16 s) is over",
+        ),
+        (
+            {"HEARTBEAT_INTERVAL_S": "inf"},
+            ["worker"],
+            "invalid configuration: HEARTBEAT_INTERVAL_S: Input should be a finite",
+        ),
+        (
+            {"REDIS_URL": "redis://:pw@127.0.0.1:1/x"},
+            ["keys", "list"],
+            "REDIS_URL: the database must be a number",
+        ),
+        ({"CLAUDE_PERMISSION_MODES": "[]"}, ["api"], "CLAUDE_PERMISSION_MODES: List should have at least 1"),
+        (
+            {"MODEL_ALIASES": '{"x": "nope"}'},
+            ["api"],
+            "MODEL_ALIASES maps 'x' to 'nope', which MODELS does not serve",
+        ),
+        ({"PORT": "0"}, ["up"], "claude-gateway up: PORT=0 picks no one port"),
+        ({"REDIS_URL": "redis://127.0.0.1:1/0"}, ["up"], "claude-gateway up: cannot reach Redis"),
+        (
+            {"WORKSPACE_ROOT": "/proc/sys/gateway"},
+            ["up"],
+            "claude-gateway up: cannot use WORKSPACE_ROOT=/proc/sys/gateway",
+        ),
     ],
 )
 def test_an_operators_mistake_is_one_line_not_a_traceback(

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.heartbeats import alive_workers
-from shared.settings import Settings
+from shared.settings import configured
 
 
 async def _alive_here(redis_url: str, host: str) -> bool:
@@ -26,7 +26,7 @@ async def _alive_here(redis_url: str, host: str) -> bool:
 
 
 def main() -> None:
-    settings = Settings()
+    settings = configured()
     if settings.redis_url is None:
         sys.exit("REDIS_URL is not set")
     host = socket.gethostname()
