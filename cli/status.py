@@ -107,8 +107,15 @@ async def _status(settings: Settings, redis_url: str, *, as_json: bool, watch_s:
     redis = cli_redis(redis_url)
     try:
         while not interrupted.is_set():
-            snapshot = await take_snapshot(redis, settings.queue_name)
-            text = snapshot.model_dump_json() if as_json else render(snapshot)
+            try:
+                snapshot = await take_snapshot(redis, settings.queue_name)
+                text = snapshot.model_dump_json() if as_json else render(snapshot)
+            except (OSError, RedisError) as exc:
+                if watch_s is None:
+                    raise
+                # A frame of its own: the watch goes on through the outage it should show (an
+                # outside probe's ended at the first error).
+                text = f"{time.strftime('%H:%M:%S')}  {redis_problem('status', exc)}"
             if watch_s is not None and not as_json and sys.stdout.isatty():
                 sys.stdout.write("\033[H\033[2J")  # clear the screen between frames
             print(text, flush=True)

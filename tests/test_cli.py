@@ -241,3 +241,23 @@ def test_keys_against_a_frozen_redis_fail_in_seconds(tmp_path: Path) -> None:
         frozen.stop()
     assert done.returncode != 0
     assert "claude-gateway keys: cannot reach Redis" in done.stderr, done.stderr
+
+
+def test_a_status_watch_goes_on_through_a_redis_outage(tmp_path: Path) -> None:
+    """Found by an outside probe: `status --watch` exited at the first error, when the operator
+    needed it most. Each refresh that cannot reach Redis is a frame saying so."""
+    env = {**os.environ, "STATE_DIR": str(tmp_path), "REDIS_URL": "redis://127.0.0.1:1/0"}
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "status", "--watch", "0.2"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)
+    assert watch.poll() is None, watch.communicate()
+    watch.send_signal(signal.SIGINT)
+    out, _ = watch.communicate(timeout=10)
+    assert out.count("cannot reach Redis") >= 2, out
