@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from cli import add_commands, keys
 from cli import children as children_env
@@ -67,6 +68,7 @@ def run_api(settings: Settings) -> None:
 
     redis_url = _require_redis_url(settings, "api")
     keys.configured_keys(settings)  # a mistake in them is said before Redis is waited for
+    _check_folders("api", _store_folder(settings))  # the files API's
     wait_for_redis(redis_url, "api")
     if settings.api_shared_port and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         logging.getLogger("gateway.api").warning(
@@ -115,19 +117,30 @@ def run_worker(settings: Settings) -> None:
     from worker.main import run_worker as run
 
     redis_url = _require_redis_url(settings, "worker")
-    _check_workspace_root(settings, "worker")  # a mistake of this machine's, before Redis is waited for
+    # A mistake of this machine's, before Redis is waited for.
+    _check_folders("worker", {"WORKSPACE_ROOT": settings.workspace_root, **_store_folder(settings)})
     wait_for_redis(redis_url, "worker")  # one line if it never answers, not a traceback
     run(settings, redis_url)
 
 
-def _check_workspace_root(settings: Settings, role: str) -> None:
-    """Exits with one line unless the workers can make their folders in `WORKSPACE_ROOT`."""
-    try:
-        settings.workspace_root.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryDirectory(dir=settings.workspace_root).cleanup()  # it takes writes
-    except OSError as exc:
-        root = settings.workspace_root
-        sys.exit(f"claude-gateway {role}: cannot use WORKSPACE_ROOT={root} ({exc.strerror})")
+def _check_folders(role: str, folders: dict[str, Path]) -> None:
+    """Exits with one line unless each setting's folder takes writes (an outside probe: workers
+    restarted for good on a WORKSPACE_ROOT they could not use, and with a WORKSPACE_STORE folder
+    they could not use every session turn failed while /ready said ready)."""
+    for name, folder in folders.items():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryDirectory(dir=folder).cleanup()
+        except OSError as exc:
+            sys.exit(f"claude-gateway {role}: cannot use {name}={folder} ({exc.strerror})")
+
+
+def _store_folder(settings: Settings) -> dict[str, Path]:
+    """A `file://` WORKSPACE_STORE's folder (an S3 store is checked at its first use)."""
+    url = settings.workspace_store
+    if url is None or not url.startswith("file://"):
+        return {}
+    return {"WORKSPACE_STORE": Path(os.path.expanduser(urlsplit(url).path))}
 
 
 def run_up(settings: Settings) -> None:
@@ -146,7 +159,7 @@ def run_up(settings: Settings) -> None:
     if settings.api_processes > 1:
         _state_folder(counters, fresh=True)
     # Said once here: the workers would each exit on it, restarted by `up` for good (an outside probe).
-    _check_workspace_root(settings, "up")
+    _check_folders("up", {"WORKSPACE_ROOT": settings.workspace_root, **_store_folder(settings)})
     embedded = None
     redis_url = settings.redis_url
     children: list[Child] = []

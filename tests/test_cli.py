@@ -161,6 +161,16 @@ def test_the_private_redis_keeps_to_the_binary_that_wrote_its_data(tmp_path: Pat
             ["up"],
             "claude-gateway up: cannot use WORKSPACE_ROOT=/proc/sys/gateway",
         ),
+        (
+            {"WORKSPACE_STORE": "file:///proc/nope"},
+            ["up"],
+            "claude-gateway up: cannot use WORKSPACE_STORE=/proc/nope",
+        ),
+        (
+            {"REDIS_URL": "redis://127.0.0.1:1/0", "WORKSPACE_STORE": "file:///proc/nope"},
+            ["api"],
+            "claude-gateway api: cannot use WORKSPACE_STORE=/proc/nope",
+        ),
     ],
 )
 def test_an_operators_mistake_is_one_line_not_a_traceback(
