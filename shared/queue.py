@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.connection import HiredisRespSerializer
 
 RUN_COMPLETION = "run_completion"
@@ -44,8 +44,27 @@ async def connect(redis_url: str, queue_name: str, *, reply_timeout_s: float | N
     )
     # arq has no setting for it; the connections made from here on have it (`pack_in_c` resets).
     pool.connection_pool.connection_kwargs["socket_timeout"] = reply_timeout_s
+    if type(pool.connection_pool) is ConnectionPool:
+        pool.connection_pool.__class__ = _ConnectingApart
     await pack_in_c(pool)
     return pool
+
+
+class _ConnectingApart(ConnectionPool):
+    """redis-py's pool, but a connection is made (its handshake awaited) outside the pool's lock:
+    with Redis frozen, each handshake waited out the reply timeout holding it, and the requests of
+    an API process got their 503s one reply timeout after another (5, 10, ... 35 s: an outside
+    probe)."""
+
+    async def get_connection(self, *_: Any, **__: Any) -> AbstractConnection:
+        async with self._lock:
+            connection: AbstractConnection = self.get_available_connection()  # type: ignore[no-untyped-call]
+        try:
+            await self.ensure_connection(connection)
+        except BaseException:
+            await self.release(connection)
+            raise
+        return connection
 
 
 class _HiredisPacking:

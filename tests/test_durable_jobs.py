@@ -5,6 +5,7 @@ Gateways here run short leases (`LEASE_S=2`, renewed every 0.5 s), so a lost wor
 within about 3 s.
 """
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -620,6 +621,30 @@ def test_a_frozen_redis_gets_requests_a_503_not_a_hang(own_redis: EmbeddedRedis,
         assert frozen.json()["error"]["code"] == "access_control_unavailable"
 
     _streams_through(gateway, freeze)
+
+
+def test_requests_that_find_redis_frozen_get_their_503s_together(
+    own_redis: EmbeddedRedis, start_gateway: Any
+) -> None:
+    """Found by an outside probe: with Redis frozen, the requests of one API process got their
+    503s one reply timeout after another (5, 10, ... 35 s): each new connection's handshake waited
+    out the timeout holding the connection pool's lock."""
+    gateway: Gateway = start_gateway(
+        workers=0, BACKEND="scripted", redis_url=own_redis.url, REDIS_REPLY_TIMEOUT_S="1"
+    )
+    assert httpx.get(f"{gateway.url}/v1/models", timeout=10).status_code == 200
+    server = own_redis.process
+    assert server is not None
+    server.send_signal(signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            started = time.monotonic()
+            answers = list(pool.map(lambda _: httpx.get(f"{gateway.url}/v1/models", timeout=60), range(8)))
+            took = time.monotonic() - started
+    finally:
+        server.send_signal(signal.SIGCONT)
+    assert {answer.status_code for answer in answers} == {503}
+    assert took < 5, took  # a few reply timeouts (1 s) at most, not one per request
 
 
 @pytest.mark.parametrize("stream", [False, True])
