@@ -612,7 +612,12 @@ class SessionFiles:
             try:
                 await workspaces.sweep(self.store, self.redis, self.settings.session_ttl_s)
                 await self._forget_ended()
-            except Exception:  # a store or Redis outage: the next round tries again
+            except (
+                RedisError,
+                OSError,
+            ) as exc:  # an outage of Redis or the store: the next round tries again
+                log.warning("workspace sweep failed (%s); retrying", type(exc).__name__)
+            except Exception:
                 log.exception("workspace sweep failed; retrying")
             await asyncio.sleep(interval)
 
