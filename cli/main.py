@@ -44,7 +44,7 @@ def _found_redis_url(settings: Settings, role: str) -> str:
     """`REDIS_URL`, else the private Redis of a running `claude-gateway up` on this machine."""
     private = settings.state_dir / "redis" / PRIVATE_REDIS_URL_FILE
     if settings.redis_url is None:
-        if private.is_file():
+        if private.is_file() and _up_runs(settings.state_dir):  # an `up` killed left its file behind
             return private.read_text().strip()
         sys.exit(
             f"claude-gateway {role}: set REDIS_URL; no `claude-gateway up` runs with its state in "
@@ -237,6 +237,18 @@ def run_up(settings: Settings) -> None:
         if embedded is not None:
             (embedded.data_dir / PRIVATE_REDIS_URL_FILE).unlink(missing_ok=True)
         held.close()  # everything of it is stopped: the folder is free for another `up`
+
+
+def _up_runs(state_dir: Path) -> bool:
+    """Whether an `up` holds the state folder (`_hold`)."""
+    try:
+        with (state_dir / "up.lock").open("r") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file: no `up` ever ran there
+        return False
+    return False
 
 
 def _hold(state_dir: Path) -> IO[str]:

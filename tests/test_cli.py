@@ -271,3 +271,22 @@ def test_a_status_watch_goes_on_through_a_redis_outage(tmp_path: Path) -> None:
     watch.send_signal(signal.SIGINT)
     out, _ = watch.communicate(timeout=10)
     assert out.count("cannot reach Redis") >= 2, out
+
+
+def test_the_redis_of_an_up_that_was_killed_is_not_looked_for(tmp_path: Path) -> None:
+    """Found by an outside probe: after `up` was killed (kill -9), its private Redis's URL file
+    stayed, and `status` said it could not reach that Redis, not that no `up` runs."""
+    (tmp_path / "redis").mkdir()
+    (tmp_path / "redis" / "url").write_text("redis://127.0.0.1:1/0")
+    (tmp_path / "up.lock").touch()  # no `up` holds it
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "status"],
+        cwd=ROOT,
+        env={**env, "STATE_DIR": str(tmp_path)},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "no `claude-gateway up` runs with its state in" in done.stderr, done.stderr
