@@ -471,10 +471,7 @@ def test_kill_9_after_output_ends_the_stream_with_an_error_within_seconds(start_
     body = chat(script(text=words(1000), delay_ms=20), stream=True)
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()
-        for _, data in sse_events(lines):
-            if content_of(data):
-                completion_id = json.loads(data)["id"]
-                break
+        completion_id = id_at_first_content(lines)
         worker_running(gateway, job_id_of(completion_id)).send_signal(signal.SIGKILL)
         killed = time.monotonic()
         rest = [data for _, data in sse_events(lines)]
@@ -535,6 +532,14 @@ def own_redis(tmp_path: Any) -> Iterator[EmbeddedRedis]:
     server.start()
     yield server
     server.stop()
+
+
+def id_at_first_content(lines: Iterator[str]) -> str:
+    """Reads a chat completion's stream up to its first content; the completion's id."""
+    for _, data in sse_events(lines):
+        if content_of(data):
+            return str(json.loads(data)["id"])
+    raise AssertionError("the stream ended without content")
 
 
 def _streams_through(gateway: Gateway, trouble: Callable[[], None]) -> None:
@@ -797,10 +802,7 @@ def test_cancel_mid_run_leaves_no_cli_process(claude: Gateway, upstream: FakeAnt
     body = chat("count slowly", stream=True)
     with httpx.stream("POST", f"{claude.url}/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
-        for _, data in sse_events(lines):
-            if content_of(data):
-                completion_id = json.loads(data)["id"]
-                break
+        completion_id = id_at_first_content(lines)
         assert _cli_processes(claude), "the CLI runs while the job streams"
         httpx.post(f"{claude.url}/v1/chat/completions/{completion_id}/cancel", timeout=10)
         rest = [data for _, data in sse_events(lines)]
@@ -829,10 +831,7 @@ def test_a_lost_worker_frees_its_sessions_lock(start_gateway: Any) -> None:
     assert httpx.post(url, json=chat("first", session_id="s1"), timeout=10).status_code == 200
     body = chat(script(text=words(1000), delay_ms=20), stream=True, session_id="s1")
     with httpx.stream("POST", url, json=body, timeout=30) as response:
-        for _, data in sse_events(response.iter_lines()):
-            if content_of(data):
-                completion_id = json.loads(data)["id"]
-                break
+        completion_id = id_at_first_content(response.iter_lines())
         worker_running(gateway, job_id_of(completion_id)).send_signal(signal.SIGKILL)
         busy = httpx.post(url, json=chat("meanwhile", session_id="s1"), timeout=10)
         assert busy.status_code == 409
@@ -939,10 +938,7 @@ def test_a_job_cancelled_while_redis_is_full_ends_cancelled_at_once(
     body = chat(script(text=words(300), delay_ms=20), stream=True)
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=10) as response:
         lines = response.iter_lines()
-        for _, data in sse_events(lines):
-            if content_of(data):
-                completion_id = json.loads(data)["id"]
-                break
+        completion_id = id_at_first_content(lines)
         client.config_set("maxmemory-policy", "noeviction")
         client.config_set("maxmemory", 1)  # below what it holds: every write needing room is refused
         try:
