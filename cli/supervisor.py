@@ -156,6 +156,3 @@ async def _record_killed(redis_url: str, pid: int, detail: str) -> None:
         worker_id = next((i for i in reversed(ids) if i.startswith(prefix + "-")), prefix)
         gone = worker_exits.new_exit(worker_id, host, pid, ExitReason.KILLED, detail)
         await worker_exits.record_exit(redis, gone)
-        # Not alive to `status`, `/metrics` and placement until its heartbeat expired (an outside
-        # probe saw it among the exits and the live workers at once); its jobs' leases run out.
-        await heartbeats.retire(redis, worker_id)

@@ -205,8 +205,6 @@ def test_a_killed_worker_is_restarted_while_the_rest_keeps_serving(up: Up) -> No
     exits = json.loads(status.stdout)["recent_worker_exits"]
     assert [(e["pid"], e["reason"]) for e in exits][:1] == [(workers[0], "killed")]
     assert "SIGKILL" in exits[0]["detail"]
-    # Not alive at once too, until its heartbeat expired (an outside probe).
-    assert workers[0] not in [worker["pid"] for worker in json.loads(status.stdout)["workers"]]
 
 
 def test_a_killed_api_process_is_restarted_while_the_other_serves(up: Up) -> None:
