@@ -111,14 +111,17 @@ def resolve_model(model: str, settings: Settings) -> str:
     raise _not_found(model)
 
 
-def _served(model: str, settings: Settings) -> str | None:
-    """The configured model an id names: itself, an alias, or a dated snapshot of either."""
+def _served(model: str, settings: Settings, *, aliased: bool = True) -> str | None:
+    """The configured model an id names: itself, an alias of a served one (or of any, with
+    MODEL_PASS_THROUGH: an alias of a model not served had run jobs with it, an outside probe), or
+    a dated snapshot of either."""
     snapshot = _SNAPSHOT.fullmatch(model)
     for name in [model, snapshot["family"]] if snapshot else [model]:
         if name in settings.models:
             return name
-        if name in settings.model_aliases:
-            return settings.model_aliases[name]
+        if aliased and (target := settings.model_aliases.get(name)) is not None:
+            served = settings.model_pass_through or _served(target, settings, aliased=False) is not None
+            return target if served else None
     if settings.models_from_upstream and model in UPSTREAM.ids:
         return model
     return None
@@ -141,7 +144,7 @@ def served_model(model: str, settings: Settings) -> Model:
 def served_models(settings: Settings) -> list[Model]:
     """The configured models, then each alias (an id a caller may send as well), then the model
     API's own models not listed already."""
-    ids = [*settings.models, *settings.model_aliases]
+    ids = [*settings.models, *(alias for alias in settings.model_aliases if _served(alias, settings))]
     served = [Model(id=model, created=settings.models_created, owned_by=OWNER) for model in ids]
     if settings.models_from_upstream:
         listed = set(ids)

@@ -143,17 +143,12 @@ def test_the_private_redis_keeps_to_the_binary_that_wrote_its_data(tmp_path: Pat
             ["worker"],
             "invalid configuration: HEARTBEAT_INTERVAL_S: Input should be a finite",
         ),
-        (
-            {"REDIS_URL": "redis://:pw@127.0.0.1:1/x"},
+        (  # and the value is not echoed: a password with a '/' in it was (a re-check probe)
+            {"REDIS_URL": "redis://:pw/secret@127.0.0.1:1/x"},
             ["keys", "list"],
-            "REDIS_URL: the database must be a number",
+            "REDIS_URL: the database (the URL's path) must be a number",
         ),
         ({"CLAUDE_PERMISSION_MODES": "[]"}, ["api"], "CLAUDE_PERMISSION_MODES: List should have at least 1"),
-        (
-            {"MODEL_ALIASES": '{"x": "nope"}'},
-            ["api"],
-            "MODEL_ALIASES maps 'x' to 'nope', which MODELS does not serve",
-        ),
         ({"PORT": "0"}, ["up"], "claude-gateway up: PORT=0 picks no one port"),
         ({"REDIS_URL": "redis://127.0.0.1:1/0"}, ["up"], "claude-gateway up: cannot reach Redis"),
         (
@@ -189,6 +184,7 @@ def test_an_operators_mistake_is_one_line_not_a_traceback(
     assert done.returncode != 0
     assert said in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+    assert "secret" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize(
