@@ -87,13 +87,15 @@ async def attach(
     """Takes the session for `job` and returns the job with the turns new to the session, whose
     count in its key's `ledger` lives as long as the session now does.
 
-    Held as long as the job may wait and run: a background turn's lock, held for a plain one's
-    queue timeout, ran out while it waited (an outside probe: a second turn was let in, and the
-    first one's reply thrown away). Raises 409 if another request is using the session. On any
-    error the lock is released.
+    Held as long as the job may wait and run, each of its attempts (a worker lost, it is queued and
+    run again): a background turn's lock, held for a plain one's queue timeout, ran out while it
+    waited, and a turn's third attempt outlived it (outside probes: a second turn was let in, and
+    the first one's reply thrown away). The job's end frees it sooner. Raises 409 if another
+    request is using the session. On any error the lock is released.
     """
     owner = sessions.owner_of(key_id)
-    hold_s = settings.queue_timeout(background=background) + settings.job_timeout_s + _LOCK_GRACE_S
+    attempt_s = settings.queue_timeout(background=background) + settings.job_timeout_s
+    hold_s = settings.max_attempts * attempt_s + _LOCK_GRACE_S
     if not await sessions.lock(redis, owner, session_id, job.id, hold_s):
         raise OpenAIError(
             409,
