@@ -28,6 +28,7 @@ its payload, so what stays for `EVENT_TTL_S` is the record's few fields and the 
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -693,8 +694,11 @@ class JobStore:
         if idempotency is not None:
             keys.append(idempotency_key(owner, idempotency[0]))
             value = f"{job.id} {idempotency[1]}"
+        # Lives at least as long as it may wait: a background job queued longer than EVENT_TTL_S
+        # had vanished unanswered, its session and slot held (a re-check probe).
+        record_ttl_s = self.ttl_s + math.ceil(queue_timeout_s or 0)
         args: list[str | bytes | int] = [owner, job.model, job.request_id, job.created]
-        args += [job.model_dump_json(), entry, now, expires_extra_ms, self.ttl_s, job.id, value]
+        args += [job.model_dump_json(), entry, now, expires_extra_ms, record_ttl_s, job.id, value]
         args.append("" if job.session is None else session_lock_key(job.session.owner, job.session.id))
         args += ["", 0, 0] if slot is None else [slots_key(slot.holder), slot.cap, slot.lease_ms]
         holder = job.session.holder if job.session is not None and self.affinity_ms else None

@@ -137,3 +137,15 @@ def test_a_turn_holds_its_session_as_long_as_its_attempts_may_wait_and_run(start
     # re-check probe's third attempt outlived one of them.
     assert held_ms > 3 * 510_000, held_ms
     assert _post(workerless, chat("again", session_id=sid)).status_code == 409
+
+
+def test_a_background_job_waiting_longer_than_the_event_ttl_is_still_there(start_gateway: Any) -> None:
+    """Found by a re-check probe: with EVENT_TTL_S under BACKGROUND_QUEUE_TIMEOUT_S, a queued
+    background job's record expired before any worker started it: the job was gone (404), never
+    failed, and its session stayed locked."""
+    workerless: Gateway = start_gateway(workers=0, BACKEND="scripted", EVENT_TTL_S="60")
+    queued = _post(workerless, chat("hi", session_id=f"wait-{uuid.uuid4().hex[:8]}", background=True))
+    assert queued.status_code == 200, queued.text
+    job_id = queued.json()["id"].removeprefix("chatcmpl-")
+    record_ttl_s = workerless.redis().ttl(f"gateway:job:{job_id}")
+    assert record_ttl_s > 600, record_ttl_s  # its wait (BACKGROUND_QUEUE_TIMEOUT_S, 600 s), then the TTL

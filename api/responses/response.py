@@ -99,7 +99,8 @@ async def save(
     """Keeps the response's request, counted in the caller's ledger (`limit`: 429 while it is full,
     413 if the request alone is over it)."""
     # Outlives the job's record, whose expiry starts when the job ends.
-    ttl = settings.event_ttl_s + int(settings.queue_timeout_s + settings.job_timeout_s)
+    waits_s = settings.queue_timeout(background=stored.background)
+    ttl = settings.event_ttl_s + int(waits_s + settings.job_timeout_s)
     try:
         await quotas.keep(
             redis, response_key(job_id), stored.model_dump_json(), ttl, job_id=job_id, stored=limit
