@@ -10,7 +10,7 @@ import pytest
 
 from api.deps import ANONYMOUS
 from shared import sessions
-from shared.keys import session_lock_key
+from shared.keys import response_key, session_lock_key
 from tests.conftest import Gateway, chat
 
 ECHO = 'script:{"text": "", "echo": true}'
@@ -149,3 +149,9 @@ def test_a_background_job_waiting_longer_than_the_event_ttl_is_still_there(start
     job_id = queued.json()["id"].removeprefix("chatcmpl-")
     record_ttl_s = workerless.redis().ttl(f"gateway:job:{job_id}")
     assert record_ttl_s > 600, record_ttl_s  # its wait (BACKGROUND_QUEUE_TIMEOUT_S, 600 s), then the TTL
+    # A stored background response outlives every attempt of its job (a re-check probe: one only).
+    body = {"model": "claude-sonnet-4-5", "input": "hi", "background": True}
+    response = httpx.post(f"{workerless.url}/v1/responses", json=body, timeout=10)
+    assert response.status_code == 200, response.text
+    stored_ttl_s = workerless.redis().ttl(response_key(response.json()["id"].removeprefix("resp_")))
+    assert stored_ttl_s >= 60 + 3 * (600 + 600) - 1, stored_ttl_s
