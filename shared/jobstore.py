@@ -127,7 +127,8 @@ end
 local function take(record, job_id, id, worker, in_progress_ms, lease, ttl)
   redis.call('psetex', ARQ_IN_PROGRESS .. id, in_progress_ms, '1')
   redis.call('hset', record, 'worker', worker)
-  redis.call('expire', record, ttl)
+  -- Outlives the attempt (a job running longer than EVENT_TTL_S lost its record: a re-check probe)
+  redis.call('expire', record, ttl + math.ceil(in_progress_ms / 1000), 'GT')
   redis.call('zadd', RUNNING, server_ms() + lease, job_id)
   redis.call('hincrby', WORKER_LOAD, worker, 1)
   redis.call('zrem', WAITING, id)
@@ -505,6 +506,7 @@ if redis.call('xlen', KEYS[2]) == 0 and attempt < tonumber(ARGV[3]) then
   redis.call('zadd', KEYS[4], queued, new)
   local waits = tonumber(redis.call('hget', KEYS[1], 'queue_timeout') or 0)
   if waits > 0 then redis.call('zadd', QUEUE_DEADLINES, ARGV[2] + waits, ARGV[1]) end
+  redis.call('expire', KEYS[1], ARGV[6] + math.ceil(waits / 1000), 'GT')  -- outlives its new wait
   wake(KEYS[1], ARGV[1], attempt + 1, queued, nil, true)
   renew_slot(ARGV[1], KEYS[1])
   return 'retried'

@@ -161,6 +161,25 @@ async def test_silence_is_reported_not_waited_out(reader: EventReader) -> None:
             pass
 
 
+async def test_a_job_record_outlives_each_attempt_and_each_wait(redis: Redis, store: JobStore) -> None:
+    """Found by a re-check probe: a job's record lived EVENT_TTL_S from its claim; a job running
+    longer, or queued again after a lost worker for longer, lost its record (a 503 "Redis lost the
+    job", or a 404 and its session held)."""
+    job = CompletionJob(request_id="req_1", model="m", turns=[Turn(role="user", text="hi")])
+    assert await store.create(job, owner="test", queue_timeout_s=500) is None
+    assert await store.claim(job.id, 1, worker_id="w-1", in_progress_ms=300_000, lease_s=10) is not None
+    assert await redis.ttl(record_key(job.id)) >= 60 + 500 - 1  # its wait's TTL, not shortened
+    job_2 = CompletionJob(request_id="req_2", model="m", turns=[Turn(role="user", text="hi")])
+    assert await store.create(job_2, owner="test") is None
+    assert await store.claim(job_2.id, 1, worker_id="w-1", in_progress_ms=300_000, lease_s=10) is not None
+    assert await redis.ttl(record_key(job_2.id)) >= 60 + 300 - 1  # the attempt may run 300 s
+    await redis.hset(record_key(job_2.id), "queue_timeout", 900_000)  # type: ignore[misc]
+    await redis.expire(record_key(job_2.id), 60)
+    await store.expire_lease(job_2.id, 1)  # its worker is gone and produced nothing: retried
+    assert await store.recover_expired(max_attempts=3, lease_s=10) == [(job_2.id, "retried")]
+    assert await redis.ttl(record_key(job_2.id)) >= 60 + 900 - 1  # and may wait 900 s again
+
+
 async def test_a_superseded_attempt_can_no_longer_write(reader: EventReader, store: JobStore) -> None:
     job_id, first = await _writer(store)
     await store.expire_lease(job_id, 1)  # its worker is gone and produced nothing: retried
