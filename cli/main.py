@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from cli import add_commands, keys
 from cli import children as children_env
@@ -137,10 +136,10 @@ def _check_folders(role: str, folders: dict[str, Path]) -> None:
 
 def _store_folder(settings: Settings) -> dict[str, Path]:
     """A `file://` WORKSPACE_STORE's folder (an S3 store is checked at its first use)."""
-    url = settings.workspace_store
-    if url is None or not url.startswith("file://"):
-        return {}
-    return {"WORKSPACE_STORE": Path(os.path.expanduser(urlsplit(url).path))}
+    from shared.workspace_store import file_store_folder  # with obstore: only where one is named
+
+    folder = file_store_folder(settings)
+    return {} if folder is None else {"WORKSPACE_STORE": folder}
 
 
 def run_up(settings: Settings) -> None:

@@ -268,6 +268,11 @@ class Settings(BaseSettings):
         """How long a job may wait for a worker: a background one longer, as no request waits."""
         return self.background_queue_timeout_s if background else self.queue_timeout_s
 
+    def job_lifetime(self, *, background: bool) -> float:
+        """The longest a job may last: each of its attempts (a worker lost, it is queued and run
+        again) waiting for a worker and running."""
+        return self.max_attempts * (self.queue_timeout(background=background) + self.job_timeout_s)
+
     @property
     def heartbeat_ttl_s(self) -> float:
         return self.heartbeat_interval_s * self.heartbeat_ttl_factor

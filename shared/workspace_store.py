@@ -201,6 +201,14 @@ def store_name(settings: Settings) -> str:
     return f"{(settings.state_dir / 'workspace-store').resolve()} on {socket.gethostname()} (the default)"
 
 
+def file_store_folder(settings: Settings) -> Path | None:
+    """The folder a `file://` `WORKSPACE_STORE` names (None for the default store, or S3)."""
+    url = settings.workspace_store
+    if url is None or urlsplit(url).scheme != "file":
+        return None
+    return Path(os.path.expanduser(urlsplit(url).path))
+
+
 def open_store(settings: Settings) -> ObjectStore:
     """The store `WORKSPACE_STORE` names."""
     url = settings.workspace_store
@@ -210,9 +218,8 @@ def open_store(settings: Settings) -> ObjectStore:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         root.chmod(0o700)
         return LocalStore(root)
-    parts = urlsplit(url)
-    if parts.scheme == "file":
-        return LocalStore(Path(os.path.expanduser(parts.path)))
-    if parts.scheme == "s3":
+    if (folder := file_store_folder(settings)) is not None:
+        return LocalStore(folder)
+    if urlsplit(url).scheme == "s3":
         return S3Store(url, settings)
     raise ValueError(f"WORKSPACE_STORE must be file:///path or s3://bucket/prefix, not {url!r}")

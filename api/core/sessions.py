@@ -94,8 +94,7 @@ async def attach(
     request is using the session. On any error the lock is released.
     """
     owner = sessions.owner_of(key_id)
-    attempt_s = settings.queue_timeout(background=background) + settings.job_timeout_s
-    hold_s = settings.max_attempts * attempt_s + _LOCK_GRACE_S
+    hold_s = settings.job_lifetime(background=background) + _LOCK_GRACE_S
     if not await sessions.lock(redis, owner, session_id, job.id, hold_s):
         raise OpenAIError(
             409,

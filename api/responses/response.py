@@ -98,9 +98,8 @@ async def save(
 ) -> None:
     """Keeps the response's request, counted in the caller's ledger (`limit`: 429 while it is full,
     413 if the request alone is over it)."""
-    # Outlives the job's record, whose expiry starts when the job ends: each attempt may wait and run.
-    attempt_s = settings.queue_timeout(background=stored.background) + settings.job_timeout_s
-    ttl = settings.event_ttl_s + int(settings.max_attempts * attempt_s)
+    # Outlives the job's record, whose expiry starts when the job ends.
+    ttl = settings.event_ttl_s + int(settings.job_lifetime(background=stored.background))
     try:
         await quotas.keep(
             redis, response_key(job_id), stored.model_dump_json(), ttl, job_id=job_id, stored=limit
