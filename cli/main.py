@@ -9,6 +9,7 @@ queue, the workers and recent failures (`cli/status.py`); `keys` manages client 
 """
 
 import argparse
+import asyncio
 import fcntl
 import logging
 import os
@@ -27,7 +28,8 @@ from typing import IO, TYPE_CHECKING
 
 from cli import add_commands, keys
 from cli import children as children_env
-from cli.reach import wait_for_redis
+from cli.reach import cli_redis, wait_for_redis
+from shared import heartbeats
 from shared.logs import configure_logging
 from shared.settings import Settings, configured
 from worker.environment import forbid_inspection
@@ -112,14 +114,21 @@ def run_api(settings: Settings) -> None:
     server.run(sockets=[listener])
 
 
-def run_worker(settings: Settings) -> None:
+def run_worker(settings: Settings, worker_id: str | None) -> None:
     from worker.main import run_worker as run
 
     redis_url = _require_redis_url(settings, "worker")
     # A mistake of this machine's, before Redis is waited for.
     _check_folders("worker", {"WORKSPACE_ROOT": settings.workspace_root, **_store_folder(settings)})
     wait_for_redis(redis_url, "worker")  # one line if it never answers, not a traceback
-    run(settings, redis_url)
+    if worker_id is not None and asyncio.run(_alive(redis_url, worker_id)):
+        sys.exit(f"claude-gateway worker: a live worker has the id {worker_id}")
+    run(settings, redis_url, worker_id)
+
+
+async def _alive(redis_url: str, worker_id: str) -> bool:
+    async with cli_redis(redis_url) as redis:
+        return bool(await redis.exists(heartbeats.worker_key(worker_id)))
 
 
 def _check_folders(role: str, folders: dict[str, Path]) -> None:
@@ -198,16 +207,21 @@ def run_up(settings: Settings) -> None:
     command = [sys.executable, "-m", "cli.main"]
 
     def spawner(role: str, env: dict[str, str]) -> Callable[[], subprocess.Popen[bytes]]:
-        # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the API and
-        # the workers (they drain), and Redis only once they have exited. stdin from /dev/null:
-        # only this process may ask the terminal anything.
-        return lambda: subprocess.Popen(
-            [*command, role],
-            env=env,
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=children_env.die_with_parent(),
-        )
+        def spawn() -> subprocess.Popen[bytes]:
+            # Each worker started gets a new id: `up` names it when it records the worker killed.
+            named = ["--id", heartbeats.new_worker_id(socket.gethostname())] if role == "worker" else []
+            # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the API and
+            # the workers (they drain), and Redis only once they have exited. stdin from /dev/null:
+            # only this process may ask the terminal anything.
+            return subprocess.Popen(
+                [*command, role, *named],
+                env=env,
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=children_env.die_with_parent(),
+            )
+
+        return spawn
 
     apis = settings.api_processes
     children += [
@@ -315,6 +329,12 @@ def _private_redis_password(data_dir: Path) -> str:
     return password
 
 
+def _worker_id(value: str) -> str:
+    if not heartbeats.valid_worker_id(value):
+        raise argparse.ArgumentTypeError("a worker id is 1 to 128 of A-Z a-z 0-9 . _ -")
+    return value
+
+
 def _seconds(value: str) -> float:
     seconds = float(value)
     if not seconds > 0:  # 0 or less refreshed without a pause, a query of Redis each time
@@ -339,6 +359,11 @@ def main(argv: list[str] | None = None) -> None:
     status.add_argument(
         "--watch", type=_seconds, nargs="?", const=2.0, metavar="SECONDS", help="refresh every SECONDS (2)"
     )
+    roles.choices["worker"].add_argument(
+        "--id",
+        type=_worker_id,
+        help="its id in status and the logs, unique (default: host and a random part)",
+    )
     keys.add_parser(roles)
     args = parser.parse_args(argv)
     settings = configured()
@@ -351,7 +376,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.role == "keys":
         keys.run_keys(_found_redis_url(settings, "keys"), args, settings)
         return
-    {"up": run_up, "api": run_api, "worker": run_worker}[args.role](children_env.held_by(args.role, settings))
+    held = children_env.held_by(args.role, settings)
+    if args.role == "worker":
+        run_worker(held, args.id)
+    else:
+        {"up": run_up, "api": run_api}[args.role](held)
 
 
 if __name__ == "__main__":

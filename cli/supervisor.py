@@ -91,7 +91,7 @@ class Supervisor:
         if child.restart_at is None:
             log.error("%s (pid %d) %s", child.name, child.process.pid, describe_exit(code))
             if code < 0 and child.name.startswith("worker"):
-                self._record_killed_worker(child.process.pid, describe_exit(code))
+                self._record_killed_worker(child.process, describe_exit(code))
             self._schedule(child, now)
         elif now >= child.restart_at:
             try:
@@ -109,9 +109,9 @@ class Supervisor:
         log.warning("restarting %s in %.0f s", child.name, child.backoff_s)
         child.backoff_s = min(MAX_BACKOFF_S, child.backoff_s * 2)
 
-    def _record_killed_worker(self, pid: int, detail: str) -> None:
+    def _record_killed_worker(self, process: subprocess.Popen[bytes], detail: str) -> None:
         try:
-            asyncio.run(_record_killed(self._redis_url, pid, detail))
+            asyncio.run(_record_killed(self._redis_url, process, detail))
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("could not record the worker's exit in Redis (%s)", type(exc).__name__)
 
@@ -147,12 +147,13 @@ class Supervisor:
                 child.process.wait()
 
 
-async def _record_killed(redis_url: str, pid: int, detail: str) -> None:
-    """Records a worker's exit for it, under its id from the heartbeat index (`<host>-<pid>-<t>`)."""
-    host = socket.gethostname()
-    prefix = heartbeats.new_worker_id(host, pid).rpartition("-")[0]
+async def _record_killed(redis_url: str, process: subprocess.Popen[bytes], detail: str) -> None:
+    """Records a worker's exit for it under the id it was started with, and retires its heartbeat:
+    it had counted as alive, its slots free, until the heartbeat expired."""
+    args = process.args
+    assert isinstance(args, list)  # `up` starts its workers with a list naming their ids
+    worker_id = str(args[args.index("--id") + 1])
+    gone = worker_exits.new_exit(worker_id, socket.gethostname(), process.pid, ExitReason.KILLED, detail)
     async with Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2) as redis:
-        ids = [m.decode() for m in await redis.zrange(heartbeats.WORKERS_INDEX, 0, -1)]
-        worker_id = next((i for i in reversed(ids) if i.startswith(prefix + "-")), prefix)
-        gone = worker_exits.new_exit(worker_id, host, pid, ExitReason.KILLED, detail)
         await worker_exits.record_exit(redis, gone)
+        await heartbeats.retire(redis, worker_id)

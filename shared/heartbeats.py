@@ -8,7 +8,7 @@ key has expired are pruned by the next beat of any worker.
 """
 
 import re
-import time
+import secrets
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,7 +49,7 @@ return 0
 
 
 def worker_key(worker_id: str) -> str:
-    if _WORKER_ID.fullmatch(worker_id) is None:
+    if not valid_worker_id(worker_id):
         raise ValueError("malformed worker id")
     return f"{PREFIX}:worker:{worker_id}"
 
@@ -127,7 +127,7 @@ async def retire(redis: Redis, worker_id: str) -> None:
 async def alive_workers(redis: Redis) -> list[Heartbeat]:
     """The workers whose heartbeat has not expired, oldest first."""
     ids = [m.decode() if isinstance(m, bytes) else m for m in await redis.zrange(WORKERS_INDEX, 0, -1)]
-    ids = [i for i in ids if _WORKER_ID.fullmatch(i)]
+    ids = [i for i in ids if valid_worker_id(i)]
     if not ids:
         return []
     records = await redis.mget([worker_key(i) for i in ids])
@@ -135,7 +135,13 @@ async def alive_workers(redis: Redis) -> list[Heartbeat]:
     return sorted(beats, key=lambda b: (b.started, b.id))
 
 
-def new_worker_id(host: str, pid: int) -> str:
-    """Readable and unique across restarts: host, pid and start time."""
+def new_worker_id(host: str) -> str:
+    """Readable and unique: the host and a random part. Workers in pid namespaces of one host
+    (containers on the host's network) share host names and pids, and may start in one second:
+    ids of host, pid and start time had named two of them alike (an outside probe)."""
     safe_host = re.sub(r"[^A-Za-z0-9.-]", "-", host)[:64] or "host"
-    return f"{safe_host}-{pid}-{int(time.time())}"
+    return f"{safe_host}-{secrets.token_hex(4)}"
+
+
+def valid_worker_id(worker_id: str) -> bool:
+    return _WORKER_ID.fullmatch(worker_id) is not None

@@ -11,10 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
+from redis import Redis as SyncRedis
 
 from cli import embedded_redis
-from cli.embedded_redis import free_port
-from tests.conftest import ROOT, Gateway, chat
+from cli.embedded_redis import EmbeddedRedis, free_port
+from shared import heartbeats
+from tests.conftest import ROOT, Gateway, chat, unit_db
 
 
 def test_up_runs_everything_with_a_private_redis_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
@@ -150,6 +152,7 @@ def test_the_private_redis_keeps_to_the_binary_that_wrote_its_data(tmp_path: Pat
         ),
         ({"CLAUDE_PERMISSION_MODES": "[]"}, ["api"], "CLAUDE_PERMISSION_MODES: List should have at least 1"),
         ({"PORT": "0"}, ["up"], "claude-gateway up: PORT=0 picks no one port"),
+        ({}, ["worker", "--id", "../w"], "a worker id is 1 to 128 of A-Z a-z 0-9 . _ -"),
         ({"REDIS_URL": "redis://127.0.0.1:1/0"}, ["up"], "claude-gateway up: cannot reach Redis"),
         (
             {"WORKSPACE_ROOT": "/proc/sys/gateway"},
@@ -185,6 +188,26 @@ def test_an_operators_mistake_is_one_line_not_a_traceback(
     assert said in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert "secret" not in done.stderr, done.stderr
+
+
+def test_a_worker_refuses_the_id_of_a_live_worker(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
+    """Two workers of one id would share a heartbeat and each other's pushed jobs."""
+    url = unit_db(redis_server)
+    SyncRedis.from_url(url).set(heartbeats.worker_key("w-1"), "{}", ex=60)
+    base = {k: v for k, v in os.environ.items() if k not in ("LOG_LEVEL", "MODELS")}
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "worker", "--id", "w-1"],
+        cwd=ROOT,
+        env={**base, "STATE_DIR": str(tmp_path), "REDIS_URL": url, "BACKEND": "scripted"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (done.returncode, done.stderr.strip()) == (
+        1,
+        "claude-gateway worker: a live worker has the id w-1",
+    )
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,7 @@ def children_of(pid: int) -> dict[int, str]:
         except FileNotFoundError:
             continue
         if cmdline and alive(int(child)):  # not exiting, nor exited and not yet reaped
-            found[int(child)] = "redis" if "server" in cmdline[0] else cmdline[-1]
+            found[int(child)] = "redis" if "server" in cmdline[0] else cmdline[cmdline.index("cli.main") + 1]
     return found
 
 
@@ -183,17 +183,7 @@ def test_what_up_keeps_is_for_its_own_user_only(up: Up) -> None:
         assert (up.state / folder).stat().st_mode & 0o077 == 0, folder
 
 
-def test_a_killed_worker_is_restarted_while_the_rest_keeps_serving(up: Up) -> None:
-    workers, api, redis_pid = up.pids("worker"), up.pids("api"), up.pids("redis")
-    assert len(workers) == 2
-    os.kill(workers[0], signal.SIGKILL)
-    assert up.completes()  # the other worker serves meanwhile
-    wait_for(lambda: len(up.pids("worker")) == 2, 10, "a new worker")
-    assert workers[1] in up.pids("worker")
-    assert (up.pids("api"), up.pids("redis")) == (api, redis_pid)
-    log = up.log.read_text()
-    assert f"worker 1 (pid {workers[0]}) was killed by SIGKILL" in log
-    assert "restarting worker 1 in 1 s" in log
+def status_json(up: Up) -> dict[str, Any]:
     status = subprocess.run(
         [sys.executable, "-m", "cli.main", "status", "--json"],
         cwd=ROOT,
@@ -202,9 +192,29 @@ def test_a_killed_worker_is_restarted_while_the_rest_keeps_serving(up: Up) -> No
         timeout=30,
         check=True,
     )
-    exits = json.loads(status.stdout)["recent_worker_exits"]
-    assert [(e["pid"], e["reason"]) for e in exits][:1] == [(workers[0], "killed")]
+    snapshot: dict[str, Any] = json.loads(status.stdout)
+    return snapshot
+
+
+def test_a_killed_worker_is_restarted_while_the_rest_keeps_serving(up: Up) -> None:
+    workers, api, redis_pid = up.pids("worker"), up.pids("api"), up.pids("redis")
+    assert len(workers) == 2
+    wait_for(lambda: len(status_json(up)["workers"]) == 2, 10, "both workers' heartbeats")
+    killed_id = next(w["id"] for w in status_json(up)["workers"] if w["pid"] == workers[0])
+    os.kill(workers[0], signal.SIGKILL)
+    assert up.completes()  # the other worker serves meanwhile
+    wait_for(lambda: len(up.pids("worker")) == 2, 10, "a new worker")
+    assert workers[1] in up.pids("worker")
+    assert (up.pids("api"), up.pids("redis")) == (api, redis_pid)
+    log = up.log.read_text()
+    assert f"worker 1 (pid {workers[0]}) was killed by SIGKILL" in log
+    assert "restarting worker 1 in 1 s" in log
+    snapshot = status_json(up)
+    exits = snapshot["recent_worker_exits"]
+    assert [(e["worker_id"], e["pid"], e["reason"]) for e in exits][:1] == [(killed_id, workers[0], "killed")]
     assert "SIGKILL" in exits[0]["detail"]
+    # Gone from the live workers at once, not when its heartbeat expires (its slots counted free).
+    assert killed_id not in [w["id"] for w in snapshot["workers"]]
 
 
 def test_a_killed_api_process_is_restarted_while_the_other_serves(up: Up) -> None:
@@ -292,10 +302,12 @@ def test_a_killed_worker_loses_no_job(up: Up) -> None:
     def worker_of(completion_id: str) -> str:
         return (client.hget(f"gateway:job:{completion_id[9:]}", "worker") or b"").decode()
 
-    def running_on(pid: int) -> list[str]:
-        return [i for i in ids if f"-{pid}-" in worker_of(i)]
-
     wait_for(lambda: all(worker_of(i) for i in ids), 10, "all jobs run")
+    worker_ids = {w["pid"]: w["id"] for w in status_json(up)["workers"]}
+
+    def running_on(pid: int) -> list[str]:
+        return [i for i in ids if worker_of(i) == worker_ids[pid]]
+
     # A job is placed on its worker before it starts: the talking ones must have talked already.
     wait_for(lambda: all(client.xlen(f"gateway:job:{i[9:]}:events") for i in ids[:2]), 10, "output")
     victim = max(up.pids("worker"), key=lambda pid: len(running_on(pid)))

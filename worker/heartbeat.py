@@ -39,6 +39,7 @@ class HeartbeatLoop:
         slots: int,
         jobs: Callable[[], list[str]],
         idle: Callable[[], bool],
+        worker_id: str | None = None,
     ) -> None:
         self._redis_url = redis_url
         self._settings = settings
@@ -50,9 +51,9 @@ class HeartbeatLoop:
         self._idle = idle
         self._auth: backend_auth.BackendAuth | None = None
         self._changed = asyncio.Event()
-        host, pid = socket.gethostname(), os.getpid()
-        self.worker_id = heartbeats.new_worker_id(host, pid)
-        self.host, self.pid, self._started = host, pid, time.time()
+        host = socket.gethostname()
+        self.worker_id = worker_id or heartbeats.new_worker_id(host)
+        self.host, self.pid, self._started = host, os.getpid(), time.time()
         self.sandbox: SandboxReport | None = None
         """The backend's job sandbox, once it has started."""
         self.draining = False

@@ -58,7 +58,13 @@ class GatewayWorker(Worker):
     """
 
     def __init__(
-        self, *, redis_url: str, settings: Settings, redis_settings: RedisSettings, **kwargs: Any
+        self,
+        *,
+        redis_url: str,
+        settings: Settings,
+        redis_settings: RedisSettings,
+        worker_id: str | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(poll_delay=0, redis_settings=redis_settings, **kwargs)
         self._bounded_close = kwargs.get("handle_signals", True)  # a process of its own
@@ -81,6 +87,7 @@ class GatewayWorker(Worker):
             slots=self.max_jobs,
             jobs=lambda: [attempt.partition(".")[0] for attempt in self.job_tasks],
             idle=lambda: self.job_counter == 0 and self._claiming == 0,
+            worker_id=worker_id,
         )
         self.ctx["heartbeat"] = self.heartbeat
         self._stop_signal: str | None = None
@@ -394,11 +401,17 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
 
 
 def build_worker(
-    settings: Settings, redis_url: str, *, burst: bool = False, handle_signals: bool = True
+    settings: Settings,
+    redis_url: str,
+    *,
+    worker_id: str | None = None,
+    burst: bool = False,
+    handle_signals: bool = True,
 ) -> GatewayWorker:
     return GatewayWorker(
         redis_url=redis_url,
         settings=settings,
+        worker_id=worker_id,
         functions=[func(run_completion, name=queue.RUN_COMPLETION)],
         queue_name=settings.queue_name,
         redis_settings=queue.redis_settings(redis_url),
@@ -416,10 +429,10 @@ def build_worker(
     )
 
 
-def run_worker(settings: Settings, redis_url: str) -> None:
+def run_worker(settings: Settings, redis_url: str, worker_id: str | None) -> None:
     forget_environment()  # settings are read: nothing in the environment is for the agent's eyes
     forbid_inspection()
-    worker = build_worker(settings, redis_url)
+    worker = build_worker(settings, redis_url, worker_id=worker_id)
     try:
         worker.run()
     except Exception:  # its reason is logged and recorded already; this is the traceback
