@@ -33,6 +33,8 @@ class Reply:
     error_type: str = "api_error"
     tool_use: tuple[str, dict[str, Any]] | None = None
     """(tool name, input): reply with a single tool call instead of text."""
+    preamble: list[str] = field(default_factory=list)
+    """Text deltas before the tool call, in its message (the model saying what it will do)."""
     cut_after: int | None = None
     """Drop the connection after this many tokens, as a failing upstream would."""
     thinking: list[str] = field(default_factory=list)
@@ -96,6 +98,22 @@ async def _stream(reply: Reply, model: str) -> AsyncIterator[bytes]:
             yield chunk
         index = 1
     if reply.tool_use is not None:
+        if reply.preamble:
+            yield _sse(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": index,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            )
+            for token in reply.preamble:
+                delta = {"type": "text_delta", "text": token}
+                yield _sse(
+                    "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+                )
+            yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
+            index += 1
         async for chunk in _tool_use(*reply.tool_use, index=index):
             yield chunk
         return

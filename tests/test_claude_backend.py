@@ -369,6 +369,45 @@ def test_a_cancel_stops_the_cli_at_once_not_after_its_graceful_exit(
     assert time.monotonic() - asked < 4  # 0.03-0.19 s measured; the SDK's grace alone is 5 s
 
 
+@pytest.mark.parametrize(
+    ("stop", "answer"),
+    [
+        (None, "I'll check the files.\n\nThe directory is fine."),
+        # The break is not the model's text: a re-check probe's ["\n"] matched it and dropped the rest.
+        (["\n"], "I'll check the files.\n\nThe directory is fine."),
+        (["files.\n"], "I'll check the files.\n\nThe directory is fine."),
+        ([" is fine"], "I'll check the files.\n\nThe directory"),
+        (["files"], "I'll check the "),
+    ],
+)
+def test_the_models_messages_around_a_tool_run_are_apart(
+    claude: Gateway, upstream: FakeAnthropic, stop: list[str] | None, answer: str
+) -> None:
+    """Found by an outside probe: the text of the message before a tool run and of the one after it
+    ran together ("I'll check the files.The directory is fine.")."""
+    for stream in (False, True):
+        upstream.script.clear()  # a stop in the first message leaves the second one unasked
+        upstream.script.extend(
+            [
+                Reply(preamble=["I'll check", " the files."], tool_use=("Bash", {"command": "echo hi"})),
+                Reply(tokens=["The directory", " is fine."]),
+            ]
+        )
+        body = chat("check the files", stream=stream) | ({"stop": stop} if stop else {})
+        response = httpx.post(f"{claude.url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        if stream:
+            chunks = [
+                json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")
+            ]
+            text = "".join(
+                chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"]
+            )
+        else:
+            text = response.json()["choices"][0]["message"]["content"]
+        assert text == answer, (stream, text)
+
+
 def test_a_message_that_looks_like_a_slash_command_is_text_for_the_model(
     claude: Gateway, upstream: FakeAnthropic
 ) -> None:

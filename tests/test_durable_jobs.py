@@ -23,6 +23,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from api.errors import OpenAIError
 from cli.embedded_redis import EmbeddedRedis
+from shared import heartbeats
 from shared.events import EventWriter
 from shared.jobs import CompletionJob, Done, Failed, FinishReason, SessionRef, Turn, Usage
 from shared.jobstore import JobStore
@@ -77,10 +78,10 @@ def wait_for(predicate: Any, within_s: float, what: str | Callable[[], str]) -> 
 
 
 def worker_running(gateway: Gateway, job_id: str) -> subprocess.Popen[bytes]:
-    """The worker process running the job, from the job record (`<host>-<pid>-<started>`)."""
+    """The worker process running the job: the job record names the worker, its heartbeat its pid."""
     client = gateway.redis()
     worker = wait_for(lambda: client.hget(f"gateway:job:{job_id}", "worker"), 10, "the job starts")
-    pid = int(worker.decode().rsplit("-", 2)[1])
+    pid = json.loads(client.get(heartbeats.worker_key(worker.decode())) or "{}")["pid"]
     return next(p for p in gateway.workers if p.pid == pid)
 
 

@@ -5,13 +5,14 @@ Claude Code takes no stop sequences, so they are applied to the stream here. Tex
 the start of a stop sequence is held back until the next delta decides. A reply cut this way ends
 with `finish_reason: stop`; its usage has the prompt tokens the backend last reported and, as
 completion tokens, the deltas it streamed (the upstream counts output only at the message's end,
-which a stopped run never reaches); no cost is known.
+which a stopped run never reaches); no cost is known. The blank line between two of the model's
+messages (around a tool run) is not the model's text: no stop sequence matches it or spans it.
 """
 
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from shared.jobs import Delta, Done, FinishReason, Retraction, Usage
-from worker.backends import BackendEvent, UsageReport
+from worker.backends import BackendEvent, MessageBreak, UsageReport
 
 
 class StopMatcher:
@@ -58,7 +59,11 @@ async def stop_at(events: AsyncIterator[BackendEvent], stops: list[str]) -> Asyn
     deltas = 0
     try:
         async for event in events:
-            if isinstance(event, Delta):
+            if isinstance(event, MessageBreak):  # the model's message ended: no stop spans it
+                if rest := matcher.flush():
+                    yield Delta(text=rest)
+                yield event
+            elif isinstance(event, Delta):
                 deltas += 1
                 text, stop = matcher.feed(event.text)
                 if text:

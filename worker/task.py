@@ -24,13 +24,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import logs, sessions
 from shared.events import EventWriter, Superseded, streamed_text
-from shared.jobs import CompletionJob, Done, Failed, FailureCode
+from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode
 from shared.jobstore import AttemptEnd
 from shared.settings import Settings
 from shared.transcripts import delete_transcript
 from worker.backends import (
     Backend,
     BackendError,
+    MessageBreak,
     Progress,
     TurnWrites,
     UsageReport,
@@ -177,6 +178,8 @@ async def _run(
                     continue
                 if isinstance(event, Progress):
                     continue
+                if isinstance(event, MessageBreak):
+                    event = Delta(text=event.text)
                 room -= stored_chars(event)
                 if room < 0:
                     share = "" if job.n == 1 else f" shared by {job.n} choices: {limit:,} each"

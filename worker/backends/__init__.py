@@ -53,13 +53,23 @@ class UsageReport(Progress):
         self.usage = usage
 
 
+class MessageBreak:
+    """Between two of the model's messages with text (around a tool run): the reply gets a blank
+    line there, text the model did not write, so no stop sequence matches it (`worker/stops.py`)."""
+
+    text = "\n\n"
+
+
+MESSAGE_BREAK = MessageBreak()
+
+
 TurnWrites = list[Callable[[], Awaitable[None]]]
 """What a backend leaves for a session turn's commit (Claude Code's transcript): written after the
 turn's files are saved and before its history; a turn that fails or is refused writes none."""
 
-BackendEvent = Delta | Activity | Retraction | Done | Progress
-"""What a backend yields: the reply's text (and text taken back), the agent's thinking and tool
-steps, the end, or progress."""
+BackendEvent = Delta | MessageBreak | Activity | Retraction | Done | Progress
+"""What a backend yields: the reply's text (and text taken back, and the break between two of the
+model's messages), the agent's thinking and tool steps, the end, or progress."""
 
 
 class Backend(Protocol):

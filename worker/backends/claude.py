@@ -51,6 +51,7 @@ from shared.jobs import (
 from shared.settings import Settings
 from worker import caller_functions, operator_mcp, upstream_models
 from worker.backends import (
+    MESSAGE_BREAK,
     PROGRESS,
     BackendError,
     BackendEvent,
@@ -654,6 +655,7 @@ async def _relay(
     sent = thought = ""  # the current upstream message's text and thinking, as relayed
     resent = rethought = ""  # after a cut: what of the next message the caller may already have
     resuming = False  # the model was asked to go on from a cut, not to start over
+    parted = False  # an earlier message's text ended: the next text starts a paragraph
     steps = ToolSteps()  # the agent's own tool runs
     try:
         async for message in messages:
@@ -670,7 +672,12 @@ async def _relay(
                         if withdrawn:
                             yield Retraction(chars=withdrawn)
                         if text:
+                            # The model's messages around its tool runs, apart (they ran together:
+                            # "I'll check the files.The directory is fine.", an outside probe).
+                            if parted:
+                                yield MESSAGE_BREAK
                             yield Delta(text=text)
+                            parted = False
                     elif delta.get("type") == "thinking_delta" and delta.get("thinking"):
                         # Thinking is never taken back: a retry's other thoughts simply follow.
                         _, thinking, rethought = _unsent(delta["thinking"], rethought)
@@ -682,6 +689,7 @@ async def _relay(
                 elif event.get("type") == "message_start":
                     earlier = _summed(earlier, latest)
                     started = event.get("message", {}).get("usage", {})
+                    parted = parted or (message_ended and bool(sent))  # not after a cut
                     latest, message_ended, sent, thought = started, False, "", ""
                     yield UsageReport(_usage(started))
                 elif (ending := _ends_the_run(event)) is not None:
