@@ -163,8 +163,9 @@ def _probes(gateway: Gateway, neighbour: Path, marker: str) -> str:
         "head -c 100M /dev/zero > /dev/shm/fill 2>/dev/null; echo shm_bytes=$(stat -c %s /dev/shm/fill); "
         "rm -f /dev/shm/fill; "
         "unshare -U true 2>/dev/null && echo user_namespace=made || echo user_namespace=refused; "
-        + _leave_behind(marker)
-        + "echo done"
+        # The host kernel's settings, written back as they are (an outside probe set them as root).
+        "setting=/proc/sys/kernel/printk_ratelimit; cat $setting > $setting 2>/dev/null; "
+        "echo sysctl_write=$?; " + _leave_behind(marker) + "echo done"
     )
 
 
@@ -213,6 +214,7 @@ def test_every_escape_fails_and_other_callers_are_served(sandboxed: Gateway, ups
     assert seen["memory_writes"] != "0", output
     assert seen["shm_bytes"] == str(64 * 1024 * 1024), output
     assert seen["user_namespace"] == "refused", output
+    assert seen["sysctl_write"] != "0", output
     assert REAL_KEY not in output
     assert not Path(f"/tmp/{marker}-tmp").exists()
     assert not Path(f"/usr/{marker}").exists()

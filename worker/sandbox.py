@@ -144,6 +144,14 @@ def _system_view(read_only: list[Path]) -> list[str]:
 
 
 _SEALED = ["--remount-ro", "/"]
+# The kernel's settings, read-only as container runtimes make them: bwrap's own cover skips them
+# where they look unwritable, and a job of a root worker without CLAUDE_JOB_USER (root in its user
+# namespace) set the host's (an outside probe: core_pattern runs a program as the host's root).
+_PROC_READ_ONLY = [
+    arg
+    for entry in ("sys", "sysrq-trigger", "irq", "bus", "fs")
+    for arg in ("--ro-bind" if entry == "sys" else "--ro-bind-try", f"/proc/{entry}", f"/proc/{entry}")
+]
 """The sandbox's root made read-only, after every mount point on it is made (bwrap's last mount)."""
 
 
@@ -313,6 +321,7 @@ class Sandbox:
             *self._system,
             "--proc",
             "/proc",
+            *_PROC_READ_ONLY,
             "--dev",
             "/dev",
             # The root and /dev are memory-backed: read-only (`_SEALED`), with /dev/shm the one
