@@ -10,14 +10,15 @@ import hashlib
 import mmap
 import os
 import random
+import resource
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from shared.workspaces import Manifest, VersionWriter
-from worker.session_files import Held, scan, update
+from shared.workspaces import Contents, Manifest, VersionWriter
+from worker.session_files import Held, restore, scan, update
 from worker.workspace import removed
 from worker.workspace_changes import ChangeTracker, watch_budget
 
@@ -322,3 +323,41 @@ def test_what_a_save_leaves_out_is_removed_at_any_depth(tmp_path: Path, tracker:
         assert os.listdir(tmp_path) == ["work"]  # nothing left beside it either
     finally:
         removed(tmp_path)  # pytest's own removal of old temporary folders recurses
+
+
+@pytest.fixture
+def few_open_files() -> Iterator[int]:
+    """This process may open 400 files at once (a container's usual soft limit is 1,024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (400, hard))
+    yield 400
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_session_of_more_folders_than_open_files_is_saved_and_restored(
+    tmp_path: Path, tracker: ChangeTracker, few_open_files: int
+) -> None:
+    """Found by an outside probe: a save and a restore held every folder they touched open, and a
+    session of 1,200 folders could be neither saved nor restored on a worker of 1,024 files."""
+    work = tmp_path / "work"
+    folders = 3 * few_open_files
+    for i in range(folders):
+        write(work / "pkg" / f"p{i}" / "lib" / "index.js", f"v1 {i}")
+    watch = functools.partial(tracker.watch, KEY)
+    tracker.start(KEY)
+    writer = VersionWriter(Manifest())
+    held = Held(writer.manifest(), *scan(work, Held(Manifest()), writer, 10**9, 10 * folders, watch))
+    for i in range(folders):  # a turn that changes a file in every folder
+        write(work / "pkg" / f"p{i}" / "lib" / "index.js", f"v2 {i}")
+    changes = tracker.take(KEY)
+    assert changes is not None
+    assert changes.complete
+    writer = VersionWriter(held.manifest)
+    update(work, held, changes, writer, 10**9, 10 * folders, watch)
+    assert view(writer) == on_disk(work)
+    target = writer.manifest()
+    contents: dict[str, Contents] = {path: (work / path).read_bytes() for path in target.files}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    restore(elsewhere, Held(Manifest()), target, contents)
+    assert on_disk(elsewhere) == on_disk(work)

@@ -110,30 +110,52 @@ def _open(name: str | Path, flags: int, dir_fd: int | None = None) -> int:
 
 
 class _Tree:
-    """Directory fds under a root, opened one name at a time without following links."""
+    """Directory fds under a root, opened one name at a time without following links. Only the
+    most recently used `_OPEN_FOLDERS` stay open (a session may hold 20,000 folders, and a worker
+    was refused its 1,025th open file: an outside probe's session of 1,200 folders could not be
+    saved nor restored): an fd `dir` returns is good until its next call."""
 
-    def __init__(self, root: Path) -> None:
-        self.fds = {"": _open(root, _DIR)}
+    def __init__(self, root: Path, opened: Watch | None = None) -> None:
+        self.root = _open(root, _DIR)
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._opened = opened  # told of each folder as it is opened
+        if opened is not None:
+            opened("", self.root)
 
     def dir(self, rel: str, create: bool = False) -> int:
-        if (fd := self.fds.get(rel)) is not None:
+        if not rel:
+            return self.root
+        if (fd := self._fds.get(rel)) is not None:
+            self._fds.move_to_end(rel)
             return fd
         parent, _, name = rel.rpartition("/")
         parent_fd = self.dir(parent, create)
         if create:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(name, 0o755, dir_fd=parent_fd)
-        fd = self.fds[rel] = _open(name, _DIR, parent_fd)
+        fd = self._fds[rel] = _open(name, _DIR, parent_fd)
+        if self._opened is not None:
+            self._opened(rel, fd)
+        if len(self._fds) > _OPEN_FOLDERS:
+            os.close(self._fds.popitem(last=False)[1])
         return fd
 
+    def forget(self, rel: str) -> None:
+        """`rel` is gone."""
+        if (fd := self._fds.pop(rel, None)) is not None:
+            os.close(fd)
+
     def close(self) -> None:
-        for fd in self.fds.values():
+        for fd in (self.root, *self._fds.values()):
             os.close(fd)
 
 
+_OPEN_FOLDERS = 256
+
+
 @contextlib.contextmanager
-def _tree(root: Path) -> Iterator[_Tree]:
-    tree = _Tree(root)
+def _tree(root: Path, opened: Watch | None = None) -> Iterator[_Tree]:
+    tree = _Tree(root, opened)
     try:
         yield tree
     finally:
@@ -316,7 +338,7 @@ def scan(
     writer.links.clear()
     writer.folders.clear()
     with _tree(work) as tree:
-        walk.folder(tree.fds[""], "", watch)
+        walk.folder(tree.root, "", watch)
     for path in [path for path in writer.files if path not in walk.stamps]:
         writer.remove(path)
     return walk.result()
@@ -421,7 +443,7 @@ def restore(
     stale = [path for path, entry in held.manifest.files.items() if _differs(entry, target.files.get(path))]
     stale += [path for path, link in held.manifest.links.items() if target.links.get(path) != link]
     stamps = {path: stamp for path, stamp in held.stamps.items() if path in target.files}
-    with _tree(work) as tree:
+    with _tree(work, watch) as tree:
         for path in stale:
             parent, _, name = path.rpartition("/")
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
@@ -448,9 +470,6 @@ def restore(
                 os.symlink(link, name, dir_fd=tree.dir(parent, create=True))
         for folder in target.folders:
             tree.dir(folder, create=True)
-        if watch is not None:
-            for folder, fd in tree.fds.items():
-                watch(folder, fd)
     return Held(target, stamps, held.linked.intersection(stamps).difference(contents))
 
 
@@ -483,8 +502,7 @@ def _remove_empty_dirs(tree: _Tree, removed: list[str]) -> None:
                 os.rmdir(name, dir_fd=tree.dir(above))
             except OSError:
                 break
-            if (fd := tree.fds.pop(parent, None)) is not None:
-                os.close(fd)
+            tree.forget(parent)
             parent = above
 
 
