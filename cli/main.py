@@ -13,6 +13,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -329,6 +330,20 @@ def _private_redis_password(data_dir: Path) -> str:
     return password
 
 
+def _open_files_to_the_hard_limit() -> None:
+    """An API process holds a file per connection, a worker one per folder of a session's files it
+    saves or restores (up to WORKSPACE_MAX_FILES): the soft limit's usual 1,024 refused both (an
+    outside probe's session of 1,200 folders could not be saved); the hard limit is the operator's.
+    `up` raises its own, which its children inherit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = _MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, _MAX_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+_MAX_OPEN_FILES = 1 << 20
+
+
 def _worker_id(value: str) -> str:
     if not heartbeats.valid_worker_id(value):
         raise argparse.ArgumentTypeError("a worker id is 1 to 128 of A-Z a-z 0-9 . _ -")
@@ -376,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.role == "keys":
         keys.run_keys(_found_redis_url(settings, "keys"), args, settings)
         return
+    _open_files_to_the_hard_limit()
     held = children_env.held_by(args.role, settings)
     if args.role == "worker":
         run_worker(held, args.id)

@@ -8,6 +8,11 @@ request is answered 431, past `max_message_bytes` in all 413, and its connection
 that is not HTTP, 400. Each answer is an error in OpenAI's shape, or in Anthropic's to a request
 for its Messages API, with a request id as every response has.
 
+A request's head must come whole within `head_timeout_s` of its connection, or of its first byte
+on a kept-alive one (408; a connection that sent nothing is closed): idle connections, or ones that
+sent a head's first lines, had held every file an API process could open, and it answered no one
+(an outside probe, with no key).
+
 A response's client that stops reading is dropped too (`send_timeout_s`): the transport keeps what
 the socket does not take, however long, and a client of the gateway's that resumed a large finished
 job and read nothing held ~10 MB of an API process per connection, for good.
@@ -75,6 +80,7 @@ _HEAD_TOO_LARGE = _Refusal(
 )
 _TOO_LARGE = _Refusal("413 Content Too Large", "request_too_large", "The request is over its size limit.")
 _NOT_HTTP = _Refusal("400 Bad Request", "invalid_http", "The request is not valid HTTP/1.1.")
+_HEAD_TIMEOUT = _Refusal("408 Request Timeout", "request_timeout", "The request's head did not come in time.")
 
 
 class BoundedHead(HttpToolsProtocol):
@@ -82,6 +88,9 @@ class BoundedHead(HttpToolsProtocol):
 
     max_message_bytes: ClassVar[int] = 64 * 1024 * 1024
     """A whole request (head, body, trailers): a server's own body limit, and its head's twice."""
+    head_timeout_s: ClassVar[float] = 20.0
+    """How long a request's head may take (nginx's `client_header_timeout` is 60 s): clients send
+    it at once."""
     send_timeout_s: ClassVar[float] = 30.0
     """How long a response may wait on its client (the transport's buffer over its high-water mark)
     with less than `MIN_SENT_BYTES` of it read meanwhile, before the connection is aborted (a close
@@ -98,6 +107,12 @@ class BoundedHead(HttpToolsProtocol):
         self._began = False  # a request began in the chunk being parsed: its bytes before are another's
         self._refused = False
         self._stalled: asyncio.TimerHandle | None = None  # the check while writing is paused
+        self._head_due: asyncio.TimerHandle | None = None  # the head's deadline, while it is awaited
+        self._reading_head = False  # a request's first bytes came, its head is not whole yet
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -118,7 +133,9 @@ class BoundedHead(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes, self._trailer_bytes, self._message_bytes, self._began = 0, 0, 0, True
-        self._parsed_bytes = 0
+        self._parsed_bytes, self._reading_head = 0, True
+        if self._head_due is None:  # a kept-alive connection's next request
+            self._await_head()
 
     # A head that comes whole in one read is parsed before `data_received` counts it: its line
     # and headers are counted as they are parsed too (an outside probe's 100 KB header passed).
@@ -140,6 +157,8 @@ class BoundedHead(HttpToolsProtocol):
             super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._head_came()
+        self._reading_head = False
         if self._refused:  # refused in the same read: nothing of the request runs
             return
         self._head_bytes = None
@@ -167,7 +186,23 @@ class BoundedHead(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._unwatch()
+        self._head_came()
         super().connection_lost(exc)
+
+    def _await_head(self) -> None:
+        self._head_due = self.loop.call_later(self.head_timeout_s, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        self._head_due = None
+        if self._reading_head:
+            self._refuse(_HEAD_TIMEOUT)
+        else:  # nothing to answer
+            self.transport.close()
+
+    def _head_came(self) -> None:
+        if self._head_due is not None:
+            self._head_due.cancel()
+            self._head_due = None
 
     def _check_sent_after(self, unsent: int) -> None:
         self._stalled = self.loop.call_later(self.send_timeout_s, self._check_sent, unsent)

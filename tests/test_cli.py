@@ -190,6 +190,23 @@ def test_an_operators_mistake_is_one_line_not_a_traceback(
     assert "secret" not in done.stderr, done.stderr
 
 
+def test_the_gateways_processes_may_open_files_to_the_hard_limit() -> None:
+    """A worker holds a file per folder of a session's files it saves; the soft limit's usual
+    1,024 refused a session of 1,200 folders (an outside probe)."""
+    script = (
+        "import resource\n"
+        "from cli.main import _open_files_to_the_hard_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "_open_files_to_the_hard_limit()\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == min(hard, 1 << 20) > 256)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert done.stdout.strip() == "True", done.stderr
+
+
 def test_a_worker_refuses_the_id_of_a_live_worker(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
     """Two workers of one id would share a heartbeat and each other's pushed jobs."""
     url = unit_db(redis_server)

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shared.http_head import BoundedHead
 from tests.conftest import begun_requests, closed_by_peer
 from tests.fake_anthropic import FakeAnthropic
 from worker import credential_proxy
@@ -227,9 +228,12 @@ def test_a_body_over_the_limit_is_refused_before_it_is_held(
     assert via(proxy).post("/v1/messages", json=MESSAGE, headers=headers).status_code == 200
 
 
-def test_connections_beyond_the_limit_or_silent_ones_are_closed(proxy: CredentialProxy) -> None:
+def test_connections_beyond_the_limit_or_silent_ones_are_closed(
+    proxy: CredentialProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A job cannot use up the worker's descriptors through the socket every sandbox shares."""
     assert proxy.socket is not None
+    monkeypatch.setattr(BoundedHead, "head_timeout_s", 3.0)
     held = []
     opened = time.monotonic()
     for _ in range(MAX_CONNECTIONS + 10):
@@ -238,11 +242,11 @@ def test_connections_beyond_the_limit_or_silent_ones_are_closed(proxy: Credentia
         connection.settimeout(10)
         held.append(connection)
     try:
-        # The last ten were closed at once; the first are closed after the keep-alive timeout
-        # (5 s from their opening) for sending nothing.
+        # The last ten were closed at once; the first are closed once their head is overdue
+        # (`head_timeout_s` from their opening) for sending nothing.
         assert all(connection.recv(1) == b"" for connection in held[-10:])
         assert held[0].recv(1) == b""
-        assert time.monotonic() - opened > 4
+        assert time.monotonic() - opened > 2.5
     finally:
         for connection in held:
             connection.close()

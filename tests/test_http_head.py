@@ -47,6 +47,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     if scope["path"] == "/later":
         await asyncio.sleep(0.05)
+    if scope["path"] == "/slow":  # longer than a head may take
+        await asyncio.sleep(1.0)
     await send({"type": "http.response.body", "body": b"first", "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -79,6 +81,46 @@ async def test_a_head_whose_body_waits_goes_out_alone_at_once() -> None:
     assert head.endswith(b"\r\n\r\n")
     assert first == b"5\r\nfirst\r\n"
     assert end == b"0\r\n\r\n"
+
+
+class Hurried(BoundedHead):
+    head_timeout_s = 0.5
+
+
+async def test_a_head_that_does_not_come_in_time_closes_its_connection() -> None:
+    """Found by an outside probe: idle connections with no key, and ones that sent a head's first
+    lines, held every file an API process could open; it answered no one."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    config = uvicorn.Config(app, http=Hurried, lifespan="off", log_level="warning")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+
+    async def exchange(*parts: bytes) -> bytes:
+        """What the server sends until it closes, the parts sent 0.2 s apart."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for part in parts:
+            writer.write(part)
+            await asyncio.sleep(0.2)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return answer
+
+    request = b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n"
+    try:
+        assert await exchange() == b""  # nothing sent: closed, nothing to answer
+        overdue = await exchange(b"GET / HTTP/1.1\r\n", b"host: x\r\n")
+        assert overdue.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), overdue
+        assert json.loads(overdue.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+        # A response may take longer than a head; the next head on the connection gets its own time.
+        kept_alive = await exchange(request, b"GET / HTTP/1.1\r\n")
+        assert kept_alive.startswith(b"HTTP/1.1 200 OK\r\n"), kept_alive
+        assert b"HTTP/1.1 408 Request Timeout\r\n" in kept_alive
+    finally:
+        server.should_exit = True
+        await serving
 
 
 # A client that stops reading its response: the response waits in the API, and past

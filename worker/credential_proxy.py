@@ -359,9 +359,8 @@ class _Door:
 
 
 class _Connection(BoundedHead):
-    """uvicorn's HTTP protocol (a request's head bounded), counted against its door's limit and
-    known to its requests (`request.state.door`), with the keep-alive timeout from the start: a
-    connection that never sends a request is closed as an idle one is."""
+    """uvicorn's HTTP protocol (a request's head bounded in size and time), counted against its
+    door's limit and known to its requests (`request.state.door`)."""
 
     max_message_bytes = MAX_BODY_BYTES + 2 * MAX_HEAD_BYTES
 
@@ -374,10 +373,6 @@ class _Connection(BoundedHead):
         self._door.held.add(self)
         if len(self._door.held) > self._door.limit:
             transport.close()
-            return
-        self.timeout_keep_alive_task = self.loop.call_later(
-            self.timeout_keep_alive, self.timeout_keep_alive_handler
-        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._door.held.discard(self)
