@@ -187,6 +187,11 @@ def test_half_a_surrogate_pair_is_invalid_json_on_every_api(scripted: Gateway) -
                 assert "surrogate" in error["message"]
                 if path != "/v1/messages":
                     assert error["code"] == "invalid_json"
+            # JSON text is UTF-8: in UTF-16 or UTF-32 the escape had passed the check (a 500).
+            for encoding in ("utf-16", "utf-16-le", "utf-32"):
+                response = client.post(path, content=(body % rb"\ud800").decode().encode(encoding))
+                assert response.status_code == 400, (encoding, response.text)
+                assert "not UTF-8" in response.json()["error"]["message"]
         # A well-formed pair is one character (😀), and the connection is still good.
         paired = bodies["/v1/chat/completions"] % rb"\ud83d\ude00"
         assert client.post("/v1/chat/completions", content=paired).status_code == 200

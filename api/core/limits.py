@@ -52,6 +52,12 @@ def bounded_json(body: bytes, settings: Settings) -> OpenAIError | None:
             "or those characters in its text): send less in one request."
         )
         return OpenAIError.invalid(message, code="too_many_json_values")
+    if body and json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
+        # RFC 8259's JSON text is UTF-8; Python's `json` reads UTF-16 and UTF-32 too, past the
+        # checks below (a lone surrogate in UTF-16 was a 500: an outside probe).
+        return OpenAIError.invalid(
+            "The request body is not valid JSON: it is not UTF-8.", code="invalid_json"
+        )
     try:
         value = json.loads(body, parse_constant=_refuse_constant)
     except RecursionError:
