@@ -166,6 +166,21 @@ def test_failures_and_unsupported_parameters(scripted: Gateway, client: anthropi
     empty = [{"role": "user", "content": []}, {"role": "assistant", "content": []}]
     body = {"model": MODEL, "max_tokens": 5, "messages": empty}
     assert httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30).status_code == 400
+    # Whitespace is no content either, as to the real API (an outside probe's reached the model as
+    # Claude Code's placeholders).
+    for blank in (
+        [{"role": "user", "content": "   "}],
+        [{"role": "user", "content": [{"type": "text", "text": " \n"}]}],
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "  "},
+            {"role": "user", "content": "b"},
+        ],
+    ):
+        body["messages"] = blank
+        refused_blank = httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30)
+        assert refused_blank.status_code == 400, blank
+        assert "non-empty content" in refused_blank.json()["error"]["message"]
     # Thinking is the assistant's: a user turn that carries it is refused, naming the block.
     thinking = {"type": "thinking", "thinking": "hmm", "signature": ""}
     body["messages"] = [{"role": "user", "content": [{"type": "text", "text": "x"}, thinking]}]

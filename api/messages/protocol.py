@@ -199,7 +199,10 @@ def _check(body: CreateMessageRequest) -> None:
     last = len(body.messages) - 1
     for index, message in enumerate(body.messages):
         blocks = [] if isinstance(message.content, str) else message.content
-        empty = not message.content or any(block.type == "text" and not block.text for block in blocks)
+        # Whitespace is no content to Anthropic's API either (Claude Code put placeholders in its
+        # place: "(no content)", an outside probe).
+        empty = (isinstance(message.content, str) and not message.content.strip()) or not message.content
+        empty = empty or any(block.type == "text" and not (block.text or "").strip() for block in blocks)
         if empty and not (message.role == "assistant" and index == last):
             raise OpenAIError.invalid(
                 f"messages.{index}: all messages must have non-empty content except for the optional "
