@@ -546,15 +546,21 @@ def _ms() -> int:
 async def sweep(store: ObjectStore, redis: Redis, ttl_s: int, limit: int = 32) -> list[WorkspaceRef]:
     """Deletes the stored workspaces whose session expired or was re-created; returns them.
 
-    A session still alive (same transcript id) is looked at again when it could next expire.
+    A session still alive (same transcript id) is looked at again when its record would expire:
+    a turn's keeps it past its last use plus the TTL, and entries put back in the past came first
+    again each round, 32 of them holding up every other session's deletion (an outside probe).
     """
     due: list[bytes] = await redis.zrangebyscore(WORKSPACES_INDEX, "-inf", _ms(), start=0, num=limit)
     deleted = []
     for raw in due:
         ref = WorkspaceRef.of_member(raw.decode())
-        record = await redis.hmget(session_key(ref.owner, ref.session), ["transcript", "last_used"])  # type: ignore[misc]
-        if record[0] is not None and record[0].decode() == ref.incarnation:
-            await redis.zadd(WORKSPACES_INDEX, {ref.member: int(record[1]) + ttl_s * 1000 + 1000})
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hget(session_key(ref.owner, ref.session), "transcript")
+            pipe.pttl(session_key(ref.owner, ref.session))
+            transcript, left_ms = await pipe.execute()
+        if transcript is not None and transcript.decode() == ref.incarnation:
+            left_ms = left_ms if left_ms >= 0 else ttl_s * 1000
+            await redis.zadd(WORKSPACES_INDEX, {ref.member: _ms() + left_ms + 1000})
             continue
         try:
             await delete_workspace(store, redis, ref)

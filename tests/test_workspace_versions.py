@@ -8,12 +8,15 @@ import random
 import shutil
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from api.routes.session_files import _tar_gz
 from shared import workspaces
+from shared.keys import WORKSPACES_INDEX, session_key
 from shared.workspace_store import LocalStore
 from shared.workspaces import Manifest, VersionWriter, WorkspaceRef, WorkspaceTooLarge
 from tests.test_workspace_changes import a_random_change, on_disk
@@ -367,3 +370,27 @@ async def test_a_version_read_again_is_not_parsed_again(tmp_path: Path) -> None:
     assert loaded[0].files.keys() == {"a.txt", "b.txt"}
     assert all(manifest is loaded[0] for manifest in loaded)
     assert len(reads) <= 2  # once each at most (its base may have been read when it was saved)
+
+
+async def test_live_sessions_due_in_the_sweep_hold_up_no_expired_one(tmp_path: Path, redis: Redis) -> None:
+    """Found by an outside probe: a session kept past its last use plus the TTL (a turn had held
+    it) was put back in the sweep's index in the past; the 32 first came first again each round,
+    and an expired session's files behind them stayed in the store."""
+    store = LocalStore(tmp_path / "store")
+    now_ms = int(time.time() * 1000)
+    live = [WorkspaceRef("0" * 32, f"live-{i}", REF.incarnation) for i in range(40)]
+    for i, ref in enumerate(live):
+        record = session_key(ref.owner, ref.session)
+        await redis.hset(record, mapping={"transcript": ref.incarnation, "last_used": now_ms - 3_600_000})  # type: ignore[misc]
+        await redis.expire(record, 600)
+        await redis.zadd(WORKSPACES_INDEX, {ref.member: now_ms - 100_000 + i})
+    expired = WorkspaceRef("0" * 32, "expired", REF.incarnation)
+    await store.put(expired.prefix + "manifests/1", b"{}")
+    await redis.zadd(WORKSPACES_INDEX, {expired.member: now_ms - 1_000})  # due after all of them
+    deleted = await workspaces.sweep(store, redis, ttl_s=60) + await workspaces.sweep(store, redis, ttl_s=60)
+    assert deleted == [expired]
+    assert await store.keys(expired.prefix) == []
+    for ref in live:  # looked at again when each would expire: its record's TTL from now
+        score = await redis.zscore(WORKSPACES_INDEX, ref.member)
+        assert score is not None
+        assert score > now_ms + 590_000
