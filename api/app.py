@@ -54,6 +54,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             queue_name=settings.queue_name,
             ttl_s=settings.event_ttl_s,
             affinity_s=affinity_s,
+            session_ttl_s=settings.session_ttl_s,
             push_lease_s=settings.lease_s,
             failures_kept=settings.recent_failures_kept,
         )

@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared import stats
+from shared import sessions, stats
 from shared.jobs import CompletionJob, Failed, FailureCode, JobStatus, encode_event
 from shared.keys import (
     LOAD_FIELDS,
@@ -57,10 +57,10 @@ from shared.keys import (
     is_job_id,
     record_key,
     response_key,
-    session_lock_key,
 )
 from shared.queue import RUN_COMPLETION, serialize
 from shared.quotas import STORED_FUNCTIONS, StorageLimit, StoredLimit, slots_key
+from shared.sessions import RESTART_CLOCK
 
 log = logging.getLogger("gateway.jobs")
 
@@ -88,6 +88,7 @@ local function server_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 {STORED_FUNCTIONS}
+{RESTART_CLOCK}
 -- The job's record (`record_key`).
 local function job_record(job_id)
   return '{PREFIX}:job:' .. job_id
@@ -108,8 +109,9 @@ local function renew_slot(job_id, record)
   redis.call('pexpire', slot, lease)
 end
 -- Frees what an ending job holds: the caller's concurrent-job slot, its session's lock, if the
--- job still holds it (a completed turn has already committed and freed it), and its payload (the
--- whole request, images included: nothing reads it once the job has ended).
+-- job still holds it (a completed turn has already committed and freed it; else the session's
+-- clock restarts), and its payload (the whole request, images included: nothing reads it once
+-- the job has ended).
 local function release_holds(job_id)
   redis.call('hdel', job_record(job_id), 'payload')
   local slot = slot_record(job_id)
@@ -119,7 +121,10 @@ local function release_holds(job_id)
     redis.call('del', slot)
   end
   local lock = redis.call('hget', job_record(job_id), 'session_lock')
-  if lock and redis.call('get', lock) == job_id then redis.call('del', lock) end
+  if lock and redis.call('get', lock) == job_id then
+    redis.call('del', lock)
+    restart_clock(redis.call('hget', job_record(job_id), 'session_clock'))
+  end
 end
 -- Takes attempt `id` of a job for `worker`: arq's in-progress mark, the worker in the record, the
 -- lease (`lease` ms from now), and the worker's load (the claim, or `push_to` in the worker's name;
@@ -280,11 +285,11 @@ end
 
 # KEYS: record, queue, arq entry of attempt 1, [idempotency key]
 # ARGV: owner, model, request_id, created, payload, arq entry, score, arq ttl ms, ttl, job id,
-#       idempotency value, session lock key, job slots key or '', slot cap, slot lease ms,
-#       the worker offered the job first or '' (workspace affinity), until when (ms), how long it
-#       may wait for a worker (ms; 0: as long as it takes), the ledger of what the caller keeps
-#       or '', its limit (bytes), the ids of the request's other choices, whose slots are taken
-#       with this job's (n > 1)
+#       idempotency value, its session's clock or '' (`sessions.clock`), job slots key or '',
+#       slot cap, slot lease ms, the worker offered the job first or '' (workspace affinity),
+#       until when (ms), how long it may wait for a worker (ms; 0: as long as it takes), the
+#       ledger of what the caller keeps or '', its limit (bytes), the ids of the request's other
+#       choices, whose slots are taken with this job's (n > 1)
 # The job's slot (shared/quotas.py) is taken here, so a job holds one exactly when it exists; a
 # request's first choice takes the others' too, so the request gets all or none (a choice never
 # created leaves its slot when the slot's lease runs out).
@@ -316,7 +321,9 @@ if now then
   redis.call('hset', KEYS[1], 'slot_lease', ARGV[15])
 end
 if #KEYS == 4 then redis.call('set', KEYS[4], ARGV[11], 'EX', ARGV[9]) end
-if ARGV[12] ~= '' then redis.call('hset', KEYS[1], 'session_lock', ARGV[12]) end
+if ARGV[12] ~= '' then
+  redis.call('hset', KEYS[1], 'session_lock', cjson.decode(ARGV[12]).lock, 'session_clock', ARGV[12])
+end
 redis.call('expire', KEYS[1], ARGV[9])
 redis.call('psetex', KEYS[3], ARGV[8], ARGV[6])
 redis.call('zadd', KEYS[2], ARGV[7], ARGV[10] .. '.1')
@@ -636,14 +643,17 @@ class JobStore:
         affinity_s: float = 0.0,
         push_lease_s: float | None = None,
         failures_kept: int = 100,
+        session_ttl_s: int = 3600,
     ) -> None:
         """`affinity_s`: how long a session's job waits for the worker holding its workspace.
         `push_lease_s`: `create` pushes a job to the worker it chooses, and the end of an attempt
         the line's first job to the worker it ran on, claimed with this lease, where that worker
         takes pushes (else it wakes the worker to claim it). `failures_kept`:
         the recent failures kept for `status` (`RECENT_FAILURES_KEPT`), among them the jobs this
-        store ends itself."""
+        store ends itself. `session_ttl_s`: `SESSION_TTL_S`, a session's clock restarted when a turn
+        that held it ends without a commit."""
         self.redis = redis
+        self.session_ttl_s = session_ttl_s
         self.queue_name = queue_name
         self.ttl_s = ttl_s
         self.affinity_ms = int(affinity_s * 1000)
@@ -701,7 +711,11 @@ class JobStore:
         record_ttl_s = self.ttl_s + math.ceil(queue_timeout_s or 0)
         args: list[str | bytes | int] = [owner, job.model, job.request_id, job.created]
         args += [job.model_dump_json(), entry, now, expires_extra_ms, record_ttl_s, job.id, value]
-        args.append("" if job.session is None else session_lock_key(job.session.owner, job.session.id))
+        if (ref := job.session) is None:
+            args.append("")
+        else:
+            ledger = None if stored is None else stored.ledger
+            args.append(sessions.clock(ref.owner, ref.id, ref.transcript_id, self.session_ttl_s, ledger))
         args += ["", 0, 0] if slot is None else [slots_key(slot.holder), slot.cap, slot.lease_ms]
         holder = job.session.holder if job.session is not None and self.affinity_ms else None
         waits = 0 if queue_timeout_s is None else int(queue_timeout_s * 1000)

@@ -12,6 +12,7 @@ it was, and a client that sends its next turn right after a reply never finds th
 """
 
 import hashlib
+import json
 import math
 import time
 import uuid
@@ -113,11 +114,41 @@ end
 return total
 """
 
-# KEYS: lock. ARGV: job id. Releases the lock only if this job still holds it.
-_RELEASE = """
-if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) end
-return 0
+# Lua: `restart_clock(clock)`, for a turn that held the session and ends without a commit (it
+# failed, was cancelled or refused): the session was last used now, and it, its history and
+# transcript expire `SESSION_TTL_S` from now, as a commit has them (`open_for_job` kept them for
+# the turn's longest; an outside probe's failed turns kept sessions 1.5 hours past their TTL, with
+# an `expires_at` long past). `clock`: `clock()`'s JSON, or false.
+RESTART_CLOCK = (
+    TRANSCRIPT_KEYS
+    + """
+local function restart_clock(clock)
+  if not clock or clock == "" then return end
+  local c = cjson.decode(clock)
+  if redis.call("EXISTS", c.record) == 0 then return end
+  local t = redis.call("TIME")
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call("HSET", c.record, "last_used", now)
+  redis.call("EXPIRE", c.record, c.ttl)
+  redis.call("EXPIRE", c.history, c.ttl)
+  redis.call("ZADD", c.index, "XX", now + 1000 * c.ttl, c.id)
+  for _, key in ipairs(transcript_keys(c.transcript)) do redis.call("EXPIRE", key, c.ttl) end
+  if c.ledger ~= "" then redis.call("ZADD", c.ledger, "XX", now + 1000 * c.ttl, c.entry) end
+end
 """
+)
+
+# KEYS: lock. ARGV: its holder, the session's clock ('': none). Releases the lock only if the
+# holder still holds it, and restarts the session's clock.
+_RELEASE = (
+    RESTART_CLOCK
+    + """
+if redis.call("GET", KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call("DEL", KEYS[1])
+restart_clock(ARGV[2])
+return 1
+"""
+)
 
 
 class SessionLost(Exception):
@@ -170,8 +201,27 @@ async def lock(redis: Redis, owner: str, session_id: str, job_id: str, hold_s: f
     return bool(await redis.set(key, job_id, nx=True, px=int(hold_s * 1000)))
 
 
-async def release(redis: Redis, owner: str, session_id: str, job_id: str) -> None:
-    await redis.eval(_RELEASE, 1, session_lock_key(owner, session_id), job_id)  # type: ignore[misc]
+async def release(redis: Redis, owner: str, session_id: str, holder: str, clock: str = "") -> None:
+    """Frees the session if `holder` holds it; with a `clock`, a turn's, the session's restarts."""
+    await redis.eval(_RELEASE, 1, session_lock_key(owner, session_id), holder, clock)  # type: ignore[misc]
+
+
+def clock(owner: str, session_id: str, transcript_id: str, ttl_s: int, ledger: str | None) -> str:
+    """What a turn's end restarts of the session it held (`RESTART_CLOCK`): its keys, its TTL,
+    the `ledger` it counts in, and the turn's lock."""
+    return json.dumps(
+        {
+            "lock": session_lock_key(owner, session_id),
+            "record": session_key(owner, session_id),
+            "history": session_history_key(owner, session_id),
+            "index": sessions_index_key(owner),
+            "id": session_id,
+            "transcript": transcript_key(owner, transcript_id),
+            "ttl": ttl_s,
+            "ledger": ledger or "",
+            "entry": quotas.session_entry(session_id),
+        }
+    )
 
 
 async def open_for_job(

@@ -77,6 +77,44 @@ def test_a_turn_longer_than_the_ttl_keeps_its_session_and_files(short_lived: Gat
     assert [file["path"] for file in listed["data"]] == ["input.csv"]
 
 
+def test_a_turn_that_ends_without_a_reply_restarts_the_sessions_clock(short_lived: Gateway) -> None:
+    """Found by an outside probe: a failed, refused or cancelled turn left its session kept for
+    the turn's longest (half an hour and more past SESSION_TTL_S), its `expires_at` long past."""
+    sid = f"clock-{uuid.uuid4().hex[:8]}"
+    redis = short_lived.redis()
+    _reply(_post(short_lived, chat("one", session_id=sid)))
+
+    def kept_for_the_ttl() -> None:
+        keys = redis.keys(f"*{sid}*")
+        assert len(keys) == 2  # record and history: alive, and no lock
+        assert all(0 < redis.ttl(key) <= _TTL_S for key in keys), [redis.ttl(key) for key in keys]
+        expires_at = httpx.get(f"{short_lived.url}/v1/sessions/{sid}", timeout=10).json()["expires_at"]
+        assert time.time() - 1 <= expires_at <= time.time() + _TTL_S + 1
+
+    failed = _post(short_lived, chat('script:{"text": "x", "fail_after": 0}', session_id=sid))
+    assert failed.status_code == 502, failed.text
+    kept_for_the_ttl()
+    body = chat("y", session_id=sid)
+    body["messages"] = [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "no"},
+        *body["messages"],
+    ]
+    refused = _post(short_lived, body)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["code"] == "session_history_mismatch"
+    kept_for_the_ttl()
+    slow = 'script:{"text": "never finished", "tokens": 400, "delay_ms": 50}'
+    queued = _post(short_lived, chat(slow, session_id=sid, background=True)).json()
+    url = f"{short_lived.url}/v1/chat/completions/{queued['id']}"
+    assert httpx.post(f"{url}/cancel", timeout=10).status_code == 200
+    deadline = time.monotonic() + 2
+    while redis.keys(f"*{sid}*:lock"):
+        assert time.monotonic() < deadline, "the cancelled turn kept the session"
+        time.sleep(0.05)
+    kept_for_the_ttl()
+
+
 @pytest.fixture
 def impatient(start_gateway: Any) -> Gateway:
     """One worker that cancels running jobs at once on SIGTERM."""

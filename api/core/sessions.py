@@ -103,6 +103,7 @@ async def attach(
             param="session_id",
             code="session_busy",
         )
+    clock = ""  # the session's, once it is found to exist: a refusal restarts it
     try:
         session, history_len, head = await sessions.open_for_job(
             redis,
@@ -113,6 +114,9 @@ async def attach(
             turn_s=hold_s,
             ledger=ledger,
         )
+        if session is not None:
+            ttl_s = settings.session_ttl_s
+            clock = sessions.clock(owner, session_id, session.transcript_id, ttl_s, ledger)
         turns = new_turns(history_len, head, job.turns)
         if not turns or turns[-1].role != "user":
             raise OpenAIError.invalid(
@@ -130,12 +134,13 @@ async def attach(
         )
         return job.model_copy(update={"turns": turns, "session": ref})
     except BaseException:
-        await sessions.release(redis, owner, session_id, job.id)
+        await sessions.release(redis, owner, session_id, job.id, clock)
         raise
 
 
-async def abandon(redis: Redis, job: CompletionJob) -> None:
-    """Releases the session of a job that will never run (not enqueued, or withdrawn)."""
-    if job.session is not None:
+async def abandon(redis: Redis, job: CompletionJob, ttl_s: int, ledger: str | None) -> None:
+    """Releases the session of a job that will never run (not enqueued), restarting its clock."""
+    if (ref := job.session) is not None:
+        clock = sessions.clock(ref.owner, ref.id, ref.transcript_id, ttl_s, ledger)
         with contextlib.suppress(RedisError):
-            await sessions.release(redis, job.session.owner, job.session.id, job.id)
+            await sessions.release(redis, ref.owner, ref.id, job.id, clock)

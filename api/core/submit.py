@@ -111,8 +111,8 @@ async def submit(
     rejoinable = idempotency is not None or session_id is not None
     if idempotency is not None and (earlier := await _earlier(idempotency, gateway, caller)) is not None:
         return Run(gateway, [earlier], request.background, response_format, reasoning, rejoinable=rejoinable)
+    ledger = stored_ledger(gateway, http)
     if session_id is not None:
-        ledger = stored_ledger(gateway, http)
         job = await attach(
             gateway.redis, settings, caller.key_id, session_id, job, ledger, background=request.background
         )
@@ -121,12 +121,12 @@ async def submit(
             await companion.save(job)
         ref = await _queue(job, http, gateway, caller, background=request.background, idempotency=idempotency)
     except BaseException:
-        await abandon(gateway.redis, job)  # never queued: the session is free again
+        await abandon(gateway.redis, job, settings.session_ttl_s, ledger)  # never queued: the session is free
         if companion is not None:
             await companion.forget(job.id)
         raise
     if ref.id != job.id:  # attached to the key's earlier job: this one was never queued
-        await abandon(gateway.redis, job)
+        await abandon(gateway.redis, job, settings.session_ttl_s, ledger)
         if companion is not None:
             await companion.forget(job.id)
     return Run(gateway, [ref], request.background, response_format, reasoning, rejoinable=rejoinable)
