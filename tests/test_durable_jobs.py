@@ -1003,3 +1003,33 @@ def test_a_plain_request_whose_client_leaves_first_is_cancelled_unless_it_can_co
     assert again.status_code == 200, again.text
     assert answer(again.json()) == words(40)
     assert ended_jobs() == [b"cancelled", b"completed"]  # the same job, once
+
+
+@pytest.mark.parametrize("front_end", list(_PLAIN_FRONT_ENDS))
+def test_a_streams_client_that_leaves_before_its_headers_is_treated_as_a_plain_one(
+    start_gateway: Any, front_end: str
+) -> None:
+    """Found by an outside probe: a stream's client that timed out before the headers (a job
+    silent for STREAM_COMMIT_AFTER_S) had not seen its id, and its job ran on for no one."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted")
+    client = gateway.redis()
+    path, body, _ = _PLAIN_FRONT_ENDS[front_end]
+    silent = {**body(script(text="late", wait_ms=4000)), "stream": True}
+
+    def ended_jobs() -> list[bytes | None]:
+        records = [key for key in client.scan_iter("gateway:job:*") if b":" not in key[12:]]
+        return sorted(client.hget(key, "ended") or b"" for key in records)
+
+    with (
+        pytest.raises(httpx.ReadTimeout),
+        httpx.stream("POST", f"{gateway.url}{path}", json=silent, timeout=1),
+    ):
+        pass
+    wait_for(lambda: ended_jobs() == [b"cancelled"], 5, "the job cancelled")
+    keyed = {"idempotency-key": "one-stream"}
+    with (
+        pytest.raises(httpx.ReadTimeout),
+        httpx.stream("POST", f"{gateway.url}{path}", json=silent, headers=keyed, timeout=1),
+    ):
+        pass
+    wait_for(lambda: ended_jobs() == [b"cancelled", b"completed"], 10, "the keyed job completes")

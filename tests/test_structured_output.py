@@ -86,6 +86,57 @@ def test_streamed_structured_reply_is_checked_then_sent_whole(scripted: Gateway)
     assert post(scripted, bad).status_code == 502
 
 
+@pytest.fixture(scope="module")
+def committing(start_gateway: Any) -> Gateway:
+    """Streams open after half a second without an event."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", STREAM_COMMIT_AFTER_S="0.5")
+    return gateway
+
+
+def test_a_slow_structured_stream_opens_before_its_job_ends(committing: Gateway) -> None:
+    """Found by an outside probe: a structured stream sent nothing, headers included, until its
+    job ended; an SDK's timeout and retries ran the agent three times for one call."""
+    client = committing.redis()
+
+    def running() -> list[bytes]:
+        records = [key for key in client.scan_iter("gateway:job:*") if b":" not in key[12:]]
+        return [key for key in records if not client.hexists(key, "ended")]
+
+    slow = '{"name": "Ada", "age": 36}'
+    bodies = {
+        "/v1/chat/completions": chat(
+            script(text=slow, wait_ms=3000), response_format=schema_format(), stream=True
+        ),
+        "/v1/responses": {
+            "model": "claude-sonnet-4-5",
+            "input": script(text=slow, wait_ms=3000),
+            "stream": True,
+            "text": {"format": {"type": "json_schema", "name": "person", "schema": PERSON}},
+        },
+    }
+    for path, body in bodies.items():
+        with httpx.stream("POST", f"{committing.url}{path}", json=body, timeout=30) as response:
+            assert response.status_code == 200
+            assert running(), path  # headers before the job's end
+            data = [item for _, item in sse_events(response.iter_lines())]
+        assert not running()
+        if path == "/v1/responses":
+            first, last = json.loads(data[0]), json.loads(data[-1])
+            assert first["type"] == "response.created"  # its id, at once
+            assert json.loads(last["response"]["output"][0]["content"][0]["text"]) == json.loads(slow)
+        else:
+            chunks = [json.loads(item) for item in data[:-1]]
+            text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
+            assert json.loads(text) == json.loads(slow)
+    # A reply that breaks the format, past the headers: an error in the stream.
+    broken = chat(script(text="not json", wait_ms=1500), response_format=schema_format(), stream=True)
+    with httpx.stream("POST", f"{committing.url}/v1/chat/completions", json=broken, timeout=30) as response:
+        assert response.status_code == 200
+        data = [item for _, item in sse_events(response.iter_lines())]
+    errors = [json.loads(item)["error"] for item in data if item != "[DONE]" and "error" in json.loads(item)]
+    assert [error["code"] for error in errors] == ["invalid_structured_output"], data
+
+
 def test_a_structured_reply_resumed_or_retrieved_is_the_one_checked(scripted: Gateway) -> None:
     # Found by an outside probe: a resume replayed the raw events under ids the live stream never
     # sent (JSON cut and repeated), and a retrieval showed the unchecked text.

@@ -238,9 +238,17 @@ class Run:
                 collecting.cancel()
         with contextlib.suppress(asyncio.CancelledError):  # the client left: its follower goes
             return await collecting
-        if self.gateway.settings.cancel_on_disconnect or not self.rejoinable:
-            await self.cancel("The client disconnected before the answer.")
-        raise OpenAIError(499, "The client disconnected.", type="invalid_request_error", code="client_closed")
+        raise await self.left_before("the answer")
+
+    async def left_before(self, what: str) -> OpenAIError:
+        """The error for a client that left before `what` (it had not seen the jobs' ids), having
+        cancelled the jobs unless the client can come back to them (`rejoinable`; a background run
+        runs on; `CANCEL_ON_DISCONNECT` cancels them anyway)."""
+        if not self.background and (self.gateway.settings.cancel_on_disconnect or not self.rejoinable):
+            await self.cancel(f"The client disconnected before {what}.")
+        return OpenAIError(
+            499, "The client disconnected.", type="invalid_request_error", code="client_closed"
+        )
 
     async def collect(self) -> list[Reply]:
         """Each choice's whole reply; raises the first failure (and a reply that breaks the format)."""

@@ -24,10 +24,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sse_starlette import ServerSentEvent
+from starlette.types import Receive
 
-from api.core.relay import KeepAlive
-from api.core.run import ChoiceEvent, ChoiceEvents, Reply, Run
-from api.core.sse import EventStreamResponse, FinalChunk
+from api.core.relay import KEEP_ALIVE, KEEP_ALIVE_S, KeepAlive
+from api.core.run import ChoiceEvent, ChoiceEvents, Run
+from api.core.sse import EventStreamResponse, FinalChunk, until_disconnect
 from api.errors import OpenAIError
 from shared.jobs import Activity, Delta, Done, Failed, FailureCode, Retraction
 
@@ -94,23 +95,29 @@ async def event_stream(
     after: int = 0,
     live: bool = True,
     rejoinable: bool = True,
+    receive: Receive | None = None,
 ) -> EventStreamResponse:
     """The run's stream after event `after`. `live`: the request that queued the run, which waits
     for the first event before answering and cancels the run if its client leaves (unless the run
     is in the background, or `CANCEL_ON_DISCONNECT` is off). `rejoinable`: its client can come back
     to the run when a shutdown ends the stream (by its id; a Messages request only by sending its
     `Idempotency-Key` again); a live one that cannot is cancelled then, as if its client had left:
-    told to send the request again, it would run the agent twice."""
+    told to send the request again, it would run the agent twice. A live one's client that leaves
+    before the headers (`receive`: its request's, body read) had not seen the run's id: it is
+    treated as a plain request's (`Run.left_before`)."""
     settings = run.gateway.settings
-    events = run.events(after)
-    if run.response_format is not None:  # checked whole, then sent as one delta
-        events = _checked(run, await run.collect())
+    # A structured run is checked whole, then sent as one delta: until then, the stream's opening
+    # and keep-alive pings (it sent nothing until the job ended: an outside probe's SDK timed out
+    # and, retrying, ran the agent three times).
+    events = run.events(after) if run.response_format is None else _checked(run)
     if live:
         with run.gateway.streams.waiting(run.shutting_down):
             try:
-                first = await first_events(events, settings.stream_commit_after_s)
+                first = await first_events(events, settings.stream_commit_after_s, receive)
             except (RedisConnectionError, RedisTimeoutError) as exc:  # longer than REDIS_OUTAGE_GRACE_S
                 raise run.queue_lost() from exc  # before the headers: as a plain request's (a probe)
+            except _ClientLeft:
+                raise await run.left_before("the stream began") from None
     else:
         first = None
 
@@ -122,21 +129,41 @@ async def event_stream(
     return EventStreamResponse(body, run.gateway.streams, partial(_farewell, renderer))
 
 
-async def first_events(events: ChoiceEvents, wait_s: float) -> First:
-    """Waits up to `wait_s` for the run's first events, and raises the failure if the first is one.
+class _ClientLeft(Exception):
+    """The client left before the run's first events."""
+
+
+async def first_events(events: ChoiceEvents, wait_s: float, receive: Receive | None) -> First:
+    """Waits up to `wait_s` for the run's first events, and raises the failure if the first is one,
+    or `_ClientLeft` if the client of `receive` leaves first.
 
     A run silent for longer (a long tool run) gets its headers then, and keep-alive pings.
     """
     first = asyncio.ensure_future(anext(events))
-    await asyncio.wait({first}, timeout=wait_s)
+    gone = asyncio.ensure_future(until_disconnect(receive) if receive is not None else asyncio.Event().wait())
+    try:
+        await asyncio.wait({first, gone}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not first.done() and gone.done() and not gone.cancelled():
+        first.cancel()
+        raise _ClientLeft
     if first.done() and isinstance(failure := first.result()[0][2], Failed):
         raise OpenAIError.from_failure(failure)
     return first
 
 
-async def _checked(run: Run, replies: list[Reply]) -> ChoiceEvents:
-    """A structured run's checked replies as events, all ready: per choice the agent's activity it
-    was to see, one delta of the checked text (none if empty), then its terminal event."""
+async def _checked(run: Run) -> ChoiceEvents:
+    """A structured run's checked replies as events, once all are whole (keep-alives meanwhile):
+    per choice the agent's activity it was to see, one delta of the checked text (none if empty),
+    then its terminal event. A failure, or a reply that breaks the format, is raised."""
+    collecting = asyncio.ensure_future(run.collect())
+    try:
+        while not (await asyncio.wait({collecting}, timeout=KEEP_ALIVE_S))[0]:
+            yield [(0, 0, KEEP_ALIVE)]
+        replies = collecting.result()
+    finally:
+        collecting.cancel()
     batch: list[ChoiceEvent] = []
     for choice, reply in enumerate(replies):
         activity = [event for event in reply.events if isinstance(event, Activity)]
@@ -185,6 +212,9 @@ async def _relay(
         # Headers are gone already: the failure can only be reported in the stream.
         log.warning("lost Redis while relaying a stream")
         ready += renderer.interrupted(_LOST_QUEUE)
+        finished = True
+    except OpenAIError as failure:  # a structured run's, after its headers
+        ready += renderer.interrupted(failure)
         finished = True
     finally:
         run.close()

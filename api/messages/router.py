@@ -32,4 +32,4 @@ async def create_message(body: CreateMessageRequest, request: Request) -> JSONRe
     )
     if not body.stream:
         return JSONResponse(message_body(run.job, (await run.answered(request.receive))[0]).model_dump())
-    return await event_stream(run, MessageStream(run), rejoinable=run.rejoinable)
+    return await event_stream(run, MessageStream(run), rejoinable=run.rejoinable, receive=request.receive)

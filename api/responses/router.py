@@ -70,7 +70,7 @@ async def create_response(
         return JSONResponse(
             response_body(run.job, stored, JobStatus.COMPLETED, reply.text, reply.done, reply.events).wire()
         )
-    return await event_stream(run, ResponseEventRenderer(run.job, stored))
+    return await event_stream(run, ResponseEventRenderer(run.job, stored), receive=request.receive)
 
 
 @router.get("/v1/responses/{response_id}", response_model=Response, responses=COMPLETION_ERRORS)
