@@ -92,8 +92,11 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
-    # arq logs each job's arguments at INFO, and ours carry the prompt: keep only its warnings.
-    logging.getLogger("arq").setLevel(max(logging.WARNING, root.level))
+    # arq logs each job's arguments at INFO, and ours carry the prompt; httpx each request's URL,
+    # with its user and password if the operator's ANTHROPIC_BASE_URL has them (an outside probe):
+    # keep only their warnings.
+    for name in ("arq", "httpx"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     # uvicorn's loggers have handlers of their own; route them through ours.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []

@@ -3,9 +3,11 @@
 import asyncio
 import logging
 
+import httpx
 import pytest
 
 from shared import logs
+from shared.settings import Settings
 from worker.backends import claude  # noqa: F401  (installs its filter on the SDK's logger)
 
 
@@ -35,3 +37,23 @@ def test_the_sdks_error_for_a_cli_the_worker_killed_is_a_debug_line(caplog: pyte
         sdk.error("Fatal error in message reader: Command failed with exit code -9 (exit code: -9)")
         sdk.error("Fatal error in message reader: Command failed with exit code 1 (exit code: 1)")
     assert [record.getMessage().endswith("(exit code: 1)") for record in caplog.records] == [True]
+
+
+def test_a_request_url_with_a_password_is_not_logged(capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by an outside probe: httpx logged each of the credential proxy's requests upstream at
+    INFO, with the password of an ANTHROPIC_BASE_URL like `http://user:password@proxy`."""
+    loggers = [logging.getLogger(name) for name in ("", "arq", "httpx")]
+    before = [(logger.level, logger.handlers[:]) for logger in loggers]
+    try:
+        logs.configure_logging(Settings(log_level="info"))
+        transport = httpx.MockTransport(lambda request: httpx.Response(200))
+        with httpx.Client(transport=transport) as client:
+            assert client.get("http://proxyuser:SECRETMARK@127.0.0.1:9/v1/messages").status_code == 200
+        logging.getLogger("gateway.test").info("a line of the gateway's own")
+        written = capsys.readouterr().err
+    finally:
+        for logger, (level, handlers) in zip(loggers, before, strict=True):
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+    assert "a line of the gateway's own" in written
+    assert "SECRETMARK" not in written
