@@ -9,6 +9,7 @@ written as `<function_call>` / `<function_result>` text, so any backend can cont
 cannot force a tool choice); `none` offers no function.
 """
 
+import html
 import re
 from typing import Any
 
@@ -90,19 +91,39 @@ def _result_text(message: ChatMessage, index: int) -> str:
     return _text(message)
 
 
+# What would open or close a call or a result, in what a call or result holds.
+_MARKUP = re.compile(r"<(?=/?function_(?:call|result))", re.IGNORECASE)
+
+
+def _inert(text: str) -> str:
+    """`text` inside a call or a result, unable to end it or begin another: a result often holds a
+    third party's text (a page, a file), and one holding `</function_result>` had ended its result
+    and gone on as the user's own words and an earlier call (an outside probe)."""
+    return _MARKUP.sub("&lt;", text)
+
+
+def _attribute(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
 def _as_turn(message: ChatMessage, index: int) -> ChatMessage:
     """A message about function calls as a plain user or assistant message."""
     if message.role == "assistant" and (message.tool_calls or message.function_call):
         calls = message.tool_calls or [{"id": "call_legacy", "function": message.function_call}]
         written = [
-            f'<function_call id="{call.get("id")}" name="{(call.get("function") or {}).get("name")}">'
-            f"{(call.get('function') or {}).get('arguments')}</function_call>"
+            f'<function_call id="{_attribute(call.get("id"))}" '
+            f'name="{_attribute((call.get("function") or {}).get("name"))}">'
+            f"{_inert(str((call.get('function') or {}).get('arguments')))}</function_call>"
             for call in calls
         ]
         return ChatMessage(role="assistant", content="\n".join(filter(None, [_text(message), *written])))
     if message.role in ("tool", "function"):
-        about = f'id="{message.tool_call_id}"' if message.role == "tool" else f'name="{message.name}"'
-        result = _result_text(message, index)
+        about = (
+            f'id="{_attribute(message.tool_call_id)}"'
+            if message.role == "tool"
+            else f'name="{_attribute(message.name)}"'
+        )
+        result = _inert(_result_text(message, index))
         return ChatMessage(role="user", content=f"<function_result {about}>{result}</function_result>")
     return message
 
