@@ -41,10 +41,11 @@ _COUNT_SESSION = (
     STORED_FUNCTIONS
     + TRANSCRIPT_KEYS
     + """
-local function count_session(ledger, entry, history, transcript, now, expires)
+local function count_session(ledger, entry, record, history, transcript, now, expires)
   if not ledger or ledger == "" then return end
   local keys = transcript_keys(transcript)
   table.insert(keys, history)
+  table.insert(keys, record)  -- its tool configuration (up to 20 KiB) too (an outside probe)
   local bytes = 0
   for _, key in ipairs(keys) do bytes = bytes + (redis.call("MEMORY", "USAGE", key, "SAMPLES", "0") or 0) end
   stored_count(ledger, entry, bytes, expires, now, true)
@@ -73,8 +74,8 @@ redis.call("EXPIRE", KEYS[3], ARGV[4])
 redis.call("ZADD", KEYS[4], tonumber(ARGV[3]) + 1000 * tonumber(ARGV[4]), ARGV[6])
 redis.call("ZREMRANGEBYSCORE", KEYS[4], "-inf", ARGV[3])
 redis.call("EXPIRE", KEYS[4], ARGV[4])
-local now = tonumber(ARGV[3])
-count_session(redis.call("HGET", KEYS[5], "ledger"), ARGV[10], KEYS[3], KEYS[6], now, now + 1000 * ARGV[4])
+local now, ledger = tonumber(ARGV[3]), redis.call("HGET", KEYS[5], "ledger")
+count_session(ledger, ARGV[10], KEYS[2], KEYS[3], KEYS[6], now, now + 1000 * ARGV[4])
 return 1
 """
 )
@@ -97,7 +98,7 @@ if redis.call("EXISTS", KEYS[3]) == 1 then redis.call("EXPIRE", KEYS[3], ARGV[3]
 redis.call("ZADD", KEYS[4], tonumber(ARGV[2]) + 1000 * tonumber(ARGV[3]), ARGV[5])
 redis.call("EXPIRE", KEYS[4], ARGV[3])
 local now = tonumber(ARGV[2])
-count_session(ARGV[8], ARGV[9], KEYS[3], KEYS[5], now, now + 1000 * ARGV[3])
+count_session(ARGV[8], ARGV[9], KEYS[2], KEYS[3], KEYS[5], now, now + 1000 * ARGV[3])
 return 1
 """
 )

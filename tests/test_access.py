@@ -726,3 +726,27 @@ def test_sessions_repeats_and_stored_requests_count_as_they_should(start_gateway
     job_id = first.json()["id"].removeprefix("resp_")
     redis = gateway.redis()
     assert 0 < redis.ttl(f"gateway:response:{job_id}") <= redis.ttl(f"gateway:job:{job_id}") + 1
+
+
+def test_a_sessions_tool_configuration_counts_with_the_session(start_gateway: Any) -> None:
+    """Found by an outside probe: a session's tool configuration (up to 20 KiB) was kept in its
+    record but never counted: 100 sessions of one key held 2.6 MB that its limit did not see."""
+    gateway: Gateway = start_gateway(
+        workers=1, BACKEND="scripted", API_KEYS="key-a-for-the-tools-test", MAX_STORED_BYTES_PER_KEY="200000"
+    )
+    a = bearer("key-a-for-the-tools-test")
+    rules = [f"Bash({i:03d} {'x' * 180})" for i in range(90)]  # 17 KB of rules
+    refusals = []
+    for i in range(20):
+        headers = {**a, "x-session-id": f"cfg-{i}"}
+        turn = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), headers=headers, timeout=30)
+        body = {"session_id": f"cfg-{i}", "disallowed_tools": rules}
+        config = httpx.post(f"{gateway.url}/v1/tools/config", json=body, headers=a, timeout=10)
+        refusals += [r for r in (turn, config) if r.status_code != 200]
+        if refusals:
+            break
+    assert refusals, "20 sessions of 17 KB configurations were kept under a 200 KB limit"
+    assert_error(refusals[0], 429, "storage_limit_exceeded")
+    redis = gateway.redis()
+    [ledger] = redis.keys("gateway:stored:*:bytes")  # the one key's
+    assert 180_000 <= int(redis.hget(ledger, "total") or 0) <= 200_000 + 20_000

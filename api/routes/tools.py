@@ -9,9 +9,10 @@ caller, so only operator keys may read or change it.
 from collections import Counter
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.access import storage_limited, stored_limit
 from api.core.request import ToolNames
 from api.core.sessions import invalid_session_id, session_not_found
 from api.deps import Caller, CallerDep, Gateway, GatewayDep, operator_only
@@ -20,6 +21,7 @@ from api.tool_choice import check_permitted, effective, permitted_servers
 from shared import sessions, tool_config
 from shared.keys import is_session_id
 from shared.mcp import tool_prefix
+from shared.quotas import StorageLimit
 from shared.settings import Settings
 from shared.tool_config import ToolConfig
 
@@ -160,7 +162,7 @@ async def get_tool_config(
 
 @router.post("/v1/tools/config", response_model=ToolConfigObject, responses=_ERRORS)
 async def set_tool_config(
-    body: ToolConfigRequest, gateway: GatewayDep, caller: CallerDep
+    body: ToolConfigRequest, gateway: GatewayDep, caller: CallerDep, request: Request
 ) -> ToolConfigObject:
     """Replaces the fields given (null clears one) of the global configuration (operator keys)
     or of one of the caller's sessions'; tools beyond the operator's policy are a 400."""
@@ -174,9 +176,14 @@ async def set_tool_config(
         await tool_config.set_global_config(redis, config)
         return _object(settings, None, config, [config])
     config = tool_config.updated(await _session_config(gateway, caller, body.session_id), changes)
-    if not await tool_config.set_session_config(
-        redis, sessions.owner_of(caller.key_id), body.session_id, config
-    ):
+    owner = sessions.owner_of(caller.key_id)
+    try:
+        stored = await tool_config.set_session_config(
+            redis, owner, body.session_id, config, stored_limit(gateway, request)
+        )
+    except StorageLimit as refused:
+        raise storage_limited(refused) from None
+    if not stored:
         raise session_not_found(body.session_id)  # deleted meanwhile
     return _object(
         settings, body.session_id, config, _configs(await tool_config.global_config(redis), config)
