@@ -89,10 +89,12 @@ async def test_the_openai_sdk_streams_through_keep_alive_pings(api_in_process: s
 
 
 def test_requests_still_waiting_when_the_drain_ends_get_a_503_naming_their_job(start_gateway: Any) -> None:
-    """Found by an outside probe: a request waiting for its job (not streamed, or streamed before
-    its headers) when the drain ran out got uvicorn's plain-text 500 and a traceback in the log;
-    the SDKs retry a 500, which runs the agent again. A second before the drain's end it is
-    answered a 503 that names its job and says not to retry, in its front end's shape."""
+    """Found by an outside probe: a request waiting for its job (not streamed) when the drain ran
+    out got uvicorn's plain-text 500 and a traceback in the log; the SDKs retry a 500, which runs
+    the agent again. A second before the drain's end it is answered a 503 that names its job and
+    says not to retry, in its front end's shape. A stream still waiting for its first event is
+    not held for the drain: it opens at once (its id in its first chunk) and is ended as open
+    ones are (an outside probe)."""
     gateway: Gateway = start_gateway(
         workers=1, BACKEND="scripted", DRAIN_TIMEOUT_S="2", STREAM_COMMIT_AFTER_S="30"
     )
@@ -116,6 +118,9 @@ def test_requests_still_waiting_when_the_drain_ends_get_a_503_naming_their_job(s
     api.send_signal(signal.SIGTERM)
     for thread in threads:
         thread.join(timeout=20)
+    streamed = answers.pop("chat stream")
+    assert streamed.status_code == 200, streamed.text
+    assert '"code":"server_shutting_down"' in streamed.text
     for name, answer in answers.items():
         assert answer.status_code == 503, (name, answer.text)
         assert answer.headers["x-should-retry"] == "false", name
@@ -123,9 +128,24 @@ def test_requests_still_waiting_when_the_drain_ends_get_a_503_naming_their_job(s
         assert "retrieve it by its id" in error["message"], name
     assert answers["chat"].json()["error"]["code"] == "server_shutting_down"
     assert answers["messages"].json()["type"] == "error"  # Anthropic's shape
-    assert len(answers) == 3
+    assert len(answers) == 2
     api.wait(timeout=5)
     assert not any("Traceback" in log.read_text() for log in gateway.logs.glob("api-*.log"))
+
+
+def test_sigterm_ends_a_stream_still_waiting_for_its_first_event_at_once(start_gateway: Any) -> None:
+    """Found by an outside probe: a stream whose job had said nothing yet held the shutdown until
+    STREAM_COMMIT_AFTER_S; it opens then and is ended as the open ones are, resumable by its id."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", DRAIN_TIMEOUT_S="60")
+    api, redis = gateway.processes[-1], gateway.redis()
+    body = chat(script(text="late", wait_ms=8000), stream=True)
+    threading.Timer(0.5, api.send_signal, [signal.SIGTERM]).start()
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=30) as response:
+        said_yet = sum(redis.xlen(key) for key in redis.keys("gateway:job:*:events"))  # at its headers
+        sent = [json.loads(data) for data in sse_data_of(response) if data != "[DONE]"]
+    assert sent[0]["choices"][0]["delta"]["role"] == "assistant"  # its id, to resume by
+    assert sent[-1]["error"]["code"] == "server_shutting_down"
+    assert said_yet == 0  # before the job's first event
 
 
 def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: Any) -> None:

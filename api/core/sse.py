@@ -39,6 +39,13 @@ class OpenStreams:
         self._waits: set[asyncio.Task[object]] = set()
         self._cut_waits: set[asyncio.Task[object]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._ended = asyncio.Event()
+
+    async def ended(self) -> None:
+        """Returns once a shutdown has ended the open streams: a stream still waiting for its
+        first events opens then, and is ended at once as they are (it had held the shutdown for
+        STREAM_COMMIT_AFTER_S: an outside probe)."""
+        await self._ended.wait()
 
     def add(self, stream: "EventStreamResponse") -> None:
         self._loop = self._loop or asyncio.get_running_loop()
@@ -57,6 +64,7 @@ class OpenStreams:
             self._loop.call_soon_threadsafe(self._cut_all, max(0.0, drain_s - 1))
 
     def _cut_all(self, waits_after_s: float) -> None:
+        self._ended.set()
         for stream in list(self._open):
             stream.cut()
         assert self._loop is not None

@@ -28,7 +28,7 @@ from starlette.types import Receive
 
 from api.core.relay import KEEP_ALIVE, KEEP_ALIVE_S, KeepAlive
 from api.core.run import ChoiceEvent, ChoiceEvents, Run
-from api.core.sse import EventStreamResponse, FinalChunk, until_disconnect
+from api.core.sse import EventStreamResponse, FinalChunk, OpenStreams, until_disconnect
 from api.errors import OpenAIError
 from shared.jobs import Activity, Delta, Done, Failed, FailureCode, Retraction
 
@@ -113,7 +113,9 @@ async def event_stream(
     if live:
         with run.gateway.streams.waiting(run.shutting_down):
             try:
-                first = await first_events(events, settings.stream_commit_after_s, receive)
+                first = await first_events(
+                    events, settings.stream_commit_after_s, receive, run.gateway.streams
+                )
             except (RedisConnectionError, RedisTimeoutError) as exc:  # longer than REDIS_OUTAGE_GRACE_S
                 raise run.queue_lost() from exc  # before the headers: as a plain request's (a probe)
             except _ClientLeft:
@@ -133,18 +135,23 @@ class _ClientLeft(Exception):
     """The client left before the run's first events."""
 
 
-async def first_events(events: ChoiceEvents, wait_s: float, receive: Receive | None) -> First:
+async def first_events(
+    events: ChoiceEvents, wait_s: float, receive: Receive | None, streams: OpenStreams
+) -> First:
     """Waits up to `wait_s` for the run's first events, and raises the failure if the first is one,
     or `_ClientLeft` if the client of `receive` leaves first.
 
-    A run silent for longer (a long tool run) gets its headers then, and keep-alive pings.
+    A run silent for longer (a long tool run) gets its headers then, and keep-alive pings; so does
+    one whose API process is shutting down (the stream is then ended at once, resumable by id).
     """
     first = asyncio.ensure_future(anext(events))
     gone = asyncio.ensure_future(until_disconnect(receive) if receive is not None else asyncio.Event().wait())
+    ended = asyncio.ensure_future(streams.ended())
     try:
-        await asyncio.wait({first, gone}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({first, gone, ended}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
+        ended.cancel()
     if not first.done() and gone.done() and not gone.cancelled():
         first.cancel()
         raise _ClientLeft
