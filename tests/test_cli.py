@@ -326,3 +326,34 @@ def test_the_redis_of_an_up_that_was_killed_is_not_looked_for(tmp_path: Path) ->
         timeout=30,
     )
     assert "no `claude-gateway up` runs with its state in" in done.stderr, done.stderr
+
+
+def test_a_worker_stopped_while_its_redis_is_gone_exits_cleanly(tmp_path: Path) -> None:
+    """Found by an outside probe: a SIGTERM during a Redis outage (a rollout's restart) exited the
+    worker with status 1, an ERROR and a traceback, its backend's shutdown skipped."""
+    server = EmbeddedRedis(tmp_path / "redis", persistent=False)
+    server.start()
+    base = {k: v for k, v in os.environ.items() if k not in ("LOG_LEVEL", "MODELS")}
+    env = {**base, "STATE_DIR": str(tmp_path), "REDIS_URL": server.url, "BACKEND": "scripted"}
+    env["WORKSPACE_ROOT"] = str(tmp_path / "workspaces")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "worker"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not SyncRedis.from_url(server.url).keys("gateway:worker:*"):  # its first heartbeat
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.1)
+        server.stop()
+        worker.send_signal(signal.SIGTERM)
+        _, errors = worker.communicate(timeout=30)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, errors
+    assert "Traceback" not in errors, errors
+    assert "stopped by an error" not in errors, errors
