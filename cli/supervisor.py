@@ -140,11 +140,15 @@ class Supervisor:
             redis.stop(timeout_s=STOP_GRACE_S)
 
     def _kill_all(self, *, but_redis: bool = False) -> None:
-        for child in self.children:
+        """Kills what still runs, Redis last: the workers' exits are recorded in it first (a
+        second Ctrl-C's kills had gone unrecorded: an outside probe)."""
+        for child in sorted(self.children, key=lambda c: c.name == "redis"):
             if child.running() and not (but_redis and child.name == "redis"):
                 assert child.process is not None
                 child.process.kill()
                 child.process.wait()
+                if child.name.startswith("worker"):
+                    self._record_killed_worker(child.process, "was killed by up's stop")
 
 
 async def _record_killed(redis_url: str, process: subprocess.Popen[bytes], detail: str) -> None:

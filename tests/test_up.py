@@ -363,6 +363,29 @@ def test_a_hangup_stops_up_as_ctrl_c_does(tmp_path: Path) -> None:
     assert other.process.wait(timeout=DRAIN_S + 15) == 0
 
 
+def test_the_workers_a_second_stop_kills_are_recorded(tmp_path: Path) -> None:
+    """Found by an outside probe: a second Ctrl-C killed the workers, Redis with them, and their
+    exits were never recorded."""
+    first = start_up(tmp_path)
+    response = first.post(chat(script(text="a ", tokens=1000, delay_ms=50), background=True))
+    assert response.status_code == 200, response.text
+    first.process.send_signal(signal.SIGTERM)  # the workers drain the job
+    time.sleep(1)
+    first.process.send_signal(signal.SIGINT)  # now
+    first.process.wait(timeout=30)
+    again = start_up(tmp_path)
+    try:
+        exits = status_json(again)["recent_worker_exits"]
+    finally:
+        again.process.terminate()
+        again.process.wait(timeout=DRAIN_S + 15)
+    # The idle worker had drained and stopped; the one running the job was killed.
+    assert sorted((e["reason"], e["detail"]) for e in exits) == [
+        ("killed", "was killed by up's stop"),
+        ("shutdown", "SIGTERM"),
+    ], exits
+
+
 def test_up_refuses_a_port_already_in_use(tmp_path: Path) -> None:
     """Its API processes share their port: another gateway's on it would share it with them."""
     with socket.create_server(("127.0.0.1", 0)) as taken:
