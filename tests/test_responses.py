@@ -599,6 +599,10 @@ def test_what_a_stateless_coding_agent_sends_is_accepted(client: openai.OpenAI, 
     with httpx.stream("POST", f"{scripted.url}/v1/responses", json=body, timeout=30) as response:
         events = checked_stream(response)
     assert events[-1]["type"] == "response.completed"
+    # Echoed as sent: a function's fields only on functions (an outside probe's web search had them).
+    echoed = events[-1]["response"]["tools"]
+    assert echoed[1] == {"type": "web_search", "external_web_access": False}
+    assert "strict" not in echoed[0]
     [call] = [item for item in events[-1]["response"]["output"] if item["type"] == "function_call"]
     assert (call["namespace"], call["name"]) == ("crm", "get_weather")
     transcript = [

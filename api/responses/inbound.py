@@ -54,7 +54,11 @@ def stored_request(
         conversation=conversation if body.store else [],
         store=body.store,
         text_format=(body.text or {}).get("format") if request.response_format is not None else None,
-        tools=[{"strict": True, "parameters": None, **tool} for tool in body.tools or []],
+        # A function's fields the Response names even when unsent; other tools as they came.
+        tools=[
+            {"strict": True, "parameters": None, **tool} if tool.get("type") == "function" else tool
+            for tool in body.tools or []
+        ],
         tool_choice=body.tool_choice or "auto",
         parallel_tool_calls=body.parallel_tool_calls is not False,
         reasoning=settings.stream_reasoning and body.include_reasoning is not False,
