@@ -1,7 +1,7 @@
 """The part of arq the gateway relies on beyond its public API, pinned: this fails if an arq
 release changes it (arq is in maintenance mode; pyproject.toml pins the version tested).
 
-The worker overrides two methods of arq's `Worker` (`_poll_iteration`, `start_jobs`), calls one
+The worker overrides methods of arq's `Worker` (`_poll_iteration`, `start_jobs`, `close`), calls one
 (`_poll_iteration` through `super()`) and keeps arq's bookkeeping attributes up to date; the job
 store writes arq's keys and queue entries from Lua and removes them when an attempt ends, as
 arq's `finish_job` would (shared/jobstore.py).
@@ -58,7 +58,19 @@ def test_arq_still_drives_the_overridden_methods_as_the_worker_expects() -> None
         "_poll_iteration",
         "start_jobs",
         "handle_sig_wait_for_completion",
+        "close",
     }
+    # `close` is arq's, its health-check key's removal allowed to fail: arq's does these steps.
+    steps = [
+        "self.handle_sig(signal.SIGUSR1)",
+        "await asyncio.gather(*self.tasks.values())",
+        "await self.pool.delete(self.health_check_key)",
+        "await self.on_shutdown(self.ctx)",
+        "await self.pool.close(close_connection_pool=True)",
+        "self._pool = None",
+    ]
+    close = inspect.getsource(Worker.close)
+    assert [close.index(step) for step in steps] == sorted(close.index(step) for step in steps)
 
 
 def test_the_worker_attributes_the_gateway_keeps_up_to_date_exist() -> None:
