@@ -122,14 +122,21 @@ def run_worker(settings: Settings, worker_id: str | None) -> None:
     # A mistake of this machine's, before Redis is waited for.
     _check_folders("worker", {"WORKSPACE_ROOT": settings.workspace_root, **_store_folder(settings)})
     wait_for_redis(redis_url, "worker")  # one line if it never answers, not a traceback
-    if worker_id is not None and asyncio.run(_alive(redis_url, worker_id)):
+    if worker_id is not None and not asyncio.run(_claimed(redis_url, worker_id, settings.heartbeat_ttl_s)):
         sys.exit(f"claude-gateway worker: a live worker has the id {worker_id}")
     run(settings, redis_url, worker_id)
 
 
-async def _alive(redis_url: str, worker_id: str) -> bool:
+async def _claimed(redis_url: str, worker_id: str, ttl_s: float) -> bool:
+    """Whether `worker_id` is this worker's: a worker killed with it leaves it within a heartbeat's
+    TTL, which a quick restart waits out rather than fail (a supervisor would give up)."""
+    deadline = time.monotonic() + ttl_s + 1
     async with cli_redis(redis_url) as redis:
-        return bool(await redis.exists(heartbeats.worker_key(worker_id)))
+        while not await heartbeats.claim(redis, worker_id, ttl_s):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.5)
+    return True
 
 
 def _check_folders(role: str, folders: dict[str, Path]) -> None:
@@ -346,7 +353,9 @@ _MAX_OPEN_FILES = 1 << 20
 
 def _worker_id(value: str) -> str:
     if not heartbeats.valid_worker_id(value):
-        raise argparse.ArgumentTypeError("a worker id is 1 to 128 of A-Z a-z 0-9 . _ -")
+        raise argparse.ArgumentTypeError(
+            "a worker id is 1 to 128 of A-Z a-z 0-9 . _ -, a letter or digit first"
+        )
     return value
 
 

@@ -18,7 +18,9 @@ from shared.backend_auth import BackendAuth
 from shared.keys import LOAD_FIELDS, PREFIX, WORKER_LOAD
 
 WORKERS_INDEX = f"{PREFIX}:workers"
-_WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# A letter or digit first: an id names the worker's folders too, and `..` had named its
+# workspace root's parent, which the worker removed at its stop (a re-check probe).
+_WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Index members silent for this long are dropped: far beyond any TTL, so only the dead go.
 _INDEX_RETENTION_S = 3600.0
 
@@ -115,6 +117,13 @@ async def beat(
     await redis.register_script(_BEAT)(keys=keys, args=args)
 
 
+async def claim(redis: Redis, worker_id: str, ttl_s: float) -> bool:
+    """Takes `worker_id` for a starting worker until its first beat (within `ttl_s`); False if a
+    live worker has it. At once: two workers started together with one id had both checked it
+    free (a re-check probe). Not in the index until that beat, so no reader sees the placeholder."""
+    return bool(await redis.set(worker_key(worker_id), "starting", nx=True, px=int(ttl_s * 1000)))
+
+
 async def retire(redis: Redis, worker_id: str) -> None:
     """A worker stopping cleanly leaves at once instead of when its heartbeat expires."""
     async with redis.pipeline(transaction=False) as pipe:
@@ -139,7 +148,7 @@ def new_worker_id(host: str) -> str:
     """Readable and unique: the host and a random part. Workers in pid namespaces of one host
     (containers on the host's network) share host names and pids, and may start in one second:
     ids of host, pid and start time had named two of them alike (an outside probe)."""
-    safe_host = re.sub(r"[^A-Za-z0-9.-]", "-", host)[:64] or "host"
+    safe_host = re.sub(r"[^A-Za-z0-9.-]", "-", host).lstrip(".-")[:64] or "host"
     return f"{safe_host}-{secrets.token_hex(4)}"
 
 

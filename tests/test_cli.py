@@ -153,6 +153,8 @@ def test_the_private_redis_keeps_to_the_binary_that_wrote_its_data(tmp_path: Pat
         ({"CLAUDE_PERMISSION_MODES": "[]"}, ["api"], "CLAUDE_PERMISSION_MODES: List should have at least 1"),
         ({"PORT": "0"}, ["up"], "claude-gateway up: PORT=0 picks no one port"),
         ({}, ["worker", "--id", "../w"], "a worker id is 1 to 128 of A-Z a-z 0-9 . _ -"),
+        # An id names the worker's folders: `..` named its workspace root's parent (a re-check probe).
+        ({}, ["worker", "--id", ".."], "a letter or digit first"),
         ({"REDIS_URL": "redis://127.0.0.1:1/0"}, ["up"], "claude-gateway up: cannot reach Redis"),
         (
             {"WORKSPACE_ROOT": "/proc/sys/gateway"},
@@ -215,7 +217,14 @@ def test_a_worker_refuses_the_id_of_a_live_worker(redis_server: EmbeddedRedis, t
     done = subprocess.run(
         [sys.executable, "-m", "cli.main", "worker", "--id", "w-1"],
         cwd=ROOT,
-        env={**base, "STATE_DIR": str(tmp_path), "REDIS_URL": url, "BACKEND": "scripted"},
+        # It waits out a heartbeat's TTL (1.5 s here): a killed worker's id is free by then.
+        env={
+            **base,
+            "STATE_DIR": str(tmp_path),
+            "REDIS_URL": url,
+            "BACKEND": "scripted",
+            "HEARTBEAT_INTERVAL_S": "0.5",
+        },
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -326,6 +335,37 @@ def test_the_redis_of_an_up_that_was_killed_is_not_looked_for(tmp_path: Path) ->
         timeout=30,
     )
     assert "no `claude-gateway up` runs with its state in" in done.stderr, done.stderr
+
+
+def test_of_two_workers_started_together_with_one_id_one_is_refused(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """Found by a re-check probe: both had checked the id free, then shared a heartbeat, pushed
+    jobs and a sessions folder."""
+    base = {k: v for k, v in os.environ.items() if k not in ("LOG_LEVEL", "MODELS")}
+    env = {**base, "STATE_DIR": str(tmp_path), "REDIS_URL": unit_db(redis_server), "BACKEND": "scripted"}
+    env |= {"HEARTBEAT_INTERVAL_S": "0.5", "WORKSPACE_ROOT": str(tmp_path / "workspaces")}
+    command = [sys.executable, "-m", "cli.main", "worker", "--id", "twin"]
+    twins = [
+        subprocess.Popen(
+            command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while all(twin.poll() is None for twin in twins):
+            assert time.monotonic() < deadline, "both run"
+            time.sleep(0.1)
+        time.sleep(1)
+        [refused] = [twin for twin in twins if twin.poll() is not None]
+        assert [twin.poll() for twin in twins].count(None) == 1  # the other runs on
+        assert refused.returncode == 1
+        assert "a live worker has the id twin" in (refused.stderr.read() if refused.stderr else "")
+    finally:
+        for twin in twins:
+            twin.kill()
+            twin.wait()
 
 
 def test_a_worker_stopped_while_its_redis_is_gone_exits_cleanly(tmp_path: Path) -> None:

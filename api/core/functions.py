@@ -91,15 +91,13 @@ def _result_text(message: ChatMessage, index: int) -> str:
     return _text(message)
 
 
-# What would open or close a call or a result, in what a call or result holds.
-_MARKUP = re.compile(r"<(?=/?function_(?:call|result))", re.IGNORECASE)
-
-
-def _inert(text: str) -> str:
-    """`text` inside a call or a result, unable to end it or begin another: a result often holds a
-    third party's text (a page, a file), and one holding `</function_result>` had ended its result
-    and gone on as the user's own words and an earlier call (an outside probe)."""
-    return _MARKUP.sub("&lt;", text)
+def inert(text: str, *also: str) -> str:
+    """`text` inside a call or a result, unable to end it or begin another (nor open or close the
+    tags `also` names): a result often holds a third party's text (a page, a file), and one holding
+    `</function_result>` had ended its result and gone on as the user's own words and an earlier
+    call (an outside probe)."""
+    tags = "|".join(("function_call", "function_result", *also))
+    return re.sub(rf"<(?=/?(?:{tags}))", "&lt;", text, flags=re.IGNORECASE)
 
 
 def _attribute(value: object) -> str:
@@ -113,7 +111,7 @@ def _as_turn(message: ChatMessage, index: int) -> ChatMessage:
         written = [
             f'<function_call id="{_attribute(call.get("id"))}" '
             f'name="{_attribute((call.get("function") or {}).get("name"))}">'
-            f"{_inert(str((call.get('function') or {}).get('arguments')))}</function_call>"
+            f"{inert(str((call.get('function') or {}).get('arguments')))}</function_call>"
             for call in calls
         ]
         return ChatMessage(role="assistant", content="\n".join(filter(None, [_text(message), *written])))
@@ -123,7 +121,7 @@ def _as_turn(message: ChatMessage, index: int) -> ChatMessage:
             if message.role == "tool"
             else f'name="{_attribute(message.name)}"'
         )
-        result = _inert(_result_text(message, index))
+        result = inert(_result_text(message, index))
         return ChatMessage(role="user", content=f"<function_result {about}>{result}</function_result>")
     return message
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field
 
 from api.core.conversation import ChatMessage, ContentPart, ImagePart, TextPart
+from api.core.functions import inert
 from api.core.request import AgentControls, CompletionRequest, ReasoningEffort, SessionId
 from api.core.wire import STRICT
 from api.errors import OpenAIError
@@ -148,7 +149,9 @@ def _result(block: _Block, param: str) -> ChatMessage:
     if block.is_error:  # as Claude Code words a tool's failure to the model
         text = "\n".join(part.text for part in parts if isinstance(part, TextPart))
         others = [part for part in parts if not isinstance(part, TextPart)]
-        parts = [TextPart(type="text", text=f"<tool_use_error>{text}</tool_use_error>"), *others]
+        # Its text cannot end the wrapper: a failed tool's output read as a success (an outside probe).
+        wrapped = f"<tool_use_error>{inert(text, 'tool_use_error')}</tool_use_error>"
+        parts = [TextPart(type="text", text=wrapped), *others]
     return ChatMessage(role="tool", tool_call_id=block.tool_use_id, content=parts)
 
 
