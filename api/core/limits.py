@@ -43,6 +43,17 @@ def _refuse_constant(name: str) -> object:
     raise _NotJsonNumber(name)
 
 
+def _utf8(body: bytes) -> bool:
+    """RFC 8259's JSON text is UTF-8. Python's `json` reads UTF-16 and UTF-32 too, and UTF-8 with
+    encoded surrogates, past the checks below: a lone surrogate so sent was a 500 (an outside
+    probe, and a re-check probe)."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return json.detect_encoding(body) in ("utf-8", "utf-8-sig")
+
+
 def bounded_json(body: bytes, settings: Settings) -> OpenAIError | None:
     """Why a JSON request body is refused before it is validated, or None (malformed JSON is
     left to the route, which says where)."""
@@ -52,9 +63,7 @@ def bounded_json(body: bytes, settings: Settings) -> OpenAIError | None:
             "or those characters in its text): send less in one request."
         )
         return OpenAIError.invalid(message, code="too_many_json_values")
-    if body and json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
-        # RFC 8259's JSON text is UTF-8; Python's `json` reads UTF-16 and UTF-32 too, past the
-        # checks below (a lone surrogate in UTF-16 was a 500: an outside probe).
+    if body and not _utf8(body):
         return OpenAIError.invalid(
             "The request body is not valid JSON: it is not UTF-8.", code="invalid_json"
         )
