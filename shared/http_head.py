@@ -8,8 +8,8 @@ request is answered 431, past `max_message_bytes` in all 413, and its connection
 that is not HTTP, 400. Each answer is an error in OpenAI's shape, or in Anthropic's to a request
 for its Messages API, with a request id as every response has.
 
-A request's head must come whole within `head_timeout_s` of its connection, or of its first byte
-on a kept-alive one (408; a connection that sent nothing is closed): idle connections, or ones that
+A request's head must come whole within `head_timeout_s` of its connection, or of the response
+before it on a kept-alive one (408; a connection that sent nothing is closed): idle connections, or ones that
 sent a head's first lines, had held every file an API process could open, and it answered no one
 (an outside probe, with no key).
 
@@ -134,7 +134,7 @@ class BoundedHead(HttpToolsProtocol):
         super().on_message_begin()
         self._head_bytes, self._trailer_bytes, self._message_bytes, self._began = 0, 0, 0, True
         self._parsed_bytes, self._reading_head = 0, True
-        if self._head_due is None:  # a kept-alive connection's next request
+        if self._head_due is None:  # pipelined: it began before the response before it ended
             self._await_head()
 
     # A head that comes whole in one read is parsed before `data_received` counts it: its line
@@ -188,6 +188,13 @@ class BoundedHead(HttpToolsProtocol):
         self._unwatch()
         self._head_came()
         super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # The next head's time runs from here: uvicorn's keep-alive timer stops at any byte, and
+        # empty lines (which begin no request) had kept a connection open for good (a re-check probe).
+        if self._head_due is None and not self.transport.is_closing():
+            self._await_head()
 
     def _await_head(self) -> None:
         self._head_due = self.loop.call_later(self.head_timeout_s, self._head_overdue)

@@ -3,6 +3,7 @@ its writes, a response's head goes out with its first body, or alone once the ap
 gateway's API, a client that stops reading is disconnected."""
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -102,9 +103,16 @@ async def test_a_head_that_does_not_come_in_time_closes_its_connection() -> None
         """What the server sends until it closes, the parts sent 0.2 s apart."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         for part in parts:
-            writer.write(part)
+            try:
+                writer.write(part)
+                await writer.drain()
+            except ConnectionError:
+                break  # closed by the server
             await asyncio.sleep(0.2)
-        answer = await asyncio.wait_for(reader.read(), 5)
+        answer = b""
+        with contextlib.suppress(ConnectionError):  # reset while parts were still on their way
+            while chunk := await asyncio.wait_for(reader.read(65536), 5):
+                answer += chunk
         writer.close()
         return answer
 
@@ -118,6 +126,11 @@ async def test_a_head_that_does_not_come_in_time_closes_its_connection() -> None
         kept_alive = await exchange(request, b"GET / HTTP/1.1\r\n")
         assert kept_alive.startswith(b"HTTP/1.1 200 OK\r\n"), kept_alive
         assert b"HTTP/1.1 408 Request Timeout\r\n" in kept_alive
+        # Empty lines begin no request: they cannot keep a connection past the next head's time.
+        # (Closed: it does not wait out `exchange`'s read timeout. Its answer may be lost with the
+        # reset of a connection that still sends.)
+        trickled = await exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", *[b"\r\n"] * 6)
+        assert trickled == b"" or trickled.startswith(b"HTTP/1.1 200 OK\r\n"), trickled
     finally:
         server.should_exit = True
         await serving
