@@ -546,9 +546,11 @@ def _ms() -> int:
 async def sweep(store: ObjectStore, redis: Redis, ttl_s: int, limit: int = 32) -> list[WorkspaceRef]:
     """Deletes the stored workspaces whose session expired or was re-created; returns them.
 
-    A session still alive (same transcript id) is looked at again when its record would expire:
-    a turn's keeps it past its last use plus the TTL, and entries put back in the past came first
-    again each round, 32 of them holding up every other session's deletion (an outside probe).
+    A session still alive (same transcript id) is looked at again when its record would expire,
+    within the TTL: entries put back in the past came first again each round, 32 of them holding
+    up every other session's deletion (an outside probe), and one put back as far as a running
+    turn keeps its session outlived the session once the turn's end gave it its TTL again (a
+    re-check probe).
     """
     due: list[bytes] = await redis.zrangebyscore(WORKSPACES_INDEX, "-inf", _ms(), start=0, num=limit)
     deleted = []
@@ -559,7 +561,7 @@ async def sweep(store: ObjectStore, redis: Redis, ttl_s: int, limit: int = 32) -
             pipe.pttl(session_key(ref.owner, ref.session))
             transcript, left_ms = await pipe.execute()
         if transcript is not None and transcript.decode() == ref.incarnation:
-            left_ms = left_ms if left_ms >= 0 else ttl_s * 1000
+            left_ms = min(left_ms, ttl_s * 1000) if left_ms >= 0 else ttl_s * 1000
             await redis.zadd(WORKSPACES_INDEX, {ref.member: _ms() + left_ms + 1000})
             continue
         try:
