@@ -378,6 +378,8 @@ def test_a_cancel_stops_the_cli_at_once_not_after_its_graceful_exit(
         (["files.\n"], "I'll check the files.\n\nThe directory is fine."),
         ([" is fine"], "I'll check the files.\n\nThe directory"),
         (["files"], "I'll check the "),
+        # A stop at once in the message after: no break with nothing after it (a re-check probe).
+        (["The dir"], "I'll check the files."),
     ],
 )
 def test_the_models_messages_around_a_tool_run_are_apart(

@@ -57,16 +57,20 @@ async def stop_at(events: AsyncIterator[BackendEvent], stops: list[str]) -> Asyn
     matcher = StopMatcher(stops)
     usage = Usage()
     deltas = 0
+    parted: MessageBreak | None = None  # goes out with the next text: a stop may come first
     try:
         async for event in events:
             if isinstance(event, MessageBreak):  # the model's message ended: no stop spans it
                 if rest := matcher.flush():
                     yield Delta(text=rest)
-                yield event
+                parted = event
             elif isinstance(event, Delta):
                 deltas += 1
                 text, stop = matcher.feed(event.text)
                 if text:
+                    if parted is not None:
+                        yield parted
+                        parted = None
                     yield Delta(text=text)
                 if stop is not None:
                     await _close(events)  # before the terminal event: a consumer may stop there
