@@ -72,12 +72,14 @@ def render(snapshot: Snapshot) -> str:
         problems += [f"  {worker.id}: {error}" for error in (checked.errors if checked else [])]
         if worker.sandbox is not None and not worker.sandbox.ready:
             sandbox_problems.append(f"  {worker.id}: {worker.sandbox.reason}")
+        elif worker.sandbox is not None:  # sandboxed, with less than it should have
+            sandbox_problems += [f"  {worker.id}: {warning}" for warning in worker.sandbox.warnings]
     if not snapshot.workers:
         lines.append("(no live worker)")
     if problems:
         lines += ["", "backend auth problems (GET /v1/auth/status)", *problems]
     if sandbox_problems:
-        lines += ["", "jobs without a sandbox (docs/security.md)", *sandbox_problems]
+        lines += ["", "jobs without a sandbox, or with less of one (docs/security.md)", *sandbox_problems]
     # Each is one setting every worker must share: found differing by an outside probe, with
     # nothing in sight to say which worker broke sessions or answered callers from a script.
     lines += _disagreement(snapshot.workers, "workspace_store", "sessions' files are lost between them")

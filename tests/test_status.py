@@ -12,7 +12,7 @@ from cli.embedded_redis import EmbeddedRedis
 from cli.status import render
 from shared import heartbeats, stats
 from shared.backend_auth import BackendAuth
-from shared.heartbeats import Heartbeat
+from shared.heartbeats import Heartbeat, SandboxReport
 from shared.jobs import Failed, FailureCode, Usage
 from shared.stats import Stats
 from shared.status import QueueState, Snapshot, queue_state
@@ -127,6 +127,10 @@ def test_status_shows_a_scripted_worker_without_the_model_auth_it_never_uses() -
     assert "UNUSABLE" not in scripted
     assert "  w-claude: not logged in" in shown
     assert "w-scripted: not logged in" not in shown
+    # A sandbox with less than it should have says so (a re-check probe: a root worker's jobs).
+    weak = SandboxReport(mode="on", ready=True, warnings=["jobs run as the host's root: set CLAUDE_JOB_USER"])
+    snapshot.workers[1] = snapshot.workers[1].model_copy(update={"sandbox": weak})
+    assert "  w-claude: jobs run as the host's root: set CLAUDE_JOB_USER" in render(snapshot)
     # Settings every worker must share, found differing by an outside probe: each worker's is named.
     assert "workers with different BACKEND" in shown
     assert "workers with different WORKSPACE_STORE" not in shown

@@ -219,8 +219,11 @@ class Sandbox:
         if self._prlimit is None and _limit_args(settings):
             warnings.append("prlimit (util-linux) is not installed: no per-job limits")
         job_user = settings.claude_job_user
-        if (job_user is None and os.geteuid() == 0) and settings.sandbox_processes:
-            warnings.append("root is exempt from the process limit: set CLAUDE_JOB_USER")
+        if job_user is None and os.geteuid() == 0:
+            warnings.append(
+                "jobs run as the host's root (no process limit, root's keyrings and the host's "
+                "device nodes within reach): set CLAUDE_JOB_USER"
+            )
         if EGRESS_SOCKET in self._proxies and self._python is None:
             warnings.append("no python3 in /usr for the egress relay: SANDBOX_ALLOWED_HOSTS unreachable")
         reason = self._build_probe() if self._proxies else _NO_MODEL_PROXY
