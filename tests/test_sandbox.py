@@ -235,6 +235,36 @@ def test_every_escape_fails_and_other_callers_are_served(sandboxed: Gateway, ups
     assert set(upstream.credentials) == {REAL_KEY}  # the proxy sent the key; the CLI never had it
 
 
+def test_a_resumed_turns_config_folder_is_beyond_other_users_reach(
+    sandboxed: Gateway, upstream: FakeAnthropic
+) -> None:
+    """Found by an outside probe: a session's resumed turn has its config folder in the worker's
+    runtime folder (0711, for the sockets), where a root worker's job (the host's root) left a
+    setuid-root shell, its folder opened up, for any local user to run."""
+    if "CLAUDE_JOB_USER" in sandboxed.env:
+        pytest.skip("a job of another user makes no setuid-root program")
+    sid, marker = f"resumed-{uuid.uuid4().hex[:8]}", f"planted-{uuid.uuid4().hex[:8]}"
+    plant = f'cp /usr/bin/true "$CLAUDE_CONFIG_DIR/{marker}" && chmod 4755 "$CLAUDE_CONFIG_DIR/{marker}" '
+    plant += '&& chmod 755 "$CLAUDE_CONFIG_DIR"; sleep 6'
+    upstream.by_prompt[sid] = deque([Reply(), _bash(plant), Reply()])
+    url = f"{sandboxed.url}/v1/chat/completions"
+    assert httpx.post(url, json=chat(sid, session_id=sid), timeout=90).status_code == 200
+    answers: dict[str, httpx.Response] = {}
+    turn = threading.Thread(
+        target=lambda: answers.update(r=httpx.post(url, json=chat("again", session_id=sid), timeout=90))
+    )
+    turn.start()
+    runtime = Path(tempfile.gettempdir()) / f"gateway-workers-{os.getuid()}"
+    deadline = time.monotonic() + 30
+    while not (planted := list(runtime.glob(f"*/**/{marker}"))):
+        assert time.monotonic() < deadline, "the resumed turn planted nothing"
+        time.sleep(0.1)
+    reached = subprocess.run(["test", "-x", str(planted[0])], user="nobody", check=False)
+    turn.join(timeout=60)
+    assert answers["r"].status_code == 200, answers["r"].text
+    assert reached.returncode != 0, f"nobody can run {planted[0]}"
+
+
 def test_kill_everything_ends_only_the_jobs_own_sandbox(sandboxed: Gateway, upstream: FakeAnthropic) -> None:
     worker = sandboxed.workers[0]
     upstream.by_prompt["killer"] = deque([_bash(f"kill -9 {worker.pid}; kill -9 -1; sleep 5"), Reply()])

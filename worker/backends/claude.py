@@ -237,8 +237,13 @@ class ClaudeBackend:
         self._runtime_dir = runtime_dir()
         # The SDK's copies of resumed transcripts (`claude-resume-*`, a caller's conversation) go
         # in this worker's own folder, which the next worker removes if this one is killed: in
-        # the temp dir, a killed worker's stayed for good (an outside probe).
-        tempfile.tempdir = str(self._runtime_dir)
+        # the temp dir, a killed worker's stayed for good (an outside probe). One only this user
+        # may enter, unless jobs run as another: a job of a root worker is the host's root, and
+        # had left a setuid-root shell there, in its config directory, for any local user to run
+        # (the runtime folder is 0711 for the sockets; an outside probe).
+        resumed = self._runtime_dir / "resumed"
+        resumed.mkdir(mode=0o711 if settings.claude_job_user is not None else 0o700)
+        tempfile.tempdir = str(resumed)
         self._proxy: CredentialProxy | None = None
         credential = self._proxied_credential()
         if credential is not None:
