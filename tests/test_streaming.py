@@ -148,6 +148,49 @@ def test_sigterm_ends_a_stream_still_waiting_for_its_first_event_at_once(start_g
     assert said_yet == 0  # before the job's first event
 
 
+def test_a_stream_its_client_cannot_come_back_to_is_cancelled_at_shutdown(start_gateway: Any) -> None:
+    """Found by an outside probe: with CANCEL_ON_DISCONNECT off (the default), a Messages stream
+    (no ids to resume by; with a session too) and a stream of several choices were told at a
+    shutdown to send the request again (or, for the choices, to resume, which replayed the first
+    alone), and their jobs ran on: sent again, the agent ran twice, a session's turn kept twice."""
+    gateway: Gateway = start_gateway(workers=1, BACKEND="scripted", DRAIN_TIMEOUT_S="60", JOBS_PER_WORKER="4")
+    api, redis = gateway.processes[-1], gateway.redis()
+    slow = script(text="w ", tokens=200, delay_ms=40)
+    asked = {
+        "messages": ({**chat(slow, stream=True), "max_tokens": 1000}, {}),
+        "messages in a session": ({**chat(slow, stream=True), "max_tokens": 1000}, {"x-session-id": "s-1"}),
+        "choices": ({**chat(slow, stream=True), "n": 2}, {}),
+    }
+    paths = {
+        "messages": "/v1/messages",
+        "messages in a session": "/v1/messages",
+        "choices": "/v1/chat/completions",
+    }
+    with contextlib.ExitStack() as open_streams:
+        streams = {
+            name: open_streams.enter_context(
+                httpx.stream("POST", f"{gateway.url}{paths[name]}", json=body, headers=headers, timeout=30)
+            )
+            for name, (body, headers) in asked.items()
+        }
+        lines = {name: stream.iter_lines() for name, stream in streams.items()}
+        for each in lines.values():
+            next(line for line in each if line.startswith("data: "))  # flowing
+        api.send_signal(signal.SIGTERM)
+        ends = {name: [line for line in each if line.startswith("data: ")] for name, each in lines.items()}
+    said = [json.loads(ends["choices"][-1][6:])["error"]["message"]]
+    said += [
+        json.loads(ends[name][-1][6:])["error"]["message"] for name in ("messages", "messages in a session")
+    ]
+    assert all("send the request again" in message for message in said), said
+    api.wait(timeout=5)
+    records = [key for key in redis.scan_iter("gateway:job:*") if b":" not in key[12:]]
+    assert len(records) == 4
+    for key in records:
+        ended = wait_for(lambda key=key: redis.hget(key, "ended"), 10, "the job's end")
+        assert ended == b"cancelled", key
+
+
 def test_sigterm_ends_an_open_stream_at_once_and_the_job_goes_on(start_gateway: Any) -> None:
     """A shutdown does not wait `DRAIN_TIMEOUT_S` for open streams: they end at once with an error
     that says to resume them (the SDK raises it; a silent end looked complete), without `[DONE]`,

@@ -53,4 +53,5 @@ async def create_chat_completion(
         )
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     renderer = ChunkRenderer(run.job, include_usage=include_usage, choices=len(run.jobs), legacy=legacy)
-    return await event_stream(run, renderer, receive=request.receive)
+    # Several choices' stream has no ids to resume by (a fan-out is no durable job).
+    return await event_stream(run, renderer, rejoinable=len(run.jobs) == 1, receive=request.receive)

@@ -60,6 +60,13 @@ _SERVER_ENDING = OpenAIError(
     type="server_error",
     code="server_shutting_down",
 )
+_SERVER_ENDING_FOR_GOOD = OpenAIError(
+    503,
+    "This API process is shutting down; this stream cannot be resumed and its job is cancelled: "
+    "send the request again.",
+    type="server_error",
+    code="server_shutting_down",
+)
 _PING = ServerSentEvent(comment="ping")
 _PING_LINE = b": ping\r\n"
 """The keep-alive as sent: a comment line without the blank line that would end an event. Ended,
@@ -123,12 +130,20 @@ async def event_stream(
     else:
         first = None
 
-    async def cancel() -> None:
-        await run.cancel("The client disconnected.")
+    async def abandoned() -> None:
+        """The stream ended before the run did: its client left (its jobs cancelled with
+        CANCEL_ON_DISCONNECT), or the server's shutdown ended it (cancelled if its client cannot
+        come back: it was told to send the request again; an outside probe's Messages stream ran
+        on beside the request sent again)."""
+        if run.gateway.streams.ending:
+            if not rejoinable:
+                await run.cancel("The API process shut down; the client sends the request again.")
+        elif settings.cancel_on_disconnect:
+            await run.cancel("The client disconnected.")
 
-    on_abandon = cancel if live and settings.cancel_on_disconnect and not run.background else None
-    body = _relay(run, renderer, events, first, on_abandon, rejoinable)
-    return EventStreamResponse(body, run.gateway.streams, partial(_farewell, renderer))
+    body = _relay(run, renderer, events, first, abandoned if live and not run.background else None)
+    farewell = _SERVER_ENDING if rejoinable else _SERVER_ENDING_FOR_GOOD
+    return EventStreamResponse(body, run.gateway.streams, partial(_farewell, renderer, farewell))
 
 
 class _ClientLeft(Exception):
@@ -186,7 +201,6 @@ async def _relay(
     events: ChoiceEvents,
     first: First | None,
     on_abandon: OnAbandon | None,
-    rejoinable: bool,
 ) -> AsyncGenerator[bytes, None]:
     # What is ready together goes out as one body message: each message is a trip through every
     # middleware's `send`, a socket write and a wake-up of the client. So the events read together
@@ -231,9 +245,9 @@ async def _relay(
             await events.aclose()
         else:  # still waiting for the first events: cancelled, it closes them as it unwinds
             pending.cancel()
-        if not finished and on_abandon is not None and not (rejoinable and run.gateway.streams.ending):
-            # The client left mid-stream (or cannot come back after the shutdown ending it) and
-            # this task is being cancelled: run it apart.
+        if not finished and on_abandon is not None:
+            # The client left mid-stream, or the shutdown ended it, and this task is being
+            # cancelled: run it apart.
             task = asyncio.get_running_loop().create_task(on_abandon())
             _abandoned.add(task)
             task.add_done_callback(_abandoned.discard)
@@ -264,10 +278,11 @@ def _render(
     return ended, False
 
 
-def _farewell(renderer: StreamRenderer) -> bytes:
+def _farewell(renderer: StreamRenderer, error: OpenAIError) -> bytes:
     """What a stream ended by the server's shutdown sends last: an error, without the stream's
-    closing (chat's `[DONE]` would say it is complete), so its client resumes it by id."""
-    return joined(renderer.interrupted(_SERVER_ENDING))
+    closing (chat's `[DONE]` would say it is complete), so its client resumes it by id, or sends
+    the request again where it cannot."""
+    return joined(renderer.interrupted(error))
 
 
 def joined(events: list[ServerSentEvent]) -> bytes:

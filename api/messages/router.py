@@ -32,4 +32,6 @@ async def create_message(body: CreateMessageRequest, request: Request) -> JSONRe
     )
     if not body.stream:
         return JSONResponse(message_body(run.job, (await run.answered(request.receive))[0]).model_dump())
-    return await event_stream(run, MessageStream(run), rejoinable=run.rejoinable, receive=request.receive)
+    # Its stream has no ids to resume by: only a request sent again with its key follows its job.
+    rejoinable = idempotency is not None
+    return await event_stream(run, MessageStream(run), rejoinable=rejoinable, receive=request.receive)
