@@ -386,6 +386,31 @@ def test_the_workers_a_second_stop_kills_are_recorded(tmp_path: Path) -> None:
     ], exits
 
 
+def test_a_worker_whose_start_fails_exits_and_says_why(tmp_path: Path) -> None:
+    """Found by an outside probe: a worker whose backend could not start (a CLAUDE_JOB_USER that
+    does not exist) went on beating, alive to /ready and `status`, its error unsaid until `up`
+    was stopped: its heartbeat's loop had swallowed its cancellation."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "API_KEYS")}
+    env |= {"STATE_DIR": str(tmp_path / "state"), "PORT": str(free_port()), "WORKERS": "1"}
+    env |= {"BACKEND": "claude", "ANTHROPIC_API_KEY": MODEL_KEY, "CLAUDE_JOB_USER": "no-such-user-here"}
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "up"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        wait_for(lambda: "exited with status 1" in log.read_text(), 30, "the worker's exit")
+        assert "no-such-user-here" in log.read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=DRAIN_S + 15)
+
+
 def test_up_refuses_a_port_already_in_use(tmp_path: Path) -> None:
     """Its API processes share their port: another gateway's on it would share it with them."""
     with socket.create_server(("127.0.0.1", 0)) as taken:

@@ -71,9 +71,14 @@ class HeartbeatLoop:
 
     async def run(self) -> None:
         redis = Redis.from_url(self._redis_url, socket_timeout=self._interval_s)
+        task = asyncio.current_task()
+        assert task is not None
         try:
             checked = -self._interval_s
-            while True:
+            # Until cancelled, even where a cancellation is swallowed on the way (in a Redis call):
+            # the loop beat on, and a worker whose start-up had failed under `up` waited on it,
+            # alive to /ready and `status`, its error unsaid, until stopped (an outside probe).
+            while not task.cancelling():
                 self._changed.clear()
                 now = time.monotonic()
                 full = now - checked >= self._interval_s
