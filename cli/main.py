@@ -121,6 +121,7 @@ def run_worker(settings: Settings, worker_id: str | None) -> None:
     redis_url = _require_redis_url(settings, "worker")
     # A mistake of this machine's, before Redis is waited for.
     _check_folders("worker", {"WORKSPACE_ROOT": settings.workspace_root, **_store_folder(settings)})
+    _check_job_folder("worker", settings)
     wait_for_redis(redis_url, "worker")  # one line if it never answers, not a traceback
     if worker_id is not None and not asyncio.run(_claimed(redis_url, worker_id, settings.heartbeat_ttl_s)):
         sys.exit(f"claude-gateway worker: a live worker has the id {worker_id}")
@@ -137,6 +138,15 @@ async def _claimed(redis_url: str, worker_id: str, ttl_s: float) -> bool:
                 return False
             await asyncio.sleep(0.5)
     return True
+
+
+def _check_job_folder(role: str, settings: Settings) -> None:
+    """Exits with one line unless CLAUDE_CWD, where set, is a folder: every job had failed with
+    "Claude Code exited unexpectedly" while the worker said it was ready (an outside probe)."""
+    if settings.claude_cwd is not None and not settings.claude_cwd.is_dir():
+        sys.exit(
+            f"claude-gateway {role}: cannot use CLAUDE_CWD={settings.claude_cwd} (not an existing folder)"
+        )
 
 
 def _check_folders(role: str, folders: dict[str, Path]) -> None:
@@ -176,6 +186,7 @@ def run_up(settings: Settings) -> None:
         _state_folder(counters, fresh=True)
     # Said once here: the workers would each exit on it, restarted by `up` for good (an outside probe).
     _check_folders("up", {"WORKSPACE_ROOT": settings.workspace_root, **_store_folder(settings)})
+    _check_job_folder("up", settings)
     embedded = None
     redis_url = settings.redis_url
     children: list[Child] = []

@@ -405,7 +405,8 @@ class Settings(BaseSettings):
     @field_validator("workspace_store")
     @classmethod
     def _store_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("file:///", "s3://")):
+        # A bucket is needed: `s3://` alone passed, and every upload was a 503 to retry (a probe).
+        if value is not None and not re.fullmatch(r"file:///.*|s3://[^/]+(/.*)?", value):
             raise ValueError("use file:///path or s3://bucket/prefix")
         return value
 

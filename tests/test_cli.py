@@ -152,6 +152,22 @@ def test_the_private_redis_keeps_to_the_binary_that_wrote_its_data(tmp_path: Pat
         ),
         ({"CLAUDE_PERMISSION_MODES": "[]"}, ["api"], "CLAUDE_PERMISSION_MODES: List should have at least 1"),
         ({"PORT": "0"}, ["up"], "claude-gateway up: PORT=0 picks no one port"),
+        # Found by an outside probe: each started, then failed every job or upload.
+        (
+            {"CLAUDE_CWD": "/nonexistent/dir"},
+            ["up"],
+            "claude-gateway up: cannot use CLAUDE_CWD=/nonexistent/dir",
+        ),
+        (
+            {"REDIS_URL": "redis://127.0.0.1:1/0", "CLAUDE_CWD": "/nonexistent/dir"},
+            ["worker"],
+            "claude-gateway worker: cannot use CLAUDE_CWD=/nonexistent/dir",
+        ),
+        (
+            {"WORKSPACE_STORE": "s3://"},
+            ["status"],
+            "invalid configuration: WORKSPACE_STORE: use file:///path or s3://bucket/prefix",
+        ),
         ({}, ["worker", "--id", "../w"], "a worker id is 1 to 128 of A-Z a-z 0-9 . _ -"),
         # An id names the worker's folders: `..` named its workspace root's parent (a re-check probe).
         ({}, ["worker", "--id", ".."], "a letter or digit first"),
