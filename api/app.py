@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 from importlib.metadata import version
 
 from fastapi import FastAPI
-from starlette.middleware.cors import CORSMiddleware
 
 from api import errors
 from api.access import Access
@@ -16,7 +15,7 @@ from api.chat import retrieval as chat_retrieval
 from api.chat import router as chat
 from api.deps import Gateway
 from api.messages import router as messages
-from api.middleware import BodyLimit, RequestId, ResponseLimit
+from api.middleware import BodyLimit, Cors, RequestId, ResponseLimit
 from api.responses import router as responses
 from api.routes import (
     auth,
@@ -84,15 +83,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(Access, settings=settings)  # before the body is read
     if settings.cors_origins:
-        # Keys travel in a header, never in cookies: no credentialed CORS, so never `*` with it.
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_credentials=False,
-            allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
-            expose_headers=["x-request-id", "retry-after", "x-ratelimit-remaining-requests"],
-        )
+        app.add_middleware(Cors, settings=settings)
     app.add_middleware(RequestId)  # outermost: even a refused body gets its request id
     routers = (
         chat,

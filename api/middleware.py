@@ -6,6 +6,9 @@ import re
 import time
 import uuid
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.core.limits import bounded_json
@@ -262,3 +265,38 @@ def _too_many(kind: str, cap: int) -> OpenAIError:
         code=code,
         headers={"retry-after": "1"},
     )
+
+
+class Cors(CORSMiddleware):
+    """Starlette's CORS, its refused preflights in the API's error shape (they were plain text:
+    an outside probe), with the CORS headers it gives them."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        # Keys travel in a header, never in cookies: no credentialed CORS, so never `*` with it.
+        super().__init__(
+            app,
+            allow_origins=settings.cors_origins,
+            allow_credentials=False,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
+            expose_headers=["x-request-id", "retry-after", "x-ratelimit-remaining-requests"],
+        )
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = OpenAIError.invalid(f"{bytes(response.body).decode()}.", code="cors_not_allowed")
+        cors = {k: v for k, v in response.headers.items() if k.lower().startswith("access-control-")}
+        return _Refusal(refused, cors)
+
+
+class _Refusal(Response):
+    """An error answered in the shape its request's API speaks (known once it is sent)."""
+
+    def __init__(self, error: OpenAIError, headers: dict[str, str]) -> None:
+        super().__init__(status_code=error.status)
+        self._error, self._cors = error, headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._error.response(scope, self._cors)(scope, receive, send)

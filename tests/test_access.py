@@ -524,6 +524,13 @@ def test_cors_is_for_configured_origins_only_and_never_with_credentials(behind_p
     assert "access-control-allow-credentials" not in allowed.headers
     other = httpx.options(url, headers={"origin": "https://evil.example", **preflight})
     assert "access-control-allow-origin" not in other.headers
+    # Refused in the API's error shape (it was plain text: an outside probe), Anthropic's on its path.
+    assert_error(other, 400, "cors_not_allowed")
+    assert "Disallowed CORS origin" in other.json()["error"]["message"]
+    messages = httpx.options(
+        f"{behind_proxy.url}/v1/messages", headers={"origin": "https://evil.example", **preflight}
+    )
+    assert (messages.status_code, messages.json()["type"]) == (400, "error")
 
 
 def test_cors_is_off_by_default(guarded: Gateway) -> None:
