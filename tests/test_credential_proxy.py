@@ -207,6 +207,14 @@ def test_a_body_the_proxy_cannot_check_is_not_forwarded(
         "/v1/messages", content=f'[{plain}, "tools": {fetch}}}]'.encode(), headers=headers
     )
     assert listed.status_code == 400, listed.text
+    # Counted before it is parsed: 33 MB of empty objects held the worker's loop for seconds, and
+    # 900 MB of its memory (a probe).
+    empties = json.dumps(
+        {**MESSAGE, "messages": [{"role": "user", "content": "hi"}, *[{}] * 600_000]}
+    ).encode()
+    crowded = via(proxy).post("/v1/messages", content=empties, headers=headers)
+    assert crowded.status_code == 400, crowded.text
+    assert "more JSON values" in crowded.text
     assert upstream.received == []
 
 

@@ -58,6 +58,9 @@ worker."""
 DOOR_CONNECTIONS = 32
 """Connections held at once through one sandbox's own socket: more than its CLI and subagents open."""
 MAX_BODY_BYTES = 32 * 1024 * 1024
+_MAX_JSON_VALUES = 500_000
+"""`{` and `[` in a body (in its strings too), counted before it is parsed, as the API counts its
+own: a job's 33 MB of empty objects took 5 s of the worker's loop to parse, and 900 MB (a probe)."""
 """The Messages API's own request limit; a larger body is refused before it is held in memory."""
 DOOR_BODY_BYTES = 2 * MAX_BODY_BYTES
 """Request bodies held at once for one sandbox (read, or sent on and not yet answered)."""
@@ -232,6 +235,10 @@ class CredentialProxy:
         if any(value.strip().lower() != "identity" for value in request.headers.getlist("content-encoding")):
             return _error(
                 415, "invalid_request_error", "the gateway forwards only bodies without a content encoding"
+            )
+        if body.count(b"{") + body.count(b"[") > _MAX_JSON_VALUES:
+            return _error(
+                400, "invalid_request_error", "the body has more JSON values than the gateway checks"
             )
         try:
             parsed = json.loads(body.decode(), object_pairs_hook=_once_each)
