@@ -97,6 +97,19 @@ class Up:
             return False
 
 
+def launched(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`claude-gateway up` with `env`, writing to `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "up"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def start_up(folder: Path) -> Up:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "API_KEYS")}
@@ -116,15 +129,7 @@ def start_up(folder: Path) -> Up:
         "MAX_CONCURRENT_JOBS_PER_KEY": "0",
     }
     log = folder / "up.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "up"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    process = launched(env, log)
     up = Up(process=process, state=folder / "state", port=port, log=log, env=env)
     try:
         wait_for(up.ready, 30, "up serves")
@@ -394,15 +399,7 @@ def test_a_worker_whose_start_fails_exits_and_says_why(tmp_path: Path) -> None:
     env |= {"STATE_DIR": str(tmp_path / "state"), "PORT": str(free_port()), "WORKERS": "1"}
     env |= {"BACKEND": "claude", "ANTHROPIC_API_KEY": MODEL_KEY, "CLAUDE_JOB_USER": "no-such-user-here"}
     log = tmp_path / "up.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "up"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-        )
+    process = launched(env, log)
     try:
         wait_for(lambda: "exited with status 1" in log.read_text(), 30, "the worker's exit")
         assert "no-such-user-here" in log.read_text()
