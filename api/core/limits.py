@@ -43,15 +43,17 @@ def _refuse_constant(name: str) -> object:
     raise _NotJsonNumber(name)
 
 
-def _utf8(body: bytes) -> bool:
-    """RFC 8259's JSON text is UTF-8. Python's `json` reads UTF-16 and UTF-32 too, and UTF-8 with
-    encoded surrogates, past the checks below: a lone surrogate so sent was a 500 (an outside
-    probe, and a re-check probe)."""
+def _utf8_text(body: bytes) -> str | None:
+    """The body's text, None unless it is UTF-8 (RFC 8259's JSON text): Python's `json` reads
+    UTF-16 and UTF-32 too, and UTF-8 with encoded surrogates, past the checks below: a lone
+    surrogate so sent was a 500 (an outside probe, and a re-check probe). Decoded once, as `json`
+    would have decoded the bytes itself."""
+    if json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
+        return None
     try:
-        body.decode("utf-8")
+        return body.decode("utf-8-sig")  # strict; a leading BOM dropped, as `json` drops it
     except UnicodeDecodeError:
-        return False
-    return json.detect_encoding(body) in ("utf-8", "utf-8-sig")
+        return None
 
 
 def bounded_json(body: bytes, settings: Settings) -> OpenAIError | None:
@@ -63,12 +65,12 @@ def bounded_json(body: bytes, settings: Settings) -> OpenAIError | None:
             "or those characters in its text): send less in one request."
         )
         return OpenAIError.invalid(message, code="too_many_json_values")
-    if body and not _utf8(body):
+    if (text := _utf8_text(body)) is None:
         return OpenAIError.invalid(
             "The request body is not valid JSON: it is not UTF-8.", code="invalid_json"
         )
     try:
-        value = json.loads(body, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_constant=_refuse_constant)
     except RecursionError:
         return _too_deep()
     except _NotJsonNumber as constant:

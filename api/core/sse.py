@@ -39,13 +39,16 @@ class OpenStreams:
         self._waits: set[asyncio.Task[object]] = set()
         self._cut_waits: set[asyncio.Task[object]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ended = asyncio.Event()
+        self._ended: asyncio.Future[None] | None = None
 
-    async def ended(self) -> None:
-        """Returns once a shutdown has ended the open streams: a stream still waiting for its
-        first events opens then, and is ended at once as they are (it had held the shutdown for
-        STREAM_COMMIT_AFTER_S: an outside probe)."""
-        await self._ended.wait()
+    @property
+    def ended(self) -> "asyncio.Future[None]":
+        """Done once a shutdown has ended the open streams: a stream still waiting for its first
+        events opens then, and is ended at once as they are (it had held the shutdown for
+        STREAM_COMMIT_AFTER_S: an outside probe). One for every stream: waited on, never a task."""
+        if self._ended is None:
+            self._ended = asyncio.get_running_loop().create_future()
+        return self._ended
 
     def add(self, stream: "EventStreamResponse") -> None:
         self._loop = self._loop or asyncio.get_running_loop()
@@ -64,7 +67,8 @@ class OpenStreams:
             self._loop.call_soon_threadsafe(self._cut_all, max(0.0, drain_s - 1))
 
     def _cut_all(self, waits_after_s: float) -> None:
-        self._ended.set()
+        if not self.ended.done():
+            self.ended.set_result(None)
         for stream in list(self._open):
             stream.cut()
         assert self._loop is not None

@@ -160,14 +160,16 @@ async def first_events(
     one whose API process is shutting down (the stream is then ended at once, resumable by id).
     """
     first = asyncio.ensure_future(anext(events))
-    gone = asyncio.ensure_future(until_disconnect(receive) if receive is not None else asyncio.Event().wait())
-    ended = asyncio.ensure_future(streams.ended())
+    watched: set[asyncio.Future[Any]] = {first, streams.ended}
+    gone = None if receive is None else asyncio.ensure_future(until_disconnect(receive))
+    if gone is not None:
+        watched.add(gone)
     try:
-        await asyncio.wait({first, gone, ended}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(watched, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        gone.cancel()
-        ended.cancel()
-    if not first.done() and gone.done() and not gone.cancelled():
+        if gone is not None:
+            gone.cancel()
+    if not first.done() and gone is not None and gone.done() and not gone.cancelled():
         first.cancel()
         raise _ClientLeft
     if first.done() and isinstance(failure := first.result()[0][2], Failed):

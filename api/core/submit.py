@@ -111,7 +111,7 @@ async def submit(
     rejoinable = idempotency is not None or session_id is not None
     if idempotency is not None and (earlier := await _earlier(idempotency, gateway, caller)) is not None:
         return Run(gateway, [earlier], request.background, response_format, reasoning, rejoinable=rejoinable)
-    ledger = stored_ledger(gateway, http)
+    ledger = stored_ledger(gateway, http) if session_id is not None else None  # its session's
     if session_id is not None:
         job = await attach(
             gateway.redis, settings, caller.key_id, session_id, job, ledger, background=request.background
