@@ -13,6 +13,7 @@ checked against revocation and a request would go unmetered. Completions need Re
 import ipaddress
 import logging
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -161,6 +162,10 @@ _AMBIGUOUS_KEY = OpenAIError(
 )
 
 
+_HTTP_SPACE = " \t"
+_HTTP_SPACES = re.compile("[ \t]+")
+
+
 def _presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
     """The API key the request presents, if any. Two different ones are refused (`AmbiguousKey`),
     not one of them taken: a proxy in front that reads the other would disagree about who calls
@@ -168,12 +173,13 @@ def _presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
     presented: set[str] = set()
     for name, value in headers:
         if name == b"authorization":
-            # Any whitespace after the scheme, as HTTP allows (a tab let a second key past a probe).
-            parts = value.decode("latin-1").split(maxsplit=1)
+            # Any of HTTP's whitespace after the scheme (a tab let a second key past a probe), and
+            # only HTTP's: `str.split` also takes NBSP and NEL, which a proxy in front would not.
+            parts = _HTTP_SPACES.split(value.decode("latin-1").strip(_HTTP_SPACE), maxsplit=1)
             if len(parts) == 2 and parts[0].lower() == "bearer":
-                presented.add(parts[1].strip())
-        elif name == b"x-api-key" and value.strip():
-            presented.add(value.decode("latin-1").strip())
+                presented.add(parts[1])
+        elif name == b"x-api-key" and (key := value.decode("latin-1").strip(_HTTP_SPACE)):
+            presented.add(key)
     if len(presented) > 1:
         raise AmbiguousKey
     return next(iter(presented), None)
@@ -451,6 +457,11 @@ def stored_ledger(gateway: Gateway, request: Request) -> str | None:
     """The ledger the caller's sessions count in (`stored_limit`'s), if any."""
     stored = stored_limit(gateway, request)
     return None if stored is None else stored.ledger
+
+
+def key_revoked() -> OpenAIError:
+    """The request's key was revoked after its access check, before its job was queued."""
+    return OpenAIError(401, "This API key was revoked.", type="invalid_request_error", code="invalid_api_key")
 
 
 def storage_limited(refused: quotas.StorageLimit) -> OpenAIError:

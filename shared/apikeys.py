@@ -26,6 +26,11 @@ PROTECTED = f"{PREFIX}:apikeys:protected"
 """Set with the first managed key and kept when the last is revoked: a gateway that has had a key
 stays protected, in API processes started later too (`up` restarting one that died), until an
 operator opens it again (`open_again`). A Redis that loses its data loses this with it."""
+REVOKED = f"{PREFIX}:apikeys:revoked:"
+"""And a key id: set when the key is revoked, for `REVOKED_KEPT_S`, so that the job store queues
+no job for it (`JobStore.create`): a request the key authenticated before, whose body came after
+the revoke, had run its agent to the end (an outside probe)."""
+REVOKED_KEPT_S = 24 * 3600  # far longer than a request may take from its access check to its job
 MIN_CONFIGURED_KEY_CHARS = 16  # shorter ones could be guessed, however slowly
 _SECRET_PREFIX = "cgw-"  # noqa: S105 (a recognisable prefix, not a secret)
 
@@ -95,21 +100,24 @@ async def listed(redis: Redis) -> list[ManagedKey]:
     return sorted(keys, key=lambda key: (key.created, key.id))
 
 
-# KEYS: MANAGED_KEYS, PROTECTED. ARGV: the key's digest. Runs while Redis is full (`maxmemory`,
-# noeviction): a leaked key must be revocable then too (an outside probe could not), and the
-# mark that keeps the gateway protected is a few bytes, set in the same step.
+# KEYS: MANAGED_KEYS, PROTECTED, the key's REVOKED mark. ARGV: the key's digest, REVOKED_KEPT_S.
+# Runs while Redis is full (`maxmemory`, noeviction): a leaked key must be revocable then too (an
+# outside probe could not), and the marks are a few bytes, set in the same step.
 _REVOKE = """#!lua flags=allow-oom
 redis.call('set', KEYS[2], 1)
+redis.call('set', KEYS[3], 1, 'EX', ARGV[2])
 return redis.call('hdel', KEYS[1], ARGV[1])
 """
 
 
 async def revoke(redis: Redis, key_id: str) -> bool:
-    """Deletes the managed key with this id; True if there was one. Takes effect on the next request;
-    the gateway stays protected (`PROTECTED`, set here too for keys created before it existed)."""
+    """Deletes the managed key with this id; True if there was one. Takes effect on the next request,
+    and on the jobs of requests it let in before (`REVOKED`); the gateway stays protected
+    (`PROTECTED`, set here too for keys created before it existed)."""
     for hashed, raw in (await redis.hgetall(MANAGED_KEYS)).items():  # type: ignore[misc]
         if json.loads(raw)["id"] == key_id:
-            deleted = await redis.eval(_REVOKE, 2, MANAGED_KEYS, PROTECTED, hashed)  # type: ignore[misc]
+            marks = (MANAGED_KEYS, PROTECTED, REVOKED + key_id)
+            deleted = await redis.eval(_REVOKE, 3, *marks, hashed.decode(), str(REVOKED_KEPT_S))  # type: ignore[misc]
             return bool(deleted)
     return False
 

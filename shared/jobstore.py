@@ -40,8 +40,8 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared import sessions, stats
-from shared.jobs import CompletionJob, Failed, FailureCode, JobStatus, encode_event
+from shared import apikeys, sessions, stats
+from shared.jobs import CompletionJob, Failed, FailureCode, JobStatus, decode_event, encode_event
 from shared.keys import (
     LOAD_FIELDS,
     PREFIX,
@@ -79,6 +79,7 @@ local ARQ_RETRY, RUN_COMPLETION = '{retry_key_prefix}', '{RUN_COMPLETION}'
 local WAKEUP_CHANNEL, CANCEL_CHANNEL = '{channels.wakeup}', '{channels.cancel}'
 local WORKER, WORKER_LOAD, RUNNING, WAITING = '{PREFIX}:worker:', '{WORKER_LOAD}', '{RUNNING}', '{WAITING}'
 local QUEUE_DEADLINES, RESPONSE = '{QUEUE_DEADLINES}', '{PREFIX}:response:'  -- `response_key`
+local REVOKED = '{apikeys.REVOKED}'
 local LOAD_FIELDS = {{{", ".join(repr(field) for field in LOAD_FIELDS)}}}
 local PUSH_LIMIT = {PUSH_LIMIT_BYTES}
 -- Redis's clock, in ms: leases are timed by it, not by the callers' (a command held up in an
@@ -299,6 +300,7 @@ end
 # first meanwhile, so a later job cannot take the free slot and leave it behind (re-check probes
 # saw session turns wait behind hundreds of later jobs until their queue timeout).
 _CREATE = """
+if redis.call('exists', REVOKED .. ARGV[1]) == 1 then return redis.error_reply('KEY_REVOKED') end
 local existing = #KEYS == 4 and redis.call('get', KEYS[4])
 if existing then return existing end
 local now = ARGV[13] ~= '' and server_ms()
@@ -351,7 +353,7 @@ return false
 # KEYS: record, queue
 # ARGV: job id, attempt, now ms, in-progress ms, worker id, lease ms, ttl
 # Returns nil (not ours to start), {'taken'} (by a worker, for good), {'stale'}, {'defer', ms},
-# {'full'} or {'ok', score, payload, cancel flag}.
+# {'full'} or {'ok', score, payload, the canceller's event or ''}.
 _CLAIM = """
 local attempt_id = ARGV[1] .. '.' .. ARGV[2]
 if redis.call('exists', ARQ_IN_PROGRESS .. attempt_id) == 1 then return {'taken'} end
@@ -476,7 +478,7 @@ if not rec[3] then
   return 'stopped'
 end
 if ARGV[1] == 'withdraw' then return 'running' end
-redis.call('hset', KEYS[1], 'cancel', '1')
+redis.call('hset', KEYS[1], 'cancel', ARGV[3])  -- its worker ends it with this event
 redis.call('publish', CANCEL_CHANNEL, ARGV[2])
 return 'cancelling'
 """
@@ -499,8 +501,8 @@ local old = ARGV[1] .. '.' .. attempt
 local queued = redis.call('zscore', KEYS[4], old) or ARGV[2]  -- a retry keeps its place in line
 redis.call('zrem', KEYS[4], old)
 redis.call('del', ARQ_JOB .. old, ARQ_IN_PROGRESS .. old, ARQ_RETRY .. old)
-if rec[3] then
-  finish(KEYS[1], KEYS[2], ARGV[1], ARGV[5], 'cancelled', ARGV[6])
+if rec[3] then  -- the canceller's event ('1' from a version before it was kept)
+  finish(KEYS[1], KEYS[2], ARGV[1], rec[3] ~= '1' and rec[3] or ARGV[5], 'cancelled', ARGV[6])
   return 'cancelled'
 end
 if redis.call('xlen', KEYS[2]) == 0 and attempt < tonumber(ARGV[3]) then
@@ -609,11 +611,28 @@ class NoJobSlot(Exception):
         self.cap = cap
 
 
+class KeyRevoked(Exception):
+    """The owner's API key was revoked after its request was let in (`apikeys.REVOKED`)."""
+
+
+CANCELLED = Failed(code=FailureCode.CANCELLED, message="The job was cancelled.")
+
+
+def cancellation(flag: bytes | None) -> Failed | None:
+    """The event a cancelled job ends with, from its record's `cancel` field (`stop` keeps the
+    canceller's: a revoked key's running jobs had said only that they were cancelled)."""
+    if not flag:
+        return None
+    event = CANCELLED if flag == b"1" else decode_event(flag)  # b"1": kept by an earlier version
+    return event if isinstance(event, Failed) else CANCELLED
+
+
 @dataclass(frozen=True)
 class Claimed:
     score: int
     job: CompletionJob
-    cancel_requested: bool
+    cancelled: Failed | None
+    """Cancelled while its previous attempt's worker was lost: the event it ends with."""
 
 
 @dataclass(frozen=True)
@@ -697,7 +716,8 @@ class JobStore:
         `queue_timeout_s`, the workers withdraw it (`withdraw_due`). With `slot`, it takes one of its
         holder's slots, and one for each of its request's other `choices` (created next), or
         raises `NoJobSlot` and queues nothing. With `stored`, its events count in that ledger once
-        it ends, and it is refused (`StorageLimit`) while the ledger is at its limit.
+        it ends, and it is refused (`StorageLimit`) while the ledger is at its limit. An `owner`
+        whose key was revoked gets none (`KeyRevoked`).
         """
         now = _ms()
         entry = serialize_job(RUN_COMPLETION, (job.id, 1), {}, None, now, serializer=serialize)
@@ -730,6 +750,8 @@ class JobStore:
                 raise NoJobSlot(slot.cap if slot is not None else 0) from None
             if refusal == "STORAGE_LIMIT" and stored is not None:
                 raise StorageLimit(stored.limit, int(wait_ms)) from None
+            if refusal == "KEY_REVOKED":
+                raise KeyRevoked from None
             raise
         if existing is None:
             return None
@@ -755,6 +777,10 @@ class JobStore:
             response_format=json.loads(response_format) if (response_format := get("format")) else None,
             legacy_functions=get("legacy") is not None,
         )
+
+    async def cancellation(self, job_id: str) -> Failed | None:
+        """The event the job ends with if it was cancelled (`cancellation`)."""
+        return cancellation(await self.redis.hget(record_key(job_id), "cancel"))  # type: ignore[misc]
 
     async def last_event(self, job_id: str) -> int:
         """The sequence number of the job's last event so far (0: none yet)."""
@@ -848,7 +874,7 @@ class JobStore:
         if reply is None or reply[0] != b"ok":
             return None
         job = CompletionJob.model_validate_json(reply[2])
-        return Claimed(score=int(float(reply[1])), job=job, cancel_requested=bool(reply[3]))
+        return Claimed(score=int(float(reply[1])), job=job, cancelled=cancellation(reply[3]))
 
     @staticmethod
     def pushed(message: bytes) -> tuple[str, int, Claimed | None]:
@@ -861,7 +887,7 @@ class JobStore:
         except ValidationError:
             log.exception("a job pushed as attempt %s could not be read", attempt.decode())
             return job_id, int(number), None
-        return job_id, int(number), Claimed(int(score), job, cancel_requested=False)
+        return job_id, int(number), Claimed(int(score), job, cancelled=None)
 
     async def decline(
         self, job_id: str, attempt: int, worker_id: str, how: Literal["pushed", "routed"] = "pushed"
@@ -972,7 +998,7 @@ class JobStore:
                 f"given (MAX_ATTEMPTS={max_attempts}).",
             )
         )
-        cancelled = encode_event(Failed(code=FailureCode.CANCELLED, message="The job was cancelled."))
+        cancelled = encode_event(CANCELLED)
         outcomes = []
         for raw in expired:
             job_id = raw.decode()

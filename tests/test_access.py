@@ -171,6 +171,61 @@ def test_managed_key_works_on_every_replica_until_revoked(guarded: Gateway, seco
         assert CONFIGURED_KEY not in log.read_text(errors="replace")
 
 
+def test_a_revoke_reaches_the_requests_its_key_let_in_before(guarded: Gateway) -> None:
+    """Found by an outside probe: a request the key had let in, whose body came after the revoke,
+    ran its agent to the end (200); and the key's running stream was told only that it was
+    cancelled, not why."""
+    key_id, secret = new_key(guarded, "leaked")
+    url = f"{guarded.url}/v1/chat/completions"
+    slow = chat(script(text="w ", tokens=400, delay_ms=25), stream=True)
+    body = json.dumps(chat("hi")).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {secret}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode()
+    with (
+        httpx.stream("POST", url, json=slow, headers=bearer(secret), timeout=30) as streamed,
+        socket.create_connection(("127.0.0.1", guarded.port), timeout=30) as held,
+    ):
+        lines = streamed.iter_lines()
+        assert any(line.startswith("data: ") for line in lines)
+        held.sendall(head + body[:5])  # let in: its access check runs on the head
+        time.sleep(0.5)
+        assert keys_cli(guarded, "revoke", key_id).returncode == 0
+        held.sendall(body[5:])
+        answer = b""
+        while chunk := held.recv(65536):
+            answer += chunk
+        data = [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: {")]
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:300]
+    refusal = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert_schema(refusal, "ErrorResponse")
+    assert refusal["error"]["code"] == "invalid_api_key"
+    assert "revoked" in refusal["error"]["message"]
+    assert data[-1]["error"]["message"] == "The API key that started this job was revoked."
+    redis = guarded.redis()
+    try:
+        records = [name for name in redis.scan_iter("gateway:job:*") if name.count(b":") == 2]
+        owned = [name for name in records if redis.hget(name, "owner") == key_id.encode()]
+    finally:
+        redis.close()
+    assert len(owned) == 1  # the stream's: the request let in queued none
+
+
+def test_only_http_whitespace_separates_a_key(guarded: Gateway) -> None:
+    """Found by an outside probe: NBSP and NEL around a key were taken as spaces (Python's), which
+    a proxy in front would not: the two would disagree about which key a request presents."""
+    models = f"{guarded.url}/v1/models"
+    key = CONFIGURED_KEY.encode()
+    for name, value in [
+        ("authorization", b"Bearer\xa0" + key),
+        ("authorization", b"Bearer \x85" + key),
+        ("x-api-key", b"\xa0" + key + b"\xa0"),
+    ]:
+        assert_error(httpx.get(models, headers=[(name.encode(), value)]), 401, "invalid_api_key")
+    assert httpx.get(models, headers=[(b"authorization", b"Bearer \t " + key)]).status_code == 200
+
+
 def test_a_managed_key_is_its_own_caller_on_every_entry_point(guarded: Gateway) -> None:
     """With rate limits on (the default), the admission's one round trip recognises a managed key:
     its role, and its jobs, on chat (streamed), Responses and Messages."""

@@ -337,6 +337,47 @@ def test_the_same_idempotency_key_attaches_on_responses_and_messages_too(durable
     assert "Idempotency-Key was already used" in said["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_a_stream_sent_again_with_its_key_resumes_after_its_last_event_id(
+    durable: Gateway, path: str
+) -> None:
+    """Found by an outside probe: SSE clients that lose a POST's stream send it again with the
+    `Last-Event-ID` they had; under the same `Idempotency-Key`, the whole stream came again (the
+    text before the drop twice). A new request's `Last-Event-ID` names nothing of it: ignored."""
+    text = words(40)
+    asked = script(text=text, delay_ms=5)
+    body = {"model": "claude-sonnet-4-5", "input": asked} if path == "/v1/responses" else chat(asked)
+    body["stream"] = True
+    url, keyed = f"{durable.url}{path}", {"Idempotency-Key": f"resent-{path}"}
+
+    def read(response: httpx.Response) -> list[tuple[str | None, str]]:
+        assert response.status_code == 200, response.text
+        return list(sse_events(iter(response.text.splitlines())))
+
+    def said(events: list[tuple[str | None, str]]) -> str:
+        if path == "/v1/responses":
+            deltas = (json.loads(data) for _, data in events)
+            return "".join(
+                event["delta"] for event in deltas if event["type"] == "response.output_text.delta"
+            )
+        return "".join(content_of(data) for _, data in events if data != "[DONE]")
+
+    with httpx.stream("POST", url, json=body, headers=keyed, timeout=30) as first:
+        head = []
+        for event in sse_events(first.iter_lines()):
+            head.append(event)
+            if len(said(head).split()) >= 5:
+                break
+    last_id = [eid for eid, _ in head if eid is not None][-1]
+    rest = read(httpx.post(url, json=body, headers={**keyed, "Last-Event-ID": last_id}, timeout=30))
+    assert all(eid is None or int(eid) > int(last_id) for eid, _ in rest)
+    assert said(head) + said(rest) == text
+    # The whole stream again without the header; a new request's header is not its own.
+    assert said(read(httpx.post(url, json=body, headers=keyed, timeout=30))) == text
+    fresh = {"Idempotency-Key": f"fresh-{path}", "Last-Event-ID": last_id}
+    assert said(read(httpx.post(url, json=body, headers=fresh, timeout=30))) == text
+
+
 def test_the_same_idempotency_key_attaches_to_a_session_turn_still_running(durable: Gateway) -> None:
     """Found by an outside probe: a client that lost its stream of a session's turn and sent it
     again with the same key got 409 `session_busy` (the turn held the session) until it ended."""

@@ -393,7 +393,7 @@ async def test_a_new_job_is_pushed_claimed_to_the_worker_chosen_for_it(
     pushed_id, attempt, claimed = JobStore.pushed(message["data"])
     assert (pushed_id, attempt) == (job_id, 1)
     assert claimed.job.turns[0].text == "pushed whole"
-    assert not claimed.cancel_requested
+    assert claimed.cancelled is None
     assert before <= claimed.score <= int(time.time() * 1000)
     # Claimed in its name: counted as running there (not as routed), leased, and taken for any other.
     assert await redis.hget(f"gateway:job:{job_id}", "worker") == b"idle"

@@ -25,7 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared import logs, sessions
 from shared.events import EventWriter, Superseded, streamed_text
 from shared.jobs import CompletionJob, Delta, Done, Failed, FailureCode
-from shared.jobstore import AttemptEnd
+from shared.jobstore import CANCELLED, AttemptEnd
 from shared.settings import Settings
 from shared.transcripts import delete_transcript
 from worker.backends import (
@@ -44,8 +44,6 @@ from worker.session_files import SessionFiles, SessionTurn
 from worker.stops import stop_at
 
 log = logging.getLogger("gateway.worker")
-
-_CANCELLED = Failed(code=FailureCode.CANCELLED, message="The job was cancelled.")
 
 
 async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> bool:
@@ -76,8 +74,8 @@ async def run_completion(ctx: dict[str, Any], job_id: str, attempt: int) -> bool
     stopped = False
     try:
         try:
-            if started.cancel_requested:  # cancelled while its previous attempt's worker was lost
-                terminal = _CANCELLED
+            if started.cancelled is not None:  # while its previous attempt's worker was lost
+                terminal = started.cancelled
             else:
                 files = ctx["session_files"]
                 terminal = await _produce(backend, settings, job, writer, ctx["redis"], files)
@@ -300,6 +298,9 @@ async def _stopped(
     if reason is StopReason.SHUTDOWN and writer.emitted == 0:
         await asyncio.shield(running.hand_back(job_id, attempt))
         return None
-    if reason is StopReason.CANCELLED:
-        return _CANCELLED
+    if reason is StopReason.CANCELLED:  # saying why, as its canceller did (a key's revoke)
+        try:
+            return await asyncio.shield(running.store.cancellation(job_id)) or CANCELLED
+        except RedisError:  # the end's write waits for Redis; the reason is not worth that wait
+            return CANCELLED
     return Failed(code=FailureCode.WORKER_SHUTDOWN, message="The worker stopped during the job.")

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.chat.inbound import core_request
-from api.chat.outbound import ChunkRenderer, completion_body, queued_body
+from api.chat.outbound import ChunkRenderer, completion_body, events_after, queued_body
 from api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from api.core.sse import EventStreamResponse
-from api.core.streaming import event_stream
+from api.core.streaming import event_stream, resent_after
 from api.core.submit import IDEMPOTENCY_HEADER, Idempotency, submit
 from api.deps import Caller, Gateway
 from api.errors import COMPLETION_ERRORS
@@ -52,6 +52,15 @@ async def create_chat_completion(
             completion_body(run.job, await run.answered(request.receive), legacy=legacy).model_dump()
         )
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    renderer = ChunkRenderer(run.job, include_usage=include_usage, choices=len(run.jobs), legacy=legacy)
+    after = resent_after(run, request.headers)
+    renderer = ChunkRenderer(
+        run.job, include_usage=include_usage, choices=len(run.jobs), after=after, legacy=legacy
+    )
     # Several choices' stream has no ids to resume by (a fan-out is no durable job).
-    return await event_stream(run, renderer, rejoinable=len(run.jobs) == 1, receive=request.receive)
+    return await event_stream(
+        run,
+        renderer,
+        after=0 if after is None else events_after(after),
+        rejoinable=len(run.jobs) == 1,
+        receive=request.receive,
+    )

@@ -38,7 +38,7 @@ from shared.jobs import (
     Usage,
     settled,
 )
-from shared.jobstore import JobRecord, JobStore
+from shared.jobstore import CANCELLED, JobRecord, JobStore
 
 log = logging.getLogger("gateway.api")
 
@@ -126,6 +126,9 @@ class Run:
     """Whether a client that lost the answer can come back to the run without the job's id (its
     answer's first words name it): by sending the request again (its `Idempotency-Key`), or
     through its session, whose history the reply joins."""
+    repeated: bool = False
+    """The request was sent again under its `Idempotency-Key`: the run is the earlier request's,
+    whose stream its client may have part of (`api/core/streaming.py:resent_after`)."""
     _pumps: "list[asyncio.Task[None]]" = field(default_factory=list)
 
     @property
@@ -296,8 +299,7 @@ async def delete_job(store: JobStore, record: JobRecord) -> bool:
 
 async def cancel_job(store: JobStore, job_id: str) -> None:
     """Cancels the job and gives its worker a moment to stop it, so the answer is usually final."""
-    failure = Failed(code=FailureCode.CANCELLED, message="The job was cancelled.")
-    if await store.stop(job_id, withdraw_only=False, failure=failure) == "cancelling":
+    if await store.stop(job_id, withdraw_only=False, failure=CANCELLED) == "cancelling":
         deadline = asyncio.get_running_loop().time() + _CANCEL_WAIT_S
         while (current := await store.get(job_id)) is not None and current.ended is None:
             if asyncio.get_running_loop().time() > deadline:

@@ -15,7 +15,7 @@ The job goes on, and its stored reply (a retrieval, the session's history) keeps
 import asyncio
 import logging
 import re
-from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping, Sequence
 from functools import partial
 from typing import Annotated, Any, Protocol
 
@@ -305,6 +305,13 @@ def _encoded(event: ServerSentEvent) -> bytes:
     if text.count("\n") != line_ends or text.count("\r") != line_ends:  # a field breaks a line
         return event.encode()
     return text.encode()
+
+
+def resent_after(run: Run, headers: Mapping[str, str]) -> int | None:
+    """The last event id a client that sends its request again has (`Run.repeated`, its
+    `Last-Event-ID`): its stream resumes after it, as a retrieval's would (an outside probe's
+    resent request replayed the whole stream, as SSE clients that retry a POST send it)."""
+    return resumed_after(None, headers.get("last-event-id")) if run.repeated else None
 
 
 def resumed_after(starting_after: int | None, last_event_id: str | None) -> int | None:

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from api.access import (
     STORED_GLOBAL_TOOLS,
     job_slot,
+    key_revoked,
     no_job_slot,
     storage_limited,
     stored_ledger,
@@ -37,7 +38,7 @@ from api.deps import Caller, Gateway
 from api.errors import OpenAIError
 from shared import sessions, tool_config
 from shared.jobs import CompletionJob, new_job_id
-from shared.jobstore import NoJobSlot
+from shared.jobstore import KeyRevoked, NoJobSlot
 from shared.quotas import StorageLimit
 from shared.settings import Settings
 from shared.tool_config import ToolConfig
@@ -110,7 +111,15 @@ async def submit(
     # request it would not store again (a re-check probe saw a Responses retry refused for it).
     rejoinable = idempotency is not None or session_id is not None
     if idempotency is not None and (earlier := await _earlier(idempotency, gateway, caller)) is not None:
-        return Run(gateway, [earlier], request.background, response_format, reasoning, rejoinable=rejoinable)
+        return Run(
+            gateway,
+            [earlier],
+            request.background,
+            response_format,
+            reasoning,
+            rejoinable=rejoinable,
+            repeated=True,
+        )
     ledger = stored_ledger(gateway, http) if session_id is not None else None  # its session's
     if session_id is not None:
         job = await attach(
@@ -129,7 +138,16 @@ async def submit(
         await abandon(gateway.redis, job, settings.session_ttl_s, ledger)
         if companion is not None:
             await companion.forget(job.id)
-    return Run(gateway, [ref], request.background, response_format, reasoning, rejoinable=rejoinable)
+    repeated = ref.id != job.id
+    return Run(
+        gateway,
+        [ref],
+        request.background,
+        response_format,
+        reasoning,
+        rejoinable=rejoinable,
+        repeated=repeated,
+    )
 
 
 def _shows_reasoning(request: CompletionRequest, settings: Settings) -> bool:
@@ -234,6 +252,8 @@ async def _queue(
             raise no_job_slot(refused) from None
         except StorageLimit as refused:
             raise storage_limited(refused) from None
+        except KeyRevoked:
+            raise key_revoked() from None
         if existing is None:
             return job
         assert idempotency is not None

@@ -17,7 +17,7 @@ from api.core.conversation import ChatMessage
 from api.core.run import Run, cancel_job, delete_job, reply_of
 from api.core.sessions import requested_session_id
 from api.core.sse import EventStreamResponse
-from api.core.streaming import StartingAfter, event_stream, resumed_after
+from api.core.streaming import StartingAfter, event_stream, resent_after, resumed_after
 from api.core.structured import ResponseFormat
 from api.core.submit import IDEMPOTENCY_HEADER, Idempotency, submit
 from api.deps import Caller, CallerDep, Gateway, GatewayDep
@@ -70,7 +70,8 @@ async def create_response(
         return JSONResponse(
             response_body(run.job, stored, JobStatus.COMPLETED, reply.text, reply.done, reply.events).wire()
         )
-    return await event_stream(run, ResponseEventRenderer(run.job, stored), receive=request.receive)
+    renderer = ResponseEventRenderer(run.job, stored, after=resent_after(run, request.headers))
+    return await event_stream(run, renderer, receive=request.receive)
 
 
 @router.get("/v1/responses/{response_id}", response_model=Response, responses=COMPLETION_ERRORS)
