@@ -306,7 +306,8 @@ def test_every_call_needs_its_result_and_every_result_a_call_on_every_front_end(
             {"messages": [user, asked, {**answer, "tool_call_id": "call_2"}]},
             "orphan_tool_result",
         ),
-        ("/v1/chat/completions", {"messages": [user, asked, answer, answer]}, "orphan_tool_result"),
+        # Said to answer no call, a second result for one misled a probe.
+        ("/v1/chat/completions", {"messages": [user, asked, answer, answer]}, "duplicate_tool_result"),
         ("/v1/chat/completions", {"messages": [user, asked, user]}, "missing_tool_result"),
         (
             "/v1/responses",
@@ -326,6 +327,10 @@ def test_every_call_needs_its_result_and_every_result_a_call_on_every_front_end(
         response = httpx.post(f"{scripted.url}{path}", json={"model": MODEL, **body}, timeout=30)
         assert response.status_code == 400, (path, body, response.text)
         assert response.json()["error"]["code"] == code, (path, body)
+    # A later call may take an id again (clients that number their calls): not a second result.
+    again = {"messages": [user, asked, answer, user, asked, answer, user]}
+    reused = httpx.post(f"{scripted.url}/v1/chat/completions", json={"model": MODEL, **again}, timeout=30)
+    assert reused.status_code == 200, reused.text
     tool_use = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
     unanswered = {
         "model": MODEL,

@@ -187,6 +187,13 @@ def test_failures_and_unsupported_parameters(scripted: Gateway, client: anthropi
     refused_block = httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30)
     assert refused_block.status_code == 400
     assert "thinking" in refused_block.json()["error"]["message"]
+    # A block the gateway does not take, as Anthropic's API shapes it (a search result's source is
+    # a string): said to be unsupported, not malformed (an outside probe).
+    found = {"type": "search_result", "source": "s", "title": "t", "content": [{"type": "text", "text": "x"}]}
+    body["messages"] = [{"role": "user", "content": [found, {"type": "text", "text": "hi"}]}]
+    unsupported = httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30)
+    assert unsupported.status_code == 400
+    assert "'search_result' are not supported" in unsupported.json()["error"]["message"]
     streamed = {"model": MODEL, "max_tokens": 10, "stream": True}
     streamed["messages"] = [{"role": "user", "content": script(text="a b c", fail_after=1)}]
     with httpx.stream("POST", f"{scripted.url}/v1/messages", json=streamed, timeout=30) as response:

@@ -113,6 +113,13 @@ def test_sdk_create_with_input_items(client: openai.OpenAI) -> None:
     assert response.output_text == "user: first\nassistant: reply"
     assert response.usage is not None
     assert response.usage.output_tokens == 4
+    assert response.reasoning is None
+    # The effort the agent ran with is echoed, as sent either way (an outside probe's SDK showed none).
+    for sent in ({"reasoning": {"effort": "low"}}, {"extra_body": {"reasoning_effort": "low"}}):
+        reasoned = client.responses.create(model=MODEL, input="hi", **sent)  # type: ignore[call-overload]
+        assert reasoned.reasoning is not None
+        assert reasoned.reasoning.effort == "low"
+        assert client.responses.retrieve(reasoned.id).reasoning == reasoned.reasoning
 
 
 def test_sdk_streaming_events_in_order(client: openai.OpenAI) -> None:

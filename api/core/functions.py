@@ -131,16 +131,25 @@ def _check_answered(messages: list[ChatMessage]) -> None:
     as OpenAI's and Anthropic's APIs answer): a result alone would reach the model as an answer to
     nothing, and a call without one as a question the caller never answered."""
     waiting: list[str] = []  # the ids of calls not answered yet
+    answered: set[str] = set()
     for message in messages:
         if message.role == "tool":
-            if str(message.tool_call_id) not in waiting:
+            call_id = str(message.tool_call_id)
+            if call_id in answered:  # said to answer no call, it misled an outside probe
                 raise OpenAIError.invalid(
-                    f"The tool result for '{str(message.tool_call_id)[:64]}' answers no function call "
-                    "made before it.",
+                    f"The function call '{call_id[:64]}' has more than one result: send one per call.",
+                    code="duplicate_tool_result",
+                )
+            if call_id not in waiting:
+                raise OpenAIError.invalid(
+                    f"The tool result for '{call_id[:64]}' answers no function call made before it.",
                     code="orphan_tool_result",
                 )
-            waiting.remove(str(message.tool_call_id))
-        waiting += [str(call.get("id")) for call in message.tool_calls or []]
+            waiting.remove(call_id)
+            answered.add(call_id)
+        calls = [str(call.get("id")) for call in message.tool_calls or []]
+        waiting += calls
+        answered.difference_update(calls)  # a later call may take an id again (clients number them)
     if waiting:
         raise OpenAIError.invalid(
             f"The function call '{waiting[0][:64]}' has no result: send one for each call "

@@ -28,7 +28,7 @@ class _Block(BaseModel):
     model_config = STRICT
     type: str
     text: str | None = None
-    source: dict[str, Any] | None = None
+    source: dict[str, Any] | str | None = None  # a `search_result`'s is a string (its URL or name)
     # tool_use (assistant) and tool_result (user) blocks of a function-calling turn
     id: str | None = None
     name: str | None = None
@@ -103,7 +103,7 @@ def _part(block: _Block, param: str) -> ContentPart:
         if block.text is None:  # a kind it takes, without what it holds (a probe was told "not supported")
             raise OpenAIError.invalid(f"{param}.text: Field required", param=f"{param}.text")
         return TextPart(type="text", text=block.text)
-    source = block.source or {}
+    source = block.source if isinstance(block.source, dict) else {}
     if block.type == "image" and source.get("type") == "base64":
         url = f"data:{source.get('media_type')};base64,{source.get('data')}"
         return ImagePart(type="image_url", image_url={"url": url})

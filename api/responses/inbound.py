@@ -62,6 +62,7 @@ def stored_request(
         tool_choice=body.tool_choice or "auto",
         parallel_tool_calls=body.parallel_tool_calls is not False,
         reasoning=settings.stream_reasoning and body.include_reasoning is not False,
+        effort=request.agent.reasoning_effort,
         session_id=session_id,
     )
 

@@ -341,6 +341,7 @@ class Response(BaseModel):
     tool_choice: str | dict[str, Any] = "auto"
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
     truncation: Literal["auto", "disabled"] = "disabled"
+    reasoning: dict[str, Any] | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     usage: ResponseUsage | None = None
 

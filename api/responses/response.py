@@ -78,6 +78,8 @@ class StoredResponse(BaseModel):
     parallel_tool_calls: bool = True
     reasoning: bool = True
     """Whether its output shows the agent's thinking and tool steps (a reasoning item)."""
+    effort: str | None = None
+    """The reasoning effort the agent ran with (`reasoning.effort`, or `reasoning_effort`)."""
     session_id: str | None = None
     """The session it was made in, which holds its conversation (`conversation` has only the
     request's messages): it is continued there."""
@@ -209,6 +211,8 @@ def response_body(
         metadata=stored.metadata,
         temperature=stored.temperature,
         top_p=stored.top_p,
+        # As sent: an SDK showed none for an effort the agent ran with (an outside probe).
+        reasoning=None if stored.effort is None else {"effort": stored.effort, "summary": None},
     )
     if isinstance(terminal, Failed):
         response.status = "cancelled" if terminal.code is FailureCode.CANCELLED else "failed"
