@@ -10,6 +10,8 @@ queue, the workers and recent failures (`cli/status.py`); `keys` manages client 
 
 import argparse
 import asyncio
+import atexit
+import contextlib
 import fcntl
 import logging
 import os
@@ -181,9 +183,7 @@ def run_up(settings: Settings) -> None:
     held = _hold(settings.state_dir)  # until this process ends
     # Its folders, before anything starts (a file in the way ended `up` with a traceback, once
     # after its Redis had started).
-    counters = settings.state_dir / "api-metrics"
-    if settings.api_processes > 1:
-        _state_folder(counters, fresh=True)
+    counters = _counters_folder(settings) if settings.api_processes > 1 else None
     # Said once here: the workers would each exit on it, restarted by `up` for good (an outside probe).
     _check_folders("up", {"WORKSPACE_ROOT": settings.workspace_root, **_store_folder(settings)})
     _check_job_folder("up", settings)
@@ -216,10 +216,10 @@ def run_up(settings: Settings) -> None:
         raise
     environ = {**os.environ, "REDIS_URL": redis_url}
     api_env, worker_env = children_env.api_environment(environ), children_env.worker_environment(environ)
-    if settings.api_processes > 1:
+    if counters is not None:
         api_env["API_SHARED_PORT"] = "true"
-        # A scrape reaches any one of them: they count in one folder (emptied: a new `up`, new
-        # totals), each reporting the sum.
+        # A scrape reaches any one of them: they count in one folder (a new `up`, new totals),
+        # each reporting the sum.
         api_env["PROMETHEUS_MULTIPROC_DIR"] = str(counters)
     children_env.drop_credentials()  # held for the children in memory only
     forbid_inspection()
@@ -269,6 +269,31 @@ def run_up(settings: Settings) -> None:
         if embedded is not None:
             (embedded.data_dir / PRIVATE_REDIS_URL_FILE).unlink(missing_ok=True)
         held.close()  # everything of it is stopped: the folder is free for another `up`
+
+
+def _counters_folder(settings: Settings) -> Path:
+    """A new folder for the API processes' shared counters (prometheus_client's multiprocess files,
+    written through `mmap`), removed when `up` exits: in memory (`/dev/shm`) where there is one, as
+    on a full disk a counter's first write to a new page kills its process with SIGBUS (an outside
+    probe's full STATE_DIR: every 404 killed an API process)."""
+    memory, prefix = Path("/dev/shm"), "claude-gateway-counters-"  # noqa: S108 (random names, 0700)
+    named = settings.state_dir / "api-counters"  # the folder, for the next `up` if this one is killed
+    with contextlib.suppress(OSError, ValueError):
+        earlier = Path(named.read_text())
+        if (
+            earlier.parent == memory
+            and earlier.name.startswith(prefix)
+            and earlier.lstat().st_uid == os.getuid()
+        ):
+            shutil.rmtree(earlier)
+    if memory.is_dir() and os.access(memory, os.W_OK | os.X_OK):
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=memory))
+        with contextlib.suppress(OSError):  # a full disk: it outlives only an `up` killed with SIGKILL
+            named.write_text(str(folder))
+    else:
+        folder = _state_folder(settings.state_dir / "api-metrics", fresh=True)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def _up_runs(state_dir: Path) -> bool:

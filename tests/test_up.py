@@ -5,6 +5,7 @@ Each child is killed with SIGKILL under a real `up` (scripted backend, short lea
 states within how long it must be back and that the others kept serving meanwhile.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -21,8 +22,8 @@ import httpx
 import pytest
 import redis
 
-from cli.embedded_redis import free_port
-from tests.conftest import ROOT, chat
+from cli.embedded_redis import EmbeddedRedis, free_port
+from tests.conftest import ROOT, chat, unit_db
 
 CLIENT_KEY = "client-key-for-the-up-tests-0123456789"
 MODEL_KEY = "sk-ant-model-key-only-workers-hold"
@@ -144,7 +145,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     running = start_up(tmp_path_factory.mktemp("up"))
     yield running
     if running.process.poll() is None:
-        running.process.kill()
+        running.process.terminate()  # not killed: its counters' folder in memory goes with it
+        running.process.wait(timeout=60)
 
 
 def test_each_child_holds_only_what_it_needs_and_redis_requires_a_password(up: Up) -> None:
@@ -184,8 +186,55 @@ def test_what_up_keeps_is_for_its_own_user_only(up: Up) -> None:
     assert up.completes()
     stored = [path for path in (up.state / "workspace-store").rglob("*") if path.is_file()]
     assert any(b"a caller's secret" in path.read_bytes() for path in stored)
-    for folder in ("redis", "workspace-store", "api-metrics"):
+    for folder in ("redis", "workspace-store"):
         assert (up.state / folder).stat().st_mode & 0o077 == 0, folder
+    counters = list(Path("/dev/shm").glob("claude-gateway-counters-*"))
+    assert counters, "the API processes' counters are in memory"
+    for folder in counters:
+        assert folder.stat().st_mode & 0o077 == 0, folder
+
+
+def test_a_full_state_disk_leaves_the_api_processes_answering(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    """Found by an outside probe: with STATE_DIR's disk full, every request answered with an error
+    (a 404) killed its API process with SIGBUS, and `up` restarted it into the same death: the
+    processes' shared metric counters were files there, written through `mmap`."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode
+    ):
+        pytest.skip("needs root, to mount a small disk")
+    env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS", "API_PROCESSES")}
+    port = free_port()
+    env |= {
+        "REDIS_URL": unit_db(redis_server),  # not on the full disk: this is about STATE_DIR alone
+        "STATE_DIR": str(disk / "state"),
+        "PORT": str(port),
+        "WORKERS": "1",
+        "BACKEND": "scripted",
+        "API_KEY": CLIENT_KEY,
+        "WORKSPACE_ROOT": str(tmp_path / "workspaces"),
+    }
+    process = launched(env, tmp_path / "up.log")
+    try:
+        up = Up(process=process, state=disk / "state", port=port, log=tmp_path / "up.log", env=env)
+        wait_for(up.ready, 30, "up serves")
+        apis = up.pids("api")
+        with contextlib.suppress(OSError), (disk / "filler").open("wb", buffering=0) as filler:
+            while True:  # until the disk is full
+                filler.write(bytes(1 << 16))
+        keyed = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        for _ in range(6):  # new connections: each API process gets some
+            assert httpx.get(f"{up.url}/nope", headers=keyed, timeout=10).status_code == 404
+            assert httpx.get(f"{up.url}/v1/models", timeout=10).status_code == 401
+        assert up.pids("api") == apis, (tmp_path / "up.log").read_text()[-2000:]
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        subprocess.run(["umount", str(disk)], check=False)
 
 
 def status_json(up: Up) -> dict[str, Any]:
@@ -428,14 +477,11 @@ def test_an_unusable_state_folder_is_said_in_a_line(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("")
     (tmp_path / "s1").mkdir()
     (tmp_path / "s1" / "redis").write_text("")  # the re-check probe: a folder of its own in the way
-    (tmp_path / "s2").mkdir()
-    (tmp_path / "s2" / "api-metrics").write_text("")
     unusable = {
         tmp_path / "afile": tmp_path / "afile",
         tmp_path / "afile" / "sub": tmp_path / "afile" / "sub",
         Path("/proc/gateway-state"): Path("/proc/gateway-state"),
         tmp_path / "s1": tmp_path / "s1" / "redis",
-        tmp_path / "s2": tmp_path / "s2" / "api-metrics",
     }
     for state, folder in unusable.items():
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "API_PROCESSES")}
@@ -476,3 +522,12 @@ def test_children_die_with_a_killed_up(tmp_path: Path) -> None:
     other.process.kill()
     other.process.wait()
     wait_for(lambda: not [pid for pid in children if alive(pid)], DRAIN_S + 10, "every child gone")
+    # Its API processes' counters, in memory, go with the next `up` of its state folder.
+    counters = Path((tmp_path / "state" / "api-counters").read_text())
+    assert counters.is_dir()
+    again = start_up(tmp_path)
+    assert not counters.exists()
+    counters = Path((tmp_path / "state" / "api-counters").read_text())
+    again.process.terminate()
+    again.process.wait(timeout=60)
+    assert not counters.exists()  # and an `up` that stops removes its own
