@@ -28,6 +28,7 @@ from api.metrics import count_rate_limit_rejection
 from shared import apikeys, quotas, tool_config
 from shared.jobstore import JobSlot, NoJobSlot
 from shared.keys import TOOL_CONFIG_GLOBAL
+from shared.queue import cannot_persist
 from shared.settings import Settings
 
 log = logging.getLogger("gateway.api")
@@ -215,8 +216,12 @@ class Access:
             log.error("Redis refuses writes (maxmemory): rate limits cannot count requests")
             refusal, headers = storage_full(), {}
         except RedisError as exc:
-            log.warning("Redis unreachable during access checks: %s", type(exc).__name__)
-            refusal, headers = _ACCESS_UNAVAILABLE, {}
+            if cannot_persist(exc):  # it answers, but refuses writes: said so, not "unreachable"
+                log.error("Redis refuses writes (it cannot save to its disk): rate limits cannot count")
+                refusal, headers = storage_full(), {}
+            else:
+                log.warning("Redis unreachable during access checks: %s", type(exc).__name__)
+                refusal, headers = _ACCESS_UNAVAILABLE, {}
             if scope["path"] in _OPERATOR_VIEWS and (key_id := self._configured(scope)) is not None:
                 # Checked without Redis, uncounted: a scrape shows the outage instead of failing.
                 state["key_id"], state["operator"] = key_id, True

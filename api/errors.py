@@ -16,13 +16,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.types import Scope
 
 from api import metrics
 from shared.jobs import Failed, FailureCode
+from shared.queue import cannot_persist
 
 log = logging.getLogger("gateway.api")
 
@@ -287,6 +288,12 @@ def install(app: FastAPI) -> None:
         log.error("Redis refuses writes: it reached its maxmemory")
         return storage_full().response(request.scope)
 
+    async def on_redis_refusal(request: Request, exc: Exception) -> JSONResponse:
+        if cannot_persist(exc):  # a full disk under a persistent Redis: a 500 and a traceback before
+            log.error("Redis refuses writes: it cannot save to its disk (MISCONF)")
+            return storage_full().response(request.scope)
+        return await on_unexpected(request, exc)
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         error = OpenAIError(500, "The gateway failed to handle the request.", type="server_error")
@@ -298,4 +305,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RedisConnectionError, on_redis_down)
     app.add_exception_handler(RedisTimeoutError, on_redis_down)
     app.add_exception_handler(OutOfMemoryError, on_redis_full)
+    app.add_exception_handler(ResponseError, on_redis_refusal)
     app.add_exception_handler(Exception, on_unexpected)

@@ -7,6 +7,8 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError, RedisError
 
+from shared.queue import cannot_persist
+
 _TRIES = 5
 """A Redis started beside this process (compose, systemd) gets this many seconds to answer."""
 
@@ -28,6 +30,8 @@ def redis_problem(role: str, exc: Exception) -> str:
     """The message a command exits with when Redis refused it or could not be reached."""
     if isinstance(exc, OutOfMemoryError):
         return f"claude-gateway {role}: Redis refuses writes: it is full (free memory or raise maxmemory)"
+    if cannot_persist(exc):  # its error names the command, a new key's digest included (a probe)
+        return f"claude-gateway {role}: Redis refuses writes: it cannot save to its disk (free room there)"
     return f"claude-gateway {role}: cannot reach Redis ({exc})"
 
 

@@ -5,15 +5,26 @@ Jobs are queued by `shared.jobstore.JobStore.create`, which also wakes idle work
 """
 
 import json
+import re
 from typing import Any, cast
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.connection import HiredisRespSerializer
+from redis.exceptions import ResponseError
 
 RUN_COMPLETION = "run_completion"
 """The arq function every attempt at a job names; its arguments are `(job_id, attempt)`."""
+
+
+_CANNOT_PERSIST = re.compile(r"(?:^|caused error: \(['\"])MISCONF ")  # alone, or in a pipeline's error
+
+
+def cannot_persist(exc: BaseException) -> bool:
+    """Whether Redis refused a command because it cannot save to its disk (MISCONF: a full disk
+    under a persistent Redis): it refuses every write, and PING, until it can."""
+    return isinstance(exc, ResponseError) and bool(_CANNOT_PERSIST.search(str(exc)))
 
 
 def serialize(data: dict[str, Any]) -> bytes:

@@ -5,6 +5,7 @@ half-written."""
 
 import base64
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,3 +162,35 @@ def test_a_key_is_revoked_while_redis_is_full(start_gateway: Any, small_redis: E
     assert refused.stderr.strip().count("\n") == 0, refused.stderr
     assert "full" in refused.stderr
     assert "HSET" not in refused.stderr  # no command of the gateway's internals
+
+
+def test_a_redis_that_cannot_save_gets_503s_not_a_dead_port(start_gateway: Any, tmp_path: Path) -> None:
+    """Found by an outside probe: a Redis that cannot save to its full disk refuses writes (MISCONF),
+    which the API answered with 500s and tracebacks in its log, and `keys create` with the command
+    it sent, the new key's digest in it."""
+    small_redis = EmbeddedRedis(tmp_path / "data", persistent=False)
+    small_redis.start()
+    client = redis.Redis.from_url(small_redis.url)
+    gateway: Gateway = start_gateway(workers=0, BACKEND="scripted", redis_url=small_redis.url)
+    shutil.rmtree(tmp_path / "data")  # its next save finds no folder
+    client.config_set("save", "3600 1")
+    try:
+        client.bgsave()
+        deadline = time.monotonic() + 10
+        while client.info("persistence")["rdb_last_bgsave_status"] != "err" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(redis.ResponseError, match="MISCONF"):
+            client.set("probe", 1)
+        assert httpx.get(f"{gateway.url}/v1/models", timeout=10).status_code == 200  # reads are served
+        refused = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), timeout=30)
+        assert_error(refused, 503, code="storage_full")
+        assert "Traceback" not in (gateway.logs / "api-0.log").read_text()
+        said = keys_cli(gateway, "create", "--name", "more")
+        assert said.returncode == 1
+        assert said.stderr.strip().count("\n") == 0, said.stderr
+        assert "cannot save to its disk" in said.stderr
+        assert "HSET" not in said.stderr
+    finally:
+        client.config_set("save", "")
+        client.close()
+        small_redis.stop()
