@@ -309,6 +309,12 @@ def test_every_call_needs_its_result_and_every_result_a_call_on_every_front_end(
         # Said to answer no call, a second result for one misled a probe.
         ("/v1/chat/completions", {"messages": [user, asked, answer, answer]}, "duplicate_tool_result"),
         ("/v1/chat/completions", {"messages": [user, asked, user]}, "missing_tool_result"),
+        # Two calls of one id (a re-check probe was told of a second result).
+        (
+            "/v1/chat/completions",
+            {"messages": [user, {**asked, "tool_calls": asked["tool_calls"] * 2}, answer, answer]},
+            "duplicate_tool_call_id",
+        ),
         (
             "/v1/responses",
             {"input": [{"type": "function_call_output", "call_id": "call_bogus", "output": "x"}]},

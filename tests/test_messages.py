@@ -194,6 +194,12 @@ def test_failures_and_unsupported_parameters(scripted: Gateway, client: anthropi
     unsupported = httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30)
     assert unsupported.status_code == 400
     assert "'search_result' are not supported" in unsupported.json()["error"]["message"]
+    # An image is taken, from a source it can read: another is said to be the source's fault.
+    image = {"type": "image", "source": "https://example.com/cat.png"}
+    body["messages"] = [{"role": "user", "content": [image, {"type": "text", "text": "hi"}]}]
+    unreadable = httpx.post(f"{scripted.url}/v1/messages", json=body, timeout=30)
+    assert unreadable.status_code == 400
+    assert "An image's source must be" in unreadable.json()["error"]["message"]
     streamed = {"model": MODEL, "max_tokens": 10, "stream": True}
     streamed["messages"] = [{"role": "user", "content": script(text="a b c", fail_after=1)}]
     with httpx.stream("POST", f"{scripted.url}/v1/messages", json=streamed, timeout=30) as response:

@@ -56,11 +56,7 @@ async def create_chat_completion(
     renderer = ChunkRenderer(
         run.job, include_usage=include_usage, choices=len(run.jobs), after=after, legacy=legacy
     )
+    if after is not None:  # resumed: read as a retrieval is (its client may have the end already)
+        return await event_stream(run, renderer, after=events_after(after), live=False)
     # Several choices' stream has no ids to resume by (a fan-out is no durable job).
-    return await event_stream(
-        run,
-        renderer,
-        after=0 if after is None else events_after(after),
-        rejoinable=len(run.jobs) == 1,
-        receive=request.receive,
-    )
+    return await event_stream(run, renderer, rejoinable=len(run.jobs) == 1, receive=request.receive)

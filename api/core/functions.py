@@ -148,6 +148,13 @@ def _check_answered(messages: list[ChatMessage]) -> None:
             waiting.remove(call_id)
             answered.add(call_id)
         calls = [str(call.get("id")) for call in message.tool_calls or []]
+        if shared := next(
+            (call for i, call in enumerate(calls) if call in waiting or call in calls[:i]), None
+        ):
+            raise OpenAIError.invalid(  # its results would answer either (a re-check probe)
+                f"Two function calls have the id '{shared[:64]}': each call needs its own.",
+                code="duplicate_tool_call_id",
+            )
         waiting += calls
         answered.difference_update(calls)  # a later call may take an id again (clients number them)
     if waiting:

@@ -109,6 +109,11 @@ def _part(block: _Block, param: str) -> ContentPart:
         return ImagePart(type="image_url", image_url={"url": url})
     if block.type == "image" and source.get("type") == "url":
         return ImagePart(type="image_url", image_url={"url": source.get("url")})
+    if block.type == "image":  # a kind it takes, from a source it cannot (said "not supported": a probe)
+        raise OpenAIError.invalid(
+            "An image's source must be {'type': 'base64', 'media_type', 'data'} or {'type': 'url', 'url'}.",
+            param=f"{param}.source",
+        )
     raise OpenAIError.invalid(
         f"Content blocks of type '{block.type[:40]}' are not supported by this gateway.",
         param=param,

@@ -70,8 +70,9 @@ async def create_response(
         return JSONResponse(
             response_body(run.job, stored, JobStatus.COMPLETED, reply.text, reply.done, reply.events).wire()
         )
-    renderer = ResponseEventRenderer(run.job, stored, after=resent_after(run, request.headers))
-    return await event_stream(run, renderer, receive=request.receive)
+    if (after := resent_after(run, request.headers)) is not None:  # resumed: read as a retrieval is
+        return await event_stream(run, ResponseEventRenderer(run.job, stored, after=after), live=False)
+    return await event_stream(run, ResponseEventRenderer(run.job, stored), receive=request.receive)
 
 
 @router.get("/v1/responses/{response_id}", response_model=Response, responses=COMPLETION_ERRORS)
