@@ -102,8 +102,16 @@ class EmbeddedRedis:
     def start(self, timeout_s: float = 10.0) -> None:
         # Its files (the whole dataset, redis-server writes them 0644) are for this user only,
         # as its password is; tightened on every start for a folder an earlier version made.
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.data_dir.chmod(0o700)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.data_dir.chmod(0o700)
+        except OSError as exc:  # another user's (a traceback before: an outside probe)
+            raise RedisStartError(f"the private Redis cannot use {self.data_dir} ({exc.strerror})") from None
+        log = self.data_dir / "server.log"
+        try:
+            said_before = log.stat().st_size  # what an earlier run wrote is no reason for this one
+        except OSError:
+            said_before = 0
         binary = self._binary()
         self.process = subprocess.Popen(
             [str(binary), str(self._config())],
@@ -119,7 +127,7 @@ class EmbeddedRedis:
                 break
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RedisStartError(self._why(binary)) from None
+                    raise RedisStartError(self._why(binary, log, said_before)) from None
                 time.sleep(0.02)
             finally:
                 client.close()
@@ -136,15 +144,25 @@ class EmbeddedRedis:
             return recorded
         return server_binary()
 
-    def _why(self, binary: Path) -> str:
-        log = self.data_dir / "server.log"
+    def _why(self, binary: Path, log: Path, said_before: int) -> str:
+        """Why it did not start: the end of what it wrote to its log this time. Nothing there (it
+        could not open its log, made by another user: an outside probe was shown an earlier run's
+        last lines and told to move its data away) points at the folder's files."""
         try:
-            last = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-3:]
+            with log.open("rb") as file:
+                file.seek(said_before)
+                said = file.read().decode(errors="replace")
         except OSError:
-            last = []
-        said = "".join(f"\n  {line}" for line in last)
+            said = ""
+        last = [line for line in said.splitlines() if line.strip()][-3:]
+        if not last:
+            return (
+                f"the private Redis ({binary}) did not start and wrote nothing to {log}: this user must "
+                f"be able to write {self.data_dir} and every file in it (made by another user?)"
+            )
+        lines = "".join(f"\n  {line}" for line in last)
         return (
-            f"the private Redis ({binary}) did not start; the end of {log}:{said or ' (empty)'}\n"
+            f"the private Redis ({binary}) did not start; the end of {log}:{lines}\n"
             f"If it cannot read its data (written by another Redis or Valkey version), start the one "
             f"that wrote it first on the PATH, or move {self.data_dir} away (its keys, sessions and "
             "jobs with it)."

@@ -192,7 +192,10 @@ def run_up(settings: Settings) -> None:
     children: list[Child] = []
     if redis_url is None:
         data_dir = _state_folder(settings.state_dir / "redis")
-        password = _private_redis_password(data_dir)
+        try:
+            password = _private_redis_password(data_dir)
+        except OSError as exc:  # another user's file (a traceback before: an outside probe)
+            sys.exit(f"claude-gateway up: cannot use STATE_DIR: {exc.filename} ({exc.strerror})")
         embedded = EmbeddedRedis(data_dir, password=password, maxmemory=settings.redis_maxmemory)
         try:
             embedded.start()

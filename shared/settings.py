@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     api_processes: int = Field(
         default=2,
         ge=1,
+        le=64,  # one machine's: a typo of a large number had `up` start processes until stopped
         description="API processes `claude-gateway up` runs on its port (one event loop is one core).",
     )
     api_shared_port: bool = Field(
@@ -106,8 +107,11 @@ class Settings(BaseSettings):
     log_level: Annotated[LogLevel, BeforeValidator(lambda name: str(name).lower())] = "info"
 
     # --- Worker ---------------------------------------------------------------------------
-    workers: int = Field(default=2, ge=1, description="Worker processes started by `claude-gateway up`.")
-    jobs_per_worker: int = Field(default=4, ge=1)
+    # Bounded as one machine's (an outside probe's WORKERS=100000 started workers until stopped).
+    workers: int = Field(
+        default=2, ge=1, le=64, description="Worker processes started by `claude-gateway up`."
+    )
+    jobs_per_worker: int = Field(default=4, ge=1, le=256)
     backend: Literal["claude", "scripted"] = "claude"
     job_timeout_s: float = Field(default=600.0, gt=0)
     job_max_output_chars: int = Field(

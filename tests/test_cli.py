@@ -116,6 +116,8 @@ def test_the_private_redis_keeps_to_the_binary_that_wrote_its_data(tmp_path: Pat
         ({"MODELS": "[oops"}, ["status"], "invalid configuration: MODELS: must be a JSON list"),
         ({"MODEL_ALIASES": "x"}, ["status"], "invalid configuration: MODEL_ALIASES: must be a JSON mapping"),
         ({"PORT": "99999"}, ["api"], "invalid configuration: PORT: Input should be less than or equal"),
+        # An outside probe's WORKERS=100000 started workers until it was stopped.
+        ({"WORKERS": "100000"}, ["up"], "invalid configuration: WORKERS: Input should be less than or equal"),
         ({}, ["status", "--watch", "0"], "not a positive number of seconds"),
         # Found by an outside probe: each of these was a traceback, or a worker losing its jobs.
         ({"REDIS_URL": "redis://127.0.0.1:1/0"}, ["worker"], "claude-gateway worker: cannot reach Redis"),

@@ -477,11 +477,14 @@ def test_an_unusable_state_folder_is_said_in_a_line(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("")
     (tmp_path / "s1").mkdir()
     (tmp_path / "s1" / "redis").write_text("")  # the re-check probe: a folder of its own in the way
+    # Its Redis's password unreadable (another user's file, for an outside probe; here a folder).
+    (tmp_path / "s2" / "redis" / "password").mkdir(parents=True)
     unusable = {
         tmp_path / "afile": tmp_path / "afile",
         tmp_path / "afile" / "sub": tmp_path / "afile" / "sub",
         Path("/proc/gateway-state"): Path("/proc/gateway-state"),
         tmp_path / "s1": tmp_path / "s1" / "redis",
+        tmp_path / "s2": tmp_path / "s2" / "redis" / "password",
     }
     for state, folder in unusable.items():
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "API_PROCESSES")}
@@ -493,6 +496,25 @@ def test_an_unusable_state_folder_is_said_in_a_line(tmp_path: Path) -> None:
         said = done.stderr.decode()
         assert said.startswith(f"claude-gateway up: cannot use STATE_DIR: {folder} ("), said
         assert "Traceback" not in said
+
+
+def test_a_private_redis_that_cannot_write_its_log_is_not_blamed_on_its_data(tmp_path: Path) -> None:
+    """Found by an outside probe: a private Redis that could not open its log (another user's) was
+    said not to start with an earlier run's last log lines, and the operator told to move its data
+    away (every key, session and job)."""
+    state = tmp_path / "state"
+    (state / "redis" / "server.log").mkdir(parents=True)  # unwritable even by root
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "API_PROCESSES")}
+    env |= {"STATE_DIR": str(state), "PORT": str(free_port()), "BACKEND": "scripted", "API_KEY": CLIENT_KEY}
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "up"], cwd=ROOT, env=env, capture_output=True, timeout=60
+    )
+    said = done.stderr.decode()
+    assert done.returncode != 0
+    assert "wrote nothing to" in said, said
+    assert "every file in it" in said, said
+    assert "move" not in said, said
+    assert "Traceback" not in said, said
 
 
 def test_a_second_up_on_the_same_state_folder_is_refused(tmp_path: Path) -> None:
