@@ -6,6 +6,7 @@ import gzip
 import json
 import socket
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from shared.http_head import BoundedHead
 from tests.conftest import begun_requests, closed_by_peer
-from tests.fake_anthropic import FakeAnthropic
+from tests.fake_anthropic import FakeAnthropic, Reply
 from worker import credential_proxy
 from worker.credential_proxy import (
     DOOR_CONNECTIONS,
@@ -277,6 +278,38 @@ def test_a_door_full_of_begun_requests_holds_up_no_other_door(proxy: CredentialP
             for connection in held:
                 connection.close()
     assert not (tmp_path / "a.sock").exists()  # a door closed is gone
+
+
+def test_doors_full_of_streams_hold_up_no_other_door(
+    proxy: CredentialProxy, upstream: FakeAnthropic, tmp_path: Path
+) -> None:
+    """Found by an outside probe: every door's requests went upstream through one client of 100
+    connections (httpx's default), waiting up to its 600 s timeout for one: four jobs streaming
+    through every connection of their doors held up every other job's model calls."""
+    holders, each = 4, DOOR_CONNECTIONS - 1  # more than 100 streams in all
+    upstream.by_prompt["hold the line"] = deque([Reply(tokens=["x"] * 40, delay_s=0.25)] * holders * each)
+    body = json.dumps({**MESSAGE, "messages": [{"role": "user", "content": "hold the line"}]}).encode()
+    head = (
+        f"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\nx-api-key: {proxy.issue()}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    with contextlib.ExitStack() as stack:
+        doors = [stack.enter_context(proxy.door(tmp_path / f"{i}.sock")) for i in range(holders + 1)]
+        streams = []
+        for door in doors[:holders]:
+            for _ in range(each):
+                stream = stack.enter_context(socket.socket(socket.AF_UNIX))
+                stream.connect(str(door))
+                stream.sendall(head + body)
+                streams.append(stream)
+        deadline = time.monotonic() + 10
+        while len(upstream.requests) < holders * each:  # every stream reached the model API
+            assert time.monotonic() < deadline, f"{len(upstream.requests)} streams upstream"
+            time.sleep(0.05)
+        transport = httpx.HTTPTransport(uds=str(doors[-1]))
+        with httpx.Client(transport=transport, base_url="http://localhost", timeout=5) as client:
+            answered = client.post("/v1/messages", json=MESSAGE, headers={"x-api-key": proxy.issue()})
+        assert answered.status_code == 200  # while the streams hold on (10 s each)
 
 
 def test_a_request_head_past_its_bound_is_refused(proxy: CredentialProxy, tmp_path: Path) -> None:

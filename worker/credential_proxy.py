@@ -297,7 +297,11 @@ class CredentialProxy:
 
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
-            async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), trust_env=False) as client:
+            # Upstream connections unlimited here: each door bounds its own (DOOR_CONNECTIONS). Four
+            # jobs' doors had used httpx's 100 and held up every other job's calls (an outside probe).
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=DOOR_CONNECTIONS)
+            timeout = httpx.Timeout(600, connect=10)
+            async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
                 self._client = client
                 self._loop = asyncio.get_running_loop()
                 yield
