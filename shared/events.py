@@ -32,6 +32,7 @@ from shared.jobs import (
 )
 from shared.jobstore import AttemptEnd, JobStore
 from shared.keys import events_key, reader_wakeup_key
+from shared.queue import cannot_persist
 
 __all__ = ["JobEventValue"]  # re-exported: the API reads the event union from here
 _FIELD = b"e"
@@ -208,13 +209,6 @@ class EventWriter:
                     in_full_redis=self.no_room,
                 )
                 break
-            except OutOfMemoryError:
-                # A failure ending the attempt (a cancel, a timeout) waits for no room: its end goes
-                # out alone at once (a re-check probe's cancel held its slot for JOB_TIMEOUT_S).
-                if time.monotonic() > full_give_up or isinstance(self.terminal, Failed):
-                    self.no_room = True
-                    raise
-                await asyncio.sleep(0.5)
             except (RedisConnectionError, RedisTimeoutError):
                 if time.monotonic() > give_up:
                     raise
@@ -222,7 +216,18 @@ class EventWriter:
             except ResponseError as exc:
                 if str(exc).startswith("SUPERSEDED"):
                     raise Superseded(self._job_id) from exc
-                raise
+                # Refused as by a full Redis, by one that cannot save to its disk too (MISCONF: a
+                # re-check probe's 2 s of it ended a job as a lost worker's): waited out alike.
+                if not isinstance(exc, OutOfMemoryError) and not cannot_persist(exc):
+                    raise
+                # A failure ending the attempt (a cancel, a timeout) waits for no room: its end goes
+                # out alone at once (a re-check probe's cancel held its slot for JOB_TIMEOUT_S).
+                if time.monotonic() > full_give_up or isinstance(self.terminal, Failed):
+                    self.no_room = True
+                    if isinstance(exc, OutOfMemoryError):
+                        raise
+                    raise OutOfMemoryError(str(exc)) from exc
+                await asyncio.sleep(0.5)
         self._seq += len(batch)
 
 

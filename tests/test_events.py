@@ -1,6 +1,7 @@
 """The job event stream on a real Redis: order, coalescing, late readers, expiry, fencing."""
 
 import asyncio
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -294,6 +295,34 @@ async def test_a_write_waits_out_a_full_redis(fillable: JobStore) -> None:
     await client.config_set("maxmemory", 0)
     await asyncio.wait_for(draining, timeout=5)
     assert await client.xlen(events_key(job_id)) == 1
+
+
+async def test_a_write_waits_out_a_redis_that_cannot_save(tmp_path: Path) -> None:
+    """Found by a re-check probe: a Redis that cannot save to its disk refuses writes (MISCONF, a
+    plain error in redis-py), and 2 s of it ended a running job as a lost worker's: it is waited
+    out as a full Redis is."""
+    server = EmbeddedRedis(tmp_path / "data", persistent=False)
+    server.start()
+    client = Redis.from_url(server.url)
+    try:
+        store = JobStore(client, queue_name="misconf:queue", ttl_s=60)
+        job_id, _ = await _writer(store)
+        writer = EventWriter(store, job_id, 1, outage_grace_s=0.5, full_grace_s=60)
+        shutil.rmtree(tmp_path / "data")  # its next save finds no folder
+        await client.config_set("save", "3600 1")
+        await client.bgsave()
+        while (await client.info("persistence"))["rdb_last_bgsave_status"] != "err":
+            await asyncio.sleep(0.05)
+        writer.emit(Delta(text="written once Redis can save"))
+        draining = asyncio.create_task(writer.drain())
+        await asyncio.sleep(1.5)
+        assert not draining.done()
+        await client.config_set("save", "")  # no save to fail: it takes writes again
+        await asyncio.wait_for(draining, timeout=5)
+        assert await client.xlen(events_key(job_id)) == 1
+    finally:
+        await client.aclose()
+        server.stop()
 
 
 async def test_output_that_finds_no_room_is_dropped_and_only_a_failure_ends_it(fillable: JobStore) -> None:

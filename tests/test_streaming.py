@@ -310,6 +310,16 @@ def test_a_client_leaving_during_a_silence_cancels_its_job(start_gateway: Any) -
         time.sleep(0.1)
     assert status == "cancelled"
 
+    # A request sent again (its Idempotency-Key) follows the job: leaving, it cancels nothing while
+    # the first client reads on (a re-check probe's re-send cancelled it).
+    keyed = {"Idempotency-Key": "sent-twice"}
+    twice = chat(script(text="read by the first", wait_ms=1500), stream=True)
+    with httpx.stream("POST", url, json=twice, headers=keyed, timeout=30) as first:
+        with httpx.stream("POST", url, json=twice, headers=keyed, timeout=30) as again:
+            next(line for line in again.iter_lines() if line.startswith("data: "))
+        said = [json.loads(line[6:]) for line in first.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in said) == "read by the first"
+
     stayed = httpx.post(url, json=chat(script(text="all of it", wait_ms=500), stream=True), timeout=30)
     data = sse_data(stayed)
     assert data[-1] == "[DONE]"

@@ -141,7 +141,10 @@ async def event_stream(
         elif settings.cancel_on_disconnect:
             await run.cancel("The client disconnected.")
 
-    body = _relay(run, renderer, events, first, abandoned if live and not run.background else None)
+    # A request sent again follows the earlier one's job, as a retrieval does: leaving, it cancels
+    # nothing (a re-check probe's re-send cancelled a job its first client still read).
+    cancels = live and not run.background and not run.repeated
+    body = _relay(run, renderer, events, first, abandoned if cancels else None)
     farewell = _SERVER_ENDING if rejoinable else _SERVER_ENDING_FOR_GOOD
     return EventStreamResponse(body, run.gateway.streams, partial(_farewell, renderer, farewell))
 
