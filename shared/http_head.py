@@ -190,10 +190,12 @@ class BoundedHead(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)  # a request whose head came already: it runs now
         super().on_response_complete()
         # The next head's time runs from here: uvicorn's keep-alive timer stops at any byte, and
         # empty lines (which begin no request) had kept a connection open for good (a re-check probe).
-        if self._head_due is None and not self.transport.is_closing():
+        # Not for a pipelined request's: its stream was cut at 20 s (an outside probe).
+        if self._head_due is None and not pipelined and not self.transport.is_closing():
             self._await_head()
 
     def _await_head(self) -> None:
@@ -289,6 +291,12 @@ class _HeadWithBody:
         if self._held is not None and not self._transport.is_closing():
             self._transport.write(self._held)
         self._held = None
+
+    def close(self) -> None:
+        """After the held head, if nothing followed it: a HEAD request's answer closing its
+        connection (HTTP/1.0, `Connection: close`) had been dropped unsent (an outside probe)."""
+        self._flush()
+        self._transport.close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)

@@ -131,6 +131,15 @@ async def test_a_head_that_does_not_come_in_time_closes_its_connection() -> None
         # reset of a connection that still sends.)
         trickled = await exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", *[b"\r\n"] * 6)
         assert trickled == b"" or trickled.startswith(b"HTTP/1.1 200 OK\r\n"), trickled
+        # A pipelined request's head came with the first: its response is not cut at a head's time
+        # (an outside probe's stream ended at 20 s).
+        pipelined = await exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n" + request)
+        assert pipelined.count(b"5\r\nfirst\r\n0\r\n\r\n") == 2, pipelined
+        # A HEAD answer that closes its connection goes out (an outside probe's HTTP/1.0 health
+        # check, as HAProxy's, got nothing).
+        for head in (b"HEAD / HTTP/1.0\r\n\r\n", b"HEAD / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"):
+            answered = await exchange(head)
+            assert answered.startswith(b"HTTP/1.1 200 OK\r\n"), (head, answered)
     finally:
         server.should_exit = True
         await serving
