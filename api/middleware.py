@@ -171,7 +171,10 @@ async def _refusal(scope: Scope, receive: Receive, send: Send, error: OpenAIErro
 
 
 def _is_json(scope: Scope) -> bool:
-    kind: bytes = dict(scope["headers"]).get(b"content-type", b"").partition(b";")[0].strip().lower()
+    # The first Content-Type, as FastAPI reads it: the last (`dict`) let a second header skip the
+    # checks here while FastAPI parsed the body as JSON anyway (an outside probe's 500s, 10 MB of `[]`).
+    sent = next((value for name, value in scope["headers"] if name == b"content-type"), b"")
+    kind = sent.partition(b";")[0].strip().lower()
     return kind == b"application/json" or (kind.startswith(b"application/") and kind.endswith(b"+json"))
 
 

@@ -147,13 +147,15 @@ class BoundedHead(HttpToolsProtocol):
             super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._head_bytes is None:  # a trailer, after a chunked body
+        if self._head_bytes is None:  # a trailer, after a chunked body: counted, never a header
+            # uvicorn adds trailers to the request's headers, which the access check had read as
+            # the client's address (X-Forwarded-For), its key or its Host (an outside probe).
             self._trailer_bytes += len(name) + len(value)
-            admitted = self._admits(self._trailer_bytes)
-        else:  # with its ": " and line end: 50,000 empty headers counted as none (the re-check probe)
-            self._parsed_bytes += len(name) + len(value) + 4
-            admitted = self._admits(self._parsed_bytes)
-        if admitted:
+            self._admits(self._trailer_bytes)
+            return
+        # With its ": " and line end: 50,000 empty headers counted as none (the re-check probe).
+        self._parsed_bytes += len(name) + len(value) + 4
+        if self._admits(self._parsed_bytes):
             super().on_header(name, value)
 
     def on_headers_complete(self) -> None:

@@ -276,6 +276,19 @@ def test_trailers_and_a_whole_request_are_bounded_too(keyed: Gateway) -> None:
     assert b"HTTP/1.1 431 " in answer, answer[-300:]
 
 
+def test_trailers_are_never_the_requests_headers(keyed: Gateway) -> None:
+    """Found by an outside probe: uvicorn adds a chunked body's trailers to the request's headers,
+    which the access check read (a trailer's X-Forwarded-For as the client's address, out of its
+    failed attempts' count; its Authorization as a second key; its Host past the loopback check)."""
+    request = (
+        b"GET /v1/models HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer %s\r\n"
+        b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n0\r\n"
+        b"authorization: Bearer not-the-key\r\n\r\n"
+    ) % KEY.encode()
+    answer = _answer_to(keyed.url, request)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:400]
+
+
 def test_a_refusal_by_the_servers_bounds_is_in_the_callers_shape(scripted: Gateway) -> None:
     """Found by an outside probe: what the server's bounds refuse (a head or a whole request too
     large) got OpenAI's shape on /v1/messages too, and no request id; and a re-check probe: a
