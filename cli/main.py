@@ -74,6 +74,7 @@ def run_api(settings: Settings) -> None:
     keys.configured_keys(settings)  # a mistake in them is said before Redis is waited for
     _check_folders("api", _store_folder(settings))  # the files API's
     wait_for_redis(redis_url, "api")
+    _reserve_counters()
     if settings.api_shared_port and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         logging.getLogger("gateway.api").warning(
             "API_SHARED_PORT without PROMETHEUS_MULTIPROC_DIR: a scrape of this port reads one "
@@ -183,7 +184,7 @@ def run_up(settings: Settings) -> None:
     held = _hold(settings.state_dir)  # until this process ends
     # Its folders, before anything starts (a file in the way ended `up` with a traceback, once
     # after its Redis had started).
-    counters = _counters_folder(settings) if settings.api_processes > 1 else None
+    counters = _counters_folder(settings)
     # Said once here: the workers would each exit on it, restarted by `up` for good (an outside probe).
     _check_folders("up", {"WORKSPACE_ROOT": settings.workspace_root, **_store_folder(settings)})
     _check_job_folder("up", settings)
@@ -274,29 +275,59 @@ def run_up(settings: Settings) -> None:
         held.close()  # everything of it is stopped: the folder is free for another `up`
 
 
-def _counters_folder(settings: Settings) -> Path:
+def _reserve_counters() -> None:
+    """Takes this API process's counters file's room at start (prometheus_client's multiprocess
+    mode: `counter_<pid>.db`, written through `mmap`, sized by its length): a first write to a page
+    of a file on a full filesystem is a SIGBUS, which killed the process on the next error answered
+    (outside probes, a full STATE_DIR and then a full /dev/shm). No room now ends it in a line."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return
+    try:
+        fd = os.open(Path(folder) / f"counter_{os.getpid()}.db", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, _COUNTERS_BYTES)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        sys.exit(f"claude-gateway api: no room for its metrics' counters in {folder} ({exc.strerror})")
+
+
+_COUNTERS_BYTES = 1 << 20  # prometheus_client's first 64 KiB, 16 times: its few series never pass it
+
+
+def _counters_folder(settings: Settings) -> Path | None:
     """A new folder for the API processes' shared counters (prometheus_client's multiprocess files,
-    written through `mmap`), removed when `up` exits: in memory (`/dev/shm`) where there is one, as
-    on a full disk a counter's first write to a new page kills its process with SIGBUS (an outside
-    probe's full STATE_DIR: every 404 killed an API process)."""
+    written through `mmap`) when there are several, removed when `up` exits: in memory (`/dev/shm`)
+    where there is one, as on a full disk a counter's first write to a new page kills its process
+    with SIGBUS (an outside probe's full STATE_DIR: every 404 killed an API process). The one an
+    `up` of this STATE_DIR killed with SIGKILL left goes first, unless its `up` still holds it (a
+    copied STATE_DIR names a folder another `up` uses: a re-check probe's lost its counters)."""
     memory, prefix = Path("/dev/shm"), "claude-gateway-counters-"  # noqa: S108 (random names, 0700)
-    named = settings.state_dir / "api-counters"  # the folder, for the next `up` if this one is killed
+    named = settings.state_dir / "api-counters"
     with contextlib.suppress(OSError, ValueError):
         earlier = Path(named.read_text())
-        if (
-            earlier.parent == memory
-            and earlier.name.startswith(prefix)
-            and earlier.lstat().st_uid == os.getuid()
-        ):
-            shutil.rmtree(earlier)
+        ours = earlier.parent == memory and earlier.name.startswith(prefix)
+        if ours and earlier.lstat().st_uid == os.getuid():
+            with (earlier / _COUNTERS_LOCK).open("a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while it runs
+                shutil.rmtree(earlier)
+    if settings.api_processes == 1:
+        return None
     if memory.is_dir() and os.access(memory, os.W_OK | os.X_OK):
         folder = Path(tempfile.mkdtemp(prefix=prefix, dir=memory))
         with contextlib.suppress(OSError):  # a full disk: it outlives only an `up` killed with SIGKILL
             named.write_text(str(folder))
     else:
         folder = _state_folder(settings.state_dir / "api-metrics", fresh=True)
+    lock = (folder / _COUNTERS_LOCK).open("a")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held as long as this process runs
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    atexit.register(lock.close)
     return folder
+
+
+_COUNTERS_LOCK = "up.lock"
 
 
 def _up_runs(state_dir: Path) -> bool:

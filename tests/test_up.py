@@ -498,6 +498,72 @@ def test_an_unusable_state_folder_is_said_in_a_line(tmp_path: Path) -> None:
         assert "Traceback" not in said
 
 
+def test_an_api_processs_counters_take_their_room_at_start(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    """Found by a re-check probe: with the counters' folder full (a small /dev/shm, as a
+    container's), the first error answered killed the API process with SIGBUS, again and again.
+    Its counters' room is taken at start: a full folder later kills nothing, and no room at
+    start is said in a line."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode
+    ):
+        pytest.skip("needs root, to mount a small disk")
+    env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS",)}
+    env |= {
+        "REDIS_URL": unit_db(redis_server),
+        "BACKEND": "scripted",
+        "API_KEY": CLIENT_KEY,
+        "PROMETHEUS_MULTIPROC_DIR": str(disk),
+        "API_SHARED_PORT": "true",
+    }
+    try:
+        _serves_on_a_full_folder(env, disk)
+        again = subprocess.run(
+            [sys.executable, "-m", "cli.main", "api"],
+            cwd=ROOT,
+            env={**env, "PORT": str(free_port())},
+            capture_output=True,
+            timeout=60,
+        )
+        assert again.returncode != 0
+        assert "no room for its metrics' counters" in again.stderr.decode(), again.stderr.decode()
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def _serves_on_a_full_folder(env: dict[str, str], disk: Path) -> None:
+    """An API process whose counters' folder fills up while it serves answers its errors."""
+    port = free_port()
+    api = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "api"], cwd=ROOT, env={**env, "PORT": str(port)}
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(f"{url}/health"), 30, "the API serves")
+        with contextlib.suppress(OSError), (disk / "filler").open("wb", buffering=0) as filler:
+            while True:  # until the disk is full
+                filler.write(bytes(1 << 16))
+        keyed = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        for _ in range(3):
+            assert httpx.get(f"{url}/nope", headers=keyed, timeout=10).status_code == 404
+            assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+        assert api.poll() is None
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def test_a_private_redis_that_cannot_write_its_log_is_not_blamed_on_its_data(tmp_path: Path) -> None:
     """Found by an outside probe: a private Redis that could not open its log (another user's) was
     said not to start with an earlier run's last log lines, and the operator told to move its data
@@ -532,6 +598,20 @@ def test_a_second_up_on_the_same_state_folder_is_refused(tmp_path: Path) -> None
         assert f"another `up` runs on STATE_DIR={up.state}" in done.stderr.decode()
         assert url_file.read_text() == before
         assert up.completes()
+        # A copy of its STATE_DIR names its counters' folder: another `up` there leaves it (a
+        # re-check probe's first `up` lost its counters, and its /metrics answered 500).
+        counters = Path((up.state / "api-counters").read_text())
+        copy = tmp_path / "copy"
+        (copy / "state").mkdir(parents=True)
+        (copy / "state" / "api-counters").write_text(str(counters))
+        other = start_up(copy)
+        other.process.terminate()
+        other.process.wait(timeout=60)
+        assert counters.is_dir()
+        scraped = httpx.get(
+            f"{up.url}/metrics", headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=10
+        )
+        assert scraped.status_code == 200
     finally:
         up.process.terminate()
         up.process.wait(timeout=60)
