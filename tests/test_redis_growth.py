@@ -181,9 +181,11 @@ def test_a_redis_that_cannot_save_gets_503s_not_a_dead_port(start_gateway: Any, 
             time.sleep(0.05)
         with pytest.raises(redis.ResponseError, match="MISCONF"):
             client.set("probe", 1)
-        assert httpx.get(f"{gateway.url}/v1/models", timeout=10).status_code == 200  # reads are served
+        assert httpx.get(f"{gateway.url}/v1/models", timeout=10).status_code == 200  # no write needed
         refused = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat("hi"), timeout=30)
         assert_error(refused, 503, code="storage_full")
+        # Not ready either (a re-check probe's /ready said "ready" while every write was refused).
+        assert_error(httpx.get(f"{gateway.url}/ready", timeout=10), 503, code="storage_full")
         assert "Traceback" not in (gateway.logs / "api-0.log").read_text()
         said = keys_cli(gateway, "create", "--name", "more")
         assert said.returncode == 1

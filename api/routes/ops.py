@@ -20,6 +20,7 @@ from api.deps import GatewayDep, OperatorDep
 from api.errors import OpenAIError, storage_full
 from shared import apikeys
 from shared.heartbeats import Heartbeat, alive_workers
+from shared.queue import cannot_persist
 from shared.status import Snapshot, take_snapshot
 
 router = APIRouter()
@@ -44,10 +45,15 @@ async def ready(gateway: GatewayDep) -> dict[str, str]:
     for operators (`claude-gateway status`): this route is open."""
     try:
         async with asyncio.timeout(_READY_TIMEOUT_S):
-            workers, memory, (any_managed, protected) = await asyncio.gather(
-                alive_workers(gateway.redis), gateway.redis.info("memory"), apikeys.protection(gateway.redis)
+            workers, memory, (any_managed, protected), _ = await asyncio.gather(
+                alive_workers(gateway.redis),
+                gateway.redis.info("memory"),
+                apikeys.protection(gateway.redis),
+                gateway.redis.ping(),  # refused by a Redis that cannot save (MISCONF), as writes are
             )
-    except (RedisError, OSError, TimeoutError):
+    except (RedisError, OSError, TimeoutError) as exc:
+        if cannot_persist(exc):  # it answered "ready" while refusing every write (a re-check probe)
+            raise storage_full() from None
         raise OpenAIError(
             503, "The gateway cannot reach its queue.", type="server_error", code="queue_unavailable"
         ) from None
