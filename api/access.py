@@ -423,9 +423,15 @@ def _too_many_failures(decision: quotas.RateDecision) -> RateLimited:
 
 
 def _addressed_to_loopback(headers: list[tuple[bytes, bytes]]) -> bool:
-    host = dict(headers).get(b"host", b"").decode("latin-1")
-    name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
-    return apikeys.is_loopback(name)
+    """Whether the request's one Host names this machine's loopback, with a port or not (an
+    outside probe's `[::1].evil`, `LOCALHOST` and two Host headers had been misread)."""
+    hosts = [value.decode("latin-1").lower() for name, value in headers if name == b"host"]
+    if len(hosts) != 1 or (host := _HOST.fullmatch(hosts[0])) is None:
+        return False
+    return apikeys.is_loopback(host["address"] or host["name"])
+
+
+_HOST = re.compile(r"(?:\[(?P<address>[0-9a-f:.]+)\]|(?P<name>[^\[\]:]+))(?::[0-9]*)?")
 
 
 def holder(request: Request) -> str:

@@ -77,6 +77,9 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         # FastAPI's own OpenTelemetry: the gateway installs no OpenTelemetry SDK (its metrics are
         # `/metrics`): off, it spares every request a check for configured providers.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        # A path with a trailing slash is not found, as OpenAI answers it: Starlette's redirect
+        # named http:// behind a TLS proxy and counted the request twice (an outside probe).
+        redirect_slashes=False,
     )
     errors.install(app)
     app.add_middleware(ResponseLimit, settings=settings)

@@ -232,7 +232,7 @@ def _validation_error(exc: RequestValidationError, content_type: str | None) -> 
     first = max(errors, key=lambda error: len(error["loc"]))
     param = _param(first["loc"])
     if param is None:  # the body itself: not an object, or none at all
-        if content_type is not None and "json" not in content_type.lower():  # then left unparsed
+        if content_type is None or "json" not in content_type.lower():  # then left unparsed
             return OpenAIError.invalid(
                 "The request body must be a JSON object, sent with 'Content-Type: application/json'.",
                 code="invalid_json",

@@ -125,12 +125,21 @@ def test_a_short_configured_key_is_refused_at_start() -> None:
 
 def test_an_open_gateway_answers_only_requests_addressed_to_loopback(scripted: Gateway) -> None:
     models = f"{scripted.url}/v1/models"
-    for host in ("localhost", f"localhost:{scripted.port}", f"127.0.0.1:{scripted.port}", "[::1]:80"):
+    for host in (
+        "localhost",
+        f"localhost:{scripted.port}",
+        f"127.0.0.1:{scripted.port}",
+        "[::1]:80",
+        "LOCALHOST",
+    ):
         assert httpx.get(models, headers={"host": host}).status_code == 200, host
-    for host in ("attacker.example", f"attacker.example:{scripted.port}", "127.0.0.1.nip.io"):
+    # An outside probe's `[::1].evil` and a second Host had passed as loopback.
+    for host in ("attacker.example", f"attacker.example:{scripted.port}", "127.0.0.1.nip.io", "[::1].evil"):
         assert_error(httpx.get(models, headers={"host": host}), 403, "host_not_allowed")
         rebound = httpx.post(f"{scripted.url}/v1/chat/completions", json=chat("hi"), headers={"host": host})
         assert_error(rebound, 403, "host_not_allowed")
+    two = b"GET /v1/models HTTP/1.1\r\nhost: localhost\r\nhost: attacker.example\r\nconnection: close\r\n\r\n"
+    assert _answer_to(scripted.url, two).startswith(b"HTTP/1.1 403 ")
 
 
 def test_a_body_without_a_json_content_type_is_not_parsed(scripted: Gateway) -> None:
@@ -140,6 +149,13 @@ def test_a_body_without_a_json_content_type_is_not_parsed(scripted: Gateway) -> 
     for headers in ({"content-type": "text/plain"}, {}):
         response = httpx.post(url, content=body, headers=headers)
         assert response.status_code == 400, response.text
+        assert (
+            "'Content-Type: application/json'" in response.json()["error"]["message"]
+        )  # both ways (a probe)
+    # A trailing slash is no route (a probe: Starlette's redirect named http:// behind a TLS proxy).
+    slashed = httpx.get(f"{scripted.url}/v1/models/")
+    assert slashed.status_code == 404
+    assert slashed.json()["error"]["message"] == "Invalid URL (GET /v1/models/)"
     assert httpx.post(url, content=body, headers={"content-type": "application/json"}).status_code == 200
 
 
