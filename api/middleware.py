@@ -95,6 +95,12 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(scope, receive, send)
             return
+        if any(
+            name == b"content-encoding" and value.strip().lower() not in (b"", b"identity")
+            for name, value in scope["headers"]
+        ):
+            await _refusal(scope, receive, send, _ENCODED)  # it was read as text, "not UTF-8" (a probe)
+            return
         state = scope.get("state", {})
         caller = state.get("key_id") or f"addr:{state.get('client_address')}"
         chunks: list[bytes] = []
@@ -156,6 +162,12 @@ _TOO_MANY_BODIES = OpenAIError(
     type="requests",
     code="too_many_uploads",
     headers={"retry-after": "1"},
+)
+_ENCODED = OpenAIError(
+    415,
+    "Request bodies are taken as sent: this gateway decodes no Content-Encoding; send it uncompressed.",
+    type="invalid_request_error",
+    code="unsupported_content_encoding",
 )
 _BODY_TOO_SLOW = OpenAIError(
     408,

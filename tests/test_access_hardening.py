@@ -4,6 +4,7 @@ gateway answers only requests addressed to loopback, the dashboard page needs no
 no backend configuration, and resuming a job is not a new chat request."""
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -152,6 +153,13 @@ def test_a_body_without_a_json_content_type_is_not_parsed(scripted: Gateway) -> 
         assert (
             "'Content-Type: application/json'" in response.json()["error"]["message"]
         )  # both ways (a probe)
+    # A compressed body is refused as such: it was read as text, "not UTF-8" (a probe).
+    packed = httpx.post(
+        url,
+        content=gzip.compress(body),
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+    )
+    assert_error(packed, 415, "unsupported_content_encoding")
     # A trailing slash is no route (a probe: Starlette's redirect named http:// behind a TLS proxy).
     slashed = httpx.get(f"{scripted.url}/v1/models/")
     assert slashed.status_code == 404
