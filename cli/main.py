@@ -293,7 +293,9 @@ def _reserve_counters() -> None:
         sys.exit(f"claude-gateway api: no room for its metrics' counters in {folder} ({exc.strerror})")
 
 
-_COUNTERS_BYTES = 1 << 20  # prometheus_client's first 64 KiB, 16 times: its few series never pass it
+_COUNTERS_BYTES = 1 << 16  # prometheus_client's first size: some 70 series of ~200 bytes fill a fifth
+# Each API process `up` restarts leaves its file (its counts are in the totals): a small /dev/shm
+# (a container's 64 MiB) filled after 60 restarts at 1 MiB each (a re-check probe).
 
 
 def _counters_folder(settings: Settings) -> Path | None:

@@ -134,8 +134,8 @@ class BoundedHead(HttpToolsProtocol):
         super().on_message_begin()
         self._head_bytes, self._trailer_bytes, self._message_bytes, self._began = 0, 0, 0, True
         self._parsed_bytes, self._reading_head = 0, True
-        if self._head_due is None:  # pipelined: it began before the response before it ended
-            self._await_head()
+        # One that begins while the response before it runs gets its time once that one ends
+        # (`on_response_complete`): timed from here, its 408 had cut that response (a re-check probe).
 
     # A head that comes whole in one read is parsed before `data_received` counts it: its line
     # and headers are counted as they are parsed too (an outside probe's 100 KB header passed).
