@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Scope
 
 from api import metrics
+from api.core.wire import is_json_type
 from shared.jobs import Failed, FailureCode
 from shared.queue import cannot_persist
 
@@ -232,7 +233,7 @@ def _validation_error(exc: RequestValidationError, content_type: str | None) -> 
     first = max(errors, key=lambda error: len(error["loc"]))
     param = _param(first["loc"])
     if param is None:  # the body itself: not an object, or none at all
-        if content_type is None or "json" not in content_type.lower():  # then left unparsed
+        if not is_json_type(content_type):  # then left unparsed (`text/json` was told nothing: a probe)
             return OpenAIError.invalid(
                 "The request body must be a JSON object, sent with 'Content-Type: application/json'.",
                 code="invalid_json",

@@ -1,7 +1,6 @@
 """Pure ASGI middleware (no per-request task or body copy, unlike Starlette's BaseHTTPMiddleware)."""
 
 import asyncio
-import email.message
 import logging
 import re
 import time
@@ -13,6 +12,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.core.limits import bounded_json
+from api.core.wire import is_json_type
 from api.errors import OpenAIError, speaks_anthropic
 from shared import logs
 from shared.settings import Settings
@@ -184,19 +184,8 @@ async def _refusal(scope: Scope, receive: Receive, send: Send, error: OpenAIErro
 
 
 def _is_json(scope: Scope) -> bool:
-    """Whether FastAPI will parse the body as JSON, judged as it judges it (the first Content-Type,
-    decoded as Latin-1, read by the email parser): any other reading let a request skip the checks
-    here while FastAPI parsed it anyway (outside probes: a second header, `application/json\xa0`;
-    500s, and 10 MB of `[]` holding 1.7 GB)."""
-    sent = next((value for name, value in scope["headers"] if name == b"content-type"), None)
-    if not sent:
-        return False
-    message = email.message.Message()
-    message["content-type"] = sent.decode("latin-1")
-    subtype = message.get_content_subtype()
-    return message.get_content_maintype() == "application" and (
-        subtype == "json" or subtype.endswith("+json")
-    )
+    sent = next((value for name, value in scope["headers"] if name == b"content-type"), b"")
+    return is_json_type(sent.decode("latin-1"))
 
 
 CALLER_RETRIEVALS = 16

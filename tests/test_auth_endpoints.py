@@ -2,6 +2,7 @@
 methods end to end: the real SDK and CLI against the fake upstream, as Vertex and as the CLI's
 own login."""
 
+import json
 import re
 import time
 from pathlib import Path
@@ -168,6 +169,18 @@ def test_the_debug_endpoint_when_on_needs_the_key_and_redacts_every_credential(s
     malformed = httpx.post(url, content=b'{"api_key": "body-secret-123", ', headers=AUTH, timeout=10)
     assert "body-secret-123" not in malformed.text
     assert malformed.json()["debug_info"]["json_parse_error"].startswith("JSONDecodeError")
+    # Parsed whatever its type, it is checked as a JSON body is (a probe's text/plain ones: 500s).
+    plain = {**AUTH, "content-type": "text/plain"}
+    for unchecked in (b"[" * 100_000 + b"]" * 100_000, b'{"a": "\\ud800"}'):
+        refused = httpx.post(url, content=unchecked, headers=plain, timeout=30)
+        assert refused.status_code == 400, refused.text
+    # A JSON body under another type is told which type to send (a probe's text/json was not).
+    told = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        content=json.dumps(chat("hi")),
+        headers={**AUTH, "content-type": "text/json"},
+    )
+    assert "'Content-Type: application/json'" in told.json()["error"]["message"]
 
 
 @pytest.mark.claude

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from api.chat.protocol import ChatCompletionRequest
+from api.core.limits import bounded_json
 from api.deps import CallerDep, GatewayDep
 from api.redaction import REDACTED, Redactor, secret_name
 
@@ -55,7 +56,11 @@ def _validation(parsed: Any) -> dict[str, Any]:
 @router.post("/v1/debug/request")
 async def debug_request(gateway: GatewayDep, caller: CallerDep, request: Request) -> dict[str, Any]:
     redactor = _redactor(gateway, request)
-    raw = (await request.body()).decode("utf-8", errors="replace")
+    body = await request.body()
+    # Parsed whatever its type, so checked as every JSON body is (a probe's text/plain ones: 500s).
+    if (refusal := bounded_json(body, gateway.settings)) is not None:
+        raise refusal
+    raw = body.decode("utf-8", errors="replace")
     parsed: Any = None
     parse_error = None
     try:
