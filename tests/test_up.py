@@ -195,18 +195,12 @@ def test_what_up_keeps_is_for_its_own_user_only(up: Up) -> None:
 
 
 def test_a_full_state_disk_leaves_the_api_processes_answering(
-    tmp_path: Path, redis_server: EmbeddedRedis
+    tmp_path: Path, small_disk: Path, redis_server: EmbeddedRedis
 ) -> None:
     """Found by an outside probe: with STATE_DIR's disk full, every request answered with an error
     (a 404) killed its API process with SIGBUS, and `up` restarted it into the same death: the
     processes' shared metric counters were files there, written through `mmap`."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if (
-        os.geteuid() != 0
-        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode
-    ):
-        pytest.skip("needs root, to mount a small disk")
+    disk = small_disk
     env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS", "API_PROCESSES")}
     port = free_port()
     env |= {
@@ -223,9 +217,7 @@ def test_a_full_state_disk_leaves_the_api_processes_answering(
         up = Up(process=process, state=disk / "state", port=port, log=tmp_path / "up.log", env=env)
         wait_for(up.ready, 30, "up serves")
         apis = up.pids("api")
-        with contextlib.suppress(OSError), (disk / "filler").open("wb", buffering=0) as filler:
-            while True:  # until the disk is full
-                filler.write(bytes(1 << 16))
+        _fill(disk)
         keyed = {"Authorization": f"Bearer {CLIENT_KEY}"}
         for _ in range(6):  # new connections: each API process gets some
             assert httpx.get(f"{up.url}/nope", headers=keyed, timeout=10).status_code == 404
@@ -234,7 +226,26 @@ def test_a_full_state_disk_leaves_the_api_processes_answering(
     finally:
         process.terminate()
         process.wait(timeout=60)
-        subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB filesystem of the test's own (a tmpfs: mounting one needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode
+    ):
+        pytest.skip("needs root, to mount a small disk")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def _fill(disk: Path) -> None:
+    with contextlib.suppress(OSError), (disk / "filler").open("wb", buffering=0) as filler:
+        while True:  # until the disk is full
+            filler.write(bytes(1 << 16))
 
 
 def status_json(up: Up) -> dict[str, Any]:
@@ -499,40 +510,30 @@ def test_an_unusable_state_folder_is_said_in_a_line(tmp_path: Path) -> None:
 
 
 def test_an_api_processs_counters_take_their_room_at_start(
-    tmp_path: Path, redis_server: EmbeddedRedis
+    small_disk: Path, redis_server: EmbeddedRedis
 ) -> None:
     """Found by a re-check probe: with the counters' folder full (a small /dev/shm, as a
     container's), the first error answered killed the API process with SIGBUS, again and again.
     Its counters' room is taken at start: a full folder later kills nothing, and no room at
     start is said in a line."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if (
-        os.geteuid() != 0
-        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode
-    ):
-        pytest.skip("needs root, to mount a small disk")
     env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS",)}
     env |= {
         "REDIS_URL": unit_db(redis_server),
         "BACKEND": "scripted",
         "API_KEY": CLIENT_KEY,
-        "PROMETHEUS_MULTIPROC_DIR": str(disk),
+        "PROMETHEUS_MULTIPROC_DIR": str(small_disk),
         "API_SHARED_PORT": "true",
     }
-    try:
-        _serves_on_a_full_folder(env, disk)
-        again = subprocess.run(
-            [sys.executable, "-m", "cli.main", "api"],
-            cwd=ROOT,
-            env={**env, "PORT": str(free_port())},
-            capture_output=True,
-            timeout=60,
-        )
-        assert again.returncode != 0
-        assert "no room for its metrics' counters" in again.stderr.decode(), again.stderr.decode()
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
+    _serves_on_a_full_folder(env, small_disk)
+    again = subprocess.run(
+        [sys.executable, "-m", "cli.main", "api"],
+        cwd=ROOT,
+        env={**env, "PORT": str(free_port())},
+        capture_output=True,
+        timeout=60,
+    )
+    assert again.returncode != 0
+    assert "no room for its metrics' counters" in again.stderr.decode(), again.stderr.decode()
 
 
 def _serves_on_a_full_folder(env: dict[str, str], disk: Path) -> None:
@@ -544,9 +545,7 @@ def _serves_on_a_full_folder(env: dict[str, str], disk: Path) -> None:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _answers(f"{url}/health"), 30, "the API serves")
-        with contextlib.suppress(OSError), (disk / "filler").open("wb", buffering=0) as filler:
-            while True:  # until the disk is full
-                filler.write(bytes(1 << 16))
+        _fill(disk)
         keyed = {"Authorization": f"Bearer {CLIENT_KEY}"}
         for _ in range(3):
             assert httpx.get(f"{url}/nope", headers=keyed, timeout=10).status_code == 404
