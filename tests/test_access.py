@@ -2,6 +2,7 @@
 rate limits shared by two API processes on one Redis, concurrent-job slots, request hygiene."""
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -174,34 +175,53 @@ def test_managed_key_works_on_every_replica_until_revoked(guarded: Gateway, seco
 def test_a_revoke_reaches_the_requests_its_key_let_in_before(guarded: Gateway) -> None:
     """Found by an outside probe: a request the key had let in, whose body came after the revoke,
     ran its agent to the end (200); and the key's running stream was told only that it was
-    cancelled, not why."""
+    cancelled, not why. On every front end that queues a job."""
     key_id, secret = new_key(guarded, "leaked")
     url = f"{guarded.url}/v1/chat/completions"
     slow = chat(script(text="w ", tokens=400, delay_ms=25), stream=True)
-    body = json.dumps(chat("hi")).encode()
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {secret}\r\n"
-        f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    ).encode()
-    with (
-        httpx.stream("POST", url, json=slow, headers=bearer(secret), timeout=30) as streamed,
-        socket.create_connection(("127.0.0.1", guarded.port), timeout=30) as held,
-    ):
+    bodies = {
+        "/v1/chat/completions": chat("hi"),
+        "/v1/responses": {"model": "claude-sonnet-4-5", "input": "hi"},
+        "/v1/messages": {**chat("hi"), "max_tokens": 10},
+    }
+    with contextlib.ExitStack() as held_open:
+        streamed = held_open.enter_context(
+            httpx.stream("POST", url, json=slow, headers=bearer(secret), timeout=30)
+        )
         lines = streamed.iter_lines()
         assert any(line.startswith("data: ") for line in lines)
-        held.sendall(head + body[:5])  # let in: its access check runs on the head
+        held = {}
+        for path, sent in bodies.items():
+            body = json.dumps(sent).encode()
+            head = (
+                f"POST {path} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {secret}\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            ).encode()
+            connection = held_open.enter_context(
+                socket.create_connection(("127.0.0.1", guarded.port), timeout=30)
+            )
+            connection.sendall(head + body[:5])  # let in: its access check runs on the head
+            held[path] = (connection, body)
         time.sleep(0.5)
         assert keys_cli(guarded, "revoke", key_id).returncode == 0
-        held.sendall(body[5:])
-        answer = b""
-        while chunk := held.recv(65536):
-            answer += chunk
+        answers = {}
+        for path, (connection, body) in held.items():
+            connection.sendall(body[5:])
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+            answers[path] = answer
         data = [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: {")]
-    assert answer.startswith(b"HTTP/1.1 401"), answer[:300]
-    refusal = json.loads(answer.partition(b"\r\n\r\n")[2])
-    assert_schema(refusal, "ErrorResponse")
-    assert refusal["error"]["code"] == "invalid_api_key"
-    assert "revoked" in refusal["error"]["message"]
+    for path, answer in answers.items():
+        assert answer.startswith(b"HTTP/1.1 401"), (path, answer[:300])
+        refusal = json.loads(answer.partition(b"\r\n\r\n")[2])
+        if path == "/v1/messages":  # Anthropic's shape
+            assert refusal["type"] == "error", refusal
+            assert "revoked" in refusal["error"]["message"]
+        else:
+            assert_schema(refusal, "ErrorResponse")
+            assert refusal["error"]["code"] == "invalid_api_key"
+            assert "revoked" in refusal["error"]["message"]
     assert data[-1]["error"]["message"] == "The API key that started this job was revoked."
     redis = guarded.redis()
     try:
@@ -209,7 +229,7 @@ def test_a_revoke_reaches_the_requests_its_key_let_in_before(guarded: Gateway) -
         owned = [name for name in records if redis.hget(name, "owner") == key_id.encode()]
     finally:
         redis.close()
-    assert len(owned) == 1  # the stream's: the request let in queued none
+    assert len(owned) == 1  # the stream's: the requests let in queued none
 
 
 def test_only_http_whitespace_separates_a_key(guarded: Gateway) -> None:

@@ -350,6 +350,12 @@ def test_every_call_needs_its_result_and_every_result_a_call_on_every_front_end(
     response = httpx.post(f"{scripted.url}/v1/messages", json=unanswered, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["type"] == "invalid_request_error"
+    # Two results for one call, said so on Messages too (the core's check, every front end's).
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "18 C"}
+    unanswered["messages"][2] = {"role": "user", "content": [result, result]}
+    twice = httpx.post(f"{scripted.url}/v1/messages", json=unanswered, timeout=30)
+    assert twice.status_code == 400, twice.text
+    assert "more than one result" in twice.json()["error"]["message"]
     # Both results, in either order, after the calls: the turn goes on.
     outputs = [
         {"type": "function_call_output", "call_id": call_id, "output": "x"} for call_id in reversed(call_ids)
